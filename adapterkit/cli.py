@@ -1,0 +1,287 @@
+"""The ``adapterkit`` command line: a thin layer over the Python API.
+
+Built by a function (:func:`build_cli`) from a plugin manager, so tests build fresh CLIs and
+plugins add commands without import-time side effects. Library errors
+(:class:`~adapterkit.errors.AdapterkitError`) become one line on stderr and exit code 1; a
+traceback means a bug of ours. Commands that need torch import it inside their body, so
+``--help``, ``list``, ``show`` and ``plugins`` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from .errors import AdapterkitError
+from .library import Library
+from .plugins import PluginManager, get_plugin_manager
+
+
+class _Group(click.Group):
+    """Turns our exceptions into one-line click errors, for every (sub)command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdapterkitError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+_Group.group_class = _Group
+
+
+def _library(ctx: click.Context) -> Library:
+    obj = ctx.find_root().obj
+    return Library(obj["home"], plugins=obj["plugins"])
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    """Plain aligned columns: fast for 10,000 rows (rich tables are not), and grep-friendly."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def build_cli(pm: PluginManager) -> click.Group:
+    """The root ``adapterkit`` command with core commands and every plugin's commands."""
+
+    @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--home", type=click.Path(file_okay=False), envvar="ADAPTERKIT_HOME",
+                  help="adapterkit home (library, catalog, converted bases). "
+                       "Default: $ADAPTERKIT_HOME or ~/.local/share/adapterkit.")
+    @click.version_option(package_name="adapterkit")
+    @click.pass_context
+    def cli(ctx: click.Context, home: str | None) -> None:
+        """One frozen base model, many swappable LoRA pocket books.
+
+        \b
+        Train a pocket book on a base, keep it in the local library, swap, stack,
+        merge and share it. Start with:
+          adapterkit base show smollm2-135m    # the embedded default base
+          adapterkit list                      # your pocket books
+          adapterkit plugins                   # methods, trainers, ... installed
+        """
+        ctx.obj = {"home": home, "plugins": pm}
+
+    for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
+                    base_group):
+        cli.add_command(command)
+    pm.call_each("register_commands", cli=cli)
+    return cli
+
+
+# -- plugins --------------------------------------------------------------------------------
+
+@click.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
+    """List installed plugins, their versions and what each registers."""
+    pm: PluginManager = ctx.find_root().obj["plugins"]
+    infos = [info.as_dict() for info in sorted(pm.info.values(), key=lambda i: i.name)]
+    if as_json:
+        _echo_json(infos)
+        return
+    rows = [
+        [i["name"], i["version"] or "-",
+         "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(i["registers"].items()))
+         or ", ".join(i["hooks"]) or "-"]
+        for i in infos
+    ]
+    click.echo(_table(rows, ["PLUGIN", "VERSION", "REGISTERS"]))
+
+
+# -- library --------------------------------------------------------------------------------
+
+@click.command("list")
+@click.option("--base", help="Only pocket books made on this base (name or fingerprint prefix).")
+@click.option("--tag", help="Only pocket books with this tag.")
+@click.option("--all-versions", is_flag=True, help="Every version, not only the latest.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def list_cmd(ctx: click.Context, base: str | None, tag: str | None, all_versions: bool,
+             as_json: bool) -> None:
+    """List pocket books in the library (latest version of each)."""
+    books = _library(ctx).list(base=base, tag=tag, all_versions=all_versions)
+    if as_json:
+        _echo_json([b.as_dict() for b in books])
+        return
+    if not books:
+        click.echo("No pocket books yet. Train one with `adapterkit train`, or add a PEFT "
+                   "adapter with `adapterkit import FOLDER --name NAME --base BASE`.", err=True)
+        return
+    rows = [
+        [f"{b.name}@{b.version}", str(b.versions), b.base_name, b.base_fingerprint[:12],
+         b.method or "-", b.trainer or "-", ",".join(b.tags) or "-", _size(b.size),
+         b.created[:16].replace("T", " ")]
+        for b in books
+    ]
+    click.echo(_table(rows, ["POCKET BOOK", "VERSIONS", "BASE", "FINGERPRINT", "METHOD",
+                             "TRAINER", "TAGS", "SIZE", "CREATED"]))
+
+
+@click.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Show one pocket book: REF is NAME (latest) or NAME@VERSION."""
+    book = _library(ctx).get(ref)
+    data = book.as_dict()
+    if as_json:
+        _echo_json(data)
+        return
+    meta = book.meta
+    lines = [
+        f"{book.ref}  ({meta.kind}, {meta.method}" + (f", trained with {meta.trainer})"
+                                                       if meta.trainer else ")"),
+        f"  path:        {book.path}",
+        f"  base:        {meta.base.get('name', '?')}  fingerprint {meta.base_fingerprint}",
+        f"  provenance:  " + ", ".join(f"{k}={v}" for k, v in
+                                         sorted(meta.base.get("provenance", {}).items())),
+        f"  created:     {meta.created}",
+        f"  tags:        {', '.join(meta.tags) or '-'}",
+    ]
+    for label, value in (("parents", ", ".join(meta.parents)), ("data", meta.data),
+                         ("hyperparams", meta.hyperparameters), ("metrics", meta.metrics),
+                         ("source", meta.source)):
+        if value:
+            text = value if isinstance(value, str) else ", ".join(
+                f"{k}={v}" for k, v in sorted(value.items()))
+            lines.append(f"  {label + ':':<13}{text}")
+    click.echo("\n".join(lines))
+
+
+@click.command("rm")
+@click.argument("ref")
+@click.option("--all-versions", is_flag=True, help="Remove every version of NAME.")
+@click.pass_context
+def rm_cmd(ctx: click.Context, ref: str, all_versions: bool) -> None:
+    """Remove a pocket book: NAME@VERSION, NAME (its latest version) or --all-versions."""
+    from .names import parse_ref
+
+    name = parse_ref(ref).name
+    gone = _library(ctx).remove(ref, all_versions=all_versions)
+    click.echo("Removed " + ", ".join(f"{name}@{v}" for v in gone))
+
+
+@click.command("tag")
+@click.argument("ref")
+@click.argument("tag")
+@click.option("--remove", is_flag=True, help="Remove the tag instead of adding it.")
+@click.pass_context
+def tag_cmd(ctx: click.Context, ref: str, tag: str, remove: bool) -> None:
+    """Add TAG to a pocket book (NAME or NAME@VERSION), or --remove it."""
+    book = _library(ctx).tag(ref, tag, remove=remove)
+    click.echo(f"{book.ref}: tags {', '.join(book.meta.tags) or '-'}")
+
+
+@click.command("import")
+@click.argument("folder", type=click.Path())
+@click.option("--name", required=True, help="Library name: NAME, or NAME@N for a new version.")
+@click.option("--base", help="The base it was trained on (Hub id, folder, .gguf or alias). "
+                             "Default: base_model_name_or_path from its adapter_config.json.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Accept pickled adapter_model.bin weights (they can run code: only for "
+                   "files you made or trust). They are converted to safetensors.")
+@click.pass_context
+def import_cmd(ctx: click.Context, folder: str, name: str, base: str | None,
+               trust_pickle: bool) -> None:
+    """Add an adapter made with plain PEFT to the library.
+
+    The adapter is checked against the base first — its target modules must exist, its tensor
+    shapes and vocabulary must match — because PEFT would load a mismatched adapter with only a
+    warning and then answer exactly like the plain base.
+    """
+    book = _library(ctx).import_peft(folder, name, base=base, trust_pickle=trust_pickle)
+    click.echo(f"Imported {book.ref} (base {book.meta.base['name']}, "
+               f"fingerprint {book.meta.base_fingerprint[:12]})")
+
+
+@click.command("export")
+@click.argument("ref")
+@click.argument("dest", type=click.Path())
+@click.pass_context
+def export_cmd(ctx: click.Context, ref: str, dest: str) -> None:
+    """Write a pocket book to DEST as a plain PEFT folder (PEFT, vLLM, TGI, LoRAX load it)."""
+    path = _library(ctx).export(ref, dest)
+    click.echo(f"Exported {ref} to {path}")
+
+
+# -- bases ----------------------------------------------------------------------------------
+
+@click.group("base", cls=_Group)
+def base_group() -> None:
+    """Inspect base models."""
+
+
+@base_group.command("show")
+@click.argument("base")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def base_show(ctx: click.Context, base: str, as_json: bool) -> None:
+    """Architecture, size, LoRA targets and fingerprint of BASE.
+
+    BASE is a Hugging Face id (owner/name[@revision]), a local model folder, a .gguf file or an
+    alias (smollm2-135m: the embedded SmolLM2-135M-Instruct). No weights are loaded.
+    """
+    from .base import describe_base
+
+    info = describe_base(base, ctx.find_root().obj["home"],
+                         progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        _echo_json(info)
+        return
+    prov = ", ".join(f"{k}={v}" for k, v in sorted(info["provenance"].items()))
+    click.echo("\n".join([
+        f"{info['name']}",
+        f"  architecture:  {info['architecture']} ({info['model_type']})",
+        f"  parameters:    {info['parameters']:,}",
+        f"  dtype:         {info['dtype']}",
+        f"  vocabulary:    {info['vocab_size']:,}",
+        f"  LoRA targets:  {', '.join(info['lora_targets'])}  (or all-linear)",
+        f"  fingerprint:   {info['fingerprint']}",
+        f"  provenance:    {prov}",
+    ]))
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"adapterkit: warning: {message}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    from .catalog import CatalogWarning
+    from .plugins import PluginWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, (PluginWarning, CatalogWarning)):
+            _show_warning(message, category, *args)
+        else:
+            original(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    cli = build_cli(get_plugin_manager())
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="adapterkit")

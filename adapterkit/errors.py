@@ -1,0 +1,60 @@
+"""The one exception tree of adapterkit.
+
+Library code raises these; only the CLI turns them into a single line on stderr and a non-zero
+exit. Every message says what went wrong *and* what to do next. Anything else that escapes is
+our bug, and shows as a traceback.
+"""
+
+from __future__ import annotations
+
+
+class AdapterkitError(Exception):
+    """Base class: a problem the user can fix (bad input, missing file, name clash...)."""
+
+
+class InvalidName(AdapterkitError, ValueError):
+    """A pocket-book name or reference that cannot be used (path separators, too long...)."""
+
+
+class PocketBookNotFound(AdapterkitError, LookupError):
+    """No pocket book (or no such version of it) in the library."""
+
+
+class NameTaken(AdapterkitError):
+    """Saving would overwrite an existing pocket book; adapterkit never does that silently."""
+
+
+class BaseNotFound(AdapterkitError):
+    """The base model named by the user cannot be found or resolved."""
+
+
+class BaseLoadError(AdapterkitError):
+    """The base exists but cannot be read (truncated GGUF, corrupt safetensors, bad config)."""
+
+
+class BaseMismatch(AdapterkitError):
+    """A pocket book does not fit the base it is used with (fingerprint, modules or shapes)."""
+
+
+class InvalidAdapter(AdapterkitError):
+    """A folder that is not a usable PEFT LoRA adapter."""
+
+
+class UnsafeWeights(AdapterkitError):
+    """Pickled weights, refused unless the user explicitly trusts their source."""
+
+
+class TargetModuleError(AdapterkitError):
+    """LoRA target modules that match no linear layer of the base."""
+
+
+class MissingDependency(AdapterkitError):
+    """An optional dependency (bitsandbytes, gguf...) is needed but not installed."""
+
+
+class PluginError(AdapterkitError):
+    """Unknown plugin-provided name (method, trainer...) or a plugin that misbehaves."""
+
+
+class CatalogError(AdapterkitError):
+    """The library catalog cannot be used and could not be rebuilt."""

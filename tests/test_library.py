@@ -1,0 +1,143 @@
+"""The pocket-book library: versions, atomic saves, concurrency, catalog recovery."""
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from adapterkit import Library, NameTaken, PocketBookMeta, PocketBookNotFound
+from adapterkit.catalog import CatalogWarning
+
+
+def save(library, name, *, tags=(), base="b1", new_version=False, payload=b"weights"):
+    with library.stage() as staged:
+        (staged / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        (staged / "adapter_model.safetensors").write_bytes(payload)
+        meta = PocketBookMeta(name="", version=0, base={"name": base, "fingerprint": f"fp-{base}"},
+                              tags=list(tags))
+        return library.commit(staged, meta, name=name, new_version=new_version)
+
+
+def test_save_get_versions(library):
+    book = save(library, "law")
+    assert book.ref == "law@1"
+    assert (book.path / "adapterkit.json").is_file()
+    with pytest.raises(NameTaken, match="--name law@2"):
+        save(library, "law")
+    assert save(library, "law@2").version == 2
+    assert library.get("law").version == 2
+    assert library.get("law@1").version == 1
+    with pytest.raises(NameTaken, match="law@3"):
+        save(library, "law@2")
+    assert save(library, "law", new_version=True).version == 3
+
+
+def test_unknown_names_and_versions(library):
+    with pytest.raises(PocketBookNotFound, match="no pocket book named 'ghost'"):
+        library.get("ghost")
+    save(library, "law")
+    with pytest.raises(PocketBookNotFound, match="it has law@1"):
+        library.get("law@7")
+
+
+def test_list_filters(library):
+    save(library, "a", tags=["med"], base="b1")
+    save(library, "b", base="b2")
+    save(library, "a@2", base="b1")
+    assert [(s.name, s.version, s.versions) for s in library.list()] == [("a", 2, 2), ("b", 1, 1)]
+    assert len(library.list(all_versions=True)) == 3
+    assert [s.name for s in library.list(base="b2")] == ["b"]
+    assert [s.name for s in library.list(base="fp-b1")] == ["a"]
+    assert [(s.name, s.version) for s in library.list(tag="med", all_versions=True)] == [("a", 1)]
+
+
+def test_tag_and_remove(library):
+    save(library, "a")
+    save(library, "a@2")
+    library.tag("a@1", "prod")
+    assert library.get("a@1").meta.tags == ["prod"]
+    assert [s.version for s in library.list(tag="prod", all_versions=True)] == [1]
+    library.tag("a@1", "prod", remove=True)
+    assert library.list(tag="prod") == []
+    assert library.remove("a") == [2]  # plain name = latest
+    assert library.get("a").version == 1
+    assert library.remove("a", all_versions=True) == [1]
+    assert not (library.root / "a").exists()
+    with pytest.raises(PocketBookNotFound):
+        library.remove("a")
+
+
+def test_failed_save_leaves_nothing(library):
+    with pytest.raises(RuntimeError):
+        with library.stage() as staged:
+            (staged / "adapter_config.json").write_text("{}")
+            raise RuntimeError("crash while writing weights")
+    assert library.list() == []
+    assert list(library.staging.iterdir()) == []
+    assert not library.root.exists() or list(library.root.iterdir()) == []
+
+
+def test_missing_weights_are_refused(library):
+    from adapterkit import InvalidAdapter
+
+    with library.stage() as staged:
+        (staged / "adapter_config.json").write_text("{}")
+        with pytest.raises(InvalidAdapter, match="adapter_model.safetensors is missing"):
+            library.commit(staged, PocketBookMeta(name="x", version=1))
+    assert library.list() == []
+
+
+def _save_many(home, prefix, n):
+    lib = Library(home)
+    for i in range(n):
+        save(lib, f"{prefix}{i}")
+        save(lib, "shared", new_version=True)
+
+
+def test_two_processes_saving_at_once_lose_nothing(home):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_save_many, args=(home, p, 15)) for p in ("x", "y")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    lib = Library(home)
+    names = {s.name for s in lib.list()}
+    assert {f"x{i}" for i in range(15)} | {f"y{i}" for i in range(15)} <= names
+    assert [s.version for s in lib.list(all_versions=True) if s.name == "shared"] == list(range(1, 31))
+
+
+def test_corrupt_catalog_is_rebuilt_from_folders(library):
+    save(library, "a", tags=["t"])
+    save(library, "b")
+    library.catalog.path.write_bytes(b"this is not sqlite" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(str(library.catalog.path) + suffix).unlink(missing_ok=True)
+    with pytest.warns(CatalogWarning, match="rebuilt from the pocket-book folders"):
+        books = library.list()
+    assert [b.name for b in books] == ["a", "b"]
+    assert library.list(tag="t")[0].name == "a"
+    assert any(p.name.startswith("catalog.sqlite.corrupt-") for p in library.home.iterdir())
+
+
+def test_crash_between_rename_and_commit_is_adopted(library):
+    """A complete folder that the catalog does not know (crash after rename) is not overwritten."""
+    book = save(library, "a")
+    library.catalog.write(lambda conn: conn.execute("DELETE FROM pocket_books"))
+    with pytest.raises(NameTaken):
+        save(library, "a")
+    assert library.rebuild_catalog() == 1
+    assert library.get("a").path == book.path
+
+
+def test_export_refuses_non_empty_destination(library, tmp_path):
+    save(library, "a")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(NameTaken, match="not empty"):
+        library.export("a", dest)
+    assert os.listdir(dest) == ["keep.txt"]
+    assert (library.export("a", tmp_path / "new") / "adapter_model.safetensors").is_file()
