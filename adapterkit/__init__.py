@@ -15,6 +15,8 @@ from .errors import (
     BaseMismatch,
     BaseNotFound,
     CatalogError,
+    ConfigError,
+    DataFormatError,
     InvalidAdapter,
     InvalidName,
     MissingDependency,
@@ -58,6 +60,7 @@ _LAZY = {
 __all__ = [
     "HOOK_VERSION", "hookimpl", "AdapterMethod", "DataFormat", "MergeStrategy", "Trainer",
     "AdapterkitError", "BaseLoadError", "BaseMismatch", "BaseNotFound", "CatalogError",
+    "ConfigError", "DataFormatError",
     "InvalidAdapter", "InvalidName", "MissingDependency", "NameTaken", "PluginError",
     "PocketBookNotFound", "TargetModuleError", "UnsafeWeights", "__version__", *_LAZY,
 ]

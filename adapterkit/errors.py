@@ -58,3 +58,11 @@ class PluginError(AdapterkitError):
 
 class CatalogError(AdapterkitError):
     """The library catalog cannot be used and could not be rebuilt."""
+
+
+class DataFormatError(AdapterkitError):
+    """A data file that cannot be read or does not have the shape a trainer needs."""
+
+
+class ConfigError(AdapterkitError):
+    """Invalid training options or recipe file (all problems are reported at once)."""
