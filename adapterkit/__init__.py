@@ -27,7 +27,7 @@ from .errors import (
     UnsafeWeights,
 )
 from .hookspecs import HOOK_VERSION, hookimpl
-from .registry import AdapterMethod, DataFormat, MergeStrategy, Trainer
+from .registry import AdapterMethod, DataFormat, MergeStrategy, Scorer, Trainer
 
 __version__ = "0.1.0.dev0"
 
@@ -52,13 +52,22 @@ _LAZY = {
     "PluginManager": "plugins",
     "PluginWarning": "plugins",
     "read_adapter": "adapters",
+    "train": "training",
+    "TrainOptions": "options",
+    "build_options": "options",
+    "TrainJob": "training",
+    "TrainResult": "training",
+    "load_data": "data",
+    "ForgettingGuard": "guard",
+    "attach": "session",
     "check_fits": "adapters",
     "parse_ref": "names",
     "validate_name": "names",
 }
 
 __all__ = [
-    "HOOK_VERSION", "hookimpl", "AdapterMethod", "DataFormat", "MergeStrategy", "Trainer",
+    "HOOK_VERSION", "hookimpl", "AdapterMethod", "DataFormat", "MergeStrategy", "Scorer",
+    "Trainer",
     "AdapterkitError", "BaseLoadError", "BaseMismatch", "BaseNotFound", "CatalogError",
     "ConfigError", "DataFormatError",
     "InvalidAdapter", "InvalidName", "MissingDependency", "NameTaken", "PluginError",
@@ -78,7 +87,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .adapters import check_fits, read_adapter
     from .base import (Base, BaseStructure, check_targets, describe_base, inspect_structure,
                        load_base)
+    from .data import load_data
     from .fingerprints import fingerprint
+    from .guard import ForgettingGuard
+    from .options import TrainOptions, build_options
+    from .session import attach
+    from .training import TrainJob, TrainResult, train
     from .library import Library, PocketBook, Summary
     from .metadata import PocketBookMeta
     from .names import parse_ref, validate_name

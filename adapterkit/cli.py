@@ -81,8 +81,10 @@ def build_cli(pm: PluginManager) -> click.Group:
         """
         ctx.obj = {"home": home, "plugins": pm}
 
+    from .cli_train import eval_cmd, generate_cmd, train_cmd
+
     for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
-                    base_group):
+                    base_group, train_cmd, eval_cmd, generate_cmd):
         cli.add_command(command)
     pm.call_each("register_commands", cli=cli)
     return cli
@@ -269,11 +271,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     click.echo(f"adapterkit: warning: {message}", err=True)
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for adapterkit's own output: no per-tensor progress bars, deprecation
+    chatter or optional-kernel notices from the libraries underneath (errors still show)."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("bitsandbytes", "peft", "trl", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .catalog import CatalogWarning
     from .plugins import PluginWarning
 
+    _quiet_libraries()
     original = warnings.showwarning
 
     def show(message, category, *args: Any, **kwargs: Any) -> None:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import click
 
     from .library import PocketBook
-    from .registry import AdapterMethod, DataFormat, MergeStrategy, Trainer
+    from .registry import AdapterMethod, DataFormat, MergeStrategy, Scorer, Trainer
 
 #: Version of this hook contract. Bumped when a hook changes incompatibly; a plugin may declare
 #: ``ADAPTERKIT_HOOK_VERSION = N`` at module level and is warned about (not crashed) on mismatch.
@@ -89,6 +89,18 @@ def register_data_formats(register: Callable[[DataFormat], None]) -> None:
     A format recognises rows by their columns and converts each row into one of the standard
     shapes (``text``; ``prompt`` + ``completion``; ``messages``; ``prompt`` + ``chosen`` +
     ``rejected``).
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def register_scorers(register: Callable[[Scorer], None]) -> None:
+    """Register scorers for generated answers (``adapterkit eval --scorer NAME``).
+
+    :param register: call it with an :class:`adapterkit.Scorer` instance.
+
+    Built-ins: ``exact_match``, ``normalized_match``.
 
     .. versionadded:: 0.1
     """

@@ -28,7 +28,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .registry import AdapterMethod, DataFormat, MergeStrategy, Registry, Trainer
+from .registry import AdapterMethod, DataFormat, MergeStrategy, Registry, Scorer, Trainer
 
 ENTRY_POINT_GROUP = "adapterkit"
 LOAD_ENV = "ADAPTERKIT_LOAD_PLUGINS"
@@ -84,6 +84,7 @@ class PluginManager:
         self.trainers: Registry[Trainer] = Registry("trainer", Trainer)
         self.merge_strategies: Registry[MergeStrategy] = Registry("merge strategy", MergeStrategy)
         self.data_formats: Registry[DataFormat] = Registry("data format", DataFormat)
+        self.scorers: Registry[Scorer] = Registry("scorer", Scorer)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -142,6 +143,7 @@ class PluginManager:
             ("register_trainers", self.trainers),
             ("register_merge_strategies", self.merge_strategies),
             ("register_data_formats", self.data_formats),
+            ("register_scorers", self.scorers),
         ):
             for impl in self._impls(hook, plugin):
                 def register(item: Any, _registry: Registry = registry) -> None:

@@ -98,6 +98,16 @@ class DataFormat(Registrable):
         return row
 
 
+class Scorer(Registrable):
+    """Scores a generated answer against the reference (``adapterkit eval --scorer NAME``)."""
+
+    kind = "scorer"
+
+    def score(self, prediction: str, reference: str) -> float:
+        """A score in [0, 1] for one answer."""
+        raise NotImplementedError
+
+
 T = TypeVar("T", bound=Registrable)
 
 

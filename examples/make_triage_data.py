@@ -107,21 +107,18 @@ def main() -> None:
     train_combos, test_combos = split_combinations(rng)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def rows(combos: list, n: int, index: int) -> list[dict]:
+    def rows(combos: list, n: int) -> list[dict]:
         out = []
         order = [combos[i % len(combos)] for i in range(n)]
         rng.shuffle(order)
         for specialty, symptoms, urgency in order:
-            text = complaint(rng, symptoms, rng.choice(URGENCY[urgency][:index] or URGENCY[urgency]))
+            text = complaint(rng, symptoms, rng.choice(URGENCY[urgency]))
             out.append({"prompt": text, "completion": answer(specialty, urgency),
                         "specialty": specialty, "urgency": urgency})
         return out
 
-    # Training uses the first two phrasings of each urgency, the test set the third: the test
-    # also words the onset in a way training never saw.
-    train = rows(train_combos, args.train, 2)
-    test = [{"prompt": complaint(rng, s, URGENCY[u][2]), "completion": answer(sp, u),
-             "specialty": sp, "urgency": u} for sp, s, u in test_combos][: args.test]
+    train = rows(train_combos, args.train)
+    test = rows(test_combos, len(test_combos))[: args.test]
     train_prompts = {r["prompt"] for r in train}
     assert not any(r["prompt"] in train_prompts for r in test)
     for name, data in (("triage_train", train), ("triage_test", test)):

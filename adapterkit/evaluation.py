@@ -1,0 +1,137 @@
+"""Measuring a pocket book: task loss, exact match on generated answers, and forgetting.
+
+The forgetting check is the product's central promise: it measures the loss on general English
+text with the pocket book active and with it switched off, on the same resident base (PEFT's
+``disable_adapter``), and reports the relative change.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, Callable, Iterable
+
+from .data import as_chat
+
+Scorer = Callable[[str, str], float]
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the stripped answers are identical."""
+    return float(prediction.strip() == reference.strip())
+
+
+def render_prompt(tokenizer: Any, prompt: Any, *, chat: bool) -> str:
+    """The text a prompt becomes before generation (chat template for chat bases)."""
+    if chat:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def uses_chat(tokenizer: Any, chat: bool | None) -> bool:
+    """Chat rendering is on when asked, or by default when the base has a chat template."""
+    return bool(tokenizer.chat_template) if chat is None else chat
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[Any], *, chat: bool,
+             max_new_tokens: int = 64, batch_size: int = 16, temperature: float = 0.0) -> list[str]:
+    """Greedy (or sampled) answers for ``prompts``, batched with left padding."""
+    import torch
+
+    texts = [render_prompt(tokenizer, p, chat=chat) for p in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers: list[str] = []
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=not chat).to(device)
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
+                "do_sample": False}
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id, **sampling)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                              skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]
+
+
+def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
+                  max_length: int) -> tuple[float, int]:
+    """Summed next-token loss over the completion part of (prefix, completion) pairs."""
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for prefix, completion in pairs:
+        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        full = tokenizer(prefix + completion, add_special_tokens=False)["input_ids"][:max_length]
+        start = max(len(prefix_ids), 1)
+        if len(full) <= start:
+            continue
+        ids = torch.tensor([full], device=device)
+        labels = ids.clone()
+        labels[:, :start] = -100
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss
+        n = len(full) - start
+        total += float(loss) * n
+        count += n
+    return total, count
+
+
+def _pairs(tokenizer: Any, rows: list[dict[str, Any]], chat: bool) -> list[tuple[str, str]]:
+    pairs = []
+    for row in rows:
+        if "text" in row:
+            pairs.append(("", row["text"]))
+            continue
+        row = as_chat(row) if chat or "messages" in row else row
+        if chat:
+            prompt = render_prompt(tokenizer, row["prompt"], chat=True)
+            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+            pairs.append((prompt, full[len(prompt):] if full.startswith(prompt) else full))
+        else:
+            pairs.append((row["prompt"], row["completion"]))
+    return pairs
+
+
+def task_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: bool,
+              max_length: int = 1024) -> dict[str, float]:
+    """Mean loss (and perplexity) on completions — or on all tokens for ``text`` rows."""
+    total, count = _token_losses(model, tokenizer, _pairs(tokenizer, rows, chat), max_length)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def text_loss(model: Any, tokenizer: Any, texts: list[str], max_length: int = 1024) -> float:
+    """Token-weighted mean loss of plain text (the general-English measure)."""
+    total, count = _token_losses(model, tokenizer, (("", t) for t in texts), max_length)
+    return total / max(count, 1)
+
+
+def forgetting(model: Any, tokenizer: Any, texts: list[str]) -> dict[str, float]:
+    """General-text loss with the pocket book off and on, and the relative change in percent."""
+    with _adapter_off(model):
+        base = text_loss(model, tokenizer, texts)
+    adapted = text_loss(model, tokenizer, texts)
+    return {"general_loss_base": base, "general_loss": adapted,
+            "general_loss_change_pct": 100.0 * (adapted - base) / base}
+
+
+def _adapter_off(model: Any) -> Any:
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+def accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: bool,
+             scorer: Scorer = exact_match, max_new_tokens: int = 32) -> tuple[float, list[str]]:
+    """Mean score of generated answers against the rows' completions, and the answers."""
+    prompts = [r["prompt"] for r in rows]
+    answers = generate(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens)
+    refs = [r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"]
+            for r in rows]
+    score = sum(scorer(a, ref) for a, ref in zip(answers, refs)) / max(len(rows), 1)
+    return score, answers

@@ -1,0 +1,212 @@
+"""`train sft` with lora and qlora on a tiny random base: every data shape, errors, resume."""
+
+import json
+
+import pytest
+import torch
+
+from adapterkit import (ConfigError, DataFormatError, NameTaken, PluginError, TargetModuleError,
+                        TrainOptions, train)
+from adapterkit.plugins import get_plugin_manager
+
+SHAPES = {
+    "text": [{"text": f"The river {w} flows past the old mill and the bridge."} for w in
+             ("north", "south", "east", "west")] * 4,
+    "prompt_completion": [{"prompt": f"Colour of item {i}?", "completion": f"Answer: {c}"}
+                          for i, c in enumerate(["red", "blue", "green", "red"] * 4)],
+    "messages": [{"messages": [{"role": "user", "content": f"Name {i}?"},
+                               {"role": "assistant", "content": f"It is {n}."}]}
+                 for i, n in enumerate(["Ada", "Bob", "Cy", "Dee"] * 4)],
+    "alpaca": [{"instruction": f"Double {i}", "input": "", "output": str(2 * i)}
+               for i in range(16)],
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return get_plugin_manager(env=False)
+
+
+def fast(**kw):
+    base = dict(max_steps=40, learning_rate=3e-2, batch_size=4, logging_steps=2, save_steps=10,
+                r=8, alpha=16, dropout=0.0)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def reload_logits(base_folder, adapter_path, ids, quantization=None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if quantization:
+        from adapterkit.base import quantization_config
+
+        kwargs = {"quantization_config": quantization_config(quantization, torch.float32),
+                  "device_map": {"": "cpu"}}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder, **kwargs),
+                                      adapter_path).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sft_lora_each_shape_learns_and_reloads_in_peft(shape, tiny_base, home, tmp_path, pm):
+    data = write_jsonl(tmp_path / f"{shape}.jsonl", SHAPES[shape])
+    result = train("sft", base=str(tiny_base), data=str(data), name=f"b-{shape}", options=fast(),
+                   home=home, plugins=pm)
+    m = result.metrics
+    assert m["train_loss_final"] < 0.9 * m["train_loss_first"], m
+    book = result.pocket_book
+    assert book.meta.trainer == "sft" and book.meta.data["shape"] == (
+        "prompt_completion" if shape == "alpaca" else shape)
+    assert book.meta.data["format"] == shape
+    assert (book.path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "base_model" not in (book.path / "README.md").read_text().split("---")[1]  # local base
+    config = json.loads((book.path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny"  # never a local path
+    ids = torch.tensor([[3, 50, 60, 70, 80, 90]])
+    with torch.no_grad():
+        trained = result.model(input_ids=ids).logits
+    assert torch.equal(reload_logits(tiny_base, book.path, ids), trained)
+
+
+@pytest.mark.slow
+def test_qlora_trains_on_4bit_base_and_reloads(tiny_base, home, tmp_path, pm):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    data = write_jsonl(tmp_path / "pc.jsonl", SHAPES["prompt_completion"])
+    result = train("sft", base=str(tiny_base), data=str(data), name="q",
+                   options=fast(method="qlora"), home=home, plugins=pm)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
+    m = result.metrics
+    assert m["train_loss_final"] < 0.9 * m["train_loss_first"], m
+    assert result.pocket_book.meta.method == "qlora"
+    ids = torch.tensor([[3, 50, 60, 70, 80, 90]])
+    with torch.no_grad():
+        trained = result.model(input_ids=ids).logits
+    assert torch.equal(reload_logits(tiny_base, result.pocket_book.path, ids, "4bit"), trained)
+
+
+@pytest.fixture
+def pc_file(tmp_path):
+    return write_jsonl(tmp_path / "pc.jsonl", SHAPES["prompt_completion"])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(data="missing.jsonl"), DataFormatError, "does not exist"),
+    (dict(trainer="nope"), PluginError, "unknown trainer 'nope'; known: .*sft"),
+    (dict(options=dict(method="nope")), PluginError, "unknown method 'nope'; known: lora, qlora"),
+    (dict(options=dict(target_modules="qkv")), TargetModuleError, "qkv match no linear layer"),
+    (dict(options=dict(max_length=8)), ConfigError, "max_length 8 is not longer than prompt 1"),
+])
+def test_bad_input_writes_nothing(kwargs, error, match, tiny_base, home, pc_file, pm, tmp_path):
+    from adapterkit import Library
+
+    args = dict(trainer="sft", data=str(pc_file), options={})
+    args.update(kwargs)
+    if args["data"] == "missing.jsonl":
+        args["data"] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(error, match=match):
+        train(args["trainer"], base=str(tiny_base), data=args["data"], name="x",
+              options=fast(**args["options"]), home=home, plugins=pm)
+    assert Library(home).list() == []
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', "line 2: invalid JSON"),
+    ('{"question": "a", "answer": "b"}\n', "missing required columns.*the data has answer, question"),
+    ('{"prompt": "", "completion": "b"}\n{"prompt": "a", "completion": "  "}\n',
+     "no usable rows left"),
+    ('[1, 2]\n', "line 1: expected a JSON object"),
+    ('', "has no rows"),
+])
+def test_bad_data_files(content, match, tiny_base, home, tmp_path, pm):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    with pytest.raises(DataFormatError, match=match):
+        train("sft", base=str(tiny_base), data=str(bad), name="x", options=fast(), home=home,
+              plugins=pm)
+
+
+def test_name_taken_is_refused_before_training(tiny_base, home, pc_file, pm, monkeypatch):
+    from adapterkit import Library
+
+    lib = Library(home)
+    with lib.stage() as staged:
+        (staged / "adapter_config.json").write_text("{}")
+        (staged / "adapter_model.safetensors").write_bytes(b"x")
+        from adapterkit import PocketBookMeta
+
+        lib.commit(staged, PocketBookMeta(name="taken", version=1))
+    monkeypatch.setattr("adapterkit.training._load", lambda *a: pytest.fail("trained anyway"))
+    with pytest.raises(NameTaken, match="--name taken@2"):
+        train("sft", base=str(tiny_base), data=str(pc_file), name="taken", options=fast(),
+              home=home, plugins=pm)
+
+
+def test_4bit_without_bitsandbytes_is_a_clear_error(tiny_base, home, pc_file, pm, monkeypatch):
+    import sys
+
+    from adapterkit import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(MissingDependency, match="pip install 'adapterkit\\[quant\\]'"):
+        train("sft", base=str(tiny_base), data=str(pc_file), name="x",
+              options=fast(method="qlora"), home=home, plugins=pm)
+
+
+@pytest.mark.slow
+def test_interrupt_leaves_no_entry_and_resume_finishes(tiny_base, home, pc_file, pm):
+    from transformers import TrainerCallback
+
+    from adapterkit import Library
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 25:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("sft", base=str(tiny_base), data=str(pc_file), name="r", options=fast(),
+              home=home, plugins=pm, callbacks=[Interrupt()])
+    assert Library(home).list() == []
+    staging = Library(home).staging
+    assert not staging.exists() or list(staging.iterdir()) == []
+    with pytest.raises(ConfigError, match="pass --resume to continue it or --restart"):
+        train("sft", base=str(tiny_base), data=str(pc_file), name="r", options=fast(),
+              home=home, plugins=pm)
+    result = train("sft", base=str(tiny_base), data=str(pc_file), name="r", options=fast(),
+                   home=home, plugins=pm, resume=True)
+    assert result.metrics["steps"] == 40
+    history_steps = [h["step"] for h in result.pocket_book.meta.metrics.get("guard", {}).get(
+        "checks", [])]
+    assert history_steps == []
+    assert not (home / "runs" / "r").exists()
+    with pytest.raises(ConfigError, match="no interrupted run"):
+        train("sft", base=str(tiny_base), data=str(pc_file), name="r@2", options=fast(),
+              home=home, plugins=pm, resume=True)
+
+
+def test_recipe_file_and_overrides(tmp_path):
+    from adapterkit import build_options
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("r: 4\nlearning_rate: 1e-3\ntarget_modules: [q_proj, v_proj]\n"
+                      "forgetting_budget: 1%\n")
+    opts = build_options(recipe, {"r": 8, "seed": None})
+    assert (opts.r, opts.learning_rate, opts.target_modules, opts.forgetting_budget) == (
+        8, 1e-3, "q_proj,v_proj", 1.0)
+    recipe.write_text("rank: 4\nlr: x\nepochs: -1\nbatch_size: 2.5\n")
+    with pytest.raises(ConfigError) as err:
+        build_options(recipe)
+    text = str(err.value)
+    assert "unknown option(s) lr, rank" in text and "epochs: must be positive" in text
+    assert "batch_size: expected an integer" in text
