@@ -172,7 +172,7 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
     """Check a plain PEFT adapter against its base and add it to ``library``."""
     from .base import inspect_structure
     from .fingerprints import fingerprint
-    from .resolve import resolve_base
+    from .resolve import canonical_spec, remember_base, resolve_base
 
     ref = library.reserve(name)
     adapter = read_adapter(folder, trust_pickle=trust_pickle)
@@ -181,10 +181,11 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
         raise BaseMismatch(f"{folder} does not name its base; pass --base")
     source = resolve_base(str(base_spec), library.home)
     check_fits(adapter, inspect_structure(source.folder))
+    fp = fingerprint(source.folder)
+    remember_base(library.home, fp, canonical_spec(str(base_spec), source))
     meta = PocketBookMeta(
         name=ref.name, version=ref.version or 1,
-        base={"name": source.name, "fingerprint": fingerprint(source.folder),
-              "provenance": source.provenance},
+        base={"name": source.name, "fingerprint": fp, "provenance": source.provenance},
         method="lora",  # a PEFT config does not record how its base was quantized
         hyperparameters={k: adapter.config.get(k) for k in
                          ("r", "lora_alpha", "lora_dropout", "target_modules") if k in adapter.config},

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import BaseLoadError, MissingDependency, TargetModuleError
 from .fingerprints import fingerprint, read_safetensors_header, weight_files
-from .resolve import BaseSource, Progress, resolve_base
+from .resolve import BaseSource, Progress, canonical_spec, remember_base, resolve_base
 
 QUANTIZATIONS = ("4bit", "8bit")
 
@@ -169,6 +169,7 @@ def load_base(spec: str, *, quantization: str | None = None, dtype: Any = None,
         raise ValueError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS}")
     source = resolve_base(spec, home, progress=progress)
     fp = fingerprint(source.folder)
+    remember_base(home, fp, canonical_spec(spec, source))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -197,6 +198,8 @@ def describe_base(spec: str, home: str | os.PathLike[str] | None = None, *,
     """What ``adapterkit base show`` prints: structure, fingerprint and provenance."""
     source = resolve_base(spec, home, progress=progress)
     structure = inspect_structure(source.folder)
+    fp = fingerprint(source.folder)
+    remember_base(home, fp, canonical_spec(spec, source))
     return {
         "name": source.name,
         "architecture": structure.architecture,
@@ -206,7 +209,7 @@ def describe_base(spec: str, home: str | os.PathLike[str] | None = None, *,
         "vocab_size": structure.vocab_size,
         "lora_targets": structure.target_names(),
         "output_layer": structure.output_layer,
-        "fingerprint": fingerprint(source.folder),
+        "fingerprint": fp,
         "provenance": source.provenance,
         "folder": str(source.folder),
     }

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .errors import AdapterkitError, ConfigError
+from .errors import ConfigError
 
 
 def _obj(ctx: click.Context) -> dict[str, Any]:
@@ -135,15 +135,14 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
     """Load the pocket book's base (in its method's precision) and attach the pocket book."""
     from .base import load_base
     from .library import Library
+    from .resolve import base_spec_for
     from .session import attach
 
     obj = _obj(ctx)
     book = Library(obj["home"]).get(ref)
     method = obj["plugins"].methods.entries.get(book.meta.method)
     quantization = method.item.quantization if method else None
-    base_name = base or book.meta.base.get("name")
-    if not base_name:
-        raise AdapterkitError(f"{book.ref} does not record its base; pass --base")
+    base_name = base or base_spec_for(book.meta.base, obj["home"])
     _say(f"Loading base {base_name}...")
     loaded = load_base(base_name, quantization=quantization, home=obj["home"], progress=_say)
     return book, loaded, attach(loaded, book, force=force)
@@ -234,8 +233,9 @@ def generate_cmd(ctx: click.Context, prompt: str, base: str | None, adapter: str
     elif base or adapter:
         if not base:
             from .library import Library
+            from .resolve import base_spec_for
 
-            base = Library(obj["home"]).get(adapter).meta.base.get("name")
+            base = base_spec_for(Library(obj["home"]).get(adapter).meta.base, obj["home"])
         _say(f"Loading base {base}...")
         loaded = load_base(base, home=obj["home"], progress=_say)
         model = loaded.model

@@ -60,26 +60,43 @@ def generate(model: Any, tokenizer: Any, prompts: list[Any], *, chat: bool,
 
 
 def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
-                  max_length: int) -> tuple[float, int]:
-    """Summed next-token loss over the completion part of (prefix, completion) pairs."""
+                  max_length: int, batch_size: int = 8) -> tuple[float, int]:
+    """Summed next-token loss over the completion part of (prefix, completion) pairs.
+
+    Batched with right padding (pads and prefixes masked out of the labels): on a CPU, one
+    forward over eight short texts costs about as much as two over one.
+    """
     import torch
 
-    total, count = 0.0, 0
     device = next(model.parameters()).device
+    encoded = []
     for prefix, completion in pairs:
-        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        prefix_len = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
         full = tokenizer(prefix + completion, add_special_tokens=False)["input_ids"][:max_length]
-        start = max(len(prefix_ids), 1)
-        if len(full) <= start:
-            continue
-        ids = torch.tensor([full], device=device)
-        labels = ids.clone()
-        labels[:, :start] = -100
+        start = max(prefix_len, 1)
+        if len(full) > start:
+            encoded.append((full, start))
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for row, (seq, start) in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+            labels[row, start:len(seq)] = torch.tensor(seq[start:])
         with torch.no_grad():
-            loss = model(input_ids=ids, labels=labels).loss
-        n = len(full) - start
-        total += float(loss) * n
-        count += n
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = logits[:, :-1].float()
+        target = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+            reduction="sum")
+        total += float(loss)
+        count += int((target != -100).sum())
     return total, count
 
 
@@ -113,10 +130,18 @@ def text_loss(model: Any, tokenizer: Any, texts: list[str], max_length: int = 10
     return total / max(count, 1)
 
 
-def forgetting(model: Any, tokenizer: Any, texts: list[str]) -> dict[str, float]:
-    """General-text loss with the pocket book off and on, and the relative change in percent."""
-    with _adapter_off(model):
-        base = text_loss(model, tokenizer, texts)
+def forgetting(model: Any, tokenizer: Any, texts: list[str], *,
+               base_loss: float | None = None) -> dict[str, float]:
+    """General-text loss with the pocket book off and on, and the relative change in percent.
+
+    :param base_loss: the plain base's loss on ``texts`` when already known (it is the same
+        for every pocket book on that base).
+    """
+    if base_loss is None:
+        with _adapter_off(model):
+            base = text_loss(model, tokenizer, texts)
+    else:
+        base = base_loss
     adapted = text_loss(model, tokenizer, texts)
     return {"general_loss_base": base, "general_loss": adapted,
             "general_loss_change_pct": 100.0 * (adapted - base) / base}

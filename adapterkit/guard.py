@@ -47,7 +47,7 @@ class ForgettingGuard:
 
     def __init__(self, tokenizer: Any, *, anchor_texts: list[str], general_texts: list[str],
                  budget_pct: float | None, weight: float, every: int = 10,
-                 max_length: int = 160) -> None:
+                 max_length: int = 128) -> None:
         self.tokenizer = tokenizer
         self.anchor = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
                        for t in anchor_texts if t.strip()]
@@ -103,7 +103,10 @@ class ForgettingGuard:
         """Final check; restore the newest in-budget weights if the final ones exceed it."""
         from peft import set_peft_model_state_dict
 
-        last = self.check(model, step)
+        if self.report.checks and self.report.checks[-1]["step"] == step:
+            last = self.report.checks[-1]
+        else:
+            last = self.check(model, step)
         if self.budget_pct is None:
             return self.report
         within = last["general_loss_change_pct"] <= self.budget_pct
@@ -113,6 +116,11 @@ class ForgettingGuard:
             within = True
         self.report.within_budget = within
         return self.report
+
+    @property
+    def base_loss(self) -> float | None:
+        """The plain base's loss on the general text, once measured."""
+        return self._base_loss
 
     def callback(self) -> Any:
         """A transformers ``TrainerCallback`` that runs :meth:`check` every ``every`` steps."""

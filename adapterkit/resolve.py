@@ -244,3 +244,51 @@ def _check_gguf_readable(path: Path) -> None:
         raise BaseLoadError(
             f"GGUF file {path.name} is unreadable or truncated: {type(exc).__name__}: {exc}"
         ) from None
+
+
+# -- bases seen on this machine -------------------------------------------------------------
+# A pocket book records its base by name, fingerprint and provenance only: a local path would
+# mean nothing elsewhere. To find a local-folder base again on *this* machine, the home keeps a
+# small index of fingerprint → the spec that loaded it.
+
+def _known_file(home: Path) -> Path:
+    return home / "bases" / "known.json"
+
+
+def remember_base(home: str | os.PathLike[str] | None, fingerprint: str, spec: str) -> None:
+    """Record that ``spec`` loads the base with ``fingerprint`` here."""
+    path = _known_file(resolve_home(home))
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if known.get(fingerprint) != spec:
+        known[fingerprint] = spec
+        atomic_write_text(path, json.dumps(known, indent=1))
+
+
+def canonical_spec(spec: str, source: BaseSource) -> str:
+    """How to name this base again later: aliases and Hub ids as typed, paths made absolute."""
+    if source.provenance.get("kind") == "hub" or source.provenance.get("alias"):
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def find_base(home: str | os.PathLike[str] | None, fingerprint: str) -> str | None:
+    """The spec that loaded the base with ``fingerprint`` on this machine, if any."""
+    try:
+        known = json.loads(_known_file(resolve_home(home)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return known.get(fingerprint)
+
+
+def base_spec_for(meta_base: dict[str, Any], home: str | os.PathLike[str] | None) -> str:
+    """What to load for a pocket book's recorded base: a known local spec, else its name."""
+    spec = find_base(home, str(meta_base.get("fingerprint", "")))
+    if spec and (spec in ALIASES or Path(spec).exists() or _HUB_ID.fullmatch(spec.split("@")[0])):
+        return spec
+    name = meta_base.get("name")
+    if not name:
+        raise BaseNotFound("the pocket book does not record its base; pass --base")
+    return str(name)

@@ -227,11 +227,17 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         metrics["guard"] = {"budget_pct": guard.budget_pct, "weight": guard.weight,
                             "kept_step": report.kept_step, "restored": report.restored,
                             "within_budget": report.within_budget, "checks": report.checks}
+        if report.within_budget is False:
+            say(f"Warning: no checkpoint stayed within the forgetting budget of "
+                f"{guard.budget_pct}%; kept the final weights. Lower the learning rate, or "
+                "raise --guard-weight.")
     if eval_data is not None:
         metrics["eval"] = task_loss(model, loaded.tokenizer, eval_data.rows, chat=chat)
     if general is not None:
         say("Forgetting check on general text...")
-        metrics["forgetting"] = forgetting(model, loaded.tokenizer, general)
+        same_text = guard is not None and guard.general_texts == general
+        metrics["forgetting"] = forgetting(model, loaded.tokenizer, general,
+                                           base_loss=guard.base_loss if same_text else None)
     book = save_trained(library, model, loaded, str(ref), trainer=trainer, options=options,
                         data=dataset, metrics=metrics, log_history=_history(state))
     shutil.rmtree(workdir, ignore_errors=True)

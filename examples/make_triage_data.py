@@ -99,7 +99,7 @@ def preference(rng: random.Random, specialty: str, urgency: str) -> tuple[str, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
-    parser.add_argument("--train", type=int, default=400)
+    parser.add_argument("--train", type=int, default=240)
     parser.add_argument("--test", type=int, default=48)
     parser.add_argument("--seed", type=int, default=13)
     args = parser.parse_args()

@@ -62,7 +62,7 @@ def main() -> None:
     base = adapterkit.load_base(args.base, progress=print)
     tok = base.tokenizer
     print("Measuring the plain model on held-out complaints...", flush=True)
-    acc_before, plain_answers = accuracy(base.model, tok, test, chat=True)
+    acc_before, plain_answers = accuracy(base.model, tok, test, chat=True, max_new_tokens=24)
 
     library = adapterkit.Library()
     versions = [s.version for s in library.list(all_versions=True) if s.name == "triage"]
@@ -76,7 +76,7 @@ def main() -> None:
                               options=options, callbacks=[progress_callback("triage")],
                               progress=print)
     model = result.model
-    acc_after, book_answers = accuracy(model, tok, test, chat=True)
+    acc_after, book_answers = accuracy(model, tok, test, chat=True, max_new_tokens=24)
     forgot = result.metrics["forgetting"]
     elapsed = time.perf_counter() - start
 

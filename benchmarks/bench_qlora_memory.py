@@ -1,0 +1,49 @@
+"""Resident memory of the base in 4-bit NF4 (QLoRA) against full precision, on CPU or GPU.
+
+Each precision loads in its own process so peak RSS is not shared. Reports the weights'
+footprint (transformers' get_memory_footprint), the process's peak RSS, and — on CUDA — peak
+GPU memory, with the ratio 4-bit / full.
+
+    python benchmarks/bench_qlora_memory.py [--base smollm2-135m] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+CHILD = """
+import json, resource, sys, torch, adapterkit
+quant = sys.argv[2] or None
+dtype = getattr(torch, sys.argv[3]) if sys.argv[3] else None
+base = adapterkit.load_base(sys.argv[1], quantization=quant, dtype=dtype)
+out = {"footprint_mb": base.model.get_memory_footprint() / 2**20,
+       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+if torch.cuda.is_available():
+    out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+print(json.dumps(out))
+"""
+
+
+def measure(base: str, quant: str, dtype: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, base, quant, dtype], capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--dtype", default="", help="full-precision dtype (default: adapterkit's)")
+    args = p.parse_args()
+    full = measure(args.base, "", args.dtype)
+    q4 = measure(args.base, "4bit", args.dtype)
+    print(f"{'':16}{'full':>10}{'4-bit':>10}{'ratio':>8}")
+    for key in full:
+        print(f"{key:16}{full[key]:>10.1f}{q4[key]:>10.1f}{q4[key] / full[key]:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The peer: a plain TRL SFTTrainer + PEFT LoRA script, as a user writes it without adapterkit.
+
+Same model folder, data, chat rendering, sequence length, batch, steps and precision as
+`adapterkit train sft`, so the two can be compared one after the other (see bench_sft.py).
+
+    python benchmarks/plain_trl_sft.py MODEL_FOLDER DATA.jsonl --max-steps 30 [--eval TEST.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("data")
+    p.add_argument("--max-steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--eval", help="held-out prompt/completion file: accuracy + forgetting")
+    p.add_argument("--out", help="write figures as JSON here")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    rows = [json.loads(line) for line in open(args.data) if line.strip()]
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                             "completion": [{"role": "assistant", "content": r["completion"]}]}
+                            for r in rows])
+    config = SFTConfig(
+        output_dir="/tmp/plain-trl-sft", per_device_train_batch_size=args.batch_size,
+        max_steps=args.max_steps, learning_rate=args.lr, lr_scheduler_type="linear",
+        logging_steps=5, save_strategy="no", report_to=[], max_length=args.max_length, seed=0,
+        bf16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+    )
+    peft_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tok,
+                         peft_config=peft_config)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    tokens = trainer.state.num_input_tokens_seen
+    figures = {"tokens": tokens, "train_seconds": seconds, "tokens_per_second": tokens / seconds,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if args.eval:
+        from adapterkit.data import read_rows
+        from adapterkit.evaluation import accuracy, forgetting
+
+        model = trainer.model.eval()
+        test = [json.loads(line) for line in open(args.eval) if line.strip()]
+        figures["accuracy_after"], _ = accuracy(model, tok, test, chat=True)
+        general = [r["text"] for r in read_rows("general")[0]]
+        figures["forgetting_pct"] = forgetting(model, tok, general)["general_loss_change_pct"]
+    print(json.dumps(figures))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(figures, fh)
+
+
+if __name__ == "__main__":
+    main()

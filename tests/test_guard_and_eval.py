@@ -1,0 +1,140 @@
+"""The forgetting guard, `eval` and `generate` on a tiny random base."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adapterkit import TrainOptions, train
+from adapterkit.plugins import get_plugin_manager
+
+ROWS = [{"prompt": f"Colour of item {i}?", "completion": f"Answer: {c}"}
+        for i, c in enumerate(["red", "blue", "green", "red"] * 4)]
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return get_plugin_manager(env=False)
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+def opts(**kw):
+    base = dict(max_steps=30, learning_rate=3e-2, batch_size=4, logging_steps=5, save_steps=100,
+                r=8, alpha=16, dropout=0.0, general="general", guard_every=10)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+@pytest.mark.slow
+def test_kl_guard_reduces_forgetting(tiny_base, home, data, pm):
+    plain = train("sft", base=str(tiny_base), data=str(data), name="plain", options=opts(),
+                  home=home, plugins=pm).metrics["forgetting"]["general_loss_change_pct"]
+    guarded = train("sft", base=str(tiny_base), data=str(data), name="guarded",
+                    options=opts(guard_weight=3.0), home=home, plugins=pm)
+    change = guarded.metrics["forgetting"]["general_loss_change_pct"]
+    assert abs(change) < 0.5 * abs(plain), (plain, change)
+    assert guarded.metrics["guard"]["weight"] == 3.0
+
+
+@pytest.mark.slow
+def test_budget_restores_the_last_weights_within_it(tiny_base, home, data, pm):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    probe = train("sft", base=str(tiny_base), data=str(data), name="probe",
+                  options=opts(forgetting_budget=1000, guard_weight=0.0), home=home, plugins=pm)
+    checks = probe.metrics["guard"]["checks"]
+    assert [c["step"] for c in checks] == [10, 20, 30]
+    changes = [c["general_loss_change_pct"] for c in checks]
+    assert max(changes[:2]) < changes[-1], changes  # forgetting grows while training
+    budget = (max(changes[:2]) + changes[-1]) / 2  # the last check falls outside it
+
+    result = train("sft", base=str(tiny_base), data=str(data), name="budget",
+                   options=opts(forgetting_budget=budget, guard_weight=0.0), home=home,
+                   plugins=pm)
+    guard = result.metrics["guard"]
+    assert guard["restored"] is True and guard["within_budget"] is True
+    assert guard["kept_step"] == max(c["step"] for c in checks[:2]
+                                     if c["general_loss_change_pct"] <= budget)
+    assert result.metrics["forgetting"]["general_loss_change_pct"] <= budget + 1e-6
+    # the saved pocket book is the one the guard kept
+    ids = torch.tensor([[3, 50, 60, 70]])
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                         result.pocket_book.path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+    card = (result.pocket_book.path / "README.md").read_text()
+    assert "forgetting guard: budget" in card and "**forgetting**" in card
+
+
+def test_budget_that_cannot_be_met_is_reported(tiny_base, home, data, pm):
+    result = train("sft", base=str(tiny_base), data=str(data), name="tight",
+                   options=opts(forgetting_budget=1e-9, guard_weight=0.0, max_steps=20,
+                                guard_every=20),
+                   home=home, plugins=pm)
+    assert result.metrics["guard"]["within_budget"] is False
+    assert result.metrics["guard"]["restored"] is False
+
+
+@pytest.fixture
+def cli(home):
+    from adapterkit.cli import build_cli
+
+    return build_cli(get_plugin_manager(env=False))
+
+
+@pytest.mark.slow
+def test_train_eval_generate_cli(cli, tiny_base, data, home):
+    runner = CliRunner()
+    out = runner.invoke(cli, ["train", "sft", "--base", str(tiny_base), "--data", str(data),
+                              "--name", "colours", "--max-steps", "30", "--lr", "3e-2",
+                              "--batch-size", "4", "--general", "general", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output[out.output.index("{"):])
+    assert result["ref"] == "colours@1" and "forgetting" in result["metrics"]
+    out = runner.invoke(cli, ["eval", "colours", "--data", str(data), "--general", "general",
+                              "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output[out.output.index("{"):])
+    assert report["task"]["loss"] < report["task_base"]["loss"]
+    assert 0 <= report["exact_match"]["pocket_book"] <= 1
+    assert report["exact_match"]["base"] == 0
+    assert set(report["forgetting"]) == {"general_loss_base", "general_loss",
+                                         "general_loss_change_pct"}
+    out = runner.invoke(cli, ["generate", "Colour of item 1?", "--adapter", "colours",
+                              "--max-new-tokens", "5"])
+    assert out.exit_code == 0 and out.output.strip(), out.output
+    out = runner.invoke(cli, ["generate", "hi", "--max-new-tokens", "0", "--base", "x"])
+    assert out.exit_code == 1 and "at least 1" in out.output
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "sft", "--base", "B", "--data", "d.jsonl", "--name", "n", "--config", "nope.yaml"],
+     "recipe file nope.yaml does not exist"),
+    (["train", "sft", "--base", "B", "--data", "d.jsonl", "--name", "n", "--set", "oops"],
+     "--set expects KEY=VALUE"),
+    (["train", "sft", "--base", "B", "--data", "d.jsonl", "--name", "n",
+      "--forgetting-budget", "lots"], "forgetting_budget: expected float"),
+    (["generate", "hi"], "give --base BASE or --adapter NAME"),
+    (["eval", "ghost", "--data", "x.jsonl"], "does not exist"),
+])
+def test_cli_errors_are_one_line(cli, args, match):
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 1, out.output
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], out.output
+
+
+def test_unknown_recipe_keys_are_all_listed(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rank: 8\nlr: 1e-3\n")
+    out = CliRunner().invoke(cli, ["train", "sft", "--base", "B", "--data", "d.jsonl",
+                                   "--name", "n", "--config", str(recipe)])
+    assert out.exit_code == 1 and "unknown option(s) lr, rank" in out.output
