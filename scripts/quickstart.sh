@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job: install everything, then run the tour on the embedded base.
+# The main job: install everything, then run the quickstart on the embedded base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 . .venv/bin/activate
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-python examples/tour.py
+python examples/quickstart.py
