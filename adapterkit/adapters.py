@@ -167,9 +167,24 @@ def _check_config_targets(config: dict, structure: BaseStructure, problems: list
         problems.append(f"target module(s) {', '.join(missing)} do not exist in the base")
 
 
+def convert_pickle(folder: Path, staged: Path) -> None:
+    """Write ``folder``'s trusted pickled weights as safetensors into ``staged``."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = torch.load(folder / PICKLE_FILE, map_location="cpu", weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, staged / WEIGHTS_FILE,
+              metadata={"format": "pt"})
+    (staged / PICKLE_FILE).unlink(missing_ok=True)
+
+
 def import_peft_folder(library: Library, folder: Path, name: str, *, base: str | None = None,
-                       trust_pickle: bool = False) -> PocketBook:
-    """Check a plain PEFT adapter against its base and add it to ``library``."""
+                       trust_pickle: bool = False,
+                       source: dict[str, Any] | None = None) -> PocketBook:
+    """Check a plain PEFT adapter against its base and add it to ``library``.
+
+    :param source: where it came from, recorded in the metadata (default: this folder).
+    """
     from .base import inspect_structure
     from .fingerprints import fingerprint
     from .resolve import canonical_spec, remember_base, resolve_base
@@ -179,33 +194,29 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
     base_spec = base or adapter.config.get("base_model_name_or_path")
     if not base_spec:
         raise BaseMismatch(f"{folder} does not name its base; pass --base")
-    source = resolve_base(str(base_spec), library.home)
-    check_fits(adapter, inspect_structure(source.folder))
-    fp = fingerprint(source.folder)
-    remember_base(library.home, fp, canonical_spec(str(base_spec), source))
+    base_source = resolve_base(str(base_spec), library.home)
+    check_fits(adapter, inspect_structure(base_source.folder))
+    fp = fingerprint(base_source.folder)
+    remember_base(library.home, fp, canonical_spec(str(base_spec), base_source))
     meta = PocketBookMeta(
         name=ref.name, version=ref.version or 1,
-        base={"name": source.name, "fingerprint": fp, "provenance": source.provenance},
+        base={"name": base_source.name, "fingerprint": fp,
+              "provenance": base_source.provenance},
         method="lora",  # a PEFT config does not record how its base was quantized
         hyperparameters={k: adapter.config.get(k) for k in
                          ("r", "lora_alpha", "lora_dropout", "target_modules") if k in adapter.config},
-        source={"kind": "import", "folder": folder.resolve().name,
-                "pickled": adapter.pickled},
+        source=dict(source or {"kind": "import", "folder": folder.resolve().name},
+                    pickled=adapter.pickled),
     )
     with library.stage() as staged:
         config = dict(adapter.config)
-        if source.provenance.get("hub_id"):
-            config["base_model_name_or_path"] = source.provenance["hub_id"]
+        if base_source.provenance.get("hub_id"):
+            config["base_model_name_or_path"] = base_source.provenance["hub_id"]
         (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
         if adapter.pickled:
-            import torch
-            from safetensors.torch import save_file
-
-            state = torch.load(folder / PICKLE_FILE, map_location="cpu", weights_only=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, staged / WEIGHTS_FILE,
-                      metadata={"format": "pt"})
+            convert_pickle(folder, staged)
         else:
-            shutil.copy2(folder / WEIGHTS_FILE, staged / WEIGHTS_FILE)
+            shutil.copy(folder / WEIGHTS_FILE, staged / WEIGHTS_FILE)
         if (folder / CARD_FILE).is_file():
-            shutil.copy2(folder / CARD_FILE, staged / CARD_FILE)
+            shutil.copy(folder / CARD_FILE, staged / CARD_FILE)
         return library.commit(staged, meta, name=str(ref))

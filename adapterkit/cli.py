@@ -84,7 +84,7 @@ def build_cli(pm: PluginManager) -> click.Group:
     from .cli_train import eval_cmd, generate_cmd, train_cmd
 
     for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
-                    base_group, train_cmd, eval_cmd, generate_cmd):
+                    base_group, train_cmd, eval_cmd, generate_cmd, push_cmd, pull_cmd):
         cli.add_command(command)
     pm.call_each("register_commands", cli=cli)
     return cli
@@ -228,6 +228,54 @@ def export_cmd(ctx: click.Context, ref: str, dest: str) -> None:
     click.echo(f"Exported {ref} to {path}")
 
 
+# -- the Hub --------------------------------------------------------------------------------
+
+@click.command("push")
+@click.argument("ref")
+@click.option("--repo", required=True, help="Hub repo OWNER/NAME (created if it does not exist).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", help="Branch to push to (created if needed; default main).")
+@click.option("--message", help="Commit message.")
+@click.option("--license", "license_", help="License for the card's YAML header (e.g. apache-2.0).")
+@click.pass_context
+def push_cmd(ctx: click.Context, ref: str, repo: str, private: bool, revision: str | None,
+             message: str | None, license_: str | None) -> None:
+    """Push pocket book REF (NAME or NAME@V) to the Hugging Face Hub as a PEFT repo.
+
+    Uses your Hub login (`hf auth login`), HF_TOKEN and HF_ENDPOINT like any Hub tool; the
+    token is never printed. The repo gets adapter_config.json, adapter_model.safetensors,
+    adapterkit.json (with file hashes, checked on pull) and a model card.
+    """
+    from .hub import push
+
+    result = push(_library(ctx), ref, repo, private=private, revision=revision,
+                  message=message, license=license_)
+    click.echo(f"Pushed {ref} to {result.repo_id} ({result.revision}): "
+               f"{', '.join(result.files)}")
+    click.echo(result.commit_url)
+
+
+@click.command("pull")
+@click.argument("repo")
+@click.option("--name", help="Library name (default: the repo's name).")
+@click.option("--base", help="The base you will use it with; checked against the adapter.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Accept pickled adapter_model.bin weights (they can run code).")
+@click.pass_context
+def pull_cmd(ctx: click.Context, repo: str, name: str | None, base: str | None,
+             trust_pickle: bool) -> None:
+    """Pull a PEFT LoRA repo (OWNER/NAME or OWNER/NAME@REVISION) into the library.
+
+    Works for any PEFT LoRA repository, not only ones pushed by adapterkit. Files are verified
+    against the hashes adapterkit.json records; pickled weights are refused unless trusted.
+    """
+    from .hub import pull
+
+    book = pull(_library(ctx), repo, name=name, base=base, trust_pickle=trust_pickle)
+    click.echo(f"Pulled {repo} as {book.ref} (base {book.meta.base.get('name')}, "
+               f"fingerprint {book.meta.base_fingerprint[:12]})")
+
+
 # -- bases ----------------------------------------------------------------------------------
 
 @click.group("base", cls=_Group)
@@ -291,13 +339,14 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .catalog import CatalogWarning
+    from .hub import HubWarning
     from .plugins import PluginWarning
 
     _quiet_libraries()
     original = warnings.showwarning
 
     def show(message, category, *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, (PluginWarning, CatalogWarning)):
+        if issubclass(category, (PluginWarning, CatalogWarning, HubWarning)):
             _show_warning(message, category, *args)
         else:
             original(message, category, *args, **kwargs)
