@@ -60,6 +60,8 @@ _LAZY = {
     "load_data": "data",
     "ForgettingGuard": "guard",
     "attach": "session",
+    "Session": "session",
+    "open_session": "session",
     "check_fits": "adapters",
     "parse_ref": "names",
     "validate_name": "names",
@@ -71,11 +73,13 @@ __all__ = [
     "AdapterkitError", "BaseLoadError", "BaseMismatch", "BaseNotFound", "CatalogError",
     "ConfigError", "DataFormatError",
     "InvalidAdapter", "InvalidName", "MissingDependency", "NameTaken", "PluginError",
-    "PocketBookNotFound", "TargetModuleError", "UnsafeWeights", "__version__", *_LAZY,
+    "PocketBookNotFound", "TargetModuleError", "UnsafeWeights", "__version__", "open", *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "open":  # adapterkit.open(base): a session (kept lazy; torch loads on call)
+        return import_module(".session", __name__).open_session
     if name in _LAZY:
         value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
@@ -91,7 +95,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .fingerprints import fingerprint
     from .guard import ForgettingGuard
     from .options import TrainOptions, build_options
-    from .session import attach
+    from .session import Session, attach, open_session
+    open = open_session
     from .training import TrainJob, TrainResult, train
     from .library import Library, PocketBook, Summary
     from .metadata import PocketBookMeta

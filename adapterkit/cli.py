@@ -81,10 +81,12 @@ def build_cli(pm: PluginManager) -> click.Group:
         """
         ctx.obj = {"home": home, "plugins": pm}
 
+    from .cli_session import chat_cmd, merge_cmd, stack_cmd, swap_cmd
     from .cli_train import eval_cmd, generate_cmd, train_cmd
 
     for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
-                    base_group, train_cmd, eval_cmd, generate_cmd, push_cmd, pull_cmd):
+                    base_group, train_cmd, eval_cmd, generate_cmd, push_cmd, pull_cmd,
+                    swap_cmd, chat_cmd, stack_cmd, merge_cmd):
         cli.add_command(command)
     pm.call_each("register_commands", cli=cli)
     return cli

@@ -70,12 +70,22 @@ class Trainer(Registrable):
 
 
 class MergeStrategy(Registrable):
-    """A way of combining several pocket books into one."""
+    """A way of combining several pocket books into one (``adapterkit merge --method NAME``)."""
 
-    kind = "merge"
+    kind = "merge strategy"
+    #: Whether weights may be negative (task negation); the core refuses them otherwise.
+    allows_negative: bool = True
+    #: Whether the strategy needs ``density`` in (0, 1] (TIES, DARE, magnitude pruning).
+    uses_density: bool = False
 
-    def merge(self, *, adapters: list[Any], weights: list[float], **options: Any) -> Any:
-        """Combine ``adapters`` with ``weights``; return the merged adapter's state dict."""
+    def merge(self, *, adapters: list[Any], weights: list[float], rank: int | None = None,
+              density: float | None = None, base_model: Any = None, **options: Any) -> Any:
+        """Combine ``adapters`` (:class:`adapterkit.merging.MergeInput`) with ``weights``.
+
+        :param rank: rank of the result, for strategies that choose one (SVD).
+        :param base_model: a callable returning the base model, for strategies that need it.
+        :returns: :class:`adapterkit.merging.MergeOutput` (a PEFT config and its tensors).
+        """
         raise NotImplementedError
 
 

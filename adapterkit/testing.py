@@ -91,7 +91,8 @@ def make_peft_adapter(base_folder: str | Path, out: str | Path, *, seed: int = 1
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_folder)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules)
+    lora_kwargs.setdefault("lora_alpha", 2 * r)
+    config = LoraConfig(r=r, target_modules=list(target_modules)
                         if not isinstance(target_modules, str) else target_modules,
                         task_type="CAUSAL_LM", **lora_kwargs)
     peft_model = get_peft_model(model, config)

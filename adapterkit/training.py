@@ -331,13 +331,18 @@ def _metrics(state: Any, elapsed: float) -> dict[str, Any]:
     history = _history(state)
     losses = [h["loss"] for h in history if "loss" in h]
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    # The trainer's own clock (its training loop only, as a plain TRL script reports it);
+    # ``train_seconds`` is the whole call, data preparation included.
+    loop = next((float(h["train_runtime"]) for h in reversed(history) if "train_runtime" in h),
+                elapsed)
     return {
         "train_loss_first": losses[0] if losses else None,
         "train_loss_final": losses[-1] if losses else None,
         "steps": int(getattr(state, "global_step", 0) or 0),
         "train_seconds": round(elapsed, 2),
+        "loop_seconds": round(loop, 2),
         "tokens": tokens,
-        "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 and tokens else None,
+        "tokens_per_second": round(tokens / loop, 1) if loop > 0 and tokens else None,
     }
 
 

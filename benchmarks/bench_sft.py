@@ -44,7 +44,8 @@ def run_ours(base: str, steps: int, batch: int, lr: float, home: str, tmp: Path,
     result = json.loads(out[out.index("{"):])
     m = result["metrics"]
     figures = {"tokens": m["tokens"], "train_seconds": m["train_seconds"],
-               "tokens_per_second": m["tokens_per_second"], **json.loads(rss.read_text())}
+               "loop_seconds": m["loop_seconds"], "tokens_per_second": m["tokens_per_second"],
+               **json.loads(rss.read_text())}
     if evaluate:
         figures["forgetting_pct"] = m["forgetting"]["general_loss_change_pct"]
         ev = subprocess.run([sys.executable, "-m", "adapterkit", "--home", home, "eval", "bench",
@@ -85,7 +86,7 @@ def main() -> None:
         plain = run_plain(info["folder"], args.steps, args.batch_size, args.lr, tmp, args.eval)
         ours = run_ours(args.base, args.steps, args.batch_size, args.lr, home, tmp, args.eval)
     print(f"{'':22}{'plain TRL+PEFT':>16}{'adapterkit':>14}{'ratio':>8}")
-    for key in ("tokens", "train_seconds", "tokens_per_second", "peak_rss_mb",
+    for key in ("tokens", "train_seconds", "loop_seconds", "tokens_per_second", "peak_rss_mb",
                 "accuracy_after", "forgetting_pct"):
         if key in plain and key in ours:
             ratio = ours[key] / plain[key] if plain[key] else float("nan")

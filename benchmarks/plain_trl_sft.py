@@ -55,7 +55,10 @@ def main() -> None:
     trainer.train()
     seconds = time.perf_counter() - start
     tokens = trainer.state.num_input_tokens_seen
-    figures = {"tokens": tokens, "train_seconds": seconds, "tokens_per_second": tokens / seconds,
+    loop = next(h["train_runtime"] for h in reversed(trainer.state.log_history)
+                if "train_runtime" in h)
+    figures = {"tokens": tokens, "train_seconds": seconds, "loop_seconds": loop,
+               "tokens_per_second": tokens / loop,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if args.eval:
         from adapterkit.data import read_rows

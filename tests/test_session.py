@@ -1,0 +1,132 @@
+"""Sessions: swap, stack and off on one resident base, checked against PEFT."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import adapterkit
+from adapterkit import BaseMismatch, PocketBookNotFound
+from adapterkit.testing import make_peft_adapter
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 120, 7, 64]])
+
+
+@pytest.fixture
+def books(library, tiny_base, tmp_path):
+    specs = {"law": dict(seed=1, r=4, target_modules=["q_proj", "v_proj"]),
+             "code": dict(seed=2, r=8, target_modules="all-linear"),
+             "chem": dict(seed=3, r=2, target_modules=["o_proj", "down_proj"], lora_alpha=5)}
+    paths = {}
+    for name, kw in specs.items():
+        path = make_peft_adapter(tiny_base, tmp_path / name, **kw)
+        library.import_peft(path, name, base=str(tiny_base))
+        paths[name] = path
+    return paths
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def peft_logits(tiny_base, paths, weights=None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    names = list(paths)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                      paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(paths[name], adapter_name=name)
+    if weights is None:
+        model.set_adapter(names[0])
+    else:
+        model.add_weighted_adapter(names, [weights[n] for n in names], "mix",
+                                   combination_type="cat")
+        model.set_adapter("mix")
+    return logits(model.eval())
+
+
+def test_swap_matches_peft_and_off_is_the_plain_base(tiny_base, books, home):
+    session = adapterkit.open(str(tiny_base), home=home, attach=["law", "code", "chem"])
+    plain = logits(adapterkit.load_base(str(tiny_base), home=home).model)
+    for name in ("law", "code", "chem", "law"):
+        session.swap(name)
+        torch.testing.assert_close(logits(session.model), peft_logits(tiny_base, {name: books[name]}),
+                                   rtol=1e-5, atol=1e-5)
+    session.off()
+    assert torch.equal(logits(session.model), plain)
+    assert session.active == {}
+
+
+def test_stack_is_the_exact_weighted_sum(tiny_base, books, home):
+    session = adapterkit.open(str(tiny_base), home=home)
+    session.stack({"law": 1.0, "code": 0.5})
+    assert session.active == {"law@1": 1.0, "code@1": 0.5}
+    expected = peft_logits(tiny_base, {"law": books["law"], "code": books["code"]},
+                           {"law": 1.0, "code": 0.5})
+    torch.testing.assert_close(logits(session.model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_per_call_adapter_choice_restores_the_active_one(tiny_base, books, home):
+    session = adapterkit.open(str(tiny_base), home=home, attach=["law", "code"])
+    session.swap("law")
+    with_law = logits(session.model)
+    with session.using("code"):
+        torch.testing.assert_close(logits(session.model),
+                                   peft_logits(tiny_base, {"code": books["code"]}),
+                                   rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits(session.model), with_law)
+    text = session.generate("hello", adapter=None, max_new_tokens=3)
+    assert isinstance(text, str) and session.active == {"law@1": 1.0}
+
+
+def test_unknown_and_foreign_pocket_books(tiny_base, other_base, books, home, library, tmp_path):
+    session = adapterkit.open(str(tiny_base), home=home)
+    with pytest.raises(PocketBookNotFound):
+        session.swap("ghost")
+    foreign = make_peft_adapter(other_base, tmp_path / "foreign")
+    library.import_peft(foreign, "foreign", base=str(other_base))
+    with pytest.raises(BaseMismatch, match="was made on base other"):
+        session.attach("foreign")
+    session.attach("law")
+    with pytest.raises(PocketBookNotFound, match="attached: law@1"):
+        session.detach("code")
+
+
+def test_detach_frees_the_tensors(tiny_base, books, home):
+    session = adapterkit.open(str(tiny_base), home=home, attach=["law", "code"])
+    session.swap("code")
+    ref = weakref.ref(session.books["code@1"].factors["model.layers.0.mlp.up_proj"][0])
+    session.detach("code")
+    gc.collect()
+    assert ref() is None and session.active == {}
+    assert list(session.books) == ["law@1"]
+
+
+def test_swap_cost_does_not_depend_on_attached_count(tiny_base, books, home):
+    session = adapterkit.open(str(tiny_base), home=home, attach=["law", "code", "chem"])
+    # every pocket book is prepared as one bind per slot, whatever else is attached
+    assert {len(b.prepared) for b in session.books.values()} == {len(session.slots)}
+
+
+def test_swaps_do_not_recompile(tiny_base, books, home):
+    import torch._dynamo
+
+    session = adapterkit.open(str(tiny_base), home=home, attach=["law", "code", "chem"])
+    torch._dynamo.reset()
+    compiled = torch.compile(session.model, backend="eager", dynamic=False)
+    session.swap("law")
+    with torch.no_grad():
+        compiled(input_ids=IDS)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for name in ("code", "chem", "law"):
+            session.swap(name)
+            out = compiled(input_ids=IDS).logits
+            torch.testing.assert_close(out, logits(session.model), rtol=1e-5, atol=1e-5)
+        session.stack({"law": 1.0, "chem": 1.0})  # rank 4+2 ≤ 8: same padded shapes
+        compiled(input_ids=IDS)
+        session.off()
+        compiled(input_ids=IDS)
