@@ -223,11 +223,28 @@ def import_cmd(ctx: click.Context, folder: str, name: str, base: str | None,
 @click.command("export")
 @click.argument("ref")
 @click.argument("dest", type=click.Path())
+@click.option("--merged", is_flag=True,
+              help="Fold the pocket book (or stack) into its base: a standalone transformers "
+                   "model. A 4-bit base is dequantized first; the result is checked against "
+                   "the unmerged model before it is written.")
+@click.option("--tolerance", type=float, default=1e-3, show_default=True,
+              help="Largest logit difference merged vs unmerged accepted (with --merged).")
 @click.pass_context
-def export_cmd(ctx: click.Context, ref: str, dest: str) -> None:
-    """Write a pocket book to DEST as a plain PEFT folder (PEFT, vLLM, TGI, LoRAX load it)."""
-    path = _library(ctx).export(ref, dest)
-    click.echo(f"Exported {ref} to {path}")
+def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, tolerance: float) -> None:
+    """Write a pocket book to DEST as a plain PEFT folder (PEFT, vLLM, TGI, LoRAX load it),
+    or with --merged as a standalone model."""
+    if not merged:
+        path = _library(ctx).export(ref, dest)
+        click.echo(f"Exported {ref} to {path}")
+        return
+    from .export import export_merged
+
+    report = export_merged(_library(ctx), ref, dest, tolerance=tolerance,
+                           plugins=ctx.find_root().obj["plugins"],
+                           progress=lambda m: click.echo(m, err=True))
+    note = f", dequantized from {report.dequantized_from} first" if report.dequantized_from else ""
+    click.echo(f"Exported {ref} merged into its base to {report.dest} ({report.shards} shard(s)"
+               f"{note}); max logit difference vs unmerged {report.max_logit_diff:.2e}")
 
 
 # -- the Hub --------------------------------------------------------------------------------

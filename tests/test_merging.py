@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import adapterkit
+from adapterkit import merging
 from adapterkit import BaseMismatch, ConfigError
 from adapterkit.merging import lora_pairs, scale_of
 from adapterkit.plugins import get_plugin_manager
@@ -40,16 +41,16 @@ PATH = "model.layers.1.mlp.down_proj"
 
 
 def test_exact_svd_equals_peft_svd(books, tiny_base, pm, home):
-    exact = adapterkit.merging.merge(books, ["a", "b", "c"], [1.0, 0.5, -0.3], method="exact_svd",
+    exact = merging.merge(books, ["a", "b", "c"], [1.0, 0.5, -0.3], method="exact_svd",
                                      name="exact", rank=6, plugins=pm)
-    peft = adapterkit.merging.merge(books, ["a", "b", "c"], [1.0, 0.5, -0.3], method="svd",
+    peft = merging.merge(books, ["a", "b", "c"], [1.0, 0.5, -0.3], method="svd",
                                     name="peftsvd", rank=6, plugins=pm)
     assert exact.meta.parents == ["a@1", "b@1", "c@1"]
     assert exact.meta.source == {"kind": "merge", "method": "exact_svd"}
     diff = (delta(exact, PATH) - delta(peft, PATH)).abs().max().item()
     assert diff < 1e-5, diff
     # at full rank (4 + 4 + 8) the combination is the exact weighted sum
-    full = adapterkit.merging.merge(books, ["a", "b", "c"], [1.0, 0.5, -0.3], method="exact_svd",
+    full = merging.merge(books, ["a", "b", "c"], [1.0, 0.5, -0.3], method="exact_svd",
                                     name="full", rank=16, plugins=pm)
     want = sum(w * delta(books.get(n), PATH) for n, w in (("a", 1.0), ("b", 0.5), ("c", -0.3)))
     assert (delta(full, PATH) - want).abs().max().item() < 1e-6
@@ -66,7 +67,7 @@ def test_peft_methods_produce_loadable_adapters(books, tiny_base, pm, method, kw
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    book = adapterkit.merging.merge(books, ["a", "b"], [0.7, 0.3], method=method,
+    book = merging.merge(books, ["a", "b"], [0.7, 0.3], method=method,
                                     name=f"m-{method}", plugins=pm, **kw)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), book.path)
     with torch.no_grad():
@@ -77,7 +78,7 @@ def test_cat_merge_matches_the_session_stack(books, tiny_base, pm, home):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    book = adapterkit.merging.merge(books, ["a", "c"], [1.0, 0.5], method="cat", name="cat",
+    book = merging.merge(books, ["a", "c"], [1.0, 0.5], method="cat", name="cat",
                                     plugins=pm)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
                                       book.path).eval()
@@ -92,10 +93,10 @@ def test_stack_entry_and_flatten(books, tiny_base, home):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    entry = adapterkit.merging.stack(books, ["a", "c"], [1.0, 0.5], name="ac")
+    entry = merging.stack(books, ["a", "c"], [1.0, 0.5], name="ac")
     assert entry.meta.kind == "stack" and entry.meta.parents == ["a@1", "c@1"]
     assert not (entry.path / "adapter_model.safetensors").exists()
-    flat = adapterkit.merging.stack(books, ["a", "c"], [1.0, 0.5], name="ac-flat", flatten=True)
+    flat = merging.stack(books, ["a", "c"], [1.0, 0.5], name="ac-flat", flatten=True)
     session = adapterkit.open(str(tiny_base), home=home)
     session.swap("ac")  # a saved stack activates its members
     assert session.active == {"a@1": 1.0, "c@1": 0.5}
@@ -122,7 +123,7 @@ def test_stack_entry_and_flatten(books, tiny_base, home):
 def test_bad_merges(books, pm, refs, weights, kw, error, match):
     kw = {"method": "exact_svd", **kw}
     with pytest.raises(error, match=match):
-        adapterkit.merging.merge(books, refs, weights, name="bad", plugins=pm, **kw)
+        merging.merge(books, refs, weights, name="bad", plugins=pm, **kw)
     assert not books.exists("bad")
 
 
@@ -130,7 +131,54 @@ def test_members_of_different_bases_are_refused(books, other_base, tmp_path, pm)
     path = make_peft_adapter(other_base, tmp_path / "o")
     books.import_peft(path, "o", base=str(other_base))
     with pytest.raises(BaseMismatch, match="different bases"):
-        adapterkit.merging.merge(books, ["a", "o"], None, method="exact_svd", name="x",
+        merging.merge(books, ["a", "o"], None, method="exact_svd", name="x",
                                  plugins=pm)
     with pytest.raises(BaseMismatch, match="different bases"):
-        adapterkit.merging.stack(books, ["a", "o"], None, name="x")
+        merging.stack(books, ["a", "o"], None, name="x")
+
+
+def test_export_merged_full_and_4bit(books, tiny_base, home, tmp_path, pm):
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit.export import export_merged
+
+    report = export_merged(books, "c", tmp_path / "merged", plugins=pm)
+    assert report.max_logit_diff < 1e-4 and report.dequantized_from is None
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    session = adapterkit.open(str(tiny_base), home=home)
+    session.swap("c")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits,
+                                   session.model(input_ids=IDS).logits, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    # a stack folds too
+    merging.stack(books, ["a", "c"], [1.0, 0.5], name="ac")
+    assert export_merged(books, "ac", tmp_path / "stack-merged", plugins=pm).max_logit_diff < 1e-4
+
+    pytest.importorskip("bitsandbytes")
+    from adapterkit import PocketBookMeta  # noqa: F401
+
+    q = books.get("b")
+    meta_path = q.path / "adapterkit.json"
+    import json
+
+    data = json.loads(meta_path.read_text())
+    data["method"] = "qlora"  # as if trained on the 4-bit base
+    meta_path.write_text(json.dumps(data))
+    books.rebuild_catalog()
+    report = export_merged(books, "b", tmp_path / "q-merged", plugins=pm)
+    assert report.dequantized_from == "nf4" and report.max_logit_diff < 1e-3
+
+
+def test_export_merged_refuses_divergence_and_busy_folders(books, tmp_path, pm):
+    from adapterkit import NameTaken
+    from adapterkit.export import MergeCheckFailed, export_merged
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("mine")
+    with pytest.raises(NameTaken, match="not empty"):
+        export_merged(books, "a", tmp_path / "busy", plugins=pm)
+    with pytest.raises(MergeCheckFailed, match="differ from the unmerged session's by"):
+        export_merged(books, "a", tmp_path / "strict", tolerance=0.0 - 1.0, plugins=pm)
+    assert not (tmp_path / "strict").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".strict")] == []
