@@ -227,7 +227,7 @@ def import_cmd(ctx: click.Context, folder: str, name: str, base: str | None,
               help="Fold the pocket book (or stack) into its base: a standalone transformers "
                    "model. A 4-bit base is dequantized first; the result is checked against "
                    "the unmerged model before it is written.")
-@click.option("--tolerance", type=float, default=1e-3, show_default=True,
+@click.option("--tolerance", type=float, default=1e-2, show_default=True,
               help="Largest logit difference merged vs unmerged accepted (with --merged).")
 @click.pass_context
 def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, tolerance: float) -> None:

@@ -1,8 +1,10 @@
 """Resident memory of the base in 4-bit NF4 (QLoRA) against full precision, on CPU or GPU.
 
-Each precision loads in its own process so peak RSS is not shared. Reports the weights'
-footprint (transformers' get_memory_footprint), the process's peak RSS, and — on CUDA — peak
-GPU memory, with the ratio 4-bit / full.
+Each precision loads in its own process. Reports the weights' footprint (transformers'
+get_memory_footprint), the resident memory the loaded base adds to the process after one
+forward pass (the figure that matters while serving or training), the process's peak RSS
+(loading a 4-bit base reads the full-precision file once), and — on CUDA — peak GPU memory,
+with the ratio 4-bit / full.
 
     python benchmarks/bench_qlora_memory.py [--base smollm2-135m] [--dtype bfloat16]
 """
@@ -15,11 +17,17 @@ import subprocess
 import sys
 
 CHILD = """
-import json, resource, sys, torch, adapterkit
+import json, os, resource, sys, torch, adapterkit
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 quant = sys.argv[2] or None
 dtype = getattr(torch, sys.argv[3]) if sys.argv[3] else None
+start = rss()
 base = adapterkit.load_base(sys.argv[1], quantization=quant, dtype=dtype)
+with torch.no_grad():  # touch every weight: memory-mapped pages count once they are used
+    base.model(**base.tokenizer(["The weather today is"], return_tensors="pt").to(base.model.device))
 out = {"footprint_mb": base.model.get_memory_footprint() / 2**20,
+       "resident_base_mb": rss() - start,
        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 if torch.cuda.is_available():
     out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

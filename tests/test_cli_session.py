@@ -1,0 +1,83 @@
+"""`swap`, `chat`, `stack`, `merge` and `export --merged` from the command line."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from adapterkit.cli import build_cli
+from adapterkit.plugins import get_plugin_manager
+from adapterkit.testing import make_peft_adapter
+
+
+@pytest.fixture
+def cli(home):
+    return build_cli(get_plugin_manager(env=False))
+
+
+@pytest.fixture
+def two(library, tiny_base, tmp_path):
+    for name, seed in (("law", 1), ("code", 2)):
+        library.import_peft(make_peft_adapter(tiny_base, tmp_path / name, seed=seed), name,
+                            base=str(tiny_base))
+    return library
+
+
+def run(cli, *args, code=0, input=None):
+    out = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    assert out.exit_code == code, out.output
+    return out.output
+
+
+def test_swap_answers_with_each_and_reports_latency(cli, two):
+    out = run(cli, "swap", "law", "code", "--prompt", "Hello", "--max-new-tokens", "4", "--json")
+    data = json.loads(out[out.index("{"):])
+    assert [r["pocket_book"] for r in data["pocket_books"]] == ["law@1", "code@1"]
+    for row in data["pocket_books"]:
+        assert row["hot_swap_ms"] < row["attach_ms"] + row["swap_ms"]
+        assert isinstance(row["answer"], str)
+    text = run(cli, "swap", "law", "--prompt", "Hello", "--max-new-tokens", "2")
+    assert "[law@1]  first swap" in text and "hot swap" in text and "[plain base]" in text
+
+
+def test_chat_repl_commands(cli, two):
+    script = "\n".join(["/list", "/swap law", "hi", "/stack law=1 code=0.5", "/off",
+                        "/swap ghost", "/bogus", "/quit"]) + "\n"
+    out = run(cli, "chat", "--adapter", "code", "--max-new-tokens", "3", input=script)
+    assert "law@1" in out and "swapped to law@1" in out
+    assert "stacked {'law@1': 1.0, 'code@1': 0.5}" in out and "plain base" in out
+    assert "Error: 'ghost'" in out or "no pocket book named 'ghost'" in out
+    assert "unknown command /bogus" in out
+
+
+def test_stack_and_merge_commands(cli, two, home):
+    assert "Saved lc@1 (stack of law@1, code@1)" in run(
+        cli, "stack", "law", "code", "--weights", "1,0.5", "--name", "lc")
+    assert "flattened adapter" in run(cli, "stack", "law", "code", "--name", "flat", "--flatten")
+    out = run(cli, "merge", "law", "code", "--method", "exact_svd", "--weights", "1,1",
+              "--name", "m", "--rank", "4")
+    assert out.startswith("Saved m@1: exact_svd of law@1, code@1")
+    shown = json.loads(run(cli, "show", "m", "--json"))
+    assert shown["parents"] == ["law@1", "code@1"] and shown["hyperparameters"]["rank"] == 4
+
+
+@pytest.mark.parametrize("args,match", [
+    (["stack", "law", "code", "--weights", "1", "--name", "x"], "2 pocket books but 1 weights"),
+    (["stack", "law", "code", "--weights", "1,a", "--name", "x"], "comma-separated numbers"),
+    (["merge", "law", "code", "--method", "dare_ties", "--density", "0", "--name", "x"],
+     "needs --density in (0, 1]"),
+    (["merge", "law", "ghost", "--name", "x"], "no pocket book named 'ghost'"),
+    (["swap", "ghost", "--prompt", "p"], "no pocket book named 'ghost'"),
+    (["swap", "law", "--prompt", "p", "--max-new-tokens", "0"], "at least 1"),
+])
+def test_errors_are_one_line(cli, two, args, match):
+    out = run(cli, *args, code=1)
+    assert out.strip().splitlines()[-1].startswith("Error:") and match in out
+
+
+def test_export_merged_cli(cli, two, tmp_path):
+    out = run(cli, "export", "law", tmp_path / "merged", "--merged")
+    assert "merged into its base" in out and "max logit difference" in out
+    assert (tmp_path / "merged" / "config.json").exists()
+    out = run(cli, "export", "law", tmp_path / "merged", "--merged", code=1)
+    assert "not empty" in out
