@@ -81,12 +81,14 @@ def build_cli(pm: PluginManager) -> click.Group:
         """
         ctx.obj = {"home": home, "plugins": pm}
 
+    from .cli_plugins import install_cmd, plugin_group, uninstall_cmd
     from .cli_session import chat_cmd, merge_cmd, stack_cmd, swap_cmd
     from .cli_train import eval_cmd, generate_cmd, train_cmd
 
     for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
                     base_group, train_cmd, eval_cmd, generate_cmd, push_cmd, pull_cmd,
-                    swap_cmd, chat_cmd, stack_cmd, merge_cmd):
+                    swap_cmd, chat_cmd, stack_cmd, merge_cmd, plugin_group, install_cmd,
+                    uninstall_cmd):
         cli.add_command(command)
     pm.call_each("register_commands", cli=cli)
     return cli
@@ -371,5 +373,11 @@ def main(argv: list[str] | None = None) -> None:
             original(message, category, *args, **kwargs)
 
     warnings.showwarning = show
-    cli = build_cli(get_plugin_manager())
-    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="adapterkit")
+    from .cli_plugins import NO_PLUGIN_COMMANDS
+
+    args = argv if argv is not None else sys.argv[1:]
+    # install/uninstall never load plugins: a broken plugin can always be removed.
+    command = next((a for a in args if not a.startswith("-")), None)
+    safe = command in NO_PLUGIN_COMMANDS
+    cli = build_cli(get_plugin_manager(entry_points=not safe, env=not safe))
+    cli.main(args=args, prog_name="adapterkit")

