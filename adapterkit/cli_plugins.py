@@ -48,7 +48,9 @@ def _pip(args: list[str]) -> None:
 @click.option("-e", "--editable", "editables", multiple=True, type=click.Path(exists=True),
               help="Install a local plugin folder in editable mode (repeatable).")
 @click.option("-U", "--upgrade", is_flag=True, help="Upgrade packages that are installed.")
-def install_cmd(packages: tuple[str, ...], editables: tuple[str, ...], upgrade: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Less output from pip.")
+def install_cmd(packages: tuple[str, ...], editables: tuple[str, ...], upgrade: bool,
+                quiet: bool) -> None:
     """Install plugins (PyPI names, wheels or folders) into adapterkit's environment."""
     if not packages and not editables:
         raise click.UsageError("name a package to install, or -e FOLDER")
@@ -57,6 +59,8 @@ def install_cmd(packages: tuple[str, ...], editables: tuple[str, ...], upgrade: 
         args += ["-e", path]
     if upgrade:
         args.append("--upgrade")
+    if quiet:
+        args.append("--quiet")
     _pip(args)
 
 

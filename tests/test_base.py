@@ -105,3 +105,34 @@ def test_embedded_base_converts_once_and_loads(embedded_gguf, home):
     assert base.fingerprint == first["fingerprint"]
     assert base.tokenizer.chat_template
     assert len(list((home / "bases").glob("SmolLM2*"))) == 1
+
+
+def test_8bit_base_loads_frozen(tiny_base, home):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    q8 = load_base(str(tiny_base), home=home, quantization="8bit")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in q8.model.modules())
+    assert not any(p.requires_grad for p in q8.model.parameters())
+
+
+def test_hub_id_base_through_the_hub_client(tiny_base, home, monkeypatch, tmp_path):
+    """A base named by a Hub id is downloaded by huggingface_hub (here from a loopback Hub)
+    and identified by repo id and commit, not by the cache path."""
+    import huggingface_hub.constants as constants
+
+    from tests.hub_server import FakeHub
+
+    files = {p.name: p.read_bytes() for p in tiny_base.iterdir() if p.is_file()}
+    with FakeHub({"tok": "org"}) as hub:
+        sha = hub.add_repo("org/tiny-llama", "org", files)
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        base = load_base("org/tiny-llama", home=home)
+        info = describe_base(f"org/tiny-llama@{sha}", home)
+    assert base.identity()["provenance"] == {"kind": "hub", "hub_id": "org/tiny-llama",
+                                             "revision": sha}
+    assert base.fingerprint == fingerprint(tiny_base) == info["fingerprint"]

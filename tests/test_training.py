@@ -210,3 +210,32 @@ def test_recipe_file_and_overrides(tmp_path):
     text = str(err.value)
     assert "unknown option(s) lr, rank" in text and "epochs: must be positive" in text
     assert "batch_size: expected an integer" in text
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "json"])
+def test_csv_parquet_and_json_files(suffix, tiny_base, home, tmp_path, pm):
+    from datasets import Dataset
+
+    rows = SHAPES["prompt_completion"]
+    path = tmp_path / f"data.{suffix}"
+    if suffix == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        getattr(Dataset.from_list(rows), f"to_{suffix}")(str(path))
+    result = train("sft", base=str(tiny_base), data=str(path), name=f"f-{suffix}",
+                   options=fast(max_steps=4), home=home, plugins=pm)
+    assert result.pocket_book.meta.data["rows"] == len(rows)
+    assert result.pocket_book.meta.data["shape"] == "prompt_completion"
+
+
+def test_packing_and_eval_split(tiny_base, home, tmp_path, pm):
+    data = write_jsonl(tmp_path / "text.jsonl", SHAPES["text"])
+    result = train("sft", base=str(tiny_base), data=str(data), name="packed",
+                   options=fast(max_steps=6, packing=True, eval_split=0.25, max_length=64),
+                   home=home, plugins=pm)
+    m = result.metrics
+    assert m["eval"]["tokens"] > 0 and m["eval"]["loss"] > 0
+    assert result.pocket_book.meta.hyperparameters["packing"] is True
+    with pytest.raises(ConfigError, match="eval_split"):
+        train("sft", base=str(tiny_base), data=str(data), name="bad",
+              options=fast(eval_split=0.99), home=home, plugins=pm)
