@@ -236,6 +236,7 @@ def test_packing_and_eval_split(tiny_base, home, tmp_path, pm):
     m = result.metrics
     assert m["eval"]["tokens"] > 0 and m["eval"]["loss"] > 0
     assert result.pocket_book.meta.hyperparameters["packing"] is True
-    with pytest.raises(ConfigError, match="eval_split"):
-        train("sft", base=str(tiny_base), data=str(data), name="bad",
-              options=fast(eval_split=0.99), home=home, plugins=pm)
+    one = write_jsonl(tmp_path / "one.jsonl", SHAPES["text"][:1])
+    with pytest.raises(ConfigError, match="eval_split 0.5 leaves no training rows out of 1"):
+        train("sft", base=str(tiny_base), data=str(one), name="bad",
+              options=fast(eval_split=0.5), home=home, plugins=pm)
