@@ -202,8 +202,6 @@ def _own_memory(model: Any) -> None:
     the whole mapping, so every page the quantizer read stays resident (for SmolLM2-135M,
     ~420 MB on top of a 160 MB model). Copying the few unquantized tensors lets it go.
     """
-    import torch
-
     from ._memory import release_memory
 
     for tensor in list(model.parameters()) + list(model.buffers()):

@@ -12,7 +12,6 @@ import json
 import sqlite3
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 

@@ -161,7 +161,7 @@ def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
                                                        if meta.trainer else ")"),
         f"  path:        {book.path}",
         f"  base:        {meta.base.get('name', '?')}  fingerprint {meta.base_fingerprint}",
-        f"  provenance:  " + ", ".join(f"{k}={v}" for k, v in
+        "  provenance:  " + ", ".join(f"{k}={v}" for k, v in
                                          sorted(meta.base.get("provenance", {}).items())),
         f"  created:     {meta.created}",
         f"  tags:        {', '.join(meta.tags) or '-'}",

@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._fs import sha256_file
 from .errors import DataFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,21 +121,13 @@ def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
         ) from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_rows(spec: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], str, str]:
     """Read rows from a file or Hub dataset: ``(rows, description, sha256)``."""
     if str(spec) == GENERAL_TEXT:
         spec = general_text_path()
     path = Path(spec).expanduser()
     if path.is_file():
-        return _read_file(path), path.name, _sha256(path)
+        return _read_file(path), path.name, sha256_file(path)
     text = str(spec)
     if _HUB_ID.fullmatch(text) and path.suffix.lower() not in _SUFFIXES:
         rows = _read_hub(text)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import AdapterkitError, NameTaken
+from ._fs import new_folder
 from ._memory import release_memory
 from .fingerprints import weight_files
 
@@ -60,7 +60,7 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
 
     say = progress or (lambda m: None)
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):  # fail before the work
         raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
     book = library.get(ref)
     members = (dict(book.meta.hyperparameters["weights"]) if book.meta.kind == "stack"
@@ -89,9 +89,7 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
     del session, base
     release_memory()
 
-    tmp = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with new_folder(dest) as tmp:
         say("Writing merged weights shard by shard...")
         shards = _write_shards(folder, tmp, deltas, dequantized)
         for item in folder.iterdir():
@@ -106,12 +104,6 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
             raise MergeCheckFailed(
                 f"the merged model's logits differ from the unmerged session's by {diff:.3g} "
                 f"(tolerance {tolerance:g}); nothing was written")
-        if dest.exists():
-            dest.rmdir()
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportReport(dest, diff, "nf4" if quant == "4bit" else quant, shards)
 
 

@@ -12,7 +12,6 @@ adapterkit. Pull works for any PEFT LoRA repository, not only ours.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._fs import sha256_file
 from .card import render_card
 from .errors import AdapterkitError, InvalidAdapter, InvalidName
 from .library import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, PocketBook
@@ -58,14 +58,6 @@ def parse_repo(text: str) -> tuple[str, str | None]:
         raise InvalidName(f"invalid Hub repo id {text!r}: write OWNER/NAME (letters, digits, "
                           "'-', '_', '.'), optionally @REVISION")
     return repo_id, (revision or None)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _api(token: str | None = None) -> Any:
@@ -169,7 +161,7 @@ def _prepare_upload(book: PocketBook, folder: Path, *, license: str | None) -> l
     meta = PocketBookMeta.from_dict(json.loads(book.meta.to_json()))
     (folder / CARD_FILE).write_text(render_card(meta, license=license), encoding="utf-8")
     data = json.loads(meta.to_json())
-    data["files"] = {name: _sha256(folder / name) for name in names + [CARD_FILE]}
+    data["files"] = {name: sha256_file(folder / name) for name in names + [CARD_FILE]}
     (folder / METADATA_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n",
                                         encoding="utf-8")
     return sorted(names + [CARD_FILE, METADATA_FILE])
@@ -194,7 +186,7 @@ def pull(library: Library, repo: str, *, name: str | None = None, base: str | No
 def _verify(folder: Path, recorded: dict[str, Any]) -> None:
     for fname, digest in (recorded.get("files") or {}).items():
         path = folder / fname
-        if path.exists() and _sha256(path) != digest:
+        if path.exists() and sha256_file(path) != digest:
             raise InvalidAdapter(f"{fname} from the Hub does not match the SHA-256 its "
                                  "adapterkit.json records: the download is corrupt or was "
                                  "altered; pull again")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ._fs import atomic_write_text, fsync_dir, fsync_tree
+from ._fs import atomic_write_text, fsync_dir, fsync_tree, new_folder
 from .catalog import Catalog
 from .errors import InvalidAdapter, NameTaken, PocketBookNotFound
 from .home import resolve_home
@@ -351,18 +351,8 @@ class Library:
         if book.meta.kind != "adapter":
             raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}, not a single adapter")
         dest = Path(dest)
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-            raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
-        tmp = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
-        try:
+        with new_folder(dest) as tmp:
             for item in book.path.iterdir():
                 if item.is_file():
                     shutil.copy2(item, tmp / item.name)
-            if dest.exists():
-                dest.rmdir()
-            os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dest

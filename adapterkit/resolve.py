@@ -12,7 +12,6 @@ never a bare local path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ._fs import atomic_write_text, fsync_tree
+from ._fs import atomic_write_text, fsync_tree, sha256_file
 from .errors import BaseLoadError, BaseNotFound, MissingDependency
 from .home import resolve_home
 
@@ -64,14 +63,6 @@ class BaseSource:
 def _say(progress: Progress | None, message: str) -> None:
     if progress is not None:
         progress(message)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def alias_file(alias: str) -> tuple[Path, str]:

@@ -277,7 +277,7 @@ def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str
 
 
 def _load(base: str | Base, method: Any, library: Library, say: Callable[[str], None]) -> Base:
-    from .base import Base, check_targets, load_base  # noqa: F401
+    from .base import load_base
 
     if isinstance(base, str):
         say(f"Loading base {base}" + (f" ({method.quantization})" if method.quantization else "")

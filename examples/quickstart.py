@@ -47,7 +47,7 @@ def main() -> None:
 
     import adapterkit
     from adapterkit.cli import _quiet_libraries
-    from adapterkit.evaluation import accuracy, forgetting
+    from adapterkit.evaluation import accuracy
     from adapterkit.progress import progress_callback
 
     _quiet_libraries()
@@ -56,7 +56,6 @@ def main() -> None:
     if not train_file.exists():
         sys.exit("examples/data is missing: run python examples/make_triage_data.py")
     test = load_jsonl(test_file)
-    general = [r["text"] for r in adapterkit.load_data("general").rows]
 
     print(f"Loading {args.base}...", flush=True)
     base = adapterkit.load_base(args.base, progress=print)

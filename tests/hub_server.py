@@ -144,14 +144,23 @@ class FakeHub:
                     return repo.branches[revision]
                 return revision if revision in repo.commits else None
 
-            def model_info(self, repo_id: str, revision: str, head: bool):
+            def lookup(self, repo_id: str, revision: str, head: bool):
+                """(repo, commit sha), or None after answering the Hub's 404."""
                 repo = self.visible(repo_id)
                 if repo is None:
-                    return self.error(404, "Repository not found", "RepoNotFound", head=head)
+                    self.error(404, "Repository not found", "RepoNotFound", head=head)
+                    return None
                 sha = self.commit_of(repo, revision)
                 if sha is None:
-                    return self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound",
-                                      head=head)
+                    self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head=head)
+                    return None
+                return repo, sha
+
+            def model_info(self, repo_id: str, revision: str, head: bool):
+                found = self.lookup(repo_id, revision, head)
+                if found is None:
+                    return None
+                repo, sha = found
                 files = repo.commits[sha]
                 return self.reply(200, {
                     "id": repo_id, "modelId": repo_id, "author": repo.owner, "sha": sha,
@@ -161,25 +170,19 @@ class FakeHub:
                 }, head=head)
 
             def tree(self, repo_id: str, revision: str, head: bool):
-                repo = self.visible(repo_id)
-                if repo is None:
-                    return self.error(404, "Repository not found", "RepoNotFound", head=head)
-                sha = self.commit_of(repo, revision)
-                if sha is None:
-                    return self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound",
-                                      head=head)
+                found = self.lookup(repo_id, revision, head)
+                if found is None:
+                    return None
+                repo, sha = found
                 return self.reply(200, [
                     {"type": "file", "path": name, "size": len(data), "oid": _blob_id(data)}
                     for name, data in sorted(repo.commits[sha].items())], head=head)
 
             def resolve(self, repo_id: str, revision: str, filename: str, head: bool):
-                repo = self.visible(repo_id)
-                if repo is None:
-                    return self.error(404, "Repository not found", "RepoNotFound", head=head)
-                sha = self.commit_of(repo, revision)
-                if sha is None:
-                    return self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound",
-                                      head=head)
+                found = self.lookup(repo_id, revision, head)
+                if found is None:
+                    return None
+                repo, sha = found
                 if filename not in repo.commits[sha]:
                     return self.error(404, "Entry not found", "EntryNotFound", head=head)
                 data = repo.commits[sha][filename]

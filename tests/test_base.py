@@ -18,7 +18,6 @@ def test_load_base_is_frozen_and_identified(tiny_base, home):
 
 
 def test_fingerprint_is_stable_and_content_sensitive(tiny_base, tmp_path):
-    import torch
     from safetensors.torch import load_file, save_file
 
     copy = tmp_path / "copy"

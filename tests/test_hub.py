@@ -4,11 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from adapterkit import InvalidAdapter, InvalidName, Library, UnsafeWeights
+from adapterkit import InvalidAdapter, InvalidName, UnsafeWeights
 from adapterkit.hub import HubError, HubWarning, pull, push
 from tests.hub_server import FakeHub
 

@@ -156,8 +156,6 @@ def test_export_merged_full_and_4bit(books, tiny_base, home, tmp_path, pm):
     assert export_merged(books, "ac", tmp_path / "stack-merged", plugins=pm).max_logit_diff < 1e-4
 
     pytest.importorskip("bitsandbytes")
-    from adapterkit import PocketBookMeta  # noqa: F401
-
     q = books.get("b")
     meta_path = q.path / "adapterkit.json"
     import json

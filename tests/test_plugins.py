@@ -164,10 +164,6 @@ def test_env_plugin_with_syntax_error_warns(tmp_path, monkeypatch):
 
 
 def test_broken_plugin_never_stops_the_cli(tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from adapterkit.cli import main
-
     (tmp_path / "bad.py").write_text("raise ImportError('I am broken')")
     monkeypatch.setenv("ADAPTERKIT_LOAD_PLUGINS", str(tmp_path / "bad.py"))
     monkeypatch.setenv("ADAPTERKIT_HOME", str(tmp_path / "home"))
