@@ -357,17 +357,27 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
 
 
+def _command_name(args: list[str]) -> str | None:
+    """The subcommand in ``args``, skipping root options (``--home PATH``)."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--home":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from .catalog import CatalogWarning
-    from .hub import HubWarning
-    from .plugins import PluginWarning
-
     _quiet_libraries()
     original = warnings.showwarning
 
     def show(message, category, *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, (PluginWarning, CatalogWarning, HubWarning)):
+        # adapterkit's own warnings (plugin, catalog, Hub) are for the user: one plain line.
+        if category.__module__.startswith("adapterkit."):
             _show_warning(message, category, *args)
         else:
             original(message, category, *args, **kwargs)
@@ -377,7 +387,6 @@ def main(argv: list[str] | None = None) -> None:
 
     args = argv if argv is not None else sys.argv[1:]
     # install/uninstall never load plugins: a broken plugin can always be removed.
-    command = next((a for a in args if not a.startswith("-")), None)
-    safe = command in NO_PLUGIN_COMMANDS
+    safe = _command_name(args) in NO_PLUGIN_COMMANDS
     cli = build_cli(get_plugin_manager(entry_points=not safe, env=not safe))
     cli.main(args=args, prog_name="adapterkit")

@@ -113,3 +113,11 @@ def test_fast_commands_never_import_torch(args, home):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "HEAVY []" in out.stderr, out.stderr
+
+
+def test_command_name_skips_root_options():
+    from adapterkit.cli import _command_name
+
+    assert _command_name(["--home", "/x", "uninstall", "pkg"]) == "uninstall"
+    assert _command_name(["--home=/x", "install", "-e", "."]) == "install"
+    assert _command_name(["--help"]) is None
