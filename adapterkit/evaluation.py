@@ -124,6 +124,24 @@ def task_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: b
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
+def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str) -> float:
+    """Summed log-probability of ``completion`` as the assistant's answer to ``prompt``
+    (chat-rendered): the quantity DPO's implicit reward is made of."""
+    import torch
+
+    text = render_prompt(tokenizer, prompt, chat=True)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": completion}],
+                                         tokenize=False)
+    start = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]],
+                       device=next(model.parameters()).device)
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    target = ids[0, 1:]
+    return logps[torch.arange(len(target)), target][start - 1:].sum().item()
+
+
 def text_loss(model: Any, tokenizer: Any, texts: list[str], max_length: int = 1024) -> float:
     """Token-weighted mean loss of plain text (the general-English measure)."""
     total, count = _token_losses(model, tokenizer, (("", t) for t in texts), max_length)

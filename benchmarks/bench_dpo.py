@@ -17,22 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def completion_logp(model, tok, prompt: str, completion: str) -> float:
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                   add_generation_prompt=True)
-    full = tok.apply_chat_template([{"role": "user", "content": prompt},
-                                    {"role": "assistant", "content": completion}], tokenize=False)
-    start = len(tok(text, add_special_tokens=False)["input_ids"])
-    ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    target = ids[0, 1:]
-    return logps[torch.arange(len(target)), target][start - 1:].sum().item()
 
 
 def main() -> None:
@@ -44,6 +29,7 @@ def main() -> None:
 
     from adapterkit import TrainOptions, load_base, train
     from adapterkit.cli import _quiet_libraries
+    from adapterkit.evaluation import completion_logprob
 
     _quiet_libraries()
     start = time.perf_counter()
@@ -60,11 +46,11 @@ def main() -> None:
     model = result.model
     wins = 0
     for row in test:
-        on = (completion_logp(model, tok, row["prompt"], row["chosen"])
-              - completion_logp(model, tok, row["prompt"], row["rejected"]))
+        on = (completion_logprob(model, tok, row["prompt"], row["chosen"])
+              - completion_logprob(model, tok, row["prompt"], row["rejected"]))
         with model.disable_adapter():
-            off = (completion_logp(model, tok, row["prompt"], row["chosen"])
-                   - completion_logp(model, tok, row["prompt"], row["rejected"]))
+            off = (completion_logprob(model, tok, row["prompt"], row["chosen"])
+                   - completion_logprob(model, tok, row["prompt"], row["rejected"]))
         wins += (on - off) > 0
     m = result.metrics
     print(f"dpo: {m['steps']} steps in {m['train_seconds']:.0f} s, loss "

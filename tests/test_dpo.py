@@ -6,21 +6,8 @@ import pytest
 import torch
 
 from adapterkit import ConfigError, DataFormatError, TrainOptions, train
+from adapterkit.evaluation import completion_logprob
 from adapterkit.plugins import get_plugin_manager
-
-
-def completion_logp(model, tok, prompt, completion):
-    """Summed log-probability of the completion after the chat-rendered prompt."""
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                   add_generation_prompt=True)
-    full = tok.apply_chat_template([{"role": "user", "content": prompt},
-                                    {"role": "assistant", "content": completion}], tokenize=False)
-    start = len(tok(text, add_special_tokens=False)["input_ids"])
-    ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    target = ids[0, 1:]
-    return logps[torch.arange(len(target)), target][start - 1:].sum().item()
 
 
 @pytest.mark.slow
@@ -44,9 +31,9 @@ def test_dpo_learns_preferences_and_reloads(tiny_base, home, adapterkit_data):
     for row in rows[:4]:
         reward = {}
         for key in ("chosen", "rejected"):
-            on = completion_logp(model, tok, row["prompt"], row[key])
+            on = completion_logprob(model, tok, row["prompt"], row[key])
             with model.disable_adapter():
-                off = completion_logp(model, tok, row["prompt"], row[key])
+                off = completion_logprob(model, tok, row["prompt"], row[key])
             reward[key] = 0.1 * (on - off)
         margins.append(reward["chosen"] - reward["rejected"])
     assert all(m > 0 for m in margins), margins  # implicit reward margin grew from 0
