@@ -42,7 +42,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 base = AutoModelForCausalLM.from_pretrained("{{ base_id }}")
-model = PeftModel.from_pretrained(base, "path/or/repo/of/this/adapter")
+{{ use_code }}
 ```
 
 or with adapterkit: `adapterkit pull …` / `adapterkit generate --adapter {{ name }} "…"`.
@@ -90,6 +90,9 @@ def _made_section(meta: PocketBookMeta) -> str:
                      f"`{meta.data.get('shape', '?')}`, sha256 `{meta.data.get('sha256', '?')}`")
     if meta.parents:
         lines.append(f"- parents: {', '.join(f'`{p}`' for p in meta.parents)}")
+    if meta.stacked_on:
+        lines.append(f"- trained on top of (frozen, active underneath): "
+                     f"{', '.join(f'`{p}`' for p in meta.stacked_on)}")
     if meta.hyperparameters:
         lines += ["", "| hyperparameter | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(meta.hyperparameters.items())
@@ -124,6 +127,21 @@ def _results_section(meta: PocketBookMeta) -> str:
     return "\n".join(lines) or "No metrics recorded."
 
 
+def _use_code(meta: PocketBookMeta) -> str:
+    """How plain PEFT loads it: a pocket book trained ``--on`` others needs them active too."""
+    if not meta.stacked_on:
+        return 'model = PeftModel.from_pretrained(base, "path/or/repo/of/this/adapter")'
+    names = [f"under{i}" for i in range(len(meta.stacked_on))]
+    lines = [f"# trained on top of {', '.join(meta.stacked_on)}: load those too, all active",
+             f'model = PeftModel.from_pretrained(base, "path/of/{meta.stacked_on[0]}", '
+             f'adapter_name="{names[0]}")']
+    for ref, name in zip(meta.stacked_on[1:], names[1:]):
+        lines.append(f'model.load_adapter("path/of/{ref}", adapter_name="{name}")')
+    lines.append('model.load_adapter("path/or/repo/of/this/adapter", adapter_name="top")')
+    lines.append(f"model.base_model.set_adapter({[*names, 'top']!r}, inference_mode=True)")
+    return "\n".join(lines)
+
+
 def render_card(meta: PocketBookMeta, *, license: str | None = None) -> str:
     """The README.md text of a pocket book (YAML header + body)."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -141,6 +159,7 @@ def render_card(meta: PocketBookMeta, *, license: str | None = None) -> str:
         base_label=hub_base or meta.base.get("name", "its base"), name=meta.name,
         base_section=_base_section(meta), made_section=_made_section(meta),
         results_section=_results_section(meta), base_id=hub_base or meta.base.get("name", ""),
+        use_code=_use_code(meta),
     )
     return str(card.content)
 

@@ -70,13 +70,19 @@ _OPTION_FLAGS = {
 @click.option("--logging-steps", type=int, help="Steps between loss logs (default 5).")
 @click.option("--set", "trainer_sets", multiple=True, metavar="KEY=VALUE",
               help="Trainer-specific option (repeatable), e.g. --set beta=0.1 for dpo.")
+@click.option("--on", "on", metavar="BOOK", help="Train on top of pocket book BOOK: it stays "
+              "frozen and active underneath (and is the DPO/RL reference); loading the result "
+              "brings the stack back.")
+@click.option("--from", "start_from", metavar="BOOK", help="Continue training a copy of pocket "
+              "book BOOK (its LoRA rank and targets are kept).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of NAME.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted run of NAME; start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
-              recipe: str | None, trainer_sets: tuple[str, ...], resume: bool, restart: bool,
-              as_json: bool, **flags: Any) -> None:
+              recipe: str | None, trainer_sets: tuple[str, ...], on: str | None,
+              start_from: str | None, resume: bool, restart: bool, as_json: bool,
+              **flags: Any) -> None:
     """Train a new pocket book with TRAINER (sft, ...) on BASE and save it in the library.
 
     \b
@@ -84,6 +90,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
       adapterkit train sft --base smollm2-135m --data triage.jsonl --name triage
       adapterkit train sft --base smollm2-135m --data notes.txt --name notes --method qlora
       adapterkit train sft ... --general general --forgetting-budget 1%
+      adapterkit train dpo --base smollm2-135m --data prefs.jsonl --name manner --on triage
     """
     from .options import build_options
     from .progress import progress_callback
@@ -96,6 +103,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     try:
         result = train(trainer, base=base, data=data, name=name, options=options,
                        home=obj["home"], plugins=obj["plugins"], resume=resume, restart=restart,
+                       on=on, start_from=start_from,
                        callbacks=[progress_callback(f"{trainer}/{options.method}")],
                        progress=_say)
     except KeyboardInterrupt:
@@ -107,7 +115,10 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         click.echo(json.dumps({"ref": book.ref, "path": str(book.path), "metrics": m},
                               indent=2, default=str))
         return
-    line = f"Saved {book.ref}: {m['steps']} steps in {m['train_seconds']:.0f} s"
+    line = f"Saved {book.ref}"
+    if book.meta.stacked_on:
+        line += f" (on top of {' + '.join(book.meta.stacked_on)})"
+    line += f": {m['steps']} steps in {m['train_seconds']:.0f} s"
     if m.get("train_loss_first") is not None:
         line += f", loss {m['train_loss_first']:.3f} → {m['train_loss_final']:.3f}"
     if m.get("tokens_per_second"):
@@ -139,13 +150,14 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
     from .session import attach
 
     obj = _obj(ctx)
-    book = Library(obj["home"]).get(ref)
+    library = Library(obj["home"])
+    book = library.get(ref)
     method = obj["plugins"].methods.entries.get(book.meta.method)
     quantization = method.item.quantization if method else None
     base_name = base or base_spec_for(book.meta.base, obj["home"])
     _say(f"Loading base {base_name}...")
     loaded = load_base(base_name, quantization=quantization, home=obj["home"], progress=_say)
-    return book, loaded, attach(loaded, book, force=force)
+    return book, loaded, attach(loaded, book, force=force, library=library)
 
 
 @click.command("eval")

@@ -66,7 +66,8 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
     members = (dict(book.meta.hyperparameters["weights"]) if book.meta.kind == "stack"
                else {book.ref: 1.0})
     pm = plugins or default_plugin_manager()
-    methods = {library.get(m).meta.method for m in members}
+    under = [r for m in members for r in library.get(m).meta.stacked_on]  # trained --on these
+    methods = {library.get(m).meta.method for m in [*members, *under]}
     quant = next((pm.methods.entries[m].item.quantization for m in methods
                   if m in pm.methods.entries and pm.methods.entries[m].item.quantization), None)
     spec = base_spec_for(book.meta.base, library.home)

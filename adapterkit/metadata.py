@@ -38,6 +38,9 @@ class PocketBookMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     #: ``name@version`` of the pocket books this one was made from (merges, stacks, ``--on``).
     parents: list[str] = field(default_factory=list)
+    #: ``name@version`` of the frozen pocket books this one was trained on top of (``--on``),
+    #: bottom first: loading it activates them underneath it.
+    stacked_on: list[str] = field(default_factory=list)
     created: str = field(default_factory=utc_now)
     tags: list[str] = field(default_factory=list)
     #: ``adapter`` (a PEFT folder) or ``stack`` (references members; no weights of its own).

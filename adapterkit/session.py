@@ -36,13 +36,32 @@ def check_base(base: Base, book: PocketBook, *, force: bool = False) -> None:
 
 
 def attach(base: Base, book: PocketBook, *, adapter_name: str = "default",
-           force: bool = False) -> Any:
-    """Wrap ``base.model`` with ``book`` as a PEFT model (inference mode)."""
+           force: bool = False, library: Library | None = None) -> Any:
+    """Wrap ``base.model`` with ``book`` as a PEFT model (inference mode).
+
+    A pocket book trained ``--on`` others brings its stack back: the ones underneath are loaded
+    as PEFT adapters too, and all are active together (PEFT's multi-adapter support, so
+    ``merge_and_unload`` and plain-PEFT users see the same thing).
+    """
     from peft import PeftModel
 
+    from .underlay import is_reward_book
+
+    if is_reward_book(book):
+        raise InvalidAdapter(f"{book.ref} is a reward pocket book: it scores text, it does not "
+                             "generate. Use it with `adapterkit train rlhf --reward`")
     check_base(base, book, force=force)
-    model = PeftModel.from_pretrained(base.model, str(book.path), adapter_name=adapter_name,
+    under = [(library or Library()).get(ref) for ref in book.meta.stacked_on]
+    for item in under:
+        check_base(base, item, force=force)
+    first = under[0] if under else book
+    names = [f"under{i}" for i in range(len(under))] + [adapter_name]
+    model = PeftModel.from_pretrained(base.model, str(first.path), adapter_name=names[0],
                                       is_trainable=False)
+    for item, name in zip((under + [book])[1:], names[1:]):
+        model.load_adapter(str(item.path), adapter_name=name, is_trainable=False)
+    if len(names) > 1:
+        model.base_model.set_adapter(names, inference_mode=True)
     model.eval()
     return model
 
@@ -58,6 +77,8 @@ class LoadedBook:
     #: module path → (A [r, in], B [out, r], scale)
     factors: dict[str, tuple[Any, Any, Any]]
     prepared: list[tuple[Any, Any, Any, Any]] = field(default_factory=list)
+    #: The pocket books it was trained on top of: activated with it (bottom first).
+    stacked_on: list[str] = field(default_factory=list)
 
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
@@ -102,7 +123,7 @@ def read_factors(book: PocketBook, *, dtype: Any, device: Any) -> LoadedBook:
         scale = torch.tensor(_scale_for(config, path, rank), dtype=dtype, device=device)
         factors[path] = (a.to(dtype), b.to(dtype), scale)
     rank = max((a.shape[0] for a, _, _ in factors.values()), default=0)
-    return LoadedBook(book.ref, rank, factors)
+    return LoadedBook(book.ref, rank, factors, stacked_on=list(book.meta.stacked_on))
 
 
 class Session:
@@ -146,6 +167,11 @@ class Session:
             return book.ref
         if book.meta.kind != "adapter":
             raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}; attach its members")
+        from .underlay import is_reward_book
+
+        if is_reward_book(book):
+            raise InvalidAdapter(f"{book.ref} is a reward pocket book: it scores text, it does "
+                                 "not generate")
         check_base(self.base, book, force=force)
         first_slot = next(iter(self.slots.values()), None)
         dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
@@ -211,6 +237,8 @@ class Session:
             if book.meta.kind == "stack":  # a saved stack: activate its members
                 return self.stack(dict(book.meta.hyperparameters["weights"]))
             key = self.attach(ref)
+        if self.books[key].stacked_on:  # trained --on others: bring its stack back
+            return self.stack({r: 1.0 for r in [*self.books[key].stacked_on, key]})
         start = time.perf_counter()
         for slot, a, b, scale in self.books[key].prepared:
             slot.bind(a, b, scale)

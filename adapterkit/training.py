@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -174,7 +174,8 @@ def run_dir(library: Library, name: str) -> Path:
 def train(trainer: str, *, base: str | Base, data: str, name: str,
           options: TrainOptions | None = None, home: str | os.PathLike[str] | None = None,
           plugins: PluginManager | None = None, resume: bool = False, restart: bool = False,
-          callbacks: list[Any] | None = None,
+          callbacks: list[Any] | None = None, on: str | None = None,
+          start_from: str | None = None,
           progress: Callable[[str], None] | None = None) -> TrainResult:
     """Train a new pocket book and save it into the library.
 
@@ -185,6 +186,9 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     :param resume: continue an interrupted run of ``name`` from its last checkpoint.
     :param restart: discard an interrupted run of ``name`` and start over.
     :param callbacks: extra transformers ``TrainerCallback`` objects (e.g. a progress bar).
+    :param on: train on top of this pocket book: it stays frozen and active underneath (with
+        its own underlay), is the reference for DPO/RL, and is recorded as the parent.
+    :param start_from: continue training a copy of this pocket book (its LoRA settings win).
     """
     from .plugins import default_plugin_manager
 
@@ -198,15 +202,24 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes)
     general = _texts(options.general) if options.general else None
     workdir = run_dir(library, str(ref))
+    parent = _parent(library, on, start_from)
+    if start_from and parent is not None:  # the copy keeps its LoRA shape
+        options = _options_of(parent, options)
     resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref))
 
     loaded = _load(base, method, library, say)
+    if parent is not None:
+        from .underlay import check_policy
+
+        check_policy(parent, loaded, role="--on" if on else "--from")
     train_data, eval_data = _split(dataset, options.eval_split, options.seed)
     chat = uses_chat(loaded.tokenizer, options.chat)
     job_rows = [as_chat(r) for r in train_data.rows] if train_data.shape == "messages" else \
         train_data.rows
     check_lengths(loaded.tokenizer, job_rows, options.max_length, chat)
-    model = _attach_new(loaded, method, options)
+    underlay = _underlay(library, parent, copy=start_from is not None)
+    model = _attach_new(loaded, method, options, underlay=underlay,
+                        start=parent if start_from else None)
     guard = _guard(loaded.tokenizer, options)
     job = TrainJob(model=model, tokenizer=loaded.tokenizer, data=train_data,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
@@ -215,7 +228,9 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
 
-    say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}...")
+    say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}"
+        + (f", on top of {' + '.join(b.ref for b in underlay)}" if underlay else "")
+        + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
     start = time.perf_counter()
     state = trainer_obj.train(job=job)
     elapsed = time.perf_counter() - start
@@ -238,8 +253,12 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         same_text = guard is not None and guard.general_texts == general
         metrics["forgetting"] = forgetting(model, loaded.tokenizer, general,
                                            base_loss=guard.base_loss if same_text else None)
+        if underlay:  # the "before" side had the pocket books underneath active
+            metrics["forgetting"]["relative_to"] = "base + " + " + ".join(b.ref for b in underlay)
     book = save_trained(library, model, loaded, str(ref), trainer=trainer, options=options,
-                        data=dataset, metrics=metrics, log_history=_history(state))
+                        data=dataset, metrics=metrics, log_history=_history(state),
+                        parents=[parent.ref] if parent else None,
+                        stacked_on=[b.ref for b in underlay])
     shutil.rmtree(workdir, ignore_errors=True)
     return TrainResult(book, metrics, model)
 
@@ -292,14 +311,58 @@ def _load(base: str | Base, method: Any, library: Library, say: Callable[[str], 
     return base
 
 
-def _attach_new(base: Base, method: Any, options: TrainOptions) -> Any:
-    """Wrap the frozen base with a new trainable pocket book of ``method``."""
-    from peft import get_peft_model
+def _parent(library: Library, on: str | None, start_from: str | None) -> PocketBook | None:
+    """The ``--on``/``--from`` pocket book, checked before anything is loaded."""
+    if on and start_from:
+        raise ConfigError("--on and --from exclude each other: --on trains a new pocket book "
+                          "on top of NAME, --from continues a copy of NAME")
+    ref = on or start_from
+    if not ref:
+        return None
+    from .underlay import is_reward_book
 
+    book = library.get(ref)
+    if is_reward_book(book):
+        raise ConfigError(f"{'--on' if on else '--from'} {book.ref} is a reward pocket book "
+                          "(it scores text, it does not generate); name a policy pocket book")
+    return book
+
+
+def _options_of(book: PocketBook, options: TrainOptions) -> TrainOptions:
+    config = json.loads((book.path / CONFIG_FILE).read_text(encoding="utf-8"))
+    targets = config.get("target_modules") or options.target_modules
+    if isinstance(targets, (list, tuple, set)):
+        targets = ",".join(sorted(targets))
+    return replace(options, r=int(config.get("r", options.r)),
+                   alpha=int(config.get("lora_alpha", options.alpha)), target_modules=targets)
+
+
+def _underlay(library: Library, parent: PocketBook | None, *, copy: bool) -> list[PocketBook]:
+    """The frozen pocket books under the new one: the parent's chain (``--on``), or the copied
+    pocket book's own underlay (``--from``)."""
+    if parent is None:
+        return []
+    from .underlay import chain
+
+    books = chain(library, parent)
+    return books[:-1] if copy else books
+
+
+def _attach_new(base: Base, method: Any, options: TrainOptions, *,
+                underlay: list[PocketBook] | None = None, start: PocketBook | None = None) -> Any:
+    """Wrap the frozen base with a new trainable pocket book of ``method`` (or a trainable copy
+    of ``start``), with ``underlay`` frozen and active underneath."""
+    from peft import PeftModel, get_peft_model
+
+    from . import underlay as underlay_mod
     from .base import check_targets
 
     targets = check_targets(base.structure(), options.target_modules)
     model = method.prepare_base(base.model, gradient_checkpointing=options.gradient_checkpointing)
+    underlay_mod.remove(model)  # a base reused across runs starts clean
+    underlay_mod.apply(model, list(underlay or []))
+    if start is not None:
+        return PeftModel.from_pretrained(model, str(start.path), is_trainable=True)
     config = method.peft_config(target_modules=targets, r=options.r, alpha=options.alpha,
                                 dropout=options.dropout)
     import torch
@@ -354,15 +417,15 @@ def adapter_base_id(base: Base) -> str:
 
 def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer: str,
                  options: TrainOptions, data: Data, metrics: dict[str, Any],
-                 log_history: list[dict[str, Any]], parents: list[str] | None = None
-                 ) -> PocketBook:
+                 log_history: list[dict[str, Any]], parents: list[str] | None = None,
+                 stacked_on: list[str] | None = None) -> PocketBook:
     """Write the trained adapter, loss curve and card into the library, atomically."""
     from .card import loss_curve_png, write_card
 
     meta = PocketBookMeta(
         name=name, version=0, base=base.identity(), method=options.method, trainer=trainer,
         data=data.describe(), hyperparameters=_hyper(options), metrics=metrics,
-        parents=list(parents or []),
+        parents=list(parents or []), stacked_on=list(stacked_on or []),
     )
     with library.stage() as staged:
         model.save_pretrained(staged)

@@ -1,0 +1,151 @@
+"""Training on top of a pocket book (``--on``) and continuing a copy of one (``--from``)."""
+
+import pytest
+import torch
+
+from adapterkit import BaseMismatch, ConfigError, Library, PocketBookNotFound, TrainOptions, train
+from adapterkit.plugins import get_plugin_manager
+
+IDS = torch.tensor([[3, 50, 60, 70, 80, 90]])
+FAST = dict(max_steps=6, batch_size=4, learning_rate=3e-2, r=4, alpha=8, dropout=0.0,
+            logging_steps=2)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory, tiny_base):
+    """A library with ``triage`` (sft) and ``manner`` (dpo, trained --on triage)."""
+    from adapterkit.pytest_plugin import TINY_ROWS
+    import json
+
+    home = tmp_path_factory.mktemp("on-home")
+    data = tmp_path_factory.mktemp("on-data")
+    files = {}
+    for shape, rows in TINY_ROWS.items():
+        files[shape] = data / f"{shape}.jsonl"
+        files[shape].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pm = get_plugin_manager(env=False)
+    triage = train("sft", base=str(tiny_base), data=str(files["prompt_completion"]),
+                   name="triage", home=home, plugins=pm, options=TrainOptions(**FAST))
+    manner = train("dpo", base=str(tiny_base), data=str(files["preference"]), name="manner",
+                   home=home, plugins=pm, on="triage", options=TrainOptions(**FAST))
+    return home, files, pm, triage, manner
+
+
+@pytest.mark.slow
+def test_on_records_parent_and_reference_is_the_parent(stacked, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    home, _, _, triage, manner = stacked
+    meta = manner.pocket_book.meta
+    assert meta.stacked_on == ["triage@1"] and meta.parents == ["triage@1"]
+    # the new pocket book's file holds only its own LoRA, not the parent's
+    from safetensors.torch import load_file
+
+    own = load_file(str(manner.pocket_book.path / "adapter_model.safetensors"))
+    parent = load_file(str(triage.pocket_book.path / "adapter_model.safetensors"))
+    assert all(not torch.equal(own[k], parent[k]) for k in own if k in parent and "lora_B" in k)
+
+    # with the new pocket book switched off, the model is base + triage: the DPO reference
+    only_triage = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                            triage.pocket_book.path).eval()
+    with manner.model.disable_adapter():
+        off = _logits(manner.model)
+    assert torch.allclose(off, _logits(only_triage), atol=1e-5)
+    assert not torch.allclose(_logits(manner.model), off, atol=1e-3)  # it learned something
+
+
+@pytest.mark.slow
+def test_loading_brings_the_stack_back(stacked, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit import load_base, open_session
+    from adapterkit.session import attach
+
+    home, _, _, triage, manner = stacked
+    expected = _logits(manner.model)
+    library = Library(home)
+
+    # adapterkit's PEFT path (eval, generate)
+    attached = attach(load_base(str(tiny_base), home=home), library.get("manner"), library=library)
+    assert torch.allclose(_logits(attached), expected, atol=1e-5)
+
+    # plain PEFT, as the model card tells users: both adapters, both active
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                      triage.pocket_book.path, adapter_name="triage")
+    plain.load_adapter(str(manner.pocket_book.path), adapter_name="manner")
+    plain.base_model.set_adapter(["triage", "manner"], inference_mode=True)
+    assert torch.allclose(_logits(plain.eval()), expected, atol=1e-5)
+
+    # a fast session: swapping to it activates the stack
+    session = open_session(str(tiny_base), home=home)
+    session.swap("manner")
+    assert session.active == {"triage@1": 1.0, "manner@1": 1.0}
+    assert torch.allclose(_logits(session.model), expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_from_continues_a_copy(stacked, tiny_base):
+    from safetensors.torch import load_file
+
+    home, files, pm, triage, _ = stacked
+    source = triage.pocket_book.path / "adapter_model.safetensors"
+    before = load_file(str(source))
+    copy = train("sft", base=str(tiny_base), data=str(files["prompt_completion"]),
+                 name="triage-tiny-step", home=home, plugins=pm, start_from="triage",
+                 options=TrainOptions(**{**FAST, "r": 16, "max_steps": 1,
+                                         "learning_rate": 1e-12}))
+    after = load_file(str(copy.pocket_book.path / "adapter_model.safetensors"))
+    assert copy.pocket_book.meta.parents == ["triage@1"]
+    assert copy.pocket_book.meta.stacked_on == []
+    assert copy.pocket_book.meta.hyperparameters["r"] == 4  # the copy keeps its LoRA shape
+    assert before.keys() == after.keys()
+    # a near-zero step from the copy: the weights are the source's (a fresh LoRA has B = 0)
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert any(after[k].abs().sum() > 0 for k in after if "lora_B" in k)
+    assert torch.equal(load_file(str(source))["base_model.model.model.layers.0.self_attn.q_proj"
+                                               ".lora_A.weight"],
+                       before["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+
+
+@pytest.mark.slow
+def test_from_a_stacked_book_keeps_its_underlay(stacked, tiny_base):
+    home, files, pm, _, _ = stacked
+    copy = train("dpo", base=str(tiny_base), data=str(files["preference"]), name="manner2",
+                 home=home, plugins=pm, start_from="manner",
+                 options=TrainOptions(**{**FAST, "max_steps": 1}))
+    assert copy.pocket_book.meta.stacked_on == ["triage@1"]
+    assert copy.pocket_book.meta.parents == ["manner@1"]
+
+
+def test_on_refuses_bad_parents(stacked, tiny_base, other_base, tmp_path):
+    home, files, pm, _, _ = stacked
+    other = train("sft", base=str(other_base), data=str(files["prompt_completion"]),
+                  name="elsewhere", home=home, plugins=pm,
+                  options=TrainOptions(**{**FAST, "max_steps": 1}))
+    before = [(b.name, b.version) for b in Library(home).list()]
+    kwargs = dict(base=str(tiny_base), data=str(files["preference"]), name="new", home=home,
+                  plugins=pm, options=TrainOptions(**{**FAST, "max_steps": 1}))
+    with pytest.raises(BaseMismatch, match="--on: pocket book elsewhere@1 was made on base"):
+        train("dpo", on="elsewhere", **kwargs)
+    with pytest.raises(BaseMismatch, match="--from: pocket book elsewhere@1"):
+        train("dpo", start_from="elsewhere", **kwargs)
+    with pytest.raises(PocketBookNotFound):
+        train("dpo", on="nothing-here", **kwargs)
+    with pytest.raises(ConfigError, match="--on and --from exclude each other"):
+        train("dpo", on="triage", start_from="triage", **kwargs)
+    assert [(b.name, b.version) for b in Library(home).list()] == before
+    assert other.pocket_book.ref == "elsewhere@1"
+
+
+def test_card_tells_plain_peft_users_to_load_the_stack(stacked):
+    home, *_ = stacked
+    card = (Library(home).get("manner").path / "README.md").read_text()
+    assert "trained on top of (frozen, active underneath): `triage@1`" in card
+    assert "set_adapter(['under0', 'top'], inference_mode=True)" in card
