@@ -57,6 +57,37 @@ class TrainJob:
     callbacks: list[Any] = field(default_factory=list)
     guard: ForgettingGuard | None = None
     base: Base | None = None
+    #: The frozen pocket books underneath (``--on``), bottom first: part of the reference.
+    stacked_on: list[PocketBook] = field(default_factory=list)
+    #: The library home: trainers keep caches under ``cache_dir()``.
+    home: Path | None = None
+
+    def cache_dir(self, kind: str) -> Path:
+        """A folder under the library home for a trainer's reusable results (e.g. ``dpo-ref``)."""
+        root = (self.home or self.output_dir.parent.parent) / "cache" / kind
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def reference_key(self, **parts: Any) -> str:
+        """A hash naming "the policy before this stage" plus ``parts`` (data hash, lengths...).
+
+        Covers the base fingerprint, its precision, and the exact weights of every pocket book
+        underneath, so a cache keyed by it is never reused for a different reference.
+        """
+        import hashlib
+
+        from ._fs import sha256_file
+        from .library import WEIGHTS_FILE
+
+        identity = {
+            "base": self.base.fingerprint if self.base is not None else None,
+            "quantization": self.base.quantization if self.base is not None else None,
+            "dtype": str(getattr(self.model, "dtype", "")),
+            "under": [(b.ref, sha256_file(b.path / WEIGHTS_FILE)) for b in self.stacked_on],
+            **parts,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:32]
 
     def rows(self, data: Data) -> list[dict[str, Any]]:
         """Rows as the trainer should see them: chat-rendered for chat bases."""
@@ -224,7 +255,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     job = TrainJob(model=model, tokenizer=loaded.tokenizer, data=train_data,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
                    resume_from=resume_from, callbacks=list(callbacks or []), guard=guard,
-                   base=loaded)
+                   base=loaded, stacked_on=underlay, home=library.home)
     if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
 
@@ -399,6 +430,8 @@ def _metrics(state: Any, elapsed: float) -> dict[str, Any]:
     loop = next((float(h["train_runtime"]) for h in reversed(history) if "train_runtime" in h),
                 elapsed)
     return {
+        # anything a trainer plugin wants recorded (``state.adapterkit_metrics``)
+        **dict(getattr(state, "adapterkit_metrics", None) or {}),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_final": losses[-1] if losses else None,
         "steps": int(getattr(state, "global_step", 0) or 0),

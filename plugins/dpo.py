@@ -2,19 +2,69 @@
 
 Reads ``preference`` rows (``prompt`` / ``chosen`` / ``rejected``, strings or chat messages).
 The reference model is the policy before this stage — the same resident base with the new
-pocket book switched off (TRL does this for PEFT models), never a second copy of the base.
+pocket book switched off (with ``--on``, the pocket books underneath stay on), never a second
+copy of the base.
+
+Reference log-probs are computed once, before training, and cached on disk under the library
+home, keyed by the tokenized data, the base fingerprint and precision, and the exact pocket
+books underneath (``TrainJob.reference_key``). A rerun, or a sweep over ``beta`` or
+``loss_type``, reads them back instead of paying for them again (what huggingface/trl#3985
+asks for; TRL's own cache lives in a temporary folder for in-memory datasets).
 
 Trainer options (``--set KEY=VALUE``): ``beta`` (default 0.1), ``loss_type`` (default
-``sigmoid``; any TRL DPO loss), ``precompute_ref_log_probs`` (default false).
+``sigmoid``; any TRL DPO loss), ``precompute_ref_log_probs`` (default true; false computes the
+reference alongside each step instead, with no cache).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from typing import Any
 
 from adapterkit import Trainer, hookimpl
 
-_OPTIONS = {"beta": 0.1, "loss_type": "sigmoid", "precompute_ref_log_probs": False}
+_OPTIONS = {"beta": 0.1, "loss_type": "sigmoid", "precompute_ref_log_probs": True}
+CACHE_KIND = "dpo-ref"
+
+
+def _cached_trainer(job: Any) -> Any:
+    """TRL's DPOTrainer whose reference log-prob pass goes through adapterkit's disk cache."""
+    import torch
+    import trl
+    from trl import DPOTrainer
+
+    class CachedRefDPOTrainer(DPOTrainer):
+        cache_hits: dict[str, bool] = {}
+
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            from safetensors.torch import load_file, save_file
+
+            columns = [c for c in dataset.column_names if not c.startswith("ref_")]
+            digest = hashlib.sha256(json.dumps(dataset.select_columns(columns).to_dict(),
+                                               sort_keys=True).encode()).hexdigest()
+            key = job.reference_key(trainer="dpo", data=digest, rows=len(dataset),
+                                    max_length=self.args.max_length,
+                                    truncation=getattr(self.args, "truncation_mode", None),
+                                    bf16=self.args.bf16, trl=trl.__version__)
+            path = job.cache_dir(CACHE_KIND) / f"{key}.safetensors"
+            if path.is_file():
+                cached = load_file(str(path))
+                if len(cached["chosen"]) == len(dataset):
+                    self.cache_hits[name] = True
+                    return (dataset.add_column("ref_chosen_logps", cached["chosen"].tolist())
+                            .add_column("ref_rejected_logps", cached["rejected"].tolist()))
+            self.cache_hits[name] = False
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            if self.accelerator.is_main_process:
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                save_file({"chosen": torch.tensor(out["ref_chosen_logps"]),
+                           "rejected": torch.tensor(out["ref_rejected_logps"])}, str(tmp))
+                os.replace(tmp, path)  # never a half-written cache entry
+            return out
+
+    return CachedRefDPOTrainer
 
 
 class DPO(Trainer):
@@ -23,7 +73,7 @@ class DPO(Trainer):
     data_shapes = ("preference",)
 
     def train(self, *, job: Any, **_: Any) -> Any:
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig
 
         from adapterkit.errors import ConfigError
 
@@ -33,18 +83,29 @@ class DPO(Trainer):
                               f"{', '.join(_OPTIONS)}")
         options = {**_OPTIONS, **job.options.trainer_options}
         loss_type = options["loss_type"]
+        try:
+            beta = float(options["beta"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"dpo beta must be a number, got {options['beta']!r}") from None
+        if not beta > 0:
+            raise ConfigError(f"dpo beta must be above 0, got {beta}")
         config = DPOConfig(
             **job.training_arguments(),
             max_length=job.options.max_length,
-            beta=float(options["beta"]),
+            beta=beta,
             loss_type=[loss_type] if isinstance(loss_type, str) else list(loss_type),
             precompute_ref_log_probs=bool(options["precompute_ref_log_probs"]),
         )
-        trainer = DPOTrainer(model=job.model, args=config, train_dataset=job.train_dataset(),
-                             eval_dataset=job.eval_dataset(), processing_class=job.tokenizer,
-                             callbacks=job.callbacks)
+        trainer = _cached_trainer(job)(
+            model=job.model, args=config, train_dataset=job.train_dataset(),
+            eval_dataset=job.eval_dataset(), processing_class=job.tokenizer,
+            callbacks=job.callbacks)
         job.configure(trainer)
         trainer.train(resume_from_checkpoint=job.resume_from)
+        if trainer.cache_hits:
+            trainer.state.adapterkit_metrics = {
+                "reference_cache": {k: "hit" if v else "computed"
+                                    for k, v in trainer.cache_hits.items()}}
         return trainer.state
 
 

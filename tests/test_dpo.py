@@ -59,3 +59,50 @@ def test_dpo_refuses_bad_pairs_and_options(tiny_base, home, tmp_path, adapterkit
         train("dpo", base=str(tiny_base), data=str(adapterkit_data["preference"]), name="x",
               home=home, plugins=pm,
               options=TrainOptions(max_steps=1, trainer_options={"gamma": 1}))
+
+
+@pytest.mark.slow
+def test_reference_logps_are_cached_on_disk_per_reference(tiny_base, home, adapterkit_data):
+    from safetensors.torch import load_file
+
+    pm = get_plugin_manager(env=False)
+    data = str(adapterkit_data["preference"])
+
+    def run(name, **kwargs):
+        options = TrainOptions(max_steps=3, batch_size=4, learning_rate=1e-2, r=4, alpha=8,
+                               dropout=0.0, trainer_options=kwargs.pop("sets", {}))
+        return train("dpo", base=str(tiny_base), data=data, name=name, home=home, plugins=pm,
+                     options=options, **kwargs)
+
+    first = run("a")
+    assert first.metrics["reference_cache"] == {"train": "computed"}
+    cache = home / "cache" / "dpo-ref"
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 1
+    # a rerun and a beta sweep read it back, and train exactly as with a fresh computation
+    again = run("b")
+    swept = run("c", sets={"beta": 0.5})
+    assert again.metrics["reference_cache"] == {"train": "hit"}
+    assert swept.metrics["reference_cache"] == {"train": "hit"}
+    w = [load_file(str(r.pocket_book.path / "adapter_model.safetensors")) for r in (first, again)]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    # the cache holds what an uncached run uses as its reference
+    uncached = run("d", sets={"precompute_ref_log_probs": False})
+    assert "reference_cache" not in uncached.metrics
+    # another reference (a pocket book underneath) is another cache entry
+    on = run("e", on="a")
+    assert on.metrics["reference_cache"] == {"train": "computed"}
+    assert len(sorted(cache.glob("*.safetensors"))) == 2
+    entry = load_file(str(files[0]))
+    assert entry["chosen"].shape == entry["rejected"].shape
+    assert torch.isfinite(entry["chosen"]).all()
+
+
+def test_dpo_refuses_bad_beta(tiny_base, home, adapterkit_data):
+    pm = get_plugin_manager(env=False)
+    for beta, match in ((0, "beta must be above 0"), ("x", "beta must be a number")):
+        with pytest.raises(ConfigError, match=match):
+            train("dpo", base=str(tiny_base), data=str(adapterkit_data["preference"]),
+                  name="x", home=home, plugins=pm,
+                  options=TrainOptions(max_steps=1, trainer_options={"beta": beta}))
+    assert not (home / "runs" / "x@1").exists() or not any((home / "runs" / "x@1").iterdir())
