@@ -75,14 +75,16 @@ _OPTION_FLAGS = {
               "brings the stack back.")
 @click.option("--from", "start_from", metavar="BOOK", help="Continue training a copy of pocket "
               "book BOOK (its LoRA rank and targets are kept).")
+@click.option("--reward", metavar="BOOK", help="rlhf: optimise against this reward pocket book "
+              "instead of training one first from the preference file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of NAME.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted run of NAME; start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
               recipe: str | None, trainer_sets: tuple[str, ...], on: str | None,
-              start_from: str | None, resume: bool, restart: bool, as_json: bool,
-              **flags: Any) -> None:
+              start_from: str | None, reward: str | None, resume: bool, restart: bool,
+              as_json: bool, **flags: Any) -> None:
     """Train a new pocket book with TRAINER (sft, ...) on BASE and save it in the library.
 
     \b
@@ -91,13 +93,18 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
       adapterkit train sft --base smollm2-135m --data notes.txt --name notes --method qlora
       adapterkit train sft ... --general general --forgetting-budget 1%
       adapterkit train dpo --base smollm2-135m --data prefs.jsonl --name manner --on triage
+      adapterkit train rlhf --base smollm2-135m --data prefs.jsonl --name kind
+      adapterkit train rlhf ... --reward kind-reward --set beta=0.1 --set max_new_tokens=48
     """
     from .options import build_options
     from .progress import progress_callback
     from .training import train
 
     overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
-    overrides["trainer_options"] = _parse_sets(trainer_sets) or None
+    sets = _parse_sets(trainer_sets)
+    if reward:
+        sets["reward"] = reward
+    overrides["trainer_options"] = sets or None
     options = build_options(recipe, overrides)
     obj = _obj(ctx)
     try:

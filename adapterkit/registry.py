@@ -63,6 +63,9 @@ class Trainer(Registrable):
     kind = "trainer"
     #: Standard data shapes this trainer reads, e.g. ``("text", "prompt_completion", "messages")``.
     data_shapes: tuple[str, ...] = ()
+    #: What the new pocket book sits on: ``"causal-lm"`` (a policy that generates) or
+    #: ``"reward"`` (a scalar head on the same base: a reward pocket book, which scores text).
+    head: str = "causal-lm"
 
     def train(self, **job: Any) -> Any:
         """Train and return the trained PEFT model plus metrics. Called with keyword arguments."""

@@ -95,8 +95,12 @@ def _scale_for(config: dict[str, Any], path: str, rank: int) -> float:
     return alpha / rank
 
 
-def read_factors(book: PocketBook, *, dtype: Any, device: Any) -> LoadedBook:
-    """Read a pocket book's LoRA factors (one safetensors read) for a session."""
+def read_factors(book: PocketBook, *, dtype: Any, device: Any,
+                 extra: dict[str, Any] | None = None) -> LoadedBook:
+    """Read a pocket book's LoRA factors (one safetensors read) for a session.
+
+    Other tensors (a reward head, embedding LoRA) are refused, or collected into ``extra``.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -113,6 +117,9 @@ def read_factors(book: PocketBook, *, dtype: Any, device: Any) -> LoadedBook:
                 pairs.setdefault(body.split(marker)[0], {})[part] = tensor
                 break
         else:
+            if extra is not None:
+                extra[body] = tensor
+                continue
             raise InvalidAdapter(
                 f"{book.ref} saves {key} (embedding LoRA, modules_to_save...), which a session "
                 "cannot swap; use it through PEFT (adapterkit eval/generate do)")

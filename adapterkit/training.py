@@ -43,10 +43,11 @@ class TrainJob:
     """Everything a trainer plugin needs; passed as ``Trainer.train(job=...)``.
 
     ``model`` is a PEFT model whose only trainable parameters are the new pocket book's; the
-    base is frozen (and quantized, for ``qlora``).
+    base is frozen (and quantized, for ``qlora``). It is built on first use, so a trainer can
+    first train other pocket books it needs on the same resident base (:meth:`train_stage`).
     """
 
-    model: Any
+    build: Callable[[], Any]
     tokenizer: Any
     data: Data
     eval_data: Data | None
@@ -61,6 +62,28 @@ class TrainJob:
     stacked_on: list[PocketBook] = field(default_factory=list)
     #: The library home: trainers keep caches under ``cache_dir()``.
     home: Path | None = None
+    #: The new pocket book's ``name@version``.
+    name: str = ""
+    stage: Callable[..., Any] | None = None
+    _model: Any = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = self.build()
+        return self._model
+
+    def train_stage(self, trainer: str, *, name: str, data: str | None = None,
+                    options: TrainOptions | None = None) -> TrainResult:
+        """Train and save another pocket book first, on the same resident base (e.g. the reward
+        pocket book ``rlhf`` optimises against). Call before touching ``model``.
+
+        :param data: its data (default: this run's data file).
+        :param options: its options (default: this run's, without trainer options).
+        """
+        if self._model is not None or self.stage is None:
+            raise RuntimeError("train_stage() must be called before job.model is first used")
+        return self.stage(trainer, name=name, data=data, options=options)
 
     def cache_dir(self, kind: str) -> Path:
         """A folder under the library home for a trainer's reusable results (e.g. ``dpo-ref``)."""
@@ -249,13 +272,35 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         train_data.rows
     check_lengths(loaded.tokenizer, job_rows, options.max_length, chat)
     underlay = _underlay(library, parent, copy=start_from is not None)
-    model = _attach_new(loaded, method, options, underlay=underlay,
-                        start=parent if start_from else None)
-    guard = _guard(loaded.tokenizer, options)
-    job = TrainJob(model=model, tokenizer=loaded.tokenizer, data=train_data,
+    head = getattr(trainer_obj, "head", "causal-lm")
+    # a reward head scores text: no generation to guard, no general-text loss to check
+    guard = _guard(loaded.tokenizer, options) if head != "reward" else None
+    general = general if head != "reward" else None
+
+    def build() -> Any:
+        return _attach_new(loaded, method, options, underlay=underlay,
+                           start=parent if start_from else None, head=head)
+
+    def stage(stage_trainer: str, *, name: str, data: str | None = None,
+              options: TrainOptions | None = None) -> TrainResult:
+        stage_options = options or replace(job.options, trainer_options={},
+                                           forgetting_budget=None, guard_weight=None)
+        result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
+                       options=stage_options, home=library.home, plugins=pm,
+                       callbacks=callbacks, progress=say)
+        result.model.unload()  # the shared base gets its plain layers back
+        result.model = None
+        from ._memory import release_memory
+
+        release_memory()
+        return result
+
+    job_data = data
+    job = TrainJob(build=build, tokenizer=loaded.tokenizer, data=train_data,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
                    resume_from=resume_from, callbacks=list(callbacks or []), guard=guard,
-                   base=loaded, stacked_on=underlay, home=library.home)
+                   base=loaded, stacked_on=underlay, home=library.home, name=str(ref),
+                   stage=stage)
     if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
 
@@ -265,6 +310,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     start = time.perf_counter()
     state = trainer_obj.train(job=job)
     elapsed = time.perf_counter() - start
+    model = job.model
     _adapter_to_fp32(model)
     model.eval()
     metrics = _metrics(state, elapsed)
@@ -277,7 +323,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
             say(f"Warning: no checkpoint stayed within the forgetting budget of "
                 f"{guard.budget_pct}%; kept the final weights. Lower the learning rate, or "
                 "raise --guard-weight.")
-    if eval_data is not None:
+    if eval_data is not None and head != "reward":
         metrics["eval"] = task_loss(model, loaded.tokenizer, eval_data.rows, chat=chat)
     if general is not None:
         say("Forgetting check on general text...")
@@ -380,7 +426,8 @@ def _underlay(library: Library, parent: PocketBook | None, *, copy: bool) -> lis
 
 
 def _attach_new(base: Base, method: Any, options: TrainOptions, *,
-                underlay: list[PocketBook] | None = None, start: PocketBook | None = None) -> Any:
+                underlay: list[PocketBook] | None = None, start: PocketBook | None = None,
+                head: str = "causal-lm") -> Any:
     """Wrap the frozen base with a new trainable pocket book of ``method`` (or a trainable copy
     of ``start``), with ``underlay`` frozen and active underneath."""
     from peft import PeftModel, get_peft_model
@@ -399,6 +446,14 @@ def _attach_new(base: Base, method: Any, options: TrainOptions, *,
     import torch
 
     torch.manual_seed(options.seed)
+    if head == "reward":  # a LoRA + scalar head on the same backbone: a PEFT SEQ_CLS adapter
+        from .reward import reward_model
+
+        model = reward_model(model, pad_token_id=base.tokenizer.pad_token_id)
+        config.task_type = "SEQ_CLS"
+        config.modules_to_save = ["score"]
+    elif head != "causal-lm":
+        raise ConfigError(f"unknown trainer head {head!r}; trainers declare causal-lm or reward")
     return get_peft_model(model, config)
 
 

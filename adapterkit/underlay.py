@@ -15,7 +15,8 @@ adapter off at once, so the reference would silently become the plain base.
 from __future__ import annotations
 
 import json
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from .errors import BaseMismatch, InvalidAdapter
 from .library import CONFIG_FILE, Library, PocketBook
@@ -53,21 +54,40 @@ def check_policy(book: PocketBook, base: Any, *, role: str) -> None:
         raise BaseMismatch(f"{role}: {exc}") from None
 
 
-def apply(model: Any, books: list[PocketBook]) -> list[str]:
+class Gate:
+    """Whether a set of folded-in pocket books is active right now (a reward pocket book is
+    folded in switched off, and switched on only while it scores)."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
+
+    @contextmanager
+    def set(self, on: bool) -> Iterator[None]:
+        previous, self.on = self.on, on
+        try:
+            yield
+        finally:
+            self.on = previous
+
+
+def apply(model: Any, books: list[PocketBook], *, gate: Gate | None = None,
+          extra: dict[str, Any] | None = None) -> Gate:
     """Fold ``books`` (bottom first) into ``model``'s linear layers as frozen forward hooks.
 
-    Returns their refs. Call before wrapping the model with the new PEFT adapter.
+    Returns the :class:`Gate` that switches them (on unless ``gate`` says otherwise). Tensors
+    that are not LoRA factors (a reward head) are refused unless ``extra`` collects them.
     """
     import torch
 
     from .session import read_factors
 
+    gate = gate or Gate()
     if not books:
-        return []
+        return gate
     device = next(model.parameters()).device
     per_layer: dict[str, list[tuple[Any, Any, Any]]] = {}
     for book in books:
-        loaded = read_factors(book, dtype=torch.float32, device=device)
+        loaded = read_factors(book, dtype=torch.float32, device=device, extra=extra)
         for path, factors in loaded.factors.items():
             per_layer.setdefault(path, []).append(factors)
     handles = getattr(model, HANDLES_ATTR, [])
@@ -80,21 +100,38 @@ def apply(model: Any, books: list[PocketBook]) -> list[str]:
         # Concatenate ranks: one matmul pair per layer however many books are underneath.
         a = torch.cat([f[0] for f in factors])
         b = torch.cat([f[1] * f[2] for f in factors], dim=1)
-        handles.append(layer.register_forward_hook(_hook(a, b)))
+        handles.append((layer.register_forward_hook(_hook(a, b, gate)), gate))
     setattr(model, HANDLES_ATTR, handles)
-    return [book.ref for book in books]
+    return gate
 
 
 def remove(model: Any) -> None:
     """Take the frozen pocket books back out of ``model``."""
-    for handle in getattr(model, HANDLES_ATTR, []):
+    for handle, _ in getattr(model, HANDLES_ATTR, []):
         handle.remove()
     if hasattr(model, HANDLES_ATTR):
         delattr(model, HANDLES_ATTR)
 
 
-def _hook(a: Any, b: Any) -> Any:
+@contextmanager
+def suspended(model: Any, keep: Gate | None = None) -> Iterator[None]:
+    """Every folded-in pocket book of ``model`` off (but ``keep``'s), e.g. while a reward
+    pocket book scores text on the plain base."""
+    gates = {id(g): g for _, g in getattr(model, HANDLES_ATTR, []) if g is not keep}
+    previous = {k: g.on for k, g in gates.items()}
+    for g in gates.values():
+        g.on = False
+    try:
+        yield
+    finally:
+        for k, g in gates.items():
+            g.on = previous[k]
+
+
+def _hook(a: Any, b: Any, gate: Gate) -> Any:
     def add_delta(module: Any, inputs: tuple[Any, ...], output: Any) -> Any:
+        if not gate.on:
+            return output
         x = inputs[0]
         delta = (x.to(a.dtype) @ a.t()) @ b.t()
         return output + delta.to(output.dtype)

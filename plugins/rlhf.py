@@ -1,0 +1,165 @@
+"""RLHF: a ``reward`` trainer (reward pocket books) and the ``rlhf`` trainer (online RL).
+
+``reward`` trains a reward pocket book — a LoRA plus a scalar head on the same base — from
+preference pairs with TRL's ``RewardTrainer`` (Bradley-Terry loss: chosen scores above rejected).
+
+``rlhf`` optimises a policy pocket book online with TRL's ``GRPOTrainer`` (TRL 1.x has GRPO and
+RLOO; PPO is gone): for each prompt it samples a group of completions, scores them with the
+reward pocket book, and pushes the policy toward the better ones, with a KL penalty (``beta``)
+to the policy before this stage — the plain base, or the base with the ``--on`` pocket books.
+Without ``--reward NAME`` it first trains the reward pocket book ``NAME-reward`` from the same
+preference file, on the same resident base, then takes the file's prompts for the online stage.
+
+One copy of the base weights serves all three roles: the policy is a LoRA on it, the reference
+is that LoRA switched off, and the reward pocket book is folded into the same layers, switched
+on only while it scores (``adapterkit.reward.RewardScorer``).
+
+``rlhf`` options (``--set KEY=VALUE``): ``reward`` (a reward pocket book; same as ``--reward``),
+``beta`` (KL weight, default 0.05), ``num_generations`` (completions per prompt, default 4),
+``max_new_tokens`` (default 32), ``temperature`` (default 1.0), ``reward_steps`` (steps of the
+reward stage; default: the run's ``--max-steps``/epochs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapterkit import Trainer, hookimpl
+
+_RLHF_OPTIONS = {"reward": None, "beta": 0.05, "num_generations": 4, "max_new_tokens": 32,
+                 "temperature": 1.0, "reward_steps": None}
+
+
+class Reward(Trainer):
+    name = "reward"
+    description = "Reward pocket book: LoRA + scalar head from preference pairs (TRL RewardTrainer)"
+    data_shapes = ("preference",)
+    head = "reward"
+
+    def train(self, *, job: Any, **_: Any) -> Any:
+        from trl import RewardConfig, RewardTrainer
+
+        from adapterkit.errors import ConfigError
+
+        if job.options.trainer_options:
+            raise ConfigError(f"the reward trainer takes no --set options, got "
+                              f"{', '.join(job.options.trainer_options)}")
+        config = RewardConfig(**job.training_arguments(), max_length=job.options.max_length)
+        trainer = RewardTrainer(model=job.model, args=config, train_dataset=job.train_dataset(),
+                                eval_dataset=job.eval_dataset(), processing_class=job.tokenizer,
+                                callbacks=job.callbacks)
+        job.configure(trainer)
+        trainer.train(resume_from_checkpoint=job.resume_from)
+        accuracy = [h["accuracy"] for h in trainer.state.log_history if "accuracy" in h]
+        if accuracy:
+            trainer.state.adapterkit_metrics = {"pair_accuracy_last_log": accuracy[-1]}
+        return trainer.state
+
+
+def _options(job: Any) -> dict[str, Any]:
+    from adapterkit.errors import ConfigError
+
+    given = dict(job.options.trainer_options)
+    unknown = sorted(set(given) - set(_RLHF_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown rlhf option(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(_RLHF_OPTIONS)}")
+    o = {**_RLHF_OPTIONS, **given}
+    try:
+        o["beta"] = float(o["beta"])
+        o["temperature"] = float(o["temperature"])
+        o["num_generations"] = int(o["num_generations"])
+        o["max_new_tokens"] = int(o["max_new_tokens"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"rlhf options must be numbers: {exc}") from None
+    if o["max_new_tokens"] < 1:
+        raise ConfigError(f"max_new_tokens is {o['max_new_tokens']}: online RL learns from "
+                          "generated text, so it must generate at least 1 token")
+    if o["num_generations"] < 2:
+        raise ConfigError("num_generations must be at least 2: GRPO compares completions of the "
+                          "same prompt with each other")
+    if job.options.batch_size % o["num_generations"]:
+        raise ConfigError(f"--batch-size {job.options.batch_size} must be a multiple of "
+                          f"num_generations {o['num_generations']} (whole groups per step)")
+    if o["beta"] < 0 or not o["temperature"] > 0:
+        raise ConfigError("beta must be ≥ 0 and temperature above 0")
+    return o
+
+
+def _prompts(job: Any) -> Any:
+    from datasets import Dataset
+
+    seen: dict[str, Any] = {}
+    for row in job.rows(job.data):
+        seen.setdefault(repr(row["prompt"]), row["prompt"])
+    return Dataset.from_list([{"prompt": p} for p in seen.values()])
+
+
+class RLHF(Trainer):
+    name = "rlhf"
+    description = "Online RL (TRL GRPO) against a reward pocket book, KL to the base"
+    data_shapes = ("preference", "prompt_completion")
+
+    def train(self, *, job: Any, **_: Any) -> Any:
+        from dataclasses import replace
+
+        from trl import GRPOConfig, GRPOTrainer
+
+        from adapterkit import Library
+        from adapterkit.errors import ConfigError
+        from adapterkit.reward import RewardScorer
+
+        o = _options(job)
+        library = Library(job.home)
+        if o["reward"]:
+            book = library.get(str(o["reward"]))
+            RewardScorer.check(job.base, book)  # before any work: right kind, right base
+        else:
+            if job.data.shape != "preference":
+                raise ConfigError("rlhf without --reward first trains a reward pocket book from "
+                                  "preference pairs: give a prompt/chosen/rejected file, or "
+                                  "--reward NAME")
+            stage_name = job.name.split("@")[0] + "-reward"
+            steps = o["reward_steps"]
+            stage_options = replace(job.options, trainer_options={}, forgetting_budget=None,
+                                    guard_weight=None,
+                                    max_steps=int(steps) if steps else job.options.max_steps)
+            book = job.train_stage("reward", name=stage_name, options=stage_options).pocket_book
+        job.options.trainer_options["reward"] = book.ref  # recorded with the policy
+
+        scorer = RewardScorer(job.base, book, policy=job.model,
+                              max_length=job.options.max_length)
+
+        def reward_book(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+            return scorer.score(prompts, completions)
+
+        args = job.training_arguments()
+        args.update(include_num_input_tokens_seen="no",  # GRPO counts its own tokens
+                    remove_unused_columns=False, eval_strategy="no", eval_steps=None)
+        config = GRPOConfig(**args, beta=o["beta"], num_generations=o["num_generations"],
+                            max_completion_length=o["max_new_tokens"],
+                            temperature=o["temperature"])
+        trainer = GRPOTrainer(model=job.model, reward_funcs=[reward_book], args=config,
+                              train_dataset=_prompts(job), processing_class=job.tokenizer,
+                              callbacks=job.callbacks)
+        job.configure(trainer)
+        try:
+            trainer.train(resume_from_checkpoint=job.resume_from)
+        finally:
+            scorer.close()
+            if "ref" in job.model.peft_config:  # GRPO's frozen copy of the starting adapter
+                job.model.delete_adapter("ref")
+                job.model.set_adapter("default")
+        rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+        trainer.state.adapterkit_metrics = {
+            "reward_book": book.ref,
+            "reward_first_log": rewards[0] if rewards else None,
+            "reward_last_log": rewards[-1] if rewards else None,
+        }
+        return trainer.state
+
+
+@hookimpl
+def register_trainers(register):
+    register(Reward())
+    register(RLHF())

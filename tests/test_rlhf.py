@@ -1,0 +1,150 @@
+"""The reward and rlhf trainers on a tiny random base: one resident base for all roles."""
+
+import json
+
+import pytest
+import torch
+
+from adapterkit import (BaseMismatch, ConfigError, InvalidAdapter, Library, TrainOptions,
+                        load_base, train)
+from adapterkit.plugins import get_plugin_manager
+from adapterkit.reward import RewardScorer, reward_of_generations
+
+HELD_OUT = [f"Greet person {i}." for i in range(100, 108)]
+RL = dict(max_steps=12, batch_size=8, learning_rate=2e-2, r=8, alpha=16, dropout=0.0,
+          logging_steps=1)
+
+
+@pytest.fixture(scope="module")
+def rlhf_run(tmp_path_factory, tiny_base):
+    from adapterkit.pytest_plugin import TINY_ROWS
+
+    home = tmp_path_factory.mktemp("rlhf-home")
+    data = tmp_path_factory.mktemp("rlhf-data") / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
+    pm = get_plugin_manager(env=False)
+    base = load_base(str(tiny_base), home=home)
+    result = train("rlhf", base=base, data=str(data), name="kind", home=home, plugins=pm,
+                   options=TrainOptions(**RL, trainer_options={"reward_steps": 20,
+                                                               "max_new_tokens": 8}))
+    return home, data, pm, base, result
+
+
+@pytest.mark.slow
+def test_one_command_trains_reward_then_policy(rlhf_run):
+    home, _, _, base, result = rlhf_run
+    refs = sorted(f"{b.name}@{b.version}" for b in Library(home).list())
+    assert refs == ["kind-reward@1", "kind@1"]
+    meta = result.pocket_book.meta
+    assert meta.trainer == "rlhf"
+    assert meta.hyperparameters["trainer_options"]["reward"] == "kind-reward@1"
+    assert result.metrics["reward_first_log"] is not None
+    assert "ref" not in result.model.peft_config  # GRPO's reference copy is not saved
+    assert not (result.pocket_book.path / "ref").exists()
+
+    # held-out prompts: sampled answers score higher with the policy than without it
+    scorer = RewardScorer(base, Library(home).get("kind-reward"), policy=result.model)
+    try:
+        reward = reward_of_generations(result.model, scorer, HELD_OUT, chat=False,
+                                       max_new_tokens=8, samples=8)
+    finally:
+        scorer.close()
+    assert reward["after"] > reward["before"], reward
+
+
+@pytest.mark.slow
+def test_reward_book_scores_the_same_resident_and_in_plain_peft(rlhf_run, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    home, _, _, base, result = rlhf_run
+    book = Library(home).get("kind-reward")
+    config = json.loads((book.path / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+    scorer = RewardScorer(base, book, policy=result.model)
+    try:
+        ids = scorer.tokenizer("Greet person 3.Hello, nice to meet you!")["input_ids"]
+        resident = scorer.score_ids([ids])[0]
+        chosen, rejected = scorer.score(["Greet person 1."] * 2,
+                                        ["Hello, nice to meet you!", "Go away."])
+    finally:
+        scorer.close()
+    assert chosen > rejected  # the reward pocket book learned the preference
+    seq = AutoModelForSequenceClassification.from_pretrained(
+        tiny_base, num_labels=1, pad_token_id=scorer.tokenizer.pad_token_id)
+    plain = PeftModel.from_pretrained(seq, book.path).eval()
+    with torch.no_grad():
+        expected = plain(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert resident == pytest.approx(expected, abs=1e-4)
+    # scoring left the policy's logits untouched (the reward LoRA is switched off again)
+    probe = torch.tensor([[3, 50, 60, 70]])
+    with torch.no_grad():
+        before = result.model(input_ids=probe).logits
+    scorer = RewardScorer(base, book, policy=result.model)
+    scorer.score(["x"], ["y"])
+    with torch.no_grad():
+        assert torch.equal(result.model(input_ids=probe).logits, before)
+    scorer.close()
+
+
+@pytest.mark.slow
+def test_policy_reloads_in_plain_peft(rlhf_run, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, _, _, _, result = rlhf_run
+    ids = torch.tensor([[3, 50, 60, 70, 80]])
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                      result.pocket_book.path).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, result.model(input_ids=ids).logits,
+                              atol=1e-5)
+
+
+@pytest.mark.slow
+def test_reward_reuse_trains_no_second_reward_book(rlhf_run, tiny_base):
+    home, data, pm, _, _ = rlhf_run
+    again = train("rlhf", base=str(tiny_base), data=str(data), name="kind2", home=home,
+                  plugins=pm, options=TrainOptions(**{**RL, "max_steps": 2},
+                                                   trainer_options={"reward": "kind-reward",
+                                                                    "max_new_tokens": 4}))
+    assert again.metrics["reward_book"] == "kind-reward@1"
+    assert not any(b.name == "kind2-reward" for b in Library(home).list())
+
+
+def test_bad_reward_and_rl_settings_write_nothing(rlhf_run, tiny_base, other_base, tmp_path):
+    home, data, pm, _, _ = rlhf_run
+    elsewhere = train("reward", base=str(other_base), data=str(data), name="other-reward",
+                      home=home, plugins=pm, options=TrainOptions(**{**RL, "max_steps": 1}))
+    before = sorted((b.name, b.version) for b in Library(home).list())
+
+    def rlhf(**sets):
+        return train("rlhf", base=str(tiny_base), data=str(data), name="bad", home=home,
+                     plugins=pm, options=TrainOptions(**{**RL, "max_steps": 1},
+                                                      trainer_options=sets))
+
+    with pytest.raises(InvalidAdapter, match="--reward kind@1 is a policy pocket book"):
+        rlhf(reward="kind")
+    with pytest.raises(BaseMismatch, match="reward pocket book other-reward@1 was made on"):
+        rlhf(reward="other-reward")
+    with pytest.raises(ConfigError, match="max_new_tokens is 0"):
+        rlhf(reward="kind-reward", max_new_tokens=0)
+    with pytest.raises(ConfigError, match="num_generations must be at least 2"):
+        rlhf(reward="kind-reward", num_generations=1)
+    with pytest.raises(ConfigError, match="reward pocket book"):
+        train("dpo", base=str(tiny_base), data=str(data), name="bad", home=home, plugins=pm,
+              on="kind-reward")
+    assert sorted((b.name, b.version) for b in Library(home).list()) == before
+    assert elsewhere.pocket_book.meta.trainer == "reward"
+
+
+def test_reward_book_cannot_generate(rlhf_run, tiny_base):
+    from adapterkit import open_session
+    from adapterkit.session import attach
+
+    home, _, _, _, _ = rlhf_run
+    library = Library(home)
+    with pytest.raises(InvalidAdapter, match="reward pocket book: it scores text"):
+        attach(load_base(str(tiny_base), home=home), library.get("kind-reward"), library=library)
+    with pytest.raises(InvalidAdapter, match="reward pocket book"):
+        open_session(str(tiny_base), home=home).swap("kind-reward")
