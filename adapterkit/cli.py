@@ -166,7 +166,8 @@ def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
         f"  created:     {meta.created}",
         f"  tags:        {', '.join(meta.tags) or '-'}",
     ]
-    for label, value in (("parents", ", ".join(meta.parents)), ("data", meta.data),
+    for label, value in (("parents", ", ".join(meta.parents)),
+                         ("on top of", " + ".join(meta.stacked_on)), ("data", meta.data),
                          ("hyperparams", meta.hyperparameters), ("metrics", meta.metrics),
                          ("source", meta.source)):
         if value:
@@ -179,13 +180,15 @@ def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
 @click.command("rm")
 @click.argument("ref")
 @click.option("--all-versions", is_flag=True, help="Remove every version of NAME.")
+@click.option("--force", is_flag=True, help="Remove it even if other pocket books are trained "
+              "on top of it or stack it (they stop working).")
 @click.pass_context
-def rm_cmd(ctx: click.Context, ref: str, all_versions: bool) -> None:
+def rm_cmd(ctx: click.Context, ref: str, all_versions: bool, force: bool) -> None:
     """Remove a pocket book: NAME@VERSION, NAME (its latest version) or --all-versions."""
     from .names import parse_ref
 
     name = parse_ref(ref).name
-    gone = _library(ctx).remove(ref, all_versions=all_versions)
+    gone = _library(ctx).remove(ref, all_versions=all_versions, force=force)
     click.echo("Removed " + ", ".join(f"{name}@{v}" for v in gone))
 
 

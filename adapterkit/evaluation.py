@@ -142,6 +142,31 @@ def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str)
     return logps[torch.arange(len(target)), target][start - 1:].sum().item()
 
 
+def preference_accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]]
+                        ) -> dict[str, float]:
+    """How a preference-trained pocket book ranks held-out pairs (DPO's own yardstick).
+
+    ``implicit``: share of pairs whose implicit reward margin
+    [(log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)] is above 0, the reference being
+    ``model`` with its pocket book off (0% for a fresh pocket book: its margin is exactly 0).
+    ``likelihood_before``/``likelihood_after``: share of pairs where the reference / the
+    policy gives the chosen answer the higher log-probability.
+    """
+    wins = before = after = 0
+    for row in rows:
+        on = [completion_logprob(model, tokenizer, row["prompt"], row[k])
+              for k in ("chosen", "rejected")]
+        with _adapter_off(model):
+            off = [completion_logprob(model, tokenizer, row["prompt"], row[k])
+                   for k in ("chosen", "rejected")]
+        wins += (on[0] - off[0]) - (on[1] - off[1]) > 0
+        before += off[0] > off[1]
+        after += on[0] > on[1]
+    n = max(len(rows), 1)
+    return {"implicit": wins / n, "likelihood_before": before / n, "likelihood_after": after / n,
+            "pairs": len(rows)}
+
+
 def text_loss(model: Any, tokenizer: Any, texts: list[str], max_length: int = 1024) -> float:
     """Token-weighted mean loss of plain text (the general-English measure)."""
     total, count = _token_losses(model, tokenizer, (("", t) for t in texts), max_length)

@@ -64,7 +64,8 @@ def register_trainers(register: Callable[[Trainer], None]) -> None:
     :param register: call it with an :class:`adapterkit.Trainer` instance, once per trainer.
 
     Trainers are independent of methods: any registered trainer can train any registered method,
-    so combinations come free. Built-ins (in their own plugins): ``sft``, ``dpo``, ``rlhf``.
+    so combinations come free. Built-ins (in their own plugins): ``sft``, ``dpo``, ``reward``,
+    ``rlhf``. A trainer with ``head = "reward"`` makes reward pocket books (LoRA + scalar head).
 
     .. versionadded:: 0.1
     """

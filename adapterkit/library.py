@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from ._fs import atomic_write_text, fsync_dir, fsync_tree, new_folder
 from .catalog import Catalog
-from .errors import InvalidAdapter, NameTaken, PocketBookNotFound
+from .errors import AdapterkitError, ConfigError, InvalidAdapter, NameTaken, PocketBookNotFound
 from .home import resolve_home
 from .metadata import METADATA_FILE, PocketBookMeta
 from .names import Ref, parse_ref, validate_name
@@ -231,6 +231,10 @@ class Library:
         _check_free(ref, set(versions) | set(self._disk_versions(ref.name)))
         return ref
 
+    def _all_versions(self, name: str) -> list[int]:
+        versions = self.catalog.read(lambda conn: Catalog.versions(conn, name))
+        return sorted(set(versions) | set(self._disk_versions(name)))
+
     def _disk_versions(self, name: str) -> list[int]:
         folder = self.root / name
         if not folder.is_dir():
@@ -285,12 +289,43 @@ class Library:
                     shutil.copy2(item, staged / item.name)
             return self.commit(staged, meta, name=name, new_version=new_version)
 
-    def remove(self, ref: str | Ref, *, all_versions: bool = False) -> list[int]:
+    def dependents(self, refs: set[str]) -> list[str]:
+        """Pocket books that need one of ``refs`` (``name@N``) to work: trained on top of it
+        (``--on``) or a saved stack of it."""
+        out = []
+        for summary in self.list(all_versions=True):
+            ref = f"{summary.name}@{summary.version}"
+            if ref in refs:
+                continue
+            try:
+                meta = self.get(ref).meta
+            except AdapterkitError:
+                continue
+            members = set(meta.stacked_on)
+            if meta.kind == "stack":
+                members |= set(dict(meta.hyperparameters.get("weights", {})))
+            if members & refs:
+                out.append(ref)
+        return out
+
+    def remove(self, ref: str | Ref, *, all_versions: bool = False,
+               force: bool = False) -> list[int]:
         """Remove one version (``name@N``; plain ``name`` is the latest), or with
-        ``all_versions`` every version of ``name``. Returns the versions removed."""
+        ``all_versions`` every version of ``name``. Returns the versions removed.
+
+        Refuses while other pocket books are trained on top of it or stack it (they would stop
+        working), unless ``force``.
+        """
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         book = self.get(ref)
         versions = None if all_versions else [book.version]
+        if not force:
+            doomed = {f"{ref.name}@{v}" for v in (versions or self._all_versions(ref.name))}
+            needed_by = self.dependents(doomed)
+            if needed_by:
+                raise ConfigError(
+                    f"{', '.join(sorted(doomed))} is needed by {', '.join(needed_by)} (trained "
+                    "on top of it, or a stack of it); remove those first, or pass --force")
         self.staging.mkdir(parents=True, exist_ok=True)
         trash = self.staging / f"trash-{uuid.uuid4().hex[:12]}"
         trash.mkdir()

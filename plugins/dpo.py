@@ -12,8 +12,10 @@ books underneath (``TrainJob.reference_key``). A rerun, or a sweep over ``beta``
 asks for; TRL's own cache lives in a temporary folder for in-memory datasets).
 
 Trainer options (``--set KEY=VALUE``): ``beta`` (default 0.1), ``loss_type`` (default
-``sigmoid``; any TRL DPO loss), ``precompute_ref_log_probs`` (default true; false computes the
-reference alongside each step instead, with no cache).
+``sigmoid``; any TRL DPO loss), ``precompute_ref_log_probs``: ``auto`` (default) reads the
+cache when it has this reference, else precomputes (and caches) when the run covers the whole
+data set, and otherwise computes the reference alongside each step — cheaper for a short run
+over part of the data; ``true`` always precomputes and caches; ``false`` never does.
 """
 
 from __future__ import annotations
@@ -25,11 +27,20 @@ from typing import Any
 
 from adapterkit import Trainer, hookimpl
 
-_OPTIONS = {"beta": 0.1, "loss_type": "sigmoid", "precompute_ref_log_probs": True}
+_OPTIONS = {"beta": 0.1, "loss_type": "sigmoid", "precompute_ref_log_probs": "auto"}
 CACHE_KIND = "dpo-ref"
 
 
-def _cached_trainer(job: Any) -> Any:
+def _covers(args: Any, rows: int) -> bool:
+    """Whether a run with ``args`` sees every row at least once."""
+    if args.max_steps is None or args.max_steps <= 0:
+        return args.num_train_epochs >= 1
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+        max(args.world_size, 1)
+    return args.max_steps * per_step >= rows
+
+
+def _cached_trainer(job: Any, mode: Any) -> Any:
     """TRL's DPOTrainer whose reference log-prob pass goes through adapterkit's disk cache."""
     import torch
     import trl
@@ -40,6 +51,9 @@ def _cached_trainer(job: Any) -> Any:
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             from safetensors.torch import load_file, save_file
+
+            if not self.precompute_ref_logps:  # "auto" chose per-step reference (see below)
+                return dataset
 
             columns = [c for c in dataset.column_names if not c.startswith("ref_")]
             digest = hashlib.sha256(json.dumps(dataset.select_columns(columns).to_dict(),
@@ -55,6 +69,13 @@ def _cached_trainer(job: Any) -> Any:
                     self.cache_hits[name] = True
                     return (dataset.add_column("ref_chosen_logps", cached["chosen"].tolist())
                             .add_column("ref_rejected_logps", cached["rejected"].tolist()))
+            if mode == "auto" and not _covers(self.args, len(dataset)):
+                # A short run over part of the data: a pass over all of it would cost more
+                # than the reference forwards of the steps that run. TRL reads this flag in
+                # ``_compute_loss`` and then computes the reference alongside each step.
+                self.precompute_ref_logps = False
+                self.cache_hits[name] = None
+                return dataset
             self.cache_hits[name] = False
             out = super()._precompute_ref_logps(dataset, name, batch_size)
             if self.accelerator.is_main_process:
@@ -65,6 +86,19 @@ def _cached_trainer(job: Any) -> Any:
             return out
 
     return CachedRefDPOTrainer
+
+
+def _mode(value: Any) -> str:
+    from adapterkit.errors import ConfigError
+
+    text = str(value).lower()
+    if text in ("auto",):
+        return "auto"
+    if text in ("true", "yes", "1", "on"):
+        return "on"
+    if text in ("false", "no", "0", "off"):
+        return "off"
+    raise ConfigError(f"precompute_ref_log_probs must be auto, true or false, got {value!r}")
 
 
 class DPO(Trainer):
@@ -89,23 +123,24 @@ class DPO(Trainer):
             raise ConfigError(f"dpo beta must be a number, got {options['beta']!r}") from None
         if not beta > 0:
             raise ConfigError(f"dpo beta must be above 0, got {beta}")
+        mode = _mode(options["precompute_ref_log_probs"])
         config = DPOConfig(
             **job.training_arguments(),
             max_length=job.options.max_length,
             beta=beta,
             loss_type=[loss_type] if isinstance(loss_type, str) else list(loss_type),
-            precompute_ref_log_probs=bool(options["precompute_ref_log_probs"]),
+            precompute_ref_log_probs=mode != "off",
         )
-        trainer = _cached_trainer(job)(
+        trainer = _cached_trainer(job, mode)(
             model=job.model, args=config, train_dataset=job.train_dataset(),
             eval_dataset=job.eval_dataset(), processing_class=job.tokenizer,
             callbacks=job.callbacks)
         job.configure(trainer)
         trainer.train(resume_from_checkpoint=job.resume_from)
         if trainer.cache_hits:
-            trainer.state.adapterkit_metrics = {
-                "reference_cache": {k: "hit" if v else "computed"
-                                    for k, v in trainer.cache_hits.items()}}
+            trainer.state.adapterkit_metrics = {"reference_cache": {
+                k: {True: "hit", False: "computed", None: "alongside"}[v]
+                for k, v in trainer.cache_hits.items()}}
         return trainer.state
 
 

@@ -106,7 +106,7 @@ class RLHF(Trainer):
         from trl import GRPOConfig, GRPOTrainer
 
         from adapterkit import Library
-        from adapterkit.errors import ConfigError
+        from adapterkit.errors import ConfigError, NameTaken
         from adapterkit.reward import RewardScorer
 
         o = _options(job)
@@ -124,6 +124,11 @@ class RLHF(Trainer):
             stage_options = replace(job.options, trainer_options={}, forgetting_budget=None,
                                     guard_weight=None,
                                     max_steps=int(steps) if steps else job.options.max_steps)
+            try:
+                library.reserve(stage_name)
+            except NameTaken:
+                raise ConfigError(f"{stage_name} already exists: pass --reward {stage_name} to "
+                                  "optimise against it, or pick another --name") from None
             book = job.train_stage("reward", name=stage_name, options=stage_options).pocket_book
         job.options.trainer_options["reward"] = book.ref  # recorded with the policy
 

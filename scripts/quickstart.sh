@@ -6,3 +6,4 @@ bash scripts/bootstrap.sh
 . .venv/bin/activate
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 python examples/quickstart.py
+python examples/quickstart_bedside.py   # part two: DPO on top of the triage pocket book

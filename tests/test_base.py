@@ -135,3 +135,24 @@ def test_hub_id_base_through_the_hub_client(tiny_base, home, monkeypatch, tmp_pa
     assert base.identity()["provenance"] == {"kind": "hub", "hub_id": "org/tiny-llama",
                                              "revision": sha}
     assert base.fingerprint == fingerprint(tiny_base) == info["fingerprint"]
+
+
+def test_4bit_base_is_one_exact_base_in_train_and_eval(tiny_base, home):
+    """bitsandbytes' CPU repacking would round the 4-bit weights differently in eval mode and
+    leave them changed after a state dict; a QLoRA base must stay one exact base."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    q4 = load_base(str(tiny_base), home=home, quantization="4bit").model
+    ids = torch.tensor([[3, 50, 60, 70, 80, 90]])
+    q4.train()
+    with torch.no_grad():
+        train_mode = q4(input_ids=ids).logits
+    q4.eval()
+    with torch.no_grad():
+        eval_mode = q4(input_ids=ids).logits
+    q4.state_dict()
+    q4.train()
+    with torch.no_grad():
+        after = q4(input_ids=ids).logits
+    assert torch.equal(train_mode, eval_mode) and torch.equal(train_mode, after)

@@ -37,6 +37,11 @@ def test_dpo_learns_preferences_and_reloads(tiny_base, home, adapterkit_data):
             reward[key] = 0.1 * (on - off)
         margins.append(reward["chosen"] - reward["rejected"])
     assert all(m > 0 for m in margins), margins  # implicit reward margin grew from 0
+    from adapterkit.evaluation import preference_accuracy
+
+    acc = preference_accuracy(model, tok, rows[:4])
+    assert acc["implicit"] == 1.0 and acc["pairs"] == 4
+    assert acc["likelihood_after"] >= acc["likelihood_before"]
 
     ids = torch.tensor([[3, 50, 60, 70, 80]])
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
@@ -68,8 +73,8 @@ def test_reference_logps_are_cached_on_disk_per_reference(tiny_base, home, adapt
     pm = get_plugin_manager(env=False)
     data = str(adapterkit_data["preference"])
 
-    def run(name, **kwargs):
-        options = TrainOptions(max_steps=3, batch_size=4, learning_rate=1e-2, r=4, alpha=8,
+    def run(name, steps=4, **kwargs):  # 4 steps of 4 cover the 16 pairs
+        options = TrainOptions(max_steps=steps, batch_size=4, learning_rate=1e-2, r=4, alpha=8,
                                dropout=0.0, trainer_options=kwargs.pop("sets", {}))
         return train("dpo", base=str(tiny_base), data=data, name=name, home=home, plugins=pm,
                      options=options, **kwargs)
@@ -89,10 +94,16 @@ def test_reference_logps_are_cached_on_disk_per_reference(tiny_base, home, adapt
     # the cache holds what an uncached run uses as its reference
     uncached = run("d", sets={"precompute_ref_log_probs": False})
     assert "reference_cache" not in uncached.metrics
-    # another reference (a pocket book underneath) is another cache entry
-    on = run("e", on="a")
+    # another reference (a pocket book underneath) is another cache entry; a short run over
+    # part of the data computes it alongside each step instead (auto), unless told to cache
+    short = run("e", steps=1, on="a")
+    assert short.metrics["reference_cache"] == {"train": "alongside"}
+    assert len(sorted(cache.glob("*.safetensors"))) == 1
+    on = run("f", steps=1, on="a", sets={"precompute_ref_log_probs": True})
     assert on.metrics["reference_cache"] == {"train": "computed"}
     assert len(sorted(cache.glob("*.safetensors"))) == 2
+    again_short = run("g", steps=1, on="a")
+    assert again_short.metrics["reference_cache"] == {"train": "hit"}
     entry = load_file(str(files[0]))
     assert entry["chosen"].shape == entry["rejected"].shape
     assert torch.isfinite(entry["chosen"]).all()

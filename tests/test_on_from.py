@@ -149,3 +149,52 @@ def test_card_tells_plain_peft_users_to_load_the_stack(stacked):
     card = (Library(home).get("manner").path / "README.md").read_text()
     assert "trained on top of (frozen, active underneath): `triage@1`" in card
     assert "set_adapter(['under0', 'top'], inference_mode=True)" in card
+
+
+@pytest.mark.slow
+def test_qlora_dpo_on_top_of_a_pocket_book(stacked, tiny_base):
+    """--method qlora with --on: the parent is folded into the 4-bit layers exactly."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+
+    from adapterkit import load_base
+
+    home, files, pm, triage, _ = stacked
+    result = train("dpo", base=str(tiny_base), data=str(files["preference"]), name="q-manner",
+                   home=home, plugins=pm, on="triage",
+                   options=TrainOptions(**{**FAST, "method": "qlora", "max_steps": 4}))
+    assert result.pocket_book.meta.method == "qlora"
+    assert result.pocket_book.meta.stacked_on == ["triage@1"]
+    q4 = load_base(str(tiny_base), home=home, quantization="4bit").model
+    only_triage = PeftModel.from_pretrained(q4, triage.pocket_book.path).eval()
+    with result.model.disable_adapter():
+        off = _logits(result.model)
+    assert torch.allclose(off, _logits(only_triage), atol=1e-5)
+
+
+def test_cli_on_and_from_flags(stacked, tiny_base, adapterkit_cli, monkeypatch):
+    home, files, *_ = stacked
+    monkeypatch.setenv("ADAPTERKIT_HOME", str(home))
+    out = adapterkit_cli("train", "sft", "--base", str(tiny_base), "--data",
+                         str(files["prompt_completion"]), "--name", "cli-top", "--on", "triage",
+                         "--max-steps", "1", "-r", "4")
+    assert out.exit_code == 0, out.output
+    assert "Saved cli-top@1 (on top of triage@1)" in out.output
+    bad = adapterkit_cli("train", "sft", "--base", str(tiny_base), "--data",
+                         str(files["prompt_completion"]), "--name", "cli-bad", "--on", "triage",
+                         "--from", "triage")
+    assert bad.exit_code != 0
+    assert bad.output.strip().splitlines()[-1].startswith("Error: --on and --from exclude")
+    assert "Traceback" not in bad.output
+    assert "--on BOOK" in adapterkit_cli("train", "--help").output
+
+
+def test_rm_refuses_a_pocket_book_others_are_trained_on(stacked, adapterkit_cli, monkeypatch):
+    home, *_ = stacked
+    monkeypatch.setenv("ADAPTERKIT_HOME", str(home))
+    out = adapterkit_cli("rm", "triage@1")
+    assert out.exit_code != 0
+    assert "triage@1 is needed by" in out.output and "manner@1" in out.output
+    assert Library(home).get("triage@1")  # still there
+    shown = adapterkit_cli("show", "manner")
+    assert "on top of:   triage@1" in shown.output

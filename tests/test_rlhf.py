@@ -131,6 +131,9 @@ def test_bad_reward_and_rl_settings_write_nothing(rlhf_run, tiny_base, other_bas
         rlhf(reward="kind-reward", max_new_tokens=0)
     with pytest.raises(ConfigError, match="num_generations must be at least 2"):
         rlhf(reward="kind-reward", num_generations=1)
+    with pytest.raises(ConfigError, match="kind-reward already exists: pass --reward"):
+        train("rlhf", base=str(tiny_base), data=str(data), name="kind@2", home=home,
+              plugins=pm, options=TrainOptions(**{**RL, "max_steps": 1}))
     with pytest.raises(ConfigError, match="reward pocket book"):
         train("dpo", base=str(tiny_base), data=str(data), name="bad", home=home, plugins=pm,
               on="kind-reward")
@@ -148,3 +151,16 @@ def test_reward_book_cannot_generate(rlhf_run, tiny_base):
         attach(load_base(str(tiny_base), home=home), library.get("kind-reward"), library=library)
     with pytest.raises(InvalidAdapter, match="reward pocket book"):
         open_session(str(tiny_base), home=home).swap("kind-reward")
+
+
+def test_cli_reward_flag_errors_are_one_line(rlhf_run, tiny_base, adapterkit_cli, monkeypatch):
+    home, data, *_ = rlhf_run
+    monkeypatch.setenv("ADAPTERKIT_HOME", str(home))
+    out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data", str(data),
+                         "--name", "cli-bad", "--reward", "kind", "--max-steps", "1")
+    assert out.exit_code != 0
+    assert "Traceback" not in out.output
+    assert out.output.strip().splitlines()[-1].startswith(
+        "Error: --reward kind@1 is a policy pocket book")
+    out = adapterkit_cli("generate", "hello", "--adapter", "kind-reward")
+    assert out.exit_code != 0 and "reward pocket book" in out.output
