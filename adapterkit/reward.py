@@ -92,7 +92,6 @@ class RewardScorer:
             self.model.score.weight.copy_(head["weight"].to(self.model.score.weight.dtype))
             if self.model.score.bias is not None and "bias" in head:
                 self.model.score.bias.copy_(head["bias"])
-        self.model.eval()
 
     @staticmethod
     def check(base: Any, book: PocketBook) -> None:
@@ -120,10 +119,11 @@ class RewardScorer:
         device = next(self.model.parameters()).device
         off = self.policy.disable_adapter() if self.policy is not None else nullcontext()
         out: list[float] = []
-        training = self.model.training
+        # No train()/eval() switching here: the backbone is shared with the policy, whose mode
+        # belongs to its trainer. Nothing on the scoring path depends on the mode anyway (the
+        # policy's LoRA, dropout included, is off; the reward LoRA is a plain hook).
         with torch.no_grad(), off, underlay.suspended(self.base.model, keep=self.gate), \
                 self.gate.set(True):
-            self.model.eval()
             for i in range(0, len(sequences), self.batch_size):
                 chunk = [s[: self.max_length] for s in sequences[i: i + self.batch_size]]
                 width = max(len(s) for s in chunk)
@@ -135,11 +135,22 @@ class RewardScorer:
                 logits = self.model(input_ids=ids.to(device),
                                     attention_mask=mask.to(device)).logits
                 out.extend(logits[:, 0].float().tolist())
-        self.model.train(training)
         return out
 
-    def score(self, prompts: list[Any], completions: list[Any]) -> list[float]:
-        """Reward of each completion of each prompt (strings or chat messages)."""
+    def score(self, prompts: list[Any], completions: list[Any], *,
+              chat: bool | None = None) -> list[float]:
+        """Reward of each completion of each prompt (strings or chat messages).
+
+        Strings are rendered as chat turns when ``chat`` (default: when the base has a chat
+        template — as the reward pocket book's training data was).
+        """
+        from .evaluation import uses_chat
+
+        if uses_chat(self.tokenizer, chat):
+            prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p
+                       for p in prompts]
+            completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c
+                           for c in completions]
         return self.score_ids([render(self.tokenizer, p, c) for p, c in zip(prompts, completions)])
 
     def close(self) -> None:
@@ -155,17 +166,19 @@ class RewardScorer:
 
 
 def reward_of_generations(policy: Any, scorer: RewardScorer, prompts: list[Any], *,
-                          chat: bool, max_new_tokens: int = 32, samples: int = 0,
+                          chat: bool | None = None, max_new_tokens: int = 32, samples: int = 0,
                           temperature: float = 1.0, seed: int = 0) -> dict[str, float]:
     """Mean reward of answers to ``prompts`` with the policy pocket book off and on.
 
+    ``chat`` (default: when the base has a chat template, as training does) renders prompts.
     Greedy answers by default; ``samples`` > 0 draws that many sampled answers per prompt
     (what RL optimises: the mean of the policy's distribution, not its single mode).
     """
     import torch
 
-    from .evaluation import generate
+    from .evaluation import generate, uses_chat
 
+    chat = uses_chat(scorer.tokenizer, chat)  # as training rendered them
     out = {}
     batch = [p for p in prompts for _ in range(max(samples, 1))]
     prompts = batch
@@ -175,11 +188,6 @@ def reward_of_generations(policy: Any, scorer: RewardScorer, prompts: list[Any],
             answers = generate(policy, scorer.tokenizer, prompts, chat=chat,
                                max_new_tokens=max_new_tokens,
                                temperature=temperature if samples else 0.0)
-        if chat:
-            pairs = ([{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts)
-            scores = scorer.score(list(pairs), [[{"role": "assistant", "content": a}]
-                                                for a in answers])
-        else:
-            scores = scorer.score(list(prompts), answers)
+        scores = scorer.score(list(prompts), answers, chat=chat)
         out[label] = sum(scores) / len(scores)
     return out

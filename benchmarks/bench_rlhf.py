@@ -5,7 +5,8 @@ Runs, each in a fresh process (so peak resident memory is its own):
 1. ``sft`` on the same base, data length, batch and steps (prompt → chosen answer) — the
    memory yardstick;
 2. ``rlhf`` with one preference file: the reward pocket book first, then GRPO against it, all
-   on one resident base.
+   on one resident base (on the tiny base, on top of an SFT pocket book that says both kinds
+   of answer: a random model never says anything the reward model likes).
 
 Then reports the mean reward (from the reward pocket book) of sampled answers to held-out
 prompts with the policy off and on, and peak RSS of (2) divided by (1).
@@ -62,7 +63,7 @@ def child(args: argparse.Namespace) -> None:
     spec, prefs, sft, held, chat = _data(args.base, work)
     base = load_base(spec, home=args.home)
     common = dict(max_steps=args.steps, batch_size=8, learning_rate=args.lr, r=16, alpha=32,
-                  dropout=0.0, max_length=256, logging_steps=1)
+                  dropout=0.0, max_length=256, logging_steps=1, seed=1)
     start = time.perf_counter()
     if args.child == "sft":
         result = train("sft", base=base, data=str(sft), name="yardstick", home=args.home,
@@ -71,12 +72,24 @@ def child(args: argparse.Namespace) -> None:
     else:
         from adapterkit.reward import RewardScorer, reward_of_generations
 
-        result = train("rlhf", base=base, data=str(prefs), name="kind", home=args.home,
+        on = None
+        if args.base == "tiny":
+            # a random tiny model never says anything the reward model likes; SFT it on both
+            # kinds of answer first, so RL has something to choose between (as on a real base)
+            mix = work / "mix.jsonl"
+            mix.write_text("".join(
+                json.dumps({"prompt": r["prompt"], "completion": r[k]}) + "\n"
+                for r in map(json.loads, prefs.read_text().splitlines())
+                for k in ("chosen", "rejected")))
+            train("sft", base=base, data=str(mix), name="mix", home=args.home,
+                  options=TrainOptions(**{**common, "learning_rate": 3e-2})).model.unload()
+            on = "mix"
+        result = train("rlhf", base=base, data=str(prefs), name="kind", home=args.home, on=on,
                        options=TrainOptions(**common, trainer_options={
                            "reward_steps": args.reward_steps, "max_new_tokens": args.new_tokens,
                            "beta": args.beta}))
         scorer = RewardScorer(base, Library(args.home).get("kind-reward"), policy=result.model)
-        figures = reward_of_generations(result.model, scorer, held, chat=chat,
+        figures = reward_of_generations(result.model, scorer, held,
                                         max_new_tokens=args.new_tokens, samples=4)
         figures["reward_log_first"] = result.metrics["reward_first_log"]
         figures["reward_log_last"] = result.metrics["reward_last_log"]
@@ -98,10 +111,10 @@ def main() -> None:
     p.add_argument("--home")
     args = p.parse_args()
     tiny = args.base == "tiny"
-    args.steps = args.steps or (12 if tiny else 20)
+    args.steps = args.steps or (24 if tiny else 20)
     args.reward_steps = args.reward_steps or (20 if tiny else 25)
-    args.lr = args.lr or (2e-2 if tiny else 5e-4)
-    args.new_tokens = args.new_tokens or (8 if tiny else 24)
+    args.lr = args.lr or (1e-2 if tiny else 5e-4)
+    args.new_tokens = args.new_tokens or 24
     if args.child:
         child(args)
         return

@@ -11,22 +11,33 @@ from adapterkit.plugins import get_plugin_manager
 from adapterkit.reward import RewardScorer, reward_of_generations
 
 HELD_OUT = [f"Greet person {i}." for i in range(100, 108)]
-RL = dict(max_steps=12, batch_size=8, learning_rate=2e-2, r=8, alpha=16, dropout=0.0,
-          logging_steps=1)
+RL = dict(max_steps=24, batch_size=8, learning_rate=1e-2, r=8, alpha=16, dropout=0.0,
+          logging_steps=1, seed=1)
 
 
 @pytest.fixture(scope="module")
 def rlhf_run(tmp_path_factory, tiny_base):
+    """SFT on both kinds of answer ("mix"), then rlhf on top of it in one command.
+
+    A random tiny model never says anything a reward model likes; after the SFT it says both
+    the courteous and the curt answer, so RL has something to choose between.
+    """
     from adapterkit.pytest_plugin import TINY_ROWS
 
     home = tmp_path_factory.mktemp("rlhf-home")
-    data = tmp_path_factory.mktemp("rlhf-data") / "prefs.jsonl"
+    folder = tmp_path_factory.mktemp("rlhf-data")
+    data, mix = folder / "prefs.jsonl", folder / "mix.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
+    mix.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[k]}) + "\n"
+                           for r in TINY_ROWS["preference"] for k in ("chosen", "rejected")))
     pm = get_plugin_manager(env=False)
     base = load_base(str(tiny_base), home=home)
+    sft = train("sft", base=base, data=str(mix), name="mix", home=home, plugins=pm,
+                options=TrainOptions(**{**RL, "learning_rate": 3e-2}))
+    sft.model.unload()
     result = train("rlhf", base=base, data=str(data), name="kind", home=home, plugins=pm,
-                   options=TrainOptions(**RL, trainer_options={"reward_steps": 20,
-                                                               "max_new_tokens": 8}))
+                   on="mix", options=TrainOptions(**RL, trainer_options={
+                       "reward_steps": 20, "max_new_tokens": 24}))
     return home, data, pm, base, result
 
 
@@ -34,9 +45,9 @@ def rlhf_run(tmp_path_factory, tiny_base):
 def test_one_command_trains_reward_then_policy(rlhf_run):
     home, _, _, base, result = rlhf_run
     refs = sorted(f"{b.name}@{b.version}" for b in Library(home).list())
-    assert refs == ["kind-reward@1", "kind@1"]
+    assert refs == ["kind-reward@1", "kind@1", "mix@1"]
     meta = result.pocket_book.meta
-    assert meta.trainer == "rlhf"
+    assert meta.trainer == "rlhf" and meta.stacked_on == ["mix@1"]
     assert meta.hyperparameters["trainer_options"]["reward"] == "kind-reward@1"
     assert result.metrics["reward_first_log"] is not None
     assert "ref" not in result.model.peft_config  # GRPO's reference copy is not saved
@@ -45,8 +56,8 @@ def test_one_command_trains_reward_then_policy(rlhf_run):
     # held-out prompts: sampled answers score higher with the policy than without it
     scorer = RewardScorer(base, Library(home).get("kind-reward"), policy=result.model)
     try:
-        reward = reward_of_generations(result.model, scorer, HELD_OUT, chat=False,
-                                       max_new_tokens=8, samples=8)
+        reward = reward_of_generations(result.model, scorer, HELD_OUT, max_new_tokens=24,
+                                       samples=8)
     finally:
         scorer.close()
     assert reward["after"] > reward["before"], reward
@@ -63,7 +74,10 @@ def test_reward_book_scores_the_same_resident_and_in_plain_peft(rlhf_run, tiny_b
     assert config["task_type"] == "SEQ_CLS"
     scorer = RewardScorer(base, book, policy=result.model)
     try:
-        ids = scorer.tokenizer("Greet person 3.Hello, nice to meet you!")["input_ids"]
+        from adapterkit.reward import render
+
+        ids = render(scorer.tokenizer, [{"role": "user", "content": "Greet person 3."}],
+                     [{"role": "assistant", "content": "Hello, nice to meet you!"}])
         resident = scorer.score_ids([ids])[0]
         chosen, rejected = scorer.score(["Greet person 1."] * 2,
                                         ["Hello, nice to meet you!", "Go away."])
@@ -92,10 +106,13 @@ def test_policy_reloads_in_plain_peft(rlhf_run, tiny_base):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _, _, _, _, result = rlhf_run
+    home, _, _, _, result = rlhf_run
     ids = torch.tensor([[3, 50, 60, 70, 80]])
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
-                                      result.pocket_book.path).eval()
+                                      Library(home).get("mix").path, adapter_name="mix")
+    plain.load_adapter(str(result.pocket_book.path), adapter_name="kind")
+    plain.base_model.set_adapter(["mix", "kind"], inference_mode=True)
+    plain.eval()
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, result.model(input_ids=ids).logits,
                               atol=1e-5)
