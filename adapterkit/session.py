@@ -271,6 +271,13 @@ class Session:
             if not isinstance(weight, (int, float)) or weight != weight:
                 raise ConfigError(f"stack weight for {ref} must be a number, got {weight!r}")
             keys[key] = float(weight)
+        for key in list(keys):  # a member trained --on others needs them underneath, at 1
+            for under in self.books[key].stacked_on:
+                try:
+                    under_key = self._key(under)
+                except PocketBookNotFound:
+                    under_key = self.attach(under)
+                keys.setdefault(under_key, 1.0)
         cache_key = tuple(sorted(keys.items()))
         combined = self._stack_cache.get(cache_key)
         if combined is None:

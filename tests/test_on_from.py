@@ -88,6 +88,9 @@ def test_loading_brings_the_stack_back(stacked, tiny_base):
     session.swap("manner")
     assert session.active == {"triage@1": 1.0, "manner@1": 1.0}
     assert torch.allclose(_logits(session.model), expected, atol=1e-4)
+    # stacked with others, it still brings what it was trained on (at weight 1)
+    session.stack({"manner": 0.5})
+    assert session.active == {"manner@1": 0.5, "triage@1": 1.0}
 
 
 @pytest.mark.slow

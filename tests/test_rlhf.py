@@ -181,3 +181,20 @@ def test_cli_reward_flag_errors_are_one_line(rlhf_run, tiny_base, adapterkit_cli
         "Error: --reward kind@1 is a policy pocket book")
     out = adapterkit_cli("generate", "hello", "--adapter", "kind-reward")
     assert out.exit_code != 0 and "reward pocket book" in out.output
+
+
+@pytest.mark.slow
+def test_rlhf_with_qlora(tiny_base, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from adapterkit.pytest_plugin import TINY_ROWS
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
+    home = tmp_path / "home"
+    result = train("rlhf", base=str(tiny_base), data=str(data), name="q", home=home,
+                   plugins=get_plugin_manager(env=False),
+                   options=TrainOptions(**{**RL, "method": "qlora", "max_steps": 2},
+                                        trainer_options={"reward_steps": 2, "max_new_tokens": 4}))
+    library = Library(home)
+    assert library.get("q-reward").meta.method == "qlora"
+    assert result.pocket_book.meta.method == "qlora" and result.metrics["steps"] == 2
