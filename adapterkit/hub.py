@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._fs import sha256_file
 from .card import render_card
-from .errors import AdapterkitError, InvalidAdapter, InvalidName
+from .errors import AdapterkitError, InvalidAdapter, InvalidName, PocketBookNotFound
 from .library import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, PocketBook
 from .metadata import METADATA_FILE, PocketBookMeta
 
@@ -134,6 +134,10 @@ def push(library: Library, ref: str, repo: str, *, private: bool = False,
     if book.meta.kind != "adapter":
         raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}; flatten it before pushing")
     whoami(token)
+    if book.meta.stacked_on:
+        warnings.warn(f"{book.ref} is trained on top of {', '.join(book.meta.stacked_on)}: push "
+                      "those too — it needs them underneath (its model card says how to load "
+                      "the stack)", HubWarning, stacklevel=2)
     api = _api(token)
     branch = revision or "main"
     with tempfile.TemporaryDirectory(prefix="adapterkit-push-") as tmp:
@@ -151,6 +155,14 @@ def push(library: Library, ref: str, repo: str, *, private: bool = False,
             raise _explain(exc, repo_id, branch) from None
     url = getattr(info, "commit_url", None) or str(info)
     return PushResult(repo_id, branch, url, files)
+
+
+def _has(library: Library, ref: str) -> bool:
+    try:
+        library.get(ref)
+    except PocketBookNotFound:
+        return False
+    return True
 
 
 def _prepare_upload(book: PocketBook, folder: Path, *, license: str | None) -> list[str]:
@@ -212,6 +224,11 @@ def _import_download(library: Library, folder: Path, name: str, *, repo_id: str,
         _warn_if_other_base(library, meta, base)
     meta.source = source
     meta.tags = []
+    missing = [r for r in meta.stacked_on if not _has(library, r)]
+    if missing:
+        warnings.warn(f"{repo_id} is trained on top of {', '.join(missing)}, which this library "
+                      "does not have: pull or train those under the same names before using it",
+                      HubWarning, stacklevel=2)
     with library.stage() as staged:
         for item in folder.iterdir():
             if item.is_file() and item.name != METADATA_FILE:

@@ -167,3 +167,24 @@ def test_cli_round_trip_through_hf_endpoint(home, tiny_base, peft_adapter, tmp_p
         out = cli("pull", "alice/nope")
         assert out.returncode == 1
         assert out.stderr.strip().splitlines()[-1].startswith("Error: repo alice/nope")
+
+
+def test_stacked_book_warns_on_push_and_on_pull_without_its_underlay(
+        hub, library, home, tiny_base, tmp_path, adapterkit_data):
+    from adapterkit import Library, TrainOptions, train
+    from adapterkit.plugins import get_plugin_manager
+
+    pm = get_plugin_manager(env=False)
+    options = TrainOptions(max_steps=1, batch_size=4, r=2, alpha=4)
+    data = str(adapterkit_data["prompt_completion"])
+    train("sft", base=str(tiny_base), data=data, name="under", home=home, plugins=pm,
+          options=options)
+    train("sft", base=str(tiny_base), data=data, name="top", home=home, plugins=pm,
+          options=options, on="under")
+    with pytest.warns(HubWarning, match="trained on top of under@1: push those too"):
+        push(library, "top", "alice/top")
+    elsewhere = Library(tmp_path / "elsewhere")
+    with pytest.warns(HubWarning, match="trained on top of under@1, which this library does "
+                                        "not have"):
+        pulled = pull(elsewhere, "alice/top")
+    assert pulled.meta.stacked_on == ["under@1"]
