@@ -73,6 +73,7 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
     books = [library.get(r) for r in refs]
     weights = check_weights([b.ref for b in books], weights or [1.0] * len(books),
                             allow_negative=strategy.allows_negative, method=method)
+    check_underlays(books, "the merge")
     fingerprints = {b.meta.base_fingerprint for b in books}
     if len(fingerprints) > 1:
         listing = ", ".join(f"{b.ref} ({b.meta.base.get('name')})" for b in books)
@@ -178,6 +179,17 @@ def concatenate(inputs: list[MergeInput], weights: list[float]) -> MergeOutput:
                                    target_modules=targets), tensors)
 
 
+def check_underlays(books: list[PocketBook], action: str) -> None:
+    """Refuse to fold a pocket book trained ``--on`` others into one adapter without them:
+    the result would silently lose what it was trained on top of."""
+    named = {b.ref for b in books}
+    missing = sorted({u for b in books for u in b.meta.stacked_on if u not in named})
+    if missing:
+        needy = ", ".join(b.ref for b in books if set(b.meta.stacked_on) & set(missing))
+        raise ConfigError(f"{needy} is trained on top of {', '.join(missing)}, which {action} "
+                          "would leave out; add it (weight 1 keeps it as it was trained)")
+
+
 def stack(library: Library, refs: list[str], weights: list[float] | None, *, name: str,
           flatten: bool = False) -> PocketBook:
     """Save a stack: an entry referencing its members, or with ``flatten`` one PEFT adapter."""
@@ -200,6 +212,7 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
                           kind="adapter" if flatten else "stack",
                           source={"kind": "stack"})
     if flatten:
+        check_underlays(books, "flattening")
         inputs = [MergeInput(b.ref, b.path, json.loads((b.path / CONFIG_FILE).read_text()))
                   for b in books]
         return save_adapter(library, concatenate(inputs, weights), meta, str(target))

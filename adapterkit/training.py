@@ -433,9 +433,10 @@ def _attach_new(base: Base, method: Any, options: TrainOptions, *,
     from peft import PeftModel, get_peft_model
 
     from . import underlay as underlay_mod
-    from .base import check_targets
+    from .base import check_targets, keep_4bit_layout
 
     targets = check_targets(base.structure(), options.target_modules)
+    keep_4bit_layout(base.model)
     model = method.prepare_base(base.model, gradient_checkpointing=options.gradient_checkpointing)
     underlay_mod.remove(model)  # a base reused across runs starts clean
     underlay_mod.apply(model, list(underlay or []))

@@ -168,7 +168,10 @@ def test_qlora_dpo_on_top_of_a_pocket_book(stacked, tiny_base):
                    options=TrainOptions(**{**FAST, "method": "qlora", "max_steps": 4}))
     assert result.pocket_book.meta.method == "qlora"
     assert result.pocket_book.meta.stacked_on == ["triage@1"]
+    from adapterkit.base import keep_4bit_layout
+
     q4 = load_base(str(tiny_base), home=home, quantization="4bit").model
+    keep_4bit_layout(q4)  # as the training run held it
     only_triage = PeftModel.from_pretrained(q4, triage.pocket_book.path).eval()
     with result.model.disable_adapter():
         off = _logits(result.model)
@@ -201,3 +204,19 @@ def test_rm_refuses_a_pocket_book_others_are_trained_on(stacked, adapterkit_cli,
     assert Library(home).get("triage@1")  # still there
     shown = adapterkit_cli("show", "manner")
     assert "on top of:   triage@1" in shown.output
+
+
+def test_flatten_and_merge_refuse_to_drop_what_a_book_is_trained_on(stacked, tiny_base):
+    from adapterkit.merging import merge, stack
+
+    home, files, pm, *_ = stacked
+    library = Library(home)
+    train("sft", base=str(tiny_base), data=str(files["prompt_completion"]), name="plain-one",
+          home=home, plugins=pm, options=TrainOptions(**{**FAST, "max_steps": 1}))
+    with pytest.raises(ConfigError, match="manner@1 is trained on top of triage@1, which "
+                                          "flattening would leave out"):
+        stack(library, ["manner"], None, name="flat", flatten=True)
+    with pytest.raises(ConfigError, match="which the merge would leave out"):
+        merge(library, ["manner", "plain-one"], None, method="linear", name="merged")
+    flat = stack(library, ["triage", "manner"], None, name="flat", flatten=True)
+    assert flat.meta.kind == "adapter"

@@ -49,10 +49,10 @@ def reload_logits(base_folder, adapter_path, ids, quantization=None):
 
         kwargs = {"quantization_config": quantization_config(quantization, torch.float32),
                   "device_map": {"": "cpu"}}
+    from adapterkit.base import keep_4bit_layout
+
     plain = AutoModelForCausalLM.from_pretrained(base_folder, **kwargs)
-    for module in plain.modules():  # no bitsandbytes CPU repacking (rounds; see base.py)
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_4bit_layout(plain)  # no bitsandbytes CPU repacking (it rounds; see base.py)
     model = PeftModel.from_pretrained(plain, adapter_path).eval()
     with torch.no_grad():
         return model(input_ids=ids).logits
