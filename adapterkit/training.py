@@ -247,7 +247,10 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     from .plugins import default_plugin_manager
 
     say = progress or (lambda message: None)
-    options = options or TrainOptions()
+    # our own copy: trainers may record values in job.options.trainer_options (rlhf records
+    # the reward pocket book it used) without touching the caller's object
+    options = replace(options or TrainOptions(),
+                      trainer_options=dict((options.trainer_options if options else None) or {}))
     pm = plugins or default_plugin_manager()
     trainer_obj = pm.trainer(trainer)
     method = pm.method(options.method)
@@ -332,7 +335,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
                                            base_loss=guard.base_loss if same_text else None)
         if underlay:  # the "before" side had the pocket books underneath active
             metrics["forgetting"]["relative_to"] = "base + " + " + ".join(b.ref for b in underlay)
-    book = save_trained(library, model, loaded, str(ref), trainer=trainer, options=options,
+    book = save_trained(library, model, loaded, str(ref), trainer=trainer, options=job.options,
                         data=dataset, metrics=metrics, log_history=_history(state),
                         parents=[parent.ref] if parent else None,
                         stacked_on=[b.ref for b in underlay])

@@ -121,11 +121,13 @@ def test_policy_reloads_in_plain_peft(rlhf_run, tiny_base):
 @pytest.mark.slow
 def test_reward_reuse_trains_no_second_reward_book(rlhf_run, tiny_base):
     home, data, pm, _, _ = rlhf_run
+    options = TrainOptions(**{**RL, "max_steps": 2},
+                           trainer_options={"reward": "kind-reward", "max_new_tokens": 4})
     again = train("rlhf", base=str(tiny_base), data=str(data), name="kind2", home=home,
-                  plugins=pm, options=TrainOptions(**{**RL, "max_steps": 2},
-                                                   trainer_options={"reward": "kind-reward",
-                                                                    "max_new_tokens": 4}))
+                  plugins=pm, options=options)
     assert again.metrics["reward_book"] == "kind-reward@1"
+    assert again.pocket_book.meta.hyperparameters["trainer_options"]["reward"] == "kind-reward@1"
+    assert options.trainer_options["reward"] == "kind-reward"  # the caller's object untouched
     assert not any(b.name == "kind2-reward" for b in Library(home).list())
 
 
