@@ -113,9 +113,12 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
                        on=on, start_from=start_from,
                        callbacks=[progress_callback(f"{trainer}/{options.method}")],
                        progress=_say)
-    except KeyboardInterrupt:
-        _say("Interrupted: nothing was saved to the library. Run the same command with "
-             "--resume to continue from the last checkpoint.")
+    except KeyboardInterrupt as exc:
+        saved = getattr(exc, "stages_saved", [])
+        _say("Interrupted: " + (f"only {', '.join(saved)} (an earlier stage) was saved"
+                                if saved else "nothing was saved to the library")
+             + ". Run the same command with --resume to continue from the last checkpoint"
+             + (f" (reuse {saved[0]}: for rlhf, --reward {saved[0]})." if saved else "."))
         sys.exit(130)
     book, m = result.pocket_book, result.metrics
     if as_json:
@@ -149,8 +152,13 @@ def _parse_sets(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool = False):
-    """Load the pocket book's base (in its method's precision) and attach the pocket book."""
+def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool = False,
+                   exact: bool = False):
+    """Load the pocket book's base (in its method's precision) and attach the pocket book.
+
+    ``exact``: hold a 4-bit base in the layout it was trained in (evaluation), rather than
+    bitsandbytes' faster but rounding CPU inference layout (generation).
+    """
     from .base import load_base
     from .library import Library
     from .resolve import base_spec_for
@@ -164,6 +172,10 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
     base_name = base or base_spec_for(book.meta.base, obj["home"])
     _say(f"Loading base {base_name}...")
     loaded = load_base(base_name, quantization=quantization, home=obj["home"], progress=_say)
+    if exact:
+        from .base import keep_4bit_layout
+
+        keep_4bit_layout(loaded.model)
     return book, loaded, attach(loaded, book, force=force, library=library)
 
 
@@ -194,7 +206,7 @@ def eval_cmd(ctx: click.Context, ref: str, data: str, general: str | None, base:
     general_texts = None
     if general:
         general_texts = [r["text"] for r in read_rows(general)[0] if r.get("text")]
-    book, loaded, model = _load_for_book(ctx, ref, base)
+    book, loaded, model = _load_for_book(ctx, ref, base, exact=True)
     use_chat = uses_chat(loaded.tokenizer, chat)
     report: dict[str, Any] = {"pocket_book": book.ref, "data": dataset.describe()}
     report["task"] = task_loss(model, loaded.tokenizer, dataset.rows, chat=use_chat)

@@ -291,6 +291,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
                        options=stage_options, home=library.home, plugins=pm,
                        callbacks=callbacks, progress=say)
+        stages_saved.append(result.pocket_book.ref)
         result.model.unload()  # the shared base gets its plain layers back
         result.model = None
         from ._memory import release_memory
@@ -299,6 +300,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         return result
 
     job_data = data
+    stages_saved: list[str] = []
     job = TrainJob(build=build, tokenizer=loaded.tokenizer, data=train_data,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
                    resume_from=resume_from, callbacks=list(callbacks or []), guard=guard,
@@ -311,7 +313,14 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         + (f", on top of {' + '.join(b.ref for b in underlay)}" if underlay else "")
         + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
     start = time.perf_counter()
-    state = trainer_obj.train(job=job)
+    try:
+        state = trainer_obj.train(job=job)
+    except BaseException as exc:
+        if stages_saved:  # an earlier stage finished and is in the library: say so
+            say(f"{', '.join(stages_saved)} (an earlier stage) was saved; {ref} was not. Reuse "
+                "it when you run again (for rlhf: --reward NAME).")
+            exc.stages_saved = list(stages_saved)  # type: ignore[attr-defined]
+        raise
     elapsed = time.perf_counter() - start
     model = job.model
     _adapter_to_fp32(model)

@@ -138,3 +138,29 @@ def test_unknown_recipe_keys_are_all_listed(cli, tmp_path):
     out = CliRunner().invoke(cli, ["train", "sft", "--base", "B", "--data", "d.jsonl",
                                    "--name", "n", "--config", str(recipe)])
     assert out.exit_code == 1 and "unknown option(s) lr, rank" in out.output
+
+
+@pytest.mark.slow
+def test_eval_of_a_qlora_book_uses_the_training_layout(cli, tiny_base, data, home, pm):
+    """`eval` holds a 4-bit base exactly as training did (no bitsandbytes CPU repacking), so its
+    task loss is the one the training run would measure."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+
+    from adapterkit import load_base
+    from adapterkit.base import keep_4bit_layout
+    from adapterkit.evaluation import task_loss, uses_chat
+
+    train("sft", base=str(tiny_base), data=str(data), name="q", home=home, plugins=pm,
+          options=opts(method="qlora", max_steps=5))
+    out = CliRunner().invoke(cli, ["eval", "q", "--data", str(data), "--json"])
+    assert out.exit_code == 0, out.output
+    reported = json.loads(out.output[out.output.index("{"):])["task"]["loss"]
+    base = load_base(str(tiny_base), home=home, quantization="4bit")
+    keep_4bit_layout(base.model)
+    from adapterkit import Library
+
+    model = PeftModel.from_pretrained(base.model, Library(home).get("q").path).eval()
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    expected = task_loss(model, base.tokenizer, rows, chat=uses_chat(base.tokenizer, None))
+    assert reported == pytest.approx(expected["loss"], abs=1e-6)

@@ -200,3 +200,25 @@ def test_rlhf_with_qlora(tiny_base, tmp_path):
     library = Library(home)
     assert library.get("q-reward").meta.method == "qlora"
     assert result.pocket_book.meta.method == "qlora" and result.metrics["steps"] == 2
+
+
+def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_path,
+                                                               adapterkit_cli, monkeypatch):
+    import trl
+
+    from adapterkit.pytest_plugin import TINY_ROWS
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trl.GRPOTrainer, "train", interrupted)
+    out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data", str(data),
+                         "--name", "halted", "--max-steps", "1", "-r", "4")
+    assert out.exit_code == 130
+    assert "Interrupted: only halted-reward@1 (an earlier stage) was saved" in out.output
+    assert "--reward halted-reward@1" in out.output
+    listed = adapterkit_cli("list", "--json")
+    assert [b["name"] for b in json.loads(listed.output)] == ["halted-reward"]
