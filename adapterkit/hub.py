@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._fs import sha256_file
 from .card import render_card
-from .errors import AdapterkitError, InvalidAdapter, InvalidName, PocketBookNotFound
+from .errors import AdapterkitError, InvalidAdapter, InvalidName
 from .library import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, PocketBook
 from .metadata import METADATA_FILE, PocketBookMeta
 
@@ -157,14 +157,6 @@ def push(library: Library, ref: str, repo: str, *, private: bool = False,
     return PushResult(repo_id, branch, url, files)
 
 
-def _has(library: Library, ref: str) -> bool:
-    try:
-        library.get(ref)
-    except PocketBookNotFound:
-        return False
-    return True
-
-
 def _prepare_upload(book: PocketBook, folder: Path, *, license: str | None) -> list[str]:
     """Copy the PEFT files, a refreshed card and metadata with file hashes into ``folder``."""
     names = [CONFIG_FILE, WEIGHTS_FILE] + [p.name for p in book.path.glob("*.png")]
@@ -224,7 +216,7 @@ def _import_download(library: Library, folder: Path, name: str, *, repo_id: str,
         _warn_if_other_base(library, meta, base)
     meta.source = source
     meta.tags = []
-    missing = [r for r in meta.stacked_on if not _has(library, r)]
+    missing = [r for r in meta.stacked_on if not library.exists(r)]
     if missing:
         warnings.warn(f"{repo_id} is trained on top of {', '.join(missing)}, which this library "
                       "does not have: pull or train those under the same names before using it",

@@ -227,11 +227,11 @@ class Library:
         jobs fail before they start rather than after.
         """
         ref = parse_ref(name_or_ref)
-        versions = self.catalog.read(lambda conn: Catalog.versions(conn, ref.name))
-        _check_free(ref, set(versions) | set(self._disk_versions(ref.name)))
+        _check_free(ref, set(self._all_versions(ref.name)))
         return ref
 
     def _all_versions(self, name: str) -> list[int]:
+        """Versions of ``name`` in the catalog or on disk (a crash can leave either behind)."""
         versions = self.catalog.read(lambda conn: Catalog.versions(conn, name))
         return sorted(set(versions) | set(self._disk_versions(name)))
 

@@ -113,11 +113,12 @@ class RewardScorer:
         import torch
 
         from . import underlay
+        from .evaluation import _adapter_off
 
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
         device = next(self.model.parameters()).device
-        off = self.policy.disable_adapter() if self.policy is not None else nullcontext()
+        off = _adapter_off(self.policy)  # a no-op without a policy
         out: list[float] = []
         # No train()/eval() switching here: the backbone is shared with the policy, whose mode
         # belongs to its trainer. Nothing on the scoring path depends on the mode anyway (the
@@ -144,25 +145,20 @@ class RewardScorer:
         Strings are rendered as chat turns when ``chat`` (default: when the base has a chat
         template — as the reward pocket book's training data was).
         """
+        from .data import as_chat
         from .evaluation import uses_chat
 
+        rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
         if uses_chat(self.tokenizer, chat):
-            prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p
-                       for p in prompts]
-            completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c
-                           for c in completions]
-        return self.score_ids([render(self.tokenizer, p, c) for p, c in zip(prompts, completions)])
+            rows = [as_chat(r) for r in rows]
+        return self.score_ids([render(self.tokenizer, r["prompt"], r["completion"])
+                               for r in rows])
 
     def close(self) -> None:
         """Take the reward pocket book back out of the base."""
         from . import underlay
 
-        for handle, gate in list(getattr(self.base.model, underlay.HANDLES_ATTR, [])):
-            if gate is self.gate:
-                handle.remove()
-        setattr(self.base.model, underlay.HANDLES_ATTR,
-                [(h, g) for h, g in getattr(self.base.model, underlay.HANDLES_ATTR, [])
-                 if g is not self.gate])
+        underlay.remove(self.base.model, gate=self.gate)
 
 
 def reward_of_generations(policy: Any, scorer: RewardScorer, prompts: list[Any], *,
@@ -180,14 +176,13 @@ def reward_of_generations(policy: Any, scorer: RewardScorer, prompts: list[Any],
 
     chat = uses_chat(scorer.tokenizer, chat)  # as training rendered them
     out = {}
-    batch = [p for p in prompts for _ in range(max(samples, 1))]
-    prompts = batch
+    prompts = [p for p in prompts for _ in range(max(samples, 1))]
     for label, context in (("before", policy.disable_adapter()), ("after", nullcontext())):
         torch.manual_seed(seed)
         with context:
             answers = generate(policy, scorer.tokenizer, prompts, chat=chat,
                                max_new_tokens=max_new_tokens,
                                temperature=temperature if samples else 0.0)
-        scores = scorer.score(list(prompts), answers, chat=chat)
+        scores = scorer.score(prompts, answers, chat=chat)
         out[label] = sum(scores) / len(scores)
     return out

@@ -45,11 +45,9 @@ def attach(base: Base, book: PocketBook, *, adapter_name: str = "default",
     """
     from peft import PeftModel
 
-    from .underlay import is_reward_book
+    from .underlay import refuse_reward
 
-    if is_reward_book(book):
-        raise InvalidAdapter(f"{book.ref} is a reward pocket book: it scores text, it does not "
-                             "generate. Use it with `adapterkit train rlhf --reward`")
+    refuse_reward(book)
     check_base(base, book, force=force)
     under = [(library or Library()).get(ref) for ref in book.meta.stacked_on]
     for item in under:
@@ -174,11 +172,9 @@ class Session:
             return book.ref
         if book.meta.kind != "adapter":
             raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}; attach its members")
-        from .underlay import is_reward_book
+        from .underlay import refuse_reward
 
-        if is_reward_book(book):
-            raise InvalidAdapter(f"{book.ref} is a reward pocket book: it scores text, it does "
-                                 "not generate")
+        refuse_reward(book)
         check_base(self.base, book, force=force)
         first_slot = next(iter(self.slots.values()), None)
         dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
@@ -197,6 +193,13 @@ class Session:
         else:
             self._prepare(loaded)
         return book.ref
+
+    def _attached(self, ref: str) -> str:
+        """The key of ``ref``, attaching it first if needed (no disk read when attached)."""
+        try:
+            return self._key(ref)
+        except PocketBookNotFound:
+            return self.attach(ref)
 
     def detach(self, ref: str) -> None:
         """Forget a pocket book and free its tensors (switching it off first if active)."""
@@ -264,20 +267,13 @@ class Session:
 
         keys = {}
         for ref, weight in weights.items():
-            try:
-                key = self._key(ref)
-            except PocketBookNotFound:
-                key = self.attach(ref)
+            key = self._attached(ref)
             if not isinstance(weight, (int, float)) or weight != weight:
                 raise ConfigError(f"stack weight for {ref} must be a number, got {weight!r}")
             keys[key] = float(weight)
         for key in list(keys):  # a member trained --on others needs them underneath, at 1
             for under in self.books[key].stacked_on:
-                try:
-                    under_key = self._key(under)
-                except PocketBookNotFound:
-                    under_key = self.attach(under)
-                keys.setdefault(under_key, 1.0)
+                keys.setdefault(self._attached(under), 1.0)
         cache_key = tuple(sorted(keys.items()))
         combined = self._stack_cache.get(cache_key)
         if combined is None:

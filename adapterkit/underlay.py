@@ -33,21 +33,26 @@ def is_reward_book(book: PocketBook) -> bool:
     return config.get("task_type") == "SEQ_CLS"
 
 
+def refuse_reward(book: PocketBook) -> None:
+    """A reward pocket book cannot be attached for generation."""
+    if is_reward_book(book):
+        raise InvalidAdapter(f"{book.ref} is a reward pocket book: it scores text, it does not "
+                             "generate. Use it with `adapterkit train rlhf --reward`")
+
+
 def chain(library: Library, book: PocketBook) -> list[PocketBook]:
     """``book``'s own underlay (bottom first), then ``book`` itself: the stack it needs."""
     return [library.get(ref) for ref in book.meta.stacked_on] + [book]
 
 
 def check_policy(book: PocketBook, base: Any, *, role: str) -> None:
-    """Refuse a reward pocket book, or one made on another base, where a policy is expected."""
+    """Refuse a stack, or a pocket book made on another base, where a policy is expected
+    (reward pocket books are refused before the base loads: ``training._parent``)."""
     from .session import check_base
 
     if book.meta.kind != "adapter":
         raise InvalidAdapter(f"{role} {book.ref} is a {book.meta.kind}; name one trained "
                              "pocket book")
-    if is_reward_book(book):
-        raise InvalidAdapter(f"{role} {book.ref} is a reward pocket book (it scores text, it "
-                             "does not generate); name a policy pocket book")
     try:
         check_base(base, book)
     except BaseMismatch as exc:
@@ -105,11 +110,17 @@ def apply(model: Any, books: list[PocketBook], *, gate: Gate | None = None,
     return gate
 
 
-def remove(model: Any) -> None:
-    """Take the frozen pocket books back out of ``model``."""
-    for handle, _ in getattr(model, HANDLES_ATTR, []):
-        handle.remove()
-    if hasattr(model, HANDLES_ATTR):
+def remove(model: Any, gate: Gate | None = None) -> None:
+    """Take the frozen pocket books back out of ``model`` (only ``gate``'s, if given)."""
+    keep = []
+    for handle, owner in getattr(model, HANDLES_ATTR, []):
+        if gate is None or owner is gate:
+            handle.remove()
+        else:
+            keep.append((handle, owner))
+    if keep:
+        setattr(model, HANDLES_ATTR, keep)
+    elif hasattr(model, HANDLES_ATTR):
         delattr(model, HANDLES_ATTR)
 
 

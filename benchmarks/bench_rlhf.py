@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _data(base: str, work: Path) -> tuple[str, Path, Path, list[str], bool]:
-    """(base spec, preference file, sft file, held-out prompts, chat)."""
+def _data(base: str, work: Path) -> tuple[str, Path, Path, list[str]]:
+    """(base spec, preference file, sft file, held-out prompts)."""
     if base == "tiny":
         from adapterkit.pytest_plugin import TINY_ROWS
         from adapterkit.testing import make_tiny_base
@@ -39,18 +39,18 @@ def _data(base: str, work: Path) -> tuple[str, Path, Path, list[str], bool]:
         prefs = work / "prefs.jsonl"
         prefs.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
         held = [f"Greet person {i}." for i in range(100, 116)]
-        spec, chat = str(folder), False
+        spec = str(folder)
     else:
         prefs = ROOT / "examples/data/preferences_train.jsonl"
         test = [json.loads(x) for x in
                 (ROOT / "examples/data/preferences_test.jsonl").read_text().splitlines()]
         held = [r["prompt"] for r in test][:16]
-        spec, chat = base, True
+        spec = base
     sft = work / "sft.jsonl"
     rows = [json.loads(x) for x in prefs.read_text().splitlines()]
     sft.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
                            for r in rows))
-    return spec, prefs, sft, held, chat
+    return spec, prefs, sft, held
 
 
 def child(args: argparse.Namespace) -> None:
@@ -60,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
 
     _quiet_libraries()
     work = Path(args.work)
-    spec, prefs, sft, held, chat = _data(args.base, work)
+    spec, prefs, sft, held = _data(args.base, work)
     base = load_base(spec, home=args.home)
     common = dict(max_steps=args.steps, batch_size=8, learning_rate=args.lr, r=16, alpha=32,
                   dropout=0.0, max_length=256, logging_steps=1, seed=1)
