@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from adapterkit.errors import (
     AdapterkitError,
     BaseLoadError,
     BaseMismatch,
@@ -26,45 +26,48 @@ from .errors import (
     TargetModuleError,
     UnsafeWeights,
 )
-from .hookspecs import HOOK_VERSION, hookimpl
-from .registry import AdapterMethod, DataFormat, MergeStrategy, Scorer, Trainer
+from adapterkit.plugin_api.hookspecs import HOOK_VERSION, hookimpl
+from adapterkit.plugin_api.registry import AdapterMethod, DataFormat, MergeStrategy, Scorer, Trainer
 
 __version__ = "0.1.0.dev0"
 
 # name → module, imported on first access (PEP 562) so `import adapterkit` stays light.
 _LAZY = {
-    "Library": "library",
-    "PocketBook": "library",
-    "Summary": "library",
-    "PocketBookMeta": "metadata",
-    "Base": "base",
-    "BaseStructure": "base",
-    "load_base": "base",
-    "describe_base": "base",
-    "inspect_structure": "base",
-    "check_targets": "base",
-    "resolve_base": "resolve",
-    "BaseSource": "resolve",
-    "DEFAULT_BASE": "resolve",
-    "fingerprint": "fingerprints",
-    "get_plugin_manager": "plugins",
-    "default_plugin_manager": "plugins",
-    "PluginManager": "plugins",
-    "PluginWarning": "plugins",
-    "read_adapter": "adapters",
-    "train": "training",
-    "TrainOptions": "options",
-    "build_options": "options",
-    "TrainJob": "training",
-    "TrainResult": "training",
-    "load_data": "data",
-    "ForgettingGuard": "guard",
-    "attach": "session",
-    "Session": "session",
-    "open_session": "session",
-    "check_fits": "adapters",
-    "parse_ref": "names",
-    "validate_name": "names",
+    "Library": "library.store",
+    "PocketBook": "library.store",
+    "Summary": "library.store",
+    "PocketBookMeta": "library.metadata",
+    "Base": "base.load",
+    "BaseStructure": "base.load",
+    "load_base": "base.load",
+    "describe_base": "base.load",
+    "inspect_structure": "base.load",
+    "check_targets": "base.load",
+    "resolve_base": "base.resolve",
+    "BaseSource": "base.resolve",
+    "DEFAULT_BASE": "base.resolve",
+    "fingerprint": "base.fingerprints",
+    "get_plugin_manager": "plugin_api.manager",
+    "default_plugin_manager": "plugin_api.manager",
+    "PluginManager": "plugin_api.manager",
+    "PluginWarning": "plugin_api.manager",
+    "read_adapter": "library.peft_folder",
+    "train": "training.run",
+    "TrainOptions": "training.options",
+    "build_options": "training.options",
+    "TrainJob": "training.run",
+    "TrainResult": "training.run",
+    "load_data": "training.data",
+    "ForgettingGuard": "training.guard",
+    "attach": "runtime.session",
+    "Session": "runtime.session",
+    "open_session": "runtime.session",
+    "check_fits": "library.peft_folder",
+    "parse_ref": "library.names",
+    "validate_name": "library.names",
+    "MergeInput": "lora.combine",
+    "MergeOutput": "lora.combine",
+    "RewardScorer": "training.reward",
 }
 
 __all__ = [
@@ -79,27 +82,27 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "open":  # adapterkit.open(base): a session (kept lazy; torch loads on call)
-        return import_module(".session", __name__).open_session
+        return import_module("adapterkit.runtime.session").open_session
     if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(import_module(f"adapterkit.{_LAZY[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .adapters import check_fits, read_adapter
-    from .base import (Base, BaseStructure, check_targets, describe_base, inspect_structure,
+    from adapterkit.library.peft_folder import check_fits, read_adapter
+    from adapterkit.base.load import (Base, BaseStructure, check_targets, describe_base, inspect_structure,
                        load_base)
-    from .data import load_data
-    from .fingerprints import fingerprint
-    from .guard import ForgettingGuard
-    from .options import TrainOptions, build_options
-    from .session import Session, attach, open_session
+    from adapterkit.training.data import load_data
+    from adapterkit.base.fingerprints import fingerprint
+    from adapterkit.training.guard import ForgettingGuard
+    from adapterkit.training.options import TrainOptions, build_options
+    from adapterkit.runtime.session import Session, attach, open_session
     open = open_session
-    from .training import TrainJob, TrainResult, train
-    from .library import Library, PocketBook, Summary
-    from .metadata import PocketBookMeta
-    from .names import parse_ref, validate_name
-    from .plugins import PluginManager, PluginWarning, default_plugin_manager, get_plugin_manager
-    from .resolve import DEFAULT_BASE, BaseSource, resolve_base
+    from adapterkit.training.run import TrainJob, TrainResult, train
+    from adapterkit.library.store import Library, PocketBook, Summary
+    from adapterkit.library.metadata import PocketBookMeta
+    from adapterkit.library.names import parse_ref, validate_name
+    from adapterkit.plugin_api.manager import PluginManager, PluginWarning, default_plugin_manager, get_plugin_manager
+    from adapterkit.base.resolve import DEFAULT_BASE, BaseSource, resolve_base

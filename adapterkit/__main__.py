@@ -1,3 +1,3 @@
-from .cli import main
+from adapterkit.cli import main
 
 main()

@@ -3,7 +3,7 @@
 On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight in place on its first
 eval-mode, no-grad forward (faster CPU inference) and unpacks it on ``state_dict()``; both
 steps round. adapterkit keeps the repacking for inference and turns it off for training runs
-(``adapterkit.base.keep_4bit_layout``). This prints the generation time both ways and the
+(``adapterkit.base.load.keep_4bit_layout``). This prints the generation time both ways and the
 logit change the repacking causes.
 
     python benchmarks/bench_bnb_cpu_repack.py [--base smollm2-135m]
@@ -23,9 +23,9 @@ def main() -> None:
     import torch
 
     from adapterkit import load_base
-    from adapterkit.base import keep_4bit_layout
+    from adapterkit.base.load import keep_4bit_layout
     from adapterkit.cli import _quiet_libraries
-    from adapterkit.evaluation import generate
+    from adapterkit.training.metrics import generate
 
     _quiet_libraries()
     prompts = ["I have ear pain and a sore throat since yesterday."] * 4

@@ -31,7 +31,7 @@ def main() -> None:
 
     from adapterkit import TrainOptions, load_base, train
     from adapterkit.cli import _quiet_libraries
-    from adapterkit.evaluation import preference_accuracy
+    from adapterkit.training.metrics import preference_accuracy
 
     _quiet_libraries()
     base = load_base(args.base)

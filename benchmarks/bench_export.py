@@ -23,7 +23,7 @@ import json, sys
 from pathlib import Path
 import adapterkit
 from adapterkit import Library
-from adapterkit.testing import make_peft_adapter
+from adapterkit.plugin_api.testing import make_peft_adapter
 home, folder = sys.argv[1], sys.argv[2]
 lib = Library(home)
 path = make_peft_adapter(folder, Path(home) / "src", seed=0, r=8, target_modules="all-linear")
@@ -36,7 +36,7 @@ lib.rebuild_catalog()
 
 LOAD_ONLY = """
 import json, resource, sys, torch, adapterkit
-from adapterkit.export import PROMPTS
+from adapterkit.runtime.export import PROMPTS
 base = adapterkit.load_base(sys.argv[2], home=sys.argv[1])
 with torch.no_grad():  # touch every weight once, as any use of the base does
     base.model(**base.tokenizer(PROMPTS, return_tensors="pt", padding=True))
@@ -46,7 +46,7 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 EXPORT = """
 import json, resource, sys
 from adapterkit import Library
-from adapterkit.export import export_merged
+from adapterkit.runtime.export import export_merged
 report = export_merged(Library(sys.argv[1]), sys.argv[3], sys.argv[4])
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "max_logit_diff": report.max_logit_diff,

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _data(base: str, work: Path) -> tuple[str, Path, Path, list[str]]:
     """(base spec, preference file, sft file, held-out prompts)."""
     if base == "tiny":
-        from adapterkit.pytest_plugin import TINY_ROWS
-        from adapterkit.testing import make_tiny_base
+        from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+        from adapterkit.plugin_api.testing import make_tiny_base
 
         folder = make_tiny_base(work / "tiny")
         prefs = work / "prefs.jsonl"
@@ -70,7 +70,7 @@ def child(args: argparse.Namespace) -> None:
                        options=TrainOptions(**common))
         figures: dict = {}
     else:
-        from adapterkit.reward import RewardScorer, reward_of_generations
+        from adapterkit.training.reward import RewardScorer, reward_of_generations
 
         on = None
         if args.base == "tiny":

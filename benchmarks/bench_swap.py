@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 import adapterkit  # noqa: E402
 from adapterkit import Library, merging  # noqa: E402
-from adapterkit.plugins import get_plugin_manager  # noqa: E402
-from adapterkit.testing import make_peft_adapter  # noqa: E402
+from adapterkit.plugin_api.manager import get_plugin_manager  # noqa: E402
+from adapterkit.plugin_api.testing import make_peft_adapter  # noqa: E402
 
 
 def timeit(fn, repeat: int = 20) -> float:

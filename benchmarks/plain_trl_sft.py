@@ -61,8 +61,8 @@ def main() -> None:
                "tokens_per_second": tokens / loop,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if args.eval:
-        from adapterkit.data import read_rows
-        from adapterkit.evaluation import accuracy, forgetting
+        from adapterkit.training.data import read_rows
+        from adapterkit.training.metrics import accuracy, forgetting
 
         model = trainer.model.eval()
         test = [json.loads(line) for line in open(args.eval) if line.strip()]

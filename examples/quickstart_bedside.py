@@ -47,8 +47,8 @@ def main() -> None:
 
     import adapterkit
     from adapterkit.cli import _quiet_libraries
-    from adapterkit.evaluation import generate, preference_accuracy
-    from adapterkit.progress import progress_callback
+    from adapterkit.training.metrics import generate, preference_accuracy
+    from adapterkit.training.progress import progress_callback
 
     _quiet_libraries()
     start = time.perf_counter()

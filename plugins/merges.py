@@ -30,7 +30,7 @@ class PeftMerge(MergeStrategy):
         from peft import PeftModel, get_peft_model_state_dict
 
         from adapterkit.errors import ConfigError
-        from adapterkit.merging import MergeOutput
+        from adapterkit import MergeOutput
 
         names = [f"m{i}" for i in range(len(adapters))]
         model = PeftModel.from_pretrained(base_model(), str(adapters[0].path),
@@ -74,7 +74,8 @@ class ExactSVD(MergeStrategy):
     def merge(self, *, adapters, weights, rank=None, **_: Any):
         import torch
 
-        from adapterkit.merging import MergeOutput, lora_config, lora_pairs, scale_of
+        from adapterkit import MergeOutput
+        from adapterkit.lora.combine import lora_config, lora_pairs, scale_of
 
         members = [(lora_pairs(a.tensors()), a.config, w) for a, w in zip(adapters, weights)]
         ranks = [max(p["A"].shape[0] for p in pairs.values()) for pairs, _, _ in members]

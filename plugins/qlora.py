@@ -11,7 +11,7 @@ from typing import Any
 
 from adapterkit import hookimpl
 
-from .lora import LoRA
+from adapterkit_plugins.lora import LoRA
 
 
 class QLoRA(LoRA):

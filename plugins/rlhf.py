@@ -12,7 +12,7 @@ preference file, on the same resident base, then takes the file's prompts for th
 
 One copy of the base weights serves all three roles: the policy is a LoRA on it, the reference
 is that LoRA switched off, and the reward pocket book is folded into the same layers, switched
-on only while it scores (``adapterkit.reward.RewardScorer``).
+on only while it scores (``adapterkit.RewardScorer``).
 
 ``rlhf`` options (``--set KEY=VALUE``): ``reward`` (a reward pocket book; same as ``--reward``),
 ``beta`` (KL weight, default 0.05), ``num_generations`` (completions per prompt, default 4),
@@ -107,7 +107,7 @@ class RLHF(Trainer):
 
         from adapterkit import Library
         from adapterkit.errors import ConfigError, NameTaken
-        from adapterkit.reward import RewardScorer
+        from adapterkit import RewardScorer
 
         o = _options(job)
         library = Library(job.home)

@@ -21,7 +21,7 @@ def tiny_base(adapterkit_tiny_base) -> Path:
 @pytest.fixture(scope="session")
 def other_base(tmp_path_factory) -> Path:
     """Same architecture, other hidden size: adapters for one must not fit the other."""
-    from adapterkit.testing import make_tiny_base
+    from adapterkit.plugin_api.testing import make_tiny_base
 
     return make_tiny_base(tmp_path_factory.mktemp("other-base") / "other", seed=5,
                           hidden_size=48, intermediate_size=96, num_attention_heads=4)
@@ -45,7 +45,7 @@ def library(adapterkit_library):
 @pytest.fixture(scope="session")
 def embedded_gguf() -> Path:
     try:
-        from adapterkit.resolve import alias_file
+        from adapterkit.base.resolve import alias_file
 
         return alias_file("smollm2-135m")[0]
     except Exception:

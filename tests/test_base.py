@@ -143,7 +143,7 @@ def test_4bit_base_is_one_exact_base_in_train_and_eval(tiny_base, home):
     pytest.importorskip("bitsandbytes")
     import torch
 
-    from adapterkit.base import keep_4bit_layout
+    from adapterkit.base.load import keep_4bit_layout
 
     q4 = load_base(str(tiny_base), home=home, quantization="4bit").model
     keep_4bit_layout(q4)  # what training does

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from adapterkit.cli import build_cli
-from adapterkit.plugins import get_plugin_manager
+from adapterkit.plugin_api.manager import get_plugin_manager
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_bad_input_is_one_line_and_changes_nothing(run, home, args, message):
 
 
 def test_refused_import_changes_nothing(run, home, tiny_base, other_base, tmp_path):
-    from adapterkit.testing import make_peft_adapter
+    from adapterkit.plugin_api.testing import make_peft_adapter
 
     run("import", make_peft_adapter(tiny_base, tmp_path / "ok"), "--name", "ok")
     before = snapshot(home)

@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from adapterkit.cli import build_cli
-from adapterkit.plugins import get_plugin_manager
-from adapterkit.testing import make_peft_adapter
+from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.plugin_api.testing import make_peft_adapter
 
 
 @pytest.fixture

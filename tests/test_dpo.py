@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adapterkit import ConfigError, DataFormatError, TrainOptions, train
-from adapterkit.evaluation import completion_logprob
-from adapterkit.plugins import get_plugin_manager
+from adapterkit.training.metrics import completion_logprob
+from adapterkit.plugin_api.manager import get_plugin_manager
 
 
 @pytest.mark.slow
@@ -37,7 +37,7 @@ def test_dpo_learns_preferences_and_reloads(tiny_base, home, adapterkit_data):
             reward[key] = 0.1 * (on - off)
         margins.append(reward["chosen"] - reward["rejected"])
     assert all(m > 0 for m in margins), margins  # implicit reward margin grew from 0
-    from adapterkit.evaluation import preference_accuracy
+    from adapterkit.training.metrics import preference_accuracy
 
     acc = preference_accuracy(model, tok, rows[:4])
     assert acc["implicit"] == 1.0 and acc["pairs"] == 4

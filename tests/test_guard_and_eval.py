@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from adapterkit import TrainOptions, train
-from adapterkit.plugins import get_plugin_manager
+from adapterkit.plugin_api.manager import get_plugin_manager
 
 ROWS = [{"prompt": f"Colour of item {i}?", "completion": f"Answer: {c}"}
         for i, c in enumerate(["red", "blue", "green", "red"] * 4)]
@@ -148,8 +148,8 @@ def test_eval_of_a_qlora_book_uses_the_training_layout(cli, tiny_base, data, hom
     from peft import PeftModel
 
     from adapterkit import load_base
-    from adapterkit.base import keep_4bit_layout
-    from adapterkit.evaluation import task_loss, uses_chat
+    from adapterkit.base.load import keep_4bit_layout
+    from adapterkit.training.metrics import task_loss, uses_chat
 
     train("sft", base=str(tiny_base), data=str(data), name="q", home=home, plugins=pm,
           options=opts(method="qlora", max_steps=5))

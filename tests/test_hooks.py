@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 import pytest
 
-from adapterkit import hookimpl, hookspecs
-from adapterkit.plugins import get_plugin_manager
+from adapterkit import hookimpl
+from adapterkit.plugin_api import hookspecs
+from adapterkit.plugin_api.manager import get_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "adapterkit_spec"))
@@ -183,7 +184,7 @@ def adapterkit(*args, env=None):
 
 @pytest.mark.parametrize("kind", ["method", "trainer", "merge", "data", "scorer", "command"])
 def test_scaffold_tests_pass(kind, tmp_path):
-    from adapterkit.scaffold import scaffold
+    from adapterkit.plugin_api.scaffold import scaffold
 
     root = scaffold(f"demo-{kind}", kind, tmp_path)
     assert (root / "pyproject.toml").read_text().count("[project.entry-points.adapterkit]") == 1
@@ -195,7 +196,7 @@ def test_scaffold_tests_pass(kind, tmp_path):
 
 def test_scaffold_refuses_bad_names_and_existing_folders(tmp_path):
     from adapterkit import InvalidName, NameTaken
-    from adapterkit.scaffold import scaffold
+    from adapterkit.plugin_api.scaffold import scaffold
 
     with pytest.raises(InvalidName):
         scaffold("Bad Name", "scorer", tmp_path)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from adapterkit import InvalidAdapter, InvalidName, UnsafeWeights
-from adapterkit.hub import HubError, HubWarning, pull, push
+from adapterkit.library.hub import HubError, HubWarning, pull, push
 from tests.hub_server import FakeHub
 
 
@@ -30,7 +30,7 @@ def hub(monkeypatch, tmp_path):
 @pytest.fixture
 def book(library, tiny_base, tmp_path):
     """A ~10 MB pocket book (rank 1250 on all linear layers of the tiny base)."""
-    from adapterkit.testing import make_peft_adapter
+    from adapterkit.plugin_api.testing import make_peft_adapter
 
     adapter = make_peft_adapter(tiny_base, tmp_path / "big", target_modules="all-linear", r=1250)
     assert 8_000_000 < (adapter / "adapter_model.safetensors").stat().st_size < 14_000_000
@@ -172,7 +172,7 @@ def test_cli_round_trip_through_hf_endpoint(home, tiny_base, peft_adapter, tmp_p
 def test_stacked_book_warns_on_push_and_on_pull_without_its_underlay(
         hub, library, home, tiny_base, tmp_path, adapterkit_data):
     from adapterkit import Library, TrainOptions, train
-    from adapterkit.plugins import get_plugin_manager
+    from adapterkit.plugin_api.manager import get_plugin_manager
 
     pm = get_plugin_manager(env=False)
     options = TrainOptions(max_steps=1, batch_size=4, r=2, alpha=4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adapterkit import BaseMismatch, InvalidAdapter, UnsafeWeights
-from adapterkit.testing import make_peft_adapter, make_tiny_base
+from adapterkit.plugin_api.testing import make_peft_adapter, make_tiny_base
 
 
 def logits(base_folder, adapter_folder=None):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from adapterkit import Library, NameTaken, PocketBookMeta, PocketBookNotFound
-from adapterkit.catalog import CatalogWarning
+from adapterkit.library.catalog import CatalogWarning
 
 
 def save(library, name, *, tags=(), base="b1", new_version=False, payload=b"weights"):

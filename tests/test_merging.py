@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit import merging
+from adapterkit.lora import combine as merging
 from adapterkit import BaseMismatch, ConfigError
-from adapterkit.merging import lora_pairs, scale_of
-from adapterkit.plugins import get_plugin_manager
-from adapterkit.testing import make_peft_adapter
+from adapterkit.lora.combine import lora_pairs, scale_of
+from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.plugin_api.testing import make_peft_adapter
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 120, 7, 64]])
 
@@ -140,7 +140,7 @@ def test_members_of_different_bases_are_refused(books, other_base, tmp_path, pm)
 def test_export_merged_full_and_4bit(books, tiny_base, home, tmp_path, pm):
     from transformers import AutoModelForCausalLM
 
-    from adapterkit.export import export_merged
+    from adapterkit.runtime.export import export_merged
 
     report = export_merged(books, "c", tmp_path / "merged", plugins=pm)
     assert report.max_logit_diff < 1e-4 and report.dequantized_from is None
@@ -170,7 +170,7 @@ def test_export_merged_full_and_4bit(books, tiny_base, home, tmp_path, pm):
 
 def test_export_merged_refuses_divergence_and_busy_folders(books, tmp_path, pm):
     from adapterkit import NameTaken
-    from adapterkit.export import MergeCheckFailed, export_merged
+    from adapterkit.runtime.export import MergeCheckFailed, export_merged
 
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("mine")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapterkit import BaseMismatch, ConfigError, Library, PocketBookNotFound, TrainOptions, train
-from adapterkit.plugins import get_plugin_manager
+from adapterkit.plugin_api.manager import get_plugin_manager
 
 IDS = torch.tensor([[3, 50, 60, 70, 80, 90]])
 FAST = dict(max_steps=6, batch_size=4, learning_rate=3e-2, r=4, alpha=8, dropout=0.0,
@@ -19,7 +19,7 @@ def _logits(model):
 @pytest.fixture(scope="module")
 def stacked(tmp_path_factory, tiny_base):
     """A library with ``triage`` (sft) and ``manner`` (dpo, trained --on triage)."""
-    from adapterkit.pytest_plugin import TINY_ROWS
+    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
     import json
 
     home = tmp_path_factory.mktemp("on-home")
@@ -66,7 +66,7 @@ def test_loading_brings_the_stack_back(stacked, tiny_base):
     from transformers import AutoModelForCausalLM
 
     from adapterkit import load_base, open_session
-    from adapterkit.session import attach
+    from adapterkit.runtime.session import attach
 
     home, _, _, triage, manner = stacked
     expected = _logits(manner.model)
@@ -168,7 +168,7 @@ def test_qlora_dpo_on_top_of_a_pocket_book(stacked, tiny_base):
                    options=TrainOptions(**{**FAST, "method": "qlora", "max_steps": 4}))
     assert result.pocket_book.meta.method == "qlora"
     assert result.pocket_book.meta.stacked_on == ["triage@1"]
-    from adapterkit.base import keep_4bit_layout
+    from adapterkit.base.load import keep_4bit_layout
 
     q4 = load_base(str(tiny_base), home=home, quantization="4bit").model
     keep_4bit_layout(q4)  # as the training run held it
@@ -207,7 +207,7 @@ def test_rm_refuses_a_pocket_book_others_are_trained_on(stacked, adapterkit_cli,
 
 
 def test_flatten_and_merge_refuse_to_drop_what_a_book_is_trained_on(stacked, tiny_base):
-    from adapterkit.merging import merge, stack
+    from adapterkit.lora.combine import merge, stack
 
     home, files, pm, *_ = stacked
     library = Library(home)

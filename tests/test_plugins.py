@@ -8,7 +8,7 @@ import pytest
 
 import adapterkit
 from adapterkit import AdapterMethod, Trainer, hookimpl
-from adapterkit.plugins import PluginWarning, get_plugin_manager
+from adapterkit.plugin_api.manager import PluginWarning, get_plugin_manager
 
 
 class Method(AdapterMethod):
@@ -117,7 +117,7 @@ def test_incompatible_hook_version_is_skipped():
 
 
 def test_plugin_that_fails_to_import_warns(monkeypatch):
-    import adapterkit.plugins as plugins_mod
+    import adapterkit.plugin_api.manager as plugins_mod
 
     eps = [EntryPoint("explodes", "no_such_module_xyz", "adapterkit")]
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group: eps)

@@ -7,8 +7,8 @@ import torch
 
 from adapterkit import (BaseMismatch, ConfigError, InvalidAdapter, Library, TrainOptions,
                         load_base, train)
-from adapterkit.plugins import get_plugin_manager
-from adapterkit.reward import RewardScorer, reward_of_generations
+from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.training.reward import RewardScorer, reward_of_generations
 
 HELD_OUT = [f"Greet person {i}." for i in range(100, 108)]
 RL = dict(max_steps=24, batch_size=8, learning_rate=1e-2, r=8, alpha=16, dropout=0.0,
@@ -22,7 +22,7 @@ def rlhf_run(tmp_path_factory, tiny_base):
     A random tiny model never says anything a reward model likes; after the SFT it says both
     the courteous and the curt answer, so RL has something to choose between.
     """
-    from adapterkit.pytest_plugin import TINY_ROWS
+    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
 
     home = tmp_path_factory.mktemp("rlhf-home")
     folder = tmp_path_factory.mktemp("rlhf-data")
@@ -74,7 +74,7 @@ def test_reward_book_scores_the_same_resident_and_in_plain_peft(rlhf_run, tiny_b
     assert config["task_type"] == "SEQ_CLS"
     scorer = RewardScorer(base, book, policy=result.model)
     try:
-        from adapterkit.reward import render
+        from adapterkit.training.reward import render
 
         ids = render(scorer.tokenizer, [{"role": "user", "content": "Greet person 3."}],
                      [{"role": "assistant", "content": "Hello, nice to meet you!"}])
@@ -162,7 +162,7 @@ def test_bad_reward_and_rl_settings_write_nothing(rlhf_run, tiny_base, other_bas
 
 def test_reward_book_cannot_generate(rlhf_run, tiny_base):
     from adapterkit import open_session
-    from adapterkit.session import attach
+    from adapterkit.runtime.session import attach
 
     home, _, _, _, _ = rlhf_run
     library = Library(home)
@@ -188,7 +188,7 @@ def test_cli_reward_flag_errors_are_one_line(rlhf_run, tiny_base, adapterkit_cli
 @pytest.mark.slow
 def test_rlhf_with_qlora(tiny_base, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from adapterkit.pytest_plugin import TINY_ROWS
+    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
 
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
@@ -206,7 +206,7 @@ def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_pat
                                                                adapterkit_cli, monkeypatch):
     import trl
 
-    from adapterkit.pytest_plugin import TINY_ROWS
+    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
 
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))

@@ -8,7 +8,7 @@ import torch
 
 import adapterkit
 from adapterkit import BaseMismatch, PocketBookNotFound
-from adapterkit.testing import make_peft_adapter
+from adapterkit.plugin_api.testing import make_peft_adapter
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 120, 7, 64]])
 

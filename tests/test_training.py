@@ -7,7 +7,7 @@ import torch
 
 from adapterkit import (ConfigError, DataFormatError, NameTaken, PluginError, TargetModuleError,
                         TrainOptions, train)
-from adapterkit.plugins import get_plugin_manager
+from adapterkit.plugin_api.manager import get_plugin_manager
 
 SHAPES = {
     "text": [{"text": f"The river {w} flows past the old mill and the bridge."} for w in
@@ -45,11 +45,11 @@ def reload_logits(base_folder, adapter_path, ids, quantization=None):
 
     kwargs = {}
     if quantization:
-        from adapterkit.base import quantization_config
+        from adapterkit.base.load import quantization_config
 
         kwargs = {"quantization_config": quantization_config(quantization, torch.float32),
                   "device_map": {"": "cpu"}}
-    from adapterkit.base import keep_4bit_layout
+    from adapterkit.base.load import keep_4bit_layout
 
     plain = AutoModelForCausalLM.from_pretrained(base_folder, **kwargs)
     keep_4bit_layout(plain)  # no bitsandbytes CPU repacking (it rounds; see base.py)
@@ -149,7 +149,7 @@ def test_name_taken_is_refused_before_training(tiny_base, home, pc_file, pm, mon
         from adapterkit import PocketBookMeta
 
         lib.commit(staged, PocketBookMeta(name="taken", version=1))
-    monkeypatch.setattr("adapterkit.training._load", lambda *a: pytest.fail("trained anyway"))
+    monkeypatch.setattr("adapterkit.training.run._load", lambda *a: pytest.fail("trained anyway"))
     with pytest.raises(NameTaken, match="--name taken@2"):
         train("sft", base=str(tiny_base), data=str(pc_file), name="taken", options=fast(),
               home=home, plugins=pm)

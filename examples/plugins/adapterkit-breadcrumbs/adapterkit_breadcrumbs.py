@@ -22,7 +22,7 @@ class Breadcrumbs(MergeStrategy):
     def merge(self, *, adapters, weights, rank=None, density=None, **_):
         import torch
 
-        from adapterkit.merging import MergeOutput, lora_config, lora_pairs, scale_of
+        from adapterkit.lora.combine import MergeOutput, lora_config, lora_pairs, scale_of
 
         members = [(lora_pairs(a.tensors()), a.config, w) for a, w in zip(adapters, weights)]
         new_rank = rank or max(p["A"].shape[0] for pairs, _, _ in members

@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture
 def two_books(adapterkit_library, adapterkit_tiny_base, tmp_path):
-    from adapterkit.testing import make_peft_adapter
+    from adapterkit.plugin_api.testing import make_peft_adapter
 
     for name, seed in (("a", 1), ("b", 2)):
         path = make_peft_adapter(adapterkit_tiny_base, tmp_path / name, seed=seed, r=4)

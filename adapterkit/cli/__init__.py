@@ -1,0 +1,110 @@
+"""The ``adapterkit`` command line: a thin layer over the Python API.
+
+Built by a function (:func:`build_cli`) from a plugin manager, so tests build fresh CLIs and
+plugins add commands without import-time side effects. Library errors
+(:class:`~adapterkit.errors.AdapterkitError`) become one line on stderr and exit code 1; a
+traceback means a bug of ours. Commands that need torch import it inside their body, so
+``--help``, ``list``, ``show`` and ``plugins`` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from adapterkit.cli.common import Group
+from adapterkit.cli.library import (base_group, export_cmd, import_cmd, list_cmd, plugins_cmd,
+                                    pull_cmd, push_cmd, rm_cmd, show_cmd, tag_cmd)
+from adapterkit.cli.plugins import NO_PLUGIN_COMMANDS, install_cmd, plugin_group, uninstall_cmd
+from adapterkit.cli.session import chat_cmd, merge_cmd, stack_cmd, swap_cmd
+from adapterkit.cli.train import eval_cmd, generate_cmd, train_cmd
+from adapterkit.plugin_api.manager import PluginManager, get_plugin_manager
+
+__all__ = ["build_cli", "main"]
+
+
+def build_cli(pm: PluginManager) -> click.Group:
+    """The root ``adapterkit`` command with core commands and every plugin's commands."""
+
+    @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--home", type=click.Path(file_okay=False), envvar="ADAPTERKIT_HOME",
+                  help="adapterkit home (library, catalog, converted bases). "
+                       "Default: $ADAPTERKIT_HOME or ~/.local/share/adapterkit.")
+    @click.version_option(package_name="adapterkit")
+    @click.pass_context
+    def cli(ctx: click.Context, home: str | None) -> None:
+        """One frozen base model, many swappable LoRA pocket books.
+
+        \b
+        Train a pocket book on a base, keep it in the local library, swap, stack,
+        merge and share it. Start with:
+          adapterkit base show smollm2-135m    # the embedded default base
+          adapterkit list                      # your pocket books
+          adapterkit plugins                   # methods, trainers, ... installed
+        """
+        ctx.obj = {"home": home, "plugins": pm}
+
+    for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
+                    base_group, train_cmd, eval_cmd, generate_cmd, push_cmd, pull_cmd,
+                    swap_cmd, chat_cmd, stack_cmd, merge_cmd, plugin_group, install_cmd,
+                    uninstall_cmd):
+        cli.add_command(command)
+    pm.call_each("register_commands", cli=cli)
+    return cli
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"adapterkit: warning: {message}", err=True)
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for adapterkit's own output: no per-tensor progress bars, deprecation
+    chatter or optional-kernel notices from the libraries underneath (errors still show)."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("bitsandbytes", "peft", "trl", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+
+
+def _command_name(args: list[str]) -> str | None:
+    """The subcommand in ``args``, skipping root options (``--home PATH``)."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--home":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    _quiet_libraries()
+    original = warnings.showwarning
+
+    def show(message, category, *args: Any, **kwargs: Any) -> None:
+        # adapterkit's own warnings (plugin, catalog, Hub) are for the user: one plain line.
+        if category.__module__.startswith("adapterkit."):
+            _show_warning(message, category, *args)
+        else:
+            original(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    args = argv if argv is not None else sys.argv[1:]
+    # install/uninstall never load plugins: a broken plugin can always be removed.
+    safe = _command_name(args) in NO_PLUGIN_COMMANDS
+    cli = build_cli(get_plugin_manager(entry_points=not safe, env=not safe))
+    cli.main(args=args, prog_name="adapterkit")

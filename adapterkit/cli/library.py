@@ -1,0 +1,256 @@
+"""CLI commands over the library and bases: ``plugins``, ``list``, ``show``, ``rm``, ``tag``,
+``import``, ``export``, ``push``, ``pull`` and ``base show``. None of them imports torch unless
+it loads a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from adapterkit.cli.common import Group, echo_json, library, size, table
+
+
+# -- plugins --------------------------------------------------------------------------------
+
+@click.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
+    """List installed plugins, their versions and what each registers."""
+    pm: PluginManager = ctx.find_root().obj["plugins"]
+    infos = [info.as_dict() for info in sorted(pm.info.values(), key=lambda i: i.name)]
+    if as_json:
+        echo_json(infos)
+        return
+    rows = [
+        [i["name"], i["version"] or "-",
+         "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(i["registers"].items()))
+         or ", ".join(i["hooks"]) or "-"]
+        for i in infos
+    ]
+    click.echo(table(rows, ["PLUGIN", "VERSION", "REGISTERS"]))
+
+
+# -- library --------------------------------------------------------------------------------
+
+@click.command("list")
+@click.option("--base", help="Only pocket books made on this base (name or fingerprint prefix).")
+@click.option("--tag", help="Only pocket books with this tag.")
+@click.option("--all-versions", is_flag=True, help="Every version, not only the latest.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def list_cmd(ctx: click.Context, base: str | None, tag: str | None, all_versions: bool,
+             as_json: bool) -> None:
+    """List pocket books in the library (latest version of each)."""
+    books = library(ctx).list(base=base, tag=tag, all_versions=all_versions)
+    if as_json:
+        echo_json([b.as_dict() for b in books])
+        return
+    if not books:
+        click.echo("No pocket books yet. Train one with `adapterkit train`, or add a PEFT "
+                   "adapter with `adapterkit import FOLDER --name NAME --base BASE`.", err=True)
+        return
+    rows = [
+        [f"{b.name}@{b.version}", str(b.versions), b.base_name, b.base_fingerprint[:12],
+         b.method or "-", b.trainer or "-", ",".join(b.tags) or "-", size(b.size),
+         b.created[:16].replace("T", " ")]
+        for b in books
+    ]
+    click.echo(table(rows, ["POCKET BOOK", "VERSIONS", "BASE", "FINGERPRINT", "METHOD",
+                             "TRAINER", "TAGS", "SIZE", "CREATED"]))
+
+
+@click.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Show one pocket book: REF is NAME (latest) or NAME@VERSION."""
+    book = library(ctx).get(ref)
+    data = book.as_dict()
+    if as_json:
+        echo_json(data)
+        return
+    meta = book.meta
+    lines = [
+        f"{book.ref}  ({meta.kind}, {meta.method}" + (f", trained with {meta.trainer})"
+                                                       if meta.trainer else ")"),
+        f"  path:        {book.path}",
+        f"  base:        {meta.base.get('name', '?')}  fingerprint {meta.base_fingerprint}",
+        "  provenance:  " + ", ".join(f"{k}={v}" for k, v in
+                                         sorted(meta.base.get("provenance", {}).items())),
+        f"  created:     {meta.created}",
+        f"  tags:        {', '.join(meta.tags) or '-'}",
+    ]
+    for label, value in (("parents", ", ".join(meta.parents)),
+                         ("on top of", " + ".join(meta.stacked_on)), ("data", meta.data),
+                         ("hyperparams", meta.hyperparameters), ("metrics", meta.metrics),
+                         ("source", meta.source)):
+        if value:
+            text = value if isinstance(value, str) else ", ".join(
+                f"{k}={v}" for k, v in sorted(value.items()))
+            lines.append(f"  {label + ':':<13}{text}")
+    click.echo("\n".join(lines))
+
+
+@click.command("rm")
+@click.argument("ref")
+@click.option("--all-versions", is_flag=True, help="Remove every version of NAME.")
+@click.option("--force", is_flag=True, help="Remove it even if other pocket books are trained "
+              "on top of it or stack it (they stop working).")
+@click.pass_context
+def rm_cmd(ctx: click.Context, ref: str, all_versions: bool, force: bool) -> None:
+    """Remove a pocket book: NAME@VERSION, NAME (its latest version) or --all-versions."""
+    from adapterkit.library.names import parse_ref
+
+    name = parse_ref(ref).name
+    gone = library(ctx).remove(ref, all_versions=all_versions, force=force)
+    click.echo("Removed " + ", ".join(f"{name}@{v}" for v in gone))
+
+
+@click.command("tag")
+@click.argument("ref")
+@click.argument("tag")
+@click.option("--remove", is_flag=True, help="Remove the tag instead of adding it.")
+@click.pass_context
+def tag_cmd(ctx: click.Context, ref: str, tag: str, remove: bool) -> None:
+    """Add TAG to a pocket book (NAME or NAME@VERSION), or --remove it."""
+    book = library(ctx).tag(ref, tag, remove=remove)
+    click.echo(f"{book.ref}: tags {', '.join(book.meta.tags) or '-'}")
+
+
+@click.command("import")
+@click.argument("folder", type=click.Path())
+@click.option("--name", required=True, help="Library name: NAME, or NAME@N for a new version.")
+@click.option("--base", help="The base it was trained on (Hub id, folder, .gguf or alias). "
+                             "Default: base_model_name_or_path from its adapter_config.json.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Accept pickled adapter_model.bin weights (they can run code: only for "
+                   "files you made or trust). They are converted to safetensors.")
+@click.pass_context
+def import_cmd(ctx: click.Context, folder: str, name: str, base: str | None,
+               trust_pickle: bool) -> None:
+    """Add an adapter made with plain PEFT to the library.
+
+    The adapter is checked against the base first — its target modules must exist, its tensor
+    shapes and vocabulary must match — because PEFT would load a mismatched adapter with only a
+    warning and then answer exactly like the plain base.
+    """
+    book = library(ctx).import_peft(folder, name, base=base, trust_pickle=trust_pickle)
+    click.echo(f"Imported {book.ref} (base {book.meta.base['name']}, "
+               f"fingerprint {book.meta.base_fingerprint[:12]})")
+
+
+@click.command("export")
+@click.argument("ref")
+@click.argument("dest", type=click.Path())
+@click.option("--merged", is_flag=True,
+              help="Fold the pocket book (or stack) into its base: a standalone transformers "
+                   "model. A 4-bit base is dequantized first; the result is checked against "
+                   "the unmerged model before it is written.")
+@click.option("--tolerance", type=float, default=1e-2, show_default=True,
+              help="Largest logit difference merged vs unmerged accepted (with --merged).")
+@click.pass_context
+def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, tolerance: float) -> None:
+    """Write a pocket book to DEST as a plain PEFT folder (PEFT, vLLM, TGI, LoRAX load it),
+    or with --merged as a standalone model."""
+    if not merged:
+        path = library(ctx).export(ref, dest)
+        click.echo(f"Exported {ref} to {path}")
+        return
+    from adapterkit.runtime.export import export_merged
+
+    report = export_merged(library(ctx), ref, dest, tolerance=tolerance,
+                           plugins=ctx.find_root().obj["plugins"],
+                           progress=lambda m: click.echo(m, err=True))
+    note = f", dequantized from {report.dequantized_from} first" if report.dequantized_from else ""
+    click.echo(f"Exported {ref} merged into its base to {report.dest} ({report.shards} shard(s)"
+               f"{note}); max logit difference vs unmerged {report.max_logit_diff:.2e}")
+
+
+# -- the Hub --------------------------------------------------------------------------------
+
+@click.command("push")
+@click.argument("ref")
+@click.option("--repo", required=True, help="Hub repo OWNER/NAME (created if it does not exist).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", help="Branch to push to (created if needed; default main).")
+@click.option("--message", help="Commit message.")
+@click.option("--license", "license_", help="License for the card's YAML header (e.g. apache-2.0).")
+@click.pass_context
+def push_cmd(ctx: click.Context, ref: str, repo: str, private: bool, revision: str | None,
+             message: str | None, license_: str | None) -> None:
+    """Push pocket book REF (NAME or NAME@V) to the Hugging Face Hub as a PEFT repo.
+
+    Uses your Hub login (`hf auth login`), HF_TOKEN and HF_ENDPOINT like any Hub tool; the
+    token is never printed. The repo gets adapter_config.json, adapter_model.safetensors,
+    adapterkit.json (with file hashes, checked on pull) and a model card.
+    """
+    from adapterkit.library.hub import push
+
+    result = push(library(ctx), ref, repo, private=private, revision=revision,
+                  message=message, license=license_)
+    click.echo(f"Pushed {ref} to {result.repo_id} ({result.revision}): "
+               f"{', '.join(result.files)}")
+    click.echo(result.commit_url)
+
+
+@click.command("pull")
+@click.argument("repo")
+@click.option("--name", help="Library name (default: the repo's name).")
+@click.option("--base", help="The base you will use it with; checked against the adapter.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Accept pickled adapter_model.bin weights (they can run code).")
+@click.pass_context
+def pull_cmd(ctx: click.Context, repo: str, name: str | None, base: str | None,
+             trust_pickle: bool) -> None:
+    """Pull a PEFT LoRA repo (OWNER/NAME or OWNER/NAME@REVISION) into the library.
+
+    Works for any PEFT LoRA repository, not only ones pushed by adapterkit. Files are verified
+    against the hashes adapterkit.json records; pickled weights are refused unless trusted.
+    """
+    from adapterkit.library.hub import pull
+
+    book = pull(library(ctx), repo, name=name, base=base, trust_pickle=trust_pickle)
+    click.echo(f"Pulled {repo} as {book.ref} (base {book.meta.base.get('name')}, "
+               f"fingerprint {book.meta.base_fingerprint[:12]})")
+
+
+# -- bases ----------------------------------------------------------------------------------
+
+@click.group("base", cls=Group)
+def base_group() -> None:
+    """Inspect base models."""
+
+
+@base_group.command("show")
+@click.argument("base")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def base_show(ctx: click.Context, base: str, as_json: bool) -> None:
+    """Architecture, size, LoRA targets and fingerprint of BASE.
+
+    BASE is a Hugging Face id (owner/name[@revision]), a local model folder, a .gguf file or an
+    alias (smollm2-135m: the embedded SmolLM2-135M-Instruct). No weights are loaded.
+    """
+    from adapterkit.base.load import describe_base
+
+    info = describe_base(base, ctx.find_root().obj["home"],
+                         progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        echo_json(info)
+        return
+    prov = ", ".join(f"{k}={v}" for k, v in sorted(info["provenance"].items()))
+    click.echo("\n".join([
+        f"{info['name']}",
+        f"  architecture:  {info['architecture']} ({info['model_type']})",
+        f"  parameters:    {info['parameters']:,}",
+        f"  dtype:         {info['dtype']}",
+        f"  vocabulary:    {info['vocab_size']:,}",
+        f"  LoRA targets:  {', '.join(info['lora_targets'])}  (or all-linear)",
+        f"  fingerprint:   {info['fingerprint']}",
+        f"  provenance:    {prov}",
+    ]))
+
+

@@ -1,0 +1,185 @@
+"""CLI commands around a resident base: ``swap``, ``chat``, ``stack`` and ``merge``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from adapterkit.cli.common import obj, say
+
+from adapterkit.errors import AdapterkitError, ConfigError
+
+
+def _weights(text: str | None, count: int) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    if len(weights) != count:
+        raise ConfigError(f"{count} pocket books but {len(weights)} weights in --weights")
+    return weights
+
+
+def _open(ctx: click.Context, base: str | None, first: str | None, force: bool = False):
+    from adapterkit.library.store import Library
+    from adapterkit.base.resolve import base_spec_for
+    from adapterkit.runtime.session import open_session
+
+    home = obj(ctx)["home"]
+    if base is None:
+        if first is None:
+            raise ConfigError("give --base BASE (or a pocket book to take its base from)")
+        base = base_spec_for(Library(home).get(first).meta.base, home)
+    say(f"Loading base {base}...")
+    start = time.perf_counter()
+    session = open_session(base, home=home, progress=say)
+    return session, time.perf_counter() - start
+
+
+@click.command("swap")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--prompt", required=True, help="The prompt every pocket book answers.")
+@click.option("--base", help="Base (default: the first pocket book's base).")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--force", is_flag=True, help="Attach even if a pocket book's base differs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def swap_cmd(ctx: click.Context, names: tuple[str, ...], prompt: str, base: str | None,
+             max_new_tokens: int, force: bool, as_json: bool) -> None:
+    """Load the base once and answer PROMPT with each pocket book in turn — the hot swap
+    made visible: the first swap to each pocket book reads its file, later ones are in place."""
+    if max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    session, load_s = _open(ctx, base, names[0], force)
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        key = session.attach(name, force=force)
+        attach_ms = (time.perf_counter() - start) * 1000
+        swap_ms = session.swap(key) * 1000
+        answer = session.generate(prompt, max_new_tokens=max_new_tokens)
+        rows.append({"pocket_book": key, "attach_ms": attach_ms, "swap_ms": swap_ms,
+                     "answer": answer})
+    # Second round: every pocket book is attached now, so these are the pure in-place swaps.
+    for row in rows:
+        row["hot_swap_ms"] = session.swap(row["pocket_book"]) * 1000
+    plain = session.generate(prompt, adapter=None, max_new_tokens=max_new_tokens)
+    if as_json:
+        click.echo(json.dumps({"base_load_s": load_s, "plain": plain, "pocket_books": rows},
+                              indent=2))
+        return
+    click.echo(f"base loaded once in {load_s:.1f} s\n")
+    click.echo(f"[plain base]\n  {plain}\n")
+    for row in rows:
+        click.echo(f"[{row['pocket_book']}]  first swap {row['attach_ms'] + row['swap_ms']:.1f} ms "
+                   f"(file read {row['attach_ms']:.1f} ms), hot swap {row['hot_swap_ms']:.3f} ms")
+        click.echo(f"  {row['answer']}\n")
+
+
+def _parse_stack(parts: list[str]) -> dict[str, float]:
+    out = {}
+    for part in parts:
+        name, sep, weight = part.partition("=")
+        try:
+            out[name] = float(weight) if sep else 1.0
+        except ValueError:
+            raise ConfigError(f"expected NAME=WEIGHT, got {part!r}") from None
+    return out
+
+
+@click.command("chat")
+@click.option("--base", help="Base (default: the base of --adapter).")
+@click.option("--adapter", help="Pocket book to start with.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.pass_context
+def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
+             max_new_tokens: int) -> None:
+    """Chat with the base and swap pocket books live.
+
+    \b
+    Commands:  /swap NAME   /stack A=1 B=0.5   /off   /list   /quit
+    """
+    session, _ = _open(ctx, base, adapter)
+    if adapter:
+        session.swap(adapter)
+    click.echo("Type a message, or /swap NAME, /stack A=1 B=0.5, /off, /list, /quit.", err=True)
+    while True:
+        try:
+            line = input(f"[{'+'.join(session.active) or 'plain'}] > ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        try:
+            if command in ("/quit", "/exit"):
+                break
+            elif command == "/swap":
+                ms = session.swap(rest.strip()) * 1000
+                click.echo(f"swapped to {'+'.join(session.active)} in {ms:.3f} ms")
+            elif command == "/stack":
+                ms = session.stack(_parse_stack(rest.split())) * 1000
+                click.echo(f"stacked {session.active} in {ms:.3f} ms")
+            elif command == "/off":
+                session.off()
+                click.echo("plain base")
+            elif command == "/list":
+                for summary in session.library.list():
+                    mark = "*" if f"{summary.name}@{summary.version}" in session.active else " "
+                    click.echo(f" {mark} {summary.name}@{summary.version}  ({summary.base_name})")
+            elif command.startswith("/"):
+                click.echo(f"unknown command {command}; use /swap, /stack, /off, /list, /quit")
+            else:
+                click.echo(session.generate(line, max_new_tokens=max_new_tokens))
+        except AdapterkitError as exc:
+            click.echo(f"Error: {exc}", err=True)
+
+
+@click.command("stack")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--weights", help="Comma-separated weights, one per pocket book (default 1 each).")
+@click.option("--name", required=True, help="Library name of the stack.")
+@click.option("--flatten", is_flag=True,
+              help="Write one ordinary PEFT adapter (ranks concatenated: exact).")
+@click.pass_context
+def stack_cmd(ctx: click.Context, names: tuple[str, ...], weights: str | None, name: str,
+              flatten: bool) -> None:
+    """Save pocket books NAMES as a stack: their deltas weighted and summed when active."""
+    from adapterkit.library.store import Library
+    from adapterkit.lora.combine import stack
+
+    if len(names) < 2:
+        raise ConfigError("a stack needs at least two pocket books")
+    book = stack(Library(obj(ctx)["home"]), list(names), _weights(weights, len(names)),
+                 name=name, flatten=flatten)
+    kind = "flattened adapter" if flatten else "stack"
+    click.echo(f"Saved {book.ref} ({kind} of {', '.join(book.meta.parents)})")
+
+
+@click.command("merge")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--method", default="exact_svd", show_default=True,
+              help="Merge strategy (see `adapterkit plugins`): linear, cat, svd, ties, "
+                   "dare_linear, dare_ties, magnitude_prune, their _svd variants, exact_svd...")
+@click.option("--weights", help="Comma-separated weights, one per pocket book (default 1 each).")
+@click.option("--name", required=True, help="Library name of the result.")
+@click.option("--rank", type=int, help="Rank of the result (SVD methods; default: largest).")
+@click.option("--density", type=float, help="Fraction kept, in (0, 1] (TIES, DARE, pruning).")
+@click.pass_context
+def merge_cmd(ctx: click.Context, names: tuple[str, ...], method: str, weights: str | None,
+              name: str, rank: int | None, density: float | None) -> None:
+    """Merge pocket books NAMES into one new pocket book with a registered strategy."""
+    from adapterkit.library.store import Library
+    from adapterkit.lora.combine import merge
+
+    obj = obj(ctx)
+    start = time.perf_counter()
+    book = merge(Library(obj["home"]), list(names), _weights(weights, len(names)),
+                 method=method, name=name, rank=rank, density=density, plugins=obj["plugins"])
+    click.echo(f"Saved {book.ref}: {method} of {', '.join(book.meta.parents)} "
+               f"in {time.perf_counter() - start:.2f} s")

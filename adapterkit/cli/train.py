@@ -1,0 +1,271 @@
+"""CLI commands that run models: ``train``, ``eval`` and ``generate``.
+
+Kept apart from ``cli.py`` because these are the heavy ones; torch and friends are imported
+inside the command bodies, never at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from adapterkit.cli.common import obj, say
+
+from adapterkit.errors import ConfigError
+
+
+_OPTION_FLAGS = {
+    "method": "method", "rank": "r", "alpha": "alpha", "dropout": "dropout",
+    "target_modules": "target_modules", "lr": "learning_rate", "epochs": "epochs",
+    "max_steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum",
+    "max_length": "max_length", "packing": "packing", "seed": "seed", "eval_split": "eval_split",
+    "general": "general", "forgetting_budget": "forgetting_budget",
+    "guard_weight": "guard_weight", "anchor": "anchor", "chat": "chat",
+    "save_steps": "save_steps", "logging_steps": "logging_steps",
+}
+
+
+@click.command("train")
+@click.argument("trainer")
+@click.option("--base", required=True, help="Base: Hub id, folder, .gguf file or alias "
+                                            "(smollm2-135m).")
+@click.option("--data", required=True, help="JSONL/JSON/CSV/Parquet/TXT file or Hub dataset id.")
+@click.option("--name", required=True, help="Library name: NAME, or NAME@N for a new version.")
+@click.option("--method", default=None, help="Adapter method: lora (default), qlora, ... "
+                                             "(see `adapterkit plugins`).")
+@click.option("--config", "recipe", type=click.Path(dir_okay=False),
+              help="YAML recipe with any of these options; flags override it.")
+@click.option("-r", "--rank", type=int, help="LoRA rank (default 16).")
+@click.option("--alpha", type=int, help="LoRA alpha (default 32).")
+@click.option("--dropout", type=float, help="LoRA dropout (default 0.05).")
+@click.option("--target-modules", help="Comma-separated linear layers, or all-linear (default).")
+@click.option("--lr", type=float, help="Learning rate (default 2e-4).")
+@click.option("--epochs", type=float, help="Epochs (default 1).")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=int, help="Per-device batch size (default 8).")
+@click.option("--grad-accum", type=int, help="Gradient accumulation steps (default 1).")
+@click.option("--max-length", type=int, help="Max tokens per example (default 512).")
+@click.option("--packing/--no-packing", default=None, help="Pack short examples together.")
+@click.option("--seed", type=int, help="Random seed (default 0).")
+@click.option("--eval-split", type=float, help="Fraction of the data held out for eval loss.")
+@click.option("--chat/--no-chat", default=None,
+              help="Render rows with the base's chat template (default: if it has one).")
+@click.option("--general", help="General-English text for the forgetting check "
+                                "(`general` = the text shipped with adapterkit).")
+@click.option("--forgetting-budget", help="Max rise of general-text loss, e.g. 1%: turns on the "
+                                          "forgetting guard.")
+@click.option("--guard-weight", type=float, help="Weight of the KL-to-base term (default 0.3 with "
+                                                 "a budget; 0 disables it).")
+@click.option("--anchor", help="Anchor prose for the KL term (default: shipped anchor text).")
+@click.option("--save-steps", type=int, help="Steps between resumable checkpoints (default 50).")
+@click.option("--logging-steps", type=int, help="Steps between loss logs (default 5).")
+@click.option("--set", "trainer_sets", multiple=True, metavar="KEY=VALUE",
+              help="Trainer-specific option (repeatable), e.g. --set beta=0.1 for dpo.")
+@click.option("--on", "on", metavar="BOOK", help="Train on top of pocket book BOOK: it stays "
+              "frozen and active underneath (and is the DPO/RL reference); loading the result "
+              "brings the stack back.")
+@click.option("--from", "start_from", metavar="BOOK", help="Continue training a copy of pocket "
+              "book BOOK (its LoRA rank and targets are kept).")
+@click.option("--reward", metavar="BOOK", help="rlhf: optimise against this reward pocket book "
+              "instead of training one first from the preference file.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of NAME.")
+@click.option("--restart", is_flag=True, help="Discard an interrupted run of NAME; start over.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
+              recipe: str | None, trainer_sets: tuple[str, ...], on: str | None,
+              start_from: str | None, reward: str | None, resume: bool, restart: bool,
+              as_json: bool, **flags: Any) -> None:
+    """Train a new pocket book with TRAINER (sft, ...) on BASE and save it in the library.
+
+    \b
+    Examples:
+      adapterkit train sft --base smollm2-135m --data triage.jsonl --name triage
+      adapterkit train sft --base smollm2-135m --data notes.txt --name notes --method qlora
+      adapterkit train sft ... --general general --forgetting-budget 1%
+      adapterkit train dpo --base smollm2-135m --data prefs.jsonl --name manner --on triage
+      adapterkit train rlhf --base smollm2-135m --data prefs.jsonl --name kind
+      adapterkit train rlhf ... --reward kind-reward --set beta=0.1 --set max_new_tokens=48
+    """
+    from adapterkit.training.options import build_options
+    from adapterkit.training.progress import progress_callback
+    from adapterkit.training.run import train
+
+    overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
+    sets = _parse_sets(trainer_sets)
+    if reward:
+        sets["reward"] = reward
+    overrides["trainer_options"] = sets or None
+    options = build_options(recipe, overrides)
+    obj = obj(ctx)
+    try:
+        result = train(trainer, base=base, data=data, name=name, options=options,
+                       home=obj["home"], plugins=obj["plugins"], resume=resume, restart=restart,
+                       on=on, start_from=start_from,
+                       callbacks=[progress_callback(f"{trainer}/{options.method}")],
+                       progress=say)
+    except KeyboardInterrupt as exc:
+        saved = getattr(exc, "stages_saved", [])
+        say("Interrupted: " + (f"only {', '.join(saved)} (an earlier stage) was saved"
+                                if saved else "nothing was saved to the library")
+             + ". Run the same command with --resume to continue from the last checkpoint"
+             + (f" (reuse {saved[0]}: for rlhf, --reward {saved[0]})." if saved else "."))
+        sys.exit(130)
+    book, m = result.pocket_book, result.metrics
+    if as_json:
+        click.echo(json.dumps({"ref": book.ref, "path": str(book.path), "metrics": m},
+                              indent=2, default=str))
+        return
+    line = f"Saved {book.ref}"
+    if book.meta.stacked_on:
+        line += f" (on top of {' + '.join(book.meta.stacked_on)})"
+    line += f": {m['steps']} steps in {m['train_seconds']:.0f} s"
+    if m.get("train_loss_first") is not None:
+        line += f", loss {m['train_loss_first']:.3f} → {m['train_loss_final']:.3f}"
+    if m.get("tokens_per_second"):
+        line += f", {m['tokens_per_second']:.0f} tokens/s"
+    click.echo(line)
+    if m.get("forgetting"):
+        f = m["forgetting"]
+        click.echo(f"Forgetting: general-text loss {f['general_loss_base']:.4f} → "
+                   f"{f['general_loss']:.4f} ({f['general_loss_change_pct']:+.2f}%)")
+
+
+def _parse_sets(items: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool = False,
+                   exact: bool = False):
+    """Load the pocket book's base (in its method's precision) and attach the pocket book.
+
+    ``exact``: hold a 4-bit base in the layout it was trained in (evaluation), rather than
+    bitsandbytes' faster but rounding CPU inference layout (generation).
+    """
+    from adapterkit.base.load import load_base
+    from adapterkit.library.store import Library
+    from adapterkit.base.resolve import base_spec_for
+    from adapterkit.runtime.session import attach
+
+    obj = obj(ctx)
+    library = Library(obj["home"])
+    book = library.get(ref)
+    method = obj["plugins"].methods.entries.get(book.meta.method)
+    quantization = method.item.quantization if method else None
+    base_name = base or base_spec_for(book.meta.base, obj["home"])
+    say(f"Loading base {base_name}...")
+    loaded = load_base(base_name, quantization=quantization, home=obj["home"], progress=say)
+    if exact:
+        from adapterkit.base.load import keep_4bit_layout
+
+        keep_4bit_layout(loaded.model)
+    return book, loaded, attach(loaded, book, force=force, library=library)
+
+
+@click.command("eval")
+@click.argument("ref")
+@click.option("--data", required=True, help="Evaluation data (same shapes as training).")
+@click.option("--general", help="General-English text for the forgetting check "
+                                "(`general` = the text shipped with adapterkit).")
+@click.option("--base", help="Base to evaluate on (default: the one the pocket book records).")
+@click.option("--scorer", default="exact_match", show_default=True,
+              help="Scorer for generated answers (prompt/completion data).")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--chat/--no-chat", default=None, help="Use the chat template (default: if any).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def eval_cmd(ctx: click.Context, ref: str, data: str, general: str | None, base: str | None,
+             scorer: str, max_new_tokens: int, chat: bool | None, as_json: bool) -> None:
+    """Evaluate pocket book REF: task loss and perplexity, exact match on generated answers
+    (prompt/completion data), and with --general the forgetting check (general-text loss with
+    and without the pocket book, as a relative change)."""
+    from adapterkit.training.data import load_data, read_rows
+    from adapterkit.training.metrics import accuracy, forgetting, task_loss, uses_chat
+
+    pm = obj(ctx)["plugins"]
+    score_fn = pm.scorers.get(scorer)
+    dataset = load_data(data, formats=pm.data_formats,
+                        shapes=("text", "prompt_completion", "messages"))
+    general_texts = None
+    if general:
+        general_texts = [r["text"] for r in read_rows(general)[0] if r.get("text")]
+    book, loaded, model = _load_for_book(ctx, ref, base, exact=True)
+    use_chat = uses_chat(loaded.tokenizer, chat)
+    report: dict[str, Any] = {"pocket_book": book.ref, "data": dataset.describe()}
+    report["task"] = task_loss(model, loaded.tokenizer, dataset.rows, chat=use_chat)
+    with model.disable_adapter():
+        report["task_base"] = task_loss(model, loaded.tokenizer, dataset.rows, chat=use_chat)
+    if dataset.shape == "prompt_completion":
+        acc, _ = accuracy(model, loaded.tokenizer, dataset.rows, chat=use_chat,
+                          scorer=score_fn.score, max_new_tokens=max_new_tokens)
+        with model.disable_adapter():
+            acc_base, _ = accuracy(model, loaded.tokenizer, dataset.rows, chat=use_chat,
+                                   scorer=score_fn.score, max_new_tokens=max_new_tokens)
+        report[scorer] = {"pocket_book": acc, "base": acc_base}
+    if general_texts:
+        report["forgetting"] = forgetting(model, loaded.tokenizer, general_texts)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    t, tb = report["task"], report["task_base"]
+    click.echo(f"{book.ref} on {dataset.source}")
+    click.echo(f"  task loss      {t['loss']:.4f} (perplexity {t['perplexity']:.2f})   "
+               f"plain base {tb['loss']:.4f} (perplexity {tb['perplexity']:.2f})")
+    if scorer in report:
+        click.echo(f"  {scorer:<14} {report[scorer]['pocket_book']:.1%}   "
+                   f"plain base {report[scorer]['base']:.1%}")
+    if "forgetting" in report:
+        f = report["forgetting"]
+        click.echo(f"  forgetting     general-text loss {f['general_loss_base']:.4f} → "
+                   f"{f['general_loss']:.4f} ({f['general_loss_change_pct']:+.2f}%)")
+
+
+@click.command("generate")
+@click.argument("prompt")
+@click.option("--base", help="Base (default: the base of --adapter).")
+@click.option("--adapter", "adapter", help="Pocket book to answer with (NAME or NAME@V).")
+@click.option("--no-adapter", is_flag=True, help="Answer with the plain base, for comparison.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0 = greedy decoding.")
+@click.option("--chat/--no-chat", default=None, help="Use the chat template (default: if any).")
+@click.option("--force", is_flag=True, help="Attach even if the pocket book's base differs.")
+@click.pass_context
+def generate_cmd(ctx: click.Context, prompt: str, base: str | None, adapter: str | None,
+                 no_adapter: bool, max_new_tokens: int, temperature: float, chat: bool | None,
+                 force: bool) -> None:
+    """Answer PROMPT with a pocket book (or the plain base); chat template applied for
+    instruct bases."""
+    from adapterkit.base.load import load_base
+    from adapterkit.training.metrics import generate, uses_chat
+
+    if max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    obj = obj(ctx)
+    if adapter and not no_adapter:
+        _, loaded, model = _load_for_book(ctx, adapter, base, force=force)
+    elif base or adapter:
+        if not base:
+            from adapterkit.library.store import Library
+            from adapterkit.base.resolve import base_spec_for
+
+            base = base_spec_for(Library(obj["home"]).get(adapter).meta.base, obj["home"])
+        say(f"Loading base {base}...")
+        loaded = load_base(base, home=obj["home"], progress=say)
+        model = loaded.model
+    else:
+        raise ConfigError("give --base BASE or --adapter NAME")
+    answer = generate(model, loaded.tokenizer, [prompt], chat=uses_chat(loaded.tokenizer, chat),
+                      max_new_tokens=max_new_tokens, temperature=temperature)[0]
+    click.echo(answer)

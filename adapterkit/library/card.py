@@ -1,0 +1,195 @@
+"""Model cards and loss curves for pocket books.
+
+The card is built with ``huggingface_hub``'s card tools so that its YAML header is what the Hub
+expects (``base_model``, ``library_name: peft``, ``pipeline_tag``, ``tags``, ``datasets``,
+``license``), and its body tells a colleague what the pocket book is: which base (and whether it
+fits theirs), what data, what method, and how well it did — forgetting included.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from adapterkit.library.metadata import PocketBookMeta
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+An adapterkit pocket book: a LoRA adapter for **{{ base_label }}**, stored as a standard PEFT
+folder (`adapter_config.json` + `adapter_model.safetensors`).
+
+## Base
+
+{{ base_section }}
+
+## How it was made
+
+{{ made_section }}
+
+## Results
+
+{{ results_section }}
+
+## Use it
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{{ base_id }}")
+{{ use_code }}
+```
+
+or with adapterkit: `adapterkit pull …` / `adapterkit generate --adapter {{ name }} "…"`.
+"""
+
+
+def base_id(meta: PocketBookMeta) -> str | None:
+    """The Hub id a colleague would load as the base, where one is known."""
+    prov = meta.base.get("provenance", {})
+    return prov.get("hub_id") or prov.get("derived_from")
+
+
+def _base_section(meta: PocketBookMeta) -> str:
+    prov = meta.base.get("provenance", {})
+    lines = [f"- name: `{meta.base.get('name', '?')}`",
+             f"- adapterkit fingerprint: `{meta.base_fingerprint}`"]
+    if prov.get("kind") == "hub":
+        lines.append(f"- Hugging Face: `{prov['hub_id']}` at revision `{prov.get('revision')}`")
+    elif prov.get("kind") == "gguf":
+        lines.append(f"- GGUF file `{prov.get('file')}` (sha256 `{prov.get('sha256')}`), "
+                     "dequantized to float32")
+        if prov.get("package"):
+            lines.append(f"- shipped in the Python package `{prov['package']}`")
+        if prov.get("derived_from"):
+            lines.append(f"- a quantized copy of `{prov['derived_from']}`: the adapter was trained "
+                         "on these dequantized weights, which differ slightly from the original")
+    else:
+        lines.append(f"- a local model folder `{prov.get('folder', '?')}` "
+                     "(identified by the fingerprint above)")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _made_section(meta: PocketBookMeta) -> str:
+    lines = [f"- method: `{meta.method}`", f"- trainer: `{meta.trainer or 'none (imported)'}`"]
+    if meta.data:
+        lines.append(f"- data: {meta.data.get('description', '?')}, shape "
+                     f"`{meta.data.get('shape', '?')}`, sha256 `{meta.data.get('sha256', '?')}`")
+    if meta.parents:
+        lines.append(f"- parents: {', '.join(f'`{p}`' for p in meta.parents)}")
+    if meta.stacked_on:
+        lines.append(f"- trained on top of (frozen, active underneath): "
+                     f"{', '.join(f'`{p}`' for p in meta.stacked_on)}")
+    if meta.hyperparameters:
+        lines += ["", "| hyperparameter | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(meta.hyperparameters.items())
+                  if v not in (None, {}, [])]
+    return "\n".join(lines)
+
+
+def _results_section(meta: PocketBookMeta) -> str:
+    m = meta.metrics or {}
+    lines = []
+    for key in ("train_loss_first", "train_loss_final", "steps", "train_seconds",
+                "tokens_per_second"):
+        if m.get(key) is not None:
+            lines.append(f"- {key.replace('_', ' ')}: {_fmt(m[key])}")
+    for key in ("accuracy_before", "accuracy_after"):
+        if m.get(key) is not None:
+            lines.append(f"- held-out {key.replace('_', ' ')}: {m[key]:.1%}")
+    if m.get("eval"):
+        lines.append(f"- eval loss: {_fmt(m['eval'].get('loss'))} "
+                     f"(perplexity {_fmt(m['eval'].get('perplexity'))})")
+    f = m.get("forgetting")
+    if f:
+        lines.append(f"- **forgetting**: general-text loss {_fmt(f['general_loss_base'])} → "
+                     f"{_fmt(f['general_loss'])} ({f['general_loss_change_pct']:+.2f}%)")
+    g = m.get("guard")
+    if g and g.get("budget_pct") is not None:
+        lines.append(f"- forgetting guard: budget {g['budget_pct']}%, KL weight {g['weight']}, "
+                     f"within budget: {g['within_budget']}"
+                     + (f" (restored step {g['kept_step']})" if g.get("restored") else ""))
+    if m.get("loss_curve"):
+        lines += ["", f"![loss curve]({m['loss_curve']})"]
+    return "\n".join(lines) or "No metrics recorded."
+
+
+def _use_code(meta: PocketBookMeta) -> str:
+    """How plain PEFT loads it: a pocket book trained ``--on`` others needs them active too."""
+    if not meta.stacked_on:
+        return 'model = PeftModel.from_pretrained(base, "path/or/repo/of/this/adapter")'
+    names = [f"under{i}" for i in range(len(meta.stacked_on))]
+    lines = [f"# trained on top of {', '.join(meta.stacked_on)}: load those too, all active",
+             f'model = PeftModel.from_pretrained(base, "path/of/{meta.stacked_on[0]}", '
+             f'adapter_name="{names[0]}")']
+    for ref, name in zip(meta.stacked_on[1:], names[1:]):
+        lines.append(f'model.load_adapter("path/of/{ref}", adapter_name="{name}")')
+    lines.append('model.load_adapter("path/or/repo/of/this/adapter", adapter_name="top")')
+    lines.append(f"model.base_model.set_adapter({[*names, 'top']!r}, inference_mode=True)")
+    return "\n".join(lines)
+
+
+def render_card(meta: PocketBookMeta, *, license: str | None = None) -> str:
+    """The README.md text of a pocket book (YAML header + body)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub_base = base_id(meta)
+    datasets = [meta.data["description"][4:].split(" ")[0]] if str(
+        meta.data.get("description", "")).startswith("hub:") else None
+    data = ModelCardData(
+        base_model=hub_base, library_name="peft", pipeline_tag="text-generation",
+        tags=[t for t in ("adapterkit", "lora", meta.method, meta.trainer) if t] + list(meta.tags),
+        datasets=datasets, license=license,
+    )
+    card = ModelCard.from_template(
+        data, template_str=CARD_TEMPLATE, title=f"{meta.name} — adapterkit pocket book",
+        base_label=hub_base or meta.base.get("name", "its base"), name=meta.name,
+        base_section=_base_section(meta), made_section=_made_section(meta),
+        results_section=_results_section(meta), base_id=hub_base or meta.base.get("name", ""),
+        use_code=_use_code(meta),
+    )
+    return str(card.content)
+
+
+def write_card(folder: Path, meta: PocketBookMeta) -> Path:
+    path = folder / "README.md"
+    path.write_text(render_card(meta), encoding="utf-8")
+    return path
+
+
+def loss_curve_png(log_history: list[dict[str, Any]], path: Path) -> bool:
+    """Plot training (and eval) loss against steps; False when there is nothing to plot."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,70 @@
+"""The adapterkit metadata stored beside each PEFT adapter (``adapterkit.json``).
+
+The PEFT files stay untouched and standard; everything adapterkit knows about a pocket book —
+which base it fits, how it was made, on what data, how well it did — lives in this one file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from adapterkit.errors import InvalidAdapter
+
+METADATA_FILE = "adapterkit.json"
+FORMAT_VERSION = 1
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class PocketBookMeta:
+    """Everything adapterkit records about one pocket book version."""
+
+    name: str
+    version: int
+    #: The base it was made on: ``{"name", "fingerprint", "provenance": {...}}``.
+    base: dict[str, Any] = field(default_factory=dict)
+    method: str = "lora"
+    trainer: str | None = None
+    #: The training data: ``{"description", "sha256", "rows"}``.
+    data: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: ``name@version`` of the pocket books this one was made from (merges, stacks, ``--on``).
+    parents: list[str] = field(default_factory=list)
+    #: ``name@version`` of the frozen pocket books this one was trained on top of (``--on``),
+    #: bottom first: loading it activates them underneath it.
+    stacked_on: list[str] = field(default_factory=list)
+    created: str = field(default_factory=utc_now)
+    tags: list[str] = field(default_factory=list)
+    #: ``adapter`` (a PEFT folder) or ``stack`` (references members; no weights of its own).
+    kind: str = "adapter"
+    #: Where it came from when not trained here (``import``, ``hub``...).
+    source: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def base_fingerprint(self) -> str:
+        return str(self.base.get("fingerprint", ""))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PocketBookMeta:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def read(cls, folder: Path) -> PocketBookMeta:
+        path = folder / METADATA_FILE
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            raise InvalidAdapter(f"cannot read {path}: {exc}") from None

@@ -1,0 +1,222 @@
+"""Reading PEFT adapter folders and checking that an adapter really fits a base.
+
+PEFT loads an adapter whose keys do not match the model with only a warning, and then the model
+answers exactly like the plain base. An adapter made for another architecture, with a target
+module the base lacks, or for a resized vocabulary, must therefore be refused here — with the
+reason — before it joins the library.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterkit.errors import BaseMismatch, InvalidAdapter, UnsafeWeights
+from adapterkit.base.fingerprints import read_safetensors_header
+from adapterkit.library.store import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, PocketBook
+from adapterkit.library.metadata import PocketBookMeta
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.base.load import BaseStructure
+    from adapterkit.library.store import Library
+
+PICKLE_FILE = "adapter_model.bin"
+_PREFIX = "base_model.model."
+_LORA_PARTS = {
+    "lora_A": "A", "lora_B": "B", "lora_embedding_A": "embA", "lora_embedding_B": "embB",
+    "lora_magnitude_vector": "magnitude",
+}
+
+
+@dataclass
+class AdapterFiles:
+    """A PEFT LoRA folder, parsed: its config and the name → shape of every saved tensor."""
+
+    folder: Path
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    pickled: bool
+
+
+def read_adapter(folder: Path, *, trust_pickle: bool = False) -> AdapterFiles:
+    """Parse a PEFT adapter folder; refuses pickled weights unless ``trust_pickle``."""
+    if not folder.is_dir():
+        raise InvalidAdapter(f"{folder} is not a folder")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise InvalidAdapter(f"{folder} is not a PEFT adapter: it has no {CONFIG_FILE}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidAdapter(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise InvalidAdapter(f"{folder} is a {kind or 'unknown'} adapter; adapterkit handles LoRA")
+    weights = folder / WEIGHTS_FILE
+    if weights.is_file():
+        header, _ = _header(weights)
+        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        return AdapterFiles(folder, config, shapes, pickled=False)
+    if (folder / PICKLE_FILE).is_file():
+        if not trust_pickle:
+            raise UnsafeWeights(
+                f"{folder} holds pickled weights ({PICKLE_FILE}), which can run arbitrary code "
+                "when loaded. If you made them or trust their source, pass --trust-pickle; they "
+                "are then converted to safetensors"
+            )
+        import torch
+
+        state = torch.load(folder / PICKLE_FILE, map_location="cpu", weights_only=True)
+        return AdapterFiles(folder, config, {k: tuple(v.shape) for k, v in state.items()},
+                            pickled=True)
+    raise InvalidAdapter(f"{folder} is not a PEFT adapter: it has no {WEIGHTS_FILE}")
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    try:
+        return read_safetensors_header(path)
+    except Exception as exc:  # BaseLoadError speaks of bases; say "adapter" here
+        raise InvalidAdapter(str(exc).replace("safetensors file", "adapter weights")) from None
+
+
+def _split_key(key: str) -> tuple[str, str | None]:
+    """``base_model.model.X.lora_A.weight`` → ``("X", "A")``; full tensors → ``(param, None)``."""
+    body = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    parts = body.split(".")
+    for i, part in enumerate(parts):
+        if part in _LORA_PARTS:
+            return ".".join(parts[:i]), _LORA_PARTS[part]
+    return body, None
+
+
+def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
+    """Raise :class:`BaseMismatch` unless every tensor of the adapter lands on the base."""
+    if not adapter.shapes:
+        raise InvalidAdapter(f"{adapter.folder} has no tensors: it would change nothing")
+    problems: list[str] = []
+    ranks: dict[str, int] = {}
+    for key, shape in sorted(adapter.shapes.items()):
+        module, part = _split_key(key)
+        if part is None:
+            expected = structure.params.get(module)
+            if expected is None:
+                problems.append(f"{module} does not exist in the base")
+            elif tuple(expected) != tuple(shape):
+                problems.append(_shape_problem(module, shape, expected, structure))
+            continue
+        if part in ("A", "B", "magnitude"):
+            if module not in structure.linear:
+                where = "is not a linear layer of" if module in structure.params or any(
+                    p.startswith(module + ".") for p in structure.params) else "does not exist in"
+                problems.append(f"LoRA module {module} {where} the base")
+                continue
+            fan_in, fan_out = structure.linear[module]
+            if part == "A" and (len(shape) != 2 or shape[1] != fan_in):
+                problems.append(f"{key}: shape {list(shape)} does not fit in_features={fan_in}")
+            if part == "B" and (len(shape) != 2 or shape[0] != fan_out):
+                problems.append(f"{key}: shape {list(shape)} does not fit out_features={fan_out}")
+        else:
+            if module not in structure.embedding:
+                problems.append(f"LoRA embedding {module} does not exist in the base")
+                continue
+            vocab, dim = structure.embedding[module]
+            size = shape[1] if part == "embA" else shape[0]
+            want = vocab if part == "embA" else dim
+            if size != want:
+                problems.append(_shape_problem(key, shape, (vocab, dim), structure))
+        if part in ("A", "embA"):
+            ranks[module] = shape[0]
+        elif part in ("B", "embB") and module in ranks and shape[-1] != ranks[module]:
+            problems.append(f"{module}: lora_A rank {ranks[module]} but lora_B rank {shape[-1]}")
+    _check_config_targets(adapter.config, structure, problems)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise BaseMismatch(
+            f"adapter in {adapter.folder.name} does not fit base {structure.architecture}: "
+            + "; ".join(problems[:3]) + more
+            + ". It would load with warnings and answer like the plain base; "
+            "pass the base it was trained on with --base"
+        )
+
+
+def _shape_problem(name: str, shape: tuple, expected: tuple, structure: BaseStructure) -> str:
+    if structure.vocab_size and structure.vocab_size in expected and shape and (
+        shape[0] != expected[0] or shape[-1] != expected[-1]
+    ):
+        return (f"{name} was trained with a vocabulary of {max(shape)} tokens, the base has "
+                f"{structure.vocab_size}")
+    return f"{name}: shape {list(shape)} but the base has {list(expected)}"
+
+
+def _check_config_targets(config: dict, structure: BaseStructure, problems: list[str]) -> None:
+    import re
+
+    targets = config.get("target_modules")
+    if not targets or targets == "all-linear":
+        return
+    modules = list(structure.linear) + list(structure.embedding)
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, m) for m in modules):
+            problems.append(f"target_modules pattern {targets!r} matches no module of the base")
+        return
+    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if missing:
+        problems.append(f"target module(s) {', '.join(missing)} do not exist in the base")
+
+
+def convert_pickle(folder: Path, staged: Path) -> None:
+    """Write ``folder``'s trusted pickled weights as safetensors into ``staged``."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = torch.load(folder / PICKLE_FILE, map_location="cpu", weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, staged / WEIGHTS_FILE,
+              metadata={"format": "pt"})
+    (staged / PICKLE_FILE).unlink(missing_ok=True)
+
+
+def import_peft_folder(library: Library, folder: Path, name: str, *, base: str | None = None,
+                       trust_pickle: bool = False,
+                       source: dict[str, Any] | None = None) -> PocketBook:
+    """Check a plain PEFT adapter against its base and add it to ``library``.
+
+    :param source: where it came from, recorded in the metadata (default: this folder).
+    """
+    from adapterkit.base.load import inspect_structure
+    from adapterkit.base.fingerprints import fingerprint
+    from adapterkit.base.resolve import canonical_spec, remember_base, resolve_base
+
+    ref = library.reserve(name)
+    adapter = read_adapter(folder, trust_pickle=trust_pickle)
+    base_spec = base or adapter.config.get("base_model_name_or_path")
+    if not base_spec:
+        raise BaseMismatch(f"{folder} does not name its base; pass --base")
+    base_source = resolve_base(str(base_spec), library.home)
+    check_fits(adapter, inspect_structure(base_source.folder))
+    fp = fingerprint(base_source.folder)
+    remember_base(library.home, fp, canonical_spec(str(base_spec), base_source))
+    meta = PocketBookMeta(
+        name=ref.name, version=ref.version or 1,
+        base={"name": base_source.name, "fingerprint": fp,
+              "provenance": base_source.provenance},
+        method="lora",  # a PEFT config does not record how its base was quantized
+        hyperparameters={k: adapter.config.get(k) for k in
+                         ("r", "lora_alpha", "lora_dropout", "target_modules") if k in adapter.config},
+        source=dict(source or {"kind": "import", "folder": folder.resolve().name},
+                    pickled=adapter.pickled),
+    )
+    with library.stage() as staged:
+        config = dict(adapter.config)
+        if base_source.provenance.get("hub_id"):
+            config["base_model_name_or_path"] = base_source.provenance["hub_id"]
+        (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if adapter.pickled:
+            convert_pickle(folder, staged)
+        else:
+            shutil.copy(folder / WEIGHTS_FILE, staged / WEIGHTS_FILE)
+        if (folder / CARD_FILE).is_file():
+            shutil.copy(folder / CARD_FILE, staged / CARD_FILE)
+        return library.commit(staged, meta, name=str(ref))

@@ -1,0 +1,224 @@
+"""Combining pocket books: merge (through a registered strategy) and stack entries.
+
+The core checks what every strategy needs — same base, as many weights as members, finite
+weights (non-negative where the strategy says so), a density in (0, 1] where one is used — then
+hands the members to the strategy and saves the result as an ordinary pocket book that records
+its parents and method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from adapterkit.errors import BaseMismatch, ConfigError
+from adapterkit.library.store import CONFIG_FILE, WEIGHTS_FILE, Library, PocketBook
+from adapterkit.library.metadata import PocketBookMeta
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.plugin_api.manager import PluginManager
+
+
+@dataclass
+class MergeInput:
+    """One member of a merge, as strategies see it."""
+
+    ref: str
+    path: Path
+    config: dict[str, Any]
+
+    def tensors(self) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / WEIGHTS_FILE))
+
+
+@dataclass
+class MergeOutput:
+    """What a strategy returns: a PEFT adapter config and its tensors (PEFT key names)."""
+
+    config: dict[str, Any]
+    tensors: dict[str, Any]
+
+
+def check_weights(refs: list[str], weights: list[float], *, allow_negative: bool,
+                  method: str) -> list[float]:
+    if len(weights) != len(refs):
+        raise ConfigError(f"{len(refs)} pocket books but {len(weights)} weights; give one weight "
+                          "per pocket book")
+    for ref, w in zip(refs, weights):
+        if not isinstance(w, (int, float)) or math.isnan(w) or math.isinf(w):
+            raise ConfigError(f"weight for {ref} must be a finite number, got {w!r}")
+        if w < 0 and not allow_negative:
+            raise ConfigError(f"method {method} does not accept negative weights ({ref}: {w})")
+    return [float(w) for w in weights]
+
+
+def merge(library: Library, refs: list[str], weights: list[float] | None, *, method: str,
+          name: str, rank: int | None = None, density: float | None = None,
+          plugins: PluginManager | None = None,
+          load_base: Callable[[], Any] | None = None) -> PocketBook:
+    """Merge pocket books ``refs`` with ``method`` into a new pocket book ``name``."""
+    from adapterkit.plugin_api.manager import default_plugin_manager
+    from adapterkit.base.resolve import base_spec_for
+
+    pm = plugins or default_plugin_manager()
+    strategy = pm.merge_strategies.get(method)
+    if len(refs) < 2:
+        raise ConfigError("merge needs at least two pocket books")
+    target = library.reserve(name)
+    books = [library.get(r) for r in refs]
+    weights = check_weights([b.ref for b in books], weights or [1.0] * len(books),
+                            allow_negative=strategy.allows_negative, method=method)
+    check_underlays(books, "the merge")
+    fingerprints = {b.meta.base_fingerprint for b in books}
+    if len(fingerprints) > 1:
+        listing = ", ".join(f"{b.ref} ({b.meta.base.get('name')})" for b in books)
+        raise BaseMismatch(f"cannot merge pocket books of different bases: {listing}")
+    if strategy.uses_density:
+        if density is None or not 0 < density <= 1:
+            raise ConfigError(f"method {method} needs --density in (0, 1], got {density}")
+    if rank is not None and rank < 1:
+        raise ConfigError(f"--rank must be at least 1, got {rank}")
+    inputs = [MergeInput(b.ref, b.path, json.loads((b.path / CONFIG_FILE).read_text()))
+              for b in books]
+
+    def base_model() -> Any:
+        if load_base is not None:
+            return load_base()
+        from adapterkit.base.load import load_base as load
+
+        spec = base_spec_for(books[0].meta.base, library.home)
+        return load(spec, home=library.home).model
+
+    out = strategy.merge(adapters=inputs, weights=weights, rank=rank, density=density,
+                         base_model=base_model)
+    meta = PocketBookMeta(
+        name=target.name, version=0, base=dict(books[0].meta.base), method="lora",
+        trainer=None, parents=[b.ref for b in books],
+        hyperparameters={"merge_method": method, "weights": weights, "rank": out.config.get("r"),
+                         "density": density},
+        source={"kind": "merge", "method": method},
+    )
+    return save_adapter(library, out, meta, str(target))
+
+
+def save_adapter(library: Library, out: MergeOutput, meta: PocketBookMeta,
+                 name: str) -> PocketBook:
+    """Write a config + tensors as a standard PEFT folder into the library (atomic)."""
+    from safetensors.torch import save_file
+
+    from adapterkit.library.card import write_card
+
+    with library.stage() as staged:
+        (staged / CONFIG_FILE).write_text(json.dumps(out.config, indent=2), encoding="utf-8")
+        save_file({k: v.contiguous() for k, v in out.tensors.items()}, staged / WEIGHTS_FILE,
+                  metadata={"format": "pt"})
+        write_card(staged, meta)
+        return library.commit(staged, meta, name=name)
+
+
+def lora_pairs(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """PEFT tensor names → ``{module path: {"A": tensor, "B": tensor}}``."""
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        body = key.removeprefix("base_model.model.")
+        for part, short in ((".lora_A.", "A"), (".lora_B.", "B")):
+            if part in body:
+                pairs.setdefault(body.split(part)[0], {})[short] = tensor
+    return pairs
+
+
+def scale_of(config: dict[str, Any], rank: int) -> float:
+    alpha = config.get("lora_alpha", rank)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def lora_config(template: dict[str, Any], *, rank: int, alpha: float,
+                target_modules: list[str]) -> dict[str, Any]:
+    """A plain LoRA config for a merged adapter, based on a member's config."""
+    config = {k: v for k, v in template.items()
+              if k not in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+                           "modules_to_save", "layers_to_transform")}
+    config.update(r=rank, lora_alpha=alpha, target_modules=sorted(target_modules),
+                  rank_pattern={}, alpha_pattern={}, use_rslora=False, use_dora=False)
+    return config
+
+
+def concatenate(inputs: list[MergeInput], weights: list[float]) -> MergeOutput:
+    """One PEFT adapter equal to the weighted stack: ranks concatenated, exact (no SVD).
+
+    Modules that some members do not target get zero rows, so every module has the same rank.
+    """
+    import torch
+
+    members = [(lora_pairs(i.tensors()), i.config, w) for i, w in zip(inputs, weights)]
+    paths = sorted(set().union(*(pairs.keys() for pairs, _, _ in members)))
+    blocks: dict[str, tuple[Any, Any]] = {}
+    for path in paths:
+        As, Bs = [], []
+        for pairs, config, w in members:
+            if path in pairs:
+                a, b = pairs[path]["A"], pairs[path]["B"]
+                As.append(a)
+                Bs.append(b * (w * scale_of(config, a.shape[0])))
+        blocks[path] = (torch.cat(As), torch.cat(Bs, dim=1))
+    rank = max(a.shape[0] for a, _ in blocks.values())
+    tensors = {}
+    for path, (a, b) in blocks.items():
+        if a.shape[0] < rank:
+            a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.contiguous()
+    targets = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return MergeOutput(lora_config(inputs[0].config, rank=rank, alpha=rank,
+                                   target_modules=targets), tensors)
+
+
+def check_underlays(books: list[PocketBook], action: str) -> None:
+    """Refuse to fold a pocket book trained ``--on`` others into one adapter without them:
+    the result would silently lose what it was trained on top of."""
+    named = {b.ref for b in books}
+    missing = sorted({u for b in books for u in b.meta.stacked_on if u not in named})
+    if missing:
+        needy = ", ".join(b.ref for b in books if set(b.meta.stacked_on) & set(missing))
+        raise ConfigError(f"{needy} is trained on top of {', '.join(missing)}, which {action} "
+                          "would leave out; add it (weight 1 keeps it as it was trained)")
+
+
+def stack(library: Library, refs: list[str], weights: list[float] | None, *, name: str,
+          flatten: bool = False) -> PocketBook:
+    """Save a stack: an entry referencing its members, or with ``flatten`` one PEFT adapter."""
+    from adapterkit.library.store import CARD_FILE
+
+    target = library.reserve(name)
+    books = [library.get(r) for r in refs]
+    weights = check_weights([b.ref for b in books], weights or [1.0] * len(books),
+                            allow_negative=True, method="stack")
+    if len({b.meta.base_fingerprint for b in books}) > 1:
+        raise BaseMismatch("cannot stack pocket books of different bases: " + ", ".join(
+            f"{b.ref} ({b.meta.base.get('name')})" for b in books))
+    kinds = [b.ref for b in books if b.meta.kind != "adapter"]
+    if kinds:
+        raise ConfigError(f"stack members must be single pocket books: {', '.join(kinds)}")
+    members = dict(zip([b.ref for b in books], weights))
+    meta = PocketBookMeta(name=target.name, version=0, base=dict(books[0].meta.base),
+                          method="lora", parents=list(members),
+                          hyperparameters={"weights": members, "flattened": flatten},
+                          kind="adapter" if flatten else "stack",
+                          source={"kind": "stack"})
+    if flatten:
+        check_underlays(books, "flattening")
+        inputs = [MergeInput(b.ref, b.path, json.loads((b.path / CONFIG_FILE).read_text()))
+                  for b in books]
+        return save_adapter(library, concatenate(inputs, weights), meta, str(target))
+    from adapterkit.library.card import write_card
+
+    with library.stage() as staged:
+        write_card(staged, meta)
+        assert (staged / CARD_FILE).exists()
+        return library.commit(staged, meta, name=str(target))

@@ -1,0 +1,259 @@
+"""The one home of the LoRA math: PEFT tensor names, per-layer scales, rank padding, features.
+
+Every path that reads LoRA factors itself instead of going through PEFT — sessions, the frozen
+pocket books underneath a training run, stacks, ``stack --flatten``, the exact merges,
+``export --merged``, the reward scorer — reads them here, so they agree with each other and
+with PEFT. Two rules drifted when each path had its own copy (sessions honoured
+``alpha_pattern``, merging did not), which is why there is exactly one copy now.
+
+What a path cannot do exactly it refuses, naming the feature (:func:`refuse_inexact`): a DoRA
+magnitude, full tensors (``modules_to_save``), embedding LoRA, LoRA biases, trainable tokens,
+Conv1D layers and PiSSA/OLoRA-style initialisations that rewrite the base are all PEFT
+features that plain ``y = W x + s·B A x`` does not express.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from adapterkit.errors import InvalidAdapter
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+#: The PEFT name part → our short name for it.
+_PARTS = {
+    "lora_A": "A", "lora_B": "B", "lora_embedding_A": "embA", "lora_embedding_B": "embB",
+    "lora_magnitude_vector": "magnitude", "base_layer": "base_layer",
+    "trainable_tokens_delta": "tokens", "token_adapter": "tokens",
+}
+
+#: Initialisations with which PEFT rewrites the base weights when the adapter is loaded
+#: (unless the adapter was converted when saved): ``W_base`` is not the base on disk.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda")
+
+
+@dataclass(frozen=True)
+class TensorName:
+    """A saved PEFT tensor name, parsed: the base module it belongs to and which part it is.
+
+    ``part`` is ``"A"``, ``"B"``, ``"B.bias"`` (``lora_bias``), ``"embA"``, ``"embB"``,
+    ``"magnitude"`` (DoRA), ``"base_layer"`` (a copy of a base weight PEFT saves with embedding
+    or ``lm_head`` LoRA), ``"tokens"`` (trainable tokens) or ``None`` (a full tensor: a
+    ``modules_to_save`` layer or a bias).
+    """
+
+    key: str
+    module: str
+    part: str | None
+    leaf: str  # "weight", "bias", or "" for parameters saved without one
+
+
+def parse_key(key: str) -> TensorName:
+    """``base_model.model.X.lora_A.weight`` → ``TensorName(module="X", part="A")``."""
+    body = key.removeprefix(PREFIX)
+    parts = body.split(".")
+    for i, piece in enumerate(parts):
+        if piece in _PARTS:
+            leaf = ".".join(parts[i + 1:])
+            part = _PARTS[piece]
+            if part == "B" and leaf == "bias":
+                part = "B.bias"
+            return TensorName(key, ".".join(parts[:i]), part, leaf)
+    module, _, leaf = body.rpartition(".")
+    return TensorName(key, module, None, leaf)
+
+
+def pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """The value ``pattern`` (``rank_pattern``/``alpha_pattern``) gives ``module``, resolved
+    exactly as PEFT does: the *first* key (in the config's order) that matches the end of the
+    module path wins. PEFT's own function, so a change in PEFT's rule reaches us too."""
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(pattern.keys()), module)
+    return pattern.get(key, default)
+
+
+def rank_of(config: dict[str, Any], module: str) -> int:
+    """The configured rank of ``module`` (``r`` or its ``rank_pattern`` entry)."""
+    return int(pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
+
+
+def scale_of(config: dict[str, Any], module: str) -> float:
+    """PEFT's ``scaling`` for ``module``: ``alpha / r`` (``alpha / √r`` with rsLoRA), with ``r``
+    and ``alpha`` taken from ``rank_pattern`` / ``alpha_pattern`` where they match."""
+    rank = rank_of(config, module)
+    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    return float(alpha) / (rank ** 0.5 if config.get("use_rslora") else rank)
+
+
+@dataclass
+class Factors:
+    """The LoRA of one linear layer: ``ΔW = scale · B @ A`` (``A`` is r × in, ``B`` out × r)."""
+
+    a: Any
+    b: Any
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def scaled_b(self, weight: float = 1.0) -> Any:
+        """``B · scale · weight``: the form stacks and merges concatenate."""
+        return self.b * (self.scale * weight)
+
+
+def features(config: dict[str, Any], names: Iterable[TensorName]) -> list[str]:
+    """The PEFT features this adapter uses beyond plain linear LoRA, named for users.
+
+    Empty means ``y = W x + s · B A x`` on the base as stored is all it does.
+    """
+    names = list(names)
+    found = []
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        found.append(f"{init} initialisation (PEFT rewrites the base weights when it loads it)")
+    if config.get("use_dora") or any(n.part == "magnitude" for n in names):
+        found.append("DoRA (a magnitude vector per layer)")
+    if any(n.part in ("embA", "embB") for n in names):
+        found.append("embedding LoRA")
+    if config.get("lora_bias") or any(n.part == "B.bias" for n in names):
+        found.append("lora_bias (a trained bias on lora_B)")
+    if config.get("trainable_token_indices") or any(n.part == "tokens" for n in names):
+        found.append("trainable tokens")
+    full = sorted({n.module for n in names if n.part is None})
+    if full:
+        what = "modules_to_save" if config.get("modules_to_save") else "full tensors"
+        found.append(f"{what} ({', '.join(full[:3])}{', ...' if len(full) > 3 else ''})")
+    if config.get("fan_in_fan_out"):
+        found.append("fan_in_fan_out (Conv1D layers, e.g. GPT-2)")
+    return found
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidAdapter(f"{folder / CONFIG_FILE} cannot be read: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{folder / CONFIG_FILE} is not a JSON object")
+    return config
+
+
+def refuse_inexact(ref: str, config: dict[str, Any], names: Iterable[TensorName], *,
+                   path: str, handled: Iterable[str] = ()) -> None:
+    """Raise :class:`InvalidAdapter` if ``path`` (e.g. ``"a session"``) cannot reproduce
+    what PEFT does with this adapter; the message names every feature in the way."""
+    handled = tuple(handled)
+    missing = [f for f in features(config, names) if not f.startswith(handled)]
+    if missing:
+        raise InvalidAdapter(
+            f"{ref} uses {'; '.join(missing)}, which {path} cannot apply exactly; "
+            "`adapterkit eval` and `adapterkit generate` load it through PEFT, which can")
+
+
+def read_factors(folder: Path, *, ref: str, path: str, dtype: Any = None, device: Any = "cpu",
+                 extra: dict[str, Any] | None = None,
+                 base_weights: Any = None) -> dict[str, Factors]:
+    """Every linear layer's LoRA factors in the PEFT folder ``folder``, with PEFT's scales.
+
+    Refuses (:func:`refuse_inexact`) what ``path`` cannot apply exactly. Full tensors (a
+    reward head's ``modules_to_save``) are collected into ``extra`` when the caller handles them.
+    ``base_layer`` copies that PEFT saves beside ``lm_head`` LoRA are checked against the base
+    (``base_weights(module) -> tensor``) when given: equal, they change nothing.
+    """
+    from safetensors.torch import load_file
+
+    config = read_config(folder)
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise InvalidAdapter(f"{ref}: {folder / WEIGHTS_FILE} cannot be read ({exc})") from None
+    names = [parse_key(k) for k in state]
+    handled = ("modules_to_save", "full tensors") if extra is not None else ()
+    refuse_inexact(ref, config, names, path=path, handled=handled)
+    pairs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        tensor = state[name.key]
+        if name.part in ("A", "B"):
+            pairs.setdefault(name.module, {})[name.part] = tensor
+        elif name.part == "base_layer":
+            _check_base_copy(ref, name, tensor, base_weights)
+        elif extra is not None:  # full tensors, allowed by the caller
+            extra[name.key.removeprefix(PREFIX)] = tensor
+    out = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise InvalidAdapter(f"{ref}: {module} has lora_{next(iter(pair))} but not both "
+                                 "factors; the adapter is damaged")
+        a, b = pair["A"], pair["B"]
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
+        out[module] = Factors(a, b, scale_of(config, module))
+    return out
+
+
+def _check_base_copy(ref: str, name: TensorName, tensor: Any, base_weights: Any) -> None:
+    if base_weights is None:
+        return
+    weight = base_weights(name.module)
+    if weight is None:
+        return
+    if tuple(weight.shape) != tuple(tensor.shape) or not bool(
+            (weight.float().cpu() == tensor.float().cpu()).all()):
+        raise InvalidAdapter(
+            f"{ref} saves its own copy of {name.module}'s base weight, and it differs from this "
+            "base (a resized or retrained layer); PEFT would overwrite the base with it. "
+            "Use it through `adapterkit eval`/`generate`, or re-save it without that layer")
+
+
+def pad(a: Any, b: Any, rank: int) -> tuple[Any, Any]:
+    """Zero-pad ``A`` (r × in) and ``B`` (out × r) to ``rank``: the same product, one shape."""
+    import torch
+
+    r = a.shape[0]
+    if r >= rank:
+        return a, b
+    return (torch.cat([a, a.new_zeros(rank - r, a.shape[1])]),
+            torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1))
+
+
+def concat(members: list[tuple[Factors, float]]) -> tuple[Any, Any]:
+    """``(A, B)`` with ``B @ A = Σ wᵢ sᵢ Bᵢ Aᵢ`` exactly: ranks concatenated, scales in ``B``."""
+    import torch
+
+    return (torch.cat([f.a for f, _ in members]),
+            torch.cat([f.scaled_b(w) for f, w in members], dim=1))
+
+
+def plain_config(template: dict[str, Any], *, rank: int, target_modules: list[str]
+                 ) -> dict[str, Any]:
+    """A PEFT config for a combined adapter whose scale is already inside ``B``: ``alpha = r``,
+    no patterns, no rsLoRA, no layer filter, no DoRA — nothing a member's config could carry
+    over that would change the result (PEFT's ``add_weighted_adapter`` copies the first
+    member's ``use_rslora`` and ``layers_to_transform``)."""
+    drop = ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "modules_to_save",
+            "layers_to_transform", "layers_pattern", "lora_bias", "trainable_token_indices",
+            "init_lora_weights", "exclude_modules")
+    config = {k: v for k, v in template.items() if k not in drop}
+    config.update(r=rank, lora_alpha=rank, target_modules=sorted(target_modules),
+                  rank_pattern={}, alpha_pattern={}, use_rslora=False, use_dora=False,
+                  bias="none", init_lora_weights=True)
+    return config
+
+
+def tensors_of(factors: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """``{module: (A, B)}`` → PEFT tensor names, as ``save_pretrained`` writes them."""
+    out = {}
+    for module, (a, b) in factors.items():
+        out[f"{PREFIX}{module}.lora_A.weight"] = a.contiguous()
+        out[f"{PREFIX}{module}.lora_B.weight"] = b.contiguous()
+    return out
+

@@ -1,0 +1,150 @@
+"""Frozen pocket books underneath a training run (``train --on NAME``).
+
+A parent pocket book is folded in as a forward hook on each base linear layer it touches:
+``y = base(x) + (x Aᵀ) Bᵀ · scale`` with its factors held as plain tensors, not parameters. So it
+is exactly active (no rounding, also on a 4-bit base), never trained, never saved with the new
+pocket book — and because it sits *inside* the base layer, PEFT's ``disable_adapter()`` switches
+off only the new pocket book. That is what makes TRL's reference model (DPO, GRPO's KL), the
+forgetting guard's anchor and the forgetting check all mean "the policy before this stage",
+with no second copy of anything.
+
+Why not PEFT's multi-adapter support for this: ``disable_adapter()`` there switches every
+adapter off at once, so the reference would silently become the plain base.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from adapterkit.errors import BaseMismatch, InvalidAdapter
+from adapterkit.library.store import CONFIG_FILE, Library, PocketBook
+
+HANDLES_ATTR = "_adapterkit_underlay"
+
+
+def is_reward_book(book: PocketBook) -> bool:
+    """A reward pocket book scores text (LoRA + scalar head); it cannot be a policy."""
+    try:
+        config = json.loads((book.path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return config.get("task_type") == "SEQ_CLS"
+
+
+def refuse_reward(book: PocketBook) -> None:
+    """A reward pocket book cannot be attached for generation."""
+    if is_reward_book(book):
+        raise InvalidAdapter(f"{book.ref} is a reward pocket book: it scores text, it does not "
+                             "generate. Use it with `adapterkit train rlhf --reward`")
+
+
+def chain(library: Library, book: PocketBook) -> list[PocketBook]:
+    """``book``'s own underlay (bottom first), then ``book`` itself: the stack it needs."""
+    return [library.get(ref) for ref in book.meta.stacked_on] + [book]
+
+
+def check_policy(book: PocketBook, base: Any, *, role: str) -> None:
+    """Refuse a stack, or a pocket book made on another base, where a policy is expected
+    (reward pocket books are refused before the base loads: ``training._parent``)."""
+    from adapterkit.runtime.session import check_base
+
+    if book.meta.kind != "adapter":
+        raise InvalidAdapter(f"{role} {book.ref} is a {book.meta.kind}; name one trained "
+                             "pocket book")
+    try:
+        check_base(base, book)
+    except BaseMismatch as exc:
+        raise BaseMismatch(f"{role}: {exc}") from None
+
+
+class Gate:
+    """Whether a set of folded-in pocket books is active right now (a reward pocket book is
+    folded in switched off, and switched on only while it scores)."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
+
+    @contextmanager
+    def set(self, on: bool) -> Iterator[None]:
+        previous, self.on = self.on, on
+        try:
+            yield
+        finally:
+            self.on = previous
+
+
+def apply(model: Any, books: list[PocketBook], *, gate: Gate | None = None,
+          extra: dict[str, Any] | None = None) -> Gate:
+    """Fold ``books`` (bottom first) into ``model``'s linear layers as frozen forward hooks.
+
+    Returns the :class:`Gate` that switches them (on unless ``gate`` says otherwise). Tensors
+    that are not LoRA factors (a reward head) are refused unless ``extra`` collects them.
+    """
+    import torch
+
+    from adapterkit.runtime.session import read_factors
+
+    gate = gate or Gate()
+    if not books:
+        return gate
+    device = next(model.parameters()).device
+    per_layer: dict[str, list[tuple[Any, Any, Any]]] = {}
+    for book in books:
+        loaded = read_factors(book, dtype=torch.float32, device=device, extra=extra)
+        for path, factors in loaded.factors.items():
+            per_layer.setdefault(path, []).append(factors)
+    handles = getattr(model, HANDLES_ATTR, [])
+    for path, factors in per_layer.items():
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            raise BaseMismatch(f"the pocket books underneath target {path}, which this base "
+                               "does not have") from None
+        # Concatenate ranks: one matmul pair per layer however many books are underneath.
+        a = torch.cat([f[0] for f in factors])
+        b = torch.cat([f[1] * f[2] for f in factors], dim=1)
+        handles.append((layer.register_forward_hook(_hook(a, b, gate)), gate))
+    setattr(model, HANDLES_ATTR, handles)
+    return gate
+
+
+def remove(model: Any, gate: Gate | None = None) -> None:
+    """Take the frozen pocket books back out of ``model`` (only ``gate``'s, if given)."""
+    keep = []
+    for handle, owner in getattr(model, HANDLES_ATTR, []):
+        if gate is None or owner is gate:
+            handle.remove()
+        else:
+            keep.append((handle, owner))
+    if keep:
+        setattr(model, HANDLES_ATTR, keep)
+    elif hasattr(model, HANDLES_ATTR):
+        delattr(model, HANDLES_ATTR)
+
+
+@contextmanager
+def suspended(model: Any, keep: Gate | None = None) -> Iterator[None]:
+    """Every folded-in pocket book of ``model`` off (but ``keep``'s), e.g. while a reward
+    pocket book scores text on the plain base."""
+    gates = {id(g): g for _, g in getattr(model, HANDLES_ATTR, []) if g is not keep}
+    previous = {k: g.on for k, g in gates.items()}
+    for g in gates.values():
+        g.on = False
+    try:
+        yield
+    finally:
+        for k, g in gates.items():
+            g.on = previous[k]
+
+
+def _hook(a: Any, b: Any, gate: Gate) -> Any:
+    def add_delta(module: Any, inputs: tuple[Any, ...], output: Any) -> Any:
+        if not gate.on:
+            return output
+        x = inputs[0]
+        delta = (x.to(a.dtype) @ a.t()) @ b.t()
+        return output + delta.to(output.dtype)
+
+    return add_delta

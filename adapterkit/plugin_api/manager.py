@@ -1,0 +1,278 @@
+"""Finding, loading and calling plugins — and surviving broken ones.
+
+Plugins come from the ``adapterkit`` entry-point group (the built-ins too) and from
+``ADAPTERKIT_LOAD_PLUGINS`` (comma-separated ``.py`` files, folders or module names). Plugins named
+in ``ADAPTERKIT_DISABLE_PLUGINS`` (comma-separated; ``*`` for all entry-point plugins) are not
+loaded at all.
+
+Fault isolation is the point of this module: a plugin that fails to import, declares a hook that
+does not exist, or raises in a hook produces one warning naming it, and every other plugin — and
+every command, including the one that would uninstall it — keeps working. That is why
+registration hooks are called one implementation at a time instead of through pluggy's
+all-or-nothing ``pm.hook.register_x(...)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from adapterkit.plugin_api import hookspecs
+from adapterkit.errors import PluginError
+from adapterkit.plugin_api.registry import AdapterMethod, DataFormat, MergeStrategy, Registry, Scorer, Trainer
+
+ENTRY_POINT_GROUP = "adapterkit"
+LOAD_ENV = "ADAPTERKIT_LOAD_PLUGINS"
+DISABLE_ENV = "ADAPTERKIT_DISABLE_PLUGINS"
+
+
+class PluginWarning(UserWarning):
+    """A plugin was skipped or one of its hooks failed; everything else keeps working."""
+
+
+@dataclass
+class PluginInfo:
+    """What ``adapterkit plugins`` reports about one plugin."""
+
+    name: str
+    version: str | None
+    source: str
+    hooks: list[str] = field(default_factory=list)
+    registers: dict[str, list[str]] = field(default_factory=dict)
+    hook_version: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "source": self.source,
+            "hook_version": self.hook_version,
+            "hooks": self.hooks,
+            "registers": self.registers,
+        }
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, PluginWarning, stacklevel=3)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class PluginManager:
+    """The loaded plugins and everything they registered.
+
+    Build one with :func:`get_plugin_manager`; tests build fresh ones and register inline plugins
+    with :meth:`add`.
+    """
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("adapterkit")
+        self.pm.add_hookspecs(hookspecs)
+        self.info: dict[str, PluginInfo] = {}
+        self.methods: Registry[AdapterMethod] = Registry("method", AdapterMethod)
+        self.trainers: Registry[Trainer] = Registry("trainer", Trainer)
+        self.merge_strategies: Registry[MergeStrategy] = Registry("merge strategy", MergeStrategy)
+        self.data_formats: Registry[DataFormat] = Registry("data format", DataFormat)
+        self.scorers: Registry[Scorer] = Registry("scorer", Scorer)
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def add(self, plugin: object, name: str, *, version: str | None = None,
+            source: str = "inline") -> bool:
+        """Register one plugin object/module and run its registration hooks.
+
+        Returns False (after a warning) when the plugin is unusable; never raises for it.
+        """
+        declared = getattr(plugin, "ADAPTERKIT_HOOK_VERSION", None)
+        if declared is not None and declared != hookspecs.HOOK_VERSION:
+            _warn(
+                f"plugin {name!r} was written for adapterkit hook version {declared}, this "
+                f"adapterkit has version {hookspecs.HOOK_VERSION}; skipped it. Upgrade the "
+                f"plugin (or adapterkit), or disable it with {DISABLE_ENV}={name}"
+            )
+            return False
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # pluggy.PluginValidationError, ValueError (duplicate name)
+            _warn(f"plugin {name!r} could not be registered: {_describe(exc)}")
+            return False
+        unknown = [
+            impl.function.__name__
+            for caller in vars(self.pm.hook).values()
+            if isinstance(caller, pluggy.HookCaller)
+            for impl in caller.get_hookimpls()
+            if impl.plugin_name == name and not caller.has_spec()
+        ]
+        if unknown:
+            self.pm.unregister(name=name)
+            _warn(
+                f"plugin {name!r} declares unknown hook(s) {', '.join(sorted(set(unknown)))}; "
+                f"skipped it. Known hooks: {', '.join(self.hook_names())}"
+            )
+            return False
+        info = PluginInfo(name=name, version=version, source=source, hook_version=declared)
+        info.hooks = sorted(
+            hook for hook in self.hook_names()
+            if any(i.plugin_name == name for i in getattr(self.pm.hook, hook).get_hookimpls())
+        )
+        self.info[name] = info
+        self._register_from(name)
+        return True
+
+    def hook_names(self) -> list[str]:
+        return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "adapterkit_spec"))
+
+    def _impls(self, hook: str, plugin: str | None = None) -> list[pluggy.HookImpl]:
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        return [i for i in impls if plugin is None or i.plugin_name == plugin]
+
+    def _register_from(self, plugin: str) -> None:
+        for hook, registry in (
+            ("register_methods", self.methods),
+            ("register_trainers", self.trainers),
+            ("register_merge_strategies", self.merge_strategies),
+            ("register_data_formats", self.data_formats),
+            ("register_scorers", self.scorers),
+        ):
+            for impl in self._impls(hook, plugin):
+                def register(item: Any, _registry: Registry = registry) -> None:
+                    try:
+                        _registry.add(item, plugin)
+                    except PluginError as exc:
+                        _warn(str(exc))
+                        return
+                    self.info[plugin].registers.setdefault(_registry.kind, []).append(item.name)
+
+                self._call(impl, register=register)
+
+    def _call(self, impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+        """Call one hook implementation with the keyword arguments it asks for; warn on failure."""
+        try:
+            return impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+        except Exception as exc:
+            _warn(
+                f"plugin {impl.plugin_name!r} failed in hook {impl.function.__name__}: "
+                f"{_describe(exc)}"
+            )
+            return None
+
+    # -- calling -----------------------------------------------------------------------------
+
+    def call_each(self, hook: str, **kwargs: Any) -> list[Any]:
+        """Call every implementation of ``hook`` in isolation (lifecycle hooks, commands)."""
+        return [self._call(impl, **kwargs) for impl in self._impls(hook)]
+
+    def method(self, name: str) -> AdapterMethod:
+        return self.methods.get(name)
+
+    def trainer(self, name: str) -> Trainer:
+        return self.trainers.get(name)
+
+
+def _disabled() -> set[str]:
+    return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+
+
+def _load_entry_points(manager: PluginManager, disabled: set[str]) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in disabled or "*" in disabled or ep.name in manager.info:
+            continue
+        version = ep.dist.version if ep.dist is not None else None
+        try:
+            module = ep.load()
+        except Exception as exc:
+            _warn(
+                f"plugin {ep.name!r} failed to import ({_describe(exc)}); it is skipped. "
+                f"Fix or uninstall it, or disable it with {DISABLE_ENV}={ep.name}"
+            )
+            continue
+        manager.add(module, ep.name, version=version, source=f"entry point {ep.value}")
+
+
+def _import_path(spec: str) -> list[tuple[str, ModuleType]]:
+    """Import ``spec``: a ``.py`` file, a folder (package, or a folder of ``.py`` files) or a module."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".py" and path.is_file():
+        return [(path.stem, _import_file(path.stem, path))]
+    if path.is_dir():
+        if (path / "__init__.py").is_file():
+            return [(path.name, _import_file(path.name, path / "__init__.py"))]
+        return [(p.stem, _import_file(p.stem, p)) for p in sorted(path.glob("*.py"))]
+    if os.sep in spec or spec.endswith(".py"):
+        raise FileNotFoundError(f"no such plugin file or folder: {spec}")
+    return [(spec, importlib.import_module(spec))]
+
+
+def _import_file(name: str, path: Path) -> ModuleType:
+    module_name = f"adapterkit_loaded_plugin_{name}"
+    spec = importlib.util.spec_from_file_location(
+        module_name, path, submodule_search_locations=[str(path.parent)]
+        if path.name == "__init__.py" else None,
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> None:
+    for spec in (s.strip() for s in os.environ.get(LOAD_ENV, "").split(",")):
+        if not spec:
+            continue
+        try:
+            modules = _import_path(spec)
+        except Exception as exc:
+            _warn(f"plugin {spec!r} from {LOAD_ENV} failed to load ({_describe(exc)}); skipped")
+            continue
+        for name, module in modules:
+            if name not in disabled:
+                manager.add(module, name, source=f"{LOAD_ENV}: {spec}")
+
+
+def get_plugin_manager(*, entry_points: bool = True, env: bool = True,
+                       plugins: dict[str, object] | None = None) -> PluginManager:
+    """Build a plugin manager with the installed plugins loaded and their registrations done.
+
+    :param entry_points: load plugins from the ``adapterkit`` entry-point group (built-ins too).
+    :param env: honour ``ADAPTERKIT_LOAD_PLUGINS`` and ``ADAPTERKIT_DISABLE_PLUGINS``.
+    :param plugins: extra ``{name: plugin}`` objects to register first (tests, embedding apps).
+    """
+    manager = PluginManager()
+    for name, plugin in (plugins or {}).items():
+        manager.add(plugin, name)
+    disabled = _disabled() if env else set()
+    if entry_points:
+        _load_entry_points(manager, disabled)
+    if env:
+        _load_env_plugins(manager, disabled)
+    return manager
+
+
+_default: PluginManager | None = None
+
+
+def default_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager used by the Python API when none is passed."""
+    global _default
+    if _default is None:
+        _default = get_plugin_manager()
+    return _default
+

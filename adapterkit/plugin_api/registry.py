@@ -1,0 +1,176 @@
+"""What plugins register: adapter methods, trainers, merge strategies, data formats.
+
+Each is a small class a plugin subclasses (or instantiates) and hands to ``register``. They are
+registries keyed by name — never chains of string comparisons — so a third party adds a method
+or a trainer and every combination with the existing ones works at once.
+
+Nothing here imports torch: registration happens at every CLI start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Iterator, TypeVar
+
+from adapterkit.errors import PluginError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peft import PeftConfig
+
+
+class Registrable:
+    """Common shape of everything a plugin registers: a unique ``name`` and a one-line help."""
+
+    kind: ClassVar[str] = "item"
+    name: str = ""
+    description: str = ""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class AdapterMethod(Registrable):
+    """How a pocket book is built on a base (``lora``, ``qlora``, ...).
+
+    A method chooses how the frozen base is loaded (``quantization``), prepares it for training,
+    and builds the PEFT config of the new pocket book.
+    """
+
+    kind = "method"
+    #: How the base must be loaded for this method: ``None`` (as stored), ``"4bit"`` or ``"8bit"``.
+    quantization: str | None = None
+
+    def peft_config(
+        self,
+        *,
+        target_modules: list[str] | str,
+        r: int = 16,
+        alpha: int = 32,
+        dropout: float = 0.05,
+        **options: Any,
+    ) -> PeftConfig:
+        """Return the PEFT config that builds a new pocket book with this method."""
+        raise NotImplementedError
+
+    def prepare_base(self, model: Any, *, gradient_checkpointing: bool = False) -> Any:
+        """Prepare the loaded base for training (e.g. k-bit preparation). Default: unchanged."""
+        return model
+
+
+class Trainer(Registrable):
+    """A training objective that turns data into a pocket book (``sft``, ``dpo``, ``rlhf``...)."""
+
+    kind = "trainer"
+    #: Standard data shapes this trainer reads, e.g. ``("text", "prompt_completion", "messages")``.
+    data_shapes: tuple[str, ...] = ()
+    #: What the new pocket book sits on: ``"causal-lm"`` (a policy that generates) or
+    #: ``"reward"`` (a scalar head on the same base: a reward pocket book, which scores text).
+    head: str = "causal-lm"
+
+    def train(self, **job: Any) -> Any:
+        """Train and return the trained PEFT model plus metrics. Called with keyword arguments."""
+        raise NotImplementedError
+
+
+class MergeStrategy(Registrable):
+    """A way of combining several pocket books into one (``adapterkit merge --method NAME``)."""
+
+    kind = "merge strategy"
+    #: Whether weights may be negative (task negation); the core refuses them otherwise.
+    allows_negative: bool = True
+    #: Whether the strategy needs ``density`` in (0, 1] (TIES, DARE, magnitude pruning).
+    uses_density: bool = False
+
+    def merge(self, *, adapters: list[Any], weights: list[float], rank: int | None = None,
+              density: float | None = None, base_model: Any = None, **options: Any) -> Any:
+        """Combine ``adapters`` (:class:`adapterkit.lora.combine.MergeInput`) with ``weights``.
+
+        :param rank: rank of the result, for strategies that choose one (SVD).
+        :param base_model: a callable returning the base model, for strategies that need it.
+        :returns: :class:`adapterkit.lora.combine.MergeOutput` (a PEFT config and its tensors).
+        """
+        raise NotImplementedError
+
+
+class DataFormat(Registrable):
+    """A row shape a trainer can read, converted to one of the standard shapes."""
+
+    kind = "data format"
+    #: Columns that identify this format; a file matches when it has all of them.
+    columns: tuple[str, ...] = ()
+    #: The standard shape rows are converted to: ``text``, ``prompt_completion``, ``messages``
+    #: or ``preference``.
+    shape: str = "text"
+
+    def matches(self, columns: set[str]) -> bool:
+        """True when a data file with these columns is in this format."""
+        return bool(self.columns) and set(self.columns) <= set(columns)
+
+    def convert(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Convert one row to the standard shape. Default: unchanged."""
+        return row
+
+
+class Scorer(Registrable):
+    """Scores a generated answer against the reference (``adapterkit eval --scorer NAME``)."""
+
+    kind = "scorer"
+
+    def score(self, prediction: str, reference: str) -> float:
+        """A score in [0, 1] for one answer."""
+        raise NotImplementedError
+
+
+T = TypeVar("T", bound=Registrable)
+
+
+@dataclass
+class Entry(Generic[T]):
+    """A registered object and the plugin that registered it."""
+
+    item: T
+    plugin: str
+
+
+@dataclass
+class Registry(Generic[T]):
+    """Name → object for one kind, remembering which plugin owns each name."""
+
+    kind: str
+    base_class: type
+    entries: dict[str, Entry[T]] = field(default_factory=dict)
+
+    def add(self, item: Any, plugin: str) -> None:
+        """Register ``item`` for ``plugin``; raise :class:`PluginError` on a bad item or a clash."""
+        if not isinstance(item, self.base_class):
+            raise PluginError(
+                f"plugin {plugin!r} registered {item!r} as a {self.kind}, "
+                f"but it is not an adapterkit.{self.base_class.__name__}"
+            )
+        name = getattr(item, "name", "")
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin!r} registered a {self.kind} without a name")
+        if name in self.entries:
+            owner = self.entries[name].plugin
+            raise PluginError(
+                f"plugin {plugin!r} defines its {self.kind} name as `{name}` "
+                f"but that name is already used by {owner!r}"
+            )
+        self.entries[name] = Entry(item, plugin)
+
+    def get(self, name: str) -> T:
+        """The object registered as ``name``, or an error that lists the known names."""
+        try:
+            return self.entries[name].item
+        except KeyError:
+            known = ", ".join(sorted(self.entries)) or "none (are the plugins installed?)"
+            raise PluginError(f"unknown {self.kind} {name!r}; known: {known}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[T]:
+        return (e.item for e in self.entries.values())

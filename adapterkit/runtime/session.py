@@ -1,0 +1,383 @@
+"""Sessions: one resident base, pocket books attached, swapped, stacked and switched off.
+
+Refuses a pocket book made on another base (fingerprint mismatch) unless forced, because a LoRA
+on the wrong base still "works" — it just produces quietly wrong answers. An unknown name is an
+error, never a silent answer from the plain base.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from adapterkit.base.load import Base
+from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter, PocketBookNotFound
+from adapterkit.library.store import CONFIG_FILE, WEIGHTS_FILE, Library, PocketBook
+
+
+def check_base(base: Base, book: PocketBook, *, force: bool = False) -> None:
+    """Raise :class:`BaseMismatch` unless ``book`` was made on ``base`` (or ``force``)."""
+    if book.meta.base_fingerprint == base.fingerprint:
+        return
+    message = (
+        f"pocket book {book.ref} was made on base {book.meta.base.get('name', '?')} "
+        f"(fingerprint {book.meta.base_fingerprint[:12]}), not on {base.name} "
+        f"(fingerprint {base.fingerprint[:12]})"
+    )
+    if not force:
+        raise BaseMismatch(message + f"; load {book.meta.base.get('name', 'its base')} instead, "
+                                     "or force it if you know the weights are compatible")
+    warnings.warn(message + "; attached anyway because it was forced", UserWarning, stacklevel=2)
+
+
+def attach(base: Base, book: PocketBook, *, adapter_name: str = "default",
+           force: bool = False, library: Library | None = None) -> Any:
+    """Wrap ``base.model`` with ``book`` as a PEFT model (inference mode).
+
+    A pocket book trained ``--on`` others brings its stack back: the ones underneath are loaded
+    as PEFT adapters too, and all are active together (PEFT's multi-adapter support, so
+    ``merge_and_unload`` and plain-PEFT users see the same thing).
+    """
+    from peft import PeftModel
+
+    from adapterkit.lora.underlay import refuse_reward
+
+    refuse_reward(book)
+    check_base(base, book, force=force)
+    under = [(library or Library()).get(ref) for ref in book.meta.stacked_on]
+    for item in under:
+        check_base(base, item, force=force)
+    first = under[0] if under else book
+    names = [f"under{i}" for i in range(len(under))] + [adapter_name]
+    model = PeftModel.from_pretrained(base.model, str(first.path), adapter_name=names[0],
+                                      is_trainable=False)
+    for item, name in zip((under + [book])[1:], names[1:]):
+        model.load_adapter(str(item.path), adapter_name=name, is_trainable=False)
+    if len(names) > 1:
+        model.base_model.set_adapter(names, inference_mode=True)
+    model.eval()
+    return model
+
+
+# -- fast sessions ----------------------------------------------------------------------------
+
+@dataclass
+class LoadedBook:
+    """An attached pocket book: its LoRA factors per module path, ready to bind."""
+
+    ref: str
+    rank: int
+    #: module path → (A [r, in], B [out, r], scale)
+    factors: dict[str, tuple[Any, Any, Any]]
+    prepared: list[tuple[Any, Any, Any, Any]] = field(default_factory=list)
+    #: The pocket books it was trained on top of: activated with it (bottom first).
+    stacked_on: list[str] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for a, b, _ in self.factors.values())
+
+
+def _scale_for(config: dict[str, Any], path: str, rank: int) -> float:
+    alpha = config.get("lora_alpha", rank)
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            alpha = value
+    if config.get("use_rslora"):
+        return alpha / rank ** 0.5
+    return alpha / rank
+
+
+def read_factors(book: PocketBook, *, dtype: Any, device: Any,
+                 extra: dict[str, Any] | None = None) -> LoadedBook:
+    """Read a pocket book's LoRA factors (one safetensors read) for a session.
+
+    Other tensors (a reward head, embedding LoRA) are refused, or collected into ``extra``.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((book.path / CONFIG_FILE).read_text(encoding="utf-8"))
+    if config.get("use_dora"):
+        raise InvalidAdapter(f"{book.ref} is a DoRA adapter; sessions swap plain LoRA only")
+    state = load_file(str(book.path / WEIGHTS_FILE), device=str(device))
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in state.items():
+        body = key.removeprefix("base_model.model.")
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in body and body.endswith(".weight"):
+                pairs.setdefault(body.split(marker)[0], {})[part] = tensor
+                break
+        else:
+            if extra is not None:
+                extra[body] = tensor
+                continue
+            raise InvalidAdapter(
+                f"{book.ref} saves {key} (embedding LoRA, modules_to_save...), which a session "
+                "cannot swap; use it through PEFT (adapterkit eval/generate do)")
+    factors = {}
+    for path, pair in pairs.items():
+        a, b = pair["lora_A"], pair["lora_B"]
+        rank = a.shape[0]
+        scale = torch.tensor(_scale_for(config, path, rank), dtype=dtype, device=device)
+        factors[path] = (a.to(dtype), b.to(dtype), scale)
+    rank = max((a.shape[0] for a, _, _ in factors.values()), default=0)
+    return LoadedBook(book.ref, rank, factors, stacked_on=list(book.meta.stacked_on))
+
+
+class Session:
+    """One frozen base resident in memory, with pocket books attached and swapped in place.
+
+    Build it with :func:`adapterkit.open`. ``swap(name)`` makes one pocket book active,
+    ``stack({a: 1, b: 0.5})`` several at once (their deltas weighted and summed, exactly),
+    ``off()`` the plain base. ``generate(..., adapter=...)`` picks per call.
+    """
+
+    def __init__(self, base: Base, library: Library, *, rank: int = 0) -> None:
+        self.base = base
+        self.library = library
+        self.model = base.model
+        self.books: dict[str, LoadedBook] = {}
+        self.slots: dict[str, Any] = {}
+        self.rank = rank
+        self.active: dict[str, float] = {}
+        self._stack_cache: dict[tuple, LoadedBook] = {}
+
+    # -- attaching ---------------------------------------------------------------------------
+
+    def _key(self, ref: str) -> str:
+        """The attached pocket book ``ref`` names (``name`` = latest attached version)."""
+        if ref in self.books:
+            return ref
+        matches = sorted((k for k in self.books if k.split("@")[0] == ref),
+                         key=lambda k: int(k.split("@")[1]))
+        if matches:
+            return matches[-1]
+        raise PocketBookNotFound(
+            f"{ref!r} is not attached to this session; attached: "
+            f"{', '.join(self.books) or 'none'}")
+
+    def attach(self, ref: str, *, force: bool = False) -> str:
+        """Load a pocket book from the library (one file read) and keep it ready to swap in."""
+        from adapterkit.lora import slots as slot_mod
+
+        book = self.library.get(ref)
+        if book.ref in self.books:
+            return book.ref
+        if book.meta.kind != "adapter":
+            raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}; attach its members")
+        from adapterkit.lora.underlay import refuse_reward
+
+        refuse_reward(book)
+        check_base(self.base, book, force=force)
+        first_slot = next(iter(self.slots.values()), None)
+        dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
+        loaded = read_factors(book, dtype=dtype, device=_device(self.model))
+        missing = [p for p in loaded.factors if p not in self.slots and not _is_linear(self.model, p)]
+        if missing:
+            raise BaseMismatch(f"{book.ref} targets {', '.join(missing[:3])}, which this base "
+                               "does not have as linear layers")
+        new_slots = [p for p in loaded.factors if p not in self.slots]
+        for path in new_slots:
+            self.slots[path] = slot_mod.wrap(self.model, path)
+        self.books[book.ref] = loaded
+        if new_slots or loaded.rank > self.rank:
+            self.rank = max(self.rank, loaded.rank)
+            self._prepare_all()
+        else:
+            self._prepare(loaded)
+        return book.ref
+
+    def _attached(self, ref: str) -> str:
+        """The key of ``ref``, attaching it first if needed (no disk read when attached)."""
+        try:
+            return self._key(ref)
+        except PocketBookNotFound:
+            return self.attach(ref)
+
+    def detach(self, ref: str) -> None:
+        """Forget a pocket book and free its tensors (switching it off first if active)."""
+        key = self._key(ref)
+        if key in self.active:
+            self.off()
+        del self.books[key]
+        self._stack_cache = {k: v for k, v in self._stack_cache.items()
+                             if key not in dict(k)}
+
+    def _prepare_all(self) -> None:
+        for slot in self.slots.values():
+            slot.pad_to(self.rank)
+        for book in list(self.books.values()) + list(self._stack_cache.values()):
+            self._prepare(book)
+        self._zeros = [(slot, *slot.zeros) for slot in self.slots.values()]
+
+    def _prepare(self, book: LoadedBook) -> None:
+        import torch
+
+        prepared = []
+        for path, slot in self.slots.items():
+            if path not in book.factors:
+                prepared.append((slot, *slot.zeros))
+                continue
+            a, b, scale = book.factors[path]
+            r = a.shape[0]
+            if r < self.rank:  # pad with zeros: same product, same shape for every book
+                a = torch.cat([a, a.new_zeros(self.rank - r, a.shape[1])])
+                b = torch.cat([b, b.new_zeros(b.shape[0], self.rank - r)], dim=1)
+            prepared.append((slot, a, b, scale))
+        book.prepared = prepared
+
+    # -- switching ---------------------------------------------------------------------------
+
+    def swap(self, ref: str) -> float:
+        """Make ``ref`` the only active pocket book (attaching it first if needed).
+
+        Returns the seconds the swap itself took (attaching excluded).
+        """
+        try:
+            key = self._key(ref)
+        except PocketBookNotFound:
+            book = self.library.get(ref)
+            if book.meta.kind == "stack":  # a saved stack: activate its members
+                return self.stack(dict(book.meta.hyperparameters["weights"]))
+            key = self.attach(ref)
+        if self.books[key].stacked_on:  # trained --on others: bring its stack back
+            return self.stack({r: 1.0 for r in [*self.books[key].stacked_on, key]})
+        start = time.perf_counter()
+        for slot, a, b, scale in self.books[key].prepared:
+            slot.bind(a, b, scale)
+        self.active = {key: 1.0}
+        return time.perf_counter() - start
+
+    def off(self) -> None:
+        """The plain base: every slot bound to zeros."""
+        for slot, a, b, scale in getattr(self, "_zeros", []):
+            slot.bind(a, b, scale)
+        self.active = {}
+
+    def stack(self, weights: dict[str, float]) -> float:
+        """Activate several pocket books at once: ΔW = Σ wᵢ·ΔWᵢ, exactly (ranks concatenated)."""
+        import torch
+
+        keys = {}
+        for ref, weight in weights.items():
+            key = self._attached(ref)
+            if not isinstance(weight, (int, float)) or weight != weight:
+                raise ConfigError(f"stack weight for {ref} must be a number, got {weight!r}")
+            keys[key] = float(weight)
+        for key in list(keys):  # a member trained --on others needs them underneath, at 1
+            for under in self.books[key].stacked_on:
+                keys.setdefault(self._attached(under), 1.0)
+        cache_key = tuple(sorted(keys.items()))
+        combined = self._stack_cache.get(cache_key)
+        if combined is None:
+            factors = {}
+            for path in self.slots:
+                parts = [(self.books[k].factors[path], w) for k, w in keys.items()
+                         if path in self.books[k].factors]
+                if not parts:
+                    continue
+                a = torch.cat([f[0] for f, _ in parts])
+                b = torch.cat([f[1] * (f[2] * w) for f, w in parts], dim=1)
+                factors[path] = (a, b, torch.ones((), dtype=a.dtype, device=a.device))
+            rank = max((a.shape[0] for a, _, _ in factors.values()), default=0)
+            combined = LoadedBook("+".join(f"{k}*{w:g}" for k, w in keys.items()), rank, factors)
+            self._stack_cache[cache_key] = combined
+            if rank > self.rank:
+                self.rank = rank
+                self._prepare_all()
+            else:
+                self._prepare(combined)
+        start = time.perf_counter()
+        for slot, a, b, scale in combined.prepared:
+            slot.bind(a, b, scale)
+        self.active = dict(keys)
+        return time.perf_counter() - start
+
+    @contextmanager
+    def using(self, adapter: str | dict[str, float] | None) -> Iterator[None]:
+        """Temporarily activate ``adapter`` (a name, a stack dict, or None for the plain base)."""
+        previous = dict(self.active)
+        if adapter is None:
+            self.off()
+        elif isinstance(adapter, dict):
+            self.stack(adapter)
+        else:
+            self.swap(adapter)
+        try:
+            yield
+        finally:
+            if not previous:
+                self.off()
+            elif len(previous) == 1 and list(previous.values()) == [1.0]:
+                self.swap(next(iter(previous)))
+            else:
+                self.stack(previous)
+
+    def generate(self, prompts: str | list[str], *, adapter: Any = "active",
+                 max_new_tokens: int = 64, chat: bool | None = None,
+                 temperature: float = 0.0) -> Any:
+        """Answer one prompt (returns a string) or several (a list), with ``adapter``
+        (default: whatever is active; None: the plain base)."""
+        from adapterkit.training.metrics import generate, uses_chat
+
+        single = isinstance(prompts, str)
+        batch = [prompts] if single else list(prompts)
+        context = _nullcontext() if adapter == "active" else self.using(adapter)
+        with context:
+            out = generate(self.model, self.base.tokenizer, batch,
+                           chat=uses_chat(self.base.tokenizer, chat),
+                           max_new_tokens=max_new_tokens, temperature=temperature)
+        return out[0] if single else out
+
+    def close(self) -> None:
+        """Detach everything and give the base its plain layers back."""
+        from adapterkit.lora.slots import unwrap_all
+
+        self.off()
+        self.books.clear()
+        self._stack_cache.clear()
+        unwrap_all(self.model)
+        self.slots.clear()
+
+
+@contextmanager
+def _nullcontext() -> Iterator[None]:
+    yield
+
+
+def _is_linear(model: Any, path: str) -> bool:
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        return False
+    return hasattr(layer, "in_features") and hasattr(layer, "out_features")
+
+
+def _dtype(model: Any) -> Any:
+    return getattr(model, "dtype", None)
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def open_session(base: str | Base, *, quantization: str | None = None, home: Any = None,
+                 attach: list[str] | None = None, force: bool = False,
+                 progress: Any = None) -> Session:
+    """Load (or take) a frozen base and open a session on it, attaching ``attach``."""
+    from adapterkit.base.load import load_base
+
+    library = Library(home)
+    loaded = base if isinstance(base, Base) else load_base(
+        base, quantization=quantization, home=library.home, progress=progress)
+    session = Session(loaded, library)
+    for ref in attach or []:
+        session.attach(ref, force=force)
+    return session

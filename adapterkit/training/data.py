@@ -1,0 +1,230 @@
+"""Reading training data and bringing it into one of the standard shapes.
+
+Standard shapes (what trainers declare in ``Trainer.data_shapes``):
+
+* ``text`` — ``{"text": str}``: continued pre-training on domain text;
+* ``prompt_completion`` — ``{"prompt", "completion"}``: loss on the completion only;
+* ``messages`` — ``{"messages": [{"role", "content"}, ...]}``: chat, rendered with the base's
+  chat template, loss on the final assistant turn;
+* ``preference`` — ``{"prompt", "chosen", "rejected"}``: for DPO and reward models.
+
+Files: JSONL (read line by line here, so a broken line is reported by number), JSON (a list of
+objects), CSV and Parquet (through ``datasets``), and ``.txt`` (paragraphs separated by blank
+lines become ``text`` rows). Anything else that is not a file is tried as a Hub dataset id.
+Data-format plugins add shapes (``alpaca``: ``instruction``/``input``/``output``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterkit.files import sha256_file
+from adapterkit.errors import DataFormatError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.plugin_api.registry import DataFormat, Registry
+
+SHAPES: dict[str, tuple[str, ...]] = {
+    "preference": ("prompt", "chosen", "rejected"),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "text": ("text",),
+}
+GENERAL_TEXT = "general"  # name of the general-prose file shipped with adapterkit
+_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+@dataclass
+class Data:
+    """Rows in one standard shape, and what to record about where they came from."""
+
+    rows: list[dict[str, Any]]
+    shape: str
+    source: str
+    sha256: str
+    format: str
+    columns: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {"description": self.source, "sha256": self.sha256, "rows": len(self.rows),
+                "shape": self.shape, "format": self.format}
+
+
+def general_text_path() -> Path:
+    """The general-English prose shipped with adapterkit, for forgetting checks."""
+    return Path(str(resources.files("adapterkit") / "data" / "general.txt"))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise DataFormatError(f"{path.name} line {number}: invalid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise DataFormatError(
+                    f"{path.name} line {number}: expected a JSON object, got {type(row).__name__}"
+                )
+            rows.append(row)
+    return rows
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise DataFormatError(f"{path.name}: invalid JSON ({exc})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataFormatError(f"{path.name}: expected a JSON list of objects")
+        return data
+    if suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        return [{"text": p.strip()} for p in text.split("\n\n") if p.strip()]
+    if suffix in (".csv", ".parquet"):
+        from datasets import Dataset
+
+        try:
+            reader = Dataset.from_csv if suffix == ".csv" else Dataset.from_parquet
+            return reader(str(path)).to_list()
+        except Exception as exc:
+            raise DataFormatError(f"cannot read {path.name}: {type(exc).__name__}: {exc}") from None
+    raise DataFormatError(
+        f"unsupported data file {path.name}: use .jsonl, .json, .csv, .parquet or .txt"
+    )
+
+
+def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
+    try:
+        from datasets import load_dataset
+
+        return load_dataset(dataset_id, split="train").to_list()
+    except Exception as exc:
+        raise DataFormatError(
+            f"{dataset_id!r} is not a data file here and could not be loaded from the Hub "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def read_rows(spec: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], str, str]:
+    """Read rows from a file or Hub dataset: ``(rows, description, sha256)``."""
+    if str(spec) == GENERAL_TEXT:
+        spec = general_text_path()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _read_file(path), path.name, sha256_file(path)
+    text = str(spec)
+    if _HUB_ID.fullmatch(text) and path.suffix.lower() not in _SUFFIXES:
+        rows = _read_hub(text)
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        return rows, f"hub:{text}", digest
+    raise DataFormatError(f"data file {text} does not exist")
+
+
+def _valid_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    )
+
+
+def _valid_field(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return _valid_messages(value)
+
+
+def detect_shape(columns: set[str], formats: Registry[DataFormat] | None = None
+                 ) -> tuple[str, DataFormat | None]:
+    """The standard shape (and the converting plugin format, if any) for these columns."""
+    for shape, needed in SHAPES.items():
+        if set(needed) <= columns:
+            return shape, None
+    for fmt in formats or []:
+        if fmt.matches(columns):
+            return fmt.shape, fmt
+    plugin = [f"{f.name} ({'+'.join(f.columns)})" for f in formats or []]
+    expected = ["+".join(cols) for cols in SHAPES.values()] + plugin
+    raise DataFormatError(
+        f"missing required columns: expected one of {', '.join(expected)}; "
+        f"the data has {', '.join(sorted(columns)) or 'no columns'}"
+    )
+
+
+def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | None = None,
+              shapes: tuple[str, ...] | None = None) -> Data:
+    """Read ``spec``, detect its shape, convert plugin formats, and drop unusable rows.
+
+    :param shapes: the shapes the caller (a trainer) accepts; anything else is an error.
+    """
+    rows, source, digest = read_rows(spec)
+    if not rows:
+        raise DataFormatError(f"{source} has no rows")
+    columns = set().union(*(r.keys() for r in rows))
+    shape, fmt = detect_shape(columns, formats)
+    if fmt is not None:
+        rows = [fmt.convert(r) for r in rows]
+    if shapes is not None and shape not in shapes:
+        raise DataFormatError(
+            f"{source} is {shape} data (columns {', '.join(sorted(columns))}); "
+            f"this trainer reads {', '.join(shapes)}"
+        )
+    needed = SHAPES[shape]
+    kept = [{k: r[k] for k in needed} for r in rows if all(_valid_field(r.get(k)) for k in needed)]
+    if shape == "preference":
+        kept = _check_preferences(kept, source)
+    if not kept:
+        raise DataFormatError(
+            f"{source}: no usable rows left after dropping {len(rows)} with empty or malformed "
+            f"{', '.join(needed)}"
+        )
+    return Data(kept, shape, f"{source} ({len(kept)} rows)" if len(kept) == len(rows)
+                else f"{source} ({len(kept)} of {len(rows)} rows usable)",
+                digest, fmt.name if fmt else shape, sorted(columns))
+
+
+def _check_preferences(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    same = [i for i, r in enumerate(rows, 1) if r["chosen"] == r["rejected"]]
+    if same:
+        raise DataFormatError(
+            f"{source}: chosen and rejected are identical in row(s) "
+            f"{', '.join(map(str, same[:5]))}{'...' if len(same) > 5 else ''}; "
+            "a preference pair must differ"
+        )
+    return rows
+
+
+def as_chat(row: dict[str, Any]) -> dict[str, Any]:
+    """Render a row conversationally, so an instruct base is trained the way it is prompted.
+
+    Plain prompt/completion strings become a user turn and an assistant turn; ``messages``
+    becomes prompt = every turn before the last assistant turn, completion = that turn (so the
+    loss falls on the final assistant answer only).
+    """
+    if "messages" in row:
+        messages = row["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise DataFormatError("a messages row has no assistant turn to learn from")
+        return {"prompt": messages[:last], "completion": [messages[last]]}
+    out = dict(row)
+    for key, role in (("prompt", "user"), ("completion", "assistant"), ("chosen", "assistant"),
+                      ("rejected", "assistant")):
+        if isinstance(out.get(key), str):
+            out[key] = [{"role": role, "content": out[key]}]
+    return out

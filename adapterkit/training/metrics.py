@@ -1,0 +1,205 @@
+"""Measuring a pocket book: task loss, exact match on generated answers, and forgetting.
+
+The forgetting check is the product's central promise: it measures the loss on general English
+text with the pocket book active and with it switched off, on the same resident base (PEFT's
+``disable_adapter``), and reports the relative change.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, Callable, Iterable
+
+from adapterkit.training.data import as_chat
+
+Scorer = Callable[[str, str], float]
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the stripped answers are identical."""
+    return float(prediction.strip() == reference.strip())
+
+
+def render_prompt(tokenizer: Any, prompt: Any, *, chat: bool) -> str:
+    """The text a prompt becomes before generation (chat template for chat bases)."""
+    if chat:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def uses_chat(tokenizer: Any, chat: bool | None) -> bool:
+    """Chat rendering is on when asked, or by default when the base has a chat template."""
+    return bool(tokenizer.chat_template) if chat is None else chat
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[Any], *, chat: bool,
+             max_new_tokens: int = 64, batch_size: int = 16, temperature: float = 0.0) -> list[str]:
+    """Greedy (or sampled) answers for ``prompts``, batched with left padding."""
+    import torch
+
+    texts = [render_prompt(tokenizer, p, chat=chat) for p in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers: list[str] = []
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=not chat).to(device)
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
+                "do_sample": False}
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id, **sampling)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                              skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]
+
+
+def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
+                  max_length: int, batch_size: int = 8) -> tuple[float, int]:
+    """Summed next-token loss over the completion part of (prefix, completion) pairs.
+
+    Batched with right padding (pads and prefixes masked out of the labels): on a CPU, one
+    forward over eight short texts costs about as much as two over one.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    encoded = []
+    for prefix, completion in pairs:
+        prefix_len = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+        full = tokenizer(prefix + completion, add_special_tokens=False)["input_ids"][:max_length]
+        start = max(prefix_len, 1)
+        if len(full) > start:
+            encoded.append((full, start))
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for row, (seq, start) in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+            labels[row, start:len(seq)] = torch.tensor(seq[start:])
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = logits[:, :-1].float()
+        target = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+            reduction="sum")
+        total += float(loss)
+        count += int((target != -100).sum())
+    return total, count
+
+
+def _pairs(tokenizer: Any, rows: list[dict[str, Any]], chat: bool) -> list[tuple[str, str]]:
+    pairs = []
+    for row in rows:
+        if "text" in row:
+            pairs.append(("", row["text"]))
+            continue
+        row = as_chat(row) if chat or "messages" in row else row
+        if chat:
+            prompt = render_prompt(tokenizer, row["prompt"], chat=True)
+            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+            pairs.append((prompt, full[len(prompt):] if full.startswith(prompt) else full))
+        else:
+            pairs.append((row["prompt"], row["completion"]))
+    return pairs
+
+
+def task_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: bool,
+              max_length: int = 1024) -> dict[str, float]:
+    """Mean loss (and perplexity) on completions — or on all tokens for ``text`` rows."""
+    total, count = _token_losses(model, tokenizer, _pairs(tokenizer, rows, chat), max_length)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str) -> float:
+    """Summed log-probability of ``completion`` as the assistant's answer to ``prompt``
+    (chat-rendered): the quantity DPO's implicit reward is made of."""
+    import torch
+
+    text = render_prompt(tokenizer, prompt, chat=True)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": completion}],
+                                         tokenize=False)
+    start = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]],
+                       device=next(model.parameters()).device)
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    target = ids[0, 1:]
+    return logps[torch.arange(len(target)), target][start - 1:].sum().item()
+
+
+def preference_accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]]
+                        ) -> dict[str, float]:
+    """How a preference-trained pocket book ranks held-out pairs (DPO's own yardstick).
+
+    ``implicit``: share of pairs whose implicit reward margin
+    [(log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)] is above 0, the reference being
+    ``model`` with its pocket book off (0% for a fresh pocket book: its margin is exactly 0).
+    ``likelihood_before``/``likelihood_after``: share of pairs where the reference / the
+    policy gives the chosen answer the higher log-probability.
+    """
+    wins = before = after = 0
+    for row in rows:
+        on = [completion_logprob(model, tokenizer, row["prompt"], row[k])
+              for k in ("chosen", "rejected")]
+        with _adapter_off(model):
+            off = [completion_logprob(model, tokenizer, row["prompt"], row[k])
+                   for k in ("chosen", "rejected")]
+        wins += (on[0] - off[0]) - (on[1] - off[1]) > 0
+        before += off[0] > off[1]
+        after += on[0] > on[1]
+    n = max(len(rows), 1)
+    return {"implicit": wins / n, "likelihood_before": before / n, "likelihood_after": after / n,
+            "pairs": len(rows)}
+
+
+def text_loss(model: Any, tokenizer: Any, texts: list[str], max_length: int = 1024) -> float:
+    """Token-weighted mean loss of plain text (the general-English measure)."""
+    total, count = _token_losses(model, tokenizer, (("", t) for t in texts), max_length)
+    return total / max(count, 1)
+
+
+def forgetting(model: Any, tokenizer: Any, texts: list[str], *,
+               base_loss: float | None = None) -> dict[str, float]:
+    """General-text loss with the pocket book off and on, and the relative change in percent.
+
+    :param base_loss: the plain base's loss on ``texts`` when already known (it is the same
+        for every pocket book on that base).
+    """
+    if base_loss is None:
+        with _adapter_off(model):
+            base = text_loss(model, tokenizer, texts)
+    else:
+        base = base_loss
+    adapted = text_loss(model, tokenizer, texts)
+    return {"general_loss_base": base, "general_loss": adapted,
+            "general_loss_change_pct": 100.0 * (adapted - base) / base}
+
+
+def _adapter_off(model: Any) -> Any:
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+def accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: bool,
+             scorer: Scorer = exact_match, max_new_tokens: int = 32) -> tuple[float, list[str]]:
+    """Mean score of generated answers against the rows' completions, and the answers."""
+    prompts = [r["prompt"] for r in rows]
+    answers = generate(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens)
+    refs = [r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"]
+            for r in rows]
+    score = sum(scorer(a, ref) for a, ref in zip(answers, refs)) / max(len(rows), 1)
+    return score, answers

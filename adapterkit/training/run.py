@@ -1,0 +1,548 @@
+"""Training a pocket book: the core's side of ``adapterkit train``.
+
+The core prepares everything that does not depend on the objective — options, data, the frozen
+base in the method's precision, the new LoRA on it, checkpoints, the forgetting guard — hands a
+:class:`TrainJob` to the trainer plugin, then measures the result and saves it into the library
+atomically with its metadata, metrics, loss curve and model card. Trainers and methods are two
+registries, so every trainer works with every method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from adapterkit.training.data import Data, as_chat, general_text_path, load_data, read_rows
+from adapterkit.errors import ConfigError, DataFormatError
+from adapterkit.training.metrics import forgetting, task_loss, uses_chat
+from adapterkit.library.store import CONFIG_FILE, Library, PocketBook
+from adapterkit.library.metadata import PocketBookMeta
+from adapterkit.training.options import TrainOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.base.load import Base
+    from adapterkit.training.guard import ForgettingGuard
+    from adapterkit.plugin_api.manager import PluginManager
+
+ANCHOR_FILE = "anchor.txt"
+LOSS_CURVE = "loss_curve.png"
+#: KL weight used with a forgetting budget when none is given. Measured on the quickstart
+#: (SmolLM2-135M, lr 1e-3, 30 steps): 0.3 kept 100% held-out accuracy and moved general-text
+#: loss by +0.3% (plain run: +5.5%); 1.0 held forgetting at -0.2% but cut accuracy to 48%.
+DEFAULT_GUARD_WEIGHT = 0.3
+
+
+@dataclass
+class TrainJob:
+    """Everything a trainer plugin needs; passed as ``Trainer.train(job=...)``.
+
+    ``model`` is a PEFT model whose only trainable parameters are the new pocket book's; the
+    base is frozen (and quantized, for ``qlora``). It is built on first use, so a trainer can
+    first train other pocket books it needs on the same resident base (:meth:`train_stage`).
+    """
+
+    build: Callable[[], Any]
+    tokenizer: Any
+    data: Data
+    eval_data: Data | None
+    options: TrainOptions
+    chat: bool
+    output_dir: Path
+    resume_from: str | None
+    callbacks: list[Any] = field(default_factory=list)
+    guard: ForgettingGuard | None = None
+    base: Base | None = None
+    #: The frozen pocket books underneath (``--on``), bottom first: part of the reference.
+    stacked_on: list[PocketBook] = field(default_factory=list)
+    #: The library home: trainers keep caches under ``cache_dir()``.
+    home: Path | None = None
+    #: The new pocket book's ``name@version``.
+    name: str = ""
+    stage: Callable[..., Any] | None = None
+    _model: Any = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = self.build()
+        return self._model
+
+    def train_stage(self, trainer: str, *, name: str, data: str | None = None,
+                    options: TrainOptions | None = None) -> TrainResult:
+        """Train and save another pocket book first, on the same resident base (e.g. the reward
+        pocket book ``rlhf`` optimises against). Call before touching ``model``.
+
+        :param data: its data (default: this run's data file).
+        :param options: its options (default: this run's, without trainer options).
+        """
+        if self._model is not None or self.stage is None:
+            raise RuntimeError("train_stage() must be called before job.model is first used")
+        return self.stage(trainer, name=name, data=data, options=options)
+
+    def cache_dir(self, kind: str) -> Path:
+        """A folder under the library home for a trainer's reusable results (e.g. ``dpo-ref``)."""
+        root = (self.home or self.output_dir.parent.parent) / "cache" / kind
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def reference_key(self, **parts: Any) -> str:
+        """A hash naming "the policy before this stage" plus ``parts`` (data hash, lengths...).
+
+        Covers the base fingerprint, its precision, and the exact weights of every pocket book
+        underneath, so a cache keyed by it is never reused for a different reference.
+        """
+        import hashlib
+
+        from adapterkit.files import sha256_file
+        from adapterkit.library.store import WEIGHTS_FILE
+
+        identity = {
+            "base": self.base.fingerprint if self.base is not None else None,
+            "quantization": self.base.quantization if self.base is not None else None,
+            "dtype": str(getattr(self.model, "dtype", "")),
+            "under": [(b.ref, sha256_file(b.path / WEIGHTS_FILE)) for b in self.stacked_on],
+            **parts,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:32]
+
+    def rows(self, data: Data) -> list[dict[str, Any]]:
+        """Rows as the trainer should see them: chat-rendered for chat bases."""
+        if data.shape == "messages" or (self.chat and data.shape != "text"):
+            return [as_chat(r) for r in data.rows]
+        return data.rows
+
+    def train_dataset(self) -> Any:
+        from datasets import Dataset
+
+        return Dataset.from_list(self.rows(self.data))
+
+    def eval_dataset(self) -> Any:
+        from datasets import Dataset
+
+        return None if self.eval_data is None else Dataset.from_list(self.rows(self.eval_data))
+
+    def configure(self, trainer: Any) -> Any:
+        """Call with the transformers/TRL trainer before ``train()``: swaps transformers' own
+        console printing for adapterkit's progress bar when one is attached."""
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        if any(type(cb).__name__ == "RichProgress" for cb in self.callbacks):
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+        return trainer
+
+    def training_arguments(self) -> dict[str, Any]:
+        """``TrainingArguments`` keywords shared by every trainer (TRL configs accept them)."""
+        import torch
+
+        o = self.options
+        cuda = torch.cuda.is_available()
+        return dict(
+            output_dir=str(self.output_dir),
+            per_device_train_batch_size=o.batch_size,
+            per_device_eval_batch_size=o.batch_size,
+            gradient_accumulation_steps=o.grad_accum,
+            learning_rate=o.learning_rate,
+            num_train_epochs=o.epochs,
+            max_steps=o.max_steps,
+            lr_scheduler_type="linear",
+            logging_steps=o.logging_steps,
+            save_strategy="steps",
+            save_steps=o.save_steps,
+            save_total_limit=2,
+            eval_strategy="steps" if self.eval_data is not None else "no",
+            eval_steps=o.save_steps if self.eval_data is not None else None,
+            seed=o.seed,
+            data_seed=o.seed,
+            report_to=[],
+            bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+            fp16=False,
+            use_cpu=not cuda,
+            gradient_checkpointing=o.gradient_checkpointing,
+            disable_tqdm=True,
+            include_num_input_tokens_seen="non_padding",
+            dataloader_pin_memory=cuda,
+            remove_unused_columns=True,
+        )
+
+
+@dataclass
+class TrainResult:
+    """A finished run: the saved pocket book and its metrics."""
+
+    pocket_book: PocketBook
+    metrics: dict[str, Any]
+    #: The trained PEFT model, still resident (the base with the new pocket book active).
+    model: Any = None
+
+
+def _texts(spec: str) -> list[str]:
+    rows, source, _ = read_rows(spec)
+    texts = [r["text"] for r in rows if isinstance(r.get("text"), str) and r["text"].strip()]
+    if not texts:
+        raise DataFormatError(f"{source} has no text rows for a general-text check")
+    return texts
+
+
+def _split(data: Data, fraction: float, seed: int) -> tuple[Data, Data | None]:
+    if fraction <= 0:
+        return data, None
+    rows = list(data.rows)
+    random.Random(seed).shuffle(rows)
+    n_eval = max(1, int(len(rows) * fraction))
+    if n_eval >= len(rows):
+        raise ConfigError(f"eval_split {fraction} leaves no training rows out of {len(rows)}")
+    evals, train = rows[:n_eval], rows[n_eval:]
+    return (Data(train, data.shape, data.source, data.sha256, data.format, data.columns),
+            Data(evals, data.shape, data.source + " [eval split]", data.sha256, data.format))
+
+
+def check_lengths(tokenizer: Any, job_rows: list[dict[str, Any]], max_length: int,
+                  chat: bool) -> None:
+    """Refuse a max length that leaves no room for the completion of some prompt."""
+    from adapterkit.training.metrics import render_prompt
+
+    for i, row in enumerate(job_rows, 1):
+        if "prompt" not in row:
+            continue
+        prompt = render_prompt(tokenizer, row["prompt"], chat=chat)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n >= max_length:
+            raise ConfigError(
+                f"max_length {max_length} is not longer than prompt {i} ({n} tokens): nothing "
+                f"of its completion would be trained on. Raise --max-length above {n}"
+            )
+
+
+def run_dir(library: Library, name: str) -> Path:
+    return library.home / "runs" / name
+
+
+def train(trainer: str, *, base: str | Base, data: str, name: str,
+          options: TrainOptions | None = None, home: str | os.PathLike[str] | None = None,
+          plugins: PluginManager | None = None, resume: bool = False, restart: bool = False,
+          callbacks: list[Any] | None = None, on: str | None = None,
+          start_from: str | None = None,
+          progress: Callable[[str], None] | None = None) -> TrainResult:
+    """Train a new pocket book and save it into the library.
+
+    :param trainer: a registered trainer (``sft``...).
+    :param base: base name (or an already loaded :class:`Base`).
+    :param data: data file or Hub dataset id.
+    :param name: library name, ``NAME`` or ``NAME@N``; refused before training if taken.
+    :param resume: continue an interrupted run of ``name`` from its last checkpoint.
+    :param restart: discard an interrupted run of ``name`` and start over.
+    :param callbacks: extra transformers ``TrainerCallback`` objects (e.g. a progress bar).
+    :param on: train on top of this pocket book: it stays frozen and active underneath (with
+        its own underlay), is the reference for DPO/RL, and is recorded as the parent.
+    :param start_from: continue training a copy of this pocket book (its LoRA settings win).
+    """
+    from adapterkit.plugin_api.manager import default_plugin_manager
+
+    say = progress or (lambda message: None)
+    # our own copy: trainers may record values in job.options.trainer_options (rlhf records
+    # the reward pocket book it used) without touching the caller's object
+    options = replace(options or TrainOptions(),
+                      trainer_options=dict((options.trainer_options if options else None) or {}))
+    pm = plugins or default_plugin_manager()
+    trainer_obj = pm.trainer(trainer)
+    method = pm.method(options.method)
+    library = Library(home, plugins=pm)
+    ref = library.reserve(name)
+    dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes)
+    general = _texts(options.general) if options.general else None
+    workdir = run_dir(library, str(ref))
+    parent = _parent(library, on, start_from)
+    if start_from and parent is not None:  # the copy keeps its LoRA shape
+        options = _options_of(parent, options)
+    resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref))
+
+    loaded = _load(base, method, library, say)
+    if parent is not None:
+        from adapterkit.lora.underlay import check_policy
+
+        check_policy(parent, loaded, role="--on" if on else "--from")
+    train_data, eval_data = _split(dataset, options.eval_split, options.seed)
+    chat = uses_chat(loaded.tokenizer, options.chat)
+    job_rows = [as_chat(r) for r in train_data.rows] if train_data.shape == "messages" else \
+        train_data.rows
+    check_lengths(loaded.tokenizer, job_rows, options.max_length, chat)
+    underlay = _underlay(library, parent, copy=start_from is not None)
+    head = getattr(trainer_obj, "head", "causal-lm")
+    # a reward head scores text: no generation to guard, no general-text loss to check
+    guard = _guard(loaded.tokenizer, options) if head != "reward" else None
+    general = general if head != "reward" else None
+
+    def build() -> Any:
+        return _attach_new(loaded, method, options, underlay=underlay,
+                           start=parent if start_from else None, head=head)
+
+    def stage(stage_trainer: str, *, name: str, data: str | None = None,
+              options: TrainOptions | None = None) -> TrainResult:
+        stage_options = options or replace(job.options, trainer_options={},
+                                           forgetting_budget=None, guard_weight=None)
+        result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
+                       options=stage_options, home=library.home, plugins=pm,
+                       callbacks=callbacks, progress=say)
+        stages_saved.append(result.pocket_book.ref)
+        result.model.unload()  # the shared base gets its plain layers back
+        result.model = None
+        from adapterkit.memory import release_memory
+
+        release_memory()
+        return result
+
+    job_data = data
+    stages_saved: list[str] = []
+    job = TrainJob(build=build, tokenizer=loaded.tokenizer, data=train_data,
+                   eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
+                   resume_from=resume_from, callbacks=list(callbacks or []), guard=guard,
+                   base=loaded, stacked_on=underlay, home=library.home, name=str(ref),
+                   stage=stage)
+    if guard is not None and guard.budget_pct is not None:
+        job.callbacks.append(guard.callback())
+
+    say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}"
+        + (f", on top of {' + '.join(b.ref for b in underlay)}" if underlay else "")
+        + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
+    start = time.perf_counter()
+    try:
+        state = trainer_obj.train(job=job)
+    except BaseException as exc:
+        if stages_saved:  # an earlier stage finished and is in the library: say so
+            say(f"{', '.join(stages_saved)} (an earlier stage) was saved; {ref} was not. Reuse "
+                "it when you run again (for rlhf: --reward NAME).")
+            exc.stages_saved = list(stages_saved)  # type: ignore[attr-defined]
+        raise
+    elapsed = time.perf_counter() - start
+    model = job.model
+    _adapter_to_fp32(model)
+    model.eval()
+    metrics = _metrics(state, elapsed)
+    if guard is not None:
+        report = guard.finish(model, int(metrics.get("steps", 0)))
+        metrics["guard"] = {"budget_pct": guard.budget_pct, "weight": guard.weight,
+                            "kept_step": report.kept_step, "restored": report.restored,
+                            "within_budget": report.within_budget, "checks": report.checks}
+        if report.within_budget is False:
+            say(f"Warning: no checkpoint stayed within the forgetting budget of "
+                f"{guard.budget_pct}%; kept the final weights. Lower the learning rate, or "
+                "raise --guard-weight.")
+    if eval_data is not None and head != "reward":
+        metrics["eval"] = task_loss(model, loaded.tokenizer, eval_data.rows, chat=chat)
+    if general is not None:
+        say("Forgetting check on general text...")
+        same_text = guard is not None and guard.general_texts == general
+        metrics["forgetting"] = forgetting(model, loaded.tokenizer, general,
+                                           base_loss=guard.base_loss if same_text else None)
+        if underlay:  # the "before" side had the pocket books underneath active
+            metrics["forgetting"]["relative_to"] = "base + " + " + ".join(b.ref for b in underlay)
+    book = save_trained(library, model, loaded, str(ref), trainer=trainer, options=job.options,
+                        data=dataset, metrics=metrics, log_history=_history(state),
+                        parents=[parent.ref] if parent else None,
+                        stacked_on=[b.ref for b in underlay])
+    shutil.rmtree(workdir, ignore_errors=True)
+    return TrainResult(book, metrics, model)
+
+
+def _adapter_to_fp32(model: Any) -> None:
+    """Hold the trained pocket book in float32, as PEFT holds it after loading.
+
+    TRL trains QLoRA adapters in bfloat16 (following the QLoRA paper) and PEFT upcasts adapters
+    to float32 when it loads them; without this, the resident model and a reload of the saved
+    pocket book would give slightly different logits.
+    """
+    import torch
+
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
+def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
+    if resume:
+        if last is None:
+            raise ConfigError(f"there is no interrupted run of {name} to resume; "
+                              "start it without --resume")
+        return last
+    if last is not None and not restart:
+        raise ConfigError(
+            f"an interrupted run of {name} exists ({Path(last).name}); pass --resume to "
+            "continue it or --restart to discard it"
+        )
+    shutil.rmtree(workdir, ignore_errors=True)
+    return None
+
+
+def _load(base: str | Base, method: Any, library: Library, say: Callable[[str], None]) -> Base:
+    from adapterkit.base.load import load_base
+
+    if isinstance(base, str):
+        say(f"Loading base {base}" + (f" ({method.quantization})" if method.quantization else "")
+            + "...")
+        return load_base(base, quantization=method.quantization, home=library.home,
+                         progress=say)
+    if base.quantization != method.quantization:
+        raise ConfigError(
+            f"method {method.name} needs a {method.quantization or 'full-precision'} base, "
+            f"but the base given is {base.quantization or 'full precision'}"
+        )
+    return base
+
+
+def _parent(library: Library, on: str | None, start_from: str | None) -> PocketBook | None:
+    """The ``--on``/``--from`` pocket book, checked before anything is loaded."""
+    if on and start_from:
+        raise ConfigError("--on and --from exclude each other: --on trains a new pocket book "
+                          "on top of NAME, --from continues a copy of NAME")
+    ref = on or start_from
+    if not ref:
+        return None
+    from adapterkit.lora.underlay import is_reward_book
+
+    book = library.get(ref)
+    if is_reward_book(book):
+        raise ConfigError(f"{'--on' if on else '--from'} {book.ref} is a reward pocket book "
+                          "(it scores text, it does not generate); name a policy pocket book")
+    return book
+
+
+def _options_of(book: PocketBook, options: TrainOptions) -> TrainOptions:
+    config = json.loads((book.path / CONFIG_FILE).read_text(encoding="utf-8"))
+    targets = config.get("target_modules") or options.target_modules
+    if isinstance(targets, (list, tuple, set)):
+        targets = ",".join(sorted(targets))
+    return replace(options, r=int(config.get("r", options.r)),
+                   alpha=int(config.get("lora_alpha", options.alpha)), target_modules=targets)
+
+
+def _underlay(library: Library, parent: PocketBook | None, *, copy: bool) -> list[PocketBook]:
+    """The frozen pocket books under the new one: the parent's chain (``--on``), or the copied
+    pocket book's own underlay (``--from``)."""
+    if parent is None:
+        return []
+    from adapterkit.lora.underlay import chain
+
+    books = chain(library, parent)
+    return books[:-1] if copy else books
+
+
+def _attach_new(base: Base, method: Any, options: TrainOptions, *,
+                underlay: list[PocketBook] | None = None, start: PocketBook | None = None,
+                head: str = "causal-lm") -> Any:
+    """Wrap the frozen base with a new trainable pocket book of ``method`` (or a trainable copy
+    of ``start``), with ``underlay`` frozen and active underneath."""
+    from peft import PeftModel, get_peft_model
+
+    from adapterkit.lora import underlay as underlay_mod
+    from adapterkit.base.load import check_targets, keep_4bit_layout
+
+    targets = check_targets(base.structure(), options.target_modules)
+    keep_4bit_layout(base.model)
+    model = method.prepare_base(base.model, gradient_checkpointing=options.gradient_checkpointing)
+    underlay_mod.remove(model)  # a base reused across runs starts clean
+    underlay_mod.apply(model, list(underlay or []))
+    if start is not None:
+        return PeftModel.from_pretrained(model, str(start.path), is_trainable=True)
+    config = method.peft_config(target_modules=targets, r=options.r, alpha=options.alpha,
+                                dropout=options.dropout)
+    import torch
+
+    torch.manual_seed(options.seed)
+    if head == "reward":  # a LoRA + scalar head on the same backbone: a PEFT SEQ_CLS adapter
+        from adapterkit.training.reward import reward_model
+
+        model = reward_model(model, pad_token_id=base.tokenizer.pad_token_id)
+        config.task_type = "SEQ_CLS"
+        config.modules_to_save = ["score"]
+    elif head != "causal-lm":
+        raise ConfigError(f"unknown trainer head {head!r}; trainers declare causal-lm or reward")
+    return get_peft_model(model, config)
+
+
+def _guard(tokenizer: Any, options: TrainOptions) -> ForgettingGuard | None:
+    weight = options.guard_weight
+    if weight is None:
+        weight = DEFAULT_GUARD_WEIGHT if options.forgetting_budget is not None else 0.0
+    if weight <= 0 and options.forgetting_budget is None:
+        return None
+    from adapterkit.training.guard import ForgettingGuard
+
+    anchor = options.anchor or str(general_text_path().with_name(ANCHOR_FILE))
+    general = options.general or "general"
+    return ForgettingGuard(tokenizer, anchor_texts=_texts(anchor), general_texts=_texts(general),
+                           budget_pct=options.forgetting_budget, weight=weight,
+                           every=options.guard_every)
+
+
+def _history(state: Any) -> list[dict[str, Any]]:
+    return list(getattr(state, "log_history", []) or [])
+
+
+def _metrics(state: Any, elapsed: float) -> dict[str, Any]:
+    history = _history(state)
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    # The trainer's own clock (its training loop only, as a plain TRL script reports it);
+    # ``train_seconds`` is the whole call, data preparation included.
+    loop = next((float(h["train_runtime"]) for h in reversed(history) if "train_runtime" in h),
+                elapsed)
+    return {
+        # anything a trainer plugin wants recorded (``state.adapterkit_metrics``)
+        **dict(getattr(state, "adapterkit_metrics", None) or {}),
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_final": losses[-1] if losses else None,
+        "steps": int(getattr(state, "global_step", 0) or 0),
+        "train_seconds": round(elapsed, 2),
+        "loop_seconds": round(loop, 2),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / loop, 1) if loop > 0 and tokens else None,
+    }
+
+
+def adapter_base_id(base: Base) -> str:
+    """What ``base_model_name_or_path`` says in saved adapters: a Hub id where there is one."""
+    prov = base.source.provenance
+    return prov.get("hub_id") or prov.get("derived_from") or base.name
+
+
+def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer: str,
+                 options: TrainOptions, data: Data, metrics: dict[str, Any],
+                 log_history: list[dict[str, Any]], parents: list[str] | None = None,
+                 stacked_on: list[str] | None = None) -> PocketBook:
+    """Write the trained adapter, loss curve and card into the library, atomically."""
+    from adapterkit.library.card import loss_curve_png, write_card
+
+    meta = PocketBookMeta(
+        name=name, version=0, base=base.identity(), method=options.method, trainer=trainer,
+        data=data.describe(), hyperparameters=_hyper(options), metrics=metrics,
+        parents=list(parents or []), stacked_on=list(stacked_on or []),
+    )
+    with library.stage() as staged:
+        model.save_pretrained(staged)
+        config_path = staged / CONFIG_FILE
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = adapter_base_id(base)  # never a local path
+        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if loss_curve_png(log_history, staged / LOSS_CURVE):
+            meta.metrics["loss_curve"] = LOSS_CURVE
+        book_name = name
+        write_card(staged, meta)
+        return library.commit(staged, meta, name=book_name)
+
+
+def _hyper(options: TrainOptions) -> dict[str, Any]:
+    keep = ("r", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "max_steps",
+            "batch_size", "grad_accum", "max_length", "packing", "seed", "eval_split",
+            "forgetting_budget", "guard_weight", "chat", "trainer_options")
+    return {k: getattr(options, k) for k in keep}
