@@ -59,7 +59,7 @@ _LAZY = {
     "TrainResult": "training.run",
     "load_data": "training.data",
     "ForgettingGuard": "training.guard",
-    "attach": "runtime.session",
+    "peft_model": "runtime.peft_model",
     "Session": "runtime.session",
     "open_session": "runtime.session",
     "check_fits": "library.peft_folder",
@@ -91,18 +91,30 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from adapterkit.library.peft_folder import check_fits, read_adapter
-    from adapterkit.base.load import (Base, BaseStructure, check_targets, describe_base, inspect_structure,
-                       load_base)
-    from adapterkit.training.data import load_data
     from adapterkit.base.fingerprints import fingerprint
+    from adapterkit.base.load import (
+        Base,
+        BaseStructure,
+        check_targets,
+        describe_base,
+        inspect_structure,
+        load_base,
+    )
+    from adapterkit.library.peft_folder import check_fits, read_adapter
+    from adapterkit.runtime.peft_model import peft_model
+    from adapterkit.runtime.session import Session, open_session
+    from adapterkit.training.data import load_data
     from adapterkit.training.guard import ForgettingGuard
     from adapterkit.training.options import TrainOptions, build_options
-    from adapterkit.runtime.session import Session, attach, open_session
     open = open_session
-    from adapterkit.training.run import TrainJob, TrainResult, train
-    from adapterkit.library.store import Library, PocketBook, Summary
+    from adapterkit.base.resolve import DEFAULT_BASE, BaseSource, resolve_base
     from adapterkit.library.metadata import PocketBookMeta
     from adapterkit.library.names import parse_ref, validate_name
-    from adapterkit.plugin_api.manager import PluginManager, PluginWarning, default_plugin_manager, get_plugin_manager
-    from adapterkit.base.resolve import DEFAULT_BASE, BaseSource, resolve_base
+    from adapterkit.library.store import Library, PocketBook, Summary
+    from adapterkit.plugin_api.manager import (
+        PluginManager,
+        PluginWarning,
+        default_plugin_manager,
+        get_plugin_manager,
+    )
+    from adapterkit.training.run import TrainJob, TrainResult, train

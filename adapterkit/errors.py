@@ -66,3 +66,8 @@ class DataFormatError(AdapterkitError):
 
 class ConfigError(AdapterkitError):
     """Invalid training options or recipe file (all problems are reported at once)."""
+
+
+class AdapterWarning(UserWarning):
+    """Something about an adapter the user should know that does not stop the work (an
+    untrained adapter, a base other than the one its config names)."""

@@ -7,9 +7,10 @@ underneath, and is DPO's reference) from bundled preference pairs: for the same 
 courteous, safe answer is chosen over a curt or unsafe one (e.g. one recommending a dangerous
 dose). Then it reports, on 48 held-out pairs:
 
-* preference accuracy — the share of pairs whose implicit reward margin is above 0 (0% before
-  DPO: a fresh pocket book's margin is exactly 0), and how often the model ranks the chosen
-  answer above the rejected one by likelihood, before and after;
+* preference accuracy — the share of pairs whose implicit reward margin is above 0 after DPO
+  (no "before": a fresh pocket book's margin is exactly 0 by construction, not a measurement),
+  and how often the model ranks the chosen answer above the rejected one by likelihood, with
+  triage alone and with bedside on top — both measured;
 * the forgetting figure of part one (general-English loss, relative to base + triage);
 * a held-out complaint answered by triage alone and by the stack.
 
@@ -32,6 +33,25 @@ import time
 from pathlib import Path
 
 from quickstart import DATA, load_jsonl  # part one, beside this file
+
+
+def preference_lines(acc: dict, on: str) -> list[str]:
+    """The preference figures of ``preference_accuracy(...)``, each one measured in this run.
+
+    The implicit reward margin has no "before": before DPO it is exactly 0 for every pair, by
+    construction. The measured "before" is the likelihood ranking with ``on`` alone.
+    """
+    return [f"Held-out preference accuracy (implicit reward margin > 0): {acc['implicit']:.1%} "
+            f"after DPO ({acc['pairs']} pairs)",
+            f"Chosen answer ranked above rejected by likelihood: {acc['likelihood_before']:.1%} "
+            f"with {on} alone → {acc['likelihood_after']:.1%} with bedside on top"]
+
+
+def preference_figures(acc: dict) -> dict[str, float]:
+    """The same figures for ``--json``: only measured ones."""
+    return {"preference_accuracy_after": acc["implicit"],
+            "likelihood_before": acc["likelihood_before"],
+            "likelihood_after": acc["likelihood_after"], "pairs": acc["pairs"]}
 
 
 def main() -> None:
@@ -92,10 +112,7 @@ def main() -> None:
     print(f"\nHeld-out complaint: {complaint}\n")
     print(f"  {on} alone:       {plain!r}")
     print(f"  {on} + bedside:   {kind!r}\n")
-    print(f"Held-out preference accuracy (implicit reward margin > 0): 0.0% before → "
-          f"{acc['implicit']:.1%} after ({acc['pairs']} pairs)")
-    print(f"Chosen answer ranked above rejected by likelihood: {acc['likelihood_before']:.1%} "
-          f"with {on} alone → {acc['likelihood_after']:.1%} with bedside on top")
+    print("\n".join(preference_lines(acc, on)))
     print(f"Forgetting: general-text loss {forgot['general_loss_base']:.4f} → "
           f"{forgot['general_loss']:.4f} ({forgot['general_loss_change_pct']:+.2f}%, relative "
           f"to base + {on})")
@@ -107,9 +124,7 @@ def main() -> None:
     print(f"Saved {result.pocket_book.ref} (on top of {on}) → try: adapterkit generate "
           f"--adapter {result.pocket_book.ref} \"{complaint}\"")
     library.tag(result.pocket_book.ref, "quickstart")
-    figures = {"preference_accuracy_before": 0.0, "preference_accuracy_after": acc["implicit"],
-               "likelihood_before": acc["likelihood_before"],
-               "likelihood_after": acc["likelihood_after"],
+    figures = {**preference_figures(acc),
                "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
                "train_seconds": m["train_seconds"], "tokens_per_second": m["tokens_per_second"],
                "steps": m["steps"], "pocket_book": result.pocket_book.ref, "on": on}

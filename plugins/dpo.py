@@ -59,7 +59,7 @@ def _cached_trainer(job: Any, mode: Any) -> Any:
             digest = hashlib.sha256(json.dumps(dataset.select_columns(columns).to_dict(),
                                                sort_keys=True).encode()).hexdigest()
             key = job.reference_key(trainer="dpo", data=digest, rows=len(dataset),
-                                    max_length=self.args.max_length,
+                                    max_length=self.args.max_length,  # type: ignore[attr-defined]  # DPOConfig
                                     truncation=getattr(self.args, "truncation_mode", None),
                                     bf16=self.args.bf16, trl=trl.__version__)
             path = job.cache_dir(CACHE_KIND) / f"{key}.safetensors"
@@ -74,7 +74,7 @@ def _cached_trainer(job: Any, mode: Any) -> Any:
                 # than the reference forwards of the steps that run. TRL reads this flag in
                 # ``_compute_loss`` and then computes the reference alongside each step.
                 self.precompute_ref_logps = False
-                self.cache_hits[name] = None
+                self.cache_hits[name] = None  # type: ignore[assignment]
                 return dataset
             self.cache_hits[name] = False
             out = super()._precompute_ref_logps(dataset, name, batch_size)

@@ -10,6 +10,10 @@ the small R × R core. Cost O((out + in)·R²) instead of an SVD of every out ×
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from adapterkit import MergeStrategy, hookimpl
@@ -29,14 +33,30 @@ class PeftMerge(MergeStrategy):
     def merge(self, *, adapters, weights, rank=None, density=None, base_model=None, **_: Any):
         from peft import PeftModel, get_peft_model_state_dict
 
-        from adapterkit.errors import ConfigError
-        from adapterkit import MergeOutput
+        from adapterkit import ConfigError, MergeOutput
 
+        path = f"merge --method {self.name}"
+        ranks = [{m: f.rank for m, f in a.factors(path=path).items()} for a in adapters]
+        if not self.name.endswith(("svd", "cat")) and len(
+                {r for layer_ranks in ranks for r in layer_ranks.values()}) > 1:
+            raise ConfigError(f"{self.name} adds the LoRA factors themselves, so every layer of "
+                              "every pocket book needs the same rank (rank_pattern or different "
+                              "r here); use cat, svd or exact_svd")
         names = [f"m{i}" for i in range(len(adapters))]
-        model = PeftModel.from_pretrained(base_model(), str(adapters[0].path),
-                                          adapter_name=names[0])
-        for name, adapter in zip(names[1:], adapters[1:]):
-            model.load_adapter(str(adapter.path), adapter_name=name)
+        with tempfile.TemporaryDirectory() as tmp:
+            # factors() above refused any saved bias tensor, so bias="all"/"lora_only" here
+            # saves nothing and means "none" — which PEFT needs to load several at once.
+            folders = [_bias_none(a, Path(tmp) / name) for a, name in zip(adapters, names)]
+            model = PeftModel.from_pretrained(base_model(), str(folders[0]),
+                                              adapter_name=names[0])
+            for name, folder in zip(names[1:], folders[1:]):
+                model.load_adapter(str(folder), adapter_name=name)
+        # add_weighted_adapter copies the first member's config into the result: its layer
+        # filter would drop the other members' layers, so use the union of them all.
+        layers = [getattr(model.peft_config[n], "layers_to_transform", None) for n in names]
+        union = None if any(ls is None for ls in layers) else sorted(
+            {i for ls in layers if ls is not None for i in ([ls] if isinstance(ls, int) else ls)})
+        model.peft_config[names[0]].layers_to_transform = union  # type: ignore[attr-defined]
         kwargs: dict[str, Any] = {"combination_type": self.combination}
         if rank is not None:
             kwargs["svd_rank"] = rank
@@ -48,8 +68,24 @@ class PeftMerge(MergeStrategy):
             raise ConfigError(f"PEFT cannot merge these with {self.name}: {exc}") from None
         config = model.peft_config["merged"].to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        # Every member's scale is inside the merged factors (PEFT multiplies it in), so the
+        # result's own scale must be 1: alpha = r, and no rsLoRA copied from the first member.
+        config.update(lora_alpha=config["r"], use_rslora=False, rank_pattern={},
+                      alpha_pattern={})
         tensors = get_peft_model_state_dict(model, adapter_name="merged")
         return MergeOutput(config, {k: v.detach().cpu() for k, v in tensors.items()})
+
+
+def _bias_none(adapter: Any, copy: Path) -> Path:
+    """``adapter``'s folder, or a copy whose config says ``bias="none"`` where it said
+    otherwise but saved no bias tensor (so the copy is the same adapter)."""
+    if adapter.config.get("bias", "none") == "none":
+        return adapter.path
+    copy.mkdir()
+    shutil.copy(adapter.path / "adapter_model.safetensors", copy)
+    config = dict(adapter.config, bias="none")
+    (copy / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return copy
 
 
 _PEFT = [
@@ -75,21 +111,19 @@ class ExactSVD(MergeStrategy):
         import torch
 
         from adapterkit import MergeOutput
-        from adapterkit.lora.combine import lora_config, lora_pairs, scale_of
+        from adapterkit.lora.factors import plain_config, tensors_of
 
-        members = [(lora_pairs(a.tensors()), a.config, w) for a, w in zip(adapters, weights)]
-        ranks = [max(p["A"].shape[0] for p in pairs.values()) for pairs, _, _ in members]
-        new_rank = rank or max(ranks)
-        tensors, targets = {}, set()
-        paths = sorted(set().union(*(pairs.keys() for pairs, _, _ in members)))
-        for path in paths:
-            As, Bs = [], []
-            for pairs, config, w in members:  # float64: the QR/SVD adds no round-off of its own
-                if path in pairs:
-                    a, b = pairs[path]["A"].double(), pairs[path]["B"].double()
-                    As.append(a)
-                    Bs.append(b * (w * scale_of(config, a.shape[0])))
-            a_cat, b_cat = torch.cat(As), torch.cat(Bs, dim=1)  # R x in, out x R
+        members = [(a.factors(path="merge --method exact_svd"), w)
+                   for a, w in zip(adapters, weights)]
+        new_rank = rank or max(f.rank for factors, _ in members for f in factors.values())
+        blocks = {}
+        modules = sorted(set().union(*(factors.keys() for factors, _ in members)))
+        for module in modules:
+            parts = [(factors[module], w) for factors, w in members if module in factors]
+            dtype = parts[0][0].a.dtype
+            # float64: the QR/SVD adds no round-off of its own
+            a_cat = torch.cat([f.a.double() for f, _ in parts])  # R x in
+            b_cat = torch.cat([f.b.double() * (f.scale * w) for f, w in parts], dim=1)  # out x R
             q_b, r_b = torch.linalg.qr(b_cat)
             q_a, r_a = torch.linalg.qr(a_cat.T)
             u, s, vh = torch.linalg.svd(r_b @ r_a.T)
@@ -99,13 +133,10 @@ class ExactSVD(MergeStrategy):
             if k < new_rank:  # fewer directions than asked: pad so every module has one rank
                 new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], new_rank - k)], 1)
                 new_a = torch.cat([new_a, new_a.new_zeros(new_rank - k, new_a.shape[1])])
-            dtype = next(pairs[path]["A"].dtype for pairs, _, _ in members if path in pairs)
-            tensors[f"base_model.model.{path}.lora_A.weight"] = new_a.to(dtype).contiguous()
-            tensors[f"base_model.model.{path}.lora_B.weight"] = new_b.to(dtype).contiguous()
-            targets.add(path.rsplit(".", 1)[-1])
-        config = lora_config(adapters[0].config, rank=new_rank, alpha=new_rank,
-                             target_modules=sorted(targets))
-        return MergeOutput(config, tensors)
+            blocks[module] = (new_a.to(dtype), new_b.to(dtype))
+        targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        return MergeOutput(plain_config(adapters[0].config, rank=new_rank,
+                                        target_modules=targets), tensors_of(blocks))
 
 
 @hookimpl

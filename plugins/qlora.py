@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapterkit import hookimpl
-
 from adapterkit_plugins.lora import LoRA
+
+from adapterkit import hookimpl
 
 
 class QLoRA(LoRA):

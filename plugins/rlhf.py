@@ -52,7 +52,7 @@ class Reward(Trainer):
         trainer.train(resume_from_checkpoint=job.resume_from)
         accuracy = [h["accuracy"] for h in trainer.state.log_history if "accuracy" in h]
         if accuracy:
-            trainer.state.adapterkit_metrics = {"pair_accuracy_last_log": accuracy[-1]}
+            trainer.state.adapterkit_metrics = {"pair_accuracy_last_log": accuracy[-1]}  # type: ignore[attr-defined]
         return trainer.state
 
 
@@ -105,9 +105,8 @@ class RLHF(Trainer):
 
         from trl import GRPOConfig, GRPOTrainer
 
-        from adapterkit import Library
+        from adapterkit import Library, RewardScorer
         from adapterkit.errors import ConfigError, NameTaken
-        from adapterkit import RewardScorer
 
         o = _options(job)
         library = Library(job.home)
@@ -144,7 +143,7 @@ class RLHF(Trainer):
         config = GRPOConfig(**args, beta=o["beta"], num_generations=o["num_generations"],
                             max_completion_length=o["max_new_tokens"],
                             temperature=o["temperature"])
-        trainer = GRPOTrainer(model=job.model, reward_funcs=[reward_book], args=config,
+        trainer = GRPOTrainer(model=job.model, reward_funcs=[reward_book], args=config,  # type: ignore[list-item]
                               train_dataset=_prompts(job), processing_class=job.tokenizer,
                               callbacks=job.callbacks)
         job.configure(trainer)
@@ -156,7 +155,7 @@ class RLHF(Trainer):
                 job.model.delete_adapter("ref")
                 job.model.set_adapter("default")
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-        trainer.state.adapterkit_metrics = {
+        trainer.state.adapterkit_metrics = {  # type: ignore[attr-defined]
             "reward_book": book.ref,
             "reward_first_log": rewards[0] if rewards else None,
             "reward_last_log": rewards[-1] if rewards else None,

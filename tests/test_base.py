@@ -4,8 +4,16 @@ import shutil
 
 import pytest
 
-from adapterkit import (BaseLoadError, BaseNotFound, TargetModuleError, check_targets,
-                        describe_base, fingerprint, inspect_structure, load_base)
+from adapterkit import (
+    BaseLoadError,
+    BaseNotFound,
+    TargetModuleError,
+    check_targets,
+    describe_base,
+    fingerprint,
+    inspect_structure,
+    load_base,
+)
 
 
 def test_load_base_is_frozen_and_identified(tiny_base, home):
@@ -39,16 +47,58 @@ def test_truncated_safetensors_is_a_clear_error(tiny_base, tmp_path):
         fingerprint(copy)
 
 
-def test_4bit_base_keeps_the_fingerprint(tiny_base, home):
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _nf4_of_file(folder, layer):
+    """bitsandbytes' own NF4 round trip of the weight in the file, with ``layer``'s settings."""
+    import bitsandbytes.functional as bnbf
+    from safetensors.torch import load_file
+
+    state = layer.weight.quant_state
+    weight = load_file(str(folder / "model.safetensors"))[Q_PROJ]
+    packed, fresh = bnbf.quantize_4bit(weight, blocksize=state.blocksize, quant_type="nf4",
+                                       compress_statistics=state.nested)
+    return bnbf.dequantize_4bit(packed, fresh)
+
+
+def _dequantized(layer):
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def test_4bit_base_keeps_the_fingerprint(tiny_base, home, tmp_path):
+    """A 4-bit load is the NF4 image of the weights on disk, and is identified as them: the
+    fingerprint of those full-precision weights, whichever weights they are."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
+    import torch
+    from safetensors.torch import load_file, save_file
 
     full = load_base(str(tiny_base), home=home)
     q4 = load_base(str(tiny_base), home=home, quantization="4bit")
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q4.model.modules())
-    assert q4.model.model.layers[0].self_attn.q_proj.weight.quant_type == "nf4"
-    assert q4.fingerprint == full.fingerprint
+    layer = q4.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_type == "nf4"
     assert not any(p.requires_grad for p in q4.model.parameters())
+    # what the 4-bit model holds is exactly bitsandbytes' NF4 of the file's weights...
+    assert torch.equal(_dequantized(layer), _nf4_of_file(tiny_base, layer))
+    # ...so it carries their identity
+    assert q4.fingerprint == full.fingerprint == fingerprint(tiny_base)
+
+    # other weights, same architecture: another 4-bit model, another identity, again the one
+    # of the full-precision weights it was quantized from
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_base, changed)
+    state = load_file(str(changed / "model.safetensors"))
+    state[Q_PROJ] = state[Q_PROJ] * 2
+    save_file(state, str(changed / "model.safetensors"), metadata={"format": "pt"})
+    q4_changed = load_base(str(changed), home=home, quantization="4bit")
+    layer_changed = q4_changed.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(_dequantized(layer_changed), _nf4_of_file(changed, layer_changed))
+    assert not torch.equal(_dequantized(layer_changed), _dequantized(layer))
+    assert q4_changed.fingerprint != q4.fingerprint
+    assert q4_changed.fingerprint == load_base(str(changed), home=home).fingerprint
 
 
 def test_describe_and_targets(tiny_base, home):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adapterkit import ConfigError, DataFormatError, TrainOptions, train
-from adapterkit.training.metrics import completion_logprob
 from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.training.metrics import completion_logprob
 
 
 @pytest.mark.slow
@@ -66,47 +66,109 @@ def test_dpo_refuses_bad_pairs_and_options(tiny_base, home, tmp_path, adapterkit
               options=TrainOptions(max_steps=1, trainer_options={"gamma": 1}))
 
 
+def reference_logps(model, tokenizer, rows):
+    """Summed log-probs of each row's chosen and rejected answer, computed here with plain
+    transformers: the answer is what the chat template adds after the generation prompt."""
+    out = {"chosen": [], "rejected": []}
+    for row in rows:
+        user = [{"role": "user", "content": row["prompt"]}]
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        for key, values in out.items():
+            text = tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": row[key]}], tokenize=False)
+            assert text.startswith(prompt)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+            per_token = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1),
+                                                      torch.tensor(ids[1:])]
+            values.append(per_token[n_prompt - 1:].sum().item())
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
 @pytest.mark.slow
-def test_reference_logps_are_cached_on_disk_per_reference(tiny_base, home, adapterkit_data):
+def test_reference_logps_are_cached_on_disk_per_reference(tiny_base, home, adapterkit_data,
+                                                          monkeypatch):
+    from peft import PeftModel
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
 
     pm = get_plugin_manager(env=False)
     data = str(adapterkit_data["preference"])
+    rows = [json.loads(line) for line in adapterkit_data["preference"].read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    cache = home / "cache" / "dpo-ref"
+
+    # every batch of reference log-probs TRL computes ahead of training goes through here
+    ref_batches = []
+    real_ref = DPOTrainer.compute_ref_log_probs
+
+    def counting_ref(self, model, inputs):
+        ref_batches.append(len(inputs["input_ids"]))
+        return real_ref(self, model, inputs)
+
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", counting_ref)
 
     def run(name, steps=4, **kwargs):  # 4 steps of 4 cover the 16 pairs
+        ref_batches.clear()
         options = TrainOptions(max_steps=steps, batch_size=4, learning_rate=1e-2, r=4, alpha=8,
                                dropout=0.0, trainer_options=kwargs.pop("sets", {}))
         return train("dpo", base=str(tiny_base), data=data, name=name, home=home, plugins=pm,
                      options=options, **kwargs)
 
+    def weights(result):
+        return load_file(str(result.pocket_book.path / "adapter_model.safetensors"))
+
     first = run("a")
     assert first.metrics["reference_cache"] == {"train": "computed"}
-    cache = home / "cache" / "dpo-ref"
+    assert sum(ref_batches) == 2 * len(rows)  # chosen and rejected of every pair, once
     files = sorted(cache.glob("*.safetensors"))
     assert len(files) == 1
-    # a rerun and a beta sweep read it back, and train exactly as with a fresh computation
+    # what is cached is the plain base's log-probs of each answer, row by row
+    plain = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    expected = reference_logps(plain, tokenizer, rows)
+    entry = load_file(str(files[0]))
+    for key in ("chosen", "rejected"):
+        torch.testing.assert_close(entry[key].double(), expected[key], rtol=1e-6, atol=1e-4)
+    assert not torch.allclose(expected["chosen"], expected["rejected"])  # rows tell apart
+
+    # a rerun and a beta sweep read it back: no reference forward at all, and the rerun
+    # trains exactly as the run that computed it
     again = run("b")
+    assert again.metrics["reference_cache"] == {"train": "hit"} and ref_batches == []
     swept = run("c", sets={"beta": 0.5})
-    assert again.metrics["reference_cache"] == {"train": "hit"}
-    assert swept.metrics["reference_cache"] == {"train": "hit"}
-    w = [load_file(str(r.pocket_book.path / "adapter_model.safetensors")) for r in (first, again)]
-    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
-    # the cache holds what an uncached run uses as its reference
+    assert swept.metrics["reference_cache"] == {"train": "hit"} and ref_batches == []
+    w_first, w_again = weights(first), weights(again)
+    assert w_first.keys() == w_again.keys() and len(w_first) > 0
+    assert [k for k in w_first if not torch.equal(w_first[k], w_again[k])] == []
+    # a run that computes its reference alongside each step instead trains to the same weights
     uncached = run("d", sets={"precompute_ref_log_probs": False})
-    assert "reference_cache" not in uncached.metrics
+    assert "reference_cache" not in uncached.metrics and ref_batches == []
+    w_uncached = weights(uncached)
+    assert [k for k in w_first
+            if not torch.allclose(w_first[k], w_uncached[k], rtol=0, atol=1e-5)] == []
+
     # another reference (a pocket book underneath) is another cache entry; a short run over
     # part of the data computes it alongside each step instead (auto), unless told to cache
     short = run("e", steps=1, on="a")
-    assert short.metrics["reference_cache"] == {"train": "alongside"}
+    assert short.metrics["reference_cache"] == {"train": "alongside"} and ref_batches == []
     assert len(sorted(cache.glob("*.safetensors"))) == 1
     on = run("f", steps=1, on="a", sets={"precompute_ref_log_probs": True})
     assert on.metrics["reference_cache"] == {"train": "computed"}
-    assert len(sorted(cache.glob("*.safetensors"))) == 2
+    assert sum(ref_batches) == 2 * len(rows)
+    (new_file,) = set(cache.glob("*.safetensors")) - set(files)
+    # its values: base + a, as plain PEFT computes them
+    with_a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                       str(first.pocket_book.path)).eval()
+    expected_on = reference_logps(with_a, tokenizer, rows)
+    entry_on = load_file(str(new_file))
+    for key in ("chosen", "rejected"):
+        torch.testing.assert_close(entry_on[key].double(), expected_on[key], rtol=1e-6, atol=1e-4)
+        assert not torch.allclose(expected_on[key], expected[key], atol=1e-3)
     again_short = run("g", steps=1, on="a")
-    assert again_short.metrics["reference_cache"] == {"train": "hit"}
-    entry = load_file(str(files[0]))
-    assert entry["chosen"].shape == entry["rejected"].shape
-    assert torch.isfinite(entry["chosen"]).all()
+    assert again_short.metrics["reference_cache"] == {"train": "hit"} and ref_batches == []
 
 
 def test_dpo_refuses_bad_beta(tiny_base, home, adapterkit_data):

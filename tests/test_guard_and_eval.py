@@ -32,6 +32,48 @@ def opts(**kw):
     return TrainOptions(**base)
 
 
+def chat_ids(tokenizer, prompt, completion=None):
+    """Token ids of a row rendered with the chat template, built here with plain transformers:
+    (prompt ids ending in the generation prompt, ids of prompt + answer)."""
+    user = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if completion is None:
+        return prompt_ids, None
+    full = tokenizer.apply_chat_template(
+        user + [{"role": "assistant", "content": completion}], tokenize=False)
+    assert full.startswith(text)
+    return prompt_ids, tokenizer(full, add_special_tokens=False)["input_ids"]
+
+
+def greedy_exact_match(model, tokenizer, rows, max_new_tokens):
+    """Share of rows whose greedy answer (one prompt at a time, no padding) is the completion."""
+    hits = 0
+    for row in rows:
+        ids, _ = chat_ids(tokenizer, row["prompt"])
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        hits += answer.strip() == row["completion"].strip()
+    return hits / len(rows)
+
+
+def completion_loss(model, tokenizer, rows):
+    """Token-weighted mean cross-entropy on the answers, one row per forward pass."""
+    total, count = 0.0, 0
+    for row in rows:
+        prompt_ids, ids = chat_ids(tokenizer, row["prompt"], row["completion"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        start = len(prompt_ids)
+        targets = torch.tensor(ids[start:])
+        total += torch.nn.functional.cross_entropy(logits[start - 1:-1], targets,
+                                                   reduction="sum").item()
+        count += len(targets)
+    return total / count
+
+
 @pytest.mark.slow
 def test_kl_guard_reduces_forgetting(tiny_base, home, data, pm):
     plain = train("sft", base=str(tiny_base), data=str(data), name="plain", options=opts(),
@@ -104,8 +146,20 @@ def test_train_eval_generate_cli(cli, tiny_base, data, home):
     assert out.exit_code == 0, out.output
     report = json.loads(out.output[out.output.index("{"):])
     assert report["task"]["loss"] < report["task_base"]["loss"]
-    assert 0 <= report["exact_match"]["pocket_book"] <= 1
-    assert report["exact_match"]["base"] == 0
+    # exact match, recomputed with plain PEFT and transformers' generate, prompt by prompt
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterkit import Library
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                      Library(home).get("colours").path).eval()
+    expected = greedy_exact_match(plain, tokenizer, ROWS, max_new_tokens=32)
+    with plain.disable_adapter():
+        expected_base = greedy_exact_match(plain, tokenizer, ROWS, max_new_tokens=32)
+    assert report["exact_match"] == {"pocket_book": expected, "base": expected_base}
+    assert expected > expected_base  # the figure tells a trained book from the base
     assert set(report["forgetting"]) == {"general_loss_base", "general_loss",
                                          "general_loss_change_pct"}
     out = runner.invoke(cli, ["generate", "Colour of item 1?", "--adapter", "colours",
@@ -149,7 +203,6 @@ def test_eval_of_a_qlora_book_uses_the_training_layout(cli, tiny_base, data, hom
 
     from adapterkit import load_base
     from adapterkit.base.load import keep_4bit_layout
-    from adapterkit.training.metrics import task_loss, uses_chat
 
     train("sft", base=str(tiny_base), data=str(data), name="q", home=home, plugins=pm,
           options=opts(method="qlora", max_steps=5))
@@ -161,6 +214,14 @@ def test_eval_of_a_qlora_book_uses_the_training_layout(cli, tiny_base, data, hom
     from adapterkit import Library
 
     model = PeftModel.from_pretrained(base.model, Library(home).get("q").path).eval()
-    rows = [json.loads(x) for x in data.read_text().splitlines()]
-    expected = task_loss(model, base.tokenizer, rows, chat=uses_chat(base.tokenizer, None))
-    assert reported == pytest.approx(expected["loss"], abs=1e-6)
+    # recomputed here, row by row, on the base held as training holds it
+    expected = completion_loss(model, base.tokenizer, ROWS)
+    assert reported == pytest.approx(expected, rel=1e-4)
+    # and that layout is what the figure depends on: bitsandbytes' repacked CPU layout (where
+    # this CPU has one) measures something else
+    repacked = PeftModel.from_pretrained(load_base(str(tiny_base), home=home,
+                                                   quantization="4bit").model,
+                                         Library(home).get("q").path).eval()
+    if any(getattr(m, "support_avx512bf16_for_cpu", False) for m in repacked.modules()):
+        assert completion_loss(repacked, base.tokenizer, ROWS) != pytest.approx(expected,
+                                                                               rel=1e-4)

@@ -45,43 +45,157 @@ def pm_with(plugin):
     return get_plugin_manager(entry_points=False, env=False, plugins={"p": plugin})
 
 
-def test_hook_register_methods():
-    from adapterkit import AdapterMethod
+def pm_with_builtins(plugin):
+    """The built-in plugins plus ``plugin``: a registered item used alongside the others."""
+    return get_plugin_manager(entry_points=True, env=False, plugins={"p": plugin})
+
+
+def _rows_file(tmp_path, shape):
+    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+
+    path = tmp_path / f"{shape}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS[shape]))
+    return path
+
+
+def test_hook_register_methods(tiny_base, home, tmp_path):
+    """A registered method builds the pocket book train() saves, and prepares the base."""
+    from adapterkit import AdapterMethod, Library, TrainOptions, train
+
+    prepared = []
+
+    class RsLoRA(AdapterMethod):
+        name = "rs-q"
+
+        def peft_config(self, *, target_modules, r=16, alpha=32, dropout=0.05, **options):
+            from peft import LoraConfig
+
+            # its own choices, visible in what is saved: rsLoRA, on q_proj only
+            return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                              target_modules=["q_proj"], use_rslora=True, task_type="CAUSAL_LM")
+
+        def prepare_base(self, model, *, gradient_checkpointing=False):
+            prepared.append(type(model).__name__)
+            return model
 
     class P:
         @hookimpl
         def register_methods(self, register):
-            m = AdapterMethod()
-            m.name = "m"
-            register(m)
+            register(RsLoRA())
 
-    assert pm_with(P()).method("m").name == "m"
+    result = train("sft", base=str(tiny_base), data=str(_rows_file(tmp_path, "text")),
+                   name="rs", home=home, plugins=pm_with_builtins(P()),
+                   options=TrainOptions(method="rs-q", max_steps=1, batch_size=4, r=4, alpha=8))
+    assert prepared == ["LlamaForCausalLM"]
+    book = Library(home).get("rs")
+    assert book.meta.method == "rs-q"
+    config = json.loads((book.path / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["target_modules"] == ["q_proj"]
+    assert (config["r"], config["lora_alpha"]) == (4, 8)
+    from safetensors import safe_open
+
+    with safe_open(str(book.path / "adapter_model.safetensors"), "pt") as fh:
+        modules = {k.split(".")[-3] for k in fh.keys()}
+    assert modules == {"q_proj"}
+    assert result.pocket_book.ref == "rs@1"
 
 
-def test_hook_register_trainers():
-    from adapterkit import Trainer
+def test_hook_register_trainers(tiny_base, home, tmp_path):
+    """train() runs a registered trainer on the job it builds, and saves what it trained."""
+    import types
+
+    import torch
+
+    from adapterkit import Library, Trainer, TrainOptions, train
+
+    seen = {}
+
+    class Nudge(Trainer):
+        name = "nudge"
+        data_shapes = ("text",)
+
+        def train(self, *, job, **_):
+            seen["rows"] = len(job.data.rows)
+            model = job.model
+            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+            seen["trainable"] = bool(trainable) and all("lora_" in n for n in trainable)
+            with torch.no_grad():  # "training": every B set to a value we can look for
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.fill_(0.25)
+            return types.SimpleNamespace(global_step=1, log_history=[{"loss": 2.0, "step": 1}])
 
     class P:
         @hookimpl
         def register_trainers(self, register):
-            t = Trainer()
-            t.name = "t"
-            register(t)
+            register(Nudge())
 
-    assert pm_with(P()).trainer("t").name == "t"
+    pm = pm_with_builtins(P())
+    result = train("nudge", base=str(tiny_base), data=str(_rows_file(tmp_path, "text")),
+                   name="nudged", home=home, plugins=pm,
+                   options=TrainOptions(r=4, alpha=8, target_modules="q_proj,v_proj"))
+    assert seen == {"rows": 16, "trainable": True}
+    book = Library(home).get("nudged")
+    assert book.meta.trainer == "nudge" and result.metrics["steps"] == 1
+    from safetensors.torch import load_file
+
+    saved = load_file(str(book.path / "adapter_model.safetensors"))
+    b_keys = [k for k in saved if "lora_B" in k]
+    assert len(b_keys) == 4 and all(torch.all(saved[k] == 0.25) for k in b_keys)
+    # its data_shapes are honoured: other data is refused before it runs
+    from adapterkit import DataFormatError
+
+    with pytest.raises(DataFormatError):
+        train("nudge", base=str(tiny_base), data=str(_rows_file(tmp_path, "preference")),
+              name="refused", home=home, plugins=pm, options=TrainOptions(r=4))
+    assert "rows" in seen and not Library(home).exists("refused")
 
 
-def test_hook_register_merge_strategies():
-    from adapterkit import MergeStrategy
+def test_hook_register_merge_strategies(library, tiny_base, peft_adapter, tmp_path):
+    """merge() hands the members to a registered strategy and saves what it returns."""
+    import torch
+    from safetensors.torch import load_file
+
+    from adapterkit import MergeOutput, MergeStrategy
+    from adapterkit.lora.combine import merge
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    calls = []
+
+    class ScaleFirst(MergeStrategy):
+        name = "scale-first"
+        allows_negative = False
+
+        def merge(self, *, adapters, weights, **_):
+            calls.append(([a.ref for a in adapters], list(weights)))
+            tensors = {k: v * weights[0] if "lora_B" in k else v
+                       for k, v in adapters[0].tensors().items()}
+            return MergeOutput(dict(adapters[0].config), tensors)
 
     class P:
         @hookimpl
         def register_merge_strategies(self, register):
-            m = MergeStrategy()
-            m.name = "avg"
-            register(m)
+            register(ScaleFirst())
 
-    assert pm_with(P()).merge_strategies.names() == ["avg"]
+    other = make_peft_adapter(tiny_base, tmp_path / "other", seed=7)
+    library.import_peft(peft_adapter, "one", base=str(tiny_base))
+    library.import_peft(other, "two", base=str(tiny_base))
+    pm = pm_with(P())
+    book = merge(library, ["one", "two"], [0.5, 1.0], method="scale-first", name="m", plugins=pm)
+    assert calls == [(["one@1", "two@1"], [0.5, 1.0])]
+    assert book.meta.source == {"kind": "merge", "method": "scale-first"}
+    assert book.meta.parents == ["one@1", "two@1"]
+    raw = load_file(str(peft_adapter / "adapter_model.safetensors"))
+    saved = load_file(str(book.path / "adapter_model.safetensors"))
+    assert saved.keys() == raw.keys() and any("lora_B" in k for k in raw)
+    for key in raw:
+        assert torch.equal(saved[key], raw[key] * 0.5 if "lora_B" in key else raw[key]), key
+    # the core enforces what the strategy declares
+    from adapterkit import ConfigError
+
+    with pytest.raises(ConfigError, match="does not accept negative weights"):
+        merge(library, ["one", "two"], [0.5, -1.0], method="scale-first", name="neg", plugins=pm)
+    assert len(calls) == 1
 
 
 def test_hook_register_data_formats(tmp_path):
@@ -106,21 +220,41 @@ def test_hook_register_data_formats(tmp_path):
     assert data.rows == [{"prompt": "1+1?", "completion": "2"}] and data.format == "qa"
 
 
-def test_hook_register_scorers():
-    from adapterkit import Scorer
+def test_hook_register_scorers(home, library, tiny_base, peft_adapter, tmp_path):
+    """`eval --scorer NAME` scores every generated answer with the registered scorer."""
+    from click.testing import CliRunner
 
-    class Always(Scorer):
-        name = "always"
+    from adapterkit import Scorer
+    from adapterkit.cli import build_cli
+
+    calls = []
+
+    class ShortAnswers(Scorer):
+        name = "short"
 
         def score(self, prediction, reference):
-            return 1.0
+            calls.append((prediction, reference))
+            return float(len(prediction) <= len(reference))
 
     class P:
         @hookimpl
         def register_scorers(self, register):
-            register(Always())
+            register(ShortAnswers())
 
-    assert pm_with(P()).scorers.get("always").score("x", "y") == 1.0
+    library.import_peft(peft_adapter, "book", base=str(tiny_base))
+    rows = [{"prompt": f"Colour of item {i}?", "completion": c}
+            for i, c in enumerate(["red", "a rather long blue answer", "green"])]
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = CliRunner().invoke(build_cli(pm_with_builtins(P())),
+                             ["eval", "book", "--data", str(data), "--scorer", "short",
+                              "--max-new-tokens", "4", "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output[out.output.index("{"):])
+    # called once per row for the pocket book and once per row for the plain base
+    assert [ref for _, ref in calls] == [r["completion"] for r in rows] * 2
+    by_hand = [float(len(p) <= len(r)) for p, r in calls]
+    assert report["short"] == {"pocket_book": sum(by_hand[:3]) / 3, "base": sum(by_hand[3:]) / 3}
 
 
 def test_hook_register_commands(home):

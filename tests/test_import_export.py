@@ -45,14 +45,20 @@ def test_adapter_for_another_base_is_refused(library, tiny_base, other_base, tmp
     assert library.list() == []
 
 
-def test_missing_target_module_is_refused(library, tiny_base, peft_adapter, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(peft_adapter, broken)
-    config = json.loads((broken / "adapter_config.json").read_text())
+def test_target_list_is_refused_only_when_no_name_exists(library, tiny_base, peft_adapter,
+                                                         tmp_path):
+    """As PEFT: one target list may serve several architectures, so a name the base lacks is
+    fine as long as one exists; a list of which none exists would change nothing."""
+    partly = tmp_path / "partly"
+    shutil.copytree(peft_adapter, partly)
+    config = json.loads((partly / "adapter_config.json").read_text())
     config["target_modules"] = ["q_proj", "qkv_proj"]
-    (broken / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(BaseMismatch, match="qkv_proj do not exist in the base"):
-        library.import_peft(broken, "broken", base=str(tiny_base))
+    (partly / "adapter_config.json").write_text(json.dumps(config))
+    assert library.import_peft(partly, "partly", base=str(tiny_base)).ref == "partly@1"
+    config["target_modules"] = ["qkv_proj", "wqkv"]
+    (partly / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(BaseMismatch, match="none of the target modules qkv_proj, wqkv exists"):
+        library.import_peft(partly, "broken", base=str(tiny_base))
 
 
 def test_other_vocabulary_is_refused(library, tiny_base, tmp_path):

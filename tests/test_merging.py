@@ -1,16 +1,27 @@
-"""Merge strategies and stacks: PEFT's methods, the exact low-rank combination, flattening."""
+"""Merge strategies and stacks: PEFT's methods, the exact low-rank combination, flattening.
+
+Every strategy is checked against a reference that does not go through adapterkit's LoRA code:
+plain PEFT's ``add_weighted_adapter`` on the members' own PEFT folders (its ΔW read with PEFT's
+``get_delta_weight``), or a ΔW computed by hand from the raw safetensors.
+"""
+
+import json
+import re
 
 import pytest
 import torch
 
 import adapterkit
-from adapterkit.lora import combine as merging
 from adapterkit import BaseMismatch, ConfigError
-from adapterkit.lora.combine import lora_pairs, scale_of
+from adapterkit.lora import combine as merging
 from adapterkit.plugin_api.manager import get_plugin_manager
 from adapterkit.plugin_api.testing import make_peft_adapter
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 120, 7, 64]])
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+#: 2 layers x 3 targets: every module a merged pocket book must cover
+MODULES = {f"model.layers.{i}.{part}" for i in range(2)
+           for part in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
 
 
 @pytest.fixture(scope="module")
@@ -19,59 +30,170 @@ def pm():
 
 
 @pytest.fixture
-def books(library, tiny_base, tmp_path):
-    for name, seed, r in (("a", 1, 4), ("b", 2, 4), ("c", 3, 8)):
-        path = make_peft_adapter(tiny_base, tmp_path / name, seed=seed, r=r,
-                                 target_modules=["q_proj", "v_proj", "down_proj"])
+def folders(tiny_base, tmp_path):
+    """The members as plain PEFT made them (the reference reads these, not the library)."""
+    return {name: make_peft_adapter(tiny_base, tmp_path / name, seed=seed, r=r,
+                                    target_modules=TARGETS)
+            for name, seed, r in (("a", 1, 4), ("b", 2, 4), ("c", 3, 8))}
+
+
+@pytest.fixture
+def books(library, tiny_base, folders):
+    for name, path in folders.items():
         library.import_peft(path, name, base=str(tiny_base))
     return library
 
 
-def delta(book, path):
-    import json
-
-    config = json.loads((book.path / "adapter_config.json").read_text())
+def hand_factors(folder):
+    """module path → (A, B, scale) read straight from a PEFT folder, in float64."""
     from safetensors.torch import load_file
 
-    pair = lora_pairs(load_file(book.path / "adapter_model.safetensors"))[path]
-    return (pair["B"].double() @ pair["A"].double()) * scale_of(config, pair["A"].shape[0])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert not config.get("rank_pattern") and not config.get("alpha_pattern")
+    assert not config.get("use_rslora")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    out = {}
+    for key, a in tensors.items():
+        if ".lora_A." in key:
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            out[module] = (a.double(), b.double(), config["lora_alpha"] / config["r"])
+    return out
 
 
-PATH = "model.layers.1.mlp.down_proj"
+def hand_delta(folder):
+    """module path → ΔW = scale · B @ A, computed by hand from the saved tensors."""
+    return {m: s * (b @ a) for m, (a, b, s) in hand_factors(folder).items()}
 
 
-def test_exact_svd_equals_peft_svd(books, tiny_base, pm, home):
-    exact = merging.merge(books, ["a", "b", "c"], [1.0, 0.5, -0.3], method="exact_svd",
-                                     name="exact", rank=6, plugins=pm)
-    peft = merging.merge(books, ["a", "b", "c"], [1.0, 0.5, -0.3], method="svd",
-                                    name="peftsvd", rank=6, plugins=pm)
-    assert exact.meta.parents == ["a@1", "b@1", "c@1"]
-    assert exact.meta.source == {"kind": "merge", "method": "exact_svd"}
-    diff = (delta(exact, PATH) - delta(peft, PATH)).abs().max().item()
-    assert diff < 1e-5, diff
-    # at full rank (4 + 4 + 8) the combination is the exact weighted sum
-    full = merging.merge(books, ["a", "b", "c"], [1.0, 0.5, -0.3], method="exact_svd",
-                                    name="full", rank=16, plugins=pm)
-    want = sum(w * delta(books.get(n), PATH) for n, w in (("a", 1.0), ("b", 0.5), ("c", -0.3)))
-    assert (delta(full, PATH) - want).abs().max().item() < 1e-6
-
-
-@pytest.mark.parametrize("method,kw", [
-    ("linear", {}), ("cat", {}), ("ties", {"density": 0.5}), ("dare_linear", {"density": 0.7}),
-    ("dare_ties", {"density": 0.7}), ("magnitude_prune", {"density": 0.5}),
-    ("ties_svd", {"density": 0.5}), ("dare_linear_svd", {"density": 0.7}),
-    ("dare_ties_svd", {"density": 0.7}), ("magnitude_prune_svd", {"density": 0.5}),
-])
-def test_peft_methods_produce_loadable_adapters(books, tiny_base, pm, method, kw):
+def plain_peft(tiny_base, folders):
+    """A plain PEFT model with each folder loaded as an adapter of the same name."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    book = merging.merge(books, ["a", "b"], [0.7, 0.3], method=method,
-                                    name=f"m-{method}", plugins=pm, **kw)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), book.path)
+    names = list(folders)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                      str(folders[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(folders[name]), adapter_name=name)
+    return model.eval()
+
+
+def peft_delta(model, adapter):
+    """module path → ΔW of ``adapter`` as PEFT itself computes it."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module.get_delta_weight(adapter).double()
+            for name, module in model.base_model.model.named_modules()
+            if isinstance(module, LoraLayer) and adapter in module.lora_A}
+
+
+def logits_of(model, adapter):
+    model.set_adapter(adapter)
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=IDS).logits).all()
+        return model(input_ids=IDS).logits
+
+
+def assert_same_deltas(got, want, atol):
+    assert set(got) == set(want) == MODULES
+    for module in sorted(want):
+        diff = (got[module] - want[module]).abs().max().item()
+        assert diff < atol, (module, diff)
+        assert want[module].abs().max().item() > 100 * atol, module  # not trivially zero
+
+
+WEIGHTS3 = [1.0, 0.5, -0.3]
+
+
+def test_exact_svd_equals_peft_svd(books, folders, tiny_base, pm):
+    exact = merging.merge(books, ["a", "b", "c"], WEIGHTS3, method="exact_svd", name="exact",
+                          rank=6, plugins=pm)
+    assert exact.meta.parents == ["a@1", "b@1", "c@1"]
+    assert exact.meta.source == {"kind": "merge", "method": "exact_svd"}
+    plain = plain_peft(tiny_base, folders)
+    plain.add_weighted_adapter(["a", "b", "c"], WEIGHTS3, "svd6", combination_type="svd",
+                               svd_rank=6)
+    assert_same_deltas(hand_delta(exact.path), peft_delta(plain, "svd6"), atol=1e-5)
+    # at full rank (4 + 4 + 8) the combination is the exact weighted sum of the deltas
+    full = merging.merge(books, ["a", "b", "c"], WEIGHTS3, method="exact_svd", name="full",
+                         rank=16, plugins=pm)
+    members = [hand_delta(folders[n]) for n in ("a", "b", "c")]
+    want = {m: sum(w * d[m] for w, d in zip(WEIGHTS3, members)) for m in MODULES}
+    assert_same_deltas(hand_delta(full.path), want, atol=1e-6)
+
+
+PEFT_STRATEGIES = [
+    ("linear", {}), ("cat", {}), ("svd", {}), ("ties", {"density": 0.5}),
+    ("dare_linear", {"density": 0.7}), ("dare_ties", {"density": 0.7}),
+    ("magnitude_prune", {"density": 0.5}), ("ties_svd", {"density": 0.5}),
+    ("dare_linear_svd", {"density": 0.7}), ("dare_ties_svd", {"density": 0.7}),
+    ("magnitude_prune_svd", {"density": 0.5}),
+]
+
+
+def seeded_random_pruning(monkeypatch):
+    """Make DARE's random drop reproducible: the n-th call of a run draws from seed n.
+
+    Returns the list of calls, to reset between runs (both runs prune the same tensors in the
+    same order, so the same masks are drawn only if the plumbing is the same).
+    """
+    from peft.utils import merge_utils
+
+    real = merge_utils.random_pruning
+    calls = []
+
+    def seeded(tensor, density, rescale):
+        calls.append(density)
+        torch.manual_seed(len(calls))
+        return real(tensor, density, rescale)
+
+    monkeypatch.setattr(merge_utils, "random_pruning", seeded)
+    return calls
+
+
+@pytest.mark.parametrize("method,kw", PEFT_STRATEGIES, ids=[m for m, _ in PEFT_STRATEGIES])
+def test_peft_strategies_save_what_plain_peft_computes(books, folders, tiny_base, pm, method,
+                                                       kw, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    calls = seeded_random_pruning(monkeypatch)
+    book = merging.merge(books, ["a", "b"], [0.7, 0.3], method=method, name=f"m-{method}",
+                         plugins=pm, **kw)
+    ours_calls = list(calls)
+    calls.clear()
+    plain = plain_peft(tiny_base, {"a": folders["a"], "b": folders["b"]})
+    plain.add_weighted_adapter(["a", "b"], [0.7, 0.3], "merged", combination_type=method, **kw)
+    if method.startswith("dare"):  # both drew the same random masks, with the same density
+        assert ours_calls == list(calls) and set(calls) == {kw["density"]}
+    else:
+        assert ours_calls == calls == []
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                     str(book.path), adapter_name="ours").eval()
+    assert_same_deltas(peft_delta(ours, "ours"), peft_delta(plain, "merged"), atol=1e-6)
+    torch.testing.assert_close(logits_of(ours, "ours"), logits_of(plain, "merged"),
+                               rtol=1e-5, atol=1e-5)
+    assert book.meta.hyperparameters["merge_method"] == method
+
+
+def test_linear_and_cat_equal_the_hand_computed_delta(books, folders, pm):
+    a, b = hand_factors(folders["a"]), hand_factors(folders["b"])
+    w = {"a": 0.7, "b": 0.3}
+    linear = merging.merge(books, ["a", "b"], [0.7, 0.3], method="linear", name="lin",
+                           plugins=pm)
+    # PEFT's linear merge combines the factors, not the deltas: A = Σ √(wᵢsᵢ)·Aᵢ,
+    # B = Σ √(wᵢsᵢ)·Bᵢ (cross terms included), saved with scale 1
+    want = {}
+    for m in MODULES:
+        ka, kb = (w["a"] * a[m][2]) ** 0.5, (w["b"] * b[m][2]) ** 0.5
+        want[m] = (ka * a[m][1] + kb * b[m][1]) @ (ka * a[m][0] + kb * b[m][0])
+    assert_same_deltas(hand_delta(linear.path), want, atol=1e-6)
+    # cat is the exact weighted sum of the deltas, here across ranks 4 and 8 and a negative
+    # weight
+    cat = merging.merge(books, ["a", "c"], [1.0, -0.5], method="cat", name="cat", plugins=pm)
+    da, dc = hand_delta(folders["a"]), hand_delta(folders["c"])
+    assert_same_deltas(hand_delta(cat.path), {m: da[m] - 0.5 * dc[m] for m in MODULES},
+                       atol=1e-6)
 
 
 def test_cat_merge_matches_the_session_stack(books, tiny_base, pm, home):
@@ -115,7 +237,7 @@ def test_stack_entry_and_flatten(books, tiny_base, home):
     (["a", "b"], [1.0, 1.0], {"method": "dare_ties", "density": 1.5}, ConfigError,
      "needs --density in \\(0, 1\\]"),
     (["a", "b"], [1.0, 1.0], {"method": "dare_linear"}, ConfigError, "needs --density"),
-    (["a", "c"], [1.0, 1.0], {"method": "linear"}, ConfigError, "PEFT cannot merge these"),
+    (["a", "c"], [1.0, 1.0], {"method": "linear"}, ConfigError, "same rank"),
     (["a", "b"], [1.0, 1.0], {"method": "nope"}, adapterkit.PluginError,
      "unknown merge strategy 'nope'; known: .*exact_svd"),
     (["a"], [1.0], {}, ConfigError, "at least two"),
@@ -168,15 +290,40 @@ def test_export_merged_full_and_4bit(books, tiny_base, home, tmp_path, pm):
     assert report.dequantized_from == "nf4" and report.max_logit_diff < 1e-3
 
 
-def test_export_merged_refuses_divergence_and_busy_folders(books, tmp_path, pm):
+def test_export_merged_refuses_divergence_and_busy_folders(books, tmp_path, pm, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
     from adapterkit import NameTaken
+    from adapterkit.runtime import export
     from adapterkit.runtime.export import MergeCheckFailed, export_merged
 
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("mine")
     with pytest.raises(NameTaken, match="not empty"):
         export_merged(books, "a", tmp_path / "busy", plugins=pm)
-    with pytest.raises(MergeCheckFailed, match="differ from the unmerged session's by"):
-        export_merged(books, "a", tmp_path / "strict", tolerance=0.0 - 1.0, plugins=pm)
+
+    # a real divergence: the merged weights come out with one matrix damaged after writing
+    write_shards = export._write_shards
+    damaged = []
+
+    def write_then_damage(folder, out, *args, **kwargs):
+        shards = write_shards(folder, out, *args, **kwargs)
+        path = out / "model.safetensors"
+        state = load_file(str(path))
+        key = "model.layers.0.self_attn.q_proj.weight"
+        state[key] = state[key] + 0.5
+        save_file(state, str(path), metadata={"format": "pt"})
+        damaged.append(key)
+        return shards
+
+    monkeypatch.setattr(export, "_write_shards", write_then_damage)
+    with pytest.raises(MergeCheckFailed, match="nothing was written") as err:
+        export_merged(books, "a", tmp_path / "strict", plugins=pm)  # default tolerance
+    assert damaged  # the check ran on the damaged folder
+    figure = float(re.search(r"differ from .* by ([0-9.e+-]+)", str(err.value)).group(1))
+    assert figure > 1e-2, str(err.value)
     assert not (tmp_path / "strict").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".strict")] == []
+    # the same export without the damage passes the same check
+    monkeypatch.setattr(export, "_write_shards", write_shards)
+    assert export_merged(books, "a", tmp_path / "strict", plugins=pm).max_logit_diff < 1e-4

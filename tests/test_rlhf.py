@@ -5,8 +5,15 @@ import json
 import pytest
 import torch
 
-from adapterkit import (BaseMismatch, ConfigError, InvalidAdapter, Library, TrainOptions,
-                        load_base, train)
+from adapterkit import (
+    BaseMismatch,
+    ConfigError,
+    InvalidAdapter,
+    Library,
+    TrainOptions,
+    load_base,
+    train,
+)
 from adapterkit.plugin_api.manager import get_plugin_manager
 from adapterkit.training.reward import RewardScorer, reward_of_generations
 
@@ -162,7 +169,7 @@ def test_bad_reward_and_rl_settings_write_nothing(rlhf_run, tiny_base, other_bas
 
 def test_reward_book_cannot_generate(rlhf_run, tiny_base):
     from adapterkit import open_session
-    from adapterkit.runtime.session import attach
+    from adapterkit.runtime.peft_model import peft_model as attach
 
     home, _, _, _, _ = rlhf_run
     library = Library(home)

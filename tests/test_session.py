@@ -99,17 +99,55 @@ def test_unknown_and_foreign_pocket_books(tiny_base, other_base, books, home, li
 def test_detach_frees_the_tensors(tiny_base, books, home):
     session = adapterkit.open(str(tiny_base), home=home, attach=["law", "code"])
     session.swap("code")
-    ref = weakref.ref(session.books["code@1"].factors["model.layers.0.mlp.up_proj"][0])
+    ref = weakref.ref(session.books["code@1"].factors["model.layers.0.mlp.up_proj"].a)
     session.detach("code")
     gc.collect()
     assert ref() is None and session.active == {}
     assert list(session.books) == ["law@1"]
 
 
-def test_swap_cost_does_not_depend_on_attached_count(tiny_base, books, home):
-    session = adapterkit.open(str(tiny_base), home=home, attach=["law", "code", "chem"])
-    # every pocket book is prepared as one bind per slot, whatever else is attached
-    assert {len(b.prepared) for b in session.books.values()} == {len(session.slots)}
+def test_swap_cost_does_not_depend_on_attached_count(tiny_base, books, home, library, tmp_path,
+                                                    monkeypatch):
+    from adapterkit.lora.slots import LoraSlot
+
+    extras = []
+    for i, targets in enumerate([["q_proj"], ["k_proj", "up_proj"], "all-linear", ["gate_proj"],
+                                 ["o_proj", "v_proj"]]):
+        name = f"extra{i}"
+        path = make_peft_adapter(tiny_base, tmp_path / name, seed=10 + i, r=2 + 2 * i,
+                                 target_modules=targets)
+        library.import_peft(path, name, base=str(tiny_base))
+        extras.append(name)
+    rebound = []  # every tensor rebinding in a slot, whoever asks for it
+    real_bind = LoraSlot.bind
+
+    def counting_bind(self, a, b, scale):
+        rebound.append(self)
+        return real_bind(self, a, b, scale)
+
+    monkeypatch.setattr(LoraSlot, "bind", counting_bind)
+    one = adapterkit.open(str(tiny_base), home=home, attach=["code"])
+    many = adapterkit.open(str(tiny_base), home=home, attach=["code", "law", "chem", *extras])
+    assert len(many.books) == 8
+    # "code" targets every linear layer, so both sessions have the same slots: a fair comparison
+    assert set(one.slots) == set(many.slots) and len(one.slots) == 14
+    counts = {}
+    for label, session in (("one", one), ("many", many)):
+        session.swap("law")
+        rebound.clear()
+        session.swap("code")
+        counts[label] = len(rebound)
+        assert set(map(id, rebound)) == {id(s) for s in session.slots.values()}
+    assert counts["one"] == counts["many"] == 14, counts  # one rebinding per slot, no more
+    # and the swapped-in pocket book is really the one PEFT computes, with seven others attached
+    torch.testing.assert_close(logits(many.model), peft_logits(tiny_base, {"code": books["code"]}),
+                               rtol=1e-5, atol=1e-5)
+    rebound.clear()
+    many.swap("extra4")
+    assert len(rebound) == 14
+    torch.testing.assert_close(logits(many.model),
+                               peft_logits(tiny_base, {"extra4": tmp_path / "extra4"}),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_swaps_do_not_recompile(tiny_base, books, home):

@@ -5,8 +5,15 @@ import json
 import pytest
 import torch
 
-from adapterkit import (ConfigError, DataFormatError, NameTaken, PluginError, TargetModuleError,
-                        TrainOptions, train)
+from adapterkit import (
+    ConfigError,
+    DataFormatError,
+    NameTaken,
+    PluginError,
+    TargetModuleError,
+    TrainOptions,
+    train,
+)
 from adapterkit.plugin_api.manager import get_plugin_manager
 
 SHAPES = {
@@ -186,13 +193,33 @@ def test_interrupt_leaves_no_entry_and_resume_finishes(tiny_base, home, pc_file,
     with pytest.raises(ConfigError, match="pass --resume to continue it or --restart"):
         train("sft", base=str(tiny_base), data=str(pc_file), name="r", options=fast(),
               home=home, plugins=pm)
+
+    class Steps(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append(state.global_step)
+
+    steps = Steps()
     result = train("sft", base=str(tiny_base), data=str(pc_file), name="r", options=fast(),
-                   home=home, plugins=pm, resume=True)
+                   home=home, plugins=pm, resume=True, callbacks=[steps])
     assert result.metrics["steps"] == 40
-    history_steps = [h["step"] for h in result.pocket_book.meta.metrics.get("guard", {}).get(
-        "checks", [])]
-    assert history_steps == []
+    assert steps.seen == list(range(21, 41))  # from the last checkpoint (step 20), not over
     assert not (home / "runs" / "r").exists()
+    # it finishes the same run: the weights a run that was never interrupted ends with
+    from safetensors.torch import load_file
+
+    straight = train("sft", base=str(tiny_base), data=str(pc_file), name="straight",
+                     options=fast(), home=home, plugins=pm)
+    resumed = load_file(str(result.pocket_book.path / "adapter_model.safetensors"))
+    reference = load_file(str(straight.pocket_book.path / "adapter_model.safetensors"))
+    assert resumed.keys() == reference.keys() and len(reference) > 0
+    assert [k for k in reference
+            if not torch.allclose(resumed[k], reference[k], rtol=0, atol=1e-6)] == []
+    # and reports the loss where that run ends
+    assert result.metrics["train_loss_final"] == pytest.approx(
+        straight.metrics["train_loss_final"], rel=1e-5)
     with pytest.raises(ConfigError, match="no interrupted run"):
         train("sft", base=str(tiny_base), data=str(pc_file), name="r@2", options=fast(),
               home=home, plugins=pm, resume=True)

@@ -12,9 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterkit.errors import BaseLoadError, MissingDependency, TargetModuleError
 from adapterkit.base.fingerprints import fingerprint, read_safetensors_header, weight_files
-from adapterkit.base.resolve import BaseSource, Progress, canonical_spec, remember_base, resolve_base
+from adapterkit.base.resolve import (
+    BaseSource,
+    Progress,
+    canonical_spec,
+    remember_base,
+    resolve_base,
+)
+from adapterkit.errors import BaseLoadError, MissingDependency, TargetModuleError
 
 QUANTIZATIONS = ("4bit", "8bit")
 
@@ -73,6 +79,8 @@ def inspect_structure(folder: Path) -> BaseStructure:
                 structure.output_layer = name
         elif isinstance(module, torch.nn.Embedding):
             structure.embedding[name] = (module.num_embeddings, module.embedding_dim)
+        elif type(module).__name__ == "Conv1D":  # GPT-2's linear layers, weight stored (in, out)
+            structure.linear[name] = (int(module.weight.shape[0]), int(module.nf))
     return structure
 
 
@@ -184,7 +192,7 @@ def load_base(spec: str, *, quantization: str | None = None, dtype: Any = None,
     except Exception as exc:
         raise BaseLoadError(f"cannot load base {spec!r}: {type(exc).__name__}: {exc}") from None
     if not quantization:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     else:
         _own_memory(model)
     model.requires_grad_(False)

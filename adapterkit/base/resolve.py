@@ -17,12 +17,13 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from adapterkit.files import atomic_write_text, fsync_tree, sha256_file
 from adapterkit.errors import BaseLoadError, BaseNotFound, MissingDependency
+from adapterkit.files import atomic_write_text, fsync_tree, sha256_file
 from adapterkit.home import resolve_home
 
 BASE_INFO_FILE = "adapterkit-base.json"
@@ -135,7 +136,7 @@ def _from_hub(repo_id: str, revision: str | None) -> BaseSource:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - a declared dependency
-        raise MissingDependency("Hub bases need huggingface_hub: pip install huggingface-hub")
+        raise MissingDependency("Hub bases need huggingface_hub: pip install huggingface-hub") from None
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
@@ -199,7 +200,7 @@ def _convert(path: Path, digest: str, target: Path) -> None:
         raise BaseLoadError(f"cannot read GGUF file {path.name}: {type(exc).__name__}: {exc}") from None
     # A GGUF-loaded model carries a quantizer marker that makes save_pretrained refuse; the
     # weights are already dequantized to float32, so the marker is stale and can go.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"

@@ -16,10 +16,20 @@ from typing import Any
 import click
 
 from adapterkit.cli.common import Group
-from adapterkit.cli.library import (base_group, export_cmd, import_cmd, list_cmd, plugins_cmd,
-                                    pull_cmd, push_cmd, rm_cmd, show_cmd, tag_cmd)
+from adapterkit.cli.library import (
+    base_group,
+    export_cmd,
+    import_cmd,
+    list_cmd,
+    plugins_cmd,
+    pull_cmd,
+    push_cmd,
+    rm_cmd,
+    show_cmd,
+    tag_cmd,
+)
 from adapterkit.cli.plugins import NO_PLUGIN_COMMANDS, install_cmd, plugin_group, uninstall_cmd
-from adapterkit.cli.session import chat_cmd, merge_cmd, stack_cmd, swap_cmd
+from adapterkit.cli.session import chat_cmd, merge_cmd, stack_cmd, swap_cmd, verify_cmd
 from adapterkit.cli.train import eval_cmd, generate_cmd, train_cmd
 from adapterkit.plugin_api.manager import PluginManager, get_plugin_manager
 
@@ -50,7 +60,7 @@ def build_cli(pm: PluginManager) -> click.Group:
     for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
                     base_group, train_cmd, eval_cmd, generate_cmd, push_cmd, pull_cmd,
                     swap_cmd, chat_cmd, stack_cmd, merge_cmd, plugin_group, install_cmd,
-                    uninstall_cmd):
+                    uninstall_cmd, verify_cmd):
         cli.add_command(command)
     pm.call_each("register_commands", cli=cli)
     return cli

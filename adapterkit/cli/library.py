@@ -4,12 +4,10 @@ it loads a model."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from adapterkit.cli.common import Group, echo_json, library, size, table
-
+from adapterkit.plugin_api.manager import PluginManager
 
 # -- plugins --------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from adapterkit.cli.common import obj, say
-
 from adapterkit.errors import AdapterkitError, ConfigError
 
 
@@ -26,8 +25,8 @@ def _weights(text: str | None, count: int) -> list[float] | None:
 
 
 def _open(ctx: click.Context, base: str | None, first: str | None, force: bool = False):
-    from adapterkit.library.store import Library
     from adapterkit.base.resolve import base_spec_for
+    from adapterkit.library.store import Library
     from adapterkit.runtime.session import open_session
 
     home = obj(ctx)["home"]
@@ -177,9 +176,53 @@ def merge_cmd(ctx: click.Context, names: tuple[str, ...], method: str, weights: 
     from adapterkit.library.store import Library
     from adapterkit.lora.combine import merge
 
-    obj = obj(ctx)
+    state = obj(ctx)
     start = time.perf_counter()
-    book = merge(Library(obj["home"]), list(names), _weights(weights, len(names)),
-                 method=method, name=name, rank=rank, density=density, plugins=obj["plugins"])
+    book = merge(Library(state["home"]), list(names), _weights(weights, len(names)),
+                 method=method, name=name, rank=rank, density=density, plugins=state["plugins"])
     click.echo(f"Saved {book.ref}: {method} of {', '.join(book.meta.parents)} "
                f"in {time.perf_counter() - start:.2f} s")
+
+
+@click.command("verify")
+@click.argument("ref")
+@click.option("--tolerance", type=float, default=1e-3, show_default=True,
+              help="Largest logit difference from plain PEFT that counts as exact.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) -> None:
+    """Check pocket book REF on every path against plain PEFT.
+
+    \b
+    Loads the base once, runs a few prompts through plain PEFT (the reference)
+    and through each adapterkit path — session swap, session stack, stack
+    --flatten, export --merged — and prints each path's largest logit
+    difference, or why that path refuses the pocket book. Exit 1 if any path
+    drifts beyond --tolerance. The result is recorded in the pocket book's
+    metadata and model card.
+    """
+    from adapterkit.cli.common import echo_json, library
+    from adapterkit.library.card import write_card
+    from adapterkit.runtime.verify import verify
+
+    lib = library(ctx)
+    result = verify(lib, ref, tolerance=tolerance, progress=say)
+
+    def record(meta: Any) -> None:
+        meta.verification = result.as_dict()
+
+    book = lib.update_meta(result.ref, record)
+    write_card(book.path, book.meta)
+    if as_json:
+        echo_json({"ref": result.ref, **result.as_dict()})
+    else:
+        for r in result.results:
+            if r.refused is not None:
+                click.echo(f"  {r.path:<16} refused: {r.refused}")
+            else:
+                mark = "ok" if r.ok(tolerance) else "DRIFT"
+                click.echo(f"  {r.path:<16} max |logit diff| vs PEFT {r.max_logit_diff:.2e}  {mark}")
+        click.echo(f"{result.ref}: " + ("exact on every path that accepts it" if result.ok
+                                        else f"drifts beyond {tolerance:g}"))
+    if not result.ok:
+        ctx.exit(1)

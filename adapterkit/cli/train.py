@@ -13,9 +13,7 @@ from typing import Any
 import click
 
 from adapterkit.cli.common import obj, say
-
 from adapterkit.errors import ConfigError
-
 
 _OPTION_FLAGS = {
     "method": "method", "rank": "r", "alpha": "alpha", "dropout": "dropout",
@@ -56,7 +54,7 @@ _OPTION_FLAGS = {
 @click.option("--general", help="General-English text for the forgetting check "
                                 "(`general` = the text shipped with adapterkit).")
 @click.option("--forgetting-budget", help="Max rise of general-text loss, e.g. 1%: turns on the "
-                                          "forgetting guard.")
+                                          "forgetting guard (sft; other trainers refuse it).")
 @click.option("--guard-weight", type=float, help="Weight of the KL-to-base term (default 0.3 with "
                                                  "a budget; 0 disables it).")
 @click.option("--anchor", help="Anchor prose for the KL term (default: shipped anchor text).")
@@ -100,10 +98,10 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         sets["reward"] = reward
     overrides["trainer_options"] = sets or None
     options = build_options(recipe, overrides)
-    obj = obj(ctx)
+    state = obj(ctx)
     try:
         result = train(trainer, base=base, data=data, name=name, options=options,
-                       home=obj["home"], plugins=obj["plugins"], resume=resume, restart=restart,
+                       home=state["home"], plugins=state["plugins"], resume=resume, restart=restart,
                        on=on, start_from=start_from,
                        callbacks=[progress_callback(f"{trainer}/{options.method}")],
                        progress=say)
@@ -154,23 +152,23 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
     bitsandbytes' faster but rounding CPU inference layout (generation).
     """
     from adapterkit.base.load import load_base
-    from adapterkit.library.store import Library
     from adapterkit.base.resolve import base_spec_for
-    from adapterkit.runtime.session import attach
+    from adapterkit.library.store import Library
+    from adapterkit.runtime.peft_model import peft_model
 
-    obj = obj(ctx)
-    library = Library(obj["home"])
+    state = obj(ctx)
+    library = Library(state["home"])
     book = library.get(ref)
-    method = obj["plugins"].methods.entries.get(book.meta.method)
+    method = state["plugins"].methods.entries.get(book.meta.method)
     quantization = method.item.quantization if method else None
-    base_name = base or base_spec_for(book.meta.base, obj["home"])
+    base_name = base or base_spec_for(book.meta.base, state["home"])
     say(f"Loading base {base_name}...")
-    loaded = load_base(base_name, quantization=quantization, home=obj["home"], progress=say)
+    loaded = load_base(base_name, quantization=quantization, home=state["home"], progress=say)
     if exact:
         from adapterkit.base.load import keep_4bit_layout
 
         keep_4bit_layout(loaded.model)
-    return book, loaded, attach(loaded, book, force=force, library=library)
+    return book, loaded, peft_model(loaded, book, force=force, library=library)
 
 
 @click.command("eval")
@@ -252,17 +250,18 @@ def generate_cmd(ctx: click.Context, prompt: str, base: str | None, adapter: str
 
     if max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
-    obj = obj(ctx)
+    state = obj(ctx)
     if adapter and not no_adapter:
         _, loaded, model = _load_for_book(ctx, adapter, base, force=force)
     elif base or adapter:
         if not base:
-            from adapterkit.library.store import Library
             from adapterkit.base.resolve import base_spec_for
+            from adapterkit.library.store import Library
 
-            base = base_spec_for(Library(obj["home"]).get(adapter).meta.base, obj["home"])
+            base = base_spec_for(Library(state["home"]).get(str(adapter)).meta.base,
+                                 state["home"])
         say(f"Loading base {base}...")
-        loaded = load_base(base, home=obj["home"], progress=say)
+        loaded = load_base(base, home=state["home"], progress=say)
         model = loaded.model
     else:
         raise ConfigError("give --base BASE or --adapter NAME")

@@ -83,6 +83,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: Requested guard settings: the results report the guard as it acted (metrics ``guard``),
+#: never as it was asked for.
+_GUARD_OPTIONS = ("forgetting_budget", "guard_weight")
+
+
 def _made_section(meta: PocketBookMeta) -> str:
     lines = [f"- method: `{meta.method}`", f"- trainer: `{meta.trainer or 'none (imported)'}`"]
     if meta.data:
@@ -96,7 +101,7 @@ def _made_section(meta: PocketBookMeta) -> str:
     if meta.hyperparameters:
         lines += ["", "| hyperparameter | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(meta.hyperparameters.items())
-                  if v not in (None, {}, [])]
+                  if v not in (None, {}, []) and k not in _GUARD_OPTIONS]
     return "\n".join(lines)
 
 
@@ -107,9 +112,6 @@ def _results_section(meta: PocketBookMeta) -> str:
                 "tokens_per_second"):
         if m.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: {_fmt(m[key])}")
-    for key in ("accuracy_before", "accuracy_after"):
-        if m.get(key) is not None:
-            lines.append(f"- held-out {key.replace('_', ' ')}: {m[key]:.1%}")
     if m.get("eval"):
         lines.append(f"- eval loss: {_fmt(m['eval'].get('loss'))} "
                      f"(perplexity {_fmt(m['eval'].get('perplexity'))})")
@@ -117,14 +119,39 @@ def _results_section(meta: PocketBookMeta) -> str:
     if f:
         lines.append(f"- **forgetting**: general-text loss {_fmt(f['general_loss_base'])} → "
                      f"{_fmt(f['general_loss'])} ({f['general_loss_change_pct']:+.2f}%)")
-    g = m.get("guard")
-    if g and g.get("budget_pct") is not None:
-        lines.append(f"- forgetting guard: budget {g['budget_pct']}%, KL weight {g['weight']}, "
-                     f"within budget: {g['within_budget']}"
-                     + (f" (restored step {g['kept_step']})" if g.get("restored") else ""))
+    guard = _guard_line(m.get("guard") or {})
+    if guard:
+        lines.append(guard)
+    lines += _verification_lines(meta.verification)
     if m.get("loss_curve"):
         lines += ["", f"![loss curve]({m['loss_curve']})"]
     return "\n".join(lines) or "No metrics recorded."
+
+
+def _verification_lines(v: dict[str, Any]) -> list[str]:
+    """The last ``adapterkit verify``: each path against plain PEFT, with the versions."""
+    if not v:
+        return []
+    versions = ", ".join(f"{k} {val}" for k, val in sorted(v.get("versions", {}).items()))
+    lines = [f"- **verified against plain PEFT** ({versions}; tolerance {_fmt(v['tolerance'])}): "
+             + ("exact on every path that accepts it" if v.get("ok") else "DRIFT")]
+    for path, cell in v.get("paths", {}).items():
+        lines.append(f"  - {path}: " + (f"refused ({cell['refused']})" if "refused" in cell
+                                        else f"max logit difference {cell['max_logit_diff']:.1e}"))
+    return lines
+
+
+def _guard_line(g: dict[str, Any]) -> str | None:
+    """The forgetting guard as it acted: the KL term only if it was added to the loss (counted
+    in ``kl_batches``), the budget only if one was checked."""
+    parts = []
+    if g.get("kl_batches") and g.get("weight"):
+        parts.append(f"KL term at weight {_fmt(g['weight'])}, added to the loss of "
+                     f"{g['kl_batches']} training batches")
+    if g.get("budget_pct") is not None:
+        parts.append(f"budget {_fmt(g['budget_pct'])}%, within budget: {g['within_budget']}"
+                     + (f" (restored step {g['kept_step']})" if g.get("restored") else ""))
+    return f"- forgetting guard: {'; '.join(parts)}" if parts else None
 
 
 def _use_code(meta: PocketBookMeta) -> str:

@@ -12,8 +12,9 @@ import json
 import sqlite3
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from adapterkit.errors import CatalogError
 from adapterkit.library.metadata import PocketBookMeta

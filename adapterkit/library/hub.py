@@ -21,11 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterkit.errors import AdapterkitError, InvalidAdapter, InvalidName
 from adapterkit.files import sha256_file
 from adapterkit.library.card import render_card
-from adapterkit.errors import AdapterkitError, InvalidAdapter, InvalidName
-from adapterkit.library.store import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, PocketBook
-from adapterkit.library.metadata import METADATA_FILE, PocketBookMeta
+from adapterkit.library.metadata import (
+    CARD_FILE,
+    CONFIG_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    PocketBookMeta,
+)
+from adapterkit.library.store import PocketBook
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.library.store import Library
@@ -69,8 +75,13 @@ def _api(token: str | None = None) -> Any:
 def _explain(exc: Exception, repo_id: str, revision: str | None = None) -> HubError:
     """A readable :class:`HubError` for a ``huggingface_hub`` / network exception."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     endpoint = constants.ENDPOINT
     if isinstance(exc, RevisionNotFoundError):
@@ -104,10 +115,11 @@ def _is_network(exc: BaseException) -> bool:
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
-    seen = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
     return seen
 
 

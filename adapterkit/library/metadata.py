@@ -15,6 +15,10 @@ from typing import Any
 from adapterkit.errors import InvalidAdapter
 
 METADATA_FILE = "adapterkit.json"
+#: The standard PEFT files of a pocket book's folder, and its model card.
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"
 FORMAT_VERSION = 1
 
 
@@ -47,6 +51,9 @@ class PocketBookMeta:
     kind: str = "adapter"
     #: Where it came from when not trained here (``import``, ``hub``...).
     source: dict[str, Any] = field(default_factory=dict)
+    #: The last ``adapterkit verify``: each path's max logit difference from plain PEFT (or
+    #: its refusal), the tolerance, and the library versions checked.
+    verification: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property

@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import BaseMismatch, InvalidAdapter, UnsafeWeights
 from adapterkit.base.fingerprints import read_safetensors_header
-from adapterkit.library.store import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, PocketBook
-from adapterkit.library.metadata import PocketBookMeta
+from adapterkit.errors import AdapterWarning, BaseMismatch, InvalidAdapter, UnsafeWeights
+from adapterkit.library.metadata import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
+from adapterkit.lora.factors import BASE_REWRITING_INITS, parse_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import BaseStructure
-    from adapterkit.library.store import Library
+    from adapterkit.library.store import Library, PocketBook
 
 PICKLE_FILE = "adapter_model.bin"
-_PREFIX = "base_model.model."
-_LORA_PARTS = {
-    "lora_A": "A", "lora_B": "B", "lora_embedding_A": "embA", "lora_embedding_B": "embB",
-    "lora_magnitude_vector": "magnitude",
-}
 
 
 @dataclass
@@ -82,16 +78,6 @@ def _header(path: Path) -> tuple[dict, int]:
         raise InvalidAdapter(str(exc).replace("safetensors file", "adapter weights")) from None
 
 
-def _split_key(key: str) -> tuple[str, str | None]:
-    """``base_model.model.X.lora_A.weight`` → ``("X", "A")``; full tensors → ``(param, None)``."""
-    body = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-    parts = body.split(".")
-    for i, part in enumerate(parts):
-        if part in _LORA_PARTS:
-            return ".".join(parts[:i]), _LORA_PARTS[part]
-    return body, None
-
-
 def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
     """Raise :class:`BaseMismatch` unless every tensor of the adapter lands on the base."""
     if not adapter.shapes:
@@ -99,15 +85,22 @@ def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
     problems: list[str] = []
     ranks: dict[str, int] = {}
     for key, shape in sorted(adapter.shapes.items()):
-        module, part = _split_key(key)
-        if part is None:
-            expected = structure.params.get(module)
+        name = parse_key(key)
+        module, part = name.module, name.part
+        if part in (None, "base_layer"):  # a full tensor, or PEFT's copy of a base weight
+            param = f"{module}.{name.leaf}" if part is None else f"{module}.weight"
+            expected = structure.params.get(param)
             if expected is None:
-                problems.append(f"{module} does not exist in the base")
+                problems.append(f"{param} does not exist in the base")
             elif tuple(expected) != tuple(shape):
-                problems.append(_shape_problem(module, shape, expected, structure))
+                problems.append(_shape_problem(param, shape, expected, structure))
             continue
-        if part in ("A", "B", "magnitude"):
+        if part == "tokens":
+            if module not in structure.embedding or shape[-1] != structure.embedding[module][1]:
+                problems.append(f"{key}: trainable tokens of width {shape[-1]} do not fit "
+                                f"{module}")
+            continue
+        if part in ("A", "B", "B.bias", "magnitude"):
             if module not in structure.linear:
                 where = "is not a linear layer of" if module in structure.params or any(
                     p.startswith(module + ".") for p in structure.params) else "does not exist in"
@@ -117,6 +110,8 @@ def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
             if part == "A" and (len(shape) != 2 or shape[1] != fan_in):
                 problems.append(f"{key}: shape {list(shape)} does not fit in_features={fan_in}")
             if part == "B" and (len(shape) != 2 or shape[0] != fan_out):
+                problems.append(f"{key}: shape {list(shape)} does not fit out_features={fan_out}")
+            if part in ("B.bias", "magnitude") and tuple(shape) != (fan_out,):
                 problems.append(f"{key}: shape {list(shape)} does not fit out_features={fan_out}")
         else:
             if module not in structure.embedding:
@@ -137,8 +132,8 @@ def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
         raise BaseMismatch(
             f"adapter in {adapter.folder.name} does not fit base {structure.architecture}: "
             + "; ".join(problems[:3]) + more
-            + ". It would load with warnings and answer like the plain base; "
-            "pass the base it was trained on with --base"
+            + ". PEFT would load it with warnings and leave those layers as the plain base has "
+            "them; pass the base it was trained on with --base"
         )
 
 
@@ -162,9 +157,32 @@ def _check_config_targets(config: dict, structure: BaseStructure, problems: list
         if not any(re.fullmatch(targets, m) for m in modules):
             problems.append(f"target_modules pattern {targets!r} matches no module of the base")
         return
-    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
-    if missing:
-        problems.append(f"target module(s) {', '.join(missing)} do not exist in the base")
+    # PEFT accepts a list of which only some names exist in the model (one list serves
+    # several architectures); it refuses only when none matches, and so do we.
+    if not any(m == t or m.endswith("." + t) for t in targets for m in modules):
+        problems.append(f"none of the target modules {', '.join(targets)} exists in the base")
+
+
+def _refuse_base_rewriting(adapter: AdapterFiles) -> None:
+    """PiSSA/OLoRA/CorDA adapters saved without conversion need the base rewritten as PEFT
+    rewrites it on load; sessions, stacks and merges use the base as stored. Refuse them."""
+    init = adapter.config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise InvalidAdapter(
+            f"{adapter.folder.name} was saved with init_lora_weights={init!r} and not converted: "
+            "PEFT rewrites the base weights when it loads it, so on the base as stored it gives "
+            "other answers. Save it again with PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a plain "
+            "LoRA, then import that")
+
+
+def _all_b_zero(weights: Path) -> bool:
+    """True when every ``lora_B`` tensor is zero (PEFT's initialisation: no effect at all)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as fh:
+        keys = [k for k in fh.keys() if parse_key(k).part in ("B", "embB")]
+        return bool(keys) and all(not bool(fh.get_tensor(k).any()) for k in keys)
 
 
 def convert_pickle(folder: Path, staged: Path) -> None:
@@ -185,8 +203,8 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
 
     :param source: where it came from, recorded in the metadata (default: this folder).
     """
-    from adapterkit.base.load import inspect_structure
     from adapterkit.base.fingerprints import fingerprint
+    from adapterkit.base.load import inspect_structure
     from adapterkit.base.resolve import canonical_spec, remember_base, resolve_base
 
     ref = library.reserve(name)
@@ -194,8 +212,16 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
     base_spec = base or adapter.config.get("base_model_name_or_path")
     if not base_spec:
         raise BaseMismatch(f"{folder} does not name its base; pass --base")
+    _refuse_base_rewriting(adapter)
     base_source = resolve_base(str(base_spec), library.home)
+    recorded = adapter.config.get("base_model_name_or_path")
+    if base and recorded and str(recorded) != str(base):
+        warnings.warn(f"{folder.name}'s config names base {recorded}; it is recorded as made "
+                      f"on {base} because you passed --base", AdapterWarning, stacklevel=2)
     check_fits(adapter, inspect_structure(base_source.folder))
+    if not adapter.pickled and _all_b_zero(folder / WEIGHTS_FILE):
+        warnings.warn(f"{folder.name} is untrained: every lora_B is zero, so it answers exactly "
+                      "like the plain base", AdapterWarning, stacklevel=2)
     fp = fingerprint(base_source.folder)
     remember_base(library.home, fp, canonical_spec(str(base_spec), base_source))
     meta = PocketBookMeta(

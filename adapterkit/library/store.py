@@ -15,30 +15,40 @@ transaction: a crash leaves either no entry or a complete one, never half of one
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
+from adapterkit.errors import (
+    AdapterkitError,
+    ConfigError,
+    InvalidAdapter,
+    NameTaken,
+    PocketBookNotFound,
+)
 from adapterkit.files import atomic_write_text, fsync_dir, fsync_tree, new_folder
-from adapterkit.library.catalog import Catalog
-from adapterkit.errors import AdapterkitError, ConfigError, InvalidAdapter, NameTaken, PocketBookNotFound
 from adapterkit.home import resolve_home
-from adapterkit.library.metadata import METADATA_FILE, PocketBookMeta
+from adapterkit.library.catalog import Catalog
+from adapterkit.library.metadata import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    PocketBookMeta,
+)
 from adapterkit.library.names import Ref, parse_ref, validate_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CARD_FILE = "README.md"
 _STALE_STAGING_SECONDS = 24 * 3600
 
 
@@ -138,7 +148,7 @@ class Library:
         return self.root / validate_name(name) / str(int(version))
 
     def list(self, *, base: str | None = None, tag: str | None = None,
-             all_versions: bool = False) -> list[Summary]:
+             all_versions: bool = False) -> builtins.list[Summary]:
         """Pocket books, latest version of each unless ``all_versions``.
 
         :param base: keep those made on this base: its name, or a prefix of its fingerprint.
@@ -156,7 +166,7 @@ class Library:
             params.append(tag)
         where = " AND ".join(f"({c})" for c in clauses)
 
-        def query(conn: sqlite3.Connection) -> list[Summary]:
+        def query(conn: sqlite3.Connection) -> builtins.list[Summary]:
             rows = Catalog.rows(conn, where=where, params=tuple(params),
                                 latest_only=not all_versions)
             return [
@@ -171,7 +181,7 @@ class Library:
         """The pocket book ``name`` (latest) or ``name@N``; :class:`PocketBookNotFound` if absent."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
 
-        def lookup(conn: sqlite3.Connection) -> tuple[list[int], PocketBookMeta | None]:
+        def lookup(conn: sqlite3.Connection) -> tuple[builtins.list[int], PocketBookMeta | None]:
             versions = Catalog.versions(conn, ref.name)
             version = ref.version if ref.version is not None else (versions or [0])[-1]
             return versions, Catalog.meta(conn, ref.name, version)
@@ -230,12 +240,12 @@ class Library:
         _check_free(ref, set(self._all_versions(ref.name)))
         return ref
 
-    def _all_versions(self, name: str) -> list[int]:
+    def _all_versions(self, name: str) -> builtins.list[int]:
         """Versions of ``name`` in the catalog or on disk (a crash can leave either behind)."""
         versions = self.catalog.read(lambda conn: Catalog.versions(conn, name))
         return sorted(set(versions) | set(self._disk_versions(name)))
 
-    def _disk_versions(self, name: str) -> list[int]:
+    def _disk_versions(self, name: str) -> builtins.list[int]:
         folder = self.root / name
         if not folder.is_dir():
             return []
@@ -289,7 +299,7 @@ class Library:
                     shutil.copy2(item, staged / item.name)
             return self.commit(staged, meta, name=name, new_version=new_version)
 
-    def dependents(self, refs: set[str]) -> list[str]:
+    def dependents(self, refs: set[str]) -> builtins.list[str]:
         """Pocket books that need one of ``refs`` (``name@N``) to work: trained on top of it
         (``--on``) or a saved stack of it."""
         out = []
@@ -309,7 +319,7 @@ class Library:
         return out
 
     def remove(self, ref: str | Ref, *, all_versions: bool = False,
-               force: bool = False) -> list[int]:
+               force: bool = False) -> builtins.list[int]:
         """Remove one version (``name@N``; plain ``name`` is the latest), or with
         ``all_versions`` every version of ``name``. Returns the versions removed.
 
@@ -330,7 +340,7 @@ class Library:
         trash = self.staging / f"trash-{uuid.uuid4().hex[:12]}"
         trash.mkdir()
 
-        def delete(conn: sqlite3.Connection) -> list[int]:
+        def delete(conn: sqlite3.Connection) -> builtins.list[int]:
             gone = versions or Catalog.versions(conn, ref.name)
             for v in gone:
                 Catalog.delete(conn, ref.name, v)
@@ -352,12 +362,21 @@ class Library:
     def tag(self, ref: str | Ref, tag: str, *, remove: bool = False) -> PocketBook:
         """Add (or with ``remove=True`` drop) a tag on one pocket-book version."""
         validate_name(tag)
+
+        def change(meta: PocketBookMeta) -> None:
+            tags = [t for t in meta.tags if t != tag]
+            meta.tags = tags if remove else tags + [tag]
+
+        return self.update_meta(ref, change)
+
+    def update_meta(self, ref: str | Ref, change: Callable[[PocketBookMeta], None]
+                    ) -> PocketBook:
+        """Change one pocket-book version's metadata in place (atomically, catalog too)."""
         book = self.get(ref)
 
         def update(conn: sqlite3.Connection) -> PocketBook:
             meta = PocketBookMeta.read(book.path)
-            tags = [t for t in meta.tags if t != tag]
-            meta.tags = tags if remove else tags + [tag]
+            change(meta)
             atomic_write_text(book.path / METADATA_FILE, meta.to_json())
             Catalog.upsert(conn, meta, _folder_size(book.path))
             return PocketBook(meta, book.path)

@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import BaseMismatch, ConfigError
-from adapterkit.library.store import CONFIG_FILE, WEIGHTS_FILE, Library, PocketBook
-from adapterkit.library.metadata import PocketBookMeta
+from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
+from adapterkit.library.store import Library, PocketBook
+from adapterkit.lora.factors import (
+    Factors,
+    concat,
+    pad,
+    parse_key,
+    plain_config,
+    read_factors,
+    tensors_of,
+)
+from adapterkit.lora.factors import scale_of as factors_scale_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
@@ -31,9 +42,15 @@ class MergeInput:
     config: dict[str, Any]
 
     def tensors(self) -> dict[str, Any]:
+        """Every saved tensor under its PEFT name."""
         from safetensors.torch import load_file
 
         return load_file(str(self.path / WEIGHTS_FILE))
+
+    def factors(self, *, path: str) -> dict[str, Factors]:
+        """module path → LoRA factors with PEFT's per-layer scale; refuses, naming the
+        feature, what ``path`` (e.g. ``"merge --method exact_svd"``) cannot combine exactly."""
+        return read_factors(self.path, ref=self.ref, path=path)
 
 
 @dataclass
@@ -62,8 +79,8 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
           plugins: PluginManager | None = None,
           load_base: Callable[[], Any] | None = None) -> PocketBook:
     """Merge pocket books ``refs`` with ``method`` into a new pocket book ``name``."""
-    from adapterkit.plugin_api.manager import default_plugin_manager
     from adapterkit.base.resolve import base_spec_for
+    from adapterkit.plugin_api.manager import default_plugin_manager
 
     pm = plugins or default_plugin_manager()
     strategy = pm.merge_strategies.get(method)
@@ -121,62 +138,52 @@ def save_adapter(library: Library, out: MergeOutput, meta: PocketBookMeta,
         return library.commit(staged, meta, name=name)
 
 
+def concatenate(inputs: list[MergeInput], weights: list[float], *,
+                path: str = "this merge") -> MergeOutput:
+    """One PEFT adapter equal to the weighted stack: ranks concatenated, exact (no SVD).
+
+    Modules that some members do not target get zero rows, so every module has the same rank.
+    """
+    members = [(i.factors(path=path), w) for i, w in zip(inputs, weights)]
+    modules = sorted(set().union(*(f.keys() for f, _ in members)))
+    blocks = {m: concat([(f[m], w) for f, w in members if m in f]) for m in modules}
+    rank = max(a.shape[0] for a, _ in blocks.values())
+    blocks = {m: pad(a, b, rank) for m, (a, b) in blocks.items()}
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    return MergeOutput(plain_config(inputs[0].config, rank=rank, target_modules=targets),
+                       tensors_of(blocks))
+
+
+# -- kept for plugins written against 0.1 (documented in docs/plugins.md) --------------------
+
 def lora_pairs(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """PEFT tensor names → ``{module path: {"A": tensor, "B": tensor}}``."""
     pairs: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
-        body = key.removeprefix("base_model.model.")
-        for part, short in ((".lora_A.", "A"), (".lora_B.", "B")):
-            if part in body:
-                pairs.setdefault(body.split(part)[0], {})[short] = tensor
+        name = parse_key(key)
+        if name.part in ("A", "B"):
+            pairs.setdefault(name.module, {})[name.part] = tensor
     return pairs
 
 
-def scale_of(config: dict[str, Any], rank: int) -> float:
-    alpha = config.get("lora_alpha", rank)
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+def scale_of(config: dict[str, Any], rank_or_module: int | str) -> float:
+    """PEFT's scale. Give the module path: with an int rank, ``rank_pattern``/``alpha_pattern``
+    cannot be honoured, so an adapter that has them is refused rather than scaled wrongly."""
+    if isinstance(rank_or_module, str):
+        return factors_scale_of(config, rank_or_module)
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ConfigError("this adapter has rank_pattern/alpha_pattern: call scale_of(config, "
+                          "module_path), or MergeInput.factors(), for per-layer scales")
+    alpha = config.get("lora_alpha", rank_or_module)
+    return alpha / (rank_or_module ** 0.5 if config.get("use_rslora") else rank_or_module)
 
 
 def lora_config(template: dict[str, Any], *, rank: int, alpha: float,
                 target_modules: list[str]) -> dict[str, Any]:
     """A plain LoRA config for a merged adapter, based on a member's config."""
-    config = {k: v for k, v in template.items()
-              if k not in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
-                           "modules_to_save", "layers_to_transform")}
-    config.update(r=rank, lora_alpha=alpha, target_modules=sorted(target_modules),
-                  rank_pattern={}, alpha_pattern={}, use_rslora=False, use_dora=False)
+    config = plain_config(template, rank=rank, target_modules=target_modules)
+    config["lora_alpha"] = alpha
     return config
-
-
-def concatenate(inputs: list[MergeInput], weights: list[float]) -> MergeOutput:
-    """One PEFT adapter equal to the weighted stack: ranks concatenated, exact (no SVD).
-
-    Modules that some members do not target get zero rows, so every module has the same rank.
-    """
-    import torch
-
-    members = [(lora_pairs(i.tensors()), i.config, w) for i, w in zip(inputs, weights)]
-    paths = sorted(set().union(*(pairs.keys() for pairs, _, _ in members)))
-    blocks: dict[str, tuple[Any, Any]] = {}
-    for path in paths:
-        As, Bs = [], []
-        for pairs, config, w in members:
-            if path in pairs:
-                a, b = pairs[path]["A"], pairs[path]["B"]
-                As.append(a)
-                Bs.append(b * (w * scale_of(config, a.shape[0])))
-        blocks[path] = (torch.cat(As), torch.cat(Bs, dim=1))
-    rank = max(a.shape[0] for a, _ in blocks.values())
-    tensors = {}
-    for path, (a, b) in blocks.items():
-        if a.shape[0] < rank:
-            a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-            b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
-        tensors[f"base_model.model.{path}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{path}.lora_B.weight"] = b.contiguous()
-    targets = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    return MergeOutput(lora_config(inputs[0].config, rank=rank, alpha=rank,
-                                   target_modules=targets), tensors)
 
 
 def check_underlays(books: list[PocketBook], action: str) -> None:
@@ -193,7 +200,7 @@ def check_underlays(books: list[PocketBook], action: str) -> None:
 def stack(library: Library, refs: list[str], weights: list[float] | None, *, name: str,
           flatten: bool = False) -> PocketBook:
     """Save a stack: an entry referencing its members, or with ``flatten`` one PEFT adapter."""
-    from adapterkit.library.store import CARD_FILE
+    from adapterkit.library.metadata import CARD_FILE
 
     target = library.reserve(name)
     books = [library.get(r) for r in refs]
@@ -215,7 +222,8 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
         check_underlays(books, "flattening")
         inputs = [MergeInput(b.ref, b.path, json.loads((b.path / CONFIG_FILE).read_text()))
                   for b in books]
-        return save_adapter(library, concatenate(inputs, weights), meta, str(target))
+        return save_adapter(library, concatenate(inputs, weights, path="stack --flatten"),
+                            meta, str(target))
     from adapterkit.library.card import write_card
 
     with library.stage() as staged:

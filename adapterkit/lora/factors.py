@@ -15,9 +15,10 @@ features that plain ``y = W x + s·B A x`` does not express.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from adapterkit.errors import InvalidAdapter
 
@@ -104,6 +105,10 @@ class Factors:
     @property
     def rank(self) -> int:
         return int(self.a.shape[0])
+
+    def float_(self) -> Factors:
+        """The same factors in float32 (for merging into weights)."""
+        return Factors(self.a.float(), self.b.float(), self.scale)
 
     def scaled_b(self, weight: float = 1.0) -> Any:
         """``B · scale · weight``: the form stacks and merges concatenate."""

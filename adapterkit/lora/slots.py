@@ -7,7 +7,8 @@ book is kept as ready-made tensors, one pair per slot, in a prepared list. A swa
 a walk over that list rebinding two tensors per layer — no copies, no module surgery — so its
 cost does not depend on how many pocket books are attached.
 
-The math is PEFT's: ``y = base(x) + (x Aᵀ) Bᵀ · scale``. Tensors are padded with zeros to one
+The math is PEFT's: ``y = base(x) + (x Aᵀ) Bᵀ · scale`` (factors and scales read by
+:mod:`adapterkit.lora.factors`). Tensors are padded with zeros to one
 rank per session (the largest attached), so shapes never change between swaps: under
 ``torch.compile`` a swap is a change of input data, not of graph (as PEFT's hotswap does).
 """
@@ -37,10 +38,13 @@ class LoraSlot(nn.Module):
         self.register_buffer("scale", torch.zeros((), dtype=dtype, device=device),
                              persistent=False)
         self.zeros: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: False while the zeros are bound: the LoRA matmuls are skipped, not run on zeros.
+        self.active = False
 
     def pad_to(self, rank: int) -> None:
         """Allocate the shared all-zero factors used when no pocket book touches this layer."""
-        dtype, device = self.lora_A.dtype, self.lora_A.device
+        current: torch.Tensor = self.lora_A  # type: ignore[assignment]  # a registered buffer
+        dtype, device = current.dtype, current.device
         self.rank = rank
         self.zeros = (torch.zeros(rank, self.in_features, dtype=dtype, device=device),
                       torch.zeros(self.out_features, rank, dtype=dtype, device=device),
@@ -54,14 +58,19 @@ class LoraSlot(nn.Module):
         buffers["lora_A"] = a
         buffers["lora_B"] = b
         buffers["scale"] = scale
+        self.__dict__["active"] = self.zeros is None or a is not self.zeros[0]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.rank == 0:
+        # No pocket book on this layer (or the session is off): skip the matmuls. Under
+        # torch.compile the zeros are multiplied instead, so a swap never changes the graph.
+        if not torch.compiler.is_compiling() and not self.active:
             return result
-        a = self.lora_A
-        lora = (x.to(a.dtype) @ a.t()) @ self.lora_B.t()
-        return result + (lora * self.scale).to(result.dtype)
+        a: torch.Tensor = self.lora_A  # type: ignore[assignment]  # registered buffers
+        b: torch.Tensor = self.lora_B  # type: ignore[assignment]
+        scale: torch.Tensor = self.scale  # type: ignore[assignment]
+        lora = (x.to(a.dtype) @ a.t()) @ b.t()
+        return result + (lora * scale).to(result.dtype)
 
 
 def wrap(model: nn.Module, path: str) -> LoraSlot:
@@ -96,4 +105,5 @@ def _compute_dtype(model: nn.Module, layer: nn.Module) -> torch.dtype:
     if weight is not None and weight.is_floating_point():
         return weight.dtype
     # a quantized (bitsandbytes) layer: LoRA runs in its compute dtype
-    return getattr(layer, "compute_dtype", None) or getattr(model, "dtype", torch.float32)
+    compute: Any = getattr(layer, "compute_dtype", None) or getattr(model, "dtype", None)
+    return compute or torch.float32

@@ -15,11 +15,14 @@ adapter off at once, so the reference would silently become the plain base.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from adapterkit.errors import BaseMismatch, InvalidAdapter
-from adapterkit.library.store import CONFIG_FILE, Library, PocketBook
+from adapterkit.library.metadata import CONFIG_FILE
+from adapterkit.library.store import Library, PocketBook
+from adapterkit.lora.factors import Factors, concat, read_factors
 
 HANDLES_ATTR = "_adapterkit_underlay"
 
@@ -48,7 +51,7 @@ def chain(library: Library, book: PocketBook) -> list[PocketBook]:
 def check_policy(book: PocketBook, base: Any, *, role: str) -> None:
     """Refuse a stack, or a pocket book made on another base, where a policy is expected
     (reward pocket books are refused before the base loads: ``training._parent``)."""
-    from adapterkit.runtime.session import check_base
+    from adapterkit.base.compat import check_base
 
     if book.meta.kind != "adapter":
         raise InvalidAdapter(f"{role} {book.ref} is a {book.meta.kind}; name one trained "
@@ -76,7 +79,8 @@ class Gate:
 
 
 def apply(model: Any, books: list[PocketBook], *, gate: Gate | None = None,
-          extra: dict[str, Any] | None = None) -> Gate:
+          extra: dict[str, Any] | None = None,
+          path_name: str = "training on top of it (--on)") -> Gate:
     """Fold ``books`` (bottom first) into ``model``'s linear layers as frozen forward hooks.
 
     Returns the :class:`Gate` that switches them (on unless ``gate`` says otherwise). Tensors
@@ -84,17 +88,16 @@ def apply(model: Any, books: list[PocketBook], *, gate: Gate | None = None,
     """
     import torch
 
-    from adapterkit.runtime.session import read_factors
-
     gate = gate or Gate()
     if not books:
         return gate
     device = next(model.parameters()).device
-    per_layer: dict[str, list[tuple[Any, Any, Any]]] = {}
+    per_layer: dict[str, list[tuple[Factors, float]]] = {}
     for book in books:
-        loaded = read_factors(book, dtype=torch.float32, device=device, extra=extra)
-        for path, factors in loaded.factors.items():
-            per_layer.setdefault(path, []).append(factors)
+        book_factors = read_factors(book.path, ref=book.ref, path=path_name,
+                                    dtype=torch.float32, device=device, extra=extra)
+        for path, f in book_factors.items():
+            per_layer.setdefault(path, []).append((f, 1.0))
     handles = getattr(model, HANDLES_ATTR, [])
     for path, factors in per_layer.items():
         try:
@@ -103,8 +106,7 @@ def apply(model: Any, books: list[PocketBook], *, gate: Gate | None = None,
             raise BaseMismatch(f"the pocket books underneath target {path}, which this base "
                                "does not have") from None
         # Concatenate ranks: one matmul pair per layer however many books are underneath.
-        a = torch.cat([f[0] for f in factors])
-        b = torch.cat([f[1] * f[2] for f in factors], dim=1)
+        a, b = concat(factors)
         handles.append((layer.register_forward_hook(_hook(a, b, gate)), gate))
     setattr(model, HANDLES_ATTR, handles)
     return gate

@@ -26,7 +26,8 @@ Calling rules, valid for every hook:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -34,7 +35,13 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import click
 
     from adapterkit.library.store import PocketBook
-    from adapterkit.plugin_api.registry import AdapterMethod, DataFormat, MergeStrategy, Scorer, Trainer
+    from adapterkit.plugin_api.registry import (
+        AdapterMethod,
+        DataFormat,
+        MergeStrategy,
+        Scorer,
+        Trainer,
+    )
 
 #: Version of this hook contract. Bumped when a hook changes incompatibly; a plugin may declare
 #: ``ADAPTERKIT_HOOK_VERSION = N`` at module level and is warned about (not crashed) on mismatch.

@@ -26,9 +26,16 @@ from typing import Any
 
 import pluggy
 
-from adapterkit.plugin_api import hookspecs
 from adapterkit.errors import PluginError
-from adapterkit.plugin_api.registry import AdapterMethod, DataFormat, MergeStrategy, Registry, Scorer, Trainer
+from adapterkit.plugin_api import hookspecs
+from adapterkit.plugin_api.registry import (
+    AdapterMethod,
+    DataFormat,
+    MergeStrategy,
+    Registry,
+    Scorer,
+    Trainer,
+)
 
 ENTRY_POINT_GROUP = "adapterkit"
 LOAD_ENV = "ADAPTERKIT_LOAD_PLUGINS"

@@ -9,8 +9,9 @@ Nothing here imports torch: registration happens at every CLI start-up.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from adapterkit.errors import PluginError
 
@@ -66,6 +67,10 @@ class Trainer(Registrable):
     #: What the new pocket book sits on: ``"causal-lm"`` (a policy that generates) or
     #: ``"reward"`` (a scalar head on the same base: a reward pocket book, which scores text).
     head: str = "causal-lm"
+    #: Whether this trainer applies the forgetting guard: adds ``job.guard.penalty(model)`` to
+    #: its loss each step and passes ``job.callbacks`` to its loop. The core refuses
+    #: ``forgetting_budget``/``guard_weight`` for a trainer that does not declare it.
+    uses_guard: bool = False
 
     def train(self, **job: Any) -> Any:
         """Train and return the trained PEFT model plus metrics. Called with keyword arguments."""
@@ -156,7 +161,7 @@ class Registry(Generic[T]):
                 f"plugin {plugin!r} defines its {self.kind} name as `{name}` "
                 f"but that name is already used by {owner!r}"
             )
-        self.entries[name] = Entry(item, plugin)
+        self.entries[name] = Entry(item, plugin)  # type: ignore[arg-type]
 
     def get(self, name: str) -> T:
         """The object registered as ``name``, or an error that lists the known names."""

@@ -157,7 +157,7 @@ class {cls}(MergeStrategy):
         from adapterkit.lora.combine import concatenate
 
         total = sum(weights)
-        return concatenate(adapters, [w / total for w in weights])
+        return concatenate(adapters, [w / total for w in weights], path="merge --method {name}")
 
 
 @hookimpl

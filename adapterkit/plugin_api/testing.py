@@ -104,5 +104,5 @@ def make_peft_adapter(base_folder: str | Path, out: str | Path, *, seed: int = 1
         for name, param in peft_model.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name:
                 param.normal_(std=0.5)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return Path(out)

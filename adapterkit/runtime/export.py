@@ -7,9 +7,12 @@ Where PEFT, axolotl and LLaMA-Factory users get hurt — and what is done instea
   dtype and the delta is added there; the result is a full-precision model (we say so).
 * **Memory.** The merged weights are written tensor by tensor into safetensors shards, reading the
   base from its files (memory-mapped) — never a second full copy of the base in memory.
-* **Silent damage.** Before the folder appears, the merged model's logits are compared with the
-  unmerged session's on a few prompts; beyond the tolerance the export is refused, with the
-  figure, and nothing is left behind.
+* **Silent damage.** Before the folder appears, the merged model's logits are compared with
+  plain PEFT's on the unmerged pocket book (loaded by ``PeftModel.from_pretrained``, not by our
+  own factor reading, so a bug in our LoRA math cannot certify itself) on a few prompts;
+  beyond the tolerance the export is refused, with the figure, and nothing is left behind.
+  What our factor path cannot fold exactly (DoRA, ``modules_to_save``...) is refused up front,
+  naming the feature.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
+from adapterkit.base.fingerprints import weight_files
 from adapterkit.errors import AdapterkitError, NameTaken
 from adapterkit.files import new_folder
 from adapterkit.memory import release_memory
-from adapterkit.base.fingerprints import weight_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.library.store import Library
@@ -54,20 +58,19 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
     import torch
 
     from adapterkit.base.load import load_base
-    from adapterkit.plugin_api.manager import default_plugin_manager
     from adapterkit.base.resolve import base_spec_for
-    from adapterkit.runtime.session import Session
+    from adapterkit.plugin_api.manager import default_plugin_manager
+    from adapterkit.runtime.peft_model import members_of, peft_model
 
     say = progress or (lambda m: None)
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):  # fail before the work
         raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
     book = library.get(ref)
-    members = (dict(book.meta.hyperparameters["weights"]) if book.meta.kind == "stack"
-               else {book.ref: 1.0})
+    members = members_of(library, book)  # underlays at weight 1, a stack's members weighted
+    deltas = merged_deltas(members)  # refuses what a plain ΔW cannot express, before any loading
     pm = plugins or default_plugin_manager()
-    under = [r for m in members for r in library.get(m).meta.stacked_on]  # trained --on these
-    methods = {library.get(m).meta.method for m in [*members, *under]}
+    methods = {item.meta.method for item, _ in members}
     quant = next((pm.methods.entries[m].item.quantization for m in methods
                   if m in pm.methods.entries and pm.methods.entries[m].item.quantization), None)
     spec = base_spec_for(book.meta.base, library.home)
@@ -76,18 +79,17 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
     base = load_base(spec, quantization=quant, home=library.home, dtype=torch.float32)
     _training_numerics(base.model)
     release_memory()  # quantizing on load leaves freed float32 staging memory behind
-    session = Session(base, library)
-    session.stack(members) if len(members) > 1 else session.swap(next(iter(members)))
     tok = base.tokenizer
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    reference_model = peft_model(base, book, weights=members)
     with torch.no_grad():
-        reference = session.model(**batch).logits.float()
-    deltas = _deltas(session)
+        reference = reference_model(**batch).logits.float()
+    plain = reference_model.unload()  # the base layers back, LoRA gone
     # A quantized base stays resident (it is small) and is dequantized one layer at a time while
     # writing; a full-precision one is dropped now and re-read from its files, memory-mapped.
-    dequantized = _Dequantizer(session.model) if quant else None
+    dequantized = _Dequantizer(plain) if quant else None
     folder = base.source.folder
-    del session, base
+    del reference_model, plain, base
     release_memory()
 
     with new_folder(dest) as tmp:
@@ -99,11 +101,11 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
                 shutil.copy(item, tmp / item.name)
         del deltas, dequantized
         release_memory()
-        say("Checking the merged model against the unmerged session...")
+        say("Checking the merged model against plain PEFT on the unmerged pocket book...")
         diff = _max_logit_diff(tmp, tok, batch, reference)
         if not diff <= tolerance:
             raise MergeCheckFailed(
-                f"the merged model's logits differ from the unmerged session's by {diff:.3g} "
+                f"the merged model's logits differ from plain PEFT's by {diff:.3g} "
                 f"(tolerance {tolerance:g}); nothing was written")
     return ExportReport(dest, diff, "nf4" if quant == "4bit" else quant, shards)
 
@@ -116,14 +118,19 @@ def _training_numerics(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _deltas(session: Any) -> dict[str, tuple[Any, Any]]:
-    """module path → the active LoRA factors (B·scale, A): ΔW is formed one layer at a time
-    while writing, never all at once (that would be a second copy of every linear weight)."""
+def merged_deltas(members: list[tuple[Any, float]]) -> dict[str, tuple[Any, Any]]:
+    """module path → (Σ wᵢ sᵢ Bᵢ, A) stacked: ΔW = B @ A is formed one layer at a time while
+    writing, never all at once (that would be a second copy of every linear weight)."""
+    from adapterkit.lora.factors import concat, read_factors
+
+    per_module: dict[str, list[tuple[Any, float]]] = {}
+    for item, weight in members:
+        for module, f in read_factors(item.path, ref=item.ref, path="export --merged").items():
+            per_module.setdefault(module, []).append((f.float_(), weight))
     out = {}
-    for path, slot in session.slots.items():
-        a, b, scale = slot.lora_A, slot.lora_B, slot.scale
-        if slot.rank and bool(scale != 0) and b.abs().sum() > 0:
-            out[path] = ((b.float() * scale.float()).clone(), a.float().clone())
+    for module, parts in per_module.items():
+        a, b = concat(parts)
+        out[module] = (b, a)
     return out
 
 
@@ -131,14 +138,11 @@ class _Dequantizer:
     """module path → float32 weight of a 4-bit/8-bit linear layer (what the LoRA saw), on demand."""
 
     def __init__(self, model: Any) -> None:
-        from adapterkit.lora.slots import LoraSlot
-
         self.model = model
         self.layers = {}
         for name, module in model.named_modules():
-            layer = module.base_layer if isinstance(module, LoraSlot) else module
-            if type(layer).__name__ in ("Linear4bit", "Linear8bitLt"):
-                self.layers[name] = layer
+            if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+                self.layers[name] = module
 
     def get(self, module: str) -> Any:
         """The weight exactly as the layer's forward uses it: the layer applied to the
@@ -164,7 +168,9 @@ def _write_shards(folder: Path, out: Path, deltas: dict[str, tuple[Any, Any]],
     from safetensors.torch import save_file
 
     shard: dict[str, Any] = {}
-    size, names, index = 0, [], {}
+    size = 0
+    names: list[str] = []
+    index: dict[str, str] = {}
 
     def flush() -> None:
         nonlocal shard, size

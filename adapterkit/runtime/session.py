@@ -7,62 +7,17 @@ error, never a silent answer from the plain base.
 
 from __future__ import annotations
 
-import json
-import re
 import time
-import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
+from adapterkit.base.compat import check_base
 from adapterkit.base.load import Base
 from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter, PocketBookNotFound
-from adapterkit.library.store import CONFIG_FILE, WEIGHTS_FILE, Library, PocketBook
-
-
-def check_base(base: Base, book: PocketBook, *, force: bool = False) -> None:
-    """Raise :class:`BaseMismatch` unless ``book`` was made on ``base`` (or ``force``)."""
-    if book.meta.base_fingerprint == base.fingerprint:
-        return
-    message = (
-        f"pocket book {book.ref} was made on base {book.meta.base.get('name', '?')} "
-        f"(fingerprint {book.meta.base_fingerprint[:12]}), not on {base.name} "
-        f"(fingerprint {base.fingerprint[:12]})"
-    )
-    if not force:
-        raise BaseMismatch(message + f"; load {book.meta.base.get('name', 'its base')} instead, "
-                                     "or force it if you know the weights are compatible")
-    warnings.warn(message + "; attached anyway because it was forced", UserWarning, stacklevel=2)
-
-
-def attach(base: Base, book: PocketBook, *, adapter_name: str = "default",
-           force: bool = False, library: Library | None = None) -> Any:
-    """Wrap ``base.model`` with ``book`` as a PEFT model (inference mode).
-
-    A pocket book trained ``--on`` others brings its stack back: the ones underneath are loaded
-    as PEFT adapters too, and all are active together (PEFT's multi-adapter support, so
-    ``merge_and_unload`` and plain-PEFT users see the same thing).
-    """
-    from peft import PeftModel
-
-    from adapterkit.lora.underlay import refuse_reward
-
-    refuse_reward(book)
-    check_base(base, book, force=force)
-    under = [(library or Library()).get(ref) for ref in book.meta.stacked_on]
-    for item in under:
-        check_base(base, item, force=force)
-    first = under[0] if under else book
-    names = [f"under{i}" for i in range(len(under))] + [adapter_name]
-    model = PeftModel.from_pretrained(base.model, str(first.path), adapter_name=names[0],
-                                      is_trainable=False)
-    for item, name in zip((under + [book])[1:], names[1:]):
-        model.load_adapter(str(item.path), adapter_name=name, is_trainable=False)
-    if len(names) > 1:
-        model.base_model.set_adapter(names, inference_mode=True)
-    model.eval()
-    return model
-
+from adapterkit.library.store import Library, PocketBook
+from adapterkit.lora.factors import Factors, concat, pad, read_factors
 
 # -- fast sessions ----------------------------------------------------------------------------
 
@@ -72,62 +27,24 @@ class LoadedBook:
 
     ref: str
     rank: int
-    #: module path → (A [r, in], B [out, r], scale)
-    factors: dict[str, tuple[Any, Any, Any]]
+    #: module path → its factors (PEFT's per-layer scale included)
+    factors: dict[str, Factors]
     prepared: list[tuple[Any, Any, Any, Any]] = field(default_factory=list)
     #: The pocket books it was trained on top of: activated with it (bottom first).
     stacked_on: list[str] = field(default_factory=list)
 
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b, _ in self.factors.values())
+        return sum(f.a.numel() * f.a.element_size() + f.b.numel() * f.b.element_size()
+                   for f in self.factors.values())
 
 
-def _scale_for(config: dict[str, Any], path: str, rank: int) -> float:
-    alpha = config.get("lora_alpha", rank)
-    for key, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            alpha = value
-    if config.get("use_rslora"):
-        return alpha / rank ** 0.5
-    return alpha / rank
-
-
-def read_factors(book: PocketBook, *, dtype: Any, device: Any,
-                 extra: dict[str, Any] | None = None) -> LoadedBook:
-    """Read a pocket book's LoRA factors (one safetensors read) for a session.
-
-    Other tensors (a reward head, embedding LoRA) are refused, or collected into ``extra``.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    config = json.loads((book.path / CONFIG_FILE).read_text(encoding="utf-8"))
-    if config.get("use_dora"):
-        raise InvalidAdapter(f"{book.ref} is a DoRA adapter; sessions swap plain LoRA only")
-    state = load_file(str(book.path / WEIGHTS_FILE), device=str(device))
-    pairs: dict[str, dict[str, Any]] = {}
-    for key, tensor in state.items():
-        body = key.removeprefix("base_model.model.")
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in body and body.endswith(".weight"):
-                pairs.setdefault(body.split(marker)[0], {})[part] = tensor
-                break
-        else:
-            if extra is not None:
-                extra[body] = tensor
-                continue
-            raise InvalidAdapter(
-                f"{book.ref} saves {key} (embedding LoRA, modules_to_save...), which a session "
-                "cannot swap; use it through PEFT (adapterkit eval/generate do)")
-    factors = {}
-    for path, pair in pairs.items():
-        a, b = pair["lora_A"], pair["lora_B"]
-        rank = a.shape[0]
-        scale = torch.tensor(_scale_for(config, path, rank), dtype=dtype, device=device)
-        factors[path] = (a.to(dtype), b.to(dtype), scale)
-    rank = max((a.shape[0] for a, _, _ in factors.values()), default=0)
+def load_book(book: PocketBook, *, dtype: Any, device: Any, path: str = "a session",
+              base_weights: Any = None) -> LoadedBook:
+    """A pocket book's LoRA factors (one safetensors read), refused if ``path`` cannot apply
+    it exactly (see :func:`adapterkit.lora.factors.refuse_inexact`)."""
+    factors = read_factors(book.path, ref=book.ref, path=path, dtype=dtype, device=device,
+                           base_weights=base_weights)
+    rank = max((f.rank for f in factors.values()), default=0)
     return LoadedBook(book.ref, rank, factors, stacked_on=list(book.meta.stacked_on))
 
 
@@ -178,7 +95,8 @@ class Session:
         check_base(self.base, book, force=force)
         first_slot = next(iter(self.slots.values()), None)
         dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
-        loaded = read_factors(book, dtype=dtype, device=_device(self.model))
+        loaded = load_book(book, dtype=dtype, device=_device(self.model),
+                           base_weights=self._base_weight)
         missing = [p for p in loaded.factors if p not in self.slots and not _is_linear(self.model, p)]
         if missing:
             raise BaseMismatch(f"{book.ref} targets {', '.join(missing[:3])}, which this base "
@@ -217,6 +135,17 @@ class Session:
             self._prepare(book)
         self._zeros = [(slot, *slot.zeros) for slot in self.slots.values()]
 
+    def _base_weight(self, module: str) -> Any:
+        """The resident base's weight of ``module`` (to check copies PEFT saves beside
+        ``lm_head`` LoRA), or None where it has none in full precision."""
+        try:
+            layer = self.model.get_submodule(module)
+        except AttributeError:
+            return None
+        layer = getattr(layer, "base_layer", layer)
+        weight = getattr(layer, "weight", None)
+        return weight if weight is not None and weight.is_floating_point() else None
+
     def _prepare(self, book: LoadedBook) -> None:
         import torch
 
@@ -225,12 +154,10 @@ class Session:
             if path not in book.factors:
                 prepared.append((slot, *slot.zeros))
                 continue
-            a, b, scale = book.factors[path]
-            r = a.shape[0]
-            if r < self.rank:  # pad with zeros: same product, same shape for every book
-                a = torch.cat([a, a.new_zeros(self.rank - r, a.shape[1])])
-                b = torch.cat([b, b.new_zeros(b.shape[0], self.rank - r)], dim=1)
-            prepared.append((slot, a, b, scale))
+            f = book.factors[path]
+            # padded with zeros: the same product, the same shape for every book (no recompiles)
+            a, b = pad(f.a, f.b, self.rank)
+            prepared.append((slot, a, b, torch.tensor(f.scale, dtype=a.dtype, device=a.device)))
         book.prepared = prepared
 
     # -- switching ---------------------------------------------------------------------------
@@ -263,7 +190,6 @@ class Session:
 
     def stack(self, weights: dict[str, float]) -> float:
         """Activate several pocket books at once: ΔW = Σ wᵢ·ΔWᵢ, exactly (ranks concatenated)."""
-        import torch
 
         keys = {}
         for ref, weight in weights.items():
@@ -281,12 +207,9 @@ class Session:
             for path in self.slots:
                 parts = [(self.books[k].factors[path], w) for k, w in keys.items()
                          if path in self.books[k].factors]
-                if not parts:
-                    continue
-                a = torch.cat([f[0] for f, _ in parts])
-                b = torch.cat([f[1] * (f[2] * w) for f, w in parts], dim=1)
-                factors[path] = (a, b, torch.ones((), dtype=a.dtype, device=a.device))
-            rank = max((a.shape[0] for a, _, _ in factors.values()), default=0)
+                if parts:
+                    factors[path] = Factors(*concat(parts), scale=1.0)
+            rank = max((f.rank for f in factors.values()), default=0)
             combined = LoadedBook("+".join(f"{k}*{w:g}" for k, w in keys.items()), rank, factors)
             self._stack_cache[cache_key] = combined
             if rank > self.rank:

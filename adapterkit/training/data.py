@@ -25,8 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.files import sha256_file
 from adapterkit.errors import DataFormatError
+from adapterkit.files import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.registry import DataFormat, Registry

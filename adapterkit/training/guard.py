@@ -11,8 +11,11 @@ Two parts, both working on the one resident base:
   on and off. The newest adapter weights within ``forgetting_budget`` percent are kept in memory
   (they are small); if the final weights exceed the budget, those are restored at the end.
 
-Trainer plugins opt in by adding :meth:`ForgettingGuard.penalty` to their loss (the built-in
-``sft`` trainer does) and passing :meth:`ForgettingGuard.callback` to their trainer.
+Trainer plugins opt in by declaring ``uses_guard = True``, adding
+:meth:`ForgettingGuard.penalty` to their loss and passing ``job.callbacks`` (which hold
+:meth:`ForgettingGuard.callback`) to their loop; the built-in ``sft`` trainer does. The core
+refuses the guard's options for any other trainer, and records the KL weight only when
+:attr:`ForgettingGuard.penalty_calls` shows the term was added.
 """
 
 from __future__ import annotations
@@ -116,6 +119,11 @@ class ForgettingGuard:
             within = True
         self.report.within_budget = within
         return self.report
+
+    @property
+    def penalty_calls(self) -> int:
+        """How many training batches :meth:`penalty` gave a KL term (0: it never acted)."""
+        return self._step
 
     @property
     def base_loss(self) -> float | None:

@@ -8,8 +8,9 @@ text with the pocket book active and with it switched off, on the same resident 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from adapterkit.training.data import as_chat
 

@@ -96,8 +96,8 @@ class RewardScorer:
     @staticmethod
     def check(base: Any, book: PocketBook) -> None:
         """Refuse a policy pocket book, or a reward pocket book made on another base."""
+        from adapterkit.base.compat import check_base
         from adapterkit.errors import BaseMismatch
-        from adapterkit.runtime.session import check_base
         from adapterkit.lora.underlay import is_reward_book
 
         if not is_reward_book(book):

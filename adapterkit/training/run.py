@@ -14,21 +14,22 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from adapterkit.training.data import Data, as_chat, general_text_path, load_data, read_rows
 from adapterkit.errors import ConfigError, DataFormatError
+from adapterkit.library.metadata import CONFIG_FILE, PocketBookMeta
+from adapterkit.library.store import Library, PocketBook
+from adapterkit.training.data import Data, as_chat, general_text_path, load_data, read_rows
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
-from adapterkit.library.store import CONFIG_FILE, Library, PocketBook
-from adapterkit.library.metadata import PocketBookMeta
 from adapterkit.training.options import TrainOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
-    from adapterkit.training.guard import ForgettingGuard
     from adapterkit.plugin_api.manager import PluginManager
+    from adapterkit.training.guard import ForgettingGuard
 
 ANCHOR_FILE = "anchor.txt"
 LOSS_CURVE = "loss_curve.png"
@@ -100,7 +101,7 @@ class TrainJob:
         import hashlib
 
         from adapterkit.files import sha256_file
-        from adapterkit.library.store import WEIGHTS_FILE
+        from adapterkit.library.metadata import WEIGHTS_FILE
 
         identity = {
             "base": self.base.fingerprint if self.base is not None else None,
@@ -253,6 +254,8 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
                       trainer_options=dict((options.trainer_options if options else None) or {}))
     pm = plugins or default_plugin_manager()
     trainer_obj = pm.trainer(trainer)
+    refuse_unapplied_guard(trainer, trainer_obj, options,
+                           guarded=[t.name for t in pm.trainers if _applies_guard(t)])
     method = pm.method(options.method)
     library = Library(home, plugins=pm)
     ref = library.reserve(name)
@@ -276,7 +279,8 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     check_lengths(loaded.tokenizer, job_rows, options.max_length, chat)
     underlay = _underlay(library, parent, copy=start_from is not None)
     head = getattr(trainer_obj, "head", "causal-lm")
-    # a reward head scores text: no generation to guard, no general-text loss to check
+    # a reward head scores text: no generation to guard, no general-text loss to check (guard
+    # options were refused above for any trainer that does not apply the guard)
     guard = _guard(loaded.tokenizer, options) if head != "reward" else None
     general = general if head != "reward" else None
 
@@ -328,7 +332,15 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     metrics = _metrics(state, elapsed)
     if guard is not None:
         report = guard.finish(model, int(metrics.get("steps", 0)))
-        metrics["guard"] = {"budget_pct": guard.budget_pct, "weight": guard.weight,
+        # record the KL weight that acted: a trainer that declared the guard but never added
+        # its penalty trained without it, and the pocket book must not say otherwise
+        applied = guard.penalty_calls > 0
+        if guard.weight > 0 and not applied:
+            say(f"Warning: the {trainer} trainer never added the forgetting guard's KL term to "
+                "its loss; recorded as KL weight 0.")
+        metrics["guard"] = {"budget_pct": guard.budget_pct,
+                            "weight": guard.weight if applied else 0.0,
+                            "kl_batches": guard.penalty_calls,
                             "kept_step": report.kept_step, "restored": report.restored,
                             "within_budget": report.within_budget, "checks": report.checks}
         if report.within_budget is False:
@@ -339,9 +351,9 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         metrics["eval"] = task_loss(model, loaded.tokenizer, eval_data.rows, chat=chat)
     if general is not None:
         say("Forgetting check on general text...")
-        same_text = guard is not None and guard.general_texts == general
-        metrics["forgetting"] = forgetting(model, loaded.tokenizer, general,
-                                           base_loss=guard.base_loss if same_text else None)
+        base_loss = guard.base_loss if guard is not None and guard.general_texts == general \
+            else None
+        metrics["forgetting"] = forgetting(model, loaded.tokenizer, general, base_loss=base_loss)
         if underlay:  # the "before" side had the pocket books underneath active
             metrics["forgetting"]["relative_to"] = "base + " + " + ".join(b.ref for b in underlay)
     book = save_trained(library, model, loaded, str(ref), trainer=trainer, options=job.options,
@@ -444,8 +456,8 @@ def _attach_new(base: Base, method: Any, options: TrainOptions, *,
     of ``start``), with ``underlay`` frozen and active underneath."""
     from peft import PeftModel, get_peft_model
 
-    from adapterkit.lora import underlay as underlay_mod
     from adapterkit.base.load import check_targets, keep_4bit_layout
+    from adapterkit.lora import underlay as underlay_mod
 
     targets = check_targets(base.structure(), options.target_modules)
     keep_4bit_layout(base.model)
@@ -468,6 +480,34 @@ def _attach_new(base: Base, method: Any, options: TrainOptions, *,
     elif head != "causal-lm":
         raise ConfigError(f"unknown trainer head {head!r}; trainers declare causal-lm or reward")
     return get_peft_model(model, config)
+
+
+def guard_requested(options: TrainOptions) -> bool:
+    """Whether ``options`` ask for the forgetting guard (a budget, or a KL weight above 0)."""
+    return options.forgetting_budget is not None or (options.guard_weight or 0) > 0
+
+
+def _applies_guard(trainer: Any) -> bool:
+    # a reward head scores text: there is no next-token distribution to hold near the base
+    return bool(getattr(trainer, "uses_guard", False)) and \
+        getattr(trainer, "head", "causal-lm") != "reward"
+
+
+def refuse_unapplied_guard(name: str, trainer: Any, options: TrainOptions, *,
+                           guarded: list[str] | None = None) -> None:
+    """Refuse guard options for a trainer that does not apply the guard, before any work.
+
+    Only a trainer that declares ``uses_guard`` adds the guard's KL term to its loss; accepting
+    the options anywhere else would record a guard in the pocket book that never acted.
+
+    :param guarded: the trainers that do apply it, named in the message.
+    """
+    if guard_requested(options) and not _applies_guard(trainer):
+        others = f"train with {', '.join(sorted(guarded))}, or " if guarded else ""
+        raise ConfigError(
+            f"the {name} trainer does not apply the forgetting guard (nothing adds its KL term "
+            f"to its loss): {others}drop --forgetting-budget/--guard-weight (--general still "
+            "measures forgetting)")
 
 
 def _guard(tokenizer: Any, options: TrainOptions) -> ForgettingGuard | None:

@@ -22,19 +22,22 @@ class Breadcrumbs(MergeStrategy):
     def merge(self, *, adapters, weights, rank=None, density=None, **_):
         import torch
 
-        from adapterkit.lora.combine import MergeOutput, lora_config, lora_pairs, scale_of
+        from adapterkit import MergeOutput
+        from adapterkit.lora.factors import plain_config
 
-        members = [(lora_pairs(a.tensors()), a.config, w) for a, w in zip(adapters, weights)]
-        new_rank = rank or max(p["A"].shape[0] for pairs, _, _ in members
-                               for p in pairs.values())
+        # factors(): module path → LoRA factors with PEFT's per-layer scale (rank/alpha
+        # patterns, rsLoRA); refuses DoRA, modules_to_save... naming the feature.
+        members = [(a.factors(path="merge --method breadcrumbs"), w)
+                   for a, w in zip(adapters, weights)]
+        new_rank = rank or max(f.rank for factors, _ in members for f in factors.values())
         tensors, targets = {}, set()
-        for path in sorted(set().union(*(pairs.keys() for pairs, _, _ in members))):
+        for path in sorted(set().union(*(factors.keys() for factors, _ in members))):
             total = None
-            for pairs, config, w in members:
-                if path not in pairs:
+            for factors, w in members:
+                if path not in factors:
                     continue
-                a, b = pairs[path]["A"].float(), pairs[path]["B"].float()
-                delta = (b @ a) * scale_of(config, a.shape[0])
+                f = factors[path]
+                delta = (f.b.float() @ f.a.float()) * f.scale
                 total = w * _band(delta, density) + (0 if total is None else total)
             u, s, vh = torch.linalg.svd(total, full_matrices=False)
             k = min(new_rank, s.shape[0])
@@ -45,8 +48,7 @@ class Breadcrumbs(MergeStrategy):
             tensors[f"base_model.model.{path}.lora_A.weight"] = new_a.contiguous()
             tensors[f"base_model.model.{path}.lora_B.weight"] = new_b.contiguous()
             targets.add(path.rsplit(".", 1)[-1])
-        config = lora_config(adapters[0].config, rank=new_rank, alpha=new_rank,
-                             target_modules=sorted(targets))
+        config = plain_config(adapters[0].config, rank=new_rank, target_modules=sorted(targets))
         return MergeOutput(config, tensors)
 
 

@@ -1,0 +1,169 @@
+"""``adapterkit verify NAME``: every path a pocket book can take, checked against plain PEFT.
+
+The reference is PEFT itself (``PeftModel.from_pretrained`` on the library folders, through
+:func:`adapterkit.runtime.peft_model.peft_model`); each of our own paths — a session swap, a
+session stack of the pocket book alone at weight 1, ``stack --flatten`` (saved as a PEFT folder
+and loaded back by PEFT) and the merged weights ``export --merged`` writes (formed in memory) —
+reports its largest logit difference from it, or the true reason it refuses the pocket book.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterkit.errors import AdapterkitError
+from adapterkit.library.store import Library, PocketBook
+
+PROMPTS = ["The capital of France is", "I have had a headache for three days and",
+           "def fibonacci(n):", "Once upon a time"]
+
+
+@dataclass
+class PathResult:
+    """One path: its max |logit difference| from PEFT, or why it refuses the pocket book."""
+
+    path: str
+    max_logit_diff: float | None = None
+    refused: str | None = None
+
+    def ok(self, tolerance: float) -> bool:
+        return self.refused is not None or (self.max_logit_diff is not None
+                                            and self.max_logit_diff <= tolerance)
+
+
+@dataclass
+class Verification:
+    ref: str
+    tolerance: float
+    results: list[PathResult] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok(self.tolerance) for r in self.results)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tolerance": self.tolerance, "ok": self.ok, "versions": self.versions,
+                "paths": {r.path: ({"refused": r.refused} if r.refused is not None
+                                   else {"max_logit_diff": r.max_logit_diff})
+                          for r in self.results}}
+
+
+def verify(library: Library, ref: str, *, tolerance: float = 1e-3,
+           progress: Callable[[str], None] | None = None) -> Verification:
+    """Run ``ref`` through every path and compare each with plain PEFT on the same prompts."""
+    import torch
+
+    from adapterkit.base.load import load_base
+    from adapterkit.base.resolve import base_spec_for
+    from adapterkit.runtime.peft_model import members_of, peft_model
+
+    say = progress or (lambda m: None)
+    book = library.get(ref)
+    members = members_of(library, book)
+    if any(item.meta.method != "lora" for item, _ in members):
+        # a quantized base rounds differently in each path's kernels: compare like with like
+        say("Note: checked on the full-precision base; 4-bit kernels add their own rounding")
+    spec = base_spec_for(book.meta.base, library.home)
+    say(f"Loading base {spec}...")
+    base = load_base(spec, home=library.home, dtype=torch.float32)
+    batch = base.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"].bool()
+
+    def logits(model: Any) -> Any:
+        with torch.no_grad():
+            return model(**batch).logits.float()
+
+    say("Plain PEFT (the reference)...")
+    reference_model = peft_model(base, book, weights=members)
+    reference = logits(reference_model)
+    reference_model.unload()
+    result = Verification(book.ref, tolerance, versions=_versions())
+    for name, run in _paths(library, base, book, members).items():
+        say(f"{name}...")
+        try:
+            out = run(logits)
+        except AdapterkitError as exc:
+            result.results.append(PathResult(name, refused=str(exc)))
+            continue
+        diff = float((out - reference).abs()[mask].max())
+        result.results.append(PathResult(name, max_logit_diff=diff))
+    return result
+
+
+def _paths(library: Library, base: Any, book: PocketBook,
+           members: list[tuple[PocketBook, float]]) -> dict[str, Callable[[Any], Any]]:
+    from adapterkit.runtime.session import Session
+
+    def session_swap(logits: Callable[[Any], Any]) -> Any:
+        session = Session(base, library)
+        try:
+            session.swap(book.ref)
+            return logits(session.model)
+        finally:
+            session.close()
+
+    def session_stack(logits: Callable[[Any], Any]) -> Any:
+        session = Session(base, library)
+        try:
+            session.stack({item.ref: w for item, w in members})
+            return logits(session.model)
+        finally:
+            session.close()
+
+    def flatten(logits: Callable[[Any], Any]) -> Any:
+        from peft import PeftModel
+        from safetensors.torch import save_file
+
+        from adapterkit.lora.combine import MergeInput, concatenate
+
+        inputs = [MergeInput(item.ref, item.path, _config(item)) for item, _ in members]
+        out = concatenate(inputs, [w for _, w in members], path="stack --flatten")
+        with tempfile.TemporaryDirectory() as tmp:
+            import json
+
+            (Path(tmp) / "adapter_config.json").write_text(json.dumps(out.config))
+            save_file(out.tensors, str(Path(tmp) / "adapter_model.safetensors"))
+            model = PeftModel.from_pretrained(base.model, tmp, adapter_name="flat")
+            try:
+                return logits(model)
+            finally:
+                model.unload()
+
+    def merged(logits: Callable[[Any], Any]) -> Any:
+        import torch
+
+        from adapterkit.runtime.export import merged_deltas
+
+        deltas = merged_deltas(members)
+        saved = {}
+        try:
+            with torch.no_grad():
+                for module, (b, a) in deltas.items():
+                    weight = base.model.get_submodule(module).weight
+                    saved[module] = weight.detach().clone()
+                    weight += (b @ a).to(weight.dtype)
+            return logits(base.model)
+        finally:
+            with torch.no_grad():
+                for module, weight in saved.items():
+                    base.model.get_submodule(module).weight.copy_(weight)
+
+    return {"session swap": session_swap, "session stack": session_stack,
+            "stack --flatten": flatten, "export --merged": merged}
+
+
+def _config(book: PocketBook) -> dict[str, Any]:
+    from adapterkit.lora.factors import read_config
+
+    return read_config(book.path)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("adapterkit", "peft", "transformers", "torch")}

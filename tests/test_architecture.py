@@ -1,0 +1,109 @@
+"""The house reads as its parts: no import cycles, no private names across packages, and only
+the packages that need torch import it (checked package by package)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import adapterkit
+
+ROOT = Path(adapterkit.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """Every ``adapterkit`` import in the file, module-level and inside functions alike."""
+    found = []
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and ast.unparse(block.test).endswith("TYPE_CHECKING")
+                   for n in ast.walk(block)}  # never executed: no cycle at run time
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] == "adapterkit":
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name.split(".")[0] == "adapterkit"]
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for module, names in _imports(path):
+            targets = [f"{module}.{n}" if f"{module}.{n}" in modules else module for n in names] \
+                or [module]
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_cycles_between_modules():
+    graph = _graph()
+    graph.pop("adapterkit", None)  # the package façade: lazy re-exports (PEP 562) only
+    for deps in graph.values():
+        deps.discard("adapterkit")
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_module_imports_a_private_name_from_another_package():
+    offenders = []
+    for name, path in _modules().items():
+        package = name.rsplit(".", 1)[0]
+        for module, names in _imports(path):
+            source_package = module.rsplit(".", 1)[0]
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if source_package != package and (private or "._" in module):
+                offenders.append(f"{name} imports {module} {private}")
+    assert not offenders, offenders
+
+
+TORCH_FREE = ["adapterkit", "adapterkit.errors", "adapterkit.home", "adapterkit.files",
+              "adapterkit.cli", "adapterkit.plugin_api.manager", "adapterkit.plugin_api.hookspecs",
+              "adapterkit.plugin_api.registry", "adapterkit.plugin_api.scaffold",
+              "adapterkit.library.store", "adapterkit.library.catalog",
+              "adapterkit.library.metadata", "adapterkit.library.names",
+              "adapterkit.library.card", "adapterkit.library.peft_folder",
+              "adapterkit.base.resolve", "adapterkit.base.fingerprints",
+              "adapterkit.base.compat", "adapterkit.lora.factors", "adapterkit.lora.combine",
+              "adapterkit.training.options", "adapterkit.training.data"]
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_module_does_not_import_torch(module):
+    """Importing these costs no torch: the CLI's fast commands and the library stay light."""
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False", f"{module} imports torch"

@@ -1,0 +1,234 @@
+"""Nothing claims more than happened: options that do not act are refused, and every figure a
+card, a quickstart or a benchmark prints is one measured in that run."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapterkit import ConfigError, Library, Trainer, TrainOptions, hookimpl, train
+from adapterkit.plugin_api.manager import get_plugin_manager
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(max_steps=3, batch_size=8, learning_rate=1e-2, r=4, alpha=8, dropout=0.0,
+            logging_steps=1, seed=0)
+
+
+def _script(folder: str, name: str):
+    """Import ``folder/name.py`` (an example or a benchmark) as a module."""
+    path = str(ROOT / folder)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(name)
+
+
+# -- the forgetting guard acts where it is accepted ----------------------------------------------
+
+@pytest.mark.parametrize("trainer", ["dpo", "reward", "rlhf"])
+@pytest.mark.parametrize("flag", [("--forgetting-budget", "5%"), ("--guard-weight", "0.1")])
+def test_trainers_without_the_guard_refuse_its_options_in_one_line(
+        trainer, flag, tiny_base, adapterkit_data, adapterkit_cli, home):
+    out = adapterkit_cli("train", trainer, "--base", tiny_base, "--data",
+                         adapterkit_data["preference"], "--name", "guarded", "--max-steps", "1",
+                         *flag)
+    assert out.exit_code == 1, out.output
+    assert "Traceback" not in out.output
+    errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: the {trainer} trainer does not apply the forgetting guard "
+                      "(nothing adds its KL term to its loss): train with sft, or drop "
+                      "--forgetting-budget/--guard-weight (--general still measures forgetting)"]
+    assert "Loading base" not in out.output  # refused before any work
+    assert Library(home).list(all_versions=True) == []  # rlhf's reward stage included
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def _plugin(trainer: Trainer):
+    class Plugin:
+        @hookimpl
+        def register_trainers(self, register):
+            register(trainer)
+
+    return Plugin()
+
+
+def test_a_plugin_trainer_must_declare_the_guard_to_get_it(tiny_base, adapterkit_data, home,
+                                                           adapterkit_plugin_manager):
+    calls = []
+
+    class Quiet(Trainer):  # does not declare uses_guard: the default is False
+        name = "quiet"
+        data_shapes = ("text",)
+
+        def train(self, *, job, **_):
+            calls.append(job)
+            raise AssertionError("training must not start")
+
+    pm = adapterkit_plugin_manager(_plugin(Quiet()))
+    for options in (TrainOptions(forgetting_budget=5.0), TrainOptions(guard_weight=0.3)):
+        with pytest.raises(ConfigError, match="the quiet trainer does not apply the forgetting "
+                                              "guard.*train with sft"):
+            train("quiet", base=str(tiny_base), data=str(adapterkit_data["text"]), name="q",
+                  options=options, home=home, plugins=pm)
+    assert calls == []
+
+
+def test_a_declared_guard_that_never_acted_is_not_recorded(tiny_base, adapterkit_data, home,
+                                                           adapterkit_plugin_manager):
+    sft = get_plugin_manager(env=False).trainer("sft")
+
+    class Forgetful(Trainer):
+        """Declares the guard, then trains with sft without showing it the guard."""
+
+        name = "forgetful"
+        data_shapes = ("text",)
+        uses_guard = True
+
+        def train(self, *, job, **_):
+            job.guard = None  # sft adds the KL term only when the job carries a guard
+            return sft.train(job=job)
+
+    pm = adapterkit_plugin_manager(_plugin(Forgetful()))
+    result = train("forgetful", base=str(tiny_base), data=str(adapterkit_data["text"]),
+                   name="forgetful", home=home, plugins=pm,
+                   options=TrainOptions(**TINY, guard_weight=0.5))
+    guard = result.metrics["guard"]
+    assert (guard["kl_batches"], guard["weight"]) == (0, 0.0)
+    saved = Library(home).get("forgetful")
+    assert saved.meta.metrics["guard"]["weight"] == 0.0
+    assert "guard" not in (saved.path / "README.md").read_text().lower()
+
+
+def test_the_guard_that_acted_is_recorded_with_its_batches(tiny_base, adapterkit_data, home):
+    result = train("sft", base=str(tiny_base), data=str(adapterkit_data["text"]), name="kept",
+                   home=home, plugins=get_plugin_manager(env=False),
+                   options=TrainOptions(**TINY, guard_weight=0.5))
+    # 3 steps of one batch each (grad_accum 1): the KL term was added 3 times
+    assert result.metrics["steps"] == 3
+    assert (result.metrics["guard"]["kl_batches"], result.metrics["guard"]["weight"]) == (3, 0.5)
+    card = (result.pocket_book.path / "README.md").read_text()
+    assert "- forgetting guard: KL term at weight 0.5, added to the loss of 3 training " \
+           "batches" in card
+
+
+@pytest.fixture(scope="module")
+def unguarded(tmp_path_factory, tiny_base):
+    """An sft run with the guard explicitly off (``guard_weight=0``)."""
+    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+
+    home = tmp_path_factory.mktemp("honesty-home")
+    data = home / "text.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["text"]))
+    return train("sft", base=str(tiny_base), data=str(data), name="plain", home=home / "lib",
+                 plugins=get_plugin_manager(env=False),
+                 options=TrainOptions(**TINY, guard_weight=0.0))
+
+
+def test_card_of_an_sft_run_without_a_guard_says_nothing_about_a_guard(unguarded):
+    assert "guard" not in unguarded.metrics
+    card = (unguarded.pocket_book.path / "README.md").read_text()
+    assert "guard" not in card.lower(), card
+
+
+def test_card_has_no_accuracy_lines_that_nothing_measured(unguarded):
+    from adapterkit.library.card import render_card
+
+    meta = unguarded.pocket_book.meta
+    # nothing in a training run measures accuracy; a trainer plugin's own metrics with these
+    # names must not turn into "held-out accuracy" claims either
+    card = render_card(dataclasses.replace(meta, metrics={
+        **meta.metrics, "accuracy_before": 0.25, "accuracy_after": 0.75}))
+    results = card.split("## Results", 1)[1].split("## Use it", 1)[0]
+    assert "accuracy" not in results.lower(), results
+    assert "25.0%" not in card and "75.0%" not in card
+    # what the run did measure is still there
+    assert f"- steps: {unguarded.metrics['steps']}" in results
+
+
+# -- quickstart part two prints measured preference figures only --------------------------------
+
+def test_bedside_quickstart_prints_only_measured_preference_figures(tiny_base, home):
+    from adapterkit import load_base
+    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+    from adapterkit.plugin_api.testing import make_peft_adapter
+    from adapterkit.training.metrics import preference_accuracy
+
+    bedside = _script("examples", "quickstart_bedside")
+    from peft import PeftModel
+
+    base = load_base(str(tiny_base), home=home)
+    adapter = make_peft_adapter(tiny_base, home / "adapter", seed=3)
+    model = PeftModel.from_pretrained(base.model, str(adapter)).eval()
+    rows = TINY_ROWS["preference"][:4]
+    acc = preference_accuracy(model, base.tokenizer, rows)
+
+    lines = bedside.preference_lines(acc, "triage@1")
+    printed = re.findall(r"\d+\.\d%", "\n".join(lines))
+    assert printed == [f"{acc['implicit']:.1%}", f"{acc['likelihood_before']:.1%}",
+                       f"{acc['likelihood_after']:.1%}"]
+    assert "before" not in lines[0]  # the implicit margin has no measured "before"
+    figures = bedside.preference_figures(acc)
+    assert figures == {"preference_accuracy_after": acc["implicit"],
+                       "likelihood_before": acc["likelihood_before"],
+                       "likelihood_after": acc["likelihood_after"], "pairs": 4}
+
+
+def test_implicit_margin_of_a_fresh_pocket_book_is_zero_by_construction(tiny_base, home):
+    """Why the quickstart prints no "before" for it: with B = 0 (PEFT's initialisation) the
+    policy equals the reference, so no pair has a margin above 0 whatever the data."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapterkit import load_base
+    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+    from adapterkit.training.metrics import preference_accuracy
+
+    base = load_base(str(tiny_base), home=home)
+    model = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert preference_accuracy(model.eval(), base.tokenizer,
+                               TINY_ROWS["preference"][:4])["implicit"] == 0.0
+
+
+# -- benchmarks ----------------------------------------------------------------------------------
+
+def test_bench_swap_counts_recompilations_with_torch_counters():
+    """The recompilation figure comes from torch's own counter, so it can be above 0."""
+    import torch
+
+    bench = _script("benchmarks", "bench_swap")
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="eager", dynamic=False)
+    counts = []
+    for rows in (2, 2, 3):  # the same shape twice, then a new one: dynamic=False recompiles
+        before = bench.compiled_graphs()
+        compiled(torch.randn(rows, 4))
+        counts.append(bench.compiled_graphs() - before)
+    assert counts == [1, 0, 1]
+
+
+@pytest.mark.slow
+def test_bench_swap_runs_with_mixed_ranks_on_a_tiny_base(monkeypatch, capsys):
+    bench = _script("benchmarks", "bench_swap")
+    monkeypatch.setattr(sys, "argv", ["bench_swap.py", "--base", "tiny", "--attached", "10",
+                                      "--ranks", "2,4,8", "--no-compile"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "swap latency: 2 attached" in out and "10 attached" in out
+    assert "MB at r=2" in out and "MB at r=8" in out
+    padding = next(line for line in out.splitlines() if line.startswith("padding:"))
+    assert "r=2 pocket book padded to r=8 vs in a session of r=2" in padding
+    # zero padding is the same product: the logits agree to float round-off
+    assert float(padding.rsplit(" ", 1)[1]) < 1e-5, padding
+
+
+def test_bench_dpo_reruns_compare_like_with_like():
+    bench = _script("benchmarks", "bench_dpo")
+    common = dict(max_steps=2, batch_size=8, learning_rate=1e-3, r=4, alpha=8, seed=0)
+    first, rerun = bench.dpo_options(common, 0.1), bench.dpo_options(common, 0.2)
+    assert first.general == "general"  # both run the forgetting check
+    assert first.trainer_options.pop("beta") == 0.1 and rerun.trainer_options.pop("beta") == 0.2
+    assert first == rerun  # and nothing else differs

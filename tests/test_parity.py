@@ -1,0 +1,218 @@
+"""The PEFT parity matrix: every PEFT LoRA variant × every adapterkit path.
+
+Each cell is either exact — logits equal plain PEFT's (``PeftModel.from_pretrained`` on the
+same folder: the independent reference) within float tolerance — or refused with an error that
+names the feature in the way. No cell may silently differ. Adding a variant is one line in
+``VARIANTS``; adding a path is one function in ``PATHS``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapterkit import AdapterkitError
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-4
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+#: name → (PEFT LoraConfig arguments, the feature the factor paths must name, or None if they
+#: must be exact, or "import:<text>" if import itself must refuse).
+VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
+    "plain": ({"target_modules": ALL}, None),
+    "q_v_only": ({}, None),
+    "rslora": ({"target_modules": ALL, "use_rslora": True}, None),
+    "alpha_pattern_overlap": ({"alpha_pattern": {"q_proj": 4,
+                                                 "model.layers.0.self_attn.q_proj": 64}}, None),
+    "alpha_pattern_overlap_reversed": ({"alpha_pattern": {"model.layers.0.self_attn.q_proj": 64,
+                                                          "q_proj": 4}}, None),
+    "rank_pattern": ({"target_modules": ALL, "rank_pattern": {"q_proj": 8, "down_proj": 2},
+                      "alpha_pattern": {"v_proj": 3}}, None),
+    "layers_to_transform": ({"layers_to_transform": [0]}, None),
+    "regex_targets": ({"target_modules": r".*\.(q_proj|o_proj)"}, None),
+    "gaussian_init": ({"init_lora_weights": "gaussian"}, None),
+    "lm_head": ({"target_modules": ["q_proj", "lm_head"]}, None),
+    "missing_target_name": ({"target_modules": ["q_proj", "not_a_layer"]}, None),
+    "bias_all": ({"bias": "all"}, None),  # the tiny Llama has no biases: nothing to save
+    "dora": ({"use_dora": True}, "DoRA"),
+    "embedding": ({"target_modules": ["q_proj", "embed_tokens"]}, "embedding LoRA"),
+    "modules_to_save": ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    "lora_bias": ({"lora_bias": True}, "lora_bias"),
+    "trainable_tokens": ({"trainable_token_indices": [1, 2, 3]}, "trainable tokens"),
+    "pissa_unconverted": ({"init_lora_weights": "pissa"}, "import:path_initial_model"),
+    "olora_unconverted": ({"init_lora_weights": "olora"}, "import:path_initial_model"),
+}
+
+IDS = [[1, 5, 9, 17, 33, 65, 100, 3], [2, 40, 41, 42, 7, 8, 200, 11]]
+
+
+def _logits(model: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(IDS)).logits.float()
+
+
+def _plain_base(base: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+
+def _peft(base: Path, folder: Path) -> Any:
+    """Plain PEFT on plain transformers: the reference no adapterkit code touches."""
+    from peft import PeftModel
+
+    return _logits(PeftModel.from_pretrained(_plain_base(base), str(folder)).eval())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_base):
+    """The tiny base, a library, one imported pocket book per variant, PEFT's logits for each."""
+    from adapterkit import Library
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("parity")
+    library = Library(root / "home")
+    books: dict[str, str | Exception] = {}
+    reference: dict[str, Any] = {}
+    for name, (kwargs, _expect) in VARIANTS.items():
+        folder = make_peft_adapter(tiny_base, root / name, **kwargs)
+        reference[name] = _peft(tiny_base, folder)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                books[name] = library.import_peft(folder, name, base=str(tiny_base)).ref
+        except AdapterkitError as exc:
+            books[name] = exc
+    return {"base": tiny_base, "library": library, "books": books, "ref": reference,
+            "root": root, "plain": _logits(_plain_base(tiny_base))}
+
+
+# -- the paths ---------------------------------------------------------------------------------
+
+def path_session(world: dict, ref: str) -> Any:
+    from adapterkit import open_session
+
+    session = open_session(str(world["base"]), home=world["library"].home)
+    session.swap(ref)
+    return _logits(session.model)
+
+
+def path_session_stack(world: dict, ref: str) -> Any:
+    from adapterkit import open_session
+
+    session = open_session(str(world["base"]), home=world["library"].home)
+    session.stack({ref: 1.0})
+    return _logits(session.model)
+
+
+def _saved(world: dict, make: Callable[[str], Any]) -> Any:
+    world["saved"] = world.get("saved", 0) + 1
+    book = make(f"out-{world['saved']}")
+    return _peft(world["base"], book.path)
+
+
+def path_flatten(world: dict, ref: str) -> Any:
+    from adapterkit.lora.combine import stack
+
+    return _saved(world, lambda n: stack(world["library"], [ref], [1.0], name=n, flatten=True))
+
+
+def _merge(method: str) -> Callable[[dict, str], Any]:
+    def run(world: dict, ref: str) -> Any:
+        from adapterkit.lora.combine import merge
+
+        # the same pocket book twice at 0.5 + 0.5: exactly itself for every exact method
+        return _saved(world, lambda n: merge(world["library"], [ref, ref], [0.5, 0.5],
+                                             method=method, name=n))
+    return run
+
+
+def path_export_merged(world: dict, ref: str) -> Any:
+    from adapterkit.runtime.export import export_merged
+
+    dest = world["root"] / f"merged-{ref.replace('@', '-')}"
+    export_merged(world["library"], ref, dest)
+    return _logits(_plain_base(dest))
+
+
+PATHS = {
+    "session": path_session,
+    "session_stack": path_session_stack,
+    "flatten": path_flatten,
+    "merge_cat": _merge("cat"),
+    "merge_svd": _merge("svd"),
+    "merge_exact_svd": _merge("exact_svd"),
+    "export_merged": path_export_merged,
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_import_accepts_or_refuses_truthfully(world, variant):
+    kwargs, expect = VARIANTS[variant]
+    book = world["books"][variant]
+    if expect and expect.startswith("import:"):
+        assert isinstance(book, AdapterkitError), f"{variant} was imported"
+        assert expect.split(":", 1)[1] in str(book)
+    else:
+        assert not isinstance(book, Exception), f"{variant} refused: {book}"
+    # every variant really changes PEFT's answers: a cell can never pass by being a no-op
+    assert float((world["ref"][variant] - world["plain"]).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_parity(world, variant, path):
+    kwargs, expect = VARIANTS[variant]
+    book = world["books"][variant]
+    if isinstance(book, Exception):
+        pytest.skip("refused at import (checked in test_import_accepts_or_refuses_truthfully)")
+    if expect is None:
+        got = PATHS[path](world, book)
+        diff = float((got - world["ref"][variant]).abs().max())
+        assert diff < TOL, f"{variant} × {path}: max |logit diff| vs PEFT {diff:.3g}"
+    else:
+        with pytest.raises(AdapterkitError) as info:
+            PATHS[path](world, book)
+        assert expect in str(info.value), str(info.value)
+
+
+def test_untrained_adapter_warns_on_import(tmp_path, tiny_base, library):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "zero")
+    with pytest.warns(UserWarning, match="untrained"):
+        library.import_peft(tmp_path / "zero", "zero", base=str(tiny_base))
+
+
+def test_import_with_another_base_than_the_config_names_says_so(tmp_path, tiny_base, library,
+                                                                peft_adapter):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for item in peft_adapter.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someone/another-model"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="another-model"):
+        library.import_peft(folder, "x", base=str(tiny_base))
+
+
+def test_merge_linear_with_rank_pattern_is_refused_not_a_traceback(world):
+    from adapterkit.lora.combine import merge
+
+    with pytest.raises(AdapterkitError, match="same rank"):
+        merge(world["library"], [world["books"]["rank_pattern"], world["books"]["plain"]],
+              [0.5, 0.5], method="linear", name="lin")

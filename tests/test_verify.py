@@ -1,0 +1,57 @@
+"""``adapterkit verify``: every path against plain PEFT, drift detected, refusals named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from adapterkit.cli import build_cli
+from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.plugin_api.testing import make_peft_adapter
+
+pytestmark = pytest.mark.slow
+
+
+def _run(home, *args):
+    cli = build_cli(get_plugin_manager(entry_points=False, env=False))
+    return CliRunner().invoke(cli, ["--home", str(home), *args])
+
+
+def test_verify_reports_every_path_exact_and_records_it(tmp_path, tiny_base, home):
+    folder = make_peft_adapter(tiny_base, tmp_path / "a", alpha_pattern={"q_proj": 3})
+    assert _run(home, "import", str(folder), "--name", "a", "--base", str(tiny_base)).exit_code == 0
+    result = _run(home, "verify", "a", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert set(report["paths"]) == {"session swap", "session stack", "stack --flatten",
+                                    "export --merged"}
+    for path, cell in report["paths"].items():
+        assert cell["max_logit_diff"] < 1e-4, path
+    meta = json.loads(next(home.rglob("adapterkit.json")).read_text())
+    assert meta["verification"]["ok"] is True
+    assert meta["verification"]["versions"]["peft"]
+    card = next(home.rglob("README.md")).read_text()
+    assert "verified against plain PEFT" in card and "export --merged: max logit" in card
+
+
+def test_verify_catches_drift_in_our_own_math(tmp_path, tiny_base, home, monkeypatch):
+    folder = make_peft_adapter(tiny_base, tmp_path / "a")
+    _run(home, "import", str(folder), "--name", "a", "--base", str(tiny_base))
+    from adapterkit.lora import factors
+
+    real = factors.scale_of
+    monkeypatch.setattr(factors, "scale_of", lambda config, module: real(config, module) * 1.5)
+    result = _run(home, "verify", "a")
+    assert result.exit_code == 1
+    assert "DRIFT" in result.output
+
+
+def test_verify_names_what_a_path_refuses(tmp_path, tiny_base, home):
+    folder = make_peft_adapter(tiny_base, tmp_path / "d", use_dora=True)
+    _run(home, "import", str(folder), "--name", "d", "--base", str(tiny_base))
+    result = _run(home, "verify", "d")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("refused:") == 4
+    assert "DoRA" in result.output
