@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _data(base: str, work: Path) -> tuple[str, Path, Path, list[str]]:
     """(base spec, preference file, sft file, held-out prompts)."""
     if base == "tiny":
-        from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
         from adapterkit.plugin_api.testing import make_tiny_base
+        from adapterkit.pytest_plugin import TINY_ROWS
 
         folder = make_tiny_base(work / "tiny")
         prefs = work / "prefs.jsonl"

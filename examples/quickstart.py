@@ -25,9 +25,21 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
+
+
+def check_paths(library: Any, ref: str) -> None:
+    """Is the pocket book exact on every path we offer? Each against plain PEFT, recorded on
+    its card (what `adapterkit verify NAME` does)."""
+    from adapterkit.runtime.verify import summary, verify
+
+    result = verify(library, ref)
+    print("Verify: " + summary(result))
+    if not result.ok:
+        raise SystemExit(f"{ref} drifts from plain PEFT on some path")
 
 
 def load_jsonl(path: Path) -> list[dict]:
@@ -95,17 +107,7 @@ def main() -> None:
     print(f"Saved {result.pocket_book.ref} → try: adapterkit generate --adapter "
           f"{result.pocket_book.ref} \"I have ear pain and a sore throat since yesterday.\"")
     library.tag(result.pocket_book.ref, "quickstart")
-    # Is it exact on every path we offer? Each against plain PEFT (adapterkit verify NAME).
-    from adapterkit.runtime.verify import verify
-
-    check = verify(library, result.pocket_book.ref)
-    library.update_meta(result.pocket_book.ref,
-                        lambda meta: setattr(meta, "verification", check.as_dict()))
-    print("Verify against plain PEFT (max |logit diff|): " + ", ".join(
-        f"{r.path} {r.max_logit_diff:.1e}" if r.refused is None else f"{r.path} refused"
-        for r in check.results) + (" — exact" if check.ok else " — DRIFT"))
-    if not check.ok:
-        raise SystemExit(f"{result.pocket_book.ref} drifts from PEFT on some path")
+    check_paths(library, result.pocket_book.ref)
     figures = {"accuracy_before": acc_before, "accuracy_after": acc_after,
                "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
                "train_seconds": m["train_seconds"], "tokens_per_second": m["tokens_per_second"],

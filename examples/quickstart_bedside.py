@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from quickstart import DATA, load_jsonl  # part one, beside this file
+from quickstart import DATA, check_paths, load_jsonl  # part one, beside this file
 
 
 def preference_lines(acc: dict, on: str) -> list[str]:
@@ -124,6 +124,7 @@ def main() -> None:
     print(f"Saved {result.pocket_book.ref} (on top of {on}) → try: adapterkit generate "
           f"--adapter {result.pocket_book.ref} \"{complaint}\"")
     library.tag(result.pocket_book.ref, "quickstart")
+    check_paths(library, result.pocket_book.ref)  # bedside with triage underneath, vs PEFT
     figures = {**preference_figures(acc),
                "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
                "train_seconds": m["train_seconds"], "tokens_per_second": m["tokens_per_second"],

@@ -77,6 +77,37 @@ def test_no_import_cycles_between_modules():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+PACKAGES = ("cli", "plugin_api", "library", "base", "lora", "runtime", "training")
+
+
+def test_no_import_cycles_between_packages():
+    """The packages form a hierarchy (the data flow), not a web: no package reaches back into
+    one that depends on it. Top-level modules (errors, files, the façade) are not packages."""
+    def package(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 and parts[1] in PACKAGES else None
+
+    edges: dict[str, set[str]] = {p: set() for p in PACKAGES}
+    why: dict[tuple[str, str], str] = {}
+    for module, deps in _graph().items():
+        for dep in deps:
+            a, b = package(module), package(dep)
+            if a and b and a != b:
+                edges[a].add(b)
+                why.setdefault((a, b), f"{module} -> {dep}")
+    back = [f"{why[(a, b)]} and {why[(b, a)]}" for a in PACKAGES for b in edges[a]
+            if a < b and a in edges[b]]
+    assert not back, back
+    # and no longer cycle either: a topological order exists
+    order, remaining = [], dict(edges)
+    while remaining:
+        ready = [p for p, deps in remaining.items() if not deps & set(remaining)]
+        assert ready, f"package cycle among {sorted(remaining)}"
+        order += ready
+        for p in ready:
+            del remaining[p]
+
+
 def test_no_module_imports_a_private_name_from_another_package():
     offenders = []
     for name, path in _modules().items():

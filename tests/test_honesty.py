@@ -119,7 +119,7 @@ def test_the_guard_that_acted_is_recorded_with_its_batches(tiny_base, adapterkit
 @pytest.fixture(scope="module")
 def unguarded(tmp_path_factory, tiny_base):
     """An sft run with the guard explicitly off (``guard_weight=0``)."""
-    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+    from adapterkit.pytest_plugin import TINY_ROWS
 
     home = tmp_path_factory.mktemp("honesty-home")
     data = home / "text.jsonl"
@@ -154,8 +154,8 @@ def test_card_has_no_accuracy_lines_that_nothing_measured(unguarded):
 
 def test_bedside_quickstart_prints_only_measured_preference_figures(tiny_base, home):
     from adapterkit import load_base
-    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
     from adapterkit.plugin_api.testing import make_peft_adapter
+    from adapterkit.pytest_plugin import TINY_ROWS
     from adapterkit.training.metrics import preference_accuracy
 
     bedside = _script("examples", "quickstart_bedside")
@@ -184,7 +184,7 @@ def test_implicit_margin_of_a_fresh_pocket_book_is_zero_by_construction(tiny_bas
     from peft import LoraConfig, get_peft_model
 
     from adapterkit import load_base
-    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+    from adapterkit.pytest_plugin import TINY_ROWS
     from adapterkit.training.metrics import preference_accuracy
 
     base = load_base(str(tiny_base), home=home)

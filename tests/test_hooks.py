@@ -51,7 +51,7 @@ def pm_with_builtins(plugin):
 
 
 def _rows_file(tmp_path, shape):
-    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+    from adapterkit.pytest_plugin import TINY_ROWS
 
     path = tmp_path / f"{shape}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS[shape]))
@@ -276,7 +276,7 @@ def test_hook_register_commands(home):
 def _save(library, name):
     from adapterkit import PocketBookMeta
 
-    with library.stage() as staged:
+    with library.draft() as staged:
         (staged / "adapter_config.json").write_text("{}")
         (staged / "adapter_model.safetensors").write_bytes(b"x")
         return library.commit(staged, PocketBookMeta(name=name, version=1))

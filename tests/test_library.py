@@ -11,7 +11,7 @@ from adapterkit.library.catalog import CatalogWarning
 
 
 def save(library, name, *, tags=(), base="b1", new_version=False, payload=b"weights"):
-    with library.stage() as staged:
+    with library.draft() as staged:
         (staged / "adapter_config.json").write_text('{"peft_type": "LORA"}')
         (staged / "adapter_model.safetensors").write_bytes(payload)
         meta = PocketBookMeta(name="", version=0, base={"name": base, "fingerprint": f"fp-{base}"},
@@ -70,7 +70,7 @@ def test_tag_and_remove(library):
 
 def test_failed_save_leaves_nothing(library):
     with pytest.raises(RuntimeError):
-        with library.stage() as staged:
+        with library.draft() as staged:
             (staged / "adapter_config.json").write_text("{}")
             raise RuntimeError("crash while writing weights")
     assert library.list() == []
@@ -81,7 +81,7 @@ def test_failed_save_leaves_nothing(library):
 def test_missing_weights_are_refused(library):
     from adapterkit import InvalidAdapter
 
-    with library.stage() as staged:
+    with library.draft() as staged:
         (staged / "adapter_config.json").write_text("{}")
         with pytest.raises(InvalidAdapter, match="adapter_model.safetensors is missing"):
             library.commit(staged, PocketBookMeta(name="x", version=1))

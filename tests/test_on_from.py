@@ -21,7 +21,7 @@ def stacked(tmp_path_factory, tiny_base):
     """A library with ``triage`` (sft) and ``manner`` (dpo, trained --on triage)."""
     import json
 
-    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+    from adapterkit.pytest_plugin import TINY_ROWS
 
     home = tmp_path_factory.mktemp("on-home")
     data = tmp_path_factory.mktemp("on-data")

@@ -23,9 +23,12 @@ pytestmark = pytest.mark.slow
 TOL = 1e-4
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-#: name → (PEFT LoraConfig arguments, the feature the factor paths must name, or None if they
-#: must be exact, or "import:<text>" if import itself must refuse).
-VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
+#: name → (PEFT LoraConfig arguments, what the paths must do). The second item is None when
+#: every path must be exact; a feature name the factor paths (session, flatten, merges, export)
+#: must name when they refuse; or ``{path: expectation}`` per path ("exact", a feature name, or
+#: "n/a" where a path does not concern the variant). ``"import:<text>"``: import itself refuses.
+#: Arguments starting with ``_`` are ours: ``_base`` picks the base (see ``BASES``).
+VARIANTS: dict[str, tuple[dict[str, Any], Any]] = {
     "plain": ({"target_modules": ALL}, None),
     "q_v_only": ({}, None),
     "rslora": ({"target_modules": ALL, "use_rslora": True}, None),
@@ -40,15 +43,46 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "gaussian_init": ({"init_lora_weights": "gaussian"}, None),
     "lm_head": ({"target_modules": ["q_proj", "lm_head"]}, None),
     "missing_target_name": ({"target_modules": ["q_proj", "not_a_layer"]}, None),
-    "bias_all": ({"bias": "all"}, None),  # the tiny Llama has no biases: nothing to save
+    "bias_all_no_biases": ({"bias": "all"}, None),  # nothing to save: exactly plain LoRA
+    # saved biases equal to the base's change nothing (the session checks them against the
+    # resident base); the paths without the base refuse to guess
+    "bias_all": ({"_base": "llama_bias", "bias": "all"}, {
+        "session": "exact", "session_stack": "exact", "flatten": "bias=all",
+        "merge_cat": "bias=all", "merge_svd": "bias=all", "merge_exact_svd": "bias=all",
+        "export_merged": "bias=all"}),
+    "bias_lora_only": ({"_base": "llama_bias", "bias": "lora_only"}, {
+        "session": "exact", "session_stack": "exact", "flatten": "bias=lora_only",
+        "merge_cat": "bias=lora_only", "merge_svd": "bias=lora_only",
+        "merge_exact_svd": "bias=lora_only", "export_merged": "bias=lora_only"}),
     "dora": ({"use_dora": True}, "DoRA"),
     "embedding": ({"target_modules": ["q_proj", "embed_tokens"]}, "embedding LoRA"),
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     "lora_bias": ({"lora_bias": True}, "lora_bias"),
     "trainable_tokens": ({"trainable_token_indices": [1, 2, 3]}, "trainable tokens"),
+    # GPT-2's Conv1D: the factors are the same, only merging into the weight transposes; the
+    # saved adapters (flatten, merges) keep fan_in_fan_out and PEFT applies them exactly.
+    "gpt2_conv1d": ({"_base": "gpt2", "target_modules": ["c_attn", "c_proj"],
+                     "fan_in_fan_out": True},
+                    {"session": "fan_in_fan_out", "session_stack": "fan_in_fan_out",
+                     "export_merged": "fan_in_fan_out", "flatten": "exact", "merge_cat": "exact",
+                     "merge_svd": "exact", "merge_exact_svd": "exact"}),
+    # A 4-bit NF4 base: the session against PEFT on the same 4-bit base; the saved paths do not
+    # depend on the base's precision (they are the plain rows above).
+    "nf4_base": ({"_base": "llama_4bit", "target_modules": ALL},
+                 {"session": "exact", "session_stack": "exact", "flatten": "n/a",
+                  "merge_cat": "n/a", "merge_svd": "n/a", "merge_exact_svd": "n/a",
+                  "export_merged": "n/a"}),
     "pissa_unconverted": ({"init_lora_weights": "pissa"}, "import:path_initial_model"),
     "olora_unconverted": ({"init_lora_weights": "olora"}, "import:path_initial_model"),
 }
+
+
+def _expect(variant: str, path: str) -> str:
+    expect = VARIANTS[variant][1]
+    if isinstance(expect, dict):
+        return expect[path]
+    return "exact" if expect is None else expect
+
 
 IDS = [[1, 5, 9, 17, 33, 65, 100, 3], [2, 40, 41, 42, 7, 8, 200, 11]]
 
@@ -60,41 +94,76 @@ def _logits(model: Any) -> Any:
         return model(input_ids=torch.tensor(IDS)).logits.float()
 
 
-def _plain_base(base: Path) -> Any:
+def _plain_base(base: Path, *, nf4: bool = False) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32) if nf4 else None
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
+                                                quantization_config=quant).eval()
 
 
-def _peft(base: Path, folder: Path) -> Any:
+def _peft(base: Path, folder: Path, *, nf4: bool = False) -> Any:
     """Plain PEFT on plain transformers: the reference no adapterkit code touches."""
     from peft import PeftModel
 
-    return _logits(PeftModel.from_pretrained(_plain_base(base), str(folder)).eval())
+    return _logits(PeftModel.from_pretrained(_plain_base(base, nf4=nf4), str(folder)).eval())
+
+
+def _gpt2_base(folder: Path) -> Path:
+    """A tiny random GPT-2 (Conv1D layers) with the tiny tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from adapterkit.plugin_api.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=0, eos_token_id=2, initializer_range=0.2)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_base):
-    """The tiny base, a library, one imported pocket book per variant, PEFT's logits for each."""
+    """The bases, a library, one imported pocket book per variant, PEFT's logits for each."""
     from adapterkit import Library
-    from adapterkit.plugin_api.testing import make_peft_adapter
+    from adapterkit.plugin_api.testing import make_peft_adapter, make_tiny_base
 
     root = tmp_path_factory.mktemp("parity")
+    bases = {"llama": tiny_base, "llama_4bit": tiny_base, "gpt2": _gpt2_base(root / "gpt2"),
+             "llama_bias": make_tiny_base(root / "llama-bias", attention_bias=True,
+                                          mlp_bias=True)}
     library = Library(root / "home")
     books: dict[str, str | Exception] = {}
     reference: dict[str, Any] = {}
-    for name, (kwargs, _expect) in VARIANTS.items():
-        folder = make_peft_adapter(tiny_base, root / name, **kwargs)
-        reference[name] = _peft(tiny_base, folder)
+    plain: dict[str, Any] = {}
+    for name, (kwargs, _) in VARIANTS.items():
+        kind = kwargs.get("_base", "llama")
+        base = bases[kind]
+        folder = make_peft_adapter(base, root / name,
+                                   **{k: v for k, v in kwargs.items() if k != "_base"})
+        nf4 = kind == "llama_4bit"
+        reference[name] = _peft(base, folder, nf4=nf4)
+        plain[name] = _logits(_plain_base(base, nf4=nf4))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                books[name] = library.import_peft(folder, name, base=str(tiny_base)).ref
+                books[name] = library.import_peft(folder, name, base=str(base)).ref
         except AdapterkitError as exc:
             books[name] = exc
-    return {"base": tiny_base, "library": library, "books": books, "ref": reference,
-            "root": root, "plain": _logits(_plain_base(tiny_base))}
+    return {"bases": bases, "library": library, "books": books, "ref": reference,
+            "root": root, "plain": plain}
+
+
+def _base_of(world: dict, ref: str) -> tuple[Path, str | None]:
+    variant = ref.split("@")[0]
+    kind = VARIANTS[variant][0].get("_base", "llama")
+    return world["bases"][kind], ("4bit" if kind == "llama_4bit" else None)
 
 
 # -- the paths ---------------------------------------------------------------------------------
@@ -102,7 +171,8 @@ def world(tmp_path_factory, tiny_base):
 def path_session(world: dict, ref: str) -> Any:
     from adapterkit import open_session
 
-    session = open_session(str(world["base"]), home=world["library"].home)
+    base, quant = _base_of(world, ref)
+    session = open_session(str(base), quantization=quant, home=world["library"].home)
     session.swap(ref)
     return _logits(session.model)
 
@@ -110,21 +180,22 @@ def path_session(world: dict, ref: str) -> Any:
 def path_session_stack(world: dict, ref: str) -> Any:
     from adapterkit import open_session
 
-    session = open_session(str(world["base"]), home=world["library"].home)
+    base, quant = _base_of(world, ref)
+    session = open_session(str(base), quantization=quant, home=world["library"].home)
     session.stack({ref: 1.0})
     return _logits(session.model)
 
 
-def _saved(world: dict, make: Callable[[str], Any]) -> Any:
+def _saved(world: dict, ref: str, make: Callable[[str], Any]) -> Any:
     world["saved"] = world.get("saved", 0) + 1
     book = make(f"out-{world['saved']}")
-    return _peft(world["base"], book.path)
+    return _peft(_base_of(world, ref)[0], book.path)
 
 
 def path_flatten(world: dict, ref: str) -> Any:
     from adapterkit.lora.combine import stack
 
-    return _saved(world, lambda n: stack(world["library"], [ref], [1.0], name=n, flatten=True))
+    return _saved(world, ref, lambda n: stack(world["library"], [ref], [1.0], name=n, flatten=True))
 
 
 def _merge(method: str) -> Callable[[dict, str], Any]:
@@ -132,7 +203,7 @@ def _merge(method: str) -> Callable[[dict, str], Any]:
         from adapterkit.lora.combine import merge
 
         # the same pocket book twice at 0.5 + 0.5: exactly itself for every exact method
-        return _saved(world, lambda n: merge(world["library"], [ref, ref], [0.5, 0.5],
+        return _saved(world, ref, lambda n: merge(world["library"], [ref, ref], [0.5, 0.5],
                                              method=method, name=n))
     return run
 
@@ -158,25 +229,27 @@ PATHS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_import_accepts_or_refuses_truthfully(world, variant):
-    kwargs, expect = VARIANTS[variant]
+    expect = VARIANTS[variant][1]
     book = world["books"][variant]
-    if expect and expect.startswith("import:"):
+    if isinstance(expect, str) and expect.startswith("import:"):
         assert isinstance(book, AdapterkitError), f"{variant} was imported"
         assert expect.split(":", 1)[1] in str(book)
     else:
         assert not isinstance(book, Exception), f"{variant} refused: {book}"
     # every variant really changes PEFT's answers: a cell can never pass by being a no-op
-    assert float((world["ref"][variant] - world["plain"]).abs().max()) > 1e-2
+    assert float((world["ref"][variant] - world["plain"][variant]).abs().max()) > 1e-2
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_parity(world, variant, path):
-    kwargs, expect = VARIANTS[variant]
     book = world["books"][variant]
     if isinstance(book, Exception):
         pytest.skip("refused at import (checked in test_import_accepts_or_refuses_truthfully)")
-    if expect is None:
+    expect = _expect(variant, path)
+    if expect == "n/a":
+        pytest.skip(f"{path} does not depend on what {variant} varies")
+    if expect == "exact":
         got = PATHS[path](world, book)
         diff = float((got - world["ref"][variant]).abs().max())
         assert diff < TOL, f"{variant} × {path}: max |logit diff| vs PEFT {diff:.3g}"

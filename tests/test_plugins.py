@@ -195,7 +195,7 @@ def test_lifecycle_hook_failure_does_not_undo_a_save(library, tmp_path):
     pm = get_plugin_manager(entry_points=False, env=False,
                             plugins={"watcher": Watcher(), "crasher": Crasher()})
     library.plugins = pm
-    with library.stage() as staged:
+    with library.draft() as staged:
         (staged / "adapter_config.json").write_text("{}")
         (staged / "adapter_model.safetensors").write_bytes(b"x")
         with pytest.warns(PluginWarning, match="'crasher' failed in hook pocket_book_saved"):

@@ -29,7 +29,7 @@ def rlhf_run(tmp_path_factory, tiny_base):
     A random tiny model never says anything a reward model likes; after the SFT it says both
     the courteous and the curt answer, so RL has something to choose between.
     """
-    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+    from adapterkit.pytest_plugin import TINY_ROWS
 
     home = tmp_path_factory.mktemp("rlhf-home")
     folder = tmp_path_factory.mktemp("rlhf-data")
@@ -195,7 +195,7 @@ def test_cli_reward_flag_errors_are_one_line(rlhf_run, tiny_base, adapterkit_cli
 @pytest.mark.slow
 def test_rlhf_with_qlora(tiny_base, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+    from adapterkit.pytest_plugin import TINY_ROWS
 
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
@@ -213,7 +213,7 @@ def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_pat
                                                                adapterkit_cli, monkeypatch):
     import trl
 
-    from adapterkit.plugin_api.pytest_plugin import TINY_ROWS
+    from adapterkit.pytest_plugin import TINY_ROWS
 
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))

@@ -150,7 +150,7 @@ def test_name_taken_is_refused_before_training(tiny_base, home, pc_file, pm, mon
     from adapterkit import Library
 
     lib = Library(home)
-    with lib.stage() as staged:
+    with lib.draft() as staged:
         (staged / "adapter_config.json").write_text("{}")
         (staged / "adapter_model.safetensors").write_bytes(b"x")
         from adapterkit import PocketBookMeta

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import click
 
@@ -202,17 +201,9 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
     metadata and model card.
     """
     from adapterkit.cli.common import echo_json, library
-    from adapterkit.library.card import write_card
     from adapterkit.runtime.verify import verify
 
-    lib = library(ctx)
-    result = verify(lib, ref, tolerance=tolerance, progress=say)
-
-    def record(meta: Any) -> None:
-        meta.verification = result.as_dict()
-
-    book = lib.update_meta(result.ref, record)
-    write_card(book.path, book.meta)
+    result = verify(library(ctx), ref, tolerance=tolerance, progress=say)
     if as_json:
         echo_json({"ref": result.ref, **result.as_dict()})
     else:

@@ -233,7 +233,7 @@ def _import_download(library: Library, folder: Path, name: str, *, repo_id: str,
         warnings.warn(f"{repo_id} is trained on top of {', '.join(missing)}, which this library "
                       "does not have: pull or train those under the same names before using it",
                       HubWarning, stacklevel=2)
-    with library.stage() as staged:
+    with library.draft() as staged:
         for item in folder.iterdir():
             if item.is_file() and item.name != METADATA_FILE:
                 shutil.copy(item, staged / item.name)  # the cache holds links: copy contents

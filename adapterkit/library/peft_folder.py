@@ -18,11 +18,67 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.base.fingerprints import read_safetensors_header
 from adapterkit.errors import AdapterWarning, BaseMismatch, InvalidAdapter, UnsafeWeights
 from adapterkit.library.metadata import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
-from adapterkit.lora.factors import BASE_REWRITING_INITS, parse_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import BaseStructure
     from adapterkit.library.store import Library, PocketBook
+
+PREFIX = "base_model.model."
+
+#: The PEFT name part → our short name for it.
+_PARTS = {
+    "lora_A": "A", "lora_B": "B", "lora_embedding_A": "embA", "lora_embedding_B": "embB",
+    "lora_magnitude_vector": "magnitude", "base_layer": "base_layer",
+    "trainable_tokens_delta": "tokens", "token_adapter": "tokens",
+}
+
+#: Initialisations with which PEFT rewrites the base weights when the adapter is loaded
+#: (unless the adapter was converted when saved): ``W_base`` is not the base on disk.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda")
+
+
+@dataclass(frozen=True)
+class TensorName:
+    """A saved PEFT tensor name, parsed: the base module it belongs to and which part it is.
+
+    ``part`` is ``"A"``, ``"B"``, ``"B.bias"`` (``lora_bias``), ``"embA"``, ``"embB"``,
+    ``"magnitude"`` (DoRA), ``"base_layer"`` (a copy of a base weight PEFT saves with embedding
+    or ``lm_head`` LoRA), ``"tokens"`` (trainable tokens) or ``None`` (a full tensor: a
+    ``modules_to_save`` layer or a bias).
+    """
+
+    key: str
+    module: str
+    part: str | None
+    leaf: str  # "weight", "bias", or "" for parameters saved without one
+
+
+def parse_key(key: str) -> TensorName:
+    """``base_model.model.X.lora_A.weight`` → ``TensorName(module="X", part="A")``."""
+    body = key.removeprefix(PREFIX)
+    parts = body.split(".")
+    for i, piece in enumerate(parts):
+        if piece in _PARTS:
+            leaf = ".".join(parts[i + 1:])
+            part = _PARTS[piece]
+            if part == "B" and leaf == "bias":
+                part = "B.bias"
+            return TensorName(key, ".".join(parts[:i]), part, leaf)
+    module, _, leaf = body.rpartition(".")
+    return TensorName(key, module, None, leaf)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A PEFT folder's ``adapter_config.json``, or :class:`InvalidAdapter` saying why not."""
+    path = folder / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidAdapter(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{path} is not a JSON object")
+    return config
+
 
 PICKLE_FILE = "adapter_model.bin"
 
@@ -44,12 +100,9 @@ def read_adapter(folder: Path, *, trust_pickle: bool = False) -> AdapterFiles:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise InvalidAdapter(f"{folder} is not a PEFT adapter: it has no {CONFIG_FILE}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidAdapter(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
+    config = read_config(folder)
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        kind = config.get("peft_type")
         raise InvalidAdapter(f"{folder} is a {kind or 'unknown'} adapter; adapterkit handles LoRA")
     weights = folder / WEIGHTS_FILE
     if weights.is_file():
@@ -88,7 +141,7 @@ def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
         name = parse_key(key)
         module, part = name.module, name.part
         if part in (None, "base_layer"):  # a full tensor, or PEFT's copy of a base weight
-            param = f"{module}.{name.leaf}" if part is None else f"{module}.weight"
+            param = f"{module}.{name.leaf or 'weight'}"
             expected = structure.params.get(param)
             if expected is None:
                 problems.append(f"{param} does not exist in the base")
@@ -234,7 +287,7 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
         source=dict(source or {"kind": "import", "folder": folder.resolve().name},
                     pickled=adapter.pickled),
     )
-    with library.stage() as staged:
+    with library.draft() as staged:
         config = dict(adapter.config)
         if base_source.provenance.get("hub_id"):
             config["base_model_name_or_path"] = base_source.provenance["hub_id"]

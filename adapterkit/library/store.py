@@ -206,7 +206,7 @@ class Library:
     # -- writing ----------------------------------------------------------------------------
 
     @contextmanager
-    def stage(self) -> Iterator[Path]:
+    def draft(self) -> Iterator[Path]:
         """A fresh folder on the library's file system to write a new pocket book into.
 
         Pass it to :meth:`commit` inside the ``with`` block; whatever is not committed —
@@ -293,7 +293,7 @@ class Library:
     def save_folder(self, folder: Path, meta: PocketBookMeta, *, name: str | None = None,
                     new_version: bool = False) -> PocketBook:
         """Copy a PEFT folder's files into the library as a new entry (atomic)."""
-        with self.stage() as staged:
+        with self.draft() as staged:
             for item in folder.iterdir():
                 if item.is_file() and item.name != METADATA_FILE:
                     shutil.copy2(item, staged / item.name)

@@ -49,8 +49,12 @@ class MergeInput:
 
     def factors(self, *, path: str) -> dict[str, Factors]:
         """module path → LoRA factors with PEFT's per-layer scale; refuses, naming the
-        feature, what ``path`` (e.g. ``"merge --method exact_svd"``) cannot combine exactly."""
-        return read_factors(self.path, ref=self.ref, path=path)
+        feature, what ``path`` (e.g. ``"merge --method exact_svd"``) cannot combine exactly.
+
+        ``fan_in_fan_out`` (GPT-2's Conv1D) is no obstacle here: the factors have the same
+        shapes, the combined adapter keeps the flag, and PEFT transposes when it applies it.
+        """
+        return read_factors(self.path, ref=self.ref, path=path, handles=("fan_in_fan_out",))
 
 
 @dataclass
@@ -130,7 +134,7 @@ def save_adapter(library: Library, out: MergeOutput, meta: PocketBookMeta,
 
     from adapterkit.library.card import write_card
 
-    with library.stage() as staged:
+    with library.draft() as staged:
         (staged / CONFIG_FILE).write_text(json.dumps(out.config, indent=2), encoding="utf-8")
         save_file({k: v.contiguous() for k, v in out.tensors.items()}, staged / WEIGHTS_FILE,
                   metadata={"format": "pt"})
@@ -226,7 +230,7 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
                             meta, str(target))
     from adapterkit.library.card import write_card
 
-    with library.stage() as staged:
+    with library.draft() as staged:
         write_card(staged, meta)
         assert (staged / CARD_FILE).exists()
         return library.commit(staged, meta, name=str(target))

@@ -1,10 +1,12 @@
-"""The one home of the LoRA math: PEFT tensor names, per-layer scales, rank padding, features.
+"""The one home of the LoRA math: factors, per-layer scales, rank padding, what a path can apply.
 
 Every path that reads LoRA factors itself instead of going through PEFT — sessions, the frozen
 pocket books underneath a training run, stacks, ``stack --flatten``, the exact merges,
 ``export --merged``, the reward scorer — reads them here, so they agree with each other and
 with PEFT. Two rules drifted when each path had its own copy (sessions honoured
-``alpha_pattern``, merging did not), which is why there is exactly one copy now.
+``alpha_pattern``, merging did not), which is why there is exactly one copy now. (The PEFT
+folder format itself — tensor names, the config file — is read in
+:mod:`adapterkit.library.peft_folder`.)
 
 What a path cannot do exactly it refuses, naming the feature (:func:`refuse_inexact`): a DoRA
 magnitude, full tensors (``modules_to_save``), embedding LoRA, LoRA biases, trainable tokens,
@@ -14,59 +16,20 @@ features that plain ``y = W x + s·B A x`` does not express.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import InvalidAdapter
-
-PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-
-#: The PEFT name part → our short name for it.
-_PARTS = {
-    "lora_A": "A", "lora_B": "B", "lora_embedding_A": "embA", "lora_embedding_B": "embB",
-    "lora_magnitude_vector": "magnitude", "base_layer": "base_layer",
-    "trainable_tokens_delta": "tokens", "token_adapter": "tokens",
-}
-
-#: Initialisations with which PEFT rewrites the base weights when the adapter is loaded
-#: (unless the adapter was converted when saved): ``W_base`` is not the base on disk.
-BASE_REWRITING_INITS = ("pissa", "olora", "corda")
-
-
-@dataclass(frozen=True)
-class TensorName:
-    """A saved PEFT tensor name, parsed: the base module it belongs to and which part it is.
-
-    ``part`` is ``"A"``, ``"B"``, ``"B.bias"`` (``lora_bias``), ``"embA"``, ``"embB"``,
-    ``"magnitude"`` (DoRA), ``"base_layer"`` (a copy of a base weight PEFT saves with embedding
-    or ``lm_head`` LoRA), ``"tokens"`` (trainable tokens) or ``None`` (a full tensor: a
-    ``modules_to_save`` layer or a bias).
-    """
-
-    key: str
-    module: str
-    part: str | None
-    leaf: str  # "weight", "bias", or "" for parameters saved without one
-
-
-def parse_key(key: str) -> TensorName:
-    """``base_model.model.X.lora_A.weight`` → ``TensorName(module="X", part="A")``."""
-    body = key.removeprefix(PREFIX)
-    parts = body.split(".")
-    for i, piece in enumerate(parts):
-        if piece in _PARTS:
-            leaf = ".".join(parts[i + 1:])
-            part = _PARTS[piece]
-            if part == "B" and leaf == "bias":
-                part = "B.bias"
-            return TensorName(key, ".".join(parts[:i]), part, leaf)
-    module, _, leaf = body.rpartition(".")
-    return TensorName(key, module, None, leaf)
+from adapterkit.library.peft_folder import (
+    BASE_REWRITING_INITS,
+    PREFIX,
+    WEIGHTS_FILE,
+    TensorName,
+    parse_key,
+    read_config,
+)
 
 
 def pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
@@ -133,7 +96,11 @@ def features(config: dict[str, Any], names: Iterable[TensorName]) -> list[str]:
         found.append("lora_bias (a trained bias on lora_B)")
     if config.get("trainable_token_indices") or any(n.part == "tokens" for n in names):
         found.append("trainable tokens")
-    full = sorted({n.module for n in names if n.part is None})
+    biases = sorted({n.module for n in names if _is_bias(n)})
+    if biases:
+        found.append(f"bias={config.get('bias', 'all')} (saved biases of {', '.join(biases[:3])}"
+                     f"{', ...' if len(biases) > 3 else ''})")
+    full = sorted({n.module for n in names if n.part is None and not _is_bias(n)})
     if full:
         what = "modules_to_save" if config.get("modules_to_save") else "full tensors"
         found.append(f"{what} ({', '.join(full[:3])}{', ...' if len(full) > 3 else ''})")
@@ -142,14 +109,9 @@ def features(config: dict[str, Any], names: Iterable[TensorName]) -> list[str]:
     return found
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidAdapter(f"{folder / CONFIG_FILE} cannot be read: {exc}") from None
-    if not isinstance(config, dict):
-        raise InvalidAdapter(f"{folder / CONFIG_FILE} is not a JSON object")
-    return config
+def _is_bias(name: TensorName) -> bool:
+    """A base layer's bias that PEFT saved (``bias="all"``/``"lora_only"``)."""
+    return name.leaf == "bias" and name.part in (None, "base_layer")
 
 
 def refuse_inexact(ref: str, config: dict[str, Any], names: Iterable[TensorName], *,
@@ -165,14 +127,15 @@ def refuse_inexact(ref: str, config: dict[str, Any], names: Iterable[TensorName]
 
 
 def read_factors(folder: Path, *, ref: str, path: str, dtype: Any = None, device: Any = "cpu",
-                 extra: dict[str, Any] | None = None,
-                 base_weights: Any = None) -> dict[str, Factors]:
+                 extra: dict[str, Any] | None = None, base_weights: Any = None,
+                 handles: Iterable[str] = ()) -> dict[str, Factors]:
     """Every linear layer's LoRA factors in the PEFT folder ``folder``, with PEFT's scales.
 
     Refuses (:func:`refuse_inexact`) what ``path`` cannot apply exactly. Full tensors (a
     reward head's ``modules_to_save``) are collected into ``extra`` when the caller handles them.
     ``base_layer`` copies that PEFT saves beside ``lm_head`` LoRA are checked against the base
-    (``base_weights(module) -> tensor``) when given: equal, they change nothing.
+    (``base_weights(module) -> tensor``) when given: equal, they change nothing. ``handles``
+    names features (as :func:`features` words them) the caller applies itself.
     """
     from safetensors.torch import load_file
 
@@ -182,14 +145,16 @@ def read_factors(folder: Path, *, ref: str, path: str, dtype: Any = None, device
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise InvalidAdapter(f"{ref}: {folder / WEIGHTS_FILE} cannot be read ({exc})") from None
     names = [parse_key(k) for k in state]
-    handled = ("modules_to_save", "full tensors") if extra is not None else ()
+    handled = (("modules_to_save", "full tensors") if extra is not None else ()) + tuple(handles)
+    if base_weights is not None:  # saved copies of base tensors are checked against the base
+        handled += ("bias=",)
     refuse_inexact(ref, config, names, path=path, handled=handled)
     pairs: dict[str, dict[str, Any]] = {}
     for name in names:
         tensor = state[name.key]
         if name.part in ("A", "B"):
             pairs.setdefault(name.module, {})[name.part] = tensor
-        elif name.part == "base_layer":
+        elif name.part == "base_layer" or _is_bias(name):
             _check_base_copy(ref, name, tensor, base_weights)
         elif extra is not None:  # full tensors, allowed by the caller
             extra[name.key.removeprefix(PREFIX)] = tensor
@@ -206,17 +171,19 @@ def read_factors(folder: Path, *, ref: str, path: str, dtype: Any = None, device
 
 
 def _check_base_copy(ref: str, name: TensorName, tensor: Any, base_weights: Any) -> None:
+    """A base tensor PEFT saved with the adapter (an ``lm_head`` weight, a bias) changes
+    nothing if it equals the base's; if it differs, PEFT would overwrite the base: refuse."""
     if base_weights is None:
         return
-    weight = base_weights(name.module)
-    if weight is None:
-        return
-    if tuple(weight.shape) != tuple(tensor.shape) or not bool(
+    leaf = name.leaf or "weight"
+    weight = base_weights(name.module, leaf)
+    if weight is not None and tuple(weight.shape) == tuple(tensor.shape) and bool(
             (weight.float().cpu() == tensor.float().cpu()).all()):
-        raise InvalidAdapter(
-            f"{ref} saves its own copy of {name.module}'s base weight, and it differs from this "
-            "base (a resized or retrained layer); PEFT would overwrite the base with it. "
-            "Use it through `adapterkit eval`/`generate`, or re-save it without that layer")
+        return
+    raise InvalidAdapter(
+        f"{ref} saves its own {name.module}.{leaf}, and it differs from this base's (a trained "
+        "bias, a resized or retrained layer); PEFT overwrites the base with it, which this path "
+        "cannot. Use it through `adapterkit eval`/`generate`")
 
 
 def pad(a: Any, b: Any, rank: int) -> tuple[Any, Any]:

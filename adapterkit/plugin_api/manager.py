@@ -84,8 +84,8 @@ class PluginManager:
     """
 
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager("adapterkit")
-        self.pm.add_hookspecs(hookspecs)
+        self.pluggy = pluggy.PluginManager("adapterkit")
+        self.pluggy.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.methods: Registry[AdapterMethod] = Registry("method", AdapterMethod)
         self.trainers: Registry[Trainer] = Registry("trainer", Trainer)
@@ -110,19 +110,19 @@ class PluginManager:
             )
             return False
         try:
-            self.pm.register(plugin, name=name)
+            self.pluggy.register(plugin, name=name)
         except Exception as exc:  # pluggy.PluginValidationError, ValueError (duplicate name)
             _warn(f"plugin {name!r} could not be registered: {_describe(exc)}")
             return False
         unknown = [
             impl.function.__name__
-            for caller in vars(self.pm.hook).values()
+            for caller in vars(self.pluggy.hook).values()
             if isinstance(caller, pluggy.HookCaller)
             for impl in caller.get_hookimpls()
             if impl.plugin_name == name and not caller.has_spec()
         ]
         if unknown:
-            self.pm.unregister(name=name)
+            self.pluggy.unregister(name=name)
             _warn(
                 f"plugin {name!r} declares unknown hook(s) {', '.join(sorted(set(unknown)))}; "
                 f"skipped it. Known hooks: {', '.join(self.hook_names())}"
@@ -131,7 +131,7 @@ class PluginManager:
         info = PluginInfo(name=name, version=version, source=source, hook_version=declared)
         info.hooks = sorted(
             hook for hook in self.hook_names()
-            if any(i.plugin_name == name for i in getattr(self.pm.hook, hook).get_hookimpls())
+            if any(i.plugin_name == name for i in getattr(self.pluggy.hook, hook).get_hookimpls())
         )
         self.info[name] = info
         self._register_from(name)
@@ -141,7 +141,7 @@ class PluginManager:
         return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "adapterkit_spec"))
 
     def _impls(self, hook: str, plugin: str | None = None) -> list[pluggy.HookImpl]:
-        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        impls = getattr(self.pluggy.hook, hook).get_hookimpls()
         return [i for i in impls if plugin is None or i.plugin_name == plugin]
 
     def _register_from(self, plugin: str) -> None:

@@ -135,16 +135,17 @@ class Session:
             self._prepare(book)
         self._zeros = [(slot, *slot.zeros) for slot in self.slots.values()]
 
-    def _base_weight(self, module: str) -> Any:
-        """The resident base's weight of ``module`` (to check copies PEFT saves beside
-        ``lm_head`` LoRA), or None where it has none in full precision."""
+    def _base_weight(self, module: str, leaf: str = "weight") -> Any:
+        """The resident base's ``module.leaf`` (to check the base tensors PEFT saves beside
+        some adapters: an ``lm_head`` weight, biases), or None where it has none in full
+        precision."""
         try:
             layer = self.model.get_submodule(module)
         except AttributeError:
             return None
         layer = getattr(layer, "base_layer", layer)
-        weight = getattr(layer, "weight", None)
-        return weight if weight is not None and weight.is_floating_point() else None
+        tensor = getattr(layer, leaf, None)
+        return tensor if tensor is not None and tensor.is_floating_point() else None
 
     def _prepare(self, book: LoadedBook) -> None:
         import torch

@@ -53,9 +53,13 @@ class Verification:
                           for r in self.results}}
 
 
-def verify(library: Library, ref: str, *, tolerance: float = 1e-3,
+def verify(library: Library, ref: str, *, tolerance: float = 1e-3, record: bool = True,
            progress: Callable[[str], None] | None = None) -> Verification:
-    """Run ``ref`` through every path and compare each with plain PEFT on the same prompts."""
+    """Run ``ref`` through every path and compare each with plain PEFT on the same prompts.
+
+    With ``record`` the result goes into the pocket book's metadata (``verification``) and
+    its model card.
+    """
     import torch
 
     from adapterkit.base.load import load_base
@@ -92,7 +96,27 @@ def verify(library: Library, ref: str, *, tolerance: float = 1e-3,
             continue
         diff = float((out - reference).abs()[mask].max())
         result.results.append(PathResult(name, max_logit_diff=diff))
+    if record:
+        _record(library, result)
     return result
+
+
+def _record(library: Library, result: Verification) -> None:
+    from adapterkit.library.card import write_card
+
+    def change(meta: Any) -> None:
+        meta.verification = result.as_dict()
+
+    book = library.update_meta(result.ref, change)
+    write_card(book.path, book.meta)
+
+
+def summary(result: Verification) -> str:
+    """One line: each path's figure (or refusal), and the verdict."""
+    cells = [f"{r.path} {r.max_logit_diff:.1e}" if r.refused is None else f"{r.path} refused"
+             for r in result.results]
+    verdict = "exact" if result.ok else f"DRIFT beyond {result.tolerance:g}"
+    return f"{result.ref} vs plain PEFT (max |logit diff|): {', '.join(cells)} — {verdict}"
 
 
 def _paths(library: Library, base: Any, book: PocketBook,

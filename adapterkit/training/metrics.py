@@ -14,7 +14,8 @@ from typing import Any
 
 from adapterkit.training.data import as_chat
 
-Scorer = Callable[[str, str], float]
+#: How a generated answer is scored against the reference (a plugin ``Scorer``'s ``score``).
+ScoreFn = Callable[[str, str], float]
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -196,7 +197,7 @@ def _adapter_off(model: Any) -> Any:
 
 
 def accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: bool,
-             scorer: Scorer = exact_match, max_new_tokens: int = 32) -> tuple[float, list[str]]:
+             scorer: ScoreFn = exact_match, max_new_tokens: int = 32) -> tuple[float, list[str]]:
     """Mean score of generated answers against the rows' completions, and the answers."""
     prompts = [r["prompt"] for r in rows]
     answers = generate(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens)

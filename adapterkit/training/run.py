@@ -65,7 +65,7 @@ class TrainJob:
     home: Path | None = None
     #: The new pocket book's ``name@version``.
     name: str = ""
-    stage: Callable[..., Any] | None = None
+    stage_runner: Callable[..., Any] | None = None
     _model: Any = None
 
     @property
@@ -82,9 +82,9 @@ class TrainJob:
         :param data: its data (default: this run's data file).
         :param options: its options (default: this run's, without trainer options).
         """
-        if self._model is not None or self.stage is None:
+        if self._model is not None or self.stage_runner is None:
             raise RuntimeError("train_stage() must be called before job.model is first used")
-        return self.stage(trainer, name=name, data=data, options=options)
+        return self.stage_runner(trainer, name=name, data=data, options=options)
 
     def cache_dir(self, kind: str) -> Path:
         """A folder under the library home for a trainer's reusable results (e.g. ``dpo-ref``)."""
@@ -288,7 +288,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         return _attach_new(loaded, method, options, underlay=underlay,
                            start=parent if start_from else None, head=head)
 
-    def stage(stage_trainer: str, *, name: str, data: str | None = None,
+    def run_stage(stage_trainer: str, *, name: str, data: str | None = None,
               options: TrainOptions | None = None) -> TrainResult:
         stage_options = options or replace(job.options, trainer_options={},
                                            forgetting_budget=None, guard_weight=None)
@@ -309,7 +309,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
                    resume_from=resume_from, callbacks=list(callbacks or []), guard=guard,
                    base=loaded, stacked_on=underlay, home=library.home, name=str(ref),
-                   stage=stage)
+                   stage_runner=run_stage)
     if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
 
@@ -568,7 +568,7 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
         data=data.describe(), hyperparameters=_hyper(options), metrics=metrics,
         parents=list(parents or []), stacked_on=list(stacked_on or []),
     )
-    with library.stage() as staged:
+    with library.draft() as staged:
         model.save_pretrained(staged)
         config_path = staged / CONFIG_FILE
         config = json.loads(config_path.read_text(encoding="utf-8"))
