@@ -55,8 +55,8 @@ _LAZY = {
     "train": "training.run",
     "TrainOptions": "training.options",
     "build_options": "training.options",
-    "TrainJob": "training.run",
-    "TrainResult": "training.run",
+    "TrainJob": "training.job",
+    "TrainResult": "training.job",
     "load_data": "training.data",
     "ForgettingGuard": "training.guard",
     "peft_model": "runtime.peft_model",
@@ -117,4 +117,5 @@ if TYPE_CHECKING:  # pragma: no cover
         default_plugin_manager,
         get_plugin_manager,
     )
-    from adapterkit.training.run import TrainJob, TrainResult, train
+    from adapterkit.training.job import TrainJob, TrainResult
+    from adapterkit.training.run import train

@@ -289,3 +289,43 @@ def test_merge_linear_with_rank_pattern_is_refused_not_a_traceback(world):
     with pytest.raises(AdapterkitError, match="same rank"):
         merge(world["library"], [world["books"]["rank_pattern"], world["books"]["plain"]],
               [0.5, 0.5], method="linear", name="lin")
+
+
+def _peft_weighted(base: Path, folders: list[Path], weights: list[float]) -> Any:
+    """Plain PEFT with several adapters active at once, each PEFT scale times its weight: the
+    hand-built reference for a weighted combination."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    names = [f"a{i}" for i in range(len(folders))]
+    model = PeftModel.from_pretrained(_plain_base(base), str(folders[0]), adapter_name=names[0])
+    for name, folder in zip(names[1:], folders[1:]):
+        model.load_adapter(str(folder), adapter_name=name)
+    model.base_model.set_adapter(names)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, w in zip(names, weights):
+                if name in module.scaling:
+                    module.scaling[name] *= w
+    return _logits(model.eval())
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "exact_svd"])
+@pytest.mark.parametrize("members", [("layers_to_transform", "plain"),
+                                     ("rslora", "alpha_pattern_overlap"),
+                                     ("rank_pattern", "q_v_only")])
+def test_merging_different_adapters_is_their_weighted_sum(world, members, method):
+    """The first member's config (use_rslora, layers_to_transform, patterns) must not leak
+    into the result: cat is exact, svd/exact_svd at a rank that holds the sum are too."""
+    from adapterkit.lora.combine import merge
+
+    weights = [0.7, -0.4]
+    refs = [world["books"][m] for m in members]
+    world["saved"] = world.get("saved", 0) + 1
+    book = merge(world["library"], refs, weights, method=method, name=f"mix-{world['saved']}",
+                 rank=None if method == "cat" else 24)
+    got = _peft(world["bases"]["llama"], book.path)
+    want = _peft_weighted(world["bases"]["llama"],
+                          [world["root"] / m for m in members], weights)
+    diff = float((got - want).abs().max())
+    assert diff < TOL, f"{members} {method}: max |logit diff| {diff:.3g}"

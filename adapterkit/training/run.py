@@ -23,6 +23,7 @@ from adapterkit.errors import ConfigError, DataFormatError
 from adapterkit.library.metadata import CONFIG_FILE, PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.data import Data, as_chat, general_text_path, load_data, read_rows
+from adapterkit.training.job import TrainJob, TrainResult
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
 from adapterkit.training.options import TrainOptions
 
@@ -37,151 +38,6 @@ LOSS_CURVE = "loss_curve.png"
 #: (SmolLM2-135M, lr 1e-3, 30 steps): 0.3 kept 100% held-out accuracy and moved general-text
 #: loss by +0.3% (plain run: +5.5%); 1.0 held forgetting at -0.2% but cut accuracy to 48%.
 DEFAULT_GUARD_WEIGHT = 0.3
-
-
-@dataclass
-class TrainJob:
-    """Everything a trainer plugin needs; passed as ``Trainer.train(job=...)``.
-
-    ``model`` is a PEFT model whose only trainable parameters are the new pocket book's; the
-    base is frozen (and quantized, for ``qlora``). It is built on first use, so a trainer can
-    first train other pocket books it needs on the same resident base (:meth:`train_stage`).
-    """
-
-    build: Callable[[], Any]
-    tokenizer: Any
-    data: Data
-    eval_data: Data | None
-    options: TrainOptions
-    chat: bool
-    output_dir: Path
-    resume_from: str | None
-    callbacks: list[Any] = field(default_factory=list)
-    guard: ForgettingGuard | None = None
-    base: Base | None = None
-    #: The frozen pocket books underneath (``--on``), bottom first: part of the reference.
-    stacked_on: list[PocketBook] = field(default_factory=list)
-    #: The library home: trainers keep caches under ``cache_dir()``.
-    home: Path | None = None
-    #: The new pocket book's ``name@version``.
-    name: str = ""
-    stage_runner: Callable[..., Any] | None = None
-    _model: Any = None
-
-    @property
-    def model(self) -> Any:
-        if self._model is None:
-            self._model = self.build()
-        return self._model
-
-    def train_stage(self, trainer: str, *, name: str, data: str | None = None,
-                    options: TrainOptions | None = None) -> TrainResult:
-        """Train and save another pocket book first, on the same resident base (e.g. the reward
-        pocket book ``rlhf`` optimises against). Call before touching ``model``.
-
-        :param data: its data (default: this run's data file).
-        :param options: its options (default: this run's, without trainer options).
-        """
-        if self._model is not None or self.stage_runner is None:
-            raise RuntimeError("train_stage() must be called before job.model is first used")
-        return self.stage_runner(trainer, name=name, data=data, options=options)
-
-    def cache_dir(self, kind: str) -> Path:
-        """A folder under the library home for a trainer's reusable results (e.g. ``dpo-ref``)."""
-        root = (self.home or self.output_dir.parent.parent) / "cache" / kind
-        root.mkdir(parents=True, exist_ok=True)
-        return root
-
-    def reference_key(self, **parts: Any) -> str:
-        """A hash naming "the policy before this stage" plus ``parts`` (data hash, lengths...).
-
-        Covers the base fingerprint, its precision, and the exact weights of every pocket book
-        underneath, so a cache keyed by it is never reused for a different reference.
-        """
-        import hashlib
-
-        from adapterkit.files import sha256_file
-        from adapterkit.library.metadata import WEIGHTS_FILE
-
-        identity = {
-            "base": self.base.fingerprint if self.base is not None else None,
-            "quantization": self.base.quantization if self.base is not None else None,
-            "dtype": str(getattr(self.model, "dtype", "")),
-            "under": [(b.ref, sha256_file(b.path / WEIGHTS_FILE)) for b in self.stacked_on],
-            **parts,
-        }
-        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()
-                              ).hexdigest()[:32]
-
-    def rows(self, data: Data) -> list[dict[str, Any]]:
-        """Rows as the trainer should see them: chat-rendered for chat bases."""
-        if data.shape == "messages" or (self.chat and data.shape != "text"):
-            return [as_chat(r) for r in data.rows]
-        return data.rows
-
-    def train_dataset(self) -> Any:
-        from datasets import Dataset
-
-        return Dataset.from_list(self.rows(self.data))
-
-    def eval_dataset(self) -> Any:
-        from datasets import Dataset
-
-        return None if self.eval_data is None else Dataset.from_list(self.rows(self.eval_data))
-
-    def configure(self, trainer: Any) -> Any:
-        """Call with the transformers/TRL trainer before ``train()``: swaps transformers' own
-        console printing for adapterkit's progress bar when one is attached."""
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-        if any(type(cb).__name__ == "RichProgress" for cb in self.callbacks):
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-        return trainer
-
-    def training_arguments(self) -> dict[str, Any]:
-        """``TrainingArguments`` keywords shared by every trainer (TRL configs accept them)."""
-        import torch
-
-        o = self.options
-        cuda = torch.cuda.is_available()
-        return dict(
-            output_dir=str(self.output_dir),
-            per_device_train_batch_size=o.batch_size,
-            per_device_eval_batch_size=o.batch_size,
-            gradient_accumulation_steps=o.grad_accum,
-            learning_rate=o.learning_rate,
-            num_train_epochs=o.epochs,
-            max_steps=o.max_steps,
-            lr_scheduler_type="linear",
-            logging_steps=o.logging_steps,
-            save_strategy="steps",
-            save_steps=o.save_steps,
-            save_total_limit=2,
-            eval_strategy="steps" if self.eval_data is not None else "no",
-            eval_steps=o.save_steps if self.eval_data is not None else None,
-            seed=o.seed,
-            data_seed=o.seed,
-            report_to=[],
-            bf16=bool(cuda and torch.cuda.is_bf16_supported()),
-            fp16=False,
-            use_cpu=not cuda,
-            gradient_checkpointing=o.gradient_checkpointing,
-            disable_tqdm=True,
-            include_num_input_tokens_seen="non_padding",
-            dataloader_pin_memory=cuda,
-            remove_unused_columns=True,
-        )
-
-
-@dataclass
-class TrainResult:
-    """A finished run: the saved pocket book and its metrics."""
-
-    pocket_book: PocketBook
-    metrics: dict[str, Any]
-    #: The trained PEFT model, still resident (the base with the new pocket book active).
-    model: Any = None
 
 
 def _texts(spec: str) -> list[str]:
@@ -247,12 +103,49 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     """
     from adapterkit.plugin_api.manager import default_plugin_manager
 
-    say = progress or (lambda message: None)
+    run = _prepare(trainer, base=base, data=data, name=name, options=options, home=home,
+                   plugins=plugins or default_plugin_manager(), resume=resume,
+                   restart=restart, callbacks=callbacks, on=on, start_from=start_from,
+                   say=progress or (lambda message: None))
+    start = time.perf_counter()
+    state = _run(run)
+    return _finalize(run, state, time.perf_counter() - start)
+
+
+@dataclass
+class _Run:
+    """A prepared run: what :func:`_prepare` checked and built, for :func:`_run` and
+    :func:`_finalize`."""
+
+    trainer: str
+    trainer_obj: Any
+    library: Library
+    ref: Any
+    dataset: Data
+    eval_data: Data | None
+    loaded: Base
+    parent: PocketBook | None
+    underlay: list[PocketBook]
+    guard: ForgettingGuard | None
+    general: list[str] | None
+    head: str
+    job: TrainJob
+    workdir: Path
+    say: Callable[[str], None]
+    stages_saved: list[str] = field(default_factory=list)
+
+
+def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
+             options: TrainOptions | None, home: str | os.PathLike[str] | None,
+             plugins: PluginManager, resume: bool, restart: bool, callbacks: list[Any] | None,
+             on: str | None, start_from: str | None, say: Callable[[str], None]) -> _Run:
+    """Everything that can be refused is refused here, before the first step: options, the
+    name, data, the base, the parent, lengths; then the base is loaded and the job built."""
     # our own copy: trainers may record values in job.options.trainer_options (rlhf records
     # the reward pocket book it used) without touching the caller's object
     options = replace(options or TrainOptions(),
                       trainer_options=dict((options.trainer_options if options else None) or {}))
-    pm = plugins or default_plugin_manager()
+    pm = plugins
     trainer_obj = pm.trainer(trainer)
     refuse_unapplied_guard(trainer, trainer_obj, options,
                            guarded=[t.name for t in pm.trainers if _applies_guard(t)])
@@ -283,13 +176,15 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     # options were refused above for any trainer that does not apply the guard)
     guard = _guard(loaded.tokenizer, options) if head != "reward" else None
     general = general if head != "reward" else None
+    stages_saved: list[str] = []
 
     def build() -> Any:
         return _attach_new(loaded, method, options, underlay=underlay,
                            start=parent if start_from else None, head=head)
 
     def run_stage(stage_trainer: str, *, name: str, data: str | None = None,
-              options: TrainOptions | None = None) -> TrainResult:
+                  options: TrainOptions | None = None) -> TrainResult:
+        """Train another pocket book first, on the same resident base (rlhf's reward)."""
         stage_options = options or replace(job.options, trainer_options={},
                                            forgetting_budget=None, guard_weight=None)
         result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
@@ -304,7 +199,6 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         return result
 
     job_data = data
-    stages_saved: list[str] = []
     job = TrainJob(build=build, tokenizer=loaded.tokenizer, data=train_data,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
                    resume_from=resume_from, callbacks=list(callbacks or []), guard=guard,
@@ -312,56 +206,74 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
                    stage_runner=run_stage)
     if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
-
     say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}"
         + (f", on top of {' + '.join(b.ref for b in underlay)}" if underlay else "")
         + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
-    start = time.perf_counter()
+    return _Run(trainer, trainer_obj, library, ref, dataset, eval_data, loaded,
+                parent, underlay, guard, general, head, job,
+                workdir, say, stages_saved)
+
+
+def _run(run: _Run) -> Any:
+    """The trainer plugin's part: its objective on the job. On failure, say what an earlier
+    stage left saved (nothing of this pocket book is)."""
     try:
-        state = trainer_obj.train(job=job)
+        return run.trainer_obj.train(job=run.job)
     except BaseException as exc:
-        if stages_saved:  # an earlier stage finished and is in the library: say so
-            say(f"{', '.join(stages_saved)} (an earlier stage) was saved; {ref} was not. Reuse "
-                "it when you run again (for rlhf: --reward NAME).")
-            exc.stages_saved = list(stages_saved)  # type: ignore[attr-defined]
+        if run.stages_saved:  # an earlier stage finished and is in the library: say so
+            run.say(f"{', '.join(run.stages_saved)} (an earlier stage) was saved; {run.ref} was "
+                    "not. Reuse it when you run again (for rlhf: --reward NAME).")
+            exc.stages_saved = list(run.stages_saved)  # type: ignore[attr-defined]
         raise
-    elapsed = time.perf_counter() - start
-    model = job.model
+
+
+def _finalize(run: _Run, state: Any, elapsed: float) -> TrainResult:
+    """Measure what the run did (guard, eval, forgetting) and save it into the library."""
+    model = run.job.model
     _adapter_to_fp32(model)
     model.eval()
     metrics = _metrics(state, elapsed)
-    if guard is not None:
-        report = guard.finish(model, int(metrics.get("steps", 0)))
-        # record the KL weight that acted: a trainer that declared the guard but never added
-        # its penalty trained without it, and the pocket book must not say otherwise
-        applied = guard.penalty_calls > 0
-        if guard.weight > 0 and not applied:
-            say(f"Warning: the {trainer} trainer never added the forgetting guard's KL term to "
-                "its loss; recorded as KL weight 0.")
-        metrics["guard"] = {"budget_pct": guard.budget_pct,
-                            "weight": guard.weight if applied else 0.0,
-                            "kl_batches": guard.penalty_calls,
-                            "kept_step": report.kept_step, "restored": report.restored,
-                            "within_budget": report.within_budget, "checks": report.checks}
-        if report.within_budget is False:
-            say(f"Warning: no checkpoint stayed within the forgetting budget of "
+    if run.guard is not None:
+        metrics["guard"] = _guard_report(run, model, int(metrics.get("steps", 0)))
+    tokenizer = run.loaded.tokenizer
+    if run.eval_data is not None and run.head != "reward":
+        metrics["eval"] = task_loss(model, tokenizer, run.eval_data.rows, chat=run.job.chat)
+    if run.general is not None:
+        run.say("Forgetting check on general text...")
+        guard = run.guard
+        base_loss = guard.base_loss if guard is not None and \
+            guard.general_texts == run.general else None
+        metrics["forgetting"] = forgetting(model, tokenizer, run.general, base_loss=base_loss)
+        if run.underlay:  # the "before" side had the pocket books underneath active
+            metrics["forgetting"]["relative_to"] = "base + " + " + ".join(
+                b.ref for b in run.underlay)
+    book = save_trained(run.library, model, run.loaded, str(run.ref), trainer=run.trainer,
+                        options=run.job.options, data=run.dataset, metrics=metrics,
+                        log_history=_history(state),
+                        parents=[run.parent.ref] if run.parent else None,
+                        stacked_on=[b.ref for b in run.underlay])
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    return TrainResult(book, metrics, model)
+
+
+def _guard_report(run: _Run, model: Any, steps: int) -> dict[str, Any]:
+    """The forgetting guard as it acted: the KL weight only if its term was added to the loss
+    (a trainer that declared the guard but never added it trained without it)."""
+    guard = run.guard
+    assert guard is not None
+    report = guard.finish(model, steps)
+    applied = guard.penalty_calls > 0
+    if guard.weight > 0 and not applied:
+        run.say(f"Warning: the {run.trainer} trainer never added the forgetting guard's KL term "
+                "to its loss; recorded as KL weight 0.")
+    if report.within_budget is False:
+        run.say(f"Warning: no checkpoint stayed within the forgetting budget of "
                 f"{guard.budget_pct}%; kept the final weights. Lower the learning rate, or "
                 "raise --guard-weight.")
-    if eval_data is not None and head != "reward":
-        metrics["eval"] = task_loss(model, loaded.tokenizer, eval_data.rows, chat=chat)
-    if general is not None:
-        say("Forgetting check on general text...")
-        base_loss = guard.base_loss if guard is not None and guard.general_texts == general \
-            else None
-        metrics["forgetting"] = forgetting(model, loaded.tokenizer, general, base_loss=base_loss)
-        if underlay:  # the "before" side had the pocket books underneath active
-            metrics["forgetting"]["relative_to"] = "base + " + " + ".join(b.ref for b in underlay)
-    book = save_trained(library, model, loaded, str(ref), trainer=trainer, options=job.options,
-                        data=dataset, metrics=metrics, log_history=_history(state),
-                        parents=[parent.ref] if parent else None,
-                        stacked_on=[b.ref for b in underlay])
-    shutil.rmtree(workdir, ignore_errors=True)
-    return TrainResult(book, metrics, model)
+    return {"budget_pct": guard.budget_pct, "weight": guard.weight if applied else 0.0,
+            "kl_batches": guard.penalty_calls, "kept_step": report.kept_step,
+            "restored": report.restored, "within_budget": report.within_budget,
+            "checks": report.checks}
 
 
 def _adapter_to_fp32(model: Any) -> None:

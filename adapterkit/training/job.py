@@ -1,0 +1,167 @@
+"""What a trainer plugin receives (:class:`TrainJob`) and what a run returns (:class:`TrainResult`).
+
+The job carries everything that does not depend on the objective — the PEFT model (base frozen,
+new pocket book trainable), data, options, the forgetting guard, checkpoints, caches — so that a
+trainer plugin is only its objective: build a TRL trainer from the job and run it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterkit.library.store import PocketBook
+from adapterkit.training.data import Data, as_chat
+from adapterkit.training.options import TrainOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.base.load import Base
+    from adapterkit.training.guard import ForgettingGuard
+
+
+@dataclass
+class TrainJob:
+    """Everything a trainer plugin needs; passed as ``Trainer.train(job=...)``.
+
+    ``model`` is a PEFT model whose only trainable parameters are the new pocket book's; the
+    base is frozen (and quantized, for ``qlora``). It is built on first use, so a trainer can
+    first train other pocket books it needs on the same resident base (:meth:`train_stage`).
+    """
+
+    build: Callable[[], Any]
+    tokenizer: Any
+    data: Data
+    eval_data: Data | None
+    options: TrainOptions
+    chat: bool
+    output_dir: Path
+    resume_from: str | None
+    callbacks: list[Any] = field(default_factory=list)
+    guard: ForgettingGuard | None = None
+    base: Base | None = None
+    #: The frozen pocket books underneath (``--on``), bottom first: part of the reference.
+    stacked_on: list[PocketBook] = field(default_factory=list)
+    #: The library home: trainers keep caches under ``cache_dir()``.
+    home: Path | None = None
+    #: The new pocket book's ``name@version``.
+    name: str = ""
+    stage_runner: Callable[..., Any] | None = None
+    _model: Any = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = self.build()
+        return self._model
+
+    def train_stage(self, trainer: str, *, name: str, data: str | None = None,
+                    options: TrainOptions | None = None) -> TrainResult:
+        """Train and save another pocket book first, on the same resident base (e.g. the reward
+        pocket book ``rlhf`` optimises against). Call before touching ``model``.
+
+        :param data: its data (default: this run's data file).
+        :param options: its options (default: this run's, without trainer options).
+        """
+        if self._model is not None or self.stage_runner is None:
+            raise RuntimeError("train_stage() must be called before job.model is first used")
+        return self.stage_runner(trainer, name=name, data=data, options=options)
+
+    def cache_dir(self, kind: str) -> Path:
+        """A folder under the library home for a trainer's reusable results (e.g. ``dpo-ref``)."""
+        root = (self.home or self.output_dir.parent.parent) / "cache" / kind
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def reference_key(self, **parts: Any) -> str:
+        """A hash naming "the policy before this stage" plus ``parts`` (data hash, lengths...).
+
+        Covers the base fingerprint, its precision, and the exact weights of every pocket book
+        underneath, so a cache keyed by it is never reused for a different reference.
+        """
+        import hashlib
+
+        from adapterkit.files import sha256_file
+        from adapterkit.library.metadata import WEIGHTS_FILE
+
+        identity = {
+            "base": self.base.fingerprint if self.base is not None else None,
+            "quantization": self.base.quantization if self.base is not None else None,
+            "dtype": str(getattr(self.model, "dtype", "")),
+            "under": [(b.ref, sha256_file(b.path / WEIGHTS_FILE)) for b in self.stacked_on],
+            **parts,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:32]
+
+    def rows(self, data: Data) -> list[dict[str, Any]]:
+        """Rows as the trainer should see them: chat-rendered for chat bases."""
+        if data.shape == "messages" or (self.chat and data.shape != "text"):
+            return [as_chat(r) for r in data.rows]
+        return data.rows
+
+    def train_dataset(self) -> Any:
+        from datasets import Dataset
+
+        return Dataset.from_list(self.rows(self.data))
+
+    def eval_dataset(self) -> Any:
+        from datasets import Dataset
+
+        return None if self.eval_data is None else Dataset.from_list(self.rows(self.eval_data))
+
+    def configure(self, trainer: Any) -> Any:
+        """Call with the transformers/TRL trainer before ``train()``: swaps transformers' own
+        console printing for adapterkit's progress bar when one is attached."""
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        if any(type(cb).__name__ == "RichProgress" for cb in self.callbacks):
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+        return trainer
+
+    def training_arguments(self) -> dict[str, Any]:
+        """``TrainingArguments`` keywords shared by every trainer (TRL configs accept them)."""
+        import torch
+
+        o = self.options
+        cuda = torch.cuda.is_available()
+        return dict(
+            output_dir=str(self.output_dir),
+            per_device_train_batch_size=o.batch_size,
+            per_device_eval_batch_size=o.batch_size,
+            gradient_accumulation_steps=o.grad_accum,
+            learning_rate=o.learning_rate,
+            num_train_epochs=o.epochs,
+            max_steps=o.max_steps,
+            lr_scheduler_type="linear",
+            logging_steps=o.logging_steps,
+            save_strategy="steps",
+            save_steps=o.save_steps,
+            save_total_limit=2,
+            eval_strategy="steps" if self.eval_data is not None else "no",
+            eval_steps=o.save_steps if self.eval_data is not None else None,
+            seed=o.seed,
+            data_seed=o.seed,
+            report_to=[],
+            bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+            fp16=False,
+            use_cpu=not cuda,
+            gradient_checkpointing=o.gradient_checkpointing,
+            disable_tqdm=True,
+            include_num_input_tokens_seen="non_padding",
+            dataloader_pin_memory=cuda,
+            remove_unused_columns=True,
+        )
+
+
+@dataclass
+class TrainResult:
+    """A finished run: the saved pocket book and its metrics."""
+
+    pocket_book: PocketBook
+    metrics: dict[str, Any]
+    #: The trained PEFT model, still resident (the base with the new pocket book active).
+    model: Any = None
