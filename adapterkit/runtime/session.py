@@ -249,7 +249,7 @@ class Session:
                  temperature: float = 0.0) -> Any:
         """Answer one prompt (returns a string) or several (a list), with ``adapter``
         (default: whatever is active; None: the plain base)."""
-        from adapterkit.training.metrics import generate, uses_chat
+        from adapterkit.runtime.generation import generate, uses_chat
 
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
