@@ -55,6 +55,7 @@ _LAZY = {
     "train": "training.run",
     "TrainOptions": "training.options",
     "build_options": "training.options",
+    "build_trainer_options": "training.options",
     "TrainJob": "training.job",
     "TrainResult": "training.job",
     "load_data": "training.data",
@@ -105,7 +106,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.runtime.session import Session, open_session
     from adapterkit.training.data import load_data
     from adapterkit.training.guard import ForgettingGuard
-    from adapterkit.training.options import TrainOptions, build_options
+    from adapterkit.training.options import TrainOptions, build_options, build_trainer_options
     open = open_session
     from adapterkit.base.resolve import DEFAULT_BASE, BaseSource, resolve_base
     from adapterkit.library.metadata import PocketBookMeta

@@ -11,11 +11,7 @@ books underneath (``TrainJob.reference_key``). A rerun, or a sweep over ``beta``
 ``loss_type``, reads them back instead of paying for them again (what huggingface/trl#3985
 asks for; TRL's own cache lives in a temporary folder for in-memory datasets).
 
-Trainer options (``--set KEY=VALUE``): ``beta`` (default 0.1), ``loss_type`` (default
-``sigmoid``; any TRL DPO loss), ``precompute_ref_log_probs``: ``auto`` (default) reads the
-cache when it has this reference, else precomputes (and caches) when the run covers the whole
-data set, and otherwise computes the reference alongside each step — cheaper for a short run
-over part of the data; ``true`` always precomputes and caches; ``false`` never does.
+Trainer options (``--set KEY=VALUE``): :class:`DPOOptions`.
 """
 
 from __future__ import annotations
@@ -23,12 +19,40 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from adapterkit import Trainer, hookimpl
 
-_OPTIONS = {"beta": 0.1, "loss_type": "sigmoid", "precompute_ref_log_probs": "auto"}
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit import TrainOptions
+
 CACHE_KIND = "dpo-ref"
+
+
+@dataclass
+class DPOOptions:
+    """``adapterkit train dpo --set KEY=VALUE`` (or a recipe's ``trainer_options:``)."""
+
+    #: How strongly the policy is held to the reference (TRL's ``beta``); above 0.
+    beta: float = 0.1
+    #: TRL DPO loss(es), summed when several: ``sigmoid``, ``ipo``, ``sigmoid,sft`` or a YAML
+    #: list ``[sigmoid, sft]``.
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    #: ``auto`` reads the cache when it has this reference, else precomputes (and caches) when
+    #: the run covers the whole data set, and otherwise computes the reference alongside each
+    #: step — cheaper for a short run over part of the data; ``true`` always precomputes and
+    #: caches; ``false`` never does.
+    precompute_ref_log_probs: Literal["auto", "true", "false"] = "auto"
+
+    def check(self, options: TrainOptions) -> list[str]:
+        """Value ranges, one line per problem (types were checked before)."""
+        problems = []
+        if not self.beta > 0:
+            problems.append(f"beta must be above 0, got {self.beta}")
+        if not self.loss_type:
+            problems.append("loss_type must name at least one TRL DPO loss")
+        return problems
 
 
 def _covers(args: Any, rows: int) -> bool:
@@ -88,48 +112,23 @@ def _cached_trainer(job: Any, mode: Any) -> Any:
     return CachedRefDPOTrainer
 
 
-def _mode(value: Any) -> str:
-    from adapterkit.errors import ConfigError
-
-    text = str(value).lower()
-    if text in ("auto",):
-        return "auto"
-    if text in ("true", "yes", "1", "on"):
-        return "on"
-    if text in ("false", "no", "0", "off"):
-        return "off"
-    raise ConfigError(f"precompute_ref_log_probs must be auto, true or false, got {value!r}")
-
-
 class DPO(Trainer):
     name = "dpo"
     description = "Direct Preference Optimization from preference pairs (TRL DPOTrainer)"
     data_shapes = ("preference",)
+    options = DPOOptions
 
     def train(self, *, job: Any, **_: Any) -> Any:
         from trl import DPOConfig
 
-        from adapterkit.errors import ConfigError
-
-        unknown = sorted(set(job.options.trainer_options) - set(_OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown dpo option(s) {', '.join(unknown)}; known: "
-                              f"{', '.join(_OPTIONS)}")
-        options = {**_OPTIONS, **job.options.trainer_options}
-        loss_type = options["loss_type"]
-        try:
-            beta = float(options["beta"])
-        except (TypeError, ValueError):
-            raise ConfigError(f"dpo beta must be a number, got {options['beta']!r}") from None
-        if not beta > 0:
-            raise ConfigError(f"dpo beta must be above 0, got {beta}")
-        mode = _mode(options["precompute_ref_log_probs"])
+        o: DPOOptions = job.trainer_options
+        mode = o.precompute_ref_log_probs
         config = DPOConfig(
             **job.training_arguments(),
             max_length=job.options.max_length,
-            beta=beta,
-            loss_type=[loss_type] if isinstance(loss_type, str) else list(loss_type),
-            precompute_ref_log_probs=mode != "off",
+            beta=o.beta,
+            loss_type=list(o.loss_type),
+            precompute_ref_log_probs=mode != "false",
         )
         trainer = _cached_trainer(job, mode)(
             model=job.model, args=config, train_dataset=job.train_dataset(),

@@ -14,20 +14,59 @@ One copy of the base weights serves all three roles: the policy is a LoRA on it,
 is that LoRA switched off, and the reward pocket book is folded into the same layers, switched
 on only while it scores (``adapterkit.RewardScorer``).
 
-``rlhf`` options (``--set KEY=VALUE``): ``reward`` (a reward pocket book; same as ``--reward``),
-``beta`` (KL weight, default 0.05), ``num_generations`` (completions per prompt, default 4),
-``max_new_tokens`` (default 32), ``temperature`` (default 1.0), ``reward_steps`` (steps of the
-reward stage; default: the run's ``--max-steps``/epochs).
+``rlhf`` options (``--set KEY=VALUE``): :class:`RLHFOptions`. ``reward`` takes none.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from adapterkit import Trainer, hookimpl
 
-_RLHF_OPTIONS = {"reward": None, "beta": 0.05, "num_generations": 4, "max_new_tokens": 32,
-                 "temperature": 1.0, "reward_steps": None}
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit import TrainOptions
+
+
+@dataclass
+class RLHFOptions:
+    """``adapterkit train rlhf --set KEY=VALUE`` (or a recipe's ``trainer_options:``)."""
+
+    #: A reward pocket book to optimise against (the same as ``--reward``); without one, the
+    #: reward pocket book ``NAME-reward`` is trained first from the preference file.
+    reward: str | None = None
+    #: Weight of the KL penalty to the policy before this stage (TRL's ``beta``); ≥ 0.
+    beta: float = 0.05
+    #: Completions sampled per prompt, compared with each other; at least 2, and
+    #: ``--batch-size`` a multiple of it.
+    num_generations: int = 4
+    #: Tokens generated per completion; at least 1.
+    max_new_tokens: int = 32
+    #: Sampling temperature of the completions; above 0.
+    temperature: float = 1.0
+    #: Steps of the reward stage (default: the run's ``--max-steps``/epochs).
+    reward_steps: int | None = None
+
+    def check(self, options: TrainOptions) -> list[str]:
+        """Value ranges, and whole groups of completions per step, one line per problem."""
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens is {self.max_new_tokens}: online RL learns from "
+                            "generated text, so it must generate at least 1 token")
+        if self.num_generations < 2:
+            problems.append("num_generations must be at least 2: GRPO compares completions "
+                            "of the same prompt with each other")
+        elif options.batch_size % self.num_generations:
+            problems.append(f"--batch-size {options.batch_size} must be a multiple of "
+                            f"num_generations {self.num_generations} (whole groups per step)")
+        if self.beta < 0:
+            problems.append(f"beta must be ≥ 0, got {self.beta}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be above 0, got {self.temperature}")
+        if self.reward_steps is not None and self.reward_steps < 1:
+            problems.append(f"reward_steps must be at least 1, got {self.reward_steps} (leave "
+                            "it out to use the run's --max-steps/epochs)")
+        return problems
 
 
 class Reward(Trainer):
@@ -39,11 +78,6 @@ class Reward(Trainer):
     def train(self, *, job: Any, **_: Any) -> Any:
         from trl import RewardConfig, RewardTrainer
 
-        from adapterkit.errors import ConfigError
-
-        if job.options.trainer_options:
-            raise ConfigError(f"the reward trainer takes no --set options, got "
-                              f"{', '.join(job.options.trainer_options)}")
         config = RewardConfig(**job.training_arguments(), max_length=job.options.max_length)
         trainer = RewardTrainer(model=job.model, args=config, train_dataset=job.train_dataset(),
                                 eval_dataset=job.eval_dataset(), processing_class=job.tokenizer,
@@ -54,36 +88,6 @@ class Reward(Trainer):
         if accuracy:
             trainer.state.adapterkit_metrics = {"pair_accuracy_last_log": accuracy[-1]}  # type: ignore[attr-defined]
         return trainer.state
-
-
-def _options(job: Any) -> dict[str, Any]:
-    from adapterkit.errors import ConfigError
-
-    given = dict(job.options.trainer_options)
-    unknown = sorted(set(given) - set(_RLHF_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown rlhf option(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(_RLHF_OPTIONS)}")
-    o = {**_RLHF_OPTIONS, **given}
-    try:
-        o["beta"] = float(o["beta"])
-        o["temperature"] = float(o["temperature"])
-        o["num_generations"] = int(o["num_generations"])
-        o["max_new_tokens"] = int(o["max_new_tokens"])
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"rlhf options must be numbers: {exc}") from None
-    if o["max_new_tokens"] < 1:
-        raise ConfigError(f"max_new_tokens is {o['max_new_tokens']}: online RL learns from "
-                          "generated text, so it must generate at least 1 token")
-    if o["num_generations"] < 2:
-        raise ConfigError("num_generations must be at least 2: GRPO compares completions of the "
-                          "same prompt with each other")
-    if job.options.batch_size % o["num_generations"]:
-        raise ConfigError(f"--batch-size {job.options.batch_size} must be a multiple of "
-                          f"num_generations {o['num_generations']} (whole groups per step)")
-    if o["beta"] < 0 or not o["temperature"] > 0:
-        raise ConfigError("beta must be ≥ 0 and temperature above 0")
-    return o
 
 
 def _prompts(job: Any) -> Any:
@@ -99,19 +103,19 @@ class RLHF(Trainer):
     name = "rlhf"
     description = "Online RL (TRL GRPO) against a reward pocket book, KL to the base"
     data_shapes = ("preference", "prompt_completion")
+    options = RLHFOptions
 
     def train(self, *, job: Any, **_: Any) -> Any:
         from dataclasses import replace
 
         from trl import GRPOConfig, GRPOTrainer
 
-        from adapterkit import Library, RewardScorer
-        from adapterkit.errors import ConfigError, NameTaken
+        from adapterkit import ConfigError, Library, NameTaken, RewardScorer
 
-        o = _options(job)
+        o: RLHFOptions = job.trainer_options
         library = Library(job.home)
-        if o["reward"]:
-            book = library.get(str(o["reward"]))
+        if o.reward:
+            book = library.get(o.reward)
             RewardScorer.check(job.base, book)  # before any work: right kind, right base
         else:
             if job.data.shape != "preference":
@@ -119,10 +123,9 @@ class RLHF(Trainer):
                                   "preference pairs: give a prompt/chosen/rejected file, or "
                                   "--reward NAME")
             stage_name = job.name.split("@")[0] + "-reward"
-            steps = o["reward_steps"]
             stage_options = replace(job.options, trainer_options={}, forgetting_budget=None,
-                                    guard_weight=None,
-                                    max_steps=int(steps) if steps else job.options.max_steps)
+                                    guard_weight=None, max_steps=o.reward_steps or
+                                    job.options.max_steps)
             try:
                 library.reserve(stage_name)
             except NameTaken:
@@ -140,9 +143,8 @@ class RLHF(Trainer):
         args = job.training_arguments()
         args.update(include_num_input_tokens_seen="no",  # GRPO counts its own tokens
                     remove_unused_columns=False, eval_strategy="no", eval_steps=None)
-        config = GRPOConfig(**args, beta=o["beta"], num_generations=o["num_generations"],
-                            max_completion_length=o["max_new_tokens"],
-                            temperature=o["temperature"])
+        config = GRPOConfig(**args, beta=o.beta, num_generations=o.num_generations,
+                            max_completion_length=o.max_new_tokens, temperature=o.temperature)
         trainer = GRPOTrainer(model=job.model, reward_funcs=[reward_book], args=config,  # type: ignore[list-item]
                               train_dataset=_prompts(job), processing_class=job.tokenizer,
                               callbacks=job.callbacks)

@@ -97,8 +97,9 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     if reward:
         sets["reward"] = reward
     overrides["trainer_options"] = sets or None
-    options = build_options(recipe, overrides)
     state = obj(ctx)
+    # the trainer's own options are checked with the rest: one error lists every problem
+    options = build_options(recipe, overrides, trainer=state["plugins"].trainer(trainer))
     try:
         result = train(trainer, base=base, data=data, name=name, options=options,
                        home=state["home"], plugins=state["plugins"], resume=resume, restart=restart,

@@ -71,6 +71,15 @@ class Trainer(Registrable):
     #: its loss each step and passes ``job.callbacks`` to its loop. The core refuses
     #: ``forgetting_budget``/``guard_weight`` for a trainer that does not declare it.
     uses_guard: bool = False
+    #: The trainer's own options (``--set KEY=VALUE``, a recipe's ``trainer_options:``): a
+    #: dataclass whose fields, with their types and defaults, are the options it takes (e.g.
+    #: ``beta: float = 0.1``); document each with a ``#:`` comment. Before any work the core
+    #: types what was given against it and reports every problem at once — unknown keys, wrong
+    #: types, and what the dataclass finds itself (``__post_init__`` raising ``ValueError``, or
+    #: ``check(self, options: TrainOptions) -> list[str]`` returning one line per problem) —
+    #: then hands the instance to :meth:`train` as ``job.trainer_options``. ``None``: the
+    #: trainer takes no trainer options, and any given is refused.
+    options: type[Any] | None = None
 
     def train(self, **job: Any) -> Any:
         """Train and return the trained PEFT model plus metrics. Called with keyword arguments."""

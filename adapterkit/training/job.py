@@ -39,6 +39,10 @@ class TrainJob:
     chat: bool
     output_dir: Path
     resume_from: str | None
+    #: The trainer's own options: an instance of its ``Trainer.options`` dataclass, typed and
+    #: checked before any work (``None`` for a trainer that declares none). What was given, as
+    #: given, stays in ``options.trainer_options`` (and is recorded in the metadata).
+    trainer_options: Any = None
     callbacks: list[Any] = field(default_factory=list)
     guard: ForgettingGuard | None = None
     base: Base | None = None

@@ -1,18 +1,25 @@
 """Training options: defaults, a YAML recipe, and command-line overrides — validated together.
 
 Precedence is defaults < recipe file < flags. Every problem (unknown keys, wrong types, values
-out of range) is collected and reported in one error, so a recipe is fixed in one pass.
+out of range) is collected and reported in one error, so a recipe is fixed in one pass. A
+trainer's own options (``--set KEY=VALUE``, a recipe's ``trainer_options:``) are typed by the
+dataclass the trainer declares (``Trainer.options``) and checked in the same way
+(:func:`build_trainer_options`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from adapterkit.errors import ConfigError
+from adapterkit.errors import ConfigError, PluginError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.plugin_api.registry import Trainer
 
 
 @dataclass
@@ -49,7 +56,8 @@ class TrainOptions:
     #: Steps between checkpoints that ``--resume`` continues from.
     save_steps: int = 50
     gradient_checkpointing: bool = False
-    #: Trainer-specific options (e.g. ``beta`` for DPO).
+    #: Trainer-specific options as given (e.g. ``{"beta": 0.2}`` for DPO); typed and checked
+    #: against the trainer's ``options`` dataclass by :func:`build_trainer_options`.
     trainer_options: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -61,11 +69,24 @@ _POSITIVE = ("r", "alpha", "batch_size", "grad_accum", "max_length", "logging_st
 
 
 def _coerce(name: str, value: Any, kind: Any, problems: list[str]) -> Any:
-    text = str(kind)
+    """``value`` (from YAML or ``--set``: a string, number, bool or list) as the type hint
+    ``kind`` says, or None with the problem recorded in ``problems``.
+
+    Understands ``bool``, ``int``, ``float`` (``1%`` reads as 1.0), ``str`` (a list is joined
+    with commas), ``dict``, ``list[X]`` (a list, or a comma-separated string), ``Literal[...]``
+    (matched case-insensitively, so ``true`` matches ``"true"``) and any of them ``| None``.
+    """
+    kind, nullable = _without_none(kind)
     if value is None:
-        return None if "None" in text else _fail(name, value, "a value", problems)
+        return None if nullable else _fail(name, value, "a value", problems)
+    origin = get_origin(kind) or kind
     try:
-        if "bool" in text:
+        if origin is Literal:
+            for choice in get_args(kind):
+                if str(choice).lower() == str(value).lower():
+                    return choice
+            return _fail(name, value, _describe(kind), problems)
+        if kind is bool:
             if isinstance(value, bool):
                 return value
             if str(value).lower() in ("true", "yes", "1", "on"):
@@ -73,13 +94,21 @@ def _coerce(name: str, value: Any, kind: Any, problems: list[str]) -> Any:
             if str(value).lower() in ("false", "no", "0", "off"):
                 return False
             return _fail(name, value, "true or false", problems)
-        if "dict" in text:
+        if origin is dict:
             return dict(value) if isinstance(value, dict) else _fail(name, value, "a mapping", problems)
-        if text.startswith("int") or text == "<class 'int'>":
+        if origin is list:
+            items = [v.strip() for v in value.split(",") if v.strip()] \
+                if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                return _fail(name, value, "a list", problems)
+            item_kind = (get_args(kind) or (str,))[0]
+            return [_coerce(f"{name}[{i}]", item, item_kind, problems)
+                    for i, item in enumerate(items)]
+        if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 return _fail(name, value, "an integer", problems)
             return int(value)
-        if "float" in text:
+        if kind is float:
             if isinstance(value, str) and value.endswith("%"):
                 value = value[:-1]
             return float(value)
@@ -87,7 +116,26 @@ def _coerce(name: str, value: Any, kind: Any, problems: list[str]) -> Any:
             return ",".join(map(str, value))
         return str(value)
     except (TypeError, ValueError):
-        return _fail(name, value, text.replace("<class '", "").replace("'>", ""), problems)
+        return _fail(name, value, getattr(kind, "__name__", str(kind)), problems)
+
+
+def _without_none(kind: Any) -> tuple[Any, bool]:
+    """``X | None`` → (X, True); anything else → (itself, False)."""
+    if get_origin(kind) in (Union, types.UnionType) and type(None) in get_args(kind):
+        rest = [a for a in get_args(kind) if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else kind), True
+    return kind, False
+
+
+def _describe(kind: Any) -> str:
+    """What a value of the type hint ``kind`` looks like, in a user's words."""
+    kind, _ = _without_none(kind)
+    origin = get_origin(kind) or kind
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, get_args(kind)))
+    words = {bool: "true or false", int: "an integer", float: "a number", dict: "a mapping",
+             list: "a list (YAML [a, b] or a,b)", str: "a string"}
+    return words.get(origin, getattr(kind, "__name__", str(kind)))
 
 
 def _fail(name: str, value: Any, expected: str, problems: list[str]) -> None:
@@ -96,8 +144,13 @@ def _fail(name: str, value: Any, expected: str, problems: list[str]) -> None:
 
 
 def build_options(recipe: str | os.PathLike[str] | None = None,
-                  overrides: dict[str, Any] | None = None) -> TrainOptions:
-    """Merge defaults, a YAML recipe and overrides (``None`` values are ignored); validate all."""
+                  overrides: dict[str, Any] | None = None, *,
+                  trainer: Trainer | None = None) -> TrainOptions:
+    """Merge defaults, a YAML recipe and overrides (``None`` values are ignored); validate all.
+
+    :param trainer: the trainer these options are for: its own options
+        (``trainer_options``) are checked too, and their problems reported in the same error.
+    """
     values: dict[str, Any] = {}
     problems: list[str] = []
     if recipe is not None:
@@ -127,10 +180,82 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
                         f"{options.forgetting_budget}")
     if options.guard_weight is not None and options.guard_weight < 0:
         problems.append(f"guard_weight: must be ≥ 0, got {options.guard_weight}")
+    if trainer is not None:
+        problems += _trainer_options(trainer, options)[1]
     if problems:
         where = f" in {recipe}" if recipe else ""
         raise ConfigError(f"invalid training options{where}: " + "; ".join(problems))
     return options
+
+
+def build_trainer_options(trainer: Trainer, options: TrainOptions | None = None) -> Any:
+    """The trainer's own options, typed: ``options.trainer_options`` (what ``--set`` or a
+    recipe's ``trainer_options:`` gave) checked against the dataclass ``trainer.options``.
+
+    Unknown keys (the known ones are listed), values of the wrong type, required fields left
+    out, and the problems the dataclass finds itself — its ``__post_init__`` raising
+    ``ValueError``, or a ``check(options)`` method returning a list of one-line problems — are
+    all reported in one :class:`ConfigError`, before any work. A trainer whose ``options`` is
+    ``None`` takes no trainer options and refuses any given.
+
+    :returns: an instance of ``trainer.options`` (defaults where nothing was given), or
+        ``None`` for a trainer that takes no trainer options.
+    """
+    instance, problems = _trainer_options(trainer, options or TrainOptions())
+    if problems:
+        raise ConfigError(f"invalid {trainer.name} options: " + "; ".join(problems))
+    return instance
+
+
+def _trainer_options(trainer: Trainer, options: TrainOptions) -> tuple[Any, list[str]]:
+    """:func:`build_trainer_options`, returning the problems instead of raising them."""
+    schema = trainer.options
+    given = dict(options.trainer_options or {})
+    if schema is None:
+        if not given:
+            return None, []
+        return None, [f"the {trainer.name} trainer takes no trainer options (--set KEY=VALUE "
+                      f"or a recipe's trainer_options:), got {', '.join(map(str, given))}"]
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        raise PluginError(f"trainer {trainer.name!r} declares options = {schema!r}, which is "
+                          "not a dataclass")
+    try:
+        hints = get_type_hints(schema)
+    except Exception as exc:  # a plugin's annotation that does not resolve: its bug, not yours
+        raise PluginError(f"trainer {trainer.name!r}: the type hints of {schema.__name__} "
+                          f"cannot be read ({exc})") from None
+    fields = [f for f in dataclasses.fields(schema) if f.init]
+    known = [f.name for f in fields]
+    problems: list[str] = []
+    unknown = sorted(str(k) for k in given if str(k).replace("-", "_") not in known)
+    if unknown:
+        problems.append(f"unknown {trainer.name} option(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(known) or 'none'})")
+    values: dict[str, Any] = {}
+    for key, value in given.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            continue
+        failed: list[str] = []
+        typed = _coerce(name, value, hints[name], failed)
+        if failed:
+            problems.append(f"{name} must be {_describe(hints[name])}, got {value!r}")
+        else:
+            values[name] = typed
+    required = [f.name for f in fields if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    given_names = {str(k).replace("-", "_") for k in given}
+    problems += [f"{name} is required" for name in required if name not in given_names]
+    if any(name not in values for name in required):
+        return None, problems  # no instance without every required value (nothing to check)
+    try:
+        instance = schema(**values)
+    except ValueError as exc:  # raised by the dataclass's own __post_init__
+        return None, problems + [str(exc)]
+    check = getattr(instance, "check", None)
+    if callable(check):
+        problems += [str(p) for p in check(options) or ()]
+    return instance, problems
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:

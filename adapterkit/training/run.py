@@ -25,7 +25,7 @@ from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.data import Data, as_chat, general_text_path, load_data, read_rows
 from adapterkit.training.job import TrainJob, TrainResult
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
-from adapterkit.training.options import TrainOptions
+from adapterkit.training.options import TrainOptions, build_trainer_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
@@ -139,14 +139,17 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
              options: TrainOptions | None, home: str | os.PathLike[str] | None,
              plugins: PluginManager, resume: bool, restart: bool, callbacks: list[Any] | None,
              on: str | None, start_from: str | None, say: Callable[[str], None]) -> _Run:
-    """Everything that can be refused is refused here, before the first step: options, the
-    name, data, the base, the parent, lengths; then the base is loaded and the job built."""
+    """Everything that can be refused is refused here, before the first step: options (the
+    trainer's own included), the name, data, the base, the parent, lengths; then the base is
+    loaded and the job built."""
     # our own copy: trainers may record values in job.options.trainer_options (rlhf records
     # the reward pocket book it used) without touching the caller's object
     options = replace(options or TrainOptions(),
                       trainer_options=dict((options.trainer_options if options else None) or {}))
     pm = plugins
     trainer_obj = pm.trainer(trainer)
+    # the trainer's own options, typed: every problem in one error, before anything is reserved
+    trainer_options = build_trainer_options(trainer_obj, options)
     refuse_unapplied_guard(trainer, trainer_obj, options,
                            guarded=[t.name for t in pm.trainers if _applies_guard(t)])
     method = pm.method(options.method)
@@ -201,9 +204,9 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     job_data = data
     job = TrainJob(build=build, tokenizer=loaded.tokenizer, data=train_data,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
-                   resume_from=resume_from, callbacks=list(callbacks or []), guard=guard,
-                   base=loaded, stacked_on=underlay, home=library.home, name=str(ref),
-                   stage_runner=run_stage)
+                   resume_from=resume_from, trainer_options=trainer_options,
+                   callbacks=list(callbacks or []), guard=guard, base=loaded,
+                   stacked_on=underlay, home=library.home, name=str(ref), stage_runner=run_stage)
     if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
     say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}"
