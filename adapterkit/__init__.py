@@ -69,6 +69,10 @@ _LAZY = {
     "MergeInput": "lora.combine",
     "MergeOutput": "lora.combine",
     "RewardScorer": "training.reward",
+    "Factors": "lora.factors",
+    "plain_config": "lora.factors",
+    "tensors_of": "lora.factors",
+    "loadable_together": "runtime.peft_model",
 }
 
 __all__ = [
@@ -102,7 +106,8 @@ if TYPE_CHECKING:  # pragma: no cover
         load_base,
     )
     from adapterkit.library.peft_folder import check_fits, read_adapter
-    from adapterkit.runtime.peft_model import peft_model
+    from adapterkit.lora.factors import Factors, plain_config, tensors_of
+    from adapterkit.runtime.peft_model import loadable_together, peft_model
     from adapterkit.runtime.session import Session, open_session
     from adapterkit.training.data import load_data
     from adapterkit.training.guard import ForgettingGuard

@@ -72,6 +72,14 @@ def token_ids(vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 def main() -> None:
+    grad = torch.is_grad_enabled()
+    try:
+        _main()
+    finally:  # inference only, and leave the caller's autograd mode as it was
+        torch.set_grad_enabled(grad)
+
+
+def _main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--base", default="smollm2-135m", help="a base, or tiny (a tiny random one)")
     p.add_argument("--attached", type=int, default=50)

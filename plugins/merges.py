@@ -10,8 +10,6 @@ the small R × R core. Cost O((out + in)·R²) instead of an SVD of every out ×
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ class PeftMerge(MergeStrategy):
     def merge(self, *, adapters, weights, rank=None, density=None, base_model=None, **_: Any):
         from peft import PeftModel, get_peft_model_state_dict
 
-        from adapterkit import ConfigError, MergeOutput
+        from adapterkit import ConfigError, MergeOutput, loadable_together
 
         path = f"merge --method {self.name}"
         ranks = [{m: f.rank for m, f in a.factors(path=path).items()} for a in adapters]
@@ -46,7 +44,8 @@ class PeftMerge(MergeStrategy):
         with tempfile.TemporaryDirectory() as tmp:
             # factors() above refused any saved bias tensor, so bias="all"/"lora_only" here
             # saves nothing and means "none" — which PEFT needs to load several at once.
-            folders = [_bias_none(a, Path(tmp) / name) for a, name in zip(adapters, names)]
+            folders = [loadable_together(a, Path(tmp) / name, alone=False)
+                       for a, name in zip(adapters, names)]
             model = PeftModel.from_pretrained(base_model(), str(folders[0]),
                                               adapter_name=names[0])
             for name, folder in zip(names[1:], folders[1:]):
@@ -76,18 +75,6 @@ class PeftMerge(MergeStrategy):
         return MergeOutput(config, {k: v.detach().cpu() for k, v in tensors.items()})
 
 
-def _bias_none(adapter: Any, copy: Path) -> Path:
-    """``adapter``'s folder, or a copy whose config says ``bias="none"`` where it said
-    otherwise but saved no bias tensor (so the copy is the same adapter)."""
-    if adapter.config.get("bias", "none") == "none":
-        return adapter.path
-    copy.mkdir()
-    shutil.copy(adapter.path / "adapter_model.safetensors", copy)
-    config = dict(adapter.config, bias="none")
-    (copy / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return copy
-
-
 _PEFT = [
     ("linear", "weighted sum of the LoRA factors (equal ranks)", False),
     ("cat", "concatenated ranks: the exact weighted sum of the deltas", False),
@@ -110,8 +97,7 @@ class ExactSVD(MergeStrategy):
     def merge(self, *, adapters, weights, rank=None, **_: Any):
         import torch
 
-        from adapterkit import MergeOutput
-        from adapterkit.lora.factors import plain_config, tensors_of
+        from adapterkit import MergeOutput, plain_config, tensors_of
 
         members = [(a.factors(path="merge --method exact_svd"), w)
                    for a, w in zip(adapters, weights)]

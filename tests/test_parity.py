@@ -44,16 +44,16 @@ VARIANTS: dict[str, tuple[dict[str, Any], Any]] = {
     "lm_head": ({"target_modules": ["q_proj", "lm_head"]}, None),
     "missing_target_name": ({"target_modules": ["q_proj", "not_a_layer"]}, None),
     "bias_all_no_biases": ({"bias": "all"}, None),  # nothing to save: exactly plain LoRA
-    # saved biases equal to the base's change nothing (the session checks them against the
-    # resident base); the paths without the base refuse to guess
+    # saved biases equal to the base's change nothing (every path checks them against the base,
+    # resident or as stored); PEFT's own merges load only one adapter with biases at a time
     "bias_all": ({"_base": "llama_bias", "bias": "all"}, {
-        "session": "exact", "session_stack": "exact", "flatten": "bias=all",
-        "merge_cat": "bias=all", "merge_svd": "bias=all", "merge_exact_svd": "bias=all",
-        "export_merged": "bias=all"}),
+        **dict.fromkeys(["session", "session_stack", "underlay", "flatten", "merge_exact_svd",
+                         "export_merged"], "exact"),
+        "merge_cat": "only one", "merge_svd": "only one"}),
     "bias_lora_only": ({"_base": "llama_bias", "bias": "lora_only"}, {
-        "session": "exact", "session_stack": "exact", "flatten": "bias=lora_only",
-        "merge_cat": "bias=lora_only", "merge_svd": "bias=lora_only",
-        "merge_exact_svd": "bias=lora_only", "export_merged": "bias=lora_only"}),
+        **dict.fromkeys(["session", "session_stack", "underlay", "flatten", "merge_exact_svd",
+                         "export_merged"], "exact"),
+        "merge_cat": "only one", "merge_svd": "only one"}),
     "dora": ({"use_dora": True}, "DoRA"),
     "embedding": ({"target_modules": ["q_proj", "embed_tokens"]}, "embedding LoRA"),
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
@@ -64,14 +64,29 @@ VARIANTS: dict[str, tuple[dict[str, Any], Any]] = {
     "gpt2_conv1d": ({"_base": "gpt2", "target_modules": ["c_attn", "c_proj"],
                      "fan_in_fan_out": True},
                     {"session": "fan_in_fan_out", "session_stack": "fan_in_fan_out",
+                     "underlay": "fan_in_fan_out",
                      "export_merged": "fan_in_fan_out", "flatten": "exact", "merge_cat": "exact",
                      "merge_svd": "exact", "merge_exact_svd": "exact"}),
     # A 4-bit NF4 base: the session against PEFT on the same 4-bit base; the saved paths do not
     # depend on the base's precision (they are the plain rows above).
     "nf4_base": ({"_base": "llama_4bit", "target_modules": ALL},
-                 {"session": "exact", "session_stack": "exact", "flatten": "n/a",
+                 {"session": "exact", "session_stack": "exact", "underlay": "exact",
+                  "flatten": "n/a",
                   "merge_cat": "n/a", "merge_svd": "n/a", "merge_exact_svd": "n/a",
                   "export_merged": "n/a"}),
+    # activated LoRA: the delta acts only after the invocation tokens — not W x + s·B A x
+    "alora": ({"alora_invocation_tokens": [5, 9]}, "alora_invocation_tokens"),
+    # PEFT saves lm_head's weight beside its LoRA; changed, PEFT loads it over the base's
+    "lm_head_changed_copy": ({"target_modules": ["q_proj", "lm_head"], "_perturb": "lm_head"},
+                             "differs from this base"),
+    "bias_trained": ({"_base": "llama_bias", "bias": "all", "_perturb": "bias"},
+                     "differs from this base"),
+    # a base whose lm_head shares the input embeddings' weight (as SmolLM2's does)
+    "lm_head_tied": ({"_base": "llama_tied", "target_modules": ["q_proj", "lm_head"]}, {
+        "session": "exact", "session_stack": "exact", "underlay": "exact",
+        "flatten": "no separate lm_head.weight", "merge_cat": "no separate lm_head.weight",
+        "merge_svd": "no separate lm_head.weight",
+        "merge_exact_svd": "no separate lm_head.weight", "export_merged": "no separate"}),
     "pissa_unconverted": ({"init_lora_weights": "pissa"}, "import:path_initial_model"),
     "olora_unconverted": ({"init_lora_weights": "olora"}, "import:path_initial_model"),
 }
@@ -137,7 +152,8 @@ def world(tmp_path_factory, tiny_base):
     root = tmp_path_factory.mktemp("parity")
     bases = {"llama": tiny_base, "llama_4bit": tiny_base, "gpt2": _gpt2_base(root / "gpt2"),
              "llama_bias": make_tiny_base(root / "llama-bias", attention_bias=True,
-                                          mlp_bias=True)}
+                                          mlp_bias=True),
+             "llama_tied": make_tiny_base(root / "llama-tied", tie_word_embeddings=True)}
     library = Library(root / "home")
     books: dict[str, str | Exception] = {}
     reference: dict[str, Any] = {}
@@ -146,7 +162,9 @@ def world(tmp_path_factory, tiny_base):
         kind = kwargs.get("_base", "llama")
         base = bases[kind]
         folder = make_peft_adapter(base, root / name,
-                                   **{k: v for k, v in kwargs.items() if k != "_base"})
+                                   **{k: v for k, v in kwargs.items() if k[0] != "_"})
+        if "_perturb" in kwargs:
+            _perturb(folder, kwargs["_perturb"])
         nf4 = kind == "llama_4bit"
         reference[name] = _peft(base, folder, nf4=nf4)
         plain[name] = _logits(_plain_base(base, nf4=nf4))
@@ -158,6 +176,20 @@ def world(tmp_path_factory, tiny_base):
             books[name] = exc
     return {"bases": bases, "library": library, "books": books, "ref": reference,
             "root": root, "plain": plain}
+
+
+def _perturb(folder: Path, what: str) -> None:
+    """Change the base tensors PEFT saved with the adapter (as training them would)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    state = load_file(str(path))
+    hits = [k for k in state if ("base_layer" in k or k.endswith(".bias")) and what in k
+            and "lora_" not in k]
+    assert hits, f"nothing to perturb for {what}"
+    for key in hits:
+        state[key] = state[key] + 0.25
+    save_file(state, str(path), metadata={"format": "pt"})
 
 
 def _base_of(world: dict, ref: str) -> tuple[Path, str | None]:
@@ -184,6 +216,17 @@ def path_session_stack(world: dict, ref: str) -> Any:
     session = open_session(str(base), quantization=quant, home=world["library"].home)
     session.stack({ref: 1.0})
     return _logits(session.model)
+
+
+def path_underlay(world: dict, ref: str) -> Any:
+    """Frozen underneath a training run (``train --on``): folded in as forward hooks."""
+    from adapterkit import load_base
+    from adapterkit.lora.underlay import apply
+
+    base, quant = _base_of(world, ref)
+    loaded = load_base(str(base), quantization=quant, home=world["library"].home)
+    apply(loaded.model, [world["library"].get(ref)])
+    return _logits(loaded.model)
 
 
 def _saved(world: dict, ref: str, make: Callable[[str], Any]) -> Any:
@@ -219,6 +262,7 @@ def path_export_merged(world: dict, ref: str) -> Any:
 PATHS = {
     "session": path_session,
     "session_stack": path_session_stack,
+    "underlay": path_underlay,
     "flatten": path_flatten,
     "merge_cat": _merge("cat"),
     "merge_svd": _merge("svd"),

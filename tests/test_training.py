@@ -59,7 +59,7 @@ def reload_logits(base_folder, adapter_path, ids, quantization=None):
     from adapterkit.base.load import keep_4bit_layout
 
     plain = AutoModelForCausalLM.from_pretrained(base_folder, **kwargs)
-    keep_4bit_layout(plain)  # no bitsandbytes CPU repacking (it rounds; see base.py)
+    keep_4bit_layout(plain)  # no bitsandbytes CPU repacking (it rounds; see adapterkit/base/load.py)
     model = PeftModel.from_pretrained(plain, adapter_path).eval()
     with torch.no_grad():
         return model(input_ids=ids).logits

@@ -33,7 +33,7 @@ def test_verify_reports_every_path_exact_and_records_it(tmp_path, tiny_base, hom
     assert meta["verification"]["ok"] is True
     assert meta["verification"]["versions"]["peft"]
     card = next(home.rglob("README.md")).read_text()
-    assert "verified against plain PEFT" in card and "export --merged: max logit" in card
+    assert "exact on the 4 path(s)" in card and "export --merged: max logit" in card
 
 
 def test_verify_catches_drift_in_our_own_math(tmp_path, tiny_base, home, monkeypatch):
@@ -55,3 +55,25 @@ def test_verify_names_what_a_path_refuses(tmp_path, tiny_base, home):
     assert result.exit_code == 0, result.output
     assert result.output.count("refused:") == 4
     assert "DoRA" in result.output
+    assert "not verified: every adapterkit path refuses it" in result.output
+    card = next(home.rglob("README.md")).read_text()
+    assert "not verified" in card and "exact on" not in card
+
+
+def test_export_merged_refuses_when_our_math_is_wrong(tmp_path, tiny_base, library,
+                                                      monkeypatch):
+    """The merged model is checked against plain PEFT, not against our own factor reading:
+    a wrong scale in our math makes the export refuse, and leaves nothing behind."""
+    from adapterkit.lora import factors
+    from adapterkit.runtime.export import MergeCheckFailed, export_merged
+
+    folder = make_peft_adapter(tiny_base, tmp_path / "a")
+    library.import_peft(folder, "a", base=str(tiny_base))
+    real = factors.scale_of
+    monkeypatch.setattr(factors, "scale_of", lambda config, module: real(config, module) * 1.5)
+    with pytest.raises(MergeCheckFailed, match="differ from plain PEFT"):
+        export_merged(library, "a", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
+    monkeypatch.setattr(factors, "scale_of", real)
+    report = export_merged(library, "a", tmp_path / "merged")
+    assert report.max_logit_diff < 1e-4

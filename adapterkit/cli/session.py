@@ -213,7 +213,6 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
             else:
                 mark = "ok" if r.ok(tolerance) else "DRIFT"
                 click.echo(f"  {r.path:<16} max |logit diff| vs PEFT {r.max_logit_diff:.2e}  {mark}")
-        click.echo(f"{result.ref}: " + ("exact on every path that accepts it" if result.ok
-                                        else f"drifts beyond {tolerance:g}"))
+        click.echo(f"{result.ref}: {result.verdict()}")
     if not result.ok:
         ctx.exit(1)

@@ -1,6 +1,6 @@
 """CLI commands that run models: ``train``, ``eval`` and ``generate``.
 
-Kept apart from ``cli.py`` because these are the heavy ones; torch and friends are imported
+Kept apart from the library commands because these are the heavy ones; torch and friends are imported
 inside the command bodies, never at module level.
 """
 

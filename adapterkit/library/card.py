@@ -133,8 +133,14 @@ def _verification_lines(v: dict[str, Any]) -> list[str]:
     if not v:
         return []
     versions = ", ".join(f"{k} {val}" for k, val in sorted(v.get("versions", {}).items()))
-    lines = [f"- **verified against plain PEFT** ({versions}; tolerance {_fmt(v['tolerance'])}): "
-             + ("exact on every path that accepts it" if v.get("ok") else "DRIFT")]
+    if not v.get("ok"):
+        verdict = "DRIFT on some path"
+    elif not v.get("compared"):
+        verdict = "not verified: every adapterkit path refuses it; PEFT itself applies it"
+    else:
+        verdict = f"exact on the {v['compared']} path(s) that accept it"
+    lines = [f"- **checked against plain PEFT** ({versions}; tolerance "
+             f"{_fmt(v['tolerance'])}): {verdict}"]
     for path, cell in v.get("paths", {}).items():
         lines.append(f"  - {path}: " + (f"refused ({cell['refused']})" if "refused" in cell
                                         else f"max logit difference {cell['max_logit_diff']:.1e}"))

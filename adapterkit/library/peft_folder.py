@@ -34,7 +34,7 @@ _PARTS = {
 
 #: Initialisations with which PEFT rewrites the base weights when the adapter is loaded
 #: (unless the adapter was converted when saved): ``W_base`` is not the base on disk.
-BASE_REWRITING_INITS = ("pissa", "olora", "corda")
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass(frozen=True)
@@ -217,16 +217,33 @@ def _check_config_targets(config: dict, structure: BaseStructure, problems: list
 
 
 def _refuse_base_rewriting(adapter: AdapterFiles) -> None:
-    """PiSSA/OLoRA/CorDA adapters saved without conversion need the base rewritten as PEFT
-    rewrites it on load; sessions, stacks and merges use the base as stored. Refuse them."""
+    """PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA adapters saved without conversion need the base
+    rewritten as PEFT rewrites it on load; sessions, stacks and merges use the base as stored.
+    Refuse them."""
     init = adapter.config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         raise InvalidAdapter(
             f"{adapter.folder.name} was saved with init_lora_weights={init!r} and not converted: "
             "PEFT rewrites the base weights when it loads it, so on the base as stored it gives "
             "other answers. Save it again with PEFT's "
-            "save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a plain "
-            "LoRA, then import that")
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...) (PiSSA, OLoRA, "
+            "CorDA) to get a plain LoRA on the original base, then import that")
+
+
+def _same_base(recorded: str, folder: Path, home: Path) -> bool:
+    """Whether the base an adapter's config names is the one given (the same folder or the
+    same weights), where that can be told on this machine."""
+    from adapterkit.base.fingerprints import fingerprint
+    from adapterkit.base.resolve import resolve_base
+    from adapterkit.errors import AdapterkitError
+
+    if not Path(recorded).expanduser().exists():  # a Hub id: never download just to compare
+        return False
+    try:
+        other = resolve_base(recorded, home).folder
+    except AdapterkitError:
+        return False
+    return other.resolve() == folder.resolve() or fingerprint(other) == fingerprint(folder)
 
 
 def _all_b_zero(weights: Path) -> bool:
@@ -268,13 +285,14 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
     _refuse_base_rewriting(adapter)
     base_source = resolve_base(str(base_spec), library.home)
     recorded = adapter.config.get("base_model_name_or_path")
-    if base and recorded and str(recorded) != str(base):
+    if base and recorded and str(recorded) != str(base) and not _same_base(
+            str(recorded), base_source.folder, library.home):
         warnings.warn(f"{folder.name}'s config names base {recorded}; it is recorded as made "
                       f"on {base} because you passed --base", AdapterWarning, stacklevel=2)
     check_fits(adapter, inspect_structure(base_source.folder))
     if not adapter.pickled and _all_b_zero(folder / WEIGHTS_FILE):
-        warnings.warn(f"{folder.name} is untrained: every lora_B is zero, so it answers exactly "
-                      "like the plain base", AdapterWarning, stacklevel=2)
+        warnings.warn(f"{folder.name} looks untrained: every lora_B is zero, so its LoRA "
+                      "changes nothing", AdapterWarning, stacklevel=2)
     fp = fingerprint(base_source.folder)
     remember_base(library.home, fp, canonical_spec(str(base_spec), base_source))
     meta = PocketBookMeta(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import BaseMismatch, ConfigError
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
+from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import (
     Factors,
@@ -25,6 +26,7 @@ from adapterkit.lora.factors import (
     parse_key,
     plain_config,
     read_factors,
+    stored_tensors,
     tensors_of,
 )
 from adapterkit.lora.factors import scale_of as factors_scale_of
@@ -40,6 +42,9 @@ class MergeInput:
     ref: str
     path: Path
     config: dict[str, Any]
+    #: ``(module, leaf) -> tensor`` of the base as stored, to check base tensors PEFT saved
+    #: with the adapter (see :func:`adapterkit.lora.factors.stored_tensors`).
+    base_weights: Callable[[str, str], Any] | None = None
 
     def tensors(self) -> dict[str, Any]:
         """Every saved tensor under its PEFT name."""
@@ -54,7 +59,8 @@ class MergeInput:
         ``fan_in_fan_out`` (GPT-2's Conv1D) is no obstacle here: the factors have the same
         shapes, the combined adapter keeps the flag, and PEFT transposes when it applies it.
         """
-        return read_factors(self.path, ref=self.ref, path=path, handles=("fan_in_fan_out",))
+        return read_factors(self.path, ref=self.ref, path=path, handles=("fan_in_fan_out",),
+                            base_weights=self.base_weights)
 
 
 @dataclass
@@ -63,6 +69,25 @@ class MergeOutput:
 
     config: dict[str, Any]
     tensors: dict[str, Any]
+
+
+def inputs_of(library: Library, books: list[PocketBook]) -> list[MergeInput]:
+    """The members as strategies see them, with the base as stored to check against."""
+    stored = stored_base(library, books[0])  # members share one base (checked by the caller)
+    return [MergeInput(b.ref, b.path, read_config(b.path), base_weights=stored) for b in books]
+
+
+def stored_base(library: Library, book: PocketBook) -> Callable[[str, str], Any] | None:
+    """The stored tensors of ``book``'s base, or None where the base is not on this machine
+    (then base tensors saved with an adapter are refused, not guessed)."""
+    from adapterkit.base.resolve import base_spec_for, resolve_base
+    from adapterkit.errors import AdapterkitError
+
+    try:
+        folder = resolve_base(base_spec_for(book.meta.base, library.home), library.home).folder
+    except AdapterkitError:
+        return None
+    return stored_tensors(folder)
 
 
 def check_weights(refs: list[str], weights: list[float], *, allow_negative: bool,
@@ -104,8 +129,9 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
             raise ConfigError(f"method {method} needs --density in (0, 1], got {density}")
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be at least 1, got {rank}")
-    inputs = [MergeInput(b.ref, b.path, json.loads((b.path / CONFIG_FILE).read_text()))
-              for b in books]
+    inputs = inputs_of(library, books)
+    for item in inputs:  # what no strategy can combine exactly is refused here, for all of them
+        item.factors(path=f"merge --method {method}")
 
     def base_model() -> Any:
         if load_base is not None:
@@ -178,8 +204,8 @@ def scale_of(config: dict[str, Any], rank_or_module: int | str) -> float:
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ConfigError("this adapter has rank_pattern/alpha_pattern: call scale_of(config, "
                           "module_path), or MergeInput.factors(), for per-layer scales")
-    alpha = config.get("lora_alpha", rank_or_module)
-    return alpha / (rank_or_module ** 0.5 if config.get("use_rslora") else rank_or_module)
+    # without patterns every layer has the config's rank and alpha: PEFT's rule, one copy
+    return factors_scale_of(config, "")
 
 
 def lora_config(template: dict[str, Any], *, rank: int, alpha: float,
@@ -224,8 +250,7 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
                           source={"kind": "stack"})
     if flatten:
         check_underlays(books, "flattening")
-        inputs = [MergeInput(b.ref, b.path, json.loads((b.path / CONFIG_FILE).read_text()))
-                  for b in books]
+        inputs = inputs_of(library, books)
         return save_adapter(library, concatenate(inputs, weights, path="stack --flatten"),
                             meta, str(target))
     from adapterkit.library.card import write_card

@@ -16,7 +16,7 @@ features that plain ``y = W x + s·B A x`` does not express.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,24 @@ class Factors:
         return self.b * (self.scale * weight)
 
 
+#: Config keys that leave ``y = W x + s · B A x`` as it is (which layers, which scale, how it
+#: was trained or initialised without touching the base, bookkeeping). Every other key with a
+#: value other than PEFT's default is a feature a path must apply or refuse — an allow-list,
+#: so an option PEFT adds later is refused by name rather than silently ignored.
+PLAIN_KEYS = frozenset({
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+    "auto_mapping", "peft_version", "r", "lora_alpha", "lora_dropout", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "use_rslora", "megatron_config", "megatron_core", "eva_config", "loftq_config",
+    "corda_config", "lora_ga_config", "qalora_group_size",
+    # applied or refused by name below
+    "init_lora_weights", "use_dora", "lora_bias", "trainable_token_indices", "modules_to_save",
+    "fan_in_fan_out", "bias",
+})
+#: Initialisations that change only the LoRA factors' starting values, never the base.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal")
+
+
 def features(config: dict[str, Any], names: Iterable[TensorName]) -> list[str]:
     """The PEFT features this adapter uses beyond plain linear LoRA, named for users.
 
@@ -85,9 +103,12 @@ def features(config: dict[str, Any], names: Iterable[TensorName]) -> list[str]:
     """
     names = list(names)
     found = []
-    init = config.get("init_lora_weights")
+    init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         found.append(f"{init} initialisation (PEFT rewrites the base weights when it loads it)")
+    elif not isinstance(init, bool) and not str(init).lower().startswith(PLAIN_INITS):
+        found.append(f"init_lora_weights={init!r} (an initialisation adapterkit does not know)")
+    found += _unknown_options(config)
     if config.get("use_dora") or any(n.part == "magnitude" for n in names):
         found.append("DoRA (a magnitude vector per layer)")
     if any(n.part in ("embA", "embB") for n in names):
@@ -96,6 +117,10 @@ def features(config: dict[str, Any], names: Iterable[TensorName]) -> list[str]:
         found.append("lora_bias (a trained bias on lora_B)")
     if config.get("trainable_token_indices") or any(n.part == "tokens" for n in names):
         found.append("trainable tokens")
+    copies = sorted({n.module for n in names if n.part == "base_layer" and not _is_bias(n)})
+    if copies:
+        found.append(f"saved copies of base weights ({', '.join(copies[:3])}"
+                     f"{', ...' if len(copies) > 3 else ''}; PEFT loads them over the base)")
     biases = sorted({n.module for n in names if _is_bias(n)})
     if biases:
         found.append(f"bias={config.get('bias', 'all')} (saved biases of {', '.join(biases[:3])}"
@@ -109,32 +134,62 @@ def features(config: dict[str, Any], names: Iterable[TensorName]) -> list[str]:
     return found
 
 
+def _unknown_options(config: dict[str, Any]) -> list[str]:
+    """Options outside :data:`PLAIN_KEYS` set to anything but PEFT's default."""
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    out = []
+    for key, value in sorted(config.items()):
+        if key in PLAIN_KEYS or value in (None, {}, [], False) or value == defaults.get(key):
+            continue
+        out.append(f"{key}={value!r} (a PEFT option adapterkit does not apply itself)")
+    return out
+
+
 def _is_bias(name: TensorName) -> bool:
     """A base layer's bias that PEFT saved (``bias="all"``/``"lora_only"``)."""
     return name.leaf == "bias" and name.part in (None, "base_layer")
 
 
+def saved_names(folder: Path) -> list[TensorName]:
+    """The parsed names of the tensors a PEFT folder saves (its header only, no tensor read)."""
+    from adapterkit.base.fingerprints import read_safetensors_header
+
+    try:
+        header, _ = read_safetensors_header(folder / WEIGHTS_FILE)
+    except Exception as exc:  # a damaged file: say which
+        raise InvalidAdapter(f"{folder / WEIGHTS_FILE} cannot be read ({exc})") from None
+    return [parse_key(k) for k in header if k != "__metadata__"]
+
+
+#: What to do instead, where a path refuses an adapter it cannot apply exactly.
+THROUGH_PEFT = "`adapterkit eval` and `adapterkit generate` load it through PEFT, which can"
+
+
 def refuse_inexact(ref: str, config: dict[str, Any], names: Iterable[TensorName], *,
-                   path: str, handled: Iterable[str] = ()) -> None:
+                   path: str, handled: Iterable[str] = (), instead: str = THROUGH_PEFT) -> None:
     """Raise :class:`InvalidAdapter` if ``path`` (e.g. ``"a session"``) cannot reproduce
-    what PEFT does with this adapter; the message names every feature in the way."""
+    what PEFT does with this adapter; the message names every feature in the way, and
+    ``instead`` what the user can do."""
     handled = tuple(handled)
     missing = [f for f in features(config, names) if not f.startswith(handled)]
     if missing:
         raise InvalidAdapter(
-            f"{ref} uses {'; '.join(missing)}, which {path} cannot apply exactly; "
-            "`adapterkit eval` and `adapterkit generate` load it through PEFT, which can")
+            f"{ref} uses {'; '.join(missing)}, which {path} cannot apply exactly; {instead}")
 
 
 def read_factors(folder: Path, *, ref: str, path: str, dtype: Any = None, device: Any = "cpu",
                  extra: dict[str, Any] | None = None, base_weights: Any = None,
-                 handles: Iterable[str] = ()) -> dict[str, Factors]:
+                 handles: Iterable[str] = (), instead: str = THROUGH_PEFT
+                 ) -> dict[str, Factors]:
     """Every linear layer's LoRA factors in the PEFT folder ``folder``, with PEFT's scales.
 
     Refuses (:func:`refuse_inexact`) what ``path`` cannot apply exactly. Full tensors (a
     reward head's ``modules_to_save``) are collected into ``extra`` when the caller handles them.
     ``base_layer`` copies that PEFT saves beside ``lm_head`` LoRA are checked against the base
-    (``base_weights(module) -> tensor``) when given: equal, they change nothing. ``handles``
+    (``base_weights(module, leaf) -> tensor``; :func:`stored_tensors` reads them from the
+    base's files) when given: equal, they change nothing; without it they are refused. ``handles``
     names features (as :func:`features` words them) the caller applies itself.
     """
     from safetensors.torch import load_file
@@ -147,8 +202,8 @@ def read_factors(folder: Path, *, ref: str, path: str, dtype: Any = None, device
     names = [parse_key(k) for k in state]
     handled = (("modules_to_save", "full tensors") if extra is not None else ()) + tuple(handles)
     if base_weights is not None:  # saved copies of base tensors are checked against the base
-        handled += ("bias=",)
-    refuse_inexact(ref, config, names, path=path, handled=handled)
+        handled += ("bias=", "saved copies of base weights")
+    refuse_inexact(ref, config, names, path=path, handled=handled, instead=instead)
     pairs: dict[str, dict[str, Any]] = {}
     for name in names:
         tensor = state[name.key]
@@ -177,7 +232,13 @@ def _check_base_copy(ref: str, name: TensorName, tensor: Any, base_weights: Any)
         return
     leaf = name.leaf or "weight"
     weight = base_weights(name.module, leaf)
-    if weight is not None and tuple(weight.shape) == tuple(tensor.shape) and bool(
+    if weight is None:
+        raise InvalidAdapter(
+            f"{ref} saves its own {name.module}.{leaf}, which PEFT loads over the base's, and "
+            f"the base here has no separate {name.module}.{leaf} to compare it with (a tied "
+            "or quantized weight); this path cannot tell whether it changes anything. Use a "
+            "session, or `adapterkit eval`/`generate`")
+    if tuple(weight.shape) == tuple(tensor.shape) and bool(
             (weight.float().cpu() == tensor.float().cpu()).all()):
         return
     raise InvalidAdapter(
@@ -229,3 +290,40 @@ def tensors_of(factors: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
         out[f"{PREFIX}{module}.lora_B.weight"] = b.contiguous()
     return out
 
+
+
+def stored_tensors(folder: Path) -> Callable[[str, str], Any]:
+    """``(module, leaf) -> tensor`` read from a base model folder's safetensors files (or None
+    where it has no such tensor): the base as stored, for paths that have no base loaded."""
+    from safetensors import safe_open
+
+    from adapterkit.base.fingerprints import weight_files
+
+    where: dict[str, Path] = {}
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt") as fh:
+            where.update(dict.fromkeys(fh.keys(), file))
+
+    def get(module: str, leaf: str) -> Any:
+        file = where.get(f"{module}.{leaf}")
+        if file is None:
+            return None
+        with safe_open(str(file), framework="pt") as fh:
+            return fh.get_tensor(f"{module}.{leaf}")
+
+    return get
+
+
+def resident_tensors(model: Any) -> Callable[[str, str], Any]:
+    """``(module, leaf) -> tensor`` of a resident base model (inside any LoRA wrapper), or None
+    where it has none in full precision (a 4-bit weight cannot be compared bit for bit)."""
+    def get(module: str, leaf: str) -> Any:
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            return None
+        layer = getattr(layer, "base_layer", layer)
+        tensor = getattr(layer, leaf, None)
+        return tensor if tensor is not None and tensor.is_floating_point() else None
+
+    return get

@@ -14,15 +14,14 @@ adapter off at once, so the reference would silently become the plain base.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from adapterkit.errors import BaseMismatch, InvalidAdapter
-from adapterkit.library.metadata import CONFIG_FILE
+from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.lora.factors import Factors, concat, read_factors
+from adapterkit.lora.factors import Factors, concat, read_factors, resident_tensors
 
 HANDLES_ATTR = "_adapterkit_underlay"
 
@@ -30,8 +29,8 @@ HANDLES_ATTR = "_adapterkit_underlay"
 def is_reward_book(book: PocketBook) -> bool:
     """A reward pocket book scores text (LoRA + scalar head); it cannot be a policy."""
     try:
-        config = json.loads((book.path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_config(book.path)
+    except InvalidAdapter:  # a damaged folder is refused where it is read
         return False
     return config.get("task_type") == "SEQ_CLS"
 
@@ -50,7 +49,7 @@ def chain(library: Library, book: PocketBook) -> list[PocketBook]:
 
 def check_policy(book: PocketBook, base: Any, *, role: str) -> None:
     """Refuse a stack, or a pocket book made on another base, where a policy is expected
-    (reward pocket books are refused before the base loads: ``training._parent``)."""
+    (reward pocket books are refused before the base loads: ``adapterkit.training.run._parent``)."""
     from adapterkit.base.compat import check_base
 
     if book.meta.kind != "adapter":
@@ -94,8 +93,10 @@ def apply(model: Any, books: list[PocketBook], *, gate: Gate | None = None,
     device = next(model.parameters()).device
     per_layer: dict[str, list[tuple[Factors, float]]] = {}
     for book in books:
-        book_factors = read_factors(book.path, ref=book.ref, path=path_name,
-                                    dtype=torch.float32, device=device, extra=extra)
+        book_factors = read_factors(
+            book.path, ref=book.ref, path=path_name, dtype=torch.float32, device=device,
+            extra=extra, base_weights=resident_tensors(model),
+            instead="train on the plain base, or on a plain LoRA pocket book, instead")
         for path, f in book_factors.items():
             per_layer.setdefault(path, []).append((f, 1.0))
     handles = getattr(model, HANDLES_ATTR, [])

@@ -59,6 +59,7 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
 
     from adapterkit.base.load import load_base
     from adapterkit.base.resolve import base_spec_for
+    from adapterkit.lora.combine import stored_base
     from adapterkit.plugin_api.manager import default_plugin_manager
     from adapterkit.runtime.peft_model import members_of, peft_model
 
@@ -68,7 +69,8 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
         raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
     book = library.get(ref)
     members = members_of(library, book)  # underlays at weight 1, a stack's members weighted
-    deltas = merged_deltas(members)  # refuses what a plain ΔW cannot express, before any loading
+    # refuses what a plain ΔW cannot express, before any loading
+    deltas = merged_deltas(members, base_weights=stored_base(library, book))
     pm = plugins or default_plugin_manager()
     methods = {item.meta.method for item, _ in members}
     quant = next((pm.methods.entries[m].item.quantization for m in methods
@@ -77,6 +79,7 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
     say(f"Loading base {spec}" + (f" ({quant}, as the pocket book was trained)" if quant else "")
         + "...")
     base = load_base(spec, quantization=quant, home=library.home, dtype=torch.float32)
+    check_foldable(base.model, deltas)
     _training_numerics(base.model)
     release_memory()  # quantizing on load leaves freed float32 staging memory behind
     tok = base.tokenizer
@@ -94,7 +97,12 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
 
     with new_folder(dest) as tmp:
         say("Writing merged weights shard by shard...")
-        shards = _write_shards(folder, tmp, deltas, dequantized)
+        shards, folded = _write_shards(folder, tmp, deltas, dequantized)
+        missed = sorted(set(deltas) - folded)
+        if missed:  # a checkpoint key that is not the module's path: never drop a delta
+            raise MergeCheckFailed(
+                f"the base's weight files have no tensor for {', '.join(missed[:3])}, so the "
+                "pocket book cannot be folded into it; nothing was written")
         for item in folder.iterdir():
             if item.is_file() and not item.name.endswith(".safetensors") and \
                     item.name != "model.safetensors.index.json" and not item.name.startswith("adapterkit"):
@@ -110,6 +118,23 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
     return ExportReport(dest, diff, "nf4" if quant == "4bit" else quant, shards)
 
 
+def check_foldable(model: Any, deltas: dict[str, Any]) -> None:
+    """Refuse a delta on an output layer that shares its weight with the input embeddings:
+    folded into the one shared matrix it would change the embeddings too, which the unmerged
+    pocket book (PEFT's, or a session's) never does."""
+    from adapterkit.errors import InvalidAdapter
+
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or inputs is None or output.weight is not inputs.weight:
+        return
+    name = next((n for n, m in model.named_modules() if m is output), None)
+    if name in deltas:
+        raise InvalidAdapter(
+            f"this base ties {name} to its input embeddings, so a LoRA on {name} cannot be "
+            "folded into the shared weight without changing the embeddings too; use it "
+            "unmerged (a session, or `adapterkit eval`/`generate`)")
+
+
 def _training_numerics(model: Any) -> None:
     """bitsandbytes' CPU inference kernel rounds activations to bfloat16; training (what the
     pocket book saw) dequantizes and multiplies in float32. Compare against the latter."""
@@ -118,14 +143,16 @@ def _training_numerics(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def merged_deltas(members: list[tuple[Any, float]]) -> dict[str, tuple[Any, Any]]:
+def merged_deltas(members: list[tuple[Any, float]], *,
+                  base_weights: Any = None) -> dict[str, tuple[Any, Any]]:
     """module path → (Σ wᵢ sᵢ Bᵢ, A) stacked: ΔW = B @ A is formed one layer at a time while
     writing, never all at once (that would be a second copy of every linear weight)."""
     from adapterkit.lora.factors import concat, read_factors
 
     per_module: dict[str, list[tuple[Any, float]]] = {}
     for item, weight in members:
-        for module, f in read_factors(item.path, ref=item.ref, path="export --merged").items():
+        for module, f in read_factors(item.path, ref=item.ref, path="export --merged",
+                                      base_weights=base_weights).items():
             per_module.setdefault(module, []).append((f.float_(), weight))
     out = {}
     for module, parts in per_module.items():
@@ -163,10 +190,12 @@ class _Dequantizer:
 
 
 def _write_shards(folder: Path, out: Path, deltas: dict[str, tuple[Any, Any]],
-                  dequantized: _Dequantizer | None) -> int:
+                  dequantized: _Dequantizer | None) -> tuple[int, set[str]]:
+    """Write the base's tensors with the deltas added; returns (shard count, modules folded)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    folded: set[str] = set()
     shard: dict[str, Any] = {}
     size = 0
     names: list[str] = []
@@ -190,6 +219,7 @@ def _write_shards(folder: Path, out: Path, deltas: dict[str, tuple[Any, Any]],
                 if tensor is None:
                     tensor = fh.get_tensor(key)
                 if key.endswith(".weight") and module in deltas:
+                    folded.add(module)
                     b, a = deltas[module]
                     tensor = (tensor.float() + b @ a).to(tensor.dtype)
                 shard[key] = tensor.contiguous()
@@ -206,7 +236,7 @@ def _write_shards(folder: Path, out: Path, deltas: dict[str, tuple[Any, Any]],
     if total > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {}, "weight_map": {k: final[v] for k, v in index.items()}}, indent=2))
-    return total
+    return total, folded
 
 
 def _max_logit_diff(folder: Path, tok: Any, batch: Any, reference: Any) -> float:

@@ -7,25 +7,37 @@ folders through ``PeftModel.from_pretrained`` — so a bug in our math can never
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from adapterkit.base.compat import check_base
+from adapterkit.errors import InvalidAdapter
+from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
+from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
+from adapterkit.lora.factors import refuse_inexact, saved_names
 
 
-def members_of(library: Library, book: PocketBook, weight: float = 1.0
-               ) -> list[tuple[PocketBook, float]]:
-    """What ``book`` puts on the base: a stack's members with their weights, and for each
-    pocket book trained ``--on`` others those underneath at weight 1 (bottom first)."""
+def members_of(library: Library, book: PocketBook) -> list[tuple[PocketBook, float]]:
+    """What ``book`` puts on the base, with each member's weight: a stack's members as saved,
+    and what each was trained ``--on`` underneath it at weight 1 — unless the stack names that
+    one itself, whose weight then wins (as in :meth:`Session.stack`). Underlays first."""
     if book.meta.kind == "stack":
-        out: list[tuple[PocketBook, float]] = []
-        for ref, w in book.meta.hyperparameters["weights"].items():
-            for item, iw in members_of(library, library.get(ref), weight * float(w)):
-                if all(item.ref != seen.ref for seen, _ in out):
-                    out.append((item, iw))
-        return out
-    under = [(library.get(ref), 1.0) for ref in book.meta.stacked_on]
-    return [*under, (book, weight)]
+        explicit = [(library.get(ref), float(w))
+                    for ref, w in book.meta.hyperparameters["weights"].items()]
+    else:
+        explicit = [(book, 1.0)]
+    named = {item.ref for item, _ in explicit}
+    under: dict[str, PocketBook] = {}
+    for item, _ in explicit:
+        for ref in item.meta.stacked_on:
+            below = library.get(ref)
+            if below.ref not in named:
+                under.setdefault(below.ref, below)
+    return [*((b, 1.0) for b in under.values()), *explicit]
 
 
 def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
@@ -42,14 +54,20 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
     from adapterkit.lora.underlay import refuse_reward
 
     items = weights or members_of(library or Library(), book)
-    for item, _ in items:
+    for item, w in items:
         refuse_reward(item)
         check_base(base, item, force=force)
+        if w != 1.0:  # PEFT's scale multiplies B A only: nothing else can be weighted
+            refuse_inexact(item.ref, read_config(item.path), saved_names(item.path),
+                           path=f"weighting it ({w:g}) in a stack")
     names = [f"m{i}" for i in range(len(items) - 1)] + [adapter_name]
-    model = PeftModel.from_pretrained(base.model, str(items[0][0].path), adapter_name=names[0],
-                                      is_trainable=False)
-    for (item, _), name in zip(items[1:], names[1:]):
-        model.load_adapter(str(item.path), adapter_name=name, is_trainable=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = [loadable_together(item, Path(tmp) / name, alone=len(items) == 1)
+                   for (item, _), name in zip(items, names)]
+        model = PeftModel.from_pretrained(base.model, str(folders[0]), adapter_name=names[0],
+                                          is_trainable=False)
+        for folder, name in zip(folders[1:], names[1:]):
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
     if len(names) > 1:
         model.base_model.set_adapter(names, inference_mode=True)  # type: ignore[operator]
     _weigh(model, dict(zip(names, (w for _, w in items))))
@@ -68,3 +86,21 @@ def _weigh(model: Any, weights: dict[str, float]) -> None:
             for name, w in weights.items():
                 if name in module.scaling:
                     module.scaling[name] *= w
+
+
+def loadable_together(book: PocketBook, copy: Path, *, alone: bool) -> Path:
+    """``book``'s folder, in a form PEFT loads beside other adapters: PEFT takes only one
+    adapter with ``bias != "none"`` at a time, so one that says so but saved no bias tensor
+    (the same adapter) is given as a copy that says ``"none"``; one that saved biases is
+    refused, naming them."""
+    config = read_config(book.path)
+    if alone or config.get("bias", "none") == "none":
+        return book.path
+    if any(n.leaf == "bias" and n.part in (None, "base_layer") for n in saved_names(book.path)):
+        raise InvalidAdapter(f"{book.ref} saves biases (bias={config['bias']!r}), and PEFT "
+                             "loads only one adapter with biases at a time; use it alone")
+    copy.mkdir(parents=True)
+    shutil.copy(book.path / WEIGHTS_FILE, copy)
+    (copy / CONFIG_FILE).write_text(json.dumps(dict(config, bias="none")),
+                                              encoding="utf-8")
+    return copy

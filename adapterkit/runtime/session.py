@@ -17,7 +17,7 @@ from adapterkit.base.compat import check_base
 from adapterkit.base.load import Base
 from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter, PocketBookNotFound
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.lora.factors import Factors, concat, pad, read_factors
+from adapterkit.lora.factors import Factors, concat, pad, read_factors, resident_tensors
 
 # -- fast sessions ----------------------------------------------------------------------------
 
@@ -96,7 +96,7 @@ class Session:
         first_slot = next(iter(self.slots.values()), None)
         dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
         loaded = load_book(book, dtype=dtype, device=_device(self.model),
-                           base_weights=self._base_weight)
+                           base_weights=resident_tensors(self.model))
         missing = [p for p in loaded.factors if p not in self.slots and not _is_linear(self.model, p)]
         if missing:
             raise BaseMismatch(f"{book.ref} targets {', '.join(missing[:3])}, which this base "
@@ -134,18 +134,6 @@ class Session:
         for book in list(self.books.values()) + list(self._stack_cache.values()):
             self._prepare(book)
         self._zeros = [(slot, *slot.zeros) for slot in self.slots.values()]
-
-    def _base_weight(self, module: str, leaf: str = "weight") -> Any:
-        """The resident base's ``module.leaf`` (to check the base tensors PEFT saves beside
-        some adapters: an ``lm_head`` weight, biases), or None where it has none in full
-        precision."""
-        try:
-            layer = self.model.get_submodule(module)
-        except AttributeError:
-            return None
-        layer = getattr(layer, "base_layer", layer)
-        tensor = getattr(layer, leaf, None)
-        return tensor if tensor is not None and tensor.is_floating_point() else None
 
     def _prepare(self, book: LoadedBook) -> None:
         import torch

@@ -3,7 +3,9 @@
 The reference is PEFT itself (``PeftModel.from_pretrained`` on the library folders, through
 :func:`adapterkit.runtime.peft_model.peft_model`); each of our own paths — a session swap, a
 session stack of the pocket book alone at weight 1, ``stack --flatten`` (saved as a PEFT folder
-and loaded back by PEFT) and the merged weights ``export --merged`` writes (formed in memory) —
+and loaded back by PEFT) and the merged weights as ``export --merged`` forms them (the same
+deltas added to the base in memory; the shard writing itself is checked by the export's own
+comparison with PEFT) —
 reports its largest logit difference from it, or the true reason it refuses the pocket book.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import AdapterkitError
+from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
 from adapterkit.library.store import Library, PocketBook
 
 PROMPTS = ["The capital of France is", "I have had a headache for three days and",
@@ -44,10 +47,25 @@ class Verification:
 
     @property
     def ok(self) -> bool:
+        """No path that accepts the pocket book drifts from PEFT."""
         return all(r.ok(self.tolerance) for r in self.results)
 
+    @property
+    def compared(self) -> int:
+        """How many paths accepted it and were compared (0: every path refused it)."""
+        return sum(r.refused is None for r in self.results)
+
+    def verdict(self) -> str:
+        if not self.ok:
+            return f"DRIFT beyond {self.tolerance:g} on some path"
+        if not self.compared:
+            return ("not verified: every adapterkit path refuses it (reasons above); "
+                    "`adapterkit eval`/`generate` use it through PEFT")
+        return f"exact on the {self.compared} path(s) that accept it"
+
     def as_dict(self) -> dict[str, Any]:
-        return {"tolerance": self.tolerance, "ok": self.ok, "versions": self.versions,
+        return {"tolerance": self.tolerance, "ok": self.ok, "compared": self.compared,
+                "versions": self.versions,
                 "paths": {r.path: ({"refused": r.refused} if r.refused is not None
                                    else {"max_logit_diff": r.max_logit_diff})
                           for r in self.results}}
@@ -115,8 +133,8 @@ def summary(result: Verification) -> str:
     """One line: each path's figure (or refusal), and the verdict."""
     cells = [f"{r.path} {r.max_logit_diff:.1e}" if r.refused is None else f"{r.path} refused"
              for r in result.results]
-    verdict = "exact" if result.ok else f"DRIFT beyond {result.tolerance:g}"
-    return f"{result.ref} vs plain PEFT (max |logit diff|): {', '.join(cells)} — {verdict}"
+    return (f"{result.ref} vs plain PEFT (max |logit diff|): {', '.join(cells)} — "
+            f"{result.verdict()}")
 
 
 def _paths(library: Library, base: Any, book: PocketBook,
@@ -144,14 +162,17 @@ def _paths(library: Library, base: Any, book: PocketBook,
         from safetensors.torch import save_file
 
         from adapterkit.lora.combine import MergeInput, concatenate
+        from adapterkit.lora.factors import stored_tensors
 
-        inputs = [MergeInput(item.ref, item.path, _config(item)) for item, _ in members]
+        stored = stored_tensors(base.source.folder)
+        inputs = [MergeInput(item.ref, item.path, _config(item), base_weights=stored)
+                  for item, _ in members]
         out = concatenate(inputs, [w for _, w in members], path="stack --flatten")
         with tempfile.TemporaryDirectory() as tmp:
             import json
 
-            (Path(tmp) / "adapter_config.json").write_text(json.dumps(out.config))
-            save_file(out.tensors, str(Path(tmp) / "adapter_model.safetensors"))
+            (Path(tmp) / CONFIG_FILE).write_text(json.dumps(out.config))
+            save_file(out.tensors, str(Path(tmp) / WEIGHTS_FILE))
             model = PeftModel.from_pretrained(base.model, tmp, adapter_name="flat")
             try:
                 return logits(model)
@@ -161,9 +182,11 @@ def _paths(library: Library, base: Any, book: PocketBook,
     def merged(logits: Callable[[Any], Any]) -> Any:
         import torch
 
-        from adapterkit.runtime.export import merged_deltas
+        from adapterkit.lora.factors import resident_tensors
+        from adapterkit.runtime.export import check_foldable, merged_deltas
 
-        deltas = merged_deltas(members)
+        deltas = merged_deltas(members, base_weights=resident_tensors(base.model))
+        check_foldable(base.model, deltas)
         saved = {}
         try:
             with torch.no_grad():

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import ConfigError, DataFormatError
 from adapterkit.library.metadata import CONFIG_FILE, PocketBookMeta
+from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.data import Data, as_chat, general_text_path, load_data, read_rows
 from adapterkit.training.job import TrainJob, TrainResult
@@ -345,7 +346,7 @@ def _parent(library: Library, on: str | None, start_from: str | None) -> PocketB
 
 
 def _options_of(book: PocketBook, options: TrainOptions) -> TrainOptions:
-    config = json.loads((book.path / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = read_config(book.path)
     targets = config.get("target_modules") or options.target_modules
     if isinstance(targets, (list, tuple, set)):
         targets = ",".join(sorted(targets))

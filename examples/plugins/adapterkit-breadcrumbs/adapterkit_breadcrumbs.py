@@ -22,8 +22,7 @@ class Breadcrumbs(MergeStrategy):
     def merge(self, *, adapters, weights, rank=None, density=None, **_):
         import torch
 
-        from adapterkit import MergeOutput
-        from adapterkit.lora.factors import plain_config
+        from adapterkit import MergeOutput, plain_config
 
         # factors(): module path → LoRA factors with PEFT's per-layer scale (rank/alpha
         # patterns, rsLoRA); refuses DoRA, modules_to_save... naming the feature.
