@@ -77,3 +77,16 @@ def test_export_merged_refuses_when_our_math_is_wrong(tmp_path, tiny_base, libra
     monkeypatch.setattr(factors, "scale_of", real)
     report = export_merged(library, "a", tmp_path / "merged")
     assert report.max_logit_diff < 1e-4
+
+
+def test_verify_keeps_an_imported_card_and_replaces_only_its_own_section(tmp_path, tiny_base,
+                                                                         home):
+    folder = make_peft_adapter(tiny_base, tmp_path / "a")
+    (folder / "README.md").write_text("# My adapter\n\nWritten by its author.\n")
+    _run(home, "import", str(folder), "--name", "a", "--base", str(tiny_base))
+    for _ in range(2):
+        assert _run(home, "verify", "a").exit_code == 0
+    card = next(home.rglob("README.md")).read_text()
+    assert card.startswith("# My adapter\n\nWritten by its author.")
+    assert card.count("<!-- adapterkit:verification -->") == 1
+    assert "exact on the 4 path(s)" in card

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import PocketBookMeta
 
 CARD_TEMPLATE = """---
@@ -197,9 +198,32 @@ def render_card(meta: PocketBookMeta, *, license: str | None = None) -> str:
     return str(card.content)
 
 
+#: Every card adapterkit renders says so; a card an imported adapter brought is left alone.
+OUR_CARD = "An adapterkit pocket book:"
+
+
 def write_card(folder: Path, meta: PocketBookMeta) -> Path:
     path = folder / "README.md"
-    path.write_text(render_card(meta), encoding="utf-8")
+    atomic_write_text(path, render_card(meta))
+    return path
+
+
+_SECTION = ("<!-- adapterkit:verification -->", "<!-- /adapterkit:verification -->")
+
+
+def refresh_card(folder: Path, meta: PocketBookMeta) -> Path:
+    """Re-render the card if adapterkit wrote it. An imported or pulled adapter's own card is
+    its author's: it stays, and the verification goes into a marked section at its end
+    (replaced, not repeated, on the next ``verify``)."""
+    path = folder / "README.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if not text or OUR_CARD in text:
+        return write_card(folder, meta)
+    start, end = _SECTION
+    if start in text and end in text:
+        text = text[:text.index(start)].rstrip() + text[text.index(end) + len(end):]
+    section = "\n".join(["## adapterkit", "", *_verification_lines(meta.verification)])
+    atomic_write_text(path, f"{text.rstrip()}\n\n{start}\n{section}\n{end}\n")
     return path
 
 

@@ -120,13 +120,13 @@ def verify(library: Library, ref: str, *, tolerance: float = 1e-3, record: bool 
 
 
 def _record(library: Library, result: Verification) -> None:
-    from adapterkit.library.card import write_card
+    from adapterkit.library.card import refresh_card
 
     def change(meta: Any) -> None:
         meta.verification = result.as_dict()
 
     book = library.update_meta(result.ref, change)
-    write_card(book.path, book.meta)
+    refresh_card(book.path, book.meta)
 
 
 def summary(result: Verification) -> str:

@@ -85,8 +85,14 @@ class RewardScorer:
         self.gate = underlay.apply(base.model, [book], gate=underlay.Gate(on=False), extra=extra)
         head = {k.split("score.")[-1].replace("modules_to_save.default.", ""): v
                 for k, v in extra.items() if "score." in k}
-        if "weight" not in head:
-            raise InvalidAdapter(f"{book.ref} has no reward head (score.weight) in its weights")
+        others = sorted(k for k in extra if "score." not in k)
+        if "weight" not in head or others:
+            underlay.remove(base.model, gate=self.gate)
+            raise InvalidAdapter(
+                f"{book.ref} has no reward head (score.weight) in its weights" if "weight"
+                not in head else f"{book.ref} saves full tensors besides its reward head "
+                f"({', '.join(others[:3])}), which the scorer cannot apply; score with it "
+                "through PEFT (AutoModelForSequenceClassification + PeftModel)")
         self.model = reward_model(base.model, pad_token_id=self.tokenizer.pad_token_id)
         with torch.no_grad():
             self.model.score.weight.copy_(head["weight"].to(self.model.score.weight.dtype))
