@@ -284,15 +284,16 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
         raise BaseMismatch(f"{folder} does not name its base; pass --base")
     _refuse_base_rewriting(adapter)
     base_source = resolve_base(str(base_spec), library.home)
+    check_fits(adapter, inspect_structure(base_source.folder))
     recorded = adapter.config.get("base_model_name_or_path")
     if base and recorded and str(recorded) != str(base) and not _same_base(
             str(recorded), base_source.folder, library.home):
-        warnings.warn(f"{folder.name}'s config names base {recorded}; it is recorded as made "
-                      f"on {base} because you passed --base", AdapterWarning, stacklevel=2)
-    check_fits(adapter, inspect_structure(base_source.folder))
+        warnings.warn(f"{ref.name}: the adapter's config names base {recorded}; it is recorded "
+                      f"as made on {base} because you passed --base", AdapterWarning,
+                      stacklevel=2)
     if not adapter.pickled and _all_b_zero(folder / WEIGHTS_FILE):
-        warnings.warn(f"{folder.name} looks untrained: every lora_B is zero, so its LoRA "
-                      "changes nothing", AdapterWarning, stacklevel=2)
+        warnings.warn(f"{ref.name} looks untrained: every lora_B is zero, so its LoRA changes "
+                      "nothing", AdapterWarning, stacklevel=2)
     fp = fingerprint(base_source.folder)
     remember_base(library.home, fp, canonical_spec(str(base_spec), base_source))
     meta = PocketBookMeta(
