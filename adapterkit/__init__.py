@@ -71,6 +71,7 @@ _LAZY = {
     "RewardScorer": "training.reward",
     "Factors": "lora.factors",
     "plain_config": "lora.factors",
+    "pad": "lora.factors",
     "tensors_of": "lora.factors",
     "loadable_together": "runtime.peft_model",
 }
@@ -106,7 +107,7 @@ if TYPE_CHECKING:  # pragma: no cover
         load_base,
     )
     from adapterkit.library.peft_folder import check_fits, read_adapter
-    from adapterkit.lora.factors import Factors, plain_config, tensors_of
+    from adapterkit.lora.factors import Factors, pad, plain_config, tensors_of
     from adapterkit.runtime.peft_model import loadable_together, peft_model
     from adapterkit.runtime.session import Session, open_session
     from adapterkit.training.data import load_data

@@ -97,7 +97,7 @@ class ExactSVD(MergeStrategy):
     def merge(self, *, adapters, weights, rank=None, **_: Any):
         import torch
 
-        from adapterkit import MergeOutput, plain_config, tensors_of
+        from adapterkit import MergeOutput, pad, plain_config, tensors_of
 
         members = [(a.factors(path="merge --method exact_svd"), w)
                    for a, w in zip(adapters, weights)]
@@ -116,9 +116,8 @@ class ExactSVD(MergeStrategy):
             k = min(new_rank, s.shape[0])
             new_b = (q_b @ u[:, :k]) * s[:k]
             new_a = vh[:k] @ q_a.T
-            if k < new_rank:  # fewer directions than asked: pad so every module has one rank
-                new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], new_rank - k)], 1)
-                new_a = torch.cat([new_a, new_a.new_zeros(new_rank - k, new_a.shape[1])])
+            # fewer directions than asked: padded so every module has one rank
+            new_a, new_b = pad(new_a, new_b, new_rank)
             blocks[module] = (new_a.to(dtype), new_b.to(dtype))
         targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
         return MergeOutput(plain_config(adapters[0].config, rank=new_rank,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,8 @@ class MergeInput:
     #: ``(module, leaf) -> tensor`` of the base as stored, to check base tensors PEFT saved
     #: with the adapter (see :func:`adapterkit.lora.factors.stored_tensors`).
     base_weights: Callable[[str, str], Any] | None = None
+    _factors: dict[str, Factors] | None = field(default=None, init=False, repr=False,
+                                                compare=False)
 
     def tensors(self) -> dict[str, Any]:
         """Every saved tensor under its PEFT name."""
@@ -58,9 +60,13 @@ class MergeInput:
 
         ``fan_in_fan_out`` (GPT-2's Conv1D) is no obstacle here: the factors have the same
         shapes, the combined adapter keeps the flag, and PEFT transposes when it applies it.
+        Read once: the core's check before the strategy runs and the strategy share them.
         """
-        return read_factors(self.path, ref=self.ref, path=path, handles=("fan_in_fan_out",),
-                            base_weights=self.base_weights)
+        if self._factors is None:
+            self._factors = read_factors(self.path, ref=self.ref, path=path,
+                                         handles=("fan_in_fan_out",),
+                                         base_weights=self.base_weights)
+        return self._factors
 
 
 @dataclass

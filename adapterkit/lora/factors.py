@@ -16,6 +16,7 @@ features that plain ``y = W x + s·B A x`` does not express.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,15 +118,15 @@ def features(config: dict[str, Any], names: Iterable[TensorName]) -> list[str]:
         found.append("lora_bias (a trained bias on lora_B)")
     if config.get("trainable_token_indices") or any(n.part == "tokens" for n in names):
         found.append("trainable tokens")
-    copies = sorted({n.module for n in names if n.part == "base_layer" and not _is_bias(n)})
+    copies = sorted({n.module for n in names if n.part == "base_layer" and not is_bias(n)})
     if copies:
         found.append(f"saved copies of base weights ({', '.join(copies[:3])}"
                      f"{', ...' if len(copies) > 3 else ''}; PEFT loads them over the base)")
-    biases = sorted({n.module for n in names if _is_bias(n)})
+    biases = sorted({n.module for n in names if is_bias(n)})
     if biases:
         found.append(f"bias={config.get('bias', 'all')} (saved biases of {', '.join(biases[:3])}"
                      f"{', ...' if len(biases) > 3 else ''})")
-    full = sorted({n.module for n in names if n.part is None and not _is_bias(n)})
+    full = sorted({n.module for n in names if n.part is None and not is_bias(n)})
     if full:
         what = "modules_to_save" if config.get("modules_to_save") else "full tensors"
         found.append(f"{what} ({', '.join(full[:3])}{', ...' if len(full) > 3 else ''})")
@@ -134,11 +135,17 @@ def features(config: dict[str, Any], names: Iterable[TensorName]) -> list[str]:
     return found
 
 
-def _unknown_options(config: dict[str, Any]) -> list[str]:
-    """Options outside :data:`PLAIN_KEYS` set to anything but PEFT's default."""
+@functools.cache
+def _peft_defaults() -> dict[str, Any]:
+    """PEFT's ``LoraConfig`` defaults (built once: every attach and merge asks)."""
     from peft import LoraConfig
 
-    defaults = LoraConfig().to_dict()
+    return LoraConfig().to_dict()
+
+
+def _unknown_options(config: dict[str, Any]) -> list[str]:
+    """Options outside :data:`PLAIN_KEYS` set to anything but PEFT's default."""
+    defaults = _peft_defaults()
     out = []
     for key, value in sorted(config.items()):
         if key in PLAIN_KEYS or value in (None, {}, [], False) or value == defaults.get(key):
@@ -147,7 +154,7 @@ def _unknown_options(config: dict[str, Any]) -> list[str]:
     return out
 
 
-def _is_bias(name: TensorName) -> bool:
+def is_bias(name: TensorName) -> bool:
     """A base layer's bias that PEFT saved (``bias="all"``/``"lora_only"``)."""
     return name.leaf == "bias" and name.part in (None, "base_layer")
 
@@ -209,7 +216,7 @@ def read_factors(folder: Path, *, ref: str, path: str, dtype: Any = None, device
         tensor = state[name.key]
         if name.part in ("A", "B"):
             pairs.setdefault(name.module, {})[name.part] = tensor
-        elif name.part == "base_layer" or _is_bias(name):
+        elif name.part == "base_layer" or is_bias(name):
             _check_base_copy(ref, name, tensor, base_weights)
         elif extra is not None:  # full tensors, allowed by the caller
             extra[name.key.removeprefix(PREFIX)] = tensor

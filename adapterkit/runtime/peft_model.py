@@ -18,7 +18,7 @@ from adapterkit.errors import InvalidAdapter
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.lora.factors import refuse_inexact, saved_names
+from adapterkit.lora.factors import is_bias, refuse_inexact, saved_names
 
 
 def members_of(library: Library, book: PocketBook) -> list[tuple[PocketBook, float]]:
@@ -96,7 +96,7 @@ def loadable_together(book: PocketBook, copy: Path, *, alone: bool) -> Path:
     config = read_config(book.path)
     if alone or config.get("bias", "none") == "none":
         return book.path
-    if any(n.leaf == "bias" and n.part in (None, "base_layer") for n in saved_names(book.path)):
+    if any(is_bias(n) for n in saved_names(book.path)):
         raise InvalidAdapter(f"{book.ref} saves biases (bias={config['bias']!r}), and PEFT "
                              "loads only one adapter with biases at a time; use it alone")
     copy.mkdir(parents=True)

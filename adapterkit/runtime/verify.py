@@ -161,12 +161,9 @@ def _paths(library: Library, base: Any, book: PocketBook,
         from peft import PeftModel
         from safetensors.torch import save_file
 
-        from adapterkit.lora.combine import MergeInput, concatenate
-        from adapterkit.lora.factors import stored_tensors
+        from adapterkit.lora.combine import concatenate, inputs_of
 
-        stored = stored_tensors(base.source.folder)
-        inputs = [MergeInput(item.ref, item.path, _config(item), base_weights=stored)
-                  for item, _ in members]
+        inputs = inputs_of(library, [item for item, _ in members])
         out = concatenate(inputs, [w for _, w in members], path="stack --flatten")
         with tempfile.TemporaryDirectory() as tmp:
             import json
@@ -202,12 +199,6 @@ def _paths(library: Library, base: Any, book: PocketBook,
 
     return {"session swap": session_swap, "session stack": session_stack,
             "stack --flatten": flatten, "export --merged": merged}
-
-
-def _config(book: PocketBook) -> dict[str, Any]:
-    from adapterkit.lora.factors import read_config
-
-    return read_config(book.path)
 
 
 def _versions() -> dict[str, str]:

@@ -22,14 +22,14 @@ class Breadcrumbs(MergeStrategy):
     def merge(self, *, adapters, weights, rank=None, density=None, **_):
         import torch
 
-        from adapterkit import MergeOutput, plain_config
+        from adapterkit import MergeOutput, pad, plain_config, tensors_of
 
         # factors(): module path → LoRA factors with PEFT's per-layer scale (rank/alpha
         # patterns, rsLoRA); refuses DoRA, modules_to_save... naming the feature.
         members = [(a.factors(path="merge --method breadcrumbs"), w)
                    for a, w in zip(adapters, weights)]
         new_rank = rank or max(f.rank for factors, _ in members for f in factors.values())
-        tensors, targets = {}, set()
+        blocks, targets = {}, set()
         for path in sorted(set().union(*(factors.keys() for factors, _ in members))):
             total = None
             for factors, w in members:
@@ -41,14 +41,10 @@ class Breadcrumbs(MergeStrategy):
             u, s, vh = torch.linalg.svd(total, full_matrices=False)
             k = min(new_rank, s.shape[0])
             new_b, new_a = u[:, :k] * s[:k], vh[:k]
-            if k < new_rank:
-                new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], new_rank - k)], 1)
-                new_a = torch.cat([new_a, new_a.new_zeros(new_rank - k, new_a.shape[1])])
-            tensors[f"base_model.model.{path}.lora_A.weight"] = new_a.contiguous()
-            tensors[f"base_model.model.{path}.lora_B.weight"] = new_b.contiguous()
+            blocks[path] = pad(new_a, new_b, new_rank)  # one rank for every module
             targets.add(path.rsplit(".", 1)[-1])
         config = plain_config(adapters[0].config, rank=new_rank, target_modules=sorted(targets))
-        return MergeOutput(config, tensors)
+        return MergeOutput(config, tensors_of(blocks))
 
 
 def _band(delta, density):
