@@ -19,6 +19,8 @@ METADATA_FILE = "adapterkit.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"
+#: The files whose SHA-256 is recorded in :attr:`PocketBookMeta.files`.
+HASHED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 FORMAT_VERSION = 1
 
 
@@ -54,6 +56,10 @@ class PocketBookMeta:
     #: The last ``adapterkit verify``: each path's max logit difference from plain PEFT (or
     #: its refusal), the tolerance, and the library versions checked.
     verification: dict[str, Any] = field(default_factory=dict)
+    #: SHA-256 of the files that decide what the pocket book computes (``adapter_config.json``
+    #: and ``adapter_model.safetensors``), recorded when it was saved: loading re-checks them,
+    #: so a damaged file is refused instead of answering. Empty for entries saved before 0.2.
+    files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property

@@ -35,11 +35,12 @@ from adapterkit.errors import (
     NameTaken,
     PocketBookNotFound,
 )
-from adapterkit.files import atomic_write_text, fsync_dir, fsync_tree, new_folder
+from adapterkit.files import atomic_write_text, fsync_dir, fsync_tree, new_folder, sha256_file
 from adapterkit.home import resolve_home
 from adapterkit.library.catalog import Catalog
 from adapterkit.library.metadata import (
     CONFIG_FILE,
+    HASHED_FILES,
     METADATA_FILE,
     WEIGHTS_FILE,
     PocketBookMeta,
@@ -266,6 +267,7 @@ class Library:
             for required in (CONFIG_FILE, WEIGHTS_FILE):
                 if not (staged / required).is_file():
                     raise InvalidAdapter(f"cannot save {ref}: {required} is missing")
+        meta.files = {f: sha256_file(staged / f) for f in HASHED_FILES if (staged / f).is_file()}
         self.root.mkdir(parents=True, exist_ok=True)
 
         def insert(conn: sqlite3.Connection) -> PocketBook:
