@@ -26,7 +26,8 @@ def plugin_group() -> None:
               show_default=True, help="Folder to create adapterkit-NAME/ in.")
 def plugin_new(name: str, kind: str, where: str) -> None:
     """Create adapterkit-NAME/: a plugin package with its entry point, module, README and a
-    passing test. Install it with `adapterkit install -e adapterkit-NAME`."""
+    passing test. Install it with `adapterkit install -e adapterkit-NAME`. NAME may carry the
+    `adapterkit-` prefix or not; the package is adapterkit-NAME either way."""
     from adapterkit.plugin_api.scaffold import scaffold
 
     root = scaffold(name, kind, where)
@@ -67,5 +68,18 @@ def install_cmd(packages: tuple[str, ...], editables: tuple[str, ...], upgrade: 
 @click.command("uninstall")
 @click.argument("packages", nargs=-1, required=True)
 def uninstall_cmd(packages: tuple[str, ...]) -> None:
-    """Uninstall plugins from adapterkit's environment (works even if they are broken)."""
-    _pip(["uninstall", "-y", *packages])
+    """Uninstall plugins from adapterkit's environment (works even if they are broken).
+
+    Name each by its plugin name (as `adapterkit plugins` and warnings show it) or its package
+    name, with or without the `adapterkit-` prefix.
+    """
+    from adapterkit.plugin_api.manager import uninstall_name
+
+    names = []
+    for given in packages:
+        name = uninstall_name(given)  # package metadata only: the plugin is never imported
+        if name != given:
+            click.echo(f"{given} is installed as {name}", err=True)
+        if name not in names:
+            names.append(name)
+    _pip(["uninstall", "-y", *names])

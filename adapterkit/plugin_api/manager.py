@@ -6,10 +6,11 @@ in ``ADAPTERKIT_DISABLE_PLUGINS`` (comma-separated; ``*`` for all entry-point pl
 loaded at all.
 
 Fault isolation is the point of this module: a plugin that fails to import, declares a hook that
-does not exist, or raises in a hook produces one warning naming it, and every other plugin — and
-every command, including the one that would uninstall it — keeps working. That is why
-registration hooks are called one implementation at a time instead of through pluggy's
-all-or-nothing ``pm.hook.register_x(...)``.
+does not exist, or raises in a hook — ``SystemExit`` from ``sys.exit()`` included, as anything but
+``KeyboardInterrupt`` — produces one warning naming it, and every other plugin — and every
+command, including the one that would uninstall it — keeps working. That is why registration
+hooks are called one implementation at a time instead of through pluggy's all-or-nothing
+``pm.hook.register_x(...)``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -73,7 +76,10 @@ def _warn(message: str) -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
     return f"{type(exc).__name__}: {exc}"
+
 
 
 class PluginManager:
@@ -111,7 +117,9 @@ class PluginManager:
             return False
         try:
             self.pluggy.register(plugin, name=name)
-        except Exception as exc:  # pluggy.PluginValidationError, ValueError (duplicate name)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # pluggy.PluginValidationError, ValueError (duplicate name)
             _warn(f"plugin {name!r} could not be registered: {_describe(exc)}")
             return False
         unknown = [
@@ -167,7 +175,9 @@ class PluginManager:
         """Call one hook implementation with the keyword arguments it asks for; warn on failure."""
         try:
             return impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
-        except Exception as exc:
+        except KeyboardInterrupt:  # Ctrl-C is the user's; anything else is the plugin's bug
+            raise
+        except BaseException as exc:
             _warn(
                 f"plugin {impl.plugin_name!r} failed in hook {impl.function.__name__}: "
                 f"{_describe(exc)}"
@@ -177,8 +187,15 @@ class PluginManager:
     # -- calling -----------------------------------------------------------------------------
 
     def call_each(self, hook: str, **kwargs: Any) -> list[Any]:
-        """Call every implementation of ``hook`` in isolation (lifecycle hooks, commands)."""
-        return [self._call(impl, **kwargs) for impl in self._impls(hook)]
+        """Call every implementation of ``hook`` in isolation (lifecycle hooks)."""
+        return [result for _, result in self.call_one_by_one(hook, **kwargs)]
+
+    def call_one_by_one(self, hook: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        """Call every implementation of ``hook`` in isolation, yielding ``(plugin, result)``
+        after each, so the caller can check what that one plugin did before the next runs
+        (``build_cli`` keeps a plugin from replacing another's command this way)."""
+        for impl in self._impls(hook):
+            yield impl.plugin_name, self._call(impl, **kwargs)
 
     def method(self, name: str) -> AdapterMethod:
         return self.methods.get(name)
@@ -200,10 +217,16 @@ def _load_entry_points(manager: PluginManager, disabled: set[str]) -> None:
         version = ep.dist.version if ep.dist is not None else None
         try:
             module = ep.load()
-        except Exception as exc:
+        except KeyboardInterrupt:  # Ctrl-C is the user's; anything else is the plugin's bug
+            raise
+        except BaseException as exc:
+            # name the distribution as `adapterkit uninstall` takes it: that is what pip calls it,
+            # and it differs from the plugin's name (shout → adapterkit-shout)
+            dist = (ep.dist.name if ep.dist is not None else None) or ep.name
             _warn(
                 f"plugin {ep.name!r} failed to import ({_describe(exc)}); it is skipped. "
-                f"Fix or uninstall it, or disable it with {DISABLE_ENV}={ep.name}"
+                f"Fix it, uninstall it with `adapterkit uninstall {dist}`, or disable it with "
+                f"{DISABLE_ENV}={ep.name}"
             )
             continue
         manager.add(module, ep.name, version=version, source=f"entry point {ep.value}")
@@ -246,12 +269,67 @@ def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> None:
             continue
         try:
             modules = _import_path(spec)
-        except Exception as exc:
+        except KeyboardInterrupt:  # Ctrl-C is the user's; anything else is the plugin's bug
+            raise
+        except BaseException as exc:
             _warn(f"plugin {spec!r} from {LOAD_ENV} failed to load ({_describe(exc)}); skipped")
             continue
         for name, module in modules:
             if name not in disabled:
                 manager.add(module, name, source=f"{LOAD_ENV}: {spec}")
+
+
+def _normalized(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): ``Adapterkit_Shout`` = ``adapterkit-shout``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def uninstall_name(name: str) -> str:
+    """The installed distribution ``adapterkit uninstall NAME`` removes, as pip names it.
+
+    ``name`` may be a plugin's entry-point name (``shout``), its distribution name
+    (``adapterkit-shout``), or that without the ``adapterkit-`` prefix. Only package metadata is
+    read, never a plugin's code, so a plugin that fails to import — or whose editable folder was
+    deleted — resolves too. A name that is no plugin but an installed distribution comes back as
+    given: ``install`` takes any package, and so does ``uninstall``.
+
+    Raises :class:`PluginError` for adapterkit itself and its built-in plugins, for a name two
+    plugins answer to, and for a name nothing installed has (listing the installed plugins).
+    """
+    from importlib.metadata import distributions
+
+    plugins: dict[str, tuple[str, list[str]]] = {}  # normalized → (name, entry-point names)
+    others: set[str] = set()
+    for dist in distributions():
+        dist_name = dist.metadata["Name"]
+        if not dist_name:  # unreadable metadata: pip cannot name it either
+            continue
+        eps = [ep.name for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
+        if eps:  # the first found on sys.path is the one imported, and the one pip removes
+            plugins.setdefault(_normalized(dist_name), (dist_name, eps))
+        else:
+            others.add(_normalized(dist_name))
+    prefixed = _normalized(f"adapterkit-{name}")
+    for found in (
+        [d for key, (d, _) in plugins.items() if key == _normalized(name)],
+        [d for d, eps in plugins.values() if name in eps],
+        [d for key, (d, _) in plugins.items() if key == prefixed],
+    ):
+        if len(found) > 1:
+            raise PluginError(f"{name!r} names plugins of several distributions "
+                              f"({', '.join(sorted(found))}); uninstall one by that name")
+        if found and _normalized(found[0]) == "adapterkit":
+            raise PluginError(
+                f"{name!r} is part of adapterkit itself; disable a built-in plugin with "
+                f"{DISABLE_ENV}=NAME, or remove adapterkit with `pip uninstall adapterkit`")
+        if found:
+            return found[0]
+    if _normalized(name) in others:
+        return name
+    installed = ", ".join(f"{d} (plugin {', '.join(eps)})" for key, (d, eps)
+                          in sorted(plugins.items()) if key != "adapterkit") or "none"
+    raise PluginError(f"no installed adapterkit plugin or package is called {name!r}; "
+                      f"installed plugins: {installed}")
 
 
 def get_plugin_manager(*, entry_points: bool = True, env: bool = True,

@@ -280,12 +280,23 @@ def test_command_runs(adapterkit_cli):
 }
 
 
+def plugin_name(name: str) -> str:
+    """The plugin's own name: ``NAME`` whether given as ``NAME`` or ``adapterkit-NAME``, so the
+    distribution (``adapterkit-NAME``) never has the prefix twice."""
+    return re.sub(r"^adapterkit[-_]", "", name)
+
+
 def scaffold(name: str, kind: str, where: str | Path = ".") -> Path:
-    """Write ``adapterkit-NAME/`` (pyproject, module, README, test) under ``where``."""
+    """Write ``adapterkit-NAME/`` (pyproject, module, README, test) under ``where``.
+
+    ``name`` may carry the ``adapterkit-`` prefix or not: ``shout`` and ``adapterkit-shout``
+    both make the plugin ``shout`` in the distribution ``adapterkit-shout``.
+    """
     if kind not in KINDS:
         raise InvalidName(f"unknown plugin kind {kind!r}; use one of {', '.join(KINDS)}")
+    given, name = name, plugin_name(name)
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,40}", name):
-        raise InvalidName(f"invalid plugin name {name!r}: lowercase letters, digits, '-' and "
+        raise InvalidName(f"invalid plugin name {given!r}: lowercase letters, digits, '-' and "
                           "'_', starting with a letter (at most 41 characters)")
     module = "adapterkit_" + name.replace("-", "_")
     cls = "".join(part.capitalize() for part in re.split(r"[-_]", name)) or "Plugin"

@@ -1,0 +1,272 @@
+"""Plugin isolation (issue #17, defect 9): a plugin that exits, or claims a command it does not
+own, is contained with one warning naming it; the warning names what `adapterkit uninstall`
+takes, and `uninstall` finds a plugin by any of its names without loading it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from adapterkit import AdapterMethod, PluginError, hookimpl
+from adapterkit.cli import build_cli
+from adapterkit.plugin_api.manager import PluginWarning, get_plugin_manager, uninstall_name
+from adapterkit.plugin_api.scaffold import scaffold
+
+
+class Method(AdapterMethod):
+    def __init__(self, name):
+        self.name = name
+
+
+class Good:
+    @hookimpl
+    def register_methods(self, register):
+        register(Method("good"))
+
+
+def fake_distribution(site, name, entry_points):
+    """An installed distribution as pip leaves it: metadata and entry points in ``site``, and
+    its module wherever the test puts it (or nowhere: its files are gone)."""
+    info = site / f"{name.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[adapterkit]\n" + "".join(f"{ep} = {target}\n" for ep, target in entry_points.items()))
+    return site
+
+
+# -- 1. sys.exit() and other BaseExceptions -----------------------------------------------------
+
+EXITS = {
+    "sys.exit()": "import sys\nsys.exit(3)\n",
+    "SystemExit": "raise SystemExit('bye')\n",
+    "BaseException subclass": "class Stop(BaseException):\n    pass\n\nraise Stop('halt')\n",
+}
+
+
+@pytest.mark.parametrize("source", EXITS.values(), ids=EXITS.keys())
+def test_entry_point_plugin_exiting_at_import_is_skipped_with_a_warning(source, tmp_path,
+                                                                         monkeypatch):
+    site = fake_distribution(tmp_path, "adapterkit-quitter", {"quitter": "adapterkit_quitter"})
+    (site / "adapterkit_quitter.py").write_text(source)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "adapterkit_quitter", raising=False)
+    with pytest.warns(PluginWarning, match=r"plugin 'quitter' failed to import \((it called "
+                                           r"sys.exit\(3\)|it called sys.exit\('bye'\)|Stop: "
+                                           r"halt)\); it is skipped") as caught:
+        pm = get_plugin_manager(env=False)
+    assert len([w for w in caught if "quitter" in str(w.message)]) == 1
+    assert "quitter" not in pm.info and {"lora", "qlora"} <= set(pm.methods.names())
+
+
+@pytest.mark.parametrize("source", EXITS.values(), ids=EXITS.keys())
+def test_env_plugin_exiting_at_import_is_skipped_with_a_warning(source, tmp_path, monkeypatch):
+    (tmp_path / "quitter.py").write_text(source)
+    monkeypatch.setenv("ADAPTERKIT_LOAD_PLUGINS", str(tmp_path / "quitter.py"))
+    with pytest.warns(PluginWarning, match=r"plugin '.*quitter.py' from ADAPTERKIT_LOAD_PLUGINS "
+                                           r"failed to load \((it called sys.exit|Stop: halt)"):
+        pm = get_plugin_manager()
+    assert "quitter" not in pm.info and "lora" in pm.methods
+
+
+def test_hook_calling_sys_exit_warns_and_others_keep_working():
+    class Quitter:
+        @hookimpl
+        def register_methods(self, register):
+            sys.exit(2)
+
+        @hookimpl
+        def pocket_book_removed(self, name, version):
+            raise SystemExit("gone")
+
+    with pytest.warns(PluginWarning, match=r"plugin 'quitter' failed in hook register_methods: "
+                                           r"it called sys.exit\(2\)"):
+        pm = get_plugin_manager(entry_points=False, env=False,
+                                plugins={"quitter": Quitter(), "good": Good()})
+    assert pm.methods.names() == ["good"]
+    with pytest.warns(PluginWarning, match=r"'quitter' failed in hook pocket_book_removed: "
+                                           r"it called sys.exit\('gone'\)"):
+        assert pm.call_each("pocket_book_removed", name="x", version=1) == [None]
+
+
+def test_keyboard_interrupt_still_stops_adapterkit(tmp_path, monkeypatch):
+    """Ctrl-C is the user's, not a plugin failure: it is never turned into a warning."""
+    class Interrupted:
+        @hookimpl
+        def register_methods(self, register):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        get_plugin_manager(entry_points=False, env=False, plugins={"i": Interrupted()})
+    (tmp_path / "slow.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.setenv("ADAPTERKIT_LOAD_PLUGINS", str(tmp_path / "slow.py"))
+    with pytest.raises(KeyboardInterrupt):
+        get_plugin_manager(entry_points=False)
+
+
+def test_every_command_keeps_working_when_a_plugin_calls_sys_exit(tmp_path):
+    """The user's view: an installed plugin that exits at import ends no command, and the one
+    line on stderr names it and how to remove it."""
+    site = fake_distribution(tmp_path / "site", "adapterkit-quitter",
+                             {"quitter": "adapterkit_quitter"})
+    (site / "adapterkit_quitter.py").write_text("import sys\nsys.exit(3)\n")
+    env = dict(os.environ, PYTHONPATH=str(site), ADAPTERKIT_HOME=str(tmp_path / "home"))
+    for command in (["list", "--json"], ["plugins", "--json"]):
+        out = subprocess.run([sys.executable, "-m", "adapterkit", *command], env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == (
+            "adapterkit: warning: plugin 'quitter' failed to import (it called sys.exit(3)); it "
+            "is skipped. Fix it, uninstall it with `adapterkit uninstall adapterkit-quitter`, or "
+            "disable it with ADAPTERKIT_DISABLE_PLUGINS=quitter\n")
+    assert {p["name"] for p in json.loads(out.stdout)} >= {"lora", "qlora"}
+
+
+# -- 2. commands a plugin does not own ---------------------------------------------------------
+
+def _core(name):
+    from adapterkit.cli import library, plugins
+
+    return {"list": library.list_cmd, "rm": library.rm_cmd, "push": library.push_cmd,
+            "uninstall": plugins.uninstall_cmd}[name]
+
+
+@pytest.mark.parametrize("name", ["list", "rm", "push", "uninstall"])
+def test_plugin_cannot_replace_a_core_command(name, tmp_path):
+    class Hijack:
+        @hookimpl
+        def register_commands(self, cli):
+            @cli.command(name=name)
+            def hijacked():
+                click.echo("hijacked")
+
+            @cli.command()
+            def extra():
+                click.echo("extra")
+
+    pm = get_plugin_manager(entry_points=False, env=False, plugins={"hijack": Hijack()})
+    with pytest.warns(PluginWarning, match=rf"plugin 'hijack' defines its command name as "
+                                           rf"`{name}` but that name is already used by adapterkit "
+                                           rf"\(a core command\), which stays.*"
+                                           rf"ADAPTERKIT_DISABLE_PLUGINS=hijack"):
+        cli = build_cli(pm)
+    assert cli.commands[name] is _core(name)
+    assert CliRunner().invoke(cli, ["extra"]).output == "extra\n"  # its own command is kept
+    if name == "list":
+        out = CliRunner().invoke(cli, ["--home", str(tmp_path), "list", "--json"])
+        assert out.exit_code == 0 and json.loads(out.output) == []
+
+
+def test_plugin_cannot_replace_or_remove_core_commands_by_other_means():
+    class Sneaky:
+        @hookimpl
+        def register_commands(self, cli):
+            cli.add_command(click.Command("push", callback=lambda: None))
+            cli.commands["rm"] = click.Command("rm", callback=lambda: None)
+            del cli.commands["list"]
+
+    pm = get_plugin_manager(entry_points=False, env=False, plugins={"sneaky": Sneaky()})
+    with pytest.warns(PluginWarning) as caught:
+        cli = build_cli(pm)
+    messages = sorted(str(w.message).split(", which stays")[0] for w in caught)
+    assert messages == [
+        "plugin 'sneaky' defines its command name as `push` but that name is already used by "
+        "adapterkit (a core command)",
+        "plugin 'sneaky' defines its command name as `rm` but that name is already used by "
+        "adapterkit (a core command)",
+        "plugin 'sneaky' removed the command `list` of adapterkit (a core command)",
+    ]
+    assert [cli.commands[n] for n in ("list", "rm", "push")] == [_core(n) for n in
+                                                                 ("list", "rm", "push")]
+
+
+def test_plugin_cannot_replace_another_plugins_command():
+    def plugin(says):
+        class P:
+            @hookimpl
+            def register_commands(self, cli):
+                @cli.command()
+                def hello():
+                    click.echo(says)
+
+        return P()
+
+    pm = get_plugin_manager(entry_points=False, env=False,
+                            plugins={"first": plugin("first"), "second": plugin("second")})
+    with pytest.warns(PluginWarning, match="plugin 'second' defines its command name as `hello` "
+                                           "but that name is already used by plugin 'first', "
+                                           "which stays"):
+        cli = build_cli(pm)
+    assert CliRunner().invoke(cli, ["hello"]).output == "first\n"
+
+
+# -- 3. the names a user is given and can type -------------------------------------------------
+
+@pytest.mark.parametrize("given", ["x", "adapterkit-x", "adapterkit_x"])
+def test_scaffold_never_doubles_the_prefix(given, tmp_path):
+    root = scaffold(given, "scorer", tmp_path)
+    assert root == tmp_path / "adapterkit-x"
+    pyproject = (root / "pyproject.toml").read_text()
+    assert 'name = "adapterkit-x"\n' in pyproject
+    assert '[project.entry-points.adapterkit]\nx = "adapterkit_x"\n' in pyproject
+    assert (root / "adapterkit_x.py").is_file()
+
+
+def test_plugin_new_cli_never_doubles_the_prefix(tmp_path):
+    pm = get_plugin_manager(entry_points=False, env=False)
+    out = CliRunner().invoke(build_cli(pm), ["plugin", "new", "adapterkit-x", "--dir",
+                                             str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert [p.name for p in tmp_path.iterdir()] == ["adapterkit-x"]
+
+
+def test_import_failure_warning_names_what_uninstall_takes(tmp_path, monkeypatch):
+    """The reported case: `plugin new adapterkit-x` from before the fix (package
+    adapterkit-adapterkit-x, plugin adapterkit-x), installed editable, folder deleted."""
+    site = fake_distribution(tmp_path, "adapterkit-adapterkit-x",
+                             {"adapterkit-x": "adapterkit_adapterkit_x"})
+    monkeypatch.syspath_prepend(str(site))  # metadata only: the module is gone
+    with pytest.warns(PluginWarning, match=r"plugin 'adapterkit-x' failed to import "
+                                           r"\(ModuleNotFoundError.*\); it is skipped. Fix it, "
+                                           r"uninstall it with `adapterkit uninstall "
+                                           r"adapterkit-adapterkit-x`") as caught:
+        get_plugin_manager(env=False)
+    named = str(caught[0].message).split("`adapterkit uninstall ")[1].split("`")[0]
+    assert uninstall_name(named) == "adapterkit-adapterkit-x"
+    assert uninstall_name("adapterkit-x") == "adapterkit-adapterkit-x"  # the plugin's name too
+
+
+def test_uninstall_name_accepts_plugin_and_package_names(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "adapterkit-shout", {"shout": "adapterkit_shout"})
+    fake_distribution(tmp_path, "adapterkit-loud", {"noisy": "adapterkit_loud"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for typed in ("shout", "adapterkit-shout", "Adapterkit_Shout"):
+        assert uninstall_name(typed) == "adapterkit-shout", typed
+    assert uninstall_name("noisy") == "adapterkit-loud"  # entry-point name
+    assert uninstall_name("loud") == "adapterkit-loud"  # package name without the prefix
+    assert uninstall_name("click") == "click"  # any other installed package, as install takes
+    with pytest.raises(PluginError, match="'lora' is part of adapterkit itself"):
+        uninstall_name("lora")
+    with pytest.raises(PluginError, match=r"no installed adapterkit plugin or package is called "
+                                          r"'nope-xyz'; installed plugins: .*adapterkit-shout "
+                                          r"\(plugin shout\)"):
+        uninstall_name("nope-xyz")
+
+
+def test_uninstall_command_passes_pip_the_package_name(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "adapterkit-shout", {"shout": "adapterkit_shout"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ran = []
+    monkeypatch.setattr("adapterkit.cli.plugins._pip", ran.append)
+    cli = build_cli(get_plugin_manager(entry_points=False, env=False))
+    out = CliRunner().invoke(cli, ["uninstall", "shout", "adapterkit-shout"])
+    assert out.exit_code == 0, out.output
+    assert ran == [["uninstall", "-y", "adapterkit-shout"]]
+    out = CliRunner().invoke(cli, ["uninstall", "nope-xyz"])
+    assert out.exit_code == 1 and ran == [["uninstall", "-y", "adapterkit-shout"]]
+    assert textwrap.dedent(out.output).startswith("Error: no installed adapterkit plugin")
