@@ -49,12 +49,43 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(fh.read(n))
     except (OSError, ValueError) as exc:
         raise BaseLoadError(f"cannot read safetensors file {path}: {exc}") from None
+    problem = _header_problem(header)
+    if problem:
+        raise BaseLoadError(f"cannot read safetensors file {path}: malformed header ({problem})")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise BaseLoadError(
             f"safetensors file {path} is truncated ({size} bytes, its header needs {8 + n + end})"
         )
     return header, 8 + n
+
+
+def _header_problem(header: object) -> str | None:
+    """What is wrong with a parsed safetensors header, or ``None``: every reader of a header
+    (fingerprints, dtypes, adapter shapes) may then index ``dtype``/``shape``/``data_offsets``."""
+    if not isinstance(header, dict):
+        return "not a JSON object"
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            return f"entry {name!r} is not an object"
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in info:
+                return f"entry {name!r} has no {key!r}"
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(info["dtype"], str):
+            return f"entry {name!r} has a dtype that is not a string"
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            return f"entry {name!r} has shape {shape!r}, not a list of sizes"
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_natural(o) for o in offsets) or offsets[0] > offsets[1]):
+            return f"entry {name!r} has data_offsets {offsets!r}, not [start, end]"
+    return None
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from adapterkit.base.resolve import (
     remember_base,
     resolve_base,
 )
-from adapterkit.errors import BaseLoadError, MissingDependency, TargetModuleError
+from adapterkit.errors import BaseLoadError, ConfigError, MissingDependency, TargetModuleError
 
 QUANTIZATIONS = ("4bit", "8bit")
 
@@ -105,6 +105,36 @@ def check_targets(structure: BaseStructure, targets: str | list[str]) -> str | l
             f"it has: {', '.join(known)} (or use all-linear)"
         )
     return list(targets)
+
+
+def targeted_layers(structure: BaseStructure, targets: str | list[str]) -> list[str]:
+    """The linear layers a LoRA with ``targets`` (as :func:`check_targets` returns them) sits
+    on: every one but the output layer for ``all-linear``, else those named by their last
+    part(s)."""
+    if targets == "all-linear":
+        return [p for p in structure.linear if p != structure.output_layer]
+    return [p for p in structure.linear if any(p == t or p.endswith("." + t) for t in targets)]
+
+
+def check_rank(structure: BaseStructure, targets: str | list[str], rank: int) -> None:
+    """Refuse a LoRA rank above what the smallest targeted layer can hold.
+
+    A rank-``r`` update of a layer with ``in`` inputs and ``out`` outputs cannot have a rank
+    above ``min(in, out)``: a larger ``r`` only adds memory (and a file to match), never
+    expressiveness. Checked from the structure, before a LoRA is built.
+    """
+    layers = targeted_layers(structure, targets)
+    if not layers:
+        return
+    layer = min(sorted(layers), key=lambda p: min(structure.linear[p]))
+    fan_in, fan_out = structure.linear[layer]
+    limit = min(fan_in, fan_out)
+    if rank > limit:
+        raise ConfigError(
+            f"LoRA rank {rank} is above what layer {layer} ({fan_in} → {fan_out} features) can "
+            f"use: at most {limit}. Use --rank {limit} or less"
+            + ("" if targets == "all-linear" else ", or target larger layers")
+        )
 
 
 @dataclass

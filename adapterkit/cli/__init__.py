@@ -18,6 +18,7 @@ import click
 from adapterkit.cli.common import Group
 from adapterkit.cli.library import (
     base_group,
+    doctor_cmd,
     export_cmd,
     import_cmd,
     list_cmd,
@@ -31,7 +32,12 @@ from adapterkit.cli.library import (
 from adapterkit.cli.plugins import NO_PLUGIN_COMMANDS, install_cmd, plugin_group, uninstall_cmd
 from adapterkit.cli.session import chat_cmd, merge_cmd, stack_cmd, swap_cmd, verify_cmd
 from adapterkit.cli.train import eval_cmd, generate_cmd, train_cmd
-from adapterkit.plugin_api.manager import PluginManager, get_plugin_manager
+from adapterkit.plugin_api.manager import (
+    DISABLE_ENV,
+    PluginManager,
+    PluginWarning,
+    get_plugin_manager,
+)
 
 __all__ = ["build_cli", "main"]
 
@@ -60,10 +66,31 @@ def build_cli(pm: PluginManager) -> click.Group:
     for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
                     base_group, train_cmd, eval_cmd, generate_cmd, push_cmd, pull_cmd,
                     swap_cmd, chat_cmd, stack_cmd, merge_cmd, plugin_group, install_cmd,
-                    uninstall_cmd, verify_cmd):
+                    uninstall_cmd, verify_cmd, doctor_cmd):
         cli.add_command(command)
-    pm.call_each("register_commands", cli=cli)
+    _add_plugin_commands(cli, pm)
     return cli
+
+
+def _add_plugin_commands(cli: click.Group, pm: PluginManager) -> None:
+    """Let each plugin add commands, one plugin at a time, and undo what it did to a command it
+    does not own: a core command, or an earlier plugin's, stays as it was, with a warning."""
+    owned = {name: (command, "adapterkit") for name, command in cli.commands.items()}
+    # the generator calls the next plugin only when the loop asks, so each check below sees
+    # what one plugin did (@cli.command, cli.add_command or cli.commands itself)
+    for plugin, _ in pm.call_one_by_one("register_commands", cli=cli):
+        for name, (command, owner) in owned.items():
+            if cli.commands.get(name) is command:
+                continue
+            who = "adapterkit (a core command)" if owner == "adapterkit" else f"plugin {owner!r}"
+            did = (f"defines its command name as `{name}` but that name is already used by {who}"
+                   if name in cli.commands else f"removed the command `{name}` of {who}")
+            warnings.warn(f"plugin {plugin!r} {did}, which stays. Rename the plugin's command, "
+                          f"or disable the plugin with {DISABLE_ENV}={plugin}",
+                          PluginWarning, stacklevel=2)
+            cli.commands[name] = command
+        owned.update({name: (command, plugin) for name, command in cli.commands.items()
+                      if name not in owned})
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -6,6 +6,7 @@ line on stderr and exit code 1 (:class:`Group`). A traceback means a bug of ours
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any
 
@@ -13,6 +14,28 @@ import click
 
 from adapterkit.errors import AdapterkitError
 from adapterkit.library.store import Library
+
+#: Errors of the machine, not of adapterkit or of the user's input: said in one line. Anything
+#: a command had started writing is removed by the command itself (staging folders, partial
+#: exports), so "failed" always means "nothing landed".
+_MACHINE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system or for the file-size limit (ulimit -f)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error",
+}
+
+
+def machine_error(exc: OSError) -> str | None:
+    """One line for an out-of-space, permission or I/O error, or ``None`` for other errors."""
+    what = _MACHINE_ERRORS.get(exc.errno or 0)
+    if what is None:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{what}{where}; nothing was saved — fix that and run the command again"
 
 
 class Group(click.Group):
@@ -23,6 +46,11 @@ class Group(click.Group):
             return super().invoke(ctx)
         except AdapterkitError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            message = machine_error(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
 
 
 Group.group_class = Group

@@ -46,8 +46,15 @@ def list_cmd(ctx: click.Context, base: str | None, tag: str | None, all_versions
         echo_json([b.as_dict() for b in books])
         return
     if not books:
-        click.echo("No pocket books yet. Train one with `adapterkit train`, or add a PEFT "
-                   "adapter with `adapterkit import FOLDER --name NAME --base BASE`.", err=True)
+        if base or tag:
+            wanted = " and ".join(f"{label} {value!r}" for label, value in
+                                  (("base", base), ("tag", tag)) if value)
+            click.echo(f"No pocket book matches {wanted}; `adapterkit list` shows them all.",
+                       err=True)
+        else:
+            click.echo("No pocket books yet. Train one with `adapterkit train`, or add a PEFT "
+                       "adapter with `adapterkit import FOLDER --name NAME --base BASE`.",
+                       err=True)
         return
     rows = [
         [f"{b.name}@{b.version}", str(b.versions), b.base_name, b.base_fingerprint[:12],
@@ -105,6 +112,38 @@ def rm_cmd(ctx: click.Context, ref: str, all_versions: bool, force: bool) -> Non
     name = parse_ref(ref).name
     gone = library(ctx).remove(ref, all_versions=all_versions, force=force)
     click.echo("Removed " + ", ".join(f"{name}@{v}" for v in gone))
+
+
+@click.command("doctor")
+@click.option("--dry-run", is_flag=True, help="Only report; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def doctor_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+    """Check the library and repair what crashes and hand edits left behind.
+
+    \b
+    orphan    a complete pocket book the catalog does not list   -> indexed
+    missing   a catalog entry whose folder is gone               -> dropped
+    outdated  a catalog entry that disagrees with its folder     -> re-indexed
+    damaged   unreadable metadata, or files that no longer match
+              the SHA-256 recorded at save time                  -> moved to quarantine/
+    stale     a work folder in tmp/ left by a dead process       -> removed
+    catalog   a catalog file that fails SQLite's own check       -> rebuilt
+
+    Nothing is deleted but stale work folders. Exit code 0 when the library is (now)
+    healthy, 1 when --dry-run found problems or some could not be repaired.
+    """
+    from adapterkit.library.doctor import examine, render, to_json
+
+    lib = library(ctx)
+    report = examine(lib, repair=not dry_run)
+    click.echo(to_json(report) if as_json else render(report))
+    if report.problems and not report.repaired:
+        ctx.exit(1)
+    if report.repaired and examine(lib, repair=False).problems:
+        click.echo("Some problems remain; run `adapterkit doctor --dry-run` to see them.",
+                   err=True)
+        ctx.exit(1)
 
 
 @click.command("tag")

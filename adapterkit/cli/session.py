@@ -8,6 +8,7 @@ import time
 import click
 
 from adapterkit.cli.common import obj, say
+from adapterkit.cli.train import check_sampling
 from adapterkit.errors import AdapterkitError, ConfigError
 
 
@@ -51,8 +52,7 @@ def swap_cmd(ctx: click.Context, names: tuple[str, ...], prompt: str, base: str 
              max_new_tokens: int, force: bool, as_json: bool) -> None:
     """Load the base once and answer PROMPT with each pocket book in turn — the hot swap
     made visible: the first swap to each pocket book reads its file, later ones are in place."""
-    if max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be at least 1")
+    check_sampling(max_new_tokens=max_new_tokens)
     session, load_s = _open(ctx, base, names[0], force)
     rows = []
     for name in names:
@@ -102,6 +102,7 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
     \b
     Commands:  /swap NAME   /stack A=1 B=0.5   /off   /list   /quit
     """
+    check_sampling(max_new_tokens=max_new_tokens)
     session, _ = _open(ctx, base, adapter)
     if adapter:
         session.swap(adapter)

@@ -7,6 +7,7 @@ inside the command bodies, never at module level.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -23,6 +24,7 @@ _OPTION_FLAGS = {
     "general": "general", "forgetting_budget": "forgetting_budget",
     "guard_weight": "guard_weight", "anchor": "anchor", "chat": "chat",
     "save_steps": "save_steps", "logging_steps": "logging_steps",
+    "skip_bad_rows": "skip_bad_rows",
 }
 
 
@@ -60,6 +62,10 @@ _OPTION_FLAGS = {
 @click.option("--anchor", help="Anchor prose for the KL term (default: shipped anchor text).")
 @click.option("--save-steps", type=int, help="Steps between resumable checkpoints (default 50).")
 @click.option("--logging-steps", type=int, help="Steps between loss logs (default 5).")
+@click.option("--skip-bad-rows", is_flag=True, default=None,
+              help="Train on the usable rows when some have the wrong shape (a needed field "
+                   "missing or empty), saying how many were skipped. Default: refuse the file, "
+                   "naming the bad rows.")
 @click.option("--set", "trainer_sets", multiple=True, metavar="KEY=VALUE",
               help="Trainer-specific option (repeatable), e.g. --set beta=0.1 for dpo.")
 @click.option("--on", "on", metavar="BOOK", help="Train on top of pocket book BOOK: it stays "
@@ -145,6 +151,16 @@ def _parse_sets(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def check_sampling(*, max_new_tokens: int, temperature: float = 0.0) -> None:
+    """Refuse generation settings that would be misread rather than used: no tokens to
+    generate, or a temperature below 0 (or nan) that would silently mean greedy decoding."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number ≥ 0 (0 = greedy decoding), "
+                          f"got {temperature}")
+
+
 def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool = False,
                    exact: bool = False):
     """Load the pocket book's base (in its method's precision) and attach the pocket book.
@@ -182,20 +198,28 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
               help="Scorer for generated answers (prompt/completion data).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--chat/--no-chat", default=None, help="Use the chat template (default: if any).")
+@click.option("--skip-bad-rows", is_flag=True,
+              help="Evaluate on the usable rows when some have the wrong shape, saying how "
+                   "many were skipped. Default: refuse the file, naming the bad rows.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def eval_cmd(ctx: click.Context, ref: str, data: str, general: str | None, base: str | None,
-             scorer: str, max_new_tokens: int, chat: bool | None, as_json: bool) -> None:
+             scorer: str, max_new_tokens: int, chat: bool | None, skip_bad_rows: bool,
+             as_json: bool) -> None:
     """Evaluate pocket book REF: task loss and perplexity, exact match on generated answers
     (prompt/completion data), and with --general the forgetting check (general-text loss with
     and without the pocket book, as a relative change)."""
     from adapterkit.training.data import load_data, read_rows
     from adapterkit.training.metrics import accuracy, forgetting, task_loss, uses_chat
 
+    check_sampling(max_new_tokens=max_new_tokens)
     pm = obj(ctx)["plugins"]
     score_fn = pm.scorers.get(scorer)
     dataset = load_data(data, formats=pm.data_formats,
-                        shapes=("text", "prompt_completion", "messages"))
+                        shapes=("text", "prompt_completion", "messages"),
+                        skip_bad_rows=skip_bad_rows)
+    if dataset.skipped:
+        say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows)")
     general_texts = None
     if general:
         general_texts = [r["text"] for r in read_rows(general)[0] if r.get("text")]
@@ -249,8 +273,7 @@ def generate_cmd(ctx: click.Context, prompt: str, base: str | None, adapter: str
     from adapterkit.base.load import load_base
     from adapterkit.training.metrics import generate, uses_chat
 
-    if max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be at least 1")
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature)
     state = obj(ctx)
     if adapter and not no_adapter:
         _, loaded, model = _load_for_book(ctx, adapter, base, force=force)

@@ -9,12 +9,14 @@ once without losing either entry.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from adapterkit.errors import CatalogError
 from adapterkit.library.metadata import PocketBookMeta
@@ -48,9 +50,34 @@ class CatalogWarning(UserWarning):
     """The catalog was unreadable and has been rebuilt from the pocket-book folders."""
 
 
+#: SQLite messages that mean the file itself is damaged (so rebuilding it from the folders is
+#: right). Anything else — locked, busy, read-only, disk full, I/O error — is not the file's
+#: fault: moving the catalog aside would turn a full disk into a lost index.
+_CORRUPTION_WORDS = ("malformed", "not a database", "corrupt", "no such table", "no such column")
+_FULL_WORDS = ("database or disk is full", "disk is full")
+
+
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc).lower()
-    return not any(word in text for word in ("locked", "busy", "readonly", "unable to open"))
+    return any(word in text for word in _CORRUPTION_WORDS)
+
+
+def _unusable(path: Path, exc: BaseException) -> CatalogError:
+    text = str(exc)
+    if any(word in text.lower() for word in _FULL_WORDS):
+        return CatalogError(
+            f"no space left on the device holding {path.parent}: free some space and run the "
+            "command again (nothing was changed)")
+    if "readonly" in text.lower() or "read-only" in text.lower():
+        return CatalogError(
+            f"the library catalog {path} is read-only: this command changes the library, so "
+            "run it as a user who can write to that folder")
+    if "disk i/o error" in text.lower():
+        return CatalogError(
+            f"cannot write the library catalog {path}: disk I/O error (a full disk, a "
+            "file-size limit such as `ulimit -f`, or a failing device); fix that and run the "
+            "command again (nothing was changed)")
+    return CatalogError(f"library catalog {path} is unusable: {text}")
 
 
 class Catalog:
@@ -58,22 +85,65 @@ class Catalog:
 
     :param path: the SQLite file.
     :param scan: yields ``(meta, size)`` for every pocket-book folder; used to rebuild.
+
+    A home that cannot be written (a read-only mount, another user's library) is still
+    readable: the catalog is then opened ``immutable`` (WAL mode would otherwise need a
+    writable ``-shm`` file), or — when there is none, or it disagrees with the folders — built
+    in memory from the folders for this process. Writes then fail with one clear line.
     """
 
     def __init__(self, path: Path, scan: Callable[[], Iterable[tuple[PocketBookMeta, int]]]):
         self.path = path
         self._scan = scan
+        self._memory: sqlite3.Connection | None = None
+
+    @property
+    def read_only(self) -> bool:
+        """True when this process cannot write the catalog (the home is not writable)."""
+        folder = self.path.parent
+        if not folder.exists():
+            return not os.access(folder.parent if folder.parent.exists() else Path("."),
+                                 os.W_OK)
+        if not os.access(folder, os.W_OK):
+            return True
+        return self.path.exists() and not os.access(self.path, os.W_OK)
 
     # -- connection and recovery -------------------------------------------------------------
 
+    def use_memory(self) -> None:
+        """Serve reads from an in-memory index built from the folders (read-only homes whose
+        catalog is missing or stale)."""
+        if self._memory is None:
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+            conn.executescript(_SCHEMA)
+            self._fill(conn)
+            self._memory = conn
+
     def _open(self) -> sqlite3.Connection:
+        if self._memory is not None:
+            return self._memory
+        if self.read_only:
+            if not self.path.exists():
+                self.use_memory()
+                assert self._memory is not None
+                return self._memory
+            uri = f"file:{quote(str(self.path.resolve()))}?immutable=1"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+            try:
+                if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                    conn.close()
+                    self.use_memory()
+                    assert self._memory is not None
+                    return self._memory
+            except BaseException:
+                conn.close()
+                raise
+            return conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(_SCHEMA)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._fill(conn)
         except BaseException:
             conn.close()
@@ -81,12 +151,19 @@ class Catalog:
         return conn
 
     def _fill(self, conn: sqlite3.Connection) -> None:
-        """Index the folders into a new (empty) catalog."""
+        """Create and index a new catalog in one transaction: the schema version is recorded
+        only together with the rows, so a fill that fails is never taken for a finished one."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if conn.execute("SELECT COUNT(*) FROM pocket_books").fetchone()[0] == 0:
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("DELETE FROM pocket_books")
+                conn.execute("DELETE FROM tags")
                 for meta, size in self._scan():
                     self.upsert(conn, meta, size)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -105,14 +182,26 @@ class Catalog:
             stacklevel=4,
         )
 
+    def _give_up_or_recover(self, exc: sqlite3.DatabaseError, attempt: int) -> None:
+        """A damaged catalog is rebuilt once (in memory when the home is read-only); any other
+        database error becomes one :class:`CatalogError` line."""
+        if attempt or not _is_corruption(exc) or self._memory is not None:
+            raise _unusable(self.path, exc) from None
+        if self.read_only:
+            self.use_memory()
+        else:
+            self._recover(exc)
+
+    def _close(self, conn: sqlite3.Connection) -> None:
+        if conn is not self._memory:
+            conn.close()
+
     def _run(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool) -> Any:
         for attempt in (0, 1):
             try:
                 conn = self._open()
             except sqlite3.DatabaseError as exc:
-                if attempt or not _is_corruption(exc):
-                    raise CatalogError(f"library catalog {self.path} is unusable: {exc}") from None
-                self._recover(exc)
+                self._give_up_or_recover(exc, attempt)
                 continue
             try:
                 if write:
@@ -121,25 +210,33 @@ class Catalog:
                         result = fn(conn)
                         conn.execute("COMMIT")
                     except BaseException:
-                        conn.execute("ROLLBACK")
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
                         raise
                     return result
                 return fn(conn)
             except sqlite3.DatabaseError as exc:
-                if attempt or not _is_corruption(exc):
-                    raise CatalogError(f"library catalog {self.path} is unusable: {exc}") from None
-                conn.close()
-                self._recover(exc)
+                self._close(conn)
+                self._give_up_or_recover(exc, attempt)
             finally:
-                conn.close()
+                self._close(conn)
         raise AssertionError("unreachable")
 
     def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run a read-only query function against the catalog."""
         return self._run(fn, write=False)
 
-    def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``fn`` inside one ``BEGIN IMMEDIATE`` transaction (serialised across processes)."""
+    def write(self, fn: Callable[[sqlite3.Connection], Any], *, index_only: bool = False
+              ) -> Any:
+        """Run ``fn`` inside one ``BEGIN IMMEDIATE`` transaction (serialised across processes).
+
+        :param index_only: ``fn`` only brings the index in line with the folders. On a
+            read-only home that is done in this process's in-memory index instead of refused.
+        """
+        if self.read_only:
+            if not index_only:
+                raise _unusable(self.path, sqlite3.OperationalError("readonly"))
+            self.use_memory()
         return self._run(fn, write=True)
 
     def rebuild(self) -> int:
@@ -177,6 +274,11 @@ class Catalog:
     def delete(conn: sqlite3.Connection, name: str, version: int) -> None:
         conn.execute("DELETE FROM pocket_books WHERE name=? AND version=?", (name, version))
         conn.execute("DELETE FROM tags WHERE name=? AND version=?", (name, version))
+
+    @staticmethod
+    def entries(conn: sqlite3.Connection) -> set[tuple[str, int]]:
+        """Every ``(name, version)`` the catalog holds."""
+        return {(r[0], r[1]) for r in conn.execute("SELECT name, version FROM pocket_books")}
 
     @staticmethod
     def versions(conn: sqlite3.Connection, name: str) -> list[int]:

@@ -71,8 +71,24 @@ class PocketBookMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PocketBookMeta:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Build from parsed JSON, refusing (``ValueError``) what would break later: a file is
+        written by hand, by older versions or by a crash, so its shape is checked, not trusted."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("name", "version"):
+            if key not in values:
+                raise ValueError(f"{key!r} is missing")
+        if not isinstance(values["name"], str) or not values["name"]:
+            raise ValueError("'name' must be a non-empty string")
+        version = values["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError("'version' must be a non-negative integer")
+        for key, kind in _FIELD_TYPES.items():
+            if key in values and values[key] is not None and not isinstance(values[key], kind):
+                raise ValueError(f"{key!r} must be a {_TYPE_WORDS[kind]}")
+        return cls(**values)
 
     @classmethod
     def read(cls, folder: Path) -> PocketBookMeta:
@@ -81,3 +97,11 @@ class PocketBookMeta:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as exc:
             raise InvalidAdapter(f"cannot read {path}: {exc}") from None
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "base": dict, "method": str, "trainer": str, "data": dict, "hyperparameters": dict,
+    "metrics": dict, "parents": list, "stacked_on": list, "created": str, "tags": list,
+    "kind": str, "source": dict, "verification": dict, "files": dict,
+}
+_TYPE_WORDS: dict[type, str] = {dict: "JSON object", str: "string", list: "list"}

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from adapterkit.errors import InvalidName
 
 MAX_NAME_LENGTH = 100
+MAX_VERSION = 10**9
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# ASCII digits only: ``str.isdigit`` also accepts "²" (which ``int`` refuses) and "١" (which
+# ``int`` reads as 1, so ``x@١`` would silently mean ``x@1``).
+_VERSION = re.compile(r"[0-9]+")
 
 
 def validate_name(name: str) -> str:
@@ -43,11 +47,17 @@ class Ref:
 
 
 def parse_ref(text: str) -> Ref:
-    """Parse ``name`` or ``name@N`` (N ≥ 1) into a :class:`Ref`."""
+    """Parse ``name`` or ``name@N`` (1 ≤ N ≤ 10⁹, ASCII digits) into a :class:`Ref`."""
     name, sep, version = str(text).partition("@")
     validate_name(name)
     if not sep:
         return Ref(name)
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidName(f"invalid version in {text!r}: write NAME@N with N a positive integer")
-    return Ref(name, int(version))
+    digits = version.lstrip("0")
+    if not _VERSION.fullmatch(version) or not digits:
+        raise InvalidName(f"invalid version in {text!r}: write NAME@N with N a positive integer "
+                          "(ASCII digits)")
+    # Compared as digits first: ``int`` refuses over 4,300 digits, and a huge version would
+    # overflow SQLite's integers later.
+    if len(digits) > len(str(MAX_VERSION)) or int(digits) > MAX_VERSION:
+        raise InvalidName(f"invalid version in {text!r}: versions go from 1 to {MAX_VERSION}")
+    return Ref(name, int(digits))

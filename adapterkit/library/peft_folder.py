@@ -82,6 +82,11 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 PICKLE_FILE = "adapter_model.bin"
 
+#: safetensors dtype → bytes per element (the format's own table), to check that each tensor's
+#: stored size matches its shape. A dtype not listed here is not size-checked.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
+                "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
 
 @dataclass
 class AdapterFiles:
@@ -93,35 +98,101 @@ class AdapterFiles:
     pickled: bool
 
 
-def read_adapter(folder: Path, *, trust_pickle: bool = False) -> AdapterFiles:
-    """Parse a PEFT adapter folder; refuses pickled weights unless ``trust_pickle``."""
+def own_file(folder: Path, name: str, *, within: Path | None = None) -> Path | None:
+    """The regular file ``folder/name`` to read, or None where there is none.
+
+    A link is followed only while it stays inside ``within`` (default: ``folder`` itself; a Hub
+    download passes its cache repo, whose snapshot files are links to its blobs). A link that
+    leaves it is refused: importing it would copy some other file of this machine into the
+    library, and from there into exports and onto the Hub.
+    """
+    path = folder / name
+    if not path.is_symlink():
+        return path if path.is_file() else None
+    target = path.resolve()
+    root = (within or folder).resolve()
+    if not target.is_relative_to(root):
+        raise InvalidAdapter(f"{path} is a link to {target}, outside {root}; adapterkit copies "
+                             "only the adapter's own files: put the file itself in the folder")
+    return target if target.is_file() else None
+
+
+def read_adapter(folder: Path, *, trust_pickle: bool = False,
+                 within: Path | None = None) -> AdapterFiles:
+    """Parse a PEFT adapter folder; refuses pickled weights unless ``trust_pickle``, and links
+    that leave ``within`` (see :func:`own_file`)."""
     if not folder.is_dir():
         raise InvalidAdapter(f"{folder} is not a folder")
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
+    files = {n: own_file(folder, n, within=within)
+             for n in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE, CARD_FILE)}
+    if files[CONFIG_FILE] is None:
         raise InvalidAdapter(f"{folder} is not a PEFT adapter: it has no {CONFIG_FILE}")
     config = read_config(folder)
     if str(config.get("peft_type", "")).upper() != "LORA":
         kind = config.get("peft_type")
         raise InvalidAdapter(f"{folder} is a {kind or 'unknown'} adapter; adapterkit handles LoRA")
-    weights = folder / WEIGHTS_FILE
-    if weights.is_file():
-        header, _ = _header(weights)
-        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-        return AdapterFiles(folder, config, shapes, pickled=False)
-    if (folder / PICKLE_FILE).is_file():
+    weights = files[WEIGHTS_FILE]
+    if weights is not None:
+        return AdapterFiles(folder, config, read_shapes(weights), pickled=False)
+    if files[PICKLE_FILE] is not None:
         if not trust_pickle:
             raise UnsafeWeights(
                 f"{folder} holds pickled weights ({PICKLE_FILE}), which can run arbitrary code "
                 "when loaded. If you made them or trust their source, pass --trust-pickle; they "
                 "are then converted to safetensors"
             )
-        import torch
-
-        state = torch.load(folder / PICKLE_FILE, map_location="cpu", weights_only=True)
+        state = _load_pickle(folder / PICKLE_FILE)
         return AdapterFiles(folder, config, {k: tuple(v.shape) for k, v in state.items()},
                             pickled=True)
     raise InvalidAdapter(f"{folder} is not a PEFT adapter: it has no {WEIGHTS_FILE}")
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    """Trusted pickled weights, loaded with torch's ``weights_only`` unpickler (which runs no
+    code: anything beyond tensors and plain containers is refused, and said so in one line)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (refused globals), a broken or truncated file
+        raise UnsafeWeights(f"{path} refused: the pickle could not be loaded safely "
+                            f"({_unpickling_reason(exc)})") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise InvalidAdapter(f"{path} is not a state dict (tensor name → tensor); it cannot be "
+                             "an adapter's weights")
+    return state
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """torch's own reason, without its advice to load the file with ``weights_only=False``
+    (which would run whatever code it holds)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    words = " ".join(text.split())
+    return f"{type(exc).__name__}: {words[:200]}" if words else type(exc).__name__
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from a safetensors header (no tensor is read), after checking that
+    the header is whole (:func:`~adapterkit.base.fingerprints.read_safetensors_header`) and
+    that each tensor's stored size is its shape's. :class:`InvalidAdapter` says what is wrong."""
+    header, _ = _header(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        shape = tuple(entry["shape"])
+        (start, end), dtype = entry["data_offsets"], entry["dtype"]
+        count = 1
+        for d in shape:
+            count *= d
+        if dtype in _DTYPE_BYTES and end - start != count * _DTYPE_BYTES[dtype]:
+            raise InvalidAdapter(f"{path}: tensor {key} of shape {list(shape)} ({dtype}) does "
+                                 f"not match the {end - start} bytes stored for it")
+        shapes[key] = shape
+    return shapes
 
 
 def _header(path: Path) -> tuple[dict, int]:
@@ -131,15 +202,49 @@ def _header(path: Path) -> tuple[dict, int]:
         raise InvalidAdapter(str(exc).replace("safetensors file", "adapter weights")) from None
 
 
-def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
-    """Raise :class:`BaseMismatch` unless every tensor of the adapter lands on the base."""
+_PASS_BASE = "pass the base it was trained on with --base"
+
+
+def check_fits(adapter: AdapterFiles, structure: BaseStructure, *, label: str | None = None,
+               advice: str = _PASS_BASE) -> None:
+    """Raise :class:`BaseMismatch` unless every tensor of the adapter lands on the base.
+
+    :param label: what to call the adapter (default: ``adapter in <its folder's name>``).
+    :param advice: what the user can do, closing the message.
+    """
     if not adapter.shapes:
         raise InvalidAdapter(f"{adapter.folder} has no tensors: it would change nothing")
+    problems = fit_problems(adapter, structure)
+    if problems:
+        raise BaseMismatch(
+            f"{label or f'adapter in {adapter.folder.name}'} does not fit base "
+            f"{structure.architecture}: " + summarize(problems)
+            + ". PEFT would load it with warnings and leave those layers as the plain base has "
+            f"them; {advice}"
+        )
+
+
+def summarize(problems: list[str]) -> str:
+    """The first three problems, and how many more there are."""
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
+
+
+def fit_problems(adapter: AdapterFiles, structure: BaseStructure) -> list[str]:
+    """Every way the adapter's tensors and target modules do not land on ``structure``.
+
+    A reward pocket book's head (``task_type`` ``SEQ_CLS``, the ``modules_to_save`` it names)
+    is not part of the causal base and is not checked here; its scorer checks it.
+    """
     problems: list[str] = []
     ranks: dict[str, int] = {}
+    heads = set(adapter.config.get("modules_to_save") or []) \
+        if adapter.config.get("task_type") == "SEQ_CLS" else set()
     for key, shape in sorted(adapter.shapes.items()):
         name = parse_key(key)
         module, part = name.module, name.part
+        if part is None and module.split(".")[0] in heads:
+            continue
         if part in (None, "base_layer"):  # a full tensor, or PEFT's copy of a base weight
             param = f"{module}.{name.leaf or 'weight'}"
             expected = structure.params.get(param)
@@ -147,6 +252,9 @@ def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
                 problems.append(f"{param} does not exist in the base")
             elif tuple(expected) != tuple(shape):
                 problems.append(_shape_problem(param, shape, expected, structure))
+            continue
+        if part in ("A", "B", "tokens", "embA", "embB") and len(shape) != 2:
+            problems.append(f"{key}: shape {list(shape)} is not a matrix")
             continue
         if part == "tokens":
             if module not in structure.embedding or shape[-1] != structure.embedding[module][1]:
@@ -160,9 +268,9 @@ def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
                 problems.append(f"LoRA module {module} {where} the base")
                 continue
             fan_in, fan_out = structure.linear[module]
-            if part == "A" and (len(shape) != 2 or shape[1] != fan_in):
+            if part == "A" and shape[1] != fan_in:
                 problems.append(f"{key}: shape {list(shape)} does not fit in_features={fan_in}")
-            if part == "B" and (len(shape) != 2 or shape[0] != fan_out):
+            if part == "B" and shape[0] != fan_out:
                 problems.append(f"{key}: shape {list(shape)} does not fit out_features={fan_out}")
             if part in ("B.bias", "magnitude") and tuple(shape) != (fan_out,):
                 problems.append(f"{key}: shape {list(shape)} does not fit out_features={fan_out}")
@@ -180,14 +288,7 @@ def check_fits(adapter: AdapterFiles, structure: BaseStructure) -> None:
         elif part in ("B", "embB") and module in ranks and shape[-1] != ranks[module]:
             problems.append(f"{module}: lora_A rank {ranks[module]} but lora_B rank {shape[-1]}")
     _check_config_targets(adapter.config, structure, problems)
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise BaseMismatch(
-            f"adapter in {adapter.folder.name} does not fit base {structure.architecture}: "
-            + "; ".join(problems[:3]) + more
-            + ". PEFT would load it with warnings and leave those layers as the plain base has "
-            "them; pass the base it was trained on with --base"
-        )
+    return problems
 
 
 def _shape_problem(name: str, shape: tuple, expected: tuple, structure: BaseStructure) -> str:
@@ -207,7 +308,13 @@ def _check_config_targets(config: dict, structure: BaseStructure, problems: list
         return
     modules = list(structure.linear) + list(structure.embedding)
     if isinstance(targets, str):
-        if not any(re.fullmatch(targets, m) for m in modules):
+        try:  # PEFT reads a string as a regular expression
+            pattern = re.compile(targets)
+        except re.error as exc:
+            problems.append(f"target_modules {targets!r} is not a valid regular expression "
+                            f"({exc})")
+            return
+        if not any(pattern.fullmatch(m) for m in modules):
             problems.append(f"target_modules pattern {targets!r} matches no module of the base")
         return
     # PEFT accepts a list of which only some names exist in the model (one list serves
@@ -257,43 +364,70 @@ def _all_b_zero(weights: Path) -> bool:
 
 def convert_pickle(folder: Path, staged: Path) -> None:
     """Write ``folder``'s trusted pickled weights as safetensors into ``staged``."""
-    import torch
     from safetensors.torch import save_file
 
-    state = torch.load(folder / PICKLE_FILE, map_location="cpu", weights_only=True)
+    state = _load_pickle(folder / PICKLE_FILE)
     save_file({k: v.contiguous() for k, v in state.items()}, staged / WEIGHTS_FILE,
               metadata={"format": "pt"})
     (staged / PICKLE_FILE).unlink(missing_ok=True)
 
 
+def check_on_base(adapter: AdapterFiles, base_folder: Path, *, name: str,
+                  label: str | None = None, advice: str = _PASS_BASE) -> None:
+    """What import checks before an adapter joins the library, for import and pull alike:
+    refuse one that needs a rewritten base (PiSSA...) or does not fit ``base_folder``'s model
+    (:class:`BaseMismatch`, see :func:`check_fits` for ``label`` and ``advice``), and warn
+    (naming the pocket book ``name``) when it is untrained."""
+    from adapterkit.base.load import inspect_structure
+
+    _refuse_base_rewriting(adapter)
+    check_fits(adapter, inspect_structure(base_folder), label=label, advice=advice)
+    if not adapter.pickled and _all_b_zero(adapter.folder / WEIGHTS_FILE):
+        warnings.warn(f"{name} looks untrained: every lora_B is zero, so its LoRA changes "
+                      "nothing", AdapterWarning, stacklevel=3)
+
+
+def copy_files(adapter: AdapterFiles, staged: Path, names: tuple[str, ...], *,
+               within: Path | None = None) -> None:
+    """Copy the contents of ``adapter``'s files ``names`` (those it has) into ``staged``, its
+    pickled weights as safetensors; links are followed only inside ``within`` (see
+    :func:`own_file`), and only file contents are copied, never links or permissions."""
+    for name in names:
+        if name == WEIGHTS_FILE and adapter.pickled:
+            convert_pickle(adapter.folder, staged)
+            continue
+        source = own_file(adapter.folder, name, within=within)
+        if source is not None:
+            shutil.copyfile(source, staged / name)
+
+
 def import_peft_folder(library: Library, folder: Path, name: str, *, base: str | None = None,
-                       trust_pickle: bool = False,
-                       source: dict[str, Any] | None = None) -> PocketBook:
+                       trust_pickle: bool = False, source: dict[str, Any] | None = None,
+                       within: Path | None = None) -> PocketBook:
     """Check a plain PEFT adapter against its base and add it to ``library``.
+
+    Only the folder's own files are copied: a link that leads out of it (out of ``within``,
+    for a Hub download its cache repo) is refused.
 
     :param source: where it came from, recorded in the metadata (default: this folder).
     """
     from adapterkit.base.fingerprints import fingerprint
-    from adapterkit.base.load import inspect_structure
     from adapterkit.base.resolve import canonical_spec, remember_base, resolve_base
 
     ref = library.reserve(name)
-    adapter = read_adapter(folder, trust_pickle=trust_pickle)
+    adapter = read_adapter(folder, trust_pickle=trust_pickle, within=within)
     base_spec = base or adapter.config.get("base_model_name_or_path")
     if not base_spec:
         raise BaseMismatch(f"{folder} does not name its base; pass --base")
-    _refuse_base_rewriting(adapter)
+    _refuse_base_rewriting(adapter)  # before resolving: that may download the base
     base_source = resolve_base(str(base_spec), library.home)
-    check_fits(adapter, inspect_structure(base_source.folder))
+    check_on_base(adapter, base_source.folder, name=ref.name)
     recorded = adapter.config.get("base_model_name_or_path")
     if base and recorded and str(recorded) != str(base) and not _same_base(
             str(recorded), base_source.folder, library.home):
         warnings.warn(f"{ref.name}: the adapter's config names base {recorded}; it is recorded "
                       f"as made on {base} because you passed --base", AdapterWarning,
                       stacklevel=2)
-    if not adapter.pickled and _all_b_zero(folder / WEIGHTS_FILE):
-        warnings.warn(f"{ref.name} looks untrained: every lora_B is zero, so its LoRA changes "
-                      "nothing", AdapterWarning, stacklevel=2)
     fp = fingerprint(base_source.folder)
     remember_base(library.home, fp, canonical_spec(str(base_spec), base_source))
     meta = PocketBookMeta(
@@ -311,10 +445,5 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
         if base_source.provenance.get("hub_id"):
             config["base_model_name_or_path"] = base_source.provenance["hub_id"]
         (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-        if adapter.pickled:
-            convert_pickle(folder, staged)
-        else:
-            shutil.copy(folder / WEIGHTS_FILE, staged / WEIGHTS_FILE)
-        if (folder / CARD_FILE).is_file():
-            shutil.copy(folder / CARD_FILE, staged / CARD_FILE)
+        copy_files(adapter, staged, (WEIGHTS_FILE, CARD_FILE), within=within)
         return library.commit(staged, meta, name=str(ref))

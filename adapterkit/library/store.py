@@ -18,10 +18,10 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import shutil
 import sqlite3
-import time
-import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,12 +32,13 @@ from adapterkit.errors import (
     AdapterkitError,
     ConfigError,
     InvalidAdapter,
+    InvalidName,
     NameTaken,
     PocketBookNotFound,
 )
 from adapterkit.files import atomic_write_text, fsync_dir, fsync_tree, new_folder, sha256_file
 from adapterkit.home import resolve_home
-from adapterkit.library.catalog import Catalog
+from adapterkit.library.catalog import Catalog, CatalogWarning
 from adapterkit.library.metadata import (
     CONFIG_FILE,
     HASHED_FILES,
@@ -46,11 +47,12 @@ from adapterkit.library.metadata import (
     PocketBookMeta,
 )
 from adapterkit.library.names import Ref, parse_ref, validate_name
+from adapterkit.library.staging import stale_reason, work_folder_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
 
-_STALE_STAGING_SECONDS = 24 * 3600
+_VERSION_FOLDER = re.compile(r"[1-9][0-9]{0,8}")
 
 
 @dataclass
@@ -99,17 +101,40 @@ class Summary:
         return dict(self.__dict__)
 
 
-def _check_free(ref: Ref, taken: set[int]) -> None:
-    """Raise :class:`NameTaken`, suggesting the next free version, if ``ref`` is taken."""
+def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None) -> None:
+    """Raise :class:`NameTaken`, suggesting the next free version, if ``ref`` is taken.
+
+    :param indexed: the versions the catalog knows; a taken version it does not know is a
+        folder on disk that could not be indexed (damaged), and the message says so.
+    """
     if not taken or (ref.version is not None and ref.version not in taken):
         return
     latest, nxt = max(taken), max(taken) + 1
+    clash = {ref.version} if ref.version is not None else taken
+    if indexed is not None and not clash & indexed:
+        raise NameTaken(
+            f"{ref.name}@{latest if ref.version is None else ref.version} has a folder in the "
+            "library that cannot be read (damaged); run `adapterkit doctor` to move it aside, "
+            f"or save as {ref.name}@{nxt}")
     if ref.version is None:
         raise NameTaken(
             f"a pocket book named {ref.name!r} already exists (latest {ref.name}@{latest}); "
             f"save as a new version with --name {ref.name}@{nxt}, or pick another name"
         )
     raise NameTaken(f"{ref} already exists; use {ref.name}@{nxt} for a new version")
+
+
+def _is_name(text: str) -> bool:
+    try:
+        validate_name(text)
+    except InvalidName:
+        return False
+    return True
+
+
+def _warn_damaged(exc: InvalidAdapter) -> None:
+    warnings.warn(f"skipped a damaged pocket book: {exc}; `adapterkit doctor` moves it aside",
+                  CatalogWarning, stacklevel=1)  # one location: said once per command
 
 
 def _folder_size(path: Path) -> int:
@@ -133,17 +158,80 @@ class Library:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _scan(self) -> Iterator[tuple[PocketBookMeta, int]]:
-        if not self.root.is_dir():
-            return
-        for meta_file in sorted(self.root.glob(f"*/*/{METADATA_FILE}")):
-            folder = meta_file.parent
-            try:
-                meta = PocketBookMeta.read(folder)
-            except InvalidAdapter:
+    def folders(self) -> dict[tuple[str, int], Path]:
+        """Every ``library/<name>/<version>/`` folder on disk, keyed by ``(name, version)``.
+
+        Only the layout is looked at (two directory listings deep, no file read), so comparing
+        it with the catalog is cheap enough to do on every ``list``.
+        """
+        out: dict[tuple[str, int], Path] = {}
+        try:
+            names = list(os.scandir(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        for entry in names:
+            if not entry.is_dir(follow_symlinks=False) or not _is_name(entry.name):
                 continue
-            if meta.name == folder.parent.name and str(meta.version) == folder.name:
-                yield meta, _folder_size(folder)
+            try:
+                versions = list(os.scandir(entry.path))
+            except OSError:
+                continue
+            for sub in versions:
+                if _VERSION_FOLDER.fullmatch(sub.name) and sub.is_dir(follow_symlinks=False):
+                    out[(entry.name, int(sub.name))] = Path(sub.path)
+        return out
+
+    def read_entry(self, folder: Path) -> PocketBookMeta:
+        """The metadata of one library folder, refused (:class:`InvalidAdapter`, naming the
+        file) when it cannot be read or does not belong where it lies."""
+        meta = PocketBookMeta.read(folder)
+        if meta.name != folder.parent.name or str(meta.version) != folder.name:
+            raise InvalidAdapter(
+                f"{folder / METADATA_FILE} says it is {meta.name}@{meta.version}, but it lies in "
+                f"the folder of {folder.parent.name}@{folder.name}")
+        return meta
+
+    def _scan(self) -> Iterator[tuple[PocketBookMeta, int]]:
+        for _key, folder in sorted(self.folders().items()):
+            try:
+                meta = self.read_entry(folder)
+            except InvalidAdapter as exc:
+                _warn_damaged(exc)
+                continue
+            yield meta, _folder_size(folder)
+
+    def reconcile(self) -> None:
+        """Bring the catalog in line with the folders, which are the source of truth.
+
+        A crash between a folder's rename and the catalog's commit (or a folder deleted by
+        hand) would otherwise leave a pocket book that blocks its name but cannot be shown or
+        removed, or a listed one that is gone. Valid folders missing from the index are added,
+        rows without a folder are dropped; damaged folders are reported, never guessed at
+        (``adapterkit doctor`` moves them aside). Each change is re-checked inside the write
+        transaction, so a save or removal in flight in another process is left alone.
+        """
+        disk = self.folders()
+        indexed: set[tuple[str, int]] = self.catalog.read(Catalog.entries)
+        gone = indexed - disk.keys()
+        found = []
+        for key in sorted(disk.keys() - indexed):
+            try:
+                found.append((self.read_entry(disk[key]), disk[key]))
+            except InvalidAdapter as exc:
+                _warn_damaged(exc)
+        if not gone and not found:
+            return
+
+        def fix(conn: sqlite3.Connection) -> None:
+            now = Catalog.entries(conn)
+            for meta, folder in found:
+                if (meta.name, meta.version) not in now and folder.is_dir():
+                    Catalog.upsert(conn, meta, _folder_size(folder))
+            for name, version in gone & now:
+                if not self.path_of(name, version).is_dir():
+                    Catalog.delete(conn, name, version)
+
+        self.catalog.write(fix, index_only=True)
 
     def path_of(self, name: str, version: int) -> Path:
         return self.root / validate_name(name) / str(int(version))
@@ -155,10 +243,12 @@ class Library:
         :param base: keep those made on this base: its name, or a prefix of its fingerprint.
         :param tag: keep those carrying this tag.
         """
+        self.reconcile()
         clauses, params = [], []
         if base:
-            clauses.append("base_name = ? OR base_fingerprint LIKE ?")
-            params += [base, f"{base}%"]
+            clauses.append("base_name = ? OR base_fingerprint LIKE ? ESCAPE '\\'")
+            escaped = base.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            params += [base, f"{escaped}%"]
         if tag:
             clauses.append(
                 "EXISTS (SELECT 1 FROM tags t WHERE t.name = p.name "
@@ -189,6 +279,9 @@ class Library:
 
         versions, meta = self.catalog.read(lookup)
         if meta is None or not self.path_of(meta.name, meta.version).is_dir():
+            self.reconcile()  # a crash or a hand edit may have left the index behind
+            versions, meta = self.catalog.read(lookup)
+        if meta is None or not self.path_of(meta.name, meta.version).is_dir():
             if not versions:
                 raise PocketBookNotFound(
                     f"no pocket book named {ref.name!r}; `adapterkit list` shows what there is"
@@ -214,22 +307,33 @@ class Library:
         because of an error, Ctrl-C or a crash — is removed (or swept up on a later run).
         """
         self.staging.mkdir(parents=True, exist_ok=True)
-        self._sweep_staging()
-        folder = self.staging / f"stage-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.sweep_staging()
+        folder = self.staging / work_folder_name("stage")
         folder.mkdir()
         try:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _sweep_staging(self) -> None:
-        cutoff = time.time() - _STALE_STAGING_SECONDS
-        for old in self.staging.iterdir():
-            try:
-                if old.stat().st_mtime < cutoff:
+    def sweep_staging(self, *, dry_run: bool = False) -> builtins.list[tuple[Path, str]]:
+        """Remove work folders left under ``tmp/`` by dead processes (or over a day old);
+        returns each with the reason."""
+        swept: builtins.list[tuple[Path, str]] = []
+        try:
+            leftovers = builtins.list(self.staging.iterdir())
+        except OSError:
+            return swept
+        for old in leftovers:
+            reason = stale_reason(old)
+            if reason is None:
+                continue
+            swept.append((old, reason))
+            if not dry_run:
+                if old.is_dir() and not old.is_symlink():
                     shutil.rmtree(old, ignore_errors=True)
-            except OSError:
-                pass
+                else:
+                    old.unlink(missing_ok=True)
+        return swept
 
     def reserve(self, name_or_ref: str) -> Ref:
         """Check that ``name`` (new) or ``name@N`` (an explicit new version) can be saved.
@@ -238,7 +342,9 @@ class Library:
         jobs fail before they start rather than after.
         """
         ref = parse_ref(name_or_ref)
-        _check_free(ref, set(self._all_versions(ref.name)))
+        self.reconcile()
+        indexed = set(self.catalog.read(lambda conn: Catalog.versions(conn, ref.name)))
+        _check_free(ref, indexed | set(self._disk_versions(ref.name)), indexed)
         return ref
 
     def _all_versions(self, name: str) -> builtins.list[int]:
@@ -250,7 +356,7 @@ class Library:
         folder = self.root / name
         if not folder.is_dir():
             return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+        return sorted(int(p.name) for p in folder.iterdir() if _VERSION_FOLDER.fullmatch(p.name))
 
     def commit(self, staged: Path, meta: PocketBookMeta, *, name: str | None = None,
                new_version: bool = False) -> PocketBook:
@@ -271,11 +377,12 @@ class Library:
         self.root.mkdir(parents=True, exist_ok=True)
 
         def insert(conn: sqlite3.Connection) -> PocketBook:
-            taken = set(Catalog.versions(conn, ref.name)) | set(self._disk_versions(ref.name))
+            indexed = set(Catalog.versions(conn, ref.name))
+            taken = indexed | set(self._disk_versions(ref.name))
             if ref.version is None and new_version:
                 version = max(taken, default=0) + 1
             else:
-                _check_free(ref, taken)
+                _check_free(ref, taken, indexed)
                 version = ref.version or 1
             meta.name, meta.version = ref.name, version
             atomic_write_text(staged / METADATA_FILE, meta.to_json())
@@ -287,6 +394,7 @@ class Library:
             fsync_dir(final.parent)
             return PocketBook(meta, final)
 
+        self.reconcile()  # so a folder left by a crash is seen as the pocket book it is
         book = self.catalog.write(insert)
         if self.plugins is not None:
             self.plugins.call_each("pocket_book_saved", pocket_book=book)
@@ -294,7 +402,16 @@ class Library:
 
     def save_folder(self, folder: Path, meta: PocketBookMeta, *, name: str | None = None,
                     new_version: bool = False) -> PocketBook:
-        """Copy a PEFT folder's files into the library as a new entry (atomic)."""
+        """Copy a PEFT folder's files into the library as a new entry (atomic).
+
+        Only regular files are copied: a link is refused (:class:`InvalidAdapter`), since the
+        file it points at — anywhere on this machine — would join the library, and from there
+        exports and the Hub.
+        """
+        links = sorted(item.name for item in folder.iterdir() if item.is_symlink())
+        if links:
+            raise InvalidAdapter(f"cannot save {folder}: {', '.join(links)} is a link; copy the "
+                                 "file itself into the folder")
         with self.draft() as staged:
             for item in folder.iterdir():
                 if item.is_file() and item.name != METADATA_FILE:
@@ -339,23 +456,32 @@ class Library:
                     f"{', '.join(sorted(doomed))} is needed by {', '.join(needed_by)} (trained "
                     "on top of it, or a stack of it); remove those first, or pass --force")
         self.staging.mkdir(parents=True, exist_ok=True)
-        trash = self.staging / f"trash-{uuid.uuid4().hex[:12]}"
+        trash = self.staging / work_folder_name("trash")
         trash.mkdir()
 
         def delete(conn: sqlite3.Connection) -> builtins.list[int]:
-            gone = versions or Catalog.versions(conn, ref.name)
+            # Re-read inside the lock: another command may have removed some meanwhile.
+            present = Catalog.versions(conn, ref.name)
+            gone = [v for v in (versions or present) if v in present]
+            if not gone:
+                raise PocketBookNotFound(
+                    f"{ref} was removed by another command meanwhile; nothing left to remove")
             for v in gone:
                 Catalog.delete(conn, ref.name, v)
                 src = self.path_of(ref.name, v)
                 if src.exists():
                     os.rename(src, trash / str(v))
+            parent = self.root / ref.name
+            try:  # under the lock, so a save of a new version cannot lose its parent folder
+                parent.rmdir()
+            except OSError:
+                pass  # other versions remain (or it is already gone)
             return gone
 
-        gone = self.catalog.write(delete)
-        shutil.rmtree(trash, ignore_errors=True)
-        parent = self.root / ref.name
-        if parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+        try:
+            gone = self.catalog.write(delete)
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
         if self.plugins is not None:
             for v in gone:
                 self.plugins.call_each("pocket_book_removed", name=ref.name, version=v)
@@ -402,13 +528,20 @@ class Library:
         return import_peft_folder(self, Path(folder), name, base=base, trust_pickle=trust_pickle)
 
     def export(self, ref: str | Ref, dest: str | os.PathLike[str]) -> Path:
-        """Write a pocket book as a plain PEFT folder (loadable by PEFT, vLLM, TGI, LoRAX)."""
+        """Write a pocket book as a plain PEFT folder (loadable by PEFT, vLLM, TGI, LoRAX).
+
+        Its files are checked first (:func:`adapterkit.library.integrity.check_book`): a
+        damaged pocket book is refused, never exported.
+        """
+        from adapterkit.library.integrity import check_book
+
         book = self.get(ref)
         if book.meta.kind != "adapter":
             raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}, not a single adapter")
+        check_book(book)
         dest = Path(dest)
         with new_folder(dest) as tmp:
             for item in book.path.iterdir():
-                if item.is_file():
+                if item.is_file() and not item.is_symlink():
                     shutil.copy2(item, tmp / item.name)
         return dest

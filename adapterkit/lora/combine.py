@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import BaseMismatch, ConfigError
+from adapterkit.library.integrity import check_book, recorded_structure
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
@@ -78,8 +79,12 @@ class MergeOutput:
 
 
 def inputs_of(library: Library, books: list[PocketBook]) -> list[MergeInput]:
-    """The members as strategies see them, with the base as stored to check against."""
-    stored = stored_base(library, books[0])  # members share one base (checked by the caller)
+    """The members as strategies see them, with the base as stored to check against; each
+    member's files are checked first (:func:`adapterkit.library.integrity.check_book`)."""
+    structure = recorded_structure(books[0], library.home)  # members share one base
+    for b in books:
+        check_book(b, structure)
+    stored = stored_base(library, books[0])  # (checked by the caller)
     return [MergeInput(b.ref, b.path, read_config(b.path), base_weights=stored) for b in books]
 
 
@@ -259,6 +264,8 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
         inputs = inputs_of(library, books)
         return save_adapter(library, concatenate(inputs, weights, path="stack --flatten"),
                             meta, str(target))
+    for b in books:  # a stack of a damaged pocket book would fail only when loaded
+        check_book(b)
     from adapterkit.library.card import write_card
 
     with library.draft() as staged:

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import BaseMismatch, InvalidAdapter
+from adapterkit.library.integrity import check_book
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import Factors, concat, read_factors, resident_tensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.base.load import BaseStructure
 
 HANDLES_ATTR = "_adapterkit_underlay"
 
@@ -79,17 +83,22 @@ class Gate:
 
 def apply(model: Any, books: list[PocketBook], *, gate: Gate | None = None,
           extra: dict[str, Any] | None = None,
-          path_name: str = "training on top of it (--on)") -> Gate:
+          path_name: str = "training on top of it (--on)",
+          structure: BaseStructure | None = None) -> Gate:
     """Fold ``books`` (bottom first) into ``model``'s linear layers as frozen forward hooks.
 
     Returns the :class:`Gate` that switches them (on unless ``gate`` says otherwise). Tensors
-    that are not LoRA factors (a reward head) are refused unless ``extra`` collects them.
+    that are not LoRA factors (a reward head) are refused unless ``extra`` collects them. Each
+    book's files are checked first (:func:`adapterkit.library.integrity.check_book`; their
+    shapes against ``structure``, the base's, where given).
     """
     import torch
 
     gate = gate or Gate()
     if not books:
         return gate
+    for book in books:
+        check_book(book, structure)
     device = next(model.parameters()).device
     per_layer: dict[str, list[tuple[Factors, float]]] = {}
     for book in books:

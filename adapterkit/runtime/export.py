@@ -59,6 +59,7 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
 
     from adapterkit.base.load import load_base
     from adapterkit.base.resolve import base_spec_for
+    from adapterkit.library.integrity import check_book, recorded_structure
     from adapterkit.lora.combine import stored_base
     from adapterkit.plugin_api.manager import default_plugin_manager
     from adapterkit.runtime.peft_model import members_of, peft_model
@@ -69,6 +70,9 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
         raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
     book = library.get(ref)
     members = members_of(library, book)  # underlays at weight 1, a stack's members weighted
+    structure = recorded_structure(book, library.home)
+    for member, _ in members:  # a damaged folder is refused before anything is read or loaded
+        check_book(member, structure)
     # refuses what a plain ΔW cannot express, before any loading
     deltas = merged_deltas(members, base_weights=stored_base(library, book))
     pm = plugins or default_plugin_manager()

@@ -15,6 +15,7 @@ from typing import Any
 
 from adapterkit.base.compat import check_base
 from adapterkit.errors import InvalidAdapter
+from adapterkit.library.integrity import base_structure, check_book
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
@@ -54,9 +55,11 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
     from adapterkit.lora.underlay import refuse_reward
 
     items = weights or members_of(library or Library(), book)
+    structure = base_structure(base)
     for item, w in items:
-        refuse_reward(item)
         check_base(base, item, force=force)
+        check_book(item, structure)  # a damaged folder never reaches PEFT
+        refuse_reward(item)
         if w != 1.0:  # PEFT's scale multiplies B A only: nothing else can be weighted
             refuse_inexact(item.ref, read_config(item.path), saved_names(item.path),
                            path=f"weighting it ({w:g}) in a stack")

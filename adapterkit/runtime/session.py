@@ -16,6 +16,7 @@ from typing import Any
 from adapterkit.base.compat import check_base
 from adapterkit.base.load import Base
 from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter, PocketBookNotFound
+from adapterkit.library.integrity import base_structure, check_book
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import Factors, concat, pad, read_factors, resident_tensors
 
@@ -91,8 +92,9 @@ class Session:
             raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}; attach its members")
         from adapterkit.lora.underlay import refuse_reward
 
-        refuse_reward(book)
         check_base(self.base, book, force=force)
+        check_book(book, base_structure(self.base))  # a damaged folder is never read
+        refuse_reward(book)
         first_slot = next(iter(self.slots.values()), None)
         dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
         loaded = load_book(book, dtype=dtype, device=_device(self.model),

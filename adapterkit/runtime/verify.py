@@ -82,11 +82,14 @@ def verify(library: Library, ref: str, *, tolerance: float = 1e-3, record: bool 
 
     from adapterkit.base.load import load_base
     from adapterkit.base.resolve import base_spec_for
+    from adapterkit.library.integrity import check_book
     from adapterkit.runtime.peft_model import members_of, peft_model
 
     say = progress or (lambda m: None)
     book = library.get(ref)
     members = members_of(library, book)
+    for item, _ in members:  # before the base loads; with its structure once it has
+        check_book(item)
     if any(item.meta.method != "lora" for item, _ in members):
         # a quantized base rounds differently in each path's kernels: compare like with like
         say("Note: checked on the full-precision base; 4-bit kernels add their own rounding")

@@ -52,10 +52,15 @@ class Data:
     sha256: str
     format: str
     columns: list[str] = field(default_factory=list)
+    #: Row numbers (from 1) of the rows dropped as malformed (``skip_bad_rows``).
+    skipped: list[int] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
-        return {"description": self.source, "sha256": self.sha256, "rows": len(self.rows),
-                "shape": self.shape, "format": self.format}
+        described = {"description": self.source, "sha256": self.sha256, "rows": len(self.rows),
+                     "shape": self.shape, "format": self.format}
+        if self.skipped:
+            described["skipped_rows"] = len(self.skipped)
+        return described
 
 
 def general_text_path() -> Path:
@@ -63,21 +68,35 @@ def general_text_path() -> Path:
     return Path(str(resources.files("adapterkit") / "data" / "general.txt"))
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, or a :class:`DataFormatError` naming the first bad byte's
+    offset (and line), as an editor or ``head -c`` finds it."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataFormatError(
+            f"{path.name} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+            f"(line {line}); save it as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DataFormatError(f"{path.name} line {number}: invalid JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise DataFormatError(
-                    f"{path.name} line {number}: expected a JSON object, got {type(row).__name__}"
-                )
-            rows.append(row)
+    # split on "\n" only: JSON strings may hold U+2028 and friends, which splitlines() splits on
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataFormatError(f"{path.name} line {number}: invalid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise DataFormatError(
+                f"{path.name} line {number}: expected a JSON object, got {type(row).__name__}"
+            )
+        rows.append(row)
     return rows
 
 
@@ -87,17 +106,20 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         return _read_jsonl(path)
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(path))
         except ValueError as exc:
             raise DataFormatError(f"{path.name}: invalid JSON ({exc})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataFormatError(f"{path.name}: expected a JSON list of objects")
         return data
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         return [{"text": p.strip()} for p in text.split("\n\n") if p.strip()]
     if suffix in (".csv", ".parquet"):
         from datasets import Dataset
+
+        if suffix == ".csv":
+            _read_text(path)  # a bad byte named by its offset in the file, not in a chunk
 
         try:
             reader = Dataset.from_csv if suffix == ".csv" else Dataset.from_parquet
@@ -149,6 +171,16 @@ def _valid_field(value: Any) -> bool:
     return _valid_messages(value)
 
 
+def _valid_row(row: Any, needed: tuple[str, ...]) -> bool:
+    if not isinstance(row, dict) or not all(_valid_field(row.get(k)) for k in needed):
+        return False
+    if "messages" not in needed:
+        return True
+    # a conversation (not a string), learnt from its last assistant turn (as_chat): it needs one
+    messages = row["messages"]
+    return _valid_messages(messages) and any(m["role"] == "assistant" for m in messages)
+
+
 def detect_shape(columns: set[str], formats: Registry[DataFormat] | None = None
                  ) -> tuple[str, DataFormat | None]:
     """The standard shape (and the converting plugin format, if any) for these columns."""
@@ -167,43 +199,69 @@ def detect_shape(columns: set[str], formats: Registry[DataFormat] | None = None
 
 
 def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | None = None,
-              shapes: tuple[str, ...] | None = None) -> Data:
-    """Read ``spec``, detect its shape, convert plugin formats, and drop unusable rows.
+              shapes: tuple[str, ...] | None = None, skip_bad_rows: bool = False) -> Data:
+    """Read ``spec``, detect its shape, and convert plugin formats.
+
+    A row of the wrong shape (a needed field missing, empty or malformed) is an error that names
+    the first few such rows, so nothing is trained on less than the file holds without a word.
 
     :param shapes: the shapes the caller (a trainer) accepts; anything else is an error.
+    :param skip_bad_rows: drop such rows instead; ``Data.skipped`` lists their numbers.
     """
     rows, source, digest = read_rows(spec)
     if not rows:
         raise DataFormatError(f"{source} has no rows")
     columns = set().union(*(r.keys() for r in rows))
     shape, fmt = detect_shape(columns, formats)
-    if fmt is not None:
-        rows = [fmt.convert(r) for r in rows]
     if shapes is not None and shape not in shapes:
         raise DataFormatError(
             f"{source} is {shape} data (columns {', '.join(sorted(columns))}); "
             f"this trainer reads {', '.join(shapes)}"
         )
     needed = SHAPES[shape]
-    kept = [{k: r[k] for k in needed} for r in rows if all(_valid_field(r.get(k)) for k in needed)]
-    if shape == "preference":
-        kept = _check_preferences(kept, source)
+    kept: list[dict[str, Any]] = []
+    numbers: list[int] = []  # the row number (from 1) of each kept row
+    bad: list[int] = []
+    for number, row in enumerate(rows, 1):
+        if fmt is not None:
+            try:
+                row = fmt.convert(row)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                bad.append(number)  # a row the format cannot read is a row of the wrong shape
+                continue
+        if _valid_row(row, needed):
+            kept.append({k: row[k] for k in needed})
+            numbers.append(number)
+        else:
+            bad.append(number)
+    what = f"empty or malformed {', '.join(needed)}"
     if not kept:
         raise DataFormatError(
-            f"{source}: no usable rows left after dropping {len(rows)} with empty or malformed "
-            f"{', '.join(needed)}"
+            f"{source}: no usable rows left after dropping {len(rows)} with {what}"
         )
-    return Data(kept, shape, f"{source} ({len(kept)} rows)" if len(kept) == len(rows)
+    if bad and not skip_bad_rows:
+        raise DataFormatError(
+            f"{source}: {len(bad)} of {len(rows)} rows have {what}: row(s) {_first(bad)}; "
+            "fix them, or pass --skip-bad-rows to use the others"
+        )
+    if shape == "preference":
+        kept = _check_preferences(kept, numbers, source)
+    return Data(kept, shape, f"{source} ({len(kept)} rows)" if not bad
                 else f"{source} ({len(kept)} of {len(rows)} rows usable)",
-                digest, fmt.name if fmt else shape, sorted(columns))
+                digest, fmt.name if fmt else shape, sorted(columns), skipped=bad)
 
 
-def _check_preferences(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    same = [i for i, r in enumerate(rows, 1) if r["chosen"] == r["rejected"]]
+def _first(numbers: list[int], count: int = 5) -> str:
+    """``1, 4, 9...``: the first few of ``numbers``, for a message."""
+    return ", ".join(map(str, numbers[:count])) + ("..." if len(numbers) > count else "")
+
+
+def _check_preferences(rows: list[dict[str, Any]], numbers: list[int],
+                       source: str) -> list[dict[str, Any]]:
+    same = [n for n, r in zip(numbers, rows) if r["chosen"] == r["rejected"]]
     if same:
         raise DataFormatError(
-            f"{source}: chosen and rejected are identical in row(s) "
-            f"{', '.join(map(str, same[:5]))}{'...' if len(same) > 5 else ''}; "
+            f"{source}: chosen and rejected are identical in row(s) {_first(same)}; "
             "a preference pair must differ"
         )
     return rows

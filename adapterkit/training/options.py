@@ -10,6 +10,7 @@ dataclass the trainer declares (``Trainer.options``) and checked in the same way
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class TrainOptions:
     #: Steps between checkpoints that ``--resume`` continues from.
     save_steps: int = 50
     gradient_checkpointing: bool = False
+    #: Drop data rows of the wrong shape (saying how many) instead of refusing the file.
+    skip_bad_rows: bool = False
     #: Trainer-specific options as given (e.g. ``{"beta": 0.2}`` for DPO); typed and checked
     #: against the trainer's ``options`` dataclass by :func:`build_trainer_options`.
     trainer_options: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +69,8 @@ class TrainOptions:
 
 _POSITIVE = ("r", "alpha", "batch_size", "grad_accum", "max_length", "logging_steps",
              "save_steps", "guard_every", "epochs", "learning_rate")
+#: Seeds go to numpy too, which takes 0 to 2**32 - 1.
+_MAX_SEED = 2**32 - 1
 
 
 def _coerce(name: str, value: Any, kind: Any, problems: list[str]) -> Any:
@@ -104,6 +109,8 @@ def _coerce(name: str, value: Any, kind: Any, problems: list[str]) -> Any:
             item_kind = (get_args(kind) or (str,))[0]
             return [_coerce(f"{name}[{i}]", item, item_kind, problems)
                     for i, item in enumerate(items)]
+        if kind in (int, float) and isinstance(value, bool):  # YAML's true is not 1
+            return _fail(name, value, _describe(kind), problems)
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 return _fail(name, value, "an integer", problems)
@@ -111,7 +118,11 @@ def _coerce(name: str, value: Any, kind: Any, problems: list[str]) -> Any:
         if kind is float:
             if isinstance(value, str) and value.endswith("%"):
                 value = value[:-1]
-            return float(value)
+            number = float(value)
+            # nan passes every range check (each comparison is false) and inf is no setting
+            if not math.isfinite(number):
+                return _fail(name, value, "a finite number", problems)
+            return number
         if isinstance(value, (list, tuple)):
             return ",".join(map(str, value))
         return str(value)
@@ -167,25 +178,54 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
         if name in known:
             clean[name] = _coerce(name, value, hints[name], problems)
     options = TrainOptions(**{k: v for k, v in clean.items() if v is not None})
-    for name in _POSITIVE:
-        value = getattr(options, name)
-        if value is not None and value <= 0:
-            problems.append(f"{name}: must be positive, got {value}")
-    if not 0 <= options.dropout < 1:
-        problems.append(f"dropout: must be in [0, 1), got {options.dropout}")
-    if not 0 <= options.eval_split < 1:
-        problems.append(f"eval_split: must be in [0, 1), got {options.eval_split}")
-    if options.forgetting_budget is not None and options.forgetting_budget <= 0:
-        problems.append(f"forgetting_budget: must be a positive percentage, got "
-                        f"{options.forgetting_budget}")
-    if options.guard_weight is not None and options.guard_weight < 0:
-        problems.append(f"guard_weight: must be ≥ 0, got {options.guard_weight}")
+    problems += option_problems(options)
     if trainer is not None:
         problems += _trainer_options(trainer, options)[1]
     if problems:
         where = f" in {recipe}" if recipe else ""
         raise ConfigError(f"invalid training options{where}: " + "; ".join(problems))
     return options
+
+
+def option_problems(options: TrainOptions) -> list[str]:
+    """Every value of ``options`` out of its range, one line each (empty when all are fine).
+
+    :func:`build_options` reports them with the rest; :func:`check_options` checks options
+    built in Python (``TrainOptions(...)``), which no parsing has seen.
+    """
+    problems: list[str] = []
+    not_finite = set()  # nan or ±inf: reported once, not again as out of range
+    for f in dataclasses.fields(TrainOptions):
+        value = getattr(options, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{f.name}: expected a finite number, got {value}")
+            not_finite.add(f.name)
+    ranges = [(name, getattr(options, name) is None or getattr(options, name) > 0,
+               f"must be positive, got {getattr(options, name)}") for name in _POSITIVE]
+    ranges += [
+        # -1 (the default) means "run by epochs", as in transformers; 0 would still run a step
+        ("max_steps", options.max_steps == -1 or options.max_steps >= 1,
+         f"must be at least 1 (or -1: run by epochs), got {options.max_steps}"),
+        ("seed", 0 <= options.seed <= _MAX_SEED,
+         f"must be in [0, {_MAX_SEED}], got {options.seed}"),
+        ("dropout", 0 <= options.dropout < 1, f"must be in [0, 1), got {options.dropout}"),
+        ("eval_split", 0 <= options.eval_split < 1,
+         f"must be in [0, 1), got {options.eval_split}"),
+        ("forgetting_budget", options.forgetting_budget is None or options.forgetting_budget > 0,
+         f"must be a positive percentage, got {options.forgetting_budget}"),
+        ("guard_weight", options.guard_weight is None or options.guard_weight >= 0,
+         f"must be ≥ 0, got {options.guard_weight}"),
+    ]
+    problems += [f"{name}: {message}" for name, ok, message in ranges
+                 if not ok and name not in not_finite]
+    return problems
+
+
+def check_options(options: TrainOptions) -> None:
+    """Raise :class:`ConfigError` listing every value of ``options`` out of its range."""
+    problems = option_problems(options)
+    if problems:
+        raise ConfigError("invalid training options: " + "; ".join(problems))
 
 
 def build_trainer_options(trainer: Trainer, options: TrainOptions | None = None) -> Any:
@@ -239,7 +279,9 @@ def _trainer_options(trainer: Trainer, options: TrainOptions) -> tuple[Any, list
         failed: list[str] = []
         typed = _coerce(name, value, hints[name], failed)
         if failed:
-            problems.append(f"{name} must be {_describe(hints[name])}, got {value!r}")
+            finite = "expected a finite number" in failed[0]  # a number, but nan or inf
+            expected = "a finite number" if finite else _describe(hints[name])
+            problems.append(f"{name} must be {expected}, got {value!r}")
         else:
             values[name] = typed
     required = [f.name for f in fields if f.default is dataclasses.MISSING
@@ -265,8 +307,14 @@ def _read_recipe(path: Path) -> dict[str, Any]:
         raise ConfigError(f"recipe file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start})") from None
+    except yaml.YAMLError as exc:  # its own text spans lines; say what and where in one
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"recipe file {path} is not valid YAML: {what}{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe file {path} must be a mapping of option: value")
     return data

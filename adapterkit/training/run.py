@@ -26,7 +26,7 @@ from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.data import Data, as_chat, general_text_path, load_data, read_rows
 from adapterkit.training.job import TrainJob, TrainResult
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
-from adapterkit.training.options import TrainOptions, build_trainer_options
+from adapterkit.training.options import TrainOptions, build_trainer_options, check_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
@@ -149,6 +149,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
                       trainer_options=dict((options.trainer_options if options else None) or {}))
     pm = plugins
     trainer_obj = pm.trainer(trainer)
+    check_options(options)  # values out of range, for options built in Python (the CLI's are)
     # the trainer's own options, typed: every problem in one error, before anything is reserved
     trainer_options = build_trainer_options(trainer_obj, options)
     refuse_unapplied_guard(trainer, trainer_obj, options,
@@ -156,7 +157,12 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     method = pm.method(options.method)
     library = Library(home, plugins=pm)
     ref = library.reserve(name)
-    dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes)
+    dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
+                        skip_bad_rows=options.skip_bad_rows)
+    if dataset.skipped:
+        say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows): "
+            f"row(s) {', '.join(map(str, dataset.skipped[:5]))}"
+            + ("..." if len(dataset.skipped) > 5 else ""))
     general = _texts(options.general) if options.general else None
     workdir = run_dir(library, str(ref))
     parent = _parent(library, on, start_from)
@@ -165,6 +171,8 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref))
 
     loaded = _load(base, method, library, say)
+    if not start_from:  # a copy keeps its own targets and rank, which fit (check_policy)
+        _check_lora_shape(loaded, options)
     if parent is not None:
         from adapterkit.lora.underlay import check_policy
 
@@ -328,6 +336,14 @@ def _load(base: str | Base, method: Any, library: Library, say: Callable[[str], 
     return base
 
 
+def _check_lora_shape(loaded: Base, options: TrainOptions) -> None:
+    """Targets and rank against the base's structure, before a LoRA is built on it."""
+    from adapterkit.base.load import check_rank, check_targets
+
+    structure = loaded.structure()
+    check_rank(structure, check_targets(structure, options.target_modules), options.r)
+
+
 def _parent(library: Library, on: str | None, start_from: str | None) -> PocketBook | None:
     """The ``--on``/``--from`` pocket book, checked before anything is loaded."""
     if on and start_from:
@@ -336,9 +352,12 @@ def _parent(library: Library, on: str | None, start_from: str | None) -> PocketB
     ref = on or start_from
     if not ref:
         return None
-    from adapterkit.lora.underlay import is_reward_book
+    from adapterkit.library.integrity import check_book
+    from adapterkit.lora.underlay import chain, is_reward_book
 
     book = library.get(ref)
+    for below in chain(library, book):  # damaged files are refused before the base loads
+        check_book(below)
     if is_reward_book(book):
         raise ConfigError(f"{'--on' if on else '--from'} {book.ref} is a reward pocket book "
                           "(it scores text, it does not generate); name a policy pocket book")
@@ -373,14 +392,17 @@ def _attach_new(base: Base, method: Any, options: TrainOptions, *,
     from peft import PeftModel, get_peft_model
 
     from adapterkit.base.load import check_targets, keep_4bit_layout
+    from adapterkit.library.integrity import base_structure, check_book
     from adapterkit.lora import underlay as underlay_mod
 
-    targets = check_targets(base.structure(), options.target_modules)
+    structure = base_structure(base)
+    targets = check_targets(structure, options.target_modules)
     keep_4bit_layout(base.model)
     model = method.prepare_base(base.model, gradient_checkpointing=options.gradient_checkpointing)
     underlay_mod.remove(model)  # a base reused across runs starts clean
-    underlay_mod.apply(model, list(underlay or []))
+    underlay_mod.apply(model, list(underlay or []), structure=structure)
     if start is not None:
+        check_book(start, structure)
         return PeftModel.from_pretrained(model, str(start.path), is_trainable=True)
     config = method.peft_config(target_modules=targets, r=options.r, alpha=options.alpha,
                                 dropout=options.dropout)

@@ -1,0 +1,301 @@
+"""Bad input is refused in one line on stderr, with a non-zero exit and nothing saved (#17):
+input that used to end in a traceback, and input that used to be accepted and silently
+misread (a version that overflows, ``--max-steps 0``, ``--lr nan``, a rank no layer can hold,
+rows dropped without a word, a negative temperature)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+
+def refused(result, *words: str, alone: bool = True) -> str:
+    """The one ``Error:`` line of a refused command (``alone``: nothing else on stderr)."""
+    assert result.exit_code not in (0, None), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    if alone:
+        assert lines == errors, result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def rewrite_header(path: Path, change) -> None:
+    """Rewrite the JSON header of the safetensors file ``path`` with ``change(header)``; the
+    data offsets are relative to the data section, so the tensors stay where they were."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def drop_shape(header: dict) -> None:
+    first = next(k for k in sorted(header) if k != "__metadata__")
+    del header[first]["shape"]
+
+
+@pytest.fixture
+def train_args(tiny_base, adapterkit_data):
+    """``train sft`` on the tiny base with small prompt/completion data; add flags after."""
+    return ["train", "sft", "--base", tiny_base, "--data", adapterkit_data["prompt_completion"],
+            "--name", "x"]
+
+
+# -- tracebacks on bad input ----------------------------------------------------------------
+
+@pytest.mark.parametrize("ref,words", [
+    ("x@99999999999999999999999", ["versions go from 1 to 1000000000"]),
+    ("x@" + "9" * 5000, ["versions go from 1 to 1000000000"]),  # past int()'s digit limit
+    ("x@١", ["ASCII digits"]),  # an Arabic-Indic 1: int() reads it, but it is not "1"
+])
+def test_import_refuses_versions_that_overflow_or_are_not_ascii(ref, words, adapterkit_cli,
+                                                                 peft_adapter, library):
+    refused(adapterkit_cli("import", peft_adapter, "--name", ref), *words)
+    assert library.list(all_versions=True) == []
+
+
+@pytest.mark.parametrize("ref", ["x@²", "x@١", "x@99999999999999999999999"])
+def test_show_refuses_bad_versions_in_one_line(ref, adapterkit_cli, home):
+    refused(adapterkit_cli("show", ref), "invalid version")
+
+
+def test_base_with_a_header_entry_without_shape_is_named(tiny_base, adapterkit_cli, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    rewrite_header(base / "model.safetensors", drop_shape)
+    refused(adapterkit_cli("base", "show", base), "model.safetensors", "malformed header",
+            "no 'shape'", alone=False)
+
+
+def test_adapter_with_a_header_entry_without_shape_is_named(peft_adapter, adapterkit_cli,
+                                                            library, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(peft_adapter, adapter)
+    rewrite_header(adapter / "adapter_model.safetensors", drop_shape)
+    refused(adapterkit_cli("import", adapter, "--name", "x"), "adapter_model.safetensors",
+            alone=False)
+    assert library.list(all_versions=True) == []
+
+
+def test_adapter_config_with_an_invalid_target_pattern_is_named(peft_adapter, adapterkit_cli,
+                                                                library, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(peft_adapter, adapter)
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = "(["
+    config_path.write_text(json.dumps(config))
+    refused(adapterkit_cli("import", adapter, "--name", "x"), "'(['",
+            "not a valid regular expression", alone=False)
+    assert library.list(all_versions=True) == []
+
+
+def test_train_target_modules_that_look_like_a_pattern_are_refused(train_args, adapterkit_cli,
+                                                                   library):
+    refused(adapterkit_cli(*train_args, "--target-modules", "(["), "([",
+            "match no linear layer", alone=False)
+    assert library.list(all_versions=True) == []
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".txt", ".csv"])
+def test_non_utf8_data_file_names_the_file_and_the_offset(suffix, tiny_base, adapterkit_cli,
+                                                          library, tmp_path):
+    data = tmp_path / f"latin1{suffix}"
+    good = {".jsonl": b'{"text": "ok"}\n', ".json": b'[{"text": "ok"},\n',
+            ".txt": b"ok\n", ".csv": b"text,n\n"}[suffix]
+    data.write_bytes(good + "café".encode("latin-1"))  # 0xe9 is not UTF-8 on its own
+    offset = len(good) + 3
+    refused(adapterkit_cli("train", "sft", "--base", tiny_base, "--data", data, "--name", "x"),
+            f"latin1{suffix}", "not UTF-8", "0xe9", f"offset {offset}", "line 2")
+    assert library.list(all_versions=True) == []
+
+
+def test_non_utf8_recipe_is_refused_in_one_line(train_args, adapterkit_cli, library, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes("rank: 8 # café\n".encode("latin-1"))
+    refused(adapterkit_cli(*train_args, "--config", recipe), "recipe.yaml", "not UTF-8",
+            "offset 13")
+    assert library.list(all_versions=True) == []
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "-inf", "0", "-1e-4"])
+def test_learning_rate_must_be_a_positive_finite_number(lr, train_args, adapterkit_cli, library):
+    refused(adapterkit_cli(*train_args, "--lr", lr), "learning_rate")
+    assert library.list(all_versions=True) == []
+
+
+# -- accepted and silently wrong ------------------------------------------------------------
+
+@pytest.mark.parametrize("trainer,data", [("sft", "prompt_completion"), ("reward", "preference")])
+def test_trainers_without_options_refuse_set(trainer, data, tiny_base, adapterkit_data,
+                                             adapterkit_cli, library):
+    result = adapterkit_cli("train", trainer, "--base", tiny_base, "--data",
+                            adapterkit_data[data], "--name", "x", "--set", "nosuchkey=1")
+    refused(result, f"the {trainer} trainer takes no trainer options", "nosuchkey")
+    assert library.list(all_versions=True) == []
+
+
+def test_unknown_trainer_option_lists_the_known_ones(tiny_base, adapterkit_data, adapterkit_cli):
+    result = adapterkit_cli("train", "dpo", "--base", tiny_base, "--data",
+                            adapterkit_data["preference"], "--name", "x", "--set", "nosuchkey=1")
+    refused(result, "unknown dpo option(s) nosuchkey", "known: beta")
+
+
+@pytest.mark.parametrize("flag,value,option", [
+    ("--max-steps", "0", "max_steps"), ("--max-steps", "-2", "max_steps"),
+    ("--epochs", "0", "epochs"), ("--epochs", "-1", "epochs"), ("--epochs", "nan", "epochs"),
+    ("--batch-size", "0", "batch_size"), ("--rank", "0", "r"), ("--alpha", "0", "alpha"),
+    ("--grad-accum", "0", "grad_accum"), ("--max-length", "0", "max_length"),
+    ("--save-steps", "0", "save_steps"), ("--logging-steps", "0", "logging_steps"),
+    ("--seed", "-1", "seed"), ("--seed", str(2**32), "seed"),
+    ("--dropout", "1", "dropout"), ("--dropout", "nan", "dropout"),
+    ("--eval-split", "1", "eval_split"), ("--guard-weight", "-1", "guard_weight"),
+    ("--guard-weight", "inf", "guard_weight"), ("--forgetting-budget", "0", "forgetting_budget"),
+    ("--forgetting-budget", "nan", "forgetting_budget"),
+])
+def test_every_numeric_train_option_is_range_checked(flag, value, option, train_args,
+                                                     adapterkit_cli, library):
+    refused(adapterkit_cli(*train_args, flag, value), f"{option}:")
+    assert library.list(all_versions=True) == []
+
+
+def test_all_option_problems_are_reported_together(train_args, adapterkit_cli):
+    error = refused(adapterkit_cli(*train_args, "--max-steps", "0", "--lr", "nan",
+                                   "--batch-size", "0"))
+    assert all(word in error for word in ("max_steps", "learning_rate", "batch_size"))
+
+
+def test_options_built_in_python_are_range_checked_too(tiny_base, adapterkit_data, home):
+    from adapterkit import Library, TrainOptions, train
+    from adapterkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"learning_rate: expected a finite number, got nan; "
+                                          r"max_steps: must be at least 1 \(or -1"):
+        train("sft", base=str(tiny_base), data=str(adapterkit_data["prompt_completion"]),
+              name="x", options=TrainOptions(max_steps=0, learning_rate=float("nan")), home=home)
+    assert Library(home).list(all_versions=True) == []
+
+
+@pytest.mark.parametrize("key,value", [("beta", "nan"), ("temperature", "inf")])
+def test_trainer_options_must_be_finite(key, value, tiny_base, adapterkit_data, adapterkit_cli):
+    result = adapterkit_cli("train", "rlhf", "--base", tiny_base, "--data",
+                            adapterkit_data["preference"], "--name", "x", "--set",
+                            f"{key}={value}", "--batch-size", "4")
+    refused(result, key, "finite")
+
+
+@pytest.mark.parametrize("targets,layer,limit", [
+    (None, "k_proj (64 → 32 features)", 32),  # all-linear: the narrowest layer bounds it
+    ("q_proj", "q_proj (64 → 64 features)", 64),
+])
+def test_rank_above_the_smallest_targeted_layer_is_refused(targets, layer, limit, train_args,
+                                                           adapterkit_cli, library, home,
+                                                           monkeypatch):
+    monkeypatch.setattr("adapterkit.training.run._attach_new",
+                        lambda *a, **k: pytest.fail("a LoRA was built"))
+    extra = ["--target-modules", targets] if targets else []
+    refused(adapterkit_cli(*train_args, "--rank", "100000", *extra), "rank 100000", layer,
+            f"at most {limit}", alone=False)
+    assert library.list(all_versions=True) == []
+    assert not (home / "runs" / "x@1").exists()
+
+
+def test_rank_at_the_limit_is_accepted(train_args, adapterkit_cli, library):
+    result = adapterkit_cli(*train_args, "--rank", "32", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert library.get("x").meta.hyperparameters["r"] == 32
+
+
+BAD_ROWS = [{"prompt": "Colour of item 1?", "completion": "red"},
+            {"prompt": "", "completion": "blue"},             # empty prompt
+            {"text": "a row of another shape"},                # no prompt, no completion
+            {"prompt": "Colour of item 4?", "completion": "green"},
+            {"prompt": "Colour of item 5?", "completion": ["not", "a", "string"]}]
+
+
+@pytest.fixture
+def bad_rows(tmp_path) -> Path:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in BAD_ROWS))
+    return path
+
+
+def test_rows_of_the_wrong_shape_are_named_and_stop_the_run(bad_rows, tiny_base,
+                                                            adapterkit_cli, library):
+    result = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", bad_rows,
+                            "--name", "x")
+    refused(result, "mixed.jsonl", "3 of 5 rows", "row(s) 2, 3, 5", "--skip-bad-rows")
+    assert library.list(all_versions=True) == []
+
+
+def test_skip_bad_rows_trains_on_the_others_and_says_how_many(bad_rows, tiny_base,
+                                                              adapterkit_cli, library):
+    result = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", bad_rows,
+                            "--name", "x", "--skip-bad-rows", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "Skipped 3 row(s) of the wrong shape (--skip-bad-rows): row(s) 2, 3, 5" in result.stderr
+    data = library.get("x").meta.data
+    assert (data["rows"], data["skipped_rows"]) == (2, 3)
+
+
+def test_skip_bad_rows_is_documented(adapterkit_cli):
+    result = adapterkit_cli("train", "--help")
+    assert result.exit_code == 0 and "--skip-bad-rows" in result.output
+
+
+def test_a_conversation_without_an_assistant_turn_is_a_bad_row(tiny_base, adapterkit_cli,
+                                                               tmp_path):
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]},
+            {"messages": [{"role": "user", "content": "Anyone?"}]},
+            {"messages": "not a conversation"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused(adapterkit_cli("train", "sft", "--base", tiny_base, "--data", data, "--name", "x"),
+            "row(s) 2, 3")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["generate", "hi", "--base", "b", "--temperature", "-1"], ["--temperature", "-1"]),
+    (["generate", "hi", "--base", "b", "--temperature", "nan"], ["--temperature", "nan"]),
+    (["generate", "hi", "--base", "b", "--max-new-tokens", "0"], ["--max-new-tokens"]),
+    (["eval", "x", "--data", "d.jsonl", "--max-new-tokens", "0"], ["--max-new-tokens"]),
+    (["chat", "--base", "b", "--max-new-tokens", "-5"], ["--max-new-tokens"]),
+    (["swap", "x", "--prompt", "p", "--max-new-tokens", "0"], ["--max-new-tokens"]),
+])
+def test_sampling_options_are_checked_before_anything_loads(args, words, adapterkit_cli, home):
+    # the base "b", the book "x" and d.jsonl do not exist: the options are refused first
+    refused(adapterkit_cli(*args), *words)
+
+
+def test_invalid_yaml_recipe_is_one_line_with_its_place(train_args, adapterkit_cli, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("rank: 8\nlr: [unclosed\n")
+    refused(adapterkit_cli(*train_args, "--config", recipe), "recipe.yaml", "not valid YAML",
+            "line 3, column 1")
+
+
+def test_yaml_true_is_not_read_as_a_number(train_args, adapterkit_cli, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("r: true\nlearning_rate: yes\n")
+    refused(adapterkit_cli(*train_args, "--config", recipe), "r: expected an integer, got True",
+            "learning_rate: expected a number, got True")
+
+
+def test_eval_names_bad_rows_too_and_can_skip_them(bad_rows, adapterkit_cli, home):
+    # the data is read before the pocket book: "ghost" need not exist to see the refusal
+    refused(adapterkit_cli("eval", "ghost", "--data", bad_rows), "row(s) 2, 3, 5",
+            "--skip-bad-rows")
+    result = adapterkit_cli("eval", "ghost", "--data", bad_rows, "--skip-bad-rows")
+    assert "Skipped 3 row(s) of the wrong shape" in result.stderr
+    refused(result, "ghost", alone=False)

@@ -1,0 +1,318 @@
+"""Issue #17, library side: catalog rebuilds that keep good entries, crash windows that heal,
+`adapterkit doctor`, out-of-space and read-only homes, filters and racing removals.
+
+Each test reproduces a defect found by the fault campaign on the 0.1 code and fails there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from adapterkit import Library, NameTaken, PocketBookMeta, PocketBookNotFound
+from adapterkit.errors import CatalogError
+from adapterkit.library import store as store_module
+from adapterkit.library.catalog import SCHEMA_VERSION, Catalog, CatalogWarning
+from adapterkit.library.staging import work_folder_name
+
+
+def tensors(n: int = 4) -> bytes:
+    """A valid safetensors file (loading re-checks the weights file, so it must parse)."""
+    import numpy as np
+    from safetensors.numpy import save as save_tensors
+
+    return save_tensors({"w": np.zeros(n, dtype=np.float32)})
+
+
+def save(library, name, *, tags=(), base="b1", payload=None):
+    payload = tensors() if payload is None else payload
+    with library.draft() as staged:
+        (staged / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        (staged / "adapter_model.safetensors").write_bytes(payload)
+        meta = PocketBookMeta(name="", version=0, base={"name": base, "fingerprint": f"fp{base}"},
+                              tags=list(tags))
+        return library.commit(staged, meta, name=name)
+
+
+def drop_catalog(library):
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(library.catalog.path) + suffix).unlink(missing_ok=True)
+
+
+def run_cli(home: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ADAPTERKIT_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "adapterkit", *args], env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+# -- 1. one malformed adapterkit.json must not empty the library ------------------------------
+
+@pytest.mark.parametrize("bad", ["[]", "{not json", '{"name": 3, "version": 1}', "null",
+                                 '{"name": "b", "version": "one"}'])
+def test_rebuild_skips_a_malformed_entry_and_keeps_the_rest(adapterkit_cli, library, bad):
+    save(library, "a")
+    save(library, "b")
+    (library.path_of("b", 1) / "adapterkit.json").write_text(bad)
+    drop_catalog(library)
+    for _ in range(2):  # 0.1: a traceback, then "No pocket books yet" for good
+        with pytest.warns(CatalogWarning, match="damaged.*b/1/adapterkit.json.*doctor"):
+            result = adapterkit_cli("list", "--json")
+        assert result.exit_code == 0, result.output
+        assert "Traceback" not in result.output
+        listed = [row["name"] for row in json.loads(result.stdout)]
+        assert listed == ["a"]
+    # The vanished name is explained, not "already exists".
+    with pytest.raises(NameTaken, match="cannot be read.*doctor"):
+        library.reserve("b")
+
+
+def test_a_failed_fill_is_never_recorded_as_done(tmp_path):
+    def scan():
+        raise RuntimeError("disk went away mid-scan")
+        yield  # pragma: no cover
+
+    catalog = Catalog(tmp_path / "catalog.sqlite", scan)
+    with pytest.raises(RuntimeError):
+        catalog.read(Catalog.entries)
+    conn = sqlite3.connect(tmp_path / "catalog.sqlite")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION
+    conn.close()
+    ok = Catalog(tmp_path / "catalog.sqlite", lambda: iter(()))
+    assert ok.read(Catalog.entries) == set()
+
+
+# -- 2. a crash between the folder rename and the catalog commit -------------------------------
+
+def crash_after_rename(library, monkeypatch, name):
+    """Run a save that dies right after its folder is renamed into place (as kill -9 would:
+    the catalog transaction is never committed)."""
+    real_rename = os.rename
+
+    def rename_then_die(src, dst):
+        real_rename(src, dst)
+        if Path(dst).parent.parent == library.root:
+            raise KeyboardInterrupt  # not caught by the library: the transaction rolls back
+
+    monkeypatch.setattr(store_module.os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save(library, name)
+    monkeypatch.setattr(store_module.os, "rename", real_rename)
+
+
+def test_a_book_left_by_a_crash_is_visible_and_removable(library, monkeypatch):
+    save(library, "a")
+    crash_after_rename(library, monkeypatch, "x")
+    assert library.catalog.read(lambda c: Catalog.versions(c, "x")) == []  # the crash state
+    assert library.get("x").version == 1  # 0.1: "no pocket book named 'x'"
+    assert library.remove("x") == [1]
+    assert not (library.root / "x").exists()
+    save(library, "x")  # 0.1: "already exists"
+
+
+def test_list_shows_a_crashed_save_and_forgets_a_deleted_folder(library, monkeypatch):
+    save(library, "a")
+    crash_after_rename(library, monkeypatch, "x")
+    shutil.rmtree(library.path_of("a", 1))
+    assert [s.name for s in library.list()] == ["x"]
+    with pytest.raises(PocketBookNotFound):
+        library.get("a")
+
+
+# -- doctor -------------------------------------------------------------------------------
+
+def test_doctor_reports_then_repairs_every_kind(adapterkit_cli, library, monkeypatch):
+    save(library, "good")
+    save(library, "gone")
+    save(library, "hurt")
+    save(library, "edited", tags=["old"])
+    crash_after_rename(library, monkeypatch, "orphan")
+    shutil.rmtree(library.path_of("gone", 1))
+    (library.path_of("hurt", 1) / "adapter_model.safetensors").write_bytes(b"")
+    meta_file = library.path_of("edited", 1) / "adapterkit.json"
+    meta_file.write_text(meta_file.read_text().replace('"old"', '"new"'))
+    library.staging.mkdir(exist_ok=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = library.staging / work_folder_name("stage").replace(f"-{os.getpid()}-",
+                                                                 f"-{dead.pid}-")
+    stale.mkdir()
+    live = library.staging / work_folder_name("stage")  # this process: still in use
+    live.mkdir()
+    before = sorted(str(p) for p in library.home.rglob("*") if "catalog" not in p.name)
+
+    result = adapterkit_cli("doctor", "--dry-run", "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    found = {(p["kind"], p["ref"]) for p in report["problems"]}
+    assert found == {("orphan", "orphan@1"), ("missing", "gone@1"), ("damaged", "hurt@1"),
+                     ("outdated", "edited@1"), ("stale", None)}
+    assert all(p["action"].startswith("would ") for p in report["problems"])
+    assert report["repaired"] is False
+    assert sorted(str(p) for p in library.home.rglob("*") if "catalog" not in p.name) == before
+
+    result = adapterkit_cli("doctor")
+    assert result.exit_code == 0, result.output
+    assert "5 problem(s)" in result.stdout
+    assert not stale.exists() and live.exists()
+    quarantined = list((library.home / "quarantine").iterdir())
+    assert [p.name.split("-")[0] for p in quarantined] == ["hurt@1"]  # kept, not deleted
+    assert (quarantined[0] / "adapterkit.json").is_file()
+    assert {s.name for s in library.list()} == {"good", "edited", "orphan"}
+    assert library.list(tag="new")[0].name == "edited"
+    result = adapterkit_cli("doctor")
+    assert result.exit_code == 0 and "healthy" in result.stdout
+
+
+def test_doctor_rebuilds_a_catalog_that_fails_its_integrity_check(adapterkit_cli, library):
+    save(library, "a")
+    drop_catalog(library)
+    library.catalog.path.write_bytes(b"SQLite format 3\0" + b"\xff" * 4000)
+    result = adapterkit_cli("doctor", "--json")
+    assert result.exit_code == 0, result.output
+    assert [s.name for s in library.list()] == ["a"]
+
+
+# -- 5. out of space is an I/O error, not corruption ------------------------------------------
+
+def test_a_full_disk_is_not_treated_as_corruption(library, monkeypatch):
+    save(library, "a")
+
+    def full(conn):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(CatalogError, match="no space left"):
+        library.catalog.write(full)
+    assert not [p for p in library.home.iterdir() if ".corrupt-" in p.name]
+    assert [s.name for s in library.list()] == ["a"]
+
+
+def test_out_of_space_while_saving_is_one_line_and_leaves_nothing(adapterkit_cli, library,
+                                                                 peft_adapter, tiny_base,
+                                                                 monkeypatch):
+    import errno
+
+    for copier in ("copy2", "copyfile"):
+        def copy_then_full(src, dst, *args, _real=getattr(shutil, copier), **kwargs):
+            if str(src).endswith(".safetensors"):
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            return _real(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(shutil, copier, copy_then_full)
+    result = adapterkit_cli("import", peft_adapter, "--name", "x", "--base", tiny_base)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: no space left")
+    assert "Traceback" not in result.output
+    assert not (library.root / "x").exists()
+    assert not list(library.staging.iterdir())
+    assert not [p for p in library.home.iterdir() if ".corrupt-" in p.name]
+
+
+def test_export_past_the_file_size_limit_is_one_line(library, tmp_path):
+    """A real EFBIG: the export runs in a process whose `ulimit -f` is smaller than the
+    weights file (and larger than the others, and than what the catalog needs)."""
+    save(library, "a", payload=tensors(100_000))
+    limit = 200_000
+    dest = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        from adapterkit.cli import main
+        main(sys.argv[1:])
+    """)
+    env = {**os.environ, "ADAPTERKIT_HOME": str(library.home)}
+    result = subprocess.run([sys.executable, "-c", code, "export", "a", str(dest)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: file too large")
+    assert not dest.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+# -- 6. a read-only home can be read -------------------------------------------------------
+
+def _read_only(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the CLI against ``home`` made read-only: a read-only bind mount when we are root
+    (permissions do not stop root), else plain permission bits."""
+    cmd = [sys.executable, "-m", "adapterkit", *args]
+    env = {**os.environ, "ADAPTERKIT_HOME": str(home)}
+    if os.geteuid() != 0:
+        for p in [home, *home.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+        try:
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        finally:
+            for p in [home, *home.rglob("*")]:
+                p.chmod(p.stat().st_mode | 0o200)
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare to mount the home read-only as root")
+    script = ('mount --bind "$H" "$H" && mount -o remount,bind,ro "$H" && exec "$@"')
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", "true"],
+                           env={**env, "H": str(home)}, capture_output=True)
+    if probe.returncode:
+        pytest.skip("cannot mount read-only here: " + probe.stderr.decode()[-200:])
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *cmd],
+                          env={**env, "H": str(home)}, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.slow
+def test_a_read_only_home_can_be_listed_shown_and_exported(library, tmp_path):
+    save(library, "a", tags=["t"])
+    save(library, "b")
+    library.list()  # leave a WAL-mode catalog behind, as real use does
+    listed = _read_only(library.home, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [r["name"] for r in json.loads(listed.stdout)] == ["a", "b"]
+    shown = _read_only(library.home, "show", "a")
+    assert shown.returncode == 0 and "a@1" in shown.stdout, shown.stderr
+    exported = _read_only(library.home, "export", "a", str(tmp_path / "out"))
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    refused = _read_only(library.home, "tag", "a", "new")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0 and "read-only" in refused.stderr
+    drop_catalog(library)  # no catalog at all: built in memory for the command
+    listed = _read_only(library.home, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [r["name"] for r in json.loads(listed.stdout)] == ["a", "b"]
+    assert not library.catalog.path.exists()
+
+
+# -- 8. filters and races -------------------------------------------------------------------
+
+def test_list_base_treats_like_wildcards_literally(adapterkit_cli, library):
+    save(library, "a", base="b1")
+    assert library.list(base="%") == []
+    assert library.list(base="fp_") == []
+    assert [s.name for s in library.list(base="fpb")] == ["a"]
+    result = adapterkit_cli("list", "--base", "%")
+    assert result.exit_code == 0
+    assert "No pocket book matches base '%'" in result.stderr
+    assert "No pocket books yet" not in result.output
+
+
+def test_a_racing_remove_says_so_instead_of_removing_nothing(library, monkeypatch):
+    save(library, "a")
+    save(library, "a@2")
+    other = Library(library.home)
+    real_get = Library.get
+
+    def get_then_race(self, ref):
+        book = real_get(self, ref)
+        if self is library:
+            other.remove("a", all_versions=True)  # another process wins the race
+        return book
+
+    monkeypatch.setattr(Library, "get", get_then_race)
+    with pytest.raises(PocketBookNotFound, match="removed by another command"):
+        library.remove("a", all_versions=True, force=True)
+    monkeypatch.setattr(Library, "get", real_get)
+    assert not list(library.staging.iterdir())  # its trash folder is gone too
