@@ -1,11 +1,22 @@
-"""Small crash-safe file helpers: write-to-temp, fsync, rename."""
+"""Small crash-safe file helpers: write-to-temp, fsync, rename — and work folders that say
+who owns them.
+
+A folder is built under a temporary name and renamed into place when whole. A process killed
+in between leaves the temporary folder behind; its name records the host and process that own
+it, so a later run can tell "still being written" from "left by a dead process" at once,
+instead of waiting a day, and never judges a process on another host of a shared file system.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,22 +73,85 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: Work folders older than this are stale whoever owns them (a hung or foreign process).
+STALE_SECONDS = 24 * 3600
+_OWNED = re.compile(r"(?P<prefix>.+)-(?P<host>[A-Za-z0-9.]+)-(?P<pid>[0-9]+)-[0-9a-f]{12}")
+#: Out-of-space errors: raised while writing, so the destination is what is full.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", ".", socket.gethostname())[:60] or "host"
+
+
+def owned_name(prefix: str) -> str:
+    """A fresh folder name starting with ``prefix`` and owned by this process."""
+    return f"{prefix}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, but belongs to another user
+    return True
+
+
+def stale_reason(path: Path, *, now: float | None = None) -> str | None:
+    """Why the work folder ``path`` is left over (its owner is gone, or it is over a day old),
+    or ``None`` while it may still be in use."""
+    match = _OWNED.fullmatch(path.name)
+    if match and match["host"] == _host() and int(match["pid"]) != os.getpid():
+        if not _alive(int(match["pid"])):
+            return f"left by process {match['pid']}, which is no longer running"
+    try:
+        age = (now or time.time()) - path.lstat().st_mtime
+    except OSError:
+        return None
+    if age > STALE_SECONDS:
+        return f"untouched for {age / 3600:.0f} hours"
+    return None
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder (or a stray file or link) without following links."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def new_folder(dest: Path) -> Iterator[Path]:
     """Build a folder that appears at ``dest`` whole, or not at all.
 
     Refuses a ``dest`` that exists and is not empty; yields a hidden sibling to fill, renamed
-    to ``dest`` when the block succeeds and removed when it fails.
+    to ``dest`` when the block succeeds and removed when it fails. Siblings left by an earlier
+    run that was killed (their process is gone) are removed first.
     """
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if dest.exists() and not dest.is_dir():
+        raise NameTaken(f"export destination {dest} is a file; pick a new folder")
+    if dest.exists() and any(dest.iterdir()):
         raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
-    tmp = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
+    prefix = f".{dest.name}.partial"
+    if dest.parent.is_dir():
+        for left in dest.parent.glob(f"{prefix}-*"):
+            if stale_reason(left) is not None:
+                remove_tree(left)
+    tmp = dest.with_name(owned_name(prefix))
     tmp.mkdir(parents=True)
     try:
         yield tmp
         if dest.exists():
             dest.rmdir()
         os.rename(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in NO_SPACE:
+            raise OSError(exc.errno, exc.strerror, str(dest)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,9 +19,9 @@ import pytest
 
 from adapterkit import Library, NameTaken, PocketBookMeta, PocketBookNotFound
 from adapterkit.errors import CatalogError
+from adapterkit.files import owned_name
 from adapterkit.library import store as store_module
 from adapterkit.library.catalog import SCHEMA_VERSION, Catalog, CatalogWarning
-from adapterkit.library.staging import work_folder_name
 
 
 def tensors(n: int = 4) -> bytes:
@@ -141,10 +141,10 @@ def test_doctor_reports_then_repairs_every_kind(adapterkit_cli, library, monkeyp
     library.staging.mkdir(exist_ok=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = library.staging / work_folder_name("stage").replace(f"-{os.getpid()}-",
+    stale = library.staging / owned_name("stage").replace(f"-{os.getpid()}-",
                                                                  f"-{dead.pid}-")
     stale.mkdir()
-    live = library.staging / work_folder_name("stage")  # this process: still in use
+    live = library.staging / owned_name("stage")  # this process: still in use
     live.mkdir()
     before = sorted(str(p) for p in library.home.rglob("*") if "catalog" not in p.name)
 
@@ -316,3 +316,58 @@ def test_a_racing_remove_says_so_instead_of_removing_nothing(library, monkeypatc
         library.remove("a", all_versions=True, force=True)
     monkeypatch.setattr(Library, "get", real_get)
     assert not list(library.staging.iterdir())  # its trash folder is gone too
+
+
+# -- found by the fault benchmark ---------------------------------------------------------
+
+def test_a_tag_killed_before_its_commit_heals_on_the_next_list(library, monkeypatch):
+    """update_meta writes adapterkit.json, then commits the catalog; a kill in between left
+    `list --tag` wrong until `doctor` ran."""
+    save(library, "a")
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Catalog, "upsert", staticmethod(die))
+    with pytest.raises(KeyboardInterrupt):
+        library.tag("a", "urgent")
+    monkeypatch.undo()
+    assert "urgent" in json.loads((library.path_of("a", 1) / "adapterkit.json").read_text())["tags"]
+    assert [s.name for s in library.list(tag="urgent")] == ["a"]
+
+
+def test_an_export_killed_midway_is_swept_by_the_next_export(library, tmp_path):
+    save(library, "a")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / owned_name(".out.partial").replace(f"-{os.getpid()}-", f"-{dead.pid}-")
+    left.mkdir()
+    (left / "adapter_model.safetensors").write_bytes(b"half")
+    live = tmp_path / owned_name(".other.partial")  # a live export elsewhere: kept
+    live.mkdir()
+    library.export("a", tmp_path / "out")
+    assert not left.exists() and live.exists()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_out_of_space_names_the_full_destination_not_the_source(library, tmp_path,
+                                                                monkeypatch):
+    import errno
+
+    save(library, "a")
+
+    def full(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    monkeypatch.setattr(shutil, "copy2", full)
+    with pytest.raises(OSError) as caught:
+        library.export("a", tmp_path / "out")
+    assert caught.value.filename == str(tmp_path / "out")
+
+
+def test_export_onto_a_file_says_it_is_a_file(library, tmp_path):
+    save(library, "a")
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(NameTaken, match="is a file"):
+        library.export("a", tmp_path / "out")

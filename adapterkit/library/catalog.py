@@ -19,9 +19,9 @@ from typing import Any
 from urllib.parse import quote
 
 from adapterkit.errors import CatalogError
-from adapterkit.library.metadata import PocketBookMeta
+from adapterkit.library.metadata import METADATA_FILE, PocketBookMeta
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: meta_stamp, so a crash between a metadata write and its commit heals
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pocket_books (
     name TEXT NOT NULL,
@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS pocket_books (
     size INTEGER NOT NULL,
     tags TEXT NOT NULL,
     meta TEXT NOT NULL,
+    meta_stamp TEXT NOT NULL,
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS tags (
@@ -44,6 +45,20 @@ CREATE TABLE IF NOT EXISTS tags (
 CREATE INDEX IF NOT EXISTS tags_by_tag ON tags (tag);
 CREATE INDEX IF NOT EXISTS books_by_base ON pocket_books (base_fingerprint);
 """
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def meta_stamp(folder: Path) -> str:
+    """When and how big the folder's ``adapterkit.json`` is: a cheap way to see, on every
+    ``list``, that the file changed without the catalog (a crash between the two writes)."""
+    try:
+        st = (folder / METADATA_FILE).stat()
+    except OSError:
+        return ""
+    return f"{st.st_mtime_ns}:{st.st_size}"
 
 
 class CatalogWarning(UserWarning):
@@ -84,7 +99,7 @@ class Catalog:
     """Index of pocket books: ``(name, version) → summary + metadata JSON``.
 
     :param path: the SQLite file.
-    :param scan: yields ``(meta, size)`` for every pocket-book folder; used to rebuild.
+    :param scan: yields ``(meta, folder)`` for every pocket-book folder; used to rebuild.
 
     A home that cannot be written (a read-only mount, another user's library) is still
     readable: the catalog is then opened ``immutable`` (WAL mode would otherwise need a
@@ -92,7 +107,7 @@ class Catalog:
     in memory from the folders for this process. Writes then fail with one clear line.
     """
 
-    def __init__(self, path: Path, scan: Callable[[], Iterable[tuple[PocketBookMeta, int]]]):
+    def __init__(self, path: Path, scan: Callable[[], Iterable[tuple[PocketBookMeta, Path]]]):
         self.path = path
         self._scan = scan
         self._memory: sqlite3.Connection | None = None
@@ -156,13 +171,14 @@ class Catalog:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                # New, or written by another version: rebuilt from the folders, the truth.
+                conn.execute("DROP TABLE IF EXISTS pocket_books")
+                conn.execute("DROP TABLE IF EXISTS tags")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute("DELETE FROM pocket_books")
-                conn.execute("DELETE FROM tags")
-                for meta, size in self._scan():
-                    self.upsert(conn, meta, size)
+                for meta, folder in self._scan():
+                    self.upsert(conn, meta, folder)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -245,8 +261,8 @@ class Catalog:
             conn.execute("DELETE FROM pocket_books")
             conn.execute("DELETE FROM tags")
             count = 0
-            for meta, size in self._scan():
-                self.upsert(conn, meta, size)
+            for meta, folder in self._scan():
+                self.upsert(conn, meta, folder)
                 count += 1
             return count
 
@@ -255,13 +271,14 @@ class Catalog:
     # -- rows -------------------------------------------------------------------------------
 
     @staticmethod
-    def upsert(conn: sqlite3.Connection, meta: PocketBookMeta, size: int) -> None:
+    def upsert(conn: sqlite3.Connection, meta: PocketBookMeta, folder: Path) -> None:
+        """Index ``meta``, the metadata of the pocket-book folder ``folder``."""
         conn.execute(
-            "INSERT OR REPLACE INTO pocket_books VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO pocket_books VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 meta.name, meta.version, meta.base_fingerprint, str(meta.base.get("name", "")),
-                meta.method, meta.trainer, meta.kind, meta.created, size,
-                json.dumps(meta.tags), meta.to_json(),
+                meta.method, meta.trainer, meta.kind, meta.created, folder_size(folder),
+                json.dumps(meta.tags), meta.to_json(), meta_stamp(folder),
             ),
         )
         conn.execute("DELETE FROM tags WHERE name=? AND version=?", (meta.name, meta.version))
@@ -269,6 +286,12 @@ class Catalog:
             "INSERT OR IGNORE INTO tags VALUES (?,?,?)",
             [(meta.name, meta.version, tag) for tag in meta.tags],
         )
+
+    @staticmethod
+    def stamps(conn: sqlite3.Connection) -> dict[tuple[str, int], str]:
+        """``(name, version) → meta_stamp`` of every entry."""
+        rows = conn.execute("SELECT name, version, meta_stamp FROM pocket_books")
+        return {(r[0], r[1]): r[2] for r in rows}
 
     @staticmethod
     def delete(conn: sqlite3.Connection, name: str, version: int) -> None:

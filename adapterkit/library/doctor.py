@@ -145,8 +145,7 @@ def _repair(library: Library, reindex: list[tuple[PocketBookMeta, Path]],
     def fix(conn: sqlite3.Connection) -> None:
         for meta, folder in reindex:
             if folder.is_dir():
-                Catalog.upsert(conn, meta, sum(p.stat().st_size for p in folder.iterdir()
-                                               if p.is_file()))
+                Catalog.upsert(conn, meta, folder)
         for name, version in drop:
             if not (library.root / name / str(version)).is_dir():
                 Catalog.delete(conn, name, version)

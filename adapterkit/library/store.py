@@ -36,9 +36,19 @@ from adapterkit.errors import (
     NameTaken,
     PocketBookNotFound,
 )
-from adapterkit.files import atomic_write_text, fsync_dir, fsync_tree, new_folder, sha256_file
+from adapterkit.files import (
+    NO_SPACE,
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+    new_folder,
+    owned_name,
+    remove_tree,
+    sha256_file,
+    stale_reason,
+)
 from adapterkit.home import resolve_home
-from adapterkit.library.catalog import Catalog, CatalogWarning
+from adapterkit.library.catalog import Catalog, CatalogWarning, meta_stamp
 from adapterkit.library.metadata import (
     CONFIG_FILE,
     HASHED_FILES,
@@ -47,7 +57,6 @@ from adapterkit.library.metadata import (
     PocketBookMeta,
 )
 from adapterkit.library.names import Ref, parse_ref, validate_name
-from adapterkit.library.staging import stale_reason, work_folder_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
@@ -137,10 +146,6 @@ def _warn_damaged(exc: InvalidAdapter) -> None:
                   CatalogWarning, stacklevel=1)  # one location: said once per command
 
 
-def _folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 class Library:
     """A pocket-book library rooted at an adapterkit home.
 
@@ -191,30 +196,34 @@ class Library:
                 f"the folder of {folder.parent.name}@{folder.name}")
         return meta
 
-    def _scan(self) -> Iterator[tuple[PocketBookMeta, int]]:
+    def _scan(self) -> Iterator[tuple[PocketBookMeta, Path]]:
         for _key, folder in sorted(self.folders().items()):
             try:
                 meta = self.read_entry(folder)
             except InvalidAdapter as exc:
                 _warn_damaged(exc)
                 continue
-            yield meta, _folder_size(folder)
+            yield meta, folder
 
     def reconcile(self) -> None:
         """Bring the catalog in line with the folders, which are the source of truth.
 
         A crash between a folder's rename and the catalog's commit (or a folder deleted by
         hand) would otherwise leave a pocket book that blocks its name but cannot be shown or
-        removed, or a listed one that is gone. Valid folders missing from the index are added,
-        rows without a folder are dropped; damaged folders are reported, never guessed at
-        (``adapterkit doctor`` moves them aside). Each change is re-checked inside the write
-        transaction, so a save or removal in flight in another process is left alone.
+        removed, or a listed one that is gone; a crash between a metadata write (a tag) and
+        its commit, a row that disagrees with its folder. Valid folders missing from the
+        index are added, rows without a folder are dropped, rows whose ``adapterkit.json``
+        changed since they were indexed are re-read; damaged folders are reported, never
+        guessed at (``adapterkit doctor`` moves them aside). Each change is re-checked inside
+        the write transaction, so a write in flight in another process is left alone.
         """
         disk = self.folders()
-        indexed: set[tuple[str, int]] = self.catalog.read(Catalog.entries)
-        gone = indexed - disk.keys()
+        indexed: dict[tuple[str, int], str] = self.catalog.read(Catalog.stamps)
+        gone = indexed.keys() - disk.keys()
         found = []
-        for key in sorted(disk.keys() - indexed):
+        for key in sorted(disk):
+            if indexed.get(key) == meta_stamp(disk[key]):
+                continue
             try:
                 found.append((self.read_entry(disk[key]), disk[key]))
             except InvalidAdapter as exc:
@@ -223,11 +232,12 @@ class Library:
             return
 
         def fix(conn: sqlite3.Connection) -> None:
-            now = Catalog.entries(conn)
+            now = Catalog.stamps(conn)
             for meta, folder in found:
-                if (meta.name, meta.version) not in now and folder.is_dir():
-                    Catalog.upsert(conn, meta, _folder_size(folder))
-            for name, version in gone & now:
+                key = (meta.name, meta.version)
+                if folder.is_dir() and now.get(key) != meta_stamp(folder):
+                    Catalog.upsert(conn, meta, folder)
+            for name, version in gone & now.keys():
                 if not self.path_of(name, version).is_dir():
                     Catalog.delete(conn, name, version)
 
@@ -308,10 +318,14 @@ class Library:
         """
         self.staging.mkdir(parents=True, exist_ok=True)
         self.sweep_staging()
-        folder = self.staging / work_folder_name("stage")
+        folder = self.staging / owned_name("stage")
         folder.mkdir()
         try:
             yield folder
+        except OSError as exc:
+            if exc.errno in NO_SPACE:  # raised while writing: the library's device is full
+                raise OSError(exc.errno, exc.strerror, str(self.home)) from None
+            raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -329,10 +343,7 @@ class Library:
                 continue
             swept.append((old, reason))
             if not dry_run:
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
+                remove_tree(old)
         return swept
 
     def reserve(self, name_or_ref: str) -> Ref:
@@ -389,7 +400,7 @@ class Library:
             fsync_tree(staged)
             final = self.path_of(ref.name, version)
             final.parent.mkdir(parents=True, exist_ok=True)
-            Catalog.upsert(conn, meta, _folder_size(staged))
+            Catalog.upsert(conn, meta, staged)
             os.rename(staged, final)
             fsync_dir(final.parent)
             return PocketBook(meta, final)
@@ -456,7 +467,7 @@ class Library:
                     f"{', '.join(sorted(doomed))} is needed by {', '.join(needed_by)} (trained "
                     "on top of it, or a stack of it); remove those first, or pass --force")
         self.staging.mkdir(parents=True, exist_ok=True)
-        trash = self.staging / work_folder_name("trash")
+        trash = self.staging / owned_name("trash")
         trash.mkdir()
 
         def delete(conn: sqlite3.Connection) -> builtins.list[int]:
@@ -506,7 +517,7 @@ class Library:
             meta = PocketBookMeta.read(book.path)
             change(meta)
             atomic_write_text(book.path / METADATA_FILE, meta.to_json())
-            Catalog.upsert(conn, meta, _folder_size(book.path))
+            Catalog.upsert(conn, meta, book.path)
             return PocketBook(meta, book.path)
 
         return self.catalog.write(update)
