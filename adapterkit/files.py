@@ -103,10 +103,12 @@ def stale_reason(path: Path, *, now: float | None = None) -> str | None:
     """Why the work folder ``path`` is left over (its owner is gone, or it is over a day old),
     or ``None`` while it may still be in use."""
     match = _OWNED.fullmatch(path.name)
-    if match and match["host"] == _host() and int(match["pid"]) != os.getpid():
-        if not _alive(int(match["pid"])):
-            return f"left by process {match['pid']}, which is no longer running"
-    try:
+    if match and match["host"] == _host():
+        pid = int(match["pid"])
+        if pid == os.getpid() or _alive(pid):
+            return None  # its owner runs: however long it takes, it is still in use
+        return f"left by process {pid}, which is no longer running"
+    try:  # an owner on another host (a shared file system), or a name we did not give
         age = (now or time.time()) - path.lstat().st_mtime
     except OSError:
         return None
@@ -137,8 +139,9 @@ def new_folder(dest: Path) -> Iterator[Path]:
         raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
     prefix = f".{dest.name}.partial"
     if dest.parent.is_dir():
-        for left in dest.parent.glob(f"{prefix}-*"):
-            if stale_reason(left) is not None:
+        for left in dest.parent.iterdir():  # only folders named by us for this destination
+            match = _OWNED.fullmatch(left.name)
+            if match and match["prefix"] == prefix and stale_reason(left) is not None:
                 remove_tree(left)
     tmp = dest.with_name(owned_name(prefix))
     tmp.mkdir(parents=True)

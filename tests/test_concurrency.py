@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import sqlite3
 import traceback
 from pathlib import Path
 
 import pytest
+
+from adapterkit.library.catalog import meta_stamp
 
 WORKERS = 8
 #: what a worker may meet in a race it is meant to lose; anything else fails the test
@@ -125,9 +128,20 @@ def test_eight_processes_lose_nothing(library, home, tiny_base, peft_adapter, tm
     imported = {r["value"] for r in records if r["op"] == "import" and r["ok"]}
     removed = {r["target"] for r in records if r["op"] == "rm" and r["ok"]}
     assert imported - removed == expected
-    catalog = {f"{s.name}@{s.version}" for s in library.list(all_versions=True)}
+    # the raw catalog, read before any adapterkit call could heal it, agrees with the disk:
+    # the processes left it right, not the next command
+    conn = sqlite3.connect(home / "catalog.sqlite")
+    raw = {f"{n}@{v}": (json.loads(tags), stamp) for n, v, tags, stamp in
+           conn.execute("SELECT name, version, tags, meta_stamp FROM pocket_books")}
+    conn.close()
     on_disk = {f"{p.parent.name}@{p.name}" for p in (home / "library").glob("*/*") if p.is_dir()}
-    assert catalog == on_disk == expected
+    assert set(raw) == on_disk == expected
+    for ref, (tags, stamp) in raw.items():
+        folder = home / "library" / ref.replace("@", "/")
+        assert tags == json.loads((folder / "adapterkit.json").read_text())["tags"]
+        assert stamp == meta_stamp(folder)
+    catalog = {f"{s.name}@{s.version}" for s in library.list(all_versions=True)}
+    assert catalog == expected
 
     # every entry whole, every tag kept (t0-t3 were taken off "shared" again)
     for ref in sorted(on_disk):

@@ -21,7 +21,8 @@ from adapterkit import Library, NameTaken, PocketBookMeta, PocketBookNotFound
 from adapterkit.errors import CatalogError
 from adapterkit.files import owned_name
 from adapterkit.library import store as store_module
-from adapterkit.library.catalog import SCHEMA_VERSION, Catalog, CatalogWarning
+from adapterkit.library.catalog import SCHEMA_VERSION, Catalog
+from adapterkit.library.layout import DamagedBookWarning
 
 
 def tensors(n: int = 4) -> bytes:
@@ -56,14 +57,18 @@ def run_cli(home: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
 # -- 1. one malformed adapterkit.json must not empty the library ------------------------------
 
 @pytest.mark.parametrize("bad", ["[]", "{not json", '{"name": 3, "version": 1}', "null",
-                                 '{"name": "b", "version": "one"}'])
+                                 '{"name": "b", "version": "one"}',
+                                 '{"name": "b", "version": 1, "base": null}',
+                                 '{"name": "b", "version": 1, "kind": null}',
+                                 '{"name": "b", "version": 1, "created": null}',
+                                 '{"name": "b", "version": 1, "tags": [["x"]]}'])
 def test_rebuild_skips_a_malformed_entry_and_keeps_the_rest(adapterkit_cli, library, bad):
     save(library, "a")
     save(library, "b")
     (library.path_of("b", 1) / "adapterkit.json").write_text(bad)
     drop_catalog(library)
     for _ in range(2):  # 0.1: a traceback, then "No pocket books yet" for good
-        with pytest.warns(CatalogWarning, match="damaged.*b/1/adapterkit.json.*doctor"):
+        with pytest.warns(DamagedBookWarning, match="damaged.*b/1/adapterkit.json.*doctor"):
             result = adapterkit_cli("list", "--json")
         assert result.exit_code == 0, result.output
         assert "Traceback" not in result.output
@@ -371,3 +376,105 @@ def test_export_onto_a_file_says_it_is_a_file(library, tmp_path):
     (tmp_path / "out").write_text("mine")
     with pytest.raises(NameTaken, match="is a file"):
         library.export("a", tmp_path / "out")
+
+
+# -- found by review -----------------------------------------------------------------------
+
+class _FailingCommit:
+    """A catalog connection whose COMMIT fails as on a full disk in WAL mode (pages reach
+    the disk only then)."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def failing_commits(monkeypatch):
+    real_open = Catalog._open
+    monkeypatch.setattr(Catalog, "_open", lambda self: _FailingCommit(real_open(self)))
+
+
+def test_a_save_whose_commit_fails_leaves_nothing(library, monkeypatch):
+    save(library, "a")
+    failing_commits(monkeypatch)
+    with pytest.raises(CatalogError, match="no space left"):
+        save(library, "x")
+    monkeypatch.undo()
+    assert not (library.root / "x").exists() or not any((library.root / "x").iterdir())
+    assert [s.name for s in library.list()] == ["a"]
+    save(library, "x")  # the name is free: the failure changed nothing
+
+
+def test_a_removal_whose_commit_fails_keeps_every_version(library, monkeypatch):
+    save(library, "a")
+    save(library, "a@2")
+    before = {p: p.read_bytes() for p in library.root.rglob("*") if p.is_file()}
+    failing_commits(monkeypatch)
+    with pytest.raises(CatalogError, match="no space left"):
+        library.remove("a", all_versions=True)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in library.root.rglob("*") if p.is_file()} == before
+    assert [s.version for s in library.list(all_versions=True)] == [1, 2]
+
+
+def test_a_name_folder_linked_elsewhere_stays_in_the_library(library, tmp_path):
+    """Users move big books to another disk and link them back; a rebuild keeps them."""
+    save(library, "big")
+    elsewhere = tmp_path / "other-disk" / "big"
+    elsewhere.parent.mkdir()
+    shutil.move(str(library.root / "big"), elsewhere)
+    (library.root / "big").symlink_to(elsewhere, target_is_directory=True)
+    library.rebuild_catalog()
+    assert [s.name for s in library.list()] == ["big"]
+    assert library.get("big").version == 1
+
+
+def test_the_largest_version_survives_a_rebuild(library):
+    from adapterkit.library.names import MAX_VERSION
+
+    save(library, f"a@{MAX_VERSION}")
+    assert library.rebuild_catalog() == 1
+    assert library.get("a").version == MAX_VERSION
+
+
+def test_show_sees_a_tag_whose_commit_was_killed(adapterkit_cli, library, monkeypatch):
+    save(library, "a")
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Catalog, "upsert", staticmethod(die))
+    with pytest.raises(KeyboardInterrupt):
+        library.tag("a", "urgent")
+    monkeypatch.undo()
+    assert "urgent" in library.get("a").meta.tags
+
+
+def test_doctor_dry_run_writes_nothing_even_to_a_damaged_catalog(adapterkit_cli, library):
+    save(library, "a")
+    library.list()
+    drop_catalog(library)
+    library.catalog.path.write_bytes(b"SQLite format 3\0" + b"\xff" * 4000)
+    before = {str(p): p.read_bytes() for p in library.home.rglob("*") if p.is_file()}
+    result = adapterkit_cli("doctor", "--dry-run", "--json")
+    assert result.exit_code == 1, result.output
+    kinds = [p["kind"] for p in json.loads(result.stdout)["problems"]]
+    assert kinds == ["catalog"]
+    assert {str(p): p.read_bytes() for p in library.home.rglob("*") if p.is_file()} == before
+
+
+def test_doctor_removes_the_temp_file_of_a_killed_metadata_write(adapterkit_cli, library):
+    book = save(library, "a")
+    stray = book.path / ".adapterkit.json.abc123.tmp"
+    stray.write_text("{half")
+    result = adapterkit_cli("doctor", "--json")
+    assert result.exit_code == 0, result.output
+    assert not stray.exists()
+    assert [p["kind"] for p in json.loads(result.stdout)["problems"]] == ["stale"]

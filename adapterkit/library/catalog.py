@@ -47,7 +47,14 @@ CREATE INDEX IF NOT EXISTS books_by_base ON pocket_books (base_fingerprint);
 """
 
 
+def uri(path: Path, query: str) -> str:
+    """A SQLite URI for ``path`` with ``query`` (``mode=ro``, ``immutable=1``), quoted so that
+    a home with ``#`` or ``?`` in its path opens the right file."""
+    return f"file:{quote(str(path.resolve()))}?{query}"
+
+
 def folder_size(path: Path) -> int:
+    """Bytes of every file below ``path`` (the size ``list`` shows)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -142,8 +149,8 @@ class Catalog:
                 self.use_memory()
                 assert self._memory is not None
                 return self._memory
-            uri = f"file:{quote(str(self.path.resolve()))}?immutable=1"
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+            conn = sqlite3.connect(uri(self.path, "immutable=1"), uri=True,
+                                   isolation_level=None)
             try:
                 if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                     conn.close()
@@ -212,7 +219,8 @@ class Catalog:
         if conn is not self._memory:
             conn.close()
 
-    def _run(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool) -> Any:
+    def _run(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool,
+             undo: Callable[[], None] | None = None) -> Any:
         for attempt in (0, 1):
             try:
                 conn = self._open()
@@ -222,13 +230,17 @@ class Catalog:
             try:
                 if write:
                     conn.execute("BEGIN IMMEDIATE")
+                    committed = False
                     try:
                         result = fn(conn)
                         conn.execute("COMMIT")
-                    except BaseException:
-                        if conn.in_transaction:
-                            conn.execute("ROLLBACK")
-                        raise
+                        committed = True
+                    finally:
+                        if not committed:
+                            if conn.in_transaction:
+                                conn.execute("ROLLBACK")
+                            if undo is not None:
+                                undo()  # what fn did to the folders, so a failure changes nothing
                     return result
                 return fn(conn)
             except sqlite3.DatabaseError as exc:
@@ -242,18 +254,40 @@ class Catalog:
         """Run a read-only query function against the catalog."""
         return self._run(fn, write=False)
 
-    def write(self, fn: Callable[[sqlite3.Connection], Any], *, index_only: bool = False
-              ) -> Any:
+    def write(self, fn: Callable[[sqlite3.Connection], Any], *, index_only: bool = False,
+              undo: Callable[[], None] | None = None) -> Any:
         """Run ``fn`` inside one ``BEGIN IMMEDIATE`` transaction (serialised across processes).
 
         :param index_only: ``fn`` only brings the index in line with the folders. On a
             read-only home that is done in this process's in-memory index instead of refused.
+        :param undo: puts back what ``fn`` did outside the database (folder renames) when the
+            transaction does not commit — ``fn`` failed, or the COMMIT itself did (a full disk
+            fails exactly there in WAL mode) — so an error always means nothing changed.
         """
         if self.read_only:
             if not index_only:
                 raise _unusable(self.path, sqlite3.OperationalError("readonly"))
             self.use_memory()
-        return self._run(fn, write=True)
+        return self._run(fn, write=True, undo=undo)
+
+    def peek(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run a query on the catalog file as it is: read-only, no recovery, no migration, no
+        fill (what ``doctor --dry-run`` needs). Raises :class:`CatalogError` when the file is
+        missing, unreadable or of another schema version."""
+        if not self.path.exists():
+            raise CatalogError(f"there is no catalog file {self.path}")
+        try:
+            conn = sqlite3.connect(uri(self.path, "mode=ro"), uri=True)
+        except sqlite3.DatabaseError as exc:
+            raise _unusable(self.path, exc) from None
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                raise CatalogError(f"{self.path} has another schema version")
+            return fn(conn)
+        except sqlite3.DatabaseError as exc:
+            raise _unusable(self.path, exc) from None
+        finally:
+            conn.close()
 
     def rebuild(self) -> int:
         """Drop the index and rebuild it from the folders; return how many entries it holds."""
@@ -288,9 +322,14 @@ class Catalog:
         )
 
     @staticmethod
-    def stamps(conn: sqlite3.Connection) -> dict[tuple[str, int], str]:
-        """``(name, version) → meta_stamp`` of every entry."""
-        rows = conn.execute("SELECT name, version, meta_stamp FROM pocket_books")
+    def stamps(conn: sqlite3.Connection, name: str | None = None, version: int | None = None
+               ) -> dict[tuple[str, int], str]:
+        """``(name, version) → meta_stamp`` of every entry (or of one)."""
+        if name is None:
+            rows = conn.execute("SELECT name, version, meta_stamp FROM pocket_books")
+        else:
+            rows = conn.execute("SELECT name, version, meta_stamp FROM pocket_books "
+                                "WHERE name=? AND version=?", (name, version))
         return {(r[0], r[1]): r[2] for r in rows}
 
     @staticmethod

@@ -8,13 +8,18 @@ reads every entry:
 * ``missing`` — a catalog row whose folder is gone: the row is dropped.
 * ``outdated`` — a row that disagrees with its folder's ``adapterkit.json`` (a crash between
   writing the file and the catalog): re-indexed from the file.
-* ``damaged`` — a folder whose metadata cannot be read, or that fails the check every load
-  runs (:func:`~adapterkit.library.integrity.check_book`: missing files, a SHA-256 that no
-  longer matches the one recorded at save time, a broken safetensors header, a planted pickle
-  or link): moved to ``<home>/quarantine/``, never deleted, so nothing is lost.
+* ``damaged`` — a folder whose metadata cannot be read, or that fails the file checks every
+  load runs (:func:`~adapterkit.library.integrity.check_book` without a base: missing files,
+  a SHA-256 that no longer matches the one recorded at save time, a broken safetensors
+  header, a planted pickle or link; the fit to the base is checked when a base is loaded):
+  moved to ``<home>/quarantine/``, never deleted, so nothing is lost.
 * ``stale`` — a work folder under ``tmp/`` left by a process that is no longer running (or over
-  a day old): removed.
-* ``catalog`` — the SQLite file fails its own integrity check: rebuilt from the folders.
+  a day old), or the temporary file of a metadata write that was killed: removed.
+* ``catalog`` — the SQLite file is missing, of another version or fails its own integrity
+  check: rebuilt from the folders.
+
+``--dry-run`` writes nothing at all: it reads the catalog file as it is (read-only, no
+recovery), which an ordinary command would already have healed.
 """
 
 from __future__ import annotations
@@ -23,15 +28,17 @@ import json
 import os
 import sqlite3
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterkit.errors import InvalidAdapter
+from adapterkit.errors import CatalogError, InvalidAdapter
 from adapterkit.files import fsync_dir
-from adapterkit.library.catalog import Catalog
+from adapterkit.library.catalog import Catalog, CatalogWarning
 from adapterkit.library.integrity import REPAIR, check_book
-from adapterkit.library.metadata import PocketBookMeta
+from adapterkit.library.layout import DamagedBookWarning, index
+from adapterkit.library.metadata import METADATA_FILE, PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
 
 QUARANTINE = "quarantine"
@@ -50,6 +57,8 @@ class Problem:
 
 @dataclass
 class Report:
+    """What one run of the doctor found (``checked``: pocket-book folders read)."""
+
     checked: int = 0
     problems: list[Problem] = field(default_factory=list)
     repaired: bool = False
@@ -60,18 +69,26 @@ class Report:
 
 
 def examine(library: Library, *, repair: bool) -> Report:
-    """Check the whole library; with ``repair``, fix what was found."""
+    """Check the whole library; with ``repair``, fix what was found. Without it nothing is
+    written — not even the catalog recovery or migration an ordinary command would do."""
     report = Report()
-    _check_catalog_file(library, report, repair)
+    catalog_ok = _check_catalog_file(library, report, repair)
     disk = library.folders()
-    indexed: dict[tuple[str, int], PocketBookMeta | None] = library.catalog.read(
-        lambda conn: {key: Catalog.meta(conn, *key) for key in Catalog.entries(conn)})
+    indexed: dict[tuple[str, int], PocketBookMeta | None] = {}
+    if catalog_ok:
+        def metas(conn: sqlite3.Connection) -> dict[tuple[str, int], PocketBookMeta | None]:
+            return {key: Catalog.meta(conn, *key) for key in Catalog.entries(conn)}
+
+        indexed = library.catalog.read(metas) if repair else library.catalog.peek(metas)
     report.checked = len(disk)
-    reindex: list[tuple[PocketBookMeta, Path]] = []
+    reindex: list[Path] = []
     drop: list[tuple[str, int]] = []
     quarantine: list[tuple[str, int, Path]] = []
     for key, folder in sorted(disk.items()):
         ref = f"{key[0]}@{key[1]}"
+        for left in _stray_temp_files(folder):
+            _add(report, "stale", ref, left, "temporary file of an interrupted metadata write",
+                 "remove it", repair)
         problem: str | None
         try:
             meta = library.read_entry(folder)
@@ -84,15 +101,15 @@ def examine(library: Library, *, repair: bool) -> Report:
             except InvalidAdapter as exc:
                 problem = str(exc).removesuffix(f"; {REPAIR}")
             if problem is None:
-                recorded = indexed.get(key)
-                if key not in indexed:
+                if catalog_ok and key not in indexed:
                     _add(report, "orphan", ref, folder, "a complete pocket book the catalog "
                          "does not list", "index it", repair)
-                    reindex.append((meta, folder))
-                elif recorded is None or recorded.to_json() != meta.to_json():
+                    reindex.append(folder)
+                elif catalog_ok and (indexed[key] is None
+                                     or indexed[key].to_json() != meta.to_json()):  # type: ignore[union-attr]
                     _add(report, "outdated", ref, folder, "the catalog disagrees with its "
                          "adapterkit.json", "re-index it from the folder", repair)
-                    reindex.append((meta, folder))
+                    reindex.append(folder)
                 continue
         where = library.home / QUARANTINE
         _add(report, "damaged", ref, folder, problem,
@@ -111,41 +128,62 @@ def examine(library: Library, *, repair: bool) -> Report:
     return report
 
 
+def _stray_temp_files(folder: Path) -> list[Path]:
+    """``.adapterkit.json.*.tmp`` files: what a process killed inside an atomic write leaves."""
+    return sorted(folder.glob(f".{METADATA_FILE}.*.tmp"))
+
+
 def _add(report: Report, kind: str, ref: str | None, path: Path, detail: str, action: str,
          repair: bool) -> None:
     report.problems.append(Problem(kind, str(path), detail,
                                    action if repair else f"would {action}", ref))
 
 
-def _check_catalog_file(library: Library, report: Report, repair: bool) -> None:
+def _check_catalog_file(library: Library, report: Report, repair: bool) -> bool:
+    """SQLite's own check of the catalog file; False when it is unusable (and, with
+    ``repair``, rebuilt — then True again)."""
     path = library.catalog.path
-    if not path.exists():
-        return
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    if not path.exists():  # not a problem: the next command builds it from the folders
+        if repair:
+            _quietly(lambda: library.catalog.read(Catalog.entries))
+        return repair
+    else:
         try:
-            result = conn.execute("PRAGMA quick_check").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        result = str(exc)
+            result = library.catalog.peek(
+                lambda conn: conn.execute("PRAGMA quick_check").fetchone()[0])
+        except CatalogError as exc:
+            result = str(exc)
     if result == "ok":
-        return
-    _add(report, "catalog", None, path, f"fails SQLite's integrity check ({result})",
+        return True
+    _add(report, "catalog", None, path, f"cannot be used as it is ({result})",
          "rebuild it from the folders", repair)
     if repair:
-        library.rebuild_catalog()
+        _quietly(library.rebuild_catalog)
+        return True
+    return False
 
 
-def _repair(library: Library, reindex: list[tuple[PocketBookMeta, Path]],
-            drop: list[tuple[str, int]], quarantine: list[tuple[str, int, Path]]) -> None:
+def _quietly(fn: Any) -> Any:
+    # The doctor reports damaged entries itself; the scan's own warnings would say it twice.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DamagedBookWarning)
+        warnings.simplefilter("ignore", CatalogWarning)
+        return fn()
+
+
+def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
+            quarantine: list[tuple[str, int, Path]]) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = library.home / QUARANTINE
+    moved: list[tuple[Path, Path]] = []
 
     def fix(conn: sqlite3.Connection) -> None:
-        for meta, folder in reindex:
+        for folder in library.folders().values():  # under the lock: no metadata write runs
+            for left in _stray_temp_files(folder):
+                left.unlink(missing_ok=True)
+        for folder in reindex:
             if folder.is_dir():
-                Catalog.upsert(conn, meta, folder)
+                index(conn, folder)  # read again under the lock: what is indexed is current
         for name, version in drop:
             if not (library.root / name / str(version)).is_dir():
                 Catalog.delete(conn, name, version)
@@ -153,14 +191,22 @@ def _repair(library: Library, reindex: list[tuple[PocketBookMeta, Path]],
             Catalog.delete(conn, name, version)
             if folder.is_dir():
                 aside.mkdir(parents=True, exist_ok=True)
-                os.rename(folder, aside / f"{name}@{version}-{stamp}")
+                target = aside / f"{name}@{version}-{stamp}"
+                os.rename(folder, target)
+                moved.append((target, folder))
                 fsync_dir(aside)
                 try:
                     folder.parent.rmdir()
                 except OSError:
                     pass
 
-    library.catalog.write(fix)
+    def undo() -> None:
+        while moved:
+            src, dst = moved.pop()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dst)
+
+    _quietly(lambda: library.catalog.write(fix, undo=undo))
     library.sweep_staging()
 
 
@@ -177,4 +223,5 @@ def render(report: Report) -> str:
 
 
 def to_json(report: Report) -> str:
+    """The report as ``adapterkit doctor --json`` prints it."""
     return json.dumps(report.as_dict(), indent=2, sort_keys=True)

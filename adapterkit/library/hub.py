@@ -315,7 +315,7 @@ def _check_on_its_base(library: Library, adapter: AdapterFiles, meta: PocketBook
     else against ``base``; where neither can be done, say so (it is checked when loaded)."""
     from adapterkit.base.fingerprints import fingerprint
     from adapterkit.base.resolve import find_base, resolve_base
-    from adapterkit.library.peft_folder import check_on_base
+    from adapterkit.library.peft_folder import _refuse_base_rewriting, check_on_base
 
     target, advice = None, ("its adapterkit.json names the wrong base, or the weights were "
                             "changed after it was written; nothing was imported")
@@ -336,6 +336,7 @@ def _check_on_its_base(library: Library, adapter: AdapterFiles, meta: PocketBook
         if target is None:
             target, advice = given, "pass the base it was made on with --base"
     if target is None:
+        _refuse_base_rewriting(adapter)  # needs no base: refused whatever the base
         warnings.warn(f"{repo_id} was made on base {meta.base.get('name')}, which is not on this "
                       "machine, so its weights could not be checked against it now; they are "
                       "checked when it is loaded (or pass --base to check now)", HubWarning,

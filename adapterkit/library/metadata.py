@@ -60,6 +60,11 @@ class PocketBookMeta:
     #: and ``adapter_model.safetensors``), recorded when it was saved: loading re-checks them,
     #: so a damaged file is refused instead of answering. Empty for entries saved before 0.2.
     files: dict[str, str] = field(default_factory=dict)
+    #: Made by a stage of a pipeline recipe (``adapterkit pipeline``): the recipe's file name and
+    #: SHA-256, this stage's number, name and fingerprint (a hash of its whole definition, which
+    #: ``--resume`` matches to skip it), and the ``lineage`` — every stage up to this one with
+    #: its pocket book, metrics and forgetting figure. Empty otherwise.
+    pipeline: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -86,8 +91,13 @@ class PocketBookMeta:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError("'version' must be a non-negative integer")
         for key, kind in _FIELD_TYPES.items():
-            if key in values and values[key] is not None and not isinstance(values[key], kind):
+            if key not in values or (values[key] is None and key in _MAY_BE_NULL):
+                continue
+            if not isinstance(values[key], kind):
                 raise ValueError(f"{key!r} must be a {_TYPE_WORDS[kind]}")
+        for key in ("parents", "stacked_on", "tags"):
+            if not all(isinstance(item, str) for item in values.get(key, [])):
+                raise ValueError(f"{key!r} must be a list of strings")
         return cls(**values)
 
     @classmethod
@@ -102,6 +112,7 @@ class PocketBookMeta:
 _FIELD_TYPES: dict[str, type] = {
     "base": dict, "method": str, "trainer": str, "data": dict, "hyperparameters": dict,
     "metrics": dict, "parents": list, "stacked_on": list, "created": str, "tags": list,
-    "kind": str, "source": dict, "verification": dict, "files": dict,
+    "kind": str, "source": dict, "verification": dict, "files": dict, "pipeline": dict,
 }
+_MAY_BE_NULL = {"trainer"}
 _TYPE_WORDS: dict[type, str] = {dict: "JSON object", str: "string", list: "list"}

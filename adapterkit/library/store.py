@@ -18,10 +18,8 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import re
 import shutil
 import sqlite3
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,10 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import (
-    AdapterkitError,
     ConfigError,
     InvalidAdapter,
-    InvalidName,
     NameTaken,
     PocketBookNotFound,
 )
@@ -48,7 +44,8 @@ from adapterkit.files import (
     stale_reason,
 )
 from adapterkit.home import resolve_home
-from adapterkit.library.catalog import Catalog, CatalogWarning, meta_stamp
+from adapterkit.library import layout
+from adapterkit.library.catalog import Catalog, meta_stamp
 from adapterkit.library.metadata import (
     CONFIG_FILE,
     HASHED_FILES,
@@ -61,7 +58,6 @@ from adapterkit.library.names import Ref, parse_ref, validate_name
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
 
-_VERSION_FOLDER = re.compile(r"[1-9][0-9]{0,8}")
 
 
 @dataclass
@@ -133,17 +129,12 @@ def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None) -> N
     raise NameTaken(f"{ref} already exists; use {ref.name}@{nxt} for a new version")
 
 
-def _is_name(text: str) -> bool:
-    try:
-        validate_name(text)
-    except InvalidName:
-        return False
-    return True
-
-
-def _warn_damaged(exc: InvalidAdapter) -> None:
-    warnings.warn(f"skipped a damaged pocket book: {exc}; `adapterkit doctor` moves it aside",
-                  CatalogWarning, stacklevel=1)  # one location: said once per command
+def _move_back(moved: builtins.list[tuple[Path, Path]]) -> None:
+    """Undo the renames of a transaction that did not commit, last first."""
+    while moved:
+        src, dst = moved.pop()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dst)
 
 
 class Library:
@@ -164,84 +155,28 @@ class Library:
     # -- reading ----------------------------------------------------------------------------
 
     def folders(self) -> dict[tuple[str, int], Path]:
-        """Every ``library/<name>/<version>/`` folder on disk, keyed by ``(name, version)``.
-
-        Only the layout is looked at (two directory listings deep, no file read), so comparing
-        it with the catalog is cheap enough to do on every ``list``.
-        """
-        out: dict[tuple[str, int], Path] = {}
-        try:
-            names = list(os.scandir(self.root))
-        except (FileNotFoundError, NotADirectoryError):
-            return out
-        for entry in names:
-            if not entry.is_dir(follow_symlinks=False) or not _is_name(entry.name):
-                continue
-            try:
-                versions = list(os.scandir(entry.path))
-            except OSError:
-                continue
-            for sub in versions:
-                if _VERSION_FOLDER.fullmatch(sub.name) and sub.is_dir(follow_symlinks=False):
-                    out[(entry.name, int(sub.name))] = Path(sub.path)
-        return out
+        """Every ``library/<name>/<version>/`` folder on disk (see :mod:`.layout`)."""
+        return layout.folders(self.root)
 
     def read_entry(self, folder: Path) -> PocketBookMeta:
-        """The metadata of one library folder, refused (:class:`InvalidAdapter`, naming the
-        file) when it cannot be read or does not belong where it lies."""
-        meta = PocketBookMeta.read(folder)
-        if meta.name != folder.parent.name or str(meta.version) != folder.name:
-            raise InvalidAdapter(
-                f"{folder / METADATA_FILE} says it is {meta.name}@{meta.version}, but it lies in "
-                f"the folder of {folder.parent.name}@{folder.name}")
-        return meta
+        """The metadata of one library folder, refused (:class:`InvalidAdapter`) when it cannot
+        be read or does not belong where it lies."""
+        return layout.read_entry(folder)
 
     def _scan(self) -> Iterator[tuple[PocketBookMeta, Path]]:
         for _key, folder in sorted(self.folders().items()):
             try:
-                meta = self.read_entry(folder)
+                meta = layout.read_entry(folder)
             except InvalidAdapter as exc:
-                _warn_damaged(exc)
+                layout.warn_damaged(exc)
                 continue
             yield meta, folder
 
     def reconcile(self) -> None:
-        """Bring the catalog in line with the folders, which are the source of truth.
-
-        A crash between a folder's rename and the catalog's commit (or a folder deleted by
-        hand) would otherwise leave a pocket book that blocks its name but cannot be shown or
-        removed, or a listed one that is gone; a crash between a metadata write (a tag) and
-        its commit, a row that disagrees with its folder. Valid folders missing from the
-        index are added, rows without a folder are dropped, rows whose ``adapterkit.json``
-        changed since they were indexed are re-read; damaged folders are reported, never
-        guessed at (``adapterkit doctor`` moves them aside). Each change is re-checked inside
-        the write transaction, so a write in flight in another process is left alone.
-        """
-        disk = self.folders()
-        indexed: dict[tuple[str, int], str] = self.catalog.read(Catalog.stamps)
-        gone = indexed.keys() - disk.keys()
-        found = []
-        for key in sorted(disk):
-            if indexed.get(key) == meta_stamp(disk[key]):
-                continue
-            try:
-                found.append((self.read_entry(disk[key]), disk[key]))
-            except InvalidAdapter as exc:
-                _warn_damaged(exc)
-        if not gone and not found:
-            return
-
-        def fix(conn: sqlite3.Connection) -> None:
-            now = Catalog.stamps(conn)
-            for meta, folder in found:
-                key = (meta.name, meta.version)
-                if folder.is_dir() and now.get(key) != meta_stamp(folder):
-                    Catalog.upsert(conn, meta, folder)
-            for name, version in gone & now.keys():
-                if not self.path_of(name, version).is_dir():
-                    Catalog.delete(conn, name, version)
-
-        self.catalog.write(fix, index_only=True)
+        """Bring the catalog in line with the folders, the source of truth (see
+        :func:`adapterkit.library.layout.reconcile`): what a crash or a hand edit left behind
+        is healed before it is read."""
+        layout.reconcile(self.root, self.catalog)
 
     def path_of(self, name: str, version: int) -> Path:
         return self.root / validate_name(name) / str(int(version))
@@ -282,15 +217,25 @@ class Library:
         """The pocket book ``name`` (latest) or ``name@N``; :class:`PocketBookNotFound` if absent."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
 
-        def lookup(conn: sqlite3.Connection) -> tuple[builtins.list[int], PocketBookMeta | None]:
+        def lookup(conn: sqlite3.Connection
+                   ) -> tuple[builtins.list[int], PocketBookMeta | None, str]:
             versions = Catalog.versions(conn, ref.name)
             version = ref.version if ref.version is not None else (versions or [0])[-1]
-            return versions, Catalog.meta(conn, ref.name, version)
+            return versions, Catalog.meta(conn, ref.name, version), Catalog.stamps(
+                conn, ref.name, version).get((ref.name, version), "")
 
-        versions, meta = self.catalog.read(lookup)
-        if meta is None or not self.path_of(meta.name, meta.version).is_dir():
+        def current(meta: PocketBookMeta | None, stamp: str) -> bool:
+            return meta is not None and stamp == meta_stamp(self.path_of(meta.name,
+                                                                         meta.version))
+
+        versions, meta, stamp = self.catalog.read(lookup)
+        stale = not current(meta, stamp)
+        if not stale and ref.version is None:  # a newer version may lie on disk unindexed
+            on_disk = self._disk_versions(ref.name)
+            stale = bool(on_disk) and on_disk[-1] not in versions
+        if stale:
             self.reconcile()  # a crash or a hand edit may have left the index behind
-            versions, meta = self.catalog.read(lookup)
+            versions, meta, stamp = self.catalog.read(lookup)
         if meta is None or not self.path_of(meta.name, meta.version).is_dir():
             if not versions:
                 raise PocketBookNotFound(
@@ -364,16 +309,13 @@ class Library:
         return sorted(set(versions) | set(self._disk_versions(name)))
 
     def _disk_versions(self, name: str) -> builtins.list[int]:
-        folder = self.root / name
-        if not folder.is_dir():
-            return []
-        return sorted(int(p.name) for p in folder.iterdir() if _VERSION_FOLDER.fullmatch(p.name))
+        return layout.versions_on_disk(self.root / name)
 
     def commit(self, staged: Path, meta: PocketBookMeta, *, name: str | None = None,
                new_version: bool = False) -> PocketBook:
         """Move a staged folder into the library as one new entry, atomically.
 
-        :param staged: a folder from :meth:`stage` holding the PEFT files.
+        :param staged: a folder from :meth:`draft` holding the PEFT files.
         :param meta: metadata to record; its ``name``/``version`` are set here.
         :param name: ``name`` or ``name@N`` (default: ``meta.name``).
         :param new_version: with a plain ``name`` that exists, take the next free version
@@ -386,6 +328,8 @@ class Library:
                     raise InvalidAdapter(f"cannot save {ref}: {required} is missing")
         meta.files = {f: sha256_file(staged / f) for f in HASHED_FILES if (staged / f).is_file()}
         self.root.mkdir(parents=True, exist_ok=True)
+        fsync_tree(staged)  # the weights reach the disk before the lock is taken
+        moved: builtins.list[tuple[Path, Path]] = []
 
         def insert(conn: sqlite3.Connection) -> PocketBook:
             indexed = set(Catalog.versions(conn, ref.name))
@@ -396,17 +340,17 @@ class Library:
                 _check_free(ref, taken, indexed)
                 version = ref.version or 1
             meta.name, meta.version = ref.name, version
-            atomic_write_text(staged / METADATA_FILE, meta.to_json())
-            fsync_tree(staged)
+            atomic_write_text(staged / METADATA_FILE, meta.to_json())  # fsynced
             final = self.path_of(ref.name, version)
             final.parent.mkdir(parents=True, exist_ok=True)
             Catalog.upsert(conn, meta, staged)
             os.rename(staged, final)
+            moved.append((final, staged))
             fsync_dir(final.parent)
             return PocketBook(meta, final)
 
         self.reconcile()  # so a folder left by a crash is seen as the pocket book it is
-        book = self.catalog.write(insert)
+        book = self.catalog.write(insert, undo=lambda: _move_back(moved))
         if self.plugins is not None:
             self.plugins.call_each("pocket_book_saved", pocket_book=book)
         return book
@@ -431,15 +375,18 @@ class Library:
 
     def dependents(self, refs: set[str]) -> builtins.list[str]:
         """Pocket books that need one of ``refs`` (``name@N``) to work: trained on top of it
-        (``--on``) or a saved stack of it."""
+        (``--on``) or a saved stack of it. One catalog query, whatever the library's size."""
+        self.reconcile()
+        rows = self.catalog.read(lambda conn: conn.execute(
+            "SELECT name, version, meta FROM pocket_books ORDER BY name, version").fetchall())
         out = []
-        for summary in self.list(all_versions=True):
-            ref = f"{summary.name}@{summary.version}"
+        for name, version, text in rows:
+            ref = f"{name}@{version}"
             if ref in refs:
                 continue
             try:
-                meta = self.get(ref).meta
-            except AdapterkitError:
+                meta = PocketBookMeta.from_dict(json.loads(text))
+            except (ValueError, TypeError):
                 continue
             members = set(meta.stacked_on)
             if meta.kind == "stack":
@@ -457,6 +404,7 @@ class Library:
         working), unless ``force``.
         """
         ref = parse_ref(ref) if isinstance(ref, str) else ref
+        self.reconcile()  # versions a crash left unindexed go too with --all-versions
         book = self.get(ref)
         versions = None if all_versions else [book.version]
         if not force:
@@ -470,6 +418,8 @@ class Library:
         trash = self.staging / owned_name("trash")
         trash.mkdir()
 
+        moved: builtins.list[tuple[Path, Path]] = []
+
         def delete(conn: sqlite3.Connection) -> builtins.list[int]:
             # Re-read inside the lock: another command may have removed some meanwhile.
             present = Catalog.versions(conn, ref.name)
@@ -482,6 +432,7 @@ class Library:
                 src = self.path_of(ref.name, v)
                 if src.exists():
                     os.rename(src, trash / str(v))
+                    moved.append((trash / str(v), src))
             parent = self.root / ref.name
             try:  # under the lock, so a save of a new version cannot lose its parent folder
                 parent.rmdir()
@@ -490,9 +441,14 @@ class Library:
             return gone
 
         try:
-            gone = self.catalog.write(delete)
-        finally:
-            shutil.rmtree(trash, ignore_errors=True)
+            gone = self.catalog.write(delete, undo=lambda: _move_back(moved))
+        except BaseException:
+            try:
+                trash.rmdir()  # empty once every folder is back; otherwise kept for doctor
+            except OSError:
+                pass
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
         if self.plugins is not None:
             for v in gone:
                 self.plugins.call_each("pocket_book_removed", name=ref.name, version=v)

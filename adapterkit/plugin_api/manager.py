@@ -81,7 +81,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-
 class PluginManager:
     """The loaded plugins and everything they registered.
 
