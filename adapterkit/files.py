@@ -130,19 +130,20 @@ def new_folder(dest: Path) -> Iterator[Path]:
     """Build a folder that appears at ``dest`` whole, or not at all.
 
     Refuses a ``dest`` that exists and is not empty; yields a hidden sibling to fill, renamed
-    to ``dest`` when the block succeeds and removed when it fails. Siblings left by an earlier
-    run that was killed (their process is gone) are removed first.
+    to ``dest`` when the block succeeds and removed when it fails. Such siblings left in the
+    same folder by earlier runs that were killed (their process is gone) are removed first.
     """
     if dest.exists() and not dest.is_dir():
         raise NameTaken(f"export destination {dest} is a file; pick a new folder")
     if dest.exists() and any(dest.iterdir()):
         raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
-    prefix = f".{dest.name}.partial"
     if dest.parent.is_dir():
-        for left in dest.parent.iterdir():  # only folders named by us for this destination
+        for left in dest.parent.iterdir():  # only ".NAME.partial-HOST-PID-TAG": ours, by name
             match = _OWNED.fullmatch(left.name)
-            if match and match["prefix"] == prefix and stale_reason(left) is not None:
+            if (match and match["prefix"].startswith(".") and match["prefix"].endswith(".partial")
+                    and stale_reason(left) is not None):
                 remove_tree(left)
+    prefix = f".{dest.name}.partial"
     tmp = dest.with_name(owned_name(prefix))
     tmp.mkdir(parents=True)
     try:

@@ -348,10 +348,16 @@ def test_an_export_killed_midway_is_swept_by_the_next_export(library, tmp_path):
     left = tmp_path / owned_name(".out.partial").replace(f"-{os.getpid()}-", f"-{dead.pid}-")
     left.mkdir()
     (left / "adapter_model.safetensors").write_bytes(b"half")
-    live = tmp_path / owned_name(".other.partial")  # a live export elsewhere: kept
+    other = tmp_path / owned_name(".other.partial").replace(f"-{os.getpid()}-",
+                                                            f"-{dead.pid}-")
+    other.mkdir()  # a killed export to another destination in the same folder
+    live = tmp_path / owned_name(".third.partial")  # an export still running: kept
     live.mkdir()
+    mine = tmp_path / f".notes.partial-x-{dead.pid}-0"  # not a name we give: kept
+    mine.mkdir()
     library.export("a", tmp_path / "out")
-    assert not left.exists() and live.exists()
+    assert not left.exists() and not other.exists()
+    assert live.exists() and mine.exists()
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
