@@ -68,6 +68,11 @@ class ConfigError(AdapterkitError):
     """Invalid training options or recipe file (all problems are reported at once)."""
 
 
+class LaunchError(AdapterkitError):
+    """A run on several processes or machines that could not start or that a rank ended
+    (the message names the rank and what happened; every rank was stopped)."""
+
+
 class AdapterWarning(UserWarning):
     """Something about an adapter the user should know that does not stop the work (an
     untrained adapter, a base other than the one its config names)."""

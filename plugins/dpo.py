@@ -74,6 +74,7 @@ def _cached_trainer(job: Any, mode: Any) -> Any:
         cache_hits: dict[str, bool] = {}
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            from accelerate.utils import broadcast_object_list
             from safetensors.torch import load_file, save_file
 
             if not self.precompute_ref_logps:  # "auto" chose per-step reference (see below)
@@ -87,12 +88,18 @@ def _cached_trainer(job: Any, mode: Any) -> Any:
                                     truncation=getattr(self.args, "truncation_mode", None),
                                     bf16=self.args.bf16, trl=trl.__version__)
             path = job.cache_dir(CACHE_KIND) / f"{key}.safetensors"
-            if path.is_file():
-                cached = load_file(str(path))
-                if len(cached["chosen"]) == len(dataset):
-                    self.cache_hits[name] = True
-                    return (dataset.add_column("ref_chosen_logps", cached["chosen"].tolist())
-                            .add_column("ref_rejected_logps", cached["rejected"].tolist()))
+            cached = None
+            if self.accelerator.is_main_process and path.is_file():
+                tensors = load_file(str(path))
+                if len(tensors["chosen"]) == len(dataset):
+                    cached = (tensors["chosen"].tolist(), tensors["rejected"].tolist())
+            # the main process reads the cache and every rank takes its values, so all of
+            # them make the same choice (and other machines need no copy of the cache)
+            cached = broadcast_object_list([cached], from_process=0)[0]
+            if cached is not None:
+                self.cache_hits[name] = True
+                return (dataset.add_column("ref_chosen_logps", cached[0])
+                        .add_column("ref_rejected_logps", cached[1]))
             if mode == "auto" and not _covers(self.args, len(dataset)):
                 # A short run over part of the data: a pass over all of it would cost more
                 # than the reference forwards of the steps that run. TRL reads this flag in
@@ -101,13 +108,37 @@ def _cached_trainer(job: Any, mode: Any) -> Any:
                 self.cache_hits[name] = None  # type: ignore[assignment]
                 return dataset
             self.cache_hits[name] = False
-            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            chosen, rejected = self._reference_pass(dataset, batch_size)
             if self.accelerator.is_main_process:
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
-                save_file({"chosen": torch.tensor(out["ref_chosen_logps"]),
-                           "rejected": torch.tensor(out["ref_rejected_logps"])}, str(tmp))
+                save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
                 os.replace(tmp, path)  # never a half-written cache entry
-            return out
+            return (dataset.add_column("ref_chosen_logps", chosen.tolist())
+                    .add_column("ref_rejected_logps", rejected.tolist()))
+
+        def _reference_pass(self, dataset: Any, batch_size: int) -> tuple[Any, Any]:
+            """TRL's reference pass — ``compute_ref_log_probs`` on each rank's share of the
+            rows, gathered in data order — kept in memory on every rank. (TRL hands the
+            gathered values to the other ranks through a file that, for a data set held in
+            memory as ours are, lies in a per-process temporary folder they cannot open.)"""
+            from torch.utils.data import DataLoader
+            from trl.models import prepare_deepspeed
+
+            loader = self.accelerator.prepare(DataLoader(
+                dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory))
+            model = self.ref_model or self.model
+            if self.ref_model is None and self.is_deepspeed_enabled:  # as TRL: ZeRO shards
+                if self._precompute_engine is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)  # type: ignore[arg-type]
+                model = self._precompute_engine
+            chosen, rejected = [], []
+            for batch in loader:
+                pair = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+                chosen.append(pair[0].float().cpu())
+                rejected.append(pair[1].float().cpu())
+            return torch.cat(chosen), torch.cat(rejected)
 
     return CachedRefDPOTrainer
 

@@ -31,10 +31,13 @@ class SFT(Trainer):
                                               num_items_in_batch=num_items_in_batch)
                 if guard is None or guard.weight <= 0 or not model.training:
                     return result
+                # past DDP's wrapper: a second forward through it would confuse its gradient
+                # reduction; the KL term's gradient joins the task loss's in the one backward
+                penalty = guard.penalty(self.accelerator.unwrap_model(model))
                 if return_outputs:
                     loss, outputs = result
-                    return loss + guard.penalty(model), outputs
-                return result + guard.penalty(model)
+                    return loss + penalty, outputs
+                return result + penalty
 
         config = SFTConfig(
             **job.training_arguments(),

@@ -484,3 +484,32 @@ def test_doctor_removes_the_temp_file_of_a_killed_metadata_write(adapterkit_cli,
     assert result.exit_code == 0, result.output
     assert not stray.exists()
     assert [p["kind"] for p in json.loads(result.stdout)["problems"]] == ["stale"]
+
+
+def _open_fresh(home, barrier, results):
+    barrier.wait()
+    try:
+        Library(home).list()
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - the test reports whatever went wrong
+        results.put(repr(exc))
+
+
+def test_processes_creating_the_catalog_at_once_all_succeed(tmp_path):
+    """Two ranks of one training run open a fresh library together; 0.1 answered one of them
+    "database is locked" (WAL mode is set without SQLite's busy wait)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for trial in range(20):
+        home = tmp_path / f"home{trial}"
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_fresh, args=(home, barrier, results))
+                 for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes += [results.get(timeout=10) for _ in procs]
+    assert [o for o in outcomes if o != "ok"] == []

@@ -169,8 +169,13 @@ def default_dtype(device: str | None = None) -> Any:
     return torch.float32
 
 
-def quantization_config(quantization: str, compute_dtype: Any) -> Any:
-    """The bitsandbytes config for ``4bit`` (NF4, double quantization) or ``8bit``."""
+def quantization_config(quantization: str, compute_dtype: Any, *, for_fsdp: bool = False) -> Any:
+    """The bitsandbytes config for ``4bit`` (NF4, double quantization) or ``8bit``.
+
+    ``for_fsdp``: keep the packed 4-bit weights in tensors of the compute dtype
+    (``bnb_4bit_quant_storage``), which FSDP needs to shard them with the rest, as the PEFT
+    and TRL QLoRA + FSDP guides set it.
+    """
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -184,6 +189,7 @@ def quantization_config(quantization: str, compute_dtype: Any) -> Any:
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            **({"bnb_4bit_quant_storage": compute_dtype} if for_fsdp else {}),
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -192,13 +198,14 @@ def quantization_config(quantization: str, compute_dtype: Any) -> Any:
 
 def load_base(spec: str, *, quantization: str | None = None, dtype: Any = None,
               device: str | None = None, home: str | os.PathLike[str] | None = None,
-              progress: Progress | None = None) -> Base:
+              progress: Progress | None = None, for_fsdp: bool = False) -> Base:
     """Load a frozen base: no parameter requires grad, eval mode.
 
     :param spec: Hub id, local folder, ``.gguf`` file or alias (``smollm2-135m``).
     :param quantization: ``None``, ``"4bit"`` (NF4 + double quantization) or ``"8bit"``.
     :param dtype: weights/compute dtype (default: float32 on CPU, bfloat16 on GPU).
     :param device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
+    :param for_fsdp: a 4-bit base that FSDP will shard (see :func:`quantization_config`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -212,7 +219,8 @@ def load_base(spec: str, *, quantization: str | None = None, dtype: Any = None,
     dtype = dtype or default_dtype(device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantization:
-        kwargs["quantization_config"] = quantization_config(quantization, dtype)
+        kwargs["quantization_config"] = quantization_config(quantization, dtype,
+                                                            for_fsdp=for_fsdp)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)

@@ -29,6 +29,7 @@ from adapterkit.cli.library import (
     show_cmd,
     tag_cmd,
 )
+from adapterkit.cli.pipeline import pipeline_cmd
 from adapterkit.cli.plugins import NO_PLUGIN_COMMANDS, install_cmd, plugin_group, uninstall_cmd
 from adapterkit.cli.session import chat_cmd, merge_cmd, stack_cmd, swap_cmd, verify_cmd
 from adapterkit.cli.train import eval_cmd, generate_cmd, train_cmd
@@ -66,7 +67,7 @@ def build_cli(pm: PluginManager) -> click.Group:
     for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
                     base_group, train_cmd, eval_cmd, generate_cmd, push_cmd, pull_cmd,
                     swap_cmd, chat_cmd, stack_cmd, merge_cmd, plugin_group, install_cmd,
-                    uninstall_cmd, verify_cmd, doctor_cmd):
+                    uninstall_cmd, verify_cmd, doctor_cmd, pipeline_cmd):
         cli.add_command(command)
     _add_plugin_commands(cli, pm)
     return cli

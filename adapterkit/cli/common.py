@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 from typing import Any
 
 import click
 
-from adapterkit.errors import AdapterkitError
+from adapterkit.errors import AdapterkitError, ConfigError
 from adapterkit.library.store import Library
 
 #: Errors of the machine, not of adapterkit or of the user's input: said in one line. Anything
@@ -92,3 +93,12 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
 
+
+def check_sampling(*, max_new_tokens: int, temperature: float = 0.0) -> None:
+    """Refuse generation settings that would be misread rather than used: no tokens to
+    generate, or a temperature below 0 (or nan) that would silently mean greedy decoding."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number ≥ 0 (0 = greedy decoding), "
+                          f"got {temperature}")

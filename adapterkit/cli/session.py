@@ -7,8 +7,7 @@ import time
 
 import click
 
-from adapterkit.cli.common import obj, say
-from adapterkit.cli.train import check_sampling
+from adapterkit.cli.common import check_sampling, obj, say
 from adapterkit.errors import AdapterkitError, ConfigError
 
 

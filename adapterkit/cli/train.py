@@ -7,14 +7,16 @@ inside the command bodies, never at module level.
 from __future__ import annotations
 
 import json
-import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from adapterkit.cli.common import obj, say
+from adapterkit.cli.common import check_sampling, obj, say
 from adapterkit.errors import ConfigError
+from adapterkit.training.launch import DEFAULT_RENDEZVOUS_TIMEOUT
 
 _OPTION_FLAGS = {
     "method": "method", "rank": "r", "alpha": "alpha", "dropout": "dropout",
@@ -28,7 +30,143 @@ _OPTION_FLAGS = {
 }
 
 
-@click.command("train")
+#: ``ctx.meta`` key: the arguments a :class:`LaunchableCommand` was given, as typed.
+RAW_ARGS = "adapterkit.raw_args"
+
+
+class LaunchableCommand(click.Command):
+    """A command that can start itself again on several processes: it keeps the arguments it
+    was given, which each rank runs (less the launch options)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[RAW_ARGS] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def launch_options(command: Any) -> Any:
+    """The launch options (``--processes``, ``--accelerate-config``, ``--num-machines``,
+    ``--machine-rank``, ``--main-address``, ``--rendezvous-timeout``), for
+    :func:`relaunch_if_asked`."""
+    options = [
+        click.option("--processes", type=int, help="Processes on this machine (default 1: train "
+                     "in this process). One per GPU; on a CPU-only machine at most one per "
+                     "core. Started through accelerate's launcher (gloo on CPUs, NCCL on GPUs)."),
+        click.option("--accelerate-config", type=click.Path(dir_okay=False), help="accelerate "
+                     "config file (DDP; on GPUs also FSDP 2, DeepSpeed ZeRO-1/2), passed to "
+                     "accelerate's launcher; its num_processes is the total of all machines."),
+        click.option("--num-machines", type=int, help="Machines in the run (default 1); start "
+                     "the same command on each, with its own --machine-rank."),
+        click.option("--machine-rank", type=int, help="This machine's rank, 0 to "
+                     "--num-machines - 1 (0: the main machine, which saves)."),
+        click.option("--main-address", metavar="HOST:PORT", help="Where every machine meets "
+                     "the main machine (--machine-rank 0)."),
+        click.option("--rendezvous-timeout", type=float, help="Seconds the machines wait "
+                     f"for each other before giving up (default {DEFAULT_RENDEZVOUS_TIMEOUT})."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def relaunch_if_asked(ctx: click.Context, launch: dict[str, Any],
+                      preflight: Any = None) -> bool:
+    """Start this command again through accelerate's launcher when ``launch`` (the values of
+    :func:`launch_options`) asks for more than one process, after ``preflight()`` has refused
+    what it would refuse; returns whether it did (the ranks then ran the command).
+
+    Under a launcher already (a rank), launch options are refused: the launcher placed the
+    processes.
+    """
+    from adapterkit.training.launch import (
+        plan_launch,
+        quiet_launcher,
+        ranks,
+        relaunch,
+        strip_launch_options,
+    )
+
+    where = ranks()
+    if where.distributed:
+        flags = {"config_file": "--accelerate-config"}
+        given = [flags.get(k, f"--{k.replace('_', '-')}") for k, v in launch.items()
+                 if v is not None]
+        if given:
+            raise ConfigError(f"this is rank {where.rank} of {where.world_size} under a "
+                              f"launcher already: leave out {', '.join(given)} (the launcher "
+                              "placed the processes)")
+        return False
+    if all(v is None for v in launch.values()):
+        return False  # today's path: this process trains
+    if (launch["processes"] or 1) > 1 or launch["config_file"] or \
+            (launch["num_machines"] or 1) > 1:
+        quiet_launcher()  # before torch is first imported (below)
+    if not plan_launch(**launch).needed:
+        return False
+    if preflight is not None:
+        preflight()
+    state = obj(ctx)
+    argv = (["--home", str(state["home"])] if state.get("home") else []) + \
+        [str(ctx.info_name)] + strip_launch_options(ctx.meta.get(RAW_ARGS, []))
+    relaunch(argv, **launch)
+    return True
+
+
+@contextmanager
+def as_rank() -> Iterator[None]:
+    """Run a command's body as one rank: SIGTERM (the launcher stopping it) unwinds like
+    Ctrl-C, so nothing half-written stays; under ``adapterkit … --processes N`` its errors go
+    to the launching process (one line), elsewhere the other ranks' messages name their
+    rank."""
+    import signal
+
+    from adapterkit.errors import AdapterkitError
+    from adapterkit.training.launch import hand_over, leave, ranks
+
+    where = ranks()
+    if not where.distributed:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except BaseException as exc:
+        # on its way out: the launcher's SIGTERM must not cut the exit short (a traceback
+        # from inside some clean-up at interpreter exit)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if isinstance(exc, _Stopped):
+            sys.exit(143)  # the launcher stops the ranks when one failed: it says which, why
+        if isinstance(exc, AdapterkitError):
+            if hand_over(str(exc)):
+                sys.exit(1)
+            if not where.is_main:
+                raise click.ClickException(f"rank {where.rank}: {exc}") from None
+        elif isinstance(exc, Exception) and _lost_contact(exc) and hand_over(
+                "lost contact with another rank, which stopped ("
+                + " ".join(str(exc).split())[:160] + ")", after_another=True):
+            sys.exit(1)
+        raise
+    leave()
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _lost_contact(exc: Exception) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank is gone."""
+    from torch.distributed import DistError
+
+    text = str(exc)
+    return isinstance(exc, DistError) or (isinstance(exc, RuntimeError) and any(
+        mark in text for mark in ("gloo", "NCCL", "Connection reset", "Connection closed")))
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM from the launcher: unwinds ``finally`` blocks (staging folders) like Ctrl-C."""
+
+
+@click.command("train", cls=LaunchableCommand)
 @click.argument("trainer")
 @click.option("--base", required=True, help="Base: Hub id, folder, .gguf file or alias "
                                             "(smollm2-135m).")
@@ -78,11 +216,14 @@ _OPTION_FLAGS = {
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of NAME.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted run of NAME; start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@launch_options
 @click.pass_context
 def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
               recipe: str | None, trainer_sets: tuple[str, ...], on: str | None,
               start_from: str | None, reward: str | None, resume: bool, restart: bool,
-              as_json: bool, **flags: Any) -> None:
+              as_json: bool, processes: int | None, accelerate_config: str | None,
+              num_machines: int | None, machine_rank: int | None, main_address: str | None,
+              rendezvous_timeout: float, **flags: Any) -> None:
     """Train a new pocket book with TRAINER (sft, ...) on BASE and save it in the library.
 
     \b
@@ -93,10 +234,13 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
       adapterkit train dpo --base smollm2-135m --data prefs.jsonl --name manner --on triage
       adapterkit train rlhf --base smollm2-135m --data prefs.jsonl --name kind
       adapterkit train rlhf ... --reward kind-reward --set beta=0.1 --set max_new_tokens=48
+      adapterkit train sft ... --processes 2                # 2 processes on this machine
+      adapterkit train sft ... --processes 8 --num-machines 2 --machine-rank 0 \\
+          --main-address 10.0.0.1:29500                     # and the same on machine 1
     """
     from adapterkit.training.options import build_options
     from adapterkit.training.progress import progress_callback
-    from adapterkit.training.run import train
+    from adapterkit.training.run import check_train, train
 
     overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
     sets = _parse_sets(trainer_sets)
@@ -106,19 +250,36 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     state = obj(ctx)
     # the trainer's own options are checked with the rest: one error lists every problem
     options = build_options(recipe, overrides, trainer=state["plugins"].trainer(trainer))
+    launch = dict(processes=processes, config_file=accelerate_config, num_machines=num_machines,
+                  machine_rank=machine_rank, main_address=main_address,
+                  rendezvous_timeout=rendezvous_timeout)
     try:
-        result = train(trainer, base=base, data=data, name=name, options=options,
-                       home=state["home"], plugins=state["plugins"], resume=resume, restart=restart,
-                       on=on, start_from=start_from,
-                       callbacks=[progress_callback(f"{trainer}/{options.method}")],
-                       progress=say)
+        launched = relaunch_if_asked(ctx, launch, preflight=lambda: check_train(
+            trainer, base=base, data=data, name=name, options=options, home=state["home"],
+            plugins=state["plugins"], resume=resume, restart=restart, on=on,
+            start_from=start_from))
+    except KeyboardInterrupt:
+        sys.exit(130)  # the main rank said what was saved, and how to resume
+    if launched:
+        return  # the main rank printed the result
+    try:
+        with as_rank():
+            result = train(trainer, base=base, data=data, name=name, options=options,
+                           home=state["home"], plugins=state["plugins"], resume=resume,
+                           restart=restart, on=on, start_from=start_from,
+                           callbacks=[progress_callback(f"{trainer}/{options.method}")],
+                           progress=say)
     except KeyboardInterrupt as exc:
+        if not _reports():
+            sys.exit(130)
         saved = getattr(exc, "stages_saved", [])
         say("Interrupted: " + (f"only {', '.join(saved)} (an earlier stage) was saved"
                                 if saved else "nothing was saved to the library")
              + ". Run the same command with --resume to continue from the last checkpoint"
              + (f" (reuse {saved[0]}: for rlhf, --reward {saved[0]})." if saved else "."))
         sys.exit(130)
+    if not _reports():
+        return  # the main rank reports the run
     book, m = result.pocket_book, result.metrics
     if as_json:
         click.echo(json.dumps({"ref": book.ref, "path": str(book.path), "metrics": m},
@@ -132,11 +293,20 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         line += f", loss {m['train_loss_first']:.3f} → {m['train_loss_final']:.3f}"
     if m.get("tokens_per_second"):
         line += f", {m['tokens_per_second']:.0f} tokens/s"
+    if m.get("processes"):
+        line += f" ({m['processes']} processes together)"
     click.echo(line)
     if m.get("forgetting"):
         f = m["forgetting"]
         click.echo(f"Forgetting: general-text loss {f['general_loss_base']:.4f} → "
                    f"{f['general_loss']:.4f} ({f['general_loss_change_pct']:+.2f}%)")
+
+
+def _reports() -> bool:
+    """Whether this process reports the run: the only one, or the main rank of several."""
+    from adapterkit.training.launch import ranks
+
+    return ranks().is_main
 
 
 def _parse_sets(items: tuple[str, ...]) -> dict[str, Any]:
@@ -149,16 +319,6 @@ def _parse_sets(items: tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
-
-
-def check_sampling(*, max_new_tokens: int, temperature: float = 0.0) -> None:
-    """Refuse generation settings that would be misread rather than used: no tokens to
-    generate, or a temperature below 0 (or nan) that would silently mean greedy decoding."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ConfigError(f"--temperature must be a finite number ≥ 0 (0 = greedy decoding), "
-                          f"got {temperature}")
 
 
 def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool = False,

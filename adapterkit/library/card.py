@@ -103,7 +103,55 @@ def _made_section(meta: PocketBookMeta) -> str:
         lines += ["", "| hyperparameter | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(meta.hyperparameters.items())
                   if v not in (None, {}, []) and k not in _GUARD_OPTIONS]
+    lines += _pipeline_lines(meta.pipeline)
     return "\n".join(lines)
+
+
+#: Lineage figures with a column of their own; a stage's other numbers go under "other".
+_LINEAGE_COLUMNS = ("steps", "train_loss_first", "train_loss_final", "train_seconds",
+                    "loop_seconds", "tokens", "tokens_per_second")
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _forgetting_cell(f: dict[str, Any] | None) -> str:
+    if not f:
+        return "not measured"
+    cell = (f"{f['general_loss_change_pct']:+.2f}% ({_fmt(f['general_loss_base'])} → "
+            f"{_fmt(f['general_loss'])}")
+    return cell + (f", vs {f['relative_to']})" if f.get("relative_to") else ")")
+
+
+def _pipeline_lines(p: dict[str, Any]) -> list[str]:
+    """The pipeline stage that made the pocket book, and the lineage: each stage up to it,
+    with the figures measured when that stage was trained."""
+    if not p:
+        return []
+    lines = ["", f"- pipeline: stage {p.get('stage', '?')} of {p.get('stages', '?')} of recipe "
+                 f"`{p.get('recipe', '?')}` (sha256 `{str(p.get('recipe_sha256', '?'))[:16]}…`)"]
+    lineage = p.get("lineage") or []
+    if not lineage:
+        return lines
+    lines += ["", "Lineage (forgetting: general-text loss with the stage's pocket book off → on, "
+                  "relative to what was underneath it):", "",
+              "| stage | pocket book | trainer | data | on | steps | train loss | eval loss "
+              "| forgetting | other metrics |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in lineage:
+        m = s.get("metrics") or {}
+        first, final = m.get("train_loss_first"), m.get("train_loss_final")
+        loss = f"{_fmt(first)} → {_fmt(final)}" if first is not None and final is not None \
+            else "not logged"
+        under = s.get("on") or (f"copy of {s['from']}" if s.get("from") else "base")
+        other = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(m.items())
+                          if k not in _LINEAGE_COLUMNS) or "–"
+        lines.append("| " + " | ".join(_cell(c) for c in (
+            f"{s.get('stage')} {s.get('name', '')}", f"`{s.get('ref', '?')}`",
+            s.get("trainer", "?"), s.get("data", "?"), under, m.get("steps", "?"), loss,
+            _fmt(s["eval_loss"]) if s.get("eval_loss") is not None else "–",
+            _forgetting_cell(s.get("forgetting")), other)) + " |")
+    return lines
 
 
 def _results_section(meta: PocketBookMeta) -> str:

@@ -68,6 +68,23 @@ def meta_stamp(folder: Path) -> str:
     return f"{st.st_mtime_ns}:{st.st_size}"
 
 
+def _wal(conn: sqlite3.Connection, *, patience: float = 60.0) -> None:
+    """Switch a new catalog to WAL mode. SQLite answers "locked" at once, without waiting
+    for its busy timeout, while another process is creating the same file (two ranks of one
+    training run, say): wait and try again instead of failing."""
+    deadline = time.monotonic() + patience
+    delay = 0.01
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 class CatalogWarning(UserWarning):
     """The catalog was unreadable and has been rebuilt from the pocket-book folders."""
 
@@ -165,7 +182,7 @@ class Catalog:
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                conn.execute("PRAGMA journal_mode=WAL")
+                _wal(conn)
                 self._fill(conn)
         except BaseException:
             conn.close()

@@ -75,8 +75,11 @@ class TrainJob:
 
     def cache_dir(self, kind: str) -> Path:
         """A folder under the library home for a trainer's reusable results (e.g. ``dpo-ref``)."""
+        from adapterkit.training.launch import ranks
+
         root = (self.home or self.output_dir.parent.parent) / "cache" / kind
-        root.mkdir(parents=True, exist_ok=True)
+        if ranks().is_main:  # only the main process writes caches
+            root.mkdir(parents=True, exist_ok=True)
         return root
 
     def reference_key(self, **parts: Any) -> str:
@@ -127,8 +130,15 @@ class TrainJob:
         return trainer
 
     def training_arguments(self) -> dict[str, Any]:
-        """``TrainingArguments`` keywords shared by every trainer (TRL configs accept them)."""
+        """``TrainingArguments`` keywords shared by every trainer (TRL configs accept them).
+
+        Under a launcher the trainer shards the data between the ranks (each takes its part of
+        every global batch of ``batch_size × grad_accum × processes`` rows, in one seeded
+        order) and only the main process writes checkpoints.
+        """
         import torch
+
+        from adapterkit.training.launch import COLLECTIVE_TIMEOUT
 
         o = self.options
         cuda = torch.cuda.is_available()
@@ -158,6 +168,11 @@ class TrainJob:
             include_num_input_tokens_seen="non_padding",
             dataloader_pin_memory=cuda,
             remove_unused_columns=True,
+            # every trainable LoRA weight takes part in each step: DDP need not search the
+            # graph for unused ones (it warns about the extra pass, and gradient
+            # checkpointing refuses it)
+            ddp_find_unused_parameters=False,
+            ddp_timeout=COLLECTIVE_TIMEOUT,
         )
 
 

@@ -1,4 +1,9 @@
-"""A rich progress bar for training runs: steps, loss and tokens per second on stderr."""
+"""A rich progress bar for training runs: steps, loss and tokens per second on stderr.
+
+On several processes it is drawn once, by the main process, for the run as a whole: the global
+batch (rows per optimizer step over all ranks) and the tokens per second of all ranks together
+(the trainer gathers every rank's token count at each step).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,12 @@ def progress_callback(description: str = "training") -> Any:
             self.loss: float | None = None
 
         def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return  # one bar for the run, drawn by the main process
+            label = description
+            if args.world_size > 1:
+                batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+                label += f" ×{args.world_size} (global batch {batch * args.world_size})"
             self.bar = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
@@ -35,7 +46,7 @@ def progress_callback(description: str = "training") -> Any:
                 console=Console(stderr=True), transient=False,
             )
             self.bar.start()
-            self.task = self.bar.add_task(description, total=state.max_steps,
+            self.task = self.bar.add_task(label, total=state.max_steps,
                                           completed=state.global_step, loss="-", tps="-")
             self.start = time.perf_counter()
             self.tokens0 = state.num_input_tokens_seen or 0
@@ -44,6 +55,7 @@ def progress_callback(description: str = "training") -> Any:
             if self.bar is None:
                 return
             elapsed = time.perf_counter() - self.start
+            # the trainer's count is already the sum over ranks (gathered every step)
             tokens = (state.num_input_tokens_seen or 0) - self.tokens0
             tps = f"{tokens / elapsed:.0f}" if elapsed > 0 and tokens else "-"
             self.bar.update(self.task, completed=state.global_step, tps=tps)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import ConfigError, DataFormatError
+from adapterkit.errors import ConfigError, DataFormatError, LaunchError
 from adapterkit.library.metadata import CONFIG_FILE, PocketBookMeta
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
@@ -91,6 +91,10 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
           progress: Callable[[str], None] | None = None) -> TrainResult:
     """Train a new pocket book and save it into the library.
 
+    Under a launcher (``adapterkit train --processes N``, ``accelerate launch``, ``torchrun``)
+    every rank calls this: they train together, only the main process writes, and every rank
+    returns the same result.
+
     :param trainer: a registered trainer (``sft``...).
     :param base: base name (or an already loaded :class:`Base`).
     :param data: data file or Hub dataset id.
@@ -103,14 +107,40 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     :param start_from: continue training a copy of this pocket book (its LoRA settings win).
     """
     from adapterkit.plugin_api.manager import default_plugin_manager
+    from adapterkit.training.launch import join, ranks, wait_for_everyone
 
+    where = ranks()
+    if where.distributed:
+        join()  # the process group the trainer will use; barriers work from here on
+    say = (progress if where.is_main else None) or (lambda message: None)
     run = _prepare(trainer, base=base, data=data, name=name, options=options, home=home,
                    plugins=plugins or default_plugin_manager(), resume=resume,
                    restart=restart, callbacks=callbacks, on=on, start_from=start_from,
-                   say=progress or (lambda message: None))
+                   say=say, main=where.is_main)
+    if where.distributed:
+        wait_for_everyone()  # the main process has cleared an old run's folder
     start = time.perf_counter()
     state = _run(run)
+    if where.distributed:
+        return _finalize_shared(run, state, time.perf_counter() - start, main=where.is_main)
     return _finalize(run, state, time.perf_counter() - start)
+
+
+def check_train(trainer: str, *, base: str, data: str, name: str,
+                options: TrainOptions | None = None, home: str | os.PathLike[str] | None = None,
+                plugins: PluginManager | None = None, resume: bool = False,
+                restart: bool = False, on: str | None = None,
+                start_from: str | None = None) -> None:
+    """Refuse, before any process starts, what :func:`train` would refuse before loading the
+    base: options, name, data, parent, checkpoint state; and resolve the base (a GGUF file is
+    converted here, once, rather than by every rank). Writes nothing else."""
+    from adapterkit.base.resolve import resolve_base
+    from adapterkit.plugin_api.manager import default_plugin_manager
+
+    checked = _check(trainer, data=data, name=name, options=options, home=home,
+                     plugins=plugins or default_plugin_manager(), resume=resume,
+                     restart=restart, on=on, start_from=start_from, say=lambda message: None)
+    resolve_base(base, checked.library.home)
 
 
 @dataclass
@@ -136,13 +166,29 @@ class _Run:
     stages_saved: list[str] = field(default_factory=list)
 
 
-def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
-             options: TrainOptions | None, home: str | os.PathLike[str] | None,
-             plugins: PluginManager, resume: bool, restart: bool, callbacks: list[Any] | None,
-             on: str | None, start_from: str | None, say: Callable[[str], None]) -> _Run:
-    """Everything that can be refused is refused here, before the first step: options (the
-    trainer's own included), the name, data, the base, the parent, lengths; then the base is
-    loaded and the job built."""
+@dataclass
+class _Checked:
+    """What :func:`_check` read, having refused nothing."""
+
+    options: TrainOptions
+    trainer_obj: Any
+    trainer_options: Any
+    method: Any
+    library: Library
+    ref: Any
+    dataset: Data
+    general: list[str] | None
+    workdir: Path
+    parent: PocketBook | None
+    resume_from: str | None
+
+
+def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
+           home: str | os.PathLike[str] | None, plugins: PluginManager, resume: bool,
+           restart: bool, on: str | None, start_from: str | None,
+           say: Callable[[str], None]) -> _Checked:
+    """Everything that can be refused without the base: options (the trainer's own included),
+    the name, data, the parent, the checkpoint state. Writes nothing (but a new catalog)."""
     # our own copy: trainers may record values in job.options.trainer_options (rlhf records
     # the reward pocket book it used) without touching the caller's object
     options = replace(options or TrainOptions(),
@@ -169,6 +215,29 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     if start_from and parent is not None:  # the copy keeps its LoRA shape
         options = _options_of(parent, options)
     resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref))
+    return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
+                    general, workdir, parent, resume_from)
+
+
+def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
+             options: TrainOptions | None, home: str | os.PathLike[str] | None,
+             plugins: PluginManager, resume: bool, restart: bool, callbacks: list[Any] | None,
+             on: str | None, start_from: str | None, say: Callable[[str], None],
+             main: bool = True) -> _Run:
+    """Everything that can be refused is refused here, before the first step (:func:`_check`,
+    then lengths); then the base is loaded and the job built. Only the ``main`` process
+    clears an old run's folder."""
+    from adapterkit.training.launch import main_first
+
+    with main_first():  # the main process opens (or creates) the catalog first
+        c = _check(trainer, data=data, name=name, options=options, home=home,
+                   plugins=plugins, resume=resume, restart=restart, on=on,
+                   start_from=start_from, say=say)
+    options, library, ref, parent, workdir = c.options, c.library, c.ref, c.parent, c.workdir
+    trainer_obj, method, dataset = c.trainer_obj, c.method, c.dataset
+    pm = plugins
+    if c.resume_from is None and main:  # a fresh start: nothing of an earlier run is reused
+        shutil.rmtree(workdir, ignore_errors=True)
 
     loaded = _load(base, method, library, say)
     if not start_from:  # a copy keeps its own targets and rank, which fit (check_policy)
@@ -187,7 +256,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     # a reward head scores text: no generation to guard, no general-text loss to check (guard
     # options were refused above for any trainer that does not apply the guard)
     guard = _guard(loaded.tokenizer, options) if head != "reward" else None
-    general = general if head != "reward" else None
+    general = c.general if head != "reward" else None
     stages_saved: list[str] = []
 
     def build() -> Any:
@@ -213,7 +282,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     job_data = data
     job = TrainJob(build=build, tokenizer=loaded.tokenizer, data=train_data,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
-                   resume_from=resume_from, trainer_options=trainer_options,
+                   resume_from=c.resume_from, trainer_options=c.trainer_options,
                    callbacks=list(callbacks or []), guard=guard, base=loaded,
                    stacked_on=underlay, home=library.home, name=str(ref), stage_runner=run_stage)
     if guard is not None and guard.budget_pct is not None:
@@ -241,10 +310,22 @@ def _run(run: _Run) -> Any:
 
 def _finalize(run: _Run, state: Any, elapsed: float) -> TrainResult:
     """Measure what the run did (guard, eval, forgetting) and save it into the library."""
+    model, metrics = _measure(run, state, elapsed)
+    book = _save(run, model, metrics, state)
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    return TrainResult(book, metrics, model)
+
+
+def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]]:
+    """The trained model, ready to save (adapter in float32, eval mode), and its metrics."""
     model = run.job.model
     _adapter_to_fp32(model)
     model.eval()
     metrics = _metrics(state, elapsed)
+    from adapterkit.training.launch import ranks
+
+    if ranks().distributed:  # tokens and tokens/s above are of all ranks together
+        metrics["processes"] = ranks().world_size
     if run.guard is not None:
         metrics["guard"] = _guard_report(run, model, int(metrics.get("steps", 0)))
     tokenizer = run.loaded.tokenizer
@@ -259,13 +340,55 @@ def _finalize(run: _Run, state: Any, elapsed: float) -> TrainResult:
         if run.underlay:  # the "before" side had the pocket books underneath active
             metrics["forgetting"]["relative_to"] = "base + " + " + ".join(
                 b.ref for b in run.underlay)
-    book = save_trained(run.library, model, run.loaded, str(run.ref), trainer=run.trainer,
+    return model, metrics
+
+
+def _save(run: _Run, model: Any, metrics: dict[str, Any], state: Any,
+          weights: dict[str, Any] | None = None) -> PocketBook:
+    return save_trained(run.library, model, run.loaded, str(run.ref), trainer=run.trainer,
                         options=run.job.options, data=run.dataset, metrics=metrics,
                         log_history=_history(state),
                         parents=[run.parent.ref] if run.parent else None,
-                        stacked_on=[b.ref for b in run.underlay])
-    shutil.rmtree(run.workdir, ignore_errors=True)
-    return TrainResult(book, metrics, model)
+                        stacked_on=[b.ref for b in run.underlay], weights=weights)
+
+
+def _finalize_shared(run: _Run, state: Any, elapsed: float, *, main: bool) -> TrainResult:
+    """:func:`_finalize` for a run on several processes: every rank measures (the same
+    weights, the same figures: with FSDP's sharded weights each forward needs them all), the
+    main process alone saves, and the others return the pocket book it saved."""
+    from adapterkit.training.launch import share
+
+    model, metrics = _measure(run, state, elapsed)
+    weights = _whole_weights(model)  # a collective under FSDP; None when each rank has them
+    if main:
+        try:
+            book = _save(run, model, metrics, state, weights)
+            shutil.rmtree(run.workdir, ignore_errors=True)
+        except BaseException as exc:
+            try:  # the others stop waiting and fail with it
+                share(("failed", f"{run.ref} was not saved: {exc or type(exc).__name__}"))
+            except Exception:
+                pass  # they are gone already
+            raise
+        share(("saved", book.meta.to_json(), str(book.path), metrics))
+        return TrainResult(book, metrics, model)
+    outcome = share()
+    if outcome[0] != "saved":
+        raise LaunchError(f"the main process failed: {outcome[1]}")
+    meta = PocketBookMeta.from_dict(json.loads(outcome[1]))
+    return TrainResult(PocketBook(meta, Path(outcome[2])), outcome[3], model)
+
+
+def _whole_weights(model: Any) -> dict[str, Any] | None:
+    """The model's state dict gathered whole on every rank when its weights are sharded
+    (FSDP 2 holds each as a ``DTensor`` shard; every rank must join), else ``None``: each
+    rank holds them whole (one process, DDP) and PEFT reads the model itself."""
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
 
 
 def _guard_report(run: _Run, model: Any, steps: int) -> dict[str, Any]:
@@ -316,18 +439,24 @@ def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str
             f"an interrupted run of {name} exists ({Path(last).name}); pass --resume to "
             "continue it or --restart to discard it"
         )
-    shutil.rmtree(workdir, ignore_errors=True)
     return None
 
 
 def _load(base: str | Base, method: Any, library: Library, say: Callable[[str], None]) -> Base:
     from adapterkit.base.load import load_base
+    from adapterkit.training.launch import fsdp_enabled, main_first, ranks
 
     if isinstance(base, str):
         say(f"Loading base {base}" + (f" ({method.quantization})" if method.quantization else "")
             + "...")
-        return load_base(base, quantization=method.quantization, home=library.home,
-                         progress=say)
+        device = None
+        if ranks().distributed:  # each rank on its own GPU (accelerate's choice), or the CPU
+            from adapterkit.training.launch import join
+
+            device = str(join().device)
+        with main_first(local=True):  # a GGUF base is converted once per machine, not per rank
+            return load_base(base, quantization=method.quantization, home=library.home,
+                             progress=say, device=device, for_fsdp=fsdp_enabled())
     if base.quantization != method.quantization:
         raise ConfigError(
             f"method {method.name} needs a {method.quantization or 'full-precision'} base, "
@@ -497,8 +626,13 @@ def adapter_base_id(base: Base) -> str:
 def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer: str,
                  options: TrainOptions, data: Data, metrics: dict[str, Any],
                  log_history: list[dict[str, Any]], parents: list[str] | None = None,
-                 stacked_on: list[str] | None = None) -> PocketBook:
-    """Write the trained adapter, loss curve and card into the library, atomically."""
+                 stacked_on: list[str] | None = None,
+                 weights: dict[str, Any] | None = None) -> PocketBook:
+    """Write the trained adapter, loss curve and card into the library, atomically.
+
+    :param weights: the model's whole state dict, where the model holds only shards of it
+        (FSDP); PEFT picks the pocket book's tensors from it.
+    """
     from adapterkit.library.card import loss_curve_png, write_card
 
     meta = PocketBookMeta(
@@ -507,7 +641,7 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
         parents=list(parents or []), stacked_on=list(stacked_on or []),
     )
     with library.draft() as staged:
-        model.save_pretrained(staged)
+        model.save_pretrained(staged, **({"state_dict": weights} if weights else {}))
         config_path = staged / CONFIG_FILE
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = adapter_base_id(base)  # never a local path

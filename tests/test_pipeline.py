@@ -1,0 +1,286 @@
+"""`adapterkit pipeline RECIPE.yaml`: stages in order, each on the one before; the whole recipe
+checked first (every problem at once); resume after a failure; the lineage on the card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapterkit import ConfigError, Library
+from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.training.pipeline import load_recipe, run_pipeline
+
+FAST = {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "r": 4, "alpha": 8,
+        "dropout": 0.0, "logging_steps": 1}
+
+
+def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def data(adapterkit_data, tmp_path) -> dict[str, Path]:
+    """The shapes' files, plus a short general-text file for the forgetting figure."""
+    general = tmp_path / "general.txt"
+    general.write_text("The weather was mild and the market was busy.\n\n"
+                       "She read the letter twice before answering it.\n", encoding="utf-8")
+    return {**adapterkit_data, "general": general}
+
+
+def two_stages(tiny_base: Path, **stage2: object) -> dict:
+    """sft on prompt/completion pairs, then dpo on preference pairs on top of it."""
+    return {"base": str(tiny_base), **FAST, "general": "general.txt",
+            "stages": [{"name": "instruct", "trainer": "sft", "data": "prompt_completion.jsonl"},
+                       {"name": "polite", "trainer": "dpo", "data": "preference.jsonl",
+                        "set": {"beta": 0.1}, **stage2}]}
+
+
+# -- the recipe file ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("base: [unclosed\n", "is not valid YAML"),
+    ("- just\n- a list\n", "must be a mapping with base: and stages: (it is a list)"),
+    ("", "(it is empty)"),
+])
+def test_a_recipe_that_is_not_a_yaml_mapping_is_one_line(adapterkit_cli, tmp_path, text,
+                                                         expected):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    result = adapterkit_cli("pipeline", path)
+    assert result.exit_code == 1
+    assert expected in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_on_is_a_key_not_a_boolean(tmp_path, data, tiny_base, home):
+    """YAML 1.1 reads `on:` as True; the recipe reader keeps it the stage key it is."""
+    recipe = two_stages(tiny_base)
+    recipe["stages"].append({"name": "third", "trainer": "sft", "data": "text.jsonl",
+                             "on": "instruct", "packing": "off"})
+    plan = load_recipe(write_recipe(tmp_path, recipe), home=home,
+                       plugins=get_plugin_manager(env=False))
+    assert [(s.name, s.on) for s in plan.stages] == [
+        ("instruct", None), ("polite", "instruct"), ("third", "instruct")]
+    assert plan.stages[2].options.packing is False
+
+
+# -- every problem at once, nothing written ------------------------------------------------------
+
+def test_every_problem_of_every_stage_is_reported_at_once(adapterkit_cli, data, tiny_base, home,
+                                                         peft_adapter):
+    library = Library(home)
+    library.import_peft(peft_adapter, "taken", base=str(tiny_base))
+    folder = data["general"].parent
+    recipe = {
+        "base": str(tiny_base), **FAST, "colour": "blue",               # unknown recipe key
+        "stages": [
+            {"name": "alpha", "trainer": "sft", "data": "prompt_completion.jsonl",
+             "on": "beta"},                                               # alpha → beta → alpha
+            {"name": "beta", "trainer": "sft", "data": "prompt_completion.jsonl", "on": "alpha"},
+            {"name": "gamma", "trainer": "sft", "data": "missing.jsonl",  # stage 3: no such file
+             "on": "beta"},
+            {"name": "delta", "trainer": "telepathy", "data": "text.jsonl",  # unknown trainer
+             "on": "zeta"},                                               # produced later
+            {"name": "epsilon", "trainer": "sft", "data": "text.jsonl",
+             "on": "ghost",                                               # never produced
+             "learning_rate": -1, "r": "many",                            # bad values
+             "flavour": "mint"},                                          # unknown stage key
+            {"name": "zeta", "trainer": "dpo", "data": "preference.jsonl",
+             "set": {"beta": 0, "gamma": 1}},                             # bad trainer options
+            {"name": "alpha", "trainer": "sft", "data": "text.jsonl"},   # duplicate name
+            {"name": "taken", "trainer": "sft", "data": "text.jsonl"},   # taken in the library
+        ]}
+    result = adapterkit_cli("pipeline", write_recipe(folder, recipe))
+    assert result.exit_code == 1
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1 and "nothing was trained" in message
+    expected = [
+        "unknown recipe key(s) colour",
+        "stages alpha → beta → alpha form a cycle",
+        "stage 3 (gamma): data: data file",
+        "missing.jsonl does not exist",
+        "stage 4 (delta): unknown trainer 'telepathy'",
+        "stage 4 (delta): on: zeta, which this recipe produces later (stage 6 (zeta))",
+        "stage 5 (epsilon): unknown key(s) flavour",
+        "stage 5 (epsilon): on: ghost is not a stage of this recipe, and not in the library",
+        "learning_rate: must be positive, got -1.0",
+        "r: expected int, got 'many'",
+        "stage 6 (zeta): invalid training options: unknown dpo option(s) gamma",
+        "beta must be above 0, got 0.0",
+        "stage 7 (alpha): the name alpha is also stage 1 (alpha)'s",
+        "stage 8 (taken): a pocket book named 'taken' already exists",
+    ]
+    assert [e for e in expected if e not in message] == [], message
+    # nothing written: the library holds what it held, no run folder was started
+    assert [s.name for s in library.list(all_versions=True)] == ["taken"]
+    assert not (home / "runs").exists()
+
+
+def test_what_needs_the_base_is_checked_for_every_stage_before_the_first_step(data, tiny_base,
+                                                                            home):
+    """LoRA targets and prompt lengths need the base's structure and tokenizer: checked for
+    every stage once it is loaded, still before stage 1 trains."""
+    recipe = two_stages(tiny_base)
+    recipe["stages"][0]["max_length"] = 3  # shorter than the prompts
+    recipe["stages"][1]["target_modules"] = "no_such_proj"
+    with pytest.raises(ConfigError) as refused:
+        run_pipeline(write_recipe(data["general"].parent, recipe), home=home,
+                     plugins=get_plugin_manager(env=False))
+    message = str(refused.value)
+    assert "has 2 problems" in message and "nothing was trained" in message
+    assert "stage 1 (instruct): max_length 3 is not longer than prompt 1" in message
+    assert "stage 2 (polite): target module(s) no_such_proj match no linear layer" in message
+    assert Library(home).list() == [] and not (home / "runs").exists()
+
+
+def test_processes_is_checked_before_anything_runs(adapterkit_cli, data, tiny_base):
+    path = write_recipe(data["general"].parent, two_stages(tiny_base))
+    zero = adapterkit_cli("pipeline", path, "--processes", "0")
+    assert zero.exit_code == 1 and "--processes must be at least 1" in zero.output
+    from adapterkit.training.launch import places
+
+    if places()[0] < 2:
+        pytest.skip("this machine places fewer than 2 processes")
+    # a bad recipe is refused by the launching process, before any rank starts
+    broken = two_stages(tiny_base)
+    broken["stages"][1]["trainer"] = "telepathy"
+    refused = adapterkit_cli("pipeline", write_recipe(data["general"].parent, broken, "b.yaml"),
+                             "--processes", "2")
+    assert refused.exit_code == 1 and "unknown trainer 'telepathy'" in refused.output
+    assert Library().list() == []
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sft_then_dpo_runs_end_to_end_with_the_lineage_on_the_card(adapterkit_cli, data,
+                                                                   tiny_base, home):
+    path = write_recipe(data["general"].parent, two_stages(tiny_base))
+    result = adapterkit_cli("pipeline", path)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "Stage 1/2: instruct (sft)" in out and "Stage 2/2: polite (dpo)" in out
+
+    library = Library(home)
+    first, final = library.get("instruct"), library.get("polite")
+    # stage 2 trained on top of stage 1 (frozen, active underneath)
+    assert final.meta.stacked_on == ["instruct@1"] and final.meta.parents == ["instruct@1"]
+    assert (first.meta.trainer, final.meta.trainer) == ("sft", "dpo")
+    # one line per stage at the end: ref, steps, final loss, forgetting figure (as recorded)
+    for index, book in ((1, first), (2, final)):
+        m = book.meta.metrics
+        assert m["steps"] == 2
+        assert (f"{index}/2 {book.ref} ({book.meta.trainer}): 2 steps, final loss "
+                f"{m['train_loss_final']:.4f}, forgetting "
+                f"{m['forgetting']['general_loss_change_pct']:+.2f}%") in out
+
+    # the final pocket book's metadata and card carry the whole lineage
+    pipeline = final.meta.pipeline
+    assert (pipeline["stage"], pipeline["stages"], pipeline["recipe"]) == (2, 2, "recipe.yaml")
+    lineage = pipeline["lineage"]
+    assert [(s["ref"], s["trainer"], s["on"]) for s in lineage] == [
+        ("instruct@1", "sft", None), ("polite@1", "dpo", "instruct@1")]
+    for entry, book in zip(lineage, (first, final)):
+        assert entry["metrics"]["train_loss_final"] == book.meta.metrics["train_loss_final"]
+        assert entry["forgetting"] == book.meta.metrics["forgetting"]
+    card = (final.path / "README.md").read_text(encoding="utf-8")
+    assert "Lineage" in card and "`instruct@1`" in card and "`polite@1`" in card
+    for book in (first, final):
+        assert f"{book.meta.metrics['forgetting']['general_loss_change_pct']:+.2f}%" in card
+    # the card is still ours (the standard sections stay)
+    assert "An adapterkit pocket book:" in card and "## Results" in card
+    # run again: its names are taken, and it says how to continue instead
+    again = adapterkit_cli("pipeline", path)
+    assert again.exit_code == 1 and "pass --resume" in again.output
+
+
+# -- resume --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resume_after_a_failure_in_stage_two_skips_stage_one(data, tiny_base, home):
+    from transformers import TrainerCallback
+
+    class CrashAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise RuntimeError("simulated crash in stage 2")
+
+    class Steps(TrainerCallback):
+        def __init__(self):
+            self.seen: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append(state.global_step)
+
+    pm = get_plugin_manager(env=False)
+    path = write_recipe(data["general"].parent, two_stages(tiny_base, save_steps=1))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pipeline(path, home=home, plugins=pm,
+                     callbacks=lambda s: [CrashAfterCheckpoint()] if s.index == 2 else [])
+    library = Library(home)
+    assert [s.name for s in library.list()] == ["instruct"]  # stage 2 saved nothing
+    first = library.get("instruct")
+    assert first.meta.pipeline["stage"] == 1 and (home / "runs" / "polite").is_dir()
+
+    # without --resume: both the finished stage and the interrupted one say how to go on
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(path, home=home, plugins=pm)
+    assert "instruct@1 was made by this stage in an earlier run" in str(refused.value)
+    assert "an interrupted run of polite exists (checkpoint-1)" in str(refused.value)
+
+    trained: dict[int, Steps] = {}
+    said: list[str] = []
+
+    def callbacks(stage):
+        trained[stage.index] = Steps()
+        return [trained[stage.index]]
+
+    result = run_pipeline(path, home=home, plugins=pm, resume=True, callbacks=callbacks,
+                          progress=said.append)
+    assert list(trained) == [2]  # stage 1 was not trained again
+    assert trained[2].seen == [2]  # stage 2 went on from its checkpoint (step 1)
+    assert any("instruct@1 was finished by an earlier run; skipped" in m for m in said)
+    assert any("resuming from checkpoint-1" in m for m in said)
+    assert [(r.pocket_book.ref, r.skipped) for r in result.stages] == [
+        ("instruct@1", True), ("polite@1", False)]
+    assert [s.version for s in library.list(all_versions=True) if s.name == "instruct"] == [1]
+    assert library.get("instruct").meta.files == first.meta.files  # untouched
+    final = library.get("polite")
+    assert final.meta.stacked_on == ["instruct@1"] and final.meta.metrics["steps"] == 2
+    assert [s["ref"] for s in final.meta.pipeline["lineage"]] == ["instruct@1", "polite@1"]
+    assert final.meta.pipeline["lineage"][0]["metrics"] == {
+        k: v for k, v in first.meta.metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert not (home / "runs" / "polite").exists()
+
+    # another recipe (stage 1 changed) is not mistaken for this one: its names are taken
+    changed = two_stages(tiny_base, save_steps=1)
+    changed["stages"][0]["learning_rate"] = 5e-3
+    other = write_recipe(data["general"].parent, changed, "changed.yaml")
+    with pytest.raises(ConfigError, match="not made by this stage of this recipe"):
+        load_recipe(other, home=home, plugins=pm, resume=True)
+    done = load_recipe(path, home=home, plugins=pm, resume=True)
+    assert [s.done.ref if s.done else None for s in done.stages] == ["instruct@1", "polite@1"]
+    assert json.loads(json.dumps(final.meta.pipeline))  # plain JSON in the metadata
+
+
+@pytest.mark.slow
+def test_processes_applies_to_every_stage(adapterkit_cli, data, tiny_base, home):
+    from adapterkit.training.launch import places
+
+    if places()[0] < 2:
+        pytest.skip("this machine places fewer than 2 processes")
+    recipe = two_stages(tiny_base)
+    recipe["stages"][1] = {"name": "more", "trainer": "sft", "data": "messages.jsonl"}
+    result = adapterkit_cli("pipeline", write_recipe(data["general"].parent, recipe),
+                            "--processes", "2")
+    assert result.exit_code == 0, result.output
+    final = Library(home).get("more")
+    assert final.meta.stacked_on == ["instruct@1"]
+    # each stage trained on both processes (recorded by train() itself) and once (one entry)
+    assert [(s["ref"], s["metrics"].get("processes")) for s in final.meta.pipeline["lineage"]] \
+        == [("instruct@1", 2), ("more@1", 2)]
+    assert [s.name for s in Library(home).list(all_versions=True)] == ["instruct", "more"]
