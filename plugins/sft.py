@@ -33,7 +33,15 @@ class SFT(Trainer):
                     return result
                 # past DDP's wrapper: a second forward through it would confuse its gradient
                 # reduction; the KL term's gradient joins the task loss's in the one backward
-                penalty = guard.penalty(self.accelerator.unwrap_model(model))
+                penalty = guard.penalty(self.accelerator.unwrap_model(model),
+                                        step=self.state.global_step)
+                # A mean over this micro-batch, like TRL's MoE aux loss, and treated as TRL
+                # treats that: with num_items_in_batch, Trainer leaves gradient accumulation to
+                # the loss, so the term is averaged over the accumulated micro-batches (else it
+                # would count grad_accum times); DDP's gradient averaging already makes it the
+                # mean over ranks, so it is not scaled by the number of processes.
+                if num_items_in_batch is not None:
+                    penalty = penalty / self.current_gradient_accumulation_steps
                 if return_outputs:
                     loss, outputs = result
                     return loss + penalty, outputs

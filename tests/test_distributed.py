@@ -233,6 +233,9 @@ GPU = KIND == "GPU"
 
 @pytest.mark.parametrize("flags, says", [
     pytest.param(["--processes", 0], "--processes must be at least 1, got 0", id="zero"),
+    pytest.param(["--main-address", "127.0.0.1:29555", "--machine-rank", 0],
+                 "--main-address, --machine-rank only act when training on several",
+                 id="launch-flags-without-a-launch"),
     pytest.param(["--processes", SLOTS + 1], f"it has {SLOTS} {KIND}", id="more-than-fit"),
     pytest.param(["--accelerate-config", "{bad}"], "cannot read accelerate config",
                  id="bad-config"),

@@ -63,14 +63,19 @@ class ForgettingGuard:
         self._base_loss: float | None = None
         self._kept: dict[str, Any] | None = None
 
-    def penalty(self, model: Any) -> Any:
-        """The KL term for this step (a scalar tensor; 0 when disabled)."""
+    def penalty(self, model: Any, step: int | None = None) -> Any:
+        """The KL term for this batch (a scalar tensor; 0 when disabled).
+
+        :param step: the optimizer step: every micro-batch of one step then uses the same
+            anchor text, so gradient accumulation changes only how a step's batch is split,
+            not what the guard measures (default: a new anchor text on every call).
+        """
         import torch
         import torch.nn.functional as F
 
         if self.weight <= 0 or not self.anchor:
             return torch.zeros((), device=next(model.parameters()).device)
-        ids = self.anchor[self._step % len(self.anchor)]
+        ids = self.anchor[(self._step if step is None else step) % len(self.anchor)]
         self._step += 1
         input_ids = torch.tensor([ids], device=next(model.parameters()).device)
         with torch.no_grad(), _adapter_off(model):

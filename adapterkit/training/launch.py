@@ -244,6 +244,17 @@ def plan_launch(*, processes: int | None = None, config_file: str | None = None,
             problems.append(str(exc))
     if not rendezvous_timeout > 0:
         problems.append(f"--rendezvous-timeout must be above 0 seconds, got {rendezvous_timeout}")
+    if machines == 1 and processes == 1 and config is None:
+        # nothing would be launched: flags that only a launch uses would be silently dropped
+        unused = [flag for flag, given in (
+            ("--main-address", main_address is not None),
+            ("--machine-rank", machine_rank is not None),
+            ("--rendezvous-timeout", rendezvous_timeout != DEFAULT_RENDEZVOUS_TIMEOUT)) if given]
+        if unused:
+            many = len(unused) > 1
+            problems.append(f"{', '.join(unused)} only act{'' if many else 's'} when training on "
+                            "several processes or machines: add --processes N or --num-machines "
+                            f"M, or leave {'them' if many else 'it'} out")
     if problems:
         raise ConfigError("; ".join(problems))
     return LaunchPlan(processes, machines, rank, main_address, config_file, rendezvous_timeout)
