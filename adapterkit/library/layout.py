@@ -11,7 +11,6 @@ a folder deleted by hand.
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import warnings
 from pathlib import Path
@@ -20,8 +19,6 @@ from adapterkit.errors import InvalidAdapter, InvalidName
 from adapterkit.library.catalog import Catalog, meta_stamp
 from adapterkit.library.metadata import METADATA_FILE, PocketBookMeta
 from adapterkit.library.names import MAX_VERSION, validate_name
-
-_VERSION_FOLDER = re.compile(r"[1-9][0-9]*")
 
 
 class DamagedBookWarning(UserWarning):
@@ -43,35 +40,60 @@ def _is_name(text: str) -> bool:
     return True
 
 
+_MAX_DIGITS = len(str(MAX_VERSION))
+
+
 def _version_of(text: str) -> int | None:
-    if not _VERSION_FOLDER.fullmatch(text) or len(text) > len(str(MAX_VERSION)):
+    # str methods, not a regex or int() of anything: this runs for every folder on every list
+    if not (text.isascii() and text.isdigit()) or text[0] == "0" or len(text) > _MAX_DIGITS:
         return None
     version = int(text)
     return version if version <= MAX_VERSION else None
 
 
-def versions_on_disk(name_folder: Path) -> list[int]:
-    """The version folders of one name folder (links the user made are followed)."""
+def _version_folders(name_folder: str) -> list[tuple[int, str]]:
+    found: list[tuple[int, str]] = []
     try:
-        entries = list(os.scandir(name_folder))
+        with os.scandir(name_folder) as entries:
+            for entry in entries:
+                version = _version_of(entry.name)
+                if version is not None and entry.is_dir():  # no stat unless it is a link
+                    found.append((version, entry.path))
     except OSError:
         return []
-    versions = (_version_of(e.name) for e in entries if e.is_dir())
-    return sorted(v for v in versions if v is not None)
+    return found
+
+
+def versions_on_disk(name_folder: Path) -> list[int]:
+    """The version folders of one name folder (links the user made are followed)."""
+    return sorted(v for v, _ in _version_folders(str(name_folder)))
+
+
+def _folder_paths(root: Path) -> dict[tuple[str, int], str]:
+    out: dict[tuple[str, int], str] = {}
+    try:
+        with os.scandir(root) as entries:
+            names = [(e.name, e.path) for e in entries if e.is_dir() and _is_name(e.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for name, path in names:
+        for version, folder in _version_folders(path):
+            out[(name, version)] = folder
+    return out
 
 
 def folders(root: Path) -> dict[tuple[str, int], Path]:
     """Every ``<root>/<name>/<version>/`` folder, keyed by ``(name, version)``."""
-    out: dict[tuple[str, int], Path] = {}
+    return {key: Path(path) for key, path in _folder_paths(root).items()}
+
+
+def _stamp(folder: str) -> str:
+    # meta_stamp on a plain string: Path arithmetic costs more than the stat at 10,000 books
     try:
-        names = list(os.scandir(root))
-    except (FileNotFoundError, NotADirectoryError):
-        return out
-    for entry in names:
-        if entry.is_dir() and _is_name(entry.name):
-            for version in versions_on_disk(Path(entry.path)):
-                out[(entry.name, version)] = Path(entry.path) / str(version)
-    return out
+        st = os.stat(os.path.join(folder, METADATA_FILE))
+    except OSError:
+        return ""
+    return f"{st.st_mtime_ns}:{st.st_size}"
 
 
 def read_entry(folder: Path) -> PocketBookMeta:
@@ -107,20 +129,22 @@ def reconcile(root: Path, catalog: Catalog) -> None:
     reported, never guessed at. Each change is re-checked inside the write transaction, so a
     save, removal or tag in flight in another process is left alone.
     """
-    disk = folders(root)
+    paths = _folder_paths(root)
     indexed: dict[tuple[str, int], str] = catalog.read(Catalog.stamps)
-    gone = indexed.keys() - disk.keys()
+    gone = indexed.keys() - paths.keys()
     changed = []
-    for key in sorted(disk):
-        if indexed.get(key) == meta_stamp(disk[key]):
+    for key, path in paths.items():
+        if indexed.get(key) == _stamp(path):
             continue
         try:
-            read_entry(disk[key])
+            read_entry(Path(path))
         except InvalidAdapter as exc:
-            if disk[key].is_dir():
+            if os.path.isdir(path):
                 warn_damaged(exc)
             continue
         changed.append(key)
+    changed.sort()
+    disk = {key: Path(paths[key]) for key in changed}
     if not gone and not changed:
         return
 
