@@ -117,6 +117,15 @@ def stale_reason(path: Path, *, now: float | None = None) -> str | None:
     return None
 
 
+def move_back(moved: list[tuple[Path, Path]]) -> None:
+    """Undo ``(done_to, came_from)`` renames, last first (a transaction that did not commit
+    puts its folders back, so a failure changes nothing)."""
+    while moved:
+        src, dst = moved.pop()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dst)
+
+
 def remove_tree(path: Path) -> None:
     """Remove a folder (or a stray file or link) without following links."""
     if path.is_dir() and not path.is_symlink():

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import CatalogError, InvalidAdapter
-from adapterkit.files import fsync_dir
+from adapterkit.files import fsync_dir, move_back
 from adapterkit.library.catalog import Catalog, CatalogWarning
 from adapterkit.library.integrity import REPAIR, check_book
 from adapterkit.library.layout import DamagedBookWarning, index
@@ -200,13 +200,7 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
                 except OSError:
                     pass
 
-    def undo() -> None:
-        while moved:
-            src, dst = moved.pop()
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(src, dst)
-
-    _quietly(lambda: library.catalog.write(fix, undo=undo))
+    _quietly(lambda: library.catalog.write(fix, undo=lambda: move_back(moved)))
     library.sweep_staging()
 
 

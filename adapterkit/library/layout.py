@@ -87,15 +87,6 @@ def folders(root: Path) -> dict[tuple[str, int], Path]:
     return {key: Path(path) for key, path in _folder_paths(root).items()}
 
 
-def _stamp(folder: str) -> str:
-    # meta_stamp on a plain string: Path arithmetic costs more than the stat at 10,000 books
-    try:
-        st = os.stat(os.path.join(folder, METADATA_FILE))
-    except OSError:
-        return ""
-    return f"{st.st_mtime_ns}:{st.st_size}"
-
-
 def read_entry(folder: Path) -> PocketBookMeta:
     """The metadata of one library folder, refused (:class:`InvalidAdapter`, naming the file)
     when it cannot be read or does not belong where it lies."""
@@ -134,7 +125,7 @@ def reconcile(root: Path, catalog: Catalog) -> None:
     gone = indexed.keys() - paths.keys()
     changed = []
     for key, path in paths.items():
-        if indexed.get(key) == _stamp(path):
+        if indexed.get(key) == meta_stamp(path):
             continue
         try:
             read_entry(Path(path))

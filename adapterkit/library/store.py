@@ -37,6 +37,7 @@ from adapterkit.files import (
     atomic_write_text,
     fsync_dir,
     fsync_tree,
+    move_back,
     new_folder,
     owned_name,
     remove_tree,
@@ -127,14 +128,6 @@ def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None) -> N
             f"save as a new version with --name {ref.name}@{nxt}, or pick another name"
         )
     raise NameTaken(f"{ref} already exists; use {ref.name}@{nxt} for a new version")
-
-
-def _move_back(moved: builtins.list[tuple[Path, Path]]) -> None:
-    """Undo the renames of a transaction that did not commit, last first."""
-    while moved:
-        src, dst = moved.pop()
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(src, dst)
 
 
 class Library:
@@ -350,7 +343,7 @@ class Library:
             return PocketBook(meta, final)
 
         self.reconcile()  # so a folder left by a crash is seen as the pocket book it is
-        book = self.catalog.write(insert, undo=lambda: _move_back(moved))
+        book = self.catalog.write(insert, undo=lambda: move_back(moved))
         if self.plugins is not None:
             self.plugins.call_each("pocket_book_saved", pocket_book=book)
         return book
@@ -375,8 +368,8 @@ class Library:
 
     def dependents(self, refs: set[str]) -> builtins.list[str]:
         """Pocket books that need one of ``refs`` (``name@N``) to work: trained on top of it
-        (``--on``) or a saved stack of it. One catalog query, whatever the library's size."""
-        self.reconcile()
+        (``--on``) or a saved stack of it. One catalog query, whatever the library's size
+        (:meth:`remove`, its caller, has reconciled the catalog with the folders)."""
         rows = self.catalog.read(lambda conn: conn.execute(
             "SELECT name, version, meta FROM pocket_books ORDER BY name, version").fetchall())
         out = []
@@ -441,7 +434,7 @@ class Library:
             return gone
 
         try:
-            gone = self.catalog.write(delete, undo=lambda: _move_back(moved))
+            gone = self.catalog.write(delete, undo=lambda: move_back(moved))
         except BaseException:
             try:
                 trash.rmdir()  # empty once every folder is back; otherwise kept for doctor
