@@ -266,3 +266,16 @@ def _commit_sha(files: dict[str, bytes], parent: str) -> str:
 def _blob_id(data: bytes) -> str:
     """The git blob id of a file, as the Hub reports it for non-LFS files."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def point_client_at(server: FakeHub, monkeypatch, cache: str, token: str = "tok-alice") -> None:
+    """Make ``huggingface_hub`` in this process talk to ``server`` as the user of ``token``,
+    with its download cache in ``cache`` (undone by ``monkeypatch``)."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setenv("HF_TOKEN", token)

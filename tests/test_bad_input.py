@@ -827,15 +827,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, request, home, one_book_
     if case.setup is not None:
         case.setup(world)
     if case.hub:
-        import huggingface_hub.constants as constants
+        from tests.hub_server import point_client_at
 
-        server = request.getfixturevalue("fake_hub")
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setenv("HF_TOKEN", "tok-alice")
+        point_client_at(request.getfixturevalue("fake_hub"), monkeypatch,
+                        str(tmp_path / "hub-cache"))
     args = [world.fill(a) for a in case.args]
 
     rows = _rows_of(adapterkit_cli, world.home)

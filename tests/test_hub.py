@@ -9,20 +9,13 @@ import pytest
 
 from adapterkit import InvalidAdapter, InvalidName, UnsafeWeights
 from adapterkit.library.hub import HubError, HubWarning, pull, push
-from tests.hub_server import FakeHub
+from tests.hub_server import FakeHub, point_client_at
 
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    import huggingface_hub.constants as constants
-
     with FakeHub({"tok-alice": "alice", "tok-bob": "bob"}) as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setenv("HF_TOKEN", "tok-alice")
+        point_client_at(server, monkeypatch, str(tmp_path / "hub-cache"))
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         yield server
 

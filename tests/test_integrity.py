@@ -14,7 +14,7 @@ import pytest
 from adapterkit import BaseMismatch, InvalidAdapter, UnsafeWeights
 from adapterkit.library.integrity import REPAIR, check_book
 from adapterkit.plugin_api.testing import make_peft_adapter
-from tests.hub_server import FakeHub
+from tests.hub_server import FakeHub, point_client_at
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -175,15 +175,8 @@ def test_export_refuses_a_zero_byte_weights_file(books, tmp_path):
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    import huggingface_hub.constants as constants
-
     with FakeHub({"tok-alice": "alice"}) as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setenv("HF_TOKEN", "tok-alice")
+        point_client_at(server, monkeypatch, str(tmp_path / "hub-cache"))
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         yield server
 

@@ -325,18 +325,23 @@ def test_a_racing_remove_says_so_instead_of_removing_nothing(library, monkeypatc
 
 # -- found by the fault benchmark ---------------------------------------------------------
 
-def test_a_tag_killed_before_its_commit_heals_on_the_next_list(library, monkeypatch):
-    """update_meta writes adapterkit.json, then commits the catalog; a kill in between left
-    `list --tag` wrong until `doctor` ran."""
-    save(library, "a")
-
+def kill_before_commit(monkeypatch, write) -> None:
+    """Run ``write`` and die (as kill -9 would) after it changed the folder and before the
+    catalog row was written: the transaction never commits."""
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Catalog, "upsert", staticmethod(die))
     with pytest.raises(KeyboardInterrupt):
-        library.tag("a", "urgent")
+        write()
     monkeypatch.undo()
+
+
+def test_a_tag_killed_before_its_commit_heals_on_the_next_list(library, monkeypatch):
+    """update_meta writes adapterkit.json, then commits the catalog; a kill in between left
+    `list --tag` wrong until `doctor` ran."""
+    save(library, "a")
+    kill_before_commit(monkeypatch, lambda: library.tag("a", "urgent"))
     assert "urgent" in json.loads((library.path_of("a", 1) / "adapterkit.json").read_text())["tags"]
     assert [s.name for s in library.list(tag="urgent")] == ["a"]
 
@@ -452,14 +457,7 @@ def test_the_largest_version_survives_a_rebuild(library):
 
 def test_show_sees_a_tag_whose_commit_was_killed(adapterkit_cli, library, monkeypatch):
     save(library, "a")
-
-    def die(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Catalog, "upsert", staticmethod(die))
-    with pytest.raises(KeyboardInterrupt):
-        library.tag("a", "urgent")
-    monkeypatch.undo()
+    kill_before_commit(monkeypatch, lambda: library.tag("a", "urgent"))
     assert "urgent" in library.get("a").meta.tags
 
 
