@@ -73,6 +73,20 @@ class LaunchError(AdapterkitError):
     (the message names the rank and what happened; every rank was stopped)."""
 
 
+class RunStateError(ConfigError):
+    """An interrupted run of the name is in the way (pass --resume or --restart), or there is
+    none to resume."""
+
+
 class AdapterWarning(UserWarning):
     """Something about an adapter the user should know that does not stop the work (an
     untrained adapter, a base other than the one its config names)."""
+
+
+class QueueFull(AdapterkitError):
+    """The server's queue of waiting requests is full: retry after a moment (HTTP 429)."""
+
+
+class ServerError(AdapterkitError):
+    """An ``adapterkit serve`` server that cannot be reached, or that answered with an error
+    (the message is the server's own)."""

@@ -201,7 +201,7 @@ def test_trainer_options_must_be_finite(key, value, tiny_base, adapterkit_data, 
 def test_rank_above_the_smallest_targeted_layer_is_refused(targets, layer, limit, train_args,
                                                            adapterkit_cli, library, home,
                                                            monkeypatch):
-    monkeypatch.setattr("adapterkit.training.run._attach_new",
+    monkeypatch.setattr("adapterkit.training.run.attach_new",
                         lambda *a, **k: pytest.fail("a LoRA was built"))
     extra = ["--target-modules", targets] if targets else []
     refused(adapterkit_cli(*train_args, "--rank", "100000", *extra), "rank 100000", layer,

@@ -9,6 +9,7 @@ so the two pocket books must agree to float round-off.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,8 +57,10 @@ def lora_gap(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-def adapterkit(*args: object, home: Path, **popen: object) -> subprocess.Popen:
-    env = {**os.environ, "ADAPTERKIT_HOME": str(home), "OMP_NUM_THREADS": "1"}
+def adapterkit(*args: object, home: Path, extra_env: dict[str, str] | None = None,
+               **popen: object) -> subprocess.Popen:
+    env = {**os.environ, "ADAPTERKIT_HOME": str(home), "OMP_NUM_THREADS": "1",
+           **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "adapterkit", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -272,3 +275,129 @@ def test_each_rank_runs_the_command_without_the_launch_options():
             "--accelerate-config", "a.yaml", "--machine-rank", "1", "--main-address",
             "h:1", "--rendezvous-timeout", "5", "--name", "n"]
     assert strip_launch_options(argv) == ["train", "sft", "--base=b", "--name", "n"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_killing_the_launcher_outright_ends_its_ranks_and_saves_nothing(tiny_base,
+                                                                        adapterkit_data, home):
+    """``kill -9`` of the launching command leaves torchrun no chance to stop the ranks: they
+    notice they were orphaned and stop themselves, before any of them saves."""
+    launcher = adapterkit("train", "sft", "--base", tiny_base, "--data",
+                          adapterkit_data["prompt_completion"], "--name", "o", "--batch-size", 2,
+                          "--processes", 2, "--max-steps", 100000, "--save-steps", 5, home=home)
+    deadline = time.monotonic() + 300
+    while not list(home.glob("runs/o/checkpoint-*/trainer_state.json")):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.1)
+    ranks = _ranks_of(launcher.pid)
+    assert sorted(ranks) == [0, 1]
+    killed = time.monotonic()
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.communicate()
+    while any(_alive(pid) for pid in ranks.values()):
+        assert time.monotonic() - killed < 30, "ranks still running 30 s after their launcher"
+        time.sleep(0.02)
+    print(f"kill -9 of the launcher → every rank gone: {time.monotonic() - killed:.2f} s")
+    assert_nothing_saved(home, "o")
+
+
+def test_a_machine_whose_library_differs_from_the_main_ones_is_refused(tiny_base,
+                                                                       adapterkit_data, home,
+                                                                       tmp_path):
+    """Two machines, each with its own --home: machine 1's library already holds the name
+    machine 0 is about to save, so the run would not be one run. It is refused before
+    training, saying the machines need one shared library."""
+    data = adapterkit_data["prompt_completion"]
+    other = tmp_path / "other-home"
+    reference("sft", data, other, tiny_base)  # saves "one" into machine 1's library
+    address = f"127.0.0.1:{free_port()}"
+    machines = [adapterkit("train", "sft", "--base", tiny_base, "--data", data, "--name", "one",
+                           *flags("sft"), "--processes", 1, "--num-machines", 2,
+                           "--machine-rank", rank, "--main-address", address,
+                           home=other if rank else home)
+                for rank in (1, 0)]
+    outputs = [m.communicate(timeout=600) for m in machines]
+    assert [m.returncode for m in machines] == [1, 1], outputs
+    said = outputs[0][1].strip().splitlines()[-1]
+    assert said.startswith("Error: a pocket book named 'one' already exists") and \
+        f"(machine 1's library, in {other}; the machines of one run need the same library: " \
+        "give every machine the same --home on a shared filesystem)" in said, said
+    assert "did not join" in outputs[1][1].strip().splitlines()[-1]  # machine 0 waited
+    assert "Traceback" not in outputs[0][1] + outputs[1][1]
+    assert_nothing_saved(home, "one")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="hides a folder from one rank in its own mount namespace (root)")
+def test_a_rank_that_cannot_read_the_checkpoint_the_main_one_resumes_is_refused(
+        tiny_base, adapterkit_data, home, tmp_path):
+    """Resuming needs the checkpoint on every machine. Launched by hand (torchrun's own
+    launcher, no preflight of ours), the rank on the machine without it refuses the run."""
+    data = adapterkit_data["prompt_completion"]
+    args = ["train", "sft", "--base", str(tiny_base), "--data", str(data), "--name", "r",
+            *map(str, flags("sft"))]
+    (home / "runs" / "r" / "checkpoint-1").mkdir(parents=True)  # what an interrupted run left
+    (home / "runs" / "r" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    other = tmp_path / "other-home"
+    port = str(free_port())
+    procs = []
+    for rank, own in ((0, home), (1, other)):
+        env = {**os.environ, "ADAPTERKIT_HOME": str(own), "OMP_NUM_THREADS": "1",
+               "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        command = [sys.executable, "-m", "adapterkit", *args, "--resume"]
+        if rank == 1:  # another machine: the main one's runs folder is not there
+            command = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {home / 'runs'} && "
+                       'exec "$0" "$@"', *command]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert procs[1].returncode == 1, outputs
+    said = outputs[1][1].strip().splitlines()[-1]
+    assert said.startswith("Error: rank 1: cannot read the checkpoint the main process resumes "
+                           "from (") and "give every machine the same --home" in said, said
+    assert Library(home).list() == []
+
+
+LONER = '''
+"""A trainer plugin with its own loop that does not keep its ranks in step."""
+import os
+
+import torch
+
+from adapterkit import Trainer, hookimpl
+
+
+class Loner(Trainer):
+    name = "loner"
+    data_shapes = ("prompt_completion",)
+
+    def train(self, *, job, **_):
+        model = job.model
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.01 * (1 + int(os.environ.get("RANK", "0"))))
+        return None
+
+
+@hookimpl
+def register_trainers(register):
+    register(Loner())
+'''
+
+
+def test_ranks_that_end_with_different_pocket_books_save_nothing(tiny_base, adapterkit_data,
+                                                                 home, tmp_path):
+    plugin = tmp_path / "loner.py"
+    plugin.write_text(LONER, encoding="utf-8")
+    run = adapterkit("train", "loner", "--base", tiny_base, "--data",
+                     adapterkit_data["prompt_completion"], "--name", "l", "--processes", 2,
+                     home=home, extra_env={"ADAPTERKIT_LOAD_PLUGINS": str(plugin)})
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 1, err[-3000:]
+    said = err.strip().splitlines()[-1]
+    assert "the ranks ended with different pocket books (rank 1's LoRA weights differ from " \
+           "rank 0's), so l was not saved: trainer 'loner' does not keep its processes in " \
+           "step" in said, err[-3000:]
+    assert_nothing_saved(home, "l")

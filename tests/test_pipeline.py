@@ -198,6 +198,33 @@ def test_sft_then_dpo_runs_end_to_end_with_the_lineage_on_the_card(adapterkit_cl
     assert again.exit_code == 1 and "pass --resume" in again.output
 
 
+@pytest.mark.slow
+def test_a_stage_book_is_committed_with_its_pipeline_record(data, tiny_base, home, monkeypatch):
+    """The record --resume recognises a stage by is in the stage's own commit, not a second
+    write after it: a kill between the two could leave a finished stage unrecognised."""
+    committed: list[dict] = []
+    commit = Library.commit
+
+    def spy(self, staged, meta, **kwargs):
+        committed.append(dict(meta.pipeline))
+        return commit(self, staged, meta, **kwargs)
+
+    def no_second_write(self, *args, **kwargs):
+        raise AssertionError("a stage's metadata is written after its commit")
+
+    monkeypatch.setattr(Library, "commit", spy)
+    monkeypatch.setattr(Library, "update_meta", no_second_write)
+    recipe = two_stages(tiny_base)
+    recipe["stages"] = recipe["stages"][:1]
+    path = write_recipe(data["general"].parent, recipe)
+    run_pipeline(path, home=home, plugins=get_plugin_manager(env=False))
+    assert [(c["stage"], c["stage_name"], [s["ref"] for s in c["lineage"]]) for c in committed] \
+        == [(1, "instruct", ["instruct@1"])]
+    book = Library(home).get("instruct")
+    assert book.meta.pipeline == committed[0]
+    assert "Lineage" in (book.path / "README.md").read_text(encoding="utf-8")
+
+
 # -- resume --------------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def never_loads(monkeypatch):
         calls.append(args)
         raise AssertionError("the base was loaded for a run with bad trainer options")
 
-    monkeypatch.setattr("adapterkit.training.run._load", refuse)
+    monkeypatch.setattr("adapterkit.training.run.load_for_method", refuse)
     return calls
 
 

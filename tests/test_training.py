@@ -78,6 +78,10 @@ def test_sft_lora_each_shape_learns_and_reloads_in_peft(shape, tiny_base, home, 
         "prompt_completion" if shape == "alpaca" else shape)
     assert book.meta.data["format"] == shape
     assert (book.path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # the curve as numbers too: each logged step's loss, first and last as reported
+    history = book.meta.metrics["loss_history"]
+    assert [s for s, _ in history] == sorted({s for s, _ in history}) and len(history) > 1
+    assert (history[0][1], history[-1][1]) == (m["train_loss_first"], m["train_loss_final"])
     assert "base_model" not in (book.path / "README.md").read_text().split("---")[1]  # local base
     config = json.loads((book.path / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny"  # never a local path
@@ -156,7 +160,7 @@ def test_name_taken_is_refused_before_training(tiny_base, home, pc_file, pm, mon
         from adapterkit import PocketBookMeta
 
         lib.commit(staged, PocketBookMeta(name="taken", version=1))
-    monkeypatch.setattr("adapterkit.training.run._load", lambda *a: pytest.fail("trained anyway"))
+    monkeypatch.setattr("adapterkit.training.run.load_for_method", lambda *a: pytest.fail("trained anyway"))
     with pytest.raises(NameTaken, match="--name taken@2"):
         train("sft", base=str(tiny_base), data=str(pc_file), name="taken", options=fast(),
               home=home, plugins=pm)

@@ -90,7 +90,9 @@ def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
     ]
     for label, value in (("parents", ", ".join(meta.parents)),
                          ("on top of", " + ".join(meta.stacked_on)), ("data", meta.data),
-                         ("hyperparams", meta.hyperparameters), ("metrics", meta.metrics),
+                         ("hyperparams", meta.hyperparameters),
+                         ("metrics", {k: v for k, v in meta.metrics.items()
+                                      if k != "loss_history"}),  # the curve is its PNG
                          ("source", meta.source)):
         if value:
             text = value if isinstance(value, str) else ", ".join(

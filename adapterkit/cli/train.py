@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from adapterkit.cli.common import check_sampling, obj, say
-from adapterkit.errors import ConfigError
+from adapterkit.errors import ConfigError, NameTaken, PocketBookNotFound, RunStateError
+from adapterkit.home import resolve_home
 from adapterkit.training.launch import DEFAULT_RENDEZVOUS_TIMEOUT
 
 _OPTION_FLAGS = {
@@ -102,9 +103,18 @@ def relaunch_if_asked(ctx: click.Context, launch: dict[str, Any],
         quiet_launcher()  # before torch is first imported (below)
     if not plan_launch(**launch).needed:
         return False
-    if preflight is not None:
-        preflight()
     state = obj(ctx)
+    if preflight is not None:
+        try:
+            preflight()
+        except (NameTaken, PocketBookNotFound, RunStateError) as exc:
+            if not (launch["machine_rank"] or 0) > 0:
+                raise
+            # what this machine's own library says: the main machine's may say otherwise
+            raise type(exc)(f"{exc} (machine {launch['machine_rank']}'s library, in "
+                            f"{resolve_home(state.get('home'))}; the machines of one run need "
+                            "the same library: give every machine the same --home on a shared "
+                            "filesystem)") from None
     argv = (["--home", str(state["home"])] if state.get("home") else []) + \
         [str(ctx.info_name)] + strip_launch_options(ctx.meta.get(RAW_ARGS, []))
     relaunch(argv, **launch)
@@ -120,7 +130,7 @@ def as_rank() -> Iterator[None]:
     import signal
 
     from adapterkit.errors import AdapterkitError
-    from adapterkit.training.launch import hand_over, leave, ranks
+    from adapterkit.training.launch import hand_over, leave, ranks, watch_launcher
 
     where = ranks()
     if not where.distributed:
@@ -131,6 +141,7 @@ def as_rank() -> Iterator[None]:
         raise _Stopped
 
     previous = signal.signal(signal.SIGTERM, stop)
+    unwatch = watch_launcher()  # a launcher killed outright takes its ranks with it
     try:
         yield
     except BaseException as exc:
@@ -140,7 +151,10 @@ def as_rank() -> Iterator[None]:
         if isinstance(exc, _Stopped):
             sys.exit(143)  # the launcher stops the ranks when one failed: it says which, why
         if isinstance(exc, AdapterkitError):
-            if hand_over(str(exc)):
+            follows = bool(getattr(exc, "after_another", False))  # the main one says why
+            if hand_over(str(exc), after_another=follows):
+                sys.exit(1)
+            if follows:
                 sys.exit(1)
             if not where.is_main:
                 raise click.ClickException(f"rank {where.rank}: {exc}") from None
@@ -148,7 +162,8 @@ def as_rank() -> Iterator[None]:
                 "lost contact with another rank, which stopped ("
                 + " ".join(str(exc).split())[:160] + ")", after_another=True):
             sys.exit(1)
-        raise
+        raise  # still watched on the way out: an orphan that hangs in clean-up is ended
+    unwatch()
     leave()
     signal.signal(signal.SIGTERM, previous)
 

@@ -53,7 +53,7 @@ def chain(library: Library, book: PocketBook) -> list[PocketBook]:
 
 def check_policy(book: PocketBook, base: Any, *, role: str) -> None:
     """Refuse a stack, or a pocket book made on another base, where a policy is expected
-    (reward pocket books are refused before the base loads: ``adapterkit.training.run._parent``)."""
+    (reward pocket books are refused before the base loads: ``adapterkit.training.build.parent_of``)."""
     from adapterkit.base.compat import check_base
 
     if book.meta.kind != "adapter":

@@ -82,7 +82,14 @@ class Trainer(Registrable):
     options: type[Any] | None = None
 
     def train(self, **job: Any) -> Any:
-        """Train and return the trained PEFT model plus metrics. Called with keyword arguments."""
+        """Train and return the trained PEFT model plus metrics. Called with keyword arguments.
+
+        Under several processes (``--processes N``, ``accelerate launch``, ``torchrun``) every
+        rank calls it on its share of the data, and must end with the same weights: a
+        transformers/TRL trainer built with ``job.training_arguments()`` averages gradients
+        across ranks for you; a loop of your own must do it itself (accelerate's
+        ``Accelerator``). The core checks: ranks that end apart save nothing, with that
+        reason."""
         raise NotImplementedError
 
 

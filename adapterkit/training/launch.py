@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -115,12 +115,85 @@ def share(value: Any = None) -> Any:
     return broadcast_object_list([value], from_process=0)[0]
 
 
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+#: Set by :func:`relaunch` for its ranks: a file where the main one lists what it saved, so
+#: that a failure after a save is never reported as "nothing was saved".
+SAVED_ENV = "ADAPTERKIT_SAVED_FILE"
+
+
+def record_saved(ref: str) -> None:
+    """Tell the launcher that ``ref`` is in the library (no-op outside :func:`relaunch`)."""
+    path = os.environ.get(SAVED_ENV)
+    if path and ranks().is_main:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(ref + "\n")
+
+
+def _saved(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.strip() for line in fh if line.strip()]
+    except OSError:
+        return []
+
+
+def _with_saved(line: str, saved: list[str]) -> str:
+    """A failure line that says what was saved before the failure, when anything was."""
+    if not saved:
+        return line
+    what = f"{', '.join(saved)} {'was' if len(saved) == 1 else 'were'} saved to the library " \
+        "before the failure"
+    if "nothing was saved to the library" in line:
+        return line.replace("nothing was saved to the library", what)
+    return f"{line} ({what})"
+
+
 def leave() -> None:
     """Leave the process group at the end of a command (not between the trainings of one)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+#: Seconds between two looks at whether the launcher is still there (see :func:`watch_launcher`).
+WATCH_INTERVAL = 0.2
+#: Seconds a rank has, once its launcher is gone, to unwind before it is ended outright.
+ORPHAN_GRACE = 15.0
+
+
+def watch_launcher() -> Callable[[], None]:
+    """End this rank when the process that launched it is gone (killed with ``kill -9``, or
+    crashed): torchrun stops its ranks when it can, but a launcher killed outright cannot,
+    and ranks left running would go on training — and the main one would save — for a
+    command its user saw end. A daemon thread notices the rank has a new parent, sends this
+    process SIGTERM (which unwinds like Ctrl-C: nothing is saved), and after
+    :data:`ORPHAN_GRACE` seconds ends it outright. Returns a function that stops watching.
+    """
+    import signal
+    import threading
+
+    parent = os.getppid()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(WATCH_INTERVAL):
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                if not done.wait(ORPHAN_GRACE):
+                    os._exit(143)
+                return
+
+    threading.Thread(target=watch, name="adapterkit-launcher-watch", daemon=True).start()
+    return done.set
 
 
 def fsdp_enabled() -> bool:
@@ -322,16 +395,26 @@ def quiet_launcher() -> None:
 
 
 @contextmanager
-def _launch_env(plan: LaunchPlan) -> Iterator[None]:
+def _launch_env(plan: LaunchPlan, saved_file: str) -> Iterator[None]:
     """The ranks' environment: marked as ours, and on CPUs the cores shared out between them
-    (torchrun would give each one thread)."""
+    (torchrun would give each one thread). Afterwards this process is as it was before
+    :func:`quiet_launcher`: its environment, its loggers' levels, and its signal handlers
+    (torch's launcher installs its own for SIGTERM, SIGINT, SIGHUP, SIGQUIT)."""
+    import signal
+
     saved = dict(os.environ)
-    os.environ[LAUNCHED_ENV] = "1"
-    user_level = os.environ.pop(_USER_CPP_LOG, None)
-    if user_level is not None:  # the ranks log as the user asked
-        os.environ.pop(_CPP_LOG, None)
+    user_level = saved.pop(_USER_CPP_LOG, None)
+    if user_level is not None:  # the user's own setting, for the ranks and for afterwards
+        saved.pop(_CPP_LOG, None)
         if user_level:
-            os.environ[_CPP_LOG] = user_level
+            saved[_CPP_LOG] = user_level
+    os.environ.clear()
+    os.environ.update(saved)
+    os.environ[LAUNCHED_ENV] = "1"
+    os.environ[SAVED_ENV] = saved_file
+    signals = [getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+               if hasattr(signal, n)]
+    handlers = [(sig, signal.getsignal(sig)) for sig in signals]
     slots, kind = places()
     if kind == "CPU core" and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(slots // plan.processes, 1))
@@ -349,6 +432,9 @@ def _launch_env(plan: LaunchPlan) -> Iterator[None]:
         os.environ.update(saved)
         for q, level in zip(quiet, levels):
             q.setLevel(level)
+        for sig, handler in handlers:
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def relaunch(argv: list[str], *, processes: int | None = None, config_file: str | None = None,
@@ -366,26 +452,38 @@ def relaunch(argv: list[str], *, processes: int | None = None, config_file: str 
     plan = plan_launch(processes=processes, config_file=config_file, num_machines=num_machines,
                        machine_rank=machine_rank, main_address=main_address,
                        rendezvous_timeout=rendezvous_timeout)
+    import tempfile
+
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(_accelerate_args(plan, argv))
-    with _launch_env(plan):
-        try:
-            launch_command(args)
-        except ChildFailedError as exc:
-            raise LaunchError(_failure_line(exc)) from None
-        except SignalException as exc:
-            if exc.sigval.name == "SIGINT":
-                raise KeyboardInterrupt from None
-            raise LaunchError(f"the launcher was stopped by {exc.sigval.name}; every rank was "
-                              "stopped and nothing was saved to the library") from None
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # the rendezvous: the machines did not meet in time
-            raise LaunchError(_rendezvous_line(plan, exc)) from None
+    with tempfile.TemporaryDirectory(prefix="adapterkit-launch-") as folder:
+        saved_file = os.path.join(folder, "saved")
+        with _launch_env(plan, saved_file):
+            try:
+                launch_command(args)
+            except ChildFailedError as exc:
+                raise LaunchError(_with_saved(_failure_line(exc), _saved(saved_file))) from None
+            except SignalException as exc:
+                if exc.sigval.name == "SIGINT":
+                    raise _interrupted(_saved(saved_file)) from None
+                raise LaunchError(_with_saved(
+                    f"the launcher was stopped by {exc.sigval.name}; every rank was stopped "
+                    "and nothing was saved to the library", _saved(saved_file))) from None
+            except KeyboardInterrupt:
+                raise _interrupted(_saved(saved_file)) from None
+            except Exception as exc:  # the rendezvous: the machines did not meet in time
+                raise LaunchError(_rendezvous_line(plan, exc)) from None
     return 0
+
+
+def _interrupted(saved: list[str]) -> KeyboardInterrupt:
+    """Ctrl-C, carrying what the ranks saved before it (the command says so)."""
+    exc = KeyboardInterrupt()
+    exc.stages_saved = saved  # type: ignore[attr-defined]
+    return exc
 
 
 def _rendezvous_line(plan: LaunchPlan, exc: Exception) -> str:

@@ -34,12 +34,19 @@ from adapterkit.errors import (
     NameTaken,
     PluginError,
 )
+from adapterkit.library.metadata import PocketBookMeta
 from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
+from adapterkit.training.build import (
+    check_lengths,
+    load_for_method,
+    refuse_unapplied_guard,
+    split_eval,
+)
 from adapterkit.training.data import Data, as_chat, load_data, read_rows
 from adapterkit.training.job import TrainResult
 from adapterkit.training.options import TrainOptions, build_options
-from adapterkit.training.run import check_lengths, refuse_unapplied_guard, run_dir, train
+from adapterkit.training.run import run_dir, train
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
@@ -544,7 +551,8 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
             final = train(stage.trainer, base=loaded, data=stage.data, name=stage.name,
                           options=stage.options, home=library.home, plugins=pm,
                           resume=checkpoint is not None, on=on, start_from=start_from,
-                          callbacks=callbacks(stage) if callbacks else None, progress=say)
+                          callbacks=callbacks(stage) if callbacks else None, progress=say,
+                          annotate=_recorder(recipe, stage, results))
         except BaseException as exc:
             saved = [r.pocket_book.ref for r in results]
             say(f"{head} stopped; " + (f"{', '.join(saved)} (earlier stages) are saved"
@@ -552,8 +560,7 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
                 + f". Run the pipeline again with --resume to continue from stage {stage.index}.")
             exc.pipeline_stage = stage.index  # type: ignore[attr-defined]
             raise
-        book = _record(library, recipe, stage, final, results) if main else final.pocket_book
-        results.append(StageResult(stage, book, dict(final.metrics)))
+        results.append(StageResult(stage, final.pocket_book, dict(final.metrics)))
     return PipelineResult(recipe, results, final)
 
 
@@ -563,10 +570,9 @@ def _load_checked(recipe: Recipe, pending: list[Stage], library: Library, pm: Pl
     train — LoRA targets and rank, prompt lengths — before the first step, all at once."""
     from adapterkit.base.load import check_rank, check_targets
     from adapterkit.training.metrics import uses_chat
-    from adapterkit.training.run import _load, _split
 
     # as train() loads a base by name: on this rank's device, converted once per machine
-    loaded = _load(recipe.base, pm.method(pending[0].options.method), library, say)
+    loaded = load_for_method(recipe.base, pm.method(pending[0].options.method), library, say)
     structure = loaded.structure()
     problems: list[str] = []
     for stage in pending:
@@ -575,7 +581,7 @@ def _load_checked(recipe: Recipe, pending: list[Stage], library: Library, pm: Pl
             if stage.start_from is None:  # a copy keeps its own targets and rank
                 check_rank(structure, check_targets(structure, options.target_modules), options.r)
             assert stage.dataset is not None
-            rows = _split(stage.dataset, options.eval_split, options.seed)[0]
+            rows = split_eval(stage.dataset, options.eval_split, options.seed)[0]
             job_rows = [as_chat(r) for r in rows.rows] if rows.shape == "messages" else rows.rows
             check_lengths(loaded.tokenizer, job_rows, options.max_length,
                           uses_chat(loaded.tokenizer, options.chat))
@@ -592,8 +598,6 @@ def _base_for(stage: Stage, loaded: Base | None, spec: str, library: Library,
               pm: PluginManager, say: Callable[[str], None]) -> Base:
     """The resident base in the precision the stage's method needs: the one already loaded,
     unless a stage changes it (lora → qlora), when it is let go before the other loads."""
-    from adapterkit.training.run import _load
-
     method = pm.method(stage.options.method)
     if loaded is not None and loaded.quantization == method.quantization:
         return loaded
@@ -602,7 +606,7 @@ def _base_for(stage: Stage, loaded: Base | None, spec: str, library: Library,
 
         loaded.model = None
         release_memory()
-    return _load(spec, method, library, say)
+    return load_for_method(spec, method, library, say)
 
 
 def _refs(stage: Stage, results: list[StageResult]) -> tuple[str | None, str | None]:
@@ -623,13 +627,14 @@ def _release(result: TrainResult) -> None:
     release_memory()
 
 
-def lineage_entry(stage: Stage, book: PocketBook, metrics: dict[str, Any]) -> dict[str, Any]:
+def lineage_entry(stage: Stage, ref: str, meta: PocketBookMeta,
+                  metrics: dict[str, Any]) -> dict[str, Any]:
     """What the lineage records of one stage: its pocket book, what it trained on, and the
     figures measured when it was trained (numbers, eval loss, forgetting)."""
-    parent = book.meta.parents[0] if book.meta.parents else None
+    parent = meta.parents[0] if meta.parents else None
     return {
-        "stage": stage.index, "name": stage.name, "ref": book.ref, "trainer": stage.trainer,
-        "method": book.meta.method, "data": book.meta.data.get("description"),
+        "stage": stage.index, "name": stage.name, "ref": ref, "trainer": stage.trainer,
+        "method": meta.method, "data": meta.data.get("description"),
         "on": parent if stage.on is not None else None,
         "from": parent if stage.start_from is not None else None,
         "metrics": {k: v for k, v in metrics.items()
@@ -639,25 +644,20 @@ def lineage_entry(stage: Stage, book: PocketBook, metrics: dict[str, Any]) -> di
     }
 
 
-def _record(library: Library, recipe: Recipe, stage: Stage, result: TrainResult,
-            results: list[StageResult]) -> PocketBook:
-    """Write the stage's pipeline record — the recipe, its fingerprint, the lineage so far —
-    into the new pocket book's metadata, and its card."""
-    from adapterkit.library.card import refresh_card
-
-    lineage = [lineage_entry(r.stage, r.pocket_book, r.metrics) for r in results]
-    lineage.append(lineage_entry(stage, result.pocket_book, result.metrics))
-    record = {"recipe": recipe.path.name, "recipe_sha256": recipe.sha256, "stage": stage.index,
-              "stages": len(recipe.stages), "stage_name": stage.name,
-              "stage_sha256": stage.fingerprint, "lineage": lineage}
-
-    def change(meta: Any) -> None:
-        meta.pipeline = record
-
-    book = library.update_meta(result.pocket_book.ref, change)
-    refresh_card(book.path, book.meta)
-    result.pocket_book = book
-    return book
+def _recorder(recipe: Recipe, stage: Stage,
+              results: list[StageResult]) -> Callable[[PocketBookMeta], None]:
+    """What train() writes into the stage's new pocket book in its own commit — the recipe,
+    its fingerprint, the lineage so far — so a kill can never leave a stage's book without
+    the record that lets ``--resume`` recognise it."""
+    def annotate(meta: PocketBookMeta) -> None:
+        lineage = [lineage_entry(r.stage, r.pocket_book.ref, r.pocket_book.meta, r.metrics)
+                   for r in results]
+        lineage.append(lineage_entry(stage, f"{meta.name}@{meta.version}", meta, meta.metrics))
+        meta.pipeline = {"recipe": recipe.path.name, "recipe_sha256": recipe.sha256,
+                         "stage": stage.index, "stages": len(recipe.stages),
+                         "stage_name": stage.name, "stage_sha256": stage.fingerprint,
+                         "lineage": lineage}
+    return annotate
 
 
 def stage_line(result: StageResult, total: int) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -19,65 +18,41 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import ConfigError, DataFormatError, LaunchError
-from adapterkit.library.metadata import CONFIG_FILE, PocketBookMeta
-from adapterkit.library.peft_folder import read_config
+from adapterkit.errors import ConfigError, LaunchError, RunStateError
+from adapterkit.library.metadata import PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.training.data import Data, as_chat, general_text_path, load_data, read_rows
+from adapterkit.training.build import (
+    applies_guard,
+    attach_new,
+    check_lengths,
+    check_lora_shape,
+    general_texts,
+    load_for_method,
+    make_guard,
+    options_of,
+    parent_of,
+    refuse_unapplied_guard,
+    split_eval,
+    underlay_of,
+)
+from adapterkit.training.data import Data, as_chat, load_data
 from adapterkit.training.job import TrainJob, TrainResult
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
 from adapterkit.training.options import TrainOptions, build_trainer_options, check_options
+from adapterkit.training.save import (
+    adapter_to_fp32,
+    checksum,
+    history_of,
+    metrics_of,
+    same_weights,
+    save_trained,
+    whole_weights,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
     from adapterkit.plugin_api.manager import PluginManager
     from adapterkit.training.guard import ForgettingGuard
-
-ANCHOR_FILE = "anchor.txt"
-LOSS_CURVE = "loss_curve.png"
-#: KL weight used with a forgetting budget when none is given. Measured on the quickstart
-#: (SmolLM2-135M, lr 1e-3, 30 steps): 0.3 kept 100% held-out accuracy and moved general-text
-#: loss by +0.3% (plain run: +5.5%); 1.0 held forgetting at -0.2% but cut accuracy to 48%.
-DEFAULT_GUARD_WEIGHT = 0.3
-
-
-def _texts(spec: str) -> list[str]:
-    rows, source, _ = read_rows(spec)
-    texts = [r["text"] for r in rows if isinstance(r.get("text"), str) and r["text"].strip()]
-    if not texts:
-        raise DataFormatError(f"{source} has no text rows for a general-text check")
-    return texts
-
-
-def _split(data: Data, fraction: float, seed: int) -> tuple[Data, Data | None]:
-    if fraction <= 0:
-        return data, None
-    rows = list(data.rows)
-    random.Random(seed).shuffle(rows)
-    n_eval = max(1, int(len(rows) * fraction))
-    if n_eval >= len(rows):
-        raise ConfigError(f"eval_split {fraction} leaves no training rows out of {len(rows)}")
-    evals, train = rows[:n_eval], rows[n_eval:]
-    return (Data(train, data.shape, data.source, data.sha256, data.format, data.columns),
-            Data(evals, data.shape, data.source + " [eval split]", data.sha256, data.format))
-
-
-def check_lengths(tokenizer: Any, job_rows: list[dict[str, Any]], max_length: int,
-                  chat: bool) -> None:
-    """Refuse a max length that leaves no room for the completion of some prompt."""
-    from adapterkit.training.metrics import render_prompt
-
-    for i, row in enumerate(job_rows, 1):
-        if "prompt" not in row:
-            continue
-        prompt = render_prompt(tokenizer, row["prompt"], chat=chat)
-        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if n >= max_length:
-            raise ConfigError(
-                f"max_length {max_length} is not longer than prompt {i} ({n} tokens): nothing "
-                f"of its completion would be trained on. Raise --max-length above {n}"
-            )
-
 
 def run_dir(library: Library, name: str) -> Path:
     return library.home / "runs" / name
@@ -88,7 +63,8 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
           plugins: PluginManager | None = None, resume: bool = False, restart: bool = False,
           callbacks: list[Any] | None = None, on: str | None = None,
           start_from: str | None = None,
-          progress: Callable[[str], None] | None = None) -> TrainResult:
+          progress: Callable[[str], None] | None = None,
+          annotate: Callable[[PocketBookMeta], None] | None = None) -> TrainResult:
     """Train a new pocket book and save it into the library.
 
     Under a launcher (``adapterkit train --processes N``, ``accelerate launch``, ``torchrun``)
@@ -105,6 +81,9 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     :param on: train on top of this pocket book: it stays frozen and active underneath (with
         its own underlay), is the reference for DPO/RL, and is recorded as the parent.
     :param start_from: continue training a copy of this pocket book (its LoRA settings win).
+    :param annotate: called with the new pocket book's metadata (metrics measured, name and
+        version set) just before it is committed, to add records of its own in the same atomic
+        write (a pipeline's lineage): a kill can never leave the book without them.
     """
     from adapterkit.plugin_api.manager import default_plugin_manager
     from adapterkit.training.launch import join, ranks, wait_for_everyone
@@ -117,6 +96,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
                    plugins=plugins or default_plugin_manager(), resume=resume,
                    restart=restart, callbacks=callbacks, on=on, start_from=start_from,
                    say=say, main=where.is_main)
+    run.annotate = annotate
     if where.distributed:
         wait_for_everyone()  # the main process has cleared an old run's folder
     start = time.perf_counter()
@@ -164,6 +144,7 @@ class _Run:
     workdir: Path
     say: Callable[[str], None]
     stages_saved: list[str] = field(default_factory=list)
+    annotate: Callable[[PocketBookMeta], None] | None = None
 
 
 @dataclass
@@ -186,9 +167,10 @@ class _Checked:
 def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
            home: str | os.PathLike[str] | None, plugins: PluginManager, resume: bool,
            restart: bool, on: str | None, start_from: str | None,
-           say: Callable[[str], None]) -> _Checked:
+           say: Callable[[str], None], checkpoint: bool = True) -> _Checked:
     """Everything that can be refused without the base: options (the trainer's own included),
-    the name, data, the parent, the checkpoint state. Writes nothing (but a new catalog)."""
+    the name, data, the parent, the checkpoint state (unless not ``checkpoint``: a rank other
+    than the main one takes the main one's). Writes nothing (but a new catalog)."""
     # our own copy: trainers may record values in job.options.trainer_options (rlhf records
     # the reward pocket book it used) without touching the caller's object
     options = replace(options or TrainOptions(),
@@ -199,7 +181,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     # the trainer's own options, typed: every problem in one error, before anything is reserved
     trainer_options = build_trainer_options(trainer_obj, options)
     refuse_unapplied_guard(trainer, trainer_obj, options,
-                           guarded=[t.name for t in pm.trainers if _applies_guard(t)])
+                           guarded=[t.name for t in pm.trainers if applies_guard(t)])
     method = pm.method(options.method)
     library = Library(home, plugins=pm)
     ref = library.reserve(name)
@@ -209,12 +191,13 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows): "
             f"row(s) {', '.join(map(str, dataset.skipped[:5]))}"
             + ("..." if len(dataset.skipped) > 5 else ""))
-    general = _texts(options.general) if options.general else None
+    general = general_texts(options.general) if options.general else None
     workdir = run_dir(library, str(ref))
-    parent = _parent(library, on, start_from)
+    parent = parent_of(library, on, start_from)
     if start_from and parent is not None:  # the copy keeps its LoRA shape
-        options = _options_of(parent, options)
-    resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref))
+        options = options_of(parent, options)
+    resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref)) \
+        if checkpoint else None
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
                     general, workdir, parent, resume_from)
 
@@ -227,40 +210,45 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     """Everything that can be refused is refused here, before the first step (:func:`_check`,
     then lengths); then the base is loaded and the job built. Only the ``main`` process
     clears an old run's folder."""
-    from adapterkit.training.launch import main_first
+    from adapterkit.training.launch import ranks
 
-    with main_first():  # the main process opens (or creates) the catalog first
-        c = _check(trainer, data=data, name=name, options=options, home=home,
-                   plugins=plugins, resume=resume, restart=restart, on=on,
-                   start_from=start_from, say=say)
+    def check(*, checkpoint: bool = True) -> _Checked:
+        return _check(trainer, data=data, name=name, options=options, home=home,
+                      plugins=plugins, resume=resume, restart=restart, on=on,
+                      start_from=start_from, say=say, checkpoint=checkpoint)
+
+    if ranks().distributed:
+        c = _check_together(check, main=main)
+    else:
+        c = check()
+        if c.resume_from is None:  # a fresh start: nothing of an earlier run is reused
+            shutil.rmtree(c.workdir, ignore_errors=True)
     options, library, ref, parent, workdir = c.options, c.library, c.ref, c.parent, c.workdir
     trainer_obj, method, dataset = c.trainer_obj, c.method, c.dataset
     pm = plugins
-    if c.resume_from is None and main:  # a fresh start: nothing of an earlier run is reused
-        shutil.rmtree(workdir, ignore_errors=True)
 
-    loaded = _load(base, method, library, say)
+    loaded = load_for_method(base, method, library, say)
     if not start_from:  # a copy keeps its own targets and rank, which fit (check_policy)
-        _check_lora_shape(loaded, options)
+        check_lora_shape(loaded, options)
     if parent is not None:
         from adapterkit.lora.underlay import check_policy
 
         check_policy(parent, loaded, role="--on" if on else "--from")
-    train_data, eval_data = _split(dataset, options.eval_split, options.seed)
+    train_data, eval_data = split_eval(dataset, options.eval_split, options.seed)
     chat = uses_chat(loaded.tokenizer, options.chat)
     job_rows = [as_chat(r) for r in train_data.rows] if train_data.shape == "messages" else \
         train_data.rows
     check_lengths(loaded.tokenizer, job_rows, options.max_length, chat)
-    underlay = _underlay(library, parent, copy=start_from is not None)
+    underlay = underlay_of(library, parent, copy=start_from is not None)
     head = getattr(trainer_obj, "head", "causal-lm")
     # a reward head scores text: no generation to guard, no general-text loss to check (guard
     # options were refused above for any trainer that does not apply the guard)
-    guard = _guard(loaded.tokenizer, options) if head != "reward" else None
+    guard = make_guard(loaded.tokenizer, options) if head != "reward" else None
     general = c.general if head != "reward" else None
     stages_saved: list[str] = []
 
     def build() -> Any:
-        return _attach_new(loaded, method, options, underlay=underlay,
+        return attach_new(loaded, method, options, underlay=underlay,
                            start=parent if start_from else None, head=head)
 
     def run_stage(stage_trainer: str, *, name: str, data: str | None = None,
@@ -295,6 +283,70 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
                 workdir, say, stages_saved)
 
 
+def _view(c: _Checked) -> dict[str, Any]:
+    """What every rank must see the same for the run to be one run: the entry it will save,
+    the checkpoint it resumes from, the parent pocket book and the data, byte for byte."""
+    return {"entry": str(c.ref), "resume_from": c.resume_from,
+            "parent": (c.parent.ref, c.parent.meta.files) if c.parent else None,
+            "data": c.dataset.sha256, "home": str(c.library.home)}
+
+
+def _check_together(check: Callable[..., _Checked], *, main: bool) -> _Checked:
+    """:func:`_check` on several processes: the main one checks first (and creates the
+    catalog, clears an old run's folder), then hands what it saw to the others, which check
+    on their own machine and refuse a library or data that differs from the main one's — a
+    machine with its own ``--home`` would otherwise resume, stack or save something else."""
+    from adapterkit.errors import AdapterkitError
+    from adapterkit.training.launch import ranks, share
+
+    where = ranks()
+    if main:
+        try:
+            c = check()
+            if c.resume_from is None:  # a fresh start: nothing of an earlier run is reused
+                shutil.rmtree(c.workdir, ignore_errors=True)
+        except AdapterkitError as exc:
+            share(("refused", str(exc)))
+            raise
+        except BaseException:
+            share(("refused", None))
+            raise
+        share(("checked", _view(c)))
+        return c
+    outcome, seen = share()
+    if outcome == "refused":  # the main process says why, once
+        raise _FollowsMain(seen or "the main process stopped before training")
+    elsewhere = where.local_world_size < where.world_size
+    shared_home = "; the machines of one run need the same library: give every machine the " \
+        "same --home on a shared filesystem" if elsewhere else ""
+    try:
+        c = check(checkpoint=False)
+    except AdapterkitError as exc:
+        raise ConfigError(f"cannot train what the main process checked: {exc}{shared_home}"
+                          ) from None
+    resume_from = seen["resume_from"]
+    if resume_from is not None and not Path(resume_from).is_dir():
+        raise ConfigError(f"cannot read the checkpoint the main process resumes from "
+                          f"({resume_from}){shared_home}")
+    c = replace(c, resume_from=resume_from)
+    mine = _view(c)
+    differs = [key for key in ("entry", "parent", "data") if mine[key] != seen[key]]
+    if differs:
+        what = {"entry": f"would save {mine['entry']}, not {seen['entry']}",
+                "parent": "sees another parent pocket book", "data": "reads other data"}
+        raise ConfigError(f"this process (home {mine['home']}) "
+                          + ", ".join(what[k] for k in differs)
+                          + f", unlike the main process (home {seen['home']})"
+                          + (shared_home or "; run every process on the same library"))
+    return c
+
+
+class _FollowsMain(ConfigError):
+    """The main process refused the run: it reports why; this rank only stops."""
+
+    after_another = True
+
+
 def _run(run: _Run) -> Any:
     """The trainer plugin's part: its objective on the job. On failure, say what an earlier
     stage left saved (nothing of this pocket book is)."""
@@ -319,9 +371,9 @@ def _finalize(run: _Run, state: Any, elapsed: float) -> TrainResult:
 def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]]:
     """The trained model, ready to save (adapter in float32, eval mode), and its metrics."""
     model = run.job.model
-    _adapter_to_fp32(model)
+    adapter_to_fp32(model)
     model.eval()
-    metrics = _metrics(state, elapsed)
+    metrics = metrics_of(state, elapsed)
     from adapterkit.training.launch import ranks
 
     if ranks().distributed:  # tokens and tokens/s above are of all ranks together
@@ -347,22 +399,46 @@ def _save(run: _Run, model: Any, metrics: dict[str, Any], state: Any,
           weights: dict[str, Any] | None = None) -> PocketBook:
     return save_trained(run.library, model, run.loaded, str(run.ref), trainer=run.trainer,
                         options=run.job.options, data=run.dataset, metrics=metrics,
-                        log_history=_history(state),
+                        log_history=history_of(state),
                         parents=[run.parent.ref] if run.parent else None,
-                        stacked_on=[b.ref for b in run.underlay], weights=weights)
+                        stacked_on=[b.ref for b in run.underlay], weights=weights,
+                        annotate=run.annotate)
 
 
 def _finalize_shared(run: _Run, state: Any, elapsed: float, *, main: bool) -> TrainResult:
     """:func:`_finalize` for a run on several processes: every rank measures (the same
-    weights, the same figures: with FSDP's sharded weights each forward needs them all), the
-    main process alone saves, and the others return the pocket book it saved."""
-    from adapterkit.training.launch import share
+    weights, the same figures: with FSDP's sharded weights each forward needs them all); only
+    when every rank measured, and every rank holds the same pocket book, does the main process
+    save — alone — and the others return the pocket book it saved."""
+    from adapterkit.training.launch import gather, record_saved, share
 
-    model, metrics = _measure(run, state, elapsed)
-    weights = _whole_weights(model)  # a collective under FSDP; None when each rank has them
+    problem: str | None = None
+    failure: BaseException | None = None
+    try:
+        model, metrics = _measure(run, state, elapsed)
+        weights = whole_weights(model)  # a collective under FSDP; None when each rank has them
+        sums = checksum(model) if weights is None else None
+    except Exception as exc:
+        problem, failure = str(exc) or type(exc).__name__, exc
+    seen = gather((problem, None if problem else sums))
+    if failure is not None:
+        raise failure  # this rank's own error: the launcher reports it
+    failed = [rank for rank, (p, _) in enumerate(seen) if p is not None]
+    if failed:
+        raise _AfterAnother(f"rank {failed[0]} failed after training ({seen[failed[0]][0]}); "
+                            f"{run.ref} was not saved")
+    if any(not same_weights(c, seen[0][1]) for _, c in seen):
+        apart = next(rank for rank, (_, c) in enumerate(seen) if not same_weights(c, seen[0][1]))
+        raise ConfigError(
+            f"the ranks ended with different pocket books (rank {apart}'s LoRA weights differ "
+            f"from rank 0's), so {run.ref} was not saved: trainer {run.trainer!r} does not keep "
+            "its processes in step. A trainer with its own loop must average gradients across "
+            "processes (a transformers/TRL trainer built with job.training_arguments() does, "
+            "as does accelerate's Accelerator); or train it with one process")
     if main:
         try:
             book = _save(run, model, metrics, state, weights)
+            record_saved(book.ref)
             shutil.rmtree(run.workdir, ignore_errors=True)
         except BaseException as exc:
             try:  # the others stop waiting and fail with it
@@ -374,21 +450,15 @@ def _finalize_shared(run: _Run, state: Any, elapsed: float, *, main: bool) -> Tr
         return TrainResult(book, metrics, model)
     outcome = share()
     if outcome[0] != "saved":
-        raise LaunchError(f"the main process failed: {outcome[1]}")
+        raise _AfterAnother(f"the main process failed: {outcome[1]}")
     meta = PocketBookMeta.from_dict(json.loads(outcome[1]))
     return TrainResult(PocketBook(meta, Path(outcome[2])), outcome[3], model)
 
 
-def _whole_weights(model: Any) -> dict[str, Any] | None:
-    """The model's state dict gathered whole on every rank when its weights are sharded
-    (FSDP 2 holds each as a ``DTensor`` shard; every rank must join), else ``None``: each
-    rank holds them whole (one process, DDP) and PEFT reads the model itself."""
-    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+class _AfterAnother(LaunchError):
+    """This rank stops because another one failed, which reports why."""
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    after_another = True
 
 
 def _guard_report(run: _Run, model: Any, steps: int) -> dict[str, Any]:
@@ -411,250 +481,19 @@ def _guard_report(run: _Run, model: Any, steps: int) -> dict[str, Any]:
             "checks": report.checks}
 
 
-def _adapter_to_fp32(model: Any) -> None:
-    """Hold the trained pocket book in float32, as PEFT holds it after loading.
-
-    TRL trains QLoRA adapters in bfloat16 (following the QLoRA paper) and PEFT upcasts adapters
-    to float32 when it loads them; without this, the resident model and a reload of the saved
-    pocket book would give slightly different logits.
-    """
-    import torch
-
-    for name, param in model.named_parameters():
-        if "lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
-            param.data = param.data.float()
-
-
 def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
     if resume:
         if last is None:
-            raise ConfigError(f"there is no interrupted run of {name} to resume; "
+            raise RunStateError(f"there is no interrupted run of {name} to resume; "
                               "start it without --resume")
         return last
     if last is not None and not restart:
-        raise ConfigError(
+        raise RunStateError(
             f"an interrupted run of {name} exists ({Path(last).name}); pass --resume to "
             "continue it or --restart to discard it"
         )
     return None
 
-
-def _load(base: str | Base, method: Any, library: Library, say: Callable[[str], None]) -> Base:
-    from adapterkit.base.load import load_base
-    from adapterkit.training.launch import fsdp_enabled, main_first, ranks
-
-    if isinstance(base, str):
-        say(f"Loading base {base}" + (f" ({method.quantization})" if method.quantization else "")
-            + "...")
-        device = None
-        if ranks().distributed:  # each rank on its own GPU (accelerate's choice), or the CPU
-            from adapterkit.training.launch import join
-
-            device = str(join().device)
-        with main_first(local=True):  # a GGUF base is converted once per machine, not per rank
-            return load_base(base, quantization=method.quantization, home=library.home,
-                             progress=say, device=device, for_fsdp=fsdp_enabled())
-    if base.quantization != method.quantization:
-        raise ConfigError(
-            f"method {method.name} needs a {method.quantization or 'full-precision'} base, "
-            f"but the base given is {base.quantization or 'full precision'}"
-        )
-    return base
-
-
-def _check_lora_shape(loaded: Base, options: TrainOptions) -> None:
-    """Targets and rank against the base's structure, before a LoRA is built on it."""
-    from adapterkit.base.load import check_rank, check_targets
-
-    structure = loaded.structure()
-    check_rank(structure, check_targets(structure, options.target_modules), options.r)
-
-
-def _parent(library: Library, on: str | None, start_from: str | None) -> PocketBook | None:
-    """The ``--on``/``--from`` pocket book, checked before anything is loaded."""
-    if on and start_from:
-        raise ConfigError("--on and --from exclude each other: --on trains a new pocket book "
-                          "on top of NAME, --from continues a copy of NAME")
-    ref = on or start_from
-    if not ref:
-        return None
-    from adapterkit.library.integrity import check_book
-    from adapterkit.lora.underlay import chain, is_reward_book
-
-    book = library.get(ref)
-    for below in chain(library, book):  # damaged files are refused before the base loads
-        check_book(below)
-    if is_reward_book(book):
-        raise ConfigError(f"{'--on' if on else '--from'} {book.ref} is a reward pocket book "
-                          "(it scores text, it does not generate); name a policy pocket book")
-    return book
-
-
-def _options_of(book: PocketBook, options: TrainOptions) -> TrainOptions:
-    config = read_config(book.path)
-    targets = config.get("target_modules") or options.target_modules
-    if isinstance(targets, (list, tuple, set)):
-        targets = ",".join(sorted(targets))
-    return replace(options, r=int(config.get("r", options.r)),
-                   alpha=int(config.get("lora_alpha", options.alpha)), target_modules=targets)
-
-
-def _underlay(library: Library, parent: PocketBook | None, *, copy: bool) -> list[PocketBook]:
-    """The frozen pocket books under the new one: the parent's chain (``--on``), or the copied
-    pocket book's own underlay (``--from``)."""
-    if parent is None:
-        return []
-    from adapterkit.lora.underlay import chain
-
-    books = chain(library, parent)
-    return books[:-1] if copy else books
-
-
-def _attach_new(base: Base, method: Any, options: TrainOptions, *,
-                underlay: list[PocketBook] | None = None, start: PocketBook | None = None,
-                head: str = "causal-lm") -> Any:
-    """Wrap the frozen base with a new trainable pocket book of ``method`` (or a trainable copy
-    of ``start``), with ``underlay`` frozen and active underneath."""
-    from peft import PeftModel, get_peft_model
-
-    from adapterkit.base.load import check_targets, keep_4bit_layout
-    from adapterkit.library.integrity import base_structure, check_book
-    from adapterkit.lora import underlay as underlay_mod
-
-    structure = base_structure(base)
-    targets = check_targets(structure, options.target_modules)
-    keep_4bit_layout(base.model)
-    model = method.prepare_base(base.model, gradient_checkpointing=options.gradient_checkpointing)
-    underlay_mod.remove(model)  # a base reused across runs starts clean
-    underlay_mod.apply(model, list(underlay or []), structure=structure)
-    if start is not None:
-        check_book(start, structure)
-        return PeftModel.from_pretrained(model, str(start.path), is_trainable=True)
-    config = method.peft_config(target_modules=targets, r=options.r, alpha=options.alpha,
-                                dropout=options.dropout)
-    import torch
-
-    torch.manual_seed(options.seed)
-    if head == "reward":  # a LoRA + scalar head on the same backbone: a PEFT SEQ_CLS adapter
-        from adapterkit.training.reward import reward_model
-
-        model = reward_model(model, pad_token_id=base.tokenizer.pad_token_id)
-        config.task_type = "SEQ_CLS"
-        config.modules_to_save = ["score"]
-    elif head != "causal-lm":
-        raise ConfigError(f"unknown trainer head {head!r}; trainers declare causal-lm or reward")
-    return get_peft_model(model, config)
-
-
-def guard_requested(options: TrainOptions) -> bool:
-    """Whether ``options`` ask for the forgetting guard (a budget, or a KL weight above 0)."""
-    return options.forgetting_budget is not None or (options.guard_weight or 0) > 0
-
-
-def _applies_guard(trainer: Any) -> bool:
-    # a reward head scores text: there is no next-token distribution to hold near the base
-    return bool(getattr(trainer, "uses_guard", False)) and \
-        getattr(trainer, "head", "causal-lm") != "reward"
-
-
-def refuse_unapplied_guard(name: str, trainer: Any, options: TrainOptions, *,
-                           guarded: list[str] | None = None) -> None:
-    """Refuse guard options for a trainer that does not apply the guard, before any work.
-
-    Only a trainer that declares ``uses_guard`` adds the guard's KL term to its loss; accepting
-    the options anywhere else would record a guard in the pocket book that never acted.
-
-    :param guarded: the trainers that do apply it, named in the message.
-    """
-    if guard_requested(options) and not _applies_guard(trainer):
-        others = f"train with {', '.join(sorted(guarded))}, or " if guarded else ""
-        raise ConfigError(
-            f"the {name} trainer does not apply the forgetting guard (nothing adds its KL term "
-            f"to its loss): {others}drop --forgetting-budget/--guard-weight (--general still "
-            "measures forgetting)")
-
-
-def _guard(tokenizer: Any, options: TrainOptions) -> ForgettingGuard | None:
-    weight = options.guard_weight
-    if weight is None:
-        weight = DEFAULT_GUARD_WEIGHT if options.forgetting_budget is not None else 0.0
-    if weight <= 0 and options.forgetting_budget is None:
-        return None
-    from adapterkit.training.guard import ForgettingGuard
-
-    anchor = options.anchor or str(general_text_path().with_name(ANCHOR_FILE))
-    general = options.general or "general"
-    return ForgettingGuard(tokenizer, anchor_texts=_texts(anchor), general_texts=_texts(general),
-                           budget_pct=options.forgetting_budget, weight=weight,
-                           every=options.guard_every)
-
-
-def _history(state: Any) -> list[dict[str, Any]]:
-    return list(getattr(state, "log_history", []) or [])
-
-
-def _metrics(state: Any, elapsed: float) -> dict[str, Any]:
-    history = _history(state)
-    losses = [h["loss"] for h in history if "loss" in h]
-    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-    # The trainer's own clock (its training loop only, as a plain TRL script reports it);
-    # ``train_seconds`` is the whole call, data preparation included.
-    loop = next((float(h["train_runtime"]) for h in reversed(history) if "train_runtime" in h),
-                elapsed)
-    return {
-        # anything a trainer plugin wants recorded (``state.adapterkit_metrics``)
-        **dict(getattr(state, "adapterkit_metrics", None) or {}),
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_final": losses[-1] if losses else None,
-        "steps": int(getattr(state, "global_step", 0) or 0),
-        "train_seconds": round(elapsed, 2),
-        "loop_seconds": round(loop, 2),
-        "tokens": tokens,
-        "tokens_per_second": round(tokens / loop, 1) if loop > 0 and tokens else None,
-    }
-
-
-def adapter_base_id(base: Base) -> str:
-    """What ``base_model_name_or_path`` says in saved adapters: a Hub id where there is one."""
-    prov = base.source.provenance
-    return prov.get("hub_id") or prov.get("derived_from") or base.name
-
-
-def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer: str,
-                 options: TrainOptions, data: Data, metrics: dict[str, Any],
-                 log_history: list[dict[str, Any]], parents: list[str] | None = None,
-                 stacked_on: list[str] | None = None,
-                 weights: dict[str, Any] | None = None) -> PocketBook:
-    """Write the trained adapter, loss curve and card into the library, atomically.
-
-    :param weights: the model's whole state dict, where the model holds only shards of it
-        (FSDP); PEFT picks the pocket book's tensors from it.
-    """
-    from adapterkit.library.card import loss_curve_png, write_card
-
-    meta = PocketBookMeta(
-        name=name, version=0, base=base.identity(), method=options.method, trainer=trainer,
-        data=data.describe(), hyperparameters=_hyper(options), metrics=metrics,
-        parents=list(parents or []), stacked_on=list(stacked_on or []),
-    )
-    with library.draft() as staged:
-        model.save_pretrained(staged, **({"state_dict": weights} if weights else {}))
-        config_path = staged / CONFIG_FILE
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["base_model_name_or_path"] = adapter_base_id(base)  # never a local path
-        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-        if loss_curve_png(log_history, staged / LOSS_CURVE):
-            meta.metrics["loss_curve"] = LOSS_CURVE
-        book_name = name
-        write_card(staged, meta)
-        return library.commit(staged, meta, name=book_name)
-
-
-def _hyper(options: TrainOptions) -> dict[str, Any]:
-    keep = ("r", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "max_steps",
-            "batch_size", "grad_accum", "max_length", "packing", "seed", "eval_split",
-            "forgetting_budget", "guard_weight", "chat", "trainer_options")
-    return {k: getattr(options, k) for k in keep}

@@ -1,0 +1,141 @@
+"""What a finished run leaves: its metrics, and the pocket book written into the library (the
+PEFT folder, loss curve and card, committed atomically), from one process or from the main
+one of several."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from adapterkit.library.metadata import CONFIG_FILE, PocketBookMeta
+from adapterkit.library.names import parse_ref
+from adapterkit.library.store import Library, PocketBook
+from adapterkit.training.data import Data
+from adapterkit.training.options import TrainOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.base.load import Base
+
+
+LOSS_CURVE = "loss_curve.png"
+
+
+def history_of(state: Any) -> list[dict[str, Any]]:
+    return list(getattr(state, "log_history", []) or [])
+
+
+def metrics_of(state: Any, elapsed: float) -> dict[str, Any]:
+    history = history_of(state)
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    # The trainer's own clock (its training loop only, as a plain TRL script reports it);
+    # ``train_seconds`` is the whole call, data preparation included.
+    loop = next((float(h["train_runtime"]) for h in reversed(history) if "train_runtime" in h),
+                elapsed)
+    return {
+        # anything a trainer plugin wants recorded (``state.adapterkit_metrics``)
+        **dict(getattr(state, "adapterkit_metrics", None) or {}),
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_final": losses[-1] if losses else None,
+        "steps": int(getattr(state, "global_step", 0) or 0),
+        "train_seconds": round(elapsed, 2),
+        "loop_seconds": round(loop, 2),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / loop, 1) if loop > 0 and tokens else None,
+    }
+
+
+def adapter_base_id(base: Base) -> str:
+    """What ``base_model_name_or_path`` says in saved adapters: a Hub id where there is one."""
+    prov = base.source.provenance
+    return prov.get("hub_id") or prov.get("derived_from") or base.name
+
+
+def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer: str,
+                 options: TrainOptions, data: Data, metrics: dict[str, Any],
+                 log_history: list[dict[str, Any]], parents: list[str] | None = None,
+                 stacked_on: list[str] | None = None,
+                 weights: dict[str, Any] | None = None,
+                 annotate: Callable[[PocketBookMeta], None] | None = None) -> PocketBook:
+    """Write the trained adapter, loss curve and card into the library, atomically.
+
+    :param weights: the model's whole state dict, where the model holds only shards of it
+        (FSDP); PEFT picks the pocket book's tensors from it.
+    :param annotate: adds to the metadata before the card is written and the entry committed.
+    """
+    from adapterkit.library.card import loss_curve_png, write_card
+
+    meta = PocketBookMeta(
+        name=name, version=0, base=base.identity(), method=options.method, trainer=trainer,
+        data=data.describe(), hyperparameters=hyper_of(options), metrics=metrics,
+        parents=list(parents or []), stacked_on=list(stacked_on or []),
+    )
+    with library.draft() as staged:
+        model.save_pretrained(staged, **({"state_dict": weights} if weights else {}))
+        config_path = staged / CONFIG_FILE
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = adapter_base_id(base)  # never a local path
+        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if loss_curve_png(log_history, staged / LOSS_CURVE):
+            meta.metrics["loss_curve"] = LOSS_CURVE
+        # the same curve as numbers, for whatever draws it itself (the serve page)
+        points = [[h["step"], h["loss"]] for h in log_history
+                  if isinstance(h.get("step"), int) and isinstance(h.get("loss"), (int, float))]
+        if points:
+            meta.metrics["loss_history"] = points
+        book_name = name
+        if annotate is not None:
+            meta.version = parse_ref(name).version or 1  # what commit gives a free name
+            annotate(meta)
+        write_card(staged, meta)
+        return library.commit(staged, meta, name=book_name)
+
+
+def hyper_of(options: TrainOptions) -> dict[str, Any]:
+    keep = ("r", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "max_steps",
+            "batch_size", "grad_accum", "max_length", "packing", "seed", "eval_split",
+            "forgetting_budget", "guard_weight", "chat", "trainer_options")
+    return {k: getattr(options, k) for k in keep}
+
+
+def adapter_to_fp32(model: Any) -> None:
+    """Hold the trained pocket book in float32, as PEFT holds it after loading.
+
+    TRL trains QLoRA adapters in bfloat16 (following the QLoRA paper) and PEFT upcasts adapters
+    to float32 when it loads them; without this, the resident model and a reload of the saved
+    pocket book would give slightly different logits.
+    """
+    import torch
+
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
+def whole_weights(model: Any) -> dict[str, Any] | None:
+    """The model's state dict gathered whole on every rank when its weights are sharded
+    (FSDP 2 holds each as a ``DTensor`` shard; every rank must join), else ``None``: each
+    rank holds them whole (one process, DDP) and PEFT reads the model itself."""
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def checksum(model: Any) -> list[float]:
+    """Sums of this rank's trainable weights (float64): data-parallel ranks that trained in
+    step hold the very same ones (every rank applies the same averaged gradients)."""
+    import torch
+
+    with torch.no_grad():
+        return [float(p.detach().double().sum()) for p in model.parameters()
+                if p.requires_grad]
+
+
+def same_weights(a: list[float] | None, b: list[float] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(abs(x - y) <= 1e-6 * max(1.0, abs(y)) for x, y in zip(a, b))
