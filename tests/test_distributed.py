@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 STEPS = 5
 #: Learning rates that move the loss well in 5 steps without saturating it (a DPO loss near 0
 #: leaves gradients so small that Adam's normalisation magnifies their round-off).
-LR = {"sft": 1e-2, "dpo": 1e-3}
+LR = {"sft": 1e-2, "dpo": 1e-3, "reward": 1e-2}
 
 
 def flags(trainer: str) -> list[object]:
@@ -117,6 +117,40 @@ def test_two_processes_under_accelerate_launch_train_the_dpo_pocket_book_of_one(
     assert book.meta.metrics["reference_cache"] == {"train": "computed"}
     assert len(list((home / "cache" / "dpo-ref").glob("*.safetensors"))) == 1
     assert run.stdout.count("Saved two@1") == 1
+
+
+def test_two_processes_train_the_reward_pocket_book_of_one(tiny_base, adapterkit_data, home,
+                                                           tmp_path, adapterkit_cli):
+    """The reward head (a scalar score on the same base) trains data-parallel like the
+    others: its LoRA and its head agree with the single-process run."""
+    data = adapterkit_data["preference"]
+    one = reference("reward", data, tmp_path / "one", tiny_base)
+    result = adapterkit_cli("train", "reward", "--base", tiny_base, "--data", data, "--name",
+                            "two", "--processes", 2, *flags("reward"))
+    assert result.exit_code == 0, result.output
+    book = Library(home).get("two")
+    gap = lora_gap(one, book.path)
+    print(f"reward, 2 processes vs 1: max |ΔLoRA| = {gap:.2e}")
+    assert gap < ROUND_OFF
+    assert book.meta.metrics["processes"] == 2 and book.meta.metrics["steps"] == STEPS
+
+
+def test_a_launch_leaves_the_calling_process_as_it_found_it(monkeypatch):
+    """relaunch() in a long-lived Python process (a notebook, a service): torch's launcher
+    installs its own signal handlers and the launching side quiets torch's C++ log; both are
+    put back."""
+    import signal as signals
+
+    from adapterkit.training.launch import quiet_launcher, relaunch
+
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "INFO")
+    before = {sig: signals.getsignal(sig) for sig in (signals.SIGTERM, signals.SIGINT,
+                                                      signals.SIGHUP, signals.SIGQUIT)}
+    quiet_launcher()
+    assert relaunch(["--version"], processes=2) == 0
+    assert {sig: signals.getsignal(sig) for sig in before} == before
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "INFO"
+    assert "ADAPTERKIT_USER_TORCH_CPP_LOG_LEVEL" not in os.environ
 
 
 def test_two_machines_on_loopback_train_the_pocket_book_of_one(tiny_base, adapterkit_data,

@@ -5,8 +5,8 @@ the stages in order. Each stage is an ordinary :func:`~adapterkit.training.run.t
 the same resident base, trained ``on:`` the stage before it unless it says otherwise.
 
 The whole recipe is checked before the first step of the first stage — keys, options, trainer
-options, data, references between stages, names — and every problem is reported in one
-:class:`ConfigError`. Each finished stage records in its metadata (``pipeline``) the recipe's
+options, data, references between stages, names (:mod:`adapterkit.training.recipe`), then
+what needs the base — and every problem is reported in one :class:`ConfigError`. Each finished stage records in its metadata (``pipeline``) the recipe's
 hash and a fingerprint of its own definition (base, trainer, options, data contents, and what it
 trains on), so a failed or interrupted pipeline run again with ``resume`` skips exactly the
 stages the same definition already made and continues the interrupted one from its last
@@ -16,88 +16,26 @@ forgetting figure.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
+__all__ = ["PipelineResult", "Recipe", "Stage", "StageResult", "lineage_entry", "load_recipe",
+           "read_recipe", "run_pipeline", "stage_line"]
+
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import (
-    AdapterkitError,
-    ConfigError,
-    DataFormatError,
-    InvalidName,
-    NameTaken,
-    PluginError,
-)
+from adapterkit.errors import AdapterkitError, ConfigError
 from adapterkit.library.metadata import PocketBookMeta
-from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.training.build import (
-    check_lengths,
-    load_for_method,
-    refuse_unapplied_guard,
-    split_eval,
-)
-from adapterkit.training.data import Data, as_chat, load_data, read_rows
+from adapterkit.training.build import check_lengths, load_for_method, split_eval
+from adapterkit.training.data import as_chat
 from adapterkit.training.job import TrainResult
-from adapterkit.training.options import TrainOptions, build_options
-from adapterkit.training.run import run_dir, train
+from adapterkit.training.recipe import Recipe, Stage, interrupted, load_recipe, read_recipe
+from adapterkit.training.run import train
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
     from adapterkit.plugin_api.manager import PluginManager
-
-#: A recipe's own keys; any training option (``learning_rate``, ``general``...) may sit beside
-#: them as a default for every stage.
-RECIPE_KEYS = ("base", "stages")
-#: A stage's own keys, besides training options that override the recipe's defaults.
-STAGE_KEYS = ("name", "trainer", "data", "on", "from", "set")
-_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainOptions))
-_NULLABLE = tuple(f.name for f in dataclasses.fields(TrainOptions) if f.default is None)
-_PATH_OPTIONS = ("general", "anchor")
-
-
-@dataclass
-class Stage:
-    """One checked stage of a recipe."""
-
-    index: int  # from 1
-    name: str  # the library name it saves as (NAME or NAME@N)
-    trainer: str
-    data: str  # as train() reads it: recipe-relative paths resolved
-    options: TrainOptions
-    #: What it trains on (``on:``) or continues a copy of (``from:``): a stage of this recipe
-    #: (``parent``, its index) or an exact library reference (``name@N``).
-    on: str | None = None
-    start_from: str | None = None
-    parent: int | None = None
-    #: SHA-256 of the stage's whole definition, its parent's fingerprint included.
-    fingerprint: str = ""
-    #: The pocket book an earlier run of the same definition made (``resume``): skipped.
-    done: PocketBook | None = None
-    dataset: Data | None = field(default=None, repr=False)
-    #: Neither ``on:`` nor ``from:`` given: on the stage before (the base for the first).
-    follows: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"stage {self.index} ({self.name})"
-
-
-@dataclass
-class Recipe:
-    """A recipe checked against the plugins and the library: ready to run."""
-
-    path: Path
-    base: str
-    stages: list[Stage]
-    sha256: str
-
 
 @dataclass
 class StageResult:
@@ -118,389 +56,6 @@ class PipelineResult:
     @property
     def pocket_book(self) -> PocketBook:
         return self.stages[-1].pocket_book
-
-
-def _yaml_loader() -> Any:
-    """A safe loader that reads only ``true``/``false`` as booleans (YAML 1.2): under YAML 1.1
-    rules the stage key ``on:`` would be read as the boolean True, and ``off``/``no``/``yes``
-    as values would become booleans."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    bool_tag = "tag:yaml.org,2002:bool"
-    Loader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                 list("tTfF"))
-    return Loader
-
-
-def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The recipe file parsed: a mapping, or a :class:`ConfigError` saying what is wrong."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file {path} does not exist")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"recipe file {path} is not UTF-8 text (byte "
-                          f"0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"recipe file {path} is not valid YAML: {what}{where}") from None
-    if not isinstance(data, dict):
-        found = "empty" if data is None else f"a {type(data).__name__}"
-        raise ConfigError(f"recipe file {path} must be a mapping with base: and stages: (it is "
-                          f"{found}); see `adapterkit pipeline --help`")
-    return data
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _resolve(spec: str, folder: Path) -> str:
-    """A recipe-relative path as a path train() reads; anything else (an absolute path, a Hub
-    dataset id, ``general``) as written."""
-    candidate = folder / Path(spec).expanduser()
-    return str(candidate) if candidate.exists() else spec
-
-
-def load_recipe(path: str | os.PathLike[str], *, home: str | os.PathLike[str] | None = None,
-                plugins: PluginManager | None = None, resume: bool = False) -> Recipe:
-    """Read and check a pipeline recipe, every problem in one :class:`ConfigError`.
-
-    Checked before anything trains: unknown keys, option values and trainer options (per stage,
-    defaults merged), trainers and methods, data files (read, in the shape the trainer needs),
-    ``on:``/``from:`` references (a stage produced earlier in the recipe, or a pocket book in
-    the library; no cycles), duplicate stage names, names taken in the library, interrupted
-    runs. With ``resume``, a stage whose name holds a pocket book made by the same stage
-    definition is marked done (:attr:`Stage.done`) rather than refused.
-    """
-    from adapterkit.plugin_api.manager import default_plugin_manager
-
-    path = Path(path)
-    pm = plugins or default_plugin_manager()
-    raw = read_recipe(path)
-    problems: list[str] = []
-    base = raw.get("base")
-    if not isinstance(base, str) or not base.strip():
-        problems.append("base: required, the base every stage trains on (a Hub id, a model "
-                        f"folder, a .gguf file or an alias such as smollm2-135m), got {base!r}")
-        base = ""
-    base = _resolve(base, path.parent) if base else base
-    shared = _shared_options(raw, problems)
-    items = raw.get("stages")
-    if not isinstance(items, list) or not items:
-        problems.append("stages: required, a list of stages (each a mapping with name, trainer "
-                        f"and data), got {items!r}")
-        items = []
-    library = Library(home, plugins=pm)
-    stages = [_read_stage(index, item, shared, path.parent, pm, problems)
-              for index, item in enumerate(items, 1)]
-    _link(stages, library, problems)
-    if not problems:  # a fingerprint needs every part of the definition, checked
-        _fingerprint(stages, base)
-    _check_names(stages, library, resume=resume, problems=problems)
-    if problems:
-        count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
-        raise ConfigError(f"recipe {path} has {count}; nothing was trained: "
-                          + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
-    return Recipe(path, base, stages, _digest(raw))
-
-
-def _shared_options(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    """The recipe's defaults for every stage, checked once (not once per stage)."""
-    keys = {str(k): str(k).replace("-", "_") for k in raw}
-    staged = sorted(k for k, name in keys.items() if name in ("set", "trainer_options"))
-    if staged:
-        problems.append(f"{', '.join(staged)}: trainer options belong to a stage (each trainer "
-                        "takes its own), not to the recipe's defaults")
-    options = [o for o in _OPTIONS if o != "trainer_options"]
-    unknown = sorted(k for k, name in keys.items() if k not in RECIPE_KEYS
-                     and name not in options and k not in staged)
-    if unknown:
-        problems.append(f"unknown recipe key(s) {', '.join(unknown)}; a recipe has "
-                        f"{', '.join(RECIPE_KEYS)} and defaults for any training option "
-                        f"({', '.join(options)})")
-    shared = {keys[str(k)]: v for k, v in raw.items() if keys[str(k)] in options}
-    try:
-        _options(shared, None)
-    except ConfigError as exc:
-        problems.append(f"defaults: {exc}")
-        return {}
-    return shared
-
-
-def _options(values: dict[str, Any], trainer: Any) -> TrainOptions:
-    """:func:`build_options` over ``values``, where ``null`` resets an option that can be unset
-    (``general: null`` in a stage turns off the recipe's forgetting check for that stage)."""
-    nulls = [k for k, v in values.items() if v is None]
-    wrong = [k for k in nulls if k not in _NULLABLE]
-    if wrong:
-        raise ConfigError("invalid training options: " + "; ".join(
-            f"{k}: expected a value, got null" for k in wrong))
-    options = build_options(None, {k: v for k, v in values.items() if v is not None},
-                            trainer=trainer)
-    unset: dict[str, Any] = {k: None for k in nulls}
-    return replace(options, **unset)
-
-
-def _read_stage(index: int, item: Any, shared: dict[str, Any], folder: Path,
-                pm: PluginManager, problems: list[str]) -> Stage:
-    """One stage's keys, options and data, its problems added to ``problems``. The stage comes
-    back even with problems (its name empty when it has no usable one), so that references
-    between stages are checked too."""
-    if not isinstance(item, dict):
-        problems.append(f"stage {index}: expected a mapping with name, trainer and data, "
-                        f"got {item!r}")
-        return Stage(index, "", "", "", TrainOptions())
-    name = item.get("name")
-    where = f"stage {index} ({name})" if isinstance(name, str) else f"stage {index}"
-    problems += [f"{where}: {p}" for p in _key_problems(item)]
-    usable_name = ""
-    if isinstance(name, str) and name.strip():
-        try:
-            parse_ref(name)
-            usable_name = name
-        except InvalidName as exc:
-            problems.append(f"{where}: {exc}")
-    trainer, options = _stage_options(where, item, shared, folder, pm, problems)
-    dataset = None
-    if isinstance(item.get("data"), str):
-        try:
-            dataset = load_data(_resolve(item["data"], folder), formats=pm.data_formats,
-                                shapes=trainer.data_shapes if trainer else None,
-                                skip_bad_rows=bool(options and options.skip_bad_rows))
-        except DataFormatError as exc:
-            problems.append(f"{where}: data: {exc} (relative paths are read from the recipe's "
-                            f"folder, {folder})")
-    refs = {k: item.get(k) if isinstance(item.get(k), str) else None for k in ("on", "from")}
-    return Stage(index, usable_name, str(item.get("trainer")),
-                 _resolve(str(item.get("data")), folder), options or TrainOptions(),
-                 on=refs["on"], start_from=refs["from"], dataset=dataset,
-                 follows="on" not in item and "from" not in item)
-
-
-def _key_problems(item: dict[Any, Any]) -> list[str]:
-    """What is wrong with a stage's keys themselves: unknown, missing, of the wrong type."""
-    out = []
-    unknown = sorted(str(k) for k in item
-                     if k not in STAGE_KEYS and str(k).replace("-", "_") not in _OPTIONS)
-    if unknown:
-        out.append(f"unknown key(s) {', '.join(unknown)}; a stage has {', '.join(STAGE_KEYS)} "
-                   "and any training option")
-    for key in ("name", "trainer", "data"):
-        if not isinstance(item.get(key), str) or not item[key].strip():
-            out.append(f"{key}: required, a string, got {item.get(key)!r}")
-    for key in ("on", "from"):
-        if item.get(key) is not None and not isinstance(item[key], str):
-            out.append(f"{key}: expected a stage name or a pocket book, got {item[key]!r}")
-    if item.get("on") is not None and item.get("from") is not None:
-        out.append("on: and from: exclude each other (on: trains a new pocket book on top of "
-                   "one, from: continues a copy of one)")
-    sets = item.get("set")
-    if sets is not None and not isinstance(sets, dict):
-        out.append(f"set: expected a mapping of trainer option: value, got {sets!r}")
-    if sets is not None and item.get("trainer_options") is not None:
-        out.append("give trainer options in set: or trainer_options:, not both")
-    return out
-
-
-def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], folder: Path,
-                   pm: PluginManager, problems: list[str]) -> tuple[Any, TrainOptions | None]:
-    """The stage's trainer and its options (the recipe's defaults, then its own, then ``set:``),
-    checked as ``train`` checks them; text files (``general``, ``anchor``) read."""
-    trainer = None
-    if isinstance(item.get("trainer"), str):
-        try:
-            trainer = pm.trainer(item["trainer"])
-        except PluginError as exc:
-            problems.append(f"{where}: {exc}")
-    values = {**shared, **{str(k).replace("-", "_"): v for k, v in item.items()
-                           if str(k).replace("-", "_") in _OPTIONS}}
-    if isinstance(item.get("set"), dict):
-        values["trainer_options"] = item["set"]
-    try:
-        options = _options(values, trainer)
-        pm.method(options.method)
-        if trainer is not None:
-            refuse_unapplied_guard(trainer.name, trainer, options, guarded=[
-                t.name for t in pm.trainers if getattr(t, "uses_guard", False)
-                and getattr(t, "head", "causal-lm") != "reward"])
-    except (ConfigError, PluginError) as exc:
-        problems.append(f"{where}: {exc}")
-        return trainer, None
-    resolved: dict[str, Any] = {}
-    for key in _PATH_OPTIONS:
-        spec = getattr(options, key)
-        if spec is not None:
-            resolved[key] = _resolve(spec, folder)
-            try:
-                read_rows(resolved[key])
-            except DataFormatError as exc:
-                problems.append(f"{where}: {key}: {exc}")
-    return trainer, replace(options, **resolved)
-
-
-def _matches(ref: str, stage: Stage) -> bool:
-    """Whether ``ref`` (as an ``on:``/``from:`` value) names ``stage``."""
-    try:
-        want, have = parse_ref(ref), parse_ref(stage.name)
-    except InvalidName:
-        return False
-    return want.name == have.name and (want.version is None or want.version == have.version)
-
-
-def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
-    """Resolve each ``on:``/``from:`` to an earlier stage or a library pocket book; refuse
-    duplicate names, references to later stages, cycles and unknown names."""
-    from adapterkit.lora.underlay import is_reward_book
-
-    seen: dict[str, Stage] = {}
-    for stage in stages:
-        if not stage.name:
-            continue
-        key = parse_ref(stage.name).name
-        if key in seen:
-            problems.append(f"{stage.label}: the name {key} is also {seen[key].label}'s; each "
-                            "stage saves its own pocket book: give each stage its own name")
-        else:
-            seen[key] = stage
-    edges: dict[int, int] = {}
-    roles: dict[int, str] = {}
-    for stage in stages:
-        if stage.follows and stage.index > 1:
-            stage.on = stages[stage.index - 2].name or None  # None: that stage has no name
-        role, ref = ("on", stage.on) if stage.on is not None else ("from", stage.start_from)
-        if ref is None:
-            continue
-        target = next((s for s in stages if s.name and _matches(ref, s)), None)
-        if target is not None:
-            edges[stage.index] = target.index
-            roles[stage.index] = role
-            stage.parent = target.index
-            continue
-        try:
-            book = library.get(ref)
-        except AdapterkitError as exc:
-            problems.append(f"{stage.label}: {role}: {ref} is not a stage of this recipe, and "
-                            f"not in the library ({exc})")
-            continue
-        if is_reward_book(book):
-            problems.append(f"{stage.label}: {role}: {book.ref} is a reward pocket book (it "
-                            "scores text, it does not generate); name a policy pocket book")
-        if role == "on":
-            stage.on = book.ref
-        else:
-            stage.start_from = book.ref
-    problems += _order_problems(stages, edges, roles)
-
-
-def _order_problems(stages: list[Stage], edges: dict[int, int],
-                    roles: dict[int, str]) -> list[str]:
-    """Cycles, and stages that train on a stage the recipe produces later."""
-    by_index = {s.index: s for s in stages}
-    out: list[str] = []
-    in_cycle: set[int] = set()
-    for start in sorted(edges):
-        path, node = [start], edges[start]
-        while node in edges and node not in path:
-            path.append(node)
-            node = edges[node]
-        if node in path and not in_cycle & set(path[path.index(node):]):
-            loop = path[path.index(node):]
-            in_cycle |= set(loop)
-            names = " → ".join(by_index[i].name for i in [*loop, node])
-            out.append(f"stages {names} form a cycle (on:/from:): a stage trains on one that "
-                       "finished before it")
-    for source, target in sorted(edges.items()):
-        if target >= source and source not in in_cycle:
-            out.append(f"{by_index[source].label}: {roles[source]}: {by_index[target].name}, "
-                       f"which this recipe produces later ({by_index[target].label}): move "
-                       "that stage first")
-    return out
-
-
-def _fingerprint(stages: list[Stage], base: str) -> None:
-    """Each stage's definition as one hash: what made a pocket book, so resume skips it only
-    when nothing that shapes it changed (data by contents, parents by their own fingerprint)."""
-    for stage in stages:
-        parent = stages[stage.parent - 1].fingerprint if stage.parent else None
-        assert stage.dataset is not None
-        stage.fingerprint = _digest({
-            "base": base, "trainer": stage.trainer, "data": stage.dataset.sha256,
-            "options": {k: v for k, v in stage.options.as_dict().items()
-                        if k not in _PATH_OPTIONS},
-            "texts": {k: read_rows(getattr(stage.options, k))[2] for k in _PATH_OPTIONS
-                      if getattr(stage.options, k) is not None},
-            "on": parent if stage.on is not None and parent else stage.on,
-            "from": parent if stage.start_from is not None and parent else stage.start_from,
-        })
-
-
-def _made_by(library: Library, stage: Stage) -> PocketBook | None:
-    """The pocket book of ``stage``'s name that the same stage definition made, if any."""
-    ref = parse_ref(stage.name)
-    versions = [s.version for s in library.list(all_versions=True) if s.name == ref.name
-                and (ref.version is None or s.version == ref.version)]
-    for version in sorted(versions, reverse=True):
-        book = library.get(f"{ref.name}@{version}")
-        if book.meta.pipeline.get("stage_sha256") == stage.fingerprint:
-            return book
-    return None
-
-
-def _interrupted(library: Library, stage: Stage) -> str | None:
-    workdir = run_dir(library, str(parse_ref(stage.name)))
-    if not workdir.is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(workdir))
-    return Path(last).name if last else None
-
-
-def _check_names(stages: list[Stage], library: Library, *, resume: bool,
-                 problems: list[str]) -> None:
-    """Each stage's name: free, or (``resume``) holding what this very stage made before.
-
-    Without fingerprints (other problems were found) a taken name is reported only when not
-    resuming: whether the same stage made it cannot be told yet.
-    """
-    made: dict[int, PocketBook] = {}
-    for stage in stages:
-        if not stage.name:
-            continue
-        try:
-            library.reserve(stage.name)
-            taken = None
-        except NameTaken as exc:
-            taken = exc
-        book = _made_by(library, stage) if taken and stage.fingerprint else None
-        if book is not None and stage.parent and stage.parent not in made:
-            book = None  # made on top of an earlier run of a stage that is no longer there
-        if book is not None:
-            made[stage.index] = book
-        if book is not None and resume:
-            stage.done = book
-        elif book is not None:
-            problems.append(f"{stage.label}: {book.ref} was made by this stage in an earlier "
-                            "run of the pipeline: pass --resume to continue after it")
-        elif taken is not None and (stage.fingerprint or not resume):
-            problems.append(f"{stage.label}: {taken}" + (
-                " (it was not made by this stage of this recipe, so --resume cannot reuse it)"
-                if resume else ""))
-        elif taken is None and not resume and (last := _interrupted(library, stage)):
-            problems.append(f"{stage.label}: an interrupted run of {stage.name} exists "
-                            f"({last}): pass --resume to continue it")
 
 
 Callbacks = Callable[[Stage], list[Any]]
@@ -545,7 +100,7 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
             final = None
         loaded = _base_for(stage, loaded, recipe.base, library, pm, say)
         on, start_from = _refs(stage, results)
-        checkpoint = _interrupted(library, stage) if resume else None
+        checkpoint = interrupted(library, stage) if resume else None
         say(head + (f": resuming from {checkpoint}" if checkpoint else ""))
         try:
             final = train(stage.trainer, base=loaded, data=stage.data, name=stage.name,
