@@ -6,6 +6,7 @@ import json
 import time
 
 import click
+from click.core import ParameterSource
 
 from adapterkit.cli.common import check_sampling, obj, say
 from adapterkit.errors import AdapterkitError, ConfigError
@@ -39,6 +40,26 @@ def _open(ctx: click.Context, base: str | None, first: str | None, force: bool =
     return session, time.perf_counter() - start
 
 
+_SERVER = click.option(
+    "--server", metavar="URL",
+    help="A running `adapterkit serve` (http://127.0.0.1:8000) answers instead of a base "
+         "loaded here.")
+_API_KEY = click.option("--api-key", envvar="ADAPTERKIT_API_KEY", show_envvar=True,
+                        help="The server's key, with --server.")
+
+
+def _local_only(server: str | None, **options: object) -> None:
+    """With --server the server's base answers: options about a local base cannot act, and
+    without it --api-key has nothing to act on (from the environment it is simply unused)."""
+    ctx = click.get_current_context()
+    if not server and ctx.get_parameter_source("api_key") == ParameterSource.COMMANDLINE:
+        raise ConfigError("--api-key is the key of a server: give it with --server URL")
+    given = [name for name, value in options.items() if value]
+    if server and given:
+        raise ConfigError(f"{', '.join('--' + g.replace('_', '-') for g in given)} act on a base "
+                          "loaded here; with --server the server's base answers — drop them")
+
+
 @click.command("swap")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--prompt", required=True, help="The prompt every pocket book answers.")
@@ -46,12 +67,25 @@ def _open(ctx: click.Context, base: str | None, first: str | None, force: bool =
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--force", is_flag=True, help="Attach even if a pocket book's base differs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_SERVER
+@_API_KEY
 @click.pass_context
 def swap_cmd(ctx: click.Context, names: tuple[str, ...], prompt: str, base: str | None,
-             max_new_tokens: int, force: bool, as_json: bool) -> None:
+             max_new_tokens: int, force: bool, as_json: bool, server: str | None,
+             api_key: str | None) -> None:
     """Load the base once and answer PROMPT with each pocket book in turn — the hot swap
-    made visible: the first swap to each pocket book reads its file, later ones are in place."""
+    made visible: the first swap to each pocket book reads its file, later ones are in place.
+
+    \b
+    With --server URL a running `adapterkit serve` answers instead: the plain
+    base and every pocket book at once, in one mixed batch, each answer timed.
+    NAMES may be NAME, NAME@V or stacks (a+b, a*1+b*0.5).
+    """
     check_sampling(max_new_tokens=max_new_tokens)
+    _local_only(server, base=base, force=force)
+    if server:
+        _swap_on_server(server, api_key, list(names), prompt, max_new_tokens, as_json)
+        return
     session, load_s = _open(ctx, base, names[0], force)
     rows = []
     for name in names:
@@ -78,6 +112,40 @@ def swap_cmd(ctx: click.Context, names: tuple[str, ...], prompt: str, base: str 
         click.echo(f"  {row['answer']}\n")
 
 
+def _swap_on_server(url: str, api_key: str | None, names: list[str], prompt: str,
+                    max_new_tokens: int, as_json: bool) -> None:
+    """swap --server: every request sent at once, so the server decodes them together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapterkit.serving.client import ServerClient
+
+    client = ServerClient(url, api_key=api_key)
+    base_id = client.base_id()
+    models = [base_id, *names]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(models)) as pool:
+        answers = list(pool.map(lambda m: client.answer(m, prompt, max_tokens=max_new_tokens),
+                                models))
+    wall = time.perf_counter() - start
+    plain, books = answers[0], answers[1:]
+    rows = [{"pocket_book": a.model, "asked": name, "answer": a.text.strip(),
+             "finish_reason": a.finish_reason, "completion_tokens": a.completion_tokens,
+             "first_text_ms": None if a.first_text_s is None else a.first_text_s * 1000,
+             "total_ms": a.total_s * 1000} for name, a in zip(names, books)]
+    if as_json:
+        click.echo(json.dumps({"server": client.url, "base": base_id, "wall_s": wall,
+                               "plain": plain.text.strip(), "pocket_books": rows}, indent=2))
+        return
+    click.echo(f"{client.url} ({base_id}): {len(models)} requests answered together in "
+               f"{wall:.2f} s\n")
+    click.echo(f"[plain base]\n  {plain.text.strip()}\n")
+    for row in rows:
+        first = "-" if row["first_text_ms"] is None else f"{row['first_text_ms']:.0f} ms"
+        click.echo(f"[{row['pocket_book']}]  first text {first}, {row['completion_tokens']} "
+                   f"tokens in {row['total_ms']:.0f} ms")
+        click.echo(f"  {row['answer']}\n")
+
+
 def _parse_stack(parts: list[str]) -> dict[str, float]:
     out = {}
     for part in parts:
@@ -93,15 +161,23 @@ def _parse_stack(parts: list[str]) -> dict[str, float]:
 @click.option("--base", help="Base (default: the base of --adapter).")
 @click.option("--adapter", help="Pocket book to start with.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@_SERVER
+@_API_KEY
 @click.pass_context
 def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
-             max_new_tokens: int) -> None:
+             max_new_tokens: int, server: str | None, api_key: str | None) -> None:
     """Chat with the base and swap pocket books live.
 
     \b
     Commands:  /swap NAME   /stack A=1 B=0.5   /off   /list   /quit
+    With --server URL a running `adapterkit serve` answers, streaming; /swap
+    and /stack then only change the `model` each request names.
     """
     check_sampling(max_new_tokens=max_new_tokens)
+    _local_only(server, base=base)
+    if server:
+        _chat_on_server(server, api_key, adapter, max_new_tokens)
+        return
     session, _ = _open(ctx, base, adapter)
     if adapter:
         session.swap(adapter)
@@ -134,6 +210,57 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
                 click.echo(f"unknown command {command}; use /swap, /stack, /off, /list, /quit")
             else:
                 click.echo(session.generate(line, max_new_tokens=max_new_tokens))
+        except AdapterkitError as exc:
+            click.echo(f"Error: {exc}", err=True)
+
+
+def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
+                    max_new_tokens: int) -> None:
+    """chat --server: the REPL of `chat`, each line answered by the server, streamed."""
+    from urllib.parse import quote
+
+    from adapterkit.serving.client import ServerClient
+
+    client = ServerClient(url, api_key=api_key)
+    base_id = client.base_id()
+
+    def checked(model: str) -> str:  # the server resolves it now: a typo is said at once
+        return str(client.get("/v1/models/" + quote(model, safe="@"))["id"])
+
+    model = checked(adapter) if adapter else base_id
+    click.echo(f"Connected to {client.url} ({base_id}). Type a message, or /swap NAME, "
+               "/stack A=1 B=0.5, /off, /list, /quit.", err=True)
+    while True:
+        try:
+            line = input(f"[{'plain' if model == base_id else model}] > ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        try:
+            if command in ("/quit", "/exit"):
+                break
+            elif command == "/swap":
+                model = checked(rest.strip())
+                click.echo(f"now answering with {model}")
+            elif command == "/stack":
+                weights = _parse_stack(rest.split())
+                model = checked("+".join(f"{n}*{w:g}" for n, w in weights.items()))
+                click.echo(f"now answering with {model}")
+            elif command == "/off":
+                model = base_id
+                click.echo("plain base")
+            elif command == "/list":
+                for entry in client.models():
+                    mark = "*" if entry["id"] == model else " "
+                    click.echo(f" {mark} {entry['id']}  ({entry.get('kind', 'model')})")
+            elif command.startswith("/"):
+                click.echo(f"unknown command {command}; use /swap, /stack, /off, /list, /quit")
+            else:
+                for text, _ in client.stream_chat(model, line, max_tokens=max_new_tokens):
+                    click.echo(text, nl=False)
+                click.echo()
         except AdapterkitError as exc:
             click.echo(f"Error: {exc}", err=True)
 

@@ -49,6 +49,32 @@ def load_book(book: PocketBook, *, dtype: Any, device: Any, path: str = "a sessi
     return LoadedBook(book.ref, rank, factors, stacked_on=list(book.meta.stacked_on))
 
 
+def load_checked(base: Base, book: PocketBook, *, model: Any, dtype: Any, path: str,
+                 force: bool = False) -> LoadedBook:
+    """Every check a pocket book passes before it is put on a resident base, then its factors.
+
+    The one gate of the fast paths (sessions, the server): the book is a single adapter, made
+    on this base (:func:`check_base`, unless ``force``), its files as saved and fitting the base
+    (:func:`check_book`), not a reward head, applicable exactly by ``path`` (e.g. ``"a
+    session"``), and every layer it targets is a linear layer of ``model`` (the base, possibly
+    with its linear layers wrapped).
+    """
+    if book.meta.kind != "adapter":
+        raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}; attach its members")
+    from adapterkit.lora.underlay import refuse_reward
+
+    check_base(base, book, force=force)
+    check_book(book, base_structure(base))  # a damaged folder is never read
+    refuse_reward(book)
+    loaded = load_book(book, dtype=dtype, device=_device(model), path=path,
+                       base_weights=resident_tensors(model))
+    missing = [p for p in loaded.factors if not _is_linear(model, p)]
+    if missing:
+        raise BaseMismatch(f"{book.ref} targets {', '.join(missing[:3])}, which this base "
+                           "does not have as linear layers")
+    return loaded
+
+
 class Session:
     """One frozen base resident in memory, with pocket books attached and swapped in place.
 
@@ -88,21 +114,10 @@ class Session:
         book = self.library.get(ref)
         if book.ref in self.books:
             return book.ref
-        if book.meta.kind != "adapter":
-            raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}; attach its members")
-        from adapterkit.lora.underlay import refuse_reward
-
-        check_base(self.base, book, force=force)
-        check_book(book, base_structure(self.base))  # a damaged folder is never read
-        refuse_reward(book)
         first_slot = next(iter(self.slots.values()), None)
         dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
-        loaded = load_book(book, dtype=dtype, device=_device(self.model),
-                           base_weights=resident_tensors(self.model))
-        missing = [p for p in loaded.factors if p not in self.slots and not _is_linear(self.model, p)]
-        if missing:
-            raise BaseMismatch(f"{book.ref} targets {', '.join(missing[:3])}, which this base "
-                               "does not have as linear layers")
+        loaded = load_checked(self.base, book, model=self.model, dtype=dtype,
+                              path="a session", force=force)
         new_slots = [p for p in loaded.factors if p not in self.slots]
         for path in new_slots:
             self.slots[path] = slot_mod.wrap(self.model, path)

@@ -1,0 +1,182 @@
+"""What a request's ``model`` field names: the plain base, a pocket book, or a stack.
+
+``BASE_ID`` is the plain base; ``NAME`` (latest version) or ``NAME@V`` one pocket book; a saved
+stack expands to its members; ``a+b`` and ``a*1+b*0.5`` are stacks written inline (weight 1
+where none is given). A pocket book trained ``--on`` others brings them underneath it at
+weight 1 unless the name gives one itself — the rule of :meth:`Session.stack` and of
+:func:`adapterkit.runtime.peft_model.members_of`, the reference the server is checked against.
+
+The base id wins over a pocket book of the same name. The library is asked afresh on every
+call, so a pocket book trained or pulled while the server runs is servable at once, and ``NAME``
+always means its latest version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from adapterkit.base.compat import check_base
+from adapterkit.errors import ConfigError, InvalidAdapter, InvalidName, PocketBookNotFound
+from adapterkit.library.names import parse_ref
+from adapterkit.library.store import Library, PocketBook
+
+#: How many pocket books one stack may name (a bound on the work one request can ask for).
+MAX_MEMBERS = 16
+
+
+@dataclass(frozen=True)
+class Target:
+    """What answers a request: ``key`` is canonical (``""`` for the plain base, ``triage@2``
+    for one pocket book, ``triage@2*1+law@1*0.5`` for a stack); ``members`` are its pocket
+    books with their weights, underlays first (empty for the plain base)."""
+
+    key: str
+    members: tuple[tuple[str, float], ...] = ()
+
+
+PLAIN = Target("")
+
+
+def parse(model: str) -> list[tuple[str, float | None]]:
+    """``a*1+b*0.5`` → ``[("a", 1.0), ("b", 0.5)]`` (``None`` where no weight is written).
+
+    Raises :class:`ConfigError` for an empty term, a weight that is not a finite number, a
+    name written twice or too many members; names themselves are checked by the library.
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError("model must name the base, a pocket book (NAME or NAME@V) or a "
+                          "stack (a+b, a*1+b*0.5)")
+    terms: list[tuple[str, float | None]] = []
+    for raw in model.split("+"):
+        name, star, weight_text = (part.strip() for part in raw.partition("*"))
+        if not name:
+            raise ConfigError(f"model {model!r} has an empty term; write a+b or a*1+b*0.5")
+        weight: float | None = None
+        if star:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise ConfigError(f"weight {weight_text!r} in model {model!r} is not a number; "
+                                  "write NAME*WEIGHT, e.g. law*0.5") from None
+            if not math.isfinite(weight):
+                raise ConfigError(f"weight {weight_text!r} in model {model!r} must be finite")
+        terms.append((name, weight))
+    names = [n for n, _ in terms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"model {model!r} names {', '.join(twice)} twice; give each pocket "
+                          "book once, with its weight")
+    if len(terms) > MAX_MEMBERS:
+        raise ConfigError(f"model {model!r} stacks {len(terms)} pocket books; at most "
+                          f"{MAX_MEMBERS}")
+    return terms
+
+
+def resolve(library: Library, base: Any, model: str, *, base_id: str) -> Target:
+    """The :class:`Target` ``model`` names on ``base``, checked against the library now.
+
+    Raises :class:`PocketBookNotFound` for a name the library does not have (never an answer
+    from the plain base), :class:`~adapterkit.errors.BaseMismatch` (both fingerprints named)
+    for a pocket book of another base, :class:`ConfigError` for bad syntax or weights, and
+    :class:`InvalidAdapter` for a pocket book that cannot generate (a reward head).
+    """
+    if model == base_id:
+        return PLAIN
+    terms = parse(model)
+    inline = len(terms) > 1 or terms[0][1] is not None
+    explicit: list[tuple[PocketBook, float]] = []
+    for name, weight in terms:
+        book = _get(library, name, inline=inline)
+        if book.meta.kind == "stack":
+            if inline:
+                raise ConfigError(f"{book.ref} is a saved stack; name it alone, or write its "
+                                  "members into the stack instead")
+            saved = dict(book.meta.hyperparameters.get("weights") or {})
+            explicit += [(_get(library, ref, inline=True), _weight(book.ref, ref, w))
+                         for ref, w in saved.items()]
+            continue
+        explicit.append((book, 1.0 if weight is None else weight))
+    named = {b.ref for b, _ in explicit}
+    under: dict[str, PocketBook] = {}
+    for book, _ in explicit:
+        for ref in book.meta.stacked_on:
+            below = library.get(ref)
+            if below.ref not in named:
+                under.setdefault(below.ref, below)
+    members = [*((b, 1.0) for b in under.values()), *explicit]
+    for book, _ in members:
+        if book.meta.kind != "adapter":
+            raise ConfigError(f"{book.ref} is a {book.meta.kind}; a stack's members are single "
+                              "pocket books")
+        check_base(base, book)
+        _refuse_reward(book)
+    pairs = tuple((b.ref, w) for b, w in members)
+    return Target(_key(pairs), pairs)
+
+
+def models(library: Library, base: Any, *, base_id: str) -> list[dict[str, Any]]:
+    """``/v1/models``: the plain base, then the latest version of every pocket book and saved
+    stack made on ``base`` (``id`` is the name a request uses; ``ref`` the version it means
+    now). Reward pocket books, which score text rather than generate it, are left out."""
+    created = int(getattr(base.source.folder.stat(), "st_mtime", 0)) \
+        if base.source.folder.exists() else 0
+    out: list[dict[str, Any]] = [{"id": base_id, "object": "model", "owned_by": "adapterkit",
+                                  "kind": "base", "created": created}]
+    for summary in library.list(base=base.fingerprint):
+        if summary.base_fingerprint != base.fingerprint or summary.trainer == "reward":
+            continue
+        out.append({"id": summary.name, "object": "model", "owned_by": "adapterkit",
+                    "kind": "stack" if summary.kind == "stack" else "adapter",
+                    "created": _epoch(summary.created),
+                    "ref": f"{summary.name}@{summary.version}"})
+    return out
+
+
+def _get(library: Library, name: str, *, inline: bool) -> PocketBook:
+    try:
+        return library.get(parse_ref(name))
+    except InvalidName as exc:
+        if inline:
+            raise ConfigError(f"{name!r} in a stack is not a pocket-book name: {exc}") from None
+        raise PocketBookNotFound(f"no model named {name!r}: GET /v1/models lists the base and "
+                                 "the pocket books this server can answer with") from None
+
+
+def _weight(stack: str, ref: str, weight: Any) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+            or not math.isfinite(weight):
+        raise ConfigError(f"saved stack {stack} gives {ref} the weight {weight!r}; re-save it "
+                          "with numbers")
+    return float(weight)
+
+
+def _refuse_reward(book: PocketBook) -> None:
+    from adapterkit.lora.underlay import refuse_reward
+
+    try:
+        refuse_reward(book)
+    except InvalidAdapter as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _key(pairs: tuple[tuple[str, float], ...]) -> str:
+    if len(pairs) == 1 and pairs[0][1] == 1.0:
+        return pairs[0][0]
+    return "+".join(f"{ref}*{_number(weight)}" for ref, weight in pairs)
+
+
+def _number(weight: float) -> str:
+    """The shortest text that reads back as ``weight`` (``1``, ``0.5``): two weights never
+    share a key."""
+    text = repr(weight)
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _epoch(stamp: str) -> int:
+    try:
+        return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0

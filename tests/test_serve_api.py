@@ -1,0 +1,586 @@
+"""`adapterkit serve` over HTTP: the real server (uvicorn on a free port, the real Engine on the
+tiny base) driven by the official `openai` client, checked against `Session.generate` — a
+second code path that never touches the server — and every bad input answered with an
+OpenAI-shaped error."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+import adapterkit
+from adapterkit.base.load import load_base
+from adapterkit.library.metadata import WEIGHTS_FILE
+from adapterkit.library.store import Library
+from adapterkit.plugin_api.testing import make_peft_adapter, tiny_tokenizer
+from adapterkit.serving.app import create_app
+from adapterkit.serving.engine import Engine
+from adapterkit.serving.listen import check_exposure, is_loopback, running
+from adapterkit.serving.openai_io import Detokenizer, StopText
+
+BOOKS = {"law": dict(seed=1, r=4, target_modules=["q_proj", "v_proj"]),
+         "code": dict(seed=2, r=8, target_modules="all-linear"),
+         "chem": dict(seed=3, r=2, target_modules=["o_proj", "down_proj"], lora_alpha=5),
+         "bedside": dict(seed=4, r=4, target_modules=["q_proj", "k_proj", "gate_proj"])}
+PROMPT = "The patient reports chest pain."
+TOKENS = 24
+
+
+def wait_for(check: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return bool(check())
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, other_base, tmp_path_factory):
+    """One library (four pocket books of the tiny base, one of another base, one damaged), one
+    engine, one server for the module."""
+    root = tmp_path_factory.mktemp("serve")
+    home = root / "home"
+    library = Library(home)
+    for name, options in BOOKS.items():
+        library.import_peft(make_peft_adapter(tiny_base, root / name, **options), name,
+                            base=str(tiny_base))
+    library.import_peft(make_peft_adapter(other_base, root / "foreign"), "foreign",
+                        base=str(other_base))
+    library.import_peft(make_peft_adapter(tiny_base, root / "broken", seed=9), "broken",
+                        base=str(tiny_base))
+    weights = library.get("broken").path / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # damaged on disk after it was saved: its checksum no longer holds
+    weights.write_bytes(bytes(data))
+    engine = Engine(load_base(str(tiny_base), home=home), library, max_batch=8)
+    engine.start()
+    try:
+        with running(create_app(engine)) as url:
+            yield SimpleNamespace(url=url, engine=engine, home=home, library=library,
+                                  base=engine.base, tiny_base=tiny_base, root=root)
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def session(served):
+    """The reference: a session on its own copy of the base (never the server's)."""
+    return adapterkit.open(str(served.tiny_base), home=served.home)
+
+
+@pytest.fixture(scope="module")
+def client(served) -> OpenAI:
+    return OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def slow(tiny_base, served):
+    """A second server whose engine takes ~20 ms a step, one row and one waiting request:
+    room to disconnect mid-answer and to fill the queue."""
+    base = load_base(str(tiny_base), home=served.home)
+    base.model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: time.sleep(0.02))
+    engine = Engine(base, served.library, max_batch=1, max_queue=1)
+    engine.start()
+    try:
+        with running(create_app(engine)) as url:
+            yield SimpleNamespace(url=url, engine=engine,
+                                  client=OpenAI(base_url=url + "/v1", api_key="unused",
+                                                max_retries=0))
+    finally:
+        engine.close()
+
+
+def chat(client: OpenAI, model: str, prompt: str = PROMPT, **options: Any) -> Any:
+    options.setdefault("max_tokens", TOKENS)
+    options.setdefault("temperature", 0)
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], **options)
+
+
+def post(served: Any, path: str, body: Any, **kwargs: Any) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(served.url + path, content=content,
+                      headers={"Content-Type": "application/json"}, timeout=30, **kwargs)
+
+
+def spy_requests(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    seen: list[Any] = []
+    submit = engine.submit
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        request = submit(*args, **kwargs)
+        seen.append(request)
+        return request
+
+    monkeypatch.setattr(engine, "submit", spy)
+    return seen
+
+
+# -- the openai client against the server ----------------------------------------------------
+
+def test_models_lists_the_base_and_every_pocket_book_of_that_base(served, client):
+    ids = {m.id for m in client.models.list().data}
+    assert {served.engine.base_id, *BOOKS} <= ids
+    assert "foreign" not in ids  # made on another base
+    assert client.models.retrieve("law").id == "law"
+
+
+def test_chat_answers_come_from_the_requested_pocket_book_in_one_mixed_batch(
+        served, client, session, monkeypatch):
+    """Four pocket books and the plain base asked at once (one batch): each answer equals
+    Session.generate of the same prompt with that pocket book, and they all differ."""
+    seen = spy_requests(served.engine, monkeypatch)
+    models = [served.engine.base_id, *BOOKS]
+    with ThreadPoolExecutor(len(models)) as pool:
+        answers = list(pool.map(lambda m: chat(client, m), models))
+    got = {m: a.choices[0].message.content for m, a in zip(models, answers)}
+    expected = {m: session.generate(PROMPT, adapter=None if m == served.engine.base_id else m,
+                                    max_new_tokens=TOKENS) for m in models}
+    assert {m: text.strip() for m, text in got.items()} == expected
+    assert len(set(got.values())) == len(models)
+    assert [a.model for a in answers] == [served.engine.base_id, *(f"{b}@1" for b in BOOKS)]
+    assert len(seen) == len(models)
+    for answer in answers:
+        assert answer.usage.completion_tokens <= TOKENS
+        assert answer.usage.total_tokens == answer.usage.prompt_tokens + \
+            answer.usage.completion_tokens
+
+
+def test_completion_takes_the_prompt_raw_and_counts_usage(served, client, session):
+    answer = client.completions.create(model="code", prompt=PROMPT, max_tokens=TOKENS,
+                                       temperature=0)
+    assert answer.choices[0].text.strip() == session.generate(
+        PROMPT, adapter="code", chat=False, max_new_tokens=TOKENS)
+    prompt_ids = served.base.tokenizer(PROMPT)["input_ids"]
+    assert answer.usage.prompt_tokens == len(prompt_ids)
+    if answer.choices[0].finish_reason == "length":
+        assert answer.usage.completion_tokens == TOKENS
+
+
+def test_stream_sends_the_same_answer_in_chunks_then_usage(served, client):
+    whole = chat(client, "chem").choices[0].message.content
+    stream = chat(client, "chem", stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(texts) == whole and len(texts) > 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+    completion = client.completions.create(model="chem", prompt=PROMPT, max_tokens=TOKENS,
+                                           temperature=0)
+    streamed = client.completions.create(model="chem", prompt=PROMPT, max_tokens=TOKENS,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+
+
+def test_stack_and_version_names_answer_as_a_session_stack(client, session):
+    answer = chat(client, "law*1+code*0.5")
+    assert answer.model == "law@1*1+code@1*0.5"
+    assert answer.choices[0].message.content.strip() == session.generate(
+        PROMPT, adapter={"law": 1.0, "code": 0.5}, max_new_tokens=TOKENS)
+    assert chat(client, "law@1").choices[0].message.content == \
+        chat(client, "law").choices[0].message.content
+
+
+def test_n_choices_each_a_row_with_its_own_seed(client, session):
+    greedy = chat(client, "law", n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert {c.message.content.strip() for c in greedy.choices} == {
+        session.generate(PROMPT, adapter="law", max_new_tokens=TOKENS)}
+    assert greedy.usage.completion_tokens == 3 * chat(client, "law").usage.completion_tokens
+    sampled = chat(client, "law", n=3, temperature=1.0, seed=11)
+    texts = [c.message.content for c in sampled.choices]
+    assert len(set(texts)) > 1  # seed + j for choice j: the choices differ
+    assert chat(client, "law", temperature=1.0, seed=11).choices[0].message.content == texts[0]
+
+
+def test_stop_string_is_cut_from_the_answer_and_finishes_with_stop(client):
+    full = chat(client, "bedside").choices[0].message.content
+    stop = next(full[i:i + 2] for i in range(4, len(full) - 2)
+                if "\ufffd" not in full[i:i + 2] and full[i:i + 2].strip())
+    cut = full[:full.index(stop)]
+    answer = chat(client, "bedside", stop=stop)
+    assert answer.choices[0].message.content == cut
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage.completion_tokens <= chat(client, "bedside").usage.completion_tokens
+    chunks = list(chat(client, "bedside", stop=["never there", stop], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_a_pocket_book_added_while_serving_is_servable_at_once(served, client, session):
+    path = make_peft_adapter(served.tiny_base, served.root / "late", seed=21)
+    served.library.import_peft(path, "late", base=str(served.tiny_base))
+    assert "late" in {m.id for m in client.models.list().data}
+    assert chat(client, "late").choices[0].message.content.strip() == session.generate(
+        PROMPT, adapter="late", max_new_tokens=TOKENS)
+
+
+# -- bad input: an OpenAI-shaped error, never a traceback, never a wrong answer ---------------
+
+def test_unknown_model_is_404_never_the_plain_base(served, client):
+    for call in (lambda: chat(client, "nosuch"),
+                 lambda: client.completions.create(model="nosuch", prompt="x", max_tokens=4),
+                 lambda: chat(client, "law+nosuch")):
+        with pytest.raises(openai.NotFoundError) as info:
+            call()
+        assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+    response = post(served, "/v1/chat/completions",
+                    {"model": "nosuch", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 404 and set(response.json()["error"]) == {
+        "message", "type", "param", "code"}
+
+
+def test_a_pocket_book_of_another_base_is_400_naming_both_fingerprints(served, client):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "foreign")
+    foreign = served.library.get("foreign").meta.base_fingerprint
+    message = info.value.body["message"]  # type: ignore[index]
+    assert served.base.fingerprint[:12] in message and foreign[:12] in message
+
+
+OK_MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body", [
+    b"not json",
+    b'{"model": "law", "messages": [',
+    b"[1, 2, 3]",
+    {"messages": OK_MESSAGES},
+    {"model": 5, "messages": OK_MESSAGES},
+    {"model": "law", "messages": "hi"},
+    {"model": "law", "messages": []},
+    {"model": "law", "messages": [{"role": "wizard", "content": "hi"}]},
+    {"model": "law", "messages": OK_MESSAGES, "max_tokens": "5"},
+    {"model": "law", "messages": OK_MESSAGES, "temperature": "hot"},
+    {"model": "law", "messages": OK_MESSAGES, "temperature": 3},
+    {"model": "law", "messages": OK_MESSAGES, "top_p": 0},
+    {"model": "law", "messages": OK_MESSAGES, "n": True},
+    {"model": "law", "messages": OK_MESSAGES, "n": 0},
+    {"model": "law", "messages": OK_MESSAGES, "stop": 3},
+    {"model": "law", "messages": OK_MESSAGES, "stop": ""},
+    {"model": "law", "messages": OK_MESSAGES, "seed": -1},
+    {"model": "law", "messages": OK_MESSAGES, "stream": "yes"},
+    {"model": "law", "messages": OK_MESSAGES, "bogus": 1},
+    {"model": "law*x+code", "messages": OK_MESSAGES},
+])
+def test_malformed_json_and_wrong_types_are_400(served, body):
+    response = post(served, "/v1/chat/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("options,param", [
+    ({"logprobs": True}, "logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_options_it_cannot_honour_are_refused_by_name(client, options, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "law", **options)
+    assert info.value.body["param"] == param  # type: ignore[index]
+
+
+def test_max_tokens_at_most_zero_or_above_the_cap_is_400(served, client):
+    cap = served.engine.max_new_tokens_cap
+    for value in (0, -1, cap + 1):
+        with pytest.raises(openai.BadRequestError) as info:
+            chat(client, "law", max_tokens=value)
+        assert info.value.body["param"] == "max_tokens"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="law", prompt="x", max_tokens=0)
+
+
+def test_a_prompt_longer_than_the_context_is_400(served, client):
+    context = served.engine.context_length
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="law", prompt=[5] * context, max_tokens=4)
+    assert info.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:  # fits alone, not with its answer
+        client.completions.create(model="law", prompt=[5] * (context - 10), max_tokens=20)
+    assert "lower max_tokens" in info.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        chat(client, "law", prompt="chest pain " * context)
+    with pytest.raises(openai.BadRequestError):  # token ids outside the vocabulary
+        client.completions.create(model="law", prompt=[10**6], max_tokens=4)
+
+
+def test_a_full_queue_is_429_with_retry_after(slow):
+    engine, client = slow.engine, slow.client
+    running_one = chat(client, "law", max_tokens=200, stream=True)
+    assert wait_for(lambda: engine.stats()["batch_size"] == 1)
+    waiting = chat(client, "code", max_tokens=200, stream=True)
+    assert wait_for(lambda: engine.stats()["queue_depth"] == 1)
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(client, "chem", max_tokens=4)
+    assert info.value.response.headers["retry-after"] == "1"
+    assert info.value.body["code"] == "queue_full"  # type: ignore[index]
+    running_one.close()
+    waiting.close()
+    assert wait_for(lambda: engine.stats()["batch_size"] == 0
+                    and engine.stats()["queue_depth"] == 0)
+
+
+def test_a_client_leaving_mid_stream_frees_its_row(slow, monkeypatch):
+    seen = spy_requests(slow.engine, monkeypatch)
+    stream = chat(slow.client, "law", max_tokens=200, stream=True)
+    pieces = 0
+    for chunk in stream:
+        pieces += bool(chunk.choices and chunk.choices[0].delta.content)
+        if pieces == 3:
+            break
+    stream.close()
+    (request,) = seen
+    assert wait_for(lambda: request.finish == "cancelled", timeout=5)
+    assert request.completion_tokens < 100  # 200 would take 4 s at 20 ms a step
+    assert wait_for(lambda: slow.engine.stats()["batch_size"] == 0)
+
+
+def test_a_client_leaving_before_a_whole_answer_frees_its_row(slow, monkeypatch):
+    seen = spy_requests(slow.engine, monkeypatch)
+    body = {"model": "law", "max_tokens": 200, "messages": OK_MESSAGES}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(slow.url + "/v1/chat/completions", json=body, timeout=0.4)
+    (request,) = seen
+    assert wait_for(lambda: request.finish == "cancelled", timeout=5)
+    assert request.completion_tokens < 150
+
+
+def test_a_damaged_pocket_book_fails_alone(client, session):
+    with ThreadPoolExecutor(2) as pool:
+        good = pool.submit(chat, client, "law", max_tokens=48)
+        bad = pool.submit(chat, client, "broken")
+        with pytest.raises(openai.InternalServerError) as info:
+            bad.result()
+        assert "broken@1" in info.value.body["message"]  # type: ignore[index]
+        assert good.result().choices[0].message.content.strip() == session.generate(
+            PROMPT, adapter="law", max_new_tokens=48)
+    with pytest.raises(openai.APIError):  # streaming: an error event, then the stream ends
+        list(chat(client, "broken", stream=True))
+    assert chat(client, "law").choices[0].finish_reason in ("stop", "length")
+
+
+def test_unknown_route_and_method_are_openai_errors(served):
+    response = httpx.get(served.url + "/v1/nothing")
+    assert response.status_code == 404 and "error" in response.json()
+    response = httpx.get(served.url + "/v1/chat/completions")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+# -- health, metrics, the library, the page ---------------------------------------------------
+
+def test_health_metrics_and_library(served, client):
+    chat(client, "law")
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+    metrics = httpx.get(served.url + "/metrics").text
+    for name in ("adapterkit_http_requests_total", "adapterkit_completion_tokens_total",
+                 "adapterkit_engine_tokens_total", "adapterkit_queue_depth",
+                 "adapterkit_batch_size", "adapterkit_attached_books"):
+        assert name in metrics
+    assert 'adapterkit_attached_book{book="law@1"} 1.0' in metrics
+    library = httpx.get(served.url + "/api/library").json()
+    assert library["base"] == served.engine.base_id
+    books = {b["name"]: b for b in library["books"]}
+    assert "foreign" not in books and set(BOOKS) <= set(books)
+    assert (books["law"]["rank"], books["code"]["rank"]) == (4, 8)
+    assert books["law"]["id"] == "law@1" and books["law"]["kind"] == "adapter"
+    assert books["law"]["forgetting"] is None  # imported: never measured here
+
+
+def test_the_page_and_its_files_are_served(served):
+    static = Path(adapterkit.__file__).parent / "serving" / "static"
+    page = httpx.get(served.url + "/")
+    assert page.status_code == 200 and page.text == (static / "index.html").read_text()
+    for path in static.iterdir():
+        assert httpx.get(f"{served.url}/static/{path.name}").content == path.read_bytes()
+    assert httpx.get(served.url + "/static/nothing.js").status_code == 404
+
+
+# -- the key and the address ------------------------------------------------------------------
+
+def test_api_key_is_required_and_compared_in_constant_time(served, monkeypatch, caplog):
+    key = "s3cret-key-for-tests"
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    caplog.set_level(logging.DEBUG)
+    with running(create_app(served.engine, api_key=key)) as url:
+        for wrong in (None, "wrong", key + "x"):
+            headers = {"Authorization": f"Bearer {wrong}"} if wrong else {}
+            response = httpx.get(url + "/v1/models", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+            assert key not in response.text
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/api/library").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # the page can load
+        assert httpx.get(url + "/").status_code == 200
+        good = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        assert chat(good, "law").choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            chat(OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0), "law")
+    assert compared and all(b == key.encode() for _, b in compared)
+    assert key not in caplog.text
+
+
+def test_loopback_rule():
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        assert is_loopback(host)
+        check_exposure(host, None, False)
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.com"):
+        assert not is_loopback(host)
+        with pytest.raises(adapterkit.errors.ConfigError, match="--api-key"):
+            check_exposure(host, None, False)
+        check_exposure(host, "key", False)
+        check_exposure(host, None, True)
+
+
+def test_serve_refuses_a_public_host_without_a_key_before_loading(adapterkit_cli, tmp_path):
+    missing = tmp_path / "no-such-base"
+    result = adapterkit_cli("serve", "--base", missing, "--host", "0.0.0.0")
+    assert result.exit_code == 1
+    assert "--api-key" in result.output and "no-such-base" not in result.output
+    result = adapterkit_cli("serve", "--base", missing, "--host", "0.0.0.0", "--api-key", " ")
+    assert result.exit_code == 1 and "must not be empty" in result.output
+
+
+def test_serve_says_when_the_port_is_taken(adapterkit_cli, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = adapterkit_cli("serve", "--base", tmp_path / "none", "--port", port)
+    assert result.exit_code == 1 and f"port {port}" in result.output and "--port" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_help_teaches_and_the_cli_stays_light():
+    code = ("import sys\nfrom adapterkit.cli import main\n"
+            "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'fastapi', 'uvicorn', 'openai') if m in sys.modules]\n"
+            "print('HEAVY', heavy, file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in out.stderr, out.stderr
+    assert "curl" in out.stdout and "from openai import OpenAI" in out.stdout
+    assert "--api-key" in out.stdout and "--insecure" in out.stdout
+
+
+# -- swap and chat through a server -----------------------------------------------------------
+
+def test_swap_with_server_answers_every_book_at_once(served, session, adapterkit_cli):
+    result = adapterkit_cli("swap", "law", "code", "--prompt", PROMPT, "--max-new-tokens",
+                            TOKENS, "--server", served.url, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["plain"] == session.generate(PROMPT, adapter=None, max_new_tokens=TOKENS)
+    assert {r["pocket_book"]: r["answer"] for r in out["pocket_books"]} == {
+        f"{b}@1": session.generate(PROMPT, adapter=b, max_new_tokens=TOKENS)
+        for b in ("law", "code")}
+    text = adapterkit_cli("swap", "law", "--prompt", PROMPT, "--server", served.url + "/v1")
+    assert text.exit_code == 0 and "[law@1]" in text.stdout and "[plain base]" in text.stdout
+    refused = adapterkit_cli("swap", "law", "--prompt", "x", "--server", served.url, "--force")
+    assert refused.exit_code == 1 and "--force" in refused.output
+    keyless = adapterkit_cli("swap", "law", "--prompt", "x", "--api-key", "k")
+    assert keyless.exit_code == 1 and "--server" in keyless.output
+    missing = adapterkit_cli("swap", "nosuch", "--prompt", "x", "--server", served.url)
+    assert missing.exit_code == 1 and "404" in missing.output and "Traceback" not in missing.output
+
+
+def test_chat_with_server_streams_from_the_chosen_model(served, session, adapterkit_cli):
+    lines = ["/swap law", PROMPT, "/off", PROMPT, "/swap nosuch", "/stack law=1 code=0.5",
+             PROMPT, "/list", "/quit"]
+    result = adapterkit_cli("chat", "--server", served.url, "--max-new-tokens", TOKENS,
+                            input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    for adapter in ("law", None, {"law": 1.0, "code": 0.5}):
+        assert session.generate(PROMPT, adapter=adapter, max_new_tokens=TOKENS) in result.stdout
+    assert "now answering with law@1" in result.stdout
+    assert "law@1*1+code@1*0.5" in result.stdout
+    assert "Error:" in result.output and "nosuch" in result.output
+    unreachable = adapterkit_cli("chat", "--server", "http://127.0.0.1:9", input="/quit\n")
+    assert unreachable.exit_code == 1 and "cannot reach" in unreachable.output
+
+
+# -- the text side, unit by unit ---------------------------------------------------------------
+
+def test_detokenizer_streams_characters_split_over_tokens():
+    tokenizer = tiny_tokenizer()
+    text = "naïve 🎉🎉 — wörld"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # byte-level: some characters span several tokens
+    detok = Detokenizer(tokenizer, tokenizer("Hi", add_special_tokens=False)["input_ids"])
+    pieces = [detok.add(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # a token that ends mid-character waits for the next one
+
+
+def test_stop_text_holds_back_what_could_become_a_stop_string():
+    stop = StopText(["END", "xyz"])
+    assert stop.feed("hello E") == "hello "  # "E" may start "END"
+    assert stop.feed("x") == "E"  # "E" cannot start "END" now; "x" may start "xyz"
+    stop = StopText(["END"])
+    assert [stop.feed(c) for c in "ab EN"] == ["a", "b", " ", "", ""]
+    assert stop.feed("D and more") == "" and stop.stopped
+    assert stop.text == "ab "
+    loose = StopText(["END"])
+    assert loose.feed("ab EN") == "ab " and loose.feed("d") == "ENd" and not loose.stopped
+    assert StopText([]).feed("anything") == "anything"
+    tail = StopText(["END"])
+    assert tail.feed("ab EN") == "ab " and tail.flush() == "EN"
+
+
+def test_concurrent_streams_each_get_their_own_answer(client, session):
+    """Many streams at once over the books: none receives another's tokens."""
+    models = list(BOOKS) * 3
+    lock = threading.Lock()
+    got: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        text = "".join(c.choices[0].delta.content or "" for c in
+                       chat(client, models[i], stream=True) if c.choices)
+        with lock:
+            got[i] = text
+
+    with ThreadPoolExecutor(len(models)) as pool:
+        list(pool.map(one, range(len(models))))
+    expected = {b: session.generate(PROMPT, adapter=b, max_new_tokens=TOKENS) for b in BOOKS}
+    assert all(got[i].strip() == expected[m] for i, m in enumerate(models))
+
+
+def test_a_wrong_body_names_each_field_once(served):
+    response = post(served, "/v1/chat/completions",
+                    {"model": "law", "messages": OK_MESSAGES, "stop": 3, "max_tokens": "5",
+                     "bogus": 1})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "max_tokens"
+    assert error["message"] == ("'max_tokens': Input should be a valid integer; "
+                                "'stop' must be a string or a list of strings; "
+                                "unrecognized request argument 'bogus'")

@@ -1,0 +1,309 @@
+"""The serving engine: mixed-adapter batches answer exactly as each request would alone.
+
+The reference is plain PEFT's ``generate`` of one prompt at a time (what ``adapterkit generate``
+runs, :mod:`adapterkit.runtime.peft_model`), never the engine's own math.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterkit.base.load import load_base
+from adapterkit.errors import BaseMismatch, ConfigError, PocketBookNotFound, QueueFull
+from adapterkit.library.metadata import WEIGHTS_FILE
+from adapterkit.library.store import Library
+from adapterkit.lora.combine import stack
+from adapterkit.plugin_api.testing import make_peft_adapter
+from adapterkit.runtime.generation import render_prompt
+from adapterkit.runtime.peft_model import peft_model
+from adapterkit.serving.engine import Engine
+
+NEW = 12
+#: name → make_peft_adapter arguments: four pocket books that differ in seed, rank and layers.
+BOOKS = {
+    "law": dict(seed=1, r=4, target_modules=["q_proj", "v_proj"]),
+    "code": dict(seed=2, r=8, target_modules="all-linear"),
+    "chem": dict(seed=3, r=2, target_modules=["o_proj", "down_proj"], lora_alpha=5),
+    "bio": dict(seed=4, r=4, target_modules=["k_proj", "up_proj", "gate_proj"],
+                use_rslora=True),
+    "deep": dict(seed=5, r=4, target_modules=["q_proj", "o_proj"]),  # trained --on law
+}
+QUESTIONS = ["Name 1?", "The patient reports chest pain and shortness of breath.",
+             "A mild rash?", "Rivers carve valleys over thousands of years; why?",
+             "def add(a, b):", "Colour of item 3?", "Greet person 4.", "Name 2?"]
+
+
+@pytest.fixture(scope="module")
+def lib(tiny_base, tmp_path_factory) -> Library:
+    root = tmp_path_factory.mktemp("serve-engine")
+    library = Library(root / "home")
+    for name, kwargs in BOOKS.items():
+        library.import_peft(make_peft_adapter(tiny_base, root / name, **kwargs), name,
+                            base=str(tiny_base))
+    # as `train --on law` records it: loading deep brings law back underneath, at weight 1
+    library.update_meta("deep", lambda meta: setattr(meta, "stacked_on", ["law@1"]))
+    stack(library, ["law", "code"], [1.0, 0.5], name="mix")
+    return library
+
+
+def fresh(tiny_base: Path, lib: Library):
+    return load_base(str(tiny_base), home=lib.home)
+
+
+def prompt_ids(base, question: str) -> list[int]:
+    text = render_prompt(base.tokenizer, question, chat=True)  # as `adapterkit generate` does
+    return base.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+_REFERENCE: dict[tuple[str, str, int], tuple[list[int], str]] = {}
+
+
+def reference(tiny_base, lib, model: str, question: str, new: int = NEW) -> tuple[list[int], str]:
+    """Plain PEFT (or the plain base) generating this one prompt alone: tokens, finish."""
+    key = (model, question, new)
+    if key not in _REFERENCE:
+        base = fresh(tiny_base, lib)
+        ids = prompt_ids(base, question)
+        if model == base.name:
+            net = base.model
+        elif "+" in model:
+            weights = [(lib.get(part.split("*")[0]), float(part.split("*")[1]))
+                       for part in model.split("+")]
+            net = peft_model(base, weights[-1][0], library=lib, weights=weights)
+        else:
+            net = peft_model(base, lib.get(model), library=lib)
+        with torch.no_grad():
+            out = net.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(
+                1, len(ids), dtype=torch.long), max_new_tokens=new, do_sample=False,
+                pad_token_id=base.tokenizer.pad_token_id)
+        tokens = out[0, len(ids):].tolist()
+        eos = base.model.generation_config.eos_token_id
+        if tokens and tokens[-1] == eos:
+            _REFERENCE[key] = (tokens[:-1], "stop")
+        else:
+            _REFERENCE[key] = (tokens, "length")
+    return _REFERENCE[key]
+
+
+def drain(request, timeout: float = 60) -> tuple[list[int], str, str | None]:
+    tokens = []
+    while True:
+        event = request.events.get(timeout=timeout)
+        if event.finish is not None:
+            assert request.events.empty()
+            return tokens, event.finish, event.error
+        tokens.append(event.token)
+
+
+def run_sync(engine: Engine, requests) -> list[tuple[list[int], str, str | None]]:
+    while engine.step():
+        pass
+    return [drain(r, timeout=1) for r in requests]
+
+
+MIXED = ["law", "code", "chem", "bio", "BASE", "mix", "deep", "law*1+chem*0.5"]
+
+
+def test_mixed_batch_equals_each_request_alone(tiny_base, lib):
+    """Four pocket books, the plain base, a saved stack, a book trained --on another and an
+    inline stack, all decoded together in one batch by the background thread: every greedy
+    answer equals plain PEFT's for that prompt alone, token for token."""
+    base = fresh(tiny_base, lib)
+    models = [base.name if m == "BASE" else m for m in MIXED]
+    expected = [reference(tiny_base, lib, m, q) for m, q in zip(models, QUESTIONS)]
+    # the pocket books really differ: from the base and from each other, on one prompt
+    same_prompt = [reference(tiny_base, lib, m, QUESTIONS[1])[0] for m in models]
+    assert len({tuple(t) for t in same_prompt}) == len(models), same_prompt
+    engine = Engine(base, lib, max_batch=8)
+    requests = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW)
+                for m, q in zip(models, QUESTIONS)]
+    engine.start()  # after the submits, so that all eight share the first prefill
+    try:
+        got = [drain(r) for r in requests]
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for model, (tokens, finish, error), (want, want_finish) in zip(models, got, expected):
+        assert error is None
+        assert (tokens, finish) == (want, want_finish), model
+    assert stats["prefills_total"] == 1  # all eight joined in one prefill: one batch
+    assert stats["steps_total"] <= NEW  # and decoded together: one forward per step
+    assert stats["tokens_total"] == sum(len(t) for t, _, _ in got)
+
+
+def test_requests_joining_mid_decode_still_equal_alone(tiny_base, lib):
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib, max_batch=8)
+    first = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW)
+             for m, q in (("code", QUESTIONS[0]), (base.name, QUESTIONS[2]))]
+    for _ in range(3):
+        engine.step()
+    # longer prompts than the running rows have (those are left-padded) and a shorter one
+    later = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW)
+             for m, q in (("law", QUESTIONS[3]), ("mix", QUESTIONS[4]), ("chem", QUESTIONS[1]))]
+    engine.step()  # the later ones are prefilled and join the running two
+    assert all(r.finish is None and r.completion_tokens >= 3 for r in first)
+    assert engine.stats()["batch_size"] == 5
+    got = run_sync(engine, first + later)
+    models = ["code", base.name, "law", "mix", "chem"]
+    questions = [QUESTIONS[i] for i in (0, 2, 3, 4, 1)]
+    for model, question, (tokens, finish, _) in zip(models, questions, got):
+        assert (tokens, finish) == reference(tiny_base, lib, model, question), model
+    engine.close()
+
+
+def test_cancel_frees_the_row_and_the_rest_complete(tiny_base, lib):
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib)
+    # the longest row leaves: the cache columns only it used are trimmed away
+    doomed = engine.submit(prompt_ids(base, QUESTIONS[1]), engine.resolve("code"),
+                           max_tokens=NEW)
+    kept = engine.submit(prompt_ids(base, QUESTIONS[0]), engine.resolve("law"), max_tokens=NEW)
+    engine.step()
+    engine.step()
+    doomed.cancel()
+    engine.step()
+    assert engine.stats()["batch_size"] == 1
+    assert engine._mask.shape[1] == len(prompt_ids(base, QUESTIONS[0])) + 3  # 3 steps
+    tokens, finish, _ = drain(doomed, timeout=1)
+    assert finish == "cancelled" and 1 <= len(tokens) < NEW
+    assert run_sync(engine, [kept])[0][:2] == reference(tiny_base, lib, "law", QUESTIONS[0])
+    waiting = engine.submit(prompt_ids(base, QUESTIONS[2]), engine.resolve("law"), max_tokens=4)
+    waiting.cancel()  # cancelled before it got a row
+    assert run_sync(engine, [waiting]) == [([], "cancelled", None)]
+    engine.max_batch = 1  # a full batch: a cancelled request still leaves the queue at once
+    running = engine.submit(prompt_ids(base, QUESTIONS[0]), engine.resolve("law"),
+                            max_tokens=NEW)
+    engine.step()
+    queued = engine.submit(prompt_ids(base, QUESTIONS[2]), engine.resolve("code"),
+                           max_tokens=NEW)
+    queued.cancel()
+    engine.step()
+    assert queued.finish == "cancelled" and running.finish is None
+    assert engine.stats()["queue_depth"] == 0
+    engine.close()
+
+
+def test_a_corrupt_book_fails_alone(tiny_base, lib, tmp_path):
+    book = lib.import_peft(make_peft_adapter(tiny_base, tmp_path / "bad", seed=9), "bad",
+                           base=str(tiny_base))
+    weights = book.path / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-8:] = b"\x00" * 8  # a damaged disk: the file is no longer what was saved
+    weights.write_bytes(bytes(data))
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib)
+    models = ["law", "bad", base.name, "bad+chem", "chem"]
+    requests = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW)
+                for m, q in zip(models, QUESTIONS)]
+    got = run_sync(engine, requests)
+    for model, question, (tokens, finish, error) in zip(models, QUESTIONS, got):
+        if "bad" in model:
+            assert (tokens, finish) == ([], "error")
+            assert "bad@1" in error and "doctor" in error and "\n" not in error
+        else:
+            assert (tokens, finish) == reference(tiny_base, lib, model, question), model
+    assert "bad@1" not in engine.stats()["attached"]
+    engine.close()
+
+
+def test_lru_keeps_max_attached_frees_the_oldest_and_never_a_running_one(tiny_base, lib):
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib, max_attached=2)
+    for name in ("law", "code"):
+        run_sync(engine, [engine.submit(prompt_ids(base, "Name 1?"), engine.resolve(name),
+                                        max_tokens=2)])
+    law = weakref.ref(next(a.loaded for a in engine._books.values() if a.ref == "law@1"))
+    run_sync(engine, [engine.submit(prompt_ids(base, "Name 1?"), engine.resolve("chem"),
+                                    max_tokens=2)])
+    assert engine.stats()["attached"] == ["code@1", "chem@1"]  # law was used least recently
+    gc.collect()
+    assert law() is None  # and its tensors are gone
+    # two running rows hold both places: a third pocket book waits for one of them to finish
+    running = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=m_tokens)
+               for q, m, m_tokens in ((QUESTIONS[0], "code", 3), (QUESTIONS[1], "chem", NEW))]
+    engine.step()
+    third = engine.submit(prompt_ids(base, QUESTIONS[3]), engine.resolve("bio"), max_tokens=NEW)
+    engine.step()
+    assert third.first_token_at is None and engine.stats()["queue_depth"] == 1
+    got = run_sync(engine, running + [third])
+    assert got[2][:2] == reference(tiny_base, lib, "bio", QUESTIONS[3])
+    assert got[1][:2] == reference(tiny_base, lib, "chem", QUESTIONS[1])
+    assert sorted(engine.stats()["attached"]) == ["bio@1", "chem@1"]
+    with pytest.raises(ConfigError, match="attaches at most 2"):
+        engine.preload(["law+code+chem"])
+    engine.close()
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_base, lib):
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib)
+    ids, target = prompt_ids(base, QUESTIONS[1]), engine.resolve("law")
+
+    def sampled(*others):
+        request = engine.submit(ids, target, max_tokens=NEW, temperature=0.9, top_p=0.9, seed=7)
+        extra = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW,
+                               temperature=1.0) for m, q in others]
+        return run_sync(engine, [request, *extra])[0]
+
+    alone = sampled()
+    assert sampled(("code", QUESTIONS[0]), (base.name, QUESTIONS[2])) == alone
+    assert alone[0] != reference(tiny_base, lib, "law", QUESTIONS[1])[0]  # it did sample
+    engine.close()
+
+
+def test_names_resolve_or_are_refused(tiny_base, other_base, lib, tmp_path):
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib)
+    assert engine.resolve(base.name).members == ()
+    assert engine.resolve("law").key == "law@1"
+    assert dict(engine.resolve("mix").members) == {"law@1": 1.0, "code@1": 0.5}
+    assert engine.resolve("deep").members == (("law@1", 1.0), ("deep@1", 1.0))
+    assert engine.resolve("deep+law*0.5").members == (("deep@1", 1.0), ("law@1", 0.5))
+    assert engine.resolve(" law@1 * 1 + chem*0.25").key == "law@1*1+chem@1*0.25"
+    for unknown in ("nope", "nope@1", "law@7", "gpt-4o", "org/model"):
+        with pytest.raises(PocketBookNotFound):
+            engine.resolve(unknown)
+    for bad in ("", "law+", "+law", "law*", "law*x", "law*nan", "law*inf", "law+law",
+                "mix+law", "mix*0.5", "law+org/model"):
+        with pytest.raises(ConfigError):
+            engine.resolve(bad)
+    lib.import_peft(make_peft_adapter(other_base, tmp_path / "alien"), "alien",
+                    base=str(other_base))
+    alien = lib.get("alien")
+    with pytest.raises(BaseMismatch) as info:
+        engine.resolve("alien")
+    assert alien.meta.base_fingerprint[:12] in str(info.value)
+    assert base.fingerprint[:12] in str(info.value)
+    with pytest.raises(BaseMismatch):
+        engine.resolve("law+alien")
+    listed = {m["id"]: m["kind"] for m in engine.models()}
+    assert listed[base.name] == "base" and listed["mix"] == "stack"
+    assert {"law", "code", "chem", "bio", "deep"} <= {k for k, v in listed.items()
+                                                      if v == "adapter"}
+    assert "alien" not in listed
+    engine.close()
+
+
+def test_bad_requests_and_a_full_queue_are_refused(tiny_base, lib):
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib, max_queue=2, max_new_tokens_cap=64)
+    ids, target = prompt_ids(base, "Name 1?"), engine.resolve("law")
+    for kwargs in (dict(max_tokens=0), dict(max_tokens=65), dict(max_tokens=4, temperature=-1),
+                   dict(max_tokens=4, top_p=0.0), dict(max_tokens=4, seed=-1)):
+        with pytest.raises(ConfigError):
+            engine.submit(ids, target, **kwargs)
+    for prompt in ([], [10**6], list(range(5)) * engine.context_length):
+        with pytest.raises(ConfigError):
+            engine.submit(prompt, target, max_tokens=4)
+    engine.submit(ids, target, max_tokens=4)
+    engine.submit(ids, target, max_tokens=4)
+    with pytest.raises(QueueFull):
+        engine.submit(ids, target, max_tokens=4)
+    engine.close()  # the waiting ones end with a reason, not silently
+    assert engine.stats()["queue_depth"] == 0
