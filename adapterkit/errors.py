@@ -90,3 +90,8 @@ class QueueFull(AdapterkitError):
 class ServerError(AdapterkitError):
     """An ``adapterkit serve`` server that cannot be reached, or that answered with an error
     (the message is the server's own)."""
+
+
+class QuickstartError(AdapterkitError):
+    """The quickstart cannot go on: its data is missing from the install, part two has no
+    triage pocket book to build on, or a pocket book it made drifts from plain PEFT."""

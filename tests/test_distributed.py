@@ -327,7 +327,7 @@ def test_killing_the_launcher_outright_ends_its_ranks_and_saves_nothing(tiny_bas
     assert sorted(ranks) == [0, 1]
     killed = time.monotonic()
     os.kill(launcher.pid, signal.SIGKILL)
-    launcher.communicate()
+    launcher.wait(timeout=30)  # not communicate(): surviving ranks would hold its pipes open
     while any(_alive(pid) for pid in ranks.values()):
         assert time.monotonic() - killed < 30, "ranks still running 30 s after their launcher"
         time.sleep(0.02)
@@ -354,7 +354,7 @@ def test_a_machine_whose_library_differs_from_the_main_ones_is_refused(tiny_base
     assert [m.returncode for m in machines] == [1, 1], outputs
     said = outputs[0][1].strip().splitlines()[-1]
     assert said.startswith("Error: a pocket book named 'one' already exists") and \
-        f"(machine 1's library, in {other}; the machines of one run need the same library: " \
+        f"(checked in machine 1's own library, {other}; if it is not the main machine's, " \
         "give every machine the same --home on a shared filesystem)" in said, said
     assert "did not join" in outputs[1][1].strip().splitlines()[-1]  # machine 0 waited
     assert "Traceback" not in outputs[0][1] + outputs[1][1]
@@ -435,3 +435,92 @@ def test_ranks_that_end_with_different_pocket_books_save_nothing(tiny_base, adap
            "rank 0's), so l was not saved: trainer 'loner' does not keep its processes in " \
            "step" in said, err[-3000:]
     assert_nothing_saved(home, "l")
+
+
+def test_a_failure_after_a_save_names_what_was_saved(tmp_path, monkeypatch):
+    """The main rank lists what it saved in the launcher's file; the launcher's failure line
+    says so instead of "nothing was saved"."""
+    from adapterkit.training.launch import SAVED_ENV, _saved, _with_saved, record_saved
+
+    line = ("rank 1 (pid 7) was killed by SIGKILL; every rank was stopped and nothing was saved "
+            "to the library. Run the same command with --resume to continue")
+    assert _with_saved(line, []) == line
+    monkeypatch.setenv(SAVED_ENV, str(tmp_path / "saved"))
+    monkeypatch.setenv("RANK", "1")
+    record_saved("not-main@1")  # only the main rank writes
+    assert _saved(str(tmp_path / "saved")) == []
+    monkeypatch.setenv("RANK", "0")
+    record_saved("instruct@1")
+    said = _with_saved(line, _saved(str(tmp_path / "saved")))
+    assert "every rank was stopped and instruct@1 was saved to the library before the " \
+           "failure" in said and "nothing was saved" not in said
+    assert _with_saved("rank 1: boom", ["a@1", "b@1"]) == \
+        "rank 1: boom (a@1, b@1 were saved to the library before the failure)"
+    monkeypatch.setenv(SAVED_ENV, str(tmp_path / "gone" / "saved"))
+    record_saved("x@1")  # the launcher is gone: nobody to tell, and no error
+
+
+def _by_hand(home: Path, rank: int, port: str, args: list[str],
+             hide: str | None = None) -> subprocess.Popen:
+    """Rank ``rank`` of 2 started by hand (torchrun's environment, no launcher of ours);
+    ``hide``: a shell command run first in the rank's own mount namespace (another machine)."""
+    env = {**os.environ, "ADAPTERKIT_HOME": str(home), "OMP_NUM_THREADS": "1",
+           "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    command = [sys.executable, "-m", "adapterkit", *args]
+    if hide:
+        command = ["unshare", "-m", "sh", "-c", f'{hide} && exec "$0" "$@"', *command]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="swaps a file for one rank in its own mount namespace (root)")
+def test_a_rank_that_reads_other_data_is_refused(tiny_base, adapterkit_data, home, tmp_path):
+    data = adapterkit_data["prompt_completion"]
+    other = tmp_path / "other.jsonl"
+    rows = data.read_text(encoding="utf-8").splitlines()
+    other.write_text("\n".join(rows[1:] + rows[:1]) + "\n", encoding="utf-8")  # same rows,
+    port = str(free_port())                                             # another order
+    args = ["train", "sft", "--base", str(tiny_base), "--data", str(data), "--name", "d",
+            *map(str, flags("sft"))]
+    ranks = [_by_hand(home, 0, port, args),
+             _by_hand(home, 1, port, args, hide=f"mount --bind {other} {data}")]
+    outputs = [r.communicate(timeout=600) for r in ranks]
+    assert ranks[1].returncode == 1, outputs
+    said = outputs[1][1].strip().splitlines()[-1]
+    assert said.startswith("Error: rank 1: this process (home ") and \
+        "reads other data, unlike the main process (home " in said, said
+    assert Library(home).list() == []
+
+
+def test_pipeline_ranks_with_different_libraries_are_refused(tiny_base, adapterkit_data, home,
+                                                            tmp_path):
+    """A stage finished in the main process's library but not in another rank's: that rank
+    would train it alone. It refuses, naming the stage."""
+    import yaml
+
+    general = tmp_path / "general.txt"
+    general.write_text("The weather was mild and the market was busy.\n", encoding="utf-8")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "base": str(tiny_base), "max_steps": 2, "batch_size": 2, "r": 4, "alpha": 8,
+        "general": str(general),
+        "stages": [{"name": "first", "trainer": "sft",
+                    "data": str(adapterkit_data["prompt_completion"])},
+                   {"name": "second", "trainer": "sft",
+                    "data": str(adapterkit_data["prompt_completion"])}]}), encoding="utf-8")
+    one = subprocess.run([sys.executable, "-m", "adapterkit", "pipeline", str(recipe)],
+                         env={**os.environ, "ADAPTERKIT_HOME": str(home)},
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    Library(home).remove("second")  # as if stage 2 had failed: stage 1 is done, in this home
+    port = str(free_port())
+    args = ["pipeline", str(recipe), "--resume"]
+    ranks = [_by_hand(home, 0, port, args), _by_hand(tmp_path / "other-home", 1, port, args)]
+    outputs = [r.communicate(timeout=600) for r in ranks]
+    assert ranks[1].returncode == 1, outputs
+    said = outputs[1][1].strip().splitlines()[-1]
+    assert "stage 1 (first)" in said and "does not hold what the main process's does" in said \
+        and "give every machine the same --home on a shared filesystem" in said, said
+    assert [s.name for s in Library(home).list()] == ["first"]

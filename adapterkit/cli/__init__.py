@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
+from adapterkit.cli.base import base_group
 from adapterkit.cli.common import Group
 from adapterkit.cli.library import (
-    base_group,
     doctor_cmd,
     export_cmd,
     import_cmd,
@@ -31,6 +31,8 @@ from adapterkit.cli.library import (
 )
 from adapterkit.cli.pipeline import pipeline_cmd
 from adapterkit.cli.plugins import NO_PLUGIN_COMMANDS, install_cmd, plugin_group, uninstall_cmd
+from adapterkit.cli.quickstart import quickstart_cmd
+from adapterkit.cli.serve import serve_cmd
 from adapterkit.cli.session import chat_cmd, merge_cmd, stack_cmd, swap_cmd, verify_cmd
 from adapterkit.cli.train import eval_cmd, generate_cmd, train_cmd
 from adapterkit.plugin_api.manager import (
@@ -67,7 +69,8 @@ def build_cli(pm: PluginManager) -> click.Group:
     for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
                     base_group, train_cmd, eval_cmd, generate_cmd, push_cmd, pull_cmd,
                     swap_cmd, chat_cmd, stack_cmd, merge_cmd, plugin_group, install_cmd,
-                    uninstall_cmd, verify_cmd, doctor_cmd, pipeline_cmd):
+                    uninstall_cmd, verify_cmd, doctor_cmd, pipeline_cmd, serve_cmd,
+                    quickstart_cmd):
         cli.add_command(command)
     _add_plugin_commands(cli, pm)
     return cli

@@ -1,12 +1,12 @@
-"""CLI commands over the library and bases: ``plugins``, ``list``, ``show``, ``rm``, ``tag``,
-``import``, ``export``, ``push``, ``pull`` and ``base show``. None of them imports torch unless
-it loads a model."""
+"""CLI commands over the library: ``plugins``, ``list``, ``show``, ``rm``, ``tag``, ``import``,
+``export``, ``push`` and ``pull`` (``base`` is in :mod:`adapterkit.cli.base`). None of them
+imports torch unless it loads a model."""
 
 from __future__ import annotations
 
 import click
 
-from adapterkit.cli.common import Group, echo_json, library, size, table
+from adapterkit.cli.common import echo_json, library, size, table
 from adapterkit.plugin_api.manager import PluginManager
 
 # -- plugins --------------------------------------------------------------------------------
@@ -188,24 +188,57 @@ def import_cmd(ctx: click.Context, folder: str, name: str, base: str | None,
               help="Fold the pocket book (or stack) into its base: a standalone transformers "
                    "model. A 4-bit base is dequantized first; the result is checked against "
                    "the unmerged model before it is written.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "gguf"]), default="peft",
+              show_default=True,
+              help="gguf: a llama.cpp LoRA adapter GGUF (with --merged: the whole model as one "
+                   "GGUF, tokenizer and chat template included), for llama.cpp, Ollama and "
+                   "LM Studio. Prints the Ollama Modelfile lines.")
+@click.option("--quantize", metavar="TYPE",
+              help="With --merged --format gguf: f16 (default), f32, bf16, q8_0 (llama.cpp's "
+                   "converter), or q4_0, q4_k_m, q5_k_m, q6_k... (llama.cpp's quantizer).")
 @click.option("--tolerance", type=float, default=1e-2, show_default=True,
               help="Largest logit difference merged vs unmerged accepted (with --merged).")
 @click.pass_context
-def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, tolerance: float) -> None:
+def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, fmt: str,
+               quantize: str | None, tolerance: float) -> None:
     """Write a pocket book to DEST as a plain PEFT folder (PEFT, vLLM, TGI, LoRAX load it),
-    or with --merged as a standalone model."""
+    with --format gguf as a llama.cpp LoRA adapter, or with --merged as a standalone model."""
+    from adapterkit.errors import ConfigError
+
+    if quantize is not None and not (merged and fmt == "gguf"):
+        raise ConfigError("--quantize applies to --merged --format gguf only (a LoRA GGUF is "
+                          "written in float32, as llama.cpp's converter writes it)")
+    if fmt == "gguf":
+        from adapterkit.runtime.gguf import export_gguf_lora, export_gguf_merged
+
+        say = lambda m: click.echo(m, err=True)  # noqa: E731
+        if merged:
+            report = export_gguf_merged(library(ctx), ref, dest, quantize=quantize or "f16",
+                                        tolerance=tolerance,
+                                        plugins=ctx.find_root().obj["plugins"], progress=say)
+            what = "merged into its base"
+        else:
+            report = export_gguf_lora(library(ctx), ref, dest, progress=say)
+            what = "as a llama.cpp LoRA adapter"
+        click.echo(f"Exported {ref} {what} to {report.path} ({size(report.size)}, "
+                   f"{report.seconds:.1f} s)")
+        click.echo("Ollama Modelfile:")
+        click.echo("\n".join(f"  {line}" for line in report.modelfile))
+        return
     if not merged:
         path = library(ctx).export(ref, dest)
         click.echo(f"Exported {ref} to {path}")
         return
     from adapterkit.runtime.export import export_merged
 
-    report = export_merged(library(ctx), ref, dest, tolerance=tolerance,
-                           plugins=ctx.find_root().obj["plugins"],
-                           progress=lambda m: click.echo(m, err=True))
-    note = f", dequantized from {report.dequantized_from} first" if report.dequantized_from else ""
-    click.echo(f"Exported {ref} merged into its base to {report.dest} ({report.shards} shard(s)"
-               f"{note}); max logit difference vs unmerged {report.max_logit_diff:.2e}")
+    report_hf = export_merged(library(ctx), ref, dest, tolerance=tolerance,
+                              plugins=ctx.find_root().obj["plugins"],
+                              progress=lambda m: click.echo(m, err=True))
+    note = (f", dequantized from {report_hf.dequantized_from} first"
+            if report_hf.dequantized_from else "")
+    click.echo(f"Exported {ref} merged into its base to {report_hf.dest} "
+               f"({report_hf.shards} shard(s){note}); max logit difference vs unmerged "
+               f"{report_hf.max_logit_diff:.2e}")
 
 
 # -- the Hub --------------------------------------------------------------------------------
@@ -254,42 +287,3 @@ def pull_cmd(ctx: click.Context, repo: str, name: str | None, base: str | None,
     book = pull(library(ctx), repo, name=name, base=base, trust_pickle=trust_pickle)
     click.echo(f"Pulled {repo} as {book.ref} (base {book.meta.base.get('name')}, "
                f"fingerprint {book.meta.base_fingerprint[:12]})")
-
-
-# -- bases ----------------------------------------------------------------------------------
-
-@click.group("base", cls=Group)
-def base_group() -> None:
-    """Inspect base models."""
-
-
-@base_group.command("show")
-@click.argument("base")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_context
-def base_show(ctx: click.Context, base: str, as_json: bool) -> None:
-    """Architecture, size, LoRA targets and fingerprint of BASE.
-
-    BASE is a Hugging Face id (owner/name[@revision]), a local model folder, a .gguf file or an
-    alias (smollm2-135m: the embedded SmolLM2-135M-Instruct). No weights are loaded.
-    """
-    from adapterkit.base.load import describe_base
-
-    info = describe_base(base, ctx.find_root().obj["home"],
-                         progress=lambda m: click.echo(m, err=True))
-    if as_json:
-        echo_json(info)
-        return
-    prov = ", ".join(f"{k}={v}" for k, v in sorted(info["provenance"].items()))
-    click.echo("\n".join([
-        f"{info['name']}",
-        f"  architecture:  {info['architecture']} ({info['model_type']})",
-        f"  parameters:    {info['parameters']:,}",
-        f"  dtype:         {info['dtype']}",
-        f"  vocabulary:    {info['vocab_size']:,}",
-        f"  LoRA targets:  {', '.join(info['lora_targets'])}  (or all-linear)",
-        f"  fingerprint:   {info['fingerprint']}",
-        f"  provenance:    {prov}",
-    ]))
-
-

@@ -7,6 +7,7 @@ inside the command bodies, never at module level.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from typing import Any
 
 import click
 
-from adapterkit.cli.common import check_sampling, obj, say
+from adapterkit.cli.common import check_sampling, library, obj, say
 from adapterkit.errors import ConfigError, NameTaken, PocketBookNotFound, RunStateError
 from adapterkit.home import resolve_home
 from adapterkit.training.launch import DEFAULT_RENDEZVOUS_TIMEOUT
@@ -27,7 +28,7 @@ _OPTION_FLAGS = {
     "general": "general", "forgetting_budget": "forgetting_budget",
     "guard_weight": "guard_weight", "anchor": "anchor", "chat": "chat",
     "save_steps": "save_steps", "logging_steps": "logging_steps",
-    "skip_bad_rows": "skip_bad_rows",
+    "skip_bad_rows": "skip_bad_rows", "report_to": "report_to",
 }
 
 
@@ -111,9 +112,9 @@ def relaunch_if_asked(ctx: click.Context, launch: dict[str, Any],
             if not (launch["machine_rank"] or 0) > 0:
                 raise
             # what this machine's own library says: the main machine's may say otherwise
-            raise type(exc)(f"{exc} (machine {launch['machine_rank']}'s library, in "
-                            f"{resolve_home(state.get('home'))}; the machines of one run need "
-                            "the same library: give every machine the same --home on a shared "
+            raise type(exc)(f"{exc} (checked in machine {launch['machine_rank']}'s own "
+                            f"library, {resolve_home(state.get('home'))}; if it is not the "
+                            "main machine's, give every machine the same --home on a shared "
                             "filesystem)") from None
     argv = (["--home", str(state["home"])] if state.get("home") else []) + \
         [str(ctx.info_name)] + strip_launch_options(ctx.meta.get(RAW_ARGS, []))
@@ -130,7 +131,13 @@ def as_rank() -> Iterator[None]:
     import signal
 
     from adapterkit.errors import AdapterkitError
-    from adapterkit.training.launch import hand_over, leave, ranks, watch_launcher
+    from adapterkit.training.launch import (
+        LAUNCHED_ENV,
+        hand_over,
+        leave,
+        ranks,
+        watch_launcher,
+    )
 
     where = ranks()
     if not where.distributed:
@@ -141,7 +148,10 @@ def as_rank() -> Iterator[None]:
         raise _Stopped
 
     previous = signal.signal(signal.SIGTERM, stop)
-    unwatch = watch_launcher()  # a launcher killed outright takes its ranks with it
+    # a launcher killed outright takes its ranks with it — torchrun's (which accelerate's
+    # uses) or ours; a rank started some other way (by hand, mpirun) is left to its starter
+    launched = os.environ.get(LAUNCHED_ENV) or os.environ.get("TORCHELASTIC_RUN_ID")
+    unwatch = watch_launcher() if launched else (lambda: None)
     try:
         yield
     except BaseException as exc:
@@ -219,6 +229,12 @@ class _Stopped(KeyboardInterrupt):
               help="Train on the usable rows when some have the wrong shape (a needed field "
                    "missing or empty), saying how many were skipped. Default: refuse the file, "
                    "naming the bad rows.")
+@click.option("--report-to", multiple=True, metavar="TRACKER",
+              help="Log the run to tensorboard, trackio, wandb or mlflow (repeatable, or a "
+                   "comma list; default none). Offline by default: TensorBoard and MLflow "
+                   "files under the library home, trackio's local store, W&B offline unless "
+                   "WANDB_MODE or WANDB_API_KEY says otherwise. Needs the extra "
+                   "adapterkit[trackers] (wandb, mlflow: their own extras).")
 @click.option("--set", "trainer_sets", multiple=True, metavar="KEY=VALUE",
               help="Trainer-specific option (repeatable), e.g. --set beta=0.1 for dpo.")
 @click.option("--on", "on", metavar="BOOK", help="Train on top of pocket book BOOK: it stays "
@@ -246,6 +262,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
       adapterkit train sft --base smollm2-135m --data triage.jsonl --name triage
       adapterkit train sft --base smollm2-135m --data notes.txt --name notes --method qlora
       adapterkit train sft ... --general general --forgetting-budget 1%
+      adapterkit train sft ... --report-to tensorboard,trackio
       adapterkit train dpo --base smollm2-135m --data prefs.jsonl --name manner --on triage
       adapterkit train rlhf --base smollm2-135m --data prefs.jsonl --name kind
       adapterkit train rlhf ... --reward kind-reward --set beta=0.1 --set max_new_tokens=48
@@ -257,6 +274,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     from adapterkit.training.progress import progress_callback
     from adapterkit.training.run import check_train, train
 
+    flags["report_to"] = ",".join(flags.get("report_to") or ()) or None  # none: the recipe's
     overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
     sets = _parse_sets(trainer_sets)
     if reward:
@@ -297,8 +315,8 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         return  # the main rank reports the run
     book, m = result.pocket_book, result.metrics
     if as_json:
-        click.echo(json.dumps({"ref": book.ref, "path": str(book.path), "metrics": m},
-                              indent=2, default=str))
+        click.echo(json.dumps({"ref": book.ref, "path": str(book.path), "metrics": m,
+                               "tracking": book.meta.tracking}, indent=2, default=str))
         return
     line = f"Saved {book.ref}"
     if book.meta.stacked_on:
@@ -315,6 +333,10 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         f = m["forgetting"]
         click.echo(f"Forgetting: general-text loss {f['general_loss_base']:.4f} → "
                    f"{f['general_loss']:.4f} ({f['general_loss_change_pct']:+.2f}%)")
+    from adapterkit.library.card import tracking_lines
+
+    for tracked in tracking_lines(book.meta.tracking):
+        click.echo(f"Tracked: {tracked}")
 
 
 def _reports() -> bool:
@@ -365,7 +387,7 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
 
 @click.command("eval")
 @click.argument("ref")
-@click.option("--data", required=True, help="Evaluation data (same shapes as training).")
+@click.option("--data", help="Evaluation data (same shapes as training); not with --harness.")
 @click.option("--general", help="General-English text for the forgetting check "
                                 "(`general` = the text shipped with adapterkit).")
 @click.option("--base", help="Base to evaluate on (default: the one the pocket book records).")
@@ -376,17 +398,48 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
 @click.option("--skip-bad-rows", is_flag=True,
               help="Evaluate on the usable rows when some have the wrong shape, saying how "
                    "many were skipped. Default: refuse the file, naming the bad rows.")
+@click.option("--harness", metavar="TASKS", help="lm-evaluation-harness tasks (comma list, or "
+              "task YAML files) run on the plain base and with REF, side by side; recorded in "
+              "the metadata and card. Needs adapterkit[eval].")
+@click.option("--limit", type=click.IntRange(min=1), help="--harness: the first N samples of "
+              "each task (quick, not comparable with full-set scores).")
+@click.option("--include-path", "include", multiple=True, type=click.Path(),
+              help="--harness: a folder of your own task YAML files (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def eval_cmd(ctx: click.Context, ref: str, data: str, general: str | None, base: str | None,
-             scorer: str, max_new_tokens: int, chat: bool | None, skip_bad_rows: bool,
-             as_json: bool) -> None:
+def eval_cmd(ctx: click.Context, ref: str, data: str | None, general: str | None,
+             base: str | None, scorer: str, max_new_tokens: int, chat: bool | None,
+             skip_bad_rows: bool, harness: str | None, limit: int | None,
+             include: tuple[str, ...], as_json: bool) -> None:
     """Evaluate pocket book REF: task loss and perplexity, exact match on generated answers
     (prompt/completion data), and with --general the forgetting check (general-text loss with
-    and without the pocket book, as a relative change)."""
+    and without the pocket book, as a relative change).
+
+    With --harness TASKS, standard benchmarks instead: lm-evaluation-harness runs TASKS on the
+    plain base and with REF (a pocket book, a saved stack, or an inline stack a+b), and both
+    scores are shown side by side and recorded in REF's metadata and card.
+
+    \b
+    Examples:
+      adapterkit eval triage --data held_out.jsonl --general general
+      adapterkit eval triage --harness arc_easy,hellaswag --limit 200
+      adapterkit eval triage+manner --harness my_task.yaml
+    """
     from adapterkit.training.data import load_data, read_rows
     from adapterkit.training.metrics import accuracy, forgetting, task_loss, uses_chat
 
+    if harness is not None:
+        _refuse_with_harness(ctx)
+        _eval_harness(ctx, ref, harness, base=base, limit=limit, include=list(include),
+                      chat=chat, as_json=as_json)
+        return
+    given = [f"--{n.replace('_', '-')}" for n, v in (("limit", limit), ("include_path", include))
+             if v]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: only with --harness TASKS")
+    if not data:
+        raise ConfigError("give --data FILE (evaluation data) or --harness TASKS "
+                          "(lm-evaluation-harness tasks)")
     check_sampling(max_new_tokens=max_new_tokens)
     pm = obj(ctx)["plugins"]
     score_fn = pm.scorers.get(scorer)
@@ -427,6 +480,101 @@ def eval_cmd(ctx: click.Context, ref: str, data: str, general: str | None, base:
         f = report["forgetting"]
         click.echo(f"  forgetting     general-text loss {f['general_loss_base']:.4f} → "
                    f"{f['general_loss']:.4f} ({f['general_loss_change_pct']:+.2f}%)")
+
+
+def _refuse_with_harness(ctx: click.Context) -> None:
+    """--harness runs benchmark tasks; the options of the data evaluation have no part in it."""
+    from click.core import ParameterSource
+
+    data_only = ("data", "general", "scorer", "max_new_tokens", "skip_bad_rows")
+    given = [f"--{n.replace('_', '-')}" for n in data_only
+             if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} evaluate on your own data, --harness on "
+                          "lm-evaluation-harness tasks: run them as two commands")
+
+
+def _eval_harness(ctx: click.Context, ref: str, harness: str, *, base: str | None,
+                  limit: int | None, include: list[str], chat: bool | None,
+                  as_json: bool) -> None:
+    """``eval REF --harness TASKS``: check the tasks, load the base with REF, run, record."""
+    from adapterkit.runtime.harness import check_tasks, parse_tasks, record_harness, run_harness
+
+    tasks = check_tasks(parse_tasks(harness), include)  # before the base loads
+    book, loaded, model, target = _load_target(ctx, ref, base)
+    if chat and not getattr(loaded.tokenizer, "chat_template", None):
+        raise ConfigError(f"--chat: base {loaded.name} has no chat template")
+    report = run_harness(model, loaded.tokenizer, tasks, target=target, limit=limit,
+                         chat_template=bool(chat), progress=say)
+    recorded = None
+    if book is not None and report.tasks:
+        recorded = record_harness(library(ctx), book, report, base=loaded.name).ref
+    if as_json:
+        click.echo(json.dumps({**report.as_dict(), "recorded_in": recorded}, indent=2))
+        return
+    click.echo(_harness_table(report, loaded.name))
+    if recorded:
+        click.echo(f"Recorded in {recorded}'s metadata and card.")
+    elif book is None:
+        click.echo("Not recorded: an inline stack has no library entry (save it with "
+                   "`adapterkit stack` and evaluate that to keep the results).")
+
+
+def _harness_table(report: Any, base_name: str) -> str:
+    """The harness report as a table: each task's metrics, plain base beside pocket book."""
+    from adapterkit.cli.common import table
+
+    def cell(value: Any, stderr: Any) -> str:
+        if not isinstance(value, (int, float)):
+            return "–"
+        return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+    rows = []
+    for task, rec in report.tasks.items():
+        for metric, pair in rec["metrics"].items():
+            b, p = pair["base"], pair["pocket_book"]
+            change = f"{p - b:+.4f}" if isinstance(b, (int, float)) else "–"
+            rows.append([task, metric, cell(b, pair["base_stderr"]),
+                         cell(p, pair["pocket_book_stderr"]), change, str(rec["samples"])])
+    limit = f", first {report.limit} samples per task" if report.limit else ""
+    head = (f"lm-evaluation-harness {report.lm_eval} on base {base_name}{limit}"
+            + (", chat template" if report.chat_template else ""))
+    if not rows:
+        return head + "\n(no metrics came back)"
+    return head + "\n" + table(rows, ["task", "metric", "plain base", report.target,
+                                       "change", "samples"])
+
+
+def _load_target(ctx: click.Context, ref: str, base: str | None) -> tuple[Any, Any, Any, str]:
+    """REF's base loaded with REF on it through plain PEFT: a pocket book, a saved stack, or
+    an inline stack ``a+b`` / ``a*1+b*0.5`` (then no library entry: the book is ``None``)."""
+    if "+" not in ref and "*" not in ref:
+        book, loaded, model = _load_for_book(ctx, ref, base, exact=True)
+        return book, loaded, model, book.ref
+    from adapterkit.base.load import load_base
+    from adapterkit.base.resolve import base_spec_for
+    from adapterkit.runtime.peft_model import peft_model
+    from adapterkit.serving.names import parse, resolve
+
+    state = obj(ctx)
+    lib = library(ctx)
+    named = [lib.get(name) for name, _ in parse(ref)]  # unknown ones: before the base loads
+    entries = state["plugins"].methods.entries
+    # a 4-bit member (qlora) needs the base in 4 bits, as it was trained
+    quantization = next((entries[b.meta.method].item.quantization for b in named
+                         if b.meta.method in entries
+                         and entries[b.meta.method].item.quantization), None)
+    base_name = base or base_spec_for(named[0].meta.base, state["home"])
+    say(f"Loading base {base_name}...")
+    loaded = load_base(base_name, quantization=quantization, home=state["home"], progress=say)
+    if quantization:
+        from adapterkit.base.load import keep_4bit_layout
+
+        keep_4bit_layout(loaded.model)
+    target = resolve(lib, loaded, ref, base_id=loaded.name)
+    members = [(lib.get(name), weight) for name, weight in target.members]
+    model = peft_model(loaded, members[-1][0], library=lib, weights=members)
+    return None, loaded, model, target.key
 
 
 @click.command("generate")

@@ -104,7 +104,34 @@ def _made_section(meta: PocketBookMeta) -> str:
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(meta.hyperparameters.items())
                   if v not in (None, {}, []) and k not in _GUARD_OPTIONS]
     lines += _pipeline_lines(meta.pipeline)
+    tracked = tracking_lines(meta.tracking)
+    if tracked:
+        lines += ["", "Tracked while training (`--report-to`):", "",
+                  *(f"- {line}" for line in tracked)]
     return "\n".join(lines)
+
+
+def tracking_lines(tracking: dict[str, Any]) -> list[str]:
+    """One line per experiment tracker of a ``tracking`` record: where its run is."""
+    lines = []
+    for name, where in sorted(tracking.items()):
+        if not isinstance(where, dict):
+            continue
+        if name == "tensorboard":
+            lines.append(f"TensorBoard: `tensorboard --logdir {where.get('logdir')}`")
+        elif name == "trackio":
+            place = where.get("space") or where.get("server") or where.get("store")
+            lines.append(f"trackio: project `{where.get('project')}`, run `{where.get('run')}` "
+                         f"({place}; `trackio show --project {where.get('project')}`)")
+        elif name == "wandb":
+            lines.append(f"W&B ({where.get('mode')}): project `{where.get('project')}`, run "
+                         f"`{where.get('run_id')}` ({where.get('dir')})")
+        elif name == "mlflow":
+            lines.append(f"MLflow: run `{where.get('run_id')}` of experiment "
+                         f"`{where.get('experiment_id')}` in {where.get('tracking_uri')}")
+        else:
+            lines.append(f"{name}: {_fmt(where)}")
+    return lines
 
 
 #: Lineage figures with a column of their own; a stage's other numbers go under "other".
@@ -172,6 +199,7 @@ def _results_section(meta: PocketBookMeta) -> str:
     if guard:
         lines.append(guard)
     lines += _verification_lines(meta.verification)
+    lines += harness_lines(meta.harness)
     if m.get("loss_curve"):
         lines += ["", f"![loss curve]({m['loss_curve']})"]
     return "\n".join(lines) or "No metrics recorded."
@@ -193,6 +221,30 @@ def _verification_lines(v: dict[str, Any]) -> list[str]:
     for path, cell in v.get("paths", {}).items():
         lines.append(f"  - {path}: " + (f"refused ({cell['refused']})" if "refused" in cell
                                         else f"max logit difference {cell['max_logit_diff']:.1e}"))
+    return lines
+
+
+def harness_lines(harness: dict[str, Any]) -> list[str]:
+    """``adapterkit eval --harness`` results: per task and metric, the plain base beside the
+    pocket book (and how each run was limited)."""
+    if not harness:
+        return []
+    lines = ["", "Standard evaluations (lm-evaluation-harness; the plain base and with this "
+                 "pocket book, same run settings):", "",
+             "| task | metric | plain base | with the pocket book | change | samples | "
+             "lm-eval |", "|---|---|---|---|---|---|---|"]
+    for task, rec in sorted(harness.items()):
+        if not isinstance(rec, dict):
+            continue
+        limit = rec.get("limit")
+        samples = f"{rec.get('samples', '?')}" + (f" (limit {limit})" if limit else "")
+        for metric, pair in sorted((rec.get("metrics") or {}).items()):
+            base, book = pair.get("base"), pair.get("pocket_book")
+            change = f"{book - base:+.4g}" if isinstance(base, (int, float)) and \
+                isinstance(book, (int, float)) else "–"
+            lines.append("| " + " | ".join(_cell(c) for c in (
+                task, metric, _fmt(base), _fmt(book), change, samples,
+                rec.get("lm_eval", "?"))) + " |")
     return lines
 
 
@@ -270,7 +322,8 @@ def refresh_card(folder: Path, meta: PocketBookMeta) -> Path:
     start, end = _SECTION
     if start in text and end in text:
         text = text[:text.index(start)].rstrip() + text[text.index(end) + len(end):]
-    section = "\n".join(["## adapterkit", "", *_verification_lines(meta.verification)])
+    section = "\n".join(["## adapterkit", "", *_verification_lines(meta.verification),
+                         *harness_lines(meta.harness)])
     atomic_write_text(path, f"{text.rstrip()}\n\n{start}\n{section}\n{end}\n")
     return path
 

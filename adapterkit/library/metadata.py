@@ -65,6 +65,14 @@ class PocketBookMeta:
     #: ``--resume`` matches to skip it), and the ``lineage`` — every stage up to this one with
     #: its pocket book, metrics and forgetting figure. Empty otherwise.
     pipeline: dict[str, Any] = field(default_factory=dict)
+    #: Where the training run's experiment trackers wrote (``--report-to``): per tracker its
+    #: place (TensorBoard ``logdir``; trackio ``project``/``run``/``store``; W&B ``run_id``,
+    #: ``mode``, ``dir``; MLflow ``tracking_uri``, ``run_id``) and the ``run_name``. Empty
+    #: when the run reported to none.
+    tracking: dict[str, Any] = field(default_factory=dict)
+    #: ``adapterkit eval --harness`` results, per lm-evaluation-harness task: each metric for
+    #: the plain base and with the pocket book, the lm-eval version, ``limit``, shots, date.
+    harness: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -113,6 +121,7 @@ _FIELD_TYPES: dict[str, type] = {
     "base": dict, "method": str, "trainer": str, "data": dict, "hyperparameters": dict,
     "metrics": dict, "parents": list, "stacked_on": list, "created": str, "tags": list,
     "kind": str, "source": dict, "verification": dict, "files": dict, "pipeline": dict,
+    "tracking": dict, "harness": dict,
 }
 _MAY_BE_NULL = {"trainer"}
 _TYPE_WORDS: dict[type, str] = {dict: "JSON object", str: "string", list: "list"}

@@ -65,7 +65,10 @@ def check_lengths(tokenizer: Any, job_rows: list[dict[str, Any]], max_length: in
             )
 
 
-def load_for_method(base: str | Base, method: Any, library: Library, say: Callable[[str], None]) -> Base:
+def load_for_method(base: str | Base, method: Any, library: Library,
+                    say: Callable[[str], None]) -> Base:
+    """The base by name or as given, in the precision ``method`` needs; under a launcher on
+    this rank's device, a GGUF base converted once per machine."""
     from adapterkit.base.load import load_base
     from adapterkit.training.launch import fsdp_enabled, main_first, ranks
 

@@ -98,6 +98,12 @@ class ForgettingGuard:
         loss = text_loss(model, self.tokenizer, self.general_texts)
         if was_training:
             model.train()
+        from adapterkit.training.launch import ranks, share
+
+        if ranks().distributed:  # one decision for all ranks: the main one's figures (float
+            # round-off on other hardware could tip a borderline check the other way, and the
+            # ranks would keep different weights)
+            self._base_loss, loss = share((self._base_loss, loss))
         change = 100.0 * (loss - self._base_loss) / self._base_loss
         entry = {"step": step, "general_loss": loss, "general_loss_change_pct": change}
         self.report.checks.append(entry)

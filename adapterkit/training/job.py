@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.library.store import PocketBook
 from adapterkit.training.data import Data, as_chat
 from adapterkit.training.options import TrainOptions
+from adapterkit.training.tracking import trackers_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
@@ -53,6 +54,8 @@ class TrainJob:
     #: The new pocket book's ``name@version``.
     name: str = ""
     stage_runner: Callable[..., Any] | None = None
+    #: The trackers' name for this run (``NAME@V-<time>``; kept by ``--resume``).
+    run_name: str = ""
     _model: Any = None
 
     @property
@@ -159,7 +162,11 @@ class TrainJob:
             eval_steps=o.save_steps if self.eval_data is not None else None,
             seed=o.seed,
             data_seed=o.seed,
-            report_to=[],
+            # transformers' integrations log; where they write was set up by the run
+            # (adapterkit.training.tracking): nothing is sent anywhere unless asked
+            report_to=trackers_of(o.report_to),
+            run_name=self.run_name or self.name or None,
+            project="adapterkit",  # trackio's project
             bf16=bool(cuda and torch.cuda.is_bf16_supported()),
             fp16=False,
             use_cpu=not cuda,

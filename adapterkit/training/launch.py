@@ -112,6 +112,7 @@ def share(value: Any = None) -> Any:
     """The main process's ``value``, on every rank (what the others pass is ignored)."""
     from accelerate.utils import broadcast_object_list
 
+    join()  # accelerate's broadcast is a silent no-op before the process group exists
     return broadcast_object_list([value], from_process=0)[0]
 
 
@@ -119,6 +120,7 @@ def gather(value: Any) -> list[Any]:
     """Every rank's ``value``, in rank order, on every rank."""
     import torch.distributed as dist
 
+    join()
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
@@ -133,8 +135,11 @@ def record_saved(ref: str) -> None:
     """Tell the launcher that ``ref`` is in the library (no-op outside :func:`relaunch`)."""
     path = os.environ.get(SAVED_ENV)
     if path and ranks().is_main:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(ref + "\n")
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(ref + "\n")
+        except OSError:
+            pass  # the launcher is gone (its folder with it): nobody to tell
 
 
 def _saved(path: str) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from adapterkit.errors import ConfigError, PluginError
+from adapterkit.training.tracking import tracker_problems, trackers_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.registry import Trainer
@@ -59,6 +60,9 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     #: Drop data rows of the wrong shape (saying how many) instead of refusing the file.
     skip_bad_rows: bool = False
+    #: Experiment trackers transformers reports to (tensorboard, trackio, wandb, mlflow);
+    #: empty (``none``) reports to none. Where each writes: :mod:`adapterkit.training.tracking`.
+    report_to: list[str] = field(default_factory=list)
     #: Trainer-specific options as given (e.g. ``{"beta": 0.2}`` for DPO); typed and checked
     #: against the trainer's ``options`` dataclass by :func:`build_trainer_options`.
     trainer_options: dict[str, Any] = field(default_factory=dict)
@@ -177,8 +181,11 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
         name = key.replace("-", "_")
         if name in known:
             clean[name] = _coerce(name, value, hints[name], problems)
+    problems += tracker_problems(clean.get("report_to"))  # as given: "none" beside others
+    if clean.get("report_to") is not None:
+        clean["report_to"] = trackers_of(clean["report_to"])
     options = TrainOptions(**{k: v for k, v in clean.items() if v is not None})
-    problems += option_problems(options)
+    problems += option_problems(options, trackers=False)
     if trainer is not None:
         problems += _trainer_options(trainer, options)[1]
     if problems:
@@ -187,8 +194,10 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
     return options
 
 
-def option_problems(options: TrainOptions) -> list[str]:
-    """Every value of ``options`` out of its range, one line each (empty when all are fine).
+def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str]:
+    """Every value of ``options`` out of its range, one line each (empty when all are fine),
+    with the trackers of ``report_to`` that are unknown or not installed (unless not
+    ``trackers``: :func:`build_options` checked them as given).
 
     :func:`build_options` reports them with the rest; :func:`check_options` checks options
     built in Python (``TrainOptions(...)``), which no parsing has seen.
@@ -218,6 +227,8 @@ def option_problems(options: TrainOptions) -> list[str]:
     ]
     problems += [f"{name}: {message}" for name, ok, message in ranges
                  if not ok and name not in not_finite]
+    if trackers:
+        problems += tracker_problems(options.report_to)
     return problems
 
 

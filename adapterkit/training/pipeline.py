@@ -6,12 +6,12 @@ the same resident base, trained ``on:`` the stage before it unless it says other
 
 The whole recipe is checked before the first step of the first stage — keys, options, trainer
 options, data, references between stages, names (:mod:`adapterkit.training.recipe`), then
-what needs the base — and every problem is reported in one :class:`ConfigError`. Each finished stage records in its metadata (``pipeline``) the recipe's
-hash and a fingerprint of its own definition (base, trainer, options, data contents, and what it
-trains on), so a failed or interrupted pipeline run again with ``resume`` skips exactly the
-stages the same definition already made and continues the interrupted one from its last
-checkpoint. Every stage's card shows the lineage up to it: each stage with its metrics and
-forgetting figure.
+what needs the base — and every problem is reported in one :class:`ConfigError`. Each
+finished stage records in its metadata (``pipeline``) the recipe's hash and a fingerprint of its
+own definition (base, trainer, options, data contents, and what it trains on), so a failed
+or interrupted pipeline run again with ``resume`` skips exactly the stages the same definition
+already made and continues the interrupted one from its last checkpoint. Every stage's card
+shows the lineage up to it: each stage with its metrics and forgetting figure.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
     say = (progress if main else None) or (lambda message: None)
     library = Library(home, plugins=pm)
     total = len(recipe.stages)
+    if ranks().distributed:
+        _agree_on_stages(recipe, library, resume=resume, main=main)
     pending = [s for s in recipe.stages if s.done is None]
     loaded = _load_checked(recipe, pending, library, pm, say) if pending else None
     results: list[StageResult] = []
@@ -117,6 +119,25 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
             raise
         results.append(StageResult(stage, final.pocket_book, dict(final.metrics)))
     return PipelineResult(recipe, results, final)
+
+
+def _agree_on_stages(recipe: Recipe, library: Library, *, resume: bool, main: bool) -> None:
+    """On several processes, every rank must skip and resume the same stages: the main
+    process's view (what its library holds) is handed to the others, which refuse to go on
+    when theirs differs — a machine with its own ``--home`` would train alone."""
+    from adapterkit.training.launch import ranks, share
+
+    mine = [(s.done.ref if s.done else None, interrupted(library, s) if resume else None)
+            for s in recipe.stages]
+    seen = share(mine)
+    if not main and mine != seen:
+        stage = next(s for s, a, b in zip(recipe.stages, mine, seen) if a != b)
+        hint = "give every machine the same --home on a shared filesystem" \
+            if ranks().local_world_size < ranks().world_size else \
+            "run every process on the same library"
+        raise ConfigError(f"{stage.label}: this process's library ({library.home}) does not "
+                          "hold what the main process's does (finished stages, interrupted "
+                          f"runs): {hint}")
 
 
 def _load_checked(recipe: Recipe, pending: list[Stage], library: Library, pm: PluginManager,

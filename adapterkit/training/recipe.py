@@ -42,6 +42,9 @@ STAGE_KEYS = ("name", "trainer", "data", "on", "from", "set")
 _OPTIONS = tuple(f.name for f in dataclasses.fields(TrainOptions))
 _NULLABLE = tuple(f.name for f in dataclasses.fields(TrainOptions) if f.default is None)
 _PATH_OPTIONS = ("general", "anchor")
+#: Options that do not shape the pocket book, left out of a stage's fingerprint: adding a
+#: tracker to a recipe still lets ``--resume`` skip the stages it finished.
+_NOT_SHAPING = ("report_to",)
 
 
 @dataclass
@@ -399,7 +402,7 @@ def _fingerprint(stages: list[Stage], base: str) -> None:
         stage.fingerprint = _digest({
             "base": base, "trainer": stage.trainer, "data": stage.dataset.sha256,
             "options": {k: v for k, v in stage.options.as_dict().items()
-                        if k not in _PATH_OPTIONS},
+                        if k not in _PATH_OPTIONS + _NOT_SHAPING},
             "texts": {k: read_rows(getattr(stage.options, k))[2] for k in _PATH_OPTIONS
                       if getattr(stage.options, k) is not None},
             "on": parent if stage.on is not None and parent else stage.on,

@@ -48,6 +48,7 @@ from adapterkit.training.save import (
     save_trained,
     whole_weights,
 )
+from adapterkit.training.tracking import TrackedRun, start_tracking, trackers_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
@@ -86,7 +87,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         write (a pipeline's lineage): a kill can never leave the book without them.
     """
     from adapterkit.plugin_api.manager import default_plugin_manager
-    from adapterkit.training.launch import join, ranks, wait_for_everyone
+    from adapterkit.training.launch import join, ranks
 
     where = ranks()
     if where.distributed:
@@ -97,8 +98,6 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
                    restart=restart, callbacks=callbacks, on=on, start_from=start_from,
                    say=say, main=where.is_main)
     run.annotate = annotate
-    if where.distributed:
-        wait_for_everyone()  # the main process has cleared an old run's folder
     start = time.perf_counter()
     state = _run(run)
     if where.distributed:
@@ -145,6 +144,8 @@ class _Run:
     say: Callable[[str], None]
     stages_saved: list[str] = field(default_factory=list)
     annotate: Callable[[PocketBookMeta], None] | None = None
+    #: The experiment trackers of ``--report-to`` (``None``: reports to none).
+    tracked: TrackedRun | None = None
 
 
 @dataclass
@@ -268,19 +269,25 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         return result
 
     job_data = data
+    trackers = trackers_of(options.report_to)
+    tracked = start_tracking(trackers, home=library.home, ref=str(ref), workdir=workdir,
+                             resume=c.resume_from is not None, main=main) if trackers else None
     job = TrainJob(build=build, tokenizer=loaded.tokenizer, data=train_data,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
                    resume_from=c.resume_from, trainer_options=c.trainer_options,
                    callbacks=list(callbacks or []), guard=guard, base=loaded,
-                   stacked_on=underlay, home=library.home, name=str(ref), stage_runner=run_stage)
+                   stacked_on=underlay, home=library.home, name=str(ref), stage_runner=run_stage,
+                   run_name=tracked.run_name if tracked else "")
     if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
+    if tracked is not None:
+        job.callbacks.append(tracked.callback())
     say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}"
         + (f", on top of {' + '.join(b.ref for b in underlay)}" if underlay else "")
         + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
     return _Run(trainer, trainer_obj, library, ref, dataset, eval_data, loaded,
                 parent, underlay, guard, general, head, job,
-                workdir, say, stages_saved)
+                workdir, say, stages_saved, tracked=tracked)
 
 
 def _view(c: _Checked) -> dict[str, Any]:
@@ -351,7 +358,10 @@ def _run(run: _Run) -> Any:
     """The trainer plugin's part: its objective on the job. On failure, say what an earlier
     stage left saved (nothing of this pocket book is)."""
     try:
-        return run.trainer_obj.train(job=run.job)
+        if run.tracked is None:
+            return run.trainer_obj.train(job=run.job)
+        with run.tracked.active():
+            return run.trainer_obj.train(job=run.job)
     except BaseException as exc:
         if run.stages_saved:  # an earlier stage finished and is in the library: say so
             run.say(f"{', '.join(run.stages_saved)} (an earlier stage) was saved; {run.ref} was "
@@ -402,7 +412,22 @@ def _save(run: _Run, model: Any, metrics: dict[str, Any], state: Any,
                         log_history=history_of(state),
                         parents=[run.parent.ref] if run.parent else None,
                         stacked_on=[b.ref for b in run.underlay], weights=weights,
-                        annotate=run.annotate)
+                        annotate=run.annotate,
+                        tracking=_tracking_record(run))
+
+
+def _tracking_record(run: _Run) -> dict[str, Any] | None:
+    """Where the run's trackers wrote, for the metadata; a tracker that was asked for but
+    left nothing (a trainer that ignores ``job.callbacks`` or ``report_to``) is named."""
+    if run.tracked is None:
+        return None
+    record = run.tracked.record()
+    missing = [name for name in run.tracked.names if name not in record]
+    if missing:
+        run.say(f"Warning: {', '.join(missing)} recorded nothing of this run (the "
+                f"{run.trainer} trainer may not pass job.callbacks or report_to on); "
+                "not recorded in the metadata.")
+    return record
 
 
 def _finalize_shared(run: _Run, state: Any, elapsed: float, *, main: bool) -> TrainResult:
@@ -414,11 +439,17 @@ def _finalize_shared(run: _Run, state: Any, elapsed: float, *, main: bool) -> Tr
 
     problem: str | None = None
     failure: BaseException | None = None
+    # Under FSDP every forward here is a collective: a rank that failed half-way must end (its
+    # peers' collectives then fail at once), not wait in the gather below while they wait in
+    # an all-gather it never joins. Elsewhere each rank measures alone, and reports.
+    sharded = any(type(p).__name__ == "DTensor" for p in run.job.model.parameters())
     try:
         model, metrics = _measure(run, state, elapsed)
         weights = whole_weights(model)  # a collective under FSDP; None when each rank has them
         sums = checksum(model) if weights is None else None
     except Exception as exc:
+        if sharded:
+            raise
         problem, failure = str(exc) or type(exc).__name__, exc
     seen = gather((problem, None if problem else sums))
     if failure is not None:
@@ -438,15 +469,16 @@ def _finalize_shared(run: _Run, state: Any, elapsed: float, *, main: bool) -> Tr
     if main:
         try:
             book = _save(run, model, metrics, state, weights)
-            record_saved(book.ref)
-            shutil.rmtree(run.workdir, ignore_errors=True)
         except BaseException as exc:
             try:  # the others stop waiting and fail with it
                 share(("failed", f"{run.ref} was not saved: {exc or type(exc).__name__}"))
             except Exception:
                 pass  # they are gone already
             raise
+        # saved from here on: whatever ends this process now, the launcher says so
+        record_saved(book.ref)
         share(("saved", book.meta.to_json(), str(book.path), metrics))
+        shutil.rmtree(run.workdir, ignore_errors=True)
         return TrainResult(book, metrics, model)
     outcome = share()
     if outcome[0] != "saved":

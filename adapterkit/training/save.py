@@ -57,12 +57,14 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
                  log_history: list[dict[str, Any]], parents: list[str] | None = None,
                  stacked_on: list[str] | None = None,
                  weights: dict[str, Any] | None = None,
-                 annotate: Callable[[PocketBookMeta], None] | None = None) -> PocketBook:
+                 annotate: Callable[[PocketBookMeta], None] | None = None,
+                 tracking: dict[str, Any] | None = None) -> PocketBook:
     """Write the trained adapter, loss curve and card into the library, atomically.
 
     :param weights: the model's whole state dict, where the model holds only shards of it
         (FSDP); PEFT picks the pocket book's tensors from it.
     :param annotate: adds to the metadata before the card is written and the entry committed.
+    :param tracking: where the run's experiment trackers wrote (``--report-to``).
     """
     from adapterkit.library.card import loss_curve_png, write_card
 
@@ -70,6 +72,7 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
         name=name, version=0, base=base.identity(), method=options.method, trainer=trainer,
         data=data.describe(), hyperparameters=hyper_of(options), metrics=metrics,
         parents=list(parents or []), stacked_on=list(stacked_on or []),
+        tracking=dict(tracking or {}),
     )
     with library.draft() as staged:
         model.save_pretrained(staged, **({"state_dict": weights} if weights else {}))
@@ -86,7 +89,8 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
             meta.metrics["loss_history"] = points
         book_name = name
         if annotate is not None:
-            meta.version = parse_ref(name).version or 1  # what commit gives a free name
+            ref = parse_ref(name)  # what commit records for a free name (it refuses a taken one)
+            meta.name, meta.version = ref.name, ref.version or 1
             annotate(meta)
         write_card(staged, meta)
         return library.commit(staged, meta, name=book_name)

@@ -1,0 +1,221 @@
+"""The quickstart, importable: what ``adapterkit quickstart`` and ``examples/quickstart*.py`` run.
+
+Part one turns the general practitioner into a triage specialist without forgetting: on the
+embedded SmolLM2-135M-Instruct (CPU, a few minutes) it trains a "triage" pocket book on the
+bundled data — a patient's complaint in, ``Specialist: … | Urgency: …`` out — with the forgetting
+guard on, then shows the plain model's and the pocket book's answers side by side on held-out
+complaints, held-out accuracy before and after, and the forgetting figure.
+
+Part two trains a "bedside manner" pocket book with DPO *on top of* triage (triage frozen and
+active underneath, and DPO's reference) from bundled preference pairs, and reports held-out
+preference accuracy, the likelihood ranking with triage alone and with bedside on top, and the
+forgetting figure relative to base + triage.
+
+The data ships inside the package (:func:`data_dir`), so both parts run from any folder once
+adapterkit is installed. This module sits above every package (it trains, evaluates and
+verifies), like the pytest plugin; nothing imports it but the CLI and the example scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from adapterkit.errors import QuickstartError
+
+__all__ = ["DATA_FILES", "check_paths", "data_dir", "load_jsonl", "part_one", "part_two",
+           "preference_figures", "preference_lines"]
+
+#: The quickstart's data files, all in :func:`data_dir` (made by examples/make_triage_data.py).
+DATA_FILES = ("triage_train.jsonl", "triage_test.jsonl", "preferences_train.jsonl",
+              "preferences_test.jsonl")
+Home = str | os.PathLike[str] | None
+
+
+def data_dir() -> Path:
+    """The folder of the quickstart's data inside the installed package.
+
+    Raises :class:`QuickstartError` if a file is missing (a broken install, or a checkout whose
+    data was removed), naming it.
+    """
+    folder = Path(str(resources.files("adapterkit") / "data" / "quickstart"))
+    missing = [name for name in DATA_FILES if not (folder / name).is_file()]
+    if missing:
+        raise QuickstartError(
+            f"the quickstart's data is missing from {folder} ({', '.join(missing)}): reinstall "
+            "adapterkit, or in a checkout run python examples/make_triage_data.py")
+    return folder
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_paths(library: Any, ref: str) -> None:
+    """Is the pocket book exact on every path we offer? Each against plain PEFT, recorded on
+    its card (what `adapterkit verify NAME` does)."""
+    from adapterkit.runtime.verify import summary, verify
+
+    result = verify(library, ref)
+    print("Verify: " + summary(result))
+    if not result.ok:
+        raise QuickstartError(f"{ref} drifts from plain PEFT on some path")
+
+
+def _next_name(library: Any, name: str) -> str:
+    """``name``, or its next version if the library already has it (the quickstart reruns)."""
+    versions = [s.version for s in library.list(all_versions=True) if s.name == name]
+    return f"{name}@{max(versions) + 1}" if versions else name
+
+
+def part_one(*, base: str = "smollm2-135m", budget: float = 1.0,
+             guard_weight: float | None = None, steps: int | None = None, lr: float = 1e-3,
+             home: Home = None) -> dict[str, Any]:
+    """Train the triage pocket book and print the quickstart's part one; return its figures.
+
+    :param budget: forgetting budget in percent (0 disables the guard).
+    :param steps: max training steps (default: one epoch).
+    :returns: the figures printed, each measured in this run, for ``--json``.
+    """
+    import adapterkit
+    from adapterkit.training.metrics import accuracy
+    from adapterkit.training.progress import progress_callback
+
+    start = time.perf_counter()
+    data = data_dir()
+    train_file, test = data / "triage_train.jsonl", load_jsonl(data / "triage_test.jsonl")
+
+    print(f"Loading {base}...", flush=True)
+    loaded = adapterkit.load_base(base, home=home, progress=print)
+    tok = loaded.tokenizer
+    print("Measuring the plain model on held-out complaints...", flush=True)
+    acc_before, plain_answers = accuracy(loaded.model, tok, test, chat=True, max_new_tokens=24)
+
+    library = adapterkit.Library(home)
+    options = adapterkit.TrainOptions(
+        learning_rate=lr, r=16, alpha=32, batch_size=8, epochs=1,
+        max_steps=steps or -1, general="general", logging_steps=5,
+        forgetting_budget=budget or None, guard_weight=guard_weight, seed=0,
+    )
+    result = adapterkit.train("sft", base=loaded, data=str(train_file),
+                              name=_next_name(library, "triage"), options=options, home=home,
+                              callbacks=[progress_callback("triage")], progress=print)
+    acc_after, book_answers = accuracy(result.model, tok, test, chat=True, max_new_tokens=24)
+    forgot = result.metrics["forgetting"]
+    elapsed = time.perf_counter() - start
+
+    print("\nHeld-out complaints (symptom combinations never seen together in training):\n")
+    for row, plain, ours in list(zip(test, plain_answers, book_answers))[:4]:
+        print(f"  complaint:    {row['prompt']}")
+        print(f"  plain model:  {plain[:90]!r}")
+        print(f"  pocket book:  {ours!r}   {'✓' if ours == row['completion'] else '✗'}\n")
+    print(f"Held-out accuracy: {acc_before:.1%} plain → {acc_after:.1%} with the pocket book "
+          f"({len(test)} complaints)")
+    print(f"Forgetting: general-text loss {forgot['general_loss_base']:.4f} → "
+          f"{forgot['general_loss']:.4f} ({forgot['general_loss_change_pct']:+.2f}%)"
+          + (f", budget {budget:g}%" if budget else ", no guard"))
+    m = result.metrics
+    print(f"Training: {m['steps']} steps, {m['train_seconds']:.0f} s, "
+          f"{m['tokens_per_second']:.0f} tokens/s; total wall time {elapsed:.0f} s")
+    print(f"Saved {result.pocket_book.ref} → try: adapterkit generate --adapter "
+          f"{result.pocket_book.ref} \"I have ear pain and a sore throat since yesterday.\"")
+    library.tag(result.pocket_book.ref, "quickstart")
+    check_paths(library, result.pocket_book.ref)
+    return {"accuracy_before": acc_before, "accuracy_after": acc_after,
+            "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
+            "train_seconds": m["train_seconds"], "tokens_per_second": m["tokens_per_second"],
+            "steps": m["steps"], "pocket_book": result.pocket_book.ref}
+
+
+def preference_lines(acc: dict, on: str) -> list[str]:
+    """The preference figures of ``preference_accuracy(...)``, each one measured in this run.
+
+    The implicit reward margin has no "before": before DPO it is exactly 0 for every pair, by
+    construction. The measured "before" is the likelihood ranking with ``on`` alone.
+    """
+    return [f"Held-out preference accuracy (implicit reward margin > 0): {acc['implicit']:.1%} "
+            f"after DPO ({acc['pairs']} pairs)",
+            f"Chosen answer ranked above rejected by likelihood: {acc['likelihood_before']:.1%} "
+            f"with {on} alone → {acc['likelihood_after']:.1%} with bedside on top"]
+
+
+def preference_figures(acc: dict) -> dict[str, float]:
+    """The same figures for ``--json``: only measured ones."""
+    return {"preference_accuracy_after": acc["implicit"],
+            "likelihood_before": acc["likelihood_before"],
+            "likelihood_after": acc["likelihood_after"], "pairs": acc["pairs"]}
+
+
+def part_two(*, base: str = "smollm2-135m", on: str | None = None, steps: int = 12,
+             lr: float = 1e-3, beta: float = 0.1, home: Home = None) -> dict[str, Any]:
+    """Train the bedside pocket book with DPO on top of triage and print the quickstart's part
+    two; return its figures.
+
+    :param on: pocket book to train on top of (default: part one's triage, found by its
+        ``quickstart`` tag); :class:`QuickstartError` if there is none.
+    """
+    import adapterkit
+    from adapterkit.training.metrics import generate, preference_accuracy
+    from adapterkit.training.progress import progress_callback
+
+    start = time.perf_counter()
+    data = data_dir()
+    train_file, test = data / "preferences_train.jsonl", load_jsonl(data / "preferences_test.jsonl")
+    library = adapterkit.Library(home)
+    on = on or next((f"{s.name}@{s.version}" for s in library.list(tag="quickstart")
+                     if s.name == "triage"), None)
+    if on is None:
+        raise QuickstartError("No triage pocket book yet: run part one first (adapterkit "
+                              "quickstart --part 1, or python examples/quickstart.py), or "
+                              "pass --on NAME")
+    on = library.get(on).ref
+
+    print(f"Loading {base}...", flush=True)
+    loaded = adapterkit.load_base(base, home=home, progress=print)
+    tok = loaded.tokenizer
+    options = adapterkit.TrainOptions(
+        learning_rate=lr, r=16, alpha=32, batch_size=8, max_steps=steps,
+        general="general", logging_steps=4, seed=0,
+        # DPO's preference loss plus an SFT term on the chosen answer (RPO): DPO alone only
+        # ranks chosen above rejected; the SFT term also makes the model actually say it.
+        trainer_options={"beta": beta, "loss_type": ["sigmoid", "sft"]},
+    )
+    result = adapterkit.train("dpo", base=loaded, data=str(train_file),
+                              name=_next_name(library, "bedside"), on=on, options=options,
+                              home=home, callbacks=[progress_callback("bedside")],
+                              progress=print)
+    model = result.model  # base + triage (frozen) + bedside
+    print("Ranking held-out preference pairs...", flush=True)
+    acc = preference_accuracy(model, tok, test)
+    complaint = test[0]["prompt"]
+    with model.disable_adapter():  # triage alone
+        plain = generate(model, tok, [complaint], chat=True, max_new_tokens=48)[0]
+    kind = generate(model, tok, [complaint], chat=True, max_new_tokens=48)[0]
+    forgot = result.metrics["forgetting"]
+    elapsed = time.perf_counter() - start
+
+    print(f"\nHeld-out complaint: {complaint}\n")
+    print(f"  {on} alone:       {plain!r}")
+    print(f"  {on} + bedside:   {kind!r}\n")
+    print("\n".join(preference_lines(acc, on)))
+    print(f"Forgetting: general-text loss {forgot['general_loss_base']:.4f} → "
+          f"{forgot['general_loss']:.4f} ({forgot['general_loss_change_pct']:+.2f}%, relative "
+          f"to base + {on})")
+    m = result.metrics
+    print(f"Training: {m['steps']} steps, {m['train_seconds']:.0f} s, "
+          f"{m['tokens_per_second']:.0f} tokens/s, reference log-probs "
+          f"{m.get('reference_cache', {}).get('train', 'computed alongside')}; "
+          f"total wall time {elapsed:.0f} s")
+    print(f"Saved {result.pocket_book.ref} (on top of {on}) → try: adapterkit generate "
+          f"--adapter {result.pocket_book.ref} \"{complaint}\"")
+    library.tag(result.pocket_book.ref, "quickstart")
+    check_paths(library, result.pocket_book.ref)  # bedside with triage underneath, vs PEFT
+    return {**preference_figures(acc),
+            "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
+            "train_seconds": m["train_seconds"], "tokens_per_second": m["tokens_per_second"],
+            "steps": m["steps"], "pocket_book": result.pocket_book.ref, "on": on}

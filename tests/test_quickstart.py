@@ -1,0 +1,84 @@
+"""``adapterkit quickstart`` (adapterkit/quickstart.py): the main job from any folder, with the
+data shipped in the package; examples/quickstart*.py are thin wrappers over the same code."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapterkit.quickstart import DATA_FILES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_data_dir_is_the_packaged_copy_of_the_examples_data(adapterkit_cli):
+    result = adapterkit_cli("quickstart", "--data-dir")
+    assert result.exit_code == 0, result.output
+    folder = Path(result.output.strip())
+    import adapterkit
+
+    assert folder == Path(adapterkit.__file__).parent / "data" / "quickstart"
+    for name in DATA_FILES:  # one home: examples/data is these very files
+        assert hashlib.sha256((folder / name).read_bytes()).digest() == \
+            hashlib.sha256((ROOT / "examples" / "data" / name).read_bytes()).digest()
+
+
+def test_missing_data_is_one_line_naming_the_files(adapterkit_cli, tmp_path, monkeypatch):
+    import adapterkit.quickstart as qs
+
+    (tmp_path / "data" / "quickstart").mkdir(parents=True)
+    (tmp_path / "data" / "quickstart" / "triage_train.jsonl").write_text("{}\n")
+    monkeypatch.setattr(qs.resources, "files", lambda package: tmp_path)
+    result = adapterkit_cli("quickstart", "--part", "1")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: the quickstart's data is missing from {tmp_path / 'data' / 'quickstart'} "
+        "(triage_test.jsonl, preferences_train.jsonl, preferences_test.jsonl): reinstall "
+        "adapterkit, or in a checkout run python examples/make_triage_data.py"]
+
+
+def test_part_two_without_part_one_is_refused_in_one_line_before_loading(adapterkit_cli, home):
+    result = adapterkit_cli("quickstart", "--part", "2", "--base", "no/such-base")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: No triage pocket book yet: run part one first (adapterkit quickstart --part 1, "
+        "or python examples/quickstart.py), or pass --on NAME"]
+    assert not (home / "library").exists() or not any((home / "library").iterdir())
+
+
+@pytest.mark.parametrize("script", ["quickstart.py", "quickstart_bedside.py"])
+def test_example_scripts_still_run_as_thin_wrappers(script):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--help"],
+                         capture_output=True, text=True, cwd=ROOT / "examples")
+    assert out.returncode == 0, out.stderr
+    assert "--steps" in out.stdout and "--json" in out.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_runs_both_parts_in_order_into_the_given_home(adapterkit_cli, tiny_base,
+                                                                  home, tmp_path):
+    """--part all: triage, then bedside on top of it, in the --home given (not the env's),
+    each step cap honoured, both tagged and verified against PEFT, the figures printed."""
+    from adapterkit.library.store import Library
+
+    mine = tmp_path / "quickstart-home"
+    result = adapterkit_cli("quickstart", "--base", tiny_base, "--max-steps", "1",
+                            "--home", mine)
+    assert result.exit_code == 0, result.output
+    out = result.stdout  # the quickstart's report; the libraries' progress bars go to stderr
+    assert "Held-out accuracy: " in out and "(48 complaints)" in out
+    assert "Held-out preference accuracy (implicit reward margin > 0): " in out
+    assert out.index("Saved triage@1") < out.index("Training bedside")
+    verified = [line for line in out.splitlines() if line.startswith("Verify: ")]
+    assert len(verified) == 2 and all("exact on" in line for line in verified), verified
+
+    library = Library(mine)
+    triage, bedside = library.get("triage@1"), library.get("bedside@1")
+    assert bedside.meta.stacked_on == ["triage@1"] and bedside.meta.parents == ["triage@1"]
+    assert triage.meta.metrics["steps"] == 1 and bedside.meta.metrics["steps"] == 1
+    assert {b.name for b in library.list(tag="quickstart")} == {"triage", "bedside"}
+    assert not (home / "library").exists() or not any((home / "library").iterdir())

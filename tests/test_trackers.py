@@ -1,0 +1,214 @@
+"""`--report-to` (and `report_to:` in recipes): transformers' tracker integrations write where
+adapterkit says — TensorBoard event files under the home, trackio's local store — the place is
+recorded in the pocket book's metadata and card, and nothing leaves the machine unless asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapterkit import ConfigError, Library, TrainOptions
+from adapterkit.training import tracking
+from adapterkit.training.options import build_options, check_options
+
+FAST = ["--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--logging-steps", "1",
+        "-r", "4", "--alpha", "8"]
+
+
+def tensorboard_scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
+    """What TensorBoard itself reads from the event files (its own reader, not ours)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_tensorboard_and_trackio_get_the_loss_and_the_book_records_where(tiny_base,
+                                                                         adapterkit_data,
+                                                                         tmp_path):
+    """A real CLI run in a fresh process (trackio reads TRACKIO_DIR when first imported): the
+    TensorBoard events and trackio's store hold the loss of every logged step — the same
+    values the trainer's own log history recorded — and the metadata and card say where."""
+    home, store = tmp_path / "home", tmp_path / "trackio"
+    env = {**os.environ, "ADAPTERKIT_HOME": str(home), "TRACKIO_DIR": str(store),
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("TENSORBOARD_LOGGING_DIR", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "adapterkit", "train", "sft", "--base", str(tiny_base),
+         "--data", str(adapterkit_data["text"]), "--name", "river", *FAST,
+         "--report-to", "tensorboard", "--report-to", "trackio", "--json"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)  # the trackers' banners went to stderr
+    book = Library(home).get("river")
+    logged = [(step, loss) for step, loss in book.meta.metrics["loss_history"]]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+
+    tracked = book.meta.tracking
+    assert result["tracking"] == tracked
+    assert set(tracked) == {"tensorboard", "trackio", "run_name"}
+    assert tracked["run_name"].startswith("river-")
+    logdir = Path(tracked["tensorboard"]["logdir"])
+    assert logdir.parent == home / "tracking" / "tensorboard"
+    scalars = tensorboard_scalars(logdir, "train/loss")
+    assert [s for s, _ in scalars] == [s for s, _ in logged]
+    assert [v for _, v in scalars] == pytest.approx([v for _, v in logged], rel=1e-6)
+
+    assert tracked["trackio"] == {"project": "adapterkit", "run": tracked["run_name"],
+                                  "store": str(store / "adapterkit.db")}
+    # trackio's own reader, in a process that imports it with the same TRACKIO_DIR
+    read = subprocess.run(
+        [sys.executable, "-c", "import json; from trackio.sqlite_storage import SQLiteStorage "
+         "as S; print(json.dumps({'runs': S.get_runs('adapterkit'), 'logs': "
+         f"S.get_logs('adapterkit', {tracked['run_name']!r})}}, default=str))"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert read.returncode == 0, read.stderr[-2000:]
+    seen = json.loads(read.stdout)
+    assert seen["runs"] == [tracked["run_name"]]
+    losses = [(row["train/global_step"], row["train/loss"]) for row in seen["logs"]
+              if row.get("train/loss") is not None]
+    assert [s for s, _ in losses] == [s for s, _ in logged]
+    assert [v for _, v in losses] == pytest.approx([v for _, v in logged], rel=1e-6)
+
+    card = (book.path / "README.md").read_text(encoding="utf-8")
+    assert f"tensorboard --logdir {logdir}" in card
+    assert f"run `{tracked['run_name']}`" in card
+
+
+@pytest.mark.slow
+def test_a_recipe_reports_to_tensorboard(adapterkit_cli, tiny_base, adapterkit_data, home,
+                                         tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "base": str(tiny_base), "max_steps": 2, "batch_size": 4, "logging_steps": 1, "r": 4,
+        "alpha": 8, "report_to": "tensorboard",
+        "stages": [{"name": "notes", "trainer": "sft", "data": str(adapterkit_data["text"])}],
+    }), encoding="utf-8")
+    result = adapterkit_cli("pipeline", recipe)
+    assert result.exit_code == 0, result.output
+    book = Library(home).get("notes")
+    logdir = Path(book.meta.tracking["tensorboard"]["logdir"])
+    assert [s for s, _ in tensorboard_scalars(logdir, "train/loss")] == [1, 2]
+    # the variable adapterkit set for the run is gone again
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ
+
+
+def test_without_report_to_nothing_is_reported(tiny_base):
+    """The default reports to no tracker (transformers would otherwise pick every installed
+    one), and names the run for those that do."""
+    from adapterkit.training.job import TrainJob
+
+    def job(options: TrainOptions) -> TrainJob:
+        return TrainJob(build=lambda: None, tokenizer=None, eval_data=None,
+                        data=None,  # type: ignore[arg-type]
+                        options=options, chat=False, output_dir=Path("x"), resume_from=None,
+                        name="notes", run_name="notes-20250101T000000Z")
+
+    assert job(TrainOptions()).training_arguments()["report_to"] == []
+    args = job(TrainOptions(report_to=["tensorboard"])).training_arguments()
+    assert args["report_to"] == ["tensorboard"]
+    assert args["run_name"] == "notes-20250101T000000Z"
+
+
+# -- the places: offline unless asked --------------------------------------------------------
+
+def test_offline_places_unless_the_environment_says_otherwise(tmp_path, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "MLFLOW_TRACKING_URI",
+                "TENSORBOARD_LOGGING_DIR", "WANDB_PROJECT", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    run = tracking.TrackedRun(["tensorboard", "wandb", "mlflow"], tmp_path, "notes-1")
+    env = run.environment()
+    assert env["WANDB_MODE"] == "offline"
+    assert env["WANDB_DIR"] == str(tmp_path / "tracking")
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path.resolve()}/tracking/mlflow.db"
+    assert env["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tracking" / "tensorboard" /
+                                                 "notes-1")
+    with run.active():
+        assert os.environ["WANDB_MODE"] == "offline"
+    assert "WANDB_MODE" not in os.environ  # restored
+
+    # an API key (or WANDB_MODE) means the user asked W&B to sync; their own places win
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    env = run.environment()
+    assert "WANDB_MODE" not in env and "MLFLOW_TRACKING_URI" not in env
+    # only trackers asked for are configured
+    assert tracking.TrackedRun(["tensorboard"], tmp_path, "n").environment().keys() == {
+        "TENSORBOARD_LOGGING_DIR"}
+
+
+def test_resume_continues_the_same_tracker_run(tmp_path):
+    work = tmp_path / "runs" / "notes"
+    first = tracking.start_tracking(["tensorboard"], home=tmp_path, ref="notes", workdir=work,
+                                    resume=False)
+    again = tracking.start_tracking(["tensorboard"], home=tmp_path, ref="notes", workdir=work,
+                                    resume=True)
+    assert again.run_name == first.run_name and first.run_name.startswith("notes-")
+    assert again.tensorboard_dir == first.tensorboard_dir
+
+
+# -- refusals: one line, before the base loads, nothing written ------------------------------
+
+@pytest.mark.parametrize("given, expected", [
+    (["--report-to", "tensorbord"], "unknown tracker 'tensorbord' (did you mean tensorboard?)"),
+    (["--report-to", "none,trackio"], "none means no tracker"),
+    (["--report-to", "all"], "nothing is sent anywhere unless asked"),
+])
+def test_unknown_trackers_are_refused(adapterkit_cli, adapterkit_data, home, given, expected):
+    result = adapterkit_cli("train", "sft", "--base", "no/such-base", "--data",
+                            adapterkit_data["text"], "--name", "x", *given)
+    assert result.exit_code == 1
+    assert expected in result.output and len(result.output.strip().splitlines()) == 1
+    assert Library(home).list() == []
+
+
+@pytest.mark.parametrize("name, extra", [("tensorboard", "trackers"), ("trackio", "trackers"),
+                                         ("wandb", "wandb"), ("mlflow", "mlflow")])
+def test_a_tracker_that_is_not_installed_names_the_extra(adapterkit_cli, adapterkit_data, home,
+                                                         monkeypatch, name, extra):
+    real = tracking.installed
+    monkeypatch.setattr(tracking, "installed", lambda module: module != name and real(module))
+    # a base that does not exist: the tracker is refused first, before any base is looked at
+    result = adapterkit_cli("train", "sft", "--base", "no/such-base", "--data",
+                            adapterkit_data["text"], "--name", "x", "--report-to", name)
+    assert result.exit_code == 1, result.output
+    assert f"{name} is not installed; install it with pip install 'adapterkit[{extra}]'" \
+        in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert Library(home).list() == [] and not (home / "tracking").exists()
+
+
+def test_options_and_recipes_take_report_to(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("report_to: TensorBoard, trackio\n", encoding="utf-8")
+    assert build_options(recipe).report_to == ["tensorboard", "trackio"]
+    assert build_options(recipe, {"report_to": "none"}).report_to == []  # the flag wins
+    with pytest.raises(ConfigError, match="unknown tracker 'tb'"):
+        check_options(TrainOptions(report_to=["tb"]))
+
+
+def test_report_to_does_not_change_a_stage_fingerprint(tiny_base, adapterkit_data, home,
+                                                       tmp_path):
+    """Adding a tracker to a recipe does not shape the pocket books: --resume still skips the
+    stages that finished."""
+    from adapterkit.training.recipe import load_recipe
+
+    def fingerprint(**extra: object) -> str:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump({"base": str(tiny_base), **extra, "stages": [
+            {"name": "notes", "trainer": "sft", "data": str(adapterkit_data["text"])}]}),
+            encoding="utf-8")
+        return load_recipe(path, home=home).stages[0].fingerprint
+
+    plain = fingerprint()
+    assert fingerprint(report_to="tensorboard") == plain
+    assert fingerprint(max_steps=3) != plain
