@@ -100,6 +100,8 @@ def test_no_import_cycles_between_packages():
              "serving": 5, "cli": 6}
     upward = [why[(a, b)] for a in PACKAGES for b in edges[a] if level[b] >= level[a]]
     assert not upward, upward
+    # serving sits beside training, not on it: a server never trains
+    assert "training" not in edges["serving"], why.get(("serving", "training"))
 
 
 def test_no_module_imports_a_private_name_from_another_package():

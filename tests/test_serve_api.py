@@ -409,6 +409,42 @@ def test_health_metrics_and_library(served, client):
     assert books["law"]["forgetting"] is None  # imported: never measured here
 
 
+def test_a_loss_curve_is_only_ever_the_books_own_png(served, tmp_path):
+    """Metadata names the loss curve; a pulled book's metadata could name any file. The server
+    serves only the book's own loss_curve.png, a plain file inside its folder."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the web", encoding="utf-8")
+    library, ref = served.library, "law@1"
+    for named in (str(secret), "../../../../../../../.." + str(secret), "adapter_config.json"):
+        served.library.update_meta(ref, lambda meta, n=named: meta.metrics.update(loss_curve=n))
+        answer = httpx.get(f"{served.url}/api/library/{ref}/loss_curve.png")
+        assert answer.status_code == 404 and "not for the web" not in answer.text, named
+        listed = {b["id"]: b for b in httpx.get(served.url + "/api/library").json()["books"]}
+        assert listed[ref]["loss_curve_png"] is None
+    png = library.get(ref).path / "loss_curve.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    try:
+        answer = httpx.get(f"{served.url}/api/library/{ref}/loss_curve.png")
+        assert answer.status_code == 200 and answer.content.endswith(b"fake")
+    finally:
+        png.unlink()
+        served.library.update_meta(ref, lambda meta: meta.metrics.pop("loss_curve", None))
+
+
+def test_a_body_that_is_not_json_typed_is_refused(served):
+    """A web page can POST text/plain or a form to a local server without a CORS preflight;
+    such a request is refused before it reaches the engine."""
+    body = json.dumps({"model": "law", "messages": [{"role": "user", "content": "hi"}]})
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": kind} if kind else {}
+        answer = httpx.post(served.url + "/v1/chat/completions", content=body, headers=headers)
+        assert answer.status_code == 415, (kind, answer.text)
+        assert "Content-Type: application/json" in answer.json()["error"]["message"]
+    ok = httpx.post(served.url + "/v1/chat/completions", content=body,
+                    headers={"Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_the_page_and_its_files_are_served(served):
     static = Path(adapterkit.__file__).parent / "serving" / "static"
     page = httpx.get(served.url + "/")

@@ -200,8 +200,8 @@ def _results_section(meta: PocketBookMeta) -> str:
         lines.append(guard)
     lines += _verification_lines(meta.verification)
     lines += harness_lines(meta.harness)
-    if m.get("loss_curve"):
-        lines += ["", f"![loss curve]({m['loss_curve']})"]
+    if m.get("loss_curve"):  # the file saved with it, whatever the metadata says
+        lines += ["", "![loss curve](loss_curve.png)"]
     return "\n".join(lines) or "No metrics recorded."
 
 

@@ -87,6 +87,11 @@ class Answers:
 
     async def answer(self, request: Request, model_cls: type[BaseModel], *,
                      chat: bool) -> Response:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":  # a form or text/plain POST from some web page (no
+            # CORS preflight for those) must not drive a server that has no key
+            raise APIError(415, "send the body as JSON with Content-Type: application/json "
+                           f"(got {kind or 'none'})", code="unsupported_media_type")
         try:
             raw = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -53,7 +53,7 @@ def _book_entry(book: PocketBook, versions: int) -> dict[str, Any]:
         "forgetting": change,
         "loss_curve": _loss_points(metrics),
         "loss_curve_png": f"/api/library/{book.ref}/loss_curve.png"
-        if png and (book.path / str(png)).is_file() else None,
+        if png and _curve_path(book) is not None else None,
     }
 
 
@@ -89,8 +89,16 @@ def _loss_points(metrics: dict[str, Any]) -> list[list[float]]:
 def loss_curve_file(library: Library, base: Any, ref: str) -> Path:
     """The loss-curve PNG of pocket book ``ref`` of this base (404 when there is none)."""
     book = library.get(ref)
-    png = book.meta.metrics.get("loss_curve")
-    path = book.path / str(png) if png else None
-    if book.meta.base_fingerprint != base.fingerprint or path is None or not path.is_file():
+    path = _curve_path(book)
+    if book.meta.base_fingerprint != base.fingerprint or path is None:
         raise PocketBookNotFound(f"{book.ref} has no loss curve on this server's base")
+    return path
+
+
+def _curve_path(book: PocketBook) -> Path | None:
+    """The book's own ``loss_curve.png``, a plain file inside its folder — never the path its
+    metadata names (a pulled book's metadata could name any file on this machine)."""
+    path = book.path / LOSS_CURVE_PNG
+    if path.is_symlink() or not path.is_file():
+        return None
     return path
