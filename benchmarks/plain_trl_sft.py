@@ -29,8 +29,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="TRL's own default (SFTConfig turns it on); off unless given")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
     p.add_argument("--eval", help="held-out prompt/completion file: accuracy + forgetting")
     p.add_argument("--out", help="write figures as JSON here")
+    p.add_argument("--save-to", help="save the trained adapter (a PEFT folder) here")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -44,7 +48,8 @@ def main() -> None:
         output_dir="/tmp/plain-trl-sft", per_device_train_batch_size=args.batch_size,
         max_steps=args.max_steps, learning_rate=args.lr, lr_scheduler_type="linear",
         logging_steps=5, save_strategy="no", report_to=[], max_length=args.max_length, seed=0,
-        bf16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
+        bf16=args.bf16, use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=args.gradient_checkpointing,
         include_num_input_tokens_seen="non_padding", disable_tqdm=True,
     )
     peft_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
@@ -57,9 +62,13 @@ def main() -> None:
     tokens = trainer.state.num_input_tokens_seen
     loop = next(h["train_runtime"] for h in reversed(trainer.state.log_history)
                 if "train_runtime" in h)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     figures = {"tokens": tokens, "train_seconds": seconds, "loop_seconds": loop,
+               "train_loss_final": losses[-1] if losses else None,
                "tokens_per_second": tokens / loop,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if args.save_to:
+        trainer.model.save_pretrained(args.save_to)
     if args.eval:
         from adapterkit.training.data import read_rows
         from adapterkit.training.metrics import accuracy, forgetting

@@ -113,8 +113,11 @@ def test_reference_logps_are_cached_on_disk_per_reference(tiny_base, home, adapt
 
     def run(name, steps=4, **kwargs):  # 4 steps of 4 cover the 16 pairs
         ref_batches.clear()
+        # float32, as the plain reference below computes (the other DPO tests run in the
+        # default precision, bf16 on a CPU with bf16 instructions)
         options = TrainOptions(max_steps=steps, batch_size=4, learning_rate=1e-2, r=4, alpha=8,
-                               dropout=0.0, trainer_options=kwargs.pop("sets", {}))
+                               dropout=0.0, trainer_options=kwargs.pop("sets", {}),
+                               precision="fp32")
         return train("dpo", base=str(tiny_base), data=data, name=name, home=home, plugins=pm,
                      options=options, **kwargs)
 

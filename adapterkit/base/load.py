@@ -146,6 +146,12 @@ class Base:
     model: Any
     tokenizer: Any
     quantization: str | None = None
+    #: The dtype the base computes in (a quantized base: its compute dtype), as loaded or as
+    #: a training run holds it (adapterkit.training.precision).
+    dtype: Any = None
+    #: Set while a training run holds the resident weights in another dtype: the dtype to give
+    #: them back in (float32 from bfloat16: read again from the base's files).
+    rounded_from: Any = None
 
     @property
     def name(self) -> str:
@@ -238,7 +244,7 @@ def load_base(spec: str, *, quantization: str | None = None, dtype: Any = None,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Base(source=source, fingerprint=fp, model=model, tokenizer=tokenizer,
-                quantization=quantization)
+                quantization=quantization, dtype=dtype)
 
 
 def keep_4bit_layout(model: Any) -> None:

@@ -28,7 +28,7 @@ _OPTION_FLAGS = {
     "general": "general", "forgetting_budget": "forgetting_budget",
     "guard_weight": "guard_weight", "anchor": "anchor", "chat": "chat",
     "save_steps": "save_steps", "logging_steps": "logging_steps",
-    "skip_bad_rows": "skip_bad_rows", "report_to": "report_to",
+    "skip_bad_rows": "skip_bad_rows", "report_to": "report_to", "precision": "precision",
 }
 
 
@@ -223,6 +223,11 @@ class _Stopped(KeyboardInterrupt):
 @click.option("--guard-weight", type=float, help="Weight of the KL-to-base term (default 0.3 with "
                                                  "a budget; 0 disables it).")
 @click.option("--anchor", help="Anchor prose for the KL term (default: shipped anchor text).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]),
+              help="auto (default): bfloat16 where the hardware computes it fast (a GPU with "
+                   "bf16, a CPU with AVX512-BF16 or AMX: the frozen base held in bf16, the "
+                   "pocket book and optimizer in fp32, each step under autocast), fp32 "
+                   "elsewhere. fp32: exact float32 training, slower.")
 @click.option("--save-steps", type=int, help="Steps between resumable checkpoints (default 50).")
 @click.option("--logging-steps", type=int, help="Steps between loss logs (default 5).")
 @click.option("--skip-bad-rows", is_flag=True, default=None,

@@ -66,29 +66,57 @@ def check_lengths(tokenizer: Any, job_rows: list[dict[str, Any]], max_length: in
 
 
 def load_for_method(base: str | Base, method: Any, library: Library,
-                    say: Callable[[str], None]) -> Base:
-    """The base by name or as given, in the precision ``method`` needs; under a launcher on
-    this rank's device, a GGUF base converted once per machine."""
+                    say: Callable[[str], None], precision: str = "auto") -> Base:
+    """The base by name or as given, in the quantization ``method`` needs and the dtype
+    ``precision`` picks (:mod:`adapterkit.training.precision`); under a launcher on this rank's
+    device, a GGUF base converted once per machine. A base given resident is checked here and
+    held in the run's dtype by :func:`adapterkit.training.precision.hold` once every check of
+    the run has passed."""
     from adapterkit.base.load import load_base
     from adapterkit.training.launch import fsdp_enabled, main_first, ranks
+    from adapterkit.training.precision import name_of, training_dtype
 
-    if isinstance(base, str):
-        say(f"Loading base {base}" + (f" ({method.quantization})" if method.quantization else "")
-            + "...")
-        device = None
-        if ranks().distributed:  # each rank on its own GPU (accelerate's choice), or the CPU
-            from adapterkit.training.launch import join
+    if not isinstance(base, str):
+        if base.quantization != method.quantization:
+            raise ConfigError(
+                f"method {method.name} needs a {method.quantization or 'full-precision'} base, "
+                f"but the base given is {base.quantization or 'full precision'}"
+            )
+        dtype = training_dtype(precision, str(base.model.device), base.quantization)
+        if base.quantization is not None and precision != "auto" and base_dtype(base) != dtype:
+            raise ConfigError(f"precision {precision} needs the {base.quantization} base to "
+                              f"compute in {name_of(dtype)}, but it was loaded to compute in "
+                              f"{name_of(base_dtype(base))}; load it again with dtype={dtype} "
+                              "or train with precision auto")
+        return base
+    device = None
+    if ranks().distributed:  # each rank on its own GPU (accelerate's choice), or the CPU
+        from adapterkit.training.launch import join
 
-            device = str(join().device)
-        with main_first(local=True):  # a GGUF base is converted once per machine, not per rank
-            return load_base(base, quantization=method.quantization, home=library.home,
-                             progress=say, device=device, for_fsdp=fsdp_enabled())
-    if base.quantization != method.quantization:
-        raise ConfigError(
-            f"method {method.name} needs a {method.quantization or 'full-precision'} base, "
-            f"but the base given is {base.quantization or 'full precision'}"
-        )
-    return base
+        device = str(join().device)
+    dtype = training_dtype(precision, device or _default_device(), method.quantization)
+    say(f"Loading base {base}" + (f" ({method.quantization})" if method.quantization else "")
+        + (f" in {name_of(dtype)}" if name_of(dtype) != "fp32" else "") + "...")
+    with main_first(local=True):  # a GGUF base is converted once per machine, not per rank
+        loaded = load_base(base, quantization=method.quantization, home=library.home,
+                           progress=say, device=device, for_fsdp=fsdp_enabled(), dtype=dtype)
+    import torch
+
+    if dtype == torch.bfloat16 and (device or _default_device()) == "cpu" and \
+            method.quantization is None:  # inference on a CPU loads it in float32
+        loaded.rounded_from = torch.float32
+    return loaded
+
+
+def base_dtype(base: Base) -> Any:
+    """The dtype a loaded base computes in (a quantized base: its compute dtype)."""
+    return base.dtype if base.dtype is not None else getattr(base.model, "dtype", None)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_lora_shape(loaded: Base, options: TrainOptions) -> None:
@@ -158,7 +186,8 @@ def attach_new(base: Base, method: Any, options: TrainOptions, *,
     underlay_mod.apply(model, list(underlay or []), structure=structure)
     if start is not None:
         check_book(start, structure)
-        return PeftModel.from_pretrained(model, str(start.path), is_trainable=True)
+        return _for_precision(PeftModel.from_pretrained(model, str(start.path),
+                                                        is_trainable=True))
     config = method.peft_config(target_modules=targets, r=options.r, alpha=options.alpha,
                                 dropout=options.dropout)
     import torch
@@ -172,7 +201,20 @@ def attach_new(base: Base, method: Any, options: TrainOptions, *,
         config.modules_to_save = ["score"]
     elif head != "causal-lm":
         raise ConfigError(f"unknown trainer head {head!r}; trainers declare causal-lm or reward")
-    return get_peft_model(model, config)
+    return _for_precision(get_peft_model(model, config))
+
+
+def _for_precision(model: Any) -> Any:
+    """A pocket book on a bfloat16 base on a CPU: its weights in float32, attention too (on a
+    GPU, training is as it always was: TRL's and PEFT's own handling)."""
+    import torch
+
+    from adapterkit.training.precision import prepare
+
+    base = model.get_base_model()
+    if getattr(base, "dtype", None) == torch.bfloat16 and base.device.type == "cpu":
+        prepare(model)
+    return model
 
 
 def guard_requested(options: TrainOptions) -> bool:

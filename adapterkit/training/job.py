@@ -59,6 +59,14 @@ class TrainJob:
     _model: Any = None
 
     @property
+    def precision(self) -> str:
+        """``bf16``, ``fp16`` or ``fp32``: the dtype the frozen base computes in."""
+        from adapterkit.training.build import base_dtype
+        from adapterkit.training.precision import name_of
+
+        return name_of(base_dtype(self.base)) if self.base else "fp32"
+
+    @property
     def model(self) -> Any:
         if self._model is None:
             self._model = self.build()
@@ -100,6 +108,7 @@ class TrainJob:
             "base": self.base.fingerprint if self.base is not None else None,
             "quantization": self.base.quantization if self.base is not None else None,
             "dtype": str(getattr(self.model, "dtype", "")),
+            "precision": self.precision,
             "under": [(b.ref, sha256_file(b.path / WEIGHTS_FILE)) for b in self.stacked_on],
             **parts,
         }
@@ -167,7 +176,10 @@ class TrainJob:
             report_to=trackers_of(o.report_to),
             run_name=self.run_name or self.name or None,
             project="adapterkit",  # trackio's project
-            bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+            # the base was loaded in the run's precision (adapterkit.training.precision):
+            # on bfloat16 weights each step runs under autocast, on CPU and GPU alike
+            bf16=self.precision == "bf16" or (cuda and torch.cuda.is_bf16_supported()
+                                              and o.precision != "fp32"),
             fp16=False,
             use_cpu=not cuda,
             gradient_checkpointing=o.gradient_checkpointing,

@@ -58,6 +58,10 @@ class TrainOptions:
     #: Steps between checkpoints that ``--resume`` continues from.
     save_steps: int = 50
     gradient_checkpointing: bool = False
+    #: ``auto``: bfloat16 where the hardware computes it fast (a GPU with bf16, a CPU with
+    #: AVX512-BF16 or AMX), float32 elsewhere; ``bf16`` or ``fp32`` to choose
+    #: (:mod:`adapterkit.training.precision`).
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     #: Drop data rows of the wrong shape (saying how many) instead of refusing the file.
     skip_bad_rows: bool = False
     #: Experiment trackers transformers reports to (tensorboard, trackio, wandb, mlflow);

@@ -148,7 +148,8 @@ def _load_checked(recipe: Recipe, pending: list[Stage], library: Library, pm: Pl
     from adapterkit.training.metrics import uses_chat
 
     # as train() loads a base by name: on this rank's device, converted once per machine
-    loaded = load_for_method(recipe.base, pm.method(pending[0].options.method), library, say)
+    loaded = load_for_method(recipe.base, pm.method(pending[0].options.method), library, say,
+                             pending[0].options.precision)
     structure = loaded.structure()
     problems: list[str] = []
     for stage in pending:
@@ -173,16 +174,25 @@ def _load_checked(recipe: Recipe, pending: list[Stage], library: Library, pm: Pl
 def _base_for(stage: Stage, loaded: Base | None, spec: str, library: Library,
               pm: PluginManager, say: Callable[[str], None]) -> Base:
     """The resident base in the precision the stage's method needs: the one already loaded,
-    unless a stage changes it (lora → qlora), when it is let go before the other loads."""
+    unless a stage changes it (lora → qlora, bf16 → fp32), when it is let go before the other
+    loads."""
+    from adapterkit.training.build import base_dtype
+    from adapterkit.training.precision import training_dtype
+
     method = pm.method(stage.options.method)
     if loaded is not None and loaded.quantization == method.quantization:
-        return loaded
+        device = str(loaded.model.device)
+        wanted = training_dtype(stage.options.precision, device, method.quantization)
+        if base_dtype(loaded) == wanted or (device == "cpu" and method.quantization is None):
+            return loaded  # (on a CPU, train() holds it in the stage's dtype and back)
+        if method.quantization is not None and stage.options.precision == "auto":
+            return loaded  # a 4-bit base computes in the dtype it was loaded with
     if loaded is not None:
         from adapterkit.memory import release_memory
 
         loaded.model = None
         release_memory()
-    return load_for_method(spec, method, library, say)
+    return load_for_method(spec, method, library, say, stage.options.precision)
 
 
 def _refs(stage: Stage, results: list[StageResult]) -> tuple[str | None, str | None]:

@@ -99,10 +99,15 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
                    say=say, main=where.is_main)
     run.annotate = annotate
     start = time.perf_counter()
-    state = _run(run)
-    if where.distributed:
-        return _finalize_shared(run, state, time.perf_counter() - start, main=where.is_main)
-    return _finalize(run, state, time.perf_counter() - start)
+    try:
+        state = _run(run)
+        if where.distributed:
+            return _finalize_shared(run, state, time.perf_counter() - start, main=where.is_main)
+        return _finalize(run, state, time.perf_counter() - start)
+    finally:  # a run that failed gives a caller's resident base back as it was given
+        from adapterkit.training.precision import restore_exact
+
+        restore_exact(run.loaded)
 
 
 def check_train(trainer: str, *, base: str, data: str, name: str,
@@ -228,7 +233,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     trainer_obj, method, dataset = c.trainer_obj, c.method, c.dataset
     pm = plugins
 
-    loaded = load_for_method(base, method, library, say)
+    loaded = load_for_method(base, method, library, say, options.precision)
     if not start_from:  # a copy keeps its own targets and rank, which fit (check_policy)
         check_lora_shape(loaded, options)
     if parent is not None:
@@ -266,6 +271,11 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         from adapterkit.memory import release_memory
 
         release_memory()
+        # the stage's figures were taken on the exact base; this run trains in its precision
+        from adapterkit.training.precision import hold, training_dtype
+
+        if str(loaded.model.device) == "cpu":
+            hold(loaded, training_dtype(job.options.precision, "cpu", loaded.quantization))
         return result
 
     job_data = data
@@ -282,6 +292,10 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         job.callbacks.append(guard.callback())
     if tracked is not None:
         job.callbacks.append(tracked.callback())
+    if str(loaded.model.device) == "cpu":  # every check passed: the steps' precision
+        from adapterkit.training.precision import hold, training_dtype
+
+        hold(loaded, training_dtype(options.precision, "cpu", loaded.quantization))
     say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}"
         + (f", on top of {' + '.join(b.ref for b in underlay)}" if underlay else "")
         + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
@@ -384,20 +398,33 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
     adapter_to_fp32(model)
     model.eval()
     metrics = metrics_of(state, elapsed)
+    metrics["precision"] = run.job.precision  # what the steps computed in
     from adapterkit.training.launch import ranks
+    from adapterkit.training.precision import restore_exact
 
     if ranks().distributed:  # tokens and tokens/s above are of all ranks together
         metrics["processes"] = ranks().world_size
-    if run.guard is not None:
+    if run.guard is not None:  # decided on what the steps saw
         metrics["guard"] = _guard_report(run, model, int(metrics.get("steps", 0)))
+    # the figures below on the base as inference loads it, not on the rounded training copy
+    exact = restore_exact(run.loaded)
+    if exact:
+        from accelerate.utils import extract_model_from_parallel
+
+        # accelerate left its bf16 autocast wrapped around the model's forward: take it off
+        extract_model_from_parallel(model, keep_fp32_wrapper=False)
+        metrics["measured_in"] = "fp32"
+    elif run.loaded.rounded_from is not None:
+        run.say("Note: the base's exact weights could not be read back from its files; the "
+                f"figures below are measured on its {run.job.precision} copy (recorded so).")
     tokenizer = run.loaded.tokenizer
     if run.eval_data is not None and run.head != "reward":
         metrics["eval"] = task_loss(model, tokenizer, run.eval_data.rows, chat=run.job.chat)
     if run.general is not None:
         run.say("Forgetting check on general text...")
         guard = run.guard
-        base_loss = guard.base_loss if guard is not None and \
-            guard.general_texts == run.general else None
+        base_loss = guard.base_loss if guard is not None and not exact and \
+            guard.general_texts == run.general else None  # (the guard's: on bf16 weights)
         metrics["forgetting"] = forgetting(model, tokenizer, run.general, base_loss=base_loss)
         if run.underlay:  # the "before" side had the pocket books underneath active
             metrics["forgetting"]["relative_to"] = "base + " + " + ".join(
@@ -510,7 +537,8 @@ def _guard_report(run: _Run, model: Any, steps: int) -> dict[str, Any]:
     return {"budget_pct": guard.budget_pct, "weight": guard.weight if applied else 0.0,
             "kl_batches": guard.penalty_calls, "kept_step": report.kept_step,
             "restored": report.restored, "within_budget": report.within_budget,
-            "checks": report.checks}
+            # the guard decides on what the steps compute ("forgetting" is on the exact base)
+            "measured_in": run.job.precision, "checks": report.checks}
 
 
 def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str | None:

@@ -1,0 +1,176 @@
+"""The whole `adapterkit train sft|dpo` command against a plain TRL SFTTrainer|DPOTrainer + PEFT
+script, as a user runs them: wall-clock time and peak resident memory of each process, start-up
+and save included, one after the other on the same base folder, data, steps, batch, rank and lr.
+
+Arms (each a fresh process):
+  plain-fp32      the plain script, float32, gradient checkpointing off (the same settings)
+  plain-trl-gc    the plain script with TRL's own default, gradient checkpointing on
+  plain-bf16      the plain script with bf16 autocast (TrainingArguments.bf16), checkpointing off
+  ours-auto       adapterkit train sft (its default: --precision auto)
+  ours-fp32       adapterkit train sft --precision fp32
+
+With --trainer dpo the pairs are preferences_train.jsonl and both compute the reference
+alongside each step (the plain script: TRL's default for a PEFT model; ours:
+--set precompute_ref_log_probs=false).
+
+Every trained adapter is then scored in a separate process by the same code on the float32
+base: held-out exact match on triage_test.jsonl (dpo: held-out pair ranking on
+preferences_test.jsonl) and general-text loss change (forgetting).
+
+    python benchmarks/bench_train_wall.py [--trainer sft] [--steps 20] [--arms plain-fp32,ours-auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "adapterkit" / "data" / "quickstart"
+ARMS = ("plain-fp32", "plain-trl-gc", "plain-bf16", "ours-auto", "ours-fp32")
+
+SCORE = """
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from adapterkit.training.data import read_rows
+from adapterkit.training.metrics import accuracy, forgetting
+folder, adapter, test, trainer = sys.argv[1:5]
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+model = PeftModel.from_pretrained(model, adapter).eval()
+rows = [json.loads(line) for line in open(test) if line.strip()]
+if trainer == "dpo":
+    from adapterkit.training.metrics import preference_accuracy
+    acc = preference_accuracy(model, tok, rows)["implicit"]
+else:
+    acc, _ = accuracy(model, tok, rows, chat=True)
+general = [r["text"] for r in read_rows("general")[0]]
+print(json.dumps({"accuracy": acc,
+                  "forgetting_pct": forgetting(model, tok, general)["general_loss_change_pct"]}))
+"""
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    """Wall seconds of the whole process, and its stdout (its peak RSS: the PEAK wrapper)."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[4:9])}... failed:\n{proc.stderr[-3000:]}")
+    return wall, proc.stdout
+
+
+#: Runs a script or module in this interpreter and records its own peak RSS when it exits.
+PEAK = """
+import atexit, json, os, resource, runpy, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write(json.dumps(
+    {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})))
+target = sys.argv.pop(1)
+sys.argv = [target] + sys.argv[1:]
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__")
+"""
+
+
+def run_arm(arm: str, args: argparse.Namespace, folder: str, home: str, tmp: Path) -> dict:
+    rss = tmp / f"{arm}-rss.json"
+    adapter = tmp / f"{arm}-adapter"
+    common = ["--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+              "--lr", str(args.lr)]
+    dpo = args.trainer == "dpo"
+    train_file = DATA / ("preferences_train.jsonl" if dpo else "triage_train.jsonl")
+    test_file = DATA / ("preferences_test.jsonl" if dpo else "triage_test.jsonl")
+    script = "plain_trl_dpo.py" if dpo else "plain_trl_sft.py"
+    if arm.startswith("plain"):
+        figures = tmp / f"{arm}.json"
+        cmd = [sys.executable, "-c", PEAK, str(rss), str(ROOT / "benchmarks" / script),
+               folder, str(train_file), *common, "--out", str(figures),
+               "--save-to", str(adapter)]
+        cmd += {"plain-trl-gc": ["--gradient-checkpointing"], "plain-bf16": ["--bf16"]}.get(arm, [])
+        wall, _ = timed(cmd)
+        result = json.loads(figures.read_text())
+    else:
+        subprocess.run([sys.executable, "-m", "adapterkit", "--home", home, "rm", arm,
+                        "--all-versions"], capture_output=True)
+        cmd = [sys.executable, "-c", PEAK, str(rss), "adapterkit", "--home", home, "train",
+               args.trainer, "--base", args.base, "--data", str(train_file), "--name", arm,
+               *common, "--save-steps", "100000", "--json",
+               "--precision", "fp32" if arm == "ours-fp32" else "auto"]
+        if dpo:
+            cmd += ["--set", "precompute_ref_log_probs=false"]
+        wall, out = timed(cmd)
+        result = json.loads(out[out.index("{"):])["metrics"]
+        info = json.loads(subprocess.run(
+            [sys.executable, "-m", "adapterkit", "--home", home, "show", arm, "--json"],
+            capture_output=True, text=True, check=True).stdout)
+        adapter = Path(info["path"])
+    figures = {"wall_seconds": wall, "loop_seconds": result["loop_seconds"],
+               "tokens_per_second": result["tokens_per_second"],
+               "train_loss_final": result["train_loss_final"],
+               **json.loads(rss.read_text())}
+    if args.eval:
+        out = subprocess.run([sys.executable, "-c", SCORE, folder, str(adapter),
+                              str(test_file), args.trainer],
+                             capture_output=True, text=True, check=True).stdout
+        figures.update(json.loads(out.strip().splitlines()[-1]))
+    return figures
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--trainer", choices=("sft", "dpo"), default="sft")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--no-eval", dest="eval", action="store_false")
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        sys.exit(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        # a library of its own (it removes its arms' entries), sharing converted bases
+        home = str(tmp / "home")
+        shared = Path(os.environ.get("ADAPTERKIT_HOME", "")) / "bases"
+        if os.environ.get("ADAPTERKIT_HOME") and shared.is_dir():
+            (tmp / "home").mkdir()
+            (tmp / "home" / "bases").symlink_to(shared)
+        folder = json.loads(subprocess.run(
+            [sys.executable, "-m", "adapterkit", "--home", home, "base", "show", args.base,
+             "--json"], capture_output=True, text=True, check=True).stdout)["folder"]
+        results = {}
+        for arm in arms:
+            results[arm] = run_arm(arm, args, folder, home, tmp)
+            print(arm, json.dumps(results[arm]), flush=True)
+    keys = ("wall_seconds", "loop_seconds", "tokens_per_second", "peak_rss_mb",
+            "train_loss_final", "accuracy", "forgetting_pct")
+    print(f"\n{'':18}" + "".join(f"{a:>14}" for a in arms))
+    for key in keys:
+        if all(key in results[a] for a in arms):
+            print(f"{key:18}" + "".join(f"{results[a][key]:>14.3f}" for a in arms))
+    ref = "plain-fp32" if "plain-fp32" in arms else None
+    if ref:
+        print(f"\nspeed-up of the whole command vs {ref} (wall time ratio, >1 is faster):")
+        for a in arms:
+            print(f"  {a:14} {results[ref]['wall_seconds'] / results[a]['wall_seconds']:.2f}x "
+                  f"time, {results[a]['peak_rss_mb'] / results[ref]['peak_rss_mb']:.2f}x memory")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
