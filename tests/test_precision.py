@@ -184,3 +184,69 @@ def test_precision_flag_on_the_command_line(tiny_base, home, data):
                              "--max-steps", "2", "--batch-size", "4", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output[ok.output.index("{"):])["metrics"]["precision"] == "fp32"
+
+
+def test_resume_in_another_precision_is_refused_and_the_callers_base_comes_back(
+        tiny_base, home, data, pm):
+    """A run interrupted in fp32 resumes only in fp32; the interrupted and the refused run both
+    give a base passed in from Python back exactly as it came (float32, same weights)."""
+    from transformers import TrainerCallback
+
+    from adapterkit import load_base
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise KeyboardInterrupt
+
+    base = load_base(str(tiny_base), home=home)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+
+    def unchanged():
+        assert base.model.dtype == torch.float32 and base.rounded_from is None
+        # (a run that stopped leaves PEFT's wrapped layers in place: compare the base's own)
+        after = {k.replace(".base_layer.", "."): v for k, v in base.model.state_dict().items()
+                 if "lora_" not in k}
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+    with pytest.raises(KeyboardInterrupt):  # interrupted while held in bf16
+        train("sft", base=base, data=str(data), name="r", home=home, plugins=pm,
+              options=fast(precision="bf16", save_steps=5), callbacks=[Interrupt()])
+    unchanged()
+    with pytest.raises(ConfigError, match="trained in bf16 .* resume with --precision bf16"):
+        train("sft", base=base, data=str(data), name="r", home=home, plugins=pm,
+              options=fast(precision="fp32", save_steps=5), resume=True)
+    unchanged()
+    result = train("sft", base=base, data=str(data), name="r", home=home, plugins=pm,
+                   options=fast(precision="bf16", save_steps=5), resume=True)
+    assert result.metrics["steps"] == 12 and result.metrics["precision"] == "bf16"
+    result.model.unload()
+    unchanged()
+
+
+def test_the_plain_base_general_loss_is_measured_once_per_reference(tiny_base, home, data, pm):
+    """The "before" of the forgetting figure is the plain base's: cached under the library
+    home, keyed by the reference, and read back by the next run on that base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterkit.training.data import read_rows
+    from adapterkit.training.metrics import text_loss
+
+    first = train("sft", base=str(tiny_base), data=str(data), name="g1", home=home, plugins=pm,
+                  options=fast(precision="fp32", general="general", max_steps=2))
+    general = [r["text"] for r in read_rows("general")[0]]
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    plain = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    assert first.metrics["forgetting"]["general_loss_base"] == pytest.approx(
+        text_loss(plain, tok, general), abs=1e-6)
+    entries = list((home / "cache" / "general-loss").glob("*.json"))
+    assert len(entries) == 1
+    entries[0].write_text(json.dumps({"loss": 123.0}))  # proof of reading, not recomputing
+    second = train("sft", base=str(tiny_base), data=str(data), name="g2", home=home,
+                   plugins=pm, options=fast(precision="fp32", general="general", max_steps=2))
+    assert second.metrics["forgetting"]["general_loss_base"] == 123.0
+    # another measurement (bf16 steps, then the exact base) has its own entries
+    train("sft", base=str(tiny_base), data=str(data), name="g3", home=home, plugins=pm,
+          options=fast(precision="bf16", general="general", forgetting_budget=5, max_steps=2))
+    assert len(list((home / "cache" / "general-loss").glob("*.json"))) == 3

@@ -61,6 +61,9 @@ class ForgettingGuard:
         self.report = GuardReport()
         self._step = 0
         self._base_loss: float | None = None
+        #: How the plain base's loss is obtained: ``cached(compute)``; the run sets one that
+        #: reads and fills the library's cache (:meth:`TrainJob.base_text_loss`).
+        self.cached: Any = lambda compute: compute()
         self._kept: dict[str, Any] | None = None
 
     def penalty(self, model: Any, step: int | None = None) -> Any:
@@ -93,8 +96,11 @@ class ForgettingGuard:
         was_training = model.training
         model.eval()
         if self._base_loss is None:
-            with _adapter_off(model):
-                self._base_loss = text_loss(model, self.tokenizer, self.general_texts)
+            def base() -> float:
+                with _adapter_off(model):
+                    return text_loss(model, self.tokenizer, self.general_texts)
+
+            self._base_loss = self.cached(base)
         loss = text_loss(model, self.tokenizer, self.general_texts)
         if was_training:
             model.train()

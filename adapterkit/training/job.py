@@ -115,6 +115,38 @@ class TrainJob:
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()
                               ).hexdigest()[:32]
 
+    def base_text_loss(self, texts: list[str], compute: Callable[[], float], *,
+                       phase: str) -> float:
+        """The plain base's loss on ``texts`` (the "before" of the forgetting figure), read from
+        the library's cache when this reference already measured it, else ``compute()``d and
+        cached (main process only). It does not change while pocket books are trained on that
+        base, so a rerun, a sweep or the guard's first check need not pay for it again.
+
+        :param phase: how it is measured (``steps``: as the training steps compute, under the
+            run's precision; ``exact``: on the base as inference loads it), part of the key.
+        """
+        import hashlib
+
+        from adapterkit.training.launch import ranks
+
+        key = self.reference_key(kind="general-loss", phase=phase, measure="text_loss-v1",
+                                 texts=hashlib.sha256("\x00".join(texts).encode()).hexdigest())
+        path = self.cache_dir("general-loss") / f"{key}.json"
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))["loss"]
+            if isinstance(value, float):
+                return value
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        value = float(compute())
+        if ranks().is_main:
+            import os
+
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"loss": value}), encoding="utf-8")
+            os.replace(tmp, path)  # never half an entry
+        return value
+
     def rows(self, data: Data) -> list[dict[str, Any]]:
         """Rows as the trainer should see them: chat-rendered for chat bases."""
         if data.shape == "messages" or (self.chat and data.shape != "text"):

@@ -23,6 +23,8 @@ from typing import Any
 from adapterkit.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+#: Where a run's work folder records the precision its checkpoints were trained in.
+PRECISION_FILE = "precision.json"
 #: The attention implementation name registered with transformers (CPU, bfloat16 weights).
 FP32_ATTENTION = "adapterkit_sdpa_fp32"
 
@@ -56,6 +58,27 @@ def training_dtype(precision: str, device: str, quantization: str | None = None)
     if cuda:  # auto, as adapterkit always did on a GPU
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() and quantization is None else torch.float32
+
+
+def check_resume(workdir: Any, name: str, *, resuming: bool, main: bool = True) -> None:
+    """Refuse to resume checkpoints trained in another precision (the run would be neither);
+    record this run's precision for a later ``--resume`` (main process only)."""
+    import json
+    from pathlib import Path
+
+    path = Path(workdir) / PRECISION_FILE
+    if resuming and path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("precision")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str) and recorded != name:
+            raise ConfigError(f"the interrupted run trained in {recorded} and this one would "
+                              f"train in {name}; resume with --precision {recorded}, or start "
+                              "over with --restart")
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"precision": name}), encoding="utf-8")
 
 
 def name_of(dtype: Any) -> str:

@@ -24,6 +24,7 @@ from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import (
     applies_guard,
     attach_new,
+    base_dtype,
     check_lengths,
     check_lora_shape,
     general_texts,
@@ -288,14 +289,21 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
                    callbacks=list(callbacks or []), guard=guard, base=loaded,
                    stacked_on=underlay, home=library.home, name=str(ref), stage_runner=run_stage,
                    run_name=tracked.run_name if tracked else "")
+    if guard is not None:
+        guard.cached = lambda compute: job.base_text_loss(guard.general_texts, compute,
+                                                          phase="steps")
     if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
     if tracked is not None:
         job.callbacks.append(tracked.callback())
-    if str(loaded.model.device) == "cpu":  # every check passed: the steps' precision
-        from adapterkit.training.precision import hold, training_dtype
+    from adapterkit.training.precision import check_resume, hold, name_of, training_dtype
 
-        hold(loaded, training_dtype(options.precision, "cpu", loaded.quantization))
+    cpu = str(loaded.model.device) == "cpu"
+    steps_dtype = training_dtype(options.precision, "cpu", loaded.quantization) if cpu \
+        else base_dtype(loaded)
+    check_resume(workdir, name_of(steps_dtype), resuming=c.resume_from is not None, main=main)
+    if cpu:  # every check passed: the steps' precision
+        hold(loaded, steps_dtype)
     say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}"
         + (f", on top of {' + '.join(b.ref for b in underlay)}" if underlay else "")
         + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
@@ -425,6 +433,17 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
         guard = run.guard
         base_loss = guard.base_loss if guard is not None and not exact and \
             guard.general_texts == run.general else None  # (the guard's: on bf16 weights)
+        if base_loss is None:
+            from adapterkit.training.metrics import _adapter_off, text_loss
+
+            texts = run.general
+
+            def base() -> float:
+                with _adapter_off(model):
+                    return text_loss(model, tokenizer, texts)
+
+            base_loss = run.job.base_text_loss(texts, base,
+                                               phase="exact" if exact else "steps")
         metrics["forgetting"] = forgetting(model, tokenizer, run.general, base_loss=base_loss)
         if run.underlay:  # the "before" side had the pocket books underneath active
             metrics["forgetting"]["relative_to"] = "base + " + " + ".join(
