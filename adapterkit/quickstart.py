@@ -83,7 +83,7 @@ def part_one(*, base: str = "smollm2-135m", budget: float = 1.0,
     :returns: the figures printed, each measured in this run, for ``--json``.
     """
     import adapterkit
-    from adapterkit.training.metrics import accuracy
+    from adapterkit.training.metrics import accuracy, base_loss_note
     from adapterkit.training.progress import progress_callback
 
     start = time.perf_counter()
@@ -118,7 +118,7 @@ def part_one(*, base: str = "smollm2-135m", budget: float = 1.0,
           f"({len(test)} complaints)")
     print(f"Forgetting: general-text loss {forgot['general_loss_base']:.4f} → "
           f"{forgot['general_loss']:.4f} ({forgot['general_loss_change_pct']:+.2f}%)"
-          + (f", budget {budget:g}%" if budget else ", no guard"))
+          + (f", budget {budget:g}%" if budget else ", no guard") + base_loss_note(forgot))
     m = result.metrics
     print(f"Training: {m['steps']} steps, {m['train_seconds']:.0f} s, "
           f"{m['tokens_per_second']:.0f} tokens/s; total wall time {elapsed:.0f} s")
@@ -160,7 +160,7 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None, steps: int = 
         ``quickstart`` tag); :class:`QuickstartError` if there is none.
     """
     import adapterkit
-    from adapterkit.training.metrics import generate, preference_accuracy
+    from adapterkit.training.metrics import base_loss_note, generate, preference_accuracy
     from adapterkit.training.progress import progress_callback
 
     start = time.perf_counter()
@@ -205,7 +205,7 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None, steps: int = 
     print("\n".join(preference_lines(acc, on)))
     print(f"Forgetting: general-text loss {forgot['general_loss_base']:.4f} → "
           f"{forgot['general_loss']:.4f} ({forgot['general_loss_change_pct']:+.2f}%, relative "
-          f"to base + {on})")
+          f"to base + {on})" + base_loss_note(forgot))
     m = result.metrics
     print(f"Training: {m['steps']} steps, {m['train_seconds']:.0f} s, "
           f"{m['tokens_per_second']:.0f} tokens/s, reference log-probs "

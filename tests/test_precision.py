@@ -243,10 +243,44 @@ def test_the_plain_base_general_loss_is_measured_once_per_reference(tiny_base, h
     entries = list((home / "cache" / "general-loss").glob("*.json"))
     assert len(entries) == 1
     entries[0].write_text(json.dumps({"loss": 123.0}))  # proof of reading, not recomputing
+    assert first.metrics["forgetting"]["base_loss_from"] == "this run"
     second = train("sft", base=str(tiny_base), data=str(data), name="g2", home=home,
                    plugins=pm, options=fast(precision="fp32", general="general", max_steps=2))
     assert second.metrics["forgetting"]["general_loss_base"] == 123.0
+    assert second.metrics["forgetting"]["base_loss_from"] == "cache"  # and says so
+    from adapterkit.training.metrics import base_loss_note
+
+    assert "cache" in base_loss_note(second.metrics["forgetting"])
+    assert base_loss_note(first.metrics["forgetting"]) == ""
     # another measurement (bf16 steps, then the exact base) has its own entries
     train("sft", base=str(tiny_base), data=str(data), name="g3", home=home, plugins=pm,
           options=fast(precision="bf16", general="general", forgetting_budget=5, max_steps=2))
     assert len(list((home / "cache" / "general-loss").glob("*.json"))) == 3
+
+
+def test_a_base_that_cannot_be_given_back_exactly_is_not_rounded(tiny_base, home, data, pm,
+                                                                  tmp_path, monkeypatch):
+    """Its weights are not in safetensors files by their names: the run trains it in float32
+    (and says so) rather than leave the caller a rounded base."""
+    import shutil
+
+    from adapterkit import load_base
+
+    base = load_base(str(tiny_base), home=home)
+    assert precision.restorable(base)
+    copy = tmp_path / "renamed"
+    shutil.copytree(base.source.folder, copy)
+    for f in copy.glob("*.safetensors"):
+        f.rename(f.with_suffix(".moved"))
+    monkeypatch.setattr(base.source, "folder", copy)
+    assert not precision.restorable(base)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    with pytest.raises(ConfigError, match="could not be read back exactly"):  # asked: refused
+        train("sft", base=base, data=str(data), name="nr", home=home, plugins=pm,
+              options=fast(precision="bf16", max_steps=2))
+    result = train("sft", base=base, data=str(data), name="nr", home=home, plugins=pm,
+                   options=fast(precision="auto", max_steps=2))
+    assert result.metrics["precision"] == "fp32" and base.model.dtype == torch.float32
+    result.model.unload()
+    after = base.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

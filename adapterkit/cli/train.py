@@ -335,9 +335,12 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         line += f" ({m['processes']} processes together)"
     click.echo(line)
     if m.get("forgetting"):
+        from adapterkit.training.metrics import base_loss_note
+
         f = m["forgetting"]
         click.echo(f"Forgetting: general-text loss {f['general_loss_base']:.4f} → "
-                   f"{f['general_loss']:.4f} ({f['general_loss_change_pct']:+.2f}%)")
+                   f"{f['general_loss']:.4f} ({f['general_loss_change_pct']:+.2f}%)"
+                   + base_loss_note(f))
     from adapterkit.library.card import tracking_lines
 
     for tracked in tracking_lines(book.meta.tracking):

@@ -82,14 +82,17 @@ def load_for_method(base: str | Base, method: Any, library: Library,
                 f"method {method.name} needs a {method.quantization or 'full-precision'} base, "
                 f"but the base given is {base.quantization or 'full precision'}"
             )
-        dtype = training_dtype(precision, str(base.model.device), base.quantization)
-        if base.quantization is not None and precision != "auto" and base_dtype(base) != dtype:
-            raise ConfigError(f"precision {precision} needs the {base.quantization} base to "
-                              f"compute in {name_of(dtype)}, but it was loaded to compute in "
+        where = str(base.model.device)
+        dtype = training_dtype(precision, where, base.quantization)
+        fixed = base.quantization is not None or not where.startswith("cpu")  # not held
+        if fixed and precision != "auto" and base_dtype(base) != dtype:
+            kind = f"{base.quantization} base" if base.quantization else f"base on {where}"
+            raise ConfigError(f"precision {precision} needs the {kind} to compute in "
+                              f"{name_of(dtype)}, but it was loaded to compute in "
                               f"{name_of(base_dtype(base))}; load it again with dtype={dtype} "
                               "or train with precision auto")
         return base
-    device = None
+    device: str | None = None
     if ranks().distributed:  # each rank on its own GPU (accelerate's choice), or the CPU
         from adapterkit.training.launch import join
 

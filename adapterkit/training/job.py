@@ -18,6 +18,13 @@ from adapterkit.training.data import Data, as_chat
 from adapterkit.training.options import TrainOptions
 from adapterkit.training.tracking import trackers_of
 
+
+def sha256_of(path: Path) -> str:
+    from adapterkit.files import sha256_file
+
+    return sha256_file(path)
+
+
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
     from adapterkit.training.guard import ForgettingGuard
@@ -56,15 +63,25 @@ class TrainJob:
     stage_runner: Callable[..., Any] | None = None
     #: The trackers' name for this run (``NAME@V-<time>``; kept by ``--resume``).
     run_name: str = ""
+    #: :meth:`base_text_loss` calls by phase: whether the value came from the cache.
+    cache_reads: dict[str, bool] = field(default_factory=dict)
     _model: Any = None
 
     @property
     def precision(self) -> str:
-        """``bf16``, ``fp16`` or ``fp32``: the dtype the frozen base computes in."""
+        """``bf16``, ``fp16`` or ``fp32``: what the steps compute in — ``bf16`` when they run
+        under bf16 autocast (a bf16 base; on a GPU with bf16, as adapterkit always trained
+        there, unless ``--precision fp32``), else the dtype the frozen base computes in."""
+        import torch
+
         from adapterkit.training.build import base_dtype
         from adapterkit.training.precision import name_of
 
-        return name_of(base_dtype(self.base)) if self.base else "fp32"
+        held = name_of(base_dtype(self.base)) if self.base else "fp32"
+        on_gpu = self.base is not None and str(self.base.model.device).startswith("cuda")
+        if on_gpu and torch.cuda.is_bf16_supported() and self.options.precision != "fp32":
+            return "bf16"
+        return held
 
     @property
     def model(self) -> Any:
@@ -126,20 +143,39 @@ class TrainJob:
             run's precision; ``exact``: on the base as inference loads it), part of the key.
         """
         import hashlib
+        import math
 
-        from adapterkit.training.launch import ranks
+        from adapterkit.training.launch import ranks, share
 
-        key = self.reference_key(kind="general-loss", phase=phase, measure="text_loss-v1",
-                                 texts=hashlib.sha256("\x00".join(texts).encode()).hexdigest())
+        model = self.model
+        base = self.base
+        tokenizer_files = sorted(p for p in base.source.folder.glob("*") if p.is_file() and
+                                 ("token" in p.name or p.suffix == ".model")) if base else []
+        key = self.reference_key(
+            kind="general-loss", phase=phase, measure="text_loss-v1",
+            texts=hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
+            # what the measurement runs under: the steps' autocast, the device and attention,
+            # and whether the resident weights are a rounded copy
+            autocast=phase == "steps" and self.precision == "bf16",
+            device=str(next(model.parameters()).device.type),
+            attention=getattr(getattr(model, "config", None), "_attn_implementation", None),
+            rounded_from=str(base.rounded_from) if base else None,
+            tokenizer=[(p.name, sha256_of(p)) for p in tokenizer_files])
         path = self.cache_dir("general-loss") / f"{key}.json"
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))["loss"]
-            if isinstance(value, float):
-                return value
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        value = float(compute())
+        cached = None
         if ranks().is_main:
+            try:
+                value = json.loads(path.read_text(encoding="utf-8"))["loss"]
+                cached = value if isinstance(value, float) and math.isfinite(value) else None
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        if ranks().distributed:  # one choice for all ranks (the forward may be collective)
+            cached = share(cached)
+        self.cache_reads[phase] = cached is not None
+        if cached is not None:
+            return float(cached)
+        value = float(compute())
+        if ranks().is_main and math.isfinite(value):
             import os
 
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -210,8 +246,7 @@ class TrainJob:
             project="adapterkit",  # trackio's project
             # the base was loaded in the run's precision (adapterkit.training.precision):
             # on bfloat16 weights each step runs under autocast, on CPU and GPU alike
-            bf16=self.precision == "bf16" or (cuda and torch.cuda.is_bf16_supported()
-                                              and o.precision != "fp32"),
+            bf16=self.precision == "bf16",
             fp16=False,
             use_cpu=not cuda,
             gradient_checkpointing=o.gradient_checkpointing,

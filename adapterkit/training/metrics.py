@@ -159,6 +159,14 @@ def forgetting(model: Any, tokenizer: Any, texts: list[str], *,
             "general_loss_change_pct": 100.0 * (adapted - base) / base}
 
 
+def base_loss_note(figures: dict[str, Any]) -> str:
+    """What to print beside a forgetting figure whose "before" was read from the cache of an
+    earlier run on the same reference (``TrainJob.base_text_loss``), not measured in this one."""
+    if figures.get("base_loss_from") == "cache":
+        return " [plain base's loss from the cache: measured by an earlier run on this base]"
+    return ""
+
+
 def _adapter_off(model: Any) -> Any:
     return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 

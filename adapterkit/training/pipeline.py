@@ -30,6 +30,7 @@ from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import check_lengths, load_for_method, split_eval
 from adapterkit.training.data import as_chat
 from adapterkit.training.job import TrainResult
+from adapterkit.training.metrics import base_loss_note
 from adapterkit.training.recipe import Recipe, Stage, interrupted, load_recipe, read_recipe
 from adapterkit.training.run import train
 
@@ -257,7 +258,8 @@ def stage_line(result: StageResult, total: int) -> str:
     if f:
         line += (f", forgetting {f['general_loss_change_pct']:+.2f}% (general-text loss "
                  f"{f['general_loss_base']:.4f} → {f['general_loss']:.4f}"
-                 + (f", relative to {f['relative_to']})" if f.get("relative_to") else ")"))
+                 + (f", relative to {f['relative_to']})" if f.get("relative_to") else ")")
+                 + base_loss_note(f))
     else:
         line += ", forgetting not measured (no general:)"
     return line + (" — finished by an earlier run" if result.skipped else "")

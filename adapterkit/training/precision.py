@@ -143,8 +143,11 @@ def hold(base: Any, dtype: Any) -> None:
     """Hold a full-precision resident base in ``dtype`` for a run's steps; :func:`restore_exact`
     gives it back its weights as they were (a quantized base computes in the dtype it was
     loaded with: :func:`adapterkit.training.build.load_for_method` refuses another)."""
+    import torch
 
     if base.quantization is not None or base.model.dtype == dtype:
+        if base.quantization is None:
+            base.dtype = dtype
         return
     if base.rounded_from is not None and base.rounded_from == dtype:  # back where it was
         if not restore_exact(base):
@@ -154,9 +157,33 @@ def hold(base: Any, dtype: Any) -> None:
                               "this stage on its own")
         return
     if base.rounded_from is None:
+        if base.model.dtype == torch.float32 and not restorable(base):
+            return  # it could not be given back exactly: the run trains in float32
         base.rounded_from = base.model.dtype
     _cast_parameters(base.model, dtype)
     base.dtype = dtype
+
+
+def restorable(base: Any) -> bool:
+    """Whether :func:`restore_exact` can read every frozen weight of ``base`` back from its
+    safetensors files (their headers are read, not the tensors)."""
+    from safetensors import safe_open
+
+    files = sorted(base.source.folder.glob("*.safetensors"))
+    keys: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            keys.update(fh.keys())
+    return bool(files) and all(name in keys for name, _ in _own(base.model))
+
+
+def _own(model: Any) -> list[tuple[str, Any]]:
+    """The base's own floating-point weights, named as its files name them (PEFT's wrappers
+    and every adapter's weights left out)."""
+    return [(n.replace(".base_layer.", ".").replace(".original_module.", "."), p)
+            for n, p in model.named_parameters()
+            if not p.requires_grad and p.is_floating_point() and "lora_" not in n
+            and "modules_to_save" not in n]
 
 
 def _cast_parameters(model: Any, dtype: Any) -> None:
@@ -187,9 +214,7 @@ def restore_exact(base: Any) -> bool:
     if original is None or base.quantization is not None or current == original:
         base.rounded_from = None
         return original is not None and current == original
-    frozen = [(n, p) for n, p in model.named_parameters()  # the base's own: no adapter's
-              if not p.requires_grad and p.is_floating_point() and "lora_" not in n
-              and "modules_to_save" not in n]
+    frozen = _own(model)
     if not (original == torch.float32 and current == torch.bfloat16):
         for _, param in frozen:  # bfloat16 or float16 widened for the run: exact both ways
             param.data = param.data.to(original)
@@ -200,8 +225,7 @@ def restore_exact(base: Any) -> bool:
         return False
     from safetensors import safe_open
 
-    own = {n.replace(".base_layer.", ".").replace(".original_module.", "."): p
-           for n, p in frozen}
+    own = dict(frozen)
     exact: dict[int, Any] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as fh:

@@ -24,7 +24,6 @@ from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import (
     applies_guard,
     attach_new,
-    base_dtype,
     check_lengths,
     check_lora_shape,
     general_texts,
@@ -105,10 +104,22 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         if where.distributed:
             return _finalize_shared(run, state, time.perf_counter() - start, main=where.is_main)
         return _finalize(run, state, time.perf_counter() - start)
-    finally:  # a run that failed gives a caller's resident base back as it was given
-        from adapterkit.training.precision import restore_exact
+    finally:
+        if not isinstance(base, str):  # a caller's resident base: back in the dtype it came
+            _give_back(run.loaded, say)
 
-        restore_exact(run.loaded)
+
+def _give_back(base: Base, say: Callable[[str], None]) -> None:
+    """Give a caller's base its weights back after a run (a no-op when ``_measure`` did)."""
+    from adapterkit.training.precision import restore_exact
+
+    try:
+        if base.rounded_from is not None and not restore_exact(base):
+            say(f"Warning: the base's exact weights could not be read back; it stays in "
+                f"{base.dtype}. Load it again for exact figures.")
+    except Exception as exc:  # never hides why the run itself stopped
+        say(f"Warning: the base's exact weights could not be read back ({exc}); load it "
+            "again for exact figures.")
 
 
 def check_train(trainer: str, *, base: str, data: str, name: str,
@@ -289,6 +300,22 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
                    callbacks=list(callbacks or []), guard=guard, base=loaded,
                    stacked_on=underlay, home=library.home, name=str(ref), stage_runner=run_stage,
                    run_name=tracked.run_name if tracked else "")
+    from adapterkit.training.precision import check_resume, hold, training_dtype
+
+    if str(loaded.model.device) == "cpu":  # every check passed: the steps' precision
+        wanted = training_dtype(options.precision, "cpu", loaded.quantization)
+        hold(loaded, wanted)
+        if options.precision != "auto" and loaded.dtype != wanted:  # hold() declined
+            raise ConfigError(f"--precision {options.precision}: the resident base's weights "
+                              "could not be read back exactly after rounding them (no "
+                              "safetensors files naming them), so it is not rounded; train "
+                              "with --precision auto (float32 here), or load the base by name")
+    try:  # what the steps compute in, against the checkpoints a resume continues
+        check_resume(workdir, job.precision, resuming=c.resume_from is not None, main=main)
+    except ConfigError:
+        if not isinstance(base, str):
+            _give_back(loaded, say)
+        raise
     if guard is not None:
         guard.cached = lambda compute: job.base_text_loss(guard.general_texts, compute,
                                                           phase="steps")
@@ -296,14 +323,6 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         job.callbacks.append(guard.callback())
     if tracked is not None:
         job.callbacks.append(tracked.callback())
-    from adapterkit.training.precision import check_resume, hold, name_of, training_dtype
-
-    cpu = str(loaded.model.device) == "cpu"
-    steps_dtype = training_dtype(options.precision, "cpu", loaded.quantization) if cpu \
-        else base_dtype(loaded)
-    check_resume(workdir, name_of(steps_dtype), resuming=c.resume_from is not None, main=main)
-    if cpu:  # every check passed: the steps' precision
-        hold(loaded, steps_dtype)
     say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}"
         + (f", on top of {' + '.join(b.ref for b in underlay)}" if underlay else "")
         + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
@@ -419,9 +438,11 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
     if exact:
         from accelerate.utils import extract_model_from_parallel
 
+        from adapterkit.training.precision import name_of
+
         # accelerate left its bf16 autocast wrapped around the model's forward: take it off
         extract_model_from_parallel(model, keep_fp32_wrapper=False)
-        metrics["measured_in"] = "fp32"
+        metrics["measured_in"] = name_of(run.loaded.dtype)
     elif run.loaded.rounded_from is not None:
         run.say("Note: the base's exact weights could not be read back from its files; the "
                 f"figures below are measured on its {run.job.precision} copy (recorded so).")
@@ -433,7 +454,9 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
         guard = run.guard
         base_loss = guard.base_loss if guard is not None and not exact and \
             guard.general_texts == run.general else None  # (the guard's: on bf16 weights)
+        phase = "steps"
         if base_loss is None:
+            phase = "exact" if exact else "steps"
             from adapterkit.training.metrics import _adapter_off, text_loss
 
             texts = run.general
@@ -442,9 +465,11 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
                 with _adapter_off(model):
                     return text_loss(model, tokenizer, texts)
 
-            base_loss = run.job.base_text_loss(texts, base,
-                                               phase="exact" if exact else "steps")
+            base_loss = run.job.base_text_loss(texts, base, phase=phase)
         metrics["forgetting"] = forgetting(model, tokenizer, run.general, base_loss=base_loss)
+        # the "before" is the plain base's: measured now, or by an earlier run on this base
+        metrics["forgetting"]["base_loss_from"] = \
+            "cache" if run.job.cache_reads.get(phase) else "this run"
         if run.underlay:  # the "before" side had the pocket books underneath active
             metrics["forgetting"]["relative_to"] = "base + " + " + ".join(
                 b.ref for b in run.underlay)
@@ -557,7 +582,9 @@ def _guard_report(run: _Run, model: Any, steps: int) -> dict[str, Any]:
             "kl_batches": guard.penalty_calls, "kept_step": report.kept_step,
             "restored": report.restored, "within_budget": report.within_budget,
             # the guard decides on what the steps compute ("forgetting" is on the exact base)
-            "measured_in": run.job.precision, "checks": report.checks}
+            "measured_in": run.job.precision,
+            "base_loss_from": "cache" if run.job.cache_reads.get("steps") else "this run",
+            "checks": report.checks}
 
 
 def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str | None:
