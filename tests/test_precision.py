@@ -188,7 +188,7 @@ def test_precision_flag_on_the_command_line(tiny_base, home, data):
 
 def test_resume_in_another_precision_is_refused_and_the_callers_base_comes_back(
         tiny_base, home, data, pm):
-    """A run interrupted in fp32 resumes only in fp32; the interrupted and the refused run both
+    """A run interrupted in bf16 resumes only in bf16; the interrupted and the refused run both
     give a base passed in from Python back exactly as it came (float32, same weights)."""
     from transformers import TrainerCallback
 
@@ -253,9 +253,14 @@ def test_the_plain_base_general_loss_is_measured_once_per_reference(tiny_base, h
     assert "cache" in base_loss_note(second.metrics["forgetting"])
     assert base_loss_note(first.metrics["forgetting"]) == ""
     # another measurement (bf16 steps, then the exact base) has its own entries
-    train("sft", base=str(tiny_base), data=str(data), name="g3", home=home, plugins=pm,
-          options=fast(precision="bf16", general="general", forgetting_budget=5, max_steps=2))
+    third = train("sft", base=str(tiny_base), data=str(data), name="g3", home=home,
+                  plugins=pm, options=fast(precision="bf16", general="general",
+                                           forgetting_budget=5, max_steps=2))
     assert len(list((home / "cache" / "general-loss").glob("*.json"))) == 3
+    guard = third.metrics["guard"]  # decided on the steps' bf16 figures, and says so
+    assert guard["measured_in"] == "bf16" and guard["base_loss_from"] == "this run"
+    assert third.metrics["measured_in"] == "fp32"
+    assert third.metrics["forgetting"]["base_loss_from"] == "this run"
 
 
 def test_a_base_that_cannot_be_given_back_exactly_is_not_rounded(tiny_base, home, data, pm,
@@ -275,7 +280,7 @@ def test_a_base_that_cannot_be_given_back_exactly_is_not_rounded(tiny_base, home
     monkeypatch.setattr(base.source, "folder", copy)
     assert not precision.restorable(base)
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
-    with pytest.raises(ConfigError, match="could not be read back exactly"):  # asked: refused
+    with pytest.raises(ConfigError, match="could not be given back exactly"):  # asked: refused
         train("sft", base=base, data=str(data), name="nr", home=home, plugins=pm,
               options=fast(precision="bf16", max_steps=2))
     result = train("sft", base=base, data=str(data), name="nr", home=home, plugins=pm,
@@ -284,3 +289,53 @@ def test_a_base_that_cannot_be_given_back_exactly_is_not_rounded(tiny_base, home
     result.model.unload()
     after = base.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_run_from_before_precision_was_recorded_resumes_only_in_fp32(tiny_base, home, data,
+                                                                        pm):
+    """Checkpoints without a record were trained in float32 (on a CPU): resuming them in bf16
+    is refused, after the caller's base was rounded for it, and the base comes back exact."""
+    from transformers import TrainerCallback
+
+    from adapterkit import load_base
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("sft", base=str(tiny_base), data=str(data), name="old", home=home, plugins=pm,
+              options=fast(precision="fp32", save_steps=5), callbacks=[Interrupt()])
+    (home / "runs" / "old" / precision.PRECISION_FILE).unlink()  # as a run before this change
+    base = load_base(str(tiny_base), home=home)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    with pytest.raises(ConfigError, match="trained in fp32 .* resume with --precision fp32"):
+        train("sft", base=base, data=str(data), name="old", home=home, plugins=pm,
+              options=fast(precision="bf16", save_steps=5), resume=True)
+    assert base.model.dtype == torch.float32 and base.rounded_from is None
+    after = {k.replace(".base_layer.", "."): v for k, v in base.model.state_dict().items()
+             if "lora_" not in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert base.model.config._attn_implementation == "sdpa"
+
+
+def test_a_base_changed_in_memory_is_not_rounded(tiny_base, home, data, pm):
+    """Its weights differ from its files, so a reload could not give them back: the run leaves
+    it in float32 (auto) or refuses (bf16 asked)."""
+    from adapterkit import load_base
+
+    base = load_base(str(tiny_base), home=home)
+    with torch.no_grad():
+        next(p for n, p in base.model.named_parameters() if "q_proj" in n).add_(0.01)
+    assert not precision.restorable(base)
+    edited = {k: v.clone() for k, v in base.model.state_dict().items()}
+    with pytest.raises(ConfigError, match="could not be given back exactly"):
+        train("sft", base=base, data=str(data), name="m", home=home, plugins=pm,
+              options=fast(precision="bf16", max_steps=2))
+    result = train("sft", base=base, data=str(data), name="m", home=home, plugins=pm,
+                   options=fast(max_steps=2))
+    assert result.metrics["precision"] == "fp32"
+    result.model.unload()
+    after = base.model.state_dict()
+    assert all(torch.equal(edited[k], after[k]) for k in edited)

@@ -19,6 +19,15 @@ from adapterkit.training.options import TrainOptions
 from adapterkit.training.tracking import trackers_of
 
 
+def versions() -> dict[str, str]:
+    """The libraries a measurement's numbers depend on (a cached figure is not reused across
+    an upgrade of them)."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def sha256_of(path: Path) -> str:
     from adapterkit.files import sha256_file
 
@@ -153,6 +162,7 @@ class TrainJob:
                                  ("token" in p.name or p.suffix == ".model")) if base else []
         key = self.reference_key(
             kind="general-loss", phase=phase, measure="text_loss-v1",
+            versions=versions(),
             texts=hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
             # what the measurement runs under: the steps' autocast, the device and attention,
             # and whether the resident weights are a rounded copy

@@ -4,8 +4,9 @@
 on a CPU with bfloat16 instructions (AVX512-BF16 or AMX): the frozen base's weights are held in
 bfloat16, the pocket book's weights and the optimizer stay float32, and transformers' Trainer
 runs each step under ``torch.autocast`` (``bf16=True``). On the embedded base and this
-project's 2-core AMX CPU the training loop runs at 1.27x the tokens/s of the float32 TRL loop
-and the base takes half the memory (``benchmarks/bench_train_wall.py``). Elsewhere, and with
+project's 2-core AMX CPU the training loop runs at 1.24x the tokens/s of the float32 TRL loop,
+the whole command at 1.19x its speed and 0.86x its peak memory
+(``benchmarks/bench_train_wall.py``). Elsewhere, and with
 ``--precision fp32``, nothing changes.
 
 One piece is our own: on a CPU, attention runs in float32. PyTorch's CPU flash-attention
@@ -60,16 +61,23 @@ def training_dtype(precision: str, device: str, quantization: str | None = None)
     return torch.bfloat16 if cpu_has_fast_bf16() and quantization is None else torch.float32
 
 
-def check_resume(workdir: Any, name: str, *, resuming: bool, main: bool = True) -> None:
+def check_resume(workdir: Any, name: str, *, resuming: bool, main: bool = True,
+                 default: str = "fp32") -> None:
     """Refuse to resume checkpoints trained in another precision (the run would be neither);
-    record this run's precision for a later ``--resume`` (main process only)."""
+    record this run's precision for a later ``--resume`` (main process only).
+
+    :param default: what checkpoints without a record were trained in (runs before
+        ``--precision`` existed: float32 on a CPU, bf16 on a GPU).
+    """
     import json
     from pathlib import Path
 
     path = Path(workdir) / PRECISION_FILE
-    if resuming and path.is_file():
+    if resuming:
         try:
             recorded = json.loads(path.read_text(encoding="utf-8")).get("precision")
+        except FileNotFoundError:
+            recorded = default
         except (OSError, ValueError, AttributeError):
             recorded = None
         if isinstance(recorded, str) and recorded != name:
@@ -140,9 +148,11 @@ def _register() -> None:
 
 
 def hold(base: Any, dtype: Any) -> None:
-    """Hold a full-precision resident base in ``dtype`` for a run's steps; :func:`restore_exact`
-    gives it back its weights as they were (a quantized base computes in the dtype it was
-    loaded with: :func:`adapterkit.training.build.load_for_method` refuses another)."""
+    """Hold a full-precision resident base in ``dtype`` for a run's steps, when it can be given
+    back exactly afterwards (:func:`restore_exact`): widened (float16 or bfloat16 → float32),
+    or rounded from float32 weights that equal its safetensors files. Otherwise it is left as
+    it is, and the run computes in the dtype it has. (A quantized base computes in the dtype it
+    was loaded with: :func:`adapterkit.training.build.load_for_method` refuses another.)"""
     import torch
 
     if base.quantization is not None or base.model.dtype == dtype:
@@ -157,24 +167,35 @@ def hold(base: Any, dtype: Any) -> None:
                               "this stage on its own")
         return
     if base.rounded_from is None:
-        if base.model.dtype == torch.float32 and not restorable(base):
-            return  # it could not be given back exactly: the run trains in float32
+        widening = dtype == torch.float32
+        if not widening and not (base.model.dtype == torch.float32 and restorable(base)):
+            return  # it could not be given back exactly: left as it is
         base.rounded_from = base.model.dtype
     _cast_parameters(base.model, dtype)
     base.dtype = dtype
 
 
 def restorable(base: Any) -> bool:
-    """Whether :func:`restore_exact` can read every frozen weight of ``base`` back from its
-    safetensors files (their headers are read, not the tensors)."""
+    """Whether :func:`restore_exact` can give ``base`` back exactly: every frozen weight is in
+    its safetensors files under its name, with the value the resident base holds (a caller may
+    have changed weights in memory, which a reload would undo)."""
+    import torch
     from safetensors import safe_open
 
     files = sorted(base.source.folder.glob("*.safetensors"))
-    keys: set[str] = set()
+    own = dict(_own(base.model))
+    found: set[str] = set()
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
-            keys.update(fh.keys())
-    return bool(files) and all(name in keys for name, _ in _own(base.model))
+            for key in fh.keys():
+                param = own.get(key)
+                if param is None:
+                    continue
+                if not torch.equal(fh.get_tensor(key).to(param.device, torch.float32),
+                                   param.detach().float()):
+                    return False
+                found.add(key)
+    return bool(files) and found == set(own)
 
 
 def _own(model: Any) -> list[tuple[str, Any]]:
@@ -218,6 +239,7 @@ def restore_exact(base: Any) -> bool:
     if not (original == torch.float32 and current == torch.bfloat16):
         for _, param in frozen:  # bfloat16 or float16 widened for the run: exact both ways
             param.data = param.data.to(original)
+        sdpa_again(model)
         base.rounded_from, base.dtype = None, original
         return True
     files = sorted(base.source.folder.glob("*.safetensors"))
@@ -238,7 +260,12 @@ def restore_exact(base: Any) -> bool:
     with torch.no_grad():
         for param in own.values():
             param.data = exact[id(param)]
-    if getattr(model.config, "_attn_implementation", None) == FP32_ATTENTION:
-        model.set_attn_implementation("sdpa")
+    sdpa_again(model)
     base.rounded_from, base.dtype = None, torch.float32
     return True
+
+
+def sdpa_again(model: Any) -> None:
+    """Undo :func:`fp32_attention` (it only ever replaces ``sdpa``)."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == FP32_ATTENTION:
+        model.set_attn_implementation("sdpa")

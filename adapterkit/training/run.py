@@ -111,8 +111,9 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
 
 def _give_back(base: Base, say: Callable[[str], None]) -> None:
     """Give a caller's base its weights back after a run (a no-op when ``_measure`` did)."""
-    from adapterkit.training.precision import restore_exact
+    from adapterkit.training.precision import restore_exact, sdpa_again
 
+    sdpa_again(base.model)  # (a bf16 base trained as it came: attention as it came)
     try:
         if base.rounded_from is not None and not restore_exact(base):
             say(f"Warning: the base's exact weights could not be read back; it stays in "
@@ -300,19 +301,24 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
                    callbacks=list(callbacks or []), guard=guard, base=loaded,
                    stacked_on=underlay, home=library.home, name=str(ref), stage_runner=run_stage,
                    run_name=tracked.run_name if tracked else "")
-    from adapterkit.training.precision import check_resume, hold, training_dtype
+    from adapterkit.training.precision import check_resume, hold, name_of, training_dtype
 
     if str(loaded.model.device) == "cpu":  # every check passed: the steps' precision
         wanted = training_dtype(options.precision, "cpu", loaded.quantization)
         hold(loaded, wanted)
-        if options.precision != "auto" and loaded.dtype != wanted:  # hold() declined
-            raise ConfigError(f"--precision {options.precision}: the resident base's weights "
-                              "could not be read back exactly after rounding them (no "
-                              "safetensors files naming them), so it is not rounded; train "
-                              "with --precision auto (float32 here), or load the base by name")
+        if loaded.dtype != wanted:  # hold() declined: it could not be given back exactly
+            if options.precision != "auto":
+                raise ConfigError(
+                    f"--precision {options.precision}: the resident base could not be given "
+                    "back exactly after a run in that precision (its weights differ from, or "
+                    "are not named in, its safetensors files), so it is left as it is; train "
+                    "with --precision auto, or load the base by name")
+            say(f"Training in {name_of(loaded.dtype)}, the resident base's own dtype (it "
+                "could not be given back exactly after a run in bf16).")
     try:  # what the steps compute in, against the checkpoints a resume continues
-        check_resume(workdir, job.precision, resuming=c.resume_from is not None, main=main)
-    except ConfigError:
+        check_resume(workdir, job.precision, resuming=c.resume_from is not None, main=main,
+                     default="bf16" if str(loaded.model.device).startswith("cuda") else "fp32")
+    except BaseException:
         if not isinstance(base, str):
             _give_back(loaded, say)
         raise
@@ -444,6 +450,7 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
         extract_model_from_parallel(model, keep_fp32_wrapper=False)
         metrics["measured_in"] = name_of(run.loaded.dtype)
     elif run.loaded.rounded_from is not None:
+        metrics["measured_in"] = run.job.precision
         run.say("Note: the base's exact weights could not be read back from its files; the "
                 f"figures below are measured on its {run.job.precision} copy (recorded so).")
     tokenizer = run.loaded.tokenizer
