@@ -313,3 +313,17 @@ def test_processes_applies_to_every_stage(adapterkit_cli, data, tiny_base, home)
     assert [(s["ref"], s["metrics"].get("processes")) for s in final.meta.pipeline["lineage"]] \
         == [("instruct@1", 2), ("more@1", 2)]
     assert [s.name for s in Library(home).list(all_versions=True)] == ["instruct", "more"]
+
+
+@pytest.mark.slow
+def test_stages_may_train_in_different_precisions_on_the_one_resident_base(data, tiny_base,
+                                                                           home):
+    """bf16 then fp32 on the same resident base: each stage trains and measures as it says
+    (the fp32 stage on the exact weights, read back after the bf16 one)."""
+    recipe = two_stages(tiny_base, precision="fp32")
+    recipe["stages"][0]["precision"] = "bf16"
+    run_pipeline(write_recipe(data["general"].parent, recipe), home=home,
+                 plugins=get_plugin_manager(env=False))
+    first, second = (Library(home).get(n).meta.metrics for n in ("instruct", "polite"))
+    assert (first["precision"], first["measured_in"]) == ("bf16", "fp32")
+    assert second["precision"] == "fp32" and "measured_in" not in second

@@ -339,3 +339,13 @@ def test_a_base_changed_in_memory_is_not_rounded(tiny_base, home, data, pm):
     result.model.unload()
     after = base.model.state_dict()
     assert all(torch.equal(edited[k], after[k]) for k in edited)
+
+
+@pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_end_to_end_follows_the_hardware(fast_bf16, expected, tiny_base, home, data, pm,
+                                              monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+    result = train("sft", base=str(tiny_base), data=str(data), name="auto", home=home,
+                   plugins=pm, options=fast(max_steps=2))
+    assert result.metrics["precision"] == expected
+    assert result.metrics.get("measured_in") == ("fp32" if expected == "bf16" else None)
