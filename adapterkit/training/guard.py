@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapterkit.training.metrics import _adapter_off, text_loss
+from adapterkit.training.metrics import _adapter_off, plain_text_loss, text_loss
 
 
 @dataclass
@@ -96,11 +96,8 @@ class ForgettingGuard:
         was_training = model.training
         model.eval()
         if self._base_loss is None:
-            def base() -> float:
-                with _adapter_off(model):
-                    return text_loss(model, self.tokenizer, self.general_texts)
-
-            self._base_loss = self.cached(base)
+            self._base_loss = self.cached(
+                lambda: plain_text_loss(model, self.tokenizer, self.general_texts))
         loss = text_loss(model, self.tokenizer, self.general_texts)
         if was_training:
             model.train()

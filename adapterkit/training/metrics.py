@@ -142,6 +142,12 @@ def text_loss(model: Any, tokenizer: Any, texts: list[str], max_length: int = 10
     return total / max(count, 1)
 
 
+def plain_text_loss(model: Any, tokenizer: Any, texts: list[str]) -> float:
+    """:func:`text_loss` with the pocket book switched off: the "before" of forgetting."""
+    with _adapter_off(model):
+        return text_loss(model, tokenizer, texts)
+
+
 def forgetting(model: Any, tokenizer: Any, texts: list[str], *,
                base_loss: float | None = None) -> dict[str, float]:
     """General-text loss with the pocket book off and on, and the relative change in percent.
@@ -149,11 +155,7 @@ def forgetting(model: Any, tokenizer: Any, texts: list[str], *,
     :param base_loss: the plain base's loss on ``texts`` when already known (it is the same
         for every pocket book on that base).
     """
-    if base_loss is None:
-        with _adapter_off(model):
-            base = text_loss(model, tokenizer, texts)
-    else:
-        base = base_loss
+    base = plain_text_loss(model, tokenizer, texts) if base_loss is None else base_loss
     adapted = text_loss(model, tokenizer, texts)
     return {"general_loss_base": base, "general_loss": adapted,
             "general_loss_change_pct": 100.0 * (adapted - base) / base}

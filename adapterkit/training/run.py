@@ -464,15 +464,11 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
         phase = "steps"
         if base_loss is None:
             phase = "exact" if exact else "steps"
-            from adapterkit.training.metrics import _adapter_off, text_loss
+            from adapterkit.training.metrics import plain_text_loss
 
             texts = run.general
-
-            def base() -> float:
-                with _adapter_off(model):
-                    return text_loss(model, tokenizer, texts)
-
-            base_loss = run.job.base_text_loss(texts, base, phase=phase)
+            base_loss = run.job.base_text_loss(
+                texts, lambda: plain_text_loss(model, tokenizer, texts), phase=phase)
         metrics["forgetting"] = forgetting(model, tokenizer, run.general, base_loss=base_loss)
         # the "before" is the plain base's: measured now, or by an earlier run on this base
         metrics["forgetting"]["base_loss_from"] = \
