@@ -74,6 +74,9 @@ def main() -> None:
                    help="pocket books attached for the mixed_many run (0: skip it)")
     p.add_argument("--rounds", type=int, default=5,
                    help="timed repetitions of each path's load (the median is reported)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="every request decodes --new-tokens tokens, past end-of-sequence (the "
+                        "same work on every path, as vLLM's benchmarks do)")
     p.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -121,7 +124,8 @@ def _prepare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return {"home": str(home), "base": str(folder), "books": names[:args.books],
             "all_books": names, "prompts": prompts, "new_tokens": args.new_tokens,
             "max_batch": args.max_batch, "attached": args.attached, "rounds": args.rounds,
-            "assign": [names[i % args.books] for i in range(args.requests)]}
+            "assign": [names[i % args.books] for i in range(args.requests)],
+            "ignore_eos": args.ignore_eos}
 
 
 def _make_books(folder: Path, tmp: Path, library: Any, count: int, rank: int) -> list[str]:
@@ -226,7 +230,8 @@ def _engine_run(plan: dict[str, Any], assign: list[str], preload: list[str] = ()
     engine.start()
 
     def load() -> tuple[list[Any], list[list[int]]]:
-        requests = [engine.submit(ids, target, max_tokens=plan["new_tokens"])
+        requests = [engine.submit(ids, target, max_tokens=plan["new_tokens"],
+                                  ignore_eos=bool(plan.get("ignore_eos")))
                     for ids, target in zip(plan["prompts"], targets)]
         return requests, [_drain(r) for r in requests]
 
@@ -263,6 +268,7 @@ def _swap(plan: dict[str, Any]) -> dict:
     base = _load(plan)
     session = Session(base, Library(plan["home"]))
     eos = base.model.generation_config.eos_token_id
+    _past_eos(base.model, plan)
     for name in plan["books"]:  # attached up front: the swaps are in place, no file reads
         session.attach(name)
 
@@ -271,7 +277,7 @@ def _swap(plan: dict[str, Any]) -> dict:
         out = session.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(
             1, len(ids), dtype=torch.long), max_new_tokens=new, do_sample=False,
             pad_token_id=base.tokenizer.pad_token_id)
-        return _cut(out[0, len(ids):].tolist(), eos)
+        return _cut(out[0, len(ids):].tolist(), eos, plan)
 
     answer(plan["prompts"][0], plan["books"][0], 2)  # warm-up
     answers, seconds, cpu = _timed(lambda: [answer(ids, name, plan["new_tokens"]) for ids, name
@@ -297,6 +303,7 @@ def _peft(plan: dict[str, Any]) -> dict:
         model.load_adapter(str(folders[name]), adapter_name=name)
     model.eval()
     tokenizer, eos = base.tokenizer, base.model.generation_config.eos_token_id
+    _past_eos(base.model, plan)
 
     def batch(prompts: list[list[int]], names: list[str], new: int) -> list[list[int]]:
         width = max(len(p) for p in prompts)
@@ -305,7 +312,7 @@ def _peft(plan: dict[str, Any]) -> dict:
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                              do_sample=False, adapter_names=names,
                              pad_token_id=tokenizer.pad_token_id)
-        return [_cut(row[width:].tolist(), eos) for row in out]
+        return [_cut(row[width:].tolist(), eos, plan) for row in out]
 
     batch(plan["prompts"][:2], plan["assign"][:2], 2)  # warm-up
     size = plan["max_batch"]
@@ -353,8 +360,19 @@ def _drain(request: Any) -> list[int]:
         tokens.append(event.token)
 
 
-def _cut(tokens: list[int], eos: Any) -> list[int]:
-    """The answer up to (not including) the first end-of-sequence token, as the engine sends."""
+def _past_eos(model: Any, plan: dict[str, Any]) -> None:
+    """With the plan's ``ignore_eos``, ``generate`` runs to ``max_new_tokens`` as the engine's
+    ``ignore_eos`` does: no end-of-sequence token in the model's own generation config (one
+    set to None in a config passed to ``generate`` is filled back from it)."""
+    if plan.get("ignore_eos"):
+        model.generation_config.eos_token_id = None
+
+
+def _cut(tokens: list[int], eos: Any, plan: dict[str, Any] | None = None) -> list[int]:
+    """The answer up to (not including) the first end-of-sequence token, as the engine sends
+    (all of it with the plan's ``ignore_eos``)."""
+    if plan and plan.get("ignore_eos"):
+        return tokens
     stops = set(eos if isinstance(eos, list) else [eos])
     for i, token in enumerate(tokens):
         if token in stops:

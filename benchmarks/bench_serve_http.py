@@ -85,6 +85,12 @@ def main() -> None:
                    help="torch threads of every process (OMP_NUM_THREADS); on a 2-core machine "
                         "shared with other jobs, 2 spinning OpenMP threads run several times "
                         "slower than 1")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="pocket-book loads (mixed, one_book, mixed_wide, swap, peft) decode "
+                        "--new-tokens tokens each, past end-of-sequence (vLLM's ignore_eos, "
+                        "as its benchmarks do), so every path does the same work; the plain "
+                        "base loads (base, transformers serve, which has no such option) stop "
+                        "at end-of-sequence")
     p.add_argument("--skip", default="", help="paths to leave out (e.g. swap,peft), for trials")
     p.add_argument("--out", default=str(HERE / "results" / "serve_embedded.md"))
     args = p.parse_args()
@@ -107,6 +113,7 @@ def main() -> None:
             loads = {"mixed": [books[i % args.books] for i in range(args.streams)],
                      "one_book": [books[0]] * args.streams,
                      "base": [base_id] * args.streams}
+            past_eos = {"mixed": args.ignore_eos, "one_book": args.ignore_eos, "base": False}
             _warm(a.url, prompts, books[:args.books] + [base_id])
             memory["books8_idle"] = a.rss_mb()
             runs: dict[str, list[dict]] = {k: [] for k in loads}
@@ -114,7 +121,8 @@ def main() -> None:
                 order = list(loads) if r % 2 == 0 else list(loads)[::-1]
                 for name in order:
                     print(f"[{_t(started)}] A round {r + 1}: {name}", flush=True)
-                    runs[name].append(_http_load(a, prompts, loads[name], args.new_tokens))
+                    runs[name].append(_http_load(a, prompts, loads[name], args.new_tokens,
+                                                 past_eos[name]))
             for name, rs in runs.items():
                 results[name] = _pooled(rs)
             memory["books8_peak"] = a.peak_mb()
@@ -138,7 +146,8 @@ def main() -> None:
                 assign = [wide[i % len(wide)] for i in range(args.streams)]
                 _warm(b.url, prompts, [wide[0]])
                 print(f"[{_t(started)}] B: mixed_wide", flush=True)
-                results["mixed_wide"] = _http_load(b, prompts, assign, args.new_tokens)
+                results["mixed_wide"] = _http_load(b, prompts, assign, args.new_tokens,
+                                                   args.ignore_eos)
                 memory["booksN_peak"] = b.peak_mb()
         for child in ("swap", "peft"):
             if child in skip:
@@ -146,7 +155,8 @@ def main() -> None:
             n = args.swap_requests if child == "swap" and args.swap_requests else args.streams
             plan_file = tmp / f"plan-{child}.json"
             plan_file.write_text(json.dumps({**plan, "prompts": plan["prompts"][:n],
-                                             "assign": plan["assign"][:n]}))
+                                             "assign": plan["assign"][:n],
+                                             "ignore_eos": args.ignore_eos}))
             print(f"[{_t(started)}] {child} ({n} requests; in-process child of bench_serve.py)"
                   "...", flush=True)
             r = bench_serve._child(child, plan_file)
@@ -320,11 +330,13 @@ class Server:
 
 # -- the load generator ---------------------------------------------------------------------------
 
-async def _stream(client: Any, text: str, model: str, new_tokens: int) -> dict[str, Any]:
+async def _stream(client: Any, text: str, model: str, new_tokens: int,
+                  ignore_eos: bool) -> dict[str, Any]:
     sent = time.perf_counter()
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": text}], max_tokens=new_tokens,
-        temperature=0, stream=True, stream_options={"include_usage": True})
+        temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True} if ignore_eos else None)
     first = last = None
     parts: list[str] = []
     usage = None
@@ -342,7 +354,7 @@ async def _stream(client: Any, text: str, model: str, new_tokens: int) -> dict[s
 
 
 async def _load_async(url: str, texts: list[str], models: list[str],
-                      new_tokens: int) -> tuple[list[dict], float]:
+                      new_tokens: int, ignore_eos: bool = False) -> tuple[list[dict], float]:
     import httpx
     from openai import AsyncOpenAI
 
@@ -350,15 +362,16 @@ async def _load_async(url: str, texts: list[str], models: list[str],
     async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=900,
                            http_client=httpx.AsyncClient(limits=limits, timeout=900)) as client:
         start = time.perf_counter()
-        out = await asyncio.gather(*(_stream(client, t, m, new_tokens)
+        out = await asyncio.gather(*(_stream(client, t, m, new_tokens, ignore_eos)
                                      for t, m in zip(texts, models)))
         return list(out), time.perf_counter() - start
 
 
-def _http_load(server: Server, texts: list[str], models: list[str],
-               new_tokens: int) -> dict[str, Any]:
+def _http_load(server: Server, texts: list[str], models: list[str], new_tokens: int,
+               ignore_eos: bool = False) -> dict[str, Any]:
     cpu = server.cpu_s()
-    streams, seconds = asyncio.run(_load_async(server.url, texts, models, new_tokens))
+    streams, seconds = asyncio.run(_load_async(server.url, texts, models, new_tokens,
+                                               ignore_eos))
     cpu = server.cpu_s() - cpu
     counted = [s["tokens"] for s in streams]
     if any(c is None for c in counted):  # no usage chunk: count the text's tokens
@@ -430,7 +443,11 @@ def _report(args: argparse.Namespace, plan: dict[str, Any], results: dict[str, A
         f"{total:.0f} s.",
         "",
         f"Load: {args.streams} concurrent streaming chat completions (official `openai` client, "
-        f"`AsyncOpenAI`, loopback), {args.new_tokens} new tokens max, `temperature=0`; prompts: "
+        f"`AsyncOpenAI`, loopback), {args.new_tokens} new tokens max, `temperature=0`"
+        + (f"; the pocket-book loads (mixed, one_book, mixed_wide, swap, peft) decode all "
+           f"{args.new_tokens} tokens, past end-of-sequence (`ignore_eos`, vLLM's extension: the "
+           f"same work on every path), the plain-base loads (base, transformers serve) stop at it"
+           if args.ignore_eos else "; every load stops at end-of-sequence") + "; prompts: "
         f"triage complaints of examples/data/triage_test.jsonl; pocket books: random LoRA "
         f"r={args.rank} (alpha {2 * args.rank}) on {'/'.join(TARGETS)}, B non-zero, imported "
         f"into a temporary home. Server batch {args.max_batch}. Base {args.base} "
@@ -495,6 +512,10 @@ def _report(args: argparse.Namespace, plan: dict[str, Any], results: dict[str, A
             note = "" if first is None else (
                 f" (first difference, request {first}: {a[first][:60]!r} vs {b[first][:60]!r})")
             lines.append(f"- {mine} vs {other}: {same}/{len(a)}{note}")
+    distinct = len(set(results["mixed"]["texts"])) if "mixed" in results else 0
+    if distinct:
+        lines.append(f"- distinct answers in the mixed load: {distinct} of "
+                     f"{len(results['mixed']['texts'])}")
     empty = {k: sum(not t for t in r["texts"]) for k, r in results.items()}
     if any(empty.values()):
         lines.append("- empty answers (eos first): " + ", ".join(

@@ -192,6 +192,15 @@ def test_stream_sends_the_same_answer_in_chunks_then_usage(served, client):
     assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
 
 
+def test_ignore_eos_answers_exactly_max_tokens(client):
+    """vLLM's ``ignore_eos`` extension, as its client sends it (``extra_body``); the engine's
+    test checks the tokens past end-of-sequence against plain PEFT."""
+    for model in ("law", "chem"):
+        answer = chat(client, model, extra_body={"ignore_eos": True})
+        assert answer.usage.completion_tokens == TOKENS, model
+        assert answer.choices[0].finish_reason == "length"
+
+
 def test_stack_and_version_names_answer_as_a_session_stack(client, session):
     answer = chat(client, "law*1+code*0.5")
     assert answer.model == "law@1*1+code@1*0.5"
@@ -280,6 +289,7 @@ OK_MESSAGES = [{"role": "user", "content": "hi"}]
     {"model": "law", "messages": OK_MESSAGES, "stop": ""},
     {"model": "law", "messages": OK_MESSAGES, "seed": -1},
     {"model": "law", "messages": OK_MESSAGES, "stream": "yes"},
+    {"model": "law", "messages": OK_MESSAGES, "ignore_eos": "yes"},
     {"model": "law", "messages": OK_MESSAGES, "bogus": 1},
     {"model": "law*x+code", "messages": OK_MESSAGES},
 ])

@@ -307,3 +307,96 @@ def test_bad_requests_and_a_full_queue_are_refused(tiny_base, lib):
         engine.submit(ids, target, max_tokens=4)
     engine.close()  # the waiting ones end with a reason, not silently
     assert engine.stats()["queue_depth"] == 0
+
+
+def test_ignore_eos_decodes_past_the_end_of_sequence_for_its_own_request_only(tiny_base, lib):
+    """vLLM's ``ignore_eos``: with the base's end-of-sequence token set to the first token
+    ``law`` answers, a request asking for it decodes all its tokens — plain PEFT's greedy
+    tokens with no end-of-sequence token — while the same prompt without it in the same batch
+    stops at once."""
+    question = QUESTIONS[1]
+    plain = fresh(tiny_base, lib)
+    ids = prompt_ids(plain, question)
+    # no end-of-sequence token at all (one set to None in a config passed to generate is
+    # filled back from the model's own)
+    plain.model.generation_config.eos_token_id = None
+    net = peft_model(plain, lib.get("law"), library=lib)
+    with torch.no_grad():
+        out = net.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(
+            1, len(ids), dtype=torch.long), max_new_tokens=NEW, do_sample=False,
+            pad_token_id=plain.tokenizer.pad_token_id)
+    expected = out[0, len(ids):].tolist()
+    assert len(expected) == NEW
+
+    base = fresh(tiny_base, lib)
+    base.model.generation_config.eos_token_id = expected[0]  # law's first token ends answers
+    engine = Engine(base, lib, max_batch=4)
+    target = engine.resolve("law")
+    past = engine.submit(ids, target, max_tokens=NEW, ignore_eos=True)
+    stops = engine.submit(ids, target, max_tokens=NEW)
+    (tokens, finish, _), (stopped, why, _) = run_sync(engine, [past, stops])
+    assert (tokens, finish) == (expected, "length")
+    assert (stopped, why) == ([], "stop")
+    engine.close()
+
+
+def test_runs_of_rows_sharing_a_target():
+    from adapterkit.serving.rows import runs_of
+
+    assert runs_of([]) == []
+    assert runs_of([-1, -1]) == []
+    assert runs_of([0, 0, 1, -1, 1, 1, 0]) == [(0, 0, 2), (1, 2, 3), (1, 4, 6), (0, 6, 7)]
+
+
+def test_row_lora_adds_each_rows_own_delta_by_hand():
+    """Rows 0..4 on targets [0, 1, 0, plain, 1], two tokens each (a prefill): every row is
+    ``W x`` plus its own ``s·B A x``, computed here by hand one row at a time, whether or not
+    the rows of a target are adjacent, with another rank per target."""
+    from types import SimpleNamespace
+
+    from adapterkit.lora.factors import Factors
+    from adapterkit.serving.rows import Pool, RowLora
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5, bias=True)
+    slot = RowLora(layer, 6, 5)
+    books = [SimpleNamespace(factors={"l": Factors(torch.randn(r, 6), torch.randn(5, r), s)})
+             for r, s in ((3, 0.5), (2, 2.0))]
+    pool = Pool([[(books[0], 1.0)], [(books[1], 0.5)]])
+    rows = [0, 1, 0, -1, 1]
+    pool.bind({"l": slot}, rows)
+    assert len(slot.plan) == 4  # runs: 0 | 1 | 0 | (plain) | 1
+    x = torch.randn(5, 2, 6)
+    with torch.inference_mode():
+        got = slot(x)
+        for i, target in enumerate(rows):
+            want = layer(x[i])
+            if target >= 0:
+                f, w = books[target].factors["l"], (1.0, 0.5)[target]
+                want = want + w * f.scale * (x[i] @ f.a.T @ f.b.T)
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+        pool.bind({"l": slot}, [-1] * 5)
+        assert slot.plan == () and torch.equal(slot(x), layer(x))
+
+
+def test_rows_of_one_target_stay_adjacent_after_joins(tiny_base, lib):
+    """A join sorts the batch by target, so each LoRA layer adds one slice per target."""
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib, max_batch=8)
+    first = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW)
+             for m, q in (("code", QUESTIONS[0]), ("law", QUESTIONS[2]), ("code", QUESTIONS[3]))]
+    engine.step()
+    later = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW)
+             for m, q in (("law", QUESTIONS[4]), (base.name, QUESTIONS[1]),
+                          ("code", QUESTIONS[5]))]
+    engine.step()
+    keys = [row.identity for row in engine._rows]
+    assert len(keys) == 6
+    runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+    assert len(runs) == len(set(keys)) == 3  # code, law, plain base: one run each
+    got = run_sync(engine, first + later)
+    models = ["code", "law", "code", "law", base.name, "code"]
+    questions = [QUESTIONS[i] for i in (0, 2, 3, 4, 1, 5)]
+    for model, question, (tokens, finish, _) in zip(models, questions, got):
+        assert (tokens, finish) == reference(tiny_base, lib, model, question), model
+    engine.close()

@@ -25,6 +25,7 @@ _OPTION_FLAGS = {
     "target_modules": "target_modules", "lr": "learning_rate", "epochs": "epochs",
     "max_steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum",
     "max_length": "max_length", "packing": "packing", "seed": "seed", "eval_split": "eval_split",
+    "early_stopping": "early_stopping",
     "general": "general", "forgetting_budget": "forgetting_budget",
     "guard_weight": "guard_weight", "anchor": "anchor", "chat": "chat",
     "save_steps": "save_steps", "logging_steps": "logging_steps",
@@ -43,6 +44,15 @@ class LaunchableCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta[RAW_ARGS] = list(args)
         return super().parse_args(ctx, args)
+
+
+def _search_options(command: Any) -> Any:
+    """``--search``, ``--trials``, ``--budget`` (:mod:`adapterkit.cli.search`)."""
+    from adapterkit.cli.search import options
+
+    for option in reversed(options()):
+        command = option(command)
+    return command
 
 
 def launch_options(command: Any) -> Any:
@@ -214,6 +224,10 @@ class _Stopped(KeyboardInterrupt):
 @click.option("--packing/--no-packing", default=None, help="Pack short examples together.")
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @click.option("--eval-split", type=float, help="Fraction of the data held out for eval loss.")
+@click.option("--early-stopping", type=int, metavar="PATIENCE",
+              help="With --eval-split: stop when the eval loss has not improved for PATIENCE "
+                   "evaluations (about ten a run) and keep the best evaluation's pocket book "
+                   "(default 3 with an eval split; 0: off).")
 @click.option("--chat/--no-chat", default=None,
               help="Render rows with the base's chat template (default: if it has one).")
 @click.option("--general", help="General-English text for the forgetting check "
@@ -252,6 +266,7 @@ class _Stopped(KeyboardInterrupt):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of NAME.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted run of NAME; start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_search_options
 @launch_options
 @click.pass_context
 def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
@@ -268,6 +283,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
       adapterkit train sft --base smollm2-135m --data notes.txt --name notes --method qlora
       adapterkit train sft ... --general general --forgetting-budget 1%
       adapterkit train sft ... --report-to tensorboard,trackio
+      adapterkit train sft ... --search lr,r --trials 8 --budget 1%
       adapterkit train dpo --base smollm2-135m --data prefs.jsonl --name manner --on triage
       adapterkit train rlhf --base smollm2-135m --data prefs.jsonl --name kind
       adapterkit train rlhf ... --reward kind-reward --set beta=0.1 --set max_new_tokens=48
@@ -275,10 +291,13 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
       adapterkit train sft ... --processes 8 --num-machines 2 --machine-rank 0 \\
           --main-address 10.0.0.1:29500                     # and the same on machine 1
     """
+    from adapterkit.cli import search
     from adapterkit.training.options import build_options
     from adapterkit.training.progress import progress_callback
     from adapterkit.training.run import check_train, train
 
+    space_text, trials, budget = search.pop(flags)
+    space, trials, budget_pct = search.check(space_text, trials, budget, flags, processes)
     flags["report_to"] = ",".join(flags.get("report_to") or ()) or None  # none: the recipe's
     overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
     sets = _parse_sets(trainer_sets)
@@ -288,6 +307,11 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     state = obj(ctx)
     # the trainer's own options are checked with the rest: one error lists every problem
     options = build_options(recipe, overrides, trainer=state["plugins"].trainer(trainer))
+    if space:
+        search.run(trainer, base=base, data=data, name=name, train_options=options, state=state,
+                   space=space, trials=trials, budget=budget_pct, on=on, start_from=start_from,
+                   resume=resume, restart=restart, as_json=as_json)
+        return
     launch = dict(processes=processes, config_file=accelerate_config, num_machines=num_machines,
                   machine_rank=machine_rank, main_address=main_address,
                   rendezvous_timeout=rendezvous_timeout)
@@ -334,6 +358,10 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     if m.get("processes"):
         line += f" ({m['processes']} processes together)"
     click.echo(line)
+    if m.get("early_stopping"):
+        from adapterkit.library.card import early_stopping_line
+
+        click.echo(early_stopping_line(m["early_stopping"]))
     if m.get("forgetting"):
         from adapterkit.training.metrics import base_loss_note
 

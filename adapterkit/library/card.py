@@ -198,11 +198,46 @@ def _results_section(meta: PocketBookMeta) -> str:
     guard = _guard_line(m.get("guard") or {})
     if guard:
         lines.append(guard)
+    if m.get("early_stopping"):
+        lines.append(f"- {early_stopping_line(m['early_stopping'])}")
+    lines += _search_lines(m.get("search") or {})
     lines += _verification_lines(meta.verification)
     lines += harness_lines(meta.harness)
     if m.get("loss_curve"):  # the file saved with it, whatever the metadata says
         lines += ["", "![loss curve](loss_curve.png)"]
     return "\n".join(lines) or "No metrics recorded."
+
+
+def _search_lines(s: dict[str, Any]) -> list[str]:
+    """``train --search``: every trial, the kept one marked."""
+    if not s.get("trials"):
+        return []
+    budget = f", forgetting budget {s['budget_pct']:g}%" if s.get("budget_pct") else ""
+    lines = ["", f"Kept trial {s['kept']} of a search over {', '.join(s['space'])} "
+             f"({s['objective']} on {s['eval_split']:.0%} held out{budget}):", "",
+             "| trial | lr | r | steps | held-out loss | forgetting | |", "|---|---|---|---|---|---|---|"]
+    for t in s["trials"]:
+        forgetting = "" if t.get("forgetting_pct") is None else f"{t['forgetting_pct']:+.2f}%"
+        note = "kept" if t["trial"] == s["kept"] else ("" if t["within_budget"] else "over budget")
+        lr = f"{t['lr']:.2e}" if t.get("lr") is not None else ""
+        lines.append(f"| {t['trial']} | {lr} | {t.get('r', '')} | {t.get('steps', '')} | "
+                     f"{_fmt(t['eval_loss'])} | {forgetting} | {note} |")
+    return lines
+
+
+def early_stopping_line(record: dict[str, Any]) -> str:
+    """One line for a run's ``early_stopping`` record (the card, the end of ``train``)."""
+    if not record.get("evaluations"):
+        return (f"Early stopping (patience {record['patience']}): no evaluation of the held-out "
+                "split in this run, nothing to act on")
+    line = (f"Early stopping (patience {record['patience']}, {record['evaluations']} "
+            f"evaluations): best eval loss {record['best_eval_loss']:.4f} at step "
+            f"{record['best_step']}")
+    if record.get("stopped_at_step") is not None:
+        line += f"; stopped at step {record['stopped_at_step']}"
+    if record.get("restored_best"):
+        line += "; the pocket book saved is the best step's"
+    return line
 
 
 def _verification_lines(v: dict[str, Any]) -> list[str]:

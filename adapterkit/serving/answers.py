@@ -183,7 +183,7 @@ class Answers:
                     seed = None if body.seed is None else body.seed + j
                     request = self.engine.submit(ids, job.target, max_tokens=job.max_tokens,
                                                  temperature=body.temperature, top_p=body.top_p,
-                                                 seed=seed)
+                                                 seed=seed, ignore_eos=body.ignore_eos)
                     choices.append(_Choice(i * body.n + j, request,
                                            Detokenizer(self.engine.tokenizer, ids),
                                            StopText(job.stops)))

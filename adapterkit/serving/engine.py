@@ -141,19 +141,21 @@ class Engine:
         return models(self.library, self.base, base_id=self.base_id)
 
     def submit(self, prompt_ids: list[int], target: Target, *, max_tokens: int,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
-               ) -> Request:
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               ignore_eos: bool = False) -> Request:
         """Queue a request; its tokens arrive on ``request.events`` as they are decoded.
 
         Raises :class:`ConfigError` for arguments out of range and :class:`QueueFull` when
         ``max_queue`` requests already wait. A pocket book that fails to load fails only its
-        own requests (``finish="error"``).
+        own requests (``finish="error"``). ``ignore_eos`` decodes past end-of-sequence tokens
+        (sent like any other) up to ``max_tokens``.
         """
         check_request(prompt_ids, max_tokens, temperature, top_p, seed,
                       context=self.context_length, cap=self.max_new_tokens_cap,
                       vocab=self._vocab)
         request = Request(prompt_ids, target, max_tokens=max_tokens, temperature=temperature,
-                          top_p=top_p, seed=seed, wake=self._wake_event.set)
+                          top_p=top_p, seed=seed, wake=self._wake_event.set,
+                          ignore_eos=ignore_eos)
         with self._queue_lock:
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting (the queue "
@@ -339,8 +341,8 @@ class Engine:
         return tuple(out)
 
     def _bind(self, rows_: Sequence[_Row], also: Sequence[_Row] = ()) -> None:
-        """Point every LoRA layer at the pool, with one mask row per row of ``rows_``, for the
-        next forward. The pool covers ``also``'s targets too (the batch's, while joining rows
+        """Point every LoRA layer at the pool, one segment per run of ``rows_`` sharing a
+        target, for the next forward. The pool covers ``also``'s targets too (the batch's, while joining rows
         prefill), and is rebuilt only when a target is missing or most are unused."""
         from adapterkit.serving.rows import Pool, clear
 
@@ -352,8 +354,9 @@ class Engine:
                 self._bound = ()
             return
         pooled = set(self._pool_index)
-        # a superset serves as well (unused columns are masked out), so the pool — a copy of
-        # every target's factors — is rebuilt only when a target is missing or most are unused
+        # a superset serves as well (a target no row uses is in no run), so the pool — a copy
+        # of every target's factors — is rebuilt only when a target is missing or most are
+        # unused
         if not needed <= pooled or 2 * len(needed) < len(pooled):
             members = {row.identity: [(b, w) for _, b, w in row.members]
                        for row in [*rows_, *also]}
@@ -376,6 +379,7 @@ class Engine:
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
+        admitted.sort(key=_target_order)  # one run of rows per target (see rows.py)
         width = max(len(row.request.prompt_ids) for row in admitted)
         ids = torch.full((len(admitted), width), self._pad, dtype=torch.long, device=device)
         mask = torch.zeros((len(admitted), width), dtype=torch.long, device=device)
@@ -419,7 +423,7 @@ class Engine:
         done = set()
         for i, (row, token) in enumerate(zip(rows_, tokens)):
             request = row.request
-            if token in self._eos:
+            if token in self._eos and not request.ignore_eos:
                 request.end("stop")
                 done.add(i)
                 continue
@@ -442,6 +446,12 @@ class Engine:
             self._cache, self._mask = kv.merge(self._cache, self._mask, cache, mask)
         self._rows += joining
         self._bound = None
+        # Rows of one target stay adjacent, so each LoRA layer adds one slice per target
+        # (rows.py); leaving rows keep the order, so only a join can break it.
+        order = sorted(range(len(self._rows)), key=lambda i: _target_order(self._rows[i]))
+        if order != list(range(len(self._rows))):
+            self._cache, self._mask = kv.select(self._cache, self._mask, order)
+            self._rows = [self._rows[i] for i in order]
 
     def _drop(self, indices: list[int], finish: str | None) -> None:
         """Take these rows out of the batch (ending their requests with ``finish`` if given),
@@ -466,6 +476,11 @@ class Engine:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+def _target_order(row: _Row) -> str:
+    """Rows sort by what they add, the pool's own order (``Engine._bind``)."""
+    return str(row.identity)
+
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc) if isinstance(exc, AdapterkitError) else f"{type(exc).__name__}: {exc}"

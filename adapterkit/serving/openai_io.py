@@ -141,6 +141,10 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63 - MAX_N)
     stream: bool = False
+    #: vLLM's extension (the ``openai`` client sends it as ``extra_body={"ignore_eos": True}``):
+    #: decode past the end-of-sequence token up to ``max_tokens``, so that a benchmark's
+    #: requests all do the same work whatever the pocket book answers
+    ignore_eos: bool = False
     stream_options: dict[str, Any] | None = None
     #: an end-user id for abuse tracking; adapterkit keeps no such record, so it is accepted
     #: and has nothing to act on

@@ -40,7 +40,7 @@ class Request:
 
     def __init__(self, prompt_ids: list[int], target: Target, *, max_tokens: int,
                  temperature: float, top_p: float, seed: int | None,
-                 wake: Callable[[], None]) -> None:
+                 wake: Callable[[], None], ignore_eos: bool = False) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.prompt_ids = list(prompt_ids)
@@ -51,6 +51,7 @@ class Request:
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
+        self.ignore_eos = ignore_eos
         #: ``time.monotonic()`` when submitted, at its first token, when finished.
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None

@@ -3,18 +3,21 @@
 A session binds one pocket book's factors into every slot (:mod:`adapterkit.lora.slots`), so a
 batch can only have one. Here each targeted linear layer is wrapped once in a :class:`RowLora`,
 and before a forward the engine binds a :class:`Pool`: for every pocket book (or stack) some
-row of the batch uses, its factors concatenated along the rank — ``A`` is ``R × in``, ``B``
-``out × R`` with PEFT's scale (and a stack's weights) already inside ``B``, exactly as
-:func:`adapterkit.lora.factors.concat` builds a stack — plus, per rank column, which of those
-targets owns it. A row then keeps only its own target's columns::
+row of the batch uses, its factors per layer — ``A`` is ``R × in``, ``B`` ``out × R`` with
+PEFT's scale (and a stack's weights) already inside ``B``, exactly as
+:func:`adapterkit.lora.factors.concat` builds a stack. The engine keeps the rows of one target
+next to each other in the batch, so a target's rows are one slice of it, and each layer adds::
 
-    y = base(x) + ((x Aᵀ) ⊙ mask_row) Bᵀ
+    y[s:e] = base(x)[s:e] + (x[s:e] Aᵀ) Bᵀ
 
-which is that row's ``s·B A x`` (the other columns contribute exact zeros), for all rows in two
-dense matmuls per layer however many pocket books share the batch — the segmented-LoRA idea of
-Punica / S-LoRA written with plain torch ops instead of a custom gather kernel. Rows on the plain
-base own no column and add nothing; a layer no row's target touches skips the matmuls. The pool
-holds only the targets of the batch at hand, so its size follows the batch, not the library.
+for each run ``s:e`` of rows sharing a target — the segmented-LoRA idea of Punica / S-LoRA
+(SGMV), written with plain torch ops on views of the batch: no gather, no copy of the factors
+per row, and each row multiplies by its own target's rank only. (An earlier form multiplied every
+row by the factors of every target in the batch and masked the other columns away; with 8
+pocket books that was 8x the LoRA arithmetic, about a third more than the base's own per step.)
+Rows on the plain base are in no run and add nothing; a layer no row's target touches skips the
+matmuls. The pool holds only the targets of the batch at hand, so its size follows the batch,
+not the library.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ if TYPE_CHECKING:  # pragma: no cover
 Members = Sequence[tuple["LoadedBook", float]]
 
 
-class Plan(NamedTuple):
-    """What one layer adds in the next forward: the pool's factors and each row's mask."""
+class Segment(NamedTuple):
+    """Rows ``start:stop`` of the next forward add ``(x Aᵀ) Bᵀ`` on this layer."""
 
-    a: torch.Tensor  # R × in
-    b: torch.Tensor  # out × R
-    mask: torch.Tensor  # rows × 1 × R, 1 where the row's own target owns the rank column
+    start: int
+    stop: int
+    at: torch.Tensor  # Aᵀ, in × R, contiguous
+    bt: torch.Tensor  # Bᵀ, R × out, contiguous
 
 
 class RowLora(nn.Module):
@@ -50,81 +54,84 @@ class RowLora(nn.Module):
         self.base_layer = base_layer
         self.in_features = in_features
         self.out_features = out_features
-        #: Bound by :meth:`Pool.bind` before each forward; None adds nothing.
-        self.plan: Plan | None = None
+        #: Bound by :meth:`Pool.bind` before each forward; empty adds nothing.
+        self.plan: tuple[Segment, ...] = ()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``x`` is ``rows × tokens × in``; every row adds its own delta."""
+        """``x`` is ``rows × tokens × in``; every run of rows adds its own target's delta."""
         result = self.base_layer(x, *args, **kwargs)
-        plan = self.plan
-        if plan is None:
+        if not self.plan:
             return result
-        xa = (x.to(plan.a.dtype) @ plan.a.t()) * plan.mask
-        return result + (xa @ plan.b.t()).to(result.dtype)
-
-
-class _Layer(NamedTuple):
-    a: torch.Tensor
-    b: torch.Tensor
-    owner: torch.Tensor  # R, long: the index of the target owning each rank column
+        # Rows × tokens flattened, so a run of rows is a run of lines: 2-D views and two BLAS
+        # calls per segment (``matmul``'s folding of 3-D operands costs more than the product
+        # at decode sizes), the add done by the second GEMM into the rows' own view.
+        tokens = x.shape[1]
+        if not result.is_contiguous():  # e.g. a quantized layer's output: rows must be lines
+            result = result.contiguous()
+        flat = x.reshape(-1, x.shape[-1])
+        out = result.view(-1, result.shape[-1])
+        for start, stop, at, bt in self.plan:
+            rows = flat[start * tokens:stop * tokens]
+            if rows.dtype != at.dtype:
+                rows = rows.to(at.dtype)
+            if bt.dtype == out.dtype:
+                out[start * tokens:stop * tokens].addmm_(rows.mm(at), bt)
+            else:
+                out[start * tokens:stop * tokens] += rows.mm(at).mm(bt).to(out.dtype)
+        return result
 
 
 class Pool:
-    """The factors of the distinct targets of one batch, concatenated per layer.
+    """The factors of the distinct targets of one batch, per layer.
 
     :param targets: each target's members (see :data:`Members`); a row names its target by
         its index in this list, or ``-1`` for the plain base.
     """
 
     def __init__(self, targets: Sequence[Members]) -> None:
-        paths = sorted({p for members in targets for book, _ in members for p in book.factors})
-        self.layers: dict[str, _Layer] = {}
-        owners: dict[tuple[tuple[int, int], ...], torch.Tensor] = {}
-        for path in paths:
-            a_parts, b_parts, segments = [], [], []
-            for index, members in enumerate(targets):
+        #: layer path → {target index: (Aᵀ, Bᵀ)}
+        self.layers: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for index, members in enumerate(targets):
+            for path in sorted({p for book, _ in members for p in book.factors}):
                 parts = [(book.factors[path], float(w)) for book, w in members
                          if path in book.factors]
-                if not parts:
-                    continue
                 a, b = concat(parts)  # the stack's exact weighted sum, scales inside B
-                a_parts.append(a)
-                b_parts.append(b)
-                segments.append((index, int(a.shape[0])))
-            key = tuple(segments)
-            if key not in owners:  # layers with the same owners share one tensor (and mask)
-                owners[key] = torch.tensor([i for i, width in segments for _ in range(width)],
-                                           device=a_parts[0].device)
-            self.layers[path] = _Layer(torch.cat(a_parts), torch.cat(b_parts, dim=1),
-                                       owners[key])
+                # stored transposed and contiguous: the GEMMs then read them row-major
+                self.layers.setdefault(path, {})[index] = (a.t().contiguous(),
+                                                           b.t().contiguous())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers.values()
-                   for t in (layer.a, layer.b))
+                   for pair in layer.values() for t in pair)
 
     def bind(self, slots: dict[str, RowLora], rows: Sequence[int]) -> None:
-        """Set every slot's plan for a forward whose row ``i`` uses target ``rows[i]``."""
-        masks: dict[int, torch.Tensor | None] = {}
-        index: torch.Tensor | None = None
+        """Set every slot's plan for a forward whose row ``i`` uses target ``rows[i]``. Rows of
+        one target need not be adjacent (each run is a segment), but the engine keeps them so:
+        one segment per target."""
+        runs = runs_of(rows)
         for path, slot in slots.items():
-            layer = self.layers.get(path)
-            if layer is None:
-                slot.plan = None
-                continue
-            if id(layer.owner) not in masks:
-                if index is None:
-                    index = torch.tensor(list(rows), device=layer.owner.device)
-                hit = index[:, None] == layer.owner[None, :]
-                masks[id(layer.owner)] = hit.to(layer.a.dtype)[:, None, :] if bool(
-                    hit.any()) else None
-            mask = masks[id(layer.owner)]
-            slot.plan = None if mask is None else Plan(layer.a, layer.b, mask)
+            layer = self.layers.get(path, {})
+            slot.plan = tuple(Segment(start, stop, *layer[target])
+                              for target, start, stop in runs if target in layer)
+
+
+def runs_of(rows: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(target, start, stop)`` for each run of equal targets in ``rows``, the plain base's
+    (``-1``) left out."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[start]:
+            if rows[start] >= 0:
+                runs.append((rows[start], start, i))
+            start = i
+    return runs
 
 
 def clear(slots: dict[str, RowLora]) -> None:
     """Every slot adds nothing (the plain base), and no pool tensor stays referenced."""
     for slot in slots.values():
-        slot.plan = None
+        slot.plan = ()
 
 
 def wrap(model: nn.Module, path: str) -> RowLora:

@@ -204,6 +204,26 @@ class TrainJob:
 
         return Dataset.from_list(self.rows(self.data))
 
+    @property
+    def early_stopping(self) -> int:
+        """Patience of early stopping on the eval split; 0 when off (no split, or asked off)."""
+        from adapterkit.training.early_stop import patience_of
+
+        return patience_of(self.options.early_stopping, self.eval_data is not None)
+
+    def planned_steps(self) -> int:
+        """Optimizer steps this run is set for (``max_steps``, else epochs over the rows, per
+        global batch of every rank): the trainer's own count, before packing."""
+        import math
+
+        from adapterkit.training.launch import ranks
+
+        o = self.options
+        if o.max_steps > 0:
+            return o.max_steps
+        per_step = o.batch_size * o.grad_accum * ranks().world_size
+        return max(1, math.ceil(o.epochs * math.ceil(len(self.data.rows) / per_step)))
+
     def eval_dataset(self) -> Any:
         from datasets import Dataset
 
@@ -232,6 +252,14 @@ class TrainJob:
 
         o = self.options
         cuda = torch.cuda.is_available()
+        evaluate: dict[str, Any] = dict(
+            eval_strategy="steps" if self.eval_data is not None else "no",
+            eval_steps=o.save_steps if self.eval_data is not None else None)
+        if self.early_stopping:  # about ten evaluations a run; the best is tracked on eval loss
+            from adapterkit.training.early_stop import eval_every
+
+            evaluate.update(eval_steps=eval_every(self.planned_steps(), o.save_steps),
+                            metric_for_best_model="eval_loss", greater_is_better=False)
         return dict(
             output_dir=str(self.output_dir),
             per_device_train_batch_size=o.batch_size,
@@ -245,8 +273,7 @@ class TrainJob:
             save_strategy="steps",
             save_steps=o.save_steps,
             save_total_limit=2,
-            eval_strategy="steps" if self.eval_data is not None else "no",
-            eval_steps=o.save_steps if self.eval_data is not None else None,
+            **evaluate,
             seed=o.seed,
             data_seed=o.seed,
             # transformers' integrations log; where they write was set up by the run

@@ -42,6 +42,11 @@ class TrainOptions:
     packing: bool = False
     seed: int = 0
     eval_split: float = 0.0
+    #: Evaluations of the held-out split without a lower eval loss before training stops,
+    #: ending with the best evaluation's pocket book (``None``: 3 when there is an eval split;
+    #: 0: off). With it, the split is evaluated about ten times a run
+    #: (:mod:`adapterkit.training.early_stop`).
+    early_stopping: int | None = None
     #: Render rows with the base's chat template (``None``: when the base has one).
     chat: bool | None = None
     #: General-English text for the forgetting check (a file, or ``general`` for the shipped one).
@@ -228,7 +233,13 @@ def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str
          f"must be a positive percentage, got {options.forgetting_budget}"),
         ("guard_weight", options.guard_weight is None or options.guard_weight >= 0,
          f"must be ≥ 0, got {options.guard_weight}"),
+        ("early_stopping", options.early_stopping is None or options.early_stopping >= 0,
+         f"must be ≥ 0 (0: off), got {options.early_stopping}"),
     ]
+    if options.early_stopping and not options.eval_split:
+        problems.append(f"early_stopping: {options.early_stopping} evaluations of what? It "
+                        "watches the eval loss of a held-out split: add --eval-split 0.1 (or "
+                        "eval_split: 0.1 in the recipe)")
     problems += [f"{name}: {message}" for name, ok, message in ranges
                  if not ok and name not in not_finite]
     if trackers:

@@ -329,6 +329,10 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         job.callbacks.append(guard.callback())
     if tracked is not None:
         job.callbacks.append(tracked.callback())
+    if job.early_stopping:
+        from adapterkit.training import early_stop
+
+        job.callbacks.append(early_stop.callback(job.early_stopping, resume_from=c.resume_from))
     say(f"Training {ref} with {trainer}/{options.method} on {dataset.source}"
         + (f", on top of {' + '.join(b.ref for b in underlay)}" if underlay else "")
         + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
@@ -439,6 +443,11 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
         metrics["processes"] = ranks().world_size
     if run.guard is not None:  # decided on what the steps saw
         metrics["guard"] = _guard_report(run, model, int(metrics.get("steps", 0)))
+    from adapterkit.training.early_stop import record_of
+
+    stopped = record_of(run.job.callbacks)
+    if stopped is not None:
+        metrics["early_stopping"] = stopped
     # the figures below on the base as inference loads it, not on the rounded training copy
     exact = restore_exact(run.loaded)
     if exact:

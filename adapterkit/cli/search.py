@@ -1,0 +1,104 @@
+"""``train --search``: the flags, their checks, and the report (the search itself is
+:mod:`adapterkit.training.search`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import click
+
+from adapterkit.cli.common import say
+from adapterkit.errors import ConfigError
+
+#: Each searchable option, and the ``train`` flag that would set it by hand.
+_FLAG_OF = {"lr": "lr", "r": "rank", "steps": "max_steps"}
+
+
+def options() -> list[Any]:
+    """The ``train`` options of a search (decorators, applied in order)."""
+    return [
+        click.option("--search", "search_space", metavar="lr,r[,steps]",
+                     help="Train --trials pocket books over these options (Optuna's TPE "
+                          "sampler), score each on a held-out split (--eval-split, default "
+                          "20%), keep the best under NAME and discard the others; the trial "
+                          "table goes into the metadata and the card. --resume continues an "
+                          "interrupted search."),
+        click.option("--trials", type=int, help="Trainings of --search (default 8)."),
+        click.option("--budget", metavar="PCT",
+                     help="--search keeps only trials whose general-text loss rises by at most "
+                          "PCT (e.g. 1%); with none within it, nothing is kept."),
+    ]
+
+
+def pop(flags: dict[str, Any]) -> tuple[str | None, int | None, str | None]:
+    """Take the search flags out of ``train``'s flags (the rest are training options)."""
+    return flags.pop("search_space", None), flags.pop("trials", None), flags.pop("budget", None)
+
+
+def check(space_text: str | None, trials: int | None, budget: str | None,
+          flags: dict[str, Any], processes: int | None) -> tuple[list[str], int, float | None]:
+    """The parsed search, or a refusal of flags that cannot act together."""
+    from adapterkit.training.search import parse_space
+
+    if space_text is None:
+        given = [f for f, v in (("--trials", trials), ("--budget", budget)) if v is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} only go with --search (e.g. --search lr,r "
+                              "--trials 8)")
+        return [], 0, None
+    space = parse_space(space_text)
+    clash = [f"--{_FLAG_OF[n].replace('_', '-')}" for n in space
+             if flags.get(_FLAG_OF[n]) is not None]
+    if clash:
+        raise ConfigError(f"{', '.join(clash)} sets what --search {space_text} varies: give one "
+                          "or the other")
+    if processes is not None and processes > 1:
+        raise ConfigError("--search runs its trials in this one process; leave out --processes")
+    return space, 8 if trials is None else trials, _percent(budget)
+
+
+def _percent(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise ConfigError(f"--budget: expected a percentage such as 1%, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"--budget must be a positive percentage, got {text}")
+    return value
+
+
+def run(trainer: str, *, base: str, data: str, name: str, train_options: Any, state: Any,
+        space: list[str], trials: int, budget: float | None, on: str | None,
+        start_from: str | None, resume: bool, restart: bool, as_json: bool) -> None:
+    """Run the search and report it: the trial table, then the kept pocket book."""
+    from adapterkit.training.progress import progress_callback
+    from adapterkit.training.search import search
+
+    try:
+        result = search(trainer, base=base, data=data, name=name, space=space, trials=trials,
+                        budget=budget, options=train_options, home=state["home"],
+                        plugins=state["plugins"], on=on, start_from=start_from, resume=resume,
+                        restart=restart,
+                        callbacks=[progress_callback(f"{trainer}/{train_options.method}")],
+                        progress=None if as_json else say)
+    except KeyboardInterrupt:
+        say("Interrupted: the finished trials are kept in the search's study; run the same "
+            "command with --resume to continue it (nothing was saved under "
+            f"{name}).")
+        sys.exit(130)
+    book = result.kept.pocket_book
+    if as_json:
+        click.echo(json.dumps({"ref": book.ref, "path": str(book.path),
+                               "metrics": result.kept.metrics}, indent=2, default=str))
+        return
+    best = book.meta.metrics["search"]["kept"]
+    kept = next(row for row in result.trials if row["trial"] == best)
+    click.echo(f"Saved {book.ref}: trial {best} of {len(result.trials)}, held-out loss "
+               f"{kept['eval_loss']:.4f}"
+               + (f", forgetting {kept['forgetting_pct']:+.2f}%"
+                  if kept["forgetting_pct"] is not None else ""))

@@ -1,0 +1,343 @@
+"""``train --search lr,r[,steps] --trials N [--budget 1%]``: a budgeted hyperparameter search.
+
+Each trial is an ordinary ``train`` run (any trainer, ``--on`` and ``--from`` included) on the
+same data, scored by its loss on a held-out split (``--eval-split``, or 20% carved from the
+data) and by its forgetting figure. The best trial whose forgetting stays within the budget is
+kept under the asked name — its files, metadata and a card that carries the whole trial table
+(``metrics.search``) — and every other trial's pocket book is discarded. The sampler and the
+study are Optuna's (TPE, seeded with ``--seed``), kept in an SQLite file under the run folder,
+so an interrupted search resumes with ``--resume``: finished trials are not run again, and the
+interrupted one is run again with the same settings.
+
+Each trial loads the base itself (as ``train`` does); reusing one resident base across trials
+is left for later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterkit.errors import AdapterkitError, ConfigError, MissingDependency, RunStateError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.library.store import Library
+    from adapterkit.plugin_api.manager import PluginManager
+    from adapterkit.training.job import TrainResult
+    from adapterkit.training.options import TrainOptions
+
+#: What ``--search`` can vary, and the option each one sets.
+SEARCHABLE = {"lr": "learning_rate", "r": "r", "steps": "max_steps"}
+#: Learning rates are drawn log-uniformly from this range.
+LR_RANGE = (1e-5, 3e-3)
+#: Ranks are drawn from these (alpha follows, keeping the run's alpha / r).
+RANKS = (4, 8, 16, 32, 64)
+#: Held-out rows a trial needs to be scored.
+MIN_EVAL_ROWS = 5
+#: The held-out fraction carved from the data when no ``--eval-split`` is given.
+DEFAULT_EVAL_SPLIT = 0.2
+
+
+class SearchFailed(AdapterkitError):
+    """No trial met the forgetting budget (nothing kept; the message holds the trial table)."""
+
+
+@dataclass
+class SearchResult:
+    """The kept pocket book (as its training returned it, under the asked name) and the table
+    of every trial."""
+
+    kept: TrainResult
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_space(text: str) -> list[str]:
+    """``lr,r,steps`` → ``["lr", "r", "steps"]``; anything else is refused by name."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in SEARCHABLE]
+    if not names or unknown:
+        raise ConfigError(f"--search: {', '.join(unknown) or 'nothing'} is not searchable "
+                          f"(searchable: {', '.join(SEARCHABLE)}; e.g. --search lr,r)")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--search names an option twice: {text}")
+    return names
+
+
+def check_search(space: list[str], trials: int, budget: float | None, rows: int,
+                 options: TrainOptions, *, start_from: str | None = None) -> float:
+    """Refuse a search that cannot run, before any work; returns the held-out fraction."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {trials}")
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ConfigError(f"--budget must be a positive percentage, got {budget}")
+    if "r" in space and start_from:
+        raise ConfigError("--search r cannot apply with --from: a copy keeps its own rank")
+    split = options.eval_split or DEFAULT_EVAL_SPLIT
+    held_out = max(1, int(rows * split))
+    if held_out < MIN_EVAL_ROWS or held_out >= rows:
+        need = math.ceil(MIN_EVAL_ROWS / split) + 1
+        raise ConfigError(
+            f"--search scores each trial on a held-out split of at least {MIN_EVAL_ROWS} rows; "
+            f"--eval-split {split} of {rows} rows holds out {held_out}: give at least {need} "
+            "rows, or a larger --eval-split")
+    return split
+
+
+def search(trainer: str, *, base: str, data: str, name: str, space: list[str], trials: int,
+           budget: float | None = None, options: TrainOptions | None = None,
+           home: str | Path | None = None, plugins: PluginManager | None = None,
+           on: str | None = None, start_from: str | None = None, resume: bool = False,
+           restart: bool = False, callbacks: list[Any] | None = None,
+           progress: Callable[[str], None] | None = None) -> SearchResult:
+    """Run ``trials`` trainings over ``space`` and keep the best within the forgetting
+    ``budget`` (in percent) as ``name``.
+
+    :param space: names from :data:`SEARCHABLE`.
+    :param resume: continue an interrupted search of ``name``.
+    :param restart: discard an interrupted search of ``name`` (and its trials) first.
+    :raises SearchFailed: no trial stayed within the budget (nothing is kept).
+    """
+    from adapterkit.library.store import Library
+    from adapterkit.plugin_api.manager import default_plugin_manager
+    from adapterkit.training.data import load_data
+    from adapterkit.training.options import TrainOptions, check_options
+
+    optuna = _optuna()
+    say = progress or (lambda message: None)
+    options = options or TrainOptions()
+    check_options(options)
+    pm = plugins or default_plugin_manager()
+    library = Library(home, plugins=pm)
+    library.reserve(name)  # a taken name is refused before any trial runs
+    shapes = pm.trainer(trainer).data_shapes
+    rows = len(load_data(data, formats=pm.data_formats, shapes=shapes,
+                         skip_bad_rows=options.skip_bad_rows).rows)
+    split = check_search(space, trials, budget, rows, options, start_from=start_from)
+    general = options.general or ("general" if budget is not None else None)
+    base_options = dataclasses.replace(options, eval_split=split, general=general)
+    planned = _planned_steps(options, rows - max(1, int(rows * split)))
+
+    folder = library.home / "runs" / f"search-{name}"
+    study = _study(optuna, folder, name, options.seed, resume=resume, restart=restart,
+                   library=library)
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # interrupted: run again with the same settings (its partial run left no pocket book,
+        # only its run folder)
+        from adapterkit.training.run import run_dir
+
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(stale.params, user_attrs={"again_of": stale.number},
+                            skip_if_exists=False)
+        if stale.user_attrs.get("ref"):
+            shutil.rmtree(run_dir(library, stale.user_attrs["ref"]), ignore_errors=True)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    say(f"Searching {', '.join(space)} over {trials} trials"
+        + (f" ({len(done)} done before)" if done else "")
+        + f", scored on {split:.0%} held out"
+        + (f", forgetting budget {budget:g}%" if budget is not None else "") + "...")
+
+    while len(done) < trials:
+        trial = study.ask()
+        settings = _suggest(trial, space, options, planned)
+        trial_name = f"{name}-trial-{trial.number}"
+        trial.set_user_attr("ref", trial_name)
+        say(f"Trial {len(done) + 1}/{trials}: " + _settings_text(settings) + "...")
+        result = _train_trial(trainer, base=base, data=data, name=trial_name,
+                              options=dataclasses.replace(base_options, **settings),
+                              library=library, plugins=pm, on=on, start_from=start_from,
+                              callbacks=callbacks)
+        score = _score(result, budget)
+        for key, value in {**score, "ref": result.pocket_book.ref}.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, score["eval_loss"])
+        say(f"  held-out loss {score['eval_loss']:.4f}"
+            + (f", forgetting {score['forgetting_pct']:+.2f}%"
+               if score["forgetting_pct"] is not None else "")
+            + ("" if score["within_budget"] else " (over the budget)"))
+        _discard_losers(study, library, optuna)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    table = _table(study, optuna)
+    best = _best(table)
+    if best is None:
+        for row in table:
+            _remove(library, row.get("ref"))
+        shutil.rmtree(folder, ignore_errors=True)
+        raise SearchFailed("no trial stayed within the forgetting budget of "
+                           f"{budget:g}%; nothing was kept.\n" + table_text(table))
+    kept = _keep(library, best, name, table, space=space, budget=budget, split=split)
+    shutil.rmtree(folder, ignore_errors=True)
+    say("Trials:\n" + table_text(table))
+    return SearchResult(kept=kept, trials=table)
+
+
+# -- the study ------------------------------------------------------------------------------------
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError as exc:
+        raise MissingDependency("--search runs on Optuna, which is not installed; "
+                                "pip install 'adapterkit[search]'") from exc
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, restart: bool,
+           library: Library) -> Any:
+    """The search's Optuna study (TPE, seeded), in an SQLite file under the run folder."""
+    db = folder / "study.db"
+    if db.exists() and restart:
+        old = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+        for trial in old.trials:
+            _remove(library, trial.user_attrs.get("ref"))
+        shutil.rmtree(folder)
+    elif db.exists() and not resume:
+        raise RunStateError(f"an interrupted search of {name} is in {folder}: pass --resume to "
+                            "continue it or --restart to start over")
+    elif resume and not db.exists():
+        raise RunStateError(f"no interrupted search of {name} to resume")
+    folder.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{db}",
+                                direction="minimize", load_if_exists=True)
+    # seeded, and on a resume seeded past the draws already made (the same seed again would
+    # draw the first trials' settings again)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    return study
+
+
+def _planned_steps(options: TrainOptions, train_rows: int) -> int:
+    if options.max_steps > 0:
+        return options.max_steps
+    per_step = options.batch_size * options.grad_accum
+    return max(1, math.ceil(options.epochs * math.ceil(train_rows / per_step)))
+
+
+def _suggest(trial: Any, space: list[str], options: TrainOptions,
+             planned: int) -> dict[str, Any]:
+    """The trial's options: the searched ones drawn, the rest as given."""
+    settings: dict[str, Any] = {}
+    if "lr" in space:
+        settings["learning_rate"] = trial.suggest_float("lr", *LR_RANGE, log=True)
+    if "r" in space:
+        r = trial.suggest_categorical("r", list(RANKS))
+        settings.update(r=r, alpha=max(1, round(options.alpha * r / options.r)))
+    if "steps" in space:
+        settings["max_steps"] = trial.suggest_int("steps", max(1, planned // 2),
+                                                  max(2, planned * 2), log=True)
+    return settings
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    parts = []
+    if "learning_rate" in settings:
+        parts.append(f"lr {settings['learning_rate']:.2e}")
+    if "r" in settings:
+        parts.append(f"r {settings['r']} (alpha {settings['alpha']})")
+    if "max_steps" in settings:
+        parts.append(f"{settings['max_steps']} steps")
+    return ", ".join(parts)
+
+
+def _train_trial(trainer: str, *, name: str, library: Library, **kwargs: Any) -> TrainResult:
+    from adapterkit.training.run import train
+
+    result = train(trainer, name=name, home=library.home, **kwargs)
+    if result.model is not None:  # let the trial's model go before the next one loads
+        from adapterkit.memory import release_memory
+
+        result.model = None
+        release_memory()
+    return result
+
+
+def _score(result: TrainResult, budget: float | None) -> dict[str, Any]:
+    m = result.metrics
+    eval_loss = (m.get("eval") or {}).get("loss")
+    if eval_loss is None:
+        raise ConfigError(f"{result.pocket_book.meta.trainer} records no held-out loss, which "
+                          "--search scores trials on")
+    forgetting = (m.get("forgetting") or {}).get("general_loss_change_pct")
+    within = budget is None or (forgetting is not None and forgetting <= budget)
+    return {"eval_loss": float(eval_loss), "forgetting_pct": forgetting, "within_budget": within,
+            "steps": int(m.get("steps", 0))}
+
+
+def _table(study: Any, optuna: Any) -> list[dict[str, Any]]:
+    """One row per finished trial, in order: its settings, score and forgetting."""
+    rows = []
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        rows.append({"trial": t.number, **{k: t.params[k] for k in ("lr", "r") if k in t.params},
+                     "steps": t.user_attrs.get("steps", t.params.get("steps")),
+                     "eval_loss": t.value, "forgetting_pct": t.user_attrs.get("forgetting_pct"),
+                     "within_budget": bool(t.user_attrs.get("within_budget")),
+                     **({"again_of": t.user_attrs["again_of"]} if "again_of" in t.user_attrs
+                        else {}),
+                     "ref": t.user_attrs.get("ref")})
+    return rows
+
+
+def _best(table: list[dict[str, Any]]) -> dict[str, Any] | None:
+    eligible = [row for row in table if row["within_budget"]]
+    return min(eligible, key=lambda row: row["eval_loss"]) if eligible else None
+
+
+def _discard_losers(study: Any, library: Library, optuna: Any) -> None:
+    """Only the best eligible trial so far keeps its pocket book (disk holds one at a time)."""
+    table = _table(study, optuna)
+    best = _best(table)
+    for row in table:
+        if best is None or row["trial"] != best["trial"]:
+            _remove(library, row.get("ref"))
+
+
+def _remove(library: Library, ref: str | None) -> None:
+    if ref and library.exists(ref):
+        library.remove(ref, all_versions=True)
+
+
+def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[str, Any]], *,
+          space: list[str], budget: float | None, split: float) -> TrainResult:
+    """The best trial's pocket book under ``name``, its card and metadata carrying the trial
+    table; the trial's own entry removed."""
+    from adapterkit.library.card import write_card
+    from adapterkit.library.metadata import METADATA_FILE, PocketBookMeta
+    from adapterkit.training.job import TrainResult
+
+    source = library.get(best["ref"])
+    meta = PocketBookMeta.read(source.path)
+    meta.metrics = dict(meta.metrics or {})
+    meta.metrics["search"] = {
+        "space": space, "objective": "held-out loss", "eval_split": split,
+        "budget_pct": budget, "kept": best["trial"],
+        "trials": [{k: v for k, v in row.items() if k != "ref"} for row in table]}
+    with library.draft() as staged:
+        for item in source.path.iterdir():
+            if item.is_file() and item.name != METADATA_FILE:
+                shutil.copy2(item, staged / item.name)
+        meta.name = name
+        write_card(staged, meta)
+        book = library.commit(staged, meta, name=name)
+    library.remove(source.ref)
+    return TrainResult(pocket_book=book, metrics=book.meta.metrics)
+
+
+def table_text(table: list[dict[str, Any]]) -> str:
+    """The trial table as aligned text (``train --search`` prints it; so does a failure)."""
+    header = f"{'trial':>5}  {'lr':>9}  {'r':>3}  {'steps':>5}  {'held-out':>9}  {'forgetting':>10}"
+    lines = [header]
+    for row in table:
+        lr = f"{row['lr']:.2e}" if "lr" in row else "-"
+        forgetting = f"{row['forgetting_pct']:+.2f}%" if row["forgetting_pct"] is not None \
+            else "-"
+        lines.append(f"{row['trial']:>5}  {lr:>9}  {row.get('r', '-')!s:>3}  "
+                     f"{row['steps']!s:>5}  {row['eval_loss']:>9.4f}  {forgetting:>10}"
+                     + ("" if row["within_budget"] else "  over budget"))
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""``train --search``: trials on a held-out split, the best within the forgetting budget kept
+under the asked name, the others discarded, the table recorded; resume after an interruption;
+bad input refused before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from adapterkit import ConfigError, TrainOptions
+from adapterkit.library.metadata import CARD_FILE, WEIGHTS_FILE
+from adapterkit.library.store import Library
+from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.training.search import SearchFailed, search
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return get_plugin_manager(env=False)
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    rows = [{"prompt": f"Colour of item {i}?", "completion": f"It is {c}."}
+            for i, c in enumerate(["red", "blue", "green", "red", "amber"] * 6)]
+    path = tmp_path / "colours.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def options(**kw):
+    base = dict(max_steps=6, batch_size=4, logging_steps=2, save_steps=50, r=4, alpha=8,
+                dropout=0.0, precision="fp32", early_stopping=0)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_the_best_trial_is_kept_under_the_name_and_the_others_discarded(
+        tiny_base, home, pairs, pm):
+    result = search("sft", base=str(tiny_base), data=str(pairs), name="colours",
+                    space=["lr", "r"], trials=3, options=options(), home=home, plugins=pm)
+    library = Library(home)
+    assert [s.name for s in library.list(all_versions=True)] == ["colours"]
+    table = result.trials
+    assert [row["trial"] for row in table] == [0, 1, 2]
+    assert len({(row["lr"], row["r"]) for row in table}) == 3  # three different settings
+    best = min(table, key=lambda row: row["eval_loss"])
+    book = result.kept.pocket_book
+    meta = library.get("colours").meta
+    assert meta.metrics["search"]["kept"] == best["trial"]
+    # the kept files are the best trial's training: its settings, its own held-out loss
+    assert meta.hyperparameters["learning_rate"] == best["lr"]
+    assert meta.hyperparameters["r"] == best["r"] and meta.metrics["eval"]["loss"] == \
+        best["eval_loss"]
+    assert meta.metrics["search"]["eval_split"] == 0.2
+    card = (book.path / CARD_FILE).read_text()
+    assert f"Kept trial {best['trial']} of a search over lr, r" in card
+    assert card.count("| 0 |") + card.count("| 1 |") + card.count("| 2 |") >= 3
+    # the weights load in plain PEFT with the kept rank
+    weights = load_file(str(book.path / WEIGHTS_FILE))
+    assert next(w for k, w in weights.items() if "lora_A" in k).shape[0] == best["r"]
+    assert not (home / "runs" / "search-colours").exists()
+
+
+def test_a_budget_no_trial_meets_keeps_nothing_and_reports_the_table(
+        tiny_base, home, tmp_path, pm):
+    """Answers of nonsense letters at a high learning rate: general text gets worse."""
+    rows = [{"prompt": f"Item {i}?", "completion": "qqqq zzzz qqqq zzzz qqqq"} for i in range(30)]
+    data = tmp_path / "nonsense.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SearchFailed, match=r"no trial stayed within the forgetting budget of "
+                                           r"0\.001%; nothing was kept\.\ntrial") as caught:
+        search("sft", base=str(tiny_base), data=str(data), name="strict", space=["steps"],
+               trials=2, budget=1e-3, options=options(learning_rate=5e-2), home=home,
+               plugins=pm)
+    assert str(caught.value).count("over budget") == 2
+    assert Library(home).list(all_versions=True) == []
+
+
+class InterruptSecondTrial(TrainerCallback):
+    """Ctrl-C in the first step of the second training it sees."""
+
+    def __init__(self):
+        self.trainings = 0
+        self.lrs = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.trainings += 1
+        self.lrs.append(args.learning_rate)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.trainings == 2:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_search_resumes_without_running_finished_trials_again(
+        tiny_base, home, pairs, pm):
+    interrupt = InterruptSecondTrial()
+    kwargs = dict(base=str(tiny_base), data=str(pairs), name="again", space=["lr"], trials=3,
+                  options=options(), home=home, plugins=pm)
+    with pytest.raises(KeyboardInterrupt):
+        search("sft", callbacks=[interrupt], **kwargs)
+    with pytest.raises(ConfigError, match="pass --resume to continue it or --restart"):
+        search("sft", **kwargs)
+    counted = InterruptSecondTrial()  # counts trainings; interrupts none (never a second one
+    counted.trainings = -10           # reaching 2)
+    result = search("sft", resume=True, callbacks=[counted], **kwargs)
+    assert counted.trainings == -10 + 2  # the interrupted trial again, then the third
+    assert len(result.trials) == 3 and [s.name for s in Library(home).list()] == ["again"]
+    # the finished trial as it was; the interrupted one again, with its settings; a new one
+    assert [(row["trial"], row.get("again_of")) for row in result.trials] == \
+        [(0, None), (2, 1), (3, None)]
+    assert counted.lrs[0] == interrupt.lrs[1] == result.trials[1]["lr"]
+    assert result.trials[0]["lr"] == interrupt.lrs[0]
+    assert len({row["lr"] for row in result.trials}) == 3
+    assert not (home / "runs" / "again-trial-1").exists()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(space=["lr"], trials=0), "--trials must be at least 1"),
+    (dict(space=["lr"], trials=2, budget=-1.0), "--budget must be a positive percentage"),
+    (dict(space=["lr"], trials=2, options=options(eval_split=0.05)),
+     "held-out split of at least 5 rows; --eval-split 0.05 of 30 rows holds out 1: give at "
+     "least 101 rows, or a larger --eval-split"),
+])
+def test_bad_searches_are_refused_before_any_work(tiny_base, home, pairs, pm, kwargs, message):
+    kwargs.setdefault("options", options())
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        search("sft", base=str(tiny_base), data=str(pairs), name="bad", home=home, plugins=pm,
+               **kwargs)
+    assert Library(home).list(all_versions=True) == []
+    assert not (home / "runs" / "search-bad").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--search", "lr,dropout"], "dropout is not searchable (searchable: lr, r, steps"),
+    (["--search", "lr", "--trials", "0"], "--trials must be at least 1"),
+    (["--trials", "3"], "--trials only go with --search"),
+    (["--search", "lr", "--lr", "1e-3"], "--lr sets what --search lr varies"),
+    (["--search", "lr", "--budget", "lots"], "--budget: expected a percentage"),
+    (["--search", "lr", "--processes", "2"], "leave out --processes"),
+])
+def test_cli_refuses_bad_search_flags_in_one_line(adapterkit_cli, tiny_base, pairs, library,
+                                                  args, message):
+    result = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", pairs, "--name", "x",
+                            *args)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert library.list(all_versions=True) == []
+
+
+def test_cli_search_saves_the_best_and_says_so(adapterkit_cli, tiny_base, pairs, library):
+    result = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", pairs, "--name", "cli",
+                            "--search", "lr,steps", "--trials", "2",
+                            "--batch-size", "4", "--rank", "4", "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    assert "Trial 1/2:" in result.output and "Trials:" in result.output
+    assert "Saved cli@1: trial " in result.output
+    assert [s.name for s in library.list(all_versions=True)] == ["cli"]
