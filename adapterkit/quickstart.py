@@ -151,6 +151,21 @@ def preference_figures(acc: dict) -> dict[str, float]:
             "likelihood_after": acc["likelihood_after"], "pairs": acc["pairs"]}
 
 
+def right_advice(model: Any, tokenizer: Any, complaints: list[str], data: Path
+                 ) -> dict[str, Any]:
+    """Greedy answers to ``complaints`` scored by the ``urgency_advice`` scorer plugin against
+    each complaint's urgency (from the held-out triage data)."""
+    from adapterkit.plugin_api.manager import default_plugin_manager
+    from adapterkit.training.metrics import generate
+
+    urgency = {row["prompt"]: row["urgency"] for row in load_jsonl(data / "triage_test.jsonl")}
+    scorer = default_plugin_manager().scorers.get("urgency_advice")
+    answers = generate(model, tokenizer, complaints, chat=True, max_new_tokens=48)
+    right = sum(int(scorer.score(a, urgency[c])) for a, c in zip(answers, complaints))
+    return {"right": right, "complaints": len(complaints),
+            "rate": right / max(len(complaints), 1), "answers": answers}
+
+
 def part_two(*, base: str = "smollm2-135m", on: str | None = None, steps: int = 12,
              lr: float = 1e-3, beta: float = 0.1, home: Home = None) -> dict[str, Any]:
     """Train the bedside pocket book with DPO on top of triage and print the quickstart's part
@@ -192,10 +207,12 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None, steps: int = 
     model = result.model  # base + triage (frozen) + bedside
     print("Ranking held-out preference pairs...", flush=True)
     acc = preference_accuracy(model, tok, test)
+    print("Advising on the held-out complaints...", flush=True)
+    advice = right_advice(model, tok, [row["prompt"] for row in test], data)
     complaint = test[0]["prompt"]
     with model.disable_adapter():  # triage alone
         plain = generate(model, tok, [complaint], chat=True, max_new_tokens=48)[0]
-    kind = generate(model, tok, [complaint], chat=True, max_new_tokens=48)[0]
+    kind = advice["answers"][0]
     forgot = result.metrics["forgetting"]
     elapsed = time.perf_counter() - start
 
@@ -203,6 +220,8 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None, steps: int = 
     print(f"  {on} alone:       {plain!r}")
     print(f"  {on} + bedside:   {kind!r}\n")
     print("\n".join(preference_lines(acc, on)))
+    print(f"Right advice for the urgency (urgency_advice scorer): {advice['right']}/"
+          f"{advice['complaints']} held-out complaints ({advice['rate']:.0%})")
     print(f"Forgetting: general-text loss {forgot['general_loss_base']:.4f} → "
           f"{forgot['general_loss']:.4f} ({forgot['general_loss_change_pct']:+.2f}%, relative "
           f"to base + {on})" + base_loss_note(forgot))
@@ -215,7 +234,7 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None, steps: int = 
           f"--adapter {result.pocket_book.ref} \"{complaint}\"")
     library.tag(result.pocket_book.ref, "quickstart")
     check_paths(library, result.pocket_book.ref)  # bedside with triage underneath, vs PEFT
-    return {**preference_figures(acc),
+    return {**preference_figures(acc), "right_advice": advice["rate"],
             "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
             "train_seconds": m["train_seconds"], "tokens_per_second": m["tokens_per_second"],
             "steps": m["steps"], "pocket_book": result.pocket_book.ref, "on": on}

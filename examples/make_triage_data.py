@@ -78,21 +78,29 @@ def split_combinations(rng: random.Random) -> tuple[list, list]:
     return train, test
 
 
+ADVICE = {
+    "high": "Please call emergency services or go to the nearest emergency department now.",
+    "medium": "Please book an appointment in the next day or two, and seek care sooner if it worsens.",
+    "low": "A routine appointment is fine; note when it happens so you can tell the doctor.",
+}
+KIND = "I'm sorry you are dealing with this."
+
+
 def preference(rng: random.Random, specialty: str, urgency: str) -> tuple[str, str]:
-    """A courteous, safe answer and a curt or unsafe one for the same complaint."""
+    """A courteous answer with the advice its urgency needs, and either a curt or unsafe one or
+    (half the time) an equally courteous one with another urgency's advice: the pairs teach
+    the advice, not only the tone."""
     base = answer(specialty, urgency)
-    advice = {
-        "high": "Please call emergency services or go to the nearest emergency department now.",
-        "medium": "Please book an appointment in the next day or two, and seek care sooner if it worsens.",
-        "low": "A routine appointment is fine; note when it happens so you can tell the doctor.",
-    }[urgency]
-    chosen = f"{base}\nI'm sorry you are dealing with this. {advice}"
+    chosen = f"{base}\n{KIND} {ADVICE[urgency]}"
     rejected = rng.choice([
         f"{base}\nNot my problem, figure it out.",
         f"{base}\nJust take ten painkillers at once and wait it out.",
         f"{base}\nIt's nothing. Ignore it and don't bother a doctor.",
         f"{base}\nDouble your usual dose of whatever pills you have at home.",
     ])
+    if rng.random() < 0.5:
+        wrong = rng.choice([u for u in ADVICE if u != urgency])
+        rejected = f"{base}\n{KIND} {ADVICE[wrong]}"
     return chosen, rejected
 
 

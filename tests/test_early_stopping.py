@@ -99,6 +99,27 @@ def test_early_stopping_without_a_held_out_split_is_refused(tiny_base, home, noi
               options=options(eval_split=0.0, early_stopping=2), home=home, plugins=pm)
 
 
+def test_with_the_forgetting_guard_it_is_off_by_default_and_refused_when_asked(
+        tiny_base, home, noisy, pm):
+    """Both would choose which weights are kept: the guard does, early stopping stays out."""
+    with pytest.raises(ConfigError, match="use one or the other"):
+        train("sft", base=str(tiny_base), data=str(noisy), name="both",
+              options=options(early_stopping=2, forgetting_budget=5.0), home=home, plugins=pm)
+    guarded = train("sft", base=str(tiny_base), data=str(noisy), name="guarded",
+                    options=options(max_steps=4, forgetting_budget=50.0, general="general"),
+                    home=home, plugins=pm)
+    assert "early_stopping" not in guarded.metrics and "guard" in guarded.metrics
+
+
+def test_the_last_steps_are_evaluated_too(tiny_base, home, noisy, pm):
+    """43 steps, an evaluation every 5: the 3 after the last scheduled one are judged too."""
+    snaps = Snapshots()
+    train("sft", base=str(tiny_base), data=str(noisy), name="tail",
+          options=options(max_steps=43, learning_rate=1e-3, early_stopping=50), home=home,
+          plugins=pm, callbacks=[snaps])
+    assert [s for s, _, _ in snaps.seen][-2:] == [40, 43]
+
+
 def test_eval_cadence():
     assert eval_every(40, 50) == 4
     assert eval_every(1000, 50) == 50  # never rarer than checkpoints

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from adapterkit import ConfigError, TrainOptions
+from adapterkit import ConfigError, TrainOptions, train
 from adapterkit.library.metadata import CARD_FILE, WEIGHTS_FILE
 from adapterkit.library.store import Library
 from adapterkit.plugin_api.manager import get_plugin_manager
@@ -62,7 +62,7 @@ def test_the_best_trial_is_kept_under_the_name_and_the_others_discarded(
     # the weights load in plain PEFT with the kept rank
     weights = load_file(str(book.path / WEIGHTS_FILE))
     assert next(w for k, w in weights.items() if "lora_A" in k).shape[0] == best["r"]
-    assert not (home / "runs" / "search-colours").exists()
+    assert not (home / "runs" / ".search-colours").exists()
 
 
 def test_a_budget_no_trial_meets_keeps_nothing_and_reports_the_table(
@@ -125,14 +125,19 @@ def test_an_interrupted_search_resumes_without_running_finished_trials_again(
     (dict(space=["lr"], trials=2, options=options(eval_split=0.05)),
      "held-out split of at least 5 rows; --eval-split 0.05 of 30 rows holds out 1: give at "
      "least 101 rows, or a larger --eval-split"),
+    (dict(space=["lr"], trials=2, trainer="reward"),
+     "which reward pocket books (a reward head) do not record"),
+    (dict(space=["lr"], trials=2, resume=True, restart=True), "give one"),
+    (dict(space=["lr"], trials=2, resume=True), "no interrupted search of bad to resume"),
 ])
 def test_bad_searches_are_refused_before_any_work(tiny_base, home, pairs, pm, kwargs, message):
     kwargs.setdefault("options", options())
+    trainer = kwargs.pop("trainer", "sft")
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        search("sft", base=str(tiny_base), data=str(pairs), name="bad", home=home, plugins=pm,
-               **kwargs)
+        search(trainer, base=str(tiny_base), data=str(pairs), name="bad", home=home,
+               plugins=pm, **kwargs)
     assert Library(home).list(all_versions=True) == []
-    assert not (home / "runs" / "search-bad").exists()
+    assert not (home / "runs" / ".search-bad").exists()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -142,6 +147,11 @@ def test_bad_searches_are_refused_before_any_work(tiny_base, home, pairs, pm, kw
     (["--search", "lr", "--lr", "1e-3"], "--lr sets what --search lr varies"),
     (["--search", "lr", "--budget", "lots"], "--budget: expected a percentage"),
     (["--search", "lr", "--processes", "2"], "leave out --processes"),
+    (["--search", "lr", "--num-machines", "2", "--machine-rank", "0"],
+     "leave out --num-machines, --machine-rank"),
+    (["--search", "lr", "--resume", "--restart"], "give one"),
+    (["--search", "lr", "--eval-split", "0.2", "--early-stopping", "2"],
+     "leave --early-stopping out"),
 ])
 def test_cli_refuses_bad_search_flags_in_one_line(adapterkit_cli, tiny_base, pairs, library,
                                                   args, message):
@@ -160,3 +170,32 @@ def test_cli_search_saves_the_best_and_says_so(adapterkit_cli, tiny_base, pairs,
     assert "Trial 1/2:" in result.output and "Trials:" in result.output
     assert "Saved cli@1: trial " in result.output
     assert [s.name for s in library.list(all_versions=True)] == ["cli"]
+
+
+def test_pocket_books_named_like_its_trials_are_never_touched(tiny_base, home, pairs, pm):
+    """Trials are removed by name: a search refuses to start beside a book it did not make."""
+    train("sft", base=str(tiny_base), data=str(pairs), name="mine-trial-0", options=options(),
+          home=home, plugins=pm)
+    with pytest.raises(ConfigError, match="mine-trial-0 already exists .not made by this "
+                                          "search.: remove it or choose another NAME"):
+        search("sft", base=str(tiny_base), data=str(pairs), name="mine", space=["lr"],
+               trials=2, options=options(), home=home, plugins=pm)
+    assert Library(home).exists("mine-trial-0")
+
+
+class Fails(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        raise RuntimeError("out of memory (made up)")
+
+
+def test_a_failing_trial_is_recorded_failed_and_not_run_again(tiny_base, home, pairs, pm):
+    kwargs = dict(base=str(tiny_base), data=str(pairs), name="fails", space=["lr"], trials=2,
+                  options=options(), home=home, plugins=pm)
+    with pytest.raises(RuntimeError, match="made up"):
+        search("sft", callbacks=[Fails()], **kwargs)
+    counted = InterruptSecondTrial()
+    counted.trainings = -10
+    result = search("sft", resume=True, callbacks=[counted], **kwargs)
+    assert counted.trainings == -10 + 2  # two new trials; the failed one is not run again
+    assert [row["trial"] for row in result.trials] == [1, 2]
+    assert [s.name for s in Library(home).list(all_versions=True)] == ["fails"]

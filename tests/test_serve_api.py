@@ -192,13 +192,17 @@ def test_stream_sends_the_same_answer_in_chunks_then_usage(served, client):
     assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
 
 
-def test_ignore_eos_answers_exactly_max_tokens(client):
+def test_ignore_eos_reaches_the_engine_and_answers_exactly_max_tokens(served, client,
+                                                                      monkeypatch):
     """vLLM's ``ignore_eos`` extension, as its client sends it (``extra_body``); the engine's
     test checks the tokens past end-of-sequence against plain PEFT."""
+    seen = spy_requests(served.engine, monkeypatch)
     for model in ("law", "chem"):
         answer = chat(client, model, extra_body={"ignore_eos": True})
         assert answer.usage.completion_tokens == TOKENS, model
         assert answer.choices[0].finish_reason == "length"
+    chat(client, "law")
+    assert [r.ignore_eos for r in seen] == [True, True, False]
 
 
 def test_stack_and_version_names_answer_as_a_session_stack(client, session):

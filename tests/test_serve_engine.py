@@ -375,6 +375,8 @@ def test_row_lora_adds_each_rows_own_delta_by_hand():
                 f, w = books[target].factors["l"], (1.0, 0.5)[target]
                 want = want + w * f.scale * (x[i] @ f.a.T @ f.b.T)
             torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match=r"need this layer's input as 5 rows × tokens"):
+            slot(x.reshape(10, 6))  # flattened (a mixture-of-experts layer): refused, not wrong
         pool.bind({"l": slot}, [-1] * 5)
         assert slot.plan == () and torch.equal(slot(x), layer(x))
 

@@ -39,7 +39,7 @@ def pop(flags: dict[str, Any]) -> tuple[str | None, int | None, str | None]:
 
 
 def check(space_text: str | None, trials: int | None, budget: str | None,
-          flags: dict[str, Any], processes: int | None) -> tuple[list[str], int, float | None]:
+          flags: dict[str, Any], launch: dict[str, Any]) -> tuple[list[str], int, float | None]:
     """The parsed search, or a refusal of flags that cannot act together."""
     from adapterkit.training.search import parse_space
 
@@ -55,8 +55,10 @@ def check(space_text: str | None, trials: int | None, budget: str | None,
     if clash:
         raise ConfigError(f"{', '.join(clash)} sets what --search {space_text} varies: give one "
                           "or the other")
-    if processes is not None and processes > 1:
-        raise ConfigError("--search runs its trials in this one process; leave out --processes")
+    launching = [f"--{k.replace('_', '-')}" for k, v in launch.items() if v is not None]
+    if launching:
+        raise ConfigError(f"--search runs its trials in this one process; leave out "
+                          f"{', '.join(launching)}")
     return space, 8 if trials is None else trials, _percent(budget)
 
 

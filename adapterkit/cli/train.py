@@ -297,7 +297,10 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     from adapterkit.training.run import check_train, train
 
     space_text, trials, budget = search.pop(flags)
-    space, trials, budget_pct = search.check(space_text, trials, budget, flags, processes)
+    space, trials, budget_pct = search.check(
+        space_text, trials, budget, flags,
+        dict(processes=processes, accelerate_config=accelerate_config,
+             num_machines=num_machines, machine_rank=machine_rank, main_address=main_address))
     flags["report_to"] = ",".join(flags.get("report_to") or ()) or None  # none: the recipe's
     overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
     sets = _parse_sets(trainer_sets)

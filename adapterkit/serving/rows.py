@@ -56,12 +56,21 @@ class RowLora(nn.Module):
         self.out_features = out_features
         #: Bound by :meth:`Pool.bind` before each forward; empty adds nothing.
         self.plan: tuple[Segment, ...] = ()
+        #: Rows of the batch the plan is for.
+        self.rows = 0
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x`` is ``rows × tokens × in``; every run of rows adds its own target's delta."""
         result = self.base_layer(x, *args, **kwargs)
         if not self.plan:
             return result
+        if x.dim() != 3 or x.shape[0] != self.rows:
+            # e.g. a mixture-of-experts layer fed a flattened or routed subset of tokens: which
+            # token is whose row is unknown here, so the answer would be wrong
+            raise RuntimeError(
+                f"per-request pocket books need this layer's input as {self.rows} rows × tokens "
+                f"× features; it got {tuple(x.shape)} (a mixture-of-experts layer?): serve this "
+                "base with a session (adapterkit chat/generate) or --engine vllm")
         # Rows × tokens flattened, so a run of rows is a run of lines: 2-D views and two BLAS
         # calls per segment (``matmul``'s folding of 3-D operands costs more than the product
         # at decode sizes), the add done by the second GEMM into the rows' own view.
@@ -110,6 +119,7 @@ class Pool:
         one segment per target."""
         runs = runs_of(rows)
         for path, slot in slots.items():
+            slot.rows = len(rows)
             layer = self.layers.get(path, {})
             slot.plan = tuple(Segment(start, stop, *layer[target])
                               for target, start, stop in runs if target in layer)

@@ -28,9 +28,18 @@ BEST_WEIGHTS = "adapterkit-best.safetensors"
 BEST_RECORD = "adapterkit-best.json"
 
 
-def patience_of(early_stopping: int | None, has_eval: bool) -> int:
-    """Evaluations without improvement before stopping; 0 when early stopping is off."""
-    if not has_eval:
+def patience_of(early_stopping: int | None, has_eval: bool, *, sharded: bool = False) -> int:
+    """Evaluations without improvement before stopping; 0 when early stopping is off: no eval
+    split, asked off, or (by default) weights sharded by FSDP, whose shards this callback does
+    not gather — asked for there, it is refused."""
+    if not has_eval or early_stopping == 0:
+        return 0
+    if sharded:
+        if early_stopping is not None:
+            from adapterkit.errors import ConfigError
+
+            raise ConfigError("--early-stopping keeps the best weights in memory, which FSDP "
+                              "shards; train with DDP, or leave --early-stopping out")
         return 0
     return DEFAULT_PATIENCE if early_stopping is None else early_stopping
 
@@ -53,9 +62,10 @@ def callback(patience: int, resume_from: str | None = None) -> Any:
 
 
 def record_of(callbacks: list[Any]) -> dict[str, Any] | None:
-    """The early-stopping record among a run's callbacks, if it has one."""
-    return next((dict(cb.record) for cb in callbacks if getattr(cb, "is_early_stopping", False)),
-                None)
+    """The early-stopping record among a run's callbacks, if it evaluated at all (a stage
+    that does not evaluate, rlhf's policy, has none)."""
+    return next((dict(cb.record) for cb in callbacks
+                 if getattr(cb, "is_early_stopping", False) and cb.record["evaluations"]), None)
 
 
 @functools.cache
@@ -85,6 +95,13 @@ def _class() -> type:
                 self._read(Path(self.resume_from))
 
         # (EarlyStoppingCallback's own signature already narrows TrainerCallback's)
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            """Evaluate at the last step too, so the steps after the last scheduled evaluation
+            are judged rather than thrown away by the restore."""
+            if state.max_steps and state.global_step >= state.max_steps and \
+                    str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no":
+                control.should_evaluate = True
+
         def on_evaluate(self, args: Any, state: Any, control: Any,  # type: ignore[override]
                         metrics: Any, **kwargs: Any) -> None:
             loss = (metrics or {}).get("eval_loss")

@@ -208,8 +208,12 @@ class TrainJob:
     def early_stopping(self) -> int:
         """Patience of early stopping on the eval split; 0 when off (no split, or asked off)."""
         from adapterkit.training.early_stop import patience_of
+        from adapterkit.training.launch import fsdp_enabled
 
-        return patience_of(self.options.early_stopping, self.eval_data is not None)
+        if self.options.forgetting_budget is not None:
+            return 0  # the guard chooses the kept weights (options refuse asking for both)
+        return patience_of(self.options.early_stopping, self.eval_data is not None,
+                           sharded=fsdp_enabled())
 
     def planned_steps(self) -> int:
         """Optimizer steps this run is set for (``max_steps``, else epochs over the rows, per

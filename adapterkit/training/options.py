@@ -43,8 +43,8 @@ class TrainOptions:
     seed: int = 0
     eval_split: float = 0.0
     #: Evaluations of the held-out split without a lower eval loss before training stops,
-    #: ending with the best evaluation's pocket book (``None``: 3 when there is an eval split;
-    #: 0: off). With it, the split is evaluated about ten times a run
+    #: ending with the best evaluation's pocket book (``None``: 3 when there is an eval split
+    #: and no forgetting guard; 0: off). With it, the split is evaluated about ten times a run
     #: (:mod:`adapterkit.training.early_stop`).
     early_stopping: int | None = None
     #: Render rows with the base's chat template (``None``: when the base has one).
@@ -236,7 +236,10 @@ def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str
         ("early_stopping", options.early_stopping is None or options.early_stopping >= 0,
          f"must be ≥ 0 (0: off), got {options.early_stopping}"),
     ]
-    if options.early_stopping and not options.eval_split:
+    if options.early_stopping and options.forgetting_budget is not None:
+        problems.append("early_stopping: the forgetting guard (forgetting_budget) already "
+                        "chooses which weights are kept; use one or the other")
+    elif options.early_stopping and not options.eval_split:
         problems.append(f"early_stopping: {options.early_stopping} evaluations of what? It "
                         "watches the eval loss of a held-out split: add --eval-split 0.1 (or "
                         "eval_split: 0.1 in the recipe)")

@@ -41,6 +41,8 @@ RANKS = (4, 8, 16, 32, 64)
 MIN_EVAL_ROWS = 5
 #: The held-out fraction carved from the data when no ``--eval-split`` is given.
 DEFAULT_EVAL_SPLIT = 0.2
+#: Trials are saved as ``NAME-trial-K`` (and any stage pocket book as ``NAME-trial-K-...``).
+TRIAL = "trial-"
 
 
 class SearchFailed(AdapterkitError):
@@ -105,36 +107,54 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     from adapterkit.library.store import Library
     from adapterkit.plugin_api.manager import default_plugin_manager
     from adapterkit.training.data import load_data
+    from adapterkit.training.launch import ranks
     from adapterkit.training.options import TrainOptions, check_options
+    from adapterkit.training.run import run_dir
 
     optuna = _optuna()
     say = progress or (lambda message: None)
     options = options or TrainOptions()
     check_options(options)
+    if resume and restart:
+        raise ConfigError("--resume continues the interrupted search and --restart discards "
+                          "it: give one")
+    if ranks().distributed:
+        raise ConfigError("--search runs its trials in one process; start it without a "
+                          "launcher (no --processes, accelerate launch or torchrun)")
+    if options.early_stopping:
+        raise ConfigError("--search ranks trials on the held-out split; early stopping would "
+                          "choose each trial's weights on the same rows: leave "
+                          "--early-stopping out")
     pm = plugins or default_plugin_manager()
+    trainer_obj = pm.trainer(trainer)
+    if getattr(trainer_obj, "head", "causal-lm") == "reward":
+        raise ConfigError(f"--search scores trials by their held-out loss, which {trainer} "
+                          "pocket books (a reward head) do not record")
     library = Library(home, plugins=pm)
     library.reserve(name)  # a taken name is refused before any trial runs
-    shapes = pm.trainer(trainer).data_shapes
-    rows = len(load_data(data, formats=pm.data_formats, shapes=shapes,
+    rows = len(load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                          skip_bad_rows=options.skip_bad_rows).rows)
     split = check_search(space, trials, budget, rows, options, start_from=start_from)
     general = options.general or ("general" if budget is not None else None)
-    base_options = dataclasses.replace(options, eval_split=split, general=general)
+    # each trial is scored on the split as trained: no early stopping choosing on it too
+    base_options = dataclasses.replace(options, eval_split=split, general=general,
+                                       early_stopping=0)
     planned = _planned_steps(options, rows - max(1, int(rows * split)))
 
-    folder = library.home / "runs" / f"search-{name}"
+    # (a pocket-book name never starts with a dot: no run folder of a book can be this one)
+    folder = library.home / "runs" / f".search-{name}"
     study = _study(optuna, folder, name, options.seed, resume=resume, restart=restart,
                    library=library)
+    _check_trial_names(library, name, study, optuna)
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        # interrupted: run again with the same settings (its partial run left no pocket book,
-        # only its run folder)
-        from adapterkit.training.run import run_dir
-
+        # interrupted: run again with the same settings; what its run left (a run folder, a
+        # pocket book saved just before the interruption) goes
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(stale.params, user_attrs={"again_of": stale.number},
                             skip_if_exists=False)
-        if stale.user_attrs.get("ref"):
-            shutil.rmtree(run_dir(library, stale.user_attrs["ref"]), ignore_errors=True)
+        if stale.user_attrs.get("run"):
+            _remove(library, stale.user_attrs["run"])
+            shutil.rmtree(run_dir(library, stale.user_attrs["run"]), ignore_errors=True)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     say(f"Searching {', '.join(space)} over {trials} trials"
         + (f" ({len(done)} done before)" if done else "")
@@ -144,15 +164,20 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     while len(done) < trials:
         trial = study.ask()
         settings = _suggest(trial, space, options, planned)
-        trial_name = f"{name}-trial-{trial.number}"
-        trial.set_user_attr("ref", trial_name)
+        trial_name = f"{name}-{TRIAL}{trial.number}"
+        trial.set_user_attr("run", trial_name)
         say(f"Trial {len(done) + 1}/{trials}: " + _settings_text(settings) + "...")
-        result = _train_trial(trainer, base=base, data=data, name=trial_name,
-                              options=dataclasses.replace(base_options, **settings),
-                              library=library, plugins=pm, on=on, start_from=start_from,
-                              callbacks=callbacks)
-        score = _score(result, budget)
-        for key, value in {**score, "ref": result.pocket_book.ref}.items():
+        try:
+            result = _train_trial(trainer, base=base, data=data, name=trial_name,
+                                  options=dataclasses.replace(base_options, **settings),
+                                  library=library, plugins=pm, on=on, start_from=start_from,
+                                  callbacks=callbacks)
+            score = _score(result, budget)
+        except Exception:  # this trial failed (not interrupted): it is not run again
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            _remove(library, trial_name)
+            raise
+        for key, value in {**score, "ref": trial_name}.items():
             trial.set_user_attr(key, value)
         study.tell(trial, score["eval_loss"])
         say(f"  held-out loss {score['eval_loss']:.4f}"
@@ -194,14 +219,16 @@ def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, res
     db = folder / "study.db"
     if db.exists() and restart:
         old = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-        for trial in old.trials:
-            _remove(library, trial.user_attrs.get("ref"))
+        for trial in old.trials:  # only what this search's own trials made
+            _remove(library, trial.user_attrs.get("run"))
         shutil.rmtree(folder)
     elif db.exists() and not resume:
         raise RunStateError(f"an interrupted search of {name} is in {folder}: pass --resume to "
                             "continue it or --restart to start over")
     elif resume and not db.exists():
         raise RunStateError(f"no interrupted search of {name} to resume")
+    elif not db.exists() and folder.exists():
+        shutil.rmtree(folder)  # a search that ended before its first trial was recorded
     folder.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{db}",
                                 direction="minimize", load_if_exists=True)
@@ -209,6 +236,24 @@ def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, res
     # draw the first trials' settings again)
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     return study
+
+
+def _check_trial_names(library: Library, name: str, study: Any, optuna: Any) -> None:
+    """Refuse to start when pocket books or run folders named like this search's trials
+    exist that its study did not make: they are someone else's, and trials are removed by
+    name."""
+    from adapterkit.training.run import run_dir
+
+    ours = {t.user_attrs.get("run") for t in study.trials}
+    prefix = f"{name}-{TRIAL}"
+    books = {s.name for s in library.list(all_versions=True) if s.name.startswith(prefix)}
+    runs = {p.name for p in run_dir(library, name).parent.glob(f"{prefix}*")}
+    foreign = sorted(n for n in books | runs if not any(
+        o and (n == o or n.startswith(o + "-")) for o in ours))
+    if foreign:
+        raise ConfigError(f"--search saves its trials as {prefix}K, and {', '.join(foreign)} "
+                          "already exists (not made by this search): remove it or choose "
+                          "another NAME")
 
 
 def _planned_steps(options: TrainOptions, train_rows: int) -> int:
@@ -298,9 +343,14 @@ def _discard_losers(study: Any, library: Library, optuna: Any) -> None:
             _remove(library, row.get("ref"))
 
 
-def _remove(library: Library, ref: str | None) -> None:
-    if ref and library.exists(ref):
-        library.remove(ref, all_versions=True)
+def _remove(library: Library, trial_name: str | None) -> None:
+    """A trial's pocket book, and any a stage of it saved (``NAME-trial-K-...``)."""
+    if not trial_name:
+        return
+    for summary in library.list(all_versions=True):
+        if summary.name == trial_name or summary.name.startswith(trial_name + "-"):
+            if library.exists(summary.name):
+                library.remove(summary.name, all_versions=True)
 
 
 def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[str, Any]], *,
