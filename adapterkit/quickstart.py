@@ -221,7 +221,7 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None, steps: int = 
     print(f"  {on} + bedside:   {kind!r}\n")
     print("\n".join(preference_lines(acc, on)))
     print(f"Right advice for the urgency (urgency_advice scorer): {advice['right']}/"
-          f"{advice['complaints']} held-out complaints ({advice['rate']:.0%})")
+          f"{advice['complaints']} held-out complaints ({advice['rate']:.1%})")
     print(f"Forgetting: general-text loss {forgot['general_loss_base']:.4f} → "
           f"{forgot['general_loss']:.4f} ({forgot['general_loss_change_pct']:+.2f}%, relative "
           f"to base + {on})" + base_loss_note(forgot))

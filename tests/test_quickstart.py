@@ -82,3 +82,25 @@ def test_quickstart_runs_both_parts_in_order_into_the_given_home(adapterkit_cli,
     assert triage.meta.metrics["steps"] == 1 and bedside.meta.metrics["steps"] == 1
     assert {b.name for b in library.list(tag="quickstart")} == {"triage", "bedside"}
     assert not (home / "library").exists() or not any((home / "library").iterdir())
+
+
+def test_right_advice_scores_each_answer_against_its_complaints_urgency(monkeypatch):
+    """The figure part two prints: answers written by hand for three held-out complaints (one
+    of each urgency), scored by the urgency_advice plugin against the bundled data's urgency."""
+    import json
+
+    import adapterkit.quickstart as qs
+    import adapterkit.training.metrics as metrics
+
+    data = qs.data_dir()
+    rows = [json.loads(line) for line in (data / "triage_test.jsonl").read_text().splitlines()]
+    picked = [next(r for r in rows if r["urgency"] == u) for u in ("high", "medium", "low")]
+    advice = {"high": "Please call emergency services now.",
+              "medium": "Please book an appointment in the next day or two.",
+              "low": "A routine appointment is fine."}
+    answers = [f"{picked[0]['completion']}\n{advice['high']}",     # right
+               f"{picked[1]['completion']}\n{advice['high']}",     # an emergency for medium
+               f"{picked[2]['completion']}\n{advice['low']}"]      # right
+    monkeypatch.setattr(metrics, "generate", lambda *a, **k: answers)
+    got = qs.right_advice(None, None, [r["prompt"] for r in picked], data)
+    assert (got["right"], got["complaints"]) == (2, 3) and got["answers"] == answers
