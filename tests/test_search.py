@@ -181,6 +181,7 @@ def test_pocket_books_named_like_its_trials_are_never_touched(tiny_base, home, p
         search("sft", base=str(tiny_base), data=str(pairs), name="mine", space=["lr"],
                trials=2, options=options(), home=home, plugins=pm)
     assert Library(home).exists("mine-trial-0")
+    assert not (home / "runs" / ".search-mine").exists()  # a refused start leaves no study
 
 
 class Fails(TrainerCallback):
@@ -199,3 +200,16 @@ def test_a_failing_trial_is_recorded_failed_and_not_run_again(tiny_base, home, p
     assert counted.trainings == -10 + 2  # two new trials; the failed one is not run again
     assert [row["trial"] for row in result.trials] == [1, 2]
     assert [s.name for s in Library(home).list(all_versions=True)] == ["fails"]
+
+
+def test_restart_after_an_interruption_discards_what_the_trials_left(tiny_base, home, pairs, pm):
+    interrupt = InterruptSecondTrial()
+    kwargs = dict(base=str(tiny_base), data=str(pairs), name="over", space=["lr"], trials=2,
+                  options=options(), home=home, plugins=pm)
+    with pytest.raises(KeyboardInterrupt):
+        search("sft", callbacks=[interrupt], **kwargs)
+    assert (home / "runs" / "over-trial-1").exists()  # the interrupted trial's run folder
+    result = search("sft", restart=True, **kwargs)
+    assert [row["trial"] for row in result.trials] == [0, 1]
+    assert [s.name for s in Library(home).list(all_versions=True)] == ["over"]
+    assert not list((home / "runs").glob("over-trial-*"))

@@ -300,7 +300,8 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     space, trials, budget_pct = search.check(
         space_text, trials, budget, flags,
         dict(processes=processes, accelerate_config=accelerate_config,
-             num_machines=num_machines, machine_rank=machine_rank, main_address=main_address))
+             num_machines=num_machines, machine_rank=machine_rank, main_address=main_address,
+             rendezvous_timeout=rendezvous_timeout))
     flags["report_to"] = ",".join(flags.get("report_to") or ()) or None  # none: the recipe's
     overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
     sets = _parse_sets(trainer_sets)

@@ -98,8 +98,9 @@ def _class() -> type:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             """Evaluate at the last step too, so the steps after the last scheduled evaluation
             are judged rather than thrown away by the restore."""
+            # (transformers 5.24's own flow does this too for "steps"; earlier 5.x did not)
             if state.max_steps and state.global_step >= state.max_steps and \
-                    str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no":
+                    str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps":
                 control.should_evaluate = True
 
         def on_evaluate(self, args: Any, state: Any, control: Any,  # type: ignore[override]

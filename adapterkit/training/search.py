@@ -109,7 +109,6 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     from adapterkit.training.data import load_data
     from adapterkit.training.launch import ranks
     from adapterkit.training.options import TrainOptions, check_options
-    from adapterkit.training.run import run_dir
 
     optuna = _optuna()
     say = progress or (lambda message: None)
@@ -145,16 +144,17 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     folder = library.home / "runs" / f".search-{name}"
     study = _study(optuna, folder, name, options.seed, resume=resume, restart=restart,
                    library=library)
-    _check_trial_names(library, name, study, optuna)
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         # interrupted: run again with the same settings; what its run left (a run folder, a
         # pocket book saved just before the interruption) goes
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(stale.params, user_attrs={"again_of": stale.number},
                             skip_if_exists=False)
-        if stale.user_attrs.get("run"):
-            _remove(library, stale.user_attrs["run"])
-            shutil.rmtree(run_dir(library, stale.user_attrs["run"]), ignore_errors=True)
+        stale_name = stale.user_attrs.get("run")
+        if stale_name and library.exists(stale_name):  # saved just before the interruption
+            library.remove(stale_name, all_versions=True)
+        _remove(library, None, stale_name)
+        _clean_runs(library, stale_name)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     say(f"Searching {', '.join(space)} over {trials} trials"
         + (f" ({len(done)} done before)" if done else "")
@@ -167,6 +167,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
         trial_name = f"{name}-{TRIAL}{trial.number}"
         trial.set_user_attr("run", trial_name)
         say(f"Trial {len(done) + 1}/{trials}: " + _settings_text(settings) + "...")
+        result = None
         try:
             result = _train_trial(trainer, base=base, data=data, name=trial_name,
                                   options=dataclasses.replace(base_options, **settings),
@@ -175,9 +176,11 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
             score = _score(result, budget)
         except Exception:  # this trial failed (not interrupted): it is not run again
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            _remove(library, trial_name)
+            if result is not None:  # saved, then failed to score
+                _remove(library, result.pocket_book.ref, trial_name)
+            _clean_runs(library, trial_name)
             raise
-        for key, value in {**score, "ref": trial_name}.items():
+        for key, value in {**score, "ref": result.pocket_book.ref}.items():
             trial.set_user_attr(key, value)
         study.tell(trial, score["eval_loss"])
         say(f"  held-out loss {score['eval_loss']:.4f}"
@@ -191,12 +194,12 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     best = _best(table)
     if best is None:
         for row in table:
-            _remove(library, row.get("ref"))
+            _remove(library, row.get("ref"), row.get("run"))
         shutil.rmtree(folder, ignore_errors=True)
         raise SearchFailed("no trial stayed within the forgetting budget of "
                            f"{budget:g}%; nothing was kept.\n" + table_text(table))
-    kept = _keep(library, best, name, table, space=space, budget=budget, split=split)
-    shutil.rmtree(folder, ignore_errors=True)
+    kept = _keep(library, best, name, table, space=space, budget=budget, split=split,
+                 folder=folder)
     say("Trials:\n" + table_text(table))
     return SearchResult(kept=kept, trials=table)
 
@@ -220,7 +223,8 @@ def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, res
     if db.exists() and restart:
         old = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
         for trial in old.trials:  # only what this search's own trials made
-            _remove(library, trial.user_attrs.get("run"))
+            _remove(library, trial.user_attrs.get("ref"), trial.user_attrs.get("run"))
+            _clean_runs(library, trial.user_attrs.get("run"))
         shutil.rmtree(folder)
     elif db.exists() and not resume:
         raise RunStateError(f"an interrupted search of {name} is in {folder}: pass --resume to "
@@ -229,6 +233,11 @@ def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, res
         raise RunStateError(f"no interrupted search of {name} to resume")
     elif not db.exists() and folder.exists():
         shutil.rmtree(folder)  # a search that ended before its first trial was recorded
+    ours: set[str] = set()
+    if db.exists():  # resuming: what its trials made is its own
+        ours = {t.user_attrs["run"] for t in optuna.load_study(
+            study_name=name, storage=f"sqlite:///{db}").trials if t.user_attrs.get("run")}
+    _check_trial_names(library, name, ours)  # before a new study is written
     folder.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{db}",
                                 direction="minimize", load_if_exists=True)
@@ -238,13 +247,12 @@ def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, res
     return study
 
 
-def _check_trial_names(library: Library, name: str, study: Any, optuna: Any) -> None:
+def _check_trial_names(library: Library, name: str, ours: set[str]) -> None:
     """Refuse to start when pocket books or run folders named like this search's trials
-    exist that its study did not make: they are someone else's, and trials are removed by
-    name."""
+    exist that its study did not make (``ours``: its trials' names): they are someone
+    else's, and a trial's stage books and run folders are removed by name."""
     from adapterkit.training.run import run_dir
 
-    ours = {t.user_attrs.get("run") for t in study.trials}
     prefix = f"{name}-{TRIAL}"
     books = {s.name for s in library.list(all_versions=True) if s.name.startswith(prefix)}
     runs = {p.name for p in run_dir(library, name).parent.glob(f"{prefix}*")}
@@ -325,7 +333,7 @@ def _table(study: Any, optuna: Any) -> list[dict[str, Any]]:
                      "within_budget": bool(t.user_attrs.get("within_budget")),
                      **({"again_of": t.user_attrs["again_of"]} if "again_of" in t.user_attrs
                         else {}),
-                     "ref": t.user_attrs.get("ref")})
+                     "ref": t.user_attrs.get("ref"), "run": t.user_attrs.get("run")})
     return rows
 
 
@@ -340,21 +348,34 @@ def _discard_losers(study: Any, library: Library, optuna: Any) -> None:
     best = _best(table)
     for row in table:
         if best is None or row["trial"] != best["trial"]:
-            _remove(library, row.get("ref"))
+            _remove(library, row.get("ref"), row.get("run"))
 
 
-def _remove(library: Library, trial_name: str | None) -> None:
-    """A trial's pocket book, and any a stage of it saved (``NAME-trial-K-...``)."""
+def _remove(library: Library, ref: str | None, trial_name: str | None) -> None:
+    """A trial's pocket book — exactly the ``name@version`` it committed — and any a stage of
+    it saved (``NAME-trial-K-...``, a name checked free when the search started)."""
+    if ref and library.exists(ref):
+        library.remove(ref)
     if not trial_name:
         return
     for summary in library.list(all_versions=True):
-        if summary.name == trial_name or summary.name.startswith(trial_name + "-"):
-            if library.exists(summary.name):
-                library.remove(summary.name, all_versions=True)
+        if summary.name.startswith(trial_name + "-") and library.exists(summary.name):
+            library.remove(summary.name, all_versions=True)
+
+
+def _clean_runs(library: Library, trial_name: str | None) -> None:
+    """The run folders a trial that did not finish left (its own and its stages')."""
+    from adapterkit.training.run import run_dir
+
+    if not trial_name:
+        return
+    runs = run_dir(library, trial_name).parent
+    for folder in [runs / trial_name, *runs.glob(f"{trial_name}-*")]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[str, Any]], *,
-          space: list[str], budget: float | None, split: float) -> TrainResult:
+          space: list[str], budget: float | None, split: float, folder: Path) -> TrainResult:
     """The best trial's pocket book under ``name``, its card and metadata carrying the trial
     table; the trial's own entry removed."""
     from adapterkit.library.card import write_card
@@ -367,7 +388,8 @@ def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[st
     meta.metrics["search"] = {
         "space": space, "objective": "held-out loss", "eval_split": split,
         "budget_pct": budget, "kept": best["trial"],
-        "trials": [{k: v for k, v in row.items() if k != "ref"} for row in table]}
+        "trials": [{k: v for k, v in row.items() if k not in ("ref", "run")}
+                   for row in table]}
     with library.draft() as staged:
         for item in source.path.iterdir():
             if item.is_file() and item.name != METADATA_FILE:
@@ -375,7 +397,10 @@ def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[st
         meta.name = name
         write_card(staged, meta)
         book = library.commit(staged, meta, name=name)
-    library.remove(source.ref)
+    # the search is over once NAME is saved: its study goes first, so a failure to remove the
+    # trial's copy leaves a book to remove by hand, never a search to resume
+    shutil.rmtree(folder, ignore_errors=True)
+    library.remove(source.ref)  # (a stage book of the kept trial stays: the kept one names it)
     return TrainResult(pocket_book=book, metrics=book.meta.metrics)
 
 
