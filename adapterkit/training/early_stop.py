@@ -88,21 +88,21 @@ def _class() -> type:
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                            **kwargs: Any) -> None:
-            if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
+            if _strategy(args) == "no":
                 return  # a stage that does not evaluate (rlhf's policy): recorded, 0 evaluations
             super().on_train_begin(args, state, control, **kwargs)
             if self.resume_from:
                 self._read(Path(self.resume_from))
 
-        # (EarlyStoppingCallback's own signature already narrows TrainerCallback's)
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             """Evaluate at the last step too, so the steps after the last scheduled evaluation
             are judged rather than thrown away by the restore."""
             # (transformers 5.24's own flow does this too for "steps"; earlier 5.x did not)
             if state.max_steps and state.global_step >= state.max_steps and \
-                    str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps":
+                    _strategy(args) == "steps":
                 control.should_evaluate = True
 
+        # (EarlyStoppingCallback's own signature already narrows TrainerCallback's)
         def on_evaluate(self, args: Any, state: Any, control: Any,  # type: ignore[override]
                         metrics: Any, **kwargs: Any) -> None:
             loss = (metrics or {}).get("eval_loss")
@@ -112,8 +112,11 @@ def _class() -> type:
             super().on_evaluate(args, state, control, metrics, **kwargs)
             self.record["evaluations"] += 1
             if self.early_stopping_patience_counter == 0 and model is not None:  # a new best
-                self.best = {n: p.detach().to("cpu", copy=True)
-                             for n, p in model.named_parameters() if p.requires_grad}
+                from peft import get_peft_model_state_dict
+
+                # the pocket book's weights, as the forgetting guard keeps them (on the CPU)
+                self.best = {k: v.detach().to("cpu", copy=True)
+                             for k, v in get_peft_model_state_dict(model).items()}
                 self.record.update(best_step=state.global_step, best_eval_loss=float(loss))
             elif self.early_stopping_patience_counter >= self.early_stopping_patience:
                 self.record["stopped_at_step"] = state.global_step
@@ -133,14 +136,11 @@ def _class() -> type:
         def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
                          **kwargs: Any) -> None:
             """Copy the best evaluation's weights back, unless the model already holds them."""
-            import torch
-
             if self.best is None or model is None or self.record["best_step"] == state.global_step:
                 return
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, tensor in self.best.items():
-                    params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, self.best)
             self.record["restored_best"] = True
 
         def _read(self, checkpoint: Path) -> None:
@@ -157,3 +157,8 @@ def _class() -> type:
             self.early_stopping_patience_counter = int(saved.get("counter", 0))
 
     return EarlyStopping
+
+
+def _strategy(args: Any) -> str:
+    """``args.eval_strategy`` as its string (``no``, ``steps``, ``epoch``)."""
+    return str(getattr(args.eval_strategy, "value", args.eval_strategy))

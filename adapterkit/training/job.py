@@ -28,10 +28,16 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def sha256_of(path: Path) -> str:
-    from adapterkit.files import sha256_file
+def planned_steps(options: TrainOptions, rows: int, processes: int = 1) -> int:
+    """Optimizer steps a run on ``rows`` training rows is set for (``max_steps``, else epochs
+    over the rows, per global batch of every process): the trainer's own count, before
+    packing."""
+    import math
 
-    return sha256_file(path)
+    if options.max_steps > 0:
+        return options.max_steps
+    per_step = options.batch_size * options.grad_accum * processes
+    return max(1, math.ceil(options.epochs * math.ceil(rows / per_step)))
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,6 +160,7 @@ class TrainJob:
         import hashlib
         import math
 
+        from adapterkit.files import sha256_file
         from adapterkit.training.launch import ranks, share
 
         model = self.model
@@ -170,7 +177,7 @@ class TrainJob:
             device=str(next(model.parameters()).device.type),
             attention=getattr(getattr(model, "config", None), "_attn_implementation", None),
             rounded_from=str(base.rounded_from) if base else None,
-            tokenizer=[(p.name, sha256_of(p)) for p in tokenizer_files])
+            tokenizer=[(p.name, sha256_file(p)) for p in tokenizer_files])
         path = self.cache_dir("general-loss") / f"{key}.json"
         cached = None
         if ranks().is_main:
@@ -216,17 +223,10 @@ class TrainJob:
                            sharded=fsdp_enabled())
 
     def planned_steps(self) -> int:
-        """Optimizer steps this run is set for (``max_steps``, else epochs over the rows, per
-        global batch of every rank): the trainer's own count, before packing."""
-        import math
-
+        """Optimizer steps this run is set for, over all its ranks (:func:`planned_steps`)."""
         from adapterkit.training.launch import ranks
 
-        o = self.options
-        if o.max_steps > 0:
-            return o.max_steps
-        per_step = o.batch_size * o.grad_accum * ranks().world_size
-        return max(1, math.ceil(o.epochs * math.ceil(len(self.data.rows) / per_step)))
+        return planned_steps(self.options, len(self.data.rows), ranks().world_size)
 
     def eval_dataset(self) -> Any:
         from datasets import Dataset

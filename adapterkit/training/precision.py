@@ -19,6 +19,8 @@ the result back; everything else is transformers' ``sdpa`` path unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import ConfigError
@@ -180,22 +182,33 @@ def restorable(base: Any) -> bool:
     its safetensors files under its name, with the value the resident base holds (a caller may
     have changed weights in memory, which a reload would undo)."""
     import torch
-    from safetensors import safe_open
 
-    files = sorted(base.source.folder.glob("*.safetensors"))
+    files = _weight_files(base)
     own = dict(_own(base.model))
     found: set[str] = set()
+    for key, param, tensor in _from_files(files, own):
+        if not torch.equal(tensor, param.detach().float()):
+            return False
+        found.add(key)
+    return bool(files) and found == set(own)
+
+
+def _weight_files(base: Any) -> list[Path]:
+    return sorted(base.source.folder.glob("*.safetensors"))
+
+
+def _from_files(files: list[Path], own: dict[str, Any]) -> Iterator[tuple[str, Any, Any]]:
+    """``(name, parameter, its float32 value in the safetensors ``files``)`` for each of
+    ``own`` the files hold, on the parameter's device."""
+    import torch
+    from safetensors import safe_open
+
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
             for key in fh.keys():
                 param = own.get(key)
-                if param is None:
-                    continue
-                if not torch.equal(fh.get_tensor(key).to(param.device, torch.float32),
-                                   param.detach().float()):
-                    return False
-                found.add(key)
-    return bool(files) and found == set(own)
+                if param is not None:
+                    yield key, param, fh.get_tensor(key).to(param.device, torch.float32)
 
 
 def _own(model: Any) -> list[tuple[str, Any]]:
@@ -242,19 +255,11 @@ def restore_exact(base: Any) -> bool:
         sdpa_again(model)
         base.rounded_from, base.dtype = None, original
         return True
-    files = sorted(base.source.folder.glob("*.safetensors"))
+    files = _weight_files(base)
     if not files:
         return False
-    from safetensors import safe_open
-
     own = dict(frozen)
-    exact: dict[int, Any] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                param = own.get(key)
-                if param is not None:
-                    exact[id(param)] = fh.get_tensor(key).to(param.device, torch.float32)
+    exact = {id(param): tensor for _, param, tensor in _from_files(files, own)}
     if any(id(p) not in exact for p in own.values()):  # e.g. weights renamed on loading
         return False
     with torch.no_grad():

@@ -107,6 +107,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     from adapterkit.library.store import Library
     from adapterkit.plugin_api.manager import default_plugin_manager
     from adapterkit.training.data import load_data
+    from adapterkit.training.job import planned_steps
     from adapterkit.training.launch import ranks
     from adapterkit.training.options import TrainOptions, check_options
 
@@ -138,7 +139,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     # each trial is scored on the split as trained: no early stopping choosing on it too
     base_options = dataclasses.replace(options, eval_split=split, general=general,
                                        early_stopping=0)
-    planned = _planned_steps(options, rows - max(1, int(rows * split)))
+    planned = planned_steps(options, rows - max(1, int(rows * split)))
 
     # (a pocket-book name never starts with a dot: no run folder of a book can be this one)
     folder = library.home / "runs" / f".search-{name}"
@@ -262,13 +263,6 @@ def _check_trial_names(library: Library, name: str, ours: set[str]) -> None:
         raise ConfigError(f"--search saves its trials as {prefix}K, and {', '.join(foreign)} "
                           "already exists (not made by this search): remove it or choose "
                           "another NAME")
-
-
-def _planned_steps(options: TrainOptions, train_rows: int) -> int:
-    if options.max_steps > 0:
-        return options.max_steps
-    per_step = options.batch_size * options.grad_accum
-    return max(1, math.ceil(options.epochs * math.ceil(train_rows / per_step)))
 
 
 def _suggest(trial: Any, space: list[str], options: TrainOptions,
