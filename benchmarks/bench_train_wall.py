@@ -8,6 +8,11 @@ Arms (each a fresh process):
   plain-bf16      the plain script with bf16 autocast (TrainingArguments.bf16), checkpointing off
   ours-auto       adapterkit train sft (its default: --precision auto)
   ours-fp32       adapterkit train sft --precision fp32
+  ours-general    ours-auto measuring forgetting (--general general), no guard
+  ours-guard      ours-general with the forgetting guard (--forgetting-budget 1%)
+  ...-warm        that arm again, on the caches its run before left (the plain base's
+                  general-text loss; the guard's anchor targets); every other arm starts with
+                  an empty cache
 
 With --trainer dpo the pairs are preferences_train.jsonl and both compute the reference
 alongside each step (the plain script: TRL's default for a PEFT model; ours:
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "adapterkit" / "data" / "quickstart"
-ARMS = ("plain-fp32", "plain-trl-gc", "plain-bf16", "ours-auto", "ours-fp32")
+ARMS = ("plain-fp32", "plain-trl-gc", "plain-bf16", "ours-auto", "ours-fp32", "ours-general",
+        "ours-general-warm", "ours-guard", "ours-guard-warm")
 
 SCORE = """
 import json, sys, torch
@@ -102,10 +109,16 @@ def run_arm(arm: str, args: argparse.Namespace, folder: str, home: str, tmp: Pat
     else:
         subprocess.run([sys.executable, "-m", "adapterkit", "--home", home, "rm", arm,
                         "--all-versions"], capture_output=True)
+        if not arm.endswith("-warm"):
+            shutil.rmtree(Path(home) / "cache", ignore_errors=True)
         cmd = [sys.executable, "-c", PEAK, str(rss), "adapterkit", "--home", home, "train",
                args.trainer, "--base", args.base, "--data", str(train_file), "--name", arm,
                *common, "--save-steps", "100000", "--json",
                "--precision", "fp32" if arm == "ours-fp32" else "auto"]
+        if arm.startswith(("ours-general", "ours-guard")):
+            cmd += ["--general", "general"]
+        if arm.startswith("ours-guard"):
+            cmd += ["--forgetting-budget", "1"]
         if dpo:
             cmd += ["--set", "precompute_ref_log_probs=false"]
         wall, out = timed(cmd)
@@ -163,6 +176,13 @@ def main() -> None:
         if all(key in results[a] for a in arms):
             print(f"{key:18}" + "".join(f"{results[a][key]:>14.3f}" for a in arms))
     ref = "plain-fp32" if "plain-fp32" in arms else None
+    for guarded, plain in (("ours-guard", "ours-general"), ("ours-guard-warm", "ours-general-warm")):
+        if guarded in results and plain in results:
+            g, u = results[guarded], results[plain]
+            print(f"\n{guarded} vs {plain}: {g['wall_seconds'] / u['wall_seconds']:.3f}x wall "
+                  f"time, {g['loop_seconds'] / u['loop_seconds']:.3f}x loop; forgetting "
+                  f"{g.get('forgetting_pct', float('nan')):+.2f}% vs "
+                  f"{u.get('forgetting_pct', float('nan')):+.2f}%")
     if ref:
         print(f"\nspeed-up of the whole command vs {ref} (wall time ratio, >1 is faster):")
         for a in arms:

@@ -85,28 +85,88 @@ def test_kl_guard_reduces_forgetting(tiny_base, home, data, pm):
     assert guarded.metrics["guard"]["weight"] == 3.0
 
 
+def general_change(model, tokenizer, weights):
+    """Relative rise (%) of general-text loss with ``weights`` loaded into ``model``'s pocket
+    book, against the book switched off: one text per forward, written here with plain PEFT."""
+    from peft import set_peft_model_state_dict
+
+    from adapterkit.training.build import general_texts
+
+    def loss():
+        total, count = 0.0, 0
+        for text in general_texts("general"):
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0].double()
+            total += torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:],
+                                                       reduction="sum").item()
+            count += ids.shape[1] - 1
+        return total / count
+
+    set_peft_model_state_dict(model, weights)
+    with model.disable_adapter():
+        base = loss()
+    return 100.0 * (loss() - base) / base
+
+
+def weights_every_ten_steps():
+    """A transformers callback that copies the pocket book's weights every ten steps (into
+    its ``weights``: step → state dict)."""
+    from peft import get_peft_model_state_dict
+    from transformers import TrainerCallback
+
+    class Copy(TrainerCallback):
+        def __init__(self):
+            self.weights = {}
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % 10 == 0:
+                self.weights[state.global_step] = {
+                    k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+    return Copy()
+
+
 @pytest.mark.slow
 def test_budget_restores_the_last_weights_within_it(tiny_base, home, data, pm):
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
+    seen = weights_every_ten_steps()
     probe = train("sft", base=str(tiny_base), data=str(data), name="probe",
-                  options=opts(forgetting_budget=1000, guard_weight=0.0), home=home, plugins=pm)
-    checks = probe.metrics["guard"]["checks"]
-    assert [c["step"] for c in checks] == [10, 20, 30]
-    changes = [c["general_loss_change_pct"] for c in checks]
-    assert max(changes[:2]) < changes[-1], changes  # forgetting grows while training
-    budget = (max(changes[:2]) + changes[-1]) / 2  # the last check falls outside it
+                  options=opts(forgetting_budget=1000, guard_weight=0.0), home=home, plugins=pm,
+                  callbacks=[seen])
+    guard = probe.metrics["guard"]
+    # within the budget at the end: only the final weights were measured, once, and that one
+    # measurement is the reported forgetting figure
+    assert [c["step"] for c in guard["checks"]] == [30] and guard["snapshots"] == [10, 20, 30]
+    assert guard["checks"][0]["general_loss"] == probe.metrics["forgetting"]["general_loss"]
+    from transformers import AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    changes = {step: general_change(probe.model, tok, w) for step, w in seen.weights.items()}
+    assert changes[30] == pytest.approx(guard["checks"][0]["general_loss_change_pct"],
+                                        rel=1e-4, abs=1e-4)
+    assert max(changes[10], changes[20]) < changes[30], changes  # forgetting grows
+    budget = (max(changes[10], changes[20]) + changes[30]) / 2  # the last falls outside it
+    kept = max(step for step in (10, 20) if changes[step] <= budget)
+
+    seen.weights.clear()
     result = train("sft", base=str(tiny_base), data=str(data), name="budget",
                    options=opts(forgetting_budget=budget, guard_weight=0.0), home=home,
-                   plugins=pm)
+                   plugins=pm, callbacks=[seen])
     guard = result.metrics["guard"]
     assert guard["restored"] is True and guard["within_budget"] is True
-    assert guard["kept_step"] == max(c["step"] for c in checks[:2]
-                                     if c["general_loss_change_pct"] <= budget)
+    assert guard["kept_step"] == kept
+    # measured newest first, and no further than the first within the budget
+    assert [c["step"] for c in guard["checks"]] == [30, 20, 10][:[30, 20, 10].index(kept) + 1]
     assert result.metrics["forgetting"]["general_loss_change_pct"] <= budget + 1e-6
-    # the saved pocket book is the one the guard kept
+    assert result.metrics["forgetting"]["general_loss_change_pct"] == pytest.approx(
+        changes[kept], rel=1e-4, abs=1e-4)
+    # the saved pocket book is the one the guard kept: the weights of step `kept`
+    saved = get_peft_model_state_dict(result.model)
+    assert all(torch.equal(saved[k], v) for k, v in seen.weights[kept].items())
+    assert not all(torch.equal(saved[k], v) for k, v in seen.weights[30].items())
     ids = torch.tensor([[3, 50, 60, 70]])
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
                                          result.pocket_book.path).eval()

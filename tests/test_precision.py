@@ -256,11 +256,13 @@ def test_the_plain_base_general_loss_is_measured_once_per_reference(tiny_base, h
     third = train("sft", base=str(tiny_base), data=str(data), name="g3", home=home,
                   plugins=pm, options=fast(precision="bf16", general="general",
                                            forgetting_budget=5, max_steps=2))
-    assert len(list((home / "cache" / "general-loss").glob("*.json"))) == 3
-    guard = third.metrics["guard"]  # decided on the steps' bf16 figures, and says so
-    assert guard["measured_in"] == "bf16" and guard["base_loss_from"] == "this run"
+    assert len(list((home / "cache" / "general-loss").glob("*.json"))) == 2
+    # the guard decides on the exact base, on the very figure the run reports, and says so
+    guard = third.metrics["guard"]
+    assert guard["measured_in"] == "fp32" and guard["base_loss_from"] == "this run"
     assert third.metrics["measured_in"] == "fp32"
     assert third.metrics["forgetting"]["base_loss_from"] == "this run"
+    assert guard["checks"][-1]["general_loss"] == third.metrics["forgetting"]["general_loss"]
 
 
 def test_a_base_that_cannot_be_given_back_exactly_is_not_rounded(tiny_base, home, data, pm,

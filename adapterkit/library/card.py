@@ -288,8 +288,11 @@ def _guard_line(g: dict[str, Any]) -> str | None:
     in ``kl_batches``), the budget only if one was checked."""
     parts = []
     if g.get("kl_batches") and g.get("weight"):
+        n = g["kl_batches"]
         parts.append(f"KL term at weight {_fmt(g['weight'])}, added to the loss of "
-                     f"{g['kl_batches']} training batches")
+                     f"{n} training batch{'es' if n != 1 else ''}"
+                     + (f" (one step in {g['kl_every']}, {g['kl_every']}× as heavy)"
+                        if (g.get("kl_every") or 1) > 1 else ""))
     if g.get("budget_pct") is not None:
         parts.append(f"budget {_fmt(g['budget_pct'])}%, within budget: {g['within_budget']}"
                      + (f" (restored step {g['kept_step']})" if g.get("restored") else ""))

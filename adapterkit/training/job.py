@@ -147,6 +147,78 @@ class TrainJob:
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()
                               ).hexdigest()[:32]
 
+    def measurement_key(self, *, phase: str, **parts: Any) -> str:
+        """:meth:`reference_key` plus what a measurement of the base runs under: the steps'
+        autocast (``phase="steps"``), the device and attention, whether the resident weights are
+        a rounded copy, the tokenizer files and the library versions."""
+        from adapterkit.files import sha256_file
+
+        model = self.model
+        base = self.base
+        tokenizer_files = sorted(p for p in base.source.folder.glob("*") if p.is_file() and
+                                 ("token" in p.name or p.suffix == ".model")) if base else []
+        return self.reference_key(
+            phase=phase, versions=versions(),
+            autocast=phase == "steps" and self.precision == "bf16",
+            device=str(next(model.parameters()).device.type),
+            attention=getattr(getattr(model, "config", None), "_attn_implementation", None),
+            rounded_from=str(base.rounded_from) if base else None,
+            tokenizer=[(p.name, sha256_file(p)) for p in tokenizer_files], **parts)
+
+    def _anchor_targets_path(self, guard: ForgettingGuard) -> Path:
+        import hashlib
+
+        ids = hashlib.sha256(json.dumps(guard.anchor).encode()).hexdigest()
+        key = self.measurement_key(kind="guard-anchor", phase="steps", measure="top-k-v1",
+                                   anchor=ids, top_k=guard.top_k)
+        return self.cache_dir("guard-anchor") / f"{key}.safetensors"
+
+    def load_anchor_targets(self, guard: ForgettingGuard) -> int:
+        """Fill ``guard.targets`` with the base's anchor distributions an earlier run on this
+        reference computed (:meth:`save_anchor_targets`); returns how many were read. Call it
+        while training (the key is of what the steps compute)."""
+        from adapterkit.training.guard import BaseTarget
+        from adapterkit.training.launch import ranks, share
+
+        path = guard.targets_path = self._anchor_targets_path(guard)
+        targets: dict[int, BaseTarget] = {}
+        if ranks().is_main and path.is_file():
+            from safetensors.torch import load_file
+
+            try:
+                tensors = load_file(str(path))
+                targets = {int(name.split(".", 1)[1]): BaseTarget(
+                    tensors[name], tensors["logp" + name[5:]], tensors["rest" + name[5:]])
+                    for name in tensors if name.startswith("index.")}
+            except Exception:  # a damaged entry is computed again, and rewritten
+                targets = {}
+        if ranks().distributed:  # every rank the same chunks (under FSDP each base forward
+            # that computes a missing one is collective)
+            targets = share(targets)
+        guard.targets.update(targets)
+        return len(targets)
+
+    def save_anchor_targets(self, guard: ForgettingGuard) -> None:
+        """Write ``guard.targets`` into the library's cache when the run computed any (main
+        process only; replaced whole, never half written)."""
+        import os
+
+        from safetensors.torch import save_file
+
+        from adapterkit.training.launch import ranks
+
+        if not guard.targets_computed or guard.targets_path is None or not ranks().is_main:
+            return
+        tensors = {}
+        for chunk, t in guard.targets.items():
+            tensors.update({f"index.{chunk}": t.index.cpu().contiguous(),
+                            f"logp.{chunk}": t.logp.cpu().contiguous(),
+                            f"rest.{chunk}": t.rest.cpu().contiguous()})
+        path = guard.targets_path
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+
     def base_text_loss(self, texts: list[str], compute: Callable[[], float], *,
                        phase: str) -> float:
         """The plain base's loss on ``texts`` (the "before" of the forgetting figure), read from
@@ -160,24 +232,11 @@ class TrainJob:
         import hashlib
         import math
 
-        from adapterkit.files import sha256_file
         from adapterkit.training.launch import ranks, share
 
-        model = self.model
-        base = self.base
-        tokenizer_files = sorted(p for p in base.source.folder.glob("*") if p.is_file() and
-                                 ("token" in p.name or p.suffix == ".model")) if base else []
-        key = self.reference_key(
+        key = self.measurement_key(
             kind="general-loss", phase=phase, measure="text_loss-v1",
-            versions=versions(),
-            texts=hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
-            # what the measurement runs under: the steps' autocast, the device and attention,
-            # and whether the resident weights are a rounded copy
-            autocast=phase == "steps" and self.precision == "bf16",
-            device=str(next(model.parameters()).device.type),
-            attention=getattr(getattr(model, "config", None), "_attn_implementation", None),
-            rounded_from=str(base.rounded_from) if base else None,
-            tokenizer=[(p.name, sha256_file(p)) for p in tokenizer_files])
+            texts=hashlib.sha256("\x00".join(texts).encode()).hexdigest())
         path = self.cache_dir("general-loss") / f"{key}.json"
         cached = None
         if ranks().is_main:

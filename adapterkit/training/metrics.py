@@ -149,14 +149,15 @@ def plain_text_loss(model: Any, tokenizer: Any, texts: list[str]) -> float:
 
 
 def forgetting(model: Any, tokenizer: Any, texts: list[str], *,
-               base_loss: float | None = None) -> dict[str, float]:
+               base_loss: float | None = None, loss: float | None = None) -> dict[str, float]:
     """General-text loss with the pocket book off and on, and the relative change in percent.
 
     :param base_loss: the plain base's loss on ``texts`` when already known (it is the same
         for every pocket book on that base).
+    :param loss: the pocket book's loss on ``texts`` when just measured on these weights.
     """
     base = plain_text_loss(model, tokenizer, texts) if base_loss is None else base_loss
-    adapted = text_loss(model, tokenizer, texts)
+    adapted = text_loss(model, tokenizer, texts) if loss is None else loss
     return {"general_loss_base": base, "general_loss": adapted,
             "general_loss_change_pct": 100.0 * (adapted - base) / base}
 

@@ -57,7 +57,7 @@ class TrainOptions:
     guard_weight: float | None = None
     #: Anchor text for the KL term (default: the anchor prose shipped with adapterkit).
     anchor: str | None = None
-    #: Steps between forgetting checks while training (with a budget).
+    #: Steps between the snapshots of the weights the budget can fall back to (with a budget).
     guard_every: int = 10
     logging_steps: int = 5
     #: Steps between checkpoints that ``--resume`` continues from.

@@ -323,8 +323,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
             _give_back(loaded, say)
         raise
     if guard is not None:
-        guard.cached = lambda compute: job.base_text_loss(guard.general_texts, compute,
-                                                          phase="steps")
+        guard.load_targets = job.load_anchor_targets
     if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
     if tracked is not None:
@@ -441,8 +440,6 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
 
     if ranks().distributed:  # tokens and tokens/s above are of all ranks together
         metrics["processes"] = ranks().world_size
-    if run.guard is not None:  # decided on what the steps saw
-        metrics["guard"] = _guard_report(run, model, int(metrics.get("steps", 0)))
     from adapterkit.training.early_stop import record_of
 
     stopped = record_of(run.job.callbacks)
@@ -463,28 +460,40 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
         run.say("Note: the base's exact weights could not be read back from its files; the "
                 f"figures below are measured on its {run.job.precision} copy (recorded so).")
     tokenizer = run.loaded.tokenizer
+    phase = "exact" if exact else "steps"
+
+    def base_loss(texts: list[str]) -> float:
+        from adapterkit.training.metrics import plain_text_loss
+
+        return run.job.base_text_loss(texts, lambda: plain_text_loss(model, tokenizer, texts),
+                                      phase=phase)
+
+    guard = run.guard
+    if guard is not None:
+        run.job.save_anchor_targets(guard)
+    if guard is not None or run.general is not None:
+        run.say("Forgetting check on general text...")
+    if guard is not None:  # decides which weights are kept, before anything is measured on them
+        before = base_loss(guard.general_texts)
+        metrics["guard"] = _guard_report(
+            run, model, int(metrics.get("steps", 0)), before,
+            measured_in=metrics.get("measured_in", run.job.precision),
+            base_loss_from="cache" if run.job.cache_reads.get(phase) else "this run")
     if run.eval_data is not None and run.head != "reward":
         metrics["eval"] = task_loss(model, tokenizer, run.eval_data.rows, chat=run.job.chat)
     if run.general is not None:
-        run.say("Forgetting check on general text...")
-        guard = run.guard
-        base_loss = guard.base_loss if guard is not None and not exact and \
-            guard.general_texts == run.general else None  # (the guard's: on bf16 weights)
-        phase = "steps"
-        if base_loss is None:
-            phase = "exact" if exact else "steps"
-            from adapterkit.training.metrics import plain_text_loss
-
-            texts = run.general
-            base_loss = run.job.base_text_loss(
-                texts, lambda: plain_text_loss(model, tokenizer, texts), phase=phase)
-        metrics["forgetting"] = forgetting(model, tokenizer, run.general, base_loss=base_loss)
+        figures: dict[str, Any]
+        if guard is not None and guard.general_texts == run.general:  # measured just now,
+            # on the kept weights, in the same way: not measured twice
+            figures = forgetting(model, tokenizer, run.general, base_loss=guard.base_loss,
+                                 loss=guard.kept_loss)
+        else:
+            figures = forgetting(model, tokenizer, run.general, base_loss=base_loss(run.general))
         # the "before" is the plain base's: measured now, or by an earlier run on this base
-        metrics["forgetting"]["base_loss_from"] = \
-            "cache" if run.job.cache_reads.get(phase) else "this run"
+        figures["base_loss_from"] = "cache" if run.job.cache_reads.get(phase) else "this run"
         if run.underlay:  # the "before" side had the pocket books underneath active
-            metrics["forgetting"]["relative_to"] = "base + " + " + ".join(
-                b.ref for b in run.underlay)
+            figures["relative_to"] = "base + " + " + ".join(b.ref for b in run.underlay)
+        metrics["forgetting"] = figures
     return model, metrics
 
 
@@ -576,12 +585,13 @@ class _AfterAnother(LaunchError):
     after_another = True
 
 
-def _guard_report(run: _Run, model: Any, steps: int) -> dict[str, Any]:
+def _guard_report(run: _Run, model: Any, steps: int, base_loss: float, *, measured_in: str,
+                  base_loss_from: str) -> dict[str, Any]:
     """The forgetting guard as it acted: the KL weight only if its term was added to the loss
     (a trainer that declared the guard but never added it trained without it)."""
     guard = run.guard
     assert guard is not None
-    report = guard.finish(model, steps)
+    report = guard.finish(model, steps, base_loss)
     applied = guard.penalty_calls > 0
     if guard.weight > 0 and not applied:
         run.say(f"Warning: the {run.trainer} trainer never added the forgetting guard's KL term "
@@ -591,12 +601,13 @@ def _guard_report(run: _Run, model: Any, steps: int) -> dict[str, Any]:
                 f"{guard.budget_pct}%; kept the final weights. Lower the learning rate, or "
                 "raise --guard-weight.")
     return {"budget_pct": guard.budget_pct, "weight": guard.weight if applied else 0.0,
-            "kl_batches": guard.penalty_calls, "kept_step": report.kept_step,
+            "kl_batches": guard.penalty_calls, "kl_every": guard.kl_every,
+            "kl_top_k": guard.top_k, "kept_step": report.kept_step,
             "restored": report.restored, "within_budget": report.within_budget,
-            # the guard decides on what the steps compute ("forgetting" is on the exact base)
-            "measured_in": run.job.precision,
-            "base_loss_from": "cache" if run.job.cache_reads.get("steps") else "this run",
-            "checks": report.checks}
+            "snapshots": guard.snapshots,
+            # decided on the figure the forgetting check reports, on the weights kept
+            "measured_in": measured_in, "base_loss_from": base_loss_from,
+            "anchor_targets_cached": guard.targets_loaded, "checks": report.checks}
 
 
 def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str | None:
