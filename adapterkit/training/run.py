@@ -482,18 +482,19 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
     if run.eval_data is not None and run.head != "reward":
         metrics["eval"] = task_loss(model, tokenizer, run.eval_data.rows, chat=run.job.chat)
     if run.general is not None:
-        figures: dict[str, Any]
         if guard is not None and guard.general_texts == run.general:  # measured just now,
             # on the kept weights, in the same way: not measured twice
-            figures = forgetting(model, tokenizer, run.general, base_loss=guard.base_loss,
-                                 loss=guard.kept_loss)
+            metrics["forgetting"] = forgetting(model, tokenizer, run.general,
+                                               base_loss=guard.base_loss, loss=guard.kept_loss)
         else:
-            figures = forgetting(model, tokenizer, run.general, base_loss=base_loss(run.general))
+            metrics["forgetting"] = forgetting(model, tokenizer, run.general,
+                                               base_loss=base_loss(run.general))
         # the "before" is the plain base's: measured now, or by an earlier run on this base
-        figures["base_loss_from"] = "cache" if run.job.cache_reads.get(phase) else "this run"
+        metrics["forgetting"]["base_loss_from"] = \
+            "cache" if run.job.cache_reads.get(phase) else "this run"
         if run.underlay:  # the "before" side had the pocket books underneath active
-            figures["relative_to"] = "base + " + " + ".join(b.ref for b in run.underlay)
-        metrics["forgetting"] = figures
+            metrics["forgetting"]["relative_to"] = "base + " + " + ".join(
+                b.ref for b in run.underlay)
     return model, metrics
 
 
