@@ -17,7 +17,7 @@ class SFT(Trainer):
     name = "sft"
     description = "Supervised fine-tuning / instruction tuning (TRL SFTTrainer)"
     data_shapes = ("text", "prompt_completion", "messages")
-    uses_guard = True  # GuardedSFTTrainer adds the guard's KL term to every training step
+    uses_guard = True  # GuardedSFTTrainer adds the guard's KL term (on the guard's schedule)
 
     def train(self, *, job: Any, **_: Any) -> Any:
         from trl import SFTConfig, SFTTrainer

@@ -76,21 +76,25 @@ def peft_model(tiny_base):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, attention_dropout=0.5)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                             init_lora_weights=False))
+                                             init_lora_weights=False, lora_dropout=0.5))
     return model, AutoTokenizer.from_pretrained(tiny_base)
 
 
 def test_penalty_is_the_weighted_top_k_kl_on_its_schedule(peft_model):
     model, tok = peft_model
+    model.train()  # as in a training loop: the base's and LoRA's dropout would act
     texts = ["The river runs past the old mill and into the town.", "Bread rises overnight."]
     guard = ForgettingGuard(tok, anchor_texts=texts, general_texts=texts, budget_pct=None,
                             weight=0.3, kl_every=3, top_k=16)
     terms = [float(guard.penalty(model, step=s)) for s in range(7)]
+    assert model.training  # given back in training mode
     assert [t != 0 for t in terms] == [True, False, False, True, False, False, True]
+    assert terms[0] == terms[6]  # the same chunk: no dropout on either side
     assert guard.penalty_calls == 3 and guard.targets_computed == 2  # chunk 0 came back
-    # step 3 uses the second anchor chunk: the hand value, with plain PEFT
+    # step 3 uses the second anchor chunk: the hand value, with plain PEFT in eval mode
+    model.eval()
     ids = torch.tensor([tok(texts[1], add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         adapted = model(input_ids=ids).logits[0]
@@ -145,3 +149,10 @@ def test_the_base_side_is_cached_and_trains_the_same_pocket_book(tiny_base, home
     from safetensors.torch import load_file
 
     assert len([n for n in load_file(str(cached[0])) if n.startswith("index.")]) == 5
+    # other anchor text: its own entry, nothing read from the first
+    anchor = data.with_name("anchor.txt")
+    anchor.write_text("A quiet walk along the river at dawn.\nThe market opens at nine.\n")
+    other = train("sft", base=str(tiny_base), data=str(data), name="other",
+                  options=guard_opts(anchor=str(anchor)), home=home, plugins=pm)
+    assert other.metrics["guard"]["anchor_targets_cached"] == 0
+    assert len(list((home / "cache" / "guard-anchor").glob("*.safetensors"))) == 2

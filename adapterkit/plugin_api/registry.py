@@ -67,8 +67,9 @@ class Trainer(Registrable):
     #: What the new pocket book sits on: ``"causal-lm"`` (a policy that generates) or
     #: ``"reward"`` (a scalar head on the same base: a reward pocket book, which scores text).
     head: str = "causal-lm"
-    #: Whether this trainer applies the forgetting guard: adds ``job.guard.penalty(model)`` to
-    #: its loss each step and passes ``job.callbacks`` to its loop. The core refuses
+    #: Whether this trainer applies the forgetting guard: adds ``job.guard.penalty(model,
+    #: step=OPTIMIZER_STEP)`` to its loss each step (zero on the steps the guard's schedule
+    #: skips) and passes ``job.callbacks`` to its loop. The core refuses
     #: ``forgetting_budget``/``guard_weight`` for a trainer that does not declare it.
     uses_guard: bool = False
     #: The trainer's own options (``--set KEY=VALUE``, a recipe's ``trainer_options:``): a

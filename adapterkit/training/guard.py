@@ -24,7 +24,9 @@ refuses the guard's options for any other trainer, and records the KL weight onl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from adapterkit.training.metrics import _adapter_off, text_loss
@@ -44,7 +46,7 @@ class GuardReport:
 #: forward and backward of its own, whose fixed cost (about 0.25 s on 2 CPU cores for
 #: SmolLM2-135M, whatever the length) dominates a short anchor chunk. Measured on the quickstart
 #: (SmolLM2-135M, lr 1e-3, 30 steps of 8, weight 0.3; general-text loss change, all at 100%
-#: held-out accuracy): every step +0.38%, every 2nd +0.47%, every 3rd +0.55%, every 4th +0.67%
+#: held-out accuracy): every step +0.38%, every 2nd +0.46-0.47%, every 3rd +0.55%, every 4th +0.67%
 #: (every 4th on 128-token chunks: +0.77%; the full-vocabulary KL on every step: +0.28%). The
 #: every-step and every-4th runs had LoRA dropout on in the KL pass; every 2nd with it: +0.44%.
 KL_EVERY = 2
@@ -58,7 +60,7 @@ MAX_SNAPSHOTS = 8
 class BaseTarget:
     """The base's next-token distribution on one anchor chunk, coarsened to its ``k`` most
     likely tokens per position plus one bucket for the rest of the vocabulary: all the KL
-    term needs, and small enough to cache (``k`` × 8 bytes per position, not the vocabulary)."""
+    term needs, and small enough to cache (``k`` × 12 bytes per position, not the vocabulary)."""
 
     index: Any  # [positions, k] token ids
     logp: Any  # [positions, k] their log-probabilities
@@ -66,12 +68,14 @@ class BaseTarget:
 
     @classmethod
     def of(cls, logits: Any, k: int) -> BaseTarget:
+        """From the base's logits on the chunk (``[positions, vocabulary]``)."""
         logp = logits.float().log_softmax(-1)
         values, index = logp.topk(min(k, logp.shape[-1] - 1), dim=-1)
         rest = logp.scatter(-1, index, float("-inf")).logsumexp(-1)
         return cls(index, values, rest)
 
     def to(self, device: Any) -> BaseTarget:
+        """On ``device`` (the cache holds them on the CPU)."""
         return BaseTarget(self.index.to(device), self.logp.to(device), self.rest.to(device))
 
 
@@ -127,11 +131,11 @@ class ForgettingGuard:
         self.targets_loaded = 0
         #: Reads earlier runs' targets into :attr:`targets` when the first KL term is due (the
         #: run sets the library's cache: ``TrainJob.load_anchor_targets``); and where they are.
-        self.load_targets: Any = None
-        self.targets_path: Any = None
+        self.load_targets: Callable[[ForgettingGuard], int] | None = None
+        self.targets_path: Path | None = None
         self.report = GuardReport()
         self._calls = 0
-        self._step = 0
+        self._terms = 0
         self._base_loss: float | None = None
         #: General-text loss of the weights last measured (the kept ones after :meth:`finish`).
         self.kept_loss: float | None = None
@@ -155,14 +159,16 @@ class ForgettingGuard:
         if self.weight <= 0 or not self.anchor or at % self.kl_every:
             return torch.zeros((), device=device)
         chunk = (at // self.kl_every) % len(self.anchor)
-        self._step += 1
+        self._terms += 1
         if self.load_targets is not None:
             self.targets_loaded, self.load_targets = self.load_targets(self), None
         input_ids = torch.tensor([self.anchor[chunk]], device=device)
-        target = self._target(model, chunk, input_ids)
         was_training = model.training
-        model.eval()  # the pocket book as it answers: no LoRA dropout (nor its cost)
+        # both sides as the model answers: no dropout (a base's own, or LoRA's, whose cost is
+        # also saved). Eval mode also skips gradient checkpointing for this one short chunk.
+        model.eval()
         try:
+            target = self._target(model, chunk, input_ids)
             logits = model(input_ids=input_ids, use_cache=False).logits[0].float()
         finally:
             model.train(was_training)
@@ -185,9 +191,10 @@ class ForgettingGuard:
     # -- budget -------------------------------------------------------------------------------
 
     def snapshot(self, model: Any, step: int) -> None:
-        """Keep these adapter weights (on the CPU) as a candidate to fall back to. At most
-        :data:`MAX_SNAPSHOTS` are held: past that every other older one is dropped, so recent
-        steps stay close together and early ones stay reachable."""
+        """Keep these adapter weights (on the CPU; under FSDP each rank's shard where it is)
+        as a candidate to fall back to. At most :data:`MAX_SNAPSHOTS` are held: past that,
+        every other one counting back from the newest is dropped, so the spacing doubles and
+        early steps stay reachable."""
         from peft import get_peft_model_state_dict
 
         weights = {k: v.detach().clone() if type(v).__name__ == "DTensor"  # FSDP: its shard
@@ -209,7 +216,11 @@ class ForgettingGuard:
         """
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        self._base_loss = base_loss
+        from adapterkit.training.launch import ranks, share
+
+        # one decision for all ranks: the main one's figures (float round-off on other hardware
+        # could tip a borderline check the other way, and the ranks would keep different weights)
+        self._base_loss = share(base_loss) if ranks().distributed else base_loss
         last = self._check(model, step)
         self.report.kept_step = step
         if self.budget_pct is None:
@@ -227,6 +238,7 @@ class ForgettingGuard:
                 self.report.within_budget = True
                 return self.report
         set_peft_model_state_dict(model, final)  # none within: the final weights, said so
+        self.kept_loss = last["general_loss"]
         self.report.within_budget = False
         return self.report
 
@@ -235,9 +247,7 @@ class ForgettingGuard:
         from adapterkit.training.launch import ranks, share
 
         loss = text_loss(model, self.tokenizer, self.general_texts)
-        if ranks().distributed:  # one decision for all ranks: the main one's figure (float
-            # round-off on other hardware could tip a borderline check the other way, and the
-            # ranks would keep different weights)
+        if ranks().distributed:  # the main one's figure (see finish)
             loss = share(loss)
         assert self._base_loss is not None
         change = 100.0 * (loss - self._base_loss) / self._base_loss
@@ -249,7 +259,7 @@ class ForgettingGuard:
     @property
     def penalty_calls(self) -> int:
         """How many training batches :meth:`penalty` gave a KL term (0: it never acted)."""
-        return self._step
+        return self._terms
 
     @property
     def snapshots(self) -> list[int]:
@@ -271,7 +281,8 @@ class ForgettingGuard:
         class _GuardCallback(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if guard.budget_pct is not None and model is not None and \
-                        state.global_step % guard.every == 0:
+                        state.global_step % guard.every == 0 and \
+                        state.global_step < state.max_steps:  # the final weights are measured
                     guard.snapshot(model, state.global_step)
 
         return _GuardCallback()

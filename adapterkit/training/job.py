@@ -169,7 +169,7 @@ class TrainJob:
         import hashlib
 
         ids = hashlib.sha256(json.dumps(guard.anchor).encode()).hexdigest()
-        key = self.measurement_key(kind="guard-anchor", phase="steps", measure="top-k-v1",
+        key = self.measurement_key(kind="guard-anchor", phase="steps", measure="top-k-v2",
                                    anchor=ids, top_k=guard.top_k)
         return self.cache_dir("guard-anchor") / f"{key}.safetensors"
 
@@ -251,6 +251,8 @@ class TrainJob:
         if cached is not None:
             return float(cached)
         value = float(compute())
+        if ranks().distributed:  # the main one's figure on every rank, as when it is cached
+            value = float(share(value))
         if ranks().is_main and math.isfinite(value):
             import os
 
