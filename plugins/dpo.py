@@ -148,6 +148,7 @@ class DPO(Trainer):
     description = "Direct Preference Optimization from preference pairs (TRL DPOTrainer)"
     data_shapes = ("preference",)
     options = DPOOptions
+    uses_guard = True  # job.guarded(...) adds the guard's KL term to the DPO loss
 
     def train(self, *, job: Any, **_: Any) -> Any:
         from trl import DPOConfig
@@ -161,7 +162,7 @@ class DPO(Trainer):
             loss_type=list(o.loss_type),
             precompute_ref_log_probs=mode != "false",
         )
-        trainer = _cached_trainer(job, mode)(
+        trainer = job.guarded(_cached_trainer(job, mode))(
             model=job.model, args=config, train_dataset=job.train_dataset(),
             eval_dataset=job.eval_dataset(), processing_class=job.tokenizer,
             callbacks=job.callbacks)

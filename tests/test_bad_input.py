@@ -498,8 +498,8 @@ CASES: list[Case] = [
          setup=_file("r.yaml", "lr: [unclosed\n"), mentions=("r.yaml",)),
     Case("train-recipe-unknown-option", T + ("--data", "{data}", "--config", "{work}/r.yaml"),
          setup=_file("r.yaml", "nosuch_option: 1\n"), mentions=("nosuch_option",)),
-    Case("train-budget-for-dpo",
-         ("train", "dpo", "--base", "{base}", "--name", "t", "--data", "{work}/p.jsonl",
+    Case("train-budget-for-reward",
+         ("train", "reward", "--base", "{base}", "--name", "t", "--data", "{work}/p.jsonl",
           "--forgetting-budget", "1%", "--max-steps", "1"),
          setup=_file("p.jsonl", _rows({"prompt": "a", "chosen": "b", "rejected": "c"}))),
     # train: what is trained on and from

@@ -182,3 +182,53 @@ def test_dpo_refuses_bad_beta(tiny_base, home, adapterkit_data):
                   name="x", home=home, plugins=pm,
                   options=TrainOptions(max_steps=1, trainer_options={"beta": beta}))
     assert not (home / "runs" / "x@1").exists() or not any((home / "runs" / "x@1").iterdir())
+
+
+def test_batched_completion_logprobs_equal_one_answer_at_a_time(tiny_base):
+    """The batched log-probabilities (right padding, answers of different lengths) against the
+    sum written here with plain transformers, one unpadded answer per forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterkit.training.metrics import completion_logprobs
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    pairs = [("Is it sunny?", "Yes."), ("Where is the station?", "Two streets down, then left."),
+             ("Hi", "Hello there, how can I help you today with your question?")] * 3
+    expected = []
+    for prompt, answer in pairs:
+        user = [{"role": "user", "content": prompt}]
+        head = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(user + [{"role": "assistant", "content": answer}],
+                                       tokenize=False)
+        start = len(tok(head, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        expected.append(sum(logps[t - 1, ids[0, t]].item() for t in range(start, ids.shape[1])))
+    got = completion_logprobs(model, tok, pairs, batch_size=4)
+    assert got == pytest.approx(expected, abs=1e-3)
+    assert len(set(round(v, 3) for v in got)) == 3  # three different answers, three sums
+
+
+@pytest.mark.slow
+def test_the_forgetting_guard_acts_in_dpo(tiny_base, home, adapterkit_data):
+    """dpo builds its trainer through job.guarded: the KL term is added (counted, recorded),
+    pulls general-text loss back toward the base, and the budget is decided as for sft."""
+    pm = get_plugin_manager(env=False)
+
+    def run(name, **guard):
+        return train("dpo", base=str(tiny_base), data=str(adapterkit_data["preference"]),
+                     name=name, home=home, plugins=pm,
+                     options=TrainOptions(max_steps=20, batch_size=4, learning_rate=3e-2, r=8,
+                                          alpha=16, dropout=0.0, logging_steps=5,
+                                          general="general", seed=0, **guard))
+
+    plain = run("plain").metrics
+    guarded = run("guarded", guard_weight=3.0, forgetting_budget=1000).metrics
+    assert "guard" not in plain
+    g = guarded["guard"]
+    assert (g["kl_batches"], g["weight"], g["within_budget"]) == (10, 3.0, True)
+    change = guarded["forgetting"]["general_loss_change_pct"]
+    assert abs(change) < 0.5 * abs(plain["forgetting"]["general_loss_change_pct"]), (plain, change)
+    assert g["checks"][0]["general_loss"] == guarded["forgetting"]["general_loss"]

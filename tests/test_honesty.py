@@ -30,7 +30,7 @@ def _script(folder: str, name: str):
 
 # -- the forgetting guard acts where it is accepted ----------------------------------------------
 
-@pytest.mark.parametrize("trainer", ["dpo", "reward", "rlhf"])
+@pytest.mark.parametrize("trainer", ["reward", "rlhf"])
 @pytest.mark.parametrize("flag", [("--forgetting-budget", "5%"), ("--guard-weight", "0.1")])
 def test_trainers_without_the_guard_refuse_its_options_in_one_line(
         trainer, flag, tiny_base, adapterkit_data, adapterkit_cli, home):
@@ -41,7 +41,7 @@ def test_trainers_without_the_guard_refuse_its_options_in_one_line(
     assert "Traceback" not in out.output
     errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: the {trainer} trainer does not apply the forgetting guard "
-                      "(nothing adds its KL term to its loss): train with sft, or drop "
+                      "(nothing adds its KL term to its loss): train with dpo, sft, or drop "
                       "--forgetting-budget/--guard-weight (--general still measures forgetting)"]
     assert "Loading base" not in out.output  # refused before any work
     assert Library(home).list(all_versions=True) == []  # rlhf's reward stage included
@@ -72,7 +72,7 @@ def test_a_plugin_trainer_must_declare_the_guard_to_get_it(tiny_base, adapterkit
     pm = adapterkit_plugin_manager(_plugin(Quiet()))
     for options in (TrainOptions(forgetting_budget=5.0), TrainOptions(guard_weight=0.3)):
         with pytest.raises(ConfigError, match="the quiet trainer does not apply the forgetting "
-                                              "guard.*train with sft"):
+                                              "guard.*train with dpo, sft"):
             train("quiet", base=str(tiny_base), data=str(adapterkit_data["text"]), name="q",
                   options=options, home=home, plugins=pm)
     assert calls == []

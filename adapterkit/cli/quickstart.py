@@ -24,7 +24,7 @@ def _print_data_dir(ctx: click.Context, _param: click.Parameter, value: bool) ->
               help="The base (the embedded one needs `adapterkit base fetch smollm2-135m` once).")
 @click.option("--max-steps", type=click.IntRange(min=1),
               help="Cap each part's training steps, for a quick look (default: part one one "
-                   "epoch, part two 12 steps — the figures the README reports).")
+                   "epoch, part two 64 steps of 2 pairs — the figures the README reports).")
 @click.option("--home", type=click.Path(file_okay=False),
               help="adapterkit home for this run (default: the root --home, $ADAPTERKIT_HOME "
                    "or ~/.local/share/adapterkit).")
@@ -41,13 +41,13 @@ def quickstart_cmd(ctx: click.Context, part: str, base: str, max_steps: int | No
     forgetting guard: answers side by side, held-out accuracy before and after, forgetting.
     Part two: a "bedside manner" pocket book trained with DPO on top of triage: held-out
     preference accuracy, the right-advice rate and forgetting. Each is checked against plain PEFT (verify).
-    About 5½ minutes on 2 CPU cores with bfloat16 instructions (9 without); the same as examples/quickstart.py and
+    About 6 minutes on 2 CPU cores with bfloat16 instructions; the same as examples/quickstart.py and
     examples/quickstart_bedside.py in a checkout.
     """
-    from adapterkit.quickstart import part_one, part_two
+    from adapterkit.quickstart import PART_TWO_STEPS, part_one, part_two
 
     home = home or obj(ctx)["home"]
     if part in ("1", "all"):
         part_one(base=base, steps=max_steps, home=home)
     if part in ("2", "all"):
-        part_two(base=base, steps=max_steps or 12, home=home)
+        part_two(base=base, steps=max_steps or PART_TWO_STEPS, home=home)

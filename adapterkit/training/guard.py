@@ -286,3 +286,41 @@ class ForgettingGuard:
                     guard.snapshot(model, state.global_step)
 
         return _GuardCallback()
+
+
+def guarded(trainer_class: type, guard: ForgettingGuard | None) -> type:
+    """``trainer_class`` (a transformers or TRL trainer) with the guard's KL term added to its
+    training loss — ``trainer_class`` itself when there is no KL term to add.
+
+    The term is a mean over its anchor chunk, like TRL's auxiliary losses, and is scaled for
+    gradient accumulation exactly as transformers scales the trainer's own loss (divided by the
+    micro-batches when ``compute_loss`` already normalises the loss by the items of the whole
+    step, left to the trainer otherwise), so it counts once per optimizer step. DDP's gradient
+    averaging already makes it the mean over ranks.
+    """
+    if guard is None or guard.weight <= 0:
+        return trainer_class
+
+    class Guarded(trainer_class):  # type: ignore[valid-type,misc]
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            if not model.training:
+                return result
+            # past DDP's wrapper: a second forward through it would confuse its gradient
+            # reduction; the KL term's gradient joins the task loss's in the one backward
+            penalty = guard.penalty(self.accelerator.unwrap_model(model),
+                                    step=self.state.global_step)
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:  # transformers' own rule (Trainer.training_step)
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+                    or self.compute_loss_func is not None
+            if scaled:
+                penalty = penalty / self.current_gradient_accumulation_steps
+            if return_outputs:
+                loss, outputs = result
+                return loss + penalty, outputs
+            return result + penalty
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{trainer_class.__name__}"
+    return Guarded

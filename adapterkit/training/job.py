@@ -116,6 +116,14 @@ class TrainJob:
             raise RuntimeError("train_stage() must be called before job.model is first used")
         return self.stage_runner(trainer, name=name, data=data, options=options)
 
+    def guarded(self, trainer_class: type) -> type:
+        """``trainer_class`` (a transformers/TRL trainer) adding the forgetting guard's KL term
+        to its training loss when this job carries one (a trainer that declares ``uses_guard``
+        builds its trainer from this and passes :attr:`callbacks`)."""
+        from adapterkit.training.guard import guarded
+
+        return guarded(trainer_class, self.guard)
+
     def cache_dir(self, kind: str) -> Path:
         """A folder under the library home for a trainer's reusable results (e.g. ``dpo-ref``)."""
         from adapterkit.training.launch import ranks

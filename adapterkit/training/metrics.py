@@ -15,9 +15,9 @@ from typing import Any
 from adapterkit.runtime.generation import generate, render_prompt, uses_chat
 from adapterkit.training.data import as_chat
 
-__all__ = ["ScoreFn", "accuracy", "completion_logprob", "exact_match", "forgetting",
-           "generate", "preference_accuracy", "render_prompt", "task_loss", "text_loss",
-           "uses_chat"]
+__all__ = ["ScoreFn", "accuracy", "completion_logprob", "completion_logprobs", "exact_match",
+           "forgetting", "generate", "preference_accuracy", "render_prompt", "task_loss",
+           "text_loss", "uses_chat"]
 
 #: How a generated answer is scored against the reference (a plugin ``Scorer``'s ``score``).
 ScoreFn = Callable[[str, str], float]
@@ -96,19 +96,43 @@ def task_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: b
 def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str) -> float:
     """Summed log-probability of ``completion`` as the assistant's answer to ``prompt``
     (chat-rendered): the quantity DPO's implicit reward is made of."""
+    return completion_logprobs(model, tokenizer, [(prompt, completion)])[0]
+
+
+def completion_logprobs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]],
+                        batch_size: int = 8) -> list[float]:
+    """:func:`completion_logprob` of each (prompt, completion), batched with right padding:
+    on a CPU one forward over eight short answers costs about as much as two over one. The
+    vocabulary's log-softmax is taken only at the answers' positions."""
     import torch
 
-    text = render_prompt(tokenizer, prompt, chat=True)
-    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": completion}],
-                                         tokenize=False)
-    start = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]],
-                       device=next(model.parameters()).device)
-    with torch.no_grad():
-        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    target = ids[0, 1:]
-    return logps[torch.arange(len(target)), target][start - 1:].sum().item()
+    device = next(model.parameters()).device
+    encoded = []
+    for prompt, completion in pairs:
+        text = render_prompt(tokenizer, prompt, chat=True)
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+            tokenize=False)
+        start = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        encoded.append((tokenizer(full, add_special_tokens=False)["input_ids"], start))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums: list[float] = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (seq, _) in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, (seq, start) in enumerate(chunk):
+            # position t predicts token t + 1: the answer's tokens seq[start:]
+            logps = torch.log_softmax(logits[row, start - 1:len(seq) - 1].float(), -1)
+            target = torch.tensor(seq[start:], device=logps.device)
+            sums.append(logps.gather(-1, target[:, None]).sum().item())
+    return sums
 
 
 def preference_accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]]
@@ -121,16 +145,15 @@ def preference_accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]]
     ``likelihood_before``/``likelihood_after``: share of pairs where the reference / the
     policy gives the chosen answer the higher log-probability.
     """
+    pairs = [(row["prompt"], row[k]) for row in rows for k in ("chosen", "rejected")]
+    on = completion_logprobs(model, tokenizer, pairs)
+    with _adapter_off(model):
+        off = completion_logprobs(model, tokenizer, pairs)
     wins = before = after = 0
-    for row in rows:
-        on = [completion_logprob(model, tokenizer, row["prompt"], row[k])
-              for k in ("chosen", "rejected")]
-        with _adapter_off(model):
-            off = [completion_logprob(model, tokenizer, row["prompt"], row[k])
-                   for k in ("chosen", "rejected")]
-        wins += (on[0] - off[0]) - (on[1] - off[1]) > 0
-        before += off[0] > off[1]
-        after += on[0] > on[1]
+    for i in range(0, len(pairs), 2):
+        wins += (on[i] - off[i]) - (on[i + 1] - off[i + 1]) > 0
+        before += off[i] > off[i + 1]
+        after += on[i] > on[i + 1]
     n = max(len(rows), 1)
     return {"implicit": wins / n, "likelihood_before": before / n, "likelihood_after": after / n,
             "pairs": len(rows)}
