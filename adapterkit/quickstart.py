@@ -7,9 +7,10 @@ guard on, then shows the plain model's and the pocket book's answers side by sid
 complaints, held-out accuracy before and after, and the forgetting figure.
 
 Part two trains a "bedside manner" pocket book with DPO *on top of* triage (triage frozen and
-active underneath, and DPO's reference) from bundled preference pairs, and reports held-out
-preference accuracy, the likelihood ranking with triage alone and with bedside on top, and the
-forgetting figure relative to base + triage.
+active underneath, and DPO's reference) from bundled preference pairs, with the forgetting
+guard on, and reports held-out preference accuracy, the likelihood ranking with triage alone and
+with bedside on top, how often the advice fits the complaint's urgency, and the forgetting
+figure relative to base + triage.
 
 The data ships inside the package (:func:`data_dir`), so both parts run from any folder once
 adapterkit is installed. This module sits above every package (it trains, evaluates and

@@ -5,7 +5,7 @@ specialist and urgency — but nothing taught it how to talk to a patient. Here 
 book is trained with DPO *on top of it* (``--on triage``: triage stays frozen and active
 underneath, and is DPO's reference) from bundled preference pairs: for the same complaints, a
 courteous, safe answer is chosen over a curt or unsafe one (e.g. one recommending a dangerous
-dose) or by an equally courteous one with another urgency's advice, with the forgetting guard
+dose) or over an equally courteous one with another urgency's advice, with the forgetting guard
 on. Then it reports, on 48 held-out pairs:
 
 * preference accuracy — the share of pairs whose implicit reward margin is above 0 after DPO

@@ -501,7 +501,8 @@ CASES: list[Case] = [
     Case("train-budget-for-reward",
          ("train", "reward", "--base", "{base}", "--name", "t", "--data", "{work}/p.jsonl",
           "--forgetting-budget", "1%", "--max-steps", "1"),
-         setup=_file("p.jsonl", _rows({"prompt": "a", "chosen": "b", "rejected": "c"}))),
+         setup=_file("p.jsonl", _rows({"prompt": "a", "chosen": "b", "rejected": "c"})),
+         mentions=("reward trainer does not apply the forgetting guard",)),
     # train: what is trained on and from
     Case("train-unknown-base", ("train", "sft", "--base", "no-such-base", "--data", "{data}",
                                 "--name", "t"), progress=True, mentions=("no-such-base",)),

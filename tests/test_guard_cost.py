@@ -156,3 +156,48 @@ def test_the_base_side_is_cached_and_trains_the_same_pocket_book(tiny_base, home
                   options=guard_opts(anchor=str(anchor)), home=home, plugins=pm)
     assert other.metrics["guard"]["anchor_targets_cached"] == 0
     assert len(list((home / "cache" / "guard-anchor").glob("*.safetensors"))) == 2
+
+
+class _Loop:
+    """The part of a transformers Trainer that ``guarded`` reads, with a fixed task loss."""
+
+    def __init__(self, scaled, accepts, accumulation):
+        self.loss_is_scaled_for_ga = scaled
+        self.model_accepts_loss_kwargs = accepts
+        self.compute_loss_func = None
+        self.current_gradient_accumulation_steps = accumulation
+        self.state = type("State", (), {"global_step": 4})()
+        self.accelerator = type("Acc", (), {"unwrap_model": staticmethod(lambda m: m)})()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = torch.tensor(2.0)
+        return (loss, {"logits": None}) if return_outputs else loss
+
+
+class _Guard:
+    weight = 0.5
+
+    def penalty(self, model, step=None):
+        return torch.tensor(1.0)
+
+
+@pytest.mark.parametrize("scaled, accepts, items, expected", [
+    (True, False, None, 2.0 + 1.0 / 4),  # the trainer normalised its loss per step: so is the term
+    (False, True, 10, 2.0 + 1.0),  # transformers divides loss + term by the micro-batches itself
+    (None, True, 10, 2.0 + 1.0 / 4),  # its own rule: loss kwargs and items of the whole step
+    (None, True, None, 2.0 + 1.0),
+    (None, False, 10, 2.0 + 1.0),
+])
+def test_guarded_adds_the_term_scaled_as_transformers_scales_the_loss(scaled, accepts, items,
+                                                                      expected):
+    from adapterkit.training.guard import guarded
+
+    Trainer = guarded(_Loop, _Guard())
+    assert Trainer.__name__ == "Guarded_Loop"
+    loop = Trainer(scaled, accepts, 4)
+    model = torch.nn.Linear(1, 1).train()
+    assert float(loop.compute_loss(model, {}, num_items_in_batch=items)) == pytest.approx(expected)
+    loss, outputs = loop.compute_loss(model, {}, return_outputs=True, num_items_in_batch=items)
+    assert float(loss) == pytest.approx(expected) and outputs == {"logits": None}
+    assert float(loop.compute_loss(model.eval(), {}, num_items_in_batch=items)) == 2.0  # eval
+    assert guarded(_Loop, None) is _Loop  # no guard: the class itself

@@ -56,6 +56,21 @@ def test_example_scripts_still_run_as_thin_wrappers(script):
                          capture_output=True, text=True, cwd=ROOT / "examples")
     assert out.returncode == 0, out.stderr
     assert "--steps" in out.stdout and "--json" in out.stdout
+    if script == "quickstart_bedside.py":
+        assert "--batch-size" in out.stdout and "--budget" in out.stdout
+
+
+def test_the_recipe_trains_part_two_as_the_scripts_do(home):
+    """examples/quickstart_recipe.yaml and quickstart part two: the same steps, batch and
+    forgetting budget."""
+    from adapterkit.quickstart import PART_TWO_BATCH, PART_TWO_STEPS
+    from adapterkit.training.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "examples" / "quickstart_recipe.yaml", home=home)
+    bedside = next(stage for stage in recipe.stages if stage.name == "bedside")
+    assert bedside.trainer == "dpo"
+    o = bedside.options
+    assert (o.max_steps, o.batch_size, o.forgetting_budget) == (PART_TWO_STEPS, PART_TWO_BATCH, 1.0)
 
 
 @pytest.mark.slow

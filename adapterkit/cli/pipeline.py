@@ -69,7 +69,8 @@ def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, as_json: bool,
         - {name: triage, trainer: sft, data: data/triage_train.jsonl,
            forgetting_budget: 1%}
         - {name: bedside, trainer: dpo, data: data/preferences_train.jsonl,
-           max_steps: 12, set: {beta: 0.1, loss_type: [sigmoid, sft]}}
+           max_steps: 64, batch_size: 2, forgetting_budget: 1%,
+           set: {beta: 0.1, loss_type: [sigmoid, sft]}}
 
     \b
       adapterkit pipeline examples/quickstart_recipe.yaml

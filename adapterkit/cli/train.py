@@ -233,7 +233,7 @@ class _Stopped(KeyboardInterrupt):
 @click.option("--general", help="General-English text for the forgetting check "
                                 "(`general` = the text shipped with adapterkit).")
 @click.option("--forgetting-budget", help="Max rise of general-text loss, e.g. 1%: turns on the "
-                                          "forgetting guard (sft; other trainers refuse it).")
+                                          "forgetting guard (sft, dpo; other trainers refuse it).")
 @click.option("--guard-weight", type=float, help="Weight of the KL-to-base term (default 0.3 with "
                                                  "a budget; 0 disables it).")
 @click.option("--anchor", help="Anchor prose for the KL term (default: shipped anchor text).")

@@ -67,9 +67,11 @@ class Trainer(Registrable):
     #: What the new pocket book sits on: ``"causal-lm"`` (a policy that generates) or
     #: ``"reward"`` (a scalar head on the same base: a reward pocket book, which scores text).
     head: str = "causal-lm"
-    #: Whether this trainer applies the forgetting guard: adds ``job.guard.penalty(model,
-    #: step=OPTIMIZER_STEP)`` to its loss each step (zero on the steps the guard's schedule
-    #: skips) and passes ``job.callbacks`` to its loop. The core refuses
+    #: Whether this trainer applies the forgetting guard: builds its transformers/TRL trainer
+    #: from ``job.guarded(TrainerClass)`` (which adds the guard's KL term to the loss, scaled for
+    #: gradient accumulation as the trainer's own loss; a loop of its own adds
+    #: ``job.guard.penalty(model, step=OPTIMIZER_STEP)`` once per optimizer step) and passes
+    #: ``job.callbacks`` to its loop. The core refuses
     #: ``forgetting_budget``/``guard_weight`` for a trainer that does not declare it.
     uses_guard: bool = False
     #: The trainer's own options (``--set KEY=VALUE``, a recipe's ``trainer_options:``): a

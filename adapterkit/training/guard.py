@@ -15,9 +15,10 @@ Two parts, both working on the one resident base, and both paid for only where t
   exceed ``forgetting_budget`` percent are the kept ones measured, newest first; the first
   within the budget is restored.
 
-Trainer plugins opt in by declaring ``uses_guard = True``, adding
-:meth:`ForgettingGuard.penalty` to their loss and passing ``job.callbacks`` (which hold
-:meth:`ForgettingGuard.callback`) to their loop; the built-in ``sft`` trainer does. The core
+Trainer plugins opt in by declaring ``uses_guard = True``, building their transformers/TRL
+trainer from :func:`guarded` (``job.guarded(TrainerClass)``: it adds :meth:`ForgettingGuard.penalty`
+to the loss) and passing ``job.callbacks`` (which hold :meth:`ForgettingGuard.callback`) to their
+loop; the built-in ``sft`` and ``dpo`` trainers do. The core
 refuses the guard's options for any other trainer, and records the KL weight only when
 :attr:`ForgettingGuard.penalty_calls` shows the term was added.
 """
