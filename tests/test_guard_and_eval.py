@@ -9,20 +9,9 @@ from click.testing import CliRunner
 from adapterkit import TrainOptions, train
 from adapterkit.plugin_api.manager import get_plugin_manager
 
+#: The rows of conftest's ``data`` file (conftest.COLOUR_ROWS).
 ROWS = [{"prompt": f"Colour of item {i}?", "completion": f"Answer: {c}"}
         for i, c in enumerate(["red", "blue", "green", "red"] * 4)]
-
-
-@pytest.fixture(scope="module")
-def pm():
-    return get_plugin_manager(env=False)
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "pc.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return path
 
 
 def opts(**kw):

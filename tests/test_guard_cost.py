@@ -1,7 +1,6 @@
 """What makes the forgetting guard cheap, each part against an independent value: the top-k KL
 term, its schedule, the cache of the base's side, and the snapshots the budget falls back to."""
 
-import json
 import math
 
 import pytest
@@ -9,11 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from adapterkit import TrainOptions, train
-from adapterkit.plugin_api.manager import get_plugin_manager
 from adapterkit.training.guard import MAX_SNAPSHOTS, BaseTarget, ForgettingGuard, top_k_kl
-
-ROWS = [{"prompt": f"Colour of item {i}?", "completion": f"Answer: {c}"}
-        for i, c in enumerate(["red", "blue", "green", "red"] * 4)]
 
 
 def coarse_kl(base_logits, adapted_logits, k):
@@ -57,18 +52,6 @@ def test_no_rest_bucket_no_nan():
     target = BaseTarget.of(base, 9)  # at most vocabulary - 1 tokens, the rest is one token
     assert target.index.shape == (3, 9)
     assert math.isfinite(float(top_k_kl(target, torch.randn(3, 10))))
-
-
-@pytest.fixture(scope="module")
-def pm():
-    return get_plugin_manager(env=False)
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "pc.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return path
 
 
 @pytest.fixture

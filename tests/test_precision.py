@@ -11,21 +11,6 @@ from adapterkit.plugin_api.manager import get_plugin_manager
 from adapterkit.training import precision
 from adapterkit.training.options import build_options
 
-ROWS = [{"prompt": f"Colour of item {i}?", "completion": f"Answer: {c}"}
-        for i, c in enumerate(["red", "blue", "green", "red"] * 4)]
-
-
-@pytest.fixture(scope="module")
-def pm():
-    return get_plugin_manager(env=False)
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "pc.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return path
-
 
 def fast(**kw):
     base = dict(max_steps=12, learning_rate=3e-2, batch_size=4, logging_steps=2, save_steps=100,
