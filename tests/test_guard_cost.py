@@ -184,3 +184,20 @@ def test_guarded_adds_the_term_scaled_as_transformers_scales_the_loss(scaled, ac
     assert float(loss) == pytest.approx(expected) and outputs == {"logits": None}
     assert float(loop.compute_loss(model.eval(), {}, num_items_in_batch=items)) == 2.0  # eval
     assert guarded(_Loop, None) is _Loop  # no guard: the class itself
+
+
+def test_evaluation_adds_no_kl_term(tiny_base, home, data, pm):
+    """Only training batches carry the term: evaluations of the split leave the count alone."""
+    from transformers import TrainerCallback
+
+    class Evaluations(TrainerCallback):
+        count = 0
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            Evaluations.count += 1
+
+    result = train("sft", base=str(tiny_base), data=str(data), name="evaluated",
+                   options=guard_opts(max_steps=6, eval_split=0.25, save_steps=2), home=home,
+                   plugins=pm, callbacks=[Evaluations()])
+    assert Evaluations.count >= 3  # the split was evaluated while training (steps 2, 4, 6)
+    assert result.metrics["guard"]["kl_batches"] == 3  # training steps 0, 2, 4 only
