@@ -8,7 +8,7 @@ text with the pocket book active and with it switched off, on the same resident 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -28,16 +28,33 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(prediction.strip() == reference.strip())
 
 
-def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
-                  max_length: int, batch_size: int = 8) -> tuple[float, int]:
-    """Summed next-token loss over the completion part of (prefix, completion) pairs.
-
-    Batched with right padding (pads and prefixes masked out of the labels): on a CPU, one
-    forward over eight short texts costs about as much as two over one.
-    """
+def _batched_logits(model: Any, tokenizer: Any, encoded: list[tuple[list[int], int]],
+                    batch_size: int) -> Iterator[tuple[list[tuple[list[int], int]], Any]]:
+    """``(chunk, logits)`` for each ``batch_size`` rows of ``encoded`` (token ids, answer
+    start), in order: one forward per chunk with right padding and its attention mask. On a
+    CPU one forward over eight short texts costs about as much as two over one."""
     import torch
 
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (seq, _) in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        with torch.no_grad():
+            yield chunk, model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+
+
+def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
+                  max_length: int, batch_size: int = 8) -> tuple[float, int]:
+    """Summed next-token loss over the completion part of (prefix, completion) pairs, batched
+    (:func:`_batched_logits`; pads and prefixes masked out of the labels)."""
+    import torch
+
     encoded = []
     for prefix, completion in pairs:
         prefix_len = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
@@ -46,21 +63,12 @@ def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
         if len(full) > start:
             encoded.append((full, start))
     total, count = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    for chunk, logits in _batched_logits(model, tokenizer, encoded, batch_size):
+        labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
         for row, (seq, start) in enumerate(chunk):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
             labels[row, start:len(seq)] = torch.tensor(seq[start:])
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         logits = logits[:, :-1].float()
-        target = labels[:, 1:].to(device)
+        target = labels[:, 1:].to(logits.device)
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
             reduction="sum")
@@ -101,12 +109,11 @@ def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str)
 
 def completion_logprobs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]],
                         batch_size: int = 8) -> list[float]:
-    """:func:`completion_logprob` of each (prompt, completion), batched with right padding:
-    on a CPU one forward over eight short answers costs about as much as two over one. The
-    vocabulary's log-softmax is taken only at the answers' positions."""
+    """:func:`completion_logprob` of each (prompt, completion), batched
+    (:func:`_batched_logits`); the vocabulary's log-softmax is taken only at the answers'
+    positions."""
     import torch
 
-    device = next(model.parameters()).device
     encoded = []
     for prompt, completion in pairs:
         text = render_prompt(tokenizer, prompt, chat=True)
@@ -115,18 +122,8 @@ def completion_logprobs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]
             tokenize=False)
         start = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         encoded.append((tokenizer(full, add_special_tokens=False)["input_ids"], start))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sums: list[float] = []
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (seq, _) in enumerate(chunk):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    for chunk, logits in _batched_logits(model, tokenizer, encoded, batch_size):
         for row, (seq, start) in enumerate(chunk):
             # position t predicts token t + 1: the answer's tokens seq[start:]
             logps = torch.log_softmax(logits[row, start - 1:len(seq) - 1].float(), -1)
