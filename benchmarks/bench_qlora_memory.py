@@ -15,6 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 CHILD = """
 import json, os, resource, sys, torch, adapterkit
@@ -45,12 +46,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--dtype", default="", help="full-precision dtype (default: adapterkit's)")
+    p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     full = measure(args.base, "", args.dtype)
     q4 = measure(args.base, "4bit", args.dtype)
     print(f"{'':16}{'full':>10}{'4-bit':>10}{'ratio':>8}")
     for key in full:
         print(f"{key:16}{full[key]:>10.1f}{q4[key]:>10.1f}{q4[key] / full[key]:>8.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"full": full, "4bit": q4}, indent=2))
 
 
 if __name__ == "__main__":

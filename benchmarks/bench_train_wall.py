@@ -6,8 +6,12 @@ Arms (each a fresh process):
   plain-fp32      the plain script, float32, gradient checkpointing off (the same settings)
   plain-trl-gc    the plain script with TRL's own default, gradient checkpointing on
   plain-bf16      the plain script with bf16 autocast (TrainingArguments.bf16), checkpointing off
+  plain-qlora     the plain script as QLoRA model cards write it: 4-bit NF4 base (double
+                  quantization, bf16 compute) + prepare_model_for_kbit_training, bf16 autocast
+                  (sft only)
   ours-auto       adapterkit train sft (its default: --precision auto)
   ours-fp32       adapterkit train sft --precision fp32
+  ours-qlora      adapterkit train sft --method qlora (4-bit NF4 base)
   ours-general    ours-auto measuring forgetting (--general general), no guard
   ours-guard      ours-general with the forgetting guard (--forgetting-budget 1%)
   ...-warm        that arm again, on the caches its run before left (the plain base's
@@ -20,7 +24,9 @@ alongside each step (the plain script: TRL's default for a PEFT model; ours:
 
 Every trained adapter is then scored in a separate process by the same code on the float32
 base: held-out exact match on triage_test.jsonl (dpo: held-out pair ranking on
-preferences_test.jsonl) and general-text loss change (forgetting).
+preferences_test.jsonl) and general-text loss change (forgetting). On a GPU each process also
+reports the peak memory torch allocated there (--no-eval where the base's weights are random:
+the speed and memory of a run do not depend on them, its scores do).
 
     python benchmarks/bench_train_wall.py [--trainer sft] [--steps 20] [--arms plain-fp32,ours-auto]
 """
@@ -39,8 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "adapterkit" / "data" / "quickstart"
-ARMS = ("plain-fp32", "plain-trl-gc", "plain-bf16", "ours-auto", "ours-fp32", "ours-general",
-        "ours-general-warm", "ours-guard", "ours-guard-warm")
+ARMS = ("plain-fp32", "plain-trl-gc", "plain-bf16", "plain-qlora", "ours-auto", "ours-fp32",
+        "ours-qlora", "ours-general", "ours-general-warm", "ours-guard", "ours-guard-warm")
 
 SCORE = """
 import json, sys, torch
@@ -74,12 +80,20 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     return wall, proc.stdout
 
 
-#: Runs a script or module in this interpreter and records its own peak RSS when it exits.
+#: Runs a script or module in this interpreter and records its own peak RSS when it exits,
+#: and on a GPU the peak memory torch's allocator held there (allocated: tensors alive at once;
+#: reserved: what the caching allocator took from the driver).
 PEAK = """
 import atexit, json, os, resource, runpy, sys
 out = sys.argv.pop(1)
-atexit.register(lambda: open(out, "w").write(json.dumps(
-    {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})))
+def record():
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        peak["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    open(out, "w").write(json.dumps(peak))
+atexit.register(record)
 target = sys.argv.pop(1)
 sys.argv = [target] + sys.argv[1:]
 if target.endswith(".py"):
@@ -103,7 +117,8 @@ def run_arm(arm: str, args: argparse.Namespace, folder: str, home: str, tmp: Pat
         cmd = [sys.executable, "-c", PEAK, str(rss), str(ROOT / "benchmarks" / script),
                folder, str(train_file), *common, "--out", str(figures),
                "--save-to", str(adapter)]
-        cmd += {"plain-trl-gc": ["--gradient-checkpointing"], "plain-bf16": ["--bf16"]}.get(arm, [])
+        cmd += {"plain-trl-gc": ["--gradient-checkpointing"], "plain-bf16": ["--bf16"],
+                "plain-qlora": ["--load-in-4bit", "--bf16"]}.get(arm, [])
         wall, _ = timed(cmd)
         result = json.loads(figures.read_text())
     else:
@@ -119,6 +134,8 @@ def run_arm(arm: str, args: argparse.Namespace, folder: str, home: str, tmp: Pat
             cmd += ["--general", "general"]
         if arm.startswith("ours-guard"):
             cmd += ["--forgetting-budget", "1"]
+        if arm == "ours-qlora":
+            cmd += ["--method", "qlora"]
         if dpo:
             cmd += ["--set", "precompute_ref_log_probs=false"]
         wall, out = timed(cmd)
@@ -148,12 +165,17 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--no-eval", dest="eval", action="store_false")
+    p.add_argument("--ref", help="the arm the speed-ups are taken against (default plain-fp32)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         sys.exit(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    if args.ref and args.ref not in arms:
+        sys.exit(f"--ref {args.ref} is not among the arms run")
+    if args.trainer == "dpo" and "plain-qlora" in arms:
+        sys.exit("plain-qlora is an sft arm: plain_trl_dpo.py has no 4-bit mode")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # a library of its own (it removes its arms' entries), sharing converted bases
@@ -169,13 +191,15 @@ def main() -> None:
         for arm in arms:
             results[arm] = run_arm(arm, args, folder, home, tmp)
             print(arm, json.dumps(results[arm]), flush=True)
-    keys = ("wall_seconds", "loop_seconds", "tokens_per_second", "peak_rss_mb",
-            "train_loss_final", "accuracy", "forgetting_pct")
+    keys = ("wall_seconds", "loop_seconds", "tokens_per_second", "peak_rss_mb", "peak_gpu_mb",
+            "peak_gpu_reserved_mb", "train_loss_final", "accuracy", "forgetting_pct")
     print(f"\n{'':18}" + "".join(f"{a:>14}" for a in arms))
     for key in keys:
-        if all(key in results[a] for a in arms):
-            print(f"{key:18}" + "".join(f"{results[a][key]:>14.3f}" for a in arms))
-    ref = "plain-fp32" if "plain-fp32" in arms else None
+        if any(results[a].get(key) is not None for a in arms):
+            print(f"{key:18}" + "".join(
+                f"{results[a][key]:>14.3f}" if results[a].get(key) is not None else f"{'-':>14}"
+                for a in arms))
+    ref = args.ref or ("plain-fp32" if "plain-fp32" in arms else None)
     for guarded, plain in (("ours-guard", "ours-general"), ("ours-guard-warm", "ours-general-warm")):
         if guarded in results and plain in results:
             g, u = results[guarded], results[plain]
@@ -186,8 +210,12 @@ def main() -> None:
     if ref:
         print(f"\nspeed-up of the whole command vs {ref} (wall time ratio, >1 is faster):")
         for a in arms:
-            print(f"  {a:14} {results[ref]['wall_seconds'] / results[a]['wall_seconds']:.2f}x "
-                  f"time, {results[a]['peak_rss_mb'] / results[ref]['peak_rss_mb']:.2f}x memory")
+            r, a_ = results[ref], results[a]
+            gpu = (f", {a_['peak_gpu_mb'] / r['peak_gpu_mb']:.2f}x GPU memory"
+                   if "peak_gpu_mb" in a_ and "peak_gpu_mb" in r else "")
+            print(f"  {a:14} {r['wall_seconds'] / a_['wall_seconds']:.2f}x time, "
+                  f"{r['loop_seconds'] / a_['loop_seconds']:.2f}x loop, "
+                  f"{a_['peak_rss_mb'] / r['peak_rss_mb']:.2f}x memory{gpu}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="TRL's own default (SFTConfig turns it on); off unless given")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="QLoRA as its model cards write it: NF4, double quantization, bf16 "
+                        "compute (BitsAndBytesConfig), prepare_model_for_kbit_training")
     p.add_argument("--eval", help="held-out prompt/completion file: accuracy + forgetting")
     p.add_argument("--out", help="write figures as JSON here")
     p.add_argument("--save-to", help="save the trained adapter (a PEFT folder) here")
@@ -39,7 +42,19 @@ def main() -> None:
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant,
+                                                     dtype=torch.bfloat16)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     rows = [json.loads(line) for line in open(args.data) if line.strip()]
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                              "completion": [{"role": "assistant", "content": r["completion"]}]}

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The training benchmarks on a CUDA device machine (one GPU, no network), as one short script.
+#
+# What it needs beside the working tree (both ignored by git, carried by the device tool):
+#   .whl/      wheels of what the machine's image lacks or has in another version: transformers,
+#              peft, trl, datasets (+ dill, multiprocess), bitsandbytes, gguf (pip download
+#              --no-deps --platform manylinux..., see the device README)
+#   .devbase/  config.json and tokenizer files of the embedded base (`adapterkit base show
+#              smollm2-135m --json` gives its folder); the weights are random (random_base.py):
+#              time and memory depend on the shapes only, so every arm runs with --no-eval.
+#
+#   OUT=/tmp/out [STEPS=40] [RUN="sft qlora ..."] bash benchmarks/device_check.sh
+#
+# Each step has its own time limit and writes its JSON to $OUT as it ends, so a step that fails
+# or runs out of time leaves the others' figures.
+set -u
+OUT=${OUT:-/tmp/device-check}
+STEPS=${STEPS:-40}
+BIG_STEPS=${BIG_STEPS:-20}
+SMALL=${SMALL:-135m}
+BIG=${BIG:-1.7b}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+start=$(date +%s)
+
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+        --no-cache-dir --target /tmp/site . || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+DEADLINE=${DEADLINE:-570}
+RUN=${RUN:-sft big-base qlora memory guard dpo}  # the steps to run
+export ADAPTERKIT_HOME=${ADAPTERKIT_HOME:-/tmp/akh} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
+python3 -m pip list 2>/dev/null | grep -iE "^(pyarrow|fsspec|pandas|accelerate|huggingface.hub|tokenizers) "
+python3 -c "import torch, transformers, peft, trl, bitsandbytes, datasets
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(),
+      '| transformers', transformers.__version__, '| peft', peft.__version__,
+      '| trl', trl.__version__, '| bitsandbytes', bitsandbytes.__version__)"
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...: at most LIMIT s, and never past $DEADLINE
+    local name=$1 limit=$2 left
+    shift 2
+    case " $RUN " in *" $name "*) ;; *) echo "== $name not asked for (RUN=$RUN)"; return;; esac
+    left=$(( DEADLINE - ($(date +%s) - start) ))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -le 10 ]; then echo "== $name skipped: past the deadline"; return; fi
+    echo "== $name (limit $limit s, $(( $(date +%s) - start )) s in): $*"
+    "$@" &
+    local pid=$!
+    # on time-out, the benchmark's own children (one process per arm) go too
+    ( sleep "$limit"; echo "== $name: out of time"; pkill -TERM -P "$pid"; kill "$pid" ) &
+    local watcher=$!
+    wait "$pid"
+    echo "== $name rc=$? ($(( $(date +%s) - start )) s in)"
+    kill "$watcher" 2>/dev/null
+}
+
+python3 benchmarks/random_base.py .devbase /tmp/bases/small --shape "$SMALL" || exit 1
+W="python3 benchmarks/bench_train_wall.py --no-eval --base /tmp/bases/small --ref plain-bf16"
+# 1. sft, whole command vs the plain TRL + PEFT script: same settings (bf16 autocast) and TRL's
+#    defaults (gradient checkpointing on)
+step sft ${SFT_LIMIT:-150} $W --steps "$STEPS" --json "$OUT/sft.json" \
+    --arms "${SFT_ARMS:-plain-bf16,plain-trl-gc,ours-auto}"
+# 2. QLoRA on the bigger shape: 4-bit against bf16, ours against the plain script; then the
+#    loaded base's memory alone, 4-bit against bf16
+step big-base ${BASE_LIMIT:-60} python3 benchmarks/random_base.py .devbase /tmp/bases/big \
+    --shape "$BIG" --dtype bfloat16
+step qlora ${QLORA_LIMIT:-160} python3 benchmarks/bench_train_wall.py --no-eval \
+    --base /tmp/bases/big --ref plain-bf16 --steps "$BIG_STEPS" --json "$OUT/qlora.json" \
+    --arms plain-bf16,plain-qlora,ours-auto,ours-qlora
+step memory ${MEMORY_LIMIT:-60} python3 benchmarks/bench_qlora_memory.py --base /tmp/bases/big \
+    --json "$OUT/memory.json"
+# 3. the forgetting guard on vs off
+step guard ${GUARD_LIMIT:-100} $W --steps "$STEPS" --json "$OUT/guard.json" \
+    --arms ours-general,ours-guard --ref ours-general
+# 4. dpo, the reference computed alongside each step in both
+step dpo ${DPO_LIMIT:-80} $W --trainer dpo --steps "$BIG_STEPS" --json "$OUT/dpo.json" \
+    --arms plain-bf16,ours-auto
+echo "done in $(( $(date +%s) - start )) s"

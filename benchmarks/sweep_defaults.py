@@ -1,0 +1,143 @@
+"""The defaults sweep: learning rate × rank × epochs × forgetting guard on three tasks of
+different shapes (sweep_tasks.py), each pocket book scored on its task's held-out rows and by
+its general-text loss change (forgetting), on the embedded base.
+
+One resident base serves every run (each pocket book is taken off it after scoring). Results
+are appended to a JSONL file as each run ends, so an interrupted sweep resumes where it stopped
+(runs already in the file are not run again); --table prints the table from that file alone.
+
+    python benchmarks/sweep_defaults.py --results sweep.jsonl [--grid core,ranks,epochs]
+    python benchmarks/sweep_defaults.py --results sweep.jsonl --table
+
+Grids: ``core`` = lr {2e-4, 5e-4, 1e-3, 2e-3} × guard {off, 1%}, rank 16, one epoch;
+``ranks`` = rank {4, 64} at lr 1e-3 with and without the guard; ``epochs`` = two epochs at lr
+{2e-4, 1e-3}, guard on; ``weights`` = the guard's KL weight {1, 3} (default 0.3) at lr
+{5e-4, 1e-3}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sweep_tasks import write as write_tasks
+
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "core": [{"lr": lr, "r": 16, "epochs": 1, "guard": g}
+             for lr in (2e-4, 5e-4, 1e-3, 2e-3) for g in (False, True)],
+    "ranks": [{"lr": 1e-3, "r": r, "epochs": 1, "guard": g} for r in (4, 64)
+              for g in (False, True)],
+    "epochs": [{"lr": lr, "r": 16, "epochs": 2, "guard": True} for lr in (2e-4, 1e-3)],
+    "weights": [{"lr": lr, "r": 16, "epochs": 1, "guard": True, "weight": w}
+                for lr in (5e-4, 1e-3) for w in (1.0, 3.0)],
+}
+TODAY = {"lr": 2e-4, "r": 16, "epochs": 1, "guard": False}  # the defaults before this sweep
+BUDGET = 1.0  # percent: the forgetting budget a default must stay within
+
+
+def key(task: str, cfg: dict[str, Any]) -> str:
+    weight = f" weight={cfg['weight']:g}" if cfg.get("weight") is not None else ""
+    return (f"{task} lr={cfg['lr']:g} r={cfg['r']} epochs={cfg['epochs']} guard={cfg['guard']}"
+            + weight)
+
+
+def score(task: str, spec: dict[str, Any], model: Any, tok: Any) -> float:
+    """The held-out score of ``model`` on ``task``: exact match in percent, or for the text
+    task the held-out loss reduction in percent (the negated loss change)."""
+    from adapterkit.training.metrics import accuracy, forgetting
+
+    if task == "gazetteer":
+        texts = json.loads(Path(spec["test"]).read_text())
+        return -forgetting(model, tok, texts)["general_loss_change_pct"]
+    rows = [json.loads(line) for line in open(spec["test"]) if line.strip()]
+    acc, _ = accuracy(model, tok, rows, chat=spec["chat"], max_new_tokens=24)
+    return 100.0 * acc
+
+
+def run(args: argparse.Namespace) -> None:
+    import adapterkit
+
+    done = {}
+    results = Path(args.results)
+    if results.exists():
+        done = {r["key"]: r for r in map(json.loads, results.read_text().splitlines()) if r}
+    unknown = sorted(set(args.grid.split(",")) - set(GRIDS))
+    if unknown:
+        raise SystemExit(f"unknown grid(s) {', '.join(unknown)}; known: {', '.join(GRIDS)}")
+    todo = [(t, cfg) for g in args.grid.split(",") for t in args.tasks.split(",")
+            for cfg in GRIDS[g] if key(t, cfg) not in done]
+    print(f"{len(done)} runs in {results}, {len(todo)} to go", flush=True)
+    if not todo:
+        return
+    home = Path(tempfile.mkdtemp(prefix="sweep-home-"))
+    if args.bases:  # share converted bases (the embedded GGUF is converted once)
+        (home / "bases").symlink_to(Path(args.bases).resolve())
+    tasks = write_tasks(home / "data")
+    loaded = adapterkit.load_base(args.base, home=home)
+    tok = loaded.tokenizer
+    library = adapterkit.Library(home)
+    for task, cfg in todo:
+        spec = tasks[task]
+        options = adapterkit.TrainOptions(
+            learning_rate=cfg["lr"], r=cfg["r"], alpha=2 * cfg["r"], epochs=cfg["epochs"],
+            chat=spec["chat"], general="general", seed=0,
+            forgetting_budget=BUDGET if cfg["guard"] else None, guard_weight=cfg.get("weight"))
+        start = time.perf_counter()
+        result = adapterkit.train("sft", base=loaded, data=spec["train"], name=f"sweep-{task}",
+                                  options=options, home=home)
+        held_out = score(task, spec, result.model, tok)
+        m = result.metrics
+        row = {"key": key(task, cfg), "task": task, **cfg, "score": held_out,
+               "forgetting_pct": m["forgetting"]["general_loss_change_pct"],
+               "steps": m["steps"], "train_seconds": m["train_seconds"],
+               "wall_seconds": time.perf_counter() - start,
+               "kept_step": (m.get("guard") or {}).get("kept_step"),
+               "within_budget": (m.get("guard") or {}).get("within_budget")}
+        with results.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        result.model.unload()  # the shared base gets its plain layers back
+        library.remove(result.pocket_book.ref, all_versions=True)
+
+
+def table(results: Path) -> None:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        unit = "loss reduction %" if task == "gazetteer" else "exact match %"
+        print(f"\n### {task} (held-out {unit}; forgetting = general-text loss change)\n")
+        print("| lr | rank | epochs | guard (weight) | steps | held-out | forgetting | train s |")
+        print("|---:|---:|---:|:---:|---:|---:|---:|---:|")
+        for r in sorted(mine, key=lambda r: (r["epochs"], r["r"], r["lr"], r["guard"],
+                                             r.get("weight") or 0)):
+            guard = f"1% ({r.get('weight') or 0.3:g})" if r["guard"] else "off"
+            print(f"| {r['lr']:g} | {r['r']} | {r['epochs']} | {guard} "
+                  f"| {r['steps']} | {r['score']:.1f} | {r['forgetting_pct']:+.2f}% "
+                  f"| {r['train_seconds']:.0f} |")
+        within = [r for r in mine if r["forgetting_pct"] <= BUDGET]
+        if within:
+            best = max(within, key=lambda r: r["score"])
+            print(f"\nbest within {BUDGET:g}%: {key(task, best)}: {best['score']:.1f}, "
+                  f"{best['forgetting_pct']:+.2f}%")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", required=True, help="JSONL file of runs (appended; resumes)")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--bases", help="a library's bases/ folder to reuse converted bases from")
+    p.add_argument("--tasks", default="routing,listing,gazetteer")
+    p.add_argument("--grid", default="core", help=f"comma list of {', '.join(GRIDS)}")
+    p.add_argument("--table", action="store_true", help="only print the table of --results")
+    args = p.parse_args()
+    if not args.table:
+        run(args)
+    table(Path(args.results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The benchmark scripts measure what they say: the sweep's held-out rows are unseen, an
+interrupted sweep resumes, a random base has the real shape, and bad arms are refused."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str):
+    path = str(ROOT / "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(name)
+
+
+def _rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def test_sweep_tasks_hold_out_combinations_never_seen_in_training(tmp_path):
+    tasks = _bench("sweep_tasks").write(tmp_path)
+    assert set(tasks) == {"routing", "listing", "gazetteer"}
+
+    tasks_module = _bench("sweep_tasks")
+
+    def combo(row):  # the (product, problem) a message is about, without the greeting
+        found = [(p, text) for p in tasks_module.PRODUCTS
+                 for texts in tasks_module.PROBLEMS.values() for text in texts
+                 if tasks_module._first_upper(text.format(p=p)) + "." in row["prompt"]]
+        assert len(found) == 1, row
+        return found[0]
+
+    routing_train = _rows(tasks["routing"]["train"])
+    routing_test = _rows(tasks["routing"]["test"])
+    seen = {combo(r) for r in routing_train}
+    held_out = [combo(r) for r in routing_test]
+    assert len(held_out) == 40 and not set(held_out) & seen
+    assert {p for p, _ in held_out} <= {p for p, _ in seen}  # every product is seen
+    assert {t for _, t in held_out} <= {t for _, t in seen}  # and every problem
+    assert {r["completion"] for r in routing_test} <= {r["completion"] for r in routing_train}
+
+    def item(row):
+        return row["prompt"].split("\n")[0]
+
+    listing_train = {item(r) for r in _rows(tasks["listing"]["train"])}
+    listing_test = [item(r) for r in _rows(tasks["listing"]["test"])]
+    assert len(listing_test) == 40 and not set(listing_test) & listing_train
+    assert tasks["listing"]["chat"] is False and tasks["routing"]["chat"] is True
+
+    train_text = Path(tasks["gazetteer"]["train"]).read_text()
+    test_towns = {t.split(" is a market town")[0]
+                  for t in json.loads(Path(tasks["gazetteer"]["test"]).read_text())}
+    assert len(test_towns) == 10
+    assert not any(f"{town} is a market town" in train_text for town in test_towns)
+    # the same seed writes the same files: the sweep's table is reproducible
+    again = _bench("sweep_tasks").write(tmp_path / "again")
+    assert Path(again["routing"]["train"]).read_text() == Path(
+        tasks["routing"]["train"]).read_text()
+
+
+@pytest.mark.slow
+def test_the_sweep_records_each_run_and_resumes_without_running_it_again(
+        tiny_base, tmp_path, monkeypatch, capsys):
+    sweep = _bench("sweep_defaults")
+    monkeypatch.setitem(sweep.GRIDS, "core",
+                        [{"lr": 1e-2, "r": 4, "epochs": 1, "guard": True, "weight": 1.0}])
+    results = tmp_path / "sweep.jsonl"
+    args = argparse.Namespace(results=str(results), base=str(tiny_base), bases=None,
+                              tasks="routing,gazetteer", grid="core")
+    sweep.run(args)
+    rows = _rows(str(results))
+    assert [r["task"] for r in rows] == ["routing", "gazetteer"]
+    for row in rows:
+        assert row["key"].endswith("guard=True weight=1")
+        assert row["steps"] >= 1 and row["kept_step"] is not None
+        assert isinstance(row["forgetting_pct"], float) and isinstance(row["score"], float)
+    assert 0.0 <= rows[0]["score"] <= 100.0  # exact match, in percent
+    capsys.readouterr()
+    sweep.run(args)  # resumes: nothing left to run
+    assert "2 runs in" in capsys.readouterr().out and len(_rows(str(results))) == 2
+    sweep.table(results)
+    out = capsys.readouterr().out
+    assert "### routing" in out and "| 0.01 | 4 | 1 | 1% (1) |" in out
+
+
+def test_the_sweep_keys_of_the_default_guard_weight_stay_as_first_recorded():
+    """Runs recorded before the weight was a setting keep their keys (no weight suffix)."""
+    sweep = _bench("sweep_defaults")
+    assert sweep.key("routing", {"lr": 1e-3, "r": 16, "epochs": 1, "guard": True}) == (
+        "routing lr=0.001 r=16 epochs=1 guard=True")
+
+
+def test_a_random_base_has_the_shape_asked_for(tmp_path, tiny_base, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    bench = _bench("random_base")
+    out = tmp_path / "random"
+    monkeypatch.setattr(sys, "argv",
+                        ["random_base.py", str(tiny_base), str(out), "--shape", "tiny"])
+    bench.main()
+    config = AutoConfig.from_pretrained(out)
+    assert config.hidden_size == 64 and config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(
+        tiny_base).get_vocab()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arms", "ours-auto,nope"], "unknown arm(s) nope"),
+    (["--arms", "ours-auto", "--ref", "plain-fp32"], "--ref plain-fp32 is not among the arms"),
+    (["--trainer", "dpo", "--arms", "plain-qlora"], "plain-qlora is an sft arm"),
+])
+def test_bench_train_wall_refuses_bad_arms_before_any_run(argv, message, monkeypatch):
+    bench = _bench("bench_train_wall")
+    monkeypatch.setattr(sys, "argv", ["bench_train_wall.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert message in str(exc.value)
