@@ -74,6 +74,16 @@ def _next_name(library: Any, name: str) -> str:
     return f"{name}@{max(versions) + 1}" if versions else name
 
 
+def part_one_weight(budget: float, guard_weight: float | None) -> float:
+    """Part one's KL weight: the one asked for, else the weight measured on the quickstart's
+    data (0.3), and 0 when the budget is 0 (no guard: no KL term either)."""
+    from adapterkit.training.build import DEFAULT_GUARD_WEIGHT
+
+    if not budget:
+        return 0.0 if guard_weight is None else guard_weight
+    return DEFAULT_GUARD_WEIGHT if guard_weight is None else guard_weight
+
+
 def part_one(*, base: str = "smollm2-135m", budget: float = 1.0,
              guard_weight: float | None = None, steps: int | None = None, lr: float = 1e-3,
              home: Home = None) -> dict[str, Any]:
@@ -101,7 +111,8 @@ def part_one(*, base: str = "smollm2-135m", budget: float = 1.0,
     options = adapterkit.TrainOptions(
         learning_rate=lr, r=16, alpha=32, batch_size=8, epochs=1,
         max_steps=steps or -1, general="general", logging_steps=5,
-        forgetting_budget=budget or None, guard_weight=guard_weight, seed=0,
+        # the quickstart's own settings, measured on its data; not sft's defaults
+        forgetting_budget=budget, guard_weight=part_one_weight(budget, guard_weight), seed=0,
     )
     result = adapterkit.train("sft", base=loaded, data=str(train_file),
                               name=_next_name(library, "triage"), options=options, home=home,
@@ -207,7 +218,7 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None,
     tok = loaded.tokenizer
     options = adapterkit.TrainOptions(
         learning_rate=lr, r=16, alpha=32, batch_size=batch_size, max_steps=steps,
-        general="general", logging_steps=8, seed=0, forgetting_budget=budget or None,
+        general="general", logging_steps=8, seed=0, forgetting_budget=budget,
         # DPO's preference loss plus an SFT term on the chosen answer (RPO): DPO alone only
         # ranks chosen above rejected; the SFT term also makes the model actually say it.
         trainer_options={"beta": beta, "loss_type": ["sigmoid", "sft"]},

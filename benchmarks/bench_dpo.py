@@ -59,7 +59,7 @@ def main() -> None:
             json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
             for r in map(json.loads, prefs.read_text().splitlines())))
         sft = train("sft", base=base, data=str(sft_file), name="yardstick", home=home,
-                    options=TrainOptions(**common))
+                    options=TrainOptions(**common, forgetting_budget=0))  # no guard, as dpo
         sft.model.unload()  # give the resident base its plain layers back
 
         start = time.perf_counter()

@@ -67,7 +67,7 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if args.child == "sft":
         result = train("sft", base=base, data=str(sft), name="yardstick", home=args.home,
-                       options=TrainOptions(**common))
+                       options=TrainOptions(**common, forgetting_budget=0))  # no guard
         figures: dict = {}
     else:
         from adapterkit.training.reward import RewardScorer, reward_of_generations
@@ -82,7 +82,8 @@ def child(args: argparse.Namespace) -> None:
                 for r in map(json.loads, prefs.read_text().splitlines())
                 for k in ("chosen", "rejected")))
             train("sft", base=base, data=str(mix), name="mix", home=args.home,
-                  options=TrainOptions(**{**common, "learning_rate": 3e-2})).model.unload()
+                  options=TrainOptions(**{**common, "learning_rate": 3e-2},
+                                       forgetting_budget=0)).model.unload()
             on = "mix"
         result = train("rlhf", base=base, data=str(prefs), name="kind", home=args.home, on=on,
                        options=TrainOptions(**common, trainer_options={

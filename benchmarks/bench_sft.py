@@ -37,7 +37,8 @@ def run_ours(base: str, steps: int, batch: int, lr: float, home: str, tmp: Path,
     cmd = [sys.executable, "-c", WRAPPER, str(rss), "adapterkit", "--home", home, "train", "sft",
            "--base", base, "--data", str(DATA / "triage_train.jsonl"), "--name", "bench",
            "--restart", "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr),
-           "--save-steps", "100000", "--json"]
+           "--save-steps", "100000", "--json",
+           "--forgetting-budget", "off"]  # the plain script has no guard: neither does this run
     if evaluate:
         cmd += ["--general", "general"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

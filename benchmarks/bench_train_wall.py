@@ -9,11 +9,15 @@ Arms (each a fresh process):
   plain-qlora     the plain script as QLoRA model cards write it: 4-bit NF4 base (double
                   quantization, bf16 compute) + prepare_model_for_kbit_training, bf16 autocast
                   (sft only)
-  ours-auto       adapterkit train sft (its default: --precision auto)
-  ours-fp32       adapterkit train sft --precision fp32
-  ours-qlora      adapterkit train sft --method qlora (4-bit NF4 base)
+  ours-auto       adapterkit train sft --forgetting-budget off (--precision auto), as the plain
+                  script: no guard, no forgetting check (sft's defaults turn both on)
+  ours-fp32       ours-auto with --precision fp32
+  ours-qlora      ours-auto with --method qlora (4-bit NF4 base)
   ours-general    ours-auto measuring forgetting (--general general), no guard
-  ours-guard      ours-general with the forgetting guard (--forgetting-budget 1%)
+  ours-guard      ours-general with the forgetting guard at the quickstart's settings
+                  (--forgetting-budget 1% --guard-weight 0.3)
+  ours-default    adapterkit train sft with no flag but the run's lr: sft's defaults (the
+                  guard at 1%, weight 3, and the forgetting check)
   ...-warm        that arm again, on the caches its run before left (the plain base's
                   general-text loss; the guard's anchor targets); every other arm starts with
                   an empty cache
@@ -46,7 +50,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "adapterkit" / "data" / "quickstart"
 ARMS = ("plain-fp32", "plain-trl-gc", "plain-bf16", "plain-qlora", "ours-auto", "ours-fp32",
-        "ours-qlora", "ours-general", "ours-general-warm", "ours-guard", "ours-guard-warm")
+        "ours-qlora", "ours-general", "ours-general-warm", "ours-guard", "ours-guard-warm",
+        "ours-default")
 
 SCORE = """
 import json, sys, torch
@@ -133,7 +138,9 @@ def run_arm(arm: str, args: argparse.Namespace, folder: str, home: str, tmp: Pat
         if arm.startswith(("ours-general", "ours-guard")):
             cmd += ["--general", "general"]
         if arm.startswith("ours-guard"):
-            cmd += ["--forgetting-budget", "1"]
+            cmd += ["--forgetting-budget", "1", "--guard-weight", "0.3"]
+        elif arm != "ours-default" and not dpo:  # dpo has no default guard to turn off
+            cmd += ["--forgetting-budget", "off"]
         if arm == "ours-qlora":
             cmd += ["--method", "qlora"]
         if dpo:

@@ -11,6 +11,8 @@ training, so a score measures what was learnt rather than what was read.
   made-up gazetteer in one house style; scored by the held-out entries' loss change with the
   pocket book on (negative is better: the style and vocabulary were learnt).
 
+Besides, ``triage`` names the quickstart's own data (not written: shipped in the package).
+
     python benchmarks/sweep_tasks.py OUT_FOLDER   # writes each task's train and test files
 """
 
@@ -128,6 +130,13 @@ def write(out: Path) -> dict[str, dict[str, Any]]:
         tasks[name] = {"train": str(out / f"{name}_train.jsonl"),
                        "test": str(out / f"{name}_test.jsonl"), "chat": chat,
                        "score": "exact match", "rows": len(train)}
+    # the quickstart's own triage chats (shipped in the package), as a fourth check of the
+    # chosen defaults: not one of the sweep's unseen tasks
+    from adapterkit.quickstart import data_dir
+
+    tasks["triage"] = {"train": str(data_dir() / "triage_train.jsonl"),
+                       "test": str(data_dir() / "triage_test.jsonl"), "chat": True,
+                       "score": "exact match", "rows": 240}
     train_text, test_text = gazetteer(rng)
     (out / "gazetteer_train.txt").write_text("\n\n".join(train_text) + "\n")
     (out / "gazetteer_test.json").write_text(json.dumps(test_text))

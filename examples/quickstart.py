@@ -15,7 +15,7 @@ The work itself is :func:`adapterkit.quickstart.part_one` (what ``adapterkit qui
 1`` runs from any folder, with the data shipped in the package). The same through the CLI:
 
     adapterkit train sft --base smollm2-135m --data examples/data/triage_train.jsonl \\
-        --name triage --lr 1e-3 --general general --forgetting-budget 1%
+        --name triage --guard-weight 0.3   # lr 1e-3, the 1% guard, --general: sft's defaults
     adapterkit eval triage --data examples/data/triage_test.jsonl --general general
 """
 

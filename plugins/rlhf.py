@@ -123,7 +123,7 @@ class RLHF(Trainer):
                                   "preference pairs: give a prompt/chosen/rejected file, or "
                                   "--reward NAME")
             stage_name = job.name.split("@")[0] + "-reward"
-            stage_options = replace(job.options, trainer_options={}, forgetting_budget=None,
+            stage_options = replace(job.options, trainer_options={}, forgetting_budget=0,
                                     guard_weight=None, max_steps=o.reward_steps or
                                     job.options.max_steps)
             try:

@@ -161,7 +161,7 @@ def test_unknown_trainer_option_lists_the_known_ones(tiny_base, adapterkit_data,
     ("--dropout", "1", "dropout"), ("--dropout", "nan", "dropout"),
     ("--eval-split", "1", "eval_split"), ("--guard-weight", "-1", "guard_weight"),
     ("--early-stopping", "-1", "early_stopping"), ("--early-stopping", "2", "early_stopping"),
-    ("--guard-weight", "inf", "guard_weight"), ("--forgetting-budget", "0", "forgetting_budget"),
+    ("--guard-weight", "inf", "guard_weight"), ("--forgetting-budget", "-1", "forgetting_budget"),
     ("--forgetting-budget", "nan", "forgetting_budget"),
 ])
 def test_every_numeric_train_option_is_range_checked(flag, value, option, train_args,

@@ -27,7 +27,7 @@ def _rows(path: str) -> list[dict]:
 
 def test_sweep_tasks_hold_out_combinations_never_seen_in_training(tmp_path):
     tasks = _bench("sweep_tasks").write(tmp_path)
-    assert set(tasks) == {"routing", "listing", "gazetteer"}
+    assert set(tasks) == {"routing", "listing", "gazetteer", "triage"}
 
     tasks_module = _bench("sweep_tasks")
 

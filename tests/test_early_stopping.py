@@ -39,8 +39,10 @@ def noisy(tmp_path):
 
 
 def options(**kw):
+    # forgetting_budget=0: without sft's default guard, which would choose the kept weights
     base = dict(max_steps=40, learning_rate=5e-2, batch_size=4, logging_steps=2, save_steps=10,
-                r=8, alpha=16, dropout=0.0, eval_split=0.25, precision="fp32")
+                r=8, alpha=16, dropout=0.0, eval_split=0.25, precision="fp32",
+                forgetting_budget=0)
     base.update(kw)
     return TrainOptions(**base)
 
@@ -109,6 +111,16 @@ def test_with_the_forgetting_guard_it_is_off_by_default_and_refused_when_asked(
                     options=options(max_steps=4, forgetting_budget=50.0, general="general"),
                     home=home, plugins=pm)
     assert "early_stopping" not in guarded.metrics and "guard" in guarded.metrics
+    # sft's default guard (no budget given) wins over the default early stopping too...
+    default = train("sft", base=str(tiny_base), data=str(noisy), name="default-guard",
+                    options=options(max_steps=4, forgetting_budget=None), home=home,
+                    plugins=pm)
+    assert "early_stopping" not in default.metrics and default.metrics["guard"]["budget_pct"] == 1
+    # ...and yields to early stopping asked for by name
+    stopping = train("sft", base=str(tiny_base), data=str(noisy), name="asked-stopping",
+                     options=options(max_steps=4, forgetting_budget=None, early_stopping=2),
+                     home=home, plugins=pm)
+    assert "guard" not in stopping.metrics and stopping.metrics["early_stopping"]["patience"] == 2
 
 
 def test_the_last_steps_are_evaluated_too(tiny_base, home, noisy, pm):

@@ -65,7 +65,8 @@ def completion_loss(model, tokenizer, rows):
 
 @pytest.mark.slow
 def test_kl_guard_reduces_forgetting(tiny_base, home, data, pm):
-    plain = train("sft", base=str(tiny_base), data=str(data), name="plain", options=opts(),
+    plain = train("sft", base=str(tiny_base), data=str(data), name="plain",
+                  options=opts(forgetting_budget=0),  # no guard (sft's default has one)
                   home=home, plugins=pm).metrics["forgetting"]["general_loss_change_pct"]
     guarded = train("sft", base=str(tiny_base), data=str(data), name="guarded",
                     options=opts(guard_weight=3.0), home=home, plugins=pm)
@@ -142,11 +143,14 @@ def test_budget_restores_the_last_weights_within_it(tiny_base, home, data, pm):
     kept = max(step for step in (10, 20) if changes[step] <= budget)
 
     seen.weights.clear()
+    said: list[str] = []
     result = train("sft", base=str(tiny_base), data=str(data), name="budget",
                    options=opts(forgetting_budget=budget, guard_weight=0.0), home=home,
-                   plugins=pm, callbacks=[seen])
+                   plugins=pm, callbacks=[seen], progress=said.append)
     guard = result.metrics["guard"]
     assert guard["restored"] is True and guard["within_budget"] is True
+    # a rollback is said, not only recorded
+    assert any(f"kept step {kept}'s" in line for line in said), said
     assert guard["kept_step"] == kept
     # measured newest first, and no further than the first within the budget
     assert [c["step"] for c in guard["checks"]] == [30, 20, 10][:[30, 20, 10].index(kept) + 1]

@@ -71,6 +71,13 @@ def test_the_recipe_trains_part_two_as_the_scripts_do(home):
     assert bedside.trainer == "dpo"
     o = bedside.options
     assert (o.max_steps, o.batch_size, o.forgetting_budget) == (PART_TWO_STEPS, PART_TWO_BATCH, 1.0)
+    # part one: the quickstart's own guard weight, not sft's default
+    from adapterkit.training.build import DEFAULT_GUARD_WEIGHT
+
+    triage = next(stage for stage in recipe.stages if stage.name == "triage")
+    o = triage.options
+    assert (o.learning_rate, o.forgetting_budget, o.guard_weight, o.general) == (
+        1e-3, 1.0, DEFAULT_GUARD_WEIGHT, "general")
 
 
 @pytest.mark.slow

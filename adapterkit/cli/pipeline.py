@@ -58,7 +58,8 @@ def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, as_json: bool,
           from: STAGE|BOOK     instead of on:, continue a copy of one
           set: {KEY: VALUE}    trainer options (`train --set`), e.g. {beta: 0.1}
           OPTION: VALUE        any training option, overriding the default
-                               (`OPTION: null` unsets general, forgetting_budget...)
+                               (`OPTION: null`: back to the trainer's default;
+                               `forgetting_budget: off`: no guard)
 
     \b
     Example (examples/quickstart_recipe.yaml):

@@ -215,7 +215,8 @@ class _Stopped(KeyboardInterrupt):
 @click.option("--alpha", type=int, help="LoRA alpha (default 32).")
 @click.option("--dropout", type=float, help="LoRA dropout (default 0.05).")
 @click.option("--target-modules", help="Comma-separated linear layers, or all-linear (default).")
-@click.option("--lr", type=float, help="Learning rate (default 2e-4).")
+@click.option("--lr", type=float, help="Learning rate (default: the trainer's; sft 1e-3, "
+                                       "measured in docs/defaults.md; the others 2e-4).")
 @click.option("--epochs", type=float, help="Epochs (default 1).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--batch-size", type=int, help="Per-device batch size (default 8).")
@@ -227,15 +228,19 @@ class _Stopped(KeyboardInterrupt):
 @click.option("--early-stopping", type=int, metavar="PATIENCE",
               help="With --eval-split: stop when the eval loss has not improved for PATIENCE "
                    "evaluations (about ten a run) and keep the best evaluation's pocket book "
-                   "(default 3 with an eval split; 0: off).")
+                   "(default 3 with an eval split and no forgetting guard, so not for sft "
+                   "unless --forgetting-budget off; giving it turns sft's default guard off; "
+                   "0: off).")
 @click.option("--chat/--no-chat", default=None,
               help="Render rows with the base's chat template (default: if it has one).")
 @click.option("--general", help="General-English text for the forgetting check "
                                 "(`general` = the text shipped with adapterkit).")
-@click.option("--forgetting-budget", help="Max rise of general-text loss, e.g. 1%: turns on the "
-                                          "forgetting guard (sft, dpo; other trainers refuse it).")
-@click.option("--guard-weight", type=float, help="Weight of the KL-to-base term (default 0.3 with "
-                                                 "a budget; 0 disables it).")
+@click.option("--forgetting-budget", help="Max rise of general-text loss, e.g. 1%: the "
+                                          "forgetting guard (sft: on at 1% by default, 0 or off "
+                                          "turns it off; dpo: off by default; other trainers "
+                                          "refuse it).")
+@click.option("--guard-weight", type=float, help="Weight of the KL-to-base term (default with a "
+                                                 "budget: sft 3, dpo 0.3; 0 disables it).")
 @click.option("--anchor", help="Anchor prose for the KL term (default: shipped anchor text).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]),
               help="auto (default): bfloat16 where the hardware computes it fast (a GPU with "

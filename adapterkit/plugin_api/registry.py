@@ -83,6 +83,11 @@ class Trainer(Registrable):
     #: then hands the instance to :meth:`train` as ``job.trainer_options``. ``None``: the
     #: trainer takes no trainer options, and any given is refused.
     options: type[Any] | None = None
+    #: Training options this trainer uses where a run leaves them unset (``None``: no flag,
+    #: recipe key or Python argument gave them), e.g. ``{"learning_rate": 1e-3}``: defaults
+    #: measured for this objective (the built-in ``sft``'s: ``docs/defaults.md``). Anything a
+    #: run sets wins; a ``guard_weight`` default applies only where the guard is on.
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def train(self, **job: Any) -> Any:
         """Train and return the trained PEFT model plus metrics. Called with keyword arguments.

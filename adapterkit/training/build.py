@@ -221,8 +221,9 @@ def _for_precision(model: Any) -> Any:
 
 
 def guard_requested(options: TrainOptions) -> bool:
-    """Whether ``options`` ask for the forgetting guard (a budget, or a KL weight above 0)."""
-    return options.forgetting_budget is not None or (options.guard_weight or 0) > 0
+    """Whether ``options`` ask for the forgetting guard (a budget, or a KL weight above 0; a
+    budget of 0, ``off``, asks for none)."""
+    return bool(options.forgetting_budget) or (options.guard_weight or 0) > 0
 
 
 def applies_guard(trainer: Any) -> bool:

@@ -33,7 +33,9 @@ class TrainOptions:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str = "all-linear"
-    learning_rate: float = 2e-4
+    #: ``None``: the trainer's default (``sft``: 1e-3, measured; the others:
+    #: :data:`DEFAULT_LEARNING_RATE`).
+    learning_rate: float | None = None
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 8
@@ -52,8 +54,11 @@ class TrainOptions:
     #: General-English text for the forgetting check (a file, or ``general`` for the shipped one).
     general: str | None = None
     #: Largest allowed relative rise of general-text loss, in percent (the forgetting guard).
+    #: ``None``: the trainer's default (``sft``: 1%, measured; the others: no guard); ``0``
+    #: (``off``): no guard.
     forgetting_budget: float | None = None
-    #: Weight of the KL term toward the base on anchor text (0 = off; default 0.3 with a budget).
+    #: Weight of the KL term toward the base on anchor text (0 = off; ``None``: the trainer's
+    #: default with a budget — ``sft`` 3 — else 0.3).
     guard_weight: float | None = None
     #: Anchor text for the KL term (default: the anchor prose shipped with adapterkit).
     anchor: str | None = None
@@ -79,6 +84,9 @@ class TrainOptions:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+#: The learning rate of a trainer that declares none in ``Trainer.defaults``.
+DEFAULT_LEARNING_RATE = 2e-4
 
 _POSITIVE = ("r", "alpha", "batch_size", "grad_accum", "max_length", "logging_steps",
              "save_steps", "guard_every", "epochs", "learning_rate")
@@ -188,6 +196,8 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
     clean = {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        if name == "forgetting_budget" and (value is False or str(value).lower() == "off"):
+            value = 0.0  # YAML reads a bare `off` as false
         if name in known:
             clean[name] = _coerce(name, value, hints[name], problems)
     problems += tracker_problems(clean.get("report_to"))  # as given: "none" beside others
@@ -229,14 +239,15 @@ def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str
         ("dropout", 0 <= options.dropout < 1, f"must be in [0, 1), got {options.dropout}"),
         ("eval_split", 0 <= options.eval_split < 1,
          f"must be in [0, 1), got {options.eval_split}"),
-        ("forgetting_budget", options.forgetting_budget is None or options.forgetting_budget > 0,
-         f"must be a positive percentage, got {options.forgetting_budget}"),
+        ("forgetting_budget", options.forgetting_budget is None or options.forgetting_budget >= 0,
+         f"must be a positive percentage (0 or off: no guard), got "
+         f"{options.forgetting_budget}"),
         ("guard_weight", options.guard_weight is None or options.guard_weight >= 0,
          f"must be ≥ 0, got {options.guard_weight}"),
         ("early_stopping", options.early_stopping is None or options.early_stopping >= 0,
          f"must be ≥ 0 (0: off), got {options.early_stopping}"),
     ]
-    if options.early_stopping and options.forgetting_budget is not None:
+    if options.early_stopping and options.forgetting_budget:
         problems.append("early_stopping: the forgetting guard (forgetting_budget) already "
                         "chooses which weights are kept; use one or the other")
     elif options.early_stopping and not options.eval_split:
@@ -248,6 +259,38 @@ def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str
     if trackers:
         problems += tracker_problems(options.report_to)
     return problems
+
+
+def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
+    """``options`` as a run of ``trainer`` uses them: the trainer's measured defaults
+    (``Trainer.defaults``) where they are unset, :data:`DEFAULT_LEARNING_RATE` where neither
+    sets a learning rate, and a forgetting budget of 0 (``off``) read as no guard.
+
+    A default guard yields to what the run asked for instead: early stopping (which chooses
+    the kept weights itself) or a KL weight of 0. A default ``guard_weight`` applies only where
+    the guard ends up on, so it never turns a KL term on by itself.
+    """
+    defaults = dict(getattr(trainer, "defaults", None) or {})
+    unsettable = {f.name for f in dataclasses.fields(TrainOptions) if f.default is None}
+    wrong = sorted(k for k in defaults if k not in unsettable)
+    if wrong:  # a plugin's bug: only options a run can leave unset (None) have defaults
+        raise PluginError(
+            f"trainer {getattr(trainer, 'name', trainer)!r} declares defaults for "
+            f"{', '.join(wrong)}: Trainer.defaults takes only the training options whose own "
+            f"default is None ({', '.join(sorted(unsettable))})")
+    values = {k: v for k, v in defaults.items() if getattr(options, k, None) is None}
+    if "forgetting_budget" in values and (options.early_stopping
+                                          or options.guard_weight == 0):
+        del values["forgetting_budget"]
+    budget = values.get("forgetting_budget", options.forgetting_budget)
+    if not budget:
+        values.pop("guard_weight", None)
+    resolved = dataclasses.replace(options, **values)
+    if resolved.learning_rate is None:
+        resolved.learning_rate = DEFAULT_LEARNING_RATE
+    if resolved.forgetting_budget == 0:
+        resolved.forgetting_budget = None
+    return resolved
 
 
 def check_options(options: TrainOptions) -> None:

@@ -205,7 +205,8 @@ def _shared_options(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
 
 def _options(values: dict[str, Any], trainer: Any) -> TrainOptions:
     """:func:`build_options` over ``values``, where ``null`` resets an option that can be unset
-    (``general: null`` in a stage turns off the recipe's forgetting check for that stage)."""
+    to the trainer's own default (``general: null`` in a ``dpo`` stage turns off the recipe's
+    forgetting check for that stage; ``sft`` measures it by default)."""
     nulls = [k for k, v in values.items() if v is None]
     wrong = [k for k in nulls if k not in _NULLABLE]
     if wrong:

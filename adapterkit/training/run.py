@@ -38,7 +38,12 @@ from adapterkit.training.build import (
 from adapterkit.training.data import Data, as_chat, load_data
 from adapterkit.training.job import TrainJob, TrainResult
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
-from adapterkit.training.options import TrainOptions, build_trainer_options, check_options
+from adapterkit.training.options import (
+    TrainOptions,
+    build_trainer_options,
+    check_options,
+    with_defaults,
+)
 from adapterkit.training.save import (
     adapter_to_fp32,
     checksum,
@@ -197,6 +202,8 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     pm = plugins
     trainer_obj = pm.trainer(trainer)
     check_options(options)  # values out of range, for options built in Python (the CLI's are)
+    options = with_defaults(trainer_obj, options)  # the trainer's measured defaults where unset
+    check_options(options)  # what the defaults added, with what the run set
     # the trainer's own options, typed: every problem in one error, before anything is reserved
     trainer_options = build_trainer_options(trainer_obj, options)
     refuse_unapplied_guard(trainer, trainer_obj, options,
@@ -274,7 +281,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
                   options: TrainOptions | None = None) -> TrainResult:
         """Train another pocket book first, on the same resident base (rlhf's reward)."""
         stage_options = options or replace(job.options, trainer_options={},
-                                           forgetting_budget=None, guard_weight=None)
+                                           forgetting_budget=0, guard_weight=None)
         result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
                        options=stage_options, home=library.home, plugins=pm,
                        callbacks=callbacks, progress=say)
@@ -597,6 +604,10 @@ def _guard_report(run: _Run, model: Any, steps: int, base_loss: float, *, measur
     if guard.weight > 0 and not applied:
         run.say(f"Warning: the {run.trainer} trainer never added the forgetting guard's KL term "
                 "to its loss; recorded as KL weight 0.")
+    if report.restored:
+        run.say(f"Forgetting guard: the final weights were over the budget of "
+                f"{guard.budget_pct:g}%; kept step {report.kept_step}'s (the newest within it; "
+                "--forgetting-budget off keeps the final ones).")
     if report.within_budget is False:
         run.say(f"Warning: no checkpoint stayed within the forgetting budget of "
                 f"{guard.budget_pct}%; kept the final weights. Lower the learning rate, or "
