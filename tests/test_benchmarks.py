@@ -4,21 +4,17 @@ interrupted sweep resumes, a random base has the real shape, and bad arms are re
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _bench(name: str):
-    path = str(ROOT / "benchmarks")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return importlib.import_module(name)
+    return load_script("benchmarks", name)
 
 
 def _rows(path: str) -> list[dict]:
@@ -123,3 +119,43 @@ def test_bench_train_wall_refuses_bad_arms_before_any_run(argv, message, monkeyp
     with pytest.raises(SystemExit) as exc:
         bench.main()
     assert message in str(exc.value)
+
+
+def test_bench_search_table_sets_the_search_beside_the_grids_best_within_the_budget(
+        tmp_path, capsys):
+    bench = _bench("bench_search")
+    grid = tmp_path / "sweep.jsonl"
+    runs = [  # hand values: the best within 1% is the 80.0 run, not the 95.0 one at +3%; it is
+        # also the chosen defaults on routing's 152 rows (19 steps an epoch: two epochs)
+        {"key": "routing lr=0.001 r=16 epochs=2 guard=True weight=3", "task": "routing",
+         "score": 80.0, "forgetting_pct": 0.5, "wall_seconds": 60.0},
+        {"key": "routing lr=0.002 r=16 epochs=1 guard=False", "task": "routing",
+         "score": 95.0, "forgetting_pct": 3.0, "wall_seconds": 50.0},
+        {"key": "routing lr=0.0002 r=16 epochs=1 guard=False", "task": "routing",
+         "score": 30.0, "forgetting_pct": 0.2, "wall_seconds": 40.0}]
+    grid.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    results = tmp_path / "search.jsonl"
+    results.write_text(json.dumps({"task": "routing", "trials": 8, "score": 85.0,
+                                   "forgetting_pct": 0.75, "lr": 1.5e-3, "r": 32,
+                                   "wall_seconds": 321.0}) + "\n")
+    bench.table(grid, results)
+    out = capsys.readouterr().out
+    assert ("| routing | 85.0 / +0.75%, lr 1.50e-03, r 32 (8 trials) | 321 | 80.0 / +0.50% "
+            "(lr=0.001 r=16 epochs=2 guard=True weight=3) | 3 runs, 150 | 80.0 / +0.50%, 60 |"
+            ) in out
+
+
+@pytest.mark.slow
+def test_bench_search_scores_the_kept_pocket_book_on_the_tasks_held_out_rows(
+        tiny_base, tmp_path, capsys):
+    bench = _bench("bench_search")
+    results = tmp_path / "search.jsonl"
+    args = argparse.Namespace(results=str(results), base=str(tiny_base), bases=None,
+                              tasks="routing", trials=2)
+    bench.run(args)
+    (row,) = _rows(str(results))
+    assert row["task"] == "routing" and len(row["table"]) == 2
+    assert 0.0 <= row["score"] <= 100.0 and row["wall_seconds"] > 0
+    assert row["forgetting_pct"] <= 1.0  # kept within the budget
+    bench.run(args)  # a finished task is not run again
+    assert "routing: in " in capsys.readouterr().out and len(_rows(str(results))) == 1

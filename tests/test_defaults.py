@@ -21,7 +21,8 @@ def test_sft_uses_its_measured_defaults_where_nothing_is_set(trainer):
     # the values docs/defaults.md chose, written out: not read back from the plugin
     assert (got.learning_rate, got.forgetting_budget, got.guard_weight, got.general) == (
         1e-3, 1.0, 3.0, "general")
-    assert (got.r, got.epochs, got.early_stopping) == (16, 1.0, None)  # the rest as before
+    assert got.min_steps == 30 and got.epochs is None  # epochs follow the data's size
+    assert (got.r, got.early_stopping) == (16, None)  # the rest as before
 
 
 def test_what_a_run_sets_wins_over_the_trainers_defaults(trainer):
@@ -39,10 +40,10 @@ def test_a_budget_of_0_turns_the_default_guard_off_weight_included(off, trainer)
     assert got.learning_rate == 1e-3  # the other defaults still apply
 
 
-def test_the_default_guard_yields_to_early_stopping_and_to_a_kl_weight_of_0(trainer):
+def test_the_default_guard_yields_to_a_kl_weight_of_0_and_acts_with_early_stopping(trainer):
     sft = trainer("sft")
     stopping = with_defaults(sft, TrainOptions(eval_split=0.2, early_stopping=2))
-    assert stopping.forgetting_budget is None and stopping.guard_weight is None
+    assert stopping.forgetting_budget == 1.0 and stopping.early_stopping == 2
     no_kl = with_defaults(sft, TrainOptions(guard_weight=0.0))
     assert no_kl.forgetting_budget is None and no_kl.guard_weight == 0.0
     # a weight of its own keeps the default budget (the guard stays on, at that weight)
@@ -107,6 +108,47 @@ def test_off_reads_as_no_guard_from_a_flag_or_a_recipe(value, tmp_path):
     assert build_options(recipe).forgetting_budget == 0.0
 
 
+@pytest.mark.parametrize("value", ["off", "Off", False])
+def test_general_off_turns_the_default_forgetting_check_off(value, trainer, tmp_path):
+    got = with_defaults(trainer("sft"), build_options(overrides={"general": value}))
+    assert got.general is None and got.forgetting_budget == 1.0  # the guard stays on
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"general: {str(value).lower()}\n")  # YAML: `off` is false
+    assert with_defaults(trainer("sft"), build_options(recipe)).general is None
+    # in Python too, and for a trainer that measures nothing by default
+    assert with_defaults(trainer("sft"), TrainOptions(general="off")).general is None
+    assert with_defaults(trainer("dpo"), TrainOptions(general="off")).general is None
+
+
+@pytest.mark.parametrize("rows,batch,processes,expected", [
+    (152, 8, 1, 2.0),  # the sweep's routing task: 19 steps an epoch → 2 epochs, 38 steps
+    (120, 8, 1, 2.0),  # gazetteer: 15 → 2, exactly 30
+    (240, 8, 1, 1.0),  # the quickstart's triage data: 30 steps in one epoch
+    (16, 8, 1, 3.0),   # 2 steps an epoch would need 15: at most 3
+    (152, 4, 2, 2.0),  # global batch 8 on 2 processes, as one process of 8
+    (1000, 8, 1, 1.0),
+])
+def test_sft_trains_small_data_for_at_least_30_steps(rows, batch, processes, expected, trainer):
+    from adapterkit.training.options import with_data_defaults
+
+    got = with_data_defaults(with_defaults(trainer("sft"), TrainOptions(batch_size=batch)),
+                             rows, processes)
+    assert got.epochs == expected and got.min_steps == 30
+
+
+def test_epochs_or_max_steps_given_and_other_trainers_keep_one_epoch(trainer):
+    from adapterkit.training.options import with_data_defaults
+
+    sft = trainer("sft")
+    assert with_data_defaults(with_defaults(sft, TrainOptions(epochs=1)), 16).epochs == 1
+    assert with_data_defaults(with_defaults(sft, TrainOptions(max_steps=4)), 16).epochs == 1
+    assert with_data_defaults(with_defaults(sft, TrainOptions(min_steps=0)), 16).epochs == 1
+    assert with_data_defaults(with_defaults(sft, TrainOptions(min_steps=4)), 16).epochs == 2
+    assert with_data_defaults(with_defaults(trainer("dpo"), TrainOptions()), 16).epochs == 1
+    with pytest.raises(ConfigError, match="min_steps: must be ≥ 0"):
+        build_options(overrides={"min_steps": -1})
+
+
 def test_a_negative_budget_is_still_refused():
     from adapterkit import ConfigError
 
@@ -135,3 +177,28 @@ def test_train_sft_with_no_flags_records_the_defaults_it_used_and_off_turns_the_
     options = meta["hyperparameters"]
     assert options["forgetting_budget"] is None and "guard" not in meta["metrics"]
     assert options["learning_rate"] == 1e-3
+    assert "general_loss_change_pct" in meta["metrics"]["forgetting"]  # still measured
+
+    out = adapterkit_cli("train", "sft", "--name", "unmeasured", "--forgetting-budget", "off",
+                         "--general", "off", *common)
+    assert out.exit_code == 0, out.output
+    meta = json.loads(adapterkit_cli("show", "unmeasured", "--json").output)
+    assert "guard" not in meta["metrics"]
+    assert "forgetting" not in meta["metrics"]
+
+
+@pytest.mark.slow
+def test_train_sft_on_16_rows_takes_3_epochs_unless_told_otherwise(adapterkit_cli, tiny_base,
+                                                                    adapterkit_data, home):
+    common = ["--base", tiny_base, "--data", adapterkit_data["prompt_completion"],
+              "--batch-size", "8", "--forgetting-budget", "off", "--general", "off"]
+    for name, flags, epochs, steps in [("auto", [], 3, 6), ("one", ["--epochs", "1"], 1, 2),
+                                       ("fewer", ["--min-steps", "4"], 2, 4),
+                                       # counted on the rows left after the eval split: 8
+                                       ("split", ["--min-steps", "4", "--eval-split", "0.5"],
+                                        3, 3)]:
+        out = adapterkit_cli("train", "sft", "--name", name, *common, *flags)
+        assert out.exit_code == 0, out.output
+        meta = json.loads(adapterkit_cli("show", name, "--json").output)
+        assert meta["hyperparameters"]["epochs"] == epochs, name
+        assert meta["metrics"]["steps"] == steps, name

@@ -39,7 +39,7 @@ def noisy(tmp_path):
 
 
 def options(**kw):
-    # forgetting_budget=0: without sft's default guard, which would choose the kept weights
+    # forgetting_budget=0: without sft's default guard (the tests of both together say so)
     base = dict(max_steps=40, learning_rate=5e-2, batch_size=4, logging_steps=2, save_steps=10,
                 r=8, alpha=16, dropout=0.0, eval_split=0.25, precision="fp32",
                 forgetting_budget=0)
@@ -101,26 +101,65 @@ def test_early_stopping_without_a_held_out_split_is_refused(tiny_base, home, noi
               options=options(eval_split=0.0, early_stopping=2), home=home, plugins=pm)
 
 
-def test_with_the_forgetting_guard_it_is_off_by_default_and_refused_when_asked(
+def test_with_the_forgetting_guard_the_budget_is_checked_on_the_best_evaluations_weights(
         tiny_base, home, noisy, pm):
-    """Both would choose which weights are kept: the guard does, early stopping stays out."""
-    with pytest.raises(ConfigError, match="use one or the other"):
-        train("sft", base=str(tiny_base), data=str(noisy), name="both",
-              options=options(early_stopping=2, forgetting_budget=5.0), home=home, plugins=pm)
-    guarded = train("sft", base=str(tiny_base), data=str(noisy), name="guarded",
-                    options=options(max_steps=4, forgetting_budget=50.0, general="general"),
-                    home=home, plugins=pm)
-    assert "early_stopping" not in guarded.metrics and "guard" in guarded.metrics
-    # sft's default guard (no budget given) wins over the default early stopping too...
+    """Both act: early stopping restores the best evaluation's weights, and the guard checks
+    its budget on those (and keeps them, within it here)."""
+    snaps = Snapshots()
+    result = train("sft", base=str(tiny_base), data=str(noisy), name="both",
+                   options=options(early_stopping=2, forgetting_budget=50.0, guard_every=2,
+                                   general="general"),
+                   home=home, plugins=pm, callbacks=[snaps])
+    record, guard = result.metrics["early_stopping"], result.metrics["guard"]
+    steps, losses = [s for s, _, _ in snaps.seen], [loss for _, loss, _ in snaps.seen]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert record["restored_best"] is True and record["best_step"] == steps[best] < steps[-1]
+    assert guard["kept_step"] == steps[best] and guard["restored"] is False
+    assert guard["within_budget"] is True and [c["step"] for c in guard["checks"]] == [
+        steps[best]]
+    assert any(s > steps[best] for s in guard["snapshots"])  # later ones existed, unused
+    saved = load_file(str(result.pocket_book.path / WEIGHTS_FILE))
+    assert all(torch.equal(saved[k], snaps.seen[best][2][k]) for k in saved)
+
+
+def test_over_the_budget_the_guard_falls_back_only_to_snapshots_before_the_kept_step(
+        tiny_base, monkeypatch):
+    """Given the best evaluation's step (8), the guard never takes a later snapshot (10,
+    within the budget) over it: it measures 8, then 6 (over), then 4 (within) and keeps 4's
+    weights. Losses by hand, keyed by each snapshot's weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterkit.training import guard as guard_module
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+                           LoraConfig(r=2, target_modules=["q_proj"]))
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    guard = guard_module.ForgettingGuard(AutoTokenizer.from_pretrained(tiny_base),
+                                         anchor_texts=["x"], general_texts=["y"],
+                                         budget_pct=1.0, weight=0.0)
+    losses = {2: 1.0, 4: 1.005, 6: 1.02, 8: 1.05, 10: 1.0}  # base loss 1.0; budget 1%
+    for step in (2, 4, 6, 10):
+        with torch.no_grad():
+            lora_b.fill_(step)
+        guard.snapshot(model, step)
+    with torch.no_grad():
+        lora_b.fill_(8)  # the weights early stopping restored: step 8's
+    monkeypatch.setattr(guard_module, "text_loss",
+                        lambda m, tok, texts: losses[int(lora_b[0, 0].item())])
+    report = guard.finish(model, 8, base_loss=1.0)
+    assert [c["step"] for c in report.checks] == [8, 6, 4]
+    assert report.kept_step == 4 and report.restored and report.within_budget
+    assert lora_b[0, 0].item() == 4
+
+
+def test_sft_stops_early_by_default_with_an_eval_split_under_its_default_guard(
+        tiny_base, home, noisy, pm):
     default = train("sft", base=str(tiny_base), data=str(noisy), name="default-guard",
                     options=options(max_steps=4, forgetting_budget=None), home=home,
                     plugins=pm)
-    assert "early_stopping" not in default.metrics and default.metrics["guard"]["budget_pct"] == 1
-    # ...and yields to early stopping asked for by name
-    stopping = train("sft", base=str(tiny_base), data=str(noisy), name="asked-stopping",
-                     options=options(max_steps=4, forgetting_budget=None, early_stopping=2),
-                     home=home, plugins=pm)
-    assert "guard" not in stopping.metrics and stopping.metrics["early_stopping"]["patience"] == 2
+    assert default.metrics["early_stopping"]["patience"] == 3
+    assert default.metrics["guard"]["budget_pct"] == 1
 
 
 def test_the_last_steps_are_evaluated_too(tiny_base, home, noisy, pm):

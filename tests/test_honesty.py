@@ -4,28 +4,18 @@ card, a quickstart or a benchmark prints is one measured in that run."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
 from adapterkit import ConfigError, Library, Trainer, TrainOptions, hookimpl, train
 from adapterkit.plugin_api.manager import get_plugin_manager
+from tests.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(max_steps=3, batch_size=8, learning_rate=1e-2, r=4, alpha=8, dropout=0.0,
             logging_steps=1, seed=0)
-
-
-def _script(folder: str, name: str):
-    """Import ``folder/name.py`` (an example or a benchmark) as a module."""
-    path = str(ROOT / folder)
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return importlib.import_module(name)
 
 
 # -- the forgetting guard acts where it is accepted ----------------------------------------------
@@ -160,7 +150,7 @@ def test_bedside_quickstart_prints_only_measured_preference_figures(tiny_base, h
     from adapterkit.pytest_plugin import TINY_ROWS
     from adapterkit.training.metrics import preference_accuracy
 
-    bedside = _script("examples", "quickstart_bedside")
+    bedside = load_script("examples", "quickstart_bedside")
     from peft import PeftModel
 
     base = load_base(str(tiny_base), home=home)
@@ -201,7 +191,7 @@ def test_bench_swap_counts_recompilations_with_torch_counters():
     """The recompilation figure comes from torch's own counter, so it can be above 0."""
     import torch
 
-    bench = _script("benchmarks", "bench_swap")
+    bench = load_script("benchmarks", "bench_swap")
     torch._dynamo.reset()
     compiled = torch.compile(torch.nn.Linear(4, 4), backend="eager", dynamic=False)
     counts = []
@@ -214,7 +204,7 @@ def test_bench_swap_counts_recompilations_with_torch_counters():
 
 @pytest.mark.slow
 def test_bench_swap_runs_with_mixed_ranks_on_a_tiny_base(monkeypatch, capsys):
-    bench = _script("benchmarks", "bench_swap")
+    bench = load_script("benchmarks", "bench_swap")
     monkeypatch.setattr(sys, "argv", ["bench_swap.py", "--base", "tiny", "--attached", "10",
                                       "--ranks", "2,4,8", "--no-compile"])
     bench.main()
@@ -228,7 +218,7 @@ def test_bench_swap_runs_with_mixed_ranks_on_a_tiny_base(monkeypatch, capsys):
 
 
 def test_bench_dpo_reruns_compare_like_with_like():
-    bench = _script("benchmarks", "bench_dpo")
+    bench = load_script("benchmarks", "bench_dpo")
     common = dict(max_steps=2, batch_size=8, learning_rate=1e-3, r=4, alpha=8, seed=0)
     first, rerun = bench.dpo_options(common, 0.1), bench.dpo_options(common, 0.2)
     assert first.general == "general"  # both run the forgetting check

@@ -68,6 +68,23 @@ def test_on_is_a_key_not_a_boolean(tmp_path, data, tiny_base, home):
     assert plan.stages[2].options.packing is False
 
 
+def test_general_off_is_read_as_no_forgetting_check_not_as_a_file(tmp_path, data, tiny_base,
+                                                                   home, pm):
+    """`general: off` (YAML's false) turns sft's default check off in a stage, as on the CLI."""
+    from adapterkit.training.options import with_defaults
+
+    recipe = two_stages(tiny_base)
+    recipe["general"] = "off"
+    recipe["stages"][1]["general"] = "general.txt"  # a stage may still measure its own
+    plan = load_recipe(write_recipe(tmp_path, recipe), home=home, plugins=pm)
+    first, second = plan.stages
+    assert with_defaults(pm.trainer("sft"), first.options).general is None
+    assert second.options.general.endswith("general.txt")
+    recipe["general"] = "general.txt"
+    other = load_recipe(write_recipe(tmp_path, recipe, "other.yaml"), home=home, plugins=pm)
+    assert other.stages[0].fingerprint != first.fingerprint  # off is part of what it trains
+
+
 # -- every problem at once, nothing written ------------------------------------------------------
 
 def test_every_problem_of_every_stage_is_reported_at_once(adapterkit_cli, data, tiny_base, home,

@@ -5,12 +5,14 @@ bad input refused before any work."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from adapterkit import ConfigError, TrainOptions, train
+from adapterkit.errors import RunStateError
 from adapterkit.library.metadata import CARD_FILE, WEIGHTS_FILE
 from adapterkit.library.store import Library
 from adapterkit.plugin_api.manager import get_plugin_manager
@@ -119,15 +121,34 @@ def test_an_interrupted_search_resumes_without_running_finished_trials_again(
     assert not (home / "runs" / "again-trial-1").exists()
 
 
+def test_a_resume_with_other_settings_is_refused_and_leaves_the_search_as_it_was(
+        tiny_base, home, pairs, pm):
+    kwargs = dict(base=str(tiny_base), data=str(pairs), name="same", space=["lr"], trials=2,
+                  home=home, plugins=pm)
+    with pytest.raises(KeyboardInterrupt):
+        search("sft", callbacks=[InterruptSecondTrial()], options=options(), **kwargs)
+    with pytest.raises(RunStateError, match=r"ran with other settings \(batch_size 4 → 2; "
+                                            r"max_steps 6 → 5\): give the same ones"):
+        search("sft", resume=True, options=options(batch_size=2, max_steps=5), **kwargs)
+    with pytest.raises(RunStateError, match=r"other settings \(budget_pct None → 2.0; general None → .general.\)"):
+        search("sft", resume=True, options=options(), budget=2.0, **kwargs)
+    pairs.write_text(pairs.read_text().replace("red", "crimson"))
+    with pytest.raises(RunStateError, match=r"other settings \(the data's content\)"):
+        search("sft", resume=True, options=options(), **kwargs)
+    assert (home / "runs" / ".search-same" / "study.db").exists()  # still resumable
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(space=["lr"], trials=0), "--trials must be at least 1"),
     (dict(space=["lr"], trials=2, budget=-1.0), "--budget must be a positive percentage"),
     (dict(space=["lr"], trials=2, options=options(eval_split=0.05)),
      "held-out split of at least 5 rows; --eval-split 0.05 of 30 rows holds out 1: give at "
      "least 101 rows, or a larger --eval-split"),
-    (dict(space=["lr"], trials=2, trainer="reward"),
-     "which reward pocket books (a reward head) do not record"),
     (dict(space=["lr"], trials=2, resume=True, restart=True), "give one"),
+    (dict(space=["lr"], trials=2, budget=1.0, trainer="reward"),
+     "reward pocket books (a reward head, which scores text) have none: leave --budget out"),
+    (dict(space=["lr"], trials=2, budget=1.0, options=options(general="off")),
+     "--budget keeps trials by their forgetting figure, which --general off turns off"),
     (dict(space=["lr"], trials=2, resume=True), "no interrupted search of bad to resume"),
 ])
 def test_bad_searches_are_refused_before_any_work(tiny_base, home, pairs, pm, kwargs, message):
@@ -146,9 +167,10 @@ def test_bad_searches_are_refused_before_any_work(tiny_base, home, pairs, pm, kw
     (["--trials", "3"], "--trials only go with --search"),
     (["--search", "lr", "--lr", "1e-3"], "--lr sets what --search lr varies"),
     (["--search", "lr", "--budget", "lots"], "--budget: expected a percentage"),
-    (["--search", "lr", "--processes", "2"], "leave out --processes"),
     (["--search", "lr", "--num-machines", "2", "--machine-rank", "0"],
-     "leave out --num-machines, --machine-rank"),
+     "--search trains its trials on this one machine (--processes N acts); leave out "
+     "--num-machines, --machine-rank"),
+    (["--search", "lr", "--processes", "0"], "--processes must be at least 1, got 0"),
     (["--search", "lr", "--resume", "--restart"], "give one"),
     (["--search", "lr", "--eval-split", "0.2", "--early-stopping", "2"],
      "leave --early-stopping out"),
@@ -213,3 +235,141 @@ def test_restart_after_an_interruption_discards_what_the_trials_left(tiny_base, 
     assert [row["trial"] for row in result.trials] == [0, 1]
     assert [s.name for s in Library(home).list(all_versions=True)] == ["over"]
     assert not list((home / "runs").glob("over-trial-*"))
+
+
+def test_a_trials_recipe_rebuilds_its_options_exactly(tmp_path):
+    """A launched trial's ranks read its options from a recipe file: every option survives,
+    and the ones left to the trainer's defaults stay unset."""
+    import yaml
+
+    from adapterkit.training.options import build_options
+    from adapterkit.training.search import trial_recipe
+
+    trial = TrainOptions(learning_rate=3.7e-4, r=32, alpha=64, max_steps=7, eval_split=0.2,
+                         early_stopping=0, forgetting_budget=0.0, general="general",
+                         report_to=["tensorboard"], trainer_options={"beta": 0.2},
+                         precision="fp32", packing=True)
+    recipe = tmp_path / "trial.yaml"
+    recipe.write_text(yaml.safe_dump(trial_recipe(trial)))
+    assert build_options(recipe) == trial
+    recipe.write_text(yaml.safe_dump(trial_recipe(TrainOptions(r=8))))
+    rebuilt = build_options(recipe)
+    assert rebuilt == TrainOptions(r=8) and rebuilt.learning_rate is None
+    assert rebuilt.forgetting_budget is None and rebuilt.guard_weight is None
+
+
+@pytest.mark.parametrize("config", [False, True])
+def test_a_search_across_machines_is_refused_before_any_work(tiny_base, home, pairs, pm,
+                                                             tmp_path, config):
+    launch = dict(processes=1, num_machines=2, main_address="127.0.0.1:29511")
+    if config:  # the machines asked for by an accelerate config file
+        path = tmp_path / "two.yaml"
+        path.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\n"
+                        "num_machines: 2\nnum_processes: 2\nmachine_rank: 0\n"
+                        "main_process_ip: 127.0.0.1\nmain_process_port: 29511\n")
+        launch = dict(config_file=str(path))
+    with pytest.raises(ConfigError, match="trains its trials on this one machine; the launch "
+                                          "asks for 2 machines"):
+        search("sft", base=str(tiny_base), data=str(pairs), name="far", space=["lr"],
+               trials=2, options=options(), home=home, plugins=pm, launch=launch)
+    assert Library(home).list(all_versions=True) == []
+    assert not (home / "runs" / ".search-far").exists()
+
+
+def test_a_resume_names_each_setting_that_changed():
+    from adapterkit.training.search import _setup_changes
+
+    was = {"trainer": "sft", "base": "b", "data": "/d.jsonl", "data_sha256": "1", "space": ["lr"],
+           "budget_pct": None, "on": None, "from": None, "processes": 1,
+           "options": {"r": 16, "seed": 0}}
+    now = {**was, "trainer": "dpo", "space": ["lr", "r"], "on": "triage", "data_sha256": "2",
+           "processes": 2, "options": {"r": 16, "seed": 1}}
+    assert _setup_changes(was, now) == [
+        "the data's content", "on None → 'triage'", "seed 0 → 1", "processes 1 → 2",
+        "space ['lr'] → ['lr', 'r']", "trainer 'sft' → 'dpo'"]
+    assert _setup_changes(was, dict(was)) == []
+
+
+@pytest.mark.slow
+def test_search_with_processes_trains_each_trial_on_two_ranks_as_one_process_would(
+        adapterkit_cli, tiny_base, pairs, home, capfd):
+    """``--search ... --processes 2``: each trial is a real two-rank run (gloo), whose pocket
+    book equals a one-process training of the kept trial's settings with the same global
+    batch (2 ranks x 2 rows against 1 x 4), to float round-off."""
+    from tests.test_distributed import ROUND_OFF, lora_gap
+
+    result = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", pairs, "--name",
+                            "wide", "--search", "lr", "--trials", "2", "--processes", "2",
+                            "--batch-size", "2", "--max-steps", "4", "--rank", "4",
+                            "--alpha", "8", "--dropout", "0", "--precision", "fp32",
+                            "--max-length", "64", "--forgetting-budget", "off")
+    out, err = capfd.readouterr()
+    assert result.exit_code == 0, result.output + out + err
+    assert "Trial 2/2:" in result.output and "Saved wide@1: trial " in result.output
+    assert "Saved wide-trial" not in out  # the ranks leave the report to the search
+    library = Library(home)
+    assert [s.name for s in library.list(all_versions=True)] == ["wide"]
+    book = library.get("wide")
+    meta = book.meta
+    assert meta.metrics["processes"] == 2 and len(meta.metrics["search"]["trials"]) == 2
+    kept = meta.metrics["search"]["trials"][meta.metrics["search"]["kept"]]
+    assert meta.hyperparameters["learning_rate"] == kept["lr"]
+    one = train("sft", base=str(tiny_base), data=str(pairs), name="one", home=home / "one",
+                options=TrainOptions(learning_rate=kept["lr"], batch_size=4, max_steps=4, r=4,
+                                     alpha=8, dropout=0.0, precision="fp32", max_length=64,
+                                     eval_split=0.2, early_stopping=0, forgetting_budget=0))
+    gap = lora_gap(one.pocket_book.path, book.path)
+    print(f"search trial on 2 processes vs 1: max |ΔLoRA| = {gap:.2e}")
+    assert gap < ROUND_OFF
+    assert not (home / "runs" / ".search-wide").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_reward_search_ranks_trials_by_the_reward_loss_on_held_out_pairs(
+        tiny_base, home, tmp_path, pm, chat):
+    """Every trainer searches: a reward head's held-out loss is TRL's reward loss on the held
+    out pairs, here checked against plain PEFT + transformers scoring the saved pocket book
+    on ids built by hand."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = [{"prompt": f"Greet person {i}.", "chosen": " Hello, nice to meet you!",
+             "rejected": " Go away."} for i in range(30)]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = search("reward", base=str(tiny_base), data=str(prefs), name="judge", space=["lr"],
+                    trials=2, options=options(batch_size=8, chat=chat), home=home, plugins=pm)
+    assert [s.name for s in Library(home).list(all_versions=True)] == ["judge"]
+    book = Library(home).get("judge")
+    evaluated = book.meta.metrics["eval"]
+    assert evaluated["pairs"] == 6
+    assert min(row["eval_loss"] for row in result.trials) == evaluated["loss"]
+
+    # the same held-out pairs, each answer scored alone (no padding) by plain PEFT
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    random.Random(0).shuffle(rows)  # the split as documented: seeded shuffle, first 20%
+    held_out = rows[:6]
+
+    def ids(prompt, answer):  # what TRL's reward trainer tokenizes
+        if chat:
+            return tok.apply_chat_template([{"role": "user", "content": prompt},
+                                            {"role": "assistant", "content": answer}],
+                                           tokenize=True, return_dict=True)["input_ids"]
+        return tok(prompt + answer + tok.eos_token)["input_ids"]
+
+    seq = AutoModelForSequenceClassification.from_pretrained(
+        tiny_base, num_labels=1, pad_token_id=tok.pad_token_id)
+    plain = PeftModel.from_pretrained(seq, book.path).eval()
+
+    def reward(prompt, answer):
+        with torch.no_grad():
+            return plain(input_ids=torch.tensor([ids(prompt, answer)])).logits[0, 0]
+
+    gaps = torch.stack([reward(r["prompt"], r["chosen"]) - reward(r["prompt"], r["rejected"])
+                        for r in held_out])
+    expected = float(-torch.nn.functional.logsigmoid(gaps).mean())
+    assert evaluated["loss"] == pytest.approx(expected, abs=1e-4)
+    assert evaluated["pair_accuracy"] == pytest.approx(float((gaps > 0).float().mean()))
+    assert "chosen ranked first in" in (book.path / CARD_FILE).read_text()

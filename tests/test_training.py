@@ -274,3 +274,27 @@ def test_packing_and_eval_split(tiny_base, home, tmp_path, pm):
     with pytest.raises(ConfigError, match="eval_split 0.5 leaves no training rows out of 1"):
         train("sft", base=str(tiny_base), data=str(one), name="bad",
               options=fast(eval_split=0.5), home=home, plugins=pm)
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_the_epochs_the_interrupted_run_set_out_for(tiny_base, home, pc_file, pm):
+    """Epochs left to min_steps are resolved when a run starts; a resume whose options would
+    resolve others (here min_steps 8 → 3 epochs) goes on with the interrupted run's (2)."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    rows = len(pc_file.read_text().splitlines())
+    per_epoch = -(-rows // 4)
+    two = dict(max_steps=-1, save_steps=2, min_steps=per_epoch + 1, forgetting_budget=0)
+    with pytest.raises(KeyboardInterrupt):
+        train("sft", base=str(tiny_base), data=str(pc_file), name="e", home=home, plugins=pm,
+              options=fast(**two), callbacks=[Interrupt()])
+    three = {**two, "min_steps": 2 * per_epoch + 1}
+    result = train("sft", base=str(tiny_base), data=str(pc_file), name="e", home=home,
+                   plugins=pm, options=fast(**three), resume=True)
+    assert result.metrics["steps"] == 2 * per_epoch
+    assert result.pocket_book.meta.hyperparameters["epochs"] == 2.0

@@ -25,7 +25,8 @@ def options() -> list[Any]:
                           "sampler), score each on a held-out split (--eval-split, default "
                           "20%), keep the best under NAME and discard the others; the trial "
                           "table goes into the metadata and the card. --resume continues an "
-                          "interrupted search."),
+                          "interrupted search; with --processes N each trial trains on N "
+                          "processes of this machine."),
         click.option("--trials", type=int, help="Trainings of --search (default 8)."),
         click.option("--budget", metavar="PCT",
                      help="--search keeps only trials whose general-text loss rises by at most "
@@ -55,10 +56,14 @@ def check(space_text: str | None, trials: int | None, budget: str | None,
     if clash:
         raise ConfigError(f"{', '.join(clash)} sets what --search {space_text} varies: give one "
                           "or the other")
-    launching = [f"--{k.replace('_', '-')}" for k, v in launch.items() if v is not None]
-    if launching:
-        raise ConfigError(f"--search runs its trials in this one process; leave out "
-                          f"{', '.join(launching)}")
+    # each trial may train on several processes of this machine; the study itself follows
+    # one sequence of draws, which machines apart would each have to share
+    elsewhere = [f"--{k.replace('_', '-')}" for k, v in launch.items()
+                 if v is not None and k not in ("processes", "accelerate_config",
+                                                "rendezvous_timeout")]
+    if elsewhere:
+        raise ConfigError(f"--search trains its trials on this one machine (--processes N "
+                          f"acts); leave out {', '.join(elsewhere)}")
     return space, 8 if trials is None else trials, _percent(budget)
 
 
@@ -76,16 +81,20 @@ def _percent(text: str | None) -> float | None:
 
 def run(trainer: str, *, base: str, data: str, name: str, train_options: Any, state: Any,
         space: list[str], trials: int, budget: float | None, on: str | None,
-        start_from: str | None, resume: bool, restart: bool, as_json: bool) -> None:
+        start_from: str | None, resume: bool, restart: bool, as_json: bool,
+        launch: dict[str, Any] | None = None) -> None:
     """Run the search and report it: the trial table, then the kept pocket book."""
+    from adapterkit.training.launch import quiet_launcher
     from adapterkit.training.progress import progress_callback
     from adapterkit.training.search import search
 
+    if launch and ((launch.get("processes") or 1) > 1 or launch.get("config_file")):
+        quiet_launcher()  # before torch is first imported, as train --processes does
     try:
         result = search(trainer, base=base, data=data, name=name, space=space, trials=trials,
                         budget=budget, options=train_options, home=state["home"],
                         plugins=state["plugins"], on=on, start_from=start_from, resume=resume,
-                        restart=restart,
+                        restart=restart, launch=launch,
                         callbacks=[progress_callback(f"{trainer}/{train_options.method}")],
                         progress=None if as_json else say)
     except KeyboardInterrupt:

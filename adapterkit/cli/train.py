@@ -23,7 +23,7 @@ from adapterkit.training.launch import DEFAULT_RENDEZVOUS_TIMEOUT
 _OPTION_FLAGS = {
     "method": "method", "rank": "r", "alpha": "alpha", "dropout": "dropout",
     "target_modules": "target_modules", "lr": "learning_rate", "epochs": "epochs",
-    "max_steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum",
+    "min_steps": "min_steps", "max_steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum",
     "max_length": "max_length", "packing": "packing", "seed": "seed", "eval_split": "eval_split",
     "early_stopping": "early_stopping",
     "general": "general", "forgetting_budget": "forgetting_budget",
@@ -217,7 +217,14 @@ class _Stopped(KeyboardInterrupt):
 @click.option("--target-modules", help="Comma-separated linear layers, or all-linear (default).")
 @click.option("--lr", type=float, help="Learning rate (default: the trainer's; sft 1e-3, "
                                        "measured in docs/defaults.md; the others 2e-4).")
-@click.option("--epochs", type=float, help="Epochs (default 1).")
+@click.option("--epochs", type=float, help="Epochs (default 1; sft: more on small data, so "
+                                           "that a run takes at least --min-steps steps, at "
+                                           "most 3 epochs).")
+@click.option("--min-steps", type=int, help="Without --epochs: the fewest optimizer steps a "
+                                            "run takes (rows per global batch), small data "
+                                            "getting up to 3 epochs (sft default 30, measured "
+                                            "in docs/defaults.md; 0: one epoch; not with "
+                                            "--packing).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--batch-size", type=int, help="Per-device batch size (default 8).")
 @click.option("--grad-accum", type=int, help="Gradient accumulation steps (default 1).")
@@ -228,13 +235,14 @@ class _Stopped(KeyboardInterrupt):
 @click.option("--early-stopping", type=int, metavar="PATIENCE",
               help="With --eval-split: stop when the eval loss has not improved for PATIENCE "
                    "evaluations (about ten a run) and keep the best evaluation's pocket book "
-                   "(default 3 with an eval split and no forgetting guard, so not for sft "
-                   "unless --forgetting-budget off; giving it turns sft's default guard off; "
-                   "0: off).")
+                   "(default 3 with an eval split; 0: off). With the forgetting guard, its "
+                   "budget is checked on that pocket book.")
 @click.option("--chat/--no-chat", default=None,
               help="Render rows with the base's chat template (default: if it has one).")
 @click.option("--general", help="General-English text for the forgetting check "
-                                "(`general` = the text shipped with adapterkit).")
+                                "(`general` = the text shipped with adapterkit, sft's default; "
+                                "`off`: no forgetting figure; the guard, when on, still checks "
+                                "its budget on the shipped text).")
 @click.option("--forgetting-budget", help="Max rise of general-text loss, e.g. 1%: the "
                                           "forgetting guard (sft: on at 1% by default, 0 or off "
                                           "turns it off; dpo: off by default; other trainers "
@@ -319,7 +327,9 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     if space:
         search.run(trainer, base=base, data=data, name=name, train_options=options, state=state,
                    space=space, trials=trials, budget=budget_pct, on=on, start_from=start_from,
-                   resume=resume, restart=restart, as_json=as_json)
+                   resume=resume, restart=restart, as_json=as_json,
+                   launch=dict(processes=processes, config_file=accelerate_config,
+                               rendezvous_timeout=rendezvous_timeout))
         return
     launch = dict(processes=processes, config_file=accelerate_config, num_machines=num_machines,
                   machine_rank=machine_rank, main_address=main_address,
@@ -385,10 +395,11 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
 
 
 def _reports() -> bool:
-    """Whether this process reports the run: the only one, or the main rank of several."""
-    from adapterkit.training.launch import ranks
+    """Whether this process reports the run: the only one, or the main rank of several
+    (unless the caller that launched it reports it: a ``--search`` trial)."""
+    from adapterkit.training.launch import NO_REPORT_ENV, ranks
 
-    return ranks().is_main
+    return ranks().is_main and not os.environ.get(NO_REPORT_ENV)
 
 
 def _parse_sets(items: tuple[str, ...]) -> dict[str, Any]:

@@ -188,7 +188,12 @@ def _results_section(meta: PocketBookMeta) -> str:
                 "tokens_per_second"):
         if m.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: {_fmt(m[key])}")
-    if m.get("eval"):
+    if m.get("eval") and "pair_accuracy" in m["eval"]:  # a reward head's held-out pairs
+        e = m["eval"]
+        lines.append(f"- eval loss (reward, −log σ(chosen − rejected)): {_fmt(e.get('loss'))}; "
+                     f"chosen ranked first in {e['pair_accuracy']:.1%} of {e['pairs']} pairs"
+                     if e.get("pairs") else "- eval: no held-out pair fits the max length")
+    elif m.get("eval"):
         lines.append(f"- eval loss: {_fmt(m['eval'].get('loss'))} "
                      f"(perplexity {_fmt(m['eval'].get('perplexity'))})")
     f = m.get("forgetting")

@@ -37,7 +37,8 @@ def planned_steps(options: TrainOptions, rows: int, processes: int = 1) -> int:
     if options.max_steps > 0:
         return options.max_steps
     per_step = options.batch_size * options.grad_accum * processes
-    return max(1, math.ceil(options.epochs * math.ceil(rows / per_step)))
+    epochs = 1.0 if options.epochs is None else options.epochs  # (None: not yet resolved)
+    return max(1, math.ceil(epochs * math.ceil(rows / per_step)))
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -282,12 +283,12 @@ class TrainJob:
 
     @property
     def early_stopping(self) -> int:
-        """Patience of early stopping on the eval split; 0 when off (no split, or asked off)."""
+        """Patience of early stopping on the eval split; 0 when off (no split, or asked off).
+        With the forgetting guard on too, the guard checks its budget on the best evaluation's
+        weights (and falls back to an earlier snapshot when they are over it)."""
         from adapterkit.training.early_stop import patience_of
         from adapterkit.training.launch import fsdp_enabled
 
-        if self.options.forgetting_budget is not None:
-            return 0  # the guard chooses the kept weights (options refuse asking for both)
         return patience_of(self.options.early_stopping, self.eval_data is not None,
                            sharded=fsdp_enabled())
 

@@ -27,6 +27,9 @@ from adapterkit.errors import ConfigError, LaunchError
 
 #: Set in every rank started by :func:`relaunch`: its errors go to the launcher, not stderr.
 LAUNCHED_ENV = "ADAPTERKIT_LAUNCHED"
+#: Set by a caller that reports the run itself (``--search`` for a launched trial): the main
+#: rank then prints no result of its own on stdout.
+NO_REPORT_ENV = "ADAPTERKIT_NO_REPORT"
 #: Seconds the machines of a multi-machine run wait for each other before giving up.
 DEFAULT_RENDEZVOUS_TIMEOUT = 60
 #: Seconds a rank waits in a collective (a barrier, a gradient all-reduce) for the others;

@@ -28,7 +28,7 @@ from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import refuse_unapplied_guard
 from adapterkit.training.data import Data, load_data, read_rows
-from adapterkit.training.options import TrainOptions, build_options
+from adapterkit.training.options import GENERAL_OFF, TrainOptions, build_options
 from adapterkit.training.run import run_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -306,7 +306,7 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
     resolved: dict[str, Any] = {}
     for key in _PATH_OPTIONS:
         spec = getattr(options, key)
-        if spec is not None:
+        if spec is not None and not (key == "general" and spec == GENERAL_OFF):
             resolved[key] = _resolve(spec, folder)
             try:
                 read_rows(resolved[key])
@@ -404,8 +404,8 @@ def _fingerprint(stages: list[Stage], base: str) -> None:
             "base": base, "trainer": stage.trainer, "data": stage.dataset.sha256,
             "options": {k: v for k, v in stage.options.as_dict().items()
                         if k not in _PATH_OPTIONS + _NOT_SHAPING},
-            "texts": {k: read_rows(getattr(stage.options, k))[2] for k in _PATH_OPTIONS
-                      if getattr(stage.options, k) is not None},
+            "texts": {k: v if (k, v) == ("general", GENERAL_OFF) else read_rows(v)[2]
+                      for k in _PATH_OPTIONS if (v := getattr(stage.options, k)) is not None},
             "on": parent if stage.on is not None and parent else stage.on,
             "from": parent if stage.start_from is not None and parent else stage.start_from,
         })

@@ -64,6 +64,59 @@ def render(tokenizer: Any, prompt: Any, completion: Any) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def rewards(model: Any, tokenizer: Any, sequences: list[list[int]], *,
+            batch_size: int = 16) -> list[float]:
+    """The scalar reward of each token sequence under ``model`` (a one-label
+    sequence-classification model, which reads the last token that is not padding), in
+    right-padded batches."""
+    import torch
+
+    pad = getattr(model.config, "pad_token_id", None)  # the token the head reads past
+    pad = tokenizer.pad_token_id if pad is None else pad
+    pad = tokenizer.eos_token_id if pad is None else pad
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(sequences), batch_size):
+        chunk = sequences[i: i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        out.extend(logits[:, 0].float().tolist())
+    return out
+
+
+def preference_eval(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *,
+                    max_length: int = 1024) -> dict[str, Any]:
+    """A reward model on held-out preference pairs (``rows`` rendered as it was trained on
+    them): TRL's reward loss, the mean of −log σ(r_chosen − r_rejected), and how often the
+    chosen answer scores higher. (Rows carry only prompt, chosen and rejected — the data
+    loader keeps a shape's own fields — so TRL trained without a ``margin`` too.) Pairs longer
+    than ``max_length`` are left out, as TRL's reward trainer leaves them out of training;
+    with none left, the loss is ``None``."""
+    import torch
+
+    pairs = [(render(tokenizer, r["prompt"], r["chosen"]),
+              render(tokenizer, r["prompt"], r["rejected"])) for r in rows]
+    pairs = [p for p in pairs if len(p[0]) <= max_length and len(p[1]) <= max_length]
+    if not pairs:
+        return {"loss": None, "pair_accuracy": None, "pairs": 0}
+    was_training = model.training
+    model.eval()  # LoRA dropout off: the figure is the saved weights'
+    try:
+        with torch.no_grad():
+            chosen = rewards(model, tokenizer, [p[0] for p in pairs])
+            rejected = rewards(model, tokenizer, [p[1] for p in pairs])
+    finally:
+        model.train(was_training)
+    gap = torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
+    return {"loss": float(torch.nn.functional.softplus(-gap).mean()),
+            "pair_accuracy": float((gap > 0).double().mean()), "pairs": len(pairs)}
+
+
 class RewardScorer:
     """Scores (prompt, completion) pairs with a reward pocket book on the resident base.
 
@@ -121,28 +174,14 @@ class RewardScorer:
         from adapterkit.lora import underlay
         from adapterkit.training.metrics import _adapter_off
 
-        pad = self.tokenizer.pad_token_id
-        pad = self.tokenizer.eos_token_id if pad is None else pad
-        device = next(self.model.parameters()).device
         off = _adapter_off(self.policy)  # a no-op without a policy
-        out: list[float] = []
         # No train()/eval() switching here: the backbone is shared with the policy, whose mode
         # belongs to its trainer. Nothing on the scoring path depends on the mode anyway (the
         # policy's LoRA, dropout included, is off; the reward LoRA is a plain hook).
         with torch.no_grad(), off, underlay.suspended(self.base.model, keep=self.gate), \
                 self.gate.set(True):
-            for i in range(0, len(sequences), self.batch_size):
-                chunk = [s[: self.max_length] for s in sequences[i: i + self.batch_size]]
-                width = max(len(s) for s in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, seq in enumerate(chunk):
-                    ids[row, : len(seq)] = torch.tensor(seq)
-                    mask[row, : len(seq)] = 1
-                logits = self.model(input_ids=ids.to(device),
-                                    attention_mask=mask.to(device)).logits
-                out.extend(logits[:, 0].float().tolist())
-        return out
+            return rewards(self.model, self.tokenizer,
+                           [s[: self.max_length] for s in sequences], batch_size=self.batch_size)
 
     def score(self, prompts: list[Any], completions: list[Any], *,
               chat: bool | None = None) -> list[float]:

@@ -42,6 +42,7 @@ from adapterkit.training.options import (
     TrainOptions,
     build_trainer_options,
     check_options,
+    with_data_defaults,
     with_defaults,
 )
 from adapterkit.training.save import (
@@ -213,6 +214,12 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     ref = library.reserve(name)
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
+    from adapterkit.training.launch import ranks
+
+    # epochs for this data (sft: enough for its min_steps), on the rows left after the split
+    epochs_given = options.epochs is not None
+    held_out = max(1, int(len(dataset.rows) * options.eval_split)) if options.eval_split else 0
+    options = with_data_defaults(options, len(dataset.rows) - held_out, ranks().world_size)
     if dataset.skipped:
         say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows): "
             f"row(s) {', '.join(map(str, dataset.skipped[:5]))}"
@@ -224,6 +231,9 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         options = options_of(parent, options)
     resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref)) \
         if checkpoint else None
+    if resume_from and not epochs_given:  # the epochs it set out for, whatever this resume's
+        # processes or split would resolve: the schedule goes on as it started
+        options = replace(options, epochs=_epochs_of(resume_from) or options.epochs)
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
                     general, workdir, parent, resume_from)
 
@@ -482,11 +492,18 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
         run.say("Forgetting check on general text...")
     if guard is not None:  # decides which weights are kept, before anything is measured on them
         before = base_loss(guard.general_texts)
+        # the weights on the model: the final step's, or early stopping's best evaluation's
+        best = stopped["best_step"] if stopped and stopped.get("restored_best") else None
         metrics["guard"] = _guard_report(
-            run, model, int(metrics.get("steps", 0)), before,
+            run, model, best or int(metrics.get("steps", 0)), before, early_stopped=bool(best),
             measured_in=metrics.get("measured_in", run.job.precision),
             base_loss_from="cache" if run.job.cache_reads.get(phase) else "this run")
-    if run.eval_data is not None and run.head != "reward":
+    if run.eval_data is not None and run.head == "reward":  # its own loss: pairs ranked
+        from adapterkit.training.reward import preference_eval
+
+        metrics["eval"] = preference_eval(model, tokenizer, run.job.rows(run.eval_data),
+                                          max_length=run.job.options.max_length)
+    elif run.eval_data is not None:
         metrics["eval"] = task_loss(model, tokenizer, run.eval_data.rows, chat=run.job.chat)
     if run.general is not None:
         if guard is not None and guard.general_texts == run.general:  # measured just now,
@@ -594,23 +611,28 @@ class _AfterAnother(LaunchError):
 
 
 def _guard_report(run: _Run, model: Any, steps: int, base_loss: float, *, measured_in: str,
-                  base_loss_from: str) -> dict[str, Any]:
+                  base_loss_from: str, early_stopped: bool = False) -> dict[str, Any]:
     """The forgetting guard as it acted: the KL weight only if its term was added to the loss
-    (a trainer that declared the guard but never added it trained without it)."""
+    (a trainer that declared the guard but never added it trained without it).
+
+    :param steps: the step whose weights the model holds (the best evaluation's when
+        ``early_stopped`` restored them; only snapshots before it are fallen back to).
+    """
     guard = run.guard
     assert guard is not None
     report = guard.finish(model, steps, base_loss)
+    which = f"best evaluation's (step {steps})" if early_stopped else "final"
     applied = guard.penalty_calls > 0
     if guard.weight > 0 and not applied:
         run.say(f"Warning: the {run.trainer} trainer never added the forgetting guard's KL term "
                 "to its loss; recorded as KL weight 0.")
     if report.restored:
-        run.say(f"Forgetting guard: the final weights were over the budget of "
+        run.say(f"Forgetting guard: the {which} weights were over the budget of "
                 f"{guard.budget_pct:g}%; kept step {report.kept_step}'s (the newest within it; "
-                "--forgetting-budget off keeps the final ones).")
+                f"--forgetting-budget off keeps the {which} ones).")
     if report.within_budget is False:
         run.say(f"Warning: no checkpoint stayed within the forgetting budget of "
-                f"{guard.budget_pct}%; kept the final weights. Lower the learning rate, or "
+                f"{guard.budget_pct}%; kept the {which} weights. Lower the learning rate, or "
                 "raise --guard-weight.")
     return {"budget_pct": guard.budget_pct, "weight": guard.weight if applied else 0.0,
             "kl_batches": guard.penalty_calls, "kl_every": guard.kl_every,
@@ -620,6 +642,18 @@ def _guard_report(run: _Run, model: Any, steps: int, base_loss: float, *, measur
             # decided on the figure the forgetting check reports, on the weights kept
             "measured_in": measured_in, "base_loss_from": base_loss_from,
             "anchor_targets_cached": guard.targets_loaded, "checks": report.checks}
+
+
+def _epochs_of(checkpoint: str) -> float | None:
+    """The epochs an interrupted run set out for, as its checkpoint recorded them
+    (transformers' ``trainer_state.json``), so a resume keeps its schedule."""
+    import json
+
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        return float(state["num_train_epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str | None:

@@ -97,7 +97,8 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
 
 
 def hyper_of(options: TrainOptions) -> dict[str, Any]:
-    keep = ("r", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "max_steps",
+    keep = ("r", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "min_steps",
+            "max_steps",
             "batch_size", "grad_accum", "max_length", "packing", "seed", "eval_split",
             "forgetting_budget", "guard_weight", "chat", "trainer_options")
     return {k: getattr(options, k) for k in keep}

@@ -2,7 +2,8 @@
 
 Each trial is an ordinary ``train`` run (any trainer, ``--on`` and ``--from`` included) on the
 same data, scored by its loss on a held-out split (``--eval-split``, or 20% carved from the
-data) and by its forgetting figure. The best trial whose forgetting stays within the budget is
+data; for a reward head, TRL's reward loss on the held-out pairs) and by its forgetting
+figure. The best trial whose forgetting stays within the budget is
 kept under the asked name — its files, metadata and a card that carries the whole trial table
 (``metrics.search``) — and every other trial's pocket book is discarded. The sampler and the
 study are Optuna's (TPE, seeded with ``--seed``), kept in an SQLite file under the run folder,
@@ -10,7 +11,11 @@ so an interrupted search resumes with ``--resume``: finished trials are not run 
 interrupted one is run again with the same settings.
 
 Each trial loads the base itself (as ``train`` does); reusing one resident base across trials
-is left for later.
+is left for later. With ``launch`` (``--processes N``, ``--accelerate-config``) each trial
+trains on N processes of this machine through accelerate's launcher, exactly as
+``train --processes N`` does (the trial's options travel as a recipe file), while the study
+stays in this process; a search across machines is refused, as every machine would have to
+follow the study's draws in step.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
            home: str | Path | None = None, plugins: PluginManager | None = None,
            on: str | None = None, start_from: str | None = None, resume: bool = False,
            restart: bool = False, callbacks: list[Any] | None = None,
+           launch: dict[str, Any] | None = None,
            progress: Callable[[str], None] | None = None) -> SearchResult:
     """Run ``trials`` trainings over ``space`` and keep the best within the forgetting
     ``budget`` (in percent) as ``name``.
@@ -102,6 +108,11 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     :param space: names from :data:`SEARCHABLE`.
     :param resume: continue an interrupted search of ``name``.
     :param restart: discard an interrupted search of ``name`` (and its trials) first.
+    :param launch: ``processes``, ``config_file`` and ``rendezvous_timeout``
+        (:func:`~adapterkit.training.launch.plan_launch`'s) to train each trial on several
+        processes of this machine, as ``adapterkit train --processes N`` does: the ranks load
+        the installed plugins (not ``plugins``) and show their own progress (``callbacks``
+        stay unused).
     :raises SearchFailed: no trial stayed within the budget (nothing is kept).
     """
     from adapterkit.library.store import Library
@@ -109,7 +120,13 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     from adapterkit.training.data import load_data
     from adapterkit.training.job import planned_steps
     from adapterkit.training.launch import ranks
-    from adapterkit.training.options import TrainOptions, check_options
+    from adapterkit.training.options import (
+        GENERAL_OFF,
+        TrainOptions,
+        check_options,
+        with_data_defaults,
+        with_defaults,
+    )
 
     optuna = _optuna()
     say = progress or (lambda message: None)
@@ -119,32 +136,44 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
         raise ConfigError("--resume continues the interrupted search and --restart discards "
                           "it: give one")
     if ranks().distributed:
-        raise ConfigError("--search runs its trials in one process; start it without a "
-                          "launcher (no --processes, accelerate launch or torchrun)")
+        raise ConfigError("--search starts its trials' processes itself; run it without a "
+                          "launcher (no accelerate launch or torchrun) and give --processes N")
+    launch, processes = _trial_launch(launch)
     if options.early_stopping:
         raise ConfigError("--search ranks trials on the held-out split; early stopping would "
                           "choose each trial's weights on the same rows: leave "
                           "--early-stopping out")
     pm = plugins or default_plugin_manager()
     trainer_obj = pm.trainer(trainer)
-    if getattr(trainer_obj, "head", "causal-lm") == "reward":
-        raise ConfigError(f"--search scores trials by their held-out loss, which {trainer} "
-                          "pocket books (a reward head) do not record")
+    if budget is not None and getattr(trainer_obj, "head", "causal-lm") == "reward":
+        raise ConfigError(f"--budget keeps trials by their forgetting figure, and {trainer} "
+                          "pocket books (a reward head, which scores text) have none: leave "
+                          "--budget out")
     library = Library(home, plugins=pm)
     library.reserve(name)  # a taken name is refused before any trial runs
-    rows = len(load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
-                         skip_bad_rows=options.skip_bad_rows).rows)
+    dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
+                        skip_bad_rows=options.skip_bad_rows)
+    rows = len(dataset.rows)
     split = check_search(space, trials, budget, rows, options, start_from=start_from)
+    if budget is not None and str(options.general).lower() == GENERAL_OFF:
+        raise ConfigError("--budget keeps trials by their forgetting figure, which --general "
+                          "off turns off: leave one out")
     general = options.general or ("general" if budget is not None else None)
     # each trial is scored on the split as trained: no early stopping choosing on it too
     base_options = dataclasses.replace(options, eval_split=split, general=general,
                                        early_stopping=0)
-    planned = planned_steps(options, rows - max(1, int(rows * split)))
+    # the steps a trial takes as its training resolves them (sft: at least its min_steps)
+    train_rows = rows - max(1, int(rows * split))
+    planned = planned_steps(with_data_defaults(with_defaults(trainer_obj, base_options),
+                                               train_rows, processes), train_rows, processes)
 
     # (a pocket-book name never starts with a dot: no run folder of a book can be this one)
     folder = library.home / "runs" / f".search-{name}"
+    setup = _setup(trainer, base=base, data=data, data_sha256=dataset.sha256, space=space,
+                   budget=budget, on=on, start_from=start_from, options=base_options,
+                   processes=processes)
     study = _study(optuna, folder, name, options.seed, resume=resume, restart=restart,
-                   library=library)
+                   library=library, setup=setup)
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         # interrupted: run again with the same settings; what its run left (a run folder, a
         # pocket book saved just before the interruption) goes
@@ -173,12 +202,15 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
             result = _train_trial(trainer, base=base, data=data, name=trial_name,
                                   options=dataclasses.replace(base_options, **settings),
                                   library=library, plugins=pm, on=on, start_from=start_from,
-                                  callbacks=callbacks)
+                                  callbacks=callbacks, launch=launch, folder=folder)
             score = _score(result, budget)
         except Exception:  # this trial failed (not interrupted): it is not run again
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             if result is not None:  # saved, then failed to score
                 _remove(library, result.pocket_book.ref, trial_name)
+            elif library.exists(trial_name):  # saved by its main rank before another failed
+                library.remove(trial_name, all_versions=True)
+                _remove(library, None, trial_name)
             _clean_runs(library, trial_name)
             raise
         for key, value in {**score, "ref": result.pocket_book.ref}.items():
@@ -217,9 +249,42 @@ def _optuna() -> Any:
     return optuna
 
 
+def _setup(trainer: str, *, base: str, data: str, data_sha256: str, space: list[str],
+           budget: float | None, on: str | None, start_from: str | None,
+           options: TrainOptions, processes: int) -> dict[str, Any]:
+    """What a search's trials depend on (all but ``--trials``), recorded in its study: a
+    resume with anything else would rank trials of two different searches. The processes
+    count too: each step's global batch is ``batch_size × grad_accum × processes``. As JSON
+    reads it back (the study stores it so), so a resume compares like with like."""
+    import json
+
+    path = Path(data)
+    return json.loads(json.dumps({
+        "trainer": trainer, "base": str(base),
+        "data": str(path.resolve()) if path.exists() else str(data), "data_sha256": data_sha256,
+        "space": space, "budget_pct": budget, "on": on, "from": start_from,
+        "processes": processes, "options": options.as_dict()}, default=str))
+
+
+def _setup_changes(recorded: dict[str, Any], setup: dict[str, Any]) -> list[str]:
+    """What differs between a study's recorded setup and this one, one phrase each."""
+    changes = []
+    for key in sorted(set(recorded) | set(setup)):
+        if key == "options":
+            was, now = recorded.get(key) or {}, setup.get(key) or {}
+            changes += [f"{k} {was.get(k)!r} → {now.get(k)!r}" for k in sorted(set(was) | set(now))
+                        if was.get(k) != now.get(k)]
+        elif key == "data_sha256" and recorded.get(key) != setup.get(key):
+            changes.append("the data's content")
+        elif recorded.get(key) != setup.get(key):
+            changes.append(f"{key} {recorded.get(key)!r} → {setup.get(key)!r}")
+    return changes
+
+
 def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, restart: bool,
-           library: Library) -> Any:
-    """The search's Optuna study (TPE, seeded), in an SQLite file under the run folder."""
+           library: Library, setup: dict[str, Any] | None = None) -> Any:
+    """The search's Optuna study (TPE, seeded), in an SQLite file under the run folder; a
+    resume with another ``setup`` than the study recorded is refused."""
     db = folder / "study.db"
     if db.exists() and restart:
         old = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
@@ -236,12 +301,21 @@ def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, res
         shutil.rmtree(folder)  # a search that ended before its first trial was recorded
     ours: set[str] = set()
     if db.exists():  # resuming: what its trials made is its own
-        ours = {t.user_attrs["run"] for t in optuna.load_study(
-            study_name=name, storage=f"sqlite:///{db}").trials if t.user_attrs.get("run")}
+        old = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+        recorded = old.user_attrs.get("setup")
+        changes = _setup_changes(recorded, setup) if recorded and setup else []
+        if changes:
+            raise RunStateError(
+                f"the interrupted search of {name} ran with other settings "
+                f"({'; '.join(changes)}): give the same ones to --resume it, or --restart to "
+                "start over")
+        ours = {t.user_attrs["run"] for t in old.trials if t.user_attrs.get("run")}
     _check_trial_names(library, name, ours)  # before a new study is written
     folder.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{db}",
                                 direction="minimize", load_if_exists=True)
+    if setup is not None and "setup" not in study.user_attrs:
+        study.set_user_attr("setup", setup)
     # seeded, and on a resume seeded past the draws already made (the same seed again would
     # draw the first trials' settings again)
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
@@ -291,7 +365,33 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _train_trial(trainer: str, *, name: str, library: Library, **kwargs: Any) -> TrainResult:
+def _trial_launch(launch: dict[str, Any] | None) -> tuple[dict[str, Any] | None, int]:
+    """The launch each trial runs under (``None``: in this process) and its processes,
+    checked before any work; a launch across machines is refused."""
+    if not launch or all(v is None for v in launch.values()):
+        return None, 1
+    from adapterkit.training.launch import plan_launch
+
+    plan = plan_launch(**launch)
+    if plan.num_machines > 1:
+        raise ConfigError(f"--search trains its trials on this one machine; the launch asks "
+                          f"for {plan.num_machines} machines (give --processes N, or an "
+                          "accelerate config with num_machines: 1)")
+    return (dict(launch) if plan.needed else None), plan.processes
+
+
+def trial_recipe(options: TrainOptions) -> dict[str, Any]:
+    """``options`` as a recipe (``--config``) that rebuilds them exactly: what a launched
+    trial's ranks read. Options left ``None`` stay out, so the trainer's defaults fill them
+    there as they would here."""
+    return {k: v for k, v in options.as_dict().items() if v is not None}
+
+
+def _train_trial(trainer: str, *, name: str, library: Library, folder: Path,
+                 launch: dict[str, Any] | None = None, **kwargs: Any) -> TrainResult:
+    if launch:
+        return _launch_trial(trainer, name=name, library=library, launch=launch,
+                             folder=folder, **kwargs)
     from adapterkit.training.run import train
 
     result = train(trainer, name=name, home=library.home, **kwargs)
@@ -303,12 +403,49 @@ def _train_trial(trainer: str, *, name: str, library: Library, **kwargs: Any) ->
     return result
 
 
+def _launch_trial(trainer: str, *, base: str, data: str, name: str, options: TrainOptions,
+                  library: Library, launch: dict[str, Any], folder: Path, on: str | None,
+                  start_from: str | None, **_: Any) -> TrainResult:
+    """One trial as ``adapterkit train ... --processes N`` trains it: its ranks started
+    through accelerate's launcher (the same path, so the same checks and the same result),
+    its options in a recipe file; the result read back from the library its main rank saved
+    to. (``plugins`` and ``callbacks`` stay here: the ranks load the installed plugins and
+    show their own progress, as ``train --processes`` does.)"""
+    import os
+
+    import yaml
+
+    from adapterkit.training.job import TrainResult
+    from adapterkit.training.launch import NO_REPORT_ENV, relaunch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = folder / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(trial_recipe(options), sort_keys=False), encoding="utf-8")
+    argv = ["--home", str(library.home), "train", trainer, "--base", str(base), "--data",
+            str(data), "--name", name, "--config", str(recipe)]
+    argv += ["--on", on] if on else []
+    argv += ["--from", start_from] if start_from else []
+    os.environ[NO_REPORT_ENV] = "1"  # the search reports its trials (stdout stays its own)
+    try:
+        relaunch(argv, **launch)
+    finally:
+        os.environ.pop(NO_REPORT_ENV, None)
+        recipe.unlink(missing_ok=True)
+    book = library.get(name)
+    return TrainResult(pocket_book=book, metrics=book.meta.metrics)
+
+
 def _score(result: TrainResult, budget: float | None) -> dict[str, Any]:
     m = result.metrics
-    eval_loss = (m.get("eval") or {}).get("loss")
-    if eval_loss is None:
+    if "eval" not in m:
         raise ConfigError(f"{result.pocket_book.meta.trainer} records no held-out loss, which "
                           "--search scores trials on")
+    eval_loss = m["eval"].get("loss")
+    if eval_loss is None or not math.isfinite(eval_loss):
+        raise ConfigError(f"trial {result.pocket_book.ref} has no held-out loss to rank it by "
+                          f"({eval_loss}; held-out rows scored: "
+                          f"{m['eval'].get('pairs', m['eval'].get('tokens'))}): if no held-out "
+                          "row fits --max-length, raise it")
     forgetting = (m.get("forgetting") or {}).get("general_loss_change_pct")
     within = budget is None or (forgetting is not None and forgetting <= budget)
     return {"eval_loss": float(eval_loss), "forgetting_pct": forgetting, "within_budget": within,
