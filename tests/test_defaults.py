@@ -147,6 +147,19 @@ def test_epochs_or_max_steps_given_and_other_trainers_keep_one_epoch(trainer):
     assert with_data_defaults(with_defaults(trainer("dpo"), TrainOptions()), 16).epochs == 1
     with pytest.raises(ConfigError, match="min_steps: must be ≥ 0"):
         build_options(overrides={"min_steps": -1})
+    # where the run's length is set, sft's default min_steps is not applied (nor recorded)...
+    for given in (dict(epochs=1), dict(max_steps=4), dict(packing=True)):
+        assert with_defaults(sft, TrainOptions(**given)).min_steps is None, given
+
+
+@pytest.mark.parametrize("given,names", [
+    ({"epochs": 2}, "epochs"), ({"max_steps": 9}, "max_steps"), ({"packing": True}, "packing"),
+    ({"epochs": 2, "packing": True}, "epochs, packing")])
+def test_min_steps_with_a_length_set_is_refused_not_ignored(given, names):
+    with pytest.raises(ConfigError, match=f"min_steps: 30 acts only when the run's length is "
+                                          f"left to it; {names} sets it: leave one out"):
+        build_options(overrides={"min_steps": 30, **given})
+    assert build_options(overrides={"min_steps": 0, **given}).min_steps == 0  # none: no clash
 
 
 def test_a_negative_budget_is_still_refused():

@@ -145,6 +145,8 @@ def test_a_resume_with_other_settings_is_refused_and_leaves_the_search_as_it_was
      "held-out split of at least 5 rows; --eval-split 0.05 of 30 rows holds out 1: give at "
      "least 101 rows, or a larger --eval-split"),
     (dict(space=["lr"], trials=2, resume=True, restart=True), "give one"),
+    (dict(space=["steps"], trials=2, options=options(max_steps=-1, min_steps=5)),
+     "--search steps sets each trial's --max-steps, with which --min-steps cannot act"),
     (dict(space=["lr"], trials=2, budget=1.0, trainer="reward"),
      "reward pocket books (a reward head, which scores text) have none: leave --budget out"),
     (dict(space=["lr"], trials=2, budget=1.0, options=options(general="off")),
@@ -274,6 +276,24 @@ def test_a_search_across_machines_is_refused_before_any_work(tiny_base, home, pa
                trials=2, options=options(), home=home, plugins=pm, launch=launch)
     assert Library(home).list(all_versions=True) == []
     assert not (home / "runs" / ".search-far").exists()
+
+
+def test_a_diverged_trial_ranks_last_and_is_never_kept():
+    from types import SimpleNamespace
+
+    from adapterkit.training.search import _best, _score
+
+    def result(loss):
+        return SimpleNamespace(metrics={"eval": {"loss": loss}, "steps": 3,
+                                        "forgetting": {"general_loss_change_pct": 0.1}},
+                               pocket_book=SimpleNamespace(ref="t@1"))
+
+    assert _score(result(float("nan")), 1.0)["eval_loss"] == float("inf")
+    table = [{"trial": 0, "eval_loss": float("inf"), "within_budget": True},
+             {"trial": 1, "eval_loss": 2.5, "within_budget": True}]
+    assert _best(table)["trial"] == 1 and _best(table[:1]) is None
+    with pytest.raises(ConfigError, match="scored no held-out row: none fits --max-length"):
+        _score(result(None), 1.0)
 
 
 def test_a_resume_names_each_setting_that_changed():

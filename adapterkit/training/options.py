@@ -264,6 +264,9 @@ def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str
         ("min_steps", options.min_steps is None or options.min_steps >= 0,
          f"must be ≥ 0 (0: none), got {options.min_steps}"),
     ]
+    if options.min_steps and _sets_length(options):
+        problems.append(f"min_steps: {options.min_steps} acts only when the run's length is "
+                        f"left to it; {_sets_length(options)} sets it: leave one out")
     if options.early_stopping and not options.eval_split:
         problems.append(f"early_stopping: {options.early_stopping} evaluations of what? It "
                         "watches the eval loss of a held-out split: add --eval-split 0.1 (or "
@@ -273,6 +276,14 @@ def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str
     if trackers:
         problems += tracker_problems(options.report_to)
     return problems
+
+
+def _sets_length(options: TrainOptions) -> str:
+    """What of ``options`` fixes a run's length so that ``min_steps`` cannot act ('' if none)."""
+    given = [name for name, on in (("epochs", options.epochs is not None),
+                                   ("max_steps", options.max_steps > 0),
+                                   ("packing", options.packing)) if on]
+    return ", ".join(given)
 
 
 def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
@@ -297,6 +308,8 @@ def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
     values = {k: v for k, v in defaults.items() if getattr(options, k, None) is None}
     if "forgetting_budget" in values and options.guard_weight == 0:
         del values["forgetting_budget"]
+    if "min_steps" in values and _sets_length(options):  # the run's length is set: no default
+        del values["min_steps"]
     budget = values.get("forgetting_budget", options.forgetting_budget)
     if not budget:
         values.pop("guard_weight", None)

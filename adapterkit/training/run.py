@@ -231,8 +231,9 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         options = options_of(parent, options)
     resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref)) \
         if checkpoint else None
-    if resume_from and not epochs_given:  # the epochs it set out for, whatever this resume's
-        # processes or split would resolve: the schedule goes on as it started
+    if resume_from and not epochs_given and options.max_steps <= 0:  # the epochs it set out
+        # for, whatever this resume's processes or split would resolve: the schedule goes on
+        # as it started (whole epochs, as min_steps resolves them and transformers records)
         options = replace(options, epochs=_epochs_of(resume_from) or options.epochs)
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
                     general, workdir, parent, resume_from)
@@ -362,7 +363,8 @@ def _view(c: _Checked) -> dict[str, Any]:
     the checkpoint it resumes from, the parent pocket book and the data, byte for byte."""
     return {"entry": str(c.ref), "resume_from": c.resume_from,
             "parent": (c.parent.ref, c.parent.meta.files) if c.parent else None,
-            "data": c.dataset.sha256, "home": str(c.library.home)}
+            "data": c.dataset.sha256, "home": str(c.library.home),
+            "epochs": c.options.epochs}
 
 
 def _check_together(check: Callable[..., _Checked], *, main: bool) -> _Checked:
@@ -402,7 +404,8 @@ def _check_together(check: Callable[..., _Checked], *, main: bool) -> _Checked:
     if resume_from is not None and not Path(resume_from).is_dir():
         raise ConfigError(f"cannot read the checkpoint the main process resumes from "
                           f"({resume_from}){shared_home}")
-    c = replace(c, resume_from=resume_from)
+    # the main one's epochs: a resume keeps the interrupted run's, which only it read
+    c = replace(c, resume_from=resume_from, options=replace(c.options, epochs=seen["epochs"]))
     mine = _view(c)
     differs = [key for key in ("entry", "parent", "data") if mine[key] != seen[key]]
     if differs:

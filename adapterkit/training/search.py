@@ -84,6 +84,9 @@ def check_search(space: list[str], trials: int, budget: float | None, rows: int,
         raise ConfigError(f"--budget must be a positive percentage, got {budget}")
     if "r" in space and start_from:
         raise ConfigError("--search r cannot apply with --from: a copy keeps its own rank")
+    if "steps" in space and options.min_steps:
+        raise ConfigError("--search steps sets each trial's --max-steps, with which --min-steps "
+                          "cannot act: leave --min-steps out")
     split = options.eval_split or DEFAULT_EVAL_SPLIT
     held_out = max(1, int(rows * split))
     if held_out < MIN_EVAL_ROWS or held_out >= rows:
@@ -229,8 +232,10 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
         for row in table:
             _remove(library, row.get("ref"), row.get("run"))
         shutil.rmtree(folder, ignore_errors=True)
-        raise SearchFailed("no trial stayed within the forgetting budget of "
-                           f"{budget:g}%; nothing was kept.\n" + table_text(table))
+        why = (f"no trial stayed within the forgetting budget of {budget:g}%"
+               if any(row["within_budget"] for row in table) is False and budget is not None
+               else "every trial within the budget diverged (no finite held-out loss)")
+        raise SearchFailed(f"{why}; nothing was kept.\n" + table_text(table))
     kept = _keep(library, best, name, table, space=space, budget=budget, split=split,
                  folder=folder)
     say("Trials:\n" + table_text(table))
@@ -441,11 +446,11 @@ def _score(result: TrainResult, budget: float | None) -> dict[str, Any]:
         raise ConfigError(f"{result.pocket_book.meta.trainer} records no held-out loss, which "
                           "--search scores trials on")
     eval_loss = m["eval"].get("loss")
-    if eval_loss is None or not math.isfinite(eval_loss):
-        raise ConfigError(f"trial {result.pocket_book.ref} has no held-out loss to rank it by "
-                          f"({eval_loss}; held-out rows scored: "
-                          f"{m['eval'].get('pairs', m['eval'].get('tokens'))}): if no held-out "
-                          "row fits --max-length, raise it")
+    if eval_loss is None:  # nothing was scored
+        raise ConfigError(f"trial {result.pocket_book.ref} scored no held-out row: none fits "
+                          "--max-length; raise it")
+    if not math.isfinite(eval_loss):  # diverged (nan, inf): ranked last, never kept
+        eval_loss = math.inf
     forgetting = (m.get("forgetting") or {}).get("general_loss_change_pct")
     within = budget is None or (forgetting is not None and forgetting <= budget)
     return {"eval_loss": float(eval_loss), "forgetting_pct": forgetting, "within_budget": within,
@@ -469,7 +474,7 @@ def _table(study: Any, optuna: Any) -> list[dict[str, Any]]:
 
 
 def _best(table: list[dict[str, Any]]) -> dict[str, Any] | None:
-    eligible = [row for row in table if row["within_budget"]]
+    eligible = [row for row in table if row["within_budget"] and math.isfinite(row["eval_loss"])]
     return min(eligible, key=lambda row: row["eval_loss"]) if eligible else None
 
 
@@ -519,8 +524,9 @@ def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[st
     meta.metrics["search"] = {
         "space": space, "objective": "held-out loss", "eval_split": split,
         "budget_pct": budget, "kept": best["trial"],
-        "trials": [{k: v for k, v in row.items() if k not in ("ref", "run")}
-                   for row in table]}
+        # a diverged trial's loss (inf) as null: the metadata is JSON
+        "trials": [{k: None if isinstance(v, float) and not math.isfinite(v) else v
+                    for k, v in row.items() if k not in ("ref", "run")} for row in table]}
     with library.draft() as staged:
         for item in source.path.iterdir():
             if item.is_file() and item.name != METADATA_FILE:
