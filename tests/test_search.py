@@ -393,3 +393,25 @@ def test_a_reward_search_ranks_trials_by_the_reward_loss_on_held_out_pairs(
     assert evaluated["loss"] == pytest.approx(expected, abs=1e-4)
     assert evaluated["pair_accuracy"] == pytest.approx(float((gaps > 0).float().mean()))
     assert "chosen ranked first in" in (book.path / CARD_FILE).read_text()
+
+
+@pytest.mark.parametrize("how", ["on", "start_from"])
+def test_a_search_on_top_of_or_from_a_pocket_book_keeps_its_lineage(tiny_base, home, pairs, pm,
+                                                                     how):
+    """`--search ... --on BOOK` trains every trial on top of BOOK (the kept one stacks on it);
+    `--from BOOK` continues a copy of it (its rank kept); BOOK itself is left as it was."""
+    first = train("sft", base=str(tiny_base), data=str(pairs), name="under", options=options(),
+                  home=home, plugins=pm).pocket_book
+    before = (first.path / WEIGHTS_FILE).read_bytes()
+    result = search("sft", base=str(tiny_base), data=str(pairs), name="over", space=["lr"],
+                    trials=2, options=options(), home=home, plugins=pm, **{how: "under"})
+    library = Library(home)
+    assert sorted(s.name for s in library.list(all_versions=True)) == ["over", "under"]
+    meta = library.get("over").meta
+    if how == "on":
+        assert meta.stacked_on == ["under@1"]
+    else:
+        assert meta.stacked_on == [] and meta.parents == ["under@1"]
+        assert meta.hyperparameters["r"] == 4
+    assert len(result.trials) == 2
+    assert (library.get("under").path / WEIGHTS_FILE).read_bytes() == before
