@@ -23,7 +23,8 @@ from adapterkit.training.launch import DEFAULT_RENDEZVOUS_TIMEOUT
 _OPTION_FLAGS = {
     "method": "method", "rank": "r", "alpha": "alpha", "dropout": "dropout",
     "target_modules": "target_modules", "lr": "learning_rate", "epochs": "epochs",
-    "min_steps": "min_steps", "max_steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum",
+    "min_steps": "min_steps", "max_steps": "max_steps", "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
     "max_length": "max_length", "packing": "packing", "seed": "seed", "eval_split": "eval_split",
     "early_stopping": "early_stopping",
     "general": "general", "forgetting_budget": "forgetting_budget",

@@ -35,12 +35,17 @@ def general_texts(spec: str) -> list[str]:
     return texts
 
 
+def held_out_rows(rows: int, fraction: float) -> int:
+    """How many of ``rows`` an eval split of ``fraction`` holds out (:func:`split_eval`)."""
+    return max(1, int(rows * fraction)) if fraction > 0 else 0
+
+
 def split_eval(data: Data, fraction: float, seed: int) -> tuple[Data, Data | None]:
     if fraction <= 0:
         return data, None
     rows = list(data.rows)
     random.Random(seed).shuffle(rows)
-    n_eval = max(1, int(len(rows) * fraction))
+    n_eval = held_out_rows(len(rows), fraction)
     if n_eval >= len(rows):
         raise ConfigError(f"eval_split {fraction} leaves no training rows out of {len(rows)}")
     evals, train = rows[:n_eval], rows[n_eval:]

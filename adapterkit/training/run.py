@@ -27,6 +27,7 @@ from adapterkit.training.build import (
     check_lengths,
     check_lora_shape,
     general_texts,
+    held_out_rows,
     load_for_method,
     make_guard,
     options_of,
@@ -218,7 +219,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
 
     # epochs for this data (sft: enough for its min_steps), on the rows left after the split
     epochs_given = options.epochs is not None
-    held_out = max(1, int(len(dataset.rows) * options.eval_split)) if options.eval_split else 0
+    held_out = held_out_rows(len(dataset.rows), options.eval_split)
     options = with_data_defaults(options, len(dataset.rows) - held_out, ranks().world_size)
     if dataset.skipped:
         say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows): "

@@ -98,8 +98,7 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
 
 def hyper_of(options: TrainOptions) -> dict[str, Any]:
     keep = ("r", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "min_steps",
-            "max_steps",
-            "batch_size", "grad_accum", "max_length", "packing", "seed", "eval_split",
+            "max_steps", "batch_size", "grad_accum", "max_length", "packing", "seed", "eval_split",
             "forgetting_budget", "guard_weight", "chat", "trainer_options")
     return {k: getattr(options, k) for k in keep}
 

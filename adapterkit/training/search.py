@@ -88,7 +88,9 @@ def check_search(space: list[str], trials: int, budget: float | None, rows: int,
         raise ConfigError("--search steps sets each trial's --max-steps, with which --min-steps "
                           "cannot act: leave --min-steps out")
     split = options.eval_split or DEFAULT_EVAL_SPLIT
-    held_out = max(1, int(rows * split))
+    from adapterkit.training.build import held_out_rows
+
+    held_out = held_out_rows(rows, split)
     if held_out < MIN_EVAL_ROWS or held_out >= rows:
         need = math.ceil(MIN_EVAL_ROWS / split) + 1
         raise ConfigError(
@@ -120,6 +122,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     """
     from adapterkit.library.store import Library
     from adapterkit.plugin_api.manager import default_plugin_manager
+    from adapterkit.training.build import held_out_rows
     from adapterkit.training.data import load_data
     from adapterkit.training.job import planned_steps
     from adapterkit.training.launch import ranks
@@ -166,7 +169,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     base_options = dataclasses.replace(options, eval_split=split, general=general,
                                        early_stopping=0)
     # the steps a trial takes as its training resolves them (sft: at least its min_steps)
-    train_rows = rows - max(1, int(rows * split))
+    train_rows = rows - held_out_rows(rows, split)
     planned = planned_steps(with_data_defaults(with_defaults(trainer_obj, base_options),
                                                train_rows, processes), train_rows, processes)
 
@@ -233,7 +236,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
             _remove(library, row.get("ref"), row.get("run"))
         shutil.rmtree(folder, ignore_errors=True)
         why = (f"no trial stayed within the forgetting budget of {budget:g}%"
-               if any(row["within_budget"] for row in table) is False and budget is not None
+               if budget is not None and not any(row["within_budget"] for row in table)
                else "every trial within the budget diverged (no finite held-out loss)")
         raise SearchFailed(f"{why}; nothing was kept.\n" + table_text(table))
     kept = _keep(library, best, name, table, space=space, budget=budget, split=split,
