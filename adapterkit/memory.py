@@ -12,10 +12,9 @@ def release_memory() -> None:
     the float32 staging copies of a quantized load) they would otherwise still count as
     resident. A no-op where the C library is not glibc.
     """
-    gc.collect()
-    try:
-        import ctypes
+    from adapterkit.runtime.allocator import glibc
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    gc.collect()
+    trim = getattr(glibc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)

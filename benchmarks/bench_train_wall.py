@@ -9,8 +9,11 @@ Arms (each a fresh process):
   plain-qlora     the plain script as QLoRA model cards write it: 4-bit NF4 base (double
                   quantization, bf16 compute) + prepare_model_for_kbit_training, bf16 autocast
                   (sft only)
-  ours-auto       adapterkit train sft --forgetting-budget off (--precision auto), as the plain
-                  script: no guard, no forgetting check (sft's defaults turn both on)
+  ours-auto       adapterkit train sft --forgetting-budget off --general off (--precision auto),
+                  as the plain script: no guard, no forgetting check (sft's defaults turn both
+                  on); the process keeps freed memory for reuse (adapterkit.runtime.allocator)
+  ours-system     ours-auto with ADAPTERKIT_MALLOC=system: glibc's allocator defaults (every
+                  other ours arm runs with ADAPTERKIT_MALLOC unset, whatever the caller's is)
   ours-fp32       ours-auto with --precision fp32
   ours-qlora      ours-auto with --method qlora (4-bit NF4 base)
   ours-general    ours-auto measuring forgetting (--general general), no guard
@@ -49,7 +52,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "adapterkit" / "data" / "quickstart"
-ARMS = ("plain-fp32", "plain-trl-gc", "plain-bf16", "plain-qlora", "ours-auto", "ours-fp32",
+ARMS = ("plain-fp32", "plain-trl-gc", "plain-bf16", "plain-qlora", "ours-auto", "ours-system", "ours-fp32",
         "ours-qlora", "ours-general", "ours-general-warm", "ours-guard", "ours-guard-warm",
         "ours-default")
 
@@ -75,10 +78,10 @@ print(json.dumps({"accuracy": acc,
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     """Wall seconds of the whole process, and its stdout (its peak RSS: the PEAK wrapper)."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"{' '.join(cmd[4:9])}... failed:\n{proc.stderr[-3000:]}")
@@ -137,6 +140,9 @@ def run_arm(arm: str, args: argparse.Namespace, folder: str, home: str, tmp: Pat
                "--precision", "fp32" if arm == "ours-fp32" else "auto"]
         if arm.startswith(("ours-general", "ours-guard")):
             cmd += ["--general", "general"]
+        elif arm != "ours-default":  # as the plain script: no forgetting figure (sft measures
+            # one by default)
+            cmd += ["--general", "off"]
         if arm.startswith("ours-guard"):
             cmd += ["--forgetting-budget", "1", "--guard-weight", "0.3"]
         elif arm != "ours-default" and not dpo:  # dpo has no default guard to turn off
@@ -145,7 +151,7 @@ def run_arm(arm: str, args: argparse.Namespace, folder: str, home: str, tmp: Pat
             cmd += ["--method", "qlora"]
         if dpo:
             cmd += ["--set", "precompute_ref_log_probs=false"]
-        wall, out = timed(cmd)
+        wall, out = timed(cmd, {"ADAPTERKIT_MALLOC": "system" if arm == "ours-system" else ""})
         result = json.loads(out[out.index("{"):])["metrics"]
         info = json.loads(subprocess.run(
             [sys.executable, "-m", "adapterkit", "--home", home, "show", arm, "--json"],

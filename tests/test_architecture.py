@@ -116,8 +116,9 @@ def test_no_module_imports_a_private_name_from_another_package():
     assert not offenders, offenders
 
 
-#: The only modules that import torch when imported: they subclass ``torch.nn.Module``.
-NEEDS_TORCH = {"adapterkit.lora.slots", "adapterkit.serving.rows"}
+#: The only modules that import torch when imported: they subclass ``torch.nn.Module`` (the
+#: dropout one also ``torch.autograd.Function``).
+NEEDS_TORCH = {"adapterkit.lora.slots", "adapterkit.serving.rows", "adapterkit.training.dropout"}
 
 
 def _imports_torch(modules: list[str]) -> bool:

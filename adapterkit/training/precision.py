@@ -4,10 +4,12 @@
 on a CPU with bfloat16 instructions (AVX512-BF16 or AMX): the frozen base's weights are held in
 bfloat16, the pocket book's weights and the optimizer stay float32, and transformers' Trainer
 runs each step under ``torch.autocast`` (``bf16=True``). On the embedded base and this
-project's 2-core AMX CPU the training loop runs at 1.24x the tokens/s of the float32 TRL loop,
-the whole command at 1.19x its speed and 0.86x its peak memory
-(``benchmarks/bench_train_wall.py``). Elsewhere, and with
-``--precision fp32``, nothing changes.
+project's 2-core AMX CPU that alone made the training loop 1.24x the tokens/s of the float32
+TRL loop; with the CPU dropout of :mod:`adapterkit.training.dropout`, LoRA inputs left in
+bfloat16 under autocast (``dropout._CastOutsideAutocast``) and the kept freed memory of
+:mod:`adapterkit.runtime.allocator`, the whole command runs at 1.55x the plain script's speed
+(``benchmarks/bench_train_wall.py``, README). Elsewhere, and with ``--precision fp32``,
+nothing changes.
 
 One piece is our own: on a CPU, attention runs in float32. PyTorch's CPU flash-attention
 kernel is several times slower backwards in bfloat16 than in float32 (torch.profiler on one
