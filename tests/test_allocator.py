@@ -83,3 +83,7 @@ def test_train_sets_it_without_a_gpu(monkeypatch, tmp_path):
             train("sft", base="no-such-base", data=str(tmp_path / "missing.jsonl"), name="x",
                   home=tmp_path)
     assert calls == [1]  # not where a GPU is: measured on CPU training only
+    monkeypatch.setenv("ADAPTERKIT_MALLOC", "off")  # refused there too, before any work
+    with pytest.raises(AdapterkitError, match="ADAPTERKIT_MALLOC='off'"):
+        train("sft", base="no-such-base", data=str(tmp_path / "missing.jsonl"), name="x",
+              home=tmp_path)

@@ -5,9 +5,9 @@ over the (dynamic, at most 32 MB) mmap threshold gets pages of its own from the 
 returns them on ``free``, and a free top of the heap is trimmed back to the kernel past 128 KB.
 A training step allocates and frees the same large activations and logit tiles every step, so
 every step pays the kernel to fault in and zero the same pages again: on the embedded base
-(``train sft``, 20 steps of 8) 13 million minor page faults and 22 s of system time in a 65 s
-loop. Raising both thresholds lets glibc reuse the freed blocks: 0.9 million faults and 3 s of
-system time. In ``benchmarks/bench_train_wall.py`` (README) the loop ran 1.26x faster for it
+(``train sft``, 20 steps of 8, measured with ``/usr/bin/time``) 13 million minor page faults
+and 22 s of system time in a 65 s loop. Raising both thresholds lets glibc reuse the freed
+blocks: 0.9 million faults and 3 s of system time. In ``benchmarks/bench_train_wall.py`` (README) the loop ran 1.26x faster for it
 (289 against 230 tokens/s) at 1.17x the peak resident memory (3.31 against 2.83 GB): the freed
 blocks stay resident. PyTorch's CPU tuning guide recommends a caching allocator (jemalloc or
 tcmalloc through ``LD_PRELOAD``) for this; those need a restart under an environment variable
@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
-import sys
-from typing import Any
 
 from adapterkit.errors import ConfigError
+from adapterkit.memory import glibc
 
 #: ``ADAPTERKIT_MALLOC=system`` leaves glibc's defaults alone (unset or ``keep``: kept memory).
 MALLOC_ENV = "ADAPTERKIT_MALLOC"
@@ -45,16 +43,6 @@ KEEP_BYTES = 1 << 30
 DOCUMENTED_MMAP_MAX = 32 << 20
 
 _done: bool | None = None
-
-
-def glibc() -> Any | None:
-    """The C library this process allocates with, when it is glibc (else None)."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(None)  # the process's own symbols: the malloc actually in use
-    except OSError:
-        return None
 
 
 def malloc_choice() -> str:

@@ -7,8 +7,8 @@ runs each step under ``torch.autocast`` (``bf16=True``). On the embedded base an
 project's 2-core AMX CPU that alone made the training loop 1.24x the tokens/s of the float32
 TRL loop; with the CPU dropout of :mod:`adapterkit.training.dropout`, LoRA inputs left in
 bfloat16 under autocast (``dropout._CastOutsideAutocast``) and the kept freed memory of
-:mod:`adapterkit.runtime.allocator`, the whole command runs at 1.55x the plain script's speed
-(``benchmarks/bench_train_wall.py``, README). Elsewhere, and with ``--precision fp32``,
+:mod:`adapterkit.runtime.allocator`, the whole command runs at 1.55-1.62x the plain script's
+speed (two runs of ``benchmarks/bench_train_wall.py``, README). Elsewhere, and with ``--precision fp32``,
 nothing changes.
 
 One piece is our own: on a CPU, attention runs in float32. PyTorch's CPU flash-attention

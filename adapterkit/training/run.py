@@ -100,9 +100,10 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     import torch
 
     from adapterkit.plugin_api.manager import default_plugin_manager
-    from adapterkit.runtime.allocator import keep_freed_memory
+    from adapterkit.runtime.allocator import keep_freed_memory, malloc_choice
     from adapterkit.training.launch import join, ranks
 
+    malloc_choice()  # a value other than `system` is refused everywhere
     if not torch.cuda.is_available():
         keep_freed_memory()
     where = ranks()
