@@ -146,7 +146,8 @@ def test_lora_inputs_skip_the_float32_round_trip_under_autocast_with_the_same_bi
         torch.manual_seed(0)
         base = LlamaForCausalLM(config).to(torch.bfloat16)
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
-                                                target_modules="all-linear", init_lora_weights=False))
+                                                target_modules="all-linear",
+                                                init_lora_weights=False))
         prepare(model)
         use_cpu_dropout(model)
         layers = [m for m in model.modules() if hasattr(m, "lora_A")]

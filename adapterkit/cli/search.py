@@ -84,11 +84,11 @@ def run(trainer: str, *, base: str, data: str, name: str, train_options: Any, st
         start_from: str | None, resume: bool, restart: bool, as_json: bool,
         launch: dict[str, Any] | None = None) -> None:
     """Run the search and report it: the trial table, then the kept pocket book."""
-    from adapterkit.training.launch import quiet_launcher
+    from adapterkit.training.launch import asks_for_launcher, quiet_launcher
     from adapterkit.training.progress import progress_callback
     from adapterkit.training.search import search
 
-    if launch and ((launch.get("processes") or 1) > 1 or launch.get("config_file")):
+    if launch and asks_for_launcher(launch):
         quiet_launcher()  # before torch is first imported, as train --processes does
     try:
         result = search(trainer, base=base, data=data, name=name, space=space, trials=trials,

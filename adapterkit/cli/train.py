@@ -91,6 +91,7 @@ def relaunch_if_asked(ctx: click.Context, launch: dict[str, Any],
     processes.
     """
     from adapterkit.training.launch import (
+        asks_for_launcher,
         plan_launch,
         quiet_launcher,
         ranks,
@@ -110,8 +111,7 @@ def relaunch_if_asked(ctx: click.Context, launch: dict[str, Any],
         return False
     if all(v is None for v in launch.values()):
         return False  # today's path: this process trains
-    if (launch["processes"] or 1) > 1 or launch["config_file"] or \
-            (launch["num_machines"] or 1) > 1:
+    if asks_for_launcher(launch):
         quiet_launcher()  # before torch is first imported (below)
     if not plan_launch(**launch).needed:
         return False

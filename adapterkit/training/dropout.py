@@ -43,7 +43,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """Booleans, True with probability ``1 - effective_p(p)``, independent per element."""
     if not 0 <= p <= 1:
         raise ValueError(f"dropout probability {p} is not between 0 and 1")
-    if round(p * LEVELS) >= LEVELS:  # past the int16 range below: nothing is kept
+    dropped = round(p * LEVELS)  # of the LEVELS values a lane takes, this many drop
+    if dropped >= LEVELS:  # past the int16 range below: nothing is kept
         return torch.zeros(shape, dtype=torch.bool)
     count = 1
     for size in shape:
@@ -52,7 +53,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     # which would bias the fourth 16-bit lane
     bits = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
     lanes = bits.view(torch.int16)[:count]
-    return (lanes >= round(p * LEVELS) - LEVELS // 2).view(shape)
+    return (lanes >= dropped - LEVELS // 2).view(shape)
 
 
 class _Masked(torch.autograd.Function):
@@ -112,11 +113,10 @@ def use_cpu_dropout(model: torch.nn.Module) -> int:
         if not isinstance(dropouts, torch.nn.ModuleDict):
             continue
         for key, dropout in list(dropouts.items()):
-            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+            if type(dropout) is torch.nn.Dropout:  # p=0 too: ours returns x as PyTorch's does
                 dropouts[key] = CpuDropout(dropout.p).train(dropout.training)
                 replaced += 1
-        exact = all(isinstance(d, (CpuDropout, torch.nn.Identity)) or
-                    (type(d) is torch.nn.Dropout and d.p == 0) for d in dropouts.values())
+        exact = all(isinstance(d, (CpuDropout, torch.nn.Identity)) for d in dropouts.values())
         # a variant (DoRA...) computes in its factors' dtype: it keeps PEFT's cast
         if exact and hasattr(module, "lora_A") and not getattr(module, "lora_variant", None):
             module.cast_input_dtype_enabled = _CastOutsideAutocast()  # type: ignore[assignment]

@@ -393,6 +393,14 @@ _CPP_LOG = "TORCH_CPP_LOG_LEVEL"
 _USER_CPP_LOG = "ADAPTERKIT_USER_TORCH_CPP_LOG_LEVEL"
 
 
+def asks_for_launcher(launch: dict[str, Any]) -> bool:
+    """Whether launch options (``--processes``, ``--accelerate-config``, ``--num-machines``)
+    ask for more than this one process: then :func:`quiet_launcher` is due before torch is
+    imported."""
+    return (launch.get("processes") or 1) > 1 or bool(launch.get("config_file")) or \
+        (launch.get("num_machines") or 1) > 1
+
+
 def quiet_launcher() -> None:
     """Keep torch's C++ connection retries and their stack dumps out of the launching
     process's stderr (it says what happened in one line); call before torch is imported
