@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import click
@@ -169,6 +169,11 @@ def as_rank() -> Iterator[None]:
         # on its way out: the launcher's SIGTERM must not cut the exit short (a traceback
         # from inside some clean-up at interpreter exit)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # leave the process group before the interpreter's teardown does: a gloo group torn
+        # down by it while a peer still waits on a collective aborts this process
+        # ("terminate called without an active exception") after its error is printed
+        with suppress(Exception):
+            leave()
         if isinstance(exc, _Stopped):
             sys.exit(143)  # the launcher stops the ranks when one failed: it says which, why
         if isinstance(exc, AdapterkitError):
@@ -179,10 +184,13 @@ def as_rank() -> Iterator[None]:
                 sys.exit(1)
             if not where.is_main:
                 raise click.ClickException(f"rank {where.rank}: {exc}") from None
-        elif isinstance(exc, Exception) and _lost_contact(exc) and hand_over(
-                "lost contact with another rank, which stopped ("
-                + " ".join(str(exc).split())[:160] + ")", after_another=True):
-            sys.exit(1)
+        elif isinstance(exc, Exception) and _lost_contact(exc):
+            lost = "lost contact with another rank, which stopped (" \
+                + " ".join(str(exc).split())[:160] + ")"
+            if hand_over(lost, after_another=True):
+                sys.exit(1)
+            raise click.ClickException(f"rank {where.rank}: {lost}; its own output says "
+                                       "why") from None
         raise  # still watched on the way out: an orphan that hangs in clean-up is ended
     unwatch()
     leave()
