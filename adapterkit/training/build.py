@@ -215,13 +215,18 @@ def attach_new(base: Base, method: Any, options: TrainOptions, *,
 def _for_precision(model: Any) -> Any:
     """A pocket book on a bfloat16 base on a CPU: its weights in float32, attention too, and
     LoRA dropout drawn at a fraction of PyTorch's CPU cost (:mod:`adapterkit.training.dropout`;
-    on a GPU, and in float32, training is as it always was: TRL's and PEFT's own handling)."""
+    on a GPU, and in float32, training is as it always was: TRL's and PEFT's own handling).
+    On any CPU, TRL's fused LM head scores only the positions with a label, as it does on a GPU
+    (:mod:`adapterkit.training.labelled_positions`)."""
     import torch
 
     from adapterkit.training.dropout import use_cpu_dropout
+    from adapterkit.training.labelled_positions import score_only_labelled_positions
     from adapterkit.training.precision import prepare
 
     base = model.get_base_model()
+    if base.device.type == "cpu":
+        score_only_labelled_positions()
     if getattr(base, "dtype", None) == torch.bfloat16 and base.device.type == "cpu":
         prepare(model)
         use_cpu_dropout(model)
