@@ -48,23 +48,26 @@ def _model(dtype=torch.float32):
     return model
 
 
-def _loss_and_grads(model, fused: bool, rows: list[int] | None = None):
-    ids, mask, labels = _batch()
-    spy = trl_utils._ChunkedLogProbFunction.apply
+def _counting(monkeypatch) -> list[int]:
+    """The rows each call of TRL's fused head projects, from now on in this test."""
+    rows: list[int] = []
+    real = trl_utils._ChunkedLogProbFunction
 
-    def counting(hidden, *args):
-        if rows is not None:
+    class Counting:
+        @staticmethod
+        def apply(hidden, *args):
             rows.append(hidden.shape[0])
-        return spy(hidden, *args)
+            return real.apply(hidden, *args)
 
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
+    return rows
+
+
+def _loss_and_grads(model, fused: bool):
+    ids, mask, labels = _batch()
     model.zero_grad()
     if fused:
-        trl_utils._ChunkedLogProbFunction.apply = counting
-        try:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels,
-                         fused_lm_head=True).loss
-        finally:
-            trl_utils._ChunkedLogProbFunction.apply = spy
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).loss
     else:  # transformers' own loss: full logits, float32 cross-entropy, -100 ignored
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
@@ -73,19 +76,39 @@ def _loss_and_grads(model, fused: bool, rows: list[int] | None = None):
 
 
 def test_the_wrap_takes_effect_on_a_cpu_only(wrapped):
-    """The decision TRL's fused head reads is 'compact' for a CPU tensor; its kernels' own
-    choice of Triton is untouched; a second call does not wrap twice."""
+    """The decision TRL's fused head reads is 'compact' for a CPU tensor, TRL's own elsewhere;
+    its kernels' own choice of Triton is untouched; a second call does not wrap twice."""
     assert wrapped(torch.device("cpu")) is True
+    assert wrapped(torch.device("meta")) is False
+    cuda = torch.device("cuda")
+    assert wrapped(cuda) is chunked_logprob._use_triton(cuda)
     assert chunked_logprob._use_triton(torch.device("cpu")) is False
     assert score_only_labelled_positions() and trl_utils._use_triton is wrapped
 
 
-def test_loss_and_gradients_are_the_plain_cross_entropys_from_the_labelled_rows_only(wrapped):
+def test_a_trl_whose_module_reads_the_decision_elsewhere_is_left_alone(tmp_path, monkeypatch):
+    """Wrapped only where ``_use_triton`` is read once, to choose the compact path: a TRL that
+    also used it to pick a kernel would be handed a Triton kernel on a CPU."""
+    import importlib
+
+    from adapterkit.training.labelled_positions import _decides_compact_only
+
+    assert _decides_compact_only(trl_utils)  # this TRL: the one use
+    other = tmp_path / "other_trl_utils.py"
+    other.write_text("def _use_triton(device):\n    return False\n\n"
+                     "def head(h):\n    compact = _use_triton(h.device)\n"
+                     "    kernel = 'triton' if _use_triton(h.device) else 'torch'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not _decides_compact_only(importlib.import_module("other_trl_utils"))
+
+
+def test_loss_and_gradients_are_the_plain_cross_entropys_from_the_labelled_rows_only(
+        wrapped, monkeypatch):
     model = _model()
     add_fused_lm_head(model.get_base_model())
     plain_loss, plain_grads = _loss_and_grads(model, fused=False)
-    rows: list[int] = []
-    loss, grads = _loss_and_grads(model, fused=True, rows=rows)
+    rows = _counting(monkeypatch)
+    loss, grads = _loss_and_grads(model, fused=True)
     labelled = int((_batch()[2][:, 1:] != -100).sum())
     assert rows == [labelled] and labelled < 2 * 11  # only those rows went through the head
     assert loss == pytest.approx(float(plain_loss), rel=1e-6)
@@ -104,12 +127,13 @@ def test_bf16_under_autocast_matches_every_position_scored(wrapped, monkeypatch)
             p.data = p.data.float()
     add_fused_lm_head(model.get_base_model())
     results = {}
+    rows = _counting(monkeypatch)
     for compact in (True, False):
         if not compact:
             monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
-        rows: list[int] = []
+        rows.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            results[compact] = _loss_and_grads(model, fused=True, rows=rows)
+            results[compact] = _loss_and_grads(model, fused=True)
         assert rows == ([int((_batch()[2][:, 1:] != -100).sum())] if compact else [2 * 11])
     (loss_c, grads_c), (loss_a, grads_a) = results[True], results[False]
     assert float(loss_c) == pytest.approx(float(loss_a), rel=1e-3)
@@ -119,11 +143,24 @@ def test_bf16_under_autocast_matches_every_position_scored(wrapped, monkeypatch)
 
 
 def test_training_on_a_cpu_turns_it_on(tiny_base, home, data, monkeypatch):
+    """The same two steps, with the wrap kept out and then as training sets it: the head
+    projects fewer rows per step (the completions'), and the decision stays wrapped."""
     from adapterkit import TrainOptions, train
+    from adapterkit.training import labelled_positions
 
     monkeypatch.setattr(trl_utils, "_use_triton", chunked_logprob._use_triton)
+    rows = _counting(monkeypatch)
+    options = TrainOptions(max_steps=2, batch_size=4, r=4, alpha=8, general="off",
+                           forgetting_budget=0, seed=3)
+    with monkeypatch.context() as kept_out:
+        kept_out.setattr(labelled_positions, "score_only_labelled_positions", lambda: False)
+        train("sft", base=str(tiny_base), data=str(data), name="every", home=home,
+              options=options)
+    every = list(rows)
     assert trl_utils._use_triton(torch.device("cpu")) is False
-    train("sft", base=str(tiny_base), data=str(data), name="lp", home=home,
-          options=TrainOptions(max_steps=1, batch_size=2, r=4, alpha=8, general="off",
-                               forgetting_budget=0))
+    rows.clear()
+    train("sft", base=str(tiny_base), data=str(data), name="labelled", home=home,
+          options=options)
     assert trl_utils._use_triton(torch.device("cpu")) is True
+    assert len(rows) == len(every) == 2 and all(0 < a < b for a, b in zip(rows, every)), \
+        (rows, every)

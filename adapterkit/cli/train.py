@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -146,6 +146,7 @@ def as_rank() -> Iterator[None]:
         LAUNCHED_ENV,
         hand_over,
         leave,
+        leave_on_failure,
         ranks,
         watch_launcher,
     )
@@ -169,11 +170,7 @@ def as_rank() -> Iterator[None]:
         # on its way out: the launcher's SIGTERM must not cut the exit short (a traceback
         # from inside some clean-up at interpreter exit)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        # leave the process group before the interpreter's teardown does: a gloo group torn
-        # down by it while a peer still waits on a collective aborts this process
-        # ("terminate called without an active exception") after its error is printed
-        with suppress(Exception):
-            leave()
+        leave_on_failure()  # before the interpreter's teardown does (a gloo abort otherwise)
         if isinstance(exc, _Stopped):
             sys.exit(143)  # the launcher stops the ranks when one failed: it says which, why
         if isinstance(exc, AdapterkitError):
@@ -185,12 +182,15 @@ def as_rank() -> Iterator[None]:
             if not where.is_main:
                 raise click.ClickException(f"rank {where.rank}: {exc}") from None
         elif isinstance(exc, Exception) and _lost_contact(exc):
-            lost = "lost contact with another rank, which stopped (" \
-                + " ".join(str(exc).split())[:160] + ")"
-            if hand_over(lost, after_another=True):
+            detail = " ".join(str(exc).split())[:160]
+            if hand_over(f"lost contact with another rank, which stopped ({detail})",
+                         after_another=True):
                 sys.exit(1)
-            raise click.ClickException(f"rank {where.rank}: {lost}; its own output says "
-                                       "why") from None
+            # started by hand: no launcher to say which rank failed first, or why
+            raise click.ClickException(
+                f"rank {where.rank}: a collective operation with the other ranks failed "
+                f"({detail}); usually another rank stopped first, and its own output says "
+                "why") from None
         raise  # still watched on the way out: an orphan that hangs in clean-up is ended
     unwatch()
     leave()

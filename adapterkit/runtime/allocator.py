@@ -8,8 +8,11 @@ every step pays the kernel to fault in and zero the same pages again: on the emb
 (``train sft``, 20 steps of 8, measured with ``/usr/bin/time``) 13 million minor page faults
 and 22 s of system time in a 65 s loop. Raising both thresholds lets glibc reuse the freed
 blocks: 0.9 million faults and 3 s of system time. In ``benchmarks/bench_train_wall.py``
-(README) the loop ran 1.26x faster for it (289 against 230 tokens/s) at 1.17x the peak resident
-memory (3.31 against 2.83 GB): the freed blocks stay resident. PyTorch's CPU tuning guide
+(README) the loop then ran 1.26x faster for it (289 against 230 tokens/s) at 1.17x the peak
+resident memory (3.31 against 2.83 GB): the freed blocks stay resident. Most of those blocks
+were the LM head's tiles over every position; since the head projects only the labelled ones
+(:mod:`adapterkit.training.labelled_positions`) the same comparison gives 1.04x (529 against
+507 tokens/s) at 1.02x the memory (2.30 against 2.25 GB). PyTorch's CPU tuning guide
 recommends a caching allocator (jemalloc or tcmalloc through ``LD_PRELOAD``) for this; those
 need a restart under an environment variable and a native library installed, while glibc's own
 ``mallopt`` can be set by the running process, so that is what this does.

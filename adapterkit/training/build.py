@@ -194,8 +194,8 @@ def attach_new(base: Base, method: Any, options: TrainOptions, *,
     underlay_mod.apply(model, list(underlay or []), structure=structure)
     if start is not None:
         check_book(start, structure)
-        return _for_precision(PeftModel.from_pretrained(model, str(start.path),
-                                                        is_trainable=True))
+        return _for_device(PeftModel.from_pretrained(model, str(start.path),
+                                                     is_trainable=True))
     config = method.peft_config(target_modules=targets, r=options.r, alpha=options.alpha,
                                 dropout=options.dropout)
     import torch
@@ -209,24 +209,30 @@ def attach_new(base: Base, method: Any, options: TrainOptions, *,
         config.modules_to_save = ["score"]
     elif head != "causal-lm":
         raise ConfigError(f"unknown trainer head {head!r}; trainers declare causal-lm or reward")
-    return _for_precision(get_peft_model(model, config))
+    return _for_device(get_peft_model(model, config))
+
+
+def _for_device(model: Any) -> Any:
+    """The new pocket book, made ready for where it trains: on a CPU, TRL's fused LM head
+    scores only the positions with a label, as it does on a GPU
+    (:mod:`adapterkit.training.labelled_positions`), and :func:`_for_precision`."""
+    if model.get_base_model().device.type == "cpu":
+        from adapterkit.training.labelled_positions import score_only_labelled_positions
+
+        score_only_labelled_positions()
+    return _for_precision(model)
 
 
 def _for_precision(model: Any) -> Any:
     """A pocket book on a bfloat16 base on a CPU: its weights in float32, attention too, and
     LoRA dropout drawn at a fraction of PyTorch's CPU cost (:mod:`adapterkit.training.dropout`;
-    on a GPU, and in float32, training is as it always was: TRL's and PEFT's own handling).
-    On any CPU, TRL's fused LM head scores only the positions with a label, as it does on a GPU
-    (:mod:`adapterkit.training.labelled_positions`)."""
+    on a GPU, and in float32, training is as it always was: TRL's and PEFT's own handling)."""
     import torch
 
     from adapterkit.training.dropout import use_cpu_dropout
-    from adapterkit.training.labelled_positions import score_only_labelled_positions
     from adapterkit.training.precision import prepare
 
     base = model.get_base_model()
-    if base.device.type == "cpu":
-        score_only_labelled_positions()
     if getattr(base, "dtype", None) == torch.bfloat16 and base.device.type == "cpu":
         prepare(model)
         use_cpu_dropout(model)

@@ -18,10 +18,14 @@ positions without a label are zero either way (``tests/test_labelled_positions.p
 loss and gradients with transformers' plain cross-entropy over full logits). We change the one
 decision, not the kernel: ``trl.trainer.utils`` looks ``_use_triton`` up at call time to choose,
 and we wrap it there so that it also says "compact" for a CPU tensor. The wrap is
-process-wide and idempotent; it changes nothing on a GPU. It is private TRL API: if a TRL
-release moves it, :func:`score_only_labelled_positions` returns ``False`` and training goes on as
-TRL does it (slower), and the test that checks the wrap took effect fails, so a TRL upgrade
-cannot drop the saving silently.
+process-wide, idempotent and left in place (a TRL trainer a caller runs later in the same
+process on a CPU scores the same way — the same values, fewer rows; under ``torch.compile`` the
+varying row count could recompile, which is why TRL keeps it off elsewhere); it changes nothing
+on a GPU. It is private TRL API, so it is applied only where ``add_fused_lm_head``'s source
+still reads ``compact = _use_triton(`` — the one use in that module, in TRL 1.16 — and where a
+release changes that, :func:`score_only_labelled_positions` returns ``False`` and training goes
+on as TRL does it (slower); the test that checks the wrap took effect then fails, so a TRL
+upgrade cannot drop the saving silently, nor make it pick a GPU kernel on a CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def score_only_labelled_positions() -> bool:
         return False
     if getattr(decide, _MARK, False):
         return True
+    if not _decides_compact_only(trl_utils):
+        return False
 
     def compact(device: Any) -> bool:
         return getattr(device, "type", None) == "cpu" or bool(decide(device))
@@ -51,3 +57,16 @@ def score_only_labelled_positions() -> bool:
     setattr(compact, _MARK, True)
     trl_utils._use_triton = compact  # type: ignore[attr-defined]
     return True
+
+
+def _decides_compact_only(trl_utils: Any) -> bool:
+    """Whether ``_use_triton`` is read in ``trl.trainer.utils`` only to choose the compact path
+    of ``add_fused_lm_head`` (a module's other uses would be handed a CPU "yes" too)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(trl_utils)
+    except (OSError, TypeError):
+        return False
+    uses = source.count("_use_triton(")
+    return uses == 1 and "compact = _use_triton(" in source

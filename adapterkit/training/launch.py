@@ -172,6 +172,33 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+#: Seconds a failing rank waits for :func:`leave_on_failure` before it exits anyway.
+LEAVE_TIMEOUT = 5.0
+
+
+def leave_on_failure(timeout: float = LEAVE_TIMEOUT) -> None:
+    """Leave the process group on the way out of a failed command, for at most ``timeout``
+    seconds.
+
+    A gloo group left to the interpreter's teardown while a peer still waits on a collective
+    can abort the process ("terminate called without an active exception", exit -6) after its
+    error is printed; leaving it first avoids that. But a group's shutdown may wait for a
+    collective in flight (NCCL's does, since PyTorch 2.6), and the peer may be gone, so it runs
+    in a daemon thread and the rank exits after ``timeout`` whether or not it is done.
+    """
+    import threading
+
+    def quietly() -> None:
+        try:
+            leave()
+        except Exception:  # already failing: the command's own error is the one to report
+            pass
+
+    worker = threading.Thread(target=quietly, name="adapterkit-leave", daemon=True)
+    worker.start()
+    worker.join(timeout)
+
+
 #: Seconds between two looks at whether the launcher is still there (see :func:`watch_launcher`).
 WATCH_INTERVAL = 0.2
 #: Seconds a rank has, once its launcher is gone, to unwind before it is ended outright.
