@@ -532,3 +532,24 @@ def test_pipeline_ranks_with_different_libraries_are_refused(tiny_base, adapterk
         "Error: rank 0: a collective operation with the other ranks failed ("), \
         outputs[0][1][-2000:]
     assert [s.name for s in Library(home).list()] == ["first"]
+
+
+def test_a_failing_rank_leaves_its_process_group_within_the_timeout(monkeypatch):
+    """A shutdown that does not come back (NCCL waits on a collective whose peer is gone) does
+    not hold a failing rank: leave_on_failure says it could not leave, in about ``timeout``
+    seconds, and the rank exits at once; a shutdown that comes back says so."""
+    import threading
+
+    from adapterkit.training import launch
+
+    release = threading.Event()
+    monkeypatch.setattr(launch, "leave", lambda: release.wait(30))
+    began = time.monotonic()
+    assert launch.leave_on_failure(timeout=0.3) is False
+    assert 0.3 <= time.monotonic() - began < 5
+    release.set()
+    calls: list[int] = []
+    monkeypatch.setattr(launch, "leave", lambda: calls.append(1))
+    assert launch.leave_on_failure(timeout=5) is True and calls == [1]
+    monkeypatch.setattr(launch, "leave", lambda: 1 / 0)  # an error in it: already failing
+    assert launch.leave_on_failure(timeout=5) is True

@@ -102,6 +102,16 @@ def test_a_trl_whose_module_reads_the_decision_elsewhere_is_left_alone(tmp_path,
     assert not _decides_compact_only(importlib.import_module("other_trl_utils"))
 
 
+def test_it_is_not_applied_where_the_decision_does_more_than_choose_compact(monkeypatch):
+    from adapterkit.training import labelled_positions
+
+    original = chunked_logprob._use_triton
+    monkeypatch.setattr(trl_utils, "_use_triton", original)
+    monkeypatch.setattr(labelled_positions, "_decides_compact_only", lambda module: False)
+    assert score_only_labelled_positions() is False
+    assert trl_utils._use_triton is original
+
+
 def test_loss_and_gradients_are_the_plain_cross_entropys_from_the_labelled_rows_only(
         wrapped, monkeypatch):
     model = _model()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -170,31 +171,56 @@ def as_rank() -> Iterator[None]:
         # on its way out: the launcher's SIGTERM must not cut the exit short (a traceback
         # from inside some clean-up at interpreter exit)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        leave_on_failure()  # before the interpreter's teardown does (a gloo abort otherwise)
+        # out of the process group before the interpreter's teardown (a gloo abort otherwise);
+        # a group that would not let go in time: exit at once, past the teardown, said first
+        left = leave_on_failure()
         if isinstance(exc, _Stopped):
-            sys.exit(143)  # the launcher stops the ranks when one failed: it says which, why
+            _exit(143, left)  # the launcher stops the ranks when one failed: it says which, why
         if isinstance(exc, AdapterkitError):
             follows = bool(getattr(exc, "after_another", False))  # the main one says why
-            if hand_over(str(exc), after_another=follows):
-                sys.exit(1)
-            if follows:
-                sys.exit(1)
+            if hand_over(str(exc), after_another=follows) or follows:
+                _exit(1, left)
             if not where.is_main:
-                raise click.ClickException(f"rank {where.rank}: {exc}") from None
+                _fail(click.ClickException(f"rank {where.rank}: {exc}"), left)
         elif isinstance(exc, Exception) and _lost_contact(exc):
             detail = " ".join(str(exc).split())[:160]
             if hand_over(f"lost contact with another rank, which stopped ({detail})",
                          after_another=True):
-                sys.exit(1)
+                _exit(1, left)
             # started by hand: no launcher to say which rank failed first, or why
-            raise click.ClickException(
+            _fail(click.ClickException(
                 f"rank {where.rank}: a collective operation with the other ranks failed "
                 f"({detail}); usually another rank stopped first, and its own output says "
-                "why") from None
+                "why"), left)
+        if not left:  # what the command line would have said, then out
+            if isinstance(exc, AdapterkitError):
+                click.echo(f"Error: {exc}", err=True)
+            else:
+                traceback.print_exception(exc)
+            _exit(1, left)
         raise  # still watched on the way out: an orphan that hangs in clean-up is ended
     unwatch()
     leave()
     signal.signal(signal.SIGTERM, previous)
+
+
+def _exit(code: int, left: bool) -> NoReturn:
+    """Exit with ``code``: normally once this rank has left its process group, at once
+    (``os._exit``, output flushed) when it could not (:func:`leave_on_failure`)."""
+    if left:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _fail(error: click.ClickException, left: bool) -> NoReturn:
+    """Raise ``error`` for click to print; printed here and exited at once when this rank could
+    not leave its process group."""
+    if left:
+        raise error from None
+    error.show()
+    _exit(error.exit_code, left)
 
 
 def _lost_contact(exc: Exception) -> bool:

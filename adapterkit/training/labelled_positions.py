@@ -10,8 +10,9 @@ shapes cost nothing there, and the positions without a label are pure waste — 
 triage chats (prompt tokens carry no loss) most of the batch. Profiled on the embedded base
 (``torch.profiler``, one step of 8 rows): the head's tiles of every position were ~4 GB of
 allocations per step and the largest transient of the run; scoring only the labelled positions
-took the whole ``train sft`` command from 34.7 s to 28.2 s and its peak resident memory from
-3.16 GB to 2.29 GB, with the same final loss to the last bit (``benchmarks/bench_train_wall.py``).
+took the whole ``train sft`` command from 34.7 s to 27.9 s and its peak resident memory from
+3.16 GB to 2.30 GB, with the same final loss to the last digit (``benchmarks/bench_train_wall.py``,
+one run each: ``benchmarks/results/train_cpu/``).
 
 The two paths are TRL's own: the values at labelled positions are the same computation, and
 positions without a label are zero either way (``tests/test_labelled_positions.py`` compares

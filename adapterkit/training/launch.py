@@ -176,15 +176,17 @@ def leave() -> None:
 LEAVE_TIMEOUT = 5.0
 
 
-def leave_on_failure(timeout: float = LEAVE_TIMEOUT) -> None:
+def leave_on_failure(timeout: float = LEAVE_TIMEOUT) -> bool:
     """Leave the process group on the way out of a failed command, for at most ``timeout``
-    seconds.
+    seconds; whether it was left.
 
     A gloo group left to the interpreter's teardown while a peer still waits on a collective
     can abort the process ("terminate called without an active exception", exit -6) after its
     error is printed; leaving it first avoids that. But a group's shutdown may wait for a
     collective in flight (NCCL's does, since PyTorch 2.6), and the peer may be gone, so it runs
-    in a daemon thread and the rank exits after ``timeout`` whether or not it is done.
+    in a daemon thread. When it is not done in time the caller should exit at once
+    (``os._exit``): a thread still inside the shutdown when the interpreter finalizes would be
+    ended there and abort the process all the same.
     """
     import threading
 
@@ -197,6 +199,7 @@ def leave_on_failure(timeout: float = LEAVE_TIMEOUT) -> None:
     worker = threading.Thread(target=quietly, name="adapterkit-leave", daemon=True)
     worker.start()
     worker.join(timeout)
+    return not worker.is_alive()
 
 
 #: Seconds between two looks at whether the launcher is still there (see :func:`watch_launcher`).
