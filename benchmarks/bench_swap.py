@@ -171,6 +171,7 @@ def _main() -> None:
         t_alone = {n: timeit(lambda x=x: alone.model(input_ids=x), repeat=10)
                    for n, x in (("8", ids), ("128", long_ids))}
         pad_diff = (alone.model(input_ids=long_ids).logits - padded_logits).abs().max().item()
+        pad_scale = padded_logits.abs().max().item()
         session_rank, alone_rank = session.rank, alone.rank
         alone.close()
         alone = None  # free its base
@@ -197,7 +198,7 @@ def _main() -> None:
               f"vs in a session of r={alone_rank}: "
               + ", ".join(f"{n} tokens {t_padded[n] * 1e3:.2f} vs {t_alone[n] * 1e3:.2f} ms "
                           f"({t_padded[n] / t_alone[n]:.2f}x)" for n in t_padded)
-              + f"; max |logits difference| {pad_diff:.2e}")
+              + f"; max |logits difference| {pad_diff:.2e} (of max |logits| {pad_scale:.2e})")
         print(f"max |logits ours - PEFT| with the same adapter active (r={rank_of[1]}, padded "
               f"to r={rank_at_check}): {max_diff:.2e}")
 
