@@ -68,6 +68,16 @@ def check_paths(library: Any, ref: str) -> None:
         raise QuickstartError(f"{ref} drifts from plain PEFT on some path")
 
 
+def _let_go() -> None:
+    """Free the trained model before :func:`check_paths`: verify loads the base again in
+    float32 (its reference is plain PEFT on a fresh load, not our model), and with the run's
+    model still held the two copies were the quickstart's peak (3.76 GB in part one on the
+    embedded base, resident memory sampled every 10 ms)."""
+    from adapterkit.memory import release_memory
+
+    release_memory()
+
+
 def _next_name(library: Any, name: str) -> str:
     """``name``, or its next version if the library already has it (the quickstart reruns)."""
     versions = [s.version for s in library.list(all_versions=True) if s.name == name]
@@ -136,12 +146,15 @@ def part_one(*, base: str = "smollm2-135m", budget: float = 1.0,
           f"{m['tokens_per_second']:.0f} tokens/s; total wall time {elapsed:.0f} s")
     print(f"Saved {result.pocket_book.ref} → try: adapterkit generate --adapter "
           f"{result.pocket_book.ref} \"I have ear pain and a sore throat since yesterday.\"")
-    library.tag(result.pocket_book.ref, "quickstart")
-    check_paths(library, result.pocket_book.ref)
+    ref = result.pocket_book.ref
+    library.tag(ref, "quickstart")
+    del loaded, result  # the trained model, before verify loads the base again (see below)
+    _let_go()
+    check_paths(library, ref)
     return {"accuracy_before": acc_before, "accuracy_after": acc_after,
             "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
             "train_seconds": m["train_seconds"], "tokens_per_second": m["tokens_per_second"],
-            "steps": m["steps"], "pocket_book": result.pocket_book.ref}
+            "steps": m["steps"], "pocket_book": ref}
 
 
 def preference_lines(acc: dict, on: str) -> list[str]:
@@ -256,9 +269,12 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None,
           f"total wall time {elapsed:.0f} s")
     print(f"Saved {result.pocket_book.ref} (on top of {on}) → try: adapterkit generate "
           f"--adapter {result.pocket_book.ref} \"{complaint}\"")
-    library.tag(result.pocket_book.ref, "quickstart")
-    check_paths(library, result.pocket_book.ref)  # bedside with triage underneath, vs PEFT
+    ref = result.pocket_book.ref
+    library.tag(ref, "quickstart")
+    del loaded, result, model  # the trained model, before verify loads the base again
+    _let_go()
+    check_paths(library, ref)  # bedside with triage underneath, vs PEFT
     return {**preference_figures(acc), "right_advice": advice["rate"],
             "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
             "train_seconds": m["train_seconds"], "tokens_per_second": m["tokens_per_second"],
-            "steps": m["steps"], "pocket_book": result.pocket_book.ref, "on": on}
+            "steps": m["steps"], "pocket_book": ref, "on": on}

@@ -126,3 +126,36 @@ def test_right_advice_scores_each_answer_against_its_complaints_urgency(monkeypa
     monkeypatch.setattr(metrics, "generate", lambda *a, **k: answers)
     got = qs.right_advice(None, None, [r["prompt"] for r in picked], data)
     assert (got["right"], got["complaints"]) == (2, 3) and got["answers"] == answers
+
+
+def test_the_trained_model_is_freed_before_verify_loads_the_base_again(tiny_base, tmp_path,
+                                                                       monkeypatch):
+    """verify loads a fresh float32 base for its plain-PEFT reference: the run's own model is
+    gone by then, in both parts, so the two copies are never resident together."""
+    import gc
+    import weakref
+
+    import adapterkit
+    from adapterkit import quickstart as qs
+
+    trained: list[weakref.ref] = []
+    real_train, real_check = adapterkit.train, qs.check_paths
+
+    def train(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        trained.append(weakref.ref(result.model))
+        return result
+
+    alive_at_verify: list[bool] = []
+
+    def check_paths(library, ref):
+        gc.collect()
+        alive_at_verify.append(trained[-1]() is not None)
+        real_check(library, ref)
+
+    monkeypatch.setattr(adapterkit, "train", train)
+    monkeypatch.setattr(qs, "check_paths", check_paths)
+    home = tmp_path / "home"
+    qs.part_one(base=str(tiny_base), steps=1, home=home)
+    qs.part_two(base=str(tiny_base), steps=1, home=home)
+    assert alive_at_verify == [False, False]
