@@ -62,3 +62,28 @@ def test_task_loss_counts_only_the_completions(model_and_tokenizer):
     assert got["tokens"] == sum(len(tokenizer(p + c, add_special_tokens=False)["input_ids"])
                                 - len(tokenizer(p, add_special_tokens=False)["input_ids"])
                                 for p, c in pairs)
+
+
+def test_completion_logprobs_are_transformers_log_softmax_answer_by_answer(
+        model_and_tokenizer):
+    """Batched, sorted by answer start and with logits kept only over the answers' span, each
+    answer's summed log-probability is the one of its own full-logits forward, in input order."""
+    from adapterkit.training.metrics import _keeps_logits, completion_logprobs
+
+    model, tokenizer = model_and_tokenizer
+    assert _keeps_logits(model)  # the span path is the one under test
+    pairs = [(f"Question {i}: " + "why " * (i % 5), "Because " + "it is so. " * (1 + i % 3))
+             for i in range(11)]  # prompts of several lengths, more than one batch of 8
+    got = completion_logprobs(model, tokenizer, pairs)
+    for (prompt, answer), value in zip(pairs, got):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            tokenize=False)
+        start = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[0, start - 1:-1].float().log_softmax(-1)
+        expected = logp.gather(-1, ids[0, start:, None]).sum().item()
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-4)

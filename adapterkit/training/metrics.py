@@ -29,14 +29,21 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def _batched_logits(model: Any, tokenizer: Any, encoded: list[tuple[list[int], int]],
-                    batch_size: int) -> Iterator[tuple[list[tuple[list[int], int]], Any]]:
-    """``(chunk, logits)`` for each ``batch_size`` rows of ``encoded`` (token ids, answer
-    start), in order: one forward per chunk with right padding and its attention mask. On a
-    CPU one forward over eight short texts costs about as much as two over one."""
+                    batch_size: int) -> Iterator[tuple[list[tuple[list[int], int]], int, Any]]:
+    """``(chunk, first, logits)`` for each ``batch_size`` rows of ``encoded`` (token ids,
+    answer start), in order: one forward per chunk with right padding and its attention mask.
+    On a CPU one forward over eight short texts costs about as much as two over one.
+
+    Only the logits the answers need are computed where the model takes ``logits_to_keep``
+    (transformers' causal LMs): those of the positions from the chunk's earliest answer start
+    to its latest end, ``first`` being the first of them (0 otherwise). The LM head over a
+    49,152-token vocabulary at every prompt position was most of the quickstart's held-out
+    ranking; callers sort the rows by answer start so that a chunk's span stays short."""
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    spans = _keeps_logits(model)
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
         width = max(len(ids) for ids, _ in chunk)
@@ -45,8 +52,24 @@ def _batched_logits(model: Any, tokenizer: Any, encoded: list[tuple[list[int], i
         for row, (seq, _) in enumerate(chunk):
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
+        first, kwargs = 0, {}
+        if spans:  # position t predicts token t + 1: the answers' tokens from start - 1 on
+            first = min(start for _, start in chunk) - 1
+            kwargs["logits_to_keep"] = torch.arange(first, width - 1, device=device)
         with torch.no_grad():
-            yield chunk, model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            yield chunk, first, model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      **kwargs).logits
+
+
+def _keeps_logits(model: Any) -> bool:
+    """Whether ``model``'s forward (a PEFT model's: its base's) takes ``logits_to_keep``."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
@@ -62,14 +85,15 @@ def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
         start = max(prefix_len, 1)
         if len(full) > start:
             encoded.append((full, start))
+    encoded.sort(key=lambda pair: pair[1])  # short spans (see _batched_logits); a sum: any order
     total, count = 0.0, 0
-    for chunk, logits in _batched_logits(model, tokenizer, encoded, batch_size):
+    for chunk, first, logits in _batched_logits(model, tokenizer, encoded, batch_size):
         # row by row, on the labelled positions only: the float32 log-softmax of a row, not of
         # the padded batch (on the embedded base's 49,152-token vocabulary, three batch-sized
         # copies of the logits were the largest transient of a run's forgetting check)
         for row, (seq, start) in enumerate(chunk):
             # position t predicts token t + 1: the tokens seq[start:]
-            predicted = logits[row, start - 1:len(seq) - 1].float()
+            predicted = logits[row, start - 1 - first:len(seq) - 1 - first].float()
             target = torch.tensor(seq[start:], device=predicted.device)
             total += float(torch.nn.functional.cross_entropy(predicted, target, reduction="sum"))
             count += len(seq) - start
@@ -121,13 +145,16 @@ def completion_logprobs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]
             tokenize=False)
         start = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         encoded.append((tokenizer(full, add_special_tokens=False)["input_ids"], start))
-    sums: list[float] = []
-    for chunk, logits in _batched_logits(model, tokenizer, encoded, batch_size):
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i][1])  # see _batched_logits
+    sums: list[float] = [0.0] * len(encoded)
+    chunks = _batched_logits(model, tokenizer, [encoded[i] for i in order], batch_size)
+    for n, (chunk, first, logits) in enumerate(chunks):
         for row, (seq, start) in enumerate(chunk):
             # position t predicts token t + 1: the answer's tokens seq[start:]
-            logps = torch.log_softmax(logits[row, start - 1:len(seq) - 1].float(), -1)
+            logps = torch.log_softmax(logits[row, start - 1 - first:len(seq) - 1 - first]
+                                      .float(), -1)
             target = torch.tensor(seq[start:], device=logps.device)
-            sums.append(logps.gather(-1, target[:, None]).sum().item())
+            sums[order[n * batch_size + row]] = logps.gather(-1, target[:, None]).sum().item()
     return sums
 
 
