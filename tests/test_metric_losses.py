@@ -53,9 +53,11 @@ def test_general_text_loss_is_transformers_loss_text_by_text(model_and_tokenizer
 
 def test_task_loss_counts_only_the_completions(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    rows = [{"prompt": f"Colour of item {i}:", "completion": f" {c}"}
+    rows = [{"prompt": f"Colour of item {i}:" + " please" * (i % 4), "completion": f" {c}"}
             for i, c in enumerate(["red", "a deep shade of blue", "green", "pale yellow",
                                    "black", "white", "orange", "grey", "violet"])]
+    starts = {len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows}
+    assert len(starts) > 1  # answers start at several positions in one chunk
     got = task_loss(model, tokenizer, rows, chat=False)
     pairs = [(r["prompt"], r["completion"]) for r in rows]
     assert got["loss"] == pytest.approx(_by_hand(model, tokenizer, pairs), rel=1e-5)
@@ -71,7 +73,11 @@ def test_completion_logprobs_are_transformers_log_softmax_answer_by_answer(
     from adapterkit.training.metrics import _keeps_logits, completion_logprobs
 
     model, tokenizer = model_and_tokenizer
-    assert _keeps_logits(model)  # the span path is the one under test
+    assert _keeps_logits(model)  # the span path is the one under test, for PEFT models too
+    from peft import LoraConfig, get_peft_model
+
+    assert _keeps_logits(get_peft_model(LlamaForCausalLM(model.config),
+                                        LoraConfig(r=2, target_modules=["q_proj"])))
     pairs = [(f"Question {i}: " + "why " * (i % 5), "Because " + "it is so. " * (1 + i % 3))
              for i in range(11)]  # prompts of several lengths, more than one batch of 8
     got = completion_logprobs(model, tokenizer, pairs)

@@ -143,7 +143,7 @@ def test_the_trained_model_is_freed_before_verify_loads_the_base_again(tiny_base
 
     def train(*args, **kwargs):
         result = real_train(*args, **kwargs)
-        trained.append(weakref.ref(result.model))
+        trained.append(weakref.ref(result.model.get_base_model()))  # what holds the weights
         return result
 
     alive_at_verify: list[bool] = []

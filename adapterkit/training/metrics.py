@@ -55,7 +55,7 @@ def _batched_logits(model: Any, tokenizer: Any, encoded: list[tuple[list[int], i
         first, kwargs = 0, {}
         if spans:  # position t predicts token t + 1: the answers' tokens from start - 1 on
             first = min(start for _, start in chunk) - 1
-            kwargs["logits_to_keep"] = torch.arange(first, width - 1, device=device)
+            kwargs["logits_to_keep"] = torch.arange(first, max(width - 1, first), device=device)
         with torch.no_grad():
             yield chunk, first, model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                       **kwargs).logits
