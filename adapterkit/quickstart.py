@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import QuickstartError
+from adapterkit.memory import release_memory
 
 __all__ = ["DATA_FILES", "check_paths", "data_dir", "load_jsonl", "part_one", "part_two",
            "preference_figures", "preference_lines"]
@@ -66,16 +67,6 @@ def check_paths(library: Any, ref: str) -> None:
     print("Verify: " + summary(result))
     if not result.ok:
         raise QuickstartError(f"{ref} drifts from plain PEFT on some path")
-
-
-def _let_go() -> None:
-    """Free the trained model before :func:`check_paths`: verify loads the base again in
-    float32 (its reference is plain PEFT on a fresh load, not our model), and with the run's
-    model still held the two copies were the quickstart's peak (3.76 GB in part one on the
-    embedded base, resident memory sampled every 10 ms)."""
-    from adapterkit.memory import release_memory
-
-    release_memory()
 
 
 def _next_name(library: Any, name: str) -> str:
@@ -148,8 +139,11 @@ def part_one(*, base: str = "smollm2-135m", budget: float = 1.0,
           f"{result.pocket_book.ref} \"I have ear pain and a sore throat since yesterday.\"")
     ref = result.pocket_book.ref
     library.tag(ref, "quickstart")
-    del loaded, result  # the trained model, before verify loads the base again (see below)
-    _let_go()
+    # the trained model goes before check_paths: verify loads the base again in float32 (its
+    # reference is plain PEFT on a fresh load), and the two copies together were the
+    # quickstart's peak (3.76 GB in part one on the embedded base, sampled every 10 ms)
+    del loaded, result
+    release_memory()
     check_paths(library, ref)
     return {"accuracy_before": acc_before, "accuracy_after": acc_after,
             "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
@@ -272,7 +266,7 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None,
     ref = result.pocket_book.ref
     library.tag(ref, "quickstart")
     del loaded, result, model  # the trained model, before verify loads the base again
-    _let_go()
+    release_memory()
     check_paths(library, ref)  # bedside with triage underneath, vs PEFT
     return {**preference_figures(acc), "right_advice": advice["rate"],
             "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,

@@ -194,9 +194,8 @@ def as_rank() -> Iterator[None]:
                 "why"), left)
         if not left:  # what the command line would have said, then out
             if isinstance(exc, AdapterkitError):
-                click.echo(f"Error: {exc}", err=True)
-            else:
-                traceback.print_exception(exc)
+                _fail(click.ClickException(str(exc)), left)
+            traceback.print_exception(exc)
             _exit(1, left)
         raise  # still watched on the way out: an orphan that hangs in clean-up is ended
     unwatch()

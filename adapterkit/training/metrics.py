@@ -28,37 +28,46 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(prediction.strip() == reference.strip())
 
 
-def _batched_logits(model: Any, tokenizer: Any, encoded: list[tuple[list[int], int]],
-                    batch_size: int) -> Iterator[tuple[list[tuple[list[int], int]], int, Any]]:
-    """``(chunk, first, logits)`` for each ``batch_size`` rows of ``encoded`` (token ids,
-    answer start), in order: one forward per chunk with right padding and its attention mask.
+def _answer_logits(model: Any, tokenizer: Any, encoded: list[tuple[list[int], int]],
+                   batch_size: int) -> Iterator[tuple[int, Any, Any]]:
+    """``(index, answer, logits)`` for each row of ``encoded`` (token ids, answer start): the
+    row's index in ``encoded``, its answer tokens ``ids[start:]`` and the float32 logits that
+    predict them, one forward per ``batch_size`` rows with right padding and its attention mask.
     On a CPU one forward over eight short texts costs about as much as two over one.
 
     Only the logits the answers need are computed where the model takes ``logits_to_keep``
-    (transformers' causal LMs): those of the positions from the chunk's earliest answer start
-    to its latest end, ``first`` being the first of them (0 otherwise). The LM head over a
-    49,152-token vocabulary at every prompt position was most of the quickstart's held-out
-    ranking; callers sort the rows by answer start so that a chunk's span stays short."""
+    (transformers' causal LMs): those of the positions from a chunk's earliest answer start to
+    its latest end, the rows being taken in order of answer start so that the span stays short.
+    The LM head over a 49,152-token vocabulary at every prompt position was most of the
+    quickstart's held-out ranking."""
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     spans = _keeps_logits(model)
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i][1])
+    for at in range(0, len(order), batch_size):
+        chunk = order[at:at + batch_size]
+        width = max(len(encoded[i][0]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (seq, _) in enumerate(chunk):
+        for row, i in enumerate(chunk):
+            seq = encoded[i][0]
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
         first, kwargs = 0, {}
         if spans:  # position t predicts token t + 1: the answers' tokens from start - 1 on
-            first = min(start for _, start in chunk) - 1
+            first = min(encoded[i][1] for i in chunk) - 1
             kwargs["logits_to_keep"] = torch.arange(first, max(width - 1, first), device=device)
         with torch.no_grad():
-            yield chunk, first, model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      **kwargs).logits
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           **kwargs).logits
+        for row, i in enumerate(chunk):
+            seq, start = encoded[i]
+            # row by row: the float32 copy of one answer's logits, not of the padded batch
+            # (three batch-sized copies were the largest transient of a forgetting check)
+            predicted = logits[row, start - 1 - first:len(seq) - 1 - first].float()
+            yield i, torch.tensor(seq[start:], device=predicted.device), predicted
 
 
 def _keeps_logits(model: Any) -> bool:
@@ -75,7 +84,7 @@ def _keeps_logits(model: Any) -> bool:
 def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
                   max_length: int, batch_size: int = 8) -> tuple[float, int]:
     """Summed next-token loss over the completion part of (prefix, completion) pairs, batched
-    (:func:`_batched_logits`; pads and prefixes masked out of the labels)."""
+    (:func:`_answer_logits`: only the completions' positions are scored)."""
     import torch
 
     encoded = []
@@ -85,18 +94,10 @@ def _token_losses(model: Any, tokenizer: Any, pairs: Iterable[tuple[str, str]],
         start = max(prefix_len, 1)
         if len(full) > start:
             encoded.append((full, start))
-    encoded.sort(key=lambda pair: pair[1])  # short spans (see _batched_logits); a sum: any order
     total, count = 0.0, 0
-    for chunk, first, logits in _batched_logits(model, tokenizer, encoded, batch_size):
-        # row by row, on the labelled positions only: the float32 log-softmax of a row, not of
-        # the padded batch (on the embedded base's 49,152-token vocabulary, three batch-sized
-        # copies of the logits were the largest transient of a run's forgetting check)
-        for row, (seq, start) in enumerate(chunk):
-            # position t predicts token t + 1: the tokens seq[start:]
-            predicted = logits[row, start - 1 - first:len(seq) - 1 - first].float()
-            target = torch.tensor(seq[start:], device=predicted.device)
-            total += float(torch.nn.functional.cross_entropy(predicted, target, reduction="sum"))
-            count += len(seq) - start
+    for _, answer, predicted in _answer_logits(model, tokenizer, encoded, batch_size):
+        total += float(torch.nn.functional.cross_entropy(predicted, answer, reduction="sum"))
+        count += len(answer)
     return total, count
 
 
@@ -133,7 +134,7 @@ def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str)
 def completion_logprobs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]],
                         batch_size: int = 8) -> list[float]:
     """:func:`completion_logprob` of each (prompt, completion), batched
-    (:func:`_batched_logits`); the vocabulary's log-softmax is taken only at the answers'
+    (:func:`_answer_logits`); the vocabulary's log-softmax is taken only at the answers'
     positions."""
     import torch
 
@@ -145,16 +146,10 @@ def completion_logprobs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]
             tokenize=False)
         start = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         encoded.append((tokenizer(full, add_special_tokens=False)["input_ids"], start))
-    order = sorted(range(len(encoded)), key=lambda i: encoded[i][1])  # see _batched_logits
     sums: list[float] = [0.0] * len(encoded)
-    chunks = _batched_logits(model, tokenizer, [encoded[i] for i in order], batch_size)
-    for n, (chunk, first, logits) in enumerate(chunks):
-        for row, (seq, start) in enumerate(chunk):
-            # position t predicts token t + 1: the answer's tokens seq[start:]
-            logps = torch.log_softmax(logits[row, start - 1 - first:len(seq) - 1 - first]
-                                      .float(), -1)
-            target = torch.tensor(seq[start:], device=logps.device)
-            sums[order[n * batch_size + row]] = logps.gather(-1, target[:, None]).sum().item()
+    for i, answer, predicted in _answer_logits(model, tokenizer, encoded, batch_size):
+        logps = torch.log_softmax(predicted, -1)
+        sums[i] = logps.gather(-1, answer[:, None]).sum().item()
     return sums
 
 

@@ -5,12 +5,13 @@ on a CPU with bfloat16 instructions (AVX512-BF16 or AMX): the frozen base's weig
 bfloat16, the pocket book's weights and the optimizer stay float32, and transformers' Trainer
 runs each step under ``torch.autocast`` (``bf16=True``). On the embedded base and this
 project's 2-core AMX CPU that alone made the training loop 1.24x the tokens/s of the float32
-TRL loop; on a 2-core AMD EPYC with AVX512-BF16, with the CPU dropout of :mod:`adapterkit.training.dropout`, LoRA inputs left in
-bfloat16 under autocast (``dropout._CastOutsideAutocast``), the kept freed memory of
-:mod:`adapterkit.runtime.allocator` and the LM head on labelled positions only
-(:mod:`adapterkit.training.labelled_positions`, any CPU precision), the whole command runs at
-2.65x the plain script's speed (``benchmarks/bench_train_wall.py``, README). Elsewhere, and with
-``--precision fp32``, the precision is as before.
+TRL loop; on a 2-core AMD EPYC with AVX512-BF16, with the CPU dropout of
+:mod:`adapterkit.training.dropout`, LoRA inputs left in bfloat16 under autocast
+(``dropout._CastOutsideAutocast``), the kept freed memory of :mod:`adapterkit.runtime.allocator`
+and the LM head on labelled positions only (:mod:`adapterkit.training.labelled_positions`, any
+CPU precision), the whole command runs at 2.65x the plain script's speed
+(``benchmarks/bench_train_wall.py``, README). Elsewhere, and with ``--precision fp32``, the
+precision is as before.
 
 One piece is our own: on a CPU, attention runs in float32. PyTorch's CPU flash-attention
 kernel is several times slower backwards in bfloat16 than in float32 (torch.profiler on one
