@@ -161,6 +161,9 @@ def run_arm(arm: str, args: argparse.Namespace, folder: str, home: str, tmp: Pat
                "tokens_per_second": result["tokens_per_second"],
                "train_loss_final": result["train_loss_final"],
                **json.loads(rss.read_text())}
+    if result.get("guard", {}).get("kl_batches"):  # how the guard's KL terms were computed
+        figures["kl_terms"] = result["guard"]["kl_batches"]
+        figures["kl_in_task_forward"] = result["guard"].get("kl_in_task_forward", 0)
     if args.eval:
         out = subprocess.run([sys.executable, "-c", SCORE, folder, str(adapter),
                               str(test_file), args.trainer],
@@ -205,7 +208,8 @@ def main() -> None:
             results[arm] = run_arm(arm, args, folder, home, tmp)
             print(arm, json.dumps(results[arm]), flush=True)
     keys = ("wall_seconds", "loop_seconds", "tokens_per_second", "peak_rss_mb", "peak_gpu_mb",
-            "peak_gpu_reserved_mb", "train_loss_final", "accuracy", "forgetting_pct")
+            "peak_gpu_reserved_mb", "train_loss_final", "accuracy", "forgetting_pct",
+            "kl_terms", "kl_in_task_forward")
     print(f"\n{'':18}" + "".join(f"{a:>14}" for a in arms))
     for key in keys:
         if any(results[a].get(key) is not None for a in arms):

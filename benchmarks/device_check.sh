@@ -31,7 +31,7 @@ if [ -d .whl ]; then
     export PYTHONPATH=/tmp/site
 fi
 DEADLINE=${DEADLINE:-570}
-RUN=${RUN:-sft big-base qlora memory guard dpo}  # the steps to run
+RUN=${RUN:-sft guard dpo serve big-base qlora memory}  # the steps to run
 export ADAPTERKIT_HOME=${ADAPTERKIT_HOME:-/tmp/akh} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
@@ -59,13 +59,27 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: at most LIMIT s, and never past 
     kill "$watcher" 2>/dev/null
 }
 
+# the first process on a fresh machine reads torch's CUDA libraries from disk: once, here, so
+# that no arm pays it
+python3 -c "import torch, transformers, peft, trl; torch.ones(1, device='cuda').sum().item()"
 python3 benchmarks/random_base.py .devbase /tmp/bases/small --shape "$SMALL" || exit 1
 W="python3 benchmarks/bench_train_wall.py --no-eval --base /tmp/bases/small --ref plain-bf16"
 # 1. sft, whole command vs the plain TRL + PEFT script: same settings (bf16 autocast) and TRL's
 #    defaults (gradient checkpointing on)
 step sft ${SFT_LIMIT:-150} $W --steps "$STEPS" --json "$OUT/sft.json" \
     --arms "${SFT_ARMS:-plain-bf16,plain-trl-gc,ours-auto}"
-# 2. QLoRA on the bigger shape: 4-bit against bf16, ours against the plain script; then the
+# 2. the forgetting guard on vs off (the base's side computed in the run: nothing cached)
+step guard ${GUARD_LIMIT:-100} $W --steps "$STEPS" --json "$OUT/guard.json" \
+    --arms ours-general,ours-guard --ref ours-general
+# 3. dpo, the reference computed alongside each step in both
+step dpo ${DPO_LIMIT:-80} $W --trainer dpo --steps "$BIG_STEPS" --json "$OUT/dpo.json" \
+    --arms plain-bf16,ours-auto
+# 4. serving: the engine's mixed-adapter batches against one book, a swap per request and
+#    PEFT's mixed-adapter generate (issue #12), every request decoding the same tokens
+step serve ${SERVE_LIMIT:-120} python3 benchmarks/bench_serve.py --base /tmp/bases/small \
+    --books 8 --requests 32 --new-tokens 64 --attached 0 --rounds "${SERVE_ROUNDS:-1}" \
+    --ignore-eos
+# 5. QLoRA on the bigger shape: 4-bit against bf16, ours against the plain script; then the
 #    loaded base's memory alone, 4-bit against bf16
 step big-base ${BASE_LIMIT:-60} python3 benchmarks/random_base.py .devbase /tmp/bases/big \
     --shape "$BIG" --dtype bfloat16
@@ -74,10 +88,4 @@ step qlora ${QLORA_LIMIT:-160} python3 benchmarks/bench_train_wall.py --no-eval 
     --arms plain-bf16,plain-qlora,ours-auto,ours-qlora
 step memory ${MEMORY_LIMIT:-60} python3 benchmarks/bench_qlora_memory.py --base /tmp/bases/big \
     --json "$OUT/memory.json"
-# 3. the forgetting guard on vs off
-step guard ${GUARD_LIMIT:-100} $W --steps "$STEPS" --json "$OUT/guard.json" \
-    --arms ours-general,ours-guard --ref ours-general
-# 4. dpo, the reference computed alongside each step in both
-step dpo ${DPO_LIMIT:-80} $W --trainer dpo --steps "$BIG_STEPS" --json "$OUT/dpo.json" \
-    --arms plain-bf16,ours-auto
 echo "done in $(( $(date +%s) - start )) s"

@@ -69,8 +69,10 @@ def reload_logits(base_folder, adapter_path, ids, quantization=None):
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_sft_lora_each_shape_learns_and_reloads_in_peft(shape, tiny_base, home, tmp_path, pm):
     data = write_jsonl(tmp_path / f"{shape}.jsonl", SHAPES[shape])
-    result = train("sft", base=str(tiny_base), data=str(data), name=f"b-{shape}", options=fast(),
-                   home=home, plugins=pm)
+    # no guard: the logged loss would include its KL term, which at this learning rate on a
+    # tiny base can outweigh what the task loss lost (the subject here is the data shapes)
+    result = train("sft", base=str(tiny_base), data=str(data), name=f"b-{shape}",
+                   options=fast(forgetting_budget=0), home=home, plugins=pm)
     m = result.metrics
     assert m["train_loss_final"] < 0.9 * m["train_loss_first"], m
     book = result.pocket_book
@@ -98,7 +100,8 @@ def test_qlora_trains_on_4bit_base_and_reloads(tiny_base, home, tmp_path, pm):
 
     data = write_jsonl(tmp_path / "pc.jsonl", SHAPES["prompt_completion"])
     result = train("sft", base=str(tiny_base), data=str(data), name="q",
-                   options=fast(method="qlora"), home=home, plugins=pm)
+                   options=fast(method="qlora", forgetting_budget=0),  # as above
+                   home=home, plugins=pm)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
     m = result.metrics
     assert m["train_loss_final"] < 0.9 * m["train_loss_first"], m

@@ -288,5 +288,6 @@ def make_guard(tokenizer: Any, options: TrainOptions) -> ForgettingGuard | None:
 #: (SmolLM2-135M, lr 1e-3, 30 steps) with the full-vocabulary KL on every step: 0.3 kept 100%
 #: held-out accuracy and moved general-text loss by +0.3% (plain run: +5.5%); 1.0 held
 #: forgetting at -0.2% but cut accuracy to 48%. With the term as it is now (top-64 tokens, one
-#: step in two at twice the weight: guard.KL_EVERY), 0.3 gives 100% and +0.46%.
+#: step in three at three times the weight, riding on the task's forward: guard.KL_EVERY), 0.3
+#: gives 100% and +0.57% (bench_train_wall.py, 30 steps).
 DEFAULT_GUARD_WEIGHT = 0.3

@@ -5,10 +5,16 @@ Two parts, both working on the one resident base, and both paid for only where t
 * **A KL anchor.** On every ``kl_every``-th step a chunk of anchor prose (different from the
   text the forgetting check measures) is run with the pocket book on, and the KL divergence
   from the base's next-token distribution to the adapted one is added to the loss, weighted
-  ``guard_weight × kl_every``. The base's side does not change while training, so it is
-  computed once per chunk with the pocket book switched off — no second copy of the model —
-  kept as its top-k tokens plus a rest-of-vocabulary bucket (:class:`BaseTarget`), and cached
-  in the library by the run, so a later run on the same reference pays only the student's pass.
+  ``guard_weight × kl_every``. The chunk rides along as one more row of the step's own forward
+  (:class:`_Fold`): on a CPU a forward and backward of its own for one 59-token row of
+  SmolLM2-135M took about 0.2 s, a fifth of a whole step of 8 rows (per-operation overhead),
+  while the row in the batch costs about its share. Where it cannot
+  ride along (a chunk longer than the batch, embeddings passed in, packed rows), it gets a
+  forward of its own. The base's side does not change while training, so it is computed once
+  per chunk with the pocket book switched off — no second copy of the model — in fixed groups
+  of chunks, one batched forward per group the run visits, kept as its top-k tokens plus a
+  rest-of-vocabulary bucket (:class:`BaseTarget`), and cached in the library by the run, so a
+  later run on the same reference pays only the student's side.
 * **A budget.** Every ``guard_every`` steps the adapter weights are kept in memory (they are
   small). After training, general-text loss is measured on the final weights — the same
   measurement as the forgetting figure, on the base as inference loads it — and only if they
@@ -16,9 +22,11 @@ Two parts, both working on the one resident base, and both paid for only where t
   within the budget is restored.
 
 Trainer plugins opt in by declaring ``uses_guard = True``, building their transformers/TRL
-trainer from :func:`guarded` (``job.guarded(TrainerClass)``: it adds :meth:`ForgettingGuard.penalty`
-to the loss) and passing ``job.callbacks`` (which hold :meth:`ForgettingGuard.callback`) to their
-loop; the built-in ``sft`` and ``dpo`` trainers do. The core
+trainer from :func:`guarded` (``job.guarded(TrainerClass)``: it runs the trainer's loss through
+:meth:`ForgettingGuard.with_task`, which adds the KL term) and passing ``job.callbacks`` (which
+hold :meth:`ForgettingGuard.callback`: it tells the guard the run's steps) to their loop; the
+built-in ``sft`` and ``dpo`` trainers do. A trainer with a loop of its own adds
+:meth:`ForgettingGuard.penalty` (a forward of its own) or wraps its loss in ``with_task``. The core
 refuses the guard's options for any other trainer, and records the KL weight only when
 :attr:`ForgettingGuard.penalty_calls` shows the term was added.
 """
@@ -43,18 +51,23 @@ class GuardReport:
     within_budget: bool | None = None
 
 
-#: The KL term is added on every ``KL_EVERY``-th step, ``KL_EVERY`` times as heavy. Each term is a
-#: forward and backward of its own, whose fixed cost (about 0.25 s on 2 CPU cores for
-#: SmolLM2-135M, whatever the length) dominates a short anchor chunk. Measured on the quickstart
-#: (SmolLM2-135M, lr 1e-3, 30 steps of 8, weight 0.3; general-text loss change, all at 100%
-#: held-out accuracy): every step +0.38%, every 2nd +0.46-0.47%, every 3rd +0.55%, every 4th +0.67%
-#: (every 4th on 128-token chunks: +0.77%; the full-vocabulary KL on every step: +0.28%). The
-#: every-step and every-4th runs had LoRA dropout on in the KL pass; every 2nd with it: +0.44%.
-KL_EVERY = 2
+#: The KL term is added on every ``KL_EVERY``-th step, ``KL_EVERY`` times as heavy. Measured on
+#: the quickstart (SmolLM2-135M, lr 1e-3, 30 steps of 8, weight 0.3; general-text loss change,
+#: all at 100% held-out accuracy) when each term had a forward of its own: every step +0.38%,
+#: every 2nd +0.46-0.47%, every 3rd +0.55%, every 4th +0.67% (the full-vocabulary KL on every
+#: step: +0.28%). With the anchor row in the task's forward (benchmarks/bench_train_wall.py, the
+#: triage data, 30 steps of 8, 2-core AMD EPYC, one run each; guard off: +5.43%): every 2nd
+#: +0.56% at 1.067x the unguarded run's time (a forward of its own: +0.40% at 1.10x), every 3rd
+#: +0.57% at 1.037x (1.020x with the base's side cached).
+KL_EVERY = 3
 #: Base tokens per position the KL term keeps (the rest of the vocabulary is one bucket).
 TOP_K = 64
 #: Adapter snapshots the budget can fall back to, held at once (see ForgettingGuard.snapshot).
 MAX_SNAPSHOTS = 8
+#: Anchor chunks per batched forward of the base (their logits are held in float32 at once),
+#: and the most memory those logits may take.
+TARGET_BATCH = 8
+TARGET_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -141,9 +154,18 @@ class ForgettingGuard:
         #: General-text loss of the weights last measured (the kept ones after :meth:`finish`).
         self.kept_loss: float | None = None
         self._snapshots: list[tuple[int, dict[str, Any]]] = []
+        #: The run's last optimizer step + 1 (``max_steps``; its :meth:`callback` sets it): the
+        #: base's side is computed up front for the groups of anchor chunks it will visit.
+        self.planned_steps: int | None = None
+        #: KL terms that rode on the task's forward (the rest had a forward of their own).
+        self.folded = 0
+        self._head: Any = False  # the output layer the folded row's logits come from; False:
+        # not yet checked against the model's own logits, None: no such layer (or it differs)
 
     def penalty(self, model: Any, step: int | None = None) -> Any:
-        """The KL term for this batch (a scalar tensor; 0 when disabled or off-schedule).
+        """The KL term for this batch, from a forward of its own (a scalar tensor; 0 when
+        disabled or off-schedule). :meth:`with_task` is the same term riding on the task's
+        forward.
 
         Every :attr:`kl_every`-th optimizer step carries the term, weighted ``kl_every`` times
         (the same pull toward the base per step on average); the others pay nothing.
@@ -152,42 +174,144 @@ class ForgettingGuard:
             anchor text and schedule, so gradient accumulation changes only how a step's batch
             is split, not what the guard measures (default: each call counts as a step).
         """
+        return self.with_task(model, None, step)[1]
+
+    def with_task(self, model: Any, task: Callable[[], Any] | None,
+                  step: int | None = None) -> tuple[Any, Any]:
+        """Run ``task`` (the trainer's loss on this batch) with this step's anchor chunk folded
+        into its forward as one more row; return its result and the KL term (see
+        :meth:`penalty` for the schedule).
+
+        The chunk joins the first forward of the model's decoder that records gradients (a
+        reference model's pass, without them, is left alone) and is taken out of its output
+        before the trainer sees it, so the task loss and the trainer's metrics are the
+        batch's own. The row goes through the step's dropout with the rest of the batch. When
+        it cannot join (see :class:`_Fold`), it gets a forward of its own, without dropout.
+        """
         import torch
 
         device = next(model.parameters()).device
         at = self._calls if step is None else step
         self._calls += 1
         if self.weight <= 0 or not self.anchor or at % self.kl_every:
-            return torch.zeros((), device=device)
-        chunk = (at // self.kl_every) % len(self.anchor)
+            return (task() if task is not None else None), torch.zeros((), device=device)
+        chunk = self._chunk(at)
         self._terms += 1
         if self.load_targets is not None:
             self.targets_loaded, self.load_targets = self.load_targets(self), None
+        target = self._target(model, at, device)
+        head = self._output_layer(model, self.anchor[chunk], device) if task is not None else None
+        result = None
+        if task is not None and head is not None:
+            fold = _Fold(model, self.anchor[chunk], self._pad_id(), head)
+            with fold:
+                result = task()
+            if fold.logits is not None:
+                self.folded += 1
+                return result, self._term(target, fold.logits.float())
         input_ids = torch.tensor([self.anchor[chunk]], device=device)
         was_training = model.training
         # both sides as the model answers: no dropout (a base's own, or LoRA's, whose cost is
         # also saved). Eval mode also skips gradient checkpointing for this one short chunk.
         model.eval()
         try:
-            target = self._target(model, chunk, input_ids)
             logits = model(input_ids=input_ids, use_cache=False).logits[0].float()
         finally:
             model.train(was_training)
-        return self.weight * self.kl_every * top_k_kl(target, logits)
+        if task is not None and result is None:
+            result = task()
+        return result, self._term(target, logits)
 
-    def _target(self, model: Any, chunk: int, input_ids: Any) -> BaseTarget:
-        """The base's top-k next-token distribution on an anchor chunk: read from the store
-        (filled by an earlier run on this reference) or computed once with the book off."""
+    def _output_layer(self, model: Any, chunk: list[int], device: Any) -> Any:
+        """The module that turns the decoder's last hidden states into ``model``'s logits —
+        checked once per run on an anchor chunk against the model's own logits, both from one
+        forward as the fold computes them (a model whose forward does more, such as Gemma's
+        softcapping, gets forwards of their own) — or None."""
         import torch
 
-        target = self.targets.get(chunk)
-        if target is None:
+        if self._head is False:
+            self._head = None
+            head, decoder = _output_layer(model), _decoder(model)
+            if head is not None and decoder is not None:
+                seen = []
+                hook = decoder.register_forward_hook(
+                    lambda module, args, output: seen.append(head(output.last_hidden_state)))
+                was_training = model.training
+                model.eval()
+                try:
+                    with torch.no_grad():
+                        theirs = model(input_ids=torch.tensor([chunk], device=device),
+                                       use_cache=False).logits
+                finally:
+                    hook.remove()
+                    model.train(was_training)
+                mine = seen[0] if len(seen) == 1 else None
+                if mine is not None and mine.shape == theirs.shape and float(
+                        (mine.float() - theirs.float()).abs().max()) <= \
+                        1e-4 * max(1.0, float(theirs.abs().max())):
+                    self._head = head
+        return self._head
+
+    def _term(self, target: BaseTarget, logits: Any) -> Any:
+        return self.weight * self.kl_every * top_k_kl(target, logits)
+
+    def _chunk(self, step: int) -> int:
+        """The anchor chunk the KL term of ``step`` is measured on."""
+        return (step // self.kl_every) % len(self.anchor)
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    def _target(self, model: Any, step: int, device: Any) -> BaseTarget:
+        """The base's top-k next-token distribution on ``step``'s anchor chunk: read from the
+        store (filled by an earlier run on this reference) or computed with the book off, in
+        one batched forward for each fixed group of chunks the run visits from here (to
+        :attr:`planned_steps`) and has not computed yet (on a CPU one short row's forward
+        costs several times its share of a batched one)."""
+        chunk = self._chunk(step)
+        if chunk not in self.targets:
+            end = max(self.planned_steps or 0, step + 1)
+            due = {self._chunk(s) for s in range(step, end) if s % self.kl_every == 0} | {chunk}
+            # fixed groups of chunks, each padded to the anchor's longest: a chunk's figures do
+            # not depend on which others were due (a resume, another max_steps), so the cache
+            # holds what a fresh run computes
+            size = self._target_batch(model)
+            for group in sorted({c // size for c in due if c not in self.targets}):
+                self._compute_targets(model, range(group * size,
+                                                   min((group + 1) * size, len(self.anchor))),
+                                      device)
+        return self.targets[chunk].to(device)
+
+    def _target_batch(self, model: Any) -> int:
+        """Anchor chunks per batched forward: at most :data:`TARGET_BATCH`, and their float32
+        logits within :data:`TARGET_BYTES`."""
+        config = getattr(model, "config", None)
+        vocabulary = getattr(config, "vocab_size", None) or 1
+        per_row = max(len(c) for c in self.anchor) * vocabulary * 4
+        return max(1, min(TARGET_BATCH, TARGET_BYTES // per_row))
+
+    def _compute_targets(self, model: Any, chunks: Any, device: Any) -> None:
+        import torch
+
+        chunks = [c for c in chunks if c not in self.targets]
+        rows = [self.anchor[c] for c in chunks]
+        width = max(len(c) for c in self.anchor)
+        ids = torch.full((len(rows), width), self._pad_id(), device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, row in enumerate(rows):  # right-padded: a row's positions see only its own
+            ids[i, :len(row)] = torch.tensor(row, device=device)
+            mask[i, :len(row)] = 1
+        was_training = model.training
+        model.eval()
+        try:
             with torch.no_grad(), _adapter_off(model):
-                logits = model(input_ids=input_ids, use_cache=False).logits[0].float()
-            target = BaseTarget.of(logits, self.top_k)
-            self.targets[chunk] = target
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            model.train(was_training)
+        for i, (chunk, row) in enumerate(zip(chunks, rows)):
+            self.targets[chunk] = BaseTarget.of(logits[i, :len(row)].float(), self.top_k)
             self.targets_computed += 1
-        return target.to(input_ids.device)
 
     # -- budget -------------------------------------------------------------------------------
 
@@ -273,13 +397,16 @@ class ForgettingGuard:
         return self._base_loss
 
     def callback(self) -> Any:
-        """A transformers ``TrainerCallback`` that keeps a :meth:`snapshot` every ``every``
-        steps."""
+        """A transformers ``TrainerCallback`` that tells the guard the run's steps and keeps a
+        :meth:`snapshot` every ``every`` steps when there is a budget."""
         from transformers import TrainerCallback
 
         guard = self
 
         class _GuardCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                guard.planned_steps = state.max_steps
+
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if guard.budget_pct is not None and model is not None and \
                         state.global_step % guard.every == 0 and \
@@ -304,14 +431,19 @@ def guarded(trainer_class: type, guard: ForgettingGuard | None) -> type:
 
     class Guarded(trainer_class):  # type: ignore[valid-type,misc]
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            def task():
+                return super(Guarded, self).compute_loss(
+                    model, inputs, return_outputs=return_outputs,
+                    num_items_in_batch=num_items_in_batch)
+
             if not model.training:
-                return result
-            # past DDP's wrapper: a second forward through it would confuse its gradient
-            # reduction; the KL term's gradient joins the task loss's in the one backward
-            penalty = guard.penalty(self.accelerator.unwrap_model(model),
-                                    step=self.state.global_step)
+                return task()
+            # the anchor row joins the task's forward (through DDP's wrapper, one reduction);
+            # a forward of its own goes past the wrapper, whose gradient reduction a second
+            # forward through it would confuse. Either way the KL term's gradient joins the
+            # task loss's in the one backward.
+            result, penalty = guard.with_task(self.accelerator.unwrap_model(model), task,
+                                              step=self.state.global_step)
             scaled = getattr(self, "loss_is_scaled_for_ga", None)
             if scaled is None:  # transformers' own rule (Trainer.training_step)
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
@@ -325,3 +457,107 @@ def guarded(trainer_class: type, guard: ForgettingGuard | None) -> type:
 
     Guarded.__name__ = Guarded.__qualname__ = f"Guarded{trainer_class.__name__}"
     return Guarded
+
+
+def _decoder(model: Any) -> Any:
+    """``model``'s decoder (the transformer under the LM head), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder() if hasattr(base, "get_decoder") else None
+
+
+def _output_layer(model: Any) -> Any:
+    """``model``'s output layer, or None where it has none or it is sharded (FSDP: the head's
+    weight is a DTensor outside the forward)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if head is None or weight is None or type(weight).__name__ == "DTensor":
+        return None
+    return head
+
+
+class _Fold:
+    """Adds one anchor chunk as an extra, right-padded row to the first forward of the model's
+    decoder that records gradients while it is entered, takes the row back out of the output so
+    the caller sees its own batch, and keeps the row's logits (:attr:`logits`: ``head`` of its
+    last hidden states, computed inside the model's forward, under its autocast).
+
+    Written here rather than taken from a library: neither transformers nor TRL runs an extra
+    row through a step's forward. A forward it cannot extend is left alone (:attr:`logits`
+    stays None): one given anything but token ids, an attention mask (2-D) and output flags —
+    embeddings, position ids (packed rows), a cache, token type ids —, one that asks for tuples
+    or for a mixture of experts' router logits (their load-balancing loss reads the batch's
+    mask), and a batch shorter than the chunk. The folded forward keeps no cache.
+    """
+
+    #: Keyword arguments a folded forward may carry (other ones: left alone, see above).
+    ALLOWED = frozenset({"input_ids", "attention_mask", "use_cache", "output_attentions",
+                         "output_hidden_states", "return_dict", "cache_position"})
+
+    def __init__(self, model: Any, chunk: list[int], pad_id: int, head: Any) -> None:
+        self.decoder = _decoder(model)
+        self.chunk, self.pad_id, self.head = chunk, pad_id, head
+        self.logits: Any = None
+        self._rows: int | None = None  # the caller's batch size while its forward runs
+        self._done = False
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> _Fold:
+        if self.decoder is not None:
+            self._hooks = [
+                self.decoder.register_forward_pre_hook(self._before, with_kwargs=True),
+                self.decoder.register_forward_hook(self._after, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _foldable(self, module: Any, args: tuple, kwargs: dict) -> bool:
+        import torch
+
+        if self._done or args or not torch.is_grad_enabled():
+            return False
+        if any(v is not None and v is not False and k not in self.ALLOWED
+               for k, v in kwargs.items()):
+            return False
+        config = getattr(module, "config", None)
+        if kwargs.get("return_dict") is False or getattr(config, "return_dict", True) is False \
+                or getattr(config, "output_router_logits", False):
+            return False
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        return ids is not None and ids.dim() == 2 and ids.shape[1] >= len(self.chunk) and (
+            mask is None or (mask.dim() == 2 and mask.shape == ids.shape))
+
+    def _before(self, module: Any, args: tuple, kwargs: dict) -> Any:
+        import torch
+
+        if not self._foldable(module, args, kwargs):
+            return None
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        n = len(self.chunk)
+        row = ids.new_full((1, ids.shape[1]), self.pad_id)
+        row[0, :n] = torch.tensor(self.chunk, device=ids.device)
+        if mask is None:
+            mask = torch.ones_like(ids)
+        row_mask = mask.new_zeros((1, ids.shape[1]))
+        row_mask[0, :n] = 1
+        self._done, self._rows = True, ids.shape[0]
+        return args, {**kwargs, "input_ids": torch.cat([ids, row]),
+                      "attention_mask": torch.cat([mask, row_mask]), "use_cache": False}
+
+    def _after(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        rows, self._rows = self._rows, None
+        if rows is None:
+            return None
+        if not hasattr(output, "last_hidden_state"):  # refused in _before; never a wrong batch
+            raise RuntimeError("the forgetting guard's anchor row was added to a forward whose "
+                               "output it cannot take it out of; please report this")
+        # here, inside the model's forward: under its autocast, as its own logits are
+        self.logits = self.head(output.last_hidden_state[rows, :len(self.chunk)])
+        output.last_hidden_state = output.last_hidden_state[:rows]
+        for name in ("hidden_states", "attentions"):
+            value = getattr(output, name, None)
+            if value is not None:
+                setattr(output, name, tuple(v[:rows] for v in value))
+        return output

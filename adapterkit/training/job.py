@@ -178,7 +178,9 @@ class TrainJob:
         import hashlib
 
         ids = hashlib.sha256(json.dumps(guard.anchor).encode()).hexdigest()
-        key = self.measurement_key(kind="guard-anchor", phase="steps", measure="top-k-v2",
+        # v3: the base side computed in batched, right-padded forwards (v2: one chunk at a time;
+        # the figures differ by round-off, and a cached entry must give what a fresh one gives)
+        key = self.measurement_key(kind="guard-anchor", phase="steps", measure="top-k-v3",
                                    anchor=ids, top_k=guard.top_k)
         return self.cache_dir("guard-anchor") / f"{key}.safetensors"
 

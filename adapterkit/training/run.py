@@ -353,7 +353,6 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         raise
     if guard is not None:
         guard.load_targets = job.load_anchor_targets
-    if guard is not None and guard.budget_pct is not None:
         job.callbacks.append(guard.callback())
     if tracked is not None:
         job.callbacks.append(tracked.callback())
@@ -649,7 +648,8 @@ def _guard_report(run: _Run, model: Any, steps: int, base_loss: float, *, measur
                 f"{guard.budget_pct}%; kept the {which} weights. Lower the learning rate, or "
                 "raise --guard-weight.")
     return {"budget_pct": guard.budget_pct, "weight": guard.weight if applied else 0.0,
-            "kl_batches": guard.penalty_calls, "kl_every": guard.kl_every,
+            "kl_batches": guard.penalty_calls, "kl_in_task_forward": guard.folded,
+            "kl_every": guard.kl_every,
             "kl_top_k": guard.top_k, "kept_step": report.kept_step,
             "restored": report.restored, "within_budget": report.within_budget,
             "snapshots": guard.snapshots,
