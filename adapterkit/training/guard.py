@@ -38,7 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterkit.training.metrics import _adapter_off, text_loss
+from adapterkit.training.metrics import (
+    _adapter_off,
+    _answering,
+    _base_of,
+    _right_padded,
+    text_loss,
+)
 
 
 @dataclass
@@ -210,14 +216,10 @@ class ForgettingGuard:
                 self.folded += 1
                 return result, self._term(target, fold.logits.float())
         input_ids = torch.tensor([self.anchor[chunk]], device=device)
-        was_training = model.training
         # both sides as the model answers: no dropout (a base's own, or LoRA's, whose cost is
         # also saved). Eval mode also skips gradient checkpointing for this one short chunk.
-        model.eval()
-        try:
+        with _answering(model):
             logits = model(input_ids=input_ids, use_cache=False).logits[0].float()
-        finally:
-            model.train(was_training)
         if task is not None and result is None:
             result = task()
         return result, self._term(target, logits)
@@ -236,15 +238,12 @@ class ForgettingGuard:
                 seen = []
                 hook = decoder.register_forward_hook(
                     lambda module, args, output: seen.append(head(output.last_hidden_state)))
-                was_training = model.training
-                model.eval()
                 try:
-                    with torch.no_grad():
+                    with _answering(model), torch.no_grad():
                         theirs = model(input_ids=torch.tensor([chunk], device=device),
                                        use_cache=False).logits
                 finally:
                     hook.remove()
-                    model.train(was_training)
                 mine = seen[0] if len(seen) == 1 else None
                 if mine is not None and mine.shape == theirs.shape and float(
                         (mine.float() - theirs.float()).abs().max()) <= \
@@ -296,19 +295,9 @@ class ForgettingGuard:
 
         chunks = [c for c in chunks if c not in self.targets]
         rows = [self.anchor[c] for c in chunks]
-        width = max(len(c) for c in self.anchor)
-        ids = torch.full((len(rows), width), self._pad_id(), device=device)
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-        for i, row in enumerate(rows):  # right-padded: a row's positions see only its own
-            ids[i, :len(row)] = torch.tensor(row, device=device)
-            mask[i, :len(row)] = 1
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), _adapter_off(model):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        finally:
-            model.train(was_training)
+        ids, mask = _right_padded(rows, self._pad_id(), max(len(c) for c in self.anchor), device)
+        with _answering(model), torch.no_grad(), _adapter_off(model):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         for i, (chunk, row) in enumerate(zip(chunks, rows)):
             self.targets[chunk] = BaseTarget.of(logits[i, :len(row)].float(), self.top_k)
             self.targets_computed += 1
@@ -461,14 +450,14 @@ def guarded(trainer_class: type, guard: ForgettingGuard | None) -> type:
 
 def _decoder(model: Any) -> Any:
     """``model``'s decoder (the transformer under the LM head), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_of(model)
     return base.get_decoder() if hasattr(base, "get_decoder") else None
 
 
 def _output_layer(model: Any) -> Any:
     """``model``'s output layer, or None where it has none or it is sharded (FSDP: the head's
     weight is a DTensor outside the forward)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_of(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if head is None or weight is None or type(weight).__name__ == "DTensor":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from adapterkit.runtime.generation import generate, render_prompt, uses_chat
@@ -49,12 +49,7 @@ def _answer_logits(model: Any, tokenizer: Any, encoded: list[tuple[list[int], in
     for at in range(0, len(order), batch_size):
         chunk = order[at:at + batch_size]
         width = max(len(encoded[i][0]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            seq = encoded[i][0]
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+        ids, mask = _right_padded([encoded[i][0] for i in chunk], pad, width)
         first, kwargs = 0, {}
         if spans:  # position t predicts token t + 1: the answers' tokens from start - 1 on
             first = min(encoded[i][1] for i in chunk) - 1
@@ -74,9 +69,8 @@ def _keeps_logits(model: Any) -> bool:
     """Whether ``model``'s forward (a PEFT model's: its base's) takes ``logits_to_keep``."""
     import inspect
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(_base_of(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -213,6 +207,36 @@ def base_loss_note(figures: dict[str, Any]) -> str:
 
 def _adapter_off(model: Any) -> Any:
     return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+@contextmanager
+def _answering(model: Any) -> Iterator[None]:
+    """``model`` in eval mode (no dropout: the weights as they answer), given back in the mode
+    it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _base_of(model: Any) -> Any:
+    """The transformers model under a PEFT model (``model`` itself when it is one)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _right_padded(rows: list[list[int]], pad: int, width: int, device: Any = None) -> Any:
+    """``(input_ids, attention_mask)`` of ``rows`` right-padded to ``width`` with ``pad``: a
+    causal row's positions then see only its own tokens."""
+    import torch
+
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, device=device)
+        mask[i, :len(row)] = 1
+    return ids, mask
 
 
 def accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: bool,

@@ -122,8 +122,9 @@ def fp32_attention(model: Any) -> None:
     if current not in ("sdpa", FP32_ATTENTION):
         return
     _register()
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    target.set_attn_implementation(FP32_ATTENTION)
+    from adapterkit.training.metrics import _base_of
+
+    _base_of(model).set_attn_implementation(FP32_ATTENTION)
 
 
 def _register() -> None:

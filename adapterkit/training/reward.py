@@ -99,19 +99,16 @@ def preference_eval(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *,
     with none left, the loss is ``None``."""
     import torch
 
+    from adapterkit.training.metrics import _answering
+
     pairs = [(render(tokenizer, r["prompt"], r["chosen"]),
               render(tokenizer, r["prompt"], r["rejected"])) for r in rows]
     pairs = [p for p in pairs if len(p[0]) <= max_length and len(p[1]) <= max_length]
     if not pairs:
         return {"loss": None, "pair_accuracy": None, "pairs": 0}
-    was_training = model.training
-    model.eval()  # LoRA dropout off: the figure is the saved weights'
-    try:
-        with torch.no_grad():
-            chosen = rewards(model, tokenizer, [p[0] for p in pairs])
-            rejected = rewards(model, tokenizer, [p[1] for p in pairs])
-    finally:
-        model.train(was_training)
+    with _answering(model), torch.no_grad():  # LoRA dropout off: the saved weights' figure
+        chosen = rewards(model, tokenizer, [p[0] for p in pairs])
+        rejected = rewards(model, tokenizer, [p[1] for p in pairs])
     gap = torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
     return {"loss": float(torch.nn.functional.softplus(-gap).mean()),
             "pair_accuracy": float((gap > 0).double().mean()), "pairs": len(pairs)}
