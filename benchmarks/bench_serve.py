@@ -87,15 +87,15 @@ def main() -> None:
         plan = json.loads(Path(args.plan).read_text())
         print("RESULT " + json.dumps(CHILDREN[args.child](plan)))
         return
+    asked = {"mixed", *args.paths.split(",")}
+    unknown = sorted(asked - set(PATHS))
+    if unknown:  # before the pocket books are made
+        sys.exit(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}")
     with tempfile.TemporaryDirectory() as tmp:
         plan = _prepare(args, Path(tmp))
         plan_file = Path(tmp) / "plan.json"
         plan_file.write_text(json.dumps(plan))
         results = {}
-        asked = {"mixed", *args.paths.split(",")}
-        unknown = sorted(asked - set(PATHS))
-        if unknown:
-            sys.exit(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}")
         for path in PATHS:
             if path not in asked or path == "mixed_many" and args.attached <= args.books:
                 continue

@@ -159,3 +159,26 @@ def test_bench_search_scores_the_kept_pocket_book_on_the_tasks_held_out_rows(
     assert row["forgetting_pct"] <= 1.0  # kept within the budget
     bench.run(args)  # a finished task is not run again
     assert "routing: in " in capsys.readouterr().out and len(_rows(str(results))) == 1
+
+
+def test_bench_serve_refuses_an_unknown_path_before_making_pocket_books(monkeypatch):
+    bench = _bench("bench_serve")
+    monkeypatch.setattr(bench, "_prepare", lambda *a: pytest.fail("prepared before refusing"))
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", "--paths", "peft,nope"])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert "unknown path(s) nope" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_only_the_paths_asked_for(monkeypatch, capsys):
+    """``--paths one_book``: mixed (the ratios are of it) and one_book run, nothing else."""
+    bench = _bench("bench_serve")
+    monkeypatch.setattr(sys, "argv", [
+        "bench_serve.py", "--base", "tiny", "--books", "2", "--requests", "4", "--new-tokens",
+        "4", "--attached", "0", "--rounds", "1", "--ignore-eos", "--paths", "one_book"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "running mixed..." in out and "running one_book..." in out
+    assert "running swap" not in out and "running peft" not in out
+    assert "mixed / one_book" in out and "mixed / peft" not in out
