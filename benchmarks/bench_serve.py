@@ -77,6 +77,10 @@ def main() -> None:
     p.add_argument("--ignore-eos", action="store_true",
                    help="every request decodes --new-tokens tokens, past end-of-sequence (the "
                         "same work on every path, as vLLM's benchmarks do)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="the base's dtype (auto: float32 on a CPU, bfloat16 on a GPU); greedy "
+                        "answers of different paths agree exactly only where their arithmetic "
+                        "does, which bfloat16 on a GPU does not promise")
     p.add_argument("--paths", default=",".join(PATHS),
                    help="the paths to run, comma-separated (mixed always runs: the ratios are "
                         "of it)")
@@ -132,7 +136,7 @@ def _prepare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "all_books": names, "prompts": prompts, "new_tokens": args.new_tokens,
             "max_batch": args.max_batch, "attached": args.attached, "rounds": args.rounds,
             "assign": [names[i % args.books] for i in range(args.requests)],
-            "ignore_eos": args.ignore_eos}
+            "ignore_eos": args.ignore_eos, "dtype": args.dtype}
 
 
 def _make_books(folder: Path, tmp: Path, library: Any, count: int, rank: int) -> list[str]:
@@ -201,8 +205,23 @@ def _report(args: argparse.Namespace, plan: dict[str, Any], results: dict[str, A
     mixed = results["mixed"]["answers"]
     for other in ("swap", "peft", "mixed_many"):
         if other in results:
-            same = sum(a == b for a, b in zip(mixed, results[other]["answers"]))
-            print(f"greedy answers of mixed identical to {other}: {same}/{len(mixed)}")
+            pairs = list(zip(mixed, results[other]["answers"]))
+            same = sum(a == b for a, b in pairs)
+            # how far the answers agree before they part (one flipped argmax changes the rest)
+            agree = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                     for a, b in pairs]
+            print(f"greedy answers of mixed identical to {other}: {same}/{len(mixed)}; tokens "
+                  f"agreeing before the first difference: median {statistics.median(agree)}, "
+                  f"min {min(agree)} (dtype {results['mixed']['dtype']})")
+            margins = results[other].get("margins")
+            parted = [(row, at) for row, (at, (a, b)) in enumerate(zip(agree, pairs)) if a != b]
+            if margins and parted:
+                every = sorted(m for row in margins for m in row)
+                at_parting = sorted(margins[row][at] for row, at in parted if at < len(margins[row]))
+                print(f"  {other}'s margin of its pick over the runner-up where the answers part: "
+                      f"max {max(at_parting):.2e}, median {statistics.median(at_parting):.2e}; "
+                      f"over all its steps: median {statistics.median(every):.2e}, 1st "
+                      f"percentile {every[len(every) // 100]:.2e}")
     if "mixed_many" in results:
         print(f"peak memory with {len(plan['books'])} pocket books attached "
               f"{results['mixed']['peak_mb']:.0f} MB, with {args.attached} attached "
@@ -218,7 +237,9 @@ def _load(plan: dict[str, Any]) -> Any:
     from adapterkit.base.load import load_base
 
     torch.set_grad_enabled(False)
-    return load_base(plan["base"], home=plan["home"])
+    dtype = plan.get("dtype", "auto")
+    return load_base(plan["base"], home=plan["home"],
+                     dtype=None if dtype == "auto" else getattr(torch, dtype))
 
 
 def _engine_run(plan: dict[str, Any], assign: list[str], preload: list[str] = ()) -> dict:
@@ -314,28 +335,39 @@ def _peft(plan: dict[str, Any]) -> dict:
     tokenizer, eos = base.tokenizer, base.model.generation_config.eos_token_id
     _past_eos(base.model, plan)
 
-    def batch(prompts: list[list[int]], names: list[str], new: int) -> list[list[int]]:
+    def batch(prompts: list[list[int]], names: list[str], new: int,
+              margins: list[list[float]] | None = None) -> list[list[int]]:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                              do_sample=False, adapter_names=names,
-                             pad_token_id=tokenizer.pad_token_id)
-        return [_cut(row[width:].tolist(), eos, plan) for row in out]
+                             pad_token_id=tokenizer.pad_token_id,
+                             output_scores=margins is not None,
+                             return_dict_in_generate=margins is not None)
+        if margins is None:
+            return [_cut(row[width:].tolist(), eos, plan) for row in out]
+        # each step's margin of the greedy pick over the runner-up: where another path picks
+        # differently, a margin near 0 says round-off, not a wrong answer
+        top2 = torch.stack(out.scores, 1).float().topk(2, dim=-1).values
+        margins.extend((top2[..., 0] - top2[..., 1]).tolist())
+        return [_cut(row[width:].tolist(), eos, plan) for row in out.sequences]
 
     batch(plan["prompts"][:2], plan["assign"][:2], 2)  # warm-up
     size = plan["max_batch"]
 
-    def load() -> list[list[int]]:
+    def load(margins: list[list[float]] | None = None) -> list[list[int]]:
         answers = []
         for i in range(0, len(plan["prompts"]), size):
             answers += batch(plan["prompts"][i:i + size], plan["assign"][i:i + size],
-                             plan["new_tokens"])
+                             plan["new_tokens"], margins)
         return answers
 
     answers, seconds, cpu = _timed(load, plan["rounds"])
+    margins: list[list[float]] = []  # once more, untimed, keeping every step's scores
+    assert load(margins) == answers, "the scored run answered differently"
     return {"tokens": sum(len(a) for a in answers), "seconds": seconds, "cpu": cpu,
-            "answers": answers, **_where(base)}
+            "answers": answers, "margins": margins, **_where(base)}
 
 
 CHILDREN = {"mixed": _mixed, "one_book": _one_book, "swap": _swap, "peft": _peft,
@@ -407,7 +439,8 @@ def _where(base: Any) -> dict[str, Any]:
     import torch
 
     return {"peak_mb": _peak_mb(), "threads": torch.get_num_threads(),
-            "device": str(next(base.model.parameters()).device)}
+            "device": str(next(base.model.parameters()).device),
+            "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch.")}
 
 
 if __name__ == "__main__":

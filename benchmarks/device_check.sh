@@ -31,7 +31,8 @@ if [ -d .whl ]; then
     export PYTHONPATH=/tmp/site
 fi
 DEADLINE=${DEADLINE:-570}
-RUN=${RUN:-sft guard dpo serve big-base qlora memory}  # the steps to run
+RUN=${RUN:-sft guard dpo serve big-base qlora memory}  # the steps to run; also: dpo-profiled
+#   serve-fp32 serve-bf16 (see below)
 export ADAPTERKIT_HOME=${ADAPTERKIT_HOME:-/tmp/akh} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
@@ -73,7 +74,27 @@ step guard ${GUARD_LIMIT:-100} $W --steps "$STEPS" --json "$OUT/guard.json" \
     --arms ours-general,ours-guard --ref ours-general
 # 3. dpo, the reference computed alongside each step in both
 step dpo ${DPO_LIMIT:-80} $W --trainer dpo --steps "$BIG_STEPS" --json "$OUT/dpo.json" \
-    --arms plain-bf16,ours-auto
+    --arms "${DPO_ARMS:-plain-bf16,ours-auto}"
+# 3b. dpo again, the arms in the other order, each step timed and two profiled (torch.profiler:
+#    ops, synchronisations) by benchmarks/step_profile: the step times and profiles go to
+#    $OUT/steps.txt
+profiled() {
+    local dir=/tmp/step-profiles
+    PYTHONPATH="$PWD/benchmarks/step_profile${PYTHONPATH:+:$PYTHONPATH}" STEP_PROFILE_OUT=$dir \
+        STEP_PROFILE_STEPS=${STEP_PROFILE_STEPS:-10,11} "$@"
+    local rc=$?
+    cat "$dir"/*.txt >> "$OUT/steps.txt" 2>/dev/null
+    rm -rf "$dir"
+    return $rc
+}
+step dpo-profiled ${DPO_LIMIT:-80} profiled $W --trainer dpo --steps "$BIG_STEPS" \
+    --json "$OUT/dpo-profiled.json" --arms ours-auto,plain-bf16
+# 4a. the engine's greedy answers against PEFT's mixed-adapter generate, float32 and then
+#     bfloat16 (the default on a GPU): where they agree token for token, and where not
+SERVE="python3 benchmarks/bench_serve.py --base /tmp/bases/small --books 8 --requests 32
+    --new-tokens 64 --attached 0 --rounds 1 --ignore-eos"
+step serve-fp32 ${SERVE_LIMIT:-120} $SERVE --dtype float32 --paths mixed,peft
+step serve-bf16 ${SERVE_LIMIT:-120} $SERVE --paths "${SERVE_BF16_PATHS:-mixed,one_book,peft}"
 # 4. serving: the engine's mixed-adapter batches against one book, a swap per request and
 #    PEFT's mixed-adapter generate (issue #12), every request decoding the same tokens
 step serve ${SERVE_LIMIT:-120} python3 benchmarks/bench_serve.py --base /tmp/bases/small \
@@ -84,8 +105,8 @@ step serve ${SERVE_LIMIT:-120} python3 benchmarks/bench_serve.py --base /tmp/bas
 step big-base ${BASE_LIMIT:-60} python3 benchmarks/random_base.py .devbase /tmp/bases/big \
     --shape "$BIG" --dtype bfloat16
 step qlora ${QLORA_LIMIT:-160} python3 benchmarks/bench_train_wall.py --no-eval \
-    --base /tmp/bases/big --ref plain-bf16 --steps "$BIG_STEPS" --json "$OUT/qlora.json" \
-    --arms plain-bf16,plain-qlora,ours-auto,ours-qlora
+    --base /tmp/bases/big --ref "${QLORA_REF:-plain-bf16}" --steps "$BIG_STEPS" --json "$OUT/qlora.json" \
+    --arms "${QLORA_ARMS:-plain-bf16,plain-qlora,ours-auto,ours-qlora}"
 step memory ${MEMORY_LIMIT:-60} python3 benchmarks/bench_qlora_memory.py --base /tmp/bases/big \
     --json "$OUT/memory.json"
 echo "done in $(( $(date +%s) - start )) s"

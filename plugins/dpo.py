@@ -3,7 +3,9 @@
 Reads ``preference`` rows (``prompt`` / ``chosen`` / ``rejected``, strings or chat messages).
 The reference model is the policy before this stage — the same resident base with the new
 pocket book switched off (with ``--on``, the pocket books underneath stay on), never a second
-copy of the base.
+copy of the base; with ``--from``, TRL's frozen copy of the pocket book it starts from
+(``job.configure`` keeps that copy only where the start is not zero:
+``adapterkit.training.reference``).
 
 Reference log-probs are computed once, before training, and cached on disk under the library
 home, keyed by the tokenized data, the base fingerprint and precision, and the exact pocket
@@ -72,6 +74,21 @@ def _cached_trainer(job: Any, mode: Any) -> Any:
 
     class CachedRefDPOTrainer(DPOTrainer):
         cache_hits: dict[str, bool] = {}
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # With precompute_ref_log_probs, TRL hashes every weight of the model (copied to
+            # the host) to key its own cache: 0.5 s for a 135M base, seconds for larger ones.
+            # This class keys its cache itself (job.reference_key), so TRL's hash goes unused.
+            from trl.trainer import dpo_trainer
+
+            hashing = getattr(dpo_trainer, "hash_module", None)
+            if callable(hashing):
+                dpo_trainer.hash_module = lambda module: "keyed by adapterkit"
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                if callable(hashing):
+                    dpo_trainer.hash_module = hashing
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             from accelerate.utils import broadcast_object_list

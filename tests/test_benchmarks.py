@@ -182,3 +182,60 @@ def test_bench_serve_runs_only_the_paths_asked_for(monkeypatch, capsys):
     assert "running mixed..." in out and "running one_book..." in out
     assert "running swap" not in out and "running peft" not in out
     assert "mixed / one_book" in out and "mixed / peft" not in out
+
+
+@pytest.mark.slow
+def test_bench_serve_in_float32_gives_peft_answers_and_says_where_answers_part(monkeypatch,
+                                                                                capsys):
+    bench = _bench("bench_serve")
+    monkeypatch.setattr(sys, "argv", [
+        "bench_serve.py", "--base", "tiny", "--books", "2", "--requests", "4", "--new-tokens",
+        "4", "--attached", "0", "--rounds", "1", "--ignore-eos", "--paths", "peft",
+        "--dtype", "float32"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "identical to peft: 4/4; tokens agreeing before the first difference: median 4" in out
+    assert "(dtype float32)" in out and "where the answers part" not in out
+
+    # where answers part: how far they agreed, and PEFT's own margin at that token
+    timing = {"tokens": 6, "seconds": 1.0, "cpu": 1.0, "peak_mb": 1.0, "threads": 1,
+              "device": "cpu", "dtype": "bfloat16", "ttft_p50": 0.1, "ttft_p99": 0.1,
+              "tpot_p50": 0.1, "tpot_p99": 0.1}
+    results = {"mixed": {**timing, "answers": [[1, 2, 3], [4, 5, 6]]},
+               "peft": {**timing, "answers": [[1, 7, 3], [4, 5, 6]],
+                        "margins": [[0.5, 2e-3, 0.4], [0.3, 0.2, 0.1]]}}
+    args = argparse.Namespace(base="b", new_tokens=3, max_batch=2, attached=0)
+    bench._report(args, {"prompts": [[1], [2]], "books": ["a"]}, results)
+    out = capsys.readouterr().out
+    assert "identical to peft: 1/2; tokens agreeing before the first difference: median 2.0, " \
+           "min 1 (dtype bfloat16)" in out
+    assert "where the answers part: max 2.00e-03, median 2.00e-03; over all its steps: " \
+           "median 2.50e-01" in out
+
+
+@pytest.mark.slow
+def test_step_profile_times_every_step_and_profiles_the_ones_asked_for(tmp_path):
+    """``benchmarks/step_profile`` on a plain transformers ``Trainer`` run in its own process."""
+    import os
+    import subprocess
+
+    script = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)
+rows = [{"input_ids": torch.arange(8) % 64, "labels": torch.arange(8) % 64} for _ in range(8)]
+args = TrainingArguments(output_dir=OUT, max_steps=4, per_device_train_batch_size=2,
+                         report_to=[], use_cpu=True, save_strategy="no", logging_steps=100)
+Trainer(model=LlamaForCausalLM(config), args=args, train_dataset=rows).train()
+""".replace("OUT", repr(str(tmp_path / "run")))
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root / "benchmarks" / "step_profile"),
+               STEP_PROFILE_OUT=str(tmp_path / "prof"), STEP_PROFILE_STEPS="2")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
+    (report,) = (tmp_path / "prof").glob("*.txt")
+    text = report.read_text()
+    assert text.startswith("-c: 4 steps, median after the second ")
+    assert len(text.splitlines()[1].split()) == 2 + 4  # "step seconds:" and four times
+    assert "== step 2: " in text and "aten ops" in text and "== step 1:" not in text
+    assert "aten::mm" in text

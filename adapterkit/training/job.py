@@ -307,12 +307,21 @@ class TrainJob:
 
     def configure(self, trainer: Any) -> Any:
         """Call with the transformers/TRL trainer before ``train()``: swaps transformers' own
-        console printing for adapterkit's progress bar when one is attached."""
+        console printing for adapterkit's progress bar when one is attached, and where TRL made
+        a frozen copy of a pocket book that starts at zero as its reference (DPO, GRPO, RLOO,
+        KTO), takes the reference with the pocket book switched off instead: the same logits
+        without the copy's matmuls (:mod:`adapterkit.training.reference`)."""
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        from adapterkit.training.reference import drop_zero_start_copy
 
         if any(type(cb).__name__ == "RichProgress" for cb in self.callbacks):
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)
+        model = getattr(trainer, "model", None)
+        if model is not None and getattr(trainer, "ref_model", None) is None:
+            unwrap = getattr(getattr(trainer, "accelerator", None), "unwrap_model", None)
+            drop_zero_start_copy(unwrap(model) if unwrap else model)
         return trainer
 
     def training_arguments(self) -> dict[str, Any]:

@@ -75,7 +75,9 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
         tracking=dict(tracking or {}),
     )
     with library.draft() as staged:
-        model.save_pretrained(staged, **({"state_dict": weights} if weights else {}))
+        # the pocket book alone: not a frozen copy a TRL trainer added as its reference ("ref")
+        model.save_pretrained(staged, selected_adapters=[model.active_adapter],
+                              **({"state_dict": weights} if weights else {}))
         config_path = staged / CONFIG_FILE
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = adapter_base_id(base)  # never a local path
