@@ -75,20 +75,25 @@ def _cached_trainer(job: Any, mode: Any) -> Any:
     class CachedRefDPOTrainer(DPOTrainer):
         cache_hits: dict[str, bool] = {}
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            # With precompute_ref_log_probs, TRL hashes every weight of the model (copied to
-            # the host) to key its own cache: 0.5 s for a 135M base, seconds for larger ones.
-            # This class keys its cache itself (job.reference_key), so TRL's hash goes unused.
-            from trl.trainer import dpo_trainer
-
-            hashing = getattr(dpo_trainer, "hash_module", None)
-            if callable(hashing):
-                dpo_trainer.hash_module = lambda module: "keyed by adapterkit"
-            try:
-                super().__init__(*args, **kwargs)
-            finally:
-                if callable(hashing):
-                    dpo_trainer.hash_module = hashing
+        def precompute_reference(self) -> None:
+            """Read or compute the reference log-probs before training (``mode``), as TRL's
+            constructor does with ``precompute_ref_log_probs``. Called after
+            ``job.configure``, so that a pocket book starting at zero is switched off for it
+            rather than read through TRL's copy; and TRL's own pass, which this replaces, would
+            first hash every weight of the model for its cache key (0.5 s on the embedded
+            base)."""
+            self.precompute_ref_logps = True
+            args: Any = self.args  # a DPOConfig
+            train_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
+            eval_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+            self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train",
+                                                            train_size)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {name: self._precompute_ref_logps(data, name, eval_size)
+                                     for name, data in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval",
+                                                               eval_size)
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             from accelerate.utils import broadcast_object_list
@@ -177,13 +182,16 @@ class DPO(Trainer):
             max_length=job.options.max_length,
             beta=o.beta,
             loss_type=list(o.loss_type),
-            precompute_ref_log_probs=mode != "false",
+            # computed (or read from the cache) below, after job.configure
+            precompute_ref_log_probs=False,
         )
         trainer = job.guarded(_cached_trainer(job, mode))(
             model=job.model, args=config, train_dataset=job.train_dataset(),
             eval_dataset=job.eval_dataset(), processing_class=job.tokenizer,
             callbacks=job.callbacks)
         job.configure(trainer)
+        if mode != "false":
+            trainer.precompute_reference()
         trainer.train(resume_from_checkpoint=job.resume_from)
         if trainer.cache_hits:
             trainer.state.adapterkit_metrics = {"reference_cache": {

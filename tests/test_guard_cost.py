@@ -435,8 +435,11 @@ class _Loop:
 
 class _Guard:
     weight = 0.5
+    kl_every = 1
+    penalty_calls = 0
 
     def with_task(self, model, task, step=None):
+        self.penalty_calls += 1
         return task(), torch.tensor(1.0)
 
 
@@ -477,3 +480,49 @@ def test_evaluation_adds_no_kl_term(tiny_base, home, data, pm):
                    plugins=pm, callbacks=[Evaluations()])
     assert Evaluations.count >= 3  # the split was evaluated while training (steps 2, 4, 6)
     assert result.metrics["guard"]["kl_batches"] == 2  # training steps 0 and 3 only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_logged_loss_is_the_task_loss_and_the_kl_term_is_logged_apart(
+        grad_accum, tiny_base, home, data, pm, monkeypatch):
+    """The loss curve and ``train_loss_final`` are the trainer's own loss, as without the guard;
+    the KL term is logged as ``guard_kl``. The term is made huge here (+1000, a constant: the
+    same gradients) so that any of it in the logged loss shows."""
+    from transformers import TrainerCallback
+
+    from adapterkit.training import guard as guard_module
+
+    real = guard_module.ForgettingGuard._term
+    monkeypatch.setattr(guard_module.ForgettingGuard, "_term",
+                        lambda self, target, logits: real(self, target, logits) + 1000.0)
+
+    def run(name, **kw):
+        logs = []
+
+        class Record(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    logs_of.append(dict(logs))
+
+        logs_of = logs
+        result = train("sft", base=str(tiny_base), data=str(data), name=name, home=home,
+                       plugins=pm, callbacks=[Record()],
+                       options=guard_opts(max_steps=4, logging_steps=1, grad_accum=grad_accum,
+                                          precision="fp32", **kw))
+        return result, logs
+
+    guarded_run, guarded_logs = run(f"logged-{grad_accum}")
+    plain_run, plain_logs = run(f"unguarded-{grad_accum}", guard_weight=0)
+    assert "guard" in guarded_run.metrics and len(guarded_logs) == len(plain_logs) == 4
+    # step 1's loss is taken on the first batch at the starting weights in both runs (the KL
+    # term of step 0, at the start, has no gradient): the unguarded run's is the reference
+    assert guarded_logs[0]["loss"] == pytest.approx(plain_logs[0]["loss"], rel=1e-4)
+    assert all(log["loss"] < 100 for log in guarded_logs)
+    assert guarded_run.metrics["train_loss_final"] == guarded_logs[-1]["loss"] < 100
+    # KL terms on steps 0 and 3 (every micro-batch of them), logged at steps 1 and 4: the
+    # divergence before the weight, the +1000 divided by weight 0.5 × kl_every 3 with it
+    kl = [log.get("guard_kl") for log in guarded_logs]
+    assert kl[1] is None and kl[2] is None
+    assert 1000 / 1.5 <= kl[0] < 1000 / 1.5 + 1 and 1000 / 1.5 <= kl[3] < 1000 / 1.5 + 1
+    assert all("guard_kl" not in log for log in plain_logs)

@@ -66,6 +66,14 @@ def test_copy_of_a_non_zero_start_is_kept(tiny_base):
     _copy_as_trl_does(dora)
     assert not starts_at_zero(dora) and not drop_zero_start_copy(dora)
 
+    # an adapter named "ref" that is not TRL's copy of a zero start: it holds weights
+    mine = _peft(tiny_base)
+    _copy_as_trl_does(mine)
+    with torch.no_grad():
+        next(p for n, p in mine.named_parameters() if f"lora_B.{COPY}" in n)[0, 0] = 1e-3
+    assert starts_at_zero(mine) and not starts_at_zero(mine, COPY)
+    assert not drop_zero_start_copy(mine) and COPY in mine.peft_config
+
 
 @pytest.mark.slow
 def test_dpo_takes_its_reference_with_the_book_switched_off(tiny_base, home, adapterkit_data,
@@ -100,6 +108,7 @@ def test_dpo_takes_its_reference_with_the_book_switched_off(tiny_base, home, ada
     assert sorted(p.name for p in again.pocket_book.path.iterdir() if p.is_dir()) == []
 
 
+@pytest.mark.slow
 def test_dpo_does_not_hash_the_model_for_a_cache_it_does_not_use(tiny_base, home,
                                                                   adapterkit_data, monkeypatch):
     from trl.trainer import dpo_trainer
@@ -119,3 +128,63 @@ def test_dpo_does_not_hash_the_model_for_a_cache_it_does_not_use(tiny_base, home
     assert result.metrics["reference_cache"] == {"train": "alongside"}
     assert hashed == []
     assert dpo_trainer.hash_module is counting  # put back after the constructor
+
+
+def _dpo(tiny_base, home, adapterkit_data, name, steps=2, sets=None, **kwargs):
+    options = TrainOptions(max_steps=steps, batch_size=4, learning_rate=1e-2, r=4, alpha=8,
+                           dropout=0.0, trainer_options=sets or {}, precision="fp32")
+    return train("dpo", base=str(tiny_base), data=str(adapterkit_data["preference"]), name=name,
+                 home=home, plugins=get_plugin_manager(env=False), options=options, **kwargs)
+
+
+@pytest.mark.slow
+def test_dpo_trains_the_same_pocket_book_with_the_copy_dropped_or_kept(tiny_base, home,
+                                                                        adapterkit_data,
+                                                                        monkeypatch):
+    """The whole of TRL's loop, the reference alongside each step: bit for bit the same
+    weights whether the reference goes through TRL's copy or the book switched off."""
+    from peft import get_peft_model_state_dict
+
+    from adapterkit.training import reference
+
+    sets = {"precompute_ref_log_probs": "false"}
+    dropped = _dpo(tiny_base, home, adapterkit_data, "dropped", steps=4, sets=sets)
+    monkeypatch.setattr(reference, "drop_zero_start_copy", lambda model: False)
+    kept = _dpo(tiny_base, home, adapterkit_data, "kept", steps=4, sets=sets)
+    a = get_peft_model_state_dict(dropped.model)
+    b = get_peft_model_state_dict(kept.model, adapter_name="default")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert dropped.metrics["train_loss_final"] == kept.metrics["train_loss_final"]
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.slow
+def test_precomputed_reference_skips_the_copy_and_is_keyed_by_the_start(tiny_base, home,
+                                                                         adapterkit_data,
+                                                                         monkeypatch):
+    """The reference log-probs computed before training go through the switched-off book too,
+    and a run ``--from`` a trained book (whose copy is its reference) has a cache entry of its
+    own, never a fresh run's."""
+    from trl import DPOTrainer
+
+    through = []
+    real = DPOTrainer.compute_ref_log_probs
+
+    def recording(self, model, inputs):
+        through.append(COPY in self.accelerator.unwrap_model(self.model).peft_config)
+        return real(self, model, inputs)
+
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", recording)
+    sets = {"precompute_ref_log_probs": "true"}
+    fresh = _dpo(tiny_base, home, adapterkit_data, "pre-fresh", sets=sets)
+    assert fresh.metrics["reference_cache"] == {"train": "computed"}
+    assert through and not any(through)
+    through.clear()
+    again = _dpo(tiny_base, home, adapterkit_data, "pre-again", sets=sets,
+                 start_from="pre-fresh")
+    assert again.metrics["reference_cache"] == {"train": "computed"}  # not the fresh run's
+    assert through and all(through)
+    assert len(list((home / "cache" / "dpo-ref").glob("*.safetensors"))) == 2
+    third = _dpo(tiny_base, home, adapterkit_data, "pre-third", sets=sets,
+                 start_from="pre-fresh")
+    assert third.metrics["reference_cache"] == {"train": "hit"}

@@ -229,3 +229,28 @@ def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_pat
     assert "--reward halted-reward@1" in out.output
     listed = adapterkit_cli("list", "--json")
     assert [b["name"] for b in json.loads(listed.output)] == ["halted-reward"]
+
+
+@pytest.mark.slow
+def test_grpos_reference_is_the_policy_switched_off_not_a_copy(rlhf_run, tiny_base,
+                                                              monkeypatch):
+    """GRPO's KL reference for a policy that starts at zero: the adapter switched off (TRL's
+    frozen copy of it, ``"ref"``, dropped by ``job.configure``), and nothing left after."""
+    from trl.trainer import grpo_trainer
+
+    home, data, pm, _, _ = rlhf_run
+    used = []
+    real = grpo_trainer.use_adapter
+
+    def recording(model, adapter_name):
+        used.append(adapter_name)
+        return real(model, adapter_name)
+
+    monkeypatch.setattr(grpo_trainer, "use_adapter", recording)
+    options = TrainOptions(**{**RL, "max_steps": 2},
+                           trainer_options={"reward": "kind-reward", "max_new_tokens": 4})
+    result = train("rlhf", base=str(tiny_base), data=str(data), name="kind3", home=home,
+                   plugins=pm, options=options)
+    assert used and set(used) == {None}  # beta 0.05: a reference was taken, never the copy
+    assert list(result.model.peft_config) == ["default"]
+    assert [p.name for p in result.pocket_book.path.iterdir() if p.is_dir()] == []

@@ -414,11 +414,26 @@ def guarded(trainer_class: type, guard: ForgettingGuard | None) -> type:
     micro-batches when ``compute_loss`` already normalises the loss by the items of the whole
     step, left to the trainer otherwise), so it counts once per optimizer step. DDP's gradient
     averaging already makes it the mean over ranks.
+
+    The logged ``loss`` (and so the loss curve and ``train_loss_final``) stays the trainer's own
+    task loss, as it would be without the guard; the KL term is logged beside it as
+    ``guard_kl``: the mean over the terms of the logging interval (over every rank) of the KL
+    divergence itself, before the guard's weight.
     """
     if guard is None or guard.weight <= 0:
         return trainer_class
 
     class Guarded(trainer_class):  # type: ignore[valid-type,misc]
+        _guard_task: Any = None  # this micro-batch's task loss, detached, when a term was added
+        _guard_kl: Any = None  # [sum of the interval's KL terms, their count], on the device
+
+        def _scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:  # transformers' own rule (Trainer.training_step)
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+                    or self.compute_loss_func is not None
+            return bool(scaled)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             def task():
                 return super(Guarded, self).compute_loss(
@@ -431,18 +446,48 @@ def guarded(trainer_class: type, guard: ForgettingGuard | None) -> type:
             # a forward of its own goes past the wrapper, whose gradient reduction a second
             # forward through it would confuse. Either way the KL term's gradient joins the
             # task loss's in the one backward.
+            terms = guard.penalty_calls
             result, penalty = guard.with_task(self.accelerator.unwrap_model(model), task,
                                               step=self.state.global_step)
-            scaled = getattr(self, "loss_is_scaled_for_ga", None)
-            if scaled is None:  # transformers' own rule (Trainer.training_step)
-                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
-                    or self.compute_loss_func is not None
-            if scaled:
+            loss = result[0] if return_outputs else result
+            if guard.penalty_calls > terms:  # a term was added: log it apart from the task loss
+                self._guard_task = loss.detach()
+                kl = penalty.detach() / (guard.weight * guard.kl_every)
+                if self._guard_kl is None:
+                    self._guard_kl = [kl * 0, 0]
+                self._guard_kl[0] = self._guard_kl[0] + kl
+                self._guard_kl[1] += 1
+            if self._scaled_for_ga(num_items_in_batch):
                 penalty = penalty / self.current_gradient_accumulation_steps
             if return_outputs:
-                loss, outputs = result
-                return loss + penalty, outputs
-            return result + penalty
+                return loss + penalty, result[1]
+            return loss + penalty
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """The trainer's step (its backward takes task loss + KL term); what it returns
+            for the logged loss is the task loss alone, scaled as the trainer scales it."""
+            self._guard_task = None
+            logged = super().training_step(model, inputs, num_items_in_batch)
+            task = self._guard_task
+            if task is None:
+                return logged
+            self._guard_task = None
+            if self.args.n_gpu > 1:
+                task = task.mean()
+            if not self._scaled_for_ga(num_items_in_batch):
+                task = task / self.current_gradient_accumulation_steps
+            return task.to(logged.device, logged.dtype)
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self._guard_kl is not None:
+                total, count = self._guard_kl
+                self._guard_kl = None
+                import torch
+
+                both = torch.stack([total.float(), total.new_tensor(float(count))])
+                both = self.accelerator.reduce(both, reduction="sum")
+                logs["guard_kl"] = float(both[0] / both[1])
+            return super().log(logs, *args, **kwargs)
 
     Guarded.__name__ = Guarded.__qualname__ = f"Guarded{trainer_class.__name__}"
     return Guarded

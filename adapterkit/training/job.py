@@ -72,6 +72,9 @@ class TrainJob:
     base: Base | None = None
     #: The frozen pocket books underneath (``--on``), bottom first: part of the reference.
     stacked_on: list[PocketBook] = field(default_factory=list)
+    #: The pocket book this one starts as a copy of (``--from``): the policy before this stage
+    #: is it, so it is part of the reference too.
+    start: PocketBook | None = None
     #: The library home: trainers keep caches under ``cache_dir()``.
     home: Path | None = None
     #: The new pocket book's ``name@version``.
@@ -138,7 +141,8 @@ class TrainJob:
         """A hash naming "the policy before this stage" plus ``parts`` (data hash, lengths...).
 
         Covers the base fingerprint, its precision, and the exact weights of every pocket book
-        underneath, so a cache keyed by it is never reused for a different reference.
+        underneath and of the one this run starts from (``--from``), so a cache keyed by it is
+        never reused for a different reference.
         """
         import hashlib
 
@@ -153,6 +157,8 @@ class TrainJob:
             "under": [(b.ref, sha256_file(b.path / WEIGHTS_FILE)) for b in self.stacked_on],
             **parts,
         }
+        if self.start is not None:  # (absent otherwise: the keys of other runs are unchanged)
+            identity["start"] = (self.start.ref, sha256_file(self.start.path / WEIGHTS_FILE))
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()
                               ).hexdigest()[:32]
 

@@ -328,7 +328,8 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
                    eval_data=eval_data, options=options, chat=chat, output_dir=workdir,
                    resume_from=c.resume_from, trainer_options=c.trainer_options,
                    callbacks=list(callbacks or []), guard=guard, base=loaded,
-                   stacked_on=underlay, home=library.home, name=str(ref), stage_runner=run_stage,
+                   stacked_on=underlay, start=parent if start_from else None,
+                   home=library.home, name=str(ref), stage_runner=run_stage,
                    run_name=tracked.run_name if tracked else "")
     from adapterkit.training.precision import check_resume, hold, name_of, training_dtype
 

@@ -75,8 +75,10 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
         tracking=dict(tracking or {}),
     )
     with library.draft() as staged:
-        # the pocket book alone: not a frozen copy a TRL trainer added as its reference ("ref")
-        model.save_pretrained(staged, selected_adapters=[model.active_adapter],
+        # the pocket book alone: not the frozen copy a TRL trainer added as its reference
+        from adapterkit.training.reference import COPY
+
+        model.save_pretrained(staged, selected_adapters=[a for a in model.peft_config if a != COPY],
                               **({"state_dict": weights} if weights else {}))
         config_path = staged / CONFIG_FILE
         config = json.loads(config_path.read_text(encoding="utf-8"))

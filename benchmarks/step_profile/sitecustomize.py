@@ -6,10 +6,12 @@ change to the code under test: put this folder first on ``PYTHONPATH``.
         [STEP_PROFILE_STEPS=6,7] python benchmarks/bench_train_wall.py ...
 
 Writes ``$STEP_PROFILE_OUT/$STEP_PROFILE_TAG-<pid>.txt``: every step's wall time (from one
-``training_step`` call to the next, the optimizer step included; on a GPU each boundary waits
-for the device), the median of the steps after the second, and for the profiled steps the ops
-with the most self CPU (and CUDA) time, the number of ops, and the host-device synchronisations
-(``aten::item``/``_local_scalar_dense``, ``cudaStreamSynchronize``, device-to-host copies).
+``training_step`` call, a micro-batch under gradient accumulation, to the next: the optimizer
+step, logging and any evaluation between them included, the last to the end of ``train()``; on
+a GPU each boundary waits for the device), the median of the steps after the second, and for
+the profiled steps the ops with the most self CPU (and CUDA) time, the number of ops, and the
+host-device synchronisations (``aten::item``/``_local_scalar_dense``, ``cudaStreamSynchronize``,
+device-to-host copies).
 Only ``training_step`` is wrapped: it is where TRL's SFT and DPO trainers do their work.
 """
 
@@ -76,7 +78,8 @@ def _patch(trainer_module) -> None:
         return result
 
     def write() -> None:
-        marks.append(now())
+        if not ended:
+            marks.append(now())
         gaps = [b - a for a, b in zip(marks, marks[1:])]
         steady = gaps[2:] or gaps
         head = [f"{TAG}: {len(gaps)} steps, median after the second "
@@ -92,7 +95,18 @@ def _patch(trainer_module) -> None:
         with open(os.path.join(OUT, f"{tag}-{os.getpid()}.txt"), "w") as fh:
             fh.write("\n".join(head + lines) + "\n")
 
+    train = Trainer.train
+
+    def train_then_mark(self, *args, **kwargs):
+        try:
+            return train(self, *args, **kwargs)
+        finally:  # the last step ends with the loop (not with what the process does after)
+            marks.append(now())
+            ended.append(True)
+
+    ended: list[bool] = []
     Trainer.training_step = training_step
+    Trainer.train = train_then_mark
     atexit.register(write)
 
 
