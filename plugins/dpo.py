@@ -105,7 +105,9 @@ def _cached_trainer(job: Any, mode: Any) -> Any:
             columns = [c for c in dataset.column_names if not c.startswith("ref_")]
             digest = hashlib.sha256(json.dumps(dataset.select_columns(columns).to_dict(),
                                                sort_keys=True).encode()).hexdigest()
-            key = job.reference_key(trainer="dpo", data=digest, rows=len(dataset),
+            # layout 2: entries of runs --from a pocket book are keyed by it (earlier
+            # versions wrote them under a fresh run's key: none of those is read)
+            key = job.reference_key(trainer="dpo", layout=2, data=digest, rows=len(dataset),
                                     max_length=self.args.max_length,  # type: ignore[attr-defined]  # DPOConfig
                                     truncation=getattr(self.args, "truncation_mode", None),
                                     bf16=self.args.bf16, trl=trl.__version__)

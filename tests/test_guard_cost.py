@@ -483,12 +483,13 @@ def test_evaluation_adds_no_kl_term(tiny_base, home, data, pm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("trainer, grad_accum", [("sft", 1), ("sft", 2), ("dpo", 2)])
 def test_the_logged_loss_is_the_task_loss_and_the_kl_term_is_logged_apart(
-        grad_accum, tiny_base, home, data, pm, monkeypatch):
+        trainer, grad_accum, tiny_base, home, data, adapterkit_data, pm, monkeypatch):
     """The loss curve and ``train_loss_final`` are the trainer's own loss, as without the guard;
     the KL term is logged as ``guard_kl``. The term is made huge here (+1000, a constant: the
-    same gradients) so that any of it in the logged loss shows."""
+    same gradients) so that any of it in the logged loss shows. SFT's loss comes normalised for
+    gradient accumulation, DPO's is divided by the micro-batches after: both are covered."""
     from transformers import TrainerCallback
 
     from adapterkit.training import guard as guard_module
@@ -506,14 +507,15 @@ def test_the_logged_loss_is_the_task_loss_and_the_kl_term_is_logged_apart(
                     logs_of.append(dict(logs))
 
         logs_of = logs
-        result = train("sft", base=str(tiny_base), data=str(data), name=name, home=home,
+        rows = data if trainer == "sft" else adapterkit_data["preference"]
+        result = train(trainer, base=str(tiny_base), data=str(rows), name=name, home=home,
                        plugins=pm, callbacks=[Record()],
                        options=guard_opts(max_steps=4, logging_steps=1, grad_accum=grad_accum,
                                           precision="fp32", **kw))
         return result, logs
 
-    guarded_run, guarded_logs = run(f"logged-{grad_accum}")
-    plain_run, plain_logs = run(f"unguarded-{grad_accum}", guard_weight=0)
+    guarded_run, guarded_logs = run(f"logged-{trainer}-{grad_accum}")
+    plain_run, plain_logs = run(f"unguarded-{trainer}-{grad_accum}", guard_weight=0)
     assert "guard" in guarded_run.metrics and len(guarded_logs) == len(plain_logs) == 4
     # step 1's loss is taken on the first batch at the starting weights in both runs (the KL
     # term of step 0, at the start, has no gradient): the unguarded run's is the reference

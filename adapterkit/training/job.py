@@ -144,6 +144,9 @@ class TrainJob:
         underneath and of the one this run starts from (``--from``), so a cache keyed by it is
         never reused for a different reference.
         """
+        return self._key(start=True, **parts)
+
+    def _key(self, *, start: bool, **parts: Any) -> str:
         import hashlib
 
         from adapterkit.files import sha256_file
@@ -157,7 +160,7 @@ class TrainJob:
             "under": [(b.ref, sha256_file(b.path / WEIGHTS_FILE)) for b in self.stacked_on],
             **parts,
         }
-        if self.start is not None:  # (absent otherwise: the keys of other runs are unchanged)
+        if start and self.start is not None:  # (absent otherwise: other keys are unchanged)
             identity["start"] = (self.start.ref, sha256_file(self.start.path / WEIGHTS_FILE))
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()
                               ).hexdigest()[:32]
@@ -165,15 +168,16 @@ class TrainJob:
     def measurement_key(self, *, phase: str, **parts: Any) -> str:
         """:meth:`reference_key` plus what a measurement of the base runs under: the steps'
         autocast (``phase="steps"``), the device and attention, whether the resident weights are
-        a rounded copy, the tokenizer files and the library versions."""
+        a rounded copy, the tokenizer files and the library versions. Without the pocket book a
+        run starts from (``--from``): the base is measured with the new pocket book off."""
         from adapterkit.files import sha256_file
 
         model = self.model
         base = self.base
         tokenizer_files = sorted(p for p in base.source.folder.glob("*") if p.is_file() and
                                  ("token" in p.name or p.suffix == ".model")) if base else []
-        return self.reference_key(
-            phase=phase, versions=versions(),
+        return self._key(
+            start=False, phase=phase, versions=versions(),
             autocast=phase == "steps" and self.precision == "bf16",
             device=str(next(model.parameters()).device.type),
             attention=getattr(getattr(model, "config", None), "_attn_implementation", None),

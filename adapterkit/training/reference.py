@@ -30,13 +30,13 @@ COPY = "ref"
 
 def starts_at_zero(model: Any, adapter: str = "default") -> bool:
     """Whether ``adapter`` of the PEFT ``model`` adds exactly zero to every layer: plain LoRA
-    (no DoRA or other variant, whose output at zero is not the base's bit for bit) with every
-    ``lora_B`` and ``lora_embedding_B`` factor zero."""
+    (no DoRA or other variant, whose output at zero is not the base's bit for bit, and no LoRA
+    bias) with every ``lora_B`` and ``lora_embedding_B`` factor zero."""
     import torch
     from peft import LoraConfig
 
     config = getattr(model, "peft_config", {}).get(adapter)
-    if not isinstance(config, LoraConfig) or config.use_dora:
+    if not isinstance(config, LoraConfig) or config.use_dora or getattr(config, "lora_bias", False):
         return False
     factors: list[Any] = []
     for module in model.modules():

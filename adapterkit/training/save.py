@@ -75,7 +75,8 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
         tracking=dict(tracking or {}),
     )
     with library.draft() as staged:
-        # the pocket book alone: not the frozen copy a TRL trainer added as its reference
+        # the pocket book alone: not an adapter named "ref", the name of the frozen copy a TRL
+        # trainer adds as its reference (the copy of a --from start, where it was kept)
         from adapterkit.training.reference import COPY
 
         model.save_pretrained(staged, selected_adapters=[a for a in model.peft_config if a != COPY],
