@@ -484,6 +484,38 @@ def test_doctor_removes_the_temp_file_of_a_killed_metadata_write(adapterkit_cli,
     assert [p["kind"] for p in json.loads(result.stdout)["problems"]] == ["stale"]
 
 
+def test_doctor_moves_aside_the_reference_copy_earlier_versions_saved(adapterkit_cli, library):
+    """Earlier versions saved TRL's frozen copy of a DPO pocket book's starting adapter as a
+    ``ref/`` PEFT folder inside it: reported as a leftover, moved to the quarantine (kept), and
+    the pocket book is whole without it."""
+    from adapterkit.library.integrity import check_book
+
+    book = save(library, "polite")
+    copy = book.path / "ref"
+    copy.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(book.path / name, copy / name)
+    before = sorted(str(p) for p in library.home.rglob("*") if "catalog" not in p.name)
+
+    result = adapterkit_cli("doctor", "--dry-run", "--json")
+    assert result.exit_code == 1, result.output
+    problems = json.loads(result.stdout)["problems"]
+    assert [(p["kind"], p["ref"], p["path"]) for p in problems] == [
+        ("leftover", "polite@1", str(copy))]
+    assert problems[0]["action"].startswith("would move it to ")
+    assert sorted(str(p) for p in library.home.rglob("*") if "catalog" not in p.name) == before
+
+    result = adapterkit_cli("doctor")
+    assert result.exit_code == 0, result.output
+    assert not copy.exists()
+    (aside,) = (library.home / "quarantine").iterdir()
+    assert aside.name.startswith("polite@1-ref-")
+    assert sorted(p.name for p in aside.iterdir()) == ["adapter_config.json",
+                                                      "adapter_model.safetensors"]
+    check_book(library.get("polite"))  # the pocket book itself: untouched and whole
+    assert "healthy" in adapterkit_cli("doctor").stdout
+
+
 def _open_fresh(home, barrier, results):
     barrier.wait()
     try:

@@ -13,6 +13,9 @@ reads every entry:
   a SHA-256 that no longer matches the one recorded at save time, a broken safetensors
   header, a planted pickle or link; the fit to the base is checked when a base is loaded):
   moved to ``<home>/quarantine/``, never deleted, so nothing is lost.
+* ``leftover`` — a ``ref/`` folder in a pocket book: TRL's frozen copy of the adapter it
+  started from (DPO's reference), which earlier versions saved beside a ``dpo`` pocket book
+  (and pushed with it). Not part of the pocket book: moved to ``<home>/quarantine/``.
 * ``stale`` — a work folder under ``tmp/`` left by a process that is no longer running (or over
   a day old), or the temporary file of a metadata write that was killed: removed.
 * ``catalog`` — the SQLite file is missing, of another version or fails its own integrity
@@ -38,10 +41,12 @@ from adapterkit.files import fsync_dir, move_back
 from adapterkit.library.catalog import Catalog, CatalogWarning
 from adapterkit.library.integrity import REPAIR, check_book
 from adapterkit.library.layout import DamagedBookWarning, index
-from adapterkit.library.metadata import METADATA_FILE, PocketBookMeta
+from adapterkit.library.metadata import CONFIG_FILE, METADATA_FILE, PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
 
 QUARANTINE = "quarantine"
+#: The subfolder earlier versions saved TRL's reference copy of the adapter in (``dpo``).
+REFERENCE_COPY = "ref"
 
 
 @dataclass
@@ -84,6 +89,7 @@ def examine(library: Library, *, repair: bool) -> Report:
     reindex: list[Path] = []
     drop: list[tuple[str, int]] = []
     quarantine: list[tuple[str, int, Path]] = []
+    leftovers: list[tuple[str, int, Path]] = []
     for key, folder in sorted(disk.items()):
         ref = f"{key[0]}@{key[1]}"
         for left in _stray_temp_files(folder):
@@ -101,6 +107,13 @@ def examine(library: Library, *, repair: bool) -> Report:
             except InvalidAdapter as exc:
                 problem = str(exc).removesuffix(f"; {REPAIR}")
             if problem is None:
+                copy = folder / REFERENCE_COPY
+                if (copy / CONFIG_FILE).is_file():
+                    _add(report, "leftover", ref, copy, "TRL's frozen copy of the adapter this "
+                         "one started from, saved beside it by an earlier version (not part "
+                         "of the pocket book)",
+                         f"move it to {library.home / QUARANTINE} (kept, not deleted)", repair)
+                    leftovers.append((key[0], key[1], copy))
                 if catalog_ok and key not in indexed:
                     _add(report, "orphan", ref, folder, "a complete pocket book the catalog "
                          "does not list", "index it", repair)
@@ -123,7 +136,7 @@ def examine(library: Library, *, repair: bool) -> Report:
     for folder, reason in library.sweep_staging(dry_run=True):
         _add(report, "stale", None, folder, f"work folder {reason}", "remove it", repair)
     if repair and report.problems:
-        _repair(library, reindex, drop, quarantine)
+        _repair(library, reindex, drop, quarantine, leftovers)
         report.repaired = True
     return report
 
@@ -172,7 +185,8 @@ def _quietly(fn: Any) -> Any:
 
 
 def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
-            quarantine: list[tuple[str, int, Path]]) -> None:
+            quarantine: list[tuple[str, int, Path]],
+            leftovers: list[tuple[str, int, Path]]) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = library.home / QUARANTINE
     moved: list[tuple[Path, Path]] = []
@@ -187,6 +201,13 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
         for name, version in drop:
             if not (library.root / name / str(version)).is_dir():
                 Catalog.delete(conn, name, version)
+        for name, version, copy in leftovers:
+            if copy.is_dir():
+                aside.mkdir(parents=True, exist_ok=True)
+                target = aside / f"{name}@{version}-{REFERENCE_COPY}-{stamp}"
+                os.rename(copy, target)
+                moved.append((target, copy))
+                fsync_dir(aside)
         for name, version, folder in quarantine:
             Catalog.delete(conn, name, version)
             if folder.is_dir():
