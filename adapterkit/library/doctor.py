@@ -191,6 +191,13 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
     aside = library.home / QUARANTINE
     moved: list[tuple[Path, Path]] = []
 
+    def set_aside(folder: Path, name: str) -> None:
+        aside.mkdir(parents=True, exist_ok=True)
+        target = aside / f"{name}-{stamp}"
+        os.rename(folder, target)
+        moved.append((target, folder))
+        fsync_dir(aside)
+
     def fix(conn: sqlite3.Connection) -> None:
         for folder in library.folders().values():  # under the lock: no metadata write runs
             for left in _stray_temp_files(folder):
@@ -203,19 +210,11 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
                 Catalog.delete(conn, name, version)
         for name, version, copy in leftovers:
             if copy.is_dir():
-                aside.mkdir(parents=True, exist_ok=True)
-                target = aside / f"{name}@{version}-{REFERENCE_COPY}-{stamp}"
-                os.rename(copy, target)
-                moved.append((target, copy))
-                fsync_dir(aside)
+                set_aside(copy, f"{name}@{version}-{REFERENCE_COPY}")
         for name, version, folder in quarantine:
             Catalog.delete(conn, name, version)
             if folder.is_dir():
-                aside.mkdir(parents=True, exist_ok=True)
-                target = aside / f"{name}@{version}-{stamp}"
-                os.rename(folder, target)
-                moved.append((target, folder))
-                fsync_dir(aside)
+                set_aside(folder, f"{name}@{version}")
                 try:
                     folder.parent.rmdir()
                 except OSError:
