@@ -92,14 +92,12 @@ step dpo-profiled ${DPO_LIMIT:-80} profiled $W --trainer dpo --steps "$BIG_STEPS
 # 4a. the engine's greedy answers against PEFT's mixed-adapter generate, float32 and then
 #     bfloat16 (the default on a GPU): where they agree token for token, and where not
 SERVE="python3 benchmarks/bench_serve.py --base /tmp/bases/small --books 8 --requests 32
-    --new-tokens 64 --attached 0 --rounds 1 --ignore-eos"
+    --new-tokens 64 --attached 0 --rounds ${SERVE_ROUNDS:-1} --ignore-eos"
 step serve-fp32 ${SERVE_LIMIT:-120} $SERVE --dtype float32 --paths mixed,peft
 step serve-bf16 ${SERVE_LIMIT:-120} $SERVE --paths "${SERVE_BF16_PATHS:-mixed,one_book,peft}"
-# 4. serving: the engine's mixed-adapter batches against one book, a swap per request and
+# 4b. serving: the engine's mixed-adapter batches against one book, a swap per request and
 #    PEFT's mixed-adapter generate (issue #12), every request decoding the same tokens
-step serve ${SERVE_LIMIT:-120} python3 benchmarks/bench_serve.py --base /tmp/bases/small \
-    --books 8 --requests 32 --new-tokens 64 --attached 0 --rounds "${SERVE_ROUNDS:-1}" \
-    --ignore-eos
+step serve ${SERVE_LIMIT:-120} $SERVE
 # 5. QLoRA on the bigger shape: 4-bit against bf16, ours against the plain script; then the
 #    loaded base's memory alone, 4-bit against bf16
 step big-base ${BASE_LIMIT:-60} python3 benchmarks/random_base.py .devbase /tmp/bases/big \
