@@ -340,18 +340,20 @@ def test_ignore_eos_decodes_past_the_end_of_sequence_for_its_own_request_only(ti
     engine.close()
 
 
-def test_runs_of_rows_sharing_a_target():
-    from adapterkit.serving.rows import runs_of
-
-    assert runs_of([]) == []
-    assert runs_of([-1, -1]) == []
-    assert runs_of([0, 0, 1, -1, 1, 1, 0]) == [(0, 0, 2), (1, 2, 3), (1, 4, 6), (0, 6, 7)]
-
-
-def test_row_lora_adds_each_rows_own_delta_by_hand():
-    """Rows 0..4 on targets [0, 1, 0, plain, 1], two tokens each (a prefill): every row is
-    ``W x`` plus its own ``s·B A x``, computed here by hand one row at a time, whether or not
-    the rows of a target are adjacent, with another rank per target."""
+@pytest.mark.parametrize("rows, path", [
+    ([0, 1, 0, -1, 1], "gather"),  # a target's rows apart
+    ([0, 0, 1, 1, -1], "views"),  # even runs in the pool's order: views, one baddbmm
+    ([-1, 1, 1, 2, 2], "views"),  # target 0 unused: the stack's slice 1:3
+    ([0, 0, 0, 1, -1], "gather"),  # uneven runs: padded with zero rows
+    ([1, 1, 0, 0, -1], "gather"),  # even, but not in the pool's order
+    ([0, -1, 2, -1, -1], "gather"),  # target 1 unused between two used ones
+])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_row_lora_adds_each_rows_own_delta_by_hand(rows, path, tokens):
+    """Five rows on three targets of other ranks (and a plain-base row), one token each (a
+    decode step) or three (a prefill): every row is ``W x`` plus its own ``s·B A x``, computed
+    here by hand one row at a time, whichever way the rows lie (views of the batch or a
+    gather)."""
     from types import SimpleNamespace
 
     from adapterkit.lora.factors import Factors
@@ -361,24 +363,24 @@ def test_row_lora_adds_each_rows_own_delta_by_hand():
     layer = torch.nn.Linear(6, 5, bias=True)
     slot = RowLora(layer, 6, 5)
     books = [SimpleNamespace(factors={"l": Factors(torch.randn(r, 6), torch.randn(5, r), s)})
-             for r, s in ((3, 0.5), (2, 2.0))]
-    pool = Pool([[(books[0], 1.0)], [(books[1], 0.5)]])
-    rows = [0, 1, 0, -1, 1]
+             for r, s in ((3, 0.5), (2, 2.0), (4, 1.0))]
+    weights = (1.0, 0.5, 1.0)
+    pool = Pool([[(book, w)] for book, w in zip(books, weights)])
     pool.bind({"l": slot}, rows)
-    assert len(slot.plan) == 4  # runs: 0 | 1 | 0 | (plain) | 1
-    x = torch.randn(5, 2, 6)
+    assert (slot.plan.start >= 0) == (path == "views")
+    x = torch.randn(5, tokens, 6)
     with torch.inference_mode():
         got = slot(x)
         for i, target in enumerate(rows):
             want = layer(x[i])
             if target >= 0:
-                f, w = books[target].factors["l"], (1.0, 0.5)[target]
-                want = want + w * f.scale * (x[i] @ f.a.T @ f.b.T)
+                f = books[target].factors["l"]
+                want = want + weights[target] * f.scale * (x[i] @ f.a.T @ f.b.T)
             torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
         with pytest.raises(RuntimeError, match=r"need this layer's input as 5 rows × tokens"):
-            slot(x.reshape(10, 6))  # flattened (a mixture-of-experts layer): refused, not wrong
+            slot(x.reshape(1, 5 * tokens, 6))  # flattened (mixture of experts): refused
         pool.bind({"l": slot}, [-1] * 5)
-        assert slot.plan == () and torch.equal(slot(x), layer(x))
+        assert slot.plan is None and torch.equal(slot(x), layer(x))
 
 
 def test_rows_of_one_target_stay_adjacent_after_joins(tiny_base, lib):

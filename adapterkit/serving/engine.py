@@ -13,9 +13,10 @@ ragged token stream built inside its private input/output classes, with no hook 
 side data such as which pocket book a token's row uses, and its prefix sharing reuses KV blocks
 by token hash alone — which would hand one pocket book's keys and values to a request for
 another. So the batch here is a transformers :class:`~transformers.DynamicCache` of left-padded
-rows, driven through the model's public forward (2-D attention mask, explicit position ids):
-joining rows are prefilled on a cache of their own and left-padded into the batch, a leaving
-row is dropped and the all-padding columns trimmed (:mod:`adapterkit.serving.kv`). Prefill is
+rows whose layers keep room to grow (a decode step writes its column in place), driven through
+the model's public forward (2-D attention mask, explicit position ids): joining rows are
+prefilled on a cache of their own and assembled with the running ones into a new batch, a
+leaving row is dropped in place and the all-padding columns trimmed (:mod:`adapterkit.serving.kv`). Prefill is
 not chunked: a long prompt delays the next decode step of the running rows by its own forward.
 
 Greedy decoding (temperature 0) takes the argmax of the logits as ``generate`` does, without the
@@ -399,7 +400,7 @@ class Engine:
         done = self._emit(admitted, out.logits[:, -1, :])
         running = [i for i in range(len(admitted)) if i not in done]
         if running:
-            self._join([admitted[i] for i in running], *kv.select(cache, mask, running))
+            self._join([admitted[i] for i in running], cache, mask, running)
 
     def _decode(self) -> None:
         """One forward of the base for every row: one new token each."""
@@ -438,20 +439,22 @@ class Engine:
 
     # -- the batch's KV cache -------------------------------------------------------------------
 
-    def _join(self, joining: list[_Row], cache: Any, mask: Any) -> None:
-        """Put prefilled rows into the running batch (see :func:`adapterkit.serving.kv.merge`)."""
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
-        else:
-            self._cache, self._mask = kv.merge(self._cache, self._mask, cache, mask)
-        self._rows += joining
-        self._bound = None
+    def _join(self, joining: list[_Row], cache: Any, mask: Any, rows: list[int]) -> None:
+        """Put prefilled rows (``rows`` of ``cache``) into the running batch, in one new cache
+        (see :func:`adapterkit.serving.kv.assemble`)."""
         # Rows of one target stay adjacent, so each LoRA layer adds one slice per target
-        # (rows.py); leaving rows keep the order, so only a join can break it.
-        order = sorted(range(len(self._rows)), key=lambda i: _target_order(self._rows[i]))
-        if order != list(range(len(self._rows))):
-            self._cache, self._mask = kv.select(self._cache, self._mask, order)
-            self._rows = [self._rows[i] for i in order]
+        # (rows.py); leaving rows keep the order, so only a join can break it. The sort is
+        # stable: the running rows keep their order among themselves.
+        entries = [((0, i), row) for i, row in enumerate(self._rows)] \
+            + [((1, r), row) for r, row in zip(rows, joining)]
+        entries.sort(key=lambda entry: _target_order(entry[1]))
+        sources = [(cache, mask)] if self._cache is None else [(self._cache, self._mask),
+                                                                (cache, mask)]
+        shift = 1 if self._cache is None else 0
+        self._cache, self._mask = kv.assemble(
+            sources, [(source - shift, row) for (source, row), _ in entries])
+        self._rows = [row for _, row in entries]
+        self._bound = None
 
     def _drop(self, indices: list[int], finish: str | None) -> None:
         """Take these rows out of the batch (ending their requests with ``finish`` if given),
@@ -472,7 +475,7 @@ class Engine:
             self._pool_index = {}
             clear(self._slots)
             return
-        self._cache, self._mask = kv.select(self._cache, self._mask, keep)
+        self._cache, self._mask = kv.drop(self._cache, self._mask, keep)
 
 
 # -- helpers ------------------------------------------------------------------------------------
