@@ -340,47 +340,79 @@ def test_ignore_eos_decodes_past_the_end_of_sequence_for_its_own_request_only(ti
     engine.close()
 
 
-@pytest.mark.parametrize("rows, path", [
+@pytest.mark.parametrize("rows, form", [
     ([0, 1, 0, -1, 1], "gather"),  # a target's rows apart
     ([0, 0, 1, 1, -1], "views"),  # even runs in the pool's order: views, one baddbmm
     ([-1, 1, 1, 2, 2], "views"),  # target 0 unused: the stack's slice 1:3
     ([0, 0, 0, 1, -1], "gather"),  # uneven runs: padded with zero rows
     ([1, 1, 0, 0, -1], "gather"),  # even, but not in the pool's order
-    ([0, -1, 2, -1, -1], "gather"),  # target 1 unused between two used ones
+    ([0, -1, 2, -1, -1], "gather"),  # target 1 unused between two used ones: a zero block
+    ([0, 0, 0, 0, 1, 2], "gather"),  # 12 padded rows for 6: at the limit
+    ([0, 0, 0, 0, 0, 1, 2], "runs"),  # 15 for 7: two GEMMs per run instead
+    ([2, 0, 0, 0, 0, 0, -1, 0], "runs"),
 ])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_row_lora_adds_each_rows_own_delta_by_hand(rows, path, tokens):
-    """Five rows on three targets of other ranks (and a plain-base row), one token each (a
-    decode step) or three (a prefill): every row is ``W x`` plus its own ``s·B A x``, computed
-    here by hand one row at a time, whichever way the rows lie (views of the batch or a
-    gather)."""
+def test_row_lora_adds_each_rows_own_delta_by_hand(rows, form, tokens):
+    """Rows on three targets of other ranks (and plain-base rows), one token each (a decode
+    step) or three (a prefill): every row is ``W x`` plus its own ``s·B A x``, computed here by
+    hand one row at a time, whichever form the layer takes. A second layer that only one
+    target's pocket book adapts adds that one's delta to its rows alone."""
     from types import SimpleNamespace
 
     from adapterkit.lora.factors import Factors
     from adapterkit.serving.rows import Pool, RowLora
 
     torch.manual_seed(0)
-    layer = torch.nn.Linear(6, 5, bias=True)
-    slot = RowLora(layer, 6, 5)
+    layer, other = torch.nn.Linear(6, 5, bias=True), torch.nn.Linear(6, 4, bias=False)
+    slots = {"l": RowLora(layer, 6, 5), "m": RowLora(other, 6, 4)}
     books = [SimpleNamespace(factors={"l": Factors(torch.randn(r, 6), torch.randn(5, r), s)})
              for r, s in ((3, 0.5), (2, 2.0), (4, 1.0))]
+    books[1].factors["m"] = Factors(torch.randn(3, 6), torch.randn(4, 3), 0.25)
     weights = (1.0, 0.5, 1.0)
     pool = Pool([[(book, w)] for book, w in zip(books, weights)])
-    pool.bind({"l": slot}, rows)
-    assert (slot.plan.start >= 0) == (path == "views")
-    x = torch.randn(5, tokens, 6)
+    pool.bind(slots, rows)
+    assert slots["l"].plan.form == form
+    x = torch.randn(len(rows), tokens, 6)
+    with torch.inference_mode():
+        for path, module in (("l", layer), ("m", other)):
+            got = slots[path](x)
+            for i, target in enumerate(rows):
+                want = module(x[i])
+                f = books[target].factors.get(path) if target >= 0 else None
+                if f is not None:
+                    want = want + weights[target] * f.scale * (x[i] @ f.a.T @ f.b.T)
+                torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match=r"need this layer's input as \d+ rows × tokens"):
+            slots["l"](x.reshape(1, -1, 6))  # flattened (mixture of experts): refused
+        pool.bind(slots, [-1] * len(rows))
+        assert slots["l"].plan is None and torch.equal(slots["l"](x), layer(x))
+
+
+@pytest.mark.parametrize("rows, form", [([0, 0, 1, 1], "views"), ([0, 1, 1, 1], "gather"),
+                                        ([0, 0, 0, 0, 0, 1, 2], "runs")])
+def test_row_lora_casts_between_a_bfloat16_base_and_float32_factors(rows, form):
+    """A bfloat16 base with float32 factors (each form): the delta is taken in the factors'
+    dtype and added in the base's, close to the float32 sum by hand."""
+    from types import SimpleNamespace
+
+    from adapterkit.lora.factors import Factors
+    from adapterkit.serving.rows import Pool, RowLora
+
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    slot = RowLora(layer, 8, 6)
+    books = [SimpleNamespace(factors={"l": Factors(torch.randn(2, 8), torch.randn(6, 2), 1.0)})
+             for _ in range(3)]
+    Pool([[(book, 1.0)] for book in books]).bind({"l": slot}, rows)
+    assert slot.plan.form == form
+    x = torch.randn(len(rows), 2, 8).to(torch.bfloat16)
     with torch.inference_mode():
         got = slot(x)
+        assert got.dtype == torch.bfloat16
         for i, target in enumerate(rows):
-            want = layer(x[i])
-            if target >= 0:
-                f = books[target].factors["l"]
-                want = want + weights[target] * f.scale * (x[i] @ f.a.T @ f.b.T)
-            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
-        with pytest.raises(RuntimeError, match=r"need this layer's input as 5 rows × tokens"):
-            slot(x.reshape(1, 5 * tokens, 6))  # flattened (mixture of experts): refused
-        pool.bind({"l": slot}, [-1] * 5)
-        assert slot.plan is None and torch.equal(slot(x), layer(x))
+            f = books[target].factors["l"]
+            want = layer(x[i]).float() + x[i].float() @ f.a.T @ f.b.T
+            torch.testing.assert_close(got[i].float(), want, rtol=2e-2, atol=5e-2)
 
 
 def test_rows_of_one_target_stay_adjacent_after_joins(tiny_base, lib):
@@ -403,4 +435,22 @@ def test_rows_of_one_target_stay_adjacent_after_joins(tiny_base, lib):
     questions = [QUESTIONS[i] for i in (0, 2, 3, 4, 1, 5)]
     for model, question, (tokens, finish, _) in zip(models, questions, got):
         assert (tokens, finish) == reference(tiny_base, lib, model, question), model
+    engine.close()
+
+
+def test_a_listener_is_called_after_each_event_is_queued(tiny_base, lib):
+    """The HTTP layer waits on a request's listener instead of a blocked thread: it must fire
+    after every token and after the finish, with the event already in the queue."""
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib, max_batch=2)
+    request = engine.submit(prompt_ids(base, QUESTIONS[0]), engine.resolve("law"),
+                            max_tokens=4, ignore_eos=True)
+    seen: list[int] = []
+    request.listen(lambda: seen.append(request.events.qsize()))
+    while engine.step():
+        pass
+    # one call per event (4 tokens, then the finish), each after its event was queued
+    assert seen == [1, 2, 3, 4, 5]
+    tokens, finish, _ = drain(request, timeout=1)
+    assert len(tokens) == 4 and finish == "length"
     engine.close()

@@ -4,7 +4,6 @@ tensors padded by hand."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -143,23 +142,34 @@ def test_drop_moves_rows_up_in_place_cuts_padding_and_keeps_decoding_right():
     assert torch.equal(again.layers[1].keys[0], keys[2])
     assert torch.equal(again_mask, kept_mask[[2, 0]])
     plain, plain_mask = kv.drop(old[0], old[1], [1, 3])
-    assert torch.equal(plain_mask, _by_hand([old], [(0, 1), (0, 3)])[1])
+    layers, want_mask = _by_hand([old], [(0, 1), (0, 3)])
+    assert torch.equal(plain_mask, want_mask)
+    for layer, (keys, values) in zip(plain.layers, layers):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
 
 
-def test_a_layer_reassigned_by_a_dynamic_layer_method_is_adopted():
-    """``DynamicLayer`` methods (crop, batch_select_indices) reassign ``keys``: the next
-    update starts from what they left, not from the stale buffer."""
-    old = _source(2, 4, [4, 4], seed=4)
-    cache, _ = kv.assemble([old], [(0, 0), (0, 1)])
+def test_a_layer_changed_by_a_dynamic_layer_method_is_adopted_not_overwritten():
+    """``DynamicLayer`` methods reassign ``keys`` (``crop``, ``batch_select_indices``) or drop
+    it (``reset``): the next update starts from what they left, and a drop assembles anew
+    rather than move rows of the stale buffer."""
+    old = _source(2, 4, [4, 2], seed=4)
+    cache, mask = kv.assemble([old], [(0, 0), (0, 1)])
     layer = cache.layers[0]
     held = layer.keys.clone()
     layer.crop(-1)
     step = torch.randn(2, 2, 1, 3)
     keys, _ = layer.update(step, step)
     assert torch.equal(keys, torch.cat([held[:, :, :-1], step], dim=2))
+    layer.reset()
+    keys, values = layer.update(step, step)
+    assert torch.equal(keys, step) and torch.equal(values, step)
 
-
-@pytest.mark.parametrize("positions", [1, 31, 32, 33])
-def test_room_is_added_past_what_a_buffer_holds(positions):
-    like = torch.zeros(2, 3, positions, 4)
-    assert kv._buffer(like, positions).shape == (2, 3, positions + kv.ROOM, 4)
+    cache, mask = kv.assemble([old], [(0, 0), (0, 1)])
+    for layer in cache.layers:
+        layer.batch_select_indices(torch.tensor([1, 0]))  # the rows swapped
+    assert not any(layer.intact for layer in cache.layers)
+    kept, kept_mask = kv.drop(cache, mask[[1, 0]], [1])  # keeps the first source row
+    assert torch.equal(kept_mask, mask[[0]])
+    for layer, source in zip(kept.layers, old[0].layers):
+        assert torch.equal(layer.keys, source.keys[[0]])
+        assert torch.equal(layer.values, source.values[[0]])

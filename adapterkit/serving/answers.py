@@ -4,8 +4,8 @@ answer — one JSON body, or server-sent events (sse-starlette) in OpenAI's chun
 
 Everything is checked before anything is queued. Text is detokenized incrementally and cut at
 stop strings here (:mod:`adapterkit.serving.openai_io`); the engine sees only tokens. The
-engine decodes in its own thread and hands tokens over in thread-safe queues: a blocking wait
-happens in a pool thread, never in the event loop.
+engine decodes in its own thread and hands tokens over in thread-safe queues, waking the event
+loop for each (a request's listener): nothing here blocks on them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import queue
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +44,6 @@ log = logging.getLogger("adapterkit.serve")
 
 #: Completion length when a /v1/completions request names none (OpenAI's default).
 DEFAULT_COMPLETION_TOKENS = 16
-#: How often a waiting request checks that its client is still there.
-POLL_S = 0.1
 
 
 @dataclass
@@ -75,14 +72,15 @@ class _Choice:
     finish: str | None = None
     error: str | None = None
     text: list[str] = field(default_factory=list)
+    #: Set (on the event loop) whenever the decode thread queues an event for this choice.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Answers:
     """Turns bodies into engine requests and their events into OpenAI answers."""
 
-    def __init__(self, engine: Any, pool: ThreadPoolExecutor, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: Any, metrics: ServerMetrics) -> None:
         self.engine = engine
-        self.pool = pool
         self.metrics = metrics
 
     async def answer(self, request: Request, model_cls: type[BaseModel], *,
@@ -102,7 +100,7 @@ class Answers:
         except ValidationError as exc:
             raise from_validation(exc) from None
         job = await run_in_threadpool(self._prepare, body, chat)
-        choices = await run_in_threadpool(self._submit, job)
+        choices = await run_in_threadpool(self._submit, job, asyncio.get_running_loop())
         self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
         if body.stream:
             return EventSourceResponse(self._stream(job, choices), sep="\n", ping=15)
@@ -173,9 +171,10 @@ class Answers:
             raise APIError(400, "the prompt is empty", param="prompt")
         return ids
 
-    def _submit(self, job: _Job) -> list[_Choice]:
+    def _submit(self, job: _Job, loop: asyncio.AbstractEventLoop) -> list[_Choice]:
         """One engine request per choice (index = prompt × n + j; seed + j for choice j, so
-        the n choices differ and the first equals a request with ``seed`` alone)."""
+        the n choices differ and the first equals a request with ``seed`` alone), each
+        waking ``loop`` when it has events."""
         body, choices = job.body, []
         try:
             for i, ids in enumerate(job.prompts):
@@ -184,9 +183,11 @@ class Answers:
                     request = self.engine.submit(ids, job.target, max_tokens=job.max_tokens,
                                                  temperature=body.temperature, top_p=body.top_p,
                                                  seed=seed, ignore_eos=body.ignore_eos)
-                    choices.append(_Choice(i * body.n + j, request,
-                                           Detokenizer(self.engine.tokenizer, ids),
-                                           StopText(job.stops)))
+                    choice = _Choice(i * body.n + j, request,
+                                     Detokenizer(self.engine.tokenizer, ids),
+                                     StopText(job.stops))
+                    request.listen(functools.partial(_wake, loop, choice.ready))
+                    choices.append(choice)
         except BaseException as exc:
             for choice in choices:
                 choice.request.cancel()
@@ -199,32 +200,29 @@ class Answers:
 
     # -- reading the engine's events -------------------------------------------------------------
 
-    async def _events(self, request: Any) -> list[Any]:
-        """The request's next events (at least one), waiting in a pool thread, never here."""
-        events = request.events
-        try:
-            first = events.get_nowait()
-        except queue.Empty:
-            loop = asyncio.get_running_loop()
-            while True:
-                try:  # a short timeout, so a cancelled reader gives its thread back soon
-                    first = await loop.run_in_executor(
-                        self.pool, functools.partial(events.get, timeout=POLL_S))
-                    break
-                except queue.Empty:
-                    continue
-        out = [first]
+    async def _events(self, choice: _Choice) -> list[Any]:
+        """The choice's next events (at least one). The decode thread wakes this loop through
+        the request's listener (one ``call_soon_threadsafe`` per event): no thread blocks on
+        the queue, so a step's tokens for 32 streams cost no thread hand-offs, and a reader
+        that is cancelled (its client left) simply stops waiting."""
+        events = choice.request.events
         while True:
-            try:
-                out.append(events.get_nowait())
-            except queue.Empty:
+            choice.ready.clear()  # before reading: an event queued after it sets it again
+            out = []
+            while True:
+                try:
+                    out.append(events.get_nowait())
+                except queue.Empty:
+                    break
+            if out:
                 return out
+            await choice.ready.wait()
 
     async def _run(self, choice: _Choice, emit: Callable[[str], Awaitable[None]]) -> None:
         """Read one choice to its end, emitting its text as it becomes final."""
         try:
             while choice.finish is None:
-                for event in await self._events(choice.request):
+                for event in await self._events(choice):
                     if event.token is not None:
                         choice.tokens += 1
                         text = choice.stop.feed(choice.detok.add(event.token))
@@ -361,3 +359,12 @@ class Answers:
             for choice in choices:
                 if choice.finish is None:
                     choice.request.cancel()
+
+
+def _wake(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> None:
+    """Set ``ready`` on ``loop`` (called from the decode thread); nothing once the loop has
+    closed (the server is shutting down)."""
+    try:
+        loop.call_soon_threadsafe(ready.set)
+    except RuntimeError:
+        pass

@@ -14,9 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,24 +56,14 @@ def create_app(engine: Any, *, api_key: str | None = None,
     :param static_dir: the page's files (``index.html`` at ``/``, the rest under ``/static``).
     """
     static_dir = Path(static_dir)
-    # engine requests hand tokens over in thread-safe queues; a blocking get waits in one of
-    # these threads, never in the event loop (threads are made only as requests need them)
-    pool = ThreadPoolExecutor(max_workers=512, thread_name_prefix="adapterkit-serve-wait")
     metrics = ServerMetrics(engine)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        pool.shutdown(wait=False, cancel_futures=True)
-
-    app = FastAPI(title="adapterkit serve", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+    app = FastAPI(title="adapterkit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.metrics = metrics
     _add_error_handlers(app)
     app.add_middleware(_CountRequests, metrics=metrics)
     guarded = [Depends(_key_check(api_key))]
-    serve = Answers(engine, pool, metrics)
+    serve = Answers(engine, metrics)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

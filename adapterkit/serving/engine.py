@@ -3,9 +3,9 @@ pocket book (or a stack, or none), requests joining and leaving between decode s
 
 A background thread repeats :meth:`Engine.step`: cancelled rows leave, waiting requests are
 admitted while the batch has room (their pocket books attached, least recently used ones
-detached to make room), prefilled together and merged into the running batch, then one forward
-of the base decodes one token for every row, each row adding its own pocket book's LoRA delta
-(:mod:`adapterkit.serving.rows`).
+detached to make room), prefilled together and assembled with the running rows into one batch,
+then one forward of the base decodes one token for every row, each row adding its own pocket
+book's LoRA delta (:mod:`adapterkit.serving.rows`).
 
 Where this goes its own way rather than use transformers' ``generation/continuous_batching``
 (its paged-attention ``ContinuousBatchingManager``): that engine flattens all requests into one
@@ -16,8 +16,9 @@ another. So the batch here is a transformers :class:`~transformers.DynamicCache`
 rows whose layers keep room to grow (a decode step writes its column in place), driven through
 the model's public forward (2-D attention mask, explicit position ids): joining rows are
 prefilled on a cache of their own and assembled with the running ones into a new batch, a
-leaving row is dropped in place and the all-padding columns trimmed (:mod:`adapterkit.serving.kv`). Prefill is
-not chunked: a long prompt delays the next decode step of the running rows by its own forward.
+leaving row is dropped in place and the all-padding columns trimmed
+(:mod:`adapterkit.serving.kv`). Prefill is not chunked: a long prompt delays the next decode
+step of the running rows by its own forward.
 
 Greedy decoding (temperature 0) takes the argmax of the logits as ``generate`` does, without the
 base's generation-config logits processors (repetition penalty and the like).
@@ -342,9 +343,10 @@ class Engine:
         return tuple(out)
 
     def _bind(self, rows_: Sequence[_Row], also: Sequence[_Row] = ()) -> None:
-        """Point every LoRA layer at the pool, one segment per run of ``rows_`` sharing a
-        target, for the next forward. The pool covers ``also``'s targets too (the batch's, while joining rows
-        prefill), and is rebuilt only when a target is missing or most are unused."""
+        """Point every LoRA layer at the pool for the next forward of ``rows_`` (see
+        :meth:`Pool.bind <adapterkit.serving.rows.Pool.bind>`). The pool covers ``also``'s
+        targets too (the batch's, while joining rows prefill), and is rebuilt only when a
+        target is missing or most are unused."""
         from adapterkit.serving.rows import Pool, clear
 
         identities = [row.identity for row in rows_]
@@ -355,9 +357,10 @@ class Engine:
                 self._bound = ()
             return
         pooled = set(self._pool_index)
-        # a superset serves as well (a target no row uses is in no run), so the pool — a copy
-        # of every target's factors — is rebuilt only when a target is missing or most are
-        # unused
+        # a superset serves too (a target no row uses adds nothing; at worst it is a zero block
+        # of a gathered layout, or the layout falls back to runs: rows.layout), so the pool —
+        # a copy of every target's factors — is rebuilt only when a target is missing or most
+        # are unused
         if not needed <= pooled or 2 * len(needed) < len(pooled):
             members = {row.identity: [(b, w) for _, b, w in row.members]
                        for row in [*rows_, *also]}
@@ -375,7 +378,7 @@ class Engine:
 
     def _prefill(self, admitted: list[_Row]) -> None:
         """Prefill the admitted rows together (left-padded), send each its first token, and
-        merge those still running into the batch's cache."""
+        join those still running to the batch (:meth:`_join`)."""
         import torch
         from transformers import DynamicCache
 

@@ -62,6 +62,8 @@ class Request:
         self.generator: Any = None
         self._cancelled = threading.Event()
         self._wake = wake
+        #: Called (from the decode thread) after each event is queued; see :meth:`listen`.
+        self._listener: Callable[[], None] | None = None
 
     def cancel(self) -> None:
         """Stop this request (thread-safe); its batch row is freed before the next step."""
@@ -72,12 +74,21 @@ class Request:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the decode thread after each event is queued, so a reader
+        can wait without a thread of its own blocked on :attr:`events` (the HTTP layer
+        wakes its event loop with it). Events queued before this call are in :attr:`events`
+        already: read them after setting the listener."""
+        self._listener = callback
+
     def send(self, token: int) -> None:
         """Deliver one new token (the decode thread only)."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.completion_tokens += 1
         self.events.put(Event(token=token))
+        if self._listener is not None:
+            self._listener()
 
     def end(self, finish: str, error: str | None = None) -> None:
         """Deliver the finish event, once (later calls change nothing)."""
@@ -85,6 +96,8 @@ class Request:
             return
         self.finish, self.finished_at = finish, time.monotonic()
         self.events.put(Event(finish=finish, error=error))
+        if self._listener is not None:
+            self._listener()
 
     def seed_generator(self, device: Any) -> None:
         """A sampling request's own generator on ``device``: seeded, it draws the same tokens

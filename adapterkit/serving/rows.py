@@ -10,16 +10,27 @@ PEFT's scale (and a stack's weights) already inside ``B``, exactly as
 
     y[rows of t] = base(x)[rows of t] + (x[rows of t] Aₜᵀ) Bₜᵀ      for every target t
 
-for all targets at once, as two batched GEMMs (``bmm``) over the stack — the segmented-LoRA
-idea of Punica / S-LoRA (SGMV), in plain torch ops. The engine keeps the rows of one target
-next to each other and the targets in the pool's order, so where every target has as many rows
-as the others (a load spread evenly over pocket books) the batched operands are views of the
-batch and the sum is one in-place ``baddbmm``: the same two calls per layer as one pocket book.
-Otherwise each target's rows are gathered into a block padded with zero rows (which add exact
-zeros) and the products added back with ``index_add_``: five calls per layer whatever the number
-of targets. (Earlier forms did two GEMMs per run of rows — 16 calls per layer with 8 pocket
-books, which left a launch-bound GPU at half the one-book speed — and before that multiplied
-every row by every target's factors and masked the other columns away: 8x the LoRA arithmetic.)
+for all targets at once, as batched GEMMs (``bmm``) over the stack — the segmented-LoRA idea
+of Punica / S-LoRA (SGMV), in plain torch ops. A layer's plan takes one of three forms
+(:func:`layout`):
+
+* ``views`` — the engine keeps the rows of one target next to each other and the targets in
+  the pool's order, so where every target some row uses has as many rows as the others (a load
+  spread evenly over pocket books), the batched operands are views of the batch and the sum is
+  one in-place ``baddbmm``: two calls per layer, as for one pocket book;
+* ``gather`` — otherwise each target's rows are gathered into a block padded with zero rows
+  (which add exact zeros) and the products added back with ``index_add_``: six calls per layer
+  whatever the number of targets, at the cost of the padding's arithmetic (every target padded
+  to the longest, a target without rows between used ones a zero block); taken while that pads
+  at most :data:`MAX_PADDING` rows per real one;
+* ``runs`` — else (a skewed load: most rows on one pocket book, a few on others) two GEMMs per
+  run of adjacent rows of one target, on views.
+
+The stack's ranks are padded to the largest of its targets: every target in a layer multiplies
+at that rank. (Before the stack, every layer did the ``runs`` form — 16 calls per layer with 8
+pocket books, which left a launch-bound GPU at half the one-book speed — and before that every
+row was multiplied by every target's factors and the other columns masked away: 8x the LoRA
+arithmetic.)
 Rows on the plain base belong to no target and add nothing; a layer no row's target touches
 skips the matmuls. The pool holds only the targets of the batch at hand, so its size follows the
 batch, not the library.
@@ -43,19 +54,21 @@ Members = Sequence[tuple["LoadedBook", float]]
 
 
 class Plan(NamedTuple):
-    """What a layer adds in the next forward: target ``k`` of the stack to its rows."""
+    """What a layer adds in the next forward, in one of three forms (see the module's text)."""
 
-    at: torch.Tensor  # targets × in × R: each target's Aᵀ
-    bt: torch.Tensor  # targets × R × out: each target's Bᵀ (scales inside)
+    at: torch.Tensor  # targets × in × R: Aᵀ of the stack's targets the plan uses
+    bt: torch.Tensor  # targets × R × out: their Bᵀ (scales inside)
     rows: int  # rows of the batch the plan is for
-    #: Even runs: target ``k``'s rows are ``start + k·length`` … (+ ``length``), so the batched
-    #: operands are views. ``start`` is -1 where they are not.
-    start: int
-    length: int
-    #: Otherwise: ``targets × L`` row indices (``rows`` = a zero row: padding) to gather, and
-    #: the same flattened with padding sent to row 0 (where it adds exact zeros) to add back.
+    #: ``views``: target ``k``'s rows are ``start + k·length`` … (+ ``length``).
+    #: ``gather``: ``gather`` holds each target's rows (``rows`` = the zero line: padding),
+    #: ``scatter`` the same flattened with the padding sent to row 0, where it adds zeros.
+    #: ``runs``: ``(target, start, stop)`` per run of adjacent rows of one target.
+    form: str
+    start: int = -1
+    length: int = 0
     gather: torch.Tensor | None = None
     scatter: torch.Tensor | None = None
+    runs: tuple[tuple[int, int, int], ...] = ()
 
 
 class RowLora(nn.Module):
@@ -84,28 +97,41 @@ class RowLora(nn.Module):
                 "base with a session (adapterkit chat/generate) or --engine vllm")
         if not result.is_contiguous():  # e.g. a quantized layer's output: rows must be lines
             result = result.contiguous()
-        targets, tokens = plan.at.shape[0], x.shape[1]
-        if plan.start >= 0:  # even runs: views of the batch, the sum done in place
+        tokens = x.shape[1]
+        # rows × tokens flattened: a run of rows is a run of lines
+        flat = x.reshape(-1, x.shape[-1])
+        out = result.view(-1, result.shape[-1])
+        if plan.form == "views":  # the batched operands are views, the sum done in place
+            targets = plan.at.shape[0]
             lines = slice(plan.start * tokens, (plan.start + targets * plan.length) * tokens)
-            xs = x.reshape(-1, x.shape[-1])[lines].view(targets, plan.length * tokens, -1)
-            out = result.view(-1, result.shape[-1])[lines].view(targets, -1, result.shape[-1])
-            if xs.dtype != plan.at.dtype:
-                xs = xs.to(plan.at.dtype)
+            xs = _cast(flat[lines], plan.at).view(targets, plan.length * tokens, -1)
+            blocks = out[lines].view(targets, -1, out.shape[-1])
             if plan.bt.dtype == out.dtype:
-                out.baddbmm_(xs.bmm(plan.at), plan.bt)
+                blocks.baddbmm_(xs.bmm(plan.at), plan.bt)
             else:
-                out += xs.bmm(plan.at).bmm(plan.bt).to(out.dtype)
-            return result
-        assert plan.gather is not None and plan.scatter is not None
-        # one line per row (a row's tokens side by side), and a zero line for the padding
-        per_row = x.reshape(plan.rows, -1)
-        per_row = torch.cat([per_row, per_row.new_zeros((1, per_row.shape[1]))])
-        xs = per_row.index_select(0, plan.gather.view(-1)).view(targets, -1, x.shape[-1])
-        if xs.dtype != plan.at.dtype:
-            xs = xs.to(plan.at.dtype)
-        delta = xs.bmm(plan.at).bmm(plan.bt).view(-1, tokens * result.shape[-1])
-        result.view(plan.rows, -1).index_add_(0, plan.scatter, delta.to(result.dtype))
+                blocks += xs.bmm(plan.at).bmm(plan.bt).to(out.dtype)
+        elif plan.form == "gather":
+            assert plan.gather is not None and plan.scatter is not None
+            # one line per row (a row's tokens side by side), and a zero line for the padding
+            per_row = x.reshape(plan.rows, -1)
+            per_row = torch.cat([per_row, per_row.new_zeros((1, per_row.shape[1]))])
+            xs = _cast(per_row.index_select(0, plan.gather.view(-1)), plan.at)
+            delta = xs.view(plan.at.shape[0], -1, x.shape[-1]).bmm(plan.at).bmm(plan.bt)
+            result.view(plan.rows, -1).index_add_(
+                0, plan.scatter, delta.view(-1, tokens * out.shape[-1]).to(result.dtype))
+        else:  # runs: two GEMMs per run, on views of the batch
+            for k, start, stop in plan.runs:
+                lines = slice(start * tokens, stop * tokens)
+                xs = _cast(flat[lines], plan.at)
+                if plan.bt.dtype == out.dtype:
+                    out[lines].addmm_(xs.mm(plan.at[k]), plan.bt[k])
+                else:
+                    out[lines] += xs.mm(plan.at[k]).mm(plan.bt[k]).to(out.dtype)
         return result
+
+
+def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
 class Pool:
@@ -136,14 +162,15 @@ class Pool:
             self.layers[path] = (at, bt, tuple(index for index, _, _ in held))
 
     def nbytes(self) -> int:
+        """The pool's own memory: its stacked factors."""
         return sum(t.numel() * t.element_size() for at, bt, _ in self.layers.values()
                    for t in (at, bt))
 
     def bind(self, slots: dict[str, RowLora], rows: Sequence[int]) -> None:
         """Set every slot's plan for a forward whose row ``i`` uses target ``rows[i]`` (``-1``:
-        the plain base). Rows need not be in any order; the engine keeps each target's rows
+        the plain base). Rows may lie in any order; the engine keeps each target's rows
         adjacent and the targets in the pool's order, which lets even runs be views."""
-        layouts: dict[tuple[int, ...], tuple[slice, int, int, Any, Any]] = {}
+        layouts: dict[tuple[int, ...], Layout | None] = {}
         for path, slot in slots.items():
             layer = self.layers.get(path)
             if layer is None:
@@ -151,33 +178,71 @@ class Pool:
                 continue
             at, bt, held = layer
             if held not in layouts:
-                layouts[held] = _layout(rows, held, at.device)
-            targets, start, length, gather, scatter = layouts[held]
-            slot.plan = None if length == 0 else Plan(at[targets], bt[targets], len(rows),
-                                                      start, length, gather, scatter)
+                layouts[held] = layout(rows, held)
+            how = layouts[held]
+            if how is None:
+                slot.plan = None
+                continue
+            gather = scatter = None
+            if how.gather:
+                gather = torch.tensor(how.gather, dtype=torch.long, device=at.device)
+                scatter = torch.where(gather == len(rows), 0, gather).view(-1)
+            slot.plan = Plan(at[how.targets], bt[how.targets], len(rows), how.form,
+                             how.start, how.length, gather, scatter, how.runs)
 
 
-def _layout(rows: Sequence[int], held: tuple[int, ...], device: Any
-            ) -> tuple[slice, int, int, Any, Any]:
-    """Which of the held targets (a slice of the stack) the plan multiplies, and where their
-    rows are: ``(targets, start, length, None, None)`` when the targets some row uses are
-    adjacent in the stack and their rows even adjacent runs in stack order, else
-    ``(all, -1, longest, gather, scatter)``; length 0 when no row uses any of them."""
+class Layout(NamedTuple):
+    """Which form a plan takes for one set of held targets (see :func:`layout`)."""
+
+    form: str
+    targets: slice  # the stack's targets the plan multiplies
+    start: int = -1
+    length: int = 0
+    gather: list[list[int]] | None = None
+    runs: tuple[tuple[int, int, int], ...] = ()
+
+
+#: The gather form pads each target's rows to the longest; past this many padded rows per
+#: real one, a layer takes two GEMMs per run of rows instead. On a CPU (embedded base, 1
+#: thread) 25 rows on one pocket book and 7 on seven others (6.25 per real row) decoded a step
+#: in 154 ms by runs and 180 ms gathered; the threshold between is a judgment, not measured
+#: (on a GPU, bound by calls rather than arithmetic, more padding may pay).
+MAX_PADDING = 2
+
+
+def layout(rows: Sequence[int], held: tuple[int, ...]) -> Layout | None:
+    """How a layer whose stack holds the targets ``held`` adds the rows' deltas: ``views``
+    when the targets rows use are adjacent in the stack and their rows even adjacent runs in
+    stack order; else ``gather`` over the stack's slice from the first used target to the
+    last (targets without rows, and short ones, padded with zero rows) when that pads at most
+    :data:`MAX_PADDING` rows per real one; else ``runs``. None when no row uses any of them."""
     members = [[i for i, t in enumerate(rows) if t == target] for target in held]
     used = [k for k, m in enumerate(members) if m]
     if not used:
-        return slice(0, 0), -1, 0, None, None
+        return None
+    span = slice(used[0], used[-1] + 1)
     length = max(len(members[k]) for k in used)
     first = members[used[0]][0]
-    if used == list(range(used[0], used[-1] + 1)) and all(
+    if len(used) == used[-1] + 1 - used[0] and all(
             members[k] == list(range(first + n * length, first + (n + 1) * length))
             for n, k in enumerate(used)):
-        return slice(used[0], used[-1] + 1), first, length, None, None
-    pad = len(rows)  # the zero line appended after the batch's rows
-    gather = torch.tensor([m + [pad] * (length - len(m)) for m in members],
-                          dtype=torch.long, device=device)
-    scatter = torch.where(gather == pad, 0, gather).view(-1)
-    return slice(0, len(held)), -1, length, gather, scatter
+        return Layout("views", span, first, length)
+    real = sum(len(m) for m in members)
+    if (used[-1] + 1 - used[0]) * length <= MAX_PADDING * real:
+        pad = len(rows)  # the zero line appended after the batch's rows
+        return Layout("gather", span, length=length,
+                      gather=[m + [pad] * (length - len(m)) for m in members[span]])
+    index = {target: k for k, target in enumerate(held)}
+    runs: list[tuple[int, int, int]] = []
+    for i, target in enumerate(rows):
+        k = index.get(target)
+        if k is None:
+            continue
+        if runs and runs[-1][0] == k and runs[-1][2] == i:
+            runs[-1] = (k, runs[-1][1], i + 1)
+        else:
+            runs.append((k, i, i + 1))
+    return Layout("runs", slice(None), runs=tuple(runs))
 
 
 def clear(slots: dict[str, RowLora]) -> None:
