@@ -93,7 +93,7 @@ step dpo-profiled ${DPO_LIMIT:-80} profiled $W --trainer dpo --steps "$BIG_STEPS
 #     bfloat16 (the default on a GPU): where they agree token for token, and where not
 SERVE="python3 benchmarks/bench_serve.py --base /tmp/bases/small --books 8 --requests 32
     --new-tokens 64 --attached 0 --rounds ${SERVE_ROUNDS:-1} --ignore-eos"
-step serve-fp32 ${SERVE_LIMIT:-120} $SERVE --dtype float32 --paths mixed,peft
+step serve-fp32 ${SERVE_LIMIT:-120} $SERVE --dtype float32 --paths "${SERVE_FP32_PATHS:-mixed,one_book,peft}"
 step serve-bf16 ${SERVE_LIMIT:-120} $SERVE --paths "${SERVE_BF16_PATHS:-mixed,one_book,peft}"
 # 4b. serving: the engine's mixed-adapter batches against one book, a swap per request and
 #    PEFT's mixed-adapter generate (issue #12), every request decoding the same tokens

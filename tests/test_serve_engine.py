@@ -347,7 +347,7 @@ def test_ignore_eos_decodes_past_the_end_of_sequence_for_its_own_request_only(ti
     ([0, 0, 0, 1, -1], "gather"),  # uneven runs: padded with zero rows
     ([1, 1, 0, 0, -1], "gather"),  # even, but not in the pool's order
     ([0, -1, 2, -1, -1], "gather"),  # target 1 unused between two used ones: a zero block
-    ([0, 0, 0, 0, 1, 2], "gather"),  # 12 padded rows for 6: at the limit
+    ([0, 0, 0, 0, 1, 2], "gather"),  # blocks of 12 rows for 6: at the limit
     ([0, 0, 0, 0, 0, 1, 2], "runs"),  # 15 for 7: two GEMMs per run instead
     ([2, 0, 0, 0, 0, 0, -1, 0], "runs"),
 ])

@@ -161,8 +161,10 @@ def test_a_layer_changed_by_a_dynamic_layer_method_is_adopted_not_overwritten():
     keys, _ = layer.update(step, step)
     assert torch.equal(keys, torch.cat([held[:, :, :-1], step], dim=2))
     layer.reset()
+    assert layer.get_seq_length() == 0
     keys, values = layer.update(step, step)
     assert torch.equal(keys, step) and torch.equal(values, step)
+    assert layer.is_initialized and layer.get_seq_length() == 1
 
     cache, mask = kv.assemble([old], [(0, 0), (0, 1)])
     for layer in cache.layers:

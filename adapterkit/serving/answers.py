@@ -202,9 +202,9 @@ class Answers:
 
     async def _events(self, choice: _Choice) -> list[Any]:
         """The choice's next events (at least one). The decode thread wakes this loop through
-        the request's listener (one ``call_soon_threadsafe`` per event): no thread blocks on
-        the queue, so a step's tokens for 32 streams cost no thread hand-offs, and a reader
-        that is cancelled (its client left) simply stops waiting."""
+        the request's listener (one ``call_soon_threadsafe`` per event): no thread of ours
+        blocks on the queue, however many streams wait, and a reader that is cancelled (its
+        client left) simply stops waiting."""
         events = choice.request.events
         while True:
             choice.ready.clear()  # before reading: an event queued after it sets it again

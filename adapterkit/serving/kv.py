@@ -88,11 +88,11 @@ def _define() -> tuple[type[Any], type[Any]]:
                      stop: int) -> None:
             super().__init__()
             self.device = keys_buffer.device
-            self.is_initialized = True
             self._kb, self._vb = keys_buffer, values_buffer
             self._view(rows, start, stop)
 
         def _view(self, rows: int, start: int, stop: int) -> None:
+            self.is_initialized = True  # also after reset(): it holds what the view shows
             self.rows, self.start, self.stop = rows, start, stop
             self.keys = self._kb[:rows, :, start:stop]
             self.values = self._vb[:rows, :, start:stop]

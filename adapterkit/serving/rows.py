@@ -21,8 +21,8 @@ of Punica / S-LoRA (SGMV), in plain torch ops. A layer's plan takes one of three
 * ``gather`` — otherwise each target's rows are gathered into a block padded with zero rows
   (which add exact zeros) and the products added back with ``index_add_``: six calls per layer
   whatever the number of targets, at the cost of the padding's arithmetic (every target padded
-  to the longest, a target without rows between used ones a zero block); taken while that pads
-  at most :data:`MAX_PADDING` rows per real one;
+  to the longest, a target without rows between used ones a zero block); taken while the
+  blocks hold at most :data:`MAX_GATHERED` times the real rows;
 * ``runs`` — else (a skewed load: most rows on one pocket book, a few on others) two GEMMs per
   run of adjacent rows of one target, on views.
 
@@ -170,7 +170,8 @@ class Pool:
         """Set every slot's plan for a forward whose row ``i`` uses target ``rows[i]`` (``-1``:
         the plain base). Rows may lie in any order; the engine keeps each target's rows
         adjacent and the targets in the pool's order, which lets even runs be views."""
-        layouts: dict[tuple[int, ...], Layout | None] = {}
+        # one layout (and one pair of index tensors) per set of held targets, not per layer
+        layouts: dict[tuple[int, ...], tuple[Layout | None, Any, Any]] = {}
         for path, slot in slots.items():
             layer = self.layers.get(path)
             if layer is None:
@@ -178,17 +179,15 @@ class Pool:
                 continue
             at, bt, held = layer
             if held not in layouts:
-                layouts[held] = layout(rows, held)
-            how = layouts[held]
-            if how is None:
-                slot.plan = None
-                continue
-            gather = scatter = None
-            if how.gather:
-                gather = torch.tensor(how.gather, dtype=torch.long, device=at.device)
-                scatter = torch.where(gather == len(rows), 0, gather).view(-1)
-            slot.plan = Plan(at[how.targets], bt[how.targets], len(rows), how.form,
-                             how.start, how.length, gather, scatter, how.runs)
+                how, gather, scatter = layout(rows, held), None, None
+                if how is not None and how.gather:
+                    gather = torch.tensor(how.gather, dtype=torch.long, device=at.device)
+                    scatter = torch.where(gather == len(rows), 0, gather).view(-1)
+                layouts[held] = (how, gather, scatter)
+            how, gather, scatter = layouts[held]
+            slot.plan = None if how is None else Plan(
+                at[how.targets], bt[how.targets], len(rows), how.form, how.start, how.length,
+                gather, scatter, how.runs)
 
 
 class Layout(NamedTuple):
@@ -202,20 +201,22 @@ class Layout(NamedTuple):
     runs: tuple[tuple[int, int, int], ...] = ()
 
 
-#: The gather form pads each target's rows to the longest; past this many padded rows per
-#: real one, a layer takes two GEMMs per run of rows instead. On a CPU (embedded base, 1
-#: thread) 25 rows on one pocket book and 7 on seven others (6.25 per real row) decoded a step
-#: in 154 ms by runs and 180 ms gathered; the threshold between is a judgment, not measured
-#: (on a GPU, bound by calls rather than arithmetic, more padding may pay).
-MAX_PADDING = 2
+#: The gather form pads each target's rows to the longest; where its blocks would hold more
+#: than this many times the real rows (more than one padded row per real one), a layer takes
+#: two GEMMs per run of rows instead. On a CPU (embedded base, 1 thread) 25 rows on one pocket
+#: book and 7 on seven others (blocks of 200 rows for 32) decoded a step in 154 ms by runs and
+#: 180 ms gathered; the threshold between is a judgment, not measured (on a GPU, bound by calls
+#: rather than arithmetic, more padding may pay).
+MAX_GATHERED = 2
 
 
 def layout(rows: Sequence[int], held: tuple[int, ...]) -> Layout | None:
     """How a layer whose stack holds the targets ``held`` adds the rows' deltas: ``views``
     when the targets rows use are adjacent in the stack and their rows even adjacent runs in
     stack order; else ``gather`` over the stack's slice from the first used target to the
-    last (targets without rows, and short ones, padded with zero rows) when that pads at most
-    :data:`MAX_PADDING` rows per real one; else ``runs``. None when no row uses any of them."""
+    last (targets without rows, and short ones, padded with zero rows) when its blocks hold at
+    most :data:`MAX_GATHERED` times the real rows; else ``runs``. None when no row uses any of
+    them."""
     members = [[i for i, t in enumerate(rows) if t == target] for target in held]
     used = [k for k, m in enumerate(members) if m]
     if not used:
@@ -228,7 +229,7 @@ def layout(rows: Sequence[int], held: tuple[int, ...]) -> Layout | None:
             for n, k in enumerate(used)):
         return Layout("views", span, first, length)
     real = sum(len(m) for m in members)
-    if (used[-1] + 1 - used[0]) * length <= MAX_PADDING * real:
+    if (used[-1] + 1 - used[0]) * length <= MAX_GATHERED * real:
         pad = len(rows)  # the zero line appended after the batch's rows
         return Layout("gather", span, length=length,
                       gather=[m + [pad] * (length - len(m)) for m in members[span]])
