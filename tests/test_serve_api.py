@@ -414,6 +414,12 @@ def test_health_metrics_and_library(served, client):
                  "adapterkit_batch_size", "adapterkit_attached_books"):
         assert name in metrics
     assert 'adapterkit_attached_book{book="law@1"} 1.0' in metrics
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("adapterkit_engine_")}
+    stats = served.engine.stats()  # the engine's own counters, read after the scrape
+    assert 1 <= counts["adapterkit_engine_prefills_total"] <= stats["prefills_total"]
+    assert 1 <= counts["adapterkit_engine_steps_total"] <= stats["steps_total"]
+    assert counts["adapterkit_engine_errors_total"] <= stats["errors_total"]
     library = httpx.get(served.url + "/api/library").json()
     assert library["base"] == served.engine.base_id
     books = {b["name"]: b for b in library["books"]}

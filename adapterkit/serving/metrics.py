@@ -6,7 +6,8 @@ process — tests, benchmarks — keep separate counts):
 * what the HTTP side counts as it answers: requests by endpoint and status, prompt and
   completion tokens it returned;
 * what the engine reports when scraped (:meth:`Engine.stats`): requests and tokens decoded,
-  decode steps, queue depth, rows in the batch, the pocket books attached.
+  decode steps and prefills, requests that failed, queue depth, rows in the batch, the pocket
+  books attached.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ class _EngineCollector:
         yield CounterMetricFamily("adapterkit_engine_steps",
                                   "Decode steps: one forward of the base for the whole batch.",
                                   value=stats.get("steps_total", 0))
+        yield CounterMetricFamily("adapterkit_engine_prefills",
+                                  "Prefills: one forward for the requests joining the batch.",
+                                  value=stats.get("prefills_total", 0))
+        yield CounterMetricFamily("adapterkit_engine_errors",
+                                  "Requests that ended with an error (a pocket book that "
+                                  "could not load, a failed step).",
+                                  value=stats.get("errors_total", 0))
         yield GaugeMetricFamily("adapterkit_queue_depth",
                                 "Requests waiting for a row of the batch.",
                                 value=stats.get("queue_depth", 0))
