@@ -106,6 +106,12 @@ def test_the_guard_that_acted_is_recorded_with_its_batches(tiny_base, adapterkit
     card = (result.pocket_book.path / "README.md").read_text()
     assert "- forgetting guard: KL term at weight 0.5, added to the loss of 1 training " \
            "batch (one step in 3, 3× as heavy)" in card
+    # the divergence it logged (one interval held the term: first and last are that one), on
+    # the card beside it; the first step's pocket book is the base's own, so it is about 0
+    kl = result.metrics["guard_kl_final"]
+    assert result.metrics["guard_kl_first"] == kl and 0 <= kl < 1e-3
+    assert f"; KL to the base on the anchor text {kl:.4g} → {kl:.4g} (first and last " \
+           "logged)" in card
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +128,7 @@ def unguarded(tmp_path_factory, tiny_base):
 
 
 def test_card_of_an_sft_run_without_a_guard_says_nothing_about_a_guard(unguarded):
-    assert "guard" not in unguarded.metrics
+    assert not [key for key in unguarded.metrics if key.startswith("guard")]
     card = (unguarded.pocket_book.path / "README.md").read_text()
     assert "guard" not in card.lower(), card
 

@@ -200,7 +200,7 @@ def _results_section(meta: PocketBookMeta) -> str:
     if f:
         lines.append(f"- **forgetting**: general-text loss {_fmt(f['general_loss_base'])} → "
                      f"{_fmt(f['general_loss'])} ({f['general_loss_change_pct']:+.2f}%)")
-    guard = _guard_line(m.get("guard") or {})
+    guard = _guard_line(m.get("guard") or {}, m)
     if guard:
         lines.append(guard)
     if m.get("early_stopping"):
@@ -288,16 +288,20 @@ def harness_lines(harness: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _guard_line(g: dict[str, Any]) -> str | None:
+def _guard_line(g: dict[str, Any], m: dict[str, Any]) -> str | None:
     """The forgetting guard as it acted: the KL term only if it was added to the loss (counted
-    in ``kl_batches``), the budget only if one was checked."""
+    in ``kl_batches``) with the divergence it logged (first and last logging interval), the
+    budget only if one was checked."""
     parts = []
     if g.get("kl_batches") and g.get("weight"):
         n = g["kl_batches"]
         parts.append(f"KL term at weight {_fmt(g['weight'])}, added to the loss of "
                      f"{n} training batch{'es' if n != 1 else ''}"
                      + (f" (one step in {g['kl_every']}, {g['kl_every']}× as heavy)"
-                        if (g.get("kl_every") or 1) > 1 else ""))
+                        if (g.get("kl_every") or 1) > 1 else "")
+                     + (f"; KL to the base on the anchor text {_fmt(m['guard_kl_first'])} → "
+                        f"{_fmt(m['guard_kl_final'])} (first and last logged)"
+                        if m.get("guard_kl_final") is not None else ""))
     if g.get("budget_pct") is not None:
         parts.append(f"budget {_fmt(g['budget_pct'])}%, within budget: {g['within_budget']}"
                      + (f" (restored step {g['kept_step']})" if g.get("restored") else ""))

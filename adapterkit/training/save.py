@@ -28,6 +28,7 @@ def history_of(state: Any) -> list[dict[str, Any]]:
 def metrics_of(state: Any, elapsed: float) -> dict[str, Any]:
     history = history_of(state)
     losses = [h["loss"] for h in history if "loss" in h]
+    kls = [h["guard_kl"] for h in history if "guard_kl" in h]  # guarded runs (training.guard)
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     # The trainer's own clock (its training loop only, as a plain TRL script reports it);
     # ``train_seconds`` is the whole call, data preparation included.
@@ -43,6 +44,8 @@ def metrics_of(state: Any, elapsed: float) -> dict[str, Any]:
         "loop_seconds": round(loop, 2),
         "tokens": tokens,
         "tokens_per_second": round(tokens / loop, 1) if loop > 0 and tokens else None,
+        # the forgetting guard's KL divergence to the base on its anchor text, as logged
+        **({"guard_kl_first": kls[0], "guard_kl_final": kls[-1]} if kls else {}),
     }
 
 
