@@ -170,21 +170,23 @@ class Pool:
         """Set every slot's plan for a forward whose row ``i`` uses target ``rows[i]`` (``-1``:
         the plain base). Rows may lie in any order; the engine keeps each target's rows
         adjacent and the targets in the pool's order, which lets even runs be views."""
-        # one layout (and one pair of index tensors) per set of held targets, not per layer
-        layouts: dict[tuple[int, ...], tuple[Layout | None, Any, Any]] = {}
+        # one layout (and one pair of index tensors) per set of held targets and device, not
+        # per layer
+        layouts: dict[tuple[tuple[int, ...], Any], tuple[Layout | None, Any, Any]] = {}
         for path, slot in slots.items():
             layer = self.layers.get(path)
             if layer is None:
                 slot.plan = None
                 continue
             at, bt, held = layer
-            if held not in layouts:
+            key = (held, at.device)
+            if key not in layouts:
                 how, gather, scatter = layout(rows, held), None, None
                 if how is not None and how.gather:
                     gather = torch.tensor(how.gather, dtype=torch.long, device=at.device)
                     scatter = torch.where(gather == len(rows), 0, gather).view(-1)
-                layouts[held] = (how, gather, scatter)
-            how, gather, scatter = layouts[held]
+                layouts[key] = (how, gather, scatter)
+            how, gather, scatter = layouts[key]
             slot.plan = None if how is None else Plan(
                 at[how.targets], bt[how.targets], len(rows), how.form, how.start, how.length,
                 gather, scatter, how.runs)
