@@ -448,14 +448,13 @@ class Engine:
         # Rows of one target stay adjacent, so each LoRA layer adds one slice per target
         # (rows.py); leaving rows keep the order, so only a join can break it. The sort is
         # stable: the running rows keep their order among themselves.
+        sources = [] if self._cache is None else [(self._cache, self._mask)]
+        new = len(sources)  # the joining rows' source
+        sources.append((cache, mask))
         entries = [((0, i), row) for i, row in enumerate(self._rows)] \
-            + [((1, r), row) for r, row in zip(rows, joining)]
+            + [((new, r), row) for r, row in zip(rows, joining)]
         entries.sort(key=lambda entry: _target_order(entry[1]))
-        sources = [(cache, mask)] if self._cache is None else [(self._cache, self._mask),
-                                                                (cache, mask)]
-        shift = 1 if self._cache is None else 0
-        self._cache, self._mask = kv.assemble(
-            sources, [(source - shift, row) for (source, row), _ in entries])
+        self._cache, self._mask = kv.assemble(sources, [place for place, _ in entries])
         self._rows = [row for _, row in entries]
         self._bound = None
 

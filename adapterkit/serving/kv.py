@@ -22,6 +22,7 @@ moves when the rows that leave are the last ones.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,24 +57,11 @@ def cache_argument(model: Any) -> str:
         else "past_key_values"
 
 
-def _layer_class() -> type[Any]:
-    """:class:`RoomyLayer`, defined on first use so that importing this module does not import
-    torch or transformers."""
-    return _classes()[0]
-
-
-def _BatchCache(layers: list[Any]) -> Any:  # noqa: N802 (a class, made on first use)
-    return _classes()[1](layers)
-
-
-_CLASSES: tuple[type[Any], type[Any]] | None = None
-
-
+@functools.cache
 def _classes() -> tuple[type[Any], type[Any]]:
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _define()
-    return _CLASSES
+    """``(RoomyLayer, BatchCache)``, defined on first use so that importing this module does
+    not import torch or transformers."""
+    return _define()
 
 
 def _define() -> tuple[type[Any], type[Any]]:
@@ -104,10 +92,9 @@ def _define() -> tuple[type[Any], type[Any]]:
             new = key_states.shape[-2]
             if self.keys is None:  # reset() dropped what it held: start from nothing
                 self._regrow(key_states[:, :, :0], value_states[:, :, :0], new)
-            elif self.keys is not self._own:  # reassigned by a DynamicLayer method (crop,
-                # batch_select_indices, offload): adopt what it left
-                self._regrow(self.keys, self.values, new)
-            elif self.stop + new > self._kb.shape[-2]:
+            elif not self.intact or self.stop + new > self._kb.shape[-2]:
+                # out of room, or keys reassigned by a DynamicLayer method (crop,
+                # batch_select_indices, offload): a new buffer from what the layer holds
                 self._regrow(self.keys, self.values, new)
             self._kb[:self.rows, :, self.stop:self.stop + new].copy_(key_states)
             self._vb[:self.rows, :, self.stop:self.stop + new].copy_(value_states)
@@ -172,8 +159,7 @@ def assemble(sources: Sequence[tuple[Any, Any]], order: Sequence[tuple[int, int]
             leads.append(0)
             spans.append(0)
             continue
-        used = mask[chosen].sum(0) > 0
-        lead = int(used.nonzero()[0]) if bool(used.any()) else mask.shape[1]
+        lead = _lead(mask[chosen])
         leads.append(lead)
         spans.append(mask.shape[1] - lead)
     width = max(spans)
@@ -182,7 +168,7 @@ def assemble(sources: Sequence[tuple[Any, Any]], order: Sequence[tuple[int, int]
     for s, first, at, n in runs:
         src = sources[s][1][first:first + n, leads[s]:]
         mask[at:at + n, width - src.shape[1]:] = src
-    Roomy = _layer_class()
+    roomy, batch_cache = _classes()
     layers = []
     for index, like in enumerate(sources[order[0][0]][0].layers):
         kb = _buffer(like.keys, width, len(order))
@@ -195,8 +181,8 @@ def assemble(sources: Sequence[tuple[Any, Any]], order: Sequence[tuple[int, int]
                 if pad:
                     buffer[at:at + n, :, :pad].zero_()
                 buffer[at:at + n, :, pad:width].copy_(held[first:first + n, :, leads[s]:])
-        layers.append(Roomy(kb, vb, len(order), 0, width))
-    return _BatchCache(layers), mask
+        layers.append(roomy(kb, vb, len(order), 0, width))
+    return batch_cache(layers), mask
 
 
 def drop(cache: Any, mask: Any, keep: Sequence[int]) -> tuple[Any, Any]:
@@ -204,16 +190,21 @@ def drop(cache: Any, mask: Any, keep: Sequence[int]) -> tuple[Any, Any]:
     padding in all of them: the rows move up in place in a batch built by :func:`assemble`
     (anything else — a cache transformers built, a layer a DynamicLayer method changed, rows
     out of order — is assembled anew)."""
-    Roomy = _layer_class()
-    if not all(isinstance(layer, Roomy) and layer.intact for layer in cache.layers) \
+    roomy = _classes()[0]
+    if not all(isinstance(layer, roomy) and layer.intact for layer in cache.layers) \
             or list(keep) != sorted(set(keep)):
         return assemble([(cache, mask)], [(0, row) for row in keep])
     mask = mask[list(keep)]
-    used = mask.sum(0) > 0
-    lead = int(used.nonzero()[0]) if bool(used.any()) else mask.shape[1]
+    lead = _lead(mask)
     for layer in cache.layers:
         layer.keep(keep, lead)
     return cache, mask[:, lead:]
+
+
+def _lead(mask: Any) -> int:
+    """The first column that is not padding in every row of ``mask`` (its width if none)."""
+    used = mask.sum(0) > 0
+    return int(used.nonzero()[0]) if bool(used.any()) else mask.shape[1]
 
 
 def _runs(order: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:

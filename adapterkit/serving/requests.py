@@ -86,16 +86,18 @@ class Request:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.completion_tokens += 1
-        self.events.put(Event(token=token))
-        if self._listener is not None:
-            self._listener()
+        self._deliver(Event(token=token))
 
     def end(self, finish: str, error: str | None = None) -> None:
         """Deliver the finish event, once (later calls change nothing)."""
         if self.finish is not None:
             return
         self.finish, self.finished_at = finish, time.monotonic()
-        self.events.put(Event(finish=finish, error=error))
+        self._deliver(Event(finish=finish, error=error))
+
+    def _deliver(self, event: Event) -> None:
+        """Queue ``event``, then tell the listener (so it always finds the event there)."""
+        self.events.put(event)
         if self._listener is not None:
             self._listener()
 
