@@ -374,7 +374,10 @@ def test_a_client_leaving_mid_stream_frees_its_row(slow, monkeypatch):
 
 def test_a_client_leaving_before_a_whole_answer_frees_its_row(slow, monkeypatch):
     seen = spy_requests(slow.engine, monkeypatch)
-    body = {"model": "law", "max_tokens": 200, "messages": OK_MESSAGES}
+    # every token decoded (no early end-of-sequence, which sampling could draw): the answer
+    # takes ~4 s, so the client surely leaves first
+    body = {"model": "law", "max_tokens": 200, "messages": OK_MESSAGES, "temperature": 0,
+            "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(slow.url + "/v1/chat/completions", json=body, timeout=0.4)
     (request,) = seen
