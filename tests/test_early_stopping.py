@@ -171,6 +171,28 @@ def test_the_last_steps_are_evaluated_too(tiny_base, home, noisy, pm):
     assert [s for s, _, _ in snaps.seen][-2:] == [40, 43]
 
 
+def test_a_packed_run_is_evaluated_about_ten_times_by_its_own_step_count(tiny_base, home,
+                                                                         noisy, pm):
+    """Packing makes fewer, longer rows than the options foresee: 30 training rows, batch 4,
+    10 epochs would be 80 steps (an evaluation every 8); packed, the trainer runs far fewer, and
+    the cadence follows its count, not the foreseen one."""
+    from adapterkit.training.job import planned_steps
+
+    snaps = Snapshots()
+    opts = options(max_steps=-1, epochs=10, packing=True, max_length=512, early_stopping=50,
+                   learning_rate=1e-3)
+    result = train("sft", base=str(tiny_base), data=str(noisy), name="packed-cadence",
+                   options=opts, home=home, plugins=pm, callbacks=[snaps])
+    ran = result.metrics["steps"]
+    assert planned_steps(opts, 30) == 80 and ran < 40  # packing took most of the steps away
+    every = math.ceil(ran / 10)
+    steps = [s for s, _, _ in snaps.seen]
+    assert steps == sorted({*range(every, ran + 1, every), ran})
+    assert result.metrics["early_stopping"]["eval_every"] == every
+    card = (result.pocket_book.path / CARD_FILE).read_text()
+    assert f"{len(steps)} evaluations every {every} steps" in card
+
+
 def test_eval_cadence():
     assert eval_every(40, 50) == 4
     assert eval_every(1000, 50) == 50  # never rarer than checkpoints

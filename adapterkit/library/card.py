@@ -235,8 +235,9 @@ def early_stopping_line(record: dict[str, Any]) -> str:
     if not record.get("evaluations"):
         return (f"Early stopping (patience {record['patience']}): no evaluation of the held-out "
                 "split in this run, nothing to act on")
+    every = f" every {record['eval_every']} steps" if record.get("eval_every") else ""
     line = (f"Early stopping (patience {record['patience']}, {record['evaluations']} "
-            f"evaluations): best eval loss {record['best_eval_loss']:.4f} at step "
+            f"evaluations{every}): best eval loss {record['best_eval_loss']:.4f} at step "
             f"{record['best_step']}")
     if record.get("stopped_at_step") is not None:
         line += f"; stopped at step {record['stopped_at_step']}"

@@ -91,6 +91,11 @@ def _class() -> type:
             if _strategy(args) == "no":
                 return  # a stage that does not evaluate (rlhf's policy): recorded, 0 evaluations
             super().on_train_begin(args, state, control, **kwargs)
+            # the cadence from the trainer's own step count: the run's options foresee the
+            # steps only before packing, which makes fewer, longer rows
+            if _strategy(args) == "steps" and state.max_steps > 0:
+                state.eval_steps = eval_every(state.max_steps, args.save_steps)
+            self.record["eval_every"] = state.eval_steps
             if self.resume_from:
                 self._read(Path(self.resume_from))
 

@@ -350,7 +350,9 @@ class TrainJob:
         evaluate: dict[str, Any] = dict(
             eval_strategy="steps" if self.eval_data is not None else "no",
             eval_steps=o.save_steps if self.eval_data is not None else None)
-        if self.early_stopping:  # about ten evaluations a run; the best is tracked on eval loss
+        # about ten evaluations a run (early stopping sets the cadence again from the trainer's
+        # own step count, which packing changes); the best is tracked on eval loss
+        if self.early_stopping:
             from adapterkit.training.early_stop import eval_every
 
             evaluate.update(eval_steps=eval_every(self.planned_steps(), o.save_steps),
