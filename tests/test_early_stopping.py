@@ -162,6 +162,16 @@ def test_sft_stops_early_by_default_with_an_eval_split_under_its_default_guard(
     assert default.metrics["guard"]["budget_pct"] == 1
 
 
+def test_under_fsdp_asking_for_it_is_refused_before_the_base_loads(home, noisy, pm,
+                                                                    monkeypatch):
+    """FSDP shards the weights early stopping keeps: asked for under FSDP it is refused, and
+    before the base is loaded (this base does not exist: loading it would fail otherwise)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP shards"):
+        train("sft", base="no/such-base", data=str(noisy), name="fsdp-early",
+              options=options(early_stopping=2), home=home, plugins=pm)
+
+
 def test_the_last_steps_are_evaluated_too(tiny_base, home, noisy, pm):
     """43 steps, an evaluation every 5: the 3 after the last scheduled one are judged too."""
     snaps = Snapshots()

@@ -220,13 +220,16 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     trainer_options = build_trainer_options(trainer_obj, options)
     refuse_unapplied_guard(trainer, trainer_obj, options,
                            guarded=[t.name for t in pm.trainers if applies_guard(t)])
+    from adapterkit.training.early_stop import patience_of
+    from adapterkit.training.launch import fsdp_enabled, ranks
+
+    # (the job asks again once built; here so that FSDP's refusal comes before the base loads)
+    patience_of(options.early_stopping, options.eval_split > 0, sharded=fsdp_enabled())
     method = pm.method(options.method)
     library = Library(home, plugins=pm)
     ref = library.reserve(name)
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
-    from adapterkit.training.launch import ranks
-
     # epochs for this data (sft: enough for its min_steps), on the rows left after the split
     epochs_given = options.epochs is not None
     held_out = held_out_rows(len(dataset.rows), options.eval_split)
