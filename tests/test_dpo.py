@@ -233,3 +233,63 @@ def test_the_forgetting_guard_acts_in_dpo(tiny_base, home, adapterkit_data):
     change = guarded["forgetting"]["general_loss_change_pct"]
     assert abs(change) < 0.5 * abs(plain["forgetting"]["general_loss_change_pct"]), (plain, change)
     assert g["checks"][0]["general_loss"] == guarded["forgetting"]["general_loss"]
+
+
+def _ids(tok, messages, **kw):
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _answer_logp(model, prompt_ids, full_ids):
+    n = 0  # where the answer starts: the common prefix, as TRL cuts it
+    while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
+        n += 1
+    ids = torch.tensor([full_ids])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+    return float(logps[torch.arange(n - 1, len(full_ids) - 1), ids[0, n:]].sum())
+
+
+def test_an_eval_split_gives_dpos_held_out_loss_of_the_saved_pocket_book(tiny_base, home,
+                                                                          adapterkit_data):
+    """With --eval-split, dpo records the held-out DPO loss (it used to fail after training,
+    reading a completion that preference rows do not have): checked by hand on the saved
+    pocket book, loaded by PEFT, against the base — −log σ(β·margin) over the held-out pairs."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterkit.library.card import _fmt
+    from adapterkit.training.build import split_eval
+    from adapterkit.training.data import load_data
+
+    pm = get_plugin_manager(env=False)
+    result = train("dpo", base=str(tiny_base), data=str(adapterkit_data["preference"]),
+                   name="held-out", home=home, plugins=pm,
+                   options=TrainOptions(max_steps=4, batch_size=4, learning_rate=5e-4, r=8,
+                                        alpha=16, dropout=0.0, eval_split=0.25,
+                                        precision="fp32", trainer_options={"beta": 0.1}))
+    figures = result.metrics["eval"]
+    _, held = split_eval(load_data(str(adapterkit_data["preference"])), 0.25, 0)
+    assert figures["pairs"] == len(held.rows) == 4 and figures["measured_by"] == "trainer"
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                      result.pocket_book.path).eval()
+    losses, wins = [], 0
+    for row in held.rows:
+        user = [{"role": "user", "content": row["prompt"]}]
+        prompt = _ids(tok, user, add_generation_prompt=True)
+        margin = 0.0
+        for key, sign in (("chosen", 1), ("rejected", -1)):
+            full = _ids(tok, user + [{"role": "assistant", "content": row[key]}])
+            on = _answer_logp(model, prompt, full)
+            with model.disable_adapter():
+                off = _answer_logp(model, prompt, full)
+            margin += sign * 0.1 * (on - off)
+        losses.append(float(-F.logsigmoid(torch.tensor(margin))))
+        wins += margin > 0
+    assert 0.05 < figures["loss"] < 0.69  # moved from log 2, and not to nothing
+    assert figures["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    assert figures["reward_accuracy"] == wins / len(losses)
+    card = (result.pocket_book.path / "README.md").read_text()
+    assert f"on 4 held-out pairs, step {figures['step']}): {_fmt(figures['loss'])}" in card

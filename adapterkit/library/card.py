@@ -193,6 +193,15 @@ def _results_section(meta: PocketBookMeta) -> str:
         lines.append(f"- eval loss (reward, −log σ(chosen − rejected)): {_fmt(e.get('loss'))}; "
                      f"chosen ranked first in {e['pair_accuracy']:.1%} of {e['pairs']} pairs"
                      if e.get("pairs") else "- eval: no held-out pair fits the max length")
+    elif m.get("eval") and m["eval"].get("measured_by") == "trainer":  # DPO's held-out pairs
+        e = m["eval"]
+        line = (f"- eval loss (the trainer's, on {e.get('pairs')} held-out pairs, step "
+                f"{e.get('step')}): {_fmt(e.get('loss'))}")
+        if e.get("reward_accuracy") is not None:
+            line += (f"; the chosen answer's implicit reward above the rejected one's in "
+                     f"{e['reward_accuracy']:.1%} of pairs (mean margin "
+                     f"{_fmt(e.get('reward_margin'))})")
+        lines.append(line)
     elif m.get("eval"):
         lines.append(f"- eval loss: {_fmt(m['eval'].get('loss'))} "
                      f"(perplexity {_fmt(m['eval'].get('perplexity'))})")

@@ -520,6 +520,12 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
 
         metrics["eval"] = preference_eval(model, tokenizer, run.job.rows(run.eval_data),
                                           max_length=run.job.options.max_length)
+    elif run.eval_data is not None and run.eval_data.shape == "preference":
+        # pairs without one completion to score: the trainer's own evaluation (DPO's loss on
+        # the held-out pairs, against the reference it trains with) of the weights kept
+        figures = trainer_eval(state, stopped, len(run.eval_data.rows))
+        if figures is not None:
+            metrics["eval"] = figures
     elif run.eval_data is not None:
         metrics["eval"] = task_loss(model, tokenizer, run.eval_data.rows, chat=run.job.chat)
     if run.general is not None:
@@ -537,6 +543,29 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
             metrics["forgetting"]["relative_to"] = "base + " + " + ".join(
                 b.ref for b in run.underlay)
     return model, metrics
+
+
+def trainer_eval(state: Any, stopped: dict[str, Any] | None, pairs: int
+                 ) -> dict[str, Any] | None:
+    """The trainer's evaluation of the held-out split at the step whose weights are kept (the
+    last, or early stopping's best), from its log: ``loss`` and, where the trainer logs them
+    (TRL's DPO), how often the chosen answer's implicit reward beat the rejected one's and by
+    how much on average. None when the trainer did not evaluate that step (rlhf's policy
+    stage evaluates nothing: its held-out pairs are the reward stage's)."""
+    kept = stopped["best_step"] if stopped and stopped.get("restored_best") else \
+        getattr(state, "global_step", None)
+    logged = [h for h in getattr(state, "log_history", [])
+              if "eval_loss" in h and h.get("step") == kept]
+    if not logged:
+        return None
+    entry = logged[-1]
+    figures: dict[str, Any] = {"loss": float(entry["eval_loss"]), "step": kept, "pairs": pairs,
+                               "measured_by": "trainer"}
+    for key, name in (("eval_rewards/accuracies", "reward_accuracy"),
+                      ("eval_rewards/margins", "reward_margin")):
+        if key in entry:
+            figures[name] = float(entry[key])
+    return figures
 
 
 def _save(run: _Run, model: Any, metrics: dict[str, Any], state: Any,
