@@ -18,6 +18,7 @@ class SFT(Trainer):
     description = "Supervised fine-tuning / instruction tuning (TRL SFTTrainer)"
     data_shapes = ("text", "prompt_completion", "messages")
     uses_guard = True  # job.guarded(SFTTrainer) adds the guard's KL term to the loss
+    packs = True  # SFTConfig(packing=...)
     #: Measured (benchmarks/sweep_defaults.py, docs/defaults.md): on three unseen tasks of
     #: 120-160 rows (a chat classification, a prompt → completion style, plain-text continued
     #: pre-training) on the embedded 135M base, lr 2e-4 without a guard reached 30-33% held-out;

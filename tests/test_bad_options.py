@@ -300,3 +300,58 @@ def test_eval_names_bad_rows_too_and_can_skip_them(bad_rows, adapterkit_cli, hom
     result = adapterkit_cli("eval", "ghost", "--data", bad_rows, "--skip-bad-rows")
     assert "Skipped 3 row(s) of the wrong shape" in result.stderr
     refused(result, "ghost", alone=False)
+
+
+# -- options that would have done nothing -------------------------------------------------------
+
+@pytest.mark.parametrize("trainer,data", [("dpo", "preference"), ("reward", "preference")])
+def test_packing_is_refused_by_trainers_that_do_not_pack(trainer, data, tiny_base,
+                                                         adapterkit_data, adapterkit_cli,
+                                                         library):
+    result = adapterkit_cli("train", trainer, "--base", tiny_base, "--data",
+                            adapterkit_data[data], "--name", "x", "--packing")
+    refused(result, f"the {trainer} trainer does not pack sequences", "drop --packing")
+    assert library.list(all_versions=True) == []
+
+
+@pytest.mark.parametrize("flags", [["--forgetting-budget", "off"],
+                                   ["--forgetting-budget", "0", "--guard-weight", "0"]])
+def test_an_anchor_without_a_guard_is_refused(flags, train_args, adapterkit_cli, library,
+                                              tmp_path):
+    anchor = tmp_path / "anchor.txt"
+    anchor.write_text("Some prose to stay near.\n")
+    result = adapterkit_cli(*train_args, *flags, "--anchor", str(anchor))
+    refused(result, "--anchor is the forgetting guard's anchor text", "no guard")
+    assert library.list(all_versions=True) == []
+
+
+def test_a_missing_anchor_file_is_named_before_the_base_loads(adapterkit_data, adapterkit_cli,
+                                                              library, tmp_path):
+    # (the base does not exist: a refusal that came after loading it would name the base)
+    result = adapterkit_cli("train", "sft", "--base", str(tmp_path / "no-base"), "--data",
+                            adapterkit_data["prompt_completion"], "--name", "x", "--anchor",
+                            str(tmp_path / "missing.txt"))
+    refused(result, "missing.txt")
+    assert library.list(all_versions=True) == []
+
+
+def test_resume_and_restart_together_are_refused(train_args, adapterkit_cli, library):
+    result = adapterkit_cli(*train_args, "--resume", "--restart")
+    refused(result, "--resume continues", "--restart discards", "give one")
+
+
+def test_chat_on_a_base_without_a_chat_template_is_refused(tiny_base, adapterkit_data,
+                                                           adapterkit_cli, library, tmp_path):
+    plain = tmp_path / "plain-base"
+    shutil.copytree(tiny_base, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for template in plain.glob("chat_template.*"):
+        template.unlink()
+    result = adapterkit_cli("train", "sft", "--base", str(plain), "--data",
+                            adapterkit_data["prompt_completion"], "--name", "x", "--chat",
+                            "--max-steps", "1")
+    refused(result, "--chat renders prompts with the base's chat template", "has none",
+            alone=False)
+    assert library.list(all_versions=True) == []

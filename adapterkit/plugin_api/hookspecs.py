@@ -73,6 +73,8 @@ def register_trainers(register: Callable[[Trainer], None]) -> None:
     Trainers are independent of methods: any registered trainer can train any registered method,
     so combinations come free. Built-ins (in their own plugins): ``sft``, ``dpo``, ``reward``,
     ``rlhf``. A trainer with ``head = "reward"`` makes reward pocket books (LoRA + scalar head).
+    A trainer declares what it acts on (``uses_guard``, ``packs``); the core refuses those
+    options for a trainer that does not.
 
     .. versionadded:: 0.1
     """

@@ -74,6 +74,9 @@ class Trainer(Registrable):
     #: ``job.callbacks`` to its loop. The core refuses
     #: ``forgetting_budget``/``guard_weight`` for a trainer that does not declare it.
     uses_guard: bool = False
+    #: Whether this trainer acts on ``packing`` (``--packing``: several sequences per row, as
+    #: TRL's ``SFTConfig(packing=...)``); the core refuses it for a trainer that does not.
+    packs: bool = False
     #: The trainer's own options (``--set KEY=VALUE``, a recipe's ``trainer_options:``): a
     #: dataclass whose fields, with their types and defaults, are the options it takes (e.g.
     #: ``beta: float = 0.1``); document each with a ``#:`` comment. Before any work the core

@@ -19,7 +19,13 @@ def render_prompt(tokenizer: Any, prompt: Any, *, chat: bool) -> str:
 
 
 def uses_chat(tokenizer: Any, chat: bool | None) -> bool:
-    """Chat rendering is on when asked, or by default when the base has a chat template."""
+    """Chat rendering is on when asked, or by default when the base has a chat template; asked
+    for on a base without one, refused (there is no template to render with)."""
+    if chat and not tokenizer.chat_template:
+        from adapterkit.errors import ConfigError
+
+        raise ConfigError("--chat renders prompts with the base's chat template, and this base's "
+                          "tokenizer has none: leave --chat out (prompts go in as plain text)")
     return bool(tokenizer.chat_template) if chat is None else chat
 
 

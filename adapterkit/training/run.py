@@ -27,6 +27,7 @@ from adapterkit.training.build import (
     check_lengths,
     check_lora_shape,
     general_texts,
+    guard_requested,
     held_out_rows,
     load_for_method,
     make_guard,
@@ -207,6 +208,9 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     """Everything that can be refused without the base: options (the trainer's own included),
     the name, data, the parent, the checkpoint state (unless not ``checkpoint``: a rank other
     than the main one takes the main one's). Writes nothing (but a new catalog)."""
+    if resume and restart:
+        raise ConfigError("--resume continues an interrupted run and --restart discards it: "
+                          "give one")
     # our own copy: trainers may record values in job.options.trainer_options (rlhf records
     # the reward pocket book it used) without touching the caller's object
     options = replace(options or TrainOptions(),
@@ -220,6 +224,14 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     trainer_options = build_trainer_options(trainer_obj, options)
     refuse_unapplied_guard(trainer, trainer_obj, options,
                            guarded=[t.name for t in pm.trainers if applies_guard(t)])
+    if options.packing and not getattr(trainer_obj, "packs", False):
+        raise ConfigError(f"the {trainer} trainer does not pack sequences: drop --packing "
+                          "(packing: in a recipe)")
+    if options.anchor and not guard_requested(options):  # (unapplied guards: refused above)
+        raise ConfigError("--anchor is the forgetting guard's anchor text, and this run has no "
+                          "guard: drop --anchor, or turn the guard on (--forgetting-budget)")
+    if options.anchor:  # read now, not once the base is loaded
+        general_texts(options.anchor)
     from adapterkit.training.early_stop import patience_of
     from adapterkit.training.launch import fsdp_enabled, ranks
 
