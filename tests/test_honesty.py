@@ -234,3 +234,35 @@ def test_bench_dpo_reruns_compare_like_with_like():
     assert first.general == "general"  # both run the forgetting check
     assert first.trainer_options.pop("beta") == 0.1 and rerun.trainer_options.pop("beta") == 0.2
     assert first == rerun  # and nothing else differs
+
+
+def test_a_resumed_runs_tokens_per_second_are_of_its_own_steps(tiny_base, adapterkit_data,
+                                                                home):
+    """A run resumed at step 5 of 12 trained 7 steps in its loop: its tokens/s divides those
+    steps' tokens (an uninterrupted 12-step run's less a 5-step run's, same data order), not
+    all 12 steps' tokens, by its loop's seconds."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise KeyboardInterrupt
+
+    pm = get_plugin_manager(env=False)
+    data = str(adapterkit_data["prompt_completion"])
+    opts = dict(batch_size=2, learning_rate=1e-3, r=4, alpha=8, dropout=0.0, save_steps=5,
+                precision="fp32", forgetting_budget=0, general="off", eval_split=0.0)
+    whole = train("sft", base=str(tiny_base), data=data, name="whole", home=home, plugins=pm,
+                  options=TrainOptions(max_steps=12, **opts)).metrics
+    first = train("sft", base=str(tiny_base), data=data, name="first", home=home, plugins=pm,
+                  options=TrainOptions(max_steps=5, **opts)).metrics
+    with pytest.raises(KeyboardInterrupt):
+        train("sft", base=str(tiny_base), data=data, name="cut", home=home, plugins=pm,
+              options=TrainOptions(max_steps=12, **opts), callbacks=[Interrupt()])
+    resumed = train("sft", base=str(tiny_base), data=data, name="cut", home=home, plugins=pm,
+                    options=TrainOptions(max_steps=12, **opts), resume=True).metrics
+    assert (resumed["steps"], resumed["resumed_at_step"]) == (12, 5)
+    assert resumed["tokens"] == whole["tokens"] > first["tokens"] > 0
+    own = whole["tokens"] - first["tokens"]
+    assert resumed["tokens_per_second"] * resumed["loop_seconds"] == pytest.approx(own, rel=0.05)
+    assert "resumed_at_step" not in whole

@@ -403,7 +403,10 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     line = f"Saved {book.ref}"
     if book.meta.stacked_on:
         line += f" (on top of {' + '.join(book.meta.stacked_on)})"
-    line += f": {m['steps']} steps in {m['train_seconds']:.0f} s"
+    done = m["steps"] - m.get("resumed_at_step", 0)
+    line += (f": {m['steps']} steps" + (f" ({done} in this run, resumed at step "
+                                        f"{m['resumed_at_step']})" if "resumed_at_step" in m
+                                        else "") + f" in {m['train_seconds']:.0f} s")
     if m.get("train_loss_first") is not None:
         line += f", loss {m['train_loss_first']:.3f} → {m['train_loss_final']:.3f}"
     if m.get("tokens_per_second"):

@@ -52,6 +52,7 @@ from adapterkit.training.save import (
     checksum,
     history_of,
     metrics_of,
+    resumed_at,
     same_weights,
     save_trained,
     whole_weights,
@@ -182,6 +183,8 @@ class _Run:
     annotate: Callable[[PocketBookMeta], None] | None = None
     #: The experiment trackers of ``--report-to`` (``None``: reports to none).
     tracked: TrackedRun | None = None
+    #: Where a resumed run starts (:func:`adapterkit.training.save.resumed_at`).
+    resumed: dict[str, int] | None = None
 
 
 @dataclass
@@ -381,7 +384,8 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         + (f", continuing {parent.ref}" if start_from and parent else "") + "...")
     return _Run(trainer, trainer_obj, library, ref, dataset, eval_data, loaded,
                 parent, underlay, guard, general, head, job,
-                workdir, say, stages_saved, tracked=tracked)
+                workdir, say, stages_saved, tracked=tracked,
+                resumed=resumed_at(c.resume_from))
 
 
 def _view(c: _Checked) -> dict[str, Any]:
@@ -479,7 +483,7 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
     model = run.job.model
     adapter_to_fp32(model)
     model.eval()
-    metrics = metrics_of(state, elapsed)
+    metrics = metrics_of(state, elapsed, run.resumed)
     metrics["precision"] = run.job.precision  # what the steps computed in
     from adapterkit.training.launch import ranks
     from adapterkit.training.precision import restore_exact

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.library.metadata import CONFIG_FILE, PocketBookMeta
@@ -25,7 +26,20 @@ def history_of(state: Any) -> list[dict[str, Any]]:
     return list(getattr(state, "log_history", []) or [])
 
 
-def metrics_of(state: Any, elapsed: float) -> dict[str, Any]:
+def resumed_at(checkpoint: str | None) -> dict[str, int] | None:
+    """Where a run resumed from ``checkpoint`` starts: the step and tokens seen there (read
+    before training, which may rotate the checkpoint away)."""
+    if not checkpoint:
+        return None
+    saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return {k: int(saved.get(k) or 0) for k in ("global_step", "num_input_tokens_seen")}
+
+
+def metrics_of(state: Any, elapsed: float, resumed: dict[str, int] | None = None
+               ) -> dict[str, Any]:
+    """The run's figures from the trainer's state. ``steps`` and ``tokens`` count from the
+    start of training; a run resumed where :func:`resumed_at` says took only the steps and
+    tokens since, in its loop's seconds, so its tokens/s is of those (``resumed_at_step``)."""
     history = history_of(state)
     losses = [h["loss"] for h in history if "loss" in h]
     kls = [h["guard_kl"] for h in history if "guard_kl" in h]  # guarded runs (training.guard)
@@ -34,6 +48,8 @@ def metrics_of(state: Any, elapsed: float) -> dict[str, Any]:
     # ``train_seconds`` is the whole call, data preparation included.
     loop = next((float(h["train_runtime"]) for h in reversed(history) if "train_runtime" in h),
                 elapsed)
+    before = resumed or {"global_step": 0, "num_input_tokens_seen": 0}
+    tokens_now = tokens - before["num_input_tokens_seen"]
     return {
         # anything a trainer plugin wants recorded (``state.adapterkit_metrics``)
         **dict(getattr(state, "adapterkit_metrics", None) or {}),
@@ -43,7 +59,9 @@ def metrics_of(state: Any, elapsed: float) -> dict[str, Any]:
         "train_seconds": round(elapsed, 2),
         "loop_seconds": round(loop, 2),
         "tokens": tokens,
-        "tokens_per_second": round(tokens / loop, 1) if loop > 0 and tokens else None,
+        "tokens_per_second": round(tokens_now / loop, 1) if loop > 0 and tokens_now > 0
+        else None,
+        **({"resumed_at_step": before["global_step"]} if resumed else {}),
         # the forgetting guard's KL divergence to the base on its anchor text, as logged
         **({"guard_kl_first": kls[0], "guard_kl_final": kls[-1]} if kls else {}),
     }
