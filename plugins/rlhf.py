@@ -63,6 +63,9 @@ class RLHFOptions:
             problems.append(f"beta must be ≥ 0, got {self.beta}")
         if not self.temperature > 0:
             problems.append(f"temperature must be above 0, got {self.temperature}")
+        if self.reward and self.reward_steps is not None:
+            problems.append(f"reward_steps {self.reward_steps} sets the length of the reward "
+                            f"stage, and --reward {self.reward} skips that stage: drop one")
         if self.reward_steps is not None and self.reward_steps < 1:
             problems.append(f"reward_steps must be at least 1, got {self.reward_steps} (leave "
                             "it out to use the run's --max-steps/epochs)")
@@ -123,9 +126,11 @@ class RLHF(Trainer):
                                   "preference pairs: give a prompt/chosen/rejected file, or "
                                   "--reward NAME")
             stage_name = job.name.split("@")[0] + "-reward"
+            # (the policy's epochs are resolved already: its min_steps acted there; a reward
+            # head measures no forgetting on general text)
             stage_options = replace(job.options, trainer_options={}, forgetting_budget=0,
-                                    guard_weight=None, max_steps=o.reward_steps or
-                                    job.options.max_steps)
+                                    guard_weight=None, min_steps=None, general=None,
+                                    max_steps=o.reward_steps or job.options.max_steps)
             try:
                 library.reserve(stage_name)
             except NameTaken:

@@ -355,3 +355,40 @@ def test_chat_on_a_base_without_a_chat_template_is_refused(tiny_base, adapterkit
     refused(result, "--chat renders prompts with the base's chat template", "has none",
             alone=False)
     assert library.list(all_versions=True) == []
+
+
+def test_general_is_refused_for_a_reward_head(tiny_base, adapterkit_data, adapterkit_cli,
+                                              library):
+    result = adapterkit_cli("train", "reward", "--base", tiny_base, "--data",
+                            adapterkit_data["preference"], "--name", "x", "--general", "general")
+    refused(result, "the reward trainer makes a reward head", "drop --general")
+    assert library.list(all_versions=True) == []
+
+
+def test_a_recipe_stage_where_a_shared_option_would_do_nothing_is_refused_before_any_stage(
+        tiny_base, adapterkit_data, adapterkit_cli, library, tmp_path):
+    """The recipe's shared general: applies to every stage; a reward stage cannot measure it,
+    and is refused with the recipe's other problems — before the first stage trains."""
+    import yaml
+
+    pairs, chats = adapterkit_data["preference"], adapterkit_data["prompt_completion"]
+    recipe = {"base": str(tiny_base), "max_steps": 1, "general": "general",
+              "stages": [{"name": "first", "trainer": "sft", "data": str(chats)},
+                         {"name": "judge", "trainer": "reward", "data": str(pairs)},
+                         {"name": "judge2", "trainer": "reward", "data": str(pairs),
+                          "general": None}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    result = adapterkit_cli("pipeline", str(path))
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "judge" in result.output and "general: null in a recipe's stage" in result.output
+    assert "judge2" not in result.output  # general: null turns it off for that stage
+    assert library.list(all_versions=True) == []
+
+
+def test_rlhf_refuses_reward_steps_with_a_reward_book(tiny_base, adapterkit_data,
+                                                      adapterkit_cli, library):
+    result = adapterkit_cli("train", "rlhf", "--base", tiny_base, "--data",
+                            adapterkit_data["preference"], "--name", "x", "--reward", "judge",
+                            "--set", "reward_steps=3")
+    refused(result, "reward_steps 3 sets the length of the reward stage", "--reward judge")

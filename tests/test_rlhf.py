@@ -254,3 +254,20 @@ def test_grpos_reference_is_the_policy_switched_off_not_a_copy(rlhf_run, tiny_ba
     assert used and set(used) == {None}  # beta 0.05: a reference was taken, never the copy
     assert list(result.model.peft_config) == ["default"]
     assert [p.name for p in result.pocket_book.path.iterdir() if p.is_dir()] == []
+
+
+def test_min_steps_acts_on_the_policy_and_the_reward_stage_takes_its_epochs(tiny_base, home,
+                                                                          adapterkit_data):
+    """--min-steps on rlhf without --reward: the reward stage it trains first took the
+    policy's resolved epochs with min_steps still set, and was refused after the base loaded
+    for a combination nobody gave."""
+    pm = get_plugin_manager(env=False)
+    result = train("rlhf", base=str(tiny_base), data=str(adapterkit_data["preference"]),
+                   name="least", home=home, plugins=pm,
+                   options=TrainOptions(min_steps=3, batch_size=8, r=4, alpha=8, dropout=0.0,
+                                        trainer_options={"max_new_tokens": 2}))
+    # min_steps counts 16 rows, 8 a step: 2 steps an epoch, so 2 epochs for at least 3
+    # (GRPO's batch of 8 holds 2 prompts × 4 completions: 16 steps)
+    assert result.metrics["steps"] >= 3
+    reward = Library(home).get("least-reward")
+    assert reward.meta.hyperparameters["epochs"] == 2.0 and reward.meta.metrics["steps"] == 4

@@ -268,6 +268,24 @@ def refuse_unapplied_guard(name: str, trainer: Any, options: TrainOptions, *,
             "measures forgetting)")
 
 
+def refuse_inert_options(name: str, trainer: Any, options: TrainOptions) -> None:
+    """Refuse options that would do nothing for this trainer, before any work (after
+    :func:`refuse_unapplied_guard`): ``packing`` for a trainer that does not declare ``packs``,
+    ``anchor`` without a guard, ``general`` for a reward head (which generates nothing whose
+    forgetting could be measured)."""
+    if options.packing and not getattr(trainer, "packs", False):
+        raise ConfigError(f"the {name} trainer does not pack sequences: drop --packing "
+                          "(packing: false in a recipe's stage)")
+    if options.anchor and not guard_requested(options):
+        raise ConfigError("--anchor is the forgetting guard's anchor text, and this run has no "
+                          "guard: drop --anchor (anchor: null in a recipe's stage), or turn "
+                          "the guard on (--forgetting-budget)")
+    if options.general and getattr(trainer, "head", "causal-lm") == "reward":
+        raise ConfigError(f"the {name} trainer makes a reward head, which scores text and "
+                          "generates none: there is no forgetting on general text to measure; "
+                          "drop --general (general: null in a recipe's stage)")
+
+
 def make_guard(tokenizer: Any, options: TrainOptions) -> ForgettingGuard | None:
     weight = options.guard_weight
     if weight is None:

@@ -26,9 +26,9 @@ from adapterkit.errors import (
 )
 from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.training.build import refuse_unapplied_guard
+from adapterkit.training.build import refuse_inert_options, refuse_unapplied_guard
 from adapterkit.training.data import Data, load_data, read_rows
-from adapterkit.training.options import GENERAL_OFF, TrainOptions, build_options
+from adapterkit.training.options import GENERAL_OFF, TrainOptions, build_options, with_defaults
 from adapterkit.training.run import run_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -300,6 +300,7 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
             refuse_unapplied_guard(trainer.name, trainer, options, guarded=[
                 t.name for t in pm.trainers if getattr(t, "uses_guard", False)
                 and getattr(t, "head", "causal-lm") != "reward"])
+            refuse_inert_options(trainer.name, trainer, with_defaults(trainer, options))
     except (ConfigError, PluginError) as exc:
         problems.append(f"{where}: {exc}")
         return trainer, None

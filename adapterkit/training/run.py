@@ -27,12 +27,12 @@ from adapterkit.training.build import (
     check_lengths,
     check_lora_shape,
     general_texts,
-    guard_requested,
     held_out_rows,
     load_for_method,
     make_guard,
     options_of,
     parent_of,
+    refuse_inert_options,
     refuse_unapplied_guard,
     split_eval,
     underlay_of,
@@ -227,12 +227,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     trainer_options = build_trainer_options(trainer_obj, options)
     refuse_unapplied_guard(trainer, trainer_obj, options,
                            guarded=[t.name for t in pm.trainers if applies_guard(t)])
-    if options.packing and not getattr(trainer_obj, "packs", False):
-        raise ConfigError(f"the {trainer} trainer does not pack sequences: drop --packing "
-                          "(packing: in a recipe)")
-    if options.anchor and not guard_requested(options):  # (unapplied guards: refused above)
-        raise ConfigError("--anchor is the forgetting guard's anchor text, and this run has no "
-                          "guard: drop --anchor, or turn the guard on (--forgetting-budget)")
+    refuse_inert_options(trainer, trainer_obj, options)
     if options.anchor:  # read now, not once the base is loaded
         general_texts(options.anchor)
     from adapterkit.training.early_stop import patience_of
