@@ -392,3 +392,12 @@ def test_rlhf_refuses_reward_steps_with_a_reward_book(tiny_base, adapterkit_data
                             adapterkit_data["preference"], "--name", "x", "--reward", "judge",
                             "--set", "reward_steps=3")
     refused(result, "reward_steps 3 sets the length of the reward stage", "--reward judge")
+
+
+@pytest.mark.parametrize("flags", [["-r", "32"], ["--alpha", "8", "--dropout", "0.2"],
+                                   ["--target-modules", "q_proj"]])
+def test_lora_shape_flags_are_refused_with_from(flags, train_args, adapterkit_cli, library):
+    """--from continues a copy with the copied pocket book's LoRA shape: the flags would be
+    overridden by it."""
+    result = adapterkit_cli(*train_args, "--from", "someone", *flags)
+    refused(result, "--from someone continues a copy of that pocket book", "drop " + flags[0])

@@ -107,12 +107,14 @@ def test_from_continues_a_copy(stacked, tiny_base):
     before = load_file(str(source))
     copy = train("sft", base=str(tiny_base), data=str(files["prompt_completion"]),
                  name="triage-tiny-step", home=home, plugins=pm, start_from="triage",
-                 options=TrainOptions(**{**FAST, "r": 16, "max_steps": 1,
+                 options=TrainOptions(**{**FAST, "r": 16, "dropout": 0.2, "max_steps": 1,
                                          "learning_rate": 1e-12}))
     after = load_file(str(copy.pocket_book.path / "adapter_model.safetensors"))
     assert copy.pocket_book.meta.parents == ["triage@1"]
     assert copy.pocket_book.meta.stacked_on == []
     assert copy.pocket_book.meta.hyperparameters["r"] == 4  # the copy keeps its LoRA shape
+    # and its dropout, which PEFT reads from the copied config: recorded as it trained
+    assert copy.pocket_book.meta.hyperparameters["dropout"] == 0.0
     assert before.keys() == after.keys() and len(before) == 28  # A and B of 14 layers
     # a near-zero step from the copy: the weights are the source's (a fresh LoRA has B = 0)
     assert [k for k in before if not torch.allclose(before[k], after[k], atol=1e-6)] == []

@@ -351,6 +351,12 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
              rendezvous_timeout=rendezvous_timeout))
     flags["report_to"] = ",".join(flags.get("report_to") or ()) or None  # none: the recipe's
     overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
+    shape = [flag for flag, key in (("-r", "r"), ("--alpha", "alpha"), ("--dropout", "dropout"),
+                                    ("--target-modules", "target_modules"))
+             if overrides.get(key) is not None]
+    if start_from and shape:  # the copy keeps its LoRA shape: the flags would do nothing
+        raise ConfigError(f"--from {start_from} continues a copy of that pocket book, with its "
+                          f"rank, alpha, dropout and target modules: drop {', '.join(shape)}")
     sets = _parse_sets(trainer_sets)
     if reward:
         sets["reward"] = reward

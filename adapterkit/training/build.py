@@ -160,8 +160,10 @@ def options_of(book: PocketBook, options: TrainOptions) -> TrainOptions:
     targets = config.get("target_modules") or options.target_modules
     if isinstance(targets, (list, tuple, set)):
         targets = ",".join(sorted(targets))
+    # (PeftModel.from_pretrained takes the dropout from the config too: recorded as trained)
     return replace(options, r=int(config.get("r", options.r)),
-                   alpha=int(config.get("lora_alpha", options.alpha)), target_modules=targets)
+                   alpha=int(config.get("lora_alpha", options.alpha)), target_modules=targets,
+                   dropout=float(config.get("lora_dropout", options.dropout)))
 
 
 def underlay_of(library: Library, parent: PocketBook | None, *, copy: bool) -> list[PocketBook]:
