@@ -401,3 +401,19 @@ def test_lora_shape_flags_are_refused_with_from(flags, train_args, adapterkit_cl
     overridden by it."""
     result = adapterkit_cli(*train_args, "--from", "someone", *flags)
     refused(result, "--from someone continues a copy of that pocket book", "drop " + flags[0])
+
+
+def test_epochs_beside_max_steps_are_refused(train_args, adapterkit_cli, library):
+    result = adapterkit_cli(*train_args, "--epochs", "2", "--max-steps", "5")
+    refused(result, "--max-steps sets the run's length", "ignores --epochs", "give one")
+
+
+def test_a_run_of_max_steps_records_the_epochs_it_trained_not_one(train_args, adapterkit_cli,
+                                                                   library):
+    """16 rows, batch 4, 6 steps: 1.5 passes over the data; no epochs were set."""
+    result = adapterkit_cli(*train_args, "--max-steps", "6", "--batch-size", "4",
+                            "--forgetting-budget", "off", "--general", "off")
+    assert result.exit_code == 0, result.output
+    meta = library.get("x").meta
+    assert meta.hyperparameters["epochs"] is None
+    assert meta.metrics["epochs_trained"] == 6 * 4 / 16

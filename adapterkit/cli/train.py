@@ -354,6 +354,9 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     shape = [flag for flag, key in (("-r", "r"), ("--alpha", "alpha"), ("--dropout", "dropout"),
                                     ("--target-modules", "target_modules"))
              if overrides.get(key) is not None]
+    if overrides.get("epochs") is not None and (overrides.get("max_steps") or 0) > 0:
+        raise ConfigError("--max-steps sets the run's length, and the trainer ignores --epochs "
+                          "beside it: give one")
     if start_from and shape:  # the copy keeps its LoRA shape: the flags would do nothing
         raise ConfigError(f"--from {start_from} continues a copy of that pocket book, with its "
                           f"rank, alpha, dropout and target modules: drop {', '.join(shape)}")

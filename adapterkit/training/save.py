@@ -56,6 +56,8 @@ def metrics_of(state: Any, elapsed: float, resumed: dict[str, int] | None = None
         "train_loss_first": losses[0] if losses else None,
         "train_loss_final": losses[-1] if losses else None,
         "steps": int(getattr(state, "global_step", 0) or 0),
+        # passes over the training rows (fractional: where max_steps ends the run mid-epoch)
+        "epochs_trained": round(float(getattr(state, "epoch", 0) or 0), 4),
         "train_seconds": round(elapsed, 2),
         "loop_seconds": round(loop, 2),
         "tokens": tokens,
@@ -126,7 +128,10 @@ def hyper_of(options: TrainOptions) -> dict[str, Any]:
     keep = ("r", "alpha", "dropout", "target_modules", "learning_rate", "epochs", "min_steps",
             "max_steps", "batch_size", "grad_accum", "max_length", "packing", "seed", "eval_split",
             "forgetting_budget", "guard_weight", "chat", "trainer_options")
-    return {k: getattr(options, k) for k in keep}
+    hyper = {k: getattr(options, k) for k in keep}
+    if options.max_steps > 0:  # transformers then ignores num_train_epochs: none was set
+        hyper["epochs"] = None
+    return hyper
 
 
 def adapter_to_fp32(model: Any) -> None:
