@@ -417,3 +417,59 @@ def test_a_run_of_max_steps_records_the_epochs_it_trained_not_one(train_args, ad
     meta = library.get("x").meta
     assert meta.hyperparameters["epochs"] is None
     assert meta.metrics["epochs_trained"] == 6 * 4 / 16
+
+
+@pytest.mark.parametrize("text,words", [("{bad", "is not valid JSON"),
+                                        ("[1, 2]", "holds a JSON list, not an object")])
+def test_a_model_folder_with_a_broken_config_is_named(text, words, tiny_base, adapterkit_cli,
+                                                     tmp_path):
+    broken = tmp_path / "broken-base"
+    shutil.copytree(tiny_base, broken)
+    (broken / "config.json").write_text(text)
+    refused(adapterkit_cli("base", "show", str(broken)), "config.json", words)
+
+
+def test_chat_looks_the_pocket_book_up_before_loading_the_base(adapterkit_cli, home, tmp_path):
+    # (the base does not exist: a lookup after loading it would name the base)
+    result = adapterkit_cli("chat", "--base", str(tmp_path / "no-base"), "--adapter", "nosuch")
+    refused(result, "nosuch", alone=False)
+    assert "no-base" not in result.stderr
+
+
+def test_eval_refuses_a_general_file_without_text_rows(adapterkit_cli, adapterkit_data, home):
+    result = adapterkit_cli("eval", "nosuch", "--data", adapterkit_data["prompt_completion"],
+                            "--general", adapterkit_data["preference"])
+    refused(result, "has no text rows for a general-text check")
+
+
+def test_search_refuses_a_versioned_name_before_any_trial(train_args, adapterkit_cli, home):
+    args = [a if a != "x" else "x@2" for a in train_args]
+    result = adapterkit_cli(*args, "--search", "lr", "--trials", "1")
+    refused(result, "give --name without a version, not x@2")
+    assert not (home / "runs" / ".search-x@2").exists()
+
+
+def test_search_refuses_what_the_recipe_sets_and_it_varies(train_args, adapterkit_cli,
+                                                           tmp_path):
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text("learning_rate: 5.0e-4\nbatch_size: 4\n")
+    result = adapterkit_cli(*train_args, "--config", str(recipe), "--search", "lr,r")
+    refused(result, "sets learning_rate, which --search lr,r varies")
+
+
+def test_a_recipes_general_file_without_text_rows_is_refused_before_any_stage(
+        tiny_base, adapterkit_data, adapterkit_cli, library, tmp_path):
+    import yaml
+
+    recipe = {"base": str(tiny_base), "max_steps": 1,
+              "stages": [{"name": "first", "trainer": "sft",
+                          "data": str(adapterkit_data["prompt_completion"])},
+                         {"name": "second", "trainer": "sft",
+                          "data": str(adapterkit_data["prompt_completion"]),
+                          "general": str(adapterkit_data["preference"])}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    result = adapterkit_cli("pipeline", str(path))
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "has no text rows for a general-text check" in result.output
+    assert library.list(all_versions=True) == []

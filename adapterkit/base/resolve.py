@@ -121,14 +121,26 @@ def _local_folder(path: Path) -> BaseSource:
         raise BaseNotFound(f"{path} is not a model folder: it has no config.json")
     info_file = path / BASE_INFO_FILE
     if info_file.is_file():  # one of our converted GGUF folders, given by path
-        info = json.loads(info_file.read_text(encoding="utf-8"))
+        info = _json_object(info_file)
         return BaseSource(info.get("name", path.name), path, dict(info.get("provenance", {})))
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = _json_object(path / "config.json")
     provenance: dict[str, Any] = {"kind": "folder", "folder": path.resolve().name}
     origin = config.get("_name_or_path", "")
     if isinstance(origin, str) and _HUB_ID.fullmatch(origin) and not Path(origin).exists():
         provenance["hub_id_hint"] = origin
     return BaseSource(path.resolve().name, path.resolve(), provenance)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A model folder's JSON file, which must hold an object; anything else is named."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BaseLoadError(f"{path} is not valid JSON ({exc}): repair or replace it") from None
+    if not isinstance(value, dict):
+        raise BaseLoadError(f"{path} holds a JSON {type(value).__name__}, not an object: "
+                            "repair or replace it")
+    return value
 
 
 def _from_hub(repo_id: str, revision: str | None) -> BaseSource:

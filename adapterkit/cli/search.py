@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -40,8 +41,10 @@ def pop(flags: dict[str, Any]) -> tuple[str | None, int | None, str | None]:
 
 
 def check(space_text: str | None, trials: int | None, budget: str | None,
-          flags: dict[str, Any], launch: dict[str, Any]) -> tuple[list[str], int, float | None]:
-    """The parsed search, or a refusal of flags that cannot act together."""
+          flags: dict[str, Any], launch: dict[str, Any], recipe: str | None = None
+          ) -> tuple[list[str], int, float | None]:
+    """The parsed search, or a refusal of flags (and ``--config`` recipe keys) that cannot
+    act together."""
     from adapterkit.training.search import parse_space
 
     if space_text is None:
@@ -56,6 +59,16 @@ def check(space_text: str | None, trials: int | None, budget: str | None,
     if clash:
         raise ConfigError(f"{', '.join(clash)} sets what --search {space_text} varies: give one "
                           "or the other")
+    if recipe is not None:  # a recipe's value would be replaced in every trial, as a flag's
+        from adapterkit.training.options import _read_recipe
+        from adapterkit.training.search import SEARCHABLE
+
+        keys = {str(k).replace("-", "_") for k in _read_recipe(Path(recipe))}
+        set_there = [SEARCHABLE[n] for n in space if SEARCHABLE[n] in keys]
+        if set_there:
+            raise ConfigError(f"{recipe} sets {', '.join(set_there)}, which --search "
+                              f"{space_text} varies: take it out of the recipe, or leave it out "
+                              "of --search")
     # each trial may train on several processes of this machine; the study itself follows
     # one sequence of draws, which machines apart would each have to share
     elsewhere = [f"--{k.replace('_', '-')}" for k, v in launch.items()

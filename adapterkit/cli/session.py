@@ -30,10 +30,13 @@ def _open(ctx: click.Context, base: str | None, first: str | None, force: bool =
     from adapterkit.runtime.session import open_session
 
     home = obj(ctx)["home"]
+    if base is None and first is None:
+        raise ConfigError("give --base BASE (or a pocket book to take its base from)")
+    # the pocket book is looked up before the base loads (which may convert a GGUF file)
+    book = Library(home).get(first) if first is not None else None
     if base is None:
-        if first is None:
-            raise ConfigError("give --base BASE (or a pocket book to take its base from)")
-        base = base_spec_for(Library(home).get(first).meta.base, home)
+        assert book is not None
+        base = base_spec_for(book.meta.base, home)
     say(f"Loading base {base}...")
     start = time.perf_counter()
     session = open_session(base, home=home, progress=say)

@@ -348,7 +348,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         space_text, trials, budget, flags,
         dict(processes=processes, accelerate_config=accelerate_config,
              num_machines=num_machines, machine_rank=machine_rank, main_address=main_address,
-             rendezvous_timeout=rendezvous_timeout))
+             rendezvous_timeout=rendezvous_timeout), recipe=recipe)
     flags["report_to"] = ",".join(flags.get("report_to") or ()) or None  # none: the recipe's
     overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
     shape = [flag for flag, key in (("-r", "r"), ("--alpha", "alpha"), ("--dropout", "dropout"),
@@ -527,7 +527,7 @@ def eval_cmd(ctx: click.Context, ref: str, data: str | None, general: str | None
       adapterkit eval triage --harness arc_easy,hellaswag --limit 200
       adapterkit eval triage+manner --harness my_task.yaml
     """
-    from adapterkit.training.data import load_data, read_rows
+    from adapterkit.training.data import load_data
     from adapterkit.training.metrics import accuracy, forgetting, task_loss, uses_chat
 
     if harness is not None:
@@ -551,8 +551,10 @@ def eval_cmd(ctx: click.Context, ref: str, data: str | None, general: str | None
     if dataset.skipped:
         say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows)")
     general_texts = None
-    if general:
-        general_texts = [r["text"] for r in read_rows(general)[0] if r.get("text")]
+    if general:  # as train reads it: a file without text rows is refused, not skipped
+        from adapterkit.training.build import general_texts as read_general
+
+        general_texts = read_general(general)
     book, loaded, model = _load_for_book(ctx, ref, base, exact=True)
     use_chat = uses_chat(loaded.tokenizer, chat)
     report: dict[str, Any] = {"pocket_book": book.ref, "data": dataset.describe()}

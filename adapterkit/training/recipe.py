@@ -26,7 +26,11 @@ from adapterkit.errors import (
 )
 from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.training.build import refuse_inert_options, refuse_unapplied_guard
+from adapterkit.training.build import (
+    general_texts,
+    refuse_inert_options,
+    refuse_unapplied_guard,
+)
 from adapterkit.training.data import Data, load_data, read_rows
 from adapterkit.training.options import GENERAL_OFF, TrainOptions, build_options, with_defaults
 from adapterkit.training.run import run_dir
@@ -310,7 +314,7 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
         if spec is not None and not (key == "general" and spec == GENERAL_OFF):
             resolved[key] = _resolve(spec, folder)
             try:
-                read_rows(resolved[key])
+                general_texts(resolved[key])  # read as the run reads it: text rows, at least one
             except DataFormatError as exc:
                 problems.append(f"{where}: {key}: {exc}")
     return trainer, replace(options, **resolved)

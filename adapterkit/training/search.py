@@ -155,6 +155,10 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
         raise ConfigError(f"--budget keeps trials by their forgetting figure, and {trainer} "
                           "pocket books (a reward head, which scores text) have none: leave "
                           "--budget out")
+    if "@" in name:  # its trials are NAME-trial-K, which a version would make no name
+        raise ConfigError(f"--search names the best trial {name.split('@')[0]} (its next "
+                          f"version) and its trials after it: give --name without a version, "
+                          f"not {name}")
     library = Library(home, plugins=pm)
     library.reserve(name)  # a taken name is refused before any trial runs
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
