@@ -344,3 +344,40 @@ def test_stages_may_train_in_different_precisions_on_the_one_resident_base(data,
     first, second = (Library(home).get(n).meta.metrics for n in ("instruct", "polite"))
     assert (first["precision"], first["measured_in"]) == ("bf16", "fp32")
     assert second["precision"] == "fp32" and "measured_in" not in second
+
+
+def test_a_library_book_of_another_base_is_refused_before_stage_one_trains(data, tiny_base,
+                                                                           home, tmp_path):
+    """on: a library pocket book made on another base is refused with the checks that need
+    the base, before the first stage trains (train --on refuses it the same way)."""
+    from adapterkit.plugin_api.testing import make_peft_adapter, make_tiny_base
+
+    other = make_tiny_base(tmp_path / "other-base", seed=7)
+    library = Library(home)
+    library.import_peft(make_peft_adapter(other, tmp_path / "elsewhere"), "elsewhere",
+                        base=str(other))
+    recipe = two_stages(tiny_base, on="elsewhere")
+    with pytest.raises(ConfigError) as refused:
+        run_pipeline(write_recipe(data["general"].parent, recipe), home=home,
+                     plugins=get_plugin_manager(env=False))
+    message = str(refused.value)
+    assert "nothing was trained" in message and "stage 2 (polite): on:" in message
+    assert [b.name for b in library.list()] == ["elsewhere"]
+
+
+def test_a_damaged_library_book_named_by_a_stage_is_refused_with_the_recipe(data, tiny_base,
+                                                                             home, tmp_path):
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    library = Library(home)
+    book = library.import_peft(make_peft_adapter(tiny_base, tmp_path / "p"), "damaged",
+                               base=str(tiny_base))
+    weights = book.path / "adapter_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF  # one flipped byte: its recorded hash no longer matches
+    weights.write_bytes(bytes(raw))
+    recipe = two_stages(tiny_base, on="damaged")
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(write_recipe(data["general"].parent, recipe), home=home,
+                    plugins=get_plugin_manager(env=False))
+    assert "stage 2 (polite): on:" in str(refused.value) and "damaged" in str(refused.value)

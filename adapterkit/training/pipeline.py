@@ -146,6 +146,7 @@ def _load_checked(recipe: Recipe, pending: list[Stage], library: Library, pm: Pl
     """Load the base for the first stage to train, and check what needs it for every stage to
     train — LoRA targets and rank, prompt lengths — before the first step, all at once."""
     from adapterkit.base.load import check_rank, check_targets
+    from adapterkit.lora.underlay import check_policy
     from adapterkit.training.metrics import uses_chat
 
     # as train() loads a base by name: on this rank's device, converted once per machine
@@ -156,6 +157,9 @@ def _load_checked(recipe: Recipe, pending: list[Stage], library: Library, pm: Pl
     for stage in pending:
         options = stage.options
         try:
+            ref = stage.on or stage.start_from
+            if stage.parent is None and ref is not None:  # a library book: a policy of this base
+                check_policy(library.get(ref), loaded, role="on:" if stage.on else "from:")
             if stage.start_from is None:  # a copy keeps its own targets and rank
                 check_rank(structure, check_targets(structure, options.target_modules), options.r)
             assert stage.dataset is not None

@@ -332,7 +332,8 @@ def _matches(ref: str, stage: Stage) -> bool:
 def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
     """Resolve each ``on:``/``from:`` to an earlier stage or a library pocket book; refuse
     duplicate names, references to later stages, cycles and unknown names."""
-    from adapterkit.lora.underlay import is_reward_book
+    from adapterkit.library.integrity import check_book
+    from adapterkit.lora.underlay import chain, is_reward_book
 
     seen: dict[str, Stage] = {}
     for stage in stages:
@@ -367,6 +368,11 @@ def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
         if is_reward_book(book):
             problems.append(f"{stage.label}: {role}: {book.ref} is a reward pocket book (it "
                             "scores text, it does not generate); name a policy pocket book")
+        try:  # damaged files, as train() refuses them before the base loads
+            for below in chain(library, book):
+                check_book(below)
+        except AdapterkitError as exc:
+            problems.append(f"{stage.label}: {role}: {exc}")
         if role == "on":
             stage.on = book.ref
         else:
