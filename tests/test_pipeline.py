@@ -381,3 +381,29 @@ def test_a_damaged_library_book_named_by_a_stage_is_refused_with_the_recipe(data
         load_recipe(write_recipe(data["general"].parent, recipe), home=home,
                     plugins=get_plugin_manager(env=False))
     assert "stage 2 (polite): on:" in str(refused.value) and "damaged" in str(refused.value)
+
+
+def test_resume_refuses_to_continue_a_stage_whose_definition_changed(data, tiny_base, home):
+    """A stage interrupted after a checkpoint, then edited: --resume would continue the old
+    run and record the new definition on its pocket book; it is refused instead."""
+    from transformers import TrainerCallback
+
+    class CrashAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise RuntimeError("simulated crash in stage 2")
+
+    pm = get_plugin_manager(env=False)
+    folder = data["general"].parent
+    path = write_recipe(folder, two_stages(tiny_base, save_steps=1))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pipeline(path, home=home, plugins=pm,
+                     callbacks=lambda s: [CrashAfterCheckpoint()] if s.index == 2 else [])
+    edited = write_recipe(folder, two_stages(tiny_base, save_steps=1, learning_rate=5e-3))
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(edited, home=home, plugins=pm, resume=True)
+    assert "the interrupted run of polite (checkpoint-1) was started by another definition" \
+        in str(refused.value)
+    result = run_pipeline(write_recipe(folder, two_stages(tiny_base, save_steps=1)), home=home,
+                          plugins=pm, resume=True)  # as it was: it goes on
+    assert result.stages[-1].pocket_book.ref == "polite@1"
+    assert not list((home / "runs").glob(".*.stage.json"))  # gone with the finished stages

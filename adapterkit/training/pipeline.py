@@ -19,19 +19,28 @@ from __future__ import annotations
 __all__ = ["PipelineResult", "Recipe", "Stage", "StageResult", "lineage_entry", "load_recipe",
            "read_recipe", "run_pipeline", "stage_line"]
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import AdapterkitError, ConfigError
+from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import check_lengths, load_for_method, split_eval
 from adapterkit.training.data import as_chat
 from adapterkit.training.job import TrainResult
 from adapterkit.training.metrics import base_loss_note
-from adapterkit.training.recipe import Recipe, Stage, interrupted, load_recipe, read_recipe
+from adapterkit.training.recipe import (
+    Recipe,
+    Stage,
+    interrupted,
+    load_recipe,
+    read_recipe,
+    stage_marker,
+)
 from adapterkit.training.run import train
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,6 +114,10 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
         on, start_from = _refs(stage, results)
         checkpoint = interrupted(library, stage) if resume else None
         say(head + (f": resuming from {checkpoint}" if checkpoint else ""))
+        marker = stage_marker(library, stage)
+        if main:  # the definition this run of the stage trains under (load_recipe checks it)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(marker, json.dumps({"stage_sha256": stage.fingerprint}))
         try:
             final = train(stage.trainer, base=loaded, data=stage.data, name=stage.name,
                           options=stage.options, home=library.home, plugins=pm,
@@ -118,6 +131,8 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
                 + f". Run the pipeline again with --resume to continue from stage {stage.index}.")
             exc.pipeline_stage = stage.index  # type: ignore[attr-defined]
             raise
+        if main:
+            marker.unlink(missing_ok=True)
         results.append(StageResult(stage, final.pocket_book, dict(final.metrics)))
     return PipelineResult(recipe, results, final)
 

@@ -434,6 +434,13 @@ def _made_by(library: Library, stage: Stage) -> PocketBook | None:
     return None
 
 
+def stage_marker(library: Library, stage: Stage) -> Path:
+    """Beside the stage's run folder (which a fresh start clears): the fingerprint of the
+    definition that started the run, so ``--resume`` never continues it under another."""
+    workdir = run_dir(library, str(parse_ref(stage.name)))
+    return workdir.with_name(f".{workdir.name}.stage.json")
+
+
 def interrupted(library: Library, stage: Stage) -> str | None:
     workdir = run_dir(library, str(parse_ref(stage.name)))
     if not workdir.is_dir():
@@ -477,3 +484,12 @@ def _check_names(stages: list[Stage], library: Library, *, resume: bool,
         elif taken is None and not resume and (last := interrupted(library, stage)):
             problems.append(f"{stage.label}: an interrupted run of {stage.name} exists "
                             f"({last}): pass --resume to continue it")
+        elif taken is None and resume and stage.fingerprint and \
+                (last := interrupted(library, stage)) and \
+                (marker := stage_marker(library, stage)).is_file() and \
+                json.loads(marker.read_text()).get("stage_sha256") != stage.fingerprint:
+            problems.append(f"{stage.label}: the interrupted run of {stage.name} ({last}) was "
+                            "started by another definition of this stage (its options, data "
+                            "or the stage it trains on changed since): --resume would continue "
+                            "it under this one; put the stage back as it was, or remove "
+                            f"{run_dir(library, str(parse_ref(stage.name)))} to train it anew")
