@@ -26,6 +26,7 @@ class PeftMerge(MergeStrategy):
         self.combination = combination
         self.description = description
         self.uses_density = density
+        self.uses_rank = combination.endswith("svd")  # PEFT reads svd_rank for these only
         self.allows_negative = negative
 
     def merge(self, *, adapters, weights, rank=None, density=None, base_model=None, **_: Any):
@@ -93,6 +94,7 @@ _PEFT = [
 class ExactSVD(MergeStrategy):
     name = "exact_svd"
     description = "same ΔW as svd at the same rank, from the stacked factors (QR + small SVD)"
+    uses_rank = True
 
     def merge(self, *, adapters, weights, rank=None, **_: Any):
         import torch

@@ -108,6 +108,27 @@ class RLHF(Trainer):
     data_shapes = ("preference", "prompt_completion")
     options = RLHFOptions
 
+    def preflight(self, *, library: Any, name: str, options: Any, trainer_options: Any,
+                  data: Any) -> None:
+        """Before the base loads: the reward pocket book named exists and is one; without
+        one, the data has pairs to train it on and its name is free."""
+        from adapterkit import ConfigError, NameTaken, RewardScorer
+
+        o: RLHFOptions = trainer_options
+        if o.reward:
+            RewardScorer.check_kind(library.get(o.reward))  # its base: once the base is loaded
+            return
+        if data.shape != "preference":
+            raise ConfigError("rlhf without --reward first trains a reward pocket book from "
+                              "preference pairs: give a prompt/chosen/rejected file, or "
+                              "--reward NAME")
+        stage_name = name.split("@")[0] + "-reward"
+        try:
+            library.reserve(stage_name)  # (a check: it writes nothing)
+        except NameTaken:
+            raise ConfigError(f"{stage_name} already exists: pass --reward {stage_name} to "
+                              "optimise against it, or pick another --name") from None
+
     def train(self, *, job: Any, **_: Any) -> Any:
         from dataclasses import replace
 

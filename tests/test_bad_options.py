@@ -473,3 +473,19 @@ def test_a_recipes_general_file_without_text_rows_is_refused_before_any_stage(
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "has no text rows for a general-text check" in result.output
     assert library.list(all_versions=True) == []
+
+
+@pytest.mark.parametrize("setup,args,words", [
+    (None, ["--reward", "nosuch"], ["nosuch"]),
+    ("policy", ["--reward", "policy"], ["--reward policy@1 is a policy pocket book"]),
+    ("x-reward", [], ["x-reward already exists: pass --reward x-reward"]),
+])
+def test_rlhf_refuses_its_reward_book_problems_before_the_base_loads(
+        setup, args, words, adapterkit_data, adapterkit_cli, library, peft_adapter, tiny_base,
+        tmp_path):
+    """(the run's base does not exist: a refusal after loading it would name the base)"""
+    if setup:
+        library.import_peft(peft_adapter, setup, base=str(tiny_base))
+    result = adapterkit_cli("train", "rlhf", "--base", str(tmp_path / "no-base"), "--data",
+                            adapterkit_data["preference"], "--name", "x", *args)
+    refused(result, *words)

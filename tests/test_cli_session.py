@@ -75,6 +75,45 @@ def test_errors_are_one_line(cli, two, args, match):
     assert out.strip().splitlines()[-1].startswith("Error:") and match in out
 
 
+_NO_DENSITY = ["exact_svd", "linear", "cat", "svd"]
+_NO_RANK = ["linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+_DENSITY = ["ties", "dare_linear", "dare_ties", "magnitude_prune"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["stack", "law", "law", "--weights", "1,2", "--name", "x"],
+     "law@1 is named 2 times (law, law); name it once, with the sum of its weights (3)"),
+    (["stack", "law", "code", "law@1", "--weights", "1,1,0.5", "--name", "x"],
+     "law@1 is named 2 times (law, law@1)"),
+    (["stack", "law", "law@1", "--flatten", "--name", "x"], "law@1 is named 2 times"),
+    *[(["merge", "law", "code", "--method", m, "--density", "0.5", "--name", "x"],
+       f"method {m} does not use --density; leave it out") for m in _NO_DENSITY],
+    *[(["merge", "law", "code", "--method", m, "--rank", "4", "--name", "x",
+        *(["--density", "0.5"] if m in _DENSITY else [])],
+       f"method {m} does not use --rank") for m in _NO_RANK],
+    (["export", "law", "{out}", "--tolerance", "0.1"], "--tolerance applies to --merged only"),
+    (["export", "law", "{out}", "--format", "gguf", "--tolerance", "0.1"],
+     "--tolerance applies to --merged only"),
+])
+def test_options_that_would_not_act_are_refused(cli, two, tmp_path, args, match):
+    """Before: a duplicate stack member kept only its last weight, --density was recorded and
+    --rank dropped by methods that do not use them, --tolerance did nothing without --merged."""
+    out = run(cli, *[str(a).format(out=tmp_path / "out") for a in args], code=1)
+    assert out.strip().splitlines()[-1].startswith("Error:") and match in out
+    assert [(b.name, b.version) for b in two.list(all_versions=True)] == [("code", 1), ("law", 1)]
+    assert not (tmp_path / "out").exists()
+
+
+def test_merging_a_stack_says_how_to_flatten_it(cli, two):
+    run(cli, "stack", "law", "code", "--weights", "1,-0.5", "--name", "lc")
+    out = run(cli, "merge", "lc", "law", "--name", "x", code=1)
+    flatten = "adapterkit stack law@1 code@1 --weights 1,-0.5 --flatten --name NAME"
+    assert "lc@1 is a stack" in out and flatten in out and "not valid JSON" not in out
+    assert "Saved flat@1" in run(cli, *flatten.split()[1:-1], "flat")
+    assert "Saved x@1: exact_svd of flat@1, law@1" in run(cli, "merge", "flat", "law",
+                                                          "--name", "x")
+
+
 def test_export_merged_cli(cli, two, tmp_path):
     out = run(cli, "export", "law", tmp_path / "merged", "--merged")
     assert "merged into its base" in out and "max logit difference" in out

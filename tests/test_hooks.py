@@ -195,6 +195,11 @@ def test_hook_register_merge_strategies(library, tiny_base, peft_adapter, tmp_pa
 
     with pytest.raises(ConfigError, match="does not accept negative weights"):
         merge(library, ["one", "two"], [0.5, -1.0], method="scale-first", name="neg", plugins=pm)
+    with pytest.raises(ConfigError, match="method scale-first does not use --density"):
+        merge(library, ["one", "two"], None, method="scale-first", name="d", density=0.5,
+              plugins=pm)
+    with pytest.raises(ConfigError, match="method scale-first does not use --rank"):
+        merge(library, ["one", "two"], None, method="scale-first", name="r", rank=4, plugins=pm)
     assert len(calls) == 1
 
 

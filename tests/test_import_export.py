@@ -52,13 +52,67 @@ def test_target_list_is_refused_only_when_no_name_exists(library, tiny_base, pef
     partly = tmp_path / "partly"
     shutil.copytree(peft_adapter, partly)
     config = json.loads((partly / "adapter_config.json").read_text())
-    config["target_modules"] = ["q_proj", "qkv_proj"]
+    config["target_modules"] = ["q_proj", "v_proj", "qkv_proj"]
     (partly / "adapter_config.json").write_text(json.dumps(config))
     assert library.import_peft(partly, "partly", base=str(tiny_base)).ref == "partly@1"
     config["target_modules"] = ["qkv_proj", "wqkv"]
     (partly / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(BaseMismatch, match="none of the target modules qkv_proj, wqkv exists"):
         library.import_peft(partly, "broken", base=str(tiny_base))
+
+
+def edited(adapter, folder, **changes):
+    """A copy of ``adapter`` whose adapter_config.json has ``changes``."""
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("changes,ignored", [
+    ({"target_modules": ["q_proj"]}, "layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj"),
+    ({"layers_to_transform": [0]}, "layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj"),
+    ({"exclude_modules": ["v_proj"]}, "layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj"),
+])
+def test_factors_the_config_does_not_target_are_refused(library, tiny_base, peft_adapter,
+                                                        tmp_path, changes, ignored):
+    """PEFT builds LoRA layers only where the config targets and drops the other factors;
+    sessions and merges read every factor, so such a file would give other answers there."""
+    with pytest.raises(InvalidAdapter, match=f"factors for model.{ignored}, which its "
+                                             "target_modules.* PEFT would ignore them"):
+        library.import_peft(edited(peft_adapter, tmp_path / "a", **changes), "a",
+                            base=str(tiny_base))
+    assert library.list(all_versions=True) == []
+
+
+@pytest.mark.parametrize("changes,said", [
+    ({"r": 16}, "have factors of rank 8, but its config gives r=16"),
+    ({"rank_pattern": {"v_proj": 2}}, "v_proj have factors of rank 8, but its config gives r=2"),
+])
+def test_factors_of_another_rank_than_the_config_are_refused(library, tiny_base, tmp_path,
+                                                             changes, said):
+    """PEFT refuses such a file (size mismatch); the scale would use the config's r."""
+    adapter = make_peft_adapter(tiny_base, tmp_path / "r8", r=8)
+    with pytest.raises(InvalidAdapter, match=f"{said} .*PEFT refuses to load it"):
+        library.import_peft(edited(adapter, tmp_path / "a", **changes), "a",
+                            base=str(tiny_base))
+    assert library.list(all_versions=True) == []
+
+
+def test_a_book_whose_config_was_changed_since_import_is_refused_on_load(library, tiny_base,
+                                                                         peft_adapter):
+    """A pocket book imported before these checks (or changed since) is refused when loaded."""
+    import adapterkit
+
+    library.import_peft(peft_adapter, "ok", base=str(tiny_base))
+    book = library.import_peft(peft_adapter, "pe", base=str(tiny_base))
+    book = library.update_meta("pe", lambda meta: setattr(meta, "files", {}))  # no hashes
+    config = json.loads((book.path / "adapter_config.json").read_text())
+    (book.path / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
+    session = adapterkit.open(str(tiny_base), home=library.home)
+    assert session.attach("ok") == "ok@1"
+    with pytest.raises(InvalidAdapter, match="pe@1: .*config gives r=16"):
+        session.attach("pe")
 
 
 def test_other_vocabulary_is_refused(library, tiny_base, tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterkit import Library, NameTaken, PocketBookMeta, PocketBookNotFound
+from adapterkit import ConfigError, Library, NameTaken, PocketBookMeta, PocketBookNotFound
 from adapterkit.library.catalog import CatalogWarning
 
 
@@ -75,6 +75,17 @@ def test_tag_and_remove(library):
     assert not (library.root / "a").exists()
     with pytest.raises(PocketBookNotFound):
         library.remove("a")
+
+
+def test_remove_of_a_named_version_with_all_versions_is_refused(library):
+    """Before: ``rm a@1 --all-versions`` removed every version of a."""
+    save(library, "a")
+    save(library, "a@2")
+    with pytest.raises(ConfigError, match="a@1 names one version, --all-versions every "
+                                          "version: remove a@1 alone, or every version with "
+                                          "a --all-versions"):
+        library.remove("a@1", all_versions=True)
+    assert [s.version for s in library.list(all_versions=True)] == [1, 2]
 
 
 def test_failed_save_leaves_nothing(library):

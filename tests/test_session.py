@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit import BaseMismatch, PocketBookNotFound
+from adapterkit import BaseMismatch, ConfigError, PocketBookNotFound
 from adapterkit.plugin_api.testing import make_peft_adapter
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 120, 7, 64]])
@@ -68,6 +68,22 @@ def test_stack_is_the_exact_weighted_sum(tiny_base, books, home):
     expected = peft_logits(tiny_base, {"law": books["law"], "code": books["code"]},
                            {"law": 1.0, "code": 0.5})
     torch.testing.assert_close(logits(session.model), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights,match", [
+    ({"law": float("inf")}, "weight for law must be a finite number, got inf"),
+    ({"law": 1.0, "code": float("-inf")}, "weight for code must be a finite number, got -inf"),
+    ({"law": float("nan")}, "weight for law must be a finite number, got nan"),
+    ({"law": 1.0, "law@1": 2.0}, "law@1 is named twice in the stack; name it once, with the "
+                                 "sum of its weights \\(3\\)"),
+])
+def test_stack_refuses_weights_it_cannot_apply(tiny_base, books, home, weights, match):
+    """Before: an infinite weight was stacked (inf logits), and ``a`` + ``a@1`` kept only
+    the last weight."""
+    session = adapterkit.open(str(tiny_base), home=home)
+    with pytest.raises(ConfigError, match=match):
+        session.stack(weights)
+    assert session.active == {}
 
 
 def test_per_call_adapter_choice_restores_the_active_one(tiny_base, books, home):

@@ -5,6 +5,7 @@ imports torch unless it loads a model."""
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from adapterkit.cli.common import echo_json, library, size, table
 from adapterkit.plugin_api.manager import PluginManager
@@ -208,6 +209,10 @@ def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, fmt: str,
     if quantize is not None and not (merged and fmt == "gguf"):
         raise ConfigError("--quantize applies to --merged --format gguf only (a LoRA GGUF is "
                           "written in float32, as llama.cpp's converter writes it)")
+    if not merged and ctx.get_parameter_source("tolerance") == ParameterSource.COMMANDLINE:
+        raise ConfigError("--tolerance applies to --merged only (it bounds how far the merged "
+                          "model's logits may drift from the unmerged ones); without --merged "
+                          "the LoRA is written as it is: leave --tolerance out")
     if fmt == "gguf":
         from adapterkit.runtime.gguf import export_gguf_lora, export_gguf_merged
 

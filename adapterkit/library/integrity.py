@@ -18,6 +18,7 @@ from adapterkit.files import sha256_file
 from adapterkit.library.metadata import CONFIG_FILE, HASHED_FILES, WEIGHTS_FILE
 from adapterkit.library.peft_folder import (
     AdapterFiles,
+    config_problems,
     fit_problems,
     read_config,
     read_shapes,
@@ -42,7 +43,8 @@ def check_book(book: PocketBook, structure: BaseStructure | None = None) -> None
     ``adapter_model.safetensors`` against those recorded when it was saved (``meta.files``;
     pocket books saved before 0.2 recorded none, and get the other checks only); the config is a
     JSON object; the safetensors header is whole, and with a ``structure`` every tensor lands
-    on that base. A stack has no files of its own to load: check each of its members.
+    on that base and its config targets every LoRA it holds, at its rank. A stack has no files
+    of its own to load: check each of its members.
     """
     folder = book.path
     try:
@@ -77,12 +79,18 @@ def check_book(book: PocketBook, structure: BaseStructure | None = None) -> None
     if not shapes:
         raise InvalidAdapter(f"{book.ref}: {folder / WEIGHTS_FILE} holds no tensors; {REPAIR}")
     if structure is not None:
-        problems = fit_problems(AdapterFiles(folder, config, shapes, pickled=False), structure)
+        adapter = AdapterFiles(folder, config, shapes, pickled=False)
+        problems = fit_problems(adapter, structure)
         if problems:
             raise InvalidAdapter(
                 f"{book.ref}: {folder / WEIGHTS_FILE} does not fit base "
                 f"{structure.architecture}: {summarize(problems)}. It was damaged, or made for "
                 f"another base; {REPAIR}")
+        problems = config_problems(adapter, structure)  # imported before this was checked
+        if problems:
+            raise InvalidAdapter(
+                f"{book.ref}: {summarize(problems)}. Its {CONFIG_FILE} does not describe its "
+                f"weights; correct the adapter and import it again, or re-train it")
 
 
 def base_structure(base: Any) -> BaseStructure:

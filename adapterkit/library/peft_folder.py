@@ -222,6 +222,12 @@ def check_fits(adapter: AdapterFiles, structure: BaseStructure, *, label: str | 
             + ". PEFT would load it with warnings and leave those layers as the plain base has "
             f"them; {advice}"
         )
+    problems = config_problems(adapter, structure)
+    if problems:
+        raise InvalidAdapter(
+            f"{label or f'adapter in {adapter.folder.name}'}: {summarize(problems)}. Its "
+            f"{CONFIG_FILE} does not describe its weights: correct it, or save the adapter "
+            "again with PEFT")
 
 
 def summarize(problems: list[str]) -> str:
@@ -289,6 +295,78 @@ def fit_problems(adapter: AdapterFiles, structure: BaseStructure) -> list[str]:
             problems.append(f"{module}: lora_A rank {ranks[module]} but lora_B rank {shape[-1]}")
     _check_config_targets(adapter.config, structure, problems)
     return problems
+
+
+#: Tensor parts that exist only on a layer PEFT wrapped with LoRA, i.e. a layer it targets.
+_LORA_PARTS = ("A", "B", "B.bias", "magnitude", "embA", "embB")
+
+
+def config_problems(adapter: AdapterFiles, structure: BaseStructure) -> list[str]:
+    """Every way the adapter's LoRA tensors disagree with its own config, so that PEFT would
+    load it otherwise than its tensors say (run after :func:`fit_problems` found none).
+
+    Factors on a module the config does not target (``target_modules``, ``exclude_modules``,
+    ``layers_to_transform``...): PEFT builds no LoRA layer there and drops them, while paths
+    that read the factors themselves would apply them. Factors of another rank than ``r`` /
+    ``rank_pattern`` give that module: PEFT refuses the file (size mismatch), while those
+    paths would scale them by the wrong ``r``.
+    """
+    from adapterkit.lora.factors import rank_of
+
+    problems: list[str] = []
+    lora: dict[str, int | None] = {}  # module → its rank (lora_A's rows), if it has an A
+    for key, shape in adapter.shapes.items():
+        name = parse_key(key)
+        if name.part in _LORA_PARTS:
+            lora.setdefault(name.module, None)
+            if name.part in ("A", "embA"):
+                lora[name.module] = shape[0]
+    ignored = sorted(m for m in lora if not _targeted(adapter.config, structure, m))
+    if ignored:
+        problems.append(
+            f"it holds LoRA factors for {_listed(ignored)}, which its target_modules/"
+            "layers_to_transform/exclude_modules do not target: PEFT would ignore them")
+    wrong: dict[tuple[int, int], list[str]] = {}  # (rank, configured rank) → modules
+    for module, rank in sorted(lora.items()):
+        configured = rank_of(adapter.config, module)
+        if rank is not None and module not in ignored and rank != configured:
+            wrong.setdefault((rank, configured), []).append(module)
+    for (rank, configured), modules in wrong.items():
+        problems.append(
+            f"{_listed(modules)} {'has' if len(modules) == 1 else 'have'} factors of rank "
+            f"{rank}, but its config gives r={configured} (r/rank_pattern): PEFT refuses to "
+            "load it (size mismatch)")
+    return problems
+
+
+def _listed(modules: list[str]) -> str:
+    more = f" (and {len(modules) - 3} more)" if len(modules) > 3 else ""
+    return ", ".join(modules[:3]) + more
+
+
+def _targeted(config: dict[str, Any], structure: BaseStructure, module: str) -> bool:
+    """Whether PEFT would build a LoRA layer on ``module`` from ``config``: PEFT's own test,
+    on the config as PEFT reads it (``all-linear`` expanded on the base as PEFT expands it).
+    A config this cannot judge (no ``target_modules``, ``target_parameters``, an invalid
+    pattern, which :func:`fit_problems` reports) counts as targeting it."""
+    import re
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = config.get("target_modules")
+    if targets is None or config.get("target_parameters"):
+        return True
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        # PEFT: every linear layer but the output layer, by full name (so no layer filter)
+        targets = {m for m in structure.linear if m != structure.output_layer}
+    fields = ("exclude_modules", "modules_to_save", "target_parameters", "layers_to_transform",
+              "layers_pattern")
+    view = SimpleNamespace(target_modules=targets, **{f: config.get(f) for f in fields})
+    try:
+        return bool(check_target_module_exists(view, module))
+    except re.error:  # an invalid target_modules/exclude_modules pattern
+        return True
 
 
 def _shape_problem(name: str, shape: tuple, expected: tuple, structure: BaseStructure) -> str:

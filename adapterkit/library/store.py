@@ -397,6 +397,9 @@ class Library:
         working), unless ``force``.
         """
         ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if all_versions and ref.version is not None:
+            raise ConfigError(f"{ref} names one version, --all-versions every version: remove "
+                              f"{ref} alone, or every version with {ref.name} --all-versions")
         self.reconcile()  # versions a crash left unindexed go too with --all-versions
         book = self.get(ref)
         versions = None if all_versions else [book.version]

@@ -1,7 +1,8 @@
 """Combining pocket books: merge (through a registered strategy) and stack entries.
 
-The core checks what every strategy needs — same base, as many weights as members, finite
-weights (non-negative where the strategy says so), a density in (0, 1] where one is used — then
+The core checks what every strategy needs — same base, single pocket books, as many weights as
+members, finite weights (non-negative where the strategy says so), a density in (0, 1] where one
+is used and none where it is not, a rank only where the strategy uses one — then
 hands the members to the strategy and saves the result as an ordinary pocket book that records
 its parents and method.
 """
@@ -128,6 +129,11 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         raise ConfigError("merge needs at least two pocket books")
     target = library.reserve(name)
     books = [library.get(r) for r in refs]
+    for b in books:
+        if b.meta.kind == "stack":
+            raise ConfigError(f"{b.ref} is a stack, which has no adapter files to merge: "
+                              f"flatten it first ({flatten_command(b)}) and merge that, or "
+                              "merge its members")
     weights = check_weights([b.ref for b in books], weights or [1.0] * len(books),
                             allow_negative=strategy.allows_negative, method=method)
     check_underlays(books, "the merge")
@@ -138,6 +144,13 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
     if strategy.uses_density:
         if density is None or not 0 < density <= 1:
             raise ConfigError(f"method {method} needs --density in (0, 1], got {density}")
+    elif density is not None:
+        raise ConfigError(f"method {method} does not use --density; leave it out (methods "
+                          f"that do: {', '.join(_using(pm, 'uses_density'))})")
+    if rank is not None and not strategy.uses_rank:
+        raise ConfigError(f"method {method} does not use --rank (it sets the result's rank "
+                          "itself); leave it out, or choose a method that does: "
+                          f"{', '.join(_using(pm, 'uses_rank'))}")
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be at least 1, got {rank}")
     inputs = inputs_of(library, books)
@@ -162,6 +175,19 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         source={"kind": "merge", "method": method},
     )
     return save_adapter(library, out, meta, str(target))
+
+
+def _using(pm: PluginManager, flag: str) -> list[str]:
+    """The registered merge methods that set ``flag`` (``uses_density``, ``uses_rank``)."""
+    return [n for n in pm.merge_strategies.names()
+            if getattr(pm.merge_strategies.get(n), flag, False)]
+
+
+def flatten_command(book: PocketBook) -> str:
+    """The command that saves stack ``book`` as one adapter."""
+    weights = dict(book.meta.hyperparameters.get("weights", {}))  # saved with sorted keys
+    return (f"adapterkit stack {' '.join(book.meta.parents)} --weights "
+            f"{','.join(f'{weights[p]:g}' for p in book.meta.parents)} --flatten --name NAME")
 
 
 def save_adapter(library: Library, out: MergeOutput, meta: PocketBookMeta,
@@ -247,6 +273,12 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
     books = [library.get(r) for r in refs]
     weights = check_weights([b.ref for b in books], weights or [1.0] * len(books),
                             allow_negative=True, method="stack")
+    for ref in dict.fromkeys(b.ref for b in books):  # a stack records one weight per member
+        given = [(r, w) for r, w, b in zip(refs, weights, books) if b.ref == ref]
+        if len(given) > 1:
+            raise ConfigError(
+                f"{ref} is named {len(given)} times ({', '.join(r for r, _ in given)}); name "
+                f"it once, with the sum of its weights ({sum(w for _, w in given):g})")
     if len({b.meta.base_fingerprint for b in books}) > 1:
         raise BaseMismatch("cannot stack pocket books of different bases: " + ", ".join(
             f"{b.ref} ({b.meta.base.get('name')})" for b in books))

@@ -92,6 +92,14 @@ class Trainer(Registrable):
     #: run sets wins; a ``guard_weight`` default applies only where the guard is on.
     defaults: ClassVar[dict[str, Any]] = {}
 
+    def preflight(self, *, library: Any, name: str, options: Any, trainer_options: Any,
+                  data: Any) -> None:
+        """Refuse, before the base loads, what only this trainer knows is wrong (raise a
+        :class:`adapterkit.ConfigError` or another adapterkit error): e.g. a pocket book its
+        options name that the ``library`` lacks. Called with the run's resolved ``options``,
+        its typed ``trainer_options`` and its ``data`` (:class:`adapterkit.training.data.Data`).
+        Default: nothing to refuse."""
+
     def train(self, **job: Any) -> Any:
         """Train and return the trained PEFT model plus metrics. Called with keyword arguments.
 
@@ -110,8 +118,12 @@ class MergeStrategy(Registrable):
     kind = "merge strategy"
     #: Whether weights may be negative (task negation); the core refuses them otherwise.
     allows_negative: bool = True
-    #: Whether the strategy needs ``density`` in (0, 1] (TIES, DARE, magnitude pruning).
+    #: Whether the strategy needs ``density`` in (0, 1] (TIES, DARE, magnitude pruning); the
+    #: core refuses ``--density`` otherwise.
     uses_density: bool = False
+    #: Whether the strategy chooses its result's rank from ``rank`` (SVD); the core refuses
+    #: ``--rank`` otherwise.
+    uses_rank: bool = False
 
     def merge(self, *, adapters: list[Any], weights: list[float], rank: int | None = None,
               density: float | None = None, base_model: Any = None, **options: Any) -> Any:

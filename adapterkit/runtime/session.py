@@ -7,6 +7,7 @@ error, never a silent answer from the plain base.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,11 +198,15 @@ class Session:
     def stack(self, weights: dict[str, float]) -> float:
         """Activate several pocket books at once: ΔW = Σ wᵢ·ΔWᵢ, exactly (ranks concatenated)."""
 
-        keys = {}
+        keys: dict[str, float] = {}
         for ref, weight in weights.items():
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError(f"stack weight for {ref} must be a finite number, got "
+                                  f"{weight!r}")
             key = self._attached(ref)
-            if not isinstance(weight, (int, float)) or weight != weight:
-                raise ConfigError(f"stack weight for {ref} must be a number, got {weight!r}")
+            if key in keys:  # "a" and "a@1": one weight would silently replace the other
+                raise ConfigError(f"{key} is named twice in the stack; name it once, with the "
+                                  f"sum of its weights ({keys[key] + weight:g})")
             keys[key] = float(weight)
         for key in list(keys):  # a member trained --on others needs them underneath, at 1
             for under in self.books[key].stacked_on:

@@ -150,16 +150,22 @@ class RewardScorer:
                 self.model.score.bias.copy_(head["bias"])
 
     @staticmethod
-    def check(base: Any, book: PocketBook) -> None:
-        """Refuse a policy pocket book, or a reward pocket book made on another base."""
-        from adapterkit.base.compat import check_base
-        from adapterkit.errors import BaseMismatch
+    def check_kind(book: PocketBook) -> None:
+        """Refuse a policy pocket book where a reward one is needed (no base needed)."""
         from adapterkit.lora.underlay import is_reward_book
 
         if not is_reward_book(book):
             raise InvalidAdapter(f"--reward {book.ref} is a policy pocket book, not a reward "
                                  "one; train one with `adapterkit train reward` (or run rlhf "
                                  "without --reward)")
+
+    @staticmethod
+    def check(base: Any, book: PocketBook) -> None:
+        """Refuse a policy pocket book, or a reward pocket book made on another base."""
+        from adapterkit.base.compat import check_base
+        from adapterkit.errors import BaseMismatch
+
+        RewardScorer.check_kind(book)
         try:
             check_base(base, book)
         except BaseMismatch as exc:

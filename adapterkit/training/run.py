@@ -240,6 +240,9 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     ref = library.reserve(name)
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
+    if hasattr(trainer_obj, "preflight"):  # (a plugin written before it may not have it)
+        trainer_obj.preflight(library=library, name=str(ref), options=options,
+                              trainer_options=trainer_options, data=dataset)
     # epochs for this data (sft: enough for its min_steps), on the rows left after the split
     epochs_given = options.epochs is not None
     held_out = held_out_rows(len(dataset.rows), options.eval_split)

@@ -18,6 +18,7 @@ class Breadcrumbs(MergeStrategy):
     name = "breadcrumbs"
     description = "Model Breadcrumbs: drop outliers and small entries of each ΔW, sum, SVD"
     uses_density = True
+    uses_rank = True
 
     def merge(self, *, adapters, weights, rank=None, density=None, **_):
         import torch
