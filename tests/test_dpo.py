@@ -293,3 +293,24 @@ def test_an_eval_split_gives_dpos_held_out_loss_of_the_saved_pocket_book(tiny_ba
     assert figures["reward_accuracy"] == wins / len(losses)
     card = (result.pocket_book.path / "README.md").read_text()
     assert f"on 4 held-out pairs, step {figures['step']}): {_fmt(figures['loss'])}" in card
+
+
+def test_the_held_out_figure_is_of_the_step_whose_weights_are_kept():
+    """The trainer's evaluation at the kept step: the last, early stopping's best, or the
+    forgetting guard's fallback; none where the trainer did not evaluate that step."""
+    from types import SimpleNamespace
+
+    from adapterkit.training.run import trainer_eval
+
+    log = [{"loss": 0.7, "step": 2}, {"eval_loss": 0.6, "eval_rewards/accuracies": 0.5,
+                                      "step": 2},
+           {"eval_loss": 0.4, "eval_rewards/accuracies": 1.0, "eval_rewards/margins": 0.3,
+            "step": 4}]
+    state = SimpleNamespace(global_step=4, log_history=log)
+    assert trainer_eval(state, None, 4) == {"loss": 0.4, "step": 4, "pairs": 4,
+                                            "measured_by": "trainer", "reward_accuracy": 1.0,
+                                            "reward_margin": 0.3}
+    best = {"best_step": 2, "restored_best": True}
+    assert trainer_eval(state, best, 4)["loss"] == 0.6
+    assert trainer_eval(state, None, 4, kept=2)["step"] == 2  # the guard's fallback
+    assert trainer_eval(state, None, 4, kept=3) is None  # not evaluated there

@@ -266,3 +266,39 @@ def test_a_resumed_runs_tokens_per_second_are_of_its_own_steps(tiny_base, adapte
     own = whole["tokens"] - first["tokens"]
     assert resumed["tokens_per_second"] * resumed["loop_seconds"] == pytest.approx(own, rel=0.05)
     assert "resumed_at_step" not in whole
+
+
+def test_a_stage_with_the_runs_own_options_takes_what_its_trainer_acts_on(
+        tiny_base, adapterkit_data, home, adapterkit_plugin_manager):
+    """A trainer that trains a reward pocket book first (``job.train_stage`` with default
+    options) on a run that measures forgetting, with a guard's anchor and min_steps: the
+    reward stage, which can use none of them, trains with the rest of the run's options
+    instead of being refused after the base loaded."""
+    sft = get_plugin_manager(env=False).trainer("sft")
+
+    class Judged(Trainer):
+        name = "judged"
+        data_shapes = ("preference",)
+        uses_guard = True
+
+        def train(self, *, job, **_):
+            stage = job.train_stage("reward", name="judged-judge")
+            job.options.trainer_options["judge"] = stage.pocket_book.ref
+            job.data = type(job.data)(
+                [{"prompt": r["prompt"], "completion": r["chosen"]} for r in job.data.rows],
+                "prompt_completion", job.data.source, job.data.sha256, job.data.format)
+            return sft.train(job=job)
+
+    anchor = home / "anchor.txt"
+    home.mkdir(parents=True, exist_ok=True)
+    anchor.write_text("Some prose to stay near.\n\nAnd a second paragraph of it.\n")
+    pm = adapterkit_plugin_manager(_plugin(Judged()))
+    result = train("judged", base=str(tiny_base), data=str(adapterkit_data["preference"]),
+                   name="judged", home=home, plugins=pm,
+                   options=TrainOptions(**{**TINY, "max_steps": -1}, min_steps=2,
+                                        forgetting_budget=50.0, anchor=str(anchor),
+                                        general="general"))
+    judge = Library(home).get("judged-judge")
+    assert judge.meta.trainer == "reward" and "forgetting" not in judge.meta.metrics
+    assert judge.meta.hyperparameters["min_steps"] is None
+    assert "forgetting" in result.metrics  # the run's own check acted

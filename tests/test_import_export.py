@@ -160,3 +160,31 @@ def test_truncated_adapter_weights(library, tiny_base, peft_adapter, tmp_path):
     w.write_bytes(w.read_bytes()[:200])
     with pytest.raises(InvalidAdapter, match="adapter weights"):
         library.import_peft(cut, "cut", base=str(tiny_base))
+
+
+def test_a_long_target_list_is_read_as_peft_shortens_it(library, tmp_path):
+    """With 20 or more target modules (every linear layer of a base of 3 layers, by name: 21),
+    PEFT's ``inject_adapter`` shortens the list to suffixes, and then ``layers_to_transform``
+    filters the layers. Checked against PEFT itself: an adapter made on all layers whose config
+    is then limited to layer 0 loads in PEFT with LoRA on layer 0 only, and is refused here;
+    one PEFT made with that config is accepted."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny_base(tmp_path / "three", num_hidden_layers=3)
+    names = [n for n, m in AutoModelForCausalLM.from_pretrained(base).named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert len(names) >= 20
+    whole = make_peft_adapter(base, tmp_path / "whole", target_modules=names)
+    # (PEFT saves the list it shortened: put the long one back, as a hand-written config has it)
+    limited = edited(whole, tmp_path / "limited", target_modules=names, layers_to_transform=[0])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), limited)
+    wrapped = {n.split(".layers.")[1].split(".")[0] for n, m in peft.named_modules()
+               if hasattr(m, "lora_A") and ".layers." in n}
+    assert wrapped == {"0"}  # PEFT drops layers 1 and 2's factors
+    with pytest.raises(InvalidAdapter, match="model.layers.1.* PEFT would ignore them"):
+        library.import_peft(limited, "limited", base=str(base))
+    made = make_peft_adapter(base, tmp_path / "made", target_modules=names,
+                             layers_to_transform=[0])
+    assert library.import_peft(made, "made", base=str(base)).ref == "made@1"

@@ -154,6 +154,13 @@ def test_a_resume_with_other_settings_is_refused_and_leaves_the_search_as_it_was
     (dict(space=["lr"], trials=2, budget=1.0, options=options(general="off")),
      "--budget keeps trials by their forgetting figure, which --general off turns off"),
     (dict(space=["lr"], trials=2, resume=True), "no interrupted search of bad to resume"),
+    (dict(space=["steps"], trials=2, options=options(max_steps=-1, epochs=2)),
+     "beside which the trainer ignores --epochs: leave --epochs out"),
+    # what a trial's own run refuses before its base loads, refused before the study exists
+    (dict(space=["lr"], trials=2, options=options(anchor="anchor.txt", forgetting_budget=0)),
+     "--anchor is the forgetting guard's anchor text"),
+    (dict(space=["lr"], trials=2, options=options(chat=None, guard_weight=0.5), trainer="rlhf"),
+     "the rlhf trainer does not apply the forgetting guard"),
 ])
 def test_bad_searches_are_refused_before_any_work(tiny_base, home, pairs, pm, kwargs, message):
     kwargs.setdefault("options", options())

@@ -354,9 +354,6 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     shape = [flag for flag, key in (("-r", "r"), ("--alpha", "alpha"), ("--dropout", "dropout"),
                                     ("--target-modules", "target_modules"))
              if overrides.get(key) is not None]
-    if overrides.get("epochs") is not None and (overrides.get("max_steps") or 0) > 0:
-        raise ConfigError("--max-steps sets the run's length, and the trainer ignores --epochs "
-                          "beside it: give one")
     if start_from and shape:  # the copy keeps its LoRA shape: the flags would do nothing
         raise ConfigError(f"--from {start_from} continues a copy of that pocket book, with its "
                           f"rank, alpha, dropout and target modules: drop {', '.join(shape)}")
@@ -367,6 +364,9 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     state = obj(ctx)
     # the trainer's own options are checked with the rest: one error lists every problem
     options = build_options(recipe, overrides, trainer=state["plugins"].trainer(trainer))
+    if options.epochs is not None and options.max_steps > 0:  # flags or --config alike
+        raise ConfigError("--max-steps sets the run's length, and the trainer ignores --epochs "
+                          "beside it: give one (max_steps: or epochs: in a recipe)")
     if space:
         search.run(trainer, base=base, data=data, name=name, train_options=options, state=state,
                    space=space, trials=trials, budget=budget_pct, on=on, start_from=start_from,

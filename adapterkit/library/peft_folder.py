@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -321,14 +322,18 @@ def config_problems(adapter: AdapterFiles, structure: BaseStructure) -> list[str
             lora.setdefault(name.module, None)
             if name.part in ("A", "embA"):
                 lora[name.module] = shape[0]
-    ignored = sorted(m for m in lora if not _targeted(adapter.config, structure, m))
+    targeted = _targeting(adapter.config, structure)
+    ignored = sorted(m for m in lora if not targeted(m))
     if ignored:
         problems.append(
             f"it holds LoRA factors for {_listed(ignored)}, which its target_modules/"
             "layers_to_transform/exclude_modules do not target: PEFT would ignore them")
     wrong: dict[tuple[int, int], list[str]] = {}  # (rank, configured rank) → modules
     for module, rank in sorted(lora.items()):
-        configured = rank_of(adapter.config, module)
+        try:
+            configured = rank_of(adapter.config, module)
+        except (TypeError, ValueError):  # a value PEFT cannot read either: PEFT says so
+            continue
         if rank is not None and module not in ignored and rank != configured:
             wrong.setdefault((rank, configured), []).append(module)
     for (rank, configured), modules in wrong.items():
@@ -344,11 +349,14 @@ def _listed(modules: list[str]) -> str:
     return ", ".join(modules[:3]) + more
 
 
-def _targeted(config: dict[str, Any], structure: BaseStructure, module: str) -> bool:
-    """Whether PEFT would build a LoRA layer on ``module`` from ``config``: PEFT's own test,
-    on the config as PEFT reads it (``all-linear`` expanded on the base as PEFT expands it).
-    A config this cannot judge (no ``target_modules``, ``target_parameters``, an invalid
-    pattern, which :func:`fit_problems` reports) counts as targeting it."""
+def _targeting(config: dict[str, Any], structure: BaseStructure) -> Callable[[str], bool]:
+    """Whether PEFT would build a LoRA layer on a module from ``config``: PEFT's own test, on the
+    config as PEFT reads it when it injects the adapter — ``all-linear`` expanded on the base,
+    and a list of at least ``MIN_TARGET_MODULES_FOR_OPTIMIZATION`` names shortened to the
+    suffixes that single them out, after which ``layers_to_transform`` filters them (PEFT's
+    ``inject_adapter``). A config this cannot judge (no ``target_modules``,
+    ``target_parameters``, an invalid pattern or value, which PEFT or :func:`fit_problems`
+    reports) counts as targeting every module."""
     import re
     from types import SimpleNamespace
 
@@ -356,17 +364,40 @@ def _targeted(config: dict[str, Any], structure: BaseStructure, module: str) -> 
 
     targets = config.get("target_modules")
     if targets is None or config.get("target_parameters"):
-        return True
+        return lambda module: True
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        # PEFT: every linear layer but the output layer, by full name (so no layer filter)
+        # every linear layer but the output layer, by full name, as PEFT expands it
         targets = {m for m in structure.linear if m != structure.output_layer}
+    if isinstance(targets, (list, set)):
+        targets = _shortened(set(targets), structure)
     fields = ("exclude_modules", "modules_to_save", "target_parameters", "layers_to_transform",
               "layers_pattern")
     view = SimpleNamespace(target_modules=targets, **{f: config.get(f) for f in fields})
+
+    def targeted(module: str) -> bool:
+        try:
+            return bool(check_target_module_exists(view, module))
+        except (re.error, TypeError, ValueError):  # a pattern or value PEFT cannot read
+            return True
+    return targeted
+
+
+def _shortened(targets: set[str], structure: BaseStructure) -> set[str]:
+    """``targets`` as PEFT's ``inject_adapter`` rewrites a long list: the shortest suffixes
+    that match them and no other module (here: no other linear layer, the only modules whose
+    names could share a target's suffix); PEFT's own private helper, so a version without it
+    leaves the list as it is."""
     try:
-        return bool(check_target_module_exists(view, module))
-    except re.error:  # an invalid target_modules/exclude_modules pattern
-        return True
+        from peft.tuners.tuners_utils import _find_minimal_target_modules
+        from peft.utils.constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION
+    except ImportError:
+        return targets
+    if len(targets) < MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        return targets
+    suffixes = tuple("." + t for t in targets)
+    others = [m for m in structure.linear if m not in targets and not m.endswith(suffixes)]
+    shorter = set(_find_minimal_target_modules(targets, others))
+    return shorter if len(shorter) < len(targets) else targets
 
 
 def _shape_problem(name: str, shape: tuple, expected: tuple, structure: BaseStructure) -> str:

@@ -279,9 +279,10 @@ def refuse_inert_options(name: str, trainer: Any, options: TrainOptions) -> None
         raise ConfigError(f"the {name} trainer does not pack sequences: drop --packing "
                           "(packing: false in a recipe's stage)")
     if options.anchor and not guard_requested(options):
+        turn_on = ", or turn the guard on (--forgetting-budget)" if applies_guard(trainer) \
+            else f" (the {name} trainer applies no guard)"
         raise ConfigError("--anchor is the forgetting guard's anchor text, and this run has no "
-                          "guard: drop --anchor (anchor: null in a recipe's stage), or turn "
-                          "the guard on (--forgetting-budget)")
+                          f"guard: drop --anchor (anchor: null in a recipe's stage){turn_on}")
     if options.general and getattr(trainer, "head", "causal-lm") == "reward":
         raise ConfigError(f"the {name} trainer makes a reward head, which scores text and "
                           "generates none: there is no forgetting on general text to measure; "

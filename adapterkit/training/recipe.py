@@ -305,6 +305,9 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
                 t.name for t in pm.trainers if getattr(t, "uses_guard", False)
                 and getattr(t, "head", "causal-lm") != "reward"])
             refuse_inert_options(trainer.name, trainer, with_defaults(trainer, options))
+        if options.epochs is not None and options.max_steps > 0:
+            raise ConfigError("max_steps sets the stage's length, and the trainer ignores "
+                              "epochs beside it: give one")
     except (ConfigError, PluginError) as exc:
         problems.append(f"{where}: {exc}")
         return trainer, None

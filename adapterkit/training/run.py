@@ -318,8 +318,16 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     def run_stage(stage_trainer: str, *, name: str, data: str | None = None,
                   options: TrainOptions | None = None) -> TrainResult:
         """Train another pocket book first, on the same resident base (rlhf's reward)."""
-        stage_options = options or replace(job.options, trainer_options={},
-                                           forgetting_budget=0, guard_weight=None)
+        # the run's options without its guard, less what the stage's trainer would refuse
+        # as inert (a forgetting check for a reward head, packing) and min_steps, which acted
+        # on this run already (resolved into the epochs the stage keeps)
+        other = pm.trainer(stage_trainer)
+        stage_options = options or replace(
+            job.options, trainer_options={}, forgetting_budget=0, guard_weight=None,
+            anchor=None, min_steps=None,
+            general=None if getattr(other, "head", "causal-lm") == "reward"
+            else job.options.general,
+            packing=job.options.packing and bool(getattr(other, "packs", False)))
         result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
                        options=stage_options, home=library.home, plugins=pm,
                        callbacks=callbacks, progress=say)
@@ -537,9 +545,14 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
     elif run.eval_data is not None and run.eval_data.shape == "preference":
         # pairs without one completion to score: the trainer's own evaluation (DPO's loss on
         # the held-out pairs, against the reference it trains with) of the weights kept
-        figures = trainer_eval(state, stopped, len(run.eval_data.rows))
+        guarded = metrics.get("guard") or {}
+        kept = guarded.get("kept_step") if guarded.get("restored") else None
+        figures = trainer_eval(state, stopped, len(run.eval_data.rows), kept=kept)
         if figures is not None:
             metrics["eval"] = figures
+        elif kept is not None:
+            run.say(f"No held-out figure: the trainer did not evaluate step {kept}, whose "
+                    "weights the forgetting guard kept.")
     elif run.eval_data is not None:
         metrics["eval"] = task_loss(model, tokenizer, run.eval_data.rows, chat=run.job.chat)
     if run.general is not None:
@@ -559,15 +572,17 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
     return model, metrics
 
 
-def trainer_eval(state: Any, stopped: dict[str, Any] | None, pairs: int
-                 ) -> dict[str, Any] | None:
-    """The trainer's evaluation of the held-out split at the step whose weights are kept (the
-    last, or early stopping's best), from its log: ``loss`` and, where the trainer logs them
-    (TRL's DPO), how often the chosen answer's implicit reward beat the rejected one's and by
-    how much on average. None when the trainer did not evaluate that step (rlhf's policy
-    stage evaluates nothing: its held-out pairs are the reward stage's)."""
-    kept = stopped["best_step"] if stopped and stopped.get("restored_best") else \
-        getattr(state, "global_step", None)
+def trainer_eval(state: Any, stopped: dict[str, Any] | None, pairs: int, *,
+                 kept: int | None = None) -> dict[str, Any] | None:
+    """The trainer's evaluation of the held-out split at the step whose weights are kept
+    (``kept``: the forgetting guard's fallback; else early stopping's best, or the last step),
+    from its log: ``loss`` and, where the trainer logs them (TRL's DPO), how often the chosen
+    answer's implicit reward beat the rejected one's and by how much on average. None when the
+    trainer did not evaluate that step (rlhf's policy stage evaluates nothing: its held-out
+    pairs are the reward stage's)."""
+    if kept is None:
+        kept = stopped["best_step"] if stopped and stopped.get("restored_best") else \
+            getattr(state, "global_step", None)
     logged = [h for h in getattr(state, "log_history", [])
               if "eval_loss" in h and h.get("step") == kept]
     if not logged:

@@ -31,8 +31,11 @@ def resumed_at(checkpoint: str | None) -> dict[str, int] | None:
     before training, which may rotate the checkpoint away)."""
     if not checkpoint:
         return None
-    saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return {k: int(saved.get(k) or 0) for k in ("global_step", "num_input_tokens_seen")}
+    try:
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        return {k: int(saved.get(k) or 0) for k in ("global_step", "num_input_tokens_seen")}
+    except (OSError, ValueError, TypeError, AttributeError):  # the trainer refuses it itself
+        return None
 
 
 def metrics_of(state: Any, elapsed: float, resumed: dict[str, int] | None = None

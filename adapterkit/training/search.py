@@ -87,6 +87,9 @@ def check_search(space: list[str], trials: int, budget: float | None, rows: int,
     if "steps" in space and options.min_steps:
         raise ConfigError("--search steps sets each trial's --max-steps, with which --min-steps "
                           "cannot act: leave --min-steps out")
+    if "steps" in space and options.epochs is not None:
+        raise ConfigError("--search steps sets each trial's --max-steps, beside which the "
+                          "trainer ignores --epochs: leave --epochs out")
     split = options.eval_split or DEFAULT_EVAL_SPLIT
     from adapterkit.training.build import held_out_rows
 
@@ -122,13 +125,19 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     """
     from adapterkit.library.store import Library
     from adapterkit.plugin_api.manager import default_plugin_manager
-    from adapterkit.training.build import held_out_rows
+    from adapterkit.training.build import (
+        applies_guard,
+        held_out_rows,
+        refuse_inert_options,
+        refuse_unapplied_guard,
+    )
     from adapterkit.training.data import load_data
     from adapterkit.training.job import planned_steps
     from adapterkit.training.launch import ranks
     from adapterkit.training.options import (
         GENERAL_OFF,
         TrainOptions,
+        build_trainer_options,
         check_options,
         with_data_defaults,
         with_defaults,
@@ -172,6 +181,16 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     # each trial is scored on the split as trained: no early stopping choosing on it too
     base_options = dataclasses.replace(options, eval_split=split, general=general,
                                        early_stopping=0)
+    # what a trial's run would refuse before its base loads, refused before the study exists
+    # (a refused trial would leave a study that blocks the next search as an interrupted one)
+    resolved = with_defaults(trainer_obj, base_options)
+    refuse_unapplied_guard(trainer, trainer_obj, resolved,
+                           guarded=[t.name for t in pm.trainers if applies_guard(t)])
+    refuse_inert_options(trainer, trainer_obj, resolved)
+    if hasattr(trainer_obj, "preflight"):
+        trainer_obj.preflight(library=library, name=f"{name}-{TRIAL}0", options=resolved,
+                              trainer_options=build_trainer_options(trainer_obj, resolved),
+                              data=dataset)
     # the steps a trial takes as its training resolves them (sft: at least its min_steps)
     train_rows = rows - held_out_rows(rows, split)
     planned = planned_steps(with_data_defaults(with_defaults(trainer_obj, base_options),
