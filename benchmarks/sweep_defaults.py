@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
         result.model.unload()  # the shared base gets its plain layers back
-        library.remove(result.pocket_book.ref, all_versions=True)
+        library.remove(result.pocket_book.name, all_versions=True)
 
 
 def table(results: Path) -> None:

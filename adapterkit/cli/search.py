@@ -60,10 +60,10 @@ def check(space_text: str | None, trials: int | None, budget: str | None,
         raise ConfigError(f"{', '.join(clash)} sets what --search {space_text} varies: give one "
                           "or the other")
     if recipe is not None:  # a recipe's value would be replaced in every trial, as a flag's
-        from adapterkit.training.options import _read_recipe
+        from adapterkit.training.options import read_recipe_values
         from adapterkit.training.search import SEARCHABLE
 
-        keys = {str(k).replace("-", "_") for k in _read_recipe(Path(recipe))}
+        keys = {str(k).replace("-", "_") for k in read_recipe_values(Path(recipe))}
         set_there = [SEARCHABLE[n] for n in space if SEARCHABLE[n] in keys]
         if set_there:
             raise ConfigError(f"{recipe} sets {', '.join(set_there)}, which --search "

@@ -298,6 +298,23 @@ def fit_problems(adapter: AdapterFiles, structure: BaseStructure) -> list[str]:
     return problems
 
 
+def pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """The value ``pattern`` (``rank_pattern``/``alpha_pattern``) gives ``module``, resolved
+    exactly as PEFT does: the *first* key (in the config's order) that matches the end of the
+    module path wins. PEFT's own function, so a change in PEFT's rule reaches us too."""
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(pattern.keys()), module)
+    return pattern.get(key, default)
+
+
+def rank_of(config: dict[str, Any], module: str) -> int:
+    """The configured rank of ``module`` (``r`` or its ``rank_pattern`` entry)."""
+    return int(pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
+
+
 #: Tensor parts that exist only on a layer PEFT wrapped with LoRA, i.e. a layer it targets.
 _LORA_PARTS = ("A", "B", "B.bias", "magnitude", "embA", "embB")
 
@@ -312,8 +329,6 @@ def config_problems(adapter: AdapterFiles, structure: BaseStructure) -> list[str
     ``rank_pattern`` give that module: PEFT refuses the file (size mismatch), while those
     paths would scale them by the wrong ``r``.
     """
-    from adapterkit.lora.factors import rank_of
-
     problems: list[str] = []
     lora: dict[str, int | None] = {}  # module → its rank (lora_A's rows), if it has an A
     for key, shape in adapter.shapes.items():

@@ -29,25 +29,10 @@ from adapterkit.library.peft_folder import (
     WEIGHTS_FILE,
     TensorName,
     parse_key,
+    pattern_value,
+    rank_of,
     read_config,
 )
-
-
-def pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """The value ``pattern`` (``rank_pattern``/``alpha_pattern``) gives ``module``, resolved
-    exactly as PEFT does: the *first* key (in the config's order) that matches the end of the
-    module path wins. PEFT's own function, so a change in PEFT's rule reaches us too."""
-    if not pattern:
-        return default
-    from peft.utils.other import get_pattern_key
-
-    key = get_pattern_key(list(pattern.keys()), module)
-    return pattern.get(key, default)
-
-
-def rank_of(config: dict[str, Any], module: str) -> int:
-    """The configured rank of ``module`` (``r`` or its ``rank_pattern`` entry)."""
-    return int(pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
 
 
 def scale_of(config: dict[str, Any], module: str) -> float:

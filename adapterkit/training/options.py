@@ -199,7 +199,7 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
     values: dict[str, Any] = {}
     problems: list[str] = []
     if recipe is not None:
-        values.update(_read_recipe(Path(recipe)))
+        values.update(read_recipe_values(Path(recipe)))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     hints = get_type_hints(TrainOptions)
     known = {f.name for f in dataclasses.fields(TrainOptions)}
@@ -425,7 +425,9 @@ def _trainer_options(trainer: Trainer, options: TrainOptions) -> tuple[Any, list
     return instance, problems
 
 
-def _read_recipe(path: Path) -> dict[str, Any]:
+def read_recipe_values(path: Path) -> dict[str, Any]:
+    """A ``--config`` recipe's options as written (a YAML mapping), or a refusal naming the
+    file."""
     import yaml
 
     if not path.is_file():
