@@ -212,8 +212,10 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None,
     data = data_dir()
     train_file, test = data / "preferences_train.jsonl", load_jsonl(data / "preferences_test.jsonl")
     library = adapterkit.Library(home)
-    on = on or next((f"{s.name}@{s.version}" for s in library.list(tag="quickstart")
-                     if s.name == "triage"), None)
+    # the newest triage part one made, though a later version made otherwise may follow it
+    made = [s.version for s in library.list(tag="quickstart", all_versions=True)
+            if s.name == "triage"]
+    on = on or (f"triage@{max(made)}" if made else None)
     if on is None:
         raise QuickstartError("No triage pocket book yet: run part one first (adapterkit "
                               "quickstart --part 1, or python examples/quickstart.py), or "

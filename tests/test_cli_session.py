@@ -42,8 +42,9 @@ def test_swap_answers_with_each_and_reports_latency(cli, two):
 
 def test_chat_repl_commands(cli, two):
     script = "\n".join(["/list", "/swap law", "hi", "/stack law=1 code=0.5", "/off",
-                        "/swap ghost", "/bogus", "/quit"]) + "\n"
+                        "/stack law=1 law=2", "/swap ghost", "/bogus", "/quit"]) + "\n"
     out = run(cli, "chat", "--adapter", "code", "--max-new-tokens", "3", input=script)
+    assert "law is named twice in /stack" in out
     assert "law@1" in out and "swapped to law@1" in out
     assert "stacked {'law@1': 1.0, 'code@1': 0.5}" in out and "plain base" in out
     assert "Error: 'ghost'" in out or "no pocket book named 'ghost'" in out

@@ -159,3 +159,30 @@ def test_the_trained_model_is_freed_before_verify_loads_the_base_again(tiny_base
     qs.part_one(base=str(tiny_base), steps=1, home=home)
     qs.part_two(base=str(tiny_base), steps=1, home=home)
     assert alive_at_verify == [False, False]
+
+
+def test_part_two_finds_part_ones_triage_under_a_later_version(home, tiny_base, peft_adapter,
+                                                               monkeypatch):
+    """triage@1 made by part one (tagged), then a triage@2 made otherwise: part two trains on
+    triage@1, where it said no triage existed."""
+    import adapterkit
+    from adapterkit import quickstart
+
+    library = adapterkit.Library(home)
+    library.import_peft(peft_adapter, "triage", base=str(tiny_base))
+    library.tag("triage@1", "quickstart")
+    library.import_peft(peft_adapter, "triage@2", base=str(tiny_base))
+
+    class Found(Exception):
+        pass
+
+    def stop(base, **_):
+        raise Found
+    monkeypatch.setattr(adapterkit, "load_base", stop)
+    seen = []
+    real_get = adapterkit.Library.get
+    monkeypatch.setattr(adapterkit.Library, "get",
+                        lambda self, ref: seen.append(str(ref)) or real_get(self, ref))
+    with pytest.raises(Found):
+        quickstart.part_two(base=str(tiny_base), home=home)
+    assert seen == ["triage@1"]

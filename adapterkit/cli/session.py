@@ -150,9 +150,12 @@ def _swap_on_server(url: str, api_key: str | None, names: list[str], prompt: str
 
 
 def _parse_stack(parts: list[str]) -> dict[str, float]:
-    out = {}
+    out: dict[str, float] = {}
     for part in parts:
         name, sep, weight = part.partition("=")
+        if name in out:  # a dict would keep the last weight without a word
+            raise ConfigError(f"{name} is named twice in /stack; name it once, with the sum of "
+                              "its weights")
         try:
             out[name] = float(weight) if sep else 1.0
         except ValueError:

@@ -496,7 +496,9 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
 @click.option("--scorer", default="exact_match", show_default=True,
               help="Scorer for generated answers (prompt/completion data).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--chat/--no-chat", default=None, help="Use the chat template (default: if any).")
+@click.option("--chat/--no-chat", default=None,
+              help="Use the chat template (default: if the base has one; with --harness "
+                   "only when given, as lm-evaluation-harness itself defaults).")
 @click.option("--skip-bad-rows", is_flag=True,
               help="Evaluate on the usable rows when some have the wrong shape, saying how "
                    "many were skipped. Default: refuse the file, naming the bad rows.")
