@@ -489,3 +489,14 @@ def test_rlhf_refuses_its_reward_book_problems_before_the_base_loads(
     result = adapterkit_cli("train", "rlhf", "--base", str(tmp_path / "no-base"), "--data",
                             adapterkit_data["preference"], "--name", "x", *args)
     refused(result, *words)
+
+
+def test_resuming_from_an_incomplete_checkpoint_is_refused_in_one_line(train_args,
+                                                                       adapterkit_cli, home):
+    """A run killed while saving leaves checkpoint-N without its trainer_state.json, which
+    transformers would fail to read once the base had loaded."""
+    partial = home / "runs" / "x" / "checkpoint-5"
+    partial.mkdir(parents=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"")
+    result = adapterkit_cli(*train_args, "--resume")
+    refused(result, "checkpoint-5, is incomplete", "--restart")

@@ -156,6 +156,8 @@ def test_a_resume_with_other_settings_is_refused_and_leaves_the_search_as_it_was
     (dict(space=["lr"], trials=2, resume=True), "no interrupted search of bad to resume"),
     (dict(space=["steps"], trials=2, options=options(max_steps=-1, epochs=2)),
      "beside which the trainer ignores --epochs: leave --epochs out"),
+    (dict(space=["lr"], trials=2, options=options(epochs=2)),
+     "--max-steps sets each trial's length, and the trainer ignores --epochs beside it"),
     # what a trial's own run refuses before its base loads, refused before the study exists
     (dict(space=["lr"], trials=2, options=options(anchor="anchor.txt", forgetting_budget=0)),
      "--anchor is the forgetting guard's anchor text"),
@@ -424,3 +426,14 @@ def test_a_search_on_top_of_or_from_a_pocket_book_keeps_its_lineage(tiny_base, h
         assert meta.hyperparameters["r"] == 4
     assert len(result.trials) == 2
     assert (library.get("under").path / WEIGHTS_FILE).read_bytes() == before
+
+
+def test_a_resumed_rlhf_search_is_not_refused_for_its_own_trials_books(tiny_base, home, pairs,
+                                                                       pm, peft_adapter):
+    """The preflight's free-name checks run for a fresh search only: a resumed one finds its
+    trials' own books (here, a book named as trial 0's reward stage) and goes on to its own
+    checks (there is no study to resume)."""
+    Library(home).import_peft(peft_adapter, "bad-trial-0-reward", base=str(tiny_base))
+    with pytest.raises(ConfigError, match="no interrupted search of bad to resume"):
+        search("rlhf", base=str(tiny_base), data=str(pairs), name="bad", home=home, plugins=pm,
+               space=["lr"], trials=2, options=options(), resume=True)

@@ -411,7 +411,10 @@ def _shortened(targets: set[str], structure: BaseStructure) -> set[str]:
         return targets
     suffixes = tuple("." + t for t in targets)
     others = [m for m in structure.linear if m not in targets and not m.endswith(suffixes)]
-    shorter = set(_find_minimal_target_modules(targets, others))
+    try:
+        shorter = set(_find_minimal_target_modules(targets, others))
+    except ValueError:  # a list PEFT refuses itself (an empty name...): PEFT says so
+        return targets
     return shorter if len(shorter) < len(targets) else targets
 
 

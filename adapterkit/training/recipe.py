@@ -307,7 +307,8 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
             refuse_inert_options(trainer.name, trainer, with_defaults(trainer, options))
         if options.epochs is not None and options.max_steps > 0:
             raise ConfigError("max_steps sets the stage's length, and the trainer ignores "
-                              "epochs beside it: give one")
+                              "epochs beside it: give one (epochs: null in the stage, where "
+                              "the recipe's defaults give epochs)")
     except (ConfigError, PluginError) as exc:
         problems.append(f"{where}: {exc}")
         return trainer, None

@@ -740,6 +740,11 @@ def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str
         if last is None:
             raise RunStateError(f"there is no interrupted run of {name} to resume; "
                               "start it without --resume")
+        if not (Path(last) / "trainer_state.json").is_file():  # killed while it was written
+            raise RunStateError(
+                f"the last checkpoint of {name}, {last}, is incomplete (no trainer_state.json: "
+                "the run stopped while saving it): remove that folder to resume from the one "
+                "before, or pass --restart to start over")
         return last
     if last is not None and not restart:
         raise RunStateError(

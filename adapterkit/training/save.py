@@ -34,8 +34,8 @@ def resumed_at(checkpoint: str | None) -> dict[str, int] | None:
     try:
         saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
         return {k: int(saved.get(k) or 0) for k in ("global_step", "num_input_tokens_seen")}
-    except (OSError, ValueError, TypeError, AttributeError):  # the trainer refuses it itself
-        return None
+    except (OSError, ValueError, TypeError, AttributeError):  # (an incomplete checkpoint is
+        return None  # refused before training: run._checkpoint)
 
 
 def metrics_of(state: Any, elapsed: float, resumed: dict[str, int] | None = None

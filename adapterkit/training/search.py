@@ -90,6 +90,9 @@ def check_search(space: list[str], trials: int, budget: float | None, rows: int,
     if "steps" in space and options.epochs is not None:
         raise ConfigError("--search steps sets each trial's --max-steps, beside which the "
                           "trainer ignores --epochs: leave --epochs out")
+    if options.epochs is not None and options.max_steps > 0:  # as train refuses it
+        raise ConfigError("--max-steps sets each trial's length, and the trainer ignores "
+                          "--epochs beside it: give one")
     split = options.eval_split or DEFAULT_EVAL_SPLIT
     from adapterkit.training.build import held_out_rows
 
@@ -127,6 +130,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     from adapterkit.plugin_api.manager import default_plugin_manager
     from adapterkit.training.build import (
         applies_guard,
+        general_texts,
         held_out_rows,
         refuse_inert_options,
         refuse_unapplied_guard,
@@ -187,7 +191,11 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     refuse_unapplied_guard(trainer, trainer_obj, resolved,
                            guarded=[t.name for t in pm.trainers if applies_guard(t)])
     refuse_inert_options(trainer, trainer_obj, resolved)
-    if hasattr(trainer_obj, "preflight"):
+    if resolved.anchor:
+        general_texts(resolved.anchor)
+    # (a resumed or restarted search has its trials' own books about, which the preflight's
+    # checks of free names would take for a stranger's)
+    if hasattr(trainer_obj, "preflight") and not (resume or restart):
         trainer_obj.preflight(library=library, name=f"{name}-{TRIAL}0", options=resolved,
                               trainer_options=build_trainer_options(trainer_obj, resolved),
                               data=dataset)
