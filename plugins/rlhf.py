@@ -134,29 +134,20 @@ class RLHF(Trainer):
 
         from trl import GRPOConfig, GRPOTrainer
 
-        from adapterkit import ConfigError, Library, NameTaken, RewardScorer
+        from adapterkit import Library, RewardScorer
 
         o: RLHFOptions = job.trainer_options
         library = Library(job.home)
         if o.reward:
             book = library.get(o.reward)
             RewardScorer.check(job.base, book)  # before any work: right kind, right base
-        else:
-            if job.data.shape != "preference":
-                raise ConfigError("rlhf without --reward first trains a reward pocket book from "
-                                  "preference pairs: give a prompt/chosen/rejected file, or "
-                                  "--reward NAME")
+        else:  # (its data and name were checked before the base loaded: preflight)
             stage_name = job.name.split("@")[0] + "-reward"
             # (the policy's epochs are resolved already: its min_steps acted there; a reward
             # head measures no forgetting on general text)
             stage_options = replace(job.options, trainer_options={}, forgetting_budget=0,
                                     guard_weight=None, min_steps=None, general=None,
                                     max_steps=o.reward_steps or job.options.max_steps)
-            try:
-                library.reserve(stage_name)
-            except NameTaken:
-                raise ConfigError(f"{stage_name} already exists: pass --reward {stage_name} to "
-                                  "optimise against it, or pick another --name") from None
             book = job.train_stage("reward", name=stage_name, options=stage_options).pocket_book
         job.options.trainer_options["reward"] = book.ref  # recorded with the policy
 

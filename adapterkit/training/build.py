@@ -9,7 +9,7 @@ Kept apart from :mod:`adapterkit.training.run` (which orders the steps of a run)
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -268,6 +268,16 @@ def refuse_unapplied_guard(name: str, trainer: Any, options: TrainOptions, *,
             f"the {name} trainer does not apply the forgetting guard (nothing adds its KL term "
             f"to its loss): {others}drop --forgetting-budget/--guard-weight (--general still "
             "measures forgetting)")
+
+
+def refuse_what_cannot_act(name: str, trainer: Any, options: TrainOptions,
+                           trainers: Iterable[Any]) -> None:
+    """Every refusal of options that could not act for ``trainer`` (``options`` with its
+    defaults): a guard it does not apply (naming the ``trainers`` that do), then the inert
+    ones. One place for ``train``, ``--search`` and a recipe's stages."""
+    refuse_unapplied_guard(name, trainer, options,
+                           guarded=[t.name for t in trainers if applies_guard(t)])
+    refuse_inert_options(name, trainer, options)
 
 
 def refuse_inert_options(name: str, trainer: Any, options: TrainOptions) -> None:

@@ -26,11 +26,7 @@ from adapterkit.errors import (
 )
 from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.training.build import (
-    general_texts,
-    refuse_inert_options,
-    refuse_unapplied_guard,
-)
+from adapterkit.training.build import general_texts, refuse_what_cannot_act
 from adapterkit.training.data import Data, load_data, read_rows
 from adapterkit.training.options import GENERAL_OFF, TrainOptions, build_options, with_defaults
 from adapterkit.training.run import run_dir
@@ -301,10 +297,8 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
         options = _options(values, trainer)
         pm.method(options.method)
         if trainer is not None:
-            refuse_unapplied_guard(trainer.name, trainer, options, guarded=[
-                t.name for t in pm.trainers if getattr(t, "uses_guard", False)
-                and getattr(t, "head", "causal-lm") != "reward"])
-            refuse_inert_options(trainer.name, trainer, with_defaults(trainer, options))
+            refuse_what_cannot_act(trainer.name, trainer, with_defaults(trainer, options),
+                                   pm.trainers)
         if options.epochs is not None and options.max_steps > 0:
             raise ConfigError("max_steps sets the stage's length, and the trainer ignores "
                               "epochs beside it: give one (epochs: null in the stage, where "

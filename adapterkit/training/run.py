@@ -22,7 +22,6 @@ from adapterkit.errors import ConfigError, LaunchError, RunStateError
 from adapterkit.library.metadata import PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import (
-    applies_guard,
     attach_new,
     check_lengths,
     check_lora_shape,
@@ -32,8 +31,7 @@ from adapterkit.training.build import (
     make_guard,
     options_of,
     parent_of,
-    refuse_inert_options,
-    refuse_unapplied_guard,
+    refuse_what_cannot_act,
     split_eval,
     underlay_of,
 )
@@ -225,9 +223,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     check_options(options)  # what the defaults added, with what the run set
     # the trainer's own options, typed: every problem in one error, before anything is reserved
     trainer_options = build_trainer_options(trainer_obj, options)
-    refuse_unapplied_guard(trainer, trainer_obj, options,
-                           guarded=[t.name for t in pm.trainers if applies_guard(t)])
-    refuse_inert_options(trainer, trainer_obj, options)
+    refuse_what_cannot_act(trainer, trainer_obj, options, pm.trainers)
     if options.anchor:  # read now, not once the base is loaded
         general_texts(options.anchor)
     from adapterkit.training.early_stop import patience_of

@@ -128,13 +128,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     """
     from adapterkit.library.store import Library
     from adapterkit.plugin_api.manager import default_plugin_manager
-    from adapterkit.training.build import (
-        applies_guard,
-        general_texts,
-        held_out_rows,
-        refuse_inert_options,
-        refuse_unapplied_guard,
-    )
+    from adapterkit.training.build import general_texts, held_out_rows, refuse_what_cannot_act
     from adapterkit.training.data import load_data
     from adapterkit.training.job import planned_steps
     from adapterkit.training.launch import ranks
@@ -188,9 +182,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     # what a trial's run would refuse before its base loads, refused before the study exists
     # (a refused trial would leave a study that blocks the next search as an interrupted one)
     resolved = with_defaults(trainer_obj, base_options)
-    refuse_unapplied_guard(trainer, trainer_obj, resolved,
-                           guarded=[t.name for t in pm.trainers if applies_guard(t)])
-    refuse_inert_options(trainer, trainer_obj, resolved)
+    refuse_what_cannot_act(trainer, trainer_obj, resolved, pm.trainers)
     if resolved.anchor:
         general_texts(resolved.anchor)
     # (a resumed or restarted search has its trials' own books about, which the preflight's
