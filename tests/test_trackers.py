@@ -212,3 +212,75 @@ def test_report_to_does_not_change_a_stage_fingerprint(tiny_base, adapterkit_dat
     plain = fingerprint()
     assert fingerprint(report_to="tensorboard") == plain
     assert fingerprint(max_steps=3) != plain
+
+
+_TRAIN_SCRIPT = """
+import sys
+from transformers import TrainerCallback
+from adapterkit import TrainOptions, train
+from adapterkit.plugin_api.manager import get_plugin_manager
+
+class Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:  # after the checkpoint of step 2
+            raise KeyboardInterrupt
+
+resume = sys.argv[3] == "resume"
+options = TrainOptions(max_steps=4, batch_size=4, learning_rate=1e-2, logging_steps=1,
+                       save_steps=2, r=4, alpha=8, dropout=0.0, precision="fp32",
+                       forgetting_budget=0, general="off", report_to=["wandb", "mlflow"])
+try:
+    train("sft", base=sys.argv[1], data=sys.argv[2], name="river", options=options,
+          plugins=get_plugin_manager(env=False), resume=resume,
+          callbacks=[] if resume else [Interrupt()])
+except KeyboardInterrupt:
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (tracking.installed("wandb") and tracking.installed("mlflow")),
+                    reason="needs wandb and mlflow (the test extra installs them)")
+def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(tiny_base, adapterkit_data,
+                                                                 tmp_path):
+    """A run killed at step 3 and resumed in a new process (from step 2's checkpoint) logs
+    steps 3 and 4 to the W&B run and the MLflow run that hold steps 1 to 3 — as W&B's offline folders and MLflow's own
+    client read them — instead of opening a second run of each."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_"))}
+    env.update(ADAPTERKIT_HOME=str(home), HF_HUB_OFFLINE="1", WANDB_SILENT="true")
+    script = tmp_path / "train.py"
+    script.write_text(_TRAIN_SCRIPT, encoding="utf-8")
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    def run(mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), str(tiny_base),
+                               str(adapterkit_data["text"]), mode], cwd=cwd,
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    first = run("interrupt")
+    assert first.returncode == 3, first.stderr[-3000:]
+    # the interrupted run's MLflow run was ended in its store, not in a new one here
+    assert list(cwd.iterdir()) == []
+    second = run("resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    tracked = Library(home).get("river").meta.tracking
+
+    # W&B: both processes wrote offline folders of one run id (offline-run-<time>-<id>)
+    folders = sorted((home / "tracking" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2, folders
+    assert {f.name.rsplit("-", 1)[1] for f in folders} == {tracked["wandb"]["run_id"]}
+
+    # MLflow: one run in its store, with the loss of all four steps
+    read = subprocess.run(
+        [sys.executable, "-c", "import json, mlflow; c = mlflow.tracking.MlflowClient("
+         f"{tracked['mlflow']['tracking_uri']!r}); e = c.get_experiment_by_name('adapterkit'); "
+         "runs = c.search_runs([e.experiment_id]); print(json.dumps({'runs': [r.info.run_id "
+         "for r in runs], 'steps': [m.step for m in c.get_metric_history(runs[0].info.run_id,"
+         " 'loss')]}))"], env=env, capture_output=True, text=True, timeout=300)
+    assert read.returncode == 0, read.stderr[-2000:]
+    seen = json.loads(read.stdout)
+    assert seen["runs"] == [tracked["mlflow"]["run_id"]]
+    assert sorted(set(seen["steps"])) == [1, 2, 3, 4]

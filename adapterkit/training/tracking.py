@@ -12,7 +12,10 @@ only chooses the places, so that nothing leaves the machine unless the user aske
   ``MLFLOW_TRACKING_URI`` is set.
 
 A variable the user has set always wins. Each run has its own name (``NAME@V-<time>``), kept
-in the run's work folder so that ``--resume`` continues the same tracker run.
+in the run's work folder with the W&B run id (chosen here, before W&B starts) and the MLflow
+run id (MLflow's, noted when its run starts), so that ``--resume`` continues the same tracker
+run: ``WANDB_RUN_ID`` with ``WANDB_RESUME=allow``, ``MLFLOW_RUN_ID`` (both read by the trackers
+themselves when transformers' integration opens its run).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import difflib
 import importlib.util
 import json
 import os
+import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,7 +50,7 @@ TRACKERS: dict[str, Tracker] = {t.name: t for t in (
     Tracker("wandb", "wandb", "wandb"),
     Tracker("mlflow", "mlflow", "mlflow"),
 )}
-#: The run's name and start, kept in its work folder for ``--resume``.
+#: The run's name and tracker run ids, kept in its work folder for ``--resume``.
 RUN_FILE = "tracking.json"
 
 
@@ -107,6 +111,15 @@ class TrackedRun:
     names: list[str]
     home: Path
     run_name: str
+    #: The W&B run id this run logs to (the interrupted run's on ``--resume``).
+    wandb_id: str = ""
+    #: The MLflow run this run continues (``--resume``), and the store it lives in.
+    mlflow_id: str = ""
+    mlflow_uri: str = ""
+    #: Whether this run continues an interrupted one.
+    resumed: bool = False
+    #: The run's work folder, where the main process keeps :data:`RUN_FILE` up to date.
+    workdir: Path | None = None
     #: What each tracker reported on the main process, filled in while the run trains.
     seen: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The W&B run that was open before this one started (the caller's own: left open).
@@ -128,10 +141,19 @@ class TrackedRun:
                 env["WANDB_MODE"] = "offline"  # nothing leaves the machine unless asked
             env["WANDB_DIR"] = str(root)  # W&B writes its runs in a wandb/ folder in it
             env["WANDB_PROJECT"] = "adapterkit"
+            if self.wandb_id:  # the same id on --resume: W&B appends to that run
+                env["WANDB_RUN_ID"] = self.wandb_id
+                if self.resumed:
+                    env["WANDB_RESUME"] = "allow"
         if "mlflow" in self.names:
             # a SQLite store: MLflow 3 refuses its old file store (``./mlruns``)
             env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(root / 'mlflow.db').resolve()}"
             env["MLFLOW_EXPERIMENT_NAME"] = "adapterkit"
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or env["MLFLOW_TRACKING_URI"]
+            # the run lives in this store, and is not still open in this process (a Python
+            # caller's interrupted run: transformers logs to the open run by itself)
+            if self.mlflow_id and uri == self.mlflow_uri and not _mlflow_open():
+                env["MLFLOW_RUN_ID"] = self.mlflow_id
         return {k: v for k, v in env.items() if not os.environ.get(k)}
 
     @contextlib.contextmanager
@@ -148,6 +170,9 @@ class TrackedRun:
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 yield
+        except BaseException:
+            self._end_interrupted()
+            raise
         finally:
             for key, value in before.items():
                 if value is None:
@@ -182,11 +207,35 @@ class TrackedRun:
         if "wandb" in self.names and current is not None and current is not self._wandb_before:
             wandb.finish()  # type: ignore[union-attr]
 
+    def _end_interrupted(self) -> None:
+        """End this run's MLflow run as killed while its store is still configured: MLflow's
+        own exit handler would end it later, after the variables are restored, in a new store
+        in the working directory (a stray ``mlflow.db``). ``--resume`` reopens it."""
+        mlflow = sys.modules.get("mlflow")
+        ours = self.seen.get("mlflow", {}).get("run_id")
+        current = getattr(mlflow, "active_run", lambda: None)()
+        if ours and current is not None and current.info.run_id == ours:
+            with contextlib.suppress(Exception):  # the interruption is what the user sees
+                mlflow.end_run(status="KILLED")  # type: ignore[union-attr]
+
     def _note_started(self) -> None:
         for name in self.names:
             where = _WHERE[name](self)
             if where:
                 self.seen[name] = where
+        mlflow = self.seen.get("mlflow")
+        if mlflow:  # MLflow picks its run's id: keep it for a --resume
+            self.mlflow_id, self.mlflow_uri = mlflow["run_id"], mlflow["tracking_uri"]
+        if self.workdir is not None:
+            self.save()
+
+    def save(self) -> None:
+        """Write :data:`RUN_FILE` (the main process only): what a ``--resume`` continues."""
+        assert self.workdir is not None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        record = {"run_name": self.run_name, "wandb_id": self.wandb_id,
+                  "mlflow_id": self.mlflow_id, "mlflow_uri": self.mlflow_uri}
+        (self.workdir / RUN_FILE).write_text(json.dumps(record), encoding="utf-8")
 
     def record(self) -> dict[str, Any]:
         """What goes into the metadata (``tracking``): each tracker's place, for those that
@@ -206,21 +255,39 @@ class TrackedRun:
 
 def start_tracking(names: list[str], *, home: Path, ref: str, workdir: Path,
                    resume: bool, main: bool = True) -> TrackedRun:
-    """The trackers of the run that saves ``ref``: a fresh run name (``ref-<UTC time>``), or
-    on ``resume`` the one the interrupted run used, so its curves continue. Only the ``main``
-    process writes the name into ``workdir``."""
+    """The trackers of the run that saves ``ref``: a fresh run name (``ref-<UTC time>``) and
+    W&B id, or on ``resume`` those the interrupted run used (and its MLflow run), so its
+    curves continue in the same tracker runs. Only the ``main`` process writes them into
+    ``workdir``."""
     path = workdir / RUN_FILE
-    run_name = None
+    saved: dict[str, Any] = {}
     if resume and path.is_file():
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            run_name = json.loads(path.read_text(encoding="utf-8")).get("run_name")
-    if not isinstance(run_name, str) or not run_name:
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            saved = loaded if isinstance(loaded, dict) else {}
+
+    def kept(key: str) -> str:
+        value = saved.get(key)
+        return value if isinstance(value, str) else ""
+
+    run_name = kept("run_name")
+    if not run_name:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         run_name = f"{ref}-{stamp}"
+    # W&B ids are letters, digits, '-' and '_'; W&B's own are 8 random characters like these
+    wandb_id = kept("wandb_id") or secrets.token_hex(4)
+    run = TrackedRun(list(names), Path(home), run_name, wandb_id=wandb_id,
+                     mlflow_id=kept("mlflow_id"), mlflow_uri=kept("mlflow_uri"),
+                     resumed=bool(saved), workdir=workdir if main else None)
     if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"run_name": run_name}), encoding="utf-8")
-    return TrackedRun(list(names), Path(home), run_name)
+        run.save()
+    return run
+
+
+def _mlflow_open() -> bool:
+    """Whether this process has an MLflow run open (MLflow refuses to start another)."""
+    mlflow = sys.modules.get("mlflow")
+    return getattr(mlflow, "active_run", lambda: None)() is not None
 
 
 def _tensorboard(run: TrackedRun) -> dict[str, Any]:
