@@ -40,6 +40,11 @@ class InvalidAdapter(AdapterkitError):
     """A folder that is not a usable PEFT LoRA adapter."""
 
 
+class InexactAdapter(InvalidAdapter):
+    """A sound adapter that this path (a session, the server) cannot apply exactly as PEFT
+    does (DoRA, a trained bias, ...): the request, not the file, is what cannot be served."""
+
+
 class UnsafeWeights(AdapterkitError):
     """Pickled weights, refused unless the user explicitly trusts their source."""
 

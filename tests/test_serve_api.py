@@ -296,6 +296,9 @@ OK_MESSAGES = [{"role": "user", "content": "hi"}]
     {"model": "law", "messages": OK_MESSAGES, "ignore_eos": "yes"},
     {"model": "law", "messages": OK_MESSAGES, "bogus": 1},
     {"model": "law*x+code", "messages": OK_MESSAGES},
+    {"model": "law+law@1", "messages": OK_MESSAGES},  # one version named twice
+    b"[" * 100_000 + b"]" * 100_000,  # nested past Python's recursion limit
+    b'{"model": "law", "max_tokens": ' + b"9" * 5000 + b"}",  # past Python's 4300 digits
 ])
 def test_malformed_json_and_wrong_types_are_400(served, body):
     response = post(served, "/v1/chat/completions", body)
@@ -315,6 +318,19 @@ def test_options_it_cannot_honour_are_refused_by_name(client, options, param):
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, "law", **options)
     assert info.value.body["param"] == param  # type: ignore[index]
+
+
+def test_a_participants_name_and_completions_logprobs_0_are_refused_not_dropped(client):
+    """A message's ``name`` has no place in the chat template (it used to be dropped), and
+    /v1/completions' ``logprobs: 0`` still asks for the chosen tokens' log-probabilities
+    (it used to pass as if unset)."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="law", max_tokens=2, messages=[
+            {"role": "user", "content": "hi", "name": "dana"}])
+    assert "messages[].name is not supported" in info.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="law", prompt="x", max_tokens=2, logprobs=0)
+    assert info.value.body["param"] == "logprobs"  # type: ignore[index]
 
 
 def test_max_tokens_at_most_zero_or_above_the_cap_is_400(served, client):
@@ -397,6 +413,40 @@ def test_a_damaged_pocket_book_fails_alone(client, session):
     with pytest.raises(openai.APIError):  # streaming: an error event, then the stream ends
         list(chat(client, "broken", stream=True))
     assert chat(client, "law").choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_pocket_book_the_server_cannot_apply_exactly_is_400_and_fails_alone(
+        served, client, session):
+    """DoRA is refused when the engine loads the book (it cannot apply it exactly): that is
+    the request's model, not a server fault — 400 naming why, whole or streamed — and the
+    request sharing its prefill still gets its own answer."""
+    served.library.import_peft(make_peft_adapter(served.tiny_base, served.root / "dora",
+                                                 seed=6, use_dora=True), "dora",
+                               base=str(served.tiny_base))
+    with ThreadPoolExecutor(2) as pool:
+        good = pool.submit(chat, client, "law", max_tokens=48)
+        bad = pool.submit(chat, client, "dora")
+        with pytest.raises(openai.BadRequestError) as info:
+            bad.result()
+        body = info.value.body
+        assert body["code"] == "model_not_servable" and "DoRA" in body["message"]  # type: ignore[index]
+        assert good.result().choices[0].message.content.strip() == session.generate(
+            PROMPT, adapter="law", max_new_tokens=48)
+    response = post(served, "/v1/completions", {"model": "dora", "prompt": "x", "stream": True,
+                                                "max_tokens": 4})
+    events = [json.loads(line[len("data: "):]) for line in response.text.splitlines()
+              if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "model_not_servable"
+
+
+def test_a_request_for_more_completions_than_the_queue_holds_is_400_not_429(served):
+    """A 429 says retry; this one never fits, so it is refused for what it is."""
+    room = served.engine.max_queue
+    response = post(served, "/v1/completions", {"model": "law", "prompt": ["a"] * (room + 1),
+                                                "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    assert f"at most {room}" in response.json()["error"]["message"]
+    assert served.engine.stats()["queue_depth"] == 0
 
 
 def test_unknown_route_and_method_are_openai_errors(served):
@@ -643,3 +693,38 @@ def test_a_wrong_body_names_each_field_once(served):
     assert error["message"] == ("'max_tokens': Input should be a valid integer; "
                                 "'stop' must be a string or a list of strings; "
                                 "unrecognized request argument 'bogus'")
+
+
+def test_a_model_entry_is_dated_by_its_pocket_books_never_by_the_request(served, client):
+    """`GET /v1/models/NAME@V` (and an inline stack) says when its newest pocket book was made;
+    it used to give the time of the request."""
+    from datetime import datetime
+
+    def made(name: str) -> int:
+        stamp = served.library.get(name).meta.created
+        return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+
+    assert client.models.retrieve("law@1").created == made("law")
+    assert client.models.retrieve("law*1+chem*0.5").created == max(made("law"), made("chem"))
+
+
+def test_metrics_count_answers_delivered_and_500s(served, client, monkeypatch):
+    """Prompt tokens count answers delivered (a failed one's never did reach a client), and
+    an unhandled error's 500 is counted (Starlette answers it outside the counting layer)."""
+    def scrape() -> dict[str, float]:
+        text = httpx.get(served.url + "/metrics").text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
+    before = scrape()
+    with pytest.raises(openai.InternalServerError):
+        chat(client, "broken")
+    assert scrape()["adapterkit_prompt_tokens_total"] == before["adapterkit_prompt_tokens_total"]
+    answer = chat(client, "law", max_tokens=3)
+    after = scrape()
+    assert after["adapterkit_prompt_tokens_total"] - before["adapterkit_prompt_tokens_total"] \
+        == answer.usage.prompt_tokens
+    monkeypatch.setattr(served.engine, "models", lambda: 1 / 0)
+    assert httpx.get(served.url + "/v1/models").status_code == 500
+    key = 'adapterkit_http_requests_total{endpoint="/v1/models",status="500"}'
+    assert scrape().get(key) == before.get(key, 0.0) + 1

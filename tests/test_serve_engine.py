@@ -270,7 +270,7 @@ def test_names_resolve_or_are_refused(tiny_base, other_base, lib, tmp_path):
         with pytest.raises(PocketBookNotFound):
             engine.resolve(unknown)
     for bad in ("", "law+", "+law", "law*", "law*x", "law*nan", "law*inf", "law+law",
-                "mix+law", "mix*0.5", "law+org/model"):
+                "mix+law", "mix*0.5", "law+org/model", "law+law@1", "law@1*1+law@01*2"):
         with pytest.raises(ConfigError):
             engine.resolve(bad)
     lib.import_peft(make_peft_adapter(other_base, tmp_path / "alien"), "alien",
@@ -453,4 +453,99 @@ def test_a_listener_is_called_after_each_event_is_queued(tiny_base, lib):
     assert seen == [1, 2, 3, 4, 5]
     tokens, finish, _ = drain(request, timeout=1)
     assert len(tokens) == 4 and finish == "length"
+    engine.close()
+
+
+def test_a_pocket_book_with_infinite_factors_cannot_spoil_another_rows_delta():
+    """The gathered form pads a target's rows with zero lines; with a pocket book whose B holds
+    infinities, 0·inf is NaN. Those padding products must land nowhere, least of all in
+    another request's row (they used to be added to row 0)."""
+    from types import SimpleNamespace
+
+    from adapterkit.lora.factors import Factors
+    from adapterkit.serving.rows import Pool, RowLora
+
+    torch.manual_seed(2)
+    layer = torch.nn.Linear(6, 5)
+    slot = RowLora(layer, 6, 5)
+    good = SimpleNamespace(factors={"l": Factors(torch.randn(2, 6), torch.randn(5, 2), 1.0)})
+    b = torch.randn(5, 3)
+    b[0, 0] = float("inf")
+    bad = SimpleNamespace(factors={"l": Factors(torch.randn(3, 6), b, 1.0)})
+    rows = [0, 0, 0, 1, -1]  # uneven: target 1's block is padded with two zero lines
+    Pool([[(good, 1.0)], [(bad, 1.0)]]).bind({"l": slot}, rows)
+    assert slot.plan.form == "gather"
+    x = torch.randn(len(rows), 1, 6)
+    with torch.inference_mode():
+        got = slot(x)
+    f = good.factors["l"]
+    for i in (0, 1, 2):
+        torch.testing.assert_close(got[i], layer(x[i]) + x[i] @ f.a.T @ f.b.T)
+    torch.testing.assert_close(got[4], layer(x[4]))
+    assert not torch.isfinite(got[3]).all()  # the bad book's own row carries its fault
+
+
+def test_a_rows_failure_to_sample_fails_it_alone_and_tiny_temperatures_are_greedy(tiny_base,
+                                                                                  lib):
+    """In one prefill: a request at temperature 1e-45 (which in float32 divides the logits
+    into infinities) decodes greedily, as vLLM treats temperatures below 1e-5; a stack whose
+    weight overflows the base's dtype gets non-finite logits and fails alone with that reason
+    (an argmax over NaN would have answered anyway); the others answer as alone."""
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib, max_batch=8)
+    models = ["law", "code", base.name, "chem*1e300"]
+    temperatures = [0.0, 1e-45, 0.0, 0.0]
+    requests = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW,
+                              temperature=t)
+                for m, q, t in zip(models, QUESTIONS, temperatures)]
+    got = run_sync(engine, requests)
+    assert engine.stats()["prefills_total"] == 1
+    for model, question, (tokens, finish, error) in zip(models[:3], QUESTIONS, got):
+        assert error is None and (tokens, finish) == reference(tiny_base, lib, model, question)
+    tokens, finish, error = got[3]
+    assert (tokens, finish) == ([], "error") and "not finite" in error
+    engine.close()
+
+
+def test_more_books_than_stay_attached_are_refused_up_front(tiny_base, lib):
+    """A stack of more members than --max-attached is refused when named (400), not after it
+    queued; a --preload of more books than stay attached is refused before the server
+    listens, where it used to detach the first ones again without a word."""
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib, max_attached=2)
+    with pytest.raises(ConfigError, match="needs 3 pocket books attached at once"):
+        engine.resolve("law+code+chem")
+    with pytest.raises(ConfigError, match="--preload law,code,chem needs 3"):
+        engine.preload(["law", "code", "chem"])
+    assert engine.stats()["attached"] == []
+    engine.preload(["law", "law+code"])  # two distinct books: they fit
+    assert sorted(engine.stats()["attached"]) == ["code@1", "law@1"]
+    engine.close()
+
+
+def test_generation_settings_generate_applies_and_the_engine_does_not_are_named(tiny_base,
+                                                                               lib):
+    """The engine takes the plain argmax; a base whose generation config sets a repetition
+    penalty (Qwen2.5-Instruct: 1.05) answers otherwise through `generate`. It is named, so
+    that `serve` can say so, and transformers itself confirms it matters here."""
+    from transformers import GenerationConfig
+
+    base = fresh(tiny_base, lib)
+    engine = Engine(base, lib)
+    assert engine.unmatched == []
+    engine.close()
+    base.model.generation_config = GenerationConfig.from_dict(
+        {**base.model.generation_config.to_dict(), "repetition_penalty": 1.3,
+         "no_repeat_ngram_size": 2})
+    engine = Engine(base, lib)
+    assert engine.unmatched == ["repetition_penalty=1.3", "no_repeat_ngram_size=2"]
+    ids = torch.tensor([prompt_ids(base, QUESTIONS[1])])
+    with torch.inference_mode():
+        plain = base.model.generate(ids, max_new_tokens=NEW, do_sample=False,
+                                    repetition_penalty=1.0, no_repeat_ngram_size=0)
+        configured = base.model.generate(ids, max_new_tokens=NEW, do_sample=False)
+    got = run_sync(engine, [engine.submit(ids[0].tolist(), engine.resolve(base.name),
+                                          max_tokens=NEW)])[0][0]
+    assert got == plain[0, ids.shape[1]:].tolist()[:len(got)]  # the engine: plain argmax
+    assert not torch.equal(plain, configured)  # which `generate` does not give here
     engine.close()

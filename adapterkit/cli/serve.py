@@ -32,7 +32,9 @@ def _names(text: str | None) -> list[str]:
               help="Rows decoded together in one step (requests for any pocket books; "
                    "--engine vllm: its --max-num-seqs, passed only when given).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Requests waiting for a row; past that the server answers 429.")
+              help="Completions waiting for a row (each prompt × n of a request counts); "
+                   "past that the server answers 429, and a single request asking for more "
+                   "is refused with 400.")
 @click.option("--api-key", envvar="ADAPTERKIT_API_KEY", show_envvar=True,
               help="Answer only requests with 'Authorization: Bearer KEY'. Prefer the "
                    "environment variable: a command line is visible to other users.")
@@ -126,6 +128,11 @@ def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: 
                     raise ConfigError("--preload takes comma-separated names, e.g. triage,law")
                 say(f"Attaching {', '.join(names)}...")
                 engine.preload(names)
+            if engine.unmatched:
+                say(f"Warning: this base's generation config sets {', '.join(engine.unmatched)}"
+                    ", which `adapterkit generate` applies and this server does not (it takes "
+                    "the plain argmax at temperature 0): greedy answers may differ between "
+                    "the two.")
             engine.start()
             app = create_app(engine, api_key=api_key)
             url = url_of(sock)

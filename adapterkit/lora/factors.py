@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterkit.errors import InvalidAdapter
+from adapterkit.errors import InexactAdapter, InvalidAdapter
 from adapterkit.library.peft_folder import (
     BASE_REWRITING_INITS,
     PREFIX,
@@ -161,13 +161,13 @@ THROUGH_PEFT = "`adapterkit eval` and `adapterkit generate` load it through PEFT
 
 def refuse_inexact(ref: str, config: dict[str, Any], names: Iterable[TensorName], *,
                    path: str, handled: Iterable[str] = (), instead: str = THROUGH_PEFT) -> None:
-    """Raise :class:`InvalidAdapter` if ``path`` (e.g. ``"a session"``) cannot reproduce
+    """Raise :class:`InexactAdapter` if ``path`` (e.g. ``"a session"``) cannot reproduce
     what PEFT does with this adapter; the message names every feature in the way, and
     ``instead`` what the user can do."""
     handled = tuple(handled)
     missing = [f for f in features(config, names) if not f.startswith(handled)]
     if missing:
-        raise InvalidAdapter(
+        raise InexactAdapter(
             f"{ref} uses {'; '.join(missing)}, which {path} cannot apply exactly; {instead}")
 
 
@@ -225,7 +225,7 @@ def _check_base_copy(ref: str, name: TensorName, tensor: Any, base_weights: Any)
     leaf = name.leaf or "weight"
     weight = base_weights(name.module, leaf)
     if weight is None:
-        raise InvalidAdapter(
+        raise InexactAdapter(
             f"{ref} saves its own {name.module}.{leaf}, which PEFT loads over the base's, and "
             f"the base here has no separate {name.module}.{leaf} to compare it with (a tied "
             "or quantized weight); this path cannot tell whether it changes anything. Use a "
@@ -233,7 +233,7 @@ def _check_base_copy(ref: str, name: TensorName, tensor: Any, base_weights: Any)
     if tuple(weight.shape) == tuple(tensor.shape) and bool(
             (weight.float().cpu() == tensor.float().cpu()).all()):
         return
-    raise InvalidAdapter(
+    raise InexactAdapter(
         f"{ref} saves its own {name.module}.{leaf}, and it differs from this base's (a trained "
         "bias, a resized or retrained layer); PEFT overwrites the base with it, which this path "
         "cannot. Use it through `adapterkit eval`/`generate`")

@@ -71,6 +71,8 @@ class _Choice:
     tokens: int = 0
     finish: str | None = None
     error: str | None = None
+    #: The HTTP status of an error: 400 for a pocket book that cannot be served as asked.
+    status: int = 500
     text: list[str] = field(default_factory=list)
     #: Set (on the event loop) whenever the decode thread queues an event for this choice.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -92,8 +94,10 @@ class Answers:
                            f"(got {kind or 'none'})", code="unsupported_media_type")
         try:
             raw = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") \
+        except (ValueError, RecursionError) as exc:  # ValueError: JSON's and UTF-8's errors,
+            # and an integer past Python's 4300 digits; RecursionError: nesting too deep
+            why = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise APIError(400, f"the body is not valid JSON: {why}", code="invalid_json") \
                 from None
         try:
             body: Any = model_cls.model_validate(raw)
@@ -101,7 +105,6 @@ class Answers:
             raise from_validation(exc) from None
         job = await run_in_threadpool(self._prepare, body, chat)
         choices = await run_in_threadpool(self._submit, job, asyncio.get_running_loop())
-        self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
         if body.stream:
             return EventSourceResponse(self._stream(job, choices), sep="\n", ping=15)
         return await self._whole(request, job, choices)
@@ -146,8 +149,9 @@ class Answers:
 
         tokenizer = self.engine.tokenizer
         templated = uses_chat(tokenizer, None)
+        messages = [m.plain() for m in body.messages]
         try:
-            text = render_prompt(tokenizer, [m.plain() for m in body.messages], chat=templated)
+            text = render_prompt(tokenizer, messages, chat=templated)
         except Exception as exc:  # jinja's own errors: the template refused these messages
             raise APIError(400, f"this base's chat template cannot render these messages: {exc}",
                            param="messages") from None
@@ -176,6 +180,11 @@ class Answers:
         the n choices differ and the first equals a request with ``seed`` alone), each
         waking ``loop`` when it has events."""
         body, choices = job.body, []
+        wanted = len(job.prompts) * body.n
+        if wanted > self.engine.max_queue:  # a 429 would send it back to retry for ever
+            raise APIError(400, f"this request asks for {wanted} completions (prompts × n); "
+                           f"this server queues at most {self.engine.max_queue} at once "
+                           "(--max-queue): send fewer per request", param="n")
         try:
             for i, ids in enumerate(job.prompts):
                 for j in range(body.n):
@@ -243,6 +252,7 @@ class Answers:
                    emit: Callable[[str], Awaitable[None]]) -> None:
         if event.finish == "error":
             choice.finish, choice.error = "error", event.error or "the request failed"
+            choice.status = event.status
             return
         tail = choice.stop.feed(choice.detok.flush())
         tail += choice.stop.flush()
@@ -281,10 +291,15 @@ class Answers:
                     choice.request.cancel()
         failed = [c for c in choices if c.finish == "error"]
         if failed:
-            raise APIError(500, f"generation failed: {failed[0].error}", type="server_error",
-                           code="generation_failed")
-        self.metrics.completion_tokens.inc(sum(c.tokens for c in choices))
+            raise _failed(failed[0])
+        self._count(job, choices)
         return JSONResponse(self._whole_body(job, choices))
+
+    def _count(self, job: _Job, choices: list[_Choice]) -> None:
+        """An answer delivered: its tokens go into ``/metrics`` (a failed or abandoned one's
+        never do)."""
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
+        self.metrics.completion_tokens.inc(sum(c.tokens for c in choices))
 
     def _whole_body(self, job: _Job, choices: list[_Choice]) -> dict[str, Any]:
         if job.chat:
@@ -344,12 +359,10 @@ class Answers:
                     continue
                 open_choices -= 1
                 if choice.finish == "error":
-                    yield {"data": json.dumps(
-                        APIError(500, f"generation failed: {choice.error}", type="server_error",
-                                 code="generation_failed").body())}
+                    yield {"data": json.dumps(_failed(choice).body())}
                 else:
                     yield chunk([piece(choice, None, choice.finish)])
-            self.metrics.completion_tokens.inc(sum(c.tokens for c in choices))
+            self._count(job, choices)
             if job.include_usage:
                 yield chunk([], usage=self._usage(job, choices))
             yield {"data": "[DONE]"}
@@ -359,6 +372,15 @@ class Answers:
             for choice in choices:
                 if choice.finish is None:
                     choice.request.cancel()
+
+
+def _failed(choice: _Choice) -> APIError:
+    """The error a failed choice answers with: 400 where the model asked for cannot be served
+    as asked (the engine found out while loading it), else 500."""
+    if choice.status == 400:
+        return APIError(400, f"{choice.error}", code="model_not_servable", param="model")
+    return APIError(500, f"generation failed: {choice.error}", type="server_error",
+                    code="generation_failed")
 
 
 def _wake(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from adapterkit.errors import AdapterkitError, QueueFull
 from adapterkit.serving.answers import Answers
 from adapterkit.serving.library_view import library_view, loss_curve_file
 from adapterkit.serving.metrics import CONTENT_TYPE, ServerMetrics
+from adapterkit.serving.names import epoch
 from adapterkit.serving.openai_io import (
     APIError,
     ChatRequest,
@@ -185,12 +185,22 @@ class _CountRequests:
                         "/" if path == "/" else "/static" if path.startswith("/static/")
                         else "other")
 
+        started = False
+
         async def counted(message: Any) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.http_requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            # Starlette answers an unhandled error (our bug: 500) outside this middleware
+            if not started:
+                self.metrics.http_requests.labels(endpoint, "500").inc()
+            raise
 
 
 def _model_entry(engine: Any, model: str) -> dict[str, Any]:
@@ -200,5 +210,8 @@ def _model_entry(engine: Any, model: str) -> dict[str, Any]:
     for entry in engine.models():
         if entry["id"] in (model, canonical):
             return entry
+    # a version or an inline stack: when its newest pocket book was made (not this request's
+    # time, which would read as a model made just now)
+    created = max(epoch(engine.library.get(ref).meta.created) for ref, _ in target.members)
     return {"id": canonical, "object": "model", "owned_by": "adapterkit",
-            "kind": "stack" if len(target.members) > 1 else "adapter", "created": int(time.time())}
+            "kind": "stack" if len(target.members) > 1 else "adapter", "created": created}

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import AdapterkitError, ConfigError, QueueFull
+from adapterkit.errors import AdapterkitError, BaseMismatch, ConfigError, InexactAdapter, QueueFull
 from adapterkit.serving import kv
 from adapterkit.serving.names import Target, models, resolve
 from adapterkit.serving.requests import Event, Request, check_request, sample
@@ -106,6 +106,11 @@ class Engine:
         self.context_length: int = int(getattr(config, "max_position_embeddings", 0)
                                        or self.tokenizer.model_max_length)
         self._eos = _eos_ids(self.model, self.tokenizer)
+        #: Settings of the base's generation config that ``generate`` applies to greedy
+        #: decoding and this engine does not (``repetition_penalty=1.05``, ...): where there
+        #: are any, greedy answers may differ from ``adapterkit generate``'s. ``serve`` says so.
+        self.unmatched: list[str] = greedy_settings(getattr(self.model, "generation_config",
+                                                            None))
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else next(iter(self._eos), 0)
         kv.check_cache(self.model)
@@ -135,8 +140,11 @@ class Engine:
     # -- the public face ------------------------------------------------------------------------
 
     def resolve(self, model: str) -> Target:
-        """What ``model`` names (see :func:`adapterkit.serving.names.resolve`), read afresh."""
-        return resolve(self.library, self.base, model, base_id=self.base_id)
+        """What ``model`` names (see :func:`adapterkit.serving.names.resolve`), read afresh;
+        :class:`ConfigError` for a stack of more pocket books than this server attaches."""
+        target = resolve(self.library, self.base, model, base_id=self.base_id)
+        _fits(target.key, len(target.members), self.max_attached)
+        return target
 
     def models(self) -> list[dict[str, Any]]:
         """The base and every pocket book and stack of it in the library (``/v1/models``)."""
@@ -169,9 +177,12 @@ class Engine:
 
     def preload(self, models: list[str]) -> None:
         """Resolve and attach these models' pocket books now (raises what resolving or loading
-        raises, so a bad ``--preload`` stops the server before it listens)."""
-        for model in models:
-            target = self.resolve(model)
+        raises, so a bad ``--preload`` stops the server before it listens; so does a list of
+        more pocket books than stay attached, which would detach the first ones again)."""
+        targets = [self.resolve(model) for model in models]
+        books = list(dict.fromkeys(ref for target in targets for ref, _ in target.members))
+        _fits(f"--preload {','.join(models)}", len(books), self.max_attached)
+        for target in targets:
             with self._lock:
                 self._attach(target, busy={key for row in self._rows for key in row.keys})
 
@@ -289,7 +300,7 @@ class Engine:
             except Exception as exc:  # a pocket book that cannot load fails its requests alone
                 self._unqueue(request)
                 self._counts["errors_total"] += 1
-                request.end("error", _one_line(exc))
+                request.end("error", _one_line(exc), status=_status(exc))
                 continue
             if members is None:  # every attached book is in use: wait for a row to finish
                 continue
@@ -313,9 +324,7 @@ class Engine:
         from adapterkit.runtime.session import load_checked
         from adapterkit.serving import rows
 
-        if len(target.members) > self.max_attached:
-            raise ConfigError(f"{target.key} needs {len(target.members)} pocket books attached "
-                              f"at once; this server attaches at most {self.max_attached}")
+        _fits(target.key, len(target.members), self.max_attached)
         out = []
         keep = set(busy)
         for ref, weight in target.members:
@@ -423,10 +432,15 @@ class Engine:
 
     def _emit(self, rows_: list[_Row], logits: Any) -> set[int]:
         """Sample one token per row, send it; the indices of rows that finished."""
-        tokens = sample(logits.float(), [row.request for row in rows_])
+        tokens, failed = sample(logits.float(), [row.request for row in rows_])
         done = set()
         for i, (row, token) in enumerate(zip(rows_, tokens)):
             request = row.request
+            if i in failed:
+                self._counts["errors_total"] += 1
+                request.end("error", failed[i])
+                done.add(i)
+                continue
             if token in self._eos and not request.ignore_eos:
                 request.end("stop")
                 done.add(i)
@@ -487,9 +501,44 @@ def _target_order(row: _Row) -> str:
     return str(row.identity)
 
 
+def _fits(what: str, books: int, max_attached: int) -> None:
+    if books > max_attached:
+        raise ConfigError(f"{what} needs {books} pocket books attached at once; this server "
+                          f"attaches at most {max_attached} (--max-attached)")
+
+
+def _status(exc: BaseException) -> int:
+    """400 for what the request asked that cannot be served as asked (a pocket book this
+    server cannot apply exactly, of another base, or too many at once); 500 for the rest (a
+    damaged file, our bug)."""
+    return 400 if isinstance(exc, (ConfigError, InexactAdapter, BaseMismatch)) else 500
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc) if isinstance(exc, AdapterkitError) else f"{type(exc).__name__}: {exc}"
     return " ".join(text.split())
+
+
+#: Generation-config fields that change what ``generate(do_sample=False)`` picks, with the
+#: value that changes nothing (transformers' ``_get_logits_processor``); the engine takes the
+#: plain argmax.
+_GREEDY_NEUTRAL: dict[str, Any] = {
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "sequence_bias": None, "exponential_decay_length_penalty": None,
+}
+
+
+def greedy_settings(config: Any) -> list[str]:
+    """``name=value`` for each setting of a generation config that ``generate`` would apply
+    to greedy decoding and this engine does not."""
+    out = []
+    for name, neutral in _GREEDY_NEUTRAL.items():
+        value = getattr(config, name, neutral)
+        if value not in (neutral, None) and not (name == "min_length" and not value):
+            out.append(f"{name}={value}")
+    return out
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

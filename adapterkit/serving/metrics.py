@@ -71,7 +71,8 @@ class ServerMetrics:
             "adapterkit_http_requests", "HTTP requests answered, by endpoint and status.",
             ["endpoint", "status"], registry=self.registry)
         self.prompt_tokens = Counter(
-            "adapterkit_prompt_tokens", "Prompt tokens of the completions answered.",
+            "adapterkit_prompt_tokens", "Prompt tokens of the completions answered "
+            "(whole answers delivered; failed and abandoned ones are not counted).",
             registry=self.registry)
         self.completion_tokens = Counter(
             "adapterkit_completion_tokens",

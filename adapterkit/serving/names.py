@@ -99,7 +99,12 @@ def resolve(library: Library, base: Any, model: str, *, base_id: str) -> Target:
                          for ref, w in saved.items()]
             continue
         explicit.append((book, 1.0 if weight is None else weight))
-    named = {b.ref for b, _ in explicit}
+    refs = [b.ref for b, _ in explicit]
+    twice = sorted({ref for ref in refs if refs.count(ref) > 1})
+    if twice:  # a+a@1 when @1 is the latest: one pocket book at the sum of the weights
+        raise ConfigError(f"model {model!r} names {', '.join(twice)} twice (as different "
+                          "names of one version); give each pocket book once, with its weight")
+    named = set(refs)
     under: dict[str, PocketBook] = {}
     for book, _ in explicit:
         for ref in book.meta.stacked_on:
@@ -130,7 +135,7 @@ def models(library: Library, base: Any, *, base_id: str) -> list[dict[str, Any]]
             continue
         out.append({"id": summary.name, "object": "model", "owned_by": "adapterkit",
                     "kind": "stack" if summary.kind == "stack" else "adapter",
-                    "created": _epoch(summary.created),
+                    "created": epoch(summary.created),
                     "ref": f"{summary.name}@{summary.version}"})
     return out
 
@@ -175,7 +180,9 @@ def _number(weight: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-def _epoch(stamp: str) -> int:
+def epoch(stamp: str) -> int:
+    """A library timestamp (ISO 8601) as Unix seconds (0 if unreadable), as OpenAI's
+    ``created`` has it."""
     try:
         return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
     except ValueError:

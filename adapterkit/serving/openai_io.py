@@ -204,8 +204,10 @@ class CompletionRequest(_Body):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
+        # here logprobs is a count of alternatives, and 0 still asks for the chosen tokens'
         for field, is_set in {"echo": self.echo, "suffix": self.suffix is not None,
-                              "best_of": self.best_of not in (None, 1)}.items():
+                              "best_of": self.best_of not in (None, 1),
+                              "logprobs": self.logprobs is not None}.items():
             if is_set:
                 raise APIError(400, f"{field} is not supported by adapterkit serve; leave it out",
                                param=field, code="unsupported_parameter")
@@ -237,7 +239,12 @@ class Message(BaseModel):
     name: str | None = None
 
     def plain(self) -> dict[str, str]:
-        """``{"role", "content"}`` as chat templates take it (``developer`` is a system turn)."""
+        """``{"role", "content"}`` as chat templates take it (``developer`` is a system turn).
+        A participant's ``name`` has no place in a chat template: refused, not dropped."""
+        if self.name is not None:
+            raise APIError(400, "messages[].name is not supported by adapterkit serve (the "
+                           "base's chat template has no place for it); leave it out",
+                           param="messages", code="unsupported_parameter")
         text = self.content if isinstance(self.content, str) else \
             "".join(part.text for part in self.content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}

@@ -27,12 +27,20 @@ class Event:
 
     ``finish`` is ``"stop"`` (the base's end-of-sequence token, which is not sent as a token),
     ``"length"`` (``max_tokens`` or the context length reached), ``"cancelled"`` or ``"error"``
-    (``error`` says why in one line: a pocket book that cannot be loaded, the server closing).
+    (``error`` says why in one line: a pocket book that cannot be loaded, the server closing;
+    ``status`` is the HTTP status it answers with: 400 where the request asked for what cannot
+    be served, 500 where the server failed).
     """
 
     token: int | None = None
     finish: str | None = None
     error: str | None = None
+    status: int = 500
+
+
+#: Temperatures below this decode greedily, as vLLM does (its ``_SAMPLING_EPS``): dividing the
+#: logits by them would overflow to infinities, whose softmax is not a distribution.
+GREEDY_BELOW = 1e-5
 
 
 class Request:
@@ -88,12 +96,12 @@ class Request:
         self.completion_tokens += 1
         self._deliver(Event(token=token))
 
-    def end(self, finish: str, error: str | None = None) -> None:
+    def end(self, finish: str, error: str | None = None, *, status: int = 500) -> None:
         """Deliver the finish event, once (later calls change nothing)."""
         if self.finish is not None:
             return
         self.finish, self.finished_at = finish, time.monotonic()
-        self._deliver(Event(finish=finish, error=error))
+        self._deliver(Event(finish=finish, error=error, status=status))
 
     def _deliver(self, event: Event) -> None:
         """Queue ``event``, then tell the listener (so it always finds the event there)."""
@@ -104,7 +112,7 @@ class Request:
     def seed_generator(self, device: Any) -> None:
         """A sampling request's own generator on ``device``: seeded, it draws the same tokens
         whatever else shares the batch."""
-        if self.temperature <= 0:
+        if self.temperature < GREEDY_BELOW:
             return
         import torch
 
@@ -115,15 +123,22 @@ class Request:
             self.generator.manual_seed(self.seed)
 
 
-def sample(logits: Any, requests: Sequence[Request]) -> list[int]:
+def sample(logits: Any, requests: Sequence[Request]) -> tuple[list[int], dict[int, str]]:
     """One token per row of ``logits`` (rows × vocabulary, float): the argmax where the
-    request's temperature is 0 (as ``generate`` decodes greedily), else nucleus sampling
-    (``top_p``) at its temperature from its own generator."""
+    request's temperature is 0 (as ``generate`` decodes greedily; below
+    :data:`GREEDY_BELOW` too), else nucleus sampling (``top_p``) at its temperature from its
+    own generator. Rows whose logits are not all finite (a pocket book's weights, or a stack's
+    weight, too large for the base's dtype) get no token: their index maps to the reason, so
+    that only their requests fail — an argmax over NaN would answer with a token anyway."""
     import torch
 
     tokens = logits.argmax(-1)
+    finite = torch.isfinite(logits).all(-1).tolist()
+    failed = {i: "the model's next-token scores are not finite numbers (NaN or infinity): "
+                 "this pocket book's weights, or a stack's weights, are too large for the "
+                 "base's number format" for i, ok in enumerate(finite) if not ok}
     for i, request in enumerate(requests):
-        if request.temperature <= 0:
+        if request.temperature < GREEDY_BELOW or i in failed:
             continue
         probs = torch.softmax(logits[i] / request.temperature, dim=-1)
         if request.top_p < 1.0:
@@ -132,7 +147,7 @@ def sample(logits: Any, requests: Sequence[Request]) -> list[int]:
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         tokens[i] = torch.multinomial(probs, 1, generator=request.generator)[0]
-    return [int(t) for t in tokens.tolist()]
+    return [int(t) for t in tokens.tolist()], failed
 
 
 def check_request(prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,

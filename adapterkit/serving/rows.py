@@ -61,7 +61,9 @@ class Plan(NamedTuple):
     rows: int  # rows of the batch the plan is for
     #: ``views``: target ``k``'s rows are ``start + k·length`` … (+ ``length``).
     #: ``gather``: ``gather`` holds each target's rows (``rows`` = the zero line: padding),
-    #: ``scatter`` the same flattened with the padding sent to row 0, where it adds zeros.
+    #: ``real`` the positions of real rows in it flattened, ``scatter`` their batch rows. The
+    #: padding's products are never added anywhere: a pocket book with non-finite factors
+    #: makes them NaN (0·inf), which must not reach another request's row.
     #: ``runs``: ``(target, start, stop)`` per run of adjacent rows of one target.
     form: str
     start: int = -1
@@ -69,6 +71,7 @@ class Plan(NamedTuple):
     gather: torch.Tensor | None = None
     scatter: torch.Tensor | None = None
     runs: tuple[tuple[int, int, int], ...] = ()
+    real: torch.Tensor | None = None
 
 
 class RowLora(nn.Module):
@@ -111,14 +114,15 @@ class RowLora(nn.Module):
             else:
                 blocks += xs.bmm(plan.at).bmm(plan.bt).to(out.dtype)
         elif plan.form == "gather":
-            assert plan.gather is not None and plan.scatter is not None
+            assert plan.gather is not None and plan.scatter is not None \
+                and plan.real is not None
             # one line per row (a row's tokens side by side), and a zero line for the padding
             per_row = x.reshape(plan.rows, -1)
             per_row = torch.cat([per_row, per_row.new_zeros((1, per_row.shape[1]))])
             xs = _cast(per_row.index_select(0, plan.gather.view(-1)), plan.at)
             delta = xs.view(plan.at.shape[0], -1, x.shape[-1]).bmm(plan.at).bmm(plan.bt)
-            result.view(plan.rows, -1).index_add_(
-                0, plan.scatter, delta.view(-1, tokens * out.shape[-1]).to(result.dtype))
+            delta = delta.view(-1, tokens * out.shape[-1]).index_select(0, plan.real)
+            result.view(plan.rows, -1).index_add_(0, plan.scatter, delta.to(result.dtype))
         else:  # runs: two GEMMs per run, on views of the batch
             for k, start, stop in plan.runs:
                 lines = slice(start * tokens, stop * tokens)
@@ -172,7 +176,7 @@ class Pool:
         adjacent and the targets in the pool's order, which lets even runs be views."""
         # one layout (and one pair of index tensors) per set of held targets and device, not
         # per layer
-        layouts: dict[tuple[tuple[int, ...], Any], tuple[Layout | None, Any, Any]] = {}
+        layouts: dict[tuple[tuple[int, ...], Any], tuple[Layout | None, Any, Any, Any]] = {}
         for path, slot in slots.items():
             layer = self.layers.get(path)
             if layer is None:
@@ -181,15 +185,16 @@ class Pool:
             at, bt, held = layer
             key = (held, at.device)
             if key not in layouts:
-                how, gather, scatter = layout(rows, held), None, None
+                how, gather, scatter, real = layout(rows, held), None, None, None
                 if how is not None and how.gather:
                     gather = torch.tensor(how.gather, dtype=torch.long, device=at.device)
-                    scatter = torch.where(gather == len(rows), 0, gather).view(-1)
-                layouts[key] = (how, gather, scatter)
-            how, gather, scatter = layouts[key]
+                    real = (gather.view(-1) != len(rows)).nonzero().view(-1)
+                    scatter = gather.view(-1).index_select(0, real)
+                layouts[key] = (how, gather, scatter, real)
+            how, gather, scatter, real = layouts[key]
             slot.plan = None if how is None else Plan(
                 at[how.targets], bt[how.targets], len(rows), how.form, how.start, how.length,
-                gather, scatter, how.runs)
+                gather, scatter, how.runs, real)
 
 
 class Layout(NamedTuple):
