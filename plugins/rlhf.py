@@ -107,6 +107,7 @@ class RLHF(Trainer):
     description = "Online RL (TRL GRPO) against a reward pocket book, KL to the base"
     data_shapes = ("preference", "prompt_completion")
     options = RLHFOptions
+    evaluates = False  # GRPO runs no evaluation: --eval-split serves the reward stage only
 
     def preflight(self, *, library: Any, name: str, options: Any, trainer_options: Any,
                   data: Any) -> None:
@@ -117,6 +118,10 @@ class RLHF(Trainer):
         o: RLHFOptions = trainer_options
         if o.reward:
             RewardScorer.check_kind(library.get(o.reward))  # its base: once the base is loaded
+            if options.eval_split:
+                raise ConfigError("--eval-split holds out pairs to evaluate the reward pocket "
+                                  "book rlhf trains first; with --reward there is none, and "
+                                  "the policy is not evaluated: drop --eval-split")
             return
         if data.shape != "preference":
             raise ConfigError("rlhf without --reward first trains a reward pocket book from "

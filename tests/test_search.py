@@ -428,12 +428,13 @@ def test_a_search_on_top_of_or_from_a_pocket_book_keeps_its_lineage(tiny_base, h
     assert (library.get("under").path / WEIGHTS_FILE).read_bytes() == before
 
 
-def test_a_resumed_rlhf_search_is_not_refused_for_its_own_trials_books(tiny_base, home, pairs,
-                                                                       pm, peft_adapter):
-    """The preflight's free-name checks run for a fresh search only: a resumed one finds its
-    trials' own books (here, a book named as trial 0's reward stage) and goes on to its own
-    checks (there is no study to resume)."""
-    Library(home).import_peft(peft_adapter, "bad-trial-0-reward", base=str(tiny_base))
-    with pytest.raises(ConfigError, match="no interrupted search of bad to resume"):
-        search("rlhf", base=str(tiny_base), data=str(pairs), name="bad", home=home, plugins=pm,
-               space=["lr"], trials=2, options=options(), resume=True)
+def test_a_trainer_that_evaluates_nothing_is_refused_before_any_trial(tiny_base, home, pairs,
+                                                                       pm):
+    """rlhf (GRPO) records no held-out figure of its policy: --search is refused before it
+    writes a study or trains a trial, where it used to train a whole trial first, resumed or
+    not."""
+    for again in (False, True):
+        with pytest.raises(ConfigError, match="the rlhf trainer records no held-out figure"):
+            search("rlhf", base=str(tiny_base), data=str(pairs), name="bad", home=home,
+                   plugins=pm, space=["lr"], trials=2, options=options(), resume=again)
+    assert Library(home).list() == [] and not (home / "runs").exists()

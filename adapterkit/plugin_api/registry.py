@@ -77,6 +77,11 @@ class Trainer(Registrable):
     #: Whether this trainer acts on ``packing`` (``--packing``: several sequences per row, as
     #: TRL's ``SFTConfig(packing=...)``); the core refuses it for a trainer that does not.
     packs: bool = False
+    #: Whether its pocket book gets a held-out figure from ``--eval-split``: the core's (task
+    #: loss on held-out rows; a reward head's pair ranking) or, for preference pairs, the
+    #: trainer's own evaluation in its log (DPO's loss; ``eval_strategy`` left on).
+    #: ``--search`` ranks trials on that figure and refuses a trainer that declares ``False``.
+    evaluates: bool = True
     #: The trainer's own options (``--set KEY=VALUE``, a recipe's ``trainer_options:``): a
     #: dataclass whose fields, with their types and defaults, are the options it takes (e.g.
     #: ``beta: float = 0.1``); document each with a ``#:`` comment. Before any work the core

@@ -158,6 +158,9 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
                           "--early-stopping out")
     pm = plugins or default_plugin_manager()
     trainer_obj = pm.trainer(trainer)
+    if not getattr(trainer_obj, "evaluates", True):  # else a whole trial, then this refusal
+        raise ConfigError(f"the {trainer} trainer records no held-out figure of its pocket "
+                          "book, which --search ranks trials on: tune it without --search")
     if budget is not None and getattr(trainer_obj, "head", "causal-lm") == "reward":
         raise ConfigError(f"--budget keeps trials by their forgetting figure, and {trainer} "
                           "pocket books (a reward head, which scores text) have none: leave "
