@@ -268,6 +268,33 @@ def test_a_resumed_runs_tokens_per_second_are_of_its_own_steps(tiny_base, adapte
     assert "resumed_at_step" not in whole
 
 
+def test_a_runs_general_off_holds_for_a_stage_it_trains_with_its_options(
+        tiny_base, adapterkit_data, home, adapterkit_plugin_manager):
+    """``general: off`` on a run whose trainer trains an ``sft`` stage first (``train_stage``
+    with default options): the stage measures no forgetting either. The run's "off" had been
+    resolved to None by then, which the stage read as "its own default": sft's check."""
+    sft = get_plugin_manager(env=False).trainer("sft")
+
+    class Staged(Trainer):
+        name = "staged"
+        data_shapes = ("prompt_completion",)
+
+        def train(self, *, job, **_):
+            job.train_stage("sft", name="staged-first")
+            return sft.train(job=job)
+
+    pm = adapterkit_plugin_manager(_plugin(Staged()))
+    data = str(adapterkit_data["prompt_completion"])
+    first = dict(name="staged", home=home, plugins=pm, base=str(tiny_base), data=data)
+    result = train("staged", **first, options=TrainOptions(**TINY, general="off"))
+    stage = Library(home).get("staged-first")
+    assert "forgetting" not in stage.meta.metrics and "forgetting" not in result.metrics
+    # and the control: sft alone, with the same options less general, measures it
+    alone = train("sft", base=str(tiny_base), data=data, name="alone", home=home, plugins=pm,
+                  options=TrainOptions(**TINY))
+    assert "forgetting" in alone.metrics
+
+
 def test_a_stage_with_the_runs_own_options_takes_what_its_trainer_acts_on(
         tiny_base, adapterkit_data, home, adapterkit_plugin_manager):
     """A trainer that trains a reward pocket book first (``job.train_stage`` with default

@@ -39,6 +39,7 @@ from adapterkit.training.data import Data, as_chat, load_data
 from adapterkit.training.job import TrainJob, TrainResult
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
 from adapterkit.training.options import (
+    GENERAL_OFF,
     TrainOptions,
     build_trainer_options,
     check_options,
@@ -200,6 +201,9 @@ class _Checked:
     workdir: Path
     parent: PocketBook | None
     resume_from: str | None
+    #: The run was given ``general: off`` (resolved to None, as a trainer with no default
+    #: check is): its stages must not measure forgetting by their own default either.
+    general_off: bool = False
 
 
 def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
@@ -219,6 +223,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     pm = plugins
     trainer_obj = pm.trainer(trainer)
     check_options(options)  # values out of range, for options built in Python (the CLI's are)
+    general_off = isinstance(options.general, str) and options.general.lower() == GENERAL_OFF
     options = with_defaults(trainer_obj, options)  # the trainer's measured defaults where unset
     check_options(options)  # what the defaults added, with what the run set
     # the trainer's own options, typed: every problem in one error, before anything is reserved
@@ -259,7 +264,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         # as it started (whole epochs, as min_steps resolves them and transformers records)
         options = replace(options, epochs=_epochs_of(resume_from) or options.epochs)
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
-                    general, workdir, parent, resume_from)
+                    general, workdir, parent, resume_from, general_off)
 
 
 def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
@@ -322,7 +327,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
             job.options, trainer_options={}, forgetting_budget=0, guard_weight=None,
             anchor=None, min_steps=None,
             general=None if getattr(other, "head", "causal-lm") == "reward"
-            else job.options.general,
+            else GENERAL_OFF if c.general_off else job.options.general,
             packing=job.options.packing and bool(getattr(other, "packs", False)))
         result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
                        options=stage_options, home=library.home, plugins=pm,
