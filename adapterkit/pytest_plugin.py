@@ -91,10 +91,26 @@ def adapterkit_plugin_manager() -> Callable[..., Any]:
     from adapterkit.plugin_api.manager import get_plugin_manager
 
     def factory(*plugins: object, entry_points: bool = True) -> Any:
-        named = {getattr(p, "__name__", type(p).__name__): p for p in plugins}
+        named = {_plugin_name(p): p for p in plugins}
         return get_plugin_manager(entry_points=entry_points, env=False, plugins=named)
 
     return factory
+
+
+def _plugin_name(plugin: object) -> str:
+    """The name ``plugin`` is registered under: its entry-point name where it is the module an
+    installed entry point loads (the plugin under test, installed with ``pip install -e .``),
+    so it is listed as users see it and its entry point is not loaded a second time; else its
+    module or class name."""
+    from importlib.metadata import entry_points
+
+    from adapterkit.plugin_api.manager import ENTRY_POINT_GROUP
+
+    module = getattr(plugin, "__name__", None)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if module is not None and ep.value == module:
+            return ep.name
+    return module or type(plugin).__name__
 
 
 @pytest.fixture

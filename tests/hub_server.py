@@ -33,6 +33,7 @@ class FakeHub:
         self.tokens = tokens
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.created: list[dict] = []  # the body of every create-repo request
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -220,6 +221,7 @@ class FakeHub:
                 return self.error(404, f"no route {path}")
 
             def create_repo(self, body: dict):
+                hub.created.append(body)
                 user = self.user()
                 if user is None:
                     return self.error(401, "Invalid credentials in Authorization header")
@@ -228,8 +230,10 @@ class FakeHub:
                 if owner != user:
                     return self.error(403, f"You don't have the rights to create a model under "
                                            f"the namespace \"{owner}\"")
-                if repo_id in hub.repos:
-                    return self.error(409, "You already created this model repo")
+                if repo_id in hub.repos:  # the Hub's 409 names the repo, as create_repo reads
+                    message = "You already created this model repo"
+                    return self.reply(409, {"error": message, "url": f"{hub.endpoint}/{repo_id}"},
+                                      {"X-Error-Message": message})
                 hub.add_repo(repo_id, user, {".gitattributes": b"*.safetensors filter=lfs\n"},
                              private=bool(body.get("private")) or body.get("visibility") == "private")
                 return self.reply(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})

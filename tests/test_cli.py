@@ -57,6 +57,15 @@ def test_base_show(run, tiny_base):
     assert "LoRA targets:  down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in text
 
 
+def test_base_show_help_says_what_it_downloads_and_converts(run):
+    """Before: "No weights are loaded", yet a Hub id is downloaded and a .gguf file is
+    dequantised on first use."""
+    text = " ".join(run("base", "show", "--help").output.split())
+    assert "No weights are loaded" not in text
+    assert "a Hub id is downloaded first" in text
+    assert "a .gguf file or alias is dequantised to a safetensors folder on first use" in text
+
+
 def test_plugins_command(run):
     data = json.loads(run("plugins", "--json").output)
     by_name = {p["name"]: p for p in data}

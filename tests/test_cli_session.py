@@ -121,3 +121,61 @@ def test_export_merged_cli(cli, two, tmp_path):
     assert (tmp_path / "merged" / "config.json").exists()
     out = run(cli, "export", "law", tmp_path / "merged", "--merged", code=1)
     assert "not empty" in out
+
+
+@pytest.fixture
+def stacked(library, tiny_base, tmp_path):
+    """``top`` trained on top of ``under`` (both made on the tiny base)."""
+    for name, seed in (("under", 3), ("top", 4)):
+        library.import_peft(make_peft_adapter(tiny_base, tmp_path / name, seed=seed), name,
+                            base=str(tiny_base))
+    library.update_meta("top", lambda meta: setattr(meta, "stacked_on", ["under@1"]))
+    return library
+
+
+def test_swap_force_reaches_the_books_underneath(cli, stacked, tmp_path):
+    """Before: --force attached ``top`` but not the book under it, which was refused."""
+    from adapterkit.plugin_api.testing import make_tiny_base
+
+    twin = make_tiny_base(tmp_path / "twin", seed=7)  # same shapes, other weights
+    args = ["swap", "top", "--base", twin, "--prompt", "Hello", "--max-new-tokens", "2"]
+    out = run(cli, *args, code=1)
+    assert "pocket book top@1 was made on base" in out
+    with pytest.warns(UserWarning, match="under@1 was made on base .*attached anyway"):
+        out = run(cli, *args, "--force")
+    assert "[top@1]  first swap" in out
+
+
+def test_first_swap_figure_covers_reading_the_books_underneath(cli, stacked, monkeypatch):
+    """Before: the printed first swap left out reading (and joining) the books ``top`` was
+    trained on, which the swap does before its timer starts."""
+    import re
+    import time
+
+    import adapterkit.runtime.session as session_mod
+
+    real = session_mod.load_book
+
+    def slow_underlay(book, **kwargs):
+        if book.ref == "under@1":
+            time.sleep(0.3)
+        return real(book, **kwargs)
+
+    monkeypatch.setattr(session_mod, "load_book", slow_underlay)
+    text = run(cli, "swap", "top", "--prompt", "Hello", "--max-new-tokens", "2")
+    first, read = (float(x) for x in re.search(
+        r"\[top@1\]  first swap ([\d.]+) ms \(file read ([\d.]+) ms\)", text).groups())
+    assert first >= read >= 300
+    out = run(cli, "swap", "top", "--prompt", "Hello", "--max-new-tokens", "2", "--json")
+    [row] = json.loads(out[out.index("{"):])["pocket_books"]
+    assert row["attach_ms"] >= 300 and row["hot_swap_ms"] < row["attach_ms"] + row["swap_ms"]
+
+
+@pytest.mark.parametrize("args", [["--no-adapter"], []])
+def test_generate_refuses_force_where_no_pocket_book_is_attached(cli, two, tiny_base, args):
+    """Before: --force was accepted and ignored without an adapter (or with --no-adapter)."""
+    given = ["--adapter", "law", *args] if args else ["--base", tiny_base]
+    out = run(cli, "generate", "hi", *given, "--force", "--max-new-tokens", "2", code=1)
+    assert out.strip().splitlines() == [out.strip().splitlines()[-1]]
+    assert out.startswith("Error: --force attaches a pocket book made on another base")
+    assert "drop --force" in out and "Loading base" not in out

@@ -181,3 +181,159 @@ def test_stacked_book_warns_on_push_and_on_pull_without_its_underlay(
                                         "not have"):
         pulled = pull(elsewhere, "alice/top")
     assert pulled.meta.stacked_on == ["under@1"]
+    assert pulled.meta.stacked_on_sha256 == library.get("top").meta.stacked_on_sha256 != {}
+
+    # a library whose under@1 is another pocket book: the pull says so, and loading refuses
+    from adapterkit.errors import InvalidAdapter
+    from adapterkit.runtime.peft_model import members_of
+
+    third = Library(tmp_path / "third")
+    train("sft", base=str(tiny_base), data=data, name="under", home=third.home, plugins=pm,
+          options=TrainOptions(max_steps=2, batch_size=4, r=2, alpha=4))
+    with pytest.warns(HubWarning, match="this library's under@1 hold other weights"):
+        stranger = pull(third, "alice/top")
+    with pytest.raises(InvalidAdapter, match="trained on top of under@1 with weights"):
+        members_of(third, stranger)
+
+
+# -- push --private, card headers, pickles, error wording (audit fixes) -----------------------
+
+def _uploads(hub, repo_id):
+    return [r for r in hub.requests if r[0] == "POST" and r[1].startswith(f"/api/models/{repo_id}/")
+            and r[1].split("/")[5] in ("preupload", "commit")]
+
+
+def test_push_private_refuses_an_existing_public_repo_before_uploading(hub, library, book):
+    """Before: the Hub ignores ``private`` for a repo that exists, so --private uploaded the
+    pocket book into a public repo."""
+    hub.add_repo("alice/open", "alice", {"README.md": b"public"})
+    with pytest.raises(HubError, match="alice/open already exists and is public.*make it "
+                                       "private in its settings on the Hub.*push without "
+                                       "--private"):
+        push(library, "big", "alice/open", private=True)
+    repo = hub.repos["alice/open"]
+    assert not repo.private and repo.commits[repo.branches["main"]] == {"README.md": b"public"}
+    assert _uploads(hub, "alice/open") == []
+    hub.add_repo("alice/closed", "alice", {"README.md": b"private"}, private=True)
+    push(library, "big", "alice/closed", private=True)  # already private: pushed
+    assert "adapter_model.safetensors" in hub.repos["alice/closed"].commits[
+        hub.repos["alice/closed"].branches["main"]]
+
+
+def test_push_without_private_leaves_the_visibility_to_the_owner(hub, library, book):
+    """Before: ``private=False`` was sent, asking for a public repo even where the owner's
+    (an organization's) default is private."""
+    push(library, "big", "alice/default")
+    assert hub.created and all("private" not in body and "visibility" not in body
+                               for body in hub.created)
+    push(library, "big", "alice/secret", private=True)
+    assert hub.repos["alice/secret"].private
+
+
+@pytest.mark.parametrize("header", [
+    b"---\nbase_model: [unclosed\n---\nhi\n",  # yaml ParserError
+    b"---\n- a\n- b\n---\nhi\n",  # a list, not a mapping: ValueError
+    b"\xff\xfe---\nbase_model: x\n---\n",  # not UTF-8: UnicodeDecodeError
+])
+def test_pull_with_an_unreadable_card_header_warns_and_goes_on(hub, library, tiny_base,
+                                                              other_base, peft_adapter, header):
+    """Before: a malformed card header ended ``pull --base`` with a traceback."""
+    files = {p.name: p.read_bytes() for p in peft_adapter.iterdir() if p.is_file()}
+    files["README.md"] = header
+    hub.add_repo("carol/badcard", "carol", files)
+    with pytest.warns(HubWarning, match="model card's YAML header cannot be read .*so the base "
+                                        "it names was not compared with"):
+        book = pull(library, "carol/badcard", base=str(tiny_base))
+    assert book.meta.base_fingerprint and book.name == "badcard"
+    from adapterkit import BaseMismatch
+
+    with pytest.warns(HubWarning, match="YAML header cannot be read"), \
+            pytest.raises(BaseMismatch, match="does not fit"):  # the other checks still run
+        pull(library, "carol/badcard", name="wrong", base=str(other_base))
+
+
+def _fetched(hub, repo_id, filename):
+    return [r for r in hub.requests if r[1].startswith(f"/{repo_id}/resolve/")
+            and r[1].endswith(f"/{filename}")]
+
+
+def test_pull_downloads_pickled_weights_only_when_trusted(hub, library, peft_adapter):
+    """Before: adapter_model.bin was downloaded by every pull, trusted or not."""
+    files = {p.name: p.read_bytes() for p in peft_adapter.iterdir() if p.is_file()}
+    hub.add_repo("carol/both", "carol", {**files, "adapter_model.bin": b"not really a pickle"})
+    book = pull(library, "carol/both")
+    assert _fetched(hub, "carol/both", "adapter_model.safetensors")
+    assert _fetched(hub, "carol/both", "adapter_model.bin") == []
+    assert not (book.path / "adapter_model.bin").exists()
+
+    hub.add_repo("carol/pickled", "carol", {
+        "adapter_config.json": json.dumps({"peft_type": "LORA"}).encode(),
+        "adapter_model.bin": b"not really a pickle"})
+    with pytest.raises(UnsafeWeights, match="holds only pickled weights .*not downloaded.*pull "
+                                            "again with --trust-pickle"):
+        pull(library, "carol/pickled")
+    assert _fetched(hub, "carol/pickled", "adapter_model.bin") == []
+    with pytest.raises(UnsafeWeights, match="could not be loaded safely"):
+        pull(library, "carol/pickled", trust_pickle=True)  # trusted: fetched, then unpickled
+    assert _fetched(hub, "carol/pickled", "adapter_model.bin")
+
+
+def _http_error(status, message):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    response = httpx2.Response(status, request=httpx2.Request("GET", "http://hub.test/x"))
+    return HfHubHTTPError(f"{status} Client Error\n\nline two\nRequest ID: abc", response=response,
+                          server_message=message)
+
+
+def test_hub_errors_say_what_is_true(hub, library, book, monkeypatch):
+    """Before: a network error during push said "nothing was changed" after the repo was
+    created, and a 403 while pulling said "no permission to write"."""
+    import httpx2
+    from huggingface_hub import HfApi
+
+    def cut(*args, **kwargs):
+        raise httpx2.ConnectError("connection reset")
+
+    monkeypatch.setattr(HfApi, "upload_folder", cut)
+    with pytest.raises(HubError) as caught:
+        push(library, "big", "alice/cut")
+    message = str(caught.value)
+    assert "alice/cut" in hub.repos and "nothing was changed" not in message
+    assert "cannot reach the Hub" in message and "alice/cut exists but the upload did not " \
+                                                  "complete" in message
+
+    def forbidden(*args, **kwargs):
+        raise _http_error(403, "Access to this repo is restricted")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", forbidden)
+    with pytest.raises(HubError) as caught:
+        pull(library, "carol/locked")
+    message = str(caught.value)
+    assert message.startswith("no permission to read carol/locked (server said: Access to this "
+                              "repo is restricted)") and "write" not in message
+    assert len(message.splitlines()) == 1 and [b.name for b in library.list()] == ["big"]
+
+
+def test_hub_base_errors_are_one_line_that_says_what_to_do(hub, home, tmp_path, monkeypatch):
+    """Before: ``cannot download base ...: RepositoryNotFoundError: 404 Client Error...`` over
+    several lines, and nothing said that ``models/my-base`` was looked for as a folder too."""
+    from adapterkit import BaseNotFound
+    from adapterkit.base.resolve import resolve_base
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(BaseNotFound) as caught:
+        resolve_base("models/my-base", home)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"no local folder models/my-base (relative to {tmp_path}): check "
+                              "the path; as a Hub id: repo models/my-base does not exist")
+    assert "hf auth login" in message
+
+    hub.add_repo("alice/base", "alice", {"config.json": b"{}"})
+    with pytest.raises(BaseNotFound) as caught:
+        resolve_base("alice/base@nope", home)
+    assert str(caught.value) == ("cannot download base 'alice/base': revision 'nope' does not "
+                                 "exist in alice/base")

@@ -1,9 +1,20 @@
 """Training on top of a pocket book (``--on``) and continuing a copy of one (``--from``)."""
 
+import types
+
 import pytest
 import torch
 
-from adapterkit import BaseMismatch, ConfigError, Library, PocketBookNotFound, TrainOptions, train
+import adapterkit
+from adapterkit import (
+    BaseMismatch,
+    ConfigError,
+    InvalidAdapter,
+    Library,
+    PocketBookNotFound,
+    TrainOptions,
+    train,
+)
 from adapterkit.plugin_api.manager import get_plugin_manager
 
 IDS = torch.tensor([[3, 50, 60, 70, 80, 90]])
@@ -227,3 +238,42 @@ def test_flatten_and_merge_refuse_to_drop_what_a_book_is_trained_on(stacked, tin
         merge(library, ["manner", "plain-one"], None, method="linear", name="merged")
     flat = stack(library, ["triage", "manner"], None, name="flat", flatten=True)
     assert flat.meta.kind == "adapter"
+
+
+def test_a_book_is_never_put_on_another_pocket_book_under_the_name_it_was_trained_on(
+        stacked, tiny_base, tmp_path):
+    """``manner`` records the weights of the ``triage@1`` it was trained on. In a library whose
+    ``triage@1`` is another pocket book (a pull of ``manner`` into someone else's library, as
+    here), every path that brings ``manner``'s underlay back refuses it, naming both hashes;
+    before, each attached whatever was called ``triage@1``."""
+    from adapterkit.library.metadata import WEIGHTS_FILE
+    from adapterkit.plugin_api.testing import make_peft_adapter
+    from adapterkit.runtime.peft_model import members_of
+    from adapterkit.serving.names import resolve
+
+    home, _, _, triage, manner = stacked
+    recorded = manner.pocket_book.meta.stacked_on_sha256
+    assert recorded == {"triage@1": triage.pocket_book.meta.files[WEIGHTS_FILE]}
+    assert [b.ref for b, _ in members_of(Library(home), manner.pocket_book)] == [
+        "triage@1", "manner@1"]  # the library it was trained in: as before
+
+    other = Library(tmp_path / "elsewhere")
+    other.import_peft(make_peft_adapter(tiny_base, tmp_path / "t", seed=7, r=4,
+                                        target_modules="all-linear"), "triage",
+                      base=str(tiny_base))
+    other.import_peft(manner.pocket_book.path, "manner", base=str(tiny_base))
+    other.update_meta("manner@1", lambda meta: (setattr(meta, "stacked_on", ["triage@1"]),
+                                                setattr(meta, "stacked_on_sha256", recorded)))
+    pulled = other.get("manner")
+    held = other.get("triage@1").meta.files[WEIGHTS_FILE]
+    message = f"trained on top of triage@1 with weights {recorded['triage@1'][:12]}"
+    with pytest.raises(InvalidAdapter, match=message) as info:
+        members_of(other, pulled)  # eval, generate, verify, export: through plain PEFT
+    assert held[:12] in str(info.value)
+    base = types.SimpleNamespace(fingerprint=pulled.meta.base_fingerprint)
+    with pytest.raises(ConfigError, match=message):
+        resolve(other, base, "manner", base_id="base")  # the server
+    session = adapterkit.open(str(tiny_base), home=other.home)
+    with pytest.raises(InvalidAdapter, match=message):
+        session.swap("manner")  # sessions: chat, swap
+    assert session.books == {}

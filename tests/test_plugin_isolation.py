@@ -4,18 +4,20 @@ takes, and `uninstall` finds a plugin by any of its names without loading it."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from adapterkit import AdapterMethod, PluginError, hookimpl
+from adapterkit import AdapterMethod, NameTaken, PluginError, hookimpl
 from adapterkit.cli import build_cli
 from adapterkit.plugin_api.manager import PluginWarning, get_plugin_manager, uninstall_name
-from adapterkit.plugin_api.scaffold import scaffold
+from adapterkit.plugin_api.scaffold import plugin_name, scaffold
 
 
 class Method(AdapterMethod):
@@ -270,3 +272,115 @@ def test_uninstall_command_passes_pip_the_package_name(tmp_path, monkeypatch):
     out = CliRunner().invoke(cli, ["uninstall", "nope-xyz"])
     assert out.exit_code == 1 and ran == [["uninstall", "-y", "adapterkit-shout"]]
     assert textwrap.dedent(out.output).startswith("Error: no installed adapterkit plugin")
+
+
+# -- 4. one name, one plugin ----------------------------------------------------------------
+
+TWIN_SOURCE = textwrap.dedent('''
+    from adapterkit import AdapterMethod, hookimpl
+
+    class M(AdapterMethod):
+        name = "{method}"
+
+    @hookimpl
+    def register_methods(register):
+        register(M())
+''')
+
+
+def test_two_distributions_with_one_plugin_name_warn_naming_both(tmp_path, monkeypatch):
+    """Before: the second plugin of a name was dropped without a word."""
+    for dist, module in (("adapterkit-twin-a", "adapterkit_twin_a"),
+                         ("adapterkit-twin-b", "adapterkit_twin_b")):
+        fake_distribution(tmp_path, dist, {"twin": module})
+        (tmp_path / f"{module}.py").write_text(TWIN_SOURCE.format(method=module))
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(PluginWarning, match=r"the plugin of adapterkit-twin-[ab] defines its name "
+                                           r"as 'twin' but that name is already used by the "
+                                           r"plugin of adapterkit-twin-[ab], which stays") as caught:
+        pm = get_plugin_manager(env=False)
+    [warning] = [str(w.message) for w in caught if "twin" in str(w.message)]
+    skipped, kept = re.search(r"the plugin of (\S+) defines .* the plugin of (\S+), which "
+                              r"stays", warning).groups()
+    assert {skipped, kept} == {"adapterkit-twin-a", "adapterkit-twin-b"}
+    assert "`adapterkit uninstall adapterkit-twin-a` or `adapterkit uninstall " \
+           "adapterkit-twin-b`" in warning or "`adapterkit uninstall adapterkit-twin-b` or " \
+           "`adapterkit uninstall adapterkit-twin-a`" in warning
+    kept_method = kept.replace("-", "_")
+    assert kept_method in pm.methods.names()
+    assert skipped.replace("-", "_") not in pm.methods.names()
+
+
+def test_a_plugin_named_like_a_builtin_is_named_and_never_advises_uninstalling_adapterkit(
+        tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "adapterkit-mysft", {"sft": "adapterkit_mysft"})
+    (tmp_path / "adapterkit_mysft.py").write_text(TWIN_SOURCE.format(method="mysft"))
+    monkeypatch.delitem(sys.modules, "adapterkit_mysft", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(PluginWarning, match="name as 'sft'") as caught:
+        get_plugin_manager(env=False)
+    [warning] = [str(w.message) for w in caught if "'sft'" in str(w.message)]
+    assert "adapterkit-mysft" in warning and "the plugin of adapterkit" in warning
+    assert "`adapterkit uninstall adapterkit-mysft`" in warning
+    assert "uninstall adapterkit`" not in warning
+
+
+@pytest.mark.parametrize("given,owner", [("sft", "adapterkit itself"),
+                                         ("adapterkit-lora", "adapterkit itself"),
+                                         ("shout", "the installed package adapterkit-shout"),
+                                         ("adapterkit_shout", "adapterkit-shout")])
+def test_scaffold_refuses_a_name_an_installed_plugin_has(given, owner, tmp_path, monkeypatch):
+    """Before: `plugin new sft` wrote a plugin that every load would skip."""
+    site = tmp_path / "site"
+    fake_distribution(site, "adapterkit-shout", {"shout": "adapterkit_shout"})
+    monkeypatch.syspath_prepend(str(site))
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(NameTaken, match=f"plugin name '{plugin_name(given)}' is already used by "
+                                        f".*{owner}.*; choose another name"):
+        scaffold(given, "trainer", work)
+    assert list(work.iterdir()) == []
+    out = CliRunner().invoke(build_cli(get_plugin_manager(entry_points=False, env=False)),
+                             ["plugin", "new", given, "--dir", str(work)])
+    assert out.exit_code == 1 and out.output.startswith("Error: plugin name")
+    assert len(out.output.strip().splitlines()) == 1 and list(work.iterdir()) == []
+
+
+def _shout_module(tmp_path, monkeypatch):
+    """An installed plugin ``shout`` (distribution adapterkit-shout, module adapterkit_shout),
+    imported as its tests import it."""
+    import importlib.util
+
+    fake_distribution(tmp_path, "adapterkit-shout", {"shout": "adapterkit_shout"})
+    path = tmp_path / "adapterkit_shout.py"
+    path.write_text(TWIN_SOURCE.format(method="shout"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.spec_from_file_location("adapterkit_shout", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "adapterkit_shout", module)  # removed after the test
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plugin_manager_fixture_registers_an_installed_plugin_once_by_its_name(
+        tmp_path, monkeypatch, adapterkit_plugin_manager):
+    """Before: the fixture registered the module under its module name, then its entry point
+    loaded the same module: a PluginWarning on every test, and `plugins` listed
+    ``adapterkit_shout``."""
+    module = _shout_module(tmp_path, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginWarning)
+        pm = adapterkit_plugin_manager(module)
+    assert "shout" in pm.info and "adapterkit_shout" not in pm.info
+    assert pm.methods.names().count("shout") == 1
+
+
+def test_an_entry_point_whose_module_is_registered_already_is_not_loaded_again(tmp_path,
+                                                                              monkeypatch):
+    module = _shout_module(tmp_path, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginWarning)
+        pm = get_plugin_manager(env=False, plugins={"mine": module})
+    assert "mine" in pm.info and "shout" not in pm.info
+    assert pm.methods.names().count("shout") == 1

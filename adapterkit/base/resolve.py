@@ -25,6 +25,7 @@ from typing import Any
 from adapterkit.errors import BaseLoadError, BaseNotFound, MissingDependency
 from adapterkit.files import atomic_write_text, fsync_tree, sha256_file
 from adapterkit.home import resolve_home
+from adapterkit.hub_errors import explain_hub_error
 
 BASE_INFO_FILE = "adapterkit-base.json"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -146,7 +147,11 @@ def _json_object(path: Path) -> dict[str, Any]:
 def _from_hub(repo_id: str, revision: str | None) -> BaseSource:
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError:  # pragma: no cover - a declared dependency
         raise MissingDependency("Hub bases need huggingface_hub: pip install huggingface-hub") from None
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -157,10 +162,15 @@ def _from_hub(repo_id: str, revision: str | None) -> BaseSource:
             f"cannot download base {repo_id!r}: the Hub is not reachable and it is not in the "
             "local Hugging Face cache. Connect, or pass a local folder or .gguf file"
         ) from None
-    except HfHubHTTPError as exc:
-        raise BaseNotFound(f"cannot download base {repo_id!r} from the Hub: {exc}") from None
-    except Exception as exc:  # RepositoryNotFound, RevisionNotFound, network errors
-        raise BaseNotFound(f"cannot download base {repo_id!r}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # RepositoryNotFound, RevisionNotFound, HTTP and network errors
+        reason = explain_hub_error(exc, repo_id, revision=revision,
+                                   outcome="nothing was downloaded")
+        # "models/my-base" reads as a Hub id too: where it may have meant a folder, say both
+        unknown = isinstance(exc, RepositoryNotFoundError) and not isinstance(exc, GatedRepoError)
+        if unknown or Path(repo_id).parent.is_dir():
+            raise BaseNotFound(f"no local folder {repo_id} (relative to {Path.cwd()}): check "
+                               f"the path; as a Hub id: {reason}") from None
+        raise BaseNotFound(f"cannot download base {repo_id!r}: {reason}") from None
     return BaseSource(
         repo_id, folder, {"kind": "hub", "hub_id": repo_id, "revision": folder.name}
     )

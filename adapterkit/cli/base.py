@@ -27,7 +27,10 @@ def base_show(ctx: click.Context, base: str, as_json: bool) -> None:
     """Architecture, size, LoRA targets and fingerprint of BASE.
 
     BASE is a Hugging Face id (owner/name[@revision]), a local model folder, a .gguf file or an
-    alias (smollm2-135m: the embedded SmolLM2-135M-Instruct). No weights are loaded.
+    alias (smollm2-135m: the embedded SmolLM2-135M-Instruct). The model is built without its
+    weights (on the meta device), but the files must be on this machine: a Hub id is downloaded
+    first (its safetensors, into the Hub cache), and a .gguf file or alias is dequantised to a
+    safetensors folder on first use (once; later uses read that folder).
     """
     from adapterkit.base.load import describe_base
 

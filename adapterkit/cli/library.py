@@ -251,7 +251,8 @@ def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, fmt: str,
 @click.command("push")
 @click.argument("ref")
 @click.option("--repo", required=True, help="Hub repo OWNER/NAME (created if it does not exist).")
-@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--private", is_flag=True,
+              help="Create the repo as private (an existing public repo is refused).")
 @click.option("--revision", help="Branch to push to (created if needed; default main).")
 @click.option("--message", help="Commit message.")
 @click.option("--license", "license_", help="License for the card's YAML header (e.g. apache-2.0).")

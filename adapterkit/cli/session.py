@@ -94,8 +94,12 @@ def swap_cmd(ctx: click.Context, names: tuple[str, ...], prompt: str, base: str 
     for name in names:
         start = time.perf_counter()
         key = session.attach(name, force=force)
+        for under in session.books[key].stacked_on:  # trained --on others: read them too
+            session.attach(under, force=force)
         attach_ms = (time.perf_counter() - start) * 1000
-        swap_ms = session.swap(key) * 1000
+        start = time.perf_counter()
+        session.swap(key, force=force)  # timed whole: a stack's factors are joined in there
+        swap_ms = (time.perf_counter() - start) * 1000
         answer = session.generate(prompt, max_new_tokens=max_new_tokens)
         rows.append({"pocket_book": key, "attach_ms": attach_ms, "swap_ms": swap_ms,
                      "answer": answer})

@@ -703,6 +703,10 @@ def generate_cmd(ctx: click.Context, prompt: str, base: str | None, adapter: str
     from adapterkit.training.metrics import generate, uses_chat
 
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature)
+    if force and (not adapter or no_adapter):
+        raise ConfigError("--force attaches a pocket book made on another base; with "
+                          f"{'--no-adapter' if no_adapter else 'no --adapter'} none is attached, "
+                          "so drop --force")
     state = obj(ctx)
     if adapter and not no_adapter:
         _, loaded, model = _load_for_book(ctx, adapter, base, force=force)

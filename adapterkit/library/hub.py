@@ -10,7 +10,10 @@ pull) and a ``README.md`` model card — so PEFT, vLLM, TGI and LoRAX users can 
 adapterkit. Pull works for any PEFT LoRA repository, not only ours.
 
 A pull trusts nothing the repo says about itself: every pull runs import's checks (LoRA config,
-whole safetensors header, every tensor fits the base) whatever ``adapterkit.json`` records.
+whole safetensors header, every tensor fits the base) whatever ``adapterkit.json`` records — save
+one: where the repo's ``adapterkit.json`` names a base this machine does not have and no
+``--base`` is given, the fit check waits until the pocket book is loaded (a :class:`HubWarning`
+says so). Pickled weights are not even downloaded unless trusted.
 The hashes it records prove the download is what was pushed (integrity), not who pushed it
 (authorship): whoever can write to the repo can write matching hashes.
 """
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import AdapterkitError, InvalidAdapter, InvalidName
+from adapterkit.errors import AdapterkitError, InvalidAdapter, InvalidName, UnsafeWeights
 from adapterkit.files import sha256_file
+from adapterkit.hub_errors import explain_hub_error
 from adapterkit.library.card import render_card
 from adapterkit.library.integrity import check_book
 from adapterkit.library.metadata import (
@@ -44,8 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.library.store import Library
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-_PULL_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, "adapter_model.bin", METADATA_FILE, CARD_FILE,
-                  "*.png"]
+#: what a pull downloads; pickled weights (which can run code when loaded) only when trusted
+_PULL_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE, CARD_FILE, "*.png"]
 
 
 class HubError(AdapterkitError):
@@ -79,55 +83,11 @@ def _api(token: str | None = None) -> Any:
     return HfApi(token=token)
 
 
-def _explain(exc: Exception, repo_id: str, revision: str | None = None) -> HubError:
-    """A readable :class:`HubError` for a ``huggingface_hub`` / network exception."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    endpoint = constants.ENDPOINT
-    if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"revision {revision!r} does not exist in {repo_id}")
-    if isinstance(exc, GatedRepoError):
-        return HubError(f"{repo_id} is gated: accept its conditions on the Hub first")
-    if isinstance(exc, RepositoryNotFoundError):
-        return HubError(f"repo {repo_id} does not exist, or it is private and your token cannot "
-                        "see it (log in with `hf auth login` or set HF_TOKEN)")
-    if isinstance(exc, HfHubHTTPError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        server = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
-        if status == 401:
-            return HubError(f"the Hub at {endpoint} refused your credentials; log in with "
-                            "`hf auth login` or set HF_TOKEN")
-        if status == 403:
-            return HubError(f"no permission to write to {repo_id}: it belongs to another "
-                            f"user or organization (server said: {server})")
-        return HubError(f"the Hub at {endpoint} answered {status}: {server}")
-    if isinstance(exc, LocalEntryNotFoundError) or _is_network(exc):
-        return HubError(f"cannot reach the Hub at {endpoint} ({type(exc).__name__}); check the "
-                        "connection (and HF_ENDPOINT) and retry — nothing was changed")
-    return HubError(f"Hub operation on {repo_id} failed: {type(exc).__name__}: {exc}")
-
-
-def _is_network(exc: BaseException) -> bool:
-    names = {type(e).__name__ for e in _chain(exc)}
-    return bool(names & {"ConnectError", "ConnectTimeout", "ReadTimeout", "ConnectionError",
-                         "TimeoutException", "NetworkError", "RemoteProtocolError",
-                         "OfflineModeIsEnabled"})
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
+def _explain(exc: Exception, repo_id: str, revision: str | None = None, *,
+             writing: bool = False, outcome: str = "nothing was changed") -> HubError:
+    """A one-line :class:`HubError` for a ``huggingface_hub`` / network exception."""
+    return HubError(explain_hub_error(exc, repo_id, revision=revision, writing=writing,
+                                      outcome=outcome))
 
 
 def whoami(token: str | None = None) -> str:
@@ -145,7 +105,12 @@ def whoami(token: str | None = None) -> str:
 def push(library: Library, ref: str, repo: str, *, private: bool = False,
          revision: str | None = None, message: str | None = None, license: str | None = None,
          token: str | None = None) -> PushResult:
-    """Upload a pocket book to ``repo`` (``owner/name``) as a PEFT repository with a card."""
+    """Upload a pocket book to ``repo`` (``owner/name``) as a PEFT repository with a card.
+
+    ``private`` creates the repo private; a repo that already exists keeps its visibility on
+    the Hub, so with ``private`` a public one is refused (:class:`HubError`) before anything is
+    uploaded. Without it, a new repo takes its owner's default visibility.
+    """
     repo_id, at = parse_repo(repo)
     if at:
         raise InvalidName(f"give the branch with --revision, not in the repo id ({repo!r})")
@@ -163,18 +128,35 @@ def push(library: Library, ref: str, repo: str, *, private: bool = False,
     with tempfile.TemporaryDirectory(prefix="adapterkit-push-") as tmp:
         folder = Path(tmp)
         files = _prepare_upload(book, folder, license=license)
+        outcome = "nothing was uploaded"  # what is true if the next step fails
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            # None, not False: a repo created without --private takes its owner's default
+            api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+            outcome = f"{repo_id} exists but nothing was uploaded to it"
+            if private:
+                _refuse_public(api, repo_id)
             if branch != "main":
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
+            outcome = f"{repo_id} exists but the upload did not complete"
             info = api.upload_folder(
                 repo_id=repo_id, folder_path=str(folder), revision=branch,
                 commit_message=message or f"Upload pocket book {book.ref} with adapterkit",
             )
+        except AdapterkitError:
+            raise
         except Exception as exc:
-            raise _explain(exc, repo_id, branch) from None
+            raise _explain(exc, repo_id, branch, writing=True, outcome=outcome) from None
     url = getattr(info, "commit_url", None) or str(info)
     return PushResult(repo_id, branch, url, files)
+
+
+def _refuse_public(api: Any, repo_id: str) -> None:
+    """``--private`` on a repo that already exists: the Hub keeps its visibility whatever
+    ``create_repo`` is asked, so a public one is refused before anything is uploaded."""
+    if api.repo_info(repo_id, repo_type="model").private is not True:
+        raise HubError(f"{repo_id} already exists and is public, so --private cannot make it "
+                       "private and nothing was uploaded: make it private in its settings on "
+                       "the Hub and push again, or push without --private")
 
 
 def _prepare_upload(book: PocketBook, folder: Path, *, license: str | None) -> list[str]:
@@ -202,15 +184,38 @@ def pull(library: Library, repo: str, *, name: str | None = None, base: str | No
     """
     from huggingface_hub import snapshot_download
 
+    from adapterkit.library.peft_folder import PICKLE_FILE
+
     repo_id, revision = parse_repo(repo)
     ref = library.reserve(name or repo_id.split("/")[1])
+    patterns = _PULL_PATTERNS + ([PICKLE_FILE] if trust_pickle else [])
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                        allow_patterns=_PULL_PATTERNS))
+                                        allow_patterns=patterns))
     except Exception as exc:
-        raise _explain(exc, repo_id, revision) from None
+        raise _explain(exc, repo_id, revision, outcome="nothing was imported") from None
+    if not trust_pickle and (folder / CONFIG_FILE).is_file() \
+            and not (folder / WEIGHTS_FILE).exists():
+        _refuse_pickled_only(repo_id, folder.name, token)
     return _import_download(library, folder, str(ref), repo_id=repo_id,
                             revision=revision or "main", base=base, trust_pickle=trust_pickle)
+
+
+def _refuse_pickled_only(repo_id: str, commit: str, token: str | None) -> None:
+    """A repo whose only weights are pickled, pulled without ``trust_pickle``: they were not
+    downloaded, so say why (asking the Hub for the repo's file list) rather than that the
+    repo has no weights."""
+    from adapterkit.library.peft_folder import PICKLE_FILE
+
+    try:
+        siblings = _api(token).model_info(repo_id, revision=commit).siblings or []
+    except Exception:  # the file list is only for the message: read_adapter then says more
+        return
+    if any(s.rfilename == PICKLE_FILE for s in siblings):
+        raise UnsafeWeights(f"{repo_id} holds only pickled weights ({PICKLE_FILE}), which can "
+                            "run arbitrary code when loaded, so they were not downloaded. If "
+                            "you trust its source, pull again with --trust-pickle; they are "
+                            "then converted to safetensors")
 
 
 def _read_recorded(folder: Path, repo_id: str, within: Path) -> dict[str, Any] | None:
@@ -300,8 +305,16 @@ def _import_download(library: Library, folder: Path, name: str, *, repo_id: str,
     missing = [r for r in meta.stacked_on if not library.exists(r)]
     if missing:
         warnings.warn(f"{repo_id} is trained on top of {', '.join(missing)}, which this library "
-                      "does not have: pull or train those under the same names before using it",
-                      HubWarning, stacklevel=2)
+                      "does not have: pull the ones it was trained on under the same names "
+                      "before using it", HubWarning, stacklevel=2)
+    wanted = meta.stacked_on_sha256
+    others = [r for r in meta.stacked_on if r not in missing and wanted.get(r) and
+              library.get(r).meta.files.get(WEIGHTS_FILE, wanted[r]) != wanted[r]]
+    if others:  # loading it refuses them (adapterkit.lora.underlay.check_under)
+        warnings.warn(f"{repo_id} is trained on top of {', '.join(others)}, and this library's "
+                      f"{', '.join(others)} hold other weights: it cannot be used here until "
+                      "the ones it was trained on are under those names", HubWarning,
+                      stacklevel=2)
     with library.draft() as staged:
         # trusted pickled weights are written as safetensors (copy_files converts them)
         copy_files(adapter, staged, tuple(WEIGHTS_FILE if n == PICKLE_FILE else n for n in names),
@@ -346,11 +359,23 @@ def _check_on_its_base(library: Library, adapter: AdapterFiles, meta: PocketBook
 
 
 def _warn_if_card_names_other_base(folder: Path, base: str | None) -> None:
+    """Compare the base a plain PEFT repo's model card names with ``base``. The card is the
+    repo's prose, not its weights: an unreadable header skips this comparison (said so), never
+    the pull, whose checks against ``base`` do not depend on it."""
     if base is None or not (folder / CARD_FILE).is_file():
         return
+    import yaml
     from huggingface_hub import ModelCard
 
-    card_base = ModelCard.load(folder / CARD_FILE).data.to_dict().get("base_model")
+    try:
+        card_base = ModelCard.load(folder / CARD_FILE).data.to_dict().get("base_model")
+    except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        warnings.warn(f"the model card's YAML header cannot be read ({type(exc).__name__}: "
+                      f"{reason}), so the base it names was not compared with {base}; the "
+                      "adapter is still checked against the base you named", HubWarning,
+                      stacklevel=4)
+        return
     if card_base and isinstance(card_base, str) and card_base != base:
         warnings.warn(f"the model card names {card_base} as the base, not {base}; the adapter "
                       "is checked against the base you named", HubWarning, stacklevel=4)

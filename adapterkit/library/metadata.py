@@ -47,6 +47,10 @@ class PocketBookMeta:
     #: ``name@version`` of the frozen pocket books this one was trained on top of (``--on``),
     #: bottom first: loading it activates them underneath it.
     stacked_on: list[str] = field(default_factory=list)
+    #: ``name@version`` → SHA-256 of that pocket book's weights file when this one was trained
+    #: on it: loading checks that the book under that name is still the one (a pull can meet a
+    #: library whose ``triage@1`` is another pocket book). Empty before 0.2 and for imports.
+    stacked_on_sha256: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=utc_now)
     tags: list[str] = field(default_factory=list)
     #: ``adapter`` (a PEFT folder) or ``stack`` (references members; no weights of its own).
@@ -106,6 +110,8 @@ class PocketBookMeta:
         for key in ("parents", "stacked_on", "tags"):
             if not all(isinstance(item, str) for item in values.get(key, [])):
                 raise ValueError(f"{key!r} must be a list of strings")
+        if not all(isinstance(v, str) for v in values.get("stacked_on_sha256", {}).values()):
+            raise ValueError("'stacked_on_sha256' must map names to SHA-256 strings")
         return cls(**values)
 
     @classmethod
@@ -119,7 +125,8 @@ class PocketBookMeta:
 
 _FIELD_TYPES: dict[str, type] = {
     "base": dict, "method": str, "trainer": str, "data": dict, "hyperparameters": dict,
-    "metrics": dict, "parents": list, "stacked_on": list, "created": str, "tags": list,
+    "metrics": dict, "parents": list, "stacked_on": list, "stacked_on_sha256": dict,
+    "created": str, "tags": list,
     "kind": str, "source": dict, "verification": dict, "files": dict, "pipeline": dict,
     "tracking": dict, "harness": dict,
 }

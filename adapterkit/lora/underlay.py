@@ -48,7 +48,33 @@ def refuse_reward(book: PocketBook) -> None:
 
 def chain(library: Library, book: PocketBook) -> list[PocketBook]:
     """``book``'s own underlay (bottom first), then ``book`` itself: the stack it needs."""
-    return [library.get(ref) for ref in book.meta.stacked_on] + [book]
+    return [*below(library, book), book]
+
+
+def below(library: Library, book: PocketBook) -> list[PocketBook]:
+    """The pocket books ``book`` was trained on top of (``--on``), bottom first, each checked
+    to be the one it was trained on (:func:`check_under`)."""
+    out = []
+    for ref in book.meta.stacked_on:
+        under = library.get(ref)
+        check_under(book, under)
+        out.append(under)
+    return out
+
+
+def check_under(book: PocketBook, under: PocketBook) -> None:
+    """Refuse ``under`` beneath ``book`` if its weights are not those ``book`` was trained on
+    (recorded since 0.2): the same name, another pocket book, would answer otherwise."""
+    from adapterkit.library.metadata import WEIGHTS_FILE
+
+    wanted = book.meta.stacked_on_sha256.get(under.ref)
+    held = under.meta.files.get(WEIGHTS_FILE)
+    if wanted and held and held != wanted:
+        raise InvalidAdapter(
+            f"{book.ref} was trained on top of {under.ref} with weights {wanted[:12]}, and this "
+            f"library's {under.ref} holds other weights ({held[:12]}): another pocket book "
+            f"under that name. Pull or import the one it was trained on as {under.ref} to use "
+            f"{book.ref}")
 
 
 def check_policy(book: PocketBook, base: Any, *, role: str) -> None:

@@ -210,8 +210,18 @@ def _disabled() -> set[str]:
 def _load_entry_points(manager: PluginManager, disabled: set[str]) -> None:
     from importlib.metadata import entry_points
 
+    loaded_from: dict[str, str] = {}  # entry-point name → the distribution whose plugin it is
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in disabled or "*" in disabled or ep.name in manager.info:
+        if ep.name in disabled or "*" in disabled:
+            continue
+        # name the distribution as `adapterkit uninstall` takes it: that is what pip calls it,
+        # and it differs from the plugin's name (shout → adapterkit-shout)
+        dist = (ep.dist.name if ep.dist is not None else None) or ep.name
+        if ep.name in manager.info:
+            if ep.name in loaded_from:  # two installed distributions claim one name
+                _warn_duplicate(ep.name, dist, loaded_from[ep.name])
+            # else the caller registered a plugin under this name (``plugins=``): it replaces
+            # the installed one, as asked
             continue
         version = ep.dist.version if ep.dist is not None else None
         try:
@@ -219,16 +229,37 @@ def _load_entry_points(manager: PluginManager, disabled: set[str]) -> None:
         except KeyboardInterrupt:  # Ctrl-C is the user's; anything else is the plugin's bug
             raise
         except BaseException as exc:
-            # name the distribution as `adapterkit uninstall` takes it: that is what pip calls it,
-            # and it differs from the plugin's name (shout → adapterkit-shout)
-            dist = (ep.dist.name if ep.dist is not None else None) or ep.name
             _warn(
                 f"plugin {ep.name!r} failed to import ({_describe(exc)}); it is skipped. "
                 f"Fix it, uninstall it with `adapterkit uninstall {dist}`, or disable it with "
                 f"{DISABLE_ENV}={ep.name}"
             )
             continue
-        manager.add(module, ep.name, version=version, source=f"entry point {ep.value}")
+        if manager.pluggy.is_registered(module):
+            continue  # the caller registered this very module under another name: it is loaded
+        if manager.add(module, ep.name, version=version, source=f"entry point {ep.value}"):
+            loaded_from[ep.name] = dist
+
+
+def _warn_duplicate(name: str, dist: str, first: str) -> None:
+    """Two distributions whose plugins share a name: the first found on ``sys.path`` stays
+    (as pluggy can hold one plugin per name); the user is told which, and how to choose."""
+    removable = [d for d in (dist, first) if _normalized(d) != "adapterkit"]
+    how = " or ".join(f"`adapterkit uninstall {d}`" for d in removable)
+    _warn(f"the plugin of {dist} defines its name as {name!r} but that name is already used by "
+          f"the plugin of {first}, which stays; {dist}'s is skipped. Uninstall the one you do "
+          f"not want ({how})")
+
+
+def installed_plugins() -> dict[str, str]:
+    """Entry-point name → the distribution that installs it, for every installed plugin (the
+    built-ins too), read from package metadata only: no plugin's code runs."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):  # the first on sys.path is the one loaded
+        found.setdefault(ep.name, (ep.dist.name if ep.dist is not None else None) or ep.name)
+    return found
 
 
 def _import_path(spec: str) -> list[tuple[str, ModuleType]]:
@@ -337,7 +368,8 @@ def get_plugin_manager(*, entry_points: bool = True, env: bool = True,
 
     :param entry_points: load plugins from the ``adapterkit`` entry-point group (built-ins too).
     :param env: honour ``ADAPTERKIT_LOAD_PLUGINS`` and ``ADAPTERKIT_DISABLE_PLUGINS``.
-    :param plugins: extra ``{name: plugin}`` objects to register first (tests, embedding apps).
+    :param plugins: extra ``{name: plugin}`` objects to register first (tests, embedding apps);
+        an installed plugin of the same name, or whose module is one of them, is then not loaded.
     """
     manager = PluginManager()
     for name, plugin in (plugins or {}).items():

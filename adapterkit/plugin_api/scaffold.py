@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 from adapterkit.errors import InvalidName, NameTaken
+from adapterkit.plugin_api.manager import installed_plugins
 
 KINDS = ("method", "trainer", "merge", "data", "scorer", "command")
 
@@ -286,11 +287,28 @@ def plugin_name(name: str) -> str:
     return re.sub(r"^adapterkit[-_]", "", name)
 
 
+def _refuse_installed_name(name: str) -> None:
+    """A plugin is known by its name: one an installed plugin (a built-in such as ``sft`` or
+    ``lora`` included) already has would make the new one skipped at every load. Names that
+    differ only in '-' / '_' share a module name, so they clash too."""
+
+    def key(n: str) -> str:
+        return n.replace("-", "_").lower()
+
+    for taken, dist in installed_plugins().items():
+        if key(taken) == key(name):
+            owner = "adapterkit itself (a built-in plugin)" if dist.lower() == "adapterkit" \
+                else f"the installed package {dist}"
+            raise NameTaken(f"plugin name {name!r} is already used by {owner}; choose another "
+                            "name")
+
+
 def scaffold(name: str, kind: str, where: str | Path = ".") -> Path:
     """Write ``adapterkit-NAME/`` (pyproject, module, README, test) under ``where``.
 
     ``name`` may carry the ``adapterkit-`` prefix or not: ``shout`` and ``adapterkit-shout``
-    both make the plugin ``shout`` in the distribution ``adapterkit-shout``.
+    both make the plugin ``shout`` in the distribution ``adapterkit-shout``. A name an installed
+    plugin already has (``sft``, ``lora``...) is refused with :class:`NameTaken`.
     """
     if kind not in KINDS:
         raise InvalidName(f"unknown plugin kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -298,6 +316,7 @@ def scaffold(name: str, kind: str, where: str | Path = ".") -> Path:
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,40}", name):
         raise InvalidName(f"invalid plugin name {given!r}: lowercase letters, digits, '-' and "
                           "'_', starting with a letter (at most 41 characters)")
+    _refuse_installed_name(name)
     module = "adapterkit_" + name.replace("-", "_")
     cls = "".join(part.capitalize() for part in re.split(r"[-_]", name)) or "Plugin"
     root = Path(where) / f"adapterkit-{name}"

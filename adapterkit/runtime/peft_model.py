@@ -31,13 +31,14 @@ def members_of(library: Library, book: PocketBook) -> list[tuple[PocketBook, flo
                     for ref, w in book.meta.hyperparameters["weights"].items()]
     else:
         explicit = [(book, 1.0)]
+    from adapterkit.lora.underlay import below
+
     named = {item.ref for item, _ in explicit}
     under: dict[str, PocketBook] = {}
     for item, _ in explicit:
-        for ref in item.meta.stacked_on:
-            below = library.get(ref)
-            if below.ref not in named:
-                under.setdefault(below.ref, below)
+        for lower in below(library, item):
+            if lower.ref not in named:
+                under.setdefault(lower.ref, lower)
     return [*((b, 1.0) for b in under.values()), *explicit]
 
 

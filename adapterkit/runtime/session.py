@@ -115,6 +115,9 @@ class Session:
         book = self.library.get(ref)
         if book.ref in self.books:
             return book.ref
+        from adapterkit.lora.underlay import below
+
+        below(self.library, book)  # what it was trained on is still what those names hold
         first_slot = next(iter(self.slots.values()), None)
         dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
         loaded = load_checked(self.base, book, model=self.model, dtype=dtype,
@@ -130,12 +133,12 @@ class Session:
             self._prepare(loaded)
         return book.ref
 
-    def _attached(self, ref: str) -> str:
+    def _attached(self, ref: str, *, force: bool = False) -> str:
         """The key of ``ref``, attaching it first if needed (no disk read when attached)."""
         try:
             return self._key(ref)
         except PocketBookNotFound:
-            return self.attach(ref)
+            return self.attach(ref, force=force)
 
     def detach(self, ref: str) -> None:
         """Forget a pocket book and free its tensors (switching it off first if active)."""
@@ -169,20 +172,22 @@ class Session:
 
     # -- switching ---------------------------------------------------------------------------
 
-    def swap(self, ref: str) -> float:
+    def swap(self, ref: str, *, force: bool = False) -> float:
         """Make ``ref`` the only active pocket book (attaching it first if needed).
 
-        Returns the seconds the swap itself took (attaching excluded).
+        ``force`` attaches it, and the pocket books it was trained on, even where they were
+        made on another base. Returns the seconds the swap itself took: reading files and
+        joining an underlay's factors are excluded (time the call to include them).
         """
         try:
             key = self._key(ref)
         except PocketBookNotFound:
             book = self.library.get(ref)
             if book.meta.kind == "stack":  # a saved stack: activate its members
-                return self.stack(dict(book.meta.hyperparameters["weights"]))
-            key = self.attach(ref)
+                return self.stack(dict(book.meta.hyperparameters["weights"]), force=force)
+            key = self.attach(ref, force=force)
         if self.books[key].stacked_on:  # trained --on others: bring its stack back
-            return self.stack({r: 1.0 for r in [*self.books[key].stacked_on, key]})
+            return self.stack({r: 1.0 for r in [*self.books[key].stacked_on, key]}, force=force)
         start = time.perf_counter()
         for slot, a, b, scale in self.books[key].prepared:
             slot.bind(a, b, scale)
@@ -195,22 +200,26 @@ class Session:
             slot.bind(a, b, scale)
         self.active = {}
 
-    def stack(self, weights: dict[str, float]) -> float:
-        """Activate several pocket books at once: ΔW = Σ wᵢ·ΔWᵢ, exactly (ranks concatenated)."""
+    def stack(self, weights: dict[str, float], *, force: bool = False) -> float:
+        """Activate several pocket books at once: ΔW = Σ wᵢ·ΔWᵢ, exactly (ranks concatenated).
+
+        ``force`` attaches those not yet attached (and what they were trained on) even where
+        they were made on another base.
+        """
 
         keys: dict[str, float] = {}
         for ref, weight in weights.items():
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ConfigError(f"stack weight for {ref} must be a finite number, got "
                                   f"{weight!r}")
-            key = self._attached(ref)
+            key = self._attached(ref, force=force)
             if key in keys:  # "a" and "a@1": one weight would silently replace the other
                 raise ConfigError(f"{key} is named twice in the stack; name it once, with the "
                                   f"sum of its weights ({keys[key] + weight:g})")
             keys[key] = float(weight)
         for key in list(keys):  # a member trained --on others needs them underneath, at 1
             for under in self.books[key].stacked_on:
-                keys.setdefault(self._attached(under), 1.0)
+                keys.setdefault(self._attached(under, force=force), 1.0)
         cache_key = tuple(sorted(keys.items()))
         combined = self._stack_cache.get(cache_key)
         if combined is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import ConfigError, LaunchError, RunStateError
-from adapterkit.library.metadata import PocketBookMeta
+from adapterkit.library.metadata import WEIGHTS_FILE, PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import (
     attach_new,
@@ -604,7 +604,11 @@ def _save(run: _Run, model: Any, metrics: dict[str, Any], state: Any,
                         options=run.job.options, data=run.dataset, metrics=metrics,
                         log_history=history_of(state),
                         parents=[run.parent.ref] if run.parent else None,
-                        stacked_on=[b.ref for b in run.underlay], weights=weights,
+                        stacked_on=[b.ref for b in run.underlay],
+                        stacked_on_sha256={b.ref: b.meta.files[WEIGHTS_FILE]
+                                           for b in run.underlay
+                                           if b.meta.files.get(WEIGHTS_FILE)},
+                        weights=weights,
                         annotate=run.annotate,
                         tracking=_tracking_record(run))
 

@@ -82,6 +82,7 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
                  options: TrainOptions, data: Data, metrics: dict[str, Any],
                  log_history: list[dict[str, Any]], parents: list[str] | None = None,
                  stacked_on: list[str] | None = None,
+                 stacked_on_sha256: dict[str, str] | None = None,
                  weights: dict[str, Any] | None = None,
                  annotate: Callable[[PocketBookMeta], None] | None = None,
                  tracking: dict[str, Any] | None = None) -> PocketBook:
@@ -98,6 +99,7 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
         name=name, version=0, base=base.identity(), method=options.method, trainer=trainer,
         data=data.describe(), hyperparameters=hyper_of(options), metrics=metrics,
         parents=list(parents or []), stacked_on=list(stacked_on or []),
+        stacked_on_sha256=dict(stacked_on_sha256 or {}),
         tracking=dict(tracking or {}),
     )
     with library.draft() as staged:
