@@ -728,3 +728,13 @@ def test_metrics_count_answers_delivered_and_500s(served, client, monkeypatch):
     assert httpx.get(served.url + "/v1/models").status_code == 500
     key = 'adapterkit_http_requests_total{endpoint="/v1/models",status="500"}'
     assert scrape().get(key) == before.get(key, 0.0) + 1
+
+
+@pytest.mark.parametrize("weight", [0.1234567, 1e20, 1e-7, 2.0, -0.5])
+def test_chat_server_stack_weights_reach_the_server_exactly(weight):
+    """`chat --server`'s /stack writes each weight so the server's parser reads it back
+    exactly: `:g` kept six digits (0.1234567 → 0.123457), and 1e+20's `+` split the stack."""
+    from adapterkit.cli.session import _weight_text
+    from adapterkit.serving.names import parse
+
+    assert parse(f"law*{_weight_text(weight)}+chem") == [("law", weight), ("chem", None)]

@@ -203,11 +203,15 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
         try:
             if command in ("/quit", "/exit"):
                 break
-            elif command == "/swap":
-                ms = session.swap(rest.strip()) * 1000
+            elif command == "/swap":  # timed whole: a first use reads the file(s) too
+                start = time.perf_counter()
+                session.swap(rest.strip())
+                ms = (time.perf_counter() - start) * 1000
                 click.echo(f"swapped to {'+'.join(session.active)} in {ms:.3f} ms")
             elif command == "/stack":
-                ms = session.stack(_parse_stack(rest.split())) * 1000
+                start = time.perf_counter()
+                session.stack(_parse_stack(rest.split()))
+                ms = (time.perf_counter() - start) * 1000
                 click.echo(f"stacked {session.active} in {ms:.3f} ms")
             elif command == "/off":
                 session.off()
@@ -256,7 +260,7 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                 click.echo(f"now answering with {model}")
             elif command == "/stack":
                 weights = _parse_stack(rest.split())
-                model = checked("+".join(f"{n}*{w:g}" for n, w in weights.items()))
+                model = checked("+".join(f"{n}*{_weight_text(w)}" for n, w in weights.items()))
                 click.echo(f"now answering with {model}")
             elif command == "/off":
                 model = base_id
@@ -353,3 +357,9 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
         click.echo(f"{result.ref}: {result.verdict()}")
     if not result.ok:
         ctx.exit(1)
+
+
+def _weight_text(weight: float) -> str:
+    """``weight`` exactly as the server reads it back: every digit (``:g`` kept six), and no
+    ``+`` in an exponent, which the server would read as the next stack member."""
+    return repr(float(weight)).replace("e+", "e")
