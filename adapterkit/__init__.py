@@ -17,6 +17,7 @@ from adapterkit.errors import (
     CatalogError,
     ConfigError,
     DataFormatError,
+    InexactAdapter,
     InvalidAdapter,
     InvalidName,
     MissingDependency,
@@ -80,7 +81,7 @@ __all__ = [
     "HOOK_VERSION", "hookimpl", "AdapterMethod", "DataFormat", "MergeStrategy", "Scorer",
     "Trainer",
     "AdapterkitError", "BaseLoadError", "BaseMismatch", "BaseNotFound", "CatalogError",
-    "ConfigError", "DataFormatError",
+    "ConfigError", "DataFormatError", "InexactAdapter",
     "InvalidAdapter", "InvalidName", "MissingDependency", "NameTaken", "PluginError",
     "PocketBookNotFound", "TargetModuleError", "UnsafeWeights", "__version__", "open", *_LAZY,
 ]

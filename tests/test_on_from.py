@@ -277,3 +277,15 @@ def test_a_book_is_never_put_on_another_pocket_book_under_the_name_it_was_traine
     with pytest.raises(InvalidAdapter, match=message):
         session.swap("manner")  # sessions: chat, swap
     assert session.books == {}
+    from adapterkit.lora.combine import merge, stack
+
+    with pytest.raises(InvalidAdapter, match=message):  # folded into one adapter: never
+        stack(other, ["triage", "manner"], None, name="flat", flatten=True)
+    with pytest.raises(InvalidAdapter, match=message):
+        merge(other, ["triage", "manner"], None, name="merged", method="linear")
+    assert [b.name for b in other.list()] == ["manner", "triage"]
+
+    # a namesake saved before hashes were recorded is hashed from its file
+    other.update_meta("triage@1", lambda meta: meta.files.clear())
+    with pytest.raises(InvalidAdapter, match=message):
+        members_of(other, other.get("manner"))

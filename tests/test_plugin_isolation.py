@@ -18,6 +18,7 @@ from adapterkit import AdapterMethod, NameTaken, PluginError, hookimpl
 from adapterkit.cli import build_cli
 from adapterkit.plugin_api.manager import PluginWarning, get_plugin_manager, uninstall_name
 from adapterkit.plugin_api.scaffold import plugin_name, scaffold
+from tests.test_plugins import PLUGIN_SOURCE
 
 
 class Method(AdapterMethod):
@@ -276,24 +277,12 @@ def test_uninstall_command_passes_pip_the_package_name(tmp_path, monkeypatch):
 
 # -- 4. one name, one plugin ----------------------------------------------------------------
 
-TWIN_SOURCE = textwrap.dedent('''
-    from adapterkit import AdapterMethod, hookimpl
-
-    class M(AdapterMethod):
-        name = "{method}"
-
-    @hookimpl
-    def register_methods(register):
-        register(M())
-''')
-
-
 def test_two_distributions_with_one_plugin_name_warn_naming_both(tmp_path, monkeypatch):
     """Before: the second plugin of a name was dropped without a word."""
     for dist, module in (("adapterkit-twin-a", "adapterkit_twin_a"),
                          ("adapterkit-twin-b", "adapterkit_twin_b")):
         fake_distribution(tmp_path, dist, {"twin": module})
-        (tmp_path / f"{module}.py").write_text(TWIN_SOURCE.format(method=module))
+        (tmp_path / f"{module}.py").write_text(PLUGIN_SOURCE.format(name=module))
         monkeypatch.delitem(sys.modules, module, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(PluginWarning, match=r"the plugin of adapterkit-twin-[ab] defines its name "
@@ -315,7 +304,7 @@ def test_two_distributions_with_one_plugin_name_warn_naming_both(tmp_path, monke
 def test_a_plugin_named_like_a_builtin_is_named_and_never_advises_uninstalling_adapterkit(
         tmp_path, monkeypatch):
     fake_distribution(tmp_path, "adapterkit-mysft", {"sft": "adapterkit_mysft"})
-    (tmp_path / "adapterkit_mysft.py").write_text(TWIN_SOURCE.format(method="mysft"))
+    (tmp_path / "adapterkit_mysft.py").write_text(PLUGIN_SOURCE.format(name="mysft"))
     monkeypatch.delitem(sys.modules, "adapterkit_mysft", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(PluginWarning, match="name as 'sft'") as caught:
@@ -354,7 +343,7 @@ def _shout_module(tmp_path, monkeypatch):
 
     fake_distribution(tmp_path, "adapterkit-shout", {"shout": "adapterkit_shout"})
     path = tmp_path / "adapterkit_shout.py"
-    path.write_text(TWIN_SOURCE.format(method="shout"))
+    path.write_text(PLUGIN_SOURCE.format(name="shout"))
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = importlib.util.spec_from_file_location("adapterkit_shout", path)
     module = importlib.util.module_from_spec(spec)

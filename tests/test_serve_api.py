@@ -719,6 +719,8 @@ def test_metrics_count_answers_delivered_and_500s(served, client, monkeypatch):
     before = scrape()
     with pytest.raises(openai.InternalServerError):
         chat(client, "broken")
+    with pytest.raises(openai.APIError):  # streamed: an error event, then the end
+        list(chat(client, "broken", stream=True))
     assert scrape()["adapterkit_prompt_tokens_total"] == before["adapterkit_prompt_tokens_total"]
     answer = chat(client, "law", max_tokens=3)
     after = scrape()

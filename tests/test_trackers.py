@@ -284,3 +284,59 @@ def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(tiny_base, adapt
     seen = json.loads(read.stdout)
     assert seen["runs"] == [tracked["mlflow"]["run_id"]]
     assert sorted(set(seen["steps"])) == [1, 2, 3, 4]
+
+
+def test_a_stage_inside_a_run_gets_its_own_tracker_places_and_the_users_are_kept(
+        tmp_path, monkeypatch):
+    """rlhf trains its reward pocket book inside its own tracked run: the stage must log to a
+    W&B run and a TensorBoard folder of its own, not to the enclosing run's (whose variables
+    are set by then), while a variable the user set still wins in both."""
+    for var in ("WANDB_RUN_ID", "WANDB_RESUME", "TENSORBOARD_LOGGING_DIR", "WANDB_MODE",
+                "WANDB_API_KEY", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(var, raising=False)
+    outer = tracking.start_tracking(["wandb", "tensorboard"], home=tmp_path, ref="kind",
+                                    workdir=tmp_path / "runs" / "kind", resume=False)
+    inner = tracking.start_tracking(["wandb", "tensorboard"], home=tmp_path, ref="kind-reward",
+                                    workdir=tmp_path / "runs" / "kind-reward", resume=False)
+    assert outer.wandb_id != inner.wandb_id
+    with outer.active():
+        assert os.environ["WANDB_RUN_ID"] == outer.wandb_id
+        with inner.active():
+            assert os.environ["WANDB_RUN_ID"] == inner.wandb_id
+            assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(inner.tensorboard_dir)
+            assert inner.tensorboard_dir != outer.tensorboard_dir
+        assert os.environ["WANDB_RUN_ID"] == outer.wandb_id  # the enclosing run's again
+        assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(outer.tensorboard_dir)
+    assert "WANDB_RUN_ID" not in os.environ
+    monkeypatch.setenv("WANDB_RUN_ID", "mine")
+    with outer.active(), inner.active():
+        assert os.environ["WANDB_RUN_ID"] == "mine"
+
+
+@pytest.mark.skipif(not tracking.installed("mlflow"), reason="needs mlflow")
+def test_a_resume_whose_mlflow_run_is_gone_or_deleted_starts_a_new_one_and_says_so(
+        tmp_path, monkeypatch):
+    """MLflow's start_run raises for a run id it cannot continue (a store removed, a run
+    deleted in its UI): that would be a traceback after the base loaded. MLflow's own client
+    decides here; the resume warns and logs to a new run."""
+    from mlflow.tracking import MlflowClient
+
+    from adapterkit.errors import AdapterWarning
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    uri = f"sqlite:///{(tmp_path / 'tracking' / 'mlflow.db').resolve()}"
+    (tmp_path / "tracking").mkdir()
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("adapterkit")).info.run_id
+
+    def resumed(with_id: str) -> tracking.TrackedRun:
+        return tracking.TrackedRun(["mlflow"], tmp_path, "r", mlflow_id=with_id,
+                                   mlflow_uri=uri, resumed=True)
+
+    assert resumed(run_id).environment()["MLFLOW_RUN_ID"] == run_id  # it continues
+    with pytest.warns(AdapterWarning, match="cannot be continued: MLflow cannot read it"):
+        assert "MLFLOW_RUN_ID" not in resumed("0" * 32).environment()
+    client.delete_run(run_id)
+    with pytest.warns(AdapterWarning, match="cannot be continued: it was deleted"):
+        assert "MLFLOW_RUN_ID" not in resumed(run_id).environment()

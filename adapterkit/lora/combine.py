@@ -256,12 +256,17 @@ def lora_config(template: dict[str, Any], *, rank: int, alpha: float,
 def check_underlays(books: list[PocketBook], action: str) -> None:
     """Refuse to fold a pocket book trained ``--on`` others into one adapter without them:
     the result would silently lose what it was trained on top of."""
-    named = {b.ref for b in books}
+    named = {b.ref: b for b in books}
     missing = sorted({u for b in books for u in b.meta.stacked_on if u not in named})
     if missing:
         needy = ", ".join(b.ref for b in books if set(b.meta.stacked_on) & set(missing))
         raise ConfigError(f"{needy} is trained on top of {', '.join(missing)}, which {action} "
                           "would leave out; add it (weight 1 keeps it as it was trained)")
+    from adapterkit.lora.underlay import check_under
+
+    for b in books:  # and the one named is the one it was trained on, not a namesake
+        for u in b.meta.stacked_on:
+            check_under(b, named[u])
 
 
 def stack(library: Library, refs: list[str], weights: list[float] | None, *, name: str,

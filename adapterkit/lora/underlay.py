@@ -68,8 +68,15 @@ def check_under(book: PocketBook, under: PocketBook) -> None:
     from adapterkit.library.metadata import WEIGHTS_FILE
 
     wanted = book.meta.stacked_on_sha256.get(under.ref)
+    if not wanted:
+        return
     held = under.meta.files.get(WEIGHTS_FILE)
-    if wanted and held and held != wanted:
+    if not held:  # a book saved before hashes were recorded: hash its file now
+        from adapterkit.files import sha256_file
+
+        weights = under.path / WEIGHTS_FILE
+        held = sha256_file(weights) if weights.is_file() else "none"
+    if held != wanted:
         raise InvalidAdapter(
             f"{book.ref} was trained on top of {under.ref} with weights {wanted[:12]}, and this "
             f"library's {under.ref} holds other weights ({held[:12]}): another pocket book "

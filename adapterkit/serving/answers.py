@@ -362,7 +362,8 @@ class Answers:
                     yield {"data": json.dumps(_failed(choice).body())}
                 else:
                     yield chunk([piece(choice, None, choice.finish)])
-            self._count(job, choices)
+            if not any(c.finish == "error" for c in choices):  # as a whole answer's failure
+                self._count(job, choices)
             if job.include_usage:
                 yield chunk([], usage=self._usage(job, choices))
             yield {"data": "[DONE]"}

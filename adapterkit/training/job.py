@@ -114,7 +114,10 @@ class TrainJob:
         pocket book ``rlhf`` optimises against). Call before touching ``model``.
 
         :param data: its data (default: this run's data file).
-        :param options: its options (default: this run's, without trainer options).
+        :param options: its options (default: this run's, without its guard and trainer
+            options, and without a forgetting check where the run has ``general: off``).
+            Given, they are taken as they are: ``general=None`` there means the stage
+            trainer's default check (``sft`` measures one); pass ``general="off"`` for none.
         """
         if self._model is not None or self.stage_runner is None:
             raise RuntimeError("train_stage() must be called before job.model is first used")

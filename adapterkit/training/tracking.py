@@ -52,6 +52,15 @@ TRACKERS: dict[str, Tracker] = {t.name: t for t in (
 )}
 #: The run's name and tracker run ids, kept in its work folder for ``--resume``.
 RUN_FILE = "tracking.json"
+#: Variables an active run of ours set (how many runs set each): a stage a run trains inside
+#: its own (rlhf's reward pocket book) sets its own values over them, where a variable the
+#: user set is kept.
+_OURS: dict[str, int] = {}
+
+
+def _user(key: str) -> str | None:
+    """``key``'s value if the user set it (not an enclosing run of ours)."""
+    return None if key in _OURS else os.environ.get(key)
 
 
 def trackers_of(value: Any) -> list[str]:
@@ -127,7 +136,7 @@ class TrackedRun:
 
     @property
     def tensorboard_dir(self) -> Path:
-        return Path(os.environ.get("TENSORBOARD_LOGGING_DIR") or
+        return Path(_user("TENSORBOARD_LOGGING_DIR") or
                     tracking_root(self.home) / "tensorboard" / self.run_name).expanduser()
 
     def environment(self) -> dict[str, str]:
@@ -137,7 +146,7 @@ class TrackedRun:
         if "tensorboard" in self.names:
             env["TENSORBOARD_LOGGING_DIR"] = str(self.tensorboard_dir)
         if "wandb" in self.names:
-            if not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")):
+            if not (_user("WANDB_MODE") or _user("WANDB_API_KEY")):
                 env["WANDB_MODE"] = "offline"  # nothing leaves the machine unless asked
             env["WANDB_DIR"] = str(root)  # W&B writes its runs in a wandb/ folder in it
             env["WANDB_PROJECT"] = "adapterkit"
@@ -149,12 +158,14 @@ class TrackedRun:
             # a SQLite store: MLflow 3 refuses its old file store (``./mlruns``)
             env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(root / 'mlflow.db').resolve()}"
             env["MLFLOW_EXPERIMENT_NAME"] = "adapterkit"
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or env["MLFLOW_TRACKING_URI"]
+            uri = _user("MLFLOW_TRACKING_URI") or env["MLFLOW_TRACKING_URI"]
+            experiment = _user("MLFLOW_EXPERIMENT_NAME") or env["MLFLOW_EXPERIMENT_NAME"]
             # the run lives in this store, and is not still open in this process (a Python
             # caller's interrupted run: transformers logs to the open run by itself)
-            if self.mlflow_id and uri == self.mlflow_uri and not _mlflow_open():
+            if self.mlflow_id and uri == self.mlflow_uri and not _mlflow_open() \
+                    and _mlflow_continues(uri, self.mlflow_id, experiment):
                 env["MLFLOW_RUN_ID"] = self.mlflow_id
-        return {k: v for k, v in env.items() if not os.environ.get(k)}
+        return {k: v for k, v in env.items() if not _user(k)}
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -167,6 +178,8 @@ class TrackedRun:
         if "wandb" in self.names or "mlflow" in self.names:  # they expect the folder
             tracking_root(self.home).mkdir(parents=True, exist_ok=True)
         os.environ.update(env)
+        for key in env:
+            _OURS[key] = _OURS.get(key, 0) + 1
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 yield
@@ -175,6 +188,9 @@ class TrackedRun:
             raise
         finally:
             for key, value in before.items():
+                _OURS[key] -= 1
+                if not _OURS[key]:
+                    del _OURS[key]
                 if value is None:
                     os.environ.pop(key, None)
                 else:
@@ -282,6 +298,32 @@ def start_tracking(names: list[str], *, home: Path, ref: str, workdir: Path,
     if main:
         run.save()
     return run
+
+
+def _mlflow_continues(uri: str, run_id: str, experiment: str) -> bool:
+    """Whether MLflow can continue run ``run_id`` in experiment ``experiment`` of ``uri``
+    (``start_run`` raises for a run that is gone, deleted, or of another experiment); if not,
+    say why: the resumed run logs to a new MLflow run."""
+    import warnings
+
+    from adapterkit.errors import AdapterWarning
+
+    why = None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        found = client.get_run(run_id)
+        if found.info.lifecycle_stage == "deleted":
+            why = "it was deleted"
+        elif client.get_experiment(found.info.experiment_id).name != experiment:
+            why = f"it belongs to another experiment than {experiment!r}"
+    except Exception as exc:  # MLflow's own errors: the run or its store is gone
+        why = f"MLflow cannot read it ({' '.join(str(exc).split())[:120]})"
+    if why:
+        warnings.warn(f"the interrupted run's MLflow run {run_id} cannot be continued: {why}; "
+                      "this run logs to a new MLflow run", AdapterWarning, stacklevel=2)
+    return why is None
 
 
 def _mlflow_open() -> bool:
