@@ -161,14 +161,22 @@ def test_a_resume_with_other_settings_is_refused_and_leaves_the_search_as_it_was
     # what a trial's own run refuses before its base loads, refused before the study exists
     (dict(space=["lr"], trials=2, options=options(anchor="anchor.txt", forgetting_budget=0)),
      "--anchor is the forgetting guard's anchor text"),
-    (dict(space=["lr"], trials=2, options=options(chat=None, guard_weight=0.5), trainer="rlhf"),
-     "the rlhf trainer does not apply the forgetting guard"),
+    (dict(space=["lr"], trials=2, options=options(chat=None, guard_weight=0.5),
+          trainer="reward"),
+     "the reward trainer does not apply the forgetting guard"),
 ])
-def test_bad_searches_are_refused_before_any_work(tiny_base, home, pairs, pm, kwargs, message):
+def test_bad_searches_are_refused_before_any_work(tiny_base, home, pairs, pm, kwargs, message,
+                                                  tmp_path):
     kwargs.setdefault("options", options())
     trainer = kwargs.pop("trainer", "sft")
+    data = pairs
+    if trainer == "reward":  # the same rows as pairs, with a rejected answer each
+        rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+        data = tmp_path / "preferences.jsonl"
+        data.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["completion"],
+                                            "rejected": "No idea."}) + "\n" for r in rows))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        search(trainer, base=str(tiny_base), data=str(pairs), name="bad", home=home,
+        search(trainer, base=str(tiny_base), data=str(data), name="bad", home=home,
                plugins=pm, **kwargs)
     assert Library(home).list(all_versions=True) == []
     assert not (home / "runs" / ".search-bad").exists()
