@@ -33,7 +33,7 @@ from adapterkit.errors import AdapterkitError, InvalidAdapter, InvalidName, Unsa
 from adapterkit.files import sha256_file
 from adapterkit.hub_errors import explain_hub_error
 from adapterkit.library.card import render_card
-from adapterkit.library.integrity import check_book
+from adapterkit.library.integrity import check_book, held_weights
 from adapterkit.library.metadata import (
     CARD_FILE,
     CONFIG_FILE,
@@ -309,7 +309,7 @@ def _import_download(library: Library, folder: Path, name: str, *, repo_id: str,
                       "before using it", HubWarning, stacklevel=2)
     wanted = meta.stacked_on_sha256
     others = [r for r in meta.stacked_on if r not in missing and wanted.get(r) and
-              library.get(r).meta.files.get(WEIGHTS_FILE, wanted[r]) != wanted[r]]
+              held_weights(library.get(r)) != wanted[r]]
     if others:  # loading it refuses them (adapterkit.lora.underlay.check_under)
         warnings.warn(f"{repo_id} is trained on top of {', '.join(others)}, and this library's "
                       f"{', '.join(others)} hold other weights: it cannot be used here until "

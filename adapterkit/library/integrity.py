@@ -117,3 +117,13 @@ def _structure(fingerprint: str, folder: str) -> BaseStructure:
     from adapterkit.base.load import inspect_structure
 
     return inspect_structure(Path(folder))
+
+
+def held_weights(book: PocketBook) -> str:
+    """The SHA-256 of ``book``'s weights file: as recorded, or (a book saved before hashes
+    were recorded) hashed from the file now; ``"none"`` without one."""
+    held = book.meta.files.get(WEIGHTS_FILE)
+    if held:
+        return held
+    weights = book.path / WEIGHTS_FILE
+    return sha256_file(weights) if weights.is_file() else "none"

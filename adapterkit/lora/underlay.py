@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import BaseMismatch, InvalidAdapter
-from adapterkit.library.integrity import check_book
+from adapterkit.library.integrity import check_book, held_weights
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import Factors, concat, read_factors, resident_tensors
@@ -62,20 +62,27 @@ def below(library: Library, book: PocketBook) -> list[PocketBook]:
     return out
 
 
+def with_underlays(library: Library, explicit: list[tuple[PocketBook, float]]
+                   ) -> list[tuple[PocketBook, float]]:
+    """``explicit`` (pocket books with their weights) with what each was trained ``--on``
+    underneath at weight 1 — unless ``explicit`` names that one itself, whose weight then wins
+    (as in :meth:`Session.stack`). Underlays first, each checked (:func:`check_under`)."""
+    named = {book.ref for book, _ in explicit}
+    under: dict[str, PocketBook] = {}
+    for book, _ in explicit:
+        for lower in below(library, book):
+            if lower.ref not in named:
+                under.setdefault(lower.ref, lower)
+    return [*((b, 1.0) for b in under.values()), *explicit]
+
+
 def check_under(book: PocketBook, under: PocketBook) -> None:
     """Refuse ``under`` beneath ``book`` if its weights are not those ``book`` was trained on
     (recorded since 0.2): the same name, another pocket book, would answer otherwise."""
-    from adapterkit.library.metadata import WEIGHTS_FILE
-
     wanted = book.meta.stacked_on_sha256.get(under.ref)
     if not wanted:
         return
-    held = under.meta.files.get(WEIGHTS_FILE)
-    if not held:  # a book saved before hashes were recorded: hash its file now
-        from adapterkit.files import sha256_file
-
-        weights = under.path / WEIGHTS_FILE
-        held = sha256_file(weights) if weights.is_file() else "none"
+    held = held_weights(under)
     if held != wanted:
         raise InvalidAdapter(
             f"{book.ref} was trained on top of {under.ref} with weights {wanted[:12]}, and this "

@@ -31,15 +31,9 @@ def members_of(library: Library, book: PocketBook) -> list[tuple[PocketBook, flo
                     for ref, w in book.meta.hyperparameters["weights"].items()]
     else:
         explicit = [(book, 1.0)]
-    from adapterkit.lora.underlay import below
+    from adapterkit.lora.underlay import with_underlays
 
-    named = {item.ref for item, _ in explicit}
-    under: dict[str, PocketBook] = {}
-    for item, _ in explicit:
-        for lower in below(library, item):
-            if lower.ref not in named:
-                under.setdefault(lower.ref, lower)
-    return [*((b, 1.0) for b in under.values()), *explicit]
+    return with_underlays(library, explicit)
 
 
 def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",

@@ -104,19 +104,12 @@ def resolve(library: Library, base: Any, model: str, *, base_id: str) -> Target:
     if twice:  # a+a@1 when @1 is the latest: one pocket book at the sum of the weights
         raise ConfigError(f"model {model!r} names {', '.join(twice)} twice (as different "
                           "names of one version); give each pocket book once, with its weight")
-    from adapterkit.lora.underlay import below
+    from adapterkit.lora.underlay import with_underlays
 
-    named = set(refs)
-    under: dict[str, PocketBook] = {}
-    for book, _ in explicit:
-        try:
-            lower_books = below(library, book)
-        except InvalidAdapter as exc:  # the request's model cannot be served as trained
-            raise ConfigError(str(exc)) from None
-        for lower in lower_books:
-            if lower.ref not in named:
-                under.setdefault(lower.ref, lower)
-    members = [*((b, 1.0) for b in under.values()), *explicit]
+    try:
+        members = with_underlays(library, explicit)
+    except InvalidAdapter as exc:  # the request's model cannot be served as trained
+        raise ConfigError(str(exc)) from None
     for book, _ in members:
         if book.meta.kind != "adapter":
             raise ConfigError(f"{book.ref} is a {book.meta.kind}; a stack's members are single "

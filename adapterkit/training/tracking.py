@@ -162,7 +162,7 @@ class TrackedRun:
             experiment = _user("MLFLOW_EXPERIMENT_NAME") or env["MLFLOW_EXPERIMENT_NAME"]
             # the run lives in this store, and is not still open in this process (a Python
             # caller's interrupted run: transformers logs to the open run by itself)
-            if self.mlflow_id and uri == self.mlflow_uri and not _mlflow_open() \
+            if self.mlflow_id and uri == self.mlflow_uri and _mlflow_run() is None \
                     and _mlflow_continues(uri, self.mlflow_id, experiment):
                 env["MLFLOW_RUN_ID"] = self.mlflow_id
         return {k: v for k, v in env.items() if not _user(k)}
@@ -227,12 +227,11 @@ class TrackedRun:
         """End this run's MLflow run as killed while its store is still configured: MLflow's
         own exit handler would end it later, after the variables are restored, in a new store
         in the working directory (a stray ``mlflow.db``). ``--resume`` reopens it."""
-        mlflow = sys.modules.get("mlflow")
         ours = self.seen.get("mlflow", {}).get("run_id")
-        current = getattr(mlflow, "active_run", lambda: None)()
+        current = _mlflow_run()
         if ours and current is not None and current.info.run_id == ours:
             with contextlib.suppress(Exception):  # the interruption is what the user sees
-                mlflow.end_run(status="KILLED")  # type: ignore[union-attr]
+                sys.modules["mlflow"].end_run(status="KILLED")
 
     def _note_started(self) -> None:
         for name in self.names:
@@ -326,10 +325,11 @@ def _mlflow_continues(uri: str, run_id: str, experiment: str) -> bool:
     return why is None
 
 
-def _mlflow_open() -> bool:
-    """Whether this process has an MLflow run open (MLflow refuses to start another)."""
+def _mlflow_run() -> Any:
+    """The MLflow run this process has open, if MLflow is imported at all (MLflow refuses to
+    start another while one is open)."""
     mlflow = sys.modules.get("mlflow")
-    return getattr(mlflow, "active_run", lambda: None)() is not None
+    return getattr(mlflow, "active_run", lambda: None)()
 
 
 def _tensorboard(run: TrackedRun) -> dict[str, Any]:
