@@ -408,6 +408,29 @@ def test_epochs_beside_max_steps_are_refused(train_args, adapterkit_cli, library
     refused(result, "--max-steps sets the run's length", "ignores --epochs", "give one")
 
 
+def test_epochs_beside_max_steps_are_refused_in_python_too(tiny_base, adapterkit_data, home):
+    """The Python API trained max_steps and ignored epochs, as transformers does."""
+    from adapterkit import Library, TrainOptions, train
+    from adapterkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_steps sets the run's length, and the trainer "
+                                          r"ignores epochs beside it: give one"):
+        train("sft", base=str(tiny_base), data=str(adapterkit_data["prompt_completion"]),
+              name="x", options=TrainOptions(max_steps=5, epochs=2.0), home=home)
+    assert Library(home).list(all_versions=True) == []
+
+
+def test_a_trainers_default_epochs_yield_to_max_steps():
+    """A plugin's ``defaults`` may give epochs; beside a run's max_steps they would do nothing."""
+    from types import SimpleNamespace
+
+    from adapterkit.training.options import TrainOptions, with_defaults
+
+    trainer = SimpleNamespace(name="t", defaults={"epochs": 3.0})
+    assert with_defaults(trainer, TrainOptions(max_steps=5)).epochs is None
+    assert with_defaults(trainer, TrainOptions()).epochs == 3.0
+
+
 def test_a_run_of_max_steps_records_the_epochs_it_trained_not_one(train_args, adapterkit_cli,
                                                                    library):
     """16 rows, batch 4, 6 steps: 1.5 passes over the data; no epochs were set."""

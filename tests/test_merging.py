@@ -249,6 +249,36 @@ def test_bad_merges(books, pm, refs, weights, kw, error, match):
     assert not books.exists("bad")
 
 
+def test_a_weight_the_factors_cannot_carry_is_refused_on_every_path(books, folders, tiny_base,
+                                                                     pm, home, tmp_path):
+    """``a*1e300``: a's scaled B times 1e300 is past float32's largest (checked by hand), so
+    every path that would carry it refuses, saying so, instead of saving or applying
+    infinities (every merge saved a pocket book of inf/NaN factors without a word; a session
+    and plain PEFT generated from NaN logits). The largest weight that fits still works."""
+    from adapterkit.runtime.peft_model import peft_model
+
+    peak = max(s * b.abs().max().item() for _, b, s in hand_factors(folders["a"]).values())
+    assert peak * 1e300 > torch.finfo(torch.float32).max
+    limit = torch.finfo(torch.float32).max / peak
+    overflow = r"weight 1e\+300 makes the largest LoRA factor( of a@1)? .* float32 holds"
+    for kw in ({"method": "cat"}, {"method": "linear"}, {"method": "exact_svd"},
+               {"method": "ties", "density": 0.5}):
+        with pytest.raises(ConfigError, match="not finite numbers.*nothing was saved"):
+            merging.merge(books, ["a", "b"], [1e300, 1.0], name="bad", plugins=pm, **kw)
+    for flatten in (False, True):
+        with pytest.raises(ConfigError, match=overflow):
+            merging.stack(books, ["a", "b"], [1e300, 1.0], name="bad", flatten=flatten)
+    assert not books.exists("bad")
+    session = adapterkit.open(str(tiny_base), home=home)
+    with pytest.raises(ConfigError, match=overflow):
+        session.stack({"a": 1e300, "b": 1.0})
+    base = adapterkit.load_base(str(tiny_base), home=home)
+    with pytest.raises(ConfigError, match=overflow):
+        peft_model(base, books.get("a"), library=books, weights=[(books.get("a"), 1e300)])
+    fits = merging.stack(books, ["a", "b"], [limit * 0.99, 1.0], name="fits")
+    assert fits.meta.hyperparameters["weights"]["a@1"] == limit * 0.99
+
+
 def test_members_of_different_bases_are_refused(books, other_base, tmp_path, pm):
     path = make_peft_adapter(other_base, tmp_path / "o")
     books.import_peft(path, "o", base=str(other_base))

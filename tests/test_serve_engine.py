@@ -486,14 +486,23 @@ def test_a_pocket_book_with_infinite_factors_cannot_spoil_another_rows_delta():
 
 
 def test_a_rows_failure_to_sample_fails_it_alone_and_tiny_temperatures_are_greedy(tiny_base,
-                                                                                  lib):
+                                                                                  lib,
+                                                                                  tmp_path):
     """In one prefill: a request at temperature 1e-45 (which in float32 divides the logits
-    into infinities) decodes greedily, as vLLM treats temperatures below 1e-5; a stack whose
-    weight overflows the base's dtype gets non-finite logits and fails alone with that reason
-    (an argmax over NaN would have answered anyway); the others answer as alone."""
+    into infinities) decodes greedily, as vLLM treats temperatures below 1e-5; a pocket book
+    whose B holds an infinity gets non-finite logits and fails alone with that reason (an
+    argmax over NaN would have answered anyway); the others answer as alone."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_peft_adapter(tiny_base, tmp_path / "inf")
+    tensors = load_file(folder / WEIGHTS_FILE)
+    b = next(name for name in sorted(tensors) if "lora_B" in name)
+    tensors[b][0, 0] = float("inf")
+    save_file(tensors, folder / WEIGHTS_FILE)
+    lib.import_peft(folder, "infinite", base=str(tiny_base))
     base = fresh(tiny_base, lib)
     engine = Engine(base, lib, max_batch=8)
-    models = ["law", "code", base.name, "chem*1e300"]
+    models = ["law", "code", base.name, "infinite"]
     temperatures = [0.0, 1e-45, 0.0, 0.0]
     requests = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW,
                               temperature=t)
@@ -504,6 +513,37 @@ def test_a_rows_failure_to_sample_fails_it_alone_and_tiny_temperatures_are_greed
         assert error is None and (tokens, finish) == reference(tiny_base, lib, model, question)
     tokens, finish, error = got[3]
     assert (tokens, finish) == ([], "error") and "not finite" in error
+    engine.close()
+    lib.remove("infinite", all_versions=True)
+
+
+def chem_peak(lib) -> float:
+    """The largest ``|s·B|`` of chem's factors, read with safetensors (a hand value)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((lib.get("chem").path / "adapter_config.json").read_text())
+    weights = load_file(lib.get("chem").path / "adapter_model.safetensors")
+    peak = max(t.abs().max().item() for name, t in weights.items() if "lora_B" in name)
+    return peak * cfg["lora_alpha"] / cfg["r"]
+
+
+def test_a_stack_weight_its_factors_cannot_hold_is_a_400_and_fails_alone(tiny_base, lib):
+    """``chem*1e300`` makes chem's scaled B infinite in float32 (checked here by hand): the
+    request ends with 400 saying so, and the request beside it answers as alone."""
+    base = fresh(tiny_base, lib)
+    assert not torch.isfinite(torch.tensor(chem_peak(lib)) * 1e300)
+    engine = Engine(base, lib, max_batch=8)
+    requests = [engine.submit(prompt_ids(base, q), engine.resolve(m), max_tokens=NEW)
+                for m, q in zip(["chem*1e300", "law"], QUESTIONS)]
+    while engine.step():
+        pass
+    refused = requests[0].events.get(timeout=1)
+    assert (refused.finish, refused.status) == ("error", 400) and requests[0].events.empty()
+    assert "weight 1e+300 makes the largest LoRA factor of chem@1" in refused.error and "float32" in refused.error
+    tokens, finish, error = drain(requests[1], timeout=1)
+    assert error is None and (tokens, finish) == reference(tiny_base, lib, "law", QUESTIONS[1])
     engine.close()
 
 

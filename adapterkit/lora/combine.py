@@ -23,9 +23,11 @@ from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import (
     Factors,
+    WeightOverflow,
     concat,
     pad,
     parse_key,
+    peak_of,
     plain_config,
     read_factors,
     stored_tensors,
@@ -192,10 +194,19 @@ def flatten_command(book: PocketBook) -> str:
 
 def save_adapter(library: Library, out: MergeOutput, meta: PocketBookMeta,
                  name: str) -> PocketBook:
-    """Write a config + tensors as a standard PEFT folder into the library (atomic)."""
+    """Write a config + tensors as a standard PEFT folder into the library (atomic); refused
+    where a tensor is not finite (every strategy's result, plugins' too, passes here)."""
+    import torch
     from safetensors.torch import save_file
 
     from adapterkit.library.card import write_card
+
+    broken = sorted(k for k, v in out.tensors.items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if broken:
+        raise ConfigError(f"{name}'s factors are not finite numbers ({len(broken)} tensor(s), "
+                          f"first {broken[0]}): a weight too large for their number format, "
+                          "or a member whose own factors are not finite; nothing was saved")
 
     with library.draft() as staged:
         (staged / CONFIG_FILE).write_text(json.dumps(out.config, indent=2), encoding="utf-8")
@@ -301,8 +312,12 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
         inputs = inputs_of(library, books)
         return save_adapter(library, concatenate(inputs, weights, path="stack --flatten"),
                             meta, str(target))
-    for b in books:  # a stack of a damaged pocket book would fail only when loaded
-        check_book(b)
+    for b, w in zip(books, weights):  # a stack of a damaged pocket book would fail only when
+        check_book(b)                 # loaded; so would a weight its factors cannot carry
+        weighed = [] if w == 1.0 else list(read_factors(
+            b.path, ref=b.ref, path=f"weighting it ({w:g}) in a stack").values())
+        if weighed:
+            WeightOverflow.check(w, peak_of(weighed), weighed[0].b.dtype, ref=b.ref)
     from adapterkit.library.card import write_card
 
     with library.draft() as staged:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterkit.errors import InexactAdapter, InvalidAdapter
+from adapterkit.errors import ConfigError, InexactAdapter, InvalidAdapter
 from adapterkit.library.peft_folder import (
     BASE_REWRITING_INITS,
     PREFIX,
@@ -250,12 +250,52 @@ def pad(a: Any, b: Any, rank: int) -> tuple[Any, Any]:
             torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1))
 
 
-def concat(members: list[tuple[Factors, float]]) -> tuple[Any, Any]:
-    """``(A, B)`` with ``B @ A = Σ wᵢ sᵢ Bᵢ Aᵢ`` exactly: ranks concatenated, scales in ``B``."""
+def concat(members: list[tuple[Factors, float]], *, check: bool = True) -> tuple[Any, Any]:
+    """``(A, B)`` with ``B @ A = Σ wᵢ sᵢ Bᵢ Aᵢ`` exactly: ranks concatenated, scales in ``B``.
+
+    Raises :class:`ConfigError` where a weight makes finite factors overflow their number
+    format (``a*1e300``): the result could only add infinities (unless not ``check``: the
+    server checks its weights when a request is admitted, where a refusal fails that request
+    alone, and leaves a row with non-finite logits to fail alone)."""
     import torch
 
-    return (torch.cat([f.a for f, _ in members]),
-            torch.cat([f.scaled_b(w) for f, w in members], dim=1))
+    b = torch.cat([f.scaled_b(w) for f, w in members], dim=1)
+    if check and not bool(torch.isfinite(b).all()):
+        for f, w in members:
+            if bool(torch.isfinite(f.b).all()) and not bool(torch.isfinite(f.scaled_b(w)).all()):
+                raise WeightOverflow(w, peak_of([f]), f.b.dtype)
+    return torch.cat([f.a for f, _ in members]), b
+
+
+def peak_of(factors: Iterable[Factors]) -> float:
+    """The largest ``|s·B|`` over ``factors`` (0 for none): a weight ``w`` keeps them finite
+    while ``|w| · peak`` stays within their number format (see :class:`WeightOverflow`)."""
+    return max((float(f.scaled_b().abs().max()) for f in factors if f.b.numel()), default=0.0)
+
+
+class WeightOverflow(ConfigError):
+    """A weight that makes a pocket book's scaled LoRA factors overflow their number format."""
+
+    def __init__(self, weight: float, peak: float, dtype: Any, *, ref: str = "") -> None:
+        import torch
+
+        largest = torch.finfo(dtype).max
+        of = f" of {ref}" if ref else ""
+        super().__init__(
+            f"weight {weight:g} makes the largest LoRA factor{of} {abs(weight) * peak:.3g}, "
+            f"past the {largest:.3g} that {str(dtype).removeprefix('torch.')} holds: give a "
+            f"weight below {largest / peak:.3g} in magnitude")
+
+    @staticmethod
+    def check(weight: float, peak: float, dtype: Any, *, ref: str = "") -> None:
+        """Raise for ``weight`` on factors whose largest ``|s·B|`` is ``peak`` (not finite:
+        left to the caller, the factors themselves are broken)."""
+        import math
+
+        import torch
+
+        if math.isfinite(peak) and abs(weight) * peak > torch.finfo(dtype).max:
+            raise WeightOverflow(weight, peak, dtype, ref=ref)
 
 
 def plain_config(template: dict[str, Any], *, rank: int, target_modules: list[str]

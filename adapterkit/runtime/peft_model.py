@@ -68,22 +68,33 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
             model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
     if len(names) > 1:
         model.base_model.set_adapter(names, inference_mode=True)  # type: ignore[operator]
-    _weigh(model, dict(zip(names, (w for _, w in items))))
+    _weigh(model, {name: (item.ref, w) for name, (item, w) in zip(names, items)})
     model.eval()
     return model
 
 
-def _weigh(model: Any, weights: dict[str, float]) -> None:
-    """Multiply PEFT's own per-layer scale of each adapter by its stack weight."""
+def _weigh(model: Any, weights: dict[str, tuple[str, float]]) -> None:
+    """Multiply PEFT's own per-layer scale of each adapter by its stack weight; refuse a
+    weight that makes an adapter's scaled factors overflow their number format, as every
+    other path does (:class:`~adapterkit.lora.factors.WeightOverflow`)."""
     from peft.tuners.lora import LoraLayer
 
-    if all(w == 1.0 for w in weights.values()):
+    from adapterkit.lora.factors import WeightOverflow
+
+    if all(w == 1.0 for _, w in weights.values()):
         return
+    peaks: dict[str, tuple[float, Any]] = {}
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            for name, w in weights.items():
+            for name, (_, w) in weights.items():
                 if name in module.scaling:
+                    b: Any = module.lora_B[name].weight
+                    peak = module.scaling[name] * float(b.abs().max()) if b.numel() else 0.0
+                    peaks[name] = (max(peak, peaks.get(name, (0.0, b.dtype))[0]), b.dtype)
                     module.scaling[name] *= w
+    for name, (peak, dtype) in peaks.items():
+        ref, w = weights[name]
+        WeightOverflow.check(w, peak, dtype, ref=ref)
 
 
 def loadable_together(book: PocketBook, copy: Path, *, alone: bool) -> Path:

@@ -57,6 +57,8 @@ class _Attached:
     ref: str
     content: tuple[str, ...]
     loaded: LoadedBook
+    #: The largest magnitude of its scaled ``B`` factors (``s·B``), for the weights it takes.
+    peak: float = 0.0
 
 
 @dataclass
@@ -321,6 +323,7 @@ class Engine:
         """``target``'s members, loaded (least recently used books detached to make room);
         None when the room is held by books running rows use."""
         from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
+        from adapterkit.lora.factors import WeightOverflow, peak_of
         from adapterkit.runtime.session import load_checked
         from adapterkit.serving import rows
 
@@ -344,8 +347,11 @@ class Engine:
                 for path in loaded.factors:
                     if path not in self._slots:
                         self._slots[path] = rows.wrap(self.model, path)
-                attached = self._books[key] = _Attached(book.ref, key, loaded)
+                attached = self._books[key] = _Attached(
+                    book.ref, key, loaded, peak_of(loaded.factors.values()))
                 self._attached_refs = tuple(a.ref for a in self._books.values())
+            # (a 400 for this request alone; the pool's own concat does not check again)
+            WeightOverflow.check(float(weight), attached.peak, self._dtype, ref=book.ref)
             self._books.move_to_end(key)
             keep.add(key)
             out.append((key, attached.loaded, float(weight)))

@@ -153,7 +153,7 @@ class Pool:
             for path in sorted({p for book, _ in members for p in book.factors}):
                 parts = [(book.factors[path], float(w)) for book, w in members
                          if path in book.factors]
-                a, b = concat(parts)  # the stack's exact weighted sum, scales inside B
+                a, b = concat(parts, check=False)  # the stack's exact sum (weights checked on admission)
                 pairs.setdefault(path, []).append((index, a, b))
         for path, held in pairs.items():
             rank = max(a.shape[0] for _, a, _ in held)

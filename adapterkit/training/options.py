@@ -310,6 +310,8 @@ def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
         del values["forgetting_budget"]
     if "min_steps" in values and _sets_length(options):  # the run's length is set: no default
         del values["min_steps"]
+    if "epochs" in values and options.max_steps > 0:  # max_steps sets it: epochs would be ignored
+        del values["epochs"]
     budget = values.get("forgetting_budget", options.forgetting_budget)
     if not budget:
         values.pop("guard_weight", None)

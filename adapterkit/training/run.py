@@ -223,6 +223,9 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     pm = plugins
     trainer_obj = pm.trainer(trainer)
     check_options(options)  # values out of range, for options built in Python (the CLI's are)
+    if options.epochs is not None and options.max_steps > 0:  # (the CLI refuses it by its flags)
+        raise ConfigError("max_steps sets the run's length, and the trainer ignores epochs "
+                          "beside it: give one of TrainOptions(max_steps=...) and epochs=...")
     general_off = isinstance(options.general, str) and options.general.lower() == GENERAL_OFF
     options = with_defaults(trainer_obj, options)  # the trainer's measured defaults where unset
     check_options(options)  # what the defaults added, with what the run set

@@ -289,8 +289,9 @@ def start_tracking(names: list[str], *, home: Path, ref: str, workdir: Path,
     if not run_name:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         run_name = f"{ref}-{stamp}"
-    # W&B ids are letters, digits, '-' and '_'; W&B's own are 8 random characters like these
-    wandb_id = kept("wandb_id") or secrets.token_hex(4)
+    # W&B ids are letters, digits, '-' and '_'; W&B's own are 8 of [a-z0-9] (41 bits): these
+    # 12 hex digits (48 bits) collide in one project no more often
+    wandb_id = kept("wandb_id") or secrets.token_hex(6)
     run = TrackedRun(list(names), Path(home), run_name, wandb_id=wandb_id,
                      mlflow_id=kept("mlflow_id"), mlflow_uri=kept("mlflow_uri"),
                      resumed=bool(saved), workdir=workdir if main else None)
