@@ -150,9 +150,11 @@ class RLHF(Trainer):
             stage_name = job.name.split("@")[0] + "-reward"
             # (the policy's epochs are resolved already: its min_steps acted there; a reward
             # head measures no forgetting on general text)
+            # (reward_steps sets the stage's length: the policy's epochs would do nothing)
             stage_options = replace(job.options, trainer_options={}, forgetting_budget=0,
                                     guard_weight=None, min_steps=None, general=None,
-                                    max_steps=o.reward_steps or job.options.max_steps)
+                                    max_steps=o.reward_steps or job.options.max_steps,
+                                    epochs=None if o.reward_steps else job.options.epochs)
             book = job.train_stage("reward", name=stage_name, options=stage_options).pocket_book
         job.options.trainer_options["reward"] = book.ref  # recorded with the policy
 

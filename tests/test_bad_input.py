@@ -224,6 +224,14 @@ def _config_not_object(folder: Path, w: World) -> None:
     (folder / CONFIG_FILE).write_text("[]")
 
 
+def _config_value(**values: Any) -> Callable[[Path, World], None]:
+    """Config values of the wrong type: they passed import and broke PEFT's load later (a
+    TypeError from inside PEFT on every `generate`), or import itself with a traceback."""
+    def edit(folder: Path, w: World) -> None:
+        _write_config(folder, {**_config(folder), **values})
+    return edit
+
+
 def _only(name: str) -> Callable[[Path, World], None]:
     def edit(folder: Path, w: World) -> None:
         for item in folder.iterdir():
@@ -372,6 +380,12 @@ CASES: list[Case] = [
          setup=_file("out/keep.txt", "mine"), mentions=("not empty",)),
     Case("export-destination-is-a-file", ("export", "pe", "{work}/out"),
          setup=_file("out", "a file")),
+    Case("export-destination-under-a-file", ("export", "pe", "{work}/afile/out"),
+         setup=_file("afile", "a file"), mentions=("afile", "not a folder")),
+    Case("export-destination-name-too-long", ("export", "pe", "{work}/" + "x" * 300),
+         mentions=("too long",)),
+    Case("home-under-a-file", ("--home", "{work}/afile/home", "list"),
+         setup=_file("afile", "a file"), mentions=("afile", "not a folder")),
     Case("export-zero-byte-weights", ("export", "pe", "{work}/out"),  # 17.3
          setup=_edit_book(_truncate(0)), mentions=(WEIGHTS_FILE,)),
     Case("export-file-size-limit", ("export", "pe", "{work}/out"),  # 17.5 (`ulimit -f`)
@@ -413,6 +427,23 @@ CASES: list[Case] = [
          setup=_edit_adapter(_config_not_object), mentions=(CONFIG_FILE,)),
     Case("import-not-lora", ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
          setup=_edit_adapter(_peft_type), mentions=("IA3",)),
+    Case("import-config-target-modules-a-number",
+         ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
+         setup=_edit_adapter(_config_value(target_modules=5)), mentions=("target_modules",)),
+    Case("import-config-target-modules-numbers",
+         ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
+         setup=_edit_adapter(_config_value(target_modules=[1, 2])), mentions=("target_modules",)),
+    Case("import-config-rank-pattern-text",
+         ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
+         setup=_edit_adapter(_config_value(rank_pattern="x")), mentions=("rank_pattern",)),
+    Case("import-config-rank-pattern-text-rank",  # was imported, then every load failed
+         ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
+         setup=_edit_adapter(_config_value(rank_pattern={"q_proj": "abc"})),
+         mentions=("rank_pattern",)),
+    Case("import-config-modules-to-save-a-number",
+         ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
+         setup=_edit_adapter(_config_value(task_type="SEQ_CLS", modules_to_save=5)),
+         mentions=("modules_to_save",)),
     Case("import-no-weights", ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
          setup=_edit_adapter(_only(CONFIG_FILE)), mentions=(WEIGHTS_FILE,)),
     Case("import-zero-byte-weights", ("import", "{work}/bad", "--name", "x", "--base", "{base}"),

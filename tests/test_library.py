@@ -77,6 +77,125 @@ def test_tag_and_remove(library):
         library.remove("a")
 
 
+def test_a_filter_picks_versions_before_the_latest_is_taken(library):
+    """``list --tag prod`` with only a@1 tagged found nothing (the filter was ANDed with
+    "a's latest version") and said no pocket book matched."""
+    save(library, "a", tags=["prod"], base="b1")
+    save(library, "a@2", base="b2")
+    assert [(s.name, s.version, s.versions) for s in library.list(tag="prod")] == [("a", 1, 2)]
+    assert [(s.name, s.version) for s in library.list(base="b1")] == [("a", 1)]
+    assert [(s.name, s.version) for s in library.list(base="b2")] == [("a", 2)]
+    for empty in ({"tag": ""}, {"base": " "}):
+        with pytest.raises(ConfigError, match="filter is empty"):
+            library.list(**empty)
+
+
+def test_removing_a_tag_it_does_not_carry_is_refused_and_our_card_follows_tags(library):
+    from adapterkit.library.card import write_card
+    from adapterkit.library.names import InvalidName
+
+    book = save(library, "a", tags=["prod"])
+    write_card(book.path, book.meta)
+    with pytest.raises(ConfigError, match="a@1 has no tag 'prdo'; its tags: prod"):
+        library.tag("a", "prdo", remove=True)
+    with pytest.raises(InvalidName, match="invalid tag 'my tag'"):
+        library.tag("a", "my tag")
+    library.tag("a", "staging")
+    header = (book.path / "README.md").read_text().split("---")[1]
+    assert "- prod" in header and "- staging" in header
+    library.tag("a", "prod", remove=True)
+    assert "- prod" not in (book.path / "README.md").read_text().split("---")[1]
+
+
+def test_a_metadata_change_the_catalog_refuses_leaves_the_file_as_it_was(library, monkeypatch):
+    """A full disk fails at the catalog's COMMIT: ``tag`` said "nothing was changed" while
+    adapterkit.json already carried the tag (and the next ``list`` indexed it)."""
+    import sqlite3
+
+    from adapterkit.errors import CatalogError
+    from adapterkit.library.catalog import Catalog
+
+    book = save(library, "a")
+    before = (book.path / "adapterkit.json").read_bytes()
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Catalog, "upsert", staticmethod(full))
+    with pytest.raises(CatalogError):
+        library.tag("a", "x")
+    monkeypatch.undo()
+    assert (book.path / "adapterkit.json").read_bytes() == before
+    assert library.rebuild_catalog() == 1 and library.get("a").meta.tags == []
+
+
+def test_a_name_differing_only_in_case_is_refused(library):
+    """On macOS's and Windows' default file systems ``PE`` and ``pe`` share one folder."""
+    save(library, "pe")
+    for name in ("PE", "Pe@2"):
+        with pytest.raises(NameTaken, match="'PE' differs from the pocket book 'pe' only in "
+                                            "case|'Pe' differs"):
+            library.reserve(name)
+        with pytest.raises(NameTaken, match="only in case"):
+            save(library, name)
+    assert [s.name for s in library.list()] == ["pe"]
+
+
+def test_rm_asks_again_under_the_lock_and_a_stack_of_a_removed_book_is_not_saved(library,
+                                                                                monkeypatch):
+    """A stack saved between rm's check and its delete was left naming a removed pocket
+    book; a stack whose member was removed after it was read was saved anyway."""
+    save(library, "a")
+    save(library, "b")
+    check = Library.dependents
+
+    def then_a_stack_is_saved(self, refs):
+        found = check(self, refs)
+        with library.draft() as staged:
+            meta = PocketBookMeta(name="", version=0, base={"name": "b1", "fingerprint": "fp-b1"},
+                                  kind="stack", hyperparameters={"weights": {"a@1": 1.0}})
+            (staged / "README.md").write_text("stack")
+            library.commit(staged, meta, name="s", members_here=True)
+        return found
+
+    monkeypatch.setattr(Library, "dependents", then_a_stack_is_saved)
+    with pytest.raises(ConfigError, match="a@1 is needed by s@1"):
+        library.remove("a")
+    monkeypatch.undo()
+    assert library.get("a").version == 1
+    with library.draft() as staged:
+        meta = PocketBookMeta(name="", version=0, base={"name": "b1", "fingerprint": "fp-b1"},
+                              kind="stack", hyperparameters={"weights": {"b@1": 1.0}})
+        library.remove("b")  # after the stack read its members
+        with pytest.raises(PocketBookNotFound, match="b@1, which it needs, was removed"):
+            library.commit(staged, meta, name="t", members_here=True)
+    assert not library.exists("t")
+
+
+def test_export_of_a_book_trained_on_another_is_refused_naming_the_way(library, tmp_path):
+    """PEFT and vLLM load the exported folder alone: without the pocket book underneath."""
+    save(library, "under")
+    save(library, "top")
+    library.update_meta("top", lambda meta: setattr(meta, "stacked_on", ["under@1"]))
+    with pytest.raises(ConfigError, match=r"top@1 is trained on top of under@1, which a PEFT "
+                                          r"folder of it alone leaves out.*`adapterkit stack "
+                                          r"under@1 top@1 --flatten --name NAME`"):
+        library.export("top", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_metadata_with_nested_values_of_the_wrong_type_is_damaged_not_a_traceback():
+    """``show`` read ``base.provenance`` as a mapping and failed with AttributeError."""
+    good = {"name": "a", "version": 1, "base": {"name": "b", "fingerprint": "f",
+                                                "provenance": {"kind": "folder"}}}
+    assert PocketBookMeta.from_dict(good).base["provenance"] == {"kind": "folder"}
+    for base in ({"provenance": "x"}, {"name": 3}, {"fingerprint": ["f"]}):
+        with pytest.raises(ValueError, match="'base."):
+            PocketBookMeta.from_dict({**good, "base": base})
+    with pytest.raises(ValueError, match="'files' must map"):
+        PocketBookMeta.from_dict({**good, "files": {"adapter_model.safetensors": 1}})
+
+
 def test_remove_of_a_named_version_with_all_versions_is_refused(library):
     """Before: ``rm a@1 --all-versions`` removed every version of a."""
     save(library, "a")

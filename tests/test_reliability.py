@@ -327,10 +327,14 @@ def test_a_racing_remove_says_so_instead_of_removing_nothing(library, monkeypatc
 
 def kill_before_commit(monkeypatch, write) -> None:
     """Run ``write`` and die (as kill -9 would) after it changed the folder and before the
-    catalog row was written: the transaction never commits."""
+    catalog row was written: the transaction never commits, and no undo runs (an exception
+    or Ctrl-C would run the write's undo, which a kill does not)."""
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
+    real_write = Catalog.write
+    monkeypatch.setattr(Catalog, "write",
+                        lambda self, fn, **kw: real_write(self, fn, **{**kw, "undo": None}))
     monkeypatch.setattr(Catalog, "upsert", staticmethod(die))
     with pytest.raises(KeyboardInterrupt):
         write()
@@ -339,7 +343,8 @@ def kill_before_commit(monkeypatch, write) -> None:
 
 def test_a_tag_killed_before_its_commit_heals_on_the_next_list(library, monkeypatch):
     """update_meta writes adapterkit.json, then commits the catalog; a kill in between left
-    `list --tag` wrong until `doctor` ran."""
+    `list --tag` wrong until `doctor` ran. (A kill -9 runs no undo; an exception or Ctrl-C
+    puts the file back: test_library's catalog-failure test.)"""
     save(library, "a")
     kill_before_commit(monkeypatch, lambda: library.tag("a", "urgent"))
     assert "urgent" in json.loads((library.path_of("a", 1) / "adapterkit.json").read_text())["tags"]

@@ -29,10 +29,23 @@ _MACHINE_ERRORS = {
     errno.EIO: "input/output error",
 }
 
+#: Errors of a path the user typed (a file where a folder must be, a name past the file
+#: system's limit): said in one line, naming the path (without one they would be our bug).
+_PATH_ERRORS = {
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.ENAMETOOLONG: "a name in this path is too long for the file system",
+    errno.EISDIR: "this path is a folder, not a file",
+    errno.ELOOP: "this path has too many levels of symbolic links",
+    errno.ENOENT: "no such file or folder",
+}
+
 
 def machine_error(exc: OSError) -> str | None:
-    """One line for an out-of-space, permission or I/O error, or ``None`` for other errors."""
+    """One line for an out-of-space, permission or I/O error, or for a bad path the error
+    names; ``None`` for other errors."""
     what = _MACHINE_ERRORS.get(exc.errno or 0)
+    if what is None and exc.filename:
+        what = _PATH_ERRORS.get(exc.errno or 0)
     if what is None:
         return None
     where = f" ({exc.filename})" if exc.filename else ""

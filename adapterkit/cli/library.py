@@ -50,8 +50,11 @@ def list_cmd(ctx: click.Context, base: str | None, tag: str | None, all_versions
         if base or tag:
             wanted = " and ".join(f"{label} {value!r}" for label, value in
                                   (("base", base), ("tag", tag)) if value)
-            click.echo(f"No pocket book matches {wanted}; `adapterkit list` shows them all.",
-                       err=True)
+            hint = (" (--base takes a base's name or a prefix of its fingerprint, as the BASE "
+                    "and FINGERPRINT columns show them, not a folder, file or revision)"
+                    if base else "")
+            click.echo(f"No pocket book matches {wanted}; `adapterkit list` shows them all"
+                       f"{hint}.", err=True)
         else:
             click.echo("No pocket books yet. Train one with `adapterkit train`, or add a PEFT "
                        "adapter with `adapterkit import FOLDER --name NAME --base BASE`.",

@@ -361,6 +361,14 @@ class Catalog:
         return {(r[0], r[1]) for r in conn.execute("SELECT name, version FROM pocket_books")}
 
     @staticmethod
+    def has(conn: sqlite3.Connection, ref: str) -> bool:
+        """Whether the catalog holds ``ref`` (``name@N``)."""
+        name, _, version = ref.rpartition("@")
+        return version.isdigit() and conn.execute(
+            "SELECT 1 FROM pocket_books WHERE name=? AND version=?", (name, int(version))
+        ).fetchone() is not None
+
+    @staticmethod
     def versions(conn: sqlite3.Connection, name: str) -> list[int]:
         rows = conn.execute(
             "SELECT version FROM pocket_books WHERE name=? ORDER BY version", (name,)
@@ -370,18 +378,18 @@ class Catalog:
     @staticmethod
     def rows(conn: sqlite3.Connection, *, where: str = "", params: tuple = (),
              latest_only: bool = False) -> Iterator[sqlite3.Row]:
+        """Summary rows of the entries ``where`` keeps (its columns those of ``pocket_books``,
+        aliased ``p``); with ``latest_only`` the latest version of each name among them — a
+        filter picks versions first, so ``tag=prod`` finds ``tri@1`` when only it is tagged."""
+        matching = "SELECT * FROM pocket_books p" + (f" WHERE ({where})" if where else "")
         sql = (
+            f"WITH m AS ({matching}) "
             "SELECT name, version, base_fingerprint, base_name, method, trainer, kind, created, "
             "size, tags, (SELECT COUNT(*) FROM pocket_books p2 WHERE p2.name = p.name) "
-            "FROM pocket_books p"
+            "FROM m p"
         )
-        clauses = [where] if where else []
         if latest_only:
-            clauses.append(
-                "version = (SELECT MAX(version) FROM pocket_books p3 WHERE p3.name = p.name)"
-            )
-        if clauses:
-            sql += " WHERE " + " AND ".join(f"({c})" for c in clauses)
+            sql += " WHERE version = (SELECT MAX(version) FROM m p3 WHERE p3.name = p.name)"
         sql += " ORDER BY name, version"
         return conn.execute(sql, params)
 

@@ -112,6 +112,12 @@ class PocketBookMeta:
                 raise ValueError(f"{key!r} must be a list of strings")
         if not all(isinstance(v, str) for v in values.get("stacked_on_sha256", {}).values()):
             raise ValueError("'stacked_on_sha256' must map names to SHA-256 strings")
+        if not all(isinstance(v, str) for v in values.get("files", {}).values()):
+            raise ValueError("'files' must map file names to SHA-256 strings")
+        base = values.get("base", {})
+        for key, kind in (("name", str), ("fingerprint", str), ("provenance", dict)):
+            if key in base and not isinstance(base[key], kind):
+                raise ValueError(f"'base.{key}' must be a {_TYPE_WORDS[kind]}")
         return cls(**values)
 
     @classmethod

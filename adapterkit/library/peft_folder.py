@@ -132,6 +132,10 @@ def read_adapter(folder: Path, *, trust_pickle: bool = False,
     if str(config.get("peft_type", "")).upper() != "LORA":
         kind = config.get("peft_type")
         raise InvalidAdapter(f"{folder} is a {kind or 'unknown'} adapter; adapterkit handles LoRA")
+    wrong = type_problems(config)
+    if wrong:
+        raise InvalidAdapter(f"{folder / CONFIG_FILE} holds values of the wrong type: "
+                             f"{'; '.join(wrong)}")
     weights = files[WEIGHTS_FILE]
     if weights is not None:
         return AdapterFiles(folder, config, read_shapes(weights), pickled=False)
@@ -146,6 +150,47 @@ def read_adapter(folder: Path, *, trust_pickle: bool = False,
         return AdapterFiles(folder, config, {k: tuple(v.shape) for k, v in state.items()},
                             pickled=True)
     raise InvalidAdapter(f"{folder} is not a PEFT adapter: it has no {WEIGHTS_FILE}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+#: The LoRA config keys every path reads, with the types PEFT's ``LoraConfig`` gives them
+#: (``None`` is PEFT's "unset" for each): a value of another type would pass our checks and
+#: break PEFT's load later, with a traceback from inside PEFT.
+_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "r": ("a positive whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)
+          and v > 0),
+    "lora_alpha": ("a number", _number),
+    "target_modules": ("a module name, a pattern or a list of names", _names),
+    "exclude_modules": ("a module name, a pattern or a list of names", _names),
+    "modules_to_save": ("a list of module names", lambda v: isinstance(v, list)
+                        and all(isinstance(x, str) for x in v)),
+    "rank_pattern": ("a mapping of module patterns to ranks", lambda v: isinstance(v, dict)
+                     and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                             for x in v.values())),
+    "alpha_pattern": ("a mapping of module patterns to numbers", lambda v: isinstance(v, dict)
+                      and all(_number(x) for x in v.values())),
+    "layers_to_transform": ("a layer index or a list of them", lambda v: isinstance(v, int)
+                            and not isinstance(v, bool) or isinstance(v, list)
+                            and all(isinstance(x, int) and not isinstance(x, bool)
+                                    for x in v)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def type_problems(config: dict[str, Any]) -> list[str]:
+    """One line for each key of ``config`` whose value is not of the type PEFT gives it."""
+    return [f"{key} must be {what}, not {json.dumps(config[key])[:60]}"
+            for key, (what, ok) in _TYPES.items()
+            if config.get(key) is not None and not ok(config[key])]
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.errors import (
     ConfigError,
     InvalidAdapter,
+    InvalidName,
     NameTaken,
     PocketBookNotFound,
 )
@@ -48,6 +49,7 @@ from adapterkit.home import resolve_home
 from adapterkit.library import layout
 from adapterkit.library.catalog import Catalog, meta_stamp
 from adapterkit.library.metadata import (
+    CARD_FILE,
     CONFIG_FILE,
     HASHED_FILES,
     METADATA_FILE,
@@ -180,7 +182,14 @@ class Library:
 
         :param base: keep those made on this base: its name, or a prefix of its fingerprint.
         :param tag: keep those carrying this tag.
+
+        A filter keeps versions first: without ``all_versions`` each name shows its latest
+        version that matches (``tag="prod"`` finds ``tri@1`` when ``tri@2`` is untagged).
         """
+        for label, value in (("base", base), ("tag", tag)):
+            if value is not None and not value.strip():
+                raise ConfigError(f"the {label} filter is empty: give a {label} to keep, or "
+                                  "leave it out")
         self.reconcile()
         clauses, params = [], []
         if base:
@@ -292,9 +301,25 @@ class Library:
         """
         ref = parse_ref(name_or_ref)
         self.reconcile()
+        self.catalog.read(lambda conn: self._refuse_case_clash(conn, ref.name))
         indexed = set(self.catalog.read(lambda conn: Catalog.versions(conn, ref.name)))
         _check_free(ref, indexed | set(self._disk_versions(ref.name)), indexed)
         return ref
+
+    def _refuse_case_clash(self, conn: sqlite3.Connection, name: str) -> None:
+        """Refuse ``name`` where another name differs from it only in case: on a
+        case-insensitive file system (macOS's and Windows' defaults) both would share one
+        folder, and the library would read one's versions as the other's damaged ones."""
+        others = {r[0] for r in conn.execute(
+            "SELECT DISTINCT name FROM pocket_books WHERE name != ? AND lower(name) = lower(?)",
+            (name, name))}
+        if self.root.is_dir():
+            others |= {p.name for p in self.root.iterdir()
+                       if p.name != name and p.name.lower() == name.lower()}
+        if others:
+            raise NameTaken(f"{name!r} differs from the pocket book {sorted(others)[0]!r} only in "
+                            "case, which some file systems do not tell apart; use that name "
+                            "(NAME@N for a new version) or another one")
 
     def _all_versions(self, name: str) -> builtins.list[int]:
         """Versions of ``name`` in the catalog or on disk (a crash can leave either behind)."""
@@ -305,7 +330,7 @@ class Library:
         return layout.versions_on_disk(self.root / name)
 
     def commit(self, staged: Path, meta: PocketBookMeta, *, name: str | None = None,
-               new_version: bool = False) -> PocketBook:
+               new_version: bool = False, members_here: bool = False) -> PocketBook:
         """Move a staged folder into the library as one new entry, atomically.
 
         :param staged: a folder from :meth:`draft` holding the PEFT files.
@@ -313,6 +338,11 @@ class Library:
         :param name: ``name`` or ``name@N`` (default: ``meta.name``).
         :param new_version: with a plain ``name`` that exists, take the next free version
             instead of raising :class:`NameTaken` (used by API callers that want that).
+        :param members_here: refuse (:class:`PocketBookNotFound`) when a pocket book the entry
+            needs (under it, or a stack's member) is no longer in the library, checked under
+            the catalog's lock (an ``rm`` since they were read). A saved stack asks for it; a
+            trained pocket book does not (its weights are kept either way; loading it names
+            what is missing), nor a pull (its underlays may come later; it warns).
         """
         ref = parse_ref(name or meta.name)
         if meta.kind == "adapter":
@@ -325,6 +355,12 @@ class Library:
         moved: builtins.list[tuple[Path, Path]] = []
 
         def insert(conn: sqlite3.Connection) -> PocketBook:
+            self._refuse_case_clash(conn, ref.name)
+            gone = [r for r in sorted(_members(meta)) if not Catalog.has(conn, r)] \
+                if members_here else []
+            if gone:  # removed since they were read (rm checks its side under this lock too)
+                raise PocketBookNotFound(f"cannot save {ref}: {', '.join(gone)}, which it needs, "
+                                         "was removed meanwhile; nothing was saved")
             indexed = set(Catalog.versions(conn, ref.name))
             taken = indexed | set(self._disk_versions(ref.name))
             if ref.version is None and new_version:
@@ -370,23 +406,7 @@ class Library:
         """Pocket books that need one of ``refs`` (``name@N``) to work: trained on top of it
         (``--on``) or a saved stack of it. One catalog query, whatever the library's size
         (:meth:`remove`, its caller, has reconciled the catalog with the folders)."""
-        rows = self.catalog.read(lambda conn: conn.execute(
-            "SELECT name, version, meta FROM pocket_books ORDER BY name, version").fetchall())
-        out = []
-        for name, version, text in rows:
-            ref = f"{name}@{version}"
-            if ref in refs:
-                continue
-            try:
-                meta = PocketBookMeta.from_dict(json.loads(text))
-            except (ValueError, TypeError):
-                continue
-            members = set(meta.stacked_on)
-            if meta.kind == "stack":
-                members |= set(dict(meta.hyperparameters.get("weights", {})))
-            if members & refs:
-                out.append(ref)
-        return out
+        return self.catalog.read(lambda conn: _dependents(conn, refs))
 
     def remove(self, ref: str | Ref, *, all_versions: bool = False,
                force: bool = False) -> builtins.list[int]:
@@ -403,13 +423,9 @@ class Library:
         self.reconcile()  # versions a crash left unindexed go too with --all-versions
         book = self.get(ref)
         versions = None if all_versions else [book.version]
-        if not force:
-            doomed = {f"{ref.name}@{v}" for v in (versions or self._all_versions(ref.name))}
-            needed_by = self.dependents(doomed)
-            if needed_by:
-                raise ConfigError(
-                    f"{', '.join(sorted(doomed))} is needed by {', '.join(needed_by)} (trained "
-                    "on top of it, or a stack of it); remove those first, or pass --force")
+        doomed = {f"{ref.name}@{v}" for v in (versions or self._all_versions(ref.name))}
+        if not force:  # before anything moves (asked again under the lock below)
+            _refuse_needed(doomed, self.dependents(doomed))
         self.staging.mkdir(parents=True, exist_ok=True)
         trash = self.staging / owned_name("trash")
         trash.mkdir()
@@ -423,6 +439,9 @@ class Library:
             if not gone:
                 raise PocketBookNotFound(
                     f"{ref} was removed by another command meanwhile; nothing left to remove")
+            if not force:  # again under the lock: a stack or --on run may have saved meanwhile
+                going = {f"{ref.name}@{v}" for v in gone}
+                _refuse_needed(going, _dependents(conn, going))
             for v in gone:
                 Catalog.delete(conn, ref.name, v)
                 src = self.path_of(ref.name, v)
@@ -451,28 +470,51 @@ class Library:
         return gone
 
     def tag(self, ref: str | Ref, tag: str, *, remove: bool = False) -> PocketBook:
-        """Add (or with ``remove=True`` drop) a tag on one pocket-book version."""
-        validate_name(tag)
+        """Add (or with ``remove=True`` drop) a tag on one pocket-book version; removing a tag
+        it does not carry is refused (a mistyped tag would otherwise stay on)."""
+        try:
+            validate_name(tag)
+        except InvalidName:
+            raise InvalidName(f"invalid tag {tag!r}: use letters, digits, '.', '_' and '-', "
+                              "starting with a letter or digit") from None
 
         def change(meta: PocketBookMeta) -> None:
+            if remove and tag not in meta.tags:
+                raise ConfigError(f"{meta.name}@{meta.version} has no tag {tag!r}; its tags: "
+                                  f"{', '.join(meta.tags) or 'none'}")
             tags = [t for t in meta.tags if t != tag]
             meta.tags = tags if remove else tags + [tag]
 
-        return self.update_meta(ref, change)
+        book = self.update_meta(ref, change)
+        from adapterkit.library.card import OUR_CARD, write_card
+
+        card = book.path / CARD_FILE  # its YAML header lists the tags (an author's card stays)
+        if card.exists() and OUR_CARD in card.read_text(encoding="utf-8", errors="replace"):
+            write_card(book.path, book.meta)
+        return book
 
     def update_meta(self, ref: str | Ref, change: Callable[[PocketBookMeta], None]
                     ) -> PocketBook:
-        """Change one pocket-book version's metadata in place (atomically, catalog too)."""
+        """Change one pocket-book version's metadata in place (atomically, catalog too: where
+        the catalog does not commit, the file is put back, so an error means nothing changed)."""
         book = self.get(ref)
+        path = book.path / METADATA_FILE
+        before: list[str] = []  # the file as it was, once this call has replaced it
 
         def update(conn: sqlite3.Connection) -> PocketBook:
+            text = path.read_text(encoding="utf-8")
             meta = PocketBookMeta.read(book.path)
             change(meta)
-            atomic_write_text(book.path / METADATA_FILE, meta.to_json())
+            atomic_write_text(path, meta.to_json())
+            before[:] = [text]
             Catalog.upsert(conn, meta, book.path)
             return PocketBook(meta, book.path)
 
-        return self.catalog.write(update)
+        def undo() -> None:
+            if before:
+                atomic_write_text(path, before[0])
+
+        return self.catalog.write(update, undo=undo)
 
     def rebuild_catalog(self) -> int:
         """Re-index the library from its folders; returns the number of entries."""
@@ -501,6 +543,14 @@ class Library:
         book = self.get(ref)
         if book.meta.kind != "adapter":
             raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}, not a single adapter")
+        if book.meta.stacked_on:  # PEFT, vLLM... would load the folder without them
+            under = " ".join(book.meta.stacked_on)
+            raise ConfigError(
+                f"{book.ref} is trained on top of {', '.join(book.meta.stacked_on)}, which a "
+                "PEFT folder of it alone leaves out (PEFT and vLLM would answer without it): "
+                f"fold them into one adapter with `adapterkit stack {under} {book.ref} "
+                "--flatten --name NAME` and export NAME, or use `export --merged` or "
+                "`--format gguf`, which bring it")
         check_book(book)
         dest = Path(dest)
         with new_folder(dest) as tmp:
@@ -508,3 +558,37 @@ class Library:
                 if item.is_file() and not item.is_symlink():
                     shutil.copy2(item, tmp / item.name)
         return dest
+
+
+def _dependents(conn: sqlite3.Connection, refs: set[str]) -> list[str]:
+    """See :meth:`Library.dependents` (here on an open connection: :meth:`Library.remove`
+    asks again under the write lock, so a stack saved meanwhile is not left without them)."""
+    rows = conn.execute("SELECT name, version, meta FROM pocket_books ORDER BY name, version"
+                        ).fetchall()
+    out = []
+    for name, version, text in rows:
+        ref = f"{name}@{version}"
+        if ref in refs:
+            continue
+        try:
+            meta = PocketBookMeta.from_dict(json.loads(text))
+        except (ValueError, TypeError):
+            continue
+        if _members(meta) & refs:
+            out.append(ref)
+    return out
+
+
+def _members(meta: PocketBookMeta) -> set[str]:
+    """The pocket books (``name@N``) ``meta``'s entry needs: those under it, a stack's own."""
+    members = set(meta.stacked_on)
+    if meta.kind == "stack":
+        members |= set(dict(meta.hyperparameters.get("weights", {})))
+    return members
+
+
+def _refuse_needed(doomed: set[str], needed_by: list[str]) -> None:
+    if needed_by:
+        raise ConfigError(
+            f"{', '.join(sorted(doomed))} is needed by {', '.join(needed_by)} (trained on top "
+            "of it, or a stack of it); remove those first, or pass --force")

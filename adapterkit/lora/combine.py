@@ -323,4 +323,4 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
     with library.draft() as staged:
         write_card(staged, meta)
         assert (staged / CARD_FILE).exists()
-        return library.commit(staged, meta, name=str(target))
+        return library.commit(staged, meta, name=str(target), members_here=True)

@@ -366,7 +366,7 @@ class TrainJob:
             per_device_eval_batch_size=o.batch_size,
             gradient_accumulation_steps=o.grad_accum,
             learning_rate=o.learning_rate,
-            num_train_epochs=o.epochs,
+            num_train_epochs=1.0 if o.epochs is None else o.epochs,  # (None: max_steps runs)
             max_steps=o.max_steps,
             lr_scheduler_type="linear",
             logging_steps=o.logging_steps,

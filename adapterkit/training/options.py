@@ -328,7 +328,8 @@ def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
 def with_data_defaults(options: TrainOptions, train_rows: int, processes: int = 1
                        ) -> TrainOptions:
     """``options`` with ``epochs`` resolved for ``train_rows`` training rows (after any eval
-    split) on ``processes`` processes: as given when set; else 1, or when ``min_steps`` asks
+    split) on ``processes`` processes: as given when set, unset beside ``max_steps``; else 1,
+    or when ``min_steps`` asks
     for more optimizer steps than one epoch takes (``max_steps`` unset, no ``packing``), the
     fewest whole epochs that take them, at most :data:`MAX_AUTO_EPOCHS`. Call after
     :func:`with_defaults`.
@@ -338,8 +339,8 @@ def with_data_defaults(options: TrainOptions, train_rows: int, processes: int = 
     other tasks at 97.5-100 → 100 (docs/defaults.md)."""
     import math
 
-    if options.epochs is not None:
-        return options
+    if options.epochs is not None or options.max_steps > 0:  # max_steps sets the length:
+        return options  # an epochs beside it would do nothing (and stages would refuse it)
     epochs = 1.0
     if options.max_steps <= 0 and options.min_steps and not options.packing:
         per_epoch = math.ceil(max(train_rows, 1) / (options.batch_size * options.grad_accum
