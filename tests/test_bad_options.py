@@ -465,6 +465,57 @@ def test_eval_refuses_a_general_file_without_text_rows(adapterkit_cli, adapterki
     refused(result, "has no text rows for a general-text check")
 
 
+def test_eval_refuses_what_would_do_nothing_or_fail_on_its_rows(adapterkit_cli, adapterkit_data,
+                                                                library, peft_adapter,
+                                                                tiny_base, tmp_path):
+    """--scorer/--max-new-tokens on rows without answers were ignored; messages rows with
+    --no-chat, or on a base without a chat template, ended in a transformers traceback."""
+    library.import_peft(peft_adapter, "pe", base=str(tiny_base))
+    for shape in ("text", "messages"):
+        result = adapterkit_cli("eval", "pe", "--data", adapterkit_data[shape],
+                                "--scorer", "normalized_match", "--max-new-tokens", "7")
+        refused(result, "--scorer and --max-new-tokens score generated answers",
+                f"{shape} rows")
+    result = adapterkit_cli("eval", "pe", "--data", adapterkit_data["messages"], "--no-chat")
+    refused(result, "--no-chat: messages rows are chat turns")
+    plain = tmp_path / "plain-base"
+    shutil.copytree(tiny_base, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for template in plain.glob("chat_template.*"):
+        template.unlink()
+    result = adapterkit_cli("eval", "pe", "--base", str(plain), "--data",
+                            adapterkit_data["messages"])
+    refused(result, "has no chat template, and messages rows are chat turns", alone=False)
+
+
+def test_a_stack_with_a_4bit_trained_member_loads_its_base_in_4_bits_on_every_path(
+        adapterkit_cli, adapterkit_data, library, peft_adapter, tiny_base, monkeypatch):
+    """``eval q`` loaded the base in 4 bits, ``eval qs`` (a saved stack of q) in float32:
+    the stack's figures, and its "plain base" ones, came from another model than q's."""
+    import adapterkit.base.load as load
+    from adapterkit.errors import BaseNotFound
+    from adapterkit.lora.combine import stack
+
+    library.import_peft(peft_adapter, "q", base=str(tiny_base))
+    library.import_peft(peft_adapter, "b", base=str(tiny_base))
+    library.update_meta("q", lambda meta: setattr(meta, "method", "qlora"))
+    stack(library, ["q", "b"], [1.0, 0.5], name="qs")
+    asked = []
+
+    def stop(spec, *, quantization=None, **kwargs):
+        asked.append(quantization)
+        raise BaseNotFound("stopped here by the test")
+
+    monkeypatch.setattr(load, "load_base", stop)
+    for args in (("eval", "qs", "--data", adapterkit_data["text"]),
+                 ("generate", "hi", "--adapter", "qs"),
+                 ("eval", "b", "--data", adapterkit_data["text"])):
+        refused(adapterkit_cli(*args), "stopped here by the test", alone=False)
+    assert asked == ["4bit", "4bit", None]
+
+
 def test_search_refuses_a_versioned_name_before_any_trial(train_args, adapterkit_cli, home):
     args = [a if a != "x" else "x@2" for a in train_args]
     result = adapterkit_cli(*args, "--search", "lr", "--trials", "1")

@@ -90,3 +90,57 @@ def test_verify_keeps_an_imported_card_and_replaces_only_its_own_section(tmp_pat
     assert card.startswith("# My adapter\n\nWritten by its author.")
     assert card.count("<!-- adapterkit:verification -->") == 1
     assert "exact on the 4 path(s)" in card
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_a_tolerance_that_bounds_nothing_is_refused_before_any_work(value, tmp_path,
+                                                                    tiny_base, home):
+    """``--tolerance nan`` failed every comparison and recorded DRIFT in the metadata and
+    card; ``export --merged --tolerance nan`` merged and wrote the whole model first."""
+    folder = make_peft_adapter(tiny_base, tmp_path / "a")
+    _run(home, "import", str(folder), "--name", "a", "--base", str(tiny_base))
+    for args in (("verify", "a"), ("export", "a", str(tmp_path / "out"), "--merged")):
+        result = _run(home, *args, "--tolerance", value)
+        assert result.exit_code == 1 and "--tolerance must be a finite number ≥ 0" in \
+            result.output and "Loading base" not in result.output, result.output
+    assert "verification" not in json.loads(next(home.rglob("adapterkit.json")).read_text()) \
+        or not json.loads(next(home.rglob("adapterkit.json")).read_text())["verification"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_prints_its_figures_when_they_cannot_be_recorded(tmp_path, tiny_base, home,
+                                                                monkeypatch):
+    """A read-only home: the comparisons ran, then only "nothing was saved" was shown."""
+    import errno
+
+    from adapterkit.library.store import Library
+
+    folder = make_peft_adapter(tiny_base, tmp_path / "a")
+    _run(home, "import", str(folder), "--name", "a", "--base", str(tiny_base))
+
+    def read_only(self, ref, change):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.root))
+
+    monkeypatch.setattr(Library, "update_meta", read_only)
+    result = _run(home, "verify", "a")
+    assert result.exit_code == 1
+    assert "session swap" in result.output and "max |logit diff| vs PEFT" in result.output
+    assert "Not recorded in a@1's metadata and card: the file system is read-only" \
+        in result.output
+
+
+def test_verify_records_the_precision_it_checked_a_4bit_trained_book_on(tmp_path, tiny_base,
+                                                                        home):
+    """The card said "exact" for a qlora book checked on the float32 base, without a word."""
+    from adapterkit.library.store import Library
+
+    folder = make_peft_adapter(tiny_base, tmp_path / "a")
+    _run(home, "import", str(folder), "--name", "a", "--base", str(tiny_base))
+    Library(home).update_meta("a", lambda meta: setattr(meta, "method", "qlora"))
+    cli = build_cli(get_plugin_manager(env=False))  # with the built-in qlora method
+    result = CliRunner().invoke(cli, ["--home", str(home), "verify", "a", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["checked_on"] == "float32 base (trained on a 4bit one)"
+    card = next(home.rglob("README.md")).read_text()
+    assert "on the float32 base (trained on a 4bit one)" in card

@@ -339,14 +339,24 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
     --flatten, export --merged — and prints each path's largest logit
     difference, or why that path refuses the pocket book. Exit 1 if any path
     drifts beyond --tolerance. The result is recorded in the pocket book's
-    metadata and model card.
+    metadata and model card (printed first: exit 1, saying why, if it cannot
+    be recorded). The base is loaded in full precision, also for a pocket book
+    trained on a 4-bit one (the record says so).
     """
-    from adapterkit.cli.common import echo_json, library
-    from adapterkit.runtime.verify import verify
+    from adapterkit.cli.common import echo_json, library, machine_error
+    from adapterkit.errors import AdapterkitError
+    from adapterkit.runtime.verify import record_verification, verify
 
-    result = verify(library(ctx), ref, tolerance=tolerance, progress=say)
+    lib = library(ctx)
+    result = verify(lib, ref, tolerance=tolerance, progress=say, record=False)
+    try:  # (the figures are shown even when they cannot be recorded)
+        record_verification(lib, result)
+        not_recorded = None
+    except (AdapterkitError, OSError) as exc:
+        not_recorded = str(exc) if isinstance(exc, AdapterkitError) \
+            else machine_error(exc) or f"{type(exc).__name__}: {exc}"
     if as_json:
-        echo_json({"ref": result.ref, **result.as_dict()})
+        echo_json({"ref": result.ref, **result.as_dict(), "recorded": not_recorded is None})
     else:
         for r in result.results:
             if r.refused is not None:
@@ -355,7 +365,9 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
                 mark = "ok" if r.ok(tolerance) else "DRIFT"
                 click.echo(f"  {r.path:<16} max |logit diff| vs PEFT {r.max_logit_diff:.2e}  {mark}")
         click.echo(f"{result.ref}: {result.verdict()}")
-    if not result.ok:
+    if not_recorded is not None:
+        say(f"Not recorded in {result.ref}'s metadata and card: {not_recorded}")
+    if not result.ok or not_recorded is not None:
         ctx.exit(1)
 
 

@@ -470,13 +470,12 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
     from adapterkit.base.load import load_base
     from adapterkit.base.resolve import base_spec_for
     from adapterkit.library.store import Library
-    from adapterkit.runtime.peft_model import peft_model
+    from adapterkit.runtime.peft_model import members_of, peft_model, quantization_of
 
     state = obj(ctx)
     library = Library(state["home"])
     book = library.get(ref)
-    method = state["plugins"].methods.entries.get(book.meta.method)
-    quantization = method.item.quantization if method else None
+    quantization = quantization_of([m for m, _ in members_of(library, book)], state["plugins"])
     base_name = base or base_spec_for(book.meta.base, state["home"])
     say(f"Loading base {base_name}...")
     loaded = load_base(base_name, quantization=quantization, home=state["home"], progress=say)
@@ -552,6 +551,17 @@ def eval_cmd(ctx: click.Context, ref: str, data: str | None, general: str | None
                         skip_bad_rows=skip_bad_rows)
     if dataset.skipped:
         say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows)")
+    from click.core import ParameterSource
+
+    answers = [f"--{n.replace('_', '-')}" for n in ("scorer", "max_new_tokens")
+               if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if answers and dataset.shape != "prompt_completion":  # they would do nothing
+        raise ConfigError(f"{' and '.join(answers)} score generated answers, which only "
+                          f"prompt/completion rows have ({dataset.source} holds "
+                          f"{dataset.shape} rows): leave them out")
+    if dataset.shape == "messages" and chat is False:
+        raise ConfigError("--no-chat: messages rows are chat turns, read through the base's "
+                          "chat template; leave --no-chat out (or give prompt/completion rows)")
     general_texts = None
     if general:  # as train reads it: a file without text rows is refused, not skipped
         from adapterkit.training.build import general_texts as read_general
@@ -559,6 +569,9 @@ def eval_cmd(ctx: click.Context, ref: str, data: str | None, general: str | None
         general_texts = read_general(general)
     book, loaded, model = _load_for_book(ctx, ref, base, exact=True)
     use_chat = uses_chat(loaded.tokenizer, chat)
+    if dataset.shape == "messages" and not use_chat:
+        raise ConfigError(f"base {loaded.name} has no chat template, and messages rows are "
+                          "chat turns: evaluate prompt/completion or text rows on it")
     report: dict[str, Any] = {"pocket_book": book.ref, "data": dataset.describe()}
     report["task"] = task_loss(model, loaded.tokenizer, dataset.rows, chat=use_chat)
     with model.disable_adapter():
@@ -659,17 +672,15 @@ def _load_target(ctx: click.Context, ref: str, base: str | None) -> tuple[Any, A
         return book, loaded, model, book.ref
     from adapterkit.base.load import load_base
     from adapterkit.base.resolve import base_spec_for
-    from adapterkit.runtime.peft_model import peft_model
+    from adapterkit.runtime.peft_model import members_of, peft_model, quantization_of
     from adapterkit.serving.names import parse, resolve
 
     state = obj(ctx)
     lib = library(ctx)
     named = [lib.get(name) for name, _ in parse(ref)]  # unknown ones: before the base loads
-    entries = state["plugins"].methods.entries
     # a 4-bit member (qlora) needs the base in 4 bits, as it was trained
-    quantization = next((entries[b.meta.method].item.quantization for b in named
-                         if b.meta.method in entries
-                         and entries[b.meta.method].item.quantization), None)
+    quantization = quantization_of(
+        [m for b in named for m, _ in members_of(lib, b)], state["plugins"])
     base_name = base or base_spec_for(named[0].meta.base, state["home"])
     say(f"Loading base {base_name}...")
     loaded = load_base(base_name, quantization=quantization, home=state["home"], progress=say)

@@ -266,8 +266,9 @@ def _verification_lines(v: dict[str, Any]) -> list[str]:
         verdict = "not verified: every adapterkit path refuses it; PEFT itself applies it"
     else:
         verdict = f"exact on the {v['compared']} path(s) that accept it"
+    on = f"; on the {v['checked_on']}" if v.get("checked_on") else ""
     lines = [f"- **checked against plain PEFT** ({versions}; tolerance "
-             f"{_fmt(v['tolerance'])}): {verdict}"]
+             f"{_fmt(v['tolerance'])}{on}): {verdict}"]
     for path, cell in v.get("paths", {}).items():
         lines.append(f"  - {path}: " + (f"refused ({cell['refused']})" if "refused" in cell
                                         else f"max logit difference {cell['max_logit_diff']:.1e}"))

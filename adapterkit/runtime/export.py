@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.base.fingerprints import weight_files
-from adapterkit.errors import AdapterkitError, NameTaken
+from adapterkit.errors import AdapterkitError, ConfigError, NameTaken
 from adapterkit.files import new_folder
 from adapterkit.memory import release_memory
 
@@ -51,6 +51,17 @@ class ExportReport:
     shards: int
 
 
+def check_tolerance(tolerance: Any) -> None:
+    """Refuse a tolerance that cannot bound a logit difference (NaN, negative, infinite):
+    with NaN every comparison fails and a pocket book is recorded as drifting."""
+    import math
+
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) \
+            or not math.isfinite(tolerance) or tolerance < 0:
+        raise ConfigError(f"--tolerance must be a finite number ≥ 0 (the largest logit "
+                          f"difference accepted), got {tolerance!r}")
+
+
 def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
                   tolerance: float = 1e-2, plugins: Any = None,
                   progress: Callable[[str], None] | None = None) -> ExportReport:
@@ -62,8 +73,9 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
     from adapterkit.library.integrity import check_book, recorded_structure
     from adapterkit.lora.combine import stored_base
     from adapterkit.plugin_api.manager import default_plugin_manager
-    from adapterkit.runtime.peft_model import members_of, peft_model
+    from adapterkit.runtime.peft_model import members_of, peft_model, quantization_of
 
+    check_tolerance(tolerance)
     say = progress or (lambda m: None)
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):  # fail before the work
@@ -76,9 +88,7 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
     # refuses what a plain ΔW cannot express, before any loading
     deltas = merged_deltas(members, base_weights=stored_base(library, book))
     pm = plugins or default_plugin_manager()
-    methods = {item.meta.method for item, _ in members}
-    quant = next((pm.methods.entries[m].item.quantization for m in methods
-                  if m in pm.methods.entries and pm.methods.entries[m].item.quantization), None)
+    quant = quantization_of([item for item, _ in members], pm)
     spec = base_spec_for(book.meta.base, library.home)
     say(f"Loading base {spec}" + (f" ({quant}, as the pocket book was trained)" if quant else "")
         + "...")

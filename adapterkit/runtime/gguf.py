@@ -357,10 +357,11 @@ def export_gguf_merged(library: Library, ref: str, dest: str | os.PathLike[str],
     """Fold ``ref`` into its base (``export --merged``, checked against plain PEFT) and convert
     the result with llama.cpp's ``convert_hf_to_gguf.py`` into one GGUF in the new folder
     ``dest`` — tokenizer and chat template included — quantized as asked."""
-    from adapterkit.runtime.export import export_merged
+    from adapterkit.runtime.export import check_tolerance, export_merged
 
     say = progress or (lambda m: None)
     dest = Path(dest)
+    check_tolerance(tolerance)
     _check_dest(dest)
     quant = check_quantize(quantize)
     converter = find_converter()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterkit.base.compat import check_base
 from adapterkit.errors import InvalidAdapter
@@ -20,6 +21,9 @@ from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import is_bias, refuse_inexact, saved_names
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.plugin_api.manager import PluginManager
 
 
 def members_of(library: Library, book: PocketBook) -> list[tuple[PocketBook, float]]:
@@ -34,6 +38,18 @@ def members_of(library: Library, book: PocketBook) -> list[tuple[PocketBook, flo
     from adapterkit.lora.underlay import with_underlays
 
     return with_underlays(library, explicit)
+
+
+def quantization_of(books: Iterable[PocketBook], plugins: PluginManager) -> str | None:
+    """The quantization the base needs to load ``books`` as they were trained (``"4bit"`` if
+    any was trained on a 4-bit base, as ``qlora``), else ``None``: one rule for every path
+    that loads a pocket book, its underlays or a stack's members (the caller lists them,
+    e.g. with :func:`members_of`), so a stack of a qlora book is not evaluated in float32
+    while the book alone is evaluated in 4 bits."""
+    entries = plugins.methods.entries
+    return next((entries[b.meta.method].item.quantization for b in books
+                 if b.meta.method in entries and entries[b.meta.method].item.quantization),
+                None)
 
 
 def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",

@@ -44,6 +44,8 @@ class Verification:
     tolerance: float
     results: list[PathResult] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    #: The base the paths were compared on (always full precision: see :func:`verify`).
+    checked_on: str = "float32 base"
 
     @property
     def ok(self) -> bool:
@@ -61,11 +63,11 @@ class Verification:
         if not self.compared:
             return ("not verified: every adapterkit path refuses it (reasons above); "
                     "`adapterkit eval`/`generate` use it through PEFT")
-        return f"exact on the {self.compared} path(s) that accept it"
+        return f"exact on the {self.compared} path(s) that accept it, on the {self.checked_on}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"tolerance": self.tolerance, "ok": self.ok, "compared": self.compared,
-                "versions": self.versions,
+                "versions": self.versions, "checked_on": self.checked_on,
                 "paths": {r.path: ({"refused": r.refused} if r.refused is not None
                                    else {"max_logit_diff": r.max_logit_diff})
                           for r in self.results}}
@@ -83,16 +85,24 @@ def verify(library: Library, ref: str, *, tolerance: float = 1e-3, record: bool 
     from adapterkit.base.load import load_base
     from adapterkit.base.resolve import base_spec_for
     from adapterkit.library.integrity import check_book
-    from adapterkit.runtime.peft_model import members_of, peft_model
+    from adapterkit.plugin_api.manager import default_plugin_manager
+    from adapterkit.runtime.export import check_tolerance
+    from adapterkit.runtime.peft_model import members_of, peft_model, quantization_of
 
+    check_tolerance(tolerance)
     say = progress or (lambda m: None)
     book = library.get(ref)
     members = members_of(library, book)
     for item, _ in members:  # before the base loads; with its structure once it has
         check_book(item)
-    if any(item.meta.method != "lora" for item, _ in members):
+    checked_on = "float32 base"
+    quant = quantization_of([item for item, _ in members],
+                            library.plugins or default_plugin_manager())
+    if quant:
         # a quantized base rounds differently in each path's kernels: compare like with like
-        say("Note: checked on the full-precision base; 4-bit kernels add their own rounding")
+        checked_on = f"float32 base (trained on a {quant} one)"
+        say(f"Note: checked on the full-precision base; the pocket book was trained on a "
+            f"{quant} one, whose kernels add their own rounding")
     spec = base_spec_for(book.meta.base, library.home)
     say(f"Loading base {spec}...")
     base = load_base(spec, home=library.home, dtype=torch.float32)
@@ -107,7 +117,7 @@ def verify(library: Library, ref: str, *, tolerance: float = 1e-3, record: bool 
     reference_model = peft_model(base, book, weights=members)
     reference = logits(reference_model)
     reference_model.unload()
-    result = Verification(book.ref, tolerance, versions=_versions())
+    result = Verification(book.ref, tolerance, versions=_versions(), checked_on=checked_on)
     for name, run in _paths(library, base, book, members).items():
         say(f"{name}...")
         try:
@@ -118,11 +128,12 @@ def verify(library: Library, ref: str, *, tolerance: float = 1e-3, record: bool 
         diff = float((out - reference).abs()[mask].max())
         result.results.append(PathResult(name, max_logit_diff=diff))
     if record:
-        _record(library, result)
+        record_verification(library, result)
     return result
 
 
-def _record(library: Library, result: Verification) -> None:
+def record_verification(library: Library, result: Verification) -> None:
+    """Write ``result`` into its pocket book's metadata and card."""
     from adapterkit.library.card import refresh_card
 
     def change(meta: Any) -> None:
