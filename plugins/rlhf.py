@@ -132,7 +132,9 @@ class RLHF(Trainer):
             library.reserve(stage_name)  # (a check: it writes nothing)
         except NameTaken:
             raise ConfigError(f"{stage_name} already exists: pass --reward {stage_name} to "
-                              "optimise against it, or pick another --name") from None
+                              "optimise against it (with --resume, to go on with a run of "
+                              f"{name.split('@')[0]} interrupted after it was saved), or pick "
+                              "another --name") from None
 
     def train(self, *, job: Any, **_: Any) -> Any:
         from dataclasses import replace

@@ -407,3 +407,70 @@ def test_resume_refuses_to_continue_a_stage_whose_definition_changed(data, tiny_
                           plugins=pm, resume=True)  # as it was: it goes on
     assert result.stages[-1].pocket_book.ref == "polite@1"
     assert not list((home / "runs").glob(".*.stage.json"))  # gone with the finished stages
+
+
+# -- what the pipeline accepts does something, and what it prints is what happened -------------
+
+def test_a_from_stage_refuses_lora_shape_keys_it_would_ignore(tmp_path, data, tiny_base, home,
+                                                             adapterkit_cli):
+    """A `from:` stage's own r/alpha/dropout/target_modules were overwritten by the copy's
+    shape without a word (`train --from` refuses the flags); so were a --config recipe's."""
+    recipe = two_stages(tiny_base)  # its recipe-wide r and alpha serve the other stages
+    recipe["stages"].append({"name": "copy", "trainer": "sft", "data": "prompt_completion.jsonl",
+                             "from": "instruct", "r": 8, "target-modules": "q_proj"})
+    with pytest.raises(ConfigError, match="from: instruct continues a copy of that pocket book, "
+                                          "with its rank, alpha, dropout and target modules: "
+                                          "drop r, target_modules from this stage"):
+        load_recipe(write_recipe(tmp_path, recipe), home=home,
+                    plugins=get_plugin_manager(env=False))
+    config = write_recipe(tmp_path, {"r": 8, "max_steps": 2}, name="train.yaml")
+    result = adapterkit_cli("train", "sft", "--base", tiny_base, "--data",
+                            data["prompt_completion"], "--name", "c", "--from", "someone",
+                            "--config", config)
+    assert result.exit_code == 1 and f"drop r (in {config})" in result.output, result.output
+
+
+def test_a_stage_on_a_library_book_is_fingerprinted_by_its_weights(tmp_path, data, tiny_base,
+                                                                  home):
+    """`rm law` then `import ... --name law` gives law@1 again, other weights: a --resume must
+    not take the stage trained on the old law@1 as finished."""
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    library = Library(home)
+    library.import_peft(make_peft_adapter(tiny_base, tmp_path / "a", seed=1), "law",
+                        base=str(tiny_base))
+    recipe = write_recipe(tmp_path, {"base": str(tiny_base), **FAST, "stages": [
+        {"name": "on-law", "trainer": "sft", "data": "prompt_completion.jsonl", "on": "law"}]})
+    pm = get_plugin_manager(env=False)
+    first = load_recipe(recipe, home=home, plugins=pm).stages[0].fingerprint
+    assert load_recipe(recipe, home=home, plugins=pm).stages[0].fingerprint == first
+    library.remove("law")
+    library.import_peft(make_peft_adapter(tiny_base, tmp_path / "b", seed=2), "law",
+                        base=str(tiny_base))
+    assert library.get("law").version == 1
+    assert load_recipe(recipe, home=home, plugins=pm).stages[0].fingerprint != first
+
+
+def test_stage_lines_say_why_no_forgetting_figure_and_a_rerun_that_trains_nothing_says_so(
+        tmp_path, data, tiny_base, home, adapterkit_cli):
+    from types import SimpleNamespace
+
+    from adapterkit.training.pipeline import stage_line
+
+    def line(trainer, general):
+        stage = SimpleNamespace(index=1, trainer=trainer, options=SimpleNamespace(general=general))
+        return stage_line(SimpleNamespace(stage=stage, pocket_book=SimpleNamespace(ref="x@1"),
+                                          metrics={"steps": 2}, skipped=False), 1)
+
+    assert line("reward", None).endswith("forgetting not measured (a reward head scores text)")
+    assert line("sft", "off").endswith("forgetting not measured (general: off)")
+    assert line("dpo", None).endswith("forgetting not measured (no general:)")
+    recipe = write_recipe(tmp_path, {"base": str(tiny_base), **FAST, "stages": [
+        {"name": "once", "trainer": "sft", "data": "prompt_completion.jsonl",
+         "general": "off"}]})
+    first = adapterkit_cli("pipeline", recipe)
+    assert first.exit_code == 0 and "Saved once@1" in first.output, first.output
+    again = adapterkit_cli("pipeline", recipe, "--resume")
+    assert again.exit_code == 0, again.output
+    assert "Nothing trained: every stage was finished by an earlier run" in again.output
+    assert "Saved once@1" not in again.output

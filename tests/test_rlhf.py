@@ -276,3 +276,55 @@ def test_min_steps_acts_on_the_policy_and_the_reward_stage_takes_its_epochs(tiny
     assert result.metrics["steps"] >= 3
     reward = Library(home).get("least-reward")
     assert reward.meta.hyperparameters["epochs"] == 2.0 and reward.meta.metrics["steps"] == 4
+
+
+@pytest.mark.slow
+def test_an_rlhf_run_interrupted_in_its_reward_stage_resumes_or_restarts(rlhf_run, tiny_base):
+    """Killed while training its reward pocket book (before the policy's first checkpoint),
+    `--resume` said there was nothing to resume and `--restart` tripped over the stage's own
+    checkpoint: only deleting runs/NAME-reward by hand went on. Now the run's --resume
+    continues the stage from its checkpoint, --restart discards it, and a plain rerun says so
+    before the base loads."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerCallback
+
+    from adapterkit.training.recipe import interrupted
+
+    home, data, pm, _, _ = rlhf_run
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise RuntimeError("simulated crash in the reward stage")
+
+    class Steps(TrainerCallback):
+        def __init__(self):
+            self.seen: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append(state.global_step)
+
+    options = TrainOptions(**{**RL, "max_steps": 2, "save_steps": 1},
+                           trainer_options={"reward_steps": 2, "max_new_tokens": 4})
+
+    def rlhf(name, **kw):
+        return train("rlhf", base=str(tiny_base), data=str(data), name=name, home=home,
+                     plugins=pm, options=options, **kw)
+
+    for name, flag in (("resumed", "resume"), ("restarted", "restart")):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            rlhf(name, callbacks=[Crash()])
+        assert (home / "runs" / f"{name}-reward" / "checkpoint-1").is_dir()
+        # a pipeline's --resume sees it too (it resumes the stage that holds this run)
+        assert interrupted(Library(home), SimpleNamespace(name=name)) == \
+            f"its stage {name}-reward"
+        with pytest.raises(ConfigError, match=f"an interrupted run of {name}-reward \\(a stage "
+                                              f"of {name}\\) exists; pass --resume"):
+            rlhf(name)
+        steps = Steps()
+        result = rlhf(name, callbacks=[steps], **{flag: True})
+        assert result.metrics["reward_book"] == f"{name}-reward@1"
+        # the stage's steps, then the policy's: the stage went on from step 1, or started over
+        stage_steps = steps.seen[:steps.seen.index(2) + 1]
+        assert stage_steps == ([2] if flag == "resume" else [1, 2]), steps.seen
+        assert {b.name for b in Library(home).list()} >= {name, f"{name}-reward"}

@@ -121,8 +121,13 @@ def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, as_json: bool,
         return
     for r in result.stages:
         click.echo(stage_line(r, total))
-    click.echo(f"Saved {result.pocket_book.ref}; its card shows the lineage: "
-               f"{result.pocket_book.path / 'README.md'}")
+    if all(r.skipped for r in result.stages):
+        click.echo(f"Nothing trained: every stage was finished by an earlier run; "
+                   f"{result.pocket_book.ref}'s card shows the lineage: "
+                   f"{result.pocket_book.path / 'README.md'}")
+    else:
+        click.echo(f"Saved {result.pocket_book.ref}; its card shows the lineage: "
+                   f"{result.pocket_book.path / 'README.md'}")
 
 
 def _preflight(state: dict[str, Any], recipe: str, resume: bool) -> None:

@@ -351,9 +351,19 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
              rendezvous_timeout=rendezvous_timeout), recipe=recipe)
     flags["report_to"] = ",".join(flags.get("report_to") or ()) or None  # none: the recipe's
     overrides = {_OPTION_FLAGS[k]: v for k, v in flags.items() if k in _OPTION_FLAGS}
+    in_recipe: dict[str, Any] = {}
+    if start_from and recipe:
+        from pathlib import Path
+
+        from adapterkit.training.options import read_recipe_values
+
+        in_recipe = {str(k).replace("-", "_"): v
+                     for k, v in read_recipe_values(Path(recipe)).items()}
     shape = [flag for flag, key in (("-r", "r"), ("--alpha", "alpha"), ("--dropout", "dropout"),
                                     ("--target-modules", "target_modules"))
-             if overrides.get(key) is not None]
+             if overrides.get(key) is not None] + [
+        f"{key} (in {recipe})" for key in ("r", "alpha", "dropout", "target_modules")
+        if overrides.get(key) is None and in_recipe.get(key) is not None]
     if start_from and shape:  # the copy keeps its LoRA shape: the flags would do nothing
         raise ConfigError(f"--from {start_from} continues a copy of that pocket book, with its "
                           f"rank, alpha, dropout and target modules: drop {', '.join(shape)}")

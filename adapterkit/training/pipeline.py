@@ -33,6 +33,7 @@ from adapterkit.training.build import check_lengths, load_for_method, split_eval
 from adapterkit.training.data import as_chat
 from adapterkit.training.job import TrainResult
 from adapterkit.training.metrics import base_loss_note
+from adapterkit.training.options import GENERAL_OFF
 from adapterkit.training.recipe import (
     Recipe,
     Stage,
@@ -279,6 +280,10 @@ def stage_line(result: StageResult, total: int) -> str:
                  f"{f['general_loss_base']:.4f} → {f['general_loss']:.4f}"
                  + (f", relative to {f['relative_to']})" if f.get("relative_to") else ")")
                  + base_loss_note(f))
-    else:
-        line += ", forgetting not measured (no general:)"
+    else:  # why, as the stage was defined
+        general = result.stage.options.general if result.stage.options else None
+        reason = "a reward head scores text" if result.stage.trainer == "reward" else \
+            "general: off" if isinstance(general, str) and general.lower() == GENERAL_OFF else \
+            "no general:"
+        line += f", forgetting not measured ({reason})"
     return line + (" — finished by an earlier run" if result.skipped else "")

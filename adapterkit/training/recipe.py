@@ -29,7 +29,7 @@ from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import general_texts, refuse_what_cannot_act
 from adapterkit.training.data import Data, load_data, read_rows
 from adapterkit.training.options import GENERAL_OFF, TrainOptions, build_options, with_defaults
-from adapterkit.training.run import run_dir
+from adapterkit.training.run import interrupted_stages, run_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
@@ -171,7 +171,7 @@ def load_recipe(path: str | os.PathLike[str], *, home: str | os.PathLike[str] | 
               for index, item in enumerate(items, 1)]
     _link(stages, library, problems)
     if not problems:  # a fingerprint needs every part of the definition, checked
-        _fingerprint(stages, base)
+        _fingerprint(stages, base, library)
     _check_names(stages, library, resume=resume, problems=problems)
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
@@ -303,6 +303,15 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
             raise ConfigError("max_steps sets the stage's length, and the trainer ignores "
                               "epochs beside it: give one (epochs: null in the stage, where "
                               "the recipe's defaults give epochs)")
+        # a copy keeps the LoRA shape of what it copies (as train --from refuses the flags);
+        # the recipe's own defaults may still give them to its other stages
+        given = {str(k).replace("-", "_") for k in item}
+        shape = [k for k in ("r", "alpha", "dropout", "target_modules")
+                 if item.get("from") is not None and k in given]
+        if shape:
+            raise ConfigError(f"from: {item['from']} continues a copy of that pocket book, with "
+                              f"its rank, alpha, dropout and target modules: drop "
+                              f"{', '.join(shape)} from this stage")
     except (ConfigError, PluginError) as exc:
         problems.append(f"{where}: {exc}")
         return trainer, None
@@ -403,13 +412,21 @@ def _order_problems(stages: list[Stage], edges: dict[int, int],
     return out
 
 
-def _fingerprint(stages: list[Stage], base: str) -> None:
+def _fingerprint(stages: list[Stage], base: str, library: Library) -> None:
     """Each stage's definition as one hash: what made a pocket book, so resume skips it only
-    when nothing that shapes it changed (data by contents, parents by their own fingerprint)."""
+    when nothing that shapes it changed (data by contents, parents by their own fingerprint,
+    a library pocket book it starts from by its weights: ``law@1`` removed and imported again
+    is another parent under the same name)."""
+    from adapterkit.library.metadata import WEIGHTS_FILE
+
     for stage in stages:
         parent = stages[stage.parent - 1].fingerprint if stage.parent else None
         assert stage.dataset is not None
+        outside = None if parent else stage.on or stage.start_from  # a library pocket book
+        weights = {"parent_weights": library.get(outside).meta.files.get(WEIGHTS_FILE)} \
+            if outside else {}
         stage.fingerprint = _digest({
+            **weights,
             "base": base, "trainer": stage.trainer, "data": stage.dataset.sha256,
             "options": {k: v for k, v in stage.options.as_dict().items()
                         if k not in _PATH_OPTIONS + _NOT_SHAPING},
@@ -440,13 +457,18 @@ def stage_marker(library: Library, stage: Stage) -> Path:
 
 
 def interrupted(library: Library, stage: Stage) -> str | None:
+    """Where an interrupted run of ``stage`` stopped: its last checkpoint, or a stage of its
+    own (rlhf's reward pocket book) interrupted before the run's first checkpoint."""
     workdir = run_dir(library, str(parse_ref(stage.name)))
     if not workdir.is_dir():
         return None
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(workdir))
-    return Path(last).name if last else None
+    if last:
+        return Path(last).name
+    inner = interrupted_stages(workdir, library)
+    return f"its stage {inner[0]}" if inner else None
 
 
 def _check_names(stages: list[Stage], library: Library, *, resume: bool,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import ConfigError, LaunchError, RunStateError
+from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import WEIGHTS_FILE, PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import (
@@ -65,6 +66,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def run_dir(library: Library, name: str) -> Path:
     return library.home / "runs" / name
+
+
+#: In a run's folder: the stages it started (:meth:`TrainJob.train_stage`), so that ``--resume``
+#: and ``--restart`` of the run reach a stage interrupted before the run's own first checkpoint.
+STAGES_FILE = "stages.json"
+
+
+def interrupted_stages(workdir: Path, library: Library) -> list[str]:
+    """This run's stages that hold a checkpoint of an interrupted run."""
+    return [n for n in _started_stages(workdir) if _has_checkpoint(run_dir(library, n))]
 
 
 def train(trainer: str, *, base: str | Base, data: str, name: str,
@@ -260,8 +271,14 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     parent = parent_of(library, on, start_from)
     if start_from and parent is not None:  # the copy keeps its LoRA shape
         options = options_of(parent, options)
-    resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref)) \
-        if checkpoint else None
+    stages = interrupted_stages(workdir, library) if checkpoint and not restart else []
+    if stages and not resume:  # (before the base loads; the stage would refuse after it)
+        raise RunStateError(f"an interrupted run of {', '.join(stages)} (a stage of {ref}) "
+                            "exists; pass --resume to continue it or --restart to discard it")
+    # interrupted in a stage, before this run's own first checkpoint: the stage resumes
+    resume_from = None if stages and not _has_checkpoint(workdir) else \
+        _checkpoint(workdir, resume=resume, restart=restart, name=str(ref)) if checkpoint \
+        else None
     if resume_from and not epochs_given and options.max_steps <= 0:  # the epochs it set out
         # for, whatever this resume's processes or split would resolve: the schedule goes on
         # as it started (whole epochs, as min_steps resolves them and transformers records)
@@ -332,9 +349,15 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
             general=None if getattr(other, "head", "causal-lm") == "reward"
             else GENERAL_OFF if c.general_off else job.options.general,
             packing=job.options.packing and bool(getattr(other, "packs", False)))
+        # recorded first, so that --resume / --restart of this run reach the stage's own run
+        workdir.mkdir(parents=True, exist_ok=True)
+        started = _started_stages(workdir)
+        atomic_write_text(workdir / STAGES_FILE, json.dumps(sorted({*started, name})))
+        stage_dir = run_dir(library, name)
         result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
                        options=stage_options, home=library.home, plugins=pm,
-                       callbacks=callbacks, progress=say)
+                       callbacks=callbacks, progress=say, restart=restart,
+                       resume=resume and _has_checkpoint(stage_dir))
         stages_saved.append(result.pocket_book.ref)
         result.model.unload()  # the shared base gets its plain layers back
         result.model = None
@@ -738,6 +761,20 @@ def _epochs_of(checkpoint: str) -> float | None:
         return float(state["num_train_epochs"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _started_stages(workdir: Path) -> list[str]:
+    try:
+        names = json.loads((workdir / STAGES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _has_checkpoint(workdir: Path) -> bool:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return workdir.is_dir() and get_last_checkpoint(str(workdir)) is not None
 
 
 def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str | None:
