@@ -516,13 +516,6 @@ def test_a_stack_with_a_4bit_trained_member_loads_its_base_in_4_bits_on_every_pa
     assert asked == ["4bit", "4bit", None]
 
 
-def test_search_refuses_a_versioned_name_before_any_trial(train_args, adapterkit_cli, home):
-    args = [a if a != "x" else "x@2" for a in train_args]
-    result = adapterkit_cli(*args, "--search", "lr", "--trials", "1")
-    refused(result, "give --name without a version, not x@2")
-    assert not (home / "runs" / ".search-x@2").exists()
-
-
 def test_search_refuses_what_the_recipe_sets_and_it_varies(train_args, adapterkit_cli,
                                                            tmp_path):
     recipe = tmp_path / "c.yaml"

@@ -42,8 +42,10 @@ def options(**kw):
 
 def test_the_best_trial_is_kept_under_the_name_and_the_others_discarded(
         tiny_base, home, pairs, pm):
+    # (a seed whose three draws stay within what the tiny base's 32-feature layers take: the
+    # ranks searched go up to 64, and a trial that cannot apply its rank stops the search)
     result = search("sft", base=str(tiny_base), data=str(pairs), name="colours",
-                    space=["lr", "r"], trials=3, options=options(), home=home, plugins=pm)
+                    space=["lr", "r"], trials=3, options=options(seed=2), home=home, plugins=pm)
     library = Library(home)
     assert [s.name for s in library.list(all_versions=True)] == ["colours"]
     table = result.trials
@@ -210,7 +212,7 @@ def test_cli_search_saves_the_best_and_says_so(adapterkit_cli, tiny_base, pairs,
                             "--search", "lr,steps", "--trials", "2",
                             "--batch-size", "4", "--rank", "4", "--precision", "fp32")
     assert result.exit_code == 0, result.output
-    assert "Trial 1/2:" in result.output and "Trials:" in result.output
+    assert "Trial 0 (1/2):" in result.output and "Trials:" in result.output
     assert "Saved cli@1: trial " in result.output
     assert [s.name for s in library.list(all_versions=True)] == ["cli"]
 
@@ -344,7 +346,7 @@ def test_search_with_processes_trains_each_trial_on_two_ranks_as_one_process_wou
                             "--max-length", "64", "--forgetting-budget", "off")
     out, err = capfd.readouterr()
     assert result.exit_code == 0, result.output + out + err
-    assert "Trial 2/2:" in result.output and "Saved wide@1: trial " in result.output
+    assert "Trial 1 (2/2):" in result.output and "Saved wide@1: trial " in result.output
     assert "Saved wide-trial" not in out  # the ranks leave the report to the search
     library = Library(home)
     assert [s.name for s in library.list(all_versions=True)] == ["wide"]
@@ -446,3 +448,206 @@ def test_a_trainer_that_evaluates_nothing_is_refused_before_any_trial(tiny_base,
             search("rlhf", base=str(tiny_base), data=str(pairs), name="bad", home=home,
                    plugins=pm, space=["lr"], trials=2, options=options(), resume=again)
     assert Library(home).list() == [] and not (home / "runs").exists()
+
+
+def test_a_search_saves_the_new_version_the_refusal_of_a_taken_name_suggests(
+        adapterkit_cli, tiny_base, pairs, library):
+    """With x@1 in the library, `--name x --search` suggests --name x@2, and --name x@2
+    saves the kept trial as x@2 (it used to be refused: its trials were named after x@2)."""
+    args = ("--search", "lr", "--trials", "2", "--max-steps", "4", "--batch-size", "4",
+            "--rank", "4", "--alpha", "8", "--precision", "fp32")
+    first = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", pairs, "--name", "x",
+                           "--max-steps", "4", "--batch-size", "4", "--rank", "4",
+                           "--precision", "fp32")
+    assert first.exit_code == 0, first.output
+    before = (library.get("x@1").path / WEIGHTS_FILE).read_bytes()
+    taken = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", pairs, "--name", "x",
+                           *args)
+    assert taken.exit_code != 0 and "--name x@2" in taken.output, taken.output
+    result = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", pairs, "--name",
+                            "x@2", *args)
+    assert result.exit_code == 0, result.output
+    assert "Saved x@2: trial " in result.output
+    assert [(s.name, s.version) for s in library.list(all_versions=True)] == [("x", 1), ("x", 2)]
+    kept = library.get("x@2")
+    assert (kept.meta.name, kept.meta.version) == ("x", 2)
+    assert len(kept.meta.metrics["search"]["trials"]) == 2
+    assert (kept.path / CARD_FILE).read_text().count("x@2") == 0  # the card names x, not x@2
+    assert (library.get("x@1").path / WEIGHTS_FILE).read_bytes() == before  # x@1 untouched
+    runs = library.home / "runs"
+    assert not list(runs.glob("x-trial-*")) and not list(runs.glob(".search-*"))
+
+
+@pytest.mark.parametrize("length,trials", [(93, 2), (92, 11)])
+def test_a_name_too_long_for_its_trials_is_refused_before_the_study_exists(
+        tiny_base, home, pairs, pm, length, trials):
+    """NAME-trial-K must be a pocket-book name (at most 100 characters) for every trial K:
+    a longer one used to fail in the first trial, leaving a study that blocked the next
+    search as an interrupted one."""
+    from adapterkit.errors import InvalidName
+
+    name = "n" * length
+    last = f"{name}-trial-{trials - 1}"
+    assert len(last) == 101
+    with pytest.raises(InvalidName, match=rf"trial {trials - 1} would be {last} \(101 "
+                                          rf"characters; a name has at most 100\): give a "
+                                          rf"NAME of at most {length - 1} characters"):
+        search("sft", base=str(tiny_base), data=str(pairs), name=name, space=["lr"],
+               trials=trials, options=options(), home=home, plugins=pm)
+    assert Library(home).list(all_versions=True) == []
+    assert not (home / "runs").exists() or not list((home / "runs").iterdir())
+
+
+def test_the_kept_trial_has_one_number_everywhere_even_after_a_failed_trial(
+        adapterkit_cli, tiny_base, pairs, library, monkeypatch):
+    """The progress line, the Saved line, the card and the metadata name the kept trial by
+    one number (Optuna's, as in NAME-trial-K); a failed trial makes the numbers run past
+    --trials, and the Saved line never reads "trial 2 of 2" for the second of two."""
+    import re
+
+    from adapterkit.training import search as search_module
+
+    real = search_module._train_trial
+    calls = []
+
+    def first_fails(*args, **kwargs):
+        calls.append(kwargs["name"])
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (made up)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "_train_trial", first_fails)
+    args = ("train", "sft", "--base", tiny_base, "--data", pairs, "--name", "num",
+            "--search", "lr", "--trials", "2", "--max-steps", "4", "--batch-size", "4",
+            "--rank", "4", "--alpha", "8", "--precision", "fp32")
+    failed = adapterkit_cli(*args)
+    assert failed.exit_code != 0
+    result = adapterkit_cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert calls == ["num-trial-0", "num-trial-1", "num-trial-2"]
+    assert "Trial 1 (1/2):" in result.output and "Trial 2 (2/2):" in result.output
+    saved = re.search(r"Saved num@1: trial (\d+), the best of 2 finished trials, held-out "
+                      r"loss ([0-9.]+)", result.output)
+    assert saved, result.output
+    kept = int(saved.group(1))
+    meta = library.get("num").meta
+    assert meta.metrics["search"]["kept"] == kept
+    assert [t["trial"] for t in meta.metrics["search"]["trials"]] == [1, 2]
+    row = next(t for t in meta.metrics["search"]["trials"] if t["trial"] == kept)
+    assert f"{row['eval_loss']:.4f}" == saved.group(2)
+    assert f"Kept trial {kept} of a search" in (library.get("num").path / CARD_FILE).read_text()
+    # the progress line that ran the kept trial carries its number and its loss
+    lines = result.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"Trial {kept} ("))
+    said = next(line for line in lines[at + 1:] if "held-out loss" in line)
+    assert f"held-out loss {row['eval_loss']:.4f}" in said
+
+
+def test_a_dpo_trial_the_guard_rolled_back_is_scored_on_the_weights_it_kept(
+        tiny_base, home, tmp_path, pm, monkeypatch):
+    """dpo's held-out figure is its trainer's own evaluation at the kept step: a trial whose
+    forgetting guard falls back to a snapshot is evaluated at that snapshot's step (it used
+    to be evaluated only every --save-steps, and the search stopped with "dpo records no
+    held-out loss"). The guard's measurement is rigged here so that it falls back: over the
+    budget at the last step, within it before."""
+    from adapterkit.training.guard import ForgettingGuard
+
+    real = ForgettingGuard._check
+
+    def rigged(self, model, step):
+        entry = real(self, model, step)
+        entry["general_loss_change_pct"] = 50.0 if step >= self.planned_steps else 0.0
+        return entry
+
+    monkeypatch.setattr(ForgettingGuard, "_check", rigged)
+    rows = [{"prompt": f"Greet person {i}.", "chosen": " Hello, nice to meet you!",
+             "rejected": " Go away."} for i in range(30)]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said: list[str] = []
+    result = search("dpo", base=str(tiny_base), data=str(prefs), name="pref", space=["lr"],
+                    trials=2, home=home, plugins=pm, progress=said.append,
+                    options=options(forgetting_budget=1.0, guard_weight=0.0, guard_every=2,
+                                    save_steps=50))
+    assert "each trial evaluates (and checkpoints) every 2 steps, where its forgetting guard " \
+        "keeps snapshots, not every 50" in said[0]
+    meta = Library(home).get("pref").meta
+    guard, evaluated = meta.metrics["guard"], meta.metrics["eval"]
+    assert guard["restored"] is True and guard["kept_step"] == 4  # the newest snapshot
+    assert evaluated["step"] == 4 and evaluated["measured_by"] == "trainer"
+    kept = next(row for row in result.trials if row["trial"] == meta.metrics["search"]["kept"])
+    assert kept["eval_loss"] == evaluated["loss"]
+    assert [s.name for s in Library(home).list(all_versions=True)] == ["pref"]
+
+
+def test_a_trial_whose_kept_step_was_not_evaluated_is_refused_for_that_reason():
+    """(A trainer evaluating on a cadence of its own): the reason given is the true one, not
+    that the trainer records no held-out loss."""
+    from types import SimpleNamespace
+
+    from adapterkit.training.search import _score
+
+    result = SimpleNamespace(metrics={"guard": {"restored": True, "kept_step": 4}, "steps": 6},
+                             pocket_book=SimpleNamespace(ref="t-trial-0@1",
+                                                         meta=SimpleNamespace(trainer="dpo")))
+    with pytest.raises(ConfigError, match=r"trial t-trial-0@1: the forgetting guard kept step "
+                                          r"4's weights, which the dpo trainer did not evaluate"):
+        _score(result, None)
+
+
+def test_a_resume_checks_its_trials_names_up_to_the_highest_number_it_can_reach():
+    """A resume numbers trials past --trials (an interrupted one runs again under a new
+    number): NAME-trial-K is checked up to the highest K it can reach, found here by running
+    a resume's steps on an Optuna study (the interrupted trial queued again, then asked until
+    enough have finished)."""
+    import optuna
+
+    from adapterkit.errors import InvalidName
+    from adapterkit.training.search import _check_trial_length, _last_trial
+
+    state = optuna.trial.TrialState
+    study = optuna.create_study()
+    for _ in range(3):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-5, 1e-3)
+        study.tell(trial, 1.0)
+    stale = study.ask()
+    stale.suggest_float("lr", 1e-5, 1e-3)  # interrupted: still running
+    last = _last_trial(study, 8, optuna)
+    study.tell(stale.number, state=state.FAIL)  # what search does with it
+    study.enqueue_trial(stale.params, skip_if_exists=False)
+    numbers = []
+    while sum(t.state == state.COMPLETE for t in study.trials) < 8:
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-5, 1e-3)
+        numbers.append(trial.number)
+        study.tell(trial, 1.0)
+    assert numbers == [4, 5, 6, 7, 8] and last == max(numbers)
+    _check_trial_length("n" * 91, last, resume=True)  # n...-trial-8: 99 characters
+    with pytest.raises(InvalidName, match=r"give a NAME of at most 92 characters, or --restart"):
+        _check_trial_length("n" * 93, last, resume=True)
+
+
+def test_the_sampler_draws_at_random_for_half_the_trials_then_by_tpe(tmp_path):
+    """TPE draws at random until n_startup_trials have finished (Optuna's default: 10, so
+    every draw of a default 8-trial search was random): the search's first half of the trials
+    (at most 10) are the random sampler's draws with its seed, the rest are TPE's own."""
+    import optuna
+
+    from adapterkit.training.search import _study
+
+    def draws(sampler_study, n):
+        lrs = []
+        for i in range(n):
+            trial = sampler_study.ask()
+            lrs.append(trial.suggest_float("lr", 1e-5, 3e-3, log=True))
+            sampler_study.tell(trial, (lrs[-1] - 2e-4) ** 2 + i * 1e-12)  # best near 2e-4
+        return lrs
+
+    library = Library(tmp_path / "home")
+    study = _study(optuna, tmp_path / "study", "s", 7, resume=False, restart=False,
+                   library=library, trials=8)
+    searched = draws(study, 8)
+    plain = draws(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=7)), 8)
+    assert searched[:4] == plain[:4]
+    assert all(a != b for a, b in zip(searched[4:], plain[4:]))

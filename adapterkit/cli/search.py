@@ -22,12 +22,17 @@ def options() -> list[Any]:
     """The ``train`` options of a search (decorators, applied in order)."""
     return [
         click.option("--search", "search_space", metavar="lr,r[,steps]",
-                     help="Train --trials pocket books over these options (Optuna's TPE "
-                          "sampler), score each on a held-out split (--eval-split, default "
-                          "20%), keep the best under NAME and discard the others; the trial "
-                          "table goes into the metadata and the card. --resume continues an "
-                          "interrupted search; with --processes N each trial trains on N "
-                          "processes of this machine."),
+                     help="Train --trials pocket books over these options (Optuna's TPE sampler, "
+                          "seeded with --seed: half the trials, at least 1 and at most 10, are "
+                          "drawn at random first, the rest by TPE from the finished ones), score "
+                          "each on a held-out split (--eval-split, default 20%), keep the best "
+                          "under NAME (or NAME@N, a new version) and discard the others; the "
+                          "trial table goes into the metadata and the card. Trials are saved as "
+                          "NAME-trial-K while it runs, K counted from 0 everywhere it reports "
+                          "them. --resume continues an interrupted search; with --processes N "
+                          "each trial trains on N processes of this machine. A dpo trial with "
+                          "--forgetting-budget evaluates at every --guard-every-th step too (not "
+                          "only every --save-steps), so the weights its guard keeps are scored."),
         click.option("--trials", type=int, help="Trainings of --search (default 8)."),
         click.option("--budget", metavar="PCT",
                      help="--search keeps only trials whose general-text loss rises by at most "
@@ -122,7 +127,10 @@ def run(trainer: str, *, base: str, data: str, name: str, train_options: Any, st
         return
     best = book.meta.metrics["search"]["kept"]
     kept = next(row for row in result.trials if row["trial"] == best)
-    click.echo(f"Saved {book.ref}: trial {best} of {len(result.trials)}, held-out loss "
-               f"{kept['eval_loss']:.4f}"
+    # the trial by its number (NAME-trial-K's, as its progress line and the table give it),
+    # which a failed or interrupted trial can carry past the count of finished ones
+    within = " within the budget" if budget is not None else ""
+    click.echo(f"Saved {book.ref}: trial {best}, the best{within} of {len(result.trials)} "
+               f"finished trials, held-out loss {kept['eval_loss']:.4f}"
                + (f", forgetting {kept['forgetting_pct']:+.2f}%"
                   if kept["forgetting_pct"] is not None else ""))

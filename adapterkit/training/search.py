@@ -4,11 +4,15 @@ Each trial is an ordinary ``train`` run (any trainer, ``--on`` and ``--from`` in
 same data, scored by its loss on a held-out split (``--eval-split``, or 20% carved from the
 data; for a reward head, TRL's reward loss on the held-out pairs) and by its forgetting
 figure. The best trial whose forgetting stays within the budget is
-kept under the asked name — its files, metadata and a card that carries the whole trial table
-(``metrics.search``) — and every other trial's pocket book is discarded. The sampler and the
-study are Optuna's (TPE, seeded with ``--seed``), kept in an SQLite file under the run folder,
-so an interrupted search resumes with ``--resume``: finished trials are not run again, and the
-interrupted one is run again with the same settings.
+kept under the asked name (``NAME``, or ``NAME@N`` for a new version of a name that exists;
+the trials are ``NAME-trial-K`` either way) — its files, metadata and a card that carries the
+whole trial table (``metrics.search``) — and every other trial's pocket book is discarded.
+The sampler and the study are Optuna's (TPE, seeded with ``--seed``: half the trials, at
+least 1 and at most 10, drawn at random first, the rest by TPE from the finished ones), kept
+in an SQLite file under the run folder, so an interrupted search resumes with ``--resume``:
+finished trials are not run again, and the interrupted one is run again with the same
+settings. Trials are numbered as the study numbers them (from 0, as in ``NAME-trial-K``),
+everywhere the search reports them.
 
 Each trial loads the base itself (as ``train`` does); reusing one resident base across trials
 is left for later. With ``launch`` (``--processes N``, ``--accelerate-config``) each trial
@@ -28,7 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import AdapterkitError, ConfigError, MissingDependency, RunStateError
+from adapterkit.errors import (
+    AdapterkitError,
+    ConfigError,
+    InvalidName,
+    MissingDependency,
+    RunStateError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.library.store import Library
@@ -48,6 +58,8 @@ MIN_EVAL_ROWS = 5
 DEFAULT_EVAL_SPLIT = 0.2
 #: Trials are saved as ``NAME-trial-K`` (and any stage pocket book as ``NAME-trial-K-...``).
 TRIAL = "trial-"
+#: The most trials TPE draws at random before it models the finished ones (Optuna's default).
+MAX_STARTUP_TRIALS = 10
 
 
 class SearchFailed(AdapterkitError):
@@ -116,6 +128,8 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     """Run ``trials`` trainings over ``space`` and keep the best within the forgetting
     ``budget`` (in percent) as ``name``.
 
+    :param name: ``NAME``, or ``NAME@N`` (a new version of a name that exists); the trials,
+        the study and its run folder are named after ``NAME``.
     :param space: names from :data:`SEARCHABLE`.
     :param resume: continue an interrupted search of ``name``.
     :param restart: discard an interrupted search of ``name`` (and its trials) first.
@@ -165,16 +179,15 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
         raise ConfigError(f"--budget keeps trials by their forgetting figure, and {trainer} "
                           "pocket books (a reward head, which scores text) have none: leave "
                           "--budget out")
-    if "@" in name:  # its trials are NAME-trial-K, which a version would make no name
-        raise ConfigError(f"--search names the best trial {name.split('@')[0]} (its next "
-                          f"version) and its trials after it: give --name without a version, "
-                          f"not {name}")
     library = Library(home, plugins=pm)
-    library.reserve(name)  # a taken name is refused before any trial runs
+    # NAME or NAME@N, taken ones refused before any trial runs; the kept trial is saved as it
+    plain = library.reserve(name).name  # (the trials, the study and its folder: after NAME)
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
     rows = len(dataset.rows)
     split = check_search(space, trials, budget, rows, options, start_from=start_from)
+    if not resume:  # (a resume's trials run on past its first ones: checked with its study)
+        _check_trial_length(plain, trials - 1)
     if budget is not None and str(options.general).lower() == GENERAL_OFF:
         raise ConfigError("--budget keeps trials by their forgetting figure, which --general "
                           "off turns off: leave one out")
@@ -186,12 +199,28 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     # (a refused trial would leave a study that blocks the next search as an interrupted one)
     resolved = with_defaults(trainer_obj, base_options)
     refuse_what_cannot_act(trainer, trainer_obj, resolved, pm.trainers)
+    cadence = ""
+    if _scored_by_trainer_log(trainer_obj, dataset.shape) and \
+            resolved.forgetting_budget is not None and \
+            resolved.guard_every % resolved.save_steps:
+        # such a trial is scored by the trainer's own evaluation at the step whose weights it
+        # keeps (run.trainer_eval), and the trainer evaluates every save_steps (and at the
+        # last step): the guard may keep a snapshot of any guard_every-th step, which must
+        # then have been evaluated too. (A trial never resumes from its checkpoints.)
+        cadence = (f"; each trial evaluates (and checkpoints) every {resolved.guard_every} "
+                   f"steps, where its forgetting guard keeps snapshots, not every "
+                   f"{resolved.save_steps}")
+        base_options = dataclasses.replace(base_options, save_steps=resolved.guard_every)
+        resolved = with_defaults(trainer_obj, base_options)
     if resolved.anchor:
         general_texts(resolved.anchor)
     # (a resumed or restarted search has its trials' own books about, which the preflight's
     # checks of free names would take for a stranger's)
     if hasattr(trainer_obj, "preflight") and not (resume or restart):
-        trainer_obj.preflight(library=library, name=f"{name}-{TRIAL}0", options=resolved,
+        # (the longest of its trials' names: a stage name derived from it is checked at its
+        # longest)
+        trainer_obj.preflight(library=library, name=f"{plain}-{TRIAL}{trials - 1}",
+                              options=resolved,
                               trainer_options=build_trainer_options(trainer_obj, resolved),
                               data=dataset)
     # the steps a trial takes as its training resolves them (sft: at least its min_steps)
@@ -200,12 +229,12 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
                                                train_rows, processes), train_rows, processes)
 
     # (a pocket-book name never starts with a dot: no run folder of a book can be this one)
-    folder = library.home / "runs" / f".search-{name}"
+    folder = library.home / "runs" / f".search-{plain}"
     setup = _setup(trainer, base=base, data=data, data_sha256=dataset.sha256, space=space,
                    budget=budget, on=on, start_from=start_from, options=base_options,
                    processes=processes)
-    study = _study(optuna, folder, name, options.seed, resume=resume, restart=restart,
-                   library=library, setup=setup)
+    study = _study(optuna, folder, plain, options.seed, resume=resume, restart=restart,
+                   library=library, setup=setup, trials=trials)
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         # interrupted: run again with the same settings; what its run left (a run folder, a
         # pocket book saved just before the interruption) goes
@@ -221,14 +250,16 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     say(f"Searching {', '.join(space)} over {trials} trials"
         + (f" ({len(done)} done before)" if done else "")
         + f", scored on {split:.0%} held out"
-        + (f", forgetting budget {budget:g}%" if budget is not None else "") + "...")
+        + (f", forgetting budget {budget:g}%" if budget is not None else "") + cadence + "...")
 
     while len(done) < trials:
         trial = study.ask()
         settings = _suggest(trial, space, options, planned)
-        trial_name = f"{name}-{TRIAL}{trial.number}"
+        trial_name = f"{plain}-{TRIAL}{trial.number}"
         trial.set_user_attr("run", trial_name)
-        say(f"Trial {len(done) + 1}/{trials}: " + _settings_text(settings) + "...")
+        # the study's number (NAME-trial-K's, the table's, the card's), then how far along
+        say(f"Trial {trial.number} ({len(done) + 1}/{trials}): " + _settings_text(settings)
+            + "...")
         result = None
         try:
             result = _train_trial(trainer, base=base, data=data, name=trial_name,
@@ -316,9 +347,11 @@ def _setup_changes(recorded: dict[str, Any], setup: dict[str, Any]) -> list[str]
 
 
 def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, restart: bool,
-           library: Library, setup: dict[str, Any] | None = None) -> Any:
-    """The search's Optuna study (TPE, seeded), in an SQLite file under the run folder; a
-    resume with another ``setup`` than the study recorded is refused."""
+           library: Library, trials: int, setup: dict[str, Any] | None = None) -> Any:
+    """The search's Optuna study (TPE, seeded, drawing the first :func:`startup_trials` of
+    ``trials`` at random), in an SQLite file under the run folder; a resume with another
+    ``setup`` than the study recorded, or whose trials' names would grow too long, is
+    refused."""
     db = folder / "study.db"
     if db.exists() and restart:
         old = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
@@ -344,6 +377,7 @@ def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, res
                 f"({'; '.join(changes)}): give the same ones to --resume it, or --restart to "
                 "start over")
         ours = {t.user_attrs["run"] for t in old.trials if t.user_attrs.get("run")}
+        _check_trial_length(name, _last_trial(old, trials, optuna), resume=True)
     _check_trial_names(library, name, ours)  # before a new study is written
     folder.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{db}",
@@ -351,9 +385,54 @@ def _study(optuna: Any, folder: Path, name: str, seed: int, *, resume: bool, res
     if setup is not None and "setup" not in study.user_attrs:
         study.set_user_attr("setup", setup)
     # seeded, and on a resume seeded past the draws already made (the same seed again would
-    # draw the first trials' settings again)
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    # draw the first trials' settings again); TPE models the finished trials once
+    # startup_trials of them are in the study (Optuna's default, 10, would leave a search of
+    # 10 trials or fewer drawn at random throughout)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials),
+                                               n_startup_trials=startup_trials(trials))
     return study
+
+
+def startup_trials(trials: int) -> int:
+    """The trials of a search of ``trials`` drawn at random before TPE models the finished
+    ones: half of them, at least 1, at most :data:`MAX_STARTUP_TRIALS`."""
+    return min(MAX_STARTUP_TRIALS, max(1, trials // 2))
+
+
+def _last_trial(old: Any, trials: int, optuna: Any) -> int:
+    """The highest trial number a resume of the study ``old`` to ``trials`` finished trials
+    can reach: each interrupted trial is queued again under a new number, and every trial
+    still to finish is asked under the next (a queued one's, first)."""
+    state = optuna.trial.TrialState
+    running = sum(t.state == state.RUNNING for t in old.trials)
+    queued = sum(t.state == state.WAITING for t in old.trials) + running
+    done = sum(t.state == state.COMPLETE for t in old.trials)
+    return len(old.trials) + running - 1 + max(0, trials - done - queued)
+
+
+def _check_trial_length(name: str, last: int, *, resume: bool = False) -> None:
+    """Refuse ``name`` when ``NAME-trial-K`` would be too long a pocket-book name for a trial
+    up to number ``last`` (before the study exists, which a failed trial would leave behind
+    as an interrupted search)."""
+    from adapterkit.library.names import MAX_NAME_LENGTH
+
+    longest = f"{name}-{TRIAL}{last}"
+    if len(longest) <= MAX_NAME_LENGTH:
+        return
+    room = MAX_NAME_LENGTH - (len(longest) - len(name))
+    fix = f"give a NAME of at most {room} characters" if room >= 1 else "give fewer --trials"
+    if resume:
+        fix += ", or --restart the search (its trials numbered from 0 again)"
+    raise InvalidName(f"--search saves its trials as {name}-{TRIAL}K, and trial {last} would be "
+                      f"{longest} ({len(longest)} characters; a name has at most "
+                      f"{MAX_NAME_LENGTH}): {fix}")
+
+
+def _scored_by_trainer_log(trainer_obj: Any, shape: str) -> bool:
+    """Whether a trial's held-out figure is its trainer's own evaluation, read from its log at
+    the kept step (preference pairs outside a reward head: dpo), rather than measured on the
+    kept weights after training (as :mod:`adapterkit.training.run` measures the others)."""
+    return shape == "preference" and getattr(trainer_obj, "head", "causal-lm") != "reward"
 
 
 def _check_trial_names(library: Library, name: str, ours: set[str]) -> None:
@@ -471,6 +550,13 @@ def _launch_trial(trainer: str, *, base: str, data: str, name: str, options: Tra
 
 def _score(result: TrainResult, budget: float | None) -> dict[str, Any]:
     m = result.metrics
+    guard = m.get("guard") or {}
+    if "eval" not in m and guard.get("restored"):  # (search aligns dpo's evaluations with the
+        # guard's snapshots; a trainer that evaluates on a cadence of its own may still miss)
+        raise ConfigError(f"trial {result.pocket_book.ref}: the forgetting guard kept step "
+                          f"{guard.get('kept_step')}'s weights, which the "
+                          f"{result.pocket_book.meta.trainer} trainer did not evaluate on the "
+                          "held-out split that --search scores trials on")
     if "eval" not in m:
         raise ConfigError(f"{result.pocket_book.meta.trainer} records no held-out loss, which "
                           "--search scores trials on")
@@ -545,6 +631,7 @@ def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[st
     table; the trial's own entry removed."""
     from adapterkit.library.card import write_card
     from adapterkit.library.metadata import METADATA_FILE, PocketBookMeta
+    from adapterkit.library.names import parse_ref
     from adapterkit.training.job import TrainResult
 
     source = library.get(best["ref"])
@@ -560,7 +647,8 @@ def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[st
         for item in source.path.iterdir():
             if item.is_file() and item.name != METADATA_FILE:
                 shutil.copy2(item, staged / item.name)
-        meta.name = name
+        ref = parse_ref(name)  # what commit records for a free NAME or NAME@N (it refuses a
+        meta.name, meta.version = ref.name, ref.version or 1  # taken one): the card's too
         write_card(staged, meta)
         book = library.commit(staged, meta, name=name)
     # the search is over once NAME is saved: its study goes first, so a failure to remove the
