@@ -340,15 +340,20 @@ def test_resume_and_restart_together_are_refused(train_args, adapterkit_cli, lib
     refused(result, "--resume continues", "--restart discards", "give one")
 
 
+def without_chat_template(base: Path, copy: Path) -> Path:
+    """A copy of ``base`` whose tokenizer has no chat template (the same weights)."""
+    shutil.copytree(base, copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    for template in copy.glob("chat_template.*"):
+        template.unlink()
+    return copy
+
+
 def test_chat_on_a_base_without_a_chat_template_is_refused(tiny_base, adapterkit_data,
                                                            adapterkit_cli, library, tmp_path):
-    plain = tmp_path / "plain-base"
-    shutil.copytree(tiny_base, plain)
-    config = json.loads((plain / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(config))
-    for template in plain.glob("chat_template.*"):
-        template.unlink()
+    plain = without_chat_template(tiny_base, tmp_path / "plain-base")
     result = adapterkit_cli("train", "sft", "--base", str(plain), "--data",
                             adapterkit_data["prompt_completion"], "--name", "x", "--chat",
                             "--max-steps", "1")
@@ -478,13 +483,7 @@ def test_eval_refuses_what_would_do_nothing_or_fail_on_its_rows(adapterkit_cli, 
                 f"{shape} rows")
     result = adapterkit_cli("eval", "pe", "--data", adapterkit_data["messages"], "--no-chat")
     refused(result, "--no-chat: messages rows are chat turns")
-    plain = tmp_path / "plain-base"
-    shutil.copytree(tiny_base, plain)
-    config = json.loads((plain / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(config))
-    for template in plain.glob("chat_template.*"):
-        template.unlink()
+    plain = without_chat_template(tiny_base, tmp_path / "plain-base")
     result = adapterkit_cli("eval", "pe", "--base", str(plain), "--data",
                             adapterkit_data["messages"])
     refused(result, "has no chat template, and messages rows are chat turns", alone=False)
