@@ -334,3 +334,31 @@ def test_a_stage_with_the_runs_own_options_takes_what_its_trainer_acts_on(
     assert judge.meta.trainer == "reward" and "forgetting" not in judge.meta.metrics
     assert judge.meta.hyperparameters["min_steps"] is None
     assert "forgetting" in result.metrics  # the run's own check acted
+
+
+def test_a_stage_given_the_runs_options_with_max_steps_is_not_refused_for_its_epochs(
+        tiny_base, adapterkit_data, home, adapterkit_plugin_manager):
+    """A plugin staging with ``replace(job.options, max_steps=2)`` on a run by epochs carried
+    the run's resolved epochs beside max_steps, which the stage refused ("give one of
+    max_steps and epochs") with a reason its user could not act on."""
+    from dataclasses import replace
+
+    sft = get_plugin_manager(env=False).trainer("sft")
+
+    class Staged(Trainer):
+        name = "staged2"
+        data_shapes = ("prompt_completion",)
+
+        def train(self, *, job, **_):
+            job.train_stage("sft", name="staged2-first", options=replace(
+                job.options, max_steps=2, general="off", forgetting_budget=None,
+                guard_weight=None, min_steps=None))
+            return sft.train(job=job)
+
+    pm = adapterkit_plugin_manager(_plugin(Staged()))
+    result = train("staged2", name="staged2", home=home, plugins=pm, base=str(tiny_base),
+                   data=str(adapterkit_data["prompt_completion"]),
+                   options=TrainOptions(**{**TINY, "max_steps": -1}, epochs=1.0,
+                                        general="off"))
+    stage = Library(home).get("staged2-first")
+    assert stage.meta.metrics["steps"] == 2 and result.pocket_book.ref == "staged2@1"

@@ -141,6 +141,18 @@ def test_a_name_differing_only_in_case_is_refused(library):
     assert [s.name for s in library.list()] == ["pe"]
 
 
+def test_a_library_holding_both_spellings_goes_on_with_each(library, monkeypatch):
+    """Made on a case-sensitive disk before the check: their new versions are not refused
+    (the check's first version refused both, and told the user to do what it refused)."""
+    save(library, "pe")
+    with monkeypatch.context() as m:  # as an older adapterkit saved it
+        m.setattr(Library, "_refuse_case_clash", lambda self, conn, name: None)
+        save(library, "PE")
+    assert save(library, "pe@2").version == 2 and save(library, "PE@2").version == 2
+    with pytest.raises(NameTaken, match="only in case"):
+        save(library, "Pe")
+
+
 def test_rm_asks_again_under_the_lock_and_a_stack_of_a_removed_book_is_not_saved(library,
                                                                                 monkeypatch):
     """A stack saved between rm's check and its delete was left naming a removed pocket

@@ -260,11 +260,14 @@ def test_a_weight_the_factors_cannot_carry_is_refused_on_every_path(books, folde
     peak = max(s * b.abs().max().item() for _, b, s in hand_factors(folders["a"]).values())
     assert peak * 1e300 > torch.finfo(torch.float32).max
     limit = torch.finfo(torch.float32).max / peak
-    overflow = r"weight 1e\+300 makes the largest LoRA factor( of a@1)? .* float32 holds"
+    overflow = r"weight 1e\+300 makes the largest LoRA factor of a@1 .* float32 holds"
     for kw in ({"method": "cat"}, {"method": "linear"}, {"method": "exact_svd"},
                {"method": "ties", "density": 0.5}):
-        with pytest.raises(ConfigError, match="not finite numbers.*nothing was saved"):
+        with pytest.raises(ConfigError, match=overflow):
             merging.merge(books, ["a", "b"], [1e300, 1.0], name="bad", plugins=pm, **kw)
+    # linear scales A and B by √w each: finite factors whose product overflowed were saved
+    with pytest.raises(ConfigError, match=r"weight 1e\+60 makes the largest LoRA factor of a@1"):
+        merging.merge(books, ["a", "b"], [1e60, 1.0], name="bad", plugins=pm, method="linear")
     for flatten in (False, True):
         with pytest.raises(ConfigError, match=overflow):
             merging.stack(books, ["a", "b"], [1e300, 1.0], name="bad", flatten=flatten)
@@ -277,6 +280,35 @@ def test_a_weight_the_factors_cannot_carry_is_refused_on_every_path(books, folde
         peft_model(base, books.get("a"), library=books, weights=[(books.get("a"), 1e300)])
     fits = merging.stack(books, ["a", "b"], [limit * 0.99, 1.0], name="fits")
     assert fits.meta.hyperparameters["weights"]["a@1"] == limit * 0.99
+
+
+def test_a_merge_refuses_a_result_that_is_not_finite_before_saving(books, pm, monkeypatch):
+    """The last line of defence, for every strategy (a plugin's too): a result holding inf."""
+    real = merging.concatenate
+
+    def broken(inputs, weights, **kw):
+        out = real(inputs, weights, **kw)
+        first = next(iter(out.tensors))
+        out.tensors[first] = out.tensors[first].clone().fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(merging, "concatenate", broken)
+    with pytest.raises(ConfigError, match="factors are not finite numbers .* nothing was "
+                                          "saved — give smaller weights"):
+        merging.stack(books, ["a", "b"], [1.0, 1.0], name="bad", flatten=True)
+    assert not books.exists("bad")
+
+
+def test_a_saved_stack_weighs_a_book_only_peft_can_apply(library, tiny_base, tmp_path):
+    """A DoRA member at weight 0.5 in a saved stack (PEFT applies and weighs it) was refused
+    by the weight check's own reading of the factors in this change's first version."""
+    dora = make_peft_adapter(tiny_base, tmp_path / "dora", target_modules=TARGETS,
+                             use_dora=True)
+    library.import_peft(dora, "dora", base=str(tiny_base))
+    library.import_peft(make_peft_adapter(tiny_base, tmp_path / "p", target_modules=TARGETS),
+                        "p", base=str(tiny_base))
+    saved = merging.stack(library, ["dora", "p"], [0.5, 1.0], name="s")
+    assert saved.meta.hyperparameters["weights"] == {"dora@1": 0.5, "p@1": 1.0}
 
 
 def test_members_of_different_bases_are_refused(books, other_base, tmp_path, pm):

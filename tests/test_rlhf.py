@@ -279,7 +279,8 @@ def test_min_steps_acts_on_the_policy_and_the_reward_stage_takes_its_epochs(tiny
 
 
 @pytest.mark.slow
-def test_an_rlhf_run_interrupted_in_its_reward_stage_resumes_or_restarts(rlhf_run, tiny_base):
+def test_an_rlhf_run_interrupted_in_its_reward_stage_resumes_or_restarts(rlhf_run, tiny_base,
+                                                                       monkeypatch):
     """Killed while training its reward pocket book (before the policy's first checkpoint),
     `--resume` said there was nothing to resume and `--restart` tripped over the stage's own
     checkpoint: only deleting runs/NAME-reward by hand went on. Now the run's --resume
@@ -321,6 +322,14 @@ def test_an_rlhf_run_interrupted_in_its_reward_stage_resumes_or_restarts(rlhf_ru
         with pytest.raises(ConfigError, match=f"an interrupted run of {name}-reward \\(a stage "
                                               f"of {name}\\) exists; pass --resume"):
             rlhf(name)
+        # killed again while the base loads: the record of the stage to resume is kept
+        with monkeypatch.context() as m:
+            def killed(*args, **kwargs):
+                raise KeyboardInterrupt
+
+            m.setattr("adapterkit.training.run.load_for_method", killed)
+            with pytest.raises(KeyboardInterrupt):
+                rlhf(name, **{flag: True})
         steps = Steps()
         result = rlhf(name, callbacks=[steps], **{flag: True})
         assert result.metrics["reward_book"] == f"{name}-reward@1"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -300,7 +301,7 @@ def test_a_stage_inside_a_run_gets_its_own_tracker_places_and_the_users_are_kept
                                     workdir=tmp_path / "runs" / "kind-reward", resume=False)
     assert outer.wandb_id != inner.wandb_id
     # 48 random bits, more than W&B's own 8 characters of [a-z0-9] (41 bits)
-    assert all(len(run.wandb_id) == 12 and int(run.wandb_id, 16) >= 0 for run in (outer, inner))
+    assert all(re.fullmatch(r"[0-9a-f]{12}", run.wandb_id) for run in (outer, inner))
     with outer.active():
         assert os.environ["WANDB_RUN_ID"] == outer.wandb_id
         with inner.active():

@@ -36,7 +36,6 @@ _PATH_ERRORS = {
     errno.ENAMETOOLONG: "a name in this path is too long for the file system",
     errno.EISDIR: "this path is a folder, not a file",
     errno.ELOOP: "this path has too many levels of symbolic links",
-    errno.ENOENT: "no such file or folder",
 }
 
 
@@ -44,10 +43,10 @@ def machine_error(exc: OSError) -> str | None:
     """One line for an out-of-space, permission or I/O error, or for a bad path the error
     names; ``None`` for other errors."""
     what = _MACHINE_ERRORS.get(exc.errno or 0)
-    if what is None and exc.filename:
-        what = _PATH_ERRORS.get(exc.errno or 0)
     if what is None:
-        return None
+        path = _PATH_ERRORS.get(exc.errno or 0)
+        return f"{path} ({exc.filename}): fix the path and run the command again" \
+            if path and exc.filename else None
     where = f" ({exc.filename})" if exc.filename else ""
     return f"{what}{where}; nothing was saved — fix that and run the command again"
 

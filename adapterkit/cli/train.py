@@ -339,7 +339,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
           --main-address 10.0.0.1:29500                     # and the same on machine 1
     """
     from adapterkit.cli import search
-    from adapterkit.training.options import build_options
+    from adapterkit.training.options import LORA_SHAPE, build_options
     from adapterkit.training.progress import progress_callback
     from adapterkit.training.run import check_train, train
 
@@ -359,11 +359,9 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
 
         in_recipe = {str(k).replace("-", "_"): v
                      for k, v in read_recipe_values(Path(recipe)).items()}
-    shape = [flag for flag, key in (("-r", "r"), ("--alpha", "alpha"), ("--dropout", "dropout"),
-                                    ("--target-modules", "target_modules"))
-             if overrides.get(key) is not None] + [
-        f"{key} (in {recipe})" for key in ("r", "alpha", "dropout", "target_modules")
-        if overrides.get(key) is None and in_recipe.get(key) is not None]
+    shape = [("-r" if key == "r" else "--" + key.replace("_", "-")) if overrides.get(key)
+             is not None else f"{key} (in {recipe})" for key in LORA_SHAPE
+             if overrides.get(key) is not None or in_recipe.get(key) is not None]
     if start_from and shape:  # the copy keeps its LoRA shape: the flags would do nothing
         raise ConfigError(f"--from {start_from} continues a copy of that pocket book, with its "
                           f"rank, alpha, dropout and target modules: drop {', '.join(shape)}")
@@ -564,7 +562,7 @@ def eval_cmd(ctx: click.Context, ref: str, data: str | None, general: str | None
     from click.core import ParameterSource
 
     answers = [f"--{n.replace('_', '-')}" for n in ("scorer", "max_new_tokens")
-               if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+               if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
     if answers and dataset.shape != "prompt_completion":  # they would do nothing
         raise ConfigError(f"{' and '.join(answers)} score generated answers, which only "
                           f"prompt/completion rows have ({dataset.source} holds "

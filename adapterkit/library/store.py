@@ -309,13 +309,16 @@ class Library:
     def _refuse_case_clash(self, conn: sqlite3.Connection, name: str) -> None:
         """Refuse ``name`` where another name differs from it only in case: on a
         case-insensitive file system (macOS's and Windows' defaults) both would share one
-        folder, and the library would read one's versions as the other's damaged ones."""
+        folder, and the library would read one's versions as the other's damaged ones. A name
+        the library already holds is not new: its versions go on (a library made on a
+        case-sensitive disk before this check may hold both spellings)."""
+        folders = set(os.listdir(self.root)) if self.root.is_dir() else set()  # as spelt
+        if Catalog.versions(conn, name) or name in folders:
+            return
         others = {r[0] for r in conn.execute(
             "SELECT DISTINCT name FROM pocket_books WHERE name != ? AND lower(name) = lower(?)",
             (name, name))}
-        if self.root.is_dir():
-            others |= {p.name for p in self.root.iterdir()
-                       if p.name != name and p.name.lower() == name.lower()}
+        others |= {f for f in folders if f != name and f.lower() == name.lower()}
         if others:
             raise NameTaken(f"{name!r} differs from the pocket book {sorted(others)[0]!r} only in "
                             "case, which some file systems do not tell apart; use that name "
@@ -474,9 +477,8 @@ class Library:
         it does not carry is refused (a mistyped tag would otherwise stay on)."""
         try:
             validate_name(tag)
-        except InvalidName:
-            raise InvalidName(f"invalid tag {tag!r}: use letters, digits, '.', '_' and '-', "
-                              "starting with a letter or digit") from None
+        except InvalidName as exc:
+            raise InvalidName(str(exc).replace("pocket-book name", "tag")) from None
 
         def change(meta: PocketBookMeta) -> None:
             if remove and tag not in meta.tags:

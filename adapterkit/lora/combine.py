@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import BaseMismatch, ConfigError
+from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter
 from adapterkit.library.integrity import check_book, recorded_structure
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
 from adapterkit.library.peft_folder import read_config
@@ -156,8 +156,9 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be at least 1, got {rank}")
     inputs = inputs_of(library, books)
-    for item in inputs:  # what no strategy can combine exactly is refused here, for all of them
-        item.factors(path=f"merge --method {method}")
+    for item, w in zip(inputs, weights):  # what no strategy can combine exactly is refused
+        # here, for all of them; so is a weight the member's factors cannot carry
+        _weight_fits(item.ref, w, item.factors(path=f"merge --method {method}"))
 
     def base_model() -> Any:
         if load_base is not None:
@@ -206,7 +207,9 @@ def save_adapter(library: Library, out: MergeOutput, meta: PocketBookMeta,
     if broken:
         raise ConfigError(f"{name}'s factors are not finite numbers ({len(broken)} tensor(s), "
                           f"first {broken[0]}): a weight too large for their number format, "
-                          "or a member whose own factors are not finite; nothing was saved")
+                          "or a member whose own factors are not finite; nothing was saved — "
+                          "give smaller weights, or check the members with `adapterkit "
+                          "verify`")
 
     with library.draft() as staged:
         (staged / CONFIG_FILE).write_text(json.dumps(out.config, indent=2), encoding="utf-8")
@@ -222,9 +225,10 @@ def concatenate(inputs: list[MergeInput], weights: list[float], *,
 
     Modules that some members do not target get zero rows, so every module has the same rank.
     """
-    members = [(i.factors(path=path), w) for i, w in zip(inputs, weights)]
-    modules = sorted(set().union(*(f.keys() for f, _ in members)))
-    blocks = {m: concat([(f[m], w) for f, w in members if m in f]) for m in modules}
+    members = [(i.factors(path=path), w, i.ref) for i, w in zip(inputs, weights)]
+    modules = sorted(set().union(*(f.keys() for f, _, _ in members)))
+    blocks = {m: concat([(f[m], w) for f, w, _ in members if m in f],
+                        names=[ref for f, _, ref in members if m in f]) for m in modules}
     rank = max(a.shape[0] for a, _ in blocks.values())
     blocks = {m: pad(a, b, rank) for m, (a, b) in blocks.items()}
     targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
@@ -262,6 +266,14 @@ def lora_config(template: dict[str, Any], *, rank: int, alpha: float,
     config = plain_config(template, rank=rank, target_modules=target_modules)
     config["lora_alpha"] = alpha
     return config
+
+
+def _weight_fits(ref: str, weight: float, factors: dict[str, Factors]) -> None:
+    """Refuse ``weight`` on ``ref`` where its scaled factors would overflow their format
+    (:class:`~adapterkit.lora.factors.WeightOverflow`), before any base loads."""
+    if factors:
+        WeightOverflow.check(weight, peak_of(factors.values()),
+                             next(iter(factors.values())).b.dtype, ref=ref)
 
 
 def check_underlays(books: list[PocketBook], action: str) -> None:
@@ -314,10 +326,12 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
                             meta, str(target))
     for b, w in zip(books, weights):  # a stack of a damaged pocket book would fail only when
         check_book(b)                 # loaded; so would a weight its factors cannot carry
-        weighed = [] if w == 1.0 else list(read_factors(
-            b.path, ref=b.ref, path=f"weighting it ({w:g}) in a stack").values())
-        if weighed:
-            WeightOverflow.check(w, peak_of(weighed), weighed[0].b.dtype, ref=b.ref)
+        if w != 1.0:
+            try:  # (features only PEFT applies are for PEFT to refuse, when it weighs them)
+                weighed = read_factors(b.path, ref=b.ref, path="a saved stack")
+            except InvalidAdapter:
+                continue
+            _weight_fits(b.ref, w, weighed)
     from adapterkit.library.card import write_card
 
     with library.draft() as staged:

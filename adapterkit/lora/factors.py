@@ -250,20 +250,23 @@ def pad(a: Any, b: Any, rank: int) -> tuple[Any, Any]:
             torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1))
 
 
-def concat(members: list[tuple[Factors, float]], *, check: bool = True) -> tuple[Any, Any]:
+def concat(members: list[tuple[Factors, float]], *, check: bool = True,
+           names: list[str] | None = None) -> tuple[Any, Any]:
     """``(A, B)`` with ``B @ A = Σ wᵢ sᵢ Bᵢ Aᵢ`` exactly: ranks concatenated, scales in ``B``.
 
     Raises :class:`ConfigError` where a weight makes finite factors overflow their number
     format (``a*1e300``): the result could only add infinities (unless not ``check``: the
     server checks its weights when a request is admitted, where a refusal fails that request
-    alone, and leaves a row with non-finite logits to fail alone)."""
+    alone, and leaves a row with non-finite logits to fail alone). ``names``: the members'
+    pocket books, for the message."""
     import torch
 
     b = torch.cat([f.scaled_b(w) for f, w in members], dim=1)
     if check and not bool(torch.isfinite(b).all()):
-        for f, w in members:
+        for i, (f, w) in enumerate(members):
             if bool(torch.isfinite(f.b).all()) and not bool(torch.isfinite(f.scaled_b(w)).all()):
-                raise WeightOverflow(w, peak_of([f]), f.b.dtype)
+                raise WeightOverflow(w, peak_of([f]), f.b.dtype,
+                                     ref=names[i] if names else "")
     return torch.cat([f.a for f, _ in members]), b
 
 

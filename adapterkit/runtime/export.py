@@ -164,13 +164,15 @@ def merged_deltas(members: list[tuple[Any, float]], *,
     from adapterkit.lora.factors import concat, read_factors
 
     per_module: dict[str, list[tuple[Any, float]]] = {}
+    names: dict[str, list[str]] = {}
     for item, weight in members:
         for module, f in read_factors(item.path, ref=item.ref, path="export --merged",
                                       base_weights=base_weights).items():
             per_module.setdefault(module, []).append((f.float_(), weight))
+            names.setdefault(module, []).append(item.ref)
     out = {}
     for module, parts in per_module.items():
-        a, b = concat(parts)
+        a, b = concat(parts, names=names[module])
         out[module] = (b, a)
     return out
 

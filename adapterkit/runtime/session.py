@@ -225,10 +225,11 @@ class Session:
         if combined is None:
             factors = {}
             for path in self.slots:
-                parts = [(self.books[k].factors[path], w) for k, w in keys.items()
-                         if path in self.books[k].factors]
-                if parts:
-                    factors[path] = Factors(*concat(parts), scale=1.0)
+                held = [k for k in keys if path in self.books[k].factors]
+                if held:
+                    factors[path] = Factors(*concat(
+                        [(self.books[k].factors[path], keys[k]) for k in held], names=held),
+                        scale=1.0)
             rank = max((f.rank for f in factors.values()), default=0)
             combined = LoadedBook("+".join(f"{k}*{w:g}" for k, w in keys.items()), rank, factors)
             self._stack_cache[cache_key] = combined

@@ -98,6 +98,8 @@ class TrainOptions:
 DEFAULT_LEARNING_RATE = 2e-4
 #: ``general`` that turns the forgetting check off (a trainer's default one included).
 GENERAL_OFF = "off"
+#: The options that shape a LoRA (a copy ``--from``/``from:`` keeps its own: refused there).
+LORA_SHAPE = ("r", "alpha", "dropout", "target_modules")
 #: The most epochs ``min_steps`` adds on small data (the sweep measured up to 3).
 MAX_AUTO_EPOCHS = 3
 

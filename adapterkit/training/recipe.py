@@ -28,7 +28,13 @@ from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import general_texts, refuse_what_cannot_act
 from adapterkit.training.data import Data, load_data, read_rows
-from adapterkit.training.options import GENERAL_OFF, TrainOptions, build_options, with_defaults
+from adapterkit.training.options import (
+    GENERAL_OFF,
+    LORA_SHAPE,
+    TrainOptions,
+    build_options,
+    with_defaults,
+)
 from adapterkit.training.run import interrupted_stages, run_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -306,8 +312,7 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
         # a copy keeps the LoRA shape of what it copies (as train --from refuses the flags);
         # the recipe's own defaults may still give them to its other stages
         given = {str(k).replace("-", "_") for k in item}
-        shape = [k for k in ("r", "alpha", "dropout", "target_modules")
-                 if item.get("from") is not None and k in given]
+        shape = [k for k in LORA_SHAPE if item.get("from") is not None and k in given]
         if shape:
             raise ConfigError(f"from: {item['from']} continues a copy of that pocket book, with "
                               f"its rank, alpha, dropout and target modules: drop "

@@ -302,12 +302,23 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
                       plugins=plugins, resume=resume, restart=restart, on=on,
                       start_from=start_from, say=say, checkpoint=checkpoint)
 
+    def clear(c: _Checked) -> None:
+        """A fresh start reuses nothing of an earlier run, but the record of a stage it
+        resumes; a restart discards its stages' runs too, now (a kill before they start would
+        leave them behind)."""
+        if c.resume_from is not None:
+            return
+        if restart:
+            for stage in _started_stages(c.workdir):
+                shutil.rmtree(run_dir(c.library, stage), ignore_errors=True)
+        if not (resume and interrupted_stages(c.workdir, c.library)):
+            shutil.rmtree(c.workdir, ignore_errors=True)
+
     if ranks().distributed:
-        c = _check_together(check, main=main)
+        c = _check_together(check, main=main, clear=clear)
     else:
         c = check()
-        if c.resume_from is None:  # a fresh start: nothing of an earlier run is reused
-            shutil.rmtree(c.workdir, ignore_errors=True)
+        clear(c)
     options, library, ref, parent, workdir = c.options, c.library, c.ref, c.parent, c.workdir
     trainer_obj, method, dataset = c.trainer_obj, c.method, c.dataset
     pm = plugins
@@ -349,6 +360,10 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
             general=None if getattr(other, "head", "causal-lm") == "reward"
             else GENERAL_OFF if c.general_off else job.options.general,
             packing=job.options.packing and bool(getattr(other, "packs", False)))
+        if stage_options.max_steps > 0 and stage_options.epochs is not None and \
+                stage_options.epochs == job.options.epochs:  # replace(job.options, max_steps=N)
+            # carried the run's resolved epochs, which beside max_steps would be refused
+            stage_options = replace(stage_options, epochs=None)
         # recorded first, so that --resume / --restart of this run reach the stage's own run
         workdir.mkdir(parents=True, exist_ok=True)
         started = _started_stages(workdir)
@@ -430,7 +445,8 @@ def _view(c: _Checked) -> dict[str, Any]:
             "epochs": c.options.epochs}
 
 
-def _check_together(check: Callable[..., _Checked], *, main: bool) -> _Checked:
+def _check_together(check: Callable[..., _Checked], *, main: bool,
+                    clear: Callable[[_Checked], None]) -> _Checked:
     """:func:`_check` on several processes: the main one checks first (and creates the
     catalog, clears an old run's folder), then hands what it saw to the others, which check
     on their own machine and refuse a library or data that differs from the main one's — a
@@ -442,8 +458,7 @@ def _check_together(check: Callable[..., _Checked], *, main: bool) -> _Checked:
     if main:
         try:
             c = check()
-            if c.resume_from is None:  # a fresh start: nothing of an earlier run is reused
-                shutil.rmtree(c.workdir, ignore_errors=True)
+            clear(c)  # (an old run's folder, by the main process only)
         except AdapterkitError as exc:
             share(("refused", str(exc)))
             raise
