@@ -301,6 +301,10 @@ def test_list_base_treats_like_wildcards_literally(adapterkit_cli, library):
     result = adapterkit_cli("list", "--base", "%")
     assert result.exit_code == 0
     assert "No pocket book matches base '%'" in result.stderr
+    # a folder (what import/train take as --base) matches nothing here: the line says why
+    assert "--base takes a base's name or a prefix of its fingerprint" in result.stderr
+    empty = adapterkit_cli("list", "--tag", "")
+    assert empty.exit_code == 1 and "the tag filter is empty" in empty.stderr
     assert "No pocket books yet" not in result.output
 
 
