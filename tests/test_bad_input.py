@@ -232,6 +232,16 @@ def _config_value(**values: Any) -> Callable[[Path, World], None]:
     return edit
 
 
+def _infinite_factor(folder: Path, w: World) -> None:
+    """A LoRA factor holding an infinity: every answer through it would be NaN."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / WEIGHTS_FILE)
+    b = next(name for name in sorted(tensors) if "lora_B" in name)
+    tensors[b][0, 0] = float("inf")
+    save_file(tensors, folder / WEIGHTS_FILE)
+
+
 def _only(name: str) -> Callable[[Path, World], None]:
     def edit(folder: Path, w: World) -> None:
         for item in folder.iterdir():
@@ -444,6 +454,9 @@ CASES: list[Case] = [
          ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
          setup=_edit_adapter(_config_value(task_type="SEQ_CLS", modules_to_save=5)),
          mentions=("modules_to_save",)),
+    Case("import-weights-not-finite",  # was imported; answers through it were NaN
+         ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
+         setup=_edit_adapter(_infinite_factor), mentions=("not finite", "lora_B")),
     Case("import-no-weights", ("import", "{work}/bad", "--name", "x", "--base", "{base}"),
          setup=_edit_adapter(_only(CONFIG_FILE)), mentions=(WEIGHTS_FILE,)),
     Case("import-zero-byte-weights", ("import", "{work}/bad", "--name", "x", "--base", "{base}"),

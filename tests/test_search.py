@@ -16,7 +16,7 @@ from adapterkit.errors import RunStateError
 from adapterkit.library.metadata import CARD_FILE, WEIGHTS_FILE
 from adapterkit.library.store import Library
 from adapterkit.plugin_api.manager import get_plugin_manager
-from adapterkit.training.search import SearchFailed, search
+from adapterkit.training.search import RANKS, SearchFailed, _ranks_that_fit, search
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +42,17 @@ def options(**kw):
 
 def test_the_best_trial_is_kept_under_the_name_and_the_others_discarded(
         tiny_base, home, pairs, pm):
-    # (a seed whose three draws stay within what the tiny base's 32-feature layers take: the
-    # ranks searched go up to 64, and a trial that cannot apply its rank stops the search)
+    # (the ranks drawn are those the tiny base's smallest targeted layers hold: with the seed
+    # 0 a draw of rank 64 stopped the whole search once its base had loaded)
+    said = []
     result = search("sft", base=str(tiny_base), data=str(pairs), name="colours",
-                    space=["lr", "r"], trials=3, options=options(seed=2), home=home, plugins=pm)
+                    space=["lr", "r"], trials=3, options=options(seed=0), home=home, plugins=pm,
+                    progress=said.append)
     library = Library(home)
+    fit = _ranks_that_fit(str(tiny_base), library, options())
+    assert fit != RANKS and all(row["r"] in fit for row in result.trials)
+    assert any(f"ranks {', '.join(map(str, fit))} (those this base's smallest targeted layer "
+               "can hold)" in line for line in said)
     assert [s.name for s in library.list(all_versions=True)] == ["colours"]
     table = result.trials
     assert [row["trial"] for row in table] == [0, 1, 2]

@@ -494,12 +494,16 @@ def test_a_rows_failure_to_sample_fails_it_alone_and_tiny_temperatures_are_greed
     argmax over NaN would have answered anyway); the others answer as alone."""
     from safetensors.torch import load_file, save_file
 
-    folder = make_peft_adapter(tiny_base, tmp_path / "inf")
-    tensors = load_file(folder / WEIGHTS_FILE)
+    from adapterkit.files import sha256_file
+
+    book = lib.import_peft(make_peft_adapter(tiny_base, tmp_path / "inf"), "infinite",
+                           base=str(tiny_base))  # (import refuses such weights: planted after)
+    tensors = load_file(book.path / WEIGHTS_FILE)
     b = next(name for name in sorted(tensors) if "lora_B" in name)
     tensors[b][0, 0] = float("inf")
-    save_file(tensors, folder / WEIGHTS_FILE)
-    lib.import_peft(folder, "infinite", base=str(tiny_base))
+    save_file(tensors, book.path / WEIGHTS_FILE)
+    digest = sha256_file(book.path / WEIGHTS_FILE)
+    lib.update_meta("infinite", lambda meta: meta.files.update({WEIGHTS_FILE: digest}))
     base = fresh(tiny_base, lib)
     engine = Engine(base, lib, max_batch=8)
     models = ["law", "code", base.name, "infinite"]

@@ -571,6 +571,23 @@ def copy_files(adapter: AdapterFiles, staged: Path, names: tuple[str, ...], *,
         source = own_file(adapter.folder, name, within=within)
         if source is not None:
             shutil.copyfile(source, staged / name)
+    if (staged / WEIGHTS_FILE).is_file():
+        _refuse_non_finite(staged / WEIGHTS_FILE, adapter.folder)
+
+
+def _refuse_non_finite(weights: Path, folder: Path) -> None:
+    """Refuse weights holding inf or NaN: every answer through them would be NaN (or one
+    row's failure in the server), found only at use. One read of each tensor, on the way in."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        broken = [key for key in f.keys()
+                  if (t := f.get_tensor(key)).is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise InvalidAdapter(f"{folder}'s weights hold values that are not finite numbers (inf "
+                             f"or NaN) in {len(broken)} tensor(s), first {broken[0]}: it was "
+                             "saved broken; nothing was imported")
 
 
 def import_peft_folder(library: Library, folder: Path, name: str, *, base: str | None = None,

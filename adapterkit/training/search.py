@@ -191,6 +191,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     if budget is not None and str(options.general).lower() == GENERAL_OFF:
         raise ConfigError("--budget keeps trials by their forgetting figure, which --general "
                           "off turns off: leave one out")
+    rank_choices = _ranks_that_fit(base, library, options) if "r" in space else RANKS
     general = options.general or ("general" if budget is not None else None)
     # each trial is scored on the split as trained: no early stopping choosing on it too
     base_options = dataclasses.replace(options, eval_split=split, general=general,
@@ -250,11 +251,13 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     say(f"Searching {', '.join(space)} over {trials} trials"
         + (f" ({len(done)} done before)" if done else "")
         + f", scored on {split:.0%} held out"
-        + (f", forgetting budget {budget:g}%" if budget is not None else "") + cadence + "...")
+        + (f", forgetting budget {budget:g}%" if budget is not None else "") + cadence
+        + (f"; ranks {', '.join(map(str, rank_choices))} (those this base's smallest "
+           "targeted layer can hold)" if rank_choices != RANKS else "") + "...")
 
     while len(done) < trials:
         trial = study.ask()
-        settings = _suggest(trial, space, options, planned)
+        settings = _suggest(trial, space, options, planned, rank_choices)
         trial_name = f"{plain}-{TRIAL}{trial.number}"
         trial.set_user_attr("run", trial_name)
         # the study's number (NAME-trial-K's, the table's, the card's), then how far along
@@ -452,14 +455,33 @@ def _check_trial_names(library: Library, name: str, ours: set[str]) -> None:
                           "another NAME")
 
 
+def _ranks_that_fit(base: str, library: Library, options: TrainOptions) -> tuple[int, ...]:
+    """The ranks of :data:`RANKS` the base's smallest targeted layer can hold (from its
+    config, on the meta device): a trial drawing a larger one would be refused after its base
+    loaded, and stop the whole search."""
+    from adapterkit.base.load import check_targets, inspect_structure, targeted_layers
+    from adapterkit.base.resolve import resolve_base
+
+    structure = inspect_structure(resolve_base(base, library.home).folder)
+    layers = targeted_layers(structure, check_targets(structure, options.target_modules))
+    limit = min((min(structure.linear[p]) for p in layers), default=max(RANKS))
+    fit = tuple(r for r in RANKS if r <= limit)
+    if not fit:
+        raise ConfigError(f"--search r draws ranks {', '.join(map(str, RANKS))}, and this "
+                          f"base's smallest targeted layer holds at most rank {limit}: leave r "
+                          "out of --search")
+    return fit
+
+
 def _suggest(trial: Any, space: list[str], options: TrainOptions,
-             planned: int) -> dict[str, Any]:
-    """The trial's options: the searched ones drawn, the rest as given."""
+             planned: int, ranks: tuple[int, ...] = RANKS) -> dict[str, Any]:
+    """The trial's options: the searched ones drawn (ranks among ``ranks``), the rest as
+    given."""
     settings: dict[str, Any] = {}
     if "lr" in space:
         settings["learning_rate"] = trial.suggest_float("lr", *LR_RANGE, log=True)
     if "r" in space:
-        r = trial.suggest_categorical("r", list(RANKS))
+        r = trial.suggest_categorical("r", list(ranks))
         settings.update(r=r, alpha=max(1, round(options.alpha * r / options.r)))
     if "steps" in space:
         settings["max_steps"] = trial.suggest_int("steps", max(1, planned // 2),
