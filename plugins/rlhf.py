@@ -116,12 +116,6 @@ class RLHF(Trainer):
         from adapterkit import ConfigError, NameTaken, RewardScorer
 
         o: RLHFOptions = trainer_options
-        if options.min_steps:  # epochs are resolved from rows per batch; GRPO's batch holds
-            # num_generations completions of each prompt, so the run would take that many
-            # times the steps asked for
-            raise ConfigError(f"--min-steps {options.min_steps}: rlhf's batches count "
-                              f"completions ({o.num_generations} per prompt), not rows, so "
-                              "it cannot be turned into epochs; give --max-steps N instead")
         if o.reward:
             RewardScorer.check_kind(library.get(o.reward))  # its base: once the base is loaded
             if options.eval_split:
