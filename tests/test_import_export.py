@@ -188,3 +188,21 @@ def test_a_long_target_list_is_read_as_peft_shortens_it(library, tmp_path):
     made = make_peft_adapter(base, tmp_path / "made", target_modules=names,
                              layers_to_transform=[0])
     assert library.import_peft(made, "made", base=str(base)).ref == "made@1"
+
+
+def test_the_finiteness_check_reads_float8_and_skips_integer_tensors(tmp_path):
+    """torch has no isfinite for float8: the import check widens it rather than fail."""
+    import torch
+    from safetensors.torch import save_file
+
+    from adapterkit.errors import InvalidAdapter
+    from adapterkit.library.peft_folder import _refuse_non_finite
+
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file({"a.lora_A.weight": torch.ones(2, 2).to(torch.float8_e4m3fn),
+               "steps": torch.tensor([3], dtype=torch.int64)}, weights)
+    _refuse_non_finite(weights, tmp_path)
+    save_file({"a.lora_B.weight": torch.tensor([[float("nan")]]).to(torch.float8_e4m3fn)},
+              weights)
+    with pytest.raises(InvalidAdapter, match="not finite numbers .* first a.lora_B.weight"):
+        _refuse_non_finite(weights, tmp_path)

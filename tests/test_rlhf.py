@@ -330,6 +330,8 @@ def test_an_rlhf_run_interrupted_in_its_reward_stage_resumes_or_restarts(rlhf_ru
             m.setattr("adapterkit.training.run.load_for_method", killed)
             with pytest.raises(KeyboardInterrupt):
                 rlhf(name, **{flag: True})
+        # a restart removed the stage's run first; a resume kept it (and its record)
+        assert (home / "runs" / f"{name}-reward").exists() == (flag == "resume")
         steps = Steps()
         result = rlhf(name, callbacks=[steps], **{flag: True})
         assert result.metrics["reward_book"] == f"{name}-reward@1"

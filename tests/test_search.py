@@ -16,7 +16,7 @@ from adapterkit.errors import RunStateError
 from adapterkit.library.metadata import CARD_FILE, WEIGHTS_FILE
 from adapterkit.library.store import Library
 from adapterkit.plugin_api.manager import get_plugin_manager
-from adapterkit.training.search import RANKS, SearchFailed, _ranks_that_fit, search
+from adapterkit.training.search import SearchFailed, _ranks_that_fit, search
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +42,18 @@ def options(**kw):
 
 def test_the_best_trial_is_kept_under_the_name_and_the_others_discarded(
         tiny_base, home, pairs, pm):
-    # (the ranks drawn are those the tiny base's smallest targeted layers hold: with the seed
-    # 0 a draw of rank 64 stopped the whole search once its base had loaded)
+    # (the ranks drawn are those the tiny base's smallest targeted layers hold: a draw of
+    # rank 64 stopped the whole search once its base had loaded)
     said = []
     result = search("sft", base=str(tiny_base), data=str(pairs), name="colours",
                     space=["lr", "r"], trials=3, options=options(seed=0), home=home, plugins=pm,
                     progress=said.append)
     library = Library(home)
-    fit = _ranks_that_fit(str(tiny_base), library, options())
-    assert fit != RANKS and all(row["r"] in fit for row in result.trials)
-    assert any(f"ranks {', '.join(map(str, fit))} (those this base's smallest targeted layer "
-               "can hold)" in line for line in said)
+    # the tiny base's k/v projections give out 2 heads × 16 = 32 features (a hand value)
+    assert _ranks_that_fit(str(tiny_base), library, options()) == (4, 8, 16, 32)
+    assert max(row["r"] for row in result.trials) <= 32
+    assert any("ranks 4, 8, 16, 32 (those this base's smallest targeted layer can hold)" in line
+               for line in said)
     assert [s.name for s in library.list(all_versions=True)] == ["colours"]
     table = result.trials
     assert [row["trial"] for row in table] == [0, 1, 2]
@@ -657,3 +658,22 @@ def test_the_sampler_draws_at_random_for_half_the_trials_then_by_tpe(tmp_path):
     plain = draws(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=7)), 8)
     assert searched[:4] == plain[:4]
     assert all(a != b for a, b in zip(searched[4:], plain[4:]))
+
+
+def test_a_study_drawn_from_other_ranks_is_refused_on_resume_in_one_line(home, tmp_path):
+    """A search recorded before ranks were fitted to the base drew from all five; going on
+    from its study with fewer choices made Optuna raise ("CategoricalDistribution does not
+    support dynamic value space") on every --resume, a traceback that left the trial RUNNING."""
+    import optuna
+
+    from adapterkit.errors import RunStateError
+    from adapterkit.training.search import _study
+
+    library = Library(home)
+    folder = tmp_path / ".search-x"
+    old_setup = {"trainer": "sft", "space": ["r"]}
+    _study(optuna, folder, "x", 0, resume=False, restart=False, library=library, trials=2,
+           setup=old_setup)
+    with pytest.raises(RunStateError, match="ran with other settings .*ranks.* --restart"):
+        _study(optuna, folder, "x", 0, resume=True, restart=False, library=library, trials=2,
+               setup={**old_setup, "ranks": [4, 8, 16, 32]})

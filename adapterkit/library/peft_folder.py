@@ -582,8 +582,9 @@ def _refuse_non_finite(weights: Path, folder: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
-        broken = [key for key in f.keys()
-                  if (t := f.get_tensor(key)).is_floating_point() and not bool(torch.isfinite(t).all())]
+        broken = [key for key in f.keys() if (t := f.get_tensor(key)).is_floating_point()
+                  # (float8 has no isfinite of its own: widened first)
+                  and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())]
     if broken:
         raise InvalidAdapter(f"{folder}'s weights hold values that are not finite numbers (inf "
                              f"or NaN) in {len(broken)} tensor(s), first {broken[0]}: it was "

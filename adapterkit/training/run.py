@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import ConfigError, LaunchError, RunStateError
+from adapterkit.errors import ConfigError, InvalidName, LaunchError, RunStateError
 from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import WEIGHTS_FILE, PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
@@ -779,11 +779,21 @@ def _epochs_of(checkpoint: str) -> float | None:
 
 
 def _started_stages(workdir: Path) -> list[str]:
+    """The stages this run recorded, those that are pocket-book names only (a bad name, which
+    its own run refused, never reaches the folders a --restart removes)."""
+    from adapterkit.library.names import validate_name
+
     try:
         names = json.loads((workdir / STAGES_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    out = []
+    for name in names if isinstance(names, list) else []:
+        try:
+            out.append(validate_name(name))
+        except InvalidName:
+            continue
+    return out
 
 
 def _has_checkpoint(workdir: Path) -> bool:

@@ -191,7 +191,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     if budget is not None and str(options.general).lower() == GENERAL_OFF:
         raise ConfigError("--budget keeps trials by their forgetting figure, which --general "
                           "off turns off: leave one out")
-    rank_choices = _ranks_that_fit(base, library, options) if "r" in space else RANKS
+    rank_choices = _ranks_that_fit(base, library, options, say) if "r" in space else RANKS
     general = options.general or ("general" if budget is not None else None)
     # each trial is scored on the split as trained: no early stopping choosing on it too
     base_options = dataclasses.replace(options, eval_split=split, general=general,
@@ -234,6 +234,8 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     setup = _setup(trainer, base=base, data=data, data_sha256=dataset.sha256, space=space,
                    budget=budget, on=on, start_from=start_from, options=base_options,
                    processes=processes)
+    if rank_choices != RANKS:  # a study drawn from other ranks cannot go on with these (Optuna
+        setup["ranks"] = list(rank_choices)  # refuses another categorical space)
     study = _study(optuna, folder, plain, options.seed, resume=resume, restart=restart,
                    library=library, setup=setup, trials=trials)
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -455,14 +457,15 @@ def _check_trial_names(library: Library, name: str, ours: set[str]) -> None:
                           "another NAME")
 
 
-def _ranks_that_fit(base: str, library: Library, options: TrainOptions) -> tuple[int, ...]:
+def _ranks_that_fit(base: str, library: Library, options: TrainOptions,
+                    say: Callable[[str], None] | None = None) -> tuple[int, ...]:
     """The ranks of :data:`RANKS` the base's smallest targeted layer can hold (from its
     config, on the meta device): a trial drawing a larger one would be refused after its base
     loaded, and stop the whole search."""
     from adapterkit.base.load import check_targets, inspect_structure, targeted_layers
     from adapterkit.base.resolve import resolve_base
 
-    structure = inspect_structure(resolve_base(base, library.home).folder)
+    structure = inspect_structure(resolve_base(base, library.home, progress=say).folder)
     layers = targeted_layers(structure, check_targets(structure, options.target_modules))
     limit = min((min(structure.linear[p]) for p in layers), default=max(RANKS))
     fit = tuple(r for r in RANKS if r <= limit)
