@@ -48,7 +48,8 @@ def train_triage(home: Path, steps: int | None) -> str:
     import adapterkit
 
     options = adapterkit.TrainOptions(
-        learning_rate=1e-3, r=16, alpha=32, batch_size=8, epochs=1, max_steps=steps or -1,
+        learning_rate=1e-3, r=16, alpha=32, batch_size=8, epochs=None if steps else 1,
+        max_steps=steps or -1,
         general="general", logging_steps=5, forgetting_budget=1.0, guard_weight=0.3, seed=0)
     base = adapterkit.load_base("smollm2-135m", home=home)
     result = adapterkit.train("sft", base=base, data=str(DATA / "triage_train.jsonl"),
