@@ -275,10 +275,10 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     if stages and not resume:  # (before the base loads; the stage would refuse after it)
         raise RunStateError(f"an interrupted run of {', '.join(stages)} (a stage of {ref}) "
                             "exists; pass --resume to continue it or --restart to discard it")
-    # interrupted in a stage, before this run's own first checkpoint: the stage resumes
-    resume_from = None if stages and not _has_checkpoint(workdir) else \
-        _checkpoint(workdir, resume=resume, restart=restart, name=str(ref)) if checkpoint \
-        else None
+    resume_from = None
+    if checkpoint and not (stages and not _has_checkpoint(workdir)):  # (interrupted in a
+        # stage, before this run's own first checkpoint: the stage resumes, the run starts)
+        resume_from = _checkpoint(workdir, resume=resume, restart=restart, name=str(ref))
     if resume_from and not epochs_given and options.max_steps <= 0:  # the epochs it set out
         # for, whatever this resume's processes or split would resolve: the schedule goes on
         # as it started (whole epochs, as min_steps resolves them and transformers records)
@@ -796,16 +796,19 @@ def _started_stages(workdir: Path) -> list[str]:
     return out
 
 
-def _has_checkpoint(workdir: Path) -> bool:
+def last_checkpoint(workdir: Path) -> str | None:
+    """The last checkpoint a run left in ``workdir`` (transformers' own rule), if any."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    return workdir.is_dir() and get_last_checkpoint(str(workdir)) is not None
+    return get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
+
+
+def _has_checkpoint(workdir: Path) -> bool:
+    return last_checkpoint(workdir) is not None
 
 
 def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
+    last = last_checkpoint(workdir)
     if resume:
         if last is None:
             raise RunStateError(f"there is no interrupted run of {name} to resume; "
