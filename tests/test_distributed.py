@@ -332,7 +332,8 @@ def test_killing_the_launcher_outright_ends_its_ranks_and_saves_nothing(tiny_bas
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait(timeout=30)  # not communicate(): surviving ranks would hold its pipes open
     while any(_alive(pid) for pid in ranks.values()):
-        assert time.monotonic() - killed < 30, "ranks still running 30 s after their launcher"
+        # (alone they stop within a second or two; the bound leaves room for a loaded machine)
+        assert time.monotonic() - killed < 60, "ranks still running 60 s after their launcher"
         time.sleep(0.02)
     print(f"kill -9 of the launcher → every rank gone: {time.monotonic() - killed:.2f} s")
     assert_nothing_saved(home, "o")
