@@ -62,6 +62,25 @@ def test_stack_and_merge_commands(cli, two, home):
     assert shown["parents"] == ["law@1", "code@1"] and shown["hyperparameters"]["rank"] == 4
 
 
+def test_stack_and_merge_call_the_saved_hook(two, home):
+    """``pocket_book_saved`` is documented as called after every save, the command line's
+    ``stack`` and ``merge`` included (they once built a library without the plugins)."""
+    from adapterkit.plugin_api.hookspecs import hookimpl
+
+    seen = []
+
+    class Watcher:
+        @hookimpl
+        def pocket_book_saved(self, pocket_book):
+            seen.append(pocket_book.ref)
+
+    cli = build_cli(get_plugin_manager(env=False, plugins={"watcher": Watcher()}))
+    run(cli, "stack", "law", "code", "--name", "lc")
+    run(cli, "stack", "law", "code", "--name", "flat", "--flatten")
+    run(cli, "merge", "law", "code", "--method", "linear", "--name", "m")
+    assert seen == ["lc@1", "flat@1", "m@1"]
+
+
 @pytest.mark.parametrize("args,match", [
     (["stack", "law", "code", "--weights", "1", "--name", "x"], "2 pocket books but 1 weights"),
     (["stack", "law", "code", "--weights", "1,a", "--name", "x"], "comma-separated numbers"),

@@ -8,7 +8,7 @@ import time
 import click
 from click.core import ParameterSource
 
-from adapterkit.cli.common import check_sampling, obj, say
+from adapterkit.cli.common import check_sampling, library, obj, say
 from adapterkit.errors import AdapterkitError, ConfigError
 
 
@@ -289,12 +289,11 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
 def stack_cmd(ctx: click.Context, names: tuple[str, ...], weights: str | None, name: str,
               flatten: bool) -> None:
     """Save pocket books NAMES as a stack: their deltas weighted and summed when active."""
-    from adapterkit.library.store import Library
     from adapterkit.lora.combine import stack
 
     if len(names) < 2:
         raise ConfigError("a stack needs at least two pocket books")
-    book = stack(Library(obj(ctx)["home"]), list(names), _weights(weights, len(names)),
+    book = stack(library(ctx), list(names), _weights(weights, len(names)),
                  name=name, flatten=flatten)
     kind = "flattened adapter" if flatten else "stack"
     click.echo(f"Saved {book.ref} ({kind} of {', '.join(book.meta.parents)})")
@@ -313,12 +312,11 @@ def stack_cmd(ctx: click.Context, names: tuple[str, ...], weights: str | None, n
 def merge_cmd(ctx: click.Context, names: tuple[str, ...], method: str, weights: str | None,
               name: str, rank: int | None, density: float | None) -> None:
     """Merge pocket books NAMES into one new pocket book with a registered strategy."""
-    from adapterkit.library.store import Library
     from adapterkit.lora.combine import merge
 
     state = obj(ctx)
     start = time.perf_counter()
-    book = merge(Library(state["home"]), list(names), _weights(weights, len(names)),
+    book = merge(library(ctx), list(names), _weights(weights, len(names)),
                  method=method, name=name, rank=rank, density=density, plugins=state["plugins"])
     click.echo(f"Saved {book.ref}: {method} of {', '.join(book.meta.parents)} "
                f"in {time.perf_counter() - start:.2f} s")
@@ -343,7 +341,7 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
     be recorded). The base is loaded in full precision, also for a pocket book
     trained on a 4-bit one (the record says so).
     """
-    from adapterkit.cli.common import echo_json, library, machine_error
+    from adapterkit.cli.common import echo_json, machine_error
     from adapterkit.errors import AdapterkitError
     from adapterkit.runtime.verify import record_verification, verify
 
