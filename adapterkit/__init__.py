@@ -69,6 +69,9 @@ _LAZY = {
     "validate_name": "library.names",
     "MergeInput": "lora.combine",
     "MergeOutput": "lora.combine",
+    "merge": "lora.combine",
+    "stack": "lora.combine",
+    "concatenate": "lora.combine",
     "RewardScorer": "training.reward",
     "Factors": "lora.factors",
     "plain_config": "lora.factors",
@@ -108,6 +111,7 @@ if TYPE_CHECKING:  # pragma: no cover
         load_base,
     )
     from adapterkit.library.peft_folder import check_fits, read_adapter
+    from adapterkit.lora.combine import MergeInput, MergeOutput, concatenate, merge, stack
     from adapterkit.lora.factors import Factors, pad, plain_config, tensors_of
     from adapterkit.runtime.peft_model import loadable_together, peft_model
     from adapterkit.runtime.session import Session, open_session

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter
+from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter, PluginError
 from adapterkit.library.integrity import check_book, recorded_structure
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
 from adapterkit.library.peft_folder import read_config
@@ -36,6 +36,7 @@ from adapterkit.lora.factors import (
 from adapterkit.lora.factors import scale_of as factors_scale_of
 
 if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.base.load import BaseStructure
     from adapterkit.plugin_api.manager import PluginManager
 
 
@@ -170,6 +171,9 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
 
     out = strategy.merge(adapters=inputs, weights=weights, rank=rank, density=density,
                          base_model=base_model)
+    _check_output(out, f"merge strategy {method!r} (plugin "
+                       f"{pm.merge_strategies.entries[method].plugin!r})",
+                  recorded_structure(books[0], library.home))
     meta = PocketBookMeta(
         name=target.name, version=0, base=dict(books[0].meta.base), method="lora",
         trainer=None, parents=[b.ref for b in books],
@@ -178,6 +182,32 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         source={"kind": "merge", "method": method},
     )
     return save_adapter(library, out, meta, str(target))
+
+
+def _check_output(out: Any, who: str, structure: BaseStructure | None) -> None:
+    """A strategy's result is a PEFT adapter of this base before it is saved: the library
+    would otherwise hold a pocket book that fails (or changes nothing) on every load, and
+    ``verify`` would blame the files rather than the strategy that made them."""
+    from adapterkit.library.peft_folder import AdapterFiles, fit_problems
+
+    if not isinstance(out, MergeOutput) or not isinstance(out.config, dict) \
+            or not isinstance(out.tensors, dict):
+        raise PluginError(f"{who} returned {type(out).__name__}, not an adapterkit.MergeOutput "
+                          "(config dict, tensors dict); nothing was saved. Fix the strategy, "
+                          "or merge with another --method")
+    if not out.tensors:
+        raise PluginError(f"{who} returned no tensors: the result would change nothing; "
+                          "nothing was saved")
+    if structure is None:  # the base is not on this machine: its loads check the fit
+        return
+    files = AdapterFiles(folder=Path("merge"), config=out.config, pickled=False,
+                         shapes={k: tuple(getattr(v, "shape", ())) for k, v in out.tensors.items()})
+    problems = fit_problems(files, structure)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PluginError(f"{who} returned an adapter that does not fit the base: "
+                          f"{problems[0]}{more}; nothing was saved. Fix the strategy, or "
+                          "merge with another --method")
 
 
 def _using(pm: PluginManager, flag: str) -> list[str]:

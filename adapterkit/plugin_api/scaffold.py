@@ -111,11 +111,15 @@ class {cls}(Trainer):
         from transformers import TrainingArguments
 
         tok = job.tokenizer
-        data = job.train_dataset().map(
-            lambda row: tok(row["text"], truncation=True, max_length=job.options.max_length),
-            remove_columns=["text"])
+
+        def tokens(dataset):  # None without --eval-split
+            return None if dataset is None else dataset.map(
+                lambda row: tok(row["text"], truncation=True, max_length=job.options.max_length),
+                remove_columns=["text"])
+
         trainer = HFTrainer(model=job.model, args=TrainingArguments(**job.training_arguments()),
-                            train_dataset=data, callbacks=job.callbacks,
+                            train_dataset=tokens(job.train_dataset()),
+                            eval_dataset=tokens(job.eval_dataset()), callbacks=job.callbacks,
                             data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
         job.configure(trainer)
         trainer.train(resume_from_checkpoint=job.resume_from)
@@ -137,9 +141,10 @@ def test_trains_and_the_loss_falls(adapterkit_plugin_manager, adapterkit_tiny_ba
     result = train("{name}", base=str(adapterkit_tiny_base), data=str(adapterkit_data["text"]),
                    name="t", plugins=pm, home=adapterkit_home,
                    options=TrainOptions(max_steps=20, batch_size=4, learning_rate=3e-2,
-                                        logging_steps=2))
+                                        logging_steps=2, eval_split=0.25))
     m = result.metrics
     assert m["train_loss_final"] < m["train_loss_first"]
+    assert m["eval"]["loss"] > 0  # the held-out rows, scored
 ''', "adapterkit train {name} --base BASE --data notes.txt --name NAME"),
     "merge": ('''\
 """{name}: an adapterkit merge strategy (weighted average of the deltas, exact rank)."""
@@ -155,7 +160,7 @@ class {cls}(MergeStrategy):
     allows_negative = False
 
     def merge(self, *, adapters, weights, **_):
-        from adapterkit.lora.combine import concatenate
+        from adapterkit import concatenate
 
         total = sum(weights)
         return concatenate(adapters, [w / total for w in weights], path="merge --method {name}")
@@ -170,7 +175,7 @@ import {module}
 
 def test_merges_two_pocket_books(adapterkit_plugin_manager, adapterkit_library,
                                  adapterkit_tiny_base, tmp_path):
-    from adapterkit.lora.combine import merge
+    from adapterkit import merge
     from adapterkit.plugin_api.testing import make_peft_adapter
 
     for name, seed in (("a", 1), ("b", 2)):

@@ -23,6 +23,7 @@ from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import is_bias, refuse_inexact, saved_names
 
 if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.lora.combine import MergeInput
     from adapterkit.plugin_api.manager import PluginManager
 
 
@@ -113,8 +114,8 @@ def _weigh(model: Any, weights: dict[str, tuple[str, float]]) -> None:
         WeightOverflow.check(w, peak, dtype, ref=ref)
 
 
-def loadable_together(book: PocketBook, copy: Path, *, alone: bool) -> Path:
-    """``book``'s folder, in a form PEFT loads beside other adapters: PEFT takes only one
+def loadable_together(book: PocketBook | MergeInput, copy: Path, *, alone: bool) -> Path:
+    """``book``'s folder (a pocket book's, or a merge strategy's member's), in a form PEFT loads beside other adapters: PEFT takes only one
     adapter with ``bias != "none"`` at a time, so one that says so but saved no bias tensor
     (the same adapter) is given as a copy that says ``"none"``; one that saved biases is
     refused, naming them."""

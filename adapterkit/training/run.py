@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import ConfigError, InvalidName, LaunchError, RunStateError
+from adapterkit.errors import ConfigError, InvalidName, LaunchError, PluginError, RunStateError
 from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import WEIGHTS_FILE, PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
@@ -195,6 +195,8 @@ class _Run:
     tracked: TrackedRun | None = None
     #: Where a resumed run starts (:func:`adapterkit.training.save.resumed_at`).
     resumed: dict[str, int] | None = None
+    #: The plugin that registered the trainer (named when it misbehaves).
+    plugin: str = ""
 
 
 @dataclass
@@ -433,7 +435,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     return _Run(trainer, trainer_obj, library, ref, dataset, eval_data, loaded,
                 parent, underlay, guard, general, head, job,
                 workdir, say, stages_saved, tracked=tracked,
-                resumed=resumed_at(c.resume_from))
+                resumed=resumed_at(c.resume_from), plugin=pm.trainers.entries[trainer].plugin)
 
 
 def _view(c: _Checked) -> dict[str, Any]:
@@ -496,6 +498,22 @@ def _check_together(check: Callable[..., _Checked], *, main: bool,
     return c
 
 
+def _check_state(run: _Run, state: Any) -> None:
+    """A trainer plugin's ``train`` returns its state; one that returned nothing, or a state
+    of no optimizer step, trained nothing — saving it would put an untrained pocket book in
+    the library as if it were one."""
+    steps = getattr(state, "global_step", None)
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        return
+    owner = f"plugin {run.plugin!r}" if run.plugin else "its plugin"
+    what = ("returned None" if state is None else
+            f"returned a state of {steps!r} optimizer steps" if steps is not None else
+            f"returned a {type(state).__name__} without global_step")
+    raise PluginError(f"trainer {run.trainer!r} ({owner}) {what}: nothing was trained, and "
+                      "nothing was saved. Its train() must return the trainer's state "
+                      "(transformers' trainer.state) after at least one step")
+
+
 class _FollowsMain(ConfigError):
     """The main process refused the run: it reports why; this rank only stops."""
 
@@ -507,9 +525,12 @@ def _run(run: _Run) -> Any:
     stage left saved (nothing of this pocket book is)."""
     try:
         if run.tracked is None:
-            return run.trainer_obj.train(job=run.job)
-        with run.tracked.active():
-            return run.trainer_obj.train(job=run.job)
+            state = run.trainer_obj.train(job=run.job)
+        else:
+            with run.tracked.active():
+                state = run.trainer_obj.train(job=run.job)
+        _check_state(run, state)
+        return state
     except BaseException as exc:
         if run.stages_saved:  # an earlier stage finished and is in the library: say so
             run.say(f"{', '.join(run.stages_saved)} (an earlier stage) was saved; {run.ref} was "

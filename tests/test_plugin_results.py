@@ -1,0 +1,138 @@
+"""What a plugin hands back is checked before anything is saved: a broken trainer or merge
+strategy is named, and the library never holds an untrained or misfitting pocket book."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from adapterkit import MergeOutput, MergeStrategy, PluginError, Trainer, TrainOptions, hookimpl
+from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.plugin_api.testing import make_peft_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def manager(*items, kind):
+    class Plugin:
+        pass
+
+    def register(self, register):
+        for item in items:
+            register(item)
+
+    setattr(Plugin, f"register_{kind}", hookimpl(register))
+    return get_plugin_manager(entry_points=True, env=False, plugins={"broken": Plugin()})
+
+
+def assert_nothing_saved(library, name):
+    assert not [s for s in library.list() if s.name == name]
+
+
+class Returns(Trainer):
+    data_shapes = ("text",)
+
+    def __init__(self, name, state):
+        self.name = name
+        self.state = state
+
+    def train(self, *, job, **_):
+        assert job.model is not None  # builds the PEFT model, as a trainer does first
+        return self.state
+
+
+@pytest.mark.parametrize("state,says", [
+    (None, "returned None"),
+    (types.SimpleNamespace(global_step=0, log_history=[]), "returned a state of 0 optimizer"),
+    ({"loss": 1.0}, "returned a dict without global_step"),
+])
+def test_a_trainer_that_trained_nothing_saves_nothing(tiny_base, adapterkit_data, home, library,
+                                                      state, says):
+    from adapterkit import train
+
+    pm = manager(Returns("lazy", state), kind="trainers")
+    with pytest.raises(PluginError, match=re.escape(says)) as caught:
+        train("lazy", base=str(tiny_base), data=str(adapterkit_data["text"]), name="x",
+              plugins=pm, home=home, options=TrainOptions(max_steps=1, general="off"))
+    assert "trainer 'lazy' (plugin 'broken')" in str(caught.value)
+    assert_nothing_saved(library, "x")
+
+
+class Hands(MergeStrategy):
+    allows_negative = False
+
+    def __init__(self, name, make):
+        self.name = name
+        self.make = make
+
+    def merge(self, *, adapters, weights, **_):
+        return self.make(adapters)
+
+
+def _wrong_names(adapters):
+    import torch
+
+    return MergeOutput(dict(adapters[0].config), {"foo.bar": torch.zeros(2, 2)})
+
+
+def _wrong_shape(adapters):
+    tensors = adapters[0].tensors()
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = tensors[key][:, :-1]  # one input column short of its layer
+    return MergeOutput(dict(adapters[0].config), tensors)
+
+
+@pytest.mark.parametrize("make,says", [
+    (lambda adapters: None, "returned NoneType, not an adapterkit.MergeOutput"),
+    (lambda adapters: MergeOutput(dict(adapters[0].config), {}), "returned no tensors"),
+    (_wrong_names, "returned an adapter that does not fit the base"),
+    (_wrong_shape, "returned an adapter that does not fit the base"),
+])
+def test_a_merge_strategys_broken_result_is_refused_naming_it(library, tiny_base, tmp_path,
+                                                               make, says):
+    from adapterkit import merge
+
+    for name, seed in (("a", 1), ("b", 2)):
+        library.import_peft(make_peft_adapter(tiny_base, tmp_path / name, seed=seed), name,
+                            base=str(tiny_base))
+    pm = manager(Hands("bent", make), kind="merge_strategies")
+    with pytest.raises(PluginError, match=re.escape(says)) as caught:
+        merge(library, ["a", "b"], None, method="bent", name="m", plugins=pm)
+    assert "merge strategy 'bent' (plugin 'broken')" in str(caught.value)
+    assert "nothing was saved" in str(caught.value)
+    assert_nothing_saved(library, "m")
+
+
+# -- the guide's examples run as written ---------------------------------------------------
+
+def _guide_example(marker: str) -> str:
+    guide = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", guide, flags=re.S)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, marker
+    return found[0]
+
+
+def test_the_guides_kto_trainer_trains_with_and_without_an_eval_split(tiny_base, home,
+                                                                      adapterkit_data, library,
+                                                                      monkeypatch):
+    """docs/plugins.md's trainer example, as printed: it once read prompt/completion rows that
+    carry no label, which TRL's KTOTrainer needs, and failed in TRL on any data."""
+    from adapterkit import train
+
+    module = types.ModuleType("kto_example")
+    monkeypatch.setitem(sys.modules, "kto_example", module)  # (dataclasses look it up)
+    exec(compile(_guide_example("class KTO(Trainer)"), "docs/plugins.md", "exec"),
+         module.__dict__)
+    pm = get_plugin_manager(entry_points=True, env=False, plugins={"kto_example": module})
+    for name, split in (("k", 0.0), ("ke", 0.25)):
+        result = train("kto", base=str(tiny_base), data=str(adapterkit_data["preference"]),
+                       name=name, plugins=pm, home=home,
+                       options=TrainOptions(max_steps=2, batch_size=4, general="off",
+                                            eval_split=split, trainer_options={"beta": 0.2}))
+        assert result.metrics["steps"] == 2
+        assert library.get(name).meta.hyperparameters
