@@ -400,6 +400,7 @@ def test_a_rank_that_cannot_read_the_checkpoint_the_main_one_resumes_is_refused(
 LONER = '''
 """A trainer plugin with its own loop that does not keep its ranks in step."""
 import os
+import types
 
 import torch
 
@@ -416,7 +417,7 @@ class Loner(Trainer):
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.01 * (1 + int(os.environ.get("RANK", "0"))))
-        return None
+        return types.SimpleNamespace(global_step=1, log_history=[])
 
 
 @hookimpl
