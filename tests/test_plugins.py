@@ -34,6 +34,7 @@ def test_inline_plugin_registers_each_kind():
         def register_trainers(self, register):
             t = Trainer()
             t.name = "toy"
+            t.data_shapes = ("text",)
             register(t)
 
     pm = get_plugin_manager(entry_points=False, env=False, plugins={"mine": Plugin()})

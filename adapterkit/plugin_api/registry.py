@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from adapterkit.errors import PluginError
+from adapterkit.plugin_api.option_types import options_class_problems
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftConfig
+
+#: The standard shapes of training rows, which ``Trainer.data_shapes`` and ``DataFormat.shape``
+#: name (their columns: :data:`adapterkit.training.data.SHAPES`, which keeps the same names).
+STANDARD_SHAPES = ("text", "prompt_completion", "messages", "preference")
 
 
 class Registrable:
@@ -62,7 +67,8 @@ class Trainer(Registrable):
     """A training objective that turns data into a pocket book (``sft``, ``dpo``, ``rlhf``...)."""
 
     kind = "trainer"
-    #: Standard data shapes this trainer reads, e.g. ``("text", "prompt_completion", "messages")``.
+    #: Standard data shapes this trainer reads, e.g. ``("text", "prompt_completion", "messages")``
+    #: (:data:`STANDARD_SHAPES`; registration refuses none or any other).
     data_shapes: tuple[str, ...] = ()
     #: What the new pocket book sits on: ``"causal-lm"`` (a policy that generates) or
     #: ``"reward"`` (a scalar head on the same base: a reward pocket book, which scores text).
@@ -89,7 +95,9 @@ class Trainer(Registrable):
     #: types, and what the dataclass finds itself (``__post_init__`` raising ``ValueError``, or
     #: ``check(self, options: TrainOptions) -> list[str]`` returning one line per problem) —
     #: then hands the instance to :meth:`train` as ``job.trainer_options``. ``None``: the
-    #: trainer takes no trainer options, and any given is refused.
+    #: trainer takes no trainer options, and any given is refused. Registration refuses options
+    #: that are not a dataclass class, or whose fields are not of ``option_types.OPTION_TYPES`` or
+    #: default to a value not of their type (:func:`options_class_problems`).
     options: type[Any] | None = None
     #: Training options this trainer uses where a run leaves them unset (``None``: no flag,
     #: recipe key or Python argument gave them), e.g. ``{"learning_rate": 1e-3}``: defaults
@@ -148,7 +156,7 @@ class DataFormat(Registrable):
     #: Columns that identify this format; a file matches when it has all of them.
     columns: tuple[str, ...] = ()
     #: The standard shape rows are converted to: ``text``, ``prompt_completion``, ``messages``
-    #: or ``preference``.
+    #: or ``preference`` (:data:`STANDARD_SHAPES`; registration refuses any other).
     shape: str = "text"
 
     def matches(self, columns: set[str]) -> bool:
@@ -205,6 +213,9 @@ class Registry(Generic[T]):
                 f"plugin {plugin!r} defines its {self.kind} name as `{name}` "
                 f"but that name is already used by {owner!r}"
             )
+        problem = _item_problem(item)
+        if problem:  # refused now, not at the first run that would trip on it
+            raise PluginError(f"plugin {plugin!r} cannot register {self.kind} {name!r}: {problem}")
         self.entries[name] = Entry(item, plugin)  # type: ignore[arg-type]
 
     def get(self, name: str) -> T:
@@ -223,3 +234,21 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         return (e.item for e in self.entries.values())
+
+
+def _item_problem(item: Any) -> str:
+    """Why ``item`` could never work, told to its plugin's author ('' when nothing is wrong):
+    shapes no data file can have, options no value can be typed by."""
+    shapes = ", ".join(STANDARD_SHAPES)
+    if isinstance(item, Trainer):
+        declared = item.data_shapes
+        if not isinstance(declared, (tuple, list)) or not declared \
+                or any(s not in STANDARD_SHAPES for s in declared):
+            return (f"data_shapes = {declared!r} is not a tuple of the standard shapes it reads: "
+                    f"name them from {shapes} (a DataFormat plugin converts other rows)")
+        if item.options is not None:
+            return "; ".join(options_class_problems(item.options))
+    if isinstance(item, DataFormat) and item.shape not in STANDARD_SHAPES:
+        return (f"shape = {item.shape!r} is not a standard shape: convert rows to one of "
+                f"{shapes} and name it")
+    return ""

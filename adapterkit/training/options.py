@@ -12,12 +12,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_type_hints
 
 from adapterkit.errors import ConfigError, PluginError
+from adapterkit.plugin_api.option_types import (
+    coerce_option,
+    describe_option,
+    options_class_problems,
+    without_none,
+)
 from adapterkit.training.tracking import tracker_problems, trackers_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,87 +114,6 @@ _POSITIVE = ("r", "alpha", "batch_size", "grad_accum", "max_length", "logging_st
 _MAX_SEED = 2**32 - 1
 
 
-def _coerce(name: str, value: Any, kind: Any, problems: list[str]) -> Any:
-    """``value`` (from YAML or ``--set``: a string, number, bool or list) as the type hint
-    ``kind`` says, or None with the problem recorded in ``problems``.
-
-    Understands ``bool``, ``int``, ``float`` (``1%`` reads as 1.0), ``str`` (a list is joined
-    with commas), ``dict``, ``list[X]`` (a list, or a comma-separated string), ``Literal[...]``
-    (matched case-insensitively, so ``true`` matches ``"true"``) and any of them ``| None``.
-    """
-    kind, nullable = _without_none(kind)
-    if value is None:
-        return None if nullable else _fail(name, value, "a value", problems)
-    origin = get_origin(kind) or kind
-    try:
-        if origin is Literal:
-            for choice in get_args(kind):
-                if str(choice).lower() == str(value).lower():
-                    return choice
-            return _fail(name, value, _describe(kind), problems)
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "1", "on"):
-                return True
-            if str(value).lower() in ("false", "no", "0", "off"):
-                return False
-            return _fail(name, value, "true or false", problems)
-        if origin is dict:
-            return dict(value) if isinstance(value, dict) else _fail(name, value, "a mapping", problems)
-        if origin is list:
-            items = [v.strip() for v in value.split(",") if v.strip()] \
-                if isinstance(value, str) else value
-            if not isinstance(items, (list, tuple)):
-                return _fail(name, value, "a list", problems)
-            item_kind = (get_args(kind) or (str,))[0]
-            return [_coerce(f"{name}[{i}]", item, item_kind, problems)
-                    for i, item in enumerate(items)]
-        if kind in (int, float) and isinstance(value, bool):  # YAML's true is not 1
-            return _fail(name, value, _describe(kind), problems)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                return _fail(name, value, "an integer", problems)
-            return int(value)
-        if kind is float:
-            if isinstance(value, str) and value.endswith("%"):
-                value = value[:-1]
-            number = float(value)
-            # nan passes every range check (each comparison is false) and inf is no setting
-            if not math.isfinite(number):
-                return _fail(name, value, "a finite number", problems)
-            return number
-        if isinstance(value, (list, tuple)):
-            return ",".join(map(str, value))
-        return str(value)
-    except (TypeError, ValueError):
-        return _fail(name, value, getattr(kind, "__name__", str(kind)), problems)
-
-
-def _without_none(kind: Any) -> tuple[Any, bool]:
-    """``X | None`` → (X, True); anything else → (itself, False)."""
-    if get_origin(kind) in (Union, types.UnionType) and type(None) in get_args(kind):
-        rest = [a for a in get_args(kind) if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else kind), True
-    return kind, False
-
-
-def _describe(kind: Any) -> str:
-    """What a value of the type hint ``kind`` looks like, in a user's words."""
-    kind, _ = _without_none(kind)
-    origin = get_origin(kind) or kind
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, get_args(kind)))
-    words = {bool: "true or false", int: "an integer", float: "a number", dict: "a mapping",
-             list: "a list (YAML [a, b] or a,b)", str: "a string"}
-    return words.get(origin, getattr(kind, "__name__", str(kind)))
-
-
-def _fail(name: str, value: Any, expected: str, problems: list[str]) -> None:
-    problems.append(f"{name}: expected {expected}, got {value!r}")
-    return None
-
-
 def build_options(recipe: str | os.PathLike[str] | None = None,
                   overrides: dict[str, Any] | None = None, *,
                   trainer: Trainer | None = None) -> TrainOptions:
@@ -216,7 +140,7 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
         if name == "general" and (value is False or str(value).lower() == "off"):
             value = GENERAL_OFF  # no forgetting figure, even where the trainer measures one
         if name in known:
-            clean[name] = _coerce(name, value, hints[name], problems)
+            clean[name] = coerce_option(name, value, hints[name], problems)
     problems += tracker_problems(clean.get("report_to"))  # as given: "none" beside others
     if clean.get("report_to") is not None:
         clean["report_to"] = trackers_of(clean["report_to"])
@@ -370,6 +294,8 @@ def build_trainer_options(trainer: Trainer, options: TrainOptions | None = None)
 
     :returns: an instance of ``trainer.options`` (defaults where nothing was given), or
         ``None`` for a trainer that takes no trainer options.
+    :raises PluginError: where ``trainer.options`` itself cannot type options (the plugin's
+        bug: :func:`adapterkit.plugin_api.option_types.options_class_problems`).
     """
     instance, problems = _trainer_options(trainer, options or TrainOptions())
     if problems:
@@ -386,16 +312,12 @@ def _trainer_options(trainer: Trainer, options: TrainOptions) -> tuple[Any, list
             return None, []
         return None, [f"the {trainer.name} trainer takes no trainer options (--set KEY=VALUE "
                       f"or a recipe's trainer_options:), got {', '.join(map(str, given))}"]
-    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
-        raise PluginError(f"trainer {trainer.name!r} declares options = {schema!r}, which is "
-                          "not a dataclass")
-    try:
-        hints = get_type_hints(schema)
-    except Exception as exc:  # a plugin's annotation that does not resolve: its bug, not yours
-        raise PluginError(f"trainer {trainer.name!r}: the type hints of {schema.__name__} "
-                          f"cannot be read ({exc})") from None
-    fields = [f for f in dataclasses.fields(schema) if f.init]
-    known = [f.name for f in fields]
+    wrong = options_class_problems(schema)  # registering refuses these; a bare Trainer() not
+    if wrong:
+        raise PluginError(f"trainer {trainer.name!r}: " + "; ".join(wrong))
+    hints = get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+    known = list(fields)
     problems: list[str] = []
     unknown = sorted(str(k) for k in given if str(k).replace("-", "_") not in known)
     if unknown:
@@ -407,15 +329,12 @@ def _trainer_options(trainer: Trainer, options: TrainOptions) -> tuple[Any, list
         if name not in known:
             continue
         failed: list[str] = []
-        typed = _coerce(name, value, hints[name], failed)
+        typed = coerce_option(name, value, hints[name], failed)
         if failed:
-            finite = "expected a finite number" in failed[0]  # a number, but nan or inf
-            expected = "a finite number" if finite else _describe(hints[name])
-            problems.append(f"{name} must be {expected}, got {value!r}")
+            problems.append(_type_problem(fields[name], hints[name], value, failed[0]))
         else:
             values[name] = typed
-    required = [f.name for f in fields if f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING]
+    required = [f.name for f in fields.values() if _required(f)]
     given_names = {str(k).replace("-", "_") for k in given}
     problems += [f"{name} is required" for name in required if name not in given_names]
     if any(name not in values for name in required):
@@ -426,8 +345,40 @@ def _trainer_options(trainer: Trainer, options: TrainOptions) -> tuple[Any, list
         return None, problems + [str(exc)]
     check = getattr(instance, "check", None)
     if callable(check):
-        problems += [str(p) for p in check(options) or ()]
+        problems += _checked(trainer, instance, check(options))
     return instance, problems
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _type_problem(f: dataclasses.Field[Any], kind: Any, value: Any, failed: str) -> str:
+    """One line saying what ``f`` takes, for ``value`` it cannot: how to say "none" where it
+    is optional, and what to do with a null where it is not (both read as typos otherwise)."""
+    _, nullable = without_none(kind)
+    finite = "expected a finite number" in failed  # a number, but nan or inf
+    expected = "a finite number" if finite else describe_option(kind)
+    if nullable:
+        expected += ", or null (also ~ or empty) for none"
+    if value is not None:
+        return f"{f.name} must be {expected}, got {value!r}"
+    fix = " (it is required)" if _required(f) else f", or leave {f.name} out for its default"
+    return f"{f.name} must be {expected}, got null: give one{fix}"
+
+
+def _checked(trainer: Trainer, instance: Any, found: Any) -> list[str]:
+    """What the options' ``check`` returned, as one-line problems: a list of them, or one
+    string (one problem, not one per letter). Anything else is the plugin's bug."""
+    if not found:  # None, [] or ""
+        return []
+    if isinstance(found, str):
+        return [found]
+    if not isinstance(found, (list, tuple)):
+        raise PluginError(f"trainer {trainer.name!r}: {type(instance).__name__}.check returned "
+                          f"{found!r}; make it return a list of one-line problems (empty when "
+                          "all is well)")
+    return [str(p) for p in found]
 
 
 def read_recipe_values(path: Path) -> dict[str, Any]:
