@@ -373,3 +373,38 @@ def test_an_entry_point_whose_module_is_registered_already_is_not_loaded_again(t
         pm = get_plugin_manager(env=False, plugins={"mine": module})
     assert "mine" in pm.info and "shout" not in pm.info
     assert pm.methods.names().count("shout") == 1
+
+
+def test_a_plugin_under_test_that_reuses_a_builtin_name_loses_it_as_it_will_for_users(
+        adapterkit_plugin_manager, tmp_path, monkeypatch):
+    """The fixture registers the plugin under test after the installed ones, as the command
+    line does with an installed or ``ADAPTERKIT_LOAD_PLUGINS`` plugin: a trainer it names
+    ``sft`` is refused in its tests too, not only once users install it."""
+    from adapterkit import Trainer
+
+    class Mine(Trainer):
+        name = "sft"
+        data_shapes = ("text",)
+
+    class Dup:
+        @hookimpl
+        def register_trainers(self, register):
+            register(Mine())
+
+    with pytest.warns(PluginWarning, match="name as `sft` but that name is already used by 'sft'"):
+        pm = adapterkit_plugin_manager(Dup())
+    assert pm.trainers.entries["sft"].plugin == "sft"  # the built-in
+    (tmp_path / "dup.py").write_text(textwrap.dedent('''
+        from adapterkit import Trainer, hookimpl
+
+        class Mine(Trainer):
+            name = "sft"
+            data_shapes = ("text",)
+
+        @hookimpl
+        def register_trainers(register):
+            register(Mine())
+    '''), encoding="utf-8")
+    monkeypatch.setenv("ADAPTERKIT_LOAD_PLUGINS", str(tmp_path / "dup.py"))
+    with pytest.warns(PluginWarning, match="already used by 'sft'"):
+        assert get_plugin_manager().trainers.entries["sft"].plugin == "sft"  # the same for users

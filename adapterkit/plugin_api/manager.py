@@ -207,21 +207,27 @@ def _disabled() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
 
 
-def _load_entry_points(manager: PluginManager, disabled: set[str]) -> None:
+def _load_entry_points(manager: PluginManager, disabled: set[str],
+                       given: dict[str, object] | None = None) -> None:
     from importlib.metadata import entry_points
 
+    given = given or {}
     loaded_from: dict[str, str] = {}  # entry-point name → the distribution whose plugin it is
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    # the built-ins first: where a plugin reuses a built-in's name for a trainer, strategy...,
+    # the built-in keeps it on every machine, whatever order the distributions are found in
+    found = sorted(entry_points(group=ENTRY_POINT_GROUP),
+                   key=lambda ep: ep.dist is None or _normalized(ep.dist.name) != "adapterkit")
+    for ep in found:
         if ep.name in disabled or "*" in disabled:
             continue
         # name the distribution as `adapterkit uninstall` takes it: that is what pip calls it,
         # and it differs from the plugin's name (shout → adapterkit-shout)
         dist = (ep.dist.name if ep.dist is not None else None) or ep.name
+        if ep.name in given:  # the caller registers its own plugin under this name
+            continue
         if ep.name in manager.info:
             if ep.name in loaded_from:  # two installed distributions claim one name
                 _warn_duplicate(ep.name, dist, loaded_from[ep.name])
-            # else the caller registered a plugin under this name (``plugins=``): it replaces
-            # the installed one, as asked
             continue
         version = ep.dist.version if ep.dist is not None else None
         try:
@@ -235,8 +241,8 @@ def _load_entry_points(manager: PluginManager, disabled: set[str]) -> None:
                 f"{DISABLE_ENV}={ep.name}"
             )
             continue
-        if manager.pluggy.is_registered(module):
-            continue  # the caller registered this very module under another name: it is loaded
+        if any(module is plugin for plugin in given.values()):
+            continue  # the caller registers this very module under another name
         if manager.add(module, ep.name, version=version, source=f"entry point {ep.value}"):
             loaded_from[ep.name] = dist
 
@@ -368,15 +374,18 @@ def get_plugin_manager(*, entry_points: bool = True, env: bool = True,
 
     :param entry_points: load plugins from the ``adapterkit`` entry-point group (built-ins too).
     :param env: honour ``ADAPTERKIT_LOAD_PLUGINS`` and ``ADAPTERKIT_DISABLE_PLUGINS``.
-    :param plugins: extra ``{name: plugin}`` objects to register first (tests, embedding apps);
-        an installed plugin of the same name, or whose module is one of them, is then not loaded.
+    :param plugins: extra ``{name: plugin}`` objects (tests, embedding apps), registered after
+        the installed ones as an installed third-party plugin would be, so that a name one of
+        them shares with a built-in resolves as it will for users (the built-in keeps it); an
+        installed plugin of the same name, or whose module is one of them, is not loaded.
     """
     manager = PluginManager()
-    for name, plugin in (plugins or {}).items():
-        manager.add(plugin, name)
+    given = dict(plugins or {})
     disabled = _disabled() if env else set()
     if entry_points:
-        _load_entry_points(manager, disabled)
+        _load_entry_points(manager, disabled, given)
+    for name, plugin in given.items():
+        manager.add(plugin, name)
     if env:
         _load_env_plugins(manager, disabled)
     return manager
