@@ -87,12 +87,35 @@ def adapterkit_data(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def adapterkit_plugin_manager() -> Callable[..., Any]:
-    """``factory(*plugins, entry_points=True)`` → a PluginManager with your plugins added."""
-    from adapterkit.plugin_api.manager import get_plugin_manager
+    """``factory(*plugins, entry_points=True, strict=True)`` → a PluginManager with your
+    plugins added after the installed ones (as users get them).
 
-    def factory(*plugins: object, entry_points: bool = True) -> Any:
+    ``strict``: a warning about one of your plugins (a hook or item refused, a name clash)
+    fails the test as a :class:`~adapterkit.PluginError` — users would get a plugin that
+    silently lacks what was refused. ``strict=False`` to test such a warning itself.
+    """
+    import warnings
+
+    from adapterkit.errors import PluginError
+    from adapterkit.plugin_api.manager import PluginWarning, get_plugin_manager
+
+    def factory(*plugins: object, entry_points: bool = True, strict: bool = True) -> Any:
         named = {_plugin_name(p): p for p in plugins}
-        return get_plugin_manager(entry_points=entry_points, env=False, plugins=named)
+        if not strict:
+            return get_plugin_manager(entry_points=entry_points, env=False, plugins=named)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            manager = get_plugin_manager(entry_points=entry_points, env=False, plugins=named)
+        mine = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)
+                and any(f"plugin {name!r}" in str(w.message) for name in named)]
+        for w in caught:  # the others' warnings, as they would have shown
+            if str(w.message) not in mine:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if mine:
+            raise PluginError("not registered as written: " + "; ".join(mine)
+                              + " (adapterkit_plugin_manager(..., strict=False) to test the "
+                              "warning itself)")
+        return manager
 
     return factory
 

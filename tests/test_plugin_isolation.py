@@ -391,8 +391,12 @@ def test_a_plugin_under_test_that_reuses_a_builtin_name_loses_it_as_it_will_for_
         def register_trainers(self, register):
             register(Mine())
 
+    with pytest.raises(PluginError, match="not registered as written: plugin 'Dup' defines its "
+                                          "trainer name as `sft` but that name is already used "
+                                          "by 'sft'"):
+        adapterkit_plugin_manager(Dup())  # strict: the plugin's own test fails
     with pytest.warns(PluginWarning, match="name as `sft` but that name is already used by 'sft'"):
-        pm = adapterkit_plugin_manager(Dup())
+        pm = adapterkit_plugin_manager(Dup(), strict=False)
     assert pm.trainers.entries["sft"].plugin == "sft"  # the built-in
     (tmp_path / "dup.py").write_text(textwrap.dedent('''
         from adapterkit import Trainer, hookimpl
@@ -408,3 +412,32 @@ def test_a_plugin_under_test_that_reuses_a_builtin_name_loses_it_as_it_will_for_
     monkeypatch.setenv("ADAPTERKIT_LOAD_PLUGINS", str(tmp_path / "dup.py"))
     with pytest.warns(PluginWarning, match="already used by 'sft'"):
         assert get_plugin_manager().trainers.entries["sft"].plugin == "sft"  # the same for users
+
+
+def test_a_hook_without_its_marker_is_named_rather_than_silently_never_called():
+    class Forgot:
+        def register_trainers(self, register):  # no @hookimpl
+            raise AssertionError("pluggy never calls it")
+
+    with pytest.warns(PluginWarning, match="plugin 'forgot' defines register_trainers without "
+                                           "@hookimpl, so adapterkit never calls it"):
+        get_plugin_manager(entry_points=False, env=False, plugins={"forgot": Forgot()})
+
+
+def test_a_plugin_that_imports_torch_when_it_loads_is_named(tmp_path):
+    """Start-up stays fast only while plugins import heavy libraries inside their methods;
+    one that does not is named (run in a fresh process: this one has torch already)."""
+    (tmp_path / "heavy.py").write_text("import torch  # at module level: every command pays\n",
+                                       encoding="utf-8")
+    (tmp_path / "light.py").write_text("from adapterkit import hookimpl\n", encoding="utf-8")
+    env = {**os.environ, "ADAPTERKIT_LOAD_PLUGINS": f"{tmp_path / 'light.py'}"}
+    out = subprocess.run([sys.executable, "-m", "adapterkit", "plugins"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "imports" not in out.stderr, out.stderr
+    env["ADAPTERKIT_LOAD_PLUGINS"] = f"{tmp_path / 'heavy.py'}"
+    out = subprocess.run([sys.executable, "-m", "adapterkit", "plugins"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "plugin 'heavy' imports torch when it loads, which adds about a second to every " \
+           "adapterkit command" in out.stderr
+    assert "ADAPTERKIT_DISABLE_PLUGINS=heavy skips it" in out.stderr

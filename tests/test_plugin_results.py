@@ -136,3 +136,92 @@ def test_the_guides_kto_trainer_trains_with_and_without_an_eval_split(tiny_base,
                                             eval_split=split, trainer_options={"beta": 0.2}))
         assert result.metrics["steps"] == 2
         assert library.get(name).meta.hyperparameters
+
+
+# -- a plugin's own failure: one line naming it --------------------------------------------
+
+BROKEN = '''
+from adapterkit import MergeStrategy, Scorer, Trainer, hookimpl
+
+
+class Boom(MergeStrategy):
+    name = "boom"
+
+    def merge(self, *, adapters, weights, **_):
+        raise RuntimeError("boom in merge")
+
+
+class OldSignature(MergeStrategy):
+    name = "old-signature"
+
+    def merge(self, adapters, weights):
+        return None
+
+
+class Unfinished(Trainer):
+    name = "unfinished"
+    data_shapes = ("text",)
+
+
+@hookimpl
+def register_merge_strategies(register):
+    register(Boom())
+    register(OldSignature())
+
+
+@hookimpl
+def register_trainers(register):
+    register(Unfinished())
+'''
+
+
+@pytest.fixture
+def broken_cli(tmp_path, monkeypatch, home, library, tiny_base):
+    from click.testing import CliRunner
+
+    from adapterkit.cli import build_cli
+
+    for name, seed in (("a", 1), ("b", 2)):
+        library.import_peft(make_peft_adapter(tiny_base, tmp_path / name, seed=seed), name,
+                            base=str(tiny_base))
+    (tmp_path / "brokenplugin.py").write_text(BROKEN, encoding="utf-8")
+    monkeypatch.setenv("ADAPTERKIT_LOAD_PLUGINS", str(tmp_path / "brokenplugin.py"))
+    monkeypatch.delenv("ADAPTERKIT_TRACEBACK", raising=False)
+    with pytest.warns(Warning) as said:
+        cli = build_cli(get_plugin_manager())
+
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args])
+
+    run.warnings = [str(w.message) for w in said]
+    return run
+
+
+def test_an_exception_in_a_plugins_code_is_one_line_naming_the_plugin(broken_cli, monkeypatch):
+    out = broken_cli("merge", "a", "b", "--method", "boom", "--name", "m")
+    assert out.exit_code == 1 and out.output.count("\n") == 1, out.output
+    assert out.output.startswith("Error: plugin 'brokenplugin' failed (brokenplugin.py:")
+    assert "RuntimeError: boom in merge — a bug in that plugin, not in your input" in out.output
+    assert "ADAPTERKIT_DISABLE_PLUGINS=brokenplugin" in out.output
+    monkeypatch.setenv("ADAPTERKIT_TRACEBACK", "1")  # its author sees where
+    out = broken_cli("merge", "a", "b", "--method", "boom", "--name", "m")
+    assert isinstance(out.exception, RuntimeError)
+
+
+def test_a_method_that_cannot_take_adapterkits_arguments_is_refused_at_registration(
+        broken_cli):
+    assert any("cannot register merge strategy 'old-signature': its merge() cannot be called "
+               "as adapterkit calls it" in w and "**_" in w for w in broken_cli.warnings), \
+        broken_cli.warnings
+    out = broken_cli("merge", "a", "b", "--method", "old-signature", "--name", "m")
+    assert "unknown merge strategy 'old-signature'" in out.output
+
+
+def test_a_method_a_plugin_left_out_is_named_when_called(broken_cli, adapterkit_data,
+                                                         tiny_base):
+    out = broken_cli("train", "unfinished", "--base", tiny_base, "--data",
+                     adapterkit_data["text"], "--name", "u", "--max-steps", 1, "--general", "off")
+    assert out.exit_code == 1, out.output
+    assert out.output.splitlines()[-1].startswith(
+        "Error: trainer 'unfinished' (class Unfinished) does not implement train()")
+    assert "Traceback" not in out.output

@@ -15,6 +15,19 @@ class Method(AdapterMethod):
     def __init__(self, name):
         self.name = name
 
+    def peft_config(self, **_):
+        raise AssertionError("not built in these tests")
+
+
+class Toy(Trainer):
+    data_shapes = ("text",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def train(self, *, job, **_):
+        raise AssertionError("not trained in these tests")
+
 
 def test_builtin_plugins_load_through_entry_points():
     pm = get_plugin_manager(env=False)
@@ -32,10 +45,7 @@ def test_inline_plugin_registers_each_kind():
 
         @hookimpl
         def register_trainers(self, register):
-            t = Trainer()
-            t.name = "toy"
-            t.data_shapes = ("text",)
-            register(t)
+            register(Toy("toy"))
 
     pm = get_plugin_manager(entry_points=False, env=False, plugins={"mine": Plugin()})
     assert pm.methods.names() == ["dora-ish"]

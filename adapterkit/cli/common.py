@@ -59,11 +59,38 @@ class Group(click.Group):
             return super().invoke(ctx)
         except AdapterkitError as exc:
             raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            message = machine_error(exc)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError):
+                message = machine_error(exc)
+                if message is not None:
+                    raise click.ClickException(message) from None
+            message = plugin_failure(ctx, exc)
             if message is None:
                 raise
             raise click.ClickException(message) from None
+
+
+#: Set to show a failing plugin's traceback (for its author) instead of the one line.
+TRACEBACK_ENV = "ADAPTERKIT_TRACEBACK"
+
+
+def plugin_failure(ctx: click.Context, exc: BaseException) -> str | None:
+    """One line for an exception raised in a third-party plugin's code (a hook, a trainer, a
+    strategy, a scorer...): whose bug it is and what the user can do, or None when no plugin's
+    code is on the traceback (then it is adapterkit's bug, and its traceback shows)."""
+    import os
+
+    plugins = (ctx.find_root().obj or {}).get("plugins")
+    culprit = plugins.plugin_at_fault(exc.__traceback__) if plugins is not None else None
+    if culprit is None or os.environ.get(TRACEBACK_ENV):
+        return None
+    name, where = culprit
+    said = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return (f"plugin {name!r} failed ({where}): {said[:500]} — a bug in that plugin, not in "
+            f"your input. Report it to its author ({TRACEBACK_ENV}=1 shows the traceback), "
+            f"or run without it: ADAPTERKIT_DISABLE_PLUGINS={name}")
 
 
 Group.group_class = Group

@@ -135,6 +135,12 @@ class PluginManager:
                 f"skipped it. Known hooks: {', '.join(self.hook_names())}"
             )
             return False
+        unmarked = [hook for hook in self.hook_names()
+                    if callable(getattr(plugin, hook, None))
+                    and not hasattr(getattr(plugin, hook), "adapterkit_impl")]
+        if unmarked:  # pluggy skips them without a word: the plugin would do nothing
+            _warn(f"plugin {name!r} defines {', '.join(unmarked)} without @hookimpl, so "
+                  "adapterkit never calls it: decorate it with @adapterkit.hookimpl")
         info = PluginInfo(name=name, version=version, source=source, hook_version=declared)
         info.hooks = sorted(
             hook for hook in self.hook_names()
@@ -143,6 +149,26 @@ class PluginManager:
         self.info[name] = info
         self._register_from(name)
         return True
+
+    def plugin_at_fault(self, tb: Any) -> tuple[str, str] | None:
+        """``(plugin name, "file.py:line")`` of the third-party plugin whose code the traceback
+        ``tb`` passed through last (the innermost such frame: where its code raised, or where
+        it called into a library that did), or None when no plugin's code is on it — the
+        built-in plugins are adapterkit's own code, whose failures are ours."""
+        owners: dict[str, str] = {}  # top-level package of a plugin's module → plugin name
+        for name, plugin in self.pluggy.list_name_plugin():
+            module = plugin.__name__ if isinstance(plugin, ModuleType) \
+                else type(plugin).__module__
+            top = module.split(".")[0]
+            if top not in ("adapterkit", "adapterkit_plugins", "builtins"):
+                owners.setdefault(top, name)
+        found = None
+        while tb is not None:
+            top = str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0]
+            if top in owners:
+                found = owners[top], f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        return found
 
     def hook_names(self) -> list[str]:
         return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "adapterkit_spec"))
@@ -203,6 +229,26 @@ class PluginManager:
         return self.trainers.get(name)
 
 
+#: Libraries a plugin must not import when it loads (docs/plugins.md, "Start-up is cheap").
+HEAVY_MODULES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes",
+                 "accelerate")
+
+
+def _heavy() -> set[str]:
+    return {m for m in HEAVY_MODULES if m in sys.modules}
+
+
+def _warn_heavy(name: str, before: set[str]) -> None:
+    """Name the plugin whose loading (import and registration hooks) imported a heavy library:
+    every command, ``--help`` included, pays for it, and without this adapterkit looks slow."""
+    new = _heavy() - before
+    if new:
+        _warn(f"plugin {name!r} imports {', '.join(sorted(new))} when it loads, which adds about "
+              "a second to every adapterkit command (--help included); its author should "
+              "import them inside the methods of what it registers (docs/plugins.md, "
+              f"'Start-up is cheap'). {DISABLE_ENV}={name} skips it")
+
+
 def _disabled() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
 
@@ -230,6 +276,7 @@ def _load_entry_points(manager: PluginManager, disabled: set[str],
                 _warn_duplicate(ep.name, dist, loaded_from[ep.name])
             continue
         version = ep.dist.version if ep.dist is not None else None
+        before = _heavy()
         try:
             module = ep.load()
         except KeyboardInterrupt:  # Ctrl-C is the user's; anything else is the plugin's bug
@@ -245,6 +292,7 @@ def _load_entry_points(manager: PluginManager, disabled: set[str],
             continue  # the caller registers this very module under another name
         if manager.add(module, ep.name, version=version, source=f"entry point {ep.value}"):
             loaded_from[ep.name] = dist
+        _warn_heavy(ep.name, before)
 
 
 def _warn_duplicate(name: str, dist: str, first: str) -> None:
@@ -303,6 +351,7 @@ def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> None:
     for spec in (s.strip() for s in os.environ.get(LOAD_ENV, "").split(",")):
         if not spec:
             continue
+        before = _heavy()
         try:
             modules = _import_path(spec)
         except KeyboardInterrupt:  # Ctrl-C is the user's; anything else is the plugin's bug
@@ -313,6 +362,7 @@ def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> None:
         for name, module in modules:
             if name not in disabled:
                 manager.add(module, name, source=f"{LOAD_ENV}: {spec}")
+        _warn_heavy(",".join(name for name, _ in modules) or spec, before)
 
 
 def _normalized(name: str) -> str:

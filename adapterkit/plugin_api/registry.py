@@ -24,6 +24,14 @@ if TYPE_CHECKING:  # pragma: no cover
 STANDARD_SHAPES = ("text", "prompt_completion", "messages", "preference")
 
 
+def _not_implemented(item: Any, method: str) -> PluginError:
+    """What a plugin's item that left out a method it must implement raises when it is called:
+    one line naming it (a bare ``NotImplementedError`` would be a traceback)."""
+    return PluginError(f"{getattr(item, 'kind', 'item')} {getattr(item, 'name', '?')!r} "
+                       f"(class {type(item).__name__}) does not implement "
+                       f"{method}(); its plugin must (see docs/plugins.md)")
+
+
 class Registrable:
     """Common shape of everything a plugin registers: a unique ``name`` and a one-line help."""
 
@@ -56,7 +64,7 @@ class AdapterMethod(Registrable):
         **options: Any,
     ) -> PeftConfig:
         """Return the PEFT config that builds a new pocket book with this method."""
-        raise NotImplementedError
+        raise _not_implemented(self, "peft_config")
 
     def prepare_base(self, model: Any, *, gradient_checkpointing: bool = False) -> Any:
         """Prepare the loaded base for training (e.g. k-bit preparation). Default: unchanged."""
@@ -122,7 +130,7 @@ class Trainer(Registrable):
         across ranks for you; a loop of your own must do it itself (accelerate's
         ``Accelerator``). The core checks: ranks that end apart save nothing, with that
         reason."""
-        raise NotImplementedError
+        raise _not_implemented(self, "train")
 
 
 class MergeStrategy(Registrable):
@@ -146,7 +154,7 @@ class MergeStrategy(Registrable):
         :param base_model: a callable returning the base model, for strategies that need it.
         :returns: :class:`adapterkit.lora.combine.MergeOutput` (a PEFT config and its tensors).
         """
-        raise NotImplementedError
+        raise _not_implemented(self, "merge")
 
 
 class DataFormat(Registrable):
@@ -175,7 +183,7 @@ class Scorer(Registrable):
 
     def score(self, prediction: str, reference: str) -> float:
         """A score in [0, 1] for one answer."""
-        raise NotImplementedError
+        raise _not_implemented(self, "score")
 
 
 T = TypeVar("T", bound=Registrable)
@@ -236,10 +244,55 @@ class Registry(Generic[T]):
         return (e.item for e in self.entries.values())
 
 
+#: kind → (method, how adapterkit calls it): each registered item must take those arguments.
+_CALLS: dict[type, list[tuple[str, tuple[Any, ...], dict[str, Any]]]] = {}
+
+
+def _calls() -> dict[type, list[tuple[str, tuple[Any, ...], dict[str, Any]]]]:
+    if not _CALLS:
+        _CALLS.update({
+            AdapterMethod: [("peft_config", (), dict(target_modules=[], r=1, alpha=1,
+                                                     dropout=0.0))],
+            Trainer: [("train", (), dict(job=None)),
+                      ("preflight", (), dict(library=None, name="", options=None,
+                                             trainer_options=None, data=None))],
+            MergeStrategy: [("merge", (), dict(adapters=[], weights=[], rank=None, density=None,
+                                               base_model=None))],
+            DataFormat: [("convert", ({},), {})],
+            Scorer: [("score", ("", ""), {})],
+        })
+    return _CALLS
+
+
+def _signature_problem(item: Any) -> str:
+    """A method adapterkit calls that cannot take the arguments adapterkit passes: told at
+    registration, rather than as a ``TypeError`` from inside adapterkit in a user's run."""
+    import inspect
+
+    for kind, calls in _calls().items():
+        if not isinstance(item, kind):
+            continue
+        for method, args, kwargs in calls:
+            if getattr(type(item), method, None) is getattr(kind, method):
+                continue  # not overridden: calling it says so (_not_implemented)
+            try:
+                inspect.signature(getattr(item, method)).bind(*args, **kwargs)
+            except (TypeError, ValueError) as exc:
+                given = ", ".join([*map(repr, args), *(f"{k}=" for k in kwargs)])
+                return (f"its {method}() cannot be called as adapterkit calls it, "
+                        f"{method}({given}): {exc}; take those arguments (end the list with "
+                        "**_ to accept the ones it does not use)")
+    return ""
+
+
 def _item_problem(item: Any) -> str:
     """Why ``item`` could never work, told to its plugin's author ('' when nothing is wrong):
-    shapes no data file can have, options no value can be typed by."""
+    methods adapterkit cannot call, shapes no data file can have, options no value can be
+    typed by."""
     shapes = ", ".join(STANDARD_SHAPES)
+    called = _signature_problem(item)
+    if called:
+        return called
     if isinstance(item, Trainer):
         declared = item.data_shapes
         if not isinstance(declared, (tuple, list)) or not declared \
