@@ -307,3 +307,18 @@ def test_the_guard_acts_at_its_weight_under_gradient_accumulation(tiny_base, hom
     # measured: 4.5e-4 (round-off of a weight-30 KL term at lr 3e-2); the KL term counted
     # twice, as in 0.1, gives 6.6e-2
     assert diff < 5e-3, diff
+
+
+def test_eval_general_off_means_no_forgetting_check_as_for_train(cli, tiny_base, data, home,
+                                                                 tmp_path):
+    """``--general off`` (train's word for no check) once read as a file named ``off``."""
+    from adapterkit import Library
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    Library(home).import_peft(make_peft_adapter(tiny_base, tmp_path / "p", seed=3), "p",
+                              base=str(tiny_base))
+    out = CliRunner().invoke(cli, ["eval", "p", "--data", str(data), "--general", "off",
+                                   "--max-new-tokens", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output[out.output.index("{"):])
+    assert "forgetting" not in report and report["task"]["loss"] > 0

@@ -441,3 +441,14 @@ def test_a_plugin_that_imports_torch_when_it_loads_is_named(tmp_path):
     assert "plugin 'heavy' imports torch when it loads, which adds about a second to every " \
            "adapterkit command" in out.stderr
     assert "ADAPTERKIT_DISABLE_PLUGINS=heavy skips it" in out.stderr
+
+
+def test_loading_an_installed_plugins_module_again_by_name_is_quiet(monkeypatch):
+    """A plugin under development is often installed with ``pip install -e`` and named in
+    ``ADAPTERKIT_LOAD_PLUGINS`` too: the same module, loaded once, without a warning (it was a
+    pluggy error dumping every plugin module)."""
+    monkeypatch.setenv("ADAPTERKIT_LOAD_PLUGINS", "adapterkit_plugins.sft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginWarning)
+        pm = get_plugin_manager()
+    assert pm.trainers.entries["sft"].plugin == "sft"

@@ -498,7 +498,8 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
 @click.argument("ref")
 @click.option("--data", help="Evaluation data (same shapes as training); not with --harness.")
 @click.option("--general", help="General-English text for the forgetting check "
-                                "(`general` = the text shipped with adapterkit).")
+                                "(`general` = the text shipped with adapterkit; `off` or "
+                                "left out: no check).")
 @click.option("--base", help="Base to evaluate on (default: the one the pocket book records).")
 @click.option("--scorer", default="exact_match", show_default=True,
               help="Scorer for generated answers (prompt/completion data).")
@@ -571,7 +572,8 @@ def eval_cmd(ctx: click.Context, ref: str, data: str | None, general: str | None
         raise ConfigError("--no-chat: messages rows are chat turns, read through the base's "
                           "chat template; leave --no-chat out (or give prompt/completion rows)")
     general_texts = None
-    if general:  # as train reads it: a file without text rows is refused, not skipped
+    if general and general.lower() != "off":  # (off: no check, as for train; eval's default)
+        # as train reads it: a file without text rows is refused, not skipped
         from adapterkit.training.build import general_texts as read_general
 
         general_texts = read_general(general)

@@ -360,6 +360,8 @@ def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> None:
             _warn(f"plugin {spec!r} from {LOAD_ENV} failed to load ({_describe(exc)}); skipped")
             continue
         for name, module in modules:
+            if manager.pluggy.is_registered(module):  # installed too (pip install -e): loaded
+                continue
             if name not in disabled:
                 manager.add(module, name, source=f"{LOAD_ENV}: {spec}")
         _warn_heavy(",".join(name for name, _ in modules) or spec, before)
