@@ -355,7 +355,8 @@ def test_new_install_list_use_and_uninstall_even_when_broken(tmp_path):
     try:
         assert adapterkit("install", "-e", root).returncode == 0
         listed = json.loads(adapterkit("plugins", "--json").stdout)
-        assert any(p["name"] == "akdemo" and p["version"] == "0.1.0" for p in listed)
+        assert any(p["name"] == "akdemo" and p["version"] == "0.1.0"
+                   and p["registers"] == {"command": ["akdemo"]} for p in listed), listed
         assert adapterkit("akdemo", "you").stdout == "Hello, you!\n"
         # now break it: every command still works, with one warning naming it
         (root / "adapterkit_akdemo.py").write_text("raise RuntimeError('broken on purpose')\n")

@@ -93,8 +93,10 @@ def _add_plugin_commands(cli: click.Group, pm: PluginManager) -> None:
                           f"or disable the plugin with {DISABLE_ENV}={plugin}",
                           PluginWarning, stacklevel=2)
             cli.commands[name] = command
-        owned.update({name: (command, plugin) for name, command in cli.commands.items()
-                      if name not in owned})
+        added = sorted(name for name in cli.commands if name not in owned)
+        owned.update({name: (cli.commands[name], plugin) for name in added})
+        if added and plugin in pm.info:  # listed by `adapterkit plugins` as what it registers
+            pm.info[plugin].registers.setdefault("command", []).extend(added)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
