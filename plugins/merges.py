@@ -72,7 +72,10 @@ class PeftMerge(MergeStrategy):
         # result's own scale must be 1: alpha = r, and no rsLoRA copied from the first member.
         config.update(lora_alpha=config["r"], use_rslora=False, rank_pattern={},
                       alpha_pattern={})
-        tensors = get_peft_model_state_dict(model, adapter_name="merged")
+        # (save_embedding_layers="auto" would look the base up on the Hub, from a member's
+        # base_model_name_or_path, and add the base's own embedding matrices to the result)
+        tensors = get_peft_model_state_dict(model, adapter_name="merged",
+                                            save_embedding_layers=False)
         return MergeOutput(config, {k: v.detach().cpu() for k, v in tensors.items()})
 
 

@@ -389,3 +389,24 @@ def test_export_merged_refuses_divergence_and_busy_folders(books, tmp_path, pm, 
     # the same export without the damage passes the same check
     monkeypatch.setattr(export, "_write_shards", write_shards)
     assert export_merged(books, "a", tmp_path / "strict", plugins=pm).max_logit_diff < 1e-4
+
+
+def test_a_peft_merge_never_looks_the_base_up_on_the_hub(library, tiny_base, tmp_path,
+                                                         monkeypatch):
+    """PEFT's ``save_embedding_layers="auto"`` checked the Hub for a member's
+    ``base_model_name_or_path`` (an adapter made elsewhere names a Hub id): a network call on
+    every merge through PEFT, and a hang behind a firewall."""
+    import peft.utils.save_and_load as peft_save
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"looked up the Hub: {args}")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
+    for name, seed in (("a", 1), ("b", 2)):
+        folder = make_peft_adapter(tiny_base, tmp_path / name, seed=seed)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "someone/their-base"  # as made on another machine
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        library.import_peft(folder, name, base=str(tiny_base))
+    book = merging.merge(library, ["a", "b"], [1.0, 1.0], method="linear", name="ab")
+    assert book.ref == "ab@1"

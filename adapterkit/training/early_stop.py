@@ -121,7 +121,8 @@ def _class() -> type:
 
                 # the pocket book's weights, as the forgetting guard keeps them (on the CPU)
                 self.best = {k: v.detach().to("cpu", copy=True)
-                             for k, v in get_peft_model_state_dict(model).items()}
+                             for k, v in get_peft_model_state_dict(
+                                 model, save_embedding_layers=False).items()}
                 self.record.update(best_step=state.global_step, best_eval_loss=float(loss))
             elif self.early_stopping_patience_counter >= self.early_stopping_patience:
                 self.record["stopped_at_step"] = state.global_step

@@ -313,7 +313,9 @@ class ForgettingGuard:
 
         weights = {k: v.detach().clone() if type(v).__name__ == "DTensor"  # FSDP: its shard
                    else v.detach().to("cpu", copy=True)
-                   for k, v in get_peft_model_state_dict(model).items()}
+                   # (no Hub look-up of the base, no copy of its embeddings: the LoRA only)
+                   for k, v in get_peft_model_state_dict(model,
+                                                         save_embedding_layers=False).items()}
         self._snapshots.append((step, weights))
         if len(self._snapshots) > MAX_SNAPSHOTS:
             self._snapshots = self._snapshots[::-2][::-1]
@@ -342,7 +344,8 @@ class ForgettingGuard:
         if last["general_loss_change_pct"] <= self.budget_pct:
             self.report.within_budget = True
             return self.report
-        final = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        final = {k: v.detach().clone() for k, v in get_peft_model_state_dict(
+            model, save_embedding_layers=False).items()}
         for at, weights in reversed(self._snapshots):
             if at >= step:
                 continue
