@@ -1,0 +1,31 @@
+"""How a --data argument that is not a file here is read: a path typo is named at once, with
+the files it may have meant, and only a Hub-looking id with no local folder goes to the Hub."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapterkit import DataFormatError
+from adapterkit.training import data as data_mod
+
+
+def test_a_mistyped_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pc.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+
+    def hub(dataset_id):
+        raise AssertionError(f"asked the Hub for {dataset_id}")  # it retried for ~25 s
+
+    monkeypatch.setattr(data_mod, "_read_hub", hub)
+    with pytest.raises(DataFormatError, match=r"data file data/pc does not exist; did you mean "
+                                              r"data/pc\.jsonl\? \(a folder data/ is here"):
+        data_mod.read_rows("data/pc")
+
+
+def test_a_hub_id_with_no_such_local_folder_goes_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(data_mod, "_read_hub", lambda i: asked.append(i) or [{"text": "x"}])
+    rows, source, _ = data_mod.read_rows("someone/their-data")
+    assert asked == ["someone/their-data"] and source == "hub:someone/their-data"
