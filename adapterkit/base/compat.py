@@ -23,6 +23,7 @@ def check_base(base: Any, book: Any, *, force: bool = False) -> None:
         f"(fingerprint {base.fingerprint[:12]})"
     )
     if not force:
-        raise BaseMismatch(message + f"; load {book.meta.base.get('name', 'its base')} instead, "
-                                     "or force it if you know the weights are compatible")
+        raise BaseMismatch(message + f"; load {book.meta.base.get('name', 'its base')} instead "
+                                     "(only if you know the weights are compatible, `generate`, "
+                                     "`swap` and `chat` attach it anyway with --force)")
     warnings.warn(message + "; attached anyway because it was forced", UserWarning, stacklevel=2)

@@ -31,8 +31,9 @@ def options() -> list[Any]:
                           "NAME-trial-K while it runs, K counted from 0 everywhere it reports "
                           "them. --resume continues an interrupted search; with --processes N "
                           "each trial trains on N processes of this machine. A dpo trial with "
-                          "--forgetting-budget evaluates at every --guard-every-th step too (not "
-                          "only every --save-steps), so the weights its guard keeps are scored."),
+                          "--forgetting-budget evaluates at every guard_every-th step too (a recipe "
+                          "key, default 10; not only every --save-steps), so the weights its "
+                          "guard keeps are scored."),
         click.option("--trials", type=int, help="Trainings of --search (default 8)."),
         click.option("--budget", metavar="PCT",
                      help="--search keeps only trials whose general-text loss rises by at most "

@@ -708,7 +708,8 @@ def _load_target(ctx: click.Context, ref: str, base: str | None) -> tuple[Any, A
 @click.argument("prompt")
 @click.option("--base", help="Base (default: the base of --adapter).")
 @click.option("--adapter", "adapter", help="Pocket book to answer with (NAME or NAME@V).")
-@click.option("--no-adapter", is_flag=True, help="Answer with the plain base, for comparison.")
+@click.option("--no-adapter", is_flag=True, help="Answer with the plain base, for comparison "
+              "(with --adapter NAME: the base NAME was made on, without NAME).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True,
               help="0 = greedy decoding.")
