@@ -198,3 +198,19 @@ def test_generate_refuses_force_where_no_pocket_book_is_attached(cli, two, tiny_
     assert out.strip().splitlines() == [out.strip().splitlines()[-1]]
     assert out.startswith("Error: --force attaches a pocket book made on another base")
     assert "drop --force" in out and "Loading base" not in out
+
+
+def test_swap_answers_with_saved_and_inline_stacks_as_its_help_says(cli, two):
+    """``swap`` refused stacks ("is a stack; attach its members") while its help offered them;
+    each answers now as ``generate`` of the same stack does."""
+    run(cli, "stack", "law", "code", "--weights", "1,0.5", "--name", "lc")
+    out = run(cli, "swap", "lc", "law*1+code*0.5", "law", "--prompt", "Hello",
+              "--max-new-tokens", "4", "--json")
+    data = json.loads(out[out.index("{"):])
+    rows = {r["pocket_book"]: r for r in data["pocket_books"]}
+    assert list(rows) == ["lc", "law*1+code*0.5", "law@1"]
+    alone = run(cli, "generate", "Hello", "--adapter", "lc", "--max-new-tokens", "4")
+    assert rows["lc"]["answer"] == rows["law*1+code*0.5"]["answer"]
+    # (progress lines come before generate's answer)
+    assert alone.rstrip("\n").endswith(rows["lc"]["answer"].rstrip("\n"))
+    assert all(r["hot_swap_ms"] >= 0 for r in rows.values())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 
 import click
 from click.core import ParameterSource
@@ -80,32 +82,44 @@ def swap_cmd(ctx: click.Context, names: tuple[str, ...], prompt: str, base: str 
     made visible: the first swap to each pocket book reads its file, later ones are in place.
 
     \b
-    With --server URL a running `adapterkit serve` answers instead: the plain
-    base and every pocket book at once, in one mixed batch, each answer timed.
-    NAMES may be NAME, NAME@V or stacks (a+b, a*1+b*0.5).
+    NAMES may be NAME, NAME@V, a saved stack, or a stack written inline
+    (a+b, a*1+b*0.5). With --server URL a running `adapterkit serve` answers
+    instead: the plain base and every pocket book at once, in one mixed batch,
+    each answer timed.
     """
     check_sampling(max_new_tokens=max_new_tokens)
     _local_only(server, base=base, force=force)
     if server:
         _swap_on_server(server, api_key, list(names), prompt, max_new_tokens, as_json)
         return
-    session, load_s = _open(ctx, base, names[0], force)
+    stacks = {name: _stack_of(ctx, name) for name in names}  # before the base loads
+    first = next((n for n in names if stacks[n] is None), None) or \
+        next(iter(stacks[names[0]] or {}))
+    session, load_s = _open(ctx, base, first, force)
     rows = []
+    activate: dict[str, Callable[[], float]] = {}
     for name in names:
         start = time.perf_counter()
-        key = session.attach(name, force=force)
-        for under in session.books[key].stacked_on:  # trained --on others: read them too
-            session.attach(under, force=force)
+        weights = stacks[name]
+        for ref in weights or [name]:
+            key = session.attach(ref, force=force)
+            for under in session.books[key].stacked_on:  # trained --on others: read them too
+                session.attach(under, force=force)
         attach_ms = (time.perf_counter() - start) * 1000
+        if weights is None:
+            activate[key] = partial(session.swap, key, force=force)
+        else:
+            key = name
+            activate[key] = partial(session.stack, weights, force=force)
         start = time.perf_counter()
-        session.swap(key, force=force)  # timed whole: a stack's factors are joined in there
+        activate[key]()  # timed whole: a stack's factors are joined in there
         swap_ms = (time.perf_counter() - start) * 1000
         answer = session.generate(prompt, max_new_tokens=max_new_tokens)
         rows.append({"pocket_book": key, "attach_ms": attach_ms, "swap_ms": swap_ms,
                      "answer": answer})
     # Second round: every pocket book is attached now, so these are the pure in-place swaps.
     for row in rows:
-        row["hot_swap_ms"] = session.swap(row["pocket_book"]) * 1000
+        row["hot_swap_ms"] = activate[row["pocket_book"]]() * 1000
     plain = session.generate(prompt, adapter=None, max_new_tokens=max_new_tokens)
     if as_json:
         click.echo(json.dumps({"base_load_s": load_s, "plain": plain, "pocket_books": rows},
@@ -117,6 +131,19 @@ def swap_cmd(ctx: click.Context, names: tuple[str, ...], prompt: str, base: str 
         click.echo(f"[{row['pocket_book']}]  first swap {row['attach_ms'] + row['swap_ms']:.1f} ms "
                    f"(file read {row['attach_ms']:.1f} ms), hot swap {row['hot_swap_ms']:.3f} ms")
         click.echo(f"  {row['answer']}\n")
+
+
+def _stack_of(ctx: click.Context, name: str) -> dict[str, float] | None:
+    """``name``'s members and weights when it is a stack (saved, or inline: ``a+b``,
+    ``a*1+b*0.5``), else None (one pocket book)."""
+    if "+" in name or "*" in name:
+        from adapterkit.serving.names import parse
+
+        return {ref: 1.0 if weight is None else weight for ref, weight in parse(name)}
+    book = library(ctx).get(name)
+    if book.meta.kind != "stack":
+        return None
+    return {str(k): float(v) for k, v in dict(book.meta.hyperparameters["weights"]).items()}
 
 
 def _swap_on_server(url: str, api_key: str | None, names: list[str], prompt: str,
