@@ -39,11 +39,40 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def file_mode() -> int:
+    """The permissions ``open()`` gives a new file under this process's umask (0o644 under
+    umask 022). ``tempfile.mkstemp`` and safetensors' writer make files 0o600, which would
+    keep the library and its exports from the accounts the umask lets read them (a server's)."""
+    try:  # Linux says it without changing it (os.umask can only be read by setting it)
+        with open("/proc/self/status", encoding="ascii") as fh:
+            mask = next((int(line.split()[1], 8) for line in fh if line.startswith("Umask:")),
+                        None)
+    except (OSError, ValueError, IndexError):
+        mask = None
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def give_file_modes(folder: Path) -> None:
+    """Give every regular file below ``folder`` the permissions of :func:`file_mode` (links
+    are left alone), before the folder joins the library or appears as an export."""
+    mode = file_mode()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old or the new file, never half."""
+    """Replace ``path`` with ``text`` so that readers see the old or the new file, never half;
+    the new file has the permissions ``open()`` would give it (:func:`file_mode`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, file_mode())  # mkstemp's 0o600 would hide it from other accounts
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -141,6 +170,7 @@ def new_folder(dest: Path) -> Iterator[Path]:
     Refuses a ``dest`` that exists and is not empty; yields a hidden sibling to fill, renamed
     to ``dest`` when the block succeeds and removed when it fails. Such siblings left in the
     same folder by earlier runs that were killed (their process is gone) are removed first.
+    Its files get the permissions ``open()`` would give them (:func:`give_file_modes`).
     """
     if dest.exists() and not dest.is_dir():
         raise NameTaken(f"export destination {dest} is a file; pick a new folder")
@@ -157,6 +187,7 @@ def new_folder(dest: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        give_file_modes(tmp)
         if dest.exists():
             dest.rmdir()
         os.rename(tmp, dest)

@@ -133,6 +133,7 @@ def doctor_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     outdated  a catalog entry that disagrees with its folder     -> re-indexed
     damaged   unreadable metadata, or files that no longer match
               the SHA-256 recorded at save time                  -> moved to quarantine/
+    dangling  a saved stack whose member was removed             -> moved to quarantine/
     stale     a work folder in tmp/ left by a dead process       -> removed
     catalog   a catalog file that fails SQLite's own check       -> rebuilt
 

@@ -13,6 +13,8 @@ reads every entry:
   a SHA-256 that no longer matches the one recorded at save time, a broken safetensors
   header, a planted pickle or link; the fit to the base is checked when a base is loaded):
   moved to ``<home>/quarantine/``, never deleted, so nothing is lost.
+* ``dangling`` — a saved stack naming a member the library no longer holds (removed with
+  ``rm --force``, or damaged): moved to ``<home>/quarantine/``, like a damaged folder.
 * ``leftover`` — a ``ref/`` folder in a pocket book: TRL's frozen copy of the adapter it
   started from (DPO's reference), which earlier versions saved beside a ``dpo`` pocket book
   (and pushed with it). Not part of the pocket book: moved to ``<home>/quarantine/``.
@@ -42,7 +44,7 @@ from adapterkit.library.catalog import Catalog, CatalogWarning
 from adapterkit.library.integrity import REPAIR, check_book
 from adapterkit.library.layout import DamagedBookWarning, index
 from adapterkit.library.metadata import CONFIG_FILE, METADATA_FILE, PocketBookMeta
-from adapterkit.library.store import Library, PocketBook
+from adapterkit.library.store import Library, PocketBook, needed_refs
 
 QUARANTINE = "quarantine"
 #: The subfolder earlier versions saved TRL's reference copy of the adapter in (``dpo``).
@@ -90,6 +92,7 @@ def examine(library: Library, *, repair: bool) -> Report:
     drop: list[tuple[str, int]] = []
     quarantine: list[tuple[str, int, Path]] = []
     leftovers: list[tuple[str, int, Path]] = []
+    healthy: dict[tuple[str, int], tuple[PocketBookMeta, Path]] = {}
     for key, folder in sorted(disk.items()):
         ref = f"{key[0]}@{key[1]}"
         for left in _stray_temp_files(folder):
@@ -107,6 +110,7 @@ def examine(library: Library, *, repair: bool) -> Report:
             except InvalidAdapter as exc:
                 problem = str(exc).removesuffix(f"; {REPAIR}")
             if problem is None:
+                healthy[key] = (meta, folder)
                 copy = folder / REFERENCE_COPY
                 if (copy / CONFIG_FILE).is_file():
                     _add(report, "leftover", ref, copy, "TRL's frozen copy of the adapter this "
@@ -128,6 +132,7 @@ def examine(library: Library, *, repair: bool) -> Report:
         _add(report, "damaged", ref, folder, problem,
              f"move it to {where} (kept, not deleted)", repair)
         quarantine.append((key[0], key[1], folder))
+    _check_stacks(library, report, healthy, quarantine, repair)
     for key in sorted(indexed.keys() - disk.keys()):
         path = library.root / key[0] / str(key[1])
         _add(report, "missing", f"{key[0]}@{key[1]}", path, "listed in the catalog, but its "
@@ -139,6 +144,24 @@ def examine(library: Library, *, repair: bool) -> Report:
         _repair(library, reindex, drop, quarantine, leftovers)
         report.repaired = True
     return report
+
+
+def _check_stacks(library: Library, report: Report,
+                  healthy: dict[tuple[str, int], tuple[PocketBookMeta, Path]],
+                  quarantine: list[tuple[str, int, Path]], repair: bool) -> None:
+    """A saved stack whose member is gone (``rm --force``, or damaged and quarantined) fails
+    on every use: it is moved to quarantine like a damaged folder. A pocket book trained on
+    top of a missing one is left alone: a pull warns of that and lets it come later."""
+    present = {f"{name}@{version}" for name, version in healthy}
+    for (name, version), (meta, folder) in sorted(healthy.items()):
+        gone = sorted(needed_refs(meta) - present)
+        if meta.kind != "stack" or not gone:
+            continue
+        _add(report, "dangling", f"{name}@{version}", folder,
+             f"a stack of {', '.join(gone)}, which the library no longer holds (it fails on "
+             "every use)", f"move it to {library.home / QUARANTINE} (kept, not deleted)",
+             repair)
+        quarantine.append((name, version, folder))
 
 
 def _stray_temp_files(folder: Path) -> list[Path]:

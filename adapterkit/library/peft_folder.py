@@ -22,6 +22,7 @@ from adapterkit.library.metadata import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, Po
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import BaseStructure
+    from adapterkit.base.resolve import BaseSource
     from adapterkit.library.store import Library, PocketBook
 
 PREFIX = "base_model.model."
@@ -525,6 +526,31 @@ def _same_base(recorded: str, folder: Path, home: Path) -> bool:
     return other.resolve() == folder.resolve() or fingerprint(other) == fingerprint(folder)
 
 
+def _as_alias(home: Path, fp: str, source: BaseSource, spec: str) -> tuple[BaseSource, str]:
+    """``source`` as the alias it is known by, with that alias, where it is the folder an
+    alias's GGUF was converted to (``<home>/bases/...``): an import pointed at that folder then
+    records the base as every pocket book trained on the alias does, so ``list --base ALIAS``
+    and the BASE column agree. Otherwise ``source`` and ``spec`` unchanged."""
+    from adapterkit.base.fingerprints import fingerprint
+    from adapterkit.base.resolve import ALIASES, find_base, resolve_base
+    from adapterkit.errors import AdapterkitError
+
+    if source.provenance.get("alias") or source.provenance.get("kind") != "gguf":
+        return source, spec
+    known = find_base(home, fp)
+    for alias in sorted(ALIASES, key=lambda a: a != known):  # the one this home knows first
+        if alias != known and ALIASES[alias].filename != source.provenance.get("file"):
+            continue
+        try:
+            aliased = resolve_base(alias, home)
+        except AdapterkitError:  # its package is gone: keep what was given
+            continue
+        if aliased.folder.resolve() == source.folder.resolve() or \
+                fingerprint(aliased.folder) == fp:
+            return aliased, alias
+    return source, spec
+
+
 def _all_b_zero(weights: Path) -> bool:
     """True when every ``lora_B`` tensor is zero (PEFT's initialisation: no effect at all)."""
     from safetensors import safe_open
@@ -619,6 +645,7 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
                       f"as made on {base} because you passed --base", AdapterWarning,
                       stacklevel=2)
     fp = fingerprint(base_source.folder)
+    base_source, base_spec = _as_alias(library.home, fp, base_source, str(base_spec))
     remember_base(library.home, fp, canonical_spec(str(base_spec), base_source))
     meta = PocketBookMeta(
         name=ref.name, version=ref.version or 1,

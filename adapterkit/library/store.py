@@ -38,6 +38,7 @@ from adapterkit.files import (
     atomic_write_text,
     fsync_dir,
     fsync_tree,
+    give_file_modes,
     move_back,
     new_folder,
     owned_name,
@@ -180,7 +181,8 @@ class Library:
              all_versions: bool = False) -> builtins.list[Summary]:
         """Pocket books, latest version of each unless ``all_versions``.
 
-        :param base: keep those made on this base: its name, or a prefix of its fingerprint.
+        :param base: keep those made on this base: its name (every book of a fingerprint
+            some book records under that name), or a prefix of its fingerprint.
         :param tag: keep those carrying this tag.
 
         A filter keeps versions first: without ``all_versions`` each name shows its latest
@@ -193,9 +195,13 @@ class Library:
         self.reconcile()
         clauses, params = [], []
         if base:
-            clauses.append("base_name = ? OR base_fingerprint LIKE ? ESCAPE '\\'")
+            # a name keeps every book of the fingerprints it names: one base may be recorded
+            # under two names (an alias, and the folder or file an import was pointed at)
+            clauses.append("base_name = ? OR base_fingerprint IN (SELECT q.base_fingerprint "
+                           "FROM pocket_books q WHERE q.base_name = ? AND q.base_fingerprint "
+                           "!= '') OR base_fingerprint LIKE ? ESCAPE '\\'")
             escaped = base.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            params += [base, f"{escaped}%"]
+            params += [base, base, f"{escaped}%"]
         if tag:
             clauses.append(
                 "EXISTS (SELECT 1 FROM tags t WHERE t.name = p.name "
@@ -354,12 +360,13 @@ class Library:
                     raise InvalidAdapter(f"cannot save {ref}: {required} is missing")
         meta.files = {f: sha256_file(staged / f) for f in HASHED_FILES if (staged / f).is_file()}
         self.root.mkdir(parents=True, exist_ok=True)
+        give_file_modes(staged)  # safetensors writes 0o600; the library reads as the umask says
         fsync_tree(staged)  # the weights reach the disk before the lock is taken
         moved: builtins.list[tuple[Path, Path]] = []
 
         def insert(conn: sqlite3.Connection) -> PocketBook:
             self._refuse_case_clash(conn, ref.name)
-            gone = [r for r in sorted(_members(meta)) if not Catalog.has(conn, r)] \
+            gone = [r for r in sorted(needed_refs(meta)) if not Catalog.has(conn, r)] \
                 if members_here else []
             if gone:  # removed since they were read (rm checks its side under this lock too)
                 raise PocketBookNotFound(f"cannot save {ref}: {', '.join(gone)}, which it needs, "
@@ -405,10 +412,11 @@ class Library:
                     shutil.copy2(item, staged / item.name)
             return self.commit(staged, meta, name=name, new_version=new_version)
 
-    def dependents(self, refs: set[str]) -> builtins.list[str]:
-        """Pocket books that need one of ``refs`` (``name@N``) to work: trained on top of it
-        (``--on``) or a saved stack of it. One catalog query, whatever the library's size
-        (:meth:`remove`, its caller, has reconciled the catalog with the folders)."""
+    def dependents(self, refs: set[str]) -> dict[str, builtins.list[str]]:
+        """Pocket books that need one of ``refs`` (``name@N``) to work — trained on top of it
+        (``--on``) or a saved stack of it — each with those of ``refs`` it needs. One catalog
+        query, whatever the library's size (:meth:`remove`, its caller, has reconciled the
+        catalog with the folders)."""
         return self.catalog.read(lambda conn: _dependents(conn, refs))
 
     def remove(self, ref: str | Ref, *, all_versions: bool = False,
@@ -428,7 +436,7 @@ class Library:
         versions = None if all_versions else [book.version]
         doomed = {f"{ref.name}@{v}" for v in (versions or self._all_versions(ref.name))}
         if not force:  # before anything moves (asked again under the lock below)
-            _refuse_needed(doomed, self.dependents(doomed))
+            _refuse_needed(self.dependents(doomed))
         self.staging.mkdir(parents=True, exist_ok=True)
         trash = self.staging / owned_name("trash")
         trash.mkdir()
@@ -444,7 +452,7 @@ class Library:
                     f"{ref} was removed by another command meanwhile; nothing left to remove")
             if not force:  # again under the lock: a stack or --on run may have saved meanwhile
                 going = {f"{ref.name}@{v}" for v in gone}
-                _refuse_needed(going, _dependents(conn, going))
+                _refuse_needed(_dependents(conn, going))
             for v in gone:
                 Catalog.delete(conn, ref.name, v)
                 src = self.path_of(ref.name, v)
@@ -552,7 +560,7 @@ class Library:
                 "PEFT folder of it alone leaves out (PEFT and vLLM would answer without it): "
                 f"fold them into one adapter with `adapterkit stack {under} {book.ref} "
                 "--flatten --name NAME` and export NAME, or use `export --merged` or "
-                "`--format gguf`, which bring it")
+                "`--format gguf`, which include what it was trained on")
         check_book(book)
         dest = Path(dest)
         with new_folder(dest) as tmp:
@@ -562,12 +570,12 @@ class Library:
         return dest
 
 
-def _dependents(conn: sqlite3.Connection, refs: set[str]) -> list[str]:
+def _dependents(conn: sqlite3.Connection, refs: set[str]) -> dict[str, list[str]]:
     """See :meth:`Library.dependents` (here on an open connection: :meth:`Library.remove`
     asks again under the write lock, so a stack saved meanwhile is not left without them)."""
     rows = conn.execute("SELECT name, version, meta FROM pocket_books ORDER BY name, version"
                         ).fetchall()
-    out = []
+    out = {}
     for name, version, text in rows:
         ref = f"{name}@{version}"
         if ref in refs:
@@ -576,21 +584,28 @@ def _dependents(conn: sqlite3.Connection, refs: set[str]) -> list[str]:
             meta = PocketBookMeta.from_dict(json.loads(text))
         except (ValueError, TypeError):
             continue
-        if _members(meta) & refs:
-            out.append(ref)
+        needed = needed_refs(meta) & refs
+        if needed:
+            out[ref] = sorted(needed)
     return out
 
 
-def _members(meta: PocketBookMeta) -> set[str]:
+def needed_refs(meta: PocketBookMeta) -> set[str]:
     """The pocket books (``name@N``) ``meta``'s entry needs: those under it, a stack's own."""
-    members = set(meta.stacked_on)
+    found = set(meta.stacked_on)
     if meta.kind == "stack":
-        members |= set(dict(meta.hyperparameters.get("weights", {})))
-    return members
+        found |= set(dict(meta.hyperparameters.get("weights", {})))
+    return found
 
 
-def _refuse_needed(doomed: set[str], needed_by: list[str]) -> None:
-    if needed_by:
+def _refuse_needed(needs: dict[str, list[str]]) -> None:
+    """Refuse a removal that ``needs`` (dependent → the doomed refs it needs) says would
+    break other pocket books, naming each needed version and what needs it."""
+    if needs:
+        by: dict[str, list[str]] = {}
+        for dependent, needed in needs.items():
+            for ref in needed:
+                by.setdefault(ref, []).append(dependent)
         raise ConfigError(
-            f"{', '.join(sorted(doomed))} is needed by {', '.join(needed_by)} (trained on top "
-            "of it, or a stack of it); remove those first, or pass --force")
+            "; ".join(f"{ref} is needed by {', '.join(deps)}" for ref, deps in sorted(by.items()))
+            + " (trained on top of it, or a stack of it); remove those first, or pass --force")
