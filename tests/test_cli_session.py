@@ -214,3 +214,26 @@ def test_swap_answers_with_saved_and_inline_stacks_as_its_help_says(cli, two):
     # (progress lines come before generate's answer)
     assert alone.rstrip("\n").endswith(rows["lc"]["answer"].rstrip("\n"))
     assert all(r["hot_swap_ms"] >= 0 for r in rows.values())
+
+
+def test_chat_answers_with_the_conversation_so_far_and_reset_starts_afresh(cli, two, tiny_base,
+                                                                            home):
+    """Each message went alone: a "chat" that forgot every earlier turn. The answers are
+    recomputed here with a plain session given the whole conversation."""
+    import adapterkit
+
+    script = "First message.\nSecond message.\n/reset\nSecond message.\n/quit\n"
+    out = run(cli, "chat", "--adapter", "law", "--max-new-tokens", "4", input=script)
+    session = adapterkit.open(str(tiny_base), home=home)
+    session.swap("law")
+    first = session.generate("First message.", max_new_tokens=4)
+    conversation = [{"role": "user", "content": "First message."},
+                    {"role": "assistant", "content": first},
+                    {"role": "user", "content": "Second message."}]
+    second = session.generate([conversation], max_new_tokens=4)[0]
+    alone = session.generate("Second message.", max_new_tokens=4)
+    assert all((first, second, alone)) and second != alone  # (else it could not tell them apart)
+    said = [line.split("] > ", 1)[-1] for line in out.splitlines()]  # after each prompt
+    answers = [text for text in said if text in (first, second, alone)]
+    assert answers == [first, second, alone], out
+    assert "new conversation" in out

@@ -623,13 +623,20 @@ def test_swap_with_server_answers_every_book_at_once(served, session, adapterkit
 
 
 def test_chat_with_server_streams_from_the_chosen_model(served, session, adapterkit_cli):
-    lines = ["/swap law", PROMPT, "/off", PROMPT, "/swap nosuch", "/stack law=1 code=0.5",
-             PROMPT, "/list", "/quit"]
+    lines = ["/swap law", PROMPT, "/off", "/reset", PROMPT, "/swap nosuch",
+             "/stack law=1 code=0.5", "/reset", PROMPT, "/list", "/swap law", "/reset", PROMPT,
+             "And then?", "/quit"]
     result = adapterkit_cli("chat", "--server", served.url, "--max-new-tokens", TOKENS,
                             input="\n".join(lines) + "\n")
     assert result.exit_code == 0, result.output
     for adapter in ("law", None, {"law": 1.0, "code": 0.5}):
         assert session.generate(PROMPT, adapter=adapter, max_new_tokens=TOKENS) in result.stdout
+    # the last message goes with the conversation so far, as a chat client sends it
+    first = session.generate(PROMPT, adapter="law", max_new_tokens=TOKENS)
+    conversation = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "And then?"}]
+    assert session.generate([conversation], adapter="law", max_new_tokens=TOKENS)[0] \
+        in result.stdout
     assert "now answering with law@1" in result.stdout
     assert "law@1*1+code@1*0.5" in result.stdout
     assert "Error:" in result.output and "nosuch" in result.output

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -203,10 +204,12 @@ def _parse_stack(parts: list[str]) -> dict[str, float]:
 @click.pass_context
 def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
              max_new_tokens: int, server: str | None, api_key: str | None) -> None:
-    """Chat with the base and swap pocket books live.
+    """Chat with the base and swap pocket books live: each message is answered with
+    the conversation so far (on a base with a chat template), whichever pocket book
+    is active; /reset starts a new conversation.
 
     \b
-    Commands:  /swap NAME   /stack A=1 B=0.5   /off   /list   /quit
+    Commands:  /swap NAME   /stack A=1 B=0.5   /off   /reset   /list   /quit
     With --server URL a running `adapterkit serve` answers, streaming; /swap
     and /stack then only change the `model` each request names.
     """
@@ -215,10 +218,15 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
     if server:
         _chat_on_server(server, api_key, adapter, max_new_tokens)
         return
+    from adapterkit.runtime.generation import uses_chat
+
     session, _ = _open(ctx, base, adapter)
     if adapter:
         session.swap(adapter)
-    click.echo("Type a message, or /swap NAME, /stack A=1 B=0.5, /off, /list, /quit.", err=True)
+    talk = _Conversation(session.base.tokenizer, _context_of(session.model), max_new_tokens,
+                         turns=uses_chat(session.base.tokenizer, None))
+    click.echo(f"Type a message ({talk.kind}), or /swap NAME, /stack A=1 B=0.5, /off, /reset, "
+               "/list, /quit.", err=True)
     while True:
         try:
             line = input(f"[{'+'.join(session.active) or 'plain'}] > ").strip()
@@ -247,12 +255,69 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
                 for summary in session.library.list():
                     mark = "*" if f"{summary.name}@{summary.version}" in session.active else " "
                     click.echo(f" {mark} {summary.name}@{summary.version}  ({summary.base_name})")
+            elif command == "/reset":
+                talk.reset()
+                click.echo("new conversation")
             elif command.startswith("/"):
-                click.echo(f"unknown command {command}; use /swap, /stack, /off, /list, /quit")
+                click.echo(f"unknown command {command}; use /swap, /stack, /off, /reset, /list, "
+                           "/quit")
             else:
-                click.echo(session.generate(line, max_new_tokens=max_new_tokens))
+                answer = session.generate([talk.ask(line)], max_new_tokens=max_new_tokens)[0]
+                talk.answered(answer)
+                click.echo(answer)
         except AdapterkitError as exc:
             click.echo(f"Error: {exc}", err=True)
+
+
+class _Conversation:
+    """The turns so far, sent whole with each message as a chat client does (``turns``; a
+    base without a chat template answers each message alone). With a tokenizer and the
+    context length, the oldest turns are dropped — and that is said — where they would leave
+    no room for the answer; a server's chat checks its own context."""
+
+    def __init__(self, tokenizer: Any, context: int | None, max_new_tokens: int, *,
+                 turns: bool = True) -> None:
+        self.tokenizer, self.context, self.room = tokenizer, context, max_new_tokens
+        self.turns = turns
+        self.messages: list[dict[str, str]] = []
+
+    @property
+    def kind(self) -> str:
+        return ("answered with the conversation so far" if self.turns else
+                "each answered on its own: this base has no chat template")
+
+    def ask(self, text: str) -> Any:
+        """What to send for the user's message ``text``: the conversation, or ``text``."""
+        if not self.turns:
+            return text
+        self.messages.append({"role": "user", "content": text})
+        dropped = 0
+        while self._too_long() and len(self.messages) > 1:
+            del self.messages[:2]  # the oldest question and its answer
+            dropped += 2
+        if dropped:
+            click.echo(f"(the oldest {dropped} turns were dropped to leave room for the answer "
+                       "in the base's context; /reset starts afresh)", err=True)
+        return list(self.messages)
+
+    def answered(self, text: str) -> None:
+        if self.turns:
+            self.messages.append({"role": "assistant", "content": text})
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    def _too_long(self) -> bool:
+        if self.tokenizer is None or not self.context:
+            return False
+        ids = self.tokenizer.apply_chat_template(self.messages, tokenize=True,
+                                                 add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # (a BatchEncoding, in 5.x)
+        return len(ids) + self.room > self.context
+
+
+def _context_of(model: Any) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
@@ -269,8 +334,9 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
         return str(client.get("/v1/models/" + quote(model, safe="@"))["id"])
 
     model = checked(adapter) if adapter else base_id
-    click.echo(f"Connected to {client.url} ({base_id}). Type a message, or /swap NAME, "
-               "/stack A=1 B=0.5, /off, /list, /quit.", err=True)
+    talk = _Conversation(None, None, max_new_tokens)
+    click.echo(f"Connected to {client.url} ({base_id}). Type a message ({talk.kind}), or "
+               "/swap NAME, /stack A=1 B=0.5, /off, /reset, /list, /quit.", err=True)
     while True:
         try:
             line = input(f"[{'plain' if model == base_id else model}] > ").strip()
@@ -296,12 +362,20 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                 for entry in client.models():
                     mark = "*" if entry["id"] == model else " "
                     click.echo(f" {mark} {entry['id']}  ({entry.get('kind', 'model')})")
+            elif command == "/reset":
+                talk.reset()
+                click.echo("new conversation")
             elif command.startswith("/"):
-                click.echo(f"unknown command {command}; use /swap, /stack, /off, /list, /quit")
+                click.echo(f"unknown command {command}; use /swap, /stack, /off, /reset, /list, "
+                           "/quit")
             else:
-                for text, _ in client.stream_chat(model, line, max_tokens=max_new_tokens):
+                parts = []
+                for text, _ in client.stream_chat(model, talk.ask(line),
+                                                  max_tokens=max_new_tokens):
                     click.echo(text, nl=False)
+                    parts.append(text)
                 click.echo()
+                talk.answered("".join(parts))
         except AdapterkitError as exc:
             click.echo(f"Error: {exc}", err=True)
 

@@ -77,11 +77,14 @@ class ServerClient:
                 return str(entry["id"])
         raise ServerError(f"{self.url} lists no base model in /v1/models")
 
-    def stream_chat(self, model: str, content: str, *, max_tokens: int,
+    def stream_chat(self, model: str, content: str | list[dict[str, str]], *, max_tokens: int,
                     temperature: float = 0.0) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Stream one user message's answer: ``(text, chunk)`` per piece of text, then
-        ``("", final)`` where ``final`` has ``model``, ``finish_reason`` and ``usage``."""
-        body = {"model": model, "messages": [{"role": "user", "content": content}],
+        """Stream the answer to one user message (``content``, a string) or to a conversation
+        (a list of messages): ``(text, chunk)`` per piece of text, then ``("", final)`` where
+        ``final`` has ``model``, ``finish_reason`` and ``usage``."""
+        messages = [{"role": "user", "content": content}] if isinstance(content, str) \
+            else content
+        body = {"model": model, "messages": messages,
                 "max_tokens": max_tokens, "temperature": temperature, "stream": True,
                 "stream_options": {"include_usage": True}}
         final: dict[str, Any] = {"model": model, "finish_reason": None, "usage": None}
