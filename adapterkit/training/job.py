@@ -369,7 +369,8 @@ class TrainJob:
             num_train_epochs=1.0 if o.epochs is None else o.epochs,  # (None: max_steps runs)
             max_steps=o.max_steps,
             lr_scheduler_type="linear",
-            logging_steps=o.logging_steps,
+            # a run shorter than the interval would log no loss at all ("loss -")
+            logging_steps=max(1, min(o.logging_steps, self.planned_steps())),
             save_strategy="steps",
             save_steps=o.save_steps,
             save_total_limit=2,
