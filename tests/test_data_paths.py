@@ -29,3 +29,12 @@ def test_a_hub_id_with_no_such_local_folder_goes_to_the_hub(tmp_path, monkeypatc
     monkeypatch.setattr(data_mod, "_read_hub", lambda i: asked.append(i) or [{"text": "x"}])
     rows, source, _ = data_mod.read_rows("someone/their-data")
     assert asked == ["someone/their-data"] and source == "hub:someone/their-data"
+
+
+def test_a_line_that_is_not_json_says_skip_bad_rows_does_not_skip_it(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"broken\.jsonl line 2: invalid JSON .*; fix the "
+                                              r"line \(--skip-bad-rows skips rows of the wrong "
+                                              r"shape, not lines that are not JSON\)"):
+        data_mod.load_data(str(path), skip_bad_rows=True)

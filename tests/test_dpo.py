@@ -57,7 +57,7 @@ def test_dpo_refuses_bad_pairs_and_options(tiny_base, home, tmp_path, adapterkit
     same.write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}) + "\n")
     with pytest.raises(DataFormatError, match="chosen and rejected are identical in row"):
         train("dpo", base=str(tiny_base), data=str(same), name="x", home=home, plugins=pm)
-    with pytest.raises(DataFormatError, match="this trainer reads preference"):
+    with pytest.raises(DataFormatError, match=r"this trainer reads preference rows \(prompt/chosen/rejected\)"):
         train("dpo", base=str(tiny_base), data=str(adapterkit_data["text"]), name="x",
               home=home, plugins=pm)
     with pytest.raises(ConfigError, match="unknown dpo option.*gamma"):

@@ -92,7 +92,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except ValueError as exc:
-            raise DataFormatError(f"{path.name} line {number}: invalid JSON ({exc})") from None
+            raise DataFormatError(f"{path.name} line {number}: invalid JSON ({exc}); fix the line "
+                                  "(--skip-bad-rows skips rows of the wrong shape, not lines "
+                                  "that are not JSON)") from None
         if not isinstance(row, dict):
             raise DataFormatError(
                 f"{path.name} line {number}: expected a JSON object, got {type(row).__name__}"
@@ -225,10 +227,9 @@ def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | N
     columns = set().union(*(r.keys() for r in rows))
     shape, fmt = detect_shape(columns, formats)
     if shapes is not None and shape not in shapes:
-        raise DataFormatError(
-            f"{source} is {shape} data (columns {', '.join(sorted(columns))}); "
-            f"this trainer reads {', '.join(shapes)}"
-        )
+        wanted = " or ".join(f"{s} rows ({'/'.join(SHAPES.get(s, ()))})" for s in shapes)
+        raise DataFormatError(f"{source} is {shape} data (columns "
+                              f"{', '.join(sorted(columns))}); this trainer reads {wanted}")
     needed = SHAPES[shape]
     kept: list[dict[str, Any]] = []
     numbers: list[int] = []  # the row number (from 1) of each kept row
