@@ -82,6 +82,7 @@ def test_plugins_command(run):
     (["import", ".", "--name", "", "--base", "x"], "cannot be empty"),
     (["import", ".", "--name", "x" * 300, "--base", "x"], "use at most 100"),
     (["base", "show", "no-such-base"], "unknown base 'no-such-base'"),
+    (["base", "show", "smollm2-13m"], "unknown base 'smollm2-13m'; did you mean smollm2-135m?"),
     (["base", "show", "/nope/m.gguf"], "does not exist"),
     (["export", "ghost", "out"], "no pocket book named 'ghost'"),
 ])

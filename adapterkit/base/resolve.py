@@ -110,10 +110,14 @@ def resolve_base(spec: str, home: str | os.PathLike[str] | None = None, *,
     hub_id, _, revision = spec.partition("@")
     if _HUB_ID.fullmatch(hub_id) and not path.exists():
         return _from_hub(hub_id, revision or None)
+    import difflib
+
     known = ", ".join(ALIASES)
+    near = difflib.get_close_matches(spec, list(ALIASES), n=1)
     raise BaseNotFound(
-        f"unknown base {spec!r}: give a Hugging Face id (owner/name), a local model folder, "
-        f"a .gguf file, or an alias ({known})"
+        (f"unknown base {spec!r}; did you mean {near[0]}? Or give" if near else
+         f"unknown base {spec!r}: give") + " a Hugging Face id (owner/name), a local model "
+        f"folder, a .gguf file, or an alias ({known})"
     )
 
 
