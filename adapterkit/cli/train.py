@@ -405,10 +405,22 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         if not _reports():
             sys.exit(130)
         saved = getattr(exc, "stages_saved", [])
+        reuse = f" (reuse {saved[0]}: for rlhf, --reward {saved[0]})" if saved else ""
+        # what the run left (adapterkit.training.run._left_behind): --resume only from a
+        # checkpoint it can continue
+        checkpoint, every = getattr(exc, "checkpoint", None), getattr(exc, "save_steps", None)
+        if getattr(exc, "finished", False):
+            advice = (f"; training had finished ({checkpoint}) but was not measured: run the "
+                      f"same command with --restart to train it again{reuse}")
+        elif checkpoint:
+            advice = f". Run the same command with --resume to continue from {checkpoint}{reuse}"
+        elif every is not None:
+            advice = (f"; no checkpoint was written yet (one every --save-steps {every} "
+                      f"steps): run the command again{reuse}")
+        else:  # before training started
+            advice = f". Run the same command again{reuse}"
         say("Interrupted: " + (f"only {', '.join(saved)} (an earlier stage) was saved"
-                                if saved else "nothing was saved to the library")
-             + ". Run the same command with --resume to continue from the last checkpoint"
-             + (f" (reuse {saved[0]}: for rlhf, --reward {saved[0]})." if saved else "."))
+                                if saved else "nothing was saved to the library") + advice + ".")
         sys.exit(130)
     if not _reports():
         return  # the main rank reports the run

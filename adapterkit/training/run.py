@@ -49,9 +49,13 @@ from adapterkit.training.options import (
 )
 from adapterkit.training.save import (
     adapter_to_fp32,
+    check_definition,
     checksum,
+    definition_of,
+    finished_at,
     history_of,
     metrics_of,
+    record_definition,
     resumed_at,
     same_weights,
     save_trained,
@@ -133,9 +137,28 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         if where.distributed:
             return _finalize_shared(run, state, time.perf_counter() - start, main=where.is_main)
         return _finalize(run, state, time.perf_counter() - start)
+    except KeyboardInterrupt as exc:
+        _left_behind(run, exc)
+        raise
     finally:
         if not isinstance(base, str):  # a caller's resident base: back in the dtype it came
             _give_back(run.loaded, say)
+
+
+def _left_behind(run: _Run, exc: KeyboardInterrupt) -> None:
+    """Tell whoever reports the interruption what a next run can do, on ``exc``:
+    ``checkpoint`` (the last one, or the interrupted stage holding one; None: none was written
+    yet), ``finished`` (it is of the run's last step: a resume refuses it) and ``save_steps``."""
+    try:
+        last = last_checkpoint(run.workdir)
+        stages = interrupted_stages(run.workdir, run.library)
+    except Exception:  # never hides the interruption; the reporter says less
+        return
+    at = Path(last).name if last else f"the last checkpoint of {stages[0]}" if stages else None
+    exc.checkpoint = at  # type: ignore[attr-defined]
+    exc.finished = last is not None and finished_at(  # type: ignore[attr-defined]
+        last, run.job.options.max_steps) is not None
+    exc.save_steps = run.job.options.save_steps  # type: ignore[attr-defined]
 
 
 def _give_back(base: Base, say: Callable[[str], None]) -> None:
@@ -217,6 +240,8 @@ class _Checked:
     #: The run was given ``general: off`` (resolved to None, as a trainer with no default
     #: check is): its stages must not measure forgetting by their own default either.
     general_off: bool = False
+    #: What defines the run (:func:`adapterkit.training.save.definition_of`).
+    definition: dict[str, Any] = field(default_factory=dict)
 
 
 def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
@@ -245,8 +270,8 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     # the trainer's own options, typed: every problem in one error, before anything is reserved
     trainer_options = build_trainer_options(trainer_obj, options)
     refuse_what_cannot_act(trainer, trainer_obj, options, pm.trainers)
-    if options.anchor:  # read now, not once the base is loaded
-        general_texts(options.anchor)
+    anchor = general_texts(options.anchor) if options.anchor else None  # read now, not once
+    # the base is loaded
     from adapterkit.training.early_stop import patience_of
     from adapterkit.training.launch import fsdp_enabled, ranks
 
@@ -285,8 +310,31 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         # for, whatever this resume's processes or split would resolve: the schedule goes on
         # as it started (whole epochs, as min_steps resolves them and transformers records)
         options = replace(options, epochs=_epochs_of(resume_from) or options.epochs)
+    weights = parent.meta.files.get(WEIGHTS_FILE) if parent else None
+    definition = definition_of(
+        trainer, options, dataset, texts={"general": general, "anchor": anchor},
+        parent=f"{'--on' if on else '--from'} {parent.ref} (weights {weights})" if parent
+        else None)
+    if resume_from:
+        check_definition(workdir, definition, str(ref), staged=bool(_started_stages(workdir)))
+        _check_unfinished(resume_from, options, str(ref))
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
-                    general, workdir, parent, resume_from, general_off)
+                    general, workdir, parent, resume_from, general_off, definition)
+
+
+def _check_unfinished(checkpoint: str, options: TrainOptions, name: str) -> None:
+    """Refuse to resume from a run's last step (stopped while it was measured or saved).
+    transformers' Trainer would take one step more, at the learning rate of 0 where its
+    schedule ends (the weights do not change), then report it: a step, its tokens and their
+    tokens/s that trained nothing, and a forgetting guard that acted on that step alone. The
+    checkpoint holds the finished weights, but not the guard's record of the run's steps."""
+    step = finished_at(checkpoint, options.max_steps)
+    if step is not None:
+        raise RunStateError(
+            f"the interrupted run of {name} had trained all its {step} steps "
+            f"({Path(checkpoint).name}) and stopped before it was saved; a resume would train "
+            "nothing, and what the run measured while training (the forgetting guard's "
+            "record) was not kept: pass --restart to train it again")
 
 
 def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
@@ -416,6 +464,8 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     try:  # what the steps compute in, against the checkpoints a resume continues
         check_resume(workdir, job.precision, resuming=c.resume_from is not None, main=main,
                      default="bf16" if str(loaded.model.device).startswith("cuda") else "fp32")
+        if main and c.resume_from is None:  # (a resume keeps the record it was checked with)
+            record_definition(workdir, c.definition)
     except BaseException:
         if not isinstance(base, str):
             _give_back(loaded, say)

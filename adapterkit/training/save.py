@@ -4,11 +4,14 @@ one of several."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterkit.errors import RunStateError
+from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import CONFIG_FILE, PocketBookMeta
 from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
@@ -20,6 +23,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 LOSS_CURVE = "loss_curve.png"
+#: In a run's folder: what defines the run (:func:`definition_of`), written when it starts, so
+#: that ``--resume`` continues a run only with what its checkpoints were trained with.
+DEFINITION_FILE = "definition.json"
+#: Options a resume may change: they change nothing the steps compute — when checkpoints are
+#: written, how often the loss is logged, where it is reported, whether activations are
+#: recomputed to save memory. ``min_steps`` acts only as a run starts, on the epochs it
+#: resolves, which are compared (a resume keeps the checkpoint's). ``precision``: ``auto``
+#: and the dtype it resolves to are one precision; what the steps compute in is compared once
+#: the base is loaded (:func:`adapterkit.training.precision.check_resume`).
+MAY_CHANGE_ON_RESUME = ("save_steps", "logging_steps", "report_to", "gradient_checkpointing",
+                        "min_steps", "precision")
 
 
 def history_of(state: Any) -> list[dict[str, Any]]:
@@ -36,6 +50,80 @@ def resumed_at(checkpoint: str | None) -> dict[str, int] | None:
         return {k: int(saved.get(k) or 0) for k in ("global_step", "num_input_tokens_seen")}
     except (OSError, ValueError, TypeError, AttributeError):  # (an incomplete checkpoint is
         return None  # refused before training: run._checkpoint)
+
+
+def definition_of(trainer: str, options: TrainOptions, data: Data, *,
+                  texts: dict[str, list[str] | None], parent: str | None) -> dict[str, Any]:
+    """What defines a run, as its pocket book's metadata records it: the trainer, every option
+    but those a resume may change (:data:`MAY_CHANGE_ON_RESUME`), the data by its content, the
+    general and anchor ``texts`` by theirs (a path names a file that may change), and the
+    pocket book it trains on or continues (``parent``)."""
+    defined: dict[str, Any] = {k: v for k, v in options.as_dict().items()
+                               if k not in MAY_CHANGE_ON_RESUME}
+    for key, rows in texts.items():
+        if rows is not None:
+            defined[key] = "sha256:" + hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    # as JSON reads it back; a copy (trainers record values in trainer_options as they train)
+    return dict(json.loads(json.dumps({"trainer": trainer, "data": "sha256:" + data.sha256,
+                                       "parent": parent, **defined}, default=str)))
+
+
+def record_definition(workdir: Path, definition: dict[str, Any]) -> None:
+    """Record, as a run starts, what defines it (for :func:`check_definition`)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(workdir / DEFINITION_FILE, json.dumps(definition, indent=1, sort_keys=True))
+
+
+def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
+                     staged: bool = False) -> None:
+    """Refuse to resume the run in ``workdir`` with another definition than it started with:
+    its first steps were trained with those, and the pocket book's metadata would record these.
+    A run folder of an earlier version, without the record, resumes as it did.
+
+    :param staged: the run trained a stage first (rlhf's reward pocket book): a trainer option
+        given on one side only is not compared — a resume names the stage's pocket book
+        (``--reward NAME-reward``) where the first run set the stage's own (``reward_steps``).
+    """
+    path = workdir / DEFINITION_FILE
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise RunStateError(f"cannot read what the interrupted run of {name} was started with "
+                            f"({path}: {exc}); pass --restart to start over") from None
+    if not isinstance(recorded, dict):
+        raise RunStateError(f"cannot read what the interrupted run of {name} was started with "
+                            f"({path} holds no record); pass --restart to start over")
+    now = dict(definition)
+    if staged:
+        old, new = recorded.get("trainer_options") or {}, now.get("trainer_options") or {}
+        recorded = {**recorded, "trainer_options": {k: v for k, v in old.items() if k in new}}
+        now["trainer_options"] = {k: v for k, v in new.items() if k in old}
+    changed = [f"{key} {_shown(recorded.get(key))} → {_shown(now.get(key))}"
+               for key in sorted(set(recorded) | set(now)) if recorded.get(key) != now.get(key)]
+    if changed:
+        raise RunStateError(f"the interrupted run of {name} was started with other settings: "
+                            f"{'; '.join(changed)}; resume with the same settings, or pass "
+                            "--restart to start over")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return f"{value[:19]}…"  # a file's content: enough of its hash to tell two apart
+    return json.dumps(value, ensure_ascii=False)
+
+
+def finished_at(checkpoint: str, max_steps: int) -> int | None:
+    """The step of ``checkpoint`` when it is its run's last (``max_steps``, else the one the
+    run set out for, as transformers recorded it), else None."""
+    try:
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        step, last = int(saved["global_step"]), max_steps if max_steps > 0 else \
+            int(saved["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if 0 < last <= step else None
 
 
 def metrics_of(state: Any, elapsed: float, resumed: dict[str, int] | None = None

@@ -1,0 +1,211 @@
+"""`train --resume` continues only the run its checkpoints are of: the same definition (data,
+trainer, LoRA shape, training options), not a run that had finished its steps; and the line
+after Ctrl-C says what a next run can do."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import TrainerCallback
+
+from adapterkit import Library, TrainOptions
+from adapterkit.errors import RunStateError
+from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.training.run import train
+
+#: Small and fast; checkpoints every 2 steps; the forgetting guard on (sft's default budget).
+OPTS = dict(max_steps=10, batch_size=2, save_steps=2, logging_steps=1, r=4, alpha=8,
+            dropout=0.0, precision="fp32", max_length=128, learning_rate=1e-3)
+
+
+class Interrupt(TrainerCallback):
+    """Ctrl-C at the end of step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def pm():
+    return get_plugin_manager(env=False)
+
+
+@pytest.fixture
+def rows(adapterkit_data):
+    return str(adapterkit_data["prompt_completion"])
+
+
+def interrupted(tiny_base, rows, home, pm, *, at: int = 5, **kw) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
+              options=TrainOptions(**{**OPTS, **kw}), callbacks=[Interrupt(at)])
+    assert (home / "runs" / "cut" / "checkpoint-4").is_dir()
+
+
+def test_a_resume_with_another_lora_shape_is_refused_in_one_line_before_the_base_loads(
+        tiny_base, rows, home, pm, adapterkit_cli, monkeypatch):
+    """It was transformers' 'size mismatch for ...lora_A...' traceback, after the base
+    loaded; now one line naming the difference and what to do."""
+    interrupted(tiny_base, rows, home, pm)
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr("adapterkit.training.run.load_for_method", loads)
+        with pytest.raises(RunStateError, match=r"r 4 → 8.*resume with the same settings, or "
+                                                 r"pass --restart to start over"):
+            train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
+                  options=TrainOptions(**{**OPTS, "r": 8}), resume=True)
+    flags = ["--lr", 1e-3, "--max-steps", 10, "--batch-size", 2, "--save-steps", 2,
+             "--logging-steps", 1, "--alpha", 8, "--dropout", 0.0, "--precision", "fp32",
+             "--max-length", 128]
+    result = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", rows, "--name",
+                            "cut", "-r", 8, *flags, "--resume")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: the interrupted run of cut was "
+                                                   "started with other settings: r 4 → 8;")
+    # with the checkpoint's own settings it goes on
+    again = adapterkit_cli("train", "sft", "--base", tiny_base, "--data", rows, "--name", "cut",
+                           "-r", 4, *flags, "--resume")
+    assert again.exit_code == 0, again.output
+    assert Library(home).get("cut").meta.metrics["steps"] == 10
+
+
+def test_a_resume_with_other_data_or_options_is_refused_listing_each_difference(
+        tiny_base, rows, home, pm, tmp_path):
+    interrupted(tiny_base, rows, home, pm)
+    other = tmp_path / "other.jsonl"
+    lines = open(rows, encoding="utf-8").read().splitlines()
+    other.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")  # same rows, new order
+    changed = TrainOptions(**{**OPTS, "learning_rate": 5e-3, "max_steps": 12, "max_length": 64,
+                              "forgetting_budget": 2.0})
+    with pytest.raises(RunStateError) as refused:
+        train("sft", base=str(tiny_base), data=str(other), name="cut", home=home, plugins=pm,
+              options=changed, resume=True)
+    said = str(refused.value)
+    assert "\n" not in said
+    for difference in ("data sha256:", "forgetting_budget 1.0 → 2.0", "learning_rate 0.001 → "
+                       "0.005", "max_length 128 → 64", "max_steps 10 → 12"):
+        assert difference in said, said
+    assert said.endswith("resume with the same settings, or pass --restart to start over")
+    # what changes nothing the steps compute may change: checkpoints, logging, trackers
+    result = train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
+                   options=TrainOptions(**{**OPTS, "save_steps": 3, "logging_steps": 2}),
+                   resume=True)
+    assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (10, 4)
+    hyper = result.pocket_book.meta.hyperparameters
+    assert (hyper["learning_rate"], hyper["max_length"], hyper["r"]) == (1e-3, 128, 4)
+
+
+def test_a_run_folder_without_the_record_resumes_as_before(tiny_base, rows, home, pm):
+    """A run interrupted under an earlier version has no record of its definition: only the
+    checks it had (the checkpoint, the precision) apply."""
+    interrupted(tiny_base, rows, home, pm)
+    (home / "runs" / "cut" / "definition.json").unlink()
+    result = train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
+                   options=TrainOptions(**{**OPTS, "learning_rate": 2e-3}), resume=True)
+    assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (10, 4)
+
+
+def test_a_run_stopped_after_its_last_step_is_refused_not_resumed_with_an_empty_step(
+        tiny_base, rows, home, pm, monkeypatch):
+    """Interrupted in the forgetting check after step 10 of 10 (checkpoint-10): transformers
+    resumed it with an 11th step at learning rate 0 and the run reported 11 steps, their
+    tokens and a guard that acted on none of them."""
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("adapterkit.training.run._measure", stopped)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            train("sft", base=str(tiny_base), data=rows, name="late", home=home, plugins=pm,
+                  options=TrainOptions(**OPTS))
+    assert (home / "runs" / "late" / "checkpoint-10").is_dir()
+    assert caught.value.finished and caught.value.checkpoint == "checkpoint-10"
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr("adapterkit.training.run.load_for_method", loads)
+        with pytest.raises(RunStateError, match=r"had trained all its 10 steps \(checkpoint-10\)"
+                                                 r".*pass --restart to train it again"):
+            train("sft", base=str(tiny_base), data=rows, name="late", home=home, plugins=pm,
+                  options=TrainOptions(**OPTS), resume=True)
+    assert Library(home).list() == []
+    again = train("sft", base=str(tiny_base), data=rows, name="late", home=home, plugins=pm,
+                  options=TrainOptions(**OPTS), restart=True).metrics
+    assert again["steps"] == 10 and "resumed_at_step" not in again
+    assert again["guard"]["kl_batches"] > 0 and again["guard"]["weight"] > 0
+
+
+@pytest.fixture
+def ctrl_c(monkeypatch):
+    """The CLI's sft run gets Ctrl-C at the end of the step ``ctrl_c.at``."""
+    from adapterkit_plugins.sft import SFT
+
+    train_sft = SFT.train
+
+    class At:
+        at = 1
+
+    def interrupted_train(self, *, job, **kw):
+        job.callbacks.append(Interrupt(At.at))
+        return train_sft(self, job=job, **kw)
+
+    monkeypatch.setattr(SFT, "train", interrupted_train)
+    return At
+
+
+def test_ctrl_c_says_resume_only_where_a_checkpoint_was_written(tiny_base, rows, home,
+                                                                 adapterkit_cli, ctrl_c):
+    """Before the first checkpoint (sft's default run of 30 steps never reaches the default
+    --save-steps 50) the line said to --resume, which then found no interrupted run."""
+    args = ["train", "sft", "--base", tiny_base, "--data", rows, "--name", "c", "-r", 4,
+            "--max-steps", 6, "--batch-size", 2, "--precision", "fp32"]
+    ctrl_c.at = 1
+    first = adapterkit_cli(*args)
+    assert first.exit_code == 130
+    said = first.stderr.strip().splitlines()[-1]
+    assert said == ("Interrupted: nothing was saved to the library; no checkpoint was written "
+                    "yet (one every --save-steps 50 steps): run the command again.")
+    assert not list((home / "runs" / "c").glob("checkpoint-*"))
+    ctrl_c.at = 3
+    second = adapterkit_cli(*args, "--save-steps", 2)
+    assert second.exit_code == 130
+    assert second.stderr.strip().splitlines()[-1] == (
+        "Interrupted: nothing was saved to the library. Run the same command with --resume to "
+        "continue from checkpoint-2.")
+    ctrl_c.at = 0  # never
+    resumed = adapterkit_cli(*args, "--save-steps", 2, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert Library(home).get("c").meta.metrics["steps"] == 6
+
+
+def test_an_rlhf_policy_resumes_against_the_reward_pocket_book_its_run_trained(
+        tiny_base, adapterkit_data, home, pm):
+    """Interrupted after its reward stage was saved, an rlhf run is resumed with --reward
+    NAME-reward (as the refusal of a plain rerun says) instead of the stage's own options; an
+    option of the policy given on both sides is still compared."""
+    data = str(adapterkit_data["preference"])
+    opts = dict(max_steps=4, batch_size=8, learning_rate=1e-2, r=4, alpha=8, dropout=0.0,
+                logging_steps=1, save_steps=2, seed=1)
+
+    def rlhf(trainer_options, **kw):
+        return train("rlhf", base=str(tiny_base), data=data, name="p", home=home, plugins=pm,
+                     options=TrainOptions(**opts, trainer_options=trainer_options), **kw)
+
+    with pytest.raises(KeyboardInterrupt):  # (the stage's 2 steps never reach step 3)
+        rlhf({"reward_steps": 2, "max_new_tokens": 4}, callbacks=[Interrupt(3)])
+    assert (home / "runs" / "p" / "checkpoint-2").is_dir()
+    with pytest.raises(RunStateError, match=r"trainer_options \{\"max_new_tokens\": 4\} → "
+                                            r"\{\"max_new_tokens\": 8\}"):
+        rlhf({"reward": "p-reward@1", "max_new_tokens": 8}, resume=True)
+    result = rlhf({"reward": "p-reward@1", "max_new_tokens": 4}, resume=True)
+    assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (4, 2)
+    assert result.metrics["reward_book"] == "p-reward@1"
