@@ -70,3 +70,23 @@ def progress_callback(description: str = "training") -> Any:
                 self.bar = None
 
     return RichProgress()
+
+
+def last_step_logged() -> Any:
+    """A transformers ``TrainerCallback`` that logs the loss at a run's last step too.
+
+    transformers logs every ``logging_steps`` only, so the steps after the last multiple were
+    in no logged loss: a run of 8 steps at 5 reported the mean of steps 1-5 as its final loss
+    (and "loss 6.138 → 6.138", one log read twice). With it the last log covers the last
+    steps, as a plain TRL script's final ``train_loss`` does.
+    """
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogLastStep()
+

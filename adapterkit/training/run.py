@@ -470,6 +470,9 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         if not isinstance(base, str):
             _give_back(loaded, say)
         raise
+    from adapterkit.training.progress import last_step_logged
+
+    job.callbacks.append(last_step_logged())
     if guard is not None:
         guard.load_targets = job.load_anchor_targets
         job.callbacks.append(guard.callback())
