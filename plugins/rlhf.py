@@ -85,12 +85,33 @@ class Reward(Trainer):
         trainer = RewardTrainer(model=job.model, args=config, train_dataset=job.train_dataset(),
                                 eval_dataset=job.eval_dataset(), processing_class=job.tokenizer,
                                 callbacks=job.callbacks)
+        _refuse_dropped_pairs(trainer, job)
         job.configure(trainer)
         trainer.train(resume_from_checkpoint=job.resume_from)
         accuracy = [h["accuracy"] for h in trainer.state.log_history if "accuracy" in h]
         if accuracy:
             trainer.state.adapterkit_metrics = {"pair_accuracy_last_log": accuracy[-1]}  # type: ignore[attr-defined]
         return trainer.state
+
+
+def _refuse_dropped_pairs(trainer: Any, job: Any) -> None:
+    """TRL's RewardTrainer leaves out, as it prepares them, the pairs whose chosen or rejected
+    text (with the prompt) is longer than ``max_length``: training on what is left without a
+    word would record every pair as trained on (and with none left, TRL fails on an empty
+    sampler). Refused instead, before any step, saying how many and what to do."""
+    from adapterkit import ConfigError
+
+    for split, given in (("training", job.data), ("held-out", job.eval_data)):
+        prepared = trainer.train_dataset if split == "training" else trainer.eval_dataset
+        if given is None or prepared is None:
+            continue
+        total, kept = len(given.rows), len(prepared)
+        if kept < total:
+            raise ConfigError(
+                f"{total - kept} of {total} {split} preference pairs are longer than "
+                f"--max-length {job.options.max_length} tokens (prompt and answer), and the "
+                "reward trainer (TRL's RewardTrainer) would leave them out: raise --max-length, "
+                "or shorten or remove those pairs")
 
 
 def _prompts(job: Any) -> Any:

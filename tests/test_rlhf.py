@@ -168,6 +168,13 @@ def test_bad_reward_and_rl_settings_write_nothing(rlhf_run, tiny_base, other_bas
     with pytest.raises(ConfigError, match="reward pocket book"):
         train("dpo", base=str(tiny_base), data=str(data), name="bad", home=home, plugins=pm,
               on="kind-reward")
+    # pairs longer than max_length: TRL's RewardTrainer left them out without a word (and with
+    # none left failed on an empty sampler, a traceback)
+    # (36: room for every prompt, 34 tokens, not for its answers)
+    with pytest.raises(ConfigError, match=r"(\d+) of \1 training preference pairs are longer "
+                                          r"than --max-length 36 tokens"):
+        train("reward", base=str(tiny_base), data=str(data), name="long", home=home,
+              plugins=pm, options=TrainOptions(**{**RL, "max_steps": 1, "max_length": 36}))
     assert sorted((b.name, b.version) for b in Library(home).list()) == before
     assert elsewhere.pocket_book.meta.trainer == "reward"
 
