@@ -100,6 +100,11 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
         old, new = recorded.get("trainer_options") or {}, now.get("trainer_options") or {}
         recorded = {**recorded, "trainer_options": {k: v for k, v in old.items() if k in new}}
         now["trainer_options"] = {k: v for k, v in new.items() if k in old}
+        # the held-out split served the stage (rlhf evaluates its reward pocket book on it, and
+        # refuses one beside --reward): the resume names the stage's book without it
+        for key in ("eval_split", "early_stopping"):
+            recorded.pop(key, None)
+            now.pop(key, None)
     changed = [f"{key} {_shown(recorded.get(key))} → {_shown(now.get(key))}"
                for key in sorted(set(recorded) | set(now)) if recorded.get(key) != now.get(key)]
     if changed:
