@@ -19,12 +19,14 @@ def test_a_mistyped_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data_mod, "_read_hub", hub)
     with pytest.raises(DataFormatError, match=r"data file data/pc does not exist; did you mean "
-                                              r"data/pc\.jsonl\? \(a folder data/ is here"):
+                                              r"data/pc\.jsonl\?"):
         data_mod.read_rows("data/pc")
 
 
-def test_a_hub_id_with_no_such_local_folder_goes_to_the_hub(tmp_path, monkeypatch):
+def test_a_hub_id_goes_to_the_hub_even_beside_a_folder_named_like_its_owner(tmp_path,
+                                                                            monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "someone").mkdir()  # e.g. huggingface-cli download --local-dir someone/model
     asked = []
     monkeypatch.setattr(data_mod, "_read_hub", lambda i: asked.append(i) or [{"text": "x"}])
     rows, source, _ = data_mod.read_rows("someone/their-data")

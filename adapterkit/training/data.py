@@ -154,21 +154,19 @@ def read_rows(spec: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], str, 
     if path.is_file():
         return _read_file(path), path.name, sha256_file(path)
     text = str(spec)
-    # "data/pc" where a folder data/ is here reads as a mistyped path, not a Hub id: the Hub
-    # would be asked (retrying for ~25 s) for a dataset nobody meant
-    local = path.parent != Path(".") and path.parent.is_dir()
-    if _HUB_ID.fullmatch(text) and path.suffix.lower() not in _SUFFIXES and not local:
+    # "data/pc" beside data/pc.jsonl reads as a mistyped path, not a Hub id: the Hub would be
+    # asked (retrying for ~25 s) for a dataset nobody meant. A folder named like a Hub owner
+    # (huggingface-cli download --local-dir owner/model) alone does not make it a path.
+    near = sorted(p.name for p in path.parent.glob(f"{glob.escape(path.name)}.*")
+                  if p.is_file() and p.suffix.lower() in _SUFFIXES)[:3] \
+        if path.parent != Path(".") and path.parent.is_dir() else []
+    if _HUB_ID.fullmatch(text) and path.suffix.lower() not in _SUFFIXES and not near:
         rows = _read_hub(text)
         digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
         return rows, f"hub:{text}", digest
-    near = sorted(p.name for p in path.parent.glob(f"{glob.escape(path.name)}*")
-                  if p.is_file())[:3] if path.parent.is_dir() else []
     raise DataFormatError(f"data file {text} does not exist"
                           + (f"; did you mean {' or '.join(str(path.parent / n) for n in near)}?"
-                             if near else "")
-                          + (f" (a folder {path.parent}/ is here, so it is read as a path, "
-                             "not a Hub dataset id)" if local and _HUB_ID.fullmatch(text)
-                             and path.suffix.lower() not in _SUFFIXES else ""))
+                             if near else ""))
 
 
 def _valid_messages(value: Any) -> bool:
