@@ -84,13 +84,14 @@ def plugin_failure(ctx: click.Context, exc: BaseException) -> str | None:
 
     plugins = (ctx.find_root().obj or {}).get("plugins")
     culprit = plugins.plugin_at_fault(exc.__traceback__) if plugins is not None else None
-    if culprit is None or os.environ.get(TRACEBACK_ENV):
-        return None
+    if culprit is None or os.environ.get(TRACEBACK_ENV) or "OutOfMemory" in type(exc).__name__:
+        return None  # (out of memory: the batch's size, not the plugin's code)
     name, where = culprit
     said = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return (f"plugin {name!r} failed ({where}): {said[:500]} — a bug in that plugin, not in "
-            f"your input. Report it to its author ({TRACEBACK_ENV}=1 shows the traceback), "
-            f"or run without it: ADAPTERKIT_DISABLE_PLUGINS={name}")
+    return (f"plugin {name!r} failed ({where}): {said[:500]} — raised in that plugin's code "
+            f"or a library it called. If your input is not the cause, report it to the "
+            f"plugin's author ({TRACEBACK_ENV}=1 shows the traceback), or run without it: "
+            f"ADAPTERKIT_DISABLE_PLUGINS={name}")
 
 
 Group.group_class = Group

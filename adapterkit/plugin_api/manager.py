@@ -151,10 +151,11 @@ class PluginManager:
         return True
 
     def plugin_at_fault(self, tb: Any) -> tuple[str, str] | None:
-        """``(plugin name, "file.py:line")`` of the third-party plugin whose code the traceback
-        ``tb`` passed through last (the innermost such frame: where its code raised, or where
-        it called into a library that did), or None when no plugin's code is on it — the
-        built-in plugins are adapterkit's own code, whose failures are ours."""
+        """``(plugin name, "file.py:line")`` of the third-party plugin whose code raised the
+        exception of traceback ``tb``, itself or through a library it called: its innermost
+        frame, where no frame of adapterkit lies deeper. None otherwise — adapterkit's own
+        code raised (called back from a plugin's trainer, say: a callback, the guard), or no
+        plugin is on the traceback; the built-in plugins are adapterkit's own code."""
         owners: dict[str, str] = {}  # top-level package of a plugin's module → plugin name
         for name, plugin in self.pluggy.list_name_plugin():
             module = plugin.__name__ if isinstance(plugin, ModuleType) \
@@ -167,6 +168,8 @@ class PluginManager:
             top = str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0]
             if top in owners:
                 found = owners[top], f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+            elif top in ("adapterkit", "adapterkit_plugins"):
+                found = None  # ours, deeper than the plugin's last frame so far
             tb = tb.tb_next
         return found
 
