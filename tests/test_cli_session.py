@@ -237,3 +237,22 @@ def test_chat_answers_with_the_conversation_so_far_and_reset_starts_afresh(cli, 
     answers = [text for text in said if text in (first, second, alone)]
     assert answers == [first, second, alone], out
     assert "new conversation" in out
+
+
+def test_a_message_that_got_no_answer_leaves_the_conversation():
+    """A failed request (a server's 400 past its context, say) left its question in the turns:
+    two user turns in a row next time, which templates that alternate refuse."""
+    from adapterkit.cli.session import _Conversation
+
+    talk = _Conversation(None, None, 8)
+    assert talk.ask("one") == [{"role": "user", "content": "one"}] and talk.hint == " (the " \
+        "earlier turns were sent too; /reset starts a new conversation)"
+    talk.abandon()
+    assert talk.messages == [] and talk.hint == ""
+    talk.ask("two")
+    talk.answered("2")
+    talk.ask("three")
+    talk.abandon()
+    assert [m["role"] for m in talk.messages] == ["user", "assistant"]
+    alone = _Conversation(None, None, 8, turns=False)
+    assert alone.ask("x") == "x" and alone.messages == [] and alone.hint == ""

@@ -262,18 +262,24 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
                 click.echo(f"unknown command {command}; use /swap, /stack, /off, /reset, /list, "
                            "/quit")
             else:
-                answer = session.generate([talk.ask(line)], max_new_tokens=max_new_tokens)[0]
+                sent = talk.ask(line)
+                try:
+                    answer = session.generate([sent], max_new_tokens=max_new_tokens)[0]
+                except BaseException:
+                    talk.abandon()  # (no question left unanswered in the turns sent next)
+                    raise
                 talk.answered(answer)
                 click.echo(answer)
         except AdapterkitError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {exc}{talk.hint}", err=True)
 
 
 class _Conversation:
     """The turns so far, sent whole with each message as a chat client does (``turns``; a
     base without a chat template answers each message alone). With a tokenizer and the
-    context length, the oldest turns are dropped — and that is said — where they would leave
-    no room for the answer; a server's chat checks its own context."""
+    context length (a local chat), the oldest turns are dropped — and that is said — where
+    they would leave no room for the answer; a server refuses a conversation past its context
+    (400), and the error says /reset."""
 
     def __init__(self, tokenizer: Any, context: int | None, max_new_tokens: int, *,
                  turns: bool = True) -> None:
@@ -303,6 +309,18 @@ class _Conversation:
     def answered(self, text: str) -> None:
         if self.turns:
             self.messages.append({"role": "assistant", "content": text})
+
+    def abandon(self) -> None:
+        """The message just asked got no answer: it leaves the turns sent next (two user
+        turns in a row break templates that alternate)."""
+        if self.turns and self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+
+    @property
+    def hint(self) -> str:
+        """Said after an error while earlier turns are sent with each message."""
+        return " (the earlier turns were sent too; /reset starts a new conversation)" \
+            if self.turns and self.messages else ""
 
     def reset(self) -> None:
         self.messages.clear()
@@ -370,14 +388,18 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                            "/quit")
             else:
                 parts = []
-                for text, _ in client.stream_chat(model, talk.ask(line),
-                                                  max_tokens=max_new_tokens):
-                    click.echo(text, nl=False)
-                    parts.append(text)
+                try:
+                    for text, _ in client.stream_chat(model, talk.ask(line),
+                                                      max_tokens=max_new_tokens):
+                        click.echo(text, nl=False)
+                        parts.append(text)
+                except BaseException:
+                    talk.abandon()
+                    raise
                 click.echo()
                 talk.answered("".join(parts))
         except AdapterkitError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {exc}{talk.hint}", err=True)
 
 
 @click.command("stack")
