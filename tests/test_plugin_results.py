@@ -91,6 +91,12 @@ def _wrong_shape(adapters):
     (lambda adapters: MergeOutput(dict(adapters[0].config), {}), "returned no tensors"),
     (_wrong_names, "returned an adapter that does not fit the base"),
     (_wrong_shape, "returned an adapter that does not fit the base"),
+    (lambda adapters: MergeOutput(dict(adapters[0].config),
+                                  {k: v.numpy() for k, v in adapters[0].tensors().items()}),
+     "returned a ndarray for"),
+    (lambda adapters: MergeOutput(dict(adapters[0].config),
+                                  {k: v * float("inf") for k, v in adapters[0].tensors().items()}),
+     "returned values that are not finite numbers"),
 ])
 def test_a_merge_strategys_broken_result_is_refused_naming_it(library, tiny_base, tmp_path,
                                                                make, says):

@@ -205,6 +205,18 @@ def _check_output(out: Any, who: str, structure: BaseStructure | None) -> None:
     if not out.tensors:
         raise PluginError(f"{who} returned no tensors: the result would change nothing; "
                           "nothing was saved")
+    import torch
+
+    odd = next((k for k, v in out.tensors.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise PluginError(f"{who} returned a {type(out.tensors[odd]).__name__} for {odd}, not a "
+                          "torch tensor; nothing was saved")
+    broken = sorted(k for k, v in out.tensors.items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if broken:
+        raise PluginError(f"{who} returned values that are not finite numbers ({len(broken)} "
+                          f"tensor(s), first {broken[0]}); nothing was saved. Smaller weights "
+                          "may fit the factors' number format; else the strategy is at fault")
     if structure is None:  # the base is not on this machine: its loads check the fit
         return
     files = AdapterFiles(folder=Path("merge"), config=out.config, pickled=False,
