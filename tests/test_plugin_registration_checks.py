@@ -218,3 +218,17 @@ def test_builtin_plugins_register_without_a_warning_and_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+def test_an_infinite_float_default_no_limit_is_a_default_of_its_type():
+    """``float("inf")`` as "no limit" is a common default; only a given value must be finite."""
+    from dataclasses import dataclass
+
+    from adapterkit.plugin_api.option_types import options_class_problems
+
+    @dataclass
+    class Limits:
+        most: float = float("inf")
+        least: float | None = float("-inf")
+
+    assert options_class_problems(Limits) == []

@@ -53,6 +53,9 @@ def options_class_problems(schema: Any) -> list[str]:
             continue
         if default is dataclasses.MISSING:
             continue  # required: nothing to check until it is given
+        if isinstance(default, float) and not math.isfinite(default) \
+                and without_none(hints[f.name])[0] is float:
+            continue  # float("inf") as "no limit": a default, though --set refuses it as a value
         failed: list[str] = []
         if coerce_option(f.name, default, hints[f.name], failed) != default or failed:
             problems.append(f"{where} defaults to {default!r}, which is not "
