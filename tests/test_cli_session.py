@@ -205,12 +205,14 @@ def test_swap_answers_with_saved_and_inline_stacks_as_its_help_says(cli, two):
     each answers now as ``generate`` of the same stack does."""
     run(cli, "stack", "law", "code", "--weights", "1,0.5", "--name", "lc")
     out = run(cli, "swap", "lc", "law*1+code*0.5", "law", "--prompt", "Hello",
-              "--max-new-tokens", "4", "--json")
+              "--max-new-tokens", "8", "--json")
     data = json.loads(out[out.index("{"):])
     rows = {r["pocket_book"]: r for r in data["pocket_books"]}
     assert list(rows) == ["lc", "law*1+code*0.5", "law@1"]
-    alone = run(cli, "generate", "Hello", "--adapter", "lc", "--max-new-tokens", "4")
+    alone = run(cli, "generate", "Hello", "--adapter", "lc", "--max-new-tokens", "8")
     assert rows["lc"]["answer"] == rows["law*1+code*0.5"]["answer"]
+    # the stack, not one member or the plain base (the answers tell them apart)
+    assert rows["lc"]["answer"] not in (rows["law@1"]["answer"], data["plain"])
     # (progress lines come before generate's answer)
     assert alone.rstrip("\n").endswith(rows["lc"]["answer"].rstrip("\n"))
     assert all(r["hot_swap_ms"] >= 0 for r in rows.values())
