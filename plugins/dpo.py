@@ -54,7 +54,24 @@ class DPOOptions:
             problems.append(f"beta must be above 0, got {self.beta}")
         if not self.loss_type:
             problems.append("loss_type must name at least one TRL DPO loss")
+        known = _dpo_losses()
+        unknown = [loss for loss in self.loss_type if known and loss not in known]
+        if unknown:  # else TRL says so at the first step, after the base and data are loaded
+            problems.append(f"loss_type {', '.join(unknown)} is not a TRL DPO loss; known: "
+                            f"{', '.join(known)}")
         return problems
+
+
+def _dpo_losses() -> list[str]:
+    """The losses TRL's DPO computes, as its ``DPOConfig`` documents them (empty where that
+    text no longer lists them: TRL then refuses an unknown one itself)."""
+    import re
+
+    from trl import DPOConfig
+
+    field_ = DPOConfig.__dataclass_fields__.get("loss_type")
+    text = str(field_.metadata.get("help", "")) if field_ is not None else ""
+    return re.findall(r"`'(\w+)'`", text)
 
 
 def _covers(args: Any, rows: int) -> bool:

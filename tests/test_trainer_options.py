@@ -94,6 +94,11 @@ def test_builtin_dpo_options_arrive_typed():
     assert build_trainer_options(dpo, TrainOptions(trainer_options={
         "loss_type": ["ipo"], "precompute_ref_log_probs": True})).loss_type == ["ipo"]
     assert build_trainer_options(dpo) == DPOOptions()  # nothing given: the defaults
+    # a loss TRL does not compute: refused with the others' names before any work (it was a
+    # traceback from TRL's first step, after the base and data had loaded)
+    with pytest.raises(ConfigError, match="loss_type foo is not a TRL DPO loss; known: "
+                                          "sigmoid, hinge, ipo"):
+        build_trainer_options(dpo, TrainOptions(trainer_options={"loss_type": "sigmoid,foo"}))
 
 
 @dataclass
