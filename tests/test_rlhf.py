@@ -346,3 +346,15 @@ def test_an_rlhf_run_interrupted_in_its_reward_stage_resumes_or_restarts(rlhf_ru
         stage_steps = steps.seen[:steps.seen.index(2) + 1]
         assert stage_steps == ([2] if flag == "resume" else [1, 2]), steps.seen
         assert {b.name for b in Library(home).list()} >= {name, f"{name}-reward"}
+
+
+def test_reward_flag_on_another_trainer_names_itself(adapterkit_cli, tiny_base, adapterkit_data):
+    """``--reward`` became ``--set reward=...``: on dpo the refusal spoke of an unknown dpo
+    option, on sft of --set the user never typed."""
+    for trainer in ("dpo", "sft"):
+        out = adapterkit_cli("train", trainer, "--base", str(tiny_base), "--data",
+                             adapterkit_data["preference"], "--name", "x", "--reward", "r")
+        assert out.exit_code == 1
+        assert out.output.strip().splitlines()[-1] == (
+            f"Error: --reward names the reward pocket book rlhf optimises against; the "
+            f"{trainer} trainer takes none: drop --reward")

@@ -367,6 +367,10 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
                           f"rank, alpha, dropout and target modules: drop {', '.join(shape)}")
     sets = _parse_sets(trainer_sets)
     if reward:
+        schema = obj(ctx)["plugins"].trainer(trainer).options
+        if schema is None or "reward" not in getattr(schema, "__dataclass_fields__", {}):
+            raise ConfigError(f"--reward names the reward pocket book rlhf optimises against; "
+                              f"the {trainer} trainer takes none: drop --reward")
         sets["reward"] = reward
     overrides["trainer_options"] = sets or None
     state = obj(ctx)
