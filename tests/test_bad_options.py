@@ -565,4 +565,4 @@ def test_resuming_from_an_incomplete_checkpoint_is_refused_in_one_line(train_arg
     partial.mkdir(parents=True)
     (partial / "adapter_model.safetensors").write_bytes(b"")
     result = adapterkit_cli(*train_args, "--resume")
-    refused(result, "checkpoint-5, is incomplete", "--restart")
+    refused(result, "checkpoint-5, is incomplete", "there is none before it", "--restart")

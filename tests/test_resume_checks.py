@@ -212,3 +212,16 @@ def test_an_rlhf_policy_resumes_against_the_reward_pocket_book_its_run_trained(
     result = rlhf({"reward": "p-reward@1", "max_new_tokens": 4}, resume=True)
     assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (4, 2)
     assert result.metrics["reward_book"] == "p-reward@1"
+
+
+def test_a_checkpoint_killed_while_written_is_passed_over_for_the_one_before(tiny_base, rows,
+                                                                             home, pm):
+    """Ctrl-C while checkpoint-6 was written: the interruption named it, and --resume then
+    refused it ("remove that folder"). The whole one before is taken instead."""
+    interrupted(tiny_base, rows, home, pm)
+    partial = home / "runs" / "cut" / "checkpoint-6"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"")  # no trainer_state.json yet
+    result = train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
+                   options=TrainOptions(**OPTS), resume=True)
+    assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (10, 4)

@@ -150,7 +150,7 @@ def _left_behind(run: _Run, exc: KeyboardInterrupt) -> None:
     ``checkpoint`` (the last one, or the interrupted stage holding one; None: none was written
     yet), ``finished`` (it is of the run's last step: a resume refuses it) and ``save_steps``."""
     try:
-        last = last_checkpoint(run.workdir)
+        last = last_complete_checkpoint(run.workdir)  # (one killed while written is skipped)
         stages = interrupted_stages(run.workdir, run.library)
     except Exception:  # never hides the interruption; the reporter says less
         return
@@ -877,6 +877,17 @@ def last_checkpoint(workdir: Path) -> str | None:
     return get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
 
 
+def last_complete_checkpoint(workdir: Path) -> str | None:
+    """The newest checkpoint in ``workdir`` that was written whole (its trainer state saved:
+    transformers writes it last), if any."""
+    import re
+
+    found = [(int(m.group(1)), p) for p in workdir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
+             and (p / "trainer_state.json").is_file()] if workdir.is_dir() else []
+    return str(max(found)[1]) if found else None
+
+
 def _has_checkpoint(workdir: Path) -> bool:
     return last_checkpoint(workdir) is not None
 
@@ -888,10 +899,13 @@ def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str
             raise RunStateError(f"there is no interrupted run of {name} to resume; "
                               "start it without --resume")
         if not (Path(last) / "trainer_state.json").is_file():  # killed while it was written
-            raise RunStateError(
-                f"the last checkpoint of {name}, {last}, is incomplete (no trainer_state.json: "
-                "the run stopped while saving it): remove that folder to resume from the one "
-                "before, or pass --restart to start over")
+            whole = last_complete_checkpoint(workdir)
+            if whole is None:
+                raise RunStateError(
+                    f"the last checkpoint of {name}, {last}, is incomplete (no "
+                    "trainer_state.json: the run stopped while saving it), and there is none "
+                    "before it: pass --restart to start over")
+            return whole  # the one before (the incomplete one is written again on the way)
         return last
     if last is not None and not restart:
         raise RunStateError(
