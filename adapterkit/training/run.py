@@ -333,8 +333,8 @@ def _check_unfinished(checkpoint: str, options: TrainOptions, name: str) -> None
         raise RunStateError(
             f"the interrupted run of {name} had trained all its {step} steps "
             f"({Path(checkpoint).name}) and stopped before it was saved; a resume would train "
-            "nothing, and what the run measured while training (the forgetting guard's "
-            "record) was not kept: pass --restart to train it again")
+            "nothing more (transformers would take an empty step and count it), and adapterkit "
+            "does not finish a run from its last checkpoint: pass --restart to train it again")
 
 
 def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
