@@ -238,7 +238,7 @@ def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_pat
                          "--name", "halted", "--max-steps", "1", "-r", "4")
     assert out.exit_code == 130
     assert "Interrupted: only halted-reward@1 (an earlier stage) was saved" in out.output
-    assert "--reward halted-reward@1" in out.output
+    assert "add --reward halted-reward@1 and leave out --set reward_steps" in out.output
     listed = adapterkit_cli("list", "--json")
     assert [b["name"] for b in json.loads(listed.output)] == ["halted-reward"]
 

@@ -409,7 +409,8 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         if not _reports():
             sys.exit(130)
         saved = getattr(exc, "stages_saved", [])
-        reuse = f" (reuse {saved[0]}: for rlhf, --reward {saved[0]})" if saved else ""
+        reuse = (f" (reuse {saved[0]}: for rlhf, add --reward {saved[0]} and leave out "
+                 "--set reward_steps)") if saved else ""
         # what the run left (adapterkit.training.run._left_behind): --resume only from a
         # checkpoint it can continue
         checkpoint, every = getattr(exc, "checkpoint", None), getattr(exc, "save_steps", None)
