@@ -78,8 +78,10 @@ def test_training_stops_and_the_saved_book_is_the_best_evaluations(tiny_base, ho
     assert all(torch.equal(saved[k], expected[k]) for k in saved)
     assert not torch.equal(saved[next(iter(saved))], snaps.seen[-1][2][next(iter(saved))])
     card = (result.pocket_book.path / CARD_FILE).read_text()
-    assert f"best eval loss {losses[best]:.4f} at step {steps[best]}; stopped at step " \
-        f"{steps[-1]}; the pocket book saved is the best step's" in card
+    precision = result.metrics["precision"]
+    assert f"best eval loss {losses[best]:.4f} (the trainer's evaluation, in {precision}) at " \
+        f"step {steps[best]}; stopped at step {steps[-1]}; the pocket book saved is the best " \
+        "step's" in card
 
 
 def test_on_by_default_with_an_eval_split_and_off_without(tiny_base, home, noisy, pm):

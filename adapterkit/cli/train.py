@@ -451,7 +451,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     if m.get("early_stopping"):
         from adapterkit.library.card import early_stopping_line
 
-        click.echo(early_stopping_line(m["early_stopping"]))
+        click.echo(early_stopping_line(m["early_stopping"], m.get("precision")))
     if m.get("forgetting"):
         from adapterkit.training.metrics import base_loss_note
 

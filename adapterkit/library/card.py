@@ -213,7 +213,7 @@ def _results_section(meta: PocketBookMeta) -> str:
     if guard:
         lines.append(guard)
     if m.get("early_stopping"):
-        lines.append(f"- {early_stopping_line(m['early_stopping'])}")
+        lines.append(f"- {early_stopping_line(m['early_stopping'], m.get('precision'))}")
     lines += _search_lines(m.get("search") or {})
     lines += _verification_lines(meta.verification)
     lines += harness_lines(meta.harness)
@@ -239,14 +239,17 @@ def _search_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def early_stopping_line(record: dict[str, Any]) -> str:
-    """One line for a run's ``early_stopping`` record (the card, the end of ``train``)."""
+def early_stopping_line(record: dict[str, Any], precision: str | None = None) -> str:
+    """One line for a run's ``early_stopping`` record (the card, the end of ``train``). Its
+    loss is the trainer's own evaluation while training, in the run's ``precision``: the
+    held-out figure recorded after the run is measured apart, and may differ in bf16."""
     if not record.get("evaluations"):
         return (f"Early stopping (patience {record['patience']}): no evaluation of the held-out "
                 "split in this run, nothing to act on")
     every = f" every {record['eval_every']} steps" if record.get("eval_every") else ""
     line = (f"Early stopping (patience {record['patience']}, {record['evaluations']} "
-            f"evaluations{every}): best eval loss {record['best_eval_loss']:.4f} at step "
+            f"evaluations{every}): best eval loss {record['best_eval_loss']:.4f} "
+            f"(the trainer's evaluation{f', in {precision}' if precision else ''}) at step "
             f"{record['best_step']}")
     if record.get("stopped_at_step") is not None:
         line += f"; stopped at step {record['stopped_at_step']}"
