@@ -154,7 +154,7 @@ def test_a_resume_with_other_settings_is_refused_and_leaves_the_search_as_it_was
     (dict(space=["lr"], trials=2, budget=-1.0), "--budget must be a positive percentage"),
     (dict(space=["lr"], trials=2, options=options(eval_split=0.05)),
      "held-out split of at least 5 rows; --eval-split 0.05 of 30 rows holds out 1: give at "
-     "least 101 rows, or a larger --eval-split"),
+     "least 100 rows, or a larger --eval-split"),  # (100 × 0.05 holds out 5: it said 101)
     (dict(space=["lr"], trials=2, resume=True, restart=True), "give one"),
     (dict(space=["steps"], trials=2, options=options(max_steps=-1, min_steps=5)),
      "--search steps sets each trial's --max-steps, with which --min-steps cannot act"),
@@ -194,7 +194,7 @@ def test_bad_searches_are_refused_before_any_work(tiny_base, home, pairs, pm, kw
 @pytest.mark.parametrize("args,message", [
     (["--search", "lr,dropout"], "dropout is not searchable (searchable: lr, r, steps"),
     (["--search", "lr", "--trials", "0"], "--trials must be at least 1"),
-    (["--trials", "3"], "--trials only go with --search"),
+    (["--trials", "3"], "--trials goes only with --search"),
     (["--search", "lr", "--lr", "1e-3"], "--lr sets what --search lr varies"),
     (["--search", "lr", "--budget", "lots"], "--budget: expected a percentage"),
     (["--search", "lr", "--num-machines", "2", "--machine-rank", "0"],

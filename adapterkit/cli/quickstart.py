@@ -41,7 +41,7 @@ def quickstart_cmd(ctx: click.Context, part: str, base: str, max_steps: int | No
     forgetting guard: answers side by side, held-out accuracy before and after, forgetting.
     Part two: a "bedside manner" pocket book trained with DPO on top of triage: held-out
     preference accuracy, the right-advice rate and forgetting. Each is checked against plain PEFT (verify).
-    About 6 minutes on 2 CPU cores with bfloat16 instructions; the same as examples/quickstart.py and
+    About 4 minutes on 2 CPU cores with bfloat16 instructions; the same as examples/quickstart.py and
     examples/quickstart_bedside.py in a checkout.
     """
     from adapterkit.quickstart import PART_TWO_STEPS, part_one, part_two

@@ -246,7 +246,8 @@ def early_stopping_line(record: dict[str, Any], precision: str | None = None) ->
     if not record.get("evaluations"):
         return (f"Early stopping (patience {record['patience']}): no evaluation of the held-out "
                 "split in this run, nothing to act on")
-    every = f" every {record['eval_every']} steps" if record.get("eval_every") else ""
+    n = record.get("eval_every")
+    every = (f" every {n} steps" if n != 1 else " every step") if n else ""
     line = (f"Early stopping (patience {record['patience']}, {record['evaluations']} "
             f"evaluations{every}): best eval loss {record['best_eval_loss']:.4f} "
             f"(the trainer's evaluation{f', in {precision}' if precision else ''}) at step "

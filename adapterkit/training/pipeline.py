@@ -127,7 +127,8 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
                           annotate=_recorder(recipe, stage, results))
         except BaseException as exc:
             saved = [r.pocket_book.ref for r in results]
-            say(f"{head} stopped; " + (f"{', '.join(saved)} (earlier stages) are saved"
+            were = "(earlier stages) are" if len(saved) > 1 else "(an earlier stage) is"
+            say(f"{head} stopped; " + (f"{', '.join(saved)} {were} saved"
                                        if saved else "no stage was saved")
                 + f". Run the pipeline again with --resume to continue from stage {stage.index}.")
             exc.pipeline_stage = stage.index  # type: ignore[attr-defined]
