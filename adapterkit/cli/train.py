@@ -441,7 +441,9 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     line += (f": {m['steps']} steps" + (f" ({done} in this run, resumed at step "
                                         f"{m['resumed_at_step']})" if "resumed_at_step" in m
                                         else "") + f" in {m['train_seconds']:.0f} s")
-    if m.get("train_loss_first") is not None:
+    if m.get("train_loss_first") is not None and m.get("loss_logs") == 1:
+        line += f", loss {m['train_loss_final']:.3f} (one logged value)"
+    elif m.get("train_loss_first") is not None:
         line += f", loss {m['train_loss_first']:.3f} → {m['train_loss_final']:.3f}"
     if m.get("tokens_per_second"):
         line += f", {m['tokens_per_second']:.0f} tokens/s"

@@ -135,7 +135,7 @@ def tracking_lines(tracking: dict[str, Any]) -> list[str]:
 
 
 #: Lineage figures with a column of their own; a stage's other numbers go under "other".
-_LINEAGE_COLUMNS = ("steps", "train_loss_first", "train_loss_final", "train_seconds",
+_LINEAGE_COLUMNS = ("steps", "train_loss_first", "train_loss_final", "loss_logs", "train_seconds",
                     "loop_seconds", "tokens", "tokens_per_second")
 
 

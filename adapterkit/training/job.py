@@ -369,10 +369,9 @@ class TrainJob:
             num_train_epochs=1.0 if o.epochs is None else o.epochs,  # (None: max_steps runs)
             max_steps=o.max_steps,
             lr_scheduler_type="linear",
-            # the first step is logged on its own (the run's first loss), the last by
-            # training.progress.last_step_logged: a run shorter than the interval logged none
+            # the last step is logged too (training.progress.last_step_logged): a run shorter
+            # than the interval logged no loss, a longer one left its last steps out
             logging_steps=o.logging_steps,
-            logging_first_step=True,
             save_strategy="steps",
             save_steps=o.save_steps,
             save_total_limit=2,

@@ -77,14 +77,21 @@ def last_step_logged() -> Any:
 
     transformers logs every ``logging_steps`` only, so the steps after the last multiple were
     in no logged loss: a run of 8 steps at 5 reported the mean of steps 1-5 as its final loss
-    (and "loss 6.138 → 6.138", one log read twice). With it the last log covers the last
-    steps, as a plain TRL script's final ``train_loss`` does.
+    (and "loss 6.138 → 6.138", one log read twice), and a run stopped early the steps since
+    its last log. With it the last log covers the last steps.
     """
     from transformers import TrainerCallback
 
     class LogLastStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            # stopped early (at an evaluation, after that step's log): transformers logs once
+            # more after its loop when asked, and never twice for one step
+            if control.should_training_stop:
                 control.should_log = True
             return control
 

@@ -151,6 +151,7 @@ def metrics_of(state: Any, elapsed: float, resumed: dict[str, int] | None = None
         **dict(getattr(state, "adapterkit_metrics", None) or {}),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_final": losses[-1] if losses else None,
+        "loss_logs": len(losses),  # (1: first and final are the same logged window)
         "steps": int(getattr(state, "global_step", 0) or 0),
         # passes over the training rows (fractional: where max_steps ends the run mid-epoch)
         "epochs_trained": round(float(getattr(state, "epoch", 0) or 0), 4),
