@@ -557,12 +557,16 @@ def test_rlhf_refuses_its_reward_book_problems_before_the_base_loads(
     refused(result, *words)
 
 
-def test_resuming_from_an_incomplete_checkpoint_is_refused_in_one_line(train_args,
-                                                                       adapterkit_cli, home):
-    """A run killed while saving leaves checkpoint-N without its trainer_state.json, which
-    transformers would fail to read once the base had loaded."""
+def test_a_run_whose_only_checkpoint_was_cut_off_is_run_again_not_resumed(train_args,
+                                                                           adapterkit_cli, home):
+    """A run killed while writing its first checkpoint leaves checkpoint-N without its
+    trainer_state.json, which transformers would fail to read once the base had loaded. It is
+    no run to resume; a plain rerun (once refused too: a third try) starts afresh."""
     partial = home / "runs" / "x" / "checkpoint-5"
     partial.mkdir(parents=True)
     (partial / "adapter_model.safetensors").write_bytes(b"")
     result = adapterkit_cli(*train_args, "--resume")
-    refused(result, "checkpoint-5, is incomplete", "there is none before it", "--restart")
+    refused(result, "there is no interrupted run of x to resume (its only checkpoint, "
+                    "checkpoint-5, was cut off while it was written); start it without --resume")
+    result = adapterkit_cli(*train_args, "--max-steps", "2", "--save-steps", "1000")
+    assert result.exit_code == 0, result.output

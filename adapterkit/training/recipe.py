@@ -35,7 +35,7 @@ from adapterkit.training.options import (
     build_options,
     with_defaults,
 )
-from adapterkit.training.run import interrupted_stages, last_checkpoint, run_dir
+from adapterkit.training.run import interrupted_stages, last_complete_checkpoint, run_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
@@ -465,7 +465,7 @@ def interrupted(library: Library, stage: Stage) -> str | None:
     """Where an interrupted run of ``stage`` stopped: its last checkpoint, or a stage of its
     own (rlhf's reward pocket book) interrupted before the run's first checkpoint."""
     workdir = run_dir(library, str(parse_ref(stage.name)))
-    last = last_checkpoint(workdir)
+    last = last_complete_checkpoint(workdir)  # (one cut off while written is passed over)
     if last:
         return Path(last).name
     inner = interrupted_stages(workdir, library)

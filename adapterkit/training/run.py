@@ -889,27 +889,26 @@ def last_complete_checkpoint(workdir: Path) -> str | None:
 
 
 def _has_checkpoint(workdir: Path) -> bool:
-    return last_checkpoint(workdir) is not None
+    return last_complete_checkpoint(workdir) is not None
 
 
 def _checkpoint(workdir: Path, *, resume: bool, restart: bool, name: str) -> str | None:
-    last = last_checkpoint(workdir)
+    """The checkpoint a run continues from (``resume``), else None; refuses a plain rerun
+    beside one. Only whole checkpoints count: one killed while it was written (no trainer
+    state) is passed over for the one before, and is written again on the way; a run whose
+    only checkpoint is such is no run to resume, and a plain rerun starts it afresh."""
+    whole = last_complete_checkpoint(workdir)
     if resume:
-        if last is None:
-            raise RunStateError(f"there is no interrupted run of {name} to resume; "
-                              "start it without --resume")
-        if not (Path(last) / "trainer_state.json").is_file():  # killed while it was written
-            whole = last_complete_checkpoint(workdir)
-            if whole is None:
-                raise RunStateError(
-                    f"the last checkpoint of {name}, {last}, is incomplete (no "
-                    "trainer_state.json: the run stopped while saving it), and there is none "
-                    "before it: pass --restart to start over")
-            return whole  # the one before (the incomplete one is written again on the way)
-        return last
-    if last is not None and not restart:
+        if whole is None:
+            last = last_checkpoint(workdir)
+            raise RunStateError(
+                f"there is no interrupted run of {name} to resume"
+                + (f" (its only checkpoint, {Path(last).name}, was cut off while it was "
+                   "written)" if last else "") + "; start it without --resume")
+        return whole
+    if whole is not None and not restart:
         raise RunStateError(
-            f"an interrupted run of {name} exists ({Path(last).name}); pass --resume to "
+            f"an interrupted run of {name} exists ({Path(whole).name}); pass --resume to "
             "continue it or --restart to discard it"
         )
     return None
