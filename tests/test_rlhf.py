@@ -238,9 +238,15 @@ def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_pat
                          "--name", "halted", "--max-steps", "1", "-r", "4")
     assert out.exit_code == 130
     assert "Interrupted: only halted-reward@1 (an earlier stage) was saved" in out.output
-    assert "add --reward halted-reward@1 and leave out --set reward_steps" in out.output
+    assert "for rlhf, add --reward halted-reward@1)" in out.output  # nothing else to leave out
     listed = adapterkit_cli("list", "--json")
     assert [b["name"] for b in json.loads(listed.output)] == ["halted-reward"]
+    # what --reward skips is named, so that the resume is the first try (it took three)
+    out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data", str(data),
+                         "--name", "halted2", "--max-steps", "1", "-r", "4", "--eval-split",
+                         "0.25", "--set", "reward_steps=1")
+    assert "add --reward halted2-reward@1 and leave out --set reward_steps, --eval-split" \
+        in out.output, out.output
 
 
 @pytest.mark.slow

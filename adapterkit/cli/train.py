@@ -409,8 +409,13 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         if not _reports():
             sys.exit(130)
         saved = getattr(exc, "stages_saved", [])
-        reuse = (f" (reuse {saved[0]}: for rlhf, add --reward {saved[0]} and leave out "
-                 "--set reward_steps)") if saved else ""
+        # what the resume leaves out: the stage's own settings, which --reward skips
+        drop = [flag for flag, given in (
+            ("--set reward_steps", "reward_steps" in (options.trainer_options or {})),
+            ("--eval-split", options.eval_split > 0),
+            ("--early-stopping", options.early_stopping is not None)) if given]
+        reuse = (f" (reuse {saved[0]}: for rlhf, add --reward {saved[0]}"
+                 + (f" and leave out {', '.join(drop)}" if drop else "") + ")") if saved else ""
         # what the run left (adapterkit.training.run._left_behind): --resume only from a
         # checkpoint it can continue
         checkpoint, every = getattr(exc, "checkpoint", None), getattr(exc, "save_steps", None)
