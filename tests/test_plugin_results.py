@@ -163,7 +163,14 @@ class ViaCore(MergeStrategy):
     def merge(self, *, adapters, weights, **_):
         from adapterkit import concatenate
 
-        return concatenate(adapters, None)  # fails inside adapterkit, called from here
+        return concatenate(adapters, weights)  # (the test makes adapterkit fail in there)
+
+
+class Hungry(MergeStrategy):
+    name = "hungry"
+
+    def merge(self, *, adapters, weights, **_):
+        raise MemoryError()
 
 
 class OldSignature(MergeStrategy):
@@ -182,6 +189,7 @@ class Unfinished(Trainer):
 def register_merge_strategies(register):
     register(Boom())
     register(ViaCore())
+    register(Hungry())
     register(OldSignature())
 
 
@@ -224,11 +232,59 @@ def test_an_exception_in_a_plugins_code_is_one_line_naming_the_plugin(broken_cli
     assert isinstance(out.exception, RuntimeError)
 
 
-def test_an_exception_raised_deeper_in_adapterkit_is_not_blamed_on_the_plugin(broken_cli):
+def test_an_exception_raised_deeper_in_adapterkit_is_not_blamed_on_the_plugin(broken_cli,
+                                                                             monkeypatch):
     """A plugin calling adapterkit (or a trainer whose loop runs adapterkit's callbacks) stays
     on the traceback of what adapterkit raises; only what its own code raised is its bug."""
+    from adapterkit.lora import combine
+
+    def our_bug(*args, **kwargs):
+        raise RuntimeError("a bug of adapterkit's")
+
+    monkeypatch.setattr(combine, "concat", our_bug)
     out = broken_cli("merge", "a", "b", "--method", "via-core", "--name", "m")
-    assert isinstance(out.exception, TypeError) and "brokenplugin" not in out.output
+    assert isinstance(out.exception, RuntimeError) and "brokenplugin" not in out.output
+
+
+def test_running_out_of_memory_is_one_line_saying_what_to_lower(broken_cli):
+    out = broken_cli("merge", "a", "b", "--method", "hungry", "--name", "m")
+    assert out.exit_code == 1 and out.output.startswith("Error: out of memory (MemoryError): "
+                                                        "lower --batch-size or --max-length")
+
+
+def test_a_plugin_is_blamed_through_the_guards_wrappers():
+    """A trainer built with job.guarded(...) fails in the library under the guard's loss
+    wrapper: the wrapper only hands the work on, so the plugin stays named."""
+    import types
+
+    from adapterkit.plugin_api.manager import get_plugin_manager
+
+    plugin = types.ModuleType("guardedplugin")
+    pm = get_plugin_manager(entry_points=False, env=False, plugins={"guardedplugin": plugin})
+    space: dict = {}
+    exec("def library_step():\n    raise ValueError('a setting the plugin passed')\n",
+         {"__name__": "trl.trainer"}, space)
+    exec("def compute_loss():\n    library_step()\n",
+         {"__name__": "adapterkit.training.guard", "library_step": space["library_step"]}, space)
+    exec("def train():\n    compute_loss()\n",
+         {"__name__": "guardedplugin", "compute_loss": space["compute_loss"]}, space)
+    with pytest.raises(ValueError) as caught:
+        space["train"]()
+    assert pm.plugin_at_fault(caught.value.__traceback__)[0] == "guardedplugin"
+
+
+def test_concatenate_refuses_weights_that_are_not_one_number_per_pocket_book(library,
+                                                                            tiny_base, tmp_path):
+    from adapterkit import ConfigError, concatenate
+    from adapterkit.lora.combine import inputs_of
+
+    library.import_peft(make_peft_adapter(tiny_base, tmp_path / "c", seed=4), "c",
+                        base=str(tiny_base))
+    members = inputs_of(library, [library.get("c")])
+    for weights in (None, [1.0, 2.0], [float("nan")]):
+        with pytest.raises(ConfigError, match="concatenate needs one finite weight per pocket "
+                                              "book"):
+            concatenate(members, weights)
 
 
 def test_a_method_that_cannot_take_adapterkits_arguments_is_refused_at_registration(

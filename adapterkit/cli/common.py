@@ -66,10 +66,21 @@ class Group(click.Group):
                 message = machine_error(exc)
                 if message is not None:
                     raise click.ClickException(message) from None
-            message = plugin_failure(ctx, exc)
+            message = out_of_memory(exc) or plugin_failure(ctx, exc)
             if message is None:
                 raise
             raise click.ClickException(message) from None
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """One line for running out of memory (the machine's, or a GPU's): the work's size, not
+    a bug; None for other errors."""
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):
+        return None
+    said = " ".join(str(exc).split())[:200]
+    return (f"out of memory ({type(exc).__name__}{': ' + said if said else ''}): lower "
+            "--batch-size or --max-length, raise --grad-accum (the same global batch in smaller "
+            "pieces), or use --gradient-checkpointing or --method qlora")
 
 
 #: Set to show a failing plugin's traceback (for its author) instead of the one line.
@@ -84,8 +95,8 @@ def plugin_failure(ctx: click.Context, exc: BaseException) -> str | None:
 
     plugins = (ctx.find_root().obj or {}).get("plugins")
     culprit = plugins.plugin_at_fault(exc.__traceback__) if plugins is not None else None
-    if culprit is None or os.environ.get(TRACEBACK_ENV) or "OutOfMemory" in type(exc).__name__:
-        return None  # (out of memory: the batch's size, not the plugin's code)
+    if culprit is None or os.environ.get(TRACEBACK_ENV):
+        return None
     name, where = culprit
     said = " ".join(f"{type(exc).__name__}: {exc}".split())
     return (f"plugin {name!r} failed ({where}): {said[:500]} — raised in that plugin's code "

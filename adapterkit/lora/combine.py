@@ -274,6 +274,11 @@ def concatenate(inputs: list[MergeInput], weights: list[float], *,
 
     Modules that some members do not target get zero rows, so every module has the same rank.
     """
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(inputs) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+            for w in weights):
+        raise ConfigError(f"{path}: concatenate needs one finite weight per pocket book "
+                          f"({len(inputs)}), got {weights!r}")
     members = [(i.factors(path=path), w, i.ref) for i, w in zip(inputs, weights)]
     modules = sorted(set().union(*(f.keys() for f, _, _ in members)))
     blocks = {m: concat([(f[m], w) for f, w, _ in members if m in f],

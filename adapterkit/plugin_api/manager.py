@@ -166,9 +166,11 @@ class PluginManager:
         found = None
         while tb is not None:
             top = str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0]
+            module = str(tb.tb_frame.f_globals.get("__name__", ""))
             if top in owners:
                 found = owners[top], f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
-            elif top in ("adapterkit", "adapterkit_plugins"):
+            elif top in ("adapterkit", "adapterkit_plugins") and \
+                    (module, tb.tb_frame.f_code.co_name) not in _PASS_THROUGH:
                 found = None  # ours, deeper than the plugin's last frame so far
             tb = tb.tb_next
         return found
@@ -231,6 +233,12 @@ class PluginManager:
     def trainer(self, name: str) -> Trainer:
         return self.trainers.get(name)
 
+
+#: adapterkit's frames that only hand a plugin's trainer its own work on (the forgetting
+#: guard's wrappers around a trainer's loss): what raises beneath them is not adapterkit's.
+_PASS_THROUGH = {("adapterkit.training.guard", "compute_loss"),
+                 ("adapterkit.training.guard", "training_step"),
+                 ("adapterkit.training.guard", "with_task")}
 
 #: Libraries a plugin must not import when it loads (docs/plugins.md, "Start-up is cheap").
 HEAVY_MODULES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes",
