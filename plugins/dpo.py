@@ -18,6 +18,7 @@ Trainer options (``--set KEY=VALUE``): :class:`DPOOptions`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +63,7 @@ class DPOOptions:
         return problems
 
 
+@functools.cache
 def _dpo_losses() -> list[str]:
     """The losses TRL's DPO computes, as its ``DPOConfig`` documents them (empty where that
     text no longer lists them: TRL then refuses an unknown one itself)."""

@@ -48,6 +48,7 @@ def test_chat_repl_commands(cli, two):
     assert "law@1" in out and "swapped to law@1" in out
     assert "stacked {'law@1': 1.0, 'code@1': 0.5}" in out and "plain base" in out
     assert "Error: 'ghost'" in out or "no pocket book named 'ghost'" in out
+    assert "/reset starts" not in out  # a command's error: nothing was sent
     assert "unknown command /bogus" in out
 
 

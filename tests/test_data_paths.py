@@ -40,3 +40,13 @@ def test_a_line_that_is_not_json_says_skip_bad_rows_does_not_skip_it(tmp_path):
                                               r"line \(--skip-bad-rows skips rows of the wrong "
                                               r"shape, not lines that are not JSON\)"):
         data_mod.load_data(str(path), skip_bad_rows=True)
+
+
+def test_a_missing_file_names_the_files_it_may_mean(tmp_path, monkeypatch):
+    (tmp_path / "pc.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for given in ("pc", "pc.json"):  # beside it in the working folder; another suffix
+        with pytest.raises(DataFormatError, match=rf"data file {given} does not exist; did you "
+                                                  r"mean pc\.jsonl\?"):
+            data_mod.read_rows(given)
+

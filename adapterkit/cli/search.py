@@ -56,7 +56,8 @@ def check(space_text: str | None, trials: int | None, budget: str | None,
     if space_text is None:
         given = [f for f, v in (("--trials", trials), ("--budget", budget)) if v is not None]
         if given:
-            raise ConfigError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} only with --search (e.g. --search lr,r "
+            goes = "go" if len(given) > 1 else "goes"
+            raise ConfigError(f"{' and '.join(given)} {goes} only with --search (e.g. --search lr,r "
                               "--trials 8)")
         return [], 0, None
     space = parse_space(space_text)

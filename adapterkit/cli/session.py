@@ -265,13 +265,16 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
                 sent = talk.ask(line)
                 try:
                     answer = session.generate([sent], max_new_tokens=max_new_tokens)[0]
-                except BaseException:
+                except AdapterkitError as exc:
                     talk.abandon()  # (no question left unanswered in the turns sent next)
+                    raise AdapterkitError(f"{exc}{talk.hint}") from None
+                except BaseException:
+                    talk.abandon()
                     raise
                 talk.answered(answer)
                 click.echo(answer)
         except AdapterkitError as exc:
-            click.echo(f"Error: {exc}{talk.hint}", err=True)
+            click.echo(f"Error: {exc}", err=True)
 
 
 class _Conversation:
@@ -393,13 +396,18 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                                                       max_tokens=max_new_tokens):
                         click.echo(text, nl=False)
                         parts.append(text)
+                except AdapterkitError as exc:
+                    talk.abandon()
+                    if parts:
+                        click.echo()  # (the error's own line, after the text it cut off)
+                    raise AdapterkitError(f"{exc}{talk.hint}") from None
                 except BaseException:
                     talk.abandon()
                     raise
                 click.echo()
                 talk.answered("".join(parts))
         except AdapterkitError as exc:
-            click.echo(f"Error: {exc}{talk.hint}", err=True)
+            click.echo(f"Error: {exc}", err=True)
 
 
 @click.command("stack")

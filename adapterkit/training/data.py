@@ -164,9 +164,14 @@ def read_rows(spec: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], str, 
         rows = _read_hub(text)
         digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
         return rows, f"hub:{text}", digest
+    # the files it may have meant: beginning with its name, or its name with another suffix
+    stem = glob.escape(path.stem if path.suffix.lower() in _SUFFIXES else path.name)
+    alike = sorted(p.name for p in path.parent.glob(f"{stem}*")
+                   if p.is_file() and p.suffix.lower() in _SUFFIXES)[:3] \
+        if path.parent.is_dir() else []
     raise DataFormatError(f"data file {text} does not exist"
-                          + (f"; did you mean {' or '.join(str(path.parent / n) for n in near)}?"
-                             if near else ""))
+                          + (f"; did you mean {' or '.join(str(path.parent / n) for n in alike)}?"
+                             if alike else ""))
 
 
 def _valid_messages(value: Any) -> bool:

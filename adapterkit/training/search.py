@@ -110,7 +110,8 @@ def check_search(space: list[str], trials: int, budget: float | None, rows: int,
 
     held_out = held_out_rows(rows, split)
     if held_out < MIN_EVAL_ROWS or held_out >= rows:
-        need = next(n for n in range(MIN_EVAL_ROWS + 1, 10 ** 9)  # (the split's own rounding)
+        start = max(MIN_EVAL_ROWS + 1, math.ceil(MIN_EVAL_ROWS / split) - 2)
+        need = next(n for n in range(start, start + 10)  # (the split's own rounding)
                     if MIN_EVAL_ROWS <= held_out_rows(n, split) < n)
         raise ConfigError(
             f"--search scores each trial on a held-out split of at least {MIN_EVAL_ROWS} rows; "
