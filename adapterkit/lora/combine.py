@@ -132,13 +132,6 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         raise ConfigError("merge needs at least two pocket books")
     target = library.reserve(name)
     books = [library.get(r) for r in refs]
-    for ref in dict.fromkeys(b.ref for b in books):  # every method weighs each member once
-        named = [r for r, b in zip(refs, books) if b.ref == ref]
-        if len(named) > 1:
-            raise ConfigError(
-                f"{ref} is named {len(named)} times ({', '.join(named)}); name it once and give "
-                "it a larger --weights value (to scale one pocket book alone: adapterkit stack "
-                f"{ref} --weights W --flatten --name NAME)")
     for b in books:
         if b.meta.kind == "stack":
             raise ConfigError(f"{b.ref} is a stack, which has no adapter files to merge: "
