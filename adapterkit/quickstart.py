@@ -111,7 +111,8 @@ def part_one(*, base: str = "smollm2-135m", budget: float = 1.0,
     library = adapterkit.Library(home)
     options = adapterkit.TrainOptions(
         learning_rate=lr, r=16, alpha=32, batch_size=8,
-        epochs=None if steps else 1, max_steps=steps or -1,  # (--max-steps: its length alone) general="general", logging_steps=5,
+        epochs=None if steps else 1, max_steps=steps or -1,  # (--max-steps: its length alone)
+        general="general", logging_steps=5,
         # the quickstart's own settings, measured on its data; not sft's defaults
         forgetting_budget=budget, guard_weight=part_one_weight(budget, guard_weight), seed=0,
     )
