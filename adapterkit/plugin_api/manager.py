@@ -165,8 +165,8 @@ class PluginManager:
                 owners.setdefault(top, name)
         found = None
         while tb is not None:
-            top = str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0]
             module = str(tb.tb_frame.f_globals.get("__name__", ""))
+            top = module.split(".")[0]
             if top in owners:
                 found = owners[top], f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
             elif top in ("adapterkit", "adapterkit_plugins") and \

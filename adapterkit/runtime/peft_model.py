@@ -115,10 +115,10 @@ def _weigh(model: Any, weights: dict[str, tuple[str, float]]) -> None:
 
 
 def loadable_together(book: PocketBook | MergeInput, copy: Path, *, alone: bool) -> Path:
-    """``book``'s folder (a pocket book's, or a merge strategy's member's), in a form PEFT loads beside other adapters: PEFT takes only one
-    adapter with ``bias != "none"`` at a time, so one that says so but saved no bias tensor
-    (the same adapter) is given as a copy that says ``"none"``; one that saved biases is
-    refused, naming them."""
+    """``book``'s folder (a pocket book's, or a merge strategy's member's), in a form PEFT
+    loads beside other adapters: PEFT takes only one adapter with ``bias != "none"`` at a time,
+    so one that says so but saved no bias tensor (the same adapter) is given as a copy that
+    says ``"none"``; one that saved biases is refused, naming them."""
     config = read_config(book.path)
     if alone or config.get("bias", "none") == "none":
         return book.path

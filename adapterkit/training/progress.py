@@ -96,4 +96,3 @@ def last_step_logged() -> Any:
             return control
 
     return LogLastStep()
-

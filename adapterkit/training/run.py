@@ -270,8 +270,8 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     # the trainer's own options, typed: every problem in one error, before anything is reserved
     trainer_options = build_trainer_options(trainer_obj, options)
     refuse_what_cannot_act(trainer, trainer_obj, options, pm.trainers)
-    anchor = general_texts(options.anchor) if options.anchor else None  # read now, not once
-    # the base is loaded
+    # read now, not once the base is loaded
+    anchor = general_texts(options.anchor) if options.anchor else None
     from adapterkit.training.early_stop import patience_of
     from adapterkit.training.launch import fsdp_enabled, ranks
 
