@@ -154,21 +154,21 @@ def read_rows(spec: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], str, 
     if path.is_file():
         return _read_file(path), path.name, sha256_file(path)
     text = str(spec)
+    # the data files it may have meant: beginning with its name (or its stem, where it has a
+    # data suffix of its own: pc.json → pc.jsonl)
+    stem = glob.escape(path.stem if path.suffix.lower() in _SUFFIXES else path.name)
+    alike = sorted(p.name for p in path.parent.glob(f"{stem}*")
+                   if p.is_file() and p.suffix.lower() in _SUFFIXES) \
+        if path.parent.is_dir() else []
     # "data/pc" beside data/pc.jsonl reads as a mistyped path, not a Hub id: the Hub would be
     # asked (retrying for ~25 s) for a dataset nobody meant. A folder named like a Hub owner
     # (huggingface-cli download --local-dir owner/model) alone does not make it a path.
-    near = sorted(p.name for p in path.parent.glob(f"{glob.escape(path.name)}.*")
-                  if p.is_file() and p.suffix.lower() in _SUFFIXES)[:3] \
-        if path.parent != Path(".") and path.parent.is_dir() else []
+    near = path.parent != Path(".") and any(n.startswith(f"{path.name}.") for n in alike)
     if _HUB_ID.fullmatch(text) and path.suffix.lower() not in _SUFFIXES and not near:
         rows = _read_hub(text)
         digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
         return rows, f"hub:{text}", digest
-    # the files it may have meant: beginning with its name, or its name with another suffix
-    stem = glob.escape(path.stem if path.suffix.lower() in _SUFFIXES else path.name)
-    alike = sorted(p.name for p in path.parent.glob(f"{stem}*")
-                   if p.is_file() and p.suffix.lower() in _SUFFIXES)[:3] \
-        if path.parent.is_dir() else []
+    alike = alike[:3]
     raise DataFormatError(f"data file {text} does not exist"
                           + (f"; did you mean {' or '.join(str(path.parent / n) for n in alike)}?"
                              if alike else ""))
