@@ -604,13 +604,12 @@ def copy_files(adapter: AdapterFiles, staged: Path, names: tuple[str, ...], *,
 def _refuse_non_finite(weights: Path, folder: Path) -> None:
     """Refuse weights holding inf or NaN: every answer through them would be NaN (or one
     row's failure in the server), found only at use. One read of each tensor, on the way in."""
-    import torch
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt") as f:
-        broken = [key for key in f.keys() if (t := f.get_tensor(key)).is_floating_point()
-                  # (float8 has no isfinite of its own: widened first)
-                  and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())]
+    from adapterkit.lora.factors import non_finite
+
+    with safe_open(str(weights), framework="pt") as f:  # one tensor in memory at a time
+        broken = non_finite((key, f.get_tensor(key)) for key in f.keys())
     if broken:
         raise InvalidAdapter(f"{folder}'s weights hold values that are not finite numbers (inf "
                              f"or NaN) in {len(broken)} tensor(s), first {broken[0]}: it was "

@@ -25,6 +25,7 @@ from adapterkit.lora.factors import (
     Factors,
     WeightOverflow,
     concat,
+    non_finite,
     pad,
     parse_key,
     peak_of,
@@ -204,8 +205,7 @@ def _check_output(out: Any, who: str, structure: BaseStructure | None) -> None:
     if odd is not None:
         raise PluginError(f"{who} returned a {type(out.tensors[odd]).__name__} for {odd}, not a "
                           "torch tensor; nothing was saved")
-    broken = sorted(k for k, v in out.tensors.items()
-                    if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    broken = sorted(non_finite(out.tensors.items()))
     if broken:
         raise PluginError(f"{who} returned values that are not finite numbers ({len(broken)} "
                           f"tensor(s), first {broken[0]}); nothing was saved. Smaller weights "
@@ -213,7 +213,7 @@ def _check_output(out: Any, who: str, structure: BaseStructure | None) -> None:
     if structure is None:  # the base is not on this machine: its loads check the fit
         return
     files = AdapterFiles(folder=Path("merge"), config=out.config, pickled=False,
-                         shapes={k: tuple(getattr(v, "shape", ())) for k, v in out.tensors.items()})
+                         shapes={k: tuple(v.shape) for k, v in out.tensors.items()})
     problems = fit_problems(files, structure)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -239,13 +239,11 @@ def save_adapter(library: Library, out: MergeOutput, meta: PocketBookMeta,
                  name: str) -> PocketBook:
     """Write a config + tensors as a standard PEFT folder into the library (atomic); refused
     where a tensor is not finite (every strategy's result, plugins' too, passes here)."""
-    import torch
     from safetensors.torch import save_file
 
     from adapterkit.library.card import write_card
 
-    broken = sorted(k for k, v in out.tensors.items()
-                    if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    broken = sorted(non_finite(out.tensors.items()))
     if broken:
         raise ConfigError(f"{name}'s factors are not finite numbers ({len(broken)} tensor(s), "
                           f"first {broken[0]}): a weight too large for their number format, "
