@@ -245,23 +245,16 @@ class Registry(Generic[T]):
 
 
 #: kind → (method, how adapterkit calls it): each registered item must take those arguments.
-_CALLS: dict[type, list[tuple[str, tuple[Any, ...], dict[str, Any]]]] = {}
-
-
-def _calls() -> dict[type, list[tuple[str, tuple[Any, ...], dict[str, Any]]]]:
-    if not _CALLS:
-        _CALLS.update({
-            AdapterMethod: [("peft_config", (), dict(target_modules=[], r=1, alpha=1,
-                                                     dropout=0.0))],
-            Trainer: [("train", (), dict(job=None)),
-                      ("preflight", (), dict(library=None, name="", options=None,
-                                             trainer_options=None, data=None))],
-            MergeStrategy: [("merge", (), dict(adapters=[], weights=[], rank=None, density=None,
-                                               base_model=None))],
-            DataFormat: [("convert", ({},), {})],
-            Scorer: [("score", ("", ""), {})],
-        })
-    return _CALLS
+_CALLS: dict[type, list[tuple[str, tuple[Any, ...], dict[str, Any]]]] = {
+    AdapterMethod: [("peft_config", (), dict(target_modules=[], r=1, alpha=1, dropout=0.0))],
+    Trainer: [("train", (), dict(job=None)),
+              ("preflight", (), dict(library=None, name="", options=None, trainer_options=None,
+                                     data=None))],
+    MergeStrategy: [("merge", (), dict(adapters=[], weights=[], rank=None, density=None,
+                                       base_model=None))],
+    DataFormat: [("convert", ({},), {})],
+    Scorer: [("score", ("", ""), {})],
+}
 
 
 def _signature_problem(item: Any) -> str:
@@ -269,7 +262,7 @@ def _signature_problem(item: Any) -> str:
     registration, rather than as a ``TypeError`` from inside adapterkit in a user's run."""
     import inspect
 
-    for kind, calls in _calls().items():
+    for kind, calls in _CALLS.items():
         if not isinstance(item, kind):
             continue
         for method, args, kwargs in calls:
