@@ -259,3 +259,13 @@ def test_a_message_that_got_no_answer_leaves_the_conversation():
     assert [m["role"] for m in talk.messages] == ["user", "assistant"]
     alone = _Conversation(None, None, 8, turns=False)
     assert alone.ask("x") == "x" and alone.messages == [] and alone.hint == ""
+    # around the request: a failure abandons the message, and the error says /reset
+    from adapterkit import ConfigError
+    from adapterkit.errors import AdapterkitError
+
+    talk.ask("four")
+    with pytest.raises(AdapterkitError, match=r"^past the context \(the earlier turns were "
+                                              r"sent too; /reset starts a new conversation\)$"):
+        with talk.answering(shown=[]):
+            raise ConfigError("past the context")
+    assert [m["role"] for m in talk.messages] == ["user", "assistant"]

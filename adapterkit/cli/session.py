@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -263,14 +264,8 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
                            "/quit")
             else:
                 sent = talk.ask(line)
-                try:
+                with talk.answering():
                     answer = session.generate([sent], max_new_tokens=max_new_tokens)[0]
-                except AdapterkitError as exc:
-                    talk.abandon()  # (no question left unanswered in the turns sent next)
-                    raise AdapterkitError(f"{exc}{talk.hint}") from None
-                except BaseException:
-                    talk.abandon()
-                    raise
                 talk.answered(answer)
                 click.echo(answer)
         except AdapterkitError as exc:
@@ -318,6 +313,21 @@ class _Conversation:
         turns in a row break templates that alternate)."""
         if self.turns and self.messages and self.messages[-1]["role"] == "user":
             self.messages.pop()
+
+    @contextmanager
+    def answering(self, shown: list[str] | None = None) -> Iterator[None]:
+        """Around getting the answer to the message just asked: on a failure the message is
+        abandoned, a line the answer's ``shown`` pieces began is ended (the error gets its
+        own), and adapterkit's error says /reset where earlier turns went with it."""
+        try:
+            yield
+        except BaseException as exc:
+            if shown:
+                click.echo()
+            self.abandon()
+            if isinstance(exc, AdapterkitError):
+                raise AdapterkitError(f"{exc}{self.hint}") from None
+            raise
 
     @property
     def hint(self) -> str:
@@ -390,20 +400,12 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                 click.echo(f"unknown command {command}; use /swap, /stack, /off, /reset, /list, "
                            "/quit")
             else:
-                parts = []
-                try:
+                parts: list[str] = []
+                with talk.answering(shown=parts):
                     for text, _ in client.stream_chat(model, talk.ask(line),
                                                       max_tokens=max_new_tokens):
                         click.echo(text, nl=False)
                         parts.append(text)
-                except AdapterkitError as exc:
-                    talk.abandon()
-                    if parts:
-                        click.echo()  # (the error's own line, after the text it cut off)
-                    raise AdapterkitError(f"{exc}{talk.hint}") from None
-                except BaseException:
-                    talk.abandon()
-                    raise
                 click.echo()
                 talk.answered("".join(parts))
         except AdapterkitError as exc:
