@@ -4,6 +4,8 @@ after Ctrl-C says what a next run can do."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from transformers import TrainerCallback
 
@@ -45,17 +47,24 @@ def interrupted(tiny_base, rows, home, pm, *, at: int = 5, **kw) -> None:
     assert (home / "runs" / "cut" / "checkpoint-4").is_dir()
 
 
+@contextlib.contextmanager
+def base_never_loads(monkeypatch):
+    """Within it, loading the base fails the test: a refusal must come before."""
+    def loads(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr("adapterkit.training.run.load_for_method", loads)
+        yield
+
+
 def test_a_resume_with_another_lora_shape_is_refused_in_one_line_before_the_base_loads(
         tiny_base, rows, home, pm, adapterkit_cli, monkeypatch):
     """It was transformers' 'size mismatch for ...lora_A...' traceback, after the base
     loaded; now one line naming the difference and what to do."""
     interrupted(tiny_base, rows, home, pm)
 
-    def loads(*args, **kwargs):
-        raise AssertionError("the base was loaded")
-
-    with monkeypatch.context() as m:
-        m.setattr("adapterkit.training.run.load_for_method", loads)
+    with base_never_loads(monkeypatch):
         with pytest.raises(RunStateError, match=r"r 4 → 8.*resume with the same settings, or "
                                                  r"pass --restart to start over"):
             train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
@@ -128,11 +137,7 @@ def test_a_run_stopped_after_its_last_step_is_refused_not_resumed_with_an_empty_
     assert (home / "runs" / "late" / "checkpoint-10").is_dir()
     assert caught.value.finished and caught.value.checkpoint == "checkpoint-10"
 
-    def loads(*args, **kwargs):
-        raise AssertionError("the base was loaded")
-
-    with monkeypatch.context() as m:
-        m.setattr("adapterkit.training.run.load_for_method", loads)
+    with base_never_loads(monkeypatch):
         with pytest.raises(RunStateError, match=r"had trained all its 10 steps \(checkpoint-10\)"
                                                  r".*pass --restart to train it again"):
             train("sft", base=str(tiny_base), data=rows, name="late", home=home, plugins=pm,
