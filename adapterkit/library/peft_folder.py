@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -601,12 +601,20 @@ def copy_files(adapter: AdapterFiles, staged: Path, names: tuple[str, ...], *,
         _refuse_non_finite(staged / WEIGHTS_FILE, adapter.folder)
 
 
+def non_finite(tensors: Iterable[tuple[str, Any]]) -> list[str]:
+    """The names, in order, of the floating-point tensors among ``(name, tensor)`` that hold
+    inf or NaN: an adapter of them answers NaN on every use. (float8 has no ``isfinite`` of
+    its own: widened first.)"""
+    import torch
+
+    return [name for name, t in tensors if t.is_floating_point()
+            and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())]
+
+
 def _refuse_non_finite(weights: Path, folder: Path) -> None:
     """Refuse weights holding inf or NaN: every answer through them would be NaN (or one
     row's failure in the server), found only at use. One read of each tensor, on the way in."""
     from safetensors import safe_open
-
-    from adapterkit.lora.factors import non_finite
 
     with safe_open(str(weights), framework="pt") as f:  # one tensor in memory at a time
         broken = non_finite((key, f.get_tensor(key)) for key in f.keys())

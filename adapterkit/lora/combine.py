@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter, PluginError
 from adapterkit.library.integrity import check_book, recorded_structure
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
-from adapterkit.library.peft_folder import read_config
+from adapterkit.library.peft_folder import non_finite, read_config
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import (
     Factors,
     WeightOverflow,
     concat,
-    non_finite,
     pad,
     parse_key,
     peak_of,

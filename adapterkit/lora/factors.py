@@ -270,16 +270,6 @@ def concat(members: list[tuple[Factors, float]], *, check: bool = True,
     return torch.cat([f.a for f, _ in members]), b
 
 
-def non_finite(tensors: Iterable[tuple[str, Any]]) -> list[str]:
-    """The names, in order, of the floating-point tensors among ``(name, tensor)`` that hold
-    inf or NaN: an adapter of them answers NaN on every use. (float8 has no ``isfinite`` of
-    its own: widened first.)"""
-    import torch
-
-    return [name for name, t in tensors if t.is_floating_point()
-            and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())]
-
-
 def peak_of(factors: Iterable[Factors]) -> float:
     """The largest ``|s·B|`` over ``factors`` (0 for none): a weight ``w`` keeps them finite
     while ``|w| · peak`` stays within their number format (see :class:`WeightOverflow`)."""
