@@ -121,6 +121,19 @@ def test_a_run_folder_without_the_record_resumes_as_before(tiny_base, rows, home
     assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (10, 4)
 
 
+def test_a_run_folder_without_the_record_still_refuses_another_lora_shape(
+        tiny_base, rows, home, pm, monkeypatch):
+    """Its checkpoints hold their LoRA config: another rank was transformers' "size mismatch"
+    traceback after the base loaded, another alpha a silently different scaling."""
+    interrupted(tiny_base, rows, home, pm)
+    (home / "runs" / "cut" / "definition.json").unlink()
+    with base_never_loads(monkeypatch):
+        for change, said in (({"r": 8}, "r 4 → 8"), ({"alpha": 16}, "alpha 8 → 16")):
+            with pytest.raises(RunStateError, match=rf"started with other settings: {said};"):
+                train("sft", base=str(tiny_base), data=rows, name="cut", home=home,
+                      plugins=pm, options=TrainOptions(**{**OPTS, **change}), resume=True)
+
+
 def test_a_run_stopped_after_its_last_step_is_refused_not_resumed_with_an_empty_step(
         tiny_base, rows, home, pm, monkeypatch):
     """Interrupted in the forgetting check after step 10 of 10 (checkpoint-10): transformers

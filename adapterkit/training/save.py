@@ -88,6 +88,7 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        _check_lora_shape(workdir, definition, name)
         return
     except (OSError, ValueError) as exc:
         raise RunStateError(f"cannot read what the interrupted run of {name} was started with "
@@ -107,6 +108,28 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
             now.pop(key, None)
     changed = [f"{key} {_shown(recorded.get(key))} → {_shown(now.get(key))}"
                for key in sorted(set(recorded) | set(now)) if recorded.get(key) != now.get(key)]
+    if changed:
+        raise RunStateError(f"the interrupted run of {name} was started with other settings: "
+                            f"{'; '.join(changed)}; resume with the same settings, or pass "
+                            "--restart to start over")
+
+
+def _check_lora_shape(workdir: Path, definition: dict[str, Any], name: str) -> None:
+    """A run folder of an earlier version has no record, but each checkpoint holds its LoRA
+    config: a resume with another rank or alpha is refused here, where transformers would end
+    in a "size mismatch" traceback (rank) or go on with another scaling (alpha)."""
+    import re
+
+    shapes = {}
+    for checkpoint in sorted(workdir.glob("checkpoint-*/adapter_config.json")):
+        if re.fullmatch(r"checkpoint-\d+", checkpoint.parent.name):
+            try:
+                config = json.loads(checkpoint.read_text(encoding="utf-8"))
+                shapes = {"r": config["r"], "alpha": config["lora_alpha"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    changed = [f"{key} {shapes[key]} → {definition.get(key)}" for key in shapes
+               if definition.get(key) is not None and shapes[key] != definition.get(key)]
     if changed:
         raise RunStateError(f"the interrupted run of {name} was started with other settings: "
                             f"{'; '.join(changed)}; resume with the same settings, or pass "
