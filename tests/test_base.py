@@ -209,3 +209,16 @@ def test_4bit_base_is_one_exact_base_in_train_and_eval(tiny_base, home):
     with torch.no_grad():
         after = q4(input_ids=ids).logits
     assert torch.equal(train_mode, eval_mode) and torch.equal(train_mode, after)
+
+
+def test_a_base_known_by_its_alias_stays_known_by_it_when_loaded_by_a_path(tmp_path):
+    """Loading the alias's converted folder (or its .gguf) by path re-pointed the fingerprint
+    index away from the alias, so later lookups named a cache folder instead of the alias."""
+    from adapterkit.base.resolve import find_base, remember_base
+
+    remember_base(tmp_path, "fp-a", "smollm2-135m")
+    remember_base(tmp_path, "fp-a", str(tmp_path / "bases" / "smollm2-135m"))
+    assert find_base(tmp_path, "fp-a") == "smollm2-135m"
+    remember_base(tmp_path, "fp-b", "/models/one")  # a path is replaced by the newest, as before
+    remember_base(tmp_path, "fp-b", "/models/two")
+    assert find_base(tmp_path, "fp-b") == "/models/two"

@@ -274,12 +274,16 @@ def _known_file(home: Path) -> Path:
 
 
 def remember_base(home: str | os.PathLike[str] | None, fingerprint: str, spec: str) -> None:
-    """Record that ``spec`` loads the base with ``fingerprint`` here."""
+    """Record that ``spec`` loads the base with ``fingerprint`` here. An alias recorded stays:
+    the same base loaded by a path (its converted folder, its ``.gguf`` file) is the alias's,
+    and pocket books of it name the alias."""
     path = _known_file(resolve_home(home))
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
+    if known.get(fingerprint) in ALIASES and spec not in ALIASES:
+        return
     if known.get(fingerprint) != spec:
         known[fingerprint] = spec
         atomic_write_text(path, json.dumps(known, indent=1))
