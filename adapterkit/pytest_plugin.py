@@ -38,6 +38,7 @@ TINY_ROWS: dict[str, list[dict[str, Any]]] = {
                  for i, n in enumerate(["Ada", "Bob", "Cy", "Dee"] * 4)],
     "preference": [{"prompt": f"Greet person {i}.", "chosen": "Hello, nice to meet you!",
                     "rejected": "Go away."} for i in range(16)],
+    "prompt": [{"prompt": f"Greet person {i}."} for i in range(16)],
 }
 
 

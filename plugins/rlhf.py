@@ -126,7 +126,7 @@ def _prompts(job: Any) -> Any:
 class RLHF(Trainer):
     name = "rlhf"
     description = "Online RL (TRL GRPO) against a reward pocket book, KL to the base"
-    data_shapes = ("preference", "prompt_completion")
+    data_shapes = ("preference", "prompt_completion", "prompt")  # (prompts are what it reads)
     options = RLHFOptions
     evaluates = False  # GRPO runs no evaluation: --eval-split serves the reward stage only
 

@@ -470,6 +470,16 @@ def test_eval_refuses_a_general_file_without_text_rows(adapterkit_cli, adapterki
     refused(result, "has no text rows for a general-text check")
 
 
+def test_eval_names_the_rows_it_reads(adapterkit_cli, adapterkit_data, home):
+    """Its --data help said "same shapes as training", and the refusal "this trainer reads"."""
+    for shape in ("preference", "prompt"):
+        result = adapterkit_cli("eval", "nosuch", "--data", adapterkit_data[shape])
+        refused(result, f"is {shape} data", "eval reads text rows (text) or prompt_completion "
+                                            "rows (prompt/completion) or messages rows")
+    help_text = adapterkit_cli("eval", "--help").output
+    assert "same shapes as training" not in help_text
+
+
 def test_eval_refuses_what_would_do_nothing_or_fail_on_its_rows(adapterkit_cli, adapterkit_data,
                                                                 library, peft_adapter,
                                                                 tiny_base, tmp_path):

@@ -26,7 +26,7 @@ from adapterkit import (
 )
 from adapterkit.plugin_api.manager import PluginWarning, get_plugin_manager
 
-KNOWN_SHAPES = "text, prompt_completion, messages, preference"
+KNOWN_SHAPES = "text, prompt_completion, messages, preference, prompt"
 
 
 def _trainer(name: str, *, shapes: Any = ("preference",), options: Any = None) -> Trainer:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from adapterkit import (
     BaseMismatch,
@@ -136,6 +137,25 @@ def test_reward_reuse_trains_no_second_reward_book(rlhf_run, tiny_base):
     assert again.pocket_book.meta.hyperparameters["trainer_options"]["reward"] == "kind-reward@1"
     assert options.trainer_options["reward"] == "kind-reward"  # the caller's object untouched
     assert not any(b.name == "kind2-reward" for b in Library(home).list())
+
+    # the same prompts alone (GRPO's own format) train the same policy, seed for seed
+    prompts = data.with_name("prompts.jsonl")
+    prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n"
+                               for line in data.read_text().splitlines()))
+    alone = train("rlhf", base=str(tiny_base), data=str(prompts), name="kind3", home=home,
+                  plugins=pm, options=options)
+    assert alone.metrics["reward_book"] == "kind-reward@1"
+    with safe_open(again.pocket_book.path / "adapter_model.safetensors", "pt") as a, \
+            safe_open(alone.pocket_book.path / "adapter_model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    without = TrainOptions(**{**RL, "max_steps": 2}, trainer_options={"max_new_tokens": 4})
+    with pytest.raises(ConfigError, match="first trains a reward pocket book from preference "
+                                          "pairs: give a prompt/chosen/rejected file, or "
+                                          "--reward NAME"):
+        train("rlhf", base=str(tiny_base), data=str(prompts), name="kind4", home=home,
+              plugins=pm, options=without)
 
 
 def test_bad_reward_and_rl_settings_write_nothing(rlhf_run, tiny_base, other_base, tmp_path):

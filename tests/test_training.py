@@ -153,6 +153,30 @@ def test_bad_data_files(content, match, tiny_base, home, tmp_path, pm):
               plugins=pm)
 
 
+def test_prompts_alone_are_their_own_shape_tried_after_plugin_formats(tiny_base, home,
+                                                                        tmp_path, pm):
+    """``{"prompt"}`` rows are online RL's data; a trainer that learns from answers refuses them
+    naming what it reads, and a plugin format with a prompt column keeps its files."""
+    from adapterkit import DataFormat
+    from adapterkit.training.data import detect_shape
+
+    assert detect_shape({"prompt"})[0] == "prompt"
+    assert detect_shape({"prompt", "completion", "id"})[0] == "prompt_completion"
+    assert detect_shape({"prompt", "chosen", "rejected"})[0] == "preference"
+
+    class PromptResponse(DataFormat):
+        name, columns, shape = "pr", ("prompt", "response"), "prompt_completion"
+
+    shape, fmt = detect_shape({"prompt", "response"}, [PromptResponse()])
+    assert (shape, fmt.name) == ("prompt_completion", "pr")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(DataFormatError, match=r"is prompt data \(columns prompt\); this trainer "
+                                              r"reads .*prompt_completion rows"):
+        train("sft", base=str(tiny_base), data=str(prompts), name="x", options=fast(),
+              home=home, plugins=pm)
+
+
 def test_name_taken_is_refused_before_training(tiny_base, home, pc_file, pm, monkeypatch):
     from adapterkit import Library
 

@@ -309,7 +309,8 @@ class _Stopped(KeyboardInterrupt):
 @click.option("--from", "start_from", metavar="BOOK", help="Continue training a copy of pocket "
               "book BOOK (its LoRA rank and targets are kept).")
 @click.option("--reward", metavar="BOOK", help="rlhf: optimise against this reward pocket book "
-              "instead of training one first from the preference file.")
+              "instead of training one first from the preference file (the data may then be "
+              "prompts alone).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of NAME.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted run of NAME; start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -520,7 +521,8 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
 
 @click.command("eval")
 @click.argument("ref")
-@click.option("--data", help="Evaluation data (same shapes as training); not with --harness.")
+@click.option("--data", help="Evaluation data: text, prompt/completion or messages rows; not "
+                             "with --harness.")
 @click.option("--general", help="General-English text for the forgetting check "
                                 "(`general` = the text shipped with adapterkit; `off` or "
                                 "left out: no check).")
@@ -580,7 +582,7 @@ def eval_cmd(ctx: click.Context, ref: str, data: str | None, general: str | None
     pm = obj(ctx)["plugins"]
     score_fn = pm.scorers.get(scorer)
     dataset = load_data(data, formats=pm.data_formats,
-                        shapes=("text", "prompt_completion", "messages"),
+                        shapes=("text", "prompt_completion", "messages"), reader="eval",
                         skip_bad_rows=skip_bad_rows)
     if dataset.skipped:
         say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows)")

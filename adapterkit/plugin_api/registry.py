@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The standard shapes of training rows, which ``Trainer.data_shapes`` and ``DataFormat.shape``
 #: name (their columns: :data:`adapterkit.training.data.SHAPES`, which keeps the same names).
-STANDARD_SHAPES = ("text", "prompt_completion", "messages", "preference")
+STANDARD_SHAPES = ("text", "prompt_completion", "messages", "preference", "prompt")
 
 
 def _not_implemented(item: Any, method: str) -> PluginError:
@@ -163,8 +163,8 @@ class DataFormat(Registrable):
     kind = "data format"
     #: Columns that identify this format; a file matches when it has all of them.
     columns: tuple[str, ...] = ()
-    #: The standard shape rows are converted to: ``text``, ``prompt_completion``, ``messages``
-    #: or ``preference`` (:data:`STANDARD_SHAPES`; registration refuses any other).
+    #: The standard shape rows are converted to: ``text``, ``prompt_completion``, ``messages``,
+    #: ``preference`` or ``prompt`` (:data:`STANDARD_SHAPES`; registration refuses any other).
     shape: str = "text"
 
     def matches(self, columns: set[str]) -> bool:

@@ -6,7 +6,9 @@ Standard shapes (what trainers declare in ``Trainer.data_shapes``):
 * ``prompt_completion`` — ``{"prompt", "completion"}``: loss on the completion only;
 * ``messages`` — ``{"messages": [{"role", "content"}, ...]}``: chat, rendered with the base's
   chat template, loss on the final assistant turn;
-* ``preference`` — ``{"prompt", "chosen", "rejected"}``: for DPO and reward models.
+* ``preference`` — ``{"prompt", "chosen", "rejected"}``: for DPO and reward models;
+* ``prompt`` — ``{"prompt"}``: prompts alone, for online RL (``rlhf --reward``), which samples
+  and scores its own answers.
 
 Files: JSONL (read line by line here, so a broken line is reported by number), JSON (a list of
 objects), CSV and Parquet (through ``datasets``), and ``.txt`` (paragraphs separated by blank
@@ -37,7 +39,8 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
     "text": ("text",),
-}
+    "prompt": ("prompt",),  # tried last, after plugin formats: any other shape with a prompt
+}                           # (a plugin's prompt/response too) is that shape
 GENERAL_TEXT = "general"  # name of the general-prose file shipped with adapterkit
 _SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -201,11 +204,13 @@ def detect_shape(columns: set[str], formats: Registry[DataFormat] | None = None
                  ) -> tuple[str, DataFormat | None]:
     """The standard shape (and the converting plugin format, if any) for these columns."""
     for shape, needed in SHAPES.items():
-        if set(needed) <= columns:
+        if shape != "prompt" and set(needed) <= columns:
             return shape, None
     for fmt in formats or []:
         if fmt.matches(columns):
             return fmt.shape, fmt
+    if "prompt" in columns:
+        return "prompt", None
     plugin = [f"{f.name} ({'+'.join(f.columns)})" for f in formats or []]
     expected = ["+".join(cols) for cols in SHAPES.values()] + plugin
     raise DataFormatError(
@@ -215,7 +220,8 @@ def detect_shape(columns: set[str], formats: Registry[DataFormat] | None = None
 
 
 def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | None = None,
-              shapes: tuple[str, ...] | None = None, skip_bad_rows: bool = False) -> Data:
+              shapes: tuple[str, ...] | None = None, skip_bad_rows: bool = False,
+              reader: str = "this trainer") -> Data:
     """Read ``spec``, detect its shape, and convert plugin formats.
 
     A row of the wrong shape (a needed field missing, empty or malformed) is an error that names
@@ -223,6 +229,7 @@ def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | N
 
     :param shapes: the shapes the caller (a trainer) accepts; anything else is an error.
     :param skip_bad_rows: drop such rows instead; ``Data.skipped`` lists their numbers.
+    :param reader: who accepts only ``shapes``, as the refusal names it.
     """
     rows, source, digest = read_rows(spec)
     if not rows:
@@ -232,7 +239,7 @@ def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | N
     if shapes is not None and shape not in shapes:
         wanted = " or ".join(f"{s} rows ({'/'.join(SHAPES.get(s, ()))})" for s in shapes)
         raise DataFormatError(f"{source} is {shape} data (columns "
-                              f"{', '.join(sorted(columns))}); this trainer reads {wanted}")
+                              f"{', '.join(sorted(columns))}); {reader} reads {wanted}")
     needed = SHAPES[shape]
     kept: list[dict[str, Any]] = []
     numbers: list[int] = []  # the row number (from 1) of each kept row
