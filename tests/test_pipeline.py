@@ -409,6 +409,41 @@ def test_resume_refuses_to_continue_a_stage_whose_definition_changed(data, tiny_
     assert not list((home / "runs").glob(".*.stage.json"))  # gone with the finished stages
 
 
+@pytest.mark.slow
+def test_restart_trains_an_interrupted_stage_anew(data, tiny_base, home, adapterkit_cli):
+    """The refusals said "pass --resume" only, or to remove a folder by hand: the pipeline had
+    no --restart, which the train refusals inside it named."""
+    from transformers import TrainerCallback
+
+    class CrashAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise RuntimeError("simulated crash in stage 2")
+
+    pm = get_plugin_manager(env=False)
+    folder = data["general"].parent
+    path = write_recipe(folder, two_stages(tiny_base, save_steps=1))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pipeline(path, home=home, plugins=pm,
+                     callbacks=lambda s: [CrashAfterCheckpoint()] if s.index == 2 else [])
+    with pytest.raises(ConfigError, match="an interrupted run of polite exists \\(checkpoint-1\\): "
+                                          "pass --resume to continue it, or --restart to train "
+                                          "the stage anew"):
+        load_recipe(path, home=home, plugins=pm, restart=False)
+    edited = write_recipe(folder, two_stages(tiny_base, save_steps=1, learning_rate=5e-3))
+    with pytest.raises(ConfigError, match="put the stage back as it was, or pass --restart too "
+                                          "to train it anew"):
+        load_recipe(edited, home=home, plugins=pm, resume=True)
+    result = adapterkit_cli("pipeline", str(edited), "--resume", "--restart", "--json")
+    assert result.exit_code == 0, result.output
+    stages = json.loads(result.stdout)["stages"]
+    assert [(s["ref"], s["skipped"]) for s in stages] == [("instruct@1", True),
+                                                         ("polite@1", False)]
+    assert "resumed_at_step" not in stages[1]["metrics"]  # from step 0, not checkpoint-1
+    polite = Library(home).get("polite")
+    assert polite.meta.hyperparameters["learning_rate"] == 5e-3
+    assert not (home / "runs" / "polite").exists()
+
+
 # -- what the pipeline accepts does something, and what it prints is what happened -------------
 
 def test_a_from_stage_refuses_lora_shape_keys_it_would_ignore(tmp_path, data, tiny_base, home,

@@ -24,10 +24,13 @@ from adapterkit.cli.train import LaunchableCommand, as_rank, launch_options, rel
               help="Skip the stages an earlier run of this recipe finished (found in the "
                    "library, made by the same stage definition) and continue the interrupted "
                    "one from its last checkpoint.")
+@click.option("--restart", is_flag=True,
+              help="Discard the interrupted run of a stage and train it anew (with --resume: "
+                   "after skipping the stages already finished).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @launch_options
 @click.pass_context
-def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, as_json: bool,
+def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, restart: bool, as_json: bool,
                  processes: int | None, accelerate_config: str | None,
                  num_machines: int | None, machine_rank: int | None, main_address: str | None,
                  rendezvous_timeout: float) -> None:
@@ -76,6 +79,7 @@ def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, as_json: bool,
     \b
       adapterkit pipeline examples/quickstart_recipe.yaml
       adapterkit pipeline examples/quickstart_recipe.yaml --resume   # after a failure
+      adapterkit pipeline examples/quickstart_recipe.yaml --resume --restart  # its stage anew
       adapterkit pipeline examples/quickstart_recipe.yaml --processes 2
     """
     from adapterkit.training.launch import ranks
@@ -86,7 +90,8 @@ def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, as_json: bool,
                   machine_rank=machine_rank, main_address=main_address,
                   rendezvous_timeout=rendezvous_timeout)
     try:  # the recipe is checked here, once, before any process starts
-        if relaunch_if_asked(ctx, launch, preflight=lambda: _preflight(state, recipe, resume)):
+        if relaunch_if_asked(ctx, launch, preflight=lambda: _preflight(state, recipe, resume,
+                                                                       restart)):
             return  # the main rank printed the result
     except KeyboardInterrupt:
         sys.exit(130)  # the main rank said where it stopped, and how to resume
@@ -97,11 +102,11 @@ def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, as_json: bool,
         with as_rank():
             # every stage checked before anything trains: one error lists every problem
             plan = load_recipe(recipe, home=state["home"], plugins=state["plugins"],
-                               resume=resume)
+                               resume=resume, restart=restart)
             total = len(plan.stages)
             result = run_pipeline(
                 plan, home=state["home"], plugins=state["plugins"], resume=resume,
-                callbacks=lambda s: [progress_callback(f"{s.index}/{total} {s.name}")],
+                restart=restart, callbacks=lambda s: [progress_callback(f"{s.index}/{total} {s.name}")],
                 progress=say)
     except KeyboardInterrupt as exc:
         stage = getattr(exc, "pipeline_stage", None)
@@ -130,11 +135,12 @@ def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, as_json: bool,
                    f"{result.pocket_book.path / 'README.md'}")
 
 
-def _preflight(state: dict[str, Any], recipe: str, resume: bool) -> None:
+def _preflight(state: dict[str, Any], recipe: str, resume: bool, restart: bool) -> None:
     """What the launching process checks before it starts the ranks: the whole recipe, and the
     base resolved (a GGUF file converted here, once, rather than by every rank)."""
     from adapterkit.base.resolve import resolve_base
     from adapterkit.training.pipeline import load_recipe
 
-    plan = load_recipe(recipe, home=state["home"], plugins=state["plugins"], resume=resume)
+    plan = load_recipe(recipe, home=state["home"], plugins=state["plugins"], resume=resume,
+                       restart=restart)
     resolve_base(plan.base, state["home"])

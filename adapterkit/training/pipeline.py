@@ -75,14 +75,16 @@ Callbacks = Callable[[Stage], list[Any]]
 def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
                  home: str | os.PathLike[str] | None = None,
                  plugins: PluginManager | None = None, resume: bool = False,
-                 callbacks: Callbacks | None = None,
+                 restart: bool = False, callbacks: Callbacks | None = None,
                  progress: Callable[[str], None] | None = None) -> PipelineResult:
     """Run a recipe's stages in order on one resident base; return each stage's result.
 
     :param recipe: a recipe file, or one :func:`load_recipe` checked (with the same ``home``,
-        ``plugins`` and ``resume``).
+        ``plugins``, ``resume`` and ``restart``).
     :param resume: skip the stages an earlier run of the same definitions finished, and continue
         the interrupted one from its last checkpoint.
+    :param restart: discard the interrupted run of a stage and train it anew (with ``resume``:
+        after the finished stages are skipped).
     :param callbacks: ``stage → [TrainerCallback, ...]`` for each stage trained (progress bars).
     """
     from adapterkit.plugin_api.manager import default_plugin_manager
@@ -90,13 +92,13 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
 
     pm = plugins or default_plugin_manager()
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, home=home, plugins=pm, resume=resume)
+        recipe = load_recipe(recipe, home=home, plugins=pm, resume=resume, restart=restart)
     main = ranks().is_main  # on several processes every rank runs this; the main one writes
     say = (progress if main else None) or (lambda message: None)
     library = Library(home, plugins=pm)
     total = len(recipe.stages)
     if ranks().distributed:
-        _agree_on_stages(recipe, library, resume=resume, main=main)
+        _agree_on_stages(recipe, library, resume=resume and not restart, main=main)
     pending = [s for s in recipe.stages if s.done is None]
     loaded = _load_checked(recipe, pending, library, pm, say) if pending else None
     results: list[StageResult] = []
@@ -113,7 +115,7 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
             final = None
         loaded = _base_for(stage, loaded, recipe.base, library, pm, say)
         on, start_from = _refs(stage, results)
-        checkpoint = interrupted(library, stage) if resume else None
+        checkpoint = interrupted(library, stage) if resume and not restart else None
         say(head + (f": resuming from {checkpoint}" if checkpoint else ""))
         marker = stage_marker(library, stage)
         if main:  # the definition this run of the stage trains under (load_recipe checks it)
@@ -122,7 +124,8 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
         try:
             final = train(stage.trainer, base=loaded, data=stage.data, name=stage.name,
                           options=stage.options, home=library.home, plugins=pm,
-                          resume=checkpoint is not None, on=on, start_from=start_from,
+                          resume=checkpoint is not None, restart=restart, on=on,
+                          start_from=start_from,
                           callbacks=callbacks(stage) if callbacks else None, progress=say,
                           annotate=_recorder(recipe, stage, results))
         except BaseException as exc:

@@ -144,7 +144,8 @@ def _resolve(spec: str, folder: Path) -> str:
 
 
 def load_recipe(path: str | os.PathLike[str], *, home: str | os.PathLike[str] | None = None,
-                plugins: PluginManager | None = None, resume: bool = False) -> Recipe:
+                plugins: PluginManager | None = None, resume: bool = False,
+                restart: bool = False) -> Recipe:
     """Read and check a pipeline recipe, every problem in one :class:`ConfigError`.
 
     Checked before anything trains: unknown keys, option values and trainer options (per stage,
@@ -152,7 +153,8 @@ def load_recipe(path: str | os.PathLike[str], *, home: str | os.PathLike[str] | 
     ``on:``/``from:`` references (a stage produced earlier in the recipe, or a pocket book in
     the library; no cycles), duplicate stage names, names taken in the library, interrupted
     runs. With ``resume``, a stage whose name holds a pocket book made by the same stage
-    definition is marked done (:attr:`Stage.done`) rather than refused.
+    definition is marked done (:attr:`Stage.done`) rather than refused. With ``restart``, an
+    interrupted run of a stage to train is no problem: that stage starts over.
     """
     from adapterkit.plugin_api.manager import default_plugin_manager
 
@@ -178,7 +180,7 @@ def load_recipe(path: str | os.PathLike[str], *, home: str | os.PathLike[str] | 
     _link(stages, library, problems)
     if not problems:  # a fingerprint needs every part of the definition, checked
         _fingerprint(stages, base, library)
-    _check_names(stages, library, resume=resume, problems=problems)
+    _check_names(stages, library, resume=resume, restart=restart, problems=problems)
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
         raise ConfigError(f"recipe {path} has {count}; nothing was trained: "
@@ -472,7 +474,7 @@ def interrupted(library: Library, stage: Stage) -> str | None:
     return f"its stage {inner[0]}" if inner else None
 
 
-def _check_names(stages: list[Stage], library: Library, *, resume: bool,
+def _check_names(stages: list[Stage], library: Library, *, resume: bool, restart: bool,
                  problems: list[str]) -> None:
     """Each stage's name: free, or (``resume``) holding what this very stage made before.
 
@@ -502,15 +504,17 @@ def _check_names(stages: list[Stage], library: Library, *, resume: bool,
             problems.append(f"{stage.label}: {taken}" + (
                 " (it was not made by this stage of this recipe, so --resume cannot reuse it)"
                 if resume else ""))
-        elif taken is None and not resume and (last := interrupted(library, stage)):
+        elif taken is None and not resume and not restart and \
+                (last := interrupted(library, stage)):
             problems.append(f"{stage.label}: an interrupted run of {stage.name} exists "
-                            f"({last}): pass --resume to continue it")
-        elif taken is None and resume and stage.fingerprint and \
+                            f"({last}): pass --resume to continue it, or --restart to train "
+                            "the stage anew")
+        elif taken is None and resume and not restart and stage.fingerprint and \
                 (last := interrupted(library, stage)) and \
                 (marker := stage_marker(library, stage)).is_file() and \
                 json.loads(marker.read_text()).get("stage_sha256") != stage.fingerprint:
             problems.append(f"{stage.label}: the interrupted run of {stage.name} ({last}) was "
                             "started by another definition of this stage (its options, data "
                             "or the stage it trains on changed since): --resume would continue "
-                            "it under this one; put the stage back as it was, or remove "
-                            f"{run_dir(library, str(parse_ref(stage.name)))} to train it anew")
+                            "it under this one; put the stage back as it was, or pass "
+                            "--restart too to train it anew")
