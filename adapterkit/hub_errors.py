@@ -9,6 +9,11 @@ packages use it and ``base`` may not import ``library``.
 
 from __future__ import annotations
 
+import re
+
+#: ``scheme://user:password@`` in a URL: printed, the password would leak into logs
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+
 
 def explain_hub_error(exc: BaseException, repo_id: str, *, revision: str | None = None,
                       writing: bool = False, outcome: str = "nothing was changed") -> str:
@@ -18,7 +23,20 @@ def explain_hub_error(exc: BaseException, repo_id: str, *, revision: str | None 
     :param writing: a 403 then means no right to write; otherwise no right to read.
     :param outcome: what is true after the failure (``"nothing was imported"``, ``"the repo
         exists but nothing was uploaded to it"``), said where a retry is the advice.
+
+    A ``user:password@`` in ``HF_ENDPOINT`` (or in a URL the exception quotes) is never printed.
     """
+    return without_credentials(_explain(exc, repo_id, revision=revision, writing=writing,
+                                        outcome=outcome))
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it removed."""
+    return _USERINFO.sub(r"\g<scheme>", text)
+
+
+def _explain(exc: BaseException, repo_id: str, *, revision: str | None, writing: bool,
+             outcome: str) -> str:
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,

@@ -1,5 +1,6 @@
 """push → pull round trips with the real huggingface_hub client against a loopback Hub."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -307,7 +308,7 @@ def test_hub_errors_say_what_is_true(hub, library, book, monkeypatch):
     def forbidden(*args, **kwargs):
         raise _http_error(403, "Access to this repo is restricted")
 
-    monkeypatch.setattr("huggingface_hub.snapshot_download", forbidden)
+    monkeypatch.setattr(HfApi, "repo_info", forbidden)  # a pull's first question to the Hub
     with pytest.raises(HubError) as caught:
         pull(library, "carol/locked")
     message = str(caught.value)
@@ -337,3 +338,185 @@ def test_hub_base_errors_are_one_line_that_says_what_to_do(hub, home, tmp_path, 
         resolve_base("alice/base@nope", home)
     assert str(caught.value) == ("cannot download base 'alice/base': revision 'nope' does not "
                                  "exist in alice/base")
+
+
+# -- stale caches, local base paths, endpoint passwords, edited cards, subfolders -------------
+
+@pytest.fixture
+def small(library, tiny_base, peft_adapter):
+    """A pocket book of plain PEFT's adapter (rank 4 on q_proj, v_proj) on the tiny base."""
+    return library.import_peft(peft_adapter, "small", base=str(tiny_base))
+
+
+def _head(hub, repo_id):
+    return hub.repos[repo_id].commits[hub.repos[repo_id].branches["main"]]
+
+
+def _unreachable(monkeypatch, userinfo=""):
+    """Point the client at a loopback port nothing listens on (the cache stays where it is)."""
+    import socket
+
+    import huggingface_hub.constants as constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://{userinfo}127.0.0.1:{port}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+
+
+def test_pull_from_an_unreachable_hub_never_imports_the_cache_silently(
+        hub, library, small, tiny_base, tmp_path, monkeypatch):
+    """Before: with the Hub down, ``snapshot_download`` answered from the Hub cache (what an
+    earlier pull left there, whatever has been pushed since) and the pull said nothing."""
+    import huggingface_hub.constants as constants
+
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    push(library, "small", "alice/x")
+    first = hub.repos["alice/x"].branches["main"]
+    pull(library, "alice/x", name="seen")  # fills the cache with the first commit
+    newer = make_peft_adapter(tiny_base, tmp_path / "newer", seed=7)
+    library.import_peft(newer, "newer", base=str(tiny_base))
+    push(library, "newer", "alice/x")
+    second = hub.repos["alice/x"].branches["main"]
+    assert second != first
+
+    _unreachable(monkeypatch)
+    with pytest.raises(HubError, match="cannot reach the Hub .*nothing was imported .*"
+                                       "HF_HUB_OFFLINE=1") as caught:
+        pull(library, "alice/x", name="y")
+    assert len(str(caught.value).splitlines()) == 1 and not library.exists("y")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # asked for: the cache, said so
+    with pytest.warns(HubWarning, match=f"HF_HUB_OFFLINE is set, so the Hub was not asked: "
+                                        f"alice/x \\(main\\) is imported as the Hub cache holds "
+                                        f"it, commit {first}"):
+        offline = pull(library, "alice/x", name="y")
+    assert offline.meta.source["commit"] == first
+    assert (offline.path / "adapter_model.safetensors").read_bytes() == (
+        small.path / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set and the Hub cache holds no "
+                                       "complete copy of alice/never"):
+        pull(library, "alice/never")
+
+    point_client_at(hub, monkeypatch, constants.HF_HUB_CACHE)  # back online: the new commit
+    online = pull(library, "alice/x", name="z")
+    assert online.meta.source["commit"] == second
+    assert (online.path / "adapter_model.safetensors").read_bytes() == (
+        library.get("newer").path / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_pushed_config_never_names_a_local_path(hub, library, small, tiny_base):
+    """Before: an imported pocket book kept the absolute path its adapter was saved on as
+    ``base_model_name_or_path``, and the card's snippet loaded ``from_pretrained("tiny")``."""
+    from huggingface_hub import ModelCard
+
+    # as a pocket book imported before the fix holds it: PEFT's absolute path
+    config = json.loads((small.path / "adapter_config.json").read_text())
+    (small.path / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": str(tiny_base)}, indent=2))
+    library.update_meta("small", lambda meta: setattr(meta, "files", {}))  # no hashes to break
+    push(library, "small", "alice/local-base")
+    stored = _head(hub, "alice/local-base")
+    pushed = json.loads(stored["adapter_config.json"])["base_model_name_or_path"]
+    assert pushed == tiny_base.name and not os.path.isabs(pushed)
+    card = ModelCard(stored["README.md"].decode())
+    assert card.data.base_model is None  # no Hub id known: none claimed
+    assert f'from_pretrained("{tiny_base.name}")' not in card.text
+    assert (f"Its base is a local model folder (`{tiny_base.name}`), not a model on the Hub"
+            in card.text and small.meta.base_fingerprint in card.text)
+    meta = json.loads(stored["adapterkit.json"])  # the hash is of the file pushed
+    assert meta["files"]["adapter_config.json"] == hashlib.sha256(
+        stored["adapter_config.json"]).hexdigest()
+
+
+def test_an_endpoint_password_is_never_printed(hub, library, small, monkeypatch, adapterkit_cli):
+    """Before: ``HF_ENDPOINT=http://user:SECRET@host`` was printed as is in Hub errors."""
+    import huggingface_hub.constants as constants
+
+    with_password = hub.endpoint.replace("http://", "http://user:SECRET@")
+    monkeypatch.setattr(constants, "ENDPOINT", with_password)  # httpx sends it as Basic auth
+    result = adapterkit_cli("push", "small", "--repo", "alice/pw")  # refused: not our token
+    assert result.exit_code == 1 and "refused your credentials" in result.stderr, result.output
+    assert "SECRET" not in result.output and f"the Hub at {hub.endpoint} " in result.stderr
+
+    _unreachable(monkeypatch, userinfo="user:SECRET@")
+    result = adapterkit_cli("pull", "alice/pw")
+    assert result.exit_code == 1 and "cannot reach the Hub at http://127.0.0.1:" in result.stderr
+    assert "SECRET" not in result.output
+
+
+def test_a_card_edited_on_the_hub_is_said_and_changed_weights_are_refused(hub, library, small):
+    """Before: a card edited on the Hub (routine: it changes no weights) made the repo
+    unpullable, with the advice "pull again", which could never succeed."""
+    push(library, "small", "alice/edited")
+    files = dict(_head(hub, "alice/edited"))
+    files["README.md"] = files["README.md"] + b"\nEdited on the Hub.\n"
+    hub.add_repo("alice/edited", "alice", files)
+    with pytest.warns(HubWarning, match="alice/edited: README.md changed since it was pushed"):
+        book = pull(library, "alice/edited", name="edited")
+    assert (book.path / "README.md").read_bytes().endswith(b"Edited on the Hub.\n")
+    assert (book.path / "adapter_model.safetensors").read_bytes() == (
+        small.path / "adapter_model.safetensors").read_bytes()
+
+    config = json.loads(files["adapter_config.json"])
+    files["adapter_config.json"] = json.dumps({**config, "lora_alpha": 64}).encode()
+    hub.add_repo("alice/edited", "alice", files)
+    with pytest.raises(InvalidAdapter) as caught:
+        pull(library, "alice/edited", name="changed")
+    assert str(caught.value) == (
+        "alice/edited: adapter_config.json differs from what was pushed (the SHA-256 its "
+        "adapterkit.json records): it was changed on the Hub since, or the download is "
+        "corrupt; nothing was imported")
+    assert not library.exists("changed")
+
+
+def test_an_adapter_in_a_subfolder_is_named_and_pulled_with_subfolder(hub, library, tiny_base,
+                                                                       peft_adapter,
+                                                                       adapterkit_cli):
+    """Before: a repo holding an adapter saved under a non-default name (``myname/...``) was
+    refused as ``<cache path> is not a PEFT adapter``, naming neither the subfolder nor a way."""
+    files = {f"myname/{p.name}": p.read_bytes() for p in peft_adapter.iterdir() if p.is_file()}
+    hub.add_repo("carol/named", "carol", {**files, "README.md": b"hi"})
+    with pytest.raises(InvalidAdapter) as caught:
+        pull(library, "carol/named")
+    assert str(caught.value) == (
+        "carol/named (main) has no adapter_config.json at its top: its adapter is in the "
+        "subfolder myname; pull it with --subfolder myname; nothing was imported")
+    with pytest.raises(InvalidAdapter, match="no adapter_config.json in its folder other: its "
+                                             "adapter is in the subfolder myname"):
+        pull(library, "carol/named", subfolder="other")
+    book = pull(library, "carol/named", subfolder="myname", base=str(tiny_base))
+    assert book.meta.source["subfolder"] == "myname" and book.name == "named"
+    assert (book.path / "adapter_model.safetensors").read_bytes() == (
+        peft_adapter / "adapter_model.safetensors").read_bytes()
+    result = adapterkit_cli("pull", "carol/named", "--subfolder", "myname", "--base",
+                            tiny_base, "--name", "named-cli")  # as the refusal says
+    assert result.exit_code == 0, result.output
+    assert library.get("named-cli").meta.source["subfolder"] == "myname"
+
+
+def test_pull_of_a_repo_with_no_files_says_so(hub, library):
+    """Before: huggingface_hub's "No files matched allow_patterns", then ``<cache>/snapshots/
+    <sha> is not a folder``."""
+    hub.add_repo("alice/empty", "alice", {".gitattributes": b"*.safetensors filter=lfs\n"})
+    with pytest.raises(InvalidAdapter) as caught:
+        pull(library, "alice/empty")
+    assert str(caught.value) == ("alice/empty: main has no files (nothing has been pushed to "
+                                 "it); nothing was imported")
+
+
+def test_a_card_naming_the_base_by_its_absolute_path_is_the_same_base(
+        hub, library, tiny_base, peft_adapter, monkeypatch, recwarn):
+    """Before: ``pull --base bases/tiny`` warned that the card names ``/abs/.../bases/tiny``,
+    "not bases/tiny"."""
+    files = {p.name: p.read_bytes() for p in peft_adapter.iterdir() if p.is_file()}
+    files["README.md"] = f"---\nbase_model: {tiny_base}\nlibrary_name: peft\n---\nhi\n".encode()
+    hub.add_repo("carol/abs", "carol", files)
+    monkeypatch.chdir(tiny_base.parent)
+    pull(library, "carol/abs", base=tiny_base.name)
+    assert not [w for w in recwarn if "names" in str(w.message)], [str(w.message) for w in recwarn]

@@ -206,3 +206,50 @@ def test_the_finiteness_check_reads_float8_and_skips_integer_tensors(tmp_path):
               weights)
     with pytest.raises(InvalidAdapter, match="not finite numbers .* first a.lora_B.weight"):
         _refuse_non_finite(weights, tmp_path)
+
+
+def test_an_imported_book_names_its_base_as_a_trained_one_does(library, tiny_base, peft_adapter,
+                                                               tmp_path):
+    """Before: the config kept the absolute path the adapter was saved on (PEFT writes it)
+    unless the base had a Hub id, so a converted GGUF base of a known model, or a local
+    folder, was pushed as ``/home/.../bases/...``."""
+    from adapterkit.base.resolve import BASE_INFO_FILE
+    from adapterkit.library.card import base_id
+
+    assert json.loads((peft_adapter / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(tiny_base)  # PEFT's: a local path
+    folder = library.import_peft(peft_adapter, "local", base=str(tiny_base))
+    config = json.loads((folder.path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_base.name  # as train writes it
+
+    converted = tmp_path / "bases" / "tiny.Q4_1-0123456789ab"  # a GGUF converted by adapterkit
+    shutil.copytree(tiny_base, converted)
+    (converted / BASE_INFO_FILE).write_text(json.dumps({"name": "tiny.Q4_1.gguf", "provenance": {
+        "kind": "gguf", "file": "tiny.Q4_1.gguf", "sha256": "0" * 64,
+        "derived_from": "someone/tiny-original"}}))
+    gguf = library.import_peft(peft_adapter, "gguf", base=str(converted))
+    config = json.loads((gguf.path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "someone/tiny-original" == base_id(gguf.meta)
+
+
+def test_an_imported_book_records_the_lora_settings_that_change_its_scale(
+        library, tiny_base, tmp_path, adapterkit_cli):
+    """Before: only r, lora_alpha, lora_dropout and target_modules were recorded, so the card
+    and ``show`` gave every layer rank r and scale alpha/r."""
+    from adapterkit.library.card import render_card
+
+    adapter = make_peft_adapter(tiny_base, tmp_path / "patterned", r=4,
+                                rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 16},
+                                use_rslora=True)
+    book = library.import_peft(adapter, "patterned", base=str(tiny_base))
+    h = book.meta.hyperparameters
+    assert h["rank_pattern"] == {"v_proj": 2} and h["alpha_pattern"] == {"v_proj": 16}
+    assert h["use_rslora"] is True
+    assert not {"use_dora", "bias", "layers_to_transform", "modules_to_save"} & set(h)  # defaults
+    card = render_card(book.meta)
+    assert '| rank_pattern | {"v_proj": 2} |' in card and "| use_rslora | True |" in card
+    assert "`rank_pattern` / `alpha_pattern` give the modules they match their own" in card
+    assert "lora_alpha / √r" in card
+    shown = adapterkit_cli("show", "patterned")
+    assert shown.exit_code == 0, shown.output
+    assert "rank_pattern={'v_proj': 2}" in shown.output and "use_rslora=True" in shown.output

@@ -284,9 +284,12 @@ def push_cmd(ctx: click.Context, ref: str, repo: str, private: bool, revision: s
 @click.option("--base", help="The base you will use it with; checked against the adapter.")
 @click.option("--trust-pickle", is_flag=True,
               help="Accept pickled adapter_model.bin weights (they can run code).")
+@click.option("--subfolder", metavar="FOLDER",
+              help="The folder in the repo that holds the adapter (PEFT saves an adapter with "
+                   "a non-default name in a folder of that name).")
 @click.pass_context
 def pull_cmd(ctx: click.Context, repo: str, name: str | None, base: str | None,
-             trust_pickle: bool) -> None:
+             trust_pickle: bool, subfolder: str | None) -> None:
     """Pull a PEFT LoRA repo (OWNER/NAME or OWNER/NAME@REVISION) into the library.
 
     Works for any PEFT LoRA repository, not only ones pushed by adapterkit. Files are verified
@@ -294,6 +297,7 @@ def pull_cmd(ctx: click.Context, repo: str, name: str | None, base: str | None,
     """
     from adapterkit.library.hub import pull
 
-    book = pull(library(ctx), repo, name=name, base=base, trust_pickle=trust_pickle)
+    book = pull(library(ctx), repo, name=name, base=base, trust_pickle=trust_pickle,
+                subfolder=subfolder)
     click.echo(f"Pulled {repo} as {book.ref} (base {book.meta.base.get('name')}, "
                f"fingerprint {book.meta.base_fingerprint[:12]})")

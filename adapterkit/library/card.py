@@ -38,13 +38,7 @@ folder (`adapter_config.json` + `adapter_model.safetensors`).
 
 ## Use it
 
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-base = AutoModelForCausalLM.from_pretrained("{{ base_id }}")
-{{ use_code }}
-```
+{{ use_section }}
 
 or with adapterkit: `adapterkit pull …` / `adapterkit generate --adapter {{ name }} "…"`.
 """
@@ -54,6 +48,13 @@ def base_id(meta: PocketBookMeta) -> str | None:
     """The Hub id a colleague would load as the base, where one is known."""
     prov = meta.base.get("provenance", {})
     return prov.get("hub_id") or prov.get("derived_from")
+
+
+def config_base(meta: PocketBookMeta) -> str:
+    """What ``base_model_name_or_path`` says in the pocket book's ``adapter_config.json``: the
+    card's ``base_model`` where there is one, else the base's name — never a local path, which
+    means nothing on another machine (as trained pocket books write it)."""
+    return base_id(meta) or str(meta.base.get("name", ""))
 
 
 def _base_section(meta: PocketBookMeta) -> str:
@@ -103,12 +104,35 @@ def _made_section(meta: PocketBookMeta) -> str:
         lines += ["", "| hyperparameter | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(meta.hyperparameters.items())
                   if v not in (None, {}, []) and k not in _GUARD_OPTIONS]
+        notes = _scale_notes(meta.hyperparameters)
+        lines += ["", *(f"- {note}" for note in notes)] if notes else []
     lines += _pipeline_lines(meta.pipeline)
     tracked = tracking_lines(meta.tracking)
     if tracked:
         lines += ["", "Tracked while training (`--report-to`):", "",
                   *(f"- {line}" for line in tracked)]
     return "\n".join(lines)
+
+
+def _scale_notes(h: dict[str, Any]) -> list[str]:
+    """A reader takes ``r`` and ``lora_alpha`` as every adapted layer's rank and its scale as
+    alpha / r: say where the adapter's own PEFT settings (an imported one's) make that untrue."""
+    notes = []
+    if h.get("rank_pattern") or h.get("alpha_pattern"):
+        notes.append("`r` and `lora_alpha` are defaults: `rank_pattern` / `alpha_pattern` give "
+                     "the modules they match their own rank / alpha")
+    if h.get("use_rslora"):
+        notes.append("rsLoRA: each layer's scale is lora_alpha / √r, not lora_alpha / r")
+    if h.get("layers_to_transform") not in (None, []):
+        notes.append("only the layers in `layers_to_transform` are adapted")
+    if h.get("use_dora"):
+        notes.append("DoRA: a learned magnitude rescales each adapted weight")
+    if h.get("modules_to_save"):
+        notes.append("`modules_to_save` are whole trained copies of those modules, besides the "
+                     "LoRA")
+    if h.get("bias") not in (None, "none"):
+        notes.append(f"biases trained too (`bias: {h['bias']}`)")
+    return notes
 
 
 def tracking_lines(tracking: dict[str, Any]) -> list[str]:
@@ -323,6 +347,26 @@ def _guard_line(g: dict[str, Any], m: dict[str, Any]) -> str | None:
     return f"- forgetting guard: {'; '.join(parts)}" if parts else None
 
 
+def _use_section(meta: PocketBookMeta) -> str:
+    """How to load it with plain PEFT. A base that is only a local folder (or a GGUF file) has
+    no name another machine can load: the snippet then holds a placeholder, not a name that
+    looks loadable, and the fingerprint tells whether the reader's copy is the same base."""
+    hub_base = base_id(meta)
+    lines = []
+    if not hub_base:
+        prov = meta.base.get("provenance", {})
+        what = (f"the GGUF file `{prov.get('file', '?')}`" if prov.get("kind") == "gguf"
+                else f"a local model folder (`{meta.base.get('name', '?')}`)")
+        lines += [f"Its base is {what}, not a model on the Hub: load your copy of it, after "
+                  "checking it is the same base (`adapterkit base show PATH` prints adapterkit "
+                  f"fingerprint `{meta.base_fingerprint}`).", ""]
+    where = hub_base or "path/to/your/copy/of/the/base"
+    lines += ["```python", "from peft import PeftModel",
+              "from transformers import AutoModelForCausalLM", "",
+              f'base = AutoModelForCausalLM.from_pretrained("{where}")', _use_code(meta), "```"]
+    return "\n".join(lines)
+
+
 def _use_code(meta: PocketBookMeta) -> str:
     """How plain PEFT loads it: a pocket book trained ``--on`` others needs them active too."""
     if not meta.stacked_on:
@@ -354,8 +398,7 @@ def render_card(meta: PocketBookMeta, *, license: str | None = None) -> str:
         data, template_str=CARD_TEMPLATE, title=f"{meta.name} — adapterkit pocket book",
         base_label=hub_base or meta.base.get("name", "its base"), name=meta.name,
         base_section=_base_section(meta), made_section=_made_section(meta),
-        results_section=_results_section(meta), base_id=hub_base or meta.base.get("name", ""),
-        use_code=_use_code(meta),
+        results_section=_results_section(meta), use_section=_use_section(meta),
     )
     return str(card.content)
 

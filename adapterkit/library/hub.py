@@ -9,13 +9,18 @@ What is pushed is a valid PEFT repository — ``adapter_config.json``,
 pull) and a ``README.md`` model card — so PEFT, vLLM, TGI and LoRAX users can load it without
 adapterkit. Pull works for any PEFT LoRA repository, not only ours.
 
+A pull asks the Hub which commit the revision is at before it downloads, and imports that
+commit: ``snapshot_download`` alone answers an unreachable Hub from the cache, silently. Only
+``HF_HUB_OFFLINE`` imports the cache's copy without asking (said so).
+
 A pull trusts nothing the repo says about itself: every pull runs import's checks (LoRA config,
 whole safetensors header, every tensor fits the base) whatever ``adapterkit.json`` records — save
 one: where the repo's ``adapterkit.json`` names a base this machine does not have and no
 ``--base`` is given, the fit check waits until the pocket book is loaded (a :class:`HubWarning`
 says so). Pickled weights are not even downloaded unless trusted.
 The hashes it records prove the download is what was pushed (integrity), not who pushed it
-(authorship): whoever can write to the repo can write matching hashes.
+(authorship): whoever can write to the repo can write matching hashes. A model card (or loss
+curve) that no longer matches was edited on the Hub, which is routine: warned about, not refused.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import AdapterkitError, InvalidAdapter, InvalidName, UnsafeWeights
 from adapterkit.files import sha256_file
-from adapterkit.hub_errors import explain_hub_error
-from adapterkit.library.card import render_card
+from adapterkit.hub_errors import explain_hub_error, without_credentials
+from adapterkit.library.card import config_base, render_card
 from adapterkit.library.integrity import check_book, held_weights
 from adapterkit.library.metadata import (
     CARD_FILE,
@@ -57,7 +62,8 @@ class HubError(AdapterkitError):
 
 
 class HubWarning(UserWarning):
-    """A pulled pocket book may not fit the base the user named."""
+    """Something about a push or pull the user should know: a pocket book that may not fit the
+    base named, files that could not be checked or were edited on the Hub, an offline pull."""
 
 
 @dataclass
@@ -146,7 +152,7 @@ def push(library: Library, ref: str, repo: str, *, private: bool = False,
             raise
         except Exception as exc:
             raise _explain(exc, repo_id, branch, writing=True, outcome=outcome) from None
-    url = getattr(info, "commit_url", None) or str(info)
+    url = without_credentials(getattr(info, "commit_url", None) or str(info))
     return PushResult(repo_id, branch, url, files)
 
 
@@ -165,6 +171,7 @@ def _prepare_upload(book: PocketBook, folder: Path, *, license: str | None) -> l
     for name in names:
         shutil.copy2(book.path / name, folder / name)
     meta = PocketBookMeta.from_dict(json.loads(book.meta.to_json()))
+    _name_base_as_the_card(folder / CONFIG_FILE, meta)
     (folder / CARD_FILE).write_text(render_card(meta, license=license), encoding="utf-8")
     data = json.loads(meta.to_json())
     data["files"] = {name: sha256_file(folder / name) for name in names + [CARD_FILE]}
@@ -173,49 +180,137 @@ def _prepare_upload(book: PocketBook, folder: Path, *, license: str | None) -> l
     return sorted(names + [CARD_FILE, METADATA_FILE])
 
 
+def _name_base_as_the_card(config_file: Path, meta: PocketBookMeta) -> None:
+    """Make the uploaded ``adapter_config.json`` name the base as the card's ``base_model``
+    does: a pocket book imported before adapterkit rewrote it may name a local path, which
+    means nothing on the Hub. Left byte for byte as it is where it already agrees."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    wanted = config_base(meta)
+    if isinstance(config, dict) and wanted and config.get("base_model_name_or_path") != wanted:
+        config["base_model_name_or_path"] = wanted
+        config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
 def pull(library: Library, repo: str, *, name: str | None = None, base: str | None = None,
-         trust_pickle: bool = False, token: str | None = None) -> PocketBook:
+         trust_pickle: bool = False, token: str | None = None,
+         subfolder: str | None = None) -> PocketBook:
     """Download a PEFT LoRA repository (``owner/name[@revision]``) into the library.
 
     Checked as :meth:`Library.import_peft` checks a folder, whatever the repo's own
     ``adapterkit.json`` says; the hashes it records are checked too (they show the files are
     the ones pushed, not who pushed them). A file they do not cover is said to be unchecked
     (:class:`HubWarning`), never silently passed.
+
+    The revision is resolved with the Hub first, and that commit is what is imported (its sha
+    recorded): an unreachable Hub is refused, never answered from an older copy in the Hub
+    cache — unless ``HF_HUB_OFFLINE`` is set, when the cache's copy is imported without asking
+    the Hub (a :class:`HubWarning` says so).
+
+    :param subfolder: the folder inside the repo that holds the adapter (PEFT saves an adapter
+        with a non-default name under a folder of that name).
     """
+    repo_id, revision = parse_repo(repo)
+    ref = library.reserve(name or repo_id.split("/")[1])
+    where = f"{subfolder.strip('/')}/" if subfolder and subfolder.strip("/") else ""
+    info = _ask_hub(repo_id, revision, token)
+    if info is not None:
+        _check_listing(info, repo_id, revision or "main", where, trust_pickle=trust_pickle)
+    snapshot = _download(repo_id, revision, info.sha if info is not None else None, where,
+                         trust_pickle=trust_pickle, token=token)
+    folder = snapshot / where if where else snapshot
+    source = {"kind": "hub", "repo_id": repo_id, "revision": revision or "main",
+              "commit": snapshot.name, **({"subfolder": where.rstrip("/")} if where else {})}
+    # the cache repo: a snapshot's files are links to its blobs
+    return _import_download(library, folder, str(ref), source=source, within=snapshot.parent.parent,
+                            base=base, trust_pickle=trust_pickle)
+
+
+def _ask_hub(repo_id: str, revision: str | None, token: str | None) -> Any | None:
+    """The repo as the Hub has it at ``revision`` (its commit sha, its files), asked before
+    anything is downloaded: ``snapshot_download`` alone answers an unreachable Hub with whatever
+    the cache holds for this repo id — an older commit, or one from another ``HF_ENDPOINT`` —
+    and says nothing. None where the user asked for offline (``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return _api(token).repo_info(repo_id, revision=revision, repo_type="model")
+    except Exception as exc:
+        raise _explain(exc, repo_id, revision, outcome=_NOT_IMPORTED) from None
+
+
+#: what is true, and what can be done, when the Hub cannot be asked during a pull
+_NOT_IMPORTED = ("nothing was imported (to import the copy in the Hub cache without asking the "
+                 "Hub, set HF_HUB_OFFLINE=1)")
+
+
+def _check_listing(info: Any, repo_id: str, revision: str, where: str, *,
+                   trust_pickle: bool) -> None:
+    """Refuse, before downloading, a repo whose files at ``revision`` hold no adapter where it
+    is looked for (naming the subfolders that do hold one), and pickled weights not trusted."""
+    from adapterkit.library.peft_folder import PICKLE_FILE
+
+    if info.siblings is None:  # a Hub that lists no files: read_adapter says what is missing
+        return
+    names = {s.rfilename for s in info.siblings}
+    if not names - {".gitattributes"}:
+        raise InvalidAdapter(f"{repo_id}: {revision} has no files (nothing has been pushed to "
+                             "it); nothing was imported")
+    if where + CONFIG_FILE not in names:
+        _refuse_no_adapter(repo_id, revision, where, names)
+    if not trust_pickle and where + PICKLE_FILE in names and where + WEIGHTS_FILE not in names:
+        raise UnsafeWeights(f"{repo_id} holds only pickled weights ({where}{PICKLE_FILE}), "
+                            "which can run arbitrary code when loaded, so they were not "
+                            "downloaded. If you trust its source, pull again with "
+                            "--trust-pickle; they are then converted to safetensors")
+
+
+def _refuse_no_adapter(repo_id: str, revision: str, where: str, names: set[str]) -> None:
+    """No ``adapter_config.json`` where one was looked for: say which subfolders hold one (an
+    adapter saved under a non-default name lives in a folder of that name)."""
+    held = sorted({n[:-len(CONFIG_FILE) - 1] for n in names if n.endswith("/" + CONFIG_FILE)})
+    place = f"in its folder {where.rstrip('/')}" if where else "at its top"
+    if held:
+        raise InvalidAdapter(f"{repo_id} ({revision}) has no {CONFIG_FILE} {place}: its "
+                             f"adapter is in the subfolder {', '.join(held)}; pull it with "
+                             f"--subfolder {held[0]}; nothing was imported")
+    raise InvalidAdapter(f"{repo_id} ({revision}) is not a PEFT adapter: it has no {CONFIG_FILE} "
+                         f"{place}; nothing was imported")
+
+
+def _download(repo_id: str, revision: str | None, commit: str | None, where: str, *,
+              trust_pickle: bool, token: str | None) -> Path:
+    """The repo's files a pull needs, as a Hub-cache snapshot folder named by its commit:
+    ``commit``, the one the Hub resolved, or with none (offline) the one the cache holds."""
     from huggingface_hub import snapshot_download
 
     from adapterkit.library.peft_folder import PICKLE_FILE
 
-    repo_id, revision = parse_repo(repo)
-    ref = library.reserve(name or repo_id.split("/")[1])
-    patterns = _PULL_PATTERNS + ([PICKLE_FILE] if trust_pickle else [])
+    patterns = [where + p for p in _PULL_PATTERNS + ([PICKLE_FILE] if trust_pickle else [])]
+    offline = commit is None
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                        allow_patterns=patterns))
+        # by branch, not by sha: huggingface_hub then records branch → commit in the cache,
+        # which a later offline pull reads
+        snapshot = Path(snapshot_download(repo_id, revision=revision, token=token,
+                                          allow_patterns=patterns, local_files_only=offline))
     except Exception as exc:
-        raise _explain(exc, repo_id, revision, outcome="nothing was imported") from None
-    if not trust_pickle and (folder / CONFIG_FILE).is_file() \
-            and not (folder / WEIGHTS_FILE).exists():
-        _refuse_pickled_only(repo_id, folder.name, token)
-    return _import_download(library, folder, str(ref), repo_id=repo_id,
-                            revision=revision or "main", base=base, trust_pickle=trust_pickle)
-
-
-def _refuse_pickled_only(repo_id: str, commit: str, token: str | None) -> None:
-    """A repo whose only weights are pickled, pulled without ``trust_pickle``: they were not
-    downloaded, so say why (asking the Hub for the repo's file list) rather than that the
-    repo has no weights."""
-    from adapterkit.library.peft_folder import PICKLE_FILE
-
-    try:
-        siblings = _api(token).model_info(repo_id, revision=commit).siblings or []
-    except Exception:  # the file list is only for the message: read_adapter then says more
-        return
-    if any(s.rfilename == PICKLE_FILE for s in siblings):
-        raise UnsafeWeights(f"{repo_id} holds only pickled weights ({PICKLE_FILE}), which can "
-                            "run arbitrary code when loaded, so they were not downloaded. If "
-                            "you trust its source, pull again with --trust-pickle; they are "
-                            "then converted to safetensors")
+        if offline:
+            raise HubError(f"HF_HUB_OFFLINE is set and the Hub cache holds no complete copy of "
+                           f"{repo_id} ({revision or 'main'}): unset HF_HUB_OFFLINE to download "
+                           "it; nothing was imported") from None
+        raise _explain(exc, repo_id, revision, outcome=_NOT_IMPORTED) from None
+    if commit is None:
+        warnings.warn(f"HF_HUB_OFFLINE is set, so the Hub was not asked: {repo_id} "
+                      f"({revision or 'main'}) is imported as the Hub cache holds it, commit "
+                      f"{snapshot.name}, which may be older than the Hub's", HubWarning,
+                      stacklevel=3)
+    elif snapshot.name != commit:  # the Hub moved on, or dropped out and the cache answered
+        raise HubError(f"{repo_id} ({revision or 'main'}) was at commit {commit[:12]} but the "
+                       f"download gave {snapshot.name[:12]}: it changed on the Hub during the "
+                       "pull, or the Hub stopped answering and the cache's older copy was given; "
+                       "nothing was imported — pull again")
+    return snapshot
 
 
 def _read_recorded(folder: Path, repo_id: str, within: Path) -> dict[str, Any] | None:
@@ -238,24 +333,36 @@ def _read_recorded(folder: Path, repo_id: str, within: Path) -> dict[str, Any] |
     return recorded
 
 
+#: files shown, never loaded: a mismatch there is an edit made on the Hub (editing a model
+#: card there is routine), warned about; one in the files that are loaded is refused
+_PROSE = (CARD_FILE, ".png")
+
+
 def _verify(folder: Path, recorded: dict[str, Any], names: list[str], *, repo_id: str,
             within: Path) -> None:
     """Check the SHA-256 that ``adapterkit.json`` records for each downloaded file; warn,
     naming them, about files among ``names`` (those that will join the library) it records
-    none for."""
+    none for, and about a card or picture changed since it was pushed."""
     from adapterkit.library.peft_folder import own_file
 
     files = recorded.get("files")
-    checked = set()
+    checked, edited = set(), []
     for fname, digest in (files.items() if isinstance(files, dict) else ()):
         if not isinstance(digest, str) or fname not in names:
             continue  # not a file that joins the library (or not a hash): nothing to check
         path = own_file(folder, fname, within=within)
         if path is not None and sha256_file(path) != digest:
-            raise InvalidAdapter(f"{fname} from the Hub does not match the SHA-256 its "
-                                 "adapterkit.json records: the download is corrupt or was "
-                                 "altered; pull again")
+            if not fname.endswith(_PROSE):
+                raise InvalidAdapter(f"{repo_id}: {fname} differs from what was pushed (the "
+                                     f"SHA-256 its {METADATA_FILE} records): it was changed on "
+                                     "the Hub since, or the download is corrupt; nothing was "
+                                     "imported")
+            edited.append(fname)
         checked.add(fname)
+    if edited:
+        warnings.warn(f"{repo_id}: {', '.join(edited)} changed since it was pushed (edited on "
+                      "the Hub?); it is imported as it is now — the adapter's weights and "
+                      "config match what was pushed", HubWarning, stacklevel=4)
     unchecked = [n for n in names if n not in checked]
     if unchecked:
         warnings.warn(f"{repo_id}: its {METADATA_FILE} records no SHA-256 for "
@@ -275,8 +382,8 @@ def _recorded_meta(recorded: dict[str, Any], repo_id: str) -> PocketBookMeta:
     return meta
 
 
-def _import_download(library: Library, folder: Path, name: str, *, repo_id: str, revision: str,
-                     base: str | None, trust_pickle: bool) -> PocketBook:
+def _import_download(library: Library, folder: Path, name: str, *, source: dict[str, Any],
+                     within: Path, base: str | None, trust_pickle: bool) -> PocketBook:
     from adapterkit.library.peft_folder import (
         PICKLE_FILE,
         copy_files,
@@ -284,10 +391,9 @@ def _import_download(library: Library, folder: Path, name: str, *, repo_id: str,
         read_adapter,
     )
 
-    within = folder.parent.parent  # the cache repo: a snapshot's files are links to its blobs
+    repo_id = source["repo_id"]
     # refuses a non-LoRA repo, a damaged header, a link out of the cache, early
     adapter = read_adapter(folder, trust_pickle=trust_pickle, within=within)
-    source = {"kind": "hub", "repo_id": repo_id, "revision": revision, "commit": folder.name}
     recorded = _read_recorded(folder, repo_id, within)
     if recorded is None:
         _warn_if_card_names_other_base(folder, base)
@@ -376,6 +482,15 @@ def _warn_if_card_names_other_base(folder: Path, base: str | None) -> None:
                       "adapter is still checked against the base you named", HubWarning,
                       stacklevel=4)
         return
-    if card_base and isinstance(card_base, str) and card_base != base:
+    if card_base and isinstance(card_base, str) and not _same_spec(card_base, base):
         warnings.warn(f"the model card names {card_base} as the base, not {base}; the adapter "
                       "is checked against the base you named", HubWarning, stacklevel=4)
+
+
+def _same_spec(named: str, given: str) -> bool:
+    """Whether two ways of naming a base name the same one: equal, or paths to one folder
+    (a card names the absolute path an adapter was saved on; ``--base`` is often relative)."""
+    if named == given:
+        return True
+    one, other = Path(named).expanduser(), Path(given).expanduser()
+    return one.exists() and other.exists() and one.resolve() == other.resolve()

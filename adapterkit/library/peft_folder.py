@@ -624,6 +624,27 @@ def _refuse_non_finite(weights: Path, folder: Path) -> None:
                              "saved broken; nothing was imported")
 
 
+#: LoRA settings that change what the adapter does, with PEFT's defaults: an imported
+#: adapter records those it sets otherwise, so its card and ``show`` tell its true ranks and
+#: scales (``rank_pattern``, ``use_rslora``...), not ``r`` and ``lora_alpha`` alone.
+_LORA_BASICS = ("r", "lora_alpha", "lora_dropout", "target_modules")
+_LORA_DEFAULTS: dict[str, Any] = {
+    "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False,
+    "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
+    "modules_to_save": None, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
+    "target_parameters": None, "trainable_token_indices": None,
+}
+
+
+def lora_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters an imported adapter's pocket book records: rank, alpha, dropout
+    and targets, and every other :data:`_LORA_DEFAULTS` setting its config sets otherwise."""
+    settings: dict[str, Any] = {k: config[k] for k in _LORA_BASICS if k in config}
+    settings.update({k: config[k] for k, default in _LORA_DEFAULTS.items()
+                     if config.get(k) not in (default, None, {}, [], "")})
+    return settings
+
+
 def import_peft_folder(library: Library, folder: Path, name: str, *, base: str | None = None,
                        trust_pickle: bool = False, source: dict[str, Any] | None = None,
                        within: Path | None = None) -> PocketBook:
@@ -636,6 +657,7 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
     """
     from adapterkit.base.fingerprints import fingerprint
     from adapterkit.base.resolve import canonical_spec, remember_base, resolve_base
+    from adapterkit.library.card import config_base
 
     ref = library.reserve(name)
     adapter = read_adapter(folder, trust_pickle=trust_pickle, within=within)
@@ -659,15 +681,13 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
         base={"name": base_source.name, "fingerprint": fp,
               "provenance": base_source.provenance},
         method="lora",  # a PEFT config does not record how its base was quantized
-        hyperparameters={k: adapter.config.get(k) for k in
-                         ("r", "lora_alpha", "lora_dropout", "target_modules") if k in adapter.config},
+        hyperparameters=lora_settings(adapter.config),
         source=dict(source or {"kind": "import", "folder": folder.resolve().name},
                     pickled=adapter.pickled),
     )
     with library.draft() as staged:
-        config = dict(adapter.config)
-        if base_source.provenance.get("hub_id"):
-            config["base_model_name_or_path"] = base_source.provenance["hub_id"]
+        # named as a trained pocket book names its base: a Hub id where known, never a path
+        config = dict(adapter.config, base_model_name_or_path=config_base(meta))
         (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
         copy_files(adapter, staged, (WEIGHTS_FILE, CARD_FILE), within=within)
         return library.commit(staged, meta, name=str(ref))
