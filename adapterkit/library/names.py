@@ -21,7 +21,9 @@ _VERSION = re.compile(r"[0-9]+")
 
 def validate_name(name: str) -> str:
     """Return ``name`` unchanged if it can be a pocket-book name, else raise :class:`InvalidName`."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str):
+        raise InvalidName(f"a pocket-book name must be a string, got {name!r}")
+    if not name:
         raise InvalidName("a pocket-book name cannot be empty")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidName(
@@ -46,9 +48,15 @@ class Ref:
         return self.name if self.version is None else f"{self.name}@{self.version}"
 
 
-def parse_ref(text: str) -> Ref:
-    """Parse ``name`` or ``name@N`` (1 ≤ N ≤ 10⁹, ASCII digits) into a :class:`Ref`."""
-    name, sep, version = str(text).partition("@")
+def parse_ref(text: str | Ref) -> Ref:
+    """Parse ``name`` or ``name@N`` (1 ≤ N ≤ 10⁹, ASCII digits) into a :class:`Ref`; a
+    :class:`Ref` is returned as it is."""
+    if isinstance(text, Ref):
+        return text
+    if not isinstance(text, str):  # str(5) would be the valid name "5"; str(None) "None"
+        raise InvalidName(f"a pocket-book reference must be a string such as NAME or NAME@2, "
+                          f"got {text!r}")
+    name, sep, version = text.partition("@")
     validate_name(name)
     if not sep:
         return Ref(name)

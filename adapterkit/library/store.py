@@ -142,7 +142,11 @@ class Library:
 
     def __init__(self, home: str | os.PathLike[str] | None = None,
                  plugins: PluginManager | None = None) -> None:
+        if home is not None and not isinstance(home, (str, os.PathLike)):
+            raise ConfigError(f"home must be the path of a folder (a str or pathlib.Path), got "
+                              f"{home!r}")
         self.home = resolve_home(home)
+        _refuse_file_home(self.home)
         self.root = self.home / "library"
         self.staging = self.home / "tmp"
         self.plugins = plugins
@@ -189,6 +193,8 @@ class Library:
         version that matches (``tag="prod"`` finds ``tri@1`` when ``tri@2`` is untagged).
         """
         for label, value in (("base", base), ("tag", tag)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"the {label} filter must be a string, got {value!r}")
             if value is not None and not value.strip():
                 raise ConfigError(f"the {label} filter is empty: give a {label} to keep, or "
                                   "leave it out")
@@ -223,7 +229,7 @@ class Library:
 
     def get(self, ref: str | Ref) -> PocketBook:
         """The pocket book ``name`` (latest) or ``name@N``; :class:`PocketBookNotFound` if absent."""
-        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        ref = parse_ref(ref)
 
         def lookup(conn: sqlite3.Connection
                    ) -> tuple[builtins.list[int], PocketBookMeta | None, str]:
@@ -427,7 +433,7 @@ class Library:
         Refuses while other pocket books are trained on top of it or stack it (they would stop
         working), unless ``force``.
         """
-        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        ref = parse_ref(ref)
         if all_versions and ref.version is not None:
             raise ConfigError(f"{ref} names one version, --all-versions every version: remove "
                               f"{ref} alone, or every version with {ref.name} --all-versions")
@@ -540,6 +546,10 @@ class Library:
         """
         from adapterkit.library.peft_folder import import_peft_folder
 
+        _check_path("folder", folder)
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"base must be a base's name, folder or file as a string, got "
+                              f"{base!r}")
         return import_peft_folder(self, Path(folder), name, base=base, trust_pickle=trust_pickle)
 
     def export(self, ref: str | Ref, dest: str | os.PathLike[str]) -> Path:
@@ -550,6 +560,7 @@ class Library:
         """
         from adapterkit.library.integrity import check_book
 
+        _check_path("dest", dest)
         book = self.get(ref)
         if book.meta.kind != "adapter":
             raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}, not a single adapter")
@@ -568,6 +579,28 @@ class Library:
                 if item.is_file() and not item.is_symlink():
                     shutil.copy2(item, tmp / item.name)
         return dest
+
+
+def _check_path(label: str, value: Any) -> None:
+    """Refuse a ``value`` that cannot be a path (``Path(5)`` would raise a TypeError)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{label} must be a path (a str or pathlib.Path), got {value!r}")
+
+
+def _refuse_file_home(home: Path) -> None:
+    """Refuse a ``home`` that is a file, or lies under one: the library could make none of
+    its folders there (``mkdir`` would fail deep inside a first read or save)."""
+    for folder in (home, *home.parents):
+        try:
+            if not folder.exists():
+                continue
+            if folder.is_dir():
+                return
+        except OSError:  # not ours to judge (permissions...): the first use says what it is
+            return
+        where = "is a file" if folder == home else f"lies under {folder}, which is a file"
+        raise ConfigError(f"the adapterkit home {home} {where}, not a folder: give the path of "
+                          "a folder (home=... or $ADAPTERKIT_HOME)")
 
 
 def _dependents(conn: sqlite3.Connection, refs: set[str]) -> dict[str, list[str]]:

@@ -105,13 +105,23 @@ def stored_base(library: Library, book: PocketBook) -> Callable[[str, str], Any]
     return stored_tensors(folder)
 
 
+def finite_weight(w: Any) -> bool:
+    """Whether ``w`` can weigh a pocket book: a finite int or float (a bool is no weight:
+    ``True`` would silently mean 1). The one rule of every combining path."""
+    return isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+
+
 def check_weights(refs: list[str], weights: list[float], *, allow_negative: bool,
                   method: str) -> list[float]:
+    """``weights`` as floats, one per pocket book of ``refs``, or a :class:`ConfigError`."""
+    if not isinstance(weights, (list, tuple)):
+        raise ConfigError(f"weights must be a list of numbers, one per pocket book, got "
+                          f"{weights!r}")
     if len(weights) != len(refs):
         raise ConfigError(f"{len(refs)} pocket books but {len(weights)} weights; give one weight "
                           "per pocket book")
     for ref, w in zip(refs, weights):
-        if not isinstance(w, (int, float)) or math.isnan(w) or math.isinf(w):
+        if not finite_weight(w):
             raise ConfigError(f"weight for {ref} must be a finite number, got {w!r}")
         if w < 0 and not allow_negative:
             raise ConfigError(f"method {method} does not accept negative weights ({ref}: {w})")
@@ -126,10 +136,15 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
     from adapterkit.base.resolve import base_spec_for
     from adapterkit.plugin_api.manager import default_plugin_manager
 
+    _check_library(library, "merge")
     pm = plugins or default_plugin_manager()
     strategy = pm.merge_strategies.get(method)
-    if len(refs) < 2:
+    if len(_check_refs(refs, "merge")) < 2:
         raise ConfigError("merge needs at least two pocket books")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
+        raise ConfigError(f"rank must be an integer, got {rank!r}")
+    if density is not None and not finite_weight(density):
+        raise ConfigError(f"density must be a number in (0, 1], got {density!r}")
     target = library.reserve(name)
     books = [library.get(r) for r in refs]
     for b in books:
@@ -137,7 +152,7 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
             raise ConfigError(f"{b.ref} is a stack, which has no adapter files to merge: "
                               f"flatten it first ({flatten_command(b)}) and merge that, or "
                               "merge its members")
-    weights = check_weights([b.ref for b in books], weights or [1.0] * len(books),
+    weights = check_weights([b.ref for b in books], _or_ones(weights, books),
                             allow_negative=strategy.allows_negative, method=method)
     check_underlays(books, "the merge")
     fingerprints = {b.meta.base_fingerprint for b in books}
@@ -182,6 +197,28 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         source={"kind": "merge", "method": method},
     )
     return save_adapter(library, out, meta, str(target))
+
+
+def _check_library(library: Any, verb: str) -> None:
+    """Refuse a first argument that is not a :class:`Library` (a home path, say)."""
+    if not isinstance(library, Library):
+        raise ConfigError(f"{verb} takes the library first: pass adapterkit.Library() (or "
+                          f"Library(home=...)), got {library!r}")
+
+
+def _check_refs(refs: Any, verb: str) -> list[Any]:
+    """``refs`` as a list, refused where it is not a list or tuple (a single string would
+    otherwise be read letter by letter); each one is checked where it is looked up."""
+    if not isinstance(refs, (list, tuple)):
+        example = f" ([{refs!r}])" if isinstance(refs, str) else ""
+        raise ConfigError(f"{verb} takes a list of pocket-book references{example}, got "
+                          f"{refs!r}")
+    return list(refs)
+
+
+def _or_ones(weights: Any, books: list[PocketBook]) -> Any:
+    """``weights`` as given, or weight 1 for each of ``books`` where it is ``None``."""
+    return [1.0] * len(books) if weights is None else weights
 
 
 def _check_output(out: Any, who: str, structure: BaseStructure | None) -> None:
@@ -265,8 +302,7 @@ def concatenate(inputs: list[MergeInput], weights: list[float], *,
     Modules that some members do not target get zero rows, so every module has the same rank.
     """
     if not isinstance(weights, (list, tuple)) or len(weights) != len(inputs) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
-            for w in weights):
+            finite_weight(w) for w in weights):
         raise ConfigError(f"{path}: concatenate needs one finite weight per pocket book "
                           f"({len(inputs)}), got {weights!r}")
     members = [(i.factors(path=path), w, i.ref) for i, w in zip(inputs, weights)]
@@ -341,9 +377,12 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
     """Save a stack: an entry referencing its members, or with ``flatten`` one PEFT adapter."""
     from adapterkit.library.metadata import CARD_FILE
 
+    _check_library(library, "stack")
+    if not _check_refs(refs, "stack"):
+        raise ConfigError("stack needs at least one pocket book")
     target = library.reserve(name)
     books = [library.get(r) for r in refs]
-    weights = check_weights([b.ref for b in books], weights or [1.0] * len(books),
+    weights = check_weights([b.ref for b in books], _or_ones(weights, books),
                             allow_negative=True, method="stack")
     for ref in dict.fromkeys(b.ref for b in books):  # a stack records one weight per member
         given = [(r, w) for r, w, b in zip(refs, weights, books) if b.ref == ref]

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 from adapterkit.errors import ConfigError, PluginError
 from adapterkit.plugin_api.option_types import (
@@ -112,6 +112,8 @@ _POSITIVE = ("r", "alpha", "batch_size", "grad_accum", "max_length", "logging_st
              "save_steps", "guard_every", "epochs", "learning_rate")
 #: Seeds go to numpy too, which takes 0 to 2**32 - 1.
 _MAX_SEED = 2**32 - 1
+#: Options a run reads ``None`` as empty for (no trackers, no trainer options).
+_NONE_IS_EMPTY = ("report_to", "trainer_options")
 
 
 def build_options(recipe: str | os.PathLike[str] | None = None,
@@ -122,6 +124,10 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
     :param trainer: the trainer these options are for: its own options
         (``trainer_options``) are checked too, and their problems reported in the same error.
     """
+    if recipe is not None and not isinstance(recipe, (str, os.PathLike)):
+        raise ConfigError(f"recipe must be the path of a YAML file, got {recipe!r}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict of option: value, got {overrides!r}")
     values: dict[str, Any] = {}
     problems: list[str] = []
     if recipe is not None:
@@ -155,14 +161,21 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
 
 
 def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str]:
-    """Every value of ``options`` out of its range, one line each (empty when all are fine),
-    with the trackers of ``report_to`` that are unknown or not installed (unless not
-    ``trackers``: :func:`build_options` checked them as given).
+    """Every value of ``options`` of the wrong type or out of its range, one line each (empty
+    when all are fine), with the trackers of ``report_to`` that are unknown or not installed
+    (unless not ``trackers``: :func:`build_options` checked them as given).
 
     :func:`build_options` reports them with the rest; :func:`check_options` checks options
     built in Python (``TrainOptions(...)``), which no parsing has seen.
     """
-    problems: list[str] = []
+    if not isinstance(options, TrainOptions):
+        return [_not_options(options)]
+    wrong = _type_problems(options)
+    problems = list(wrong.values())
+    if wrong:  # the ranges are checked on the rest: a value of the wrong type stands in as
+        # its default there (`"8" > 0` would raise), having been reported above
+        defaults = TrainOptions()
+        options = dataclasses.replace(options, **{k: getattr(defaults, k) for k in wrong})
     not_finite = set()  # nan or ±inf: reported once, not again as out of range
     for f in dataclasses.fields(TrainOptions):
         value = getattr(options, f.name)
@@ -202,6 +215,50 @@ def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str
     if trackers:
         problems += tracker_problems(options.report_to)
     return problems
+
+
+def _not_options(options: Any) -> str:
+    """Why ``options`` is not a :class:`TrainOptions` ('' when it is)."""
+    if isinstance(options, TrainOptions):
+        return ""
+    return (f"expected adapterkit.TrainOptions, got {type(options).__name__} {options!r}: "
+            "write TrainOptions(r=8, ...)")
+
+
+def _type_problems(options: TrainOptions) -> dict[str, str]:
+    """Field → one line, for each field of ``options`` whose value is not of the type the CLI
+    or a recipe would have given it (``r: expected an integer, got '8'``): options built in
+    Python (``TrainOptions(r="8")``) are typed by no parser. An int is a number; a bool is
+    not an integer; ``report_to`` may be one comma-separated string, as ``--report-to`` is,
+    and ``target_modules`` a list of names, as PEFT's ``LoraConfig`` takes them."""
+    hints = get_type_hints(TrainOptions)
+    problems = {}
+    for f in dataclasses.fields(TrainOptions):
+        value = getattr(options, f.name)
+        kind, nullable = without_none(hints[f.name])
+        if (value is None and (nullable or f.name in _NONE_IS_EMPTY)) or _of_type(value, kind) \
+                or (f.name == "report_to" and isinstance(value, str)) \
+                or (f.name == "target_modules" and _of_type(value, list[str])):  # as PEFT's
+            continue
+        problems[f.name] = f"{f.name}: expected {describe_option(kind)}, got {value!r}"
+    return problems
+
+
+def _of_type(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is a ``kind`` (a hint of :class:`TrainOptions`, ``None`` left out)."""
+    origin = get_origin(kind) or kind
+    if origin is Literal:
+        return isinstance(value, str) and value in get_args(kind)
+    if origin is list:
+        item = (get_args(kind) or (Any,))[0]
+        return isinstance(value, (list, tuple)) and all(_of_type(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if kind is float:  # an int is a number (epochs=2); a bool is not (True is no 1.0)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return kind is Any or isinstance(value, kind)
 
 
 def _sets_length(options: TrainOptions) -> str:
@@ -276,7 +333,8 @@ def with_data_defaults(options: TrainOptions, train_rows: int, processes: int = 
 
 
 def check_options(options: TrainOptions) -> None:
-    """Raise :class:`ConfigError` listing every value of ``options`` out of its range."""
+    """Raise :class:`ConfigError` listing every value of ``options`` of the wrong type or out
+    of its range."""
     problems = option_problems(options)
     if problems:
         raise ConfigError("invalid training options: " + "; ".join(problems))
@@ -297,7 +355,11 @@ def build_trainer_options(trainer: Trainer, options: TrainOptions | None = None)
     :raises PluginError: where ``trainer.options`` itself cannot type options (the plugin's
         bug: :func:`adapterkit.plugin_api.option_types.options_class_problems`).
     """
-    instance, problems = _trainer_options(trainer, options or TrainOptions())
+    options = options or TrainOptions()
+    wrong = _not_options(options) or _type_problems(options).get("trainer_options")
+    if wrong:  # nothing to type
+        raise ConfigError(f"invalid {trainer.name} options: {wrong}")
+    instance, problems = _trainer_options(trainer, options)
     if problems:
         raise ConfigError(f"invalid {trainer.name} options: " + "; ".join(problems))
     return instance
