@@ -44,7 +44,7 @@ def books(library, tiny_base, peft_adapter):
     ({"dropout": False}, ["dropout: expected a number, got False"]),
     ({"packing": "yes"}, ["packing: expected true or false, got 'yes'"]),
     ({"chat": 1}, ["chat: expected true or false, got 1"]),
-    ({"target_modules": ["q_proj"]}, ["target_modules: expected a string, got ['q_proj']"]),
+    ({"target_modules": [3]}, ["target_modules: expected a string, got [3]"]),
     ({"general": False}, ["general: expected a string"]),
     ({"precision": "fp16"}, ["precision: expected one of auto, bf16, fp32, got 'fp16'"]),
     ({"report_to": [3]}, ["report_to: expected a list"]),
