@@ -199,7 +199,7 @@ def quantization_config(quantization: str, compute_dtype: Any, *, for_fsdp: bool
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS}")
+    raise ConfigError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS}")
 
 
 def load_base(spec: str, *, quantization: str | None = None, dtype: Any = None,
@@ -212,12 +212,17 @@ def load_base(spec: str, *, quantization: str | None = None, dtype: Any = None,
     :param dtype: weights/compute dtype (default: float32 on CPU, bfloat16 on GPU).
     :param device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
     :param for_fsdp: a 4-bit base that FSDP will shard (see :func:`quantization_config`).
+
+    A 4-bit base is left as one fixed base on every path: taking a state dict of it (PEFT
+    does when it wraps it) never changes its weights (see :func:`_state_dicts_read_only`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS}")
+        raise ConfigError(f"unknown quantization {quantization!r}; use one of "
+                          f"{', '.join(QUANTIZATIONS)} (or None)")
+    _check_device(device)
     source = resolve_base(spec, home, progress=progress)
     fp = fingerprint(source.folder)
     remember_base(home, fp, canonical_spec(spec, source))
@@ -239,6 +244,7 @@ def load_base(spec: str, *, quantization: str | None = None, dtype: Any = None,
         model.to(device)  # type: ignore[arg-type]
     else:
         _own_memory(model)
+        _state_dicts_read_only(model)
     model.requires_grad_(False)
     model.eval()
     if tokenizer.pad_token is None:
@@ -261,6 +267,57 @@ def keep_4bit_layout(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a device torch does not know, or CUDA where there is none, before any loading."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device; use 'cpu' or 'cuda' "
+                          "(or 'cuda:N')") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this machine has no CUDA GPU torch can use; "
+                          "use 'cpu'")
+
+
+def _state_dicts_read_only(model: Any) -> None:
+    """Make taking a state dict of a 4-bit layer leave the layer as it was.
+
+    On CPUs with AVX512-BF16, bitsandbytes re-lays a ``Linear4bit`` weight out for a faster
+    kernel the first time it runs without gradients (plain transformers + PEFT do the same on
+    such a CPU, so the base still answers as theirs does), and a state dict undoes that in
+    place by quantizing the scales again: every later answer moves (0.05 logits on a tiny
+    base, 0.9 on SmolLM2-135M), silently. PEFT takes one whenever it wraps the base, so a
+    ``peft_model`` after a first forward no longer computed on the base it was given. Here the
+    layer's own tensors are put back once its state dict is written (the dict gets the undone
+    copy, as before). :func:`keep_4bit_layout` (training) avoids the new layout altogether.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.register_state_dict_pre_hook(_remember_4bit_layout)
+            module.register_state_dict_post_hook(_restore_4bit_layout)
+
+
+def _remember_4bit_layout(module: Any, prefix: str, keep_vars: bool) -> None:
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        module._adapterkit_layout = (module.weight.data, state, dict(vars(state)))
+
+
+def _restore_4bit_layout(module: Any, state_dict: Any, prefix: str, metadata: Any) -> None:
+    saved = module.__dict__.pop("_adapterkit_layout", None)
+    if saved is not None:  # bitsandbytes changed the state object in place: its fields back
+        data, state, fields = saved
+        vars(state).clear()
+        vars(state).update(fields)
+        module.weight.data = data
+        module.weight.quant_state = state
+        module.quant_state = state
 
 
 def _own_memory(model: Any) -> None:

@@ -15,10 +15,13 @@ rank per session (the largest attached), so shapes never change between swaps: u
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
+
+from adapterkit.errors import ConfigError
 
 
 class LoraSlot(nn.Module):
@@ -98,6 +101,74 @@ def unwrap_all(model: nn.Module) -> None:
             parent_path, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, child, module.base_layer)
+
+
+# -- who holds a resident base ----------------------------------------------------------------
+# A resident base is shared by reference: a session's slots and a PEFT model (``peft_model``,
+# ``train()``'s ``result.model``) both change its layers in place. A second user would compute
+# with the first one's LoRA on top, or take it away on closing, and nothing would say so.
+
+#: model → the session holding its slots, weakly: a session dropped without close() frees it.
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType[Any]] = \
+    weakref.WeakKeyDictionary()
+#: model → who put the PEFT LoRA layers on it, and how to take them off (for messages only).
+_WRAPPED_BY: weakref.WeakKeyDictionary[nn.Module, tuple[str, str]] = \
+    weakref.WeakKeyDictionary()
+
+
+def claim(model: nn.Module, session: Any) -> None:
+    """Make ``session`` the one user of ``model``'s layers (refused if another holds them)."""
+    refuse_held(model, wanted="opening a session on it")
+    _SESSIONS[model] = weakref.ref(session)
+
+
+def release(model: nn.Module, session: Any) -> None:
+    """``session`` is closed: its slots are gone and the base is free again."""
+    held = _SESSIONS.get(model)
+    if held is not None and held() is session:
+        del _SESSIONS[model]
+
+
+def wrapped_by(model: nn.Module, holder: str, give_back: str) -> None:
+    """Record who put PEFT LoRA layers on ``model`` and the call that takes them off, so a
+    refusal can name both."""
+    _WRAPPED_BY[model] = (holder, give_back)
+
+
+def refuse_held(model: nn.Module, *, wanted: str) -> None:
+    """Refuse ``wanted`` on a base whose layers a session or a PEFT model still holds, and
+    take off what nobody holds any more (the slots of a session dropped without close(), the
+    frozen underlay a training run left under a result that was unloaded): both are exact to
+    remove, and left on they would silently add their LoRA to every answer."""
+    holder = _SESSIONS.get(model)
+    session = holder() if holder is not None else None
+    if session is not None:
+        raise ConfigError(f"a session is open on this base ({session.describe()}); close it "
+                          f"(session.close()) before {wanted}")
+    adapters = _peft_adapters(model)
+    if adapters:
+        by, how = _WRAPPED_BY.get(model, ("a PEFT model", "its .unload()"))
+        raise ConfigError(f"this base still carries the PEFT LoRA layers of {by} (adapter "
+                          f"{', '.join(adapters)}); call {how} before {wanted}, or load the "
+                          "base again")
+    clear_leftovers(model)
+
+
+def clear_leftovers(model: nn.Module) -> None:
+    """Take off what no session or PEFT model holds any more (call only when none does)."""
+    _WRAPPED_BY.pop(model, None)
+    unwrap_all(model)
+    from adapterkit.lora.underlay import remove
+
+    remove(model)
+
+
+def _peft_adapters(model: nn.Module) -> list[str]:
+    """The names of the PEFT adapters whose layers sit in ``model`` (none: PEFT never ran)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sorted({name for module in model.modules() if isinstance(module, BaseTunerLayer)
+                   for name in module.active_adapters})
 
 
 def _compute_dtype(model: nn.Module, layer: nn.Module) -> torch.dtype:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.base.compat import check_base
-from adapterkit.errors import InvalidAdapter
+from adapterkit.errors import ConfigError, InvalidAdapter
 from adapterkit.library.integrity import base_structure, check_book
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
 from adapterkit.library.peft_folder import read_config
@@ -61,11 +61,24 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
     A pocket book trained ``--on`` others brings its stack back, and a stack its members: all
     are loaded as PEFT adapters and active together (PEFT's multi-adapter support), each
     PEFT-computed scale multiplied by the member's weight (``weights`` overrides the list).
+
+    PEFT puts its LoRA layers into ``base.model`` itself (no copy of the base is made), so the
+    base is held by the returned model until you call its ``unload()``: meanwhile a session,
+    a second ``peft_model`` or ``train`` on the base is refused, as is this call on a base a
+    session or another PEFT model holds — each would silently compute with the other's LoRA.
     """
     from peft import PeftModel
 
+    from adapterkit.base.load import Base
+    from adapterkit.lora.slots import refuse_held, wrapped_by
     from adapterkit.lora.underlay import refuse_reward
 
+    if not isinstance(base, Base):
+        raise ConfigError(f"peft_model takes a loaded base, not {base!r:.80}: pass "
+                          "adapterkit.load_base(...)")
+    if not isinstance(book, PocketBook):
+        raise ConfigError(f"peft_model takes a pocket book, not {book!r:.80}: pass "
+                          "library.get(name)")
     items = weights or members_of(library or Library(), book)
     structure = base_structure(base)
     for item, w in items:
@@ -76,16 +89,24 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
             refuse_inexact(item.ref, read_config(item.path), saved_names(item.path),
                            path=f"weighting it ({w:g}) in a stack")
     names = [f"m{i}" for i in range(len(items) - 1)] + [adapter_name]
+    refuse_held(base.model, wanted=f"peft_model(base, {book.ref})")
     with tempfile.TemporaryDirectory() as tmp:
         folders = [loadable_together(item, Path(tmp) / name, alone=len(items) == 1)
                    for (item, _), name in zip(items, names)]
         model = PeftModel.from_pretrained(base.model, str(folders[0]), adapter_name=names[0],
                                           is_trainable=False)
-        for folder, name in zip(folders[1:], names[1:]):
-            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-    if len(names) > 1:
-        model.base_model.set_adapter(names, inference_mode=True)  # type: ignore[operator]
-    _weigh(model, {name: (item.ref, w) for name, (item, w) in zip(names, items)})
+        try:
+            for folder, name in zip(folders[1:], names[1:]):
+                model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            if len(names) > 1:
+                model.base_model.set_adapter(names,  # type: ignore[operator]
+                                             inference_mode=True)
+            _weigh(model, {name: (item.ref, w) for name, (item, w) in zip(names, items)})
+        except BaseException:
+            model.unload()  # the caller never gets the model: the base gets its layers back
+            raise
+    wrapped_by(base.model, f"the model peft_model() returned for {book.ref}",
+               "that model's .unload()")
     model.eval()
     return model
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,9 +82,17 @@ class Session:
     Build it with :func:`adapterkit.open`. ``swap(name)`` makes one pocket book active,
     ``stack({a: 1, b: 0.5})`` several at once (their deltas weighted and summed, exactly),
     ``off()`` the plain base. ``generate(..., adapter=...)`` picks per call.
+
+    A session owns its base's layers until :meth:`close`: one session per base at a time,
+    and none while a PEFT model (``peft_model``, ``train()``'s ``result.model``) holds them —
+    refused, since the two would silently add each other's LoRA (or, closing, take it away).
     """
 
     def __init__(self, base: Base, library: Library, *, rank: int = 0) -> None:
+        from adapterkit.lora.slots import claim
+
+        claim(base.model, self)  # (refused if a session or a PEFT model holds it)
+        self.closed = False
         self.base = base
         self.library = library
         self.model = base.model
@@ -94,10 +102,22 @@ class Session:
         self.active: dict[str, float] = {}
         self._stack_cache: dict[tuple, LoadedBook] = {}
 
+    def describe(self) -> str:
+        """What the session holds, for a refusal that names it."""
+        return (f"attached: {', '.join(self.books) or 'none'}; active: "
+                f"{', '.join(self.active) or 'none'}")
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConfigError("this session is closed; open a new one with "
+                              "adapterkit.open(base)")
+
     # -- attaching ---------------------------------------------------------------------------
 
     def _key(self, ref: str) -> str:
         """The attached pocket book ``ref`` names (``name`` = latest attached version)."""
+        self._check_open()
+        _check_ref(ref)
         if ref in self.books:
             return ref
         matches = sorted((k for k in self.books if k.split("@")[0] == ref),
@@ -112,6 +132,8 @@ class Session:
         """Load a pocket book from the library (one file read) and keep it ready to swap in."""
         from adapterkit.lora import slots as slot_mod
 
+        self._check_open()
+        _check_ref(ref)
         book = self.library.get(ref)
         if book.ref in self.books:
             return book.ref
@@ -196,6 +218,7 @@ class Session:
 
     def off(self) -> None:
         """The plain base: every slot bound to zeros."""
+        self._check_open()
         for slot, a, b, scale in getattr(self, "_zeros", []):
             slot.bind(a, b, scale)
         self.active = {}
@@ -204,12 +227,20 @@ class Session:
         """Activate several pocket books at once: ΔW = Σ wᵢ·ΔWᵢ, exactly (ranks concatenated).
 
         ``force`` attaches those not yet attached (and what they were trained on) even where
-        they were made on another base.
+        they were made on another base. An empty mapping is refused: :meth:`off` is the plain
+        base (an empty stack is more often a filter that matched nothing).
         """
-
+        self._check_open()
+        if not isinstance(weights, Mapping):
+            raise ConfigError(f"stack takes a mapping of pocket book → weight, e.g. "
+                              f"{{'a': 1.0, 'b': 0.5}}, not a {type(weights).__name__}")
+        if not weights:
+            raise ConfigError("stack needs at least one pocket book; call off() for the plain "
+                              "base")
         keys: dict[str, float] = {}
         for ref, weight in weights.items():
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+                    not math.isfinite(weight):
                 raise ConfigError(f"stack weight for {ref} must be a finite number, got "
                                   f"{weight!r}")
             key = self._attached(ref, force=force)
@@ -247,6 +278,7 @@ class Session:
     @contextmanager
     def using(self, adapter: str | dict[str, float] | None) -> Iterator[None]:
         """Temporarily activate ``adapter`` (a name, a stack dict, or None for the plain base)."""
+        _check_adapter(adapter)
         previous = dict(self.active)
         if adapter is None:
             self.off()
@@ -271,6 +303,10 @@ class Session:
         (default: whatever is active; None: the plain base)."""
         from adapterkit.runtime.generation import generate, uses_chat
 
+        self._check_open()
+        _check_generate(prompts, max_new_tokens, temperature)
+        if adapter != "active":
+            _check_adapter(adapter)
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
         context = _nullcontext() if adapter == "active" else self.using(adapter)
@@ -281,14 +317,50 @@ class Session:
         return out[0] if single else out
 
     def close(self) -> None:
-        """Detach everything and give the base its plain layers back."""
-        from adapterkit.lora.slots import unwrap_all
+        """Detach everything and give the base its plain layers back (again: a no-op); the
+        base is then free for another session, ``peft_model`` or ``train``."""
+        from adapterkit.lora.slots import release, unwrap_all
 
+        if self.closed:
+            return
         self.off()
         self.books.clear()
         self._stack_cache.clear()
-        unwrap_all(self.model)
+        unwrap_all(self.model)  # (only this session's: it is the base's one user)
         self.slots.clear()
+        self.closed = True
+        release(self.model, self)
+
+
+def _check_ref(ref: Any) -> None:
+    if not isinstance(ref, str):
+        raise ConfigError(f"a pocket book is named by a string (e.g. 'triage' or 'triage@2'), "
+                          f"not {ref!r}")
+
+
+def _check_adapter(adapter: Any) -> None:
+    """What ``generate(adapter=...)`` and :meth:`Session.using` take."""
+    if adapter is not None and not isinstance(adapter, (str, Mapping)):
+        raise ConfigError(f"adapter must be a pocket book's name, a mapping of names to "
+                          f"weights, or None for the plain base, not {adapter!r}")
+
+
+def _check_generate(prompts: Any, max_new_tokens: Any, temperature: Any) -> None:
+    """Refuse what :func:`adapterkit.runtime.generation.generate` would fail on deep inside
+    (or, for a temperature below 0, silently treat as greedy)."""
+    if not isinstance(prompts, str) and not (
+            isinstance(prompts, (list, tuple)) and prompts
+            and all(isinstance(p, str) for p in prompts)):
+        raise ConfigError(f"generate takes a prompt (a string) or a non-empty list of them, "
+                          f"not {prompts!r}"[:200])
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a whole number of at least 1, not "
+                          f"{max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be a number of at least 0 (0: greedy), not "
+                          f"{temperature!r}")
 
 
 @contextmanager
@@ -315,13 +387,27 @@ def _device(model: Any) -> Any:
 def open_session(base: str | Base, *, quantization: str | None = None, home: Any = None,
                  attach: list[str] | None = None, force: bool = False,
                  progress: Any = None) -> Session:
-    """Load (or take) a frozen base and open a session on it, attaching ``attach``."""
+    """Load (or take) a frozen base and open a session on it, attaching ``attach``.
+
+    A :class:`Base` given is used as loaded: ``quantization`` may only repeat its own, and no
+    other session or PEFT model may hold it (see :class:`Session`)."""
     from adapterkit.base.load import load_base
 
+    if attach is not None and (isinstance(attach, str) or not isinstance(attach, (list, tuple))):
+        raise ConfigError(f"attach takes a list of pocket book names, e.g. [{attach!r}]")
+    if isinstance(base, Base) and quantization is not None and \
+            quantization != base.quantization:
+        raise ConfigError(f"this base is already loaded in {base.quantization or 'full precision'}"
+                          f", not {quantization}; load it with load_base(..., quantization="
+                          f"{quantization!r}) or leave quantization out")
     library = Library(home)
     loaded = base if isinstance(base, Base) else load_base(
         base, quantization=quantization, home=library.home, progress=progress)
     session = Session(loaded, library)
-    for ref in attach or []:
-        session.attach(ref, force=force)
+    try:
+        for ref in attach or []:
+            session.attach(ref, force=force)
+    except BaseException:
+        session.close()  # the caller never gets it: it must not keep holding the base
+        raise
     return session

@@ -96,7 +96,10 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     returns the same result.
 
     :param trainer: a registered trainer (``sft``...).
-    :param base: base name (or an already loaded :class:`Base`).
+    :param base: base name (or an already loaded :class:`Base`: the new pocket book is put on
+        its layers in place, so ``result.model`` holds it until ``result.model.unload()``;
+        until then a session, ``peft_model`` or another ``train`` on it is refused, as this
+        call is on a base a session or a PEFT model holds. A run that fails gives it back).
     :param data: data file or Hub dataset id.
     :param name: library name, ``NAME`` or ``NAME@N``; refused before training if taken.
     :param resume: continue an interrupted run of ``name`` from its last checkpoint.
@@ -119,6 +122,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     from adapterkit.runtime.allocator import keep_freed_memory, malloc_choice
     from adapterkit.training.launch import join, ranks
 
+    _check_arguments(base, options)
     malloc_choice()  # a value other than `system` is refused everywhere
     if not torch.cuda.is_available():
         keep_freed_memory()
@@ -132,17 +136,60 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
                    say=say, main=where.is_main)
     run.annotate = annotate
     start = time.perf_counter()
+    result: TrainResult | None = None
     try:
         state = _run(run)
         if where.distributed:
-            return _finalize_shared(run, state, time.perf_counter() - start, main=where.is_main)
-        return _finalize(run, state, time.perf_counter() - start)
+            result = _finalize_shared(run, state, time.perf_counter() - start,
+                                      main=where.is_main)
+        else:
+            result = _finalize(run, state, time.perf_counter() - start)
+        return result
     except KeyboardInterrupt as exc:
         _left_behind(run, exc)
         raise
     finally:
         if not isinstance(base, str):  # a caller's resident base: back in the dtype it came
             _give_back(run.loaded, say)
+            _hand_over(run, result)
+
+
+def _check_arguments(base: Any, options: Any) -> None:
+    """Refuse, in one line, arguments of the wrong kind (Python callers), and a resident base
+    that a session or a PEFT model holds: the new pocket book would train, and be measured,
+    on top of their LoRA."""
+    from adapterkit.base.load import Base
+
+    if options is not None and not isinstance(options, TrainOptions):
+        raise ConfigError(f"options must be adapterkit.TrainOptions(...), not a "
+                          f"{type(options).__name__}: e.g. TrainOptions(r=8)")
+    if isinstance(base, str):
+        return
+    if not isinstance(base, Base):
+        raise ConfigError(f"base must be a base's name or adapterkit.load_base(...), not "
+                          f"{base!r}"[:200])
+    from adapterkit.lora.slots import refuse_held
+
+    refuse_held(base.model, wanted="training on it")
+
+
+def _hand_over(run: _Run, result: TrainResult | None) -> None:
+    """After a run on a caller's base: a finished run's ``result.model`` holds its layers
+    (named, for whoever is refused the base next); a failed run leaves no model that could
+    give them back, so its PEFT layers come off now."""
+    from adapterkit.lora.slots import clear_leftovers, wrapped_by
+
+    if result is not None:
+        wrapped_by(run.loaded.model, f"train()'s result.model ({result.pocket_book.ref})",
+                   "result.model.unload()")
+        return
+    try:
+        if run.job._model is not None:
+            run.job._model.unload()
+        clear_leftovers(run.loaded.model)  # (the frozen underlay's hooks too)
+    except Exception as exc:  # never hides why the run itself stopped
+        run.say(f"Warning: the base's plain layers could not be given back ({exc}); load it "
+                "again before using it.")
 
 
 def _left_behind(run: _Run, exc: KeyboardInterrupt) -> None:
