@@ -155,6 +155,25 @@ def test_a_4bit_base_is_not_moved_by_peft_model_after_a_forward(tiny_base, books
     close(logits(model), reference(tiny_base, books["code"], quantization="4bit"))
 
 
+def test_training_on_a_4bit_base_relaid_out_for_inference_is_refused(tiny_base, home,
+                                                                      adapterkit_data):
+    """After a forward on such a CPU its scales are rounded to bf16: a run trained on another
+    base than a fresh load, which its pocket book records (and every later load gives)."""
+    pytest.importorskip("bitsandbytes")
+    from adapterkit.base.load import relaid_for_inference
+
+    base = adapterkit.load_base(str(tiny_base), home=home, quantization="4bit")
+    assert not relaid_for_inference(base.model)
+    logits(base.model)
+    if not relaid_for_inference(base.model):
+        pytest.skip("this CPU keeps bitsandbytes' 4-bit layout (no AVX512-BF16)")
+    with pytest.raises(ConfigError, match="this 4-bit base has answered on a CPU.*load it "
+                                          "again"):
+        adapterkit.train("sft", base=base, data=str(adapterkit_data["prompt_completion"]),
+                         name="x", home=home, options=adapterkit.TrainOptions(max_steps=1))
+    assert adapterkit.Library(home).list() == []
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda s, b, h: adapterkit.load_base(str(b), home=h, quantization="3bit"),
      r"unknown quantization '3bit'; use one of 4bit, 8bit"),

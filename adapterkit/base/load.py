@@ -269,6 +269,15 @@ def keep_4bit_layout(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def relaid_for_inference(model: Any) -> bool:
+    """Whether a 4-bit layer of ``model`` holds the layout bitsandbytes makes for inference on
+    a CPU with AVX512-BF16 (its first forward without gradients does): scales rounded to bf16,
+    so not the base a fresh load gives, which :func:`keep_4bit_layout` keeps for training."""
+    return any(getattr(getattr(getattr(m, "weight", None), "quant_state", None),
+                       "packing_format_for_cpu", False)
+               for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+
+
 def _check_device(device: str | None) -> None:
     """Refuse a device torch does not know, or CUDA where there is none, before any loading."""
     import torch

@@ -168,9 +168,15 @@ def _check_arguments(base: Any, options: Any) -> None:
     if not isinstance(base, Base):
         raise ConfigError(f"base must be a base's name or adapterkit.load_base(...), not "
                           f"{base!r}"[:200])
+    from adapterkit.base.load import relaid_for_inference
     from adapterkit.lora.slots import refuse_held
 
     refuse_held(base.model, wanted="training on it")
+    if relaid_for_inference(base.model):
+        raise ConfigError("this 4-bit base has answered on a CPU, where bitsandbytes re-lays its "
+                          "weights out for inference with rounded scales: a run would train on "
+                          "another base than the one its pocket book records; load it again "
+                          "(load_base(..., quantization='4bit')) and train on that")
 
 
 def _hand_over(run: _Run, result: TrainResult | None) -> None:
