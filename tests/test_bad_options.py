@@ -580,3 +580,19 @@ def test_a_run_whose_only_checkpoint_was_cut_off_is_run_again_not_resumed(train_
                     "checkpoint-5, was cut off while it was written); start it without --resume")
     result = adapterkit_cli(*train_args, "--max-steps", "2", "--save-steps", "1000")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("flags,words,budget", [
+    ([], ", guard: budget 1%, KL weight 3", 1.0),  # sft's default guard
+    (["--guard-weight", "0"], ", no guard", None),  # the default guard yields to a weight of 0
+    (["--forgetting-budget", "2%", "--guard-weight", "0"], ", guard: budget 2%, no KL term", 2.0),
+])
+def test_the_forgetting_line_says_how_the_guard_acted(flags, words, budget, train_args,
+                                                      adapterkit_cli, library):
+    """It read the same with sft's default guard and with none (--guard-weight 0 turns that
+    guard off); the metadata had the difference, the console did not."""
+    result = adapterkit_cli(*train_args, "--max-steps", "2", "--batch-size", "2", *flags)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("Forgetting:"))
+    assert words in line, line
+    assert (library.get("x").meta.metrics.get("guard") or {}).get("budget_pct") == budget

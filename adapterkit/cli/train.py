@@ -282,7 +282,9 @@ class _Stopped(KeyboardInterrupt):
                                           "turns it off; dpo: off by default; other trainers "
                                           "refuse it).")
 @click.option("--guard-weight", type=float, help="Weight of the KL-to-base term (default with a "
-                                                 "budget: sft 3, dpo 0.3; 0 disables it).")
+                                                 "budget: sft 3, dpo 0.3). 0 drops the term; "
+                                                 "without --forgetting-budget it also turns sft's "
+                                                 "default guard off.")
 @click.option("--anchor", help="Anchor prose for the KL term (default: shipped anchor text).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]),
               help="auto (default): bfloat16 where the hardware computes it fast (a GPU with "
@@ -466,11 +468,21 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         f = m["forgetting"]
         click.echo(f"Forgetting: general-text loss {f['general_loss_base']:.4f} → "
                    f"{f['general_loss']:.4f} ({f['general_loss_change_pct']:+.2f}%)"
-                   + base_loss_note(f))
+                   + _guard_words(m.get("guard")) + base_loss_note(f))
     from adapterkit.library.card import tracking_lines
 
     for tracked in tracking_lines(book.meta.tracking):
         click.echo(f"Tracked: {tracked}")
+
+
+def _guard_words(guard: dict[str, Any] | None) -> str:
+    """How the forgetting guard acted, for the forgetting line: a figure measured without a
+    guard reads the same as one a guard held to its budget otherwise (``--guard-weight 0``
+    without a budget turns sft's default guard off)."""
+    if not guard:
+        return ", no guard"
+    kl = f"KL weight {guard['weight']:g}" if guard.get("weight") else "no KL term"
+    return f", guard: budget {guard['budget_pct']:g}%, {kl}"
 
 
 def _reports() -> bool:
