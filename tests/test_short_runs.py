@@ -14,6 +14,8 @@ def test_a_run_shorter_than_the_logging_interval_records_its_loss(tiny_base, ada
     assert result.metrics["steps"] == 3
     assert result.metrics["train_loss_final"] is not None
     assert result.metrics["loss_logs"] == 1  # (shown as one logged value, not "A → A")
+    card = (result.pocket_book.path / "README.md").read_text()
+    assert "train loss (one logged value)" in card and "train loss first" not in card
 
 
 def test_the_final_loss_covers_the_last_steps(tiny_base, adapterkit_data, home, pm):

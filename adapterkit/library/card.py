@@ -192,8 +192,9 @@ def _pipeline_lines(p: dict[str, Any]) -> list[str]:
     for s in lineage:
         m = s.get("metrics") or {}
         first, final = m.get("train_loss_first"), m.get("train_loss_final")
-        loss = f"{_fmt(first)} → {_fmt(final)}" if first is not None and final is not None \
-            else "not logged"
+        loss = "not logged" if first is None or final is None else \
+            f"{_fmt(final)} (one logged value)" if m.get("loss_logs") == 1 else \
+            f"{_fmt(first)} → {_fmt(final)}"
         under = s.get("on") or (f"copy of {s['from']}" if s.get("from") else "base")
         other = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(m.items())
                           if k not in _LINEAGE_COLUMNS) or "–"
@@ -208,10 +209,15 @@ def _pipeline_lines(p: dict[str, Any]) -> list[str]:
 def _results_section(meta: PocketBookMeta) -> str:
     m = meta.metrics or {}
     lines = []
+    one_log = m.get("loss_logs") == 1  # first and final would be the same window's mean
     for key in ("train_loss_first", "train_loss_final", "steps", "train_seconds",
                 "tokens_per_second"):
+        if one_log and key == "train_loss_first":
+            continue
         if m.get(key) is not None:
-            lines.append(f"- {key.replace('_', ' ')}: {_fmt(m[key])}")
+            label = "train loss (one logged value)" if one_log and key == "train_loss_final" \
+                else key.replace('_', ' ')
+            lines.append(f"- {label}: {_fmt(m[key])}")
     if m.get("eval") and "pair_accuracy" in m["eval"]:  # a reward head's held-out pairs
         e = m["eval"]
         lines.append(f"- eval loss (reward, −log σ(chosen − rejected)): {_fmt(e.get('loss'))}; "
