@@ -3,6 +3,8 @@ the files it may have meant, and only a Hub-looking id with no local folder goes
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from adapterkit import DataFormatError
@@ -50,3 +52,25 @@ def test_a_missing_file_names_the_files_it_may_mean(tmp_path, monkeypatch):
                                                   r"mean pc\.jsonl\?"):
             data_mod.read_rows(given)
 
+
+
+def test_a_folder_is_read_as_one_dataset_or_refused_naming_its_files(tmp_path):
+    """A folder was "does not exist", or "could not be loaded from the Hub"."""
+    from adapterkit.training.data import load_data
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        (shards / f"train-0000{i}.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"q{i}{j}", "completion": "a"}) + "\n"
+                    for j in range(3)))
+    data = load_data(str(shards))
+    assert (data.shape, len(data.rows)) == ("prompt_completion", 6)
+    assert sorted(r["prompt"] for r in data.rows) == ["q00", "q01", "q02", "q10", "q11", "q12"]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "pairs_test.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+    with pytest.raises(DataFormatError, match=rf"data {mixed} is a folder that datasets cannot "
+                                              rf"read as one dataset .*give one data file, e.g. "
+                                              rf"{mixed / 'pairs_test.jsonl'}"):
+        load_data(str(mixed))

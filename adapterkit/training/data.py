@@ -12,7 +12,8 @@ Standard shapes (what trainers declare in ``Trainer.data_shapes``):
 
 Files: JSONL (read line by line here, so a broken line is reported by number), JSON (a list of
 objects), CSV and Parquet (through ``datasets``), and ``.txt`` (paragraphs separated by blank
-lines become ``text`` rows). Anything else that is not a file is tried as a Hub dataset id.
+lines become ``text`` rows). A folder is read as ``datasets`` reads one (its train split: shards,
+a downloaded dataset); anything else that is not a file is tried as a Hub dataset id.
 Data-format plugins add shapes (``alpaca``: ``instruction``/``input``/``output``).
 """
 
@@ -149,6 +150,26 @@ def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
         ) from None
 
 
+def _read_folder(path: Path) -> tuple[list[dict[str, Any]], str, str]:
+    """A local folder, read as ``datasets`` reads one (its train split); refused naming the
+    data files in it where that fails (it said the folder did not exist, or could not be
+    loaded "from the Hub")."""
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset(str(path), split="train").to_list()
+    except Exception as exc:
+        inside = sorted(p.name for p in path.iterdir()
+                        if p.is_file() and p.suffix.lower() in _SUFFIXES)[:3]
+        raise DataFormatError(
+            f"data {path} is a folder that datasets cannot read as one dataset "
+            f"({type(exc).__name__}); give one data file"
+            + (f", e.g. {' or '.join(str(path / n) for n in inside)}" if inside
+               else f" ({', '.join(sorted(_SUFFIXES))})")) from None
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    return rows, f"{path} (folder)", digest
+
+
 def read_rows(spec: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], str, str]:
     """Read rows from a file or Hub dataset: ``(rows, description, sha256)``."""
     if str(spec) == GENERAL_TEXT:
@@ -157,6 +178,8 @@ def read_rows(spec: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], str, 
     if path.is_file():
         return _read_file(path), path.name, sha256_file(path)
     text = str(spec)
+    if path.is_dir():  # a dataset folder (shards, a Hub download) as datasets reads one
+        return _read_folder(path)
     # the data files it may have meant: beginning with its name (or its stem, where it has a
     # data suffix of its own: pc.json → pc.jsonl)
     stem = glob.escape(path.stem if path.suffix.lower() in _SUFFIXES else path.name)
