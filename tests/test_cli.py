@@ -1,6 +1,7 @@
 """The CLI: each command end to end, one-line errors, and a start-up that never imports torch."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -131,3 +132,83 @@ def test_command_name_skips_root_options():
     assert _command_name(["--home", "/x", "uninstall", "pkg"]) == "uninstall"
     assert _command_name(["--home=/x", "install", "-e", "."]) == "install"
     assert _command_name(["--help"]) is None
+
+
+def _own_commands(module):
+    """Every click command a CLI module defines, with the subcommands of its groups."""
+    import click
+
+    found = [c for c in vars(module).values() if isinstance(c, click.Command)]
+    for command in list(found):
+        if isinstance(command, click.Group):
+            found += list(command.commands.values())
+    return found
+
+
+def test_every_library_and_plugin_command_shows_examples():
+    """As `train --help` and `eval --help` do: a user reads how to call it, not only what."""
+    import click
+
+    from adapterkit.cli import library as library_cli
+    from adapterkit.cli import plugins as plugins_cli
+
+    commands = _own_commands(library_cli) + _own_commands(plugins_cli)
+    assert len(commands) >= 14
+    missing = []
+    for command in commands:
+        ctx = click.Context(command, info_name=command.name)
+        text = command.get_help(ctx)
+        if "Examples:\n    adapterkit " not in text:  # \b keeps the lines as written
+            missing.append(command.name)
+    assert not missing, missing
+
+
+def test_list_and_show_on_a_home_that_does_not_exist_write_nothing(run, tmp_path):
+    """Before: a read-only command made the folders and an empty catalog.sqlite."""
+    home = tmp_path / "nonexist" / "deep"
+    listed = run("--home", home, "list")
+    assert f"the adapterkit home {home} does not exist" in listed.output
+    assert json.loads(run("--home", home, "list", "--json").output) == []
+    shown = run("--home", home, "show", "x", ok=False)
+    assert shown.exit_code == 1 and "no pocket book named 'x'" in shown.output
+    assert not (tmp_path / "nonexist").exists()
+
+
+def test_a_home_that_is_a_file_names_where_it_was_given(run, tmp_path):
+    """Before: "Invalid value for '--home'" when no --home was typed."""
+    afile = tmp_path / "homefile"
+    afile.write_text("")
+    cli = build_cli(get_plugin_manager(env=False))
+    from_env = CliRunner().invoke(cli, ["list"], env={"ADAPTERKIT_HOME": str(afile)})
+    assert from_env.exit_code == 1
+    assert from_env.output.strip() == (
+        f"Error: the adapterkit home {afile} (from $ADAPTERKIT_HOME) is a file, not a folder: "
+        "set $ADAPTERKIT_HOME to the path of a folder")
+    under = CliRunner().invoke(cli, ["list"], env={"ADAPTERKIT_HOME": str(afile / "sub")})
+    assert under.exit_code == 1 and "(from $ADAPTERKIT_HOME) lies under" in under.output
+    given = run("--home", afile / "sub", "list", ok=False)
+    assert given.exit_code == 1 and "(from --home)" in given.output and "$ADAPTERKIT_HOME" not \
+        in given.output and f"lies under {afile}, which is a file" in given.output
+
+
+def test_ctrl_c_during_export_says_nothing_was_written(run, home, tiny_base, peft_adapter,
+                                                        tmp_path, monkeypatch):
+    """Before: click's bare "Aborted!" and exit 1; as train does: what is true, exit 130."""
+    from adapterkit.library import store
+
+    run("import", peft_adapter, "--name", "pe", "--base", tiny_base)
+    copied, real_copy = [], shutil.copy2
+
+    def interrupted(src, dst, *args, **kwargs):
+        if copied:  # the second file: midway through the export
+            raise KeyboardInterrupt
+        copied.append(src)
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(store.shutil, "copy2", interrupted)
+    dest = tmp_path / "out" / "pe"
+    result = run("export", "pe", dest, ok=False)
+    monkeypatch.undo()
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == f"Interrupted: nothing was written to {dest}"
+    assert copied and not dest.exists() and not list(dest.parent.glob(".pe.partial*"))

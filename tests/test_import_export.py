@@ -253,3 +253,73 @@ def test_an_imported_book_records_the_lora_settings_that_change_its_scale(
     shown = adapterkit_cli("show", "patterned")
     assert shown.exit_code == 0, shown.output
     assert "rank_pattern={'v_proj': 2}" in shown.output and "use_rslora=True" in shown.output
+
+
+# -- an export's own record (adapterkit.json) comes back with it -------------------------------
+
+def _trained_looking(library, peft_adapter, tiny_base, name="q4"):
+    """A pocket book whose record says what a training run records (qlora, sft, data,
+    metrics, a tag), as `adapterkit train --method qlora` leaves one."""
+    library.import_peft(peft_adapter, name, base=str(tiny_base))
+
+    def as_trained(meta):
+        meta.method, meta.trainer, meta.tags = "qlora", "sft", ["prod"]
+        meta.data = {"description": "notes.jsonl (16 rows)", "sha256": "ab" * 32, "rows": 16}
+        meta.metrics = {"steps": 3, "forgetting": {
+            "general_loss": 3.82, "general_loss_base": 3.81, "general_loss_change_pct": 0.26,
+            "base_loss_from": "this run"}}
+        meta.source = {}
+
+    return library.update_meta(name, as_trained)
+
+
+def test_an_export_imports_with_its_record_and_a_card_of_its_own(library, tiny_base,
+                                                                  peft_adapter, tmp_path):
+    """Before: the record was dropped (method "lora", no trainer, data or metrics) and the
+    exported card, naming the old entry, was copied as it was; without --base the import
+    looked for the base its config names instead of the one the record names."""
+    book = _trained_looking(library, peft_adapter, tiny_base)
+    out = library.export("q4", tmp_path / "exp_q4")
+    moved = library.import_peft(out, "q4-moved")  # no --base: the recorded one is found
+    meta = moved.meta
+    assert (meta.method, meta.trainer, meta.data, meta.metrics) == (
+        "qlora", "sft", book.meta.data, book.meta.metrics)
+    assert meta.base == book.meta.base and meta.tags == []
+    assert meta.source == {"kind": "import", "folder": "exp_q4", "recorded_as": "q4@1"}
+    card = (moved.path / "README.md").read_text()
+    assert "# q4-moved — adapterkit pocket book" in card and "`qlora`" in card
+    assert "# q4 —" not in card and "prod" not in card
+    assert (moved.path / "adapter_model.safetensors").read_bytes() == \
+        (book.path / "adapter_model.safetensors").read_bytes()
+
+
+def test_an_export_whose_weights_changed_is_refused(library, tiny_base, peft_adapter,
+                                                    tmp_path):
+    """A record is never attached to other weights: a changed file means an edited folder or
+    a damaged copy, said with what to do; nothing joins the library."""
+    _trained_looking(library, peft_adapter, tiny_base)
+    out = library.export("q4", tmp_path / "exp_q4")
+    other = make_peft_adapter(tiny_base, tmp_path / "other", seed=7)
+    shutil.copy(other / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    with pytest.raises(InvalidAdapter, match="adapter_model.safetensors differs from what was "
+                                             "exported.*nothing was imported.*move "
+                                             "adapterkit.json out of the folder"):
+        library.import_peft(out, "changed", base=str(tiny_base))
+    assert [s.name for s in library.list()] == ["q4"]
+
+
+def test_an_export_on_a_base_this_home_does_not_know_asks_for_it(tiny_base, peft_adapter,
+                                                                  tmp_path):
+    """In another home the recorded base is not found: refused saying to pass --base (not
+    "cannot download" the base its config names); with --base the record is kept."""
+    from adapterkit import BaseNotFound, Library
+
+    library = Library(tmp_path / "first")
+    book = _trained_looking(library, peft_adapter, tiny_base)
+    out = library.export("q4", tmp_path / "exp_q4")
+    elsewhere = Library(tmp_path / "second")
+    with pytest.raises(BaseNotFound, match="was made on base tiny .*not on this machine: pass "
+                                           "the base it was made on with --base"):
+        elsewhere.import_peft(out, "q4")
+    moved = elsewhere.import_peft(out, "q4", base=str(tiny_base))
+    assert (moved.meta.method, moved.meta.base_fingerprint) == ("qlora", book.meta.base_fingerprint)

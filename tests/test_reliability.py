@@ -291,6 +291,19 @@ def test_a_read_only_home_can_be_listed_shown_and_exported(library, tmp_path):
     assert not library.catalog.path.exists()
 
 
+@pytest.mark.slow
+def test_doctor_dry_run_finds_a_healthy_read_only_home_healthy(library):
+    """Before: ``mode=ro`` cannot open a WAL catalog without its ``-shm`` file, which a
+    read-only home cannot give, so a healthy catalog was reported as damaged (exit 1)."""
+    save(library, "a")
+    library.list()  # a WAL-mode catalog, as real use leaves it
+    before = library.catalog.path.read_bytes()
+    checked = _read_only(library.home, "doctor", "--dry-run")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "The library is healthy: 1 pocket book(s) checked" in checked.stdout
+    assert library.catalog.path.read_bytes() == before
+
+
 # -- 8. filters and races -------------------------------------------------------------------
 
 def test_list_base_treats_like_wildcards_literally(adapterkit_cli, library):

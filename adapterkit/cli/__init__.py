@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from adapterkit.cli.base import base_group
 from adapterkit.cli.common import Group
@@ -35,6 +37,8 @@ from adapterkit.cli.quickstart import quickstart_cmd
 from adapterkit.cli.serve import serve_cmd
 from adapterkit.cli.session import chat_cmd, merge_cmd, stack_cmd, swap_cmd, verify_cmd
 from adapterkit.cli.train import eval_cmd, generate_cmd, train_cmd
+from adapterkit.errors import ConfigError
+from adapterkit.home import HOME_ENV
 from adapterkit.plugin_api.manager import (
     DISABLE_ENV,
     PluginManager,
@@ -49,7 +53,7 @@ def build_cli(pm: PluginManager) -> click.Group:
     """The root ``adapterkit`` command with core commands and every plugin's commands."""
 
     @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--home", type=click.Path(file_okay=False), envvar="ADAPTERKIT_HOME",
+    @click.option("--home", type=_HomePath(file_okay=False), envvar=HOME_ENV,
                   help="adapterkit home (library, catalog, converted bases). "
                        "Default: $ADAPTERKIT_HOME or ~/.local/share/adapterkit.")
     @click.version_option(package_name="adapterkit")
@@ -64,6 +68,9 @@ def build_cli(pm: PluginManager) -> click.Group:
           adapterkit list                      # your pocket books
           adapterkit plugins                   # methods, trainers, ... installed
         """
+        if home:
+            _refuse_file_home(home, from_env=ctx.get_parameter_source("home")
+                              == ParameterSource.ENVIRONMENT)
         ctx.obj = {"home": home, "plugins": pm}
 
     for command in (plugins_cmd, list_cmd, show_cmd, rm_cmd, tag_cmd, import_cmd, export_cmd,
@@ -74,6 +81,38 @@ def build_cli(pm: PluginManager) -> click.Group:
         cli.add_command(command)
     _add_plugin_commands(cli, pm)
     return cli
+
+
+class _HomePath(click.Path):
+    """``--home``'s type: a file typed as ``--home`` is click's usage error, as for any option;
+    one from ``$ADAPTERKIT_HOME`` is left to :func:`_refuse_file_home`, which names the
+    variable (click would name ``--home``, which the user never typed)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if ctx is not None and param is not None and param.name and \
+                ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT:
+            return value
+        return super().convert(value, param, ctx)
+
+
+def _refuse_file_home(home: str, *, from_env: bool) -> None:
+    """Refuse, before any command runs, a home that is a file or lies under one, naming where
+    it was given (``$ADAPTERKIT_HOME`` or ``--home``): the user may never have typed it."""
+    path = Path(home).expanduser()
+    for folder in (path, *path.parents):
+        try:
+            if not folder.exists():
+                continue
+            if folder.is_dir():
+                return
+        except OSError:  # not ours to judge (permissions...): the first use says what it is
+            return
+        where = "is a file" if folder == path else f"lies under {folder}, which is a file"
+        given, fix = (f"${HOME_ENV}", f"set ${HOME_ENV} to") if from_env else \
+            ("--home", "pass --home with")
+        raise ConfigError(f"the adapterkit home {path} (from {given}) {where}, not a folder: "
+                          f"{fix} the path of a folder")
 
 
 def _add_plugin_commands(cli: click.Group, pm: PluginManager) -> None:

@@ -4,10 +4,13 @@ imports torch unless it loads a model."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
 from click.core import ParameterSource
 
-from adapterkit.cli.common import echo_json, library, size, table
+from adapterkit.cli.common import echo_json, library, say, size, table
 from adapterkit.plugin_api.manager import PluginManager
 
 # -- plugins --------------------------------------------------------------------------------
@@ -16,7 +19,13 @@ from adapterkit.plugin_api.manager import PluginManager
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
-    """List installed plugins, their versions and what each registers."""
+    """List installed plugins, their versions and what each registers.
+
+    \b
+    Examples:
+      adapterkit plugins
+      adapterkit plugins --json
+    """
     pm: PluginManager = ctx.find_root().obj["plugins"]
     infos = [info.as_dict() for info in sorted(pm.info.values(), key=lambda i: i.name)]
     if as_json:
@@ -41,13 +50,25 @@ def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def list_cmd(ctx: click.Context, base: str | None, tag: str | None, all_versions: bool,
              as_json: bool) -> None:
-    """List pocket books in the library (latest version of each)."""
-    books = library(ctx).list(base=base, tag=tag, all_versions=all_versions)
+    """List pocket books in the library (latest version of each).
+
+    \b
+    Examples:
+      adapterkit list
+      adapterkit list --all-versions
+      adapterkit list --base smollm2-135m --tag prod
+      adapterkit list --json
+    """
+    lib = library(ctx)
+    books = lib.list(base=base, tag=tag, all_versions=all_versions)
     if as_json:
         echo_json([b.as_dict() for b in books])
         return
     if not books:
-        if base or tag:
+        if not lib.home.exists():
+            click.echo(f"No pocket books: the adapterkit home {lib.home} does not exist yet (the "
+                       "first `adapterkit train`, `import` or `pull` makes it).", err=True)
+        elif base or tag:
             wanted = " and ".join(f"{label} {value!r}" for label, value in
                                   (("base", base), ("tag", tag)) if value)
             hint = (" (--base takes a base's name or a prefix of its fingerprint, as the BASE "
@@ -75,7 +96,13 @@ def list_cmd(ctx: click.Context, base: str | None, tag: str | None, all_versions
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
-    """Show one pocket book: REF is NAME (latest) or NAME@VERSION."""
+    """Show one pocket book: REF is NAME (latest) or NAME@VERSION.
+
+    \b
+    Examples:
+      adapterkit show triage
+      adapterkit show triage@2 --json
+    """
     book = library(ctx).get(ref)
     data = book.as_dict()
     if as_json:
@@ -112,7 +139,13 @@ def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
               "on top of it or stack it (they stop working).")
 @click.pass_context
 def rm_cmd(ctx: click.Context, ref: str, all_versions: bool, force: bool) -> None:
-    """Remove a pocket book: NAME@VERSION, NAME (its latest version) or --all-versions."""
+    """Remove a pocket book: NAME@VERSION, NAME (its latest version) or --all-versions.
+
+    \b
+    Examples:
+      adapterkit rm triage@1
+      adapterkit rm triage --all-versions
+    """
     from adapterkit.library.names import parse_ref
 
     name = parse_ref(ref).name
@@ -139,6 +172,12 @@ def doctor_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
 
     Nothing is deleted but stale work folders. Exit code 0 when the library is (now)
     healthy, 1 when --dry-run found problems or some could not be repaired.
+
+    \b
+    Examples:
+      adapterkit doctor --dry-run
+      adapterkit doctor
+      adapterkit doctor --json
     """
     from adapterkit.library.doctor import examine, render, to_json
 
@@ -159,7 +198,13 @@ def doctor_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
 @click.option("--remove", is_flag=True, help="Remove the tag instead of adding it.")
 @click.pass_context
 def tag_cmd(ctx: click.Context, ref: str, tag: str, remove: bool) -> None:
-    """Add TAG to a pocket book (NAME or NAME@VERSION), or --remove it."""
+    """Add TAG to a pocket book (NAME or NAME@VERSION), or --remove it.
+
+    \b
+    Examples:
+      adapterkit tag triage@2 prod
+      adapterkit tag triage@1 prod --remove
+    """
     book = library(ctx).tag(ref, tag, remove=remove)
     click.echo(f"{book.ref}: tags {', '.join(book.meta.tags) or '-'}")
 
@@ -168,7 +213,8 @@ def tag_cmd(ctx: click.Context, ref: str, tag: str, remove: bool) -> None:
 @click.argument("folder", type=click.Path())
 @click.option("--name", required=True, help="Library name: NAME, or NAME@N for a new version.")
 @click.option("--base", help="The base it was trained on (Hub id, folder, .gguf or alias). "
-                             "Default: base_model_name_or_path from its adapter_config.json.")
+                             "Default: the base its adapterkit.json records (an export), else "
+                             "base_model_name_or_path from its adapter_config.json.")
 @click.option("--trust-pickle", is_flag=True,
               help="Accept pickled adapter_model.bin weights (they can run code: only for "
                    "files you made or trust). They are converted to safetensors.")
@@ -180,6 +226,16 @@ def import_cmd(ctx: click.Context, folder: str, name: str, base: str | None,
     The adapter is checked against the base first — its target modules must exist, its tensor
     shapes and vocabulary must match — because PEFT would load a mismatched adapter with only a
     warning and then answer exactly like the plain base.
+
+    A folder written by `adapterkit export` joins with its own record (method, trainer, data,
+    metrics, base) once its files match the hashes that record holds, and with a new model
+    card; its base is found on this machine by the recorded fingerprint or name.
+
+    \b
+    Examples:
+      adapterkit import ./my-peft-adapter --name notes --base smollm2-135m
+      adapterkit import ./my-peft-adapter --name notes@2 --base ./models/my-base
+      adapterkit import out/triage --name triage-copy        # an export: base from its record
     """
     book = library(ctx).import_peft(folder, name, base=base, trust_pickle=trust_pickle)
     click.echo(f"Imported {book.ref} (base {book.meta.base['name']}, "
@@ -207,7 +263,30 @@ def import_cmd(ctx: click.Context, folder: str, name: str, base: str | None,
 def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, fmt: str,
                quantize: str | None, tolerance: float) -> None:
     """Write a pocket book to DEST as a plain PEFT folder (PEFT, vLLM, TGI, LoRAX load it),
-    with --format gguf as a llama.cpp LoRA adapter, or with --merged as a standalone model."""
+    with --format gguf as a llama.cpp LoRA adapter, or with --merged as a standalone model.
+
+    \b
+    Examples:
+      adapterkit export triage out/triage                 # a plain PEFT folder
+      adapterkit export triage@2 out/triage-v2
+      adapterkit export triage out/triage-gguf --format gguf
+      adapterkit export triage out/triage-model --merged
+      adapterkit export triage out/triage-q4 --merged --format gguf --quantize q4_k_m
+    """
+    try:
+        _export(ctx, ref, dest, merged=merged, fmt=fmt, quantize=quantize, tolerance=tolerance)
+    except KeyboardInterrupt:
+        # every export fills a hidden sibling of DEST and renames it into place last
+        # (adapterkit.files.new_folder), removing it when interrupted
+        done = Path(dest).is_dir() and any(Path(dest).iterdir())
+        say(f"Interrupted: {dest} was already written whole" if done
+            else f"Interrupted: nothing was written to {dest}")
+        sys.exit(130)
+
+
+def _export(ctx: click.Context, ref: str, dest: str, *, merged: bool, fmt: str,
+            quantize: str | None, tolerance: float) -> None:
+    """The body of ``export`` (see :func:`export_cmd`)."""
     from adapterkit.errors import ConfigError
 
     if quantize is not None and not (merged and fmt == "gguf"):
@@ -220,7 +299,6 @@ def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, fmt: str,
     if fmt == "gguf":
         from adapterkit.runtime.gguf import export_gguf_lora, export_gguf_merged
 
-        say = lambda m: click.echo(m, err=True)  # noqa: E731
         if merged:
             report = export_gguf_merged(library(ctx), ref, dest, quantize=quantize or "f16",
                                         tolerance=tolerance,
@@ -242,7 +320,7 @@ def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, fmt: str,
 
     report_hf = export_merged(library(ctx), ref, dest, tolerance=tolerance,
                               plugins=ctx.find_root().obj["plugins"],
-                              progress=lambda m: click.echo(m, err=True))
+                              progress=say)
     note = (f", dequantized from {report_hf.dequantized_from} first"
             if report_hf.dequantized_from else "")
     click.echo(f"Exported {ref} merged into its base to {report_hf.dest} "
@@ -268,6 +346,11 @@ def push_cmd(ctx: click.Context, ref: str, repo: str, private: bool, revision: s
     Uses your Hub login (`hf auth login`), HF_TOKEN and HF_ENDPOINT like any Hub tool; the
     token is never printed. The repo gets adapter_config.json, adapter_model.safetensors,
     adapterkit.json (with file hashes, checked on pull) and a model card.
+
+    \b
+    Examples:
+      adapterkit push triage --repo alice/triage-lora
+      adapterkit push triage@2 --repo alice/triage-lora --revision v2 --license apache-2.0
     """
     from adapterkit.library.hub import push
 
@@ -294,6 +377,12 @@ def pull_cmd(ctx: click.Context, repo: str, name: str | None, base: str | None,
 
     Works for any PEFT LoRA repository, not only ones pushed by adapterkit. Files are verified
     against the hashes adapterkit.json records; pickled weights are refused unless trusted.
+
+    \b
+    Examples:
+      adapterkit pull alice/triage-lora
+      adapterkit pull alice/triage-lora@v2 --name triage-v2
+      adapterkit pull someone/peft-lora --base HuggingFaceTB/SmolLM2-135M-Instruct
     """
     from adapterkit.library.hub import pull
 

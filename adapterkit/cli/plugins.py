@@ -15,7 +15,13 @@ NO_PLUGIN_COMMANDS = ("install", "uninstall")
 
 @click.group("plugin")
 def plugin_group() -> None:
-    """Write your own plugins (see docs/plugins.md)."""
+    """Write your own plugins (see docs/plugins.md).
+
+    \b
+    Examples:
+      adapterkit plugin new my-scorer --kind scorer
+      adapterkit plugin new my-trainer --kind trainer --dir plugins
+    """
 
 
 @plugin_group.command("new")
@@ -27,7 +33,13 @@ def plugin_group() -> None:
 def plugin_new(name: str, kind: str, where: str) -> None:
     """Create adapterkit-NAME/: a plugin package with its entry point, module, README and a
     passing test. Install it with `adapterkit install -e adapterkit-NAME`. NAME may carry the
-    `adapterkit-` prefix or not; the package is adapterkit-NAME either way."""
+    `adapterkit-` prefix or not; the package is adapterkit-NAME either way.
+
+    \b
+    Examples:
+      adapterkit plugin new my-scorer
+      adapterkit plugin new adapterkit-my-trainer --kind trainer --dir plugins
+    """
     from adapterkit.plugin_api.scaffold import scaffold
 
     root = scaffold(name, kind, where)
@@ -52,7 +64,14 @@ def _pip(args: list[str]) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Less output from pip.")
 def install_cmd(packages: tuple[str, ...], editables: tuple[str, ...], upgrade: bool,
                 quiet: bool) -> None:
-    """Install plugins (PyPI names, wheels or folders) into adapterkit's environment."""
+    """Install plugins (PyPI names, wheels or folders) into adapterkit's environment.
+
+    \b
+    Examples:
+      adapterkit install adapterkit-my-scorer
+      adapterkit install -e ./adapterkit-my-scorer
+      adapterkit install -U adapterkit-my-scorer
+    """
     if not packages and not editables:
         raise click.UsageError("name a package to install, or -e FOLDER")
     args = ["install", *packages]
@@ -72,6 +91,11 @@ def uninstall_cmd(packages: tuple[str, ...]) -> None:
 
     Name each by its plugin name (as `adapterkit plugins` and warnings show it) or its package
     name, with or without the `adapterkit-` prefix.
+
+    \b
+    Examples:
+      adapterkit uninstall my-scorer
+      adapterkit uninstall adapterkit-my-scorer
     """
     from adapterkit.plugin_api.manager import uninstall_name
 

@@ -269,8 +269,22 @@ class Catalog:
         raise AssertionError("unreachable")
 
     def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run a read-only query function against the catalog."""
+        """Run a read-only query function against the catalog. A home that does not exist
+        is read as the empty library it is, and left uncreated: a read writes nothing."""
+        if self._memory is None and not self.path.parent.exists():
+            return self._read_empty(fn)
         return self._run(fn, write=False)
+
+    @staticmethod
+    def _read_empty(fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """``fn`` run on an empty catalog in memory, for this one read (a later save creates
+        the real one)."""
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            conn.executescript(_SCHEMA)
+            return fn(conn)
+        finally:
+            conn.close()
 
     def write(self, fn: Callable[[sqlite3.Connection], Any], *, index_only: bool = False,
               undo: Callable[[], None] | None = None) -> Any:
@@ -291,11 +305,16 @@ class Catalog:
     def peek(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run a query on the catalog file as it is: read-only, no recovery, no migration, no
         fill (what ``doctor --dry-run`` needs). Raises :class:`CatalogError` when the file is
-        missing, unreadable or of another schema version."""
+        missing, unreadable or of another schema version.
+
+        On a home this process cannot write it is opened ``immutable``, as every read there
+        is: ``mode=ro`` still needs the WAL's ``-shm`` file, which a read-only home cannot
+        give, and a healthy catalog would be reported as damaged."""
         if not self.path.exists():
             raise CatalogError(f"there is no catalog file {self.path}")
+        query = "immutable=1" if self.read_only else "mode=ro"
         try:
-            conn = sqlite3.connect(uri(self.path, "mode=ro"), uri=True)
+            conn = sqlite3.connect(uri(self.path, query), uri=True)
         except sqlite3.DatabaseError as exc:
             raise _unusable(self.path, exc) from None
         try:

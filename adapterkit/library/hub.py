@@ -46,10 +46,10 @@ from adapterkit.library.metadata import (
     WEIGHTS_FILE,
     PocketBookMeta,
 )
+from adapterkit.library.record import Origin, read_record, record_meta, verify_record
 from adapterkit.library.store import PocketBook
 
 if TYPE_CHECKING:  # pragma: no cover
-    from adapterkit.library.peft_folder import AdapterFiles
     from adapterkit.library.store import Library
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
@@ -313,155 +313,57 @@ def _download(repo_id: str, revision: str | None, commit: str | None, where: str
     return snapshot
 
 
-def _read_recorded(folder: Path, repo_id: str, within: Path) -> dict[str, Any] | None:
-    """The repo's ``adapterkit.json`` as a JSON object, None where it has none; refused (one
-    line) where it is not one: what it records (base, hashes) cannot then be read."""
-    from adapterkit.library.peft_folder import own_file
-
-    path = own_file(folder, METADATA_FILE, within=within)
-    if path is None:
-        return None
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidAdapter(f"{repo_id}: its {METADATA_FILE} is not valid JSON ({exc}); "
-                             "nothing was imported") from None
-    if not isinstance(recorded, dict):
-        raise InvalidAdapter(f"{repo_id}: its {METADATA_FILE} is not a JSON object, so the "
-                             "base and hashes it should record cannot be read; nothing was "
-                             "imported")
-    return recorded
-
-
-#: files shown, never loaded: a mismatch there is an edit made on the Hub (editing a model
-#: card there is routine), warned about; one in the files that are loaded is refused
-_PROSE = (CARD_FILE, ".png")
-
-
-def _verify(folder: Path, recorded: dict[str, Any], names: list[str], *, repo_id: str,
-            within: Path) -> None:
-    """Check the SHA-256 that ``adapterkit.json`` records for each downloaded file; warn,
-    naming them, about files among ``names`` (those that will join the library) it records
-    none for, and about a card or picture changed since it was pushed."""
-    from adapterkit.library.peft_folder import own_file
-
-    files = recorded.get("files")
-    checked, edited = set(), []
-    for fname, digest in (files.items() if isinstance(files, dict) else ()):
-        if not isinstance(digest, str) or fname not in names:
-            continue  # not a file that joins the library (or not a hash): nothing to check
-        path = own_file(folder, fname, within=within)
-        if path is not None and sha256_file(path) != digest:
-            if not fname.endswith(_PROSE):
-                raise InvalidAdapter(f"{repo_id}: {fname} differs from what was pushed (the "
-                                     f"SHA-256 its {METADATA_FILE} records): it was changed on "
-                                     "the Hub since, or the download is corrupt; nothing was "
-                                     "imported")
-            edited.append(fname)
-        checked.add(fname)
-    if edited:
-        warnings.warn(f"{repo_id}: {', '.join(edited)} changed since it was pushed (edited on "
-                      "the Hub?); it is imported as it is now — the adapter's weights and "
-                      "config match what was pushed", HubWarning, stacklevel=4)
-    unchecked = [n for n in names if n not in checked]
-    if unchecked:
-        warnings.warn(f"{repo_id}: its {METADATA_FILE} records no SHA-256 for "
-                      f"{', '.join(unchecked)}, so they could not be checked against what was "
-                      "pushed", HubWarning, stacklevel=4)
-
-
-def _recorded_meta(recorded: dict[str, Any], repo_id: str) -> PocketBookMeta:
-    try:
-        meta = PocketBookMeta.from_dict(recorded)
-    except (TypeError, ValueError) as exc:
-        raise InvalidAdapter(f"{repo_id}: its {METADATA_FILE} is not pocket-book metadata "
-                             f"({exc}); nothing was imported") from None
-    if not isinstance(meta.base, dict) or not isinstance(meta.stacked_on, list):
-        raise InvalidAdapter(f"{repo_id}: its {METADATA_FILE} is not pocket-book metadata "
-                             "(base, stacked_on); nothing was imported")
-    return meta
+def _origin(repo_id: str) -> Origin:
+    """How a pulled repo's record is spoken of: its files were pushed, and a mismatch means
+    the Hub copy changed or the download is corrupt."""
+    return Origin(repo_id, "pushed", "it was changed on the Hub since, or the download is "
+                  "corrupt", edit_hint=" (edited on the Hub?)", category=HubWarning)
 
 
 def _import_download(library: Library, folder: Path, name: str, *, source: dict[str, Any],
                      within: Path, base: str | None, trust_pickle: bool) -> PocketBook:
+    """Import a downloaded repo: with its record as import reuses an export's (see
+    :func:`~adapterkit.library.peft_folder.import_recorded`), the card it was pushed with kept;
+    without one, as a plain PEFT folder."""
     from adapterkit.library.peft_folder import (
-        PICKLE_FILE,
-        copy_files,
+        check_on_recorded_base,
         import_peft_folder,
+        import_recorded,
+        own_file,
         read_adapter,
+        recorded_files,
     )
 
-    repo_id = source["repo_id"]
+    origin = _origin(source["repo_id"])
     # refuses a non-LoRA repo, a damaged header, a link out of the cache, early
     adapter = read_adapter(folder, trust_pickle=trust_pickle, within=within)
-    recorded = _read_recorded(folder, repo_id, within)
+    recorded = read_record(own_file(folder, METADATA_FILE, within=within), origin)
     if recorded is None:
         _warn_if_card_names_other_base(folder, base)
         return import_peft_folder(library, folder, name, base=base, trust_pickle=trust_pickle,
                                   source=source, within=within)
-    weights = PICKLE_FILE if adapter.pickled else WEIGHTS_FILE
-    names = [n for n in (CONFIG_FILE, weights, CARD_FILE) if (folder / n).exists()]
-    names += sorted(p.name for p in folder.glob("*.png"))
-    meta = _recorded_meta(recorded, repo_id)
-    _verify(folder, recorded, names, repo_id=repo_id, within=within)
-    _check_on_its_base(library, adapter, meta, base, name=name, repo_id=repo_id)
-    meta.source = source
-    meta.tags = []
-    meta.kind = "adapter"  # what was pulled is one PEFT adapter, whatever the file says
-    missing = [r for r in meta.stacked_on if not library.exists(r)]
-    if missing:
-        warnings.warn(f"{repo_id} is trained on top of {', '.join(missing)}, which this library "
-                      "does not have: pull the ones it was trained on under the same names "
-                      "before using it", HubWarning, stacklevel=2)
+    files = recorded_files(adapter, within=within, card=True)
+    meta = record_meta(recorded, origin)
+    verify_record(recorded, files, origin)
+    check_on_recorded_base(library, adapter, meta, base, name=name, origin=origin,
+                           by_name=False)
+    _warn_if_under_differs(library, meta, origin.label)
+    return import_recorded(library, adapter, meta, name, files=files, source=source,
+                           within=within, origin=origin, card=False)
+
+
+def _warn_if_under_differs(library: Library, meta: PocketBookMeta, repo_id: str) -> None:
+    """Say which pocket books it was trained on top of this library holds with other weights
+    under the same name (a pull meets libraries it was not made in): loading refuses it
+    (:func:`adapterkit.lora.underlay.check_under`)."""
     wanted = meta.stacked_on_sha256
-    others = [r for r in meta.stacked_on if r not in missing and wanted.get(r) and
+    others = [r for r in meta.stacked_on if wanted.get(r) and library.exists(r) and
               held_weights(library.get(r)) != wanted[r]]
-    if others:  # loading it refuses them (adapterkit.lora.underlay.check_under)
+    if others:
         warnings.warn(f"{repo_id} is trained on top of {', '.join(others)}, and this library's "
                       f"{', '.join(others)} hold other weights: it cannot be used here until "
                       "the ones it was trained on are under those names", HubWarning,
-                      stacklevel=2)
-    with library.draft() as staged:
-        # trusted pickled weights are written as safetensors (copy_files converts them)
-        copy_files(adapter, staged, tuple(WEIGHTS_FILE if n == PICKLE_FILE else n for n in names),
-                   within=within)
-        return library.commit(staged, meta, name=name)
-
-
-def _check_on_its_base(library: Library, adapter: AdapterFiles, meta: PocketBookMeta,
-                       base: str | None, *, name: str, repo_id: str) -> None:
-    """Import's checks against the base the pocket book records where this machine has it,
-    else against ``base``; where neither can be done, say so (it is checked when loaded)."""
-    from adapterkit.base.fingerprints import fingerprint
-    from adapterkit.base.resolve import find_base, resolve_base
-    from adapterkit.library.peft_folder import _refuse_base_rewriting, check_on_base
-
-    target, advice = None, ("its adapterkit.json names the wrong base, or the weights were "
-                            "changed after it was written; nothing was imported")
-    known = find_base(library.home, meta.base_fingerprint) if meta.base_fingerprint else None
-    if known:
-        try:
-            target = resolve_base(known, library.home).folder
-        except AdapterkitError:
-            target = None
-    if base is not None:
-        given = resolve_base(base, library.home).folder
-        fp = fingerprint(given)
-        if fp != meta.base_fingerprint:
-            warnings.warn(
-                f"this pocket book was made on base {meta.base.get('name')} (fingerprint "
-                f"{meta.base_fingerprint[:12]}), not on {base} (fingerprint {fp[:12]}); it will "
-                "be refused when attached to that base", HubWarning, stacklevel=4)
-        if target is None:
-            target, advice = given, "pass the base it was made on with --base"
-    if target is None:
-        _refuse_base_rewriting(adapter)  # needs no base: refused whatever the base
-        warnings.warn(f"{repo_id} was made on base {meta.base.get('name')}, which is not on this "
-                      "machine, so its weights could not be checked against it now; they are "
-                      "checked when it is loaded (or pass --base to check now)", HubWarning,
-                      stacklevel=4)
-        return
-    check_on_base(adapter, target, name=name, label=repo_id, advice=advice)
+                      stacklevel=3)
 
 
 def _warn_if_card_names_other_base(folder: Path, base: str | None) -> None:

@@ -17,8 +17,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.base.fingerprints import read_safetensors_header
-from adapterkit.errors import AdapterWarning, BaseMismatch, InvalidAdapter, UnsafeWeights
-from adapterkit.library.metadata import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
+from adapterkit.errors import (
+    AdapterWarning,
+    BaseMismatch,
+    BaseNotFound,
+    InvalidAdapter,
+    UnsafeWeights,
+)
+from adapterkit.library.metadata import (
+    CARD_FILE,
+    CONFIG_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    PocketBookMeta,
+)
+from adapterkit.library.record import PROSE, Origin, read_record, record_meta, verify_record
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import BaseStructure
@@ -648,7 +661,14 @@ def lora_settings(config: dict[str, Any]) -> dict[str, Any]:
 def import_peft_folder(library: Library, folder: Path, name: str, *, base: str | None = None,
                        trust_pickle: bool = False, source: dict[str, Any] | None = None,
                        within: Path | None = None) -> PocketBook:
-    """Check a plain PEFT adapter against its base and add it to ``library``.
+    """Check a PEFT adapter against its base and add it to ``library``.
+
+    A folder with a pocket book's record (``adapterkit.json``: an export) joins with that
+    record — method, trainer, data, metrics, base — once the files it hashes are shown to be
+    these (a file that differs is refused), and with a card rendered for the new entry; its base
+    is the recorded one (``--base`` is checked against it), found on this machine by its
+    fingerprint or name. A plain PEFT folder is recorded as ``lora`` made on ``base`` (default:
+    the base its config names).
 
     Only the folder's own files are copied: a link that leads out of it (out of ``within``,
     for a Hub download its cache repo) is refused.
@@ -661,6 +681,21 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
 
     ref = library.reserve(name)
     adapter = read_adapter(folder, trust_pickle=trust_pickle, within=within)
+    origin = Origin(str(folder), "exported", "it was changed since, or the copy is damaged",
+                    advice=_RECORD_ADVICE, category=AdapterWarning)
+    recorded = read_record(own_file(folder, METADATA_FILE, within=within), origin)
+    if recorded is not None:  # a pocket book's own folder: its record, not a plain "lora"
+        meta = record_meta(recorded, origin)
+        files = recorded_files(adapter, within=within, card=False)
+        # the loss curve is shown, never loaded: a record without its hash is no warning
+        verify_record(recorded, files, origin, cover=tuple(n for n in files
+                                                           if not n.endswith(PROSE)))
+        check_on_recorded_base(library, adapter, meta, base, name=ref.name, origin=origin,
+                               by_name=True)
+        source = dict(source or {"kind": "import", "folder": folder.resolve().name},
+                      recorded_as=f"{meta.name}@{meta.version}")
+        return import_recorded(library, adapter, meta, str(ref), files=files, source=source,
+                               within=within, origin=origin, card=True)
     base_spec = base or adapter.config.get("base_model_name_or_path")
     if not base_spec:
         raise BaseMismatch(f"{folder} does not name its base; pass --base")
@@ -691,3 +726,109 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
         (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
         copy_files(adapter, staged, (WEIGHTS_FILE, CARD_FILE), within=within)
         return library.commit(staged, meta, name=str(ref))
+
+
+#: what to do with a folder whose record does not match its files
+_RECORD_ADVICE = (" — export it again, or, to import these files as a plain PEFT adapter "
+                  f"without their record, move {METADATA_FILE} out of the folder")
+
+
+def recorded_files(adapter: AdapterFiles, *, within: Path | None,
+                   card: bool) -> dict[str, Path | None]:
+    """The files of a folder with a record that join the library, name → the path to read:
+    config, weights, loss-curve pictures, and with ``card`` its model card."""
+    weights = PICKLE_FILE if adapter.pickled else WEIGHTS_FILE
+    names = [CONFIG_FILE, weights] + ([CARD_FILE] if card else [])
+    names += sorted(p.name for p in adapter.folder.glob("*.png"))
+    files = {n: own_file(adapter.folder, n, within=within) for n in names}
+    return {n: path for n, path in files.items() if path is not None}
+
+
+def check_on_recorded_base(library: Library, adapter: AdapterFiles, meta: PocketBookMeta,
+                           base: str | None, *, name: str, origin: Origin,
+                           by_name: bool) -> None:
+    """Import's checks against the base ``meta`` records, found on this machine by its
+    fingerprint (or, with ``by_name``, by the name it records, where that gives the same
+    fingerprint), else against ``base``. Without either: with ``by_name`` refused (pass
+    --base), else said (it is checked when loaded). A ``base`` of another fingerprint is
+    warned about: the pocket book is refused when attached to it."""
+    from adapterkit.base.fingerprints import fingerprint
+    from adapterkit.base.resolve import resolve_base
+
+    target = _recorded_base(library.home, meta, by_name=by_name)
+    advice = (f"its {METADATA_FILE} names the wrong base, or the weights were changed after it "
+              "was written; nothing was imported")
+    if base is not None:
+        given = resolve_base(base, library.home).folder
+        fp = fingerprint(given)
+        if fp != meta.base_fingerprint:
+            warnings.warn(
+                f"this pocket book was made on base {meta.base.get('name')} (fingerprint "
+                f"{meta.base_fingerprint[:12]}), not on {base} (fingerprint {fp[:12]}); it will "
+                "be refused when attached to that base", origin.category, stacklevel=4)
+        if target is None:
+            target, advice = given, _PASS_BASE
+    if target is None:
+        _refuse_base_rewriting(adapter)  # needs no base: refused whatever the base
+        where = (f"{meta.base.get('name')} (fingerprint {meta.base_fingerprint[:12]})")
+        if by_name:
+            raise BaseNotFound(f"{origin.label} was made on base {where}, which is not on this "
+                               "machine: pass the base it was made on with --base; nothing was "
+                               "imported")
+        warnings.warn(f"{origin.label} was made on base {meta.base.get('name')}, which is not on "
+                      "this machine, so its weights could not be checked against it now; they "
+                      "are checked when it is loaded (or pass --base to check now)",
+                      origin.category, stacklevel=4)
+        return
+    check_on_base(adapter, target, name=name, label=origin.label, advice=advice)
+
+
+def _recorded_base(home: Path, meta: PocketBookMeta, *, by_name: bool) -> Path | None:
+    """The folder of the base ``meta`` records, where this machine has it: the spec that
+    loaded its fingerprint here, or (``by_name``) the name it records where that resolves to
+    the same fingerprint. None where neither does."""
+    from adapterkit.base.fingerprints import fingerprint
+    from adapterkit.base.resolve import find_base, resolve_base
+    from adapterkit.errors import AdapterkitError
+
+    fp = meta.base_fingerprint
+    specs = [find_base(home, fp) if fp else None]
+    if by_name and fp:
+        specs.append(str(meta.base.get("name") or "") or None)
+    for spec in dict.fromkeys(s for s in specs if s):
+        try:
+            folder = resolve_base(spec, home).folder
+        except AdapterkitError:
+            continue
+        if spec == specs[0] or fingerprint(folder) == fp:
+            return folder
+    return None
+
+
+def import_recorded(library: Library, adapter: AdapterFiles, meta: PocketBookMeta, name: str,
+                    *, files: dict[str, Path | None], source: dict[str, Any],
+                    within: Path | None, origin: Origin, card: bool) -> PocketBook:
+    """Add a checked folder with a record to ``library`` as ``name`` with ``meta`` (its
+    record), ``source`` saying where it came from; tags are the library's own, so none carry
+    over. With ``card`` a model card is rendered for the new entry (else ``files``' card, if
+    any, is kept). Says which pocket books it was trained on top of this library lacks."""
+    from adapterkit.library.card import write_card
+    from adapterkit.library.names import parse_ref
+
+    ref = parse_ref(name)
+    meta.name, meta.version = ref.name, ref.version or 1  # as commit will: for the card
+    meta.source = dict(source, pickled=adapter.pickled) if adapter.pickled else source
+    meta.tags = []
+    meta.kind = "adapter"  # what was read is one PEFT adapter, whatever the file says
+    missing = [r for r in meta.stacked_on if not library.exists(r)]
+    if missing:
+        warnings.warn(f"{origin.label} is trained on top of {', '.join(missing)}, which this "
+                      "library does not have: add the ones it was trained on under the same "
+                      "names before using it", origin.category, stacklevel=3)
+    with library.draft() as staged:
+        # trusted pickled weights are written as safetensors (copy_files converts them)
+        copy_files(adapter, staged, tuple(WEIGHTS_FILE if n == PICKLE_FILE else n
+                                          for n in files), within=within)
+        if card:
+            write_card(staged, meta)
+        return library.commit(staged, meta, name=name)
