@@ -269,3 +269,18 @@ def test_a_message_that_got_no_answer_leaves_the_conversation():
         with talk.answering(shown=[]):
             raise ConfigError("past the context")
     assert [m["role"] for m in talk.messages] == ["user", "assistant"]
+
+
+def test_every_session_and_serve_command_shows_examples():
+    """As `train --help` and `eval --help` do: how to call it, not only what it does."""
+    import click
+
+    from adapterkit.cli import serve as serve_cli
+    from adapterkit.cli import session as session_cli
+
+    commands = [c for module in (session_cli, serve_cli) for c in vars(module).values()
+                if isinstance(c, click.Command)]
+    assert {c.name for c in commands} >= {"swap", "chat", "stack", "merge", "verify", "serve"}
+    missing = [c.name for c in commands
+               if "Examples:\n    adapterkit " not in c.get_help(click.Context(c, info_name=c.name))]
+    assert not missing, missing

@@ -204,7 +204,9 @@ def path_session(world: dict, ref: str) -> Any:
     from adapterkit import open_session
 
     base, quant = _base_of(world, ref)
-    session = open_session(str(base), quantization=quant, home=world["library"].home)
+    # (an adapter made on the 4-bit base, not by a qlora run: answered on it by request)
+    session = open_session(str(base), quantization=quant, home=world["library"].home,
+                           any_quantization=quant is not None)
     session.swap(ref)
     return _logits(session.model)
 
@@ -213,7 +215,9 @@ def path_session_stack(world: dict, ref: str) -> Any:
     from adapterkit import open_session
 
     base, quant = _base_of(world, ref)
-    session = open_session(str(base), quantization=quant, home=world["library"].home)
+    # (an adapter made on the 4-bit base, not by a qlora run: answered on it by request)
+    session = open_session(str(base), quantization=quant, home=world["library"].home,
+                           any_quantization=quant is not None)
     session.stack({ref: 1.0})
     return _logits(session.model)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from adapterkit.base.load import QUANTIZATIONS
 from adapterkit.cli.common import obj, say
 from adapterkit.errors import ConfigError, MissingDependency, PocketBookNotFound
 from adapterkit.serving.vllm import VLLM_RANKS
@@ -40,13 +41,18 @@ def _names(text: str | None) -> list[str]:
                    "environment variable: a command line is visible to other users.")
 @click.option("--insecure", is_flag=True,
               help="Listen beyond loopback without a key (anyone who reaches it may use it).")
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS),
+              help="Load the base quantized, to serve pocket books trained on such a base "
+                   "(qlora: 4bit). Default: as the --preload pocket books were trained (else "
+                   "unquantized). A pocket book trained on another base is refused (400).")
 @click.option("--max-lora-rank", type=click.Choice([str(r) for r in VLLM_RANKS]),
               help="--engine vllm: the rank vLLM reserves for every LoRA slot. Default: the "
                    "smallest that holds every pocket book and saved stack of the base.")
 @click.pass_context
 def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: int,
               preload: str | None, max_attached: int, max_batch: int, max_queue: int,
-              api_key: str | None, insecure: bool, max_lora_rank: str | None) -> None:
+              api_key: str | None, insecure: bool, quantization: str | None,
+              max_lora_rank: str | None) -> None:
     """Serve BASE to many callers at once, each request naming its own pocket book.
 
     \b
@@ -58,12 +64,20 @@ def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: 
     server runs is servable at once.
 
     \b
+    One base is resident, loaded as the --preload pocket books were trained
+    (a qlora one: in 4bit, as `generate` loads it) or as --quantization says;
+    a request for a pocket book trained on another is refused (400,
+    model_not_servable), and so are --preload pocket books needing different
+    bases.
+
+    \b
     Open http://127.0.0.1:8000/ for the library and a playground that answers
     one prompt side by side with the plain base and the pocket books you tick.
 
     \b
     Examples:
       adapterkit serve --base smollm2-135m --preload triage
+      adapterkit serve --base smollm2-135m --quantization 4bit  # qlora pocket books
       curl http://127.0.0.1:8000/v1/models
       curl http://127.0.0.1:8000/v1/chat/completions \\
         -H 'Content-Type: application/json' \\
@@ -96,6 +110,9 @@ def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: 
 
     check_exposure(host, api_key, insecure)  # before minutes of loading, not after
     if engine_name == "vllm":
+        if quantization is not None:
+            raise ConfigError("--quantization applies only to --engine adapterkit; vLLM "
+                              "loads the base as its own options say")
         _serve_vllm(ctx, base=base, host=host, port=port, preload=preload,
                     max_attached=max_attached, max_batch=max_batch, api_key=api_key,
                     max_lora_rank=int(max_lora_rank) if max_lora_rank else None)
@@ -114,18 +131,19 @@ def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: 
     from adapterkit.base.load import load_base
     from adapterkit.cli.common import library
 
+    names = _names(preload)
+    if preload and not names:
+        raise ConfigError("--preload takes comma-separated names, e.g. triage,law")
     sock = bind(host, port)  # a port in use is refused now, before the base loads
     try:
         state = obj(ctx)
-        say(f"Loading base {base}...")
-        loaded = load_base(base, home=state["home"], progress=say)
+        quantization, why = _quantization(ctx, base, names, quantization)
+        say(f"Loading base {base} in {why}...")
+        loaded = load_base(base, quantization=quantization, home=state["home"], progress=say)
         engine = Engine(loaded, library(ctx), max_attached=max_attached, max_batch=max_batch,
                         max_queue=max_queue)
         try:
-            if preload:
-                names = _names(preload)
-                if not names:
-                    raise ConfigError("--preload takes comma-separated names, e.g. triage,law")
+            if names:
                 say(f"Attaching {', '.join(names)}...")
                 engine.preload(names)
             if engine.unmatched:
@@ -145,6 +163,26 @@ def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: 
             engine.close()
     finally:
         sock.close()
+
+
+def _quantization(ctx: click.Context, base: str, names: list[str],
+                  given: str | None) -> tuple[str | None, str]:
+    """The resident base's quantization (``--quantization``, else what the ``--preload``
+    pocket books were trained on: refused where they differ) and how the loading line says
+    it. Looked up before the base loads."""
+    from adapterkit.cli.common import library
+    from adapterkit.cli.session import loaded_in
+    from adapterkit.runtime.session import one_quantization, quantizations
+    from adapterkit.serving.names import parse
+
+    if given is not None:
+        return given, f"{given} (--quantization)"
+    lib = library(ctx)
+    books = {n: [lib.get(ref) for ref, _ in parse(n)] for n in names if n != base}
+    needs = quantizations(lib, books)
+    quantization = one_quantization(
+        needs, fix="serve them from two servers")
+    return quantization, loaded_in(quantization, needs)
 
 
 def _serve_vllm(ctx: click.Context, *, base: str, host: str, port: int, preload: str | None,

@@ -28,23 +28,38 @@ def _weights(text: str | None, count: int) -> list[float] | None:
     return weights
 
 
-def _open(ctx: click.Context, base: str | None, first: str | None, force: bool = False):
+def _open(ctx: click.Context, base: str | None, named: dict[str, list[str]],
+          force: bool = False):
+    """Load the base for the pocket books ``named`` (each name → its pocket books: one, or a
+    stack's members) as they were trained — the rule ``generate`` and ``eval`` follow — and
+    open a session on it; names that need different bases are refused before it loads."""
     from adapterkit.base.resolve import base_spec_for
-    from adapterkit.library.store import Library
-    from adapterkit.runtime.session import open_session
+    from adapterkit.runtime.session import one_quantization, open_session, quantizations
 
     home = obj(ctx)["home"]
-    if base is None and first is None:
+    if base is None and not named:
         raise ConfigError("give --base BASE (or a pocket book to take its base from)")
-    # the pocket book is looked up before the base loads (which may convert a GGUF file)
-    book = Library(home).get(first) if first is not None else None
+    # the pocket books are looked up before the base loads (which may convert a GGUF file)
+    lib = library(ctx)
+    books = {name: [lib.get(ref) for ref in refs] for name, refs in named.items()}
+    needs = quantizations(lib, books)
+    quantization = one_quantization(needs, fix="answer with them in separate runs")
     if base is None:
-        assert book is not None
-        base = base_spec_for(book.meta.base, home)
-    say(f"Loading base {base}...")
+        base = base_spec_for(next(iter(books.values()))[0].meta.base, home)
+    say(f"Loading base {base} in {loaded_in(quantization, needs)}...")
     start = time.perf_counter()
-    session = open_session(base, home=home, progress=say)
+    session = open_session(base, quantization=quantization, home=home, progress=say)
     return session, time.perf_counter() - start
+
+
+def loaded_in(quantization: str | None, needs: dict[str, str | None]) -> str:
+    """What the "Loading base" line says the base is loaded in, and why when quantized."""
+    if quantization is None:
+        from adapterkit.base.load import default_dtype
+
+        return str(default_dtype()).removeprefix("torch.")
+    return f"{quantization}, as {', '.join(needs)} {'was' if len(needs) == 1 else 'were'} " \
+           "trained"
 
 
 _SERVER = click.option(
@@ -88,6 +103,17 @@ def swap_cmd(ctx: click.Context, names: tuple[str, ...], prompt: str, base: str 
     (a+b, a*1+b*0.5). With --server URL a running `adapterkit serve` answers
     instead: the plain base and every pocket book at once, in one mixed batch,
     each answer timed.
+
+    \b
+    The base is loaded as the pocket books were trained (a qlora one: in 4bit,
+    as `generate` and `eval` load it); pocket books trained on different bases
+    (4bit and full precision) are refused together: swap them in two runs.
+
+    \b
+    Examples:
+      adapterkit swap triage law --prompt "Chest pain since this morning."
+      adapterkit swap triage triage+law "triage*1+law*0.5" --prompt "Rash?" --json
+      adapterkit swap triage law --prompt "Rash?" --server http://127.0.0.1:8000
     """
     check_sampling(max_new_tokens=max_new_tokens)
     _local_only(server, base=base, force=force)
@@ -95,9 +121,9 @@ def swap_cmd(ctx: click.Context, names: tuple[str, ...], prompt: str, base: str 
         _swap_on_server(server, api_key, list(names), prompt, max_new_tokens, as_json)
         return
     stacks = {name: _stack_of(ctx, name) for name in names}  # before the base loads
-    first = next((n for n in names if stacks[n] is None), None) or \
-        next(iter(stacks[names[0]] or {}))
-    session, load_s = _open(ctx, base, first, force)
+    # the base's own pocket book (if any is named alone) first: it names the base
+    named = {n: list(stacks[n] or [n]) for n in sorted(names, key=lambda n: stacks[n] is not None)}
+    session, load_s = _open(ctx, base, named, force)
     rows = []
     activate: dict[str, Callable[[], float]] = {}
     for name in names:
@@ -213,6 +239,16 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
     Commands:  /swap NAME   /stack A=1 B=0.5   /off   /reset   /list   /quit
     With --server URL a running `adapterkit serve` answers, streaming; /swap
     and /stack then only change the `model` each request names.
+
+    \b
+    The base is loaded as --adapter was trained (a qlora one: in 4bit); a
+    pocket book trained on another is refused by /swap and /stack.
+
+    \b
+    Examples:
+      adapterkit chat --adapter triage
+      adapterkit chat --base smollm2-135m --max-new-tokens 64
+      adapterkit chat --server http://127.0.0.1:8000 --adapter triage
     """
     check_sampling(max_new_tokens=max_new_tokens)
     _local_only(server, base=base)
@@ -221,7 +257,7 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
         return
     from adapterkit.runtime.generation import uses_chat
 
-    session, _ = _open(ctx, base, adapter)
+    session, _ = _open(ctx, base, {adapter: [adapter]} if adapter else {})
     if adapter:
         session.swap(adapter)
     talk = _Conversation(session.base.tokenizer, _context_of(session.model), max_new_tokens,
@@ -421,7 +457,13 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
 @click.pass_context
 def stack_cmd(ctx: click.Context, names: tuple[str, ...], weights: str | None, name: str,
               flatten: bool) -> None:
-    """Save pocket books NAMES as a stack: their deltas weighted and summed when active."""
+    """Save pocket books NAMES as a stack: their deltas weighted and summed when active.
+
+    \b
+    Examples:
+      adapterkit stack triage law --weights 1,0.5 --name triage-law
+      adapterkit stack triage law --name triage-law-flat --flatten
+    """
     from adapterkit.lora.combine import stack
 
     if len(names) < 2:
@@ -444,7 +486,13 @@ def stack_cmd(ctx: click.Context, names: tuple[str, ...], weights: str | None, n
 @click.pass_context
 def merge_cmd(ctx: click.Context, names: tuple[str, ...], method: str, weights: str | None,
               name: str, rank: int | None, density: float | None) -> None:
-    """Merge pocket books NAMES into one new pocket book with a registered strategy."""
+    """Merge pocket books NAMES into one new pocket book with a registered strategy.
+
+    \b
+    Examples:
+      adapterkit merge triage law --name both --rank 16
+      adapterkit merge triage law --method ties --density 0.5 --weights 1,0.5 --name tl
+    """
     from adapterkit.lora.combine import merge
 
     state = obj(ctx)
@@ -473,6 +521,11 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
     metadata and model card (printed first: exit 1, saying why, if it cannot
     be recorded). The base is loaded in full precision, also for a pocket book
     trained on a 4-bit one (the record says so).
+
+    \b
+    Examples:
+      adapterkit verify triage
+      adapterkit verify triage@2 --tolerance 1e-4 --json
     """
     from adapterkit.cli.common import echo_json, machine_error
     from adapterkit.errors import AdapterkitError

@@ -1,25 +1,37 @@
 """Sessions: one resident base, pocket books attached, swapped, stacked and switched off.
 
 Refuses a pocket book made on another base (fingerprint mismatch) unless forced, because a LoRA
-on the wrong base still "works" — it just produces quietly wrong answers. An unknown name is an
-error, never a silent answer from the plain base.
+on the wrong base still "works" — it just produces quietly wrong answers. For the same reason a
+pocket book answers only on a base loaded as it was trained (a ``qlora`` one: in 4 bits), the
+rule :func:`~adapterkit.runtime.peft_model.quantization_of` that ``generate`` and ``eval`` follow.
+An unknown name is an error, never a silent answer from the plain base.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterkit.base.compat import check_base
 from adapterkit.base.load import Base
-from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter, PocketBookNotFound
+from adapterkit.errors import (
+    BaseMismatch,
+    ConfigError,
+    InexactAdapter,
+    InvalidAdapter,
+    PocketBookNotFound,
+)
 from adapterkit.library.integrity import base_structure, check_book
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import Factors, concat, pad, read_factors, resident_tensors
+from adapterkit.runtime.peft_model import members_of, quantization_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.plugin_api.manager import PluginManager
 
 # -- fast sessions ----------------------------------------------------------------------------
 
@@ -86,15 +98,24 @@ class Session:
     A session owns its base's layers until :meth:`close`: one session per base at a time,
     and none while a PEFT model (``peft_model``, ``train()``'s ``result.model``) holds them —
     refused, since the two would silently add each other's LoRA (or, closing, take it away).
+
+    What is made active must have been trained on a base loaded as this one is (see
+    :func:`refuse_other_quantization`); ``any_quantization`` lifts that, where answering as
+    plain PEFT on this base is what is wanted (:func:`adapterkit.runtime.verify.verify`
+    compares every path on one float32 base on purpose, and records so).
     """
 
-    def __init__(self, base: Base, library: Library, *, rank: int = 0) -> None:
+    def __init__(self, base: Base, library: Library, *, rank: int = 0,
+                 any_quantization: bool = False) -> None:
         from adapterkit.lora.slots import claim
 
         claim(base.model, self)  # (refused if a session or a PEFT model holds it)
         self.closed = False
         self.base = base
         self.library = library
+        self.any_quantization = any_quantization
+        #: The attached pocket books' library entries, for the quantization rule on a swap.
+        self.pocket_books: dict[str, PocketBook] = {}
         self.model = base.model
         self.books: dict[str, LoadedBook] = {}
         self.slots: dict[str, Any] = {}
@@ -106,6 +127,18 @@ class Session:
         """What the session holds, for a refusal that names it."""
         return (f"attached: {', '.join(self.books) or 'none'}; active: "
                 f"{', '.join(self.active) or 'none'}")
+
+    def _refuse_other_quantization(self, books: list[PocketBook]) -> None:
+        """Refuse to answer with ``books`` on this base unless it is loaded as they were
+        trained (nothing is checked with ``any_quantization``)."""
+        if self.any_quantization:
+            return
+        first = books[-1].ref
+        refuse_other_quantization(
+            books, self.base.quantization, self.library, holder="this session",
+            fix=f"open a session for it with adapterkit.open(base, attach=[{first!r}]) (or "
+                f"`adapterkit chat --adapter {first}`), which loads the base as it was trained, "
+                "or pass any_quantization=True to answer on this one as plain PEFT does")
 
     def _check_open(self) -> None:
         if self.closed:
@@ -140,6 +173,9 @@ class Session:
         from adapterkit.lora.underlay import below
 
         below(self.library, book)  # what it was trained on is still what those names hold
+        if not self.any_quantization and quantization_of([book], _plugins(self.library)):
+            # trained on a quantized base: exact on no other, alone or in a stack
+            self._refuse_other_quantization([book])
         first_slot = next(iter(self.slots.values()), None)
         dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
         loaded = load_checked(self.base, book, model=self.model, dtype=dtype,
@@ -148,6 +184,7 @@ class Session:
         for path in new_slots:
             self.slots[path] = slot_mod.wrap(self.model, path)
         self.books[book.ref] = loaded
+        self.pocket_books[book.ref] = book
         if new_slots or loaded.rank > self.rank:
             self.rank = max(self.rank, loaded.rank)
             self._prepare_all()
@@ -168,6 +205,7 @@ class Session:
         if key in self.active:
             self.off()
         del self.books[key]
+        self.pocket_books.pop(key, None)
         self._stack_cache = {k: v for k, v in self._stack_cache.items()
                              if key not in dict(k)}
 
@@ -210,6 +248,7 @@ class Session:
             key = self.attach(ref, force=force)
         if self.books[key].stacked_on:  # trained --on others: bring its stack back
             return self.stack({r: 1.0 for r in [*self.books[key].stacked_on, key]}, force=force)
+        self._refuse_other_quantization([self.pocket_books[key]])
         start = time.perf_counter()
         for slot, a, b, scale in self.books[key].prepared:
             slot.bind(a, b, scale)
@@ -251,6 +290,7 @@ class Session:
         for key in list(keys):  # a member trained --on others needs them underneath, at 1
             for under in self.books[key].stacked_on:
                 keys.setdefault(self._attached(under, force=force), 1.0)
+        self._refuse_other_quantization([self.pocket_books[k] for k in keys])
         cache_key = tuple(sorted(keys.items()))
         combined = self._stack_cache.get(cache_key)
         if combined is None:
@@ -325,6 +365,7 @@ class Session:
             return
         self.off()
         self.books.clear()
+        self.pocket_books.clear()
         self._stack_cache.clear()
         unwrap_all(self.model)  # (only this session's: it is the base's one user)
         self.slots.clear()
@@ -350,8 +391,9 @@ def _check_generate(prompts: Any, max_new_tokens: Any, temperature: Any) -> None
     (or, for a temperature below 0, silently treat as greedy)."""
     if not isinstance(prompts, str) and not (
             isinstance(prompts, (list, tuple)) and prompts
-            and all(isinstance(p, str) for p in prompts)):
-        raise ConfigError(f"generate takes a prompt (a string) or a non-empty list of them, "
+            and all(isinstance(p, str) or _is_conversation(p) for p in prompts)):
+        raise ConfigError(f"generate takes a prompt (a string) or a non-empty list of them "
+                          f"(or of conversations: lists of {{'role', 'content'}} messages), "
                           f"not {prompts!r}"[:200])
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
             max_new_tokens < 1:
@@ -361,6 +403,13 @@ def _check_generate(prompts: Any, max_new_tokens: Any, temperature: Any) -> None
             not math.isfinite(temperature) or temperature < 0:
         raise ConfigError(f"temperature must be a number of at least 0 (0: greedy), not "
                           f"{temperature!r}")
+
+
+def _is_conversation(prompt: Any) -> bool:
+    """A chat so far, as ``chat`` sends it: messages with a role and text content."""
+    return isinstance(prompt, list) and bool(prompt) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in prompt)
 
 
 @contextmanager
@@ -384,26 +433,101 @@ def _device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
+# -- which base a pocket book answers on -------------------------------------------------------
+
+def _plugins(library: Library) -> PluginManager:
+    """The methods that say what each pocket book was trained on: the library's plugins, else
+    the process-wide ones."""
+    from adapterkit.plugin_api.manager import default_plugin_manager
+
+    return library.plugins or default_plugin_manager()
+
+
+def precision(quantization: str | None) -> str:
+    """How a message names a base's quantization: ``4bit``, or ``full-precision``."""
+    return quantization or "full-precision"
+
+
+def refuse_other_quantization(books: list[PocketBook], quantization: str | None,
+                              library: Library, *, holder: str, fix: str) -> None:
+    """Refuse to answer with ``books`` together (underlays and stack members listed) on a base
+    loaded in ``quantization`` unless :func:`quantization_of` — the rule of ``generate`` and
+    ``eval`` — asks for that one: a qlora book on a full-precision base, or a plain one on a
+    4-bit base, answers, but not what it answers everywhere else. ``holder`` names the base's
+    holder (``"this session"``), ``fix`` says what to do instead."""
+    plugins = _plugins(library)
+    need = quantization_of(books, plugins)
+    if need == quantization:
+        return
+    trained = [b.ref for b in books if quantization_of([b], plugins) == need]
+    one = len(trained) == 1
+    raise InexactAdapter(
+        f"{', '.join(trained)} {'was' if one else 'were'} trained on a {precision(need)} base "
+        f"and {holder} holds a {precision(quantization)} one, so {'it' if one else 'they'} "
+        f"would not answer as `generate` and `eval` do; {fix}")
+
+
+def quantizations(library: Library, named: Mapping[str, Iterable[PocketBook]]
+                  ) -> dict[str, str | None]:
+    """For each name (a pocket book, a stack: its pocket books), the quantization of the base
+    it answers on as trained: :func:`quantization_of` over them and what they were trained
+    ``--on``."""
+    plugins = _plugins(library)
+    return {name: quantization_of([m for b in books for m, _ in members_of(library, b)],
+                                  plugins)
+            for name, books in named.items()}
+
+
+def one_quantization(needs: Mapping[str, str | None], *, fix: str) -> str | None:
+    """The one quantization every name of ``needs`` (from :func:`quantizations`) answers on;
+    :class:`ConfigError` naming which needs which where they differ (no base is exact for
+    both), ending with ``fix``."""
+    kinds = list(dict.fromkeys(needs.values()))
+    if len(kinds) <= 1:
+        return kinds[0] if kinds else None
+    groups = [[n for n, q in needs.items() if q == kind] for kind in kinds]
+    first = f"{', '.join(groups[0])} {'needs' if len(groups[0]) == 1 else 'need'} a " \
+            f"{precision(kinds[0])} base"
+    rest = [f"{', '.join(g)} a {precision(k)} one" for g, k in zip(groups[1:], kinds[1:])]
+    raise ConfigError(f"{' and '.join([first, *rest])} (as each was trained): no one base "
+                      f"answers exactly for all; {fix}")
+
+
 def open_session(base: str | Base, *, quantization: str | None = None, home: Any = None,
                  attach: list[str] | None = None, force: bool = False,
-                 progress: Any = None) -> Session:
+                 progress: Any = None, any_quantization: bool = False) -> Session:
     """Load (or take) a frozen base and open a session on it, attaching ``attach``.
 
-    A :class:`Base` given is used as loaded: ``quantization`` may only repeat its own, and no
-    other session or PEFT model may hold it (see :class:`Session`)."""
+    A base given by name without ``quantization`` is loaded as ``attach`` was trained (a
+    ``qlora`` pocket book: in 4 bits; see :func:`quantizations`), pocket books trained on
+    different ones being refused. A :class:`Base` given is used as loaded: ``quantization`` may
+    only repeat its own, a pocket book trained on another is refused when attached or made
+    active, and no other session or PEFT model may hold it (see :class:`Session`).
+
+    ``any_quantization``: answer with every pocket book on this base as it is loaded (by
+    name: as ``quantization`` says), exactly as plain PEFT on it does but not as ``generate``
+    and ``eval`` do where it was trained on another (e.g. a LoRA on a 4-bit base, to save
+    memory)."""
     from adapterkit.base.load import load_base
 
     if attach is not None and (isinstance(attach, str) or not isinstance(attach, (list, tuple))):
         raise ConfigError(f"attach takes a list of pocket book names, e.g. [{attach!r}]")
+    for ref in attach or []:
+        _check_ref(ref)
     if isinstance(base, Base) and quantization is not None and \
             quantization != base.quantization:
         raise ConfigError(f"this base is already loaded in {base.quantization or 'full precision'}"
                           f", not {quantization}; load it with load_base(..., quantization="
                           f"{quantization!r}) or leave quantization out")
     library = Library(home)
+    if not isinstance(base, Base) and quantization is None and attach and \
+            not any_quantization:
+        quantization = one_quantization(
+            quantizations(library, {ref: [library.get(ref)] for ref in attach}),
+            fix="open one session for each, or give quantization= to stack them")
     loaded = base if isinstance(base, Base) else load_base(
         base, quantization=quantization, home=library.home, progress=progress)
-    session = Session(loaded, library)
+    session = Session(loaded, library, any_quantization=any_quantization)
     try:
         for ref in attach or []:
             session.attach(ref, force=force)

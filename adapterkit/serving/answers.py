@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from adapterkit.errors import ConfigError, QueueFull
+from adapterkit.errors import ConfigError, InexactAdapter, QueueFull
 from adapterkit.serving.metrics import ServerMetrics
 from adapterkit.serving.openai_io import (
     APIError,
@@ -115,7 +115,10 @@ class Answers:
         body.refuse_unsupported()
         stops, include_usage = body.stops(), body.include_usage()
         engine = self.engine
-        target = engine.resolve(body.model)
+        try:
+            target = engine.resolve(body.model)
+        except InexactAdapter as exc:  # (e.g. trained on a base quantized otherwise)
+            raise APIError(400, str(exc), code="model_not_servable", param="model") from None
         prompts = [self._chat_ids(body)] if chat else [self._text_ids(p) for p in body.prompts()]
         cap = int(getattr(engine, "max_new_tokens_cap", 2048))
         context = int(engine.context_length)

@@ -143,10 +143,26 @@ class Engine:
 
     def resolve(self, model: str) -> Target:
         """What ``model`` names (see :func:`adapterkit.serving.names.resolve`), read afresh;
-        :class:`ConfigError` for a stack of more pocket books than this server attaches."""
+        :class:`ConfigError` for a stack of more pocket books than this server attaches,
+        :class:`InexactAdapter` for pocket books trained on a base loaded otherwise."""
         target = resolve(self.library, self.base, model, base_id=self.base_id)
         _fits(target.key, len(target.members), self.max_attached)
+        self._refuse_other_quantization(model, target)
         return target
+
+    def _refuse_other_quantization(self, model: str, target: Target) -> None:
+        """:class:`InexactAdapter` where ``target``'s pocket books were trained on a base
+        loaded otherwise than this server's one (a qlora book on a full-precision base): it
+        would answer, but not as ``generate`` and ``eval`` do."""
+        if not target.members:
+            return
+        from adapterkit.runtime.session import refuse_other_quantization
+
+        books = [self.library.get(ref) for ref, _ in target.members]
+        refuse_other_quantization(
+            books, self.base.quantization, self.library,
+            holder="this server", fix=f"serve it from a server started with --preload "
+                                      f"{model}, which loads the base as it was trained")
 
     def models(self) -> list[dict[str, Any]]:
         """The base and every pocket book and stack of it in the library (``/v1/models``)."""

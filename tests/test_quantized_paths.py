@@ -1,0 +1,150 @@
+"""A pocket book answers on the base it was trained on, on every path: a qlora one (trained on
+a 4-bit base) in 4 bits in `swap`, `chat`, `serve` and `adapterkit.open()` as in `generate`
+and `eval` — or it is refused, saying which base it needs. It once answered on the
+full-precision base in a session and on the server, differently, without a word."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+import adapterkit
+from adapterkit.base.load import load_base
+from adapterkit.cli import build_cli
+from adapterkit.errors import ConfigError, InexactAdapter
+from adapterkit.plugin_api.manager import get_plugin_manager
+from adapterkit.plugin_api.testing import make_peft_adapter
+
+pytest.importorskip("bitsandbytes")
+
+PROMPT = "The patient reports chest pain."
+
+
+@pytest.fixture
+def books(library, tiny_base, tmp_path):
+    """``q4``, as if trained with --method qlora (on the 4-bit base), and ``law``, trained on
+    the full-precision one."""
+    for name, seed in (("q4", 3), ("law", 1)):
+        library.import_peft(make_peft_adapter(tiny_base, tmp_path / name, seed=seed,
+                                              target_modules="all-linear"),
+                            name, base=str(tiny_base))
+    library.update_meta("q4", lambda meta: setattr(meta, "method", "qlora"))
+    return library
+
+
+@pytest.fixture
+def cli(home):
+    return build_cli(get_plugin_manager(env=False))
+
+
+def run(cli, *args, code=0, input=None, stdout=False):
+    out = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    assert out.exit_code == code, out.output
+    return out.stdout if stdout else out.output
+
+
+def test_swap_answers_a_qlora_book_as_generate_does(cli, books, tiny_base):
+    said = run(cli, "generate", "--adapter", "q4", PROMPT, "--max-new-tokens", 12, stdout=True)
+    out = run(cli, "swap", "q4", "--prompt", PROMPT, "--max-new-tokens", 12, "--json")
+    assert f"Loading base {tiny_base} in 4bit, as q4 was trained..." in out
+    answer = json.loads(out[out.index("{"):])["pocket_books"][0]["answer"]
+    assert answer == said.removesuffix("\n")
+
+
+def test_chat_loads_the_base_as_its_pocket_book_was_trained(cli, books, tiny_base):
+    out = run(cli, "chat", "--adapter", "q4", "--max-new-tokens", 3,
+              input="/swap law\n/stack q4=1 law=0.5\n/quit\n")
+    assert f"Loading base {tiny_base} in 4bit, as q4 was trained..." in out
+    assert "Error: law@1 was trained on a full-precision base and this session holds a 4bit " \
+           "one" in out
+    assert "stacked {'q4@1': 1.0, 'law@1': 0.5}" in out  # on the 4-bit base, as eval has it
+    out = run(cli, "chat", "--adapter", "law", "--max-new-tokens", 3, input="/swap q4\n/quit\n")
+    assert f"Loading base {tiny_base} in float32..." in out
+    assert "Error: q4@1 was trained on a 4bit base and this session holds a full-precision " \
+           "one" in out
+
+
+def test_pocket_books_needing_different_bases_are_refused_together(cli, books):
+    out = run(cli, "swap", "q4", "law", "--prompt", PROMPT, code=1)
+    assert "q4 needs a 4bit base and law a full-precision one (as each was trained)" in out
+    assert "Loading base" not in out  # refused before minutes of loading
+    # an inline stack answers on one base, its 4-bit member's, as `eval q4+law` does
+    out = run(cli, "swap", "q4+law", "--prompt", PROMPT, "--max-new-tokens", 2)
+    assert "in 4bit, as q4+law was trained" in out
+
+
+def test_open_loads_the_base_as_attach_was_trained(books, tiny_base, home):
+    session = adapterkit.open(str(tiny_base), attach=["q4"])
+    try:
+        assert session.base.quantization == "4bit"
+        with pytest.raises(InexactAdapter, match="law@1 was trained on a full-precision base"):
+            session.swap("law")
+        session.stack({"q4": 1.0, "law": 0.5})  # the rule of eval: a 4-bit member, 4 bits
+    finally:
+        session.close()
+    with pytest.raises(ConfigError, match="q4 needs a 4bit base and law a full-precision one"):
+        adapterkit.open(str(tiny_base), attach=["q4", "law"])
+
+
+def test_a_loaded_base_refuses_a_pocket_book_trained_on_another(books, tiny_base, home):
+    session = adapterkit.open(load_base(str(tiny_base), home=home))
+    try:
+        with pytest.raises(InexactAdapter, match=r"q4@1 was trained on a 4bit base and this "
+                                                 r"session holds a full-precision one.*"
+                                                 r"attach=\['q4@1'\]"):
+            session.swap("q4")
+        assert not session.books  # refused before its file was read
+        with pytest.raises(InexactAdapter, match="trained on a 4bit base"):
+            session.generate(PROMPT, adapter={"law": 1.0, "q4": 1.0})
+    finally:
+        session.close()
+    # asked for in so many words: on this base, as plain PEFT on it answers
+    session = adapterkit.open(load_base(str(tiny_base), home=home), any_quantization=True)
+    try:
+        session.swap("q4")
+        assert session.active == {"q4@1": 1.0}
+    finally:
+        session.close()
+
+
+def test_serve_answers_only_what_its_base_was_trained_for(books, tiny_base, home):
+    from adapterkit.serving.app import create_app
+    from adapterkit.serving.engine import Engine
+    from adapterkit.serving.listen import running
+
+    def ask(url: str, model: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+
+    reference = adapterkit.open(str(tiny_base), attach=["q4"])
+    try:
+        expected = reference.generate(PROMPT, adapter="q4", max_new_tokens=8, chat=False)
+    finally:
+        reference.close()
+    for quantization, good, bad, needs in ((None, "law", "q4", "4bit"),
+                                           ("4bit", "q4", "law", "full-precision")):
+        engine = Engine(load_base(str(tiny_base), home=home, quantization=quantization), books)
+        engine.start()
+        try:
+            with running(create_app(engine)) as url:
+                assert ask(url, good).status_code == 200
+                if good == "q4":
+                    assert ask(url, "q4").json()["choices"][0]["text"].strip() == expected
+                refused = ask(url, bad)
+                assert refused.status_code == 400
+                error = refused.json()["error"]
+                assert error["code"] == "model_not_servable" and error["param"] == "model"
+                assert f"{bad}@1 was trained on a {needs} base and this server" in error["message"]
+                assert f"--preload {bad}" in error["message"]
+                assert bad in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+        finally:
+            engine.close()
+
+
+def test_serve_refuses_preloads_that_need_different_bases(cli, books, tiny_base):
+    out = run(cli, "serve", "--base", tiny_base, "--port", 0, "--preload", "q4,law",
+              "--max-attached", 1, code=1)
+    assert "q4 needs a 4bit base and law a full-precision one" in out
