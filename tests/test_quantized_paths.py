@@ -140,6 +140,9 @@ def test_serve_answers_only_what_its_base_was_trained_for(books, tiny_base, home
                 assert f"{bad}@1 was trained on a {needs} base and this server" in error["message"]
                 assert f"--preload {bad}" in error["message"]
                 assert bad in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+                one = httpx.get(f"{url}/v1/models/{bad}")  # (it said code "InexactAdapter")
+                assert one.status_code == 400
+                assert one.json()["error"]["code"] == "model_not_servable"
         finally:
             engine.close()
 

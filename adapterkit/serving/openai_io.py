@@ -17,6 +17,7 @@ from adapterkit.errors import (
     AdapterkitError,
     BaseMismatch,
     ConfigError,
+    InexactAdapter,
     InvalidName,
     PocketBookNotFound,
 )
@@ -75,6 +76,8 @@ def from_exception(exc: AdapterkitError) -> APIError:
         return APIError(400, str(exc), param="model", code="base_mismatch")
     if isinstance(exc, (InvalidName, ConfigError)):
         return APIError(400, str(exc), param="model", code="invalid_model")
+    if isinstance(exc, InexactAdapter):  # a sound pocket book this server cannot answer with
+        return APIError(400, str(exc), param="model", code="model_not_servable")
     return APIError(400, str(exc), code=type(exc).__name__)
 
 
