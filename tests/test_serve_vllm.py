@@ -172,6 +172,21 @@ def test_another_bases_pocket_book_is_refused_naming_both_fingerprints(lib, serv
         resolver.resolve("law+alien")
 
 
+def test_a_pocket_book_trained_on_a_4bit_base_is_refused(tiny_base, adapters, served,
+                                                           tmp_path):
+    """vLLM serves the full-precision base: a qlora book answered there otherwise than
+    `adapterkit generate`, which loads the 4-bit base it was trained on."""
+    library = new_library(tmp_path / "home", tiny_base, adapters, "law", "code")
+    library.update_meta("code", lambda meta: setattr(meta, "method", "qlora"))
+    resolver = resolver_of(library, served)
+    assert resolver.resolve("law") is not None
+    for model in ("code", "law+code"):
+        with pytest.raises(InvalidAdapter, match=r"code@1( \(in law@1\*1\+code@1\*1\))? was "
+                                                 r"trained on a 4bit base, and vLLM serves the "
+                                                 r"full-precision one"):
+            resolver.resolve(model)
+
+
 def test_stacks_and_per_layer_alphas_are_flattened_into_one_adapter(lib, served):
     resolver = resolver_of(lib, served)
     inline = resolver.resolve("law+code*0.5")

@@ -191,6 +191,7 @@ class AdapterkitResolver:
         if found is None:
             return None
         key, books, content = found
+        _refuse_quantized(self.library, key, [book for book, _ in books])
         structure = base_structure(self.base)
         for book, _ in books:  # the files as saved, and every tensor on a layer of this base
             check_book(book, structure)
@@ -269,6 +270,25 @@ class AdapterkitResolver:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return folder, int(out.config["r"])
+
+
+def _refuse_quantized(library: Library, key: str, books: list[PocketBook]) -> None:
+    """vLLM serves the base in full precision here: a pocket book trained on a 4-bit base
+    (``qlora``) would answer otherwise than ``adapterkit generate`` does, which loads that base
+    as it was trained (:func:`adapterkit.runtime.peft_model.quantization_of`)."""
+    from adapterkit.errors import InexactAdapter
+    from adapterkit.plugin_api.manager import default_plugin_manager
+    from adapterkit.runtime.peft_model import quantization_of
+
+    plugins = library.plugins or default_plugin_manager()
+    need = quantization_of(books, plugins)
+    if need:
+        trained = ", ".join(b.ref for b in books if quantization_of([b], plugins))
+        raise InexactAdapter(f"{trained if trained == key else f'{trained} (in {key})'} "
+                             f"was trained on a {need} base, and vLLM serves the "
+                             "full-precision one here: it would answer otherwise than "
+                             "`adapterkit generate` does; serve it with `adapterkit serve "
+                             f"--preload {key}`, which loads the base in {need}")
 
 
 def content_key(members: list[tuple[PocketBook, float]]) -> str:
