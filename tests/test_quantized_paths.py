@@ -54,6 +54,22 @@ def test_swap_answers_a_qlora_book_as_generate_does(cli, books, tiny_base):
     assert answer == said.removesuffix("\n")
 
 
+def test_generate_and_its_plain_base_load_as_the_pocket_book_was_trained(cli, books,
+                                                                          tiny_base):
+    """``generate --adapter q4 --no-adapter`` (the base q4 was made on, for comparison) loaded
+    the full-precision one; neither loading line said the precision."""
+    from adapterkit import load_base
+    from adapterkit.training.metrics import generate
+
+    out = run(cli, "generate", "--adapter", "q4", "--no-adapter", PROMPT, "--max-new-tokens", 12)
+    assert f"Loading base {tiny_base} in 4bit, as q4@1 was trained..." in out
+    plain = load_base(str(tiny_base), quantization="4bit")
+    expected = generate(plain.model, plain.tokenizer, [PROMPT], chat=True, max_new_tokens=12)[0]
+    assert out.rstrip("\n").endswith(expected)
+    out = run(cli, "generate", "--adapter", "law", PROMPT, "--max-new-tokens", 2)
+    assert f"Loading base {tiny_base} in float32..." in out
+
+
 def test_chat_loads_the_base_as_its_pocket_book_was_trained(cli, books, tiny_base):
     out = run(cli, "chat", "--adapter", "q4", "--max-new-tokens", 3,
               input="/swap law\n/stack q4=1 law=0.5\n/quit\n")

@@ -153,3 +153,13 @@ def check_sampling(*, max_new_tokens: int, temperature: float = 0.0) -> None:
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ConfigError(f"--temperature must be a finite number ≥ 0 (0 = greedy decoding), "
                           f"got {temperature}")
+
+
+def loaded_in(quantization: str | None, needs: dict[str, str | None]) -> str:
+    """What the "Loading base" line says the base is loaded in, and why when quantized."""
+    if quantization is None:
+        from adapterkit.base.load import default_dtype
+
+        return str(default_dtype()).removeprefix("torch.")
+    return f"{quantization}, as {', '.join(needs)} {'was' if len(needs) == 1 else 'were'} " \
+           "trained"

@@ -170,8 +170,7 @@ def _quantization(ctx: click.Context, base: str, names: list[str],
     """The resident base's quantization (``--quantization``, else what the ``--preload``
     pocket books were trained on: refused where they differ) and how the loading line says
     it. Looked up before the base loads."""
-    from adapterkit.cli.common import library
-    from adapterkit.cli.session import loaded_in
+    from adapterkit.cli.common import library, loaded_in
     from adapterkit.runtime.session import one_quantization, quantizations
     from adapterkit.serving.names import parse
 

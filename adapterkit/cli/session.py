@@ -12,7 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from adapterkit.cli.common import check_sampling, library, obj, say
+from adapterkit.cli.common import check_sampling, library, loaded_in, obj, say
 from adapterkit.errors import AdapterkitError, ConfigError
 
 
@@ -50,16 +50,6 @@ def _open(ctx: click.Context, base: str | None, named: dict[str, list[str]],
     start = time.perf_counter()
     session = open_session(base, quantization=quantization, home=home, progress=say)
     return session, time.perf_counter() - start
-
-
-def loaded_in(quantization: str | None, needs: dict[str, str | None]) -> str:
-    """What the "Loading base" line says the base is loaded in, and why when quantized."""
-    if quantization is None:
-        from adapterkit.base.load import default_dtype
-
-        return str(default_dtype()).removeprefix("torch.")
-    return f"{quantization}, as {', '.join(needs)} {'was' if len(needs) == 1 else 'were'} " \
-           "trained"
 
 
 _SERVER = click.option(

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from adapterkit.cli.common import check_sampling, library, obj, say
+from adapterkit.cli.common import check_sampling, library, loaded_in, obj, say
 from adapterkit.errors import ConfigError, NameTaken, PocketBookNotFound, RunStateError
 from adapterkit.home import resolve_home
 from adapterkit.training.launch import DEFAULT_RENDEZVOUS_TIMEOUT
@@ -512,23 +512,33 @@ def _load_for_book(ctx: click.Context, ref: str, base: str | None, force: bool =
     ``exact``: hold a 4-bit base in the layout it was trained in (evaluation), rather than
     bitsandbytes' faster but rounding CPU inference layout (generation).
     """
+    from adapterkit.runtime.peft_model import peft_model
+
+    library, book, loaded = _base_for_book(ctx, ref, base, exact=exact)
+    return book, loaded, peft_model(loaded, book, force=force, library=library)
+
+
+def _base_for_book(ctx: click.Context, ref: str, base: str | None, *, exact: bool = False):
+    """``(library, book, base)``: the base pocket book ``ref`` was made on (or ``base``),
+    loaded as it was trained (:func:`~adapterkit.runtime.peft_model.quantization_of`, the rule
+    of every path), the loading line saying how."""
     from adapterkit.base.load import load_base
     from adapterkit.base.resolve import base_spec_for
     from adapterkit.library.store import Library
-    from adapterkit.runtime.peft_model import members_of, peft_model, quantization_of
+    from adapterkit.runtime.peft_model import members_of, quantization_of
 
     state = obj(ctx)
     library = Library(state["home"])
     book = library.get(ref)
     quantization = quantization_of([m for m, _ in members_of(library, book)], state["plugins"])
     base_name = base or base_spec_for(book.meta.base, state["home"])
-    say(f"Loading base {base_name}...")
+    say(f"Loading base {base_name} in {loaded_in(quantization, {book.ref: quantization})}...")
     loaded = load_base(base_name, quantization=quantization, home=state["home"], progress=say)
     if exact:
         from adapterkit.base.load import keep_4bit_layout
 
         keep_4bit_layout(loaded.model)
-    return book, loaded, peft_model(loaded, book, force=force, library=library)
+    return library, book, loaded
 
 
 @click.command("eval")
@@ -770,14 +780,11 @@ def generate_cmd(ctx: click.Context, prompt: str, base: str | None, adapter: str
     state = obj(ctx)
     if adapter and not no_adapter:
         _, loaded, model = _load_for_book(ctx, adapter, base, force=force)
-    elif base or adapter:
-        if not base:
-            from adapterkit.base.resolve import base_spec_for
-            from adapterkit.library.store import Library
-
-            base = base_spec_for(Library(state["home"]).get(str(adapter)).meta.base,
-                                 state["home"])
-        say(f"Loading base {base}...")
+    elif adapter:  # the base NAME was made on, loaded as NAME answers on it, without NAME
+        _, _, loaded = _base_for_book(ctx, adapter, base)
+        model = loaded.model
+    elif base:
+        say(f"Loading base {base} in {loaded_in(None, {})}...")
         loaded = load_base(base, home=state["home"], progress=say)
         model = loaded.model
     else:
