@@ -130,6 +130,7 @@ def test_every_problem_of_every_stage_is_reported_at_once(adapterkit_cli, data, 
         "beta must be above 0, got 0.0",
         "stage 7 (alpha): the name alpha is also stage 1 (alpha)'s",
         "stage 8 (taken): a pocket book named 'taken' already exists",
+        "save as a new version with name: taken@2",  # a recipe's key, not train's --name
     ]
     assert [e for e in expected if e not in message] == [], message
     # nothing written: the library holds what it held, no run folder was started

@@ -501,7 +501,9 @@ def _check_names(stages: list[Stage], library: Library, *, resume: bool, restart
             problems.append(f"{stage.label}: {book.ref} was made by this stage in an earlier "
                             "run of the pipeline: pass --resume to continue after it")
         elif taken is not None and (stage.fingerprint or not resume):
-            problems.append(f"{stage.label}: {taken}" + (
+            # (a recipe names a stage with name:, not train's --name)
+            said = str(taken).replace("with --name ", "with name: ")
+            problems.append(f"{stage.label}: {said}" + (
                 " (it was not made by this stage of this recipe, so --resume cannot reuse it)"
                 if resume else ""))
         elif taken is None and not resume and not restart and \
