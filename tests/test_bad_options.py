@@ -586,6 +586,8 @@ def test_a_run_whose_only_checkpoint_was_cut_off_is_run_again_not_resumed(train_
     ([], ", guard: budget 1%, KL weight 3", 1.0),  # sft's default guard
     (["--guard-weight", "0"], ", no guard", None),  # the default guard yields to a weight of 0
     (["--forgetting-budget", "2%", "--guard-weight", "0"], ", guard: budget 2%, no KL term", 2.0),
+    (["--forgetting-budget", "off", "--guard-weight", "3"], ", guard: no budget, KL weight 3",
+     None),  # a KL term alone: the line crashed on the missing budget, after the save
 ])
 def test_the_forgetting_line_says_how_the_guard_acted(flags, words, budget, train_args,
                                                       adapterkit_cli, library):

@@ -482,7 +482,8 @@ def _guard_words(guard: dict[str, Any] | None) -> str:
     if not guard:
         return ", no guard"
     kl = f"KL weight {guard['weight']:g}" if guard.get("weight") else "no KL term"
-    return f", guard: budget {guard['budget_pct']:g}%, {kl}"
+    budget = guard.get("budget_pct")  # (none: a KL term alone, e.g. dpo --guard-weight 0.3)
+    return f", guard: {f'budget {budget:g}%' if budget is not None else 'no budget'}, {kl}"
 
 
 def _reports() -> bool:
