@@ -313,7 +313,9 @@ def _state_dicts_read_only(model: Any) -> None:
 
 
 def _remember_4bit_layout(module: Any, prefix: str, keep_vars: bool) -> None:
-    state = getattr(module.weight, "quant_state", None)
+    if keep_vars:  # the dict holds the live Parameter: putting the layout back would change
+        return     # the dict's weight under its quantization entries (nobody asks so today)
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
     if state is not None and getattr(state, "packing_format_for_cpu", False):
         module._adapterkit_layout = (module.weight.data, state, dict(vars(state)))
 
