@@ -208,7 +208,19 @@ def test_ctrl_c_during_export_says_nothing_was_written(run, home, tiny_base, pef
     monkeypatch.setattr(store.shutil, "copy2", interrupted)
     dest = tmp_path / "out" / "pe"
     result = run("export", "pe", dest, ok=False)
-    monkeypatch.undo()
+    monkeypatch.setattr(store.shutil, "copy2", real_copy)
     assert result.exit_code == 130, result.output
     assert result.output.strip() == f"Interrupted: nothing was written to {dest}"
     assert copied and not dest.exists() and not list(dest.parent.glob(".pe.partial*"))
+
+    # a DEST that was there (and not empty) before is no sign that this export wrote it
+    dest.mkdir(parents=True)
+    (dest / "mine.txt").write_text("the user's")
+
+    def checking(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("adapterkit.library.integrity.check_book", checking)
+    result = run("export", "pe", dest, ok=False)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == f"Interrupted: nothing was written to {dest}"

@@ -273,15 +273,25 @@ def export_cmd(ctx: click.Context, ref: str, dest: str, merged: bool, fmt: str,
       adapterkit export triage out/triage-model --merged
       adapterkit export triage out/triage-q4 --merged --format gguf --quantize q4_k_m
     """
+    before = _written(Path(dest))  # (a DEST that was there already is no sign of this export)
     try:
         _export(ctx, ref, dest, merged=merged, fmt=fmt, quantize=quantize, tolerance=tolerance)
     except KeyboardInterrupt:
         # every export fills a hidden sibling of DEST and renames it into place last
         # (adapterkit.files.new_folder), removing it when interrupted
-        done = Path(dest).is_dir() and any(Path(dest).iterdir())
+        done = before is None and _written(Path(dest)) is not None
         say(f"Interrupted: {dest} was already written whole" if done
             else f"Interrupted: nothing was written to {dest}")
         sys.exit(130)
+
+
+def _written(dest: Path) -> int | None:
+    """An identity of a non-empty DEST (its inode), None where there is none: the export
+    renames a whole folder into place, so a new identity means it was written."""
+    try:
+        return dest.stat().st_ino if dest.is_dir() and any(dest.iterdir()) else None
+    except OSError:
+        return None
 
 
 def _export(ctx: click.Context, ref: str, dest: str, *, merged: bool, fmt: str,
