@@ -308,6 +308,23 @@ def test_an_export_whose_weights_changed_is_refused(library, tiny_base, peft_ada
     assert [s.name for s in library.list()] == ["q4"]
 
 
+def test_a_record_without_the_hashes_of_its_files_is_not_attached_to_them(
+        library, tiny_base, peft_adapter, tmp_path):
+    """It was imported with its whole record (method, metrics, base) and only a warning that
+    nothing could be checked: a record that proves nothing about the files beside it."""
+    import json
+
+    _trained_looking(library, peft_adapter, tiny_base)
+    out = library.export("q4", tmp_path / "exp_q4")
+    record = json.loads((out / "adapterkit.json").read_text())
+    del record["files"]
+    (out / "adapterkit.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="records no SHA-256 of adapter_config.json and "
+                                         "adapter_model.safetensors.*imported as a plain PEFT"):
+        plain = library.import_peft(out, "unproven", base=str(tiny_base))
+    assert (plain.meta.method, plain.meta.trainer, plain.meta.metrics) == ("lora", None, {})
+
+
 def test_an_export_on_a_base_this_home_does_not_know_asks_for_it(tiny_base, peft_adapter,
                                                                   tmp_path):
     """In another home the recorded base is not found: refused saying to pass --base (not

@@ -658,6 +658,23 @@ def lora_settings(config: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def _checkable(recorded: dict[str, Any] | None, folder: Path) -> dict[str, Any] | None:
+    """``recorded`` where it hashes the config and weights it describes; else None, said: a
+    record that proves nothing about the files beside it is not attached to them (its method,
+    metrics and base could be another pocket book's), and the folder imports as plain PEFT."""
+    if recorded is None:
+        return None
+    hashed = recorded.get("files")
+    if isinstance(hashed, dict) and all(isinstance(hashed.get(n), str)
+                                        for n in (CONFIG_FILE, WEIGHTS_FILE)):
+        return recorded
+    warnings.warn(f"{folder}: its {METADATA_FILE} records no SHA-256 of {CONFIG_FILE} and "
+                  f"{WEIGHTS_FILE}, so it cannot show it describes them: its record (method, "
+                  "trainer, metrics, base) is not used, and the folder is imported as a plain "
+                  "PEFT adapter", AdapterWarning, stacklevel=3)
+    return None
+
+
 def import_peft_folder(library: Library, folder: Path, name: str, *, base: str | None = None,
                        trust_pickle: bool = False, source: dict[str, Any] | None = None,
                        within: Path | None = None) -> PocketBook:
@@ -683,7 +700,8 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
     adapter = read_adapter(folder, trust_pickle=trust_pickle, within=within)
     origin = Origin(str(folder), "exported", "it was changed since, or the copy is damaged",
                     advice=_RECORD_ADVICE, category=AdapterWarning)
-    recorded = read_record(own_file(folder, METADATA_FILE, within=within), origin)
+    recorded = _checkable(read_record(own_file(folder, METADATA_FILE, within=within), origin),
+                          folder)
     if recorded is not None:  # a pocket book's own folder: its record, not a plain "lora"
         meta = record_meta(recorded, origin)
         files = recorded_files(adapter, within=within, card=False)
