@@ -491,6 +491,12 @@ def test_an_adapter_in_a_subfolder_is_named_and_pulled_with_subfolder(hub, libra
                                              "adapter is in the subfolder myname"):
         pull(library, "carol/named", subfolder="other")
     book = pull(library, "carol/named", subfolder="myname", base=str(tiny_base))
+    top = {p.name: p.read_bytes() for p in peft_adapter.iterdir() if p.is_file()}
+    hub.add_repo("carol/top", "carol", top)
+    with pytest.raises(InvalidAdapter, match="carol/top \\(main\\) has no adapter_config.json in "
+                                             "its folder myname: its adapter is at its top; "
+                                             "pull it without --subfolder"):
+        pull(library, "carol/top", subfolder="myname")
     assert book.meta.source["subfolder"] == "myname" and book.name == "named"
     assert (book.path / "adapter_model.safetensors").read_bytes() == (
         peft_adapter / "adapter_model.safetensors").read_bytes()

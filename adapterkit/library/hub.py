@@ -271,6 +271,10 @@ def _refuse_no_adapter(repo_id: str, revision: str, where: str, names: set[str])
     adapter saved under a non-default name lives in a folder of that name)."""
     held = sorted({n[:-len(CONFIG_FILE) - 1] for n in names if n.endswith("/" + CONFIG_FILE)})
     place = f"in its folder {where.rstrip('/')}" if where else "at its top"
+    if where and CONFIG_FILE in names:
+        raise InvalidAdapter(f"{repo_id} ({revision}) has no {CONFIG_FILE} {place}: its "
+                             "adapter is at its top; pull it without --subfolder; nothing was "
+                             "imported")
     if held:
         raise InvalidAdapter(f"{repo_id} ({revision}) has no {CONFIG_FILE} {place}: its "
                              f"adapter is in the subfolder {', '.join(held)}; pull it with "
@@ -317,7 +321,8 @@ def _origin(repo_id: str) -> Origin:
     """How a pulled repo's record is spoken of: its files were pushed, and a mismatch means
     the Hub copy changed or the download is corrupt."""
     return Origin(repo_id, "pushed", "it was changed on the Hub since, or the download is "
-                  "corrupt", edit_hint=" (edited on the Hub?)", category=HubWarning)
+                  "corrupt", edit_hint=" (edited on the Hub?)", category=HubWarning,
+                  fetch="pull")
 
 
 def _import_download(library: Library, folder: Path, name: str, *, source: dict[str, Any],

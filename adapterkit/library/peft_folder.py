@@ -262,7 +262,7 @@ def _header(path: Path) -> tuple[dict, int]:
         raise InvalidAdapter(str(exc).replace("safetensors file", "adapter weights")) from None
 
 
-_PASS_BASE = "pass the base it was trained on with --base"
+_PASS_BASE = "pass the base it was made on with --base"
 
 
 def check_fits(adapter: AdapterFiles, structure: BaseStructure, *, label: str | None = None,
@@ -790,9 +790,9 @@ def check_on_recorded_base(library: Library, adapter: AdapterFiles, meta: Pocket
         _refuse_base_rewriting(adapter)  # needs no base: refused whatever the base
         where = (f"{meta.base.get('name')} (fingerprint {meta.base_fingerprint[:12]})")
         if by_name:
-            raise BaseNotFound(f"{origin.label} was made on base {where}, which is not on this "
-                               "machine: pass the base it was made on with --base; nothing was "
-                               "imported")
+            raise BaseNotFound(f"{origin.label} was made on base {where}, which this adapterkit "
+                               "home does not know (by that fingerprint or name): pass the base "
+                               "it was made on with --base; nothing was imported")
         warnings.warn(f"{origin.label} was made on base {meta.base.get('name')}, which is not on "
                       "this machine, so its weights could not be checked against it now; they "
                       "are checked when it is loaded (or pass --base to check now)",
@@ -841,7 +841,8 @@ def import_recorded(library: Library, adapter: AdapterFiles, meta: PocketBookMet
     missing = [r for r in meta.stacked_on if not library.exists(r)]
     if missing:
         warnings.warn(f"{origin.label} is trained on top of {', '.join(missing)}, which this "
-                      "library does not have: add the ones it was trained on under the same "
+                      f"library does not have: {origin.fetch} the ones it was trained on under "
+                      "the same "
                       "names before using it", origin.category, stacklevel=3)
     with library.draft() as staged:
         # trusted pickled weights are written as safetensors (copy_files converts them)

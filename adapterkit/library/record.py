@@ -39,6 +39,7 @@ class Origin:
     :param edit_hint: said after a card or picture that changed since (where it was likely
         edited).
     :param category: the warning class said with (``HubWarning`` for a pull).
+    :param fetch: how the pocket books it was trained on are brought here (``pull``, ``add``).
     """
 
     label: str
@@ -47,6 +48,7 @@ class Origin:
     advice: str = ""
     edit_hint: str = ""
     category: type[Warning] = UserWarning
+    fetch: str = "add"
 
 
 def read_record(path: Path | None, origin: Origin) -> dict[str, Any] | None:
