@@ -148,6 +148,7 @@ def test_an_inline_stack_is_evaluated_and_reported_not_recorded(trained, tasks, 
     task_file = tasks / "triage_choice.yaml"  # a task YAML given directly, no --include-path
     out = cli(trained, "eval", "triage+other", "--harness", task_file, "--json")
     assert out.exit_code == 0, out.output
+    assert f"Loading base {tiny_base} in float32..." in out.output  # (the precision said)
     report = json.loads(out.output[out.output.index("{"):])
     assert report["target"] == "triage@1*1+other@1*1" and report["recorded_in"] is None
     acc = report["tasks"]["triage_choice"]["metrics"]["acc"]

@@ -741,7 +741,9 @@ def _load_target(ctx: click.Context, ref: str, base: str | None) -> tuple[Any, A
     quantization = quantization_of(
         [m for b in named for m, _ in members_of(lib, b)], state["plugins"])
     base_name = base or base_spec_for(named[0].meta.base, state["home"])
-    say(f"Loading base {base_name}...")
+    trained = {b.ref: quantization for b in named
+               if quantization_of([m for m, _ in members_of(lib, b)], state["plugins"])}
+    say(f"Loading base {base_name} in {loaded_in(quantization, trained)}...")
     loaded = load_base(base_name, quantization=quantization, home=state["home"], progress=say)
     if quantization:
         from adapterkit.base.load import keep_4bit_layout
