@@ -24,3 +24,19 @@ def default_home() -> Path:
 def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
     """The adapterkit home to use: the one given, else :func:`default_home`."""
     return Path(home).expanduser() if home else default_home()
+
+
+def file_in_the_way(home: Path) -> str | None:
+    """How ``home`` cannot be a folder — ``"is a file"``, ``"lies under F, which is a file"``
+    — or None where it can (as far as can be told: a folder it could not look at is for its
+    first use to say)."""
+    for folder in (home, *home.parents):
+        try:
+            if not folder.exists():
+                continue
+            if folder.is_dir():
+                return None
+        except OSError:
+            return None
+        return "is a file" if folder == home else f"lies under {folder}, which is a file"
+    return None

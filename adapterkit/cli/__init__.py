@@ -38,7 +38,7 @@ from adapterkit.cli.serve import serve_cmd
 from adapterkit.cli.session import chat_cmd, merge_cmd, stack_cmd, swap_cmd, verify_cmd
 from adapterkit.cli.train import eval_cmd, generate_cmd, train_cmd
 from adapterkit.errors import ConfigError
-from adapterkit.home import HOME_ENV
+from adapterkit.home import HOME_ENV, file_in_the_way
 from adapterkit.plugin_api.manager import (
     DISABLE_ENV,
     PluginManager,
@@ -100,15 +100,8 @@ def _refuse_file_home(home: str, *, from_env: bool) -> None:
     """Refuse, before any command runs, a home that is a file or lies under one, naming where
     it was given (``$ADAPTERKIT_HOME`` or ``--home``): the user may never have typed it."""
     path = Path(home).expanduser()
-    for folder in (path, *path.parents):
-        try:
-            if not folder.exists():
-                continue
-            if folder.is_dir():
-                return
-        except OSError:  # not ours to judge (permissions...): the first use says what it is
-            return
-        where = "is a file" if folder == path else f"lies under {folder}, which is a file"
+    where = file_in_the_way(path)
+    if where:
         given, fix = (f"${HOME_ENV}", f"set ${HOME_ENV} to") if from_env else \
             ("--home", "pass --home with")
         raise ConfigError(f"the adapterkit home {path} (from {given}) {where}, not a folder: "

@@ -46,7 +46,7 @@ from adapterkit.files import (
     sha256_file,
     stale_reason,
 )
-from adapterkit.home import resolve_home
+from adapterkit.home import file_in_the_way, resolve_home
 from adapterkit.library import layout
 from adapterkit.library.catalog import Catalog, meta_stamp
 from adapterkit.library.metadata import (
@@ -590,15 +590,8 @@ def _check_path(label: str, value: Any) -> None:
 def _refuse_file_home(home: Path) -> None:
     """Refuse a ``home`` that is a file, or lies under one: the library could make none of
     its folders there (``mkdir`` would fail deep inside a first read or save)."""
-    for folder in (home, *home.parents):
-        try:
-            if not folder.exists():
-                continue
-            if folder.is_dir():
-                return
-        except OSError:  # not ours to judge (permissions...): the first use says what it is
-            return
-        where = "is a file" if folder == home else f"lies under {folder}, which is a file"
+    where = file_in_the_way(home)
+    if where:
         raise ConfigError(f"the adapterkit home {home} {where}, not a folder: give the path of "
                           "a folder (home=... or $ADAPTERKIT_HOME)")
 
