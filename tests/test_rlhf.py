@@ -142,8 +142,8 @@ def test_reward_reuse_trains_no_second_reward_book(rlhf_run, tiny_base):
     prompts = data.with_name("prompts.jsonl")
     prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n"
                                for line in data.read_text().splitlines()))
-    alone = train("rlhf", base=str(tiny_base), data=str(prompts), name="kind3", home=home,
-                  plugins=pm, options=options)
+    alone = train("rlhf", base=str(tiny_base), data=str(prompts), name="kind-prompts",
+                  home=home, plugins=pm, options=options)
     assert alone.metrics["reward_book"] == "kind-reward@1"
     with safe_open(again.pocket_book.path / "adapter_model.safetensors", "pt") as a, \
             safe_open(alone.pocket_book.path / "adapter_model.safetensors", "pt") as b:
@@ -154,8 +154,8 @@ def test_reward_reuse_trains_no_second_reward_book(rlhf_run, tiny_base):
     with pytest.raises(ConfigError, match="first trains a reward pocket book from preference "
                                           "pairs: give a prompt/chosen/rejected file, or "
                                           "--reward NAME"):
-        train("rlhf", base=str(tiny_base), data=str(prompts), name="kind4", home=home,
-              plugins=pm, options=without)
+        train("rlhf", base=str(tiny_base), data=str(prompts), name="kind-prompts-alone",
+              home=home, plugins=pm, options=without)
 
 
 def test_bad_reward_and_rl_settings_write_nothing(rlhf_run, tiny_base, other_base, tmp_path):
