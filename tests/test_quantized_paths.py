@@ -6,6 +6,7 @@ full-precision base in a session and on the server, differently, without a word.
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -106,11 +107,15 @@ def test_open_loads_the_base_as_attach_was_trained(books, tiny_base, home):
 
 
 def test_a_loaded_base_refuses_a_pocket_book_trained_on_another(books, tiny_base, home):
+    """The advice once read ``adapterkit.open(base, attach=['q4@1'])``: the caller's ``base``
+    is the full-precision one this session still holds, so following it was refused again."""
     session = adapterkit.open(load_base(str(tiny_base), home=home))
     try:
-        with pytest.raises(InexactAdapter, match=r"q4@1 was trained on a 4bit base and this "
-                                                 r"session holds a full-precision one.*"
-                                                 r"attach=\['q4@1'\]"):
+        with pytest.raises(InexactAdapter, match=(
+                r"q4@1 was trained on a 4bit base and this session holds a full-precision one"
+                r".*; close this session and open one that loads the base as q4@1 was trained: "
+                rf"adapterkit.open\({re.escape(repr(str(tiny_base.resolve())))}, "
+                r"attach=\['q4@1'\]\)")):
             session.swap("q4")
         assert not session.books  # refused before its file was read
         with pytest.raises(InexactAdapter, match="trained on a 4bit base"):
@@ -122,6 +127,65 @@ def test_a_loaded_base_refuses_a_pocket_book_trained_on_another(books, tiny_base
     try:
         session.swap("q4")
         assert session.active == {"q4@1": 1.0}
+    finally:
+        session.close()
+
+
+def wrapped(session) -> list[str]:
+    """The module paths of the base's layers wrapped in session slots."""
+    from adapterkit.lora.slots import LoraSlot
+
+    return sorted(name for name, module in session.model.named_modules()
+                  if isinstance(module, LoraSlot))
+
+
+def state(session) -> tuple:
+    return list(session.books), session.rank, wrapped(session), dict(session.active)
+
+
+def test_a_refused_swap_or_stack_on_a_4bit_base_changes_nothing(books, tiny_base, tmp_path):
+    """Before: a plain LoRA was attached to the 4-bit session first and refused after — left
+    attached, the layers it targets wrapped and the session's rank raised (4 → 8)."""
+    books.import_peft(make_peft_adapter(tiny_base, tmp_path / "wide", seed=4, r=8,
+                                        target_modules="all-linear"), "wide", base=str(tiny_base))
+    books.import_peft(make_peft_adapter(tiny_base, tmp_path / "q4v", seed=5), "q4v",
+                      base=str(tiny_base))  # q_proj and v_proj, rank 4
+    books.update_meta("q4v", lambda meta: setattr(meta, "method", "qlora"))
+    session = adapterkit.open(str(tiny_base), attach=["q4v"])
+    try:
+        session.swap("q4v")
+        before = state(session)
+        assert before[1] == 4 and len(before[2]) == 4
+        with pytest.raises(InexactAdapter, match=r"wide@1 was trained on a full-precision base "
+                                                 r"and this session holds a 4bit one.*"
+                                                 r"attach=\['wide@1'\]"):
+            session.swap("wide")
+        assert state(session) == before
+        with pytest.raises(InexactAdapter, match=r"wide@1, law@1 were trained on a "
+                                                 r"full-precision base"):
+            session.stack({"wide": 1.0, "law": 0.5})
+        assert state(session) == before
+        # a plain one attaches: stacked with a qlora one it answers on 4 bits, as eval has it
+        session.attach("wide")
+        session.stack({"q4v": 1.0, "wide": 0.5})
+        assert session.active == {"q4v@1": 1.0, "wide@1": 0.5}
+    finally:
+        session.close()
+
+
+def test_a_refused_stack_on_a_full_precision_base_changes_nothing(books, tiny_base, home):
+    """Before: ``law`` was attached, then ``q4`` refused; and a plain pocket book trained
+    ``--on`` q4 was attached, then its stack refused."""
+    session = adapterkit.open(load_base(str(tiny_base), home=home))
+    try:
+        with pytest.raises(InexactAdapter, match="q4@1 was trained on a 4bit base"):
+            session.stack({"law": 1.0, "q4": 1.0})
+        assert state(session) == ([], 0, [], {})
+        books.update_meta("law", lambda meta: setattr(meta, "stacked_on", ["q4@1"]))
+        for call in (session.swap, session.attach):  # law on q4: never exact on this base
+            with pytest.raises(InexactAdapter, match="q4@1 was trained on a 4bit base"):
+                call("law")
+            assert state(session) == ([], 0, [], {})
     finally:
         session.close()
 

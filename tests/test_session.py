@@ -187,3 +187,24 @@ def test_swaps_do_not_recompile(tiny_base, books, home):
         compiled(input_ids=IDS)
         session.off()
         compiled(input_ids=IDS)
+
+
+@pytest.mark.parametrize("name,attached", [("law", ["law"]), ("code", ["code"]),
+                                            ("law", ["law", "code", "chem"])],
+                         ids=["law-alone", "code-alone", "law-padded-to-rank-8"])
+def test_one_pocket_book_equals_peft_bit_for_bit(tiny_base, books, home, name, attached):
+    """The README's claim, held to ``torch.equal`` (the other tests allow 1e-5): one pocket
+    book swapped in, in float32 on the CPU, gives plain PEFT's logits exactly — on its own,
+    and padded with zeros to the rank of a larger one attached beside it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    session = adapterkit.open(str(tiny_base), home=home, attach=attached)
+    try:
+        session.swap(name)
+        assert session.base.model.dtype == torch.float32 and session.model.device.type == "cpu"
+        fresh = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+        expected = logits(PeftModel.from_pretrained(fresh, str(books[name])).eval())
+        assert torch.equal(logits(session.model), expected)
+    finally:
+        session.close()

@@ -206,3 +206,61 @@ def test_arguments_of_the_wrong_kind_are_one_line_errors(tiny_base, books, home,
         call(session, tiny_base, home)
     assert "\n" not in str(info.value)
     assert session.active == {"law@1": 1.0}  # a refused call changes nothing
+
+
+def test_a_serving_engine_holds_the_base_until_close(tiny_base, books, home, library, data):
+    """Before: the engine put its row layers into the base without holding it — a session, a
+    peft_model or a run on the base it served computed through them (and the engine through
+    theirs), and an engine was built on a base a session held."""
+    from adapterkit.serving.engine import Engine
+
+    base = adapterkit.load_base(str(tiny_base), home=home)
+    engine = Engine(base, library)
+    engine.preload(["law"])
+    with pytest.raises(ConfigError, match=r"^a serving engine holds this base \(attached: "
+                                          r"law@1; rows decoding: 0\); close it \(engine.close"
+                                          r"\(\)\) before opening a session on it, or load the "
+                                          r"base again$"):
+        adapterkit.open(base, home=home)
+    with pytest.raises(ConfigError, match=r"engine.close\(\)\) before peft_model\(base, code@1"):
+        peft_model(base, library.get("code"), library=library)
+    with pytest.raises(ConfigError, match=r"engine.close\(\)\) before training on it"):
+        adapterkit.train("sft", base=base, data=str(data), name="x", home=home,
+                         options=adapterkit.TrainOptions(max_steps=1))
+    with pytest.raises(ConfigError, match=r"engine.close\(\)\) before serving it"):
+        Engine(base, library)
+    engine.close()
+    with pytest.raises(ConfigError, match="this engine is closed; build a new Engine"):
+        engine.start()  # it gave the base back
+    close(logits(base.model), reference(tiny_base))
+    session = adapterkit.open(base, home=home)
+    with pytest.raises(ConfigError, match=r"^a session is open on this base \(attached: none; "
+                                          r"active: none\); close it \(session.close\(\)\) "
+                                          r"before serving it, or load the base again$"):
+        Engine(base, library)
+    session.close()
+    model = peft_model(base, library.get("law"), library=library)
+    with pytest.raises(ConfigError, match=r"call that model's .unload\(\) before serving it"):
+        Engine(base, library)
+    model.unload()
+    Engine(base, library).close()
+
+
+def test_an_engine_dropped_without_close_gives_the_base_back(tiny_base, books, home, library):
+    """Before: its row layers stayed in the base, and a session opened on it wrapped its
+    slots around them."""
+    from adapterkit.serving.engine import Engine
+    from adapterkit.serving.rows import RowLora
+
+    base = adapterkit.load_base(str(tiny_base), home=home)
+    dropped = Engine(base, library)
+    dropped.preload(["law", "code"])
+    del dropped
+    gc.collect()
+    session = adapterkit.open(base, home=home)
+    assert not [m for m in base.model.modules() if isinstance(m, RowLora)]
+    session.off()
+    close(logits(session.model), reference(tiny_base))
+    session.swap("code")
+    close(logits(session.model), reference(tiny_base, books["code"]))
+    session.close()

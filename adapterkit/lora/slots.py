@@ -94,39 +94,50 @@ def wrap(model: nn.Module, path: str) -> LoraSlot:
     return slot
 
 
-def unwrap_all(model: nn.Module) -> None:
-    """Put every wrapped linear layer back (the base is as it was loaded)."""
+def unwrap_all(model: nn.Module, kinds: tuple[type[nn.Module], ...] = (LoraSlot,)) -> None:
+    """Put every linear layer wrapped in one of ``kinds`` back (the base is as it was loaded)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraSlot):
+        if isinstance(module, kinds):
             parent_path, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, child, module.base_layer)
 
 
 # -- who holds a resident base ----------------------------------------------------------------
-# A resident base is shared by reference: a session's slots and a PEFT model (``peft_model``,
-# ``train()``'s ``result.model``) both change its layers in place. A second user would compute
-# with the first one's LoRA on top, or take it away on closing, and nothing would say so.
+# A resident base is shared by reference: a session's slots, a serving engine's row layers and
+# a PEFT model (``peft_model``, ``train()``'s ``result.model``) all change its layers in place.
+# A second user would compute with the first one's LoRA on top, or take it away on closing,
+# and nothing would say so.
 
-#: model → the session holding its slots, weakly: a session dropped without close() frees it.
-_SESSIONS: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType[Any]] = \
+#: model → what holds its layers (weakly: a holder dropped without closing frees it), how a
+#: refusal names it ("a session is open on this base") and the call that frees it.
+_HOLDERS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ReferenceType[Any], str, str]] = \
     weakref.WeakKeyDictionary()
 #: model → who put the PEFT LoRA layers on it, and how to take them off (for messages only).
 _WRAPPED_BY: weakref.WeakKeyDictionary[nn.Module, tuple[str, str]] = \
     weakref.WeakKeyDictionary()
+#: The module types holders wrap linear layers in (each keeps the layer as ``base_layer``):
+#: what is left of a holder dropped without closing, taken off by the base's next user. The
+#: server's ``RowLora`` is added by its engine's claim (this package may not import serving).
+_WRAPPERS: set[type[nn.Module]] = {LoraSlot}
 
 
-def claim(model: nn.Module, session: Any) -> None:
-    """Make ``session`` the one user of ``model``'s layers (refused if another holds them)."""
-    refuse_held(model, wanted="opening a session on it")
-    _SESSIONS[model] = weakref.ref(session)
+def claim(model: nn.Module, holder: Any, *, wanted: str, held: str, free: str,
+          wrapper: type[nn.Module] = LoraSlot) -> None:
+    """Make ``holder`` (a session, a serving engine: anything with ``describe()``) the one user
+    of ``model``'s layers, refused if another holds them. ``held`` and ``free`` are how a later
+    refusal names it and the call that frees the base; ``wrapper`` the module type it wraps
+    layers in, taken off if it is dropped without ``free``."""
+    refuse_held(model, wanted=wanted)
+    _WRAPPERS.add(wrapper)
+    _HOLDERS[model] = (weakref.ref(holder), held, free)
 
 
-def release(model: nn.Module, session: Any) -> None:
-    """``session`` is closed: its slots are gone and the base is free again."""
-    held = _SESSIONS.get(model)
-    if held is not None and held() is session:
-        del _SESSIONS[model]
+def release(model: nn.Module, holder: Any) -> None:
+    """``holder`` has taken its layers off: the base is free again."""
+    record = _HOLDERS.get(model)
+    if record is not None and record[0]() is holder:
+        del _HOLDERS[model]
 
 
 def wrapped_by(model: nn.Module, holder: str, give_back: str) -> None:
@@ -136,15 +147,19 @@ def wrapped_by(model: nn.Module, holder: str, give_back: str) -> None:
 
 
 def refuse_held(model: nn.Module, *, wanted: str) -> None:
-    """Refuse ``wanted`` on a base whose layers a session or a PEFT model still holds, and
-    take off what nobody holds any more (the slots of a session dropped without close(), the
-    frozen underlay a training run left under a result that was unloaded): both are exact to
-    remove, and left on they would silently add their LoRA to every answer."""
-    holder = _SESSIONS.get(model)
-    session = holder() if holder is not None else None
-    if session is not None:
-        raise ConfigError(f"a session is open on this base ({session.describe()}); close it "
-                          f"(session.close()) before {wanted}")
+    """Refuse ``wanted`` on a base whose layers a session, a serving engine or a PEFT model
+    still holds, and take off what nobody holds any more (the slots of a session or the row
+    layers of an engine dropped without closing, the frozen underlay a training run left under
+    a result that was unloaded): all are exact to remove, and left on they would silently add
+    their LoRA to every answer. "Load the base again" is offered too: a holder kept alive by,
+    say, a stored traceback cannot be closed by a user who dropped it."""
+    record = _HOLDERS.get(model)
+    holder = record[0]() if record is not None else None
+    if record is not None and holder is not None:
+        _, held, free = record
+        raise ConfigError(f"{held} ({holder.describe()}); close it ({free}) before {wanted}, "
+                          "or load the base again")
+    _HOLDERS.pop(model, None)  # (a holder dropped without closing: its layers go below)
     adapters = _peft_adapters(model)
     if adapters:
         by, how = _WRAPPED_BY.get(model, ("a PEFT model", "its .unload()"))
@@ -155,9 +170,10 @@ def refuse_held(model: nn.Module, *, wanted: str) -> None:
 
 
 def clear_leftovers(model: nn.Module) -> None:
-    """Take off what no session or PEFT model holds any more (call only when none does)."""
+    """Take off what no session, engine or PEFT model holds any more (call only when none
+    does)."""
     _WRAPPED_BY.pop(model, None)
-    unwrap_all(model)
+    unwrap_all(model, kinds=tuple(_WRAPPERS))
     from adapterkit.lora.underlay import remove
 
     remove(model)

@@ -109,7 +109,9 @@ class Session:
                  any_quantization: bool = False) -> None:
         from adapterkit.lora.slots import claim
 
-        claim(base.model, self)  # (refused if a session or a PEFT model holds it)
+        # (refused if a session, a serving engine or a PEFT model holds it)
+        claim(base.model, self, wanted="opening a session on it",
+              held="a session is open on this base", free="session.close()")
         self.closed = False
         self.base = base
         self.library = library
@@ -129,16 +131,48 @@ class Session:
                 f"{', '.join(self.active) or 'none'}")
 
     def _refuse_other_quantization(self, books: list[PocketBook]) -> None:
-        """Refuse to answer with ``books`` on this base unless it is loaded as they were
-        trained (nothing is checked with ``any_quantization``)."""
+        """Refuse to answer with ``books`` together on this base unless it is loaded as they
+        were trained (nothing is checked with ``any_quantization``).
+
+        The advice names the base by its spec, not ``base``: the caller's loaded base is in the
+        other quantization, and held by this session until it is closed."""
         if self.any_quantization:
             return
-        first = books[-1].ref
+        plugins = _plugins(self.library)
+        need = quantization_of(books, plugins)
+        if need == self.base.quantization:
+            return  # (the hot path of every swap: no file is read)
+        from adapterkit.base.resolve import base_spec_for
+
+        first = next(b.ref for b in books if quantization_of([b], plugins) == need)
+        spec = base_spec_for({"fingerprint": self.base.fingerprint, "name": self.base.name},
+                             self.library.home)
         refuse_other_quantization(
             books, self.base.quantization, self.library, holder="this session",
-            fix=f"open a session for it with adapterkit.open(base, attach=[{first!r}]) (or "
-                f"`adapterkit chat --adapter {first}`), which loads the base as it was trained, "
-                "or pass any_quantization=True to answer on this one as plain PEFT does")
+            fix=f"close this session and open one that loads the base as {first} was trained: "
+                f"adapterkit.open({spec!r}, attach=[{first!r}]) (or `adapterkit chat --adapter "
+                f"{first}`), or pass any_quantization=True to answer on this one as plain PEFT "
+                "does")
+
+    def _entry(self, ref: str) -> PocketBook:
+        """The pocket book ``ref`` names: the attached one :meth:`_key` picks, else the
+        library's (nothing is attached)."""
+        try:
+            return self.pocket_books[self._key(ref)]
+        except PocketBookNotFound:
+            return self.library.get(ref)
+
+    def _with_underlays(self, books: Iterable[PocketBook]) -> list[PocketBook]:
+        """``books`` and what each was trained ``--on``: the set :meth:`stack` makes active
+        with them, for the quantization rule before anything is attached (from the attached
+        entries where it can: no weights are hashed on a hot swap; attaching checks them)."""
+        out: dict[str, PocketBook] = {}
+        for book in books:
+            for ref in book.meta.stacked_on:
+                under = self._entry(ref)
+                out.setdefault(under.ref, under)
+            out[book.ref] = book
+        return list(out.values())
 
     def _check_open(self) -> None:
         if self.closed:
@@ -173,9 +207,8 @@ class Session:
         from adapterkit.lora.underlay import below
 
         below(self.library, book)  # what it was trained on is still what those names hold
-        if not self.any_quantization and quantization_of([book], _plugins(self.library)):
-            # trained on a quantized base: exact on no other, alone or in a stack
-            self._refuse_other_quantization([book])
+        if book.meta.kind == "adapter":
+            self._refuse_never_active(book)
         first_slot = next(iter(self.slots.values()), None)
         dtype = first_slot.lora_A.dtype if first_slot is not None else _dtype(self.model)
         loaded = load_checked(self.base, book, model=self.model, dtype=dtype,
@@ -191,6 +224,15 @@ class Session:
         else:
             self._prepare(loaded)
         return book.ref
+
+    def _refuse_never_active(self, book: PocketBook) -> None:
+        """Refuse to attach a pocket book no swap or stack could make active on this base: one
+        that (with what it was trained ``--on``) needs a quantized base this one is not —
+        adding members never lifts that need. A plain one on a 4-bit base is attached: stacked
+        with a ``qlora`` one it answers as ``eval`` has it (swapped in alone it is refused)."""
+        members = self._with_underlays([book])
+        if quantization_of(members, _plugins(self.library)) is not None:
+            self._refuse_other_quantization(members)
 
     def _attached(self, ref: str, *, force: bool = False) -> str:
         """The key of ``ref``, attaching it first if needed (no disk read when attached)."""
@@ -238,6 +280,9 @@ class Session:
         ``force`` attaches it, and the pocket books it was trained on, even where they were
         made on another base. Returns the seconds the swap itself took: reading files and
         joining an underlay's factors are excluded (time the call to include them).
+
+        A pocket book trained on a base loaded otherwise is refused before it is attached: a
+        refused swap changes nothing.
         """
         try:
             key = self._key(ref)
@@ -245,6 +290,7 @@ class Session:
             book = self.library.get(ref)
             if book.meta.kind == "stack":  # a saved stack: activate its members
                 return self.stack(dict(book.meta.hyperparameters["weights"]), force=force)
+            self._refuse_other_quantization(self._with_underlays([book]))
             key = self.attach(ref, force=force)
         if self.books[key].stacked_on:  # trained --on others: bring its stack back
             return self.stack({r: 1.0 for r in [*self.books[key].stacked_on, key]}, force=force)
@@ -267,7 +313,9 @@ class Session:
 
         ``force`` attaches those not yet attached (and what they were trained on) even where
         they were made on another base. An empty mapping is refused: :meth:`off` is the plain
-        base (an empty stack is more often a filter that matched nothing).
+        base (an empty stack is more often a filter that matched nothing). Weights, names and
+        the quantization rule (over the members and what they were trained ``--on``) are
+        checked before anything is attached: a stack refused for them changes nothing.
         """
         self._check_open()
         if not isinstance(weights, Mapping):
@@ -276,21 +324,22 @@ class Session:
         if not weights:
             raise ConfigError("stack needs at least one pocket book; call off() for the plain "
                               "base")
-        keys: dict[str, float] = {}
+        chosen: dict[str, tuple[PocketBook, float]] = {}
         for ref, weight in weights.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
                     not math.isfinite(weight):
                 raise ConfigError(f"stack weight for {ref} must be a finite number, got "
                                   f"{weight!r}")
-            key = self._attached(ref, force=force)
-            if key in keys:  # "a" and "a@1": one weight would silently replace the other
-                raise ConfigError(f"{key} is named twice in the stack; name it once, with the "
-                                  f"sum of its weights ({keys[key] + weight:g})")
-            keys[key] = float(weight)
+            book = self._entry(ref)
+            if book.ref in chosen:  # "a" and "a@1": one weight would silently replace the other
+                raise ConfigError(f"{book.ref} is named twice in the stack; name it once, with "
+                                  f"the sum of its weights ({chosen[book.ref][1] + weight:g})")
+            chosen[book.ref] = (book, float(weight))
+        self._refuse_other_quantization(self._with_underlays(b for b, _ in chosen.values()))
+        keys = {self._attached(ref, force=force): weight for ref, (_, weight) in chosen.items()}
         for key in list(keys):  # a member trained --on others needs them underneath, at 1
             for under in self.books[key].stacked_on:
                 keys.setdefault(self._attached(under, force=force), 1.0)
-        self._refuse_other_quantization([self.pocket_books[k] for k in keys])
         cache_key = tuple(sorted(keys.items()))
         combined = self._stack_cache.get(cache_key)
         if combined is None:

@@ -83,6 +83,9 @@ class _Row:
 class Engine:
     """Serve ``base`` with every pocket book of ``library`` made on it, many requests at once.
 
+    It holds the base's layers until :meth:`close` (see :func:`adapterkit.lora.slots.claim`):
+    refused on a base a session or a PEFT model holds, and they are refused on this one.
+
     :param max_attached: pocket books kept loaded at once (least recently used leaves first;
         one a running row uses never does).
     :param max_batch: rows decoded together.
@@ -138,6 +141,23 @@ class Engine:
                                       "prefills_total", "errors_total"), 0)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.closed = False
+        self._claim()
+
+    def _claim(self) -> None:
+        """Hold the base's layers until :meth:`close`: a session, ``peft_model`` or ``train`` on
+        it meanwhile is refused, as this is on a base one of them holds — either would
+        silently add its LoRA to the other's answers."""
+        from adapterkit.lora.slots import claim
+        from adapterkit.serving.rows import RowLora
+
+        claim(self.model, self, wanted="serving it", held="a serving engine holds this base",
+              free="engine.close()", wrapper=RowLora)
+
+    def describe(self) -> str:
+        """What the engine holds, for a refusal that names it."""
+        return (f"attached: {', '.join(self._attached_refs) or 'none'}; rows decoding: "
+                f"{len(self._rows)}")
 
     # -- the public face ------------------------------------------------------------------------
 
@@ -206,6 +226,8 @@ class Engine:
 
     def start(self) -> None:
         """Start the background decode thread (idempotent)."""
+        if self.closed:  # it gave the base back: another holder may have it now
+            raise ConfigError("this engine is closed; build a new Engine on the base")
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
@@ -214,7 +236,9 @@ class Engine:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop decoding, end every open request with an error, give the base its layers back."""
+        """Stop decoding, end every open request with an error, give the base its layers back
+        (it is then free for a session, ``peft_model`` or ``train``)."""
+        from adapterkit.lora.slots import release
         from adapterkit.serving import rows
 
         self._stop.set()
@@ -234,6 +258,8 @@ class Engine:
             self._attached_refs = ()
             rows.unwrap_all(self.model)
             self._slots.clear()
+            self.closed = True
+            release(self.model, self)
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``/metrics``: queue depth, batch size, attached pocket books, totals."""
@@ -343,6 +369,8 @@ class Engine:
         from adapterkit.runtime.session import load_checked
         from adapterkit.serving import rows
 
+        if self.closed:  # it gave the base back: its layers are another holder's to wrap
+            raise ConfigError("this engine is closed; build a new Engine on the base")
         _fits(target.key, len(target.members), self.max_attached)
         out = []
         keep = set(busy)
