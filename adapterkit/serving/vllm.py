@@ -275,20 +275,13 @@ class AdapterkitResolver:
 def _refuse_quantized(library: Library, key: str, books: list[PocketBook]) -> None:
     """vLLM serves the base in full precision here: a pocket book trained on a 4-bit base
     (``qlora``) would answer otherwise than ``adapterkit generate`` does, which loads that base
-    as it was trained (:func:`adapterkit.runtime.peft_model.quantization_of`)."""
-    from adapterkit.errors import InexactAdapter
-    from adapterkit.plugin_api.manager import default_plugin_manager
-    from adapterkit.runtime.peft_model import quantization_of
+    as it was trained (the rule of every path: :func:`adapterkit.runtime.session
+    .refuse_other_quantization`)."""
+    from adapterkit.runtime.session import refuse_other_quantization
 
-    plugins = library.plugins or default_plugin_manager()
-    need = quantization_of(books, plugins)
-    if need:
-        trained = ", ".join(b.ref for b in books if quantization_of([b], plugins))
-        raise InexactAdapter(f"{trained if trained == key else f'{trained} (in {key})'} "
-                             f"was trained on a {need} base, and vLLM serves the "
-                             "full-precision one here: it would answer otherwise than "
-                             "`adapterkit generate` does; serve it with `adapterkit serve "
-                             f"--preload {key}`, which loads the base in {need}")
+    refuse_other_quantization(books, None, library, holder="vLLM (here)",
+                              fix=f"serve {key} with `adapterkit serve --preload {key}`, which "
+                                  "loads the base as it was trained")
 
 
 def content_key(members: list[tuple[PocketBook, float]]) -> str:
