@@ -384,21 +384,27 @@ def test_a_damaged_library_book_named_by_a_stage_is_refused_with_the_recipe(data
     assert "stage 2 (polite): on:" in str(refused.value) and "damaged" in str(refused.value)
 
 
-def test_resume_refuses_to_continue_a_stage_whose_definition_changed(data, tiny_base, home):
-    """A stage interrupted after a checkpoint, then edited: --resume would continue the old
-    run and record the new definition on its pocket book; it is refused instead."""
+def crashed_in_stage_two(folder: Path, tiny_base: Path, home: Path, pm) -> Path:
+    """The two-stage recipe, run until stage 2 crashes after its first checkpoint."""
     from transformers import TrainerCallback
 
     class CrashAfterCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             raise RuntimeError("simulated crash in stage 2")
 
-    pm = get_plugin_manager(env=False)
-    folder = data["general"].parent
     path = write_recipe(folder, two_stages(tiny_base, save_steps=1))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pipeline(path, home=home, plugins=pm,
                      callbacks=lambda s: [CrashAfterCheckpoint()] if s.index == 2 else [])
+    return path
+
+
+def test_resume_refuses_to_continue_a_stage_whose_definition_changed(data, tiny_base, home):
+    """A stage interrupted after a checkpoint, then edited: --resume would continue the old
+    run and record the new definition on its pocket book; it is refused instead."""
+    pm = get_plugin_manager(env=False)
+    folder = data["general"].parent
+    crashed_in_stage_two(folder, tiny_base, home, pm)
     edited = write_recipe(folder, two_stages(tiny_base, save_steps=1, learning_rate=5e-3))
     with pytest.raises(ConfigError) as refused:
         load_recipe(edited, home=home, plugins=pm, resume=True)
@@ -414,18 +420,9 @@ def test_resume_refuses_to_continue_a_stage_whose_definition_changed(data, tiny_
 def test_restart_trains_an_interrupted_stage_anew(data, tiny_base, home, adapterkit_cli):
     """The refusals said "pass --resume" only, or to remove a folder by hand: the pipeline had
     no --restart, which the train refusals inside it named."""
-    from transformers import TrainerCallback
-
-    class CrashAfterCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            raise RuntimeError("simulated crash in stage 2")
-
     pm = get_plugin_manager(env=False)
     folder = data["general"].parent
-    path = write_recipe(folder, two_stages(tiny_base, save_steps=1))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_pipeline(path, home=home, plugins=pm,
-                     callbacks=lambda s: [CrashAfterCheckpoint()] if s.index == 2 else [])
+    path = crashed_in_stage_two(folder, tiny_base, home, pm)
     with pytest.raises(ConfigError, match="an interrupted run of polite exists \\(checkpoint-1\\): "
                                           "pass --resume to continue it, or --restart to train "
                                           "the stage anew"):
