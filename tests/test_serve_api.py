@@ -631,8 +631,13 @@ def test_chat_with_server_streams_from_the_chosen_model(served, session, adapter
     assert result.exit_code == 0, result.output
     for adapter in ("law", None, {"law": 1.0, "code": 0.5}):
         assert session.generate(PROMPT, adapter=adapter, max_new_tokens=TOKENS) in result.stdout
-    # the last message goes with the conversation so far, as a chat client sends it
-    first = session.generate(PROMPT, adapter="law", max_new_tokens=TOKENS)
+    # the last message goes with the conversation so far, as a chat client sends it: the first
+    # answer as the client received it (streamed text: a random model's bytes may decode
+    # otherwise than generate's whole-sequence decode), the second as the session answers it
+    from adapterkit.serving.client import ServerClient
+
+    first = "".join(text for text, _ in ServerClient(served.url).stream_chat(
+        "law", PROMPT, max_tokens=TOKENS))
     conversation = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first},
                     {"role": "user", "content": "And then?"}]
     assert session.generate([conversation], adapter="law", max_new_tokens=TOKENS)[0] \
