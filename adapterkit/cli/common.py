@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -155,7 +156,7 @@ def check_sampling(*, max_new_tokens: int, temperature: float = 0.0) -> None:
                           f"got {temperature}")
 
 
-def loaded_in(quantization: str | None, needs: dict[str, str | None]) -> str:
+def loaded_in(quantization: str | None, needs: Mapping[str, str | None]) -> str:
     """What the "Loading base" line says the base is loaded in, and why when quantized."""
     if quantization is None:
         from adapterkit.base.load import default_dtype
@@ -163,3 +164,15 @@ def loaded_in(quantization: str | None, needs: dict[str, str | None]) -> str:
         return str(default_dtype()).removeprefix("torch.")
     return f"{quantization}, as {', '.join(needs)} {'was' if len(needs) == 1 else 'were'} " \
            "trained"
+
+
+def base_precision(lib: Library, books: Mapping[str, Any], *, fix: str
+                   ) -> tuple[str | None, str]:
+    """The quantization the base loads in for the pocket books ``books`` (each name → its
+    pocket books) as they were trained — refused, ending with ``fix``, where they need
+    different ones — and how the loading line says it (:func:`loaded_in`)."""
+    from adapterkit.runtime.session import one_quantization, quantizations
+
+    needs = quantizations(lib, books)
+    quantization = one_quantization(needs, fix=fix)
+    return quantization, loaded_in(quantization, needs)

@@ -170,18 +170,14 @@ def _quantization(ctx: click.Context, base: str, names: list[str],
     """The resident base's quantization (``--quantization``, else what the ``--preload``
     pocket books were trained on: refused where they differ) and how the loading line says
     it. Looked up before the base loads."""
-    from adapterkit.cli.common import library, loaded_in
-    from adapterkit.runtime.session import one_quantization, quantizations
+    from adapterkit.cli.common import base_precision, library
     from adapterkit.serving.names import parse
 
     if given is not None:
         return given, f"{given} (--quantization)"
     lib = library(ctx)
     books = {n: [lib.get(ref) for ref, _ in parse(n)] for n in names if n != base}
-    needs = quantizations(lib, books)
-    quantization = one_quantization(
-        needs, fix="serve them from two servers")
-    return quantization, loaded_in(quantization, needs)
+    return base_precision(lib, books, fix="serve them from two servers")
 
 
 def _serve_vllm(ctx: click.Context, *, base: str, host: str, port: int, preload: str | None,

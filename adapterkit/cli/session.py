@@ -12,7 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from adapterkit.cli.common import check_sampling, library, loaded_in, obj, say
+from adapterkit.cli.common import base_precision, check_sampling, library, obj, say
 from adapterkit.errors import AdapterkitError, ConfigError
 
 
@@ -34,7 +34,7 @@ def _open(ctx: click.Context, base: str | None, named: dict[str, list[str]],
     stack's members) as they were trained — the rule ``generate`` and ``eval`` follow — and
     open a session on it; names that need different bases are refused before it loads."""
     from adapterkit.base.resolve import base_spec_for
-    from adapterkit.runtime.session import one_quantization, open_session, quantizations
+    from adapterkit.runtime.session import open_session
 
     home = obj(ctx)["home"]
     if base is None and not named:
@@ -42,11 +42,10 @@ def _open(ctx: click.Context, base: str | None, named: dict[str, list[str]],
     # the pocket books are looked up before the base loads (which may convert a GGUF file)
     lib = library(ctx)
     books = {name: [lib.get(ref) for ref in refs] for name, refs in named.items()}
-    needs = quantizations(lib, books)
-    quantization = one_quantization(needs, fix="answer with them in separate runs")
+    quantization, why = base_precision(lib, books, fix="answer with them in separate runs")
     if base is None:
         base = base_spec_for(next(iter(books.values()))[0].meta.base, home)
-    say(f"Loading base {base} in {loaded_in(quantization, needs)}...")
+    say(f"Loading base {base} in {why}...")
     start = time.perf_counter()
     session = open_session(base, quantization=quantization, home=home, progress=say)
     return session, time.perf_counter() - start

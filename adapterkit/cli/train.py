@@ -526,14 +526,15 @@ def _base_for_book(ctx: click.Context, ref: str, base: str | None, *, exact: boo
     from adapterkit.base.load import load_base
     from adapterkit.base.resolve import base_spec_for
     from adapterkit.library.store import Library
-    from adapterkit.runtime.peft_model import members_of, quantization_of
+    from adapterkit.runtime.session import quantizations
 
     state = obj(ctx)
-    library = Library(state["home"])
+    library = Library(state["home"], plugins=state["plugins"])
     book = library.get(ref)
-    quantization = quantization_of([m for m, _ in members_of(library, book)], state["plugins"])
+    needs = quantizations(library, {book.ref: [book]})
+    quantization = needs[book.ref]
     base_name = base or base_spec_for(book.meta.base, state["home"])
-    say(f"Loading base {base_name} in {loaded_in(quantization, {book.ref: quantization})}...")
+    say(f"Loading base {base_name} in {loaded_in(quantization, needs)}...")
     loaded = load_base(base_name, quantization=quantization, home=state["home"], progress=say)
     if exact:
         from adapterkit.base.load import keep_4bit_layout
@@ -731,18 +732,17 @@ def _load_target(ctx: click.Context, ref: str, base: str | None) -> tuple[Any, A
         return book, loaded, model, book.ref
     from adapterkit.base.load import load_base
     from adapterkit.base.resolve import base_spec_for
-    from adapterkit.runtime.peft_model import members_of, peft_model, quantization_of
+    from adapterkit.runtime.peft_model import peft_model
+    from adapterkit.runtime.session import quantizations
     from adapterkit.serving.names import parse, resolve
 
     state = obj(ctx)
     lib = library(ctx)
     named = [lib.get(name) for name, _ in parse(ref)]  # unknown ones: before the base loads
-    # a 4-bit member (qlora) needs the base in 4 bits, as it was trained
-    quantization = quantization_of(
-        [m for b in named for m, _ in members_of(lib, b)], state["plugins"])
+    # a 4-bit member (qlora) needs the base in 4 bits, as it was trained: the stack with it
+    trained = {r: q for r, q in quantizations(lib, {b.ref: [b] for b in named}).items() if q}
+    quantization = next(iter(trained.values()), None)
     base_name = base or base_spec_for(named[0].meta.base, state["home"])
-    trained = {b.ref: quantization for b in named
-               if quantization_of([m for m, _ in members_of(lib, b)], state["plugins"])}
     say(f"Loading base {base_name} in {loaded_in(quantization, trained)}...")
     loaded = load_base(base_name, quantization=quantization, home=state["home"], progress=say)
     if quantization:
