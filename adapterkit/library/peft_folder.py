@@ -842,8 +842,7 @@ def import_recorded(library: Library, adapter: AdapterFiles, meta: PocketBookMet
     if missing:
         warnings.warn(f"{origin.label} is trained on top of {', '.join(missing)}, which this "
                       f"library does not have: {origin.fetch} the ones it was trained on under "
-                      "the same "
-                      "names before using it", origin.category, stacklevel=3)
+                      "the same names before using it", origin.category, stacklevel=3)
     with library.draft() as staged:
         # trusted pickled weights are written as safetensors (copy_files converts them)
         copy_files(adapter, staged, tuple(WEIGHTS_FILE if n == PICKLE_FILE else n

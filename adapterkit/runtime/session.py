@@ -27,6 +27,7 @@ from adapterkit.errors import (
 )
 from adapterkit.library.integrity import base_structure, check_book
 from adapterkit.library.store import Library, PocketBook
+from adapterkit.lora.combine import finite_weight
 from adapterkit.lora.factors import Factors, concat, pad, read_factors, resident_tensors
 from adapterkit.runtime.peft_model import members_of, quantization_of
 
@@ -326,8 +327,7 @@ class Session:
                               "base")
         chosen: dict[str, tuple[PocketBook, float]] = {}
         for ref, weight in weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
-                    not math.isfinite(weight):
+            if not finite_weight(weight):
                 raise ConfigError(f"stack weight for {ref} must be a finite number, got "
                                   f"{weight!r}")
             book = self._entry(ref)

@@ -149,8 +149,9 @@ def _get(library: Library, name: str, *, inline: bool) -> PocketBook:
 
 
 def _weight(stack: str, ref: str, weight: Any) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-            or not math.isfinite(weight):
+    from adapterkit.lora.combine import finite_weight
+
+    if not finite_weight(weight):
         raise ConfigError(f"saved stack {stack} gives {ref} the weight {weight!r}; re-save it "
                           "with numbers")
     return float(weight)
