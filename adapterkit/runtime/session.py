@@ -443,7 +443,7 @@ def _check_generate(prompts: Any, max_new_tokens: Any, temperature: Any) -> None
             and all(isinstance(p, str) or _is_conversation(p) for p in prompts)):
         raise ConfigError(f"generate takes a prompt (a string) or a non-empty list of them "
                           f"(or of conversations: lists of {{'role', 'content'}} messages), "
-                          f"not {prompts!r}"[:200])
+                          f"not {prompts!r:.80}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
             max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be a whole number of at least 1, not "

@@ -167,7 +167,7 @@ def _check_arguments(base: Any, options: Any) -> None:
         return
     if not isinstance(base, Base):
         raise ConfigError(f"base must be a base's name or adapterkit.load_base(...), not "
-                          f"{base!r}"[:200])
+                          f"{base!r:.80}")
     from adapterkit.base.load import relaid_for_inference
     from adapterkit.lora.slots import refuse_held
 
