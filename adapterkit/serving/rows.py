@@ -275,9 +275,8 @@ def wrap(model: nn.Module, path: str) -> RowLora:
 
 
 def unwrap_all(model: nn.Module) -> None:
-    """Put every wrapped linear layer back: the base is as it was loaded."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, RowLora):
-            parent_path, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, child, module.base_layer)
+    """Put every wrapped linear layer back: the base is as it was loaded (a session's
+    :func:`adapterkit.lora.slots.unwrap_all`, for this module's wrapper)."""
+    from adapterkit.lora import slots
+
+    slots.unwrap_all(model, kinds=(RowLora,))
