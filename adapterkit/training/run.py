@@ -369,7 +369,8 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         parent=f"{'--on' if on else '--from'} {parent.ref} (weights {weights})" if parent
         else None)
     if resume_from:
-        check_definition(workdir, definition, str(ref), staged=bool(_started_stages(workdir)))
+        check_definition(workdir, definition, str(ref), checkpoint=resume_from,
+                         staged=bool(_started_stages(workdir)))
         _check_unfinished(resume_from, options, str(ref))
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
                     general, workdir, parent, resume_from, general_off, definition)

@@ -75,10 +75,12 @@ def record_definition(workdir: Path, definition: dict[str, Any]) -> None:
 
 
 def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
-                     staged: bool = False) -> None:
-    """Refuse to resume the run in ``workdir`` with another definition than it started with:
-    its first steps were trained with those, and the pocket book's metadata would record these.
-    A run folder of an earlier version, without the record, resumes as it did.
+                     checkpoint: str, staged: bool = False) -> None:
+    """Refuse to resume the run in ``workdir`` from ``checkpoint`` with another definition than
+    it started with: its first steps were trained with those, and the pocket book's metadata
+    would record these. A run folder of an earlier version has no record: its checkpoint's
+    LoRA config is compared (rank and alpha), where transformers would end in a "size
+    mismatch" traceback (rank) or go on with another scaling (alpha).
 
     :param staged: the run trained a stage first (rlhf's reward pocket book): a trainer option
         given on one side only is not compared — a resume names the stage's pocket book
@@ -88,7 +90,9 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        _check_lora_shape(workdir, definition, name)
+        shape = _lora_shape(checkpoint)
+        _refuse_changed(name, shape, {k: shape[k] if definition.get(k) is None
+                                      else definition[k] for k in shape})
         return
     except (OSError, ValueError) as exc:
         raise RunStateError(f"cannot read what the interrupted run of {name} was started with "
@@ -106,6 +110,11 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
         for key in ("eval_split", "early_stopping"):
             recorded.pop(key, None)
             now.pop(key, None)
+    _refuse_changed(name, recorded, now)
+
+
+def _refuse_changed(name: str, recorded: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse the resume where ``now`` differs from what the run ``recorded``, listing each."""
     changed = [f"{key} {_shown(recorded.get(key))} → {_shown(now.get(key))}"
                for key in sorted(set(recorded) | set(now)) if recorded.get(key) != now.get(key)]
     if changed:
@@ -114,26 +123,14 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
                             "--restart to start over")
 
 
-def _check_lora_shape(workdir: Path, definition: dict[str, Any], name: str) -> None:
-    """A run folder of an earlier version has no record, but each checkpoint holds its LoRA
-    config: a resume with another rank or alpha is refused here, where transformers would end
-    in a "size mismatch" traceback (rank) or go on with another scaling (alpha)."""
-    import re
-
-    shapes = {}
-    for checkpoint in sorted(workdir.glob("checkpoint-*/adapter_config.json")):
-        if re.fullmatch(r"checkpoint-\d+", checkpoint.parent.name):
-            try:
-                config = json.loads(checkpoint.read_text(encoding="utf-8"))
-                shapes = {"r": config["r"], "alpha": config["lora_alpha"]}
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-    changed = [f"{key} {shapes[key]} → {definition.get(key)}" for key in shapes
-               if definition.get(key) is not None and shapes[key] != definition.get(key)]
-    if changed:
-        raise RunStateError(f"the interrupted run of {name} was started with other settings: "
-                            f"{'; '.join(changed)}; resume with the same settings, or pass "
-                            "--restart to start over")
+def _lora_shape(checkpoint: str) -> dict[str, Any]:
+    """``{"r", "alpha"}`` as ``checkpoint``'s LoRA config has them, as a definition names them
+    (empty where it cannot be read: the resume then goes on as it did)."""
+    try:
+        config = json.loads((Path(checkpoint) / CONFIG_FILE).read_text(encoding="utf-8"))
+        return {"r": config["r"], "alpha": config["lora_alpha"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _shown(value: Any) -> str:
