@@ -154,6 +154,13 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
                               "merge its members")
     weights = check_weights([b.ref for b in books], _or_ones(weights, books),
                             allow_negative=strategy.allows_negative, method=method)
+    for ref in dict.fromkeys(b.ref for b in books):  # "a a" or "a a@1": one book, not two
+        named = [r for r, b in zip(refs, books) if b.ref == ref]
+        if len(named) > 1:
+            raise ConfigError(
+                f"{ref} is named {len(named)} times ({', '.join(named)}); a merge combines "
+                "different pocket books: name it once (a linear merge of one book with weight "
+                "w is `adapterkit stack` with that weight)")
     check_underlays(books, "the merge")
     fingerprints = {b.meta.base_fingerprint for b in books}
     if len(fingerprints) > 1:
