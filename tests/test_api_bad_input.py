@@ -77,7 +77,7 @@ def test_train_refuses_a_string_rank_before_any_work(tiny_base, adapterkit_data,
 
 
 @pytest.mark.parametrize("call,words", [
-    (lambda: check_options({"r": 8}), ["expected adapterkit.TrainOptions, got dict"]),
+    (lambda: check_options({"r": 8}), ["options must be adapterkit.TrainOptions(...), not a dict", "TrainOptions(r=8, ...)"]),
     (lambda: build_options(5), ["recipe must be the path of a YAML file, got 5"]),
     (lambda: build_options(None, [("r", 8)]), ["overrides must be a dict"]),
     (lambda: build_trainer_options(adapterkit.default_plugin_manager().trainers.get("dpo"),

@@ -169,7 +169,7 @@ def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str
     built in Python (``TrainOptions(...)``), which no parsing has seen.
     """
     if not isinstance(options, TrainOptions):
-        return [_not_options(options)]
+        return [not_options(options)]
     wrong = _type_problems(options)
     problems = list(wrong.values())
     if wrong:  # the ranges are checked on the rest: a value of the wrong type stands in as
@@ -217,12 +217,13 @@ def option_problems(options: TrainOptions, *, trackers: bool = True) -> list[str
     return problems
 
 
-def _not_options(options: Any) -> str:
-    """Why ``options`` is not a :class:`TrainOptions` ('' when it is)."""
+def not_options(options: Any) -> str:
+    """Why ``options`` is not a :class:`TrainOptions` ('' when it is): the one text of every
+    place that takes options from Python (``train()``, :func:`check_options`...)."""
     if isinstance(options, TrainOptions):
         return ""
-    return (f"expected adapterkit.TrainOptions, got {type(options).__name__} {options!r}: "
-            "write TrainOptions(r=8, ...)")
+    return (f"options must be adapterkit.TrainOptions(...), not a {type(options).__name__} "
+            f"({options!r:.80}): write TrainOptions(r=8, ...)")
 
 
 def _type_problems(options: TrainOptions) -> dict[str, str]:
@@ -356,7 +357,7 @@ def build_trainer_options(trainer: Trainer, options: TrainOptions | None = None)
         bug: :func:`adapterkit.plugin_api.option_types.options_class_problems`).
     """
     options = options or TrainOptions()
-    wrong = _not_options(options) or _type_problems(options).get("trainer_options")
+    wrong = not_options(options) or _type_problems(options).get("trainer_options")
     if wrong:  # nothing to type
         raise ConfigError(f"invalid {trainer.name} options: {wrong}")
     instance, problems = _trainer_options(trainer, options)

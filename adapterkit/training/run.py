@@ -44,6 +44,7 @@ from adapterkit.training.options import (
     TrainOptions,
     build_trainer_options,
     check_options,
+    not_options,
     with_data_defaults,
     with_defaults,
 )
@@ -160,9 +161,8 @@ def _check_arguments(base: Any, options: Any) -> None:
     on top of their LoRA."""
     from adapterkit.base.load import Base
 
-    if options is not None and not isinstance(options, TrainOptions):
-        raise ConfigError(f"options must be adapterkit.TrainOptions(...), not a "
-                          f"{type(options).__name__}: e.g. TrainOptions(r=8)")
+    if options is not None and not_options(options):
+        raise ConfigError(not_options(options))
     if isinstance(base, str):
         return
     if not isinstance(base, Base):
