@@ -115,6 +115,22 @@ def test_unknown_and_foreign_pocket_books(tiny_base, other_base, books, home, li
         session.detach("code")
 
 
+def test_a_stack_refused_for_a_member_of_another_base_attaches_nothing(
+        tiny_base, other_base, books, home, library, tmp_path):
+    """Before: ``law`` stayed attached (and its slots wrapped) by a stack that was refused
+    for its second member; a refused stack changes nothing."""
+    library.import_peft(make_peft_adapter(other_base, tmp_path / "foreign"), "foreign",
+                        base=str(other_base))
+    session = adapterkit.open(str(tiny_base), home=home, attach=["code"])
+    session.swap("code")
+    with pytest.raises(BaseMismatch, match="foreign@1 was made on base other"):
+        session.stack({"law": 1.0, "foreign": 1.0})
+    assert set(session.books) == {"code@1"} and session.active == {"code@1": 1.0}
+    torch.testing.assert_close(logits(session.model),
+                               peft_logits(tiny_base, {"code": books["code"]}),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_detach_frees_the_tensors(tiny_base, books, home):
     session = adapterkit.open(str(tiny_base), home=home, attach=["law", "code"])
     session.swap("code")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.base.compat import check_base
 from adapterkit.base.load import Base
 from adapterkit.errors import (
+    AdapterkitError,
     BaseMismatch,
     ConfigError,
     InexactAdapter,
@@ -316,7 +317,8 @@ class Session:
         they were made on another base. An empty mapping is refused: :meth:`off` is the plain
         base (an empty stack is more often a filter that matched nothing). Weights, names and
         the quantization rule (over the members and what they were trained ``--on``) are
-        checked before anything is attached: a stack refused for them changes nothing.
+        checked before anything is attached; a member refused as it attaches (another base, a
+        damaged file) lets go of those attached before it. A refused stack changes nothing.
         """
         self._check_open()
         if not isinstance(weights, Mapping):
@@ -336,10 +338,17 @@ class Session:
                                   f"the sum of its weights ({chosen[book.ref][1] + weight:g})")
             chosen[book.ref] = (book, float(weight))
         self._refuse_other_quantization(self._with_underlays(b for b, _ in chosen.values()))
-        keys = {self._attached(ref, force=force): weight for ref, (_, weight) in chosen.items()}
-        for key in list(keys):  # a member trained --on others needs them underneath, at 1
-            for under in self.books[key].stacked_on:
-                keys.setdefault(self._attached(under, force=force), 1.0)
+        before = set(self.books)
+        try:
+            keys = {self._attached(ref, force=force): weight
+                    for ref, (_, weight) in chosen.items()}
+            for key in list(keys):  # a member trained --on others needs them underneath, at 1
+                for under in self.books[key].stacked_on:
+                    keys.setdefault(self._attached(under, force=force), 1.0)
+        except AdapterkitError:  # refused (another base, a damaged member...): a stack that
+            for key in set(self.books) - before:  # is refused changes nothing, so what it
+                self.detach(key)  # attached on the way is let go again (none of it is active)
+            raise
         cache_key = tuple(sorted(keys.items()))
         combined = self._stack_cache.get(cache_key)
         if combined is None:
