@@ -403,6 +403,21 @@ def test_pull_from_an_unreachable_hub_never_imports_the_cache_silently(
                                        "complete copy of alice/never"):
         pull(library, "alice/never")
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # a full commit id names files that never change: the cache's copy of it is that commit
+    with pytest.warns(HubWarning, match=f"cannot reach the Hub at http://127.0.0.1:\\d+: "
+                                        f"alice/x at commit {first} is imported from the Hub "
+                                        "cache"):
+        pinned = pull(library, f"alice/x@{first}", name="pinned")
+    assert pinned.meta.source["commit"] == first
+    assert (pinned.path / "adapter_model.safetensors").read_bytes() == (
+        small.path / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(HubError, match=f"cannot reach the Hub at .* and the Hub cache holds no "
+                                       f"complete copy of alice/x at commit {second}; check the "
+                                       "connection and retry — nothing was imported") as caught:
+        pull(library, f"alice/x@{second}", name="never")  # pushed, never pulled: not cached
+    assert len(str(caught.value).splitlines()) == 1 and not library.exists("never")
+
     point_client_at(hub, monkeypatch, constants.HF_HUB_CACHE)  # back online: the new commit
     online = pull(library, "alice/x", name="z")
     assert online.meta.source["commit"] == second

@@ -11,7 +11,9 @@ adapterkit. Pull works for any PEFT LoRA repository, not only ours.
 
 A pull asks the Hub which commit the revision is at before it downloads, and imports that
 commit: ``snapshot_download`` alone answers an unreachable Hub from the cache, silently. Only
-``HF_HUB_OFFLINE`` imports the cache's copy without asking (said so).
+``HF_HUB_OFFLINE`` imports the cache's copy without asking (said so), and a pull of a full
+commit id, whose files never change, is answered from the cache when the Hub cannot be reached
+(said so too).
 
 A pull trusts nothing the repo says about itself: every pull runs import's checks (LoRA config,
 whole safetensors header, every tensor fits the base) whatever ``adapterkit.json`` records — save
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import AdapterkitError, InvalidAdapter, InvalidName, UnsafeWeights
 from adapterkit.files import sha256_file
-from adapterkit.hub_errors import explain_hub_error, without_credentials
+from adapterkit.hub_errors import explain_hub_error, is_network_error, without_credentials
 from adapterkit.library.card import config_base, render_card
 from adapterkit.library.integrity import check_book, held_weights
 from adapterkit.library.metadata import (
@@ -204,7 +206,9 @@ def pull(library: Library, repo: str, *, name: str | None = None, base: str | No
     The revision is resolved with the Hub first, and that commit is what is imported (its sha
     recorded): an unreachable Hub is refused, never answered from an older copy in the Hub
     cache — unless ``HF_HUB_OFFLINE`` is set, when the cache's copy is imported without asking
-    the Hub (a :class:`HubWarning` says so).
+    the Hub (a :class:`HubWarning` says so). A full commit id (``owner/name@<40 hex>``) names
+    files that never change: with the Hub unreachable, the cache's copy of it is imported (said
+    so).
 
     :param subfolder: the folder inside the repo that holds the adapter (PEFT saves an adapter
         with a non-default name under a folder of that name).
@@ -229,7 +233,9 @@ def _ask_hub(repo_id: str, revision: str | None, token: str | None) -> Any | Non
     """The repo as the Hub has it at ``revision`` (its commit sha, its files), asked before
     anything is downloaded: ``snapshot_download`` alone answers an unreachable Hub with whatever
     the cache holds for this repo id — an older commit, or one from another ``HF_ENDPOINT`` —
-    and says nothing. None where the user asked for offline (``HF_HUB_OFFLINE``)."""
+    and says nothing. None where the user asked for offline (``HF_HUB_OFFLINE``), or where
+    the Hub cannot be reached and ``revision`` is a full commit id: the cache's copy of a commit
+    cannot be stale (its files never change)."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
@@ -237,7 +243,14 @@ def _ask_hub(repo_id: str, revision: str | None, token: str | None) -> Any | Non
     try:
         return _api(token).repo_info(repo_id, revision=revision, repo_type="model")
     except Exception as exc:
+        if is_network_error(exc) and _is_commit(revision):
+            return None
         raise _explain(exc, repo_id, revision, outcome=_NOT_IMPORTED) from None
+
+
+def _is_commit(revision: str | None) -> bool:
+    """Whether ``revision`` is a full commit id (40 hex digits), which names fixed files."""
+    return revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
 
 
 #: what is true, and what can be done, when the Hub cannot be asked during a pull
@@ -287,29 +300,38 @@ def _download(repo_id: str, revision: str | None, commit: str | None, where: str
               trust_pickle: bool, token: str | None) -> Path:
     """The repo's files a pull needs, as a Hub-cache snapshot folder named by its commit:
     ``commit``, the one the Hub resolved, or with none (offline) the one the cache holds."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     from adapterkit.library.peft_folder import PICKLE_FILE
 
     patterns = [where + p for p in _PULL_PATTERNS + ([PICKLE_FILE] if trust_pickle else [])]
-    offline = commit is None
+    offline, asked_offline = commit is None, constants.HF_HUB_OFFLINE
     try:
         # by branch, not by sha: huggingface_hub then records branch → commit in the cache,
         # which a later offline pull reads
         snapshot = Path(snapshot_download(repo_id, revision=revision, token=token,
                                           allow_patterns=patterns, local_files_only=offline))
     except Exception as exc:
+        if offline and not asked_offline:
+            raise HubError(f"cannot reach the Hub at {without_credentials(constants.ENDPOINT)} "
+                           f"and the Hub cache holds no complete copy of {repo_id} at commit "
+                           f"{revision}; check the connection and retry — nothing was "
+                           "imported") from None
         if offline:
             raise HubError(f"HF_HUB_OFFLINE is set and the Hub cache holds no complete copy of "
                            f"{repo_id} ({revision or 'main'}): unset HF_HUB_OFFLINE to download "
                            "it; nothing was imported") from None
         raise _explain(exc, repo_id, revision, outcome=_NOT_IMPORTED) from None
-    if commit is None:
+    if offline and not asked_offline:  # a full commit id (see _ask_hub)
+        warnings.warn(f"cannot reach the Hub at {without_credentials(constants.ENDPOINT)}: "
+                      f"{repo_id} at commit {snapshot.name} is imported from the Hub cache (a "
+                      "commit's files never change)", HubWarning, stacklevel=3)
+    elif offline:
         warnings.warn(f"HF_HUB_OFFLINE is set, so the Hub was not asked: {repo_id} "
                       f"({revision or 'main'}) is imported as the Hub cache holds it, commit "
                       f"{snapshot.name}, which may be older than the Hub's", HubWarning,
                       stacklevel=3)
-    elif snapshot.name != commit:  # the Hub moved on, or dropped out and the cache answered
+    elif commit is not None and snapshot.name != commit:  # the Hub moved on, or dropped out and the cache answered
         raise HubError(f"{repo_id} ({revision or 'main'}) was at commit {commit[:12]} but the "
                        f"download gave {snapshot.name[:12]}: it changed on the Hub during the "
                        "pull, or the Hub stopped answering and the cache's older copy was given; "
