@@ -94,7 +94,12 @@ class QueueFull(AdapterkitError):
 
 class ServerError(AdapterkitError):
     """An ``adapterkit serve`` server that cannot be reached, or that answered with an error
-    (the message is the server's own)."""
+    (the message is the server's own; ``code`` its OpenAI error code, e.g.
+    ``context_length_exceeded``, where it gave one)."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class QuickstartError(AdapterkitError):

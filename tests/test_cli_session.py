@@ -271,6 +271,27 @@ def test_a_message_that_got_no_answer_leaves_the_conversation():
     assert [m["role"] for m in talk.messages] == ["user", "assistant"]
 
 
+def test_a_conversation_drops_its_oldest_turns_where_the_answer_would_not_fit(capsys):
+    """Local chat counts with the tokenizer (10 tokens a message here, context 35, room for
+    a 5-token answer); chat --server drops them on the server's word (``shortened``)."""
+    from adapterkit.cli.session import _Conversation
+
+    class TenEach:
+        def apply_chat_template(self, messages, **_):
+            return list(range(10 * len(messages)))
+
+    talk = _Conversation(TenEach(), 35, 5)
+    talk.ask("a")
+    talk.answered("1")
+    assert [m["content"] for m in talk.ask("b")] == ["a", "1", "b"]  # 30 + 5: it fits
+    talk.answered("2")
+    assert [m["content"] for m in talk.ask("c")] == ["b", "2", "c"]
+    assert "(the oldest 2 turns were dropped" in capsys.readouterr().err
+    assert [m["content"] for m in talk.shortened()] == ["c"]
+    assert "(the oldest 2 turns were dropped" in capsys.readouterr().err
+    assert talk.shortened() is None and talk.messages == [{"role": "user", "content": "c"}]
+
+
 def test_every_session_and_serve_command_shows_examples():
     """As `train --help` and `eval --help` do: how to call it, not only what it does."""
     import click

@@ -649,6 +649,26 @@ def test_chat_with_server_streams_from_the_chosen_model(served, session, adapter
     assert unreachable.exit_code == 1 and "cannot reach" in unreachable.output
 
 
+def test_chat_with_server_drops_the_oldest_turns_its_context_cannot_hold(served, adapterkit_cli):
+    """Before: a conversation past the server's context was refused (400 ``context_length
+    _exceeded``) and the user told to /reset, where a local chat drops the oldest turns. The
+    first message leaves exactly the room asked for; the second cannot fit beside it."""
+    from adapterkit.serving.client import ServerClient
+
+    ids = served.base.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    room = served.base.model.config.max_position_embeddings - len(ids)
+    result = adapterkit_cli("chat", "--server", served.url, "--max-new-tokens", str(room),
+                            input=f"{PROMPT}\nAnd then?\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "Error:" not in result.output
+    assert result.output.count("(the oldest 2 turns were dropped to leave room for the answer") == 1
+    alone = "".join(text for text, _ in ServerClient(served.url).stream_chat(
+        served.engine.base_id, "And then?", max_tokens=room))
+    assert alone and alone in result.stdout
+
+
 # -- the text side, unit by unit ---------------------------------------------------------------
 
 def test_detokenizer_streams_characters_split_over_tokens():

@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from adapterkit.cli.common import base_precision, check_sampling, library, obj, say
-from adapterkit.errors import AdapterkitError, ConfigError
+from adapterkit.errors import AdapterkitError, ConfigError, ServerError
 
 
 def _weights(text: str | None, count: int) -> list[float] | None:
@@ -222,7 +222,9 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
              max_new_tokens: int, server: str | None, api_key: str | None) -> None:
     """Chat with the base and swap pocket books live: each message is answered with
     the conversation so far (on a base with a chat template), whichever pocket book
-    is active; /reset starts a new conversation.
+    is active; /reset starts a new conversation. Where the conversation would
+    leave no room for the answer in the base's context, its oldest turns are
+    dropped (said so), here and with --server.
 
     \b
     Commands:  /swap NAME   /stack A=1 B=0.5   /off   /reset   /list   /quit
@@ -299,10 +301,10 @@ def chat_cmd(ctx: click.Context, base: str | None, adapter: str | None,
 
 class _Conversation:
     """The turns so far, sent whole with each message as a chat client does (``turns``; a
-    base without a chat template answers each message alone). With a tokenizer and the
-    context length (a local chat), the oldest turns are dropped — and that is said — where
-    they would leave no room for the answer; a server refuses a conversation past its context
-    (400), and the error says /reset."""
+    base without a chat template answers each message alone). The oldest turns are dropped —
+    and that is said — where they would leave no room for the answer: counted with the
+    tokenizer and the context length in a local chat, or on a server's
+    ``context_length_exceeded`` (``chat --server``, which counts nothing itself)."""
 
     def __init__(self, tokenizer: Any, context: int | None, max_new_tokens: int, *,
                  turns: bool = True) -> None:
@@ -321,13 +323,32 @@ class _Conversation:
             return text
         self.messages.append({"role": "user", "content": text})
         dropped = 0
-        while self._too_long() and len(self.messages) > 1:
-            del self.messages[:2]  # the oldest question and its answer
+        while self._too_long() and self.drop_oldest():
             dropped += 2
+        self._said_dropped(dropped)
+        return list(self.messages)
+
+    def drop_oldest(self) -> bool:
+        """Drop the oldest question and its answer; False where only the message just asked
+        is left (then nothing can be dropped)."""
+        if not self.turns or len(self.messages) <= 1:
+            return False
+        del self.messages[:2]
+        return True
+
+    def shortened(self) -> list[dict[str, str]] | None:
+        """The conversation without its oldest question and answer (said so), for a server
+        that found it too long; None where there is nothing left to drop."""
+        if not self.drop_oldest():
+            return None
+        self._said_dropped(2)
+        return list(self.messages)
+
+    @staticmethod
+    def _said_dropped(dropped: int) -> None:
         if dropped:
             click.echo(f"(the oldest {dropped} turns were dropped to leave room for the answer "
                        "in the base's context; /reset starts afresh)", err=True)
-        return list(self.messages)
 
     def answered(self, text: str) -> None:
         if self.turns:
@@ -427,10 +448,20 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
             else:
                 parts: list[str] = []
                 with talk.answering(shown=parts):
-                    for text, _ in client.stream_chat(model, talk.ask(line),
-                                                      max_tokens=max_new_tokens):
-                        click.echo(text, nl=False)
-                        parts.append(text)
+                    sent: Any = talk.ask(line)
+                    while True:
+                        try:
+                            for text, _ in client.stream_chat(model, sent,
+                                                              max_tokens=max_new_tokens):
+                                click.echo(text, nl=False)
+                                parts.append(text)
+                            break
+                        except ServerError as exc:  # too long for the server's context
+                            if exc.code != "context_length_exceeded" or parts:
+                                raise
+                            sent = talk.shortened()
+                            if sent is None:
+                                raise
                 click.echo()
                 talk.answered("".join(parts))
         except AdapterkitError as exc:

@@ -56,7 +56,8 @@ class ServerClient:
         try:
             return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            raise ServerError(f"{self.url} answered {exc.code}: {_message(exc)}") from None
+            message, code = _error_of(exc)
+            raise ServerError(f"{self.url} answered {exc.code}: {message}", code=code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServerError(f"cannot reach {self.url} ({reason}); is `adapterkit serve` "
@@ -124,16 +125,19 @@ class ServerClient:
                       first, time.perf_counter() - start)
 
 
-def _message(exc: urllib.error.HTTPError) -> str:
-    """The ``error.message`` of an OpenAI-shaped error body, or the body itself."""
+def _error_of(exc: urllib.error.HTTPError) -> tuple[str, str | None]:
+    """The ``error.message`` and ``error.code`` of an OpenAI-shaped error body, or the body
+    itself and None."""
     try:
         raw = exc.read().decode("utf-8", "replace")
     except OSError:
-        return str(exc.reason)
+        return str(exc.reason), None
     try:
-        return str(json.loads(raw)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return raw.strip()[:300] or str(exc.reason)
+        error = json.loads(raw)["error"]
+        code = error.get("code")
+        return str(error["message"]), code if isinstance(code, str) else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return raw.strip()[:300] or str(exc.reason), None
 
 
 def _sse_data(response: Any) -> Iterator[str]:
