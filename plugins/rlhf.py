@@ -12,7 +12,11 @@ preference file, on the same resident base, then takes the file's prompts for th
 
 One copy of the base weights serves all three roles: the policy is a LoRA on it, the reference
 is that LoRA switched off, and the reward pocket book is folded into the same layers, switched
-on only while it scores (``adapterkit.RewardScorer``).
+on only while it scores (``adapterkit.RewardScorer``). It scores as it was trained: with the
+pocket books it was trained on top of underneath, through the chat template or as plain text as
+its training recorded (whichever way the policy renders its prompts), and the whole text — so
+``--max-length`` must hold each prompt with ``max_new_tokens`` of completion, as the reward
+pocket book reads them, or the run is refused before it starts.
 
 ``rlhf`` options (``--set KEY=VALUE``): :class:`RLHFOptions`. ``reward`` takes none.
 """
@@ -166,10 +170,19 @@ class RLHF(Trainer):
 
         o: RLHFOptions = job.trainer_options
         library = Library(job.home)
+        dataset = _prompts(job)
+
+        def check_room(chat: bool) -> None:  # the reward pocket book reads the whole text
+            RewardScorer.check_room(job.tokenizer, [r["prompt"] for r in dataset], chat=chat,
+                                    max_new_tokens=o.max_new_tokens,
+                                    max_length=job.options.max_length)
+
         if o.reward:
             book = library.get(o.reward)
             RewardScorer.check(job.base, book)  # before any work: right kind, right base
+            check_room(RewardScorer.reads_chat(job.tokenizer, book))
         else:  # (its data and name were checked before the base loaded: preflight)
+            check_room(job.chat)  # as the stage will read it: with the run's chat setting
             stage_name = job.name.split("@")[0] + "-reward"
             # (the policy's epochs are resolved already: its min_steps acted there; a reward
             # head measures no forgetting on general text)
@@ -181,8 +194,8 @@ class RLHF(Trainer):
             book = job.train_stage("reward", name=stage_name, options=stage_options).pocket_book
         job.options.trainer_options["reward"] = book.ref  # recorded with the policy
 
-        scorer = RewardScorer(job.base, book, policy=job.model,
-                              max_length=job.options.max_length)
+        # the reward model exactly as trained: its underlay, its chat setting, the whole text
+        scorer = RewardScorer(job.base, book, library=library, policy=job.model)
 
         def reward_book(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
             return scorer.score(prompts, completions)
@@ -193,7 +206,7 @@ class RLHF(Trainer):
         config = GRPOConfig(**args, beta=o.beta, num_generations=o.num_generations,
                             max_completion_length=o.max_new_tokens, temperature=o.temperature)
         trainer = GRPOTrainer(model=job.model, reward_funcs=[reward_book], args=config,  # type: ignore[list-item]
-                              train_dataset=_prompts(job), processing_class=job.tokenizer,
+                              train_dataset=dataset, processing_class=job.tokenizer,
                               callbacks=job.callbacks)
         job.configure(trainer)
         try:

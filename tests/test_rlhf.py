@@ -384,3 +384,166 @@ def test_reward_flag_on_another_trainer_names_itself(adapterkit_cli, tiny_base, 
         assert out.output.strip().splitlines()[-1] == (
             f"Error: --reward names the reward pocket book rlhf optimises against; the "
             f"{trainer} trainer takes none: drop --reward")
+
+
+# --- the reward model rlhf scores with is the one that was trained -------------------------
+
+QUICK = dict(max_steps=2, batch_size=4, learning_rate=3e-2, r=4, alpha=8, dropout=0.0,
+             logging_steps=1, seed=3, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def stacked_rewards(tmp_path_factory, tiny_base):
+    """A policy pocket book ``under``, and two reward pocket books trained ``--on under``:
+    ``plain-rm`` without the chat template (``--no-chat``), ``chat-rm`` with it."""
+    from adapterkit.pytest_plugin import TINY_ROWS
+
+    home = tmp_path_factory.mktemp("stacked-home")
+    folder = tmp_path_factory.mktemp("stacked-data")
+    prefs, pc = folder / "prefs.jsonl", folder / "pc.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
+    pc.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["prompt_completion"]))
+    pm = get_plugin_manager(env=False)
+    base = load_base(str(tiny_base), home=home)
+    train("sft", base=base, data=str(pc), name="under", home=home, plugins=pm,
+          options=TrainOptions(**QUICK)).model.unload()
+    for name, chat in (("plain-rm", False), ("chat-rm", None)):
+        result = train("reward", base=base, data=str(prefs), name=name, home=home, plugins=pm,
+                       on="under", options=TrainOptions(**QUICK, chat=chat))
+        result.model.unload()
+        assert result.pocket_book.meta.stacked_on == ["under@1"]
+    return home, prefs, pm, base
+
+
+def _plain_reward_model(tiny_base, library, book, folder):
+    """The reward model as plain transformers + PEFT users build it: the base with the pocket
+    book it was trained on top of merged in, then its SEQ_CLS adapter."""
+    from peft import PeftModel
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    causal = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(causal, library.get("under").path).merge_and_unload()
+    merged.save_pretrained(folder)
+    seq = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
+    return tokenizer, PeftModel.from_pretrained(seq, book.path).eval()
+
+
+def _plain_text(part, role):
+    """A string, or the one message of ``role`` it was turned into (by hand, not adapterkit)."""
+    if isinstance(part, str):
+        return part
+    assert [m["role"] for m in part] == [role]
+    return part[0]["content"]
+
+
+@pytest.mark.parametrize(("reward", "policy_chat"), [
+    ("plain-rm", False),  # no template on either side: plain prompt + completion, as TRL's GRPO
+    ("plain-rm", True),   # the policy chats; the reward pocket book reads the plain text it saw
+    ("chat-rm", False),   # the policy writes plain text; the reward book reads chat turns
+])
+def test_rlhf_rewards_are_the_trained_reward_models_on_the_text_it_was_trained_on(
+        stacked_rewards, tiny_base, tmp_path, monkeypatch, reward, policy_chat):
+    """`rlhf --reward BOOK` scored with BOOK alone (not the pocket book it was trained on top
+    of), and always through the chat template (a `--no-chat` reward book too). Each reward
+    GRPO used now equals a plain transformers + PEFT reward model
+    (base + underlay merged + the reward book's adapter) on the text rendered as the book was
+    trained: plain prompt + completion without special tokens (TRL's GRPOTrainer's text for
+    string prompts), or the chat template's."""
+    from trl import GRPOTrainer
+
+    home, prefs, pm, _ = stacked_rewards
+    library = Library(home)
+    seen = []
+    real = GRPOTrainer._calculate_rewards
+
+    def recording(self, inputs, prompts, completions, completion_ids_list):
+        out = real(self, inputs, prompts, completions, completion_ids_list)
+        seen.append((prompts, completions, out[:, 0].tolist()))
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_calculate_rewards", recording)
+    train("rlhf", base=str(tiny_base), data=str(prefs), name=f"pol-{reward}-{policy_chat}",
+          home=home, plugins=pm,
+          options=TrainOptions(max_steps=1, batch_size=4, r=4, alpha=8, dropout=0.0, seed=2,
+                               chat=policy_chat, precision="fp32", trainer_options={
+                                   "reward": reward, "num_generations": 2,
+                                   "max_new_tokens": 6}))
+    assert seen
+    tokenizer, plain = _plain_reward_model(tiny_base, library, library.get(reward), tmp_path)
+    for prompts, completions, got in seen:
+        assert isinstance(prompts[0], list) == policy_chat  # the policy rendered as asked
+        for prompt, completion, value in zip(prompts, completions, got):
+            if reward == "plain-rm":
+                text = _plain_text(prompt, "user") + _plain_text(completion, "assistant")
+            else:
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": _plain_text(prompt, "user")},
+                     {"role": "assistant", "content": _plain_text(completion, "assistant")}],
+                    tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+            with torch.no_grad():
+                expected = plain(**ids).logits[0, 0].item()
+            assert value == pytest.approx(expected, abs=1e-4), (prompt, completion)
+
+
+def test_a_reward_book_trained_on_top_needs_its_library(stacked_rewards):
+    home, _, _, base = stacked_rewards
+    with pytest.raises(ConfigError, match=r"plain-rm@1 was trained on top of under@1: pass "
+                                          r"library= so that they score underneath it"):
+        RewardScorer(base, Library(home).get("plain-rm"))
+
+
+def test_rlhf_refuses_completions_the_reward_book_could_not_read_whole(stacked_rewards,
+                                                                       tiny_base):
+    """--max-length cut the scored text from the start: the end of every long completion went
+    unscored, without a word. Prompt + max_new_tokens past it is refused before any work, with
+    --reward and before the reward stage alike."""
+    home, prefs, pm, _ = stacked_rewards
+    before = sorted((b.name, b.version) for b in Library(home).list())
+    tokenizer = load_base(str(tiny_base), home=home).tokenizer
+    longest = max(len(tokenizer(json.loads(line)["prompt"], add_special_tokens=False)
+                      ["input_ids"]) for line in prefs.read_text().splitlines())
+    for sets in ({"reward": "plain-rm"}, {}):
+        options = TrainOptions(max_steps=1, batch_size=4, r=4, alpha=8, chat=False,
+                               max_length=longest + 8, trainer_options={
+                                   **sets, "num_generations": 2, "max_new_tokens": 32})
+        with pytest.raises(ConfigError, match=rf"16 of 16 prompts with completions of "
+                                              rf"max_new_tokens 32 can be longer than "
+                                              rf"--max-length {longest + 8} tokens .* raise "
+                                              rf"--max-length to at least {longest + 32}"):
+            train("rlhf", base=str(tiny_base), data=str(prefs), name="too-long", home=home,
+                  plugins=pm, options=options)
+    assert sorted((b.name, b.version) for b in Library(home).list()) == before  # no stage
+
+
+def test_a_plain_text_reward_book_refuses_conversations(stacked_rewards, tiny_base, tmp_path):
+    """A `--no-chat` reward pocket book never read a conversation: prompts of several turns
+    have no plain-text form it was trained on, and are refused before any work."""
+    home, _, pm, _ = stacked_rewards
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": f"Greet person {i}."}]}) + "\n" for i in range(4)))
+    with pytest.raises(ConfigError, match=r"trained on plain text \(--no-chat\), and this "
+                                          r"prompt is a chat conversation \(system, user turns\)"):
+        train("rlhf", base=str(tiny_base), data=str(data), name="convo", home=home, plugins=pm,
+              options=TrainOptions(max_steps=1, batch_size=4, r=4, alpha=8, trainer_options={
+                  "reward": "plain-rm", "num_generations": 2, "max_new_tokens": 4}))
+
+
+def test_reward_flag_and_set_reward_together_are_refused(adapterkit_cli, tiny_base,
+                                                         adapterkit_data):
+    """`--reward r1 --set reward=r2` trained against r1 without a word about r2."""
+    out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data",
+                         adapterkit_data["preference"], "--name", "x", "--reward", "r1",
+                         "--set", "reward=r2")
+    assert out.exit_code == 1
+    assert out.output.strip().splitlines()[-1] == (
+        "Error: --reward r1 and --set reward=r2 both name the reward pocket book: give it once "
+        "(--reward)")

@@ -374,6 +374,9 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         if schema is None or "reward" not in getattr(schema, "__dataclass_fields__", {}):
             raise ConfigError(f"--reward names the reward pocket book rlhf optimises against; "
                               f"the {trainer} trainer takes none: drop --reward")
+        if "reward" in sets:  # two spellings of one option: neither may silently win
+            raise ConfigError(f"--reward {reward} and --set reward={sets['reward']} both name "
+                              "the reward pocket book: give it once (--reward)")
         sets["reward"] = reward
     overrides["trainer_options"] = sets or None
     state = obj(ctx)

@@ -4,8 +4,12 @@ A reward pocket book is a standard PEFT ``SEQ_CLS`` adapter (``modules_to_save =
 so ``AutoModelForSequenceClassification`` + PEFT load it unchanged. Inside adapterkit the
 sequence-classification model is never loaded as a second copy: :func:`reward_model` builds
 its shell on the meta device and gives it the causal model's own backbone, and
-:class:`RewardScorer` folds the reward LoRA into that backbone switched off, switching it on
-(with the policy and any pocket books underneath switched off) only while it scores.
+:class:`RewardScorer` folds the reward LoRA — with the pocket books it was trained on top of
+(``--on``) underneath — into that backbone switched off, switching them on (with the policy and
+its own pocket books underneath switched off) only while it scores.
+
+It reads the text as the reward pocket book was trained on it (:func:`scored_ids`): through the
+chat template or as plain text, as its training recorded, whole.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from adapterkit.errors import ConfigError, InvalidAdapter
-from adapterkit.library.store import PocketBook
+from adapterkit.library.store import Library, PocketBook
 
 
 def reward_model(causal: Any, *, pad_token_id: int | None) -> Any:
@@ -62,6 +66,48 @@ def render(tokenizer: Any, prompt: Any, completion: Any) -> list[int]:
     if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
         text += tokenizer.eos_token
     return list(tokenizer(text)["input_ids"])
+
+
+def trained_chat(tokenizer: Any, book: PocketBook) -> bool:
+    """Whether the reward pocket book ``book`` was trained on chat-rendered pairs: its recorded
+    ``--chat``/``--no-chat``, else (not given) whether the base has a chat template, as its
+    training decided."""
+    chat = book.meta.hyperparameters.get("chat")
+    if chat and not tokenizer.chat_template:
+        raise InvalidAdapter(f"{book.ref} was trained with the chat template, and this base's "
+                             "tokenizer has none: score with it on the base it was trained on")
+    return bool(tokenizer.chat_template) if chat is None else bool(chat)
+
+
+def scored_ids(tokenizer: Any, prompt: Any, completion: Any, *, chat: bool) -> list[int]:
+    """Token ids of prompt + completion as a reward model trained with (``chat``) or without
+    the chat template reads them, the way TRL's ``GRPOTrainer`` renders text for a reward
+    model: chat turns through the template (a plain string as one user or assistant turn, as
+    the reward pocket book's pairs were), plain text as prompt + completion; no special tokens
+    added. Without ``chat``, a prompt in chat form must be one user turn (it then reads as that
+    turn's text, as the pairs read in training); a conversation has no plain-text form the
+    reward pocket book saw, and is refused."""
+    from adapterkit.training.data import as_chat
+
+    if chat:
+        row = as_chat({"prompt": prompt, "completion": completion})
+        text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+    else:
+        text = _plain(prompt, "user") + _plain(completion, "assistant")
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _plain(part: Any, role: str) -> str:
+    if isinstance(part, str):
+        return part
+    if len(part) == 1 and part[0].get("role") == role and isinstance(part[0].get("content"), str):
+        return str(part[0]["content"])
+    raise ConfigError(
+        f"the reward pocket book was trained on plain text (--no-chat), and this "
+        f"{'prompt' if role == 'user' else 'completion'} is a chat conversation "
+        f"({', '.join(m.get('role', '?') for m in part)} turns) with no plain-text form it "
+        "was trained on: train the reward pocket book with the chat template (without "
+        "--no-chat), or give prompts as plain strings")
 
 
 def rewards(model: Any, tokenizer: Any, sequences: list[list[int]], *,
@@ -117,22 +163,42 @@ def preference_eval(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *,
 class RewardScorer:
     """Scores (prompt, completion) pairs with a reward pocket book on the resident base.
 
+    The model that scores is exactly the one the reward pocket book was trained as: the base,
+    the pocket books it was trained on top of (``--on``, recorded as ``stacked_on``), and it;
+    it reads the text as it was trained on it (:func:`scored_ids`), whole — never cut.
+
     :param base: the loaded base (the policy being trained may already wrap it).
+    :param library: where the pocket books ``book`` was trained on top of are found (needed
+        only when there are some).
     :param policy: the PEFT policy model wrapping ``base.model``; switched off while scoring.
     """
 
-    def __init__(self, base: Any, book: PocketBook, *, policy: Any = None,
-                 max_length: int = 1024, batch_size: int = 16) -> None:
+    def __init__(self, base: Any, book: PocketBook, *, library: Library | None = None,
+                 policy: Any = None, batch_size: int = 16) -> None:
         import torch
 
+        from adapterkit.library.integrity import base_structure
         from adapterkit.lora import underlay
 
         self.check(base, book)
+        if book.meta.stacked_on and library is None:
+            raise ConfigError(f"{book.ref} was trained on top of "
+                              f"{', '.join(book.meta.stacked_on)}: pass library= so that they "
+                              "score underneath it, as it was trained")
+        below = underlay.below(library, book) if library is not None else []
         self.book, self.base, self.policy = book, base, policy
         self.tokenizer = base.tokenizer
-        self.max_length, self.batch_size = max_length, batch_size
+        self.chat = trained_chat(self.tokenizer, book)
+        self.batch_size = batch_size
         extra: dict[str, Any] = {}
-        self.gate = underlay.apply(base.model, [book], gate=underlay.Gate(on=False), extra=extra)
+        self.gate = underlay.Gate(on=False)
+        try:  # what it was trained on top of, then it: on together, only while it scores
+            underlay.apply(base.model, below, gate=self.gate, structure=base_structure(base),
+                           path_name="scoring with a reward pocket book on top of it")
+            underlay.apply(base.model, [book], gate=self.gate, extra=extra)
+        except BaseException:
+            underlay.remove(base.model, gate=self.gate)
+            raise
         head = {k.split("score.")[-1].replace("modules_to_save.default.", ""): v
                 for k, v in extra.items() if "score." in k}
         others = sorted(k for k in extra if "score." not in k)
@@ -160,6 +226,30 @@ class RewardScorer:
                                  "without --reward)")
 
     @staticmethod
+    def reads_chat(tokenizer: Any, book: PocketBook) -> bool:
+        """Whether ``book`` reads text through the chat template (:func:`trained_chat`)."""
+        return trained_chat(tokenizer, book)
+
+    @staticmethod
+    def check_room(tokenizer: Any, prompts: list[Any], *, chat: bool, max_new_tokens: int,
+                   max_length: int) -> None:
+        """Refuse, before any work, prompts whose completions of up to ``max_new_tokens``
+        tokens would make the text a reward pocket book reads (:func:`scored_ids`, with
+        ``chat`` as it was trained) longer than ``max_length``: it scores the whole text, so
+        ``max_length`` bounds prompt + completion, as it bounds the pairs it is trained on."""
+        lengths = [len(scored_ids(tokenizer, p, "", chat=chat)) + max_new_tokens
+                   for p in prompts]
+        over = [i for i, n in enumerate(lengths) if n > max_length]
+        if over:
+            worst = max(over, key=lambda i: lengths[i])
+            raise ConfigError(
+                f"{len(over)} of {len(prompts)} prompts with completions of max_new_tokens "
+                f"{max_new_tokens} can be longer than --max-length {max_length} tokens as the "
+                f"reward pocket book reads them (prompt {worst + 1}: {lengths[worst]}), and it "
+                "scores the whole text: raise --max-length to at least "
+                f"{lengths[worst]}, or lower max_new_tokens (--set max_new_tokens=N)")
+
+    @staticmethod
     def check(base: Any, book: PocketBook) -> None:
         """Refuse a policy pocket book, or a reward pocket book made on another base."""
         from adapterkit.base.compat import check_base
@@ -172,6 +262,7 @@ class RewardScorer:
             raise BaseMismatch(f"reward {exc}") from None
 
     def score_ids(self, sequences: list[list[int]]) -> list[float]:
+        """The reward of each token sequence, read whole."""
         import torch
 
         from adapterkit.lora import underlay
@@ -183,24 +274,17 @@ class RewardScorer:
         # policy's LoRA, dropout included, is off; the reward LoRA is a plain hook).
         with torch.no_grad(), off, underlay.suspended(self.base.model, keep=self.gate), \
                 self.gate.set(True):
-            return rewards(self.model, self.tokenizer,
-                           [s[: self.max_length] for s in sequences], batch_size=self.batch_size)
+            return rewards(self.model, self.tokenizer, sequences, batch_size=self.batch_size)
 
-    def score(self, prompts: list[Any], completions: list[Any], *,
-              chat: bool | None = None) -> list[float]:
-        """Reward of each completion of each prompt (strings or chat messages).
+    def ids(self, prompt: Any, completion: Any) -> list[int]:
+        """The token ids the reward pocket book reads for one pair (:func:`scored_ids`)."""
+        return scored_ids(self.tokenizer, prompt, completion, chat=self.chat)
 
-        Strings are rendered as chat turns when ``chat`` (default: when the base has a chat
-        template — as the reward pocket book's training data was).
-        """
-        from adapterkit.training.data import as_chat
-        from adapterkit.training.metrics import uses_chat
-
-        rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
-        if uses_chat(self.tokenizer, chat):
-            rows = [as_chat(r) for r in rows]
-        return self.score_ids([render(self.tokenizer, r["prompt"], r["completion"])
-                               for r in rows])
+    def score(self, prompts: list[Any], completions: list[Any]) -> list[float]:
+        """Reward of each completion of each prompt (strings or chat messages), rendered as
+        the reward pocket book was trained: through the chat template, or as plain text
+        (``--no-chat``), whichever form the policy generated them in."""
+        return self.score_ids([self.ids(p, c) for p, c in zip(prompts, completions)])
 
     def close(self) -> None:
         """Take the reward pocket book back out of the base."""
@@ -214,7 +298,8 @@ def reward_of_generations(policy: Any, scorer: RewardScorer, prompts: list[Any],
                           temperature: float = 1.0, seed: int = 0) -> dict[str, float]:
     """Mean reward of answers to ``prompts`` with the policy pocket book off and on.
 
-    ``chat`` (default: when the base has a chat template, as training does) renders prompts.
+    ``chat`` (default: when the base has a chat template, as training does) renders prompts
+    for generation; the scorer reads them as its reward pocket book was trained.
     Greedy answers by default; ``samples`` > 0 draws that many sampled answers per prompt
     (what RL optimises: the mean of the policy's distribution, not its single mode).
     """
@@ -231,6 +316,6 @@ def reward_of_generations(policy: Any, scorer: RewardScorer, prompts: list[Any],
             answers = generate(policy, scorer.tokenizer, prompts, chat=chat,
                                max_new_tokens=max_new_tokens,
                                temperature=temperature if samples else 0.0)
-        scores = scorer.score(prompts, answers, chat=chat)
+        scores = scorer.score(prompts, answers)
         out[label] = sum(scores) / len(scores)
     return out
