@@ -89,7 +89,9 @@ def child(args: argparse.Namespace) -> None:
                        options=TrainOptions(**common, trainer_options={
                            "reward_steps": args.reward_steps, "max_new_tokens": args.new_tokens,
                            "beta": args.beta}))
-        scorer = RewardScorer(base, Library(args.home).get("kind-reward"), policy=result.model)
+        library = Library(args.home)
+        scorer = RewardScorer(base, library.get("kind-reward"), library=library,
+                              policy=result.model)
         figures = reward_of_generations(result.model, scorer, held,
                                         max_new_tokens=args.new_tokens, samples=4)
         figures["reward_log_first"] = result.metrics["reward_first_log"]
