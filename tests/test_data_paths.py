@@ -74,3 +74,51 @@ def test_a_folder_is_read_as_one_dataset_or_refused_naming_its_files(tmp_path):
                                               rf"read as one dataset .*give one data file, e.g. "
                                               rf"{mixed / 'pairs_test.jsonl'}"):
         load_data(str(mixed))
+
+
+def test_a_save_to_disk_folder_is_read_and_its_files_name_the_folder(tmp_path):
+    """A ``save_to_disk`` folder was "a folder datasets cannot read", with the hint to give
+    its dataset_info.json or state.json (metadata, refused in turn as "expected a JSON list of
+    objects"); its .arrow file was an "unsupported data file"."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(3)]
+    saved = tmp_path / "pairs_ds"
+    Dataset.from_list(rows).save_to_disk(str(saved))
+    data = data_mod.load_data(str(saved))
+    assert (data.shape, data.rows) == ("preference", rows)
+    splits = tmp_path / "pairs_dd"
+    DatasetDict({"train": Dataset.from_list(rows),
+                 "test": Dataset.from_list(rows[:1])}).save_to_disk(str(splits))
+    assert data_mod.load_data(str(splits)).rows == rows  # its train split
+    for inside in ["dataset_info.json", "state.json", *(p.name for p in saved.glob("*.arrow"))]:
+        with pytest.raises(DataFormatError, match=rf"{inside} is part of a datasets save_to_disk "
+                                                  rf"folder; give the folder itself: {saved}$"):
+            data_mod.load_data(str(saved / inside))
+    # a folder datasets cannot read is never answered with metadata files as its data files
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "state.json").write_text("{}")
+    (mixed / "pairs_test.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(DataFormatError, match=rf"give one data file, e.g. "
+                                              rf"{mixed / 'pairs_test.jsonl'}$"):
+        data_mod.load_data(str(mixed))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt"])
+def test_a_file_with_a_utf8_byte_order_mark_is_read(tmp_path, suffix):
+    """What Windows tools write was refused: "invalid JSON (Unexpected UTF-8 BOM ...)"."""
+    text = {".jsonl": '{"prompt": "p\\u00e9", "completion": "c"}\n',
+            ".json": '[{"prompt": "p\\u00e9", "completion": "c"}]',
+            ".csv": "prompt,completion\npé,c\n",
+            ".txt": "pé c\n"}[suffix]
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    data = data_mod.load_data(str(path))
+    expected = [{"text": "pé c"}] if suffix == ".txt" else [{"prompt": "pé", "completion": "c"}]
+    assert data.rows == expected
+    # a bad byte is still named by its offset in the file, the mark counted
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8") + b"\xff")
+    if suffix != ".txt":
+        with pytest.raises(DataFormatError, match=rf"byte 0xff at offset {3 + len(text.encode())}"):
+            data_mod.load_data(str(path))

@@ -314,3 +314,131 @@ def test_the_held_out_figure_is_of_the_step_whose_weights_are_kept():
     assert trainer_eval(state, best, 4)["loss"] == 0.6
     assert trainer_eval(state, None, 4, kept=2)["step"] == 2  # the guard's fallback
     assert trainer_eval(state, None, 4, kept=3) is None  # not evaluated there
+
+
+# -- preference shapes: every pair reaches TRL with its prompt once -----------------------
+
+PAIRS = [(f"Greet person {i}.", "Hello, nice to meet you!", "Go away.") for i in range(4)]
+SYSTEM = {"role": "system", "content": "You are polite."}
+
+
+def _turn(role, content):
+    return {"role": role, "content": content}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _tokenized(path):
+    """The pairs as TRL's DPOTrainer tokenizes what adapterkit hands it (``TrainJob`` rows on
+    a chat base, through TRL's own dataset preparation)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+
+    from adapterkit.plugin_api.testing import tiny_tokenizer
+    from adapterkit.training.data import load_data
+    from adapterkit.training.job import TrainJob
+
+    tok = tiny_tokenizer()
+    job = TrainJob(build=lambda: None, tokenizer=tok, data=load_data(path), eval_data=None,
+                   options=TrainOptions(), chat=True, output_dir=Path("x"), resume_from=None)
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    prepared = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), job.train_dataset(),
+                                           tok, args, "train")
+    return prepared.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
+
+
+def test_ultrafeedback_and_implicit_prompt_pairs_tokenize_as_the_plain_pairs(tmp_path):
+    """UltraFeedback rows (a prompt string, and answers that are whole conversations starting
+    with it) were trained on the prompt twice (4170 tokens against 3052 for the same pairs);
+    implicit-prompt rows (chosen/rejected alone, Anthropic HH) were refused for a missing
+    prompt column. Both now reach TRL token for token as the plain pairs, and the implicit
+    prompt is the one TRL's extract_prompt takes."""
+    from trl.data_utils import extract_prompt
+
+    from adapterkit.training.data import load_data
+
+    def conversation(prompt, answer, system=()):
+        return [*system, _turn("user", prompt), _turn("assistant", answer)]
+
+    plain = _tokenized(_write(tmp_path / "plain.jsonl", [
+        {"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]))
+    uf = [{"prompt": p, "chosen": conversation(p, c), "rejected": conversation(p, r)}
+          for p, c, r in PAIRS]
+    implicit = [{"chosen": conversation(p, c), "rejected": conversation(p, r)}
+                for p, c, r in PAIRS]
+    assert _tokenized(_write(tmp_path / "uf.jsonl", uf)) == plain
+    assert _tokenized(_write(tmp_path / "implicit.jsonl", implicit)) == plain
+    read = load_data(str(tmp_path / "implicit.jsonl"))
+    assert read.rows == [extract_prompt(row) for row in implicit]
+    # a conversational prompt (a system turn first) repeated at the start of the answers
+    explicit = _tokenized(_write(tmp_path / "explicit.jsonl", [
+        {"prompt": [SYSTEM, _turn("user", p)], "chosen": [_turn("assistant", c)],
+         "rejected": [_turn("assistant", r)]} for p, c, r in PAIRS]))
+    assert explicit != plain  # (the system turn is rendered)
+    repeated = [{"prompt": [SYSTEM, _turn("user", p)], "chosen": conversation(p, c, [SYSTEM]),
+                 "rejected": conversation(p, r, [SYSTEM])} for p, c, r in PAIRS]
+    assert _tokenized(_write(tmp_path / "repeated.jsonl", repeated)) == explicit
+    implicit = [{"chosen": row["chosen"], "rejected": row["rejected"]} for row in repeated]
+    assert _tokenized(_write(tmp_path / "implicit_system.jsonl", implicit)) == explicit
+
+
+def test_pairs_whose_answers_do_not_start_with_their_prompt_are_refused_naming_the_row(
+        tmp_path):
+    from adapterkit.training.data import load_data
+
+    p, c, r = PAIRS[0]
+    good = {"prompt": p, "chosen": [_turn("user", p), _turn("assistant", c)],
+            "rejected": [_turn("user", p), _turn("assistant", r)]}
+    other = {**good, "chosen": [_turn("user", "Something else."), _turn("assistant", c)]}
+    path = _write(tmp_path / "uf.jsonl", [good, other, good])
+    with pytest.raises(DataFormatError, match=r"uf\.jsonl: row\(s\) 2: chosen begins with a "
+                                              r"user turn that is not the prompt: give the "
+                                              r"answer alone, or begin it with the prompt's "
+                                              r"turns \(or pass --skip-bad-rows"):
+        load_data(path)
+    assert load_data(path, skip_bad_rows=True).skipped == [2]
+    unshared = {"chosen": [_turn("user", p), _turn("assistant", c)],
+                "rejected": [_turn("user", "Another question?"), _turn("assistant", r)]}
+    implicit = {"chosen": good["chosen"], "rejected": good["rejected"]}
+    path = _write(tmp_path / "implicit.jsonl", [implicit, unshared])
+    with pytest.raises(DataFormatError, match=r"implicit\.jsonl: row\(s\) 2: chosen and rejected "
+                                              r"share no beginning to take as the prompt .*add "
+                                              r"a prompt column"):
+        load_data(path)
+    text = {"chosen": "Hi there ", "rejected": "Go away."}  # (TRL: the prompt "Hi there")
+    with pytest.raises(DataFormatError, match=r"row\(s\) 1: chosen and rejected share no"):
+        load_data(_write(tmp_path / "text.jsonl", [text]))
+
+
+def test_message_rows_refuse_no_chat_and_a_base_without_a_chat_template(tiny_base, home,
+                                                                       tmp_path,
+                                                                       adapterkit_data):
+    """Message rows are rendered with the chat template whatever --no-chat says: a dpo or sft
+    run with --no-chat trained on the template and recorded chat=False; on a base without a
+    template it ended in a transformers traceback."""
+    from tests.test_bad_options import without_chat_template
+
+    pm = get_plugin_manager(env=False)
+    p, c, r = PAIRS[0]
+    conversational = _write(tmp_path / "conv.jsonl", [
+        {"prompt": [_turn("user", p)], "chosen": [_turn("assistant", c)],
+         "rejected": [_turn("assistant", r)]}])
+    for trainer, data in (("dpo", conversational), ("sft", str(adapterkit_data["messages"]))):
+        with pytest.raises(ConfigError, match=r"^--no-chat: .* holds message rows, and message "
+                                              r"rows are always rendered with the chat "
+                                              r"template; drop --no-chat or give string rows$"):
+            train(trainer, base=str(tiny_base), data=data, name="x", home=home, plugins=pm,
+                  options=TrainOptions(max_steps=1, chat=False))
+    plain = without_chat_template(tiny_base, tmp_path / "plain-base")
+    with pytest.raises(ConfigError, match=r"holds message rows, which are rendered with the "
+                                          r"chat template, and this base's tokenizer has none"):
+        train("dpo", base=str(plain), data=conversational, name="x", home=home, plugins=pm,
+              options=TrainOptions(max_steps=1))
+    from adapterkit.training.data import check_rendering, load_data
+
+    check_rendering(load_data(str(adapterkit_data["preference"])), False)  # strings: no template

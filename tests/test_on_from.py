@@ -289,3 +289,57 @@ def test_a_book_is_never_put_on_another_pocket_book_under_the_name_it_was_traine
     other.update_meta("triage@1", lambda meta: meta.files.clear())
     with pytest.raises(InvalidAdapter, match=message):
         members_of(other, other.get("manner"))
+
+
+def test_reward_from_continues_a_reward_pocket_book_and_refuses_a_policy(stacked, tiny_base,
+                                                                          adapterkit_cli):
+    """Before: ``reward --from`` a reward pocket book was refused as "name a policy pocket
+    book", and ``--from`` a policy ended in TRL's ``num_labels`` traceback. The copy a run
+    continues scores as plain PEFT's sequence-classification model with that adapter does."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from adapterkit.training.build import attach_new
+
+    home, files, pm, triage, _ = stacked
+    scorer = train("reward", base=str(tiny_base), data=str(files["preference"]), name="scorer",
+                   home=home, plugins=pm, options=TrainOptions(**FAST))
+    base = adapterkit.load_base(str(tiny_base), home=home)
+    copy = attach_new(base, pm.method("lora"), TrainOptions(), start=scorer.pocket_book,
+                      head="reward")
+    plain = AutoModelForSequenceClassification.from_pretrained(
+        tiny_base, num_labels=1, pad_token_id=base.tokenizer.pad_token_id)
+    plain = PeftModel.from_pretrained(plain, str(scorer.pocket_book.path)).eval()
+    torch.testing.assert_close(_logits(copy.eval()), _logits(plain), rtol=1e-5, atol=1e-6)
+
+    more = train("reward", base=str(tiny_base), data=str(files["preference"]), name="scorer2",
+                 home=home, plugins=pm, start_from="scorer", options=TrainOptions(**FAST))
+    assert more.pocket_book.meta.kind == "adapter"
+    with pytest.raises(ConfigError, match=r"^--from triage@1 is a policy pocket book \(it "
+                                          r"generates text, it has no reward head to continue\): "
+                                          r"name a reward pocket book, or train a new reward "
+                                          r"head on top of it with --on triage@1$"):
+        train("reward", base=str(tiny_base), data=str(files["preference"]), name="x",
+              home=home, plugins=pm, start_from="triage", options=TrainOptions(**FAST))
+    with pytest.raises(ConfigError, match=r"^--from scorer@1 is a reward pocket book .*; name a "
+                                          r"policy pocket book$"):
+        train("dpo", base=str(tiny_base), data=str(files["preference"]), name="x",
+              home=home, plugins=pm, start_from="scorer", options=TrainOptions(**FAST))
+    assert not Library(home).exists("x")
+
+
+def test_a_recipe_stage_refuses_the_parents_the_command_refuses(stacked, tmp_path):
+    """A ``reward`` stage ``from:`` a policy was let through to TRL's traceback; from: a
+    reward pocket book is what it can continue."""
+    import json
+
+    from adapterkit.training.pipeline import load_recipe
+
+    home, files, pm, _, _ = stacked
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"base": "unused-here", "max_steps": 1, "stages": [
+        {"name": "r", "trainer": "reward", "data": str(files["preference"]), "from": "triage"},
+        {"name": "d", "trainer": "dpo", "data": str(files["preference"]), "on": "manner"}]}))
+    with pytest.raises(ConfigError, match=r"has a problem; .*\(1\) stage 1 \(r\): from: triage@1 "
+                                          r"is a policy pocket book .* with on: triage@1$"):
+        load_recipe(recipe, home=home, plugins=pm)

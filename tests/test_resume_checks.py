@@ -243,3 +243,20 @@ def test_a_checkpoint_killed_while_written_is_passed_over_for_the_one_before(tin
     result = train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
                    options=TrainOptions(**OPTS), resume=True)
     assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (10, 4)
+
+
+def test_a_trainer_option_given_at_its_default_is_no_change_on_resume(tiny_base, home, pm,
+                                                                     adapterkit_data):
+    """Before: ``--resume --set beta=0.1`` (dpo's default) was refused as "trainer_options
+    {} → {"beta": 0.1}", while ``--lr`` at its default was no change; another beta still is."""
+    pairs = str(adapterkit_data["preference"])
+    options = {**OPTS, "forgetting_budget": 0.0}
+    with pytest.raises(KeyboardInterrupt):
+        train("dpo", base=str(tiny_base), data=pairs, name="cut", home=home, plugins=pm,
+              options=TrainOptions(**options), callbacks=[Interrupt(5)])
+    with pytest.raises(RunStateError, match=r'trainer_options .*"beta": 0.1.* → .*"beta": 0.5'):
+        train("dpo", base=str(tiny_base), data=pairs, name="cut", home=home, plugins=pm,
+              options=TrainOptions(**options, trainer_options={"beta": 0.5}), resume=True)
+    result = train("dpo", base=str(tiny_base), data=pairs, name="cut", home=home, plugins=pm,
+                   options=TrainOptions(**options, trainer_options={"beta": 0.1}), resume=True)
+    assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (10, 4)

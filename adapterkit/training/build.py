@@ -135,8 +135,11 @@ def check_lora_shape(loaded: Base, options: TrainOptions) -> None:
     check_rank(structure, check_targets(structure, options.target_modules), options.r)
 
 
-def parent_of(library: Library, on: str | None, start_from: str | None) -> PocketBook | None:
-    """The ``--on``/``--from`` pocket book, checked before anything is loaded."""
+def parent_of(library: Library, on: str | None, start_from: str | None, *,
+              head: str = "causal-lm") -> PocketBook | None:
+    """The ``--on``/``--from`` pocket book, checked before anything is loaded: a policy to
+    train on top of (``--on``, for every trainer) or to continue (``--from``), and for a
+    trainer with a reward ``head`` a reward pocket book to continue (``--from``)."""
     if on and start_from:
         raise ConfigError("--on and --from exclude each other: --on trains a new pocket book "
                           "on top of NAME, --from continues a copy of NAME")
@@ -149,10 +152,36 @@ def parent_of(library: Library, on: str | None, start_from: str | None) -> Pocke
     book = library.get(ref)
     for below in chain(library, book):  # damaged files are refused before the base loads
         check_book(below)
-    if is_reward_book(book):
-        raise ConfigError(f"{'--on' if on else '--from'} {book.ref} is a reward pocket book "
-                          "(it scores text, it does not generate); name a policy pocket book")
+    refused = parent_refusal(book, reward=is_reward_book(book), copy=bool(start_from),
+                             head=head, flag="--")
+    if refused:
+        raise ConfigError(refused)
     return book
+
+
+def parent_refusal(book: PocketBook, *, reward: bool, copy: bool, head: str,
+                   flag: str) -> str:
+    """Why ``book`` (a ``reward`` pocket book or a policy) cannot be what a run of a trainer
+    with ``head`` trains on (``--on``) or continues (``copy``, ``--from``); '' where it can.
+    A policy has no reward head to continue; a reward head generates nothing to train on.
+
+    :param flag: ``"--"`` for the command line (``--from NAME``), ``""`` for a recipe's stage
+        (``from: NAME``).
+    """
+    def key(word: str) -> str:
+        return f"--{word}" if flag == "--" else f"{word}:"
+
+    role = key("from" if copy else "on")
+    if copy and head == "reward" and not reward:
+        return (f"{role} {book.ref} is a policy pocket book (it generates text, it has no "
+                "reward head to continue): name a reward pocket book, or train a new reward "
+                f"head on top of it with {key('on')} {book.ref}")
+    if reward and not (copy and head == "reward"):
+        return (f"{role} {book.ref} is a reward pocket book (it scores text, it does not "
+                "generate); name a policy pocket book"
+                + (f", or continue it with {key('from')} {book.ref}" if head == "reward"
+                   else ""))
+    return ""
 
 
 def options_of(book: PocketBook, options: TrainOptions) -> TrainOptions:
@@ -196,6 +225,10 @@ def attach_new(base: Base, method: Any, options: TrainOptions, *,
     underlay_mod.apply(model, list(underlay or []), structure=structure)
     if start is not None:
         check_book(start, structure)
+        if head == "reward":  # the copy's score head is PEFT's `modules_to_save`: loaded over
+            from adapterkit.training.reward import reward_model  # the new head's random one
+
+            model = reward_model(model, pad_token_id=base.tokenizer.pad_token_id)
         return _for_device(PeftModel.from_pretrained(model, str(start.path),
                                                      is_trainable=True))
     config = method.peft_config(target_modules=targets, r=options.r, alpha=options.alpha,
@@ -264,10 +297,11 @@ def refuse_unapplied_guard(name: str, trainer: Any, options: TrainOptions, *,
     """
     if guard_requested(options) and not applies_guard(trainer):
         others = f"train with {', '.join(sorted(guarded))}, or " if guarded else ""
+        measures = "" if getattr(trainer, "head", "causal-lm") == "reward" else \
+            " (--general still measures forgetting)"  # a reward head generates nothing
         raise ConfigError(
             f"the {name} trainer does not apply the forgetting guard (nothing adds its KL term "
-            f"to its loss): {others}drop --forgetting-budget/--guard-weight (--general still "
-            "measures forgetting)")
+            f"to its loss): {others}drop --forgetting-budget/--guard-weight{measures}")
 
 
 def refuse_what_cannot_act(name: str, trainer: Any, options: TrainOptions,

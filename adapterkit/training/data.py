@@ -6,19 +6,24 @@ Standard shapes (what trainers declare in ``Trainer.data_shapes``):
 * ``prompt_completion`` — ``{"prompt", "completion"}``: loss on the completion only;
 * ``messages`` — ``{"messages": [{"role", "content"}, ...]}``: chat, rendered with the base's
   chat template, loss on the final assistant turn;
-* ``preference`` — ``{"prompt", "chosen", "rejected"}``: for DPO and reward models;
+* ``preference`` — ``{"prompt", "chosen", "rejected"}``: for DPO and reward models. Read too
+  with the prompt implicit (``chosen``/``rejected`` alone, TRL's ``extract_prompt``: the prompt
+  is their longest shared beginning), or repeated at the start of conversational answers
+  (UltraFeedback: stripped there), so every pair reaches the trainer with its prompt once;
 * ``prompt`` — ``{"prompt"}``: prompts alone, for online RL (``rlhf --reward``), which samples
   and scores its own answers.
 
 Files: JSONL (read line by line here, so a broken line is reported by number), JSON (a list of
 objects), CSV and Parquet (through ``datasets``), and ``.txt`` (paragraphs separated by blank
-lines become ``text`` rows). A folder is read as ``datasets`` reads one (its train split: shards,
-a downloaded dataset); anything else that is not a file is tried as a Hub dataset id.
+lines become ``text`` rows), each with or without a UTF-8 byte order mark. A folder is read as
+``datasets`` reads one (its train split: shards, a downloaded dataset, a ``save_to_disk``
+folder); anything else that is not a file is tried as a Hub dataset id.
 Data-format plugins add shapes (``alpaca``: ``instruction``/``input``/``output``).
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -29,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import DataFormatError
+from adapterkit.errors import ConfigError, DataFormatError
 from adapterkit.files import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,6 +50,8 @@ SHAPES: dict[str, tuple[str, ...]] = {
 GENERAL_TEXT = "general"  # name of the general-prose file shipped with adapterkit
 _SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+#: What ``datasets``' ``save_to_disk`` writes beside its ``.arrow`` shards: metadata, not rows.
+_SAVED_METADATA = {"state.json", "dataset_info.json", "dataset_dict.json"}
 
 
 @dataclass
@@ -75,14 +82,17 @@ def general_text_path() -> Path:
 
 def _read_text(path: Path) -> str:
     """The file as UTF-8 text, or a :class:`DataFormatError` naming the first bad byte's
-    offset (and line), as an editor or ``head -c`` finds it."""
+    offset (and line), as an editor or ``head -c`` finds it. A leading byte order mark (what
+    Windows tools write) is not part of the text."""
     raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode("utf-8")
+        return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
+        start = exc.start + bom  # an offset in the file, as the mark is
+        line = raw.count(b"\n", 0, start) + 1
         raise DataFormatError(
-            f"{path.name} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+            f"{path.name} is not UTF-8 text: byte 0x{raw[start]:02x} at offset {start} "
             f"(line {line}); save it as UTF-8"
         ) from None
 
@@ -150,17 +160,48 @@ def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
         ) from None
 
 
-def _read_folder(path: Path) -> tuple[list[dict[str, Any]], str, str]:
-    """A local folder, read as ``datasets`` reads one (its train split); refused naming the
-    data files in it where that fails (it said the folder did not exist, or could not be
-    loaded "from the Hub")."""
-    try:
-        from datasets import load_dataset
+def _saved_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder ``datasets``' ``save_to_disk`` wrote (a ``Dataset``: its
+    ``state.json`` beside ``.arrow`` shards; a ``DatasetDict``: its ``dataset_dict.json``)."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and any(path.glob("*.arrow")))
 
-        rows = load_dataset(str(path), split="train").to_list()
+
+def _read_saved(path: Path) -> list[dict[str, Any]]:
+    """A ``save_to_disk`` folder's rows (a ``DatasetDict``'s train split, or its only one)."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        saved = load_from_disk(str(path))
     except Exception as exc:
-        inside = sorted(p.name for p in path.iterdir()
-                        if p.is_file() and p.suffix.lower() in _SUFFIXES)[:3]
+        raise DataFormatError(f"cannot read the save_to_disk folder {path}: "
+                              f"{type(exc).__name__}: {exc}") from None
+    if isinstance(saved, DatasetDict):
+        splits = list(saved)
+        if "train" not in saved and len(splits) != 1:
+            raise DataFormatError(
+                f"{path} holds the splits {', '.join(splits)} and none is named train; give "
+                f"the folder of one, e.g. {path / splits[0]}")
+        saved = saved["train" if "train" in saved else splits[0]]
+    return list(saved.to_list())
+
+
+def _read_folder(path: Path) -> tuple[list[dict[str, Any]], str, str]:
+    """A local folder, read as ``datasets`` reads one (its train split; a ``save_to_disk``
+    folder with ``load_from_disk``); refused naming the data files in it where that fails (it
+    said the folder did not exist, or could not be loaded "from the Hub")."""
+    try:
+        if _saved_folder(path):
+            rows = _read_saved(path)
+        else:
+            from datasets import load_dataset
+
+            rows = load_dataset(str(path), split="train").to_list()
+    except DataFormatError:
+        raise
+    except Exception as exc:
+        inside = sorted(p.name for p in path.iterdir() if p.is_file() and
+                        p.suffix.lower() in _SUFFIXES and p.name not in _SAVED_METADATA)[:3]
         raise DataFormatError(
             f"data {path} is a folder that datasets cannot read as one dataset "
             f"({type(exc).__name__}); give one data file"
@@ -176,6 +217,10 @@ def read_rows(spec: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], str, 
         spec = general_text_path()
     path = Path(spec).expanduser()
     if path.is_file():
+        if _saved_folder(path.parent) and (path.name in _SAVED_METADATA
+                                           or path.suffix.lower() == ".arrow"):
+            raise DataFormatError(f"{path.name} is part of a datasets save_to_disk folder; give "
+                                  f"the folder itself: {path.parent}")
         return _read_file(path), path.name, sha256_file(path)
     text = str(spec)
     if path.is_dir():  # a dataset folder (shards, a Hub download) as datasets reads one
@@ -229,6 +274,8 @@ def detect_shape(columns: set[str], formats: Registry[DataFormat] | None = None
     for shape, needed in SHAPES.items():
         if shape != "prompt" and set(needed) <= columns:
             return shape, None
+    if {"chosen", "rejected"} <= columns:  # the prompt implicit in them (_explicit_prompt)
+        return "preference", None
     for fmt in formats or []:
         if fmt.matches(columns):
             return fmt.shape, fmt
@@ -267,6 +314,7 @@ def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | N
     kept: list[dict[str, Any]] = []
     numbers: list[int] = []  # the row number (from 1) of each kept row
     bad: list[int] = []
+    unsplit: dict[str, list[int]] = {}  # pairs whose prompt cannot be told apart, by why
     for number, row in enumerate(rows, 1):
         if fmt is not None:
             try:
@@ -274,11 +322,21 @@ def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | N
             except (KeyError, TypeError, ValueError, AttributeError):
                 bad.append(number)  # a row the format cannot read is a row of the wrong shape
                 continue
+        if shape == "preference":
+            row, why = _explicit_prompt(row)
+            if why:
+                unsplit.setdefault(why, []).append(number)
+                continue
         if _valid_row(row, needed):
             kept.append({k: row[k] for k in needed})
             numbers.append(number)
         else:
             bad.append(number)
+    if unsplit and not skip_bad_rows:
+        why, numbers_of = next(iter(unsplit.items()))
+        raise DataFormatError(f"{source}: row(s) {_first(numbers_of)}: {why} (or pass "
+                              "--skip-bad-rows to use the other rows)")
+    bad = sorted(bad + [n for numbers_of in unsplit.values() for n in numbers_of])
     what = f"empty or malformed {', '.join(needed)}"
     if not kept:
         raise DataFormatError(
@@ -310,6 +368,82 @@ def _check_preferences(rows: list[dict[str, Any]], numbers: list[int],
             "a preference pair must differ"
         )
     return rows
+
+
+def check_rendering(data: Data, chat: bool | None, *, template: bool = True) -> None:
+    """Refuse message rows (a chat ``messages`` list, or a field that is one) that would not go
+    through a chat template: TRL renders them with it whatever ``chat`` says, so ``--no-chat``
+    would change nothing but the record, and a base without a template cannot render them.
+
+    :param chat: the run's ``chat`` option (``None``: when the base has a template).
+    :param template: whether the base's tokenizer has one (before the base loads: ``True``).
+    """
+    if chat is not False and template:
+        return
+    if not any(isinstance(value, list) for row in data.rows for value in row.values()):
+        return
+    if chat is False:
+        raise ConfigError(f"--no-chat: {data.source} holds message rows, and message rows are "
+                          "always rendered with the chat template; drop --no-chat or give "
+                          "string rows")
+    raise ConfigError(f"{data.source} holds message rows, which are rendered with the chat "
+                      "template, and this base's tokenizer has none: give string rows, or a "
+                      "base with a chat template")
+
+
+def _turns(value: Any) -> list[tuple[Any, Any]] | None:
+    """A conversation's (role, content) pairs, what a chat template renders; ``None`` for
+    anything that is not a list of turns."""
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        return None
+    return [(m.get("role"), m.get("content")) for m in value]
+
+
+def _explicit_prompt(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A preference pair with its prompt given once, as ``prompt`` (and a reason where that
+    cannot be done: the row is refused).
+
+    * No prompt (TRL's implicit-prompt shape, Anthropic HH): the prompt is the longest shared
+      beginning of ``chosen`` and ``rejected``, as TRL's ``extract_prompt`` takes it.
+    * Conversational answers that begin with a turn other than an assistant's (UltraFeedback:
+      ``prompt`` a string, ``chosen``/``rejected`` whole conversations): they must begin with
+      the prompt's turns (a string prompt is one user turn), which are dropped from them, so
+      that the prompt is not rendered twice; the prompt becomes those turns.
+
+    Anything else (malformed rows included, which :func:`_valid_row` then judges) comes back
+    as it was.
+    """
+    chosen: Any = row.get("chosen")
+    rejected: Any = row.get("rejected")
+    if row.get("prompt") is None:
+        both_turns = _valid_messages(chosen) and _valid_messages(rejected)
+        both_text = isinstance(chosen, str) and isinstance(rejected, str)
+        if not (both_turns or both_text):
+            return row, ""
+        no_prompt = ("chosen and rejected share no beginning to take as the prompt (it is "
+                     "implicit in them): add a prompt column")
+        if chosen[:1] != rejected[:1]:  # (TRL would take all but the last character of a
+            return row, no_prompt       # text chosen ending in a space)
+        from trl.data_utils import extract_prompt  # TRL's own rule, not a copy that drifts
+
+        split = extract_prompt({"chosen": chosen, "rejected": rejected})
+        found = split["prompt"]
+        if not (found.strip() if isinstance(found, str) else found):
+            return row, no_prompt
+        return {**row, **split}, ""
+    prompt = row["prompt"]
+    prompt_turns = _turns(prompt) if not isinstance(prompt, str) else [("user", prompt)]
+    out = dict(row)
+    for key in ("chosen", "rejected"):
+        turns = _turns(row.get(key))
+        if not turns or prompt_turns is None or turns[0][0] == "assistant":
+            continue  # an answer alone (or not a conversation: _valid_row judges it)
+        if turns[:len(prompt_turns)] != prompt_turns:
+            return row, (f"{key} begins with a {turns[0][0]} turn that is not the prompt: "
+                         "give the answer alone, or begin it with the prompt's turns")
+        out[key] = row[key][len(prompt_turns):]
+        out["prompt"] = [{"role": role, "content": content} for role, content in prompt_turns]
+    return out, ""
 
 
 def as_chat(row: dict[str, Any]) -> dict[str, Any]:

@@ -366,6 +366,21 @@ def build_trainer_options(trainer: Trainer, options: TrainOptions | None = None)
     return instance
 
 
+def trainer_option_defaults(trainer: Trainer) -> dict[str, Any]:
+    """The default of each of ``trainer``'s own options that has one (none for a trainer that
+    takes none): what a run without ``--set KEY=...`` trains with."""
+    schema = getattr(trainer, "options", None)
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return {}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _trainer_options(trainer: Trainer, options: TrainOptions) -> tuple[Any, list[str]]:
     """:func:`build_trainer_options`, returning the problems instead of raising them."""
     schema = trainer.options

@@ -30,7 +30,7 @@ from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import PocketBookMeta
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import check_lengths, load_for_method, split_eval
-from adapterkit.training.data import as_chat
+from adapterkit.training.data import as_chat, check_rendering
 from adapterkit.training.job import TrainResult
 from adapterkit.training.metrics import base_loss_note
 from adapterkit.training.options import GENERAL_OFF
@@ -184,6 +184,7 @@ def _load_checked(recipe: Recipe, pending: list[Stage], library: Library, pm: Pl
                 check_rank(structure, check_targets(structure, options.target_modules), options.r)
             assert stage.dataset is not None
             rows = split_eval(stage.dataset, options.eval_split, options.seed)[0]
+            check_rendering(rows, options.chat, template=bool(loaded.tokenizer.chat_template))
             job_rows = [as_chat(r) for r in rows.rows] if rows.shape == "messages" else rows.rows
             check_lengths(loaded.tokenizer, job_rows, options.max_length,
                           uses_chat(loaded.tokenizer, options.chat))

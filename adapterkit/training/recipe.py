@@ -26,8 +26,8 @@ from adapterkit.errors import (
 )
 from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.training.build import general_texts, refuse_what_cannot_act
-from adapterkit.training.data import Data, load_data, read_rows
+from adapterkit.training.build import general_texts, parent_refusal, refuse_what_cannot_act
+from adapterkit.training.data import Data, check_rendering, load_data, read_rows
 from adapterkit.training.options import (
     GENERAL_OFF,
     LORA_SHAPE,
@@ -255,6 +255,11 @@ def _read_stage(index: int, item: Any, shared: dict[str, Any], folder: Path,
         except DataFormatError as exc:
             problems.append(f"{where}: data: {exc} (relative paths are read from the recipe's "
                             f"folder, {folder})")
+        try:
+            if dataset is not None:
+                check_rendering(dataset, options.chat if options else None)
+        except ConfigError as exc:
+            problems.append(f"{where}: {exc}")
     refs = {k: item.get(k) if isinstance(item.get(k), str) else None for k in ("on", "from")}
     return Stage(index, usable_name, str(item.get("trainer")),
                  _resolve(str(item.get("data")), folder), options or TrainOptions(),
@@ -343,6 +348,15 @@ def _matches(ref: str, stage: Stage) -> bool:
     return want.name == have.name and (want.version is None or want.version == have.version)
 
 
+def _head(library: Library, trainer: str) -> str:
+    """The head a stage's ``trainer`` makes (``causal-lm`` where it is unknown: reported
+    where the stage is read)."""
+    try:
+        return str(getattr(library.plugins.trainer(trainer), "head", "causal-lm"))  # type: ignore[union-attr]
+    except (AdapterkitError, AttributeError):
+        return "causal-lm"
+
+
 def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
     """Resolve each ``on:``/``from:`` to an earlier stage or a library pocket book; refuse
     duplicate names, references to later stages, cycles and unknown names."""
@@ -379,9 +393,10 @@ def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
             problems.append(f"{stage.label}: {role}: {ref} is not a stage of this recipe, and "
                             f"not in the library ({exc})")
             continue
-        if is_reward_book(book):
-            problems.append(f"{stage.label}: {role}: {book.ref} is a reward pocket book (it "
-                            "scores text, it does not generate); name a policy pocket book")
+        refused = parent_refusal(book, reward=is_reward_book(book), copy=role == "from",
+                                 head=_head(library, stage.trainer), flag="")
+        if refused:
+            problems.append(f"{stage.label}: {refused}")
         try:  # damaged files, as train() refuses them before the base loads
             for below in chain(library, book):
                 check_book(below)

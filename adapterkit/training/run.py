@@ -36,7 +36,7 @@ from adapterkit.training.build import (
     split_eval,
     underlay_of,
 )
-from adapterkit.training.data import Data, as_chat, load_data
+from adapterkit.training.data import Data, as_chat, check_rendering, load_data
 from adapterkit.training.job import TrainJob, TrainResult
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
 from adapterkit.training.options import (
@@ -45,6 +45,7 @@ from adapterkit.training.options import (
     build_trainer_options,
     check_options,
     not_options,
+    trainer_option_defaults,
     with_data_defaults,
     with_defaults,
 )
@@ -335,6 +336,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     ref = library.reserve(name)
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
+    check_rendering(dataset, options.chat)
     if hasattr(trainer_obj, "preflight"):  # (a plugin written before it may not have it)
         trainer_obj.preflight(library=library, name=str(ref), options=options,
                               trainer_options=trainer_options, data=dataset)
@@ -348,7 +350,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
             + ("..." if len(dataset.skipped) > 5 else ""))
     general = general_texts(options.general) if options.general else None
     workdir = run_dir(library, str(ref))
-    parent = parent_of(library, on, start_from)
+    parent = parent_of(library, on, start_from, head=getattr(trainer_obj, "head", "causal-lm"))
     if start_from and parent is not None:  # the copy keeps its LoRA shape
         options = options_of(parent, options)
     stages = interrupted_stages(workdir, library) if checkpoint and not restart else []
@@ -370,7 +372,8 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         else None)
     if resume_from:
         check_definition(workdir, definition, str(ref), checkpoint=resume_from,
-                         staged=bool(_started_stages(workdir)))
+                         staged=bool(_started_stages(workdir)),
+                         trainer_defaults=trainer_option_defaults(trainer_obj))
         _check_unfinished(resume_from, options, str(ref))
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
                     general, workdir, parent, resume_from, general_off, definition)
@@ -436,6 +439,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         check_policy(parent, loaded, role="--on" if on else "--from")
     train_data, eval_data = split_eval(dataset, options.eval_split, options.seed)
     chat = uses_chat(loaded.tokenizer, options.chat)
+    check_rendering(dataset, options.chat, template=bool(loaded.tokenizer.chat_template))
     job_rows = [as_chat(r) for r in train_data.rows] if train_data.shape == "messages" else \
         train_data.rows
     check_lengths(loaded.tokenizer, job_rows, options.max_length, chat)

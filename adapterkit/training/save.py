@@ -75,7 +75,8 @@ def record_definition(workdir: Path, definition: dict[str, Any]) -> None:
 
 
 def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
-                     checkpoint: str, staged: bool = False) -> None:
+                     checkpoint: str, staged: bool = False,
+                     trainer_defaults: dict[str, Any] | None = None) -> None:
     """Refuse to resume the run in ``workdir`` from ``checkpoint`` with another definition than
     it started with: its first steps were trained with those, and the pocket book's metadata
     would record these. A run folder of an earlier version has no record: its checkpoint's
@@ -85,6 +86,9 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
     :param staged: the run trained a stage first (rlhf's reward pocket book): a trainer option
         given on one side only is not compared — a resume names the stage's pocket book
         (``--reward NAME-reward``) where the first run set the stage's own (``reward_steps``).
+    :param trainer_defaults: the trainer's own options' defaults: a trainer option given on
+        one side at its default value (``--set beta=0.1``) is no change, as ``--lr 2e-4``
+        is none.
     """
     path = workdir / DEFINITION_FILE
     try:
@@ -110,6 +114,14 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
         for key in ("eval_split", "early_stopping"):
             recorded.pop(key, None)
             now.pop(key, None)
+    if trainer_defaults:
+        defaults = json.loads(json.dumps(trainer_defaults, default=str))  # as JSON reads them
+        for side in (recorded, now):
+            given = side.get("trainer_options")
+            if isinstance(given, dict):
+                side["trainer_options"] = {**defaults, **given}
+            elif given is None and "trainer_options" in side:
+                side["trainer_options"] = dict(defaults)
     _refuse_changed(name, recorded, now)
 
 
