@@ -163,6 +163,22 @@ def remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_new_folder(dest: Path) -> None:
+    """Raise :class:`NameTaken` unless ``dest`` can become a new folder: it is not a file, not
+    a folder with something in it, and no folder above it is a file. Every export checks its
+    destination with this before any work, so each says the same thing."""
+    if dest.exists() and not dest.is_dir():
+        raise NameTaken(f"export destination {dest} is a file; pick a new folder")
+    if dest.exists() and any(dest.iterdir()):
+        raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
+    for above in dest.parents:
+        if above.exists():
+            if not above.is_dir():
+                raise NameTaken(f"export destination {dest} is inside {above}, which is a "
+                                "file; pick a folder elsewhere")
+            break
+
+
 @contextmanager
 def new_folder(dest: Path) -> Iterator[Path]:
     """Build a folder that appears at ``dest`` whole, or not at all.
@@ -172,10 +188,7 @@ def new_folder(dest: Path) -> Iterator[Path]:
     same folder by earlier runs that were killed (their process is gone) are removed first.
     Its files get the permissions ``open()`` would give them (:func:`give_file_modes`).
     """
-    if dest.exists() and not dest.is_dir():
-        raise NameTaken(f"export destination {dest} is a file; pick a new folder")
-    if dest.exists() and any(dest.iterdir()):
-        raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
+    check_new_folder(dest)
     if dest.parent.is_dir():
         for left in dest.parent.iterdir():  # only ".NAME.partial-HOST-PID-TAG": ours, by name
             match = _OWNED.fullmatch(left.name)

@@ -16,6 +16,9 @@ from typing import Any
 
 from adapterkit import MergeStrategy, hookimpl
 
+#: The seed of DARE's random drop when the core passes none (a core before ``seed=``).
+DEFAULT_SEED = 0
+
 
 class PeftMerge(MergeStrategy):
     """A strategy that runs PEFT's ``add_weighted_adapter`` with one combination type."""
@@ -29,13 +32,17 @@ class PeftMerge(MergeStrategy):
         self.uses_rank = combination.endswith("svd")  # PEFT reads svd_rank for these only
         self.allows_negative = negative
 
-    def merge(self, *, adapters, weights, rank=None, density=None, base_model=None, **_: Any):
+    def merge(self, *, adapters, weights, rank=None, density=None, base_model=None,
+              seed: int | None = None, **_: Any):
+        import torch
         from peft import PeftModel, get_peft_model_state_dict
 
         from adapterkit import ConfigError, MergeOutput, loadable_together
 
         path = f"merge --method {self.name}"
-        ranks = [{m: f.rank for m, f in a.factors(path=path).items()} for a in adapters]
+        factors = [a.factors(path=path) for a in adapters]
+        _check_rank(rank, factors, self.name)
+        ranks = [{m: f.rank for m, f in layers.items()} for layers in factors]
         if not self.name.endswith(("svd", "cat")) and len(
                 {r for layer_ranks in ranks for r in layer_ranks.values()}) > 1:
             raise ConfigError(f"{self.name} adds the LoRA factors themselves, so every layer of "
@@ -63,7 +70,11 @@ class PeftMerge(MergeStrategy):
         if density is not None:
             kwargs["density"] = density
         try:
-            model.add_weighted_adapter(names, list(weights), "merged", **kwargs)
+            # DARE drops entries at random from torch's global generator: seeded here (and the
+            # caller's random state left as it was), the same merge gives the same weights
+            with torch.random.fork_rng():
+                torch.manual_seed(DEFAULT_SEED if seed is None else seed)
+                model.add_weighted_adapter(names, list(weights), "merged", **kwargs)
         except ValueError as exc:  # PEFT's own checks: equal ranks, matching targets...
             raise ConfigError(f"PEFT cannot merge these with {self.name}: {exc}") from None
         config = model.peft_config["merged"].to_dict()
@@ -106,6 +117,7 @@ class ExactSVD(MergeStrategy):
 
         members = [(a.factors(path="merge --method exact_svd"), w)
                    for a, w in zip(adapters, weights)]
+        _check_rank(rank, [factors for factors, _ in members], self.name)
         new_rank = rank or max(f.rank for factors, _ in members for f in factors.values())
         blocks = {}
         modules = sorted(set().union(*(factors.keys() for factors, _ in members)))
@@ -127,6 +139,26 @@ class ExactSVD(MergeStrategy):
         targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
         return MergeOutput(plain_config(adapters[0].config, rank=new_rank,
                                         target_modules=targets), tensors_of(blocks))
+
+
+def _check_rank(rank: int | None, members: list[dict[str, Any]], method: str) -> None:
+    """Refuse a ``--rank`` no layer can hold: a layer's ΔW (out × in) has at most
+    ``min(out, in)`` directions. PEFT's SVD methods give such a layer fewer columns than the
+    ``r`` they record (an adapter that does not load), so both SVD strategies refuse it, in
+    one line, before any work."""
+    if rank is None:
+        return
+    sizes = {module: min(int(f.b.shape[0]), int(f.a.shape[1]))
+             for factors in members for module, f in factors.items()}
+    if not sizes:
+        return
+    module = min(sizes, key=lambda m: sizes[m])
+    if rank > sizes[module]:
+        from adapterkit import ConfigError
+
+        raise ConfigError(f"--rank {rank} is more than {module} can hold with {method} (its "
+                          f"ΔW has at most {sizes[module]} directions): give --rank at most "
+                          f"{sizes[module]}")
 
 
 @hookimpl

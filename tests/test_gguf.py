@@ -527,3 +527,78 @@ def test_llama_cpp_runs_the_merged_gguf_like_adapterkit(embedded_book, cli, tmp_
     assert (tmp_path / "q4_0.gguf").stat().st_size < path.stat().st_size / 2.5
     theirs, _ = llama_cpp_greedy(tmp_path / "q4_0.gguf", ours)
     assert all(t[:4] == pirate for t in theirs), [base.tokenizer.decode(t) for t in theirs]
+
+
+# -- the merged GGUF: its name, and Ctrl-C while llama.cpp quantizes --------------------------
+
+@pytest.fixture
+def carded(cli, tmp_path, real_tokenizer):
+    """A tiny base llama.cpp's converter takes, whose model card names its licence and maker,
+    with a pocket book on it."""
+    base = tiny_real_base(tmp_path / "carded-base", "llama", real_tokenizer)
+    (base / "README.md").write_text("---\nlicense: mit\norganization: TinyOrg\n"
+                                    "basename: tinyllama\n---\n# a tiny base\n")
+    folder = make_peft_adapter(base, tmp_path / "pe", target_modules=("q_proj", "v_proj"))
+    assert cli("import", folder, "--name", "pe", "--base", base).exit_code == 0
+    return "pe"
+
+
+def test_merged_gguf_is_named_for_the_pocket_book_and_keeps_the_bases_metadata(carded, cli,
+                                                                              tmp_path):
+    """general.name is the pocket book's (as in its LoRA GGUF), not the converter's guess from
+    the temporary folder (".Merged Hf"); the base's licence, maker and basename stay; and
+    llama.cpp's quantizer (--quantize q4_0) writes Q4_0 tensors."""
+    from gguf import GGUFReader
+
+    result = cli("export", carded, tmp_path / "q4", "--merged", "--format", "gguf",
+                 "--quantize", "q4_0")
+    assert result.exit_code == 0, result.output
+    path = one_file(tmp_path / "q4")
+    reader = GGUFReader(path)
+    general = {k: f.contents() for k, f in reader.fields.items() if k.startswith("general.")}
+    assert general["general.name"] == "pe@1", general
+    assert "merged" not in json.dumps(general).lower(), general
+    assert general["general.license"] == "mit"
+    assert general["general.organization"] == "TinyOrg"
+    assert general["general.basename"] == "tinyllama"
+    assert "Q4_0" in {t.tensor_type.name for t in reader.tensors}
+
+
+def test_ctrl_c_while_llama_cpp_quantizes_exits_130_and_writes_nothing(carded, cli, tmp_path,
+                                                                       monkeypatch):
+    """A Ctrl-C during llama.cpp's quantizer, a long C call, reaches Python only inside
+    llama-cpp-python's log callback, where ctypes prints and drops the KeyboardInterrupt: the
+    export went on and exited 0. Both the in-process call and a quantizer process are replaced
+    by ones that receive SIGINT mid-way and then carry on, as the real one does."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import llama_cpp
+
+    from adapterkit.runtime import gguf as module
+
+    def swallowing(src, out, params):  # the interrupt lands in a callback, which drops it
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("Exception ignored on calling ctypes callback function")
+        Path(out.decode()).write_bytes(b"GGUF")
+        return 0
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", swallowing)
+    child = ("import os, signal, sys, time; os.kill(os.getppid(), signal.SIGINT); "
+             "time.sleep(30); open(sys.argv[1], 'wb').write(b'GGUF')")
+    monkeypatch.setattr(module, "_quantizer_command",
+                        lambda src, out, quant: [sys.executable, "-c", child, str(out)],
+                        raising=False)
+    start = time.perf_counter()
+    result = cli("export", carded, tmp_path / "q4", "--merged", "--format", "gguf",
+                 "--quantize", "q4_0")
+    assert result.exit_code == 130, result.output
+    assert f"Interrupted: nothing was written to {tmp_path / 'q4'}" in result.output
+    assert time.perf_counter() - start < 25  # the quantizer was stopped, not waited for
+    assert not (tmp_path / "q4").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]

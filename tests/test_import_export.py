@@ -340,3 +340,35 @@ def test_an_export_on_a_base_this_home_does_not_know_asks_for_it(tiny_base, peft
         elsewhere.import_peft(out, "q4")
     moved = elsewhere.import_peft(out, "q4", base=str(tiny_base))
     assert (moved.meta.method, moved.meta.base_fingerprint) == ("qlora", book.meta.base_fingerprint)
+
+
+def test_export_destinations_that_cannot_be_folders_are_named_the_same_way_by_every_export(
+        adapterkit_cli, tiny_base, peft_adapter, tmp_path):
+    """A DEST that is a file was "not empty" to the GGUF and merged exports ("is a file" to the
+    plain one); a DEST under a file leaked the export's hidden temporary path; a saved stack
+    was "not a single adapter", with no word on what to do."""
+    cli = adapterkit_cli
+    assert cli("import", peft_adapter, "--name", "pe", "--base", tiny_base).exit_code == 0
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for extra in ([], ["--merged"], ["--format", "gguf"], ["--merged", "--format", "gguf"]):
+        result = cli("export", "pe", afile, *extra)
+        assert result.exit_code == 1 and f"{afile} is a file" in result.output, (extra,
+                                                                               result.output)
+        result = cli("export", "pe", afile / "sub", *extra)
+        assert result.exit_code == 1, result.output
+        assert f"inside {afile}, which is a file" in result.output, (extra, result.output)
+        assert ".partial" not in result.output
+    assert afile.read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+    assert cli("import", peft_adapter, "--name", "pf", "--base", tiny_base).exit_code == 0
+    assert cli("stack", "pe", "pf", "--weights", "1,0.5", "--name", "s_ab").exit_code == 0
+    result = cli("export", "s_ab", tmp_path / "x")
+    assert result.exit_code == 1
+    assert ("`adapterkit stack pe@1 pf@1 --weights 1.0,0.5 --flatten --name NAME`"
+            in result.output), result.output
+    assert "--merged" in result.output and "--format gguf" in result.output
+    assert cli("stack", "pe@1", "pf@1", "--weights", "1.0,0.5", "--flatten",
+               "--name", "flat").exit_code == 0
+    assert cli("export", "flat", tmp_path / "x").exit_code == 0

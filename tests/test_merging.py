@@ -176,6 +176,66 @@ def test_peft_strategies_save_what_plain_peft_computes(books, folders, tiny_base
     assert book.meta.hyperparameters["merge_method"] == method
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_a_dare_merge_gives_the_same_weights_every_time(books, folders, tiny_base, pm, method):
+    """DARE drops entries at random: the same command twice saved weights whose logits were
+    up to 1.08 apart (PEFT's masks drawn from torch's unseeded global generator). Seeded, both
+    runs save bit-identical tensors, those of plain PEFT with torch seeded 0."""
+    from safetensors.torch import load_file
+
+    saved = []
+    for run in range(2):
+        torch.manual_seed(100 + run)  # whatever the caller's random state is
+        book = merging.merge(books, ["a", "b"], [0.7, 0.3], method=method,
+                             name=f"d{run}", plugins=pm, density=0.5)
+        saved.append(load_file(str(book.path / "adapter_model.safetensors")))
+    assert saved[0].keys() == saved[1].keys() and saved[0]
+    for key in saved[0]:
+        assert torch.equal(saved[0][key], saved[1][key]), key
+    plain = plain_peft(tiny_base, {"a": folders["a"], "b": folders["b"]})
+    torch.manual_seed(0)
+    plain.add_weighted_adapter(["a", "b"], [0.7, 0.3], "merged", combination_type=method,
+                               density=0.5)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                     str(books.get("d0").path), adapter_name="ours").eval()
+    assert_same_deltas(peft_delta(ours, "ours"), peft_delta(plain, "merged"), atol=1e-6)
+
+
+def test_merge_seed_is_passed_recorded_and_checked(books, folders, tiny_base, pm,
+                                                   adapterkit_cli, monkeypatch):
+    """``merge --seed N`` (``adapterkit.merge(seed=N)``) draws DARE's drop from N: plain PEFT
+    with torch seeded N gives the same deltas, and the seed is recorded; a strategy written
+    before ``seed=`` (no ``**options``) is not handed it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+
+    monkeypatch.setenv("ADAPTERKIT_HOME", str(books.home))
+    out = adapterkit_cli("merge", "a", "b", "--method", "dare_linear", "--density", "0.5",
+                         "--weights", "0.7,0.3", "--seed", "7", "--name", "s7")
+    assert out.exit_code == 0, out.output
+    book = books.get("s7")
+    assert book.meta.hyperparameters["seed"] == 7
+    plain = plain_peft(tiny_base, {"a": folders["a"], "b": folders["b"]})
+    torch.manual_seed(7)
+    plain.add_weighted_adapter(["a", "b"], [0.7, 0.3], "merged", combination_type="dare_linear",
+                               density=0.5)
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                     str(book.path), adapter_name="ours").eval()
+    assert_same_deltas(peft_delta(ours, "ours"), peft_delta(plain, "merged"), atol=1e-6)
+    assert "seed" not in merging.merge(books, ["a", "b"], None, method="linear", name="lin0",
+                                       plugins=pm).meta.hyperparameters
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ConfigError, match="seed must be a non-negative integer"):
+            merging.merge(books, ["a", "b"], None, method="dare_linear", density=0.5,
+                          name="x", plugins=pm, seed=bad)
+    assert merging._if_taken(lambda *, adapters, weights, rank=None: None, seed=1) == {}
+    assert merging._if_taken(lambda **_: None, seed=1) == {"seed": 1}
+
+
 def test_linear_and_cat_equal_the_hand_computed_delta(books, folders, pm):
     a, b = hand_factors(folders["a"]), hand_factors(folders["b"])
     w = {"a": 0.7, "b": 0.3}
@@ -311,6 +371,53 @@ def test_a_saved_stack_weighs_a_book_only_peft_can_apply(library, tiny_base, tmp
     assert saved.meta.hyperparameters["weights"] == {"dora@1": 0.5, "p@1": 1.0}
 
 
+def test_a_weighted_stack_member_with_an_unchanged_lm_head_copy_is_applied(
+        books, folders, tiny_base, tmp_path):
+    """PEFT saves ``lm_head.base_layer.weight`` beside an ``lm_head`` LoRA on an untied base:
+    equal to the base's, it changes nothing at any weight, so the saved stack's PEFT path
+    (``generate``/``eval``/``verify``/``export --merged``) applies ``head`` at 0.5, equal to the
+    hand-computed ΔW; a changed copy is refused with advice that is not the refusing command."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit import InexactAdapter
+    from adapterkit.runtime.peft_model import peft_model
+
+    head = make_peft_adapter(tiny_base, tmp_path / "head", seed=5,
+                             target_modules=["q_proj", "lm_head"])
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(
+        str(head / "adapter_model.safetensors"))
+    books.import_peft(head, "head", base=str(tiny_base))
+    stack = merging.stack(books, ["a", "head"], [1.0, 0.5], name="s")
+
+    want_model = AutoModelForCausalLM.from_pretrained(tiny_base).double().eval()
+    deltas = [(hand_delta(folders["a"]), 1.0), (hand_delta(head), 0.5)]
+    with torch.no_grad():
+        for delta, w in deltas:
+            for module, dw in delta.items():
+                want_model.get_submodule(module).weight += w * dw
+        want = want_model(input_ids=IDS).logits.float()
+    base = adapterkit.load_base(str(tiny_base), dtype=torch.float32)
+    model = peft_model(base, stack, library=books)
+    try:
+        with torch.no_grad():
+            got = model(input_ids=IDS).logits.float()
+    finally:
+        model.unload()
+    assert (got - want).abs().max().item() < 1e-4
+
+    changed = tmp_path / "changed"
+    make_peft_adapter(tiny_base, changed, seed=5, target_modules=["q_proj", "lm_head"])
+    state = load_file(str(changed / "adapter_model.safetensors"))
+    state["base_model.model.lm_head.base_layer.weight"] += 0.25
+    save_file(state, str(changed / "adapter_model.safetensors"), metadata={"format": "pt"})
+    books.import_peft(changed, "changed", base=str(tiny_base))
+    bad = merging.stack(books, ["a", "changed"], [1.0, 0.5], name="s2")
+    with pytest.raises(InexactAdapter, match="differs from this base") as err:
+        peft_model(base, bad, library=books)
+    assert "give it weight 1" in str(err.value).lower() and "which can" not in str(err.value)
+
+
 def test_members_of_different_bases_are_refused(books, other_base, tmp_path, pm):
     path = make_peft_adapter(other_base, tmp_path / "o")
     books.import_peft(path, "o", base=str(other_base))
@@ -410,3 +517,31 @@ def test_a_peft_merge_never_looks_the_base_up_on_the_hub(library, tiny_base, tmp
         library.import_peft(folder, name, base=str(tiny_base))
     book = merging.merge(library, ["a", "b"], [1.0, 1.0], method="linear", name="ab")
     assert book.ref == "ab@1"
+
+
+def test_cards_of_merges_and_stacks_say_what_made_them(books, pm):
+    """Their cards said "trainer: none (imported)", though nothing was imported."""
+    merged = merging.merge(books, ["a", "b"], [0.5, 0.5], method="exact_svd", name="m",
+                           plugins=pm)
+    stacked = merging.stack(books, ["a", "b"], [1.0, 0.5], name="s")
+    flat = merging.stack(books, ["a", "b"], [1.0, 0.5], name="f", flatten=True)
+    cards = {b.name: (b.path / "README.md").read_text() for b in (merged, stacked, flat)}
+    assert "- trainer: none (merge `exact_svd` of `a@1`, `b@1`)" in cards["m"]
+    assert "- trainer: none (stack of `a@1`, `b@1`)" in cards["s"]
+    assert "- trainer: none (flattened stack of `a@1`, `b@1`)" in cards["f"]
+    assert not any("imported" in card for card in cards.values())
+
+
+@pytest.mark.parametrize("method", ["svd", "exact_svd"])
+def test_a_rank_no_layer_can_hold_is_refused_as_the_users_input(books, pm, method):
+    """--rank 100 on layers whose ΔW has at most 32 directions (v_proj: 32 × 64): svd blamed
+    its own plugin ("Fix the strategy"), exact_svd silently zero-padded to r=100."""
+    with pytest.raises(ConfigError) as err:
+        merging.merge(books, ["a", "b"], [0.5, 0.5], method=method, name="big", plugins=pm,
+                      rank=100)
+    assert "give --rank at most 32" in str(err.value) and "v_proj" in str(err.value)
+    assert "strategy" not in str(err.value)
+    assert not books.exists("big")
+    book = merging.merge(books, ["a", "b"], [0.5, 0.5], method=method, name="ok", plugins=pm,
+                         rank=32)
+    assert book.meta.hyperparameters["rank"] == 32

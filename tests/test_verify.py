@@ -144,3 +144,23 @@ def test_verify_records_the_precision_it_checked_a_4bit_trained_book_on(tmp_path
     assert report["checked_on"] == "float32 base (trained on a 4bit one)"
     card = next(home.rglob("README.md")).read_text()
     assert "on the float32 base (trained on a 4bit one)" in card
+
+
+def test_verify_says_logits_that_are_not_finite_are_not_finite(tmp_path, tiny_base, home):
+    """A pocket book whose factors overflow the logits (inf, then NaN) in plain PEFT too was
+    labelled DRIFT, as if adapterkit's math disagreed with PEFT's."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_peft_adapter(tiny_base, tmp_path / "big")
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    save_file({k: v * 1e25 if "lora_" in k else v for k, v in state.items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    result = _run(home, "import", str(folder), "--name", "big", "--base", str(tiny_base))
+    assert result.exit_code == 0, result.output
+    result = _run(home, "verify", "big")
+    assert result.exit_code == 1
+    assert "DRIFT" not in result.output, result.output
+    assert "NOT FINITE (plain PEFT's and this path's logits hold NaN or inf)" in result.output
+    assert "plain PEFT's are not finite either" in result.output
+    card = next(home.rglob("README.md")).read_text()
+    assert "logits not finite" in card and "DRIFT" not in card

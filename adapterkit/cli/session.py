@@ -503,9 +503,12 @@ def stack_cmd(ctx: click.Context, names: tuple[str, ...], weights: str | None, n
 @click.option("--name", required=True, help="Library name of the result.")
 @click.option("--rank", type=int, help="Rank of the result (SVD methods; default: largest).")
 @click.option("--density", type=float, help="Fraction kept, in (0, 1] (TIES, DARE, pruning).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of DARE's random drop: the same merge and seed give the same weights "
+                   "(recorded).")
 @click.pass_context
 def merge_cmd(ctx: click.Context, names: tuple[str, ...], method: str, weights: str | None,
-              name: str, rank: int | None, density: float | None) -> None:
+              name: str, rank: int | None, density: float | None, seed: int) -> None:
     """Merge pocket books NAMES into one new pocket book with a registered strategy.
 
     \b
@@ -518,7 +521,8 @@ def merge_cmd(ctx: click.Context, names: tuple[str, ...], method: str, weights: 
     state = obj(ctx)
     start = time.perf_counter()
     book = merge(library(ctx), list(names), _weights(weights, len(names)),
-                 method=method, name=name, rank=rank, density=density, plugins=state["plugins"])
+                 method=method, name=name, rank=rank, density=density, plugins=state["plugins"],
+                 seed=seed)
     click.echo(f"Saved {book.ref}: {method} of {', '.join(book.meta.parents)} "
                f"in {time.perf_counter() - start:.2f} s")
 
@@ -566,8 +570,8 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
             if r.refused is not None:
                 click.echo(f"  {r.path:<16} refused: {r.refused}")
             else:
-                mark = "ok" if r.ok(tolerance) else "DRIFT"
-                click.echo(f"  {r.path:<16} max |logit diff| vs PEFT {r.max_logit_diff:.2e}  {mark}")
+                click.echo(f"  {r.path:<16} max |logit diff| vs PEFT {r.max_logit_diff:.2e}  "
+                           f"{r.mark(tolerance)}")
         click.echo(f"{result.ref}: {result.verdict()}")
     if not_recorded is not None:
         say(f"Not recorded in {result.ref}'s metadata and card: {not_recorded}")

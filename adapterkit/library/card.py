@@ -90,8 +90,26 @@ def _fmt(value: Any) -> str:
 _GUARD_OPTIONS = ("forgetting_budget", "guard_weight")
 
 
+def _maker(meta: PocketBookMeta) -> str:
+    """What made a pocket book that no trainer made: a merge, a stack, an import, a pull."""
+    source = meta.source or {}
+    members = ", ".join(f"`{p}`" for p in meta.parents)
+    kind = source.get("kind")
+    if kind == "merge":
+        return f"none (merge `{source.get('method', '?')}` of {members})"
+    if kind == "stack":
+        flat = "flattened " if meta.hyperparameters.get("flattened") else ""
+        return f"none ({flat}stack of {members})"
+    if kind == "hub":
+        return f"none (pulled from `{source.get('repo_id', '?')}`)"
+    if kind == "import":
+        return "none (imported)"
+    return "none"
+
+
 def _made_section(meta: PocketBookMeta) -> str:
-    lines = [f"- method: `{meta.method}`", f"- trainer: `{meta.trainer or 'none (imported)'}`"]
+    trainer = f"`{meta.trainer}`" if meta.trainer else _maker(meta)
+    lines = [f"- method: `{meta.method}`", f"- trainer: {trainer}"]
     if meta.data:
         lines.append(f"- data: {meta.data.get('description', '?')}, shape "
                      f"`{meta.data.get('shape', '?')}`, sha256 `{meta.data.get('sha256', '?')}`")
@@ -294,7 +312,10 @@ def _verification_lines(v: dict[str, Any]) -> list[str]:
     if not v:
         return []
     versions = ", ".join(f"{k} {val}" for k, val in sorted(v.get("versions", {}).items()))
-    if not v.get("ok"):
+    broken = [path for path, cell in v.get("paths", {}).items() if cell.get("not_finite")]
+    if broken:
+        verdict = f"logits not finite (NaN or inf) on {', '.join(broken)}"
+    elif not v.get("ok"):
         verdict = "DRIFT on some path"
     elif not v.get("compared"):
         verdict = "not verified: every adapterkit path refuses it; PEFT itself applies it"
@@ -304,8 +325,10 @@ def _verification_lines(v: dict[str, Any]) -> list[str]:
     lines = [f"- **checked against plain PEFT** ({versions}; tolerance "
              f"{_fmt(v['tolerance'])}{on}): {verdict}"]
     for path, cell in v.get("paths", {}).items():
-        lines.append(f"  - {path}: " + (f"refused ({cell['refused']})" if "refused" in cell
-                                        else f"max logit difference {cell['max_logit_diff']:.1e}"))
+        lines.append(f"  - {path}: " + (
+            f"refused ({cell['refused']})" if "refused" in cell
+            else f"{cell['not_finite']} logits not finite" if cell.get("not_finite")
+            else f"max logit difference {cell['max_logit_diff']:.1e}"))
     return lines
 
 

@@ -562,6 +562,14 @@ class Library:
 
         _check_path("dest", dest)
         book = self.get(ref)
+        if book.meta.kind == "stack":  # its members' folders, weighted: no one PEFT folder
+            weights = book.meta.hyperparameters.get("weights", {})
+            members = " ".join(weights)
+            values = ",".join(repr(float(w)) for w in weights.values())
+            raise InvalidAdapter(
+                f"{book.ref} is a stack, not a single adapter: save it as one with `adapterkit "
+                f"stack {members} --weights {values} --flatten --name NAME` and export NAME, "
+                "or use `export --merged` or `--format gguf`, which take a stack")
         if book.meta.kind != "adapter":
             raise InvalidAdapter(f"{book.ref} is a {book.meta.kind}, not a single adapter")
         if book.meta.stacked_on:  # PEFT, vLLM... would load the folder without them

@@ -131,8 +131,12 @@ def check_weights(refs: list[str], weights: list[float], *, allow_negative: bool
 def merge(library: Library, refs: list[str], weights: list[float] | None, *, method: str,
           name: str, rank: int | None = None, density: float | None = None,
           plugins: PluginManager | None = None,
-          load_base: Callable[[], Any] | None = None) -> PocketBook:
-    """Merge pocket books ``refs`` with ``method`` into a new pocket book ``name``."""
+          load_base: Callable[[], Any] | None = None, seed: int = 0) -> PocketBook:
+    """Merge pocket books ``refs`` with ``method`` into a new pocket book ``name``.
+
+    :param seed: for strategies that draw random numbers (DARE's random drop): the same merge
+        with the same seed gives the same weights; recorded where ``density`` applies.
+    """
     from adapterkit.base.resolve import base_spec_for
     from adapterkit.plugin_api.manager import default_plugin_manager
 
@@ -143,6 +147,8 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         raise ConfigError("merge needs at least two pocket books")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
         raise ConfigError(f"rank must be an integer, got {rank!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     if density is not None and not finite_weight(density):
         raise ConfigError(f"density must be a number in (0, 1], got {density!r}")
     target = library.reserve(name)
@@ -159,8 +165,7 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         if len(named) > 1:
             raise ConfigError(
                 f"{ref} is named {len(named)} times ({', '.join(named)}); a merge combines "
-                "different pocket books: name it once (a linear merge of one book with weight "
-                "w is `adapterkit stack` with that weight)")
+                "different pocket books: name it once")
     check_underlays(books, "the merge")
     fingerprints = {b.meta.base_fingerprint for b in books}
     if len(fingerprints) > 1:
@@ -192,7 +197,7 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         return load(spec, home=library.home).model
 
     out = strategy.merge(adapters=inputs, weights=weights, rank=rank, density=density,
-                         base_model=base_model)
+                         base_model=base_model, **_if_taken(strategy.merge, seed=seed))
     _check_output(out, f"merge strategy {method!r} (plugin "
                        f"{pm.merge_strategies.entries[method].plugin!r})",
                   recorded_structure(books[0], library.home))
@@ -200,10 +205,22 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         name=target.name, version=0, base=dict(books[0].meta.base), method="lora",
         trainer=None, parents=[b.ref for b in books],
         hyperparameters={"merge_method": method, "weights": weights, "rank": out.config.get("r"),
-                         "density": density},
+                         "density": density,
+                         **({"seed": seed} if strategy.uses_density else {})},
         source={"kind": "merge", "method": method},
     )
     return save_adapter(library, out, meta, str(target))
+
+
+def _if_taken(method: Callable[..., Any], **options: Any) -> dict[str, Any]:
+    """``options`` where ``method`` takes them (named, or through ``**options``): arguments a
+    later core added (``seed``) are not forced on a strategy written before them."""
+    import inspect
+
+    params = inspect.signature(method).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return options
+    return {k: v for k, v in options.items() if k in {p.name for p in params}}
 
 
 def _check_library(library: Any, verb: str) -> None:

@@ -217,9 +217,34 @@ def read_factors(folder: Path, *, ref: str, path: str, dtype: Any = None, device
     return out
 
 
-def _check_base_copy(ref: str, name: TensorName, tensor: Any, base_weights: Any) -> None:
+def check_base_copies(folder: Path, *, ref: str, base_weights: Callable[[str, str], Any],
+                      instead: str) -> None:
+    """Check every base tensor PEFT saved in ``folder`` (``base_layer`` copies beside an
+    ``lm_head`` LoRA, biases) against ``base_weights`` (:func:`resident_tensors`,
+    :func:`stored_tensors`): equal copies change nothing, so a path that cannot apply a
+    different one may still take the adapter. Raises :class:`InexactAdapter` (with ``instead``:
+    what the user can do) for a copy that differs or cannot be compared. Reads only those
+    tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as fh:
+            for key in fh.keys():
+                name = parse_key(key)
+                if name.part == "base_layer" or is_bias(name):
+                    _check_base_copy(ref, name, fh.get_tensor(key), base_weights,
+                                     instead=instead)
+    except InexactAdapter:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise InvalidAdapter(f"{ref}: {folder / WEIGHTS_FILE} cannot be read ({exc})") from None
+
+
+def _check_base_copy(ref: str, name: TensorName, tensor: Any, base_weights: Any, *,
+                     instead: str | None = None) -> None:
     """A base tensor PEFT saved with the adapter (an ``lm_head`` weight, a bias) changes
-    nothing if it equals the base's; if it differs, PEFT would overwrite the base: refuse."""
+    nothing if it equals the base's; if it differs, PEFT would overwrite the base: refuse
+    (``instead``: what to do, for a path that is itself PEFT's)."""
     if base_weights is None:
         return
     leaf = name.leaf or "weight"
@@ -228,15 +253,15 @@ def _check_base_copy(ref: str, name: TensorName, tensor: Any, base_weights: Any)
         raise InexactAdapter(
             f"{ref} saves its own {name.module}.{leaf}, which PEFT loads over the base's, and "
             f"the base here has no separate {name.module}.{leaf} to compare it with (a tied "
-            "or quantized weight); this path cannot tell whether it changes anything. Use a "
-            "session, or `adapterkit eval`/`generate`")
+            "or quantized weight); this path cannot tell whether it changes anything. "
+            f"{instead or 'Use a session, or `adapterkit eval`/`generate`'}")
     if tuple(weight.shape) == tuple(tensor.shape) and bool(
             (weight.float().cpu() == tensor.float().cpu()).all()):
         return
     raise InexactAdapter(
         f"{ref} saves its own {name.module}.{leaf}, and it differs from this base's (a trained "
         "bias, a resized or retrained layer); PEFT overwrites the base with it, which this path "
-        "cannot. Use it through `adapterkit eval`/`generate`")
+        f"cannot. {instead or 'Use it through `adapterkit eval`/`generate`'}")
 
 
 def pad(a: Any, b: Any, rank: int) -> tuple[Any, Any]:

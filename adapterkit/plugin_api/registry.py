@@ -152,6 +152,10 @@ class MergeStrategy(Registrable):
 
         :param rank: rank of the result, for strategies that choose one (SVD).
         :param base_model: a callable returning the base model, for strategies that need it.
+        :param options: further keyword arguments a newer core may pass (accept ``**options``
+            and ignore what you do not use), e.g. ``seed``: an integer for strategies that draw
+            random numbers (DARE), so that the same merge gives the same weights; draw from a
+            generator seeded with it, never from torch's unseeded global state.
         :returns: :class:`adapterkit.lora.combine.MergeOutput` (a PEFT config and its tensors).
         """
         raise _not_implemented(self, "merge")

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.base.fingerprints import weight_files
-from adapterkit.errors import AdapterkitError, ConfigError, NameTaken
-from adapterkit.files import new_folder
+from adapterkit.errors import AdapterkitError, ConfigError
+from adapterkit.files import check_new_folder, new_folder
 from adapterkit.memory import release_memory
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,8 +78,7 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
     check_tolerance(tolerance)
     say = progress or (lambda m: None)
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):  # fail before the work
-        raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
+    check_new_folder(dest)  # fail before the work
     book = library.get(ref)
     members = members_of(library, book)  # underlays at weight 1, a stack's members weighted
     structure = recorded_structure(book, library.home)

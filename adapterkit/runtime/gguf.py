@@ -30,6 +30,7 @@ reward head's ``score``), a LoRA on an output layer the base ties to its embeddi
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import AdapterkitError, ConfigError, InvalidAdapter, MissingDependency
-from adapterkit.files import new_folder
+from adapterkit.files import check_new_folder, new_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.library.store import Library, PocketBook
@@ -116,7 +117,6 @@ class _Base:
 
 def _base_of(library: Library, book: PocketBook) -> _Base:
     """The base's config and GGUF layout; refuses an architecture adapterkit cannot map."""
-    import json
 
     from adapterkit.base.resolve import ALIASES, alias_file, base_spec_for, resolve_base
 
@@ -235,10 +235,7 @@ def _check_members(library: Library, book: PocketBook) -> list[str]:
 
 
 def _check_dest(dest: Path) -> None:
-    from adapterkit.errors import NameTaken
-
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise NameTaken(f"export destination {dest} exists and is not empty; pick a new folder")
+    check_new_folder(dest)
 
 
 def _file_stem(book: PocketBook) -> str:
@@ -378,7 +375,10 @@ def export_gguf_merged(library: Library, ref: str, dest: str | os.PathLike[str],
         outtype = quant if quant in CONVERTER_TYPES else "f16"
         converted = tmp / (file_name if quant in CONVERTER_TYPES else ".merged-f16.gguf")
         say(f"Converting with llama.cpp's convert_hf_to_gguf.py ({outtype})...")
-        _convert(converter, hf, converted, outtype)
+        overrides = tmp / ".gguf-metadata.json"
+        overrides.write_text(json.dumps(_merged_metadata(library, book, hf)), encoding="utf-8")
+        _convert(converter, hf, converted, outtype, metadata=overrides)
+        overrides.unlink()
         shutil.rmtree(hf)
         if quant in QUANTIZER_TYPES:
             say(f"Quantizing to {quant} with llama.cpp's quantizer...")
@@ -391,10 +391,58 @@ def export_gguf_merged(library: Library, ref: str, dest: str | os.PathLike[str],
                       max_logit_diff=merged.max_logit_diff)
 
 
-def _convert(converter: Path, folder: Path, out: Path, outtype: str) -> None:
+#: ``general.*`` keys of the base that llama.cpp's converter takes from a metadata override
+#: file (``--metadata``): the base's identity, kept on the merged model.
+_KEPT_KEYS = ("author", "version", "organization", "finetune", "basename", "description",
+              "size_label", "license.name", "license.link", "url", "doi", "uuid", "repo_url",
+              "source.url", "source.doi", "source.uuid", "source.repo_url", "tags", "languages")
+
+
+def _merged_metadata(library: Library, book: PocketBook, hf: Path) -> dict[str, Any]:
+    """The converter's ``--metadata`` override for the merged GGUF: ``general.name`` is the
+    pocket book's (as in its LoRA GGUF), and the base's own identity (organization, basename,
+    finetune, size, licence, languages) is kept — read from the base's GGUF file where it came
+    as one, else as the converter itself reads the base's folder — instead of what the
+    converter would guess from the temporary folder's name. A licence, which the converter
+    takes only from a model card, is written into ``hf``'s card where it has none."""
+    import gguf
+
+    from adapterkit.base.resolve import base_spec_for, resolve_base
+
+    base = _base_of(library, book)
+    kept: dict[str, Any] = {}
+    license_ = None
+    if base.gguf_file is not None:
+        fields = gguf.GGUFReader(base.gguf_file).fields
+        for key in _KEPT_KEYS:
+            if f"general.{key}" in fields:
+                kept[f"general.{key}"] = fields[f"general.{key}"].contents()
+        if "general.license" in fields:
+            license_ = fields["general.license"].contents()
+    else:
+        folder = resolve_base(base_spec_for(book.meta.base, library.home), library.home).folder
+        meta = gguf.Metadata.load(None, folder, None, 0)
+        for key in _KEPT_KEYS:
+            value = getattr(meta, key.replace(".", "_"), None)
+            if value is not None:
+                kept[f"general.{key}"] = value
+    out: dict[str, Any] = dict.fromkeys(  # nothing guessed from the folder name ".merged-hf"
+        ("general.finetune", "general.basename", "general.version", "general.size_label"))
+    out.update(kept)
+    out["general.name"] = book.ref
+    card = hf / "README.md"
+    if license_ and not card.exists():
+        card.write_text(f"---\nlicense: {json.dumps(license_)}\n---\n", encoding="utf-8")
+    return out
+
+
+def _convert(converter: Path, folder: Path, out: Path, outtype: str, *,
+             metadata: Path | None = None) -> None:
     """Run llama.cpp's converter in its own process (it imports its own ``gguf-py``)."""
     cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(folder),
            "--outfile", str(out), "--outtype", outtype]
+    if metadata is not None:
+        cmd += ["--metadata", str(metadata)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0 or not out.is_file():
@@ -406,23 +454,52 @@ def _convert(converter: Path, folder: Path, out: Path, outtype: str) -> None:
 def quantize_gguf(src: Path, out: Path, quant: str) -> None:
     """Write ``src`` (an f16/f32 model GGUF) quantized to ``quant`` (``q4_0``, ``q4_k_m``...)
     at ``out`` with llama.cpp's own quantizer (``llama_model_quantize``, what
-    ``llama-quantize`` runs)."""
+    ``llama-quantize`` runs).
+
+    The quantizer runs in a child process of its own session: in this process a Ctrl-C during
+    the long C call only reaches Python inside llama-cpp-python's log callback, where ctypes
+    prints and drops the ``KeyboardInterrupt`` and the export would go on. Here the interrupt
+    reaches this process while it waits, the child is killed, and ``KeyboardInterrupt`` is
+    raised (the caller's :func:`~adapterkit.files.new_folder` removes the partial file)."""
     if quant not in QUANTIZER_TYPES:
         raise ConfigError(f"llama.cpp's quantizer types are {', '.join(QUANTIZER_TYPES)}; "
                           f"got {quant!r}")
+    _llama_cpp()
+    child = subprocess.Popen(_quantizer_command(src, out, quant), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # the terminal's Ctrl-C reaches us only
+    try:
+        _, err = child.communicate()
+    except BaseException:  # Ctrl-C (or anything else) while it runs: stop it, write nothing
+        child.kill()
+        child.wait()
+        out.unlink(missing_ok=True)
+        raise
+    if child.returncode != 0 or not out.is_file():
+        last = (err.strip().splitlines() or ["(no output)"])[-1]
+        out.unlink(missing_ok=True)
+        raise GgufExportError(f"llama.cpp's quantizer failed on {quant} ({last}); nothing was "
+                              "written")
+
+
+def _quantizer_command(src: Path, out: Path, quant: str) -> list[str]:
+    """The child process :func:`quantize_gguf` runs: :func:`_quantize_here` in this Python."""
+    code = ("import sys; from adapterkit.runtime.gguf import _quantize_here; "
+            "sys.exit(_quantize_here(*sys.argv[1:]))")
+    return [sys.executable, "-c", code, str(src), str(out), quant]
+
+
+def _quantize_here(src: str, out: str, quant: str) -> int:
+    """llama.cpp's quantizer in this process (the child of :func:`quantize_gguf`); returns its
+    status code."""
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{QUANTIZER_TYPES[quant]}")
     params.nthread = os.cpu_count() or 1
     # llama.cpp reports every tensor it quantizes through llama-cpp-python's logger: errors only
-    log = logging.getLogger("llama-cpp-python")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        code = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(),
-                                              llama_cpp.byref(params))
-    finally:
-        log.setLevel(level)
-    if code != 0 or not out.is_file():
-        raise GgufExportError(f"llama.cpp's quantizer failed ({code}) on {quant}; nothing was "
-                              "written")
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    code = int(llama_cpp.llama_model_quantize(src.encode(), out.encode(),
+                                              llama_cpp.byref(params)))
+    if code != 0:
+        print(f"llama_model_quantize returned {code}", file=sys.stderr)
+    return 1 if code != 0 else 0

@@ -20,7 +20,13 @@ from adapterkit.library.integrity import base_structure, check_book
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.lora.factors import is_bias, refuse_inexact, saved_names
+from adapterkit.lora.factors import (
+    check_base_copies,
+    is_bias,
+    refuse_inexact,
+    resident_tensors,
+    saved_names,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.lora.combine import MergeInput
@@ -86,8 +92,7 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
         check_book(item, structure)  # a damaged folder never reaches PEFT
         refuse_reward(item)
         if w != 1.0:  # PEFT's scale multiplies B A only: nothing else can be weighted
-            refuse_inexact(item.ref, read_config(item.path), saved_names(item.path),
-                           path=f"weighting it ({w:g}) in a stack")
+            _refuse_unweighable(item, w, base)
     names = [f"m{i}" for i in range(len(items) - 1)] + [adapter_name]
     refuse_held(base.model, wanted=f"peft_model(base, {book.ref})")
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,6 +114,20 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
                "that model's .unload()")
     model.eval()
     return model
+
+
+def _refuse_unweighable(item: PocketBook, weight: float, base: Any) -> None:
+    """Refuse a member at ``weight`` ≠ 1 whose adapter holds more than ``B A`` (the only part
+    PEFT's scale multiplies). Base tensors PEFT saved beside it (``lm_head``'s weight beside an
+    ``lm_head`` LoRA, biases) are compared with the resident base first, as on every other
+    path: equal, they change nothing at any weight."""
+    path = f"weighting it ({weight:g}) in a stack"
+    instead = (f"give it weight 1 in the stack, or use it alone "
+               f"(`adapterkit generate --adapter {item.ref}`)")
+    refuse_inexact(item.ref, read_config(item.path), saved_names(item.path), path=path,
+                   handled=("bias=", "saved copies of base weights"), instead=instead)
+    check_base_copies(item.path, ref=item.ref, base_weights=resident_tensors(base.model),
+                      instead=instead.capitalize())
 
 
 def _weigh(model: Any, weights: dict[str, tuple[str, float]]) -> None:

@@ -32,10 +32,20 @@ class PathResult:
     path: str
     max_logit_diff: float | None = None
     refused: str | None = None
+    #: Whose logits hold NaN or ±inf, where any do ("plain PEFT's", "this path's", or both):
+    #: then no difference measures a drift.
+    not_finite: str | None = None
 
     def ok(self, tolerance: float) -> bool:
-        return self.refused is not None or (self.max_logit_diff is not None
+        return self.refused is not None or (self.not_finite is None
+                                            and self.max_logit_diff is not None
                                             and self.max_logit_diff <= tolerance)
+
+    def mark(self, tolerance: float) -> str:
+        """``ok``, ``DRIFT``, or which logits are not finite numbers."""
+        if self.not_finite is not None:
+            return f"NOT FINITE ({self.not_finite} logits hold NaN or inf)"
+        return "ok" if self.ok(tolerance) else "DRIFT"
 
 
 @dataclass
@@ -58,6 +68,13 @@ class Verification:
         return sum(r.refused is None for r in self.results)
 
     def verdict(self) -> str:
+        broken = [r for r in self.results if r.not_finite is not None]
+        if broken:
+            both = any("PEFT" in (r.not_finite or "") for r in broken)
+            return ("logits not finite (NaN or inf) on " + ", ".join(r.path for r in broken)
+                    + ("; plain PEFT's are not finite either: the pocket book's own weights "
+                       "(or a stack weight) overflow, not a drift between paths" if both
+                       else ""))
         if not self.ok:
             return f"DRIFT beyond {self.tolerance:g} on some path"
         if not self.compared:
@@ -69,7 +86,9 @@ class Verification:
         return {"tolerance": self.tolerance, "ok": self.ok, "compared": self.compared,
                 "versions": self.versions, "checked_on": self.checked_on,
                 "paths": {r.path: ({"refused": r.refused} if r.refused is not None
-                                   else {"max_logit_diff": r.max_logit_diff})
+                                   else {"max_logit_diff": r.max_logit_diff,
+                                         **({"not_finite": r.not_finite}
+                                            if r.not_finite is not None else {})})
                           for r in self.results}}
 
 
@@ -117,6 +136,7 @@ def verify(library: Library, ref: str, *, tolerance: float = 1e-3, record: bool 
     reference_model = peft_model(base, book, weights=members)
     reference = logits(reference_model)
     reference_model.unload()
+    reference_finite = bool(torch.isfinite(reference[mask]).all())
     result = Verification(book.ref, tolerance, versions=_versions(), checked_on=checked_on)
     for name, run in _paths(library, base, book, members).items():
         say(f"{name}...")
@@ -126,7 +146,11 @@ def verify(library: Library, ref: str, *, tolerance: float = 1e-3, record: bool 
             result.results.append(PathResult(name, refused=str(exc)))
             continue
         diff = float((out - reference).abs()[mask].max())
-        result.results.append(PathResult(name, max_logit_diff=diff))
+        finite = bool(torch.isfinite(out[mask]).all())
+        whose = [w for w, ok in (("plain PEFT's", reference_finite), ("this path's", finite))
+                 if not ok]
+        result.results.append(PathResult(name, max_logit_diff=diff,
+                                         not_finite=" and ".join(whose) or None))
     if record:
         record_verification(library, result)
     return result
