@@ -434,6 +434,19 @@ def _plain_reward_model(tiny_base, library, book, folder):
     return tokenizer, PeftModel.from_pretrained(seq, book.path).eval()
 
 
+def _reward_trainer_ids(tokenizer, pair):
+    """The token ids TRL's RewardTrainer trains a reward model on for ``pair``'s chosen side."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None)
+    prepared = RewardTrainer._prepare_dataset(SimpleNamespace(), Dataset.from_list([pair]),
+                                              tokenizer, args, "train")
+    return prepared[0]["chosen_ids"]
+
+
 def _plain_text(part, role):
     """A string, or the one message of ``role`` it was turned into (by hand, not adapterkit)."""
     if isinstance(part, str):
@@ -453,8 +466,8 @@ def test_rlhf_rewards_are_the_trained_reward_models_on_the_text_it_was_trained_o
     of), and always through the chat template (a `--no-chat` reward book too). Each reward
     GRPO used now equals a plain transformers + PEFT reward model
     (base + underlay merged + the reward book's adapter) on the text rendered as the book was
-    trained: plain prompt + completion without special tokens (TRL's GRPOTrainer's text for
-    string prompts), or the chat template's."""
+    trained: token ids TRL's own RewardTrainer gives the pair (plain text: with its
+    end-of-sequence token), or the chat template's."""
     from trl import GRPOTrainer
 
     home, prefs, pm, _ = stacked_rewards
@@ -479,16 +492,16 @@ def test_rlhf_rewards_are_the_trained_reward_models_on_the_text_it_was_trained_o
     for prompts, completions, got in seen:
         assert isinstance(prompts[0], list) == policy_chat  # the policy rendered as asked
         for prompt, completion, value in zip(prompts, completions, got):
+            p, c = _plain_text(prompt, "user"), _plain_text(completion, "assistant")
             if reward == "plain-rm":
-                text = _plain_text(prompt, "user") + _plain_text(completion, "assistant")
+                pair = {"prompt": p, "chosen": c, "rejected": c}
             else:
-                text = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": _plain_text(prompt, "user")},
-                     {"role": "assistant", "content": _plain_text(completion, "assistant")}],
-                    tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+                pair = {"prompt": [{"role": "user", "content": p}],
+                        "chosen": [{"role": "assistant", "content": c}],
+                        "rejected": [{"role": "assistant", "content": c}]}
+            ids = _reward_trainer_ids(tokenizer, pair)
             with torch.no_grad():
-                expected = plain(**ids).logits[0, 0].item()
+                expected = plain(input_ids=torch.tensor([ids])).logits[0, 0].item()
             assert value == pytest.approx(expected, abs=1e-4), (prompt, completion)
 
 
@@ -507,8 +520,9 @@ def test_rlhf_refuses_completions_the_reward_book_could_not_read_whole(stacked_r
     home, prefs, pm, _ = stacked_rewards
     before = sorted((b.name, b.version) for b in Library(home).list())
     tokenizer = load_base(str(tiny_base), home=home).tokenizer
-    longest = max(len(tokenizer(json.loads(line)["prompt"], add_special_tokens=False)
-                      ["input_ids"]) for line in prefs.read_text().splitlines())
+    longest = max(  # as TRL's RewardTrainer reads a prompt with an empty answer
+        len(_reward_trainer_ids(tokenizer, {"prompt": p, "chosen": "", "rejected": ""}))
+        for p in (json.loads(line)["prompt"] for line in prefs.read_text().splitlines()))
     for sets in ({"reward": "plain-rm"}, {}):
         options = TrainOptions(max_steps=1, batch_size=4, r=4, alpha=8, chat=False,
                                max_length=longest + 8, trainer_options={

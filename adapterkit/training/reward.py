@@ -80,20 +80,21 @@ def trained_chat(tokenizer: Any, book: PocketBook) -> bool:
 
 
 def scored_ids(tokenizer: Any, prompt: Any, completion: Any, *, chat: bool) -> list[int]:
-    """Token ids of prompt + completion as a reward model trained with (``chat``) or without
-    the chat template reads them, the way TRL's ``GRPOTrainer`` renders text for a reward
-    model: chat turns through the template (a plain string as one user or assistant turn, as
-    the reward pocket book's pairs were), plain text as prompt + completion; no special tokens
-    added. Without ``chat``, a prompt in chat form must be one user turn (it then reads as that
-    turn's text, as the pairs read in training); a conversation has no plain-text form the
-    reward pocket book saw, and is refused."""
+    """Token ids of prompt + completion as the reward pocket book read its pairs in training
+    (TRL's ``RewardTrainer``): with the chat template (``chat``), chat turns through it, a
+    plain string as one user or assistant turn; without it, plain prompt + completion with the
+    end-of-sequence token appended and the tokenizer's own special tokens (:func:`render`), so
+    the score is read at the token it learned on. (TRL's ``GRPOTrainer`` reads plain text
+    without them; on a base whose padding is its end-of-sequence token and that adds no
+    beginning token, such as SmolLM2, the two agree.) Without ``chat``, a prompt in chat form
+    must be one user turn (it then reads as that turn's text, as the pairs read in training);
+    a conversation has no plain-text form the reward pocket book saw, and is refused."""
     from adapterkit.training.data import as_chat
 
-    if chat:
-        row = as_chat({"prompt": prompt, "completion": completion})
-        text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-    else:
-        text = _plain(prompt, "user") + _plain(completion, "assistant")
+    if not chat:
+        return render(tokenizer, _plain(prompt, "user"), _plain(completion, "assistant"))
+    row = as_chat({"prompt": prompt, "completion": completion})
+    text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
