@@ -415,6 +415,34 @@ def test_pairs_whose_answers_do_not_start_with_their_prompt_are_refused_naming_t
         load_data(_write(tmp_path / "text.jsonl", [text]))
 
 
+def test_implicit_prompts_yield_to_plugin_formats_and_to_a_prompt_column(tmp_path):
+    """The implicit-prompt rule took chosen/rejected columns before the data-format plugins
+    (whose columns they may be), and split a pair whose prompt cell was left empty in a file
+    that has a prompt column, which is a malformed row."""
+    from adapterkit import DataFormat
+    from adapterkit.plugin_api.registry import Registry
+    from adapterkit.training.data import load_data
+
+    class HH(DataFormat):
+        name, columns, shape = "hh", ("chosen", "rejected"), "preference"
+
+        def convert(self, row):
+            return {"prompt": "Q", "chosen": row["chosen"], "rejected": row["rejected"]}
+
+    formats = Registry("data format", DataFormat)
+    formats.add(HH(), plugin="mine")
+    path = _write(tmp_path / "hh.jsonl", [{"chosen": "Hi there.", "rejected": "Hi you."}])
+    assert load_data(path, formats=formats).rows == [
+        {"prompt": "Q", "chosen": "Hi there.", "rejected": "Hi you."}]
+    p, c, r = PAIRS[0]
+    holed = _write(tmp_path / "holed.jsonl", [{"prompt": p, "chosen": c, "rejected": r},
+                                              {"prompt": None, "chosen": "Same start A",
+                                               "rejected": "Same start B"}])
+    with pytest.raises(DataFormatError, match=r"row\(s\) 2"):
+        load_data(holed)
+    assert load_data(holed, skip_bad_rows=True).skipped == [2]
+
+
 def test_message_rows_refuse_no_chat_and_a_base_without_a_chat_template(tiny_base, home,
                                                                        tmp_path,
                                                                        adapterkit_data):

@@ -274,15 +274,15 @@ def detect_shape(columns: set[str], formats: Registry[DataFormat] | None = None
     for shape, needed in SHAPES.items():
         if shape != "prompt" and set(needed) <= columns:
             return shape, None
-    if {"chosen", "rejected"} <= columns:  # the prompt implicit in them (_explicit_prompt)
-        return "preference", None
     for fmt in formats or []:
         if fmt.matches(columns):
             return fmt.shape, fmt
+    if {"chosen", "rejected"} <= columns:  # the prompt implicit in them (_explicit_prompt):
+        return "preference", None  # after the plugin formats, whose columns these may be
     if "prompt" in columns:
         return "prompt", None
     plugin = [f"{f.name} ({'+'.join(f.columns)})" for f in formats or []]
-    expected = ["+".join(cols) for cols in SHAPES.values()] + plugin
+    expected = ["+".join(cols) for cols in SHAPES.values()] + ["chosen+rejected"] + plugin
     raise DataFormatError(
         f"missing required columns: expected one of {', '.join(expected)}; "
         f"the data has {', '.join(sorted(columns)) or 'no columns'}"
@@ -322,8 +322,10 @@ def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | N
             except (KeyError, TypeError, ValueError, AttributeError):
                 bad.append(number)  # a row the format cannot read is a row of the wrong shape
                 continue
-        if shape == "preference":
-            row, why = _explicit_prompt(row)
+        if shape == "preference":  # implicit only where the data has no prompt column (a
+            # prompt cell left empty in one is a malformed row, refused as such)
+            row, why = _explicit_prompt(row, implicit="prompt" not in (
+                row if fmt is not None else columns))
             if why:
                 unsplit.setdefault(why, []).append(number)
                 continue
@@ -399,12 +401,13 @@ def _turns(value: Any) -> list[tuple[Any, Any]] | None:
     return [(m.get("role"), m.get("content")) for m in value]
 
 
-def _explicit_prompt(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def _explicit_prompt(row: dict[str, Any], *, implicit: bool) -> tuple[dict[str, Any], str]:
     """A preference pair with its prompt given once, as ``prompt`` (and a reason where that
     cannot be done: the row is refused).
 
-    * No prompt (TRL's implicit-prompt shape, Anthropic HH): the prompt is the longest shared
-      beginning of ``chosen`` and ``rejected``, as TRL's ``extract_prompt`` takes it.
+    * No prompt column (``implicit``; TRL's implicit-prompt shape, Anthropic HH): the prompt
+      is the longest shared beginning of ``chosen`` and ``rejected``, as TRL's
+      ``extract_prompt`` takes it.
     * Conversational answers that begin with a turn other than an assistant's (UltraFeedback:
       ``prompt`` a string, ``chosen``/``rejected`` whole conversations): they must begin with
       the prompt's turns (a string prompt is one user turn), which are dropped from them, so
@@ -415,7 +418,7 @@ def _explicit_prompt(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """
     chosen: Any = row.get("chosen")
     rejected: Any = row.get("rejected")
-    if row.get("prompt") is None:
+    if implicit:
         both_turns = _valid_messages(chosen) and _valid_messages(rejected)
         both_text = isinstance(chosen, str) and isinstance(rejected, str)
         if not (both_turns or both_text):
@@ -431,7 +434,9 @@ def _explicit_prompt(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
         if not (found.strip() if isinstance(found, str) else found):
             return row, no_prompt
         return {**row, **split}, ""
-    prompt = row["prompt"]
+    prompt = row.get("prompt")
+    if prompt is None:
+        return row, ""  # a missing prompt in a file that has them: _valid_row refuses it
     prompt_turns = _turns(prompt) if not isinstance(prompt, str) else [("user", prompt)]
     out = dict(row)
     for key in ("chosen", "rejected"):
