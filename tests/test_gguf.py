@@ -602,3 +602,22 @@ def test_ctrl_c_while_llama_cpp_quantizes_exits_130_and_writes_nothing(carded, c
     assert time.perf_counter() - start < 25  # the quantizer was stopped, not waited for
     assert not (tmp_path / "q4").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_a_base_folder_named_by_a_commit_sha_gives_no_guessed_metadata(tiny_base, tmp_path):
+    """A base from the Hub sits in ``snapshots/<sha>``: llama.cpp's metadata reader took that
+    sha for the fine-tune's name (general.finetune '7ae5576…'); only the card and config
+    speak for the base."""
+    import shutil
+
+    import gguf
+
+    from adapterkit.runtime.gguf import _folder_metadata
+
+    folder = tmp_path / "snapshots" / ("7ae5576" + "0" * 33)
+    shutil.copytree(tiny_base, folder)
+    (folder / "README.md").unlink(missing_ok=True)
+    guessed = gguf.Metadata.load(None, folder, None, 0)  # what the folder name alone gives
+    assert "7ae5576" in json.dumps([guessed.finetune, guessed.basename, guessed.name])
+    kept = _folder_metadata(folder)
+    assert "7ae5576" not in json.dumps(kept), kept

@@ -421,11 +421,7 @@ def _merged_metadata(library: Library, book: PocketBook, hf: Path) -> dict[str, 
             license_ = fields["general.license"].contents()
     else:
         folder = resolve_base(base_spec_for(book.meta.base, library.home), library.home).folder
-        meta = gguf.Metadata.load(None, folder, None, 0)
-        for key in _KEPT_KEYS:
-            value = getattr(meta, key.replace(".", "_"), None)
-            if value is not None:
-                kept[f"general.{key}"] = value
+        kept = _folder_metadata(folder)
     out: dict[str, Any] = dict.fromkeys(  # nothing guessed from the folder name ".merged-hf"
         ("general.finetune", "general.basename", "general.version", "general.size_label"))
     out.update(kept)
@@ -433,6 +429,23 @@ def _merged_metadata(library: Library, book: PocketBook, hf: Path) -> dict[str, 
     card = hf / "README.md"
     if license_ and not card.exists():
         card.write_text(f"---\nlicense: {json.dumps(license_)}\n---\n", encoding="utf-8")
+    return out
+
+
+def _folder_metadata(folder: Path) -> dict[str, Any]:
+    """The base's identity as its model card and config say it, as llama.cpp's converter reads
+    them — but not guessed from the folder's name, which for a base from the Hub is a commit
+    sha (``snapshots/<sha>``) the converter would take for a fine-tune's name."""
+    import gguf
+
+    meta = gguf.Metadata.apply_metadata_heuristic(
+        gguf.Metadata(), gguf.Metadata.load_model_card(folder),
+        gguf.Metadata.load_hf_parameters(folder), None, 0)
+    out: dict[str, Any] = {}
+    for key in _KEPT_KEYS:
+        value = getattr(meta, key.replace(".", "_"), None)
+        if value is not None:
+            out[f"general.{key}"] = value
     return out
 
 
@@ -484,7 +497,11 @@ def quantize_gguf(src: Path, out: Path, quant: str) -> None:
 
 def _quantizer_command(src: Path, out: Path, quant: str) -> list[str]:
     """The child process :func:`quantize_gguf` runs: :func:`_quantize_here` in this Python."""
-    code = ("import sys; from adapterkit.runtime.gguf import _quantize_here; "
+    # adapterkit's own folder first on the child's path: it imports this very adapterkit,
+    # also where this process found it through a sys.path change (a notebook, a script)
+    home = str(Path(__file__).resolve().parents[2])
+    code = (f"import sys; sys.path.insert(0, {home!r}); "
+            "from adapterkit.runtime.gguf import _quantize_here; "
             "sys.exit(_quantize_here(*sys.argv[1:]))")
     return [sys.executable, "-c", code, str(src), str(out), quant]
 
