@@ -391,7 +391,7 @@ CASES: list[Case] = [
     Case("export-destination-is-a-file", ("export", "pe", "{work}/out"),
          setup=_file("out", "a file")),
     Case("export-destination-under-a-file", ("export", "pe", "{work}/afile/out"),
-         setup=_file("afile", "a file"), mentions=("afile", "not a folder")),
+         setup=_file("afile", "a file"), mentions=("afile", "which is a file")),
     Case("export-destination-name-too-long", ("export", "pe", "{work}/" + "x" * 300),
          mentions=("too long",)),
     Case("home-under-a-file", ("--home", "{work}/afile/home", "list"),
