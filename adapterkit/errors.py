@@ -33,7 +33,14 @@ class BaseLoadError(AdapterkitError):
 
 
 class BaseMismatch(AdapterkitError):
-    """A pocket book does not fit the base it is used with (fingerprint, modules or shapes)."""
+    """A pocket book does not fit the base it is used with (fingerprint, modules or shapes).
+
+    ``mismatch`` is what does not fit without the advice the message ends with, for a caller
+    whose advice differs (a server, where ``--force`` does not apply)."""
+
+    def __init__(self, message: str, *, mismatch: str | None = None) -> None:
+        super().__init__(message)
+        self.mismatch = mismatch or message
 
 
 class InvalidAdapter(AdapterkitError):

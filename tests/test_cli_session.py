@@ -115,6 +115,14 @@ _DENSITY = ["ties", "dare_linear", "dare_ties", "magnitude_prune"]
     (["export", "law", "{out}", "--tolerance", "0.1"], "--tolerance applies to --merged only"),
     (["export", "law", "{out}", "--format", "gguf", "--tolerance", "0.1"],
      "--tolerance applies to --merged only"),
+    (["chat", "--server", "http://127.0.0.1:9", "--base", "x"],
+     "Error: --base acts on a base loaded here; with --server the server's base answers — "
+     "drop it"),
+    (["swap", "law", "--prompt", "p", "--server", "http://127.0.0.1:9", "--force"],
+     "Error: --force acts on a base loaded here"),
+    (["swap", "law", "--prompt", "p", "--server", "http://127.0.0.1:9", "--base", "x",
+      "--force"], "Error: --base and --force act on a base loaded here; with --server the "
+                  "server's base answers — drop them"),
 ])
 def test_options_that_would_not_act_are_refused(cli, two, tmp_path, args, match):
     """Before: a duplicate stack member kept only its last weight, --density was recorded and

@@ -292,3 +292,21 @@ def test_export_refuses_non_empty_destination(library, tmp_path):
         library.export("a", dest)
     assert os.listdir(dest) == ["keep.txt"]
     assert (library.export("a", tmp_path / "new") / "adapter_model.safetensors").is_file()
+
+
+def test_a_pocket_book_named_like_its_base_is_saved_with_a_warning(library, tiny_base,
+                                                                    peft_adapter):
+    """`import ... --name BASE` was accepted silently, and the server then read model BASE as
+    the plain base: saving it still works, and says how to reach it (NAME@V)."""
+    import warnings
+
+    from adapterkit.errors import AdapterWarning
+
+    with pytest.warns(AdapterWarning, match=rf"^{tiny_base.name}@1 has its base's name, which "
+                                            r"`adapterkit serve` reads as the plain base: name "
+                                            rf"it {tiny_base.name}@1 in requests"):
+        same = library.import_peft(peft_adapter, tiny_base.name, base=str(tiny_base))
+    assert same.meta.base["name"] == tiny_base.name and same.ref == f"{tiny_base.name}@1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterWarning)
+        library.import_peft(peft_adapter, "other", base=str(tiny_base))

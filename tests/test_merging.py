@@ -545,3 +545,99 @@ def test_a_rank_no_layer_can_hold_is_refused_as_the_users_input(books, pm, metho
     book = merging.merge(books, ["a", "b"], [0.5, 0.5], method=method, name="ok", plugins=pm,
                          rank=32)
     assert book.meta.hyperparameters["rank"] == 32
+
+
+def _replaced(library, tiny_base, tmp_path, ref):
+    """``rm --force REF``, then another pocket book imported under that name (as a user
+    re-importing, or pulling someone else's, does)."""
+    library.remove(ref, force=True)
+    other = make_peft_adapter(tiny_base, tmp_path / "other", seed=9, r=4, target_modules=TARGETS)
+    return library.import_peft(other, ref, base=str(tiny_base))
+
+
+def _refused_everywhere(library, tiny_base, tmp_path, adapterkit_cli, match, cli_match):
+    """Every path that expands saved stack ``ac`` refuses it, naming ``match``."""
+    import types
+
+    from adapterkit import InvalidAdapter
+    from adapterkit.runtime.export import export_merged
+    from adapterkit.runtime.peft_model import members_of, peft_model
+    from adapterkit.runtime.verify import verify
+    from adapterkit.serving.names import resolve
+
+    ac = library.get("ac")
+    with pytest.raises(InvalidAdapter, match=match):
+        members_of(library, ac)  # eval, generate, gguf
+    with pytest.raises(InvalidAdapter, match=match):
+        verify(library, "ac", record=False)  # never "exact" for another member
+    with pytest.raises(InvalidAdapter, match=match):
+        export_merged(library, "ac", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    base = adapterkit.load_base(str(tiny_base), home=library.home)
+    with pytest.raises(InvalidAdapter, match=match):
+        peft_model(base, ac, library=library)
+    with pytest.raises(ConfigError, match=match):  # the server (and the vLLM resolver)
+        resolve(library, types.SimpleNamespace(fingerprint=ac.meta.base_fingerprint), "ac",
+                base_id="base")
+    session = adapterkit.open(str(tiny_base), home=library.home)
+    with pytest.raises(InvalidAdapter, match=match):
+        session.swap("ac")  # sessions
+    assert session.books == {} and session.active == {}
+    for args in (("verify", "ac"), ("generate", "Hi", "--adapter", "ac")):
+        result = adapterkit_cli(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert re.search(cli_match, result.output), (args, result.output)
+        assert "Traceback" not in result.output and "exact" not in result.output
+
+
+def test_a_saved_stack_refuses_a_member_replaced_under_its_name(books, tiny_base, tmp_path,
+                                                                adapterkit_cli):
+    """A stack recorded its members' names only: after `rm --force a@1` and another pocket
+    book imported as a@1, model `ac` answered with the new weights and `verify ac` said
+    "exact". It records each member's weights hash now, as `train --on` does, and every path
+    that expands it refuses the namesake with both hashes."""
+    from adapterkit.library.integrity import held_weights
+
+    saved = {r: held_weights(books.get(r)) for r in ("a@1", "c@1")}
+    ac = merging.stack(books, ["a", "c"], [1.0, 0.5], name="ac")
+    assert ac.meta.stacked_on_sha256 == saved
+    new = _replaced(books, tiny_base, tmp_path, "a@1")
+    assert new.ref == "a@1" and held_weights(new) != saved["a@1"]
+    match = (rf"^ac@1 is a stack of a@1 with weights {saved['a@1'][:12]}, and this library's "
+             rf"a@1 holds other weights \({held_weights(new)[:12]}\): another pocket book under "
+             r"that name\. Pull or import the one it was saved with as a@1 to use ac@1, or save "
+             r"the stack again with what a@1 is now \(`adapterkit stack a@1 c@1 --weights "
+             r"1,0\.5 --name NAME`\)$")
+    _refused_everywhere(books, tiny_base, tmp_path, adapterkit_cli, match,
+                        r"ac@1 is a stack of a@1 with weights")
+
+
+def test_a_saved_stack_of_a_removed_member_is_refused_by_name(books, tiny_base, tmp_path,
+                                                              adapterkit_cli):
+    """`rm --force` of a member: its dependants "stop working" (rm's help), with a refusal
+    naming the stack and the member, not a bare "no pocket book named 'a'"."""
+    merging.stack(books, ["a", "c"], [1.0, 0.5], name="ac")
+    books.remove("a@1", force=True)
+    match = (r"^ac@1 is a stack of a@1, which this library no longer holds \(removed with "
+             r"`rm --force`\?\): import or pull it again as a@1 to use ac@1$")
+    _refused_everywhere(books, tiny_base, tmp_path, adapterkit_cli, match,
+                        r"ac@1 is a stack of a@1, which this library no longer holds")
+
+
+def test_a_stack_saved_before_member_hashes_keeps_working_as_before(books, tiny_base, tmp_path):
+    """A stack saved by an earlier version recorded no hashes: it expands as saved, without
+    a refusal or a warning (its members cannot be compared with anything)."""
+    import warnings
+
+    from adapterkit.runtime.peft_model import members_of
+
+    merging.stack(books, ["a", "c"], [1.0, 0.5], name="ac")
+    books.update_meta("ac@1", lambda meta: meta.stacked_on_sha256.clear())
+    new = _replaced(books, tiny_base, tmp_path, "a@1")
+    session = adapterkit.open(str(tiny_base), home=books.home)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        members = members_of(books, books.get("ac"))
+        session.swap("ac")
+    assert [(m.ref, w) for m, w in members] == [("a@1", 1.0), ("c@1", 0.5)]
+    assert members[0][0].path == new.path and session.active == {"a@1": 1.0, "c@1": 0.5}

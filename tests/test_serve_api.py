@@ -269,6 +269,10 @@ def test_a_pocket_book_of_another_base_is_400_naming_both_fingerprints(served, c
     foreign = served.library.get("foreign").meta.base_fingerprint
     message = info.value.body["message"]  # type: ignore[index]
     assert served.base.fingerprint[:12] in message and foreign[:12] in message
+    # the advice holds for a server: no --force here, and `chat` has none at all
+    assert "a server started on its own base" in message
+    assert "`adapterkit generate` or `swap` --force (without --server" in message
+    assert "attach it anyway with --force" not in message
 
 
 OK_MESSAGES = [{"role": "user", "content": "hi"}]
@@ -306,6 +310,22 @@ def test_malformed_json_and_wrong_types_are_400(served, body):
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert "Traceback" not in response.text
+
+
+def test_null_sampling_options_mean_the_default_as_openai_takes_them(served, client,
+                                                                     monkeypatch):
+    """OpenAI's API marks ``temperature``, ``top_p``, ``n`` and ``stream`` nullable: ``None``
+    from the official client, or ``null`` in raw JSON, asks for the default (they were 400
+    "Input should be a valid number")."""
+    seen = spy_requests(served.engine, monkeypatch)
+    answer = chat(client, "law", temperature=None, top_p=None, n=None, stream=None, seed=3)
+    assert len(answer.choices) == 1 and answer.usage.completion_tokens > 0
+    response = post(served, "/v1/completions", {"model": "law", "prompt": "x", "max_tokens": 2,
+                                                "temperature": None, "top_p": None, "n": None,
+                                                "stream": None})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
+    assert [(r.temperature, r.top_p) for r in seen] == [(1.0, 1.0), (1.0, 1.0)]  # the defaults
 
 
 @pytest.mark.parametrize("options,param", [
@@ -367,6 +387,8 @@ def test_a_full_queue_is_429_with_retry_after(slow):
         chat(client, "chem", max_tokens=4)
     assert info.value.response.headers["retry-after"] == "1"
     assert info.value.body["code"] == "queue_full"  # type: ignore[index]
+    message = info.value.body["message"]  # type: ignore[index]
+    assert message.count("retry") == 1, message  # once, and Retry-After says when
     running_one.close()
     waiting.close()
     assert wait_for(lambda: engine.stats()["batch_size"] == 0
@@ -439,6 +461,23 @@ def test_a_pocket_book_the_server_cannot_apply_exactly_is_400_and_fails_alone(
     assert events[-1]["error"]["code"] == "model_not_servable"
 
 
+def test_a_stack_weight_the_base_cannot_take_is_400_naming_it_and_fails_alone(client, session):
+    """``code*1e30`` passes the factors' own overflow check but drives the base's scores to
+    infinity from the first token: the request's weight, not a server fault — 400 naming it
+    (it was a 500 "generation failed"), while the request sharing its prefill is answered."""
+    with ThreadPoolExecutor(2) as pool:
+        good = pool.submit(chat, client, "law", max_tokens=48)
+        bad = pool.submit(chat, client, "code*1e30")
+        with pytest.raises(openai.BadRequestError) as info:
+            bad.result()
+        body = info.value.body
+        assert body["type"] == "invalid_request_error" and body["param"] == "model"  # type: ignore[index]
+        assert "code@1 at weight 1e+30" in body["message"]  # type: ignore[index]
+        assert good.result().choices[0].message.content.strip() == session.generate(
+            PROMPT, adapter="law", max_new_tokens=48)
+    assert chat(client, "law*2").choices[0].finish_reason in ("stop", "length")
+
+
 def test_a_request_for_more_completions_than_the_queue_holds_is_400_not_429(served):
     """A 429 says retry; this one never fits, so it is refused for what it is."""
     room = served.engine.max_queue
@@ -466,7 +505,7 @@ def test_health_metrics_and_library(served, client):
                  "adapterkit_engine_tokens_total", "adapterkit_queue_depth",
                  "adapterkit_batch_size", "adapterkit_attached_books"):
         assert name in metrics
-    assert 'adapterkit_attached_book{book="law@1"} 1.0' in metrics
+    assert 'adapterkit_attached_book{book="law@1",content="' in metrics
     counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
               if line.startswith("adapterkit_engine_")}
     stats = served.engine.stats()  # the engine's own counters, read after the scrape
@@ -480,6 +519,23 @@ def test_health_metrics_and_library(served, client):
     assert (books["law"]["rank"], books["code"]["rank"]) == (4, 8)
     assert books["law"]["id"] == "law@1" and books["law"]["kind"] == "adapter"
     assert books["law"]["forgetting"] is None  # imported: never measured here
+
+
+def test_a_removed_pocket_book_leaves_metrics_and_its_room_within_seconds(served, client):
+    """`adapterkit rm` while serving: the server lets go of the book (its memory, its
+    --max-attached place) on its own, rather than keeping it until least-recently-used
+    eviction, and /metrics stops listing it."""
+    served.library.import_peft(make_peft_adapter(served.tiny_base, served.root / "brief",
+                                                 seed=12), "brief", base=str(served.tiny_base))
+    chat(client, "brief", max_tokens=2)
+
+    def listed() -> bool:
+        return 'book="brief@1"' in httpx.get(served.url + "/metrics").text
+
+    assert listed()
+    served.library.remove("brief")
+    assert wait_for(lambda: not listed(), timeout=5)
+    assert "brief@1" not in served.engine.stats()["attached"]
 
 
 def test_a_loss_curve_is_only_ever_the_books_own_png(served, tmp_path):
@@ -590,6 +646,47 @@ def test_serve_says_when_the_port_is_taken(adapterkit_cli, tmp_path):
     assert "Traceback" not in result.output
 
 
+def serve_and_ask(adapterkit_cli, monkeypatch, tiny_base, options: tuple[Any, ...],
+                  bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    """``adapterkit serve OPTIONS`` on the tiny base, its app answering ``bodies`` (chat
+    completions for the plain base) where it would start listening; the answers."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    answers: list[httpx.Response] = []
+
+    def answer_instead(self: Any, sockets: Any = None) -> None:
+        with TestClient(self.config.app) as http:
+            base_id = http.get("/v1/models").json()["data"][0]["id"]
+            answers.extend(http.post("/v1/chat/completions", json={"model": base_id, **body})
+                           for body in bodies)
+
+    monkeypatch.setattr(uvicorn.Server, "run", answer_instead)
+    result = adapterkit_cli("serve", "--base", tiny_base, "--port", 0, *options)
+    assert result.exit_code == 0, result.output
+    return answers
+
+
+def test_serve_max_tokens_sets_the_cap_and_chats_default(adapterkit_cli, monkeypatch, tiny_base):
+    """``--max-tokens`` is the most one request may ask for (above it: 400 naming the option)
+    and chat's default length; without it the cap stays 2048."""
+    ask = {"messages": OK_MESSAGES, "temperature": 0, "ignore_eos": True}
+    above, at, unset = serve_and_ask(adapterkit_cli, monkeypatch, tiny_base, ("--max-tokens", 6),
+                                     [{**ask, "max_tokens": 7}, {**ask, "max_tokens": 6}, ask])
+    assert above.status_code == 400 and above.json()["error"]["param"] == "max_tokens"
+    assert "cap of 6 tokens" in above.json()["error"]["message"]
+    assert "--max-tokens" in above.json()["error"]["message"]
+    assert at.status_code == 200, at.text
+    assert at.json()["usage"]["completion_tokens"] == 6
+    assert unset.status_code == 200 and unset.json()["usage"]["completion_tokens"] == 6
+    [default] = serve_and_ask(adapterkit_cli, monkeypatch, tiny_base, (),
+                              [{**ask, "max_tokens": 2049}])
+    assert default.status_code == 400 and "cap of 2048 tokens" in default.text
+    refused = adapterkit_cli("serve", "--engine", "vllm", "--base", tiny_base, "--max-tokens", 6)
+    assert refused.exit_code == 1 and "--max-tokens does not apply to --engine vllm" in \
+        refused.output
+
+
 def test_serve_help_teaches_and_the_cli_stays_light():
     code = ("import sys\nfrom adapterkit.cli import main\n"
             "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
@@ -599,6 +696,7 @@ def test_serve_help_teaches_and_the_cli_stays_light():
     assert "HEAVY []" in out.stderr, out.stderr
     assert "curl" in out.stdout and "from openai import OpenAI" in out.stdout
     assert "--api-key" in out.stdout and "--insecure" in out.stdout
+    assert "--max-tokens" in out.stdout
 
 
 # -- swap and chat through a server -----------------------------------------------------------

@@ -7,6 +7,7 @@ runs, :mod:`adapterkit.runtime.peft_model`), never the engine's own math.
 from __future__ import annotations
 
 import gc
+import re
 import weakref
 from pathlib import Path
 
@@ -592,4 +593,105 @@ def test_generation_settings_generate_applies_and_the_engine_does_not_are_named(
                                           max_tokens=NEW)])[0][0]
     assert got == plain[0, ids.shape[1]:].tolist()[:len(got)]  # the engine: plain argmax
     assert not torch.equal(plain, configured)  # which `generate` does not give here
+    engine.close()
+
+
+def test_a_pocket_book_named_like_the_base_is_listed_and_reached_as_name_at_version(
+        tiny_base, tmp_path):
+    """`/v1/models` listed such a book under the base's id (two entries, kinds base and
+    adapter), which always means the base; "BASE " (a trailing space) reached the book, or was
+    a 404 without one; and "BASE+law" silently meant the book. Now every listed id means what
+    it is listed as, the base id is read with the spaces every name is read without, and the
+    bare base id inside a stack is refused naming the book's NAME@V."""
+    from adapterkit.serving.names import PLAIN
+
+    library = Library(tmp_path / "home")
+    base = load_base(str(tiny_base), home=library.home)
+    name = base.name
+    engine = Engine(base, library)
+    try:
+        for spaced in (f"{name} ", f" {name}", f"\t{name}\n"):
+            assert engine.resolve(spaced) == PLAIN, spaced  # before: a 404 naming no book
+        for book, seed in (("law", 1), (name, 2)):
+            library.import_peft(make_peft_adapter(tiny_base, tmp_path / book, seed=seed, r=4),
+                                book, base=str(tiny_base))
+        listed = [(m["id"], m["kind"]) for m in engine.models()]
+        ids = [i for i, _ in listed]
+        assert len(ids) == len(set(ids)), listed
+        assert (name, "base") in listed and (f"{name}@1", "adapter") in listed
+        for model, kind in listed:  # every listed id means what it is listed as
+            target = engine.resolve(model)
+            assert (target.key == "") == (kind == "base"), (model, target)
+            if kind == "adapter":
+                assert target.key == library.get(model).ref
+        assert engine.resolve(f"{name} ") == PLAIN  # before: the pocket book
+        assert engine.resolve(f"{name}@1").key == f"{name}@1"
+        assert engine.resolve(f"{name}@1+law*0.5").key == f"{name}@1*1+law@1*0.5"
+        for model in (f"{name}+law", f"law+{name}*0.5", f"{name}*1"):
+            with pytest.raises(ConfigError, match=rf"^'{name}' in model '{re.escape(model)}' "
+                                                  rf"is the base's name, which means the plain "
+                                                  rf"base; the pocket book named {name} is "
+                                                  rf"{name}@1: write {name}@1 in the stack$"):
+                engine.resolve(model)
+        library.remove(name)
+        with pytest.raises(ConfigError, match=rf"^'{name}' in model '{name}\+law' is the base, "
+                                              "which is under every stack already"):
+            engine.resolve(f"{name}+law")
+    finally:
+        engine.close()
+
+
+def test_removed_and_replaced_pocket_books_are_let_go_but_never_under_a_running_row(
+        tiny_base, tmp_path, monkeypatch):
+    """After ``rm caps`` and ``pirate@1`` re-created with other weights, the engine used to
+    keep the old ones attached (memory and ``--max-attached`` room) until least-recently-used
+    eviction, and ``/metrics`` listed ``adapterkit_attached_book{book="pirate@1"}`` twice (a
+    duplicate series). Now a removed book is let go at the next check, a replaced one as soon
+    as no running row uses it — that row answers on, with the old weights — and each series
+    is unique."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from adapterkit.serving import engine as engine_module
+    from adapterkit.serving.metrics import ServerMetrics
+
+    library = Library(tmp_path / "home")
+
+    def make(name: str, seed: int) -> None:
+        library.import_peft(make_peft_adapter(tiny_base, tmp_path / f"{name}{seed}", seed=seed,
+                                              r=4, target_modules="all-linear"),
+                            name, base=str(tiny_base))
+
+    make("pirate", 11)
+    make("caps", 12)
+    monkeypatch.setattr(engine_module, "STALE_CHECK_S", 0.0, raising=False)  # every step checks
+    base = load_base(str(tiny_base), home=library.home)
+    engine = Engine(base, library, max_attached=3)
+    ids = prompt_ids(base, QUESTIONS[1])
+    [(alone, _, _)] = run_sync(engine, [engine.submit(ids, engine.resolve("pirate"),
+                                                      max_tokens=NEW, ignore_eos=True)])
+    run_sync(engine, [engine.submit(ids, engine.resolve("caps"), max_tokens=2)])
+    running = engine.submit(ids, engine.resolve("pirate"), max_tokens=NEW, ignore_eos=True)
+    engine.step()
+    assert running.completion_tokens >= 1
+
+    library.remove("caps")
+    library.remove("pirate")
+    make("pirate", 13)
+    assert library.get("pirate").ref == "pirate@1"
+    engine.step()  # caps goes at once; the old pirate@1 stays under its running row
+    assert engine.stats()["attached"] == ["pirate@1"]
+    new = engine.submit(ids, engine.resolve("pirate"), max_tokens=NEW, ignore_eos=True)
+    engine.step()
+    both = engine.stats()["attached_content"]
+    assert [ref for ref, _ in both] == ["pirate@1", "pirate@1"] and both[0] != both[1]
+    metrics = ServerMetrics(engine).render().decode()
+    [family] = [f for f in text_string_to_metric_families(metrics)
+                if f.name == "adapterkit_attached_book"]
+    series = [tuple(sorted(s.labels.items())) for s in family.samples]
+    assert len(series) == 2 and len(set(series)) == 2, metrics
+    old_tokens, new_tokens = run_sync(engine, [running, new])
+    assert old_tokens[0] == alone and len(alone) == NEW  # as it answered before
+    assert new_tokens[0] != old_tokens[0]  # the new weights answer the new request
+    engine.step()  # the old pirate@1's row has ended: it goes too
+    assert [label for _, label in engine.stats()["attached_content"]] == [both[1][1]]
     engine.close()

@@ -430,3 +430,25 @@ def test_cli_refuses_preloads_it_cannot_serve(launched, adapterkit_cli, adapterk
     result = adapterkit_cli("serve", "--engine", "vllm", "--base", tiny_base, "--preload", "alien")
     assert result.exit_code == 1 and "fingerprint" in result.output
     assert "Traceback" not in result.output and launched == []
+
+
+def test_the_base_name_spaced_is_the_base_and_a_replaced_stack_member_is_refused(
+        tiny_base, adapters, served, tmp_path):
+    """vLLM serves the plain base itself for its own name, with spaces around it too (before,
+    "BASE " resolved to a pocket book named like the base, whose rank `library_rank` skipped);
+    a saved stack whose member was replaced under its name is refused, not flattened with
+    the namesake's weights."""
+    library = new_library(tmp_path / "home", tiny_base, adapters, "law", "code")
+    wide = make_peft_adapter(tiny_base, tmp_path / "wide", seed=5, r=32)
+    library.import_peft(wide, served.name, base=str(tiny_base))
+    stack(library, ["law", "code"], [1.0, 0.5], name="mix")
+    resolver = resolver_of(library, served)
+    for model in (served.name, f"{served.name} ", f" {served.name}"):
+        assert resolver.members(model) is None, model
+    assert resolver.members(f"{served.name}@1") is not None
+    assert vllm.library_rank(resolver) == 32  # the book named like the base counts
+    library.remove("law", force=True)
+    library.import_peft(adapters["law2"], "law@1", base=str(tiny_base))
+    with pytest.raises(ConfigError, match=r"^mix@1 is a stack of law@1 with weights "):
+        resolver.resolve("mix")
+    assert resolver.current_name("mix") is None

@@ -136,7 +136,9 @@ def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
 @click.argument("ref")
 @click.option("--all-versions", is_flag=True, help="Remove every version of NAME.")
 @click.option("--force", is_flag=True, help="Remove it even if other pocket books are trained "
-              "on top of it or stack it (they stop working).")
+              "on top of it or stack it (they are refused from then on, naming it; a stack "
+              "saved by an earlier adapterkit records no member weights and would take "
+              "whatever is saved under that name later: save it again).")
 @click.pass_context
 def rm_cmd(ctx: click.Context, ref: str, all_versions: bool, force: bool) -> None:
     """Remove a pocket book: NAME@VERSION, NAME (its latest version) or --all-versions.

@@ -7,6 +7,7 @@ import click
 from adapterkit.base.load import QUANTIZATIONS
 from adapterkit.cli.common import obj, say
 from adapterkit.errors import ConfigError, MissingDependency, PocketBookNotFound
+from adapterkit.serving.requests import DEFAULT_MAX_TOKENS
 from adapterkit.serving.vllm import VLLM_RANKS
 
 
@@ -36,6 +37,10 @@ def _names(text: str | None) -> list[str]:
               help="Completions waiting for a row (each prompt × n of a request counts); "
                    "past that the server answers 429, and a single request asking for more "
                    "is refused with 400.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_TOKENS,
+              show_default=True,
+              help="The most tokens one completion may ask for (max_tokens; more is refused "
+                   "with 400), and chat's default length where the context leaves that much.")
 @click.option("--api-key", envvar="ADAPTERKIT_API_KEY", show_envvar=True,
               help="Answer only requests with 'Authorization: Bearer KEY'. Prefer the "
                    "environment variable: a command line is visible to other users.")
@@ -51,7 +56,7 @@ def _names(text: str | None) -> list[str]:
 @click.pass_context
 def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: int,
               preload: str | None, max_attached: int, max_batch: int, max_queue: int,
-              api_key: str | None, insecure: bool, quantization: str | None,
+              max_tokens: int, api_key: str | None, insecure: bool, quantization: str | None,
               max_lora_rank: str | None) -> None:
     """Serve BASE to many callers at once, each request naming its own pocket book.
 
@@ -102,8 +107,8 @@ def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: 
     \b
     Past one machine, on GPUs: --engine vllm runs vLLM's OpenAI server
     (multi-GPU, its LoRA kernels) with the same names and checks; the
-    playground page, /api/library and --max-queue are the adapterkit
-    engine's. Checked only on GPUs, not by this project's CPU tests.
+    playground page, /api/library, --max-queue and --max-tokens are the
+    adapterkit engine's. Checked only on GPUs, not by this project's CPU tests.
       adapterkit serve --engine vllm --base Qwen/Qwen2.5-7B-Instruct --preload triage
     """
     from adapterkit.serving.listen import bind, check_exposure, url_of
@@ -141,7 +146,7 @@ def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: 
         say(f"Loading base {base} in {why}...")
         loaded = load_base(base, quantization=quantization, home=state["home"], progress=say)
         engine = Engine(loaded, library(ctx), max_attached=max_attached, max_batch=max_batch,
-                        max_queue=max_queue)
+                        max_queue=max_queue, max_new_tokens_cap=max_tokens)
         try:
             if names:
                 say(f"Attaching {', '.join(names)}...")
@@ -195,6 +200,9 @@ def _serve_vllm(ctx: click.Context, *, base: str, host: str, port: int, preload:
     if ctx.get_parameter_source("max_queue") is ParameterSource.COMMANDLINE:
         raise ConfigError("--max-queue does not apply to --engine vllm: vLLM queues requests "
                           "itself (see `vllm serve --help` for its scheduler options)")
+    if ctx.get_parameter_source("max_tokens") is ParameterSource.COMMANDLINE:
+        raise ConfigError("--max-tokens does not apply to --engine vllm: vLLM bounds a "
+                          "request by its context (see `vllm serve --help`: --max-model-len)")
     # vLLM's own default batch (--max-num-seqs) is far above ours: pass ours only when given
     given = ctx.get_parameter_source("max_batch") is ParameterSource.COMMANDLINE
     batch = max_batch if given else None

@@ -65,10 +65,12 @@ def _local_only(server: str | None, **options: object) -> None:
     ctx = click.get_current_context()
     if not server and ctx.get_parameter_source("api_key") == ParameterSource.COMMANDLINE:
         raise ConfigError("--api-key is the key of a server: give it with --server URL")
-    given = [name for name, value in options.items() if value]
+    given = ["--" + name.replace("_", "-") for name, value in options.items() if value]
     if server and given:
-        raise ConfigError(f"{', '.join('--' + g.replace('_', '-') for g in given)} act on a base "
-                          "loaded here; with --server the server's base answers — drop them")
+        named = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+        verb, them = ("acts", "it") if len(given) == 1 else ("act", "them")
+        raise ConfigError(f"{named} {verb} on a base loaded here; with --server the server's "
+                          f"base answers — drop {them}")
 
 
 @click.command("swap")
@@ -157,10 +159,13 @@ def _stack_of(ctx: click.Context, name: str) -> dict[str, float] | None:
         from adapterkit.serving.names import parse
 
         return {ref: 1.0 if weight is None else weight for ref, weight in parse(name)}
-    book = library(ctx).get(name)
+    from adapterkit.lora.underlay import stack_members
+
+    lib = library(ctx)
+    book = lib.get(name)
     if book.meta.kind != "stack":
         return None
-    return {str(k): float(v) for k, v in dict(book.meta.hyperparameters["weights"]).items()}
+    return {member.ref: weight for member, weight in stack_members(lib, book)}  # (checked)
 
 
 def _swap_on_server(url: str, api_key: str | None, names: list[str], prompt: str,

@@ -752,7 +752,7 @@ def _load_target(ctx: click.Context, ref: str, base: str | None) -> tuple[Any, A
         from adapterkit.base.load import keep_4bit_layout
 
         keep_4bit_layout(loaded.model)
-    target = resolve(lib, loaded, ref, base_id=loaded.name)
+    target = resolve(lib, loaded, ref, base_id=None)  # here every name is a pocket book's
     members = [(lib.get(name), weight) for name, weight in target.members]
     model = peft_model(loaded, members[-1][0], library=lib, weights=members)
     return None, loaded, model, target.key

@@ -48,8 +48,10 @@ class PocketBookMeta:
     #: bottom first: loading it activates them underneath it.
     stacked_on: list[str] = field(default_factory=list)
     #: ``name@version`` → SHA-256 of that pocket book's weights file when this one was trained
-    #: on it: loading checks that the book under that name is still the one (a pull can meet a
-    #: library whose ``triage@1`` is another pocket book). Empty before 0.2 and for imports.
+    #: on it, or (a stack) saved with it as a member: loading checks that the book under that
+    #: name is still the one (a pull can meet a library whose ``triage@1`` is another pocket
+    #: book; ``rm --force`` then an import can put another one there). Empty before 0.2, for
+    #: imports, and for stacks saved before member hashes were recorded.
     stacked_on_sha256: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=utc_now)
     tags: list[str] = field(default_factory=list)

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sqlite3
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import (
+    AdapterWarning,
     ConfigError,
     InvalidAdapter,
     InvalidName,
@@ -396,6 +398,10 @@ class Library:
 
         self.reconcile()  # so a folder left by a crash is seen as the pocket book it is
         book = self.catalog.write(insert, undo=lambda: move_back(moved))
+        if meta.name == meta.base.get("name"):  # imported, pulled, trained, stacked: all here
+            warnings.warn(f"{book.ref} has its base's name, which `adapterkit serve` reads as "
+                          f"the plain base: name it {book.ref} in requests and stacks there",
+                          AdapterWarning, stacklevel=2)
         if self.plugins is not None:
             self.plugins.call_each("pocket_book_saved", pocket_book=book)
         return book

@@ -10,14 +10,13 @@ its parents and method.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter, PluginError
-from adapterkit.library.integrity import check_book, recorded_structure
+from adapterkit.library.integrity import check_book, held_weights, recorded_structure
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
 from adapterkit.library.peft_folder import non_finite, read_config
 from adapterkit.library.store import Library, PocketBook
@@ -25,6 +24,7 @@ from adapterkit.lora.factors import (
     Factors,
     WeightOverflow,
     concat,
+    finite_weight,
     pad,
     parse_key,
     peak_of,
@@ -103,12 +103,6 @@ def stored_base(library: Library, book: PocketBook) -> Callable[[str, str], Any]
     except AdapterkitError:
         return None
     return stored_tensors(folder)
-
-
-def finite_weight(w: Any) -> bool:
-    """Whether ``w`` can weigh a pocket book: a finite int or float (a bool is no weight:
-    ``True`` would silently mean 1). The one rule of every combining path."""
-    return isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
 
 
 def check_weights(refs: list[str], weights: list[float], *, allow_negative: bool,
@@ -439,6 +433,9 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
             except InvalidAdapter:
                 continue
             _weight_fits(b.ref, w, weighed)
+    # each member's weights as saved: expanding the stack refuses another pocket book saved
+    # under a member's name later (adapterkit.lora.underlay.stack_members), as --on does
+    meta.stacked_on_sha256 = {b.ref: held_weights(b) for b in books}
     from adapterkit.library.card import write_card
 
     with library.draft() as staged:

@@ -17,6 +17,7 @@ features that plain ``y = W x + s·B A x`` does not express.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,12 @@ from adapterkit.library.peft_folder import (
     rank_of,
     read_config,
 )
+
+
+def finite_weight(w: Any) -> bool:
+    """Whether ``w`` can weigh a pocket book: a finite int or float (a bool is no weight:
+    ``True`` would silently mean 1). The one rule of every combining path."""
+    return isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
 
 
 def scale_of(config: dict[str, Any], module: str) -> float:
@@ -318,8 +325,6 @@ class WeightOverflow(ConfigError):
     def check(weight: float, peak: float, dtype: Any, *, ref: str = "") -> None:
         """Raise for ``weight`` on factors whose largest ``|s·B|`` is ``peak`` (not finite:
         left to the caller, the factors themselves are broken)."""
-        import math
-
         import torch
 
         if math.isfinite(peak) and abs(weight) * peak > torch.finfo(dtype).max:

@@ -8,6 +8,10 @@ off only the new pocket book. That is what makes TRL's reference model (DPO, GRP
 forgetting guard's anchor and the forgetting check all mean "the policy before this stage",
 with no second copy of anything.
 
+Every pocket book another one needs — underneath it, or as a member of a saved stack — is
+fetched and checked here (:func:`below`, :func:`stack_members`): the one recorded with its
+weights' hash must still hold those weights, and one removed is refused by name.
+
 Why not PEFT's multi-adapter support for this: ``disable_adapter()`` there switches every
 adapter off at once, so the reference would silently become the plain base.
 """
@@ -18,11 +22,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import BaseMismatch, InvalidAdapter
+from adapterkit.errors import BaseMismatch, InvalidAdapter, PocketBookNotFound
 from adapterkit.library.integrity import check_book, held_weights
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.lora.factors import Factors, concat, read_factors, resident_tensors
+from adapterkit.lora.factors import (
+    Factors,
+    concat,
+    finite_weight,
+    read_factors,
+    resident_tensors,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import BaseStructure
@@ -56,9 +66,31 @@ def below(library: Library, book: PocketBook) -> list[PocketBook]:
     to be the one it was trained on (:func:`check_under`)."""
     out = []
     for ref in book.meta.stacked_on:
-        under = library.get(ref)
+        under = needed(library, book, ref)
         check_under(book, under)
         out.append(under)
+    return out
+
+
+def stack_members(library: Library, book: PocketBook) -> list[tuple[PocketBook, float]]:
+    """A saved stack's members with their saved weights, each checked to be the pocket book
+    the stack was saved with (:func:`check_under`): the one place a saved stack is expanded
+    (sessions, plain PEFT, ``verify``, exports, the servers). A member removed since, or a
+    weight that is not a number, is refused by name (:class:`InvalidAdapter`); a stack saved
+    before member hashes were recorded is expanded as saved."""
+    saved = book.meta.hyperparameters.get("weights")
+    if book.meta.kind != "stack" or not isinstance(saved, dict) or not saved:
+        raise InvalidAdapter(f"{book.ref} is not a saved stack with members; save it again "
+                             "with `adapterkit stack`")
+    for ref, weight in saved.items():
+        if not finite_weight(weight):
+            raise InvalidAdapter(f"saved stack {book.ref} gives {ref} the weight {weight!r}; "
+                                 "re-save it with numbers")
+    out = []
+    for ref, weight in saved.items():
+        member = needed(library, book, ref)
+        check_under(book, member)
+        out.append((member, float(weight)))
     return out
 
 
@@ -76,19 +108,44 @@ def with_underlays(library: Library, explicit: list[tuple[PocketBook, float]]
     return [*((b, 1.0) for b in under.values()), *explicit]
 
 
+def needed(library: Library, book: PocketBook, ref: str) -> PocketBook:
+    """``ref``, which ``book`` needs (trained on top of it, or a stack of it); a refusal naming
+    both where the library no longer holds it (``rm --force``)."""
+    try:
+        return library.get(ref)
+    except PocketBookNotFound:
+        raise InvalidAdapter(
+            f"{book.ref} {_needs(book)} {ref}, which this library no longer holds (removed with "
+            f"`rm --force`?): import or pull it again as {ref} to use {book.ref}") from None
+
+
 def check_under(book: PocketBook, under: PocketBook) -> None:
-    """Refuse ``under`` beneath ``book`` if its weights are not those ``book`` was trained on
-    (recorded since 0.2): the same name, another pocket book, would answer otherwise."""
+    """Refuse ``under`` beneath ``book``, or as a member of the saved stack ``book``, if its
+    weights are not those ``book`` was trained on or saved with (where recorded: books trained
+    since 0.2, stacks saved since member hashes were recorded): the same name, another pocket
+    book (``rm --force``, then an import under that name), would answer otherwise."""
     wanted = book.meta.stacked_on_sha256.get(under.ref)
     if not wanted:
         return
     held = held_weights(under)
     if held != wanted:
+        again = ""
+        if book.meta.kind == "stack":
+            saved = book.meta.hyperparameters.get("weights") or {}
+            again = (f", or save the stack again with what {under.ref} is now (`adapterkit stack "
+                     f"{' '.join(saved)} --weights {','.join(f'{w:g}' for w in saved.values())} "
+                     "--name NAME`)")
         raise InvalidAdapter(
-            f"{book.ref} was trained on top of {under.ref} with weights {wanted[:12]}, and this "
+            f"{book.ref} {_needs(book)} {under.ref} with weights {wanted[:12]}, and this "
             f"library's {under.ref} holds other weights ({held[:12]}): another pocket book "
-            f"under that name. Pull or import the one it was trained on as {under.ref} to use "
-            f"{book.ref}")
+            f"under that name. Pull or import the one it was "
+            f"{'saved with' if book.meta.kind == 'stack' else 'trained on'} as {under.ref} to "
+            f"use {book.ref}{again}")
+
+
+def _needs(book: PocketBook) -> str:
+    """How ``book`` needs another pocket book, as a refusal says it."""
+    return "is a stack of" if book.meta.kind == "stack" else "was trained on top of"
 
 
 def check_policy(book: PocketBook, base: Any, *, role: str) -> None:

@@ -36,14 +36,12 @@ if TYPE_CHECKING:  # pragma: no cover
 def members_of(library: Library, book: PocketBook) -> list[tuple[PocketBook, float]]:
     """What ``book`` puts on the base, with each member's weight: a stack's members as saved,
     and what each was trained ``--on`` underneath it at weight 1 — unless the stack names that
-    one itself, whose weight then wins (as in :meth:`Session.stack`). Underlays first."""
-    if book.meta.kind == "stack":
-        explicit = [(library.get(ref), float(w))
-                    for ref, w in book.meta.hyperparameters["weights"].items()]
-    else:
-        explicit = [(book, 1.0)]
-    from adapterkit.lora.underlay import with_underlays
+    one itself, whose weight then wins (as in :meth:`Session.stack`). Underlays first; each
+    checked to be the pocket book the stack was saved with, or ``book`` trained on
+    (:func:`~adapterkit.lora.underlay.stack_members`)."""
+    from adapterkit.lora.underlay import stack_members, with_underlays
 
+    explicit = stack_members(library, book) if book.meta.kind == "stack" else [(book, 1.0)]
     return with_underlays(library, explicit)
 
 

@@ -28,8 +28,14 @@ from adapterkit.errors import (
 )
 from adapterkit.library.integrity import base_structure, check_book
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.lora.combine import finite_weight
-from adapterkit.lora.factors import Factors, concat, pad, read_factors, resident_tensors
+from adapterkit.lora.factors import (
+    Factors,
+    concat,
+    finite_weight,
+    pad,
+    read_factors,
+    resident_tensors,
+)
 from adapterkit.runtime.peft_model import members_of, quantization_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -290,8 +296,11 @@ class Session:
             key = self._key(ref)
         except PocketBookNotFound:
             book = self.library.get(ref)
-            if book.meta.kind == "stack":  # a saved stack: activate its members
-                return self.stack(dict(book.meta.hyperparameters["weights"]), force=force)
+            if book.meta.kind == "stack":  # a saved stack: activate its members, as saved
+                from adapterkit.lora.underlay import stack_members
+
+                return self.stack({m.ref: w for m, w in stack_members(self.library, book)},
+                                  force=force)
             self._refuse_other_quantization(self._with_underlays([book]))
             key = self.attach(ref, force=force)
         if self.books[key].stacked_on:  # trained --on others: bring its stack back

@@ -37,6 +37,7 @@ from adapterkit.serving.openai_io import (
     from_validation,
     queue_full,
 )
+from adapterkit.serving.requests import DEFAULT_MAX_TOKENS
 
 __all__ = ["Answers"]
 
@@ -120,7 +121,7 @@ class Answers:
         except InexactAdapter as exc:  # (e.g. trained on a base quantized otherwise)
             raise APIError(400, str(exc), code="model_not_servable", param="model") from None
         prompts = [self._chat_ids(body)] if chat else [self._text_ids(p) for p in body.prompts()]
-        cap = int(getattr(engine, "max_new_tokens_cap", 2048))
+        cap = int(getattr(engine, "max_new_tokens_cap", DEFAULT_MAX_TOKENS))
         context = int(engine.context_length)
         asked = body.token_limit() if chat else body.max_tokens
         param = "max_completion_tokens" if chat and body.max_completion_tokens is not None \
@@ -128,8 +129,8 @@ class Answers:
         if asked is not None and asked < 1:
             raise APIError(400, f"{param} must be at least 1, got {asked}", param=param)
         if asked is not None and asked > cap:
-            raise APIError(400, f"{param} {asked} is above this server's cap of {cap} tokens",
-                           param=param)
+            raise APIError(400, f"{param} {asked} is above this server's cap of {cap} tokens "
+                           "(serve --max-tokens); ask for fewer", param=param)
         longest = max(len(p) for p in prompts)
         if longest >= context:
             raise APIError(400, f"the prompt is {longest} tokens but this base's context is "

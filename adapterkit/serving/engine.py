@@ -26,17 +26,32 @@ base's generation-config logits processors (repetition penalty and the like).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import AdapterkitError, BaseMismatch, ConfigError, InexactAdapter, QueueFull
+from adapterkit.errors import (
+    AdapterkitError,
+    BaseMismatch,
+    ConfigError,
+    InexactAdapter,
+    PocketBookNotFound,
+    QueueFull,
+)
 from adapterkit.serving import kv
 from adapterkit.serving.names import Target, models, resolve
-from adapterkit.serving.requests import Event, Request, check_request, sample
+from adapterkit.serving.requests import (
+    DEFAULT_MAX_TOKENS,
+    Event,
+    Request,
+    check_request,
+    sample,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
@@ -47,6 +62,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Engine", "Event", "QueueFull", "Request", "Target"]
 
 log = logging.getLogger(__name__)
+
+#: At most this often (seconds) the decode loop checks its attached pocket books against the
+#: library, letting go of those removed or re-created with other weights (also checked before
+#: each new one loads).
+STALE_CHECK_S = 1.0
 
 
 @dataclass
@@ -59,6 +79,11 @@ class _Attached:
     loaded: LoadedBook
     #: The largest magnitude of its scaled ``B`` factors (``s·B``), for the weights it takes.
     peak: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """A short digest of ``content``: tells apart two contents a name held in turn."""
+        return hashlib.sha256("\0".join(self.content).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -90,12 +115,13 @@ class Engine:
         one a running row uses never does).
     :param max_batch: rows decoded together.
     :param max_queue: requests waiting for a row before :class:`QueueFull`.
-    :param max_new_tokens_cap: the most ``max_tokens`` one request may ask for.
+    :param max_new_tokens_cap: the most ``max_tokens`` one request may ask for (``serve
+        --max-tokens``); also chat's default where the context leaves more room.
     """
 
     def __init__(self, base: Base, library: Library, *, max_attached: int = 8,
                  max_batch: int = 16, max_queue: int = 256,
-                 max_new_tokens_cap: int = 2048) -> None:
+                 max_new_tokens_cap: int = DEFAULT_MAX_TOKENS) -> None:
         for name, value in (("max_attached", max_attached), ("max_batch", max_batch),
                             ("max_queue", max_queue), ("max_new_tokens_cap", max_new_tokens_cap)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -134,8 +160,10 @@ class Engine:
         self._mask: Any = None
         self._pool: Pool | None = None
         self._pool_index: dict[tuple[tuple[tuple[str, ...], float], ...], int] = {}
-        #: The refs attached now, replaced (never mutated) so other threads read it safely.
-        self._attached_refs: tuple[str, ...] = ()
+        #: (ref, content label) of each book attached now, replaced (never mutated) so other
+        #: threads read it safely.
+        self._attached: tuple[tuple[str, str], ...] = ()
+        self._next_stale_check = 0.0
         self._bound: tuple[Any, ...] | None = None
         self._counts = dict.fromkeys(("requests_total", "tokens_total", "steps_total",
                                       "prefills_total", "errors_total"), 0)
@@ -156,16 +184,26 @@ class Engine:
 
     def describe(self) -> str:
         """What the engine holds, for a refusal that names it."""
-        return (f"attached: {', '.join(self._attached_refs) or 'none'}; rows decoding: "
-                f"{len(self._rows)}")
+        refs = ", ".join(ref for ref, _ in self._attached)
+        return f"attached: {refs or 'none'}; rows decoding: {len(self._rows)}"
 
     # -- the public face ------------------------------------------------------------------------
 
     def resolve(self, model: str) -> Target:
         """What ``model`` names (see :func:`adapterkit.serving.names.resolve`), read afresh;
         :class:`ConfigError` for a stack of more pocket books than this server attaches,
-        :class:`InexactAdapter` for pocket books trained on a base loaded otherwise."""
-        target = resolve(self.library, self.base, model, base_id=self.base_id)
+        :class:`InexactAdapter` for pocket books trained on a base loaded otherwise,
+        :class:`BaseMismatch` for a pocket book of another base (advice that holds for a
+        server: ``--force`` is the local commands')."""
+        try:
+            target = resolve(self.library, self.base, model, base_id=self.base_id)
+        except BaseMismatch as exc:
+            raise BaseMismatch(
+                f"{exc.mismatch}; serve it from a server started on its own base (`adapterkit "
+                "serve --base` that base), or, only if you know the weights are compatible, "
+                "attach it anyway with `adapterkit generate` or `swap` --force (without "
+                "--server: a server never forces)",
+                mismatch=exc.mismatch) from None
         _fits(target.key, len(target.members), self.max_attached)
         self._refuse_other_quantization(model, target)
         return target
@@ -255,18 +293,22 @@ class Engine:
             self._rows, self._cache, self._mask, self._pool = [], None, None, None
             self._bound = None
             self._books.clear()
-            self._attached_refs = ()
+            self._attached = ()
             rows.unwrap_all(self.model)
             self._slots.clear()
             self.closed = True
             release(self.model, self)
 
     def stats(self) -> dict[str, Any]:
-        """Counters for ``/metrics``: queue depth, batch size, attached pocket books, totals."""
+        """Counters for ``/metrics``: queue depth, batch size, attached pocket books (their refs,
+        and ``attached_content``: ``(ref, content label)`` each, unique where a ref was
+        re-created while a row still uses its old weights), totals."""
         with self._queue_lock:
             depth = len(self._pending)
+        attached = self._attached
         return {"queue_depth": depth, "batch_size": len(self._rows),
-                "attached": list(self._attached_refs), **self._counts}
+                "attached": [ref for ref, _ in attached],
+                "attached_content": list(attached), **self._counts}
 
     # -- the decode loop ------------------------------------------------------------------------
 
@@ -305,6 +347,8 @@ class Engine:
         with self._lock, torch.inference_mode():
             self._drop([i for i, row in enumerate(self._rows) if row.request.cancelled],
                        "cancelled")
+            if time.monotonic() >= self._next_stale_check:
+                self._forget_stale({key for row in self._rows for key in row.keys})
             admitted = self._admit()
             if admitted:
                 self._guarded(self._prefill, [row.request for row in admitted], admitted)
@@ -364,7 +408,6 @@ class Engine:
                 ) -> tuple[tuple[tuple[str, ...], LoadedBook, float], ...] | None:
         """``target``'s members, loaded (least recently used books detached to make room);
         None when the room is held by books running rows use."""
-        from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
         from adapterkit.lora.factors import WeightOverflow, peak_of
         from adapterkit.runtime.session import load_checked
         from adapterkit.serving import rows
@@ -376,16 +419,16 @@ class Engine:
         keep = set(busy)
         for ref, weight in target.members:
             book = self.library.get(ref)
-            key = (book.ref, book.meta.files.get(WEIGHTS_FILE, ""),
-                   book.meta.files.get(CONFIG_FILE, ""), book.meta.created)
+            key = _content_key(book)
             attached = self._books.get(key)
             if attached is None:
+                self._forget_stale(keep)  # a removed or replaced book's room goes first
                 while len(self._books) >= self.max_attached:
                     victim = next((k for k in self._books if k not in keep), None)
                     if victim is None:
                         return None
                     del self._books[victim]  # its tensors go with the last reference
-                    self._attached_refs = tuple(a.ref for a in self._books.values())
+                    self._note_attached()
                 loaded = load_checked(self.base, book, model=self.model, dtype=self._dtype,
                                       path="the server")
                 for path in loaded.factors:
@@ -393,13 +436,43 @@ class Engine:
                         self._slots[path] = rows.wrap(self.model, path)
                 attached = self._books[key] = _Attached(
                     book.ref, key, loaded, peak_of(loaded.factors.values()))
-                self._attached_refs = tuple(a.ref for a in self._books.values())
+                self._note_attached()
             # (a 400 for this request alone; the pool's own concat does not check again)
             WeightOverflow.check(float(weight), attached.peak, self._dtype, ref=book.ref)
             self._books.move_to_end(key)
             keep.add(key)
             out.append((key, attached.loaded, float(weight)))
         return tuple(out)
+
+    def _note_attached(self) -> None:
+        self._attached = tuple((a.ref, a.label) for a in self._books.values())
+
+    def _forget_stale(self, keep: set[tuple[str, ...]]) -> None:
+        """Detach the pocket books whose library entry is gone (``rm``) or now holds other
+        weights (a version re-created), freeing their memory and ``--max-attached`` room at
+        once rather than at their turn to be least recently used. A book in ``keep`` (a
+        running row's) stays until its rows end: the next check lets it go."""
+        self._next_stale_check = time.monotonic() + STALE_CHECK_S
+        stale = []
+        for key, attached in self._books.items():
+            if key in keep:
+                continue
+            try:
+                current = _content_key(self.library.get(attached.ref))
+            except PocketBookNotFound:
+                current = None
+            except Exception:  # the library cannot say now: keep it, never fail the batch
+                log.warning("could not check %s against the library", attached.ref,
+                            exc_info=True)
+                continue
+            if current != key:
+                stale.append(key)
+        for key in stale:
+            log.info("detaching %s: the library no longer holds these weights under that name",
+                     self._books[key].ref)
+            del self._books[key]  # its tensors go with the last reference
+        if stale:
+            self._note_attached()
 
     def _bind(self, rows_: Sequence[_Row], also: Sequence[_Row] = ()) -> None:
         """Point every LoRA layer at the pool for the next forward of ``rows_`` (see
@@ -459,7 +532,7 @@ class Engine:
                          use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         self._bound = None  # the batch's own layout is bound again before its next step
         self._counts["prefills_total"] += 1
-        done = self._emit(admitted, out.logits[:, -1, :])
+        done = self._emit(admitted, out.logits[:, -1, :], first=True)
         running = [i for i in range(len(admitted)) if i not in done]
         if running:
             self._join([admitted[i] for i in running], cache, mask, running)
@@ -480,15 +553,20 @@ class Engine:
         self._counts["steps_total"] += 1
         self._drop(sorted(self._emit(self._rows, out.logits[:, -1, :])), None)
 
-    def _emit(self, rows_: list[_Row], logits: Any) -> set[int]:
-        """Sample one token per row, send it; the indices of rows that finished."""
+    def _emit(self, rows_: list[_Row], logits: Any, *, first: bool = False) -> set[int]:
+        """Sample one token per row, send it; the indices of rows that finished. ``first``:
+        these are the rows' first scores (their prefill), before any token was sent."""
         tokens, failed = sample(logits.float(), [row.request for row in rows_])
         done = set()
         for i, (row, token) in enumerate(zip(rows_, tokens)):
             request = row.request
             if i in failed:
                 self._counts["errors_total"] += 1
-                request.end("error", failed[i])
+                blamed = _too_heavy(row) if first else None
+                if blamed is None:
+                    request.end("error", failed[i])
+                else:
+                    request.end("error", blamed, status=400)
                 done.add(i)
                 continue
             if token in self._eos and not request.ignore_eos:
@@ -549,6 +627,28 @@ class Engine:
 def _target_order(row: _Row) -> str:
     """Rows sort by what they add, the pool's own order (``Engine._bind``)."""
     return str(row.identity)
+
+
+def _content_key(book: Any) -> tuple[str, ...]:
+    """What keys an attached pocket book: its ref and files' hashes, and when it was made."""
+    from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE
+
+    return (book.ref, book.meta.files.get(WEIGHTS_FILE, ""),
+            book.meta.files.get(CONFIG_FILE, ""), book.meta.created)
+
+
+def _too_heavy(row: _Row) -> str | None:
+    """Why a row whose first scores are not finite failed, where its request is the cause: a
+    weight above 1 in magnitude that it put on a pocket book, more than the base's number
+    format takes (400, before any token was sent). None where no weight amplifies a pocket
+    book: then the pocket book's own weights are the cause (the server's 500)."""
+    heavy = [(key[0], w) for key, _, w in row.members if abs(w) > 1]
+    if not heavy:
+        return None
+    ref, weight = max(heavy, key=lambda member: abs(member[1]))
+    return (f"model {row.request.target.key}: with {ref} at weight {weight:g} the next-token "
+            "scores are not finite numbers (NaN or infinity) from the first token on: that "
+            "weight is more than this base's number format takes; give a smaller one")
 
 
 def _fits(what: str, books: int, max_attached: int) -> None:

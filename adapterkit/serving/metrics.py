@@ -52,13 +52,17 @@ class _EngineCollector:
                                 value=stats.get("queue_depth", 0))
         yield GaugeMetricFamily("adapterkit_batch_size", "Rows decoding now.",
                                 value=stats.get("batch_size", 0))
-        attached = list(stats.get("attached", []))
+        attached = list(stats.get("attached_content", []))
         yield GaugeMetricFamily("adapterkit_attached_books",
                                 "Pocket books attached to the resident base.", value=len(attached))
+        # a ref re-created with other weights may be attached twice for a while (its old
+        # content until the rows using it end): the content label keeps each series unique
         each = GaugeMetricFamily("adapterkit_attached_book",
-                                 "1 for each pocket book attached now.", labels=["book"])
-        for ref in attached:
-            each.add_metric([str(ref)], 1)
+                                 "1 for each pocket book attached now (content: a digest of "
+                                 "its weights, config and creation time).",
+                                 labels=["book", "content"])
+        for ref, content in attached:
+            each.add_metric([str(ref), str(content)], 1)
         yield each
 
 

@@ -6,9 +6,11 @@ where none is given). A pocket book trained ``--on`` others brings them undernea
 weight 1 unless the name gives one itself — the rule of :meth:`Session.stack` and of
 :func:`adapterkit.runtime.peft_model.members_of`, the reference the server is checked against.
 
-The base id wins over a pocket book of the same name. The library is asked afresh on every
-call, so a pocket book trained or pulled while the server runs is servable at once, and ``NAME``
-always means its latest version.
+The base id (spaces around it ignored, as around every name) always means the plain base:
+a pocket book of the same name is reached, and listed, as ``NAME@V`` only, and the bare base
+id inside a stack is refused naming that ``NAME@V`` (it never silently means the book). The
+library is asked afresh on every call, so a pocket book trained or pulled while the server
+runs is servable at once, and ``NAME`` always means its latest version.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from datetime import datetime
 from typing import Any
 
 from adapterkit.base.compat import check_base
-from adapterkit.errors import ConfigError, InvalidAdapter, InvalidName, PocketBookNotFound
+from adapterkit.errors import (
+    AdapterkitError,
+    ConfigError,
+    InvalidAdapter,
+    InvalidName,
+    PocketBookNotFound,
+)
 from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
 
@@ -75,28 +83,35 @@ def parse(model: str) -> list[tuple[str, float | None]]:
     return terms
 
 
-def resolve(library: Library, base: Any, model: str, *, base_id: str) -> Target:
+def resolve(library: Library, base: Any, model: str, *, base_id: str | None) -> Target:
     """The :class:`Target` ``model`` names on ``base``, checked against the library now.
 
-    Raises :class:`PocketBookNotFound` for a name the library does not have (never an answer
-    from the plain base), :class:`~adapterkit.errors.BaseMismatch` (both fingerprints named)
-    for a pocket book of another base, :class:`ConfigError` for bad syntax or weights, and
-    :class:`InvalidAdapter` for a pocket book that cannot generate (a reward head).
+    ``base_id`` names the plain base (``None``: every name is a pocket book's, as on the
+    command line). Raises :class:`PocketBookNotFound` for a name the library does not have
+    (never an answer from the plain base), :class:`~adapterkit.errors.BaseMismatch` (both
+    fingerprints named) for a pocket book of another base, :class:`ConfigError` for bad
+    syntax or weights, the bare base id inside a stack, a saved stack whose members are gone
+    or were replaced, and :class:`InvalidAdapter` for a pocket book that cannot generate.
     """
-    if model == base_id:
+    if base_id is not None and isinstance(model, str) and model.strip() == base_id:
         return PLAIN
     terms = parse(model)
     inline = len(terms) > 1 or terms[0][1] is not None
     explicit: list[tuple[PocketBook, float]] = []
+    from adapterkit.lora.underlay import stack_members, with_underlays
+
     for name, weight in terms:
+        if name == base_id:  # (alone it is the plain base, answered above)
+            raise ConfigError(_base_in_stack(library, model, name))
         book = _get(library, name, inline=inline)
         if book.meta.kind == "stack":
             if inline:
                 raise ConfigError(f"{book.ref} is a saved stack; name it alone, or write its "
                                   "members into the stack instead")
-            saved = dict(book.meta.hyperparameters.get("weights") or {})
-            explicit += [(_get(library, ref, inline=True), _weight(book.ref, ref, w))
-                         for ref, w in saved.items()]
+            try:  # its members as it was saved with them, or a refusal naming the change
+                explicit += stack_members(library, book)
+            except InvalidAdapter as exc:
+                raise ConfigError(str(exc)) from None
             continue
         explicit.append((book, 1.0 if weight is None else weight))
     refs = [b.ref for b, _ in explicit]
@@ -104,8 +119,6 @@ def resolve(library: Library, base: Any, model: str, *, base_id: str) -> Target:
     if twice:  # a+a@1 when @1 is the latest: one pocket book at the sum of the weights
         raise ConfigError(f"model {model!r} names {', '.join(twice)} twice (as different "
                           "names of one version); give each pocket book once, with its weight")
-    from adapterkit.lora.underlay import with_underlays
-
     try:
         members = with_underlays(library, explicit)
     except InvalidAdapter as exc:  # the request's model cannot be served as trained
@@ -123,7 +136,9 @@ def resolve(library: Library, base: Any, model: str, *, base_id: str) -> Target:
 def models(library: Library, base: Any, *, base_id: str) -> list[dict[str, Any]]:
     """``/v1/models``: the plain base, then the latest version of every pocket book and saved
     stack made on ``base`` (``id`` is the name a request uses; ``ref`` the version it means
-    now). Reward pocket books, which score text rather than generate it, are left out."""
+    now; a pocket book named like the base is listed as ``NAME@V``, which reaches it, since
+    ``NAME`` means the base). Reward pocket books, which score text rather than generate it,
+    are left out."""
     created = int(getattr(base.source.folder.stat(), "st_mtime", 0)) \
         if base.source.folder.exists() else 0
     out: list[dict[str, Any]] = [{"id": base_id, "object": "model", "owned_by": "adapterkit",
@@ -131,11 +146,27 @@ def models(library: Library, base: Any, *, base_id: str) -> list[dict[str, Any]]
     for summary in library.list(base=base.fingerprint):
         if summary.base_fingerprint != base.fingerprint or summary.trainer == "reward":
             continue
-        out.append({"id": summary.name, "object": "model", "owned_by": "adapterkit",
+        ref = f"{summary.name}@{summary.version}"
+        out.append({"id": ref if summary.name == base_id else summary.name,
+                    "object": "model", "owned_by": "adapterkit",
                     "kind": "stack" if summary.kind == "stack" else "adapter",
                     "created": epoch(summary.created),
-                    "ref": f"{summary.name}@{summary.version}"})
+                    "ref": ref})
     return out
+
+
+def _base_in_stack(library: Library, model: str, name: str) -> str:
+    """The refusal of the base id inside a stack: it means the plain base, which is under
+    every stack already, and never silently the pocket book of that name (named if there)."""
+    try:
+        book: PocketBook | None = library.get(parse_ref(name))
+    except AdapterkitError:
+        book = None
+    if book is None:
+        return (f"{name!r} in model {model!r} is the base, which is under every stack already; "
+                "a stack is made of pocket books")
+    return (f"{name!r} in model {model!r} is the base's name, which means the plain base; the "
+            f"pocket book named {name} is {book.ref}: write {book.ref} in the stack")
 
 
 def _get(library: Library, name: str, *, inline: bool) -> PocketBook:
@@ -146,15 +177,6 @@ def _get(library: Library, name: str, *, inline: bool) -> PocketBook:
             raise ConfigError(f"{name!r} in a stack is not a pocket-book name: {exc}") from None
         raise PocketBookNotFound(f"no model named {name!r}: GET /v1/models lists the base and "
                                  "the pocket books this server can answer with") from None
-
-
-def _weight(stack: str, ref: str, weight: Any) -> float:
-    from adapterkit.lora.combine import finite_weight
-
-    if not finite_weight(weight):
-        raise ConfigError(f"saved stack {stack} gives {ref} the weight {weight!r}; re-save it "
-                          "with numbers")
-    return float(weight)
 
 
 def _refuse_reward(book: PocketBook) -> None:

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from adapterkit.errors import (
     AdapterkitError,
@@ -56,7 +63,8 @@ RETRY_AFTER_S = 1
 
 def queue_full(exc: Exception) -> APIError:
     """429 with ``Retry-After``: the engine's queue of waiting requests is full."""
-    return APIError(429, f"{exc or 'the server queue is full'}; retry in {RETRY_AFTER_S} s",
+    # the engine's message already says to retry; ``Retry-After`` says when
+    return APIError(429, str(exc) or "the server queue is full; retry in a moment",
                     type="rate_limit_error", code="queue_full",
                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
@@ -157,6 +165,15 @@ class _Body(BaseModel):
     presence_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
     logprobs: Any = None
+
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI's API marks these nullable: ``null`` (the ``openai`` client's ``None``)
+        means the default, as leaving the field out does."""
+        if value is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
 
     def stops(self) -> list[str]:
         """Stop strings as a list; empty strings are refused (they would stop at once)."""

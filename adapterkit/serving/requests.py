@@ -38,6 +38,10 @@ class Event:
     status: int = 500
 
 
+#: The most tokens one request may ask for unless the server says otherwise (``serve
+#: --max-tokens``); also chat's default length where the context leaves more room.
+DEFAULT_MAX_TOKENS = 2048
+
 #: Temperatures below this decode greedily, as vLLM does (its ``_SAMPLING_EPS``): dividing the
 #: logits by them would overflow to infinities, whose softmax is not a distribution.
 GREEDY_BELOW = 1e-5

@@ -211,7 +211,7 @@ class AdapterkitResolver:
         names are read as the adapterkit engine reads them (:func:`adapterkit.serving.names
         .resolve`), afresh from the library each call."""
         wanted, _, digits = model.partition("#")
-        if not wanted.strip() or wanted == self.base.name:
+        if not wanted.strip() or wanted.strip() == self.base.name:
             return None  # vLLM serves the plain base itself
         try:
             target = resolve_model(self.library, self.base, wanted, base_id=self.base.name)
@@ -322,7 +322,7 @@ def library_rank(resolver: AdapterkitResolver) -> int:
         if summary.base_fingerprint != resolver.base.fingerprint or summary.trainer == "reward":
             continue
         try:
-            found = resolver.members(summary.name)
+            found = resolver.members(f"{summary.name}@{summary.version}")  # NAME may be the base
             if found is not None:
                 need = max(need, sum(max_rank(read_config(b.path)) for b, _ in found[1]))
         except AdapterkitError:
