@@ -121,14 +121,37 @@ def test_a_stack_refused_for_a_member_of_another_base_attaches_nothing(
     for its second member; a refused stack changes nothing."""
     library.import_peft(make_peft_adapter(other_base, tmp_path / "foreign"), "foreign",
                         base=str(other_base))
-    session = adapterkit.open(str(tiny_base), home=home, attach=["code"])
-    session.swap("code")
+    session = adapterkit.open(str(tiny_base), home=home, attach=["chem"])
+    session.swap("chem")
+    rank, slots = session.rank, set(session.slots)
     with pytest.raises(BaseMismatch, match="foreign@1 was made on base other"):
-        session.stack({"law": 1.0, "foreign": 1.0})
-    assert set(session.books) == {"code@1"} and session.active == {"code@1": 1.0}
+        session.stack({"code": 1.0, "foreign": 1.0})  # code: a higher rank, more layers
+    assert set(session.books) == {"chem@1"} and session.active == {"chem@1": 1.0}
+    assert (session.rank, set(session.slots)) == (rank, slots)  # its layers given back
+    wrapped = {n for n, m in session.model.named_modules() if type(m).__name__ == "LoraSlot"}
+    assert wrapped == slots
     torch.testing.assert_close(logits(session.model),
-                               peft_logits(tiny_base, {"code": books["code"]}),
+                               peft_logits(tiny_base, {"chem": books["chem"]}),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_attaching_a_larger_pocket_book_keeps_the_active_one_answering(tiny_base, books, home):
+    """Before: attaching a pocket book of a higher rank (or on more layers) padded every layer
+    and bound zeros to it: the plain base answered while ``active`` still named law."""
+    session = adapterkit.open(str(tiny_base), home=home)
+    session.swap("law")
+    session.attach("code")  # rank 8 on every linear layer, law is rank 4 on two
+    assert session.active == {"law@1": 1.0}
+    torch.testing.assert_close(logits(session.model), peft_logits(tiny_base, {"law": books["law"]}),
+                               rtol=1e-5, atol=1e-5)
+    session.close()
+    session = adapterkit.open(str(tiny_base), home=home)
+    session.stack({"law": 1.0, "chem": 0.5})
+    session.attach("code")  # and under a stack
+    expected = peft_logits(tiny_base, {"law": books["law"], "chem": books["chem"]},
+                           {"law": 1.0, "chem": 0.5})
+    torch.testing.assert_close(logits(session.model), expected, rtol=1e-5, atol=1e-5)
+    session.close()
 
 
 def test_detach_frees_the_tensors(tiny_base, books, home):

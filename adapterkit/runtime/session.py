@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.base.compat import check_base
 from adapterkit.base.load import Base
 from adapterkit.errors import (
-    AdapterkitError,
     BaseMismatch,
     ConfigError,
     InexactAdapter,
@@ -260,11 +259,39 @@ class Session:
                              if key not in dict(k)}
 
     def _prepare_all(self) -> None:
+        """Pad every slot to the session's rank and prepare every book and stack again; then
+        bind what ``active`` names again (padding binds every slot to zeros: an attach that
+        raised the rank left the plain base answering while ``active`` named a book)."""
         for slot in self.slots.values():
             slot.pad_to(self.rank)
         for book in list(self.books.values()) + list(self._stack_cache.values()):
             self._prepare(book)
         self._zeros = [(slot, *slot.zeros) for slot in self.slots.values()]
+        self._bind_active()
+
+    def _bind_active(self) -> None:
+        if not self.active:
+            prepared = self._zeros
+        elif list(self.active.values()) == [1.0] and len(self.active) == 1:
+            prepared = self.books[next(iter(self.active))].prepared
+        else:
+            prepared = self._stack_cache[tuple(sorted(self.active.items()))].prepared
+        for slot, a, b, scale in prepared:
+            slot.bind(a, b, scale)
+
+    def _let_go(self, books: set[str], slots: set[str], rank: int) -> None:
+        """Undo what attaching did since ``books``, ``slots`` and ``rank`` were the session's:
+        the books attached since are detached, the layers wrapped since put back, the rank
+        restored (a refused stack changes nothing)."""
+        for key in set(self.books) - books:
+            self.detach(key)
+        for path in set(self.slots) - slots:
+            parent_path, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            setattr(parent, child, self.slots.pop(path).base_layer)
+        if self.rank != rank or set(self.slots) != slots:
+            self.rank = rank
+            self._prepare_all()
 
     def _prepare(self, book: LoadedBook) -> None:
         import torch
@@ -347,16 +374,15 @@ class Session:
                                   f"the sum of its weights ({chosen[book.ref][1] + weight:g})")
             chosen[book.ref] = (book, float(weight))
         self._refuse_other_quantization(self._with_underlays(b for b, _ in chosen.values()))
-        before = set(self.books)
+        before = (set(self.books), set(self.slots), self.rank)
         try:
             keys = {self._attached(ref, force=force): weight
                     for ref, (_, weight) in chosen.items()}
             for key in list(keys):  # a member trained --on others needs them underneath, at 1
                 for under in self.books[key].stacked_on:
                     keys.setdefault(self._attached(under, force=force), 1.0)
-        except AdapterkitError:  # refused (another base, a damaged member...): a stack that
-            for key in set(self.books) - before:  # is refused changes nothing, so what it
-                self.detach(key)  # attached on the way is let go again (none of it is active)
+        except BaseException:  # refused (another base, a damaged member...) or interrupted:
+            self._let_go(*before)  # what it attached on the way is let go (none is active)
             raise
         cache_key = tuple(sorted(keys.items()))
         combined = self._stack_cache.get(cache_key)
