@@ -281,7 +281,7 @@ def test_a_message_that_got_no_answer_leaves_the_conversation():
 
 def test_a_conversation_drops_its_oldest_turns_where_the_answer_would_not_fit(capsys):
     """Local chat counts with the tokenizer (10 tokens a message here, context 35, room for
-    a 5-token answer); chat --server drops them on the server's word (``shortened``)."""
+    a 5-token answer); chat --server drops them on the server's word (``drop_oldest``)."""
     from adapterkit.cli.session import _Conversation
 
     class TenEach:
@@ -295,9 +295,8 @@ def test_a_conversation_drops_its_oldest_turns_where_the_answer_would_not_fit(ca
     talk.answered("2")
     assert [m["content"] for m in talk.ask("c")] == ["b", "2", "c"]
     assert "(the oldest 2 turns were dropped" in capsys.readouterr().err
-    assert [m["content"] for m in talk.shortened()] == ["c"]
-    assert "(the oldest 2 turns were dropped" in capsys.readouterr().err
-    assert talk.shortened() is None and talk.messages == [{"role": "user", "content": "c"}]
+    assert talk.drop_oldest() and talk.messages == [{"role": "user", "content": "c"}]
+    assert not talk.drop_oldest()  # the message just asked is never dropped
 
 
 def test_every_session_and_serve_command_shows_examples():

@@ -767,6 +767,28 @@ def test_chat_with_server_drops_the_oldest_turns_its_context_cannot_hold(served,
     assert alone and alone in result.stdout
 
 
+def test_chat_with_server_keeps_the_conversation_when_even_dropping_turns_cannot_help(
+        served, adapterkit_cli):
+    """A message too long for the context on its own: the oldest turns were dropped one by
+    one and then the request failed anyway, the whole conversation gone. Now nothing is
+    dropped for a request that fails; the next message goes with the earlier turns."""
+    from adapterkit.serving.client import ServerClient
+
+    first = "".join(text for text, _ in ServerClient(served.url).stream_chat(
+        "law", PROMPT, max_tokens=TOKENS))
+    result = adapterkit_cli("chat", "--server", served.url, "--adapter", "law",
+                            "--max-new-tokens", TOKENS,
+                            input=f"{PROMPT}\n{'word ' * 400}\nShort?\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "Error:" in result.output and "context" in result.output
+    assert "turns were dropped" not in result.output
+    conversation = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "Short?"}]
+    third = "".join(text for text, _ in ServerClient(served.url).stream_chat(
+        "law", conversation, max_tokens=TOKENS))
+    assert third and third in result.stdout
+
+
 # -- the text side, unit by unit ---------------------------------------------------------------
 
 def test_detokenizer_streams_characters_split_over_tokens():

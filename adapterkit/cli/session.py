@@ -330,7 +330,7 @@ class _Conversation:
         dropped = 0
         while self._too_long() and self.drop_oldest():
             dropped += 2
-        self._said_dropped(dropped)
+        self.said_dropped(dropped)
         return list(self.messages)
 
     def drop_oldest(self) -> bool:
@@ -341,16 +341,8 @@ class _Conversation:
         del self.messages[:2]
         return True
 
-    def shortened(self) -> list[dict[str, str]] | None:
-        """The conversation without its oldest question and answer (said so), for a server
-        that found it too long; None where there is nothing left to drop."""
-        if not self.drop_oldest():
-            return None
-        self._said_dropped(2)
-        return list(self.messages)
-
     @staticmethod
-    def _said_dropped(dropped: int) -> None:
+    def said_dropped(dropped: int) -> None:
         if dropped:
             click.echo(f"(the oldest {dropped} turns were dropped to leave room for the answer "
                        "in the base's context; /reset starts afresh)", err=True)
@@ -454,6 +446,7 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                 parts: list[str] = []
                 with talk.answering(shown=parts):
                     sent: Any = talk.ask(line)
+                    kept, dropped = list(talk.messages), 0
                     while True:
                         try:
                             for text, _ in client.stream_chat(model, sent,
@@ -461,12 +454,14 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                                 click.echo(text, nl=False)
                                 parts.append(text)
                             break
-                        except ServerError as exc:  # too long for the server's context
-                            if exc.code != "context_length_exceeded" or parts:
-                                raise
-                            sent = talk.shortened()
-                            if sent is None:
-                                raise
+                        except ServerError as exc:  # too long for the server's context:
+                            if exc.code == "context_length_exceeded" and not parts \
+                                    and talk.drop_oldest():  # the oldest turns go
+                                dropped, sent = dropped + 2, list(talk.messages)
+                                continue
+                            talk.messages[:] = kept  # a request that fails anyway loses none
+                            raise
+                    talk.said_dropped(dropped)
                 click.echo()
                 talk.answered("".join(parts))
         except AdapterkitError as exc:
