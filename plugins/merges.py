@@ -30,6 +30,7 @@ class PeftMerge(MergeStrategy):
         self.description = description
         self.uses_density = density
         self.uses_rank = combination.endswith("svd")  # PEFT reads svd_rank for these only
+        self.uses_seed = combination.startswith("dare")  # DARE's random drop
         self.allows_negative = negative
 
     def merge(self, *, adapters, weights, rank=None, density=None, base_model=None,

@@ -228,6 +228,13 @@ def test_merge_seed_is_passed_recorded_and_checked(books, folders, tiny_base, pm
     assert_same_deltas(peft_delta(ours, "ours"), peft_delta(plain, "merged"), atol=1e-6)
     assert "seed" not in merging.merge(books, ["a", "b"], None, method="linear", name="lin0",
                                        plugins=pm).meta.hyperparameters
+    assert merging.merge(books, ["a", "b"], None, method="dare_ties", density=0.5, name="d0",
+                         plugins=pm).meta.hyperparameters["seed"] == 0  # the default, recorded
+    for method, density in (("linear", None), ("ties", 0.5)):  # no random numbers: refused
+        with pytest.raises(ConfigError, match=f"method {method} draws no random numbers, so "
+                                              "--seed would do nothing; leave it out"):
+            merging.merge(books, ["a", "b"], None, method=method, density=density, name="x",
+                          plugins=pm, seed=5)
     for bad in (-1, True, 1.5):
         with pytest.raises(ConfigError, match="seed must be a non-negative integer"):
             merging.merge(books, ["a", "b"], None, method="dare_linear", density=0.5,

@@ -503,12 +503,13 @@ def stack_cmd(ctx: click.Context, names: tuple[str, ...], weights: str | None, n
 @click.option("--name", required=True, help="Library name of the result.")
 @click.option("--rank", type=int, help="Rank of the result (SVD methods; default: largest).")
 @click.option("--density", type=float, help="Fraction kept, in (0, 1] (TIES, DARE, pruning).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of DARE's random drop: the same merge and seed give the same weights "
-                   "(recorded).")
+@click.option("--seed", type=click.IntRange(min=0),
+              help="Seed of DARE's random drop (dare_* methods; default 0, recorded): the same "
+                   "merge and seed give the same weights.")
 @click.pass_context
 def merge_cmd(ctx: click.Context, names: tuple[str, ...], method: str, weights: str | None,
-              name: str, rank: int | None, density: float | None, seed: int) -> None:
+              name: str, rank: int | None, density: float | None,
+              seed: int | None) -> None:
     """Merge pocket books NAMES into one new pocket book with a registered strategy.
 
     \b

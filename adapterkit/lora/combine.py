@@ -125,11 +125,12 @@ def check_weights(refs: list[str], weights: list[float], *, allow_negative: bool
 def merge(library: Library, refs: list[str], weights: list[float] | None, *, method: str,
           name: str, rank: int | None = None, density: float | None = None,
           plugins: PluginManager | None = None,
-          load_base: Callable[[], Any] | None = None, seed: int = 0) -> PocketBook:
+          load_base: Callable[[], Any] | None = None, seed: int | None = None) -> PocketBook:
     """Merge pocket books ``refs`` with ``method`` into a new pocket book ``name``.
 
-    :param seed: for strategies that draw random numbers (DARE's random drop): the same merge
-        with the same seed gives the same weights; recorded where ``density`` applies.
+    :param seed: for strategies that draw random numbers (``uses_seed``: DARE's random drop;
+        default 0, recorded): the same merge with the same seed gives the same weights.
+        Refused for the others, where it would do nothing.
     """
     from adapterkit.base.resolve import base_spec_for
     from adapterkit.plugin_api.manager import default_plugin_manager
@@ -141,7 +142,7 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         raise ConfigError("merge needs at least two pocket books")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
         raise ConfigError(f"rank must be an integer, got {rank!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     if density is not None and not finite_weight(density):
         raise ConfigError(f"density must be a number in (0, 1], got {density!r}")
@@ -177,6 +178,11 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
                           f"{', '.join(_using(pm, 'uses_rank'))}")
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be at least 1, got {rank}")
+    if seed is not None and not strategy.uses_seed:
+        raise ConfigError(f"method {method} draws no random numbers, so --seed would do "
+                          f"nothing; leave it out (methods that do: "
+                          f"{', '.join(_using(pm, 'uses_seed')) or 'none installed'})")
+    seeded = {"seed": 0 if seed is None else seed} if strategy.uses_seed else {}
     inputs = inputs_of(library, books)
     for item, w in zip(inputs, weights):  # what no strategy can combine exactly is refused
         # here, for all of them; so is a weight the member's factors cannot carry
@@ -191,7 +197,7 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         return load(spec, home=library.home).model
 
     out = strategy.merge(adapters=inputs, weights=weights, rank=rank, density=density,
-                         base_model=base_model, **_if_taken(strategy.merge, seed=seed))
+                         base_model=base_model, **_if_taken(strategy.merge, **seeded))
     _check_output(out, f"merge strategy {method!r} (plugin "
                        f"{pm.merge_strategies.entries[method].plugin!r})",
                   recorded_structure(books[0], library.home))
@@ -199,8 +205,7 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         name=target.name, version=0, base=dict(books[0].meta.base), method="lora",
         trainer=None, parents=[b.ref for b in books],
         hyperparameters={"merge_method": method, "weights": weights, "rank": out.config.get("r"),
-                         "density": density,
-                         **({"seed": seed} if strategy.uses_density else {})},
+                         "density": density, **seeded},
         source={"kind": "merge", "method": method},
     )
     return save_adapter(library, out, meta, str(target))

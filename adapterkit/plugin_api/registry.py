@@ -145,6 +145,9 @@ class MergeStrategy(Registrable):
     #: Whether the strategy chooses its result's rank from ``rank`` (SVD); the core refuses
     #: ``--rank`` otherwise.
     uses_rank: bool = False
+    #: Whether the strategy draws random numbers (DARE), seeded with the ``seed`` it is given
+    #: (default 0, recorded with the merge); the core refuses ``--seed`` otherwise.
+    uses_seed: bool = False
 
     def merge(self, *, adapters: list[Any], weights: list[float], rank: int | None = None,
               density: float | None = None, base_model: Any = None, **options: Any) -> Any:
