@@ -164,3 +164,7 @@ def test_verify_says_logits_that_are_not_finite_are_not_finite(tmp_path, tiny_ba
     assert "plain PEFT's are not finite either" in result.output
     card = next(home.rglob("README.md")).read_text()
     assert "logits not finite" in card and "DRIFT" not in card
+    as_json = _run(home, "verify", "big", "--json")  # strict JSON: no NaN/Infinity
+    paths = json.loads(as_json.stdout, parse_constant=lambda c: pytest.fail(c))["paths"]
+    assert all(cell.get("max_logit_diff") is None for cell in paths.values() if
+               "refused" not in cell), paths

@@ -570,6 +570,8 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
         for r in result.results:
             if r.refused is not None:
                 click.echo(f"  {r.path:<16} refused: {r.refused}")
+            elif r.max_logit_diff is None:  # a side not finite: no difference to show
+                click.echo(f"  {r.path:<16} {r.mark(tolerance)}")
             else:
                 click.echo(f"  {r.path:<16} max |logit diff| vs PEFT {r.max_logit_diff:.2e}  "
                            f"{r.mark(tolerance)}")

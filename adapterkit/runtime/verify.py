@@ -70,10 +70,15 @@ class Verification:
     def verdict(self) -> str:
         broken = [r for r in self.results if r.not_finite is not None]
         if broken:
-            both = any("PEFT" in (r.not_finite or "") for r in broken)
-            return ("logits not finite (NaN or inf) on " + ", ".join(r.path for r in broken)
+            ours = [r.path for r in broken if "this path's" in (r.not_finite or "")]
+            peft = any("PEFT" in (r.not_finite or "") for r in broken)
+            if peft and not ours:
+                return ("plain PEFT's logits are not finite (NaN or inf) while "
+                        f"{', '.join(r.path for r in broken)} give numbers: they disagree, "
+                        "and PEFT cannot be the yardstick for this pocket book")
+            return ("logits not finite (NaN or inf) on " + ", ".join(ours)
                     + ("; plain PEFT's are not finite either: the pocket book's own weights "
-                       "(or a stack weight) overflow, not a drift between paths" if both
+                       "(or a stack weight) overflow, not a drift between paths" if peft
                        else ""))
         if not self.ok:
             return f"DRIFT beyond {self.tolerance:g} on some path"
@@ -145,10 +150,11 @@ def verify(library: Library, ref: str, *, tolerance: float = 1e-3, record: bool 
         except AdapterkitError as exc:
             result.results.append(PathResult(name, refused=str(exc)))
             continue
-        diff = float((out - reference).abs()[mask].max())
         finite = bool(torch.isfinite(out[mask]).all())
         whose = [w for w, ok in (("plain PEFT's", reference_finite), ("this path's", finite))
                  if not ok]
+        # no difference where either side is not a number (JSON has no NaN: None, not NaN)
+        diff = None if whose else float((out - reference).abs()[mask].max())
         result.results.append(PathResult(name, max_logit_diff=diff,
                                          not_finite=" and ".join(whose) or None))
     if record:
@@ -169,8 +175,9 @@ def record_verification(library: Library, result: Verification) -> None:
 
 def summary(result: Verification) -> str:
     """One line: each path's figure (or refusal), and the verdict."""
-    cells = [f"{r.path} {r.max_logit_diff:.1e}" if r.refused is None else f"{r.path} refused"
-             for r in result.results]
+    cells = [f"{r.path} refused" if r.refused is not None else
+             f"{r.path} not finite" if r.max_logit_diff is None else
+             f"{r.path} {r.max_logit_diff:.1e}" for r in result.results]
     return (f"{result.ref} vs plain PEFT (max |logit diff|): {', '.join(cells)} — "
             f"{result.verdict()}")
 
