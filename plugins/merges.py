@@ -42,7 +42,6 @@ class PeftMerge(MergeStrategy):
 
         path = f"merge --method {self.name}"
         factors = [a.factors(path=path) for a in adapters]
-        _check_rank(rank, factors, self.name)
         ranks = [{m: f.rank for m, f in layers.items()} for layers in factors]
         if not self.name.endswith(("svd", "cat")) and len(
                 {r for layer_ranks in ranks for r in layer_ranks.values()}) > 1:
@@ -118,7 +117,6 @@ class ExactSVD(MergeStrategy):
 
         members = [(a.factors(path="merge --method exact_svd"), w)
                    for a, w in zip(adapters, weights)]
-        _check_rank(rank, [factors for factors, _ in members], self.name)
         new_rank = rank or max(f.rank for factors, _ in members for f in factors.values())
         blocks = {}
         modules = sorted(set().union(*(factors.keys() for factors, _ in members)))
@@ -140,26 +138,6 @@ class ExactSVD(MergeStrategy):
         targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
         return MergeOutput(plain_config(adapters[0].config, rank=new_rank,
                                         target_modules=targets), tensors_of(blocks))
-
-
-def _check_rank(rank: int | None, members: list[dict[str, Any]], method: str) -> None:
-    """Refuse a ``--rank`` no layer can hold: a layer's ΔW (out × in) has at most
-    ``min(out, in)`` directions. PEFT's SVD methods give such a layer fewer columns than the
-    ``r`` they record (an adapter that does not load), so both SVD strategies refuse it, in
-    one line, before any work."""
-    if rank is None:
-        return
-    sizes = {module: min(int(f.b.shape[0]), int(f.a.shape[1]))
-             for factors in members for module, f in factors.items()}
-    if not sizes:
-        return
-    module = min(sizes, key=lambda m: sizes[m])
-    if rank > sizes[module]:
-        from adapterkit import ConfigError
-
-        raise ConfigError(f"--rank {rank} is more than {module} can hold with {method} (its "
-                          f"ΔW has at most {sizes[module]} directions): give --rank at most "
-                          f"{sizes[module]}")
 
 
 @hookimpl

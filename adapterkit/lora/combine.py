@@ -184,9 +184,12 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
                           f"{', '.join(_using(pm, 'uses_seed')) or 'none installed'})")
     seeded = {"seed": 0 if seed is None else seed} if strategy.uses_seed else {}
     inputs = inputs_of(library, books)
-    for item, w in zip(inputs, weights):  # what no strategy can combine exactly is refused
-        # here, for all of them; so is a weight the member's factors cannot carry
-        _weight_fits(item.ref, w, item.factors(path=f"merge --method {method}"))
+    members = [item.factors(path=f"merge --method {method}") for item in inputs]
+    for item, w, factors in zip(inputs, weights, members):  # what no strategy can combine
+        # exactly is refused here, for all of them; so is a weight the factors cannot carry
+        _weight_fits(item.ref, w, factors)
+    if rank is not None:  # (uses_rank, checked above)
+        _check_rank(rank, members, method)
 
     def base_model() -> Any:
         if load_base is not None:
@@ -209,6 +212,19 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
         source={"kind": "merge", "method": method},
     )
     return save_adapter(library, out, meta, str(target))
+
+
+def _check_rank(rank: int, members: list[dict[str, Factors]], method: str) -> None:
+    """Refuse a ``--rank`` no layer can hold, for every strategy that takes one: a layer's ΔW
+    (out × in) has at most ``min(out, in)`` directions, and PEFT's SVD methods give such a layer
+    fewer columns than the ``r`` they record (an adapter that does not load)."""
+    sizes = {module: min(int(f.b.shape[0]), int(f.a.shape[1]))
+             for factors in members for module, f in factors.items()}
+    if sizes and rank > min(sizes.values()):
+        module = min(sizes, key=lambda m: sizes[m])
+        raise ConfigError(f"--rank {rank} is more than {module} can hold with {method} (its "
+                          f"ΔW has at most {sizes[module]} directions): give --rank at most "
+                          f"{sizes[module]}")
 
 
 def _if_taken(method: Callable[..., Any], **options: Any) -> dict[str, Any]:
