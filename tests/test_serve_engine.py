@@ -695,3 +695,16 @@ def test_removed_and_replaced_pocket_books_are_let_go_but_never_under_a_running_
     engine.step()  # the old pirate@1's row has ended: it goes too
     assert [label for _, label in engine.stats()["attached_content"]] == [both[1][1]]
     engine.close()
+
+
+def test_stack_names_read_signed_and_exponent_weights_and_say_a_missing_one():
+    """``code@1*1e+30`` (how the server wrote such a weight back in ``model``) parted at its
+    "+" into two terms; ``caps*`` said "weight '' is not a number"."""
+    from adapterkit.serving.names import _number, parse
+
+    assert parse("code@1*1e+30") == [("code@1", 1e30)]
+    assert parse("a*+0.5+b*-2") == [("a", 0.5), ("b", -2.0)]
+    assert all(parse(f"a*{_number(w)}") == [("a", w)] for w in (1e30, 1e-5, 0.5, 2.0, -3e20))
+    with pytest.raises(ConfigError, match=r"^'caps\*' in model 'law\+caps\*' has no weight "
+                                          r"after '\*'; write NAME\*WEIGHT"):
+        parse("law+caps*")

@@ -16,6 +16,7 @@ runs is servable at once, and ``NAME`` always means its latest version.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -58,11 +59,15 @@ def parse(model: str) -> list[tuple[str, float | None]]:
         raise ConfigError("model must name the base, a pocket book (NAME or NAME@V) or a "
                           "stack (a+b, a*1+b*0.5)")
     terms: list[tuple[str, float | None]] = []
-    for raw in model.split("+"):
+    # terms part at a "+" that is no weight's sign ("a*+0.5", "a*1e+30")
+    for raw in re.split(r"(?<!\*)(?<!\d[eE])\+", model):
         name, star, weight_text = (part.strip() for part in raw.partition("*"))
         if not name:
             raise ConfigError(f"model {model!r} has an empty term; write a+b or a*1+b*0.5")
         weight: float | None = None
+        if star and not weight_text:
+            raise ConfigError(f"{raw.strip()!r} in model {model!r} has no weight after '*'; "
+                              "write NAME*WEIGHT, e.g. law*0.5")
         if star:
             try:
                 weight = float(weight_text)
@@ -197,7 +202,7 @@ def _key(pairs: tuple[tuple[str, float], ...]) -> str:
 def _number(weight: float) -> str:
     """The shortest text that reads back as ``weight`` (``1``, ``0.5``): two weights never
     share a key."""
-    text = repr(weight)
+    text = repr(weight).replace("e+", "e")  # "1e+30" would part at its "+" as two terms
     return text[:-2] if text.endswith(".0") else text
 
 
