@@ -366,7 +366,7 @@ def test_export_destinations_that_cannot_be_folders_are_named_the_same_way_by_ev
     assert cli("stack", "pe", "pf", "--weights", "1,0.5", "--name", "s_ab").exit_code == 0
     result = cli("export", "s_ab", tmp_path / "x")
     assert result.exit_code == 1
-    assert ("`adapterkit stack pe@1 pf@1 --weights 1.0,0.5 --flatten --name NAME`"
+    assert ("`adapterkit stack pe@1 pf@1 --weights 1,0.5 --flatten --name NAME`"
             in result.output), result.output
     assert "--merged" in result.output and "--format gguf" in result.output
     assert cli("stack", "pe@1", "pf@1", "--weights", "1.0,0.5", "--flatten",

@@ -343,3 +343,20 @@ def test_a_recipe_stage_refuses_the_parents_the_command_refuses(stacked, tmp_pat
     with pytest.raises(ConfigError, match=r"has a problem; .*\(1\) stage 1 \(r\): from: triage@1 "
                                           r"is a policy pocket book .* with on: triage@1$"):
         load_recipe(recipe, home=home, plugins=pm)
+
+
+def test_a_session_names_the_removed_pocket_book_a_book_was_trained_on(stacked, tiny_base,
+                                                                       tmp_path):
+    """Sessions said "no pocket book named 'triage'" when asked for manner (trained --on
+    triage, removed since with rm --force), where every other path names both."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(stacked[0], home)
+    Library(home).remove("triage", force=True)
+    session = adapterkit.open(str(tiny_base), home=home)
+    for call in (lambda: session.swap("manner"), lambda: session.stack({"manner": 1.0})):
+        with pytest.raises(InvalidAdapter, match=r"manner@1 .* triage@1, which this library no "
+                                                 r"longer holds \(removed with `rm --force`\?\)"):
+            call()
+    session.close()

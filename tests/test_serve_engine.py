@@ -700,11 +700,14 @@ def test_removed_and_replaced_pocket_books_are_let_go_but_never_under_a_running_
 def test_stack_names_read_signed_and_exponent_weights_and_say_a_missing_one():
     """``code@1*1e+30`` (how the server wrote such a weight back in ``model``) parted at its
     "+" into two terms; ``caps*`` said "weight '' is not a number"."""
-    from adapterkit.serving.names import _number, parse
+    from adapterkit.lora.factors import weight_text
+    from adapterkit.serving.names import parse
 
     assert parse("code@1*1e+30") == [("code@1", 1e30)]
     assert parse("a*+0.5+b*-2") == [("a", 0.5), ("b", -2.0)]
-    assert all(parse(f"a*{_number(w)}") == [("a", w)] for w in (1e30, 1e-5, 0.5, 2.0, -3e20))
+    assert parse("law2e+code") == [("law2e", None), ("code", None)]  # a name, not a weight
+    assert parse("a * +0.5") == [("a", 0.5)]
+    assert all(parse(f"a*{weight_text(w)}") == [("a", w)] for w in (1e30, 1e-5, 0.5, 2.0, -3e20))
     with pytest.raises(ConfigError, match=r"^'caps\*' in model 'law\+caps\*' has no weight "
                                           r"after '\*'; write NAME\*WEIGHT"):
         parse("law+caps*")

@@ -247,3 +247,42 @@ def test_one_pocket_book_equals_peft_bit_for_bit(tiny_base, books, home, name, a
         assert torch.equal(logits(session.model), expected)
     finally:
         session.close()
+
+
+def test_a_stack_refused_late_or_interrupted_gives_everything_back(tiny_base, other_base, books,
+                                                                   home, library, tmp_path,
+                                                                   monkeypatch):
+    """Found in review: a weight the factors cannot carry was refused after its members were
+    attached and their layers wrapped; layers wrapped at the same rank kept stale entries; and
+    a Ctrl-C between padding and rebinding left the plain base answering for ``law``."""
+    library.import_peft(make_peft_adapter(other_base, tmp_path / "foreign"), "foreign",
+                        base=str(other_base))
+    session = adapterkit.open(str(tiny_base), home=home)
+    session.swap("law")  # rank 4 on q_proj, v_proj
+    law = peft_logits(tiny_base, {"law": books["law"]})
+    state = (set(session.books), session.rank, set(session.slots))
+
+    def unchanged():
+        assert (set(session.books), session.rank, set(session.slots)) == state
+        assert session.active == {"law@1": 1.0}
+        torch.testing.assert_close(logits(session.model), law, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ConfigError, match="code"):
+        session.stack({"law": 1.0, "code": 1e300})  # refused once combined
+    unchanged()
+    with pytest.raises(BaseMismatch):  # chem: rank 2 on new layers, same session rank
+        session.stack({"chem": 1.0, "foreign": 1.0})
+    unchanged()
+    real, calls = session._bind_active, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real()
+
+    monkeypatch.setattr(session, "_bind_active", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        session.stack({"code": 1.0})  # raises the rank: pads (zeros bound), then rebinds
+    unchanged()
+    session.close()

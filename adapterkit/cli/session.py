@@ -427,7 +427,9 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                 click.echo(f"now answering with {model}")
             elif command == "/stack":
                 weights = _parse_stack(rest.split())
-                model = checked("+".join(f"{n}*{_weight_text(w)}" for n, w in weights.items()))
+                from adapterkit.lora.factors import weight_text
+
+                model = checked("+".join(f"{n}*{weight_text(w)}" for n, w in weights.items()))
                 click.echo(f"now answering with {model}")
             elif command == "/off":
                 model = base_id
@@ -451,17 +453,25 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                         try:
                             for text, _ in client.stream_chat(model, sent,
                                                               max_tokens=max_new_tokens):
+                                if not parts:  # it fits: said before the answer shows
+                                    talk.said_dropped(dropped)
                                 click.echo(text, nl=False)
                                 parts.append(text)
+                            if not parts:
+                                talk.said_dropped(dropped)
                             break
                         except ServerError as exc:  # too long for the server's context:
                             if exc.code == "context_length_exceeded" and not parts \
                                     and talk.drop_oldest():  # the oldest turns go
                                 dropped, sent = dropped + 2, list(talk.messages)
                                 continue
-                            talk.messages[:] = kept  # a request that fails anyway loses none
+                            if not parts:  # a request that fails anyway loses no turns
+                                talk.messages[:] = kept
                             raise
-                    talk.said_dropped(dropped)
+                        except BaseException:  # (Ctrl-C, the connection lost...)
+                            if not parts:
+                                talk.messages[:] = kept
+                            raise
                 click.echo()
                 talk.answered("".join(parts))
         except AdapterkitError as exc:
@@ -582,7 +592,3 @@ def verify_cmd(ctx: click.Context, ref: str, tolerance: float, as_json: bool) ->
         ctx.exit(1)
 
 
-def _weight_text(weight: float) -> str:
-    """``weight`` exactly as the server reads it back: every digit (``:g`` kept six), and no
-    ``+`` in an exponent, which the server would read as the next stack member."""
-    return repr(float(weight)).replace("e+", "e")

@@ -312,9 +312,14 @@ def _verification_lines(v: dict[str, Any]) -> list[str]:
     if not v:
         return []
     versions = ", ".join(f"{k} {val}" for k, val in sorted(v.get("versions", {}).items()))
-    broken = [path for path, cell in v.get("paths", {}).items() if cell.get("not_finite")]
-    if broken:
-        verdict = f"logits not finite (NaN or inf) on {', '.join(broken)}"
+    cells = v.get("paths", {})
+    ours = [p for p, cell in cells.items() if "this path's" in (cell.get("not_finite") or "")]
+    peft = any("PEFT" in (cell.get("not_finite") or "") for cell in cells.values())
+    if ours:
+        verdict = f"logits not finite (NaN or inf) on {', '.join(ours)}" + (
+            ", and plain PEFT's too" if peft else "")
+    elif peft:
+        verdict = "plain PEFT's logits are not finite (NaN or inf) while these paths give numbers"
     elif not v.get("ok"):
         verdict = "DRIFT on some path"
     elif not v.get("compared"):

@@ -571,7 +571,9 @@ class Library:
         if book.meta.kind == "stack":  # its members' folders, weighted: no one PEFT folder
             weights = book.meta.hyperparameters.get("weights", {})
             members = " ".join(weights)
-            values = ",".join(repr(float(w)) for w in weights.values())
+            from adapterkit.lora.factors import weight_text
+
+            values = ",".join(weight_text(w) for w in weights.values())
             raise InvalidAdapter(
                 f"{book.ref} is a stack, not a single adapter: save it as one with `adapterkit "
                 f"stack {members} --weights {values} --flatten --name NAME` and export NAME, "

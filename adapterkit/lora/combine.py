@@ -32,6 +32,7 @@ from adapterkit.lora.factors import (
     read_factors,
     stored_tensors,
     tensors_of,
+    weight_text,
 )
 from adapterkit.lora.factors import scale_of as factors_scale_of
 
@@ -307,7 +308,7 @@ def flatten_command(book: PocketBook) -> str:
     """The command that saves stack ``book`` as one adapter."""
     weights = dict(book.meta.hyperparameters.get("weights", {}))  # saved with sorted keys
     return (f"adapterkit stack {' '.join(book.meta.parents)} --weights "
-            f"{','.join(f'{weights[p]:g}' for p in book.meta.parents)} --flatten --name NAME")
+            f"{','.join(weight_text(weights[p]) for p in book.meta.parents)} --flatten --name NAME")
 
 
 def save_adapter(library: Library, out: MergeOutput, meta: PocketBookMeta,

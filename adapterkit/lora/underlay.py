@@ -32,6 +32,7 @@ from adapterkit.lora.factors import (
     finite_weight,
     read_factors,
     resident_tensors,
+    weight_text,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,7 +134,7 @@ def check_under(book: PocketBook, under: PocketBook) -> None:
         if book.meta.kind == "stack":
             saved = book.meta.hyperparameters.get("weights") or {}
             again = (f", or save the stack again with what {under.ref} is now (`adapterkit stack "
-                     f"{' '.join(saved)} --weights {','.join(f'{w:g}' for w in saved.values())} "
+                     f"{' '.join(saved)} --weights {','.join(weight_text(w) for w in saved.values())} "
                      "--name NAME`)")
         raise InvalidAdapter(
             f"{book.ref} {_needs(book)} {under.ref} with weights {wanted[:12]}, and this "

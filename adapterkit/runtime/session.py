@@ -174,9 +174,14 @@ class Session:
         with them, for the quantization rule before anything is attached (from the attached
         entries where it can: no weights are hashed on a hot swap; attaching checks them)."""
         out: dict[str, PocketBook] = {}
+        from adapterkit.lora.underlay import needed
+
         for book in books:
             for ref in book.meta.stacked_on:
-                under = self._entry(ref)
+                try:
+                    under = self._entry(ref)
+                except PocketBookNotFound:  # removed since (rm --force): said naming both
+                    under = needed(self.library, book, ref)
                 out.setdefault(under.ref, under)
             out[book.ref] = book
         return list(out.values())
@@ -289,9 +294,9 @@ class Session:
             parent_path, _, child = path.rpartition(".")
             parent = self.model.get_submodule(parent_path) if parent_path else self.model
             setattr(parent, child, self.slots.pop(path).base_layer)
-        if self.rank != rank or set(self.slots) != slots:
-            self.rank = rank
-            self._prepare_all()
+        # always: an interrupt may have come between padding (zeros bound) and rebinding
+        self.rank = rank
+        self._prepare_all()
 
     def _prepare(self, book: LoadedBook) -> None:
         import torch
@@ -375,38 +380,46 @@ class Session:
             chosen[book.ref] = (book, float(weight))
         self._refuse_other_quantization(self._with_underlays(b for b, _ in chosen.values()))
         before = (set(self.books), set(self.slots), self.rank)
+        cache_key, inserted = None, False
         try:
             keys = {self._attached(ref, force=force): weight
                     for ref, (_, weight) in chosen.items()}
             for key in list(keys):  # a member trained --on others needs them underneath, at 1
                 for under in self.books[key].stacked_on:
                     keys.setdefault(self._attached(under, force=force), 1.0)
-        except BaseException:  # refused (another base, a damaged member...) or interrupted:
-            self._let_go(*before)  # what it attached on the way is let go (none is active)
+            cache_key = tuple(sorted(keys.items()))
+            combined = self._stack_cache.get(cache_key)
+            if combined is None:
+                combined = self._combine(keys)  # (a weight the factors cannot carry: refused)
+                self._stack_cache[cache_key] = combined
+                inserted = True
+                if combined.rank > self.rank:
+                    self.rank = combined.rank
+                    self._prepare_all()
+                else:
+                    self._prepare(combined)
+        except BaseException:  # refused (another base, a damaged member, a weight...) or
+            if inserted and cache_key is not None:  # interrupted: what it attached on the
+                self._stack_cache.pop(cache_key, None)  # way is let go, and its layers and
+            self._let_go(*before)  # rank given back (none of it is active)
             raise
-        cache_key = tuple(sorted(keys.items()))
-        combined = self._stack_cache.get(cache_key)
-        if combined is None:
-            factors = {}
-            for path in self.slots:
-                held = [k for k in keys if path in self.books[k].factors]
-                if held:
-                    factors[path] = Factors(*concat(
-                        [(self.books[k].factors[path], keys[k]) for k in held], names=held),
-                        scale=1.0)
-            rank = max((f.rank for f in factors.values()), default=0)
-            combined = LoadedBook("+".join(f"{k}*{w:g}" for k, w in keys.items()), rank, factors)
-            self._stack_cache[cache_key] = combined
-            if rank > self.rank:
-                self.rank = rank
-                self._prepare_all()
-            else:
-                self._prepare(combined)
         start = time.perf_counter()
         for slot, a, b, scale in combined.prepared:
             slot.bind(a, b, scale)
         self.active = dict(keys)
         return time.perf_counter() - start
+
+    def _combine(self, keys: dict[str, float]) -> LoadedBook:
+        """The attached books ``keys`` names, weighted and concatenated layer by layer."""
+        factors = {}
+        for path in self.slots:
+            held = [k for k in keys if path in self.books[k].factors]
+            if held:
+                factors[path] = Factors(*concat(
+                    [(self.books[k].factors[path], keys[k]) for k in held], names=held),
+                    scale=1.0)
+        rank = max((f.rank for f in factors.values()), default=0)
+        return LoadedBook("+".join(f"{k}*{w:g}" for k, w in keys.items()), rank, factors)
 
     @contextmanager
     def using(self, adapter: str | dict[str, float] | None) -> Iterator[None]:

@@ -31,6 +31,7 @@ from adapterkit.errors import (
 )
 from adapterkit.library.names import parse_ref
 from adapterkit.library.store import Library, PocketBook
+from adapterkit.lora.factors import weight_text
 
 #: How many pocket books one stack may name (a bound on the work one request can ask for).
 MAX_MEMBERS = 16
@@ -59,8 +60,7 @@ def parse(model: str) -> list[tuple[str, float | None]]:
         raise ConfigError("model must name the base, a pocket book (NAME or NAME@V) or a "
                           "stack (a+b, a*1+b*0.5)")
     terms: list[tuple[str, float | None]] = []
-    # terms part at a "+" that is no weight's sign ("a*+0.5", "a*1e+30")
-    for raw in re.split(r"(?<!\*)(?<!\d[eE])\+", model):
+    for raw in _terms(model):
         name, star, weight_text = (part.strip() for part in raw.partition("*"))
         if not name:
             raise ConfigError(f"model {model!r} has an empty term; write a+b or a*1+b*0.5")
@@ -196,14 +196,25 @@ def _refuse_reward(book: PocketBook) -> None:
 def _key(pairs: tuple[tuple[str, float], ...]) -> str:
     if len(pairs) == 1 and pairs[0][1] == 1.0:
         return pairs[0][0]
-    return "+".join(f"{ref}*{_number(weight)}" for ref, weight in pairs)
+    return "+".join(f"{ref}*{weight_text(weight)}" for ref, weight in pairs)
 
 
-def _number(weight: float) -> str:
-    """The shortest text that reads back as ``weight`` (``1``, ``0.5``): two weights never
-    share a key."""
-    text = repr(weight).replace("e+", "e")  # "1e+30" would part at its "+" as two terms
-    return text[:-2] if text.endswith(".0") else text
+#: The end of a term whose weight goes on past a "+": "a*" (a sign next) or "a*1e" (an
+#: exponent's sign next); a name ending in "2e" (law2e+code) is no weight.
+_WEIGHT_GOES_ON = re.compile(r"\*\s*([+-]?(\d+\.?\d*|\.\d+)[eE])?\s*$")
+
+
+def _terms(model: str) -> list[str]:
+    """``model`` parted into its terms at each "+" that is no sign inside a weight."""
+    terms: list[str] = []
+    for piece in model.split("+"):
+        if terms and _WEIGHT_GOES_ON.search(terms[-1]):
+            terms[-1] += "+" + piece
+        else:
+            terms.append(piece)
+    return terms
+
+
 
 
 def epoch(stamp: str) -> int:
