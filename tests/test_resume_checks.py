@@ -224,8 +224,8 @@ def test_an_rlhf_policy_resumes_against_the_reward_pocket_book_its_run_trained(
     with pytest.raises(KeyboardInterrupt):  # (the stage's 2 steps never reach step 3)
         rlhf({"reward_steps": 2, "max_new_tokens": 4}, split=0.25, callbacks=[Interrupt(3)])
     assert (home / "runs" / "p" / "checkpoint-2").is_dir()
-    with pytest.raises(RunStateError, match=r"trainer_options \{\"max_new_tokens\": 4\} → "
-                                            r"\{\"max_new_tokens\": 8\}"):
+    with pytest.raises(RunStateError, match=r"other settings: trainer_options.max_new_tokens 4 "
+                                            r"→ 8; resume with"):
         rlhf({"reward": "p-reward@1", "max_new_tokens": 8}, resume=True)
     result = rlhf({"reward": "p-reward@1", "max_new_tokens": 4}, resume=True)
     assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (4, 2)
@@ -254,9 +254,32 @@ def test_a_trainer_option_given_at_its_default_is_no_change_on_resume(tiny_base,
     with pytest.raises(KeyboardInterrupt):
         train("dpo", base=str(tiny_base), data=pairs, name="cut", home=home, plugins=pm,
               options=TrainOptions(**options), callbacks=[Interrupt(5)])
-    with pytest.raises(RunStateError, match=r'trainer_options .*"beta": 0.1.* → .*"beta": 0.5'):
+    with pytest.raises(RunStateError, match=r"other settings: trainer_options.beta 0.1 → 0.5; "):
         train("dpo", base=str(tiny_base), data=pairs, name="cut", home=home, plugins=pm,
               options=TrainOptions(**options, trainer_options={"beta": 0.5}), resume=True)
     result = train("dpo", base=str(tiny_base), data=pairs, name="cut", home=home, plugins=pm,
                    options=TrainOptions(**options, trainer_options={"beta": 0.1}), resume=True)
     assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (10, 4)
+
+
+def test_a_second_run_under_a_name_in_training_is_refused_before_it_clears_anything(
+        tiny_base, rows, home, pm):
+    """Found by a user: two `train --name es2` at once shared runs/es2 (the second cleared the
+    first one's folder as it started), and the one that saved second trained to the end, found
+    the name taken and lost its run. The second is refused before it touches the folder."""
+    from adapterkit.training.run import _let_go_locks, _lock_run
+
+    interrupted(tiny_base, rows, home, pm)  # a run folder with checkpoints, as a running one
+    held = [_lock_run(home, "cut")]  # what a run of "cut" training in another process holds
+    try:
+        with pytest.raises(RunStateError, match=rf"^another run of cut is training in {home} "
+                                                rf"\(pid \d+\): wait for it to finish, or "
+                                                r"train under another --name$"):
+            train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
+                  options=TrainOptions(**OPTS), restart=True)
+        assert (home / "runs" / "cut" / "checkpoint-4").is_dir()  # nothing of it cleared
+    finally:
+        _let_go_locks(held)
+    result = train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
+                   options=TrainOptions(**OPTS), resume=True)  # free again: the lock went
+    assert result.metrics["steps"] == 10

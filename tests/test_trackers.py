@@ -188,6 +188,25 @@ def test_a_tracker_that_is_not_installed_names_the_extra(adapterkit_cli, adapter
     assert Library(home).list() == [] and not (home / "tracking").exists()
 
 
+def test_a_tracker_installed_but_broken_is_refused_before_the_base_loads(
+        adapterkit_cli, adapterkit_data, home, tmp_path, monkeypatch):
+    """Found by a user: an mlflow whose import fails (a dependency missing) passed the check,
+    which only asked whether the package is there, and the run's first stage ended in a
+    traceback."""
+    shadow = tmp_path / "shadow" / "mlflow"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("No module named \'sqlalchemy\'")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "shadow"))
+    monkeypatch.delitem(sys.modules, "mlflow", raising=False)
+    result = adapterkit_cli("train", "sft", "--base", "no/such-base", "--data",
+                            adapterkit_data["text"], "--name", "x", "--report-to", "mlflow")
+    assert result.exit_code == 1, result.output
+    assert ("report_to: mlflow is installed but cannot be imported (ImportError: No module "
+            "named 'sqlalchemy'); repair it") in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert Library(home).list() == [] and not (home / "tracking").exists()
+
+
 def test_options_and_recipes_take_report_to(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("report_to: TensorBoard, trackio\n", encoding="utf-8")

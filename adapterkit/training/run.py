@@ -132,10 +132,15 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     if where.distributed:
         join()  # the process group the trainer will use; barriers work from here on
     say = (progress if where.is_main else None) or (lambda message: None)
-    run = _prepare(trainer, base=base, data=data, name=name, options=options, home=home,
-                   plugins=plugins or default_plugin_manager(), resume=resume,
-                   restart=restart, callbacks=callbacks, on=on, start_from=start_from,
-                   say=say, main=where.is_main)
+    held: list[Any] = []  # the run's lock (main process), let go however the run ends
+    try:
+        run = _prepare(trainer, base=base, data=data, name=name, options=options, home=home,
+                       plugins=plugins or default_plugin_manager(), resume=resume,
+                       restart=restart, callbacks=callbacks, on=on, start_from=start_from,
+                       say=say, main=where.is_main, held=held)
+    except BaseException:
+        _let_go_locks(held)
+        raise
     run.annotate = annotate
     start = time.perf_counter()
     result: TrainResult | None = None
@@ -151,9 +156,43 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         _left_behind(run, exc)
         raise
     finally:
+        _let_go_locks(held)
         if not isinstance(base, str):  # a caller's resident base: back in the dtype it came
             _give_back(run.loaded, say)
             _hand_over(run, result)
+
+
+def _lock_run(home: Path, name: str) -> Any:
+    """Hold ``home``'s lock for runs of ``name`` (an open file, locked until closed), or refuse:
+    a second run under that name would clear the first one's run folder as it starts, and
+    whichever saved second would find the name taken and lose its whole run. None where the
+    platform has no ``fcntl`` (no lock taken)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        return None
+    folder = home / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / f"run-{name}.lock", "a+", encoding="utf-8")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        who = handle.read().strip() or "another process"
+        handle.close()
+        raise RunStateError(f"another run of {name} is training in {home} ({who}): wait for it "
+                            "to finish, or train under another --name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def _let_go_locks(held: list[Any]) -> None:
+    for handle in held:
+        handle.close()  # (closing lets go of the lock)
+    held.clear()
 
 
 def _check_arguments(base: Any, options: Any) -> None:
@@ -398,10 +437,11 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
              options: TrainOptions | None, home: str | os.PathLike[str] | None,
              plugins: PluginManager, resume: bool, restart: bool, callbacks: list[Any] | None,
              on: str | None, start_from: str | None, say: Callable[[str], None],
-             main: bool = True) -> _Run:
+             main: bool = True, held: list[Any] | None = None) -> _Run:
     """Everything that can be refused is refused here, before the first step (:func:`_check`,
     then lengths); then the base is loaded and the job built. Only the ``main`` process
-    clears an old run's folder."""
+    clears an old run's folder, holding the run's lock first (:func:`_lock_run`, appended to
+    ``held`` for the caller to let go when the run ends)."""
     from adapterkit.training.launch import ranks
 
     def check(*, checkpoint: bool = True) -> _Checked:
@@ -413,6 +453,9 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         """A fresh start reuses nothing of an earlier run, but the record of a stage it
         resumes; a restart discards its stages' runs too, now (a kill before they start would
         leave them behind)."""
+        lock = _lock_run(c.library.home, c.ref.name)  # before anything of a running one goes
+        if held is not None and lock is not None:
+            held.append(lock)
         if c.resume_from is not None:
             return
         if restart:

@@ -127,8 +127,16 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
 
 def _refuse_changed(name: str, recorded: dict[str, Any], now: dict[str, Any]) -> None:
     """Refuse the resume where ``now`` differs from what the run ``recorded``, listing each."""
-    changed = [f"{key} {_shown(recorded.get(key))} → {_shown(now.get(key))}"
-               for key in sorted(set(recorded) | set(now)) if recorded.get(key) != now.get(key)]
+    changed = []
+    for key in sorted(set(recorded) | set(now)):
+        old, new = recorded.get(key), now.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):  # (trainer_options): what differs
+            changed += [f"{key}.{k} {_shown(old.get(k))} → {_shown(new.get(k))}"
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        else:
+            changed.append(f"{key} {_shown(old)} → {_shown(new)}")
     if changed:
         raise RunStateError(f"the interrupted run of {name} was started with other settings: "
                             f"{'; '.join(changed)}; resume with the same settings, or pass "

@@ -99,7 +99,25 @@ def tracker_problems(value: Any) -> list[str]:
         elif not installed(TRACKERS[name].module):
             problems.append(f"report_to: {name} is not installed; install it with "
                             f"pip install 'adapterkit[{TRACKERS[name].extra}]'")
+        else:
+            broken = import_problem(TRACKERS[name].module)
+            if broken:
+                problems.append(f"report_to: {name} is installed but cannot be imported "
+                                f"({broken}); repair it, e.g. pip install --force-reinstall "
+                                f"'adapterkit[{TRACKERS[name].extra}]'")
     return problems
+
+
+def import_problem(module: str) -> str:
+    """Why ``module``, which is installed, fails to import ('' when it imports): a broken
+    install (a dependency missing, say) is found before the base loads, not as a traceback
+    in the run's first stage. Only for trackers asked for: importing one takes a moment."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # whatever the package raises as it imports
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return ""
 
 
 def installed(module: str) -> bool:
