@@ -162,36 +162,65 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
             _hand_over(run, result)
 
 
-def _lock_run(home: Path, name: str) -> Any:
-    """Hold ``home``'s lock for runs of ``name`` (an open file, locked until closed), or refuse:
-    a second run under that name would clear the first one's run folder as it starts, and
-    whichever saved second would find the name taken and lose its whole run. None where the
-    platform has no ``fcntl`` (no lock taken)."""
+def _lock_run(home: Path, name: str) -> _RunLock | None:
+    """Hold ``home``'s lock for runs of ``name``, or refuse: a second run under that name would
+    clear the first one's run folder as it starts, and whichever saved second would find the
+    name taken and lose its whole run. None where the platform has no ``fcntl``."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
         return None
     folder = home / "locks"
+    created = [d for d in (home, folder) if not d.exists()]  # removed again, empty, at the end
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / f"run-{name}.lock", "a+", encoding="utf-8")  # noqa: SIM115
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        who = handle.read().strip() or "another process"
+    path = folder / f"run-{name}.lock"
+    while True:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the run ends)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            who = handle.read().strip() or "another process"
+            handle.close()
+            raise RunStateError(f"another run of {name} is training in {home} ({who}): wait "
+                                "for it to finish, or train under another --name") from None
+        try:  # the file a run that just ended removed is not the lock: take the new one
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         handle.close()
-        raise RunStateError(f"another run of {name} is training in {home} ({who}): wait for it "
-                            "to finish, or train under another --name") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
     handle.flush()
-    return handle
+    return _RunLock(handle, path, created)
+
+
+@dataclass
+class _RunLock:
+    """A held run lock: the locked file, and the folders taking it created."""
+
+    handle: Any
+    path: Path
+    created: list[Path]
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock (in that order: a run starting now
+        locks a file of its own), and the folders it created where they are empty: a run that
+        failed leaves the home as it found it."""
+        self.path.unlink(missing_ok=True)
+        self.handle.close()
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote there): kept
+                break
 
 
 def _let_go_locks(held: list[Any]) -> None:
-    for handle in held:
-        handle.close()  # (closing lets go of the lock)
+    for lock in held:
+        lock.release()
     held.clear()
 
 
