@@ -272,14 +272,33 @@ def test_a_second_run_under_a_name_in_training_is_refused_before_it_clears_anyth
     interrupted(tiny_base, rows, home, pm)  # a run folder with checkpoints, as a running one
     held = [_lock_run(home, "cut")]  # what a run of "cut" training in another process holds
     try:
-        with pytest.raises(RunStateError, match=rf"^another run of cut is training in {home} "
-                                                rf"\(pid \d+\): wait for it to finish, or "
-                                                r"train under another --name$"):
-            train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
-                  options=TrainOptions(**OPTS), restart=True)
+        # a running run's checkpoints are no interrupted run to resume or restart
+        for again in ({}, {"restart": True}, {"resume": True}):
+            with pytest.raises(RunStateError, match=rf"^another run of cut is training in "
+                                                    rf"{home} \(pid \d+\): wait for it to "
+                                                    r"finish, or train under another --name$"):
+                train("sft", base=str(tiny_base), data=rows, name="cut", home=home,
+                      plugins=pm, options=TrainOptions(**OPTS), **again)
         assert (home / "runs" / "cut" / "checkpoint-4").is_dir()  # nothing of it cleared
     finally:
         _let_go_locks(held)
     result = train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
                    options=TrainOptions(**OPTS), resume=True)  # free again: the lock went
     assert result.metrics["steps"] == 10
+
+
+def test_a_home_whose_filesystem_has_no_locks_trains_unlocked(tiny_base, rows, home, pm,
+                                                               monkeypatch):
+    """flock fails otherwise than "taken" on some network mounts: that is no other run, so
+    the run goes on (as before there were locks) and leaves no lock file behind."""
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    result = train("sft", base=str(tiny_base), data=rows, name="free", home=home, plugins=pm,
+                   options=TrainOptions(**{**OPTS, "max_steps": 2}))
+    assert result.metrics["steps"] == 2
+    assert not (home / "locks").exists()

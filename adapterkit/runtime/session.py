@@ -34,6 +34,7 @@ from adapterkit.lora.factors import (
     pad,
     read_factors,
     resident_tensors,
+    weight_text,
 )
 from adapterkit.runtime.peft_model import members_of, quantization_of
 
@@ -419,7 +420,8 @@ class Session:
                     [(self.books[k].factors[path], keys[k]) for k in held], names=held),
                     scale=1.0)
         rank = max((f.rank for f in factors.values()), default=0)
-        return LoadedBook("+".join(f"{k}*{w:g}" for k, w in keys.items()), rank, factors)
+        return LoadedBook("+".join(f"{k}*{weight_text(w)}" for k, w in keys.items()), rank,
+                          factors)
 
     @contextmanager
     def using(self, adapter: str | dict[str, float] | None) -> Iterator[None]:

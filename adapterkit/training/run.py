@@ -9,6 +9,7 @@ registries, so every trainer works with every method.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -175,13 +176,21 @@ def _lock_run(home: Path, name: str) -> _RunLock | None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"run-{name}.lock"
     while True:
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the run ends)
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the end)
+        except FileNotFoundError:  # a run ending now removed the folder it had made
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             handle.seek(0)
             who = handle.read().strip() or "another process"
             handle.close()
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                _RunLock(None, path, created).release()  # a filesystem without locks (some
+                return None  # network mounts): the run goes on unlocked, as before
+            _RunLock(None, path, created, owned=False).release()
             raise RunStateError(f"another run of {name} is training in {home} ({who}): wait "
                                 "for it to finish, or train under another --name") from None
         try:  # the file a run that just ended removed is not the lock: take the new one
@@ -204,13 +213,22 @@ class _RunLock:
     handle: Any
     path: Path
     created: list[Path]
+    #: Whether the file at ``path`` is this lock's (a refused run removes only its folders).
+    owned: bool = True
 
     def release(self) -> None:
-        """Remove the lock file, then let go of the lock (in that order: a run starting now
-        locks a file of its own), and the folders it created where they are empty: a run that
-        failed leaves the home as it found it."""
-        self.path.unlink(missing_ok=True)
-        self.handle.close()
+        """Remove the lock file where it is still this lock's, then let go of the lock (in that
+        order: a run starting now locks a file of its own), and the folders it created where
+        they are empty: a run that failed leaves the home as it found it."""
+        if self.owned:
+            try:
+                if self.handle is None or \
+                        os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+        if self.handle is not None:
+            self.handle.close()
         for folder in reversed(self.created):
             try:
                 folder.rmdir()
@@ -471,7 +489,19 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     then lengths); then the base is loaded and the job built. Only the ``main`` process
     clears an old run's folder, holding the run's lock first (:func:`_lock_run`, appended to
     ``held`` for the caller to let go when the run ends)."""
+    from adapterkit.home import resolve_home
+    from adapterkit.library.names import parse_ref
     from adapterkit.training.launch import ranks
+
+    if main and held is not None:  # before the run folder is read (a running run's
+        try:  # checkpoints are no interrupted run) or cleared
+            lock = _lock_run(resolve_home(home), parse_ref(name).name)
+        except RunStateError:
+            raise
+        except Exception:  # a bad name or home: refused, naming it, by the checks below
+            lock = None
+        if lock is not None:
+            held.append(lock)
 
     def check(*, checkpoint: bool = True) -> _Checked:
         return _check(trainer, data=data, name=name, options=options, home=home,
@@ -482,9 +512,6 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         """A fresh start reuses nothing of an earlier run, but the record of a stage it
         resumes; a restart discards its stages' runs too, now (a kill before they start would
         leave them behind)."""
-        lock = _lock_run(c.library.home, c.ref.name)  # before anything of a running one goes
-        if held is not None and lock is not None:
-            held.append(lock)
         if c.resume_from is not None:
             return
         if restart:

@@ -132,9 +132,10 @@ def _refuse_changed(name: str, recorded: dict[str, Any], now: dict[str, Any]) ->
         old, new = recorded.get(key), now.get(key)
         if old == new:
             continue
-        if isinstance(old, dict) and isinstance(new, dict):  # (trainer_options): what differs
-            changed += [f"{key}.{k} {_shown(old.get(k))} → {_shown(new.get(k))}"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if isinstance(old, dict) and isinstance(new, dict):  # (trainer_options): what
+            inner = [k for k in sorted(set(old) | set(new))  # differs in them
+                     if (k in old, old.get(k)) != (k in new, new.get(k))]
+            changed += [f"{key}.{k} {_shown(old.get(k))} → {_shown(new.get(k))}" for k in inner]
         else:
             changed.append(f"{key} {_shown(old)} → {_shown(new)}")
     if changed:
