@@ -173,11 +173,9 @@ def test_paths_that_are_not_paths_are_refused(books, tiny_base, peft_adapter):
     (lambda lib: stack(lib, ["a", "b"], [], name="x"), ["2 pocket books but 0 weights"]),
     (lambda lib: merge(lib, ["a", "b"], [], method="cat", name="x"),
      ["2 pocket books but 0 weights"]),
-    (lambda lib: merge(lib, ["a", "a@1"], None, method="linear", name="x"),
-     ["a@1 is named 2 times (a, a@1)", "name it once"]),
 ], ids=["stack-empty", "stack-str-refs", "merge-str-refs", "merge-str-library",
         "stack-str-library", "rank-str", "rank-bool", "density-str", "weights-float",
-        "stack-no-weights", "merge-no-weights", "merge-same-book"])
+        "stack-no-weights", "merge-no-weights"])
 def test_bad_combine_arguments_are_refused_in_one_line(books, call, words):
     with pytest.raises(AdapterkitError) as info:
         call(books)

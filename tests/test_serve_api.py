@@ -888,7 +888,7 @@ def test_metrics_count_answers_delivered_and_500s(served, client, monkeypatch):
 def test_chat_server_stack_weights_reach_the_server_exactly(weight):
     """`chat --server`'s /stack writes each weight so the server's parser reads it back
     exactly: `:g` kept six digits (0.1234567 → 0.123457), and 1e+20's `+` split the stack."""
-    from adapterkit.lora.factors import weight_text
+    from adapterkit.library.names import weight_text
     from adapterkit.serving.names import parse
 
     assert parse(f"law*{weight_text(weight)}+chem") == [("law", weight), ("chem", None)]

@@ -700,7 +700,7 @@ def test_removed_and_replaced_pocket_books_are_let_go_but_never_under_a_running_
 def test_stack_names_read_signed_and_exponent_weights_and_say_a_missing_one():
     """``code@1*1e+30`` (how the server wrote such a weight back in ``model``) parted at its
     "+" into two terms; ``caps*`` said "weight '' is not a number"."""
-    from adapterkit.lora.factors import weight_text
+    from adapterkit.library.names import weight_text
     from adapterkit.serving.names import parse
 
     assert parse("code@1*1e+30") == [("code@1", 1e30)]

@@ -427,7 +427,7 @@ def _chat_on_server(url: str, api_key: str | None, adapter: str | None,
                 click.echo(f"now answering with {model}")
             elif command == "/stack":
                 weights = _parse_stack(rest.split())
-                from adapterkit.lora.factors import weight_text
+                from adapterkit.library.names import weight_text
 
                 model = checked("+".join(f"{n}*{weight_text(w)}" for n, w in weights.items()))
                 click.echo(f"now answering with {model}")

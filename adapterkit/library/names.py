@@ -69,3 +69,11 @@ def parse_ref(text: str | Ref) -> Ref:
     if len(digits) > len(str(MAX_VERSION)) or int(digits) > MAX_VERSION:
         raise InvalidName(f"invalid version in {text!r}: versions go from 1 to {MAX_VERSION}")
     return Ref(name, int(digits))
+
+
+def weight_text(weight: float) -> str:
+    """The shortest text that reads back as ``weight`` exactly (``1``, ``0.5``, ``1e30``): in a
+    command to run again or a stack's model name every digit counts (``:g`` keeps six), and an
+    exponent has no ``+``, where a stack's name would part."""
+    text = repr(float(weight)).replace("e+", "e")
+    return text[:-2] if text.endswith(".0") else text

@@ -571,7 +571,7 @@ class Library:
         if book.meta.kind == "stack":  # its members' folders, weighted: no one PEFT folder
             weights = book.meta.hyperparameters.get("weights", {})
             members = " ".join(weights)
-            from adapterkit.lora.factors import weight_text
+            from adapterkit.library.names import weight_text
 
             values = ",".join(weight_text(w) for w in weights.values())
             raise InvalidAdapter(

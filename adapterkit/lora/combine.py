@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.errors import BaseMismatch, ConfigError, InvalidAdapter, PluginError
 from adapterkit.library.integrity import check_book, held_weights, recorded_structure
 from adapterkit.library.metadata import CONFIG_FILE, WEIGHTS_FILE, PocketBookMeta
+from adapterkit.library.names import weight_text
 from adapterkit.library.peft_folder import non_finite, read_config
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import (
@@ -32,7 +33,6 @@ from adapterkit.lora.factors import (
     read_factors,
     stored_tensors,
     tensors_of,
-    weight_text,
 )
 from adapterkit.lora.factors import scale_of as factors_scale_of
 
@@ -156,12 +156,6 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
                               "merge its members")
     weights = check_weights([b.ref for b in books], _or_ones(weights, books),
                             allow_negative=strategy.allows_negative, method=method)
-    for ref in dict.fromkeys(b.ref for b in books):  # "a a" or "a a@1": one book, not two
-        named = [r for r, b in zip(refs, books) if b.ref == ref]
-        if len(named) > 1:
-            raise ConfigError(
-                f"{ref} is named {len(named)} times ({', '.join(named)}); a merge combines "
-                "different pocket books: name it once")
     check_underlays(books, "the merge")
     fingerprints = {b.meta.base_fingerprint for b in books}
     if len(fingerprints) > 1:

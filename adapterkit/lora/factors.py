@@ -42,13 +42,6 @@ def finite_weight(w: Any) -> bool:
     return isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
 
 
-def weight_text(weight: float) -> str:
-    """The shortest text that reads back as ``weight`` exactly (``1``, ``0.5``, ``1e30``): in a
-    command to run again or a stack's model name every digit counts (``:g`` keeps six), and an
-    exponent has no ``+``, where a stack's name would part."""
-    text = repr(float(weight)).replace("e+", "e")
-    return text[:-2] if text.endswith(".0") else text
-
 
 def scale_of(config: dict[str, Any], module: str) -> float:
     """PEFT's ``scaling`` for ``module``: ``alpha / r`` (``alpha / √r`` with rsLoRA), with ``r``

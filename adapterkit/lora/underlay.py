@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import BaseMismatch, InvalidAdapter, PocketBookNotFound
 from adapterkit.library.integrity import check_book, held_weights
+from adapterkit.library.names import weight_text
 from adapterkit.library.peft_folder import read_config
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import (
@@ -32,7 +33,6 @@ from adapterkit.lora.factors import (
     finite_weight,
     read_factors,
     resident_tensors,
-    weight_text,
 )
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -26,6 +26,7 @@ from adapterkit.errors import (
     PocketBookNotFound,
 )
 from adapterkit.library.integrity import base_structure, check_book
+from adapterkit.library.names import weight_text
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.lora.factors import (
     Factors,
@@ -34,7 +35,6 @@ from adapterkit.lora.factors import (
     pad,
     read_factors,
     resident_tensors,
-    weight_text,
 )
 from adapterkit.runtime.peft_model import members_of, quantization_of
 

@@ -29,9 +29,8 @@ from adapterkit.errors import (
     InvalidName,
     PocketBookNotFound,
 )
-from adapterkit.library.names import parse_ref
+from adapterkit.library.names import parse_ref, weight_text
 from adapterkit.library.store import Library, PocketBook
-from adapterkit.lora.factors import weight_text
 
 #: How many pocket books one stack may name (a bound on the work one request can ask for).
 MAX_MEMBERS = 16
