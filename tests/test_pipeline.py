@@ -507,3 +507,16 @@ def test_stage_lines_say_why_no_forgetting_figure_and_a_rerun_that_trains_nothin
     assert again.exit_code == 0, again.output
     assert "Nothing trained: every stage was finished by an earlier run" in again.output
     assert "Saved once@1" not in again.output
+
+
+def test_chat_false_with_message_rows_is_refused_in_the_recipes_words(adapterkit_cli, data,
+                                                                     tiny_base):
+    """A recipe says ``chat: false``, not ``--no-chat``: the refusal names what the user wrote."""
+    recipe = {"base": str(tiny_base), **FAST,
+              "stages": [{"name": "talk", "trainer": "sft", "data": "messages.jsonl",
+                          "chat": False}]}
+    result = adapterkit_cli("pipeline", write_recipe(data["general"].parent, recipe))
+    assert result.exit_code == 1
+    assert "stage 1 (talk): chat: false: " in result.output
+    assert "drop chat: false or give string rows" in result.output
+    assert "--no-chat" not in result.output

@@ -322,7 +322,8 @@ def test_null_sampling_options_mean_the_default_as_openai_takes_them(served, cli
     assert len(answer.choices) == 1 and answer.usage.completion_tokens > 0
     response = post(served, "/v1/completions", {"model": "law", "prompt": "x", "max_tokens": 2,
                                                 "temperature": None, "top_p": None, "n": None,
-                                                "stream": None})
+                                                "stream": None, "echo": None,
+                                                "suffix": None, "best_of": None})
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 1
     assert [(r.temperature, r.top_p) for r in seen] == [(1.0, 1.0), (1.0, 1.0)]  # the defaults
@@ -423,15 +424,23 @@ def test_a_client_leaving_before_a_whole_answer_frees_its_row(slow, monkeypatch)
     assert request.completion_tokens < 150
 
 
-def test_a_damaged_pocket_book_fails_alone(client, session):
+def _good_beside_bad(client, session, model: str, error: type[openai.APIError]) -> dict:
+    """Ask for ``model`` while a good request for ``law`` shares its prefill: the good one must
+    get its own answer (what a session alone gives), the bad one ``error``, whose body comes
+    back."""
     with ThreadPoolExecutor(2) as pool:
         good = pool.submit(chat, client, "law", max_tokens=48)
-        bad = pool.submit(chat, client, "broken")
-        with pytest.raises(openai.InternalServerError) as info:
+        bad = pool.submit(chat, client, model)
+        with pytest.raises(error) as info:
             bad.result()
-        assert "broken@1" in info.value.body["message"]  # type: ignore[index]
         assert good.result().choices[0].message.content.strip() == session.generate(
             PROMPT, adapter="law", max_new_tokens=48)
+    return info.value.body  # type: ignore[return-value]
+
+
+def test_a_damaged_pocket_book_fails_alone(client, session):
+    body = _good_beside_bad(client, session, "broken", openai.InternalServerError)
+    assert "broken@1" in body["message"]
     with pytest.raises(openai.APIError):  # streaming: an error event, then the stream ends
         list(chat(client, "broken", stream=True))
     assert chat(client, "law").choices[0].finish_reason in ("stop", "length")
@@ -445,15 +454,8 @@ def test_a_pocket_book_the_server_cannot_apply_exactly_is_400_and_fails_alone(
     served.library.import_peft(make_peft_adapter(served.tiny_base, served.root / "dora",
                                                  seed=6, use_dora=True), "dora",
                                base=str(served.tiny_base))
-    with ThreadPoolExecutor(2) as pool:
-        good = pool.submit(chat, client, "law", max_tokens=48)
-        bad = pool.submit(chat, client, "dora")
-        with pytest.raises(openai.BadRequestError) as info:
-            bad.result()
-        body = info.value.body
-        assert body["code"] == "model_not_servable" and "DoRA" in body["message"]  # type: ignore[index]
-        assert good.result().choices[0].message.content.strip() == session.generate(
-            PROMPT, adapter="law", max_new_tokens=48)
+    body = _good_beside_bad(client, session, "dora", openai.BadRequestError)
+    assert body["code"] == "model_not_servable" and "DoRA" in body["message"]
     response = post(served, "/v1/completions", {"model": "dora", "prompt": "x", "stream": True,
                                                 "max_tokens": 4})
     events = [json.loads(line[len("data: "):]) for line in response.text.splitlines()
@@ -465,16 +467,9 @@ def test_a_stack_weight_the_base_cannot_take_is_400_naming_it_and_fails_alone(cl
     """``code*1e30`` passes the factors' own overflow check but drives the base's scores to
     infinity from the first token: the request's weight, not a server fault — 400 naming it
     (it was a 500 "generation failed"), while the request sharing its prefill is answered."""
-    with ThreadPoolExecutor(2) as pool:
-        good = pool.submit(chat, client, "law", max_tokens=48)
-        bad = pool.submit(chat, client, "code*1e30")
-        with pytest.raises(openai.BadRequestError) as info:
-            bad.result()
-        body = info.value.body
-        assert body["type"] == "invalid_request_error" and body["param"] == "model"  # type: ignore[index]
-        assert "code@1 at weight 1e+30" in body["message"]  # type: ignore[index]
-        assert good.result().choices[0].message.content.strip() == session.generate(
-            PROMPT, adapter="law", max_new_tokens=48)
+    body = _good_beside_bad(client, session, "code*1e30", openai.BadRequestError)
+    assert body["type"] == "invalid_request_error" and body["param"] == "model"
+    assert "code@1 at weight 1e+30" in body["message"]
     assert chat(client, "law*2").choices[0].finish_reason in ("stop", "length")
 
 

@@ -105,10 +105,10 @@ def test_unknown_and_foreign_pocket_books(tiny_base, other_base, books, home, li
         session.swap("ghost")
     foreign = make_peft_adapter(other_base, tmp_path / "foreign")
     library.import_peft(foreign, "foreign", base=str(other_base))
-    # the way on names the commands that have --force (eval and serve have none)
+    # the way on names the commands that have --force (chat, eval and serve have none)
     with pytest.raises(BaseMismatch, match=r"was made on base other.*; load other instead \(only "
-                                           r"if you know the weights are compatible, `generate`, "
-                                           r"`swap` and `chat` attach it anyway with --force\)"):
+                                           r"if you know the weights are compatible, `generate` "
+                                           r"and `swap` attach it anyway with --force\)"):
         session.attach("foreign")
     session.attach("law")
     with pytest.raises(PocketBookNotFound, match="attached: law@1"):

@@ -24,7 +24,7 @@ def check_base(base: Any, book: Any, *, force: bool = False) -> None:
     )
     if not force:
         raise BaseMismatch(message + f"; load {book.meta.base.get('name', 'its base')} instead "
-                                     "(only if you know the weights are compatible, `generate`, "
-                                     "`swap` and `chat` attach it anyway with --force)",
+                                     "(only if you know the weights are compatible, `generate` "
+                                     "and `swap` attach it anyway with --force)",
                            mismatch=message)
     warnings.warn(message + "; attached anyway because it was forced", UserWarning, stacklevel=2)

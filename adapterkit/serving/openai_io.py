@@ -218,14 +218,14 @@ class CompletionRequest(_Body):
     """``POST /v1/completions``: a raw prompt, no chat template."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
+    echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         # here logprobs is a count of alternatives, and 0 still asks for the chosen tokens'
-        for field, is_set in {"echo": self.echo, "suffix": self.suffix is not None,
+        for field, is_set in {"echo": bool(self.echo), "suffix": self.suffix is not None,
                               "best_of": self.best_of not in (None, 1),
                               "logprobs": self.logprobs is not None}.items():
             if is_set:

@@ -372,21 +372,23 @@ def _check_preferences(rows: list[dict[str, Any]], numbers: list[int],
     return rows
 
 
-def check_rendering(data: Data, chat: bool | None, *, template: bool = True) -> None:
+def check_rendering(data: Data, chat: bool | None, *, template: bool = True,
+                    flag: str = "--no-chat") -> None:
     """Refuse message rows (a chat ``messages`` list, or a field that is one) that would not go
     through a chat template: TRL renders them with it whatever ``chat`` says, so ``--no-chat``
     would change nothing but the record, and a base without a template cannot render them.
 
     :param chat: the run's ``chat`` option (``None``: when the base has a template).
     :param template: whether the base's tokenizer has one (before the base loads: ``True``).
+    :param flag: how the user said ``chat`` is false (a recipe says ``chat: false``).
     """
     if chat is not False and template:
         return
     if not any(isinstance(value, list) for row in data.rows for value in row.values()):
         return
     if chat is False:
-        raise ConfigError(f"--no-chat: {data.source} holds message rows, and message rows are "
-                          "always rendered with the chat template; drop --no-chat or give "
+        raise ConfigError(f"{flag}: {data.source} holds message rows, and message rows are "
+                          f"always rendered with the chat template; drop {flag} or give "
                           "string rows")
     raise ConfigError(f"{data.source} holds message rows, which are rendered with the chat "
                       "template, and this base's tokenizer has none: give string rows, or a "

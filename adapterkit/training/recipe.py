@@ -257,7 +257,7 @@ def _read_stage(index: int, item: Any, shared: dict[str, Any], folder: Path,
                             f"folder, {folder})")
         try:
             if dataset is not None:
-                check_rendering(dataset, options.chat if options else None)
+                check_rendering(dataset, options.chat if options else None, flag="chat: false")
         except ConfigError as exc:
             problems.append(f"{where}: {exc}")
     refs = {k: item.get(k) if isinstance(item.get(k), str) else None for k in ("on", "from")}
