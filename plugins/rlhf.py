@@ -171,6 +171,9 @@ class RLHF(Trainer):
         o: RLHFOptions = job.trainer_options
         library = Library(job.home)
         dataset = _prompts(job)
+        if len(dataset) < len(job.data.rows):  # the row count said so far is the file's
+            job.say(f"The policy samples answers for the {len(dataset)} distinct prompts of "
+                    f"the {len(job.data.rows)} rows.")
 
         def check_room(chat: bool) -> None:  # the reward pocket book reads the whole text
             RewardScorer.check_room(job.tokenizer, [r["prompt"] for r in dataset], chat=chat,

@@ -561,3 +561,20 @@ def test_reward_flag_and_set_reward_together_are_refused(adapterkit_cli, tiny_ba
     assert out.output.strip().splitlines()[-1] == (
         "Error: --reward r1 and --set reward=r2 both name the reward pocket book: give it once "
         "(--reward)")
+
+
+def test_rlhf_says_how_many_distinct_prompts_the_policy_samples_for(rlhf_run, tiny_base):
+    """Pairs repeat their prompts (one prompt, several pairs): the run's "(N rows)" is the
+    file's count, and the policy samples for each distinct prompt once — said, not hidden."""
+    home, data, pm, _, _ = rlhf_run
+    rows = data.read_text().splitlines()
+    twice = data.with_name("prefs-twice.jsonl")
+    twice.write_text("\n".join(rows + rows) + "\n")
+    distinct = len({json.dumps(json.loads(r)["prompt"]) for r in rows})
+    said: list[str] = []
+    options = TrainOptions(**{**RL, "max_steps": 1},
+                           trainer_options={"reward": "kind-reward", "max_new_tokens": 4})
+    train("rlhf", base=str(tiny_base), data=str(twice), name="kind-twice", home=home,
+          plugins=pm, options=options, progress=said.append)
+    assert (f"The policy samples answers for the {distinct} distinct prompts of the "
+            f"{2 * len(rows)} rows.") in said

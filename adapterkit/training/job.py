@@ -84,6 +84,9 @@ class TrainJob:
     run_name: str = ""
     #: :meth:`base_text_loss` calls by phase: whether the value came from the cache.
     cache_reads: dict[str, bool] = field(default_factory=dict)
+    #: Tell the user one line, where the run's progress goes (nothing on other processes
+    #: of a multi-process run): e.g. that the trainer reads fewer rows than the file holds.
+    say: Callable[[str], None] = field(default=lambda message: None)
     _model: Any = None
 
     @property

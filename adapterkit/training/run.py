@@ -603,7 +603,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
                    callbacks=list(callbacks or []), guard=guard, base=loaded,
                    stacked_on=underlay, start=parent if start_from else None,
                    home=library.home, name=str(ref), stage_runner=run_stage,
-                   run_name=tracked.run_name if tracked else "")
+                   run_name=tracked.run_name if tracked else "", say=say)
     from adapterkit.training.precision import check_resume, hold, name_of, training_dtype
 
     if str(loaded.model.device) == "cpu":  # every check passed: the steps' precision
