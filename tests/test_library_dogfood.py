@@ -122,6 +122,30 @@ def test_doctor_finds_and_quarantines_a_stack_whose_member_was_removed(books, ad
     assert again.exit_code == 0 and "healthy" in again.output
 
 
+def test_doctor_quarantines_a_stack_whose_member_was_replaced_under_its_name(
+        books, adapterkit_cli, home, tiny_base, tmp_path):
+    """`rm --force pe2`, then another pocket book imported as pe2@1: the stack saved with the
+    first pe2 fails on every use (its member hashes), so doctor treats it as it treats a
+    stack whose member is gone — it used to call the library healthy."""
+    from adapterkit.lora.combine import stack
+
+    stack(books, ["pe@1", "pe2"], [1.0, 0.5], name="st1")
+    stack(books, ["pe@1", "pe@2"], None, name="intact")
+    books.remove("pe2@1", force=True)
+    other = make_peft_adapter(tiny_base, tmp_path / "other", seed=9)
+    assert books.import_peft(other, "pe2", base=str(tiny_base)).ref == "pe2@1"
+
+    dry = adapterkit_cli("doctor", "--dry-run")
+    assert dry.exit_code == 1, dry.output
+    assert ("dangling  st1@1: a stack of pe2@1 with other weights than this library's pe2@1 "
+            "now holds") in dry.output
+    assert "intact" not in dry.output
+    fixed = adapterkit_cli("doctor")
+    assert fixed.exit_code == 0, fixed.output
+    assert not books.exists("st1") and books.exists("intact") and books.exists("pe2")
+    assert [p.name.split("-")[0] for p in (home / "quarantine").iterdir()] == ["st1@1"]
+
+
 # -- 3: rm names what is needed, and by what ------------------------------------------------
 
 def test_rm_all_versions_names_only_the_versions_needed(books, adapterkit_cli):

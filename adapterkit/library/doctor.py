@@ -14,7 +14,9 @@ reads every entry:
   header, a planted pickle or link; the fit to the base is checked when a base is loaded):
   moved to ``<home>/quarantine/``, never deleted, so nothing is lost.
 * ``dangling`` — a saved stack naming a member the library no longer holds (removed with
-  ``rm --force``, or damaged): moved to ``<home>/quarantine/``, like a damaged folder.
+  ``rm --force``, or damaged), or holds with other weights than the stack was saved with
+  (another pocket book under that name): moved to ``<home>/quarantine/``, like a damaged
+  folder.
 * ``leftover`` — a ``ref/`` folder in a pocket book: TRL's frozen copy of the adapter it
   started from (DPO's reference), which earlier versions saved beside a ``dpo`` pocket book
   (and pushed with it). Not part of the pocket book: moved to ``<home>/quarantine/``.
@@ -43,7 +45,7 @@ from adapterkit.files import fsync_dir, move_back
 from adapterkit.library.catalog import Catalog, CatalogWarning
 from adapterkit.library.integrity import REPAIR, check_book
 from adapterkit.library.layout import DamagedBookWarning, index
-from adapterkit.library.metadata import CONFIG_FILE, METADATA_FILE, PocketBookMeta
+from adapterkit.library.metadata import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, PocketBookMeta
 from adapterkit.library.store import Library, PocketBook, needed_refs
 
 QUARANTINE = "quarantine"
@@ -149,18 +151,35 @@ def examine(library: Library, *, repair: bool) -> Report:
 def _check_stacks(library: Library, report: Report,
                   healthy: dict[tuple[str, int], tuple[PocketBookMeta, Path]],
                   quarantine: list[tuple[str, int, Path]], repair: bool) -> None:
-    """A saved stack whose member is gone (``rm --force``, or damaged and quarantined) fails
-    on every use: it is moved to quarantine like a damaged folder. A pocket book trained on
+    """A saved stack whose member is gone (``rm --force``, or damaged and quarantined), or
+    holds other weights than the stack recorded, fails on every use: it is moved to
+    quarantine like a damaged folder. A pocket book trained on
     top of a missing one is left alone: a pull warns of that and lets it come later."""
-    present = {f"{name}@{version}" for name, version in healthy}
+    held = {f"{name}@{version}": meta.files.get(WEIGHTS_FILE)
+            for (name, version), (meta, _) in healthy.items()}
     for (name, version), (meta, folder) in sorted(healthy.items()):
-        gone = sorted(needed_refs(meta) - present)
-        if meta.kind != "stack" or not gone:
+        if meta.kind != "stack":
             continue
-        _add(report, "dangling", f"{name}@{version}", folder,
-             f"a stack of {', '.join(gone)}, which the library no longer holds (it fails on "
-             "every use)", f"move it to {library.home / QUARANTINE} (kept, not deleted)",
-             repair)
+        members = needed_refs(meta)
+        gone = sorted(members - set(held))
+        # the same name, other weights (`rm --force`, then an import under that name): every
+        # use refuses it (`check_under`), as it would a missing member
+        replaced = sorted(ref for ref in members & set(held)
+                          if meta.stacked_on_sha256.get(ref) and held[ref]
+                          and meta.stacked_on_sha256[ref] != held[ref])
+        if gone:
+            _add(report, "dangling", f"{name}@{version}", folder,
+                 f"a stack of {', '.join(gone)}, which the library no longer holds (it fails "
+                 "on every use)", f"move it to {library.home / QUARANTINE} (kept, not deleted)",
+                 repair)
+        elif replaced:
+            _add(report, "dangling", f"{name}@{version}", folder,
+                 f"a stack of {', '.join(replaced)} with other weights than this library's "
+                 f"{', '.join(replaced)} now holds (another pocket book under that name; it "
+                 "fails on every use)",
+                 f"move it to {library.home / QUARANTINE} (kept, not deleted)", repair)
+        else:
+            continue
         quarantine.append((name, version, folder))
 
 
