@@ -80,6 +80,31 @@ def test_train_on_a_resident_base_holds_it_until_result_model_unload(tiny_base, 
     session.close()
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_run_that_stops_mid_step_gives_the_base_back_in_eval_mode(tmp_path, home, data, stop):
+    """A run interrupted (Ctrl-C in a notebook) or failing in a step left the caller's base in
+    the trainer's train mode: on a base with dropout every later answer was random. The base
+    answers as a fresh load does again (eval mode, plain layers)."""
+    from transformers import TrainerCallback
+
+    from adapterkit.plugin_api.testing import make_tiny_base
+
+    folder = make_tiny_base(tmp_path / "dropout-base", seed=3, attention_dropout=0.3)
+    base = adapterkit.load_base(str(folder), home=home)
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **_):
+            raise stop("stopped")
+
+    options = adapterkit.TrainOptions(max_steps=3, batch_size=2, max_length=64, general="off",
+                                      forgetting_budget=0, precision="fp32")
+    with pytest.raises(stop):
+        adapterkit.train("sft", base=base, data=str(data), name="stopped", options=options,
+                         home=home, callbacks=[Stop()])
+    assert not base.model.training
+    torch.testing.assert_close(logits(base.model), reference(folder), rtol=0, atol=0)
+
+
 def test_peft_model_holds_the_base_until_unload(tiny_base, books, home, library):
     """Before: a second peft_model on the same base stacked both LoRAs (only a PEFT warning),
     and a session opened after it answered off() with the first pocket book."""

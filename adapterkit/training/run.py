@@ -269,13 +269,16 @@ def _check_arguments(base: Any, options: Any) -> None:
 def _hand_over(run: _Run, result: TrainResult | None) -> None:
     """After a run on a caller's base: a finished run's ``result.model`` holds its layers
     (named, for whoever is refused the base next); a failed run leaves no model that could
-    give them back, so its PEFT layers come off now."""
+    give them back, so its PEFT layers come off now, and the base is in eval mode again."""
     from adapterkit.lora.slots import clear_leftovers, wrapped_by
 
     if result is not None:
         wrapped_by(run.loaded.model, f"train()'s result.model ({result.pocket_book.ref})",
                    "result.model.unload()")
         return
+    # a run stopped mid-step leaves the trainer's train mode: dropout would then act in every
+    # answer the caller's base gives (a finished run is put in eval mode as it is measured)
+    run.loaded.model.eval()
     try:
         if run.job._model is not None:
             run.job._model.unload()
