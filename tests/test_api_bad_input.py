@@ -197,3 +197,85 @@ def test_every_combining_path_refuses_the_same_weights(books, weights, bad):
             call()
         one_line(info, ConfigError, bad)
     assert not books.exists("x")
+
+
+# -- peft_model's weights ------------------------------------------------------------------
+
+@pytest.fixture
+def on_top(library, tiny_base, tmp_path):
+    """``top`` trained on top of ``under``, and a saved stack ``both`` of them."""
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    for name, seed in (("under", 3), ("top", 4)):
+        library.import_peft(make_peft_adapter(tiny_base, tmp_path / name, seed=seed), name,
+                            base=str(tiny_base))
+    library.update_meta("top", lambda meta: setattr(meta, "stacked_on", ["under@1"]))
+    stack(library, ["under", "top"], [1.0, 0.5], name="both")
+    return library
+
+
+@pytest.fixture
+def resident(tiny_base, home):
+    return adapterkit.load_base(str(tiny_base), home=home)
+
+
+@pytest.mark.parametrize("weights,words", [
+    # a book trained on another, weighed without it: it answered without its underlay
+    (lambda b: [(b["top"], 0.5)], ["weights leaves out under@1, which top@1 was trained on",
+                                   "members_of(library, 'top@1') gives the whole list"]),
+    # the book asked for is not in the list: another book answered under its name
+    (lambda b: [(b["under"], 1.0)], ["weights leaves out top@1, the pocket book asked for"]),
+    (lambda b: [(b["under"], 1.0), (b["top"], math.nan)],
+     ["the weight of top@1 must be a finite number, not nan"]),
+    (lambda b: [(b["under"], 1.0), (b["top"], "0.5")],
+     ["the weight of top@1 must be a finite number, not '0.5'"]),
+    (lambda b: [(b["under"], 1.0), (b["top"], True)], ["not True"]),
+    (lambda b: [(b["both"], 1.0), (b["under"], 1.0), (b["top"], 1.0)],
+     ["both@1 is a saved stack; list its members"]),
+    (lambda b: [(b["under"], 1.0), (b["under"], 1.0), (b["top"], 1.0)],
+     ["weights names under@1 more than once"]),
+    (lambda b: [], ["weights must be a non-empty list"]),
+    (lambda b: [b["top"]], ["weights takes (pocket book, weight) pairs"]),
+])
+def test_peft_model_refuses_weights_it_would_answer_wrongly_with(on_top, resident, weights,
+                                                                 words):
+    """``peft_model(base, book, weights=...)`` loaded the list as given: without ``book``'s
+    underlay (5.8 off in the logits), another book under ``book``'s name, a NaN weight (NaN
+    logits); a string weight or a saved stack failed deep inside. Each is refused now, and
+    the base is left unwrapped."""
+    from adapterkit.runtime.peft_model import peft_model
+
+    books = {name: on_top.get(name) for name in ("under", "top", "both")}
+    with pytest.raises(AdapterkitError) as info:
+        peft_model(resident, books["top"], library=on_top, weights=weights(books))
+    one_line(info, ConfigError, *words)
+    model = peft_model(resident, books["top"], library=on_top)  # the base is free
+    model.unload()
+
+
+def test_peft_model_weights_as_members_of_gives_them_equals_plain_peft(on_top, resident,
+                                                                       tiny_base):
+    """The whole list, as ``members_of`` gives it, with a weight changed: plain PEFT of the
+    same two folders, the top one's scale halved by hand."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit.runtime.peft_model import peft_model
+
+    under, top = on_top.get("under"), on_top.get("top")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    model = peft_model(resident, top, library=on_top, weights=[(under, 1.0), (top, 0.5)])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    model.unload()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base),
+                                      str(under.path), adapter_name="u")
+    plain.load_adapter(str(top.path), adapter_name="t")
+    plain.base_model.set_adapter(["u", "t"], inference_mode=True)
+    for module in plain.modules():
+        if isinstance(getattr(module, "scaling", None), dict) and "t" in module.scaling:
+            module.scaling["t"] *= 0.5
+    with torch.no_grad():
+        want = plain.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -64,7 +64,10 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
 
     A pocket book trained ``--on`` others brings its stack back, and a stack its members: all
     are loaded as PEFT adapters and active together (PEFT's multi-adapter support), each
-    PEFT-computed scale multiplied by the member's weight (``weights`` overrides the list).
+    PEFT-computed scale multiplied by the member's weight. ``weights`` gives that whole list
+    of ``(pocket book, weight)`` instead, as :func:`members_of` would (``book`` itself, unless
+    it is a stack, and every member's underlays included: a list leaving one out is refused,
+    never silently answered without it).
 
     PEFT puts its LoRA layers into ``base.model`` itself (no copy of the base is made), so the
     base is held by the returned model until you call its ``unload()``: meanwhile a session,
@@ -83,7 +86,8 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
     if not isinstance(book, PocketBook):
         raise ConfigError(f"peft_model takes a pocket book, not {book!r:.80}: pass "
                           "library.get(name)")
-    items = weights or members_of(library or Library(), book)
+    items = members_of(library or Library(), book) if weights is None else \
+        _checked_weights(book, weights)
     structure = base_structure(base)
     for item, w in items:
         check_base(base, item, force=force)
@@ -112,6 +116,47 @@ def peft_model(base: Any, book: PocketBook, *, adapter_name: str = "default",
                "that model's .unload()")
     model.eval()
     return model
+
+
+def _checked_weights(book: PocketBook, weights: Any) -> list[tuple[PocketBook, float]]:
+    """``weights`` as :func:`peft_model` takes it, or a refusal saying what to pass: a list of
+    ``(pocket book, finite number)`` holding ``book`` (unless it is a stack) and what each
+    member was trained ``--on``, each once, and no saved stack (its members, expanded)."""
+    from adapterkit.lora.factors import finite_weight
+
+    whole = f"members_of(library, {book.ref!r}) gives the whole list"
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise ConfigError(f"weights must be a non-empty list of (pocket book, weight) pairs, "
+                          f"not {weights!r:.80}: leave it out for {book.ref}'s own, or "
+                          f"{whole}")
+    out: list[tuple[PocketBook, float]] = []
+    for pair in weights:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and isinstance(pair[0], PocketBook)):
+            raise ConfigError(f"weights takes (pocket book, weight) pairs, not {pair!r:.80}")
+        item, w = pair
+        if not finite_weight(w):
+            raise ConfigError(f"weights: the weight of {item.ref} must be a finite number, "
+                              f"not {w!r}")
+        if item.meta.kind == "stack":
+            raise ConfigError(f"weights: {item.ref} is a saved stack; list its members "
+                              f"instead ({whole.replace(book.ref, item.ref)})")
+        out.append((item, float(w)))
+    refs = [item.ref for item, _ in out]
+    twice = sorted({r for r in refs if refs.count(r) > 1})
+    if twice:
+        raise ConfigError(f"weights names {', '.join(twice)} more than once: give each "
+                          "pocket book one weight")
+    if book.meta.kind != "stack" and book.ref not in refs:
+        raise ConfigError(f"weights leaves out {book.ref}, the pocket book asked for: list it "
+                          f"too ({whole})")
+    for item, _ in out:
+        missing = [r for r in item.meta.stacked_on if r not in refs]
+        if missing:
+            raise ConfigError(f"weights leaves out {', '.join(missing)}, which {item.ref} was "
+                              f"trained on: list {'them' if len(missing) > 1 else 'it'} too, "
+                              f"at weight 1 to keep {item.ref} as trained ({whole})")
+    return out
 
 
 def _refuse_unweighable(item: PocketBook, weight: float, base: Any) -> None:
