@@ -31,7 +31,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class TrainOptions:
-    """Everything that shapes a training run (also the keys of a ``--config`` recipe)."""
+    """Everything that shapes a training run (also the keys of a ``--config`` recipe).
+
+    The fields are ``adapterkit train``'s options under their keyword names (``--max-steps``
+    is ``max_steps``; ``adapterkit train --help`` says what each does); they are checked when
+    the run starts (``train()``), all at once. ``forgetting_budget`` is in percent (``1`` for
+    the CLI's ``1%``); trainer options (``--set``) go in ``trainer_options``.
+    """
 
     method: str = "lora"
     r: int = 16
