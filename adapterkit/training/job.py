@@ -406,7 +406,9 @@ class TrainJob:
 
 @dataclass
 class TrainResult:
-    """A finished run: the saved pocket book and its metrics."""
+    """A finished run: the saved pocket book, its metrics, and ``model``, the trained PEFT
+    model on the resident base — which it holds (sessions, ``peft_model`` and another
+    ``train`` on that base are refused) until ``result.model.unload()``."""
 
     pocket_book: PocketBook
     metrics: dict[str, Any]
