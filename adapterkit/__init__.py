@@ -24,6 +24,7 @@ from adapterkit.errors import (
     NameTaken,
     PluginError,
     PocketBookNotFound,
+    RunStateError,
     TargetModuleError,
     UnsafeWeights,
 )
@@ -78,6 +79,8 @@ _LAZY = {
     "pad": "lora.factors",
     "tensors_of": "lora.factors",
     "loadable_together": "runtime.peft_model",
+    "members_of": "runtime.peft_model",
+    "WeightOverflow": "lora.factors",
 }
 
 __all__ = [
@@ -86,7 +89,7 @@ __all__ = [
     "AdapterkitError", "BaseLoadError", "BaseMismatch", "BaseNotFound", "CatalogError",
     "ConfigError", "DataFormatError", "InexactAdapter",
     "InvalidAdapter", "InvalidName", "MissingDependency", "NameTaken", "PluginError",
-    "PocketBookNotFound", "TargetModuleError", "UnsafeWeights", "__version__", "open", *_LAZY,
+    "PocketBookNotFound", "RunStateError", "TargetModuleError", "UnsafeWeights", "__version__", "open", *_LAZY,
 ]
 
 

@@ -222,7 +222,7 @@ def resident(tiny_base, home):
 @pytest.mark.parametrize("weights,words", [
     # a book trained on another, weighed without it: it answered without its underlay
     (lambda b: [(b["top"], 0.5)], ["weights leaves out under@1, which top@1 was trained on",
-                                   "members_of(library, 'top@1') gives the whole list"]),
+                                   "adapterkit.members_of(library, 'top@1') gives the whole list"]),
     # the book asked for is not in the list: another book answered under its name
     (lambda b: [(b["under"], 1.0)], ["weights leaves out top@1, the pocket book asked for"]),
     (lambda b: [(b["under"], 1.0), (b["top"], math.nan)],

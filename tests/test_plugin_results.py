@@ -173,6 +173,15 @@ class Hungry(MergeStrategy):
         raise MemoryError()
 
 
+class Quitter(MergeStrategy):
+    name = "quitter"
+
+    def merge(self, *, adapters, weights, **_):
+        import sys
+
+        sys.exit(2)
+
+
 class OldSignature(MergeStrategy):
     name = "old-signature"
 
@@ -191,6 +200,7 @@ def register_merge_strategies(register):
     register(ViaCore())
     register(Hungry())
     register(OldSignature())
+    register(Quitter())
 
 
 @hookimpl
@@ -230,6 +240,16 @@ def test_an_exception_in_a_plugins_code_is_one_line_naming_the_plugin(broken_cli
     monkeypatch.setenv("ADAPTERKIT_TRACEBACK", "1")  # its author sees where
     out = broken_cli("merge", "a", "b", "--method", "boom", "--name", "m")
     assert isinstance(out.exception, RuntimeError)
+
+
+def test_sys_exit_in_a_plugins_code_is_one_line_naming_the_plugin_not_a_silent_exit(
+        broken_cli):
+    """A strategy (or trainer...) calling ``sys.exit(2)`` ended the command with status 2 and
+    no word at all."""
+    out = broken_cli("merge", "a", "b", "--method", "quitter", "--name", "m")
+    assert out.exit_code == 1 and out.output.count("\n") == 1, out.output
+    assert out.output.startswith("Error: plugin 'brokenplugin' failed (brokenplugin.py:")
+    assert "SystemExit" in out.output
 
 
 def test_an_exception_raised_deeper_in_adapterkit_is_not_blamed_on_the_plugin(broken_cli,

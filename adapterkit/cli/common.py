@@ -62,6 +62,11 @@ class Group(click.Group):
             raise click.ClickException(str(exc)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except SystemExit as exc:  # sys.exit() in a plugin's code (a trainer...): its failure,
+            message = plugin_failure(ctx, exc)  # named, not a silent exit; ours exits as asked
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
         except Exception as exc:
             if isinstance(exc, OSError):
                 message = machine_error(exc)

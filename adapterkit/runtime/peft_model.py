@@ -124,7 +124,7 @@ def _checked_weights(book: PocketBook, weights: Any) -> list[tuple[PocketBook, f
     member was trained ``--on``, each once, and no saved stack (its members, expanded)."""
     from adapterkit.lora.factors import finite_weight
 
-    whole = f"members_of(library, {book.ref!r}) gives the whole list"
+    whole = f"adapterkit.members_of(library, {book.ref!r}) gives the whole list"
     if not isinstance(weights, (list, tuple)) or not weights:
         raise ConfigError(f"weights must be a non-empty list of (pocket book, weight) pairs, "
                           f"not {weights!r:.80}: leave it out for {book.ref}'s own, or "
