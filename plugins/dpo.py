@@ -192,6 +192,7 @@ class DPO(Trainer):
     data_shapes = ("preference",)
     options = DPOOptions
     uses_guard = True  # job.guarded(...) adds the guard's KL term to the DPO loss
+    drops_out = False  # DPOConfig's disable_dropout (its default) switches LoRA dropout off
 
     def train(self, *, job: Any, **_: Any) -> Any:
         from trl import DPOConfig

@@ -81,6 +81,7 @@ class Reward(Trainer):
     description = "Reward pocket book: LoRA + scalar head from preference pairs (TRL RewardTrainer)"
     data_shapes = ("preference",)
     head = "reward"
+    drops_out = False  # RewardConfig's disable_dropout (its default) switches LoRA dropout off
 
     def train(self, *, job: Any, **_: Any) -> Any:
         from trl import RewardConfig, RewardTrainer
@@ -190,7 +191,9 @@ class RLHF(Trainer):
             # (the policy's epochs are resolved already: its min_steps acted there; a reward
             # head measures no forgetting on general text)
             # (reward_steps sets the stage's length: the policy's epochs would do nothing)
+            # (the policy's --dropout is the policy's: a reward head trains without dropout)
             stage_options = replace(job.options, trainer_options={}, forgetting_budget=0,
+                                    dropout=0.0,
                                     guard_weight=None, min_steps=None, general=None,
                                     max_steps=o.reward_steps or job.options.max_steps,
                                     epochs=None if o.reward_steps else job.options.epochs)

@@ -470,3 +470,35 @@ def test_message_rows_refuse_no_chat_and_a_base_without_a_chat_template(tiny_bas
     from adapterkit.training.data import check_rendering, load_data
 
     check_rendering(load_data(str(adapterkit_data["preference"])), False)  # strings: no template
+
+
+def test_dpo_and_reward_train_without_dropout_and_say_so(tiny_base, home, adapterkit_data):
+    """TRL's DPO and reward trainers switch every dropout off (``disable_dropout``, their
+    default): ``--dropout 0.9`` trained the very weights ``--dropout 0`` did, while the card
+    and ``adapter_config.json`` said 0.9. Such runs record 0 now, and refuse another value
+    before any work instead of ignoring it."""
+    from safetensors.torch import load_file
+
+    pm = get_plugin_manager(env=False)
+    data = str(adapterkit_data["preference"])
+    for trainer in ("dpo", "reward"):
+        with pytest.raises(ConfigError, match=rf"^the {trainer} trainer trains with dropout off "
+                                              r".*--dropout 0\.3 would do nothing; leave it out"):
+            train(trainer, base=str(tiny_base), data=data, name=f"{trainer}-drop", home=home,
+                  plugins=pm, options=TrainOptions(max_steps=1, dropout=0.3))
+    assert not (home / "library").exists() or not any((home / "library").iterdir())
+
+    runs = {}
+    for name, dropout in (("plain", 0.0), ("default", 0.05)):
+        result = train("dpo", base=str(tiny_base), data=data, name=name, home=home, plugins=pm,
+                       options=TrainOptions(max_steps=3, batch_size=4, learning_rate=3e-2,
+                                            dropout=dropout, seed=5))
+        config = json.loads((result.pocket_book.path / "adapter_config.json").read_text())
+        assert config["lora_dropout"] == 0.0
+        assert result.pocket_book.meta.hyperparameters["dropout"] == 0.0
+        runs[name] = load_file(result.pocket_book.path / "adapter_model.safetensors")
+        result.model.unload()
+    # the default trained what dropout 0 trains: the record says what acted
+    assert runs["plain"].keys() == runs["default"].keys()
+    for key in runs["plain"]:
+        assert torch.equal(runs["plain"][key], runs["default"][key]), key

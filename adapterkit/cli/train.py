@@ -247,7 +247,8 @@ class _Stopped(KeyboardInterrupt):
               help="YAML recipe with any of these options; flags override it.")
 @click.option("-r", "--rank", type=int, help="LoRA rank (default 16).")
 @click.option("--alpha", type=int, help="LoRA alpha (default 32).")
-@click.option("--dropout", type=float, help="LoRA dropout (default 0.05).")
+@click.option("--dropout", type=float, help="LoRA dropout (default 0.05; dpo and reward train without "
+              "dropout, as TRL does).")
 @click.option("--target-modules", help="Comma-separated linear layers, or all-linear (default).")
 @click.option("--lr", type=float, help="Learning rate (default: the trainer's; sft 1e-3, "
                                        "measured in docs/defaults.md; the others 2e-4).")

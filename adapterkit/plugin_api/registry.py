@@ -91,6 +91,11 @@ class Trainer(Registrable):
     #: Whether this trainer acts on ``packing`` (``--packing``: several sequences per row, as
     #: TRL's ``SFTConfig(packing=...)``); the core refuses it for a trainer that does not.
     packs: bool = False
+    #: Whether LoRA dropout (``--dropout``) acts in this trainer's steps. TRL's DPO, reward and
+    #: KTO trainers switch every dropout of the model off (their ``disable_dropout``, on by
+    #: default): a trainer built on one declares ``False``, and its runs then record dropout
+    #: 0, as trained, and refuse any other ``--dropout`` instead of ignoring it.
+    drops_out: bool = True
     #: Whether its pocket book gets a held-out figure from ``--eval-split``: the core's (task
     #: loss on held-out rows; a reward head's pair ranking) or, for preference pairs, the
     #: trainer's own evaluation in its log (DPO's loss; ``eval_strategy`` left on).

@@ -276,11 +276,16 @@ def _sets_length(options: TrainOptions) -> str:
     return ", ".join(given)
 
 
+_DEFAULT_DROPOUT = next(f.default for f in dataclasses.fields(TrainOptions)
+                        if f.name == "dropout")
+
+
 def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
     """``options`` as a run of ``trainer`` uses them: the trainer's measured defaults
     (``Trainer.defaults``) where they are unset, :data:`DEFAULT_LEARNING_RATE` where neither
     sets a learning rate, a forgetting budget of 0 (``off``) read as no guard and ``general``
-    ``off`` as no forgetting check.
+    ``off`` as no forgetting check, and dropout 0 for a trainer whose steps drop nothing out
+    (``Trainer.drops_out``; another ``dropout`` is refused).
 
     A default guard yields to a KL weight of 0 asked for without a budget. A default
     ``guard_weight`` applies only where the guard ends up on, so it never turns a KL term on
@@ -306,6 +311,15 @@ def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
     if not budget:
         values.pop("guard_weight", None)
     resolved = dataclasses.replace(options, **values)
+    if not getattr(trainer, "drops_out", True) and resolved.dropout != 0:
+        # (the default cannot be told from the same value given: both are read as unset)
+        if resolved.dropout != _DEFAULT_DROPOUT:
+            raise ConfigError(
+                f"the {getattr(trainer, 'name', trainer)} trainer trains with dropout off (as "
+                f"TRL's trainer does, so that its log-probs are deterministic): --dropout "
+                f"{resolved.dropout:g} would do nothing; leave it out (dropout: null in a "
+                "recipe's stage)")
+        resolved.dropout = 0.0  # recorded as trained
     if resolved.learning_rate is None:
         resolved.learning_rate = DEFAULT_LEARNING_RATE
     if resolved.forgetting_budget == 0:
