@@ -231,3 +231,23 @@ def test_serve_refuses_preloads_that_need_different_bases(cli, books, tiny_base)
     out = run(cli, "serve", "--base", tiny_base, "--port", 0, "--preload", "q4,law",
               "--max-attached", 1, code=1)
     assert "q4 needs a 4bit base and law a full-precision one" in out
+
+
+def test_a_flattened_stack_or_merge_of_a_qlora_book_answers_on_the_4bit_base(cli, books,
+                                                                             tiny_base):
+    """``stack --flatten`` and ``merge`` recorded method ``lora`` whatever their members: the
+    flattened copy of a stack with a qlora member then answered on the full-precision base,
+    unlike the saved stack itself (4.3 apart in the logits), without a word."""
+    run(cli, "stack", "q4", "law", "--weights", "1,0.5", "--name", "kept")
+    run(cli, "stack", "q4", "law", "--weights", "1,0.5", "--flatten", "--name", "flat")
+    run(cli, "merge", "q4", "law", "--method", "linear", "--name", "merged")
+    run(cli, "merge", "law", "law", "--method", "linear", "--name", "plain")
+    assert {n: books.get(n).meta.method for n in ("flat", "merged", "plain")} == {
+        "flat": "qlora", "merged": "qlora", "plain": "lora"}
+    # the saved stack is expanded into its members, in plain PEFT, on the base they need
+    said = run(cli, "generate", "--adapter", "kept", PROMPT, "--max-new-tokens", 12)
+    flat = run(cli, "generate", "--adapter", "flat", PROMPT, "--max-new-tokens", 12)
+    assert f"Loading base {tiny_base} in 4bit" in flat
+    assert flat.splitlines()[-1] == said.splitlines()[-1]
+    assert f"Loading base {tiny_base} in float32" in run(
+        cli, "generate", "--adapter", "plain", PROMPT, "--max-new-tokens", 2)

@@ -200,13 +200,23 @@ def merge(library: Library, refs: list[str], weights: list[float] | None, *, met
                        f"{pm.merge_strategies.entries[method].plugin!r})",
                   recorded_structure(books[0], library.home))
     meta = PocketBookMeta(
-        name=target.name, version=0, base=dict(books[0].meta.base), method="lora",
-        trainer=None, parents=[b.ref for b in books],
+        name=target.name, version=0, base=dict(books[0].meta.base),
+        method=_method_of(books, pm), trainer=None, parents=[b.ref for b in books],
         hyperparameters={"merge_method": method, "weights": weights, "rank": out.config.get("r"),
                          "density": density, **seeded},
         source={"kind": "merge", "method": method},
     )
     return save_adapter(library, out, meta, str(target))
+
+
+def _method_of(books: list[PocketBook], pm: PluginManager) -> str:
+    """The adapter method a merge or flattened stack of ``books`` records: that of a member
+    trained on a quantized base (``qlora``), whose ΔW was learnt against that base — so that
+    ``generate``, ``eval`` and the servers load the base as for the members themselves (one
+    ``qlora`` member makes a stack a 4-bit one); else ``lora``."""
+    entries = pm.methods.entries
+    return next((b.meta.method for b in books if b.meta.method in entries
+                 and entries[b.meta.method].item.quantization), "lora")
 
 
 def _check_rank(rank: int, members: list[dict[str, Factors]], method: str) -> None:
@@ -431,8 +441,14 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
     if kinds:
         raise ConfigError(f"stack members must be single pocket books: {', '.join(kinds)}")
     members = dict(zip([b.ref for b in books], weights))
+    if flatten:  # (a saved stack's base is loaded as its members need, member by member)
+        from adapterkit.plugin_api.manager import default_plugin_manager
+
+        method = _method_of(books, default_plugin_manager())
+    else:
+        method = "lora"
     meta = PocketBookMeta(name=target.name, version=0, base=dict(books[0].meta.base),
-                          method="lora", parents=list(members),
+                          method=method, parents=list(members),
                           hyperparameters={"weights": members, "flattened": flatten},
                           kind="adapter" if flatten else "stack",
                           source={"kind": "stack"})
