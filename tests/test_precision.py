@@ -336,3 +336,20 @@ def test_auto_end_to_end_follows_the_hardware(fast_bf16, expected, tiny_base, ho
                    plugins=pm, options=fast(max_steps=2))
     assert result.metrics["precision"] == expected
     assert result.metrics.get("measured_in") == ("fp32" if expected == "bf16" else None)
+
+
+def test_a_qlora_run_in_bf16_records_and_says_its_figures_are_of_the_autocast(tiny_base, home,
+                                                                              data, pm):
+    """A 4-bit base is not held in bf16 (there is nothing to give back), but its steps ran
+    under bf16 autocast, which was still on when the forgetting figure was measured: the run
+    recorded neither ``measured_in`` nor the note the README promises for such figures."""
+    pytest.importorskip("bitsandbytes")
+    said: list[str] = []
+    result = train("sft", base=str(tiny_base), data=str(data), name="q16", home=home,
+                   plugins=pm, progress=said.append,
+                   options=fast(method="qlora", precision="bf16", max_steps=2,
+                                general="general"))
+    assert result.metrics["precision"] == "bf16"
+    assert result.metrics["measured_in"] == "bf16"
+    assert any("measured under the run's bf16 autocast on the 4bit base" in s for s in said)
+    assert result.pocket_book.meta.metrics["measured_in"] == "bf16"

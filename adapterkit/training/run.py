@@ -791,6 +791,12 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
         metrics["measured_in"] = run.job.precision
         run.say("Note: the base's exact weights could not be read back from its files; the "
                 f"figures below are measured on its {run.job.precision} copy (recorded so).")
+    elif run.loaded.quantization is not None and run.job.precision == "bf16":
+        # a quantized base is not held in bf16 (nothing to give back), but the steps ran under
+        # accelerate's bf16 autocast, still around the model's forward: the figures are of that
+        metrics["measured_in"] = run.job.precision
+        run.say(f"Note: the figures below are measured under the run's bf16 autocast on the "
+                f"{run.loaded.quantization} base, not as inference computes (recorded so).")
     tokenizer = run.loaded.tokenizer
     phase = "exact" if exact else "steps"
 
