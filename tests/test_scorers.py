@@ -43,3 +43,28 @@ def test_exact_and_normalized_match(scorers):
     assert scorers.get("exact_match").score(" red ", "red") == 1.0
     assert scorers.get("exact_match").score("Red", "red") == 0.0
     assert scorers.get("normalized_match").score("Red!", " red") == 1.0
+
+
+@pytest.mark.parametrize("returned", [None, "0.5", float("nan"), 7.0, -0.1])
+def test_a_score_outside_the_contract_is_refused_naming_the_scorer(tiny_base, returned):
+    """A scorer returning None or a string gave a traceback from adapterkit's own sum; NaN or
+    7.0 printed "nan%" or "700.0%". A score is a number in [0, 1]: anything else is the
+    scorer's fault, said in one line."""
+    from adapterkit import PluginError, Scorer, load_base
+    from adapterkit.training.metrics import accuracy
+
+    class Odd(Scorer):
+        name = "odd"
+
+        def score(self, prediction, reference):
+            return returned
+
+    base = load_base(str(tiny_base))
+    rows = [{"prompt": "hi", "completion": "there"}]
+    with pytest.raises(PluginError, match=r"^scorer 'odd' returned .* for row 1, not a number "
+                                          r"in \[0, 1\]; nothing was reported"):
+        accuracy(base.model, base.tokenizer, rows, chat=False, scorer=Odd().score,
+                 max_new_tokens=2)
+    good = accuracy(base.model, base.tokenizer, rows, chat=False,
+                    scorer=lambda a, r: True, max_new_tokens=2)  # a bool is 0 or 1
+    assert good[0] == 1.0

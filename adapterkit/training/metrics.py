@@ -246,5 +246,14 @@ def accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: bo
     answers = generate(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens)
     refs = [r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"]
             for r in rows]
-    score = sum(scorer(a, ref) for a, ref in zip(answers, refs)) / max(len(rows), 1)
-    return score, answers
+    scores = [scorer(a, ref) for a, ref in zip(answers, refs)]
+    for i, value in enumerate(scores):  # a scorer's contract: a number in [0, 1] per answer
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+            from adapterkit.errors import PluginError
+
+            who = getattr(getattr(scorer, "__self__", None), "name", None) or \
+                getattr(scorer, "__name__", "the scorer")
+            raise PluginError(f"scorer {who!r} returned {value!r:.60} for row {i + 1}, not a "
+                              "number in [0, 1]; nothing was reported. Fix the scorer, or "
+                              "pick another --scorer")
+    return sum(scores) / max(len(rows), 1), answers
