@@ -86,8 +86,16 @@ def _wrong_shape(adapters):
     return MergeOutput(dict(adapters[0].config), tensors)
 
 
+def _wrong_rank(adapters):
+    """The config says another rank than the factors have: PEFT refuses such a file, and it
+    used to be saved (a pocket book nobody could load)."""
+    return MergeOutput({**adapters[0].config, "r": int(adapters[0].config["r"]) + 5},
+                       adapters[0].tensors())
+
+
 @pytest.mark.parametrize("make,says", [
     (lambda adapters: None, "returned NoneType, not an adapterkit.MergeOutput"),
+    (_wrong_rank, "but its config gives r="),
     (lambda adapters: MergeOutput(dict(adapters[0].config), {}), "returned no tensors"),
     (_wrong_names, "returned an adapter that does not fit the base"),
     (_wrong_shape, "returned an adapter that does not fit the base"),

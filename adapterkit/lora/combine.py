@@ -269,7 +269,7 @@ def _check_output(out: Any, who: str, structure: BaseStructure | None) -> None:
     """A strategy's result is a PEFT adapter of this base before it is saved: the library
     would otherwise hold a pocket book that fails (or changes nothing) on every load, and
     ``verify`` would blame the files rather than the strategy that made them."""
-    from adapterkit.library.peft_folder import AdapterFiles, fit_problems
+    from adapterkit.library.peft_folder import AdapterFiles, config_problems, fit_problems
 
     if not isinstance(out, MergeOutput) or not isinstance(out.config, dict) \
             or not isinstance(out.tensors, dict):
@@ -294,7 +294,8 @@ def _check_output(out: Any, who: str, structure: BaseStructure | None) -> None:
         return
     files = AdapterFiles(folder=Path("merge"), config=out.config, pickled=False,
                          shapes={k: tuple(v.shape) for k, v in out.tensors.items()})
-    problems = fit_problems(files, structure)
+    # then its factors against its own config (rank, targets), as every load checks them
+    problems = fit_problems(files, structure) or config_problems(files, structure)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise PluginError(f"{who} returned an adapter that does not fit the base: "
