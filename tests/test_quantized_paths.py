@@ -233,6 +233,22 @@ def test_serve_refuses_preloads_that_need_different_bases(cli, books, tiny_base)
     assert "q4 needs a 4bit base and law a full-precision one" in out
 
 
+@pytest.mark.parametrize("preload,given,says", [
+    ("law", "8bit", "--preload law answers as trained on a full-precision base, and "
+                    "--quantization 8bit loads an 8bit one: drop --quantization"),
+    ("q4", "8bit", "--preload q4 answers as trained on a 4bit base, and --quantization 8bit "
+                   "loads an 8bit one"),
+])
+def test_serve_refuses_a_quantization_its_preloads_were_not_trained_on_before_loading(
+        cli, books, tiny_base, preload, given, says):
+    """It loaded the base, then advised "serve it from a server started with --preload law",
+    which the user had done; the fix is to drop --quantization."""
+    out = run(cli, "serve", "--base", tiny_base, "--port", 0, "--preload", preload,
+              "--quantization", given, code=1)
+    assert says in out and "Loading base" not in out
+    assert "a 8bit" not in out
+
+
 def test_a_flattened_stack_or_merge_of_a_qlora_book_answers_on_the_4bit_base(cli, books,
                                                                              tiny_base):
     """``stack --flatten`` and ``merge`` recorded method ``lora`` whatever their members: the

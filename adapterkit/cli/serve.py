@@ -178,11 +178,19 @@ def _quantization(ctx: click.Context, base: str, names: list[str],
     from adapterkit.cli.common import base_precision, library
     from adapterkit.serving.names import parse
 
-    if given is not None:
-        return given, f"{given} (--quantization)"
     lib = library(ctx)
     books = {n: [lib.get(ref) for ref, _ in parse(n)] for n in names if n != base}
-    return base_precision(lib, books, fix="serve them from two servers")
+    needed = base_precision(lib, books, fix="serve them from two servers")
+    if given is None:
+        return needed
+    if books and needed[0] != given:  # refused now, not after the base has loaded
+        from adapterkit.runtime.session import a_precision
+
+        raise ConfigError(f"--preload {','.join(books)} answers as trained on "
+                          f"{a_precision(needed[0])} base, and --quantization {given} loads "
+                          f"{a_precision(given)} one: drop --quantization (the preloads choose "
+                          "the base), or preload only pocket books of that base")
+    return given, f"{given} (--quantization)"
 
 
 def _serve_vllm(ctx: click.Context, *, base: str, host: str, port: int, preload: str | None,

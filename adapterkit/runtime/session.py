@@ -556,6 +556,12 @@ def precision(quantization: str | None) -> str:
     return quantization or "full-precision"
 
 
+def a_precision(quantization: str | None) -> str:
+    """:func:`precision` with its article: ``a 4bit``, ``an 8bit``, ``a full-precision``."""
+    said = precision(quantization)
+    return f"{'an' if said.startswith('8') else 'a'} {said}"
+
+
 def refuse_other_quantization(books: list[PocketBook], quantization: str | None,
                               library: Library, *, holder: str, fix: str) -> None:
     """Refuse to answer with ``books`` together (underlays and stack members listed) on a base
@@ -570,8 +576,8 @@ def refuse_other_quantization(books: list[PocketBook], quantization: str | None,
     trained = [b.ref for b in books if quantization_of([b], plugins) == need]
     one = len(trained) == 1
     raise InexactAdapter(
-        f"{', '.join(trained)} {'was' if one else 'were'} trained on a {precision(need)} base "
-        f"and {holder} holds a {precision(quantization)} one, so {'it' if one else 'they'} "
+        f"{', '.join(trained)} {'was' if one else 'were'} trained on {a_precision(need)} base "
+        f"and {holder} holds {a_precision(quantization)} one, so {'it' if one else 'they'} "
         f"would not answer as `generate` and `eval` do; {fix}")
 
 
@@ -594,9 +600,9 @@ def one_quantization(needs: Mapping[str, str | None], *, fix: str) -> str | None
     if len(kinds) <= 1:
         return kinds[0] if kinds else None
     groups = [[n for n, q in needs.items() if q == kind] for kind in kinds]
-    first = f"{', '.join(groups[0])} {'needs' if len(groups[0]) == 1 else 'need'} a " \
-            f"{precision(kinds[0])} base"
-    rest = [f"{', '.join(g)} a {precision(k)} one" for g, k in zip(groups[1:], kinds[1:])]
+    first = f"{', '.join(groups[0])} {'needs' if len(groups[0]) == 1 else 'need'} " \
+            f"{a_precision(kinds[0])} base"
+    rest = [f"{', '.join(g)} {a_precision(k)} one" for g, k in zip(groups[1:], kinds[1:])]
     raise ConfigError(f"{' and '.join([first, *rest])} (as each was trained): no one base "
                       f"answers exactly for all; {fix}")
 
