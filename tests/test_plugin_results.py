@@ -46,9 +46,11 @@ class Returns(Trainer):
 
 
 @pytest.mark.parametrize("state,says", [
-    (None, "returned None"),
-    (types.SimpleNamespace(global_step=0, log_history=[]), "returned a state of 0 optimizer"),
-    ({"loss": 1.0}, "returned a dict without global_step"),
+    # (it may have trained steps it does not report: "nothing was trained" was not known)
+    (None, "returned None: nothing shows what was trained"),
+    (types.SimpleNamespace(global_step=0, log_history=[]),
+     "returned a state of 0 optimizer steps: no step was trained, and nothing was saved"),
+    ({"loss": 1.0}, "returned a dict without global_step: nothing shows what was trained"),
 ])
 def test_a_trainer_that_trained_nothing_saves_nothing(tiny_base, adapterkit_data, home, library,
                                                       state, says):

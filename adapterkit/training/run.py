@@ -722,8 +722,10 @@ def _check_state(run: _Run, state: Any) -> None:
     what = ("returned None" if state is None else
             f"returned a state of {steps!r} optimizer steps" if steps is not None else
             f"returned a {type(state).__name__} without global_step")
-    raise PluginError(f"trainer {run.trainer!r} ({owner}) {what}: nothing was trained, and "
-                      "nothing was saved. Its train() must return the trainer's state "
+    trained = "no step was trained" if steps == 0 else \
+        "nothing shows what was trained (its steps, if any, were not counted)"
+    raise PluginError(f"trainer {run.trainer!r} ({owner}) {what}: {trained}, and nothing "
+                      "was saved. Its train() must return the trainer's state "
                       "(transformers' trainer.state) after at least one step")
 
 
