@@ -452,3 +452,22 @@ def test_loading_an_installed_plugins_module_again_by_name_is_quiet(monkeypatch)
         warnings.simplefilter("error", PluginWarning)
         pm = get_plugin_manager()
     assert pm.trainers.entries["sft"].plugin == "sft"
+
+
+def test_a_second_plugin_of_a_name_loaded_by_path_is_one_short_warning(tmp_path, monkeypatch):
+    """A development copy loaded through ADAPTERKIT_LOAD_PLUGINS beside a plugin of the same
+    name: pluggy's error listed the repr of every loaded module on one line, and did not say
+    which copy is used."""
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "twice.py").write_text(PLUGIN_SOURCE.format(name=f"m_{folder}"))
+    monkeypatch.setenv("ADAPTERKIT_LOAD_PLUGINS",
+                       f"{tmp_path / 'one' / 'twice.py'},{tmp_path / 'two' / 'twice.py'}")
+    with pytest.warns(PluginWarning) as caught:
+        pm = get_plugin_manager()
+    [said] = [str(w.message) for w in caught if "twice" in str(w.message)]
+    assert re.search(r"plugin 'twice' from ADAPTERKIT_LOAD_PLUGINS: \S+two/twice\.py was not "
+                     r"loaded: a plugin of that name is loaded already \(from "
+                     r"ADAPTERKIT_LOAD_PLUGINS: \S+one/twice\.py\), and that one is used", said)
+    assert "<module" not in said and len(said) < 400
+    assert "m_one" in pm.methods.names() and "m_two" not in pm.methods.names()

@@ -114,6 +114,13 @@ class PluginManager:
                 f"plugin (or adapterkit), or disable it with {DISABLE_ENV}={name}"
             )
             return False
+        if self.pluggy.has_plugin(name):  # (pluggy's own error lists every module loaded)
+            first = self.info.get(name)
+            where = f" (from {first.source})" if first and first.source else ""
+            _warn(f"plugin {name!r} from {source} was not loaded: a plugin of that name is "
+                  f"loaded already{where}, and that one is used; rename one of them (e.g. a "
+                  "development copy) to load both")
+            return False
         try:
             self.pluggy.register(plugin, name=name)
         except KeyboardInterrupt:
