@@ -336,6 +336,19 @@ def test_scaffold_refuses_a_name_an_installed_plugin_has(given, owner, tmp_path,
     assert len(out.output.strip().splitlines()) == 1 and list(work.iterdir()) == []
 
 
+@pytest.mark.parametrize("name,kind,owner", [("exact_match", "scorer", "scorers"),
+                                             ("reward", "trainer", "rlhf"),
+                                             ("linear", "merge", "merges")])
+def test_scaffold_refuses_the_name_of_an_item_a_plugin_registers(name, kind, owner, tmp_path):
+    """`plugin new exact_match` (a scorer) wrote a package whose own test failed: the scorer
+    ``exact_match`` is the built-in one's, and a second is refused at every load."""
+    with pytest.raises(NameTaken, match=rf"^the {kind} name '{name}' is already registered by "
+                                        rf"the plugin '{owner}'.*choose another name"):
+        scaffold(name, kind, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert scaffold(name, "command", tmp_path).name == f"adapterkit-{name}"  # a command may
+
+
 def _shout_module(tmp_path, monkeypatch):
     """An installed plugin ``shout`` (distribution adapterkit-shout, module adapterkit_shout),
     imported as its tests import it."""

@@ -308,12 +308,38 @@ def _refuse_installed_name(name: str) -> None:
                             "name")
 
 
+#: The plugin manager's registry of each kind the scaffold registers an item of, by its name.
+_REGISTRIES = {"method": "methods", "trainer": "trainers", "merge": "merge_strategies",
+               "data": "data_formats", "scorer": "scorers"}
+
+
+def _refuse_taken_item(name: str, kind: str) -> None:
+    """The scaffold registers a ``kind`` named ``name``: one a loaded plugin registers already
+    (the built-in scorer ``exact_match``, trainer ``reward``...) would be refused at every
+    load, and the scaffold's own test would fail."""
+    import warnings
+
+    from adapterkit.plugin_api.manager import get_plugin_manager
+
+    registry = _REGISTRIES.get(kind)
+    if registry is None:
+        return
+    with warnings.catch_warnings():  # (another plugin's trouble is not this command's)
+        warnings.simplefilter("ignore")
+        entries = getattr(get_plugin_manager(env=False), registry).entries
+    if name in entries:
+        raise NameTaken(f"the {kind} name {name!r} is already registered by the plugin "
+                        f"{entries[name].plugin!r}; a plugin registering it again would be "
+                        "refused at every load: choose another name")
+
+
 def scaffold(name: str, kind: str, where: str | Path = ".") -> Path:
     """Write ``adapterkit-NAME/`` (pyproject, module, README, test) under ``where``.
 
     ``name`` may carry the ``adapterkit-`` prefix or not: ``shout`` and ``adapterkit-shout``
     both make the plugin ``shout`` in the distribution ``adapterkit-shout``. A name an installed
-    plugin already has (``sft``, ``lora``...) is refused with :class:`NameTaken`.
+    plugin already has (``sft``, ``lora``...), or the name of an item of ``kind`` a loaded
+    plugin registers (the scorer ``exact_match``...), is refused with :class:`NameTaken`.
     """
     if kind not in KINDS:
         raise InvalidName(f"unknown plugin kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -322,6 +348,7 @@ def scaffold(name: str, kind: str, where: str | Path = ".") -> Path:
         raise InvalidName(f"invalid plugin name {given!r}: lowercase letters, digits, '-' and "
                           "'_', starting with a letter (at most 41 characters)")
     _refuse_installed_name(name)
+    _refuse_taken_item(name, kind)
     module = "adapterkit_" + name.replace("-", "_")
     cls = "".join(part.capitalize() for part in re.split(r"[-_]", name)) or "Plugin"
     root = Path(where) / f"adapterkit-{name}"
