@@ -122,3 +122,25 @@ def test_a_file_with_a_utf8_byte_order_mark_is_read(tmp_path, suffix):
     if suffix != ".txt":
         with pytest.raises(DataFormatError, match=rf"byte 0xff at offset {3 + len(text.encode())}"):
             data_mod.load_data(str(path))
+
+
+def test_unpaired_preferences_labelled_false_are_not_read_as_answers_to_learn(tmp_path):
+    """TRL's KTO format (prompt/completion/label): `train sft` learnt the completions labelled
+    false — answers NOT to give — as any other, since its rows keep no label."""
+    import json
+
+    from adapterkit import DataFormatError, load_data
+
+    rows = [{"prompt": "Hi?", "completion": " Hello!", "label": True},
+            {"prompt": "Hi?", "completion": " Go away.", "label": False}]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataFormatError, match=r"has a label column, and row\(s\) 2 are labelled "
+                                              r"false .* learnt as answers to give"):
+        load_data(str(path))
+    kept = tmp_path / "good.jsonl"  # every row labelled true: the answers to learn, read so
+    kept.write_text(json.dumps(rows[0]) + "\n")
+    assert load_data(str(kept)).rows == [{"prompt": "Hi?", "completion": " Hello!"}]
+    classes = tmp_path / "classes.jsonl"  # a class index is no preference label
+    classes.write_text(json.dumps({"text": "a", "label": 0}) + "\n")
+    assert load_data(str(classes)).shape == "text"

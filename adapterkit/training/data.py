@@ -311,6 +311,16 @@ def load_data(spec: str | os.PathLike[str], *, formats: Registry[DataFormat] | N
         raise DataFormatError(f"{source} is {shape} data (columns "
                               f"{', '.join(sorted(columns))}); {reader} reads {wanted}")
     needed = SHAPES[shape]
+    if fmt is None and shape != "preference" and "label" in columns:
+        # TRL's unpaired preference format (KTO): a completion labelled false is one NOT to
+        # learn, and this shape keeps no label — its reader would learn it as any other
+        unwanted = [n for n, r in enumerate(rows, 1) if r.get("label") is False]
+        if unwanted:
+            raise DataFormatError(
+                f"{source} has a label column, and row(s) {_first(unwanted)} are labelled "
+                f"false (unpaired preferences, as KTO reads them): read as {shape} rows, which "
+                "keep no label, they would be learnt as answers to give; drop those rows (or "
+                "the column), or use a trainer that reads labels")
     kept: list[dict[str, Any]] = []
     numbers: list[int] = []  # the row number (from 1) of each kept row
     bad: list[int] = []
