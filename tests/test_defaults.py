@@ -77,6 +77,19 @@ def test_defaults_for_an_option_a_run_cannot_leave_unset_are_a_plugin_error():
         with_defaults(Wrong(), TrainOptions())
 
 
+def test_a_default_of_the_wrong_type_is_the_plugins_error_not_the_users():
+    """It read "invalid training options: learning_rate: expected a number, got 'fast'" to a
+    user who gave no --lr."""
+    class Odd(Trainer):
+        name = "odd"
+        defaults = {"learning_rate": "fast", "min_steps": -3}
+
+    with pytest.raises(PluginError, match=r"^trainer 'odd' declares defaults the training "
+                                          r"options refuse \(.*learning_rate.*'fast'.*\): fix "
+                                          r"its Trainer.defaults$"):
+        with_defaults(Odd(), TrainOptions(learning_rate=1e-3))  # even where the run sets it
+
+
 @pytest.mark.parametrize("name", ["reward", "rlhf"])
 def test_off_is_no_guard_so_trainers_without_one_accept_it(name, pm):
     from adapterkit.training.build import applies_guard, refuse_unapplied_guard

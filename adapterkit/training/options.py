@@ -300,6 +300,12 @@ def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
             f"trainer {getattr(trainer, 'name', trainer)!r} declares defaults for "
             f"{', '.join(wrong)}: Trainer.defaults takes only the training options whose own "
             f"default is None ({', '.join(sorted(unsettable))})")
+    problems = option_problems(dataclasses.replace(TrainOptions(), **defaults)) \
+        if defaults else []
+    if problems:  # the plugin's values, not the user's: said so, not "invalid options"
+        raise PluginError(
+            f"trainer {getattr(trainer, 'name', trainer)!r} declares defaults the training "
+            f"options refuse ({'; '.join(problems)}): fix its Trainer.defaults")
     values = {k: v for k, v in defaults.items() if getattr(options, k, None) is None}
     if "forgetting_budget" in values and options.guard_weight == 0:
         del values["forgetting_budget"]
