@@ -216,6 +216,19 @@ def register_merge_strategies(register):
 @hookimpl
 def register_trainers(register):
     register(Unfinished())
+
+
+@hookimpl
+def register_commands(cli):
+    import click
+
+    @cli.command("polite-exit")
+    @click.argument("status", type=int)
+    def polite_exit(status):
+        import sys
+
+        click.echo("said my piece")
+        sys.exit(status)
 '''
 
 
@@ -260,6 +273,14 @@ def test_sys_exit_in_a_plugins_code_is_one_line_naming_the_plugin_not_a_silent_e
     assert out.exit_code == 1 and out.output.count("\n") == 1, out.output
     assert out.output.startswith("Error: plugin 'brokenplugin' failed (brokenplugin.py:")
     assert "SystemExit" in out.output
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_a_plugins_own_command_exits_with_the_status_it_chooses(broken_cli, status):
+    """Its exit status is the command's own: neither 0 nor a status after its own message is
+    turned into a failure blamed on the plugin."""
+    out = broken_cli("polite-exit", status)
+    assert out.exit_code == status and out.output == "said my piece\n", out.output
 
 
 def test_an_exception_raised_deeper_in_adapterkit_is_not_blamed_on_the_plugin(broken_cli,

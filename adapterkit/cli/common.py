@@ -55,6 +55,12 @@ def machine_error(exc: OSError) -> str | None:
 class Group(click.Group):
     """Turns our exceptions into one-line click errors, for every (sub)command."""
 
+    def _plugins_command(self, ctx: click.Context) -> bool:
+        """Whether the subcommand invoked is a plugin's own (``register_commands``)."""
+        command = self.commands.get(ctx.invoked_subcommand or "")
+        module = _module_of(command)
+        return bool(module) and not module.startswith(("adapterkit.", "adapterkit_plugins."))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -63,7 +69,10 @@ class Group(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except SystemExit as exc:  # sys.exit() in a plugin's code (a trainer...): its failure,
-            message = plugin_failure(ctx, exc)  # named, not a silent exit; ours exits as asked
+            # named, not a silent exit; ours exits as asked, and so does a plugin's own command
+            # (its exit status is its to choose), or any exit with status 0
+            message = None if exc.code in (0, None) or self._plugins_command(ctx) \
+                else plugin_failure(ctx, exc)
             if message is None:
                 raise
             raise click.ClickException(message) from None
@@ -76,6 +85,10 @@ class Group(click.Group):
             if message is None:
                 raise
             raise click.ClickException(message) from None
+
+
+def _module_of(command: Any) -> str:
+    return str(getattr(getattr(command, "callback", None), "__module__", "") or "")
 
 
 def out_of_memory(exc: BaseException) -> str | None:

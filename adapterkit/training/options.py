@@ -321,10 +321,9 @@ def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
         # (the default cannot be told from the same value given: both are read as unset)
         if resolved.dropout != _DEFAULT_DROPOUT:
             raise ConfigError(
-                f"the {getattr(trainer, 'name', trainer)} trainer trains with dropout off (as "
-                f"TRL's trainer does, so that its log-probs are deterministic): --dropout "
-                f"{resolved.dropout:g} would do nothing; leave it out (dropout: null in a "
-                "recipe's stage)")
+                f"the {getattr(trainer, 'name', trainer)} trainer trains with dropout off "
+                f"(TRL's disable_dropout): a dropout of {resolved.dropout:g} would do nothing; "
+                "leave --dropout out (in a recipe: dropout: 0 for this stage)")
         resolved.dropout = 0.0  # recorded as trained
     if resolved.learning_rate is None:
         resolved.learning_rate = DEFAULT_LEARNING_RATE

@@ -302,8 +302,10 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
             trainer = pm.trainer(item["trainer"])
         except PluginError as exc:
             problems.append(f"{where}: {exc}")
-    values = {**shared, **{str(k).replace("-", "_"): v for k, v in item.items()
-                           if str(k).replace("-", "_") in _OPTIONS}}
+    copy = item.get("from") is not None  # keeps the LoRA shape of what it copies: the
+    values = {**{k: v for k, v in shared.items() if not (copy and k in LORA_SHAPE)},  # recipe's
+              **{str(k).replace("-", "_"): v for k, v in item.items()  # shape is not its
+                 if str(k).replace("-", "_") in _OPTIONS}}
     if isinstance(item.get("set"), dict):
         values["trainer_options"] = item["set"]
     try:

@@ -442,6 +442,8 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     parent = parent_of(library, on, start_from, head=getattr(trainer_obj, "head", "causal-lm"))
     if start_from and parent is not None:  # the copy keeps its LoRA shape
         options = options_of(parent, options)
+        if not getattr(trainer_obj, "drops_out", True):  # but trains without dropout here
+            options = replace(options, dropout=0.0)
     stages = interrupted_stages(workdir, library) if checkpoint and not restart else []
     if stages and not resume:  # (before the base loads; the stage would refuse after it)
         raise RunStateError(f"an interrupted run of {', '.join(stages)} (a stage of {ref}) "
