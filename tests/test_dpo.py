@@ -502,3 +502,36 @@ def test_dpo_and_reward_train_without_dropout_and_say_so(tiny_base, home, adapte
     assert runs["plain"].keys() == runs["default"].keys()
     for key in runs["plain"]:
         assert torch.equal(runs["plain"][key], runs["default"][key]), key
+
+
+def test_trls_dpo_trainer_switches_lora_dropout_off_and_a_copy_records_it(
+        tiny_base, home, adapterkit_data, monkeypatch, library, tmp_path):
+    """Independent of adapterkit's record: with the refusal switched off, TRL's DPOTrainer
+    trains the same weights at LoRA dropout 0.5 as at 0 — so 0 is what acts. And a dpo copy
+    (``--from``) of a book made with dropout 0.05 records and configures 0 too."""
+    from safetensors.torch import load_file
+
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    pm = get_plugin_manager(env=False)
+    monkeypatch.setattr(type(pm.trainer("dpo")), "drops_out", True)  # as before the fix
+    data = str(adapterkit_data["preference"])
+    weights = []
+    for name, dropout in (("d0", 0.0), ("d5", 0.5)):
+        result = train("dpo", base=str(tiny_base), data=data, name=name, home=home, plugins=pm,
+                       options=TrainOptions(max_steps=3, batch_size=4, learning_rate=3e-2,
+                                            dropout=dropout, seed=5))
+        weights.append(load_file(result.pocket_book.path / "adapter_model.safetensors"))
+        result.model.unload()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    monkeypatch.undo()
+
+    library.import_peft(make_peft_adapter(tiny_base, tmp_path / "start", seed=2,
+                                          lora_dropout=0.05), "start", base=str(tiny_base))
+    copy = train("dpo", base=str(tiny_base), data=data, name="copy", home=home, plugins=pm,
+                 start_from="start", options=TrainOptions(max_steps=1, batch_size=4))
+    config = json.loads((copy.pocket_book.path / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.0
+    assert copy.pocket_book.meta.hyperparameters["dropout"] == 0.0
+    copy.model.unload()

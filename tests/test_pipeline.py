@@ -520,3 +520,26 @@ def test_chat_false_with_message_rows_is_refused_in_the_recipes_words(adapterkit
     assert "stage 1 (talk): chat: false: " in result.output
     assert "drop chat: false or give string rows" in result.output
     assert "--no-chat" not in result.output
+
+
+def test_a_recipes_dropout_meets_stages_that_train_without_dropout(tmp_path):
+    """The recipe's ``dropout: 0.1`` reaches a dpo stage, which trains without dropout: refused
+    with advice that works there (``dropout: 0``); a ``from:`` stage keeps its copy's LoRA
+    shape, so the recipe's shape is not its own (it had no way out: ``dropout: 0`` is refused
+    in a from: stage)."""
+    from adapterkit.training.recipe import _stage_options
+
+    pm = get_plugin_manager(env=False)
+    shared = {"dropout": 0.1, "max_steps": 2}
+
+    def problems_of(item: dict) -> list[str]:
+        problems: list[str] = []
+        _stage_options("stage 2 (x)", item, shared, tmp_path, pm, problems)
+        return problems
+
+    [said] = problems_of({"name": "x", "trainer": "dpo", "data": "p.jsonl"})
+    assert "trains with dropout off (TRL's disable_dropout)" in said
+    assert "in a recipe: dropout: 0 for this stage" in said
+    assert problems_of({"name": "x", "trainer": "dpo", "data": "p.jsonl", "dropout": 0}) == []
+    assert problems_of({"name": "x", "trainer": "dpo", "data": "p.jsonl", "from": "a"}) == []
+    assert problems_of({"name": "x", "trainer": "sft", "data": "p.jsonl"}) == []

@@ -97,7 +97,7 @@ def _wrong_rank(adapters):
 
 @pytest.mark.parametrize("make,says", [
     (lambda adapters: None, "returned NoneType, not an adapterkit.MergeOutput"),
-    (_wrong_rank, "but its config gives r="),
+    (_wrong_rank, "returned an adapter whose config disagrees with its factors"),
     (lambda adapters: MergeOutput(dict(adapters[0].config), {}), "returned no tensors"),
     (_wrong_names, "returned an adapter that does not fit the base"),
     (_wrong_shape, "returned an adapter that does not fit the base"),

@@ -65,6 +65,9 @@ def test_a_score_outside_the_contract_is_refused_naming_the_scorer(tiny_base, re
                                           r"in \[0, 1\]; nothing was reported"):
         accuracy(base.model, base.tokenizer, rows, chat=False, scorer=Odd().score,
                  max_new_tokens=2)
-    good = accuracy(base.model, base.tokenizer, rows, chat=False,
-                    scorer=lambda a, r: True, max_new_tokens=2)  # a bool is 0 or 1
-    assert good[0] == 1.0
+    import numpy as np
+
+    for fine in (True, np.float32(1.0), np.bool_(True), np.int64(1)):  # 1, as numbers
+        good = accuracy(base.model, base.tokenizer, rows, chat=False,
+                        scorer=lambda a, r, fine=fine: fine, max_new_tokens=2)
+        assert good[0] == 1.0

@@ -396,17 +396,19 @@ def _use_section(meta: PocketBookMeta) -> str:
                   f"fingerprint `{meta.base_fingerprint}`).", ""]
     where = hub_base or "path/to/your/copy/of/the/base"
     if meta.method == "qlora":  # its ΔW was learnt on the 4-bit base: answers differ on another
-        lines += ["It was trained on the base in 4 bits (`qlora`: NF4, double quantization); "
+        made = "Its members were" if meta.source.get("kind") in ("merge", "stack") \
+            else "It was"
+        lines += [f"{made} trained on the base in 4 bits (`qlora`: NF4, double quantization); "
                   "load the base so, as adapterkit does, for its answers.", "",
                   "```python", "import torch", "from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM, BitsAndBytesConfig", "",
+                  "dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32",
                   "quantization = BitsAndBytesConfig(",
                   '    load_in_4bit=True, bnb_4bit_quant_type="nf4", '
                   "bnb_4bit_use_double_quant=True,",
-                  "    bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() "
-                  "else torch.float32)",
+                  "    bnb_4bit_compute_dtype=dtype)",
                   f'base = AutoModelForCausalLM.from_pretrained("{where}", '
-                  "quantization_config=quantization)", _use_code(meta), "```"]
+                  "quantization_config=quantization, dtype=dtype)", _use_code(meta), "```"]
         return "\n".join(lines)
     lines += ["```python", "from peft import PeftModel",
               "from transformers import AutoModelForCausalLM", "",

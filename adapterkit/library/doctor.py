@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import CatalogError, InvalidAdapter
-from adapterkit.files import fsync_dir, move_back
+from adapterkit.files import fsync_dir, move_back, sha256_file
 from adapterkit.library.catalog import Catalog, CatalogWarning
 from adapterkit.library.integrity import REPAIR, check_book
 from adapterkit.library.layout import DamagedBookWarning, index
@@ -155,8 +155,14 @@ def _check_stacks(library: Library, report: Report,
     holds other weights than the stack recorded, fails on every use: it is moved to
     quarantine like a damaged folder. A pocket book trained on
     top of a missing one is left alone: a pull warns of that and lets it come later."""
-    held = {f"{name}@{version}": meta.files.get(WEIGHTS_FILE)
-            for (name, version), (meta, _) in healthy.items()}
+    def weights_of(meta: PocketBookMeta, folder: Path) -> str | None:
+        """As :func:`check_under` compares it: recorded, or hashed from the file now."""
+        if meta.files.get(WEIGHTS_FILE):
+            return meta.files[WEIGHTS_FILE]
+        return sha256_file(folder / WEIGHTS_FILE) if (folder / WEIGHTS_FILE).is_file() else None
+
+    held = {f"{name}@{version}": (meta, folder) for (name, version), (meta, folder)
+            in healthy.items()}
     for (name, version), (meta, folder) in sorted(healthy.items()):
         if meta.kind != "stack":
             continue
@@ -165,8 +171,8 @@ def _check_stacks(library: Library, report: Report,
         # the same name, other weights (`rm --force`, then an import under that name): every
         # use refuses it (`check_under`), as it would a missing member
         replaced = sorted(ref for ref in members & set(held)
-                          if meta.stacked_on_sha256.get(ref) and held[ref]
-                          and meta.stacked_on_sha256[ref] != held[ref])
+                          if meta.stacked_on_sha256.get(ref)
+                          and meta.stacked_on_sha256[ref] != weights_of(*held[ref]))
         if gone:
             _add(report, "dangling", f"{name}@{version}", folder,
                  f"a stack of {', '.join(gone)}, which the library no longer holds (it fails "

@@ -294,8 +294,14 @@ def _check_output(out: Any, who: str, structure: BaseStructure | None) -> None:
         return
     files = AdapterFiles(folder=Path("merge"), config=out.config, pickled=False,
                          shapes={k: tuple(v.shape) for k, v in out.tensors.items()})
-    # then its factors against its own config (rank, targets), as every load checks them
-    problems = fit_problems(files, structure) or config_problems(files, structure)
+    problems = fit_problems(files, structure)
+    if not problems:  # then its factors against its own config (rank, targets), as loads do
+        disagree = config_problems(files, structure)
+        if disagree:
+            more = f" (and {len(disagree) - 1} more)" if len(disagree) > 1 else ""
+            raise PluginError(f"{who} returned an adapter whose config disagrees with its "
+                              f"factors: {disagree[0]}{more}; nothing was saved. Fix the "
+                              "strategy, or merge with another --method")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise PluginError(f"{who} returned an adapter that does not fit the base: "
@@ -445,7 +451,7 @@ def stack(library: Library, refs: list[str], weights: list[float] | None, *, nam
     if flatten:  # (a saved stack's base is loaded as its members need, member by member)
         from adapterkit.plugin_api.manager import default_plugin_manager
 
-        method = _method_of(books, default_plugin_manager())
+        method = _method_of(books, library.plugins or default_plugin_manager())
     else:
         method = "lora"
     meta = PocketBookMeta(name=target.name, version=0, base=dict(books[0].meta.base),

@@ -231,7 +231,8 @@ def attach_new(base: Base, method: Any, options: TrainOptions, *,
             model = reward_model(model, pad_token_id=base.tokenizer.pad_token_id)
         copy = PeftModel.from_pretrained(model, str(start.path), is_trainable=True)
         for config in copy.peft_config.values():  # as trained: a trainer without dropout
-            config.lora_dropout = options.dropout   # runs the copy with 0 (options_of)
+            if hasattr(config, "lora_dropout"):     # runs the copy with 0 (options_of)
+                config.lora_dropout = options.dropout
         return _for_device(copy)
     config = method.peft_config(target_modules=targets, r=options.r, alpha=options.alpha,
                                 dropout=options.dropout)

@@ -246,9 +246,14 @@ def accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, chat: bo
     answers = generate(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens)
     refs = [r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"]
             for r in rows]
-    scores = [scorer(a, ref) for a, ref in zip(answers, refs)]
-    for i, value in enumerate(scores):  # a scorer's contract: a number in [0, 1] per answer
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+    scores: list[float] = []
+    for i, value in enumerate(scorer(a, ref) for a, ref in zip(answers, refs)):
+        try:  # a scorer's contract: a number in [0, 1] per answer (a numpy scalar is one)
+            number = float(value) if not isinstance(value, (str, bytes)) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        scores.append(number)
+        if not (math.isfinite(number) and 0 <= number <= 1):
             from adapterkit.errors import PluginError
 
             who = getattr(getattr(scorer, "__self__", None), "name", None) or \

@@ -34,7 +34,8 @@ class TrainOptions:
     """Everything that shapes a training run (also the keys of a ``--config`` recipe).
 
     The fields are ``adapterkit train``'s options under their keyword names (``--max-steps``
-    is ``max_steps``; ``adapterkit train --help`` says what each does); they are checked when
+    is ``max_steps``; ``--rank`` is ``r``, ``--lr`` ``learning_rate``; ``adapterkit train
+    --help`` says what each does); they are checked when
     the run starts (``train()``), all at once. ``forgetting_budget`` is in percent (``1`` for
     the CLI's ``1%``); trainer options (``--set``) go in ``trainer_options``.
     """
