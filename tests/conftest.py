@@ -91,3 +91,15 @@ def data(tmp_path: Path) -> Path:
     path = tmp_path / "pc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in COLOUR_ROWS))
     return path
+
+
+@pytest.fixture
+def top_on_under(library, tiny_base, tmp_path):
+    """``top`` trained on top of ``under`` (both made on the tiny base, with plain PEFT)."""
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    for name, seed in (("under", 3), ("top", 4)):
+        library.import_peft(make_peft_adapter(tiny_base, tmp_path / name, seed=seed), name,
+                            base=str(tiny_base))
+    library.update_meta("top", lambda meta: setattr(meta, "stacked_on", ["under@1"]))
+    return library

@@ -202,16 +202,10 @@ def test_every_combining_path_refuses_the_same_weights(books, weights, bad):
 # -- peft_model's weights ------------------------------------------------------------------
 
 @pytest.fixture
-def on_top(library, tiny_base, tmp_path):
+def on_top(top_on_under):
     """``top`` trained on top of ``under``, and a saved stack ``both`` of them."""
-    from adapterkit.plugin_api.testing import make_peft_adapter
-
-    for name, seed in (("under", 3), ("top", 4)):
-        library.import_peft(make_peft_adapter(tiny_base, tmp_path / name, seed=seed), name,
-                            base=str(tiny_base))
-    library.update_meta("top", lambda meta: setattr(meta, "stacked_on", ["under@1"]))
-    stack(library, ["under", "top"], [1.0, 0.5], name="both")
-    return library
+    stack(top_on_under, ["under", "top"], [1.0, 0.5], name="both")
+    return top_on_under
 
 
 @pytest.fixture

@@ -151,17 +151,7 @@ def test_export_merged_cli(cli, two, tmp_path):
     assert "not empty" in out
 
 
-@pytest.fixture
-def stacked(library, tiny_base, tmp_path):
-    """``top`` trained on top of ``under`` (both made on the tiny base)."""
-    for name, seed in (("under", 3), ("top", 4)):
-        library.import_peft(make_peft_adapter(tiny_base, tmp_path / name, seed=seed), name,
-                            base=str(tiny_base))
-    library.update_meta("top", lambda meta: setattr(meta, "stacked_on", ["under@1"]))
-    return library
-
-
-def test_swap_force_reaches_the_books_underneath(cli, stacked, tmp_path):
+def test_swap_force_reaches_the_books_underneath(cli, top_on_under, tmp_path):
     """Before: --force attached ``top`` but not the book under it, which was refused."""
     from adapterkit.plugin_api.testing import make_tiny_base
 
@@ -174,7 +164,8 @@ def test_swap_force_reaches_the_books_underneath(cli, stacked, tmp_path):
     assert "[top@1]  first swap" in out
 
 
-def test_first_swap_figure_covers_reading_the_books_underneath(cli, stacked, monkeypatch):
+def test_first_swap_figure_covers_reading_the_books_underneath(cli, top_on_under,
+                                                               monkeypatch):
     """Before: the printed first swap left out reading (and joining) the books ``top`` was
     trained on, which the swap does before its timer starts."""
     import re

@@ -58,7 +58,7 @@ class Group(click.Group):
     def _plugins_command(self, ctx: click.Context) -> bool:
         """Whether the subcommand invoked is a plugin's own (``register_commands``)."""
         command = self.commands.get(ctx.invoked_subcommand or "")
-        module = _module_of(command)
+        module = str(getattr(getattr(command, "callback", None), "__module__", "") or "")
         return bool(module) and not module.startswith(("adapterkit.", "adapterkit_plugins."))
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -85,10 +85,6 @@ class Group(click.Group):
             if message is None:
                 raise
             raise click.ClickException(message) from None
-
-
-def _module_of(command: Any) -> str:
-    return str(getattr(getattr(command, "callback", None), "__module__", "") or "")
 
 
 def out_of_memory(exc: BaseException) -> str | None:

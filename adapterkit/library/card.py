@@ -395,7 +395,11 @@ def _use_section(meta: PocketBookMeta) -> str:
                   "checking it is the same base (`adapterkit base show PATH` prints adapterkit "
                   f"fingerprint `{meta.base_fingerprint}`).", ""]
     where = hub_base or "path/to/your/copy/of/the/base"
-    if meta.method == "qlora":  # its ΔW was learnt on the 4-bit base: answers differ on another
+    if meta.method != "qlora":
+        lines += ["```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{where}")']
+    else:  # its ΔW was learnt on the 4-bit base: answers differ on another
         made = "Its members were" if meta.source.get("kind") in ("merge", "stack") \
             else "It was"
         lines += [f"{made} trained on the base in 4 bits (`qlora`: NF4, double quantization); "
@@ -408,11 +412,8 @@ def _use_section(meta: PocketBookMeta) -> str:
                   "bnb_4bit_use_double_quant=True,",
                   "    bnb_4bit_compute_dtype=dtype)",
                   f'base = AutoModelForCausalLM.from_pretrained("{where}", '
-                  "quantization_config=quantization, dtype=dtype)", _use_code(meta), "```"]
-        return "\n".join(lines)
-    lines += ["```python", "from peft import PeftModel",
-              "from transformers import AutoModelForCausalLM", "",
-              f'base = AutoModelForCausalLM.from_pretrained("{where}")', _use_code(meta), "```"]
+                  "quantization_config=quantization, dtype=dtype)"]
+    lines += [_use_code(meta), "```"]
     return "\n".join(lines)
 
 

@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import CatalogError, InvalidAdapter
-from adapterkit.files import fsync_dir, move_back, sha256_file
+from adapterkit.files import fsync_dir, move_back
 from adapterkit.library.catalog import Catalog, CatalogWarning
-from adapterkit.library.integrity import REPAIR, check_book
+from adapterkit.library.integrity import REPAIR, check_book, held_weights
 from adapterkit.library.layout import DamagedBookWarning, index
-from adapterkit.library.metadata import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, PocketBookMeta
+from adapterkit.library.metadata import CONFIG_FILE, METADATA_FILE, PocketBookMeta
 from adapterkit.library.store import Library, PocketBook, needed_refs
 
 QUARANTINE = "quarantine"
@@ -155,37 +155,29 @@ def _check_stacks(library: Library, report: Report,
     holds other weights than the stack recorded, fails on every use: it is moved to
     quarantine like a damaged folder. A pocket book trained on
     top of a missing one is left alone: a pull warns of that and lets it come later."""
-    def weights_of(meta: PocketBookMeta, folder: Path) -> str | None:
-        """As :func:`check_under` compares it: recorded, or hashed from the file now."""
-        if meta.files.get(WEIGHTS_FILE):
-            return meta.files[WEIGHTS_FILE]
-        return sha256_file(folder / WEIGHTS_FILE) if (folder / WEIGHTS_FILE).is_file() else None
-
-    held = {f"{name}@{version}": (meta, folder) for (name, version), (meta, folder)
-            in healthy.items()}
+    held = {f"{name}@{version}": PocketBook(meta, folder)
+            for (name, version), (meta, folder) in healthy.items()}
     for (name, version), (meta, folder) in sorted(healthy.items()):
         if meta.kind != "stack":
             continue
         members = needed_refs(meta)
         gone = sorted(members - set(held))
         # the same name, other weights (`rm --force`, then an import under that name): every
-        # use refuses it (`check_under`), as it would a missing member
+        # use refuses it, as it would a missing member (compared as `check_under` does)
         replaced = sorted(ref for ref in members & set(held)
                           if meta.stacked_on_sha256.get(ref)
-                          and meta.stacked_on_sha256[ref] != weights_of(*held[ref]))
+                          and meta.stacked_on_sha256[ref] != held_weights(held[ref]))
         if gone:
-            _add(report, "dangling", f"{name}@{version}", folder,
-                 f"a stack of {', '.join(gone)}, which the library no longer holds (it fails "
-                 "on every use)", f"move it to {library.home / QUARANTINE} (kept, not deleted)",
-                 repair)
+            detail = (f"a stack of {', '.join(gone)}, which the library no longer holds (it "
+                      "fails on every use)")
         elif replaced:
-            _add(report, "dangling", f"{name}@{version}", folder,
-                 f"a stack of {', '.join(replaced)} with other weights than this library's "
-                 f"{', '.join(replaced)} now holds (another pocket book under that name; it "
-                 "fails on every use)",
-                 f"move it to {library.home / QUARANTINE} (kept, not deleted)", repair)
+            detail = (f"a stack of {', '.join(replaced)} with other weights than this "
+                      f"library's {', '.join(replaced)} now holds (another pocket book under "
+                      "that name; it fails on every use)")
         else:
             continue
+        _add(report, "dangling", f"{name}@{version}", folder, detail,
+             f"move it to {library.home / QUARANTINE} (kept, not deleted)", repair)
         quarantine.append((name, version, folder))
 
 

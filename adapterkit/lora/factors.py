@@ -42,7 +42,6 @@ def finite_weight(w: Any) -> bool:
     return isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
 
 
-
 def scale_of(config: dict[str, Any], module: str) -> float:
     """PEFT's ``scaling`` for ``module``: ``alpha / r`` (``alpha / √r`` with rsLoRA), with ``r``
     and ``alpha`` taken from ``rank_pattern`` / ``alpha_pattern`` where they match."""
