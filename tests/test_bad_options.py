@@ -145,6 +145,25 @@ def test_trainers_without_options_refuse_set(trainer, data, tiny_base, adapterki
     assert library.list(all_versions=True) == []
 
 
+@pytest.mark.parametrize("trainer", ["dpo", "reward"])
+@pytest.mark.parametrize("value", ["0.05", "0.3"])
+def test_a_given_dropout_is_refused_where_the_trainer_drops_nothing_out(
+        trainer, value, tiny_base, adapterkit_data, adapterkit_cli, library, tmp_path):
+    """``train dpo --dropout 0.05`` was recorded as 0 without a word: the value given is the
+    default's, which the options could not tell from no flag. Given, it is refused like any
+    other value (as flag or in a --config recipe); 0 is accepted."""
+    args = ("train", trainer, "--base", tiny_base, "--data", adapterkit_data["preference"],
+            "--name", "x")
+    refused(adapterkit_cli(*args, "--dropout", value),
+            f"the {trainer} trainer trains with dropout off", f"a dropout of {float(value):g}",
+            "leave --dropout out")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"dropout: {value}\n")
+    refused(adapterkit_cli(*args, "--config", recipe), f"invalid training options in {recipe}",
+            f"a dropout of {float(value):g} would do nothing")
+    assert library.list(all_versions=True) == []
+
+
 def test_unknown_trainer_option_lists_the_known_ones(tiny_base, adapterkit_data, adapterkit_cli):
     result = adapterkit_cli("train", "dpo", "--base", tiny_base, "--data",
                             adapterkit_data["preference"], "--name", "x", "--set", "nosuchkey=1")
@@ -247,6 +266,25 @@ def test_skip_bad_rows_trains_on_the_others_and_says_how_many(bad_rows, tiny_bas
     assert "Skipped 3 row(s) of the wrong shape (--skip-bad-rows): row(s) 2, 3, 5" in result.stderr
     data = library.get("x").meta.data
     assert (data["rows"], data["skipped_rows"]) == (2, 3)
+
+
+def test_columns_a_run_does_not_read_are_named(tiny_base, adapterkit_cli, library, tmp_path):
+    """A ``system`` column beside prompt/completion was dropped without a word: the book
+    learnt the answers without the instructions the user meant it to see. The run names
+    every column it does not train on; a file with only the read columns says nothing."""
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "system": "be brief", "id": i}
+            for i in range(4)]
+    path = tmp_path / "extra.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ("train", "sft", "--base", tiny_base, "--max-steps", "1", "--general", "off")
+    result = adapterkit_cli(*args, "--data", path, "--name", "x")
+    assert result.exit_code == 0, result.output
+    assert ("Not trained on: column(s) id, system of the data (prompt_completion rows read "
+            "only prompt/completion)") in result.stderr
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]})
+                            + "\n" for r in rows))
+    result = adapterkit_cli(*args, "--data", path, "--name", "y")
+    assert result.exit_code == 0 and "Not trained on" not in result.stderr, result.output
 
 
 def test_skip_bad_rows_is_documented(adapterkit_cli):

@@ -74,6 +74,38 @@ def test_plugins_command(run):
     assert "method: lora" in run("plugins").output
 
 
+def test_plugins_says_a_registration_hook_added_nothing(home):
+    """A plugin whose every trainer was refused (a name another plugin holds) was listed as
+    REGISTERS "register_trainers", as if it had added one. It says it added nothing, and its
+    other hooks are listed beside what it registered."""
+    from adapterkit import hookimpl
+
+    class Shadow:
+        @hookimpl
+        def register_trainers(self, register):
+            from adapterkit.plugin_api.registry import Trainer
+
+            register(type("T", (Trainer,), {"name": "sft", "train": lambda self, job: None})())
+
+        @hookimpl
+        def register_scorers(self, register):
+            from adapterkit.plugin_api.registry import Scorer
+
+            register(type("S", (Scorer,), {"name": "shadow_score",
+                                           "score": lambda self, prediction, reference: 1.0})())
+
+        @hookimpl
+        def pocket_book_saved(self, pocket_book):
+            pass
+
+    with pytest.warns(UserWarning, match="already"):
+        pm = get_plugin_manager(env=False, plugins={"shadow": Shadow()})
+    out = CliRunner().invoke(build_cli(pm), ["plugins"]).output
+    [row] = [line for line in out.splitlines() if line.startswith("shadow ")]
+    assert row.split(None, 2)[2] == ("scorer: shadow_score; nothing registered by "
+                                     "register_trainers; hooks: pocket_book_saved"), row
+
+
 @pytest.mark.parametrize("args,message", [
     (["show", "ghost"], "no pocket book named 'ghost'"),
     (["show", "../x"], "invalid pocket-book name '../x'"),

@@ -543,3 +543,10 @@ def test_a_recipes_dropout_meets_stages_that_train_without_dropout(tmp_path):
     assert problems_of({"name": "x", "trainer": "dpo", "data": "p.jsonl", "dropout": 0}) == []
     assert problems_of({"name": "x", "trainer": "dpo", "data": "p.jsonl", "from": "a"}) == []
     assert problems_of({"name": "x", "trainer": "sft", "data": "p.jsonl"}) == []
+    # the default's value, written in the stage (or as the recipe's default), is refused too:
+    # it was recorded as 0 without a word
+    for stage, shared_value in (({"dropout": 0.05}, 0.1), ({}, 0.05)):
+        shared["dropout"] = shared_value
+        [said] = problems_of({"name": "x", "trainer": "dpo", "data": "p.jsonl", **stage})
+        assert "a dropout of 0.05 would do nothing" in said, said
+    assert problems_of({"name": "x", "trainer": "sft", "data": "p.jsonl"}) == []

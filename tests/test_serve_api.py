@@ -456,6 +456,15 @@ def test_a_pocket_book_the_server_cannot_apply_exactly_is_400_and_fails_alone(
                                base=str(served.tiny_base))
     body = _good_beside_bad(client, session, "dora", openai.BadRequestError)
     assert body["code"] == "model_not_servable" and "DoRA" in body["message"]
+    # and it is not listed among the models this server answers with (it was), nor is a
+    # saved stack that holds it
+    from adapterkit.lora.combine import stack
+
+    stack(served.library, ["dora", "law"], None, name="with-dora")
+    listed = {m.id for m in client.models.list().data}
+    assert "law" in listed and not {"dora", "with-dora"} & listed, listed
+    with pytest.raises(openai.BadRequestError, match="DoRA"):
+        chat(client, "with-dora")
     response = post(served, "/v1/completions", {"model": "dora", "prompt": "x", "stream": True,
                                                 "max_tokens": 4})
     events = [json.loads(line[len("data: "):]) for line in response.text.splitlines()

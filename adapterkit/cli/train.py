@@ -248,7 +248,7 @@ class _Stopped(KeyboardInterrupt):
 @click.option("-r", "--rank", type=int, help="LoRA rank (default 16).")
 @click.option("--alpha", type=int, help="LoRA alpha (default 32).")
 @click.option("--dropout", type=float, help="LoRA dropout (default 0.05; dpo and reward train without "
-              "dropout, as TRL does).")
+              "dropout, as TRL does, and refuse it unless 0).")
 @click.option("--target-modules", help="Comma-separated linear layers, or all-linear (default).")
 @click.option("--lr", type=float, help="Learning rate (default: the trainer's; sft 1e-3, "
                                        "measured in docs/defaults.md; the others 2e-4).")
@@ -280,8 +280,9 @@ class _Stopped(KeyboardInterrupt):
                                 "its budget on the shipped text).")
 @click.option("--forgetting-budget", help="Max rise of general-text loss, e.g. 1%: the "
                                           "forgetting guard (sft: on at 1% by default, 0 or off "
-                                          "turns it off; dpo: off by default; other trainers "
-                                          "refuse it).")
+                                          "turns it off; dpo: off by default; reward and rlhf "
+                                          "refuse it, as does a plugin trainer that does not "
+                                          "declare uses_guard).")
 @click.option("--guard-weight", type=float, help="Weight of the KL-to-base term (default with a "
                                                  "budget: sft 3, dpo 0.3). 0 drops the term; "
                                                  "without --forgetting-budget it also turns sft's "

@@ -20,6 +20,7 @@ import importlib.util
 import os
 import re
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -256,15 +257,17 @@ def _heavy() -> set[str]:
     return {m for m in HEAVY_MODULES if m in sys.modules}
 
 
-def _warn_heavy(name: str, before: set[str]) -> None:
+def _warn_heavy(name: str, before: set[str], started: float) -> None:
     """Name the plugin whose loading (import and registration hooks) imported a heavy library:
-    every command, ``--help`` included, pays for it, and without this adapterkit looks slow."""
+    every command, ``--help`` included, pays for it, and without this adapterkit looks slow.
+    The time is this load's, measured from ``started`` (a ``time.perf_counter()``)."""
     new = _heavy() - before
     if new:
-        _warn(f"plugin {name!r} imports {', '.join(sorted(new))} when it loads, which adds about "
-              "a second to every adapterkit command (--help included); its author should "
-              "import them inside the methods of what it registers (docs/plugins.md, "
-              f"'Start-up is cheap'). {DISABLE_ENV}={name} skips it")
+        took = time.perf_counter() - started
+        _warn(f"plugin {name!r} imports {', '.join(sorted(new))} when it loads, which took "
+              f"{took:.1f} s here and is paid by every adapterkit command (--help included); "
+              "its author should import them inside the methods of what it registers "
+              f"(docs/plugins.md, 'Start-up is cheap'). {DISABLE_ENV}={name} skips it")
 
 
 def _disabled() -> set[str]:
@@ -272,7 +275,8 @@ def _disabled() -> set[str]:
 
 
 def _load_entry_points(manager: PluginManager, disabled: set[str],
-                       given: dict[str, object] | None = None) -> None:
+                       given: dict[str, object] | None = None) -> set[str]:
+    """Load the entry-point plugins not ``disabled``; returns every entry-point name found."""
     from importlib.metadata import entry_points
 
     given = given or {}
@@ -294,7 +298,7 @@ def _load_entry_points(manager: PluginManager, disabled: set[str],
                 _warn_duplicate(ep.name, dist, loaded_from[ep.name])
             continue
         version = ep.dist.version if ep.dist is not None else None
-        before = _heavy()
+        before, started = _heavy(), time.perf_counter()
         try:
             module = ep.load()
         except KeyboardInterrupt:  # Ctrl-C is the user's; anything else is the plugin's bug
@@ -310,7 +314,8 @@ def _load_entry_points(manager: PluginManager, disabled: set[str],
             continue  # the caller registers this very module under another name
         if manager.add(module, ep.name, version=version, source=f"entry point {ep.value}"):
             loaded_from[ep.name] = dist
-        _warn_heavy(ep.name, before)
+        _warn_heavy(ep.name, before, started)
+    return {ep.name for ep in found}
 
 
 def _warn_duplicate(name: str, dist: str, first: str) -> None:
@@ -365,11 +370,13 @@ def _import_file(name: str, path: Path) -> ModuleType:
     return module
 
 
-def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> None:
+def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> set[str]:
+    """Load the ``ADAPTERKIT_LOAD_PLUGINS`` plugins not ``disabled``; returns their names."""
+    names: set[str] = set()
     for spec in (s.strip() for s in os.environ.get(LOAD_ENV, "").split(",")):
         if not spec:
             continue
-        before = _heavy()
+        before, started = _heavy(), time.perf_counter()
         try:
             modules = _import_path(spec)
         except KeyboardInterrupt:  # Ctrl-C is the user's; anything else is the plugin's bug
@@ -378,11 +385,13 @@ def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> None:
             _warn(f"plugin {spec!r} from {LOAD_ENV} failed to load ({_describe(exc)}); skipped")
             continue
         for name, module in modules:
+            names.add(name)
             if manager.pluggy.is_registered(module):  # installed too (pip install -e): loaded
                 continue
             if name not in disabled:
                 manager.add(module, name, source=f"{LOAD_ENV}: {spec}")
-        _warn_heavy(",".join(name for name, _ in modules) or spec, before)
+        _warn_heavy(",".join(name for name, _ in modules) or spec, before, started)
+    return names
 
 
 def _normalized(name: str) -> str:
@@ -452,12 +461,17 @@ def get_plugin_manager(*, entry_points: bool = True, env: bool = True,
     manager = PluginManager()
     given = dict(plugins or {})
     disabled = _disabled() if env else set()
+    names = set(given)
     if entry_points:
-        _load_entry_points(manager, disabled, given)
+        names |= _load_entry_points(manager, disabled, given)
     for name, plugin in given.items():
         manager.add(plugin, name)
     if env:
-        _load_env_plugins(manager, disabled)
+        names |= _load_env_plugins(manager, disabled)
+    unknown = sorted(disabled - names - {"*"})
+    if unknown and entry_points:  # a typo would leave the plugin it meant loaded, unsaid
+        _warn(f"{DISABLE_ENV} names {', '.join(map(repr, unknown))}, but no plugin is called "
+              f"that, so it disabled nothing; plugins: {', '.join(sorted(names))}")
     return manager
 
 

@@ -67,6 +67,15 @@ class Data:
     #: Row numbers (from 1) of the rows dropped as malformed (``skip_bad_rows``).
     skipped: list[int] = field(default_factory=list)
 
+    @property
+    def unread(self) -> list[str]:
+        """The file's columns this shape does not read (an ``id``, or a ``system`` column a
+        user meant to train with): said when a run starts, rather than dropped unsaid. Empty
+        for a plugin's format, which reads what it converts."""
+        if self.format != self.shape:
+            return []
+        return [c for c in self.columns if c not in SHAPES.get(self.shape, ())]
+
     def describe(self) -> dict[str, Any]:
         described = {"description": self.source, "sha256": self.sha256, "rows": len(self.rows),
                      "shape": self.shape, "format": self.format}

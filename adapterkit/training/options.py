@@ -161,6 +161,8 @@ def build_options(recipe: str | os.PathLike[str] | None = None,
     problems += option_problems(options, trackers=False)
     if trainer is not None:
         problems += _trainer_options(trainer, options)[1]
+        if "dropout" in clean:  # given, even as the default's value: it would do nothing
+            problems += [p for p in [dropout_problem(trainer, options.dropout)] if p]
     if problems:
         where = f" in {recipe}" if recipe else ""
         raise ConfigError(f"invalid training options{where}: " + "; ".join(problems))
@@ -281,6 +283,17 @@ _DEFAULT_DROPOUT = next(f.default for f in dataclasses.fields(TrainOptions)
                         if f.name == "dropout")
 
 
+def dropout_problem(trainer: Trainer, dropout: float) -> str | None:
+    """Why ``dropout`` cannot be given to ``trainer`` (None where it can): a trainer whose
+    steps drop nothing out (``Trainer.drops_out`` False: TRL's DPO and Reward trainers) would
+    train the very weights dropout 0 does, while the book recorded the value given."""
+    if getattr(trainer, "drops_out", True) or not dropout:
+        return None
+    return (f"the {getattr(trainer, 'name', trainer)} trainer trains with dropout off (TRL's "
+            f"disable_dropout): a dropout of {dropout:g} would do nothing; leave --dropout out "
+            "(in a recipe: dropout: 0 for this stage)")
+
+
 def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
     """``options`` as a run of ``trainer`` uses them: the trainer's measured defaults
     (``Trainer.defaults``) where they are unset, :data:`DEFAULT_LEARNING_RATE` where neither
@@ -319,12 +332,10 @@ def with_defaults(trainer: Trainer, options: TrainOptions) -> TrainOptions:
         values.pop("guard_weight", None)
     resolved = dataclasses.replace(options, **values)
     if not getattr(trainer, "drops_out", True) and resolved.dropout != 0:
-        # (the default cannot be told from the same value given: both are read as unset)
+        # (here the default cannot be told from the same value given; build_options and a
+        # recipe's stage, which see what was written, refuse that too)
         if resolved.dropout != _DEFAULT_DROPOUT:
-            raise ConfigError(
-                f"the {getattr(trainer, 'name', trainer)} trainer trains with dropout off "
-                f"(TRL's disable_dropout): a dropout of {resolved.dropout:g} would do nothing; "
-                "leave --dropout out (in a recipe: dropout: 0 for this stage)")
+            raise ConfigError(dropout_problem(trainer, resolved.dropout))
         resolved.dropout = 0.0  # recorded as trained
     if resolved.learning_rate is None:
         resolved.learning_rate = DEFAULT_LEARNING_RATE

@@ -33,6 +33,7 @@ from adapterkit.training.options import (
     LORA_SHAPE,
     TrainOptions,
     build_options,
+    dropout_problem,
     with_defaults,
 )
 from adapterkit.training.run import interrupted_stages, last_complete_checkpoint, run_dir
@@ -321,6 +322,10 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
         # a copy keeps the LoRA shape of what it copies (as train --from refuses the flags);
         # the recipe's own defaults may still give them to its other stages
         given = {str(k).replace("-", "_") for k in item}
+        written = dropout_problem(trainer, options.dropout) \
+            if trainer is not None and "dropout" in given else None
+        if written:  # this stage's own value, even the default's: it would do nothing
+            raise ConfigError(written)
         shape = [k for k in LORA_SHAPE if item.get("from") is not None and k in given]
         if shape:
             raise ConfigError(f"from: {item['from']} continues a copy of that pocket book, with "

@@ -37,7 +37,7 @@ from adapterkit.training.build import (
     split_eval,
     underlay_of,
 )
-from adapterkit.training.data import Data, as_chat, check_rendering, load_data
+from adapterkit.training.data import SHAPES, Data, as_chat, check_rendering, load_data
 from adapterkit.training.job import TrainJob, TrainResult
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
 from adapterkit.training.options import (
@@ -437,6 +437,9 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows): "
             f"row(s) {', '.join(map(str, dataset.skipped[:5]))}"
             + ("..." if len(dataset.skipped) > 5 else ""))
+    if dataset.unread:
+        say(f"Not trained on: column(s) {', '.join(dataset.unread)} of the data ({dataset.shape} "
+            f"rows read only {'/'.join(SHAPES[dataset.shape])})")
     general = general_texts(options.general) if options.general else None
     workdir = run_dir(library, str(ref))
     parent = parent_of(library, on, start_from, head=getattr(trainer_obj, "head", "causal-lm"))
