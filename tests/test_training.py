@@ -204,6 +204,33 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(tiny_base, home, pc_file, pm
               options=fast(method="qlora"), home=home, plugins=pm)
 
 
+def test_a_failed_run_names_the_checkpoint_it_kept(tiny_base, home, pc_file, pm):
+    """A run that failed mid-way (here a callback's RuntimeError after step 3's checkpoint)
+    kept that checkpoint without a word; the next plain run was then refused beside it. It
+    says which, and what --resume and --restart do."""
+    from transformers import TrainerCallback
+
+    class Fail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("disk full")
+
+    said: list[str] = []
+    with pytest.raises(RuntimeError, match="disk full"):
+        train("sft", base=str(tiny_base), data=str(pc_file), name="f",
+              options=fast(max_steps=8, save_steps=3), home=home, plugins=pm,
+              callbacks=[Fail()], progress=said.append)
+    assert said[-1] == ("The run failed after saving checkpoint-3: once the cause is fixed, "
+                        "the same command with --resume continues from it (--restart "
+                        "discards it)."), said
+    said.clear()
+    with pytest.raises(RuntimeError, match="disk full"):  # before any checkpoint: nothing said
+        train("sft", base=str(tiny_base), data=str(pc_file), name="g",
+              options=fast(max_steps=8, save_steps=6), home=home, plugins=pm,
+              callbacks=[Fail()], progress=said.append)
+    assert not any("checkpoint" in line for line in said), said
+
+
 @pytest.mark.slow
 def test_interrupt_leaves_no_entry_and_resume_finishes(tiny_base, home, pc_file, pm):
     from transformers import TrainerCallback

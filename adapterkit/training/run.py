@@ -156,6 +156,9 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     except KeyboardInterrupt as exc:
         _left_behind(run, exc)
         raise
+    except Exception:
+        _say_kept(run)
+        raise
     finally:
         _let_go_locks(held)
         if not isinstance(base, str):  # a caller's resident base: back in the dtype it came
@@ -302,6 +305,18 @@ def _left_behind(run: _Run, exc: KeyboardInterrupt) -> None:
     exc.finished = last is not None and finished_at(  # type: ignore[attr-defined]
         last, run.job.options.max_steps) is not None
     exc.save_steps = run.job.options.save_steps  # type: ignore[attr-defined]
+
+
+def _say_kept(run: _Run) -> None:
+    """After a run that failed: the checkpoint it kept, and what the next run can do with it
+    (a rerun without --resume or --restart is refused beside it)."""
+    try:
+        last = last_complete_checkpoint(run.workdir)
+    except Exception:  # never hides why the run itself stopped
+        return
+    if last is not None:
+        run.say(f"The run failed after saving {Path(last).name}: once the cause is fixed, the "
+                "same command with --resume continues from it (--restart discards it).")
 
 
 def _give_back(base: Base, say: Callable[[str], None]) -> None:
