@@ -115,6 +115,13 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         version set) just before it is committed, to add records of its own in the same atomic
         write (a pipeline's lineage): a kill can never leave the book without them.
 
+    Interrupted (Ctrl-C), it re-raises the ``KeyboardInterrupt`` with what a next run can do:
+    ``exc.checkpoint`` (the last whole checkpoint's folder name, or words naming an
+    interrupted stage's; None: none was written yet; ``resume=True`` continues from it), ``exc.finished`` (it is of the run's last step:
+    a resume refuses it, ``restart=True`` trains again) and ``exc.save_steps``; an ``rlhf``
+    run adds ``exc.stages_saved`` (the pocket books of its finished stages). A run that fails
+    otherwise says through ``progress`` which checkpoint it kept.
+
     In a process with no GPU it sets the C allocator to keep freed memory for reuse (faster
     CPU steps, more resident memory; ``ADAPTERKIT_MALLOC=system`` keeps the defaults): see
     :mod:`adapterkit.runtime.allocator`.
