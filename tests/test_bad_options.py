@@ -271,20 +271,49 @@ def test_skip_bad_rows_trains_on_the_others_and_says_how_many(bad_rows, tiny_bas
 def test_columns_a_run_does_not_read_are_named(tiny_base, adapterkit_cli, library, tmp_path):
     """A ``system`` column beside prompt/completion was dropped without a word: the book
     learnt the answers without the instructions the user meant it to see. The run names
-    every column it does not train on; a file with only the read columns says nothing."""
+    every column the data's shape does not keep."""
     rows = [{"prompt": f"q{i}", "completion": f"a{i}", "system": "be brief", "id": i}
             for i in range(4)]
     path = tmp_path / "extra.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ("train", "sft", "--base", tiny_base, "--max-steps", "1", "--general", "off")
-    result = adapterkit_cli(*args, "--data", path, "--name", "x")
+    result = adapterkit_cli("train", "sft", "--base", tiny_base, "--max-steps", "1",
+                            "--general", "off", "--data", path, "--name", "x")
     assert result.exit_code == 0, result.output
-    assert ("Not trained on: column(s) id, system of the data (prompt_completion rows read "
+    assert ("Dropped as the data was read: column(s) id, system (prompt_completion rows keep "
             "only prompt/completion)") in result.stderr
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]})
-                            + "\n" for r in rows))
-    result = adapterkit_cli(*args, "--data", path, "--name", "y")
-    assert result.exit_code == 0 and "Not trained on" not in result.stderr, result.output
+
+
+def test_the_columns_a_shape_keeps_are_not_named(tmp_path):
+    """Only columns the shape drops are named: none for plain rows of each shape, a
+    preference file without a prompt column (the prompt is the pairs' shared start), a text
+    file, or a plugin's format (which reads what it converts)."""
+    from adapterkit.plugin_api.manager import get_plugin_manager
+    from adapterkit.training.data import load_data
+
+    def data(name: str, rows: list) -> str:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    plain = {
+        "pc.jsonl": [{"prompt": "q", "completion": "a"}] * 2,
+        "m.jsonl": [{"messages": chat}] * 2,
+        "p.jsonl": [{"prompt": "q", "chosen": "good", "rejected": "bad"}] * 2,
+        "implicit.jsonl": [{"chosen": [chat[0], {"role": "assistant", "content": "a"}],
+                            "rejected": [chat[0], {"role": "assistant", "content": "b"}]}] * 2,
+        "alpaca.jsonl": [{"instruction": "q", "input": "", "output": "a"}] * 2,
+    }
+    formats = get_plugin_manager(env=False).data_formats
+    for name, rows in plain.items():
+        loaded = load_data(data(name, rows), formats=formats)
+        assert loaded.unread == [] and loaded.unread_note() is None, (name, loaded.unread)
+    (tmp_path / "t.txt").write_text("some prose\n\nmore prose\n")
+    assert load_data(str(tmp_path / "t.txt")).unread == []
+    tools = load_data(data("tools.jsonl", [{"messages": chat, "tools": []}] * 2))
+    assert tools.unread == ["tools"]
+    assert tools.unread_note() == ("Dropped as the data was read: column(s) tools (messages "
+                                   "rows keep only messages)")
 
 
 def test_skip_bad_rows_is_documented(adapterkit_cli):

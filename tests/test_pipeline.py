@@ -549,4 +549,8 @@ def test_a_recipes_dropout_meets_stages_that_train_without_dropout(tmp_path):
         shared["dropout"] = shared_value
         [said] = problems_of({"name": "x", "trainer": "dpo", "data": "p.jsonl", **stage})
         assert "a dropout of 0.05 would do nothing" in said, said
+    # a dpo copy's own dropout is to be dropped (it keeps its copy's), not set to 0
+    [said] = problems_of({"name": "x", "trainer": "dpo", "data": "p.jsonl", "from": "a",
+                          "dropout": 0.05})
+    assert "with its rank, alpha, dropout and target modules: drop dropout" in said, said
     assert problems_of({"name": "x", "trainer": "sft", "data": "p.jsonl"}) == []

@@ -267,7 +267,7 @@ def test_restart_after_an_interruption_discards_what_the_trials_left(tiny_base, 
     assert not list((home / "runs").glob("over-trial-*"))
 
 
-def test_a_trials_recipe_rebuilds_its_options_exactly(tmp_path):
+def test_a_trials_recipe_rebuilds_its_options_exactly(tmp_path, pm):
     """A launched trial's ranks read its options from a recipe file: every option survives,
     and the ones left to the trainer's defaults stay unset."""
     import yaml
@@ -286,6 +286,12 @@ def test_a_trials_recipe_rebuilds_its_options_exactly(tmp_path):
     rebuilt = build_options(recipe)
     assert rebuilt == TrainOptions(r=8) and rebuilt.learning_rate is None
     assert rebuilt.forgetting_budget is None and rebuilt.guard_weight is None
+    # an option at its default is left out: written, it reads as given (a dpo trial's
+    # dropout: 0.05, which dpo refuses, stopped every launched dpo trial)
+    assert "dropout" not in trial_recipe(TrainOptions(r=8))
+    recipe.write_text(yaml.safe_dump(trial_recipe(TrainOptions(learning_rate=1e-3))))
+    assert build_options(recipe, trainer=pm.trainer("dpo")) == \
+        TrainOptions(learning_rate=1e-3)
 
 
 @pytest.mark.parametrize("config", [False, True])

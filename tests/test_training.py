@@ -10,6 +10,7 @@ from adapterkit import (
     DataFormatError,
     NameTaken,
     PluginError,
+    RunStateError,
     TargetModuleError,
     TrainOptions,
     train,
@@ -204,10 +205,12 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(tiny_base, home, pc_file, pm
               options=fast(method="qlora"), home=home, plugins=pm)
 
 
-def test_a_failed_run_names_the_checkpoint_it_kept(tiny_base, home, pc_file, pm):
+@pytest.mark.slow
+def test_a_failed_run_names_the_checkpoint_it_kept(tiny_base, home, pc_file, pm, monkeypatch):
     """A run that failed mid-way (here a callback's RuntimeError after step 3's checkpoint)
     kept that checkpoint without a word; the next plain run was then refused beside it. It
-    says which, and what --resume and --restart do."""
+    says which, and what --resume and --restart do; a checkpoint of the last step (the run
+    failed as it was measured or saved) is one to --restart, as a resume refuses it."""
     from transformers import TrainerCallback
 
     class Fail(TrainerCallback):
@@ -220,15 +223,34 @@ def test_a_failed_run_names_the_checkpoint_it_kept(tiny_base, home, pc_file, pm)
         train("sft", base=str(tiny_base), data=str(pc_file), name="f",
               options=fast(max_steps=8, save_steps=3), home=home, plugins=pm,
               callbacks=[Fail()], progress=said.append)
-    assert said[-1] == ("The run failed after saving checkpoint-3: once the cause is fixed, "
-                        "the same command with --resume continues from it (--restart "
-                        "discards it)."), said
+    assert said[-1] == ("The run's last checkpoint is checkpoint-3: once the cause is fixed "
+                        "(a resume keeps the run's options), the same command with --resume "
+                        "continues from it; --restart discards it."), said
+    with pytest.raises(RunStateError, match="pass --resume to continue it"):  # as it says
+        train("sft", base=str(tiny_base), data=str(pc_file), name="f",
+              options=fast(max_steps=8, save_steps=3), home=home, plugins=pm)
     said.clear()
     with pytest.raises(RuntimeError, match="disk full"):  # before any checkpoint: nothing said
         train("sft", base=str(tiny_base), data=str(pc_file), name="g",
               options=fast(max_steps=8, save_steps=6), home=home, plugins=pm,
               callbacks=[Fail()], progress=said.append)
     assert not any("checkpoint" in line for line in said), said
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("adapterkit.training.run._save", full_disk)
+    said.clear()
+    with pytest.raises(RuntimeError, match="disk full"):
+        train("sft", base=str(tiny_base), data=str(pc_file), name="h",
+              options=fast(max_steps=4, save_steps=2), home=home, plugins=pm,
+              progress=said.append)
+    assert said[-1] == ("Training had finished (checkpoint-4) when the run failed: run the same "
+                        "command with --restart to train it again."), said
+    monkeypatch.undo()
+    with pytest.raises(RunStateError, match="had trained all its 4 steps .* pass --restart"):
+        train("sft", base=str(tiny_base), data=str(pc_file), name="h",
+              options=fast(max_steps=4, save_steps=2), home=home, plugins=pm, resume=True)
 
 
 @pytest.mark.slow

@@ -32,26 +32,21 @@ def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         echo_json(infos)
         return
-    rows = [[i["name"], i["version"] or "-", _registers(i)] for i in infos]
+    rows = [[i["name"], i["version"] or "-", _registers(i, pm)] for i in infos]
     click.echo(table(rows, ["PLUGIN", "VERSION", "REGISTERS"]))
 
 
-#: The registration hooks, by the kind of item each registers (as PluginInfo.registers names it).
-_REGISTRY_HOOKS = {"register_methods": "method", "register_trainers": "trainer",
-                   "register_merge_strategies": "merge strategy",
-                   "register_data_formats": "data format", "register_scorers": "scorer"}
-
-
-def _registers(info: dict[str, Any]) -> str:
+def _registers(info: dict[str, Any], pm: PluginManager) -> str:
     """What one plugin adds: the items it registered, then its other hooks. A registration
     hook that added nothing (its items refused, or it failed: warned about above) says so;
     listing the hook's name alone read as if it had registered something."""
     parts = [f"{k}: {', '.join(v)}" for k, v in sorted(info["registers"].items())]
-    empty = [hook for hook in info["hooks"]
-             if hook in _REGISTRY_HOOKS and _REGISTRY_HOOKS[hook] not in info["registers"]]
+    kinds = {hook: registry.kind for hook in info["hooks"]
+             if (registry := pm.registry_of(hook)) is not None}
+    empty = [hook for hook, kind in kinds.items() if kind not in info["registers"]]
     if empty:
         parts.append(f"nothing registered by {', '.join(empty)}")
-    others = [hook for hook in info["hooks"] if hook not in _REGISTRY_HOOKS]
+    others = [hook for hook in info["hooks"] if hook not in kinds]
     if others:
         parts.append(f"hooks: {', '.join(others)}")
     return "; ".join(parts) or "-"

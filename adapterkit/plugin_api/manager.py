@@ -82,6 +82,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: Each registration hook, and the :class:`PluginManager` registry it fills.
+REGISTRATION_HOOKS = {"register_methods": "methods", "register_trainers": "trainers",
+                      "register_merge_strategies": "merge_strategies",
+                      "register_data_formats": "data_formats", "register_scorers": "scorers"}
+
+
 class PluginManager:
     """The loaded plugins and everything they registered.
 
@@ -190,14 +196,14 @@ class PluginManager:
         impls = getattr(self.pluggy.hook, hook).get_hookimpls()
         return [i for i in impls if plugin is None or i.plugin_name == plugin]
 
+    def registry_of(self, hook: str) -> Registry[Any] | None:
+        """The registry the registration hook ``hook`` fills (None for another hook)."""
+        attribute = REGISTRATION_HOOKS.get(hook)
+        return getattr(self, attribute) if attribute else None
+
     def _register_from(self, plugin: str) -> None:
-        for hook, registry in (
-            ("register_methods", self.methods),
-            ("register_trainers", self.trainers),
-            ("register_merge_strategies", self.merge_strategies),
-            ("register_data_formats", self.data_formats),
-            ("register_scorers", self.scorers),
-        ):
+        for hook, attribute in REGISTRATION_HOOKS.items():
+            registry: Registry[Any] = getattr(self, attribute)
             for impl in self._impls(hook, plugin):
                 def register(item: Any, _registry: Registry = registry) -> None:
                     try:
@@ -265,7 +271,7 @@ def _warn_heavy(name: str, before: set[str], started: float) -> None:
     if new:
         took = time.perf_counter() - started
         _warn(f"plugin {name!r} imports {', '.join(sorted(new))} when it loads, which took "
-              f"{took:.1f} s here and is paid by every adapterkit command (--help included); "
+              f"{took:.2g} s here and is paid by every adapterkit command (--help included); "
               "its author should import them inside the methods of what it registers "
               f"(docs/plugins.md, 'Start-up is cheap'). {DISABLE_ENV}={name} skips it")
 
@@ -372,7 +378,7 @@ def _import_file(name: str, path: Path) -> ModuleType:
 
 def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> set[str]:
     """Load the ``ADAPTERKIT_LOAD_PLUGINS`` plugins not ``disabled``; returns their names."""
-    names: set[str] = set()
+    names: set[str] = set()  # (with "" for a spec that failed to load: its names are unknown)
     for spec in (s.strip() for s in os.environ.get(LOAD_ENV, "").split(",")):
         if not spec:
             continue
@@ -383,6 +389,7 @@ def _load_env_plugins(manager: PluginManager, disabled: set[str]) -> set[str]:
             raise
         except BaseException as exc:
             _warn(f"plugin {spec!r} from {LOAD_ENV} failed to load ({_describe(exc)}); skipped")
+            names.add("")
             continue
         for name, module in modules:
             names.add(name)
@@ -461,15 +468,16 @@ def get_plugin_manager(*, entry_points: bool = True, env: bool = True,
     manager = PluginManager()
     given = dict(plugins or {})
     disabled = _disabled() if env else set()
-    names = set(given)
+    names: set[str] = set()  # what the variable can disable (never the plugins given here)
     if entry_points:
         names |= _load_entry_points(manager, disabled, given)
     for name, plugin in given.items():
         manager.add(plugin, name)
     if env:
         names |= _load_env_plugins(manager, disabled)
-    unknown = sorted(disabled - names - {"*"})
-    if unknown and entry_points:  # a typo would leave the plugin it meant loaded, unsaid
+    unknown = sorted(disabled - names - set(given) - {"*"})
+    if unknown and entry_points and "" not in names:  # a typo would leave the plugin it
+        # meant loaded, unsaid (unless a plugin failed to load: it may have been that one)
         _warn(f"{DISABLE_ENV} names {', '.join(map(repr, unknown))}, but no plugin is called "
               f"that, so it disabled nothing; plugins: {', '.join(sorted(names))}")
     return manager

@@ -76,6 +76,13 @@ class Data:
             return []
         return [c for c in self.columns if c not in SHAPES.get(self.shape, ())]
 
+    def unread_note(self) -> str | None:
+        """The line a run (or a search) says about :attr:`unread` columns; None if none."""
+        if not self.unread:
+            return None
+        return (f"Dropped as the data was read: column(s) {', '.join(self.unread)} "
+                f"({self.shape} rows keep only {'/'.join(SHAPES[self.shape])})")
+
     def describe(self) -> dict[str, Any]:
         described = {"description": self.source, "sha256": self.sha256, "rows": len(self.rows),
                      "shape": self.shape, "format": self.format}

@@ -33,7 +33,6 @@ from adapterkit.training.options import (
     LORA_SHAPE,
     TrainOptions,
     build_options,
-    dropout_problem,
     with_defaults,
 )
 from adapterkit.training.run import interrupted_stages, last_complete_checkpoint, run_dir
@@ -310,7 +309,16 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
     if isinstance(item.get("set"), dict):
         values["trainer_options"] = item["set"]
     try:
-        options = _options(values, trainer)
+        # a copy keeps the LoRA shape of what it copies (as train --from refuses the flags);
+        # the recipe's own defaults may still give them to its other stages. Checked first:
+        # a dpo copy's `dropout:` is to be dropped, not set to 0
+        given = {str(k).replace("-", "_") for k in item}
+        shape = [k for k in LORA_SHAPE if item.get("from") is not None and k in given]
+        if shape:
+            raise ConfigError(f"from: {item['from']} continues a copy of that pocket book, with "
+                              f"its rank, alpha, dropout and target modules: drop "
+                              f"{', '.join(shape)} from this stage")
+        options = _options(values, trainer)  # (refuses a dropout dpo would not act on)
         pm.method(options.method)
         if trainer is not None:
             refuse_what_cannot_act(trainer.name, trainer, with_defaults(trainer, options),
@@ -319,18 +327,6 @@ def _stage_options(where: str, item: dict[Any, Any], shared: dict[str, Any], fol
             raise ConfigError("max_steps sets the stage's length, and the trainer ignores "
                               "epochs beside it: give one (epochs: null in the stage, where "
                               "the recipe's defaults give epochs)")
-        # a copy keeps the LoRA shape of what it copies (as train --from refuses the flags);
-        # the recipe's own defaults may still give them to its other stages
-        given = {str(k).replace("-", "_") for k in item}
-        written = dropout_problem(trainer, options.dropout) \
-            if trainer is not None and "dropout" in given else None
-        if written:  # this stage's own value, even the default's: it would do nothing
-            raise ConfigError(written)
-        shape = [k for k in LORA_SHAPE if item.get("from") is not None and k in given]
-        if shape:
-            raise ConfigError(f"from: {item['from']} continues a copy of that pocket book, with "
-                              f"its rank, alpha, dropout and target modules: drop "
-                              f"{', '.join(shape)} from this stage")
     except (ConfigError, PluginError) as exc:
         problems.append(f"{where}: {exc}")
         return trainer, None

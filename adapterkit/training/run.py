@@ -37,7 +37,7 @@ from adapterkit.training.build import (
     split_eval,
     underlay_of,
 )
-from adapterkit.training.data import SHAPES, Data, as_chat, check_rendering, load_data
+from adapterkit.training.data import Data, as_chat, check_rendering, load_data
 from adapterkit.training.job import TrainJob, TrainResult
 from adapterkit.training.metrics import forgetting, task_loss, uses_chat
 from adapterkit.training.options import (
@@ -315,15 +315,24 @@ def _left_behind(run: _Run, exc: KeyboardInterrupt) -> None:
 
 
 def _say_kept(run: _Run) -> None:
-    """After a run that failed: the checkpoint it kept, and what the next run can do with it
-    (a rerun without --resume or --restart is refused beside it)."""
+    """After a run that failed: the checkpoint it keeps, and what the next run can do with it
+    (a rerun without --resume or --restart is refused beside it) — as the CLI says it after
+    Ctrl-C (:func:`_left_behind`): a checkpoint of the last step cannot be resumed."""
     try:
         last = last_complete_checkpoint(run.workdir)
+        finished = last is not None and finished_at(last, run.job.options.max_steps) is not None
     except Exception:  # never hides why the run itself stopped
         return
-    if last is not None:
-        run.say(f"The run failed after saving {Path(last).name}: once the cause is fixed, the "
-                "same command with --resume continues from it (--restart discards it).")
+    if last is None:
+        return
+    also = f", adding --reward {run.stages_saved[0]}" if run.stages_saved else ""
+    if finished:
+        run.say(f"Training had finished ({Path(last).name}) when the run failed: run the same "
+                f"command with --restart{also} to train it again.")
+    else:
+        run.say(f"The run's last checkpoint is {Path(last).name}: once the cause is fixed (a "
+                f"resume keeps the run's options), the same command with --resume{also} "
+                "continues from it; --restart discards it.")
 
 
 def _give_back(base: Base, say: Callable[[str], None]) -> None:
@@ -459,9 +468,8 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows): "
             f"row(s) {', '.join(map(str, dataset.skipped[:5]))}"
             + ("..." if len(dataset.skipped) > 5 else ""))
-    if dataset.unread:
-        say(f"Not trained on: column(s) {', '.join(dataset.unread)} of the data ({dataset.shape} "
-            f"rows read only {'/'.join(SHAPES[dataset.shape])})")
+    if dataset.unread_note():
+        say(str(dataset.unread_note()))
     general = general_texts(options.general) if options.general else None
     workdir = run_dir(library, str(ref))
     parent = parent_of(library, on, start_from, head=getattr(trainer_obj, "head", "causal-lm"))

@@ -187,6 +187,8 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
     rows = len(dataset.rows)
+    if dataset.unread_note():  # (its trials say nothing: they are given no progress)
+        say(str(dataset.unread_note()))
     split = check_search(space, trials, budget, rows, options, start_from=start_from)
     if not resume:  # (a resume's trials run on past its first ones: checked with its study)
         _check_trial_length(plain, trials - 1)
@@ -523,8 +525,13 @@ def _trial_launch(launch: dict[str, Any] | None) -> tuple[dict[str, Any] | None,
 def trial_recipe(options: TrainOptions) -> dict[str, Any]:
     """``options`` as a recipe (``--config``) that rebuilds them exactly: what a launched
     trial's ranks read. Options left ``None`` stay out, so the trainer's defaults fill them
-    there as they would here."""
-    return {k: v for k, v in options.as_dict().items() if v is not None}
+    there as they would here, and so do those at their default: written, they would read as
+    given (a dpo trial's ``dropout: 0.05``, which dpo refuses; a ``--from`` trial's rank)."""
+    from adapterkit.training.options import TrainOptions
+
+    defaults = TrainOptions().as_dict()
+    return {k: v for k, v in options.as_dict().items()
+            if v is not None and not (k in defaults and v == defaults[k])}
 
 
 def _train_trial(trainer: str, *, name: str, library: Library, folder: Path,
