@@ -120,6 +120,8 @@ def test_with_the_forgetting_guard_the_budget_is_checked_on_the_best_evaluations
     best = min(range(len(losses)), key=losses.__getitem__)
     assert record["restored_best"] is True and record["best_step"] == steps[best] < steps[-1]
     assert guard["kept_step"] == steps[best] and guard["restored"] is False
+    # the saved weights are the best evaluation's, not the last step's: said so
+    assert result.metrics["weights_step"] == steps[best] < result.metrics["steps"]
     assert guard["within_budget"] is True and [c["step"] for c in guard["checks"]] == [
         steps[best]]
     assert any(s > steps[best] for s in guard["snapshots"])  # later ones existed, unused
@@ -236,3 +238,41 @@ def test_a_resumed_run_keeps_the_best_so_far(tmp_path):
     assert torch.equal(again.best["lora_A"], weights["lora_A"])
     assert again.early_stopping_patience_counter == 2
     assert (again.record["best_step"], again.record["evaluations"]) == (20, 4)
+
+
+def test_where_earlier_weights_are_kept_the_step_and_its_logged_loss_are_recorded():
+    """The guard's fallback or early stopping's best: the card and the run's line gave the
+    last step's loss and steps alone, as if they were the saved weights'. ``kept_weights``
+    names the kept step and the training loss logged last at or before it; nothing where
+    the last step's weights are saved."""
+    from types import SimpleNamespace
+
+    from adapterkit.training.pipeline import stage_line
+    from adapterkit.training.save import kept_weights
+
+    state = SimpleNamespace(log_history=[
+        {"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.0}, {"step": 10, "eval_loss": 2.5},
+        {"step": 15, "loss": 1.0}, {"step": 20, "loss": 0.5}])
+    metrics = {"steps": 20, "train_loss_final": 0.5}
+    assert kept_weights(state, {**metrics, "guard": {"kept_step": 12, "restored": True}},
+                        None) == {"weights_step": 12, "train_loss_kept": 2.0,
+                                  "train_loss_kept_step": 10,
+                                  "weights_kept_by": "the forgetting guard's fallback"}
+    stopped = {"best_step": 15, "restored_best": True}
+    assert kept_weights(state, metrics, stopped)["train_loss_kept"] == 1.0
+    # the guard's fallback wins over early stopping's best; a kept last step says nothing
+    assert kept_weights(state, {**metrics, "guard": {"kept_step": 5, "restored": True}},
+                        stopped)["weights_step"] == 5
+    assert kept_weights(state, {**metrics, "guard": {"kept_step": 20, "restored": False}},
+                        None) == {}
+    assert kept_weights(state, metrics, {"best_step": 15, "restored_best": False}) == {}
+    early = kept_weights(state, {**metrics, "guard": {"kept_step": 2, "restored": True}}, None)
+    assert early["train_loss_kept"] is None and early["train_loss_kept_step"] is None
+
+    result = SimpleNamespace(stage=SimpleNamespace(index=1, trainer="sft", options=None),
+                             skipped=False,
+                             pocket_book=SimpleNamespace(ref="a@1"),
+                             metrics={**metrics, **kept_weights(state, metrics, stopped)})
+    assert stage_line(result, 1) == (
+        "1/1 a@1 (sft): 20 steps, final loss 0.5000 (weights kept: step 15's, early stopping's "
+        "best; train loss logged at step 15: 1), forgetting not measured (no general:)")

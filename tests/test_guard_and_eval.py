@@ -117,6 +117,22 @@ def weights_every_ten_steps():
     return Copy()
 
 
+def losses_logged():
+    """A transformers callback that keeps each logged training loss (``losses``: step →
+    loss), as the trainer logged it."""
+    from transformers import TrainerCallback
+
+    class Losses(TrainerCallback):
+        def __init__(self):
+            self.losses = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses[state.global_step] = logs["loss"]
+
+    return Losses()
+
+
 @pytest.mark.slow
 def test_budget_restores_the_last_weights_within_it(tiny_base, home, data, pm):
     from peft import PeftModel, get_peft_model_state_dict
@@ -144,9 +160,10 @@ def test_budget_restores_the_last_weights_within_it(tiny_base, home, data, pm):
 
     seen.weights.clear()
     said: list[str] = []
+    logs = losses_logged()
     result = train("sft", base=str(tiny_base), data=str(data), name="budget",
                    options=opts(forgetting_budget=budget, guard_weight=0.0), home=home,
-                   plugins=pm, callbacks=[seen], progress=said.append)
+                   plugins=pm, callbacks=[seen, logs], progress=said.append)
     guard = result.metrics["guard"]
     assert guard["restored"] is True and guard["within_budget"] is True
     # a rollback is said, not only recorded
@@ -168,6 +185,16 @@ def test_budget_restores_the_last_weights_within_it(tiny_base, home, data, pm):
         assert torch.equal(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
     card = (result.pocket_book.path / "README.md").read_text()
     assert "forgetting guard: budget" in card and "**forgetting**" in card
+    # the run's last loss is step 30's, whose weights were not kept: the card and metrics say
+    # which step's weights are saved and the training loss logged then (it gave step 30's
+    # loss and steps alone, as if they were the saved weights')
+    m = result.metrics
+    assert m["weights_step"] == kept and m["train_loss_kept_step"] == kept  # (logged every 5)
+    assert m["train_loss_kept"] == logs.losses[kept] != m["train_loss_final"] == logs.losses[30]
+    assert "train loss final (step 30, whose weights were not kept): " in card
+    assert (f"weights kept: step {kept}'s, the forgetting guard's fallback; train loss logged "
+            f"at step {kept}: ") in card
+    assert "weights_step" not in probe.metrics  # the last step's weights: nothing to say
 
 
 def test_budget_that_cannot_be_met_is_reported(tiny_base, home, data, pm):

@@ -308,6 +308,19 @@ def test_an_export_whose_weights_changed_is_refused(library, tiny_base, peft_ada
     assert [s.name for s in library.list()] == ["q4"]
 
 
+def test_a_book_whose_record_is_unreadable_is_not_exported(library, tiny_base, peft_adapter,
+                                                           tmp_path):
+    """``export`` copied an unreadable ``adapterkit.json`` as it was and said "Exported": no
+    import could read the folder, and exporting again wrote the same. It is refused, naming
+    the file and doctor; nothing is written."""
+    _trained_looking(library, peft_adapter, tiny_base)
+    (library.get("q4").path / "adapterkit.json").write_text("{bad")
+    with pytest.raises(InvalidAdapter, match=r"q4@1 cannot be exported: .*adapterkit\.json.*"
+                                             r"`adapterkit doctor` moves"):
+        library.export("q4@1", tmp_path / "exp_bad")
+    assert not (tmp_path / "exp_bad").exists()
+
+
 def test_a_record_without_the_hashes_of_its_files_is_not_attached_to_them(
         library, tiny_base, peft_adapter, tmp_path):
     """It was imported with its whole record (method, metrics, base) and only a warning that

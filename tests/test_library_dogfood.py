@@ -146,6 +146,37 @@ def test_doctor_quarantines_a_stack_whose_member_was_replaced_under_its_name(
     assert [p.name.split("-")[0] for p in (home / "quarantine").iterdir()] == ["st1@1"]
 
 
+def test_doctor_reports_a_book_trained_on_one_replaced_under_its_name(
+        books, adapterkit_cli, home, tiny_base, tmp_path):
+    """A pocket book trained ``--on`` pe2@1, after `rm --force pe2` and another import as
+    pe2@1: every use refuses it (its underlay hashes), and doctor called the library healthy.
+    It is reported — and left where it is: a whole trained book, usable again once the one
+    it was trained on is back under its name."""
+    from adapterkit.library.integrity import held_weights
+
+    def on_pe2(meta):
+        meta.stacked_on = ["pe2@1"]
+        meta.stacked_on_sha256 = {"pe2@1": held_weights(books.get("pe2@1"))}
+
+    books.import_peft(make_peft_adapter(tiny_base, tmp_path / "top", seed=11), "top",
+                      base=str(tiny_base))
+    books.update_meta("top@1", on_pe2)  # as `train ... --on pe2` records it
+    assert adapterkit_cli("doctor", "--dry-run").exit_code == 0  # its underlay is as trained
+    books.remove("pe2@1", force=True)
+    books.import_peft(make_peft_adapter(tiny_base, tmp_path / "other", seed=9), "pe2",
+                      base=str(tiny_base))
+    refused = adapterkit_cli("generate", "hi", "--adapter", "top", "--max-new-tokens", "1")
+    assert refused.exit_code != 0 and "other weights" in refused.output, refused.output
+
+    dry = adapterkit_cli("doctor", "--dry-run")
+    assert dry.exit_code == 1, dry.output
+    assert ("replaced  top@1: trained on top of pe2@1 with other weights than this library's "
+            "pe2@1 now holds (every use refuses it)") in dry.output
+    fixed = adapterkit_cli("doctor")
+    assert fixed.exit_code == 1 and "Some problems remain" in fixed.output, fixed.output
+    assert books.exists("top@1") and not (home / "quarantine").exists()
+
+
 # -- 3: rm names what is needed, and by what ------------------------------------------------
 
 def test_rm_all_versions_names_only_the_versions_needed(books, adapterkit_cli):

@@ -462,6 +462,10 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         line += f", {m['tokens_per_second']:.0f} tokens/s"
     if m.get("processes"):
         line += f" ({m['processes']} processes together)"
+    if m.get("weights_step") is not None:  # the last step's loss is not the saved weights'
+        from adapterkit.library.card import kept_weights_line
+
+        line += f"; {kept_weights_line(m)}"
     click.echo(line)
     if m.get("early_stopping"):
         from adapterkit.library.card import early_stopping_line

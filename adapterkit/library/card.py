@@ -235,7 +235,11 @@ def _results_section(meta: PocketBookMeta) -> str:
         if m.get(key) is not None:
             label = "train loss (one logged value)" if one_log and key == "train_loss_final" \
                 else key.replace('_', ' ')
+            if key == "train_loss_final" and m.get("weights_step") is not None:
+                label += f" (step {m.get('steps')}, whose weights were not kept)"
             lines.append(f"- {label}: {_fmt(m[key])}")
+    if m.get("weights_step") is not None:
+        lines.append(f"- {kept_weights_line(m)}")
     if m.get("eval") and "pair_accuracy" in m["eval"]:  # a reward head's held-out pairs
         e = m["eval"]
         lines.append(f"- eval loss (reward, −log σ(chosen − rejected)): {_fmt(e.get('loss'))}; "
@@ -483,8 +487,21 @@ def refresh_card(folder: Path, meta: PocketBookMeta) -> Path:
     return path
 
 
-def loss_curve_png(log_history: list[dict[str, Any]], path: Path) -> bool:
-    """Plot training (and eval) loss against steps; False when there is nothing to plot."""
+def kept_weights_line(metrics: dict[str, Any]) -> str:
+    """What the saved weights are, where they are not the last step's (``weights_step``:
+    :func:`adapterkit.training.save.kept_weights`): said on the card, after a run and in a
+    pipeline's stage line, beside the last step's loss."""
+    loss, at = metrics.get("train_loss_kept"), metrics.get("train_loss_kept_step")
+    return (f"weights kept: step {metrics['weights_step']}'s, "
+            f"{metrics.get('weights_kept_by') or 'an earlier step'}; "
+            + (f"train loss logged at step {at}: {_fmt(loss)}" if loss is not None
+               else "no train loss logged by then"))
+
+
+def loss_curve_png(log_history: list[dict[str, Any]], path: Path,
+                   kept_step: int | None = None) -> bool:
+    """Plot training (and eval) loss against steps, with a line at ``kept_step`` where the
+    saved weights are that step's; False when there is nothing to plot."""
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     if not train:
@@ -498,6 +515,8 @@ def loss_curve_png(log_history: list[dict[str, Any]], path: Path) -> bool:
     ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    if kept_step is not None:
+        ax.axvline(kept_step, color="grey", linestyle="--", label=f"weights kept (step {kept_step})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

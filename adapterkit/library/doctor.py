@@ -153,20 +153,30 @@ def _check_stacks(library: Library, report: Report,
                   quarantine: list[tuple[str, int, Path]], repair: bool) -> None:
     """A saved stack whose member is gone (``rm --force``, or damaged and quarantined), or
     holds other weights than the stack recorded, fails on every use: it is moved to
-    quarantine like a damaged folder. A pocket book trained on
-    top of a missing one is left alone: a pull warns of that and lets it come later."""
+    quarantine like a damaged folder. A pocket book trained on top of a missing one is left
+    alone: a pull warns of that and lets it come later. One trained on top of a pocket book
+    whose name now holds other weights (``rm --force``, then another saved under that
+    version) fails on every use too: it is reported, and left where it is — a trained book,
+    whole, that works again once the one it was trained on is back under its name."""
     held = {f"{name}@{version}": PocketBook(meta, folder)
             for (name, version), (meta, folder) in healthy.items()}
     for (name, version), (meta, folder) in sorted(healthy.items()):
-        if meta.kind != "stack":
-            continue
         members = needed_refs(meta)
-        gone = sorted(members - set(held))
         # the same name, other weights (`rm --force`, then an import under that name): every
         # use refuses it, as it would a missing member (compared as `check_under` does)
         replaced = sorted(ref for ref in members & set(held)
                           if meta.stacked_on_sha256.get(ref)
                           and meta.stacked_on_sha256[ref] != held_weights(held[ref]))
+        if meta.kind != "stack":
+            if replaced:
+                _add(report, "replaced", f"{name}@{version}", folder,
+                     f"trained on top of {', '.join(replaced)} with other weights than this "
+                     f"library's {', '.join(replaced)} now holds (every use refuses it)",
+                     f"leave it (bring back what it was trained on: `adapterkit rm "
+                     f"{replaced[0]} --force`, then import or pull the original as "
+                     f"{replaced[0]}; or `adapterkit rm {name}@{version}`)", repair)
+            continue
+        gone = sorted(members - set(held))
         if gone:
             detail = (f"a stack of {', '.join(gone)}, which the library no longer holds (it "
                       "fails on every use)")

@@ -589,6 +589,11 @@ class Library:
                 "--flatten --name NAME` and export NAME, or use `export --merged` or "
                 "`--format gguf`, which include what it was trained on")
         check_book(book)
+        try:  # its record travels with it: an unreadable one would be copied as it is, and no
+            self.read_entry(book.path)  # import could read the export (the catalog's copy ok)
+        except InvalidAdapter as exc:
+            raise InvalidAdapter(f"{book.ref} cannot be exported: {exc}; `adapterkit doctor` "
+                                 "moves a damaged pocket book to quarantine") from None
         dest = Path(dest)
         with new_folder(dest) as tmp:
             for item in book.path.iterdir():

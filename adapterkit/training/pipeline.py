@@ -279,6 +279,10 @@ def stage_line(result: StageResult, total: int) -> str:
     line = (f"{result.stage.index}/{total} {result.pocket_book.ref} ({result.stage.trainer}): "
             f"{m.get('steps', '?')} steps, "
             + (f"final loss {loss:.4f}" if loss is not None else "no loss logged"))
+    if m.get("weights_step") is not None:  # the final loss is not the saved weights'
+        from adapterkit.library.card import kept_weights_line
+
+        line += f" ({kept_weights_line(m)})"
     f = m.get("forgetting")
     if f:
         line += (f", forgetting {f['general_loss_change_pct']:+.2f}% (general-text loss "

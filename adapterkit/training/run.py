@@ -57,6 +57,7 @@ from adapterkit.training.save import (
     definition_of,
     finished_at,
     history_of,
+    kept_weights,
     metrics_of,
     record_definition,
     resumed_at,
@@ -856,6 +857,7 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
             run, model, best or int(metrics.get("steps", 0)), before, early_stopped=bool(best),
             measured_in=metrics.get("measured_in", run.job.precision),
             base_loss_from="cache" if run.job.cache_reads.get(phase) else "this run")
+    metrics.update(kept_weights(state, metrics, stopped))
     if run.eval_data is not None and run.head == "reward":  # its own loss: pairs ranked
         from adapterkit.training.reward import preference_eval
 

@@ -207,6 +207,27 @@ def metrics_of(state: Any, elapsed: float, resumed: dict[str, int] | None = None
     }
 
 
+def kept_weights(state: Any, metrics: dict[str, Any], stopped: dict[str, Any] | None
+                 ) -> dict[str, Any]:
+    """Where the saved weights are not the last step's — the forgetting guard fell back to an
+    earlier snapshot, or early stopping restored its best evaluation's — the step they are of
+    (``weights_step``) and the training loss logged last at or before it
+    (``train_loss_kept``, at ``train_loss_kept_step``; None where no loss was logged by
+    then). ``train_loss_final`` and ``steps`` stay the run's last step's, which the card and
+    the run's line then say were not kept. Empty where the last step's weights are saved."""
+    guard = metrics.get("guard") or {}
+    kept, by = (guard.get("kept_step"), "the forgetting guard's fallback") \
+        if guard.get("restored") else (stopped.get("best_step"), "early stopping's best") \
+        if stopped and stopped.get("restored_best") else (None, None)
+    if kept is None or kept >= int(metrics.get("steps", 0) or 0):
+        return {}
+    logged = [(h["step"], h["loss"]) for h in history_of(state)
+              if "loss" in h and "step" in h and h["step"] <= kept]
+    return {"weights_step": int(kept), "weights_kept_by": by,
+            "train_loss_kept": logged[-1][1] if logged else None,
+            "train_loss_kept_step": logged[-1][0] if logged else None}
+
+
 def adapter_base_id(base: Base) -> str:
     """What ``base_model_name_or_path`` says in saved adapters: a Hub id where there is one."""
     prov = base.source.provenance
@@ -248,7 +269,7 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = adapter_base_id(base)  # never a local path
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-        if loss_curve_png(log_history, staged / LOSS_CURVE):
+        if loss_curve_png(log_history, staged / LOSS_CURVE, metrics.get("weights_step")):
             meta.metrics["loss_curve"] = LOSS_CURVE
         # the same curve as numbers, for whatever draws it itself (the serve page)
         points = [[h["step"], h["loss"]] for h in log_history
