@@ -276,3 +276,19 @@ def test_where_earlier_weights_are_kept_the_step_and_its_logged_loss_are_recorde
     assert stage_line(result, 1) == (
         "1/1 a@1 (sft): 20 steps, final loss 0.5000 (weights kept: step 15's, early stopping's "
         "best; train loss logged at step 15: 1), forgetting not measured (no general:)")
+
+
+def test_the_early_stopping_line_says_when_the_guard_then_kept_earlier_weights():
+    """Both acted: early stopping restored its best step, then the guard fell back further.
+    The line said "the pocket book saved is the best step's" beside the guard's own line
+    naming another step."""
+    from adapterkit.library.card import early_stopping_line
+
+    record = {"patience": 2, "evaluations": 5, "eval_every": 4, "best_eval_loss": 1.5,
+              "best_step": 12, "stopped_at_step": 20, "restored_best": True}
+    assert early_stopping_line(record).endswith("; the pocket book saved is the best step's")
+    assert early_stopping_line(record, kept_by="early stopping's best").endswith(
+        "; the pocket book saved is the best step's")
+    line = early_stopping_line(record, kept_by="the forgetting guard's fallback")
+    assert line.endswith("; the best step's weights were restored, then the forgetting guard "
+                         "kept earlier ones"), line

@@ -171,9 +171,13 @@ def test_doctor_reports_a_book_trained_on_one_replaced_under_its_name(
     dry = adapterkit_cli("doctor", "--dry-run")
     assert dry.exit_code == 1, dry.output
     assert ("replaced  top@1: trained on top of pe2@1 with other weights than this library's "
-            "pe2@1 now holds (every use refuses it)") in dry.output
-    fixed = adapterkit_cli("doctor")
-    assert fixed.exit_code == 1 and "Some problems remain" in fixed.output, fixed.output
+            "pe2@1 (every use refuses it) — left as it is: it works again with the pocket book "
+            "it was trained on back as pe2@1; `adapterkit rm top@1` removes it") in dry.output
+    assert "without --dry-run to repair" not in dry.output  # nothing a repair would do
+    fixed = adapterkit_cli("doctor", "--json")
+    assert fixed.exit_code == 1, fixed.output
+    report = json.loads(fixed.stdout)
+    assert report["repaired"] is False and [p["kind"] for p in report["problems"]] == ["replaced"]
     assert books.exists("top@1") and not (home / "quarantine").exists()
 
 

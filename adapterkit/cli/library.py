@@ -181,8 +181,10 @@ def doctor_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     damaged   unreadable metadata, or files that no longer match
               the SHA-256 recorded at save time                  -> moved to quarantine/
     dangling  a saved stack whose member was removed             -> moved to quarantine/
-    replaced  a pocket book trained on one whose name now holds
-              other weights                                      -> reported, left as is
+    replaced  a pocket book trained on one whose name holds other
+              weights than it was trained on                     -> reported, left as is
+    leftover  a ref/ folder (DPO's reference copy) saved beside
+              a pocket book by earlier versions                  -> moved to quarantine/
     stale     a work folder in tmp/ left by a dead process       -> removed
     catalog   a catalog file that fails SQLite's own check       -> rebuilt
 

@@ -470,7 +470,8 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     if m.get("early_stopping"):
         from adapterkit.library.card import early_stopping_line
 
-        click.echo(early_stopping_line(m["early_stopping"], m.get("precision")))
+        click.echo(early_stopping_line(m["early_stopping"], m.get("precision"),
+                                       m.get("weights_kept_by")))
     if m.get("forgetting"):
         from adapterkit.training.metrics import base_loss_note
 

@@ -265,7 +265,7 @@ def _results_section(meta: PocketBookMeta) -> str:
     if guard:
         lines.append(guard)
     if m.get("early_stopping"):
-        lines.append(f"- {early_stopping_line(m['early_stopping'], m.get('precision'))}")
+        lines.append(f"- {early_stopping_line(m['early_stopping'], m.get('precision'), m.get('weights_kept_by'))}")
     lines += _search_lines(m.get("search") or {})
     lines += _verification_lines(meta.verification)
     lines += harness_lines(meta.harness)
@@ -291,10 +291,13 @@ def _search_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def early_stopping_line(record: dict[str, Any], precision: str | None = None) -> str:
+def early_stopping_line(record: dict[str, Any], precision: str | None = None,
+                        kept_by: str | None = None) -> str:
     """One line for a run's ``early_stopping`` record (the card, the end of ``train``). Its
     loss is the trainer's own evaluation while training, in the run's ``precision``: the
-    held-out figure recorded after the run is measured apart, and may differ in bf16."""
+    held-out figure recorded after the run is measured apart, and may differ in bf16.
+    ``kept_by`` is the metrics' ``weights_kept_by``: where the forgetting guard then fell back
+    further, the saved pocket book is not the best step's."""
     if not record.get("evaluations"):
         return (f"Early stopping (patience {record['patience']}): no evaluation of the held-out "
                 "split in this run, nothing to act on")
@@ -306,7 +309,9 @@ def early_stopping_line(record: dict[str, Any], precision: str | None = None) ->
             f"{record['best_step']}")
     if record.get("stopped_at_step") is not None:
         line += f"; stopped at step {record['stopped_at_step']}"
-    if record.get("restored_best"):
+    if record.get("restored_best") and kept_by == "the forgetting guard's fallback":
+        line += "; the best step's weights were restored, then the forgetting guard kept earlier ones"
+    elif record.get("restored_best"):
         line += "; the pocket book saved is the best step's"
     return line
 
@@ -495,7 +500,8 @@ def kept_weights_line(metrics: dict[str, Any]) -> str:
     return (f"weights kept: step {metrics['weights_step']}'s, "
             f"{metrics.get('weights_kept_by') or 'an earlier step'}; "
             + (f"train loss logged at step {at}: {_fmt(loss)}" if loss is not None
-               else "no train loss logged by then"))
+               else "no train loss logged by then" if metrics.get("train_loss_final") is not None
+               else "no train loss logged"))
 
 
 def loss_curve_png(log_history: list[dict[str, Any]], path: Path,

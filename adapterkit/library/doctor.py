@@ -17,6 +17,10 @@ reads every entry:
   ``rm --force``, or damaged), or holds with other weights than the stack was saved with
   (another pocket book under that name): moved to ``<home>/quarantine/``, like a damaged
   folder.
+* ``replaced`` — a pocket book trained on top of another whose name holds other weights than
+  it was trained on (``rm --force``, then another saved as that version; or pulled so): every
+  use refuses it. Reported only: it is whole, and works again once the one it was trained on
+  is back under that name.
 * ``leftover`` — a ``ref/`` folder in a pocket book: TRL's frozen copy of the adapter it
   started from (DPO's reference), which earlier versions saved beside a ``dpo`` pocket book
   (and pushed with it). Not part of the pocket book: moved to ``<home>/quarantine/``.
@@ -142,10 +146,18 @@ def examine(library: Library, *, repair: bool) -> Report:
         drop.append(key)
     for folder, reason in library.sweep_staging(dry_run=True):
         _add(report, "stale", None, folder, f"work folder {reason}", "remove it", repair)
-    if repair and report.problems:
+    if repair and _repairable(report):
         _repair(library, reindex, drop, quarantine, leftovers)
         report.repaired = True
     return report
+
+
+#: Kinds the doctor reports and never repairs: no move of its own would make them usable.
+REPORTED_ONLY = ("replaced",)
+
+
+def _repairable(report: Report) -> bool:
+    return any(p.kind not in REPORTED_ONLY for p in report.problems)
 
 
 def _check_stacks(library: Library, report: Report,
@@ -168,13 +180,14 @@ def _check_stacks(library: Library, report: Report,
                           if meta.stacked_on_sha256.get(ref)
                           and meta.stacked_on_sha256[ref] != held_weights(held[ref]))
         if meta.kind != "stack":
-            if replaced:
-                _add(report, "replaced", f"{name}@{version}", folder,
-                     f"trained on top of {', '.join(replaced)} with other weights than this "
-                     f"library's {', '.join(replaced)} now holds (every use refuses it)",
-                     f"leave it (bring back what it was trained on: `adapterkit rm "
-                     f"{replaced[0]} --force`, then import or pull the original as "
-                     f"{replaced[0]}; or `adapterkit rm {name}@{version}`)", repair)
+            if replaced:  # (or pulled so: a pull lets it in with a warning)
+                report.problems.append(Problem(
+                    "replaced", str(folder),
+                    f"trained on top of {', '.join(replaced)} with other weights than this "
+                    f"library's {', '.join(replaced)} (every use refuses it)",
+                    f"left as it is: it works again with the pocket book it was trained on "
+                    f"back as {replaced[0]}; `adapterkit rm {name}@{version}` removes it",
+                    f"{name}@{version}"))
             continue
         gone = sorted(members - set(held))
         if gone:
@@ -281,7 +294,7 @@ def render(report: Report) -> str:
     lines = [f"{len(report.problems)} problem(s) in {report.checked} pocket book(s) checked:"]
     for p in report.problems:
         lines.append(f"  {p.kind:<9} {p.ref or p.path}: {p.detail} — {p.action}")
-    if not report.repaired:
+    if not report.repaired and _repairable(report):
         lines.append("Run `adapterkit doctor` without --dry-run to repair.")
     return "\n".join(lines)
 
