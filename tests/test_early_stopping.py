@@ -287,8 +287,8 @@ def test_the_early_stopping_line_says_when_the_guard_then_kept_earlier_weights()
     record = {"patience": 2, "evaluations": 5, "eval_every": 4, "best_eval_loss": 1.5,
               "best_step": 12, "stopped_at_step": 20, "restored_best": True}
     assert early_stopping_line(record).endswith("; the pocket book saved is the best step's")
-    assert early_stopping_line(record, kept_by="early stopping's best").endswith(
+    assert early_stopping_line(record, kept_step=12).endswith(
         "; the pocket book saved is the best step's")
-    line = early_stopping_line(record, kept_by="the forgetting guard's fallback")
+    line = early_stopping_line(record, kept_step=8)  # the guard's fallback, before step 12
     assert line.endswith("; the best step's weights were restored, then the forgetting guard "
                          "kept earlier ones"), line

@@ -471,7 +471,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         from adapterkit.library.card import early_stopping_line
 
         click.echo(early_stopping_line(m["early_stopping"], m.get("precision"),
-                                       m.get("weights_kept_by")))
+                                       m.get("weights_step")))
     if m.get("forgetting"):
         from adapterkit.training.metrics import base_loss_note
 

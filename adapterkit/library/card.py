@@ -265,7 +265,7 @@ def _results_section(meta: PocketBookMeta) -> str:
     if guard:
         lines.append(guard)
     if m.get("early_stopping"):
-        lines.append(f"- {early_stopping_line(m['early_stopping'], m.get('precision'), m.get('weights_kept_by'))}")
+        lines.append(f"- {early_stopping_line(m['early_stopping'], m.get('precision'), m.get('weights_step'))}")
     lines += _search_lines(m.get("search") or {})
     lines += _verification_lines(meta.verification)
     lines += harness_lines(meta.harness)
@@ -292,12 +292,12 @@ def _search_lines(s: dict[str, Any]) -> list[str]:
 
 
 def early_stopping_line(record: dict[str, Any], precision: str | None = None,
-                        kept_by: str | None = None) -> str:
+                        kept_step: int | None = None) -> str:
     """One line for a run's ``early_stopping`` record (the card, the end of ``train``). Its
     loss is the trainer's own evaluation while training, in the run's ``precision``: the
     held-out figure recorded after the run is measured apart, and may differ in bf16.
-    ``kept_by`` is the metrics' ``weights_kept_by``: where the forgetting guard then fell back
-    further, the saved pocket book is not the best step's."""
+    ``kept_step`` is the metrics' ``weights_step``: where it is not the best step (the
+    forgetting guard then fell back further), the saved pocket book is not the best step's."""
     if not record.get("evaluations"):
         return (f"Early stopping (patience {record['patience']}): no evaluation of the held-out "
                 "split in this run, nothing to act on")
@@ -309,7 +309,7 @@ def early_stopping_line(record: dict[str, Any], precision: str | None = None,
             f"{record['best_step']}")
     if record.get("stopped_at_step") is not None:
         line += f"; stopped at step {record['stopped_at_step']}"
-    if record.get("restored_best") and kept_by == "the forgetting guard's fallback":
+    if record.get("restored_best") and kept_step not in (None, record.get("best_step")):
         line += "; the best step's weights were restored, then the forgetting guard kept earlier ones"
     elif record.get("restored_best"):
         line += "; the pocket book saved is the best step's"

@@ -118,8 +118,9 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
 
     Interrupted (Ctrl-C), it re-raises the ``KeyboardInterrupt`` with what a next run can do:
     ``exc.checkpoint`` (the last whole checkpoint's folder name, or words naming an
-    interrupted stage's; None: none was written yet; ``resume=True`` continues from it), ``exc.finished`` (it is of the run's last step:
-    a resume refuses it, ``restart=True`` trains again) and ``exc.save_steps``; an ``rlhf``
+    interrupted stage's; None: none was written yet; ``resume=True`` continues from it),
+    ``exc.finished`` (it is of the run's last step: a resume refuses it, ``restart=True``
+    trains again) and ``exc.save_steps``; an ``rlhf``
     run adds ``exc.stages_saved`` (the pocket books of its finished stages). A run that fails
     otherwise says through ``progress`` which checkpoint it kept.
 
@@ -304,15 +305,21 @@ def _left_behind(run: _Run, exc: KeyboardInterrupt) -> None:
     ``checkpoint`` (the last one, or the interrupted stage holding one; None: none was written
     yet), ``finished`` (it is of the run's last step: a resume refuses it) and ``save_steps``."""
     try:
-        last = last_complete_checkpoint(run.workdir)  # (one killed while written is skipped)
+        last, finished = _last_checkpoint(run)
         stages = interrupted_stages(run.workdir, run.library)
     except Exception:  # never hides the interruption; the reporter says less
         return
     at = Path(last).name if last else f"the last checkpoint of {stages[0]}" if stages else None
     exc.checkpoint = at  # type: ignore[attr-defined]
-    exc.finished = last is not None and finished_at(  # type: ignore[attr-defined]
-        last, run.job.options.max_steps) is not None
+    exc.finished = finished  # type: ignore[attr-defined]
     exc.save_steps = run.job.options.save_steps  # type: ignore[attr-defined]
+
+
+def _last_checkpoint(run: _Run) -> tuple[str | None, bool]:
+    """The run's last whole checkpoint (one killed while written is skipped), and whether it
+    is of the run's last step, which a resume refuses."""
+    last = last_complete_checkpoint(run.workdir)
+    return last, last is not None and finished_at(last, run.job.options.max_steps) is not None
 
 
 def _say_kept(run: _Run) -> None:
@@ -320,8 +327,7 @@ def _say_kept(run: _Run) -> None:
     (a rerun without --resume or --restart is refused beside it) — as the CLI says it after
     Ctrl-C (:func:`_left_behind`): a checkpoint of the last step cannot be resumed."""
     try:
-        last = last_complete_checkpoint(run.workdir)
-        finished = last is not None and finished_at(last, run.job.options.max_steps) is not None
+        last, finished = _last_checkpoint(run)
     except Exception:  # never hides why the run itself stopped
         return
     if last is None:
@@ -469,8 +475,9 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         say(f"Skipped {len(dataset.skipped)} row(s) of the wrong shape (--skip-bad-rows): "
             f"row(s) {', '.join(map(str, dataset.skipped[:5]))}"
             + ("..." if len(dataset.skipped) > 5 else ""))
-    if dataset.unread_note():
-        say(str(dataset.unread_note()))
+    unread = dataset.unread_note()
+    if unread:
+        say(unread)
     general = general_texts(options.general) if options.general else None
     workdir = run_dir(library, str(ref))
     parent = parent_of(library, on, start_from, head=getattr(trainer_obj, "head", "causal-lm"))

@@ -187,8 +187,9 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
     rows = len(dataset.rows)
-    if dataset.unread_note():  # (its trials say nothing: they are given no progress)
-        say(str(dataset.unread_note()))
+    unread = dataset.unread_note()
+    if unread:  # (its trials say nothing: they are given no progress)
+        say(unread)
     split = check_search(space, trials, budget, rows, options, start_from=start_from)
     if not resume:  # (a resume's trials run on past its first ones: checked with its study)
         _check_trial_length(plain, trials - 1)
