@@ -385,3 +385,27 @@ def test_export_destinations_that_cannot_be_folders_are_named_the_same_way_by_ev
     assert cli("stack", "pe@1", "pf@1", "--weights", "1.0,0.5", "--flatten",
                "--name", "flat").exit_code == 0
     assert cli("export", "flat", tmp_path / "x").exit_code == 0
+
+
+def test_no_export_writes_into_the_adapterkit_home(adapterkit_cli, home, tiny_base,
+                                                    peft_adapter, tmp_path):
+    """Found by a library-ops user: `export pe HOME/library/x/1` was accepted, and the folder
+    it wrote (with its adapterkit.json) was then read as a pocket book of its own. Every
+    export refuses a DEST inside the home, by any path to it (a link too), writing nothing."""
+    from adapterkit import Library
+
+    cli = adapterkit_cli
+    assert cli("import", peft_adapter, "--name", "pe", "--base", tiny_base).exit_code == 0
+    before = sorted(str(p.relative_to(home)) for p in home.rglob("*") if "tmp" not in p.parts)
+    link = tmp_path / "to-home"
+    link.symlink_to(home)
+    for dest in (home / "library" / "x" / "1", home / "out", link / "library" / "y"):
+        for extra in ([], ["--merged"], ["--format", "gguf"], ["--merged", "--format", "gguf"]):
+            result = cli("export", "pe", dest, *extra)
+            assert result.exit_code == 1, (dest, extra, result.output)
+            assert (f"{dest} is inside the adapterkit home {home}, whose folders adapterkit "
+                    "manages: export to a folder outside it") in result.output, result.output
+    after = sorted(str(p.relative_to(home)) for p in home.rglob("*") if "tmp" not in p.parts)
+    assert after == before
+    assert [(s.name, s.version) for s in Library(home).list()] == [("pe", 1)]
+    assert cli("export", "pe", tmp_path / "out").exit_code == 0  # outside: as before

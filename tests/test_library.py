@@ -72,9 +72,37 @@ def test_tag_and_remove(library):
     assert library.remove("a") == [2]  # plain name = latest
     assert library.get("a").version == 1
     assert library.remove("a", all_versions=True) == [1]
-    assert not (library.root / "a").exists()
+    assert [p.name for p in (library.root / "a").iterdir()] == [".versions-used"]
     with pytest.raises(PocketBookNotFound):
         library.remove("a")
+
+
+def test_a_removed_version_number_is_not_given_to_other_weights(library, tmp_path):
+    """Found by a library-ops user: `rm t --force` then `import --name t` gave t@1 again with
+    other weights, so t@1 in a card, a log, a stack or an --on record named different weights.
+    A plain NAME goes on from the highest version the name ever had, across removals and
+    catalog rebuilds; NAME@N given explicitly may still put weights back under their number."""
+    save(library, "t")
+    save(library, "t@2")
+    assert library.remove("t@2") == [2]
+    assert library.version_to_save("t") == 3
+    with pytest.raises(NameTaken, match="--name t@3"):
+        save(library, "t")
+    assert save(library, "t", new_version=True).version == 3
+    assert library.remove("t", all_versions=True) == [1, 3]
+    assert library.version_to_save("t") == 4
+    assert save(library, "t").ref == "t@4"  # a free plain name: the next number, not 1
+    library.rebuild_catalog()  # the mark is on disk, beside the versions, not in the index
+    assert Library(library.home).version_to_save("t@2") == 2
+    assert save(library, "t@2").ref == "t@2"  # explicit: the same number, on purpose
+    assert [s.version for s in library.list(all_versions=True)] == [2, 4]
+    assert library.remove("t@4") == [4]
+    with pytest.raises(NameTaken, match="latest t@2\\); save as a new version with --name t@5"):
+        save(library, "t")  # t@2 is there: plain t is taken, and the next number is 5
+    assert save(library, "t", new_version=True).ref == "t@5"
+    assert save(library, "fresh").ref == "fresh@1"
+    library.remove("fresh", all_versions=True)  # its folder stays, holding the mark alone:
+    assert save(library, "Fresh").ref == "Fresh@1"  # no case clash with a name now gone
 
 
 def test_a_filter_picks_versions_before_the_latest_is_taken(library):

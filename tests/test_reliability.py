@@ -118,8 +118,8 @@ def test_a_book_left_by_a_crash_is_visible_and_removable(library, monkeypatch):
     assert library.catalog.read(lambda c: Catalog.versions(c, "x")) == []  # the crash state
     assert library.get("x").version == 1  # 0.1: "no pocket book named 'x'"
     assert library.remove("x") == [1]
-    assert not (library.root / "x").exists()
-    save(library, "x")  # 0.1: "already exists"
+    assert [p.name for p in (library.root / "x").iterdir()] == [".versions-used"]
+    assert save(library, "x").ref == "x@2"  # 0.1: "already exists"; numbers are not reused
 
 
 def test_list_shows_a_crashed_save_and_forgets_a_deleted_folder(library, monkeypatch):

@@ -302,3 +302,90 @@ def test_a_home_whose_filesystem_has_no_locks_trains_unlocked(tiny_base, rows, h
                    options=TrainOptions(**{**OPTS, "max_steps": 2}))
     assert result.metrics["steps"] == 2
     assert not (home / "locks").exists()
+
+
+class ImportAt(TrainerCallback):
+    """At the end of step ``at``, save other weights under ``names`` as another command would
+    (recording what each save raised)."""
+
+    def __init__(self, at: int, save) -> None:
+        self.at, self.save, self.raised = at, save, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            self.raised.append(self.save())
+
+
+def test_no_other_save_takes_the_name_a_run_is_training(tiny_base, rows, home, pm,
+                                                        peft_adapter):
+    """Found by a user: `import --name z` while `train --name z` ran was saved; the run trained
+    to the end, found its name taken and lost its weights (--resume failed on the name again,
+    --restart discarded them). Any save of the name is refused while its run holds the lock —
+    plain, an explicit version, a stack — and the run saves its own."""
+    import re
+
+    from adapterkit.errors import NameTaken
+    from adapterkit.lora.combine import stack
+
+    library = Library(home)
+    library.import_peft(peft_adapter, "other", base=str(tiny_base))
+
+    def others() -> list[str]:
+        said = []
+        for save in (lambda: library.import_peft(peft_adapter, "busy", base=str(tiny_base)),
+                     lambda: library.import_peft(peft_adapter, "busy@3", base=str(tiny_base)),
+                     lambda: stack(library, ["other"], None, name="busy")):
+            try:
+                save()
+                said.append("saved")
+            except NameTaken as exc:
+                said.append(str(exc))
+        return said
+
+    during = ImportAt(3, others)
+    result = train("sft", base=str(tiny_base), data=rows, name="busy", home=home, plugins=pm,
+                   options=TrainOptions(**{**OPTS, "max_steps": 4}), callbacks=[during])
+    assert str(result.pocket_book.ref) == "busy@1"
+    refused = rf"^a run training busy in {home} \(pid \d+\) will save under that name when it " \
+              r"ends, so busy(@3)? was not saved: wait for the run to finish, or save this one " \
+              r"under another name$"
+    assert [bool(re.match(refused, said)) for said in during.raised[0]] == [True] * 3
+    assert [(s.name, s.version) for s in library.list() if s.name == "busy"] == [("busy", 1)]
+    assert str(library.import_peft(peft_adapter, "busy@2", base=str(tiny_base)).ref) == "busy@2"
+
+
+def test_a_save_is_refused_while_another_process_trains_the_name(tiny_base, home,
+                                                                 peft_adapter):
+    """The CLI's import while a run of the name trains in another process: one line naming the
+    run's pid and what to do, exit 1, nothing saved; once the run has ended it saves."""
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from adapterkit.cli import build_cli
+    from adapterkit.library.run_locks import run_lock_path
+
+    path = run_lock_path(home, "z")
+    path.parent.mkdir(parents=True)
+    holder = subprocess.Popen(  # what a run of z holds (training.run._lock_run), in a process
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         f"f = open({str(path)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "f.write(f'pid {os.getpid()}'); f.flush(); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cli = build_cli(get_plugin_manager(env=False))
+    args = ["import", str(peft_adapter), "--name", "z", "--base", str(tiny_base)]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = CliRunner().invoke(cli, args)
+        assert done.exit_code == 1, done.output
+        assert f"a run training z in {home} (pid {holder.pid}) will save under that name" \
+            in done.output
+        assert done.exception is None or isinstance(done.exception, SystemExit)
+        assert not Library(home).exists("z")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    assert Library(home).exists("z@1")

@@ -155,6 +155,10 @@ def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
 def rm_cmd(ctx: click.Context, ref: str, all_versions: bool, force: bool) -> None:
     """Remove a pocket book: NAME@VERSION, NAME (its latest version) or --all-versions.
 
+    Version numbers are not given out again: a pocket book saved later as plain NAME takes
+    the number after the highest NAME ever had, so NAME@V in a card, log or stack never comes
+    to mean other weights (NAME@V given explicitly can put the same weights back).
+
     \b
     Examples:
       adapterkit rm triage@1

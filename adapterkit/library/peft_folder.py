@@ -730,7 +730,7 @@ def import_peft_folder(library: Library, folder: Path, name: str, *, base: str |
     base_source, base_spec = _as_alias(library.home, fp, base_source, str(base_spec))
     remember_base(library.home, fp, canonical_spec(str(base_spec), base_source))
     meta = PocketBookMeta(
-        name=ref.name, version=ref.version or 1,
+        name=ref.name, version=library.version_to_save(ref),
         base={"name": base_source.name, "fingerprint": fp,
               "provenance": base_source.provenance},
         method="lora",  # a PEFT config does not record how its base was quantized
@@ -834,7 +834,7 @@ def import_recorded(library: Library, adapter: AdapterFiles, meta: PocketBookMet
     from adapterkit.library.names import parse_ref
 
     ref = parse_ref(name)
-    meta.name, meta.version = ref.name, ref.version or 1  # as commit will: for the card
+    meta.name, meta.version = ref.name, library.version_to_save(ref)  # as commit will: the card
     meta.source = dict(source, pickled=adapter.pickled) if adapter.pickled else source
     meta.tags = []
     meta.kind = "adapter"  # what was read is one PEFT adapter, whatever the file says

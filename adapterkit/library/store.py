@@ -59,7 +59,8 @@ from adapterkit.library.metadata import (
     WEIGHTS_FILE,
     PocketBookMeta,
 )
-from adapterkit.library.names import Ref, parse_ref, validate_name
+from adapterkit.library.names import MAX_VERSION, Ref, parse_ref, validate_name
+from adapterkit.library.run_locks import training_now
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
@@ -112,15 +113,24 @@ class Summary:
         return dict(self.__dict__)
 
 
-def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None) -> None:
+#: In a name's folder, written when versions are removed: the highest version the name has had,
+#: so that a plain ``NAME`` saved later takes the next number instead of one that named other
+#: weights in cards, logs, stacks and ``--on`` records (``NAME@N`` given explicitly still may,
+#: to put the same weights back).
+VERSIONS_USED_FILE = ".versions-used"
+
+
+def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None,
+                used: int = 0) -> None:
     """Raise :class:`NameTaken`, suggesting the next free version, if ``ref`` is taken.
 
     :param indexed: the versions the catalog knows; a taken version it does not know is a
         folder on disk that could not be indexed (damaged), and the message says so.
+    :param used: the highest version the name ever had (:data:`VERSIONS_USED_FILE`).
     """
     if not taken or (ref.version is not None and ref.version not in taken):
         return
-    latest, nxt = max(taken), max(taken) + 1
+    latest, nxt = max(taken), max(max(taken), used) + 1
     clash = {ref.version} if ref.version is not None else taken
     if indexed is not None and not clash & indexed:
         raise NameTaken(
@@ -332,7 +342,8 @@ class Library:
         others = {r[0] for r in conn.execute(
             "SELECT DISTINCT name FROM pocket_books WHERE name != ? AND lower(name) = lower(?)",
             (name, name))}
-        others |= {f for f in folders if f != name and f.lower() == name.lower()}
+        others |= {f for f in folders if f != name and f.lower() == name.lower()
+                   and self._disk_versions(f)}  # (not one left holding VERSIONS_USED_FILE only)
         if others:
             raise NameTaken(f"{name!r} differs from the pocket book {sorted(others)[0]!r} only in "
                             "case, which some file systems do not tell apart; use that name "
@@ -346,8 +357,26 @@ class Library:
     def _disk_versions(self, name: str) -> builtins.list[int]:
         return layout.versions_on_disk(self.root / name)
 
+    def _versions_used(self, name: str) -> int:
+        """The highest version ``name`` had before its removals (0: none removed, or unreadable,
+        where a plain ``NAME`` goes on from the versions present, as before the file)."""
+        try:
+            text = (self.root / name / VERSIONS_USED_FILE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return 0
+        if not (text.isascii() and text.isdigit()):
+            return 0
+        return min(int(text), MAX_VERSION)
+
+    def version_to_save(self, name_or_ref: str | Ref) -> int:
+        """The version a save of a free ``name_or_ref`` records: its own ``@N``, else one past
+        the highest the name ever had (1 for a new name). For cards written before the commit."""
+        ref = parse_ref(name_or_ref)
+        return ref.version or self._versions_used(ref.name) + 1
+
     def commit(self, staged: Path, meta: PocketBookMeta, *, name: str | None = None,
-               new_version: bool = False, members_here: bool = False) -> PocketBook:
+               new_version: bool = False, members_here: bool = False,
+               run: bool = False) -> PocketBook:
         """Move a staged folder into the library as one new entry, atomically.
 
         :param staged: a folder from :meth:`draft` holding the PEFT files.
@@ -360,6 +389,10 @@ class Library:
             the catalog's lock (an ``rm`` since they were read). A saved stack asks for it; a
             trained pocket book does not (its weights are kept either way; loading it names
             what is missing), nor a pull (its underlays may come later; it warns).
+
+        :param run: the caller is the training run of this name, holding its run lock.
+            Any other save under a name a run is training is refused (:class:`NameTaken`;
+            :mod:`.run_locks`): the run would find the name taken at its end.
         """
         ref = parse_ref(name or meta.name)
         if meta.kind == "adapter":
@@ -374,6 +407,11 @@ class Library:
 
         def insert(conn: sqlite3.Connection) -> PocketBook:
             self._refuse_case_clash(conn, ref.name)
+            holder = None if run else training_now(self.home, ref.name)
+            if holder is not None:
+                raise NameTaken(f"a run training {ref.name} in {self.home} ({holder}) will save "
+                                f"under that name when it ends, so {ref} was not saved: wait "
+                                "for the run to finish, or save this one under another name")
             gone = [r for r in sorted(needed_refs(meta)) if not Catalog.has(conn, r)] \
                 if members_here else []
             if gone:  # removed since they were read (rm checks its side under this lock too)
@@ -381,11 +419,12 @@ class Library:
                                          "was removed meanwhile; nothing was saved")
             indexed = set(Catalog.versions(conn, ref.name))
             taken = indexed | set(self._disk_versions(ref.name))
+            used = self._versions_used(ref.name)
             if ref.version is None and new_version:
-                version = max(taken, default=0) + 1
+                version = max(max(taken, default=0), used) + 1
             else:
-                _check_free(ref, taken, indexed)
-                version = ref.version or 1
+                _check_free(ref, taken, indexed, used)
+                version = ref.version or used + 1
             meta.name, meta.version = ref.name, version
             atomic_write_text(staged / METADATA_FILE, meta.to_json())  # fsynced
             final = self.path_of(ref.name, version)
@@ -465,18 +504,15 @@ class Library:
             if not force:  # again under the lock: a stack or --on run may have saved meanwhile
                 going = {f"{ref.name}@{v}" for v in gone}
                 _refuse_needed(_dependents(conn, going))
+            used = max(*present, *self._disk_versions(ref.name), self._versions_used(ref.name))
+            atomic_write_text(self.root / ref.name / VERSIONS_USED_FILE, f"{used}\n")
             for v in gone:
                 Catalog.delete(conn, ref.name, v)
                 src = self.path_of(ref.name, v)
                 if src.exists():
                     os.rename(src, trash / str(v))
                     moved.append((trash / str(v), src))
-            parent = self.root / ref.name
-            try:  # under the lock, so a save of a new version cannot lose its parent folder
-                parent.rmdir()
-            except OSError:
-                pass  # other versions remain (or it is already gone)
-            return gone
+            return gone  # (the name's folder stays: it holds VERSIONS_USED_FILE)
 
         try:
             gone = self.catalog.write(delete, undo=lambda: move_back(moved))
@@ -558,15 +594,33 @@ class Library:
                               f"{base!r}")
         return import_peft_folder(self, Path(folder), name, base=base, trust_pickle=trust_pickle)
 
+    def check_export_dest(self, dest: str | os.PathLike[str]) -> None:
+        """Refuse an export folder inside this home: the library, its catalog and runs are
+        adapterkit's to manage, and a PEFT folder written as ``library/NAME/V`` would be
+        read as a pocket book of its own (every export writes a new folder, so ``dest`` is
+        never the home itself)."""
+        _check_path("dest", dest)
+        where = Path(os.path.abspath(Path(dest).expanduser()))
+        home = Path(os.path.abspath(self.home))
+        for folder in (where, *where.parents):
+            try:
+                inside = folder.exists() and os.path.samefile(folder, home)
+            except OSError:
+                inside = False
+            if inside or folder == home:
+                raise ConfigError(f"{dest} is inside the adapterkit home {self.home}, whose "
+                                  "folders adapterkit manages: export to a folder outside it")
+
     def export(self, ref: str | Ref, dest: str | os.PathLike[str]) -> Path:
         """Write a pocket book as a plain PEFT folder (loadable by PEFT, vLLM, TGI, LoRAX).
 
         Its files are checked first (:func:`adapterkit.library.integrity.check_book`): a
-        damaged pocket book is refused, never exported.
+        damaged pocket book is refused, never exported; so is a ``dest`` inside this home
+        (:meth:`check_export_dest`).
         """
         from adapterkit.library.integrity import check_book
 
-        _check_path("dest", dest)
+        self.check_export_dest(dest)
         book = self.get(ref)
         if book.meta.kind == "stack":  # its members' folders, weighted: no one PEFT folder
             weights = book.meta.hyperparameters.get("weights", {})

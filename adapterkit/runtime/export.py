@@ -77,6 +77,7 @@ def export_merged(library: Library, ref: str, dest: str | os.PathLike[str], *,
 
     check_tolerance(tolerance)
     say = progress or (lambda m: None)
+    library.check_export_dest(dest)
     dest = Path(dest)
     check_new_folder(dest)  # fail before the work
     book = library.get(ref)

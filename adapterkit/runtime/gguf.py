@@ -249,6 +249,7 @@ def export_gguf_lora(library: Library, ref: str, dest: str | os.PathLike[str], *
     import gguf
 
     say = progress or (lambda m: None)
+    library.check_export_dest(dest)
     dest = Path(dest)
     _check_dest(dest)
     start = time.perf_counter()
@@ -357,6 +358,7 @@ def export_gguf_merged(library: Library, ref: str, dest: str | os.PathLike[str],
     from adapterkit.runtime.export import check_tolerance, export_merged
 
     say = progress or (lambda m: None)
+    library.check_export_dest(dest)
     dest = Path(dest)
     check_tolerance(tolerance)
     _check_dest(dest)

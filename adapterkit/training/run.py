@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.errors import ConfigError, InvalidName, LaunchError, PluginError, RunStateError
 from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import WEIGHTS_FILE, PocketBookMeta
+from adapterkit.library.run_locks import run_lock_path
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import (
     attach_new,
@@ -183,10 +184,10 @@ def _lock_run(home: Path, name: str) -> _RunLock | None:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
         return None
-    folder = home / "locks"
+    path = run_lock_path(home, name)
+    folder = path.parent
     created = [d for d in (home, folder) if not d.exists()]  # removed again, empty, at the end
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"run-{name}.lock"
     while True:
         try:
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the end)

@@ -279,10 +279,10 @@ def save_trained(library: Library, model: Any, base: Base, name: str, *, trainer
         book_name = name
         if annotate is not None:
             ref = parse_ref(name)  # what commit records for a free name (it refuses a taken one)
-            meta.name, meta.version = ref.name, ref.version or 1
+            meta.name, meta.version = ref.name, library.version_to_save(ref)
             annotate(meta)
         write_card(staged, meta)
-        return library.commit(staged, meta, name=book_name)
+        return library.commit(staged, meta, name=book_name, run=True)
 
 
 def hyper_of(options: TrainOptions) -> dict[str, Any]:

@@ -683,7 +683,7 @@ def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[st
             if item.is_file() and item.name != METADATA_FILE:
                 shutil.copy2(item, staged / item.name)
         ref = parse_ref(name)  # what commit records for a free NAME or NAME@N (it refuses a
-        meta.name, meta.version = ref.name, ref.version or 1  # taken one): the card's too
+        meta.name, meta.version = ref.name, library.version_to_save(ref)  # taken one): the card's
         write_card(staged, meta)
         book = library.commit(staged, meta, name=name)
     # the search is over once NAME is saved: its study goes first, so a failure to remove the
