@@ -26,6 +26,10 @@ BOOKS: dict[str, tuple[int, int, float, list[tuple[int, float]]]] = {
 }
 #: This one keeps only the picture training saves today (``loss_curve.png``), no numbers.
 PICTURE_ONLY = "bedside"
+#: This one's saved weights are an earlier step's (the forgetting guard fell back to step 4):
+#: what training records then (``training.save.kept_weights``).
+KEPT = ("law", {"weights_step": 4, "weights_kept_by": "the forgetting guard's fallback",
+                "train_loss_kept": 2.0, "train_loss_kept_step": 4})
 
 if shutil.which(CHROMIUM) is None:
     pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium; scripts/bootstrap.sh "
@@ -48,6 +52,8 @@ def _record(book: Any, forgetting: float, curve: list[tuple[int, float]],
                            "general_loss": 2.0 * (1 + forgetting / 100),
                            "general_loss_change_pct": forgetting},
         })
+        if book.name == KEPT[0]:
+            meta.metrics.update(KEPT[1])
         if picture_only:
             loss_curve_png([{"step": s, "loss": v} for s, v in curve],
                            book.path / "loss_curve.png")
@@ -168,8 +174,15 @@ def test_library_lists_each_book_with_rank_forgetting_and_curve(page: Any) -> No
         assert row.get_by_test_id("book-version").inner_text() == "1"
         assert row.get_by_test_id("book-rank").inner_text() == str(rank)
         assert row.get_by_test_id("book-forgetting").inner_text() == f"{forgetting:+.2f}%"
-        assert f"train loss {curve[0][1]:.2f} → {curve[-1][1]:.2f}" in \
-            row.get_by_test_id("book-metrics").inner_text()
+        metrics = row.get_by_test_id("book-metrics").inner_text()
+        assert f"train loss {curve[0][1]:.2f} → {curve[-1][1]:.2f}" in metrics
+        if name == KEPT[0]:  # the last step's loss is not the saved weights' (as on the card)
+            assert (f"→ {curve[-1][1]:.2f} (step {curve[-1][0]}, whose weights were not kept)"
+                    in metrics), metrics
+            assert ("weights kept: step 4's, the forgetting guard's fallback; train loss "
+                    "logged at step 4: 2") in metrics, metrics
+        else:
+            assert "weights kept" not in metrics and "not kept" not in metrics, metrics
         if name == PICTURE_ONLY:
             # only the saved picture: shown, loaded through the API (it decodes to pixels)
             picture = row.get_by_test_id("loss-curve-png")
@@ -184,6 +197,15 @@ def test_library_lists_each_book_with_rank_forgetting_and_curve(page: Any) -> No
         # steps left to right; a falling loss is drawn going down (SVG y grows downwards)
         assert xs == sorted(xs) and xs[0] < xs[-1]
         assert ys == sorted(ys) and ys[0] < ys[-1]
+        marks = drawn.get_by_test_id("kept-step")
+        if name == KEPT[0]:  # a mark at step 4 of steps 2-6: halfway along
+            assert marks.count() == 1
+            assert marks.get_attribute("data-step") == "4"
+            assert float(marks.get_attribute("x1")) == pytest.approx((xs[0] + xs[-1]) / 2,
+                                                                     abs=0.1)
+            assert "weights kept at step 4" in drawn.get_attribute("aria-label")
+        else:
+            assert marks.count() == 0
     assert "clinic" in _row(page, "triage").get_by_test_id("book-tags").inner_text()
 
 

@@ -65,10 +65,21 @@ function keyMetrics(metrics) {
   const m = metrics || {};
   const out = [];
   const num = (v) => typeof v === "number" && Number.isFinite(v);
+  // Where the forgetting guard or early stopping kept an earlier step's weights, the last
+  // step's loss is not the saved weights' (as the card says: library/card.kept_weights_line).
+  const kept = num(m.weights_step);
+  const last = kept && num(m.steps) ? ` (step ${m.steps}, whose weights were not kept)` : "";
   if (num(m.train_loss_first) && num(m.train_loss_final)) {
-    out.push(`train loss ${fmt(m.train_loss_first)} → ${fmt(m.train_loss_final)}`);
+    out.push(`train loss ${fmt(m.train_loss_first)} → ${fmt(m.train_loss_final)}${last}`);
   } else if (num(m.train_loss_final)) {
-    out.push(`train loss ${fmt(m.train_loss_final)}`);
+    out.push(`train loss ${fmt(m.train_loss_final)}${last}`);
+  }
+  if (kept) {
+    const by = m.weights_kept_by || "an earlier step";
+    const loss = num(m.train_loss_kept)
+      ? `train loss logged at step ${m.train_loss_kept_step}: ${fmt(m.train_loss_kept)}`
+      : "no train loss logged by then";
+    out.push(`weights kept: step ${m.weights_step}'s, ${by}; ${loss}`);
   }
   if (m.eval && num(m.eval.loss)) out.push(`eval loss ${fmt(m.eval.loss)}`);
   for (const key of ["accuracy", "exact_match"]) {
@@ -84,7 +95,7 @@ function forgettingText(value) {
 }
 
 // A small inline SVG of [[step, loss], ...]; text instead when there is nothing to draw.
-function lossCurve(points) {
+function lossCurve(points, keptStep) {
   const pts = (points || []).filter(
     (p) => Array.isArray(p) && p.length >= 2 && Number.isFinite(p[0]) && Number.isFinite(p[1]));
   if (pts.length < 2) return el("span", { class: "muted", "data-testid": "no-loss-curve" }, "—");
@@ -95,7 +106,9 @@ function lossCurve(points) {
   const sx = (x) => pad + (width - 2 * pad) * (x1 > x0 ? (x - x0) / (x1 - x0) : 0.5);
   const sy = (y) => pad + (height - 2 * pad) * (y1 > y0 ? (y1 - y) / (y1 - y0) : 0.5);
   const svg = document.createElementNS(SVG, "svg");
-  const label = `loss ${fmt(ys[0])} → ${fmt(ys[ys.length - 1])} over steps ${x0}–${x1}`;
+  const kept = Number.isFinite(keptStep) && keptStep >= x0 && keptStep <= x1;
+  const label = `loss ${fmt(ys[0])} → ${fmt(ys[ys.length - 1])} over steps ${x0}–${x1}` +
+    (kept ? `; weights kept at step ${keptStep}` : "");
   for (const [k, v] of Object.entries({
     width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": label,
     class: "curve", "data-testid": "loss-curve", "data-points": String(pts.length),
@@ -105,6 +118,14 @@ function lossCurve(points) {
   const line = document.createElementNS(SVG, "polyline");
   line.setAttribute("points", pts.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" "));
   svg.append(title, line);
+  if (kept) {  // the saved weights are that step's, not the last one's (as the PNG marks it)
+    const mark = document.createElementNS(SVG, "line");
+    for (const [k, v] of Object.entries({
+      x1: sx(keptStep).toFixed(1), x2: sx(keptStep).toFixed(1), y1: 0, y2: height,
+      class: "kept-step", "data-testid": "kept-step", "data-step": String(keptStep),
+    })) mark.setAttribute(k, v);
+    svg.appendChild(mark);
+  }
   return svg;
 }
 
@@ -141,7 +162,7 @@ function bookRow(book) {
   cell(forgettingText(book.forgetting), "book-forgetting");
   const curve = el("td", { "data-testid": "book-loss-curve" });
   curve.appendChild(book.loss_curve && book.loss_curve.length >= 2 || !book.loss_curve_png
-    ? lossCurve(book.loss_curve) : lossPicture(book));
+    ? lossCurve(book.loss_curve, (book.metrics || {}).weights_step) : lossPicture(book));
   row.appendChild(curve);
   const actions = el("td");
   const tryIt = el("button", { type: "button", "data-testid": "try-book",
