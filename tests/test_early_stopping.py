@@ -292,3 +292,27 @@ def test_the_early_stopping_line_says_when_the_guard_then_kept_earlier_weights()
     line = early_stopping_line(record, kept_step=8)  # the guard's fallback, before step 12
     assert line.endswith("; the best step's weights were restored, then the forgetting guard "
                          "kept earlier ones"), line
+
+
+def test_the_lineage_says_which_steps_weights_a_stage_kept():
+    """A pipeline card's lineage table gave such a stage's first → last loss as its train
+    loss, and its weights_step, train_loss_kept... raw under "other metrics" (the string
+    saying what kept them was dropped). The cell now says it as the card's Results do."""
+    from types import SimpleNamespace
+
+    from adapterkit.library.card import _pipeline_lines
+    from adapterkit.training.pipeline import lineage_entry
+
+    metrics = {"steps": 20, "train_loss_first": 3.0, "train_loss_final": 0.5, "weights_step": 12,
+               "train_loss_kept": 2.0, "train_loss_kept_step": 10, "tokens": 900,
+               "weights_kept_by": "the forgetting guard's fallback", "dropped": "words"}
+    meta = SimpleNamespace(parents=[], method="lora", data={"description": "d.jsonl"})
+    stage = SimpleNamespace(index=1, name="a", trainer="sft", on=None, start_from=None)
+    entry = lineage_entry(stage, "a@1", meta, metrics)
+    assert "dropped" not in entry["metrics"]  # other strings stay out, as before
+    row = [line for line in _pipeline_lines({"stage": 1, "stages": 1, "lineage": [entry]})
+           if line.startswith("| 1 a |")]
+    cells = [c.strip() for c in row[0].strip("|").split(" | ")]
+    assert cells[6] == ("3 → 0.5 (step 20's; weights kept: step 12's, the forgetting guard's "
+                        "fallback; train loss logged at step 10: 2)")
+    assert cells[9] == "–"  # nothing raw under "other metrics"; tokens has its own key list

@@ -178,7 +178,9 @@ def tracking_lines(tracking: dict[str, Any]) -> list[str]:
 
 #: Lineage figures with a column of their own; a stage's other numbers go under "other".
 _LINEAGE_COLUMNS = ("steps", "train_loss_first", "train_loss_final", "loss_logs", "train_seconds",
-                    "loop_seconds", "tokens", "tokens_per_second")
+                    "loop_seconds", "tokens", "tokens_per_second",
+                    # said in the train-loss cell (kept_weights_line)
+                    "weights_step", "weights_kept_by", "train_loss_kept", "train_loss_kept_step")
 
 
 def _cell(text: Any) -> str:
@@ -213,6 +215,8 @@ def _pipeline_lines(p: dict[str, Any]) -> list[str]:
         loss = "not logged" if first is None or final is None else \
             f"{_fmt(final)} (one logged value)" if m.get("loss_logs") == 1 else \
             f"{_fmt(first)} → {_fmt(final)}"
+        if m.get("weights_step") is not None:  # the last loss is not the saved weights'
+            loss += f" (step {m.get('steps', '?')}'s; {kept_weights_line(m)})"
         under = s.get("on") or (f"copy of {s['from']}" if s.get("from") else "base")
         other = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(m.items())
                           if k not in _LINEAGE_COLUMNS) or "–"

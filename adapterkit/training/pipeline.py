@@ -250,7 +250,8 @@ def lineage_entry(stage: Stage, ref: str, meta: PocketBookMeta,
         "on": parent if stage.on is not None else None,
         "from": parent if stage.start_from is not None else None,
         "metrics": {k: v for k, v in metrics.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    or k == "weights_kept_by" and isinstance(v, str)},  # (its train-loss cell)
         "eval_loss": (metrics.get("eval") or {}).get("loss"),
         "forgetting": metrics.get("forgetting"),
     }
