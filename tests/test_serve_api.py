@@ -472,6 +472,23 @@ def test_a_pocket_book_the_server_cannot_apply_exactly_is_400_and_fails_alone(
     assert events[-1]["error"]["code"] == "model_not_servable"
 
 
+def test_a_saved_stack_whose_member_was_removed_is_not_listed(served, client):
+    """It was listed in /v1/models though every request for it is refused (the member is
+    gone); the request still says why."""
+    from adapterkit.lora.combine import stack
+
+    served.library.import_peft(make_peft_adapter(served.tiny_base, served.root / "brief",
+                                                 seed=7), "brief", base=str(served.tiny_base))
+    stack(served.library, ["brief", "law"], None, name="with-brief")
+    assert {"brief", "with-brief"} <= {m.id for m in client.models.list().data}
+    served.library.remove("brief", force=True)
+    listed = {m.id for m in client.models.list().data}
+    assert "law" in listed and not {"brief", "with-brief"} & listed, listed
+    with pytest.raises(openai.BadRequestError, match="with-brief@1 is a stack of brief@1, which "
+                                                    "this library no longer holds"):
+        chat(client, "with-brief")
+
+
 def test_a_stack_weight_the_base_cannot_take_is_400_naming_it_and_fails_alone(client, session):
     """``code*1e30`` passes the factors' own overflow check but drives the base's scores to
     infinity from the first token: the request's weight, not a server fault — 400 naming it

@@ -143,8 +143,9 @@ def models(library: Library, base: Any, *, base_id: str) -> list[dict[str, Any]]
     now; a pocket book named like the base is listed as ``NAME@V``, which reaches it, since
     ``NAME`` means the base). Reward pocket books, which score text rather than generate it,
     are left out, and so is a pocket book or stack whose config asks for what the server
-    cannot apply exactly (DoRA, ``lora_bias``...: :func:`unservable`), which every request
-    would refuse; asked for by name, it is refused saying why."""
+    cannot apply exactly (DoRA, ``lora_bias``...) or whose members are gone
+    (:func:`unservable`), which every request would refuse; asked for by name, it is refused
+    saying why."""
     created = int(getattr(base.source.folder.stat(), "st_mtime", 0)) \
         if base.source.folder.exists() else 0
     out: list[dict[str, Any]] = [{"id": base_id, "object": "model", "owned_by": "adapterkit",
@@ -167,8 +168,9 @@ def unservable(library: Library, ref: str) -> list[str]:
     """What in pocket book (or saved stack) ``ref``, its members and the books under them,
     the server can never apply exactly, whatever the base's weights: the features of their
     ``adapter_config.json`` beyond plain LoRA (DoRA, ``lora_bias``, trainable tokens...;
-    :func:`adapterkit.lora.factors.features` of the config alone). Empty where nothing is in
-    the way, or where the book cannot be read: a request for it says why."""
+    :func:`adapterkit.lora.factors.features` of the config alone), or why it cannot be put
+    together at all (a stack's member or an ``--on`` book removed or replaced since: the
+    refusal every request for it gets). Empty where nothing is in the way."""
     from adapterkit.library.peft_folder import read_config
     from adapterkit.lora.factors import features
     from adapterkit.lora.underlay import stack_members, with_underlays
@@ -178,8 +180,8 @@ def unservable(library: Library, ref: str) -> list[str]:
         members = stack_members(library, book) if book.meta.kind == "stack" else [(book, 1.0)]
         return [f for b, _ in with_underlays(library, members)
                 for f in features(read_config(b.path), [])]
-    except AdapterkitError:
-        return []
+    except AdapterkitError as exc:
+        return [str(exc)]
 
 
 def _base_in_stack(library: Library, model: str, name: str) -> str:
