@@ -131,6 +131,22 @@ def test_every_command_refuses_a_damaged_book_in_one_line(books, adapterkit_cli,
     assert sorted(s.name for s in books.list()) == ["pe", "pe2"]
 
 
+def test_the_advice_for_a_damaged_book_works_as_given(books, adapterkit_cli, tiny_base,
+                                                     peft_adapter):
+    """It said "re-import or re-train it", and a re-import was refused: the damaged folder
+    still held the name. As said now: doctor, then re-import under its number."""
+    book = books.get("pe")
+    (book.path / WEIGHTS).write_bytes((book.path / WEIGHTS).read_bytes()[:300])
+    out = adapterkit_cli("generate", "hi", "--adapter", "pe", "--max-new-tokens", "2")
+    one_line_error(out, "pe@1", "`adapterkit doctor` moves it to quarantine; then re-import or "
+                             "re-train it (--name NAME@V gives it back its number)")
+    assert adapterkit_cli("doctor").exit_code == 0
+    done = adapterkit_cli("import", peft_adapter, "--name", "pe@1", "--base", tiny_base)
+    assert done.exit_code == 0, done.output
+    out = adapterkit_cli("generate", "hi", "--adapter", "pe", "--max-new-tokens", "2")
+    assert out.exit_code == 0, out.output
+
+
 def test_generate_refuses_an_adapter_for_other_modules_instead_of_answering(books,
                                                                            adapterkit_cli):
     """PEFT loads tensors for modules the base lacks with a warning and answers like the plain

@@ -29,8 +29,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import BaseStructure
     from adapterkit.library.store import PocketBook
 
-#: What a user can do about a damaged pocket book.
-REPAIR = "re-import or re-train it; `adapterkit doctor` lists damaged books"
+#: What a user can do about a damaged pocket book: its name@version stays taken until doctor
+#: moves it aside (a re-import straight away was refused as "already exists").
+REPAIR = ("`adapterkit doctor` moves it to quarantine; then re-import or re-train it "
+          "(--name NAME@V gives it back its number)")
 #: Pickle formats: loading one can run code, and adapterkit never writes one into the library.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
