@@ -122,18 +122,36 @@ def test_doctor_finds_and_quarantines_a_stack_whose_member_was_removed(books, ad
     assert again.exit_code == 0 and "healthy" in again.output
 
 
+def test_doctor_says_a_stack_member_is_damaged_not_gone(books, adapterkit_cli, home):
+    """The dry run said a damaged member was one "the library no longer holds" (it still
+    did; the damaged folder moves to quarantine only on repair)."""
+    from adapterkit.lora.combine import stack
+
+    stack(books, ["pe@1", "pe2"], None, name="st2")
+    stack(books, ["pe@1", "pe@2"], None, name="st3")
+    weights = books.get("pe2").path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert adapterkit_cli("rm", "pe@2", "--force").exit_code == 0
+    dry = adapterkit_cli("doctor", "--dry-run")
+    assert dry.exit_code == 1, dry.output
+    assert ("dangling  st2@1: a stack of pe2@1, which is damaged (see above) (it fails on "
+            "every use)") in dry.output, dry.output
+    assert ("dangling  st3@1: a stack of pe@2, which the library no longer holds (it fails on "
+            "every use)") in dry.output, dry.output
+
+
 def test_doctor_quarantines_a_stack_whose_member_was_replaced_under_its_name(
         books, adapterkit_cli, home, tiny_base, tmp_path):
-    """`rm --force pe2`, then another pocket book imported as pe2@1: the stack saved with the
-    first pe2 fails on every use (its member hashes), so doctor treats it as it treats a
-    stack whose member is gone — it used to call the library healthy."""
+    """`rm --force pe2`, then another pocket book imported as pe2@1 (asked for by number): the
+    stack saved with the first pe2 fails on every use (its member hashes), so doctor treats it
+    as it treats a stack whose member is gone — it used to call the library healthy."""
     from adapterkit.lora.combine import stack
 
     stack(books, ["pe@1", "pe2"], [1.0, 0.5], name="st1")
     stack(books, ["pe@1", "pe@2"], None, name="intact")
     books.remove("pe2@1", force=True)
     other = make_peft_adapter(tiny_base, tmp_path / "other", seed=9)
-    assert books.import_peft(other, "pe2", base=str(tiny_base)).ref == "pe2@1"
+    assert books.import_peft(other, "pe2@1", base=str(tiny_base)).ref == "pe2@1"
 
     dry = adapterkit_cli("doctor", "--dry-run")
     assert dry.exit_code == 1, dry.output
@@ -163,8 +181,9 @@ def test_doctor_reports_a_book_trained_on_one_replaced_under_its_name(
     books.update_meta("top@1", on_pe2)  # as `train ... --on pe2` records it
     assert adapterkit_cli("doctor", "--dry-run").exit_code == 0  # its underlay is as trained
     books.remove("pe2@1", force=True)
-    books.import_peft(make_peft_adapter(tiny_base, tmp_path / "other", seed=9), "pe2",
-                      base=str(tiny_base))
+    # a plain "pe2" is pe2@2 now (numbers are not given out again); pe2@1 must be asked for
+    assert books.import_peft(make_peft_adapter(tiny_base, tmp_path / "other", seed=9), "pe2@1",
+                             base=str(tiny_base)).ref == "pe2@1"
     refused = adapterkit_cli("generate", "hi", "--adapter", "top", "--max-new-tokens", "1")
     assert refused.exit_code != 0 and "other weights" in refused.output, refused.output
 

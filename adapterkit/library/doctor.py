@@ -172,6 +172,7 @@ def _check_stacks(library: Library, report: Report,
     whole, that works again once the one it was trained on is back under its name."""
     held = {f"{name}@{version}": PocketBook(meta, folder)
             for (name, version), (meta, folder) in healthy.items()}
+    damaged = {f"{name}@{version}" for name, version, _ in quarantine}  # found just before
     for (name, version), (meta, folder) in sorted(healthy.items()):
         members = needed_refs(meta)
         # the same name, other weights (`rm --force`, then an import under that name): every
@@ -190,9 +191,11 @@ def _check_stacks(library: Library, report: Report,
                     f"{name}@{version}"))
             continue
         gone = sorted(members - set(held))
-        if gone:
-            detail = (f"a stack of {', '.join(gone)}, which the library no longer holds (it "
-                      "fails on every use)")
+        if gone:  # removed, or damaged (a dry run still holds that one: said as it is)
+            lost, hurt = [g for g in gone if g not in damaged], [g for g in gone if g in damaged]
+            parts = ([f"{', '.join(lost)}, which the library no longer holds"] if lost else []) \
+                + ([f"{', '.join(hurt)}, which is damaged (see above)"] if hurt else [])
+            detail = f"a stack of {' and '.join(parts)} (it fails on every use)"
         elif replaced:
             detail = (f"a stack of {', '.join(replaced)} with other weights than this "
                       f"library's {', '.join(replaced)} now holds (another pocket book under "
