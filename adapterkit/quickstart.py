@@ -134,8 +134,7 @@ def part_one(*, base: str = "smollm2-135m", budget: float = 1.0,
           f"{forgot['general_loss']:.4f} ({forgot['general_loss_change_pct']:+.2f}%)"
           + (f", budget {budget:g}%" if budget else ", no guard") + base_loss_note(forgot))
     m = result.metrics
-    print(f"Training: {m['steps']} steps, {m['train_seconds']:.0f} s, "
-          f"{m['tokens_per_second']:.0f} tokens/s; total wall time {elapsed:.0f} s")
+    print("\n".join(training_lines(m, elapsed)))
     print(f"Saved {result.pocket_book.ref} → try: adapterkit generate --adapter "
           f"{result.pocket_book.ref} \"I have ear pain and a sore throat since yesterday.\"")
     ref = result.pocket_book.ref
@@ -260,10 +259,8 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None,
           f"to base + {on})" + (f", budget {budget:g}%" if budget else ", no guard")
           + base_loss_note(forgot))
     m = result.metrics
-    print(f"Training: {m['steps']} steps, {m['train_seconds']:.0f} s, "
-          f"{m['tokens_per_second']:.0f} tokens/s, reference log-probs "
-          f"{m.get('reference_cache', {}).get('train', 'computed alongside')}; "
-          f"total wall time {elapsed:.0f} s")
+    print("\n".join(training_lines(
+        m, elapsed, reference=m.get("reference_cache", {}).get("train", "computed alongside"))))
     print(f"Saved {result.pocket_book.ref} (on top of {on}) → try: adapterkit generate "
           f"--adapter {result.pocket_book.ref} \"{complaint}\"")
     ref = result.pocket_book.ref
@@ -275,3 +272,19 @@ def part_two(*, base: str = "smollm2-135m", on: str | None = None,
             "forgetting_pct": forgot["general_loss_change_pct"], "wall_seconds": elapsed,
             "train_seconds": m["train_seconds"], "tokens_per_second": m["tokens_per_second"],
             "steps": m["steps"], "pocket_book": ref, "on": on}
+
+
+def training_lines(m: dict[str, Any], elapsed: float, *, reference: str | None = None
+                   ) -> list[str]:
+    """The run's figures: steps trained, time, tokens/s; and, where the forgetting guard or
+    early stopping kept an earlier step's weights, which (the saved pocket book is that
+    step's, not the last one's)."""
+    from adapterkit.library.card import kept_weights_line
+
+    line = (f"Training: {m['steps']} steps, {m['train_seconds']:.0f} s, "
+            f"{m['tokens_per_second']:.0f} tokens/s"
+            + (f", reference log-probs {reference}" if reference is not None else "")
+            + f"; total wall time {elapsed:.0f} s")
+    if m.get("weights_step") is None:
+        return [line]
+    return [line, f"Saved pocket book: {kept_weights_line(m)}"]

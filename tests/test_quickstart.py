@@ -186,3 +186,20 @@ def test_part_two_finds_part_ones_triage_under_a_later_version(home, tiny_base, 
     with pytest.raises(Found):
         quickstart.part_two(base=str(tiny_base), home=home)
     assert seen == ["triage@1"]
+
+
+def test_the_training_line_says_when_the_saved_weights_are_an_earlier_steps():
+    """"Training: 30 steps" stood alone where the forgetting guard had kept step 10's
+    weights: the saved pocket book is then that step's, and a line says so."""
+    from adapterkit.quickstart import training_lines
+
+    m = {"steps": 30, "train_seconds": 196.4, "tokens_per_second": 89.2}
+    assert training_lines(m, 318.2) == [
+        "Training: 30 steps, 196 s, 89 tokens/s; total wall time 318 s"]
+    kept = {**m, "weights_step": 10, "weights_kept_by": "the forgetting guard's fallback",
+            "train_loss_kept": 0.588, "train_loss_kept_step": 10}
+    assert training_lines(kept, 318.2, reference="read from the cache") == [
+        "Training: 30 steps, 196 s, 89 tokens/s, reference log-probs read from the cache; "
+        "total wall time 318 s",
+        "Saved pocket book: weights kept: step 10's, the forgetting guard's fallback; train "
+        "loss logged at step 10: 0.588"]
