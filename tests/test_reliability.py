@@ -506,6 +506,22 @@ def test_doctor_removes_the_temp_file_of_a_killed_metadata_write(adapterkit_cli,
     assert [p["kind"] for p in json.loads(result.stdout)["problems"]] == ["stale"]
 
 
+def test_doctor_removes_the_temp_file_of_a_killed_write_of_a_names_version_mark(
+        adapterkit_cli, library):
+    """`rm` writes the name's highest version number (``.versions-used``) atomically; a kill
+    inside that write leaves its temporary file, which doctor reports and removes."""
+    save(library, "a")
+    save(library, "a@2")
+    library.remove("a@2")
+    stray = library.root / "a" / "..versions-used.abc123.tmp"
+    stray.write_text("2")
+    dry = adapterkit_cli("doctor", "--dry-run", "--json")
+    assert [(p["kind"], p["ref"]) for p in json.loads(dry.stdout)["problems"]] == [("stale", "a")]
+    result = adapterkit_cli("doctor", "--json")
+    assert result.exit_code == 0, result.output
+    assert not stray.exists() and (library.root / "a" / ".versions-used").read_text() == "2\n"
+
+
 def test_doctor_moves_aside_the_reference_copy_earlier_versions_saved(adapterkit_cli, library):
     """Earlier versions saved TRL's frozen copy of a DPO pocket book's starting adapter as a
     ``ref/`` PEFT folder inside it: reported as a leftover, moved to the quarantine (kept), and

@@ -50,7 +50,7 @@ from adapterkit.library.catalog import Catalog, CatalogWarning
 from adapterkit.library.integrity import REPAIR, check_book, held_weights
 from adapterkit.library.layout import DamagedBookWarning, index
 from adapterkit.library.metadata import CONFIG_FILE, METADATA_FILE, PocketBookMeta
-from adapterkit.library.store import Library, PocketBook, needed_refs
+from adapterkit.library.store import VERSIONS_USED_FILE, Library, PocketBook, needed_refs
 
 QUARANTINE = "quarantine"
 #: The subfolder earlier versions saved TRL's reference copy of the adapter in (``dpo``).
@@ -139,6 +139,9 @@ def examine(library: Library, *, repair: bool) -> Report:
              f"move it to {where} (kept, not deleted)", repair)
         quarantine.append((key[0], key[1], folder))
     _check_stacks(library, report, healthy, quarantine, repair)
+    for left in _stray_mark_files(library):
+        _add(report, "stale", left.parent.name, left, "temporary file of an interrupted write "
+             "of the name's highest version number", "remove it", repair)
     for key in sorted(indexed.keys() - disk.keys()):
         path = library.root / key[0] / str(key[1])
         _add(report, "missing", f"{key[0]}@{key[1]}", path, "listed in the catalog, but its "
@@ -212,6 +215,11 @@ def _stray_temp_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(f".{METADATA_FILE}.*.tmp"))
 
 
+def _stray_mark_files(library: Library) -> list[Path]:
+    """The same, of a name's :data:`~adapterkit.library.store.VERSIONS_USED_FILE` (``rm``)."""
+    return sorted(library.root.glob(f"*/.{VERSIONS_USED_FILE}.*.tmp"))
+
+
 def _add(report: Report, kind: str, ref: str | None, path: Path, detail: str, action: str,
          repair: bool) -> None:
     report.problems.append(Problem(kind, str(path), detail,
@@ -268,6 +276,8 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
         for folder in library.folders().values():  # under the lock: no metadata write runs
             for left in _stray_temp_files(folder):
                 left.unlink(missing_ok=True)
+        for left in _stray_mark_files(library):  # (written by rm under this lock too)
+            left.unlink(missing_ok=True)
         for folder in reindex:
             if folder.is_dir():
                 index(conn, folder)  # read again under the lock: what is indexed is current
