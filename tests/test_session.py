@@ -286,3 +286,45 @@ def test_a_stack_refused_late_or_interrupted_gives_everything_back(tiny_base, ot
         session.stack({"code": 1.0})  # raises the rank: pads (zeros bound), then rebinds
     unchanged()
     session.close()
+
+
+def test_a_swap_interrupted_between_two_layers_leaves_one_pocket_book_answering(
+        tiny_base, books, home, monkeypatch):
+    """Ctrl-C (a notebook's interrupt) while a swap bound its layers left some layers on the
+    new pocket book and some on the old, with ``active`` naming the old: answers from
+    neither. The binding is finished before the interruption goes on; a binding that fails
+    outright leaves the plain base, and ``active`` says so."""
+    from adapterkit.lora.slots import LoraSlot
+
+    session = adapterkit.open(str(tiny_base), home=home, attach=["law", "code"])
+    plain = logits(adapterkit.load_base(str(tiny_base), home=home).model)
+    session.swap("law")
+    real = LoraSlot.bind
+
+    def failing(*faults):
+        """bind, raising ``faults[i]`` at call 3 + i."""
+        calls = []
+
+        def bind(self, a, b, scale):
+            calls.append(1)
+            if 3 <= len(calls) < 3 + len(faults):
+                raise faults[len(calls) - 3]
+            real(self, a, b, scale)
+        return bind
+
+    monkeypatch.setattr(LoraSlot, "bind", failing(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        session.swap("code")
+    monkeypatch.setattr(LoraSlot, "bind", real)
+    assert session.active == {"code@1": 1.0}
+    torch.testing.assert_close(logits(session.model),
+                               peft_logits(tiny_base, {"code": books["code"]}),
+                               rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(LoraSlot, "bind", failing(KeyboardInterrupt(), RuntimeError("no")))
+    with pytest.raises(RuntimeError, match="no"):
+        session.swap("law")
+    monkeypatch.setattr(LoraSlot, "bind", real)
+    assert session.active == {}
+    assert torch.equal(logits(session.model), plain)
+    session.close()

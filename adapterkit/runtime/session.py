@@ -282,8 +282,7 @@ class Session:
             prepared = self.books[next(iter(self.active))].prepared
         else:
             prepared = self._stack_cache[tuple(sorted(self.active.items()))].prepared
-        for slot, a, b, scale in prepared:
-            slot.bind(a, b, scale)
+        self._bind(prepared, self.active)
 
     def _let_go(self, books: set[str], slots: set[str], rank: int) -> None:
         """Undo what attaching did since ``books``, ``slots`` and ``rank`` were the session's:
@@ -340,10 +339,32 @@ class Session:
             return self.stack({r: 1.0 for r in [*self.books[key].stacked_on, key]}, force=force)
         self._refuse_other_quantization([self.pocket_books[key]])
         start = time.perf_counter()
-        for slot, a, b, scale in self.books[key].prepared:
-            slot.bind(a, b, scale)
-        self.active = {key: 1.0}
+        self._bind(self.books[key].prepared, {key: 1.0})
         return time.perf_counter() - start
+
+    def _bind(self, prepared: list[Any], active: dict[str, float]) -> None:
+        """Bind every slot to ``prepared`` and record ``active``. Interrupted between two
+        layers (Ctrl-C in a notebook), some layers would hold the new pocket books and some
+        the old, and the next answer would come from neither: the binding is finished first
+        (microseconds), then the interruption goes on. Where binding itself fails, the session
+        falls back to the plain base, which :attr:`active` then says."""
+        done = 0
+        try:
+            for slot, a, b, scale in prepared:
+                slot.bind(a, b, scale)
+                done += 1
+        except BaseException:
+            try:
+                for slot, a, b, scale in prepared[done:]:
+                    slot.bind(a, b, scale)
+            except BaseException:
+                for slot, a, b, scale in getattr(self, "_zeros", []):
+                    slot.bind(a, b, scale)
+                self.active = {}
+                raise
+            self.active = active
+            raise
+        self.active = active
 
     def off(self) -> None:
         """The plain base: every slot bound to zeros."""
@@ -405,9 +426,7 @@ class Session:
             self._let_go(*before)  # rank given back (none of it is active)
             raise
         start = time.perf_counter()
-        for slot, a, b, scale in combined.prepared:
-            slot.bind(a, b, scale)
-        self.active = dict(keys)
+        self._bind(combined.prepared, dict(keys))
         return time.perf_counter() - start
 
     def _combine(self, keys: dict[str, float]) -> LoadedBook:
