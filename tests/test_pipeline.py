@@ -478,8 +478,8 @@ def test_a_stage_on_a_library_book_is_fingerprinted_by_its_weights(tmp_path, dat
     first = load_recipe(recipe, home=home, plugins=pm).stages[0].fingerprint
     assert load_recipe(recipe, home=home, plugins=pm).stages[0].fingerprint == first
     library.remove("law")
-    library.import_peft(make_peft_adapter(tiny_base, tmp_path / "b", seed=2), "law",
-                        base=str(tiny_base))
+    library.import_peft(make_peft_adapter(tiny_base, tmp_path / "b", seed=2), "law@1",
+                        base=str(tiny_base))  # by number: a plain name would take law@2
     assert library.get("law").version == 1
     assert load_recipe(recipe, home=home, plugins=pm).stages[0].fingerprint != first
 

@@ -477,16 +477,16 @@ def test_a_saved_stack_whose_member_was_removed_is_not_listed(served, client):
     gone); the request still says why."""
     from adapterkit.lora.combine import stack
 
-    served.library.import_peft(make_peft_adapter(served.tiny_base, served.root / "brief",
-                                                 seed=7), "brief", base=str(served.tiny_base))
-    stack(served.library, ["brief", "law"], None, name="with-brief")
-    assert {"brief", "with-brief"} <= {m.id for m in client.models.list().data}
-    served.library.remove("brief", force=True)
+    served.library.import_peft(make_peft_adapter(served.tiny_base, served.root / "terse",
+                                                 seed=7), "terse", base=str(served.tiny_base))
+    stack(served.library, ["terse", "law"], None, name="with-terse")
+    assert {"terse", "with-terse"} <= {m.id for m in client.models.list().data}
+    served.library.remove("terse", force=True)
     listed = {m.id for m in client.models.list().data}
-    assert "law" in listed and not {"brief", "with-brief"} & listed, listed
-    with pytest.raises(openai.BadRequestError, match="with-brief@1 is a stack of brief@1, which "
+    assert "law" in listed and not {"terse", "with-terse"} & listed, listed
+    with pytest.raises(openai.BadRequestError, match="with-terse@1 is a stack of terse@1, which "
                                                     "this library no longer holds"):
-        chat(client, "with-brief")
+        chat(client, "with-terse")
 
 
 def test_a_stack_weight_the_base_cannot_take_is_400_naming_it_and_fails_alone(client, session):

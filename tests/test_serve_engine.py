@@ -676,7 +676,7 @@ def test_removed_and_replaced_pocket_books_are_let_go_but_never_under_a_running_
 
     library.remove("caps")
     library.remove("pirate")
-    make("pirate", 13)
+    make("pirate@1", 13)  # asked for by number (a plain name would take pirate@2)
     assert library.get("pirate").ref == "pirate@1"
     engine.step()  # caps goes at once; the old pirate@1 stays under its running row
     assert engine.stats()["attached"] == ["pirate@1"]

@@ -493,6 +493,16 @@ class Library:
         trash.mkdir()
 
         moved: builtins.list[tuple[Path, Path]] = []
+        marked: builtins.list[str | None] = []  # the version mark as it was (None: no file)
+
+        def undo() -> None:  # a failed removal leaves everything as it found it
+            move_back(moved)
+            if marked:
+                mark = self.root / ref.name / VERSIONS_USED_FILE
+                if marked[0] is None:
+                    mark.unlink(missing_ok=True)
+                else:
+                    atomic_write_text(mark, marked[0])
 
         def delete(conn: sqlite3.Connection) -> builtins.list[int]:
             # Re-read inside the lock: another command may have removed some meanwhile.
@@ -505,7 +515,12 @@ class Library:
                 going = {f"{ref.name}@{v}" for v in gone}
                 _refuse_needed(_dependents(conn, going))
             used = max(*present, *self._disk_versions(ref.name), self._versions_used(ref.name))
-            atomic_write_text(self.root / ref.name / VERSIONS_USED_FILE, f"{used}\n")
+            mark = self.root / ref.name / VERSIONS_USED_FILE
+            try:
+                marked.append(mark.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                marked.append(None)
+            atomic_write_text(mark, f"{used}\n")
             for v in gone:
                 Catalog.delete(conn, ref.name, v)
                 src = self.path_of(ref.name, v)
@@ -515,7 +530,7 @@ class Library:
             return gone  # (the name's folder stays: it holds VERSIONS_USED_FILE)
 
         try:
-            gone = self.catalog.write(delete, undo=lambda: move_back(moved))
+            gone = self.catalog.write(delete, undo=undo)
         except BaseException:
             try:
                 trash.rmdir()  # empty once every folder is back; otherwise kept for doctor
