@@ -70,9 +70,10 @@ def check_paths(library: Any, ref: str) -> None:
 
 
 def _next_name(library: Any, name: str) -> str:
-    """``name``, or its next version if the library already has it (the quickstart reruns)."""
-    versions = [s.version for s in library.list(all_versions=True) if s.name == name]
-    return f"{name}@{max(versions) + 1}" if versions else name
+    """``name``, or its next version if the library already has it or had it (the quickstart
+    reruns; a removed version's number is not given out again)."""
+    version = library.next_version(name)
+    return name if version == 1 else f"{name}@{version}"
 
 
 def part_one_weight(budget: float, guard_weight: float | None) -> float:

@@ -313,6 +313,6 @@ def test_the_lineage_says_which_steps_weights_a_stage_kept():
     row = [line for line in _pipeline_lines({"stage": 1, "stages": 1, "lineage": [entry]})
            if line.startswith("| 1 a |")]
     cells = [c.strip() for c in row[0].strip("|").split(" | ")]
-    assert cells[6] == ("3 → 0.5 (step 20's; weights kept: step 12's, the forgetting guard's "
-                        "fallback; train loss logged at step 10: 2)")
+    assert cells[6] == ("3 → 0.5, at step 20; weights kept: step 12's, the forgetting guard's "
+                        "fallback; train loss logged at step 10: 2")
     assert cells[9] == "–"  # nothing raw under "other metrics"; tokens has its own key list

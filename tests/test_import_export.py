@@ -399,7 +399,10 @@ def test_no_export_writes_into_the_adapterkit_home(adapterkit_cli, home, tiny_ba
     before = sorted(str(p.relative_to(home)) for p in home.rglob("*") if "tmp" not in p.parts)
     link = tmp_path / "to-home"
     link.symlink_to(home)
-    for dest in (home / "library" / "x" / "1", home / "out", link / "library" / "y"):
+    into = tmp_path / "to-library"
+    into.symlink_to(home / "library")
+    for dest in (home / "library" / "x" / "1", home / "out", link / "library" / "y",
+                 into / "z" / "1"):
         for extra in ([], ["--merged"], ["--format", "gguf"], ["--merged", "--format", "gguf"]):
             result = cli("export", "pe", dest, *extra)
             assert result.exit_code == 1, (dest, extra, result.output)

@@ -72,7 +72,7 @@ def test_tag_and_remove(library):
     assert library.remove("a") == [2]  # plain name = latest
     assert library.get("a").version == 1
     assert library.remove("a", all_versions=True) == [1]
-    assert [p.name for p in (library.root / "a").iterdir()] == [".versions-used"]
+    assert not (library.root / "a").exists()
     with pytest.raises(PocketBookNotFound):
         library.remove("a")
 
@@ -85,15 +85,18 @@ def test_a_removed_version_number_is_not_given_to_other_weights(library, tmp_pat
     save(library, "t")
     save(library, "t@2")
     assert library.remove("t@2") == [2]
-    assert library.version_to_save("t") == 3
+    assert library.version_to_save("t") == 3 and library.next_version("t") == 3
+    with pytest.raises(NameTaken, match="--name t@3"):
+        library.reserve("t")  # the advice every long command gives first
     with pytest.raises(NameTaken, match="--name t@3"):
         save(library, "t")
     assert save(library, "t", new_version=True).version == 3
     assert library.remove("t", all_versions=True) == [1, 3]
+    assert not (library.root / "t").exists()  # the name's folder goes, as before
     assert library.version_to_save("t") == 4
     assert save(library, "t").ref == "t@4"  # a free plain name: the next number, not 1
-    library.rebuild_catalog()  # the mark is on disk, beside the versions, not in the index
-    assert Library(library.home).version_to_save("t@2") == 2
+    library.rebuild_catalog()  # the mark is on disk beside the folders, not in the index
+    assert Library(library.home).next_version("t") == 5
     assert save(library, "t@2").ref == "t@2"  # explicit: the same number, on purpose
     assert [s.version for s in library.list(all_versions=True)] == [2, 4]
     assert library.remove("t@4") == [4]
@@ -101,9 +104,30 @@ def test_a_removed_version_number_is_not_given_to_other_weights(library, tmp_pat
         save(library, "t")  # t@2 is there: plain t is taken, and the next number is 5
     assert save(library, "t", new_version=True).ref == "t@5"
     assert save(library, "fresh").ref == "fresh@1"
-    library.remove("fresh", all_versions=True)  # its folder stays, holding the mark alone:
-    assert save(library, "Fresh").ref == "Fresh@1"  # no case clash with a name now gone
+    library.remove("fresh", all_versions=True)
+    assert save(library, "Fresh").ref == "Fresh@1"  # another name; no folder left to clash
+    with pytest.raises(NameTaken, match="only in case"):  # refused while Fresh is held
+        save(library, "fresh")
 
+
+def test_a_failed_removal_leaves_the_version_marks_as_they_were(library, monkeypatch):
+    save(library, "m")
+    save(library, "m@2")
+    library.remove("m@2")
+    marks = (library.root / ".versions-used.json").read_bytes()
+    import adapterkit.library.store as store
+
+    real = store.os.rename
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.os, "rename", fail)
+    with pytest.raises(OSError):
+        library.remove("m@1")
+    monkeypatch.setattr(store.os, "rename", real)
+    assert (library.root / ".versions-used.json").read_bytes() == marks
+    assert [s.version for s in library.list(all_versions=True)] == [1]
 
 def test_a_filter_picks_versions_before_the_latest_is_taken(library):
     """``list --tag prod`` with only a@1 tagged found nothing (the filter was ANDed with

@@ -203,3 +203,18 @@ def test_the_training_line_says_when_the_saved_weights_are_an_earlier_steps():
         "total wall time 318 s",
         "Saved pocket book: weights kept: step 10's, the forgetting guard's fallback; train "
         "loss logged at step 10: 0.588"]
+
+
+def test_a_rerun_never_trains_under_a_removed_number(library, tiny_base, peft_adapter):
+    """It computed the next version from the versions present: after `rm triage@2` a rerun
+    trained triage@2 again, with other weights than the one removed."""
+    from adapterkit.quickstart import _next_name
+
+    assert _next_name(library, "triage") == "triage"
+    library.import_peft(peft_adapter, "triage", base=str(tiny_base))
+    library.import_peft(peft_adapter, "triage@2", base=str(tiny_base))
+    assert _next_name(library, "triage") == "triage@3"
+    library.remove("triage@2")
+    assert _next_name(library, "triage") == "triage@3"
+    library.remove("triage@1")
+    assert _next_name(library, "triage") == "triage@3"

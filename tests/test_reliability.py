@@ -118,7 +118,7 @@ def test_a_book_left_by_a_crash_is_visible_and_removable(library, monkeypatch):
     assert library.catalog.read(lambda c: Catalog.versions(c, "x")) == []  # the crash state
     assert library.get("x").version == 1  # 0.1: "no pocket book named 'x'"
     assert library.remove("x") == [1]
-    assert [p.name for p in (library.root / "x").iterdir()] == [".versions-used"]
+    assert not (library.root / "x").exists()
     assert save(library, "x").ref == "x@2"  # 0.1: "already exists"; numbers are not reused
 
 
@@ -506,21 +506,33 @@ def test_doctor_removes_the_temp_file_of_a_killed_metadata_write(adapterkit_cli,
     assert [p["kind"] for p in json.loads(result.stdout)["problems"]] == ["stale"]
 
 
-def test_doctor_removes_the_temp_file_of_a_killed_write_of_a_names_version_mark(
+def test_doctor_removes_the_temp_file_of_a_killed_write_of_the_version_marks(
         adapterkit_cli, library):
-    """`rm` writes the name's highest version number (``.versions-used``) atomically; a kill
-    inside that write leaves its temporary file, which doctor reports and removes."""
+    """`rm` writes the names' highest version numbers (``library/.versions-used.json``)
+    atomically; a kill inside that write leaves its temporary file, which doctor reports and
+    removes."""
     save(library, "a")
     save(library, "a@2")
     library.remove("a@2")
-    stray = library.root / "a" / "..versions-used.abc123.tmp"
-    stray.write_text("2")
+    stray = library.root / "..versions-used.json.abc123.tmp"
+    stray.write_text("{")
     dry = adapterkit_cli("doctor", "--dry-run", "--json")
-    assert [(p["kind"], p["ref"]) for p in json.loads(dry.stdout)["problems"]] == [("stale", "a")]
+    assert [p["kind"] for p in json.loads(dry.stdout)["problems"]] == ["stale"]
     result = adapterkit_cli("doctor", "--json")
     assert result.exit_code == 0, result.output
-    assert not stray.exists() and (library.root / "a" / ".versions-used").read_text() == "2\n"
+    assert not stray.exists()
+    assert json.loads((library.root / ".versions-used.json").read_text()) == {"a": 2}
 
+
+def test_a_version_doctor_quarantines_is_not_given_out_again(adapterkit_cli, library):
+    """As after `rm`: doctor moved u@1 and u@2 aside, and a plain save took u@1 again."""
+    save(library, "u")
+    save(library, "u@2")
+    for version in (1, 2):
+        (library.root / "u" / str(version) / "adapter_model.safetensors").write_bytes(b"x")
+    assert adapterkit_cli("doctor").exit_code == 0
+    assert not library.exists("u")
+    assert save(library, "u").ref == "u@3"
 
 def test_doctor_moves_aside_the_reference_copy_earlier_versions_saved(adapterkit_cli, library):
     """Earlier versions saved TRL's frozen copy of a DPO pocket book's starting adapter as a

@@ -389,3 +389,24 @@ def test_a_save_is_refused_while_another_process_trains_the_name(tiny_base, home
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 0, done.output
     assert Library(home).exists("z@1")
+
+
+def test_a_run_starting_while_a_save_asks_about_its_name_is_not_refused(home):
+    """An import asking whether a run holds the name holds the lock shared for a moment: a
+    run starting in that moment was refused as "another run of z is training"."""
+    import fcntl
+    import threading
+
+    from adapterkit.library.run_locks import run_lock_path
+    from adapterkit.training.run import _let_go_locks, _lock_run
+
+    path = run_lock_path(home, "z")
+    path.parent.mkdir(parents=True)
+    path.touch()
+    asking = open(path, encoding="utf-8")  # what training_now holds while it asks
+    fcntl.flock(asking, fcntl.LOCK_SH)
+    done = threading.Timer(0.05, asking.close)
+    done.start()
+    held = [_lock_run(home, "z")]
+    done.join()
+    _let_go_locks(held)

@@ -216,7 +216,8 @@ def _pipeline_lines(p: dict[str, Any]) -> list[str]:
             f"{_fmt(final)} (one logged value)" if m.get("loss_logs") == 1 else \
             f"{_fmt(first)} → {_fmt(final)}"
         if m.get("weights_step") is not None:  # the last loss is not the saved weights'
-            loss += f" (step {m.get('steps', '?')}'s; {kept_weights_line(m)})"
+            loss = kept_weights_line(m) if first is None or final is None else \
+                f"{loss}, at step {m.get('steps', '?')}; {kept_weights_line(m)}"
         under = s.get("on") or (f"copy of {s['from']}" if s.get("from") else "base")
         other = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(m.items())
                           if k not in _LINEAGE_COLUMNS) or "–"

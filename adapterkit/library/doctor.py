@@ -140,8 +140,8 @@ def examine(library: Library, *, repair: bool) -> Report:
         quarantine.append((key[0], key[1], folder))
     _check_stacks(library, report, healthy, quarantine, repair)
     for left in _stray_mark_files(library):
-        _add(report, "stale", left.parent.name, left, "temporary file of an interrupted write "
-             "of the name's highest version number", "remove it", repair)
+        _add(report, "stale", None, left, "temporary file of an interrupted write of the "
+             "names' highest version numbers", "remove it", repair)
     for key in sorted(indexed.keys() - disk.keys()):
         path = library.root / key[0] / str(key[1])
         _add(report, "missing", f"{key[0]}@{key[1]}", path, "listed in the catalog, but its "
@@ -197,7 +197,8 @@ def _check_stacks(library: Library, report: Report,
         if gone:  # removed, or damaged (a dry run still holds that one: said as it is)
             lost, hurt = [g for g in gone if g not in damaged], [g for g in gone if g in damaged]
             parts = ([f"{', '.join(lost)}, which the library no longer holds"] if lost else []) \
-                + ([f"{', '.join(hurt)}, which is damaged (see above)"] if hurt else [])
+                + ([f"{', '.join(hurt)}, which {'is' if len(hurt) == 1 else 'are'} damaged"]
+                   if hurt else [])
             detail = f"a stack of {' and '.join(parts)} (it fails on every use)"
         elif replaced:
             detail = (f"a stack of {', '.join(replaced)} with other weights than this "
@@ -216,8 +217,8 @@ def _stray_temp_files(folder: Path) -> list[Path]:
 
 
 def _stray_mark_files(library: Library) -> list[Path]:
-    """The same, of a name's :data:`~adapterkit.library.store.VERSIONS_USED_FILE` (``rm``)."""
-    return sorted(library.root.glob(f"*/.{VERSIONS_USED_FILE}.*.tmp"))
+    """The same, of :data:`~adapterkit.library.store.VERSIONS_USED_FILE` (``rm``, doctor)."""
+    return sorted(library.root.glob(f".{VERSIONS_USED_FILE}.*.tmp"))
 
 
 def _add(report: Report, kind: str, ref: str | None, path: Path, detail: str, action: str,
@@ -287,6 +288,11 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
         for name, version, copy in leftovers:
             if copy.is_dir():
                 set_aside(copy, f"{name}@{version}-{REFERENCE_COPY}")
+        if quarantine:  # their numbers are not given to a plain NAME again, as after rm
+            highest: dict[str, int] = {}
+            for name, version, _ in quarantine:
+                highest[name] = max(highest.get(name, 0), version)
+            unmark.append(library._mark_used(highest))
         for name, version, folder in quarantine:
             Catalog.delete(conn, name, version)
             if folder.is_dir():
@@ -296,7 +302,15 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
                 except OSError:
                     pass
 
-    _quietly(lambda: library.catalog.write(fix, undo=lambda: move_back(moved)))
+    unmark: list[Any] = []
+
+    def undo() -> None:
+        move_back(moved)
+        for put_back in reversed(unmark):
+            put_back()
+        unmark.clear()
+
+    _quietly(lambda: library.catalog.write(fix, undo=undo))
     library.sweep_staging()
 
 

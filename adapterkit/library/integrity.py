@@ -87,7 +87,8 @@ def check_book(book: PocketBook, structure: BaseStructure | None = None) -> None
             raise InvalidAdapter(
                 f"{book.ref}: {folder / WEIGHTS_FILE} does not fit base "
                 f"{structure.architecture}: {summarize(problems)}. It was damaged, or made for "
-                f"another base; {REPAIR}")
+                f"another base; remove it (`adapterkit rm {book.ref} --force`) and re-import it "
+                "or re-train it (doctor, which does not load the base, cannot tell)")
         problems = config_problems(adapter, structure)  # imported before this was checked
         if problems:
             raise InvalidAdapter(

@@ -37,6 +37,7 @@ from adapterkit.errors import (
 )
 from adapterkit.files import (
     NO_SPACE,
+    atomic_write_bytes,
     atomic_write_text,
     fsync_dir,
     fsync_tree,
@@ -113,11 +114,12 @@ class Summary:
         return dict(self.__dict__)
 
 
-#: In a name's folder, written when versions are removed: the highest version the name has had,
-#: so that a plain ``NAME`` saved later takes the next number instead of one that named other
-#: weights in cards, logs, stacks and ``--on`` records (``NAME@N`` given explicitly still may,
-#: to put the same weights back).
-VERSIONS_USED_FILE = ".versions-used"
+#: In ``library/``, written when versions leave the library (``rm``, doctor's quarantine): each
+#: name's highest version, so that a plain ``NAME`` saved later takes the next number instead
+#: of one that named other weights in cards, logs, stacks and ``--on`` records (``NAME@N``
+#: given explicitly still may, to put the same weights back). One file, not one per name: a
+#: name's folder goes with its last version, as before.
+VERSIONS_USED_FILE = ".versions-used.json"
 
 
 def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None,
@@ -327,7 +329,8 @@ class Library:
         self.reconcile()
         self.catalog.read(lambda conn: self._refuse_case_clash(conn, ref.name))
         indexed = set(self.catalog.read(lambda conn: Catalog.versions(conn, ref.name)))
-        _check_free(ref, indexed | set(self._disk_versions(ref.name)), indexed)
+        _check_free(ref, indexed | set(self._disk_versions(ref.name)), indexed,
+                    self._versions_used(ref.name))
         return ref
 
     def _refuse_case_clash(self, conn: sqlite3.Connection, name: str) -> None:
@@ -342,8 +345,7 @@ class Library:
         others = {r[0] for r in conn.execute(
             "SELECT DISTINCT name FROM pocket_books WHERE name != ? AND lower(name) = lower(?)",
             (name, name))}
-        others |= {f for f in folders if f != name and f.lower() == name.lower()
-                   and self._disk_versions(f)}  # (not one left holding VERSIONS_USED_FILE only)
+        others |= {f for f in folders if f != name and f.lower() == name.lower()}
         if others:
             raise NameTaken(f"{name!r} differs from the pocket book {sorted(others)[0]!r} only in "
                             "case, which some file systems do not tell apart; use that name "
@@ -357,16 +359,48 @@ class Library:
     def _disk_versions(self, name: str) -> builtins.list[int]:
         return layout.versions_on_disk(self.root / name)
 
-    def _versions_used(self, name: str) -> int:
-        """The highest version ``name`` had before its removals (0: none removed, or unreadable,
-        where a plain ``NAME`` goes on from the versions present, as before the file)."""
+    def _marks(self) -> dict[str, int]:
+        """Every name's highest version before its removals (:data:`VERSIONS_USED_FILE`); an
+        unreadable file reads as none (plain names then go on from the versions present)."""
         try:
-            text = (self.root / name / VERSIONS_USED_FILE).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            return 0
-        if not (text.isascii() and text.isdigit()):
-            return 0
-        return min(int(text), MAX_VERSION)
+            data = json.loads((self.root / VERSIONS_USED_FILE).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items()
+                if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}
+
+    def _versions_used(self, name: str) -> int:
+        return min(max(self._marks().get(name, 0), 0), MAX_VERSION)
+
+    def _mark_used(self, highest: dict[str, int]) -> Callable[[], None]:
+        """Record ``highest`` (name → version) as used, under the catalog's write lock; returns
+        what puts the file back as it was (for a removal that fails after it)."""
+        path = self.root / VERSIONS_USED_FILE
+        try:
+            before: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            before = None
+        except OSError:  # unreadable: rewritten (its marks were already read as none)
+            before = None
+        marks = self._marks()
+        for name, version in highest.items():
+            marks[name] = max(marks.get(name, 0), version)
+        atomic_write_text(path, json.dumps(dict(sorted(marks.items())), indent=1) + "\n")
+
+        def undo() -> None:
+            if before is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path, before)
+        return undo
+
+    def next_version(self, name: str) -> int:
+        """The version a plain ``name`` saved now as a new version takes: one past the highest
+        it has or ever had (1 for a new name)."""
+        validate_name(name)
+        return max(max(self._all_versions(name), default=0), self._versions_used(name)) + 1
 
     def version_to_save(self, name_or_ref: str | Ref) -> int:
         """The version a save of a free ``name_or_ref`` records: its own ``@N``, else one past
@@ -425,6 +459,9 @@ class Library:
             else:
                 _check_free(ref, taken, indexed, used)
                 version = ref.version or used + 1
+            if version > MAX_VERSION:
+                raise NameTaken(f"{ref.name} has had every version number up to {MAX_VERSION}; "
+                                "save under another name")
             meta.name, meta.version = ref.name, version
             atomic_write_text(staged / METADATA_FILE, meta.to_json())  # fsynced
             final = self.path_of(ref.name, version)
@@ -476,7 +513,9 @@ class Library:
         ``all_versions`` every version of ``name``. Returns the versions removed.
 
         Refuses while other pocket books are trained on top of it or stack it (they would stop
-        working), unless ``force``.
+        working), unless ``force``. The name's highest version is recorded
+        (:data:`VERSIONS_USED_FILE`), so a plain ``name`` saved later never takes a removed
+        number.
         """
         ref = parse_ref(ref)
         if all_versions and ref.version is not None:
@@ -493,16 +532,13 @@ class Library:
         trash.mkdir()
 
         moved: builtins.list[tuple[Path, Path]] = []
-        marked: builtins.list[str | None] = []  # the version mark as it was (None: no file)
+        unmark: builtins.list[Callable[[], None]] = []
 
         def undo() -> None:  # a failed removal leaves everything as it found it
             move_back(moved)
-            if marked:
-                mark = self.root / ref.name / VERSIONS_USED_FILE
-                if marked[0] is None:
-                    mark.unlink(missing_ok=True)
-                else:
-                    atomic_write_text(mark, marked[0])
+            for put_back in reversed(unmark):
+                put_back()
+            unmark.clear()
 
         def delete(conn: sqlite3.Connection) -> builtins.list[int]:
             # Re-read inside the lock: another command may have removed some meanwhile.
@@ -514,20 +550,20 @@ class Library:
             if not force:  # again under the lock: a stack or --on run may have saved meanwhile
                 going = {f"{ref.name}@{v}" for v in gone}
                 _refuse_needed(_dependents(conn, going))
-            used = max(*present, *self._disk_versions(ref.name), self._versions_used(ref.name))
-            mark = self.root / ref.name / VERSIONS_USED_FILE
-            try:
-                marked.append(mark.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                marked.append(None)
-            atomic_write_text(mark, f"{used}\n")
+            unmark.append(self._mark_used(
+                {ref.name: max(*present, *self._disk_versions(ref.name))}))
             for v in gone:
                 Catalog.delete(conn, ref.name, v)
                 src = self.path_of(ref.name, v)
                 if src.exists():
                     os.rename(src, trash / str(v))
                     moved.append((trash / str(v), src))
-            return gone  # (the name's folder stays: it holds VERSIONS_USED_FILE)
+            parent = self.root / ref.name
+            try:  # under the lock, so a save of a new version cannot lose its parent folder
+                parent.rmdir()
+            except OSError:
+                pass  # other versions remain (or it is already gone)
+            return gone
 
         try:
             gone = self.catalog.write(delete, undo=undo)
@@ -615,16 +651,13 @@ class Library:
         read as a pocket book of its own (every export writes a new folder, so ``dest`` is
         never the home itself)."""
         _check_path("dest", dest)
-        where = Path(os.path.abspath(Path(dest).expanduser()))
-        home = Path(os.path.abspath(self.home))
-        for folder in (where, *where.parents):
-            try:
-                inside = folder.exists() and os.path.samefile(folder, home)
-            except OSError:
-                inside = False
-            if inside or folder == home:
-                raise ConfigError(f"{dest} is inside the adapterkit home {self.home}, whose "
-                                  "folders adapterkit manages: export to a folder outside it")
+        where = Path(dest).expanduser()
+        # by every path: as written, and with links followed (a link to the home or into it)
+        paths = (Path(os.path.abspath(where)), Path(os.path.realpath(where)))
+        homes = (Path(os.path.abspath(self.home)), Path(os.path.realpath(self.home)))
+        if any(p.is_relative_to(h) for p in paths for h in homes):
+            raise ConfigError(f"{dest} is inside the adapterkit home {self.home}, whose "
+                              "folders adapterkit manages: export to a folder outside it")
 
     def export(self, ref: str | Ref, dest: str | os.PathLike[str]) -> Path:
         """Write a pocket book as a plain PEFT folder (loadable by PEFT, vLLM, TGI, LoRAX).

@@ -353,6 +353,7 @@ class Session:
             for slot, a, b, scale in prepared:
                 slot.bind(a, b, scale)
                 done += 1
+            self.active = active
         except BaseException:
             try:
                 for slot, a, b, scale in prepared[done:]:
@@ -364,14 +365,11 @@ class Session:
                 raise
             self.active = active
             raise
-        self.active = active
 
     def off(self) -> None:
         """The plain base: every slot bound to zeros."""
         self._check_open()
-        for slot, a, b, scale in getattr(self, "_zeros", []):
-            slot.bind(a, b, scale)
-        self.active = {}
+        self._bind(getattr(self, "_zeros", []), {})
 
     def stack(self, weights: dict[str, float], *, force: bool = False) -> float:
         """Activate several pocket books at once: ΔW = Σ wᵢ·ΔWᵢ, exactly (ranks concatenated).

@@ -188,7 +188,8 @@ def _lock_run(home: Path, name: str) -> _RunLock | None:
     folder = path.parent
     created = [d for d in (home, folder) if not d.exists()]  # removed again, empty, at the end
     folder.mkdir(parents=True, exist_ok=True)
-    while True:
+    waits = 10  # an import or pull asking whether a run holds the name (run_locks.training_now)
+    while True:  # holds it for a moment: asked again for up to about a fifth of a second
         try:
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the end)
         except FileNotFoundError:  # a run ending now removed the folder it had made
@@ -197,6 +198,11 @@ def _lock_run(home: Path, name: str) -> _RunLock | None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and waits:
+                waits -= 1
+                handle.close()
+                time.sleep(0.02)
+                continue
             handle.seek(0)
             who = handle.read().strip() or "another process"
             handle.close()

@@ -78,7 +78,7 @@ function keyMetrics(metrics) {
     const by = m.weights_kept_by || "an earlier step";
     const loss = num(m.train_loss_kept)
       ? `train loss logged at step ${m.train_loss_kept_step}: ${fmt(m.train_loss_kept)}`
-      : "no train loss logged by then";
+      : num(m.train_loss_final) ? "no train loss logged by then" : "no train loss logged";
     out.push(`weights kept: step ${m.weights_step}'s, ${by}; ${loss}`);
   }
   if (m.eval && num(m.eval.loss)) out.push(`eval loss ${fmt(m.eval.loss)}`);
