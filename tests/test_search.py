@@ -683,3 +683,36 @@ def test_a_study_drawn_from_other_ranks_is_refused_on_resume_in_one_line(home, t
     with pytest.raises(RunStateError, match="ran with other settings .*ranks.* --restart"):
         _study(optuna, folder, "x", 0, resume=True, restart=False, library=library, trials=2,
                setup={**old_setup, "ranks": [4, 8, 16, 32]})
+
+
+def test_no_other_save_takes_the_name_a_search_will_keep(tiny_base, home, pairs, pm,
+                                                         peft_adapter):
+    """Found in review: an import under NAME during `train --search --name NAME` was saved,
+    and the search then failed at its end with its name taken. The search holds NAME's run
+    lock as a run does: the import is refused, the search keeps its best trial; and a run of
+    NAME starting meanwhile is refused."""
+    from adapterkit.errors import NameTaken
+
+    said: list[str] = []
+
+    class ImportDuringTrial(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2 and not said:
+                for attempt in (
+                        lambda: Library(home).import_peft(peft_adapter, "held",
+                                                          base=str(tiny_base)),
+                        lambda: train("sft", base=str(tiny_base), data=str(pairs), name="held",
+                                      home=home, plugins=pm, options=options())):
+                    try:
+                        attempt()
+                        said.append("saved")
+                    except (NameTaken, RunStateError) as exc:
+                        said.append(str(exc))
+
+    result = search("sft", base=str(tiny_base), data=str(pairs), name="held", space=["lr"],
+                    trials=2, options=options(), home=home, plugins=pm,
+                    callbacks=[ImportDuringTrial()])
+    assert said[0].startswith("a run training held in ")
+    assert said[1].startswith("another run of held is training in ")
+    assert str(result.kept.pocket_book.ref) == "held@1"
+    assert [s.name for s in Library(home).list()] == ["held"]

@@ -184,132 +184,140 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     library = Library(home, plugins=pm)
     # NAME or NAME@N, taken ones refused before any trial runs; the kept trial is saved as it
     plain = library.reserve(name).name  # (the trials, the study and its folder: after NAME)
-    dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
-                        skip_bad_rows=options.skip_bad_rows)
-    rows = len(dataset.rows)
-    unread = dataset.unread_note()
-    if unread:  # (its trials say nothing: they are given no progress)
-        say(unread)
-    split = check_search(space, trials, budget, rows, options, start_from=start_from)
-    if not resume:  # (a resume's trials run on past its first ones: checked with its study)
-        _check_trial_length(plain, trials - 1)
-    if budget is not None and str(options.general).lower() == GENERAL_OFF:
-        raise ConfigError("--budget keeps trials by their forgetting figure, which --general "
-                          "off turns off: leave one out")
-    rank_choices = _ranks_that_fit(base, library, options, say) if "r" in space else RANKS
-    general = options.general or ("general" if budget is not None else None)
-    # each trial is scored on the split as trained: no early stopping choosing on it too
-    base_options = dataclasses.replace(options, eval_split=split, general=general,
-                                       early_stopping=0)
-    # what a trial's run would refuse before its base loads, refused before the study exists
-    # (a refused trial would leave a study that blocks the next search as an interrupted one)
-    resolved = with_defaults(trainer_obj, base_options)
-    refuse_what_cannot_act(trainer, trainer_obj, resolved, pm.trainers)
-    cadence = ""
-    if _scored_by_trainer_log(trainer_obj, dataset.shape) and \
-            resolved.forgetting_budget is not None and \
-            resolved.guard_every % resolved.save_steps:
-        # such a trial is scored by the trainer's own evaluation at the step whose weights it
-        # keeps (run.trainer_eval), and the trainer evaluates every save_steps (and at the
-        # last step): the guard may keep a snapshot of any guard_every-th step, which must
-        # then have been evaluated too. (A trial never resumes from its checkpoints.)
-        cadence = (f"; each trial evaluates (and checkpoints) every {resolved.guard_every} "
-                   f"steps, where its forgetting guard keeps snapshots, not every "
-                   f"{resolved.save_steps}")
-        base_options = dataclasses.replace(base_options, save_steps=resolved.guard_every)
+    # NAME is this search's until it ends, as a run's name is its run's: an import or another
+    # run under it would leave the kept trial nowhere to go (training.run._lock_run)
+    from adapterkit.training.run import _let_go_locks, _lock_run
+
+    lock = _lock_run(library.home, plain)
+    try:
+        dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
+                            skip_bad_rows=options.skip_bad_rows)
+        rows = len(dataset.rows)
+        unread = dataset.unread_note()
+        if unread:  # (its trials say nothing: they are given no progress)
+            say(unread)
+        split = check_search(space, trials, budget, rows, options, start_from=start_from)
+        if not resume:  # (a resume's trials run on past its first ones: checked with its study)
+            _check_trial_length(plain, trials - 1)
+        if budget is not None and str(options.general).lower() == GENERAL_OFF:
+            raise ConfigError("--budget keeps trials by their forgetting figure, which --general "
+                              "off turns off: leave one out")
+        rank_choices = _ranks_that_fit(base, library, options, say) if "r" in space else RANKS
+        general = options.general or ("general" if budget is not None else None)
+        # each trial is scored on the split as trained: no early stopping choosing on it too
+        base_options = dataclasses.replace(options, eval_split=split, general=general,
+                                           early_stopping=0)
+        # what a trial's run would refuse before its base loads, refused before the study exists
+        # (a refused trial would leave a study that blocks the next search as an interrupted one)
         resolved = with_defaults(trainer_obj, base_options)
-    if resolved.anchor:
-        general_texts(resolved.anchor)
-    # (a resumed or restarted search has its trials' own books about, which the preflight's
-    # checks of free names would take for a stranger's)
-    if hasattr(trainer_obj, "preflight") and not (resume or restart):
-        # (the longest of its trials' names: a stage name derived from it is checked at its
-        # longest)
-        trainer_obj.preflight(library=library, name=f"{plain}-{TRIAL}{trials - 1}",
-                              options=resolved,
-                              trainer_options=build_trainer_options(trainer_obj, resolved),
-                              data=dataset)
-    # the steps a trial takes as its training resolves them (sft: at least its min_steps)
-    train_rows = rows - held_out_rows(rows, split)
-    planned = planned_steps(with_data_defaults(with_defaults(trainer_obj, base_options),
-                                               train_rows, processes), train_rows, processes)
+        refuse_what_cannot_act(trainer, trainer_obj, resolved, pm.trainers)
+        cadence = ""
+        if _scored_by_trainer_log(trainer_obj, dataset.shape) and \
+                resolved.forgetting_budget is not None and \
+                resolved.guard_every % resolved.save_steps:
+            # such a trial is scored by the trainer's own evaluation at the step whose weights it
+            # keeps (run.trainer_eval), and the trainer evaluates every save_steps (and at the
+            # last step): the guard may keep a snapshot of any guard_every-th step, which must
+            # then have been evaluated too. (A trial never resumes from its checkpoints.)
+            cadence = (f"; each trial evaluates (and checkpoints) every {resolved.guard_every} "
+                       f"steps, where its forgetting guard keeps snapshots, not every "
+                       f"{resolved.save_steps}")
+            base_options = dataclasses.replace(base_options, save_steps=resolved.guard_every)
+            resolved = with_defaults(trainer_obj, base_options)
+        if resolved.anchor:
+            general_texts(resolved.anchor)
+        # (a resumed or restarted search has its trials' own books about, which the preflight's
+        # checks of free names would take for a stranger's)
+        if hasattr(trainer_obj, "preflight") and not (resume or restart):
+            # (the longest of its trials' names: a stage name derived from it is checked at its
+            # longest)
+            trainer_obj.preflight(library=library, name=f"{plain}-{TRIAL}{trials - 1}",
+                                  options=resolved,
+                                  trainer_options=build_trainer_options(trainer_obj, resolved),
+                                  data=dataset)
+        # the steps a trial takes as its training resolves them (sft: at least its min_steps)
+        train_rows = rows - held_out_rows(rows, split)
+        planned = planned_steps(with_data_defaults(with_defaults(trainer_obj, base_options),
+                                                   train_rows, processes), train_rows, processes)
 
-    # (a pocket-book name never starts with a dot: no run folder of a book can be this one)
-    folder = library.home / "runs" / f".search-{plain}"
-    setup = _setup(trainer, base=base, data=data, data_sha256=dataset.sha256, space=space,
-                   budget=budget, on=on, start_from=start_from, options=base_options,
-                   processes=processes)
-    if rank_choices != RANKS:  # a study drawn from other ranks cannot go on with these (Optuna
-        setup["ranks"] = list(rank_choices)  # refuses another categorical space)
-    study = _study(optuna, folder, plain, options.seed, resume=resume, restart=restart,
-                   library=library, setup=setup, trials=trials)
-    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        # interrupted: run again with the same settings; what its run left (a run folder, a
-        # pocket book saved just before the interruption) goes
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(stale.params, user_attrs={"again_of": stale.number},
-                            skip_if_exists=False)
-        stale_name = stale.user_attrs.get("run")
-        if stale_name and library.exists(stale_name):  # saved just before the interruption
-            library.remove(stale_name, all_versions=True)
-        _remove(library, None, stale_name)
-        _clean_runs(library, stale_name)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    say(f"Searching {', '.join(space)} over {trials} trials"
-        + (f" ({len(done)} done before)" if done else "")
-        + f", scored on {split:.0%} held out"
-        + (f", forgetting budget {budget:g}%" if budget is not None else "") + cadence
-        + (f"; ranks {', '.join(map(str, rank_choices))} (those this base's smallest "
-           "targeted layer can hold)" if rank_choices != RANKS else "") + "...")
-
-    while len(done) < trials:
-        trial = study.ask()
-        settings = _suggest(trial, space, options, planned, rank_choices)
-        trial_name = f"{plain}-{TRIAL}{trial.number}"
-        trial.set_user_attr("run", trial_name)
-        # the study's number (NAME-trial-K's, the table's, the card's), then how far along
-        say(f"Trial {trial.number} ({len(done) + 1}/{trials}): " + _settings_text(settings)
-            + "...")
-        result = None
-        try:
-            result = _train_trial(trainer, base=base, data=data, name=trial_name,
-                                  options=dataclasses.replace(base_options, **settings),
-                                  library=library, plugins=pm, on=on, start_from=start_from,
-                                  callbacks=callbacks, launch=launch, folder=folder)
-            score = _score(result, budget)
-        except Exception:  # this trial failed (not interrupted): it is not run again
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            if result is not None:  # saved, then failed to score
-                _remove(library, result.pocket_book.ref, trial_name)
-            elif library.exists(trial_name):  # saved by its main rank before another failed
-                library.remove(trial_name, all_versions=True)
-                _remove(library, None, trial_name)
-            _clean_runs(library, trial_name)
-            raise
-        for key, value in {**score, "ref": result.pocket_book.ref}.items():
-            trial.set_user_attr(key, value)
-        study.tell(trial, score["eval_loss"])
-        say(f"  held-out loss {score['eval_loss']:.4f}"
-            + (f", forgetting {score['forgetting_pct']:+.2f}%"
-               if score["forgetting_pct"] is not None else "")
-            + ("" if score["within_budget"] else " (over the budget)"))
-        _discard_losers(study, library, optuna)
+        # (a pocket-book name never starts with a dot: no run folder of a book can be this one)
+        folder = library.home / "runs" / f".search-{plain}"
+        setup = _setup(trainer, base=base, data=data, data_sha256=dataset.sha256, space=space,
+                       budget=budget, on=on, start_from=start_from, options=base_options,
+                       processes=processes)
+        if rank_choices != RANKS:  # a study drawn from other ranks cannot go on with these (Optuna
+            setup["ranks"] = list(rank_choices)  # refuses another categorical space)
+        study = _study(optuna, folder, plain, options.seed, resume=resume, restart=restart,
+                       library=library, setup=setup, trials=trials)
+        for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            # interrupted: run again with the same settings; what its run left (a run folder, a
+            # pocket book saved just before the interruption) goes
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(stale.params, user_attrs={"again_of": stale.number},
+                                skip_if_exists=False)
+            stale_name = stale.user_attrs.get("run")
+            if stale_name and library.exists(stale_name):  # saved just before the interruption
+                library.remove(stale_name, all_versions=True)
+            _remove(library, None, stale_name)
+            _clean_runs(library, stale_name)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        say(f"Searching {', '.join(space)} over {trials} trials"
+            + (f" ({len(done)} done before)" if done else "")
+            + f", scored on {split:.0%} held out"
+            + (f", forgetting budget {budget:g}%" if budget is not None else "") + cadence
+            + (f"; ranks {', '.join(map(str, rank_choices))} (those this base's smallest "
+               "targeted layer can hold)" if rank_choices != RANKS else "") + "...")
 
-    table = _table(study, optuna)
-    best = _best(table)
-    if best is None:
-        for row in table:
-            _remove(library, row.get("ref"), row.get("run"))
-        shutil.rmtree(folder, ignore_errors=True)
-        why = (f"no trial stayed within the forgetting budget of {budget:g}%"
-               if budget is not None and not any(row["within_budget"] for row in table)
-               else "every trial within the budget diverged (no finite held-out loss)")
-        raise SearchFailed(f"{why}; nothing was kept.\n" + table_text(table))
-    kept = _keep(library, best, name, table, space=space, budget=budget, split=split,
-                 folder=folder)
-    say("Trials:\n" + table_text(table))
-    return SearchResult(kept=kept, trials=table)
+        while len(done) < trials:
+            trial = study.ask()
+            settings = _suggest(trial, space, options, planned, rank_choices)
+            trial_name = f"{plain}-{TRIAL}{trial.number}"
+            trial.set_user_attr("run", trial_name)
+            # the study's number (NAME-trial-K's, the table's, the card's), then how far along
+            say(f"Trial {trial.number} ({len(done) + 1}/{trials}): " + _settings_text(settings)
+                + "...")
+            result = None
+            try:
+                result = _train_trial(trainer, base=base, data=data, name=trial_name,
+                                      options=dataclasses.replace(base_options, **settings),
+                                      library=library, plugins=pm, on=on, start_from=start_from,
+                                      callbacks=callbacks, launch=launch, folder=folder)
+                score = _score(result, budget)
+            except Exception:  # this trial failed (not interrupted): it is not run again
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                if result is not None:  # saved, then failed to score
+                    _remove(library, result.pocket_book.ref, trial_name)
+                elif library.exists(trial_name):  # saved by its main rank before another failed
+                    library.remove(trial_name, all_versions=True)
+                    _remove(library, None, trial_name)
+                _clean_runs(library, trial_name)
+                raise
+            for key, value in {**score, "ref": result.pocket_book.ref}.items():
+                trial.set_user_attr(key, value)
+            study.tell(trial, score["eval_loss"])
+            say(f"  held-out loss {score['eval_loss']:.4f}"
+                + (f", forgetting {score['forgetting_pct']:+.2f}%"
+                   if score["forgetting_pct"] is not None else "")
+                + ("" if score["within_budget"] else " (over the budget)"))
+            _discard_losers(study, library, optuna)
+            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+        table = _table(study, optuna)
+        best = _best(table)
+        if best is None:
+            for row in table:
+                _remove(library, row.get("ref"), row.get("run"))
+            shutil.rmtree(folder, ignore_errors=True)
+            why = (f"no trial stayed within the forgetting budget of {budget:g}%"
+                   if budget is not None and not any(row["within_budget"] for row in table)
+                   else "every trial within the budget diverged (no finite held-out loss)")
+            raise SearchFailed(f"{why}; nothing was kept.\n" + table_text(table))
+        kept = _keep(library, best, name, table, space=space, budget=budget, split=split,
+                     folder=folder)
+        say("Trials:\n" + table_text(table))
+        return SearchResult(kept=kept, trials=table)
+    finally:
+        _let_go_locks([lock] if lock is not None else [])
 
 
 # -- the study ------------------------------------------------------------------------------------
@@ -685,7 +693,7 @@ def _keep(library: Library, best: dict[str, Any], name: str, table: list[dict[st
         ref = parse_ref(name)  # what commit records for a free NAME or NAME@N (it refuses a
         meta.name, meta.version = ref.name, library.version_to_save(ref)  # taken one): the card's
         write_card(staged, meta)
-        book = library.commit(staged, meta, name=name)
+        book = library.commit(staged, meta, name=name, run=True)  # (the search holds NAME)
     # the search is over once NAME is saved: its study goes first, so a failure to remove the
     # trial's copy leaves a book to remove by hand, never a search to resume
     shutil.rmtree(folder, ignore_errors=True)
