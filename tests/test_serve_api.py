@@ -913,3 +913,38 @@ def test_chat_server_stack_weights_reach_the_server_exactly(weight):
     from adapterkit.serving.names import parse
 
     assert parse(f"law*{weight_text(weight)}+chem") == [("law", weight), ("chem", None)]
+
+
+def test_serve_dtype_sets_the_resident_bases_number_format(adapterkit_cli, monkeypatch,
+                                                           tiny_base):
+    """``--dtype bfloat16`` loads the served base's weights in bfloat16 (the default on a CPU
+    is float32), the loading line says so, and the server still answers; vLLM is refused it."""
+    import torch
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    seen: dict[str, Any] = {}
+
+    def answer_instead(self: Any, sockets: Any = None) -> None:
+        engine = self.config.app.state.engine
+        seen["dtypes"] = {p.dtype for p in engine.model.parameters()}
+        with TestClient(self.config.app) as http:
+            base_id = http.get("/v1/models").json()["data"][0]["id"]
+            seen["answer"] = http.post("/v1/chat/completions", json={
+                "model": base_id, "messages": OK_MESSAGES, "temperature": 0, "max_tokens": 3,
+                "ignore_eos": True})
+
+    monkeypatch.setattr(uvicorn.Server, "run", answer_instead)
+    result = adapterkit_cli("serve", "--base", tiny_base, "--port", 0, "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert "in bfloat16 (--dtype)" in result.output
+    assert seen["dtypes"] == {torch.bfloat16}
+    assert seen["answer"].status_code == 200, seen["answer"].text
+    assert seen["answer"].json()["usage"]["completion_tokens"] == 3
+    result = adapterkit_cli("serve", "--base", tiny_base, "--port", 0)
+    assert result.exit_code == 0, result.output
+    assert seen["dtypes"] == {torch.float32}
+    refused = adapterkit_cli("serve", "--engine", "vllm", "--base", tiny_base, "--dtype",
+                             "float32")
+    assert refused.exit_code == 1 and "--dtype" in refused.output
+    assert "Traceback" not in refused.output

@@ -11,6 +11,10 @@ from adapterkit.serving.requests import DEFAULT_MAX_TOKENS
 from adapterkit.serving.vllm import VLLM_RANKS
 
 
+#: ``--dtype``'s choices: ``auto`` is :func:`adapterkit.base.load.default_dtype`.
+DTYPES = ("auto", "float32", "bfloat16")
+
+
 def _names(text: str | None) -> list[str]:
     return [n.strip() for n in (text or "").split(",") if n.strip()]
 
@@ -50,6 +54,11 @@ def _names(text: str | None) -> list[str]:
               help="Load the base quantized, to serve pocket books trained on such a base "
                    "(qlora: 4bit). Default: as the --preload pocket books were trained (else "
                    "unquantized). A pocket book trained on another base is refused (400).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
+              help="The resident base's number format. auto: float32 on a CPU, bfloat16 on a "
+                   "GPU. On an H200 float32 decoded 2.2-2.5x faster per token than bfloat16 "
+                   "(benchmarks/results/train_cuda_h200.md) at twice the base's memory. With "
+                   "--quantization: the compute format.")
 @click.option("--max-lora-rank", type=click.Choice([str(r) for r in VLLM_RANKS]),
               help="--engine vllm: the rank vLLM reserves for every LoRA slot. Default: the "
                    "smallest that holds every pocket book and saved stack of the base.")
@@ -57,7 +66,7 @@ def _names(text: str | None) -> list[str]:
 def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: int,
               preload: str | None, max_attached: int, max_batch: int, max_queue: int,
               max_tokens: int, api_key: str | None, insecure: bool, quantization: str | None,
-              max_lora_rank: str | None) -> None:
+              dtype: str, max_lora_rank: str | None) -> None:
     """Serve BASE to many callers at once, each request naming its own pocket book.
 
     \b
@@ -115,9 +124,10 @@ def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: 
 
     check_exposure(host, api_key, insecure)  # before minutes of loading, not after
     if engine_name == "vllm":
-        if quantization is not None:
-            raise ConfigError("--quantization applies only to --engine adapterkit; vLLM "
-                              "loads the base as its own options say")
+        if quantization is not None or dtype != "auto":
+            raise ConfigError("--quantization and --dtype apply only to --engine adapterkit; "
+                              "vLLM loads the base as its own options say (see `vllm serve "
+                              "--help`: --dtype, --quantization)")
         _serve_vllm(ctx, base=base, host=host, port=port, preload=preload,
                     max_attached=max_attached, max_batch=max_batch, api_key=api_key,
                     max_lora_rank=int(max_lora_rank) if max_lora_rank else None)
@@ -143,8 +153,15 @@ def serve_cmd(ctx: click.Context, engine_name: str, base: str, host: str, port: 
     try:
         state = obj(ctx)
         quantization, why = _quantization(ctx, base, names, quantization)
+        import torch
+
+        number_format = None if dtype == "auto" else getattr(torch, dtype)
+        if number_format is not None:  # else `why` names the default format or quantization
+            why = f"{dtype} (--dtype)" if quantization is None \
+                else f"{why}, computing in {dtype} (--dtype)"
         say(f"Loading base {base} in {why}...")
-        loaded = load_base(base, quantization=quantization, home=state["home"], progress=say)
+        loaded = load_base(base, quantization=quantization, dtype=number_format,
+                           home=state["home"], progress=say)
         engine = Engine(loaded, library(ctx), max_attached=max_attached, max_batch=max_batch,
                         max_queue=max_queue, max_new_tokens_cap=max_tokens)
         try:
