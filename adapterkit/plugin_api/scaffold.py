@@ -110,11 +110,13 @@ class {cls}(Trainer):
         from transformers import DataCollatorForLanguageModeling, Trainer as HFTrainer
         from transformers import TrainingArguments
 
-        tok = job.tokenizer
+        # The mapped function closes over the tokenizer and a number, not over `job`: datasets
+        # fingerprints it (dill) by everything it reaches, and `job` reaches the whole model.
+        tok, max_length = job.tokenizer, job.options.max_length
 
         def tokens(dataset):  # None without --eval-split
             return None if dataset is None else dataset.map(
-                lambda row: tok(row["text"], truncation=True, max_length=job.options.max_length),
+                lambda row: tok(row["text"], truncation=True, max_length=max_length),
                 remove_columns=["text"])
 
         trainer = HFTrainer(model=job.model, args=TrainingArguments(**job.training_arguments()),
