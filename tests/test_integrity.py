@@ -154,7 +154,8 @@ def test_generate_refuses_an_adapter_for_other_modules_instead_of_answering(book
     book = books.update_meta("pe", lambda meta: setattr(meta, "files", {}))
     _renamed_keys(book.path / WEIGHTS)
     out = adapterkit_cli("generate", "hi", "--adapter", "pe", "--max-new-tokens", "2")
-    one_line_error(out, "pe@1", "does not fit base", "qq_proj")
+    one_line_error(out, "pe@1", "does not fit base", "qq_proj",
+                   "if `adapterkit show pe@1` names another base, load it with that one")
 
 
 def test_generate_refuses_weights_for_another_hidden_size(books, adapterkit_cli, other_base,

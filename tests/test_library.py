@@ -1,5 +1,6 @@
 """The pocket-book library: versions, atomic saves, concurrency, catalog recovery."""
 
+import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -111,23 +112,65 @@ def test_a_removed_version_number_is_not_given_to_other_weights(library, tmp_pat
 
 
 def test_a_failed_removal_leaves_the_version_marks_as_they_were(library, monkeypatch):
-    save(library, "m")
-    save(library, "m@2")
-    library.remove("m@2")
-    marks = (library.root / ".versions-used.json").read_bytes()
+    """The removal would add m's mark beside a's; it fails after writing it, and the file is
+    put back byte for byte, while the catalog's write lock is still held (after ROLLBACK
+    another writer could write its own mark first, and the put-back would erase it)."""
+    import sqlite3
+
     import adapterkit.library.store as store
 
-    real = store.os.rename
+    save(library, "a")
+    library.remove("a")  # the marks file now holds a's mark only
+    save(library, "m")
+    save(library, "m@2")
+    marks = (library.root / ".versions-used.json").read_bytes()
+    real_mark_used = store.Library._mark_used
+    lock_held_at_undo = []
+
+    def mark_used(self, highest):
+        undo = real_mark_used(self, highest)
+        assert b'"m": 2' in (library.root / ".versions-used.json").read_bytes()
+
+        def checked_undo():
+            other = sqlite3.connect(library.catalog.path, timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+                lock_held_at_undo.append(False)
+            except sqlite3.OperationalError as exc:
+                lock_held_at_undo.append("locked" in str(exc))
+            finally:
+                other.close()
+            undo()
+        return checked_undo
 
     def fail(src, dst):
         raise OSError(28, "No space left on device")
 
+    monkeypatch.setattr(store.Library, "_mark_used", mark_used)
     monkeypatch.setattr(store.os, "rename", fail)
     with pytest.raises(OSError):
         library.remove("m@1")
-    monkeypatch.setattr(store.os, "rename", real)
+    monkeypatch.undo()
+    assert lock_held_at_undo == [True]
     assert (library.root / ".versions-used.json").read_bytes() == marks
-    assert [s.version for s in library.list(all_versions=True)] == [1]
+    assert [s.version for s in library.list(all_versions=True)] == [1, 2]
+
+
+def test_a_marks_file_that_does_not_read_is_kept_aside_not_overwritten(library):
+    """A damaged version-marks file read as no marks was overwritten by the next ``rm`` with
+    only that removal's mark, unseen: it is kept beside as ``.corrupt-TIME`` and the user told."""
+    marks = library.root / ".versions-used.json"
+    save(library, "m")
+    save(library, "m@2")
+    marks.write_bytes(b'{"old": 7, "m": ')  # cut short mid-write by another tool, say
+    with pytest.warns(CatalogWarning, match="did not read as the version numbers.*NAME@V"):
+        library.remove("m@2")
+    [kept] = library.root.glob(".versions-used.json.corrupt-*")
+    assert kept.read_bytes() == b'{"old": 7, "m": '
+    assert json.loads(marks.read_bytes()) == {"m": 2}
+    assert library.next_version("m") == 3
+
 
 def test_a_filter_picks_versions_before_the_latest_is_taken(library):
     """``list --tag prod`` with only a@1 tagged found nothing (the filter was ANDed with

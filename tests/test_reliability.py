@@ -475,6 +475,9 @@ def test_the_largest_version_survives_a_rebuild(library):
     save(library, f"a@{MAX_VERSION}")
     assert library.rebuild_catalog() == 1
     assert library.get("a").version == MAX_VERSION
+    # no number past it is offered (the quickstart builds NAME@V from it), nor taken
+    with pytest.raises(NameTaken, match=f"every version number up to {MAX_VERSION}"):
+        library.next_version("a")
 
 
 def test_show_sees_a_tag_whose_commit_was_killed(adapterkit_cli, library, monkeypatch):

@@ -267,10 +267,10 @@ def test_a_second_run_under_a_name_in_training_is_refused_before_it_clears_anyth
     """Found by a user: two `train --name es2` at once shared runs/es2 (the second cleared the
     first one's folder as it started), and the one that saved second trained to the end, found
     the name taken and lost its run. The second is refused before it touches the folder."""
-    from adapterkit.training.run import _let_go_locks, _lock_run
+    from adapterkit.library.run_locks import hold_run, release_all
 
     interrupted(tiny_base, rows, home, pm)  # a run folder with checkpoints, as a running one
-    held = [_lock_run(home, "cut")]  # what a run of "cut" training in another process holds
+    held = [hold_run(home, "cut")]  # what a run of "cut" training in another process holds
     try:
         # a running run's checkpoints are no interrupted run to resume or restart
         for again in ({}, {"restart": True}, {"resume": True}):
@@ -281,7 +281,7 @@ def test_a_second_run_under_a_name_in_training_is_refused_before_it_clears_anyth
                       plugins=pm, options=TrainOptions(**OPTS), **again)
         assert (home / "runs" / "cut" / "checkpoint-4").is_dir()  # nothing of it cleared
     finally:
-        _let_go_locks(held)
+        release_all(held)
     result = train("sft", base=str(tiny_base), data=rows, name="cut", home=home, plugins=pm,
                    options=TrainOptions(**OPTS), resume=True)  # free again: the lock went
     assert result.metrics["steps"] == 10
@@ -368,7 +368,7 @@ def test_a_save_is_refused_while_another_process_trains_the_name(tiny_base, home
 
     path = run_lock_path(home, "z")
     path.parent.mkdir(parents=True)
-    holder = subprocess.Popen(  # what a run of z holds (training.run._lock_run), in a process
+    holder = subprocess.Popen(  # what a run of z holds (run_locks.hold_run), in a process
         [sys.executable, "-c", "import fcntl, os, sys\n"
          f"f = open({str(path)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
          "f.write(f'pid {os.getpid()}'); f.flush(); print('held', flush=True); sys.stdin.read()"],
@@ -397,8 +397,7 @@ def test_a_run_starting_while_a_save_asks_about_its_name_is_not_refused(home):
     import fcntl
     import threading
 
-    from adapterkit.library.run_locks import run_lock_path
-    from adapterkit.training.run import _let_go_locks, _lock_run
+    from adapterkit.library.run_locks import hold_run, release_all, run_lock_path
 
     path = run_lock_path(home, "z")
     path.parent.mkdir(parents=True)
@@ -407,6 +406,6 @@ def test_a_run_starting_while_a_save_asks_about_its_name_is_not_refused(home):
     fcntl.flock(asking, fcntl.LOCK_SH)
     done = threading.Timer(0.05, asking.close)
     done.start()
-    held = [_lock_run(home, "z")]
+    held = [hold_run(home, "z")]
     done.join()
-    _let_go_locks(held)
+    release_all(held)

@@ -10,7 +10,6 @@ from adapterkit.errors import ConfigError, MissingDependency, PocketBookNotFound
 from adapterkit.serving.requests import DEFAULT_MAX_TOKENS
 from adapterkit.serving.vllm import VLLM_RANKS
 
-
 #: ``--dtype``'s choices: ``auto`` is :func:`adapterkit.base.load.default_dtype`.
 DTYPES = ("auto", "float32", "bfloat16")
 

@@ -255,10 +255,15 @@ class Catalog:
                         committed = True
                     finally:
                         if not committed:
-                            if conn.in_transaction:
-                                conn.execute("ROLLBACK")
-                            if undo is not None:
-                                undo()  # what fn did to the folders, so a failure changes nothing
+                            try:
+                                if undo is not None:
+                                    # what fn did beside the catalog (folders, the version
+                                    # marks), put back while the write lock is still held: after
+                                    # ROLLBACK another writer could change them first
+                                    undo()
+                            finally:
+                                if conn.in_transaction:
+                                    conn.execute("ROLLBACK")
                     return result
                 return fn(conn)
             except sqlite3.DatabaseError as exc:

@@ -86,9 +86,11 @@ def check_book(book: PocketBook, structure: BaseStructure | None = None) -> None
         if problems:
             raise InvalidAdapter(
                 f"{book.ref}: {folder / WEIGHTS_FILE} does not fit base "
-                f"{structure.architecture}: {summarize(problems)}. It was damaged, or made for "
-                f"another base; remove it (`adapterkit rm {book.ref} --force`) and re-import it "
-                "or re-train it (doctor, which does not load the base, cannot tell)")
+                f"{structure.architecture}: {summarize(problems)}. It was made for another "
+                f"base, or damaged: if `adapterkit show {book.ref}` names another base, load "
+                "it with that one; if it names this one, remove it (`adapterkit rm "
+                f"{book.ref} --force`) and re-import or re-train it (doctor, which does not "
+                "load the base, cannot tell)")
         problems = config_problems(adapter, structure)  # imported before this was checked
         if problems:
             raise InvalidAdapter(

@@ -10,7 +10,13 @@ its finished weights only in a checkpoint that no ``--resume`` could save.
 from __future__ import annotations
 
 import errno
+import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from adapterkit.errors import RunStateError
 
 #: The folder of an adapterkit home holding the run locks.
 LOCKS = "locks"
@@ -52,3 +58,89 @@ def training_now(home: Path, name: str) -> str | None:
                 return "another process"
         fcntl.flock(handle, fcntl.LOCK_UN)
     return None
+
+
+def hold_run(home: Path, name: str) -> RunLock | None:
+    """Hold ``home``'s lock for runs of ``name``, or refuse: a second run under that name would
+    clear the first one's run folder as it starts, and whichever saved second would find the
+    name taken and lose its whole run. None where the platform has no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        return None
+    path = run_lock_path(home, name)
+    folder = path.parent
+    created = [d for d in (home, folder) if not d.exists()]  # removed again, empty, at the end
+    folder.mkdir(parents=True, exist_ok=True)
+    waits = 10  # an import or pull asking whether a run holds the name (run_locks.training_now)
+    while True:  # holds it for a moment: asked again for up to about a fifth of a second
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the end)
+        except FileNotFoundError:  # a run ending now removed the folder it had made
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and waits:
+                waits -= 1
+                handle.close()
+                time.sleep(0.02)
+                continue
+            handle.seek(0)
+            who = handle.read().strip() or "another process"
+            handle.close()
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                RunLock(None, path, created).release()  # a filesystem without locks (some
+                return None  # network mounts): the run goes on unlocked, as before
+            RunLock(None, path, created, owned=False).release()
+            raise RunStateError(f"another run of {name} is training in {home} ({who}): wait "
+                                "for it to finish, or train under another --name") from None
+        try:  # the file a run that just ended removed is not the lock: take the new one
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return RunLock(handle, path, created)
+
+
+@dataclass
+class RunLock:
+    """A held run lock: the locked file, and the folders taking it created."""
+
+    handle: Any
+    path: Path
+    created: list[Path]
+    #: Whether the file at ``path`` is this lock's (a refused run removes only its folders).
+    owned: bool = True
+
+    def release(self) -> None:
+        """Remove the lock file where it is still this lock's, then let go of the lock (in that
+        order: a run starting now locks a file of its own), and the folders it created where
+        they are empty: a run that failed leaves the home as it found it."""
+        if self.owned:
+            try:
+                if self.handle is None or \
+                        os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+        if self.handle is not None:
+            self.handle.close()
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote there): kept
+                break
+
+
+def release_all(held: list[RunLock]) -> None:
+    """Release every lock in ``held`` (a run's, however it ends), and forget them."""
+    for lock in held:
+        lock.release()
+    held.clear()

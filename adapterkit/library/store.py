@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sqlite3
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,7 +52,7 @@ from adapterkit.files import (
 )
 from adapterkit.home import file_in_the_way, resolve_home
 from adapterkit.library import layout
-from adapterkit.library.catalog import Catalog, meta_stamp
+from adapterkit.library.catalog import Catalog, CatalogWarning, meta_stamp
 from adapterkit.library.metadata import (
     CARD_FILE,
     CONFIG_FILE,
@@ -362,21 +363,29 @@ class Library:
     def _marks(self) -> dict[str, int]:
         """Every name's highest version before its removals (:data:`VERSIONS_USED_FILE`); an
         unreadable file reads as none (plain names then go on from the versions present)."""
+        return self._read_marks()[0]
+
+    def _read_marks(self) -> tuple[dict[str, int], bool]:
+        """The marks, and whether the file read as marks (True also where there is none)."""
         try:
             data = json.loads((self.root / VERSIONS_USED_FILE).read_bytes())
+        except FileNotFoundError:
+            return {}, True
         except (OSError, ValueError):
-            return {}
+            return {}, False
         if not isinstance(data, dict):
-            return {}
+            return {}, False
         return {k: v for k, v in data.items()
-                if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}
+                if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}, True
 
     def _versions_used(self, name: str) -> int:
         return min(max(self._marks().get(name, 0), 0), MAX_VERSION)
 
     def _mark_used(self, highest: dict[str, int]) -> Callable[[], None]:
         """Record ``highest`` (name → version) as used, under the catalog's write lock; returns
-        what puts the file back as it was (for a removal that fails after it)."""
+        what puts the file back as it was (for a removal that fails after it). A file that
+        does not read as marks is kept beside it (``.corrupt-TIME``), never overwritten
+        unseen: the marks it held are lost to the library, and the user is told."""
         path = self.root / VERSIONS_USED_FILE
         try:
             before: bytes | None = path.read_bytes()
@@ -384,7 +393,17 @@ class Library:
             before = None
         except OSError:  # unreadable: rewritten (its marks were already read as none)
             before = None
-        marks = self._marks()
+        marks, readable = self._read_marks()
+        if not readable:
+            kept = path.with_name(f"{VERSIONS_USED_FILE}.corrupt-{int(time.time())}")
+            if before is not None:
+                atomic_write_bytes(kept, before)
+            warnings.warn(
+                f"{path} did not read as the version numbers `rm` and doctor recorded"
+                + (f" (kept as {kept.name})" if before is not None else "")
+                + "; it is written afresh, and a plain NAME whose removed versions it recorded "
+                "may take one of their numbers again: give NAME@V to choose",
+                CatalogWarning, stacklevel=3)
         for name, version in highest.items():
             marks[name] = max(marks.get(name, 0), version)
         atomic_write_text(path, json.dumps(dict(sorted(marks.items())), indent=1) + "\n")
@@ -400,7 +419,10 @@ class Library:
         """The version a plain ``name`` saved now as a new version takes: one past the highest
         it has or ever had (1 for a new name)."""
         validate_name(name)
-        return max(max(self._all_versions(name), default=0), self._versions_used(name)) + 1
+        version = max(max(self._all_versions(name), default=0), self._versions_used(name)) + 1
+        if version > MAX_VERSION:
+            raise NameTaken(_all_numbers_used(name))
+        return version
 
     def version_to_save(self, name_or_ref: str | Ref) -> int:
         """The version a save of a free ``name_or_ref`` records: its own ``@N``, else one past
@@ -460,8 +482,7 @@ class Library:
                 _check_free(ref, taken, indexed, used)
                 version = ref.version or used + 1
             if version > MAX_VERSION:
-                raise NameTaken(f"{ref.name} has had every version number up to {MAX_VERSION}; "
-                                "save under another name")
+                raise NameTaken(_all_numbers_used(ref.name))
             meta.name, meta.version = ref.name, version
             atomic_write_text(staged / METADATA_FILE, meta.to_json())  # fsynced
             final = self.path_of(ref.name, version)
@@ -758,3 +779,7 @@ def _refuse_needed(needs: dict[str, list[str]]) -> None:
         raise ConfigError(
             "; ".join(f"{ref} is needed by {', '.join(deps)}" for ref, deps in sorted(by.items()))
             + " (trained on top of it, or a stack of it); remove those first, or pass --force")
+
+
+def _all_numbers_used(name: str) -> str:
+    return f"{name} has had every version number up to {MAX_VERSION}; save under another name"

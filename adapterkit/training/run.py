@@ -9,7 +9,6 @@ registries, so every trainer works with every method.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.errors import ConfigError, InvalidName, LaunchError, PluginError, RunStateError
 from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import WEIGHTS_FILE, PocketBookMeta
-from adapterkit.library.run_locks import run_lock_path
+from adapterkit.library.run_locks import hold_run, release_all
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import (
     attach_new,
@@ -150,7 +149,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
                        restart=restart, callbacks=callbacks, on=on, start_from=start_from,
                        say=say, main=where.is_main, held=held)
     except BaseException:
-        _let_go_locks(held)
+        release_all(held)
         raise
     run.annotate = annotate
     start = time.perf_counter()
@@ -170,95 +169,10 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         _say_kept(run)
         raise
     finally:
-        _let_go_locks(held)
+        release_all(held)
         if not isinstance(base, str):  # a caller's resident base: back in the dtype it came
             _give_back(run.loaded, say)
             _hand_over(run, result)
-
-
-def _lock_run(home: Path, name: str) -> _RunLock | None:
-    """Hold ``home``'s lock for runs of ``name``, or refuse: a second run under that name would
-    clear the first one's run folder as it starts, and whichever saved second would find the
-    name taken and lose its whole run. None where the platform has no ``fcntl``."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover (Windows)
-        return None
-    path = run_lock_path(home, name)
-    folder = path.parent
-    created = [d for d in (home, folder) if not d.exists()]  # removed again, empty, at the end
-    folder.mkdir(parents=True, exist_ok=True)
-    waits = 10  # an import or pull asking whether a run holds the name (run_locks.training_now)
-    while True:  # holds it for a moment: asked again for up to about a fifth of a second
-        try:
-            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the end)
-        except FileNotFoundError:  # a run ending now removed the folder it had made
-            folder.mkdir(parents=True, exist_ok=True)
-            continue
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and waits:
-                waits -= 1
-                handle.close()
-                time.sleep(0.02)
-                continue
-            handle.seek(0)
-            who = handle.read().strip() or "another process"
-            handle.close()
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                _RunLock(None, path, created).release()  # a filesystem without locks (some
-                return None  # network mounts): the run goes on unlocked, as before
-            _RunLock(None, path, created, owned=False).release()
-            raise RunStateError(f"another run of {name} is training in {home} ({who}): wait "
-                                "for it to finish, or train under another --name") from None
-        try:  # the file a run that just ended removed is not the lock: take the new one
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        handle.close()
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    return _RunLock(handle, path, created)
-
-
-@dataclass
-class _RunLock:
-    """A held run lock: the locked file, and the folders taking it created."""
-
-    handle: Any
-    path: Path
-    created: list[Path]
-    #: Whether the file at ``path`` is this lock's (a refused run removes only its folders).
-    owned: bool = True
-
-    def release(self) -> None:
-        """Remove the lock file where it is still this lock's, then let go of the lock (in that
-        order: a run starting now locks a file of its own), and the folders it created where
-        they are empty: a run that failed leaves the home as it found it."""
-        if self.owned:
-            try:
-                if self.handle is None or \
-                        os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
-                    self.path.unlink()
-            except FileNotFoundError:
-                pass
-        if self.handle is not None:
-            self.handle.close()
-        for folder in reversed(self.created):
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (the run wrote there): kept
-                break
-
-
-def _let_go_locks(held: list[Any]) -> None:
-    for lock in held:
-        lock.release()
-    held.clear()
 
 
 def _check_arguments(base: Any, options: Any) -> None:
@@ -540,7 +454,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
              main: bool = True, held: list[Any] | None = None) -> _Run:
     """Everything that can be refused is refused here, before the first step (:func:`_check`,
     then lengths); then the base is loaded and the job built. Only the ``main`` process
-    clears an old run's folder, holding the run's lock first (:func:`_lock_run`, appended to
+    clears an old run's folder, holding the run's lock first (:func:`~adapterkit.library.run_locks.hold_run`, appended to
     ``held`` for the caller to let go when the run ends)."""
     from adapterkit.home import resolve_home
     from adapterkit.library.names import parse_ref
@@ -548,7 +462,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
 
     if main and held is not None:  # before the run folder is read (a running run's
         try:  # checkpoints are no interrupted run) or cleared
-            lock = _lock_run(resolve_home(home), parse_ref(name).name)
+            lock = hold_run(resolve_home(home), parse_ref(name).name)
         except RunStateError:
             raise
         except Exception:  # a bad name or home: refused, naming it, by the checks below

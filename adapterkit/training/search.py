@@ -185,10 +185,10 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
     # NAME or NAME@N, taken ones refused before any trial runs; the kept trial is saved as it
     plain = library.reserve(name).name  # (the trials, the study and its folder: after NAME)
     # NAME is this search's until it ends, as a run's name is its run's: an import or another
-    # run under it would leave the kept trial nowhere to go (training.run._lock_run)
-    from adapterkit.training.run import _let_go_locks, _lock_run
+    # run under it would leave the kept trial nowhere to go (run_locks.hold_run)
+    from adapterkit.library.run_locks import hold_run, release_all
 
-    lock = _lock_run(library.home, plain)
+    lock = hold_run(library.home, plain)
     try:
         dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                             skip_bad_rows=options.skip_bad_rows)
@@ -317,7 +317,7 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
         say("Trials:\n" + table_text(table))
         return SearchResult(kept=kept, trials=table)
     finally:
-        _let_go_locks([lock] if lock is not None else [])
+        release_all([lock] if lock is not None else [])
 
 
 # -- the study ------------------------------------------------------------------------------------
