@@ -188,3 +188,33 @@ def test_precomputed_reference_skips_the_copy_and_is_keyed_by_the_start(tiny_bas
     third = _dpo(tiny_base, home, adapterkit_data, "pre-third", sets=sets,
                  start_from="pre-fresh")
     assert third.metrics["reference_cache"] == {"train": "hit"}
+
+
+def test_a_run_writes_no_trl_model_card_at_its_checkpoints(tiny_base, home, data):
+    """TRL's trainers write a draft README into the run folder at every checkpoint (importing
+    trackio to tag it), inside the loop; the run folder goes when the run ends and the pocket
+    book gets adapterkit's own card, so ``job.configure`` turns it off (0.44 s of a run's
+    first checkpoint on 2 cores)."""
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    seen: list[tuple[int, bool]] = []
+
+    class AtSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen.append((state.global_step, (Path(args.output_dir) / "README.md").exists()))
+
+    import time
+
+    called = time.perf_counter()
+    result = train("sft", base=str(tiny_base), data=str(data), name="t", home=home,
+                   plugins=get_plugin_manager(env=False), callbacks=[AtSave()],
+                   options=TrainOptions(max_steps=2, save_steps=1, batch_size=4, general="off",
+                                        forgetting_budget=0))
+    wall = time.perf_counter() - called
+    assert seen == [(1, False), (2, False)]
+    # where the run's time went besides the loop (bench_train_wall.py prints it)
+    m = result.metrics
+    assert 0 < m["prepare_seconds"] and m["prepare_seconds"] + m["train_seconds"] < wall
+    assert (result.pocket_book.path / "README.md").is_file()  # adapterkit's card

@@ -143,6 +143,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         join()  # the process group the trainer will use; barriers work from here on
     say = (progress if where.is_main else None) or (lambda message: None)
     held: list[Any] = []  # the run's lock (main process), let go however the run ends
+    called = time.perf_counter()
     try:
         run = _prepare(trainer, base=base, data=data, name=name, options=options, home=home,
                        plugins=plugins or default_plugin_manager(), resume=resume,
@@ -153,6 +154,7 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         raise
     run.annotate = annotate
     start = time.perf_counter()
+    run.prepare_seconds = start - called
     result: TrainResult | None = None
     try:
         state = _run(run)
@@ -316,6 +318,8 @@ class _Run:
     say: Callable[[str], None]
     stages_saved: list[str] = field(default_factory=list)
     annotate: Callable[[PocketBookMeta], None] | None = None
+    #: Seconds from ``train()``'s call to the trainer's start: checks, base load, data, job.
+    prepare_seconds: float = 0.0
     #: The experiment trackers of ``--report-to`` (``None``: reports to none).
     tracked: TrackedRun | None = None
     #: Where a resumed run starts (:func:`adapterkit.training.save.resumed_at`).
@@ -732,6 +736,8 @@ def _measure(run: _Run, state: Any, elapsed: float) -> tuple[Any, dict[str, Any]
     adapter_to_fp32(model)
     model.eval()
     metrics = metrics_of(state, elapsed, run.resumed)
+    # where a whole command's time goes besides the loop (imports and the save are not in it)
+    metrics["prepare_seconds"] = round(run.prepare_seconds, 2)
     metrics["precision"] = run.job.precision  # what the steps computed in
     from adapterkit.training.launch import ranks
     from adapterkit.training.precision import restore_exact
