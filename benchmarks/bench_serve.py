@@ -84,6 +84,11 @@ def main() -> None:
     p.add_argument("--paths", default=",".join(PATHS),
                    help="the paths to run, comma-separated (mixed always runs: the ratios are "
                         "of it)")
+    p.add_argument("--profile", metavar="FILE",
+                   help="before each engine path's timed load, profile --profile-steps of its "
+                        "decode steps (torch.profiler, CPU and, on a GPU, CUDA) on the same "
+                        "requests and append the operator table to FILE: where a step's time goes")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -136,7 +141,9 @@ def _prepare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "all_books": names, "prompts": prompts, "new_tokens": args.new_tokens,
             "max_batch": args.max_batch, "attached": args.attached, "rounds": args.rounds,
             "assign": [names[i % args.books] for i in range(args.requests)],
-            "ignore_eos": args.ignore_eos, "dtype": args.dtype}
+            "ignore_eos": args.ignore_eos, "dtype": args.dtype,
+            "profile": str(Path(args.profile).resolve()) if args.profile else None,
+            "profile_steps": args.profile_steps}
 
 
 def _make_books(folder: Path, tmp: Path, library: Any, count: int, rank: int) -> list[str]:
@@ -257,6 +264,8 @@ def _engine_run(plan: dict[str, Any], assign: list[str], preload: list[str] = ()
         pass
     assert warm.finish is not None
     targets = [engine.resolve(name) for name in assign]
+    if plan.get("profile"):
+        _profile(engine, plan, targets, "one_book" if len(set(assign)) == 1 else "mixed")
     engine.start()
 
     def load() -> tuple[list[Any], list[list[int]]]:
@@ -274,6 +283,33 @@ def _engine_run(plan: dict[str, Any], assign: list[str], preload: list[str] = ()
             "answers": answers, "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
             "tpot_p50": _pct(tpot, 50), "tpot_p99": _pct(tpot, 99), "base_mb": base_mb,
             **_where(base)}
+
+
+def _profile(engine: Any, plan: dict[str, Any], targets: list[Any], label: str) -> None:
+    """The engine's decode steps on the load's requests under torch.profiler, stepped by hand
+    (its thread not started yet): the prefill and one decode step first, unprofiled; the
+    operator table, sorted by the device's time where there is one, appended to the file."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    requests = [engine.submit(ids, target, max_tokens=plan["profile_steps"] + 4,
+                              ignore_eos=True) for ids, target in zip(plan["prompts"], targets)]
+    engine.step()
+    engine.step()
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(plan["profile_steps"]):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+    while any(r.finish is None for r in requests):
+        engine.step()
+    table = prof.key_averages().table(
+        sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+    with open(plan["profile"], "a", encoding="utf-8") as out:
+        out.write(f"== {label}, {_where(engine.base)['dtype']}, {len(requests)} requests, "
+                  f"{plan['profile_steps']} decode steps\n{table}\n")
 
 
 def _mixed(plan: dict[str, Any]) -> dict:

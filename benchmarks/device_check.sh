@@ -32,7 +32,7 @@ if [ -d .whl ]; then
 fi
 DEADLINE=${DEADLINE:-570}
 RUN=${RUN:-sft guard dpo serve big-base qlora memory}  # the steps to run; also: dpo-profiled
-#   serve-fp32 serve-bf16 (see below)
+#   serve-fp32 serve-bf16 serve-profile (see below)
 export ADAPTERKIT_HOME=${ADAPTERKIT_HOME:-/tmp/akh} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
@@ -95,6 +95,18 @@ SERVE="python3 benchmarks/bench_serve.py --base /tmp/bases/small --books 8 --req
     --new-tokens 64 --attached 0 --rounds ${SERVE_ROUNDS:-1} --ignore-eos"
 step serve-fp32 ${SERVE_LIMIT:-120} $SERVE --dtype float32 --paths "${SERVE_FP32_PATHS:-mixed,one_book,peft}"
 step serve-bf16 ${SERVE_LIMIT:-120} $SERVE --paths "${SERVE_BF16_PATHS:-mixed,one_book,peft}"
+# 4c. where an engine decode step's time goes, float32 then bfloat16 (in the fourth H200 session
+#     bfloat16 steps took 2.2-2.5x as long as float32 ones, cause not found): torch.profiler's
+#     operator tables (CUDA time first) of a few steps of each engine path, to $OUT/serve-profile.txt
+serve_profile() {
+    local dtype
+    for dtype in float32 bfloat16; do
+        python3 benchmarks/bench_serve.py --base /tmp/bases/small --books 8 --requests 32 \
+            --new-tokens 16 --attached 0 --rounds 1 --ignore-eos --paths mixed,one_book \
+            --dtype "$dtype" --profile "$OUT/serve-profile.txt" || return
+    done
+}
+step serve-profile ${SERVE_LIMIT:-120} serve_profile
 # 4b. serving: the engine's mixed-adapter batches against one book, a swap per request and
 #    PEFT's mixed-adapter generate (issue #12), every request decoding the same tokens
 step serve ${SERVE_LIMIT:-120} $SERVE
