@@ -161,7 +161,8 @@ def run_arm(arm: str, args: argparse.Namespace, folder: str, home: str, tmp: Pat
                # ours only: train() from its call to the trainer's start (checks, base load,
                # data, job), and from there to the end of the loop; the rest of the wall time
                # is imports, the command line and the measuring and saving after the loop
-               **{k: result[k] for k in ("prepare_seconds", "train_seconds") if k in result},
+               **({k: result[k] for k in ("prepare_seconds", "train_seconds") if k in result}
+                  if not arm.startswith("plain") else {}),
                "tokens_per_second": result["tokens_per_second"],
                "train_loss_final": result["train_loss_final"],
                **json.loads(rss.read_text())}

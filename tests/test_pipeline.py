@@ -554,3 +554,38 @@ def test_a_recipes_dropout_meets_stages_that_train_without_dropout(tmp_path):
                           "dropout": 0.05})
     assert "with its rank, alpha, dropout and target modules: drop dropout" in said, said
     assert problems_of({"name": "x", "trainer": "sft", "data": "p.jsonl"}) == []
+
+
+def test_no_other_save_takes_a_later_stages_name_while_an_earlier_one_trains(
+        data, tiny_base, home, tmp_path):
+    """An import under stage 2's name while stage 1 trained was saved, and the pipeline then
+    stopped at stage 2 with its name taken, stage 1's training for nothing: every stage still
+    to train holds its name from the pipeline's start, as a run holds its own."""
+    from transformers import TrainerCallback
+
+    from adapterkit.errors import NameTaken
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_base, tmp_path / "other")
+    library = Library(home)
+    said: list[str] = []
+
+    class ImportDuringStage1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                try:
+                    library.import_peft(adapter, "polite", base=str(tiny_base))
+                    said.append("saved")
+                except NameTaken as exc:
+                    said.append(str(exc))
+
+    pm = get_plugin_manager(env=False)
+    path = write_recipe(data["general"].parent, two_stages(tiny_base))
+    result = run_pipeline(path, home=home, plugins=pm,
+                          callbacks=lambda s: [ImportDuringStage1()] if s.index == 1 else [])
+    assert len(said) == 1 and said[0].startswith("a run training polite in "), said
+    assert [(r.pocket_book.ref, r.skipped) for r in result.stages] == [
+        ("instruct@1", False), ("polite@1", False)]
+    assert library.get("polite").meta.stacked_on == ["instruct@1"]  # the stage's, not the import
+    assert not (home / "locks").exists()  # every lock let go, the home as the run found it
+    assert str(library.import_peft(adapter, "polite@2", base=str(tiny_base)).ref) == "polite@2"

@@ -527,6 +527,26 @@ def test_doctor_removes_the_temp_file_of_a_killed_write_of_the_version_marks(
     assert json.loads((library.root / ".versions-used.json").read_text()) == {"a": 2}
 
 
+def test_doctor_reports_an_unreadable_version_marks_file_and_keeps_it_beside(adapterkit_cli,
+                                                                            library):
+    """An unreadable marks file reads as none (a plain NAME may take a removed number again):
+    ``--dry-run`` said the library was healthy; doctor now reports it, keeps it beside as
+    ``.corrupt-TIME`` and starts the file afresh."""
+    save(library, "a")
+    marks = library.root / ".versions-used.json"
+    marks.write_bytes(b'{"a": ')
+    dry = adapterkit_cli("doctor", "--dry-run", "--json")
+    assert dry.exit_code == 1
+    [problem] = json.loads(dry.stdout)["problems"]
+    assert problem["kind"] == "marks" and "NAME@V" in problem["detail"]
+    assert marks.read_bytes() == b'{"a": '  # the dry run wrote nothing
+    result = adapterkit_cli("doctor", "--json")
+    assert result.exit_code == 0, result.output
+    [kept] = library.root.glob(".versions-used.json.corrupt-*")
+    assert kept.read_bytes() == b'{"a": ' and json.loads(marks.read_bytes()) == {}
+    assert adapterkit_cli("doctor").exit_code == 0
+
+
 def test_a_version_doctor_quarantines_is_not_given_out_again(adapterkit_cli, library):
     """As after `rm`: doctor moved u@1 and u@2 aside, and a plain save took u@1 again."""
     save(library, "u")

@@ -191,6 +191,8 @@ def doctor_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
               a pocket book by earlier versions                  -> moved to quarantine/
     stale     a work folder in tmp/ left by a dead process       -> removed
     catalog   a catalog file that fails SQLite's own check       -> rebuilt
+    marks     a version-marks file (library/.versions-used.json)
+              that does not read                                 -> kept beside, afresh
 
     Nothing is deleted but stale work folders. Exit code 0 when the library is (now)
     healthy, 1 when --dry-run found problems or some could not be repaired.

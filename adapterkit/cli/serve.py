@@ -55,9 +55,10 @@ def _names(text: str | None) -> list[str]:
                    "unquantized). A pocket book trained on another base is refused (400).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
               help="The resident base's number format. auto: float32 on a CPU, bfloat16 on a "
-                   "GPU. On an H200 float32 decoded 2.2-2.5x faster per token than bfloat16 "
-                   "(benchmarks/results/train_cuda_h200.md) at twice the base's memory. With "
-                   "--quantization: the compute format.")
+                   "GPU (float16 where it has no bfloat16). On an H200 float32 decoded 2.2-2.5x "
+                   "the tokens/s of bfloat16 (benchmarks/results/train_cuda_h200.md) at twice "
+                   "the base's memory. On a quantized base (--quantization, or as the preloads "
+                   "were trained): its compute format.")
 @click.option("--max-lora-rank", type=click.Choice([str(r) for r in VLLM_RANKS]),
               help="--engine vllm: the rank vLLM reserves for every LoRA slot. Default: the "
                    "smallest that holds every pocket book and saved stack of the base.")

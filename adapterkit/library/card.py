@@ -178,7 +178,7 @@ def tracking_lines(tracking: dict[str, Any]) -> list[str]:
 
 #: Lineage figures with a column of their own; a stage's other numbers go under "other".
 _LINEAGE_COLUMNS = ("steps", "train_loss_first", "train_loss_final", "loss_logs", "train_seconds",
-                    "loop_seconds", "tokens", "tokens_per_second",
+                    "loop_seconds", "prepare_seconds", "tokens", "tokens_per_second",
                     # said in the train-loss cell (kept_weights_line)
                     "weights_step", "weights_kept_by", "train_loss_kept", "train_loss_kept_step")
 

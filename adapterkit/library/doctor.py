@@ -142,6 +142,13 @@ def examine(library: Library, *, repair: bool) -> Report:
     for left in _stray_mark_files(library):
         _add(report, "stale", None, left, "temporary file of an interrupted write of the "
              "names' highest version numbers", "remove it", repair)
+    marks = library.root / VERSIONS_USED_FILE
+    unreadable_marks = marks.exists() and not library._read_marks()[1]
+    if unreadable_marks:  # read as none: a plain NAME may be given a removed number again
+        _add(report, "marks", None, marks, "does not read as the names' highest version "
+             "numbers that rm and doctor record, so a plain NAME may take a removed version's "
+             "number again (give NAME@V to choose)",
+             f"keep it beside as {VERSIONS_USED_FILE}.corrupt-TIME and start it afresh", repair)
     for key in sorted(indexed.keys() - disk.keys()):
         path = library.root / key[0] / str(key[1])
         _add(report, "missing", f"{key[0]}@{key[1]}", path, "listed in the catalog, but its "
@@ -150,7 +157,7 @@ def examine(library: Library, *, repair: bool) -> Report:
     for folder, reason in library.sweep_staging(dry_run=True):
         _add(report, "stale", None, folder, f"work folder {reason}", "remove it", repair)
     if repair and _repairable(report):
-        _repair(library, reindex, drop, quarantine, leftovers)
+        _repair(library, reindex, drop, quarantine, leftovers, marks=unreadable_marks)
         report.repaired = True
     return report
 
@@ -261,7 +268,7 @@ def _quietly(fn: Any) -> Any:
 
 def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
             quarantine: list[tuple[str, int, Path]],
-            leftovers: list[tuple[str, int, Path]]) -> None:
+            leftovers: list[tuple[str, int, Path]], *, marks: bool = False) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = library.home / QUARANTINE
     moved: list[tuple[Path, Path]] = []
@@ -288,8 +295,8 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
         for name, version, copy in leftovers:
             if copy.is_dir():
                 set_aside(copy, f"{name}@{version}-{REFERENCE_COPY}")
-        if quarantine:  # their numbers are not given to a plain NAME again, as after rm
-            highest: dict[str, int] = {}
+        if quarantine or marks:  # their numbers are not given to a plain NAME again, as after
+            highest: dict[str, int] = {}  # rm; an unreadable file kept beside (reported above)
             for name, version, _ in quarantine:
                 highest[name] = max(highest.get(name, 0), version)
             unmark.append(library._mark_used(highest))

@@ -1,7 +1,8 @@
 """Which names a training run in progress will save under.
 
 A run of ``NAME`` holds ``<home>/locks/run-NAME.lock`` (``fcntl.flock``) from before its first
-step until it ends (:mod:`adapterkit.training.run` takes it). The library asks here before it
+step until it ends (:func:`hold_run`, taken by :mod:`adapterkit.training.run`; a search holds
+its NAME for the whole search, a pipeline every stage's name still to train). The library asks here before it
 saves a pocket book under a name, so that an ``import``, ``pull`` or saved stack cannot take
 the name a run will save under: the run would train to the end and then find its name taken,
 its finished weights only in a checkpoint that no ``--resume`` could save.

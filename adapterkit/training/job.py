@@ -342,10 +342,12 @@ class TrainJob:
             unwrap = getattr(getattr(trainer, "accelerator", None), "unwrap_model", None)
             drop_zero_start_copy(unwrap(model) if unwrap else model)
         out = getattr(getattr(trainer, "args", None), "output_dir", None)
-        if callable(getattr(trainer, "create_model_card", None)) and out is not None \
+        if callable(getattr(trainer, "create_model_card", None)) \
+                and callable(getattr(trainer, "_save_checkpoint", None)) and out is not None \
                 and Path(out).resolve() == Path(self.output_dir).resolve():
-            # 0.44 s of the first checkpoint on 2 cores (cProfile), inside the trainer's loop
-            trainer.create_model_card = _no_model_card
+            # 0.44 s of the first checkpoint on 2 cores (cProfile), inside the trainer's loop;
+            # only at checkpoints: a plugin's own push_to_hub still writes its card
+            trainer._save_checkpoint = _without_model_card(trainer, trainer._save_checkpoint)
         return trainer
 
     def training_arguments(self) -> dict[str, Any]:
@@ -424,5 +426,18 @@ class TrainResult:
     model: Any = None
 
 
+def _without_model_card(trainer: Any, save_checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """``save_checkpoint`` (a trainer's bound ``_save_checkpoint``) with the trainer's
+    ``create_model_card`` doing nothing while it runs (:meth:`TrainJob.configure`)."""
+
+    def without(*args: Any, **kwargs: Any) -> Any:
+        trainer.create_model_card = _no_model_card
+        try:
+            return save_checkpoint(*args, **kwargs)
+        finally:
+            del trainer.create_model_card  # the class's own again
+    return without
+
+
 def _no_model_card(*args: Any, **kwargs: Any) -> None:
-    """Stands in for a TRL trainer's ``create_model_card`` during a run (:meth:`TrainJob.configure`)."""
+    """Stands in for a TRL trainer's ``create_model_card`` at a run's checkpoints."""

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.errors import AdapterkitError, ConfigError
 from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import PocketBookMeta
+from adapterkit.library.names import parse_ref
+from adapterkit.library.run_locks import LOCKS, RunLock, hold_run, release_all
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import check_lengths, load_for_method, split_eval
 from adapterkit.training.data import as_chat, check_rendering
@@ -96,10 +98,46 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
     main = ranks().is_main  # on several processes every rank runs this; the main one writes
     say = (progress if main else None) or (lambda message: None)
     library = Library(home, plugins=pm)
-    total = len(recipe.stages)
     if ranks().distributed:
         _agree_on_stages(recipe, library, resume=resume and not restart, main=main)
     pending = [s for s in recipe.stages if s.done is None]
+    # every stage still to train holds its name from now on, as a run holds its own: an import
+    # meanwhile under a later stage's name would stop the pipeline at that stage, its earlier
+    # stages trained for nothing. Each is let go just before its stage's train() takes it.
+    locks = library.home / LOCKS
+    made_locks = not locks.exists()
+    names = _hold_names(library, pending) if main else {}
+    try:
+        return _run_stages(recipe, library, pm, pending, names, say=say, main=main,
+                           resume=resume, restart=restart, callbacks=callbacks)
+    finally:
+        release_all(list(reversed(names.values())))
+        if made_locks:  # the stages' own locks were let go in another order: as found
+            try:
+                locks.rmdir()
+            except OSError:  # not empty (another run's), or already gone
+                pass
+
+
+def _hold_names(library: Library, pending: list[Stage]) -> dict[str, RunLock]:
+    """The run locks of the ``pending`` stages' names (refused where a run trains one)."""
+    held: dict[str, RunLock] = {}
+    try:
+        for stage in pending:
+            key = parse_ref(stage.name).name
+            lock = hold_run(library.home, key)
+            if lock is not None:
+                held[key] = lock
+    except BaseException:
+        release_all(list(reversed(held.values())))
+        raise
+    return held
+
+
+def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: list[Stage],
+                names: dict[str, RunLock], *, say: Callable[[str], None], main: bool,
+                resume: bool, restart: bool, callbacks: Callbacks | None) -> PipelineResult:
+    total = len(recipe.stages)
     loaded = _load_checked(recipe, pending, library, pm, say) if pending else None
     results: list[StageResult] = []
     final: TrainResult | None = None
@@ -121,6 +159,9 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
         if main:  # the definition this run of the stage trains under (load_recipe checks it)
             marker.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(marker, json.dumps({"stage_sha256": stage.fingerprint}))
+        held = names.pop(parse_ref(stage.name).name, None)
+        if held is not None:  # train() holds it as its run's from here on
+            held.release()
         try:
             final = train(stage.trainer, base=loaded, data=stage.data, name=stage.name,
                           options=stage.options, home=library.home, plugins=pm,
