@@ -96,7 +96,7 @@ SERVE="python3 benchmarks/bench_serve.py --base /tmp/bases/small --books 8 --req
 step serve-fp32 ${SERVE_LIMIT:-120} $SERVE --dtype float32 --paths "${SERVE_FP32_PATHS:-mixed,one_book,peft}"
 step serve-bf16 ${SERVE_LIMIT:-120} $SERVE --paths "${SERVE_BF16_PATHS:-mixed,one_book,peft}"
 # 4c. where an engine decode step's time goes, float32 then bfloat16 (in the fourth H200 session
-#     bfloat16 steps took 2.2-2.5x as long as float32 ones, cause not found): torch.profiler's
+#     bfloat16 gave 2.2-2.5x fewer tokens/s than float32, cause not found): torch.profiler's
 #     operator tables (CUDA time first) of a few steps of each engine path, to $OUT/serve-profile.txt
 serve_profile() {
     local dtype

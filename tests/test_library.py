@@ -172,6 +172,21 @@ def test_a_marks_file_that_does_not_read_is_kept_aside_not_overwritten(library):
     assert library.next_version("m") == 3
 
 
+def test_a_marks_file_that_cannot_be_read_at_all_is_moved_aside_whole(library):
+    """Not only bad JSON: a path that cannot be read (here a folder in its place; no read
+    permission reads the same) is renamed aside whole, never written over."""
+    marks = library.root / ".versions-used.json"
+    save(library, "m")
+    save(library, "m@2")
+    marks.mkdir()
+    (marks / "inside").write_text("kept")
+    with pytest.warns(CatalogWarning, match="kept as .versions-used.json.corrupt-"):
+        library.remove("m@2")
+    [kept] = library.root.glob(".versions-used.json.corrupt-*")
+    assert (kept / "inside").read_text() == "kept"
+    assert json.loads(marks.read_bytes()) == {"m": 2}
+
+
 def test_a_filter_picks_versions_before_the_latest_is_taken(library):
     """``list --tag prod`` with only a@1 tagged found nothing (the filter was ANDed with
     "a's latest version") and said no pocket book matched."""

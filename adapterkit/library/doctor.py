@@ -28,6 +28,8 @@ reads every entry:
   a day old), or the temporary file of a metadata write that was killed: removed.
 * ``catalog`` — the SQLite file is missing, of another version or fails its own integrity
   check: rebuilt from the folders.
+* ``marks`` — ``library/.versions-used.json`` (each name's highest version before its
+  removals) does not read: kept beside as ``.corrupt-TIME`` and started afresh.
 
 ``--dry-run`` writes nothing at all: it reads the catalog file as it is (read-only, no
 recovery), which an ordinary command would already have healed.

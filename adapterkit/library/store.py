@@ -387,29 +387,27 @@ class Library:
         does not read as marks is kept beside it (``.corrupt-TIME``), never overwritten
         unseen: the marks it held are lost to the library, and the user is told."""
         path = self.root / VERSIONS_USED_FILE
-        try:
-            before: bytes | None = path.read_bytes()
-        except FileNotFoundError:
-            before = None
-        except OSError:  # unreadable: rewritten (its marks were already read as none)
-            before = None
         marks, readable = self._read_marks()
-        if not readable:
+        before: bytes | None = None
+        kept: Path | None = None
+        if not readable:  # kept beside by a rename: that needs no right to read it
             kept = path.with_name(f"{VERSIONS_USED_FILE}.corrupt-{int(time.time())}")
-            if before is not None:
-                atomic_write_bytes(kept, before)
+            os.rename(path, kept)
             warnings.warn(
-                f"{path} did not read as the version numbers `rm` and doctor recorded"
-                + (f" (kept as {kept.name})" if before is not None else "")
-                + "; it is written afresh, and a plain NAME whose removed versions it recorded "
-                "may take one of their numbers again: give NAME@V to choose",
-                CatalogWarning, stacklevel=3)
+                f"{path} did not read as the version numbers `rm` and doctor recorded (kept "
+                f"as {kept.name}); it is started afresh, and a plain NAME whose removed "
+                "versions it recorded may take one of their numbers again: give NAME@V to "
+                "choose", CatalogWarning, stacklevel=3)
+        elif path.exists():
+            before = path.read_bytes()
         for name, version in highest.items():
             marks[name] = max(marks.get(name, 0), version)
         atomic_write_text(path, json.dumps(dict(sorted(marks.items())), indent=1) + "\n")
 
         def undo() -> None:
-            if before is None:
+            if kept is not None:
+                os.replace(kept, path)  # the unreadable file back where it was
+            elif before is None:
                 path.unlink(missing_ok=True)
             else:
                 atomic_write_bytes(path, before)

@@ -347,7 +347,8 @@ class TrainJob:
                 and Path(out).resolve() == Path(self.output_dir).resolve():
             # 0.44 s of the first checkpoint on 2 cores (cProfile), inside the trainer's loop;
             # only at checkpoints: a plugin's own push_to_hub still writes its card
-            trainer._save_checkpoint = _without_model_card(trainer, trainer._save_checkpoint)
+            if not getattr(trainer._save_checkpoint, "_adapterkit_no_card", False):
+                trainer._save_checkpoint = _without_model_card(trainer, trainer._save_checkpoint)
         return trainer
 
     def training_arguments(self) -> dict[str, Any]:
@@ -431,11 +432,16 @@ def _without_model_card(trainer: Any, save_checkpoint: Callable[..., Any]) -> Ca
     ``create_model_card`` doing nothing while it runs (:meth:`TrainJob.configure`)."""
 
     def without(*args: Any, **kwargs: Any) -> Any:
+        own = trainer.__dict__.get("create_model_card")  # one set on the instance, if any
         trainer.create_model_card = _no_model_card
         try:
             return save_checkpoint(*args, **kwargs)
         finally:
-            del trainer.create_model_card  # the class's own again
+            if own is None:
+                del trainer.create_model_card  # the class's own again
+            else:
+                trainer.create_model_card = own
+    without._adapterkit_no_card = True  # type: ignore[attr-defined]
     return without
 
 
