@@ -95,19 +95,19 @@ SERVE="python3 benchmarks/bench_serve.py --base /tmp/bases/small --books 8 --req
     --new-tokens 64 --attached 0 --rounds ${SERVE_ROUNDS:-1} --ignore-eos"
 step serve-fp32 ${SERVE_LIMIT:-120} $SERVE --dtype float32 --paths "${SERVE_FP32_PATHS:-mixed,one_book,peft}"
 step serve-bf16 ${SERVE_LIMIT:-120} $SERVE --paths "${SERVE_BF16_PATHS:-mixed,one_book,peft}"
-# 4c. where an engine decode step's time goes, float32 then bfloat16 (in the fourth H200 session
+# 4b. where an engine decode step's time goes, float32 then bfloat16 (in the fourth H200 session
 #     bfloat16 gave 2.2-2.5x fewer tokens/s than float32, cause not found): torch.profiler's
 #     operator tables (CUDA time first) of a few steps of each engine path, to $OUT/serve-profile.txt
 serve_profile() {
     local dtype
     for dtype in float32 bfloat16; do
-        python3 benchmarks/bench_serve.py --base /tmp/bases/small --books 8 --requests 32 \
-            --new-tokens 16 --attached 0 --rounds 1 --ignore-eos --paths mixed,one_book \
-            --dtype "$dtype" --profile "$OUT/serve-profile.txt" || return
+        # (the later --new-tokens wins: argparse)
+        $SERVE --new-tokens 16 --paths mixed,one_book --dtype "$dtype" \
+            --profile "$OUT/serve-profile.txt" || return
     done
 }
 step serve-profile ${SERVE_LIMIT:-120} serve_profile
-# 4b. serving: the engine's mixed-adapter batches against one book, a swap per request and
+# 4c. serving: the engine's mixed-adapter batches against one book, a swap per request and
 #    PEFT's mixed-adapter generate (issue #12), every request decoding the same tokens
 step serve ${SERVE_LIMIT:-120} $SERVE
 # 5. QLoRA on the bigger shape: 4-bit against bf16, ours against the plain script; then the

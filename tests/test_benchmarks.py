@@ -239,3 +239,25 @@ Trainer(model=LlamaForCausalLM(config), args=args, train_dataset=rows).train()
     assert len(text.splitlines()[1].split()) == 2 + 4  # "step seconds:" and four times
     assert "== step 2: " in text and "aten ops" in text and "== step 1:" not in text
     assert "aten::mm" in text
+
+
+@pytest.mark.slow
+def test_bench_serve_profiles_on_an_engine_of_its_own(monkeypatch, tmp_path):
+    """``--profile``: the operator table is written, and the timed load's engine starts with
+    only its warm-up's pocket book attached (the profiled engine attached every book; had it
+    been the timed one, the first-token figures would leave out the loads on first use)."""
+    from adapterkit.serving.engine import Engine
+
+    bench = _bench("bench_serve")
+    profile = tmp_path / "profile.txt"
+    args = argparse.Namespace(base="tiny", books=2, attached=0, rank=4, requests=4,
+                              new_tokens=4, max_batch=4, rounds=1, ignore_eos=True,
+                              dtype="float32", profile=str(profile), profile_steps=2)
+    plan = bench._prepare(args, tmp_path)
+    at_start: list[int] = []
+    start = Engine.start
+    monkeypatch.setattr(Engine, "start",
+                        lambda self: (at_start.append(len(self._attached)), start(self))[1])
+    result = bench._mixed(plan)
+    assert "== mixed, float32, 4 requests, 2 decode steps" in profile.read_text()
+    assert at_start == [1] and result["tokens"] == 16

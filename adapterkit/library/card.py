@@ -517,12 +517,12 @@ def loss_curve_png(log_history: list[dict[str, Any]], path: Path,
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     if not train:
         return False
-    import matplotlib
+    # matplotlib's object API, not pyplot: no backend to pick, no global figure to close, and
+    # about 0.2 s less per save (pyplot's import)
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
@@ -534,5 +534,4 @@ def loss_curve_png(log_history: list[dict[str, Any]], path: Path,
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return True
