@@ -153,7 +153,7 @@ class RLHF(Trainer):
             raise ConfigError("rlhf without --reward first trains a reward pocket book from "
                               "preference pairs: give a prompt/chosen/rejected file, or "
                               "--reward NAME")
-        stage_name = name.split("@")[0] + "-reward"
+        stage_name = _reward_name(name)
         try:
             library.reserve(stage_name)  # (a check: it writes nothing)
         except NameTaken:
@@ -161,6 +161,10 @@ class RLHF(Trainer):
                               "optimise against it (with --resume, to go on with a run of "
                               f"{name.split('@')[0]} interrupted after it was saved), or pick "
                               "another --name") from None
+
+    def also_saves(self, *, name: str, trainer_options: Any) -> list[str]:
+        """Without a ``reward``, the reward pocket book it trains first (:meth:`train`)."""
+        return [] if trainer_options.reward else [_reward_name(name)]
 
     def train(self, *, job: Any, **_: Any) -> Any:
         from dataclasses import replace
@@ -187,7 +191,7 @@ class RLHF(Trainer):
             check_room(RewardScorer.reads_chat(job.tokenizer, book))
         else:  # (its data and name were checked before the base loaded: preflight)
             check_room(job.chat)  # as the stage will read it: with the run's chat setting
-            stage_name = job.name.split("@")[0] + "-reward"
+            stage_name = _reward_name(job.name)
             # (the policy's epochs are resolved already: its min_steps acted there; a reward
             # head measures no forgetting on general text)
             # (reward_steps sets the stage's length: the policy's epochs would do nothing)
@@ -235,3 +239,9 @@ class RLHF(Trainer):
 def register_trainers(register):
     register(Reward())
     register(RLHF())
+
+
+def _reward_name(name: str) -> str:
+    """The name of the reward pocket book a run of ``name`` (``NAME`` or ``NAME@N``) without
+    ``reward`` trains first: ``NAME-reward``."""
+    return name.split("@")[0] + "-reward"

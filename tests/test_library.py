@@ -127,8 +127,8 @@ def test_a_failed_removal_leaves_the_version_marks_as_they_were(library, monkeyp
     real_mark_used = store.Library._mark_used
     lock_held_at_undo = []
 
-    def mark_used(self, highest):
-        undo = real_mark_used(self, highest)
+    def mark_used(self, highest, said):
+        undo = real_mark_used(self, highest, said)
         assert b'"m": 2' in (library.root / ".versions-used.json").read_bytes()
 
         def checked_undo():
@@ -185,6 +185,69 @@ def test_a_marks_file_that_cannot_be_read_at_all_is_moved_aside_whole(library):
     [kept] = library.root.glob(".versions-used.json.corrupt-*")
     assert (kept / "inside").read_text() == "kept"
     assert json.loads(marks.read_bytes()) == {"m": 2}
+
+
+def test_a_failed_removal_says_nothing_of_a_marks_file_it_put_back(library, monkeypatch):
+    """The warning that an unreadable marks file was "written afresh" came from inside the
+    removal's transaction: a removal that then failed had said so, and put the file back."""
+    import warnings
+
+    import adapterkit.library.store as store
+
+    marks = library.root / ".versions-used.json"
+    save(library, "m")
+    save(library, "m@2")
+    marks.write_bytes(b'{"old": 7, "m": ')
+    real_rename = store.os.rename
+
+    def rename(src, dst):  # the folder's move to the trash fails; the marks' rename does not
+        if "trash" in str(dst):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(store.os, "rename", rename)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(OSError):
+            library.remove("m@2")
+    assert [str(w.message) for w in caught if w.category is CatalogWarning] == []
+    assert marks.read_bytes() == b'{"old": 7, "m": '
+    assert list(library.root.glob(".versions-used.json.corrupt-*")) == []
+
+
+def test_marks_entries_that_are_not_version_numbers_are_said_and_the_rest_kept(library):
+    """``{"old": 7, "x": "3"}``: the entry that is not a number was dropped silently at the
+    next write, and the file counted as read. It is kept beside whole; "old" is written again."""
+    marks = library.root / ".versions-used.json"
+    save(library, "m")
+    marks.write_text('{"old": 7, "x": "3"}')
+    assert library._read_marks() == ({"old": 7}, False)  # (doctor reports it: kind marks)
+    with pytest.warns(CatalogWarning, match="written afresh with its 1 readable entry"):
+        library.remove("m")
+    assert json.loads(marks.read_bytes()) == {"m": 1, "old": 7}
+    [kept] = library.root.glob(".versions-used.json.corrupt-*")
+    assert kept.read_text() == '{"old": 7, "x": "3"}'
+
+
+def test_a_save_says_when_the_marks_file_does_not_read(library):
+    """A save read an unreadable marks file as no marks, silently: a plain NAME could take a
+    removed version's number again unseen."""
+    save(library, "m")
+    library.remove("m")  # m@1's number is marked used
+    (library.root / ".versions-used.json").write_bytes(b"{not json")
+    with pytest.warns(CatalogWarning, match="run `adapterkit doctor`"):
+        book = save(library, "m")
+    assert book.version == 1  # what it can still tell: the versions present (none)
+
+
+def test_version_to_save_refuses_past_the_last_number(library):
+    from adapterkit.library.names import MAX_VERSION
+
+    (library.root).mkdir(parents=True, exist_ok=True)
+    (library.root / ".versions-used.json").write_text(json.dumps({"m": MAX_VERSION}))
+    with pytest.raises(NameTaken, match=f"every version number up to {MAX_VERSION}"):
+        library.version_to_save("m")
+    assert library.version_to_save("m@3") == 3
 
 
 def test_a_filter_picks_versions_before_the_latest_is_taken(library):

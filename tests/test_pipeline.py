@@ -4,6 +4,7 @@ checked first (every problem at once); resume after a failure; the lineage on th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -589,3 +590,63 @@ def test_no_other_save_takes_a_later_stages_name_while_an_earlier_one_trains(
     assert library.get("polite").meta.stacked_on == ["instruct@1"]  # the stage's, not the import
     assert not (home / "locks").exists()  # every lock let go, the home as the run found it
     assert str(library.import_peft(adapter, "polite@2", base=str(tiny_base)).ref) == "polite@2"
+
+
+def test_each_stage_name_is_handed_to_its_run_never_let_go_in_between(data, tiny_base, home,
+                                                                       monkeypatch):
+    """The pipeline let go of a stage's name just before the stage's train() took it again: an
+    import in that moment took the name. Now the held lock is handed to the run as it is."""
+    import adapterkit.training.pipeline as pipeline
+    from adapterkit.library.run_locks import training_now
+
+    seen: list[tuple[str, str | None]] = []
+    real_train = pipeline.train
+
+    def train(trainer, **kwargs):  # the moment between the pipeline and the run's own lock
+        seen.append((kwargs["name"], training_now(home, kwargs["name"])))
+        return real_train(trainer, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", train)
+    path = write_recipe(data["general"].parent, two_stages(tiny_base))
+    run_pipeline(path, home=home, plugins=get_plugin_manager(env=False))
+    assert seen == [("instruct", f"pid {os.getpid()}"), ("polite", f"pid {os.getpid()}")]
+    assert not (home / "locks").exists()  # every lock let go, the home as the run found it
+
+
+def test_a_stage_that_stops_before_its_run_takes_its_name_lets_it_go(data, tiny_base, home,
+                                                                     monkeypatch):
+    """A handed lock no run took (train() refused before it) is released by the pipeline."""
+    import adapterkit.training.pipeline as pipeline
+    from adapterkit.library.run_locks import training_now
+
+    def train(trainer, **kwargs):
+        raise ConfigError("refused before the run took its lock")
+
+    monkeypatch.setattr(pipeline, "train", train)
+    path = write_recipe(data["general"].parent, two_stages(tiny_base))
+    with pytest.raises(ConfigError):
+        run_pipeline(path, home=home, plugins=get_plugin_manager(env=False))
+    assert training_now(home, "instruct") is None and training_now(home, "polite") is None
+    assert not (home / "locks").exists()
+
+
+def test_a_stage_named_as_the_reward_book_an_rlhf_stage_trains_is_refused(data, tiny_base,
+                                                                          home):
+    """rlhf ``pol`` without a reward first trains ``pol-reward``; a later stage under that name
+    was found taken only after stage 1 had trained (or, holding it, stopped stage 1's own
+    reward run as "another run"). The recipe refuses it, before anything trains
+    (``Trainer.also_saves``); with its own reward pocket book, rlhf saves nothing else."""
+    stages = [{"name": "pol", "trainer": "rlhf", "data": "preference.jsonl"},
+              {"name": "pol-reward", "trainer": "sft", "data": "prompt_completion.jsonl"}]
+    recipe = {"base": str(tiny_base), **FAST, "stages": stages}
+    pm = get_plugin_manager(env=False)
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
+    assert "stage 2 (pol-reward): stage 1 (pol) (rlhf) also saves a pocket book under the " \
+        "name pol-reward: give stage 2 (pol-reward) another name" in str(refused.value)
+    assert not (home / "runs").exists()
+
+    stages[0]["set"] = {"reward": "judge"}  # its own reward book: pol saves only pol (judge
+    # is looked up when the stage starts: a stage may name what an earlier one makes)
+    plan = load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
+    assert [s.name for s in plan.stages] == ["pol", "pol-reward"]

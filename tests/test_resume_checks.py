@@ -5,6 +5,7 @@ after Ctrl-C says what a next run can do."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 from transformers import TrainerCallback
@@ -409,3 +410,29 @@ def test_a_run_starting_while_a_save_asks_about_its_name_is_not_refused(home):
     held = [hold_run(home, "z")]
     done.join()
     release_all(held)
+
+
+def test_a_handed_run_lock_is_taken_as_it_is_and_released_once(tmp_path):
+    """``RunLock.hand_over``: the next ``hold_run`` of the name in this process takes the very
+    lock, held throughout; whoever releases first lets it go, a second release does nothing,
+    and the folders taking it created go once empty."""
+    from adapterkit.library.run_locks import hold_run, training_now
+
+    home = tmp_path / "home"
+    lock = hold_run(home, "x")
+    assert lock is not None and training_now(home, "x") == f"pid {os.getpid()}"
+    lock.hand_over()
+    assert training_now(home, "x") == f"pid {os.getpid()}"
+    again = hold_run(home, "x")
+    assert again is lock
+    other = hold_run(home, "y")  # a second lock in the same home: the folders stay for it
+    lock.release()
+    assert training_now(home, "x") is None and (home / "locks").is_dir()
+    lock.release()  # the first holder's release, after the taker's: nothing
+    fresh = hold_run(home, "x")
+    assert fresh is not None and fresh is not lock  # taken afresh, not handed again
+    assert other is not None
+    other.release()
+    assert home.is_dir()  # x's lock is in it still
+    fresh.release()
+    assert not home.exists()  # the folders taking the locks created: gone once empty

@@ -301,7 +301,7 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
             highest: dict[str, int] = {}  # rm; an unreadable file kept beside (reported above)
             for name, version, _ in quarantine:
                 highest[name] = max(highest.get(name, 0), version)
-            unmark.append(library._mark_used(highest))
+            unmark.append(library._mark_used(highest, []))  # (reported above)
         for name, version, folder in quarantine:
             Catalog.delete(conn, name, version)
             if folder.is_dir():

@@ -2,8 +2,8 @@
 
 A run of ``NAME`` holds ``<home>/locks/run-NAME.lock`` (``fcntl.flock``) from before its first
 step until it ends (:func:`hold_run`, taken by :mod:`adapterkit.training.run`; a search holds
-its NAME for the whole search, a pipeline every stage's name still to train). The library asks here before it
-saves a pocket book under a name, so that an ``import``, ``pull`` or saved stack cannot take
+its NAME for the whole search, a pipeline every stage's name still to train, handing each to
+its stage's run). The library asks here before it saves a pocket book under a name, so that an ``import``, ``pull`` or saved stack cannot take
 the name a run will save under: the run would train to the end and then find its name taken,
 its finished weights only in a checkpoint that no ``--resume`` could save.
 """
@@ -21,6 +21,14 @@ from adapterkit.errors import RunStateError
 
 #: The folder of an adapterkit home holding the run locks.
 LOCKS = "locks"
+
+#: Locks their holders in this process handed on (:meth:`RunLock.hand_over`), by lock file:
+#: the next :func:`hold_run` of that name here takes the lock as it is, never letting go of it.
+_handed: dict[Path, RunLock] = {}
+#: The folders taking run locks in this process created (a home, its ``locks/``), innermost
+#: last: each release removes those that are empty again, so the home is left as it was found
+#: whichever of several locks (a pipeline's stages) is let go last.
+_made: list[Path] = []
 
 
 def run_lock_path(home: Path, name: str) -> Path:
@@ -64,14 +72,18 @@ def training_now(home: Path, name: str) -> str | None:
 def hold_run(home: Path, name: str) -> RunLock | None:
     """Hold ``home``'s lock for runs of ``name``, or refuse: a second run under that name would
     clear the first one's run folder as it starts, and whichever saved second would find the
-    name taken and lose its whole run. None where the platform has no ``fcntl``."""
+    name taken and lose its whole run. A lock a holder in this process handed on
+    (:meth:`RunLock.hand_over`) is taken as it is. None where the platform has no ``fcntl``."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
         return None
     path = run_lock_path(home, name)
+    handed = _handed.pop(_key(path), None)
+    if handed is not None and not handed.released:
+        return handed
     folder = path.parent
-    created = [d for d in (home, folder) if not d.exists()]  # removed again, empty, at the end
+    _made.extend(d for d in (home, folder) if not d.exists() and d not in _made)
     folder.mkdir(parents=True, exist_ok=True)
     waits = 10  # an import or pull asking whether a run holds the name (run_locks.training_now)
     while True:  # holds it for a moment: asked again for up to about a fifth of a second
@@ -92,9 +104,9 @@ def hold_run(home: Path, name: str) -> RunLock | None:
             who = handle.read().strip() or "another process"
             handle.close()
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                RunLock(None, path, created).release()  # a filesystem without locks (some
-                return None  # network mounts): the run goes on unlocked, as before
-            RunLock(None, path, created, owned=False).release()
+                RunLock(None, path).release()  # a filesystem without locks (some network
+                return None  # mounts): the run goes on unlocked, as before
+            RunLock(None, path, owned=False).release()
             raise RunStateError(f"another run of {name} is training in {home} ({who}): wait "
                                 "for it to finish, or train under another --name") from None
         try:  # the file a run that just ended removed is not the lock: take the new one
@@ -107,23 +119,46 @@ def hold_run(home: Path, name: str) -> RunLock | None:
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
     handle.flush()
-    return RunLock(handle, path, created)
+    return RunLock(handle, path)
+
+
+def _key(path: Path) -> Path:
+    """One spelling of a lock file's path (a home given relative, or through a link)."""
+    try:
+        return path.resolve()
+    except OSError:
+        return path.absolute()
 
 
 @dataclass
 class RunLock:
-    """A held run lock: the locked file, and the folders taking it created."""
+    """A held run lock: the locked file."""
 
     handle: Any
     path: Path
-    created: list[Path]
     #: Whether the file at ``path`` is this lock's (a refused run removes only its folders).
     owned: bool = True
+    #: Set by :meth:`release` (a second call does nothing).
+    released: bool = False
+
+    def hand_over(self) -> None:
+        """Keep holding the lock for the next :func:`hold_run` of its name in this process to
+        take as it is (a pipeline, to the run of its stage): no moment in between when another
+        process could take the name. Whoever holds it still releases it; a release after the
+        taker's does nothing."""
+        if not self.released:
+            _handed[_key(self.path)] = self
 
     def release(self) -> None:
         """Remove the lock file where it is still this lock's, then let go of the lock (in that
-        order: a run starting now locks a file of its own), and the folders it created where
-        they are empty: a run that failed leaves the home as it found it."""
+        order: a run starting now locks a file of its own), and the folders taking locks here
+        created where they are empty: a run that failed leaves the home as it found it."""
+        if self.released:
+            return
+        self.released = True
+        key = _key(self.path)
+        if _handed.get(key) is self:
+            del _handed[key]
         if self.owned:
             try:
                 if self.handle is None or \
@@ -133,11 +168,14 @@ class RunLock:
                 pass
         if self.handle is not None:
             self.handle.close()
-        for folder in reversed(self.created):
+        for folder in reversed(list(_made)):
             try:
                 folder.rmdir()
-            except OSError:  # not empty (the run wrote there): kept
-                break
+            except FileNotFoundError:  # removed by someone else: nothing of ours to keep
+                pass
+            except OSError:  # not empty (another lock, or the run wrote there): kept for now
+                continue
+            _made.remove(folder)
 
 
 def release_all(held: list[RunLock]) -> None:

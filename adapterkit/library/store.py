@@ -360,46 +360,62 @@ class Library:
     def _disk_versions(self, name: str) -> builtins.list[int]:
         return layout.versions_on_disk(self.root / name)
 
-    def _marks(self) -> dict[str, int]:
-        """Every name's highest version before its removals (:data:`VERSIONS_USED_FILE`); an
-        unreadable file reads as none (plain names then go on from the versions present)."""
-        return self._read_marks()[0]
-
     def _read_marks(self) -> tuple[dict[str, int], bool]:
-        """The marks, and whether the file read as marks (True also where there is none)."""
+        """The marks (:data:`VERSIONS_USED_FILE`), and whether the file read as marks whole
+        (True also where there is none). Entries that are not a name's version number are left
+        out, and make the file one that does not read: kept beside at the next write
+        (:meth:`_mark_used`), reported by doctor."""
+        return self._read_marks_raw()[:2]
+
+    def _read_marks_raw(self) -> tuple[dict[str, int], bool, bytes | None]:
+        """:meth:`_read_marks`, and the file's bytes where it was read (None: none, or unread)."""
         try:
-            data = json.loads((self.root / VERSIONS_USED_FILE).read_bytes())
+            raw = (self.root / VERSIONS_USED_FILE).read_bytes()
         except FileNotFoundError:
-            return {}, True
-        except (OSError, ValueError):
-            return {}, False
+            return {}, True, None
+        except OSError:
+            return {}, False, None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return {}, False, raw
         if not isinstance(data, dict):
-            return {}, False
-        return {k: v for k, v in data.items()
-                if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}, True
+            return {}, False, raw
+        marks = {k: v for k, v in data.items()
+                 if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}
+        return marks, len(marks) == len(data), raw
 
     def _versions_used(self, name: str) -> int:
-        return min(max(self._marks().get(name, 0), 0), MAX_VERSION)
+        marks, readable = self._read_marks()
+        if not readable:  # a save goes on (its version is its own or past those present); said
+            warnings.warn(
+                f"{self.root / VERSIONS_USED_FILE} does not read as the version numbers `rm` "
+                "records, so a plain NAME may take a removed version's number again: run "
+                "`adapterkit doctor` to keep it beside and start it afresh (give NAME@V to "
+                "choose meanwhile)", CatalogWarning, stacklevel=3)
+        return min(max(marks.get(name, 0), 0), MAX_VERSION)
 
-    def _mark_used(self, highest: dict[str, int]) -> Callable[[], None]:
+    def _mark_used(self, highest: dict[str, int],
+                   said: builtins.list[str]) -> Callable[[], None]:
         """Record ``highest`` (name → version) as used, under the catalog's write lock; returns
         what puts the file back as it was (for a removal that fails after it). A file that
-        does not read as marks is kept beside it (``.corrupt-TIME``), never overwritten
-        unseen: the marks it held are lost to the library, and the user is told."""
+        does not read as marks whole is kept beside it (``.corrupt-TIME``), never overwritten
+        unseen: the entries that read are written again, the rest are lost to the library,
+        and what to tell the user is appended to ``said`` (for the caller to say once its
+        write is committed: a removal that fails puts the file back)."""
         path = self.root / VERSIONS_USED_FILE
-        marks, readable = self._read_marks()
-        before: bytes | None = None
+        marks, readable, before = self._read_marks_raw()
         kept: Path | None = None
         if not readable:  # kept beside by a rename: that needs no right to read it
             kept = path.with_name(f"{VERSIONS_USED_FILE}.corrupt-{int(time.time())}")
             os.rename(path, kept)
-            warnings.warn(
-                f"{path} did not read as the version numbers `rm` and doctor recorded (kept "
-                f"as {kept.name}); it is started afresh, and a plain NAME whose removed "
-                "versions it recorded may take one of their numbers again: give NAME@V to "
-                "choose", CatalogWarning, stacklevel=3)
-        elif path.exists():
-            before = path.read_bytes()
+            said.append(
+                f"{path} did not read as the version numbers `rm` and doctor record (kept as "
+                f"{kept.name}); it is written afresh"
+                + (f" with its {len(marks)} readable entr{'y' if len(marks) == 1 else 'ies'}"
+                   if marks else "")
+                + ", and a plain NAME whose removed versions it recorded may take one of their "
+                "numbers again: give NAME@V to choose")
         for name, version in highest.items():
             marks[name] = max(marks.get(name, 0), version)
         atomic_write_text(path, json.dumps(dict(sorted(marks.items())), indent=1) + "\n")
@@ -426,7 +442,12 @@ class Library:
         """The version a save of a free ``name_or_ref`` records: its own ``@N``, else one past
         the highest the name ever had (1 for a new name). For cards written before the commit."""
         ref = parse_ref(name_or_ref)
-        return ref.version or self._versions_used(ref.name) + 1
+        if ref.version is not None:
+            return ref.version
+        used = self._versions_used(ref.name)
+        if used >= MAX_VERSION:
+            raise NameTaken(_all_numbers_used(ref.name))
+        return used + 1
 
     def commit(self, staged: Path, meta: PocketBookMeta, *, name: str | None = None,
                new_version: bool = False, members_here: bool = False,
@@ -552,6 +573,7 @@ class Library:
 
         moved: builtins.list[tuple[Path, Path]] = []
         unmark: builtins.list[Callable[[], None]] = []
+        said: builtins.list[str] = []  # said once the removal is committed
 
         def undo() -> None:  # a failed removal leaves everything as it found it
             move_back(moved)
@@ -570,7 +592,7 @@ class Library:
                 going = {f"{ref.name}@{v}" for v in gone}
                 _refuse_needed(_dependents(conn, going))
             unmark.append(self._mark_used(
-                {ref.name: max(*present, *self._disk_versions(ref.name))}))
+                {ref.name: max(*present, *self._disk_versions(ref.name))}, said))
             for v in gone:
                 Catalog.delete(conn, ref.name, v)
                 src = self.path_of(ref.name, v)
@@ -593,6 +615,8 @@ class Library:
                 pass
             raise
         shutil.rmtree(trash, ignore_errors=True)
+        for message in said:
+            warnings.warn(message, CatalogWarning, stacklevel=2)
         if self.plugins is not None:
             for v in gone:
                 self.plugins.call_each("pocket_book_removed", name=ref.name, version=v)

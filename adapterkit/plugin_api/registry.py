@@ -126,6 +126,14 @@ class Trainer(Registrable):
         its typed ``trainer_options`` and its ``data`` (:class:`adapterkit.training.data.Data`).
         Default: nothing to refuse."""
 
+    def also_saves(self, *, name: str, trainer_options: Any) -> list[str]:
+        """The names of the pocket books a run saved as ``name`` (``NAME`` or ``NAME@N``)
+        saves besides it, given the run's typed ``trainer_options`` (``rlhf`` without a
+        ``reward``: the ``NAME-reward`` it trains first through ``job.train_stage``). A recipe
+        refuses, before anything trains, a stage whose name is one of them: that stage's run
+        and this one would both save under it. Default: none."""
+        return []
+
     def train(self, **job: Any) -> Any:
         """Train and return the trained PEFT model plus metrics. Called with keyword arguments.
 

@@ -29,7 +29,7 @@ from adapterkit.errors import AdapterkitError, ConfigError
 from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import PocketBookMeta
 from adapterkit.library.names import parse_ref
-from adapterkit.library.run_locks import LOCKS, RunLock, hold_run, release_all
+from adapterkit.library.run_locks import RunLock, hold_run, release_all
 from adapterkit.library.store import Library, PocketBook
 from adapterkit.training.build import check_lengths, load_for_method, split_eval
 from adapterkit.training.data import as_chat, check_rendering
@@ -103,20 +103,13 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
     pending = [s for s in recipe.stages if s.done is None]
     # every stage still to train holds its name from now on, as a run holds its own: an import
     # meanwhile under a later stage's name would stop the pipeline at that stage, its earlier
-    # stages trained for nothing. Each is let go just before its stage's train() takes it.
-    locks = library.home / LOCKS
-    made_locks = not locks.exists()
+    # stages trained for nothing. Each is handed to its stage's train(), never let go between.
     names = _hold_names(library, pending) if main else {}
     try:
         return _run_stages(recipe, library, pm, pending, names, say=say, main=main,
                            resume=resume, restart=restart, callbacks=callbacks)
     finally:
         release_all(list(reversed(names.values())))
-        if made_locks:  # the stages' own locks were let go in another order: as found
-            try:
-                locks.rmdir()
-            except OSError:  # not empty (another run's), or already gone
-                pass
 
 
 def _hold_names(library: Library, pending: list[Stage]) -> dict[str, RunLock]:
@@ -160,8 +153,8 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
             marker.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(marker, json.dumps({"stage_sha256": stage.fingerprint}))
         held = names.pop(parse_ref(stage.name).name, None)
-        if held is not None:  # train() holds it as its run's from here on
-            held.release()
+        if held is not None:  # train() takes it as its run's, as it is
+            held.hand_over()
         try:
             final = train(stage.trainer, base=loaded, data=stage.data, name=stage.name,
                           options=stage.options, home=library.home, plugins=pm,
@@ -177,6 +170,9 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
                 + f". Run the pipeline again with --resume to continue from stage {stage.index}.")
             exc.pipeline_stage = stage.index  # type: ignore[attr-defined]
             raise
+        finally:
+            if held is not None:  # (train() let go of it, unless it stopped before taking it)
+                held.release()
         if main:
             marker.unlink(missing_ok=True)
         results.append(StageResult(stage, final.pocket_book, dict(final.metrics)))

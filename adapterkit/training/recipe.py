@@ -33,6 +33,7 @@ from adapterkit.training.options import (
     LORA_SHAPE,
     TrainOptions,
     build_options,
+    build_trainer_options,
     with_defaults,
 )
 from adapterkit.training.run import interrupted_stages, last_complete_checkpoint, run_dir
@@ -178,6 +179,7 @@ def load_recipe(path: str | os.PathLike[str], *, home: str | os.PathLike[str] | 
     stages = [_read_stage(index, item, shared, path.parent, pm, problems)
               for index, item in enumerate(items, 1)]
     _link(stages, library, problems)
+    _check_also_saved(stages, pm, problems)
     if not problems:  # a fingerprint needs every part of the definition, checked
         _fingerprint(stages, base, library)
     _check_names(stages, library, resume=resume, restart=restart, problems=problems)
@@ -410,6 +412,28 @@ def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
         else:
             stage.start_from = book.ref
     problems += _order_problems(stages, edges, roles)
+
+
+def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str]) -> None:
+    """Refuse a stage named as a pocket book another stage's run saves besides its own
+    (``Trainer.also_saves``: rlhf's ``NAME-reward``): both runs would save under that name,
+    and the second would stop the pipeline after the first trained."""
+    named = {parse_ref(s.name).name: s for s in stages if s.name}
+    for stage in stages:
+        if not stage.name:
+            continue
+        try:  # (a trainer or options that do not read are reported where they are read)
+            trainer = pm.trainer(stage.trainer)
+            extra = trainer.also_saves(name=stage.name, trainer_options=build_trainer_options(
+                trainer, stage.options)) if hasattr(trainer, "also_saves") else []
+        except AdapterkitError:
+            continue
+        for other in extra:
+            clash = named.get(parse_ref(other).name)
+            if clash is not None and clash is not stage:
+                problems.append(f"{clash.label}: {stage.label} ({stage.trainer}) also saves a "
+                                f"pocket book under the name {parse_ref(other).name}: give "
+                                f"{clash.label} another name")
 
 
 def _order_problems(stages: list[Stage], edges: dict[int, int],
