@@ -1,6 +1,7 @@
 """Plain-PEFT adapters join the library only if they fit the base, and leave it unchanged."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -412,3 +413,25 @@ def test_no_export_writes_into_the_adapterkit_home(adapterkit_cli, home, tiny_ba
     assert after == before
     assert [(s.name, s.version) for s in Library(home).list()] == [("pe", 1)]
     assert cli("export", "pe", tmp_path / "out").exit_code == 0  # outside: as before
+
+
+def test_an_export_inside_the_home_by_another_spelling_is_refused(home, tiny_base,
+                                                                   peft_adapter, tmp_path,
+                                                                   monkeypatch):
+    """Where no spelling of the two paths shows it — a case-insensitive file system, a bind
+    mount — the file system's own identity of the folders does. Simulated: a link whose
+    target ``realpath`` is made not to see (as on those systems), so only the walk up the
+    destination's folders by device and inode can tell."""
+    import adapterkit.library.store as store
+    from adapterkit import ConfigError, Library
+
+    library = Library(home)
+    library.import_peft(peft_adapter, "pe", base=str(tiny_base))
+    other = tmp_path / "other-spelling"
+    other.symlink_to(home)
+    monkeypatch.setattr(store.os.path, "realpath", lambda p: os.path.abspath(p))
+    with pytest.raises(ConfigError, match="is inside the adapterkit home"):
+        library.export("pe", other / "library" / "x" / "1")
+    assert not (home / "library" / "x").exists()
+    assert library.export("pe", tmp_path / "out").is_dir()  # outside: as before
+

@@ -698,7 +698,8 @@ class Library:
         # by every path: as written, and with links followed (a link to the home or into it)
         paths = (Path(os.path.abspath(where)), Path(os.path.realpath(where)))
         homes = (Path(os.path.abspath(self.home)), Path(os.path.realpath(self.home)))
-        if any(p.is_relative_to(h) for p in paths for h in homes):
+        if any(p.is_relative_to(h) for p in paths for h in homes) or \
+                _below_by_identity(paths[0], self.home):
             raise ConfigError(f"{dest} is inside the adapterkit home {self.home}, whose "
                               "folders adapterkit manages: export to a folder outside it")
 
@@ -801,6 +802,24 @@ def _refuse_needed(needs: dict[str, list[str]]) -> None:
         raise ConfigError(
             "; ".join(f"{ref} is needed by {', '.join(deps)}" for ref, deps in sorted(by.items()))
             + " (trained on top of it, or a stack of it); remove those first, or pass --force")
+
+
+def _below_by_identity(path: Path, folder: Path) -> bool:
+    """Whether ``folder`` is ``path`` or one of its existing ancestors by the file system's
+    own identity (device and inode), where no spelling of the two paths shows it: a
+    case-insensitive file system (``~/AdapterKit`` for ``~/adapterkit``), a bind mount."""
+    try:
+        wanted = os.stat(folder)
+    except OSError:  # no such folder: nothing can be inside it
+        return False
+    for ancestor in (path, *path.parents):
+        try:
+            found = os.stat(ancestor)
+        except OSError:  # not made yet (export makes it): its parent may be the home
+            continue
+        if (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return True
+    return False
 
 
 def _all_numbers_used(name: str) -> str:
