@@ -272,9 +272,15 @@ def _engine_run(plan: dict[str, Any], assign: list[str], preload: list[str] = ()
     if plan.get("profile"):  # on an engine of its own, closed before the timed one is built:
         # the timed load still attaches its pocket books on first use, as without --profile
         engine = warm_engine()
-        _profile(engine, plan, [engine.resolve(name) for name in assign],
-                 "one_book" if len(set(assign)) == 1 else "mixed")
-        engine.close()
+        try:
+            _profile(engine, plan, [engine.resolve(name) for name in assign],
+                     "one_book" if len(set(assign)) == 1 else "mixed")
+        finally:
+            engine.close()
+        import torch
+
+        if torch.cuda.is_available():  # the timed engine's GPU peak is its own (a CPU's
+            torch.cuda.reset_peak_memory_stats()  # peak RSS cannot be reset: it includes it)
     engine = warm_engine()
     targets = [engine.resolve(name) for name in assign]
     engine.start()

@@ -101,8 +101,8 @@ step serve-bf16 ${SERVE_LIMIT:-120} $SERVE --paths "${SERVE_BF16_PATHS:-mixed,on
 serve_profile() {
     local dtype
     for dtype in float32 bfloat16; do
-        # (the later --new-tokens wins: argparse)
-        $SERVE --new-tokens 16 --paths mixed,one_book --dtype "$dtype" \
+        # (the later --new-tokens and --rounds win: argparse)
+        $SERVE --new-tokens 16 --rounds 1 --paths mixed,one_book --dtype "$dtype" \
             --profile "$OUT/serve-profile.txt" || return
     done
 }

@@ -246,6 +246,8 @@ def test_bench_serve_profiles_on_an_engine_of_its_own(monkeypatch, tmp_path):
     """``--profile``: the operator table is written, and the timed load's engine starts with
     only its warm-up's pocket book attached (the profiled engine attached every book; had it
     been the timed one, the first-token figures would leave out the loads on first use)."""
+    import torch
+
     from adapterkit.serving.engine import Engine
 
     bench = _bench("bench_serve")
@@ -258,6 +260,8 @@ def test_bench_serve_profiles_on_an_engine_of_its_own(monkeypatch, tmp_path):
     start = Engine.start
     monkeypatch.setattr(Engine, "start",
                         lambda self: (at_start.append(len(self._attached)), start(self))[1])
-    result = bench._mixed(plan)
+    with torch.enable_grad():  # (a child process's switch, here in the test's own: put back)
+        result = bench._mixed(plan)
+    assert torch.is_grad_enabled()
     assert "== mixed, float32, 4 requests, 2 decode steps" in profile.read_text()
     assert at_start == [1] and result["tokens"] == 16

@@ -434,4 +434,3 @@ def test_an_export_inside_the_home_by_another_spelling_is_refused(home, tiny_bas
         library.export("pe", other / "library" / "x" / "1")
     assert not (home / "library" / "x").exists()
     assert library.export("pe", tmp_path / "out").is_dir()  # outside: as before
-

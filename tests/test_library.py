@@ -215,6 +215,38 @@ def test_a_failed_removal_says_nothing_of_a_marks_file_it_put_back(library, monk
     assert list(library.root.glob(".versions-used.json.corrupt-*")) == []
 
 
+def test_a_removal_retried_on_a_damaged_catalog_says_only_what_its_retry_did(library,
+                                                                             monkeypatch):
+    """A damaged catalog makes the removal's transaction run again (after undoing the first
+    attempt, which put the marks file back): only the retry's words are said, naming the file
+    kept beside that exists."""
+    import sqlite3
+    import warnings
+
+    from adapterkit.library.catalog import Catalog
+
+    save(library, "m")
+    save(library, "m@2")
+    (library.root / ".versions-used.json").write_bytes(b"{not json")
+    real_delete, calls = Catalog.delete, []
+
+    def delete(conn, name, version):
+        calls.append(version)
+        if len(calls) == 1:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        return real_delete(conn, name, version)
+
+    monkeypatch.setattr(Catalog, "delete", staticmethod(delete))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        library.remove("m@2")
+    said = [str(w.message) for w in caught if w.category is CatalogWarning
+            and "did not read as the version numbers" in str(w.message)]
+    [kept] = library.root.glob(".versions-used.json.corrupt-*")
+    assert len(said) == 1 and f"kept as {kept.name}" in said[0], said
+    assert kept.read_bytes() == b"{not json" and len(calls) >= 2
+
+
 def test_marks_entries_that_are_not_version_numbers_are_said_and_the_rest_kept(library):
     """``{"old": 7, "x": "3"}``: the entry that is not a number was dropped silently at the
     next write, and the file counted as read. It is kept beside whole; "old" is written again."""
@@ -231,13 +263,27 @@ def test_marks_entries_that_are_not_version_numbers_are_said_and_the_rest_kept(l
 
 def test_a_save_says_when_the_marks_file_does_not_read(library):
     """A save read an unreadable marks file as no marks, silently: a plain NAME could take a
-    removed version's number again unseen."""
+    removed version's number again unseen. It is said once, where a plain NAME's number is
+    chosen from it; never for NAME@V, whose number is its own."""
+    import warnings
+
     save(library, "m")
     library.remove("m")  # m@1's number is marked used
     (library.root / ".versions-used.json").write_bytes(b"{not json")
-    with pytest.warns(CatalogWarning, match="run `adapterkit doctor`"):
-        book = save(library, "m")
-    assert book.version == 1  # what it can still tell: the versions present (none)
+
+    def said(action) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            action()
+        return [str(w.message) for w in caught if w.category is CatalogWarning]
+
+    books = []
+    first = said(lambda: books.append(save(library, "m")))
+    assert len(first) == 1 and "run `adapterkit doctor`" in first[0], first
+    assert books[0].version == 1  # what it can still tell: the versions present (none)
+    assert said(lambda: save(library, "pinned@4")) == []
+    assert said(lambda: save(library, "other")) == []  # the same file: said already
+    assert said(lambda: library.version_to_save("m@7")) == []
 
 
 def test_version_to_save_refuses_past_the_last_number(library):

@@ -642,8 +642,11 @@ def test_a_stage_named_as_the_reward_book_an_rlhf_stage_trains_is_refused(data, 
     pm = get_plugin_manager(env=False)
     with pytest.raises(ConfigError) as refused:
         load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
-    assert "stage 2 (pol-reward): stage 1 (pol) (rlhf) also saves a pocket book under the " \
-        "name pol-reward: give stage 2 (pol-reward) another name" in str(refused.value)
+    assert "stage 2 (pol-reward): stage 1 (pol, rlhf) also saves a pocket book under the " \
+        "name pol-reward: give one of the two stages another name, or, if stage 2 " \
+        "(pol-reward) is meant to be that pocket book, give it to stage 1 (pol) through its " \
+        "trainer options (rlhf: set: {reward: pol-reward}) and put stage 2 (pol-reward) " \
+        "first" in str(refused.value)
     assert not (home / "runs").exists()
 
     stages[0]["set"] = {"reward": "judge"}  # its own reward book: pol saves only pol (judge

@@ -436,3 +436,32 @@ def test_a_handed_run_lock_is_taken_as_it_is_and_released_once(tmp_path):
     assert home.is_dir()  # x's lock is in it still
     fresh.release()
     assert not home.exists()  # the folders taking the locks created: gone once empty
+
+
+def test_a_handed_run_lock_goes_only_to_a_run_on_the_handing_thread(tmp_path):
+    """A lock handed on in one thread (a pipeline to its stage) was taken by the next
+    ``hold_run`` of the name on any thread: another thread's unrelated run of that name trained
+    alongside the stage, whose own run was then refused. Another thread is refused, as before."""
+    import threading
+
+    from adapterkit.library.run_locks import hold_run
+
+    home = tmp_path / "home"
+    lock = hold_run(home, "x")
+    assert lock is not None
+    lock.hand_over()
+    seen: list[object] = []
+
+    def other_thread() -> None:
+        try:
+            seen.append(hold_run(home, "x"))
+        except RunStateError as exc:
+            seen.append(str(exc))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert len(seen) == 1 and "another run of x is training" in str(seen[0]), seen
+    assert hold_run(home, "x") is lock  # the handing thread's run takes it
+    lock.release()
+    assert not home.exists()

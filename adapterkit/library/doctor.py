@@ -29,7 +29,7 @@ reads every entry:
 * ``catalog`` — the SQLite file is missing, of another version or fails its own integrity
   check: rebuilt from the folders.
 * ``marks`` — ``library/.versions-used.json`` (each name's highest version before its
-  removals) does not read: kept beside as ``.corrupt-TIME`` and started afresh.
+  removals) does not read: kept beside as ``.corrupt-TIME``, the entries that read written again.
 
 ``--dry-run`` writes nothing at all: it reads the catalog file as it is (read-only, no
 recovery), which an ordinary command would already have healed.
@@ -150,7 +150,8 @@ def examine(library: Library, *, repair: bool) -> Report:
         _add(report, "marks", None, marks, "does not read as the names' highest version "
              "numbers that rm and doctor record, so a plain NAME may take a removed version's "
              "number again (give NAME@V to choose)",
-             f"keep it beside as {VERSIONS_USED_FILE}.corrupt-TIME and start it afresh", repair)
+             f"keep it beside as {VERSIONS_USED_FILE}.corrupt-TIME and write the entries that "
+             "read again", repair)
     for key in sorted(indexed.keys() - disk.keys()):
         path = library.root / key[0] / str(key[1])
         _add(report, "missing", f"{key[0]}@{key[1]}", path, "listed in the catalog, but its "

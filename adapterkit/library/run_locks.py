@@ -3,15 +3,17 @@
 A run of ``NAME`` holds ``<home>/locks/run-NAME.lock`` (``fcntl.flock``) from before its first
 step until it ends (:func:`hold_run`, taken by :mod:`adapterkit.training.run`; a search holds
 its NAME for the whole search, a pipeline every stage's name still to train, handing each to
-its stage's run). The library asks here before it saves a pocket book under a name, so that an ``import``, ``pull`` or saved stack cannot take
-the name a run will save under: the run would train to the end and then find its name taken,
-its finished weights only in a checkpoint that no ``--resume`` could save.
+its stage's run). The library asks here before it saves a pocket book under a name, so that
+an ``import``, ``pull`` or saved stack cannot take the name a run will save under: the run
+would train to the end and then find its name taken, its finished weights only in a
+checkpoint that no ``--resume`` could save.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +24,16 @@ from adapterkit.errors import RunStateError
 #: The folder of an adapterkit home holding the run locks.
 LOCKS = "locks"
 
-#: Locks their holders in this process handed on (:meth:`RunLock.hand_over`), by lock file:
-#: the next :func:`hold_run` of that name here takes the lock as it is, never letting go of it.
-_handed: dict[Path, RunLock] = {}
-#: The folders taking run locks in this process created (a home, its ``locks/``), innermost
-#: last: each release removes those that are empty again, so the home is left as it was found
-#: whichever of several locks (a pipeline's stages) is let go last.
+#: Locks their holders handed on (:meth:`RunLock.hand_over`), by lock file and thread: the
+#: next :func:`hold_run` of that name on that thread takes the lock as it is, never letting go
+#: of it; another thread's is refused as before.
+_handed: dict[tuple[Path, int], RunLock] = {}
+#: The folders taking run locks in this process created (a home, its ``locks/``; absolute),
+#: innermost last: a release removes those on its lock's path that are empty again, so the
+#: home is left as it was found whichever of several locks (a pipeline's stages) goes last.
 _made: list[Path] = []
+#: Guards ``_handed`` and ``_made`` (runs may train on threads of one process).
+_guard = threading.Lock()
 
 
 def run_lock_path(home: Path, name: str) -> Path:
@@ -79,11 +84,13 @@ def hold_run(home: Path, name: str) -> RunLock | None:
     except ImportError:  # pragma: no cover (Windows)
         return None
     path = run_lock_path(home, name)
-    handed = _handed.pop(_key(path), None)
-    if handed is not None and not handed.released:
-        return handed
-    folder = path.parent
-    _made.extend(d for d in (home, folder) if not d.exists() and d not in _made)
+    with _guard:
+        handed = _handed.pop((_key(path), threading.get_ident()), None)
+        if handed is not None and not handed.released:
+            return handed
+        folder = path.parent
+        _made.extend(d for d in (Path(home).absolute(), folder.absolute())
+                     if not d.exists() and d not in _made)
     folder.mkdir(parents=True, exist_ok=True)
     waits = 10  # an import or pull asking whether a run holds the name (run_locks.training_now)
     while True:  # holds it for a moment: asked again for up to about a fifth of a second
@@ -142,23 +149,24 @@ class RunLock:
     released: bool = False
 
     def hand_over(self) -> None:
-        """Keep holding the lock for the next :func:`hold_run` of its name in this process to
+        """Keep holding the lock for the next :func:`hold_run` of its name on this thread to
         take as it is (a pipeline, to the run of its stage): no moment in between when another
         process could take the name. Whoever holds it still releases it; a release after the
         taker's does nothing."""
-        if not self.released:
-            _handed[_key(self.path)] = self
+        with _guard:
+            if not self.released:
+                _handed[(_key(self.path), threading.get_ident())] = self
 
     def release(self) -> None:
         """Remove the lock file where it is still this lock's, then let go of the lock (in that
         order: a run starting now locks a file of its own), and the folders taking locks here
         created where they are empty: a run that failed leaves the home as it found it."""
-        if self.released:
-            return
-        self.released = True
-        key = _key(self.path)
-        if _handed.get(key) is self:
-            del _handed[key]
+        with _guard:
+            if self.released:
+                return
+            self.released = True
+            for key in [k for k, lock in _handed.items() if lock is self]:
+                del _handed[key]
         if self.owned:
             try:
                 if self.handle is None or \
@@ -168,18 +176,29 @@ class RunLock:
                 pass
         if self.handle is not None:
             self.handle.close()
-        for folder in reversed(list(_made)):
-            try:
-                folder.rmdir()
-            except FileNotFoundError:  # removed by someone else: nothing of ours to keep
-                pass
-            except OSError:  # not empty (another lock, or the run wrote there): kept for now
-                continue
-            _made.remove(folder)
+        locks = self.path.parent.absolute()
+        with _guard:
+            for folder in (locks, locks.parent):  # (its locks/ folder, then its home)
+                if folder not in _made:
+                    continue
+                try:
+                    folder.rmdir()
+                except FileNotFoundError:  # removed by someone else: nothing of ours to keep
+                    pass
+                except OSError:  # not empty (another lock, or the run wrote there): kept
+                    break
+                _made.remove(folder)
 
 
 def release_all(held: list[RunLock]) -> None:
-    """Release every lock in ``held`` (a run's, however it ends), and forget them."""
+    """Release every lock in ``held`` (a run's, however it ends), and forget them; one that
+    fails to let go does not keep the others (the first failure is raised after)."""
+    failed: BaseException | None = None
     for lock in held:
-        lock.release()
+        try:
+            lock.release()
+        except Exception as exc:  # (a file system error removing the lock file)
+            failed = failed or exc
     held.clear()
+    if failed is not None:
+        raise failed

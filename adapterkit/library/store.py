@@ -166,6 +166,8 @@ class Library:
         self.staging = self.home / "tmp"
         self.plugins = plugins
         self.catalog = Catalog(self.home / "catalog.sqlite", self._scan)
+        #: The state of the marks file last said to be unreadable (said once per state).
+        self._marks_said: Any = None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -385,15 +387,34 @@ class Library:
                  if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}
         return marks, len(marks) == len(data), raw
 
-    def _versions_used(self, name: str) -> int:
+    def _versions_used(self, name: str, *, say: bool = False) -> int:
+        """The highest version ``name`` had before its removals (0: none marked). ``say``: a
+        plain NAME's number is chosen from it now, so a marks file that does not read is said
+        (:meth:`_say_marks_unread`)."""
         marks, readable = self._read_marks()
-        if not readable:  # a save goes on (its version is its own or past those present); said
-            warnings.warn(
-                f"{self.root / VERSIONS_USED_FILE} does not read as the version numbers `rm` "
-                "records, so a plain NAME may take a removed version's number again: run "
-                "`adapterkit doctor` to keep it beside and start it afresh (give NAME@V to "
-                "choose meanwhile)", CatalogWarning, stacklevel=3)
+        if say and not readable:
+            self._say_marks_unread()
         return min(max(marks.get(name, 0), 0), MAX_VERSION)
+
+    def _say_marks_unread(self) -> None:
+        """Warn that the marks file does not read, once per state of the file: a save goes on
+        (from the entries that read and the versions present), and a plain NAME may take a
+        removed version's number again."""
+        path = self.root / VERSIONS_USED_FILE
+        try:
+            found = os.stat(path)
+            state: Any = (found.st_ino, found.st_mtime_ns, found.st_size)
+        except OSError:
+            state = "unstatable"
+        if state == self._marks_said:
+            return
+        self._marks_said = state
+        warnings.warn(
+            f"{path} does not read as the version numbers `rm` records, so a plain NAME is "
+            "numbered from the entries that read and the versions present, and may take a "
+            "removed version's number again: run `adapterkit doctor` to keep the file beside "
+            "and write the entries that read again (give NAME@V to choose meanwhile)",
+            CatalogWarning, stacklevel=4)
 
     def _mark_used(self, highest: dict[str, int],
                    said: builtins.list[str]) -> Callable[[], None]:
@@ -433,7 +454,8 @@ class Library:
         """The version a plain ``name`` saved now as a new version takes: one past the highest
         it has or ever had (1 for a new name)."""
         validate_name(name)
-        version = max(max(self._all_versions(name), default=0), self._versions_used(name)) + 1
+        version = max(max(self._all_versions(name), default=0),
+                      self._versions_used(name, say=True)) + 1
         if version > MAX_VERSION:
             raise NameTaken(_all_numbers_used(name))
         return version
@@ -444,7 +466,7 @@ class Library:
         ref = parse_ref(name_or_ref)
         if ref.version is not None:
             return ref.version
-        used = self._versions_used(ref.name)
+        used = self._versions_used(ref.name, say=True)
         if used >= MAX_VERSION:
             raise NameTaken(_all_numbers_used(ref.name))
         return used + 1
@@ -514,6 +536,8 @@ class Library:
 
         self.reconcile()  # so a folder left by a crash is seen as the pocket book it is
         book = self.catalog.write(insert, undo=lambda: move_back(moved))
+        if ref.version is None and not self._read_marks()[1]:  # its number came from them
+            self._say_marks_unread()
         if meta.name == meta.base.get("name"):  # imported, pulled, trained, stacked: all here
             warnings.warn(f"{book.ref} has its base's name, which `adapterkit serve` reads as "
                           f"the plain base: name it {book.ref} in requests and stacks there",
@@ -580,6 +604,7 @@ class Library:
             for put_back in reversed(unmark):
                 put_back()
             unmark.clear()
+            said.clear()  # (what the undone attempt would have said: a retry says its own)
 
         def delete(conn: sqlite3.Connection) -> builtins.list[int]:
             # Re-read inside the lock: another command may have removed some meanwhile.

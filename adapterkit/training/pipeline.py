@@ -152,10 +152,11 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
         if main:  # the definition this run of the stage trains under (load_recipe checks it)
             marker.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(marker, json.dumps({"stage_sha256": stage.fingerprint}))
-        held = names.pop(parse_ref(stage.name).name, None)
-        if held is not None:  # train() takes it as its run's, as it is
-            held.hand_over()
+        key = parse_ref(stage.name).name
+        held = names.get(key)  # (in names until let go: released by the caller however it ends)
         try:
+            if held is not None:  # train() takes it as its run's, as it is
+                held.hand_over()
             final = train(stage.trainer, base=loaded, data=stage.data, name=stage.name,
                           options=stage.options, home=library.home, plugins=pm,
                           resume=checkpoint is not None, restart=restart, on=on,
@@ -173,6 +174,7 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
         finally:
             if held is not None:  # (train() let go of it, unless it stopped before taking it)
                 held.release()
+                names.pop(key, None)
         if main:
             marker.unlink(missing_ok=True)
         results.append(StageResult(stage, final.pocket_book, dict(final.metrics)))

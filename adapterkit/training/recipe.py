@@ -424,16 +424,25 @@ def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str
             continue
         try:  # (a trainer or options that do not read are reported where they are read)
             trainer = pm.trainer(stage.trainer)
-            extra = trainer.also_saves(name=stage.name, trainer_options=build_trainer_options(
-                trainer, stage.options)) if hasattr(trainer, "also_saves") else []
+            typed = build_trainer_options(trainer, stage.options)
         except AdapterkitError:
             continue
+        try:
+            extra = [parse_ref(n).name for n in trainer.also_saves(
+                name=stage.name, trainer_options=typed)] if hasattr(trainer, "also_saves") else []
+        except Exception as exc:  # the plugin's bug: named, among the recipe's problems
+            problems.append(f"{stage.label}: trainer {stage.trainer}'s also_saves() failed "
+                            f"({type(exc).__name__}: {exc}); report it to its plugin's authors")
+            continue
         for other in extra:
-            clash = named.get(parse_ref(other).name)
+            clash = named.get(other)
             if clash is not None and clash is not stage:
-                problems.append(f"{clash.label}: {stage.label} ({stage.trainer}) also saves a "
-                                f"pocket book under the name {parse_ref(other).name}: give "
-                                f"{clash.label} another name")
+                problems.append(
+                    f"{clash.label}: {stage.label[:-1]}, {stage.trainer}) also saves a pocket "
+                    f"book under the name {other}: give one of the two stages another name, or, "
+                    f"if {clash.label} is meant to be that pocket book, give it to "
+                    f"{stage.label} through its trainer options (rlhf: set: {{reward: "
+                    f"{other}}}) and put {clash.label} first")
 
 
 def _order_problems(stages: list[Stage], edges: dict[int, int],
