@@ -653,3 +653,59 @@ def test_a_stage_named_as_the_reward_book_an_rlhf_stage_trains_is_refused(data, 
     # is looked up when the stage starts: a stage may name what an earlier one makes)
     plan = load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
     assert [s.name for s in plan.stages] == ["pol", "pol-reward"]
+
+
+def _sft_then_rlhf(tiny_base: Path) -> dict:
+    return {"base": str(tiny_base), **FAST, "stages": [
+        {"name": "first", "trainer": "sft", "data": "prompt_completion.jsonl"},
+        {"name": "pol", "trainer": "rlhf", "data": "preference.jsonl",
+         "set": {"num_generations": 2, "max_new_tokens": 4, "reward_steps": 2}}]}
+
+
+def test_the_pocket_book_an_rlhf_stage_saves_besides_is_held_from_the_start(data, tiny_base,
+                                                                            home, tmp_path):
+    """An import of ``pol-reward`` while stage 1 trained was saved, and stage 2 (rlhf ``pol``,
+    which trains ``pol-reward`` first) then stopped, stage 1 trained for nothing: the pipeline
+    holds the names a stage's run saves besides its own, and hands them to that run."""
+    from transformers import TrainerCallback
+
+    from adapterkit.errors import NameTaken
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_base, tmp_path / "other")
+    library = Library(home)
+    said: list[str] = []
+
+    class ImportDuringStage1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                try:
+                    library.import_peft(adapter, "pol-reward", base=str(tiny_base))
+                    said.append("saved")
+                except NameTaken as exc:
+                    said.append(str(exc))
+
+    path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+    result = run_pipeline(path, home=home, plugins=get_plugin_manager(env=False),
+                          callbacks=lambda s: [ImportDuringStage1()] if s.index == 1 else [])
+    assert len(said) == 1 and said[0].startswith("a run training pol-reward in "), said
+    assert [r.pocket_book.ref for r in result.stages] == ["first@1", "pol@1"]
+    assert library.get("pol-reward").meta.trainer == "reward"  # the stage's, not the import
+    assert not (home / "locks").exists()
+
+
+def test_a_recipe_whose_rlhf_stage_would_save_a_taken_name_is_refused_first(data, tiny_base,
+                                                                           home, tmp_path):
+    """``pol-reward`` already in the library: rlhf's own check refused it only when stage 2
+    started, after stage 1 had trained. The recipe refuses it before anything trains."""
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    Library(home).import_peft(make_peft_adapter(tiny_base, tmp_path / "other"), "pol-reward",
+                              base=str(tiny_base))
+    path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(path, home=home, plugins=get_plugin_manager(env=False))
+    assert "stage 2 (pol): its rlhf run also saves a pocket book under the name pol-reward, " \
+        "which the library holds already: use that one through the stage's trainer options " \
+        "(rlhf: set: {reward: pol-reward}), or remove it, or give the stage another name" \
+        in str(refused.value)

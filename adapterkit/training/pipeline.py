@@ -113,11 +113,12 @@ def run_pipeline(recipe: Recipe | str | os.PathLike[str], *,
 
 
 def _hold_names(library: Library, pending: list[Stage]) -> dict[str, RunLock]:
-    """The run locks of the ``pending`` stages' names (refused where a run trains one)."""
+    """The run locks of the ``pending`` stages' names, and of the names their runs save
+    besides (``Stage.also_saves``); refused where a run trains one."""
     held: dict[str, RunLock] = {}
     try:
-        for stage in pending:
-            key = parse_ref(stage.name).name
+        for key in dict.fromkeys(k for stage in pending
+                                 for k in (parse_ref(stage.name).name, *stage.also_saves)):
             lock = hold_run(library.home, key)
             if lock is not None:
                 held[key] = lock
@@ -152,11 +153,11 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
         if main:  # the definition this run of the stage trains under (load_recipe checks it)
             marker.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(marker, json.dumps({"stage_sha256": stage.fingerprint}))
-        key = parse_ref(stage.name).name
-        held = names.get(key)  # (in names until let go: released by the caller however it ends)
-        try:
-            if held is not None:  # train() takes it as its run's, as it is
-                held.hand_over()
+        keys = [parse_ref(stage.name).name, *stage.also_saves]
+        held = [names[k] for k in keys if k in names]  # (in names until let go: released by
+        try:  # the caller however it ends)
+            for lock in held:  # train() takes it as its run's, as it is (and the runs it
+                lock.hand_over()  # makes of the names it saves besides, theirs)
             final = train(stage.trainer, base=loaded, data=stage.data, name=stage.name,
                           options=stage.options, home=library.home, plugins=pm,
                           resume=checkpoint is not None, restart=restart, on=on,
@@ -172,9 +173,10 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
             exc.pipeline_stage = stage.index  # type: ignore[attr-defined]
             raise
         finally:
-            if held is not None:  # (train() let go of it, unless it stopped before taking it)
-                held.release()
-                names.pop(key, None)
+            for lock in held:  # (train() let go of it, unless it stopped before taking it)
+                lock.release()
+            for k in keys:
+                names.pop(k, None)
         if main:
             marker.unlink(missing_ok=True)
         results.append(StageResult(stage, final.pocket_book, dict(final.metrics)))

@@ -75,6 +75,9 @@ class Stage:
     dataset: Data | None = field(default=None, repr=False)
     #: Neither ``on:`` nor ``from:`` given: on the stage before (the base for the first).
     follows: bool = False
+    #: The names of the pocket books the stage's run saves besides its own
+    #: (``Trainer.also_saves``: rlhf's ``NAME-reward``); a pipeline holds them with its name.
+    also_saves: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -414,6 +417,19 @@ def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
     problems += _order_problems(stages, edges, roles)
 
 
+def _also_taken(library: Library, stage: Stage) -> str | None:
+    """The first of the stage's ``also_saves`` names already taken in the library (before
+    any stage trains: its trainer would refuse it only when the stage starts). With
+    ``--resume`` the stage's own trainer judges, when it starts: an interrupted run may have
+    saved it."""
+    for name in stage.also_saves:
+        try:
+            library.reserve(name)
+        except NameTaken:
+            return name
+    return None
+
+
 def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str]) -> None:
     """Refuse a stage named as a pocket book another stage's run saves besides its own
     (``Trainer.also_saves``: rlhf's ``NAME-reward``): both runs would save under that name,
@@ -434,6 +450,7 @@ def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str
             problems.append(f"{stage.label}: trainer {stage.trainer}'s also_saves() failed "
                             f"({type(exc).__name__}: {exc}); report it to its plugin's authors")
             continue
+        stage.also_saves = extra
         for other in extra:
             clash = named.get(other)
             if clash is not None and clash is not stage:
@@ -557,6 +574,11 @@ def _check_names(stages: list[Stage], library: Library, *, resume: bool, restart
             problems.append(f"{stage.label}: {said}" + (
                 " (it was not made by this stage of this recipe, so --resume cannot reuse it)"
                 if resume else ""))
+        elif taken is None and not resume and (also := _also_taken(library, stage)):
+            problems.append(f"{stage.label}: its {stage.trainer} run also saves a pocket book "
+                            f"under the name {also}, which the library holds already: use that "
+                            "one through the stage's trainer options (rlhf: set: {reward: "
+                            f"{also}}}), or remove it, or give the stage another name")
         elif taken is None and not resume and not restart and \
                 (last := interrupted(library, stage)):
             problems.append(f"{stage.label}: an interrupted run of {stage.name} exists "
