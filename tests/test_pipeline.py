@@ -557,38 +557,47 @@ def test_a_recipes_dropout_meets_stages_that_train_without_dropout(tmp_path):
     assert problems_of({"name": "x", "trainer": "sft", "data": "p.jsonl"}) == []
 
 
-def test_no_other_save_takes_a_later_stages_name_while_an_earlier_one_trains(
-        data, tiny_base, home, tmp_path):
-    """An import under stage 2's name while stage 1 trained was saved, and the pipeline then
-    stopped at stage 2 with its name taken, stage 1's training for nothing: every stage still
-    to train holds its name from the pipeline's start, as a run holds its own."""
+def _importer(library: Library, tiny_base: Path, tmp_path: Path, name: str,
+              said: list[str]) -> type:
+    """A callback class that, at a stage's first step, imports a PEFT adapter as ``name``,
+    appending to ``said`` "saved" or the refusal."""
     from transformers import TrainerCallback
 
     from adapterkit.errors import NameTaken
     from adapterkit.plugin_api.testing import make_peft_adapter
 
     adapter = make_peft_adapter(tiny_base, tmp_path / "other")
-    library = Library(home)
-    said: list[str] = []
 
-    class ImportDuringStage1(TrainerCallback):
+    class ImportDuringStage(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 1:
                 try:
-                    library.import_peft(adapter, "polite", base=str(tiny_base))
+                    library.import_peft(adapter, name, base=str(tiny_base))
                     said.append("saved")
                 except NameTaken as exc:
                     said.append(str(exc))
 
+    return ImportDuringStage
+
+
+def test_no_other_save_takes_a_later_stages_name_while_an_earlier_one_trains(
+        data, tiny_base, home, tmp_path):
+    """An import under stage 2's name while stage 1 trained was saved, and the pipeline then
+    stopped at stage 2 with its name taken, stage 1's training for nothing: every stage still
+    to train holds its name from the pipeline's start, as a run holds its own."""
+    library = Library(home)
+    said: list[str] = []
+    importer = _importer(library, tiny_base, tmp_path, "polite", said)
     pm = get_plugin_manager(env=False)
     path = write_recipe(data["general"].parent, two_stages(tiny_base))
     result = run_pipeline(path, home=home, plugins=pm,
-                          callbacks=lambda s: [ImportDuringStage1()] if s.index == 1 else [])
+                          callbacks=lambda s: [importer()] if s.index == 1 else [])
     assert len(said) == 1 and said[0].startswith("a run training polite in "), said
     assert [(r.pocket_book.ref, r.skipped) for r in result.stages] == [
         ("instruct@1", False), ("polite@1", False)]
     assert library.get("polite").meta.stacked_on == ["instruct@1"]  # the stage's, not the import
     assert not (home / "locks").exists()  # every lock let go, the home as the run found it
+    adapter = tmp_path / "other"  # (the importer's)
     assert str(library.import_peft(adapter, "polite@2", base=str(tiny_base)).ref) == "polite@2"
 
 
@@ -667,27 +676,12 @@ def test_the_pocket_book_an_rlhf_stage_saves_besides_is_held_from_the_start(data
     """An import of ``pol-reward`` while stage 1 trained was saved, and stage 2 (rlhf ``pol``,
     which trains ``pol-reward`` first) then stopped, stage 1 trained for nothing: the pipeline
     holds the names a stage's run saves besides its own, and hands them to that run."""
-    from transformers import TrainerCallback
-
-    from adapterkit.errors import NameTaken
-    from adapterkit.plugin_api.testing import make_peft_adapter
-
-    adapter = make_peft_adapter(tiny_base, tmp_path / "other")
     library = Library(home)
     said: list[str] = []
-
-    class ImportDuringStage1(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                try:
-                    library.import_peft(adapter, "pol-reward", base=str(tiny_base))
-                    said.append("saved")
-                except NameTaken as exc:
-                    said.append(str(exc))
-
+    importer = _importer(library, tiny_base, tmp_path, "pol-reward", said)
     path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
     result = run_pipeline(path, home=home, plugins=get_plugin_manager(env=False),
-                          callbacks=lambda s: [ImportDuringStage1()] if s.index == 1 else [])
+                          callbacks=lambda s: [importer()] if s.index == 1 else [])
     assert len(said) == 1 and said[0].startswith("a run training pol-reward in "), said
     assert [r.pocket_book.ref for r in result.stages] == ["first@1", "pol@1"]
     assert library.get("pol-reward").meta.trainer == "reward"  # the stage's, not the import
