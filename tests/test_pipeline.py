@@ -651,11 +651,19 @@ def test_a_stage_named_as_the_reward_book_an_rlhf_stage_trains_is_refused(data, 
     pm = get_plugin_manager(env=False)
     with pytest.raises(ConfigError) as refused:
         load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
-    assert "stage 2 (pol-reward): stage 1 (pol, rlhf) also saves a pocket book under the " \
-        "name pol-reward: give one of the two stages another name, or, if stage 2 " \
-        "(pol-reward) is meant to be that pocket book, give it to stage 1 (pol) through its " \
-        "trainer options (rlhf: set: {reward: pol-reward}) and put stage 2 (pol-reward) " \
-        "first" in str(refused.value)
+    assert str(refused.value).endswith(
+        "stage 2 (pol-reward): stage 1 (pol, rlhf) also saves a pocket book under the name "
+        "pol-reward: give one of the two stages another name")  # (an sft book: no reward)
+    assert not (home / "runs").exists()
+
+    stages[1].update(trainer="reward", data="preference.jsonl")  # one that could be: said how
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
+    assert "stage 2 (pol-reward): stage 1 (pol, rlhf) also saves a pocket book under the name " \
+        "pol-reward: give one of the two stages another name, or, if stage 2 (pol-reward) is " \
+        "meant to be that pocket book, give it to pol through its trainer options (rlhf: set: " \
+        "{reward: pol-reward}), move it before pol, and say what pol trains on (on: null for " \
+        "the base)" in str(refused.value)
     assert not (home / "runs").exists()
 
     stages[0]["set"] = {"reward": "judge"}  # its own reward book: pol saves only pol (judge
@@ -699,7 +707,112 @@ def test_a_recipe_whose_rlhf_stage_would_save_a_taken_name_is_refused_first(data
     path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
     with pytest.raises(ConfigError) as refused:
         load_recipe(path, home=home, plugins=get_plugin_manager(env=False))
-    assert "stage 2 (pol): its rlhf run also saves a pocket book under the name pol-reward, " \
-        "which the library holds already: use that one through the stage's trainer options " \
-        "(rlhf: set: {reward: pol-reward}), or remove it, or give the stage another name" \
+    assert str(refused.value).endswith(
+        "stage 2 (pol): its rlhf run also saves a pocket book under the name pol-reward, "
+        "which the library holds already: remove it, or give the stage another name")
+
+
+class _SavesBeside:
+    """A plugin whose trainer ``sft-beside`` trains as sft and saves, itself, a PEFT folder
+    under ``NAME-beside`` (or, with ``fixed``, under ``beside``), which it declares."""
+
+    def __init__(self, tiny_base: Path, tmp_path: Path, fixed: bool = False) -> None:
+        from adapterkit.plugin_api.testing import make_peft_adapter
+
+        self.adapter = make_peft_adapter(tiny_base, tmp_path / "beside-adapter")
+        self.tiny_base, self.fixed = tiny_base, fixed
+
+    @property
+    def trainer(self):
+        outer = self
+
+        class SftBeside(type(get_plugin_manager(env=False).trainer("sft"))):
+            name = "sft-beside"
+            description = "sft, and a pocket book saved beside"
+
+            def also_saves(self, *, name, trainer_options):
+                return ["beside" if outer.fixed else name.split("@")[0] + "-beside"]
+
+            def train(self, *, job, **kwargs):
+                extra = self.also_saves(name=job.name, trainer_options=None)[0]
+                Library(job.home).import_peft(outer.adapter, extra, base=str(outer.tiny_base))
+                return super().train(job=job, **kwargs)
+
+        return SftBeside()
+
+    def manager(self):
+        from adapterkit import hookimpl
+
+        trainer = self.trainer
+
+        class Plugin:
+            @hookimpl
+            def register_trainers(self, register):
+                register(trainer)
+
+        return get_plugin_manager(env=False, plugins={"beside": Plugin()})
+
+
+def test_a_plugin_saving_what_it_declares_itself_is_not_refused_in_a_pipeline(
+        data, tiny_base, home, tmp_path):
+    """The pipeline holds the names a stage's run declares it saves besides (also_saves); a
+    plugin that saves one itself, through the library on its run's thread, was refused as if
+    another run trained it (the pipeline's own hold, pid of this very process)."""
+    pm = _SavesBeside(tiny_base, tmp_path).manager()
+    recipe = {"base": str(tiny_base), **FAST, "general": "general.txt", "stages": [
+        {"name": "one", "trainer": "sft-beside", "data": "prompt_completion.jsonl"}]}
+    result = run_pipeline(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
+    assert [r.pocket_book.ref for r in result.stages] == ["one@1"]
+    assert Library(home).get("one-beside").ref == "one-beside@1"
+    assert not (home / "locks").exists()
+
+
+def test_two_stages_whose_runs_would_save_the_same_name_are_refused(data, tiny_base, home,
+                                                                   tmp_path):
+    pm = _SavesBeside(tiny_base, tmp_path, fixed=True).manager()
+    recipe = {"base": str(tiny_base), **FAST, "general": "general.txt", "stages": [
+        {"name": "one", "trainer": "sft-beside", "data": "prompt_completion.jsonl"},
+        {"name": "two", "trainer": "sft-beside", "data": "prompt_completion.jsonl"}]}
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
+    assert "stage 2 (two, sft-beside): stage 1 (one) also saves a pocket book under the name " \
+        "beside, as this stage's run would: give one of the two stages another name" \
         in str(refused.value)
+
+
+def test_a_resume_past_an_rlhf_stage_s_saved_reward_book_says_how_to_go_on(data, tiny_base,
+                                                                           home, tmp_path):
+    """An rlhf stage interrupted after its reward pocket book was saved: --resume loaded the
+    base and then met rlhf's refusal, whose advice (--reward, --name) a pipeline cannot take.
+    The recipe says so before anything loads, and what to do."""
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    Library(home).import_peft(make_peft_adapter(tiny_base, tmp_path / "other"), "pol-reward",
+                              base=str(tiny_base))
+    (home / "runs" / "pol").mkdir(parents=True)
+    (home / "runs" / "pol" / "stages.json").write_text('["pol-reward"]')  # as the run records
+    path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(path, home=home, plugins=get_plugin_manager(env=False), resume=True)
+    assert "stage 2 (pol): its interrupted run saved pol-reward before it stopped, and a " \
+        "pipeline cannot go on from there: remove it (adapterkit rm pol-reward) and pass " \
+        "--restart to train the stage anew" in str(refused.value)
+
+
+def test_a_pipeline_refused_a_name_its_stage_saves_besides_says_which_stage(data, tiny_base,
+                                                                            home):
+    from adapterkit.errors import RunStateError
+    from adapterkit.library.run_locks import hold_run
+
+    other = hold_run(home, "pol-reward")  # what another run of pol-reward holds
+    try:
+        path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+        with pytest.raises(RunStateError) as refused:
+            run_pipeline(path, home=home, plugins=get_plugin_manager(env=False))
+    finally:
+        other.release()
+    said = str(refused.value)
+    assert said.startswith("stage 2 (pol, rlhf) saves pol-reward besides its own pocket book, "
+                           "and another run of pol-reward is training in ") and \
+        said.endswith(": wait for it to finish, or give the stage another name (name:)"), said
+    assert Library(home).list() == []

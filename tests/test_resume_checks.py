@@ -465,3 +465,47 @@ def test_a_handed_run_lock_goes_only_to_a_run_on_the_handing_thread(tmp_path):
     assert hold_run(home, "x") is lock  # the handing thread's run takes it
     lock.release()
     assert not home.exists()
+
+
+def test_a_run_lock_whose_file_cannot_be_removed_is_let_go_all_the_same(tmp_path, monkeypatch):
+    """``release()`` marked the lock released, then failed removing its file before closing
+    it: the name stayed locked for the rest of the process, and no second release closed it."""
+    from pathlib import Path
+
+    from adapterkit.library.run_locks import hold_run, release_all, training_now
+
+    home = tmp_path / "home"
+    lock = hold_run(home, "a")
+    assert lock is not None
+    real_unlink = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name == "run-a.lock":
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(PermissionError):
+        release_all([lock])
+    monkeypatch.undo()
+    assert training_now(home, "a") is None  # let go, though its file is still there
+    again = hold_run(home, "a")
+    assert again is not None
+    again.release()
+
+
+def test_a_run_lock_taken_with_a_relative_home_is_released_after_a_chdir(tmp_path,
+                                                                        monkeypatch):
+    """The lock kept the relative path it was given: released after a ``chdir`` it removed
+    neither its file nor the folders it made (the home was not left as found)."""
+    from pathlib import Path
+
+    from adapterkit.library.run_locks import hold_run
+
+    monkeypatch.chdir(tmp_path)
+    lock = hold_run(Path("rel-home"), "a")
+    assert lock is not None and (tmp_path / "rel-home" / "locks" / "run-a.lock").is_file()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    lock.release()
+    assert not (tmp_path / "rel-home").exists()

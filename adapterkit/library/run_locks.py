@@ -77,21 +77,21 @@ def training_now(home: Path, name: str) -> str | None:
 def hold_run(home: Path, name: str) -> RunLock | None:
     """Hold ``home``'s lock for runs of ``name``, or refuse: a second run under that name would
     clear the first one's run folder as it starts, and whichever saved second would find the
-    name taken and lose its whole run. A lock a holder in this process handed on
+    name taken and lose its whole run. A lock a holder handed on to this thread
     (:meth:`RunLock.hand_over`) is taken as it is. None where the platform has no ``fcntl``."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
         return None
+    home = Path(home).absolute()  # (a release after a chdir finds the same files)
     path = run_lock_path(home, name)
     with _guard:
         handed = _handed.pop((_key(path), threading.get_ident()), None)
         if handed is not None and not handed.released:
             return handed
         folder = path.parent
-        _made.extend(d for d in (Path(home).absolute(), folder.absolute())
-                     if not d.exists() and d not in _made)
-    folder.mkdir(parents=True, exist_ok=True)
+        _made.extend(d for d in (home, folder) if not d.exists() and d not in _made)
+        folder.mkdir(parents=True, exist_ok=True)  # (under the guard: no release between)
     waits = 10  # an import or pull asking whether a run holds the name (run_locks.training_now)
     while True:  # holds it for a moment: asked again for up to about a fifth of a second
         try:
@@ -127,6 +127,15 @@ def hold_run(home: Path, name: str) -> RunLock | None:
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     return RunLock(handle, path)
+
+
+def handed_here(home: Path, name: str) -> bool:
+    """Whether the run lock of ``name`` in ``home`` was handed to this thread and not taken
+    yet (:meth:`RunLock.hand_over`): a pipeline's stage saving, itself, a pocket book its run
+    declares it saves besides its own (``Trainer.also_saves``) is that name's run."""
+    with _guard:
+        lock = _handed.get((_key(run_lock_path(home, name)), threading.get_ident()))
+        return lock is not None and not lock.released
 
 
 def _key(path: Path) -> Path:
@@ -167,15 +176,17 @@ class RunLock:
             self.released = True
             for key in [k for k, lock in _handed.items() if lock is self]:
                 del _handed[key]
-        if self.owned:
-            try:
-                if self.handle is None or \
-                        os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
-                    self.path.unlink()
-            except FileNotFoundError:
-                pass
-        if self.handle is not None:
-            self.handle.close()
+        try:
+            if self.owned:
+                try:
+                    if self.handle is None or \
+                            os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
+                        self.path.unlink()
+                except FileNotFoundError:
+                    pass
+        finally:  # let go of the lock even where its file could not be removed
+            if self.handle is not None:
+                self.handle.close()
         locks = self.path.parent.absolute()
         with _guard:
             for folder in (locks, locks.parent):  # (its locks/ folder, then its home)

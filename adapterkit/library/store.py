@@ -62,7 +62,7 @@ from adapterkit.library.metadata import (
     PocketBookMeta,
 )
 from adapterkit.library.names import MAX_VERSION, Ref, parse_ref, validate_name
-from adapterkit.library.run_locks import training_now
+from adapterkit.library.run_locks import handed_here, training_now
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
@@ -166,8 +166,6 @@ class Library:
         self.staging = self.home / "tmp"
         self.plugins = plugins
         self.catalog = Catalog(self.home / "catalog.sqlite", self._scan)
-        #: The state of the marks file last said to be unreadable (said once per state).
-        self._marks_said: Any = None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -393,28 +391,29 @@ class Library:
         (:meth:`_say_marks_unread`)."""
         marks, readable = self._read_marks()
         if say and not readable:
-            self._say_marks_unread()
+            self._say_marks_unread(stacklevel=4)
         return min(max(marks.get(name, 0), 0), MAX_VERSION)
 
-    def _say_marks_unread(self) -> None:
-        """Warn that the marks file does not read, once per state of the file: a save goes on
-        (from the entries that read and the versions present), and a plain NAME may take a
-        removed version's number again."""
+    def _say_marks_unread(self, *, stacklevel: int) -> None:
+        """Warn that the marks file does not read, once per process and state of the file: a
+        save goes on (from the entries that read and the versions present), and a plain NAME
+        may take a removed version's number again."""
         path = self.root / VERSIONS_USED_FILE
         try:
             found = os.stat(path)
             state: Any = (found.st_ino, found.st_mtime_ns, found.st_size)
         except OSError:
             state = "unstatable"
-        if state == self._marks_said:
+        key = os.path.abspath(path)
+        if _MARKS_SAID.get(key) == state:
             return
-        self._marks_said = state
+        _MARKS_SAID[key] = state
         warnings.warn(
             f"{path} does not read as the version numbers `rm` records, so a plain NAME is "
             "numbered from the entries that read and the versions present, and may take a "
             "removed version's number again: run `adapterkit doctor` to keep the file beside "
             "and write the entries that read again (give NAME@V to choose meanwhile)",
-            CatalogWarning, stacklevel=4)
+            CatalogWarning, stacklevel=stacklevel)
 
     def _mark_used(self, highest: dict[str, int],
                    said: builtins.list[str]) -> Callable[[], None]:
@@ -504,7 +503,8 @@ class Library:
 
         def insert(conn: sqlite3.Connection) -> PocketBook:
             self._refuse_case_clash(conn, ref.name)
-            holder = None if run else training_now(self.home, ref.name)
+            holder = None if run or handed_here(self.home, ref.name) else \
+                training_now(self.home, ref.name)
             if holder is not None:
                 raise NameTaken(f"a run training {ref.name} in {self.home} ({holder}) will save "
                                 f"under that name when it ends, so {ref} was not saved: wait "
@@ -537,7 +537,7 @@ class Library:
         self.reconcile()  # so a folder left by a crash is seen as the pocket book it is
         book = self.catalog.write(insert, undo=lambda: move_back(moved))
         if ref.version is None and not self._read_marks()[1]:  # its number came from them
-            self._say_marks_unread()
+            self._say_marks_unread(stacklevel=3)
         if meta.name == meta.base.get("name"):  # imported, pulled, trained, stacked: all here
             warnings.warn(f"{book.ref} has its base's name, which `adapterkit serve` reads as "
                           f"the plain base: name it {book.ref} in requests and stacks there",
@@ -827,6 +827,10 @@ def _refuse_needed(needs: dict[str, list[str]]) -> None:
         raise ConfigError(
             "; ".join(f"{ref} is needed by {', '.join(deps)}" for ref, deps in sorted(by.items()))
             + " (trained on top of it, or a stack of it); remove those first, or pass --force")
+
+
+#: The state of each marks file last said not to read (:meth:`Library._say_marks_unread`).
+_MARKS_SAID: dict[str, Any] = {}
 
 
 def _below_by_identity(path: Path, folder: Path) -> bool:

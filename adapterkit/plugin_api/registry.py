@@ -130,8 +130,10 @@ class Trainer(Registrable):
         """The names of the pocket books a run saved as ``name`` (``NAME`` or ``NAME@N``)
         saves besides it, given the run's typed ``trainer_options`` (``rlhf`` without a
         ``reward``: the ``NAME-reward`` it trains first through ``job.train_stage``). A recipe
-        refuses, before anything trains, a stage whose name is one of them: that stage's run
-        and this one would both save under it. Default: none."""
+        refuses, before anything trains, a stage whose name is one of them, or one taken in
+        the library; a pipeline holds them from its start and hands them to the stage's run:
+        save them from the thread that runs :meth:`train` (``job.train_stage``, or the
+        library), where nothing else can. Default: none."""
         return []
 
     def train(self, **job: Any) -> Any:

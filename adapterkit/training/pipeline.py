@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import AdapterkitError, ConfigError
+from adapterkit.errors import AdapterkitError, ConfigError, RunStateError
 from adapterkit.files import atomic_write_text
 from adapterkit.library.metadata import PocketBookMeta
 from adapterkit.library.names import parse_ref
@@ -117,11 +117,21 @@ def _hold_names(library: Library, pending: list[Stage]) -> dict[str, RunLock]:
     besides (``Stage.also_saves``); refused where a run trains one."""
     held: dict[str, RunLock] = {}
     try:
-        for key in dict.fromkeys(k for stage in pending
-                                 for k in (parse_ref(stage.name).name, *stage.also_saves)):
-            lock = hold_run(library.home, key)
-            if lock is not None:
-                held[key] = lock
+        for stage in pending:
+            for key in (parse_ref(stage.name).name, *stage.also_saves):
+                if key in held:
+                    continue
+                try:
+                    lock = hold_run(library.home, key)
+                except RunStateError as exc:  # said for a pipeline: its stage, and name:
+                    what = str(exc).split(": wait for it")[0]
+                    whose = f"{stage.label}:" if key == parse_ref(stage.name).name else \
+                        f"{stage.label[:-1]}, {stage.trainer}) saves {key} besides its own " \
+                        "pocket book, and"
+                    raise RunStateError(f"{whose} {what}: wait for it to finish, or give the "
+                                        "stage another name (name:)") from None
+                if lock is not None:
+                    held[key] = lock
     except BaseException:
         release_all(list(reversed(held.values())))
         raise
@@ -155,7 +165,8 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
             atomic_write_text(marker, json.dumps({"stage_sha256": stage.fingerprint}))
         keys = [parse_ref(stage.name).name, *stage.also_saves]
         held = [names[k] for k in keys if k in names]  # (in names until let go: released by
-        try:  # the caller however it ends)
+        stopped = False  # the caller however it ends)
+        try:
             for lock in held:  # train() takes it as its run's, as it is (and the runs it
                 lock.hand_over()  # makes of the names it saves besides, theirs)
             final = train(stage.trainer, base=loaded, data=stage.data, name=stage.name,
@@ -165,6 +176,7 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
                           callbacks=callbacks(stage) if callbacks else None, progress=say,
                           annotate=_recorder(recipe, stage, results))
         except BaseException as exc:
+            stopped = True
             saved = [r.pocket_book.ref for r in results]
             were = "(earlier stages) are" if len(saved) > 1 else "(an earlier stage) is"
             say(f"{head} stopped; " + (f"{', '.join(saved)} {were} saved"
@@ -173,8 +185,11 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
             exc.pipeline_stage = stage.index  # type: ignore[attr-defined]
             raise
         finally:
-            for lock in held:  # (train() let go of it, unless it stopped before taking it)
-                lock.release()
+            try:  # (train() let go of them, unless it stopped before taking them)
+                release_all(held)
+            except Exception:
+                if not stopped:  # (else the stage's own exception goes on, not this one)
+                    raise
             for k in keys:
                 names.pop(k, None)
         if main:

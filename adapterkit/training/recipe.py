@@ -36,7 +36,12 @@ from adapterkit.training.options import (
     build_trainer_options,
     with_defaults,
 )
-from adapterkit.training.run import interrupted_stages, last_complete_checkpoint, run_dir
+from adapterkit.training.run import (
+    interrupted_stages,
+    last_complete_checkpoint,
+    run_dir,
+    started_stages,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.plugin_api.manager import PluginManager
@@ -182,7 +187,7 @@ def load_recipe(path: str | os.PathLike[str], *, home: str | os.PathLike[str] | 
     stages = [_read_stage(index, item, shared, path.parent, pm, problems)
               for index, item in enumerate(items, 1)]
     _link(stages, library, problems)
-    _check_also_saved(stages, pm, problems)
+    _check_also_saved(stages, pm, problems, library)
     if not problems:  # a fingerprint needs every part of the definition, checked
         _fingerprint(stages, base, library)
     _check_names(stages, library, resume=resume, restart=restart, problems=problems)
@@ -418,23 +423,41 @@ def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
 
 
 def _also_taken(library: Library, stage: Stage) -> str | None:
-    """The first of the stage's ``also_saves`` names already taken in the library (before
-    any stage trains: its trainer would refuse it only when the stage starts). With
-    ``--resume`` the stage's own trainer judges, when it starts: an interrupted run may have
-    saved it."""
+    """Why a name the stage's run saves besides its own (``also_saves``) cannot be saved, it
+    being taken in the library already — said before any stage trains (its trainer would
+    refuse it only when the stage starts) — or None."""
+    from adapterkit.lora.underlay import is_reward_book
+
     for name in stage.also_saves:
         try:
             library.reserve(name)
         except NameTaken:
-            return name
+            pass
+        else:
+            continue
+        if name in started_stages(run_dir(library, str(parse_ref(stage.name)))):  # its own
+            return (f"its interrupted run saved {name} before it stopped, and a pipeline "
+                    f"cannot go on from there: remove it (adapterkit rm {name}) and pass "
+                    "--restart to train the stage anew")
+        try:
+            reward = is_reward_book(library.get(name))
+        except AdapterkitError:
+            reward = False
+        return (f"its {stage.trainer} run also saves a pocket book under the name {name}, "
+                "which the library holds already: remove it, or give the stage another name"
+                + (", or train against it by giving it to the stage through its trainer "
+                   f"options (rlhf: set: {{reward: {name}}})" if reward else ""))
     return None
 
 
-def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str]) -> None:
+def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str],
+                      library: Library) -> None:
     """Refuse a stage named as a pocket book another stage's run saves besides its own
-    (``Trainer.also_saves``: rlhf's ``NAME-reward``): both runs would save under that name,
-    and the second would stop the pipeline after the first trained."""
+    (``Trainer.also_saves``: rlhf's ``NAME-reward``), and two stages whose runs would both save
+    one: both runs would save under that name, and the second would stop the pipeline after
+    the first trained."""
     named = {parse_ref(s.name).name: s for s in stages if s.name}
+    declared: dict[str, Stage] = {}
     for stage in stages:
         if not stage.name:
             continue
@@ -446,20 +469,32 @@ def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str
         try:
             extra = [parse_ref(n).name for n in trainer.also_saves(
                 name=stage.name, trainer_options=typed)] if hasattr(trainer, "also_saves") else []
+        except AdapterkitError as exc:
+            problems.append(f"{stage.label}: {exc}")
+            continue
         except Exception as exc:  # the plugin's bug: named, among the recipe's problems
             problems.append(f"{stage.label}: trainer {stage.trainer}'s also_saves() failed "
                             f"({type(exc).__name__}: {exc}); report it to its plugin's authors")
             continue
         stage.also_saves = extra
+        here = f"{stage.label[:-1]}, {stage.trainer})"
         for other in extra:
             clash = named.get(other)
             if clash is not None and clash is not stage:
-                problems.append(
-                    f"{clash.label}: {stage.label[:-1]}, {stage.trainer}) also saves a pocket "
-                    f"book under the name {other}: give one of the two stages another name, or, "
-                    f"if {clash.label} is meant to be that pocket book, give it to "
-                    f"{stage.label} through its trainer options (rlhf: set: {{reward: "
-                    f"{other}}}) and put {clash.label} first")
+                reuse = _head(library, clash.trainer) == "reward"  # (only a reward head can be
+                problems.append(  # what rlhf trains against)
+                    f"{clash.label}: {here} also saves a pocket book under the name {other}: "
+                    "give one of the two stages another name"
+                    + (f", or, if {clash.label} is meant to be that pocket book, give it to "
+                       f"{stage.name} through its trainer options (rlhf: set: {{reward: "
+                       f"{other}}}), move it before {stage.name}, and say what {stage.name} "
+                       "trains on (on: null for the base)" if reuse else ""))
+            elif other in declared:
+                problems.append(f"{here}: {declared[other].label} also saves a pocket book "
+                                f"under the name {other}, as this stage's run would: give one "
+                                "of the two stages another name")
+            else:
+                declared[other] = stage
 
 
 def _order_problems(stages: list[Stage], edges: dict[int, int],
@@ -574,11 +609,8 @@ def _check_names(stages: list[Stage], library: Library, *, resume: bool, restart
             problems.append(f"{stage.label}: {said}" + (
                 " (it was not made by this stage of this recipe, so --resume cannot reuse it)"
                 if resume else ""))
-        elif taken is None and not resume and (also := _also_taken(library, stage)):
-            problems.append(f"{stage.label}: its {stage.trainer} run also saves a pocket book "
-                            f"under the name {also}, which the library holds already: use that "
-                            "one through the stage's trainer options (rlhf: set: {reward: "
-                            f"{also}}}), or remove it, or give the stage another name")
+        elif taken is None and (also := _also_taken(library, stage)):
+            problems.append(f"{stage.label}: {also}")
         elif taken is None and not resume and not restart and \
                 (last := interrupted(library, stage)):
             problems.append(f"{stage.label}: an interrupted run of {stage.name} exists "

@@ -83,7 +83,7 @@ STAGES_FILE = "stages.json"
 
 def interrupted_stages(workdir: Path, library: Library) -> list[str]:
     """This run's stages that hold a checkpoint of an interrupted run."""
-    return [n for n in _started_stages(workdir) if _has_checkpoint(run_dir(library, n))]
+    return [n for n in started_stages(workdir) if _has_checkpoint(run_dir(library, n))]
 
 
 def train(trainer: str, *, base: str | Base, data: str, name: str,
@@ -429,7 +429,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         else None)
     if resume_from:
         check_definition(workdir, definition, str(ref), checkpoint=resume_from,
-                         staged=bool(_started_stages(workdir)),
+                         staged=bool(started_stages(workdir)),
                          trainer_defaults=trainer_option_defaults(trainer_obj))
         _check_unfinished(resume_from, options, str(ref))
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
@@ -486,7 +486,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         if c.resume_from is not None:
             return
         if restart:
-            for stage in _started_stages(c.workdir):
+            for stage in started_stages(c.workdir):
                 shutil.rmtree(run_dir(c.library, stage), ignore_errors=True)
         if not (resume and interrupted_stages(c.workdir, c.library)):
             shutil.rmtree(c.workdir, ignore_errors=True)
@@ -544,7 +544,7 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
             stage_options = replace(stage_options, epochs=None)
         # recorded first, so that --resume / --restart of this run reach the stage's own run
         workdir.mkdir(parents=True, exist_ok=True)
-        started = _started_stages(workdir)
+        started = started_stages(workdir)
         atomic_write_text(workdir / STAGES_FILE, json.dumps(sorted({*started, name})))
         stage_dir = run_dir(library, name)
         result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
@@ -991,7 +991,7 @@ def _epochs_of(checkpoint: str) -> float | None:
         return None
 
 
-def _started_stages(workdir: Path) -> list[str]:
+def started_stages(workdir: Path) -> list[str]:
     """The stages this run recorded, those that are pocket-book names only (a bad name, which
     its own run refused, never reaches the folders a --restart removes)."""
     from adapterkit.library.names import validate_name
