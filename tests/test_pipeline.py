@@ -781,22 +781,37 @@ def test_two_stages_whose_runs_would_save_the_same_name_are_refused(data, tiny_b
 
 
 def test_a_resume_past_an_rlhf_stage_s_saved_reward_book_says_how_to_go_on(data, tiny_base,
-                                                                           home, tmp_path):
+                                                                           home):
     """An rlhf stage interrupted after its reward pocket book was saved: --resume loaded the
     base and then met rlhf's refusal, whose advice (--reward, --name) a pipeline cannot take.
-    The recipe says so before anything loads, and what to do."""
-    from adapterkit.plugin_api.testing import make_peft_adapter
-
-    Library(home).import_peft(make_peft_adapter(tiny_base, tmp_path / "other"), "pol-reward",
-                              base=str(tiny_base))
-    (home / "runs" / "pol").mkdir(parents=True)
-    (home / "runs" / "pol" / "stages.json").write_text('["pol-reward"]')  # as the run records
+    The recipe says so before anything loads, with two ways on that work: keep the reward
+    pocket book (set: {reward: ...}) or train it again, each with --resume --restart (stage 1
+    is finished: --restart alone is refused there)."""
+    pm = get_plugin_manager(env=False)
     path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
-    with pytest.raises(ConfigError) as refused:
-        load_recipe(path, home=home, plugins=get_plugin_manager(env=False), resume=True)
-    assert "stage 2 (pol): its interrupted run saved pol-reward before it stopped, and a " \
-        "pipeline cannot go on from there: remove it (adapterkit rm pol-reward) and pass " \
-        "--restart to train the stage anew" in str(refused.value)
+    run_pipeline(path, home=home, plugins=pm)
+    library = Library(home)
+    library.remove("pol")  # as if the policy's run had stopped after its reward stage:
+    (home / "runs" / "pol").mkdir(parents=True)  # what that run records as it starts it
+    (home / "runs" / "pol" / "stages.json").write_text('["pol-reward"]')
+    for restart in (False, True):
+        with pytest.raises(ConfigError) as refused:
+            load_recipe(path, home=home, plugins=pm, resume=True, restart=restart)
+        assert str(refused.value).endswith(
+            "stage 2 (pol): its interrupted run saved pol-reward before it stopped: to keep it, "
+            "add set: {reward: pol-reward} in the stage (the stage trains against it) and pass "
+            "--resume --restart; or remove it (adapterkit rm pol-reward) and pass --resume "
+            "--restart to train the stage anew"), str(refused.value)
+
+    recipe = _sft_then_rlhf(tiny_base)  # the first way, followed
+    recipe["stages"][1]["set"] = {"num_generations": 2, "max_new_tokens": 4,
+                                  "reward": "pol-reward"}  # (no reward stage: no reward_steps)
+    plan = load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm,
+                       resume=True, restart=True)
+    assert [s.done is not None for s in plan.stages] == [True, False]
+    library.remove("pol-reward")  # the second way, followed
+    plan = load_recipe(path, home=home, plugins=pm, resume=True, restart=True)
+    assert [s.done is not None for s in plan.stages] == [True, False]
 
 
 def test_a_pipeline_refused_a_name_its_stage_saves_besides_says_which_stage(data, tiny_base,

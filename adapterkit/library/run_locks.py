@@ -91,7 +91,8 @@ def hold_run(home: Path, name: str) -> RunLock | None:
             return handed
         folder = path.parent
         _made.extend(d for d in (home, folder) if not d.exists() and d not in _made)
-        folder.mkdir(parents=True, exist_ok=True)  # (under the guard: no release between)
+        folder.mkdir(parents=True, exist_ok=True)  # (under the guard: fewer races with a
+        # release removing it; one left behind is only an empty folder)
     waits = 10  # an import or pull asking whether a run holds the name (run_locks.training_now)
     while True:  # holds it for a moment: asked again for up to about a fifth of a second
         try:

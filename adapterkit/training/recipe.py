@@ -83,6 +83,9 @@ class Stage:
     #: The names of the pocket books the stage's run saves besides its own
     #: (``Trainer.also_saves``: rlhf's ``NAME-reward``); a pipeline holds them with its name.
     also_saves: list[str] = field(default_factory=list)
+    #: Whether its options read (else they are the defaults, standing in: its problems are
+    #: reported, and nothing is judged from them).
+    options_read: bool = True
 
     @property
     def label(self) -> str:
@@ -190,7 +193,7 @@ def load_recipe(path: str | os.PathLike[str], *, home: str | os.PathLike[str] | 
     _check_also_saved(stages, pm, problems, library)
     if not problems:  # a fingerprint needs every part of the definition, checked
         _fingerprint(stages, base, library)
-    _check_names(stages, library, resume=resume, restart=restart, problems=problems)
+    _check_names(stages, library, pm, resume=resume, restart=restart, problems=problems)
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
         raise ConfigError(f"recipe {path} has {count}; nothing was trained: "
@@ -274,7 +277,7 @@ def _read_stage(index: int, item: Any, shared: dict[str, Any], folder: Path,
     return Stage(index, usable_name, str(item.get("trainer")),
                  _resolve(str(item.get("data")), folder), options or TrainOptions(),
                  on=refs["on"], start_from=refs["from"], dataset=dataset,
-                 follows="on" not in item and "from" not in item)
+                 follows="on" not in item and "from" not in item, options_read=bool(options))
 
 
 def _key_problems(item: dict[Any, Any]) -> list[str]:
@@ -422,7 +425,7 @@ def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
     problems += _order_problems(stages, edges, roles)
 
 
-def _also_taken(library: Library, stage: Stage) -> str | None:
+def _also_taken(library: Library, stage: Stage, pm: PluginManager) -> str | None:
     """Why a name the stage's run saves besides its own (``also_saves``) cannot be saved, it
     being taken in the library already — said before any stage trains (its trainer would
     refuse it only when the stage starts) — or None."""
@@ -435,19 +438,33 @@ def _also_taken(library: Library, stage: Stage) -> str | None:
             pass
         else:
             continue
-        if name in started_stages(run_dir(library, str(parse_ref(stage.name)))):  # its own
-            return (f"its interrupted run saved {name} before it stopped, and a pipeline "
-                    f"cannot go on from there: remove it (adapterkit rm {name}) and pass "
-                    "--restart to train the stage anew")
         try:
             reward = is_reward_book(library.get(name))
         except AdapterkitError:
             reward = False
+        keep = (f"set: {{reward: {name}}} in the stage (the stage trains against it)"
+                if reward and _takes_reward(pm, stage.trainer) else None)
+        if reward and name in started_stages(run_dir(library, str(parse_ref(stage.name)))):
+            # (its interrupted run began with it; the pipeline held the name from its start)
+            return (f"its interrupted run saved {name} before it stopped: "
+                    + (f"to keep it, add {keep} and pass --resume --restart; or " if keep
+                       else "")
+                    + f"remove it (adapterkit rm {name}) and pass --resume --restart to "
+                    "train the stage anew")
         return (f"its {stage.trainer} run also saves a pocket book under the name {name}, "
                 "which the library holds already: remove it, or give the stage another name"
-                + (", or train against it by giving it to the stage through its trainer "
-                   f"options (rlhf: set: {{reward: {name}}})" if reward else ""))
+                + (f", or add {keep}" if keep else ""))
     return None
+
+
+def _takes_reward(pm: PluginManager, trainer: str) -> bool:
+    """Whether ``trainer``'s own options name a reward pocket book (``reward``: rlhf's), so
+    that it can be told to use one already made."""
+    try:
+        options = pm.trainer(trainer).options
+    except AdapterkitError:
+        return False
+    return options is not None and "reward" in {f.name for f in dataclasses.fields(options)}
 
 
 def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str],
@@ -459,7 +476,7 @@ def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str
     named = {parse_ref(s.name).name: s for s in stages if s.name}
     declared: dict[str, Stage] = {}
     for stage in stages:
-        if not stage.name:
+        if not stage.name or not stage.options_read:
             continue
         try:  # (a trainer or options that do not read are reported where they are read)
             trainer = pm.trainer(stage.trainer)
@@ -481,8 +498,9 @@ def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str
         for other in extra:
             clash = named.get(other)
             if clash is not None and clash is not stage:
-                reuse = _head(library, clash.trainer) == "reward"  # (only a reward head can be
-                problems.append(  # what rlhf trains against)
+                reuse = _head(library, clash.trainer) == "reward" and \
+                    _takes_reward(pm, stage.trainer)  # (a reward head, for a trainer that
+                problems.append(  # takes one)
                     f"{clash.label}: {here} also saves a pocket book under the name {other}: "
                     "give one of the two stages another name"
                     + (f", or, if {clash.label} is meant to be that pocket book, give it to "
@@ -577,8 +595,8 @@ def interrupted(library: Library, stage: Stage) -> str | None:
     return f"its stage {inner[0]}" if inner else None
 
 
-def _check_names(stages: list[Stage], library: Library, *, resume: bool, restart: bool,
-                 problems: list[str]) -> None:
+def _check_names(stages: list[Stage], library: Library, pm: PluginManager, *, resume: bool,
+                 restart: bool, problems: list[str]) -> None:
     """Each stage's name: free, or (``resume``) holding what this very stage made before.
 
     Without fingerprints (other problems were found) a taken name is reported only when not
@@ -609,7 +627,7 @@ def _check_names(stages: list[Stage], library: Library, *, resume: bool, restart
             problems.append(f"{stage.label}: {said}" + (
                 " (it was not made by this stage of this recipe, so --resume cannot reuse it)"
                 if resume else ""))
-        elif taken is None and (also := _also_taken(library, stage)):
+        elif taken is None and (also := _also_taken(library, stage, pm)):
             problems.append(f"{stage.label}: {also}")
         elif taken is None and not resume and not restart and \
                 (last := interrupted(library, stage)):
