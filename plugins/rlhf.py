@@ -133,6 +133,8 @@ class RLHF(Trainer):
     description = "Online RL (TRL GRPO) against a reward pocket book, KL to the base"
     data_shapes = ("preference", "prompt_completion", "prompt")  # (prompts are what it reads)
     options = RLHFOptions
+    reuse_option = "reward"  # (the NAME-reward pocket book also_saves names, kept and reused)
+    reuse_drops = ("reward_steps", "eval_split", "early_stopping")  # (its reward stage's)
     evaluates = False  # GRPO runs no evaluation: --eval-split serves the reward stage only
 
     def preflight(self, *, library: Any, name: str, options: Any, trainer_options: Any,

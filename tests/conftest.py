@@ -103,3 +103,20 @@ def top_on_under(library, tiny_base, tmp_path):
                             base=str(tiny_base))
     library.update_meta("top", lambda meta: setattr(meta, "stacked_on", ["under@1"]))
     return library
+
+
+@pytest.fixture
+def unremovable_locks(monkeypatch):
+    """``make(*names)``: removing the run-lock files of ``names`` (of every name: none given)
+    fails from then on, as on a file system that refuses it (``monkeypatch.undo()`` ends it)."""
+    def make(*names: str) -> None:
+        real_unlink = Path.unlink
+        files = {f"run-{n}.lock" for n in names}
+
+        def unlink(self, *args, **kwargs):
+            if self.suffix == ".lock" and (not names or self.name in files):
+                raise PermissionError(13, "Permission denied")
+            return real_unlink(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "unlink", unlink)
+    return make

@@ -283,7 +283,31 @@ def test_a_save_says_when_the_marks_file_does_not_read(library):
     assert books[0].version == 1  # what it can still tell: the versions present (none)
     assert said(lambda: save(library, "pinned@4")) == []
     assert said(lambda: save(library, "other")) == []  # the same file: said already
+    again = Library(library.home)  # another Library on the same home: the same file, said
+    assert said(lambda: save(again, "third")) == []  # already in this process
     assert said(lambda: library.version_to_save("m@7")) == []
+
+
+def test_the_marks_warning_follows_the_file_the_number_was_chosen_from(library, monkeypatch):
+    """The save chose its number from an unreadable marks file, which another process mended
+    just after the commit: the save read the file again after it, found it readable and said
+    nothing. It says what held when the number was chosen (and reads the file once)."""
+    save(library, "m")
+    library.remove("m")
+    marks = library.root / ".versions-used.json"
+    marks.write_bytes(b"{not json")
+    real_write = library.catalog.write
+
+    def write(fn, **kwargs):
+        out = real_write(fn, **kwargs)
+        if fn.__name__ == "insert":  # the save's commit: mended right after it
+            marks.write_text('{"m": 1}')
+        return out
+
+    monkeypatch.setattr(library.catalog, "write", write)
+    with pytest.warns(CatalogWarning, match="does not read as the version numbers"):
+        book = save(library, "m")
+    assert book.version == 1  # (what it could tell then: the versions present, none)
 
 
 def test_version_to_save_refuses_past_the_last_number(library):

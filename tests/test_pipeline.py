@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -661,9 +662,9 @@ def test_a_stage_named_as_the_reward_book_an_rlhf_stage_trains_is_refused(data, 
         load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
     assert "stage 2 (pol-reward): stage 1 (pol, rlhf) also saves a pocket book under the name " \
         "pol-reward: give one of the two stages another name, or, if stage 2 (pol-reward) is " \
-        "meant to be that pocket book, give it to pol through its trainer options (rlhf: set: " \
-        "{reward: pol-reward}), move it before pol, and say what pol trains on (on: null for " \
-        "the base)" in str(refused.value)
+        "meant to be that pocket book, move it before pol, add set: {reward: pol-reward} to " \
+        "stage 1 (pol, rlhf), so that its run uses pol-reward instead of training it, and say " \
+        "what pol trains on (on: null for the base)" in str(refused.value)
     assert not (home / "runs").exists()
 
     stages[0]["set"] = {"reward": "judge"}  # its own reward book: pol saves only pol (judge
@@ -716,11 +717,12 @@ class _SavesBeside:
     """A plugin whose trainer ``sft-beside`` trains as sft and saves, itself, a PEFT folder
     under ``NAME-beside`` (or, with ``fixed``, under ``beside``), which it declares."""
 
-    def __init__(self, tiny_base: Path, tmp_path: Path, fixed: bool = False) -> None:
+    def __init__(self, tiny_base: Path, tmp_path: Path, fixed: bool | str = False,
+                 fails: Exception | None = None) -> None:
         from adapterkit.plugin_api.testing import make_peft_adapter
 
         self.adapter = make_peft_adapter(tiny_base, tmp_path / "beside-adapter")
-        self.tiny_base, self.fixed = tiny_base, fixed
+        self.tiny_base, self.fixed, self.fails = tiny_base, fixed, fails
 
     @property
     def trainer(self):
@@ -731,6 +733,10 @@ class _SavesBeside:
             description = "sft, and a pocket book saved beside"
 
             def also_saves(self, *, name, trainer_options):
+                if outer.fails is not None:
+                    raise outer.fails
+                if isinstance(outer.fixed, str):
+                    return [outer.fixed]
                 return ["beside" if outer.fixed else name.split("@")[0] + "-beside"]
 
             def train(self, *, job, **kwargs):
@@ -780,6 +786,56 @@ def test_two_stages_whose_runs_would_save_the_same_name_are_refused(data, tiny_b
         in str(refused.value)
 
 
+def test_a_name_a_stage_saves_besides_is_checked_at_the_version_declared(data, tiny_base,
+                                                                          home, tmp_path):
+    """A trainer that declares ``beside@2``: the recipe dropped the version and refused it
+    because ``beside@1`` was in the library; ``beside@2`` itself taken is refused."""
+    pm = _SavesBeside(tiny_base, tmp_path, fixed="beside@2").manager()
+    recipe = {"base": str(tiny_base), **FAST, "general": "general.txt", "stages": [
+        {"name": "one", "trainer": "sft-beside", "data": "prompt_completion.jsonl"}]}
+    path = write_recipe(data["general"].parent, recipe)
+    library = Library(home)
+    library.import_peft(_SavesBeside(tiny_base, tmp_path / "b1").adapter, "beside@1",
+                        base=str(tiny_base))
+    plan = load_recipe(path, home=home, plugins=pm)
+    assert plan.stages[0].also_saves == ["beside@2"]
+    library.import_peft(_SavesBeside(tiny_base, tmp_path / "b2").adapter, "beside@2",
+                        base=str(tiny_base))
+    with pytest.raises(ConfigError, match="also saves a pocket book under the name beside@2, "
+                                          "which the library holds already"):
+        load_recipe(path, home=home, plugins=pm)
+
+
+@pytest.mark.parametrize("fails", [ConfigError("beside needs a --set key"), KeyError("k")])
+def test_a_plugin_s_also_saves_that_fails_is_a_problem_of_its_stage(data, tiny_base, home,
+                                                                    tmp_path, fails):
+    """Its own adapterkit error is said as it is; anything else is its bug, named so."""
+    pm = _SavesBeside(tiny_base, tmp_path, fails=fails).manager()
+    recipe = {"base": str(tiny_base), **FAST, "general": "general.txt", "stages": [
+        {"name": "one", "trainer": "sft-beside", "data": "prompt_completion.jsonl"}]}
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
+    said = str(refused.value)
+    if isinstance(fails, ConfigError):
+        assert "stage 1 (one): beside needs a --set key" in said, said
+    else:
+        assert "stage 1 (one): trainer sft-beside's also_saves() failed (KeyError: 'k'); " \
+            "report it to its plugin's authors" in said, said
+    assert not (home / "runs").exists()
+
+
+def _keep_as_said(data, tiny_base: Path, home: Path, pm) -> None:
+    """The first way on, followed as said: set: {reward: pol-reward@1}, reward_steps dropped
+    from its set:, --resume --restart; the recipe is taken (stage 1 done, stage 2 to train)."""
+    recipe = _sft_then_rlhf(tiny_base)
+    kept = {**recipe["stages"][1]["set"], "reward": "pol-reward@1"}
+    del kept["reward_steps"]
+    recipe["stages"][1]["set"] = kept
+    plan = load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm,
+                       resume=True, restart=True)
+    assert [s.done is not None for s in plan.stages] == [True, False]
+
+
 def test_a_resume_past_an_rlhf_stage_s_saved_reward_book_says_how_to_go_on(data, tiny_base,
                                                                            home):
     """An rlhf stage interrupted after its reward pocket book was saved: --resume loaded the
@@ -792,34 +848,37 @@ def test_a_resume_past_an_rlhf_stage_s_saved_reward_book_says_how_to_go_on(data,
     run_pipeline(path, home=home, plugins=pm)
     library = Library(home)
     library.remove("pol")  # as if the policy's run had stopped after its reward stage:
-    (home / "runs" / "pol").mkdir(parents=True)  # what that run records as it starts it
-    (home / "runs" / "pol" / "stages.json").write_text('["pol-reward"]')
+    (home / "runs" / "pol").mkdir(parents=True)  # what that run records as it starts it,
+    (home / "runs" / "pol" / "stages.json").write_text('["pol-reward"]')  # and as it saves
+    (home / "runs" / "pol" / "stages-saved.json").write_text('["pol-reward@1"]')
     for restart in (False, True):
         with pytest.raises(ConfigError) as refused:
             load_recipe(path, home=home, plugins=pm, resume=True, restart=restart)
         assert str(refused.value).endswith(
-            "stage 2 (pol): its interrupted run saved pol-reward before it stopped: to keep it, "
-            "add set: {reward: pol-reward} in the stage (the stage trains against it) and pass "
-            "--resume --restart; or remove it (adapterkit rm pol-reward) and pass --resume "
-            "--restart to train the stage anew"), str(refused.value)
+            "stage 2 (pol): its interrupted run saved pol-reward@1 before it stopped: to keep "
+            "it, add set: {reward: pol-reward@1} to the stage, drop reward_steps from its set:, "
+            "so that its run uses pol-reward@1 instead of training it, and pass --resume "
+            "--restart; or remove it (adapterkit rm pol-reward@1) and pass --resume --restart "
+            "to train the stage anew"), str(refused.value)
 
-    recipe = _sft_then_rlhf(tiny_base)  # the first way, followed
-    recipe["stages"][1]["set"] = {"num_generations": 2, "max_new_tokens": 4,
-                                  "reward": "pol-reward"}  # (no reward stage: no reward_steps)
-    plan = load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm,
-                       resume=True, restart=True)
-    assert [s.done is not None for s in plan.stages] == [True, False]
+    _keep_as_said(data, tiny_base, home, pm)  # the first way
     library.remove("pol-reward")  # the second way, followed
     plan = load_recipe(path, home=home, plugins=pm, resume=True, restart=True)
     assert [s.done is not None for s in plan.stages] == [True, False]
 
 
-def test_a_pipeline_refused_a_name_its_stage_saves_besides_says_which_stage(data, tiny_base,
-                                                                            home):
+@pytest.mark.parametrize(("held", "said_first"), [
+    ("pol-reward", "stage 2 (pol, rlhf) saves pol-reward besides its own pocket book, and "
+                   "another run of pol-reward is training in "),
+    ("pol", "stage 2 (pol): another run of pol is training in ")])
+def test_a_pipeline_refused_a_name_another_run_holds_says_which_stage(data, tiny_base, home,
+                                                                      held, said_first):
+    """A stage's own name, or one its run saves besides: the stage and its name: are said
+    (run_locks.hold_run's ``instead``), not train's --name."""
     from adapterkit.errors import RunStateError
     from adapterkit.library.run_locks import hold_run
 
-    other = hold_run(home, "pol-reward")  # what another run of pol-reward holds
+    other = hold_run(home, held)  # what another run of that name holds
     try:
         path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
         with pytest.raises(RunStateError) as refused:
@@ -827,7 +886,168 @@ def test_a_pipeline_refused_a_name_its_stage_saves_besides_says_which_stage(data
     finally:
         other.release()
     said = str(refused.value)
-    assert said.startswith("stage 2 (pol, rlhf) saves pol-reward besides its own pocket book, "
-                           "and another run of pol-reward is training in ") and \
+    assert said.startswith(said_first) and \
         said.endswith(": wait for it to finish, or give the stage another name (name:)"), said
     assert Library(home).list() == []
+
+
+def test_an_rlhf_stage_that_fails_after_saving_its_reward_book_says_the_pipeline_s_way_on(
+        data, tiny_base, home, monkeypatch):
+    """The stage's run saved pol-reward, then its policy part failed. The run used to advise
+    the command line's ``--reward NAME`` and the pipeline ``--resume``, which a pipeline does
+    not take or refuses past that book; the stage now says the two ways that work there
+    (the same ones a later ``--resume`` is told)."""
+    import trl
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("the policy's step failed")
+
+    monkeypatch.setattr(trl.GRPOTrainer, "train", fails)
+    said: list[str] = []
+    path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+    pm = get_plugin_manager(env=False)
+    with pytest.raises(RuntimeError, match="the policy's step failed"):
+        run_pipeline(path, home=home, plugins=pm, progress=said.append)
+    assert sorted(b.name for b in Library(home).list()) == ["first", "pol-reward"]
+    text = "\n".join(said)
+    assert "--reward" not in text and "--resume to continue" not in text, text
+    assert "pol-reward@1 (a stage of its run) was saved; pol was not." in said
+    way = ("Stage 2/2: pol (rlhf) stopped; first@1 (an earlier stage) is saved. Its run saved "
+           "pol-reward@1 before it stopped: to keep it, add set: {reward: pol-reward@1} to "
+           "stage 2 (pol), drop reward_steps from its set:, so that its run uses pol-reward@1 "
+           "instead of training it, and pass --resume --restart; or remove it (adapterkit rm "
+           "pol-reward@1) and pass --resume --restart to train stage 2 (pol) anew.")
+    assert way in said, text
+    with pytest.raises(ConfigError) as refused:  # what --resume is told: the same two ways
+        load_recipe(path, home=home, plugins=pm, resume=True)
+    assert "to keep it, add set: {reward: pol-reward@1} to the stage, drop reward_steps" \
+        in str(refused.value)
+    _keep_as_said(data, tiny_base, home, pm)  # followed as said, the way on is taken
+
+
+def test_a_taken_name_the_run_did_not_save_is_not_said_to_be_its_own(data, tiny_base, home,
+                                                                     tmp_path):
+    """The reward stage recorded as started (stages.json) but stopped before it saved; then
+    something else took pol-reward. --resume said "its interrupted run saved pol-reward" and
+    offered to reuse it: only what the run recorded saving is its own."""
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    pm = get_plugin_manager(env=False)
+    path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+    (home / "runs" / "pol").mkdir(parents=True)
+    (home / "runs" / "pol" / "stages.json").write_text('["pol-reward"]')
+    Library(home).import_peft(make_peft_adapter(tiny_base, tmp_path / "a"), "pol-reward",
+                              base=str(tiny_base))  # a policy, not the run's reward book
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(path, home=home, plugins=pm, resume=True)
+    said = str(refused.value)
+    assert "stage 2 (pol): its rlhf run also saves a pocket book under the name pol-reward, " \
+        "which the library holds already: remove it, or give the stage another name" in said
+    assert "interrupted run saved" not in said and "set: {reward" not in said, said
+
+
+def test_a_lock_file_that_cannot_be_removed_never_hides_why_a_stage_stopped(
+        data, tiny_base, home, monkeypatch, unremovable_locks):
+    """A stage's run failed, and the run's, then the pipeline's, release of the names' locks
+    failed to remove their files: that error replaced the run's own. Now the run's exception
+    goes on and the lock files are warned of (their locks let go all the same)."""
+    import trl
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("the stage's step failed")
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", fails)
+    unremovable_locks()
+    path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+    with pytest.warns(RuntimeWarning, match="could not be removed") as warned, \
+            pytest.raises(RuntimeError, match="the stage's step failed"):
+        run_pipeline(path, home=home, plugins=get_plugin_manager(env=False))
+    monkeypatch.undo()
+    locks = sorted(re.search(r"(run-[^/ ]+\.lock) could not be removed", str(w.message))[1]
+                   for w in warned if "could not be removed" in str(w.message))
+    assert locks == ["run-first.lock", "run-pol-reward.lock", "run-pol.lock"], locks
+    from adapterkit.library.run_locks import training_now
+
+    assert [training_now(home, n) for n in ("first", "pol", "pol-reward")] == [None] * 3
+
+
+def test_a_stage_following_a_reward_stage_is_refused_before_anything_trains(data, tiny_base,
+                                                                             home):
+    """[reward judge, rlhf pol set: {reward: judge}]: pol follows judge by default, and a
+    reward head generates nothing to train on — refused only when pol started, after judge
+    had trained (as a library book named in on: is refused before anything trains)."""
+    stages = [{"name": "judge", "trainer": "reward", "data": "preference.jsonl"},
+              {"name": "pol", "trainer": "rlhf", "data": "preference.jsonl",
+               "set": {"reward": "judge"}}]
+    recipe = {"base": str(tiny_base), **FAST, "stages": stages}
+    pm = get_plugin_manager(env=False)
+    said = _refusal(data, recipe, home, pm)
+    assert said.endswith(
+        "stage 2 (pol): on: judge is a reward pocket book (it scores text, it does not "
+        "generate); name a policy pocket book (a stage without on: or from: trains on the "
+        "stage before it; on: null trains on the base)"), said
+    stages.append({"name": "judge2", "trainer": "reward", "data": "preference.jsonl",
+                   "from": "judge"})  # continuing a reward stage is what a reward head can do
+    stages[1]["on"] = None  # the remedy said: on the base
+    plan = load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
+    assert [s.name for s in plan.stages] == ["judge", "pol", "judge2"]
+    stages[2]["on"] = "pol"  # a reward head on top of a policy stage: fine too
+    del stages[2]["from"]
+    plan = load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
+    assert plan.stages[2].parent == 2
+    stages[2].update({"from": "pol"})  # but no reward head to continue in a policy
+    del stages[2]["on"]
+    assert "stage 3 (judge2): from: pol is a policy pocket book" in \
+        _refusal(data, recipe, home, pm)
+
+
+def _refusal(data, recipe: dict, home: Path, pm) -> str:
+    """Why ``load_recipe`` refuses ``recipe`` (written beside the test data)."""
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
+    return str(refused.value)
+
+
+def test_an_rlhf_stage_that_fails_as_it_is_measured_still_says_the_way_on(data, tiny_base,
+                                                                          home, monkeypatch):
+    """The reward pocket book saved and the policy trained, then measuring it failed: only a
+    failure inside the trainer carried what the run had saved, so the stage said --resume,
+    which is refused past that book."""
+    from adapterkit.training import run as run_module
+
+    real = run_module._measure
+
+    def measure(run, state, elapsed):
+        if run.ref.name == "pol":
+            raise RuntimeError("measuring failed")
+        return real(run, state, elapsed)
+
+    monkeypatch.setattr(run_module, "_measure", measure)
+    said: list[str] = []
+    path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+    with pytest.raises(RuntimeError, match="measuring failed"):
+        run_pipeline(path, home=home, plugins=get_plugin_manager(env=False),
+                     progress=said.append)
+    assert "pol-reward@1 (a stage of its run) was saved; pol was not." in said
+    assert any(line.startswith("Stage 2/2: pol (rlhf) stopped; first@1 (an earlier stage) is "
+                               "saved. Its run saved pol-reward@1 before it stopped: to keep it")
+               for line in said), said
+
+
+def test_ctrl_c_in_an_rlhf_stage_past_its_reward_book_says_one_way_on(data, tiny_base, home,
+                                                                      adapterkit_cli,
+                                                                      monkeypatch):
+    """`adapterkit pipeline` added "Run ... --resume to continue from there" below the stage's
+    own advice, a way that is refused past the reward pocket book the stage's run saved."""
+    import trl
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trl.GRPOTrainer, "train", interrupted)
+    path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+    out = adapterkit_cli("pipeline", str(path))
+    assert out.exit_code == 130, out.output
+    assert "Its run saved pol-reward@1 before it stopped: to keep it" in out.output
+    assert "Interrupted in stage 2: go on as said above." in out.output, out.output
+    assert "--resume` to continue" not in out.output

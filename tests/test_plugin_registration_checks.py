@@ -232,3 +232,51 @@ def test_an_infinite_float_default_no_limit_is_a_default_of_its_type():
         least: float | None = float("-inf")
 
     assert options_class_problems(Limits) == []
+
+
+@pytest.mark.parametrize("options", [None, "with"])
+def test_a_reuse_option_that_is_not_one_of_its_options_is_refused(options):
+    """``Trainer.reuse_option`` names the option the core then advises (``--set NAME=...``,
+    a recipe's ``set:``): one the trainer does not take would be refused at that advice."""
+    @dataclass
+    class Opts:
+        judge: str | None = None
+
+    fine = _trainer("fine", options=Opts)
+    fine.reuse_option = "judge"
+    odd = _trainer("odd", options=Opts if options else None)
+    odd.reuse_option = "reward"
+    pm, said = _register(fine, odd)
+    assert said == ["plugin 'mine' cannot register trainer 'odd': reuse_option = 'reward' is "
+                    "not a field of its options that takes a pocket book's name (a str): name "
+                    "the option that takes the pocket book also_saves() names, or leave it "
+                    "None"], said
+    assert "fine" in pm.trainers and "odd" not in pm.trainers
+
+
+@pytest.mark.parametrize(("reuse", "drops", "expected"), [
+    (["judge"], (), "reuse_option = ['judge'] is not a field"),  # (unhashable: no crash)
+    ("beta", (), "reuse_option = 'beta' is not a field of its options that takes a pocket "
+                 "book's name (a str)"),  # (a float: --set beta=NAME would be refused)
+    ("judges", (), "reuse_option = 'judges' is not a field of its options that takes a "
+                   "pocket book's name (a str)"),  # (a list of names: not one)
+    ("judge", ("judge_steps", "eval split"), "reuse_drops = ('judge_steps', 'eval split') "
+                                              "is not a tuple of option names"),
+    ("judge", "eval_split", "reuse_drops = 'eval_split' is not a tuple"),
+])
+def test_reuse_settings_that_could_never_be_followed_are_refused(reuse, drops, expected):
+    @dataclass
+    class Opts:
+        judge: str | None = None
+        beta: float = 0.1
+        judge_steps: int | None = None
+        judges: list[str] = field(default_factory=list)
+
+    fine = _trainer("fine", options=Opts)
+    fine.reuse_option, fine.reuse_drops = "judge", ("judge_steps", "eval_split")
+    odd = _trainer("odd", options=Opts)
+    odd.reuse_option, odd.reuse_drops = reuse, drops
+    pm, said = _register(fine, odd)
+    assert len(said) == 1 and said[0].startswith(
+        f"plugin 'mine' cannot register trainer 'odd': {expected}"), said
+    assert pm.trainers.names() == ["fine"]

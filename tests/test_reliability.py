@@ -544,6 +544,9 @@ def test_doctor_reports_an_unreadable_version_marks_file_and_keeps_it_beside(ada
     assert result.exit_code == 0, result.output
     [kept] = library.root.glob(".versions-used.json.corrupt-*")
     assert kept.read_bytes() == b'{"a": ' and json.loads(marks.read_bytes()) == {}
+    [done] = json.loads(result.stdout)["problems"]  # the file it was kept as, by its name
+    assert done["action"] == f"keep it beside as {kept.name} and write the entries that read " \
+        "again", done
     assert adapterkit_cli("doctor").exit_code == 0
 
 

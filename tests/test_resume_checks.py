@@ -467,31 +467,58 @@ def test_a_handed_run_lock_goes_only_to_a_run_on_the_handing_thread(tmp_path):
     assert not home.exists()
 
 
-def test_a_run_lock_whose_file_cannot_be_removed_is_let_go_all_the_same(tmp_path, monkeypatch):
+def test_a_run_lock_whose_file_cannot_be_removed_is_let_go_all_the_same(tmp_path, monkeypatch,
+                                                                       unremovable_locks):
     """``release()`` marked the lock released, then failed removing its file before closing
     it: the name stayed locked for the rest of the process, and no second release closed it."""
-    from pathlib import Path
 
     from adapterkit.library.run_locks import hold_run, release_all, training_now
 
     home = tmp_path / "home"
     lock = hold_run(home, "a")
     assert lock is not None
-    real_unlink = Path.unlink
-
-    def unlink(self, *args, **kwargs):
-        if self.name == "run-a.lock":
-            raise PermissionError(13, "Permission denied")
-        return real_unlink(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "unlink", unlink)
-    with pytest.raises(PermissionError):
-        release_all([lock])
+    unremovable_locks("a")
+    with pytest.warns(RuntimeWarning, match="run-a.lock could not be removed"):
+        release_all([lock])  # (never raised: a failed run's exception, or a saved run, stands)
     monkeypatch.undo()
     assert training_now(home, "a") is None  # let go, though its file is still there
     again = hold_run(home, "a")
     assert again is not None
     again.release()
+
+
+def test_lock_files_that_cannot_be_removed_raise_nothing_where_warnings_are_errors(
+        tmp_path, monkeypatch, unremovable_locks, capsys):
+    """Warned of inside its loop, a first lock file under ``-W error`` left the next locks
+    held and replaced the exception a failed run was on its way out with."""
+    import warnings
+
+    from adapterkit.library.run_locks import hold_run, release_all, training_now
+
+    home = tmp_path / "home"
+    locks = [hold_run(home, n) for n in ("a", "b")]
+    unremovable_locks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        release_all(locks)
+    monkeypatch.undo()
+    assert locks == [] and [training_now(home, n) for n in ("a", "b")] == [None, None]
+    said = capsys.readouterr().err  # (said all the same, not raised)
+    assert said.count("could not be removed") == 2, said
+
+
+def test_a_run_whose_lock_file_cannot_be_removed_still_returns_what_it_saved(
+        tiny_base, rows, home, pm, monkeypatch, unremovable_locks):
+    """The book was committed, then removing the lock file failed: train() raised that error,
+    past its save, and a caller's resident base was not handed over. It is warned of now."""
+    from adapterkit.library.run_locks import training_now
+
+    unremovable_locks("kept")
+    with pytest.warns(RuntimeWarning, match="run-kept.lock could not be removed"):
+        result = train("sft", base=str(tiny_base), data=rows, name="kept", home=home,
+                       plugins=pm, options=TrainOptions(**{**OPTS, "max_steps": 2}))
+    monkeypatch.undo()
+    assert result.pocket_book.ref == "kept@1" and training_now(home, "kept") is None
 
 
 def test_a_run_lock_taken_with_a_relative_home_is_released_after_a_chdir(tmp_path,

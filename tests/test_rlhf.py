@@ -257,16 +257,40 @@ def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_pat
     out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data", str(data),
                          "--name", "halted", "--max-steps", "1", "-r", "4")
     assert out.exit_code == 130
-    assert "Interrupted: only halted-reward@1 (an earlier stage) was saved" in out.output
-    assert "for rlhf, add --reward halted-reward@1)" in out.output  # nothing else to leave out
+    assert "Interrupted: only halted-reward@1 (a stage of its run) was saved" in out.output
+    assert "(reuse halted-reward@1: add --reward halted-reward@1)" in out.output  # nothing else to leave out
     listed = adapterkit_cli("list", "--json")
     assert [b["name"] for b in json.loads(listed.output)] == ["halted-reward"]
     # what --reward skips is named, so that the resume is the first try (it took three)
     out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data", str(data),
                          "--name", "halted2", "--max-steps", "1", "-r", "4", "--eval-split",
                          "0.25", "--set", "reward_steps=1")
-    assert "add --reward halted2-reward@1 and leave out --set reward_steps, --eval-split" \
+    assert "add --reward halted2-reward@1 --eval-split 0.0 and leave out --set reward_steps" \
         in out.output, out.output
+
+
+def test_a_failure_after_the_reward_stage_says_how_to_reuse_it(tiny_base, tmp_path,
+                                                                adapterkit_cli, monkeypatch):
+    """A policy step that fails (not Ctrl-C) after the reward stage was saved: the option
+    that reuses it, from the trainer's ``reuse_option`` (it said "for rlhf: --reward NAME")."""
+    import trl
+
+    from adapterkit.pytest_plugin import TINY_ROWS
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
+
+    def fails(self, *args, **kwargs):
+        raise ValueError("the policy's step failed")
+
+    monkeypatch.setattr(trl.GRPOTrainer, "train", fails)
+    out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data", str(data),
+                         "--name", "broke", "--max-steps", "1", "-r", "4")
+    assert out.exit_code != 0
+    assert "broke-reward@1 (a stage of its run) was saved; broke was not." in out.output
+    assert "Once the cause is fixed: no checkpoint was written yet (one every --save-steps " \
+        "50 steps): run the command again (reuse broke-reward@1: add --reward " \
+        "broke-reward@1)." in out.output, out.output
 
 
 @pytest.mark.slow

@@ -110,9 +110,10 @@ def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, restart: bool, a
                 progress=say)
     except KeyboardInterrupt as exc:
         stage = getattr(exc, "pipeline_stage", None)
-        if reports:
-            say("Interrupted" + (f" in stage {stage}" if stage else "") + ". Run "
-                f"`adapterkit pipeline {recipe} --resume` to continue from there.")
+        if reports:  # (past what a stage's run saved besides its own, the stage said how)
+            say("Interrupted" + (f" in stage {stage}" if stage else "") + (
+                ": go on as said above" if getattr(exc, "stages_saved", None) else
+                f". Run `adapterkit pipeline {recipe} --resume` to continue from there") + ".")
         sys.exit(130)
     if not reports:
         return

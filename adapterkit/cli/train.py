@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -20,6 +20,9 @@ from adapterkit.cli.common import check_sampling, library, loaded_in, obj, say
 from adapterkit.errors import ConfigError, NameTaken, PocketBookNotFound, RunStateError
 from adapterkit.home import resolve_home
 from adapterkit.training.launch import DEFAULT_RENDEZVOUS_TIMEOUT
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adapterkit.training.options import TrainOptions
 
 _OPTION_FLAGS = {
     "method": "method", "rank": "r", "alpha": "alpha", "dropout": "dropout",
@@ -417,29 +420,18 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         if not _reports():
             sys.exit(130)
         saved = getattr(exc, "stages_saved", [])
-        # what the resume leaves out: the stage's own settings, which --reward skips
-        drop = [flag for flag, given in (
-            ("--set reward_steps", "reward_steps" in (options.trainer_options or {})),
-            ("--eval-split", options.eval_split > 0),
-            ("--early-stopping", options.early_stopping is not None)) if given]
-        reuse = (f" (reuse {saved[0]}: for rlhf, add --reward {saved[0]}"
-                 + (f" and leave out {', '.join(drop)}" if drop else "") + ")") if saved else ""
-        # what the run left (adapterkit.training.run._left_behind): --resume only from a
-        # checkpoint it can continue
-        checkpoint, every = getattr(exc, "checkpoint", None), getattr(exc, "save_steps", None)
-        if getattr(exc, "finished", False):
-            advice = (f"; training had finished ({checkpoint}) but was not measured: run the "
-                      f"same command with --restart to train it again{reuse}")
-        elif checkpoint:
-            advice = f". Run the same command with --resume to continue from {checkpoint}{reuse}"
-        elif every is not None:
-            advice = (f"; no checkpoint was written yet (one every --save-steps {every} "
-                      f"steps): run the command again{reuse}")
-        else:  # before training started
-            advice = f". Run the same command again{reuse}"
-        say("Interrupted: " + (f"only {', '.join(saved)} (an earlier stage) was saved"
-                                if saved else "nothing was saved to the library") + advice + ".")
+        past, removes = _past_saved(saved, state["plugins"].trainer(trainer), options)
+        command, how = _how_on(exc, past, removes)
+        say("Interrupted: " + (f"only {', '.join(saved)} (a stage of its run) was saved"
+                                if saved else "nothing was saved to the library")
+            + (f". {how[0].upper()}{how[1:]}" if command else f"; {how}") + ".")
         sys.exit(130)
+    except Exception as exc:  # (the error itself is said by the command line's handler)
+        saved = getattr(exc, "stages_saved", [])
+        if saved and _reports():  # (the run said what it kept; past what it saved, how on)
+            past, removes = _past_saved(saved, state["plugins"].trainer(trainer), options)
+            say(f"Once the cause is fixed: {_how_on(exc, past, removes)[1]}.")
+        raise
     if not _reports():
         return  # the main rank reports the run
     book, m = result.pocket_book, result.metrics
@@ -805,3 +797,57 @@ def generate_cmd(ctx: click.Context, prompt: str, base: str | None, adapter: str
     answer = generate(model, loaded.tokenizer, [prompt], chat=uses_chat(loaded.tokenizer, chat),
                       max_new_tokens=max_new_tokens, temperature=temperature)[0]
     click.echo(answer)
+
+
+def _past_saved(saved: list[str], trainer: Any, options: TrainOptions) -> tuple[str, bool]:
+    """What a run again adds past the pocket books a run saved besides its own, and whether
+    that is their removal: the option that reuses it (``Trainer.reuse_option``, less what
+    that refuses, ``reuse_drops``), else removing them (a run again would train them under
+    taken names)."""
+    if not saved:
+        return "", False
+    reuse = _reuse_flags(trainer, saved[0], options) if len(saved) == 1 else None
+    if reuse:
+        return f" (reuse {saved[0]}: add {reuse})", False
+    return f" (remove {', '.join(saved)} first: " + ", ".join(
+        f"adapterkit rm {b}" for b in saved) + ")", True
+
+
+def _reuse_flags(trainer: Any, book: str, options: TrainOptions) -> str | None:
+    """The flags that reuse ``book`` (``--reward NAME`` is ``--set reward=NAME``; another
+    trainer's ``--set OPTION=NAME``), set back the training options it refuses and leave out
+    its own; None where the trainer has no ``reuse_option``."""
+    from adapterkit.training.reuse import drops_given, reuse_option, training_default
+
+    option = reuse_option(trainer)
+    if option is None:
+        return None
+    own, training = drops_given(trainer, options)
+    flag = {v: "--" + k.replace("_", "-") for k, v in _OPTION_FLAGS.items()}
+    back = [f"{flag[k]} {training_default(k)}" for k in training
+            if training_default(k) is not None and k in flag]
+    out = [f"--set {k}" for k in own] + [flag.get(k, f"--{k}") for k in training
+                                          if training_default(k) is None or k not in flag]
+    return " ".join([f"--reward {book}" if option == "reward" else f"--set {option}={book}",
+                     *back]) + (f" and leave out {', '.join(out)}" if out else "")
+
+
+def _how_on(exc: BaseException, past: str, removes: bool = False) -> tuple[bool, str]:
+    """What a next run can do, from what the run left on ``exc``
+    (:func:`adapterkit.training.run._left_behind`: --resume only from a checkpoint it can
+    continue), with ``past`` (:func:`_past_saved`); and whether it is a command alone. Past
+    a removal, never --resume: the run would train the removed book again, and go on from
+    steps taken against the one removed."""
+    checkpoint, every = getattr(exc, "checkpoint", None), getattr(exc, "save_steps", None)
+    if getattr(exc, "finished", False):
+        return False, (f"training had finished ({checkpoint}) but was not measured: run the "
+                       f"same command with --restart to train it again{past}")
+    if checkpoint and removes:
+        return False, (f"{checkpoint} trained against what is removed: run the same command "
+                       f"with --restart to train it anew{past}")
+    if checkpoint:
+        return True, f"run the same command with --resume to continue from {checkpoint}{past}"
+    if every is not None:
+        return False, (f"no checkpoint was written yet (one every --save-steps {every} "
+                       f"steps): run the command again{past}")
+    return True, f"run the same command again{past}"  # (before training started)

@@ -150,8 +150,7 @@ def examine(library: Library, *, repair: bool) -> Report:
         _add(report, "marks", None, marks, "does not read as the names' highest version "
              "numbers that rm and doctor record, so a plain NAME may take a removed version's "
              "number again (give NAME@V to choose)",
-             f"keep it beside as {VERSIONS_USED_FILE}.corrupt-TIME and write the entries that "
-             "read again", repair)
+             _marks_action(f"{VERSIONS_USED_FILE}.corrupt-TIME"), repair)
     for key in sorted(indexed.keys() - disk.keys()):
         path = library.root / key[0] / str(key[1])
         _add(report, "missing", f"{key[0]}@{key[1]}", path, "listed in the catalog, but its "
@@ -160,13 +159,22 @@ def examine(library: Library, *, repair: bool) -> Report:
     for folder, reason in library.sweep_staging(dry_run=True):
         _add(report, "stale", None, folder, f"work folder {reason}", "remove it", repair)
     if repair and _repairable(report):
-        _repair(library, reindex, drop, quarantine, leftovers, marks=unreadable_marks)
+        kept = _repair(library, reindex, drop, quarantine, leftovers, marks=unreadable_marks)
         report.repaired = True
+        for found in report.problems:  # the name it was kept under, not the template
+            if found.kind == "marks":
+                found.action = _marks_action(kept.name) if kept is not None else \
+                    "nothing to do: it reads now (mended meanwhile)"
     return report
 
 
 #: Kinds the doctor reports and never repairs: no move of its own would make them usable.
 REPORTED_ONLY = ("replaced",)
+
+
+def _marks_action(kept_as: str) -> str:
+    """What the repair does with a marks file that does not read (``kept_as``: its name)."""
+    return f"keep it beside as {kept_as} and write the entries that read again"
 
 
 def _repairable(report: Report) -> bool:
@@ -271,7 +279,9 @@ def _quietly(fn: Any) -> Any:
 
 def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
             quarantine: list[tuple[str, int, Path]],
-            leftovers: list[tuple[str, int, Path]], *, marks: bool = False) -> None:
+            leftovers: list[tuple[str, int, Path]], *, marks: bool = False) -> Path | None:
+    """Make the repairs, in one catalog write; the file an unreadable marks file was kept
+    as (None: none was)."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = library.home / QUARANTINE
     moved: list[tuple[Path, Path]] = []
@@ -302,7 +312,7 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
             highest: dict[str, int] = {}  # rm; an unreadable file kept beside (reported above)
             for name, version, _ in quarantine:
                 highest[name] = max(highest.get(name, 0), version)
-            unmark.append(library._mark_used(highest, []))  # (reported above)
+            unmark.append(library._mark_used(highest, [], kept))  # (reported above)
         for name, version, folder in quarantine:
             Catalog.delete(conn, name, version)
             if folder.is_dir():
@@ -313,15 +323,18 @@ def _repair(library: Library, reindex: list[Path], drop: list[tuple[str, int]],
                     pass
 
     unmark: list[Any] = []
+    kept: list[Path] = []  # where an unreadable marks file was kept
 
     def undo() -> None:
         move_back(moved)
         for put_back in reversed(unmark):
             put_back()
         unmark.clear()
+        kept.clear()
 
     _quietly(lambda: library.catalog.write(fix, undo=undo))
     library.sweep_staging()
+    return kept[-1] if kept else None
 
 
 def render(report: Report) -> str:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,11 +76,13 @@ def training_now(home: Path, name: str) -> str | None:
     return None
 
 
-def hold_run(home: Path, name: str) -> RunLock | None:
-    """Hold ``home``'s lock for runs of ``name``, or refuse: a second run under that name would
-    clear the first one's run folder as it starts, and whichever saved second would find the
-    name taken and lose its whole run. A lock a holder handed on to this thread
-    (:meth:`RunLock.hand_over`) is taken as it is. None where the platform has no ``fcntl``."""
+def hold_run(home: Path, name: str, *,
+             instead: str = "train under another --name") -> RunLock | None:
+    """Hold ``home``'s lock for runs of ``name``, or refuse, offering ``instead`` (the
+    caller's way to another name): a second run under that name would clear the first one's
+    run folder as it starts, and whichever saved second would find the name taken and lose its
+    whole run. A lock a holder handed on to this thread (:meth:`RunLock.hand_over`) is taken
+    as it is. None where the platform has no ``fcntl``."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
@@ -116,7 +120,7 @@ def hold_run(home: Path, name: str) -> RunLock | None:
                 return None  # mounts): the run goes on unlocked, as before
             RunLock(None, path, owned=False).release()
             raise RunStateError(f"another run of {name} is training in {home} ({who}): wait "
-                                "for it to finish, or train under another --name") from None
+                                f"for it to finish, or {instead}") from None
         try:  # the file a run that just ended removed is not the lock: take the new one
             if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
                 break
@@ -203,14 +207,21 @@ class RunLock:
 
 
 def release_all(held: list[RunLock]) -> None:
-    """Release every lock in ``held`` (a run's, however it ends), and forget them; one that
-    fails to let go does not keep the others (the first failure is raised after)."""
-    failed: BaseException | None = None
+    """Release every lock in ``held`` (a run's, however it ends), and forget them. A lock
+    file that could not be removed (its lock is let go all the same, and a later run takes
+    it as its own) is warned of after all are released, never raised: it must not replace the
+    exception a failed run is on its way out with, nor fail a run that saved."""
+    failed: list[tuple[RunLock, Exception]] = []
     for lock in held:
         try:
             lock.release()
         except Exception as exc:  # (a file system error removing the lock file)
-            failed = failed or exc
+            failed.append((lock, exc))
     held.clear()
-    if failed is not None:
-        raise failed
+    for lock, why in failed:
+        try:
+            warnings.warn(f"the run lock {lock.path} could not be removed ({why}); it holds "
+                          "nothing now: remove it by hand if it stays", RuntimeWarning,
+                          stacklevel=2)
+        except Warning as warning:  # (warnings as errors: said, still not raised)
+            print(f"Warning: {warning}", file=sys.stderr)

@@ -124,9 +124,11 @@ VERSIONS_USED_FILE = ".versions-used.json"
 
 
 def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None,
-                used: int = 0) -> None:
+                used: int = 0, option: str = "--name") -> None:
     """Raise :class:`NameTaken`, suggesting the next free version, if ``ref`` is taken.
 
+    :param option: how the caller's user names what is saved (``--name``, a recipe's
+        ``name:``), in the suggestion.
     :param indexed: the versions the catalog knows; a taken version it does not know is a
         folder on disk that could not be indexed (damaged), and the message says so.
     :param used: the highest version the name ever had (:data:`VERSIONS_USED_FILE`).
@@ -143,7 +145,7 @@ def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None,
     if ref.version is None:
         raise NameTaken(
             f"a pocket book named {ref.name!r} already exists (latest {ref.name}@{latest}); "
-            f"save as a new version with --name {ref.name}@{nxt}, or pick another name"
+            f"save as a new version with {option} {ref.name}@{nxt}, or pick another name"
         )
     raise NameTaken(f"{ref} already exists; use {ref.name}@{nxt} for a new version")
 
@@ -320,18 +322,19 @@ class Library:
                 remove_tree(old)
         return swept
 
-    def reserve(self, name_or_ref: str) -> Ref:
+    def reserve(self, name_or_ref: str, *, option: str = "--name") -> Ref:
         """Check that ``name`` (new) or ``name@N`` (an explicit new version) can be saved.
 
         Raises :class:`NameTaken` with the next free version when plain ``name`` exists, so long
-        jobs fail before they start rather than after.
+        jobs fail before they start rather than after; ``option`` is how the caller's user
+        names it (``--name``; a recipe's ``name:``), said in that suggestion.
         """
         ref = parse_ref(name_or_ref)
         self.reconcile()
         self.catalog.read(lambda conn: self._refuse_case_clash(conn, ref.name))
         indexed = set(self.catalog.read(lambda conn: Catalog.versions(conn, ref.name)))
         _check_free(ref, indexed | set(self._disk_versions(ref.name)), indexed,
-                    self._versions_used(ref.name))
+                    self._versions_used(ref.name), option)
         return ref
 
     def _refuse_case_clash(self, conn: sqlite3.Connection, name: str) -> None:
@@ -389,10 +392,15 @@ class Library:
         """The highest version ``name`` had before its removals (0: none marked). ``say``: a
         plain NAME's number is chosen from it now, so a marks file that does not read is said
         (:meth:`_say_marks_unread`)."""
-        marks, readable = self._read_marks()
+        used, readable = self._used_and_readable(name)
         if say and not readable:
             self._say_marks_unread(stacklevel=4)
-        return min(max(marks.get(name, 0), 0), MAX_VERSION)
+        return used
+
+    def _used_and_readable(self, name: str) -> tuple[int, bool]:
+        """:meth:`_versions_used`, and whether the marks file read whole (one read)."""
+        marks, readable = self._read_marks()
+        return min(max(marks.get(name, 0), 0), MAX_VERSION), readable
 
     def _say_marks_unread(self, *, stacklevel: int) -> None:
         """Warn that the marks file does not read, once per process and state of the file: a
@@ -415,20 +423,23 @@ class Library:
             "and write the entries that read again (give NAME@V to choose meanwhile)",
             CatalogWarning, stacklevel=stacklevel)
 
-    def _mark_used(self, highest: dict[str, int],
-                   said: builtins.list[str]) -> Callable[[], None]:
+    def _mark_used(self, highest: dict[str, int], said: builtins.list[str],
+                   kept_at: builtins.list[Path] | None = None) -> Callable[[], None]:
         """Record ``highest`` (name → version) as used, under the catalog's write lock; returns
         what puts the file back as it was (for a removal that fails after it). A file that
         does not read as marks whole is kept beside it (``.corrupt-TIME``), never overwritten
         unseen: the entries that read are written again, the rest are lost to the library,
         and what to tell the user is appended to ``said`` (for the caller to say once its
-        write is committed: a removal that fails puts the file back)."""
+        write is committed: a removal that fails puts the file back), the file kept to
+        ``kept_at``."""
         path = self.root / VERSIONS_USED_FILE
         marks, readable, before = self._read_marks_raw()
         kept: Path | None = None
         if not readable:  # kept beside by a rename: that needs no right to read it
             kept = path.with_name(f"{VERSIONS_USED_FILE}.corrupt-{int(time.time())}")
             os.rename(path, kept)
+            if kept_at is not None:
+                kept_at.append(kept)
             said.append(
                 f"{path} did not read as the version numbers `rm` and doctor record (kept as "
                 f"{kept.name}); it is written afresh"
@@ -500,6 +511,7 @@ class Library:
         give_file_modes(staged)  # safetensors writes 0o600; the library reads as the umask says
         fsync_tree(staged)  # the weights reach the disk before the lock is taken
         moved: builtins.list[tuple[Path, Path]] = []
+        marks_read = [True]  # (whether the marks file read, as the save's number was chosen)
 
         def insert(conn: sqlite3.Connection) -> PocketBook:
             self._refuse_case_clash(conn, ref.name)
@@ -516,7 +528,7 @@ class Library:
                                          "was removed meanwhile; nothing was saved")
             indexed = set(Catalog.versions(conn, ref.name))
             taken = indexed | set(self._disk_versions(ref.name))
-            used = self._versions_used(ref.name)
+            used, marks_read[0] = self._used_and_readable(ref.name)
             if ref.version is None and new_version:
                 version = max(max(taken, default=0), used) + 1
             else:
@@ -536,7 +548,7 @@ class Library:
 
         self.reconcile()  # so a folder left by a crash is seen as the pocket book it is
         book = self.catalog.write(insert, undo=lambda: move_back(moved))
-        if ref.version is None and not self._read_marks()[1]:  # its number came from them
+        if ref.version is None and not marks_read[0]:  # its number came from them
             self._say_marks_unread(stacklevel=3)
         if meta.name == meta.base.get("name"):  # imported, pulled, trained, stacked: all here
             warnings.warn(f"{book.ref} has its base's name, which `adapterkit serve` reads as "

@@ -9,6 +9,7 @@ Nothing here imports torch: registration happens at every CLI start-up.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -112,6 +113,19 @@ class Trainer(Registrable):
     #: that are not a dataclass class, or whose fields are not of ``option_types.OPTION_TYPES`` or
     #: default to a value not of their type (:func:`options_class_problems`).
     options: type[Any] | None = None
+    #: The field of :attr:`options` (a pocket book's name) that, set, makes a run use one
+    #: already in the library instead of training the one :meth:`also_saves` names (built-in
+    #: ``rlhf``: ``reward``). Where a run stopped after saving that book, the core offers it,
+    #: spelled where the user is (``--set OPTION=NAME``, ``--reward NAME`` for ``reward``; a
+    #: recipe's ``set: {OPTION: NAME}``, beside removing the book). ``None``: no such option,
+    #: only removing it is offered. Registration refuses one that is not a ``str`` field.
+    reuse_option: str | None = None
+    #: The options a run given :attr:`reuse_option` refuses, as they configure only the
+    #: training of the pocket book it then reuses (built-in ``rlhf``: ``reward_steps``,
+    #: ``eval_split``, ``early_stopping``): the advice to reuse it says to drop those given.
+    #: Fields of :attr:`options` or training options (:class:`~adapterkit.TrainOptions`);
+    #: a name that is neither is never advised.
+    reuse_drops: tuple[str, ...] = ()
     #: Training options this trainer uses where a run leaves them unset (``None``: no flag,
     #: recipe key or Python argument gave them), e.g. ``{"learning_rate": 1e-3}``: defaults
     #: measured for this objective (the built-in ``sft``'s: ``docs/defaults.md``). Anything a
@@ -300,10 +314,43 @@ def _signature_problem(item: Any) -> str:
     return ""
 
 
+def _reuse_problem(trainer: Trainer) -> str:
+    """Why a trainer's ``reuse_option``/``reuse_drops`` could never be followed ('' if not):
+    the core advises them as options to set or leave out. (Whether a name not of its options
+    is a training option is not asked here, below the training package: one that is neither
+    is never advised, ``adapterkit.training.reuse.drops_given``.)"""
+    own = {f.name for f in dataclasses.fields(trainer.options)} \
+        if trainer.options is not None else set()
+    reuse, drops = trainer.reuse_option, trainer.reuse_drops
+    if reuse is not None and (not isinstance(reuse, str) or reuse not in own
+                              or not _takes_str(trainer.options, reuse)):
+        return (f"reuse_option = {reuse!r} is not a field of its options that takes a pocket "
+                "book's name (a str): name the option that takes the pocket book "
+                "also_saves() names, or leave it None")
+    if not isinstance(drops, (tuple, list)) or any(
+            not isinstance(k, str) or not k.isidentifier() for k in drops):
+        return (f"reuse_drops = {drops!r} is not a tuple of option names: name fields of its "
+                "options or training options (TrainOptions)")
+    return ""
+
+
+def _takes_str(options: type[Any] | None, field_name: str) -> bool:
+    """Whether ``options``' field takes a plain ``str`` (``str``, ``str | None``)."""
+    import types
+    import typing
+
+    try:
+        hint = typing.get_type_hints(options)[field_name]
+    except Exception:  # (annotations that do not resolve are reported by the options' check)
+        return False
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and str in typing.get_args(hint))
+
+
 def _item_problem(item: Any) -> str:
     """Why ``item`` could never work, told to its plugin's author ('' when nothing is wrong):
     methods adapterkit cannot call, shapes no data file can have, options no value can be
-    typed by."""
+    typed by, a ``reuse_option``/``reuse_drops`` no advice could follow."""
     shapes = ", ".join(STANDARD_SHAPES)
     called = _signature_problem(item)
     if called:
@@ -314,8 +361,10 @@ def _item_problem(item: Any) -> str:
                 or any(s not in STANDARD_SHAPES for s in declared):
             return (f"data_shapes = {declared!r} is not a tuple of the standard shapes it reads: "
                     f"name them from {shapes} (a DataFormat plugin converts other rows)")
-        if item.options is not None:
-            return "; ".join(options_class_problems(item.options))
+        problems = options_class_problems(item.options) if item.options is not None else []
+        if problems:
+            return "; ".join(problems)
+        return _reuse_problem(item)
     if isinstance(item, DataFormat) and item.shape not in STANDARD_SHAPES:
         return (f"shape = {item.shape!r} is not a standard shape: convert rows to one of "
                 f"{shapes} and name it")

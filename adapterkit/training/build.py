@@ -152,16 +152,15 @@ def parent_of(library: Library, on: str | None, start_from: str | None, *,
     book = library.get(ref)
     for below in chain(library, book):  # damaged files are refused before the base loads
         check_book(below)
-    refused = parent_refusal(book, reward=is_reward_book(book), copy=bool(start_from),
+    refused = parent_refusal(book.ref, reward=is_reward_book(book), copy=bool(start_from),
                              head=head, flag="--")
     if refused:
         raise ConfigError(refused)
     return book
 
 
-def parent_refusal(book: PocketBook, *, reward: bool, copy: bool, head: str,
-                   flag: str) -> str:
-    """Why ``book`` (a ``reward`` pocket book or a policy) cannot be what a run of a trainer
+def parent_refusal(ref: str, *, reward: bool, copy: bool, head: str, flag: str) -> str:
+    """Why pocket book ``ref`` (a ``reward`` one or a policy) cannot be what a run of a trainer
     with ``head`` trains on (``--on``) or continues (``copy``, ``--from``); '' where it can.
     A policy has no reward head to continue; a reward head generates nothing to train on.
 
@@ -173,13 +172,13 @@ def parent_refusal(book: PocketBook, *, reward: bool, copy: bool, head: str,
 
     role = key("from" if copy else "on")
     if copy and head == "reward" and not reward:
-        return (f"{role} {book.ref} is a policy pocket book (it generates text, it has no "
+        return (f"{role} {ref} is a policy pocket book (it generates text, it has no "
                 "reward head to continue): name a reward pocket book, or train a new reward "
-                f"head on top of it with {key('on')} {book.ref}")
+                f"head on top of it with {key('on')} {ref}")
     if reward and not (copy and head == "reward"):
-        return (f"{role} {book.ref} is a reward pocket book (it scores text, it does not "
+        return (f"{role} {ref} is a reward pocket book (it scores text, it does not "
                 "generate); name a policy pocket book"
-                + (f", or continue it with {key('from')} {book.ref}" if head == "reward"
+                + (f", or continue it with {key('from')} {ref}" if head == "reward"
                    else ""))
     return ""
 

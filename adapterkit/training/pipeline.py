@@ -44,7 +44,8 @@ from adapterkit.training.recipe import (
     read_recipe,
     stage_marker,
 )
-from adapterkit.training.run import train
+from adapterkit.training.reuse import after_stop
+from adapterkit.training.run import tag, train
 
 if TYPE_CHECKING:  # pragma: no cover
     from adapterkit.base.load import Base
@@ -118,18 +119,17 @@ def _hold_names(library: Library, pending: list[Stage]) -> dict[str, RunLock]:
     held: dict[str, RunLock] = {}
     try:
         for stage in pending:
-            for key in (parse_ref(stage.name).name, *stage.also_saves):
+            for key in (parse_ref(n).name for n in (stage.name, *stage.also_saves)):
                 if key in held:
                     continue
                 try:
-                    lock = hold_run(library.home, key)
-                except RunStateError as exc:  # said for a pipeline: its stage, and name:
-                    what = str(exc).split(": wait for it")[0]
+                    lock = hold_run(library.home, key,
+                                    instead="give the stage another name (name:)")
+                except RunStateError as exc:  # said for a pipeline: which stage
                     whose = f"{stage.label}:" if key == parse_ref(stage.name).name else \
                         f"{stage.label[:-1]}, {stage.trainer}) saves {key} besides its own " \
                         "pocket book, and"
-                    raise RunStateError(f"{whose} {what}: wait for it to finish, or give the "
-                                        "stage another name (name:)") from None
+                    raise RunStateError(f"{whose} {exc}") from None
                 if lock is not None:
                     held[key] = lock
     except BaseException:
@@ -163,9 +163,9 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
         if main:  # the definition this run of the stage trains under (load_recipe checks it)
             marker.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(marker, json.dumps({"stage_sha256": stage.fingerprint}))
-        keys = [parse_ref(stage.name).name, *stage.also_saves]
+        keys = [parse_ref(n).name for n in (stage.name, *stage.also_saves)]
         held = [names[k] for k in keys if k in names]  # (in names until let go: released by
-        stopped = False  # the caller however it ends)
+        # the caller however it ends)
         try:
             for lock in held:  # train() takes it as its run's, as it is (and the runs it
                 lock.hand_over()  # makes of the names it saves besides, theirs)
@@ -176,20 +176,19 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
                           callbacks=callbacks(stage) if callbacks else None, progress=say,
                           annotate=_recorder(recipe, stage, results))
         except BaseException as exc:
-            stopped = True
             saved = [r.pocket_book.ref for r in results]
             were = "(earlier stages) are" if len(saved) > 1 else "(an earlier stage) is"
+            besides = getattr(exc, "stages_saved", [])  # (its run saved them: a resume of the
+            go_on = ("Its run saved " + after_stop(  # stage would train them again)
+                pm.trainer(stage.trainer), besides, stage.options, stage.label)
+                     if besides else
+                     f"Run the pipeline again with --resume to continue from stage {stage.index}")
             say(f"{head} stopped; " + (f"{', '.join(saved)} {were} saved"
-                                       if saved else "no stage was saved")
-                + f". Run the pipeline again with --resume to continue from stage {stage.index}.")
-            exc.pipeline_stage = stage.index  # type: ignore[attr-defined]
+                                       if saved else "no stage was saved") + f". {go_on}.")
+            tag(exc, pipeline_stage=stage.index)
             raise
-        finally:
-            try:  # (train() let go of them, unless it stopped before taking them)
-                release_all(held)
-            except Exception:
-                if not stopped:  # (else the stage's own exception goes on, not this one)
-                    raise
+        finally:  # (train() let go of them, unless it stopped before taking them)
+            release_all(held)
             for k in keys:
                 names.pop(k, None)
         if main:

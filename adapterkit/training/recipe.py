@@ -40,7 +40,7 @@ from adapterkit.training.run import (
     interrupted_stages,
     last_complete_checkpoint,
     run_dir,
-    started_stages,
+    saved_stages,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,7 +81,8 @@ class Stage:
     #: Neither ``on:`` nor ``from:`` given: on the stage before (the base for the first).
     follows: bool = False
     #: The names of the pocket books the stage's run saves besides its own
-    #: (``Trainer.also_saves``: rlhf's ``NAME-reward``); a pipeline holds them with its name.
+    #: (``Trainer.also_saves``: rlhf's ``NAME-reward``; ``NAME@N`` where it says one); a
+    #: pipeline holds them with its name.
     also_saves: list[str] = field(default_factory=list)
     #: Whether its options read (else they are the defaults, standing in: its problems are
     #: reported, and nothing is judged from them).
@@ -402,6 +403,13 @@ def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
             edges[stage.index] = target.index
             roles[stage.index] = role
             stage.parent = target.index
+            refused = parent_refusal(  # (as for a library book: found before anything trains)
+                ref, reward=_head(library, target.trainer) == "reward", copy=role == "from",
+                head=_head(library, stage.trainer), flag="")
+            if refused:
+                problems.append(f"{stage.label}: {refused}" + (
+                    " (a stage without on: or from: trains on the stage before it; on: null "
+                    "trains on the base)" if stage.follows else ""))
             continue
         try:
             book = library.get(ref)
@@ -409,7 +417,7 @@ def _link(stages: list[Stage], library: Library, problems: list[str]) -> None:
             problems.append(f"{stage.label}: {role}: {ref} is not a stage of this recipe, and "
                             f"not in the library ({exc})")
             continue
-        refused = parent_refusal(book, reward=is_reward_book(book), copy=role == "from",
+        refused = parent_refusal(book.ref, reward=is_reward_book(book), copy=role == "from",
                                  head=_head(library, stage.trainer), flag="")
         if refused:
             problems.append(f"{stage.label}: {refused}")
@@ -430,7 +438,18 @@ def _also_taken(library: Library, stage: Stage, pm: PluginManager) -> str | None
     being taken in the library already — said before any stage trains (its trainer would
     refuse it only when the stage starts) — or None."""
     from adapterkit.lora.underlay import is_reward_book
+    from adapterkit.training import reuse
 
+    try:
+        trainer = pm.trainer(stage.trainer)
+    except AdapterkitError:  # (reported where the stage is read)
+        return None
+    workdir = run_dir(library, str(parse_ref(stage.name)))
+    besides = {parse_ref(n).name for n in stage.also_saves}
+    saved = [ref for ref in saved_stages(workdir) if _held(library, ref, besides)]
+    if saved:  # (its interrupted run saved them; the pipeline held the names from its start)
+        return "its interrupted run saved " + reuse.after_stop(trainer, saved, stage.options,
+                                                               "the stage")
     for name in stage.also_saves:
         try:
             library.reserve(name)
@@ -439,32 +458,25 @@ def _also_taken(library: Library, stage: Stage, pm: PluginManager) -> str | None
         else:
             continue
         try:
-            reward = is_reward_book(library.get(name))
+            book = library.get(name)
         except AdapterkitError:
-            reward = False
-        keep = (f"set: {{reward: {name}}} in the stage (the stage trains against it)"
-                if reward and _takes_reward(pm, stage.trainer) else None)
-        if reward and name in started_stages(run_dir(library, str(parse_ref(stage.name)))):
-            # (its interrupted run began with it; the pipeline held the name from its start)
-            return (f"its interrupted run saved {name} before it stopped: "
-                    + (f"to keep it, add {keep} and pass --resume --restart; or " if keep
-                       else "")
-                    + f"remove it (adapterkit rm {name}) and pass --resume --restart to "
-                    "train the stage anew")
+            book = None
+        keep = reuse.in_stage(trainer, name, stage.options, "the stage") \
+            if book is not None and is_reward_book(book) else None  # (the kind rlhf reuses)
         return (f"its {stage.trainer} run also saves a pocket book under the name {name}, "
                 "which the library holds already: remove it, or give the stage another name"
-                + (f", or add {keep}" if keep else ""))
+                + (f", or, if it is the pocket book that run would train, add {keep}"
+                   if keep else ""))
     return None
 
 
-def _takes_reward(pm: PluginManager, trainer: str) -> bool:
-    """Whether ``trainer``'s own options name a reward pocket book (``reward``: rlhf's), so
-    that it can be told to use one already made."""
+def _held(library: Library, ref: str, names: set[str]) -> bool:
+    """Whether ``ref``, of one of ``names``, is in the library (False for one that does not
+    read as a name: a damaged record)."""
     try:
-        options = pm.trainer(trainer).options
+        return parse_ref(ref).name in names and library.exists(ref)
     except AdapterkitError:
         return False
-    return options is not None and "reward" in {f.name for f in dataclasses.fields(options)}
 
 
 def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str],
@@ -473,6 +485,8 @@ def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str
     (``Trainer.also_saves``: rlhf's ``NAME-reward``), and two stages whose runs would both save
     one: both runs would save under that name, and the second would stop the pipeline after
     the first trained."""
+    from adapterkit.training.reuse import in_stage
+
     named = {parse_ref(s.name).name: s for s in stages if s.name}
     declared: dict[str, Stage] = {}
     for stage in stages:
@@ -484,7 +498,7 @@ def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str
         except AdapterkitError:
             continue
         try:
-            extra = [parse_ref(n).name for n in trainer.also_saves(
+            extra = [str(parse_ref(n)) for n in trainer.also_saves(
                 name=stage.name, trainer_options=typed)] if hasattr(trainer, "also_saves") else []
         except AdapterkitError as exc:
             problems.append(f"{stage.label}: {exc}")
@@ -495,18 +509,17 @@ def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str
             continue
         stage.also_saves = extra
         here = f"{stage.label[:-1]}, {stage.trainer})"
-        for other in extra:
+        for other in [parse_ref(n).name for n in extra]:  # (a name's every version)
             clash = named.get(other)
             if clash is not None and clash is not stage:
-                reuse = _head(library, clash.trainer) == "reward" and \
-                    _takes_reward(pm, stage.trainer)  # (a reward head, for a trainer that
-                problems.append(  # takes one)
+                keep = in_stage(trainer, other, stage.options, here) \
+                    if _head(library, clash.trainer) == "reward" else None  # (rlhf's kind)
+                problems.append(
                     f"{clash.label}: {here} also saves a pocket book under the name {other}: "
                     "give one of the two stages another name"
-                    + (f", or, if {clash.label} is meant to be that pocket book, give it to "
-                       f"{stage.name} through its trainer options (rlhf: set: {{reward: "
-                       f"{other}}}), move it before {stage.name}, and say what {stage.name} "
-                       "trains on (on: null for the base)" if reuse else ""))
+                    + (f", or, if {clash.label} is meant to be that pocket book, move it "
+                       f"before {stage.name}, add {keep}, and say what {stage.name} trains "
+                       "on (on: null for the base)" if keep else ""))
             elif other in declared:
                 problems.append(f"{here}: {declared[other].label} also saves a pocket book "
                                 f"under the name {other}, as this stage's run would: give one "
@@ -607,7 +620,7 @@ def _check_names(stages: list[Stage], library: Library, pm: PluginManager, *, re
         if not stage.name:
             continue
         try:
-            library.reserve(stage.name)
+            library.reserve(stage.name, option="name:")  # (a recipe's stage: its name:)
             taken = None
         except NameTaken as exc:
             taken = exc
@@ -622,9 +635,7 @@ def _check_names(stages: list[Stage], library: Library, pm: PluginManager, *, re
             problems.append(f"{stage.label}: {book.ref} was made by this stage in an earlier "
                             "run of the pipeline: pass --resume to continue after it")
         elif taken is not None and (stage.fingerprint or not resume):
-            # (a recipe names a stage with name:, not train's --name)
-            said = str(taken).replace("with --name ", "with name: ")
-            problems.append(f"{stage.label}: {said}" + (
+            problems.append(f"{stage.label}: {taken}" + (
                 " (it was not made by this stage of this recipe, so --resume cannot reuse it)"
                 if resume else ""))
         elif taken is None and (also := _also_taken(library, stage, pm)):

@@ -79,6 +79,9 @@ def run_dir(library: Library, name: str) -> Path:
 #: In a run's folder: the stages it started (:meth:`TrainJob.train_stage`), so that ``--resume``
 #: and ``--restart`` of the run reach a stage interrupted before the run's own first checkpoint.
 STAGES_FILE = "stages.json"
+#: The pocket books its stages saved (``NAME@V``), recorded as each is saved: a run stopped
+#: after one is told apart from a name taken by something else (a recipe's ``--resume``).
+SAVED_FILE = "stages-saved.json"
 
 
 def interrupted_stages(workdir: Path, library: Library) -> list[str]:
@@ -116,13 +119,15 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         version set) just before it is committed, to add records of its own in the same atomic
         write (a pipeline's lineage): a kill can never leave the book without them.
 
-    Interrupted (Ctrl-C), it re-raises the ``KeyboardInterrupt`` with what a next run can do:
+    Interrupted (Ctrl-C) or failed, it re-raises the exception with what a next run can do:
     ``exc.checkpoint`` (the last whole checkpoint's folder name, or words naming an
     interrupted stage's; None: none was written yet; ``resume=True`` continues from it),
     ``exc.finished`` (it is of the run's last step: a resume refuses it, ``restart=True``
-    trains again) and ``exc.save_steps``; an ``rlhf``
-    run adds ``exc.stages_saved`` (the pocket books of its finished stages). A run that fails
-    otherwise says through ``progress`` which checkpoint it kept.
+    trains again), ``exc.save_steps`` and ``exc.stages_saved`` (the pocket books its run saved
+    besides its own through ``job.train_stage`` before it stopped: rlhf's reward one). A
+    run that fails otherwise says through ``progress`` which checkpoint it kept, where it
+    saved nothing besides (past what it did, the caller says how to go on in its own terms:
+    a command line's ``Trainer.reuse_option``, a recipe's ``set:``).
 
     In a process with no GPU it sets the C allocator to keep freed memory for reuse (faster
     CPU steps, more resident memory; ``ADAPTERKIT_MALLOC=system`` keeps the defaults): see
@@ -166,12 +171,15 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         return result
     except KeyboardInterrupt as exc:
         _left_behind(run, exc)
+        _say_saved(run)
         raise
-    except Exception:
+    except Exception as exc:
+        _left_behind(run, exc)
+        _say_saved(run)
         _say_kept(run)
         raise
     finally:
-        release_all(held)
+        release_all(held)  # (a lock file left behind is warned of: the run's outcome stands)
         if not isinstance(base, str):  # a caller's resident base: back in the dtype it came
             _give_back(run.loaded, say)
             _hand_over(run, result)
@@ -223,19 +231,41 @@ def _hand_over(run: _Run, result: TrainResult | None) -> None:
                 "again before using it.")
 
 
-def _left_behind(run: _Run, exc: KeyboardInterrupt) -> None:
-    """Tell whoever reports the interruption what a next run can do, on ``exc``:
+def _left_behind(run: _Run, exc: BaseException) -> None:
+    """Tell whoever reports the interruption or failure what a next run can do, on ``exc``:
+    ``stages_saved`` (what the run saved besides its own pocket book, however far it got),
     ``checkpoint`` (the last one, or the interrupted stage holding one; None: none was written
     yet), ``finished`` (it is of the run's last step: a resume refuses it) and ``save_steps``."""
-    try:
+    facts: dict[str, Any] = {"stages_saved": list(run.stages_saved)}
+    try:  # (one recorded as its commit began is kept only where the commit went through)
+        run.stages_saved[:] = [r for r in run.stages_saved if run.library.exists(r)]
+        facts["stages_saved"] = list(run.stages_saved)
         last, finished = _last_checkpoint(run)
         stages = interrupted_stages(run.workdir, run.library)
+        facts.update(checkpoint=Path(last).name if last else
+                     f"the last checkpoint of {stages[0]}" if stages else None,
+                     finished=finished, save_steps=run.job.options.save_steps)
     except Exception:  # never hides the interruption; the reporter says less
-        return
-    at = Path(last).name if last else f"the last checkpoint of {stages[0]}" if stages else None
-    exc.checkpoint = at  # type: ignore[attr-defined]
-    exc.finished = finished  # type: ignore[attr-defined]
-    exc.save_steps = run.job.options.save_steps  # type: ignore[attr-defined]
+        pass
+    tag(exc, **facts)
+
+
+def tag(exc: BaseException, **facts: Any) -> None:
+    """Set ``facts`` as attributes of ``exc`` for whoever reports it; an exception that takes
+    none (a frozen dataclass, ``__slots__``) goes on as it is, never replaced by this."""
+    for key, value in facts.items():
+        try:
+            setattr(exc, key, value)
+        except Exception:
+            return
+
+
+def _say_saved(run: _Run) -> None:
+    """After a failure or Ctrl-C, wherever it came (in the trainer, or as the run was measured
+    or saved): the pocket books its run saved besides its own, which are in the library."""
+    if run.stages_saved:
+        run.say(f"{', '.join(run.stages_saved)} (a stage of its run) was saved; {run.ref} was "
+                "not.")
 
 
 def _last_checkpoint(run: _Run) -> tuple[str | None, bool]:
@@ -248,21 +278,22 @@ def _last_checkpoint(run: _Run) -> tuple[str | None, bool]:
 def _say_kept(run: _Run) -> None:
     """After a run that failed: the checkpoint it keeps, and what the next run can do with it
     (a rerun without --resume or --restart is refused beside it) — as the CLI says it after
-    Ctrl-C (:func:`_left_behind`): a checkpoint of the last step cannot be resumed."""
+    Ctrl-C (:func:`_left_behind`): a checkpoint of the last step cannot be resumed. Nothing
+    where it saved pocket books besides its own: how to go on past them is the caller's to
+    say, in its own terms (a command line's options, a recipe's ``set:``)."""
     try:
         last, finished = _last_checkpoint(run)
     except Exception:  # never hides why the run itself stopped
         return
-    if last is None:
+    if last is None or run.stages_saved:  # (past what it saved: the caller says how on)
         return
-    also = f", adding --reward {run.stages_saved[0]}" if run.stages_saved else ""
     if finished:
         run.say(f"Training had finished ({Path(last).name}) when the run failed: run the same "
-                f"command with --restart{also} to train it again.")
+                "command with --restart to train it again.")
     else:
         run.say(f"The run's last checkpoint is {Path(last).name}: once the cause is fixed (a "
-                f"resume keeps the run's options), the same command with --resume{also} "
-                "continues from it; --restart discards it.")
+                "resume keeps the run's options), the same command with --resume continues "
+                "from it; --restart discards it.")
 
 
 def _give_back(base: Base, say: Callable[[str], None]) -> None:
@@ -547,11 +578,23 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
         started = started_stages(workdir)
         atomic_write_text(workdir / STAGES_FILE, json.dumps(sorted({*started, name})))
         stage_dir = run_dir(library, name)
+
+        def record(meta: PocketBookMeta) -> None:
+            """As the stage's commit begins (a Ctrl-C after it, while the stage gives the base
+            back, must not lose it): its ref, read back only where it reached the library."""
+            saved(f"{meta.name}@{meta.version}")
+
+        def saved(ref: str) -> None:
+            if ref not in stages_saved:
+                stages_saved.append(ref)
+                atomic_write_text(workdir / SAVED_FILE,
+                                  json.dumps(sorted({*saved_stages(workdir), *stages_saved})))
+
         result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
                        options=stage_options, home=library.home, plugins=pm,
                        callbacks=callbacks, progress=say, restart=restart,
-                       resume=resume and _has_checkpoint(stage_dir))
-        stages_saved.append(result.pocket_book.ref)
+                       resume=resume and _has_checkpoint(stage_dir), annotate=record)
+        saved(result.pocket_book.ref)  # (every rank: only the main one commits)
         result.model.unload()  # the shared base gets its plain layers back
         result.model = None
         from adapterkit.memory import release_memory
@@ -704,22 +747,14 @@ class _FollowsMain(ConfigError):
 
 
 def _run(run: _Run) -> Any:
-    """The trainer plugin's part: its objective on the job. On failure, say what an earlier
-    stage left saved (nothing of this pocket book is)."""
-    try:
-        if run.tracked is None:
+    """The trainer plugin's part: its objective on the job."""
+    if run.tracked is None:
+        state = run.trainer_obj.train(job=run.job)
+    else:
+        with run.tracked.active():
             state = run.trainer_obj.train(job=run.job)
-        else:
-            with run.tracked.active():
-                state = run.trainer_obj.train(job=run.job)
-        _check_state(run, state)
-        return state
-    except BaseException as exc:
-        if run.stages_saved:  # an earlier stage finished and is in the library: say so
-            run.say(f"{', '.join(run.stages_saved)} (an earlier stage) was saved; {run.ref} was "
-                    "not. Reuse it when you run again (for rlhf: --reward NAME).")
-            exc.stages_saved = list(run.stages_saved)  # type: ignore[attr-defined]
-        raise
+    _check_state(run, state)
+    return state
 
 
 def _finalize(run: _Run, state: Any, elapsed: float) -> TrainResult:
@@ -1007,6 +1042,15 @@ def started_stages(workdir: Path) -> list[str]:
         except InvalidName:
             continue
     return out
+
+
+def saved_stages(workdir: Path) -> list[str]:
+    """The pocket books (``NAME@V``) this run's stages saved, as it recorded them."""
+    try:
+        refs = json.loads((workdir / SAVED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [r for r in refs if isinstance(r, str)] if isinstance(refs, list) else []
 
 
 def last_checkpoint(workdir: Path) -> str | None:

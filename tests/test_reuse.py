@@ -1,0 +1,75 @@
+"""How the advice past a pocket book a run saved besides its own is spelled, from the
+trainer's ``reuse_option`` and ``reuse_drops`` alone: no trainer's name in the core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapterkit import Trainer, TrainOptions
+from adapterkit.training import reuse
+
+
+@dataclass
+class JudgeOptions:
+    judge: str | None = None
+    judge_steps: int | None = None
+
+
+def _trainer(option: str | None = "judge") -> Trainer:
+    trainer = Trainer()
+    trainer.name, trainer.options = "judged", JudgeOptions
+    trainer.reuse_option, trainer.reuse_drops = option, ("judge_steps", "eval_split")
+    return trainer
+
+
+def test_a_command_line_sets_the_trainer_s_own_option_and_sets_back_what_it_refuses():
+    from adapterkit.cli.train import _reuse_flags
+
+    given = TrainOptions(eval_split=0.2, trainer_options={"judge_steps": 3})
+    assert _reuse_flags(_trainer(), "j@2", given) == \
+        "--set judge=j@2 --eval-split 0.0 and leave out --set judge_steps"
+    assert _reuse_flags(_trainer(), "j@2", TrainOptions()) == "--set judge=j@2"
+    assert _reuse_flags(_trainer("reward"), "r@1", TrainOptions()) == "--reward r@1"
+    assert _reuse_flags(_trainer(None), "j@2", given) is None
+
+
+def test_past_a_removal_the_command_line_says_restart_never_resume():
+    """A resume after removing what the run saved would train it again and go on from steps
+    taken against the one removed: a mixed run."""
+    from adapterkit.cli.train import _how_on, _past_saved
+
+    stopped = KeyboardInterrupt()
+    stopped.checkpoint, stopped.finished, stopped.save_steps = "checkpoint-4", False, 2
+    past, removes = _past_saved(["j@2"], _trainer(None), TrainOptions())
+    assert (past, removes) == (" (remove j@2 first: adapterkit rm j@2)", True)
+    assert _how_on(stopped, past, removes) == (
+        False, "checkpoint-4 trained against what is removed: run the same command with "
+               "--restart to train it anew (remove j@2 first: adapterkit rm j@2)")
+    past, removes = _past_saved(["j@2"], _trainer(), TrainOptions())
+    assert _how_on(stopped, past, removes) == (
+        True, "run the same command with --resume to continue from checkpoint-4 (reuse j@2: "
+              "add --set judge=j@2)")
+
+
+def test_the_built_in_trainers_drop_only_options_there_are():
+    """Registration cannot ask (it sits below the training package): a name neither of the
+    trainer's options nor a training option would never be advised."""
+    import dataclasses
+
+    from adapterkit.plugin_api.manager import get_plugin_manager
+
+    training = {f.name for f in dataclasses.fields(TrainOptions)}
+    for trainer in get_plugin_manager(env=False).trainers:
+        own = {f.name for f in dataclasses.fields(trainer.options)} if trainer.options else set()
+        assert set(trainer.reuse_drops) <= own | training, trainer.name
+    assert get_plugin_manager(env=False).trainer("rlhf").reuse_drops  # (something checked)
+
+
+def test_a_recipe_stage_is_told_its_set_entry_and_the_keys_to_drop():
+    given = TrainOptions(eval_split=0.2, trainer_options={"judge_steps": 3})
+    assert reuse.in_stage(_trainer(), "j@2", given, "stage 2 (p)") == (
+        "set: {judge: j@2} to stage 2 (p), drop judge_steps from its set:, set its "
+        "eval_split: 0.0, so that its run uses j@2 instead of training it")
+    said = reuse.after_stop(_trainer(None), ["j@2", "k@1"], given, "stage 2 (p)")
+    assert said == ("j@2, k@1 before it stopped: remove them (adapterkit rm j@2, adapterkit rm "
+                    "k@1) and pass --resume --restart to train stage 2 (p) anew")
