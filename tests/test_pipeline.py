@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapterkit import ConfigError, Library
+from adapterkit import ConfigError, Library, TrainOptions, train
 from adapterkit.plugin_api.manager import get_plugin_manager
 from adapterkit.training.pipeline import load_recipe, run_pipeline
 
@@ -925,25 +925,33 @@ def test_an_rlhf_stage_that_fails_after_saving_its_reward_book_says_the_pipeline
     _keep_as_said(data, tiny_base, home, pm)  # followed as said, the way on is taken
 
 
+@pytest.mark.parametrize("kind", ["policy", "reward"])
 def test_a_taken_name_the_run_did_not_save_is_not_said_to_be_its_own(data, tiny_base, home,
-                                                                     tmp_path):
+                                                                     tmp_path, kind):
     """The reward stage recorded as started (stages.json) but stopped before it saved; then
-    something else took pol-reward. --resume said "its interrupted run saved pol-reward" and
-    offered to reuse it: only what the run recorded saving is its own."""
+    something else took pol-reward. --resume said "its interrupted run saved pol-reward" (of
+    a reward pocket book): only what the run recorded saving is its own. Reusing one is
+    offered where it could be the one (a reward head)."""
     from adapterkit.plugin_api.testing import make_peft_adapter
 
     pm = get_plugin_manager(env=False)
     path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
     (home / "runs" / "pol").mkdir(parents=True)
     (home / "runs" / "pol" / "stages.json").write_text('["pol-reward"]')
-    Library(home).import_peft(make_peft_adapter(tiny_base, tmp_path / "a"), "pol-reward",
-                              base=str(tiny_base))  # a policy, not the run's reward book
+    if kind == "policy":
+        Library(home).import_peft(make_peft_adapter(tiny_base, tmp_path / "a"), "pol-reward",
+                                  base=str(tiny_base))
+    else:
+        train("reward", base=str(tiny_base), data=str(data["preference"]), name="pol-reward",
+              home=home, plugins=pm, options=TrainOptions(**{**FAST, "max_steps": 1}))
     with pytest.raises(ConfigError) as refused:
         load_recipe(path, home=home, plugins=pm, resume=True)
     said = str(refused.value)
     assert "stage 2 (pol): its rlhf run also saves a pocket book under the name pol-reward, " \
         "which the library holds already: remove it, or give the stage another name" in said
-    assert "interrupted run saved" not in said and "set: {reward" not in said, said
+    assert "interrupted run saved" not in said, said
+    assert ("if it is the pocket book that run would train, add set: {reward: pol-reward}"
+            in said) == (kind == "reward"), said
 
 
 def test_a_lock_file_that_cannot_be_removed_never_hides_why_a_stage_stopped(

@@ -22,15 +22,18 @@ def _trainer(option: str | None = "judge") -> Trainer:
     return trainer
 
 
-def test_a_command_line_sets_the_trainer_s_own_option_and_sets_back_what_it_refuses():
+def test_a_command_line_reuses_through_the_trainer_s_option_and_drops_what_it_refuses():
     from adapterkit.cli.train import _reuse_flags
 
     given = TrainOptions(eval_split=0.2, trainer_options={"judge_steps": 3})
-    assert _reuse_flags(_trainer(), "j@2", given) == \
-        "--set judge=j@2 --eval-split 0.0 and leave out --set judge_steps"
-    assert _reuse_flags(_trainer(), "j@2", TrainOptions()) == "--set judge=j@2"
-    assert _reuse_flags(_trainer("reward"), "r@1", TrainOptions()) == "--reward r@1"
-    assert _reuse_flags(_trainer(None), "j@2", given) is None
+    flags = {"eval_split": 0.2, "trainer_options": {"judge_steps": 3}}
+    assert _reuse_flags(_trainer(), "j@2", given, flags, None) == \
+        "--set judge=j@2 and leave out --set judge_steps, --eval-split"
+    assert _reuse_flags(_trainer(), "j@2", given, {}, "run.yaml") == \
+        "--set judge=j@2, and remove judge_steps, eval_split from run.yaml"  # (its --config)
+    assert _reuse_flags(_trainer(), "j@2", TrainOptions(), {}, None) == "--set judge=j@2"
+    assert _reuse_flags(_trainer("reward"), "r@1", TrainOptions(), {}, None) == "--reward r@1"
+    assert _reuse_flags(_trainer(None), "j@2", given, flags, None) is None
 
 
 def test_past_a_removal_the_command_line_says_restart_never_resume():
@@ -43,8 +46,8 @@ def test_past_a_removal_the_command_line_says_restart_never_resume():
     past, removes = _past_saved(["j@2"], _trainer(None), TrainOptions())
     assert (past, removes) == (" (remove j@2 first: adapterkit rm j@2)", True)
     assert _how_on(stopped, past, removes) == (
-        False, "checkpoint-4 trained against what is removed: run the same command with "
-               "--restart to train it anew (remove j@2 first: adapterkit rm j@2)")
+        False, "checkpoint-4 was trained against what a run again trains anew: run the same "
+               "command with --restart (remove j@2 first: adapterkit rm j@2)")
     past, removes = _past_saved(["j@2"], _trainer(), TrainOptions())
     assert _how_on(stopped, past, removes) == (
         True, "run the same command with --resume to continue from checkpoint-4 (reuse j@2: "

@@ -265,7 +265,7 @@ def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_pat
     out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data", str(data),
                          "--name", "halted2", "--max-steps", "1", "-r", "4", "--eval-split",
                          "0.25", "--set", "reward_steps=1")
-    assert "add --reward halted2-reward@1 --eval-split 0.0 and leave out --set reward_steps" \
+    assert "add --reward halted2-reward@1 and leave out --set reward_steps, --eval-split)" \
         in out.output, out.output
 
 
@@ -602,3 +602,103 @@ def test_rlhf_says_how_many_distinct_prompts_the_policy_samples_for(rlhf_run, ti
           plugins=pm, options=options, progress=said.append)
     assert (f"The policy samples answers for the {distinct} distinct prompts of the "
             f"{2 * len(rows)} rows.") in said
+
+
+def _prefs(tmp_path):
+    from adapterkit.pytest_plugin import TINY_ROWS
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
+    return data
+
+
+def _fast_rlhf(**trainer_options) -> TrainOptions:
+    return TrainOptions(**{**RL, "max_steps": 1, "r": 4, "alpha": 8},
+                        trainer_options={"reward_steps": 1, "max_new_tokens": 4,
+                                         "num_generations": 2, **trainer_options})
+
+
+def test_a_ctrl_c_as_the_reward_stage_gives_the_base_back_keeps_what_it_saved(
+        tiny_base, tmp_path, monkeypatch):
+    """The reward pocket book was committed, then Ctrl-C came while its stage gave the shared
+    base back, before the run noted it: the run said nothing was saved besides. It is
+    recorded as its commit begins (and kept, as it reached the library)."""
+    from adapterkit.training import run as run_module
+
+    real = run_module._hand_over
+
+    def hand_over(run, result):
+        real(run, result)
+        if result is not None and result.pocket_book.name.endswith("-reward"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "_hand_over", hand_over)
+    home = tmp_path / "home"
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train("rlhf", base=str(tiny_base), data=str(_prefs(tmp_path)), name="q", home=home,
+              plugins=get_plugin_manager(env=False), options=_fast_rlhf())
+    assert stopped.value.stages_saved == ["q-reward@1"]
+    assert Library(home).get("q-reward").ref == "q-reward@1"
+
+
+def test_a_reward_stage_whose_commit_failed_is_not_said_saved(tiny_base, tmp_path,
+                                                               monkeypatch):
+    """Recorded as its commit began, a stage whose commit then failed is not claimed."""
+    real_commit = Library.commit
+
+    def commit(self, staged, meta, **kwargs):
+        if str(kwargs.get("name", meta.name)).endswith("-reward"):
+            raise OSError(28, "No space left on device")
+        return real_commit(self, staged, meta, **kwargs)
+
+    monkeypatch.setattr(Library, "commit", commit)
+    said: list[str] = []
+    with pytest.raises(OSError) as failed:
+        train("rlhf", base=str(tiny_base), data=str(_prefs(tmp_path)), name="q",
+              home=tmp_path / "home", plugins=get_plugin_manager(env=False),
+              options=_fast_rlhf(), progress=said.append)
+    assert failed.value.stages_saved == []
+    assert not [line for line in said if "was saved" in line], said
+
+
+def test_an_exception_that_takes_no_attributes_is_not_replaced(tiny_base, tmp_path,
+                                                                monkeypatch):
+    """The run sets what a next run can do on the exception; a frozen one raised
+    FrozenInstanceError there, which replaced the trainer's own error."""
+    from dataclasses import dataclass
+
+    import trl
+
+    @dataclass(frozen=True)
+    class Frozen(Exception):
+        code: int = 7
+
+    def fails(self, *args, **kwargs):
+        raise Frozen()
+
+    monkeypatch.setattr(trl.GRPOTrainer, "train", fails)
+    with pytest.raises(Frozen):
+        train("rlhf", base=str(tiny_base), data=str(_prefs(tmp_path)), name="q",
+              home=tmp_path / "home", plugins=get_plugin_manager(env=False),
+              options=_fast_rlhf())
+
+
+def test_options_a_config_file_gave_are_to_be_removed_from_it_not_left_out(
+        tiny_base, tmp_path, adapterkit_cli, monkeypatch):
+    """"Leave out --eval-split" cannot be followed where --config gave it (and early_stopping
+    beside it would then be refused): the file is named, and what to remove from it."""
+    import trl
+    import yaml
+
+    def fails(self, *args, **kwargs):
+        raise ValueError("the policy's step failed")
+
+    monkeypatch.setattr(trl.GRPOTrainer, "train", fails)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"eval_split": 0.25, "early_stopping": 2}))
+    out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data",
+                         str(_prefs(tmp_path)), "--name", "cfg", "--max-steps", "1", "-r", "4",
+                         "--config", str(config), "--set", "reward_steps=1")
+    assert out.exit_code != 0
+    assert f"(reuse cfg-reward@1: add --reward cfg-reward@1 and leave out --set reward_steps, " \
+        f"and remove eval_split, early_stopping from {config})" in out.output, out.output

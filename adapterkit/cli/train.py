@@ -420,8 +420,9 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         if not _reports():
             sys.exit(130)
         saved = getattr(exc, "stages_saved", [])
-        past, removes = _past_saved(saved, state["plugins"].trainer(trainer), options)
-        command, how = _how_on(exc, past, removes)
+        past, removes = _past_saved(saved, state["plugins"].trainer(trainer), options,
+                                    overrides, recipe)
+        command, how = _how_on(exc, past, removes, resume)
         say("Interrupted: " + (f"only {', '.join(saved)} (a stage of its run) was saved"
                                 if saved else "nothing was saved to the library")
             + (f". {how[0].upper()}{how[1:]}" if command else f"; {how}") + ".")
@@ -429,8 +430,12 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     except Exception as exc:  # (the error itself is said by the command line's handler)
         saved = getattr(exc, "stages_saved", [])
         if saved and _reports():  # (the run said what it kept; past what it saved, how on)
-            past, removes = _past_saved(saved, state["plugins"].trainer(trainer), options)
-            say(f"Once the cause is fixed: {_how_on(exc, past, removes)[1]}.")
+            try:  # (never in the way of the error itself)
+                past, removes = _past_saved(saved, state["plugins"].trainer(trainer), options,
+                                            overrides, recipe)
+                say(f"Once the cause is fixed: {_how_on(exc, past, removes, resume)[1]}.")
+            except Exception:
+                pass
         raise
     if not _reports():
         return  # the main rank reports the run
@@ -799,55 +804,67 @@ def generate_cmd(ctx: click.Context, prompt: str, base: str | None, adapter: str
     click.echo(answer)
 
 
-def _past_saved(saved: list[str], trainer: Any, options: TrainOptions) -> tuple[str, bool]:
+def _past_saved(saved: list[str], trainer: Any, options: TrainOptions,
+                given: dict[str, Any] | None = None,
+                config: str | None = None) -> tuple[str, bool]:
     """What a run again adds past the pocket books a run saved besides its own, and whether
     that is their removal: the option that reuses it (``Trainer.reuse_option``, less what
     that refuses, ``reuse_drops``), else removing them (a run again would train them under
-    taken names)."""
+    taken names). ``given``: the options its flags gave; ``config``: its ``--config`` file."""
     if not saved:
         return "", False
-    reuse = _reuse_flags(trainer, saved[0], options) if len(saved) == 1 else None
+    reuse = _reuse_flags(trainer, saved[0], options, given or {}, config) \
+        if len(saved) == 1 else None
     if reuse:
         return f" (reuse {saved[0]}: add {reuse})", False
     return f" (remove {', '.join(saved)} first: " + ", ".join(
         f"adapterkit rm {b}" for b in saved) + ")", True
 
 
-def _reuse_flags(trainer: Any, book: str, options: TrainOptions) -> str | None:
-    """The flags that reuse ``book`` (``--reward NAME`` is ``--set reward=NAME``; another
-    trainer's ``--set OPTION=NAME``), set back the training options it refuses and leave out
-    its own; None where the trainer has no ``reuse_option``."""
-    from adapterkit.training.reuse import drops_given, reuse_option, training_default
+def _reuse_flags(trainer: Any, book: str, options: TrainOptions, given: dict[str, Any],
+                 config: str | None) -> str | None:
+    """The flag that reuses ``book`` (``--reward NAME`` is ``--set reward=NAME``; another
+    trainer's ``--set OPTION=NAME``), and the options that reuse refuses (``reuse_drops``):
+    left out where a flag gave them, removed from the ``--config`` file where it did. None
+    where the trainer has no ``reuse_option``."""
+    from adapterkit.training.reuse import drops_given, reuse_option
 
     option = reuse_option(trainer)
     if option is None:
         return None
     own, training = drops_given(trainer, options)
-    flag = {v: "--" + k.replace("_", "-") for k, v in _OPTION_FLAGS.items()}
-    back = [f"{flag[k]} {training_default(k)}" for k in training
-            if training_default(k) is not None and k in flag]
-    out = [f"--set {k}" for k in own] + [flag.get(k, f"--{k}") for k in training
-                                          if training_default(k) is None or k not in flag]
-    return " ".join([f"--reward {book}" if option == "reward" else f"--set {option}={book}",
-                     *back]) + (f" and leave out {', '.join(out)}" if out else "")
+    flag = {v: "-r" if k == "rank" else "--" + k.replace("_", "-")
+            for k, v in _OPTION_FLAGS.items()}
+    sets = given.get("trainer_options") or {}
+    out = [f"--set {k}" for k in own if k in sets] + [
+        flag[k] for k in training if given.get(k) is not None and k in flag]
+    filed = [k for k in own if k not in sets] + [
+        k for k in training if given.get(k) is None or k not in flag]
+    return (f"--reward {book}" if option == "reward" else f"--set {option}={book}") \
+        + (f" and leave out {', '.join(out)}" if out else "") \
+        + (f", and remove {', '.join(filed)} from {config or 'the --config file'}"
+           if filed else "")
 
 
-def _how_on(exc: BaseException, past: str, removes: bool = False) -> tuple[bool, str]:
+def _how_on(exc: BaseException, past: str, removes: bool = False,
+            resumed: bool = False) -> tuple[bool, str]:
     """What a next run can do, from what the run left on ``exc``
     (:func:`adapterkit.training.run._left_behind`: --resume only from a checkpoint it can
     continue), with ``past`` (:func:`_past_saved`); and whether it is a command alone. Past
     a removal, never --resume: the run would train the removed book again, and go on from
-    steps taken against the one removed."""
+    steps taken against the one removed. ``resumed``: the command had --resume, which a run
+    with no checkpoint to go on from refuses."""
+    again = "command again" + (" without --resume" if resumed else "")
     checkpoint, every = getattr(exc, "checkpoint", None), getattr(exc, "save_steps", None)
     if getattr(exc, "finished", False):
         return False, (f"training had finished ({checkpoint}) but was not measured: run the "
                        f"same command with --restart to train it again{past}")
     if checkpoint and removes:
-        return False, (f"{checkpoint} trained against what is removed: run the same command "
-                       f"with --restart to train it anew{past}")
+        return False, (f"{checkpoint} was trained against what a run again trains anew: run "
+                       f"the same command with --restart{past}")
     if checkpoint:
         return True, f"run the same command with --resume to continue from {checkpoint}{past}"
     if every is not None:
         return False, (f"no checkpoint was written yet (one every --save-steps {every} "
-                       f"steps): run the command again{past}")
-    return True, f"run the same command again{past}"  # (before training started)
+                       f"steps): run the {again}{past}")
+    return True, f"run the same {again}{past}"  # (before training started)

@@ -178,11 +178,7 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
         except BaseException as exc:
             saved = [r.pocket_book.ref for r in results]
             were = "(earlier stages) are" if len(saved) > 1 else "(an earlier stage) is"
-            besides = getattr(exc, "stages_saved", [])  # (its run saved them: a resume of the
-            go_on = ("Its run saved " + after_stop(  # stage would train them again)
-                pm.trainer(stage.trainer), besides, stage.options, stage.label)
-                     if besides else
-                     f"Run the pipeline again with --resume to continue from stage {stage.index}")
+            go_on = _go_on(exc, stage, pm)
             say(f"{head} stopped; " + (f"{', '.join(saved)} {were} saved"
                                        if saved else "no stage was saved") + f". {go_on}.")
             tag(exc, pipeline_stage=stage.index)
@@ -195,6 +191,21 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
             marker.unlink(missing_ok=True)
         results.append(StageResult(stage, final.pocket_book, dict(final.metrics)))
     return PipelineResult(recipe, results, final)
+
+
+def _go_on(exc: BaseException, stage: Stage, pm: PluginManager) -> str:
+    """How to go on after ``stage`` stopped with ``exc``: past what its run saved besides its
+    own pocket book (a resume of the stage would train that again), the ways that work
+    (:func:`adapterkit.training.reuse.after_stop`); else ``--resume``."""
+    plain = f"Run the pipeline again with --resume to continue from stage {stage.index}"
+    besides = getattr(exc, "stages_saved", [])
+    if not besides:
+        return plain
+    try:  # (never in the way of why the stage stopped)
+        return "Its run saved " + after_stop(pm.trainer(stage.trainer), besides, stage.options,
+                                             stage.label)
+    except Exception:
+        return plain
 
 
 def _agree_on_stages(recipe: Recipe, library: Library, *, resume: bool, main: bool) -> None:

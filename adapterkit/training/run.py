@@ -265,7 +265,8 @@ def _say_saved(run: _Run) -> None:
     or saved): the pocket books its run saved besides its own, which are in the library."""
     if run.stages_saved:
         run.say(f"{', '.join(run.stages_saved)} (a stage of its run) was saved; {run.ref} was "
-                "not.")
+                "not." if len(run.stages_saved) == 1 else f"{', '.join(run.stages_saved)} "
+                f"(stages of its run) were saved; {run.ref} was not.")
 
 
 def _last_checkpoint(run: _Run) -> tuple[str | None, bool]:
@@ -585,10 +586,15 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
             saved(f"{meta.name}@{meta.version}")
 
         def saved(ref: str) -> None:
-            if ref not in stages_saved:
-                stages_saved.append(ref)
+            if ref in stages_saved:
+                return
+            stages_saved.append(ref)
+            try:  # (a record for advice: it never fails the stage's save)
                 atomic_write_text(workdir / SAVED_FILE,
                                   json.dumps(sorted({*saved_stages(workdir), *stages_saved})))
+            except OSError as exc:
+                say(f"Warning: {workdir / SAVED_FILE} could not be written ({exc}); a --resume "
+                    f"of the pipeline will not know that this run saved {ref}.")
 
         result = train(stage_trainer, base=loaded, data=data or job_data, name=name,
                        options=stage_options, home=library.home, plugins=pm,
