@@ -210,7 +210,7 @@ def test_an_rlhf_policy_resumes_against_the_reward_pocket_book_its_run_trained(
         tiny_base, adapterkit_data, home, pm):
     """Interrupted after its reward stage was saved, an rlhf run is resumed with --reward
     NAME-reward (as the refusal of a plain rerun says) instead of the stage's own options; an
-    option of the policy given on both sides is still compared."""
+    option of the policy is still compared, given on both sides or on one."""
     data = str(adapterkit_data["preference"])
     opts = dict(max_steps=4, batch_size=8, learning_rate=1e-2, r=4, alpha=8, dropout=0.0,
                 logging_steps=1, save_steps=2, seed=1)
@@ -223,12 +223,19 @@ def test_an_rlhf_policy_resumes_against_the_reward_pocket_book_its_run_trained(
     # (the held-out split serves the reward stage alone, and rlhf refuses it beside --reward:
     # the resume cannot give it again)
     with pytest.raises(KeyboardInterrupt):  # (the stage's 2 steps never reach step 3)
-        rlhf({"reward_steps": 2, "max_new_tokens": 4}, split=0.25, callbacks=[Interrupt(3)])
+        rlhf({"reward_steps": 2, "max_new_tokens": 4, "beta": 0.2}, split=0.25,
+             callbacks=[Interrupt(3)])
     assert (home / "runs" / "p" / "checkpoint-2").is_dir()
     with pytest.raises(RunStateError, match=r"other settings: trainer_options.max_new_tokens 4 "
                                             r"→ 8; resume with"):
-        rlhf({"reward": "p-reward@1", "max_new_tokens": 8}, resume=True)
-    result = rlhf({"reward": "p-reward@1", "max_new_tokens": 4}, resume=True)
+        rlhf({"reward": "p-reward@1", "max_new_tokens": 8, "beta": 0.2}, resume=True)
+    # an option of the policy left out on the resume was not compared (only the reuse option
+    # and what it drops may change, Trainer.reuse_option/reuse_drops): its steps went on
+    # with the default beta, the pocket book recording it as if from the start
+    with pytest.raises(RunStateError, match=r"other settings: trainer_options.beta 0.2 → "
+                                            r"0.05; resume with"):
+        rlhf({"reward": "p-reward@1", "max_new_tokens": 4}, resume=True)
+    result = rlhf({"reward": "p-reward@1", "max_new_tokens": 4, "beta": 0.2}, resume=True)
     assert (result.metrics["steps"], result.metrics["resumed_at_step"]) == (4, 2)
     assert result.metrics["reward_book"] == "p-reward@1"
 

@@ -461,7 +461,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         else None)
     if resume_from:
         check_definition(workdir, definition, str(ref), checkpoint=resume_from,
-                         staged=bool(started_stages(workdir)),
+                         staged=_reusable(trainer_obj) if started_stages(workdir) else frozenset(),
                          trainer_defaults=trainer_option_defaults(trainer_obj))
         _check_unfinished(resume_from, options, str(ref))
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
@@ -1048,6 +1048,14 @@ def started_stages(workdir: Path) -> list[str]:
         except InvalidName:
             continue
     return out
+
+
+def _reusable(trainer: Any) -> frozenset[str]:
+    """The options a resume of a run that trained a stage first may change: the trainer's
+    ``reuse_option`` (naming the stage's pocket book) and ``reuse_drops`` (what configured
+    the stage). None for a trainer that declares neither: every option is compared."""
+    option = getattr(trainer, "reuse_option", None)
+    return frozenset([*([option] if option else []), *getattr(trainer, "reuse_drops", ())])
 
 
 def saved_stages(workdir: Path) -> list[str]:

@@ -75,7 +75,7 @@ def record_definition(workdir: Path, definition: dict[str, Any]) -> None:
 
 
 def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
-                     checkpoint: str, staged: bool = False,
+                     checkpoint: str, staged: frozenset[str] = frozenset(),
                      trainer_defaults: dict[str, Any] | None = None) -> None:
     """Refuse to resume the run in ``workdir`` from ``checkpoint`` with another definition than
     it started with: its first steps were trained with those, and the pocket book's metadata
@@ -83,9 +83,11 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
     LoRA config is compared (rank and alpha), where transformers would end in a "size
     mismatch" traceback (rank) or go on with another scaling (alpha).
 
-    :param staged: the run trained a stage first (rlhf's reward pocket book): a trainer option
-        given on one side only is not compared — a resume names the stage's pocket book
-        (``--reward NAME-reward``) where the first run set the stage's own (``reward_steps``).
+    :param staged: the options a resume may change, the run having trained a stage first
+        (rlhf's reward pocket book): the trainer's ``reuse_option`` and ``reuse_drops`` — a
+        resume names the stage's pocket book (``--reward NAME-reward``) and leaves out what
+        configured the stage (``reward_steps``, ``eval_split``). Every other option is
+        compared, a trainer option given on one side only included.
     :param trainer_defaults: the trainer's own options' defaults: a trainer option given on
         one side at its default value (``--set beta=0.1``) is no change, as ``--lr 2e-4``
         is none.
@@ -104,16 +106,13 @@ def check_definition(workdir: Path, definition: dict[str, Any], name: str, *,
     if not isinstance(recorded, dict):
         raise RunStateError(f"cannot read what the interrupted run of {name} was started with "
                             f"({path} holds no record); pass --restart to start over")
-    now = dict(definition)
-    if staged:
-        old, new = recorded.get("trainer_options") or {}, now.get("trainer_options") or {}
-        recorded = {**recorded, "trainer_options": {k: v for k, v in old.items() if k in new}}
-        now["trainer_options"] = {k: v for k, v in new.items() if k in old}
-        # the held-out split served the stage (rlhf evaluates its reward pocket book on it, and
-        # refuses one beside --reward): the resume names the stage's book without it
-        for key in ("eval_split", "early_stopping"):
-            recorded.pop(key, None)
-            now.pop(key, None)
+    now, recorded = dict(definition), dict(recorded)
+    for side in (recorded, now) if staged else ():
+        for key in staged:  # (a training option, or one of the trainer's own)
+            side.pop(key, None)
+        if isinstance(side.get("trainer_options"), dict):
+            side["trainer_options"] = {k: v for k, v in side["trainer_options"].items()
+                                       if k not in staged}
     if trainer_defaults:
         defaults = json.loads(json.dumps(trainer_defaults, default=str))  # as JSON reads them
         for side in (recorded, now):
