@@ -448,7 +448,7 @@ def test_a_recipe_stage_where_a_shared_option_would_do_nothing_is_refused_before
               "stages": [{"name": "first", "trainer": "sft", "data": str(chats)},
                          {"name": "judge", "trainer": "reward", "data": str(pairs)},
                          {"name": "judge2", "trainer": "reward", "data": str(pairs),
-                          "general": None}]}
+                          "general": None, "on": "first"}]}  # (not on the reward head judge)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     result = adapterkit_cli("pipeline", str(path))
