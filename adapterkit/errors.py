@@ -80,6 +80,17 @@ class ConfigError(AdapterkitError):
     """Invalid training options or recipe file (all problems are reported at once)."""
 
 
+class BesidesTaken(ConfigError):
+    """A pocket book a run saves besides its own (``Trainer.also_saves``: rlhf's
+    ``NAME-reward``) is in the library already: the run would stop as it came to save it.
+    ``name`` is the one held; ``reusable``: the message offers to reuse it (through the
+    trainer's ``reuse_option``); it says the ways on."""
+
+    def __init__(self, message: str, name: str, reusable: bool = False) -> None:
+        super().__init__(message)
+        self.name, self.reusable = name, reusable
+
+
 class LaunchError(AdapterkitError):
     """A run on several processes or machines that could not start or that a rank ended
     (the message names the rank and what happened; every rank was stopped)."""

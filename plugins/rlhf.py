@@ -140,8 +140,9 @@ class RLHF(Trainer):
     def preflight(self, *, library: Any, name: str, options: Any, trainer_options: Any,
                   data: Any) -> None:
         """Before the base loads: the reward pocket book named exists and is one; without
-        one, the data has pairs to train it on and its name is free."""
-        from adapterkit import ConfigError, NameTaken, RewardScorer
+        one, the data has pairs to train it on (adapterkit refuses a taken ``NAME-reward``
+        itself: :meth:`also_saves`)."""
+        from adapterkit import ConfigError, RewardScorer
 
         o: RLHFOptions = trainer_options
         if o.reward:
@@ -155,14 +156,7 @@ class RLHF(Trainer):
             raise ConfigError("rlhf without --reward first trains a reward pocket book from "
                               "preference pairs: give a prompt/chosen/rejected file, or "
                               "--reward NAME")
-        stage_name = _reward_name(name)
-        try:
-            library.reserve(stage_name)  # (a check: it writes nothing)
-        except NameTaken:
-            raise ConfigError(f"{stage_name} already exists: pass --reward {stage_name} to "
-                              "optimise against it (with --resume, to go on with a run of "
-                              f"{name.split('@')[0]} interrupted after it was saved), or pick "
-                              "another --name") from None
+        # (a taken NAME-reward is refused by adapterkit itself, from also_saves)
 
     def also_saves(self, *, name: str, trainer_options: Any) -> list[str]:
         """Without a ``reward``, the reward pocket book it trains first (:meth:`train`)."""

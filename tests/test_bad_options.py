@@ -621,7 +621,9 @@ def test_a_recipes_general_file_without_text_rows_is_refused_before_any_stage(
 @pytest.mark.parametrize("setup,args,words", [
     (None, ["--reward", "nosuch"], ["nosuch"]),
     ("policy", ["--reward", "policy"], ["--reward policy@1 is a policy pocket book"]),
-    ("x-reward", [], ["x-reward already exists: pass --reward x-reward"]),
+    ("x-reward", [], ["the rlhf run of x saves a pocket book under the name x-reward besides "
+                      "its own, and the library holds x-reward already: remove it (adapterkit "
+                      "rm x-reward); or pick another name"]),  # (a policy: not to reuse)
 ])
 def test_rlhf_refuses_its_reward_book_problems_before_the_base_loads(
         setup, args, words, adapterkit_data, adapterkit_cli, library, peft_adapter, tiny_base,
@@ -632,6 +634,32 @@ def test_rlhf_refuses_its_reward_book_problems_before_the_base_loads(
     result = adapterkit_cli("train", "rlhf", "--base", str(tmp_path / "no-base"), "--data",
                             adapterkit_data["preference"], "--name", "x", *args)
     refused(result, *words)
+
+
+def test_rlhf_whose_reward_name_holds_a_reward_book_is_told_what_to_leave_out(
+        adapterkit_data, adapterkit_cli, library, tiny_base, tmp_path):
+    """rlhf's own refusal said "pass --reward x-reward" alone: the same command with it was
+    refused again for --set reward_steps, then for --eval-split. adapterkit refuses a name a
+    run saves besides its own itself (``also_saves``), for every trainer, and the command
+    line says below it every flag to leave out; followed, the reward checks pass (what is
+    refused next is the missing base)."""
+    from adapterkit import TrainOptions, train
+
+    train("reward", base=str(tiny_base), data=str(adapterkit_data["preference"]),
+          name="x-reward", home=library.home,
+          options=TrainOptions(max_steps=1, batch_size=2, r=4, alpha=8))
+    args = ["train", "rlhf", "--base", str(tmp_path / "no-base"), "--data",
+            adapterkit_data["preference"], "--name", "x"]
+    result = adapterkit_cli(*args, "--set", "reward_steps=2", "--eval-split", "0.25")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-2:] == [
+        "Error: the rlhf run of x saves a pocket book under the name x-reward besides its "
+        "own, and the library holds x-reward already: to use it instead of training one, set "
+        "the trainer option reward to x-reward and leave out reward_steps, eval_split; or "
+        "remove it (adapterkit rm x-reward); or pick another name",
+        "On the command line: add --reward x-reward and leave out --set reward_steps, "
+        "--eval-split."], result.stderr
+    refused(adapterkit_cli(*args, "--reward", "x-reward"), "unknown base", alone=False)  # (as said)
 
 
 def test_a_run_whose_only_checkpoint_was_cut_off_is_run_again_not_resumed(train_args,

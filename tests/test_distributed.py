@@ -558,3 +558,31 @@ def test_a_failing_rank_leaves_its_process_group_within_the_timeout(monkeypatch)
     assert launch.leave_on_failure(timeout=5) is True and calls == [1]
     monkeypatch.setattr(launch, "leave", lambda: 1 / 0)  # an error in it: already failing
     assert launch.leave_on_failure(timeout=5) is True
+
+
+def test_a_machine_whose_main_one_is_refused_its_lock_says_why(tiny_base, adapterkit_data,
+                                                               home):
+    """Another run of the name holds its lock: the main machine refused the run, and
+    machine 1, waiting for the main one's checks, said only "lost contact with another rank,
+    which stopped". It now says the main one's reason (both exit 1, nothing saved)."""
+    from adapterkit.library.run_locks import hold_run
+
+    other = hold_run(home, "one")  # what another run of that name holds
+    try:
+        address = f"127.0.0.1:{free_port()}"
+        machines = [adapterkit("train", "sft", "--base", tiny_base, "--data",
+                               adapterkit_data["prompt_completion"], "--name", "one",
+                               *flags("sft"), "--processes", 1, "--num-machines", 2,
+                               "--machine-rank", rank, "--main-address", address, home=home)
+                    for rank in (1, 0)]
+        outputs = [m.communicate(timeout=600) for m in machines]
+    finally:
+        other.release()
+    assert [m.returncode for m in machines] == [1, 1], outputs
+    for machine, (_, err) in zip((1, 0), outputs):
+        said = err.strip().splitlines()[-1]
+        assert "another run of one is training in " in said and \
+            said.endswith(": wait for it to finish, or train under another --name"), \
+            (machine, err)
+        assert "lost contact" not in err and "Traceback" not in err, (machine, err)
+    assert_nothing_saved(home, "one")

@@ -662,8 +662,8 @@ def test_a_stage_named_as_the_reward_book_an_rlhf_stage_trains_is_refused(data, 
         load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm)
     assert "stage 2 (pol-reward): stage 1 (pol, rlhf) also saves a pocket book under the name " \
         "pol-reward: give one of the two stages another name, or, if stage 2 (pol-reward) is " \
-        "meant to be that pocket book, move it before pol, add set: {reward: pol-reward} to " \
-        "stage 1 (pol, rlhf), so that its run uses pol-reward instead of training it, and say " \
+        "meant to be that pocket book, move it before pol, give stage 1 (pol, rlhf) set: " \
+        "{reward: pol-reward}, so that its run uses pol-reward instead of training it, and say " \
         "what pol trains on (on: null for the base)" in str(refused.value)
     assert not (home / "runs").exists()
 
@@ -824,27 +824,35 @@ def test_a_plugin_s_also_saves_that_fails_is_a_problem_of_its_stage(data, tiny_b
     assert not (home / "runs").exists()
 
 
-def _keep_as_said(data, tiny_base: Path, home: Path, pm) -> None:
-    """The first way on, followed as said: set: {reward: pol-reward@1}, reward_steps dropped
-    from its set:, --resume --restart; the recipe is taken (stage 1 done, stage 2 to train)."""
-    recipe = _sft_then_rlhf(tiny_base)
-    kept = {**recipe["stages"][1]["set"], "reward": "pol-reward@1"}
-    del kept["reward_steps"]
-    recipe["stages"][1]["set"] = kept
+def _keep_as_said(said: str, recipe: dict, data, home: Path, pm) -> None:
+    """The first way on, followed word for word: stage 2 given the key and mapping said, with
+    --resume --restart; the recipe is taken (stage 1 done, stage 2 to train)."""
+    import re
+
+    import yaml
+
+    key, mapping = re.search(r"to keep it, give (?:the stage|stage 2 \(pol\)) (\w+): (\{.*?\})"
+                             r" \(in place of its \1:\), so that its run uses", said).groups()
+    assert yaml.safe_load(mapping)["reward"] == "pol-reward@1", mapping
+    recipe["stages"][1][key] = yaml.safe_load(mapping)
     plan = load_recipe(write_recipe(data["general"].parent, recipe), home=home, plugins=pm,
                        resume=True, restart=True)
     assert [s.done is not None for s in plan.stages] == [True, False]
 
 
+@pytest.mark.parametrize("key", ["set", "trainer_options"])
 def test_a_resume_past_an_rlhf_stage_s_saved_reward_book_says_how_to_go_on(data, tiny_base,
-                                                                           home):
+                                                                           home, key):
     """An rlhf stage interrupted after its reward pocket book was saved: --resume loaded the
     base and then met rlhf's refusal, whose advice (--reward, --name) a pipeline cannot take.
     The recipe says so before anything loads, with two ways on that work: keep the reward
     pocket book (set: {reward: ...}) or train it again, each with --resume --restart (stage 1
-    is finished: --restart alone is refused there)."""
+    is finished: --restart alone is refused there). A stage that gives its trainer options as
+    ``trainer_options:`` is told that key (``set:`` beside it is refused)."""
     pm = get_plugin_manager(env=False)
-    path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
+    recipe = _sft_then_rlhf(tiny_base)
+    recipe["stages"][1][key] = recipe["stages"][1].pop("set")
+    path = write_recipe(data["general"].parent, recipe)
     run_pipeline(path, home=home, plugins=pm)
     library = Library(home)
     library.remove("pol")  # as if the policy's run had stopped after its reward stage:
@@ -856,12 +864,13 @@ def test_a_resume_past_an_rlhf_stage_s_saved_reward_book_says_how_to_go_on(data,
             load_recipe(path, home=home, plugins=pm, resume=True, restart=restart)
         assert str(refused.value).endswith(
             "stage 2 (pol): its interrupted run saved pol-reward@1 before it stopped: to keep "
-            "it, add set: {reward: pol-reward@1} to the stage, drop reward_steps from its set:, "
-            "so that its run uses pol-reward@1 instead of training it, and pass --resume "
+            f"it, give the stage {key}: {{num_generations: 2, max_new_tokens: 4, reward: "
+            f"pol-reward@1}} (in place of its {key}:), so that its run uses pol-reward@1 "
+            "instead of training it, and pass --resume "
             "--restart; or remove it (adapterkit rm pol-reward@1) and pass --resume --restart "
             "to train the stage anew"), str(refused.value)
 
-    _keep_as_said(data, tiny_base, home, pm)  # the first way
+    _keep_as_said(str(refused.value), recipe, data, home, pm)  # the first way
     library.remove("pol-reward")  # the second way, followed
     plan = load_recipe(path, home=home, plugins=pm, resume=True, restart=True)
     assert [s.done is not None for s in plan.stages] == [True, False]
@@ -913,16 +922,17 @@ def test_an_rlhf_stage_that_fails_after_saving_its_reward_book_says_the_pipeline
     assert "--reward" not in text and "--resume to continue" not in text, text
     assert "pol-reward@1 (a stage of its run) was saved; pol was not." in said
     way = ("Stage 2/2: pol (rlhf) stopped; first@1 (an earlier stage) is saved. Its run saved "
-           "pol-reward@1 before it stopped: to keep it, add set: {reward: pol-reward@1} to "
-           "stage 2 (pol), drop reward_steps from its set:, so that its run uses pol-reward@1 "
+           "pol-reward@1 before it stopped: to keep it, give stage 2 (pol) set: "
+           "{num_generations: 2, max_new_tokens: 4, reward: pol-reward@1} (in place of its "
+           "set:), so that its run uses pol-reward@1 "
            "instead of training it, and pass --resume --restart; or remove it (adapterkit rm "
            "pol-reward@1) and pass --resume --restart to train stage 2 (pol) anew.")
     assert way in said, text
     with pytest.raises(ConfigError) as refused:  # what --resume is told: the same two ways
         load_recipe(path, home=home, plugins=pm, resume=True)
-    assert "to keep it, add set: {reward: pol-reward@1} to the stage, drop reward_steps" \
-        in str(refused.value)
-    _keep_as_said(data, tiny_base, home, pm)  # followed as said, the way on is taken
+    assert "to keep it, give the stage set: {num_generations: 2, max_new_tokens: 4, reward: " \
+        "pol-reward@1} (in place of its set:)" in str(refused.value)
+    _keep_as_said(way, _sft_then_rlhf(tiny_base), data, home, pm)  # followed as said
 
 
 @pytest.mark.parametrize("kind", ["policy", "reward"])
@@ -950,7 +960,8 @@ def test_a_taken_name_the_run_did_not_save_is_not_said_to_be_its_own(data, tiny_
     assert "stage 2 (pol): its rlhf run also saves a pocket book under the name pol-reward, " \
         "which the library holds already: remove it, or give the stage another name" in said
     assert "interrupted run saved" not in said, said
-    assert ("if it is the pocket book that run would train, add set: {reward: pol-reward}"
+    assert ("if it is the pocket book that run would train, give the stage set: "
+            "{num_generations: 2, max_new_tokens: 4, reward: pol-reward} (in place of its set:)"
             in said) == (kind == "reward"), said
 
 
@@ -1059,3 +1070,40 @@ def test_ctrl_c_in_an_rlhf_stage_past_its_reward_book_says_one_way_on(data, tiny
     assert "Its run saved pol-reward@1 before it stopped: to keep it" in out.output
     assert "Interrupted in stage 2: go on as said above." in out.output, out.output
     assert "--resume` to continue" not in out.output
+
+
+def test_a_failure_after_a_stage_saved_its_own_pocket_book_says_it_was_saved(data, tiny_base,
+                                                                             home):
+    """A plugin's ``pocket_book_saved`` hook failed after stage 1's commit went through, its
+    warning an error (``-W error``): the run said "instruct was not [saved]" and, past a
+    checkpoint, that --resume continues from it (refused: the name is taken). Now its book is
+    said saved, on the exception too (``saved_own``), and the way on is --resume, which skips
+    the stage, as followed here."""
+    import warnings
+
+    from adapterkit.plugin_api.hookspecs import hookimpl
+    from adapterkit.plugin_api.manager import PluginWarning
+
+    class Fails:
+        @hookimpl
+        def pocket_book_saved(self, pocket_book):
+            if pocket_book.name == "instruct":
+                raise RuntimeError("the watcher failed")
+
+    path = write_recipe(data["general"].parent, two_stages(tiny_base, save_steps=1))
+    said: list[str] = []
+    with pytest.raises(PluginWarning, match="the watcher failed") as failed, \
+            warnings.catch_warnings():
+        warnings.simplefilter("error", PluginWarning)
+        run_pipeline(path, home=home, progress=said.append,
+                     plugins=get_plugin_manager(env=False, plugins={"fails": Fails()}))
+    assert failed.value.saved_own == "instruct@1" and failed.value.stages_saved == []
+    assert "instruct@1 was saved before the run stopped: what stopped it came after." in said
+    text = "\n".join(said)
+    assert "was not" not in text and "checkpoint" not in text, text
+    assert said[-1] == ("Stage 1/2: instruct (sft) stopped; its own pocket book instruct@1 was "
+                        "saved before it stopped. Run the pipeline again with --resume to go on "
+                        "past stage 1.")
+    result = run_pipeline(path, home=home, plugins=get_plugin_manager(env=False), resume=True)
+    assert [(r.pocket_book.ref, r.skipped) for r in result.stages] == [
+        ("instruct@1", True), ("polite@1", False)]

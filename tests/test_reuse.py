@@ -13,6 +13,7 @@ from adapterkit.training import reuse
 class JudgeOptions:
     judge: str | None = None
     judge_steps: int | None = None
+    warmth: float = 1.0
 
 
 def _trainer(option: str | None = "judge") -> Trainer:
@@ -69,10 +70,41 @@ def test_the_built_in_trainers_drop_only_options_there_are():
 
 
 def test_a_recipe_stage_is_told_its_set_entry_and_the_keys_to_drop():
-    given = TrainOptions(eval_split=0.2, trainer_options={"judge_steps": 3})
+    """The whole mapping the stage then gives, under the key it gives it with: ``set:``
+    beside a ``trainer_options:`` is refused, and a stage's ``set:`` replaces the recipe's
+    ``trainer_options:`` (what it keeps of those is said in it)."""
+    given = TrainOptions(eval_split=0.2, trainer_options={"judge_steps": 3, "warmth": 0.5})
+    for key in ("set", "trainer_options"):
+        assert reuse.in_stage(_trainer(), "j@2", given, "stage 2 (p)", key) == (
+            f"give stage 2 (p) {key}: {{warmth: 0.5, judge: j@2}} (in place of its {key}:), "
+            "set its eval_split: 0.0, so that its run uses j@2 instead of training it")
     assert reuse.in_stage(_trainer(), "j@2", given, "stage 2 (p)") == (
-        "set: {judge: j@2} to stage 2 (p), drop judge_steps from its set:, set its "
-        "eval_split: 0.0, so that its run uses j@2 instead of training it")
+        "give stage 2 (p) set: {warmth: 0.5, judge: j@2} (in place of the recipe's "
+        "trainer_options:, which a stage's set: replaces), set its eval_split: 0.0, so that "
+        "its run uses j@2 instead of training it")
+    assert reuse.in_stage(_trainer(), "j@2", TrainOptions(), "stage 2 (p)") == (
+        "give stage 2 (p) set: {judge: j@2}, so that its run uses j@2 instead of training it")
+    assert reuse.in_stage(_trainer(), "j@2", TrainOptions(early_stopping=3), "s") == (
+        "give s set: {judge: j@2}, so that its run uses j@2 instead of training it")  # not
+    # among its reuse_drops
     said = reuse.after_stop(_trainer(None), ["j@2", "k@1"], given, "stage 2 (p)")
     assert said == ("j@2, k@1 before it stopped: remove them (adapterkit rm j@2, adapterkit rm "
                     "k@1) and pass --resume --restart to train stage 2 (p) anew")
+
+
+def test_a_name_saved_besides_is_the_run_s_own_only_at_the_version_it_declares(
+        library, peft_adapter, tiny_base):
+    """A recorded ``beside@1`` was taken as the run's own wherever the trainer declared
+    ``beside``, at any version: a declared ``beside@2``, which is free, was refused as "its
+    interrupted run saved beside@1". A record that does not read as a name names nothing."""
+    library.import_peft(peft_adapter, "beside", base=str(tiny_base))
+    assert reuse.taken_besides(library, ["beside@2"], ["beside@1"]) == []
+    assert reuse.taken_besides(library, ["beside"], ["beside@1", "not a name!"]) == [
+        reuse.Taken("beside@1", own=True, reusable=True)]
+    assert reuse.taken_besides(library, ["beside@1"], ["beside@1"]) == [
+        reuse.Taken("beside@1", own=True, reusable=True)]
+    assert reuse.taken_besides(library, ["beside"], []) == [  # (a policy: not to reuse)
+        reuse.Taken("beside", own=False, reusable=False)]
+    assert reuse.taken_besides(library, ["beside@1"], ["beside@2"]) == [
+        reuse.Taken("beside@1", own=False, reusable=False)]  # (@2 recorded, not in the library)
+    assert reuse.taken_besides(library, ["elsewhere"], ["beside@1"]) == []

@@ -182,7 +182,9 @@ def test_bad_reward_and_rl_settings_write_nothing(rlhf_run, tiny_base, other_bas
         train("rlhf", base=str(tiny_base), data=str(data), name="bad", home=home, plugins=pm,
               options=TrainOptions(**{**RL, "max_steps": 1, "eval_split": 0.25},
                                    trainer_options={"reward": "kind-reward"}))
-    with pytest.raises(ConfigError, match="kind-reward already exists: pass --reward"):
+    with pytest.raises(ConfigError, match="the library holds kind-reward already: to use it "
+                                          "instead of training one, set the trainer option "
+                                          "reward to kind-reward; or remove it"):
         train("rlhf", base=str(tiny_base), data=str(data), name="kind@2", home=home,
               plugins=pm, options=TrainOptions(**{**RL, "max_steps": 1}))
     with pytest.raises(ConfigError, match="reward pocket book"):
@@ -257,8 +259,10 @@ def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_pat
     out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data", str(data),
                          "--name", "halted", "--max-steps", "1", "-r", "4")
     assert out.exit_code == 130
-    assert "Interrupted: only halted-reward@1 (a stage of its run) was saved" in out.output
-    assert "(reuse halted-reward@1: add --reward halted-reward@1)" in out.output  # nothing else to leave out
+    assert "halted-reward@1 (a stage of its run) was saved; halted was not.\nInterrupted: " \
+        "no checkpoint was written yet (one every --save-steps 50 steps): run the " \
+        "command again (reuse halted-reward@1: add --reward halted-reward@1).\n" in out.output
+    assert out.output.count("halted-reward@1 (a stage") == 1  # (said once, by the run)
     listed = adapterkit_cli("list", "--json")
     assert [b["name"] for b in json.loads(listed.output)] == ["halted-reward"]
     # what --reward skips is named, so that the resume is the first try (it took three)
@@ -269,10 +273,13 @@ def test_interrupt_after_the_reward_stage_says_what_was_saved(tiny_base, tmp_pat
         in out.output, out.output
 
 
+@pytest.mark.parametrize("error", [ValueError, ConfigError])
 def test_a_failure_after_the_reward_stage_says_how_to_reuse_it(tiny_base, tmp_path,
-                                                                adapterkit_cli, monkeypatch):
+                                                                adapterkit_cli, monkeypatch,
+                                                                error):
     """A policy step that fails (not Ctrl-C) after the reward stage was saved: the option
-    that reuses it, from the trainer's ``reuse_option`` (it said "for rlhf: --reward NAME")."""
+    that reuses it, from the trainer's ``reuse_option`` (it said "for rlhf: --reward NAME"),
+    said after the error (it came before it): below the error's line, or a traceback's."""
     import trl
 
     from adapterkit.pytest_plugin import TINY_ROWS
@@ -281,16 +288,20 @@ def test_a_failure_after_the_reward_stage_says_how_to_reuse_it(tiny_base, tmp_pa
     data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS["preference"]))
 
     def fails(self, *args, **kwargs):
-        raise ValueError("the policy's step failed")
+        raise error("the policy's step failed")
 
     monkeypatch.setattr(trl.GRPOTrainer, "train", fails)
     out = adapterkit_cli("train", "rlhf", "--base", str(tiny_base), "--data", str(data),
                          "--name", "broke", "--max-steps", "1", "-r", "4")
     assert out.exit_code != 0
     assert "broke-reward@1 (a stage of its run) was saved; broke was not." in out.output
-    assert "Once the cause is fixed: no checkpoint was written yet (one every --save-steps " \
-        "50 steps): run the command again (reuse broke-reward@1: add --reward " \
-        "broke-reward@1)." in out.output, out.output
+    then = ("Once the cause is fixed: no checkpoint was written yet (one every --save-steps "
+            "50 steps): run the command again (reuse broke-reward@1: add --reward "
+            "broke-reward@1).")
+    if error is ConfigError:  # one line, and the way on below it
+        assert out.output.endswith(f"Error: the policy's step failed\n{then}\n"), out.output
+    else:  # a traceback (not a user's mistake), and the way on as its note, printed after it
+        assert then not in out.output and out.exception.__notes__ == [then]
 
 
 @pytest.mark.slow
@@ -701,4 +712,4 @@ def test_options_a_config_file_gave_are_to_be_removed_from_it_not_left_out(
                          "--config", str(config), "--set", "reward_steps=1")
     assert out.exit_code != 0
     assert f"(reuse cfg-reward@1: add --reward cfg-reward@1 and leave out --set reward_steps, " \
-        f"and remove eval_split, early_stopping from {config})" in out.output, out.output
+        f"and remove eval_split, early_stopping from {config})" in out.exception.__notes__[0]

@@ -65,7 +65,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except AdapterkitError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_noted(str(exc), exc)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except SystemExit as exc:  # sys.exit() in a plugin's code (a trainer...): its failure,
@@ -75,16 +75,36 @@ class Group(click.Group):
                 else plugin_failure(ctx, exc)
             if message is None:
                 raise
-            raise click.ClickException(message) from None
+            raise click.ClickException(_noted(message, exc)) from None
         except Exception as exc:
             if isinstance(exc, OSError):
                 message = machine_error(exc)
                 if message is not None:
-                    raise click.ClickException(message) from None
+                    raise click.ClickException(_noted(message, exc)) from None
             message = out_of_memory(exc) or plugin_failure(ctx, exc)
             if message is None:
-                raise
-            raise click.ClickException(message) from None
+                raise  # (Python prints its notes after the traceback)
+            raise click.ClickException(_noted(message, exc)) from None
+
+
+def then_say(exc: BaseException, line: str) -> None:
+    """Say ``line`` after ``exc``'s own message, however it is reported: a note on it
+    (``add_note``), which :class:`Group` prints after the error's line and Python after a
+    traceback; now, where ``exc`` takes no note (a frozen exception)."""
+    try:
+        add = getattr(exc, "add_note", None)
+        if add is not None:
+            add(line)
+        else:  # (Python 3.10: no add_note; the handler reads the same attribute)
+            exc.__notes__ = [*(getattr(exc, "__notes__", None) or []), line]  # type: ignore[attr-defined]
+    except Exception:
+        say(line)
+
+
+def _noted(message: str, exc: BaseException) -> str:
+    """``message`` with the notes on ``exc`` (:func:`then_say`) below it."""
+    notes = [n for n in getattr(exc, "__notes__", None) or [] if isinstance(n, str)]
+    return "\n".join([message, *notes])
 
 
 def out_of_memory(exc: BaseException) -> str | None:

@@ -16,8 +16,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from adapterkit.cli.common import check_sampling, library, loaded_in, obj, say
-from adapterkit.errors import ConfigError, NameTaken, PocketBookNotFound, RunStateError
+from adapterkit.cli.common import check_sampling, library, loaded_in, obj, say, then_say
+from adapterkit.errors import (
+    BesidesTaken,
+    ConfigError,
+    NameTaken,
+    PocketBookNotFound,
+    RunStateError,
+)
 from adapterkit.home import resolve_home
 from adapterkit.training.launch import DEFAULT_RENDEZVOUS_TIMEOUT
 
@@ -36,6 +42,9 @@ _OPTION_FLAGS = {
     "save_steps": "save_steps", "logging_steps": "logging_steps",
     "skip_bad_rows": "skip_bad_rows", "report_to": "report_to", "precision": "precision",
 }
+#: The flag that gives each training option, as a user types it (``-r``, ``--lr``).
+_FLAG_OF = {option: "-r" if flag == "rank" else "--" + flag.replace("_", "-")
+            for flag, option in _OPTION_FLAGS.items()}
 
 
 #: ``ctx.meta`` key: the arguments a :class:`LaunchableCommand` was given, as typed.
@@ -367,8 +376,8 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
 
         in_recipe = {str(k).replace("-", "_"): v
                      for k, v in read_recipe_values(Path(recipe)).items()}
-    shape = [("-r" if key == "r" else "--" + key.replace("_", "-")) if overrides.get(key)
-             is not None else f"{key} (in {recipe})" for key in LORA_SHAPE
+    shape = [_FLAG_OF[key] if overrides.get(key) is not None
+             else f"{key} (in {recipe})" for key in LORA_SHAPE
              if overrides.get(key) is not None or in_recipe.get(key) is not None]
     if start_from and shape:  # the copy keeps its LoRA shape: the flags would do nothing
         raise ConfigError(f"--from {start_from} continues a copy of that pocket book, with its "
@@ -407,6 +416,9 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
             start_from=start_from))
     except KeyboardInterrupt:
         sys.exit(130)  # the main rank said what was saved, and how to resume
+    except BesidesTaken as exc:
+        _reuse_said(exc, state["plugins"].trainer(trainer), options, overrides, recipe)
+        raise
     if launched:
         return  # the main rank printed the result
     try:
@@ -419,21 +431,30 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     except KeyboardInterrupt as exc:
         if not _reports():
             sys.exit(130)
-        saved = getattr(exc, "stages_saved", [])
-        past, removes = _past_saved(saved, state["plugins"].trainer(trainer), options,
-                                    overrides, recipe)
-        command, how = _how_on(exc, past, removes, resume)
-        say("Interrupted: " + (f"only {', '.join(saved)} (a stage of its run) was saved"
-                                if saved else "nothing was saved to the library")
+        saved = getattr(exc, "stages_saved", [])  # (the run said what it saved, if anything)
+        if getattr(exc, "saved_own", None):
+            say("Interrupted.")
+            sys.exit(130)
+        try:  # (never in the way of the interruption)
+            past, removes = _past_saved(saved, state["plugins"].trainer(trainer), options,
+                                        overrides, recipe)
+            command, how = _how_on(exc, past, removes, resume)
+        except Exception:
+            say("Interrupted.")
+            sys.exit(130)
+        say(f"Interrupted: {how}." if saved else "Interrupted: nothing was saved to the library"
             + (f". {how[0].upper()}{how[1:]}" if command else f"; {how}") + ".")
         sys.exit(130)
     except Exception as exc:  # (the error itself is said by the command line's handler)
+        if isinstance(exc, BesidesTaken) and _reports():
+            _reuse_said(exc, state["plugins"].trainer(trainer), options, overrides, recipe)
         saved = getattr(exc, "stages_saved", [])
-        if saved and _reports():  # (the run said what it kept; past what it saved, how on)
-            try:  # (never in the way of the error itself)
+        if saved and not getattr(exc, "saved_own", None) and _reports():  # (the run said what
+            try:  # it kept; past what it saved, how on; never in the way of the error itself)
                 past, removes = _past_saved(saved, state["plugins"].trainer(trainer), options,
                                             overrides, recipe)
-                say(f"Once the cause is fixed: {_how_on(exc, past, removes, resume)[1]}.")
+                then_say(exc, f"Once the cause is fixed: "
+                              f"{_how_on(exc, past, removes, resume)[1]}.")
             except Exception:
                 pass
         raise
@@ -821,6 +842,19 @@ def _past_saved(saved: list[str], trainer: Any, options: TrainOptions,
         f"adapterkit rm {b}" for b in saved) + ")", True
 
 
+def _reuse_said(exc: BesidesTaken, trainer: Any, options: TrainOptions, given: dict[str, Any],
+                config: str | None) -> None:
+    """Below a run refused for a pocket book it saves besides its own that the library holds:
+    the flags that reuse it (:func:`_reuse_flags`); never in the way of the refusal."""
+    try:
+        reuse = _reuse_flags(trainer, exc.name, options, given, config) if exc.reusable \
+            else None
+        if reuse:
+            then_say(exc, f"On the command line: add {reuse}.")
+    except Exception:
+        pass
+
+
 def _reuse_flags(trainer: Any, book: str, options: TrainOptions, given: dict[str, Any],
                  config: str | None) -> str | None:
     """The flag that reuses ``book`` (``--reward NAME`` is ``--set reward=NAME``; another
@@ -833,13 +867,11 @@ def _reuse_flags(trainer: Any, book: str, options: TrainOptions, given: dict[str
     if option is None:
         return None
     own, training = drops_given(trainer, options)
-    flag = {v: "-r" if k == "rank" else "--" + k.replace("_", "-")
-            for k, v in _OPTION_FLAGS.items()}
     sets = given.get("trainer_options") or {}
     out = [f"--set {k}" for k in own if k in sets] + [
-        flag[k] for k in training if given.get(k) is not None and k in flag]
+        _FLAG_OF[k] for k in training if given.get(k) is not None and k in _FLAG_OF]
     filed = [k for k in own if k not in sets] + [
-        k for k in training if given.get(k) is None or k not in flag]
+        k for k in training if given.get(k) is None or k not in _FLAG_OF]
     return (f"--reward {book}" if option == "reward" else f"--set {option}={book}") \
         + (f" and leave out {', '.join(out)}" if out else "") \
         + (f", and remove {', '.join(filed)} from {config or 'the --config file'}"

@@ -409,6 +409,12 @@ def trainer_option_defaults(trainer: Trainer) -> dict[str, Any]:
     schema = getattr(trainer, "options", None)
     if schema is None or not dataclasses.is_dataclass(schema):
         return {}
+    return defaults_of(schema)
+
+
+def defaults_of(schema: Any) -> dict[str, Any]:
+    """The default of each field of the dataclass ``schema`` that has one (a factory's made
+    anew): what an option left unset is."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(schema):
         if f.default is not dataclasses.MISSING:

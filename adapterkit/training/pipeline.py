@@ -178,9 +178,11 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
         except BaseException as exc:
             saved = [r.pocket_book.ref for r in results]
             were = "(earlier stages) are" if len(saved) > 1 else "(an earlier stage) is"
-            go_on = _go_on(exc, stage, pm)
-            say(f"{head} stopped; " + (f"{', '.join(saved)} {were} saved"
-                                       if saved else "no stage was saved") + f". {go_on}.")
+            own = getattr(exc, "saved_own", None)  # (what stopped it came after its commit)
+            said = [f"{', '.join(saved)} {were} saved"] if saved else []
+            said += [f"its own pocket book {own} was saved before it stopped"] if own else []
+            say(f"{head} stopped; " + ("; ".join(said) or "no stage was saved")
+                + f". {_go_on(exc, stage, pm)}.")
             tag(exc, pipeline_stage=stage.index)
             raise
         finally:  # (train() let go of them, unless it stopped before taking them)
@@ -196,14 +198,16 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
 def _go_on(exc: BaseException, stage: Stage, pm: PluginManager) -> str:
     """How to go on after ``stage`` stopped with ``exc``: past what its run saved besides its
     own pocket book (a resume of the stage would train that again), the ways that work
-    (:func:`adapterkit.training.reuse.after_stop`); else ``--resume``."""
+    (:func:`adapterkit.training.reuse.after_stop`); past its own, or else, ``--resume``."""
     plain = f"Run the pipeline again with --resume to continue from stage {stage.index}"
-    besides = getattr(exc, "stages_saved", [])
+    own, besides = getattr(exc, "saved_own", None), getattr(exc, "stages_saved", [])
+    if own:  # (what stopped it came after its commit, which records the stage as done)
+        return f"Run the pipeline again with --resume to go on past stage {stage.index}"
     if not besides:
         return plain
     try:  # (never in the way of why the stage stopped)
         return "Its run saved " + after_stop(pm.trainer(stage.trainer), besides, stage.options,
-                                             stage.label)
+                                             stage.label, stage.options_key)
     except Exception:
         return plain
 

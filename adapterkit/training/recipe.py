@@ -34,6 +34,7 @@ from adapterkit.training.options import (
     TrainOptions,
     build_options,
     build_trainer_options,
+    defaults_of,
     with_defaults,
 )
 from adapterkit.training.run import (
@@ -52,7 +53,7 @@ RECIPE_KEYS = ("base", "stages")
 #: A stage's own keys, besides training options that override the recipe's defaults.
 STAGE_KEYS = ("name", "trainer", "data", "on", "from", "set")
 _OPTIONS = tuple(f.name for f in dataclasses.fields(TrainOptions))
-_NULLABLE = tuple(f.name for f in dataclasses.fields(TrainOptions) if f.default is None)
+_NULLABLE = tuple(k for k, v in defaults_of(TrainOptions).items() if v is None)
 _PATH_OPTIONS = ("general", "anchor")
 #: Options that do not shape the pocket book, left out of a stage's fingerprint: adding a
 #: tracker to a recipe still lets ``--resume`` skip the stages it finished.
@@ -87,6 +88,9 @@ class Stage:
     #: Whether its options read (else they are the defaults, standing in: its problems are
     #: reported, and nothing is judged from them).
     options_read: bool = True
+    #: The key the stage gives its trainer options under (``set`` or ``trainer_options``, as
+    #: written); None where it gives none (the recipe's ``trainer_options:`` apply).
+    options_key: str | None = None
 
     @property
     def label(self) -> str:
@@ -275,10 +279,13 @@ def _read_stage(index: int, item: Any, shared: dict[str, Any], folder: Path,
         except ConfigError as exc:
             problems.append(f"{where}: {exc}")
     refs = {k: item.get(k) if isinstance(item.get(k), str) else None for k in ("on", "from")}
+    key = next((str(k) for k, v in item.items() if v is not None
+                and str(k).replace("-", "_") in ("set", "trainer_options")), None)
     return Stage(index, usable_name, str(item.get("trainer")),
                  _resolve(str(item.get("data")), folder), options or TrainOptions(),
                  on=refs["on"], start_from=refs["from"], dataset=dataset,
-                 follows="on" not in item and "from" not in item, options_read=bool(options))
+                 follows="on" not in item and "from" not in item, options_read=bool(options),
+                 options_key=key)
 
 
 def _key_problems(item: dict[Any, Any]) -> list[str]:
@@ -437,7 +444,6 @@ def _also_taken(library: Library, stage: Stage, pm: PluginManager) -> str | None
     """Why a name the stage's run saves besides its own (``also_saves``) cannot be saved, it
     being taken in the library already — said before any stage trains (its trainer would
     refuse it only when the stage starts) — or None."""
-    from adapterkit.lora.underlay import is_reward_book
     from adapterkit.training import reuse
 
     try:
@@ -445,38 +451,19 @@ def _also_taken(library: Library, stage: Stage, pm: PluginManager) -> str | None
     except AdapterkitError:  # (reported where the stage is read)
         return None
     workdir = run_dir(library, str(parse_ref(stage.name)))
-    besides = {parse_ref(n).name for n in stage.also_saves}
-    saved = [ref for ref in saved_stages(workdir) if _held(library, ref, besides)]
+    taken = reuse.taken_besides(library, stage.also_saves, saved_stages(workdir))
+    saved = [t.held for t in taken if t.own]
     if saved:  # (its interrupted run saved them; the pipeline held the names from its start)
         return "its interrupted run saved " + reuse.after_stop(trainer, saved, stage.options,
-                                                               "the stage")
-    for name in stage.also_saves:
-        try:
-            library.reserve(name)
-        except NameTaken:
-            pass
-        else:
-            continue
-        try:
-            book = library.get(name)
-        except AdapterkitError:
-            book = None
-        keep = reuse.in_stage(trainer, name, stage.options, "the stage") \
-            if book is not None and is_reward_book(book) else None  # (the kind rlhf reuses)
-        return (f"its {stage.trainer} run also saves a pocket book under the name {name}, "
-                "which the library holds already: remove it, or give the stage another name"
-                + (f", or, if it is the pocket book that run would train, add {keep}"
-                   if keep else ""))
-    return None
-
-
-def _held(library: Library, ref: str, names: set[str]) -> bool:
-    """Whether ``ref``, of one of ``names``, is in the library (False for one that does not
-    read as a name: a damaged record)."""
-    try:
-        return parse_ref(ref).name in names and library.exists(ref)
-    except AdapterkitError:
-        return False
+                                                               "the stage", stage.options_key)
+    if not taken:
+        return None
+    held = taken[0].held
+    keep = reuse.in_stage(trainer, held, stage.options, "the stage", stage.options_key) \
+        if taken[0].reusable else None
+    return (f"its {stage.trainer} run also saves a pocket book under the name {held}, "
+            "which the library holds already: remove it, or give the stage another name"
+            + (f", or, if it is the pocket book that run would train, {keep}" if keep else ""))
 
 
 def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str],
@@ -512,13 +499,13 @@ def _check_also_saved(stages: list[Stage], pm: PluginManager, problems: list[str
         for other in [parse_ref(n).name for n in extra]:  # (a name's every version)
             clash = named.get(other)
             if clash is not None and clash is not stage:
-                keep = in_stage(trainer, other, stage.options, here) \
+                keep = in_stage(trainer, other, stage.options, here, stage.options_key) \
                     if _head(library, clash.trainer) == "reward" else None  # (rlhf's kind)
                 problems.append(
                     f"{clash.label}: {here} also saves a pocket book under the name {other}: "
                     "give one of the two stages another name"
                     + (f", or, if {clash.label} is meant to be that pocket book, move it "
-                       f"before {stage.name}, add {keep}, and say what {stage.name} trains "
+                       f"before {stage.name}, {keep}, and say what {stage.name} trains "
                        "on (on: null for the base)" if keep else ""))
             elif other in declared:
                 problems.append(f"{here}: {declared[other].label} also saves a pocket book "

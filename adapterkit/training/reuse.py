@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from adapterkit.training.options import TrainOptions
+from adapterkit.training.options import TrainOptions, defaults_of
 
-_TRAINING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions)
-                      if f.default is not dataclasses.MISSING}
+_TRAINING_DEFAULTS = defaults_of(TrainOptions)
 
 
 def reuse_option(trainer: Any) -> str | None:
@@ -25,11 +24,19 @@ def reuse_option(trainer: Any) -> str | None:
     return getattr(trainer, "reuse_option", None)
 
 
+def reusable(trainer: Any) -> frozenset[str]:
+    """The options a resume of a run that trained a stage first may change: the trainer's
+    ``reuse_option`` (naming the stage's pocket book) and ``reuse_drops`` (what configured
+    the stage). None for a trainer that declares neither: every option is compared."""
+    option = reuse_option(trainer)
+    return frozenset([*([option] if option else []), *getattr(trainer, "reuse_drops", ())])
+
+
 def drops_given(trainer: Any, options: TrainOptions) -> tuple[list[str], list[str]]:
     """The options in ``trainer.reuse_drops`` that ``options`` sets, which a run reusing a
     pocket book refuses (they configure only its training): the trainer's own ones given at
-    all, and the training options not at their default (a recipe's defaults or a ``--config``
-    file may give those: they are set back, not left out). Other names never."""
+    all, and the training options not at their default. Other names never. Where each was
+    given (a flag, a ``--config`` file, a stage, the recipe's defaults) is the caller's."""
     own = {f.name for f in dataclasses.fields(trainer.options)} if trainer.options else set()
     given = options.trainer_options or {}
     drops = getattr(trainer, "reuse_drops", ())
@@ -38,39 +45,129 @@ def drops_given(trainer: Any, options: TrainOptions) -> tuple[list[str], list[st
              and getattr(options, k, None) != _TRAINING_DEFAULTS[k]])
 
 
-def training_default(key: str) -> Any:
-    """A training option's default, which a run reusing a pocket book sets it back to."""
-    return _TRAINING_DEFAULTS[key]
+@dataclasses.dataclass(frozen=True)
+class Taken:
+    """A name a run saves besides its own that the library holds."""
+
+    #: As the run's record names it (``NAME@V``: its own), else as the trainer declares it.
+    held: str
+    #: The run's own interrupted run saved it (its record, ``stages-saved.json``).
+    own: bool
+    #: Reusing it could be right: the run's own, or a reward pocket book (the kind rlhf's
+    #: ``reuse_option`` takes; the core cannot tell which kind another trainer's takes).
+    reusable: bool
 
 
-def in_stage(trainer: Any, book: str, options: TrainOptions, where: str) -> str | None:
-    """What a recipe's stage (``where``) takes to reuse ``book``: its ``set:`` entry, the
-    trainer options it drops and the training options it sets back; None where the trainer
-    has no ``reuse_option``."""
+def taken_besides(library: Any, declared: list[str], saved: list[str]) -> list[Taken]:
+    """Which of the names a run saves besides its own (``declared``, as ``also_saves`` gives
+    them: ``NAME``, or ``NAME@V`` where it says a version) the library holds; ``saved``: what
+    the run's own interrupted run recorded saving. A recorded ``NAME@1`` is the run's own
+    for a declared ``NAME`` or ``NAME@1``, never for a declared ``NAME@2``."""
+    from adapterkit.errors import AdapterkitError, NameTaken
+    from adapterkit.library.names import parse_ref
+
+    out = []
+    for besides in declared:
+        want = parse_ref(besides)
+        own = []
+        for recorded in saved:
+            try:
+                ref = parse_ref(recorded)
+            except AdapterkitError:  # (a damaged record names nothing)
+                continue
+            if ref.name == want.name and want.version in (None, ref.version) \
+                    and library.exists(recorded):
+                own.append(str(ref))
+        if own:
+            out.append(Taken(own[0], True, True))
+            continue
+        try:
+            library.reserve(besides)
+        except NameTaken:
+            out.append(Taken(str(want), False, _reward_head(library, str(want))))
+    return out
+
+
+def refuse_taken(library: Any, trainer: Any, name: str, options: TrainOptions,
+                 trainer_options: Any, saved: list[str]) -> None:
+    """Refuse, before the base loads, a run that would save a pocket book besides its own
+    (``also_saves``) under a name the library holds: it would stop as it came to save it, its
+    training done. Said for every trainer alike, with the ways on (reuse it through the
+    trainer's ``reuse_option``, remove it, another name); ``saved``: what the run's own
+    interrupted run recorded saving (it is then said to be that run's)."""
+    from adapterkit.errors import BesidesTaken
+
+    also = getattr(trainer, "also_saves", None)
+    declared = [str(n) for n in also(name=name, trainer_options=trainer_options)] if also \
+        else []
+    for taken in taken_besides(library, declared, saved):
+        held = taken.held
+        option = reuse_option(trainer) if taken.reusable else None
+        own_drops, training_drops = drops_given(trainer, options)
+        drops = [*own_drops, *training_drops]
+        raise BesidesTaken(
+            f"the {trainer.name} run of {name} saves a pocket book under the name "
+            f"{held.split('@')[0]} besides its own, and "
+            + (f"its interrupted run saved {held}" if taken.own else
+               f"the library holds {held} already")
+            + ": " + (f"to use it instead of training one, set the trainer option {option} to "
+                      f"{held}" + (f" and leave out {', '.join(drops)}" if drops else "")
+                      + "; or " if option else "")
+            + f"remove it (adapterkit rm {held})"
+            + (" and pass --restart (not --resume) to train it anew" if taken.own else "")
+            + "; or pick another name", held, reusable=option is not None)
+
+
+def _reward_head(library: Any, name: str) -> bool:
+    from adapterkit.errors import AdapterkitError
+    from adapterkit.lora.underlay import is_reward_book
+
+    try:
+        return is_reward_book(library.get(name))
+    except AdapterkitError:
+        return False
+
+
+def in_stage(trainer: Any, book: str, options: TrainOptions, where: str,
+             key: str | None = None) -> str | None:
+    """What a recipe's stage (``where``) takes to reuse ``book``, as one instruction: the whole
+    mapping of trainer options it then gives (its own, less what the reuse refuses, plus
+    ``reuse_option``) under the key it gives them with (``key``: ``set`` or
+    ``trainer_options``; None where it gives none, and ``set:`` is added), and the training
+    options it sets back to their default. None where the trainer has no ``reuse_option``."""
     option = reuse_option(trainer)
     if option is None:
         return None
     own, training = drops_given(trainer, options)
-    changes = [f"drop {k} from its set:" for k in own] + [
-        f"set its {k}: {_yaml(training_default(k))}" for k in training]
-    return (f"set: {{{option}: {book}}} to {where}"
-            + (f", {', '.join(changes)}" if changes else "")
+    given = options.trainer_options or {}
+    kept = {**{k: v for k, v in given.items() if k not in own and k != option}, option: book}
+    instead = (f" (in place of its {key}:)" if key else
+               " (in place of the recipe's trainer_options:, which a stage's set: replaces)"
+               if given else "")
+    resets = [f"set its {k}: {_yaml(_TRAINING_DEFAULTS[k])}" for k in training]
+    return (f"give {where} {key or 'set'}: {_yaml(kept)}{instead}"
+            + (f", {', '.join(resets)}" if resets else "")
             + f", so that its run uses {book} instead of training it")
 
 
 def _yaml(value: Any) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) \
-        else str(value)
+    """``value`` as a recipe writes it, on one line (YAML's flow style)."""
+    import yaml
+
+    return str(yaml.safe_dump(value, default_flow_style=True, sort_keys=False,
+                              width=float("inf"))).strip().removesuffix("\n...").strip()
 
 
-def after_stop(trainer: Any, books: list[str], options: TrainOptions, where: str) -> str:
-    """How to go on with a recipe's stage (``where``) whose run saved ``books`` besides its
-    own pocket book and then stopped: keep the one it reuses (:func:`in_stage`), or remove
-    them. Either way ``--resume --restart``: a resume would train its run again under a taken
-    name, and reusing one is another definition of the stage."""
-    keep = in_stage(trainer, books[0], options, where) if len(books) == 1 else None
+def after_stop(trainer: Any, books: list[str], options: TrainOptions, where: str,
+               key: str | None = None) -> str:
+    """How to go on with a recipe's stage (``where``, giving its trainer options under
+    ``key``) whose run saved ``books`` besides its own pocket book and then stopped: keep the
+    one it reuses (:func:`in_stage`), or remove them. Either way ``--resume --restart``: a
+    resume would train its run again under a taken name, and reusing one is another
+    definition of the stage."""
+    keep = in_stage(trainer, books[0], options, where, key) if len(books) == 1 else None
     rm = ", ".join(f"adapterkit rm {b}" for b in books)
     return (f"{', '.join(books)} before it stopped: "
-            + (f"to keep it, add {keep}, and pass --resume --restart; or " if keep else "")
+            + (f"to keep it, {keep}, and pass --resume --restart; or " if keep else "")
             + f"remove {'it' if len(books) == 1 else 'them'} ({rm}) and pass --resume "
             f"--restart to train {where} anew")

@@ -50,6 +50,7 @@ from adapterkit.training.options import (
     with_data_defaults,
     with_defaults,
 )
+from adapterkit.training.reuse import refuse_taken, reusable
 from adapterkit.training.save import (
     adapter_to_fp32,
     check_definition,
@@ -171,12 +172,13 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
         return result
     except KeyboardInterrupt as exc:
         _left_behind(run, exc)
-        _say_saved(run)
+        _say_saved(run, getattr(exc, "saved_own", None))
         raise
     except Exception as exc:
         _left_behind(run, exc)
-        _say_saved(run)
-        _say_kept(run)
+        _say_saved(run, getattr(exc, "saved_own", None))
+        if not getattr(exc, "saved_own", None):
+            _say_kept(run)
         raise
     finally:
         release_all(held)  # (a lock file left behind is warned of: the run's outcome stands)
@@ -235,11 +237,15 @@ def _left_behind(run: _Run, exc: BaseException) -> None:
     """Tell whoever reports the interruption or failure what a next run can do, on ``exc``:
     ``stages_saved`` (what the run saved besides its own pocket book, however far it got),
     ``checkpoint`` (the last one, or the interrupted stage holding one; None: none was written
-    yet), ``finished`` (it is of the run's last step: a resume refuses it) and ``save_steps``."""
-    facts: dict[str, Any] = {"stages_saved": list(run.stages_saved)}
+    yet), ``finished`` (it is of the run's last step: a resume refuses it), ``save_steps``,
+    and ``saved_own`` (its own pocket book's ``NAME@V`` where the failure came after its
+    commit: a post-save hook, a warning made an error; else None)."""
+    facts: dict[str, Any] = {"stages_saved": list(run.stages_saved), "saved_own": None}
     try:  # (one recorded as its commit began is kept only where the commit went through)
         run.stages_saved[:] = [r for r in run.stages_saved if run.library.exists(r)]
         facts["stages_saved"] = list(run.stages_saved)
+        if run.saving and run.library.exists(str(run.ref)):
+            facts["saved_own"] = run.library.get(str(run.ref)).ref
         last, finished = _last_checkpoint(run)
         stages = interrupted_stages(run.workdir, run.library)
         facts.update(checkpoint=Path(last).name if last else
@@ -260,10 +266,15 @@ def tag(exc: BaseException, **facts: Any) -> None:
             return
 
 
-def _say_saved(run: _Run) -> None:
+def _say_saved(run: _Run, own: str | None) -> None:
     """After a failure or Ctrl-C, wherever it came (in the trainer, or as the run was measured
-    or saved): the pocket books its run saved besides its own, which are in the library."""
-    if run.stages_saved:
+    or saved): the pocket books its run saved besides its own, which are in the library, and
+    its own (``own``) where what stopped it came after that was saved."""
+    if own:
+        books = [*run.stages_saved, own]
+        run.say(f"{', '.join(books)} {'was' if len(books) == 1 else 'were'} saved before the "
+                "run stopped: what stopped it came after.")
+    elif run.stages_saved:
         run.say(f"{', '.join(run.stages_saved)} (a stage of its run) was saved; {run.ref} was "
                 "not." if len(run.stages_saved) == 1 else f"{', '.join(run.stages_saved)} "
                 f"(stages of its run) were saved; {run.ref} was not.")
@@ -349,6 +360,9 @@ class _Run:
     workdir: Path
     say: Callable[[str], None]
     stages_saved: list[str] = field(default_factory=list)
+    #: Whether it began to save its own pocket book: one found under its name after a failure
+    #: is then its own (its name was free when it started, and the run lock kept others off).
+    saving: bool = False
     annotate: Callable[[PocketBookMeta], None] | None = None
     #: Seconds from ``train()``'s call to the trainer's start: checks, base load, data, job.
     prepare_seconds: float = 0.0
@@ -418,6 +432,8 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     method = pm.method(options.method)
     library = Library(home, plugins=pm)
     ref = library.reserve(name)
+    refuse_taken(library, trainer_obj, str(ref), options, trainer_options,
+                 saved_stages(run_dir(library, str(ref))))
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
     check_rendering(dataset, options.chat)
@@ -461,7 +477,7 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
         else None)
     if resume_from:
         check_definition(workdir, definition, str(ref), checkpoint=resume_from,
-                         staged=_reusable(trainer_obj) if started_stages(workdir) else frozenset(),
+                         staged=reusable(trainer_obj) if started_stages(workdir) else frozenset(),
                          trainer_defaults=trainer_option_defaults(trainer_obj))
         _check_unfinished(resume_from, options, str(ref))
     return _Checked(options, trainer_obj, trainer_options, method, library, ref, dataset,
@@ -499,7 +515,9 @@ def _prepare(trainer: str, *, base: str | Base, data: str, name: str,
     if main and held is not None:  # before the run folder is read (a running run's
         try:  # checkpoints are no interrupted run) or cleared
             lock = hold_run(resolve_home(home), parse_ref(name).name)
-        except RunStateError:
+        except RunStateError as exc:
+            if ranks().distributed:  # the others wait for the main one's checks: they say
+                _refused_together(exc)  # why too (they said "lost contact with another rank")
             raise
         except Exception:  # a bad name or home: refused, naming it, by the checks below
             lock = None
@@ -677,6 +695,17 @@ def _view(c: _Checked) -> dict[str, Any]:
             "epochs": c.options.epochs}
 
 
+def _refused_together(exc: BaseException) -> None:
+    """Tell the ranks waiting in :func:`_check_together` that the main one refused the run,
+    and why, before it stops (never in the way of its own refusal)."""
+    from adapterkit.training.launch import share
+
+    try:
+        share(("refused", str(exc)))
+    except Exception:
+        pass
+
+
 def _check_together(check: Callable[..., _Checked], *, main: bool,
                     clear: Callable[[_Checked], None]) -> _Checked:
     """:func:`_check` on several processes: the main one checks first (and creates the
@@ -692,7 +721,7 @@ def _check_together(check: Callable[..., _Checked], *, main: bool,
             c = check()
             clear(c)  # (an old run's folder, by the main process only)
         except AdapterkitError as exc:
-            share(("refused", str(exc)))
+            _refused_together(exc)
             raise
         except BaseException:
             share(("refused", None))
@@ -895,6 +924,7 @@ def trainer_eval(state: Any, stopped: dict[str, Any] | None, pairs: int, *,
 
 def _save(run: _Run, model: Any, metrics: dict[str, Any], state: Any,
           weights: dict[str, Any] | None = None) -> PocketBook:
+    run.saving = True
     return save_trained(run.library, model, run.loaded, str(run.ref), trainer=run.trainer,
                         options=run.job.options, data=run.dataset, metrics=metrics,
                         log_history=history_of(state),
@@ -1048,14 +1078,6 @@ def started_stages(workdir: Path) -> list[str]:
         except InvalidName:
             continue
     return out
-
-
-def _reusable(trainer: Any) -> frozenset[str]:
-    """The options a resume of a run that trained a stage first may change: the trainer's
-    ``reuse_option`` (naming the stage's pocket book) and ``reuse_drops`` (what configured
-    the stage). None for a trainer that declares neither: every option is compared."""
-    option = getattr(trainer, "reuse_option", None)
-    return frozenset([*([option] if option else []), *getattr(trainer, "reuse_drops", ())])
 
 
 def saved_stages(workdir: Path) -> list[str]:
