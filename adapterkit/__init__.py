@@ -14,6 +14,7 @@ from adapterkit.errors import (
     BaseLoadError,
     BaseMismatch,
     BaseNotFound,
+    BesidesTaken,
     CatalogError,
     ConfigError,
     DataFormatError,
@@ -86,7 +87,8 @@ _LAZY = {
 __all__ = [
     "HOOK_VERSION", "hookimpl", "AdapterMethod", "DataFormat", "MergeStrategy", "Scorer",
     "Trainer",
-    "AdapterkitError", "BaseLoadError", "BaseMismatch", "BaseNotFound", "CatalogError",
+    "AdapterkitError", "BaseLoadError", "BaseMismatch", "BaseNotFound", "BesidesTaken",
+    "CatalogError",
     "ConfigError", "DataFormatError", "InexactAdapter",
     "InvalidAdapter", "InvalidName", "MissingDependency", "NameTaken", "PluginError",
     "PocketBookNotFound", "RunStateError", "TargetModuleError", "UnsafeWeights", "__version__", "open", *_LAZY,

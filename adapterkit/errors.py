@@ -84,11 +84,13 @@ class BesidesTaken(ConfigError):
     """A pocket book a run saves besides its own (``Trainer.also_saves``: rlhf's
     ``NAME-reward``) is in the library already: the run would stop as it came to save it.
     ``name`` is the one held; ``reusable``: the message offers to reuse it (through the
-    trainer's ``reuse_option``); it says the ways on."""
+    trainer's ``reuse_option``), and ``resume`` whether that goes on with ``--resume`` (True),
+    without it (False), or is a fresh run's (None); it says the ways on."""
 
-    def __init__(self, message: str, name: str, reusable: bool = False) -> None:
+    def __init__(self, message: str, name: str, reusable: bool = False,
+                 resume: bool | None = None) -> None:
         super().__init__(message)
-        self.name, self.reusable = name, reusable
+        self.name, self.reusable, self.resume = name, reusable, resume
 
 
 class LaunchError(AdapterkitError):

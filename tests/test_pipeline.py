@@ -1101,9 +1101,22 @@ def test_a_failure_after_a_stage_saved_its_own_pocket_book_says_it_was_saved(dat
     assert "instruct@1 was saved before the run stopped: what stopped it came after." in said
     text = "\n".join(said)
     assert "was not" not in text and "checkpoint" not in text, text
-    assert said[-1] == ("Stage 1/2: instruct (sft) stopped; its own pocket book instruct@1 was "
-                        "saved before it stopped. Run the pipeline again with --resume to go on "
-                        "past stage 1.")
+    assert said[-1] == ("Stage 1/2: instruct (sft) stopped after its pocket book was saved. "
+                        "Run the pipeline again with --resume to go on past stage 1.")
+    assert not (home / "runs" / "instruct").exists()  # (its checkpoints: the run is over)
     result = run_pipeline(path, home=home, plugins=get_plugin_manager(env=False), resume=True)
     assert [(r.pocket_book.ref, r.skipped) for r in result.stages] == [
         ("instruct@1", True), ("polite@1", False)]
+
+
+@pytest.mark.parametrize("key", ["trainer_options", "trainer-options"])
+def test_a_stage_with_set_and_trainer_options_is_refused_however_it_is_spelled(
+        data, tiny_base, home, key):
+    """Two spellings of one mapping: neither may silently win (the advice past a saved reward
+    pocket book names the key a stage uses)."""
+    recipe = two_stages(tiny_base)
+    recipe["stages"][1][key] = {"beta": 0.2}
+    with pytest.raises(ConfigError, match="give trainer options in set: or trainer_options:, "
+                                          "not both"):
+        load_recipe(write_recipe(data["general"].parent, recipe), home=home,
+                    plugins=get_plugin_manager(env=False))

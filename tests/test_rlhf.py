@@ -713,3 +713,42 @@ def test_options_a_config_file_gave_are_to_be_removed_from_it_not_left_out(
     assert out.exit_code != 0
     assert f"(reuse cfg-reward@1: add --reward cfg-reward@1 and leave out --set reward_steps, " \
         f"and remove eval_split, early_stopping from {config})" in out.exception.__notes__[0]
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_a_rerun_past_the_reward_book_its_run_saved_is_told_how_to_go_on(
+        tiny_base, tmp_path, adapterkit_cli, adapterkit_home, checkpoint):
+    """The run of pol was interrupted after its reward stage saved pol-reward@1 (its record,
+    stages-saved.json), and is run again as it was: refused before the base loads, saying
+    what the run saved, every flag to leave out, and whether to --resume (a policy checkpoint
+    past it, which a rerun without --resume is refused beside) or not (none: --resume is
+    refused); followed as said, every check passes (the missing base is refused next)."""
+    data = _prefs(tmp_path)
+    assert adapterkit_cli("train", "reward", "--base", str(tiny_base), "--data", str(data),
+                          "--name", "pol-reward", "--max-steps", "1", "-r", "4").exit_code == 0
+    run = adapterkit_home / "runs" / "pol"  # as the interrupted run left it
+    run.mkdir(parents=True)
+    (run / "stages.json").write_text('["pol-reward"]')
+    (run / "stages-saved.json").write_text('["pol-reward@1"]')
+    if checkpoint:
+        (run / "checkpoint-2").mkdir()
+        (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    args = ["train", "rlhf", "--base", str(tmp_path / "no-base"), "--data", str(data),
+            "--name", "pol"]
+    out = adapterkit_cli(*args, "--set", "reward_steps=2", "--resume")
+    how, flag = ((", and pass --resume (to continue from checkpoint-2)", ", and pass --resume")
+                 if checkpoint else (", and start it without --resume (it wrote no checkpoint "
+                                     "past it)", ", without --resume"))
+    assert out.exit_code == 1 and out.stderr.strip().splitlines()[-2:] == [
+        "Error: the rlhf run of pol saves a pocket book under the name pol-reward besides its "
+        "own, and its interrupted run saved pol-reward@1: to use it instead of training one, "
+        f"set the trainer option reward to pol-reward@1, leave out reward_steps{how}; or "
+        "remove it (adapterkit rm pol-reward@1) and pass --restart (not --resume) to train it "
+        "anew; or pick another name",
+        f"On the command line: add --reward pol-reward@1 and leave out --set reward_steps"
+        f"{flag}."], out.stderr
+    if not checkpoint:  # (followed with a checkpoint, the resume reads it: not a real one)
+        followed = adapterkit_cli(*args, "--reward", "pol-reward@1")
+        assert "Error: unknown base" in followed.stderr, followed.stderr
+    else:  # what the advice spares: without --resume, refused beside the checkpoint
+        assert "pass --resume" in adapterkit_cli(*args, "--reward", "pol-reward@1").stderr

@@ -90,15 +90,15 @@ class Group(click.Group):
 def then_say(exc: BaseException, line: str) -> None:
     """Say ``line`` after ``exc``'s own message, however it is reported: a note on it
     (``add_note``), which :class:`Group` prints after the error's line and Python after a
-    traceback; now, where ``exc`` takes no note (a frozen exception)."""
-    try:
-        add = getattr(exc, "add_note", None)
-        if add is not None:
+    traceback; now, where ``exc`` takes no note (a frozen exception, Python 3.10)."""
+    add = getattr(exc, "add_note", None)
+    if add is not None:
+        try:
             add(line)
-        else:  # (Python 3.10: no add_note; the handler reads the same attribute)
-            exc.__notes__ = [*(getattr(exc, "__notes__", None) or []), line]  # type: ignore[attr-defined]
-    except Exception:
-        say(line)
+            return
+        except Exception:  # (an exception that takes no attributes)
+            pass
+    say(line)  # (Python 3.10 has no add_note, and its tracebacks would show no note)
 
 
 def _noted(message: str, exc: BaseException) -> str:

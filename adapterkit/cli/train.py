@@ -850,7 +850,9 @@ def _reuse_said(exc: BesidesTaken, trainer: Any, options: TrainOptions, given: d
         reuse = _reuse_flags(trainer, exc.name, options, given, config) if exc.reusable \
             else None
         if reuse:
-            then_say(exc, f"On the command line: add {reuse}.")
+            then_say(exc, f"On the command line: add {reuse}" + (
+                ", and pass --resume" if exc.resume else ", without --resume"
+                if exc.resume is False else "") + ".")
     except Exception:
         pass
 

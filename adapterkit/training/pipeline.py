@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = ["PipelineResult", "Recipe", "Stage", "StageResult", "lineage_entry", "load_recipe",
            "read_recipe", "run_pipeline", "stage_line"]
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -178,11 +179,13 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
         except BaseException as exc:
             saved = [r.pocket_book.ref for r in results]
             were = "(earlier stages) are" if len(saved) > 1 else "(an earlier stage) is"
-            own = getattr(exc, "saved_own", None)  # (what stopped it came after its commit)
-            said = [f"{', '.join(saved)} {were} saved"] if saved else []
-            said += [f"its own pocket book {own} was saved before it stopped"] if own else []
-            say(f"{head} stopped; " + ("; ".join(said) or "no stage was saved")
-                + f". {_go_on(exc, stage, pm)}.")
+            own = getattr(exc, "saved_own", None)  # (what stopped it came after its commit,
+            if own and main:  # which records the stage as done: the run said so)
+                with contextlib.suppress(OSError):
+                    marker.unlink(missing_ok=True)
+            say(f"{head} stopped" + (" after its pocket book was saved" if own else "")
+                + ("; " + f"{', '.join(saved)} {were} saved" if saved else
+                   "" if own else "; no stage was saved") + f". {_go_on(exc, stage, pm)}.")
             tag(exc, pipeline_stage=stage.index)
             raise
         finally:  # (train() let go of them, unless it stopped before taking them)

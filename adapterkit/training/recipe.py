@@ -308,7 +308,8 @@ def _key_problems(item: dict[Any, Any]) -> list[str]:
     sets = item.get("set")
     if sets is not None and not isinstance(sets, dict):
         out.append(f"set: expected a mapping of trainer option: value, got {sets!r}")
-    if sets is not None and item.get("trainer_options") is not None:
+    if sets is not None and any(v is not None for k, v in item.items()
+                                if str(k).replace("-", "_") == "trainer_options"):
         out.append("give trainer options in set: or trainer_options:, not both")
     return out
 

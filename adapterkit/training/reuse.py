@@ -27,7 +27,7 @@ def reuse_option(trainer: Any) -> str | None:
 def reusable(trainer: Any) -> frozenset[str]:
     """The options a resume of a run that trained a stage first may change: the trainer's
     ``reuse_option`` (naming the stage's pocket book) and ``reuse_drops`` (what configured
-    the stage). None for a trainer that declares neither: every option is compared."""
+    the stage); empty for a trainer that declares neither: every option is compared."""
     option = reuse_option(trainer)
     return frozenset([*([option] if option else []), *getattr(trainer, "reuse_drops", ())])
 
@@ -56,13 +56,17 @@ class Taken:
     #: Reusing it could be right: the run's own, or a reward pocket book (the kind rlhf's
     #: ``reuse_option`` takes; the core cannot tell which kind another trainer's takes).
     reusable: bool
+    #: What frees the name: ``adapterkit rm NAME@V``, or with ``--all-versions`` where the
+    #: library holds more than one (a plain name is free only when none is left).
+    rm: str = ""
 
 
 def taken_besides(library: Any, declared: list[str], saved: list[str]) -> list[Taken]:
     """Which of the names a run saves besides its own (``declared``, as ``also_saves`` gives
     them: ``NAME``, or ``NAME@V`` where it says a version) the library holds; ``saved``: what
     the run's own interrupted run recorded saving. A recorded ``NAME@1`` is the run's own
-    for a declared ``NAME`` or ``NAME@1``, never for a declared ``NAME@2``."""
+    for a declared ``NAME`` or ``NAME@1``, never for a declared ``NAME@2``. A name refused for
+    another reason (a damaged folder, a name differing only in case) raises that refusal."""
     from adapterkit.errors import AdapterkitError, NameTaken
     from adapterkit.library.names import parse_ref
 
@@ -78,23 +82,32 @@ def taken_besides(library: Any, declared: list[str], saved: list[str]) -> list[T
             if ref.name == want.name and want.version in (None, ref.version) \
                     and library.exists(recorded):
                 own.append(str(ref))
-        if own:
-            out.append(Taken(own[0], True, True))
-            continue
-        try:
-            library.reserve(besides)
-        except NameTaken:
-            out.append(Taken(str(want), False, _reward_head(library, str(want))))
+        if not own:
+            try:
+                library.reserve(besides)
+                continue
+            except NameTaken:
+                if not library.exists(want):  # (not held: its own reason says what to do)
+                    raise
+        held = own[0] if own else str(want)
+        versions = sum(1 for s in library.list(all_versions=True) if s.name == want.name)
+        rm = f"adapterkit rm {want.name} --all-versions" if versions > 1 and \
+            (want.version is None or own) else f"adapterkit rm {held}"
+        out.append(Taken(held, bool(own), bool(own) or _reward_head(library, held), rm))
     return out
 
 
 def refuse_taken(library: Any, trainer: Any, name: str, options: TrainOptions,
-                 trainer_options: Any, saved: list[str]) -> None:
+                 trainer_options: Any, saved: list[str], *, checkpoint: str | None = None,
+                 offer_reuse: bool = True) -> None:
     """Refuse, before the base loads, a run that would save a pocket book besides its own
     (``also_saves``) under a name the library holds: it would stop as it came to save it, its
     training done. Said for every trainer alike, with the ways on (reuse it through the
-    trainer's ``reuse_option``, remove it, another name); ``saved``: what the run's own
-    interrupted run recorded saving (it is then said to be that run's)."""
+    trainer's ``reuse_option``, remove it, another name). ``saved``: what the run's own
+    interrupted run recorded saving (it is then said to be that run's); ``checkpoint``: that
+    run's last whole checkpoint (reusing its book then goes on with ``--resume``);
+    ``offer_reuse``: False where reusing one cannot be right (a search's trials each train
+    their own)."""
     from adapterkit.errors import BesidesTaken
 
     also = getattr(trainer, "also_saves", None)
@@ -102,20 +115,25 @@ def refuse_taken(library: Any, trainer: Any, name: str, options: TrainOptions,
         else []
     for taken in taken_besides(library, declared, saved):
         held = taken.held
-        option = reuse_option(trainer) if taken.reusable else None
+        option = reuse_option(trainer) if taken.reusable and offer_reuse else None
         own_drops, training_drops = drops_given(trainer, options)
         drops = [*own_drops, *training_drops]
+        resume = (checkpoint is not None) if taken.own else None
+        how = "" if resume is None else \
+            f", and pass --resume (to continue from {checkpoint})" if resume else \
+            ", and start it without --resume (it wrote no checkpoint past it)"
         raise BesidesTaken(
             f"the {trainer.name} run of {name} saves a pocket book under the name "
             f"{held.split('@')[0]} besides its own, and "
             + (f"its interrupted run saved {held}" if taken.own else
                f"the library holds {held} already")
             + ": " + (f"to use it instead of training one, set the trainer option {option} to "
-                      f"{held}" + (f" and leave out {', '.join(drops)}" if drops else "")
+                      f"{held}" + (f", leave out {', '.join(drops)}" if drops else "") + how
                       + "; or " if option else "")
-            + f"remove it (adapterkit rm {held})"
+            + f"remove it ({taken.rm})"
             + (" and pass --restart (not --resume) to train it anew" if taken.own else "")
-            + "; or pick another name", held, reusable=option is not None)
+            + "; or pick another name", held, reusable=option is not None,
+            resume=resume if option else None)
 
 
 def _reward_head(library: Any, name: str) -> bool:

@@ -124,11 +124,14 @@ def train(trainer: str, *, base: str | Base, data: str, name: str,
     ``exc.checkpoint`` (the last whole checkpoint's folder name, or words naming an
     interrupted stage's; None: none was written yet; ``resume=True`` continues from it),
     ``exc.finished`` (it is of the run's last step: a resume refuses it, ``restart=True``
-    trains again), ``exc.save_steps`` and ``exc.stages_saved`` (the pocket books its run saved
-    besides its own through ``job.train_stage`` before it stopped: rlhf's reward one). A
-    run that fails otherwise says through ``progress`` which checkpoint it kept, where it
-    saved nothing besides (past what it did, the caller says how to go on in its own terms:
-    a command line's ``Trainer.reuse_option``, a recipe's ``set:``).
+    trains again), ``exc.save_steps``, ``exc.stages_saved`` (the pocket books its run saved
+    besides its own through ``job.train_stage`` before it stopped: rlhf's reward one) and
+    ``exc.saved_own`` (its own pocket book's ``NAME@V`` where what stopped it came after its
+    commit: a post-save hook, a warning made an error; its run folder is then gone, and
+    ``exc.checkpoint`` None). A run that fails otherwise says through ``progress`` which
+    checkpoint it kept, where it saved nothing besides (past what it did, the caller says how
+    to go on in its own terms: a command line's ``Trainer.reuse_option``, a recipe's
+    ``set:``).
 
     In a process with no GPU it sets the C allocator to keep freed memory for reuse (faster
     CPU steps, more resident memory; ``ADAPTERKIT_MALLOC=system`` keeps the defaults): see
@@ -240,12 +243,16 @@ def _left_behind(run: _Run, exc: BaseException) -> None:
     yet), ``finished`` (it is of the run's last step: a resume refuses it), ``save_steps``,
     and ``saved_own`` (its own pocket book's ``NAME@V`` where the failure came after its
     commit: a post-save hook, a warning made an error; else None)."""
-    facts: dict[str, Any] = {"stages_saved": list(run.stages_saved), "saved_own": None}
+    own = _own_saved(run)
+    facts: dict[str, Any] = {"stages_saved": list(run.stages_saved), "saved_own": own}
     try:  # (one recorded as its commit began is kept only where the commit went through)
         run.stages_saved[:] = [r for r in run.stages_saved if run.library.exists(r)]
         facts["stages_saved"] = list(run.stages_saved)
-        if run.saving and run.library.exists(str(run.ref)):
-            facts["saved_own"] = run.library.get(str(run.ref)).ref
+        if own:  # the run is over, as a finished one: its folder goes, nothing to resume
+            shutil.rmtree(run.workdir, ignore_errors=True)
+            tag(exc, **facts, checkpoint=None, finished=False,
+                save_steps=run.job.options.save_steps)
+            return
         last, finished = _last_checkpoint(run)
         stages = interrupted_stages(run.workdir, run.library)
         facts.update(checkpoint=Path(last).name if last else
@@ -254,6 +261,18 @@ def _left_behind(run: _Run, exc: BaseException) -> None:
     except Exception:  # never hides the interruption; the reporter says less
         pass
     tag(exc, **facts)
+
+
+def _own_saved(run: _Run) -> str | None:
+    """The run's own pocket book (``NAME@V``) where its commit went through before what
+    stopped it (a post-save hook, a warning made an error): its name was free when it started
+    and the run lock kept other runs off it. None otherwise, and on a rank that saves none."""
+    try:
+        if run.saving and run.library.exists(str(run.ref)):
+            return run.library.get(str(run.ref)).ref
+    except Exception:  # (never in the way of what stopped the run)
+        pass
+    return None
 
 
 def tag(exc: BaseException, **facts: Any) -> None:
@@ -432,8 +451,11 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     method = pm.method(options.method)
     library = Library(home, plugins=pm)
     ref = library.reserve(name)
-    refuse_taken(library, trainer_obj, str(ref), options, trainer_options,
-                 saved_stages(run_dir(library, str(ref))))
+    stages_dir = run_dir(library, str(ref))  # (what an interrupted run of it saved and left)
+    saved = saved_stages(stages_dir)
+    last = last_complete_checkpoint(stages_dir) if saved else None
+    refuse_taken(library, trainer_obj, str(ref), options, trainer_options, saved,
+                 checkpoint=Path(last).name if last else None)
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
     check_rendering(dataset, options.chat)
@@ -992,8 +1014,12 @@ def _finalize_shared(run: _Run, state: Any, elapsed: float, *, main: bool) -> Tr
         try:
             book = _save(run, model, metrics, state, weights)
         except BaseException as exc:
+            own, why = _own_saved(run), exc or type(exc).__name__
             try:  # the others stop waiting and fail with it
-                share(("failed", f"{run.ref} was not saved: {exc or type(exc).__name__}"))
+                share(("failed", f"{why} (after {own} was saved)" if own else
+                       f"{run.ref} was not saved: {why}"))
+                if own:  # (so the launcher never says nothing was saved)
+                    record_saved(own)
             except Exception:
                 pass  # they are gone already
             raise

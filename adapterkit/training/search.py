@@ -234,7 +234,8 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
             # besides, is checked at its longest)
             longest, typed = f"{plain}-{TRIAL}{trials - 1}", build_trainer_options(trainer_obj,
                                                                                    resolved)
-            refuse_taken(library, trainer_obj, longest, resolved, typed, [])
+            refuse_taken(library, trainer_obj, longest, resolved, typed, [],
+                         offer_reuse=False)  # (each trial trains its own)
             if hasattr(trainer_obj, "preflight"):
                 trainer_obj.preflight(library=library, name=longest, options=resolved,
                                       trainer_options=typed, data=dataset)
