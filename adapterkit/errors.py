@@ -82,15 +82,16 @@ class ConfigError(AdapterkitError):
 
 class BesidesTaken(ConfigError):
     """A pocket book a run saves besides its own (``Trainer.also_saves``: rlhf's
-    ``NAME-reward``) is in the library already: the run would stop as it came to save it.
-    ``name`` is the one held; ``reusable``: the message offers to reuse it (through the
-    trainer's ``reuse_option``), and ``resume`` whether that goes on with ``--resume`` (True),
-    without it (False), or is a fresh run's (None); it says the ways on."""
+    ``NAME-reward``) is in the library already, or refused there: the run would stop as it
+    came to save it. ``name`` is that pocket book; ``offers_reuse``: the message offers to use
+    it (through the trainer's ``reuse_option``), and ``then`` how that run goes on:
+    ``"resume"`` (``--resume``), ``"fresh"`` (without it), ``"restart"``, or None (a new run's
+    as it is). The message says the ways on."""
 
-    def __init__(self, message: str, name: str, reusable: bool = False,
-                 resume: bool | None = None) -> None:
+    def __init__(self, message: str, name: str = "", offers_reuse: bool = False,
+                 then: str | None = None) -> None:
         super().__init__(message)
-        self.name, self.reusable, self.resume = name, reusable, resume
+        self.name, self.offers_reuse, self.then = name, offers_reuse, then
 
 
 class LaunchError(AdapterkitError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -636,6 +637,7 @@ def test_rlhf_refuses_its_reward_book_problems_before_the_base_loads(
     refused(result, *words)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes: Python 3.11+")
 def test_rlhf_whose_reward_name_holds_a_reward_book_is_told_what_to_leave_out(
         adapterkit_data, adapterkit_cli, library, tiny_base, tmp_path):
     """rlhf's own refusal said "pass --reward x-reward" alone: the same command with it was
@@ -655,7 +657,7 @@ def test_rlhf_whose_reward_name_holds_a_reward_book_is_told_what_to_leave_out(
     assert result.stderr.strip().splitlines()[-2:] == [
         "Error: the rlhf run of x saves a pocket book under the name x-reward besides its "
         "own, and the library holds x-reward already: to use it instead of training one, set "
-        "the trainer option reward to x-reward and leave out reward_steps, eval_split; or "
+        "the trainer option reward to x-reward, leave out reward_steps, eval_split; or "
         "remove it (adapterkit rm x-reward); or pick another name",
         "On the command line: add --reward x-reward and leave out --set reward_steps, "
         "--eval-split."], result.stderr

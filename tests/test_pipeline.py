@@ -700,17 +700,33 @@ def test_the_pocket_book_an_rlhf_stage_saves_besides_is_held_from_the_start(data
 def test_a_recipe_whose_rlhf_stage_would_save_a_taken_name_is_refused_first(data, tiny_base,
                                                                            home, tmp_path):
     """``pol-reward`` already in the library: rlhf's own check refused it only when stage 2
-    started, after stage 1 had trained. The recipe refuses it before anything trains."""
+    started, after stage 1 had trained. The recipe refuses it before anything trains; with
+    two versions, what frees the name is every version's removal. A name the library refuses
+    for another reason (a name differing only in case) is that stage's problem, said."""
     from adapterkit.plugin_api.testing import make_peft_adapter
 
-    Library(home).import_peft(make_peft_adapter(tiny_base, tmp_path / "other"), "pol-reward",
-                              base=str(tiny_base))
+    adapter = make_peft_adapter(tiny_base, tmp_path / "other")
+    Library(home).import_peft(adapter, "pol-reward", base=str(tiny_base))
     path = write_recipe(data["general"].parent, _sft_then_rlhf(tiny_base))
     with pytest.raises(ConfigError) as refused:
         load_recipe(path, home=home, plugins=get_plugin_manager(env=False))
     assert str(refused.value).endswith(
         "stage 2 (pol): its rlhf run also saves a pocket book under the name pol-reward, "
-        "which the library holds already: remove it, or give the stage another name")
+        "which the library holds already: remove it (adapterkit rm pol-reward), or give the "
+        "stage another name")
+    Library(home).import_peft(adapter, "pol-reward@2", base=str(tiny_base))
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(path, home=home, plugins=get_plugin_manager(env=False))
+    assert "which the library holds already: remove every version of it (adapterkit rm " \
+        "pol-reward --all-versions), or give the stage another name" in str(refused.value)
+    Library(home).remove("pol-reward", all_versions=True)
+    Library(home).import_peft(adapter, "Pol-reward", base=str(tiny_base))
+    with pytest.raises(ConfigError) as refused:
+        load_recipe(path, home=home, plugins=get_plugin_manager(env=False))
+    assert "stage 2 (pol): its rlhf run also saves a pocket book under the name pol-reward, " \
+        "which the library refuses ('pol-reward' differs from the pocket book 'Pol-reward' " \
+        "only in case" in str(refused.value), str(refused.value)
+    assert str(refused.value).endswith(": give the stage another name")
 
 
 class _SavesBeside:
@@ -958,7 +974,8 @@ def test_a_taken_name_the_run_did_not_save_is_not_said_to_be_its_own(data, tiny_
         load_recipe(path, home=home, plugins=pm, resume=True)
     said = str(refused.value)
     assert "stage 2 (pol): its rlhf run also saves a pocket book under the name pol-reward, " \
-        "which the library holds already: remove it, or give the stage another name" in said
+        "which the library holds already: remove it (adapterkit rm pol-reward), or give the " \
+        "stage another name" in said
     assert "interrupted run saved" not in said, said
     assert ("if it is the pocket book that run would train, give the stage set: "
             "{num_generations: 2, max_new_tokens: 4, reward: pol-reward} (in place of its set:)"
@@ -1104,6 +1121,7 @@ def test_a_failure_after_a_stage_saved_its_own_pocket_book_says_it_was_saved(dat
     assert said[-1] == ("Stage 1/2: instruct (sft) stopped after its pocket book was saved. "
                         "Run the pipeline again with --resume to go on past stage 1.")
     assert not (home / "runs" / "instruct").exists()  # (its checkpoints: the run is over)
+    assert list((home / "runs").glob(".instruct.stage.json")) == []  # (nor its marker)
     result = run_pipeline(path, home=home, plugins=get_plugin_manager(env=False), resume=True)
     assert [(r.pocket_book.ref, r.skipped) for r in result.stages] == [
         ("instruct@1", True), ("polite@1", False)]

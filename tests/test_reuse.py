@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
-
 from adapterkit import Trainer, TrainOptions
 from adapterkit.training import reuse
 
@@ -101,32 +99,31 @@ def test_a_name_saved_besides_is_the_run_s_own_only_at_the_version_it_declares(
     interrupted run saved beside@1". A record that does not read as a name names nothing.
     What frees a plain name is every version's removal."""
     library.import_peft(peft_adapter, "beside", base=str(tiny_base))
-    one = "adapterkit rm beside@1"
+    one = "remove it (adapterkit rm beside@1)"
     assert reuse.taken_besides(library, ["beside@2"], ["beside@1"]) == []
     assert reuse.taken_besides(library, ["beside"], ["beside@1", "not a name!"]) == [
         reuse.Taken("beside@1", own=True, reusable=True, rm=one)]
     assert reuse.taken_besides(library, ["beside@1"], ["beside@1"]) == [
         reuse.Taken("beside@1", own=True, reusable=True, rm=one)]
     assert reuse.taken_besides(library, ["beside"], []) == [  # (a policy: not to reuse)
-        reuse.Taken("beside", own=False, reusable=False, rm="adapterkit rm beside")]
+        reuse.Taken("beside", own=False, reusable=False, rm="remove it (adapterkit rm beside)")]
     assert reuse.taken_besides(library, ["beside@1"], ["beside@2"]) == [
         reuse.Taken("beside@1", own=False, reusable=False, rm=one)]  # (@2 recorded, not held)
     assert reuse.taken_besides(library, ["elsewhere"], ["beside@1"]) == []
     library.import_peft(peft_adapter, "beside@2", base=str(tiny_base))
-    every = "adapterkit rm beside --all-versions"
+    every = "remove every version of it (adapterkit rm beside --all-versions)"
     assert reuse.taken_besides(library, ["beside"], []) == [
         reuse.Taken("beside", own=False, reusable=False, rm=every)]
     assert reuse.taken_besides(library, ["beside"], ["beside@1"]) == [
         reuse.Taken("beside@1", own=True, reusable=True, rm=every)]
     assert reuse.taken_besides(library, ["beside@2"], []) == [
-        reuse.Taken("beside@2", own=False, reusable=False, rm="adapterkit rm beside@2")]
+        reuse.Taken("beside@2", own=False, reusable=False, rm="remove it (adapterkit rm beside@2)")]
 
 
 def test_a_name_refused_for_another_reason_says_that_reason(library, peft_adapter, tiny_base):
-    """A name differing from a held one only in case is no pocket book to remove: its own
-    refusal, not "the library holds it already: remove it"."""
-    from adapterkit.errors import NameTaken
-
+    """A name differing from a held one only in case is no pocket book to remove or reuse:
+    its own refusal is said, not "the library holds it already: remove it"."""
     library.import_peft(peft_adapter, "Beside", base=str(tiny_base))
-    with pytest.raises(NameTaken, match="differs from the pocket book 'Beside' only in case"):
-        reuse.taken_besides(library, ["beside"], [])
+    [taken] = reuse.taken_besides(library, ["beside"], [])
+    assert (taken.held, taken.reusable, taken.rm) == ("beside", False, "")
+    assert "'beside' differs from the pocket book 'Beside' only in case" in taken.why

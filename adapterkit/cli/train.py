@@ -847,12 +847,12 @@ def _reuse_said(exc: BesidesTaken, trainer: Any, options: TrainOptions, given: d
     """Below a run refused for a pocket book it saves besides its own that the library holds:
     the flags that reuse it (:func:`_reuse_flags`); never in the way of the refusal."""
     try:
-        reuse = _reuse_flags(trainer, exc.name, options, given, config) if exc.reusable \
-            else None
+        reuse = _reuse_flags(trainer, exc.name, options, given, config) \
+            if exc.offers_reuse else None
         if reuse:
-            then_say(exc, f"On the command line: add {reuse}" + (
-                ", and pass --resume" if exc.resume else ", without --resume"
-                if exc.resume is False else "") + ".")
+            then_say(exc, f"On the command line: add {reuse}" + {
+                "resume": ", and pass --resume", "fresh": ", and run it without --resume",
+                "restart": ", and pass --restart"}.get(exc.then or "", "") + ".")
     except Exception:
         pass
 

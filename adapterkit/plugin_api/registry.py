@@ -143,9 +143,12 @@ class Trainer(Registrable):
     def also_saves(self, *, name: str, trainer_options: Any) -> list[str]:
         """The names of the pocket books a run saved as ``name`` (``NAME`` or ``NAME@N``)
         saves besides it, given the run's typed ``trainer_options`` (``rlhf`` without a
-        ``reward``: the ``NAME-reward`` it trains first through ``job.train_stage``). A recipe
-        refuses, before anything trains, a stage whose name is one of them, or one taken in
-        the library; a pipeline holds them from its start and hands them to the stage's run:
+        ``reward``: the ``NAME-reward`` it trains first through ``job.train_stage``). A run
+        one of whose names the library holds is refused before the base loads, with the ways
+        on (``reuse_option``, removing it); a recipe refuses, before anything trains, a stage
+        whose name is one of them, or one taken in the library (so a name saved anew by every
+        run cannot be one of them); a pipeline holds them from its start and hands them to the
+        stage's run:
         save them from the thread that runs :meth:`train` (``job.train_stage``, or the
         library), where nothing else can. Default: none."""
         return []

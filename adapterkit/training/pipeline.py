@@ -185,7 +185,8 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
                     marker.unlink(missing_ok=True)
             say(f"{head} stopped" + (" after its pocket book was saved" if own else "")
                 + ("; " + f"{', '.join(saved)} {were} saved" if saved else
-                   "" if own else "; no stage was saved") + f". {_go_on(exc, stage, pm)}.")
+                   "" if own else "; no stage was saved")
+                + f". {_go_on(exc, stage, pm, last=stage is recipe.stages[-1])}.")
             tag(exc, pipeline_stage=stage.index)
             raise
         finally:  # (train() let go of them, unless it stopped before taking them)
@@ -198,14 +199,15 @@ def _run_stages(recipe: Recipe, library: Library, pm: PluginManager, pending: li
     return PipelineResult(recipe, results, final)
 
 
-def _go_on(exc: BaseException, stage: Stage, pm: PluginManager) -> str:
+def _go_on(exc: BaseException, stage: Stage, pm: PluginManager, *, last: bool = False) -> str:
     """How to go on after ``stage`` stopped with ``exc``: past what its run saved besides its
     own pocket book (a resume of the stage would train that again), the ways that work
     (:func:`adapterkit.training.reuse.after_stop`); past its own, or else, ``--resume``."""
     plain = f"Run the pipeline again with --resume to continue from stage {stage.index}"
     own, besides = getattr(exc, "saved_own", None), getattr(exc, "stages_saved", [])
     if own:  # (what stopped it came after its commit, which records the stage as done)
-        return f"Run the pipeline again with --resume to go on past stage {stage.index}"
+        return ("Its pocket book is the pipeline's last: nothing is left to train" if last else
+                f"Run the pipeline again with --resume to go on past stage {stage.index}")
     if not besides:
         return plain
     try:  # (never in the way of why the stage stopped)

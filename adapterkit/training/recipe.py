@@ -453,17 +453,21 @@ def _also_taken(library: Library, stage: Stage, pm: PluginManager) -> str | None
         return None
     workdir = run_dir(library, str(parse_ref(stage.name)))
     taken = reuse.taken_besides(library, stage.also_saves, saved_stages(workdir))
-    saved = [t.held for t in taken if t.own]
-    if saved:  # (its interrupted run saved them; the pipeline held the names from its start)
-        return "its interrupted run saved " + reuse.after_stop(trainer, saved, stage.options,
-                                                               "the stage", stage.options_key)
+    own = [t for t in taken if t.own]
+    if own:  # (its interrupted run saved them; the pipeline held the names from its start)
+        return "its interrupted run saved " + reuse.after_stop(
+            trainer, [t.held for t in own], stage.options, "the stage", stage.options_key,
+            removal=own[0].rm if len(own) == 1 else None)
     if not taken:
         return None
-    held = taken[0].held
-    keep = reuse.in_stage(trainer, held, stage.options, "the stage", stage.options_key) \
-        if taken[0].reusable else None
-    return (f"its {stage.trainer} run also saves a pocket book under the name {held}, "
-            "which the library holds already: remove it, or give the stage another name"
+    first = taken[0]
+    named = f"its {stage.trainer} run also saves a pocket book under the name {first.held}"
+    if first.why:
+        return f"{named}, which the library refuses ({first.why}): give the stage another name"
+    keep = reuse.in_stage(trainer, first.held, stage.options, "the stage", stage.options_key) \
+        if first.reusable else None
+    return (f"{named}, which the library holds already: {first.rm}, or give the stage "
+            "another name"
             + (f", or, if it is the pocket book that run would train, {keep}" if keep else ""))
 
 

@@ -47,7 +47,7 @@ def drops_given(trainer: Any, options: TrainOptions) -> tuple[list[str], list[st
 
 @dataclasses.dataclass(frozen=True)
 class Taken:
-    """A name a run saves besides its own that the library holds."""
+    """A name a run saves besides its own that the library holds, or refuses."""
 
     #: As the run's record names it (``NAME@V``: its own), else as the trainer declares it.
     held: str
@@ -56,17 +56,19 @@ class Taken:
     #: Reusing it could be right: the run's own, or a reward pocket book (the kind rlhf's
     #: ``reuse_option`` takes; the core cannot tell which kind another trainer's takes).
     reusable: bool
-    #: What frees the name: ``adapterkit rm NAME@V``, or with ``--all-versions`` where the
-    #: library holds more than one (a plain name is free only when none is left).
+    #: What frees the name, said: ``remove it (adapterkit rm NAME@V)``, or every version of a
+    #: plain name where the library holds more than one (it is free only when none is left).
     rm: str = ""
+    #: Not held but refused for another reason (a name differing only in case from one in
+    #: the library): that refusal; nothing to remove or reuse then.
+    why: str = ""
 
 
 def taken_besides(library: Any, declared: list[str], saved: list[str]) -> list[Taken]:
     """Which of the names a run saves besides its own (``declared``, as ``also_saves`` gives
-    them: ``NAME``, or ``NAME@V`` where it says a version) the library holds; ``saved``: what
-    the run's own interrupted run recorded saving. A recorded ``NAME@1`` is the run's own
-    for a declared ``NAME`` or ``NAME@1``, never for a declared ``NAME@2``. A name refused for
-    another reason (a damaged folder, a name differing only in case) raises that refusal."""
+    them: ``NAME``, or ``NAME@V`` where it says a version) the library holds or refuses;
+    ``saved``: what the run's own interrupted run recorded saving. A recorded ``NAME@1`` is
+    the run's own for a declared ``NAME`` or ``NAME@1``, never for a declared ``NAME@2``."""
     from adapterkit.errors import AdapterkitError, NameTaken
     from adapterkit.library.names import parse_ref
 
@@ -86,28 +88,31 @@ def taken_besides(library: Any, declared: list[str], saved: list[str]) -> list[T
             try:
                 library.reserve(besides)
                 continue
-            except NameTaken:
-                if not library.exists(want):  # (not held: its own reason says what to do)
-                    raise
+            except NameTaken as exc:
+                if not library.exists(want):  # (not held: its own reason)
+                    out.append(Taken(str(want), False, False, why=str(exc)))
+                    continue
         held = own[0] if own else str(want)
         versions = sum(1 for s in library.list(all_versions=True) if s.name == want.name)
-        rm = f"adapterkit rm {want.name} --all-versions" if versions > 1 and \
-            (want.version is None or own) else f"adapterkit rm {held}"
+        rm = (f"remove every version of it (adapterkit rm {want.name} --all-versions)"
+              if versions > 1 and want.version is None else f"remove it (adapterkit rm {held})")
         out.append(Taken(held, bool(own), bool(own) or _reward_head(library, held), rm))
     return out
 
 
 def refuse_taken(library: Any, trainer: Any, name: str, options: TrainOptions,
                  trainer_options: Any, saved: list[str], *, checkpoint: str | None = None,
+                 finished: bool = False, restart: bool = False,
                  offer_reuse: bool = True) -> None:
     """Refuse, before the base loads, a run that would save a pocket book besides its own
     (``also_saves``) under a name the library holds: it would stop as it came to save it, its
     training done. Said for every trainer alike, with the ways on (reuse it through the
     trainer's ``reuse_option``, remove it, another name). ``saved``: what the run's own
     interrupted run recorded saving (it is then said to be that run's); ``checkpoint``: that
-    run's last whole checkpoint (reusing its book then goes on with ``--resume``);
-    ``offer_reuse``: False where reusing one cannot be right (a search's trials each train
-    their own)."""
+    run's last whole checkpoint (reusing its book then goes on with ``--resume``; with
+    ``--restart`` where it is of its last step, ``finished``); ``restart``: the run starts
+    over as asked; ``offer_reuse``: False where reusing one cannot be right (a search's trials
+    each train their own)."""
     from adapterkit.errors import BesidesTaken
 
     also = getattr(trainer, "also_saves", None)
@@ -115,25 +120,31 @@ def refuse_taken(library: Any, trainer: Any, name: str, options: TrainOptions,
         else []
     for taken in taken_besides(library, declared, saved):
         held = taken.held
+        named = f"the {trainer.name} run of {name} saves a pocket book under the name " \
+            f"{held.split('@')[0]} besides its own"
+        if taken.why:
+            raise BesidesTaken(f"{named}, which the library refuses ({taken.why}): give the run "
+                               "another name", held)
         option = reuse_option(trainer) if taken.reusable and offer_reuse else None
         own_drops, training_drops = drops_given(trainer, options)
         drops = [*own_drops, *training_drops]
-        resume = (checkpoint is not None) if taken.own else None
-        how = "" if resume is None else \
-            f", and pass --resume (to continue from {checkpoint})" if resume else \
-            ", and start it without --resume (it wrote no checkpoint past it)"
+        then = None if not taken.own or restart else "fresh" if checkpoint is None else \
+            "restart" if finished else "resume"
+        how = {None: "", "fresh": ", and start it without --resume (it wrote no checkpoint "
+                                  "past it)",
+               "resume": f", and pass --resume (to continue from {checkpoint})",
+               "restart": f", and pass --restart (its {checkpoint} is of its last step: a "
+                          "resume would train nothing)"}[then]
         raise BesidesTaken(
-            f"the {trainer.name} run of {name} saves a pocket book under the name "
-            f"{held.split('@')[0]} besides its own, and "
-            + (f"its interrupted run saved {held}" if taken.own else
-               f"the library holds {held} already")
+            f"{named}, and " + (f"its interrupted run saved {held}" if taken.own else
+                                f"the library holds {held} already")
             + ": " + (f"to use it instead of training one, set the trainer option {option} to "
                       f"{held}" + (f", leave out {', '.join(drops)}" if drops else "") + how
                       + "; or " if option else "")
-            + f"remove it ({taken.rm})"
+            + taken.rm
             + (" and pass --restart (not --resume) to train it anew" if taken.own else "")
-            + "; or pick another name", held, reusable=option is not None,
-            resume=resume if option else None)
+            + "; or pick another name", held, offers_reuse=option is not None,
+            then=then if option else None)
 
 
 def _reward_head(library: Any, name: str) -> bool:
@@ -177,15 +188,15 @@ def _yaml(value: Any) -> str:
 
 
 def after_stop(trainer: Any, books: list[str], options: TrainOptions, where: str,
-               key: str | None = None) -> str:
+               key: str | None = None, removal: str | None = None) -> str:
     """How to go on with a recipe's stage (``where``, giving its trainer options under
     ``key``) whose run saved ``books`` besides its own pocket book and then stopped: keep the
-    one it reuses (:func:`in_stage`), or remove them. Either way ``--resume --restart``: a
-    resume would train its run again under a taken name, and reusing one is another
-    definition of the stage."""
+    one it reuses (:func:`in_stage`), or remove them (``removal``: how, where the library
+    was asked, :attr:`Taken.rm`). Either way ``--resume --restart``: a resume would train its
+    run again under a taken name, and reusing one is another definition of the stage."""
     keep = in_stage(trainer, books[0], options, where, key) if len(books) == 1 else None
-    rm = ", ".join(f"adapterkit rm {b}" for b in books)
+    rm = removal or (f"remove {'it' if len(books) == 1 else 'them'} ("
+                     + ", ".join(f"adapterkit rm {b}" for b in books) + ")")
     return (f"{', '.join(books)} before it stopped: "
             + (f"to keep it, {keep}, and pass --resume --restart; or " if keep else "")
-            + f"remove {'it' if len(books) == 1 else 'them'} ({rm}) and pass --resume "
-            f"--restart to train {where} anew")
+            + f"{rm} and pass --resume --restart to train {where} anew")

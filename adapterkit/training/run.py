@@ -9,6 +9,7 @@ registries, so every trainer works with every method.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -451,11 +452,12 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     method = pm.method(options.method)
     library = Library(home, plugins=pm)
     ref = library.reserve(name)
-    stages_dir = run_dir(library, str(ref))  # (what an interrupted run of it saved and left)
-    saved = saved_stages(stages_dir)
-    last = last_complete_checkpoint(stages_dir) if saved else None
+    workdir = run_dir(library, str(ref))
+    saved = saved_stages(workdir)  # (what an interrupted run of it saved, and where it got)
+    last = last_complete_checkpoint(workdir) if saved else None
     refuse_taken(library, trainer_obj, str(ref), options, trainer_options, saved,
-                 checkpoint=Path(last).name if last else None)
+                 checkpoint=Path(last).name if last else None, restart=restart,
+                 finished=last is not None and finished_at(last, options.max_steps) is not None)
     dataset = load_data(data, formats=pm.data_formats, shapes=trainer_obj.data_shapes,
                         skip_bad_rows=options.skip_bad_rows)
     check_rendering(dataset, options.chat)
@@ -474,7 +476,6 @@ def _check(trainer: str, *, data: str, name: str, options: TrainOptions | None,
     if unread:
         say(unread)
     general = general_texts(options.general) if options.general else None
-    workdir = run_dir(library, str(ref))
     parent = parent_of(library, on, start_from, head=getattr(trainer_obj, "head", "causal-lm"))
     if start_from and parent is not None:  # the copy keeps its LoRA shape
         options = options_of(parent, options)
@@ -1014,12 +1015,13 @@ def _finalize_shared(run: _Run, state: Any, elapsed: float, *, main: bool) -> Tr
         try:
             book = _save(run, model, metrics, state, weights)
         except BaseException as exc:
-            own, why = _own_saved(run), exc or type(exc).__name__
+            own, why = _own_saved(run), str(exc) or type(exc).__name__
+            if own:  # (so the launcher never says nothing was saved)
+                with contextlib.suppress(Exception):
+                    record_saved(own)
             try:  # the others stop waiting and fail with it
                 share(("failed", f"{why} (after {own} was saved)" if own else
                        f"{run.ref} was not saved: {why}"))
-                if own:  # (so the launcher never says nothing was saved)
-                    record_saved(own)
             except Exception:
                 pass  # they are gone already
             raise

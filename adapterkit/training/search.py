@@ -230,15 +230,15 @@ def search(trainer: str, *, base: str, data: str, name: str, space: list[str], t
         # (a resumed or restarted search has its trials' own books about, which the preflight's
         # checks of free names would take for a stranger's)
         if not (resume or restart):
-            # (the longest of its trials' names: a name derived from it, as one its run saves
-            # besides, is checked at its longest)
-            longest, typed = f"{plain}-{TRIAL}{trials - 1}", build_trainer_options(trainer_obj,
-                                                                                   resolved)
-            refuse_taken(library, trainer_obj, longest, resolved, typed, [],
-                         offer_reuse=False)  # (each trial trains its own)
+            typed = build_trainer_options(trainer_obj, resolved)
+            for trial in range(trials):  # (what each trial's run saves besides its own)
+                refuse_taken(library, trainer_obj, f"{plain}-{TRIAL}{trial}", resolved, typed,
+                             [], offer_reuse=False)  # (each trial trains its own)
             if hasattr(trainer_obj, "preflight"):
-                trainer_obj.preflight(library=library, name=longest, options=resolved,
-                                      trainer_options=typed, data=dataset)
+                # (the longest of its trials' names: a name derived from it is checked at its
+                # longest)
+                trainer_obj.preflight(library=library, name=f"{plain}-{TRIAL}{trials - 1}",
+                                      options=resolved, trainer_options=typed, data=dataset)
         # the steps a trial takes as its training resolves them (sft: at least its min_steps)
         train_rows = rows - held_out_rows(rows, split)
         planned = planned_steps(with_data_defaults(with_defaults(trainer_obj, base_options),
