@@ -750,8 +750,9 @@ def test_a_rerun_past_the_reward_book_its_run_saved_is_told_how_to_go_on(
         None: (", and start it without --resume (it wrote no checkpoint past it)",
                ", and run it without --resume"),
         1: (", and pass --resume (to continue from checkpoint-1)", ", and pass --resume"),
-        2: (", and pass --restart (its checkpoint-2 is of its last step: a resume would train "
-            "nothing)", ", and pass --restart")}[checkpoint]
+        2: (", and pass --restart, not --resume (its checkpoint-2 is of its last step: a "
+            "resume would train nothing)", ", and pass --restart in place of --resume")
+    }[checkpoint]
     assert out.exit_code == 1 and out.stderr.strip().splitlines()[-2:] == [
         "Error: the rlhf run of pol saves a pocket book under the name pol-reward besides its "
         "own, and its interrupted run saved pol-reward@1: to use it instead of training one, "

@@ -852,7 +852,8 @@ def _reuse_said(exc: BesidesTaken, trainer: Any, options: TrainOptions, given: d
         if reuse:
             then_say(exc, f"On the command line: add {reuse}" + {
                 "resume": ", and pass --resume", "fresh": ", and run it without --resume",
-                "restart": ", and pass --restart"}.get(exc.then or "", "") + ".")
+                "restart": ", and pass --restart in place of --resume"}.get(exc.then or "", "")
+                + ".")
     except Exception:
         pass
 

@@ -133,8 +133,8 @@ def refuse_taken(library: Any, trainer: Any, name: str, options: TrainOptions,
         how = {None: "", "fresh": ", and start it without --resume (it wrote no checkpoint "
                                   "past it)",
                "resume": f", and pass --resume (to continue from {checkpoint})",
-               "restart": f", and pass --restart (its {checkpoint} is of its last step: a "
-                          "resume would train nothing)"}[then]
+               "restart": f", and pass --restart, not --resume (its {checkpoint} is of its "
+                          "last step: a resume would train nothing)"}[then]
         raise BesidesTaken(
             f"{named}, and " + (f"its interrupted run saved {held}" if taken.own else
                                 f"the library holds {held} already")
