@@ -21,7 +21,13 @@ class PocketBookNotFound(AdapterkitError, LookupError):
 
 
 class NameTaken(AdapterkitError):
-    """Saving would overwrite an existing pocket book; adapterkit never does that silently."""
+    """Saving would overwrite an existing pocket book; adapterkit never does that silently.
+    ``reason``: why, without the advice (another name, a new version) the message gives,
+    for a caller whose user names something else (a run's name, not the one refused)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class BaseNotFound(AdapterkitError):

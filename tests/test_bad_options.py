@@ -664,6 +664,21 @@ def test_rlhf_whose_reward_name_holds_a_reward_book_is_told_what_to_leave_out(
     refused(adapterkit_cli(*args, "--reward", "x-reward"), "unknown base", alone=False)  # (as said)
 
 
+def test_a_run_whose_reward_name_the_library_refuses_is_told_to_take_another_name(
+        adapterkit_data, adapterkit_cli, library, peft_adapter, tiny_base, tmp_path):
+    """``X-reward`` held: rlhf's ``x-reward`` differs from it only in case, which the library
+    refuses, saying "use that name" — of the reward book, which the user does not name. The
+    refusal says why, and the name the user gives: the run's."""
+    library.import_peft(peft_adapter, "X-reward", base=str(tiny_base))
+    result = adapterkit_cli("train", "rlhf", "--base", str(tmp_path / "no-base"), "--data",
+                            adapterkit_data["preference"], "--name", "x")
+    said = refused(result)
+    assert said == ("Error: the rlhf run of x saves a pocket book under the name x-reward "
+                    "besides its own, which the library refuses ('x-reward' differs from the "
+                    "pocket book 'X-reward' only in case, which some file systems do not tell "
+                    "apart): give the run another name"), said
+
+
 def test_a_run_whose_only_checkpoint_was_cut_off_is_run_again_not_resumed(train_args,
                                                                            adapterkit_cli, home):
     """A run killed while writing its first checkpoint leaves checkpoint-N without its

@@ -886,6 +886,15 @@ def test_a_resume_past_an_rlhf_stage_s_saved_reward_book_says_how_to_go_on(data,
             "--restart; or remove it (adapterkit rm pol-reward@1) and pass --resume --restart "
             "to train the stage anew"), str(refused.value)
 
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    other = make_peft_adapter(tiny_base, data["general"].parent / "other")
+    library.import_peft(other, "pol-reward@2", base=str(tiny_base))  # (pol-reward is free only
+    with pytest.raises(ConfigError) as taken:  # when no version is left)
+        load_recipe(path, home=home, plugins=pm, resume=True)
+    assert "or remove every version of it (adapterkit rm pol-reward --all-versions) and pass " \
+        "--resume --restart to train the stage anew" in str(taken.value), str(taken.value)
+    library.remove("pol-reward@2")
     _keep_as_said(str(refused.value), recipe, data, home, pm)  # the first way
     library.remove("pol-reward")  # the second way, followed
     plan = load_recipe(path, home=home, plugins=pm, resume=True, restart=True)
@@ -1089,8 +1098,9 @@ def test_ctrl_c_in_an_rlhf_stage_past_its_reward_book_says_one_way_on(data, tiny
     assert "--resume` to continue" not in out.output
 
 
+@pytest.mark.parametrize("stage", ["instruct", "polite"])
 def test_a_failure_after_a_stage_saved_its_own_pocket_book_says_it_was_saved(data, tiny_base,
-                                                                             home):
+                                                                             home, stage):
     """A plugin's ``pocket_book_saved`` hook failed after stage 1's commit went through, its
     warning an error (``-W error``): the run said "instruct was not [saved]" and, past a
     checkpoint, that --resume continues from it (refused: the name is taken). Now its book is
@@ -1104,7 +1114,7 @@ def test_a_failure_after_a_stage_saved_its_own_pocket_book_says_it_was_saved(dat
     class Fails:
         @hookimpl
         def pocket_book_saved(self, pocket_book):
-            if pocket_book.name == "instruct":
+            if pocket_book.name == stage:
                 raise RuntimeError("the watcher failed")
 
     path = write_recipe(data["general"].parent, two_stages(tiny_base, save_steps=1))
@@ -1114,17 +1124,21 @@ def test_a_failure_after_a_stage_saved_its_own_pocket_book_says_it_was_saved(dat
         warnings.simplefilter("error", PluginWarning)
         run_pipeline(path, home=home, progress=said.append,
                      plugins=get_plugin_manager(env=False, plugins={"fails": Fails()}))
-    assert failed.value.saved_own == "instruct@1" and failed.value.stages_saved == []
-    assert "instruct@1 was saved before the run stopped: what stopped it came after." in said
+    assert failed.value.saved_own == f"{stage}@1" and failed.value.stages_saved == []
+    assert f"{stage}@1 was saved before the run stopped: what stopped it came after." in said
     text = "\n".join(said)
     assert "was not" not in text and "checkpoint" not in text, text
-    assert said[-1] == ("Stage 1/2: instruct (sft) stopped after its pocket book was saved. "
-                        "Run the pipeline again with --resume to go on past stage 1.")
-    assert not (home / "runs" / "instruct").exists()  # (its checkpoints: the run is over)
-    assert list((home / "runs").glob(".instruct.stage.json")) == []  # (nor its marker)
+    assert said[-1] == {
+        "instruct": "Stage 1/2: instruct (sft) stopped after its pocket book was saved. Run "
+                    "the pipeline again with --resume to go on past stage 1.",
+        "polite": "Stage 2/2: polite (dpo) stopped after its pocket book was saved; "
+                  "instruct@1 (an earlier stage) is saved. Its pocket book is the pipeline's "
+                  "last: nothing is left to train."}[stage]
+    assert not (home / "runs" / stage).exists()  # (its checkpoints: the run is over)
+    assert list((home / "runs").glob(f".{stage}.stage.json")) == []  # (nor its marker)
     result = run_pipeline(path, home=home, plugins=get_plugin_manager(env=False), resume=True)
     assert [(r.pocket_book.ref, r.skipped) for r in result.stages] == [
-        ("instruct@1", True), ("polite@1", False)]
+        ("instruct@1", True), ("polite@1", stage == "polite")]
 
 
 @pytest.mark.parametrize("key", ["trainer_options", "trainer-options"])

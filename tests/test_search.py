@@ -716,3 +716,38 @@ def test_no_other_save_takes_the_name_a_search_will_keep(tiny_base, home, pairs,
     assert said[1].startswith("another run of held is training in ")
     assert str(result.kept.pocket_book.ref) == "held@1"
     assert [s.name for s in Library(home).list()] == ["held"]
+
+
+def test_every_trial_s_pocket_book_besides_its_own_is_checked_before_the_study_exists(
+        tiny_base, home, pairs):
+    """A trainer whose run saves a pocket book besides its own (``also_saves``): the name of
+    trial 0's, taken, was found only as that trial started (the search checked its last
+    trial's); it is refused before anything is written."""
+    from adapterkit_plugins.sft import SFT
+
+    from adapterkit import hookimpl
+    from adapterkit.errors import BesidesTaken
+    from adapterkit.plugin_api.testing import make_peft_adapter
+
+    class Sided(SFT):
+        name, reuse_option = "sided", None
+
+        def also_saves(self, *, name, trainer_options):
+            return [f"side-of-{name}"]
+
+    class Plugin:
+        @hookimpl
+        def register_trainers(self, register):
+            register(Sided())
+
+    Library(home).import_peft(make_peft_adapter(tiny_base, home.parent / "a"),
+                              "side-of-s-trial-0", base=str(tiny_base))
+    with pytest.raises(BesidesTaken) as refused:
+        search("sided", base=str(tiny_base), data=str(pairs), name="s", space=["lr"],
+               trials=2, options=options(), home=home,
+               plugins=get_plugin_manager(env=False, plugins={"sided": Plugin()}))
+    assert str(refused.value) == (
+        "the sided run of s-trial-0 saves a pocket book under the name side-of-s-trial-0 "
+        "besides its own, and the library holds side-of-s-trial-0 already: remove it "
+        "(adapterkit rm side-of-s-trial-0); or pick another name")
+    assert not (home / "runs").exists() or not list((home / "runs").iterdir())

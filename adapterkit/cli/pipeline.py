@@ -112,8 +112,8 @@ def pipeline_cmd(ctx: click.Context, recipe: str, resume: bool, restart: bool, a
         stage = getattr(exc, "pipeline_stage", None)
         if reports:  # (past what a stage's run saved besides its own, the stage said how)
             say("Interrupted" + (f" in stage {stage}" if stage else "") + (
-                ": go on as said above" if getattr(exc, "stages_saved", None)
-                or getattr(exc, "saved_own", None) else
+                "" if getattr(exc, "saved_own", None) else  # (the stage said what is left)
+                ": go on as said above" if getattr(exc, "stages_saved", None) else
                 f". Run `adapterkit pipeline {recipe} --resume` to continue from there") + ".")
         sys.exit(130)
     if not reports:

@@ -138,10 +138,11 @@ def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None,
     latest, nxt = max(taken), max(max(taken), used) + 1
     clash = {ref.version} if ref.version is not None else taken
     if indexed is not None and not clash & indexed:
-        raise NameTaken(
-            f"{ref.name}@{latest if ref.version is None else ref.version} has a folder in the "
-            "library that cannot be read (damaged); run `adapterkit doctor` to move it aside, "
-            f"or save as {ref.name}@{nxt}")
+        damaged = f"{ref.name}@{latest if ref.version is None else ref.version} has a folder " \
+            "in the library that cannot be read (damaged)"
+        raise NameTaken(f"{damaged}; run `adapterkit doctor` to move it aside, or save as "
+                        f"{ref.name}@{nxt}", reason=f"{damaged}: `adapterkit doctor` moves it "
+                        "aside")
     if ref.version is None:
         raise NameTaken(
             f"a pocket book named {ref.name!r} already exists (latest {ref.name}@{latest}); "
@@ -351,9 +352,10 @@ class Library:
             (name, name))}
         others |= {f for f in folders if f != name and f.lower() == name.lower()}
         if others:
-            raise NameTaken(f"{name!r} differs from the pocket book {sorted(others)[0]!r} only in "
-                            "case, which some file systems do not tell apart; use that name "
-                            "(NAME@N for a new version) or another one")
+            clash = f"{name!r} differs from the pocket book {sorted(others)[0]!r} only in " \
+                "case, which some file systems do not tell apart"
+            raise NameTaken(f"{clash}; use that name (NAME@N for a new version) or another one",
+                            reason=clash)
 
     def _all_versions(self, name: str) -> builtins.list[int]:
         """Versions of ``name`` in the catalog or on disk (a crash can leave either behind)."""

@@ -90,7 +90,7 @@ def taken_besides(library: Any, declared: list[str], saved: list[str]) -> list[T
                 continue
             except NameTaken as exc:
                 if not library.exists(want):  # (not held: its own reason)
-                    out.append(Taken(str(want), False, False, why=str(exc)))
+                    out.append(Taken(str(want), False, False, why=exc.reason))
                     continue
         held = own[0] if own else str(want)
         versions = sum(1 for s in library.list(all_versions=True) if s.name == want.name)
