@@ -25,7 +25,7 @@ class NameTaken(AdapterkitError):
     ``reason``: why, without the advice (another name, a new version) the message gives,
     for a caller whose user names something else (a run's name, not the one refused)."""
 
-    def __init__(self, message: str, reason: str | None = None) -> None:
+    def __init__(self, message: str = "", *, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason or message
 

@@ -1101,7 +1101,7 @@ def test_ctrl_c_in_an_rlhf_stage_past_its_reward_book_says_one_way_on(data, tiny
 @pytest.mark.parametrize("stage", ["instruct", "polite"])
 def test_a_failure_after_a_stage_saved_its_own_pocket_book_says_it_was_saved(data, tiny_base,
                                                                              home, stage):
-    """A plugin's ``pocket_book_saved`` hook failed after stage 1's commit went through, its
+    """A plugin's ``pocket_book_saved`` hook failed after a stage's commit went through, its
     warning an error (``-W error``): the run said "instruct was not [saved]" and, past a
     checkpoint, that --resume continues from it (refused: the name is taken). Now its book is
     said saved, on the exception too (``saved_own``), and the way on is --resume, which skips

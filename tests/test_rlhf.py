@@ -761,6 +761,11 @@ def test_a_rerun_past_the_reward_book_its_run_saved_is_told_how_to_go_on(
         "anew; or pick another name",
         f"On the command line: add --reward pol-reward@1 and leave out --set reward_steps"
         f"{flag}."], out.stderr
+    if checkpoint == 2:  # (without --resume there is none to replace)
+        plain = adapterkit_cli(*args, "--set", "reward_steps=2")
+        assert plain.stderr.strip().splitlines()[-1] == (
+            "On the command line: add --reward pol-reward@1 and leave out --set reward_steps, "
+            "and pass --restart."), plain.stderr
     follow = {None: [], 1: ["--resume"], 2: ["--restart"]}[checkpoint]
     if checkpoint != 1:  # (followed with --resume, the resume reads it: not a real one)
         followed = adapterkit_cli(*args, "--reward", "pol-reward@1", *follow)

@@ -417,7 +417,7 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
     except KeyboardInterrupt:
         sys.exit(130)  # the main rank said what was saved, and how to resume
     except BesidesTaken as exc:
-        _reuse_said(exc, state["plugins"].trainer(trainer), options, overrides, recipe)
+        _reuse_said(exc, state["plugins"].trainer(trainer), options, overrides, recipe, resume)
         raise
     if launched:
         return  # the main rank printed the result
@@ -447,7 +447,8 @@ def train_cmd(ctx: click.Context, trainer: str, base: str, data: str, name: str,
         sys.exit(130)
     except Exception as exc:  # (the error itself is said by the command line's handler)
         if isinstance(exc, BesidesTaken) and _reports():
-            _reuse_said(exc, state["plugins"].trainer(trainer), options, overrides, recipe)
+            _reuse_said(exc, state["plugins"].trainer(trainer), options, overrides, recipe,
+                        resume)
         saved = getattr(exc, "stages_saved", [])
         if saved and not getattr(exc, "saved_own", None) and _reports():  # (the run said what
             try:  # it kept; past what it saved, how on; never in the way of the error itself)
@@ -843,17 +844,18 @@ def _past_saved(saved: list[str], trainer: Any, options: TrainOptions,
 
 
 def _reuse_said(exc: BesidesTaken, trainer: Any, options: TrainOptions, given: dict[str, Any],
-                config: str | None) -> None:
+                config: str | None, resumed: bool) -> None:
     """Below a run refused for a pocket book it saves besides its own that the library holds:
-    the flags that reuse it (:func:`_reuse_flags`); never in the way of the refusal."""
+    the flags that reuse it (:func:`_reuse_flags`); never in the way of the refusal.
+    ``resumed``: the command has --resume (which --restart then replaces)."""
     try:
         reuse = _reuse_flags(trainer, exc.name, options, given, config) \
             if exc.offers_reuse else None
         if reuse:
             then_say(exc, f"On the command line: add {reuse}" + {
                 "resume": ", and pass --resume", "fresh": ", and run it without --resume",
-                "restart": ", and pass --restart in place of --resume"}.get(exc.then or "", "")
-                + ".")
+                "restart": ", and pass --restart" + (" in place of --resume" if resumed else "")
+            }.get(exc.then or "", "") + ".")
     except Exception:
         pass
 

@@ -141,8 +141,8 @@ def _check_free(ref: Ref, taken: set[int], indexed: set[int] | None = None,
         damaged = f"{ref.name}@{latest if ref.version is None else ref.version} has a folder " \
             "in the library that cannot be read (damaged)"
         raise NameTaken(f"{damaged}; run `adapterkit doctor` to move it aside, or save as "
-                        f"{ref.name}@{nxt}", reason=f"{damaged}: `adapterkit doctor` moves it "
-                        "aside")
+                        f"{ref.name}@{nxt}", reason=f"{damaged}, which `adapterkit doctor` "
+                        "moves aside")
     if ref.version is None:
         raise NameTaken(
             f"a pocket book named {ref.name!r} already exists (latest {ref.name}@{latest}); "

@@ -60,7 +60,7 @@ class Taken:
     #: plain name where the library holds more than one (it is free only when none is left).
     rm: str = ""
     #: Not held but refused for another reason (a name differing only in case from one in
-    #: the library): that refusal; nothing to remove or reuse then.
+    #: the library, a damaged folder): that reason (``NameTaken.reason``); nothing to reuse.
     why: str = ""
 
 
